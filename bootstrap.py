@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""One command for each of the two things a new user does first, on Linux, macOS and Windows alike.
+
+    python bootstrap.py demo    # venv + install + the whole job on tiny built-in models (cache -> train -> merge -> mp4)
+    python bootstrap.py test    # venv + install + the whole test suite
+
+Both create `.venv` beside this file on first use and reuse it afterwards (it is reinstalled when
+pyproject.toml changes). Extra arguments after the command go to the demo or to pytest.
+
+PyTorch: on a machine without an NVIDIA GPU the CPU build `torch==2.13.0` is installed first, so pip
+never downloads a multi-GB CUDA build. Override with the environment variables
+MUSUBI_TORCH_SPEC (e.g. "torch==2.7.1") and MUSUBI_TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+EXTRAS = {"demo": "train", "test": "test"}
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def has_nvidia_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    return subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+
+
+def ensure_environment(extra: str) -> Path:
+    if sys.version_info < (3, 10):
+        sys.exit(f"Python 3.10 or newer is needed (this is {sys.version.split()[0]}).")
+    python = venv_python()
+    if not python.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    # Reinstall only when what we would install changed.
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extra.encode()).hexdigest()[:16]
+    stamp = VENV / f".installed-{extra}"
+    if stamp.exists() and stamp.read_text() == digest:
+        return python
+    torch_spec = os.environ.get("MUSUBI_TORCH_SPEC") or ("torch>=2.5" if has_nvidia_gpu() else "torch==2.13.0")
+    torch_cmd = [python, "-m", "pip", "install", torch_spec]
+    if os.environ.get("MUSUBI_TORCH_INDEX"):
+        torch_cmd += ["--index-url", os.environ["MUSUBI_TORCH_INDEX"]]
+    run(torch_cmd)
+    run([python, "-m", "pip", "install", "-e", f".[{extra}]"])
+    stamp.write_text(digest)
+    return python
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in EXTRAS:
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    python = ensure_environment(EXTRAS[command])
+    if command == "demo":
+        cmd = [python, "-m", "musubi_tuner.demo", *rest]
+    else:
+        cmd = [python, "-m", "pytest", "-q", *rest]
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

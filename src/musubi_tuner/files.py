@@ -1,0 +1,260 @@
+"""Weight files in and out: safe loading, lazy per-tensor reading, and atomic, streaming writes.
+
+Every file users own passes through here, so the rules live here once:
+- `.pt` files load with `weights_only=True`; a pickle that would run code is refused.
+- safetensors are read lazily, one tensor at a time, so a 13B model never exists twice in memory.
+- Writes go to a temporary file in the same folder and are renamed into place, so a killed run
+  leaves either the old whole file or the new whole file, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from musubi_tuner.errors import UserError
+
+# safetensors dtype tags <-> torch dtypes (the format's spec; the same tags musubi-tuner's writer uses).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+ST_TAGS = {dtype: tag for tag, dtype in ST_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_error(path: Path, err: OSError) -> UserError:
+    """Turn a failed write (full disk, read-only folder) into a message that names the file."""
+    return UserError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions of {path.parent}")
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+                     cast: torch.dtype | None = None) -> None:
+    """Write a safetensors file atomically, streaming tensor by tensor (no second copy of the weights).
+
+    Tensors are written in the mapping's order; floating-point ones are cast to `cast` one at a time if
+    given. `metadata` values must be strings.
+    """
+
+    def stored_dtype(t: torch.Tensor) -> torch.dtype:
+        return cast if cast is not None and t.is_floating_point() else t.dtype
+
+    path = Path(path)
+    header: dict[str, object] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"safetensors metadata values must be str: {bad}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, t in tensors.items():
+        dtype = stored_dtype(t)
+        if dtype not in ST_TAGS:
+            raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = t.numel() * dtype.itemsize
+        header[name] = {"dtype": ST_TAGS[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
+    try:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header_bytes)))
+            f.write(header_bytes)
+            for t in tensors.values():
+                t = t.detach().to("cpu", stored_dtype(t))
+                if t.numel():
+                    f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    except OSError as e:
+        raise write_error(path, e) from e
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise UserError(f"{path}: expected a {what}, found a folder")
+    return path
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str]]:
+    """Keys with their dtype and shape, and the metadata, without reading any tensor data."""
+    path = require_file(path, "safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise UserError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    data_size = size - 8 - n
+    for key, info in header.items():
+        try:
+            dtype = ST_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            end = int(info["data_offsets"][1])
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise UserError(f"{path}: tensor {key!r} has a malformed entry in the header") from None
+        if end > data_size:
+            raise UserError(f"{path}: file is truncated (tensor {key!r} ends at byte {end} of {data_size})")
+        entries[key] = (dtype, shape)
+    return entries, metadata
+
+
+class StateDictFile:
+    """Read-only, lazy view of a weight file: keys, shapes and dtypes up front, tensors on demand.
+
+    Works for safetensors (memory-mapped, one tensor at a time) and `.pt` pickles (loaded with
+    `weights_only=True` and mmap where the file allows). `prefix_key` picks a sub-dict such as the
+    official DiT's `module`; `strip_prefix` removes a key prefix such as `vae.`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, what: str = "checkpoint", subdict_keys: tuple[str, ...] = ()):
+        self.path = require_file(path, what)
+        self.what = what
+        self.metadata: dict[str, str] = {}
+        self._safe = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        if self.path.suffix.lower() == ".safetensors" or _looks_like_safetensors(self.path):
+            entries, self.metadata = read_safetensors_header(self.path)
+            self._entries = entries
+            from safetensors import safe_open
+
+            try:
+                self._safe = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise UserError(f"{self.path}: unreadable safetensors file ({e})") from None
+        else:
+            obj = load_torch_file(self.path, what)
+            self._tensors = _find_state_dict(obj, subdict_keys, self.path)
+            self._entries = {k: (v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
+        self._rename: dict[str, str] = {k: k for k in self._entries}
+
+    # -- key handling
+    def strip_prefix(self, prefix: str) -> None:
+        """Keep only keys starting with `prefix` (if any do) and drop the prefix from them."""
+        if any(k.startswith(prefix) for k in self._rename):
+            self._rename = {k[len(prefix):]: v for k, v in self._rename.items() if k.startswith(prefix)}
+
+    def keys(self) -> list[str]:
+        return list(self._rename)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rename
+
+    def __len__(self) -> int:
+        return len(self._rename)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[self._rename[key]][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[self._rename[key]][0]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self.shape(k) for k in self._rename}
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """One tensor, optionally cast and moved (cast happens after reading that tensor only)."""
+        real = self._rename[key]
+        if self._safe is not None:
+            t = self._safe.get_tensor(real)
+        else:
+            t = self._tensors[real]
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        if device is not None:
+            t = t.to(device)
+        return t
+
+    def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self._rename:
+            yield k, self.get(k, dtype)
+
+    def load_all(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return dict(self.items(dtype))
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors content saved under another extension: 8-byte length followed by '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and not zipfile.is_zipfile(path)
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object:
+    """torch.load with weights_only=True (mmap when possible) and errors that name the file."""
+    path = require_file(path, what)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unknown object"
+        raise UserError(
+            f"{path}: refused to load: the pickle holds objects other than tensors and plain containers "
+            f"(it could run code when unpickled; {first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable PyTorch {what} (truncated or a different format: {str(e)[:160]})") from None
+
+
+def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in subdict_keys:
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+        hint = f" (looked under {', '.join(repr(k) for k in subdict_keys)})" if subdict_keys else ""
+        raise UserError(f"{path}: holds no tensors{hint}; top-level keys: {sorted(map(str, obj))[:8]}")
+    raise UserError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")

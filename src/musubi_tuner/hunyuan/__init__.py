@@ -1,0 +1,1 @@
+"""The HunyuanVideo model family in the official parameter layout: DiT, causal 3D VAE, text encoders."""

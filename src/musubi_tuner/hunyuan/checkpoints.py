@@ -1,0 +1,123 @@
+"""Loading and saving DiT files: the official `.pt`, bf16/fp16/fp8 safetensors, SkyReels files, merged models.
+
+The model is built on the `meta` device and each tensor is read, cast to its target dtype and placed
+on the target device one at a time (`load_state_dict(assign=True)`), so loading never holds a second
+copy of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import StateDictFile, save_safetensors
+from musubi_tuner.hunyuan.config import DiTConfig, default_rope_axes
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.hunyuan.fp8 import is_fp8_weight, make_fp8_linear, quantize_rows
+
+# Where a pickled checkpoint may keep its weights (the official file uses `module`).
+SUBDICT_KEYS = ("module", "state_dict", "model")
+# Key prefixes of other packagings (ComfyUI full checkpoints, DeepSpeed wrappers).
+KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.")
+CONFIG_METADATA_KEY = "musubi_tuner.dit_config"
+
+
+def open_dit_file(path: str | os.PathLike) -> StateDictFile:
+    """The file's tensors under official names, or a UserError that says what the file is instead."""
+    f = StateDictFile(path, what="DiT checkpoint", subdict_keys=SUBDICT_KEYS)
+    for prefix in KEY_PREFIXES:
+        f.strip_prefix(prefix)
+    if "x_embedder.proj.weight" in f or "transformer_blocks.0.attn.to_q.weight" in f:
+        raise UserError(
+            f"{f.path}: this is a diffusers-format HunyuanVideo transformer; use the official-layout file "
+            "(mp_rank_00_model_states.pt, or a ComfyUI/Kijai safetensors such as skyreels_hunyuan_i2v_bf16.safetensors)"
+        )
+    if any(k.startswith(("encoder.", "decoder.")) for k in f.keys()) and "img_in.proj.weight" not in f:
+        raise UserError(f"{f.path}: this is a VAE checkpoint, not a DiT; pass it with --vae")
+    if any(".lora_down." in k or ".lora_A." in k for k in f.keys()[:50]):
+        raise UserError(f"{f.path}: this is a LoRA file, not a DiT; pass it with --lora_weight")
+    return f
+
+
+def read_dit_config(f: StateDictFile) -> DiTConfig:
+    if CONFIG_METADATA_KEY in f.metadata:
+        return DiTConfig.from_json(f.metadata[CONFIG_METADATA_KEY])
+    return DiTConfig.from_shapes(f.shapes(), source=str(f.path))
+
+
+def load_dit(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
+    in_channels: int | None = None,
+    attn_mode: str = "sdpa",
+    split_attn: bool = False,
+) -> HunyuanVideoDiT:
+    """Load a frozen DiT in eval mode. The config comes from the file; `in_channels` only checks it.
+
+    dtype: what every tensor is stored and computed in. fp8: the block Linears are stored as float8 e4m3fn
+    (see `hunyuan.fp8`), the rest in `dtype`.
+    """
+    f = open_dit_file(path)
+    config = read_dit_config(f)
+    if in_channels is not None and in_channels != config.in_channels:
+        kind = "SkyReels I2V" if config.in_channels == 32 else "text-to-video"
+        raise UserError(
+            f"{f.path}: --dit_in_channels {in_channels} was given but this {kind} DiT takes {config.in_channels} input channels "
+            f"(img_in.proj.weight {list(f.shape('img_in.proj.weight'))}); drop the flag or pass the matching file"
+        )
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(f, expected)
+
+    state: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor | None] = {}
+    for key in expected:
+        if fp8 and is_fp8_weight(key):
+            weight, scale = quantize_rows(f.get(key, device=device))
+            state[key], scales[key] = weight, scale
+        else:
+            state[key] = f.get(key, dtype=dtype, device=device)
+    model.load_state_dict(state, strict=True, assign=True)
+    for key, scale in scales.items():
+        module = model.get_submodule(key.removesuffix(".weight"))
+        make_fp8_linear(module, None if scale is None else scale.to(device))
+    model.requires_grad_(False)
+    model.eval()
+    model.set_attention(attn_mode, split_attn)
+    return model
+
+
+def _check_keys(f: StateDictFile, expected: dict[str, tuple[int, ...]]) -> None:
+    missing = [k for k in expected if k not in f]
+    unexpected = [k for k in f.keys() if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(f"{f.path}: not a complete HunyuanVideo DiT: keys {'; '.join(parts)}")
+    for k, shape in expected.items():
+        if tuple(f.shape(k)) != shape:
+            raise UserError(f"{f.path}: tensor {k} has shape {list(f.shape(k))}, expected {list(shape)} for this model size")
+
+
+def dit_metadata(config: DiTConfig) -> dict[str, str]:
+    """Metadata we write into DiT safetensors; the config only when shapes alone cannot tell it."""
+    meta = {"format": "pt", "musubi_tuner.architecture": "hunyuan_video_dit", "in_channels": str(config.in_channels)}
+    if tuple(config.rope_dim_list) != default_rope_axes(config.head_dim):
+        meta[CONFIG_METADATA_KEY] = config.to_json()
+    return meta
+
+
+def save_dit(state_dict: dict[str, torch.Tensor], config: DiTConfig, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Save a DiT state dict (official names) as safetensors, atomically, one tensor at a time (cast to `dtype` if given)."""
+    save_safetensors(state_dict, path, metadata=dit_metadata(config), cast=dtype)
+    return Path(path)

@@ -1,0 +1,194 @@
+"""HunyuanVideo's diffusion transformer (and SkyReels V1, the same model with 32 input channels).
+
+State-dict keys are the official ones (`double_blocks.N.img_attn_qkv.weight`, ...), so every DiT file
+users own loads without renaming. Text padding costs nothing: the LLM states are cut to the longest
+valid prompt of the batch and padded keys are masked (or, with `split_attn`, each sample attends
+over its own valid tokens only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from musubi_tuner.hunyuan.attention import check_attention_mode
+from musubi_tuner.hunyuan.blocks import (
+    AttentionContext,
+    FinalLayer,
+    MLPEmbedder,
+    MMDoubleStreamBlock,
+    MMSingleStreamBlock,
+    PatchEmbed,
+    SingleTokenRefiner,
+    TimestepEmbedder,
+)
+from musubi_tuner.hunyuan.config import DiTConfig
+from musubi_tuner.hunyuan.rope import rope_frequencies, rotation_tables
+
+
+class HunyuanVideoDiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.img_in = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
+        self.txt_in = SingleTokenRefiner(c.text_states_dim, c.hidden_size, c.heads_num, c.mlp_hidden_size, c.refiner_depth, c.timestep_freq_dim)
+        self.time_in = TimestepEmbedder(c.hidden_size, c.timestep_freq_dim)
+        self.vector_in = MLPEmbedder(c.text_states_dim_2, c.hidden_size)
+        self.guidance_in = TimestepEmbedder(c.hidden_size, c.timestep_freq_dim) if c.guidance_embed else None
+        self.double_blocks = nn.ModuleList([MMDoubleStreamBlock(c.hidden_size, c.heads_num, c.mlp_hidden_size) for _ in range(c.mm_double_blocks_depth)])
+        self.single_blocks = nn.ModuleList([MMSingleStreamBlock(c.hidden_size, c.heads_num, c.mlp_hidden_size) for _ in range(c.mm_single_blocks_depth)])
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_volume * c.out_channels)
+
+        # Run-time options; none of them changes the numbers (beyond float rounding).
+        self.attn_mode = "sdpa"
+        self.split_attn = False
+        self.gradient_checkpointing = False
+        self.checkpoint_cpu_offload = False
+        self.block_hooks: BlockHooks | None = None  # block swap installs itself here
+
+    # ------------------------------------------------------------------------------------------ options
+
+    def set_attention(self, mode: str = "sdpa", split: bool = False) -> None:
+        self.attn_mode = check_attention_mode(mode)
+        self.split_attn = split
+
+    def enable_gradient_checkpointing(self, cpu_offload: bool = False) -> None:
+        """Recompute each block in backward; with cpu_offload the block inputs kept for that wait in host memory."""
+        self.gradient_checkpointing = True
+        self.checkpoint_cpu_offload = cpu_offload
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+        self.checkpoint_cpu_offload = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_layer.linear.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layer.linear.weight.dtype
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        text_states_2: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow (noise - data) for latents.
+
+        x (B, C_in, T, H, W); t (B,) timesteps on the 0..1000 scale; text_states (B, Lt, 4096) LLM states with
+        text_mask (B, Lt) 1 for valid tokens (right-padded); text_states_2 (B, 768) CLIP pooled output;
+        guidance (B,) embedded guidance scale x 1000. Returns (B, C_out, T, H, W).
+        """
+        c = self.config
+        B, _, T, H, W = x.shape
+        if c.guidance_embed and guidance is None:
+            raise ValueError("this DiT embeds a guidance scale: pass guidance (B,) (embedded_cfg_scale x 1000)")
+        t = _per_sample(t, B, x.device)
+
+        # Cut the text to the longest valid prompt; mask or split handles shorter ones.
+        text_lengths = None
+        if text_mask is not None:
+            lengths = text_mask.to(x.device).sum(dim=1)
+            longest = max(int(lengths.max()), 1)
+            text_states = text_states[:, :longest]
+            if bool((lengths != longest).any()):
+                text_lengths = lengths.clamp(min=1)
+
+        vec = self.time_in(t) + self.vector_in(text_states_2)
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(_per_sample(guidance, B, x.device))
+        img = self.img_in(x)
+        txt = self.txt_in(text_states, t, text_lengths, self.split_attn)
+        img_len, txt_len = img.shape[1], txt.shape[1]
+
+        cos, sin = rope_frequencies((T, H, W), c.patch_size, c.rope_dim_list, c.rope_theta, img.device)
+        cos, sin = rotation_tables(cos, sin)
+        ctx = AttentionContext(
+            mode=self.attn_mode,
+            split=self.split_attn,
+            lengths=None if text_lengths is None else img_len + text_lengths,
+            rope_cos=torch.cat([cos, cos.new_ones(txt_len, cos.shape[1])]).unsqueeze(1),  # text tokens: no rotation
+            rope_sin=torch.cat([sin, sin.new_zeros(txt_len, sin.shape[1])]).unsqueeze(1),
+            img_len=img_len,
+        )
+        silu_vec = F.silu(vec)
+
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run_block(block, ("double", i), img, txt, silu_vec, ctx)
+        x_joint = torch.cat([img, txt], dim=1)
+        for i, block in enumerate(self.single_blocks):
+            x_joint = self._run_block(block, ("single", i), x_joint, silu_vec, ctx)
+        img = x_joint.split([img_len, txt_len], dim=1)[0]
+        if img.device != x.device:
+            img = img.to(x.device)
+
+        out = self.final_layer(img, silu_vec)
+        return self.unpatchify(out, T, H, W)
+
+    def unpatchify(self, x: torch.Tensor, T: int, H: int, W: int) -> torch.Tensor:
+        """(B, tokens, pt*ph*pw*C) -> (B, C, T, H, W)."""
+        pt, ph, pw = self.config.patch_size
+        B = x.shape[0]
+        x = x.reshape(B, T // pt, H // ph, W // pw, self.config.out_channels, pt, ph, pw)
+        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(B, self.config.out_channels, T, H, W)
+
+    def _run_block(self, block: nn.Module, key: tuple[str, int], *args):
+        hooks = self.block_hooks
+        if hooks is not None:
+            hooks.before(key)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            fn = _offloading(block) if self.checkpoint_cpu_offload else block
+            out = checkpoint(fn, *args, use_reentrant=False)
+        else:
+            out = block(*args)
+        if hooks is not None:
+            hooks.after(key)
+        return out
+
+
+class BlockHooks:
+    """Called around each block's forward; block swap implements it. `key` is ("double"|"single", index)."""
+
+    def before(self, key: tuple[str, int]) -> None:  # pragma: no cover - interface
+        pass
+
+    def after(self, key: tuple[str, int]) -> None:  # pragma: no cover - interface
+        pass
+
+
+def _per_sample(v: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    v = torch.as_tensor(v, device=device)
+    if v.ndim == 0 or v.numel() == 1:
+        v = v.reshape(1).expand(batch)
+    return v
+
+
+def _offloading(block: nn.Module) -> Callable:
+    """Run `block` on its weights' device and hand its outputs back in host memory.
+
+    Under checkpointing the tensors kept for backward are a block's inputs, so with this wrapper the
+    activations between blocks live on the CPU and only one block's working set is on the GPU.
+    """
+
+    def run(*args):
+        device = next(block.parameters()).device
+        moved = [a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args]
+        out = block(*moved)
+        if isinstance(out, tuple):
+            return tuple(o.to("cpu", non_blocking=True) for o in out)
+        return out.to("cpu", non_blocking=True)
+
+    return run

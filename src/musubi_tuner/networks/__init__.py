@@ -1,0 +1,1 @@
+"""Network modules for `--network_module` (e.g. `networks.lora`)."""

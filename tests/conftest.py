@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+# Tests run on CPU with small models; two threads is what CI machines have.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.fixture
+def manifest():
+    import json
+
+    def load(name: str) -> dict:
+        with open(os.path.join(DATA, "manifests", name)) as f:
+            return json.load(f)
+
+    return load

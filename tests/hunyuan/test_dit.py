@@ -1,0 +1,105 @@
+"""The DiT equals diffusers' HunyuanVideoTransformer3DModel, has the official layout, and loads every file format."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from diffusers_reference import diffusers_dit
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.checkpoints import load_dit
+from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def inputs(config, batch=1, frames=3, height=6, width=10, text_lens=(7,), max_text=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, frames, height, width, generator=g)
+    t = torch.rand(batch, generator=g) * 1000
+    text = torch.randn(batch, max_text, config.text_states_dim, generator=g)
+    mask = torch.zeros(batch, max_text, dtype=torch.long)
+    for b, n in enumerate(text_lens):
+        mask[b, :n] = 1
+    pooled = torch.randn(batch, config.text_states_dim_2, generator=g)
+    guidance = torch.full((batch,), 6000.0)
+    return x, t, text, mask, pooled, guidance
+
+
+def ours(config, sd):
+    model = HunyuanVideoDiT(config)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------- official layout
+
+
+@pytest.mark.parametrize("config,manifest_name,params", [
+    (HUNYUAN_T2V, "dit_t2v_720p.json", 12_821_012_544),
+    (SKYREELS_I2V, "dit_skyreels_i2v.json", 12_821_209_152),
+])
+def test_full_size_model_has_the_official_keys_shapes_and_parameter_count(manifest, config, manifest_name, params):
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(config)
+    ref = manifest(manifest_name)
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == ref["keys"]
+    assert sum(p.numel() for p in model.parameters()) == params == ref["params"]
+
+
+def test_config_is_read_off_the_official_shapes(manifest):
+    shapes = manifest("dit_skyreels_i2v.json")["keys"]
+    assert DiTConfig.from_shapes(shapes) == SKYREELS_I2V
+    assert DiTConfig.from_shapes(manifest("dit_t2v_720p.json")["keys"]) == HUNYUAN_T2V
+
+
+# --------------------------------------------------------------------------------------- equals diffusers
+
+
+@pytest.mark.parametrize("case", [
+    dict(batch=1, frames=3, height=6, width=10, text_lens=(7,)),          # video latent, padded prompt
+    dict(batch=2, frames=2, height=6, width=4, text_lens=(5, 13)),        # batch with different text lengths
+    dict(batch=1, frames=1, height=8, width=8, text_lens=(20,)),          # single image, no padding
+    dict(batch=2, frames=1, height=10, width=6, text_lens=(1, 20)),       # extreme lengths
+])
+@pytest.mark.parametrize("split_attn", [False, True])
+def test_forward_equals_diffusers(case, split_attn):
+    config = tiny_dit_config()
+    sd = random_dit_state_dict(config, seed=3, scale=0.08)
+    model = ours(config, sd)
+    model.set_attention("sdpa", split=split_attn)
+    reference = diffusers_dit(sd, config)
+    args = inputs(config, **case)
+    with torch.no_grad():
+        got = model(*args)
+        want = reference(*args, return_dict=False)[0]
+    assert got.shape == want.shape == args[0].shape
+    assert rel_err(got, want) < 1e-5
+
+
+def test_skyreels_i2v_variant_equals_diffusers():
+    config = tiny_dit_config(in_channels=32)
+    sd = random_dit_state_dict(config, seed=4, scale=0.08)
+    args = inputs(config, batch=1, text_lens=(9,))
+    with torch.no_grad():
+        got = ours(config, sd)(*args)
+        want = diffusers_dit(sd, config)(*args, return_dict=False)[0]
+    assert got.shape[1] == 16
+    assert rel_err(got, want) < 1e-5
+
+
+def test_padding_beyond_the_prompt_does_not_change_the_output():
+    config = tiny_dit_config()
+    model = ours(config, random_dit_state_dict(config, seed=5, scale=0.08))
+    x, t, text, mask, pooled, g = inputs(config, text_lens=(6,), max_text=20)
+    with torch.no_grad():
+        a = model(x, t, text, mask, pooled, g)
+        garbage = text.clone()
+        garbage[:, 6:] = 1e3
+        b = model(x, t, garbage[:, :11], mask[:, :11], pooled, g)
+    assert torch.equal(a, b)
