@@ -6,7 +6,7 @@ import torch
 # Tests run on CPU with small models; two threads is what CI machines have.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 @pytest.fixture
