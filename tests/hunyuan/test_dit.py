@@ -6,28 +6,12 @@ import pytest
 import torch
 
 from diffusers_reference import diffusers_dit
+from helpers import dit_inputs as inputs, rel_err
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def inputs(config, batch=1, frames=3, height=6, width=10, text_lens=(7,), max_text=20, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, config.in_channels, frames, height, width, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    text = torch.randn(batch, max_text, config.text_states_dim, generator=g)
-    mask = torch.zeros(batch, max_text, dtype=torch.long)
-    for b, n in enumerate(text_lens):
-        mask[b, :n] = 1
-    pooled = torch.randn(batch, config.text_states_dim_2, generator=g)
-    guidance = torch.full((batch,), 6000.0)
-    return x, t, text, mask, pooled, guidance
 
 
 def ours(config, sd):

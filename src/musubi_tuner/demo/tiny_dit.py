@@ -26,7 +26,6 @@ TINY_DIT = DiTConfig(
     mm_double_blocks_depth=2,
     mm_single_blocks_depth=2,
     refiner_depth=2,
-    rope_dim_list=(8, 12, 12),
     text_states_dim=64,
     text_states_dim_2=32,
 )
@@ -35,6 +34,7 @@ DIT_FORMATS = ("pt", "safetensors", "fp16", "fp8")
 
 
 def tiny_dit_config(in_channels: int = 16, **overrides) -> DiTConfig:
+    overrides.setdefault("rope_dim_list", None)  # re-derive the rotary split when the head size changes
     return dataclasses.replace(TINY_DIT, in_channels=in_channels, **overrides)
 
 

@@ -36,7 +36,7 @@ class DiTConfig:
     mm_single_blocks_depth: int = 40
     refiner_depth: int = 2
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w)
-    rope_dim_list: tuple[int, int, int] = (16, 56, 56)
+    rope_dim_list: tuple[int, int, int] | None = None  # None: (16, 56, 56) for head dim 128, same proportions otherwise
     rope_theta: float = 256.0
     text_states_dim: int = 4096  # LLM hidden size
     text_states_dim_2: int = 768  # CLIP-L pooled size
@@ -46,6 +46,9 @@ class DiTConfig:
     def __post_init__(self):
         if self.hidden_size % self.heads_num:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads_num {self.heads_num}")
+        rope = default_rope_axes(self.head_dim) if self.rope_dim_list is None else tuple(self.rope_dim_list)
+        object.__setattr__(self, "rope_dim_list", rope)
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
         if sum(self.rope_dim_list) != self.head_dim:
             raise ValueError(f"rope_dim_list {self.rope_dim_list} must sum to the head dim {self.head_dim}")
 
@@ -94,7 +97,6 @@ class DiTConfig:
         head_dim = need("double_blocks.0.img_attn_q_norm.weight")[0]
         final = need("final_layer.linear.weight")
         pt, ph, pw = patch
-        rope = tuple(rope_dim_list) if rope_dim_list else default_rope_axes(head_dim)
         return cls(
             in_channels=in_channels,
             out_channels=final[0] // (pt * ph * pw),
@@ -105,7 +107,7 @@ class DiTConfig:
             mm_single_blocks_depth=count(r"single_blocks\.(\d+)\."),
             refiner_depth=count(r"txt_in\.individual_token_refiner\.blocks\.(\d+)\."),
             patch_size=patch,
-            rope_dim_list=rope,
+            rope_dim_list=tuple(rope_dim_list) if rope_dim_list else None,
             text_states_dim=need("txt_in.input_embedder.weight")[1],
             text_states_dim_2=need("vector_in.in_layer.weight")[1],
             guidance_embed="guidance_in.mlp.0.weight" in shapes,

@@ -50,6 +50,7 @@ class HunyuanVideoDiT(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_cpu_offload = False
         self.block_hooks: BlockHooks | None = None  # block swap installs itself here
+        self.offload_embedders = False  # --img_in_txt_in_offloading: img_in/txt_in visit the device only while used
 
     # ------------------------------------------------------------------------------------------ options
 
@@ -71,7 +72,8 @@ class HunyuanVideoDiT(nn.Module):
         return self.final_layer.linear.weight.device
 
     @property
-    def dtype(self) -> torch.dtype:
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the high-precision weights (fp8 block weights are upcast to it layer by layer)."""
         return self.final_layer.linear.weight.dtype
 
     # ------------------------------------------------------------------------------------------ forward
@@ -96,6 +98,9 @@ class HunyuanVideoDiT(nn.Module):
         if c.guidance_embed and guidance is None:
             raise ValueError("this DiT embeds a guidance scale: pass guidance (B,) (embedded_cfg_scale x 1000)")
         t = _per_sample(t, B, x.device)
+        if not torch.is_autocast_enabled(x.device.type):  # without autocast, compute in the weights' dtype
+            dtype = self.compute_dtype
+            x, text_states, text_states_2 = x.to(dtype), text_states.to(dtype), text_states_2.to(dtype)
 
         # Cut the text to the longest valid prompt; mask or split handles shorter ones.
         text_lengths = None
@@ -109,8 +114,14 @@ class HunyuanVideoDiT(nn.Module):
         vec = self.time_in(t) + self.vector_in(text_states_2)
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(_per_sample(guidance, B, x.device))
+        if self.offload_embedders:
+            self.img_in.to(x.device)
+            self.txt_in.to(x.device)
         img = self.img_in(x)
         txt = self.txt_in(text_states, t, text_lengths, self.split_attn)
+        if self.offload_embedders:
+            self.img_in.to("cpu")
+            self.txt_in.to("cpu")
         img_len, txt_len = img.shape[1], txt.shape[1]
 
         cos, sin = rope_frequencies((T, H, W), c.patch_size, c.rope_dim_list, c.rope_theta, img.device)
@@ -125,11 +136,15 @@ class HunyuanVideoDiT(nn.Module):
         )
         silu_vec = F.silu(vec)
 
+        if self.block_hooks is not None:
+            self.block_hooks.start_forward()
         for i, block in enumerate(self.double_blocks):
             img, txt = self._run_block(block, ("double", i), img, txt, silu_vec, ctx)
         x_joint = torch.cat([img, txt], dim=1)
         for i, block in enumerate(self.single_blocks):
             x_joint = self._run_block(block, ("single", i), x_joint, silu_vec, ctx)
+        if self.block_hooks is not None:
+            self.block_hooks.end_forward()
         img = x_joint.split([img_len, txt_len], dim=1)[0]
         if img.device != x.device:
             img = img.to(x.device)
@@ -146,27 +161,42 @@ class HunyuanVideoDiT(nn.Module):
         return x.reshape(B, self.config.out_channels, T, H, W)
 
     def _run_block(self, block: nn.Module, key: tuple[str, int], *args):
-        hooks = self.block_hooks
-        if hooks is not None:
-            hooks.before(key)
+        fn = block if self.block_hooks is None else _hooked(block, key, self.block_hooks)
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            fn = _offloading(block) if self.checkpoint_cpu_offload else block
-            out = checkpoint(fn, *args, use_reentrant=False)
-        else:
-            out = block(*args)
-        if hooks is not None:
-            hooks.after(key)
-        return out
+            if self.checkpoint_cpu_offload:
+                fn = _offloading(fn, self.device)
+            return checkpoint(fn, *args, use_reentrant=False)  # backward re-runs fn, hooks included
+        return fn(*args)
 
 
 class BlockHooks:
-    """Called around each block's forward; block swap implements it. `key` is ("double"|"single", index)."""
+    """Called around every run of a block's forward (recomputations in backward included); block swap implements it.
 
-    def before(self, key: tuple[str, int]) -> None:  # pragma: no cover - interface
+    `key` is ("double" | "single", index). start/end_forward bracket the blocks of one model forward.
+    """
+
+    def start_forward(self) -> None:
         pass
 
-    def after(self, key: tuple[str, int]) -> None:  # pragma: no cover - interface
+    def end_forward(self) -> None:
         pass
+
+    def before(self, key: tuple[str, int]) -> None:
+        pass
+
+    def after(self, key: tuple[str, int]) -> None:
+        pass
+
+
+def _hooked(block: nn.Module, key: tuple[str, int], hooks: BlockHooks) -> Callable:
+    def run(*args):
+        hooks.before(key)
+        try:
+            return block(*args)
+        finally:
+            hooks.after(key)
+
+    return run
 
 
 def _per_sample(v: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
@@ -176,15 +206,14 @@ def _per_sample(v: torch.Tensor | float, batch: int, device: torch.device) -> to
     return v
 
 
-def _offloading(block: nn.Module) -> Callable:
-    """Run `block` on its weights' device and hand its outputs back in host memory.
+def _offloading(block: Callable, device: torch.device) -> Callable:
+    """Run `block` on `device` and hand its outputs back in host memory.
 
     Under checkpointing the tensors kept for backward are a block's inputs, so with this wrapper the
     activations between blocks live on the CPU and only one block's working set is on the GPU.
     """
 
     def run(*args):
-        device = next(block.parameters()).device
         moved = [a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args]
         out = block(*moved)
         if isinstance(out, tuple):

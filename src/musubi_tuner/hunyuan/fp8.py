@@ -55,8 +55,12 @@ class Fp8Linear(nn.Linear):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
 
+    def stored_weight(self) -> torch.Tensor:
+        """The fp8 weight to compute with (block swap substitutes its on-device copy)."""
+        return self.weight
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self.weight.to(dtype)
+        w = self.stored_weight().to(dtype)
         if self.weight_scale is not None:
             w = w * self.weight_scale.to(dtype).unsqueeze(1)
         return w
@@ -64,7 +68,7 @@ class Fp8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype(x)
         if self.fast and x.device.type == "cuda":
-            return _scaled_mm_linear(x.to(dtype), self.weight, self.weight_scale, self.bias, dtype)
+            return _scaled_mm_linear(x.to(dtype), self.stored_weight(), self.weight_scale, self.bias, dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias)
 

@@ -1,0 +1,144 @@
+"""Every DiT file users own loads, to the same numbers; a wrong or broken file gets one line naming it."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import save_safetensors
+from musubi_tuner.hunyuan.checkpoints import load_dit, save_dit
+from helpers import dit_inputs as inputs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = tiny_dit_config()
+    return config, random_dit_state_dict(config, seed=11, scale=0.05)
+
+
+def run(model, config, **kw):
+    with torch.no_grad():
+        return model(*inputs(config, **kw)).float()
+
+
+def test_official_pt_and_bf16_safetensors_load_to_identical_outputs(tmp_path, tiny):
+    config, sd = tiny
+    pt = write_dit(tmp_path / "mp_rank_00_model_states.pt", sd, config, "pt")
+    st = write_dit(tmp_path / "dit_bf16.safetensors", sd, config, "safetensors")
+    a = load_dit(pt, dtype=torch.float32)
+    b = load_dit(st, dtype=torch.float32)
+    assert a.config == b.config == config
+    assert torch.equal(run(a, config), run(b, config))
+    assert not any(p.requires_grad for p in a.parameters()) and not a.training
+
+
+def test_pt_file_holds_weights_under_module_like_the_official_one(tmp_path, tiny):
+    config, sd = tiny
+    pt = write_dit(tmp_path / "mp_rank_00_model_states.pt", sd, config, "pt")
+    raw = torch.load(pt, weights_only=True)
+    assert list(raw) == ["module"] and "double_blocks.0.img_attn_qkv.weight" in raw["module"]
+
+
+def test_fp16_and_fp8_files_load_close_to_the_bf16_file(tmp_path, tiny):
+    config, sd = tiny
+    ref = run(load_dit(write_dit(tmp_path / "a.safetensors", sd, config, "fp32"), dtype=torch.float32), config)
+    fp16 = run(load_dit(write_dit(tmp_path / "b.safetensors", sd, config, "fp16"), dtype=torch.float32), config)
+    fp8_model = load_dit(write_dit(tmp_path / "c.safetensors", sd, config, "fp8"), dtype=torch.float32)
+    fp8 = run(fp8_model, config)
+    assert ((fp16 - ref).norm() / ref.norm()) < 1e-3
+    # a plain e4m3 cast of every tensor (the unofficial fp8 file) keeps ~2 significant digits
+    assert ((fp8 - ref).norm() / ref.norm()) < 0.15
+
+
+def test_skyreels_i2v_file_loads_with_32_channels_from_the_file_alone(tmp_path):
+    config = tiny_dit_config(in_channels=32)
+    path = write_dit(tmp_path / "skyreels_hunyuan_i2v_bf16.safetensors", random_dit_state_dict(config), config)
+    model = load_dit(path, dtype=torch.float32)
+    assert model.config.in_channels == 32
+    assert load_dit(path, in_channels=32).config.in_channels == 32
+
+
+def test_dit_in_channels_that_contradicts_the_file_names_both(tmp_path, tiny):
+    config, sd = tiny
+    path = write_dit(tmp_path / "t2v.safetensors", sd, config)
+    with pytest.raises(UserError, match=r"t2v.safetensors.*--dit_in_channels 32.*16 input channels"):
+        load_dit(path, in_channels=32)
+
+
+def test_saved_merged_file_round_trips(tmp_path, tiny):
+    config, sd = tiny
+    model = load_dit(write_dit(tmp_path / "a.pt", sd, config, "pt"), dtype=torch.float32)
+    out = save_dit(model.state_dict(), config, tmp_path / "merged.safetensors", dtype=torch.bfloat16)
+    again = load_dit(out, dtype=torch.float32)
+    assert torch.equal(run(model, config), run(again, config))
+
+
+def test_comfyui_prefixed_keys_load(tmp_path, tiny):
+    config, sd = tiny
+    path = tmp_path / "comfy.safetensors"
+    save_safetensors({f"model.diffusion_model.{k}": v for k, v in sd.items()}, path)
+    assert load_dit(path, dtype=torch.float32).config == config
+
+
+def test_missing_file_is_one_line_naming_it(tmp_path):
+    with pytest.raises(UserError, match="nope.safetensors: DiT checkpoint not found"):
+        load_dit(tmp_path / "nope.safetensors")
+
+
+def test_truncated_safetensors_is_reported_as_truncated(tmp_path, tiny):
+    config, sd = tiny
+    path = write_dit(tmp_path / "dit.safetensors", sd, config)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="dit.safetensors: file is truncated"):
+        load_dit(path)
+
+
+def test_truncated_pt_is_reported(tmp_path, tiny):
+    config, sd = tiny
+    path = write_dit(tmp_path / "dit.pt", sd, config, "pt")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(UserError, match="dit.pt: not a readable PyTorch DiT checkpoint"):
+        load_dit(path)
+
+
+def test_a_file_of_another_kind_is_named(tmp_path):
+    lora = tmp_path / "lora.safetensors"
+    save_safetensors({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 64)}, lora)
+    with pytest.raises(UserError, match="LoRA file, not a DiT"):
+        load_dit(lora)
+    other = tmp_path / "other.safetensors"
+    save_safetensors({"encoder.conv_in.weight": torch.zeros(1)}, other)
+    with pytest.raises(UserError, match="VAE checkpoint, not a DiT"):
+        load_dit(other)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(300))
+    with pytest.raises(UserError, match="junk.safetensors: not a safetensors file"):
+        load_dit(junk)
+
+
+def test_incomplete_dit_lists_missing_keys(tmp_path, tiny):
+    config, sd = tiny
+    partial = {k: v for k, v in sd.items() if k != "single_blocks.1.linear2.weight"}
+    path = tmp_path / "partial.safetensors"
+    save_safetensors(partial, path)
+    with pytest.raises(UserError, match=r"partial.safetensors: not a complete HunyuanVideo DiT: keys 1 missing \(e.g. single_blocks.1.linear2.weight"):
+        load_dit(path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_pickle_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"module": _RunsCode()}, f)
+    with pytest.raises(UserError, match="evil.pt: refused to load"):
+        load_dit(path)
+    assert not (tmp_path / "pwned_by_pickle").exists()
