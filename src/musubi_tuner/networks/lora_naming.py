@@ -1,0 +1,226 @@
+"""LoRA key namings of HunyuanVideo and the exact conversions between them.
+
+- kohya (ours, musubi-tuner, sd-scripts): `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `.lora_up.weight`, `.alpha`
+- "other" (diffusion-pipe, diffusers' loader for original-format files): `diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight`,
+  `.lora_B.weight`, no alpha: the scale alpha/rank is folded into A and B (sqrt each)
+- diffusers / PEFT on diffusers' transformer: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`; q, k, v (and the
+  single blocks' MLP input) are separate Linears that the official model fuses, so their LoRAs are fused exactly:
+  down = [A_q; A_k; A_v], up = block-diagonal(B_q, B_k, B_v).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from musubi_tuner.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+KOHYA_PREFIX = "lora_unet_"
+OTHER_PREFIXES = ("diffusion_model.", "transformer.", "model.diffusion_model.")
+
+# kohya names cannot be split back on "_" blindly; these are the module paths of the official DiT.
+_KOHYA_PATTERNS = [
+    (re.compile(r"double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj)"), r"double_blocks.\1.\2_\3"),
+    (re.compile(r"double_blocks_(\d+)_(img|txt)_mlp_(fc1|fc2)"), r"double_blocks.\1.\2_mlp.\3"),
+    (re.compile(r"double_blocks_(\d+)_(img|txt)_mod_linear"), r"double_blocks.\1.\2_mod.linear"),
+    (re.compile(r"single_blocks_(\d+)_(linear1|linear2)"), r"single_blocks.\1.\2"),
+    (re.compile(r"single_blocks_(\d+)_modulation_linear"), r"single_blocks.\1.modulation.linear"),
+    (re.compile(r"txt_in_individual_token_refiner_blocks_(\d+)_(self_attn_qkv|self_attn_proj)"), r"txt_in.individual_token_refiner.blocks.\1.\2"),
+    (re.compile(r"txt_in_individual_token_refiner_blocks_(\d+)_mlp_(fc1|fc2)"), r"txt_in.individual_token_refiner.blocks.\1.mlp.\2"),
+    (re.compile(r"txt_in_individual_token_refiner_blocks_(\d+)_adaLN_modulation_1"), r"txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1"),
+    (re.compile(r"final_layer_(linear)"), r"final_layer.\1"),
+    (re.compile(r"final_layer_adaLN_modulation_1"), r"final_layer.adaLN_modulation.1"),
+]
+
+# ComfyUI's in-memory module names -> official names (as ComfyUI's loader maps them).
+_COMFY_RENAMES = [
+    (re.compile(r"_attn\.qkv$"), "_attn_qkv"), (re.compile(r"_attn\.proj$"), "_attn_proj"),
+    (re.compile(r"_mlp\.0$"), "_mlp.fc1"), (re.compile(r"_mlp\.2$"), "_mlp.fc2"),
+    (re.compile(r"_mod\.lin$"), "_mod.linear"), (re.compile(r"modulation\.lin$"), "modulation.linear"),
+]
+
+
+def kohya_to_module_path(name: str) -> str:
+    """`lora_unet_double_blocks_0_img_mlp_fc1` -> `double_blocks.0.img_mlp.fc1`."""
+    body = name.removeprefix(KOHYA_PREFIX)
+    for rx, repl in _KOHYA_PATTERNS:
+        if rx.fullmatch(body):
+            return rx.sub(repl, body)
+    raise UserError(f"LoRA module {name!r} names no layer of the HunyuanVideo DiT")
+
+
+def module_path_to_kohya(path: str) -> str:
+    return KOHYA_PREFIX + path.replace(".", "_")
+
+
+def detect_naming(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith(KOHYA_PREFIX) for k in keys):
+        return "kohya"
+    if any(".transformer_blocks." in k or ".single_transformer_blocks." in k or k.startswith(("transformer_blocks.", "single_transformer_blocks."))
+           for k in keys):
+        return "diffusers"
+    if any(("double_blocks." in k or "single_blocks." in k) and (".lora_A." in k or ".lora_B." in k or ".lora_down." in k) for k in keys):
+        return "other"
+    return "unknown"
+
+
+def to_kohya(weights: dict[str, torch.Tensor], source: str = "LoRA", mlp_hidden: int | None = None) -> dict[str, torch.Tensor]:
+    """Any understood naming -> kohya naming, exactly (same product up @ down * alpha / rank per module)."""
+    naming = detect_naming(weights)
+    if naming == "kohya":
+        return {k: v for k, v in weights.items() if k.startswith(KOHYA_PREFIX)}
+    if naming == "other":
+        return _other_to_kohya(weights)
+    if naming == "diffusers":
+        return _diffusers_to_kohya(weights, mlp_hidden)
+    sample = ", ".join(list(weights)[:4])
+    raise UserError(f"{source}: not a HunyuanVideo LoRA in any naming we know (kohya lora_unet_*, "
+                    f"diffusion_model.*.lora_A/B, diffusers transformer.*); first keys: {sample}")
+
+
+def kohya_to_other(weights: dict[str, torch.Tensor], prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
+    """kohya -> "other": A = down * sqrt(alpha/rank), B = up * sqrt(alpha/rank), no alpha keys."""
+    out = {}
+    for name, down, up, alpha in _kohya_modules(weights):
+        path = kohya_to_module_path(name)
+        factor = (alpha / down.shape[0]) ** 0.5
+        out[f"{prefix}.{path}.lora_A.weight"] = (down.float() * factor).to(down.dtype)
+        out[f"{prefix}.{path}.lora_B.weight"] = (up.float() * factor).to(up.dtype)
+    return out
+
+
+def _kohya_modules(weights):
+    for key, down in weights.items():
+        if key.endswith(".lora_down.weight"):
+            name = key.removesuffix(".lora_down.weight")
+            up = weights[f"{name}.lora_up.weight"]
+            alpha = float(weights[f"{name}.alpha"]) if f"{name}.alpha" in weights else float(down.shape[0])
+            yield name, down, up, alpha
+
+
+def _strip_other_prefix(key: str) -> str:
+    for prefix in OTHER_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _other_to_kohya(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, t in weights.items():
+        body = _strip_other_prefix(key)
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight", body)
+        if not m:
+            if not body.endswith(".alpha"):
+                logger.warning("LoRA key %s ignored (not a LoRA A/B weight)", key)
+            continue
+        path, part = m.groups()
+        for rx, repl in _COMFY_RENAMES:
+            path = rx.sub(repl, path)
+        name = module_path_to_kohya(path)
+        out[f"{name}.{'lora_down' if part in ('lora_A', 'lora_down') else 'lora_up'}.weight"] = t
+        alpha_key = next((k for k in (f"{key.rsplit('.lora_', 1)[0]}.alpha",) if k in weights), None)
+        if part in ("lora_A", "lora_down"):
+            out[f"{name}.alpha"] = weights[alpha_key].float() if alpha_key else torch.tensor(float(t.shape[0]))
+    return out
+
+
+# diffusers module (relative to a block) -> (official module, part index, number of parts)
+_DIFFUSERS_DOUBLE = {
+    "attn.to_q": ("img_attn_qkv", 0), "attn.to_k": ("img_attn_qkv", 1), "attn.to_v": ("img_attn_qkv", 2),
+    "attn.add_q_proj": ("txt_attn_qkv", 0), "attn.add_k_proj": ("txt_attn_qkv", 1), "attn.add_v_proj": ("txt_attn_qkv", 2),
+    "attn.to_out.0": ("img_attn_proj", None), "attn.to_add_out": ("txt_attn_proj", None),
+    "ff.net.0.proj": ("img_mlp.fc1", None), "ff.net.2": ("img_mlp.fc2", None),
+    "ff_context.net.0.proj": ("txt_mlp.fc1", None), "ff_context.net.2": ("txt_mlp.fc2", None),
+    "norm1.linear": ("img_mod.linear", None), "norm1_context.linear": ("txt_mod.linear", None),
+}
+_DIFFUSERS_SINGLE = {
+    "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3),
+    "proj_out": ("linear2", None), "norm.linear": ("modulation.linear", None),
+}
+_DIFFUSERS_REFINER = {
+    "attn.to_q": ("self_attn_qkv", 0), "attn.to_k": ("self_attn_qkv", 1), "attn.to_v": ("self_attn_qkv", 2),
+    "attn.to_out.0": ("self_attn_proj", None), "ff.net.0.proj": ("mlp.fc1", None), "ff.net.2": ("mlp.fc2", None),
+    "norm_out.linear": ("adaLN_modulation.1", None),
+}
+
+
+def _diffusers_module(path: str) -> tuple[str, int | None] | None:
+    for rx, table, official in (
+        (r"transformer_blocks\.(\d+)\.(.+)", _DIFFUSERS_DOUBLE, "double_blocks.{}.{}"),
+        (r"single_transformer_blocks\.(\d+)\.(.+)", _DIFFUSERS_SINGLE, "single_blocks.{}.{}"),
+        (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(.+)", _DIFFUSERS_REFINER, "txt_in.individual_token_refiner.blocks.{}.{}"),
+    ):
+        m = re.fullmatch(rx, path)
+        if m and m.group(2) in table:
+            module, part = table[m.group(2)]
+            return official.format(m.group(1), module), part
+    if path == "proj_out":
+        return "final_layer.linear", None
+    if path == "norm_out.linear":
+        return "final_layer.adaLN_modulation.1", None
+    return None
+
+
+def _diffusers_to_kohya(weights: dict[str, torch.Tensor], mlp_hidden: int | None) -> dict[str, torch.Tensor]:
+    # Collect (A, B, scale) per diffusers module, grouped by the official module they belong to.
+    groups: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key, a in weights.items():
+        m = re.fullmatch(r"(.+)\.lora_A(?:\.default)?\.weight", _strip_other_prefix(key))
+        if not m:
+            continue
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if b_key not in weights:
+            raise UserError(f"LoRA key {key} has no matching lora_B weight")
+        target = _diffusers_module(m.group(1))
+        if target is None:
+            logger.warning("LoRA module %s has no counterpart in the official DiT; ignored", m.group(1))
+            continue
+        module, part = target
+        b = weights[b_key]
+        if module == "final_layer.adaLN_modulation.1":  # diffusers orders this output (scale, shift); official (shift, scale)
+            b = torch.cat(b.chunk(2, dim=0)[::-1])
+        alpha_key = key.replace(".lora_A.weight", ".alpha")
+        scale = float(weights[alpha_key]) / a.shape[0] if alpha_key in weights else 1.0
+        groups.setdefault(module, {})[part] = (a.float(), b.float() * scale)
+
+    out: dict[str, torch.Tensor] = {}
+    for module, parts in groups.items():
+        if None in parts:
+            down, up = parts[None]
+        else:
+            down, up = _fuse(parts, 4 if module.endswith("linear1") else 3, mlp_hidden)
+        name = module_path_to_kohya(module)
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))  # scales are folded into up
+    return out
+
+
+def _fuse(parts: dict[int, tuple[torch.Tensor, torch.Tensor]], n_parts: int, mlp_hidden: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused LoRA of a Linear whose output rows are its parts' outputs stacked (q, k, v[, mlp]); missing parts are zero."""
+    qkv = [b.shape[0] for p, (_, b) in parts.items() if p < 3]
+    if not qkv:
+        raise UserError("a fused q/k/v LoRA needs at least one of its q, k, v parts")
+    hidden = qkv[0]
+    sizes = [hidden] * 3
+    if n_parts == 4:
+        sizes.append(parts[3][1].shape[0] if 3 in parts else (mlp_hidden or 4 * hidden))
+    in_features = next(iter(parts.values()))[0].shape[1]
+    rank = sum(a.shape[0] for a, _ in parts.values())
+    down = torch.zeros(rank, in_features)
+    up = torch.zeros(sum(sizes), rank)
+    r = 0
+    for p in range(n_parts):
+        if p in parts:
+            a, b = parts[p]
+            row = sum(sizes[:p])
+            down[r : r + a.shape[0]] = a
+            up[row : row + sizes[p], r : r + a.shape[0]] = b
+            r += a.shape[0]
+    return down, up

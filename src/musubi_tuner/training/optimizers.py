@@ -1,0 +1,170 @@
+"""Optimizers and learning-rate schedules from `--optimizer_type` / `--lr_scheduler` and their `key=value` arguments."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+
+from musubi_tuner.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """`weight_decay=0.01 betas=0.9,0.999` -> {"weight_decay": 0.01, "betas": (0.9, 0.999)} (Python literals; bare words stay strings)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag}: {item!r} is not key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _import_optional(module: str, package: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs the package {package}: pip install {package}") from None
+
+
+def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, optimizer_args: dict[str, Any]) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer and its full name for metadata. An empty type means AdamW (as musubi-tuner's help says)."""
+    name = (optimizer_type or "AdamW").strip()
+    lower = name.lower()
+    kwargs = dict(optimizer_args)
+    if lower == "adamw":
+        cls = torch.optim.AdamW
+    elif lower.endswith("8bit"):
+        bnb = _import_optional("bitsandbytes", "bitsandbytes", f"--optimizer_type {name}")
+        attr = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "sgdnesterov8bit": "SGD8bit",
+                "pagedadamw8bit": "PagedAdamW8bit"}.get(lower)
+        if attr is None or not hasattr(bnb.optim, attr):
+            raise UserError(f"--optimizer_type {name}: bitsandbytes has no such optimizer")
+        cls = getattr(bnb.optim, attr)
+    elif lower == "adafactor":
+        from transformers.optimization import Adafactor
+
+        cls = Adafactor
+        kwargs.setdefault("relative_step", True)
+        kwargs.setdefault("scale_parameter", True)
+        kwargs.setdefault("warmup_init", False)
+        if kwargs["relative_step"]:
+            kwargs.setdefault("lr", None)  # Adafactor computes its own step size
+            for group in params:
+                group.pop("lr", None)
+            lr = None
+    elif lower == "prodigy":
+        cls = _import_optional("prodigyopt", "prodigyopt", "--optimizer_type prodigy").Prodigy
+    elif lower.endswith("schedulefree"):
+        sf = _import_optional("schedulefree", "schedulefree", f"--optimizer_type {name}")
+        attr = {"adamwschedulefree": "AdamWScheduleFree", "sgdschedulefree": "SGDScheduleFree",
+                "radamschedulefree": "RAdamScheduleFree"}.get(lower)
+        if attr is None:
+            raise UserError(f"--optimizer_type {name}: schedulefree has no such optimizer")
+        cls = getattr(sf, attr)
+    elif "." in name:
+        module, _, cls_name = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError):
+            raise UserError(f"--optimizer_type {name}: cannot import {cls_name} from {module}") from None
+    else:
+        match = next((a for a in dir(torch.optim) if a.lower() == lower), None)
+        if match is None:
+            raise UserError(f"--optimizer_type {name} is unknown: use AdamW, AdamW8bit, Adafactor, Prodigy, AdamWScheduleFree, "
+                            "a torch.optim class name, or module.Class")
+        cls = getattr(torch.optim, match)
+    if lr is not None:
+        kwargs.setdefault("lr", lr)
+    try:
+        optimizer = cls(params, **kwargs)
+    except TypeError as e:
+        raise UserError(f"--optimizer_args for {cls.__name__}: {e}") from None
+    full_name = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(f'{k}={v}' for k, v in optimizer_args.items())})" if optimizer_args else "")
+    return optimizer, full_name
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer).__name__.endswith("ScheduleFree")
+
+
+def warmup_steps(value: int | float, total: int) -> int:
+    """An int is steps; a float below 1 is a fraction of the total."""
+    return int(value * total) if isinstance(value, float) and value < 1 else int(value)
+
+
+def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The LR schedule; total_steps are optimizer steps times processes, as musubi-tuner counts them."""
+    if is_schedule_free(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    extra = parse_key_values(args.lr_scheduler_args, "--lr_scheduler_args")
+    if args.lr_scheduler_type:
+        name = args.lr_scheduler_type
+        module, _, cls_name = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), cls_name)
+        except (ImportError, AttributeError):
+            raise UserError(f"--lr_scheduler_type {name}: cannot import it") from None
+        return cls(optimizer, **extra)
+
+    name = args.lr_scheduler
+    warmup = warmup_steps(args.lr_warmup_steps, total_steps)
+    decay = warmup_steps(args.lr_decay_steps, total_steps)
+    if name.startswith("adafactor"):
+        from transformers.optimization import AdafactorSchedule
+
+        return AdafactorSchedule(optimizer, initial_lr=float(name.split(":")[1]) if ":" in name else 0.0)
+    if name in ("constant",) and warmup:
+        raise UserError("--lr_scheduler constant takes no warmup; use constant_with_warmup")
+    if name == "rex":
+        return _rex(optimizer, total_steps, warmup, args.lr_scheduler_min_lr_ratio)
+    from transformers import get_scheduler
+
+    kwargs: dict[str, Any] = dict(extra)
+    if name == "cosine_with_restarts":
+        kwargs.setdefault("num_cycles", args.lr_scheduler_num_cycles)
+    elif name == "polynomial":
+        kwargs.setdefault("power", args.lr_scheduler_power)
+    elif name == "inverse_sqrt" and args.lr_scheduler_timescale is not None:
+        kwargs.setdefault("timescale", args.lr_scheduler_timescale)
+    elif name == "cosine_with_min_lr":
+        kwargs.setdefault("min_lr_rate", args.lr_scheduler_min_lr_ratio or 0.0)
+        kwargs.setdefault("num_cycles", args.lr_scheduler_num_cycles / 2)
+    elif name == "warmup_stable_decay":
+        kwargs.setdefault("num_decay_steps", decay)
+        kwargs.setdefault("num_stable_steps", total_steps - warmup - decay)
+        kwargs.setdefault("min_lr_ratio", args.lr_scheduler_min_lr_ratio or 0.0)
+        kwargs.setdefault("num_cycles", args.lr_scheduler_num_cycles / 2)
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
+    except ValueError as e:
+        raise UserError(f"--lr_scheduler {name}: {e}") from None
+
+
+def _rex(optimizer, total: int, warmup: int, min_ratio: float | None):
+    """REX: linear warmup from min to max, then factor m + (1 - m) z / (0.1 + 0.9 z), z the remaining fraction."""
+    m = 0.01 if min_ratio is None else min_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return m + (1 - m) * step / max(1, warmup)
+        z = max(0.0, 1 - (step - warmup) / max(1, total - warmup))
+        return m + (1 - m) * z / (0.1 + 0.9 * z)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_training_steps(num_batches: int, epochs: int | None, max_steps: int, num_processes: int, accumulation: int) -> int:
+    """--max_train_epochs overrides --max_train_steps: epochs * ceil(batches / processes / accumulation)."""
+    if epochs is None:
+        return max_steps
+    return epochs * math.ceil(num_batches / num_processes / accumulation)
