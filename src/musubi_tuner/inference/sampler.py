@@ -1,0 +1,94 @@
+"""HunyuanVideo's flow-matching Euler sampler: sigma from 1 to 0, shifted, with embedded and/or real CFG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from musubi_tuner.training.timesteps import shift_sigma
+
+
+def sigma_schedule(steps: int, shift: float) -> torch.Tensor:
+    """(steps + 1,) float32: linspace(1, 0, steps + 1) shifted by s*sigma / (1 + (s - 1)*sigma); the model sees sigma * 1000."""
+    return shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, C, F, H, W) noise drawn frame by frame from one seeded generator, as musubi-tuner does:
+    the first frames are the same for a seed whatever the video length."""
+    B, C, F, H, W = shape
+    g = torch.Generator(device).manual_seed(seed)
+    frames = [torch.randn((B, C, 1, H, W), generator=g, device=device, dtype=torch.float32) for _ in range(F)]
+    return torch.cat(frames, dim=2).to(dtype)
+
+
+@dataclass
+class Guidance:
+    """How the prediction is formed at each step.
+
+    embedded: the distilled guidance scale fed to the DiT (x 1000); real CFG with `scale` != 1 runs the
+    negative prompt too: v = v_neg + scale * (v_pos - v_neg), for the first `cfg_end` fraction of the steps.
+    """
+
+    embedded_scale: float = 6.0
+    scale: float = 1.0
+    split: bool = False  # negative and positive in two calls instead of one batch of two
+    cfg_end: float = 1.0
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.scale != 1.0
+
+
+def denoise(model: Callable[..., torch.Tensor], latents: torch.Tensor, sigmas: torch.Tensor, *, cond: dict, uncond: dict | None,
+            guidance: Guidance, image_latents: torch.Tensor | None = None, start_step: int = 0,
+            callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Euler integration from sigmas[start_step] to 0.
+
+    model(x, t, text_states, text_mask, text_states_2, guidance) -> velocity; cond/uncond hold
+    `text_states`, `text_mask`, `text_states_2` for the positive and negative prompts (batch of 1 each).
+    image_latents (I2V): concatenated to the noisy latents on channels at every step.
+    Returns float32 latents.
+    """
+    x = latents.float()
+    steps = len(sigmas) - 1
+    cfg_steps = round(steps * guidance.cfg_end)
+    device = x.device
+    for i in range(start_step, steps):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        use_cfg = guidance.uses_cfg and uncond is not None and i < cfg_steps
+        model_in = x if image_latents is None else torch.cat([x, image_latents.to(x)], dim=1)
+        t = torch.full((1,), sigma * 1000.0, device=device)
+        g = torch.full((1,), guidance.embedded_scale * 1000.0, device=device)
+        if not use_cfg:
+            v = model(model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)
+        elif guidance.split:
+            v_neg = model(model_in, t, uncond["text_states"], uncond["text_mask"], uncond["text_states_2"], g)
+            v_pos = model(model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)
+            v = v_neg.float() + guidance.scale * (v_pos.float() - v_neg.float())
+        else:
+            batch = {k: _stack(uncond[k], cond[k]) for k in ("text_states", "text_mask", "text_states_2")}
+            both = model(torch.cat([model_in, model_in]), t.repeat(2), batch["text_states"], batch["text_mask"], batch["text_states_2"], g.repeat(2))
+            v_neg, v_pos = both.float().chunk(2)
+            v = v_neg + guidance.scale * (v_pos - v_neg)
+        x = x + v.float() * (sigma_next - sigma)
+        if callback is not None:
+            callback(i)
+    return x
+
+
+def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate two batches, padding the sequence dim (text) to the longer one."""
+    if a.ndim >= 2 and a.shape[1] != b.shape[1]:
+        n = max(a.shape[1], b.shape[1])
+        a, b = (torch.nn.functional.pad(x, (0, 0) * (x.ndim - 2) + (0, n - x.shape[1])) for x in (a, b))
+    return torch.cat([a, b])
+
+
+def v2v_start(sigmas: torch.Tensor, strength: float) -> int:
+    """The step V2V starts from: the last int(steps * strength) steps run (strength 0 returns the input unchanged)."""
+    steps = len(sigmas) - 1
+    n = int(steps * strength)
+    return steps - n
