@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import struct
@@ -60,6 +61,26 @@ def write_error(path: Path, err: OSError) -> UserError:
     return UserError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions of {path.parent}")
 
 
+class LazyTensors(Mapping):
+    """A mapping whose tensors are computed when written: `specs` gives each name's (dtype, shape) up front.
+
+    Lets a 13B model be transformed and written one tensor at a time (merging LoRAs into a file).
+    """
+
+    def __init__(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], compute):
+        self.specs = specs
+        self._compute = compute
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._compute(name)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
                      cast: torch.dtype | None = None) -> None:
     """Write a safetensors file atomically, streaming tensor by tensor (no second copy of the weights).
@@ -78,13 +99,13 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         if bad:
             raise TypeError(f"safetensors metadata values must be str: {bad}")
         header["__metadata__"] = dict(metadata)
+    specs = getattr(tensors, "specs", None) or {name: (stored_dtype(t), tuple(t.shape)) for name, t in tensors.items()}
     offset = 0
-    for name, t in tensors.items():
-        dtype = stored_dtype(t)
+    for name, (dtype, shape) in specs.items():
         if dtype not in ST_TAGS:
             raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = t.numel() * dtype.itemsize
-        header[name] = {"dtype": ST_TAGS[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_TAGS[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
@@ -92,8 +113,10 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         with atomic_write(path) as tmp, open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(header_bytes)))
             f.write(header_bytes)
-            for t in tensors.values():
-                t = t.detach().to("cpu", stored_dtype(t))
+            for name, (dtype, shape) in specs.items():
+                t = tensors[name].detach().to("cpu", dtype)
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: computed shape {list(t.shape)} differs from the announced {list(shape)}")
                 if t.numel():
                     f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
     except OSError as e:

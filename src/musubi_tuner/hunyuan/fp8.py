@@ -104,3 +104,16 @@ def enable_fp8_fast(model: nn.Module) -> int:
     for m in layers:
         m.fast = True
     return len(layers)
+
+
+@torch.no_grad()
+def convert_to_fp8(model: nn.Module) -> int:
+    """Quantize the block Linears of an already loaded DiT in place (used when LoRAs are merged first)."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not isinstance(module, Fp8Linear) and is_fp8_weight(f"{name}.weight"):
+            weight, scale = quantize_rows(module.weight.data)
+            module.weight.data = weight
+            make_fp8_linear(module, scale)
+            count += 1
+    return count

@@ -1,0 +1,56 @@
+"""Bake one or more LoRAs (each with its multiplier) into a HunyuanVideo DiT and save it as safetensors.
+
+    python src/musubi_tuner/merge_lora.py --dit DIT --lora_weight A.safetensors [B ...] \
+        --lora_multiplier 1.0 [0.5 ...] --save_merged_model merged.safetensors [--device cpu]
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file: import the package from src/, not sibling files
+    import os as _os
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+import argparse
+import logging
+
+import torch
+
+from musubi_tuner.errors import UserError, run_cli
+
+logger = logging.getLogger("merge_lora")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="merge_lora.py", description=__doc__.splitlines()[0])
+    p.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")
+    p.add_argument("--dit_in_channels", type=int, default=None, help="checked against the file: 16 T2V, 32 SkyReels I2V")
+    p.add_argument("--lora_weight", nargs="+", required=True, help="LoRA files, merged in this order")
+    p.add_argument("--lora_multiplier", type=float, nargs="+", default=None, help="one per LoRA, or one for all (default 1.0)")
+    p.add_argument("--save_merged_model", required=True, help="output .safetensors")
+    p.add_argument("--device", default=None, help="where the merge arithmetic runs (default: cuda if available, else cpu)")
+    p.add_argument("--exclude_single_blocks", action="store_true", help="merge only the double-block parts of the LoRAs")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def main(argv=None) -> None:
+    def run(argv):
+        args = build_parser().parse_args(argv)
+        from musubi_tuner.networks.merge import merge_file
+
+        if not str(args.save_merged_model).endswith(".safetensors"):
+            raise UserError(f"--save_merged_model {args.save_merged_model}: the merged model is written as .safetensors")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        info = merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
+                          exclude_single_blocks=args.exclude_single_blocks, in_channels=args.dit_in_channels)
+        if info["fp8_input"]:
+            logger.info("the DiT was fp8: the merged model is saved in bf16 (an fp8 round trip would erase most of the LoRA)")
+        print(f"merged {len(args.lora_weight)} LoRA file(s) into {info['layers']} layers -> {args.save_merged_model}")
+
+    run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Baking LoRAs into a loaded DiT: W += multiplier * (up @ down) * alpha / rank, in float32, cast back per layer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.hunyuan.fp8 import Fp8Linear, quantize_rows
+from musubi_tuner.networks.lora_files import load_lora
+from musubi_tuner.networks.lora_naming import kohya_to_module_path
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_multipliers(lora_paths: Sequence[str], multipliers: Sequence[float] | float | None, flag: str = "--lora_multiplier") -> list[float]:
+    """One multiplier per LoRA; a single value applies to all; none means 1.0 each."""
+    if multipliers is None:
+        return [1.0] * len(lora_paths)
+    if isinstance(multipliers, (int, float)):
+        multipliers = [float(multipliers)]
+    multipliers = list(multipliers)
+    if len(multipliers) == 1:
+        return multipliers * len(lora_paths)
+    if len(multipliers) != len(lora_paths):
+        raise UserError(f"{len(lora_paths)} LoRA files but {len(multipliers)} values of {flag}: give one per file, or one for all")
+    return multipliers
+
+
+def lora_deltas(weights: dict[str, torch.Tensor], source: str, exclude_single_blocks: bool = False):
+    """(module path, float32 delta weight) per module of a kohya-named LoRA state dict."""
+    for key, down in weights.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key.removesuffix(".lora_down.weight")
+        up = weights.get(f"{name}.lora_up.weight")
+        if up is None:
+            raise UserError(f"{source}: {name} has lora_down but no lora_up")
+        path = kohya_to_module_path(name)
+        if exclude_single_blocks and path.startswith("single_blocks."):
+            continue
+        rank = down.shape[0]
+        alpha = float(weights[f"{name}.alpha"]) if f"{name}.alpha" in weights else float(rank)
+        d = down.float()
+        if d.ndim > 2:  # 1x1 conv layout from some trainers
+            d = d.flatten(1)
+        yield path, (up.float().reshape(up.shape[0], -1) @ d) * (alpha / rank)
+
+
+@torch.no_grad()
+def merge_loras_into(dit: HunyuanVideoDiT, lora_paths: Sequence[str], multipliers, device: torch.device | str | None = None,
+                     exclude_single_blocks: bool = False) -> int:
+    """Merge each LoRA file (any naming we read) into the DiT's weights in place; returns the number of layers changed."""
+    changed = 0
+    for path, m in zip(lora_paths, resolve_multipliers(lora_paths, multipliers)):
+        weights = load_lora(path)
+        count = 0
+        for module_path, delta in lora_deltas(weights, str(path), exclude_single_blocks):
+            try:
+                linear = dit.get_submodule(module_path)
+            except AttributeError:
+                raise UserError(f"{path}: module {module_path} does not exist in this DiT (a LoRA for another model?)") from None
+            _add_delta(linear, delta, m, device, str(path))
+            count += 1
+        if count == 0:
+            raise UserError(f"{path}: no LoRA module of this file applies to the DiT")
+        logger.info("merged %s (multiplier %s) into %d layers", path, m, count)
+        changed += count
+    return changed
+
+
+def _add_delta(linear, delta: torch.Tensor, multiplier: float, device, source: str) -> None:
+    w = linear.weight
+    if tuple(delta.shape) != tuple(w.shape):
+        raise UserError(f"{source}: LoRA for a layer of shape {list(delta.shape)} but the DiT's is {list(w.shape)} (a LoRA for another model size?)")
+    device = device or w.device
+    if isinstance(linear, Fp8Linear):
+        full = linear.dequantized_weight(torch.float32).to(device) + multiplier * delta.to(device)
+        q, scale = quantize_rows(full)
+        w.data = q.to(w.device)
+        linear.weight_scale = scale.to(w.device)
+        return
+    w.data = (w.to(device, torch.float32) + multiplier * delta.to(device)).to(w.device, w.dtype)
+
+
+def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: str, device: torch.device | str = "cpu",
+               exclude_single_blocks: bool = False, in_channels: int | None = None) -> dict:
+    """Merge LoRAs into a DiT file and write the result, streaming one tensor at a time.
+
+    Each weight is read, its LoRA deltas added in float32 on `device`, cast back to its stored dtype and
+    written before the next is read: peak memory is about one tensor plus the LoRAs, not two models.
+    fp8 inputs are written in bf16: rounding W + delta back to e4m3 would erase most of a LoRA's small update.
+    """
+    from musubi_tuner.files import LazyTensors, save_safetensors
+    from musubi_tuner.hunyuan.checkpoints import dit_metadata, open_dit_file, read_dit_config
+    from musubi_tuner.hunyuan.fp8 import FP8_DTYPE
+
+    source = open_dit_file(dit_path)
+    config = read_dit_config(source)
+    if in_channels is not None and in_channels != config.in_channels:
+        raise UserError(f"{dit_path}: --dit_in_channels {in_channels} but the file's DiT takes {config.in_channels} input channels")
+    deltas: dict[str, list[tuple[float, torch.Tensor]]] = {}
+    for path, m in zip(lora_paths, resolve_multipliers(lora_paths, multipliers)):
+        count = 0
+        for module_path, delta in lora_deltas(load_lora(path), str(path), exclude_single_blocks):
+            key = f"{module_path}.weight"
+            if key not in source:
+                raise UserError(f"{path}: module {module_path} does not exist in {dit_path} (a LoRA for another model?)")
+            if tuple(delta.shape) != tuple(source.shape(key)):
+                raise UserError(f"{path}: {module_path} has shape {list(delta.shape)} in the LoRA but {list(source.shape(key))} in {dit_path}")
+            deltas.setdefault(key, []).append((m, delta))
+            count += 1
+        if count == 0:
+            raise UserError(f"{path}: no LoRA module of this file applies to the DiT")
+
+    def out_dtype(key: str) -> torch.dtype:
+        dtype = source.dtype(key)
+        return torch.bfloat16 if dtype == FP8_DTYPE else dtype
+
+    def compute(key: str) -> torch.Tensor:
+        t = source.get(key)
+        if key not in deltas:
+            return t.to(out_dtype(key))
+        merged = t.to(device, torch.float32)
+        for m, delta in deltas[key]:
+            merged += m * delta.to(device)
+        return merged.to("cpu", out_dtype(key))
+
+    specs = {k: (out_dtype(k), tuple(source.shape(k))) for k in source.keys()}
+    save_safetensors(LazyTensors(specs, compute), out_path, metadata=dit_metadata(config))
+    return {"layers": len(deltas), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}

@@ -1,0 +1,124 @@
+"""When and where training writes LoRA files and states, under musubi-tuner's names, keeping only the last N."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.dtypes import str_to_dtype
+from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
+from musubi_tuner.training.state import TrainProgress, save_state
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointSaver:
+    def __init__(self, args, accelerator, network, config, data, *, optimizer_name: str, steps_per_epoch: int, num_epochs: int,
+                 scheduler, optimizer):
+        self.args, self.accelerator, self.network = args, accelerator, network
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.out = Path(args.output_dir)
+        self.name = args.output_name
+        self.num_epochs = num_epochs
+        self.save_dtype = str_to_dtype(args.save_precision, torch.float32, "--save_precision")
+        self.last_saved: Path | None = None
+        started = time.time()
+        self.spec = modelspec(args, started)
+        self.metadata = training_metadata(
+            args, config=config, network_info=_network_info(network), datasets=data.metadata() if hasattr(data, "metadata") else [],
+            num_items=getattr(data, "num_items", len(data)), batches_per_epoch=len(data), num_epochs=num_epochs,
+            optimizer_name=optimizer_name, training_started=started, session_id=random.randint(0, 2**32))
+
+    # -- names (musubi-tuner's)
+    def epoch_name(self, epoch: int) -> str:
+        return f"{self.name}-{epoch:06d}"
+
+    def step_name(self, step: int) -> str:
+        return f"{self.name}-step{step:08d}"
+
+    # -- triggers
+    def after_step(self, progress: TrainProgress) -> None:
+        n = self.args.save_every_n_steps
+        if not n or progress.global_step % n:
+            return
+        self.save(self.step_name(progress.global_step), progress, epoch=progress.epoch + 1, with_state=self.args.save_state)
+        self._prune_steps(progress.global_step)
+
+    def after_epoch(self, progress: TrainProgress, epoch: int) -> None:
+        n = self.args.save_every_n_epochs
+        if not n or epoch % n or epoch >= self.num_epochs:
+            return
+        self.save(self.epoch_name(epoch), progress, epoch=epoch, with_state=self.args.save_state)
+        self._prune_epochs(epoch)
+
+    def final(self, progress: TrainProgress) -> Path:
+        path = self.save(self.name, progress, epoch=progress.epoch, with_state=self.args.save_state or self.args.save_state_on_train_end)
+        return path
+
+    # -- writing
+    def save(self, stem: str, progress: TrainProgress, *, epoch: int, with_state: bool) -> Path:
+        acc = self.accelerator
+        path = self.out / f"{stem}.safetensors"
+        schedule_free = hasattr(self.optimizer, "eval") and type(self.optimizer).__name__.endswith("ScheduleFree")
+        if schedule_free:
+            self.optimizer.eval()  # schedule-free: save the averaged weights
+        if acc.is_main_process:
+            weights = self.network.state_dict_for_saving(self.save_dtype) if hasattr(self.network, "state_dict_for_saving") else None
+            if weights is not None:
+                meta = finish_metadata(self.metadata, weights, steps=progress.global_step, epoch=epoch, spec=self.spec)
+                from musubi_tuner.networks.lora_files import save_lora
+
+                save_lora(weights, path, meta)
+            else:
+                self.network.save_weights(str(path), self.save_dtype, dict(self.metadata))
+            logger.info("saved %s", path)
+        if with_state:
+            state_dir = self.out / f"{stem}-state"
+            save_state(state_dir, network_state={k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
+                       optimizer=self.optimizer, scheduler=self.scheduler, scaler=acc.scaler, progress=progress,
+                       process_index=acc.process_index, is_main=acc.is_main_process, wait=acc.wait_for_everyone)
+        if schedule_free:
+            self.optimizer.train()
+        self.last_saved = path
+        return path
+
+    # -- keeping the last N (musubi-tuner's arithmetic)
+    def _prune_epochs(self, epoch: int) -> None:
+        a, n = self.args, self.args.save_every_n_epochs
+        if a.save_last_n_epochs:
+            self._remove(self.out / f"{self.epoch_name(epoch - n * a.save_last_n_epochs)}.safetensors")
+        keep_states = a.save_last_n_epochs_state or a.save_last_n_epochs
+        if keep_states and a.save_state:
+            self._remove(self.out / f"{self.epoch_name(epoch - n * keep_states)}-state")
+
+    def _prune_steps(self, step: int) -> None:
+        a, n = self.args, self.args.save_every_n_steps
+        if a.save_last_n_steps:
+            old = (step - a.save_last_n_steps - 1) // n * n
+            if old >= 0:
+                self._remove(self.out / f"{self.step_name(old)}.safetensors")
+        keep_states = a.save_last_n_steps_state or a.save_last_n_steps
+        if keep_states and a.save_state:
+            old = (step - keep_states - 1) // n * n
+            if old > 0:
+                self._remove(self.out / f"{self.step_name(old)}-state")
+
+    def _remove(self, path: Path) -> None:
+        if not self.accelerator.is_main_process or not path.exists():
+            return
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.info("removed %s (keeping the last ones)", path)
+
+
+def _network_info(network) -> dict:
+    """Per-module rank and alpha, and which blocks are covered (for the LoRA file's own metadata)."""
+    modules = getattr(network, "unet_loras", [])
+    ranks = sorted({m.rank for m in modules})
+    alphas = sorted({float(m.alpha) for m in modules})
+    blocks = sorted({"_".join(m.lora_name.split("_")[2:4]) for m in modules})
+    return {"modules": len(modules), "ranks": ranks, "alphas": alphas, "blocks": blocks}

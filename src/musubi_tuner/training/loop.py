@@ -1,0 +1,310 @@
+"""LoRA training for HunyuanVideo: load, wrap, loop, save.
+
+Flow matching as HunyuanVideo is trained: noisy = (1 - sigma) * x0 + sigma * noise, the DiT predicts
+noise - x0, loss = MSE (optionally weighted). The DiT is frozen; only the network's weights train.
+Multi-GPU and multi-node data parallelism come from `accelerate launch`; gradients of the network are
+averaged across processes before each optimizer step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from musubi_tuner.dtypes import str_to_dtype
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.checkpoints import load_dit
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.hunyuan.vae import SCALING_FACTOR
+from musubi_tuner.training.args import attention_mode
+from musubi_tuner.training.checkpointing import CheckpointSaver
+from musubi_tuner.training.optimizers import create_optimizer, create_scheduler, is_schedule_free, parse_key_values, total_training_steps
+from musubi_tuner.training.state import TrainProgress, load_state, newest_state
+from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps, timestep_bucket_pool
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def check_args(args) -> None:
+    """Everything that can be checked before loading a model."""
+    for flag in ("dataset_config", "dit", "network_module", "output_dir", "output_name"):
+        if not getattr(args, flag):
+            raise UserError(f"--{flag} is required")
+    if not Path(args.dataset_config).is_file():
+        raise UserError(f"{args.dataset_config}: dataset config not found (--dataset_config)")
+    if not Path(args.dit).is_file():
+        raise UserError(f"{args.dit}: DiT checkpoint not found (--dit)")
+    attention_mode(args)
+    if args.blocks_to_swap is not None and args.blocks_to_swap > 36:
+        raise UserError(f"--blocks_to_swap {args.blocks_to_swap}: training swaps at most 36 blocks")
+    if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
+        raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
+    if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
+        raise UserError("--sample_prompts needs --vae, --text_encoder1 and --text_encoder2")
+    if args.num_timestep_buckets is not None and args.num_timestep_buckets < 2:
+        raise UserError("--num_timestep_buckets must be at least 2")
+    if args.network_weights and not Path(args.network_weights).is_file():
+        raise UserError(f"{args.network_weights}: LoRA file not found (--network_weights)")
+    if args.dim_from_weights and not args.network_weights:
+        raise UserError("--dim_from_weights needs --network_weights")
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{out}: output folder is not writable")
+
+
+def make_accelerator(args) -> Accelerator:
+    from accelerate.utils import InitProcessGroupKwargs
+    import datetime
+
+    kwargs = []
+    if args.ddp_timeout:
+        kwargs.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+    log_with, project_dir = None, None
+    if args.logging_dir or args.log_with:
+        if args.log_with in ("tensorboard", "all", None) and not args.logging_dir:
+            raise UserError("--log_with tensorboard needs --logging_dir")
+        log_with = {"all": ["tensorboard", "wandb"], None: "tensorboard"}.get(args.log_with, args.log_with)
+        project_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+    try:
+        return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+                           log_with=log_with, project_dir=project_dir, kwargs_handlers=kwargs)
+    except ValueError as e:
+        raise UserError(f"accelerate: {e}") from None
+
+
+def load_network_module(name: str):
+    for candidate in (f"musubi_tuner.{name}", name):
+        try:
+            return importlib.import_module(candidate)
+        except ModuleNotFoundError as e:
+            if e.name not in (candidate, candidate.rsplit(".", 1)[0]):
+                raise
+    raise UserError(f"--network_module {name}: no such module (try networks.lora)")
+
+
+def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
+    dit_dtype = str_to_dtype(args.dit_dtype, torch.bfloat16, "--dit_dtype")
+    merge_first = bool(args.base_weights)
+    load_device = "cpu" if args.blocks_to_swap or merge_first else device
+    dit = load_dit(args.dit, device=load_device, dtype=dit_dtype, fp8=args.fp8_base and not merge_first,
+                   in_channels=args.dit_in_channels, attn_mode=attention_mode(args), split_attn=args.split_attn)
+    if merge_first:
+        from musubi_tuner.networks.merge import merge_loras_into
+
+        merge_loras_into(dit, args.base_weights, args.base_weights_multiplier or [], device=device)
+        if args.fp8_base:
+            from musubi_tuner.hunyuan.fp8 import convert_to_fp8
+
+            convert_to_fp8(dit)
+    if args.gradient_checkpointing:
+        dit.enable_gradient_checkpointing(args.gradient_checkpointing_cpu_offload)
+    if args.img_in_txt_in_offloading:
+        dit.offload_embedders = True
+    if args.blocks_to_swap:
+        from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING, BlockSwap
+
+        BlockSwap(dit, args.blocks_to_swap, device, args.use_pinned_memory_for_block_swap, max_blocks=MAX_BLOCKS_TO_SWAP_TRAINING)
+    else:
+        dit.to(device)
+    dit.train(args.gradient_checkpointing)  # official behaviour: train mode only matters for checkpointing
+    return dit
+
+
+def build_network(args, dit: HunyuanVideoDiT):
+    module = load_network_module(args.network_module)
+    net_kwargs = parse_key_values(args.network_args, "--network_args")
+    net_kwargs = {k: v if isinstance(v, str) else repr(v) if isinstance(v, (list, tuple)) else str(v) for k, v in net_kwargs.items()}
+    if args.dim_from_weights:
+        from musubi_tuner.networks.lora_files import load_lora
+
+        network = module.create_arch_network_from_weights(1.0, load_lora(args.network_weights), unet=dit, **net_kwargs)
+    else:
+        create = getattr(module, "create_arch_network", None) or getattr(module, "create_network")
+        network = create(1.0, args.network_dim, args.network_alpha, None, None, dit, neuron_dropout=args.network_dropout, **net_kwargs)
+    network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
+    if args.network_weights and not args.dim_from_weights:
+        info = network.load_weights(args.network_weights)
+        logger.info("loaded %s into the network (%s)", args.network_weights, info)
+    network.prepare_grad_etc(None, dit)
+    return network
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+
+def training_step(dit: HunyuanVideoDiT, batch: dict, accelerator: Accelerator, ts_cfg: TimestepConfig, guidance_value: float,
+                  uniform: torch.Tensor | None = None) -> torch.Tensor:
+    device = accelerator.device
+    latents = batch["latents"].to(device, torch.float32) * SCALING_FACTOR
+    B, _, F, H, W = latents.shape
+    noise = torch.randn_like(latents)
+    sigma, timesteps = sample_timesteps(ts_cfg, B, (H, W), uniform=uniform)
+    sigma, timesteps = sigma.to(device), timesteps.to(device)
+    s = sigma.view(B, 1, 1, 1, 1)
+    model_input = (1.0 - s) * latents + s * noise
+    if dit.config.in_channels == 2 * latents.shape[1]:  # SkyReels I2V: the clean first frame conditions the rest
+        image_latents = torch.zeros_like(latents)
+        image_latents[:, :, :1] = latents[:, :, :1]
+        model_input = torch.cat([model_input, image_latents], dim=1)
+    guidance = torch.full((B,), guidance_value, device=device, dtype=torch.float32)
+    with accelerator.autocast():
+        pred = dit(model_input, timesteps, batch["llm"].to(device), batch["llm_mask"].to(device), batch["clipL"].to(device), guidance)
+    target = noise - latents
+    per_sample = (pred.float() - target).square().mean(dim=(1, 2, 3, 4))
+    weights = loss_weights(ts_cfg, sigma)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def train(args) -> Path:
+    check_args(args)
+    accelerator = make_accelerator(args)
+    is_main = accelerator.is_main_process
+    seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+    set_seed(seed)
+
+    from musubi_tuner.training.data import open_training_data
+
+    data = open_training_data(args, seed)
+    dit = load_frozen_dit(args, accelerator.device)
+    network = build_network(args, dit)
+    network.to(accelerator.device)
+
+    groups, _ = network.prepare_optimizer_params(unet_lr=args.learning_rate)
+    optimizer, optimizer_name = create_optimizer(args.optimizer_type, groups, args.learning_rate,
+                                                 parse_key_values(args.optimizer_args, "--optimizer_args"))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=1, shuffle=False, collate_fn=lambda items: items[0],
+        num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+        persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0)
+    total_steps = total_training_steps(len(loader), args.max_train_epochs, args.max_train_steps,
+                                       accelerator.num_processes, args.gradient_accumulation_steps)
+    scheduler = create_scheduler(args, optimizer, total_steps * accelerator.num_processes)
+    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    progress = TrainProgress(seed=seed)
+    resume_from = newest_state(Path(args.output_dir)) if args.resume == "auto" else (Path(args.resume) if args.resume else None)
+    if args.resume == "auto" and resume_from is None:
+        logger.info("--resume auto: no saved state in %s, starting fresh", args.output_dir)
+    if resume_from is not None:
+        progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
+                              scaler=accelerator.scaler, process_index=accelerator.process_index)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, progress.global_step, progress.epoch + 1, progress.batch_in_epoch)
+
+    ts_cfg = TimestepConfig(args.timestep_sampling, args.discrete_flow_shift, args.sigmoid_scale, args.weighting_scheme,
+                            args.logit_mean, args.logit_std, args.mode_scale, args.min_timestep, args.max_timestep,
+                            args.preserve_distribution_shape, args.sigma_uses_shift)
+    guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
+    saver = CheckpointSaver(args, accelerator, network, dit.config, data, optimizer_name=optimizer_name,
+                            steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, scheduler=scheduler, optimizer=optimizer)
+    if args.logging_dir or args.log_with:
+        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
+
+    bar = tqdm(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
+    recent: list[float] = []
+    if is_schedule_free(optimizer):
+        optimizer.train()
+    network.train()
+    for epoch in range(progress.epoch, num_epochs):
+        data.set_epoch(epoch + 1)
+        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        pool = _timestep_pool(args, data) if args.num_timestep_buckets else None
+        for i, batch in enumerate(epoch_loader, start=skip):
+            with accelerator.accumulate(network):
+                uniform = pool.take(batch["latents"].shape[0]) if pool is not None else None
+                loss = training_step(dit, batch, accelerator, ts_cfg, guidance_value, uniform)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"loss is {loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, items {batch.get('item_keys', '?')}); "
+                        f"stopped without saving. Last good checkpoint: {saver.last_saved or 'none yet'}. "
+                        "Lower --learning_rate, check the caches of those items, or use bf16 instead of fp16."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    _average_gradients(network, accelerator)
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            progress.batch_in_epoch = i + 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            if args.scale_weight_norms:
+                network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
+            recent = (recent + [loss.item()])[-max(1, len(loader)):]
+            logs = {"loss/current": loss.item(), "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}")
+            accelerator.log(logs, step=progress.global_step)
+            saver.after_step(progress)
+            if progress.global_step >= total_steps:
+                break
+        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+        accelerator.log({"loss/epoch": sum(recent) / max(1, len(recent))}, step=epoch + 1)
+        saver.after_epoch(progress, epoch + 1)
+        if progress.global_step >= total_steps:
+            break
+    bar.close()
+    final = saver.final(progress)
+    accelerator.end_training()
+    return final
+
+
+def _average_gradients(network, accelerator: Accelerator) -> None:
+    """The network is not wrapped in DDP (its modules run inside the frozen DiT), so average its gradients here."""
+    if accelerator.num_processes == 1:
+        return
+    for p in network.parameters():
+        if p.grad is not None:
+            p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
+
+
+class _UniformPool:
+    def __init__(self, values: torch.Tensor):
+        self.values, self.pos = values, 0
+
+    def take(self, n: int) -> torch.Tensor:
+        out = self.values[self.pos : self.pos + n]
+        self.pos += n
+        return out if len(out) == n else torch.rand(n)
+
+
+def _timestep_pool(args, data) -> _UniformPool:
+    total = sum(data.batch_sizes()) if hasattr(data, "batch_sizes") else len(data)
+    return _UniformPool(timestep_bucket_pool(args.num_timestep_buckets, total))
+
+
+def _loggable(args) -> dict:
+    drop = {"wandb_api_key", "huggingface_token", "dit", "vae", "text_encoder1", "text_encoder2", "base_weights", "network_weights",
+            "output_dir", "logging_dir"}
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items() if k not in drop}

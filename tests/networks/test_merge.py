@@ -1,0 +1,108 @@
+"""merge_lora.py: the merged DiT equals the base with the LoRAs applied on the fly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import dit_inputs, rel_err
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.hunyuan.checkpoints import load_dit
+from musubi_tuner.networks import lora
+from musubi_tuner.networks.lora_files import load_lora
+from musubi_tuner.networks.merge import merge_file, merge_loras_into, resolve_multipliers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("merge")
+    config = tiny_dit_config()
+    dit = write_dit(tmp / "dit.pt", random_dit_state_dict(config, seed=5, scale=0.05), config, "pt")
+    paths = []
+    for seed, rank in ((1, 4), (2, 8)):
+        model = load_dit(dit, dtype=torch.float32)
+        net = lora.create_arch_network(1.0, rank, rank / 2, None, None, model)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in net.unet_loras:
+                m.lora_up.weight.normal_(0, 0.05, generator=g)
+        path = tmp / f"lora{seed}.safetensors"
+        net.save_weights(str(path), torch.float32, {})
+        paths.append(path)
+    return tmp, config, dit, paths
+
+
+def on_the_fly(dit, config, paths, multipliers, args):
+    model = load_dit(dit, dtype=torch.float32)
+    for path, m in zip(paths, multipliers):
+        net = lora.create_arch_network_from_weights(m, load_lora(path), model)
+        net.apply_to(None, model)
+    with torch.no_grad():
+        return model(*args)
+
+
+def test_merged_file_equals_loras_applied_on_the_fly(setup):
+    tmp, config, dit, paths = setup
+    args = dit_inputs(config, batch=1, text_lens=(6,))
+    out = merge_file(str(dit), [str(p) for p in paths], [0.8, -0.5], str(tmp / "merged.safetensors"))
+    assert out["layers"] == 20  # 2 double blocks x 8 + 2 single blocks x 2, both LoRAs on the same layers
+    merged = load_dit(tmp / "merged.safetensors", dtype=torch.float32)
+    with torch.no_grad():
+        got = merged(*args)
+    want = on_the_fly(dit, config, paths, [0.8, -0.5], args)
+    base = load_dit(dit, dtype=torch.float32)(*args).detach()
+    assert rel_err(got, want) < 2e-2  # the merged weights are rounded to the file's bf16
+    assert rel_err(got, want) < rel_err(base, want) / 5
+
+
+def test_merged_keys_equal_the_base_and_dtype_is_kept(setup):
+    tmp, config, dit, paths = setup
+    out = tmp / "m2.safetensors"
+    merge_file(str(dit), [str(paths[0])], None, str(out))
+    entries, meta = read_safetensors_header(out)
+    base = load_dit(dit).state_dict()
+    assert list(entries) == list(base) and all(entries[k][0] == torch.bfloat16 for k in entries)
+
+
+def test_in_memory_merge_in_float32_matches_on_the_fly_closely(setup):
+    tmp, config, dit, paths = setup
+    args = dit_inputs(config, batch=1, text_lens=(6,))
+    model = load_dit(dit, dtype=torch.float32)
+    merge_loras_into(model, [str(p) for p in paths], [1.0, 0.3])
+    with torch.no_grad():
+        got = model(*args)
+    assert rel_err(got, on_the_fly(dit, config, paths, [1.0, 0.3], args)) < 1e-5
+
+
+def test_multiplier_counts():
+    assert resolve_multipliers(["a", "b"], None) == [1.0, 1.0]
+    assert resolve_multipliers(["a", "b"], [0.5]) == [0.5, 0.5]
+    with pytest.raises(UserError, match="2 LoRA files but 3 values of --lora_multiplier"):
+        resolve_multipliers(["a", "b"], [1, 2, 3])
+
+
+def test_lora_of_another_model_size_is_named(setup, tmp_path):
+    tmp, config, dit, paths = setup
+    bigger = tiny_dit_config(hidden_size=128, heads_num=4, mlp_hidden_size=512)
+    big_dit = write_dit(tmp_path / "big.safetensors", random_dit_state_dict(bigger), bigger)
+    with pytest.raises(UserError, match=r"lora1.safetensors: .*double_blocks.0.* shape"):
+        merge_file(str(big_dit), [str(paths[0])], None, str(tmp_path / "x.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_command_line_as_the_seed_types_it(setup, tmp_path):
+    tmp, config, dit, paths = setup
+    out = tmp_path / "merged.safetensors"
+    cmd = [sys.executable, "src/musubi_tuner/merge_lora.py", "--dit", str(dit), "--lora_weight", str(paths[0]),
+           "--save_merged_model", str(out), "--device", "cpu", "--lora_multiplier", "1.0"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "merged 1 LoRA file(s)" in result.stdout
+    bad = subprocess.run(cmd[:-2] + ["--lora_multiplier", "1", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: 1 LoRA files but 2 values") and "Traceback" not in bad.stderr
