@@ -204,14 +204,11 @@ def _diffusers_to_kohya(weights: dict[str, torch.Tensor], mlp_hidden: int | None
 
 def _fuse(parts: dict[int, tuple[torch.Tensor, torch.Tensor]], n_parts: int, mlp_hidden: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused LoRA of a Linear whose output rows are its parts' outputs stacked (q, k, v[, mlp]); missing parts are zero."""
-    qkv = [b.shape[0] for p, (_, b) in parts.items() if p < 3]
-    if not qkv:
-        raise UserError("a fused q/k/v LoRA needs at least one of its q, k, v parts")
-    hidden = qkv[0]
+    in_features = next(iter(parts.values()))[0].shape[1]
+    hidden = in_features  # q, k and v each map the hidden size to itself
     sizes = [hidden] * 3
     if n_parts == 4:
         sizes.append(parts[3][1].shape[0] if 3 in parts else (mlp_hidden or 4 * hidden))
-    in_features = next(iter(parts.values()))[0].shape[1]
     rank = sum(a.shape[0] for a, _ in parts.values())
     down = torch.zeros(rank, in_features)
     up = torch.zeros(sum(sizes), rank)

@@ -1,0 +1,90 @@
+"""convert_lora.py and the namings: lossless round trips, and the same outputs whichever naming a LoRA comes in."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import dit_inputs, rel_err
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.networks import lora
+from musubi_tuner.networks.lora_files import load_lora, read_lora_file, save_lora
+from musubi_tuner.networks.lora_naming import detect_naming, kohya_to_module_path, kohya_to_other, to_kohya
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def trained(tmp_path):
+    config = tiny_dit_config()
+    model = HunyuanVideoDiT(config)
+    model.load_state_dict(random_dit_state_dict(config, seed=2, scale=0.05))
+    model.eval().requires_grad_(False)
+    net = lora.create_arch_network(1.0, 4, 3, None, None, model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.unet_loras:
+            m.lora_up.weight.normal_(0, 0.05, generator=g)
+    path = tmp_path / "kohya.safetensors"
+    save_lora(net.state_dict_for_saving(), path, {"ss_network_dim": "4"})
+    return model, config, path
+
+
+def test_kohya_names_map_back_to_module_paths():
+    assert kohya_to_module_path("lora_unet_double_blocks_0_img_attn_qkv") == "double_blocks.0.img_attn_qkv"
+    assert kohya_to_module_path("lora_unet_double_blocks_5_txt_mlp_fc2") == "double_blocks.5.txt_mlp.fc2"
+    assert kohya_to_module_path("lora_unet_single_blocks_3_linear1") == "single_blocks.3.linear1"
+    assert kohya_to_module_path("lora_unet_double_blocks_1_img_mod_linear") == "double_blocks.1.img_mod.linear"
+
+
+def test_round_trip_kohya_other_kohya_is_exact_in_effect(tmp_path, trained):
+    model, config, path = trained
+    cli = [sys.executable, "src/musubi_tuner/convert_lora.py"]
+    other, back = tmp_path / "other.safetensors", tmp_path / "back.safetensors"
+    for args in (["--input", str(path), "--output", str(other), "--target", "other"],
+                 ["--input", str(other), "--output", str(back), "--target", "default"]):
+        r = subprocess.run(cli + args, cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    o, meta = read_lora_file(other)
+    assert detect_naming(o) == "other" and meta["ss_network_dim"] == "4"
+    assert "diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight" in o and not any(k.endswith("alpha") for k in o)
+    a, b = load_lora(path), load_lora(back)
+    for key in a:
+        if key.endswith("lora_down.weight"):
+            name = key.removesuffix(".lora_down.weight")
+            delta_a = a[f"{name}.lora_up.weight"] @ a[key] * (a[f"{name}.alpha"] / a[key].shape[0])
+            delta_b = b[f"{name}.lora_up.weight"] @ b[key] * (b[f"{name}.alpha"] / b[key].shape[0])
+            assert torch.allclose(delta_a, delta_b, rtol=1e-5, atol=1e-8)
+
+
+def test_diffusers_peft_naming_loads_to_the_same_update(trained):
+    """q/k/v LoRAs on diffusers' split Linears fuse exactly onto the official qkv and linear1."""
+    model, config, path = trained
+    kohya = load_lora(path)
+    C = config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    peft = {}
+    parts = {}
+    for part in ("to_q", "to_k", "to_v"):
+        a, b = torch.randn(2, C, generator=g), torch.randn(C, 2, generator=g)
+        peft[f"transformer.transformer_blocks.0.attn.{part}.lora_A.weight"] = a
+        peft[f"transformer.transformer_blocks.0.attn.{part}.lora_B.weight"] = b
+        parts[part] = b @ a
+    a, b = torch.randn(3, C, generator=g), torch.randn(config.mlp_hidden_size, 3, generator=g)
+    peft["transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight"] = a
+    peft["transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight"] = b
+    converted = to_kohya(peft, mlp_hidden=config.mlp_hidden_size)
+    d = converted["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] @ converted["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert torch.allclose(d, torch.cat([parts["to_q"], parts["to_k"], parts["to_v"]]), atol=1e-6)
+    s = converted["lora_unet_single_blocks_1_linear1.lora_up.weight"] @ converted["lora_unet_single_blocks_1_linear1.lora_down.weight"]
+    assert s.shape == (3 * C + config.mlp_hidden_size, C)
+    assert torch.count_nonzero(s[: 3 * C]) == 0 and torch.allclose(s[3 * C :], b @ a, atol=1e-6)
+
+
+def test_unknown_naming_lists_keys(tmp_path):
+    with pytest.raises(UserError, match="not a HunyuanVideo LoRA in any naming we know.*first keys: foo.weight"):
+        to_kohya({"foo.weight": torch.zeros(1)}, source="x.safetensors")
