@@ -1,0 +1,99 @@
+"""Generate videos with HunyuanVideo or SkyReels V1: T2V, V2V, SkyReels T2V (real CFG) and SkyReels I2V, with LoRAs.
+
+    python src/musubi_tuner/hv_generate_video.py --video_size 544 960 --video_length 5 --infer_steps 30 \
+        --prompt "A cat walks on the grass, realistic style." --save_path out --dit DIT --vae VAE \
+        --text_encoder1 TE1 --text_encoder2 TE2 --seed 1234 [--lora_weight L --lora_multiplier 1.0]
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file: import the package from src/, not sibling files
+    import os as _os
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+import argparse
+
+from musubi_tuner.errors import run_cli
+from musubi_tuner.hunyuan.attention import ATTENTION_MODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hv_generate_video.py", description=__doc__.splitlines()[0])
+    g = p.add_argument_group("models")
+    g.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")
+    g.add_argument("--dit_in_channels", type=int, default=None, help="checked against the file (32 = SkyReels I2V)")
+    g.add_argument("--vae", required=True)
+    g.add_argument("--vae_dtype", default=None, help="default float16")
+    g.add_argument("--text_encoder1", help="LLM: HF folder or ComfyUI llava_llama3_fp16.safetensors (not needed with --latent_path)")
+    g.add_argument("--text_encoder2", help="CLIP-L: HF folder or ComfyUI clip_l.safetensors (not needed with --latent_path)")
+    g.add_argument("--preset", choices=("hunyuan-t2v", "skyreels-t2v", "skyreels-i2v"), default=None,
+                   help="defaults for a model family; chosen from the DiT file when omitted (explicit flags win)")
+
+    g = p.add_argument_group("what to generate")
+    g.add_argument("--prompt", help="the prompt (required unless --latent_path)")
+    g.add_argument("--negative_prompt", default=None)
+    g.add_argument("--video_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"), help="height then width (default 256 256)")
+    g.add_argument("--video_length", type=int, default=None, help="frames, 4N+1 (default 129)")
+    g.add_argument("--fps", type=int, default=24)
+    g.add_argument("--infer_steps", type=int, default=None, help="default 50")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--guidance_scale", type=float, default=None, help="real CFG scale (SkyReels 6.0); 1.0 = off")
+    g.add_argument("--embedded_cfg_scale", type=float, default=None, help="distilled guidance (HunyuanVideo 6.0, SkyReels 1.0)")
+    g.add_argument("--cfg_end", type=float, default=1.0, help="fraction of steps that use real CFG (0.5 halves SkyReels' cost)")
+    g.add_argument("--flow_shift", type=float, default=None, help="default 7.0 (17.0 for fewer than 20 steps)")
+    g.add_argument("--split_uncond", action="store_true", help="negative and positive prompt in two passes (less memory)")
+    g.add_argument("--video_path", default=None, help="V2V: a video file or a folder of frames")
+    g.add_argument("--strength", type=float, default=0.8, help="V2V: how much of the schedule runs (0 = input unchanged)")
+    g.add_argument("--image_path", default=None, help="SkyReels I2V: the first frame")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_weight", nargs="*", default=None)
+    g.add_argument("--lora_multiplier", type=float, nargs="*", default=None, help="one per LoRA or one for all (default 1.0)")
+    g.add_argument("--exclude_single_blocks", action="store_true")
+    g.add_argument("--save_merged_model", default=None, help="save the DiT with the LoRAs merged, then exit")
+    g.add_argument("--lycoris", action="store_true", help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("memory and speed")
+    g.add_argument("--fp8", action="store_true", help="DiT block Linears in fp8 e4m3fn")
+    g.add_argument("--fp8_fast", action="store_true", help="fp8 matmuls on GPUs that have them (needs --fp8)")
+    g.add_argument("--fp8_llm", action="store_true")
+    g.add_argument("--device", default=None)
+    g.add_argument("--attn_mode", choices=ATTENTION_MODES, default="torch")
+    g.add_argument("--split_attn", action="store_true")
+    g.add_argument("--vae_chunk_size", type=int, default=None)
+    g.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None)
+    g.add_argument("--blocks_to_swap", type=int, default=None, help="max 38")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true")
+    g.add_argument("--img_in_txt_in_offloading", action="store_true")
+    g.add_argument("--compile", action="store_true")
+    g.add_argument("--compile_backend", default="inductor")
+    g.add_argument("--compile_mode", default="default")
+    g.add_argument("--compile_dynamic", choices=("true", "false", "auto"), default=None)
+    g.add_argument("--compile_fullgraph", action="store_true")
+    g.add_argument("--compile_cache_size_limit", type=int, default=None)
+    g.add_argument("--compile_args", nargs=4, default=None, help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--save_path", required=True, help="output folder")
+    g.add_argument("--output_type", choices=("video", "images", "latent", "both"), default="video")
+    g.add_argument("--latent_path", nargs="*", default=None, help="decode saved latents only")
+    g.add_argument("--no_metadata", action="store_true")
+    g.add_argument("--debug", action="store_true")
+    return p
+
+
+def main(argv=None) -> None:
+    def run(argv):
+        args = build_parser().parse_args(argv)
+        from musubi_tuner.inference.pipeline import generate
+
+        for path in generate(args):
+            print(f"saved {path}")
+
+    run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    main()

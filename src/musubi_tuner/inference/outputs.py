@@ -1,0 +1,83 @@
+"""What generation writes: latent files (musubi-tuner's layout), mp4 videos and PNG frames, named by time and seed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import StateDictFile, save_safetensors
+
+
+def time_flag() -> str:
+    """Local time with milliseconds, as musubi-tuner names outputs: 20260101-120000-123."""
+    now = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}"
+
+
+def generation_metadata(args, seed: int, steps_run: int) -> dict[str, str]:
+    meta = {
+        "seeds": str(seed), "prompt": args.prompt, "height": str(args.video_size[0]), "width": str(args.video_size[1]),
+        "video_length": str(args.video_length), "infer_steps": str(steps_run), "guidance_scale": str(args.guidance_scale),
+        "embedded_cfg_scale": str(args.embedded_cfg_scale), "flow_shift": str(args.flow_shift), "preset": args.preset,
+    }
+    if args.negative_prompt:
+        meta["negative_prompt"] = args.negative_prompt
+    if args.lora_weight:
+        meta["lora_weight"] = json.dumps([str(p) for p in args.lora_weight])
+        meta["lora_multiplier"] = json.dumps(args.lora_multiplier or [1.0])
+    return meta
+
+
+def save_latent(latent: torch.Tensor, meta: dict[str, str], folder: Path, seed: int, no_metadata: bool) -> Path:
+    """(16, F, H, W) float32 latent (already times the VAE scaling factor) under the key `latent`."""
+    path = folder / f"{time_flag()}_0_{seed}_latent.safetensors"
+    save_safetensors({"latent": latent.float().contiguous()}, path, metadata=None if no_metadata else meta)
+    return path
+
+
+def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
+    f = StateDictFile(path, what="latent file")
+    if "latent" not in f:
+        raise UserError(f"{path}: no tensor named 'latent' (keys: {', '.join(f.keys()[:4])})")
+    latent = f.get("latent", dtype=torch.float32)
+    if latent.ndim == 5 and latent.shape[0] == 1:
+        latent = latent[0]
+    if latent.ndim == 3:  # an image latent without a time axis
+        latent = latent[:, None]
+    if latent.ndim != 4:
+        raise UserError(f"{path}: latent has shape {list(latent.shape)}, expected (16, frames, height, width)")
+    return latent, dict(f.metadata)
+
+
+def decode_to_frames(vae, latent: torch.Tensor) -> torch.Tensor:
+    """Scaled latent (16, F, H, W) -> uint8 frames (frames, height, width, 3)."""
+    from musubi_tuner.hunyuan.vae import SCALING_FACTOR
+
+    with torch.no_grad():
+        pixels = vae.decode((latent[None] / SCALING_FACTOR).to(vae.device, vae.dtype))[0]
+    pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).cpu()
+
+
+def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folder: Path) -> list[Path]:
+    from musubi_tuner.data.media import write_png, write_video
+
+    frames = decode_to_frames(vae, latent)
+    seed = meta.get("seeds", "0")
+    stem = f"{time_flag()}_0_{seed}"
+    saved = []
+    if args.output_type in ("video", "both"):
+        path = folder / f"{stem}.mp4"
+        write_video(path, frames.numpy(), fps=args.fps, metadata=None if args.no_metadata else {"comment": json.dumps(meta)})
+        saved.append(path)
+    if args.output_type == "images":
+        out = folder / stem
+        out.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(frames.numpy()):
+            write_png(out / f"{stem}_{i:03d}.png", frame)
+        saved.append(out)
+    return saved

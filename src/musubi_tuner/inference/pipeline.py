@@ -1,0 +1,304 @@
+"""hv_generate_video's work, stage by stage: check inputs, encode text, encode the V2V/I2V source, sample, decode, save.
+
+Each model is loaded for its stage and freed before the next, so peak memory is that of the largest
+stage, not the sum: text encoders, then the DiT, then the VAE.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.dtypes import str_to_dtype
+from musubi_tuner.errors import UserError
+from musubi_tuner.inference.presets import PRESETS, detect_preset
+from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule, v2v_start
+
+logger = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 16
+SPATIAL_COMPRESSION = 8
+TEMPORAL_COMPRESSION = 4
+
+
+def latent_shape(video_length: int, height: int, width: int) -> tuple[int, int, int, int]:
+    return (LATENT_CHANNELS, (video_length - 1) // TEMPORAL_COMPRESSION + 1, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check_and_fill(args) -> None:
+    """Validate everything that needs no model, and fill preset defaults into flags left unset."""
+    for flag, what in (("dit", "DiT checkpoint"), ("vae", "VAE checkpoint")):
+        if not Path(getattr(args, flag)).exists():
+            raise UserError(f"{getattr(args, flag)}: {what} not found (--{flag})")
+    if args.latent_path:
+        if args.output_type not in ("video", "images"):
+            raise UserError("--latent_path decodes saved latents: use --output_type video or images")
+        for p in args.latent_path:
+            if not Path(p).is_file():
+                raise UserError(f"{p}: latent file not found (--latent_path)")
+        return
+    if not args.prompt:
+        raise UserError("--prompt is required")
+    for flag in ("text_encoder1", "text_encoder2"):
+        if not getattr(args, flag):
+            raise UserError(f"--{flag} is required")
+        if not Path(getattr(args, flag)).exists():
+            raise UserError(f"{getattr(args, flag)}: text encoder not found (--{flag})")
+    for flag in ("video_path", "image_path"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
+            raise UserError(f"{getattr(args, flag)}: not found (--{flag})")
+    if args.fp8_fast and not args.fp8:
+        raise UserError("--fp8_fast needs --fp8")
+    if args.blocks_to_swap is not None and not 0 < args.blocks_to_swap <= 38:
+        raise UserError(f"--blocks_to_swap {args.blocks_to_swap}: between 1 and 38 for inference")
+    if args.lycoris:
+        raise UserError("--lycoris is not supported; LyCORIS LoRAs in kohya naming load without it")
+
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    config = read_dit_config(open_dit_file(args.dit))
+    args.model_in_channels = config.in_channels
+    preset_name = args.preset or detect_preset(config.in_channels, args.dit)
+    if args.preset is None and preset_name != "hunyuan-t2v":
+        logger.info("the DiT looks like %s: using its defaults for flags you did not give (--preset to choose)", preset_name)
+    preset = PRESETS[preset_name]
+    args.preset = preset_name
+    for flag in ("guidance_scale", "embedded_cfg_scale", "infer_steps", "flow_shift", "video_length"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(preset, flag))
+    if args.video_size is None:
+        args.video_size = list(preset.video_size)
+    if args.negative_prompt is None and args.guidance_scale != 1.0:
+        args.negative_prompt = preset.negative_prompt or ""
+    if preset.prompt_prefix and not args.prompt.startswith(preset.prompt_prefix.strip()):
+        args.prompt = preset.prompt_prefix + args.prompt
+
+    if (args.video_length - 1) % 4:
+        lower = (args.video_length - 1) // 4 * 4 + 1
+        raise UserError(f"--video_length {args.video_length} is not 4N+1 (try {lower} or {lower + 4})")
+    h, w = args.video_size
+    if h % 16 or w % 16:
+        nh, nw = h // 16 * 16, w // 16 * 16
+        if nh == 0 or nw == 0:
+            raise UserError(f"--video_size {h} {w}: height and width must be at least 16")
+        logger.warning("--video_size %d %d is not a multiple of 16: using %d %d", h, w, nh, nw)
+        args.video_size = [nh, nw]
+    if args.image_path and config.in_channels != 32:
+        raise UserError(f"--image_path needs a SkyReels I2V DiT (32 input channels); {args.dit} has {config.in_channels}")
+    if config.in_channels == 32 and not args.image_path:
+        raise UserError(f"{args.dit} is an image-to-video DiT (32 input channels): give the first frame with --image_path")
+    if args.dit_in_channels is not None and args.dit_in_channels != config.in_channels:
+        raise UserError(f"{args.dit}: --dit_in_channels {args.dit_in_channels} but the file's DiT takes {config.in_channels} input channels")
+    if not 0.0 <= args.strength <= 1.0:
+        raise UserError(f"--strength {args.strength}: must be between 0 and 1")
+    if not 0.0 <= args.cfg_end <= 1.0:
+        raise UserError(f"--cfg_end {args.cfg_end}: must be between 0 and 1")
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def encode_prompts(args, device) -> tuple[dict, dict | None]:
+    """Positive (and with real CFG the negative) prompt through both text encoders, one encoder in memory at a time."""
+    from musubi_tuner.hunyuan.text_encoders import load_text_encoder1, load_text_encoder2
+
+    prompts = [args.prompt]
+    use_cfg = args.guidance_scale != 1.0
+    if use_cfg:
+        prompts.append(args.negative_prompt or "")
+    elif args.negative_prompt:
+        logger.warning("--negative_prompt is ignored without real CFG (--guidance_scale 1.0)")
+    te1 = load_text_encoder1(args.text_encoder1, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device, fp8=args.fp8_llm)
+    with torch.no_grad():
+        states, mask = te1.encode(prompts)
+    _free(te1)
+    te2 = load_text_encoder2(args.text_encoder2, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device)
+    with torch.no_grad():
+        pooled, _ = te2.encode(prompts)
+    _free(te2)
+
+    def pick(i):
+        return {"text_states": states[i : i + 1], "text_mask": mask[i : i + 1], "text_states_2": pooled[i : i + 1]}
+
+    return pick(0), (pick(1) if use_cfg else None)
+
+
+def load_vae_for(args, device):
+    from musubi_tuner.hunyuan.vae import load_vae
+
+    vae = load_vae(args.vae, dtype=str_to_dtype(args.vae_dtype, torch.float16 if device.type == "cuda" else torch.float32, "--vae_dtype"), device=device)
+    # musubi-tuner always tiles at inference (256 px tiles unless told otherwise); the result is the same within tolerance
+    vae.set_memory_options(tiling=True, spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
+    return vae
+
+
+def encode_condition(args, device, height: int, width: int, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(V2V latents, I2V image latents), scaled, (1, 16, F, H/8, W/8) and (1, 16, 1, H/8, W/8); None where unused."""
+    if not (args.video_path or args.image_path):
+        return None, None
+    from musubi_tuner.data.buckets import resize_and_crop
+    from musubi_tuner.data.media import read_image, read_video_frames
+    from musubi_tuner.hunyuan.vae import SCALING_FACTOR
+
+    vae = load_vae_for(args, device)
+    video_latents = image_latents = None
+    with torch.no_grad():
+        if args.video_path:
+            frames = read_video_frames(args.video_path, max_frames=args.video_length)
+            if len(frames) < args.video_length:
+                raise UserError(f"{args.video_path}: has {len(frames)} frames, fewer than --video_length {args.video_length}")
+            pixels = torch.stack([torch.from_numpy(resize_and_crop(f, (width, height))) for f in frames[: args.video_length]])
+            video_latents = _encode(vae, pixels, generator) * SCALING_FACTOR
+        if args.image_path:
+            image = torch.from_numpy(resize_and_crop(read_image(args.image_path), (width, height)))
+            image_latents = _encode(vae, image[None], generator) * SCALING_FACTOR
+    _free(vae)
+    return video_latents, image_latents
+
+
+def _encode(vae, frames_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(F, H, W, 3) uint8 -> unscaled latent sample (1, 16, f, h, w) float32."""
+    x = frames_uint8.permute(3, 0, 1, 2)[None].to(vae.device, vae.dtype) / 127.5 - 1.0
+    return vae.encode(x).sample(generator).float()
+
+
+def load_generation_dit(args, device):
+    from musubi_tuner.hunyuan.checkpoints import load_dit, save_dit
+    from musubi_tuner.networks.merge import merge_loras_into
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    on_the_fly = args.fp8 and args.lora_weight
+    load_device = "cpu" if args.blocks_to_swap else device
+    dit = load_dit(args.dit, device=load_device, dtype=dtype, fp8=args.fp8 and not args.save_merged_model,
+                   attn_mode=args.attn_mode, split_attn=args.split_attn)
+    if args.lora_weight:
+        if args.save_merged_model:
+            from musubi_tuner.networks.merge import merge_file
+
+            merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
+                       exclude_single_blocks=args.exclude_single_blocks)
+            return None
+        if on_the_fly:  # fp8 weights: a merge would be rounded away; run the LoRAs beside the weights instead
+            apply_loras_on_the_fly(dit, args.lora_weight, args.lora_multiplier, args.exclude_single_blocks)
+        else:
+            merge_loras_into(dit, args.lora_weight, args.lora_multiplier, device=device, exclude_single_blocks=args.exclude_single_blocks)
+    elif args.save_merged_model:
+        raise UserError("--save_merged_model needs --lora_weight")
+    if args.fp8_fast:
+        from musubi_tuner.hunyuan.fp8 import enable_fp8_fast
+
+        enable_fp8_fast(dit)
+    if args.img_in_txt_in_offloading:
+        dit.offload_embedders = True
+    if args.blocks_to_swap:
+        from musubi_tuner.hunyuan.offload import BlockSwap
+
+        BlockSwap(dit, args.blocks_to_swap, device, args.use_pinned_memory_for_block_swap)
+    else:
+        dit.to(device)
+    if args.compile:
+        compile_blocks(dit, args)
+    return dit
+
+
+def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool) -> list:
+    from musubi_tuner.networks import lora
+    from musubi_tuner.networks.lora_files import load_lora
+    from musubi_tuner.networks.merge import resolve_multipliers
+
+    networks = []
+    for path, m in zip(paths, resolve_multipliers(paths, multipliers)):
+        weights = load_lora(path)
+        if exclude_single_blocks:
+            weights = {k: v for k, v in weights.items() if "single_blocks" not in k}
+        net = lora.create_arch_network_from_weights(m, weights, dit, for_inference=True)
+        net.to(dit.device).eval()
+        net.apply_to(None, dit)
+        networks.append(net)
+    return networks
+
+
+def compile_blocks(dit, args) -> None:
+    dynamic = {"true": True, "false": False}.get(args.compile_dynamic)
+    if args.compile_cache_size_limit:
+        torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
+    for blocks in (dit.double_blocks, dit.single_blocks):
+        for i, block in enumerate(blocks):
+            blocks[i] = torch.compile(block, backend=args.compile_backend, mode=args.compile_mode, dynamic=dynamic, fullgraph=args.compile_fullgraph)
+
+
+# ----------------------------------------------------------------------------------------------- the whole job
+
+
+def generate(args) -> list[Path]:
+    check_and_fill(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    save_path = Path(args.save_path)
+    save_path.mkdir(parents=True, exist_ok=True)
+    from musubi_tuner.inference import outputs
+
+    if args.latent_path:
+        latents = [outputs.load_latent(p) for p in args.latent_path]
+        vae = load_vae_for(args, device)
+        return [p for lat, meta in latents for p in outputs.decode_and_save(vae, lat, meta, args, save_path)]
+
+    seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+    height, width = args.video_size
+    shape = latent_shape(args.video_length, height, width)
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    cond, uncond = encode_prompts(args, device)
+    video_latents, image_latents = encode_condition(args, device, height, width, generator)
+    dit = load_generation_dit(args, device)
+    if dit is None:
+        return [Path(args.save_merged_model)]
+
+    sigmas = sigma_schedule(args.infer_steps, args.flow_shift)
+    noise = initial_noise((1, *shape), seed, device="cpu").to(device)
+    start = 0
+    latents = noise
+    if video_latents is not None:
+        start = v2v_start(sigmas, args.strength)
+        s = sigmas[start].item()
+        latents = noise * s + video_latents.to(device) * (1 - s)
+    if image_latents is not None:
+        padded = torch.zeros((1, *shape), device=device)
+        padded[:, :, :1] = image_latents.to(device)
+        image_latents = padded
+    guidance = Guidance(embedded_scale=args.embedded_cfg_scale, scale=args.guidance_scale,
+                        split=args.split_uncond or (args.split_attn and args.guidance_scale != 1.0), cfg_end=args.cfg_end)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.infer_steps - start, desc="denoising")
+    to_device = {k: v.to(device) for k, v in cond.items()}
+    neg = {k: v.to(device) for k, v in uncond.items()} if uncond else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.no_grad(), autocast:
+        latents = denoise(dit, latents, sigmas, cond=to_device, uncond=neg, guidance=guidance, image_latents=image_latents,
+                          start_step=start, callback=lambda i: bar.update(1))
+    bar.close()
+    _free(dit)
+
+    meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start)
+    saved = []
+    if args.output_type in ("latent", "both"):
+        saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata))
+    if args.output_type in ("video", "images", "both"):
+        vae = load_vae_for(args, device)
+        saved += outputs.decode_and_save(vae, latents[0].cpu(), meta, args, save_path)
+    return saved
