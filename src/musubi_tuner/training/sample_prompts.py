@@ -1,0 +1,100 @@
+"""`--sample_prompts` files (.txt / .toml / .json) as musubi-tuner reads them.
+
+A .txt line is a prompt followed by options: `a cat --w 256 --h 256 --f 25 --d 42 --s 20 --g 6.0 --fs 14.5 --l 1.0 --n blurry --i first.png`
+(width, height, frames, seed, steps, embedded guidance, flow shift, CFG scale, negative prompt, I2V image).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from musubi_tuner.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    index: int
+    prompt: str
+    width: int = 256
+    height: int = 256
+    frames: int = 1
+    seed: int | None = None
+    steps: int = 20
+    guidance: float = 6.0  # embedded guidance scale
+    flow_shift: float = 14.5
+    cfg_scale: float | None = None  # real CFG; None = off
+    negative_prompt: str | None = None
+    image_path: str | None = None
+
+    def normalised(self) -> "SamplePrompt":
+        """Sizes floored to multiples of 16 (musubi-tuner floors to 8, which the 2x2 patch then rejects), frames to 4N+1."""
+        return replace(self, width=max(16, self.width // 16 * 16), height=max(16, self.height // 16 * 16),
+                       frames=max(1, (self.frames - 1) // 4 * 4 + 1), steps=min(max(self.steps, 1), 1000))
+
+
+_OPTIONS = {"w": ("width", int), "h": ("height", int), "f": ("frames", int), "d": ("seed", int), "s": ("steps", int),
+            "g": ("guidance", float), "fs": ("flow_shift", float), "l": ("cfg_scale", float), "n": ("negative_prompt", str),
+            "i": ("image_path", str)}
+_IGNORED = {"ei", "cn", "ci", "of"}  # options of other architectures
+
+
+def parse_line(line: str, index: int, source: str = "prompt file") -> SamplePrompt:
+    parts = line.split(" --")
+    fields: dict = {"index": index, "prompt": parts[0].strip()}
+    for part in parts[1:]:
+        key, _, value = part.strip().partition(" ")
+        key = key.lower()
+        if key in _IGNORED:
+            continue
+        if key not in _OPTIONS:
+            raise UserError(f"{source}: line {index + 1}: unknown option --{key} (known: {', '.join('--' + k for k in _OPTIONS)})")
+        name, kind = _OPTIONS[key]
+        try:
+            fields[name] = kind(value.strip())
+        except ValueError:
+            raise UserError(f"{source}: line {index + 1}: --{key} {value.strip()!r} is not a {kind.__name__}") from None
+    return SamplePrompt(**fields).normalised()
+
+
+def _from_dict(d: dict, index: int, source: str) -> SamplePrompt:
+    aliases = {"sample_steps": "steps", "guidance_scale": "guidance", "discrete_flow_shift": "flow_shift", "cfg_scale": "cfg_scale",
+               "negative_prompt": "negative_prompt", "image_path": "image_path", "seed": "seed", "width": "width", "height": "height",
+               "frame_count": "frames", "frames": "frames", "prompt": "prompt", "steps": "steps", "guidance": "guidance", "flow_shift": "flow_shift"}
+    fields = {"index": index}
+    for key, value in d.items():
+        if key in aliases:
+            fields[aliases[key]] = value
+    if "prompt" not in fields:
+        raise UserError(f"{source}: entry {index + 1} has no prompt")
+    return SamplePrompt(**fields).normalised()
+
+
+def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: sample prompt file not found (--sample_prompts)")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        from musubi_tuner.tomlio import load_toml
+
+        table = load_toml(path).get("prompt", {})
+        base = {k: v for k, v in table.items() if k != "subset"}
+        prompts = [_from_dict({**base, **sub}, i, str(path)) for i, sub in enumerate(table.get("subset", []))]
+    elif suffix == ".json":
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        prompts = [parse_line(e, i, str(path)) if isinstance(e, str) else _from_dict(e, i, str(path)) for i, e in enumerate(entries)]
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
+        lines = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        prompts = [parse_line(ln, i, str(path)) for i, ln in enumerate(lines)]
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
