@@ -366,7 +366,6 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, table: di
     directory_key, jsonl_key = ("video_directory", "video_jsonl_file") if is_video else ("image_directory", "image_jsonl_file")
     if directory_key in own and jsonl_key in own:
         logger.warning("%s sets both %s and %s; using %s as musubi-tuner does", where, directory_key, jsonl_key, directory_key)
-        own.pop(jsonl_key)
     source_key = directory_key if directory_key in own else jsonl_key
     source = _resolve(own[source_key], path)
     if check_sources:
