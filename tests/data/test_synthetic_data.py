@@ -54,8 +54,9 @@ def test_the_same_seed_gives_the_same_dataset(tmp_path):
 
 def test_a_hundred_tiny_clips_take_seconds(tmp_path):
     start = time.perf_counter()
-    make_synthetic_dataset(tmp_path, num_videos=100, num_images=0, width=32, height=32, frames=9)
+    toml = make_synthetic_dataset(tmp_path, num_videos=100, num_images=0, width=32, height=32, frames=9)
     assert time.perf_counter() - start < 15  # about one second on two cores
+    assert [d.is_video for d in load_dataset_config(toml).datasets] == [True]  # no empty image dataset
 
 
 def test_sizes_and_frames_the_model_cannot_use_are_refused(tmp_path):

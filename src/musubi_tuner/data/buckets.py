@@ -79,12 +79,18 @@ def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
 
 def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Shrink (H, W, C) uint8 to `size` (width, height): each output pixel is the mean of the input area it covers."""
-    out = image.astype(np.float32)
-    taps, weights = _area_taps(out.shape[0], size[1])
-    out = sum(out[taps[:, k]] * weights[:, k, None, None] for k in range(taps.shape[1]))
-    taps, weights = _area_taps(out.shape[1], size[0])
-    out = sum(out[:, taps[:, k]] * weights[None, :, k, None] for k in range(taps.shape[1]))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    rows = _area_resize_first_axis(image, size[1])  # (h, W, C) float32
+    columns = _area_resize_first_axis(np.ascontiguousarray(rows.transpose(1, 0, 2)), size[0])  # (w, h, C)
+    return np.clip(np.rint(columns.transpose(1, 0, 2)), 0, 255).astype(np.uint8)
+
+
+def _area_resize_first_axis(pixels: np.ndarray, out_len: int) -> np.ndarray:
+    """(N, ...) -> (out_len, ...) float32; gathering whole rows keeps memory access contiguous."""
+    taps, weights = _area_taps(pixels.shape[0], out_len)
+    out = pixels[taps[:, 0]] * weights[:, 0, None, None]
+    for k in range(1, taps.shape[1]):
+        out += pixels[taps[:, k]] * weights[:, k, None, None]
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -73,13 +73,16 @@ def make_synthetic_dataset(root: str | Path, *, num_videos: int = 8, num_images:
                            vary_size: bool = False, batch_size: int = 1) -> Path:
     """Write `root`/videos, `root`/images (with captions) and `root`/dataset.toml; returns the TOML path.
 
-    Sizes must be multiples of 16 and `frames` 4N+1. With `vary_size`, every other item is portrait
+    The TOML has an image dataset and a video dataset (one left out when it has no items), each with
+    its own cache folder under `root`/cache. Sizes must be multiples of 16 and `frames` 4N+1. With `vary_size`, every other item is portrait
     (height x width) so that bucketing has two buckets to fill. Deterministic for a given seed.
     """
     if width % 16 or height % 16:
         raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
     if frames != round_to_4n1(frames):
         raise ValueError(f"frames must be 4N+1 (like 17 or 25), got {frames}")
+    if num_videos + num_images == 0:
+        raise ValueError("nothing to write: num_videos and num_images are both 0")
     root = Path(root).resolve()
     rng = random.Random(seed)
     sizes = [(width, height), (height, width)] if vary_size else [(width, height)]
@@ -94,7 +97,7 @@ def make_synthetic_dataset(root: str | Path, *, num_videos: int = 8, num_images:
         with atomic_write(image_path) as tmp:
             Image.fromarray(draw(scene, w, h, rng.random())).save(tmp, format="PNG")
         _write_text(root / "images" / f"image_{i:04d}.txt", scene.caption(moving=False))
-    return _write_toml(root, width, height, frames, vary_size, batch_size, seed)
+    return _write_toml(root, width, height, frames, vary_size, batch_size, seed, num_images > 0, num_videos > 0)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -102,7 +105,8 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text + "\n", encoding="utf-8")
 
 
-def _write_toml(root: Path, width: int, height: int, frames: int, vary_size: bool, batch_size: int, seed: int) -> Path:
+def _write_toml(root: Path, width: int, height: int, frames: int, vary_size: bool, batch_size: int, seed: int,
+                with_images: bool, with_videos: bool) -> Path:
     def quoted(path: Path) -> str:
         return json.dumps(str(path))  # a TOML basic string: JSON's escaping is valid TOML
 
@@ -112,11 +116,15 @@ resolution = [{width}, {height}]
 caption_extension = ".txt"
 batch_size = {batch_size}
 enable_bucket = {str(vary_size).lower()}
-
+"""
+    if with_images:
+        toml += f"""
 [[datasets]]
 image_directory = {quoted(root / "images")}
 cache_directory = {quoted(root / "cache" / "images")}
-
+"""
+    if with_videos:
+        toml += f"""
 [[datasets]]
 video_directory = {quoted(root / "videos")}
 cache_directory = {quoted(root / "cache" / "videos")}
