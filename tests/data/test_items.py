@@ -295,3 +295,30 @@ def test_text_encoding_todo_is_planned_per_encoder_before_either_pass(tmp_path):
 def test_chunks_split_batches_for_the_encoder():
     assert list(items.chunks(range(5), 2)) == [[0, 1], [2, 3], [4]]
     assert list(items.chunks(range(3), None)) == [[0, 1, 2]]
+
+
+# ------------------------------------------------------------------------------------------ stale caches
+
+
+def test_stale_caches_are_those_of_items_gone_or_changed_but_not_of_items_that_failed(tmp_path):
+    dataset = video_config(tmp_path, "target_frames = [1, 5]\n")
+    for name in ("kept", "removed", "broken"):
+        add_video(tmp_path, name)
+    cache_everything(dataset, items.CacheReport())
+    (tmp_path / "videos" / "removed.mp4").unlink()
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"")  # unreadable today
+    report = items.CacheReport()
+    cache_everything(dataset, report, skip_existing=True)
+    stale = [p.name for p in items.stale_latent_caches(dataset, report)]
+    assert stale == ["removed_00000-001_0064x0064_hv.safetensors", "removed_00000-005_0064x0064_hv.safetensors"]
+    assert report.already_cached == 2 and "broken" in report.failed_stems
+
+
+def test_stale_text_caches_are_those_no_caption_item_has(tmp_path):
+    dataset = image_config(tmp_path)
+    add_image(tmp_path, "a")
+    for stem in ("a", "gone"):
+        cache_files.save_text_cache(cache_files.text_cache_path(tmp_path / "cache", stem), "c", {"llm_float16": torch.zeros(1).half()})
+    report = items.CacheReport()
+    captions = items.caption_items(dataset, report)
+    assert [p.name for p in items.stale_text_caches(dataset, captions, report)] == ["gone_hv_te.safetensors"]

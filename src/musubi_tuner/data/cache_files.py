@@ -22,7 +22,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -129,15 +129,26 @@ def source_signature(source: str | os.PathLike) -> dict[str, str]:
 
 
 def latent_provenance(source: str | os.PathLike, source_size: tuple[int, int], bucket: tuple[int, int],
-                      clip: tuple[int, int] | None = None, vae: str | None = None) -> dict[str, str]:
-    """What made a latent cache, stored in its metadata: the source file and its state, the bucket, the clip, the VAE file name."""
+                      vae: str | None = None, source_frames: int | None = None) -> dict[str, str]:
+    """What made a latent cache, for its metadata: the source file and its state, its size (and, for a
+    video, its frame count after source_fps), the bucket and the VAE file name."""
     provenance = {"source": os.path.basename(os.path.normpath(source)), **source_signature(source),
                   "source_size": f"{source_size[0]}x{source_size[1]}", "bucket": f"{bucket[0]}x{bucket[1]}"}
-    if clip is not None:
-        provenance["clip"] = f"{clip[0]}-{clip[1]}"
+    if source_frames is not None:
+        provenance["source_frames"] = str(source_frames)
     if vae is not None:
         provenance["vae"] = os.path.basename(vae)
     return provenance
+
+
+def text_provenance(encoder: str, model: str) -> dict[str, str]:
+    """What made one encoder's part of a text cache: the model file's name."""
+    return {f"{encoder}_model": os.path.basename(model)}
+
+
+def clip_provenance(video_provenance: dict[str, str], clip: tuple[int, int]) -> dict[str, str]:
+    """A video's provenance plus which clip (start, frames) of it a cache holds."""
+    return {**video_provenance, "clip": f"{clip[0]}-{clip[1]}"}
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -193,7 +204,8 @@ def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str,
     if path.exists():
         kept, old_metadata = _mergeable_text_cache(path, {strip_dtype(k) for k in tensors})
         if old_metadata.get("caption1", caption) != caption:
-            logger.warning("%s: caption changed from %r to %r; the new one is stored", path, old_metadata["caption1"], caption)
+            logger.warning("%s: caption changed from %r to %r; the new one is stored", path,
+                           old_metadata["caption1"], caption)
         tensors = {**kept, **tensors}
         metadata = {**old_metadata, **metadata}
     metadata.update(provenance or {})
@@ -226,7 +238,8 @@ def load_cache(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise UserError(f"{path}: cache file not found; run the caching commands again") from None
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise UserError(f"{path}: unreadable cache file ({str(e)[:160]}); delete it and run the caching command again") from None
+        raise UserError(f"{path}: unreadable cache file ({str(e)[:160]}); "
+                        f"delete it and run the caching command again") from None
     tensors: dict[str, torch.Tensor] = {}
     for key, t in stored.items():
         name = logical_key(key)
@@ -262,22 +275,25 @@ def cache_status(path: str | os.PathLike, expected: Mapping[str, str] | None = N
     return None
 
 
-def stale_caches(cache_dir: str | os.PathLike, current: set[str | os.PathLike] | list, *, text: bool = False) -> list[Path]:
+def stale_caches(cache_dir: str | os.PathLike, current: Iterable[str | os.PathLike], *, text: bool = False,
+                 keep_stems: Iterable[str] = ()) -> list[Path]:
     """Cache files in `cache_dir` that no current item produces, plus temporary files left by killed writes.
 
-    `text` selects `*_hv_te.safetensors`, otherwise `*_hv.safetensors`. Deleting them (unless
-    --keep_cache) is the caching scripts' job.
+    `text` selects `*_hv_te.safetensors`, otherwise `*_hv.safetensors`. Caches whose name starts
+    with a stem in `keep_stems` (items that could not be read this time) are never listed. Deleting
+    them (unless --keep_cache) is the caching scripts' job.
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
     suffix = TEXT_SUFFIX if text else LATENT_SUFFIX
     wanted = {os.path.normcase(os.path.abspath(p)) for p in current}
+    protected = tuple(f"{stem}_" for stem in keep_stems)
     stale = []
     for p in sorted(cache_dir.iterdir()):
         name = p.name
         if name.endswith(suffix):
-            if os.path.normcase(os.path.abspath(p)) not in wanted:
+            if os.path.normcase(os.path.abspath(p)) not in wanted and not (protected and name.startswith(protected)):
                 stale.append(p)
         elif name.startswith(".") and name.endswith(".tmp") and suffix in name:  # atomic_write's temp files
             stale.append(p)

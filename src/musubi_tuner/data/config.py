@@ -240,8 +240,10 @@ def _did_you_mean(word: str, candidates) -> str:
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The raw table of a .toml or .json dataset config; syntax errors name the file and the line."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: dataset config not found")
     if not path.is_file():
-        raise UserError(f"{path}: dataset config not found" if not path.exists() else f"{path}: is a folder, expected a dataset config file")
+        raise UserError(f"{path}: is a folder, expected a dataset config file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -335,10 +337,10 @@ def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path,
             return (SHARED_KEYS.get(key) or keys[key])(fallback[key], f"command line --{key} = {fallback[key]!r}")
         return DEFAULTS[key]
 
-    common = _common_values(where, value, own, table, is_video, path, check_sources)
+    common = _common_values(where, value, own, is_video, path, check_sources)
     if is_video:
         return VideoDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common,
-                                  **_video_values(where, value, own))
+                                  **_video_values(where, value))
     return ImageDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common)
 
 
@@ -361,15 +363,17 @@ def _unknown_key_message(where: str, key: str, is_video: bool) -> str:
     return f"{where}.{key} is not a {kind} dataset key{_did_you_mean(key, own)}"
 
 
-def _common_values(where: str, value: Callable[[str], Any], own: dict, table: dict, is_video: bool, path: Path,
+def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video: bool, path: Path,
                    check_sources: bool) -> dict[str, Any]:
-    directory_key, jsonl_key = ("video_directory", "video_jsonl_file") if is_video else ("image_directory", "image_jsonl_file")
+    kind = "video" if is_video else "image"
+    directory_key, jsonl_key = f"{kind}_directory", f"{kind}_jsonl_file"
     if directory_key in own and jsonl_key in own:
-        logger.warning("%s sets both %s and %s; using %s as musubi-tuner does", where, directory_key, jsonl_key, directory_key)
+        logger.warning("%s sets both %s and %s; using %s as musubi-tuner does", where, directory_key, jsonl_key,
+                       directory_key)
     source_key = directory_key if directory_key in own else jsonl_key
     source = _resolve(own[source_key], path)
     if check_sources:
-        _check_source(source, source_key, table[source_key], where, is_directory=source_key == directory_key)
+        _check_source(source, source_key, own[source_key], where, is_directory=source_key == directory_key)
     if source_key == directory_key and value("caption_extension") is None:
         raise UserError(f"{where}: caption_extension is required with {directory_key} "
                         f"(set caption_extension = \".txt\" here or in [general])")
@@ -394,7 +398,7 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, table: di
     }
 
 
-def _video_values(where: str, value: Callable[[str], Any], own: dict) -> dict[str, Any]:
+def _video_values(where: str, value: Callable[[str], Any]) -> dict[str, Any]:
     requested = value("target_frames")
     target_frames = normalize_target_frames(requested)
     changed = [f for f in requested if (f - 1) % 4]

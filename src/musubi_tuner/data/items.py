@@ -45,26 +45,37 @@ class CacheReport:
     already_cached: int = 0  # --skip_existing found them current
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): nothing to cache from it
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): could not be read
+    cache_paths: set[Path] = field(default_factory=set)  # every cache the current items have (or will have)
+    failed_stems: set[str] = field(default_factory=set)  # their old caches are kept, not judged stale
 
     def fail(self, path: str | os.PathLike, reason: str, strict: bool = False) -> None:
+        """Record an unreadable item (or raise it as a UserError in strict mode)."""
         if strict:
-            raise UserError(reason if str(path) in reason else f"{path}: {reason}")
-        logger.warning("skipped: %s", reason if str(path) in reason else f"{path}: {reason}")
+            raise UserError(_naming(path, reason))
+        logger.warning("cannot use %s", _naming(path, reason))
         self.failed.append((str(path), reason))
+        self.failed_stems.add(cache_files.item_stem(path))
 
     def skip(self, path: str | os.PathLike, reason: str) -> None:
-        logger.info("skipped %s: %s", path, reason)
+        """Record an item that gives nothing to cache (too short, no caption, duplicate name)."""
+        logger.info("skipped %s", _naming(path, reason))
         self.skipped.append((str(path), reason))
 
     def summary(self, unit: str = "items", limit: int = 20) -> str:
+        """`98 clips cached, 0 already cached, 1 skipped, 1 failed` and a line per skipped or failed file."""
         lines = [f"{self.cached} {unit} cached, {self.already_cached} already cached, "
                  f"{len(self.skipped)} skipped, {len(self.failed)} failed"]
         for title, entries in (("failed", self.failed), ("skipped", self.skipped)):
             for path, reason in entries[:limit]:
-                lines.append(f"  {title}: {reason if path in reason else f'{path}: {reason}'}")
+                lines.append(f"  {title}: {_naming(path, reason)}")
             if len(entries) > limit:
                 lines.append(f"  ... and {len(entries) - limit} more {title}")
         return "\n".join(lines)
+
+
+def _naming(path: str | os.PathLike, reason: str) -> str:
+    """The reason, prefixed with the file unless it already names it (UserErrors do)."""
+    return reason if str(path) in reason else f"{path}: {reason}"
 
 
 # ------------------------------------------------------------------------------------------ listing
@@ -138,6 +149,8 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
         lines = jsonl.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise UserError(f"{jsonl}: not UTF-8 text (byte {e.start}) {where}") from None
+    except OSError as e:
+        raise UserError(f"{jsonl}: cannot read ({e.strerror or e}) {where}") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -202,7 +215,7 @@ class _Loaded:
     """What a worker returns for one source item."""
 
     items: list[LatentItem] = field(default_factory=list)
-    already_cached: int = 0
+    already_cached: list[Path] = field(default_factory=list)  # current caches, not decoded again
     skip_reason: str | None = None
 
 
@@ -227,7 +240,7 @@ class _LatentLoader:
         path = cache_files.latent_cache_path(self.dataset.cache_directory, item.stem, size)
         provenance = cache_files.latent_provenance(item.path, size, bucket, vae=self.vae)
         if self._current(path, provenance):
-            return _Loaded(already_cached=1)
+            return _Loaded(already_cached=[path])
         pixels = resize_to_bucket(media.load_image(item.path), bucket)[None]
         return _Loaded([LatentItem(item, pixels, bucket, size, None, path, provenance)])
 
@@ -246,13 +259,13 @@ class _LatentLoader:
         if not clips:
             return _Loaded(skip_reason=f"only {num_frames} frames, shorter than every target_frames "
                                        f"{list(ds.target_frames)}")
+        video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames)
         loaded = _Loaded()
         for clip in clips:
             path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
-            provenance = {**cache_files.latent_provenance(item.path, video.size, bucket, clip, self.vae),
-                          "source_frames": str(num_frames)}
+            provenance = cache_files.clip_provenance(video_provenance, clip)
             if self._current(path, provenance):
-                loaded.already_cached += 1
+                loaded.already_cached.append(path)
             else:
                 pixels = video.frames[clip.start:clip.start + clip.frames]
                 loaded.items.append(LatentItem(item, pixels, bucket, bucket, clip, path, provenance))
@@ -263,8 +276,8 @@ class _LatentLoader:
         return extract_clips(num_frames, ds.frame_extraction, ds.target_frames, frame_stride=ds.frame_stride,
                              frame_sample=ds.frame_sample, max_frames=ds.max_frames)
 
-    def _cached_clips(self, item: SourceItem) -> int:
-        """With --skip_existing: the number of clips if every clip of this video is cached and current, else 0.
+    def _cached_clips(self, item: SourceItem) -> list[Path]:
+        """With --skip_existing: the caches of all clips if every one is cached and current, else [].
 
         Decodes only the first frame (for the bucket); the frame count comes from the metadata of the
         clip that starts at 0, which every video with clips has. Caches without our provenance
@@ -273,25 +286,27 @@ class _LatentLoader:
         ds: VideoDatasetConfig = self.dataset
         size = media.video_size(item.path)
         bucket = self.selector.bucket_for(size)
-        first_lengths = range(round_to_4n1(ds.max_frames), 0, -4) if ds.frame_extraction == "full" else ds.target_frames[:1]
+        # every video with clips has one starting at 0: of the shortest target, or for `full` of unknown length
+        full = ds.frame_extraction == "full"
+        first_lengths = range(round_to_4n1(ds.max_frames), 0, -4) if full else ds.target_frames[:1]
         for length in first_lengths:
             probe = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, Clip(0, length))
             if probe.exists():
                 break
         else:
-            return 0
+            return []
         try:
             num_frames = int(read_safetensors_header(probe)[1]["source_frames"])
         except (UserError, KeyError, ValueError):
-            return 0
-        clips = self._clips(num_frames)
-        for clip in clips:
+            return []
+        video_provenance = cache_files.latent_provenance(item.path, size, bucket, self.vae, num_frames)
+        paths = []
+        for clip in self._clips(num_frames):
             path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
-            provenance = {**cache_files.latent_provenance(item.path, size, bucket, clip, self.vae),
-                          "source_frames": str(num_frames)}
-            if cache_files.cache_status(path, provenance) is not None:
-                return 0
-        return len(clips)
+            if cache_files.cache_status(path, cache_files.clip_provenance(video_provenance, clip)) is not None:
+                return []
+            paths.append(path)
+        return paths
 
 
 def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_workers: int = 1,
@@ -302,6 +317,7 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
     A batch is yielded as soon as its group holds the dataset's batch_size items; the rest at the end.
     Results are taken in item order, so batches are the same on every run. With `skip_existing`,
     items whose caches are current (see cache_files.cache_status) are counted, not decoded again.
+    `report` collects every cache path the items have, for stale_latent_caches once all are written.
     """
     if items is None:
         items, problems = list_items(dataset)
@@ -313,7 +329,9 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
         if isinstance(loaded, BaseException):
             report.fail(item.path, _failure_reason(item, loaded), strict)
             continue
-        report.already_cached += loaded.already_cached
+        report.already_cached += len(loaded.already_cached)
+        report.cache_paths.update(loaded.already_cached)
+        report.cache_paths.update(latent_item.cache_path for latent_item in loaded.items)
         if loaded.skip_reason:
             report.skip(item.path, loaded.skip_reason)
         for latent_item in loaded.items:
@@ -404,12 +422,25 @@ def text_encoding_todo(items: Iterable[CaptionItem], encoder: str, *, skip_exist
         return items
     todo = []
     for item in items:
-        expected = {"caption1": item.caption}
-        if model is not None:
-            expected[f"{encoder}_model"] = os.path.basename(model)
+        expected = {"caption1": item.caption, **(cache_files.text_provenance(encoder, model) if model else {})}
         if cache_files.cache_status(item.cache_path, expected, required_prefixes=(f"{encoder}_",)) is not None:
             todo.append(item)
     return todo
+
+
+def stale_latent_caches(dataset: AnyDatasetConfig, report: CacheReport) -> list[Path]:
+    """Latent caches in the dataset's folder that its current items do not have (after iter_latent_batches).
+
+    Caches of items that failed to read this time are kept: a file that is briefly unreadable should
+    not cost its caches.
+    """
+    return cache_files.stale_caches(dataset.cache_directory, report.cache_paths, keep_stems=report.failed_stems)
+
+
+def stale_text_caches(dataset: AnyDatasetConfig, captions: Iterable[CaptionItem], report: CacheReport) -> list[Path]:
+    """Text caches in the dataset's folder that none of `captions` (from caption_items) has."""
+    return cache_files.stale_caches(dataset.cache_directory, [c.cache_path for c in captions], text=True,
+                                    keep_stems=report.failed_stems)
 
 
 def chunks(items: Sequence, size: int | None) -> Iterator[list]:

@@ -188,7 +188,8 @@ def load_video(path: str | os.PathLike, *, max_frames: int | None = None, source
         if resize is not None:
             frame = resize(frame, size)
         elif frame_size != size:
-            raise UserError(f"{path}: frame {len(frames)} is {frame_size[0]}x{frame_size[1]}, the first is {size[0]}x{size[1]}")
+            raise UserError(f"{path}: frame {len(frames)} is {frame_size[0]}x{frame_size[1]}, "
+                            f"the first is {size[0]}x{size[1]}")
         frames.append(frame)
     if not frames:
         raise UserError(f"{path}: no video frames could be decoded")
@@ -217,7 +218,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 24.0, 
     try:
         with atomic_write(path) as tmp:
             with av.open(str(tmp), mode="w", format=container_format) as container:
-                stream = container.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001), options=options or {})
+                rate = fractions.Fraction(fps).limit_denominator(1001)
+                stream = container.add_stream(codec, rate=rate, options=options or {})
                 stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
                 stream.bit_rate = bitrate
                 for pixels in frames:

@@ -74,8 +74,9 @@ def make_synthetic_dataset(root: str | Path, *, num_videos: int = 8, num_images:
     """Write `root`/videos, `root`/images (with captions) and `root`/dataset.toml; returns the TOML path.
 
     The TOML has an image dataset and a video dataset (one left out when it has no items), each with
-    its own cache folder under `root`/cache. Sizes must be multiples of 16 and `frames` 4N+1. With `vary_size`, every other item is portrait
-    (height x width) so that bucketing has two buckets to fill. Deterministic for a given seed.
+    its own cache folder under `root`/cache. Sizes must be multiples of 16 and `frames` 4N+1. With
+    `vary_size`, every other item is portrait (height x width) so that bucketing has two buckets to
+    fill. Deterministic for a given seed.
     """
     if width % 16 or height % 16:
         raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
