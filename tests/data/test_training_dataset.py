@@ -147,14 +147,16 @@ def test_no_cached_items_tells_the_user_to_run_the_caching_commands(tmp_path):
     assert "run cache_latents.py and cache_text_encoder_outputs.py" in message
 
 
-def test_caches_of_another_size_go_to_their_own_bucket(tmp_path):
+def test_caches_of_another_size_go_to_their_own_bucket_with_a_warning(tmp_path, caplog):
     # made with another resolution: same name size rules, different latent shape
     write_item(tmp_path / "cache_i", "a", size=(64, 32))
     write_item(tmp_path / "cache_i", "b", size=(64, 32))
     save_file({"latents_1x8x8_float16": torch.zeros(16, 1, 8, 8).half()},
               str(tmp_path / "cache_i" / "b_0064x0032_hv.safetensors"), metadata={"architecture": "hunyuan_video"})
-    dataset = TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    with caplog.at_level(logging.WARNING):
+        dataset = TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
     assert sorted(b.shape for b in dataset.epoch_plan(1)) == [(1, 4, 8), (1, 8, 8)]
+    assert "not the size this config gives" in caplog.text and "run cache_latents.py again" in caplog.text
 
 
 def test_the_timestep_pool_draws_equally_from_each_interval(cached):

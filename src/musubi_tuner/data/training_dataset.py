@@ -69,52 +69,65 @@ class DatasetBuckets:
 def find_cached_items(dataset: AnyDatasetConfig) -> DatasetBuckets:
     """Pair every latent cache of the dataset's cache folder with its text cache, grouped by latent shape.
 
-    Latent caches without a text cache, or whose files cannot be read, are left out with a warning.
+    Latent caches without a complete text cache, or whose files cannot be read, are left out with a
+    warning. Caches of another size than the config gives now are used, in their own bucket, with a
+    warning (the config's resolution changed since caching).
     """
     cache_dir = dataset.cache_directory
     latent_files = sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []
     selector = BucketSelector(dataset.resolution, dataset.enable_bucket, dataset.bucket_no_upscale)
     buckets: dict[LatentShape, list[TrainingItem]] = {}
     problems: list[str] = []
+    text_problems: dict[Path, str | None] = {}  # a video's clips share one text cache: check it once
+    other_size = 0
     for latent_path in latent_files:
-        item = _pair(latent_path, dataset, selector, problems)
-        if item is not None:
-            shape, training_item = item
-            buckets.setdefault(shape, []).extend([training_item] * dataset.num_repeats)
+        name = cache_files.parse_latent_cache_name(latent_path.name, video=dataset.is_video)
+        if name is None:
+            problems.append(f"{latent_path.name}: not a {'video clip' if dataset.is_video else 'image'} cache name")
+            continue
+        text_path = cache_files.text_cache_path(cache_dir, name.item_key)
+        if text_path not in text_problems:
+            text_problems[text_path] = _text_cache_problem(text_path)
+        if text_problems[text_path] is not None:
+            problems.append(f"{latent_path.name}: {text_problems[text_path]}")
+            continue
+        shape = _latent_shape(latent_path, problems)
+        if shape is not None:
+            other_size += (shape[2] * 8, shape[1] * 8) != selector.bucket_for(name.size)
+            buckets.setdefault(shape, []).extend([TrainingItem(latent_path, text_path)] * dataset.num_repeats)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         logger.warning("%s: %d cached items left out: %s", dataset.where, len(problems), shown)
+    if other_size:
+        logger.warning("%s: %d caches in %s are not the size this config gives (was resolution changed?); "
+                       "run cache_latents.py again to remake them", dataset.where, other_size, cache_dir)
     return DatasetBuckets(dict(sorted(buckets.items())), dataset.batch_size)
 
 
-def _pair(latent_path: Path, dataset: AnyDatasetConfig, selector: BucketSelector,
-          problems: list[str]) -> tuple[LatentShape, TrainingItem] | None:
-    name = cache_files.parse_latent_cache_name(latent_path.name, video=dataset.is_video)
-    if name is None:
-        problems.append(f"{latent_path.name}: not a {'video clip' if dataset.is_video else 'image'} cache name")
-        return None
-    text_path = cache_files.text_cache_path(dataset.cache_directory, name.item_key)
+def _text_cache_problem(text_path: Path) -> str | None:
+    """None if the text cache holds both encoders' outputs, else what is wrong."""
     if not text_path.exists():
-        problems.append(f"{latent_path.name}: no text cache {text_path.name} (run cache_text_encoder_outputs.py)")
-        return None
+        return f"no text cache {text_path.name} (run cache_text_encoder_outputs.py)"
     try:
-        latent_entries, _ = read_safetensors_header(latent_path)
-        text_entries, _ = read_safetensors_header(text_path)
+        entries, _ = read_safetensors_header(text_path)
+    except UserError as e:
+        return str(e)
+    missing = [e for e in cache_files.TEXT_ENCODERS if not any(cache_files.logical_key(k) == e for k in entries)]
+    return f"no {' or '.join(missing)} output in {text_path.name}" if missing else None
+
+
+def _latent_shape(latent_path: Path, problems: list[str]) -> LatentShape | None:
+    """(F, H, W) of the cache's one latents tensor (16, F, H, W), read from the header only."""
+    try:
+        entries, _ = read_safetensors_header(latent_path)
     except UserError as e:
         problems.append(str(e))
         return None
-    latent_shapes = [shape for key, (_, shape) in latent_entries.items() if cache_files.logical_key(key) == "latents"]
-    missing = [e for e in cache_files.TEXT_ENCODERS if not any(cache_files.logical_key(k) == e for k in text_entries)]
-    if len(latent_shapes) != 1 or len(latent_shapes[0]) != 4 or missing:
-        what = f"no {' or '.join(missing)} output in {text_path.name}" if missing else "no single latents tensor"
-        problems.append(f"{latent_path.name}: {what}")
+    shapes = [shape for key, (_, shape) in entries.items() if cache_files.logical_key(key) == "latents"]
+    if len(shapes) != 1 or len(shapes[0]) != 4:
+        problems.append(f"{latent_path.name}: not one (C, F, H, W) latents tensor")
         return None
-    shape = tuple(latent_shapes[0][1:])
-    expected = selector.bucket_for(name.size)
-    if (shape[2] * 8, shape[1] * 8) != expected:
-        logger.debug("%s: latent is %dx%d px, the config's bucket is %dx%d (made with another resolution?)",
-                     latent_path, shape[2] * 8, shape[1] * 8, *expected)
-    return shape, TrainingItem(latent_path, text_path)
+    return tuple(shapes[0][1:])
 
 
 # ------------------------------------------------------------------------------------------ dataset
