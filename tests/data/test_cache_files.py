@@ -215,3 +215,12 @@ def test_stale_caches_are_those_no_item_produces_plus_leftover_temporary_files(t
                                                                     "b_0016x0016_hv.safetensors"]
     assert [p.name for p in cf.stale_caches(tmp_path, {tmp_path / "a_hv_te.safetensors"}, text=True)] == []
     assert cf.stale_caches(tmp_path / "missing", set()) == []
+
+
+def test_a_half_written_text_cache_is_written_anew(tmp_path, caplog):
+    path = tmp_path / "x_hv_te.safetensors"
+    cf.save_text_cache(path, "c", {"llm_float16": torch.zeros(64).half()})
+    path.write_bytes(path.read_bytes()[:-20])  # killed mid-write by a non-atomic writer
+    with caplog.at_level(logging.WARNING):
+        cf.save_text_cache(path, "c", {"clipL_float16": torch.zeros(2).half()})
+    assert "writing it anew" in caplog.text and list(load_file(str(path))) == ["clipL_float16"]

@@ -214,15 +214,19 @@ def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str,
 
 
 def _mergeable_text_cache(path: Path, replaced: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The existing file's tensors not in `replaced`, and its metadata; ({}, {}) if it is unreadable."""
     from safetensors import safe_open
 
-    _, metadata = read_safetensors_header(path)
-    if metadata.get("architecture", ARCHITECTURE_FULL) != ARCHITECTURE_FULL:
-        raise UserError(f"{path}: a text cache of architecture {metadata['architecture']!r}, not {ARCHITECTURE_FULL}; "
-                        f"give this dataset its own cache_directory")
-    with safe_open(str(path), framework="pt") as f:
-        kept = {k: f.get_tensor(k) for k in f.keys() if strip_dtype(k) not in replaced}
-    return kept, dict(metadata)
+    try:
+        _, metadata = read_safetensors_header(path)
+        if metadata.get("architecture", ARCHITECTURE_FULL) == ARCHITECTURE_FULL:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if strip_dtype(k) not in replaced}, dict(metadata)
+    except Exception as e:  # a half-written file from a killed run (musubi-tuner's writes are not atomic)
+        logger.warning("%s: unreadable (%s); writing it anew", path, str(e)[:160])
+        return {}, {}
+    raise UserError(f"{path}: a text cache of architecture {metadata['architecture']!r}, not {ARCHITECTURE_FULL}; "
+                    f"give this dataset its own cache_directory")
 
 
 # ------------------------------------------------------------------------------------------ reading
