@@ -1,0 +1,109 @@
+"""Aspect-ratio buckets for HunyuanVideo and the resize + centre crop into a bucket.
+
+Bucket rules are musubi-tuner's (`dataset/bucket.py`), so the same images land in the same buckets and
+cache names stay the same. Sizes are (width, height) everywhere, as in the dataset TOML.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from PIL import Image
+
+# The VAE downsamples 8x and the DiT patchifies 2x2: pixel sizes must be multiples of 16.
+RESOLUTION_STEP = 16
+
+
+def floor_to(value: int, step: int = RESOLUTION_STEP) -> int:
+    return value - value % step
+
+
+class BucketSelector:
+    """Picks the bucket (width, height) for an image or video frame size.
+
+    With `enable_bucket`, the buckets are every (w, h) of multiples of 16 whose area is close to the
+    resolution's area (w from sqrt(area)/2 up to sqrt(area), plus the transposes); an image goes to
+    the bucket with the closest aspect ratio. With `no_upscale`, an image smaller than the area keeps
+    its own size floored to 16. Without bucketing there is one bucket: the resolution itself.
+    """
+
+    def __init__(self, resolution: tuple[int, int], enable_bucket: bool = True, no_upscale: bool = False,
+                 step: int = RESOLUTION_STEP):
+        self.resolution = (int(resolution[0]), int(resolution[1]))
+        self.area = self.resolution[0] * self.resolution[1]
+        self.step = step
+        self.no_upscale = bool(no_upscale and enable_bucket)
+        self.buckets: tuple[tuple[int, int], ...] = self._bucket_list() if enable_bucket else (self.resolution,)
+        self._aspect_ratios = [w / h for w, h in self.buckets]
+
+    def _bucket_list(self) -> tuple[tuple[int, int], ...]:
+        side = int(math.sqrt(self.area))
+        sizes = set()
+        for w in range(floor_to(side // 2, self.step), side + self.step, self.step):
+            h = floor_to(self.area // w, self.step)
+            sizes.update({(w, h), (h, w)})
+        return tuple(sorted(sizes))
+
+    def bucket_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The bucket (width, height) for an image of `size` (width, height)."""
+        width, height = size
+        if self.no_upscale and width * height <= self.area:
+            return floor_to(width, self.step), floor_to(height, self.step)
+        aspect = width / height
+        errors = [abs(ar - aspect) for ar in self._aspect_ratios]
+        return self.buckets[errors.index(min(errors))]  # the first of equal errors, as numpy's argmin
+
+
+def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
+    """Scale `image` (H, W, C) uint8 to cover `bucket` (width, height), then centre-crop to it.
+
+    Upscaling uses Pillow's LANCZOS and downscaling an exact area average (what OpenCV's INTER_AREA
+    computes, which musubi-tuner uses), so pixels match musubi-tuner's to within one level of rounding.
+    Returns (bucket_h, bucket_w, C) uint8.
+    """
+    height, width = image.shape[:2]
+    bucket_w, bucket_h = bucket
+    if (width, height) == (bucket_w, bucket_h):
+        return image
+    scale = max(bucket_w / width, bucket_h / height)
+    new_w, new_h = int(width * scale + 0.5), int(height * scale + 0.5)
+    if scale > 1:
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.LANCZOS))
+    else:
+        resized = area_resize(image, (new_w, new_h))
+    left, top = (new_w - bucket_w) // 2, (new_h - bucket_h) // 2
+    return np.ascontiguousarray(resized[top:top + bucket_h, left:left + bucket_w])
+
+
+def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Shrink (H, W, C) uint8 to `size` (width, height): each output pixel is the mean of the input area it covers."""
+    rows = _area_resize_first_axis(image, size[1])  # (h, W, C) float32
+    columns = _area_resize_first_axis(np.ascontiguousarray(rows.transpose(1, 0, 2)), size[0])  # (w, h, C)
+    return np.clip(np.rint(columns.transpose(1, 0, 2)), 0, 255).astype(np.uint8)
+
+
+def _area_resize_first_axis(pixels: np.ndarray, out_len: int) -> np.ndarray:
+    """(N, ...) -> (out_len, ...) float32; gathering whole rows keeps memory access contiguous."""
+    taps, weights = _area_taps(pixels.shape[0], out_len)
+    out = pixels[taps[:, 0]] * weights[:, 0, None, None]
+    for k in range(1, taps.shape[1]):
+        out += pixels[taps[:, k]] * weights[:, k, None, None]
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _area_taps(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each output pixel: the input pixels its span [i, i+1) * in/out overlaps, and the overlap / span.
+
+    Returns (out_len, taps) indices and float32 weights; each row of weights sums to 1.
+    """
+    span = in_len / out_len
+    lo = np.arange(out_len) * span
+    first = np.floor(lo).astype(np.int64)
+    index = first[:, None] + np.arange(int(math.ceil(span)) + 1)[None, :]
+    overlap = np.minimum(index + 1, lo[:, None] + span) - np.maximum(index, lo[:, None])
+    weights = np.clip(overlap, 0, None) / span
+    used = weights.max(axis=0) > 0
+    return np.minimum(index, in_len - 1)[:, used], weights[:, used].astype(np.float32)

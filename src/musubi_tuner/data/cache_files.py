@@ -1,0 +1,304 @@
+"""Cache files: names, keys, metadata, reading and writing; exactly musubi-tuner's layout for HunyuanVideo.
+
+Latent cache, one per image or video clip:
+    {cache_dir}/{stem}_{W:04d}x{H:04d}_hv.safetensors                       image, W x H = image size
+    {cache_dir}/{stem}_{start:05d}-{frames:03d}_{W:04d}x{H:04d}_hv.safetensors   video clip, W x H = bucket
+  one tensor `latents_{F}x{H/8}x{W/8}_{dtype}` (16, F, H/8, W/8): the VAE posterior sample, unscaled;
+  metadata architecture=hunyuan_video, width, height, format_version=1.0.1 (+ frame_count for clips).
+Text cache, one per image or video (shared by its clips):
+    {cache_dir}/{stem}_hv_te.safetensors
+  `llm_{dtype}` (256, 4096), `llm_mask` (256,) int64, `clipL_{dtype}` (768,), `clipL_mask` (77,) int64;
+  metadata architecture, caption1 (the caption), format_version. Written in two passes (LLM, then CLIP)
+  that merge into one file.
+
+Our caches also record what made them (`source_*`, `bucket`, `clip`, `vae`, `llm_model`, ...) so that
+`--skip_existing` re-encodes what a changed source or model made stale. Readers never require those
+keys: musubi-tuner's caches lack them, and musubi-tuner ignores them in ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple
+
+import torch
+
+from musubi_tuner.dtypes import dtype_short_name
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_safetensors_header, save_safetensors
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "hv"
+ARCHITECTURE_FULL = "hunyuan_video"
+FORMAT_VERSION = "1.0.1"
+LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
+TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
+TEXT_ENCODERS = ("llm", "clipL")  # key prefixes of the two text encoders' outputs
+
+
+# ------------------------------------------------------------------------------------------ names
+
+
+def item_stem(source: str | os.PathLike) -> str:
+    """The name caches of an item start with: its file name without extension (a frame folder's name)."""
+    return os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+
+
+def latent_cache_path(cache_dir: str | os.PathLike, stem: str, size: tuple[int, int],
+                      clip: tuple[int, int] | None = None) -> Path:
+    """Latent cache of an image (`clip` None, `size` = image size) or of a video clip (start, frames) at bucket `size`."""
+    width, height = size
+    clip_part = f"_{clip[0]:05d}-{clip[1]:03d}" if clip is not None else ""
+    return Path(cache_dir) / f"{stem}{clip_part}_{width:04d}x{height:04d}{LATENT_SUFFIX}"
+
+
+def text_cache_path(cache_dir: str | os.PathLike, stem: str) -> Path:
+    return Path(cache_dir) / f"{stem}{TEXT_SUFFIX}"
+
+
+class LatentCacheName(NamedTuple):
+    item_key: str  # the stem; its text cache is {item_key}_hv_te.safetensors
+    size: tuple[int, int]  # (width, height) from the name
+    start: int | None  # video clips only
+    frames: int | None
+
+
+def parse_latent_cache_name(name: str, video: bool) -> LatentCacheName | None:
+    """Split a latent cache file name the way musubi-tuner's training reads it; None if it does not fit.
+
+    Image: `{key}_{W}x{H}_hv.safetensors`; video: `{key}_{start}-{frames}_{W}x{H}_hv.safetensors`
+    (a third `-NN` section index, written by other architectures, is tolerated and ignored).
+    """
+    if not name.endswith(LATENT_SUFFIX):
+        return None
+    tokens = name[: -len(LATENT_SUFFIX)].split("_")
+    try:
+        width, height = (int(v) for v in tokens[-1].split("x"))
+        if not video:
+            return LatentCacheName("_".join(tokens[:-1]), (width, height), None, None) if len(tokens) > 1 else None
+        start, frames = (int(v) for v in tokens[-2].split("-")[:2])
+    except (ValueError, IndexError):
+        return None
+    return LatentCacheName("_".join(tokens[:-2]), (width, height), start, frames) if len(tokens) > 2 else None
+
+
+def latent_key(latent: torch.Tensor) -> str:
+    """`latents_{F}x{H}x{W}_{dtype}` for a latent of shape (C, F, H, W)."""
+    _, frames, height, width = latent.shape
+    return f"latents_{frames}x{height}x{width}_{dtype_short_name(latent.dtype)}"
+
+
+@lru_cache(maxsize=1)
+def _dtype_names() -> tuple[str, ...]:
+    """Every dtype name torch prints, longest first (so `float8_e4m3fn` wins over a shorter match)."""
+    names = {dtype_short_name(v) for v in vars(torch).values() if isinstance(v, torch.dtype)}
+    return tuple(sorted(names, key=len, reverse=True))
+
+
+def strip_dtype(key: str) -> str:
+    """`llm_float8_e4m3fn` -> `llm`; a key without a dtype suffix is returned unchanged."""
+    for name in _dtype_names():
+        if key.endswith("_" + name):
+            return key[: -len(name) - 1]
+    return key
+
+
+def logical_key(key: str) -> str:
+    """The batch key a stored key feeds (musubi-tuner's rule): `latents_7x68x120_float16` -> `latents`,
+    `llm_bfloat16` -> `llm`, `llm_mask` -> `llm_mask`."""
+    if key.endswith("_mask"):
+        return key
+    key = strip_dtype(key)
+    return key.rsplit("_", 1)[0] if key.startswith("latents_") else key
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def source_signature(source: str | os.PathLike) -> dict[str, str]:
+    """Size and modification time of an image or video file, or of all files in a frame folder."""
+    source = Path(source)
+    files = [p for p in source.iterdir() if p.is_file()] if source.is_dir() else [source]
+    stats = [p.stat() for p in files]
+    return {"source_bytes": str(sum(s.st_size for s in stats)),
+            "source_mtime_ns": str(max((s.st_mtime_ns for s in stats), default=0))}
+
+
+def latent_provenance(source: str | os.PathLike, source_size: tuple[int, int], bucket: tuple[int, int],
+                      vae: str | None = None, source_frames: int | None = None) -> dict[str, str]:
+    """What made a latent cache, for its metadata: the source file and its state, its size (and, for a
+    video, its frame count after source_fps), the bucket and the VAE file name."""
+    provenance = {"source": os.path.basename(os.path.normpath(source)), **source_signature(source),
+                  "source_size": f"{source_size[0]}x{source_size[1]}", "bucket": f"{bucket[0]}x{bucket[1]}"}
+    if source_frames is not None:
+        provenance["source_frames"] = str(source_frames)
+    if vae is not None:
+        provenance["vae"] = os.path.basename(vae)
+    return provenance
+
+
+def text_provenance(encoder: str, model: str) -> dict[str, str]:
+    """What made one encoder's part of a text cache: the model file's name."""
+    return {f"{encoder}_model": os.path.basename(model)}
+
+
+def clip_provenance(video_provenance: dict[str, str], clip: tuple[int, int]) -> dict[str, str]:
+    """A video's provenance plus which clip (start, frames) of it a cache holds."""
+    return {**video_provenance, "clip": f"{clip[0]}-{clip[1]}"}
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _without_nan(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """NaN -> 0 with a warning (musubi-tuner does the same); the caller's tensors are not modified."""
+    clean = {}
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.dtype.itemsize > 1 and torch.isnan(t).any():
+            logger.warning("%s: %s holds NaN values; they are stored as 0", what, key)
+            t = torch.nan_to_num(t, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        clean[key] = t.detach().cpu().contiguous()
+    return clean
+
+
+def save_latent_cache(path: str | os.PathLike, latent: torch.Tensor, *, size: tuple[int, int],
+                      frame_count: int | None = None, provenance: Mapping[str, str] | None = None) -> Path:
+    """Write one latent cache atomically. `latent`: (16, F, H, W); `size` (width, height) as in the name."""
+    if latent.dim() != 4:
+        raise ValueError(f"latent must be (C, F, H, W), got {tuple(latent.shape)}")
+    path = Path(path)
+    metadata = {**(provenance or {}), "architecture": ARCHITECTURE_FULL, "width": str(size[0]), "height": str(size[1]),
+                "format_version": FORMAT_VERSION}
+    if frame_count is not None:
+        metadata["frame_count"] = str(frame_count)
+    save_safetensors(_without_nan({latent_key(latent): latent}, str(path)), path, metadata=metadata)
+    return path
+
+
+def text_encoder_tensors(encoder: str, embed: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The stored keys of one encoder's output: `{encoder}_{dtype}` and `{encoder}_mask`."""
+    if encoder not in TEXT_ENCODERS:
+        raise ValueError(f"encoder must be one of {TEXT_ENCODERS}, got {encoder!r}")
+    tensors = {f"{encoder}_{dtype_short_name(embed.dtype)}": embed}
+    if mask is not None:
+        tensors[f"{encoder}_mask"] = mask
+    return tensors
+
+
+def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str, torch.Tensor],
+                    provenance: Mapping[str, str] | None = None) -> Path:
+    """Write or merge into a text-encoder cache, atomically (musubi-tuner's two-pass rule).
+
+    `tensors` holds stored keys (see text_encoder_tensors): one encoder's or both. If the file exists,
+    its tensors are kept except those whose dtype-stripped name is written now (so a re-run in another
+    precision replaces, not duplicates); a caption change wins with a warning; a cache of another
+    architecture is an error.
+    """
+    path = Path(path)
+    tensors = _without_nan(dict(tensors), str(path))
+    metadata = {"architecture": ARCHITECTURE_FULL, "caption1": caption, "format_version": FORMAT_VERSION}
+    if path.exists():
+        kept, old_metadata = _mergeable_text_cache(path, {strip_dtype(k) for k in tensors})
+        if old_metadata.get("caption1", caption) != caption:
+            logger.warning("%s: caption changed from %r to %r; the new one is stored", path,
+                           old_metadata["caption1"], caption)
+        tensors = {**kept, **tensors}
+        metadata = {**old_metadata, **metadata}
+    metadata.update(provenance or {})
+    save_safetensors(tensors, path, metadata=metadata)
+    return path
+
+
+def _mergeable_text_cache(path: Path, replaced: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The existing file's tensors not in `replaced`, and its metadata; ({}, {}) if it is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        _, metadata = read_safetensors_header(path)
+        if metadata.get("architecture", ARCHITECTURE_FULL) == ARCHITECTURE_FULL:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if strip_dtype(k) not in replaced}, dict(metadata)
+    except Exception as e:  # a half-written file from a killed run (musubi-tuner's writes are not atomic)
+        logger.warning("%s: unreadable (%s); writing it anew", path, str(e)[:160])
+        return {}, {}
+    raise UserError(f"{path}: a text cache of architecture {metadata['architecture']!r}, not {ARCHITECTURE_FULL}; "
+                    f"give this dataset its own cache_directory")
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def load_cache(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A latent or text cache as {logical key: tensor}, e.g. `latents` (16, F, H, W), `llm` (256, 4096)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        stored = load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: cache file not found; run the caching commands again") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise UserError(f"{path}: unreadable cache file ({str(e)[:160]}); "
+                        f"delete it and run the caching command again") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in stored.items():
+        name = logical_key(key)
+        if name in tensors:
+            raise UserError(f"{path}: holds two versions of {name!r} (different dtypes); "
+                            f"delete it and run the caching command again")
+        tensors[name] = t
+    return tensors
+
+
+def cache_status(path: str | os.PathLike, expected: Mapping[str, str] | None = None,
+                 required_prefixes: tuple[str, ...] = ()) -> str | None:
+    """None if the cache at `path` can be reused, else why not ("missing", "vae changed (a -> b)", ...).
+
+    A metadata key in `expected` that the file lacks (musubi-tuner's caches record no provenance)
+    does not make it stale. `required_prefixes`: tensor keys that must be present, e.g. ("llm_",).
+    """
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    try:
+        entries, metadata = read_safetensors_header(path)
+    except UserError as e:
+        return f"unreadable ({e})"
+    if metadata.get("architecture", ARCHITECTURE_FULL) != ARCHITECTURE_FULL:
+        return f"made for {metadata['architecture']}"
+    for prefix in required_prefixes:
+        if not any(k.startswith(prefix) for k in entries):
+            return f"has no {prefix.rstrip('_')} tensors"
+    for key, value in (expected or {}).items():
+        if key in metadata and metadata[key] != value:
+            return f"{key} changed ({metadata[key]} -> {value})"
+    return None
+
+
+def stale_caches(cache_dir: str | os.PathLike, current: Iterable[str | os.PathLike], *, text: bool = False,
+                 keep_stems: Iterable[str] = ()) -> list[Path]:
+    """Cache files in `cache_dir` that no current item produces, plus temporary files left by killed writes.
+
+    `text` selects `*_hv_te.safetensors`, otherwise `*_hv.safetensors`. Caches whose name starts
+    with a stem in `keep_stems` (items that could not be read this time) are never listed. Deleting
+    them (unless --keep_cache) is the caching scripts' job.
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    suffix = TEXT_SUFFIX if text else LATENT_SUFFIX
+    wanted = {os.path.normcase(os.path.abspath(p)) for p in current}
+    protected = tuple(f"{stem}_" for stem in keep_stems)
+    stale = []
+    for p in sorted(cache_dir.iterdir()):
+        name = p.name
+        if name.endswith(suffix):
+            if os.path.normcase(os.path.abspath(p)) not in wanted and not (protected and name.startswith(protected)):
+                stale.append(p)
+        elif name.startswith(".") and name.endswith(".tmp") and suffix in name:  # atomic_write's temp files
+            stale.append(p)
+    return stale

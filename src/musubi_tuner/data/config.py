@@ -1,0 +1,445 @@
+"""The dataset config file (musubi-tuner's TOML, or the same structure as JSON), validated into typed objects.
+
+A value is looked up, first found wins, in: the `[[datasets]]` table, `[general]`, the command line's
+non-None flags of the same name (how `cache_latents.py --batch_size` reaches a dataset that sets
+none, as in musubi-tuner), then the default. Every problem is a UserError that names the file, the
+table and the key: `dataset.toml: [[datasets]][1].frame_extraction = "heads" is not one of ...`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Union
+
+from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
+from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
+from musubi_tuner.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+TARGET_FPS = 24.0  # HunyuanVideo's frame rate; source_fps decimates to it
+
+
+# ------------------------------------------------------------------------------------------ typed configs
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """What image and video datasets share. Sizes are (width, height)."""
+
+    index: int
+    where: str  # "dataset.toml: [[datasets]][1]", the prefix of every message about this dataset
+    resolution: tuple[int, int]
+    caption_extension: str | None
+    batch_size: int
+    num_repeats: int
+    enable_bucket: bool
+    bucket_no_upscale: bool
+    cache_directory: Path
+    ignored_keys: tuple[str, ...] = ()
+
+    is_video: ClassVar[bool] = False
+
+    @property
+    def source(self) -> Path:
+        """The folder or JSONL file the items come from."""
+        raise NotImplementedError
+
+    @property
+    def source_key(self) -> str:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        """The dataset's entry of `ss_datasets` in LoRA metadata (musubi-tuner's keys)."""
+        return {
+            "resolution": list(self.resolution), "caption_extension": self.caption_extension,
+            "batch_size_per_device": self.batch_size, "num_repeats": self.num_repeats,
+            "enable_bucket": self.enable_bucket, "bucket_no_upscale": self.bucket_no_upscale,
+            self.source_key: self.source.name, "has_control": False,
+        }
+
+
+@dataclass(frozen=True)
+class ImageDatasetConfig(DatasetConfig):
+    image_directory: Path | None = None
+    image_jsonl_file: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        return self.image_directory if self.image_directory is not None else self.image_jsonl_file
+
+    @property
+    def source_key(self) -> str:
+        return "image_directory" if self.image_directory is not None else "image_jsonl_file"
+
+
+@dataclass(frozen=True)
+class VideoDatasetConfig(DatasetConfig):
+    video_directory: Path | None = None
+    video_jsonl_file: Path | None = None
+    target_frames: tuple[int, ...] = (1,)  # 4N+1, sorted, unique
+    frame_extraction: str = "head"
+    frame_stride: int = 1
+    frame_sample: int = 1
+    max_frames: int = 129
+    source_fps: float | None = None
+
+    is_video: ClassVar[bool] = True
+
+    @property
+    def source(self) -> Path:
+        return self.video_directory if self.video_directory is not None else self.video_jsonl_file
+
+    @property
+    def source_key(self) -> str:
+        return "video_directory" if self.video_directory is not None else "video_jsonl_file"
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "frame_extraction": self.frame_extraction, "frame_stride": self.frame_stride,
+                "frame_sample": self.frame_sample, "target_frames": list(self.target_frames),
+                "max_frames": self.max_frames, "source_fps": self.source_fps}
+
+
+AnyDatasetConfig = Union[ImageDatasetConfig, VideoDatasetConfig]
+
+
+@dataclass(frozen=True)
+class DatasetGroupConfig:
+    path: Path
+    datasets: tuple[AnyDatasetConfig, ...] = field(default_factory=tuple)
+
+    @property
+    def image_datasets(self) -> tuple[ImageDatasetConfig, ...]:
+        return tuple(d for d in self.datasets if not d.is_video)
+
+    @property
+    def video_datasets(self) -> tuple[VideoDatasetConfig, ...]:
+        return tuple(d for d in self.datasets if d.is_video)
+
+
+# ------------------------------------------------------------------------------------------ value checks
+
+Check = Callable[[Any, str], Any]  # (value, "where.key = value") -> converted value, or raises UserError
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in TOML: strings quoted, booleans lower-case."""
+    return json.dumps(value) if isinstance(value, (str, bool, list, tuple, dict)) or value is None else repr(value)
+
+
+def _positive_int(minimum: int = 1) -> Check:
+    def check(value: Any, at: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{at} is not an integer")
+        if value < minimum:
+            raise UserError(f"{at} must be at least {minimum}")
+        return value
+    return check
+
+
+def _bool(value: Any, at: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{at} is not true or false")
+    return value
+
+
+def _str(value: Any, at: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{at} is not a string (put it in quotes)")
+    return value
+
+
+def _path(value: Any, at: str) -> str:
+    if not _str(value, at).strip():
+        raise UserError(f"{at} is empty")
+    return value
+
+
+def _fps(value: Any, at: str) -> float:
+    # musubi-tuner only accepts a TOML float (30.0); 30 means the same, so we take it too
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{at} is not a number")
+    if not value > 0:
+        raise UserError(f"{at} must be greater than 0")
+    return float(value)
+
+
+def _int_list(value: Any, at: str) -> tuple[int, ...]:
+    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(values, (list, tuple)) or not values:
+        raise UserError(f"{at} is not a list of frame counts like [1, 25, 45]")
+    return tuple(_positive_int(1)(v, at) for v in values)
+
+
+def _resolution(value: Any, at: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise UserError(f"{at} is not [width, height] or a single number")
+    return tuple(_positive_int(1)(v, at) for v in value)
+
+
+def _extraction(value: Any, at: str) -> str:
+    if _str(value, at) not in FRAME_EXTRACTIONS:
+        raise UserError(f"{at} is not one of {', '.join(FRAME_EXTRACTIONS)}{_did_you_mean(value, FRAME_EXTRACTIONS)}")
+    return value
+
+
+def _anything(value: Any, at: str) -> Any:
+    return value
+
+
+# Keys that [general] may set for every dataset.
+SHARED_KEYS: dict[str, Check] = {
+    "resolution": _resolution, "caption_extension": _str, "batch_size": _positive_int(1),
+    "num_repeats": _positive_int(0), "enable_bucket": _bool, "bucket_no_upscale": _bool,
+}
+IMAGE_KEYS: dict[str, Check] = {"image_directory": _path, "image_jsonl_file": _path, "cache_directory": _path}
+VIDEO_KEYS: dict[str, Check] = {
+    "video_directory": _path, "video_jsonl_file": _path, "cache_directory": _path, "target_frames": _int_list,
+    "frame_extraction": _extraction, "frame_stride": _positive_int(1), "frame_sample": _positive_int(1),
+    "max_frames": _positive_int(1), "source_fps": _fps,
+}
+# Accepted because musubi-tuner's schema accepts them, used by its other architectures, ignored here.
+IGNORED_IMAGE_KEYS: dict[str, Check] = {
+    "control_directory": _str, "multiple_target": _bool, "fp_latent_window_size": _positive_int(1),
+    "fp_1f_clean_indices": _anything, "fp_1f_target_index": _anything, "fp_1f_no_post": _bool,
+    "no_resize_control": _bool, "control_resolution": _resolution,
+    "flux_kontext_no_resize_control": _bool, "qwen_image_edit_no_resize_control": _bool,
+    "qwen_image_edit_control_resolution": _resolution,
+}
+IGNORED_VIDEO_KEYS: dict[str, Check] = {"control_directory": _str, "fp_latent_window_size": _positive_int(1)}
+
+DEFAULTS: dict[str, Any] = {
+    "resolution": (960, 544), "caption_extension": None, "batch_size": 1, "num_repeats": 1, "enable_bucket": False,
+    "bucket_no_upscale": False, "cache_directory": None, "target_frames": (1,), "frame_extraction": "head",
+    "frame_stride": 1, "frame_sample": 1, "max_frames": 129, "source_fps": None,
+}
+ALL_KEYS = sorted({*SHARED_KEYS, *IMAGE_KEYS, *VIDEO_KEYS, *IGNORED_IMAGE_KEYS, *IGNORED_VIDEO_KEYS})
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw table of a .toml or .json dataset config; syntax errors name the file and the line."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: dataset config not found")
+    if not path.is_file():
+        raise UserError(f"{path}: is a folder, expected a dataset config file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        elif suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        else:
+            raise UserError(f"{path}: a dataset config must end in .toml or .json")
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a table with [general] and [[datasets]]")
+    return raw
+
+
+def load_dataset_config(path: str | os.PathLike, args: Any = None, *, check_sources: bool = True) -> DatasetGroupConfig:
+    """Read and validate a dataset config.
+
+    `args`: an argparse Namespace or a mapping whose non-None values named like dataset keys fill
+    in what neither the dataset nor [general] sets. `check_sources=False` (training, which reads
+    caches only) skips checking that image/video folders and JSONL files exist.
+    """
+    path = Path(path)
+    raw = read_config_file(path)
+    for key in raw:
+        if key not in ("general", "datasets"):
+            raise UserError(f"{path}: unknown top-level key {key!r}; a dataset config holds [general] and [[datasets]]"
+                            f"{_did_you_mean(key, ('general', 'datasets'))}")
+    general = _general_table(raw.get("general", {}), path)
+    tables = raw.get("datasets", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise UserError(f"{path}: `datasets` must be an array of tables ([[datasets]])")
+    if not tables:
+        raise UserError(f"{path}: no [[datasets]] defined")
+    fallback = _command_line_values(args)
+    datasets = tuple(_dataset(i, table, general, fallback, path, check_sources) for i, table in enumerate(tables))
+    _require_distinct_cache_directories(datasets, path)
+    return DatasetGroupConfig(path, datasets)
+
+
+def _general_table(table: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: [general] must be a table")
+    checked = {}
+    for key, value in table.items():
+        at = f"{path}: [general].{key} = {_show(value)}"
+        if key in SHARED_KEYS:
+            checked[key] = SHARED_KEYS[key](value, at)
+        elif key in ALL_KEYS:
+            raise UserError(f"{path}: [general].{key} must be set in each [[datasets]] table, not in [general]")
+        else:
+            raise UserError(f"{path}: [general].{key} is not a dataset key{_did_you_mean(key, SHARED_KEYS)}")
+    return checked
+
+
+def _command_line_values(args: Any) -> dict[str, Any]:
+    if args is None:
+        return {}
+    values = args if isinstance(args, Mapping) else vars(args)
+    return {k: v for k, v in values.items() if v is not None and k in DEFAULTS}
+
+
+def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path, check_sources: bool) -> AnyDatasetConfig:
+    where = f"{path}: [[datasets]][{index}]"
+    is_video = _is_video_table(table, where)
+    keys, ignored_keys = (VIDEO_KEYS, IGNORED_VIDEO_KEYS) if is_video else (IMAGE_KEYS, IGNORED_IMAGE_KEYS)
+    own, ignored = {}, []
+    for key, value in table.items():
+        at = f"{where}.{key} = {_show(value)}"
+        if key in SHARED_KEYS or key in keys:
+            own[key] = (SHARED_KEYS.get(key) or keys[key])(value, at)
+        elif key in ignored_keys:
+            ignored_keys[key](value, at)
+            ignored.append(key)
+        else:
+            raise UserError(_unknown_key_message(where, key, is_video))
+    if ignored:
+        logger.info("%s: %s used by other architectures, ignored for HunyuanVideo", where, ", ".join(ignored))
+
+    def value(key: str) -> Any:
+        for source in (own, general):
+            if source.get(key) is not None:
+                return source[key]
+        if key in fallback:
+            return (SHARED_KEYS.get(key) or keys[key])(fallback[key], f"command line --{key} = {fallback[key]!r}")
+        return DEFAULTS[key]
+
+    common = _common_values(where, value, own, is_video, path, check_sources)
+    if is_video:
+        return VideoDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common,
+                                  **_video_values(where, value))
+    return ImageDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common)
+
+
+def _is_video_table(table: dict, where: str) -> bool:
+    image = [k for k in ("image_directory", "image_jsonl_file") if k in table]
+    video = [k for k in ("video_directory", "video_jsonl_file") if k in table]
+    if image and video:
+        raise UserError(f"{where} has both {image[0]} and {video[0]}; a dataset holds images or videos, split it in two")
+    if not image and not video:
+        raise UserError(f"{where} needs one of image_directory, image_jsonl_file, video_directory, video_jsonl_file")
+    return bool(video)
+
+
+def _unknown_key_message(where: str, key: str, is_video: bool) -> str:
+    kind, other = ("video", "image") if is_video else ("image", "video")
+    other_keys = IMAGE_KEYS if is_video else VIDEO_KEYS
+    if key in other_keys:
+        return f"{where}.{key} applies to {other} datasets only; this is a {kind} dataset"
+    own = [*SHARED_KEYS, *(VIDEO_KEYS if is_video else IMAGE_KEYS)]
+    return f"{where}.{key} is not a {kind} dataset key{_did_you_mean(key, own)}"
+
+
+def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video: bool, path: Path,
+                   check_sources: bool) -> dict[str, Any]:
+    kind = "video" if is_video else "image"
+    directory_key, jsonl_key = f"{kind}_directory", f"{kind}_jsonl_file"
+    if directory_key in own and jsonl_key in own:
+        logger.warning("%s sets both %s and %s; using %s as musubi-tuner does", where, directory_key, jsonl_key,
+                       directory_key)
+    source_key = directory_key if directory_key in own else jsonl_key
+    source = _resolve(own[source_key], path)
+    if check_sources:
+        _check_source(source, source_key, own[source_key], where, is_directory=source_key == directory_key)
+    if source_key == directory_key and value("caption_extension") is None:
+        raise UserError(f"{where}: caption_extension is required with {directory_key} "
+                        f"(set caption_extension = \".txt\" here or in [general])")
+    cache_directory = value("cache_directory")
+    if cache_directory is None:
+        if source_key == jsonl_key:
+            raise UserError(f"{where}: cache_directory is required with {jsonl_key}")
+        cache = source
+    else:
+        cache = _resolve(cache_directory, path)
+    enable_bucket = value("enable_bucket")
+    resolution = value("resolution")
+    if not enable_bucket and any(r % RESOLUTION_STEP for r in resolution):
+        fixed = [floor_to(r) for r in resolution]
+        raise UserError(f"{where}.resolution = {list(resolution)} must be multiples of {RESOLUTION_STEP} when "
+                        f"enable_bucket is false (try {fixed})")
+    return {
+        "resolution": resolution, "caption_extension": value("caption_extension"), "batch_size": value("batch_size"),
+        "num_repeats": value("num_repeats"), "enable_bucket": enable_bucket,
+        "bucket_no_upscale": bool(enable_bucket and value("bucket_no_upscale")),
+        "cache_directory": cache, source_key: source,
+    }
+
+
+def _video_values(where: str, value: Callable[[str], Any]) -> dict[str, Any]:
+    requested = value("target_frames")
+    target_frames = normalize_target_frames(requested)
+    changed = [f for f in requested if (f - 1) % 4]
+    if changed:
+        rounded = ", ".join(f"{f} -> {(f - 1) // 4 * 4 + 1}" for f in changed)
+        logger.warning("%s.target_frames: %s not 4N+1, rounded down (%s; the next 4N+1 keeps one more latent frame)",
+                       where, "are" if len(changed) > 1 else "is", rounded)
+    extraction, frame_sample = value("frame_extraction"), value("frame_sample")
+    if extraction == "uniform" and frame_sample == 1:
+        logger.warning("%s: frame_extraction = \"uniform\" with frame_sample = 1 is the same as \"head\"; using head", where)
+        extraction = "head"
+    return {"target_frames": target_frames, "frame_extraction": extraction, "frame_stride": value("frame_stride"),
+            "frame_sample": frame_sample, "max_frames": value("max_frames"), "source_fps": value("source_fps")}
+
+
+def _resolve(value: str, config_path: Path) -> Path:
+    """A path from the config: as written (relative to the current folder, as in musubi-tuner), or,
+    when only that exists, relative to the config file's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    beside = config_path.parent / path
+    return beside if beside.exists() else path
+
+
+def _check_source(path: Path, key: str, written: str, where: str, *, is_directory: bool) -> None:
+    at = f"{where}.{key} = {_show(written)}"
+    if not path.exists():
+        raise UserError(f"{at}: {'folder' if is_directory else 'file'} not found")
+    if is_directory and not path.is_dir():
+        raise UserError(f"{at}: is a file, expected a folder")
+    if not is_directory and path.is_dir():
+        raise UserError(f"{at}: is a folder, expected a .jsonl file")
+
+
+def _require_distinct_cache_directories(datasets: tuple[AnyDatasetConfig, ...], path: Path) -> None:
+    seen: dict[str, int] = {}
+    for ds in datasets:
+        key = os.path.normcase(os.path.abspath(ds.cache_directory))
+        if key in seen:
+            raise UserError(f"{path}: [[datasets]][{seen[key]}] and [[datasets]][{ds.index}] share the cache folder "
+                            f"{ds.cache_directory}; give each dataset its own cache_directory (it defaults to the "
+                            f"image/video folder)")
+        seen[key] = ds.index

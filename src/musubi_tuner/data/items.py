@@ -1,0 +1,451 @@
+"""A dataset's items for the caching commands: listing, captions, decoding in worker threads, batches.
+
+    items, problems = list_items(dataset)                     # cheap: names and caption files only
+    for batch in iter_latent_batches(dataset, report, num_workers=4, vae="vae.pt"):
+        latents = vae.encode(batch.pixels(device, dtype))     # workers decode the next items meanwhile
+        ...save_latent_cache(item.cache_path, ...) for each item; report.cached += len(batch)
+    print(report.summary())
+
+An item that cannot be read is recorded in the report with its reason and skipped; `strict=True`
+raises instead. Batches group items of one bucket (and clip length) as musubi-tuner does.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from musubi_tuner.data import cache_files, media
+from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
+from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
+from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_safetensors_header
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class CacheReport:
+    """What a caching run did, for the summary at the end. Only the main thread updates it."""
+
+    cached: int = 0
+    already_cached: int = 0  # --skip_existing found them current
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): nothing to cache from it
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): could not be read
+    cache_paths: set[Path] = field(default_factory=set)  # every cache the current items have (or will have)
+    failed_stems: set[str] = field(default_factory=set)  # their old caches are kept, not judged stale
+
+    def fail(self, path: str | os.PathLike, reason: str, strict: bool = False) -> None:
+        """Record an unreadable item (or raise it as a UserError in strict mode)."""
+        if strict:
+            raise UserError(_naming(path, reason))
+        logger.warning("cannot use %s", _naming(path, reason))
+        self.failed.append((str(path), reason))
+        self.failed_stems.add(cache_files.item_stem(path))
+
+    def skip(self, path: str | os.PathLike, reason: str) -> None:
+        """Record an item that gives nothing to cache (too short, no caption, duplicate name)."""
+        logger.info("skipped %s", _naming(path, reason))
+        self.skipped.append((str(path), reason))
+
+    def summary(self, unit: str = "items", limit: int = 20) -> str:
+        """`98 clips cached, 0 already cached, 1 skipped, 1 failed` and a line per skipped or failed file."""
+        lines = [f"{self.cached} {unit} cached, {self.already_cached} already cached, "
+                 f"{len(self.skipped)} skipped, {len(self.failed)} failed"]
+        for title, entries in (("failed", self.failed), ("skipped", self.skipped)):
+            for path, reason in entries[:limit]:
+                lines.append(f"  {title}: {_naming(path, reason)}")
+            if len(entries) > limit:
+                lines.append(f"  ... and {len(entries) - limit} more {title}")
+        return "\n".join(lines)
+
+
+def _naming(path: str | os.PathLike, reason: str) -> str:
+    """The reason, prefixed with the file unless it already names it (UserErrors do)."""
+    return reason if str(path) in reason else f"{path}: {reason}"
+
+
+# ------------------------------------------------------------------------------------------ listing
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One image or video (file or frame folder) of a dataset, not yet read."""
+
+    path: Path
+    stem: str  # cache names start with it
+    caption_file: Path | None = None  # directory datasets
+    jsonl_caption: str | None = None  # JSONL datasets
+
+    def read_caption(self) -> str:
+        """The caption, stripped. Raises UserError naming the caption file if it is missing or not UTF-8."""
+        if self.caption_file is None:
+            return self.jsonl_caption.strip()
+        try:
+            return self.caption_file.read_bytes().decode("utf-8-sig").strip()
+        except FileNotFoundError:
+            raise UserError(f"{self.caption_file}: caption file not found (for {self.path.name})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.caption_file}: caption is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"{self.caption_file}: cannot read caption ({e.strerror or e})") from None
+
+
+def list_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[tuple[str, str]]]:
+    """The dataset's items in name (or JSONL) order, and (file, reason) for entries left out.
+
+    Image folders keep only images that have a caption file (as musubi-tuner); video folders list
+    every video. Two items whose cache names would collide keep the first. A malformed JSONL line is
+    a UserError naming the line.
+    """
+    if dataset.source_key.endswith("_directory"):
+        items, problems = _directory_items(dataset)
+    else:
+        items, problems = _jsonl_items(dataset), []
+    unique: dict[str, SourceItem] = {}
+    for item in items:
+        if item.stem in unique:
+            problems.append((str(item.path), f"same cache name {item.stem!r} as {unique[item.stem].path}; rename one"))
+        else:
+            unique[item.stem] = item
+    return list(unique.values()), problems
+
+
+def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[tuple[str, str]]]:
+    folder, extension = dataset.source, dataset.caption_extension
+    try:
+        files = media.list_videos(folder) if dataset.is_video else media.list_images(folder)
+    except OSError as e:
+        raise UserError(f"{dataset.where}.{dataset.source_key}: cannot list {folder} ({e.strerror or e})") from None
+    items, problems = [], []
+    for path in files:
+        caption_file = path.with_name(path.stem + extension)
+        if not dataset.is_video and not caption_file.exists():
+            problems.append((str(path), f"no caption file {caption_file.name}"))
+            continue
+        items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file))
+    return items, problems
+
+
+def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
+    jsonl = dataset.source
+    path_keys = ("video_path",) if dataset.is_video else ("image_path", "image_path_0")
+    where = f"({dataset.where}.{dataset.source_key})"
+    items = []
+    try:
+        lines = jsonl.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{jsonl}: not UTF-8 text (byte {e.start}) {where}") from None
+    except OSError as e:
+        raise UserError(f"{jsonl}: cannot read ({e.strerror or e}) {where}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{jsonl}:{number}: not a JSON object ({e.msg}) {where}") from None
+        if not isinstance(entry, dict):
+            raise UserError(f"{jsonl}:{number}: not a JSON object {where}")
+        media_path = next((entry[k] for k in path_keys if k in entry), None)
+        if not isinstance(media_path, str) or not media_path.strip():
+            raise UserError(f"{jsonl}:{number}: no \"{path_keys[0]}\" {where}")
+        caption = entry.get("caption")
+        if not isinstance(caption, str):
+            raise UserError(f"{jsonl}:{number}: no \"caption\" string {where}")
+        path = _jsonl_media_path(media_path, jsonl)
+        items.append(SourceItem(path, cache_files.item_stem(path), jsonl_caption=caption))
+    return items
+
+
+def _jsonl_media_path(value: str, jsonl: Path) -> Path:
+    """Relative to the current folder as musubi-tuner reads it, else (if only that exists) to the JSONL's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or not (jsonl.parent / path).exists():
+        return path
+    return jsonl.parent / path
+
+
+# ------------------------------------------------------------------------------------------ latent items
+
+
+@dataclass
+class LatentItem:
+    """One image or video clip, decoded and cropped to its bucket, ready for the VAE."""
+
+    source: SourceItem
+    pixels: np.ndarray  # (F, H, W, 3) uint8 RGB; F = 1 for images
+    bucket: tuple[int, int]  # (width, height)
+    size: tuple[int, int]  # (width, height) in the cache name and metadata: image size, or bucket for clips
+    clip: Clip | None
+    cache_path: Path
+    provenance: dict[str, str]
+
+    @property
+    def frame_count(self) -> int | None:
+        return self.clip.frames if self.clip is not None else None
+
+
+@dataclass
+class LatentBatch:
+    key: tuple[int, ...]  # (width, height) for images, (width, height, frames) for clips
+    items: list[LatentItem]
+
+    def pixels(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1], what the VAE encodes."""
+        frames = torch.from_numpy(np.stack([item.pixels for item in self.items])).to(device)
+        return frames.permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
+
+
+@dataclass
+class _Loaded:
+    """What a worker returns for one source item."""
+
+    items: list[LatentItem] = field(default_factory=list)
+    already_cached: list[Path] = field(default_factory=list)  # current caches, not decoded again
+    skip_reason: str | None = None
+
+
+class _LatentLoader:
+    """Turns a SourceItem into LatentItems (runs in worker threads; touches no shared state)."""
+
+    def __init__(self, dataset: AnyDatasetConfig, vae: str | None, skip_existing: bool):
+        self.dataset = dataset
+        self.vae = vae
+        self.skip_existing = skip_existing
+        self.selector = BucketSelector(dataset.resolution, dataset.enable_bucket, dataset.bucket_no_upscale)
+
+    def __call__(self, item: SourceItem) -> _Loaded:
+        return self._video(item) if self.dataset.is_video else self._image(item)
+
+    def _current(self, path: Path, provenance: dict[str, str]) -> bool:
+        return self.skip_existing and cache_files.cache_status(path, provenance) is None
+
+    def _image(self, item: SourceItem) -> _Loaded:
+        size = media.image_size(item.path)
+        bucket = self.selector.bucket_for(size)
+        path = cache_files.latent_cache_path(self.dataset.cache_directory, item.stem, size)
+        provenance = cache_files.latent_provenance(item.path, size, bucket, vae=self.vae)
+        if self._current(path, provenance):
+            return _Loaded(already_cached=[path])
+        pixels = resize_to_bucket(media.load_image(item.path), bucket)[None]
+        return _Loaded([LatentItem(item, pixels, bucket, size, None, path, provenance)])
+
+    def _video(self, item: SourceItem) -> _Loaded:
+        ds: VideoDatasetConfig = self.dataset
+        if self.skip_existing:
+            cached = self._cached_clips(item)
+            if cached:
+                return _Loaded(already_cached=cached)
+        video = media.load_video(item.path, max_frames=decode_limit(ds.frame_extraction, ds.target_frames),
+                                 source_fps=ds.source_fps, target_fps=TARGET_FPS,
+                                 resize=lambda frame, size: resize_to_bucket(frame, self.selector.bucket_for(size)))
+        bucket = (video.frames.shape[2], video.frames.shape[1])
+        num_frames = len(video.frames)
+        clips = self._clips(num_frames)
+        if not clips:
+            return _Loaded(skip_reason=f"only {num_frames} frames, shorter than every target_frames "
+                                       f"{list(ds.target_frames)}")
+        video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames)
+        loaded = _Loaded()
+        for clip in clips:
+            path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
+            provenance = cache_files.clip_provenance(video_provenance, clip)
+            if self._current(path, provenance):
+                loaded.already_cached.append(path)
+            else:
+                pixels = video.frames[clip.start:clip.start + clip.frames]
+                loaded.items.append(LatentItem(item, pixels, bucket, bucket, clip, path, provenance))
+        return loaded
+
+    def _clips(self, num_frames: int) -> list[Clip]:
+        ds: VideoDatasetConfig = self.dataset
+        return extract_clips(num_frames, ds.frame_extraction, ds.target_frames, frame_stride=ds.frame_stride,
+                             frame_sample=ds.frame_sample, max_frames=ds.max_frames)
+
+    def _cached_clips(self, item: SourceItem) -> list[Path]:
+        """With --skip_existing: the caches of all clips if every one is cached and current, else [].
+
+        Decodes only the first frame (for the bucket); the frame count comes from the metadata of the
+        clip that starts at 0, which every video with clips has. Caches without our provenance
+        (musubi-tuner's) are checked by decoding the video instead.
+        """
+        ds: VideoDatasetConfig = self.dataset
+        size = media.video_size(item.path)
+        bucket = self.selector.bucket_for(size)
+        # every video with clips has one starting at 0: of the shortest target, or for `full` of unknown length
+        full = ds.frame_extraction == "full"
+        first_lengths = range(round_to_4n1(ds.max_frames), 0, -4) if full else ds.target_frames[:1]
+        for length in first_lengths:
+            probe = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, Clip(0, length))
+            if probe.exists():
+                break
+        else:
+            return []
+        try:
+            num_frames = int(read_safetensors_header(probe)[1]["source_frames"])
+        except (UserError, KeyError, ValueError):
+            return []
+        video_provenance = cache_files.latent_provenance(item.path, size, bucket, self.vae, num_frames)
+        paths = []
+        for clip in self._clips(num_frames):
+            path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
+            if cache_files.cache_status(path, cache_files.clip_provenance(video_provenance, clip)) is not None:
+                return []
+            paths.append(path)
+        return paths
+
+
+def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_workers: int = 1,
+                        skip_existing: bool = False, vae: str | None = None, strict: bool = False,
+                        items: Sequence[SourceItem] | None = None) -> Iterator[LatentBatch]:
+    """Decode the dataset's items in `num_workers` threads and yield batches of one bucket (and clip length).
+
+    A batch is yielded as soon as its group holds the dataset's batch_size items; the rest at the end.
+    Results are taken in item order, so batches are the same on every run. With `skip_existing`,
+    items whose caches are current (see cache_files.cache_status) are counted, not decoded again.
+    `report` collects every cache path the items have, for stale_latent_caches once all are written.
+    """
+    if items is None:
+        items, problems = list_items(dataset)
+        for path, reason in problems:
+            report.skip(path, reason)
+    loader = _LatentLoader(dataset, vae, skip_existing)
+    groups: dict[tuple[int, ...], list[LatentItem]] = {}
+    for item, loaded in _map_in_threads(loader, items, num_workers):
+        if isinstance(loaded, BaseException):
+            report.fail(item.path, _failure_reason(item, loaded), strict)
+            continue
+        report.already_cached += len(loaded.already_cached)
+        report.cache_paths.update(loaded.already_cached)
+        report.cache_paths.update(latent_item.cache_path for latent_item in loaded.items)
+        if loaded.skip_reason:
+            report.skip(item.path, loaded.skip_reason)
+        for latent_item in loaded.items:
+            key = latent_item.bucket + ((latent_item.clip.frames,) if latent_item.clip else ())
+            group = groups.setdefault(key, [])
+            group.append(latent_item)
+            if len(group) == dataset.batch_size:
+                yield LatentBatch(key, groups.pop(key))
+    for key in sorted(groups):
+        yield LatentBatch(key, groups[key])
+
+
+def _failure_reason(item: SourceItem, error: BaseException) -> str:
+    if isinstance(error, UserError):
+        return str(error)
+    logger.debug("unexpected error reading %s", item.path, exc_info=error)
+    return f"{item.path}: {type(error).__name__}: {error}"
+
+
+def _map_in_threads(function, items: Sequence, num_workers: int) -> Iterator[tuple[object, object]]:
+    """(item, function(item) or the exception it raised), in item order, with at most 2 * num_workers in flight.
+
+    The caller's work between results (the VAE) overlaps with the workers decoding the next items.
+    """
+    def guarded(item):
+        try:
+            return function(item)
+        except Exception as e:  # reported per item by the caller
+            return e
+
+    if num_workers <= 0:
+        for item in items:
+            yield item, guarded(item)
+        return
+    window: collections.deque[tuple[object, Future]] = collections.deque()
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="decode") as pool:
+        try:
+            for item in source:
+                window.append((item, pool.submit(guarded, item)))
+                if len(window) >= 2 * num_workers:
+                    head, future = window.popleft()
+                    yield head, future.result()
+            while window:
+                head, future = window.popleft()
+                yield head, future.result()
+        finally:
+            for _, future in window:
+                future.cancel()
+
+
+# ------------------------------------------------------------------------------------------ caption items
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    source: SourceItem
+    caption: str
+    cache_path: Path  # {cache_dir}/{stem}_hv_te.safetensors
+
+
+def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: bool = False) -> list[CaptionItem]:
+    """Every item's caption and text cache path; unreadable captions are reported (or raised when `strict`)."""
+    items, problems = list_items(dataset)
+    for path, reason in problems:
+        report.skip(path, reason)
+    result = []
+    for item in items:
+        try:
+            caption = item.read_caption()
+        except UserError as e:
+            report.fail(item.path, str(e), strict)
+            continue
+        result.append(CaptionItem(item, caption, cache_files.text_cache_path(dataset.cache_directory, item.stem)))
+    return result
+
+
+def text_encoding_todo(items: Iterable[CaptionItem], encoder: str, *, skip_existing: bool,
+                       model: str | None = None) -> list[CaptionItem]:
+    """The items one text encoder ("llm" or "clipL") must encode.
+
+    Without skip_existing: all. With it: those whose cache lacks this encoder's output, was made from
+    another caption, or (when recorded) by another model file. Call it for both encoders before
+    running either pass: the first pass rewrites the file the second would look at.
+    """
+    items = list(items)
+    if not skip_existing:
+        return items
+    todo = []
+    for item in items:
+        expected = {"caption1": item.caption, **(cache_files.text_provenance(encoder, model) if model else {})}
+        if cache_files.cache_status(item.cache_path, expected, required_prefixes=(f"{encoder}_",)) is not None:
+            todo.append(item)
+    return todo
+
+
+def stale_latent_caches(dataset: AnyDatasetConfig, report: CacheReport) -> list[Path]:
+    """Latent caches in the dataset's folder that its current items do not have (after iter_latent_batches).
+
+    Caches of items that failed to read this time are kept: a file that is briefly unreadable should
+    not cost its caches.
+    """
+    return cache_files.stale_caches(dataset.cache_directory, report.cache_paths, keep_stems=report.failed_stems)
+
+
+def stale_text_caches(dataset: AnyDatasetConfig, captions: Iterable[CaptionItem], report: CacheReport) -> list[Path]:
+    """Text caches in the dataset's folder that none of `captions` (from caption_items) has."""
+    return cache_files.stale_caches(dataset.cache_directory, [c.cache_path for c in captions], text=True,
+                                    keep_stems=report.failed_stems)
+
+
+def chunks(items: Sequence, size: int | None) -> Iterator[list]:
+    """Consecutive pieces of `size` items (all of them at once when size is None)."""
+    items = list(items)
+    size = size or max(1, len(items))
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,236 @@
+"""Images and videos in and out: Pillow for images, PyAV (FFmpeg) for videos, uint8 RGB arrays in between.
+
+- Images: any mode becomes RGB (alpha is dropped, not composited, as musubi-tuner does; 16-bit
+  greyscale is scaled, not clipped to white); the EXIF orientation is applied.
+- Videos: the first video stream, frames as (F, H, W, 3) uint8 RGB, rotation metadata applied;
+  decoding stops as soon as enough frames are kept. A folder of images is a video whose frames are
+  its images in name order.
+- `source_fps`: frames are dropped to reach 24 fps with musubi-tuner's accumulator (see `_decimate`).
+Any file that cannot be read raises a UserError that names it.
+"""
+
+from __future__ import annotations
+
+import fractions
+import importlib.util
+import itertools
+import os
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import atomic_write, write_error
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
+if importlib.util.find_spec("pillow_jxl") or importlib.util.find_spec("jxlpy"):  # JPEG XL plugins, as musubi-tuner
+    IMAGE_EXTENSIONS += (".jxl",)
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".flv", ".wmv", ".m4v", ".mpg", ".mpeg")
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
+
+
+def _list(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
+    """Files of `folder` (not recursive) whose extension is one of `extensions`, any case, sorted by name."""
+    folder = Path(folder)
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in extensions and p.is_file()), key=lambda p: p.name)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    return _list(folder, IMAGE_EXTENSIONS)
+
+
+def list_videos(folder: str | os.PathLike) -> list[Path]:
+    return _list(folder, VIDEO_EXTENSIONS)
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        if path.stat().st_size == 0:
+            raise UserError(f"{path}: empty file (0 bytes)")
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({_reason(e)})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), without decoding the pixels."""
+    path = Path(path)
+    with _open_image(path) as img:
+        width, height = img.size
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a broken EXIF block is not worth failing the image for
+            orientation = 1
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, EXIF orientation applied."""
+    path = Path(path)
+    with _open_image(path) as img:
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _rgb_array(img)
+        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt pixel data
+            raise UserError(f"{path}: not a readable image ({_reason(e)})") from None
+
+
+def _rgb_array(img: Image.Image) -> np.ndarray:
+    if img.mode == "RGB":
+        return np.asarray(img)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # Pillow's own conversion clips these to 0..255, which turns a 16-bit image white
+        values = np.asarray(img, dtype=np.float32)
+        peak = values.max(initial=0.0)
+        if img.mode.startswith("I;16") or peak > 255:
+            values = values / 257.0
+        elif img.mode == "F" and peak <= 1.0:
+            values = values * 255.0
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))  # RGBA, LA, P, L, CMYK, YCbCr...: alpha dropped, palette expanded
+
+
+# ------------------------------------------------------------------------------------------ videos
+
+
+class Video(NamedTuple):
+    frames: np.ndarray  # (F, H, W, 3) uint8 RGB, after any resize
+    size: tuple[int, int]  # (width, height) of the frames as stored, rotation applied, before any resize
+
+
+def kept_source_frames(num_frames: int, source_fps: float, target_fps: float = 24.0) -> list[int]:
+    """Indices of the source frames that survive conversion from `source_fps` to `target_fps` (see _decimate)."""
+    return list(_decimate(iter(range(num_frames)), source_fps, target_fps))
+
+
+def _decimate(frames: Iterator, source_fps: float | None, target_fps: float) -> Iterator:
+    """musubi-tuner's frame dropping: an accumulator starts at 0 and grows by target/source per source
+    frame; a frame is kept when the accumulator's integer part (before adding) differs from the last
+    kept one. 30 -> 24 fps keeps 4 of every 5 frames; at or below 24 fps every frame is kept."""
+    if source_fps is None:
+        yield from frames
+        return
+    step = target_fps / source_fps
+    accumulator, last = 0.0, -1
+    for frame in frames:
+        index = int(accumulator)
+        accumulator += step
+        if index != last:
+            last = index
+            yield frame
+
+
+def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
+    """Every frame of the first video stream as (H, W, 3) uint8 RGB, display rotation applied."""
+    try:
+        if path.stat().st_size == 0:
+            raise UserError(f"{path}: empty file (0 bytes)")
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                pixels = frame.to_ndarray(format="rgb24")
+                quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as np.rot90
+                yield np.ascontiguousarray(np.rot90(pixels, quarter_turns)) if quarter_turns else pixels
+    except av.FFmpegError as e:
+        raise UserError(f"{path}: not a readable video ({_reason(e)})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({_reason(e)})") from None
+
+
+def _folder_frames(folder: Path) -> Iterator[np.ndarray]:
+    files = list_images(folder)
+    if not files:
+        raise UserError(f"{folder}: a folder used as a video holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    for file in files:
+        yield load_image(file)
+
+
+def iter_video_frames(path: str | os.PathLike, *, max_frames: int | None = None, source_fps: float | None = None,
+                      target_fps: float = 24.0) -> Iterator[np.ndarray]:
+    """Frames of a video file or a folder of images, after `source_fps` decimation, at most `max_frames`.
+
+    Decoding stops once `max_frames` frames are kept.
+    """
+    path = Path(path)
+    frames = _folder_frames(path) if path.is_dir() else _decoded_frames(path)
+    try:
+        yield from itertools.islice(_decimate(frames, source_fps, target_fps), max_frames)
+    finally:
+        frames.close()  # close the container now when stopping early
+
+
+def load_video(path: str | os.PathLike, *, max_frames: int | None = None, source_fps: float | None = None,
+               target_fps: float = 24.0, resize: Callable[[np.ndarray, tuple[int, int]], np.ndarray] | None = None,
+               ) -> Video:
+    """Decode a video (or a folder of frames) into memory.
+
+    `resize(frame, first_frame_size)` is applied to every frame as it is decoded, so a long 4K video
+    never sits in memory at full size; it receives the first frame's (width, height) so that every
+    frame goes to the same bucket. Raises UserError if the video has no frames.
+    """
+    path = Path(path)
+    frames, size = [], None
+    for frame in iter_video_frames(path, max_frames=max_frames, source_fps=source_fps, target_fps=target_fps):
+        frame_size = (frame.shape[1], frame.shape[0])
+        if size is None:
+            size = frame_size
+        if resize is not None:
+            frame = resize(frame, size)
+        elif frame_size != size:
+            raise UserError(f"{path}: frame {len(frames)} is {frame_size[0]}x{frame_size[1]}, "
+                            f"the first is {size[0]}x{size[1]}")
+        frames.append(frame)
+    if not frames:
+        raise UserError(f"{path}: no video frames could be decoded")
+    return Video(np.stack(frames), size)
+
+
+def video_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the first frame as displayed (decodes only that frame)."""
+    for frame in iter_video_frames(path, max_frames=1):
+        return frame.shape[1], frame.shape[0]
+    raise UserError(f"{path}: no video frames could be decoded")
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 24.0, bitrate: int = 1_000_000,
+                codec: str = "libx264", options: dict[str, str] | None = None) -> Path:
+    """Write (F, H, W, 3) uint8 RGB frames as H.264 yuv420p, atomically (a killed run leaves no half file).
+
+    yuv420p needs even sizes: an odd last row or column is dropped. The container follows the suffix.
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    container_format = {".mkv": "matroska", ".mov": "mov", ".webm": "webm"}.get(path.suffix.lower(), "mp4")
+    try:
+        with atomic_write(path) as tmp:
+            with av.open(str(tmp), mode="w", format=container_format) as container:
+                rate = fractions.Fraction(fps).limit_denominator(1001)
+                stream = container.add_stream(codec, rate=rate, options=options or {})
+                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                stream.bit_rate = bitrate
+                for pixels in frames:
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels[:height, :width]), format="rgb24")
+                    container.mux(stream.encode(frame))
+                container.mux(stream.encode())
+    except OSError as e:
+        raise write_error(path, e) from e
+    return path
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

@@ -1,0 +1,266 @@
+"""The training-time dataset: batches of cached latents and text-encoder outputs, nothing decoded.
+
+    dataset = TrainingDataset.from_config(config, seed=args.seed)
+    loader, sampler = make_dataloader(dataset, num_workers=2)
+    for epoch in range(first_epoch, last_epoch + 1):
+        sampler.set_epoch(epoch, start=position_to_resume_from if epoch == first_epoch else 0)
+        for position, batch in enumerate(loader, start=sampler.start):
+            batch["latents"]  # (B, 16, F, H, W)
+            ...               # to resume exactly, save (epoch, position + 1)
+
+An epoch's order depends only on (seed, epoch): items are shuffled inside their bucket, each
+dataset's batches are shuffled, then all batches are interleaved. A batch never mixes buckets
+(latent shapes) or datasets. Resuming at (epoch, position) gives exactly the batches that followed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from musubi_tuner.data import cache_files
+from musubi_tuner.data.buckets import BucketSelector
+from musubi_tuner.data.config import AnyDatasetConfig, DatasetGroupConfig
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_safetensors_header
+
+logger = logging.getLogger(__name__)
+
+LatentShape = tuple[int, int, int]  # (F, H, W) of the latent; the bucket key
+
+
+@dataclass(frozen=True)
+class TrainingItem:
+    latent_path: Path
+    text_path: Path
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One batch of one epoch: which files, and the stratified timesteps if a timestep pool is used."""
+
+    dataset: int
+    shape: LatentShape
+    items: tuple[TrainingItem, ...]
+    timesteps: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetBuckets:
+    """One dataset's cached items grouped by latent shape, each item repeated num_repeats times."""
+
+    buckets: dict[LatentShape, list[TrainingItem]]
+    batch_size: int
+
+    @property
+    def num_batches(self) -> int:
+        return sum(math.ceil(len(items) / self.batch_size) for items in self.buckets.values())
+
+
+# ------------------------------------------------------------------------------------------ discovery
+
+
+def find_cached_items(dataset: AnyDatasetConfig) -> DatasetBuckets:
+    """Pair every latent cache of the dataset's cache folder with its text cache, grouped by latent shape.
+
+    Latent caches without a complete text cache, or whose files cannot be read, are left out with a
+    warning. Caches of another size than the config gives now are used, in their own bucket, with a
+    warning (the config's resolution changed since caching).
+    """
+    cache_dir = dataset.cache_directory
+    latent_files = sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []
+    selector = BucketSelector(dataset.resolution, dataset.enable_bucket, dataset.bucket_no_upscale)
+    buckets: dict[LatentShape, list[TrainingItem]] = {}
+    problems: list[str] = []
+    text_problems: dict[Path, str | None] = {}  # a video's clips share one text cache: check it once
+    other_size = 0
+    for latent_path in latent_files:
+        name = cache_files.parse_latent_cache_name(latent_path.name, video=dataset.is_video)
+        if name is None:
+            problems.append(f"{latent_path.name}: not a {'video clip' if dataset.is_video else 'image'} cache name")
+            continue
+        text_path = cache_files.text_cache_path(cache_dir, name.item_key)
+        if text_path not in text_problems:
+            text_problems[text_path] = _text_cache_problem(text_path)
+        if text_problems[text_path] is not None:
+            problems.append(f"{latent_path.name}: {text_problems[text_path]}")
+            continue
+        shape = _latent_shape(latent_path, problems)
+        if shape is not None:
+            other_size += (shape[2] * 8, shape[1] * 8) != selector.bucket_for(name.size)
+            buckets.setdefault(shape, []).extend([TrainingItem(latent_path, text_path)] * dataset.num_repeats)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        logger.warning("%s: %d cached items left out: %s", dataset.where, len(problems), shown)
+    if other_size:
+        logger.warning("%s: %d caches in %s are not the size this config gives (was resolution changed?); "
+                       "run cache_latents.py again to remake them", dataset.where, other_size, cache_dir)
+    return DatasetBuckets(dict(sorted(buckets.items())), dataset.batch_size)
+
+
+def _text_cache_problem(text_path: Path) -> str | None:
+    """None if the text cache holds both encoders' outputs, else what is wrong."""
+    if not text_path.exists():
+        return f"no text cache {text_path.name} (run cache_text_encoder_outputs.py)"
+    try:
+        entries, _ = read_safetensors_header(text_path)
+    except UserError as e:
+        return str(e)
+    missing = [e for e in cache_files.TEXT_ENCODERS if not any(cache_files.logical_key(k) == e for k in entries)]
+    return f"no {' or '.join(missing)} output in {text_path.name}" if missing else None
+
+
+def _latent_shape(latent_path: Path, problems: list[str]) -> LatentShape | None:
+    """(F, H, W) of the cache's one latents tensor (16, F, H, W), read from the header only."""
+    try:
+        entries, _ = read_safetensors_header(latent_path)
+    except UserError as e:
+        problems.append(str(e))
+        return None
+    shapes = [shape for key, (_, shape) in entries.items() if cache_files.logical_key(key) == "latents"]
+    if len(shapes) != 1 or len(shapes[0]) != 4:
+        problems.append(f"{latent_path.name}: not one (C, F, H, W) latents tensor")
+        return None
+    return tuple(shapes[0][1:])
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose indices are BatchPlans (see make_dataloader); one index = one batch.
+
+    Batch keys (musubi-tuner's): `latents` (B, 16, F, H, W), `llm` (B, 256, D), `llm_mask` (B, 256),
+    `clipL` (B, 768), `clipL_mask` (B, 77), `timesteps` (B floats in [0, 1) from the timestep pool, or None).
+    Tensors keep the dtype they were cached in.
+    """
+
+    def __init__(self, datasets: Sequence[DatasetBuckets], seed: int, num_timestep_buckets: int | None = None):
+        self.datasets = list(datasets)
+        self.seed = seed
+        self.num_timestep_buckets = num_timestep_buckets
+        self._plan_cache: tuple[int, list[BatchPlan]] | None = None
+
+    @classmethod
+    def from_config(cls, config: DatasetGroupConfig, seed: int, num_timestep_buckets: int | None = None) -> TrainingDataset:
+        """Every dataset's caches; a UserError if none holds any (the caching commands have not been run)."""
+        datasets = [find_cached_items(ds) for ds in config.datasets]
+        for ds, found in zip(config.datasets, datasets):
+            count = sum(len(items) for items in found.buckets.values())
+            logger.info("%s: %d training items (with repeats) in %d buckets, %d batches", ds.where, count,
+                        len(found.buckets), found.num_batches)
+        if not any(d.buckets for d in datasets):
+            folders = ", ".join(str(ds.cache_directory) for ds in config.datasets)
+            raise UserError(f"{config.path}: no cached training items in {folders}; run cache_latents.py and "
+                            f"cache_text_encoder_outputs.py with --dataset_config {config.path} first")
+        return cls(datasets, seed, num_timestep_buckets)
+
+    @property
+    def num_items(self) -> int:
+        """Training items per epoch, repeats included."""
+        return sum(len(items) for d in self.datasets for items in d.buckets.values())
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return sum(d.num_batches for d in self.datasets)
+
+    def epoch_plan(self, epoch: int) -> list[BatchPlan]:
+        """All batches of `epoch` in training order; a pure function of (seed, epoch)."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            rng = random.Random(self.seed + epoch)
+            plan = [b for i, d in enumerate(self.datasets) for b in self._dataset_batches(i, d, rng)]
+            rng.shuffle(plan)
+            self._plan_cache = (epoch, plan)
+        return self._plan_cache[1]
+
+    def _dataset_batches(self, index: int, dataset: DatasetBuckets, rng: random.Random) -> list[BatchPlan]:
+        batches = []
+        for shape, items in dataset.buckets.items():
+            items = list(items)
+            rng.shuffle(items)
+            for start in range(0, len(items), dataset.batch_size):
+                batches.append(BatchPlan(index, shape, tuple(items[start:start + dataset.batch_size])))
+        rng.shuffle(batches)
+        if self.num_timestep_buckets is not None and self.num_timestep_buckets > 1:
+            batches = self._with_timesteps(batches, dataset.batch_size, rng)
+        return batches
+
+    def _with_timesteps(self, batches: list[BatchPlan], batch_size: int, rng: random.Random) -> list[BatchPlan]:
+        """Stratified timesteps (musubi-tuner's pool): equal counts from each of K intervals of [0, 1), shuffled."""
+        k = self.num_timestep_buckets
+        total = len(batches) * batch_size
+        per_interval = math.ceil(total / k)
+        pool = [rng.uniform(i / k, (i + 1) / k) for i in range(k) for _ in range(per_interval)]
+        rng.shuffle(pool)
+        return [BatchPlan(b.dataset, b.shape, b.items, tuple(pool[j * batch_size: j * batch_size + len(b.items)]))
+                for j, b in enumerate(batches)]
+
+    def __getitem__(self, plan: BatchPlan | int) -> dict[str, torch.Tensor | list[float] | None]:
+        if isinstance(plan, int):
+            plan = self.epoch_plan(1)[plan]
+        return load_batch(plan)
+
+
+def load_batch(plan: BatchPlan) -> dict[str, torch.Tensor | list[float] | None]:
+    """Load and stack the cache files of one batch by logical key (see cache_files.logical_key)."""
+    columns: dict[str, list[torch.Tensor]] = {}
+    for item in plan.items:
+        tensors = {**cache_files.load_cache(item.latent_path), **cache_files.load_cache(item.text_path)}
+        if columns and set(tensors) != set(columns):
+            raise UserError(f"{item.latent_path}: its caches hold {sorted(tensors)}, others in its batch "
+                            f"{sorted(columns)}; re-run the caching commands")
+        for key, t in tensors.items():
+            columns.setdefault(key, []).append(t)
+    batch: dict[str, torch.Tensor | list[float] | None] = {}
+    for key, tensors in columns.items():
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise UserError(f"{plan.items[0].latent_path} and others in its batch: {key} shapes differ {sorted(shapes)}; "
+                            f"re-run the caching commands")
+        batch[key] = torch.stack(tensors)
+    batch["timesteps"] = list(plan.timesteps) if plan.timesteps is not None else None
+    return batch
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields the BatchPlans of one epoch from `start` on; set_epoch before each pass over the loader."""
+
+    def __init__(self, dataset: TrainingDataset):
+        self.dataset = dataset
+        self.epoch = 1
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch (musubi-tuner counts from 1) and the batch to begin with (to resume mid-epoch)."""
+        if not 0 <= start <= len(self.dataset):
+            raise ValueError(f"start {start} is outside the epoch's {len(self.dataset)} batches")
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        return iter(self.dataset.epoch_plan(self.epoch)[self.start:])
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.start
+
+
+def _no_collate(batch):
+    return batch
+
+
+def make_dataloader(dataset: TrainingDataset, *, num_workers: int = 0, persistent_workers: bool = False,
+                    pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """A DataLoader that yields whole batches (the dataset batches by bucket itself) and its sampler."""
+    sampler = EpochSampler(dataset)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_no_collate,
+        persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory)
+    return loader, sampler

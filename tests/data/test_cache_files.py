@@ -1,0 +1,226 @@
+"""Cache files are musubi-tuner's, both ways: names, keys, shapes, metadata, the two-pass text cache merge."""
+
+import json
+import logging
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from musubi_tuner.data import cache_files as cf
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_safetensors_header
+
+
+def musubi_batch_key(key: str) -> str:
+    """musubi-tuner's BucketBatchManager rule, written out independently of ours."""
+    if key.endswith("_mask"):
+        return key
+    names = sorted({str(v).split(".")[-1] for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=len, reverse=True)
+    for name in names:
+        if key.endswith("_" + name):
+            key = key[: -len(name) - 1]
+            break
+    return key.rsplit("_", 1)[0] if key.startswith("latents_") else key
+
+
+def write_musubi_style(path, tensors, metadata):
+    """A safetensors file the way musubi-tuner's memory-efficient writer lays it out (header padded to 256)."""
+    header, offset, blobs = {"__metadata__": metadata}, 0, []
+    tags = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64",
+            torch.float8_e4m3fn: "F8_E4M3"}
+    for key, t in tensors.items():
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": tags[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 256)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+# ------------------------------------------------------------------------------------------ names
+
+
+def test_cache_names_match_musubi_tuners_worked_examples(tmp_path):
+    assert cf.latent_cache_path("C", "cat", (1920, 1080)).name == "cat_1920x1080_hv.safetensors"
+    assert cf.latent_cache_path("C", "walk", (960, 544), (0, 25)).name == "walk_00000-025_0960x0544_hv.safetensors"
+    assert cf.text_cache_path("C", "walk").name == "walk_hv_te.safetensors"
+    assert cf.item_stem("/data/clips/walk.mp4") == "walk" and cf.item_stem("/data/frames/take.2/") == "take"
+
+
+def test_cache_names_parse_back_as_musubi_tuners_training_reads_them():
+    assert cf.parse_latent_cache_name("my_cat_1920x1080_hv.safetensors", video=False) == \
+        cf.LatentCacheName("my_cat", (1920, 1080), None, None)
+    assert cf.parse_latent_cache_name("walk_fast_00012-025_0960x0544_hv.safetensors", video=True) == \
+        cf.LatentCacheName("walk_fast", (960, 544), 12, 25)
+    assert cf.parse_latent_cache_name("walk_00000-025-01_0960x0544_hv.safetensors", video=True).frames == 25
+    assert cf.parse_latent_cache_name("walk_hv_te.safetensors", video=False) is None
+    assert cf.parse_latent_cache_name("notes_hv.safetensors", video=False) is None
+
+
+@pytest.mark.parametrize("key, logical", [
+    ("latents_7x68x120_float16", "latents"), ("llm_bfloat16", "llm"), ("llm_float8_e4m3fn", "llm"),
+    ("llm_mask", "llm_mask"), ("clipL_float32", "clipL"), ("clipL_mask", "clipL_mask"),
+])
+def test_logical_keys_strip_the_longest_dtype_name(key, logical):
+    assert cf.logical_key(key) == logical == musubi_batch_key(key)
+
+
+# ------------------------------------------------------------------------------------------ ours -> musubi
+
+
+def test_a_latent_cache_written_here_reads_with_musubi_tuners_conventions(tmp_path):
+    latent = torch.randn(16, 7, 68, 120).half()
+    path = cf.save_latent_cache(cf.latent_cache_path(tmp_path, "walk", (960, 544), (0, 25)), latent, size=(960, 544),
+                                frame_count=25, provenance={"vae": "pytorch_model.pt"})
+    stored = load_file(str(path))
+    assert list(stored) == ["latents_7x68x120_float16"] and torch.equal(stored["latents_7x68x120_float16"], latent)
+    _, metadata = read_safetensors_header(path)
+    assert {k: metadata[k] for k in ("architecture", "width", "height", "format_version", "frame_count")} == \
+        {"architecture": "hunyuan_video", "width": "960", "height": "544", "format_version": "1.0.1", "frame_count": "25"}
+
+
+def test_an_image_latent_cache_has_no_frame_count(tmp_path):
+    path = cf.save_latent_cache(tmp_path / "cat_1920x1080_hv.safetensors", torch.zeros(16, 1, 68, 120), size=(1920, 1080))
+    assert "frame_count" not in read_safetensors_header(path)[1]
+    assert list(load_file(str(path))) == ["latents_1x68x120_float32"]
+
+
+def test_a_text_cache_written_in_two_passes_holds_both_encoders(tmp_path):
+    path = cf.text_cache_path(tmp_path, "walk")
+    llm, llm_mask = torch.randn(256, 4096).half(), torch.ones(256, dtype=torch.int64)
+    clip, clip_mask = torch.randn(768).half(), torch.ones(77, dtype=torch.int64)
+    cf.save_text_cache(path, "a man walks", cf.text_encoder_tensors("llm", llm, llm_mask))
+    cf.save_text_cache(path, "a man walks", cf.text_encoder_tensors("clipL", clip, clip_mask))
+    stored = load_file(str(path))
+    assert sorted(stored) == ["clipL_float16", "clipL_mask", "llm_float16", "llm_mask"]
+    batch = {musubi_batch_key(k): v for k, v in stored.items()}
+    assert batch["llm"].shape == (256, 4096) and batch["clipL"].shape == (768,) and batch["clipL_mask"].shape == (77,)
+    assert read_safetensors_header(path)[1]["caption1"] == "a man walks"
+
+
+def test_rewriting_one_encoder_in_another_dtype_replaces_it(tmp_path):
+    path = tmp_path / "x_hv_te.safetensors"
+    cf.save_text_cache(path, "c", cf.text_encoder_tensors("llm", torch.zeros(256, 8).half(), torch.ones(256, dtype=torch.int64)))
+    cf.save_text_cache(path, "c", cf.text_encoder_tensors("clipL", torch.zeros(768), None))
+    cf.save_text_cache(path, "c", cf.text_encoder_tensors("llm", torch.zeros(256, 8).to(torch.float8_e4m3fn), None))
+    assert sorted(load_file(str(path))) == ["clipL_float32", "llm_float8_e4m3fn", "llm_mask"]
+
+
+def test_a_changed_caption_wins_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "x_hv_te.safetensors"
+    cf.save_text_cache(path, "old", {"llm_float16": torch.zeros(2).half()})
+    with caplog.at_level(logging.WARNING):
+        cf.save_text_cache(path, "new", {"clipL_float16": torch.zeros(2).half()})
+    assert "caption changed" in caplog.text
+    assert read_safetensors_header(path)[1]["caption1"] == "new" and len(load_file(str(path))) == 2
+
+
+def test_merging_into_another_architectures_cache_is_refused(tmp_path):
+    path = tmp_path / "x_hv_te.safetensors"
+    save_file({"t5_float16": torch.zeros(2).half()}, str(path), metadata={"architecture": "wan", "caption1": "c"})
+    with pytest.raises(UserError, match="architecture 'wan'"):
+        cf.save_text_cache(path, "c", {"llm_float16": torch.zeros(2).half()})
+
+
+def test_nan_is_stored_as_zero_with_a_warning_and_the_input_is_untouched(tmp_path, caplog):
+    latent = torch.ones(16, 1, 2, 2)
+    latent[0, 0, 0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING):
+        path = cf.save_latent_cache(tmp_path / "n_0016x0016_hv.safetensors", latent, size=(16, 16))
+    assert "NaN" in caplog.text and torch.isnan(latent).any()
+    stored = load_file(str(path))["latents_1x2x2_float32"]
+    assert stored[0, 0, 0, 0] == 0 and not torch.isnan(stored).any()
+
+
+# ------------------------------------------------------------------------------------------ musubi -> ours
+
+
+def test_musubi_tuners_caches_load_here_including_float8_text_outputs(tmp_path):
+    latent = torch.randn(16, 7, 4, 6).half()
+    write_musubi_style(tmp_path / "walk_00000-025_0048x0032_hv.safetensors", {"latents_7x4x6_float16": latent},
+                       {"architecture": "hunyuan_video", "width": "48", "height": "32", "format_version": "1.0.1",
+                        "frame_count": "25"})
+    llm = torch.randn(256, 16).to(torch.float8_e4m3fn)
+    write_musubi_style(tmp_path / "walk_hv_te.safetensors",
+                       {"llm_float8_e4m3fn": llm, "llm_mask": torch.ones(256, dtype=torch.int64),
+                        "clipL_float16": torch.randn(768).half(), "clipL_mask": torch.ones(77, dtype=torch.int64)},
+                       {"architecture": "hunyuan_video", "caption1": "a man walks", "format_version": "1.0.1"})
+    latents = cf.load_cache(tmp_path / "walk_00000-025_0048x0032_hv.safetensors")
+    text = cf.load_cache(tmp_path / "walk_hv_te.safetensors")
+    assert torch.equal(latents["latents"], latent)
+    assert sorted(text) == ["clipL", "clipL_mask", "llm", "llm_mask"] and text["llm"].dtype == torch.float8_e4m3fn
+    # their file has no provenance: it is current for --skip_existing, whatever we expect
+    assert cf.cache_status(tmp_path / "walk_hv_te.safetensors", {"caption1": "a man walks", "llm_model": "x"},
+                           required_prefixes=("llm_", "clipL_")) is None
+
+
+def test_the_second_pass_merges_into_a_musubi_tuner_file(tmp_path):
+    path = tmp_path / "walk_hv_te.safetensors"
+    write_musubi_style(path, {"llm_float16": torch.zeros(256, 4).half(), "llm_mask": torch.ones(256, dtype=torch.int64)},
+                       {"architecture": "hunyuan_video", "caption1": "a man walks", "format_version": "1.0.1"})
+    cf.save_text_cache(path, "a man walks", cf.text_encoder_tensors("clipL", torch.zeros(768).half(), torch.ones(77, dtype=torch.int64)))
+    assert sorted(cf.load_cache(path)) == ["clipL", "clipL_mask", "llm", "llm_mask"]
+
+
+def test_two_dtype_versions_of_one_key_are_refused_on_load(tmp_path):
+    path = tmp_path / "x_hv_te.safetensors"
+    save_file({"llm_float16": torch.zeros(2).half(), "llm_bfloat16": torch.zeros(2).bfloat16()}, str(path))
+    with pytest.raises(UserError, match="two versions of 'llm'"):
+        cf.load_cache(path)
+
+
+def test_a_truncated_cache_is_named_on_load(tmp_path):
+    path = cf.save_latent_cache(tmp_path / "t_0016x0016_hv.safetensors", torch.zeros(16, 1, 2, 2), size=(16, 16))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UserError, match="t_0016x0016_hv.safetensors: unreadable cache file"):
+        cf.load_cache(path)
+
+
+# ------------------------------------------------------------------------------------------ staleness
+
+
+def test_cache_status_says_why_a_cache_cannot_be_reused(tmp_path):
+    path = tmp_path / "c_0016x0016_hv.safetensors"
+    assert cf.cache_status(path) == "missing"
+    cf.save_latent_cache(path, torch.zeros(16, 1, 2, 2), size=(16, 16), provenance={"vae": "a.pt", "bucket": "16x16"})
+    assert cf.cache_status(path, {"vae": "a.pt", "bucket": "16x16"}) is None
+    assert cf.cache_status(path, {"vae": "b.pt"}) == "vae changed (a.pt -> b.pt)"
+    assert cf.cache_status(path, {"source_mtime_ns": "5"}) is None  # not recorded: not stale
+    path.write_bytes(b"\x01")
+    assert cf.cache_status(path).startswith("unreadable")
+
+
+def test_latent_provenance_follows_the_source_file(tmp_path):
+    source = tmp_path / "cat.png"
+    source.write_bytes(b"12345")
+    first = cf.latent_provenance(source, (40, 30), (32, 32), vae="/models/vae/pytorch_model.pt")
+    assert first["vae"] == "pytorch_model.pt" and first["source_bytes"] == "5" and first["bucket"] == "32x32"
+    source.write_bytes(b"123456")
+    os.utime(source, ns=(1, 1))
+    assert cf.latent_provenance(source, (40, 30), (32, 32))["source_mtime_ns"] == "1"
+
+
+def test_stale_caches_are_those_no_item_produces_plus_leftover_temporary_files(tmp_path):
+    names = ["a_0016x0016_hv.safetensors", "b_0016x0016_hv.safetensors", "a_hv_te.safetensors",
+             ".b_0016x0016_hv.safetensors.x1y2.tmp", "readme.txt"]
+    for name in names:
+        (tmp_path / name).touch()
+    current = {tmp_path / "a_0016x0016_hv.safetensors"}
+    assert [p.name for p in cf.stale_caches(tmp_path, current)] == [".b_0016x0016_hv.safetensors.x1y2.tmp",
+                                                                    "b_0016x0016_hv.safetensors"]
+    assert [p.name for p in cf.stale_caches(tmp_path, {tmp_path / "a_hv_te.safetensors"}, text=True)] == []
+    assert cf.stale_caches(tmp_path / "missing", set()) == []
+
+
+def test_a_half_written_text_cache_is_written_anew(tmp_path, caplog):
+    path = tmp_path / "x_hv_te.safetensors"
+    cf.save_text_cache(path, "c", {"llm_float16": torch.zeros(64).half()})
+    path.write_bytes(path.read_bytes()[:-20])  # killed mid-write by a non-atomic writer
+    with caplog.at_level(logging.WARNING):
+        cf.save_text_cache(path, "c", {"clipL_float16": torch.zeros(2).half()})
+    assert "writing it anew" in caplog.text and list(load_file(str(path))) == ["clipL_float16"]

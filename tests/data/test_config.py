@@ -1,0 +1,220 @@
+"""The dataset TOML: musubi-tuner's keys and resolution order, typed results, one-line errors naming file/table/key."""
+
+import argparse
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from musubi_tuner.data.config import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
+from musubi_tuner.errors import UserError
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "dataset_config.md"
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """tmp_path as the current folder, with images/ and videos/ in it."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("images", "videos"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def write(folder, text, name="dataset.toml"):
+    """Write the config; returns its path as a user would type it when `folder` is the current folder."""
+    (folder / name).write_text(text)
+    return Path(name) if Path.cwd() == folder else folder / name
+
+
+def load_error(folder, text, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        load_dataset_config(write(folder, text), **kwargs)
+    return str(info.value)
+
+
+IMAGES = '[[datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\n'
+VIDEOS = '[[datasets]]\nvideo_directory = "videos"\ncaption_extension = ".txt"\n'
+
+
+def test_defaults_are_musubi_tuners(folders):
+    (image,) = load_dataset_config(write(folders, IMAGES)).datasets
+    assert isinstance(image, ImageDatasetConfig)
+    assert (image.resolution, image.batch_size, image.num_repeats, image.enable_bucket, image.bucket_no_upscale) == \
+        ((960, 544), 1, 1, False, False)
+    assert image.cache_directory == Path("images")  # defaults to the image folder
+    (video,) = load_dataset_config(write(folders, VIDEOS)).datasets
+    assert isinstance(video, VideoDatasetConfig)
+    assert (video.target_frames, video.frame_extraction, video.frame_stride, video.frame_sample, video.max_frames,
+            video.source_fps) == ((1,), "head", 1, 1, 129, None)
+
+
+def test_a_dataset_overrides_general_which_overrides_the_command_line_which_overrides_defaults(folders):
+    config = write(folders, """
+[general]
+resolution = 512
+batch_size = 2
+[[datasets]]
+image_directory = "images"
+cache_directory = "cache_a"
+batch_size = 4
+caption_extension = ".caption"
+[[datasets]]
+video_directory = "videos"
+cache_directory = "cache_b"
+""")
+    args = argparse.Namespace(batch_size=8, num_repeats=3, caption_extension=".txt", num_workers=None, vae="x")
+    first, second = load_dataset_config(config, args).datasets
+    assert first.resolution == second.resolution == (512, 512)
+    assert (first.batch_size, second.batch_size) == (4, 2)
+    assert (first.num_repeats, second.num_repeats) == (3, 3)  # only the command line sets it
+    assert (first.caption_extension, second.caption_extension) == (".caption", ".txt")
+
+
+def test_source_fps_accepts_an_integer_unlike_musubi_tuner(folders):
+    (video,) = load_dataset_config(write(folders, VIDEOS + "source_fps = 30\n")).datasets
+    assert video.source_fps == 30.0 and isinstance(video.source_fps, float)
+
+
+def test_target_frames_are_rounded_down_to_4n_plus_1_with_a_warning(folders, caplog):
+    with caplog.at_level(logging.WARNING):
+        (video,) = load_dataset_config(write(folders, VIDEOS + "target_frames = [24, 1, 45]\n")).datasets
+    assert video.target_frames == (1, 21, 45)
+    assert "[[datasets]][0].target_frames: 24 -> 21" in caplog.text.replace("is not 4N+1, rounded down (", "")
+
+
+def test_uniform_with_one_sample_becomes_head(folders, caplog):
+    with caplog.at_level(logging.WARNING):
+        (video,) = load_dataset_config(write(folders, VIDEOS + 'frame_extraction = "uniform"\n')).datasets
+    assert video.frame_extraction == "head" and "same as \"head\"" in caplog.text
+
+
+def test_other_architectures_keys_are_accepted_and_ignored_with_a_note(folders, caplog):
+    with caplog.at_level(logging.INFO):
+        (image,) = load_dataset_config(write(folders, IMAGES + 'control_directory = "c"\nfp_latent_window_size = 9\n')).datasets
+    assert image.ignored_keys == ("control_directory", "fp_latent_window_size")
+    assert "ignored for HunyuanVideo" in caplog.text
+
+
+def test_a_misspelt_key_names_file_table_and_the_closest_key(folders):
+    message = load_error(folders, VIDEOS + "target_frame = [25]\n")
+    assert message == "dataset.toml: [[datasets]][0].target_frame is not a video dataset key (did you mean target_frames?)"
+
+
+def test_a_misspelt_key_in_general_suggests_a_general_key(folders):
+    message = load_error(folders, "[general]\nbatchsize = 2\n" + IMAGES)
+    assert message == "dataset.toml: [general].batchsize is not a dataset key (did you mean batch_size?)"
+
+
+def test_a_video_key_in_an_image_dataset_says_so(folders):
+    assert "target_frames applies to video datasets only" in load_error(folders, IMAGES + "target_frames = [1]\n")
+
+
+def test_per_dataset_keys_are_refused_in_general(folders):
+    message = load_error(folders, '[general]\ncache_directory = "c"\n' + IMAGES)
+    assert message == "dataset.toml: [general].cache_directory must be set in each [[datasets]] table, not in [general]"
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('batch_size = "4"', 'dataset.toml: [[datasets]][0].batch_size = "4" is not an integer'),
+    ("batch_size = 0", "dataset.toml: [[datasets]][0].batch_size = 0 must be at least 1"),
+    ("enable_bucket = 1", "dataset.toml: [[datasets]][0].enable_bucket = 1 is not true or false"),
+    ("resolution = [960]", "dataset.toml: [[datasets]][0].resolution = [960] is not [width, height] or a single number"),
+    ("target_frames = [0]", "dataset.toml: [[datasets]][0].target_frames = [0] must be at least 1"),
+    ('source_fps = "30"', 'dataset.toml: [[datasets]][0].source_fps = "30" is not a number'),
+    ('frame_extraction = "heads"',
+     'dataset.toml: [[datasets]][0].frame_extraction = "heads" is not one of head, chunk, slide, uniform, full '
+     '(did you mean head?)'),
+])
+def test_wrong_types_and_values_name_the_key_and_value(folders, line, expected):
+    assert load_error(folders, VIDEOS + line + "\n") == expected
+
+
+def test_a_missing_folder_is_named_with_its_key(folders):
+    message = load_error(folders, '[[datasets]]\nvideo_directory = "clips"\ncaption_extension = ".txt"\n')
+    assert message == 'dataset.toml: [[datasets]][0].video_directory = "clips": folder not found'
+
+
+def test_training_from_caches_does_not_need_the_source_folders(folders):
+    text = '[[datasets]]\nvideo_directory = "gone"\ncache_directory = "cache"\ncaption_extension = ".txt"\n'
+    (video,) = load_dataset_config(write(folders, text), check_sources=False).datasets
+    assert video.cache_directory == Path("cache")
+
+
+def test_a_directory_dataset_needs_a_caption_extension(folders):
+    assert "caption_extension is required with image_directory" in load_error(folders, '[[datasets]]\nimage_directory = "images"\n')
+
+
+def test_a_jsonl_dataset_needs_a_cache_directory(folders):
+    (folders / "meta.jsonl").write_text("")
+    message = load_error(folders, '[[datasets]]\nimage_jsonl_file = "meta.jsonl"\n')
+    assert message == "dataset.toml: [[datasets]][0]: cache_directory is required with image_jsonl_file"
+
+
+def test_datasets_must_not_share_a_cache_folder(folders):
+    message = load_error(folders, IMAGES + IMAGES)  # both default to images/
+    assert message.startswith("dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder images")
+
+
+def test_a_dataset_of_neither_kind_or_both_kinds_is_refused(folders):
+    assert "needs one of image_directory" in load_error(folders, '[[datasets]]\nbatch_size = 1\n')
+    assert "has both image_directory and video_directory" in load_error(folders, IMAGES + 'video_directory = "videos"\n')
+
+
+def test_resolution_without_bucketing_must_be_a_multiple_of_16(folders):
+    assert "(try [992, 496])" in load_error(folders, IMAGES + "resolution = [1000, 500]\n")
+    (image,) = load_dataset_config(write(folders, IMAGES + "resolution = [1000, 500]\nenable_bucket = true\n")).datasets
+    assert image.resolution == (1000, 500)
+
+
+def test_syntax_errors_and_unknown_files_name_the_file(folders):
+    assert load_error(folders, "[general\n").startswith("dataset.toml: not valid TOML")
+    with pytest.raises(UserError, match="dataset config not found"):
+        load_dataset_config(folders / "nope.toml")
+    with pytest.raises(UserError, match="must end in .toml or .json"):
+        load_dataset_config(write(folders, IMAGES, "dataset.yaml"))
+
+
+def test_json_configs_have_the_same_structure(folders):
+    config = {"general": {"resolution": [640, 384], "caption_extension": ".txt"},
+              "datasets": [{"video_directory": "videos", "target_frames": [1, 25], "frame_extraction": "chunk"}]}
+    (video,) = load_dataset_config(write(folders, json.dumps(config), "dataset.json")).datasets
+    assert (video.resolution, video.target_frames, video.frame_extraction) == ((640, 384), (1, 25), "chunk")
+
+
+def test_relative_paths_fall_back_to_the_config_files_folder(tmp_path, monkeypatch):
+    (tmp_path / "project" / "images").mkdir(parents=True)
+    config = write(tmp_path / "project", IMAGES)
+    monkeypatch.chdir(tmp_path)  # "images" does not exist here, but beside the config
+    (image,) = load_dataset_config(config).datasets
+    assert image.image_directory == tmp_path / "project" / "images"
+
+
+def test_lora_metadata_uses_musubi_tuners_keys(folders):
+    (video,) = load_dataset_config(write(folders, VIDEOS + "target_frames = [1, 25]\n")).datasets
+    meta = video.metadata()
+    assert meta["video_directory"] == "videos" and meta["target_frames"] == [1, 25]
+    assert meta["batch_size_per_device"] == 1 and meta["has_control"] is False
+
+
+def doc_examples():
+    blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(), flags=re.S)
+    assert blocks, "docs/dataset_config.md has no toml examples"
+    return blocks
+
+
+@pytest.mark.parametrize("index", range(len(doc_examples())))
+def test_every_example_in_the_docs_loads(tmp_path, monkeypatch, index):
+    text = doc_examples()[index]
+    monkeypatch.chdir(tmp_path)
+    for key, value in re.findall(r'^\s*(\w+)\s*=\s*"([^"]+)"', text, flags=re.M):
+        if key.endswith("_directory") and key != "cache_directory":
+            (tmp_path / value).mkdir(parents=True, exist_ok=True)
+        elif key.endswith("_file"):
+            (tmp_path / value).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / value).touch()
+    config = load_dataset_config(write(tmp_path, text))
+    assert config.datasets

@@ -1,0 +1,324 @@
+"""Listing, decoding and batching items for the caching commands; bad items reported and skipped."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from musubi_tuner.data import cache_files, items, media
+from musubi_tuner.data.config import load_dataset_config
+from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+from musubi_tuner.errors import UserError
+
+
+def config_for(folder, body, general='[general]\ncaption_extension = ".txt"\nresolution = [64, 64]\n'):
+    path = folder / "dataset.toml"
+    path.write_text(general + body)
+    return load_dataset_config(path)
+
+
+def video_config(folder, extra=""):
+    (folder / "videos").mkdir(exist_ok=True)
+    return config_for(folder, f'[[datasets]]\nvideo_directory = "{folder / "videos"}"\n'
+                              f'cache_directory = "{folder / "cache"}"\n{extra}').datasets[0]
+
+
+def image_config(folder, extra=""):
+    (folder / "images").mkdir(exist_ok=True)
+    return config_for(folder, f'[[datasets]]\nimage_directory = "{folder / "images"}"\n'
+                              f'cache_directory = "{folder / "cache"}"\n{extra}').datasets[0]
+
+
+def add_video(folder, name, frames=9, size=(64, 64), caption="a clip"):
+    clip = np.zeros((frames, size[1], size[0], 3), np.uint8)
+    clip[:, :, : size[0] // 2] = 200
+    media.write_video(folder / "videos" / f"{name}.mp4", clip)
+    (folder / "videos" / f"{name}.txt").write_text(caption)
+
+
+def add_image(folder, name, size=(64, 64), caption="an image"):
+    Image.new("RGB", size, (10, 200, 30)).save(folder / "images" / f"{name}.png")
+    if caption is not None:
+        (folder / "images" / f"{name}.txt").write_text(caption)
+
+
+def cache_everything(dataset, report, **kwargs):
+    """What cache_latents does, with a fake VAE: one latent per item, saved with its provenance."""
+    batches = list(items.iter_latent_batches(dataset, report, **kwargs))
+    for batch in batches:
+        for item in batch.items:
+            frames = item.pixels.shape[0]
+            latent = torch.zeros(16, (frames - 1) // 4 + 1, item.bucket[1] // 8, item.bucket[0] // 8)
+            cache_files.save_latent_cache(item.cache_path, latent, size=item.size, frame_count=item.frame_count,
+                                          provenance=item.provenance)
+            report.cached += 1
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ 100 synthetic clips
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return load_dataset_config(make_synthetic_dataset(root, num_videos=100, num_images=6, width=64, height=32,
+                                                      frames=9, vary_size=True, batch_size=4))
+
+
+def test_100_synthetic_clips_batch_by_bucket_and_length(synthetic):
+    videos = synthetic.video_datasets[0]
+    report = items.CacheReport()
+    batches = list(items.iter_latent_batches(videos, report, num_workers=2))
+    sizes = {}
+    for batch in batches:
+        width, height, frames = batch.key
+        assert all(item.pixels.shape == (frames, height, width, 3) for item in batch.items)
+        sizes[batch.key] = sizes.get(batch.key, 0) + len(batch.items)
+    # landscape and portrait clips go to two buckets of 64x32-ish area, 50 clips each
+    assert sizes == {(64, 32, 9): 50, (32, 64, 9): 50}
+    assert sorted(len(b.items) for b in batches) == [2, 2] + [4] * 24
+    assert len({item.cache_path for b in batches for item in b.items}) == 100
+    assert report.failed == [] and report.skipped == []
+
+
+def test_batches_are_the_same_with_and_without_worker_threads(synthetic):
+    videos = synthetic.video_datasets[0]
+
+    def order(workers):
+        return [[i.cache_path.name for i in b.items] for b in items.iter_latent_batches(videos, items.CacheReport(), num_workers=workers)]
+
+    assert order(0) == order(3)
+
+
+def test_a_batch_becomes_vae_input_in_minus_one_to_one(synthetic):
+    batch = next(items.iter_latent_batches(synthetic.video_datasets[0], items.CacheReport()))
+    pixels = batch.pixels(dtype=torch.float16)
+    assert pixels.shape == (4, 3, 9, 32, 64) and pixels.dtype == torch.float16
+    assert pixels.min() >= -1 and pixels.max() <= 1
+
+
+def test_captions_are_read_for_every_item(synthetic):
+    captions = items.caption_items(synthetic.video_datasets[0], items.CacheReport())
+    assert len(captions) == 100 and captions[0].cache_path.name == "clip_0000_hv_te.safetensors"
+    assert " moving " in captions[0].caption and not captions[0].caption.endswith("\n")
+
+
+# ------------------------------------------------------------------------------------------ bad and odd items
+
+
+def test_the_worked_example_video_gets_musubi_tuners_cache_names(tmp_path):
+    dataset = video_config(tmp_path, "target_frames = [1, 25, 45]\nresolution = [960, 544]\nenable_bucket = true\n")
+    add_video(tmp_path, "walk", frames=50, size=(480, 270))  # 16:9, so the 960x544 bucket
+    names = [i.cache_path.name for b in items.iter_latent_batches(dataset, items.CacheReport()) for i in b.items]
+    assert sorted(names) == ["walk_00000-001_0960x0544_hv.safetensors", "walk_00000-025_0960x0544_hv.safetensors",
+                             "walk_00000-045_0960x0544_hv.safetensors"]
+
+
+def test_a_clip_shorter_than_every_target_is_reported_and_skipped(tmp_path):
+    dataset = video_config(tmp_path, "target_frames = [25]\n")
+    add_video(tmp_path, "short", frames=9)
+    add_video(tmp_path, "long", frames=25)
+    report = items.CacheReport()
+    batches = list(items.iter_latent_batches(dataset, report))
+    assert [i.source.stem for b in batches for i in b.items] == ["long"]
+    assert report.skipped == [(str(tmp_path / "videos" / "short.mp4"), "only 9 frames, shorter than every target_frames [25]")]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100])
+def test_an_unreadable_video_is_reported_by_name_and_the_run_goes_on(tmp_path, content):
+    dataset = video_config(tmp_path)
+    add_video(tmp_path, "good")
+    (tmp_path / "videos" / "bad.mp4").write_bytes(content)
+    (tmp_path / "videos" / "bad.txt").write_text("x")
+    report = items.CacheReport()
+    batches = list(items.iter_latent_batches(dataset, report, num_workers=2))
+    assert [i.source.stem for b in batches for i in b.items] == ["good"]
+    assert len(report.failed) == 1 and "bad.mp4" in report.failed[0][1]
+    assert "1 failed" in report.summary() and "bad.mp4" in report.summary()
+    with pytest.raises(UserError, match="bad.mp4"):
+        list(items.iter_latent_batches(dataset, items.CacheReport(), strict=True))
+
+
+def test_videos_follow_enable_bucket_false_unlike_musubi_tuner(tmp_path):
+    dataset = video_config(tmp_path)  # resolution 64x64, enable_bucket false
+    add_video(tmp_path, "wide", size=(96, 48))
+    (batch,) = items.iter_latent_batches(dataset, items.CacheReport())
+    assert batch.key == (64, 64, 1) and batch.items[0].cache_path.name == "wide_00000-001_0064x0064_hv.safetensors"
+
+
+def test_images_without_caption_files_are_left_out_and_listed(tmp_path):
+    dataset = image_config(tmp_path)
+    add_image(tmp_path, "with")
+    add_image(tmp_path, "without", caption=None)
+    found, problems = items.list_items(dataset)
+    assert [i.stem for i in found] == ["with"]
+    assert problems == [(str(tmp_path / "images" / "without.png"), "no caption file without.txt")]
+
+
+def test_an_image_cache_is_named_by_the_original_size(tmp_path):
+    dataset = image_config(tmp_path, "enable_bucket = true\n")
+    add_image(tmp_path, "cat", size=(100, 60))
+    (batch,) = items.iter_latent_batches(dataset, items.CacheReport())
+    item = batch.items[0]
+    assert item.cache_path.name == "cat_0100x0060_hv.safetensors" and batch.key == item.bucket
+    assert item.pixels.shape == (1, item.bucket[1], item.bucket[0], 3)
+
+
+def test_items_whose_cache_names_collide_keep_the_first(tmp_path):
+    dataset = image_config(tmp_path)
+    add_image(tmp_path, "a")
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
+    found, problems = items.list_items(dataset)
+    assert [i.path.name for i in found] == ["a.jpg"] and "same cache name 'a'" in problems[0][1]
+
+
+def test_a_caption_that_is_not_utf8_is_reported_naming_the_file(tmp_path):
+    dataset = image_config(tmp_path)
+    add_image(tmp_path, "ok")
+    add_image(tmp_path, "latin1", caption=None)
+    (tmp_path / "images" / "latin1.txt").write_bytes("café".encode("latin-1"))
+    report = items.CacheReport()
+    assert [c.caption for c in items.caption_items(dataset, report)] == ["an image"]
+    assert "latin1.txt: caption is not UTF-8" in report.failed[0][1]
+    with pytest.raises(UserError, match="latin1.txt"):
+        items.caption_items(dataset, items.CacheReport(), strict=True)
+
+
+def test_a_missing_video_caption_fails_that_video_only(tmp_path):
+    dataset = video_config(tmp_path)
+    add_video(tmp_path, "a")
+    media.write_video(tmp_path / "videos" / "b.mp4", np.zeros((1, 16, 16, 3), np.uint8))
+    report = items.CacheReport()
+    assert [c.source.stem for c in items.caption_items(dataset, report)] == ["a"]
+    assert "b.txt: caption file not found" in report.failed[0][1]
+
+
+# ------------------------------------------------------------------------------------------ JSONL
+
+
+def jsonl_config(folder, lines, kind="video"):
+    (folder / "meta.jsonl").write_text("\n".join(lines) + "\n")
+    return config_for(folder, f'[[datasets]]\n{kind}_jsonl_file = "{folder / "meta.jsonl"}"\n'
+                              f'cache_directory = "{folder / "cache"}"\n').datasets[0]
+
+
+def test_jsonl_lines_give_paths_and_captions_and_a_folder_can_be_a_video(tmp_path):
+    frames = tmp_path / "frames_of_walk"
+    frames.mkdir()
+    for i in range(5):
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(frames / f"{i:02d}.png")
+    dataset = jsonl_config(tmp_path, [json.dumps({"video_path": "frames_of_walk", "caption": " a walk "}), ""])
+    (item,), _ = items.list_items(dataset)
+    assert item.path == tmp_path / "frames_of_walk" and item.read_caption() == "a walk"  # relative to the JSONL
+    (batch,) = items.iter_latent_batches(dataset, items.CacheReport())
+    assert batch.items[0].cache_path.name == "frames_of_walk_00000-001_0064x0064_hv.safetensors"
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"caption": "x"}', 'meta.jsonl:2: no "video_path"'),
+    ('{"video_path": "a.mp4"}', 'meta.jsonl:2: no "caption" string'),
+    ('{"video_path": "a.mp4", caption}', "meta.jsonl:2: not a JSON object"),
+    ('["a.mp4", "x"]', "meta.jsonl:2: not a JSON object"),
+])
+def test_a_bad_jsonl_line_names_the_file_line_dataset_and_key(tmp_path, line, problem):
+    dataset = jsonl_config(tmp_path, ['{"video_path": "a.mp4", "caption": "ok"}', line])
+    with pytest.raises(UserError) as info:
+        items.list_items(dataset)
+    assert problem in str(info.value) and "[[datasets]][0].video_jsonl_file" in str(info.value)
+
+
+def test_image_jsonl_accepts_image_path_0(tmp_path):
+    dataset = jsonl_config(tmp_path, ['{"image_path_0": "x.png", "caption": "c"}'], kind="image")
+    assert [i.stem for i in items.list_items(dataset)[0]] == ["x"]
+
+
+# ------------------------------------------------------------------------------------------ --skip_existing
+
+
+def test_skip_existing_reuses_current_image_caches_and_redoes_changed_ones(tmp_path):
+    dataset = image_config(tmp_path)
+    for name in ("a", "b"):
+        add_image(tmp_path, name)
+    cache_everything(dataset, items.CacheReport(), vae="vae.pt")
+    report = items.CacheReport()
+    assert list(items.iter_latent_batches(dataset, report, skip_existing=True, vae="vae.pt")) == []
+    assert report.already_cached == 2
+    add_image(tmp_path, "b", caption="an image")  # rewritten source
+    os.utime(tmp_path / "images" / "b.png", ns=(1, 1))
+    redo = [i.source.stem for b in items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True, vae="vae.pt")
+            for i in b.items]
+    assert redo == ["b"]
+    other_vae = list(items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True, vae="other.pt"))
+    assert sum(len(b.items) for b in other_vae) == 2
+
+
+def test_skip_existing_does_not_decode_a_fully_cached_video(tmp_path, monkeypatch):
+    dataset = video_config(tmp_path, 'target_frames = [1, 5]\nframe_extraction = "chunk"\n')
+    add_video(tmp_path, "v", frames=12)
+    cache_everything(dataset, items.CacheReport())
+    monkeypatch.setattr(media, "load_video", lambda *a, **k: pytest.fail("decoded a cached video"))
+    report = items.CacheReport()
+    assert list(items.iter_latent_batches(dataset, report, skip_existing=True)) == []
+    assert report.already_cached == 12 + 2 and report.failed == []
+
+
+def test_skip_existing_with_musubi_tuner_caches_decodes_then_skips_each_clip(tmp_path):
+    dataset = video_config(tmp_path, "target_frames = [1, 5]\n")
+    add_video(tmp_path, "v", frames=9)
+    for clip in [(0, 1), (0, 5)]:  # their caches: no provenance
+        latent = torch.zeros(16, (clip[1] - 1) // 4 + 1, 8, 8)
+        cache_files.save_latent_cache(cache_files.latent_cache_path(tmp_path / "cache", "v", (64, 64), clip), latent,
+                                      size=(64, 64), frame_count=clip[1])
+    report = items.CacheReport()
+    assert list(items.iter_latent_batches(dataset, report, skip_existing=True)) == []
+    assert report.already_cached == 2
+
+
+def test_text_encoding_todo_is_planned_per_encoder_before_either_pass(tmp_path):
+    dataset = image_config(tmp_path)
+    for name in ("a", "b"):
+        add_image(tmp_path, name)
+    captions = items.caption_items(dataset, items.CacheReport())
+    llm = cache_files.text_encoder_tensors("llm", torch.zeros(256, 4).half(), torch.ones(256, dtype=torch.int64))
+    cache_files.save_text_cache(captions[0].cache_path, captions[0].caption, llm)  # a run stopped after the LLM pass
+    todo_llm = items.text_encoding_todo(captions, "llm", skip_existing=True)
+    todo_clip = items.text_encoding_todo(captions, "clipL", skip_existing=True)
+    assert [c.source.stem for c in todo_llm] == ["b"] and [c.source.stem for c in todo_clip] == ["a", "b"]
+    changed = [items.CaptionItem(captions[0].source, "a new caption", captions[0].cache_path)]
+    assert items.text_encoding_todo(changed, "llm", skip_existing=True) == changed
+    assert items.text_encoding_todo(captions, "llm", skip_existing=False) == captions
+
+
+def test_chunks_split_batches_for_the_encoder():
+    assert list(items.chunks(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    assert list(items.chunks(range(3), None)) == [[0, 1, 2]]
+
+
+# ------------------------------------------------------------------------------------------ stale caches
+
+
+def test_stale_caches_are_those_of_items_gone_or_changed_but_not_of_items_that_failed(tmp_path):
+    dataset = video_config(tmp_path, "target_frames = [1, 5]\n")
+    for name in ("kept", "removed", "broken"):
+        add_video(tmp_path, name)
+    cache_everything(dataset, items.CacheReport())
+    (tmp_path / "videos" / "removed.mp4").unlink()
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"")  # unreadable today
+    report = items.CacheReport()
+    cache_everything(dataset, report, skip_existing=True)
+    stale = [p.name for p in items.stale_latent_caches(dataset, report)]
+    assert stale == ["removed_00000-001_0064x0064_hv.safetensors", "removed_00000-005_0064x0064_hv.safetensors"]
+    assert report.already_cached == 2 and "broken" in report.failed_stems
+
+
+def test_stale_text_caches_are_those_no_caption_item_has(tmp_path):
+    dataset = image_config(tmp_path)
+    add_image(tmp_path, "a")
+    for stem in ("a", "gone"):
+        cache_files.save_text_cache(cache_files.text_cache_path(tmp_path / "cache", stem), "c", {"llm_float16": torch.zeros(1).half()})
+    report = items.CacheReport()
+    captions = items.caption_items(dataset, report)
+    assert [p.name for p in items.stale_text_caches(dataset, captions, report)] == ["gone_hv_te.safetensors"]

@@ -1,0 +1,181 @@
+"""Images and videos in: every mode to RGB, orientation and rotation honoured, bad files named; mp4 out."""
+
+import io
+import struct
+import zlib
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from musubi_tuner.data import media
+from musubi_tuner.errors import UserError
+
+
+def png16(array: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB(A) PNG (Pillow cannot write one)."""
+    height, width, channels = array.shape
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_rgba_drops_alpha_without_compositing(tmp_path):
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0  # fully transparent red stays red
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = media.load_image(tmp_path / "a.png")
+    assert out.shape == (4, 6, 3) and out.dtype == np.uint8 and (out[..., 0] == 200).all()
+
+
+@pytest.mark.parametrize("mode", ["LA", "P", "L", "CMYK", "1"])
+def test_other_modes_become_rgb(tmp_path, mode):
+    image = Image.new("RGB", (8, 6), (255, 255, 255)).convert(mode)
+    path = tmp_path / ("a.jpg" if mode == "CMYK" else "a.png")
+    image.save(path)
+    out = media.load_image(path)
+    assert out.shape == (6, 8, 3) and out.min() > 240
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped_to_white(tmp_path):
+    grey = np.array([[0, 32896, 65535]], np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    assert media.load_image(tmp_path / "g.png")[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_16_bit_rgb_keeps_its_colours(tmp_path):
+    pixels = np.zeros((2, 3, 3), np.uint16)
+    pixels[..., 0], pixels[..., 1] = 65535, 32896
+    (tmp_path / "c.png").write_bytes(png16(pixels))
+    assert media.load_image(tmp_path / "c.png")[0, 0].tolist() == [255, 128, 0]
+
+
+def test_exif_orientation_is_applied_to_pixels_and_size(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # white on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    assert media.image_size(tmp_path / "phone.jpg") == (20, 40)
+    out = media.load_image(tmp_path / "phone.jpg")
+    assert out.shape == (40, 20, 3)
+    assert out[:20].mean() > 200 and out[20:].mean() < 50  # the left half is now on top
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_unreadable_images_name_the_file(tmp_path, content):
+    path = tmp_path / "bad.png"
+    if content == "truncated":
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+        content = buffer.getvalue()[:200]
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"bad\.png: (empty file|not a readable image)"):
+        media.load_image(path)
+
+
+def moving_bar(frames=10, height=16, width=32):
+    video = np.zeros((frames, height, width, 3), np.uint8)
+    for i in range(frames):
+        video[i, :, i * 2:i * 2 + 6] = (255, 0, 0)
+    return video
+
+
+def test_a_written_video_reads_back_with_its_frames(tmp_path):
+    path = media.write_video(tmp_path / "v.mp4", moving_bar(), fps=24)
+    video = media.load_video(path)
+    assert video.frames.shape == (10, 16, 32, 3) and video.size == (32, 16)
+    assert video.frames[3, 8, 7, 0] > 200 and video.frames[3, 8, 20, 0] < 50
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # written atomically
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv420p"
+        stream.set_display_rotation(90)  # display turned 90 degrees counter-clockwise
+        frame = np.zeros((16, 32, 3), np.uint8)
+        frame[:, :8] = 255  # white at the left edge -> bottom edge once rotated
+        for _ in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    video = media.load_video(path)
+    assert video.size == (16, 32) and video.frames.shape == (3, 32, 16, 3)
+    assert video.frames[0, -8:].mean() > 200 and video.frames[0, :16].mean() < 50
+    assert media.video_size(path) == (16, 32)
+
+
+def test_decoding_stops_once_enough_frames_are_kept(monkeypatch, tmp_path):
+    pulled = []
+
+    def counting_frames(path):
+        for i in range(1000):
+            pulled.append(i)
+            yield np.zeros((4, 4, 3), np.uint8)
+
+    monkeypatch.setattr(media, "_decoded_frames", counting_frames)
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    assert len(media.load_video(tmp_path / "v.mp4", max_frames=25).frames) == 25
+    assert len(pulled) == 25
+
+
+def test_source_fps_drops_frames_as_musubi_tuner():
+    assert media.kept_source_frames(10, 30.0) == [0, 2, 3, 4, 5, 7, 8, 9]  # 4 of every 5
+    assert len(media.kept_source_frames(100, 30.0)) == 80
+    assert media.kept_source_frames(5, 24.0) == [0, 1, 2, 3, 4]
+    assert media.kept_source_frames(5, 12.0) == [0, 1, 2, 3, 4]  # slower sources keep every frame
+
+
+def test_source_fps_applies_while_decoding(tmp_path):
+    path = media.write_video(tmp_path / "v.mp4", np.repeat(moving_bar(1), 30, axis=0), fps=30)
+    assert len(media.load_video(path, source_fps=30.0).frames) == 24
+    assert len(media.load_video(path, source_fps=30.0, max_frames=9).frames) == 9
+
+
+def test_a_folder_of_images_is_a_video_in_name_order(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in (2, 0, 1):
+        Image.new("RGB", (8, 4), (i * 100, 0, 0)).save(folder / f"f{i:03d}.png")
+    (folder / "notes.txt").write_text("ignored")
+    video = media.load_video(folder)
+    assert video.frames[:, 0, 0, 0].tolist() == [0, 100, 200]
+
+
+def test_frames_of_different_sizes_need_a_resize(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    Image.new("RGB", (8, 4)).save(folder / "a.png")
+    Image.new("RGB", (4, 8)).save(folder / "b.png")
+    with pytest.raises(UserError, match="frame 1 is 4x8, the first is 8x4"):
+        media.load_video(folder)
+    resized = media.load_video(folder, resize=lambda frame, first: np.zeros((4, 8, 3), np.uint8))
+    assert resized.frames.shape == (2, 4, 8, 3)
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"\x00" * 5000, "not a readable video")])
+def test_unreadable_videos_name_the_file(tmp_path, content, reason):
+    (tmp_path / "bad.mp4").write_bytes(content)
+    with pytest.raises(UserError, match=f"bad.mp4: {reason}"):
+        media.load_video(tmp_path / "bad.mp4")
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    path = media.write_video(tmp_path / "v.mp4", moving_bar())
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        media.write_video(path, moving_bar(), codec="no-such-codec")
+    assert path.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+def test_listing_is_by_extension_any_case_and_sorted(tmp_path):
+    for name in ("b.PNG", "a.jpg", "c.txt", "d.Mp4"):
+        (tmp_path / name).touch()
+    assert [p.name for p in media.list_images(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert [p.name for p in media.list_videos(tmp_path)] == ["d.Mp4"]

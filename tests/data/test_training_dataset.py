@@ -1,0 +1,172 @@
+"""Training batches come from caches only: per bucket, deterministic per (seed, epoch), resumable mid-epoch."""
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from musubi_tuner.data import cache_files
+from musubi_tuner.data.config import load_dataset_config
+from musubi_tuner.data.training_dataset import TrainingDataset, make_dataloader
+from musubi_tuner.errors import UserError
+
+
+def write_item(cache, stem, size=(64, 32), clip=None, text=True, llm_dtype=torch.float16):
+    """A latent cache and (unless text=False) a text cache, as the caching commands would write them."""
+    frames = 1 if clip is None else (clip[1] - 1) // 4 + 1
+    latent = torch.full((16, frames, size[1] // 8, size[0] // 8), float(hash(stem) % 1000))
+    cache_files.save_latent_cache(cache_files.latent_cache_path(cache, stem, size, clip), latent.half(), size=size,
+                                  frame_count=None if clip is None else clip[1])
+    if text:
+        tensors = {**cache_files.text_encoder_tensors("llm", torch.randn(256, 8).to(llm_dtype), torch.ones(256, dtype=torch.int64)),
+                   **cache_files.text_encoder_tensors("clipL", torch.randn(768).half(), torch.ones(77, dtype=torch.int64))}
+        cache_files.save_text_cache(cache_files.text_cache_path(cache, stem), stem, tensors)
+
+
+def dataset_config(tmp_path, image_extra="", video_extra=""):
+    text = f"""
+[general]
+resolution = [64, 64]
+caption_extension = ".txt"
+enable_bucket = true
+[[datasets]]
+image_directory = "{tmp_path / 'images'}"
+cache_directory = "{tmp_path / 'cache_i'}"
+batch_size = 3
+{image_extra}
+[[datasets]]
+video_directory = "{tmp_path / 'videos'}"
+cache_directory = "{tmp_path / 'cache_v'}"
+batch_size = 2
+{video_extra}
+"""
+    (tmp_path / "dataset.toml").write_text(text)
+    return load_dataset_config(tmp_path / "dataset.toml", check_sources=False)
+
+
+@pytest.fixture
+def cached(tmp_path):
+    for i in range(7):
+        write_item(tmp_path / "cache_i", f"img_{i}", size=(64, 32) if i % 2 else (32, 64))
+    for i in range(5):
+        write_item(tmp_path / "cache_v", f"vid_{i}", size=(64, 64), clip=(0, 5))
+        write_item(tmp_path / "cache_v", f"vid_{i}", size=(64, 64), clip=(0, 1))
+    return dataset_config(tmp_path)
+
+
+def plan_files(plan):
+    return [[item.latent_path.name for item in batch.items] for batch in plan]
+
+
+def test_batches_have_musubi_tuners_keys_and_shapes(cached):
+    dataset = TrainingDataset.from_config(cached, seed=1)
+    shapes = set()
+    for plan in dataset.epoch_plan(1):
+        batch = dataset[plan]
+        assert sorted(batch) == ["clipL", "clipL_mask", "latents", "llm", "llm_mask", "timesteps"]
+        bsz = len(plan.items)
+        assert batch["latents"].shape == (bsz, 16, *plan.shape) and batch["llm"].shape == (bsz, 256, 8)
+        assert batch["llm_mask"].shape == (bsz, 256) and batch["clipL"].shape == (bsz, 768)
+        assert batch["clipL_mask"].shape == (bsz, 77) and batch["timesteps"] is None
+        shapes.add(plan.shape)
+    assert shapes == {(1, 4, 8), (1, 8, 4), (2, 8, 8), (1, 8, 8)}
+
+
+def test_a_batch_never_mixes_buckets_or_datasets(cached):
+    dataset = TrainingDataset.from_config(cached, seed=1)
+    plan = dataset.epoch_plan(1)
+    # images: 4 portrait + 3 landscape in batches of 3; clips: 5 + 5 in batches of 2
+    assert sorted(len(b.items) for b in plan if b.dataset == 0) == [1, 3, 3]
+    assert sorted(len(b.items) for b in plan if b.dataset == 1) == [1, 1, 2, 2, 2, 2]
+    for batch in plan:
+        names = [i.latent_path.name for i in batch.items]
+        assert len({n.startswith("img") for n in names}) == 1
+    assert len(dataset) == 9 and dataset.num_items == 17
+
+
+def test_the_order_depends_only_on_seed_and_epoch(cached):
+    first, again = TrainingDataset.from_config(cached, seed=5), TrainingDataset.from_config(cached, seed=5)
+    assert plan_files(first.epoch_plan(3)) == plan_files(again.epoch_plan(3))
+    assert plan_files(first.epoch_plan(3)) != plan_files(first.epoch_plan(4))
+    assert plan_files(first.epoch_plan(3)) != plan_files(TrainingDataset.from_config(cached, seed=6).epoch_plan(3))
+    every_epoch = {tuple(sorted(n for b in plan_files(first.epoch_plan(e)) for n in b)) for e in (1, 2, 3)}
+    assert len(every_epoch) == 1  # each epoch sees every item once
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_mid_epoch_continues_with_exactly_the_following_batches(cached, workers):
+    dataset = TrainingDataset.from_config(cached, seed=11)
+    loader, sampler = make_dataloader(dataset, num_workers=workers)
+    sampler.set_epoch(2)
+    full = [batch["latents"] for batch in loader]
+    sampler.set_epoch(2, start=4)  # as if the run stopped after 4 batches of epoch 2
+    resumed = [batch["latents"] for batch in loader]
+    assert len(full) == 9 and len(resumed) == 5
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed))
+
+
+def test_num_repeats_repeats_each_item_within_its_bucket(tmp_path):
+    for i in range(2):
+        write_item(tmp_path / "cache_i", f"img_{i}")
+    config = dataset_config(tmp_path, image_extra="num_repeats = 3")
+    dataset = TrainingDataset.from_config(config, seed=0)
+    assert dataset.num_items == 6 and len(dataset) == 2  # batch_size 3
+
+
+def test_items_without_a_text_cache_are_left_out_with_a_warning(tmp_path, caplog):
+    write_item(tmp_path / "cache_i", "with")
+    write_item(tmp_path / "cache_i", "without", text=False)
+    with caplog.at_level(logging.WARNING):
+        dataset = TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    assert dataset.num_items == 1
+    assert "without_0064x0032_hv.safetensors: no text cache without_hv_te.safetensors" in caplog.text
+
+
+def test_a_text_cache_from_an_interrupted_two_pass_run_is_left_out(tmp_path, caplog):
+    write_item(tmp_path / "cache_i", "ok")
+    write_item(tmp_path / "cache_i", "half", text=False)
+    cache_files.save_text_cache(cache_files.text_cache_path(tmp_path / "cache_i", "half"), "c",
+                                cache_files.text_encoder_tensors("llm", torch.zeros(256, 8).half(), None))
+    with caplog.at_level(logging.WARNING):
+        assert TrainingDataset.from_config(dataset_config(tmp_path), seed=0).num_items == 1
+    assert "no clipL output" in caplog.text
+
+
+def test_float8_text_outputs_load_and_keep_their_dtype(tmp_path):
+    write_item(tmp_path / "cache_i", "a", llm_dtype=torch.float8_e4m3fn)
+    dataset = TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    assert dataset[dataset.epoch_plan(1)[0]]["llm"].dtype == torch.float8_e4m3fn
+
+
+def test_no_cached_items_tells_the_user_to_run_the_caching_commands(tmp_path):
+    with pytest.raises(UserError) as info:
+        TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    message = str(info.value)
+    assert "no cached training items in" in message and str(tmp_path / "cache_i") in message
+    assert "run cache_latents.py and cache_text_encoder_outputs.py" in message
+
+
+def test_caches_of_another_size_go_to_their_own_bucket_with_a_warning(tmp_path, caplog):
+    # made with another resolution: same name size rules, different latent shape
+    write_item(tmp_path / "cache_i", "a", size=(64, 32))
+    write_item(tmp_path / "cache_i", "b", size=(64, 32))
+    save_file({"latents_1x8x8_float16": torch.zeros(16, 1, 8, 8).half()},
+              str(tmp_path / "cache_i" / "b_0064x0032_hv.safetensors"), metadata={"architecture": "hunyuan_video"})
+    with caplog.at_level(logging.WARNING):
+        dataset = TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    assert sorted(b.shape for b in dataset.epoch_plan(1)) == [(1, 4, 8), (1, 8, 8)]
+    assert "not the size this config gives" in caplog.text and "run cache_latents.py again" in caplog.text
+
+
+def test_the_timestep_pool_draws_equally_from_each_interval(cached):
+    dataset = TrainingDataset.from_config(cached, seed=2, num_timestep_buckets=4)
+    plan = dataset.epoch_plan(1)
+    for batch in plan:
+        assert len(batch.timesteps) == len(batch.items)
+    # the clips: 6 batches of 2 need 12 values, 3 from each quarter of [0, 1); 10 are used
+    values = [t for b in plan if b.dataset == 1 for t in b.timesteps]
+    counts = [sum(i / 4 <= t < (i + 1) / 4 for t in values) for i in range(4)]
+    assert sum(counts) == 10 and max(counts) <= 3
+    assert plan == TrainingDataset.from_config(cached, seed=2, num_timestep_buckets=4).epoch_plan(1)
+    assert dataset[plan[0]]["timesteps"] == list(plan[0].timesteps)
