@@ -21,3 +21,41 @@ def dit_inputs(config, batch=1, frames=3, height=6, width=10, text_lens=(7,), ma
     pooled = torch.randn(batch, config.text_states_dim_2, generator=g)
     guidance = torch.full((batch,), 6000.0)
     return x, t, text, mask, pooled, guidance
+
+
+def write_cached_dataset(root, *, items=4, frames=5, size=(64, 48), llm_dim=64, clip_dim=32, batch_size=1, seed=0,
+                         text_lens=None):
+    """A dataset TOML plus latent and text caches written by the cache-file rules (random contents, fixed seed).
+
+    Lets the trainer be tested without running the VAE and text encoders. Returns the TOML path.
+    """
+    from pathlib import Path
+
+    from musubi_tuner.data import cache_files
+
+    root = Path(root)
+    cache = root / "cache"
+    videos = root / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    f = (frames - 1) // 4 + 1
+    for i in range(items):
+        stem = f"clip{i}"
+        latent = torch.randn(16, f, h // 8, w // 8, generator=g).to(torch.float16)
+        cache_files.save_latent_cache(cache_files.latent_cache_path(cache, stem, size, (0, frames)), latent, size=size, frame_count=frames)
+        n = (text_lens or [5 + 3 * i])[i % len(text_lens or [1])] if text_lens else 5 + 3 * i
+        mask = torch.zeros(256, dtype=torch.int64)
+        mask[:n] = 1
+        llm = torch.randn(256, llm_dim, generator=g).to(torch.float16) * mask[:, None]
+        tensors = {**cache_files.text_encoder_tensors("llm", llm, mask),
+                   **cache_files.text_encoder_tensors("clipL", torch.randn(clip_dim, generator=g).to(torch.float16), torch.ones(77, dtype=torch.int64))}
+        cache_files.save_text_cache(cache_files.text_cache_path(cache, stem), f"caption {i}", tensors)
+    toml = root / "dataset.toml"
+    toml.write_text(
+        f'[general]\nresolution = [{w}, {h}]\ncaption_extension = ".txt"\nbatch_size = {batch_size}\nenable_bucket = true\n\n'
+        f'[[datasets]]\nvideo_directory = "{videos.as_posix()}"\ncache_directory = "{cache.as_posix()}"\n'
+        f'target_frames = [{frames}]\n'
+    )
+    return toml

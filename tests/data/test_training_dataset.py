@@ -64,7 +64,7 @@ def test_batches_have_musubi_tuners_keys_and_shapes(cached):
     shapes = set()
     for plan in dataset.epoch_plan(1):
         batch = dataset[plan]
-        assert sorted(batch) == ["clipL", "clipL_mask", "latents", "llm", "llm_mask", "timesteps"]
+        assert sorted(batch) == ["clipL", "clipL_mask", "item_names", "latents", "llm", "llm_mask", "timesteps"]
         bsz = len(plan.items)
         assert batch["latents"].shape == (bsz, 16, *plan.shape) and batch["llm"].shape == (bsz, 256, 8)
         assert batch["llm_mask"].shape == (bsz, 256) and batch["clipL"].shape == (bsz, 768)
@@ -170,3 +170,20 @@ def test_the_timestep_pool_draws_equally_from_each_interval(cached):
     assert sum(counts) == 10 and max(counts) <= 3
     assert plan == TrainingDataset.from_config(cached, seed=2, num_timestep_buckets=4).epoch_plan(1)
     assert dataset[plan[0]]["timesteps"] == list(plan[0].timesteps)
+
+
+def test_processes_share_an_epoch_without_overlap_and_with_equal_step_counts(tmp_path):
+    from musubi_tuner.data.training_dataset import EpochSampler
+
+    class Fake:
+        def __len__(self):
+            return 7
+
+        def epoch_plan(self, epoch):
+            return [f"b{i}" for i in range(7)]
+
+    shards = [list(EpochSampler(Fake(), rank, 2)) for rank in (0, 1)]
+    assert shards == [["b0", "b2", "b4", "b6"], ["b1", "b3", "b5", "b0"]]
+    resumed = EpochSampler(Fake(), 1, 2)
+    resumed.set_epoch(1, start=2)
+    assert list(resumed) == ["b5", "b0"]

@@ -12,7 +12,6 @@ import difflib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Union
@@ -20,11 +19,7 @@ from typing import Any, Callable, ClassVar, Mapping, Union
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from musubi_tuner.tomlio import load_toml
 
 logger = logging.getLogger(__name__)
 
@@ -245,21 +240,22 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: is a folder, expected a dataset config file")
     suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return _table(load_toml(path), path)
     try:
-        if suffix == ".toml":
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        elif suffix == ".json":
+        if suffix == ".json":
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
         else:
             raise UserError(f"{path}: a dataset config must end in .toml or .json")
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    return _table(raw, path)
+
+
+def _table(raw: Any, path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a table with [general] and [[datasets]]")
     return raw

@@ -204,10 +204,11 @@ def video_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 24.0, bitrate: int = 1_000_000,
-                codec: str = "libx264", options: dict[str, str] | None = None) -> Path:
+                codec: str = "libx264", options: dict[str, str] | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write (F, H, W, 3) uint8 RGB frames as H.264 yuv420p, atomically (a killed run leaves no half file).
 
-    yuv420p needs even sizes: an odd last row or column is dropped. The container follows the suffix.
+    yuv420p needs even sizes: an odd last row or column is dropped. The container follows the suffix;
+    `metadata` goes into the container's tags (e.g. {"comment": ...}).
     """
     path = Path(path)
     frames = np.asarray(frames)
@@ -218,6 +219,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 24.0, 
     try:
         with atomic_write(path) as tmp:
             with av.open(str(tmp), mode="w", format=container_format) as container:
+                container.metadata.update(metadata or {})
                 rate = fractions.Fraction(fps).limit_denominator(1001)
                 stream = container.add_stream(codec, rate=rate, options=options or {})
                 stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

@@ -225,6 +225,7 @@ def load_batch(plan: BatchPlan) -> dict[str, torch.Tensor | list[float] | None]:
                             f"re-run the caching commands")
         batch[key] = torch.stack(tensors)
     batch["timesteps"] = list(plan.timesteps) if plan.timesteps is not None else None
+    batch["item_names"] = [item.latent_path.name for item in plan.items]
     return batch
 
 
@@ -232,24 +233,40 @@ def load_batch(plan: BatchPlan) -> dict[str, torch.Tensor | list[float] | None]:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields the BatchPlans of one epoch from `start` on; set_epoch before each pass over the loader."""
+    """Yields the BatchPlans of one epoch from `start` on; set_epoch before each pass over the loader.
 
-    def __init__(self, dataset: TrainingDataset):
+    With several training processes, process `rank` of `world` takes every world-th batch of the epoch,
+    the plan padded from its start so all processes run the same number of steps; `start` then counts
+    this process's batches.
+    """
+
+    def __init__(self, dataset: TrainingDataset, rank: int = 0, world: int = 1):
         self.dataset = dataset
+        self.rank, self.world = rank, world
         self.epoch = 1
         self.start = 0
 
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.dataset) / self.world)
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch (musubi-tuner counts from 1) and the batch to begin with (to resume mid-epoch)."""
-        if not 0 <= start <= len(self.dataset):
-            raise ValueError(f"start {start} is outside the epoch's {len(self.dataset)} batches")
+        if not 0 <= start <= self.batches_per_epoch():
+            raise ValueError(f"start {start} is outside the epoch's {self.batches_per_epoch()} batches")
         self.epoch, self.start = epoch, start
 
+    def _plan(self) -> list[BatchPlan]:
+        plan = self.dataset.epoch_plan(self.epoch)
+        if self.world == 1:
+            return plan
+        padded = plan + plan[: self.batches_per_epoch() * self.world - len(plan)]
+        return padded[self.rank :: self.world]
+
     def __iter__(self) -> Iterator[BatchPlan]:
-        return iter(self.dataset.epoch_plan(self.epoch)[self.start:])
+        return iter(self._plan()[self.start:])
 
     def __len__(self) -> int:
-        return len(self.dataset) - self.start
+        return self.batches_per_epoch() - self.start
 
 
 def _no_collate(batch):
@@ -257,10 +274,12 @@ def _no_collate(batch):
 
 
 def make_dataloader(dataset: TrainingDataset, *, num_workers: int = 0, persistent_workers: bool = False,
-                    pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+                    pin_memory: bool = False, rank: int = 0, world: int = 1) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     """A DataLoader that yields whole batches (the dataset batches by bucket itself) and its sampler."""
-    sampler = EpochSampler(dataset)
+    sampler = EpochSampler(dataset, rank, world)
+    # Its own generator: a DataLoader otherwise draws a worker seed from the global RNG at every epoch,
+    # which would shift the training noise after a resume.
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_no_collate,
-        persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory)
+        persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory, generator=torch.Generator())
     return loader, sampler

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import StateDictFile, save_safetensors
+from musubi_tuner.files import StateDictFile, atomic_write, save_safetensors
 
 
 def time_flag() -> str:
@@ -64,7 +65,7 @@ def decode_to_frames(vae, latent: torch.Tensor) -> torch.Tensor:
 
 
 def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folder: Path) -> list[Path]:
-    from musubi_tuner.data.media import write_png, write_video
+    from musubi_tuner.data.media import write_video
 
     frames = decode_to_frames(vae, latent)
     seed = meta.get("seeds", "0")
@@ -72,12 +73,13 @@ def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folde
     saved = []
     if args.output_type in ("video", "both"):
         path = folder / f"{stem}.mp4"
-        write_video(path, frames.numpy(), fps=args.fps, metadata=None if args.no_metadata else {"comment": json.dumps(meta)})
+        write_video(path, frames.numpy(), fps=args.fps, bitrate=4_000_000, metadata=None if args.no_metadata else {"comment": json.dumps(meta)})
         saved.append(path)
     if args.output_type == "images":
         out = folder / stem
         out.mkdir(parents=True, exist_ok=True)
         for i, frame in enumerate(frames.numpy()):
-            write_png(out / f"{stem}_{i:03d}.png", frame)
+            with atomic_write(out / f"{stem}_{i:03d}.png") as tmp:
+                Image.fromarray(frame).save(tmp, format="PNG")
         saved.append(out)
     return saved

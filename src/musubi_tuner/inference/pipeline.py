@@ -150,21 +150,21 @@ def encode_condition(args, device, height: int, width: int, generator: torch.Gen
     """(V2V latents, I2V image latents), scaled, (1, 16, F, H/8, W/8) and (1, 16, 1, H/8, W/8); None where unused."""
     if not (args.video_path or args.image_path):
         return None, None
-    from musubi_tuner.data.buckets import resize_and_crop
-    from musubi_tuner.data.media import read_image, read_video_frames
+    from musubi_tuner.data.buckets import resize_to_bucket
+    from musubi_tuner.data.media import load_image, load_video
     from musubi_tuner.hunyuan.vae import SCALING_FACTOR
 
     vae = load_vae_for(args, device)
     video_latents = image_latents = None
     with torch.no_grad():
         if args.video_path:
-            frames = read_video_frames(args.video_path, max_frames=args.video_length)
+            frames = load_video(args.video_path, max_frames=args.video_length, resize=lambda f, _: resize_to_bucket(f, (width, height))).frames
             if len(frames) < args.video_length:
                 raise UserError(f"{args.video_path}: has {len(frames)} frames, fewer than --video_length {args.video_length}")
-            pixels = torch.stack([torch.from_numpy(resize_and_crop(f, (width, height))) for f in frames[: args.video_length]])
+            pixels = torch.from_numpy(frames[: args.video_length])
             video_latents = _encode(vae, pixels, generator) * SCALING_FACTOR
         if args.image_path:
-            image = torch.from_numpy(resize_and_crop(read_image(args.image_path), (width, height)))
+            image = torch.from_numpy(resize_to_bucket(load_image(args.image_path), (width, height)))
             image_latents = _encode(vae, image[None], generator) * SCALING_FACTOR
     _free(vae)
     return video_latents, image_latents

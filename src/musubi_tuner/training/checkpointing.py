@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 class CheckpointSaver:
-    def __init__(self, args, accelerator, network, config, data, *, optimizer_name: str, steps_per_epoch: int, num_epochs: int,
-                 scheduler, optimizer):
+    def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, steps_per_epoch: int,
+                 num_epochs: int, scheduler, optimizer):
         self.args, self.accelerator, self.network = args, accelerator, network
         self.optimizer, self.scheduler = optimizer, scheduler
         self.out = Path(args.output_dir)
@@ -30,8 +30,8 @@ class CheckpointSaver:
         started = time.time()
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
-            args, config=config, network_info=_network_info(network), datasets=data.metadata() if hasattr(data, "metadata") else [],
-            num_items=getattr(data, "num_items", len(data)), batches_per_epoch=len(data), num_epochs=num_epochs,
+            args, config=config, network_info=_network_info(network), datasets=[d.metadata() for d in dataset_config.datasets],
+            num_items=data.num_items, batches_per_epoch=len(data), num_epochs=num_epochs,
             optimizer_name=optimizer_name, training_started=started, session_id=random.randint(0, 2**32))
 
     # -- names (musubi-tuner's)

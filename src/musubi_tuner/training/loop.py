@@ -30,7 +30,7 @@ from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.optimizers import create_optimizer, create_scheduler, is_schedule_free, parse_key_values, total_training_steps
 from musubi_tuner.training.state import TrainProgress, load_state, newest_state
-from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps, timestep_bucket_pool
+from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +188,14 @@ def train(args) -> Path:
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
     set_seed(seed)
 
-    from musubi_tuner.training.data import open_training_data
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.data.training_dataset import TrainingDataset, make_dataloader
 
-    data = open_training_data(args, seed)
+    dataset_config = load_dataset_config(args.dataset_config, check_sources=False)
+    data = TrainingDataset.from_config(dataset_config, seed, args.num_timestep_buckets)
+    loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+                                      persistent_workers=args.persistent_data_loader_workers,
+                                      rank=accelerator.process_index, world=accelerator.num_processes)
     dit = load_frozen_dit(args, accelerator.device)
     network = build_network(args, dit)
     network.to(accelerator.device)
@@ -198,15 +203,12 @@ def train(args) -> Path:
     groups, _ = network.prepare_optimizer_params(unet_lr=args.learning_rate)
     optimizer, optimizer_name = create_optimizer(args.optimizer_type, groups, args.learning_rate,
                                                  parse_key_values(args.optimizer_args, "--optimizer_args"))
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=1, shuffle=False, collate_fn=lambda items: items[0],
-        num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-        persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0)
-    total_steps = total_training_steps(len(loader), args.max_train_epochs, args.max_train_steps,
-                                       accelerator.num_processes, args.gradient_accumulation_steps)
+    batches_per_epoch = sampler.batches_per_epoch()  # this process's share
+    total_steps = total_training_steps(batches_per_epoch, args.max_train_epochs, args.max_train_steps, 1, args.gradient_accumulation_steps)
     scheduler = create_scheduler(args, optimizer, total_steps * accelerator.num_processes)
-    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    # The loader is sharded by our sampler, not by accelerate, so that resuming knows each process's position.
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
     progress = TrainProgress(seed=seed)
@@ -222,7 +224,7 @@ def train(args) -> Path:
                             args.logit_mean, args.logit_std, args.mode_scale, args.min_timestep, args.max_timestep,
                             args.preserve_distribution_shape, args.sigma_uses_shift)
     guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
-    saver = CheckpointSaver(args, accelerator, network, dit.config, data, optimizer_name=optimizer_name,
+    saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
                             steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, scheduler=scheduler, optimizer=optimizer)
     if args.logging_dir or args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
@@ -233,17 +235,15 @@ def train(args) -> Path:
         optimizer.train()
     network.train()
     for epoch in range(progress.epoch, num_epochs):
-        data.set_epoch(epoch + 1)
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        pool = _timestep_pool(args, data) if args.num_timestep_buckets else None
-        for i, batch in enumerate(epoch_loader, start=skip):
+        sampler.set_epoch(epoch + 1, start=skip)
+        for i, batch in enumerate(loader, start=skip):
             with accelerator.accumulate(network):
-                uniform = pool.take(batch["latents"].shape[0]) if pool is not None else None
+                uniform = torch.tensor(batch["timesteps"]) if batch.get("timesteps") is not None else None
                 loss = training_step(dit, batch, accelerator, ts_cfg, guidance_value, uniform)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
-                        f"loss is {loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, items {batch.get('item_keys', '?')}); "
+                        f"loss is {loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, items {', '.join(batch['item_names'])}); "
                         f"stopped without saving. Last good checkpoint: {saver.last_saved or 'none yet'}. "
                         "Lower --learning_rate, check the caches of those items, or use bf16 instead of fp16."
                     )
@@ -261,7 +261,7 @@ def train(args) -> Path:
             progress.global_step += 1
             if args.scale_weight_norms:
                 network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
-            recent = (recent + [loss.item()])[-max(1, len(loader)):]
+            recent = (recent + [loss.item()])[-max(1, batches_per_epoch):]
             logs = {"loss/current": loss.item(), "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}")
@@ -269,6 +269,8 @@ def train(args) -> Path:
             saver.after_step(progress)
             if progress.global_step >= total_steps:
                 break
+        if progress.batch_in_epoch < batches_per_epoch:  # stopped inside the epoch: a resume continues it
+            break
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
         accelerator.log({"loss/epoch": sum(recent) / max(1, len(recent))}, step=epoch + 1)
         saver.after_epoch(progress, epoch + 1)
@@ -287,21 +289,6 @@ def _average_gradients(network, accelerator: Accelerator) -> None:
     for p in network.parameters():
         if p.grad is not None:
             p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
-
-
-class _UniformPool:
-    def __init__(self, values: torch.Tensor):
-        self.values, self.pos = values, 0
-
-    def take(self, n: int) -> torch.Tensor:
-        out = self.values[self.pos : self.pos + n]
-        self.pos += n
-        return out if len(out) == n else torch.rand(n)
-
-
-def _timestep_pool(args, data) -> _UniformPool:
-    total = sum(data.batch_sizes()) if hasattr(data, "batch_sizes") else len(data)
-    return _UniformPool(timestep_bucket_pool(args.num_timestep_buckets, total))
 
 
 def _loggable(args) -> dict:

@@ -1,0 +1,114 @@
+"""hv_train_network: trains a LoRA from caches, saves musubi-tuner's files, resumes exactly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import write_cached_dataset
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.networks.lora_files import load_lora
+from musubi_tuner.training.args import parse_args
+from musubi_tuner.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    config = tiny_dit_config()
+    dit = write_dit(root / "dit.pt", random_dit_state_dict(config, seed=0), config, "pt")
+    toml = write_cached_dataset(root / "data", items=4, frames=5, size=(64, 48))
+    return root, dit, toml
+
+
+def base_args(dit, toml, out, *extra):
+    return ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
+            "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3", "--optimizer_type", "adamw",
+            "--timestep_sampling", "shift", "--discrete_flow_shift", "7.0", "--seed", "42", "--dit_dtype", "float32",
+            "--max_data_loader_n_workers", "0", "--output_dir", str(out), "--output_name", "tiny", *extra]
+
+
+def test_trains_and_saves_a_lora_per_epoch_with_kohya_keys(assets, tmp_path):
+    root, dit, toml = assets
+    final = train(parse_args(base_args(dit, toml, tmp_path, "--max_train_epochs", "3", "--save_every_n_epochs", "1")))
+    assert final == tmp_path / "tiny.safetensors"
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["tiny-000001.safetensors", "tiny-000002.safetensors", "tiny.safetensors"]
+    weights = load_lora(final)
+    assert len(weights) == 20 * 3  # 2 double blocks x 8 + 2 single x 2 modules, down/up/alpha each
+    assert weights["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (3 * 64 + 256, 4)
+    assert weights["lora_unet_double_blocks_0_img_mlp_fc2.lora_down.weight"].dtype == torch.float32
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_up" in k)  # it learned something
+    _, meta = read_safetensors_header(final)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_steps"] == "12" and meta["ss_epoch"] == "3"
+    assert meta["modelspec.architecture"] == "hunyuan-video/lora" and len(meta["sshs_model_hash"]) == 64
+    assert meta["musubi_tuner.base_model"] == "hunyuan-video-t2v"
+
+
+def test_loss_on_a_fixed_batch_falls(assets, tmp_path):
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.data.training_dataset import TrainingDataset
+    from musubi_tuner.hunyuan.checkpoints import load_dit
+    from musubi_tuner.networks import lora
+    from musubi_tuner.training.timesteps import TimestepConfig, sample_timesteps
+    from musubi_tuner.hunyuan.vae import SCALING_FACTOR
+
+    root, dit, toml = assets
+    train(parse_args(base_args(dit, toml, tmp_path, "--max_train_steps", "40", "--learning_rate", "3e-3")))
+    data = TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=0)
+    batch = data[data.epoch_plan(1)[0]]
+    model = load_dit(dit, dtype=torch.float32)
+
+    def fixed_loss():
+        g = torch.Generator().manual_seed(123)
+        x0 = batch["latents"].float() * SCALING_FACTOR
+        losses = []
+        for _ in range(8):
+            noise = torch.randn(x0.shape, generator=g)
+            sigma, ts = sample_timesteps(TimestepConfig("shift", 7.0), 1, x0.shape[-2:], generator=g)
+            noisy = (1 - sigma) * x0 + sigma * noise
+            with torch.no_grad():
+                pred = model(noisy, ts, batch["llm"].float(), batch["llm_mask"], batch["clipL"].float(), torch.tensor([1.0]))
+            losses.append((pred - (noise - x0)).square().mean().item())
+        return sum(losses) / len(losses)
+
+    before = fixed_loss()
+    net = lora.create_arch_network_from_weights(1.0, load_lora(tmp_path / "tiny.safetensors"), model)
+    net.apply_to(None, model)
+    after = fixed_loss()
+    assert after < before * 0.97, (before, after)
+
+
+def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
+    root, dit, toml = assets
+    straight = tmp_path / "straight"
+    train(parse_args(base_args(dit, toml, straight, "--max_train_steps", "6")))
+    parts = tmp_path / "parts"
+    # stop after step 3 (a state is saved there), then resume to step 6
+    train(parse_args(base_args(dit, toml, parts, "--max_train_steps", "3", "--save_state_on_train_end")))
+    assert (parts / "tiny-state" / "train_state.json").is_file()
+    train(parse_args(base_args(dit, toml, parts, "--max_train_steps", "6", "--resume", "auto")))
+    a, b = load_lora(straight / "tiny.safetensors"), load_lora(parts / "tiny.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_missing_caches_tell_the_user_what_to_run(assets, tmp_path):
+    root, dit, _ = assets
+    empty = tmp_path / "d"
+    (empty / "v").mkdir(parents=True)
+    toml = empty / "dataset.toml"
+    toml.write_text(f'[[datasets]]\nvideo_directory = "{(empty / "v").as_posix()}"\ncaption_extension = ".txt"\nresolution = [64, 48]\n')
+    with pytest.raises(UserError, match="no cached training items.*run cache_latents.py and cache_text_encoder_outputs.py"):
+        train(parse_args(base_args(dit, toml, tmp_path / "out")))
+
+
+def test_attention_flag_is_required_and_sage_is_refused(assets, tmp_path):
+    root, dit, toml = assets
+    args = [a for a in base_args(dit, toml, tmp_path) if a != "--sdpa"]
+    with pytest.raises(UserError, match="choose an attention implementation"):
+        train(parse_args(args))
+    with pytest.raises(UserError, match="--sage_attn is for inference only"):
+        train(parse_args(args + ["--sage_attn"]))
