@@ -206,8 +206,13 @@ class LatentBatch:
 
     def pixels(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, 3, F, H, W) in [-1, 1], what the VAE encodes."""
-        frames = torch.from_numpy(np.stack([item.pixels for item in self.items])).to(device)
-        return frames.permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
+        return stack_pixels(self.items, device, dtype)
+
+
+def stack_pixels(items: Sequence[LatentItem], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Items of one batch as (B, 3, F, H, W) in [-1, 1]."""
+    frames = torch.from_numpy(np.stack([item.pixels for item in items])).to(device)
+    return frames.permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
 
 
 @dataclass

@@ -1,0 +1,116 @@
+"""Encode every image and video clip of a dataset with the VAE once, and write musubi-tuner's latent caches.
+
+    python src/musubi_tuner/cache_latents.py --dataset_config dataset.toml --vae vae/pytorch_model.pt \
+        --vae_chunk_size 32 --vae_tiling
+
+Files that cannot be read are reported by name and skipped (`--strict` stops instead); each cache is
+written atomically, so an interrupted run is finished by running it again.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file: import the package from src/, not sibling files
+    import os as _os
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.errors import UserError, run_cli
+
+logger = logging.getLogger("cache_latents")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cache_latents.py", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset_config", required=True, help="dataset TOML (or JSON)")
+    p.add_argument("--vae", help="VAE checkpoint (vae/pytorch_model.pt)")
+    p.add_argument("--vae_dtype", default=None, help="default float16")
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.add_argument("--batch_size", type=int, default=None, help="items per VAE call (default: the dataset's batch)")
+    p.add_argument("--num_workers", type=int, default=None, help="threads decoding media while the VAE runs (default CPUs - 1)")
+    p.add_argument("--skip_existing", action="store_true", help="keep caches whose source, bucket and VAE are unchanged")
+    p.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping it")
+    p.add_argument("--debug_mode", choices=("image", "console", "video"), default=None,
+                   help="show what would be encoded instead of caching")
+    p.add_argument("--console_width", type=int, default=80)
+    p.add_argument("--console_back", default=None)
+    p.add_argument("--console_num_images", type=int, default=None)
+    p.add_argument("--disable_cudnn_backend", action="store_true")
+    p.add_argument("--vae_tiling", action="store_true", help="encode in overlapping spatial tiles (256 px unless set below)")
+    p.add_argument("--vae_chunk_size", type=int, default=None, help="evaluate the causal convolutions in chunks (32 suggested)")
+    p.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None, help="tile size in pixels; implies --vae_tiling")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def encode_dataset(dataset, vae, args, device, generator) -> str:
+    """Cache one dataset; returns its summary line(s)."""
+    from tqdm import tqdm
+
+    from musubi_tuner.data import cache_files
+    from musubi_tuner.data.items import CacheReport, chunks, iter_latent_batches, stack_pixels, stale_latent_caches
+
+    report = CacheReport()
+    workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    bar = tqdm(desc=f"{dataset.where} latents", unit="item")
+    for batch in iter_latent_batches(dataset, report, num_workers=workers, skip_existing=args.skip_existing,
+                                     vae=args.vae, strict=args.strict):
+        for part in chunks(batch.items, args.batch_size):
+            with torch.no_grad():
+                latents = vae.encode(stack_pixels(part, device, vae.dtype)).sample(generator).to("cpu", vae.dtype)
+            for item, latent in zip(part, latents):
+                cache_files.save_latent_cache(item.cache_path, latent, size=item.size, frame_count=item.frame_count,
+                                              provenance=item.provenance)
+                report.cached += 1
+            bar.update(len(part))
+    bar.close()
+    for path in stale_latent_caches(dataset, report):
+        if args.keep_cache:
+            logger.info("keeping %s (not in the dataset any more; --keep_cache)", path)
+        else:
+            path.unlink(missing_ok=True)
+            logger.info("deleted %s (not in the dataset any more)", path)
+    return f"{dataset.where}: {report.summary('latent caches')}"
+
+
+def main(argv=None) -> None:
+    def run(argv):
+        args = build_parser().parse_args(argv)
+        from musubi_tuner.data.config import load_dataset_config
+
+        config = load_dataset_config(args.dataset_config, args)
+        if args.debug_mode:
+            from musubi_tuner.data.debug_view import show_dataset
+
+            show_dataset(config, args)
+            return
+        if not args.vae:
+            raise UserError("--vae is required (the VAE checkpoint, e.g. hunyuan-video-t2v-720p/vae/pytorch_model.pt)")
+        if not Path(args.vae).exists():
+            raise UserError(f"{args.vae}: VAE checkpoint not found (--vae)")
+        from musubi_tuner.dtypes import str_to_dtype
+        from musubi_tuner.hunyuan.vae import load_vae
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.disable_cudnn_backend:
+            torch.backends.cudnn.enabled = False
+        vae = load_vae(args.vae, dtype=str_to_dtype(args.vae_dtype, torch.float16, "--vae_dtype"), device=device)
+        vae.set_memory_options(tiling=args.vae_tiling or args.vae_spatial_tile_sample_min_size is not None,
+                               spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
+        generator = torch.Generator(device).manual_seed(0)  # the posterior sample is reproducible run to run
+        summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.datasets]
+        print("\n".join(summaries))
+
+    run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Encode every caption of a dataset with both text encoders once, and write musubi-tuner's text caches.
+
+    python src/musubi_tuner/cache_text_encoder_outputs.py --dataset_config dataset.toml \
+        --text_encoder1 ckpts/text_encoder --text_encoder2 ckpts/text_encoder_2 --batch_size 16
+
+The LLM runs first over all captions, then CLIP-L; only one encoder is in memory at a time.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file: import the package from src/, not sibling files
+    import os as _os
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+import argparse
+import gc
+import logging
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.errors import UserError, run_cli
+
+logger = logging.getLogger("cache_text_encoder_outputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cache_text_encoder_outputs.py", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset_config", required=True)
+    p.add_argument("--text_encoder1", required=True, help="LLM: HF folder (ckpts/text_encoder) or ComfyUI llava_llama3_fp16.safetensors")
+    p.add_argument("--text_encoder2", required=True, help="CLIP-L: HF folder (ckpts/text_encoder_2) or ComfyUI clip_l.safetensors")
+    p.add_argument("--text_encoder_dtype", default=None, help="default float16")
+    p.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch_size", type=int, default=None, help="captions per encoder call")
+    p.add_argument("--num_workers", type=int, default=None, help="accepted for compatibility (captions are read directly)")
+    p.add_argument("--skip_existing", action="store_true", help="keep caches made from the same caption and model")
+    p.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable caption instead of skipping it")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def run_encoder(name: str, load, todo, args, model_path: str) -> int:
+    """Encode `todo` captions with one encoder and merge its outputs into their caches."""
+    from tqdm import tqdm
+
+    from musubi_tuner.data import cache_files
+    from musubi_tuner.data.items import chunks
+
+    if not todo:
+        return 0
+    encoder = load()
+    done = 0
+    with tqdm(total=len(todo), desc=f"{name} text", unit="caption") as bar:
+        for part in chunks(todo, args.batch_size):
+            with torch.no_grad():
+                embeds, masks = encoder.encode([c.caption for c in part])
+            for item, embed, mask in zip(part, embeds.cpu(), masks.cpu()):
+                cache_files.save_text_cache(item.cache_path, item.caption, cache_files.text_encoder_tensors(name, embed, mask),
+                                            provenance=cache_files.text_provenance(name, model_path))
+                done += 1
+            bar.update(len(part))
+    del encoder
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return done
+
+
+def main(argv=None) -> None:
+    def run(argv):
+        args = build_parser().parse_args(argv)
+        from musubi_tuner.data.config import load_dataset_config
+        from musubi_tuner.data.items import CacheReport, caption_items, stale_text_caches, text_encoding_todo
+        from musubi_tuner.dtypes import str_to_dtype
+        from musubi_tuner.hunyuan.text_encoders import load_text_encoder1, load_text_encoder2
+
+        for flag in ("text_encoder1", "text_encoder2"):
+            if not Path(getattr(args, flag)).exists():
+                raise UserError(f"{getattr(args, flag)}: text encoder not found (--{flag})")
+        config = load_dataset_config(args.dataset_config, args)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = str_to_dtype(args.text_encoder_dtype, torch.float16, "--text_encoder_dtype")
+
+        reports, captions = [], []
+        for ds in config.datasets:
+            report = CacheReport()
+            captions.append(caption_items(ds, report, strict=args.strict))
+            reports.append(report)
+        everything = [c for cs in captions for c in cs]
+        # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
+        todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
+        todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
+        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm), todo_llm, args, args.text_encoder1)
+        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device), todo_clip, args, args.text_encoder2)
+
+        changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
+        for ds, report, cs in zip(config.datasets, reports, captions):
+            report.cached = sum(c.cache_path in changed for c in cs)
+            report.already_cached = len(cs) - report.cached
+            for path in stale_text_caches(ds, cs, report):
+                if args.keep_cache:
+                    logger.info("keeping %s (not in the dataset any more; --keep_cache)", path)
+                else:
+                    path.unlink(missing_ok=True)
+                    logger.info("deleted %s (not in the dataset any more)", path)
+            print(f"{ds.where}: {report.summary('text caches')}")
+
+    run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    main()

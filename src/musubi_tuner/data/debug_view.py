@@ -1,0 +1,67 @@
+"""`cache_latents.py --debug_mode`: look at what would be encoded (buckets, crops, extracted clips) instead of caching.
+
+video: writes each item as an .mp4 (clips) or .jpg (images) beside its would-be cache file;
+console: draws each item's first frame in the terminal; image: opens it in the system's image viewer.
+Nothing is cached and nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from musubi_tuner.data.items import CacheReport, iter_latent_batches
+from musubi_tuner.errors import UserError
+
+_RAMP = " .:-=+*#%@"
+
+
+def ascii_art(frame: np.ndarray, width: int = 80, color: bool = True) -> str:
+    """(H, W, 3) uint8 -> lines of characters (and ANSI colours), `width` columns, aspect kept (cells are ~2:1)."""
+    h, w = frame.shape[:2]
+    rows = max(1, round(h / w * width / 2))
+    small = np.asarray(Image.fromarray(frame).resize((width, rows), Image.BOX)).astype(np.int32)
+    lum = (small @ np.array([299, 587, 114]) // 1000).clip(0, 255)
+    lines = []
+    for y in range(rows):
+        chars = []
+        for x in range(width):
+            ch = _RAMP[lum[y, x] * (len(_RAMP) - 1) // 255]
+            if color:
+                r, g, b = small[y, x]
+                ch = f"\x1b[38;2;{r};{g};{b}m{ch}"
+            chars.append(ch)
+        lines.append("".join(chars) + ("\x1b[0m" if color else ""))
+    return "\n".join(lines)
+
+
+def show_dataset(config, args) -> None:
+    from musubi_tuner.data.media import write_video
+
+    if args.debug_mode == "image" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt"):
+        raise UserError("--debug_mode image needs a display (none found here); use --debug_mode video (writes files) or console")
+    for dataset in config.datasets:
+        report = CacheReport()
+        shown = 0
+        for batch in iter_latent_batches(dataset, report, num_workers=1):
+            for item in batch.items:
+                if args.console_num_images is not None and shown >= args.console_num_images:
+                    break
+                label = f"{item.source.path} -> bucket {item.bucket[0]}x{item.bucket[1]}" + (
+                    f", frames {item.clip.start}..{item.clip.start + item.clip.frames - 1}" if item.clip else "")
+                if args.debug_mode == "video":
+                    stem = str(item.cache_path).removesuffix(".safetensors")
+                    if item.clip is not None:
+                        write_video(f"{stem}.mp4", item.pixels, fps=24, bitrate=1_000_000)
+                    else:
+                        Image.fromarray(item.pixels[0]).save(f"{stem}.jpg", quality=95)
+                    print(f"{label}: wrote {stem}{'.mp4' if item.clip is not None else '.jpg'}")
+                elif args.debug_mode == "console":
+                    print(label)
+                    print(ascii_art(item.pixels[0], args.console_width))
+                else:
+                    Image.fromarray(item.pixels[0]).show(title=label)
+                shown += 1
+        print(f"{dataset.where}: {report.summary('items shown')}".replace("0 items shown cached", f"{shown} items shown"))
