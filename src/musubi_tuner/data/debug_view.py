@@ -64,4 +64,6 @@ def show_dataset(config, args) -> None:
                 else:
                     Image.fromarray(item.pixels[0]).show(title=label)
                 shown += 1
-        print(f"{dataset.where}: {report.summary('items shown')}".replace("0 items shown cached", f"{shown} items shown"))
+        print(f"{dataset.where}: {shown} items shown")
+        for path, reason in report.failed + report.skipped:
+            print(f"  not shown: {path}: {reason}")
