@@ -54,3 +54,17 @@ def diffusers_dit(state_dict: dict[str, torch.Tensor], config: DiTConfig):
     )
     model.load_state_dict(official_to_diffusers_dit(state_dict, config), strict=True)
     return model.eval()
+
+
+def diffusers_vae(state_dict: dict[str, torch.Tensor], config):
+    """diffusers' AutoencoderKLHunyuanVideo with our weights: the official VAE keys are diffusers' keys."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    model = AutoencoderKLHunyuanVideo(
+        in_channels=config.in_channels, out_channels=config.in_channels, latent_channels=config.latent_channels,
+        block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_num_groups, spatial_compression_ratio=config.spatial_compression,
+        temporal_compression_ratio=config.temporal_compression,
+    )
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()

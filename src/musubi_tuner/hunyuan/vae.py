@@ -1,3 +1,377 @@
-"""The causal 3D VAE (placeholder until the VAE lands: only the scaling factor the trainer needs)."""
+"""HunyuanVideo's causal 3D VAE ("884-16c-hy"): 16 latent channels, 4x temporal and 8x spatial compression.
+
+State-dict keys are the official `vae/pytorch_model.pt` names (the same in diffusers). Causal means a
+frame never sees later frames: convolutions pad the past only (replicating the first frame) and the
+mid-block attention lets frame i attend to frames <= i. So the first frame is encoded alone, and an
+image is a 1-frame video. Latents in and out of this module are UNSCALED (what caches hold); the
+diffusion model works on latents x SCALING_FACTOR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from musubi_tuner.errors import UserError
 
 SCALING_FACTOR = 0.476986
+GROUP_NORM_EPS = 1e-6
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a (4N+1)-frame video: (F - 1) // 4 + 1."""
+    return (frames - 1) // 4 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    temporal_compression: int = 4
+    spatial_compression: int = 8
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+
+    def downsample_strides(self) -> list[tuple[int, int, int] | None]:
+        """(t, h, w) stride of each encoder block's downsampler (None: no downsampler). The decoder mirrors it.
+
+        Spatial halving in the first log2(8) = 3 blocks; temporal halving in the log2(4) = 2 blocks before the last.
+        """
+        n = len(self.block_out_channels)
+        spatial = int(math.log2(self.spatial_compression))
+        temporal = int(math.log2(self.temporal_compression))
+        strides = []
+        for i in range(n):
+            s = 2 if i < spatial else 1
+            t = 2 if (n - 1 - temporal) <= i < n - 1 else 1
+            strides.append(None if (s, t) == (1, 1) else (t, s, s))
+        return strides
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]], source: str = "VAE checkpoint") -> "VAEConfig":
+        def need(key):
+            if key not in shapes:
+                sample = ", ".join(sorted(shapes)[:4]) or "no keys"
+                raise UserError(f"{source}: not a HunyuanVideo VAE (missing {key!r}; first keys: {sample})")
+            return tuple(shapes[key])
+
+        channels = []
+        i = 0
+        while f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight" in shapes:
+            channels.append(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight"][0])
+            i += 1
+        if not channels:
+            need("encoder.down_blocks.0.resnets.0.conv1.conv.weight")
+        layers = len({m.group(1) for k in shapes if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))})
+        if any(c % 32 for c in channels):  # GroupNorm's 32 groups are not stored in the file; channels must allow them
+            raise UserError(f"{source}: VAE block widths {channels} are not multiples of 32 (its GroupNorms use 32 groups)")
+        spatial = 2 ** sum(1 for j in range(len(channels)) if f"encoder.down_blocks.{j}.downsamplers.0.conv.conv.weight" in shapes)
+        return cls(
+            in_channels=need("encoder.conv_in.conv.weight")[1],
+            latent_channels=need("decoder.conv_in.conv.weight")[1],
+            block_out_channels=tuple(channels),
+            layers_per_block=layers,
+            spatial_compression=spatial,
+        )
+
+
+# ----------------------------------------------------------------------------------------- parts
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d after padding k-1 past frames and k//2 on each spatial side, replicating edges (`conv` holds the weights).
+
+    With `chunk_size`, wide inputs are convolved in column chunks (with the kernel's overlap) and joined:
+    the same result, a smaller working set for the convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int | tuple[int, int, int] = 1):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.padding = (kernel_size // 2, kernel_size // 2, kernel_size // 2, kernel_size // 2, kernel_size - 1, 0)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride)
+        self.chunk_size: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size > 1:
+            x = F.pad(x, self.padding, mode="replicate")
+        width = x.shape[-1]
+        if not self.chunk_size or width < 1.5 * self.chunk_size:
+            return self.conv(x)
+        k, stride = self.kernel_size, self.conv.stride[2]
+        out_width = (width - k) // stride + 1
+        step = max(1, self.chunk_size // stride)
+        pieces = []
+        for start in range(0, out_width, step):
+            stop = min(start + step, out_width)
+            if out_width - stop < step // 2:  # fold a small trailing piece into this one
+                stop = out_width
+            pieces.append(self.conv(x[..., start * stride : (stop - 1) * stride + k]))
+            if stop == out_width:
+                break
+        return torch.cat(pieces, dim=-1)
+
+
+class ResnetBlockCausal3D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=GROUP_NORM_EPS)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=GROUP_NORM_EPS)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inplace = not torch.is_grad_enabled()  # inference: reuse buffers instead of allocating new ones
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
+        residual = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h.add_(residual) if inplace else h + residual
+
+
+class CausalAttention(nn.Module):
+    """Single-head self-attention over all (frame, y, x) positions; frame i attends to frames <= i."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=GROUP_NORM_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        hw = H * W
+        tokens = self.group_norm(x).permute(0, 2, 3, 4, 1).reshape(B, 1, T * hw, C)
+        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+        # Block-causal attention without an (L x L) mask: each frame's queries see the keys of frames 0..t.
+        out = torch.cat([
+            F.scaled_dot_product_attention(q[:, :, t * hw : (t + 1) * hw], k[:, :, : (t + 1) * hw], v[:, :, : (t + 1) * hw])
+            for t in range(T)
+        ], dim=2)
+        out = self.to_out[0](out).reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+        return x + out
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlockCausal3D(channels, channels, groups), ResnetBlockCausal3D(channels, channels, groups)])
+        self.attentions = nn.ModuleList([CausalAttention(channels, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, stride: tuple[int, int, int]):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling then a causal conv; the first frame is upsampled in space only (T -> 2T - 1)."""
+
+    def __init__(self, channels: int, factor: tuple[int, int, int]):
+        super().__init__()
+        self.factor = factor
+        self.conv = CausalConv3d(channels, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = F.interpolate(x[:, :, 0], scale_factor=self.factor[1:], mode="nearest").unsqueeze(2)
+        if x.shape[2] > 1:
+            rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=self.factor, mode="nearest")
+            first = torch.cat([first, rest], dim=2)
+        return self.conv(first)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, stride):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)])
+        self.downsamplers = nn.ModuleList([Downsample(out_channels, stride)]) if stride else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.downsamplers[0](x) if self.downsamplers is not None else x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, factor):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)])
+        self.upsamplers = nn.ModuleList([Upsample(out_channels, factor)]) if factor else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.upsamplers[0](x) if self.upsamplers is not None else x
+
+
+class Encoder(nn.Module):
+    """(B, 3, F, H, W) pixels -> (B, 2 * latent_channels, f, h, w) mean and log-variance (before quant_conv)."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        ch = c.block_out_channels
+        self.conv_in = CausalConv3d(c.in_channels, ch[0], 3)
+        strides = c.downsample_strides()
+        self.down_blocks = nn.ModuleList([DownBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, c.norm_num_groups, strides[i]) for i in range(len(ch))])
+        self.mid_block = MidBlock(ch[-1], c.norm_num_groups)
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[-1], eps=GROUP_NORM_EPS)
+        self.conv_out = CausalConv3d(ch[-1], 2 * c.latent_channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """(B, latent_channels, f, h, w) -> (B, 3, 4(f-1)+1, 8h, 8w) pixels in about [-1, 1] (after post_quant_conv)."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        ch = tuple(reversed(c.block_out_channels))
+        self.conv_in = CausalConv3d(c.latent_channels, ch[0], 3)
+        self.mid_block = MidBlock(ch[0], c.norm_num_groups)
+        strides = c.downsample_strides()  # the decoder's block i upsamples by what the encoder's block i downsamples
+        self.up_blocks = nn.ModuleList([UpBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, c.norm_num_groups, strides[i]) for i in range(len(ch))])
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[-1], eps=GROUP_NORM_EPS)
+        self.conv_out = CausalConv3d(ch[-1], c.in_channels, 3)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class DiagonalGaussian:
+    """The encoder's posterior: mean and log-variance (clamped to [-30, 20]), each (B, C, f, h, w)."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+
+class CausalVideoVAE(nn.Module):
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or VAEConfig()
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv3d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv3d(config.latent_channels, config.latent_channels, 1)
+        self.tiling = None  # set by set_memory_options
+
+    @property
+    def device(self) -> torch.device:
+        return self.quant_conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
+    def set_memory_options(self, *, tiling: bool = False, spatial_tile_sample_min_size: int | None = None,
+                           chunk_size: int | None = None, temporal_tiling: bool = False) -> None:
+        """Spatial tiling (tiles of `spatial_tile_sample_min_size` px, default 256, overlap 1/4, blended),
+        temporal tiling (64-frame tiles, overlap 1/4) and chunked causal convolutions (`chunk_size` columns)."""
+        from musubi_tuner.hunyuan.vae_tiling import TilingOptions
+
+        spatial = tiling or spatial_tile_sample_min_size is not None
+        self.tiling = TilingOptions(spatial=spatial, tile_sample_size=spatial_tile_sample_min_size or 256,
+                                    temporal=temporal_tiling) if (spatial or temporal_tiling) else None
+        for m in self.modules():
+            if isinstance(m, CausalConv3d):
+                m.chunk_size = chunk_size if chunk_size and chunk_size > 0 else None
+
+    def _encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(pixels))
+
+    def _decode_untiled(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latents))
+
+    def encode(self, pixels: torch.Tensor) -> DiagonalGaussian:
+        """pixels (B, 3, F, H, W) in [-1, 1] with F = 4N+1 (or 1) and H, W multiples of 8 -> the posterior."""
+        if pixels.ndim != 5 or pixels.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected pixels (B, {self.config.in_channels}, F, H, W), got {tuple(pixels.shape)}")
+        pixels = pixels.to(self.dtype)
+        if self.tiling is not None:
+            from musubi_tuner.hunyuan.vae_tiling import tiled_encode
+
+            return DiagonalGaussian(tiled_encode(self, pixels, self.tiling))
+        return DiagonalGaussian(self._encode_moments(pixels))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNSCALED latents (B, 16, f, h, w) -> pixels (B, 3, 4(f-1)+1, 8h, 8w), about [-1, 1], not clamped."""
+        latents = latents.to(self.dtype)
+        if self.tiling is not None:
+            from musubi_tuner.hunyuan.vae_tiling import tiled_decode
+
+            return tiled_decode(self, latents, self.tiling)
+        return self._decode_untiled(latents)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu") -> CausalVideoVAE:
+    """The official `vae/pytorch_model.pt` (a plain state dict, or under `state_dict`, or with `vae.` prefixes) or
+    safetensors; the config is read off the weights, so tiny VAEs load too. Frozen, in eval mode."""
+    from musubi_tuner.files import StateDictFile
+
+    f = StateDictFile(path, what="VAE checkpoint", subdict_keys=("state_dict",))
+    f.strip_prefix("vae.")
+    if "img_in.proj.weight" in f or any(k.startswith(("double_blocks.", "model.diffusion_model.")) for k in f.keys()[:20]):
+        raise UserError(f"{f.path}: this is a DiT checkpoint, not a VAE; pass it with --dit")
+    if any(".lora_down." in k or ".lora_A." in k for k in f.keys()[:50]):
+        raise UserError(f"{f.path}: this is a LoRA file, not a VAE")
+    config = VAEConfig.from_shapes(f.shapes(), source=str(f.path))
+    with torch.device("meta"):
+        model = CausalVideoVAE(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in f]
+    unexpected = [k for k in f.keys() if k not in expected]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(f"{f.path}: not a complete HunyuanVideo VAE: keys {'; '.join(detail)}")
+    for k, shape in expected.items():
+        if tuple(f.shape(k)) != shape:
+            raise UserError(f"{f.path}: tensor {k} has shape {list(f.shape(k))}, expected {list(shape)}")
+    model.load_state_dict({k: f.get(k, dtype=dtype, device=device) for k in expected}, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
