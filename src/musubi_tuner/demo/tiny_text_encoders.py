@@ -207,19 +207,21 @@ def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------- weights
 
 
-def tiny_llm_config() -> LlamaConfig:
-    return LlamaConfig(**TINY_LLM_CONFIG)
+def tiny_llm_config(**overrides) -> LlamaConfig:
+    """The tiny LLM's config; `overrides` make bigger ones for benchmarks (vocab_size must stay >= 963)."""
+    return LlamaConfig(**{**TINY_LLM_CONFIG, **overrides})
 
 
-def tiny_clip_config() -> CLIPConfig:
-    return CLIPConfig(text_config=TINY_CLIP_TEXT_CONFIG, vision_config=TINY_CLIP_VISION_CONFIG,
-                      projection_dim=TINY_CLIP_HIDDEN)
+def tiny_clip_config(**overrides) -> CLIPConfig:
+    """The tiny CLIPModel's config; `overrides` change its text model."""
+    text = {**TINY_CLIP_TEXT_CONFIG, **overrides}
+    return CLIPConfig(text_config=text, vision_config=TINY_CLIP_VISION_CONFIG, projection_dim=text["projection_dim"])
 
 
-def tiny_llm_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_llm_state_dict(seed: int = 0, **overrides) -> dict[str, torch.Tensor]:
     """float32 LlamaForCausalLM weights (`model.*` + `lm_head.weight`), PyTorch/transformers' init, norms random too."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llm_config())
+    model = LlamaForCausalLM(tiny_llm_config(**overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -227,10 +229,10 @@ def tiny_llm_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def tiny_clip_state_dict(seed: int = 0, text_only: bool = False) -> dict[str, torch.Tensor]:
+def tiny_clip_state_dict(seed: int = 0, text_only: bool = False, **overrides) -> dict[str, torch.Tensor]:
     """float32 CLIPModel weights under their on-disk names (`text_model.*`, `vision_model.*`, projections)."""
     torch.manual_seed(seed)
-    model = CLIPModel(tiny_clip_config())
+    model = CLIPModel(tiny_clip_config(**overrides))
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     if text_only:
         state = {k: v for k, v in state.items() if k.startswith("text_model.")}
@@ -241,11 +243,11 @@ def _metadata(config: dict) -> dict[str, str]:
     return {CONFIG_METADATA_KEY: json.dumps(config), "format": "pt"}
 
 
-def write_tiny_llm_folder(path: str | os.PathLike, seed: int = 0) -> Path:
+def write_tiny_llm_folder(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """The official `text_encoder` layout: config.json, two fp16 safetensors shards + index, tokenizer files."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = tiny_llm_state_dict(seed)
+    state = tiny_llm_state_dict(seed, **overrides)
     keys = list(state)
     shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
               "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
@@ -254,7 +256,7 @@ def write_tiny_llm_folder(path: str | os.PathLike, seed: int = 0) -> Path:
     total = sum(v.numel() * 2 for v in state.values())
     _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                           "weight_map": {k: n for n, ks in shards.items() for k in ks}})
-    config = {**tiny_llm_config().to_dict(), "architectures": ["LlamaForCausalLM"], "torch_dtype": "float16"}
+    config = {**tiny_llm_config(**overrides).to_dict(), "architectures": ["LlamaForCausalLM"], "torch_dtype": "float16"}
     _write_json(folder / "config.json", config)
     write_tiny_llm_tokenizer(folder)
     return folder
@@ -269,12 +271,12 @@ def write_tiny_llm_single_file(path: str | os.PathLike, seed: int = 0, with_toke
     return path
 
 
-def write_tiny_clip_folder(path: str | os.PathLike, seed: int = 0) -> Path:
+def write_tiny_clip_folder(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """The official `text_encoder_2` layout (openai/clip-vit-large-patch14): a whole CLIPModel in fp32."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tiny_clip_state_dict(seed), folder / "model.safetensors", metadata={"format": "pt"})
-    _write_json(folder / "config.json", {**tiny_clip_config().to_dict(), "architectures": ["CLIPModel"]})
+    save_safetensors(tiny_clip_state_dict(seed, **overrides), folder / "model.safetensors", metadata={"format": "pt"})
+    _write_json(folder / "config.json", {**tiny_clip_config(**overrides).to_dict(), "architectures": ["CLIPModel"]})
     write_tiny_clip_tokenizer(folder)
     return folder
 
