@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile
 from musubi_tuner.hunyuan.fp8 import FP8_DTYPE, make_fp8_linear, quantize_rows
-from musubi_tuner.hunyuan.tokenization import TextTokenizer, load_clip_tokenizer, load_llm_tokenizer
+from musubi_tuner.hunyuan.tokenization import TextTokenizer, load_clip_tokenizer, load_llm_tokenizer, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class WeightFiles:
             raise UserError(f"{self.path}: {what} not found")
         files = _folder_weight_files(self.path) if self.path.is_dir() else [self.path]
         self.files = [StateDictFile(f, what=what) for f in files]
-        self.owner = {k: f for f in reversed(self.files) for k in f.keys()}
+        self.owner = {k: f for f in self.files for k in f.keys()}  # key -> the file that holds it
         self.metadata = self.files[0].metadata if len(self.files) == 1 else {}
 
     def keys(self) -> list[str]:
@@ -195,7 +195,7 @@ def _folder_weight_files(folder: Path) -> list[Path]:
     """An HF folder's weight files: the shards an index names, else every safetensors file, else `.bin` files."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text()).get("weight_map", {})
+            weight_map = read_json(folder / index).get("weight_map", {})
             shards = sorted({folder / name for name in weight_map.values()})
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
@@ -249,7 +249,7 @@ def _read_config(weights: WeightFiles, config_class, full_size: dict, model_type
     else the full-size config."""
     config_file = weights.path / "config.json"
     if weights.path.is_dir() and config_file.is_file():
-        raw = json.loads(config_file.read_text())
+        raw = read_json(config_file)
         if raw.get("model_type") == "clip":
             from transformers import CLIPConfig
 

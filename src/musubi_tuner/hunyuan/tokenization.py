@@ -209,7 +209,8 @@ def _add_bos(tokenizer: Tokenizer, bos: str) -> None:
 # ----------------------------------------------------------------------------------------------- HF folders
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict ({} if it does not exist); a UserError naming it if it is not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -221,7 +222,7 @@ def _read_json(path: Path) -> dict:
 def _configured_token(folder: Path, name: str) -> str | None:
     """A special token named in tokenizer_config.json or special_tokens_map.json (str or {"content": ...})."""
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        value = _read_json(folder / file).get(name)
+        value = read_json(folder / file).get(name)
         if isinstance(value, dict):
             value = value.get("content")
         if isinstance(value, str):
@@ -264,7 +265,7 @@ def clip_tokenizer_from_folder(folder: Path) -> TextTokenizer:
     if (folder / "tokenizer.json").is_file():
         tokenizer = _read_tokenizer_json(folder)
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        vocab = _read_json(folder / "vocab.json")
+        vocab = read_json(folder / "vocab.json")
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         tokenizer = clip_tokenizer(vocab, merges)
