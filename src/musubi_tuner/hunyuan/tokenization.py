@@ -63,10 +63,11 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 # the end-of-word mark) + 48894 merges + the two special tokens.
 CLIP_NUM_MERGES = 49408 - 512 - 2
 
-# PyPI packages that ship the vocabularies, as (import name, file inside it, what to pip install).
+# PyPI packages that ship the vocabularies, as (import name, file inside it, pip arguments).
+# open_clip_torch's dependencies (torchvision, timm) are not needed to read one file, hence --no-deps.
 LLAMA3_PACKAGED = (("llama_models", "llama3/tokenizer.model", "llama-models"),)
 CLIP_PACKAGED = (
-    ("open_clip", "bpe_simple_vocab_16e6.txt.gz", "open_clip_torch"),
+    ("open_clip", "bpe_simple_vocab_16e6.txt.gz", "--no-deps open_clip_torch"),
     ("clip", "bpe_simple_vocab_16e6.txt.gz", "openai-clip"),
 )
 
@@ -335,12 +336,12 @@ def find_tokenizer(kind: _Kind, model_path: Path, tokenizer_path: str | os.PathL
         path, module = found
         logger.info("%s tokenizer for %s: built from %s (package %s)", kind.name, model_path, path, module)
         return TextTokenizer(kind.from_package(path), kind.pad, source=f"{path} ({module})")
-    packages = " or ".join(p for _, _, p in kind.packaged)
-    where = candidates[-1] if candidates else model_path.parent / f"{model_path.stem}_tokenizer"
+    installs = " or ".join(f"`pip install {p}`" for _, _, p in kind.packaged)
+    where = candidates[-1] if candidates else model_path
+    why = "the folder has no tokenizer files" if model_path.is_dir() else "a single-file text encoder carries none"
     raise UserError(
-        f"{model_path}: no {kind.name} tokenizer found: a single-file text encoder carries none. "
-        f"Put the tokenizer files (tokenizer.json) in {where}, pass the official HF folder, "
-        f"or `pip install {packages}` (it ships the vocabulary; used offline)")
+        f"{model_path}: no {kind.name} tokenizer found ({why}). Put the tokenizer files (tokenizer.json) in "
+        f"{where}, pass the official HF folder, or {installs} (the vocabulary it ships is read offline)")
 
 
 def load_llm_tokenizer(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> TextTokenizer:
