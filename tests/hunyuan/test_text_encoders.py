@@ -89,6 +89,17 @@ def test_llm_tokenizer_equals_transformers_autotokenizer(files, llm):
     assert (ids[0][mask[0] == 0] == llm.tokenizer.tokenizer.token_to_id("<pad>")).all()
 
 
+def test_padding_and_truncation_saved_in_tokenizer_json_are_ignored(files, tmp_path, llm):
+    folder = tiny.write_tiny_llm_tokenizer(tmp_path / "tok")
+    saved = tiny.tiny_llm_tokenizer()
+    saved.enable_padding(length=40, pad_id=0)
+    saved.enable_truncation(40)
+    saved.save(str(folder / "tokenizer.json"))
+    encoder = te.load_text_encoder1(files["llm_file"], dtype=torch.float32, tokenizer_path=folder)
+    assert encoder.crop_start == llm.crop_start
+    assert torch.equal(encoder.tokenize(PROMPTS)[0], llm.tokenize(PROMPTS)[0])
+
+
 @pytest.mark.parametrize("drop_tokenizer_json", [False, True])
 def test_clip_tokenizer_equals_transformers(files, tmp_path, drop_tokenizer_json):
     folder = tiny.write_tiny_clip_tokenizer(tmp_path / "tok")

@@ -87,6 +87,9 @@ class TextTokenizer:
         pad_id = tokenizer.token_to_id(pad_token)
         if pad_id is None:
             raise UserError(f"{source}: the tokenizer has no padding token {pad_token!r}")
+        # Some tokenizer.json files carry padding/truncation settings; lengths are ours to set.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.tokenizer = tokenizer
         self.pad_token, self.pad_id = pad_token, pad_id
         self.source = source
