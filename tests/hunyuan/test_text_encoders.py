@@ -474,11 +474,12 @@ def test_missing_file_is_named(tmp_path, loader):
 
 
 @pytest.mark.parametrize("loader", [te.load_text_encoder1, te.load_text_encoder2])
-def test_a_dit_passed_as_a_text_encoder_is_named(tmp_path, loader):
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_a_dit_passed_as_a_text_encoder_is_named(tmp_path, loader, fmt):
     from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 
     config = tiny_dit_config()
-    path = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
+    path = write_dit(tmp_path / f"dit.{fmt}", random_dit_state_dict(config), config, fmt=fmt)
     one_line_error(loader, path, "DiT", "--dit")
 
 

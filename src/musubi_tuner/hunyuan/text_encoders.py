@@ -171,7 +171,8 @@ class WeightFiles:
         if not self.path.exists():
             raise UserError(f"{self.path}: {what} not found")
         files = _folder_weight_files(self.path) if self.path.is_dir() else [self.path]
-        self.files = [StateDictFile(f, what=what) for f in files]
+        # subdict keys: so that a pickled DiT (`module`) passed by mistake is recognised as one
+        self.files = [StateDictFile(f, what=what, subdict_keys=("module", "state_dict")) for f in files]
         self.owner = {k: f for f in self.files for k in f.keys()}  # key -> the file that holds it
         self.metadata = self.files[0].metadata if len(self.files) == 1 else {}
 
