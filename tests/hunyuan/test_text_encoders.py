@@ -370,7 +370,7 @@ def test_comfyui_scaled_fp8_file_loads(files, tmp_path):
     state = tiny.tiny_llm_state_dict(seed=1)
     scaled = {}
     for key, value in state.items():
-        if te._LLM_LINEAR.fullmatch(key.removeprefix("model.")):
+        if te.LLM_FP8_WEIGHTS.fullmatch(key.removeprefix("model.")):
             scale = value.abs().max() / 448
             scaled[key] = (value / scale).to(torch.float8_e4m3fn)
             scaled[key.removesuffix("weight") + "scale_weight"] = scale.reshape(1)
@@ -435,7 +435,7 @@ def test_full_size_llm_config_is_the_official_model(manifest):
 def test_full_size_llm_reads_the_official_and_comfyui_key_names(manifest, manifest_name):
     model = te.build_llm(LlamaConfig(**te.LLAVA_LLAMA3_CONFIG))
     file_shapes = {k: tuple(v) for k, v in manifest(manifest_name)["keys"].items()}
-    prefix = te._prefix_of(list(file_shapes), "embed_tokens.weight")
+    prefix = te.key_prefix(list(file_shapes), "embed_tokens.weight")
     plan = te.plan_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, file_shapes, prefix, "m", "LLM")
     unused = set(file_shapes) - set(plan.values())
     expected_unused = {k for k in file_shapes if k.startswith((prefix + "layers.30.", prefix + "layers.31."))}
@@ -448,7 +448,7 @@ def test_full_size_clip_reads_the_official_and_comfyui_key_names(manifest):
     for name in ("text_encoder_clip_l_CLIPTextModel.json", "comfyui_clip_l.json"):
         ref = manifest(name)
         file_shapes = {k: tuple(v) for k, v in ref["keys"].items()}
-        prefix = te._prefix_of(list(file_shapes), "embeddings.token_embedding.weight")
+        prefix = te.key_prefix(list(file_shapes), "embeddings.token_embedding.weight")
         plan = {k: te.clip_file_key(k, prefix) for k in model.state_dict()}
         assert sorted(plan.values()) == sorted(file_shapes)  # one to one, nothing left over
         assert all(file_shapes[plan[k]] == tuple(v.shape) for k, v in model.state_dict().items())

@@ -69,7 +69,8 @@ CLIP_L_CONFIG = dict(
 # Files we write that are not full size (the demo's tiny encoders) keep their config in the metadata.
 CONFIG_METADATA_KEY = "musubi_tuner.text_encoder_config"
 
-_LLM_LINEAR = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+# LLM weights stored in fp8 with --fp8_llm: the decoder layers' Linears (LlamaModel names).
+LLM_FP8_WEIGHTS = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 
 
 def crop_start_of(tokenizer: TextTokenizer, template: str = PROMPT_TEMPLATE_VIDEO) -> int:
@@ -225,7 +226,7 @@ def _what_is(keys: list[str]) -> str | None:
     return None
 
 
-def _prefix_of(keys: list[str], anchor: str) -> str | None:
+def key_prefix(keys: list[str], anchor: str) -> str | None:
     """The key prefix under which `anchor` sits (`model.` in LlamaForCausalLM files), shortest first."""
     found = [k[: -len(anchor)] for k in keys if k == anchor or k.endswith("." + anchor)]
     return min(found, key=len) if found else None
@@ -322,7 +323,7 @@ def load_text_encoder1(path: str | os.PathLike, dtype: torch.dtype | None = torc
     in bf16); the states are still returned in `dtype`."""
     weights = WeightFiles(path, "text encoder 1 (LLM)")
     keys = weights.keys()
-    prefix = _prefix_of(keys, "embed_tokens.weight")
+    prefix = key_prefix(keys, "embed_tokens.weight")
     if prefix is None:
         other = _what_is(keys)
         raise UserError(f"{weights.path}: not a Llama text encoder (no embed_tokens.weight)"
@@ -341,7 +342,7 @@ def load_text_encoder1(path: str | os.PathLike, dtype: torch.dtype | None = torc
     model = build_llm(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     plan = plan_keys(shapes, weights.shapes(), prefix, str(weights.path), "Llama text encoder")
-    fp8_keys = {k for k in plan if _LLM_LINEAR.fullmatch(k)} if fp8 else set()
+    fp8_keys = {k for k in plan if LLM_FP8_WEIGHTS.fullmatch(k)} if fp8 else set()
     _load_into(model, weights, plan, compute_dtype, device, fp8_keys)
     return LLMTextEncoder(model, tokenizer, dtype, weights.path, skip_padding=skip_padding)
 
@@ -366,7 +367,7 @@ def load_text_encoder2(path: str | os.PathLike, dtype: torch.dtype | None = torc
     """CLIP-L's text model from an HF folder (a whole CLIPModel is fine) or a single file."""
     weights = WeightFiles(path, "text encoder 2 (CLIP-L)")
     keys = weights.keys()
-    prefix = _prefix_of(keys, "embeddings.token_embedding.weight")
+    prefix = key_prefix(keys, "embeddings.token_embedding.weight")
     if prefix is None:
         other = _what_is(keys)
         raise UserError(f"{weights.path}: not a CLIP text encoder (no embeddings.token_embedding.weight)"
