@@ -1,0 +1,387 @@
+"""HunyuanVideo's two text encoders: the llava-llama-3-8b text tower (LLM) and CLIP-L.
+
+What HunyuanVideo reads from them (hyvideo/constants.py, hyvideo/text_encoder; musubi-tuner does the same):
+- LLM: the prompt inside the video prompt template (also for images), tokenized to `crop_start + 256`
+  tokens (right padding, truncation), the hidden state `HIDDEN_STATE_SKIP_LAYER = 2` layers before the
+  end without the final norm, i.e. the output of decoder layer 30 of 32, and the first `crop_start`
+  (template) positions cut off: states (B, 256, 4096) and mask (B, 256).
+- CLIP-L: 77 tokens, `pooler_output` (the final-layer-normed EOS state, no projection): (B, 768).
+
+Both models are transformers' own classes. Because the last two decoder layers, the final norm and
+`lm_head` never influence the states HunyuanVideo reads, the LLM is built without them: the weights are
+not loaded (0.9 to 1.9 GB less in fp16) and the two layers are not run.
+
+Accepted files (see docs/text_encoders.md): the official HF folders (`ckpts/text_encoder`,
+`ckpts/text_encoder_2`; also the diffusers `text_encoder` / `text_encoder_2` folders and whole
+llava / CLIP checkpoints), ComfyUI's single files (`llava_llama3_fp16.safetensors`, its scaled-fp8
+variant, `clip_l.safetensors`), and the tiny demo files. Each tensor is read, cast and placed one at a
+time onto a model built on the meta device.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import StateDictFile
+from musubi_tuner.hunyuan.fp8 import FP8_DTYPE, make_fp8_linear, quantize_rows
+from musubi_tuner.hunyuan.tokenization import TextTokenizer, load_clip_tokenizer, load_llm_tokenizer, read_json
+
+logger = logging.getLogger(__name__)
+
+# The official video template (hyvideo/constants.py PROMPT_TEMPLATE_ENCODE_VIDEO), byte for byte.
+PROMPT_TEMPLATE_VIDEO = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+CROP_START = 95             # tokens before the user prompt (BOS included) with the llava-llama-3 tokenizer
+LLM_MAX_LENGTH = 256        # prompt tokens kept after the crop
+HIDDEN_STATE_SKIP_LAYER = 2
+CLIP_MAX_LENGTH = 77
+
+# Single files carry no config: the full-size ones are these (the official folders' config.json).
+LLAVA_LLAMA3_CONFIG = dict(
+    vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_theta=500000.0, attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+    bos_token_id=128000, eos_token_id=128001,
+)
+CLIP_L_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+    # eos_token_id 2 is openai's legacy value: the pooler then takes the state at argmax(input_ids), the first EOS.
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+# Files we write that are not full size (the demo's tiny encoders) keep their config in the metadata.
+CONFIG_METADATA_KEY = "musubi_tuner.text_encoder_config"
+
+# LLM weights stored in fp8 with --fp8_llm: the decoder layers' Linears (LlamaModel names).
+LLM_FP8_WEIGHTS = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+
+
+def crop_start_of(tokenizer: TextTokenizer, template: str = PROMPT_TEMPLATE_VIDEO) -> int:
+    """Number of tokens before the user prompt (BOS included): 95 for the real template and tokenizer."""
+    return len(tokenizer.ids(template[: template.index("{}")]))
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+
+
+class LLMTextEncoder:
+    """The LLM side: prompts -> (states (B, 256, hidden) in `dtype`, mask (B, 256) int64).
+
+    `skip_padding`: run the model only up to the longest prompt of the batch and return zeros at the
+    padded positions (masked out everywhere downstream). Real positions are unchanged; the padded ones
+    differ from musubi-tuner's caches, so it is off by default.
+    """
+
+    def __init__(self, model: LlamaModel, tokenizer: TextTokenizer, dtype: torch.dtype, path: Path,
+                 skip_padding: bool = False):
+        self.model, self.tokenizer, self.dtype, self.path = model, tokenizer, dtype, path
+        self.crop_start = crop_start_of(tokenizer)
+        self.max_length = self.crop_start + LLM_MAX_LENGTH
+        self.skip_padding = skip_padding
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def to(self, device: torch.device | str) -> "LLMTextEncoder":
+        self.model.to(device)
+        return self
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Template applied; ids and mask (B, crop_start + 256) int64."""
+        return self.tokenizer([PROMPT_TEMPLATE_VIDEO.format(p) for p in prompts], self.max_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = list(prompts)
+        if not prompts:
+            return (torch.zeros(0, LLM_MAX_LENGTH, self.hidden_size, dtype=self.dtype, device=self.device),
+                    torch.zeros(0, LLM_MAX_LENGTH, dtype=torch.int64, device=self.device))
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        length = int(mask.sum(dim=1).max()) if self.skip_padding else self.max_length
+        states = self.model(input_ids=ids[:, :length], attention_mask=mask[:, :length], use_cache=False).last_hidden_state
+        if length < self.max_length:
+            states = nn.functional.pad(states, (0, 0, 0, self.max_length - length)) * mask[..., None].to(states.dtype)
+        return states[:, self.crop_start:].to(self.dtype), mask[:, self.crop_start:]
+
+
+class CLIPTextEncoder:
+    """The CLIP-L side: prompts -> (pooled (B, 768) in `dtype`, mask (B, 77) int64)."""
+
+    def __init__(self, model: CLIPTextModel, tokenizer: TextTokenizer, dtype: torch.dtype, path: Path):
+        self.model, self.tokenizer, self.dtype, self.path = model, tokenizer, dtype, path
+        self.max_length = CLIP_MAX_LENGTH
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def to(self, device: torch.device | str) -> "CLIPTextEncoder":
+        self.model.to(device)
+        return self
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokenizer(list(prompts), self.max_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = list(prompts)
+        if not prompts:
+            return (torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device),
+                    torch.zeros(0, CLIP_MAX_LENGTH, dtype=torch.int64, device=self.device))
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pooled = self.model(input_ids=ids, attention_mask=mask).pooler_output
+        return pooled.to(self.dtype), mask
+
+
+# ----------------------------------------------------------------------------------------------- weight files
+
+
+class WeightFiles:
+    """The tensors of a text encoder as one key space: a single file, or every weight file of an HF folder."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path}: {what} not found")
+        files = _folder_weight_files(self.path) if self.path.is_dir() else [self.path]
+        # subdict keys: so that a pickled DiT (`module`) passed by mistake is recognised as one
+        self.files = [StateDictFile(f, what=what, subdict_keys=("module", "state_dict")) for f in files]
+        self.owner = {k: f for f in self.files for k in f.keys()}  # key -> the file that holds it
+        self.metadata = self.files[0].metadata if len(self.files) == 1 else {}
+
+    def keys(self) -> list[str]:
+        return list(self.owner)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.owner
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: f.shape(k) for k, f in self.owner.items()}
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        return self.owner[key].get(key, dtype, device)
+
+    def float_dtype(self, key: str) -> torch.dtype:
+        return self.owner[key].dtype(key)
+
+
+def _folder_weight_files(folder: Path) -> list[Path]:
+    """An HF folder's weight files: the shards an index names, else every safetensors file, else `.bin` files."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            weight_map = read_json(folder / index).get("weight_map", {})
+            shards = sorted({folder / name for name in weight_map.values()})
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise UserError(f"{folder}: {index} names shards that are missing: {', '.join(missing[:3])}")
+            return shards
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise UserError(f"{folder}: no weight files in this folder (expected *.safetensors or pytorch_model*.bin)")
+
+
+def _what_is(keys: list[str]) -> str | None:
+    """A short description of a weight file that is not the expected text encoder, for error messages."""
+    sample = keys[:2000]
+    if any(k.startswith(("double_blocks.", "single_blocks.")) or ".double_blocks." in k for k in sample):
+        return "a HunyuanVideo DiT (pass it with --dit)"
+    if any(".lora_down." in k or ".lora_A." in k for k in sample):
+        return "a LoRA file (pass it with --lora_weight)"
+    if any(k.startswith(("encoder.down", "decoder.up", "encoder.down_blocks", "decoder.up_blocks")) for k in sample):
+        return "a VAE (pass it with --vae)"
+    if any(k.endswith("embed_tokens.weight") for k in sample):
+        return "the LLM text encoder (pass it with --text_encoder1)"
+    if any(k.endswith("embeddings.token_embedding.weight") for k in sample):
+        return "the CLIP-L text encoder (pass it with --text_encoder2)"
+    return None
+
+
+def key_prefix(keys: list[str], anchor: str) -> str | None:
+    """The key prefix under which `anchor` sits (`model.` in LlamaForCausalLM files), shortest first."""
+    found = [k[: -len(anchor)] for k in keys if k == anchor or k.endswith("." + anchor)]
+    return min(found, key=len) if found else None
+
+
+def plan_keys(model_shapes: dict[str, tuple[int, ...]], file_shapes: dict[str, tuple[int, ...]], prefix: str,
+              source: str, what: str) -> dict[str, str]:
+    """model key -> file key (`prefix + key`), checking that every tensor the model needs is there with its shape."""
+    plan = {k: prefix + k for k in model_shapes}
+    missing = [f for f in plan.values() if f not in file_shapes]
+    if missing:
+        raise UserError(f"{source}: not a complete {what}: {len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
+    for k, f in plan.items():
+        if tuple(file_shapes[f]) != tuple(model_shapes[k]):
+            raise UserError(f"{source}: tensor {f} has shape {list(file_shapes[f])}, expected {list(model_shapes[k])} "
+                            f"for this {what}")
+    return plan
+
+
+def _read_config(weights: WeightFiles, config_class, full_size: dict, model_type: str, what: str):
+    """The folder's config.json (a whole llava/CLIP config gives its text part), else the file's metadata,
+    else the full-size config."""
+    config_file = weights.path / "config.json"
+    if weights.path.is_dir() and config_file.is_file():
+        raw = read_json(config_file)
+        if raw.get("model_type") == "clip":
+            from transformers import CLIPConfig
+
+            config = CLIPConfig.from_pretrained(str(weights.path)).text_config
+        else:
+            config = config_class(**raw.get("text_config", raw))
+        if config.model_type != model_type:
+            raise UserError(f"{config_file}: model_type {config.model_type!r} is not a {what} ({model_type!r})")
+        return config
+    if CONFIG_METADATA_KEY in weights.metadata:
+        return config_class(**json.loads(weights.metadata[CONFIG_METADATA_KEY]))
+    return config_class(**full_size)
+
+
+def _load_into(model: nn.Module, weights: WeightFiles, plan: dict[str, str], dtype: torch.dtype, device,
+               fp8_keys: set[str] = frozenset()) -> None:
+    """Read each tensor into a model built on meta; `fp8_keys` become float8 e4m3fn with per-row scales."""
+    state, scales = {}, {}
+    for key, file_key in plan.items():
+        scale_key = file_key.removesuffix("weight") + "scale_weight"   # ComfyUI's scaled-fp8 files
+        scale = weights.get(scale_key, torch.float32) if scale_key in weights else None
+        if key in fp8_keys:
+            raw = weights.get(file_key, device=device)
+            weight, row_scale = quantize_rows(raw) if scale is None else (raw.to(FP8_DTYPE), None)
+            if scale is not None:
+                row_scale = scale.to(device).reshape(-1).expand(weight.shape[0]).contiguous()
+            state[key], scales[key] = weight, row_scale
+        elif scale is not None:
+            state[key] = (weights.get(file_key, torch.float32, device) * scale.to(device)).to(dtype)
+        else:
+            state[key] = weights.get(file_key, dtype, device)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device)  # the non-persistent buffers (rotary frequencies, position ids) were built on the CPU
+    for key, scale in scales.items():
+        make_fp8_linear(model.get_submodule(key.removesuffix(".weight")), scale)
+    model.requires_grad_(False)
+    model.eval()
+
+
+def _default_dtype(weights: WeightFiles, key: str, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    stored = weights.float_dtype(key)
+    return stored if stored in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------- LLM
+
+
+def build_llm(config: LlamaConfig) -> LlamaModel:
+    """A LlamaModel holding only what HunyuanVideo reads: all but the last `HIDDEN_STATE_SKIP_LAYER`
+    decoder layers and no final norm, so `last_hidden_state` is `hidden_states[-3]` of the full model.
+    Parameters on the meta device (buffers real), to be filled by loading."""
+    from accelerate import init_empty_weights
+
+    config = copy.deepcopy(config)
+    config.num_hidden_layers -= HIDDEN_STATE_SKIP_LAYER
+    with init_empty_weights():
+        model = LlamaModel(config)
+    model.norm = nn.Identity()
+    return model
+
+
+def load_text_encoder1(path: str | os.PathLike, dtype: torch.dtype | None = torch.float16, device="cpu",
+                       fp8: bool = False, tokenizer_path: str | os.PathLike | None = None,
+                       skip_padding: bool = False) -> LLMTextEncoder:
+    """The LLM from an HF folder or a single file. dtype None keeps the stored dtype. fp8: decoder-layer
+    Linear weights stored in float8 e4m3fn with per-row scales and computed in bf16 (embedding and norms
+    in bf16); the states are still returned in `dtype`."""
+    weights = WeightFiles(path, "text encoder 1 (LLM)")
+    keys = weights.keys()
+    prefix = key_prefix(keys, "embed_tokens.weight")
+    if prefix is None:
+        other = _what_is(keys)
+        raise UserError(f"{weights.path}: not a Llama text encoder (no embed_tokens.weight)"
+                        + (f"; this looks like {other}" if other else ""))
+    config = _read_config(weights, LlamaConfig, LLAVA_LLAMA3_CONFIG, "llama", "Llama text encoder")
+    file_layers = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
+    if len(file_layers) != config.num_hidden_layers:
+        raise UserError(f"{weights.path}: has {len(file_layers)} decoder layers, the config says {config.num_hidden_layers}")
+    dtype = _default_dtype(weights, prefix + "embed_tokens.weight", dtype)
+    compute_dtype = torch.bfloat16 if fp8 else dtype
+
+    tokenizer = load_llm_tokenizer(weights.path, tokenizer_path)
+    if tokenizer.max_id() >= config.vocab_size:
+        raise UserError(f"{tokenizer.source}: tokenizer ids go up to {tokenizer.max_id()} but {weights.path} "
+                        f"has only {config.vocab_size} embeddings; the tokenizer does not belong to this model")
+    model = build_llm(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    plan = plan_keys(shapes, weights.shapes(), prefix, str(weights.path), "Llama text encoder")
+    fp8_keys = {k for k in plan if LLM_FP8_WEIGHTS.fullmatch(k)} if fp8 else set()
+    _load_into(model, weights, plan, compute_dtype, device, fp8_keys)
+    return LLMTextEncoder(model, tokenizer, dtype, weights.path, skip_padding=skip_padding)
+
+
+# ----------------------------------------------------------------------------------------------- CLIP
+
+
+def build_clip(config: CLIPTextConfig) -> CLIPTextModel:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return CLIPTextModel(config)
+
+
+def clip_file_key(model_key: str, prefix: str) -> str:
+    """Files name CLIP's tensors `text_model.*`; transformers 5 names them without it in memory, 4.x with it."""
+    return prefix + model_key.removeprefix("text_model.")
+
+
+def load_text_encoder2(path: str | os.PathLike, dtype: torch.dtype | None = torch.float16, device="cpu",
+                       tokenizer_path: str | os.PathLike | None = None) -> CLIPTextEncoder:
+    """CLIP-L's text model from an HF folder (a whole CLIPModel is fine) or a single file."""
+    weights = WeightFiles(path, "text encoder 2 (CLIP-L)")
+    keys = weights.keys()
+    prefix = key_prefix(keys, "embeddings.token_embedding.weight")
+    if prefix is None:
+        other = _what_is(keys)
+        raise UserError(f"{weights.path}: not a CLIP text encoder (no embeddings.token_embedding.weight)"
+                        + (f"; this looks like {other}" if other else ""))
+    config = _read_config(weights, CLIPTextConfig, CLIP_L_CONFIG, "clip_text_model", "CLIP text model")
+    dtype = _default_dtype(weights, prefix + "embeddings.token_embedding.weight", dtype)
+    tokenizer = load_clip_tokenizer(weights.path, tokenizer_path)
+    if tokenizer.max_id() >= config.vocab_size:
+        raise UserError(f"{tokenizer.source}: tokenizer ids go up to {tokenizer.max_id()} but {weights.path} "
+                        f"has only {config.vocab_size} embeddings; the tokenizer does not belong to this model")
+    model = build_clip(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    file_shapes = weights.shapes()
+    plan = {k: clip_file_key(k, prefix) for k in shapes}
+    plan_keys({plan[k]: s for k, s in shapes.items()}, file_shapes, "", str(weights.path), "CLIP text model")
+    _load_into(model, weights, plan, dtype, device)
+    return CLIPTextEncoder(model, tokenizer, dtype, weights.path)
