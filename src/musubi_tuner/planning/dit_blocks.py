@@ -89,35 +89,42 @@ class BlockTracer:
             self.t.drop(handle)
 
     # ------------------------------------------------------------------------------ ops
-    def linear(self, saved: Saved, key: str, x: int, tokens: int, n_in: int, n_out: int, lora: bool, block_linear: bool = True) -> int:
+    def linear(self, saved: Saved, key: str, x: int, tokens: int, n_in: int, n_out: int, lora: bool, strided: bool = False) -> int:
         """nn.Linear (fp8 / cast weights dequantized per use) plus the LoRA module wrapped around it.
 
         LoRA (networks.lora): out = W x + b; then h = down(x), up(h) * scale, out + that: three output-sized
-        tensors are alive at the add.
+        tensors are alive at the add. `strided`: x is a slice of a longer sequence (a split along the
+        tokens with batch > 1), which each matmul first copies into rows.
         """
         s = self.s
         weight = None
-        if (s.fp8 and block_linear) or s.weight_cast:
+        if s.fp8 or s.weight_cast:
             weight = self.new(n_out * n_in, part=WEIGHT_COPIES)  # w.to(compute dtype)
-            if s.fp8 and s.fp8_scaled and block_linear:
+            if s.fp8 and s.fp8_scaled:
                 scaled = self.new(n_out * n_in, part=WEIGHT_COPIES)  # w * row scales
                 self.t.drop(weight)
                 weight = scaled
             self.keep(saved, key + ".weight", weight, part=WEIGHT_COPIES)  # the input grad needs it
+        rows = self.new(s.batch * tokens * n_in) if strided else None
         out = self.new(s.batch * tokens * n_out)
-        self.t.drop(weight)
+        self.t.drop(weight, rows)
         if not lora:
             return out
         r = s.lora_rank
+        if strided:  # lora_down's own copy of the rows, which it saves
+            x = self.new(s.batch * tokens * n_in)
         h = self.new(s.batch * tokens * r)
         self.keep(saved, key + ".lora_in", x)  # lora_down saves its input
         self.keep(saved, key + ".lora_h", h)  # lora_up saves its input
-        self.keep_new(saved, key + ".lora_w", r * (n_in + n_out))  # autocast's bf16 copies of the fp32 LoRA weights
+        if s.act == 2:  # autocast keeps bf16 copies of the float32 LoRA weights for the forward
+            self.keep_new(saved, key + ".lora_w", r * (n_in + n_out))
         up = self.new(s.batch * tokens * n_out)
         scaled_up = self.new(s.batch * tokens * n_out)
         self.t.drop(up)
         total = self.new(s.batch * tokens * n_out)
         self.t.drop(out, scaled_up, h)
+        if strided:
+            self.t.drop(x)
         return total
 
     def modulate_norm(self, saved: Saved, key: str, x: int, tokens: int, input_needs_grad: bool) -> int:
@@ -225,7 +232,7 @@ class BlockTracer:
         attn = self.attention(saved, "attn", q, k, v)
         outs = {}
         for name, (x, n) in streams.items():
-            proj = self.linear(saved, name + ".proj", attn, n, C, C, lora)
+            proj = self.linear(saved, name + ".proj", attn, n, C, C, lora, strided=s.batch > 1)
             mid = self.gated_residual(n)
             self.t.drop(proj)
             normed = self.modulate_norm(saved, name + ".norm2", mid, n, self.grad)

@@ -59,6 +59,7 @@ class Plan:
     time: StepTime
     gpu: GPU
     steps: int = 1  # denoising steps (generation)
+    utilisation: float = DEFAULT_UTILISATION
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -107,7 +108,8 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float = 
                 encoders.vae_decode_stage(work.frames, work.height, work.width, work.batch, True, opts.vae_spatial_tile_sample_min_size)))
     flops, note = step_flops(work, opts)
     time = step_time(work, opts, device, utilisation)
-    return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, warnings=warnings)
+    return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, utilisation=utilisation,
+                warnings=warnings)
 
 
 def step_flops(work: Workload, opts: MemoryOptions) -> tuple[int, str]:
