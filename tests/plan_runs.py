@@ -144,6 +144,11 @@ def make_run(work: Workload, opts: MemoryOptions):
 
 def measured_tensor_peak(work: Workload, opts: MemoryOptions) -> int:
     """Peak bytes of live tensors during one steady-state step (after a first step created the optimizer state)."""
+    return measured_tensor_bytes(work, opts)[0]
+
+
+def measured_tensor_bytes(work: Workload, opts: MemoryOptions) -> tuple[int, int]:
+    """(peak during a steady-state step, bytes alive before it: weights, LoRA, optimizer state, batch)."""
     run = make_run(work, opts)
     run.step()
     counter = TensorBytes()
@@ -152,9 +157,10 @@ def measured_tensor_peak(work: Workload, opts: MemoryOptions) -> int:
 
     c = work.config
     counter.track(rope_frequencies(work.latent_shape, c.patch_size, c.rope_dim_list, c.rope_theta))  # cached between steps
+    before = counter.current
     with counter:
         run.step()
-    return counter.peak
+    return counter.peak, before
 
 
 def saved_bytes_by_block(work: Workload, opts: MemoryOptions) -> dict[tuple[str, int], int]:
