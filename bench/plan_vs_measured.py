@@ -85,10 +85,11 @@ def worker(name: str, what: str) -> dict:
     run = make_run(work, opts)
     run.step()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = rss_mib()
     reset_peak()
     t0 = time.perf_counter()
     run.step()
-    return {"rss": (peak_mib() - base) * 2**20, "step_s": time.perf_counter() - t0}
+    return {"rss": (peak_mib() - base) * 2**20, "rss_before": (before - base) * 2**20, "step_s": time.perf_counter() - t0}
 
 
 def measure(name: str) -> dict:
@@ -130,8 +131,11 @@ def main() -> None:
             "error": f"{predicted / m['tensors'] - 1:+.1%}",
             "RSS MiB": f"{m['rss'] / mib:.0f}",
             "error vs RSS": f"{predicted / m['rss'] - 1:+.1%}",
-            "of which the step": f"{(m['tensors'] - before) / mib:.0f}",
-            "error on the step": f"{(predicted - before) / (m['tensors'] - before) - 1:+.1%}",
+            "step: tensors MiB": f"{(m['tensors'] - before) / mib:.0f}",
+            "step error": f"{(predicted - before) / (m['tensors'] - before) - 1:+.1%}",
+            "step: RSS MiB": f"{(m['rss'] - m['rss_before']) / mib:.0f}",
+            "step error vs RSS": f"{(predicted - before) / (m['rss'] - m['rss_before']) - 1:+.1%}",
+            "RSS - tensors before the step": f"{(m['rss_before'] - before) / mib:.0f}",
             "step s": f"{m['step_s']:.1f}",
         })
         print(table(rows[-1:], list(rows[-1])), flush=True)

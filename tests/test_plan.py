@@ -129,13 +129,14 @@ def test_block_swap_needs_checkpointing_to_save_memory_in_training():
     h100 = gpu("h100")
     plain = plan(work, MemoryOptions(), h100)
     swapped = plan(work, MemoryOptions(blocks_to_swap=20), h100)
-    assert swapped.dit_stage.device_peak >= plain.dit_stage.device_peak  # every copy is kept for backward
-    assert any("saves no GPU memory" in w for w in swapped.warnings)
+    # every copy is kept for backward but the modulation Linears' (their input needs no grad): little is saved
+    streamed = sum(sizes.dit_sizes(HUNYUAN_T2V).block_linear_weight_bytes(k, 2, False)
+                   for k in [("double", i) for i in range(10, 20)] + [("single", i) for i in range(19, 40)])
+    assert plain.dit_stage.device_peak - swapped.dit_stage.device_peak < 0.3 * streamed
+    assert any("saves little GPU memory" in w for w in swapped.warnings)
     ckpt = plan(work, MemoryOptions(gradient_checkpointing=True), h100)
     ckpt_swapped = plan(work, MemoryOptions(gradient_checkpointing=True, blocks_to_swap=20), h100)
     saved = ckpt.dit_stage.device_peak - ckpt_swapped.dit_stage.device_peak
-    streamed = sum(sizes.dit_sizes(HUNYUAN_T2V).block_linear_weight_bytes(k, 2, False)
-                   for k in [("double", i) for i in range(10, 20)] + [("single", i) for i in range(19, 40)])
     assert 0.9 * streamed < saved < streamed  # less the two blocks in flight
     assert ckpt_swapped.dit_stage.host == pytest.approx(streamed, rel=0.01)
 

@@ -300,8 +300,11 @@ class BlockTracer:
             self.t.unsave(saved[key + ".lora_in"], saved[key + ".lora_w"])
         input_grad = self.new(rows * n_in) if needs_input_grad else None  # grad @ W
         self.t.unsave(saved[key + ".weight"])
-        self.t.drop(lora_input_grad)  # summed into input_grad
-        return input_grad
+        if lora_input_grad is None:
+            return input_grad
+        total = self.new(rows * n_in)  # autograd sums the two gradients out of place
+        self.t.drop(lora_input_grad, input_grad)
+        return total
 
     def rope_backward(self, grad: int, tokens: int) -> int:
         """Grad of the rope input from the grad of its output (float32 inside)."""
@@ -330,8 +333,10 @@ class BlockTracer:
         weighted = self.new(n)  # (.. * weight) backward
         grad32 = self.new(n, 4)  # .to(dtype) backward
         self.t.drop(weighted)
-        normed_grad = self.new(n, 4)  # rms_norm backward
-        self.t.drop(grad32)
+        # rms_norm backward, as its decomposition runs: x * rstd, grad * that, the sum's broadcast, the result
+        temps = [self.new(n, 4) for _ in range(3)]
+        normed_grad = self.new(n, 4)
+        self.t.drop(grad32, *temps)
         self.t.unsave(saved[key + ".float"], saved[key + ".rstd"])
         out = self.new(n)  # .float() backward
         self.t.drop(normed_grad)
@@ -416,7 +421,10 @@ class BlockTracer:
 
     def _norm_backward(self, saved: Saved, key: str, grad: int | None, tokens: int, needs_input_grad: bool) -> None:
         """layer_norm backward; its grad is summed into the residual's grad, which the caller holds."""
-        if needs_input_grad and grad is not None:
-            self.t.drop(self.new(self.s.batch * tokens * self.s.hidden))
+        if needs_input_grad and grad is not None:  # the norm's grad, then its out-of-place sum with the residual's
+            n = self.s.batch * tokens * self.s.hidden
+            norm_grad = self.new(n)
+            self.t.drop(grad)
+            self.t.drop(self.new(n), norm_grad)  # the sum replaces the residual's grad the caller holds
         self.t.drop(grad)
         self.t.unsave(saved[key + ".in"], saved[key + ".stats"])

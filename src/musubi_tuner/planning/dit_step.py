@@ -93,8 +93,10 @@ class _Swap:
     def __init__(self, sizes: DiTSizes, opts: MemoryOptions, device: MemoryTrace):
         self.bytes = swapped_blocks(sizes, opts)
         self.order = list(self.bytes)
+        # autograd keeps the weights whose layer's input needs a grad: all but the modulation Linears
+        self.kept_bytes = {key: sizes.block_linear_weight_bytes(key, opts.weight_bytes, opts.fp8, modulation=False) for key in self.order}
         self.t = device
-        self.copies: dict[tuple[str, int], int] = {}
+        self.copies: dict[tuple[str, int], tuple[int, int]] = {}
 
     def before(self, key, backward: bool) -> None:
         if key not in self.bytes:
@@ -106,17 +108,19 @@ class _Swap:
 
     def after(self, key, kept_by_autograd: bool) -> int | None:
         """The block is done: drop our reference. Returns the copy's handle if autograd keeps it."""
-        handle = self.copies.pop(key, None)
-        if handle is None:
+        handles = self.copies.pop(key, None)
+        if handles is None:
             return None
+        kept, modulation = handles
         if kept_by_autograd:
-            self.t.save(handle)
-        self.t.drop(handle)
-        return handle if kept_by_autograd else None
+            self.t.save(kept)
+        self.t.drop(kept, modulation)
+        return kept if kept_by_autograd else None
 
     def _fetch(self, key) -> None:
         if key not in self.copies:
-            self.copies[key] = self.t.alloc(self.bytes[key], SWAP_COPIES)
+            kept = self.kept_bytes[key]
+            self.copies[key] = (self.t.alloc(kept, SWAP_COPIES), self.t.alloc(self.bytes[key] - kept, SWAP_COPIES))
 
 
 def _resident_weights(sizes: DiTSizes, opts: MemoryOptions, device: MemoryTrace, host: MemoryTrace, swap: _Swap | None,

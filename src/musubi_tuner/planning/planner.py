@@ -171,8 +171,9 @@ def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: flo
 def _warnings(work: Workload, opts: MemoryOptions) -> list[str]:
     out = []
     if work.mode == "train" and opts.blocks_to_swap and not opts.gradient_checkpointing:
-        out.append("--blocks_to_swap without --gradient_checkpointing saves no GPU memory in training: autograd keeps every "
-                   "swapped block's on-device weights until backward. Add --gradient_checkpointing.")
+        out.append("--blocks_to_swap without --gradient_checkpointing saves little GPU memory in training: autograd keeps "
+                   "every swapped block's on-device weights until backward (all but the modulation layers'). "
+                   "Add --gradient_checkpointing.")
     if work.mode == "train" and opts.fp8 and not opts.gradient_checkpointing:
         out.append("--fp8_base without --gradient_checkpointing keeps a bf16 copy of every fp8 weight for backward "
                    "(the input gradients need them): more memory than bf16 weights. Add --gradient_checkpointing.")

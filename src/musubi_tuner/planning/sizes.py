@@ -50,6 +50,11 @@ class LinearShape:
     def weight_params(self) -> int:
         return self.in_features * self.out_features
 
+    @property
+    def modulation(self) -> bool:
+        """img_mod / txt_mod / modulation: fed the conditioning vector, which needs no grad."""
+        return self.path.endswith(("_mod.linear", "modulation.linear"))
+
 
 @dataclass(frozen=True)
 class DiTSizes:
@@ -94,9 +99,11 @@ class DiTSizes:
             host[label] = host.get(label, 0) + self.embedder_params * dtype_bytes
         return device, host
 
-    def block_linear_weight_bytes(self, block: tuple[str, int], dtype_bytes: int, fp8: bool) -> int:
-        """What block swap streams for one block: its Linear weights at their storage dtype."""
-        return sum(lin.weight_params * (1 if fp8 and lin.fp8 else dtype_bytes) for lin in self.linears_of(block))
+    def block_linear_weight_bytes(self, block: tuple[str, int], dtype_bytes: int, fp8: bool, modulation: bool = True) -> int:
+        """What block swap streams for one block: its Linear weights at their storage dtype (without the
+        modulation Linears when `modulation` is False)."""
+        return sum(lin.weight_params * (1 if fp8 and lin.fp8 else dtype_bytes) for lin in self.linears_of(block)
+                   if modulation or not lin.modulation)
 
 
 @functools.lru_cache(maxsize=8)
