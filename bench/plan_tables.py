@@ -19,21 +19,22 @@ SIZES = ((544, 960), (720, 1280))
 BUDGETS = (12, 16, 24, 80)
 
 
-def budget_table(mode: str) -> str:
+def budget_table(mode: str, clips=((544, 960, 129), (720, 1280, 129))) -> str:
     lines = [f"| video | budget | fastest option set that fits | needs | {'s / step' if mode == 'train' else 'denoising, 50 steps'} | GPU figures |",
              "|---|---|---|---|---|---|"]
-    for h, w in SIZES:
-        work = Workload(HUNYUAN_T2V, h, w, 129, mode=mode)
+    for h, w, f in clips:
+        work = Workload(HUNYUAN_T2V, h, w, f, mode=mode)
         for budget in BUDGETS:
             device = gpu(default_gpu_for_budget(budget))
             search = fit_budget(work, MemoryOptions(), budget, device)
             if search.best is None:
                 smallest = min(search.ruled_out, key=lambda c: c.plan.needed)
-                lines.append(f"| {h}x{w}x129 | {budget} GB | nothing fits (smallest: {smallest.plan.needed / 1e9:.1f} GB) | | | |")
+                lines.append(f"| {h}x{w}x{f} | {budget} GB | nothing fits (smallest: `{smallest.options.flags(mode)}`) | "
+                             f"{smallest.plan.needed / 1e9:.1f} GB | | |")
                 continue
             p = search.best.plan
             t = p.time.total_s * (1 if mode == "train" else p.steps)
-            lines.append(f"| {h}x{w}x129 | {budget} GB | `{search.best.options.flags(mode)}` | {p.needed / 1e9:.1f} GB "
+            lines.append(f"| {h}x{w}x{f} | {budget} GB | `{search.best.options.flags(mode)}` | {p.needed / 1e9:.1f} GB "
                          f"(DiT {p.dit_stage.device_peak / 1e9:.1f}, host {p.dit_stage.host / 1e9:.0f}) | {duration(t)} | {device.name} |")
     return "\n".join(lines)
 
@@ -85,6 +86,8 @@ def sum_resident(p) -> int:
 if __name__ == "__main__":
     print("## Training (LoRA rank 32, AdamW, bf16 autocast; caching commands included)\n")
     print(budget_table("train"))
+    print("\nShorter clips and images:\n")
+    print(budget_table("train", ((544, 960, 33), (544, 960, 1))))
     print("\n## Generation (50 steps, embedded guidance)\n")
     print(budget_table("generate"))
     print("\n## Stages, no memory options (training)\n")

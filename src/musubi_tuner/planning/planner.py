@@ -197,7 +197,7 @@ class Candidate:
 class Search:
     budget_bytes: float
     best: Candidate | None
-    ruled_out: list[Candidate]  # faster sets that do not fit, fastest first
+    ruled_out: list[Candidate]  # faster sets that do not fit, fastest first (nothing fits: the smallest sets)
     also_fit: list[Candidate]  # slower sets that fit
 
 
@@ -234,8 +234,8 @@ def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GP
     # fastest first; at equal speed prefer bf16 weights (fp8 costs some quality), then fewer swapped blocks
     candidates.sort(key=lambda c: (round(c.plan.time.total_s, 3), c.options.fp8, c.options.blocks_to_swap))
     best = next((c for c in candidates if c.plan.fits(budget)), None)
-    if best is None:
-        return Search(budget, None, candidates[:6], [])
+    if best is None:  # show the smallest sets tried
+        return Search(budget, None, sorted(candidates, key=lambda c: c.plan.needed)[:6], [])
     i = candidates.index(best)
     faster = [c for c in candidates[:i] if not c.plan.fits(budget)]
     slower = [c for c in candidates[i + 1:] if c.plan.fits(budget)]
