@@ -3,11 +3,13 @@
 These models are loaded one at a time, used, and freed (inference.pipeline), so each is a stage of its
 own. The text encoders are standard transformers models whose activations at 351 tokens are small next
 to their weights. The VAE is the opposite: 0.5 GB of weights and activations of up to 900 channels of
-full-resolution video per tile; its replay below walks the decoder and encoder of the published
+full-resolution video per tile; its replay below (checked against diffusers' implementation of the same
+architecture by bench/vae_plan_vs_diffusers.py) walks the decoder and encoder of the published
 architecture (musubi-tuner-behaviour.md 4.2, 4.3) with the same ledger as the DiT:
 
 - a ResNet block holds its input (the residual), the norm/SiLU output, the causally padded copy the
   convolution reads and the convolution's output;
+- an up / down block's input stays alive until the block returns (the decoder's loop holds it);
 - an upsampler holds the interpolated frames, their concatenation and the padded copy;
 - the mid-block attention builds a frame-causal additive mask of L x L for the L latent tokens of a
   tile (as the official and diffusers code do);
@@ -122,9 +124,11 @@ class _VAEReplay:
         return result
 
     def stage(self, x: int, c_in: int, c_out: int, shape, resnets: int) -> int:
+        """ResNet blocks in a row; the stage's input stays held by its caller (dropped by the caller)."""
         for i in range(resnets):
             y = self.resnet(x, c_in if i == 0 else c_out, c_out, shape)
-            self.t.drop(x)
+            if i:
+                self.t.drop(x)
             x = y
         return x
 
@@ -133,24 +137,28 @@ class _VAEReplay:
         f, h, w = latent_shape
         z = self.tensor(VAE_LATENT_CHANNELS, latent_shape)
         x = self.conv(z, VAE_LATENT_CHANNELS, channels[0], latent_shape)
+        mid_in = x
         x = self.stage(x, channels[0], channels[0], latent_shape, 1)
         y = self.attention(x, channels[0], latent_shape)
         self.t.drop(x)
         x = self.stage(y, channels[0], channels[0], latent_shape, 1)
+        self.t.drop(y, mid_in)
         shape = latent_shape
         c_prev = channels[0]
         for i, c in enumerate(channels):
+            block_in = x  # the decoder's loop holds an up block's input until the block returns
             x = self.stage(x, c_prev, c, shape, 3)
             c_prev = c
             if i < len(channels) - 1:  # upsample: 2x in space; 2x in time (the first frame alone) in the first two
                 frames = shape[0] * 2 - 1 if i < 2 else shape[0]
                 up_shape = (frames, shape[1] * 2, shape[2] * 2)
-                pieces = self.tensor(c, up_shape)  # the first frame and the rest, interpolated
+                pieces = self.tensor(c, up_shape)  # the first frame and the rest, interpolated (locals until return)
                 joined = self.tensor(c, up_shape)
-                self.t.drop(pieces, x)
-                x = self.conv(joined, c, c, up_shape)
-                self.t.drop(joined)
+                y = self.conv(joined, c, c, up_shape)
+                self.t.drop(pieces, joined, x)
+                x = y
                 shape = up_shape
+            self.t.drop(block_in)
         normed = self.tensor(c_prev, shape)
         act = self.tensor(c_prev, shape)
         self.t.drop(normed, x)
@@ -164,6 +172,7 @@ class _VAEReplay:
         shape = pixel_shape
         c_prev = channels[0]
         for i, c in enumerate(channels):
+            block_in = x  # held by the encoder's loop until the down block returns
             x = self.stage(x, c_prev, c, shape, 2)
             c_prev = c
             if i < len(channels) - 1:  # downsample: 2x in space in the first three, 2x in time in blocks 1 and 2
@@ -172,10 +181,13 @@ class _VAEReplay:
                 y = self.conv(x, c, c, shape, down)
                 self.t.drop(x)
                 x, shape = y, down
+            self.t.drop(block_in)
+        mid_in = x
         x = self.stage(x, c_prev, c_prev, shape, 1)
         y = self.attention(x, c_prev, shape)
         self.t.drop(x)
         x = self.stage(y, c_prev, c_prev, shape, 1)
+        self.t.drop(y, mid_in)
         out = self.conv(x, c_prev, 2 * VAE_LATENT_CHANNELS, shape)
         self.t.drop(x, out, pixels)
 
