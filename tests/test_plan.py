@@ -1,7 +1,5 @@
 """The planner: sizes from the real shapes, a replay that matches what autograd and the allocator see, budgets."""
 
-import json
-import os
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from musubi_tuner.hunyuan.cost import forward_flops, train_step_flops
 from musubi_tuner.hunyuan.fp8 import is_fp8_weight
 from musubi_tuner.planning import MemoryOptions, Workload, fit_budget, gpu, plan
 from musubi_tuner.planning import sizes
-from musubi_tuner.planning.dit_blocks import BlockShapes, BlockTracer
+from musubi_tuner.planning.dit_blocks import BlockTracer
 from musubi_tuner.planning.dit_step import block_shapes, replay_sampling_call, replay_training_step
 from musubi_tuner.planning.trace import MemoryTrace
 from plan_runs import measured_tensor_peak, saved_bytes_by_block

@@ -156,103 +156,118 @@ def _blocks(config) -> list[tuple[str, int]]:
 
 def replay_training_step(work: Workload, opts: MemoryOptions, on_cpu: bool = False) -> StepReplay:
     """One optimizer step of LoRA training (steady state: the optimizer state exists, the grads do not yet)."""
-    sizes = dit_sizes(work.config)
-    device = MemoryTrace()
-    host = device if on_cpu else MemoryTrace()
-    c = work.config
-    B, a, r = work.batch, opts.act_bytes, opts.network_dim
-    shapes = block_shapes(work, opts, B, r, work.text_lengths)
-    joint_bytes = B * shapes.tokens * c.hidden_size * a
-    swap = _Swap(sizes, opts, device) if opts.blocks_to_swap else None
-    ckpt = opts.gradient_checkpointing
-    offload = ckpt and opts.gradient_checkpointing_cpu_offload and not on_cpu
-    recording = BlockTracer(device, shapes, grad=True)
-    plain = BlockTracer(device, shapes, grad=False)  # checkpointed blocks keep nothing in their first forward
+    return _TrainingStep(work, opts, on_cpu).run()
 
-    _resident_weights(sizes, opts, device, host, swap, on_cpu)
-    device.alloc(4 * sizes.lora_params(r), LORA)
-    device.alloc(optimizer_state_bytes(sizes, opts), OPTIMIZER)
-    latent_elems = B * c.out_channels * work.latent_shape[0] * work.latent_shape[1] * work.latent_shape[2]
-    inputs = device.alloc(4 * latent_elems * (4 if c.in_channels > c.out_channels else 3) + 2 * B * 256 * c.text_states_dim, INPUTS)
 
-    # ------------------------------------------------------------------ forward
-    device.where = "forward"
-    img, txt, rope = _embed(device, sizes, work, opts, B)
-    saved_by_block, held_inputs, copies = {}, {}, {}
-    x = last_double = None
-    for key in _blocks(c):
-        kind, i = key
-        if kind == "single" and x is None:
-            x = device.alloc(joint_bytes, WORK)  # torch.cat([img, txt])
-            last_double = (img, txt)  # dit.forward's locals keep them until after the single blocks
-        args = (img, txt) if kind == "double" else (x,)
-        needs_grad = key != ("double", 0)  # img_in / txt_in outputs do not require grad
-        if swap:
-            swap.before(key, backward=False)
-        tracer = plain if ckpt else recording
-        if kind == "double":
-            img, txt, saved = tracer.double_block(*args, needs_grad)
-        else:
-            x, saved = tracer.single_block(*args, needs_grad)
-        if swap:
-            copies[key] = swap.after(key, kept_by_autograd=not ckpt and not opts.fp8)
-        if not ckpt:
-            saved_by_block[key] = saved
-        elif offload and key != ("double", 0):  # the block's inputs arrived in host memory
-            held_inputs[key] = [host.alloc(device.nbytes(h), CKPT_INPUTS) for h in args]
-        else:
-            device.save(*args, part=CKPT_INPUTS)
-            held_inputs[key] = list(args)
-        device.drop(*args)
-    device.drop(*last_double)
-    # final layer (its norm saves the joint output), unpatchify, the float32 loss
-    final_in = device.alloc(B * work.image_tokens * c.hidden_size * a, WORK)
-    device.save(x, part=SAVED)
-    device.drop(x)
-    pred = device.alloc(2 * B * work.image_tokens * c.patch_volume * c.out_channels * a, WORK)
-    device.drop(final_in)
-    loss = device.alloc(3 * 4 * latent_elems, INPUTS)
+class _TrainingStep:
+    """training.loop.training_step, then backward and optimizer.step(), in the ledgers."""
 
-    # ------------------------------------------------------------------ backward
-    device.where = "backward"
-    grad = device.alloc(joint_bytes, WORK)  # through the final layer and the split: the joint sequence's grad
-    device.drop(pred, loss)
-    device.unsave(x)
-    for key in reversed(_blocks(c)):
-        kind, i = key
-        needs_grad = key != ("double", 0)
-        if ckpt:  # recompute the block, with autograd recording this time
-            args = held_inputs.pop(key)
-            on_device = [device.alloc(host.nbytes(h), CKPT_INPUTS) for h in args] if offload and key != ("double", 0) else args
+    def __init__(self, work: Workload, opts: MemoryOptions, on_cpu: bool):
+        self.work, self.opts, self.on_cpu = work, opts, on_cpu
+        self.sizes = dit_sizes(work.config)
+        self.device = MemoryTrace()
+        self.host = self.device if on_cpu else MemoryTrace()
+        self.shapes = block_shapes(work, opts, work.batch, opts.network_dim, work.text_lengths)
+        self.joint_bytes = work.batch * self.shapes.tokens * work.config.hidden_size * opts.act_bytes
+        self.swap = _Swap(self.sizes, opts, self.device) if opts.blocks_to_swap else None
+        self.ckpt = opts.gradient_checkpointing
+        self.offload = self.ckpt and opts.gradient_checkpointing_cpu_offload and not on_cpu
+        self.recording = BlockTracer(self.device, self.shapes, grad=True)
+        self.plain = BlockTracer(self.device, self.shapes, grad=False)  # checkpointed blocks keep nothing at first
+        self.saved_by_block: dict = {}  # without checkpointing: what each block's forward saved
+        self.held_inputs: dict = {}  # with checkpointing: each block's inputs (on the host with cpu offload)
+        self.copies: dict = {}  # block swap copies autograd keeps
+
+    def run(self) -> StepReplay:
+        work, opts, device, c = self.work, self.opts, self.device, self.work.config
+        _resident_weights(self.sizes, opts, device, self.host, self.swap, self.on_cpu)
+        device.alloc(4 * self.sizes.lora_params(opts.network_dim), LORA)
+        device.alloc(optimizer_state_bytes(self.sizes, opts), OPTIMIZER)
+        latent_elems = work.batch * c.out_channels * work.latent_shape[0] * work.latent_shape[1] * work.latent_shape[2]
+        inputs = device.alloc(4 * latent_elems * (4 if c.in_channels > c.out_channels else 3) + 2 * work.batch * 256 * c.text_states_dim,
+                              INPUTS)
+        device.where = "forward"
+        x, rope = self.forward()
+        # final layer (its norm saves the joint output), unpatchify, the float32 loss
+        final_in = device.alloc(work.batch * work.image_tokens * c.hidden_size * opts.act_bytes, WORK)
+        device.save(x, part=SAVED)
+        device.drop(x)
+        pred = device.alloc(2 * work.batch * work.image_tokens * c.patch_volume * c.out_channels * opts.act_bytes, WORK)
+        device.drop(final_in)
+        loss = device.alloc(3 * 4 * latent_elems, INPUTS)
+        device.where = "backward"
+        grad = device.alloc(self.joint_bytes, WORK)  # through the final layer and the split: the joint sequence's grad
+        device.drop(pred, loss)
+        device.unsave(x)
+        self.backward(grad)
+        device.drop(grad, rope)
+        device.where = "optimizer step"
+        device.drop(device.alloc(optimizer_step_bytes(self.sizes, opts, cuda=not self.on_cpu), OPTIMIZER_STEP))
+        device.drop(inputs)
+        return StepReplay(device, self.host)
+
+    def forward(self) -> tuple[int, int]:
+        """The blocks' forward; returns the joint sequence's handle and the rope tables'."""
+        device, swap = self.device, self.swap
+        img, txt, rope = _embed(device, self.sizes, self.work, self.opts, self.work.batch)
+        x = last_double = None
+        for key in _blocks(self.work.config):
+            kind, _ = key
+            if kind == "single" and x is None:
+                x = device.alloc(self.joint_bytes, WORK)  # torch.cat([img, txt])
+                last_double = (img, txt)  # dit.forward's locals keep them until after the single blocks
+            args = (img, txt) if kind == "double" else (x,)
+            needs_grad = key != ("double", 0)  # img_in / txt_in outputs do not require grad
             if swap:
-                swap.before(key, backward=True)
+                swap.before(key, backward=False)
+            tracer = self.plain if self.ckpt else self.recording
             if kind == "double":
-                *outs, saved = recording.double_block(*on_device, needs_grad)
+                img, txt, saved = tracer.double_block(*args, needs_grad)
             else:
-                *outs, saved = recording.single_block(*on_device, needs_grad)
-            device.drop(*outs)
+                x, saved = tracer.single_block(*args, needs_grad)
             if swap:
-                copies[key] = swap.after(key, kept_by_autograd=not opts.fp8)
-        else:
-            saved = saved_by_block.pop(key)
-        if kind == "double":  # the joint grad's views are the outputs' grads
-            recording.double_block_backward(saved, grad, None, needs_grad, dq_accumulator=not on_cpu)
-        else:
-            recording.single_block_backward(saved, grad, needs_grad, dq_accumulator=not on_cpu)
-        device.unsave(copies.pop(key, None))
-        if ckpt:
-            if on_device is not args:
-                device.drop(*on_device)
-                host.drop(*args)
+                self.copies[key] = swap.after(key, kept_by_autograd=not self.ckpt and not self.opts.fp8)
+            if not self.ckpt:
+                self.saved_by_block[key] = saved
+            elif self.offload and key != ("double", 0):  # the block's inputs arrived in host memory
+                self.held_inputs[key] = [self.host.alloc(device.nbytes(h), CKPT_INPUTS) for h in args]
             else:
-                device.unsave(*args)
-    device.drop(grad, rope)
+                device.save(*args, part=CKPT_INPUTS)
+                self.held_inputs[key] = list(args)
+            device.drop(*args)
+        device.drop(*last_double)
+        return x, rope
 
-    # ------------------------------------------------------------------ optimizer
-    device.where = "optimizer step"
-    device.drop(device.alloc(optimizer_step_bytes(sizes, opts, cuda=not on_cpu), OPTIMIZER_STEP))
-    device.drop(inputs)
-    return StepReplay(device, host)
+    def backward(self, grad: int) -> None:
+        """The blocks' backward, newest first; with checkpointing each block is first recomputed."""
+        device, swap = self.device, self.swap
+        for key in reversed(_blocks(self.work.config)):
+            kind, _ = key
+            needs_grad = key != ("double", 0)
+            moved = False
+            if self.ckpt:  # recompute the block, with autograd recording this time
+                args = self.held_inputs.pop(key)
+                moved = self.offload and key != ("double", 0)
+                on_device = [device.alloc(self.host.nbytes(h), CKPT_INPUTS) for h in args] if moved else args
+                if swap:
+                    swap.before(key, backward=True)
+                *outs, saved = (self.recording.double_block(*on_device, needs_grad) if kind == "double"
+                                else self.recording.single_block(*on_device, needs_grad))
+                device.drop(*outs)
+                if swap:
+                    self.copies[key] = swap.after(key, kept_by_autograd=not self.opts.fp8)
+            else:
+                saved = self.saved_by_block.pop(key)
+            if kind == "double":  # the joint grad's views are the outputs' grads
+                self.recording.double_block_backward(saved, grad, None, needs_grad, dq_accumulator=not self.on_cpu)
+            else:
+                self.recording.single_block_backward(saved, grad, needs_grad, dq_accumulator=not self.on_cpu)
+            device.unsave(self.copies.pop(key, None))
+            if self.ckpt and moved:
+                device.drop(*on_device)
+                self.host.drop(*args)
+            elif self.ckpt:
+                device.unsave(*args)
 
 
 def replay_sampling_call(work: Workload, opts: MemoryOptions, on_cpu: bool = False) -> StepReplay:
