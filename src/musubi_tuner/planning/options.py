@@ -117,11 +117,11 @@ class MemoryOptions:
             out.append("--split_attn")
         if self.img_in_txt_in_offloading:
             out.append("--img_in_txt_in_offloading")
+        if mode == "generate" and self.split_uncond and self.guidance_scale != 1.0:
+            out.append("--split_uncond")
+        if self.vae_spatial_tile_sample_min_size != 256:  # hv_generate_video's, or cache_latents' when training
+            out.append(f"--vae_spatial_tile_sample_min_size {self.vae_spatial_tile_sample_min_size}")
         if mode == "generate":
-            if self.split_uncond and self.guidance_scale != 1.0:
-                out.append("--split_uncond")
-            if self.vae_spatial_tile_sample_min_size != 256:
-                out.append(f"--vae_spatial_tile_sample_min_size {self.vae_spatial_tile_sample_min_size}")
             if self.vae_chunk_size:
                 out.append(f"--vae_chunk_size {self.vae_chunk_size}")
         if self.fp8_llm:
