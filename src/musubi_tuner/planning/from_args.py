@@ -1,0 +1,121 @@
+"""The planner driven by the commands' own flags: `python -m musubi_tuner.plan` and `--dry_run`.
+
+`dry_run(args, mode, ...)` takes the argparse namespace of hv_train_network or hv_generate_video as
+parsed, reads the flags that change memory (same names, same defaults), prints the plan and returns
+it, without loading any model: the DiT's config comes from the file's header.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
+from musubi_tuner.planning.options import MemoryOptions, Workload
+from musubi_tuner.planning.planner import Plan, fit_budget, plan
+from musubi_tuner.planning.report import format_plan, format_search
+from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, default_gpu_for_budget, gpu
+
+NAMED_MODELS = {"t2v-720p": HUNYUAN_T2V, "skyreels-t2v": HUNYUAN_T2V, "skyreels-i2v": SKYREELS_I2V}
+
+
+def config_from_args(args) -> DiTConfig:
+    """--dit FILE (its header only) or --model NAME."""
+    path = getattr(args, "dit", None)
+    if path:
+        from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+        return read_dit_config(open_dit_file(path))
+    name = getattr(args, "model", None) or "t2v-720p"
+    try:
+        return NAMED_MODELS[name]
+    except KeyError:
+        raise UserError(f"--model {name}: one of {', '.join(NAMED_MODELS)} (or give --dit FILE)") from None
+
+
+def options_from_args(args, mode: str) -> MemoryOptions:
+    """MemoryOptions from a train or generate namespace; flags a command does not have take their defaults."""
+
+    def get(name, default=None):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    return MemoryOptions(
+        fp8=bool(get("fp8_base", False) if mode == "train" else get("fp8", False)),
+        blocks_to_swap=int(get("blocks_to_swap", 0)),
+        use_pinned_memory_for_block_swap=bool(get("use_pinned_memory_for_block_swap", False)),
+        gradient_checkpointing=bool(get("gradient_checkpointing", False)) and mode == "train",
+        gradient_checkpointing_cpu_offload=bool(get("gradient_checkpointing_cpu_offload", False)) and mode == "train",
+        split_attn=bool(get("split_attn", False)),
+        img_in_txt_in_offloading=bool(get("img_in_txt_in_offloading", False)),
+        network_dim=int(get("network_dim", 32)),
+        optimizer_type=(get("optimizer_type", "") or "adamw").lower(),
+        mixed_precision=get("mixed_precision", "bf16") if mode == "train" else "bf16",
+        dit_dtype=get("dit_dtype", "bf16"),
+        guidance_scale=float(get("guidance_scale", 1.0)),
+        split_uncond=bool(get("split_uncond", False)) or (bool(get("split_attn", False)) and float(get("guidance_scale", 1.0)) != 1.0),
+        lora_at_generation=bool(get("lora_weight", None)) or bool(get("with_lora", False)),
+        infer_steps=int(get("infer_steps", 50)),
+        fp8_llm=bool(get("fp8_llm", False)),
+        vae_tiling=bool(get("vae_tiling", True)) or mode == "generate" or get("vae_spatial_tile_sample_min_size") is not None,
+        vae_spatial_tile_sample_min_size=int(get("vae_spatial_tile_sample_min_size", 256)),
+        vae_chunk_size=get("vae_chunk_size", None),
+    )
+
+
+def parse_budget(text: str) -> float:
+    """'24G', '24GB', '16 GiB', '80' -> gigabytes (GiB counts as 1.074 GB)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(g|gb|gib)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UserError(f"--vram_budget {text!r}: give gigabytes, e.g. 12G, 16G, 24G or 80G")
+    value = float(m.group(1))
+    return value * (1.073741824 if (m.group(2) or "").lower() == "gib" else 1.0)
+
+
+def device_from_args(args, budget_gb: float | None) -> GPU:
+    name = getattr(args, "gpu", None) or (default_gpu_for_budget(budget_gb) if budget_gb else "rtx4090")
+    device = gpu(name)
+    changes = {}
+    if getattr(args, "tflops", None):
+        changes["bf16_tflops"] = float(args.tflops)
+        changes["name"] = f"{device.name} at {args.tflops} TFLOP/s"
+    if getattr(args, "pcie_gbps", None):
+        changes["pcie_pinned_gbps"] = float(args.pcie_gbps)
+        changes["pcie_pageable_gbps"] = float(args.pcie_gbps) / 2
+    if changes:
+        import dataclasses
+
+        device = dataclasses.replace(device, **changes)
+    return device
+
+
+def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frames: int | None = None, batch: int | None = None,
+            text_tokens: int = 256, out: Callable[[str], object] = print) -> Plan:
+    """Print what the command would need and return the plan; loads no model.
+
+    Training: pass the largest bucket of the dataset (video_size, frames, batch); generation reads
+    --video_size, --video_length from args. --vram_budget, when the namespace has it, adds the search.
+    """
+    if mode not in ("train", "generate"):
+        raise ValueError("mode is train or generate")
+    size = video_size or tuple(getattr(args, "video_size", None) or (256, 256))
+    length = frames or getattr(args, "video_length", None) or (129 if mode == "generate" else 1)
+    work = Workload(config_from_args(args), int(size[0]), int(size[1]), int(length), batch or int(getattr(args, "batch_size", 1) or 1),
+                    text_tokens=text_tokens, mode=mode)
+    opts = options_from_args(args, mode)
+    budget_text = getattr(args, "vram_budget", None)
+    budget = parse_budget(budget_text) if budget_text else None
+    device = device_from_args(args, budget)
+    utilisation = float(getattr(args, "utilisation", None) or DEFAULT_UTILISATION)
+    if budget:
+        search = fit_budget(work, opts, budget, device, utilisation)
+        out(format_search(search, budget_text))
+        return search.best.plan if search.best else plan(work, opts, device, utilisation)
+    result = plan(work, opts, device, utilisation)
+    out(format_plan(result))
+    return result
+
+
+
+__all__ = ["config_from_args", "dry_run", "options_from_args", "parse_budget", "NAMED_MODELS"]

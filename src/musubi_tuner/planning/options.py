@@ -1,0 +1,129 @@
+"""What is being planned: the workload (model, video size, batch) and the memory options, as users type them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.config import DiTConfig
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+PRECISIONS = {"bf16": 2, "fp16": 2, "no": 4}  # --mixed_precision -> bytes per activation
+
+
+@dataclass(frozen=True)
+class Workload:
+    config: DiTConfig
+    height: int
+    width: int
+    frames: int
+    batch: int = 1
+    text_tokens: int = 256  # valid LLM tokens of the longest prompt (the DiT cuts padding away); at most 256
+    text_lengths: tuple[int, ...] | None = None  # per sample, when prompts in a batch differ (masked attention)
+    mode: str = "train"  # "train" | "generate"
+
+    def __post_init__(self):
+        if self.mode not in ("train", "generate"):
+            raise UserError(f"mode {self.mode!r}: use train or generate")
+        if self.height % 16 or self.width % 16:
+            raise UserError(f"video size {self.height}x{self.width}: height and width must be multiples of 16")
+        if (self.frames - 1) % 4:
+            raise UserError(f"{self.frames} frames: must be 4N+1 (try {(self.frames - 1) // 4 * 4 + 1})")
+        if not 1 <= self.text_tokens <= 256:
+            raise UserError(f"text_tokens {self.text_tokens}: between 1 and 256 (the LLM cache holds 256)")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the latent: 4x temporal, 8x spatial compression."""
+        return ((self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+    @property
+    def image_tokens(self) -> int:
+        from musubi_tuner.hunyuan.cost import image_tokens
+
+        return image_tokens(self.config, self.latent_shape)
+
+    def describe(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}f, batch {self.batch}, {self.image_tokens:,} image + {self.text_tokens} text tokens"
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The memory and speed flags of hv_train_network / hv_generate_video, same names and defaults."""
+
+    fp8: bool = False  # --fp8_base (training) / --fp8 (generation)
+    blocks_to_swap: int = 0
+    use_pinned_memory_for_block_swap: bool = False
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_cpu_offload: bool = False
+    split_attn: bool = False
+    img_in_txt_in_offloading: bool = False
+    network_dim: int = 32  # LoRA rank (training; generation with LoRAs merges them unless --fp8)
+    optimizer_type: str = "adamw"
+    mixed_precision: str = "bf16"
+    dit_dtype: str = "bf16"
+    # generation
+    guidance_scale: float = 1.0  # != 1: real CFG, the negative prompt runs too
+    split_uncond: bool = False  # ... in a second call instead of a batch of two
+    lora_at_generation: bool = False  # LoRAs given to hv_generate_video (applied beside fp8 weights, merged otherwise)
+    infer_steps: int = 50
+    # encoders
+    fp8_llm: bool = False
+    vae_tiling: bool = True  # hv_generate_video always tiles; cache_latents only with --vae_tiling
+    vae_spatial_tile_sample_min_size: int = 256
+    vae_chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.optimizer_type.lower() not in OPTIMIZERS:
+            raise UserError(f"--optimizer_type {self.optimizer_type}: the planner models {', '.join(OPTIMIZERS)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise UserError(f"--mixed_precision {self.mixed_precision}: one of {', '.join(PRECISIONS)}")
+        if self.gradient_checkpointing_cpu_offload and not self.gradient_checkpointing:
+            raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
+        if self.blocks_to_swap < 0 or self.blocks_to_swap > 38:
+            raise UserError(f"--blocks_to_swap {self.blocks_to_swap}: between 0 and 38 (36 for training)")
+
+    @property
+    def act_bytes(self) -> int:
+        return PRECISIONS[self.mixed_precision]
+
+    @property
+    def weight_bytes(self) -> int:
+        return {"bf16": 2, "fp16": 2, "fp32": 4}[self.dit_dtype]
+
+    @property
+    def cfg_batch(self) -> int:
+        """Samples per DiT call while sampling: 2 with real CFG batched, else 1."""
+        return 2 if self.guidance_scale != 1.0 and not self.split_uncond else 1
+
+    def replace(self, **changes) -> "MemoryOptions":
+        return dataclasses.replace(self, **changes)
+
+    def flags(self, mode: str) -> str:
+        """The command-line flags that select these options."""
+        out = []
+        if self.fp8:
+            out.append("--fp8_base" if mode == "train" else "--fp8")
+        if self.blocks_to_swap:
+            out.append(f"--blocks_to_swap {self.blocks_to_swap}")
+            if self.use_pinned_memory_for_block_swap:
+                out.append("--use_pinned_memory_for_block_swap")
+        if self.gradient_checkpointing and mode == "train":
+            out.append("--gradient_checkpointing")
+        if self.gradient_checkpointing_cpu_offload and mode == "train":
+            out.append("--gradient_checkpointing_cpu_offload")
+        if self.split_attn:
+            out.append("--split_attn")
+        if self.img_in_txt_in_offloading:
+            out.append("--img_in_txt_in_offloading")
+        if mode == "generate" and self.split_uncond and self.guidance_scale != 1.0:
+            out.append("--split_uncond")
+        if self.vae_spatial_tile_sample_min_size != 256:  # hv_generate_video's, or cache_latents' when training
+            out.append(f"--vae_spatial_tile_sample_min_size {self.vae_spatial_tile_sample_min_size}")
+        if mode == "generate":
+            if self.vae_chunk_size:
+                out.append(f"--vae_chunk_size {self.vae_chunk_size}")
+        if self.fp8_llm:
+            out.append("--fp8_llm")
+        return " ".join(out) or "(no memory options)"

@@ -1,0 +1,273 @@
+"""The plan: peak GPU and host memory per stage, FLOPs and time per step, and the fastest options for a budget.
+
+    plan(workload, options)          -> Plan   (what these options cost)
+    fit_budget(workload, budget_gb)  -> Search (the fastest option set that fits, and what was ruled out)
+
+Stages run one after another (the commands load one model at a time), so the GPU peak is the largest
+stage's. Training's stages are the two caching commands and the training step; generation's are the
+text encoders, the denoising steps and the VAE decode.
+
+Beyond the tensors, a CUDA process holds its context and kernels (CUDA_CONTEXT) and the caching
+allocator keeps freed blocks it cannot reuse (ALLOCATOR_MARGIN of the tensors): the budget check adds both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from musubi_tuner.hunyuan.cost import block_flops, forward_flops, lora_forward_flops, train_step_flops
+from musubi_tuner.planning import encoders
+from musubi_tuner.planning.dit_step import replay_sampling_call, replay_training_step, swapped_blocks
+from musubi_tuner.planning.options import MemoryOptions, Workload
+from musubi_tuner.planning.sizes import dit_sizes
+from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, StepTime, compute_seconds, overlapped_swap_seconds
+from musubi_tuner.planning.trace import MemoryTrace
+
+GB = 1e9
+CUDA_CONTEXT = int(0.6 * GB)  # CUDA context, cuBLAS/cuDNN handles and kernels (typical for torch 2.x)
+ALLOCATOR_MARGIN = 0.05  # fragmentation of the caching allocator, as a share of the tensor peak
+
+
+@dataclass
+class Stage:
+    name: str
+    device_peak: int  # bytes of tensors on the GPU at the stage's peak
+    device_parts: dict[str, int]  # what they are
+    when: str  # where in the stage the peak falls
+    host: int = 0  # host memory the options put there during the stage
+    host_parts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_traces(cls, name: str, device: MemoryTrace, host: MemoryTrace | None = None) -> "Stage":
+        host_peak = 0 if host is None or host is device else host.peak
+        host_parts = {} if host is None or host is device else host.peak_parts
+        return cls(name, device.peak, dict(device.peak_parts), device.peak_where, host_peak, dict(host_parts))
+
+    @property
+    def needed(self) -> int:
+        """What the GPU must have for this stage: tensors, allocator margin, CUDA context."""
+        return int(self.device_peak * (1 + ALLOCATOR_MARGIN)) + CUDA_CONTEXT
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    options: MemoryOptions
+    stages: list[Stage]
+    flops_per_step: int  # one training step, or one denoising step (all its DiT calls)
+    flops_note: str
+    time: StepTime
+    gpu: GPU
+    steps: int = 1  # denoising steps (generation)
+    utilisation: float = DEFAULT_UTILISATION
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def peak_stage(self) -> Stage:
+        return max(self.stages, key=lambda s: s.needed)
+
+    @property
+    def needed(self) -> int:
+        return self.peak_stage.needed
+
+    @property
+    def dit_stage(self) -> Stage:
+        return next(s for s in self.stages if s.name.startswith("DiT"))
+
+    def fits(self, budget_bytes: float) -> bool:
+        return self.needed <= budget_bytes
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float = DEFAULT_UTILISATION,
+         include_encoders: bool = True) -> Plan:
+    """Memory per stage and time per step of running `work` with `opts` on `device`."""
+    warnings = _warnings(work, opts)
+    stages = []
+    train = work.mode == "train"
+    if include_encoders:
+        prompts = 1 if train else (2 if opts.guidance_scale != 1.0 else 1)
+        stages.append(Stage.from_traces("text encoder 1 (LLM)" + (" [cache_text_encoder_outputs]" if train else ""),
+                                        encoders.llm_stage(prompts, opts.fp8_llm)))
+        stages.append(Stage.from_traces("text encoder 2 (CLIP-L)", encoders.clip_stage(prompts)))
+        if train:
+            stages.append(Stage.from_traces(
+                f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]",
+                encoders.vae_encode_stage(work.frames, work.height, work.width, 1, opts.vae_tiling, opts.vae_spatial_tile_sample_min_size)))
+    if train:
+        replay = replay_training_step(work, opts)
+        stages.append(Stage.from_traces("DiT training step (forward + backward + optimizer)", replay.device, replay.host))
+    else:
+        replay = replay_sampling_call(work, opts)
+        stages.append(Stage.from_traces("DiT denoising step", replay.device, replay.host))
+        if include_encoders:
+            stages.append(Stage.from_traces(
+                f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px)",
+                encoders.vae_decode_stage(work.frames, work.height, work.width, work.batch, True, opts.vae_spatial_tile_sample_min_size)))
+    flops, note = step_flops(work, opts)
+    time = step_time(work, opts, device, utilisation)
+    return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, utilisation=utilisation,
+                warnings=warnings)
+
+
+def step_flops(work: Workload, opts: MemoryOptions) -> tuple[int, str]:
+    c, shape, lt = work.config, work.latent_shape, work.text_tokens
+    if work.mode == "train":
+        f = train_step_flops(c, shape, lt, work.batch, opts.network_dim, opts.gradient_checkpointing)
+        note = (f"forward {f.forward / 1e12:,.0f} + backward {f.backward / 1e12:,.0f} + recompute {f.recompute / 1e12:,.0f}"
+                f" + LoRA {f.lora / 1e12:,.0f} TFLOP")
+        return f.total, note
+    samples = work.batch * (2 if opts.guidance_scale != 1.0 else 1)
+    fwd = forward_flops(c, shape, lt, samples)
+    lora = lora_forward_flops(c, work.image_tokens, lt, opts.network_dim, samples) if opts.lora_at_generation and opts.fp8 else 0
+    note = f"{samples} DiT forward(s) of {fwd.total / samples / 1e12:,.0f} TFLOP ({fwd.attention / fwd.total:.0%} attention)"
+    return fwd.total + lora, note
+
+
+def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float) -> StepTime:
+    """Seconds per training step / denoising step on `device` at `utilisation` of its peak."""
+    c = work.config
+    sizes = dit_sizes(c)
+    flops, _ = step_flops(work, opts)
+    compute = compute_seconds(flops, device, utilisation)
+    notes = []
+    # block swap: the swapped blocks' weights cross PCIe once per block run, overlapped with the previous block
+    transfer = 0.0
+    if opts.blocks_to_swap:
+        swapped = swapped_blocks(sizes, opts)
+        samples = work.batch * (1 if work.mode == "train" else opts.cfg_batch)
+        double, single = block_flops(c, work.image_tokens, work.text_tokens)
+        per_run = {"double": double.total * samples, "single": single.total * samples}
+        runs = 1 if work.mode == "train" else (2 if opts.guidance_scale != 1.0 and opts.split_uncond else 1)
+        passes = 2 if work.mode == "train" else runs  # training: forward and the recomputation in backward
+        blocks = [("double", i) for i in range(c.mm_double_blocks_depth)] + [("single", i) for i in range(c.mm_single_blocks_depth)]
+        secs = [compute_seconds(per_run[k[0]], device, utilisation) for k in blocks]
+        moved = [swapped.get(k, 0) for k in blocks]
+        _, exposed = overlapped_swap_seconds(secs, moved, device, opts.use_pinned_memory_for_block_swap)
+        transfer += passes * exposed
+        total_bytes = passes * sum(moved)
+        notes.append(f"block swap moves {total_bytes / GB:.1f} GB per step over PCIe "
+                     f"({'pinned' if opts.use_pinned_memory_for_block_swap else 'pageable'} memory): {passes * exposed:.2f} s not hidden by compute")
+    if opts.gradient_checkpointing_cpu_offload and work.mode == "train":
+        joint = work.batch * (work.image_tokens + work.text_tokens) * c.hidden_size * opts.act_bytes
+        moved = 2 * c.num_blocks * joint
+        transfer += moved / (device.pcie_pageable_gbps * GB)
+        notes.append(f"checkpoint CPU offload moves {moved / GB:.1f} GB per step (pageable, not overlapped)")
+    if opts.img_in_txt_in_offloading:
+        moved = sizes.embedder_params * opts.weight_bytes * (1 if work.mode == "train" else opts.cfg_batch)
+        transfer += moved / (device.pcie_pageable_gbps * GB)
+    dequant = 0.0
+    if opts.fp8:
+        runs = (2 if opts.gradient_checkpointing else 1) if work.mode == "train" else (2 if opts.guidance_scale != 1.0 and opts.split_uncond else 1)
+        dequant = runs * sizes.fp8_params * 5 / (device.hbm_gbps * GB)  # read fp8, write and read back bf16, x2 with row scales
+        notes.append(f"fp8 dequantization: {dequant:.2f} s per step")
+    if work.mode == "train" and opts.gradient_checkpointing:
+        notes.append("checkpointing recomputes every block's forward in backward (+1 forward of FLOPs)")
+    return StepTime(compute, transfer, dequant, compute + transfer + dequant, tuple(notes))
+
+
+def _warnings(work: Workload, opts: MemoryOptions) -> list[str]:
+    out = []
+    if work.mode == "train" and opts.blocks_to_swap and not opts.gradient_checkpointing:
+        out.append("--blocks_to_swap without --gradient_checkpointing saves little GPU memory in training: autograd keeps "
+                   "every swapped block's on-device weights until backward (all but the modulation layers'). "
+                   "Add --gradient_checkpointing.")
+    if work.mode == "train" and opts.fp8 and not opts.gradient_checkpointing:
+        out.append("--fp8_base without --gradient_checkpointing keeps a bf16 copy of every fp8 weight for backward "
+                   "(the input gradients need them): more memory than bf16 weights. Add --gradient_checkpointing.")
+    if work.mode == "train" and opts.blocks_to_swap > 36:
+        out.append(f"--blocks_to_swap {opts.blocks_to_swap}: training swaps at most 36 blocks")
+    if opts.split_attn and work.batch == 1 and opts.cfg_batch == 1 and work.text_lengths is None:
+        out.append("--split_attn changes nothing here: one sample per call and no padding to skip")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ budget
+
+
+@dataclass
+class Candidate:
+    options: MemoryOptions
+    plan: Plan
+
+
+@dataclass
+class Search:
+    budget_bytes: float
+    best: Candidate | None
+    ruled_out: list[Candidate]  # faster sets that do not fit, fastest first (nothing fits: the smallest sets)
+    also_fit: list[Candidate]  # slower sets that fit
+
+
+def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GPU, utilisation: float = DEFAULT_UTILISATION,
+               allow_fp8: bool = True) -> Search:
+    """Try option sets from the fastest down and keep the fastest whose every stage fits in `budget_gb`.
+
+    The DiT options searched: fp8 weights, gradient checkpointing (+ CPU offload), block swap (every
+    fourth count up to the maximum, pinned memory), and split CFG for generation; the encoder stages
+    take fp8 for the LLM and smaller VAE tiles only when they need them. The user's other choices
+    (LoRA rank, optimizer, precision) stay as given.
+    """
+    budget = budget_gb * GB
+    max_swap = 36 if work.mode == "train" else 38
+    sets = []
+    for fp8 in ((False, True) if allow_fp8 else (False,)):
+        if work.mode == "train":
+            for ckpt, offload in ((False, False), (True, False), (True, True)):
+                for swap in (0, *range(4, max_swap + 1, 4), max_swap):
+                    if swap and not ckpt:
+                        continue  # saves nothing in training (see the warning)
+                    sets.append(base.replace(fp8=fp8, gradient_checkpointing=ckpt, gradient_checkpointing_cpu_offload=offload,
+                                             blocks_to_swap=swap, use_pinned_memory_for_block_swap=bool(swap)))
+        else:
+            for split in ((False, True) if base.guidance_scale != 1.0 else (base.split_uncond,)):
+                for swap in (0, *range(4, max_swap + 1, 4), max_swap):
+                    sets.append(base.replace(fp8=fp8, split_uncond=split, blocks_to_swap=swap, use_pinned_memory_for_block_swap=bool(swap)))
+    # the encoder stages: cheapest settings that fit (they do not change the step time)
+    encoder_opts = _fit_encoders(work, base, budget)
+    candidates = []
+    for opts in dict.fromkeys(sets):
+        opts = opts.replace(fp8_llm=encoder_opts.fp8_llm, vae_spatial_tile_sample_min_size=encoder_opts.vae_spatial_tile_sample_min_size)
+        candidates.append(Candidate(opts, plan(work, opts, device, utilisation)))
+    # fastest first; at equal speed prefer bf16 weights (fp8 costs some quality), then fewer swapped blocks
+    candidates.sort(key=lambda c: (round(c.plan.time.total_s, 3), c.options.fp8, c.options.blocks_to_swap))
+    best = next((c for c in candidates if c.plan.fits(budget)), None)
+    if best is None:  # show the smallest sets tried
+        return Search(budget, None, sorted(candidates, key=lambda c: c.plan.needed)[:6], [])
+    i = candidates.index(best)
+    faster = [c for c in candidates[:i] if not c.plan.fits(budget)]
+    slower = [c for c in candidates[i + 1:] if c.plan.fits(budget)]
+    return Search(budget, best, _distinct(faster)[:6], _distinct(slower)[:3])
+
+
+def _fit_encoders(work: Workload, base: MemoryOptions, budget: float) -> MemoryOptions:
+    opts = base
+    prompts = 2 if work.mode == "generate" and base.guidance_scale != 1.0 else 1
+    if Stage.from_traces("", encoders.llm_stage(prompts, False)).needed > budget:
+        opts = opts.replace(fp8_llm=True)
+    for tile in (256, 192, 160, 128, 96, 64):
+        opts = opts.replace(vae_spatial_tile_sample_min_size=tile)
+        if work.mode == "generate":
+            trace = encoders.vae_decode_stage(work.frames, work.height, work.width, work.batch, True, tile)
+        else:
+            trace = encoders.vae_encode_stage(work.frames, work.height, work.width, 1, True, tile)
+        if Stage.from_traces("", trace).needed <= budget:
+            break
+    if work.mode == "train":
+        opts = opts.replace(vae_tiling=True)
+    return opts
+
+
+def _distinct(cands: list[Candidate]) -> list[Candidate]:
+    """Drop candidates that differ from a listed one only in ways that change nothing (same memory and time)."""
+    seen, out = set(), []
+    for c in cands:
+        key = (round(c.plan.needed / 1e8), round(c.plan.time.total_s, 2))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+

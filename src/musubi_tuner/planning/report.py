@@ -1,0 +1,91 @@
+"""Plans and budget searches as text for the terminal."""
+
+from __future__ import annotations
+
+from musubi_tuner.planning.planner import ALLOCATOR_MARGIN, CUDA_CONTEXT, GB, Plan, Search
+from musubi_tuner.planning.sizes import dit_sizes
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / GB:,.1f} GB"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe_model(plan: Plan) -> str:
+    c = plan.workload.config
+    kind = "SkyReels V1 I2V" if c.in_channels == 32 else "HunyuanVideo"
+    return f"{kind} DiT, {dit_sizes(c).params / 1e9:.2f}B parameters ({c.mm_double_blocks_depth} double + {c.mm_single_blocks_depth} single blocks)"
+
+
+def format_plan(plan: Plan) -> str:
+    w, o, g = plan.workload, plan.options, plan.gpu
+    train = w.mode == "train"
+    lines = [
+        f"{describe_model(plan)}; {w.mode} at {w.describe()}",
+        f"options: {o.flags(w.mode)}" + (f"  (LoRA rank {o.network_dim}, {o.optimizer_type}, {o.mixed_precision})" if train else ""),
+        "",
+        f"{'stage':<58} {'GPU peak':>10} {'host':>9}  peak during",
+    ]
+    for s in plan.stages:
+        lines.append(f"{s.name:<58} {gb(s.device_peak):>10} {gb(s.host) if s.host else '-':>9}  {s.when}")
+    lines.append(f"needed on the GPU: {gb(plan.needed)} (largest stage + {ALLOCATOR_MARGIN:.0%} allocator margin + "
+                 f"{gb(CUDA_CONTEXT)} CUDA context)")
+    lines.append("")
+    for s in (plan.dit_stage, plan.peak_stage) if plan.peak_stage is not plan.dit_stage else (plan.dit_stage,):
+        lines.append(f"{s.name}, at its peak ({s.when}):")
+        for part, nbytes in sorted(s.device_parts.items(), key=lambda kv: -kv[1]):
+            if nbytes >= 0.005 * GB:
+                lines.append(f"  {part:<52} {gb(nbytes):>10}")
+        if s.host_parts:
+            lines.append("  in host memory:")
+            for part, nbytes in sorted(s.host_parts.items(), key=lambda kv: -kv[1]):
+                lines.append(f"  {part:<52} {gb(nbytes):>10}")
+    lines.append("")
+    t = plan.time
+    what = "training step" if train else "denoising step"
+    lines.append(f"FLOPs per {what}: {plan.flops_per_step / 1e12:,.0f} TFLOP ({plan.flops_note})")
+    lines.append(f"time per {what} on {g.name} ({g.bf16_tflops:g} TFLOP/s bf16 dense, {plan.utilisation:.0%} "
+                 f"utilisation assumed): {duration(t.total_s)} = {duration(t.compute_s)} compute"
+                 + (f" + {duration(t.transfer_s)} transfers not hidden" if t.transfer_s else "")
+                 + (f" + {duration(t.dequant_s)} fp8 dequantization" if t.dequant_s else ""))
+    if not train:
+        lines.append(f"{plan.steps} steps: {duration(plan.steps * t.total_s)} of denoising (VAE and text encoders not timed)")
+    for note in t.notes:
+        lines.append(f"  - {note}")
+    for warning in plan.warnings:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def format_search(search: Search, budget_label: str) -> str:
+    lines = [f"--vram_budget {budget_label}: the fastest option set whose every stage fits in {gb(search.budget_bytes)}"]
+    if search.best is None:
+        lines.append("nothing fits. The smallest option sets tried:")
+        for c in sorted(search.ruled_out, key=lambda c: c.plan.needed)[:4]:
+            lines.append(f"  {c.options.flags(c.plan.workload.mode):<90} needs {gb(c.plan.needed)}")
+        lines.append("Lower the resolution or the frame count (or train on images), or use a larger GPU.")
+        return "\n".join(lines)
+    mode = search.best.plan.workload.mode
+
+    def row(c) -> str:
+        return f"  {c.options.flags(mode):<95} {gb(c.plan.needed):>10}  {duration(c.plan.time.total_s):>9}/step"
+
+    lines.append(f"{'':2}{'option set':<95} {'needs':>10}  {'time':>14}")
+    if search.ruled_out:
+        lines.append("faster, but do not fit:")
+        lines += [row(c) for c in search.ruled_out]
+    lines.append("chosen:")
+    lines.append(row(search.best))
+    if search.also_fit:
+        lines.append("slower alternatives that fit:")
+        lines += [row(c) for c in search.also_fit]
+    lines.append("")
+    lines.append(format_plan(search.best.plan))
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Time per step from FLOPs and bytes moved: a stated GPU throughput, utilisation and PCIe bandwidth.
+
+compute = FLOPs / (peak dense bf16 FLOP/s x utilisation). Block swap streams each swapped block's
+Linear weights host -> device once per block run (forward; again for the recomputation in backward);
+with pinned memory the copy overlaps the previous block's compute (time = the larger of the two),
+from pageable memory it does not (the host thread waits for each copy). Checkpoint CPU offload moves
+each block's inputs to the host in forward and back in backward, synchronously. fp8 weights cost a
+dequantization per Linear per use: reading 1 byte and writing 2 per weight at memory bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from musubi_tuner.errors import UserError
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bf16_tflops: float  # dense, with float32 accumulation
+    memory_gb: float
+    hbm_gbps: float  # device memory bandwidth, GB/s
+    pcie_pinned_gbps: float  # host -> device, pinned memory, achieved
+    pcie_pageable_gbps: float  # from pageable memory
+    source: str
+
+
+# Peak figures from the vendors' datasheets / architecture whitepapers; PCIe rates are typical measured
+# host-to-device rates for the link generation (PCIe 4.0 x16 ~25 GB/s pinned, ~12 GB/s pageable; 5.0 ~2x).
+GPUS = {
+    "h100": GPU("H100 SXM", 989.4, 80, 3350, 50, 20, "NVIDIA H100 datasheet: 989 TFLOP/s dense BF16"),
+    "a100": GPU("A100 80GB", 312.0, 80, 2039, 25, 12, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16"),
+    "rtx4090": GPU("RTX 4090", 165.2, 24, 1008, 25, 12, "NVIDIA Ada whitepaper: 165.2 TFLOP/s FP16/BF16 tensor, FP32 accumulate"),
+    "rtx3090": GPU("RTX 3090", 71.0, 24, 936, 25, 12, "NVIDIA Ampere GA102 whitepaper: 71 TFLOP/s FP16 tensor, FP32 accumulate"),
+}
+DEFAULT_UTILISATION = 0.4  # of peak, for the large matmuls and flash attention of this model (stated, not measured here)
+
+
+def gpu(name: str) -> GPU:
+    try:
+        return GPUS[name.lower()]
+    except KeyError:
+        raise UserError(f"--gpu {name}: known GPUs are {', '.join(GPUS)} (or give --tflops and --pcie_gbps)") from None
+
+
+def default_gpu_for_budget(budget_gb: float) -> str:
+    """The GPU the time estimates assume when only a memory budget is given: a 24 GB card up to 24 GB, else an H100."""
+    return "rtx4090" if budget_gb <= 24 else "h100"
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    transfer_s: float  # not hidden behind compute
+    dequant_s: float
+    total_s: float
+    notes: tuple[str, ...] = ()
+
+
+def compute_seconds(flops: float, device: GPU, utilisation: float = DEFAULT_UTILISATION) -> float:
+    return flops / (device.bf16_tflops * 1e12 * utilisation)
+
+
+def overlapped_swap_seconds(block_compute_s: list[float], block_transfer_bytes: list[int], device: GPU, pinned: bool) -> tuple[float, float]:
+    """(total, exposed transfer) seconds for a sequence of blocks, each prefetched while the previous runs."""
+    total = exposed = 0.0
+    for compute, nbytes in zip(block_compute_s, block_transfer_bytes):
+        if not nbytes:
+            total += compute
+            continue
+        if pinned:
+            transfer = nbytes / (device.pcie_pinned_gbps * 1e9)
+            total += max(compute, transfer)
+            exposed += max(0.0, transfer - compute)
+        else:
+            transfer = nbytes / (device.pcie_pageable_gbps * 1e9)
+            total += compute + transfer
+            exposed += transfer
+    return total, exposed

@@ -1,0 +1,194 @@
+"""Real CPU runs of what the planner replays, built the way the trainer and the sampler build them.
+
+A training step here is `training.loop.training_step` + backward + clip + optimizer step, with the DiT
+loaded as `load_frozen_dit` sets it up (fp8, checkpointing, block swap, then LoRA). bf16 weights run
+under bf16 autocast as on a GPU. Used by tests/test_plan.py (in process, counting live tensor bytes)
+and bench/plan_vs_measured.py (fresh processes, also the resident set).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from musubi_tuner.hunyuan.config import DiTConfig
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.planning.measure import TensorBytes
+from musubi_tuner.planning.options import MemoryOptions, Workload
+
+SCALING_FACTOR = 0.476986  # the VAE's latent scale (hunyuan.vae.SCALING_FACTOR)
+
+
+def build_dit(config: DiTConfig, opts: MemoryOptions, seed: int = 0) -> HunyuanVideoDiT:
+    """A frozen DiT with random weights, memory options applied as load_frozen_dit applies them."""
+    from musubi_tuner.hunyuan.fp8 import convert_to_fp8
+    from musubi_tuner.hunyuan.offload import BlockSwap
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model = model.to({2: torch.bfloat16, 4: torch.float32}[opts.weight_bytes])
+    if opts.fp8:
+        convert_to_fp8(model)
+    model.requires_grad_(False)
+    model.set_attention("sdpa", opts.split_attn)
+    if opts.gradient_checkpointing:
+        model.enable_gradient_checkpointing(opts.gradient_checkpointing_cpu_offload)
+    if opts.blocks_to_swap:
+        BlockSwap(model, opts.blocks_to_swap, "cpu", max_blocks=36)
+    model.train(opts.gradient_checkpointing)
+    return model
+
+
+def dit_inputs(work: Workload, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A training batch as the cache loader gives it: latents (bf16), LLM states padded to 256, CLIP pooled."""
+    c = work.config
+    g = torch.Generator().manual_seed(seed)
+    B = work.batch
+    lengths = work.text_lengths or (work.text_tokens,) * B
+    mask = torch.zeros(B, 256, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    return {
+        "latents": torch.randn(B, c.out_channels, *work.latent_shape, generator=g).to(torch.bfloat16),
+        "llm": torch.randn(B, 256, c.text_states_dim, generator=g).to(torch.bfloat16),
+        "llm_mask": mask,
+        "clipL": torch.randn(B, c.text_states_dim_2, generator=g).to(torch.bfloat16),
+    }
+
+
+class TrainingRun:
+    """The model, LoRA network, optimizer and batch of a LoRA training run; `step()` is one optimizer step."""
+
+    def __init__(self, work: Workload, opts: MemoryOptions):
+        from musubi_tuner.networks.lora import LoRANetwork
+        from musubi_tuner.training.optimizers import create_optimizer
+
+        self.work, self.opts = work, opts
+        self.model = build_dit(work.config, opts)
+        self.network = LoRANetwork(self.model, rank=opts.network_dim, alpha=1.0)
+        self.network.apply_to(None, self.model)
+        self.network.prepare_grad_etc()
+        groups, _ = self.network.prepare_optimizer_params(unet_lr=1e-4)
+        self.optimizer, _ = create_optimizer(opts.optimizer_type, groups, 1e-4, {})
+        self.batch = dit_inputs(work)
+
+    def step(self) -> None:
+        b = self.batch
+        latents = b["latents"].to(torch.float32) * SCALING_FACTOR
+        B = latents.shape[0]
+        noise = torch.randn_like(latents)
+        sigma = torch.full((B, 1, 1, 1, 1), 0.6)
+        model_input = (1.0 - sigma) * latents + sigma * noise
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.opts.act_bytes == 2)
+        with autocast:
+            pred = self.model(model_input, torch.full((B,), 600.0), b["llm"], b["llm_mask"], b["clipL"], torch.full((B,), 1.0))
+        loss = (pred.float() - (noise - latents)).square().mean(dim=(1, 2, 3, 4)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def existing_tensors(self) -> list[torch.Tensor]:
+        """What lives between steps: weights (and their fp8 scales), LoRA, optimizer state, the batch, rope tables."""
+        out = list(self.model.parameters()) + list(self.model.buffers()) + list(self.network.parameters()) + list(self.network.buffers())
+        out += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        out += list(self.batch.values())
+        for m in self.model.modules():
+            scale = getattr(m, "weight_scale", None)
+            if torch.is_tensor(scale):
+                out.append(scale)
+        return out
+
+
+class SamplingRun:
+    """One denoising step of hv_generate_video (bf16 autocast as on a GPU): a batch of two with real CFG."""
+
+    def __init__(self, work: Workload, opts: MemoryOptions):
+        self.work, self.opts = work, opts
+        self.model = build_dit(work.config, opts.replace(gradient_checkpointing=False))
+        self.model.eval()
+        self.batch = dit_inputs(work)
+        B = work.batch
+        self.latents = torch.randn(B, work.config.out_channels, *work.latent_shape)
+        negative = dit_inputs(work, seed=2)
+        negative["llm_mask"][:, max(1, work.text_tokens // 4):] = 0  # a shorter negative prompt
+        self.negative = negative
+
+    def step(self) -> None:
+        from musubi_tuner.inference.sampler import Guidance, denoise
+
+        cond = {"text_states": self.batch["llm"], "text_mask": self.batch["llm_mask"], "text_states_2": self.batch["clipL"]}
+        uncond = {"text_states": self.negative["llm"], "text_mask": self.negative["llm_mask"], "text_states_2": self.negative["clipL"]}
+        guidance = Guidance(embedded_scale=1.0, scale=self.opts.guidance_scale, split=self.opts.split_uncond)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            denoise(self.model, self.latents, torch.tensor([1.0, 0.9]), cond=cond, uncond=uncond if guidance.uses_cfg else None,
+                    guidance=guidance)
+
+    def existing_tensors(self) -> list[torch.Tensor]:
+        out = list(self.model.parameters()) + list(self.model.buffers()) + list(self.batch.values()) + list(self.negative.values())
+        out.append(self.latents)
+        for m in self.model.modules():
+            scale = getattr(m, "weight_scale", None)
+            if torch.is_tensor(scale):
+                out.append(scale)
+        return out
+
+
+def make_run(work: Workload, opts: MemoryOptions):
+    return TrainingRun(work, opts) if work.mode == "train" else SamplingRun(work, opts)
+
+
+def measured_tensor_peak(work: Workload, opts: MemoryOptions) -> int:
+    """Peak bytes of live tensors during one steady-state step (after a first step created the optimizer state)."""
+    return measured_tensor_bytes(work, opts)[0]
+
+
+def measured_tensor_bytes(work: Workload, opts: MemoryOptions) -> tuple[int, int]:
+    """(peak during a steady-state step, bytes alive before it: weights, LoRA, optimizer state, batch)."""
+    run = make_run(work, opts)
+    run.step()
+    counter = TensorBytes()
+    counter.track(run.existing_tensors())
+    from musubi_tuner.hunyuan.rope import rope_frequencies
+
+    c = work.config
+    counter.track(rope_frequencies(work.latent_shape, c.patch_size, c.rope_dim_list, c.rope_theta))  # cached between steps
+    before = counter.current
+    with counter:
+        run.step()
+    return counter.peak, before
+
+
+def saved_bytes_by_block(work: Workload, opts: MemoryOptions) -> dict[tuple[str, int], int]:
+    """Bytes autograd saves in each block's forward (torch.autograd.graph.saved_tensors_hooks), each storage
+    counted once, in the first block that saves it; weights and the rope tables every block shares excluded."""
+    run = TrainingRun(work, opts)
+    model = run.model
+    existing = {t.untyped_storage().data_ptr() for t in run.existing_tensors()}
+    current: list = [None]
+    for kind, blocks in (("double", model.double_blocks), ("single", model.single_blocks)):
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(lambda m, a, key=(kind, i): current.__setitem__(0, key))
+            block.register_forward_hook(lambda m, a, o: current.__setitem__(0, None))
+    seen: dict[int, tuple[str, int] | None] = {}
+    totals: dict[tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in existing or ptr in seen:
+            return t
+        seen[ptr] = current[0]
+        if current[0] is not None:
+            totals[current[0]] = totals.get(current[0], 0) + t.untyped_storage().nbytes()
+        return t
+
+    b = run.batch
+    B = work.batch
+    x = torch.randn(B, work.config.in_channels, *work.latent_shape)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.act_bytes == 2):
+        model(x, torch.full((B,), 600.0), b["llm"], b["llm_mask"], b["clipL"], torch.full((B,), 1.0))
+    return totals  # the first double block also holds the rope tables all blocks share; compare later blocks

@@ -1,0 +1,196 @@
+"""The planner: sizes from the real shapes, a replay that matches what autograd and the allocator see, budgets."""
+
+
+import pytest
+import torch
+
+from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
+from musubi_tuner.hunyuan.cost import forward_flops, train_step_flops
+from musubi_tuner.hunyuan.fp8 import is_fp8_weight
+from musubi_tuner.planning import MemoryOptions, Workload, fit_budget, gpu, plan
+from musubi_tuner.planning import sizes
+from musubi_tuner.planning.dit_blocks import BlockTracer
+from musubi_tuner.planning.dit_step import block_shapes, replay_sampling_call, replay_training_step
+from musubi_tuner.planning.trace import MemoryTrace
+from plan_runs import measured_tensor_peak, saved_bytes_by_block
+
+# Small enough for a CPU test, shaped like the real model (head dim 128, MLP 4x) so activations outweigh weights.
+SMALL = DiTConfig(hidden_size=256, heads_num=2, mlp_hidden_size=1024, mm_double_blocks_depth=2, mm_single_blocks_depth=2,
+                  refiner_depth=1, text_states_dim=256, text_states_dim_2=64)
+
+
+def small_work(**changes) -> Workload:
+    return Workload(**{"config": SMALL, "height": 192, "width": 256, "frames": 9, "text_tokens": 48, **changes})
+
+
+# ------------------------------------------------------------------------------------------- sizes
+
+
+def test_dit_sizes_come_from_the_real_model(manifest):
+    for config, name in ((HUNYUAN_T2V, "dit_t2v_720p.json"), (SKYREELS_I2V, "dit_skyreels_i2v.json")):
+        ref = manifest(name)
+        s = sizes.dit_sizes(config)
+        assert s.params == ref["params"]
+        assert s.fp8_params == sum(torch.Size(shape).numel() for key, shape in ref["keys"].items() if is_fp8_weight(key))
+    s = sizes.dit_sizes(HUNYUAN_T2V)
+    assert s.lora_modules() == 240
+    assert s.lora_params(32) == 117_964_800  # rank x (in + out) over the 240 block Linears
+    assert s.weight_bytes(2, fp8=False) == {"bf16/fp16": 2 * 12_821_012_544}
+
+
+def test_encoder_sizes_match_the_reference_manifests(manifest):
+    assert sizes.LLM_PARAMS == manifest("text_encoder_llm_LlamaModel.json")["params"]
+    assert sizes.LLM_PARAMS + sizes.LLM_LM_HEAD_PARAMS == manifest("text_encoder_llm_LlamaForCausalLM.json")["params"]
+    assert tuple(manifest("text_encoder_llm_LlamaModel.json")["keys"]["embed_tokens.weight"]) == (128_320, sizes.LLM_HIDDEN)
+    assert sizes.CLIP_PARAMS == manifest("text_encoder_clip_l_CLIPTextModel.json")["params"]
+    assert sizes.VAE_PARAMS == manifest("vae_884_16c.json")["params"]
+
+
+def test_block_swap_streams_the_linear_weights_of_the_blocks_musubi_tuner_swaps():
+    s = sizes.dit_sizes(HUNYUAN_T2V)
+    double = s.block_linear_weight_bytes(("double", 0), 2, fp8=False)
+    assert double == 2 * 2 * (3072 * 9216 + 3072 * 3072 + 2 * 3072 * 12288 + 3072 * 18432)  # two streams, modulation included
+    on_device, on_host = s.split_weight_bytes(2, False, [("double", 19), ("single", 39)], embedders_off=False)
+    assert on_device["bf16/fp16"] + on_host["bf16/fp16"] == 2 * s.params
+
+
+# ------------------------------------------------------------------------------------------- what autograd keeps
+
+
+def replayed_saved_bytes(work: Workload, opts: MemoryOptions, kind: str) -> int:
+    """Bytes a replayed block leaves saved once its outputs and inputs are released."""
+    t = MemoryTrace()
+    shapes = block_shapes(work, opts, work.batch, opts.network_dim, work.text_lengths)
+    tracer = BlockTracer(t, shapes, grad=True)
+    joint = shapes.batch * shapes.tokens * shapes.hidden * shapes.act
+    if kind == "double":
+        img = t.alloc(shapes.batch * shapes.img_tokens * shapes.hidden * shapes.act, "in")
+        txt = t.alloc(shapes.batch * shapes.txt_tokens * shapes.hidden * shapes.act, "in")
+        out_img, out_txt, _ = tracer.double_block(img, txt, True)
+        t.drop(img, txt, out_img, out_txt)
+    else:
+        x = t.alloc(joint, "in")
+        out, _ = tracer.single_block(x, True)
+        t.drop(x, out)
+    return t.current
+
+
+SAVED_CASES = {
+    "bf16 autocast, LoRA 8": ({}, dict(network_dim=8)),
+    "float32": ({}, dict(network_dim=8, mixed_precision="no", dit_dtype="fp32")),
+    "fp8 weights": ({}, dict(network_dim=8, fp8=True)),
+    "batch 2, masked": (dict(batch=2, text_lengths=(48, 20)), dict(network_dim=8)),
+    "batch 2, split attention": (dict(batch=2, text_lengths=(48, 20)), dict(network_dim=8, split_attn=True)),
+}
+
+
+@pytest.mark.parametrize("case", SAVED_CASES)
+def test_replay_saves_what_autograd_saves(case):
+    work_changes, opts_changes = SAVED_CASES[case]
+    work, opts = small_work(**work_changes), MemoryOptions(**opts_changes)
+    measured = saved_bytes_by_block(work, opts)
+    for kind in ("double", "single"):
+        predicted = replayed_saved_bytes(work, opts, kind)
+        assert predicted == pytest.approx(measured[(kind, 1)], rel=0.01), kind
+
+
+# ------------------------------------------------------------------------------------------- peak of a whole step
+
+
+PEAK_CASES = {
+    "plain": ({}, {}),
+    "gradient checkpointing": ({}, dict(gradient_checkpointing=True)),
+    "fp8 base": ({}, dict(fp8=True)),
+    "fp8 base, checkpointing": ({}, dict(fp8=True, gradient_checkpointing=True)),
+    "block swap 2, checkpointing": ({}, dict(blocks_to_swap=2, gradient_checkpointing=True)),
+    "LoRA rank 128": ({}, dict(network_dim=128)),
+    "batch 2": (dict(batch=2, text_lengths=(48, 20)), {}),
+    "256 text tokens": (dict(text_tokens=256), {}),
+    "generation, CFG batch 2": (dict(mode="generate"), dict(guidance_scale=6.0)),
+}
+
+
+@pytest.mark.parametrize("case", PEAK_CASES)
+def test_replayed_peak_matches_the_live_tensor_peak_of_a_cpu_run(case):
+    work_changes, opts_changes = PEAK_CASES[case]
+    work, opts = small_work(**work_changes), MemoryOptions(**{"network_dim": 16, **opts_changes})
+    replay = (replay_training_step if work.mode == "train" else replay_sampling_call)(work, opts, on_cpu=True)
+    measured = measured_tensor_peak(work, opts)
+    assert replay.device.peak == pytest.approx(measured, rel=0.06)
+
+
+# ------------------------------------------------------------------------------------------- the full model
+
+
+def test_block_swap_needs_checkpointing_to_save_memory_in_training():
+    work = Workload(HUNYUAN_T2V, 544, 960, 33)
+    h100 = gpu("h100")
+    plain = plan(work, MemoryOptions(), h100)
+    swapped = plan(work, MemoryOptions(blocks_to_swap=20), h100)
+    # every copy is kept for backward but the modulation Linears' (their input needs no grad): little is saved
+    streamed = sum(sizes.dit_sizes(HUNYUAN_T2V).block_linear_weight_bytes(k, 2, False)
+                   for k in [("double", i) for i in range(10, 20)] + [("single", i) for i in range(19, 40)])
+    assert plain.dit_stage.device_peak - swapped.dit_stage.device_peak < 0.3 * streamed
+    assert any("saves little GPU memory" in w for w in swapped.warnings)
+    ckpt = plan(work, MemoryOptions(gradient_checkpointing=True), h100)
+    ckpt_swapped = plan(work, MemoryOptions(gradient_checkpointing=True, blocks_to_swap=20), h100)
+    saved = ckpt.dit_stage.device_peak - ckpt_swapped.dit_stage.device_peak
+    assert 0.9 * streamed < saved < streamed  # less the two blocks in flight
+    assert ckpt_swapped.dit_stage.host == pytest.approx(streamed, rel=0.01)
+
+
+def test_budget_search_returns_the_fastest_option_set_that_fits():
+    work = Workload(HUNYUAN_T2V, 544, 960, 33)
+    device = gpu("rtx4090")
+    search = fit_budget(work, MemoryOptions(), 24, device)
+    assert search.best is not None and search.best.plan.fits(24e9)
+    assert all(not c.plan.fits(24e9) and c.plan.time.total_s <= search.best.plan.time.total_s for c in search.ruled_out)
+    assert search.best.options.gradient_checkpointing  # nothing fits without it at this size
+    assert fit_budget(Workload(HUNYUAN_T2V, 720, 1280, 129), MemoryOptions(), 12, device).best is None
+
+
+def test_generation_fits_the_official_minimum_for_544x960x129_in_its_own_setting():
+    # Tencent: 45 GB peak at 544x960x129 on one GPU with the text encoders on the GPU too; ours loads one model at a time
+    p = plan(Workload(HUNYUAN_T2V, 544, 960, 129, mode="generate"), MemoryOptions(), gpu("h100"))
+    assert p.needed < 45e9
+
+
+def test_flops_of_a_training_step():
+    shape = (33, 68, 120)
+    fwd = forward_flops(HUNYUAN_T2V, shape, 256)
+    step = train_step_flops(HUNYUAN_T2V, shape, 256, lora_rank=32, checkpointing=True)
+    assert fwd.total == pytest.approx(4.2853e15, rel=1e-4)
+    assert step.recompute < fwd.total and step.backward == pytest.approx(2 * fwd.total - fwd.linear, rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def test_plan_command_prints_the_stages_and_fails_when_nothing_fits(capsys):
+    from musubi_tuner.plan import main
+
+    main(["--video_size", "544", "960", "--video_length", "33", "--gradient_checkpointing", "--fp8_base"])
+    out = capsys.readouterr().out
+    assert "DiT training step" in out and "FLOPs per training step" in out and "checkpointed block inputs" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--video_size", "720", "1280", "--video_length", "129", "--vram_budget", "12G"])
+    assert e.value.code == 1
+    assert "nothing fits" in capsys.readouterr().out
+
+
+def test_dry_run_reads_the_training_flags_and_the_dit_header(tmp_path):
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+    from musubi_tuner.planning.from_args import dry_run
+    from musubi_tuner.training.args import parse_args
+
+    config = tiny_dit_config(in_channels=32)
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
+    args = parse_args(["--dit", str(dit), "--dataset_config", "d.toml", "--sdpa", "--fp8_base", "--gradient_checkpointing",
+                       "--blocks_to_swap", "1", "--network_module", "networks.lora", "--network_dim", "4",
+                       "--optimizer_type", "adamw8bit"])
+    lines = []
+    result = dry_run(args, "train", video_size=(64, 64), frames=5, batch=2, out=lines.append)
+    assert result.workload.config == config
+    o = result.options
+    assert (o.fp8, o.gradient_checkpointing, o.blocks_to_swap, o.network_dim, o.optimizer_type) == (True, True, 1, 4, "adamw8bit")
+    assert "--fp8_base --blocks_to_swap 1 --gradient_checkpointing" in lines[0]
