@@ -36,12 +36,41 @@ _KOHYA_PATTERNS = [
     (re.compile(r"final_layer_adaLN_modulation_1"), r"final_layer.adaLN_modulation.1"),
 ]
 
-# ComfyUI's in-memory module names -> official names (as ComfyUI's loader maps them).
-_COMFY_RENAMES = [
-    (re.compile(r"_attn\.qkv$"), "_attn_qkv"), (re.compile(r"_attn\.proj$"), "_attn_proj"),
-    (re.compile(r"_mlp\.0$"), "_mlp.fc1"), (re.compile(r"_mlp\.2$"), "_mlp.fc2"),
-    (re.compile(r"_mod\.lin$"), "_mod.linear"), (re.compile(r"modulation\.lin$"), "modulation.linear"),
-]
+# ComfyUI keeps HunyuanVideo in memory under Flux's module names (comfy/ldm/hunyuan_video/model.py builds it from
+# comfy/ldm/flux/layers.py): official -> ComfyUI names of the Linear layers, by the container they sit in.
+_COMFY_LEAVES = {
+    r"double_blocks\.\d+": {f"{s}_{official}": f"{s}_{comfy}" for s in ("img", "txt") for official, comfy in (
+        ("attn_qkv", "attn.qkv"), ("attn_proj", "attn.proj"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2"), ("mod.linear", "mod.lin"))},
+    r"single_blocks\.\d+": {"modulation.linear": "modulation.lin"},
+    r"txt_in\.individual_token_refiner\.blocks\.\d+": {
+        "self_attn_qkv": "self_attn.qkv", "self_attn_proj": "self_attn.proj", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"},
+    r"": {"time_in.mlp.0": "time_in.in_layer", "time_in.mlp.2": "time_in.out_layer",
+          "guidance_in.mlp.0": "guidance_in.in_layer", "guidance_in.mlp.2": "guidance_in.out_layer",
+          "txt_in.t_embedder.mlp.0": "txt_in.t_embedder.in_layer", "txt_in.t_embedder.mlp.2": "txt_in.t_embedder.out_layer",
+          "txt_in.c_embedder.linear_1": "txt_in.c_embedder.in_layer", "txt_in.c_embedder.linear_2": "txt_in.c_embedder.out_layer"},
+}
+
+
+def _rename_leaf(path: str, to_comfy: bool) -> str:
+    for container, leaves in _COMFY_LEAVES.items():
+        m = re.fullmatch(rf"({container}\.)(.+)", path) if container else re.fullmatch(r"()(.+)", path)
+        if m is None:
+            continue
+        prefix, leaf = m.groups()
+        table = leaves if to_comfy else {comfy: official for official, comfy in leaves.items()}
+        if leaf in table:
+            return prefix + table[leaf]
+    return path  # named alike on both sides (img_in.proj, vector_in.in_layer, final_layer.linear, ...)
+
+
+def official_to_comfy(path: str) -> str:
+    """`double_blocks.0.img_mlp.fc1` -> `double_blocks.0.img_mlp.0`: the module's path in ComfyUI's model."""
+    return _rename_leaf(path, to_comfy=True)
+
+
+def comfy_to_official(path: str) -> str:
+    """`double_blocks.0.img_attn.qkv` -> `double_blocks.0.img_attn_qkv`; official paths come back unchanged."""
+    return _rename_leaf(path, to_comfy=False)
 
 
 def kohya_to_module_path(name: str) -> str:
@@ -69,15 +98,21 @@ def detect_naming(keys) -> str:
     return "unknown"
 
 
-def to_kohya(weights: dict[str, torch.Tensor], source: str = "LoRA", mlp_hidden: int | None = None) -> dict[str, torch.Tensor]:
-    """Any understood naming -> kohya naming, exactly (same product up @ down * alpha / rank per module)."""
+def to_kohya(weights: dict[str, torch.Tensor], source: str = "LoRA", mlp_hidden: int | None = None,
+             ignored: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Any understood naming -> kohya naming, exactly (same product up @ down * alpha / rank per module).
+
+    Keys that feed no module are left out, and appended to `ignored` when a list is given.
+    """
+    ignored = [] if ignored is None else ignored
     naming = detect_naming(weights)
     if naming == "kohya":
+        ignored += [k for k in weights if not k.startswith(KOHYA_PREFIX)]
         return {k: v for k, v in weights.items() if k.startswith(KOHYA_PREFIX)}
     if naming == "other":
-        return _other_to_kohya(weights)
+        return _other_to_kohya(weights, ignored)
     if naming == "diffusers":
-        return _diffusers_to_kohya(weights, mlp_hidden)
+        return _diffusers_to_kohya(weights, mlp_hidden, ignored)
     sample = ", ".join(list(weights)[:4])
     raise UserError(f"{source}: not a HunyuanVideo LoRA in any naming we know (kohya lora_unet_*, "
                     f"diffusion_model.*.lora_A/B, diffusers transformer.*); first keys: {sample}")
@@ -110,19 +145,18 @@ def _strip_other_prefix(key: str) -> str:
     return key
 
 
-def _other_to_kohya(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _other_to_kohya(weights: dict[str, torch.Tensor], ignored: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, t in weights.items():
         body = _strip_other_prefix(key)
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight", body)
         if not m:
-            if not body.endswith(".alpha"):
+            if not body.endswith(".alpha"):  # alphas are read with their A weight below
                 logger.warning("LoRA key %s ignored (not a LoRA A/B weight)", key)
+                ignored.append(key)
             continue
         path, part = m.groups()
-        for rx, repl in _COMFY_RENAMES:
-            path = rx.sub(repl, path)
-        name = module_path_to_kohya(path)
+        name = module_path_to_kohya(comfy_to_official(path))
         out[f"{name}.{'lora_down' if part in ('lora_A', 'lora_down') else 'lora_up'}.weight"] = t
         alpha_key = next((k for k in (f"{key.rsplit('.lora_', 1)[0]}.alpha",) if k in weights), None)
         if part in ("lora_A", "lora_down"):
@@ -167,9 +201,12 @@ def _diffusers_module(path: str) -> tuple[str, int | None] | None:
     return None
 
 
-def _diffusers_to_kohya(weights: dict[str, torch.Tensor], mlp_hidden: int | None) -> dict[str, torch.Tensor]:
+def _diffusers_to_kohya(weights: dict[str, torch.Tensor], mlp_hidden: int | None, ignored: list[str]) -> dict[str, torch.Tensor]:
     # Collect (A, B, scale) per diffusers module, grouped by the official module they belong to.
     groups: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key in weights:  # B weights and alphas are read with their A weight below
+        if not re.fullmatch(r".+\.(lora_A|lora_B)(?:\.default)?\.weight|.+\.alpha", key):
+            ignored.append(key)
     for key, a in weights.items():
         m = re.fullmatch(r"(.+)\.lora_A(?:\.default)?\.weight", _strip_other_prefix(key))
         if not m:
@@ -180,6 +217,7 @@ def _diffusers_to_kohya(weights: dict[str, torch.Tensor], mlp_hidden: int | None
         target = _diffusers_module(m.group(1))
         if target is None:
             logger.warning("LoRA module %s has no counterpart in the official DiT; ignored", m.group(1))
+            ignored += [k for k in (key, b_key, key.replace(".lora_A.weight", ".alpha")) if k in weights]
             continue
         module, part = target
         b = weights[b_key]
