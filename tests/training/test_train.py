@@ -34,7 +34,9 @@ def test_trains_and_saves_a_lora_per_epoch_with_kohya_keys(assets, tmp_path):
     root, dit, toml = assets
     final = train(parse_args(base_args(dit, toml, tmp_path, "--max_train_epochs", "3", "--save_every_n_epochs", "1")))
     assert final == tmp_path / "tiny.safetensors"
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["tiny-000001.safetensors", "tiny-000002.safetensors", "tiny.safetensors"]
+    stems = ["tiny-000001", "tiny-000002", "tiny"]
+    written = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert written == sorted([f"{s}.safetensors" for s in stems] + [f"{s}.comfyui.safetensors" for s in stems])  # --lora_format both
     weights = load_lora(final)
     assert len(weights) == 20 * 3  # 2 double blocks x 8 + 2 single x 2 modules, down/up/alpha each
     assert weights["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (3 * 64 + 256, 4)
