@@ -48,6 +48,21 @@ def test_trains_and_saves_a_lora_per_epoch_with_kohya_keys(assets, tmp_path):
     assert meta["musubi_tuner.base_model"] == "hunyuan-video-t2v"
 
 
+def test_saved_lora_says_what_it_is_and_loads_completely_in_every_consumer(assets, tmp_path):
+    from musubi_tuner.networks.lora_doctor import diagnose
+    from musubi_tuner.training.metadata import LoRAFileInfo
+
+    root, dit, toml = assets
+    final = train(parse_args(base_args(dit, toml, tmp_path, "--max_train_steps", "2")))
+    info = LoRAFileInfo.from_metadata(read_safetensors_header(final)[1])
+    assert (info.base_model, info.in_channels, info.resolutions, info.frames) == ("hunyuan-video-t2v", 16, [(64, 48)], [5])
+    assert len(info.modules) == 20 and set(info.modules.values()) == {(4, 4.0)} and info.companion == "tiny.comfyui.safetensors"
+    diagnosis = diagnose(final, dit=dit)
+    assert diagnosis.ok and not diagnosis.warnings, [v.coverage.dropped for v in diagnosis.verdicts]
+    assert {v.consumer: (v.alternative or (v.file,))[0].name for v in diagnosis.verdicts} == {
+        "ours": "tiny.safetensors", "musubi": "tiny.safetensors", "comfyui": "tiny.comfyui.safetensors", "diffusers": "tiny.comfyui.safetensors"}
+
+
 def test_loss_on_a_fixed_batch_falls(assets, tmp_path):
     from musubi_tuner.data.config import load_dataset_config
     from musubi_tuner.data.training_dataset import TrainingDataset
