@@ -99,7 +99,7 @@ def test_kohya_file_loses_exactly_the_double_block_mlps_in_comfyui():
     mlp = {f"lora_unet_double_blocks_{i}_{stream}_mlp_{fc}.{t}" for i in range(2) for stream in ("img", "txt")
            for fc in ("fc1", "fc2") for t in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert set(cov.dropped) == mlp
-    assert "'double_blocks.0.img_mlp.0', so it looks for lora_unet_double_blocks_0_img_mlp_0" in cov.dropped[
+    assert "ComfyUI's layer is double_blocks.0.img_mlp.0, kohya name lora_unet_double_blocks_0_img_mlp_0" in cov.dropped[
         "lora_unet_double_blocks_0_img_mlp_fc1.lora_down.weight"]
     assert len(cov.applied) == 60 - 24 and cov.fatal is None and not cov.complete
 

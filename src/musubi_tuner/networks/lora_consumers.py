@@ -188,7 +188,7 @@ def _comfy_hint(key: str) -> str:
     comfy = official_to_comfy(official)
     if comfy == official:
         return ""
-    return f": ComfyUI calls {official} '{comfy}', so it looks for {KOHYA_PREFIX}{comfy.replace('.', '_')}"
+    return f": ComfyUI's layer is {comfy}, kohya name {KOHYA_PREFIX}{comfy.replace('.', '_')}"
 
 
 # diffusers' converter splits every tensor of these layers in three (as a q/k/v lora_B) unless its name says lora_A.
