@@ -1,7 +1,7 @@
 """Which weights of a LoRA file each program that loads HunyuanVideo LoRAs applies, and which it drops.
 
 Each consumer's mapping rules, as read in its source (docs/lora_formats.md has them in prose, with the
-sources), applied to the file's key names and shapes:
+sources), applied to the file's key names:
 
 - ours: every naming `networks.lora_naming` reads (kohya, "other", diffusers/PEFT); a module that is not
   in the DiT makes merging refuse the whole file.
@@ -118,7 +118,8 @@ def _musubi(weights, linears) -> Coverage:
             cov.dropped[key] = f"musubi-tuner reads only .lora_down.weight, .lora_up.weight and .alpha, not .{suffix}"
         else:
             cov.dropped[key] = "musubi-tuner applies LoRAs only to Linears inside the double and single blocks"
-    no_alpha = sorted(n for n in {k.partition(".")[0] for k in cov.applied if k.endswith(".lora_down.weight")} if f"{n}.alpha" not in weights)
+    built = {k.partition(".")[0] for k in cov.applied if k.endswith(".lora_down.weight")}
+    no_alpha = sorted(n for n in built if f"{n}.alpha" not in weights)
     if no_alpha:
         cov.fatal = f"it needs an .alpha for every module and stops with a KeyError (none for {no_alpha[0]})"
     cov.modules = sorted(modules)
@@ -163,7 +164,9 @@ def _comfyui(weights, linears) -> Coverage:
     for x, weight in comfy_key_map(linears).items():
         for up, down in COMFY_LORA_PAIRS:
             if x + up in weights:
-                consumed |= {x + up, x + down, x + ".reshape_weight"} | ({x + ".lora_mid.weight"} if up == ".lora_up.weight" else set())
+                consumed |= {x + up, x + down, x + ".reshape_weight"}
+                if up == ".lora_up.weight":
+                    consumed.add(x + ".lora_mid.weight")
                 modules.add(weight.removeprefix("diffusion_model.").removesuffix(".weight"))
                 break
         consumed |= {x + extra for extra in COMFY_ALWAYS + COMFY_OTHER_ADAPTERS}
@@ -223,8 +226,7 @@ def _diffusers_original(weights, linears, cov: Coverage) -> Coverage:
     """diffusers' converter for the original naming: strips `transformer.` / `diffusion_model.`, renames, splits q/k/v."""
     modules = set()
     for key in weights:
-        body = key.removeprefix("transformer.") if key.startswith("transformer.") else key.removeprefix("diffusion_model.")
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", body)
+        m = re.fullmatch(r"(?:transformer\.|diffusion_model\.)?(.+)\.(lora_A|lora_B)\.weight", key)
         if m is None or m.group(1) not in linears or not official_to_diffusers(m.group(1)):
             if SPLIT_IN_THREE.search(key):
                 cov.fatal = (f"its HunyuanVideo converter splits {key} in three as a q/k/v weight "

@@ -49,6 +49,7 @@ class Diagnosis:
 
 
 def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLike | None = None) -> Diagnosis:
+    """Inspect a LoRA file and check it, and its companion file, against each consumer and the DiT (if given)."""
     ins = inspect_lora(path)
     diagnosis = Diagnosis(ins, [], dit=str(dit) if dit else None)
     config = HUNYUAN_T2V
@@ -72,7 +73,7 @@ def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLik
 
 
 def _check_base(diagnosis: Diagnosis, dit) -> DiTConfig:
-    """Compare the LoRA with the DiT file (its header only): base model, input channels, layer shapes."""
+    """Compare the LoRA with the DiT file (a safetensors is read for its header only): base, input channels, shapes."""
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
     config = read_dit_config(open_dit_file(dit))
