@@ -5,6 +5,8 @@ diffusers is a test-only dependency: it is the reference our model code must equ
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from musubi_tuner.hunyuan.config import DiTConfig
@@ -68,3 +70,24 @@ def diffusers_vae(state_dict: dict[str, torch.Tensor], config):
     )
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+def split_linear1_lora_for_diffusers(lora: dict[str, torch.Tensor], config: DiTConfig) -> dict[str, torch.Tensor]:
+    """An original-naming LoRA with its single-block linear1 pairs already split the way diffusers' LoRA converter
+    (`_convert_hunyuan_video_lora_to_diffusers`) splits them, but at the model's own hidden size.
+
+    That converter, like the checkpoint converter above, hard-codes the full model's 3072; every other key is
+    left for it to convert. A tiny model needs this; the released model (width 3072) does not.
+    """
+    h = config.hidden_size
+    out = {}
+    for key, t in lora.items():
+        m = re.fullmatch(r"(?:diffusion_model\.|transformer\.)?single_blocks\.(\d+)\.linear1\.(lora_A|lora_B)\.weight", key)
+        if m is None:
+            out[key] = t
+            continue
+        block, part = m.groups()
+        pieces = [t] * 4 if part == "lora_A" else torch.split(t, (h, h, h, t.shape[0] - 3 * h))
+        for name, piece in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), pieces):
+            out[f"single_transformer_blocks.{block}.{name}.{part}.weight"] = piece
+    return out

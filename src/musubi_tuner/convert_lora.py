@@ -4,7 +4,7 @@
     python src/musubi_tuner/convert_lora.py --input other.safetensors --output my.safetensors --target default
 
 `--target default` also reads diffusers/PEFT LoRAs of diffusers' HunyuanVideo transformer (q, k, v fused exactly).
-The input's metadata is copied.
+The input's metadata is copied (with `musubi_tuner.lora_naming` set to the output's naming).
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ def main(argv=None) -> None:
         args = build_parser().parse_args(argv)
         from musubi_tuner.networks.lora_files import read_lora_file, save_lora
         from musubi_tuner.networks.lora_naming import kohya_to_other, to_kohya
+        from musubi_tuner.training.metadata import with_naming
 
         weights, metadata = read_lora_file(args.input)
         kohya = to_kohya(weights, source=args.input)
         out = kohya_to_other(kohya, args.diffusers_prefix or "diffusion_model") if args.target == "other" else kohya
-        save_lora(out, args.output, metadata)
+        save_lora(out, args.output, with_naming(metadata, "other" if args.target == "other" else "kohya"))
         modules = sum(k.endswith(("lora_down.weight", "lora_A.weight")) for k in out)
         print(f"{args.input} -> {args.output}: {modules} modules in the {args.target} naming")
 

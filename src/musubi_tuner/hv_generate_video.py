@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_weight", nargs="*", default=None)
     g.add_argument("--lora_multiplier", type=float, nargs="*", default=None, help="one per LoRA or one for all (default 1.0)")
     g.add_argument("--exclude_single_blocks", action="store_true")
+    g.add_argument("--lora_blocks", nargs="*", default=None, metavar="BLOCKS",
+                   help="blocks each LoRA is applied to, one per LoRA or one for all: all (default), double, single, "
+                        "or a regular expression searched in module paths such as 'double_blocks\\.1[0-9]\\.'")
     g.add_argument("--save_merged_model", default=None, help="save the DiT with the LoRAs merged, then exit")
     g.add_argument("--lycoris", action="store_true", help=argparse.SUPPRESS)
 

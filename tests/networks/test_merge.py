@@ -106,3 +106,47 @@ def test_command_line_as_the_seed_types_it(setup, tmp_path):
     assert out.is_file() and "merged 1 LoRA file(s)" in result.stdout
     bad = subprocess.run(cmd[:-2] + ["--lora_multiplier", "1", "2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: 1 LoRA files but 2 values") and "Traceback" not in bad.stderr
+
+
+def test_lora_blocks_choose_the_blocks_each_lora_is_merged_into(setup, tmp_path):
+    tmp, config, dit, paths = setup
+    base = load_dit(dit, dtype=torch.float32).state_dict()
+
+    def changed(lora_blocks):
+        model = load_dit(dit, dtype=torch.float32)
+        merge_loras_into(model, [str(p) for p in paths], [1.0, 1.0], lora_blocks=lora_blocks)
+        return sorted({k.rsplit(".", 1)[0] for k, v in model.state_dict().items() if not torch.equal(v, base[k])})
+
+    everything = changed(None)
+    assert len(everything) == 20 and changed("all") == everything
+    assert all(p.startswith("double_blocks.") for p in changed("double")) and len(changed("double")) == 16
+    # one value per file: the first LoRA on single block 1 only, the second on the image attention layers only
+    assert changed([r"single_blocks\.1\.", "img_attn"]) == [
+        "double_blocks.0.img_attn_proj", "double_blocks.0.img_attn_qkv", "double_blocks.1.img_attn_proj", "double_blocks.1.img_attn_qkv",
+        "single_blocks.1.linear1", "single_blocks.1.linear2"]
+    with pytest.raises(UserError, match="--lora_blocks '\\(': not 'all', 'double', 'single' or a valid regular expression"):
+        changed("(")
+    with pytest.raises(UserError, match="2 LoRA files but 3 values of --lora_blocks"):
+        changed(["all", "all", "all"])
+
+
+def test_lora_blocks_filter_the_on_the_fly_path_the_same_way(setup):
+    from musubi_tuner.inference.pipeline import apply_loras_on_the_fly
+
+    tmp, config, dit, paths = setup
+    args = dit_inputs(config, batch=1, text_lens=(6,))
+    merged = load_dit(dit, dtype=torch.float32)
+    merge_loras_into(merged, [str(paths[0])], [0.7], lora_blocks="single")
+    beside = load_dit(dit, dtype=torch.float32)
+    apply_loras_on_the_fly(beside, [str(paths[0])], [0.7], False, ["single"])
+    with torch.no_grad():
+        assert rel_err(beside(*args), merged(*args)) < 1e-5
+
+
+def test_merge_lora_command_takes_lora_blocks(setup, tmp_path):
+    tmp, config, dit, paths = setup
+    out = tmp_path / "double_only.safetensors"
+    r = subprocess.run([sys.executable, "src/musubi_tuner/merge_lora.py", "--dit", str(dit), "--lora_weight", str(paths[0]),
+                        "--save_merged_model", str(out), "--device", "cpu", "--lora_blocks", "double"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "into 16 layers" in r.stdout

@@ -34,7 +34,9 @@ def test_trains_and_saves_a_lora_per_epoch_with_kohya_keys(assets, tmp_path):
     root, dit, toml = assets
     final = train(parse_args(base_args(dit, toml, tmp_path, "--max_train_epochs", "3", "--save_every_n_epochs", "1")))
     assert final == tmp_path / "tiny.safetensors"
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["tiny-000001.safetensors", "tiny-000002.safetensors", "tiny.safetensors"]
+    stems = ["tiny-000001", "tiny-000002", "tiny"]
+    written = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert written == sorted([f"{s}.safetensors" for s in stems] + [f"{s}.comfyui.safetensors" for s in stems])  # --lora_format both
     weights = load_lora(final)
     assert len(weights) == 20 * 3  # 2 double blocks x 8 + 2 single x 2 modules, down/up/alpha each
     assert weights["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (3 * 64 + 256, 4)
@@ -44,6 +46,21 @@ def test_trains_and_saves_a_lora_per_epoch_with_kohya_keys(assets, tmp_path):
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_steps"] == "12" and meta["ss_epoch"] == "3"
     assert meta["modelspec.architecture"] == "hunyuan-video/lora" and len(meta["sshs_model_hash"]) == 64
     assert meta["musubi_tuner.base_model"] == "hunyuan-video-t2v"
+
+
+def test_saved_lora_says_what_it_is_and_loads_completely_in_every_consumer(assets, tmp_path):
+    from musubi_tuner.networks.lora_doctor import diagnose
+    from musubi_tuner.training.metadata import LoRAFileInfo
+
+    root, dit, toml = assets
+    final = train(parse_args(base_args(dit, toml, tmp_path, "--max_train_steps", "2")))
+    info = LoRAFileInfo.from_metadata(read_safetensors_header(final)[1])
+    assert (info.base_model, info.in_channels, info.resolutions, info.frames) == ("hunyuan-video-t2v", 16, [(64, 48)], [5])
+    assert len(info.modules) == 20 and set(info.modules.values()) == {(4, 4.0)} and info.companion == "tiny.comfyui.safetensors"
+    diagnosis = diagnose(final, dit=dit)
+    assert diagnosis.ok and not diagnosis.warnings, [v.coverage.dropped for v in diagnosis.verdicts]
+    assert {v.consumer: (v.alternative or (v.file,))[0].name for v in diagnosis.verdicts} == {
+        "ours": "tiny.safetensors", "musubi": "tiny.safetensors", "comfyui": "tiny.comfyui.safetensors", "diffusers": "tiny.comfyui.safetensors"}
 
 
 def test_loss_on_a_fixed_batch_falls(assets, tmp_path):

@@ -67,6 +67,11 @@ def check_and_fill(args) -> None:
         raise UserError(f"--blocks_to_swap {args.blocks_to_swap}: between 1 and 38 for inference")
     if args.lycoris:
         raise UserError("--lycoris is not supported; LyCORIS LoRAs in kohya naming load without it")
+    if args.lora_weight:
+        from musubi_tuner.networks.merge import block_filters, resolve_multipliers
+
+        resolve_multipliers(args.lora_weight, args.lora_multiplier)  # counts and patterns checked before any model loads
+        block_filters(args.lora_weight, args.lora_blocks, args.exclude_single_blocks)
 
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
@@ -190,12 +195,13 @@ def load_generation_dit(args, device):
             from musubi_tuner.networks.merge import merge_file
 
             merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
-                       exclude_single_blocks=args.exclude_single_blocks)
+                       exclude_single_blocks=args.exclude_single_blocks, lora_blocks=args.lora_blocks)
             return None
         if on_the_fly:  # fp8 weights: a merge would be rounded away; run the LoRAs beside the weights instead
-            apply_loras_on_the_fly(dit, args.lora_weight, args.lora_multiplier, args.exclude_single_blocks)
+            apply_loras_on_the_fly(dit, args.lora_weight, args.lora_multiplier, args.exclude_single_blocks, args.lora_blocks)
         else:
-            merge_loras_into(dit, args.lora_weight, args.lora_multiplier, device=device, exclude_single_blocks=args.exclude_single_blocks)
+            merge_loras_into(dit, args.lora_weight, args.lora_multiplier, device=device, exclude_single_blocks=args.exclude_single_blocks,
+                             lora_blocks=args.lora_blocks)
     elif args.save_merged_model:
         raise UserError("--save_merged_model needs --lora_weight")
     if args.fp8_fast:
@@ -215,16 +221,15 @@ def load_generation_dit(args, device):
     return dit
 
 
-def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool) -> list:
+def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool, lora_blocks=None) -> list:
     from musubi_tuner.networks import lora
     from musubi_tuner.networks.lora_files import load_lora
-    from musubi_tuner.networks.merge import resolve_multipliers
+    from musubi_tuner.networks.merge import block_filters, resolve_multipliers, select_lora_blocks
 
     networks = []
-    for path, m in zip(paths, resolve_multipliers(paths, multipliers)):
-        weights = load_lora(path)
-        if exclude_single_blocks:
-            weights = {k: v for k, v in weights.items() if "single_blocks" not in k}
+    keeps = block_filters(paths, lora_blocks, exclude_single_blocks)
+    for path, m, keep in zip(paths, resolve_multipliers(paths, multipliers), keeps):
+        weights = select_lora_blocks(load_lora(path), keep)
         net = lora.create_arch_network_from_weights(m, weights, dit, for_inference=True)
         net.to(dit.device).eval()
         net.apply_to(None, dit)

@@ -137,12 +137,16 @@ class LoRANetwork(nn.Module):
         super().__init__()
         self.multiplier = multiplier
         self.loraplus_lr_ratio = loraplus_lr_ratio
-        targets = target_modules(unet, include_patterns, [*exclude_patterns, DEFAULT_EXCLUDE])
+        if ranks is None:
+            targets = target_modules(unet, include_patterns, [*exclude_patterns, DEFAULT_EXCLUDE])
+        else:  # built from a file: the Linears it names, wherever they are (as merging does)
+            targets = {path: m for path, m in unet.named_modules() if isinstance(m, nn.Linear) and lora_name(path) in ranks}
+            unknown = sorted(set(ranks) - {lora_name(p) for p in targets})
+            if unknown:
+                raise UserError(f"LoRA module {unknown[0]} names no Linear layer of this DiT ({len(unknown)} such modules; a LoRA for another model?)")
         self.unet_loras: list[LoRAModule] = []
         for path, linear in targets.items():
             name = lora_name(path)
-            if ranks is not None and name not in ranks:
-                continue  # built from a file: only the modules it has
             r = ranks[name] if ranks is not None else rank
             a = alphas[name] if alphas is not None else alpha
             module = LoRAModule(name, linear, multiplier, r, a, dropout, rank_dropout, module_dropout)
@@ -151,7 +155,8 @@ class LoRANetwork(nn.Module):
             if verbose:
                 logger.info("LoRA %s: rank %d, alpha %s", name, r, module.alpha.item())
         if not self.unet_loras:
-            raise UserError("no LoRA modules were created: the include/exclude patterns leave no Linear layer")
+            why = "the LoRA file names none (or --lora_blocks keeps none)" if ranks is not None else "the include/exclude patterns leave no Linear layer"
+            raise UserError(f"no LoRA modules were created: {why}")
         logger.info("LoRA: %d modules on the DiT", len(self.unet_loras))
 
     # -- the interface the trainer (and LyCORIS) use
@@ -287,6 +292,6 @@ def create_arch_network_from_weights(multiplier: float, weights_sd: dict[str, to
             alphas[name] = float(t)
     for name, r in ranks.items():
         alphas.setdefault(name, float(r))  # no alpha stored: scale 1 (alpha = rank)
-    network = LoRANetwork(unet, multiplier, ranks=ranks, alphas=alphas, exclude_patterns=(), include_patterns=(".*",), **kwargs)
+    network = LoRANetwork(unet, multiplier, ranks=ranks, alphas=alphas, **kwargs)
     network.load_state_dict({k: v for k, v in weights_sd.items() if k.split(".", 1)[0] in ranks}, strict=False)
     return network

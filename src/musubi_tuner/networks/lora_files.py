@@ -1,8 +1,15 @@
-"""LoRA files: reading (any naming we understand, returned in our kohya naming) and atomic writing."""
+"""LoRA files: reading (any naming we understand, returned in our kohya naming) and atomic writing.
+
+No one naming loads completely everywhere (docs/lora_formats.md): musubi-tuner reads only the kohya
+naming, while ComfyUI drops its double-block MLP weights and diffusers cannot read it at all. So the
+trainer writes, per `--lora_format`, the kohya file, its "other"-naming companion
+`NAME.comfyui.safetensors` (which ComfyUI and diffusers load completely), or both.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +35,48 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
 def load_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A LoRA file's weights in our naming (`lora_unet_*.lora_down/up.weight`, `.alpha`)."""
-    from musubi_tuner.networks.lora_naming import to_kohya
+    from musubi_tuner.networks.lora_naming import peft_alphas, to_kohya
 
-    weights, _ = read_lora_file(path)
-    return to_kohya(weights, source=str(path))
+    weights, metadata = read_lora_file(path)
+    return to_kohya({**weights, **peft_alphas(weights, metadata)}, source=str(path))
+
+
+LORA_FORMATS = {
+    "musubi": "kohya naming only (musubi-tuner, this toolkit)",
+    "comfyui": "diffusion_model.* lora_A/lora_B naming only (ComfyUI, diffusers, this toolkit)",
+    "both": "the kohya file plus NAME.comfyui.safetensors beside it",
+}
+COMPANION_SUFFIX = ".comfyui.safetensors"
+
+
+def companion_path(path: str | os.PathLike) -> Path:
+    """`out/my_lora.safetensors` -> `out/my_lora.comfyui.safetensors`: where the other-naming copy goes."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + COMPANION_SUFFIX)
+
+
+@dataclass
+class LoRAOutput:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    naming: str  # "kohya" or "other"
+    companion: str | None  # file name of the other file of the pair, if one is written
+
+
+def lora_outputs(kohya_weights: dict[str, torch.Tensor], path: str | os.PathLike, lora_format: str = "both") -> list[LoRAOutput]:
+    """The files `--lora_format` asks for, from a kohya-named state dict: (path, tensors, naming, companion)."""
+    from musubi_tuner.networks.lora_naming import kohya_to_other
+
+    path = Path(path)
+    if lora_format not in LORA_FORMATS:
+        raise UserError(f"--lora_format {lora_format}: one of {', '.join(LORA_FORMATS)}")
+    if lora_format == "musubi":
+        return [LoRAOutput(path, kohya_weights, "kohya", None)]
+    other = kohya_to_other(kohya_weights)
+    if lora_format == "comfyui":
+        return [LoRAOutput(path, other, "other", None)]
+    copy = companion_path(path)
+    return [LoRAOutput(path, kohya_weights, "kohya", copy.name), LoRAOutput(copy, other, "other", path.name)]
 
 
 def is_kohya(keys) -> bool:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -33,15 +34,49 @@ _KOHYA_PATTERNS = [
     (re.compile(r"txt_in_individual_token_refiner_blocks_(\d+)_mlp_(fc1|fc2)"), r"txt_in.individual_token_refiner.blocks.\1.mlp.\2"),
     (re.compile(r"txt_in_individual_token_refiner_blocks_(\d+)_adaLN_modulation_1"), r"txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1"),
     (re.compile(r"final_layer_(linear)"), r"final_layer.\1"),
+    (re.compile(r"(time_in|guidance_in)_mlp_(0|2)"), r"\1.mlp.\2"),
+    (re.compile(r"vector_in_(in_layer|out_layer)"), r"vector_in.\1"),
+    (re.compile(r"txt_in_input_embedder"), r"txt_in.input_embedder"),
+    (re.compile(r"txt_in_t_embedder_mlp_(0|2)"), r"txt_in.t_embedder.mlp.\1"),
+    (re.compile(r"txt_in_c_embedder_(linear_1|linear_2)"), r"txt_in.c_embedder.\1"),
     (re.compile(r"final_layer_adaLN_modulation_1"), r"final_layer.adaLN_modulation.1"),
 ]
 
-# ComfyUI's in-memory module names -> official names (as ComfyUI's loader maps them).
-_COMFY_RENAMES = [
-    (re.compile(r"_attn\.qkv$"), "_attn_qkv"), (re.compile(r"_attn\.proj$"), "_attn_proj"),
-    (re.compile(r"_mlp\.0$"), "_mlp.fc1"), (re.compile(r"_mlp\.2$"), "_mlp.fc2"),
-    (re.compile(r"_mod\.lin$"), "_mod.linear"), (re.compile(r"modulation\.lin$"), "modulation.linear"),
-]
+# ComfyUI keeps HunyuanVideo in memory under Flux's module names (comfy/ldm/hunyuan_video/model.py builds it from
+# comfy/ldm/flux/layers.py): official -> ComfyUI names of the Linear layers, by the container they sit in.
+_COMFY_LEAVES = {
+    r"double_blocks\.\d+": {f"{s}_{official}": f"{s}_{comfy}" for s in ("img", "txt") for official, comfy in (
+        ("attn_qkv", "attn.qkv"), ("attn_proj", "attn.proj"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2"), ("mod.linear", "mod.lin"))},
+    r"single_blocks\.\d+": {"modulation.linear": "modulation.lin"},
+    r"txt_in\.individual_token_refiner\.blocks\.\d+": {
+        "self_attn_qkv": "self_attn.qkv", "self_attn_proj": "self_attn.proj", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"},
+    r"": {"time_in.mlp.0": "time_in.in_layer", "time_in.mlp.2": "time_in.out_layer",
+          "guidance_in.mlp.0": "guidance_in.in_layer", "guidance_in.mlp.2": "guidance_in.out_layer",
+          "txt_in.t_embedder.mlp.0": "txt_in.t_embedder.in_layer", "txt_in.t_embedder.mlp.2": "txt_in.t_embedder.out_layer",
+          "txt_in.c_embedder.linear_1": "txt_in.c_embedder.in_layer", "txt_in.c_embedder.linear_2": "txt_in.c_embedder.out_layer"},
+}
+
+
+def _rename_leaf(path: str, to_comfy: bool) -> str:
+    for container, leaves in _COMFY_LEAVES.items():
+        m = re.fullmatch(rf"({container}\.)(.+)", path) if container else re.fullmatch(r"()(.+)", path)
+        if m is None:
+            continue
+        prefix, leaf = m.groups()
+        table = leaves if to_comfy else {comfy: official for official, comfy in leaves.items()}
+        if leaf in table:
+            return prefix + table[leaf]
+    return path  # named alike on both sides (img_in.proj, vector_in.in_layer, final_layer.linear, ...)
+
+
+def official_to_comfy(path: str) -> str:
+    """`double_blocks.0.img_mlp.fc1` -> `double_blocks.0.img_mlp.0`: the module's path in ComfyUI's model."""
+    return _rename_leaf(path, to_comfy=True)
+
+
+def comfy_to_official(path: str) -> str:
+    """`double_blocks.0.img_attn.qkv` -> `double_blocks.0.img_attn_qkv`; official paths come back unchanged."""
+    return _rename_leaf(path, to_comfy=False)
 
 
 def kohya_to_module_path(name: str) -> str:
@@ -69,15 +104,21 @@ def detect_naming(keys) -> str:
     return "unknown"
 
 
-def to_kohya(weights: dict[str, torch.Tensor], source: str = "LoRA", mlp_hidden: int | None = None) -> dict[str, torch.Tensor]:
-    """Any understood naming -> kohya naming, exactly (same product up @ down * alpha / rank per module)."""
+def to_kohya(weights: dict[str, torch.Tensor], source: str = "LoRA", mlp_hidden: int | None = None,
+             ignored: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Any understood naming -> kohya naming, exactly (same product up @ down * alpha / rank per module).
+
+    Keys that feed no module are left out, and appended to `ignored` when a list is given.
+    """
+    ignored = [] if ignored is None else ignored
     naming = detect_naming(weights)
     if naming == "kohya":
+        ignored += [k for k in weights if not k.startswith(KOHYA_PREFIX)]
         return {k: v for k, v in weights.items() if k.startswith(KOHYA_PREFIX)}
     if naming == "other":
-        return _other_to_kohya(weights)
+        return _other_to_kohya(weights, ignored)
     if naming == "diffusers":
-        return _diffusers_to_kohya(weights, mlp_hidden)
+        return _diffusers_to_kohya(weights, mlp_hidden, ignored)
     sample = ", ".join(list(weights)[:4])
     raise UserError(f"{source}: not a HunyuanVideo LoRA in any naming we know (kohya lora_unet_*, "
                     f"diffusion_model.*.lora_A/B, diffusers transformer.*); first keys: {sample}")
@@ -110,19 +151,18 @@ def _strip_other_prefix(key: str) -> str:
     return key
 
 
-def _other_to_kohya(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _other_to_kohya(weights: dict[str, torch.Tensor], ignored: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, t in weights.items():
         body = _strip_other_prefix(key)
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight", body)
         if not m:
-            if not body.endswith(".alpha"):
+            if not body.endswith(".alpha"):  # alphas are read with their A weight below
                 logger.warning("LoRA key %s ignored (not a LoRA A/B weight)", key)
+                ignored.append(key)
             continue
         path, part = m.groups()
-        for rx, repl in _COMFY_RENAMES:
-            path = rx.sub(repl, path)
-        name = module_path_to_kohya(path)
+        name = module_path_to_kohya(comfy_to_official(path))
         out[f"{name}.{'lora_down' if part in ('lora_A', 'lora_down') else 'lora_up'}.weight"] = t
         alpha_key = next((k for k in (f"{key.rsplit('.lora_', 1)[0]}.alpha",) if k in weights), None)
         if part in ("lora_A", "lora_down"):
@@ -150,42 +190,70 @@ _DIFFUSERS_REFINER = {
 }
 
 
-def _diffusers_module(path: str) -> tuple[str, int | None] | None:
-    for rx, table, official in (
-        (r"transformer_blocks\.(\d+)\.(.+)", _DIFFUSERS_DOUBLE, "double_blocks.{}.{}"),
-        (r"single_transformer_blocks\.(\d+)\.(.+)", _DIFFUSERS_SINGLE, "single_blocks.{}.{}"),
-        (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(.+)", _DIFFUSERS_REFINER, "txt_in.individual_token_refiner.blocks.{}.{}"),
-    ):
-        m = re.fullmatch(rx, path)
+# (diffusers block list, its table, the official block list)
+_DIFFUSERS_CONTAINERS = (
+    ("transformer_blocks", _DIFFUSERS_DOUBLE, "double_blocks"),
+    ("single_transformer_blocks", _DIFFUSERS_SINGLE, "single_blocks"),
+    ("context_embedder.token_refiner.refiner_blocks", _DIFFUSERS_REFINER, "txt_in.individual_token_refiner.blocks"),
+)
+_DIFFUSERS_TOP = {
+    "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0", "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.mlp.0", "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer", "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "context_embedder.proj_in": "txt_in.input_embedder",
+    "context_embedder.time_text_embed.timestep_embedder.linear_1": "txt_in.t_embedder.mlp.0",
+    "context_embedder.time_text_embed.timestep_embedder.linear_2": "txt_in.t_embedder.mlp.2",
+    "context_embedder.time_text_embed.text_embedder.linear_1": "txt_in.c_embedder.linear_1",
+    "context_embedder.time_text_embed.text_embedder.linear_2": "txt_in.c_embedder.linear_2",
+}
+
+
+def diffusers_to_official(path: str) -> tuple[str, int | None] | None:
+    """diffusers module -> (official module, which of its fused parts or None); None if it has no counterpart."""
+    for blocks, table, official_blocks in _DIFFUSERS_CONTAINERS:
+        m = re.fullmatch(rf"{re.escape(blocks)}\.(\d+)\.(.+)", path)
         if m and m.group(2) in table:
             module, part = table[m.group(2)]
-            return official.format(m.group(1), module), part
-    if path == "proj_out":
-        return "final_layer.linear", None
-    if path == "norm_out.linear":
-        return "final_layer.adaLN_modulation.1", None
+            return f"{official_blocks}.{m.group(1)}.{module}", part
+    if path in _DIFFUSERS_TOP:
+        return _DIFFUSERS_TOP[path], None
     return None
 
 
-def _diffusers_to_kohya(weights: dict[str, torch.Tensor], mlp_hidden: int | None) -> dict[str, torch.Tensor]:
+def official_to_diffusers(path: str) -> list[str]:
+    """Official module -> the diffusers modules it is split into (q, k, v[, mlp] for fused ones, in order); [] if none."""
+    for blocks, table, official_blocks in _DIFFUSERS_CONTAINERS:
+        m = re.fullmatch(rf"{re.escape(official_blocks)}\.(\d+)\.(.+)", path)
+        if m:
+            parts = sorted((part or 0, name) for name, (module, part) in table.items() if module == m.group(2))
+            return [f"{blocks}.{m.group(1)}.{name}" for _, name in parts]
+    return [d for d, official in _DIFFUSERS_TOP.items() if official == path]
+
+
+def _diffusers_to_kohya(weights: dict[str, torch.Tensor], mlp_hidden: int | None, ignored: list[str]) -> dict[str, torch.Tensor]:
     # Collect (A, B, scale) per diffusers module, grouped by the official module they belong to.
     groups: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key in weights:  # B weights and alphas are read with their A weight below
+        if not re.fullmatch(r".+\.(lora_A|lora_B)(?:\.default)?\.weight|.+\.alpha", key):
+            ignored.append(key)
     for key, a in weights.items():
         m = re.fullmatch(r"(.+)\.lora_A(?:\.default)?\.weight", _strip_other_prefix(key))
         if not m:
             continue
         b_key = key.replace(".lora_A.", ".lora_B.")
+        alpha_key = _alpha_key(key)
         if b_key not in weights:
             raise UserError(f"LoRA key {key} has no matching lora_B weight")
-        target = _diffusers_module(m.group(1))
+        target = diffusers_to_official(m.group(1))
         if target is None:
             logger.warning("LoRA module %s has no counterpart in the official DiT; ignored", m.group(1))
+            ignored += [k for k in (key, b_key, alpha_key) if k in weights]
             continue
         module, part = target
         b = weights[b_key]
         if module == "final_layer.adaLN_modulation.1":  # diffusers orders this output (scale, shift); official (shift, scale)
             b = torch.cat(b.chunk(2, dim=0)[::-1])
-        alpha_key = key.replace(".lora_A.weight", ".alpha")
         scale = float(weights[alpha_key]) / a.shape[0] if alpha_key in weights else 1.0
         groups.setdefault(module, {})[part] = (a.float(), b.float() * scale)
 
@@ -200,6 +268,39 @@ def _diffusers_to_kohya(weights: dict[str, torch.Tensor], mlp_hidden: int | None
         out[f"{name}.lora_up.weight"] = up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))  # scales are folded into up
     return out
+
+
+def _alpha_key(a_key: str) -> str:
+    """`x.lora_A.weight` / `x.lora_A.default.weight` -> `x.alpha`."""
+    return re.sub(r"\.lora_A(\.default)?\.weight$", ".alpha", a_key)
+
+
+def peft_alphas(weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`.alpha` tensors for a diffusers/PEFT file whose scale lives in diffusers' `lora_adapter_metadata`.
+
+    PEFT files carry no alpha tensors; diffusers saves the LoraConfig (lora_alpha, alpha_pattern) in the
+    safetensors metadata instead, prefixed `transformer.` by the pipelines' savers. Without it the scale is 1.
+    """
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw or detect_naming(weights) != "diffusers":
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    lora_alpha = config.get("transformer.lora_alpha", config.get("lora_alpha"))
+    patterns = config.get("transformer.alpha_pattern", config.get("alpha_pattern")) or {}
+    alphas = {}
+    for key in weights:
+        m = re.fullmatch(r"(?:transformer\.)?(.+)\.lora_A(?:\.default)?\.weight", key)
+        alpha_key = _alpha_key(key)
+        if not m or alpha_key in weights:
+            continue
+        # PEFT matches a pattern against the end of the module path
+        alpha = next((a for p, a in patterns.items() if re.fullmatch(rf"(.*\.)?{p}", m.group(1))), lora_alpha)
+        if alpha is not None:
+            alphas[alpha_key] = torch.tensor(float(alpha))
+    return alphas
 
 
 def _fuse(parts: dict[int, tuple[torch.Tensor, torch.Tensor]], n_parts: int, mlp_hidden: int | None) -> tuple[torch.Tensor, torch.Tensor]:

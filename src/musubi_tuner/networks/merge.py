@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+import re
+from typing import Callable, Sequence
 
 import torch
 
@@ -30,8 +31,43 @@ def resolve_multipliers(lora_paths: Sequence[str], multipliers: Sequence[float] 
     return multipliers
 
 
-def lora_deltas(weights: dict[str, torch.Tensor], source: str, exclude_single_blocks: bool = False):
-    """(module path, float32 delta weight) per module of a kohya-named LoRA state dict."""
+# --lora_blocks words; anything else is a regular expression searched in the module path
+BLOCK_PRESETS = {"all": r"", "double": r"^double_blocks\.", "single": r"^single_blocks\."}
+
+ModuleFilter = Callable[[str], bool]  # official module path (`double_blocks.3.img_attn_qkv`) -> apply its LoRA?
+
+
+def block_filter(spec: str | None, exclude_single_blocks: bool = False, flag: str = "--lora_blocks") -> ModuleFilter:
+    r"""The modules a `--lora_blocks` value keeps: `all` (or None), `double`, `single`, or a regular expression
+    searched in the module path, e.g. `double_blocks\.1[0-9]\.` for double blocks 10-19, `img_attn` for the
+    image attention layers. `exclude_single_blocks` (musubi-tuner's flag) also drops the single blocks."""
+    pattern = BLOCK_PRESETS.get(spec or "all", spec)
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"{flag} {spec!r}: not 'all', 'double', 'single' or a valid regular expression ({e})") from None
+    return lambda path: rx.search(path) is not None and not (exclude_single_blocks and path.startswith("single_blocks."))
+
+
+def block_filters(lora_paths: Sequence[str], specs: Sequence[str] | str | None, exclude_single_blocks: bool = False) -> list[ModuleFilter]:
+    """One module filter per LoRA file: one `--lora_blocks` value per file, or one for all."""
+    if specs is None or isinstance(specs, str):
+        specs = [specs]
+    specs = list(specs) or [None]
+    if len(specs) == 1:
+        specs = specs * len(lora_paths)
+    if len(specs) != len(lora_paths):
+        raise UserError(f"{len(lora_paths)} LoRA files but {len(specs)} values of --lora_blocks: give one per file, or one for all")
+    return [block_filter(s, exclude_single_blocks) for s in specs]
+
+
+def select_lora_blocks(weights: dict[str, torch.Tensor], keep: ModuleFilter) -> dict[str, torch.Tensor]:
+    """The part of a kohya-named LoRA state dict whose modules `keep` accepts."""
+    return {k: v for k, v in weights.items() if keep(kohya_to_module_path(k.split(".", 1)[0]))}
+
+
+def lora_deltas(weights: dict[str, torch.Tensor], source: str, keep: ModuleFilter | None = None):
+    """(module path, float32 delta weight) per module of a kohya-named LoRA state dict (the modules `keep` accepts)."""
     for key, down in weights.items():
         if not key.endswith(".lora_down.weight"):
             continue
@@ -40,7 +76,7 @@ def lora_deltas(weights: dict[str, torch.Tensor], source: str, exclude_single_bl
         if up is None:
             raise UserError(f"{source}: {name} has lora_down but no lora_up")
         path = kohya_to_module_path(name)
-        if exclude_single_blocks and path.startswith("single_blocks."):
+        if keep is not None and not keep(path):
             continue
         rank = down.shape[0]
         alpha = float(weights[f"{name}.alpha"]) if f"{name}.alpha" in weights else float(rank)
@@ -52,13 +88,17 @@ def lora_deltas(weights: dict[str, torch.Tensor], source: str, exclude_single_bl
 
 @torch.no_grad()
 def merge_loras_into(dit: HunyuanVideoDiT, lora_paths: Sequence[str], multipliers, device: torch.device | str | None = None,
-                     exclude_single_blocks: bool = False) -> int:
-    """Merge each LoRA file (any naming we read) into the DiT's weights in place; returns the number of layers changed."""
+                     exclude_single_blocks: bool = False, lora_blocks: Sequence[str] | str | None = None) -> int:
+    """Merge each LoRA file (any naming we read) into the DiT's weights in place; returns the number of layers changed.
+
+    `lora_blocks`: a `--lora_blocks` value per file (or one for all) choosing the blocks each LoRA is applied to.
+    """
     changed = 0
-    for path, m in zip(lora_paths, resolve_multipliers(lora_paths, multipliers)):
+    keeps = block_filters(lora_paths, lora_blocks, exclude_single_blocks)
+    for path, m, keep in zip(lora_paths, resolve_multipliers(lora_paths, multipliers), keeps):
         weights = load_lora(path)
         count = 0
-        for module_path, delta in lora_deltas(weights, str(path), exclude_single_blocks):
+        for module_path, delta in lora_deltas(weights, str(path), keep):
             try:
                 linear = dit.get_submodule(module_path)
             except AttributeError:
@@ -66,7 +106,7 @@ def merge_loras_into(dit: HunyuanVideoDiT, lora_paths: Sequence[str], multiplier
             _add_delta(linear, delta, m, device, str(path))
             count += 1
         if count == 0:
-            raise UserError(f"{path}: no LoRA module of this file applies to the DiT")
+            raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
         logger.info("merged %s (multiplier %s) into %d layers", path, m, count)
         changed += count
     return changed
@@ -87,7 +127,7 @@ def _add_delta(linear, delta: torch.Tensor, multiplier: float, device, source: s
 
 
 def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: str, device: torch.device | str = "cpu",
-               exclude_single_blocks: bool = False, in_channels: int | None = None) -> dict:
+               exclude_single_blocks: bool = False, in_channels: int | None = None, lora_blocks: Sequence[str] | str | None = None) -> dict:
     """Merge LoRAs into a DiT file and write the result, streaming one tensor at a time.
 
     Each weight is read, its LoRA deltas added in float32 on `device`, cast back to its stored dtype and
@@ -103,9 +143,10 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     if in_channels is not None and in_channels != config.in_channels:
         raise UserError(f"{dit_path}: --dit_in_channels {in_channels} but the file's DiT takes {config.in_channels} input channels")
     deltas: dict[str, list[tuple[float, torch.Tensor]]] = {}
-    for path, m in zip(lora_paths, resolve_multipliers(lora_paths, multipliers)):
+    keeps = block_filters(lora_paths, lora_blocks, exclude_single_blocks)
+    for path, m, keep in zip(lora_paths, resolve_multipliers(lora_paths, multipliers), keeps):
         count = 0
-        for module_path, delta in lora_deltas(load_lora(path), str(path), exclude_single_blocks):
+        for module_path, delta in lora_deltas(load_lora(path), str(path), keep):
             key = f"{module_path}.weight"
             if key not in source:
                 raise UserError(f"{path}: module {module_path} does not exist in {dit_path} (a LoRA for another model?)")
@@ -114,7 +155,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
             deltas.setdefault(key, []).append((m, delta))
             count += 1
         if count == 0:
-            raise UserError(f"{path}: no LoRA module of this file applies to the DiT")
+            raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
 
     def out_dtype(key: str) -> torch.dtype:
         dtype = source.dtype(key)

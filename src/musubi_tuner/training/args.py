@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_state", action="store_true")
     g.add_argument("--save_state_on_train_end", action="store_true")
     g.add_argument("--resume", default=None, help="a state folder, or 'auto' for the newest complete one in --output_dir")
+    g.add_argument("--lora_format", choices=("musubi", "comfyui", "both"), default="both",
+                   help="both (default): NAME.safetensors in musubi-tuner's kohya naming plus NAME.comfyui.safetensors, which "
+                        "ComfyUI and diffusers load completely; musubi or comfyui: only that one, as NAME.safetensors")
     for key in ("title", "author", "description", "license", "tags", "reso", "arch"):
         g.add_argument(f"--metadata_{key}", default=None)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
+from musubi_tuner.training.metadata import finish_metadata, lora_module_info, modelspec, training_metadata
 from musubi_tuner.training.state import TrainProgress, save_state
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class CheckpointSaver:
         started = time.time()
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
-            args, config=config, network_info=_network_info(network), datasets=[d.metadata() for d in dataset_config.datasets],
+            args, config=config, network_info=lora_module_info(network), datasets=[d.metadata() for d in dataset_config.datasets],
             num_items=data.num_items, batches_per_epoch=len(data), num_epochs=num_epochs,
             optimizer_name=optimizer_name, training_started=started, session_id=random.randint(0, 2**32))
 
@@ -70,10 +70,12 @@ class CheckpointSaver:
         if acc.is_main_process:
             weights = self.network.state_dict_for_saving(self.save_dtype) if hasattr(self.network, "state_dict_for_saving") else None
             if weights is not None:
-                meta = finish_metadata(self.metadata, weights, steps=progress.global_step, epoch=epoch, spec=self.spec)
-                from musubi_tuner.networks.lora_files import save_lora
+                from musubi_tuner.networks.lora_files import lora_outputs, save_lora
 
-                save_lora(weights, path, meta)
+                for out in lora_outputs(weights, path, self.args.lora_format):  # the kohya file and/or its ComfyUI copy
+                    meta = finish_metadata(self.metadata, out.tensors, steps=progress.global_step, epoch=epoch, spec=self.spec,
+                                           naming=out.naming, companion=out.companion)
+                    save_lora(out.tensors, out.path, meta)
             else:
                 self.network.save_weights(str(path), self.save_dtype, dict(self.metadata))
             logger.info("saved %s", path)
@@ -109,16 +111,12 @@ class CheckpointSaver:
                 self._remove(self.out / f"{self.step_name(old)}-state")
 
     def _remove(self, path: Path) -> None:
-        if not self.accelerator.is_main_process or not path.exists():
+        if not self.accelerator.is_main_process:
             return
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-        logger.info("removed %s (keeping the last ones)", path)
+        from musubi_tuner.networks.lora_files import companion_path
 
-
-def _network_info(network) -> dict:
-    """Per-module rank and alpha, and which blocks are covered (for the LoRA file's own metadata)."""
-    modules = getattr(network, "unet_loras", [])
-    ranks = sorted({m.rank for m in modules})
-    alphas = sorted({float(m.alpha) for m in modules})
-    blocks = sorted({"_".join(m.lora_name.split("_")[2:4]) for m in modules})
-    return {"modules": len(modules), "ranks": ranks, "alphas": alphas, "blocks": blocks}
+        pair = [path, companion_path(path)] if path.suffix == ".safetensors" else [path]
+        for p in pair:
+            if p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                logger.info("removed %s (keeping the last ones)", p)

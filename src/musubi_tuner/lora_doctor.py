@@ -1,0 +1,54 @@
+"""Check that a HunyuanVideo LoRA loads with every weight applied in this toolkit, musubi-tuner, ComfyUI and diffusers.
+
+    python -m musubi_tuner.lora_doctor my_lora.safetensors [--for comfyui|diffusers|musubi|ours|all] [--dit DIT] [--json]
+
+Detects the file's naming, lists the modules it covers, and reports for each consumer how many weights it
+applies and which it drops, from that consumer's own mapping rules. With --dit (only the file's header is
+read) it also warns when the LoRA was trained on another base (I2V vs T2V) and checks every layer's shape.
+Exit status: 0 all applied, 1 something would be dropped or refused, 2 the file could not be read.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file: import the package from src/, not sibling files
+    import os as _os
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+import argparse
+import json
+import sys
+
+from musubi_tuner.errors import run_cli
+
+CHOICES = ("all", "ours", "musubi", "comfyui", "diffusers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora_doctor", description=__doc__.splitlines()[0])
+    p.add_argument("file", help="LoRA file (.safetensors), in any naming")
+    p.add_argument("--for", dest="consumers", nargs="+", choices=CHOICES, default=["all"], help="which consumers to check (default all)")
+    p.add_argument("--dit", default=None, help="the DiT the LoRA is meant for: checks base model, input channels and layer shapes")
+    p.add_argument("--json", action="store_true", help="print the full diagnosis as JSON (every dropped key)")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def main(argv=None) -> None:
+    def run(argv):
+        args = build_parser().parse_args(argv)
+        from musubi_tuner.networks.lora_consumers import CONSUMERS
+        from musubi_tuner.networks.lora_doctor import diagnose, diagnosis_json, diagnosis_text
+
+        consumers = CONSUMERS if "all" in args.consumers else tuple(c for c in CONSUMERS if c in args.consumers)
+        diagnosis = diagnose(args.file, consumers, dit=args.dit)
+        print(json.dumps(diagnosis_json(diagnosis), indent=1) if args.json else diagnosis_text(diagnosis))
+        if not diagnosis.ok:
+            sys.exit(1)
+
+    run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The LoRA doctor: does every weight of this file load in ComfyUI, diffusers, musubi-tuner and this toolkit,
+and does the file fit the DiT it is meant for?
+
+`python -m musubi_tuner.lora_doctor FILE [--for ...] [--dit CHECKPOINT] [--json]` prints the diagnosis and
+exits 1 when a consumer would drop or refuse weights (or a layer does not fit the DiT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from musubi_tuner.hunyuan.config import HUNYUAN_T2V, DiTConfig
+from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, Coverage, coverage, dit_linears
+from musubi_tuner.networks.lora_files import read_lora_file
+from musubi_tuner.networks.lora_inspect import LoRAInspection, inspect_lora, summary_lines
+from musubi_tuner.training.metadata import base_model_kind
+
+
+@dataclass
+class Verdict:
+    """One consumer's treatment of the file, and of its companion file when that one serves the consumer completely."""
+
+    consumer: str
+    file: Path
+    coverage: Coverage
+    alternative: tuple[Path, Coverage] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.coverage.complete or (self.alternative is not None and self.alternative[1].complete)
+
+
+@dataclass
+class Diagnosis:
+    inspection: LoRAInspection
+    verdicts: list[Verdict]
+    dit: str | None = None
+    dit_config: DiTConfig | None = None
+    warnings: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)  # layers whose shape differs from the DiT's
+
+    @property
+    def ok(self) -> bool:
+        return all(v.ok for v in self.verdicts) and not self.mismatches
+
+
+def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLike | None = None) -> Diagnosis:
+    """Inspect a LoRA file and check it, and its companion file, against each consumer and the DiT (if given)."""
+    ins = inspect_lora(path)
+    diagnosis = Diagnosis(ins, [], dit=str(dit) if dit else None)
+    config = HUNYUAN_T2V
+    if dit is not None:
+        config = _check_base(diagnosis, dit)
+    companion = None
+    if ins.info.companion:
+        companion_file = ins.path.parent / ins.info.companion
+        if companion_file.is_file():
+            companion = (companion_file, read_lora_file(companion_file)[0])
+        else:
+            diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, but it is not beside {ins.path.name}")
+    for consumer in consumers:
+        verdict = Verdict(consumer, ins.path, coverage(consumer, ins.weights, config))
+        if not verdict.coverage.complete and companion is not None:
+            other = coverage(consumer, companion[1], config)
+            if other.complete:
+                verdict.alternative = (companion[0], other)
+        diagnosis.verdicts.append(verdict)
+    return diagnosis
+
+
+def _check_base(diagnosis: Diagnosis, dit) -> DiTConfig:
+    """Compare the LoRA with the DiT file (a safetensors is read for its header only): base, input channels, shapes."""
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    config = read_dit_config(open_dit_file(dit))
+    diagnosis.dit_config = config
+    kind = base_model_kind(config, str(dit))
+    info = diagnosis.inspection.info
+    name = Path(dit).name
+    if info.in_channels is not None and info.in_channels != config.in_channels:
+        diagnosis.warnings.append(
+            f"trained on {info.base_model} ({info.in_channels} input channels) but {name} is {kind} ({config.in_channels}): "
+            "the layers fit, but the LoRA learned another task (image-to-video vs text-to-video)")
+    elif info.base_model and info.base_model != kind:
+        guessed = "" if info.written_here else " (guessed from ss_sd_model_name)"
+        diagnosis.warnings.append(f"trained on {info.base_model}{guessed} but {name} looks like {kind}: the layers fit, "
+                                  "the results may differ from what the LoRA was trained for")
+    linears = dit_linears(config)
+    for m in diagnosis.inspection.modules:
+        if m.path in linears and tuple(linears[m.path]) != tuple(m.shape):
+            diagnosis.mismatches.append(f"{m.path}: {list(m.shape)} in the LoRA, {list(linears[m.path])} in {name}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _module_of(key: str) -> tuple[str, str]:
+    """`lora_unet_x.lora_down.weight` -> ('lora_unet_x', '.lora_down.weight'): the module part of a key and its tensor suffix."""
+    m = re.fullmatch(r"(.+?)((?:\.|_lora\.)(?:lora_[AB]|lora_down|lora_up|alpha|up|down|lora_mid|dora_scale)(?:\.default)?(?:\.weight)?)", key)
+    return (m.group(1), m.group(2)) if m else (key, "")
+
+
+def dropped_lines(cov: Coverage, limit: int = 16) -> list[str]:
+    """Dropped keys grouped by module, one line each: 'module (.suffixes): reason'."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key, reason in cov.dropped.items():
+        module, suffix = _module_of(key)
+        groups.setdefault((module, reason), []).append(suffix)
+    lines = [f"{module} ({' '.join(sorted(s for s in suffixes if s)) or 'key'}): {reason}" for (module, reason), suffixes in groups.items()]
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more modules (--json lists every key)"]
+    return lines
+
+
+def _coverage_cell(cov: Coverage) -> str:
+    """'   36/60      60%' or 'refuses', 17 wide."""
+    if cov.fatal:
+        return f"{'refuses':>12}{'':5}"
+    return f"{len(cov.applied):>5}/{cov.total:<5}{cov.fraction:>6.0%}"
+
+
+def diagnosis_text(d: Diagnosis) -> str:
+    lines = summary_lines(d.inspection)
+    if d.dit:
+        c = d.dit_config
+        lines.append(f"  DiT        {Path(d.dit).name}: {base_model_kind(c, d.dit)}, {c.in_channels} input channels, "
+                     f"{c.mm_double_blocks_depth}+{c.mm_single_blocks_depth} blocks of width {c.hidden_size}")
+    lines += ["", f"  {'consumer':<14} {'keys applied':>17}  file"]
+    for v in d.verdicts:
+        title = CONSUMER_TITLES[v.consumer]
+        lines.append(f"  {title:<14} {_coverage_cell(v.coverage)}  {v.file.name}")
+        if v.alternative:
+            lines.append(f"  {'':<14} {_coverage_cell(v.alternative[1])}  {v.alternative[0].name}  <- load this one in {title}")
+    for v in d.verdicts:
+        if v.ok:
+            continue
+        title = CONSUMER_TITLES[v.consumer]
+        if v.coverage.fatal:
+            lines += ["", f"  {title} refuses {v.file.name}: {v.coverage.fatal}"]
+        if v.coverage.dropped:
+            lines += ["", f"  {title} drops {len(v.coverage.dropped)} of {v.coverage.total} keys of {v.file.name}:"]
+            lines += [f"    {line}" for line in dropped_lines(v.coverage)]
+    if d.mismatches:
+        lines += ["", f"  {len(d.mismatches)} layers do not fit {Path(d.dit).name} (a LoRA for another model size?):"]
+        lines += [f"    {m}" for m in d.mismatches[:8]] + ([f"    ... and {len(d.mismatches) - 8} more"] if len(d.mismatches) > 8 else [])
+    lines.append("")
+    lines += [f"  warning: {w}" for w in d.warnings]
+    if d.ok:
+        lines.append("  ok: every consumer checked applies every weight")
+    else:
+        bad = [CONSUMER_TITLES[v.consumer] for v in d.verdicts if not v.ok]
+        hint = " (convert_lora.py --target other writes a copy ComfyUI and diffusers load completely)" if (
+            d.inspection.naming == "kohya" and {"ComfyUI", "diffusers"} & set(bad)) else ""
+        lines.append(f"  problem: {', '.join(bad) or 'the DiT'} would not apply every weight{hint}")
+    return "\n".join(lines)
+
+
+def _coverage_json(cov: Coverage, file: Path) -> dict:
+    return {"file": str(file), "applied": len(cov.applied), "total": cov.total, "fraction": round(cov.fraction, 6),
+            "complete": cov.complete, "fatal": cov.fatal, "dropped": cov.dropped, "modules": cov.modules}
+
+
+def inspection_json(ins: LoRAInspection) -> dict:
+    info = dataclasses.asdict(ins.info) | {"target_blocks": ins.info.target_blocks}
+    info["modules"] = {p: list(v) for p, v in info["modules"].items()}
+    return {
+        "file": str(ins.path), "naming": ins.naming, "keys": len(ins.weights), "ranks": ins.ranks, "alphas": ins.alphas,
+        "modules": [dataclasses.asdict(m) for m in ins.modules], "block_norms": ins.block_norms(), "info": info,
+        "metadata": ins.metadata,
+    }
+
+
+def diagnosis_json(d: Diagnosis) -> dict:
+    consumers = {}
+    for v in d.verdicts:
+        entry = _coverage_json(v.coverage, v.file) | {"ok": v.ok, "alternative": None}
+        if v.alternative:
+            entry["alternative"] = _coverage_json(v.alternative[1], v.alternative[0])
+        consumers[v.consumer] = entry
+    dit = None
+    if d.dit:
+        c = d.dit_config
+        dit = {"path": d.dit, "base_model": base_model_kind(c, d.dit), "in_channels": c.in_channels, "hidden_size": c.hidden_size}
+    return {**inspection_json(d.inspection), "consumers": consumers, "dit": dit, "warnings": d.warnings,
+            "shape_mismatches": d.mismatches, "ok": d.ok}
