@@ -46,6 +46,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _default_mode(path))  # mkstemp makes 0600 files; give the permissions a normal write would
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -54,6 +55,16 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _default_mode(path: Path) -> int:
+    """The replaced file's permissions, or what a new file gets under the current umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_error(path: Path, err: OSError) -> UserError:

@@ -27,6 +27,9 @@ class CheckpointSaver:
         self.num_epochs = num_epochs
         self.save_dtype = str_to_dtype(args.save_precision, torch.float32, "--save_precision")
         self.last_saved: Path | None = None
+        from musubi_tuner.training.loss_curve import LossHistory
+
+        self.losses = LossHistory(self.out / f"{self.name}-loss.csv")
         started = time.time()
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
@@ -78,6 +81,7 @@ class CheckpointSaver:
                     save_lora(out.tensors, out.path, meta)
             else:
                 self.network.save_weights(str(path), self.save_dtype, dict(self.metadata))
+            self.losses.save(self.out / f"{self.name}-loss.png")
             logger.info("saved %s", path)
         if with_state:
             state_dir = self.out / f"{stem}-state"

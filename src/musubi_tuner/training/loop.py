@@ -229,6 +229,7 @@ def train(args) -> Path:
     if args.logging_dir or args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
 
+    saver.losses.truncate(progress.global_step)
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
     recent: list[float] = []
     if is_schedule_free(optimizer):
@@ -262,6 +263,7 @@ def train(args) -> Path:
             if args.scale_weight_norms:
                 network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
             recent = (recent + [loss.item()])[-max(1, batches_per_epoch):]
+            saver.losses.add(progress.global_step, loss.item())
             logs = {"loss/current": loss.item(), "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}")

@@ -1,0 +1,127 @@
+"""The whole job on built-in tiny models: cache latents -> cache text -> train a LoRA -> merge -> generate an mp4.
+
+    python -m musubi_tuner.demo [--workdir demo_output] [--epochs 16]
+
+Writes tiny models in the real file formats (the official DiT .pt, the VAE .pt, HF text-encoder folders)
+and a synthetic captioned dataset, then runs the seed's five commands as subprocesses, exactly as a user
+types them with only the paths changed, printing each before it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import musubi_tuner
+
+SCRIPTS = Path(musubi_tuner.__file__).resolve().parent
+
+
+def script(name: str) -> str:
+    """The command file as the seed types it: src/musubi_tuner/X.py when run from the repository, else its full path."""
+    path = SCRIPTS / name
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def write_assets(work: Path, frames: int) -> dict[str, Path]:
+    from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+    from musubi_tuner.demo.tiny_dit import TINY_DIT, random_dit_state_dict, write_dit
+    from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
+    from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
+
+    models = work / "ckpts"
+    dit = write_dit(models / "hunyuan-video-t2v-720p" / "transformers" / "mp_rank_00_model_states.pt", random_dit_state_dict(TINY_DIT), TINY_DIT, "pt")
+    vae = write_vae(models / "hunyuan-video-t2v-720p" / "vae" / "pytorch_model.pt", random_vae_state_dict(TINY_VAE))
+    te1 = write_tiny_llm_folder(models / "text_encoder")
+    te2 = write_tiny_clip_folder(models / "text_encoder_2")
+    toml = make_synthetic_dataset(work / "dataset", num_videos=6, num_images=6, width=64, height=64, frames=frames)
+    return {"dit": dit, "vae": vae, "te1": te1, "te2": te2, "toml": toml}
+
+
+def commands(a: dict[str, Path], work: Path, epochs: int) -> list[tuple[str, list[str]]]:
+    py = sys.executable
+    out = work / "output"
+    lora = out / "demo-lora.safetensors"
+    merged = work / "merged" / "merged_model.safetensors"
+    return [
+        ("cache latents", [py, script("cache_latents.py"), "--dataset_config", str(a["toml"]), "--vae", str(a["vae"]),
+                           "--vae_chunk_size", "32", "--vae_tiling"]),
+        ("cache text encoder outputs", [py, script("cache_text_encoder_outputs.py"), "--dataset_config", str(a["toml"]),
+                                        "--text_encoder1", str(a["te1"]), "--text_encoder2", str(a["te2"]), "--batch_size", "16"]),
+        ("train a LoRA", [py, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1", "--mixed_precision", "bf16",
+                          script("hv_train_network.py"), "--dit", str(a["dit"]), "--dataset_config", str(a["toml"]), "--sdpa",
+                          "--mixed_precision", "bf16", "--fp8_base", "--optimizer_type", "adamw8bit", "--learning_rate", "2e-4",
+                          "--gradient_checkpointing", "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
+                          "--network_module", "networks.lora", "--network_dim", "32", "--timestep_sampling", "shift",
+                          "--discrete_flow_shift", "7.0", "--max_train_epochs", str(epochs), "--save_every_n_epochs", "1",
+                          "--seed", "42", "--output_dir", str(out), "--output_name", "demo-lora"]),
+        ("merge the LoRA into the DiT", [py, script("merge_lora.py"), "--dit", str(a["dit"]), "--lora_weight", str(lora),
+                                         "--save_merged_model", str(merged), "--device", "cpu", "--lora_multiplier", "1.0"]),
+        ("generate a video", [py, script("hv_generate_video.py"), "--fp8", "--video_size", "544", "960", "--video_length", "5",
+                              "--infer_steps", "30", "--prompt", "A cat walks on the grass, realistic style.",
+                              "--save_path", str(work / "videos"), "--output_type", "both", "--dit", str(a["dit"]),
+                              "--attn_mode", "sdpa", "--split_attn", "--vae", str(a["vae"]), "--vae_chunk_size", "32",
+                              "--vae_spatial_tile_sample_min_size", "128", "--text_encoder1", str(a["te1"]),
+                              "--text_encoder2", str(a["te2"]), "--seed", "1234", "--lora_multiplier", "1.0", "--lora_weight", str(lora)]),
+    ]
+
+
+def shown(cmd: list[str]) -> str:
+    parts = ["python" if c == sys.executable else c for c in cmd]
+    if parts[1:3] == ["-m", "accelerate.commands.launch"]:
+        parts = ["accelerate", "launch"] + parts[3:]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m musubi_tuner.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="demo_output")
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--frames", type=int, default=9, help="frames per synthetic clip (4N+1)")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir).resolve()
+    started = time.time()
+    print(f"writing tiny models and a synthetic dataset to {work}", flush=True)
+    assets = write_assets(work, args.frames)
+    env = dict(os.environ, ACCELERATE_USE_CPU=os.environ.get("ACCELERATE_USE_CPU", "" if _has_gpu() else "1"))
+    for title, cmd in commands(assets, work, args.epochs):
+        print(f"\n== {title}\n$ {shown(cmd)}", flush=True)
+        t0 = time.time()
+        result = subprocess.run(cmd, env=env)
+        if result.returncode != 0:
+            print(f"\n{title} failed (exit {result.returncode})", file=sys.stderr)
+            return result.returncode
+        print(f"-- {title}: {time.time() - t0:.0f} s", flush=True)
+    summary(work, time.time() - started)
+    return 0
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def summary(work: Path, seconds: float) -> None:
+    from musubi_tuner.training.loss_curve import write_loss_curve_from_logs
+
+    out = work / "output"
+    videos = sorted((work / "videos").glob("*.mp4"))
+    curve = write_loss_curve_from_logs(out)
+    print(f"\nDone in {seconds:.0f} s.")
+    print(f"  LoRA:          {out / 'demo-lora.safetensors'} (one per epoch beside it; ComfyUI/diffusers copy: demo-lora.comfyui.safetensors)")
+    print(f"  merged model:  {work / 'merged' / 'merged_model.safetensors'}")
+    print(f"  video:         {videos[-1] if videos else 'none'}")
+    print(f"  loss curve:    {curve if curve else 'none'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

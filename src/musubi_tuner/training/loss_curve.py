@@ -1,0 +1,83 @@
+"""The loss history of a run, kept beside the LoRA as CSV and drawn as a PNG at every save (for users without TensorBoard)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from musubi_tuner.files import atomic_write
+
+
+class LossHistory:
+    """(step, loss) pairs, and optionally (step, validation loss); continues a file written by an earlier run."""
+
+    def __init__(self, csv_path: Path):
+        self.csv_path = Path(csv_path)
+        self.train: list[tuple[int, float]] = []
+        self.validation: list[tuple[int, float]] = []
+        if self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                for row in csv.DictReader(f):
+                    target = self.validation if row.get("kind") == "validation" else self.train
+                    target.append((int(row["step"]), float(row["loss"])))
+
+    def add(self, step: int, loss: float, kind: str = "train") -> None:
+        (self.validation if kind == "validation" else self.train).append((step, loss))
+
+    def truncate(self, step: int) -> None:
+        """Forget entries after `step` (a resumed run replays them)."""
+        self.train = [p for p in self.train if p[0] <= step]
+        self.validation = [p for p in self.validation if p[0] <= step]
+
+    def save(self, png_path: Path) -> Path:
+        with atomic_write(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["kind", "step", "loss"])
+            writer.writerows([("train", s, v) for s, v in self.train] + [("validation", s, v) for s, v in self.validation])
+        return draw_curve(self.train, self.validation, png_path)
+
+
+def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    out = []
+    for i in range(len(points)):
+        chunk = points[max(0, i - window + 1) : i + 1]
+        out.append((points[i][0], sum(v for _, v in chunk) / len(chunk)))
+    return out
+
+
+def draw_curve(train: list[tuple[int, float]], validation: list[tuple[int, float]], path: Path, size=(800, 400)) -> Path:
+    """Raw training loss (light), its moving average (dark) and validation loss (orange) against steps."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    margin = 40
+    points = train + validation
+    if points:
+        steps = [s for s, _ in points]
+        values = [v for _, v in points]
+        s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+        v0, v1 = min(values), max(max(values), min(values) + 1e-9)
+
+        def xy(s, v):
+            return (margin + (s - s0) / (s1 - s0) * (w - 2 * margin), h - margin - (v - v0) / (v1 - v0) * (h - 2 * margin))
+
+        for series, color in ((train, (170, 190, 230)), (_smooth(train, max(1, len(train) // 20)), (30, 60, 160)),
+                              (validation, (230, 120, 20))):
+            if len(series) > 1:
+                draw.line([xy(s, v) for s, v in series], fill=color, width=2)
+            elif series:
+                x, y = xy(*series[0])
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.text((margin, 8), f"loss {v0:.4f} .. {v1:.4f}, steps {s0} .. {s1} (blue: train, orange: validation)", fill="black")
+    draw.rectangle([margin, margin, w - margin, h - margin], outline="black")
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_loss_curve_from_logs(output_dir: Path) -> Path | None:
+    """The newest loss-curve PNG in an output folder (the trainer writes one at every save)."""
+    found = sorted(Path(output_dir).glob("*-loss.png"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
