@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_type", choices=("video", "images", "latent", "both"), default="video")
     g.add_argument("--latent_path", nargs="*", default=None, help="decode saved latents only")
     g.add_argument("--no_metadata", action="store_true")
+    g.add_argument("--dry_run", action="store_true", help="print the planned GPU/host memory and time per stage, load nothing, exit")
+    g.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")
     g.add_argument("--debug", action="store_true")
     return p
 
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
+        if args.dry_run:
+            from musubi_tuner.inference.pipeline import plan_generation
+
+            plan_generation(args)
+            return
         from musubi_tuner.inference.pipeline import generate
 
         for path in generate(args):

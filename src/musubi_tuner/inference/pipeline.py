@@ -249,6 +249,14 @@ def compile_blocks(dit, args) -> None:
 # ----------------------------------------------------------------------------------------------- the whole job
 
 
+def plan_generation(args):
+    """--dry_run: check the flags and files as a real run would, then print the memory/time plan; loads no model."""
+    check_and_fill(args)
+    from musubi_tuner.planning.from_args import dry_run
+
+    return dry_run(args, "generate", video_size=tuple(args.video_size), frames=args.video_length)
+
+
 def generate(args) -> list[Path]:
     check_and_fill(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
