@@ -74,7 +74,8 @@ def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
         from musubi_tuner.data.config import load_dataset_config
-        from musubi_tuner.data.items import CacheReport, caption_items, stale_text_caches, text_encoding_todo
+        from musubi_tuner.data.items import (CacheReport, caption_items, stale_text_caches, text_encoding_todo,
+                                             tidy_cache_directory)
         from musubi_tuner.dtypes import str_to_dtype
         from musubi_tuner.hunyuan.text_encoders import load_text_encoder1, load_text_encoder2
 
@@ -101,12 +102,7 @@ def main(argv=None) -> None:
         for ds, report, cs in zip(config.datasets, reports, captions):
             report.cached = sum(c.cache_path in changed for c in cs)
             report.already_cached = len(cs) - report.cached
-            for path in stale_text_caches(ds, cs, report):
-                if args.keep_cache:
-                    logger.info("keeping %s (not in the dataset any more; --keep_cache)", path)
-                else:
-                    path.unlink(missing_ok=True)
-                    logger.info("deleted %s (not in the dataset any more)", path)
+            tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
             print(f"{ds.where}: {report.summary('text caches')}")
 
     run_cli(run, argv)

@@ -205,16 +205,25 @@ def test_latent_provenance_follows_the_source_file(tmp_path):
     assert cf.latent_provenance(source, (40, 30), (32, 32))["source_mtime_ns"] == "1"
 
 
-def test_stale_caches_are_those_no_item_produces_plus_leftover_temporary_files(tmp_path):
+def test_stale_caches_are_those_no_item_produces(tmp_path):
     names = ["a_0016x0016_hv.safetensors", "b_0016x0016_hv.safetensors", "a_hv_te.safetensors",
              ".b_0016x0016_hv.safetensors.x1y2.tmp", "readme.txt"]
     for name in names:
         (tmp_path / name).touch()
     current = {tmp_path / "a_0016x0016_hv.safetensors"}
-    assert [p.name for p in cf.stale_caches(tmp_path, current)] == [".b_0016x0016_hv.safetensors.x1y2.tmp",
-                                                                    "b_0016x0016_hv.safetensors"]
+    assert [p.name for p in cf.stale_caches(tmp_path, current)] == ["b_0016x0016_hv.safetensors"]
     assert [p.name for p in cf.stale_caches(tmp_path, {tmp_path / "a_hv_te.safetensors"}, text=True)] == []
     assert cf.stale_caches(tmp_path / "missing", set()) == []
+
+
+def test_temporary_files_of_killed_writes_are_found_by_cache_kind(tmp_path):
+    names = [".b_0016x0016_hv.safetensors.x1y2.tmp", ".b_hv_te.safetensors.k9_z.tmp", ".notes.txt.ab12.tmp",
+             "b_0016x0016_hv.safetensors"]
+    for name in names:
+        (tmp_path / name).touch()
+    assert [p.name for p in cf.leftover_temp_files(tmp_path)] == [".b_0016x0016_hv.safetensors.x1y2.tmp"]
+    assert [p.name for p in cf.leftover_temp_files(tmp_path, text=True)] == [".b_hv_te.safetensors.k9_z.tmp"]
+    assert cf.leftover_temp_files(tmp_path / "missing") == []
 
 
 def test_a_half_written_text_cache_is_written_anew(tmp_path, caplog):

@@ -448,6 +448,20 @@ def stale_text_caches(dataset: AnyDatasetConfig, captions: Iterable[CaptionItem]
                                     keep_stems=report.failed_stems)
 
 
+def tidy_cache_directory(cache_dir: Path, stale: Iterable[Path], *, keep_cache: bool, text: bool = False) -> None:
+    """Delete `stale` caches (with `keep_cache`, only say so) and, always, the temporary files that
+    killed runs left in `cache_dir` (of latent caches, or of text caches with `text`)."""
+    for path in stale:
+        if keep_cache:
+            logger.info("keeping %s (not in the dataset any more; --keep_cache)", path)
+        else:
+            path.unlink(missing_ok=True)
+            logger.info("deleted %s (not in the dataset any more)", path)
+    for path in cache_files.leftover_temp_files(cache_dir, text=text):
+        path.unlink(missing_ok=True)
+        logger.info("deleted %s (left by an interrupted run)", path)
+
+
 def chunks(items: Sequence, size: int | None) -> Iterator[list]:
     """Consecutive pieces of `size` items (all of them at once when size is None)."""
     items = list(items)
