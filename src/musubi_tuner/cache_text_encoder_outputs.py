@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import gc
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch_size", type=int, default=None, help="captions per encoder call")
-    p.add_argument("--num_workers", type=int, default=None, help="accepted for compatibility (captions are read directly)")
+    p.add_argument("--num_workers", type=int, default=None, help="threads reading caption files (default CPUs - 1)")
     p.add_argument("--skip_existing", action="store_true", help="keep caches made from the same caption and model")
     p.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable caption instead of skipping it")
@@ -43,15 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_encoder(name: str, load, todo, args, model_path: str) -> int:
-    """Encode `todo` captions with one encoder and merge its outputs into their caches."""
+def run_encoder(name: str, load, todo, total: int, args, model_path: str) -> int:
+    """Encode `todo` captions (of `total`) with one encoder and merge its outputs into their caches."""
     from tqdm import tqdm
 
     from musubi_tuner.data import cache_files
     from musubi_tuner.data.items import chunks
 
     if not todo:
+        logger.info("%s: nothing to encode (%d already cached)", name, total - len(todo))
         return 0
+    logger.info("%s: encoding %d captions (%d already cached)", name, len(todo), total - len(todo))
     encoder = load()
     done = 0
     with tqdm(total=len(todo), desc=f"{name} text", unit="caption") as bar:
@@ -86,17 +89,18 @@ def main(argv=None) -> None:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = str_to_dtype(args.text_encoder_dtype, torch.float16, "--text_encoder_dtype")
 
+        workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
         reports, captions = [], []
         for ds in config.datasets:
             report = CacheReport()
-            captions.append(caption_items(ds, report, strict=args.strict))
+            captions.append(caption_items(ds, report, strict=args.strict, num_workers=workers))
             reports.append(report)
         everything = [c for cs in captions for c in cs]
         # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
         todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
         todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
-        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm), todo_llm, args, args.text_encoder1)
-        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device), todo_clip, args, args.text_encoder2)
+        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm), todo_llm, len(everything), args, args.text_encoder1)
+        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device), todo_clip, len(everything), args, args.text_encoder2)
 
         changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
         for ds, report, cs in zip(config.datasets, reports, captions):
