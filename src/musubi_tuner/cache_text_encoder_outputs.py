@@ -44,33 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_encoder(name: str, load, todo, total: int, args, model_path: str) -> int:
-    """Encode `todo` captions (of `total`) with one encoder and merge its outputs into their caches."""
+def run_encoder(name: str, load, batches: list[list], total: int, model_path: str) -> int:
+    """Encode the captions of `batches` (one encoder call each; `total` captions in the dataset) with one
+    encoder and merge its outputs into their caches."""
     from tqdm import tqdm
 
     from musubi_tuner.data import cache_files
-    from musubi_tuner.data.items import chunks
 
+    todo = sum(len(batch) for batch in batches)
     if not todo:
-        logger.info("%s: nothing to encode (%d already cached)", name, total - len(todo))
+        logger.info("%s: nothing to encode (%d already cached)", name, total)
         return 0
-    logger.info("%s: encoding %d captions (%d already cached)", name, len(todo), total - len(todo))
+    logger.info("%s: encoding %d captions (%d already cached)", name, todo, total - todo)
     encoder = load()
-    done = 0
-    with tqdm(total=len(todo), desc=f"{name} text", unit="caption") as bar:
-        for part in chunks(todo, args.batch_size):
+    with tqdm(total=todo, desc=f"{name} text", unit="caption") as bar:
+        for batch in batches:
             with torch.no_grad():
-                embeds, masks = encoder.encode([c.caption for c in part])
-            for item, embed, mask in zip(part, embeds.cpu(), masks.cpu()):
+                embeds, masks = encoder.encode([c.caption for c in batch])
+            for item, embed, mask in zip(batch, embeds.cpu(), masks.cpu()):
                 cache_files.save_text_cache(item.cache_path, item.caption, cache_files.text_encoder_tensors(name, embed, mask),
                                             provenance=cache_files.text_provenance(name, model_path))
-                done += 1
-            bar.update(len(part))
+            bar.update(len(batch))
     del encoder
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return done
+    return todo
+
+
+def encoder_batches(datasets, captions, todo, batch_size: int | None) -> list[list]:
+    """The `todo` captions in encoder calls: `batch_size` at a time, or each dataset's own batch_size
+    (musubi-tuner's default), never mixing datasets."""
+    from musubi_tuner.data.items import chunks
+
+    todo = set(todo)
+    return [batch for ds, cs in zip(datasets, captions)
+            for batch in chunks([c for c in cs if c in todo], batch_size or ds.batch_size)]
 
 
 def main(argv=None) -> None:
@@ -99,8 +108,10 @@ def main(argv=None) -> None:
         # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
         todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
         todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
-        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm), todo_llm, len(everything), args, args.text_encoder1)
-        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device), todo_clip, len(everything), args, args.text_encoder2)
+        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
+                    encoder_batches(config.datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
+        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
+                    encoder_batches(config.datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
 
         changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
         for ds, report, cs in zip(config.datasets, reports, captions):
