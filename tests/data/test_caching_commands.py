@@ -2,7 +2,8 @@
 a killed run finished by running it again, bad files reported by name and skipped."""
 
 import logging
-import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,12 +20,15 @@ from musubi_tuner.data import media
 from musubi_tuner.data.config import load_dataset_config
 from musubi_tuner.data.training_dataset import TrainingDataset
 from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
-from musubi_tuner.demo.tiny_text_encoders import TINY_CLIP_HIDDEN, TINY_LLM_HIDDEN, write_tiny_clip_folder, write_tiny_llm_folder
+from musubi_tuner.demo.tiny_text_encoders import (TINY_CLIP_HIDDEN, TINY_LLM_HIDDEN, write_tiny_clip_folder,
+                                                  write_tiny_clip_single_file, write_tiny_llm_folder,
+                                                  write_tiny_llm_single_file)
 from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
 from musubi_tuner.files import read_safetensors_header
 from musubi_tuner.hunyuan.text_encoders import CLIPTextEncoder, LLMTextEncoder
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "src" / "musubi_tuner"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "src" / "musubi_tuner"
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +245,43 @@ def test_strict_stops_at_an_unreadable_video_with_a_one_line_error(models, tmp_p
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert f"error: {tmp_path / 'videos' / 'empty.mp4'}: empty file (0 bytes)\n" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ docs/caching.md
+
+
+def documented_commands():
+    """Every command line in the ```bash blocks of docs/caching.md, in page order, as argv lists."""
+    page = (ROOT / "docs" / "caching.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", page, re.S)
+    return [shlex.split(line) for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_every_command_on_the_caching_page_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The page's commands, in order, in a folder laid out as they assume: dataset.toml and ckpts/ with
+    tiny models (official folders and ComfyUI single files) under the real names."""
+    make_synthetic_dataset(tmp_path, num_videos=2, num_images=1, width=32, height=32, frames=5)
+    ckpts = tmp_path / "ckpts"
+    write_vae(ckpts / "hunyuan-video-t2v-720p" / "vae" / "pytorch_model.pt", random_vae_state_dict(TINY_VAE))
+    write_tiny_llm_folder(ckpts / "text_encoder")
+    write_tiny_clip_folder(ckpts / "text_encoder_2")
+    write_tiny_llm_single_file(ckpts / "llava_llama3_fp16.safetensors")
+    write_tiny_clip_single_file(ckpts / "clip_l.safetensors")
+    monkeypatch.chdir(tmp_path)
+    commands = documented_commands()
+    assert len(commands) == 8
+    mains = {"src/musubi_tuner/cache_latents.py": cache_latents_main,
+             "src/musubi_tuner/cache_text_encoder_outputs.py": cache_text_main}
+    for argv in commands:
+        assert argv[0] == "python" and argv[1] in mains, argv
+        mains[argv[1]](argv[2:])
+        out = capsys.readouterr().out
+        assert "failed" not in out.replace("0 failed", ""), (argv, out)
+
+    for kind, count in (("videos", 2), ("images", 1)):
+        cache = tmp_path / "cache" / kind
+        assert len(list(cache.glob("*_hv.safetensors"))) == count and len(list(cache.glob("*_hv_te.safetensors"))) == count
+        for path in cache.glob("*_hv_te.safetensors"):
+            assert sorted(load_file(str(path))) == ["clipL_float16", "clipL_mask", "llm_float16", "llm_mask"]
+    assert len(list((tmp_path / "cache" / "videos").glob("*_hv.mp4"))) == 2  # --debug_mode video's clips
