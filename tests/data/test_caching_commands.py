@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from musubi_tuner.cache_latents import main as cache_latents_main
 from musubi_tuner.cache_text_encoder_outputs import main as cache_text_main
-from musubi_tuner.data import media
 from musubi_tuner.data.config import load_dataset_config
 from musubi_tuner.data.training_dataset import TrainingDataset
 from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
