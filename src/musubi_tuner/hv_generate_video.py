@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale", type=float, default=None, help="real CFG scale (SkyReels 6.0); 1.0 = off")
     g.add_argument("--embedded_cfg_scale", type=float, default=None, help="distilled guidance (HunyuanVideo 6.0, SkyReels 1.0)")
     g.add_argument("--cfg_end", type=float, default=1.0, help="fraction of steps that use real CFG (0.5 halves SkyReels' cost)")
-    g.add_argument("--flow_shift", type=float, default=None, help="default 7.0 (17.0 for fewer than 20 steps)")
+    g.add_argument("--flow_shift", type=float, default=None, help="default 7.0 (17.0 suits fewer than 20 steps)")
     g.add_argument("--split_uncond", action="store_true", help="negative and positive prompt in two passes (less memory)")
     g.add_argument("--video_path", default=None, help="V2V: a video file or a folder of frames")
     g.add_argument("--strength", type=float, default=0.8, help="V2V: how much of the schedule runs (0 = input unchanged)")
