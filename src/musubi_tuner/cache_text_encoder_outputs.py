@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         dtype = str_to_dtype(args.text_encoder_dtype, torch.float16, "--text_encoder_dtype")
 
         reports, captions = [], []
-        for ds in config.datasets:
+        for ds in config.all_datasets:  # validation datasets too
             report = CacheReport()
             captions.append(caption_items(ds, report, strict=args.strict))
             reports.append(report)
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
         run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device), todo_clip, args, args.text_encoder2)
 
         changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
-        for ds, report, cs in zip(config.datasets, reports, captions):
+        for ds, report, cs in zip(config.all_datasets, reports, captions):
             report.cached = sum(c.cache_path in changed for c in cs)
             report.already_cached = len(cs) - report.cached
             for path in stale_text_caches(ds, cs, report):
