@@ -58,7 +58,9 @@ def check_args(args) -> None:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
         raise UserError("--sample_prompts needs --vae, --text_encoder1 and --text_encoder2")
-    for flag in ("validate_every_n_steps", "validate_every_n_epochs", "validation_timesteps"):
+    if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
+        logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
+    for flag in ("validate_every_n_steps", "validate_every_n_epochs", "validation_timesteps", "sample_every_n_steps", "sample_every_n_epochs"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     if args.num_timestep_buckets is not None and args.num_timestep_buckets < 2:
@@ -225,6 +227,12 @@ def train(args) -> Path:
     dataset_config = load_dataset_config(args.dataset_config, check_sources=False)
     data = TrainingDataset.from_config(dataset_config, seed, args.num_timestep_buckets)
     held_out = held_out_batches(args, dataset_config)
+    samples = None
+    if args.sample_prompts:  # the text encoders run and are freed before the DiT is loaded
+        from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+        from musubi_tuner.training.sampling import TrainingSampler
+
+        samples = TrainingSampler(args, accelerator, in_channels=read_dit_config(open_dit_file(args.dit)).in_channels, seed=seed)
     loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
                                       persistent_workers=args.persistent_data_loader_workers,
                                       rank=accelerator.process_index, world=accelerator.num_processes)
@@ -273,6 +281,8 @@ def train(args) -> Path:
         if resume_from is not None:
             validation.recall_saved(Path(args.output_dir), args.output_name, progress.global_step)
         validation.run(progress.global_step)  # the starting point of the validation curve
+    if samples is not None and args.sample_at_first:
+        samples.sample(dit, network, optimizer, progress.global_step)
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
     recent: list[float] = []
     if is_schedule_free(optimizer):
@@ -315,6 +325,8 @@ def train(args) -> Path:
             bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}", **shown)
             accelerator.log(logs, step=progress.global_step)
             saver.after_step(progress)
+            if samples is not None:
+                samples.after_step(dit, network, optimizer, progress.global_step)
             if progress.global_step >= total_steps:
                 break
         if progress.batch_in_epoch < batches_per_epoch:  # stopped inside the epoch: a resume continues it
@@ -324,6 +336,8 @@ def train(args) -> Path:
         if validation is not None:
             validation.after_epoch(epoch + 1, progress.global_step)
         saver.after_epoch(progress, epoch + 1)
+        if samples is not None:
+            samples.after_epoch(dit, network, optimizer, progress.global_step, epoch + 1)
         if progress.global_step >= total_steps:
             break
     bar.close()
