@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         vae.set_memory_options(tiling=args.vae_tiling or args.vae_spatial_tile_sample_min_size is not None,
                                spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
         generator = torch.Generator(device).manual_seed(0)  # the posterior sample is reproducible run to run
-        summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.datasets]
+        summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
         print("\n".join(summaries))
 
     run_cli(run, argv)

@@ -100,7 +100,7 @@ def main(argv=None) -> None:
 
         workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
         reports, captions = [], []
-        for ds in config.datasets:
+        for ds in config.all_datasets:  # validation datasets too
             report = CacheReport()
             captions.append(caption_items(ds, report, strict=args.strict, num_workers=workers))
             reports.append(report)
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
                     encoder_batches(config.datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
 
         changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
-        for ds, report, cs in zip(config.datasets, reports, captions):
+        for ds, report, cs in zip(config.all_datasets, reports, captions):
             report.cached = sum(c.cache_path in changed for c in cs)
             report.already_cached = len(cs) - report.cached
             tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)

@@ -218,3 +218,42 @@ def test_every_example_in_the_docs_loads(tmp_path, monkeypatch, index):
             (tmp_path / value).touch()
     config = load_dataset_config(write(tmp_path, text))
     assert config.datasets
+
+
+# ------------------------------------------------------------------------------------------ validation data
+
+
+def test_validation_split_in_general_holds_out_part_of_every_dataset_unless_one_sets_its_own(folders):
+    text = "[general]\nvalidation_split = 0.1\n\n" + IMAGES + "\n" + VIDEOS + "validation_split = 0.25\n"
+    images, videos = load_dataset_config(write(folders, text)).datasets
+    assert (images.validation_split, videos.validation_split) == (0.1, 0.25)
+    assert load_dataset_config(write(folders, text)).has_validation
+    (plain,) = load_dataset_config(write(folders, IMAGES)).datasets
+    assert plain.validation_split == 0.0 and not load_dataset_config(write(folders, IMAGES)).has_validation
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", '"10%"'])
+def test_validation_split_must_be_a_fraction_below_one(folders, value):
+    message = load_error(folders, IMAGES + f"validation_split = {value}\n")
+    assert message.startswith(f"dataset.toml: [[datasets]][0].validation_split = ")
+    assert "less than 1" in message or "not a number" in message
+
+
+def test_validation_datasets_are_read_like_datasets_but_kept_apart(folders):
+    (folders / "held").mkdir()
+    text = ("[general]\nresolution = [512, 512]\ncaption_extension = \".txt\"\nvalidation_split = 0.1\nnum_repeats = 3\n\n"
+            + IMAGES + '\n[[validation_datasets]]\nimage_directory = "held"\n')
+    config = load_dataset_config(write(folders, text))
+    (train,), (held,) = config.datasets, config.validation_datasets
+    assert train.role == "train" and train.num_repeats == 3 and train.validation_split == 0.1
+    assert held.role == "validation" and held.resolution == (512, 512)  # [general] applies to it too
+    assert held.num_repeats == 1 and held.validation_split == 0.0  # each held-out item counts once
+    assert held.where == "dataset.toml: [[validation_datasets]][0]"
+    assert config.all_datasets == (train, held)  # what the caching commands encode
+
+
+def test_a_validation_dataset_cannot_split_itself_or_share_a_cache_folder(folders):
+    held = '\n[[validation_datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\n'
+    assert load_error(folders, IMAGES + held).startswith(
+        "dataset.toml: [[datasets]][0] and [[validation_datasets]][0] share the cache folder images")
+    assert "a validation dataset is held out whole" in load_error(folders, IMAGES + held.replace('"images"', '"videos"') + "validation_split = 0.5\n")

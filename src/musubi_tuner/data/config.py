@@ -43,6 +43,8 @@ class DatasetConfig:
     bucket_no_upscale: bool
     cache_directory: Path
     ignored_keys: tuple[str, ...] = ()
+    validation_split: float = 0.0  # fraction of the items held out for validation (training datasets)
+    role: str = "train"  # "train": [[datasets]]; "validation": [[validation_datasets]], every item held out
 
     is_video: ClassVar[bool] = False
 
@@ -113,6 +115,16 @@ AnyDatasetConfig = Union[ImageDatasetConfig, VideoDatasetConfig]
 class DatasetGroupConfig:
     path: Path
     datasets: tuple[AnyDatasetConfig, ...] = field(default_factory=tuple)
+    validation_datasets: tuple[AnyDatasetConfig, ...] = field(default_factory=tuple)
+
+    @property
+    def all_datasets(self) -> tuple[AnyDatasetConfig, ...]:
+        """Training and validation datasets: what the caching commands encode."""
+        return self.datasets + self.validation_datasets
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_datasets) or any(d.validation_split > 0 for d in self.datasets)
 
     @property
     def image_datasets(self) -> tuple[ImageDatasetConfig, ...]:
@@ -195,10 +207,18 @@ def _anything(value: Any, at: str) -> Any:
     return value
 
 
+def _fraction(value: Any, at: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{at} is not a number")
+    if not 0 <= value < 1:
+        raise UserError(f"{at} must be at least 0 and less than 1 (e.g. 0.1 holds out a tenth of the items)")
+    return float(value)
+
+
 # Keys that [general] may set for every dataset.
 SHARED_KEYS: dict[str, Check] = {
     "resolution": _resolution, "caption_extension": _str, "batch_size": _positive_int(1),
-    "num_repeats": _positive_int(0), "enable_bucket": _bool, "bucket_no_upscale": _bool,
+    "num_repeats": _positive_int(0), "enable_bucket": _bool, "bucket_no_upscale": _bool, "validation_split": _fraction,
 }
 IMAGE_KEYS: dict[str, Check] = {"image_directory": _path, "image_jsonl_file": _path, "cache_directory": _path}
 VIDEO_KEYS: dict[str, Check] = {
@@ -219,7 +239,7 @@ IGNORED_VIDEO_KEYS: dict[str, Check] = {"control_directory": _str, "fp_latent_wi
 DEFAULTS: dict[str, Any] = {
     "resolution": (960, 544), "caption_extension": None, "batch_size": 1, "num_repeats": 1, "enable_bucket": False,
     "bucket_no_upscale": False, "cache_directory": None, "target_frames": (1,), "frame_extraction": "head",
-    "frame_stride": 1, "frame_sample": 1, "max_frames": 129, "source_fps": None,
+    "frame_stride": 1, "frame_sample": 1, "max_frames": 129, "source_fps": None, "validation_split": 0.0,
 }
 ALL_KEYS = sorted({*SHARED_KEYS, *IMAGE_KEYS, *VIDEO_KEYS, *IGNORED_IMAGE_KEYS, *IGNORED_VIDEO_KEYS})
 
@@ -270,20 +290,23 @@ def load_dataset_config(path: str | os.PathLike, args: Any = None, *, check_sour
     """
     path = Path(path)
     raw = read_config_file(path)
+    top_level = ("general", "datasets", "validation_datasets")
     for key in raw:
-        if key not in ("general", "datasets"):
-            raise UserError(f"{path}: unknown top-level key {key!r}; a dataset config holds [general] and [[datasets]]"
-                            f"{_did_you_mean(key, ('general', 'datasets'))}")
+        if key not in top_level:
+            raise UserError(f"{path}: unknown top-level key {key!r}; a dataset config holds [general], [[datasets]] and "
+                            f"optionally [[validation_datasets]]{_did_you_mean(key, top_level)}")
     general = _general_table(raw.get("general", {}), path)
-    tables = raw.get("datasets", [])
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise UserError(f"{path}: `datasets` must be an array of tables ([[datasets]])")
-    if not tables:
-        raise UserError(f"{path}: no [[datasets]] defined")
     fallback = _command_line_values(args)
-    datasets = tuple(_dataset(i, table, general, fallback, path, check_sources) for i, table in enumerate(tables))
-    _require_distinct_cache_directories(datasets, path)
-    return DatasetGroupConfig(path, datasets)
+    groups = {}
+    for name in ("datasets", "validation_datasets"):
+        tables = raw.get(name, [])
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise UserError(f"{path}: `{name}` must be an array of tables ([[{name}]])")
+        groups[name] = tuple(_dataset(i, table, general, fallback, path, check_sources, name) for i, table in enumerate(tables))
+    if not groups["datasets"]:
+        raise UserError(f"{path}: no [[datasets]] defined")
+    _require_distinct_cache_directories(groups["datasets"] + groups["validation_datasets"], path)
+    return DatasetGroupConfig(path, groups["datasets"], groups["validation_datasets"])
 
 
 def _general_table(table: Any, path: Path) -> dict[str, Any]:
@@ -308,8 +331,11 @@ def _command_line_values(args: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None and k in DEFAULTS}
 
 
-def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path, check_sources: bool) -> AnyDatasetConfig:
-    where = f"{path}: [[datasets]][{index}]"
+def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path, check_sources: bool,
+             group: str = "datasets") -> AnyDatasetConfig:
+    where = f"{path}: [[{group}]][{index}]"
+    if group == "validation_datasets" and "validation_split" in table:
+        raise UserError(f"{where}.validation_split: a validation dataset is held out whole; set validation_split in [[datasets]]")
     is_video = _is_video_table(table, where)
     keys, ignored_keys = (VIDEO_KEYS, IGNORED_VIDEO_KEYS) if is_video else (IMAGE_KEYS, IGNORED_IMAGE_KEYS)
     own, ignored = {}, []
@@ -334,6 +360,10 @@ def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path,
         return DEFAULTS[key]
 
     common = _common_values(where, value, own, is_video, path, check_sources)
+    if group == "validation_datasets":  # every item once; [general].validation_split is for the training datasets
+        common.update(role="validation", num_repeats=1, validation_split=0.0)
+    else:
+        common["validation_split"] = value("validation_split")
     if is_video:
         return VideoDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common,
                                   **_video_values(where, value))
@@ -431,11 +461,12 @@ def _check_source(path: Path, key: str, written: str, where: str, *, is_director
 
 
 def _require_distinct_cache_directories(datasets: tuple[AnyDatasetConfig, ...], path: Path) -> None:
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for ds in datasets:
         key = os.path.normcase(os.path.abspath(ds.cache_directory))
+        table = ds.where[len(f"{path}: "):]
         if key in seen:
-            raise UserError(f"{path}: [[datasets]][{seen[key]}] and [[datasets]][{ds.index}] share the cache folder "
+            raise UserError(f"{path}: {seen[key]} and {table} share the cache folder "
                             f"{ds.cache_directory}; give each dataset its own cache_directory (it defaults to the "
                             f"image/video folder)")
-        seen[key] = ds.index
+        seen[key] = table

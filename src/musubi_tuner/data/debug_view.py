@@ -42,7 +42,7 @@ def show_dataset(config, args) -> None:
 
     if args.debug_mode == "image" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt"):
         raise UserError("--debug_mode image needs a display (none found here); use --debug_mode video (writes files) or console")
-    for dataset in config.datasets:
+    for dataset in config.all_datasets:
         report = CacheReport()
         shown = 0
         for batch in iter_latent_batches(dataset, report, num_workers=1):

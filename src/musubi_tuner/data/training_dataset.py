@@ -15,6 +15,7 @@ dataset's batches are shuffled, then all batches are interleaved. A batch never 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -66,24 +67,48 @@ class DatasetBuckets:
 # ------------------------------------------------------------------------------------------ discovery
 
 
-def find_cached_items(dataset: AnyDatasetConfig) -> DatasetBuckets:
+def held_out_keys(item_keys: Sequence[str], fraction: float) -> set[str]:
+    """The items a `validation_split` holds out: round(n * fraction) of them, at least one and never all.
+
+    Chosen by a hash of the item's name, not at random: the same items on every run and every seed, and
+    adding items to the dataset moves few of the old ones across. A video's clips share its name, so
+    they fall on the same side (no clip of a validation video is trained on).
+    """
+    keys = sorted(set(item_keys))
+    if fraction <= 0 or len(keys) < 2:
+        return set()
+    count = min(max(1, round(len(keys) * fraction)), len(keys) - 1)
+    return set(sorted(keys, key=lambda k: hashlib.sha1(k.encode("utf-8")).hexdigest())[:count])
+
+
+def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> DatasetBuckets:
     """Pair every latent cache of the dataset's cache folder with its text cache, grouped by latent shape.
 
+    held_out=False: the training items (those `validation_split` does not hold out), num_repeats times
+    each; held_out=True: the held-out items once each (all items of a [[validation_datasets]] table).
     Latent caches without a complete text cache, or whose files cannot be read, are left out with a
     warning. Caches of another size than the config gives now are used, in their own bucket, with a
     warning (the config's resolution changed since caching).
     """
     cache_dir = dataset.cache_directory
     latent_files = sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []
+    names = {p: cache_files.parse_latent_cache_name(p.name, video=dataset.is_video) for p in latent_files}
+    keys = {n.item_key for n in names.values() if n is not None}
+    validation = keys if dataset.role == "validation" else held_out_keys(keys, dataset.validation_split)
+    kept = validation if held_out else keys - validation
+    repeats = 1 if held_out else dataset.num_repeats
     selector = BucketSelector(dataset.resolution, dataset.enable_bucket, dataset.bucket_no_upscale)
     buckets: dict[LatentShape, list[TrainingItem]] = {}
     problems: list[str] = []
     text_problems: dict[Path, str | None] = {}  # a video's clips share one text cache: check it once
     other_size = 0
     for latent_path in latent_files:
-        name = cache_files.parse_latent_cache_name(latent_path.name, video=dataset.is_video)
+        name = names[latent_path]
         if name is None:
-            problems.append(f"{latent_path.name}: not a {'video clip' if dataset.is_video else 'image'} cache name")
+            if not held_out:  # reported once, by the training pass
+                problems.append(f"{latent_path.name}: not a {'video clip' if dataset.is_video else 'image'} cache name")
+            continue
+        if name.item_key not in kept:
             continue
         text_path = cache_files.text_cache_path(cache_dir, name.item_key)
         if text_path not in text_problems:
@@ -94,7 +119,7 @@ def find_cached_items(dataset: AnyDatasetConfig) -> DatasetBuckets:
         shape = _latent_shape(latent_path, problems)
         if shape is not None:
             other_size += (shape[2] * 8, shape[1] * 8) != selector.bucket_for(name.size)
-            buckets.setdefault(shape, []).extend([TrainingItem(latent_path, text_path)] * dataset.num_repeats)
+            buckets.setdefault(shape, []).extend([TrainingItem(latent_path, text_path)] * repeats)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         logger.warning("%s: %d cached items left out: %s", dataset.where, len(problems), shown)
@@ -205,6 +230,22 @@ class TrainingDataset(torch.utils.data.Dataset):
         if isinstance(plan, int):
             plan = self.epoch_plan(1)[plan]
         return load_batch(plan)
+
+
+def validation_batches(config: DatasetGroupConfig) -> list[BatchPlan]:
+    """The held-out items of every dataset and all items of [[validation_datasets]], each once, in a fixed
+    order (dataset, bucket, file name), batched by each dataset's batch_size. Empty if there are none."""
+    plans = []
+    for index, ds in enumerate(config.all_datasets):
+        if ds.role != "validation" and ds.validation_split <= 0:
+            continue
+        found = find_cached_items(ds, held_out=True)
+        count = sum(len(items) for items in found.buckets.values())
+        logger.info("%s: %d validation items", ds.where, count)
+        for shape, items in found.buckets.items():
+            items = sorted(items, key=lambda item: item.latent_path.name)
+            plans += [BatchPlan(index, shape, tuple(items[i:i + ds.batch_size])) for i in range(0, len(items), ds.batch_size)]
+    return plans
 
 
 def load_batch(plan: BatchPlan) -> dict[str, torch.Tensor | list[float] | None]:

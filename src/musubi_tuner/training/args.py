@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_every_n_epochs", type=int, default=None)
     g.add_argument("--sample_at_first", action="store_true")
 
+    g = p.add_argument_group("validation (held-out data from the dataset config: validation_split or [[validation_datasets]])")
+    g.add_argument("--validate_every_n_steps", type=int, default=None,
+                   help="validation loss every N steps (it is also computed before the first step and at every save)")
+    g.add_argument("--validate_every_n_epochs", type=int, default=None, help="validation loss at the end of every N-th epoch")
+    g.add_argument("--validation_seed", type=int, default=0, help="seed of the validation noise (the same for every run by default)")
+    g.add_argument("--validation_timesteps", type=int, default=10,
+                   help="noise levels the validation loss is measured at: the midpoints of N equal intervals of [0, 1]")
+
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", default=None)
     g.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), default=None)

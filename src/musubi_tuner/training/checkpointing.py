@@ -27,6 +27,8 @@ class CheckpointSaver:
         self.num_epochs = num_epochs
         self.save_dtype = str_to_dtype(args.save_precision, torch.float32, "--save_precision")
         self.last_saved: Path | None = None
+        # (step, path) -> extra metadata for that file, called on every process before each save (validation's hook)
+        self.before_save = None
         from musubi_tuner.training.loss_curve import LossHistory
 
         self.losses = LossHistory(self.out / f"{self.name}-loss.csv")
@@ -70,17 +72,18 @@ class CheckpointSaver:
         schedule_free = hasattr(self.optimizer, "eval") and type(self.optimizer).__name__.endswith("ScheduleFree")
         if schedule_free:
             self.optimizer.eval()  # schedule-free: save the averaged weights
+        extra = self.before_save(progress.global_step, path) if self.before_save is not None else {}
         if acc.is_main_process:
             weights = self.network.state_dict_for_saving(self.save_dtype) if hasattr(self.network, "state_dict_for_saving") else None
             if weights is not None:
                 from musubi_tuner.networks.lora_files import lora_outputs, save_lora
 
                 for out in lora_outputs(weights, path, self.args.lora_format):  # the kohya file and/or its ComfyUI copy
-                    meta = finish_metadata(self.metadata, out.tensors, steps=progress.global_step, epoch=epoch, spec=self.spec,
+                    meta = finish_metadata({**self.metadata, **extra}, out.tensors, steps=progress.global_step, epoch=epoch, spec=self.spec,
                                            naming=out.naming, companion=out.companion)
                     save_lora(out.tensors, out.path, meta)
             else:
-                self.network.save_weights(str(path), self.save_dtype, dict(self.metadata))
+                self.network.save_weights(str(path), self.save_dtype, {**self.metadata, **extra})
             self.losses.save(self.out / f"{self.name}-loss.png")
             logger.info("saved %s", path)
         if with_state:

@@ -58,6 +58,11 @@ def check_args(args) -> None:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
         raise UserError("--sample_prompts needs --vae, --text_encoder1 and --text_encoder2")
+    if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
+        logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
+    for flag in ("validate_every_n_steps", "validate_every_n_epochs", "validation_timesteps", "sample_every_n_steps", "sample_every_n_epochs"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
     if args.num_timestep_buckets is not None and args.num_timestep_buckets < 2:
         raise UserError("--num_timestep_buckets must be at least 2")
     if args.network_weights and not Path(args.network_weights).is_file():
@@ -221,6 +226,13 @@ def train(args) -> Path:
 
     dataset_config = load_dataset_config(args.dataset_config, check_sources=False)
     data = TrainingDataset.from_config(dataset_config, seed, args.num_timestep_buckets)
+    held_out = held_out_batches(args, dataset_config)
+    samples = None
+    if args.sample_prompts:  # the text encoders run and are freed before the DiT is loaded
+        from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+        from musubi_tuner.training.sampling import TrainingSampler
+
+        samples = TrainingSampler(args, accelerator, in_channels=read_dit_config(open_dit_file(args.dit)).in_channels, seed=seed)
     loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
                                       persistent_workers=args.persistent_data_loader_workers,
                                       rank=accelerator.process_index, world=accelerator.num_processes)
@@ -258,6 +270,19 @@ def train(args) -> Path:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
 
     saver.losses.truncate(progress.global_step)
+    validation = None
+    if held_out:
+        from musubi_tuner.training.validation import Validation, Validator
+
+        validator = Validator(held_out, ts_cfg, guidance_value, levels=args.validation_timesteps, seed=args.validation_seed)
+        validation = Validation(validator, dit=dit, network=network, optimizer=optimizer, accelerator=accelerator, losses=saver.losses,
+                                every_n_steps=args.validate_every_n_steps, every_n_epochs=args.validate_every_n_epochs)
+        saver.before_save = validation.checkpoint_metadata  # every saved LoRA carries its validation loss
+        if resume_from is not None:
+            validation.recall_saved(Path(args.output_dir), args.output_name, progress.global_step)
+        validation.run(progress.global_step)  # the starting point of the validation curve
+    if samples is not None and args.sample_at_first:
+        samples.sample(dit, network, optimizer, progress.global_step)
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
     recent: list[float] = []
     if is_schedule_free(optimizer):
@@ -294,22 +319,49 @@ def train(args) -> Path:
             saver.losses.add(progress.global_step, loss.item())
             logs = {"loss/current": loss.item(), "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}")
+            if validation is not None:
+                validation.after_step(progress.global_step)
+            shown = {"val": f"{validation.last.loss:.4f}"} if validation is not None else {}
+            bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}", **shown)
             accelerator.log(logs, step=progress.global_step)
             saver.after_step(progress)
+            if samples is not None:
+                samples.after_step(dit, network, optimizer, progress.global_step)
             if progress.global_step >= total_steps:
                 break
         if progress.batch_in_epoch < batches_per_epoch:  # stopped inside the epoch: a resume continues it
             break
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
         accelerator.log({"loss/epoch": sum(recent) / max(1, len(recent))}, step=epoch + 1)
+        if validation is not None:
+            validation.after_epoch(epoch + 1, progress.global_step)
         saver.after_epoch(progress, epoch + 1)
+        if samples is not None:
+            samples.after_epoch(dit, network, optimizer, progress.global_step, epoch + 1)
         if progress.global_step >= total_steps:
             break
     bar.close()
     final = saver.final(progress)
+    if validation is not None:
+        validation.report_best()
     accelerator.end_training()
     return final
+
+
+def held_out_batches(args, dataset_config) -> list:
+    """The validation batches the dataset config defines; an error if validation is asked for and there are none."""
+    from musubi_tuner.data.training_dataset import validation_batches
+
+    batches = validation_batches(dataset_config) if dataset_config.has_validation else []
+    asked = args.validate_every_n_steps or args.validate_every_n_epochs
+    if asked and not batches:
+        where = "no cached validation items (run the caching commands again)" if dataset_config.has_validation else \
+            "no validation data: add `validation_split = 0.1` to [general] or a [[validation_datasets]] table"
+        raise UserError(f"{dataset_config.path}: --validate_every_n_{'steps' if args.validate_every_n_steps else 'epochs'} "
+                        f"needs held-out items, and there are {where}")
+    if dataset_config.has_validation and not batches:
+        logger.warning("%s: validation is set up but no validation item is cached; training without it", dataset_config.path)
+    return batches
 
 
 def _average_gradients(network, accelerator: Accelerator) -> None:

@@ -24,7 +24,10 @@ class LossHistory:
                     target.append((int(row["step"]), float(row["loss"])))
 
     def add(self, step: int, loss: float, kind: str = "train") -> None:
-        (self.validation if kind == "validation" else self.train).append((step, loss))
+        if kind == "validation":  # one point per step: a resumed run re-evaluates the step it resumed at
+            self.validation = [p for p in self.validation if p[0] != step] + [(step, loss)]
+        else:
+            self.train.append((step, loss))
 
     def truncate(self, step: int) -> None:
         """Forget entries after `step` (a resumed run replays them)."""
@@ -47,8 +50,13 @@ def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, flo
     return out
 
 
+def _range(values: list[float]) -> tuple[float, float]:
+    return min(values), max(max(values), min(values) + 1e-9)
+
+
 def draw_curve(train: list[tuple[int, float]], validation: list[tuple[int, float]], path: Path, size=(800, 400)) -> Path:
-    """Raw training loss (light), its moving average (dark) and validation loss (orange) against steps."""
+    """Raw training loss (light) and its moving average (dark) on the left scale; validation loss (orange) on
+    its own right scale: measured at fixed noise it moves far less than the training loss, and would look flat."""
     w, h = size
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
@@ -56,21 +64,34 @@ def draw_curve(train: list[tuple[int, float]], validation: list[tuple[int, float
     points = train + validation
     if points:
         steps = [s for s, _ in points]
-        values = [v for _, v in points]
         s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-        v0, v1 = min(values), max(max(values), min(values) + 1e-9)
 
-        def xy(s, v):
+        def xy(s, v, scale):
+            v0, v1 = scale
             return (margin + (s - s0) / (s1 - s0) * (w - 2 * margin), h - margin - (v - v0) / (v1 - v0) * (h - 2 * margin))
 
-        for series, color in ((train, (170, 190, 230)), (_smooth(train, max(1, len(train) // 20)), (30, 60, 160)),
-                              (validation, (230, 120, 20))):
+        scales = {"train": _range([v for _, v in train]) if train else None,
+                  "validation": _range([v for _, v in validation]) if validation else None}
+        for series, color, scale in ((train, (170, 190, 230), scales["train"]),
+                                     (_smooth(train, max(1, len(train) // 20)), (30, 60, 160), scales["train"]),
+                                     (validation, (230, 120, 20), scales["validation"])):
             if len(series) > 1:
-                draw.line([xy(s, v) for s, v in series], fill=color, width=2)
+                draw.line([xy(s, v, scale) for s, v in series], fill=color, width=2)
             elif series:
-                x, y = xy(*series[0])
+                x, y = xy(*series[0], scale)
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.text((margin, 8), f"loss {v0:.4f} .. {v1:.4f}, steps {s0} .. {s1} (blue: train, orange: validation)", fill="black")
+        title = f"steps {s0} .. {s1}"
+        if train:
+            title += f"; train loss (blue, left) {scales['train'][0]:.4f} .. {scales['train'][1]:.4f}"
+        if validation:
+            title += f"; validation loss (orange, right) {scales['validation'][0]:.4f} .. {scales['validation'][1]:.4f}"
+        draw.text((margin, 8), title, fill="black")
+        for name, x in (("train", 2), ("validation", w - margin + 2)):
+            if scales[name]:
+                low, high = scales[name]
+                color = "black" if name == "train" else (200, 90, 0)
+                draw.text((x, margin - 6), f"{high:.3f}", fill=color)
+                draw.text((x, h - margin - 6), f"{low:.3f}", fill=color)
     draw.rectangle([margin, margin, w - margin, h - margin], outline="black")
     with atomic_write(path) as tmp:
         img.save(tmp, format="PNG")

@@ -150,6 +150,12 @@ def sample_timesteps(cfg: TimestepConfig, batch: int, latent_hw: tuple[int, int]
     return t, t * NUM_TRAIN_TIMESTEPS + 1
 
 
+def model_timesteps(cfg: TimestepConfig, sigma: torch.Tensor) -> torch.Tensor:
+    """The timestep the DiT is given for noise level `sigma`, as `sample_timesteps` pairs them:
+    sigma * 1000 in the `sigma` mode, sigma * 1000 + 1 in the others (musubi-tuner's conventions)."""
+    return sigma * NUM_TRAIN_TIMESTEPS if cfg.mode == "sigma" else sigma * NUM_TRAIN_TIMESTEPS + 1
+
+
 def loss_weights(cfg: TimestepConfig, sigma: torch.Tensor) -> torch.Tensor | None:
     """Per-sample loss weights (B,), or None for uniform weighting."""
     if cfg.weighting_scheme == "sigma_sqrt":

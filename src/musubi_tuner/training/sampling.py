@@ -1,0 +1,220 @@
+"""Samples during training (--sample_prompts): the prompts at fixed seeds with the DiT + LoRA being trained.
+
+Every evaluation writes each sample (mp4, or PNG for one frame) to output_dir/sample under musubi-tuner's
+names, and one grid PNG, rows = prompts, columns = first, middle and last frame, so evaluations compare
+side by side. The prompts are encoded once at start-up and the text encoders freed; the VAE waits in host
+memory between evaluations.
+
+The LoRA's effect on the samples: ||x_lora - x_base|| / ||x_base|| of the final latents, where x_base is the
+same prompt, seed and step count with the LoRA at multiplier 0. The base DiT is frozen, so x_base is
+computed once, at the first evaluation.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from musubi_tuner.dtypes import str_to_dtype
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import atomic_write
+from musubi_tuner.inference.pipeline import latent_shape
+from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule
+from musubi_tuner.training.sample_prompts import SamplePrompt, load_sample_prompts
+from musubi_tuner.training.validation import evaluation_mode
+
+logger = logging.getLogger(__name__)
+
+LABEL_HEIGHT = 14  # a text line above each row of the grid
+CELL_GAP = 2
+GRID_COLUMNS = ("first", "middle", "last")
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _uses_cfg(p: SamplePrompt) -> bool:
+    return p.cfg_scale is not None and p.cfg_scale != 1.0
+
+
+def encode_texts(texts: list[str], args, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """text -> {text_states (1, 256, D), text_mask (1, 256), text_states_2 (1, D2)} on the CPU; one encoder in memory at a time."""
+    from musubi_tuner.hunyuan.text_encoders import load_text_encoder1, load_text_encoder2
+
+    dtype = str_to_dtype(args.text_encoder_dtype, torch.float16 if device.type == "cuda" else torch.float32, "--text_encoder_dtype")
+    te1 = load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm)
+    states, mask = te1.encode(texts)
+    _free(te1)
+    te2 = load_text_encoder2(args.text_encoder2, dtype=dtype, device=device)
+    pooled, _ = te2.encode(texts)
+    _free(te2)
+    return {t: {"text_states": states[i : i + 1].cpu(), "text_mask": mask[i : i + 1].cpu(), "text_states_2": pooled[i : i + 1].cpu()}
+            for i, t in enumerate(texts)}
+
+
+def sample_grid(rows: list[tuple[str, np.ndarray]], title: str) -> Image.Image:
+    """One row per sample: its label, then its first, middle and last frame ((F, H, W, 3) uint8 each).
+    A one-frame sample fills the first column only. Cells are as large as the largest sample."""
+    cell_w = max(frames.shape[2] for _, frames in rows)
+    cell_h = max(frames.shape[1] for _, frames in rows)
+    width = len(GRID_COLUMNS) * (cell_w + CELL_GAP) + CELL_GAP
+    height = LABEL_HEIGHT + len(rows) * (LABEL_HEIGHT + cell_h + CELL_GAP)
+    grid = Image.new("RGB", (width, height), (48, 48, 48))
+    draw = ImageDraw.Draw(grid)
+    draw.text((CELL_GAP, 1), title, fill="white")
+    for r, (label, frames) in enumerate(rows):
+        top = LABEL_HEIGHT + r * (LABEL_HEIGHT + cell_h + CELL_GAP)
+        draw.text((CELL_GAP, top + 1), label, fill="white")
+        picks = [0, (len(frames) - 1) // 2, len(frames) - 1] if len(frames) > 1 else [0]
+        for c, f in enumerate(picks):
+            grid.paste(Image.fromarray(frames[f]), (CELL_GAP + c * (cell_w + CELL_GAP), top + LABEL_HEIGHT))
+    return grid
+
+
+class TrainingSampler:
+    """Generates the sample prompts during training, on the main process (the others wait)."""
+
+    def __init__(self, args, accelerator, *, in_channels: int, seed: int):
+        self.args, self.accelerator = args, accelerator
+        self.prompts = load_sample_prompts(args.sample_prompts)
+        if in_channels == 32 and any(p.image_path is None for p in self.prompts):
+            raise UserError(f"{args.sample_prompts}: an image-to-video DiT needs a first frame for every sample prompt (--i image.png)")
+        for p in self.prompts:
+            if p.image_path and not Path(p.image_path).is_file():
+                raise UserError(f"{args.sample_prompts}: prompt {p.index + 1}: image {p.image_path} not found (--i)")
+        self.seeds = [p.seed if p.seed is not None else seed + p.index for p in self.prompts]  # fixed for the whole run
+        self.every_n_steps, self.every_n_epochs = args.sample_every_n_steps, args.sample_every_n_epochs
+        self.folder = Path(args.output_dir) / "sample"
+        self.base_latents: dict[int, torch.Tensor] = {}  # prompt index -> final latents at multiplier 0
+        self.last_step: int | None = None
+        self.texts: dict = {}
+        self.vae = None
+        self.image_latents: dict[int, torch.Tensor] = {}
+        if accelerator.is_main_process:
+            device = accelerator.device
+            # Whatever building the encoders and the VAE draws from the global RNG (nothing today), training's draws stay as they were.
+            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+                self._prepare()
+
+    def _prepare(self) -> None:
+        from musubi_tuner.inference.pipeline import load_vae_for
+
+        device = self.accelerator.device
+        texts = sorted({p.prompt for p in self.prompts} | {p.negative_prompt or "" for p in self.prompts if _uses_cfg(p)})
+        logger.info("encoding %d sample prompts", len(texts))
+        self.texts = encode_texts(texts, self.args, device)
+        self.vae = load_vae_for(self.args, device)  # tiled as hv_generate_video decodes, so samples match its output
+        self.image_latents = {p.index: self._encode_image(p) for p in self.prompts if p.image_path}
+        self.vae.to("cpu")  # back on the device only to decode
+
+    def _encode_image(self, p: SamplePrompt) -> torch.Tensor:
+        from musubi_tuner.data.buckets import resize_to_bucket
+        from musubi_tuner.data.media import load_image
+        from musubi_tuner.hunyuan.vae import SCALING_FACTOR
+
+        image = torch.from_numpy(resize_to_bucket(load_image(p.image_path), (p.width, p.height)))
+        x = image.permute(2, 0, 1)[None, :, None].to(self.vae.device, self.vae.dtype) / 127.5 - 1.0
+        with torch.no_grad():
+            latent = self.vae.encode(x).sample(torch.Generator(self.vae.device).manual_seed(self.seeds[p.index])).float() * SCALING_FACTOR
+        F = latent_shape(p.frames, p.height, p.width)[1]
+        padded = torch.zeros((*latent.shape[:2], F, *latent.shape[3:]))
+        padded[:, :, :1] = latent.cpu()
+        return padded
+
+    # -- when
+    def after_step(self, dit, network, optimizer, step: int) -> None:
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self.sample(dit, network, optimizer, step)
+
+    def after_epoch(self, dit, network, optimizer, step: int, epoch: int) -> None:
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+            self.sample(dit, network, optimizer, step, epoch=epoch)
+
+    # -- what
+    def _latents(self, dit, p: SamplePrompt) -> torch.Tensor:
+        device = self.accelerator.device
+        cond = {k: v.to(device) for k, v in self.texts[p.prompt].items()}
+        uncond = {k: v.to(device) for k, v in self.texts[p.negative_prompt or ""].items()} if _uses_cfg(p) else None
+        noise = initial_noise((1, *latent_shape(p.frames, p.height, p.width)), self.seeds[p.index]).to(device)
+        image = self.image_latents.get(p.index)
+        guidance = Guidance(embedded_scale=p.guidance, scale=p.cfg_scale if p.cfg_scale is not None else 1.0)
+        with self.accelerator.autocast():
+            latents = denoise(dit, noise, sigma_schedule(p.steps, p.flow_shift), cond=cond, uncond=uncond, guidance=guidance,
+                              image_latents=None if image is None else image.to(device))
+        return latents.cpu()
+
+    def sample(self, dit, network, optimizer, step: int, epoch: int | None = None) -> Path | None:
+        """Generate every prompt; returns the grid's path (None on the other processes). Once per step."""
+        if self.last_step == step:  # musubi-tuner samples twice when an epoch ends on a sampling step; once is enough
+            return None
+        self.last_step = step
+        grid_path = None
+        if self.accelerator.is_main_process:
+            started = time.perf_counter()
+            with evaluation_mode(network, optimizer, self.accelerator.device):
+                grid_path, effects = self._sample_all(dit, network, step, epoch)
+            logs = {f"lora_effect/sample_{i:02d}": e for i, e in enumerate(effects)}
+            if effects:
+                logs["lora_effect/sample"] = sum(effects) / len(effects)
+            self.accelerator.log(logs, step=step)
+            self._log_image(grid_path, step)
+            shown = ", ".join(f"{e:.2%}" for e in effects)
+            logger.info("samples at step %d: %s [%.1f s]; the LoRA moves them by %s", step, grid_path,
+                        time.perf_counter() - started, shown or "n/a")
+        self.accelerator.wait_for_everyone()
+        return grid_path
+
+    def _sample_all(self, dit, network, step: int, epoch: int | None) -> tuple[Path, list[float]]:
+        from musubi_tuner.data.media import write_video
+        from musubi_tuner.inference.outputs import decode_to_frames
+
+        multiplier = getattr(network, "multiplier", None)
+        can_switch_off = multiplier is not None and hasattr(network, "set_multiplier")
+        latents, effects = {}, []
+        for p in self.prompts:
+            latents[p.index] = self._latents(dit, p)
+            if can_switch_off and p.index not in self.base_latents:
+                network.set_multiplier(0.0)
+                try:
+                    self.base_latents[p.index] = self._latents(dit, p)
+                finally:
+                    network.set_multiplier(multiplier)
+            base = self.base_latents.get(p.index)
+            if base is not None:
+                effects.append(((latents[p.index] - base).norm() / base.norm().clamp_min(1e-12)).item())
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        self.vae.to(self.accelerator.device)
+        rows = []
+        for p in self.prompts:
+            frames = decode_to_frames(self.vae, latents[p.index][0]).numpy()
+            stem = f"{self.args.output_name}_{tag}_{p.index:02d}_{stamp}_{self.seeds[p.index]}"
+            if len(frames) > 1:
+                write_video(self.folder / f"{stem}.mp4", frames, fps=24, bitrate=4_000_000)
+            else:
+                with atomic_write(self.folder / f"{stem}.png") as tmp:
+                    Image.fromarray(frames[0]).save(tmp, format="PNG")
+            rows.append((f"#{p.index} seed {self.seeds[p.index]}: {p.prompt}"[:90], frames))
+        self.vae.to("cpu")
+        title = f"step {step}" + (f", epoch {epoch}" if epoch is not None else "") + " - columns: first, middle, last frame"
+        grid_path = self.folder / f"{self.args.output_name}_{tag}_grid.png"
+        with atomic_write(grid_path) as tmp:
+            sample_grid(rows, title).save(tmp, format="PNG")
+        return grid_path, effects
+
+    def _log_image(self, grid_path: Path, step: int) -> None:
+        for tracker in getattr(self.accelerator, "trackers", []):
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("samples", np.asarray(Image.open(grid_path).convert("RGB")), step, dataformats="HWC")

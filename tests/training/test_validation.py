@@ -1,0 +1,292 @@
+"""Knowing whether training works: validation loss, sample grids, the LoRA's effect size."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import write_cached_dataset
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
+from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.networks.lora_files import load_lora
+from musubi_tuner.training.args import parse_args
+from musubi_tuner.training.loop import train
+from musubi_tuner.training.sampling import CELL_GAP, LABEL_HEIGHT
+
+SIZE = (32, 32)  # 4 x 4 latent: every step and evaluation takes milliseconds
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validation")
+    config = tiny_dit_config()
+    dit = write_dit(root / "dit.pt", random_dit_state_dict(config, seed=0), config, "pt")
+    split = write_cached_dataset(root / "split", items=8, frames=1, size=SIZE)
+    split.write_text(split.read_text().replace("[general]\n", "[general]\nvalidation_split = 0.25\n"))
+    plain = write_cached_dataset(root / "train", items=4, frames=1, size=SIZE)
+    held = write_cached_dataset(root / "held", items=2, frames=1, size=SIZE, seed=1)
+    with_validation = root / "with_validation.toml"
+    with_validation.write_text(plain.read_text() + f'\n[[validation_datasets]]\nvideo_directory = "{(root / "held" / "videos").as_posix()}"\n'
+                               f'cache_directory = "{(root / "held" / "cache").as_posix()}"\ntarget_frames = [1]\n')
+    vae = write_vae(root / "vae.pt", random_vae_state_dict(TINY_VAE))
+    te1, te2 = write_tiny_llm_folder(root / "te1"), write_tiny_clip_folder(root / "te2")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cube on grass --w 32 --h 32 --f 5 --d 7 --s 4\n"
+                       "a blue ball in the snow at night --w 32 --h 32 --f 5 --d 7 --s 4\n")
+    return {"root": root, "dit": dit, "split": split, "plain": plain, "with_validation": with_validation, "vae": vae,
+            "te1": te1, "te2": te2, "prompts": prompts}
+
+
+def base_args(assets, toml, out, *extra):
+    return ["--dit", str(assets["dit"]), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
+            "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "3e-3", "--optimizer_type", "adamw",
+            "--timestep_sampling", "shift", "--discrete_flow_shift", "7.0", "--seed", "42", "--dit_dtype", "float32",
+            "--max_data_loader_n_workers", "0", "--output_dir", str(out), "--output_name", "tiny", *extra]
+
+
+def scalars(logging_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for the run: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list(logging_dir.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def validated_run(assets, tmp_path_factory):
+    """30 steps with 2 of 8 items held out (validation_split = 0.25), validated every 5 steps, saved every 10."""
+    out = tmp_path_factory.mktemp("validated")
+    logs = logging.getLogger("musubi_tuner.training.validation")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logs.addHandler(handler)
+    level = logs.level
+    logs.setLevel(logging.INFO)
+    try:
+        final = train(parse_args(base_args(assets, assets["split"], out, "--max_train_steps", "30", "--validate_every_n_steps", "5",
+                                           "--save_every_n_steps", "10", "--logging_dir", str(out / "logs"))))
+    finally:
+        logs.removeHandler(handler)
+        logs.setLevel(level)
+    return {"out": out, "final": final, "scalars": scalars(out / "logs"), "log": [r.getMessage() for r in records]}
+
+
+def test_validation_loss_falls_over_training(validated_run):
+    import csv
+
+    with open(validated_run["out"] / "tiny-loss.csv", newline="") as f:
+        points = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["kind"] == "validation"]
+    assert [s for s, _ in points] == [0, 5, 10, 15, 20, 25, 30]  # before the first step, then every 5
+    losses = [v for _, v in points]
+    assert losses[-1] < losses[0] * 0.995, losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 5, losses  # fixed noise: it falls nearly step by step
+
+
+def test_validation_is_logged_to_tensorboard_per_noise_level_and_in_total(validated_run):
+    tags = validated_run["scalars"]
+    levels = sorted(t for t in tags if t.startswith("validation/loss_t"))
+    assert levels == [f"validation/loss_t{k:04d}" for k in range(50, 1000, 100)]  # deciles of the noise level
+    total = dict(tags["validation/loss"])
+    assert sorted(total) == [0, 5, 10, 15, 20, 25, 30]
+    mean_of_levels = np.mean([dict(tags[t])[30] for t in levels])
+    assert total[30] == pytest.approx(mean_of_levels, rel=1e-5)
+    assert dict(tags["validation/loss_t0950"])[30] > dict(tags["validation/loss_t0050"])[30]  # noisier is harder
+
+
+def test_the_lora_effect_is_zero_at_the_start_and_grows_with_training(validated_run):
+    effect = dict(validated_run["scalars"]["lora_effect/prediction"])
+    assert effect[0] == 0.0  # LoRA up weights start at zero: the prediction is the base model's, exactly
+    assert 0 < effect[10] < effect[30]
+
+
+def test_every_saved_lora_carries_its_validation_loss_and_the_best_is_named(validated_run):
+    out = validated_run["out"]
+    metas = {step: read_safetensors_header(out / name)[1] for step, name in
+             ((10, "tiny-step00000010.safetensors"), (20, "tiny-step00000020.safetensors"), (30, "tiny.safetensors"))}
+    total = dict(validated_run["scalars"]["validation/loss"])
+    for step, meta in metas.items():
+        assert float(meta["musubi_tuner.validation_loss"]) == pytest.approx(total[step], rel=1e-5)
+        assert float(meta["musubi_tuner.lora_effect"]) > 0
+    best_step = min((10, 20, 30), key=lambda s: total[s])
+    best_name = {10: "tiny-step00000010.safetensors", 20: "tiny-step00000020.safetensors", 30: "tiny.safetensors"}[best_step]
+    assert metas[30]["musubi_tuner.best_checkpoint"] == best_name
+    assert float(metas[30]["musubi_tuner.best_validation_loss"]) == pytest.approx(total[best_step], rel=1e-5)
+    assert any(line.startswith("best checkpoint by validation loss:") and best_name in line for line in validated_run["log"])
+
+
+def test_the_loss_curve_png_draws_validation_on_its_own_scale_beside_training(validated_run):
+    image = np.asarray(Image.open(validated_run["out"] / "tiny-loss.png").convert("RGB")).astype(int)
+    assert image.shape == (400, 800, 3)
+    orange = (abs(image[..., 0] - 230) < 10) & (abs(image[..., 1] - 120) < 10) & (image[..., 2] < 40)
+    dark_blue = (image[..., 0] < 50) & (abs(image[..., 1] - 60) < 15) & (image[..., 2] > 140)
+    assert orange.sum() > 100 and dark_blue.sum() > 100  # the validation line and the smoothed training line
+    rows, columns = np.nonzero(orange)
+    left, right = rows[columns < columns.min() + 20].mean(), rows[columns > columns.max() - 20].mean()
+    assert right - left > 200  # it falls across most of the plot's height, not a flat line under the noisy training loss
+
+
+def test_evaluating_twice_on_the_same_weights_gives_the_same_loss_and_shards_add_up(assets, validated_run):
+    """Fixed noise: a number that moves only when the model does. Sharded over 2 processes (as under DDP),
+    the per-process sums add up to the one-process result."""
+    from accelerate import Accelerator
+
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.data.training_dataset import validation_batches
+    from musubi_tuner.hunyuan.checkpoints import load_dit
+    from musubi_tuner.networks import lora
+    from musubi_tuner.training.timesteps import TimestepConfig
+    from musubi_tuner.training.validation import Validator, evaluation_mode
+
+    dit = load_dit(assets["dit"], dtype=torch.float32)
+    network = lora.create_arch_network_from_weights(1.0, load_lora(validated_run["final"]), dit)
+    network.apply_to(None, dit)
+    batches = validation_batches(load_dataset_config(assets["split"], check_sources=False))
+    assert len(batches) == 2  # 0.25 of 8 items
+    validator = Validator(batches, TimestepConfig("shift", 7.0), 1.0)
+    accelerator = Accelerator(cpu=True)
+    first, second = (validator.evaluate(dit, network, accelerator, step=30) for _ in range(2))
+    assert first.loss == second.loss and first.per_level == second.per_level and first.lora_effect == second.lora_effect
+    assert first.loss == pytest.approx(dict(validated_run["scalars"]["validation/loss"])[30], rel=1e-5)
+    with evaluation_mode(network):
+        whole = validator.partial_sums(dit, network, accelerator)
+        shards = [validator.partial_sums(dit, network, accelerator, rank=r, world=2) for r in (0, 1)]
+    assert torch.allclose(shards[0] + shards[1], whole, rtol=1e-6)
+    assert not torch.equal(shards[0], whole)  # each process really does only its share
+
+
+@pytest.fixture(scope="module")
+def sampled_run(assets, tmp_path_factory):
+    """6 steps with a [[validation_datasets]] table, validation every 2 steps, samples at first and every 3 steps."""
+    out = tmp_path_factory.mktemp("sampled")
+    train(parse_args(base_args(assets, assets["with_validation"], out, "--max_train_steps", "6", "--validate_every_n_steps", "2",
+                               "--sample_prompts", str(assets["prompts"]), "--sample_at_first", "--sample_every_n_steps", "3",
+                               "--vae", str(assets["vae"]), "--text_encoder1", str(assets["te1"]), "--text_encoder2", str(assets["te2"]),
+                               "--logging_dir", str(out / "logs"))))
+    return {"out": out, "scalars": scalars(out / "logs")}
+
+
+def test_validation_and_sampling_leave_the_trained_lora_unchanged(assets, sampled_run, tmp_path):
+    plain = tmp_path / "plain"
+    train(parse_args(base_args(assets, assets["plain"], plain, "--max_train_steps", "6")))
+    a, b = load_lora(plain / "tiny.safetensors"), load_lora(sampled_run["out"] / "tiny.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert sorted(dict(sampled_run["scalars"]["validation/loss"])) == [0, 2, 4, 6]  # validation did run
+
+
+def test_each_evaluation_writes_its_samples_and_one_grid_of_first_middle_last_frames(sampled_run):
+    import av
+
+    folder = sampled_run["out"] / "sample"
+    grids = sorted(p.name for p in folder.glob("*_grid.png"))
+    assert grids == ["tiny_000000_grid.png", "tiny_000003_grid.png", "tiny_000006_grid.png"]
+    videos = sorted(folder.glob("tiny_000003_*.mp4"))
+    assert [p.name.split("_")[2] for p in videos] == ["00", "01"] and all(p.name.endswith("_7.mp4") for p in videos)
+    with av.open(str(videos[0])) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
+
+    grid = np.asarray(Image.open(folder / "tiny_000006_grid.png").convert("RGB")).astype(int)
+    cell = 32
+    assert grid.shape == (LABEL_HEIGHT + 2 * (LABEL_HEIGHT + cell + CELL_GAP), 3 * (cell + CELL_GAP) + CELL_GAP, 3)
+
+    def cell_at(row, column):
+        top = LABEL_HEIGHT + row * (LABEL_HEIGHT + cell + CELL_GAP) + LABEL_HEIGHT
+        left = CELL_GAP + column * (cell + CELL_GAP)
+        return grid[top:top + cell, left:left + cell]
+
+    assert np.abs(cell_at(0, 0) - cell_at(1, 0)).mean() > 1  # same seed, other prompt: another video
+    assert np.abs(cell_at(0, 0) - cell_at(0, 2)).mean() > 1  # first and last frame differ
+    assert [len(set(np.unique(cell_at(r, c)))) > 1 for r in (0, 1) for c in (0, 1, 2)] == [True] * 6  # every cell drawn
+
+
+def test_the_lora_effect_on_the_samples_is_zero_at_first_and_then_grows(sampled_run):
+    effect = dict(sampled_run["scalars"]["lora_effect/sample"])
+    assert sorted(effect) == [0, 3, 6]
+    assert effect[0] == 0.0 and 0 < effect[3] < effect[6]
+    assert {"lora_effect/sample_00", "lora_effect/sample_01"} <= set(sampled_run["scalars"])
+
+
+def test_validation_flags_without_held_out_data_say_how_to_add_it(assets, tmp_path):
+    with pytest.raises(UserError, match=r"needs held-out items.*validation_split = 0.1.*\[\[validation_datasets\]\]"):
+        train(parse_args(base_args(assets, assets["plain"], tmp_path, "--validate_every_n_steps", "10")))
+
+
+def test_the_caching_commands_cache_validation_datasets_too(assets, tmp_path):
+    from musubi_tuner import cache_latents, cache_text_encoder_outputs
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.data.training_dataset import TrainingDataset, validation_batches
+
+    for name, color in (("train", (200, 30, 30)), ("held", (30, 30, 200))):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", SIZE, color).save(tmp_path / name / f"{name}{i}.png")
+            (tmp_path / name / f"{name}{i}.txt").write_text(f"a {name} picture")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n\n'
+                    f'[[datasets]]\nimage_directory = "{(tmp_path / "train").as_posix()}"\n\n'
+                    f'[[validation_datasets]]\nimage_directory = "{(tmp_path / "held").as_posix()}"\n')
+    cache_latents.main(["--dataset_config", str(toml), "--vae", str(assets["vae"]), "--device", "cpu"])
+    cache_text_encoder_outputs.main(["--dataset_config", str(toml), "--text_encoder1", str(assets["te1"]),
+                                     "--text_encoder2", str(assets["te2"]), "--device", "cpu"])
+    assert len(list((tmp_path / "held").glob("*_hv.safetensors"))) == 2 and len(list((tmp_path / "held").glob("*_hv_te.safetensors"))) == 2
+    config = load_dataset_config(toml, check_sources=False)
+    held = {item.latent_path.name for plan in validation_batches(config) for item in plan.items}
+    assert held == {"held0_0032x0032_hv.safetensors", "held1_0032x0032_hv.safetensors"}
+    trained = TrainingDataset.from_config(config, seed=0)
+    assert {item.latent_path.parent.name for plan in trained.epoch_plan(1) for item in plan.items} == {"train"}
+
+
+def test_a_resumed_run_counts_the_files_the_earlier_run_saved(validated_run):
+    from musubi_tuner.training.validation import Validation
+
+    validation = Validation(None, dit=None, network=None, optimizer=None, accelerator=None, losses=None)
+    validation.recall_saved(validated_run["out"], "tiny", up_to_step=20)  # resumed at step 20
+    assert [(p.name, r.step) for p, r in validation.saved] == [("tiny-step00000010.safetensors", 10), ("tiny-step00000020.safetensors", 20)]
+    total = dict(validated_run["scalars"]["validation/loss"])
+    assert validation.best()[1].loss == pytest.approx(min(total[10], total[20]), rel=1e-5)
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "validation.md"
+
+
+def test_the_docs_examples_are_valid_configs_prompt_files_and_command_lines(tmp_path, monkeypatch):
+    import re
+    import shlex
+
+    from musubi_tuner import cache_latents, cache_text_encoder_outputs
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.training.sample_prompts import load_sample_prompts
+
+    text = DOCS.read_text()
+    monkeypatch.chdir(tmp_path)
+    tomls = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    assert len(tomls) == 2
+    for i, block in enumerate(tomls):
+        (tmp_path / f"d{i}.toml").write_text(block)
+        config = load_dataset_config(tmp_path / f"d{i}.toml", check_sources=False)
+        assert config.has_validation
+    (prompts,) = re.findall(r"```text\n(.*?)```", text, flags=re.S)
+    (tmp_path / "prompts.txt").write_text(prompts)
+    assert [(p.width, p.height, p.frames, p.seed) for p in load_sample_prompts(tmp_path / "prompts.txt")] == [(544, 320, 25, 42)] * 2
+    commands = [shlex.split(line) for line in re.findall(r"^(?:python|accelerate) .*$", text, flags=re.M)]
+    assert len(commands) == 3
+    for command in commands:
+        script = next(c for c in command if c.endswith(".py"))
+        flags = command[command.index(script) + 1:]
+        if script.endswith("hv_train_network.py"):
+            args = parse_args(flags)
+            assert (args.validate_every_n_steps, args.sample_every_n_epochs, args.sample_at_first) == (100, 2, True)
+        else:
+            module = cache_latents if script.endswith("cache_latents.py") else cache_text_encoder_outputs
+            module.build_parser().parse_args(flags)
