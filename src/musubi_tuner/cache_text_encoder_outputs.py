@@ -109,9 +109,9 @@ def main(argv=None) -> None:
         todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
         todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
         run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
-                    encoder_batches(config.datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
+                    encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
         run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
-                    encoder_batches(config.datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
+                    encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
 
         changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
         for ds, report, cs in zip(config.all_datasets, reports, captions):
