@@ -40,21 +40,45 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed.
+
+    A failed write (full disk, read-only folder) becomes a UserError that names `path`; `path` is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, _default_mode(path))  # mkstemp makes 0600 files; give the permissions a normal write would
     try:
+        os.chmod(tmp_path, _default_mode(path))  # mkstemp makes 0600 files; give the permissions a normal write would
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
         raise
+
+
+def require_writable_folder(folder: str | os.PathLike, flag: str) -> Path:
+    """Create `folder` if needed and prove it takes new files, before any long work that would write there.
+
+    Writes and removes a probe file: os.access says yes to root on a read-only mount or a full quota.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write to this folder ({e.strerror or e}); fix its permissions or choose another {flag}") from None
+    return folder
 
 
 def _default_mode(path: Path) -> int:
@@ -120,18 +144,15 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
-    try:
-        with atomic_write(path) as tmp, open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            for name, (dtype, shape) in specs.items():
-                t = tensors[name].detach().to("cpu", dtype)
-                if tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{name}: computed shape {list(t.shape)} differs from the announced {list(shape)}")
-                if t.numel():
-                    f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-    except OSError as e:
-        raise write_error(path, e) from e
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # atomic_write turns a failed write into a UserError
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name, (dtype, shape) in specs.items():
+            t = tensors[name].detach().to("cpu", dtype)
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: computed shape {list(t.shape)} differs from the announced {list(shape)}")
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 # ----------------------------------------------------------------------------------------------- reading
