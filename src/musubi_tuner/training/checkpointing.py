@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import random
 import shutil
@@ -30,6 +31,8 @@ class CheckpointSaver:
         from musubi_tuner.training.loss_curve import LossHistory
 
         self.losses = LossHistory(self.out / f"{self.name}-loss.csv")
+        if accelerator.is_main_process:
+            self._remove_leftovers()
         started = time.time()
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
@@ -92,6 +95,16 @@ class CheckpointSaver:
             self.optimizer.train()
         self.last_saved = path
         return path
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files and half-written states of a killed run: never complete, so never worth keeping."""
+        name = glob.escape(self.name)
+        for pattern in (f".{name}.*.tmp", f".{name}-*.tmp", f"{name}*-state.incomplete", f"{name}*-state.old"):
+            for path in self.out.glob(pattern):
+                if path.suffix == ".old" and not path.with_suffix("").is_dir():
+                    continue  # a kill between the renames left only this copy (see state.newest_state)
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                logger.info("removed %s (left by an interrupted run)", path)
 
     # -- keeping the last N (musubi-tuner's arithmetic)
     def _prune_epochs(self, epoch: int) -> None:
