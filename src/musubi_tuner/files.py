@@ -225,7 +225,7 @@ class StateDictFile:
                 raise UserError(f"{self.path}: unreadable safetensors file ({e})") from None
         else:
             obj = load_torch_file(self.path, what)
-            self._tensors = _find_state_dict(obj, subdict_keys, self.path)
+            self._tensors = _find_state_dict(obj, subdict_keys, self.path, what)
             self._entries = {k: (v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
         self._rename: dict[str, str] = {k: k for k in self._entries}
 
@@ -301,7 +301,7 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
         raise UserError(f"{path}: not a readable PyTorch {what} (truncated or a different format: {str(e)[:160]})") from None
 
 
-def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path) -> dict[str, torch.Tensor]:
+def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path, what: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in subdict_keys:
             if key in obj and isinstance(obj[key], dict):
@@ -310,6 +310,10 @@ def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path) -> 
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
+        nested = next((k for k, v in obj.items() if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())), None)
+        if nested is not None:  # e.g. the official DiT .pt (weights under `module`) passed as a VAE or a LoRA
+            dit = " (the layout of HunyuanVideo's DiT mp_rank_00_model_states.pt; pass it with --dit)" if nested == "module" else ""
+            raise UserError(f"{path}: not a {what}: its tensors sit under {nested!r}{dit}")
         hint = f" (looked under {', '.join(repr(k) for k in subdict_keys)})" if subdict_keys else ""
         raise UserError(f"{path}: holds no tensors{hint}; top-level keys: {sorted(map(str, obj))[:8]}")
     raise UserError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
