@@ -629,3 +629,26 @@ def test_a_state_only_left_as_old_by_a_kill_between_the_renames_is_still_found(t
     assert newest_state(tmp_path).name == "x-step00000004-state.old"
     state("x-step00000004-state", 4)  # once the replacement is there, the .old copy is only garbage
     assert newest_state(tmp_path).name == "x-step00000004-state"
+
+
+def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_path):
+    from types import SimpleNamespace
+
+    from musubi_tuner.training.checkpointing import CheckpointSaver
+
+    saver = CheckpointSaver.__new__(CheckpointSaver)  # only the pruning: no network, no accelerator
+    saver.out, saver.name, saver.accelerator = tmp_path, "x", SimpleNamespace(is_main_process=True)
+    saver.args = SimpleNamespace(save_every_n_steps=2, save_last_n_steps=4, save_last_n_steps_state=None, save_state=True,
+                                 save_every_n_epochs=1, save_last_n_epochs=2, save_last_n_epochs_state=None)
+    for stem in [f"x-step{s:08d}" for s in (2, 4, 6, 8, 10)] + [f"x-{e:06d}" for e in (1, 2, 3, 4)] + ["xy-step00000002"]:
+        _write(tmp_path / f"{stem}.safetensors", b"")
+        _write(tmp_path / f"{stem}.comfyui.safetensors", b"")
+        (tmp_path / f"{stem}-state").mkdir()
+    (tmp_path / "x-step00000002.safetensors").unlink()  # killed between removing a LoRA and its companion
+    saver._prune_steps(10)  # step 4 leaves the window; step 2 is what a run killed before its pruning left
+    saver._prune_epochs(4)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors" and ".comfyui" not in p.name)
+    assert left == ["x-000003.safetensors", "x-000004.safetensors", "x-step00000006.safetensors", "x-step00000008.safetensors",
+                    "x-step00000010.safetensors", "xy-step00000002.safetensors"]
+    assert sorted(p.name for p in tmp_path.glob("*-state")) == [n.replace(".safetensors", "-state") for n in left]
+    assert len(list(tmp_path.glob("*.comfyui.safetensors"))) == len(left)
