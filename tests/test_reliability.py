@@ -652,3 +652,19 @@ def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_
                     "x-step00000010.safetensors", "xy-step00000002.safetensors"]
     assert sorted(p.name for p in tmp_path.glob("*-state")) == [n.replace(".safetensors", "-state") for n in left]
     assert len(list(tmp_path.glob("*.comfyui.safetensors"))) == len(left)
+
+
+def test_as_a_process_the_refusal_is_the_only_line_on_stderr(assets, tmp_path, monkeypatch):
+    """Where warnings and log lines really go: a refused pickle prints one line, no torch warning wall, and runs nothing."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)  # where the pickle would touch its file
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "src/musubi_tuner/cache_latents.py", "--dataset_config", str(assets.dataset),
+                             "--vae", str(evil_pt(tmp_path))], cwd=root, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(root / "src")))
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and re.fullmatch(r"error: \S+evil\.pt: refused to load: the pickle holds objects other than "
+                                                   r"tensors and plain containers \(it could run code when unpickled; .*\)", line)
+    assert not (tmp_path / "pwned_by_pickle").exists()

@@ -16,6 +16,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -285,12 +286,14 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
     """torch.load with weights_only=True (mmap when possible) and errors that name the file."""
     path = require_file(path, what)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on pickle protocols is noise to users: the file loads or is refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unknown object"
         raise UserError(
