@@ -156,9 +156,11 @@ def _enospc_after(limit: int):
     return fake_open
 
 
-def full_disk(monkeypatch, limit: int = 100) -> None:
-    """Every weight file write (safetensors through files.py, torch.save) stops after `limit` bytes with ENOSPC."""
-    monkeypatch.setattr(files, "open", _enospc_after(limit), raising=False)
+def full_disk(monkeypatch, limit: int = 100, weights: bool = True) -> None:
+    """Every weight file write (safetensors through files.py unless not `weights`, torch.save) stops after `limit`
+    bytes with ENOSPC."""
+    if weights:
+        monkeypatch.setattr(files, "open", _enospc_after(limit), raising=False)
     real_save = torch.save
 
     def failing_save(obj, f, *args, **kwargs):
@@ -202,7 +204,7 @@ class Case:
     argv: Callable[[Assets, Path], list[str]]  # builds the situation in tmp, returns the command line
     error: str | None  # regex the one `error:` line must match; None: the run must succeed
     keep: Callable[[Assets, Path], list[Path]] | None = None  # files that existed before and must keep their bytes
-    fault: str | None = None  # "full_disk" or "read_only:<folder relative to tmp>"
+    fault: str | None = None  # "full_disk", "full_disk_state" (torch.save only) or "read_only:<folder relative to tmp>"
     then: Callable[[Assets, Path, str, str], None] | None = None  # further checks (tmp, stderr, stdout)
     covered_by: str = ""
     extra: dict = field(default_factory=dict)
@@ -415,6 +417,10 @@ CASES = [
     Case("train-full-disk-keeps-the-last-lora-and-state", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),
          r"tiny\.safetensors: cannot write \(No space left on device\)", keep=outputs_of("out"), fault="full_disk"),
+    Case("train-full-disk-during-the-state-save", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),
+         r"tiny-state: cannot write the training state \(No space left on device\); check free space",
+         keep=lambda a, t: sorted((t / "out" / "tiny-state").iterdir()), fault="full_disk_state"),
     Case("train-read-only-output-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out"),
          r"out: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --output_dir", fault="read_only:out"),
     # --- merging
@@ -507,8 +513,8 @@ def test_bad_input(case: Case, assets, tmp_path, capsys, caplog, monkeypatch, re
     kept = {p: p.read_bytes() for p in case.keep(assets, tmp_path)} if case.keep else {}
     assert kept or not case.keep, "the case meant to protect files but found none"
     before = {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")}
-    if case.fault == "full_disk":
-        full_disk(monkeypatch)
+    if case.fault in ("full_disk", "full_disk_state"):
+        full_disk(monkeypatch, weights=case.fault == "full_disk")
     elif case.fault:
         read_only(tmp_path / case.fault.split(":", 1)[1], monkeypatch, request)
 

@@ -103,9 +103,11 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
                 os.replace(folder, old)
             os.replace(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # full disk, read-only folder: the previous state (if any) is still whole
+    except (OSError, UserError) as e:  # full disk, read-only folder: the previous state (if any) is still whole
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, UserError):  # save_safetensors already named the file
+            raise
         raise UserError(f"{folder}: cannot write the training state ({e.strerror or e}); check free space and permissions "
                         f"of {folder.parent}") from e
     wait()
