@@ -89,12 +89,14 @@ def main(argv=None) -> None:
         from musubi_tuner.data.items import (CacheReport, caption_items, stale_text_caches, text_encoding_todo,
                                              tidy_cache_directory)
         from musubi_tuner.dtypes import str_to_dtype
-        from musubi_tuner.hunyuan.text_encoders import load_text_encoder1, load_text_encoder2
+        from musubi_tuner.hunyuan.text_encoders import check_text_encoder1, check_text_encoder2, load_text_encoder1, load_text_encoder2
 
         for flag in ("text_encoder1", "text_encoder2"):
             if not Path(getattr(args, flag)).exists():
                 raise UserError(f"{getattr(args, flag)}: text encoder not found (--{flag})")
         config = load_dataset_config(args.dataset_config, args)
+        check_text_encoder1(args.text_encoder1)  # both now: a wrong CLIP file must not wait for the whole LLM pass
+        check_text_encoder2(args.text_encoder2)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = str_to_dtype(args.text_encoder_dtype, torch.float16, "--text_encoder_dtype")
 

@@ -34,11 +34,11 @@ def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
         from musubi_tuner.networks.lora_files import read_lora_file, save_lora
-        from musubi_tuner.networks.lora_naming import kohya_to_other, to_kohya
+        from musubi_tuner.networks.lora_naming import kohya_to_other, require_hunyuan_modules, to_kohya
         from musubi_tuner.training.metadata import with_naming
 
         weights, metadata = read_lora_file(args.input)
-        kohya = to_kohya(weights, source=args.input)
+        kohya = require_hunyuan_modules(to_kohya(weights, source=args.input), args.input)
         out = kohya_to_other(kohya, args.diffusers_prefix or "diffusion_model") if args.target == "other" else kohya
         save_lora(out, args.output, with_naming(metadata, "other" if args.target == "other" else "kohya"))
         modules = sum(k.endswith(("lora_down.weight", "lora_A.weight")) for k in out)

@@ -29,8 +29,17 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except UserError as e:
         if debug_requested(argv):
             raise
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars() -> None:
+    """Close bars the failure left open, so the message starts its own line instead of trailing a bar."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()

@@ -16,6 +16,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -40,21 +41,45 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed.
+
+    A failed write (full disk, read-only folder) becomes a UserError that names `path`; `path` is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, _default_mode(path))  # mkstemp makes 0600 files; give the permissions a normal write would
     try:
+        os.chmod(tmp_path, _default_mode(path))  # mkstemp makes 0600 files; give the permissions a normal write would
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
         raise
+
+
+def require_writable_folder(folder: str | os.PathLike, flag: str) -> Path:
+    """Create `folder` if needed and prove it takes new files, before any long work that would write there.
+
+    Writes and removes a probe file: os.access says yes to root on a read-only mount or a full quota.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write to this folder ({e.strerror or e}); fix its permissions or choose another {flag}") from None
+    return folder
 
 
 def _default_mode(path: Path) -> int:
@@ -120,18 +145,15 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
-    try:
-        with atomic_write(path) as tmp, open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            for name, (dtype, shape) in specs.items():
-                t = tensors[name].detach().to("cpu", dtype)
-                if tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{name}: computed shape {list(t.shape)} differs from the announced {list(shape)}")
-                if t.numel():
-                    f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-    except OSError as e:
-        raise write_error(path, e) from e
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # atomic_write turns a failed write into a UserError
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name, (dtype, shape) in specs.items():
+            t = tensors[name].detach().to("cpu", dtype)
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: computed shape {list(t.shape)} differs from the announced {list(shape)}")
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -204,7 +226,7 @@ class StateDictFile:
                 raise UserError(f"{self.path}: unreadable safetensors file ({e})") from None
         else:
             obj = load_torch_file(self.path, what)
-            self._tensors = _find_state_dict(obj, subdict_keys, self.path)
+            self._tensors = _find_state_dict(obj, subdict_keys, self.path, what)
             self._entries = {k: (v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
         self._rename: dict[str, str] = {k: k for k in self._entries}
 
@@ -264,12 +286,14 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
     """torch.load with weights_only=True (mmap when possible) and errors that name the file."""
     path = require_file(path, what)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on pickle protocols is noise to users: the file loads or is refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unknown object"
         raise UserError(
@@ -280,7 +304,7 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
         raise UserError(f"{path}: not a readable PyTorch {what} (truncated or a different format: {str(e)[:160]})") from None
 
 
-def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path) -> dict[str, torch.Tensor]:
+def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path, what: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in subdict_keys:
             if key in obj and isinstance(obj[key], dict):
@@ -289,6 +313,10 @@ def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path) -> 
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
+        nested = next((k for k, v in obj.items() if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())), None)
+        if nested is not None:  # e.g. the official DiT .pt (weights under `module`) passed as a VAE or a LoRA
+            dit = " (the layout of HunyuanVideo's DiT mp_rank_00_model_states.pt; pass it with --dit)" if nested == "module" else ""
+            raise UserError(f"{path}: not a {what}: its tensors sit under {nested!r}{dit}")
         hint = f" (looked under {', '.join(repr(k) for k in subdict_keys)})" if subdict_keys else ""
         raise UserError(f"{path}: holds no tensors{hint}; top-level keys: {sorted(map(str, obj))[:8]}")
     raise UserError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")

@@ -410,6 +410,8 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
         if isinstance(caption, BaseException):
             report.fail(item.path, _failure_reason(item, caption), strict)
             continue
+        if not caption:  # legal (it trains the unconditional case), but usually a caption file saved empty by mistake
+            logger.warning("%s: empty caption; %s is trained with an empty prompt", item.caption_file or item.path, item.path.name)
         result.append(CaptionItem(item, caption, cache_files.text_cache_path(dataset.cache_directory, item.stem)))
     return result
 

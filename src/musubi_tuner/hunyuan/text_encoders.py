@@ -321,6 +321,21 @@ def load_text_encoder1(path: str | os.PathLike, dtype: torch.dtype | None = torc
     """The LLM from an HF folder or a single file. dtype None keeps the stored dtype. fp8: decoder-layer
     Linear weights stored in float8 e4m3fn with per-row scales and computed in bf16 (embedding and norms
     in bf16); the states are still returned in `dtype`."""
+    weights, prefix, config, tokenizer, model, plan = _open_llm(path, tokenizer_path)
+    dtype = _default_dtype(weights, prefix + "embed_tokens.weight", dtype)
+    compute_dtype = torch.bfloat16 if fp8 else dtype
+    fp8_keys = {k for k in plan if LLM_FP8_WEIGHTS.fullmatch(k)} if fp8 else set()
+    _load_into(model, weights, plan, compute_dtype, device, fp8_keys)
+    return LLMTextEncoder(model, tokenizer, dtype, weights.path, skip_padding=skip_padding)
+
+
+def check_text_encoder1(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> None:
+    """Everything load_text_encoder1 checks (files, keys, shapes, tokenizer) without reading weights, so a wrong
+    --text_encoder1 fails before hours of other work."""
+    _open_llm(path, tokenizer_path)
+
+
+def _open_llm(path, tokenizer_path):
     weights = WeightFiles(path, "text encoder 1 (LLM)")
     keys = weights.keys()
     prefix = key_prefix(keys, "embed_tokens.weight")
@@ -332,9 +347,6 @@ def load_text_encoder1(path: str | os.PathLike, dtype: torch.dtype | None = torc
     file_layers = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
     if len(file_layers) != config.num_hidden_layers:
         raise UserError(f"{weights.path}: has {len(file_layers)} decoder layers, the config says {config.num_hidden_layers}")
-    dtype = _default_dtype(weights, prefix + "embed_tokens.weight", dtype)
-    compute_dtype = torch.bfloat16 if fp8 else dtype
-
     tokenizer = load_llm_tokenizer(weights.path, tokenizer_path)
     if tokenizer.max_id() >= config.vocab_size:
         raise UserError(f"{tokenizer.source}: tokenizer ids go up to {tokenizer.max_id()} but {weights.path} "
@@ -342,9 +354,7 @@ def load_text_encoder1(path: str | os.PathLike, dtype: torch.dtype | None = torc
     model = build_llm(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     plan = plan_keys(shapes, weights.shapes(), prefix, str(weights.path), "Llama text encoder")
-    fp8_keys = {k for k in plan if LLM_FP8_WEIGHTS.fullmatch(k)} if fp8 else set()
-    _load_into(model, weights, plan, compute_dtype, device, fp8_keys)
-    return LLMTextEncoder(model, tokenizer, dtype, weights.path, skip_padding=skip_padding)
+    return weights, prefix, config, tokenizer, model, plan
 
 
 # ----------------------------------------------------------------------------------------------- CLIP
@@ -365,6 +375,18 @@ def clip_file_key(model_key: str, prefix: str) -> str:
 def load_text_encoder2(path: str | os.PathLike, dtype: torch.dtype | None = torch.float16, device="cpu",
                        tokenizer_path: str | os.PathLike | None = None) -> CLIPTextEncoder:
     """CLIP-L's text model from an HF folder (a whole CLIPModel is fine) or a single file."""
+    weights, prefix, tokenizer, model, plan = _open_clip(path, tokenizer_path)
+    dtype = _default_dtype(weights, prefix + "embeddings.token_embedding.weight", dtype)
+    _load_into(model, weights, plan, dtype, device)
+    return CLIPTextEncoder(model, tokenizer, dtype, weights.path)
+
+
+def check_text_encoder2(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> None:
+    """Everything load_text_encoder2 checks, without reading weights."""
+    _open_clip(path, tokenizer_path)
+
+
+def _open_clip(path, tokenizer_path):
     weights = WeightFiles(path, "text encoder 2 (CLIP-L)")
     keys = weights.keys()
     prefix = key_prefix(keys, "embeddings.token_embedding.weight")
@@ -373,7 +395,6 @@ def load_text_encoder2(path: str | os.PathLike, dtype: torch.dtype | None = torc
         raise UserError(f"{weights.path}: not a CLIP text encoder (no embeddings.token_embedding.weight)"
                         + (f"; this looks like {other}" if other else ""))
     config = _read_config(weights, CLIPTextConfig, CLIP_L_CONFIG, "clip_text_model", "CLIP text model")
-    dtype = _default_dtype(weights, prefix + "embeddings.token_embedding.weight", dtype)
     tokenizer = load_clip_tokenizer(weights.path, tokenizer_path)
     if tokenizer.max_id() >= config.vocab_size:
         raise UserError(f"{tokenizer.source}: tokenizer ids go up to {tokenizer.max_id()} but {weights.path} "
@@ -383,5 +404,4 @@ def load_text_encoder2(path: str | os.PathLike, dtype: torch.dtype | None = torc
     file_shapes = weights.shapes()
     plan = {k: clip_file_key(k, prefix) for k in shapes}
     plan_keys({plan[k]: s for k, s in shapes.items()}, file_shapes, "", str(weights.path), "CLIP text model")
-    _load_into(model, weights, plan, dtype, device)
-    return CLIPTextEncoder(model, tokenizer, dtype, weights.path)
+    return weights, prefix, tokenizer, model, plan

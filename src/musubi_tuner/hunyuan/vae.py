@@ -348,6 +348,18 @@ class CausalVideoVAE(nn.Module):
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu") -> CausalVideoVAE:
     """The official `vae/pytorch_model.pt` (a plain state dict, or under `state_dict`, or with `vae.` prefixes) or
     safetensors; the config is read off the weights, so tiny VAEs load too. Frozen, in eval mode."""
+    f, config = open_vae_file(path)
+    with torch.device("meta"):
+        model = CausalVideoVAE(config)
+    model.load_state_dict({k: f.get(k, dtype=dtype, device=device) for k in model.state_dict()}, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def open_vae_file(path: str | os.PathLike):
+    """The file's tensors and the VAE config read off them, every key and shape checked; no weights are read.
+
+    Lets a command refuse a wrong --vae before hours of other work (generation uses the VAE last)."""
     from musubi_tuner.files import StateDictFile
 
     f = StateDictFile(path, what="VAE checkpoint", subdict_keys=("state_dict",))
@@ -372,6 +384,4 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float16, device
     for k, shape in expected.items():
         if tuple(f.shape(k)) != shape:
             raise UserError(f"{f.path}: tensor {k} has shape {list(f.shape(k))}, expected {list(shape)}")
-    model.load_state_dict({k: f.get(k, dtype=dtype, device=device) for k in expected}, strict=True, assign=True)
-    model.requires_grad_(False)
-    return model.eval()
+    return f, config

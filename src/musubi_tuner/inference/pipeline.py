@@ -81,7 +81,8 @@ def check_and_fill(args) -> None:
 
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
-    config = read_dit_config(open_dit_file(args.dit))
+    dit_file = open_dit_file(args.dit)
+    config = read_dit_config(dit_file)
     args.model_in_channels = config.in_channels
     preset_name = args.preset or detect_preset(config.in_channels, args.dit)
     if args.preset is None and preset_name != "hunyuan-t2v":
@@ -115,6 +116,36 @@ def check_and_fill(args) -> None:
         raise UserError(f"--strength {args.strength}: must be between 0 and 1")
     if not 0.0 <= args.cfg_end <= 1.0:
         raise UserError(f"--cfg_end {args.cfg_end}: must be between 0 and 1")
+    check_files_used_late(args, dit_file.shapes())
+
+
+def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Files read only after the text encoders (and for the VAE, the sampling) have run: a wrong one fails now.
+
+    Not in a --dry_run, which plans from the DiT's header alone (the other files may not be at hand)."""
+    if args.dry_run:
+        return
+    from musubi_tuner.data.media import load_image, video_size
+    from musubi_tuner.hunyuan.text_encoders import check_text_encoder1, check_text_encoder2
+    from musubi_tuner.hunyuan.vae import open_vae_file
+    from musubi_tuner.networks.merge import check_loras_fit
+
+    check_text_encoder1(args.text_encoder1)
+    check_text_encoder2(args.text_encoder2)
+
+    if args.save_merged_model and not args.lora_weight:
+        raise UserError("--save_merged_model needs --lora_weight")
+    open_vae_file(args.vae)
+    if args.lora_weight:
+        check_loras_fit(args.lora_weight, dit_shapes, args.dit)
+    if args.image_path:
+        load_image(args.image_path)
+    if args.video_path:
+        video_size(args.video_path)
+    from musubi_tuner.files import require_writable_folder
+
+    require_writable_folder(args.save_merged_model and Path(args.save_merged_model).parent or args.save_path,
+                            "--save_merged_model" if args.save_merged_model else "--save_path")
 
 
 # ----------------------------------------------------------------------------------------------- stages

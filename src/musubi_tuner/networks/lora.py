@@ -214,8 +214,15 @@ class LoRANetwork(nn.Module):
         weights = load_lora(file)
         own = self.state_dict()
         unknown = [k for k in weights if k not in own]
+        if len(unknown) == len(weights):
+            raise UserError(f"{file}: none of its {len(weights)} tensors fits this network (e.g. {unknown[0]}); "
+                            "a LoRA for another model, or trained with other --network_args include/exclude patterns")
         if unknown:
             logger.warning("%s: %d keys match no module of this network (e.g. %s)", file, len(unknown), unknown[0])
+        wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
+        if wrong:
+            raise UserError(f"{file}: {wrong[0]} has shape {list(weights[wrong[0]].shape)}, this network's is "
+                            f"{list(own[wrong[0]].shape)}; train with the file's rank (--dim_from_weights) or another --network_dim")
         missing, _ = self.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
         return {"missing": missing, "unexpected": unknown}
 

@@ -35,10 +35,10 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
 def load_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A LoRA file's weights in our naming (`lora_unet_*.lora_down/up.weight`, `.alpha`)."""
-    from musubi_tuner.networks.lora_naming import peft_alphas, to_kohya
+    from musubi_tuner.networks.lora_naming import peft_alphas, require_hunyuan_modules, to_kohya
 
     weights, metadata = read_lora_file(path)
-    return to_kohya({**weights, **peft_alphas(weights, metadata)}, source=str(path))
+    return require_hunyuan_modules(to_kohya({**weights, **peft_alphas(weights, metadata)}, source=str(path)), str(path))
 
 
 LORA_FORMATS = {

@@ -88,6 +88,17 @@ def kohya_to_module_path(name: str) -> str:
     raise UserError(f"LoRA module {name!r} names no layer of the HunyuanVideo DiT")
 
 
+def require_hunyuan_modules(kohya: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Refuse a kohya-named LoRA whose modules are not HunyuanVideo layers (SDXL, Flux and Wan LoRAs share the prefix)."""
+    for key in kohya:
+        name = key.split(".", 1)[0]
+        try:
+            kohya_to_module_path(name)
+        except UserError:
+            raise UserError(f"{source}: a LoRA for another model: its module {name!r} names no layer of the HunyuanVideo DiT") from None
+    return kohya
+
+
 def module_path_to_kohya(path: str) -> str:
     return KOHYA_PREFIX + path.replace(".", "_")
 

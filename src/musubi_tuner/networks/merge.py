@@ -112,6 +112,26 @@ def merge_loras_into(dit: HunyuanVideoDiT, lora_paths: Sequence[str], multiplier
     return changed
 
 
+def check_loras_fit(lora_paths: Sequence[str], dit_shapes: dict[str, tuple[int, ...]], dit_name: str) -> None:
+    """Every LoRA file is readable and each of its modules is a layer of this DiT with the LoRA's shape (no weights merged)."""
+    for path in lora_paths:
+        weights = load_lora(path)
+        for key, down in weights.items():
+            if not key.endswith(".lora_down.weight"):
+                continue
+            name = key.removesuffix(".lora_down.weight")
+            module_path = kohya_to_module_path(name)
+            up = weights.get(f"{name}.lora_up.weight")
+            if up is None:
+                raise UserError(f"{path}: {name} has lora_down but no lora_up")
+            shape = dit_shapes.get(f"{module_path}.weight")
+            if shape is None:
+                raise UserError(f"{path}: module {module_path} does not exist in {dit_name} (a LoRA for another model?)")
+            if (up.shape[0], down.flatten(1).shape[1]) != tuple(shape[:2]):
+                raise UserError(f"{path}: {module_path} is {[up.shape[0], down.flatten(1).shape[1]]} in the LoRA but "
+                                f"{list(shape)} in {dit_name} (a LoRA for another model size?)")
+
+
 def _add_delta(linear, delta: torch.Tensor, multiplier: float, device, source: str) -> None:
     w = linear.weight
     if tuple(delta.shape) != tuple(w.shape):

@@ -213,13 +213,43 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
                 flat[key] = value
 
     walk(raw)
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     for key in flat:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+        if key not in actions:
+            close = difflib.get_close_matches(key, actions, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"{file}: unknown option {key!r}{hint}")
-    return flat
+    return {key: _config_value(file, key, value, actions[key]) for key, value in flat.items()}
+
+
+def _config_value(file: Path, key: str, value, action: argparse.Action):
+    """A --config_file value as the flag would have parsed it: argparse converts only string defaults, so
+    `sdpa = "false"` would switch sdpa on and `max_train_steps = [1, 2]` would fail deep inside training."""
+    import json
+
+    at = f"{file}: {key} = {json.dumps(value, default=str)}"
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise UserError(f"{at} must be true or false (without quotes)")
+        return value
+    many = action.nargs not in (None, "?")
+    if isinstance(value, list) and not many:
+        raise UserError(f"{at}: {key} takes one value, not a list")
+    converted = [_config_item(at, key, v, action) for v in (value if isinstance(value, list) else [value])]
+    return converted if many else converted[0]
+
+
+def _config_item(at: str, key: str, value, action: argparse.Action):
+    kind = {int: "an integer", float: "a number", _int_or_float: "a number"}.get(action.type, f"a valid value for --{key}")
+    if isinstance(value, (bool, dict, list)) or (action.type is None and not isinstance(value, (str, int, float))):
+        raise UserError(f"{at} is not {kind if action.type else 'a string'}")
+    try:
+        converted = str(value) if action.type is None else action.type(value if isinstance(value, str) else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise UserError(f"{at} is not {kind}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise UserError(f"{at} is not one of {', '.join(map(str, action.choices))}")
+    return converted
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

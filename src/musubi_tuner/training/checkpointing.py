@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +34,8 @@ class CheckpointSaver:
         from musubi_tuner.training.loss_curve import LossHistory
 
         self.losses = LossHistory(self.out / f"{self.name}-loss.csv")
+        if accelerator.is_main_process:
+            self._remove_leftovers()
         started = time.time()
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
@@ -96,26 +100,44 @@ class CheckpointSaver:
         self.last_saved = path
         return path
 
-    # -- keeping the last N (musubi-tuner's arithmetic)
+    def _remove_leftovers(self) -> None:
+        """Temporary files and half-written states of a killed run: never complete, so never worth keeping."""
+        name = glob.escape(self.name)
+        for pattern in (f".{name}.*.tmp", f".{name}-*.tmp", f"{name}*-state.incomplete", f"{name}*-state.old"):
+            for path in self.out.glob(pattern):
+                if path.suffix == ".old" and not path.with_suffix("").is_dir():
+                    continue  # a kill between the renames left only this copy (see state.newest_state)
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                logger.info("removed %s (left by an interrupted run)", path)
+
+    # -- keeping the last N (musubi-tuner's arithmetic for which save leaves the window)
     def _prune_epochs(self, epoch: int) -> None:
         a, n = self.args, self.args.save_every_n_epochs
         if a.save_last_n_epochs:
-            self._remove(self.out / f"{self.epoch_name(epoch - n * a.save_last_n_epochs)}.safetensors")
+            self._remove_up_to("epoch", epoch - n * a.save_last_n_epochs, ".safetensors")
         keep_states = a.save_last_n_epochs_state or a.save_last_n_epochs
         if keep_states and a.save_state:
-            self._remove(self.out / f"{self.epoch_name(epoch - n * keep_states)}-state")
+            self._remove_up_to("epoch", epoch - n * keep_states, "-state")
 
     def _prune_steps(self, step: int) -> None:
         a, n = self.args, self.args.save_every_n_steps
         if a.save_last_n_steps:
-            old = (step - a.save_last_n_steps - 1) // n * n
-            if old >= 0:
-                self._remove(self.out / f"{self.step_name(old)}.safetensors")
+            self._remove_up_to("step", (step - a.save_last_n_steps - 1) // n * n, ".safetensors")
         keep_states = a.save_last_n_steps_state or a.save_last_n_steps
         if keep_states and a.save_state:
-            old = (step - keep_states - 1) // n * n
-            if old > 0:
-                self._remove(self.out / f"{self.step_name(old)}-state")
+            self._remove_up_to("step", (step - keep_states - 1) // n * n, "-state")
+
+    def _remove_up_to(self, kind: str, last: int, suffix: str) -> None:
+        """Remove this run's step (or epoch) saves numbered up to `last`. musubi-tuner removes only the one that
+        just left the window, so a run killed between a save and its pruning kept files for ever."""
+        if last <= 0:
+            return
+        number = r"step(\d{8})" if kind == "step" else r"(\d{6})"
+        saved = re.compile(rf"{re.escape(self.name)}-{number}(\.comfyui)?{re.escape(suffix)}")  # a companion alone counts too
+        for path in sorted(self.out.glob(f"{glob.escape(self.name)}-*{suffix}")):
+            match = saved.fullmatch(path.name)
+            if match and int(match.group(1)) <= last:
+                self._remove(path)
 
     def _remove(self, path: Path) -> None:
         if not self.accelerator.is_main_process:

@@ -73,13 +73,12 @@ def check_args(args) -> None:
     if args.dry_run:  # check, create nothing: the folder or the first of its parents that exists must be writable
         while not out.exists() and out.parent != out:
             out = out.parent
+        if not os.access(out, os.W_OK):
+            raise UserError(f"{out}: output folder is not writable")
     else:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"{out}: output folder is not writable")
+        from musubi_tuner.files import require_writable_folder
+
+        require_writable_folder(out, "--output_dir")
 
 
 def make_accelerator(args) -> Accelerator:

@@ -79,32 +79,50 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
     """Write a complete state folder atomically (all processes call this; `wait` is a barrier)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".incomplete")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    old = folder.with_name(folder.name + ".old")
+    try:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        wait()
+        torch.save(_rng_to_plain(rng_state()), tmp / f"rng_{process_index}.pt")
+        if is_main:
+            save_safetensors(network_state, tmp / "network.safetensors")
+            torch.save({
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }, tmp / "optimizer.pt")
+            with open(tmp / STATE_MARKER, "w") as f:
+                json.dump(asdict(progress), f, indent=1)
+        wait()
+        if is_main:
+            _fsync_files(tmp)  # a power cut after the rename must not leave empty files in a "complete" state
+            shutil.rmtree(old, ignore_errors=True)  # left by a run killed while deleting it; os.replace onto it would fail
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, UserError) as e:  # full disk, read-only folder: the previous state (if any) is still whole
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, UserError):  # save_safetensors already named the file
+            raise
+        raise UserError(f"{folder}: cannot write the training state ({e.strerror or e}); check free space and permissions "
+                        f"of {folder.parent}") from e
     wait()
-    torch.save(_rng_to_plain(rng_state()), tmp / f"rng_{process_index}.pt")
-    if is_main:
-        save_safetensors(network_state, tmp / "network.safetensors")
-        torch.save({
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-        }, tmp / "optimizer.pt")
-        with open(tmp / STATE_MARKER, "w") as f:
-            json.dump(asdict(progress), f, indent=1)
-    wait()
-    if is_main:
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    wait()
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_index: int) -> TrainProgress:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: training state folder not found (--resume); give a *-state folder or --resume auto")
     if not (folder / STATE_MARKER).is_file():
         raise UserError(f"{folder}: not a complete training state (no {STATE_MARKER}); pick another folder or --resume auto")
     from musubi_tuner.files import StateDictFile
@@ -131,7 +149,9 @@ def newest_state(output_dir: Path) -> Path | None:
     best, best_step = None, -1
     for marker in Path(output_dir).glob(f"*/{STATE_MARKER}"):
         folder = marker.parent
-        if folder.name.endswith((".incomplete", ".old")):
+        if folder.name.endswith(".incomplete"):  # being written when the run stopped
+            continue
+        if folder.name.endswith(".old") and folder.with_suffix("").exists():  # replaced; only a kill between the renames keeps it alone
             continue
         try:
             step = json.loads(marker.read_text())["global_step"]

@@ -1,0 +1,134 @@
+"""kill -9 during a checkpoint save and during a training step: `--resume auto` finishes the run, what is on disk
+is always whole (the old file or the new one), and the final LoRA is the uninterrupted run's.
+
+The trainer runs as a subprocess, exactly as users start it, and is killed from outside with SIGKILL: once
+the moment a save has a temporary file open, once as the state of a (seeded) random step appears. (Killing the caching commands
+is tested with them.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import write_cached_dataset
+from musubi_tuner.demo.tiny_dit import TINY_DIT, random_dit_state_dict, write_dit
+from musubi_tuner.files import StateDictFile, load_torch_file
+from musubi_tuner.training.state import STATE_MARKER, newest_state
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+
+
+def train_argv(dit: Path, toml: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora", "--network_dim", "4",
+            "--network_alpha", "4", "--learning_rate", "1e-3", "--optimizer_type", "adamw", "--seed", "7", "--dit_dtype", "float32",
+            "--max_data_loader_n_workers", "0", "--max_train_steps", str(STEPS), "--output_dir", str(out), "--output_name", "tiny",
+            *extra]
+
+
+def environment() -> dict[str, str]:
+    # the same thread count as this process (conftest), so that both runs add up in the same order
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src"), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+
+
+def start(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, str(ROOT / "src" / "musubi_tuner" / "hv_train_network.py"), *argv],
+                                cwd=ROOT, env=environment(), stdout=f, stderr=subprocess.STDOUT)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 300.0) -> None:
+    """SIGKILL the process as soon as `ready()` is true; fails if the run ends or times out first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the run finished before the moment to kill it came"
+        assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.0005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(60) == -signal.SIGKILL
+
+
+def saving(out: Path, after_step: int):
+    """True while a save after `after_step` has a file or state folder half-written."""
+    def ready() -> bool:
+        if not (out / f"tiny-step{after_step:08d}-state").is_dir():
+            return False
+        return any(p.name.endswith((".tmp", ".incomplete")) for p in os.scandir(out))
+    return ready
+
+
+def state_appears(out: Path, step: int):
+    """True once the state of `step` is in place: the run is then pruning or already computing the next step."""
+    return lambda: (out / f"tiny-step{step:08d}-state").is_dir()
+
+
+def assert_whole(out: Path) -> None:
+    """Every file a run leaves is whole; only temp files and .incomplete folders (never read as real) may be partial."""
+    for path in out.iterdir():
+        if path.name.endswith((".tmp", ".incomplete")):
+            continue
+        if path.suffix == ".safetensors":
+            StateDictFile(path).load_all()
+        elif path.suffix == ".csv":
+            rows = list(csv.DictReader(path.open()))
+            assert rows and all(r["step"].isdigit() for r in rows), path
+        elif path.suffix == ".png":
+            with Image.open(path) as image:
+                image.verify()
+        elif path.is_dir() and path.name.endswith(("-state", "-state.old")):
+            assert (path / STATE_MARKER).is_file(), f"{path} has no {STATE_MARKER}"
+            StateDictFile(path / "network.safetensors").load_all()
+            assert load_torch_file(path / "optimizer.pt")["optimizer"]["state"]
+            load_torch_file(path / "rng_0.pt")
+        else:
+            raise AssertionError(f"unexpected {path}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from musubi_tuner import hv_train_network
+
+    root = tmp_path_factory.mktemp("kill")
+    dit = write_dit(root / "dit.pt", random_dit_state_dict(TINY_DIT), TINY_DIT, "pt")
+    toml = write_cached_dataset(root / "data", items=3, frames=5, size=(32, 32))  # 3 batches per epoch: resumes cross epochs
+    hv_train_network.main(train_argv(dit, toml, root / "straight"))
+    return dit, toml, StateDictFile(root / "straight" / "tiny.safetensors").load_all()
+
+
+def test_kill_during_a_save_and_during_a_step_then_resume_auto_finishes_as_an_uninterrupted_run(setup, tmp_path):
+    dit, toml, straight = setup
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    argv = train_argv(dit, toml, out, "--save_every_n_steps", "1", "--save_state", "--save_last_n_steps", "2", "--resume", "auto")
+    rng = random.Random(10)
+
+    kill_when(start(argv, log), saving(out, after_step=rng.randint(1, 3)))  # while a save has its temp file open
+    assert_whole(out)
+    resumes_at = json.loads((newest_state(out) / STATE_MARKER).read_text())["global_step"]
+    kill_when(start(argv, log), state_appears(out, min(resumes_at + rng.randint(1, 2), STEPS - 1)))  # a random step later
+    assert_whole(out)
+    final = start(argv, log)
+    assert final.wait(600) == 0, log.read_text()[-3000:]
+
+    assert_whole(out)
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete", ".old"))]
+    assert log.read_text().count("resumed from") == 2, log.read_text()[-3000:]
+    resumed = StateDictFile(out / "tiny.safetensors").load_all()
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.allclose(resumed[key], straight[key], rtol=0, atol=1e-5), key
+    # --save_last_n_steps 2 keeps the steps within 2 of the last (musubi-tuner's arithmetic): nothing piles up across the kills
+    assert sorted(p.name for p in out.glob("tiny-step*")) == [
+        f"tiny-step{s:08d}{suffix}" for s in range(STEPS - 2, STEPS + 1) for suffix in ("-state", ".comfyui.safetensors", ".safetensors")]
