@@ -112,6 +112,26 @@ def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_pat
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_resuming_a_run_without_seed_continues_with_the_seed_it_drew(assets, tmp_path):
+    root, dit, toml = assets
+
+    def unseeded(out, *extra):
+        args = base_args(dit, toml, out, *extra)
+        i = args.index("--seed")
+        return args[:i] + args[i + 2:]
+
+    parts = tmp_path / "parts"
+    train(parse_args(unseeded(parts, "--max_train_steps", "2", "--save_state_on_train_end")))
+    drawn = read_safetensors_header(parts / "tiny.safetensors")[1]["ss_seed"]  # the metadata records the drawn seed
+    train(parse_args(unseeded(parts, "--max_train_steps", "4", "--resume", "auto")))
+    assert read_safetensors_header(parts / "tiny.safetensors")[1]["ss_seed"] == drawn
+    straight = tmp_path / "straight"
+    train(parse_args(base_args(dit, toml, straight, "--max_train_steps", "4", "--seed", drawn)))
+    a, b = load_lora(straight / "tiny.safetensors"), load_lora(parts / "tiny.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
 def test_missing_caches_tell_the_user_what_to_run(assets, tmp_path):
     root, dit, _ = assets
     empty = tmp_path / "d"
