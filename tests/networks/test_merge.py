@@ -186,3 +186,40 @@ def test_merging_a_file_needs_less_memory_than_one_copy_of_the_model(tmp_path):
     one_copy = dit.stat().st_size
     assert one_copy > 40e6
     assert int(r.stdout.split()[-1]) < 0.6 * one_copy, (int(r.stdout.split()[-1]) / one_copy)
+
+
+def documented_commands(doc: Path) -> list[list[str]]:
+    """The command lines of the block marked `<!-- tested-commands -->` in a docs page, split like a shell would."""
+    import shlex
+
+    text = doc.read_text()
+    block = text.split("<!-- tested-commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def test_the_commands_of_docs_merge_lora_run_on_the_demo_files(setup, tmp_path, capsys):
+    """docs/merge_lora.md's example block, on a tiny DiT and LoRA where `python -m musubi_tuner.demo` puts them."""
+    import importlib
+
+    _, config, dit, paths = setup
+    demo = tmp_path / "demo_output"
+    (demo / "ckpts/hunyuan-video-t2v-720p/transformers").mkdir(parents=True)
+    (demo / "output").mkdir()
+    write_dit(demo / "ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt", load_dit(dit, dtype=torch.float32).state_dict(), config, "pt")
+    (demo / "output/demo-lora.safetensors").write_bytes(paths[0].read_bytes())
+    commands = documented_commands(ROOT / "docs" / "merge_lora.md")
+    assert len(commands) == 5
+    for cmd in commands:
+        cmd = [c.replace("demo_output/", f"{demo}/") for c in cmd]
+        assert cmd[0] == "python"
+        module = cmd[2] if cmd[1] == "-m" else "musubi_tuner." + Path(cmd[1]).stem  # run in this process: faster
+        importlib.import_module(module).main(cmd[3:] if cmd[1] == "-m" else cmd[2:])
+    out = capsys.readouterr().out
+    assert "into 16 layers" in out and "20 modules in the other naming" in out and "20 modules in the default naming" in out
+    assert (demo / "merged.safetensors").is_file() and (demo / "merged_double.safetensors").is_file()
+    # the round trip through the other naming gives the same update (up @ down * alpha / rank) per module
+    a, b = load_lora(demo / "output/demo-lora.safetensors"), load_lora(demo / "demo-lora-back.safetensors")
+    for name in (k.removesuffix(".lora_down.weight") for k in a if k.endswith(".lora_down.weight")):
+        def delta(w):
+            return w[f"{name}.lora_up.weight"] @ w[f"{name}.lora_down.weight"] * (w[f"{name}.alpha"] / w[f"{name}.lora_down.weight"].shape[0])
+        assert torch.allclose(delta(a), delta(b), atol=1e-6)
