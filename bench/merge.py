@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python bench/merge.py [--double 2] [--single 6] [--rank 32] [--keep DIR]
 
-Bench config: hidden 1024 (8 heads of 128), MLP 4096, 2 double + 6 single blocks (162M parameters, a
-324 MB bf16 safetensors file with random weights), a rank-32 LoRA on every block Linear (28 modules),
+Bench config: hidden 1024 (8 heads of 128), MLP 4096, 2 double + 6 single blocks (211M parameters, a
+402 MiB bf16 safetensors file with random weights), a rank-32 LoRA on every block Linear (28 modules),
 written to a temporary folder. Each method runs in its own process; the parent samples the child's
 resident memory (/proc/PID/status) every few milliseconds and the child reports its high-water mark.
 
