@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# OpenMP threads that spin while waiting steal the cores of the command subprocesses some tests run
+# (and of anything else on a small CI machine); set before torch loads OpenMP, inherited by subprocesses.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests run on CPU with small models; two threads is what CI machines have.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -194,3 +194,48 @@ def test_dry_run_reads_the_training_flags_and_the_dit_header(tmp_path):
     o = result.options
     assert (o.fp8, o.gradient_checkpointing, o.blocks_to_swap, o.network_dim, o.optimizer_type) == (True, True, 1, 4, "adamw8bit")
     assert "--fp8_base --blocks_to_swap 1 --gradient_checkpointing" in lines[0]
+
+
+def test_both_commands_take_dry_run_plan_the_largest_batch_and_write_nothing(tmp_path, capsys):
+    from musubi_tuner import hv_generate_video, hv_train_network
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+
+    config = tiny_dit_config()
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'''[general]
+resolution = [960, 544]
+caption_extension = ".txt"
+batch_size = 2
+
+[[datasets]]
+image_directory = "{(tmp_path / 'images').as_posix()}"
+cache_directory = "{(tmp_path / 'cache_images').as_posix()}"
+batch_size = 8
+
+[[datasets]]
+video_directory = "{(tmp_path / 'videos').as_posix()}"
+cache_directory = "{(tmp_path / 'cache_videos').as_posix()}"
+target_frames = [1, 25, 45]
+''')
+    out = tmp_path / "out"
+    hv_train_network.main(["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
+                           "--gradient_checkpointing", "--output_dir", str(out), "--output_name", "x", "--dry_run"])
+    printed = capsys.readouterr().out
+    # 45 frames x 544x960 x batch 2 (12 latent frames) outweighs 8 images of 544x960
+    assert "544x960x45f, batch 2" in printed and "DiT training step" in printed
+    assert not out.exists()
+
+    te = tmp_path / "te"
+    te.mkdir()
+    video_out = tmp_path / "videos_out"
+    hv_generate_video.main(["--dit", str(dit), "--vae", str(dit), "--text_encoder1", str(te), "--text_encoder2", str(te),
+                            "--prompt", "a cat", "--video_size", "544", "960", "--video_length", "129", "--save_path",
+                            str(video_out), "--fp8", "--dry_run", "--vram_budget", "24G"])
+    printed = capsys.readouterr().out
+    assert "544x960x129f, batch 1" in printed and "24G" in printed
+    assert not video_out.exists()
+    with pytest.raises(SystemExit) as e:  # the checks of a real run come first
+        hv_generate_video.main(["--dit", str(dit), "--vae", str(dit), "--text_encoder1", str(te), "--text_encoder2", str(te),
+                                "--prompt", "a cat", "--video_length", "30", "--save_path", str(video_out), "--dry_run"])
+    assert e.value.code == 2 and "not 4N+1" in capsys.readouterr().err

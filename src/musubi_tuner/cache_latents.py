@@ -16,15 +16,12 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
     _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
 import torch
 
 from musubi_tuner.errors import UserError, run_cli
-
-logger = logging.getLogger("cache_latents")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +53,8 @@ def encode_dataset(dataset, vae, args, device, generator) -> str:
     from tqdm import tqdm
 
     from musubi_tuner.data import cache_files
-    from musubi_tuner.data.items import CacheReport, chunks, iter_latent_batches, stack_pixels, stale_latent_caches
+    from musubi_tuner.data.items import (CacheReport, chunks, iter_latent_batches, stack_pixels, stale_latent_caches,
+                                         tidy_cache_directory)
 
     report = CacheReport()
     workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
@@ -72,12 +70,7 @@ def encode_dataset(dataset, vae, args, device, generator) -> str:
                 report.cached += 1
             bar.update(len(part))
     bar.close()
-    for path in stale_latent_caches(dataset, report):
-        if args.keep_cache:
-            logger.info("keeping %s (not in the dataset any more; --keep_cache)", path)
-        else:
-            path.unlink(missing_ok=True)
-            logger.info("deleted %s (not in the dataset any more)", path)
+    tidy_cache_directory(dataset.cache_directory, stale_latent_caches(dataset, report), keep_cache=args.keep_cache)
     return f"{dataset.where}: {report.summary('latent caches')}"
 
 

@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import gc
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch_size", type=int, default=None, help="captions per encoder call")
-    p.add_argument("--num_workers", type=int, default=None, help="accepted for compatibility (captions are read directly)")
+    p.add_argument("--num_workers", type=int, default=None, help="threads reading caption files (default CPUs - 1)")
     p.add_argument("--skip_existing", action="store_true", help="keep caches made from the same caption and model")
     p.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable caption instead of skipping it")
@@ -43,38 +44,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_encoder(name: str, load, todo, args, model_path: str) -> int:
-    """Encode `todo` captions with one encoder and merge its outputs into their caches."""
+def run_encoder(name: str, load, batches: list[list], total: int, model_path: str) -> int:
+    """Encode the captions of `batches` (one encoder call each; `total` captions in the dataset) with one
+    encoder and merge its outputs into their caches."""
     from tqdm import tqdm
 
     from musubi_tuner.data import cache_files
-    from musubi_tuner.data.items import chunks
 
+    todo = sum(len(batch) for batch in batches)
     if not todo:
+        logger.info("%s: nothing to encode (%d already cached)", name, total)
         return 0
+    logger.info("%s: encoding %d captions (%d already cached)", name, todo, total - todo)
     encoder = load()
-    done = 0
-    with tqdm(total=len(todo), desc=f"{name} text", unit="caption") as bar:
-        for part in chunks(todo, args.batch_size):
+    with tqdm(total=todo, desc=f"{name} text", unit="caption") as bar:
+        for batch in batches:
             with torch.no_grad():
-                embeds, masks = encoder.encode([c.caption for c in part])
-            for item, embed, mask in zip(part, embeds.cpu(), masks.cpu()):
+                embeds, masks = encoder.encode([c.caption for c in batch])
+            for item, embed, mask in zip(batch, embeds.cpu(), masks.cpu()):
                 cache_files.save_text_cache(item.cache_path, item.caption, cache_files.text_encoder_tensors(name, embed, mask),
                                             provenance=cache_files.text_provenance(name, model_path))
-                done += 1
-            bar.update(len(part))
+            bar.update(len(batch))
     del encoder
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return done
+    return todo
+
+
+def encoder_batches(datasets, captions, todo, batch_size: int | None) -> list[list]:
+    """The `todo` captions in encoder calls: `batch_size` at a time, or each dataset's own batch_size
+    (musubi-tuner's default), never mixing datasets."""
+    from musubi_tuner.data.items import chunks
+
+    todo = set(todo)
+    return [batch for ds, cs in zip(datasets, captions)
+            for batch in chunks([c for c in cs if c in todo], batch_size or ds.batch_size)]
 
 
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
         from musubi_tuner.data.config import load_dataset_config
-        from musubi_tuner.data.items import CacheReport, caption_items, stale_text_caches, text_encoding_todo
+        from musubi_tuner.data.items import (CacheReport, caption_items, stale_text_caches, text_encoding_todo,
+                                             tidy_cache_directory)
         from musubi_tuner.dtypes import str_to_dtype
         from musubi_tuner.hunyuan.text_encoders import load_text_encoder1, load_text_encoder2
 
@@ -85,28 +98,26 @@ def main(argv=None) -> None:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = str_to_dtype(args.text_encoder_dtype, torch.float16, "--text_encoder_dtype")
 
+        workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
         reports, captions = [], []
         for ds in config.datasets:
             report = CacheReport()
-            captions.append(caption_items(ds, report, strict=args.strict))
+            captions.append(caption_items(ds, report, strict=args.strict, num_workers=workers))
             reports.append(report)
         everything = [c for cs in captions for c in cs]
         # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
         todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
         todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
-        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm), todo_llm, args, args.text_encoder1)
-        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device), todo_clip, args, args.text_encoder2)
+        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
+                    encoder_batches(config.datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
+        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
+                    encoder_batches(config.datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
 
         changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
         for ds, report, cs in zip(config.datasets, reports, captions):
             report.cached = sum(c.cache_path in changed for c in cs)
             report.already_cached = len(cs) - report.cached
-            for path in stale_text_caches(ds, cs, report):
-                if args.keep_cache:
-                    logger.info("keeping %s (not in the dataset any more; --keep_cache)", path)
-                else:
-                    path.unlink(missing_ok=True)
-                    logger.info("deleted %s (not in the dataset any more)", path)
+            tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
             print(f"{ds.where}: {report.summary('text caches')}")
 
     run_cli(run, argv)

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale", type=float, default=None, help="real CFG scale (SkyReels 6.0); 1.0 = off")
     g.add_argument("--embedded_cfg_scale", type=float, default=None, help="distilled guidance (HunyuanVideo 6.0, SkyReels 1.0)")
     g.add_argument("--cfg_end", type=float, default=1.0, help="fraction of steps that use real CFG (0.5 halves SkyReels' cost)")
-    g.add_argument("--flow_shift", type=float, default=None, help="default 7.0 (17.0 for fewer than 20 steps)")
+    g.add_argument("--flow_shift", type=float, default=None, help="default 7.0 (17.0 suits fewer than 20 steps)")
     g.add_argument("--split_uncond", action="store_true", help="negative and positive prompt in two passes (less memory)")
     g.add_argument("--video_path", default=None, help="V2V: a video file or a folder of frames")
     g.add_argument("--strength", type=float, default=0.8, help="V2V: how much of the schedule runs (0 = input unchanged)")
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_type", choices=("video", "images", "latent", "both"), default="video")
     g.add_argument("--latent_path", nargs="*", default=None, help="decode saved latents only")
     g.add_argument("--no_metadata", action="store_true")
+    g.add_argument("--dry_run", action="store_true", help="print the planned GPU/host memory and time per stage, load nothing, exit")
+    g.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")
     g.add_argument("--debug", action="store_true")
     return p
 
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
+        if args.dry_run:
+            from musubi_tuner.inference.pipeline import plan_generation
+
+            plan_generation(args)
+            return
         from musubi_tuner.inference.pipeline import generate
 
         for path in generate(args):

@@ -38,6 +38,11 @@ def main(argv=None) -> None:
                 out = Path(args.output_dir or ".") / "timesteps.png"
                 print(f"wrote {image_histogram(cfg, out)}")
             return
+        if args.dry_run:
+            from musubi_tuner.training.loop import plan_training
+
+            plan_training(args)
+            return
         from musubi_tuner.training.loop import train
 
         final = train(args)

@@ -1,5 +1,8 @@
 """Buckets follow musubi-tuner's rules for HunyuanVideo (resolution step 16); resize covers, then centre-crops."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -26,6 +29,26 @@ def test_bucket_list_for_960x544_has_the_47_documented_buckets():
 ])
 def test_images_go_to_the_bucket_with_the_closest_aspect_ratio(size, bucket):
     assert BucketSelector((960, 544)).bucket_for(size) == bucket
+
+
+def documented_bucket_table():
+    """The rows of the bucket table in docs/dataset_config.md: (image size, bucket, bucket with no_upscale)."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "dataset_config.md").read_text(encoding="utf-8")
+    table = doc[doc.index("| image (W×H) | bucket | with `bucket_no_upscale` |"):]
+    rows = []
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(tuple(tuple(int(v) for v in re.fullmatch(r"(\d+)×(\d+)", cell.strip()).groups())
+                          for cell in line.strip("|").split("|")))
+    return rows
+
+
+def test_the_documented_bucket_table_holds():
+    rows = documented_bucket_table()
+    assert len(rows) >= 10
+    plain, no_upscale = BucketSelector((960, 544)), BucketSelector((960, 544), no_upscale=True)
+    assert [(size, plain.bucket_for(size), no_upscale.bucket_for(size)) for size, _, _ in rows] == rows
 
 
 def test_no_upscale_keeps_small_images_at_their_size_floored_to_16():

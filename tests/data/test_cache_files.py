@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from musubi_tuner.data import cache_files as cf
+from musubi_tuner.data.config import load_dataset_config
+from musubi_tuner.data.training_dataset import TrainingDataset
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import read_safetensors_header
 
@@ -38,6 +40,7 @@ def write_musubi_style(path, tensors, metadata):
         blobs.append(data)
     raw = json.dumps(header).encode()
     raw += b" " * (-(8 + len(raw)) % 256)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
@@ -167,6 +170,45 @@ def test_the_second_pass_merges_into_a_musubi_tuner_file(tmp_path):
     assert sorted(cf.load_cache(path)) == ["clipL", "clipL_mask", "llm", "llm_mask"]
 
 
+def test_a_cache_folder_written_by_musubi_tuner_trains_here(tmp_path):
+    """Image and video caches as musubi-tuner writes them (its names, keys, metadata, header padding; no
+    provenance): the training dataset finds every item and batches them with musubi-tuner's keys."""
+    meta = {"architecture": "hunyuan_video", "format_version": "1.0.1"}
+    for i, (size, latent_hw) in enumerate([((1920, 1080), (68, 120)), ((1080, 1920), (120, 68))]):
+        # an image cache is named by the image's own size; the latent has the bucket's (960x544 / 544x960)
+        write_musubi_style(tmp_path / "images" / f"photo{i}_{size[0]:04d}x{size[1]:04d}_hv.safetensors",
+                           {f"latents_1x{latent_hw[0]}x{latent_hw[1]}_float16": torch.randn(16, 1, *latent_hw).half()},
+                           {**meta, "width": str(size[0]), "height": str(size[1])})
+    for stem, clip in [("walk", (0, 25)), ("walk", (0, 1)), ("run", (0, 25))]:
+        frames = (clip[1] - 1) // 4 + 1
+        write_musubi_style(tmp_path / "videos" / f"{stem}_{clip[0]:05d}-{clip[1]:03d}_0960x0544_hv.safetensors",
+                           {f"latents_{frames}x68x120_float16": torch.randn(16, frames, 68, 120).half()},
+                           {**meta, "width": "960", "height": "544", "frame_count": str(clip[1])})
+    for folder, stems in (("images", ["photo0", "photo1"]), ("videos", ["walk", "run"])):
+        for stem in stems:
+            write_musubi_style(tmp_path / folder / f"{stem}_hv_te.safetensors",
+                               {"llm_float16": torch.randn(256, 4096).half(), "llm_mask": torch.ones(256, dtype=torch.int64),
+                                "clipL_float16": torch.randn(768).half(), "clipL_mask": torch.ones(77, dtype=torch.int64)},
+                               {**meta, "caption1": f"a caption of {stem}"})
+    (tmp_path / "dataset.toml").write_text(
+        '[general]\nresolution = [960, 544]\ncaption_extension = ".txt"\nenable_bucket = true\n'
+        f'[[datasets]]\nimage_directory = "{(tmp_path / "images").as_posix()}"\n'
+        f'[[datasets]]\nvideo_directory = "{(tmp_path / "videos").as_posix()}"\ntarget_frames = [1, 25]\n')
+    dataset = TrainingDataset.from_config(load_dataset_config(tmp_path / "dataset.toml", check_sources=False), seed=0)
+    assert dataset.num_items == 5
+    shapes = {}
+    for plan in dataset.epoch_plan(1):
+        batch = dataset[plan]
+        assert batch["llm"].shape[1:] == (256, 4096) and batch["clipL"].shape[1:] == (768,)
+        assert batch["llm_mask"].shape[1:] == (256,) and batch["clipL_mask"].shape[1:] == (77,)
+        for name, latent in zip(batch["item_names"], batch["latents"]):
+            shapes[name] = tuple(latent.shape)
+    assert shapes == {"photo0_1920x1080_hv.safetensors": (16, 1, 68, 120), "photo1_1080x1920_hv.safetensors": (16, 1, 120, 68),
+                      "walk_00000-025_0960x0544_hv.safetensors": (16, 7, 68, 120),
+                      "walk_00000-001_0960x0544_hv.safetensors": (16, 1, 68, 120),
+                      "run_00000-025_0960x0544_hv.safetensors": (16, 7, 68, 120)}
+
+
 def test_two_dtype_versions_of_one_key_are_refused_on_load(tmp_path):
     path = tmp_path / "x_hv_te.safetensors"
     save_file({"llm_float16": torch.zeros(2).half(), "llm_bfloat16": torch.zeros(2).bfloat16()}, str(path))
@@ -205,16 +247,25 @@ def test_latent_provenance_follows_the_source_file(tmp_path):
     assert cf.latent_provenance(source, (40, 30), (32, 32))["source_mtime_ns"] == "1"
 
 
-def test_stale_caches_are_those_no_item_produces_plus_leftover_temporary_files(tmp_path):
+def test_stale_caches_are_those_no_item_produces(tmp_path):
     names = ["a_0016x0016_hv.safetensors", "b_0016x0016_hv.safetensors", "a_hv_te.safetensors",
              ".b_0016x0016_hv.safetensors.x1y2.tmp", "readme.txt"]
     for name in names:
         (tmp_path / name).touch()
     current = {tmp_path / "a_0016x0016_hv.safetensors"}
-    assert [p.name for p in cf.stale_caches(tmp_path, current)] == [".b_0016x0016_hv.safetensors.x1y2.tmp",
-                                                                    "b_0016x0016_hv.safetensors"]
+    assert [p.name for p in cf.stale_caches(tmp_path, current)] == ["b_0016x0016_hv.safetensors"]
     assert [p.name for p in cf.stale_caches(tmp_path, {tmp_path / "a_hv_te.safetensors"}, text=True)] == []
     assert cf.stale_caches(tmp_path / "missing", set()) == []
+
+
+def test_temporary_files_of_killed_writes_are_found_by_cache_kind(tmp_path):
+    names = [".b_0016x0016_hv.safetensors.x1y2.tmp", ".b_hv_te.safetensors.k9_z.tmp", ".notes.txt.ab12.tmp",
+             "b_0016x0016_hv.safetensors"]
+    for name in names:
+        (tmp_path / name).touch()
+    assert [p.name for p in cf.leftover_temp_files(tmp_path)] == [".b_0016x0016_hv.safetensors.x1y2.tmp"]
+    assert [p.name for p in cf.leftover_temp_files(tmp_path, text=True)] == [".b_hv_te.safetensors.k9_z.tmp"]
+    assert cf.leftover_temp_files(tmp_path / "missing") == []
 
 
 def test_a_half_written_text_cache_is_written_anew(tmp_path, caplog):

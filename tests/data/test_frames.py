@@ -1,7 +1,10 @@
 """Frame extraction reproduces the diagrams of musubi-tuner's docs/dataset_config.md (a 40-frame video)."""
 
+import numpy as np
 import pytest
 
+from musubi_tuner.data import items, media
+from musubi_tuner.data.config import load_dataset_config
 from musubi_tuner.data.frames import (Clip, decode_limit, extract_clips, latent_frames, normalize_target_frames,
                                       round_to_4n1)
 
@@ -98,3 +101,37 @@ def test_latent_frames_follow_the_causal_vae():
 def test_only_head_limits_decoding():
     assert decode_limit("head", (1, 25, 45)) == 45
     assert decode_limit("chunk", (25,)) is None
+
+
+# ------------------------------------------------------------------------------------------ through a real video
+
+
+def encoded_clips(tmp_path, num_frames, dataset_keys):
+    """Clips that caching would encode from an mp4 whose frame i is flat grey 6*i: [(Clip, frame greys)]."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    frames = np.stack([np.full((32, 32, 3), 6 * i, np.uint8) for i in range(num_frames)])
+    media.write_video(videos / "walk.mp4", frames, bitrate=2_000_000)
+    (videos / "walk.txt").write_text("a grey ramp")
+    (tmp_path / "dataset.toml").write_text(
+        f'[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n[[datasets]]\n'
+        f'video_directory = "{videos.as_posix()}"\ncache_directory = "{(tmp_path / "cache").as_posix()}"\n{dataset_keys}')
+    dataset = load_dataset_config(tmp_path / "dataset.toml").datasets[0]
+    return [(item.clip, [round(float(frame.mean()) / 6) for frame in item.pixels])
+            for batch in items.iter_latent_batches(dataset, items.CacheReport()) for item in batch.items]
+
+
+@pytest.mark.parametrize("num_frames, dataset_keys, expected", [
+    (40, 'target_frames = [1, 13, 25]\nframe_extraction = "head"', extract_clips(40, "head", (1, 13, 25))),
+    (40, 'target_frames = [13, 25]\nframe_extraction = "chunk"', extract_clips(40, "chunk", (13, 25))),
+    (40, 'target_frames = [1, 13, 25]\nframe_extraction = "slide"\nframe_stride = 10',
+     extract_clips(40, "slide", (1, 13, 25), frame_stride=10)),
+    (40, 'target_frames = [1, 13, 25]\nframe_extraction = "uniform"\nframe_sample = 4',
+     extract_clips(40, "uniform", (1, 13, 25), frame_sample=4)),
+    (35, 'frame_extraction = "full"\nmax_frames = 31', [Clip(0, 29)]),
+], ids=["head", "chunk", "slide", "uniform", "full"])
+def test_the_clips_cached_from_a_video_hold_exactly_the_drawn_frames(tmp_path, num_frames, dataset_keys, expected):
+    clips = encoded_clips(tmp_path, num_frames, dataset_keys)
+    assert sorted(clip for clip, _ in clips) == sorted(expected)
+    for clip, frame_numbers in clips:
+        assert frame_numbers == list(range(clip.start, clip.start + clip.frames))

@@ -106,6 +106,11 @@ def test_captions_are_read_for_every_item(synthetic):
     assert " moving " in captions[0].caption and not captions[0].caption.endswith("\n")
 
 
+def test_captions_read_by_worker_threads_keep_the_item_order(synthetic):
+    videos = synthetic.video_datasets[0]
+    assert items.caption_items(videos, items.CacheReport(), num_workers=3) == items.caption_items(videos, items.CacheReport())
+
+
 # ------------------------------------------------------------------------------------------ bad and odd items
 
 

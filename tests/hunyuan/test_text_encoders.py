@@ -151,7 +151,7 @@ def test_packaged_llama3_vocabulary_gives_metas_token_ids_and_crop_95():
     assert ids[1, 95:97].tolist() == [128009, 128258]  # empty caption: <|eot_id|>, then llava's <pad>
 
 
-@pytest.mark.skipif(not installed("open_clip"), reason="needs the open_clip_torch extra")
+@pytest.mark.skipif(not (installed("open_clip") or installed("clip")), reason="needs openai-clip or open_clip_torch (the vocab extra)")
 def test_packaged_clip_vocabulary_equals_transformers_clip_tokenizer():
     from transformers import CLIPTokenizer
 

@@ -63,15 +63,19 @@ def test_posterior_sample_is_mean_plus_std_noise_and_seeded(pair):
     assert post.logvar.max() <= 20 and post.logvar.min() >= -30
 
 
-def test_chunked_causal_convolutions_are_exact(pair):
+def test_chunked_causal_convolutions_equal_unchunked(pair):
+    # Same arithmetic per output element; only the convolution algorithm oneDNN picks for the smaller
+    # inputs may change the summation order, so equality is to float32 rounding, not bit for bit.
+    # (A constant latent is no test input: its GroupNorm groups have zero variance and amplify rounding.)
     ours, _ = pair
     x = pixels(5, 32, 96)
+    z = torch.randn(1, 16, 2, 4, 12, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        base_enc, base_dec = ours.encode(x).mean, ours.decode(torch.ones(1, 16, 2, 4, 12))
+        base_enc, base_dec = ours.encode(x).mean, ours.decode(z)
         ours.set_memory_options(chunk_size=8)
         try:
-            assert torch.equal(ours.encode(x).mean, base_enc) or rel_err(ours.encode(x).mean, base_enc) < 1e-6
-            assert rel_err(ours.decode(torch.ones(1, 16, 2, 4, 12)), base_dec) < 1e-6
+            assert rel_err(ours.encode(x).mean, base_enc) < 1e-5
+            assert rel_err(ours.decode(z), base_dec) < 1e-5
         finally:
             ours.set_memory_options()
 

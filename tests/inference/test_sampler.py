@@ -70,3 +70,26 @@ def test_cfg_end_stops_real_guidance_after_that_fraction_of_steps():
 def test_v2v_strength():
     sig = sigma_schedule(30, 7.0)
     assert v2v_start(sig, 1.0) == 0 and v2v_start(sig, 0.8) == 6 and v2v_start(sig, 0.0) == 30
+
+
+def test_denoising_loop_equals_diffusers_flow_match_euler_steps():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    steps, shift = 8, 7.0
+    x = initial_noise((1, 2, 1, 4, 4), seed=3)
+    cond = _prompt(0.5, 4)
+    seen = []
+
+    def model(x, t, text, mask, pooled, g):
+        seen.append(t.item())
+        return _toy_model([])(x, t, text, mask, pooled, g)
+
+    ours = denoise(model, x, sigma_schedule(steps, shift), cond=cond, uncond=None, guidance=Guidance())
+    ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+    latents = x.clone()
+    for t in ref.timesteps:
+        v = _toy_model([])(latents, t.reshape(1), cond["text_states"], cond["text_mask"], cond["text_states_2"], None)
+        latents = ref.step(v, t, latents, return_dict=False)[0]
+    assert torch.allclose(torch.tensor(seen), ref.timesteps.float(), atol=1e-3)
+    assert torch.allclose(ours, latents, atol=1e-5)

@@ -281,7 +281,7 @@ def cache_status(path: str | os.PathLike, expected: Mapping[str, str] | None = N
 
 def stale_caches(cache_dir: str | os.PathLike, current: Iterable[str | os.PathLike], *, text: bool = False,
                  keep_stems: Iterable[str] = ()) -> list[Path]:
-    """Cache files in `cache_dir` that no current item produces, plus temporary files left by killed writes.
+    """Cache files in `cache_dir` that no current item produces.
 
     `text` selects `*_hv_te.safetensors`, otherwise `*_hv.safetensors`. Caches whose name starts
     with a stem in `keep_stems` (items that could not be read this time) are never listed. Deleting
@@ -293,12 +293,20 @@ def stale_caches(cache_dir: str | os.PathLike, current: Iterable[str | os.PathLi
     suffix = TEXT_SUFFIX if text else LATENT_SUFFIX
     wanted = {os.path.normcase(os.path.abspath(p)) for p in current}
     protected = tuple(f"{stem}_" for stem in keep_stems)
-    stale = []
-    for p in sorted(cache_dir.iterdir()):
-        name = p.name
-        if name.endswith(suffix):
-            if os.path.normcase(os.path.abspath(p)) not in wanted and not (protected and name.startswith(protected)):
-                stale.append(p)
-        elif name.startswith(".") and name.endswith(".tmp") and suffix in name:  # atomic_write's temp files
-            stale.append(p)
-    return stale
+    return [p for p in sorted(cache_dir.iterdir())
+            if p.name.endswith(suffix) and os.path.normcase(os.path.abspath(p)) not in wanted
+            and not (protected and p.name.startswith(protected))]
+
+
+def leftover_temp_files(cache_dir: str | os.PathLike, *, text: bool = False) -> list[Path]:
+    """Temporary files of latent (or, with `text`, text) caches whose write was killed before its rename.
+
+    They are never caches, so they go even with --keep_cache.
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    suffix = TEXT_SUFFIX if text else LATENT_SUFFIX
+    # atomic_write names them `.{cache name}.{random}.tmp`
+    return [p for p in sorted(cache_dir.iterdir())
+            if p.name.startswith(".") and p.name.endswith(".tmp") and f"{suffix}." in p.name]

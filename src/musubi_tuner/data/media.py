@@ -234,5 +234,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 24.0, 
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    # FFmpeg's and the OS's own words, without the errno and the file name the message already starts with
+    text = str(getattr(error, "strerror", None) or error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__

@@ -67,8 +67,14 @@ def check_and_fill(args) -> None:
         raise UserError(f"--blocks_to_swap {args.blocks_to_swap}: between 1 and 38 for inference")
     if args.lycoris:
         raise UserError("--lycoris is not supported; LyCORIS LoRAs in kohya naming load without it")
+    if args.save_merged_model and not args.lora_weight:
+        raise UserError("--save_merged_model needs --lora_weight")
     if args.lora_weight:
         from musubi_tuner.networks.merge import block_filters, resolve_multipliers
+
+        for p in args.lora_weight:
+            if not Path(p).is_file():
+                raise UserError(f"{p}: LoRA file not found (--lora_weight)")
 
         resolve_multipliers(args.lora_weight, args.lora_multiplier)  # counts and patterns checked before any model loads
         block_filters(args.lora_weight, args.lora_blocks, args.exclude_single_blocks)
@@ -96,15 +102,12 @@ def check_and_fill(args) -> None:
         lower = (args.video_length - 1) // 4 * 4 + 1
         raise UserError(f"--video_length {args.video_length} is not 4N+1 (try {lower} or {lower + 4})")
     h, w = args.video_size
-    if h % 16 or w % 16:
-        nh, nw = h // 16 * 16, w // 16 * 16
-        if nh == 0 or nw == 0:
-            raise UserError(f"--video_size {h} {w}: height and width must be at least 16")
-        logger.warning("--video_size %d %d is not a multiple of 16: using %d %d", h, w, nh, nw)
-        args.video_size = [nh, nw]
+    if h % 16 or w % 16 or h <= 0 or w <= 0:  # 8x VAE, then the DiT's 2x2 patches
+        nh, nw = (max(16, int(v / 16 + 0.5) * 16) for v in (h, w))
+        raise UserError(f"--video_size {h} {w}: height and width must be multiples of 16 (try {nh} {nw})")
     if args.image_path and config.in_channels != 32:
         raise UserError(f"--image_path needs a SkyReels I2V DiT (32 input channels); {args.dit} has {config.in_channels}")
-    if config.in_channels == 32 and not args.image_path:
+    if config.in_channels == 32 and not args.image_path and not args.save_merged_model:
         raise UserError(f"{args.dit} is an image-to-video DiT (32 input channels): give the first frame with --image_path")
     if args.dit_in_channels is not None and args.dit_in_channels != config.in_channels:
         raise UserError(f"{args.dit}: --dit_in_channels {args.dit_in_channels} but the file's DiT takes {config.in_channels} input channels")
@@ -182,28 +185,19 @@ def _encode(vae, frames_uint8: torch.Tensor, generator: torch.Generator) -> torc
 
 
 def load_generation_dit(args, device):
-    from musubi_tuner.hunyuan.checkpoints import load_dit, save_dit
+    from musubi_tuner.hunyuan.checkpoints import load_dit
     from musubi_tuner.networks.merge import merge_loras_into
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     on_the_fly = args.fp8 and args.lora_weight
     load_device = "cpu" if args.blocks_to_swap else device
-    dit = load_dit(args.dit, device=load_device, dtype=dtype, fp8=args.fp8 and not args.save_merged_model,
-                   attn_mode=args.attn_mode, split_attn=args.split_attn)
+    dit = load_dit(args.dit, device=load_device, dtype=dtype, fp8=args.fp8, attn_mode=args.attn_mode, split_attn=args.split_attn)
     if args.lora_weight:
-        if args.save_merged_model:
-            from musubi_tuner.networks.merge import merge_file
-
-            merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
-                       exclude_single_blocks=args.exclude_single_blocks, lora_blocks=args.lora_blocks)
-            return None
         if on_the_fly:  # fp8 weights: a merge would be rounded away; run the LoRAs beside the weights instead
             apply_loras_on_the_fly(dit, args.lora_weight, args.lora_multiplier, args.exclude_single_blocks, args.lora_blocks)
         else:
             merge_loras_into(dit, args.lora_weight, args.lora_multiplier, device=device, exclude_single_blocks=args.exclude_single_blocks,
                              lora_blocks=args.lora_blocks)
-    elif args.save_merged_model:
-        raise UserError("--save_merged_model needs --lora_weight")
     if args.fp8_fast:
         from musubi_tuner.hunyuan.fp8 import enable_fp8_fast
 
@@ -249,6 +243,14 @@ def compile_blocks(dit, args) -> None:
 # ----------------------------------------------------------------------------------------------- the whole job
 
 
+def plan_generation(args):
+    """--dry_run: check the flags and files as a real run would, then print the memory/time plan; loads no model."""
+    check_and_fill(args)
+    from musubi_tuner.planning.from_args import dry_run
+
+    return dry_run(args, "generate", video_size=tuple(args.video_size), frames=args.video_length)
+
+
 def generate(args) -> list[Path]:
     check_and_fill(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -260,6 +262,12 @@ def generate(args) -> list[Path]:
         latents = [outputs.load_latent(p) for p in args.latent_path]
         vae = load_vae_for(args, device)
         return [p for lat, meta in latents for p in outputs.decode_and_save(vae, lat, meta, args, save_path)]
+    if args.save_merged_model:  # save and exit: no text encoder or sampling is needed for that
+        from musubi_tuner.networks.merge import merge_file
+
+        merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
+                   exclude_single_blocks=args.exclude_single_blocks, lora_blocks=args.lora_blocks)
+        return [Path(args.save_merged_model)]
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
     height, width = args.video_size
@@ -269,8 +277,6 @@ def generate(args) -> list[Path]:
     cond, uncond = encode_prompts(args, device)
     video_latents, image_latents = encode_condition(args, device, height, width, generator)
     dit = load_generation_dit(args, device)
-    if dit is None:
-        return [Path(args.save_merged_model)]
 
     sigmas = sigma_schedule(args.infer_steps, args.flow_shift)
     noise = initial_noise((1, *shape), seed, device="cpu").to(device)

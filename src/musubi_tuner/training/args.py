@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hv_train_network.py", description="Train a LoRA for HunyuanVideo / SkyReels V1 from cached latents and text.")
     p.add_argument("--config_file", help="TOML file with any of these options (the command line wins)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the planned GPU/host memory and time per step for the dataset's largest bucket, load nothing, exit")
+    p.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")
 
     g = p.add_argument_group("model")
     g.add_argument("--dit", help="DiT checkpoint: mp_rank_00_model_states.pt, an fp8/bf16 safetensors, a SkyReels file")

@@ -69,10 +69,14 @@ def check_args(args) -> None:
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
     out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    if args.dry_run:  # check, create nothing: the folder or the first of its parents that exists must be writable
+        while not out.exists() and out.parent != out:
+            out = out.parent
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"{out}: output folder is not writable")
 
@@ -217,6 +221,30 @@ def training_step(dit: HunyuanVideoDiT, batch: dict, accelerator: Accelerator, t
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+
+
+def largest_workload(dataset_config) -> tuple[tuple[int, int], int, int]:
+    """(height, width), frames and batch size of the dataset entry with the most tokens per batch.
+
+    Buckets keep the resolution's area, so the resolution stands for every bucket of its dataset."""
+
+    def tokens(d):
+        frames = max(d.target_frames) if d.is_video else 1
+        return d.resolution[0] * d.resolution[1] * ((frames - 1) // 4 + 1) * d.batch_size
+
+    biggest = max(dataset_config.datasets, key=tokens)
+    width, height = biggest.resolution
+    return (height, width), (max(biggest.target_frames) if biggest.is_video else 1), biggest.batch_size
+
+
+def plan_training(args):
+    """--dry_run: check the flags and the dataset TOML as a real run would, print the plan for its largest batch."""
+    check_args(args)
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.planning.from_args import dry_run
+
+    size, frames, batch = largest_workload(load_dataset_config(args.dataset_config, check_sources=False))
+    return dry_run(args, "train", video_size=size, frames=frames, batch=batch)
 
 
 def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:

@@ -1,0 +1,286 @@
+"""The two caching commands as users run them, on tiny models: every item cached in musubi-tuner's layout,
+a killed run finished by running it again, bad files reported by name and skipped."""
+
+import logging
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from musubi_tuner.cache_latents import main as cache_latents_main
+from musubi_tuner.cache_text_encoder_outputs import main as cache_text_main
+from musubi_tuner.data.config import load_dataset_config
+from musubi_tuner.data.training_dataset import TrainingDataset
+from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+from musubi_tuner.demo.tiny_text_encoders import (TINY_CLIP_HIDDEN, TINY_LLM_HIDDEN, write_tiny_clip_folder,
+                                                  write_tiny_clip_single_file, write_tiny_llm_folder,
+                                                  write_tiny_llm_single_file)
+from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
+from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.hunyuan.text_encoders import CLIPTextEncoder, LLMTextEncoder
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "src" / "musubi_tuner"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return SimpleNamespace(vae=write_vae(root / "vae" / "pytorch_model.pt", random_vae_state_dict(TINY_VAE)),
+                           te1=write_tiny_llm_folder(root / "text_encoder"),
+                           te2=write_tiny_clip_folder(root / "text_encoder_2"))
+
+
+def latent_args(toml, models, *flags):
+    return ["--dataset_config", str(toml), "--vae", str(models.vae), *flags]
+
+
+def text_args(toml, models, *flags):
+    return ["--dataset_config", str(toml), "--text_encoder1", str(models.te1), "--text_encoder2", str(models.te2), *flags]
+
+
+def clips(root, count, batch_size=1):
+    """`count` synthetic 32x32 clips of 5 frames; returns (dataset TOML, cache folder)."""
+    toml = make_synthetic_dataset(root, num_videos=count, num_images=0, width=32, height=32, frames=5, batch_size=batch_size)
+    return toml, root / "cache" / "videos"
+
+
+def musubi_reads_latent_cache(path):
+    """musubi-tuner's training-side reading of a latent cache, written out from its rules (behaviour ref. 2.10, 3.1)."""
+    tokens = path.name.split("_")
+    item_key, frame_token, size_token = "_".join(tokens[:-3]), tokens[-3], tokens[-2]
+    start, frames = (int(v) for v in frame_token.split("-"))
+    width, height = (int(v) for v in size_token.split("x"))
+    tensors = load_file(str(path))
+    (key, latent), = tensors.items()
+    assert key == f"latents_{(frames - 1) // 4 + 1}x{height // 8}x{width // 8}_float16"
+    assert latent.shape == (16, (frames - 1) // 4 + 1, height // 8, width // 8) and latent.dtype == torch.float16
+    return item_key, path.parent / f"{item_key}_hv_te.safetensors"
+
+
+def cache_state(folder):
+    """{file name: mtime_ns} of every file in the cache folder, temporary files included."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+def assert_every_cache_loads(folder):
+    for path in folder.glob("*.safetensors"):
+        load_file(str(path))  # raises on a truncated or partial file
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_a_hundred_synthetic_clips_cache_end_to_end_in_musubi_tuners_layout(models, tmp_path, capsys):
+    toml, cache = clips(tmp_path, 100, batch_size=4)
+    cache_latents_main(latent_args(toml, models, "--num_workers", "2"))
+    cache_text_main(text_args(toml, models, "--batch_size", "16"))
+    out = capsys.readouterr().out
+    assert "100 latent caches cached, 0 already cached, 0 skipped, 0 failed" in out
+    assert "100 text caches cached, 0 already cached, 0 skipped, 0 failed" in out
+
+    latents = sorted(cache.glob("*_hv.safetensors"))
+    assert [p.name for p in latents] == [f"clip_{i:04d}_00000-005_0032x0032_hv.safetensors" for i in range(100)]
+    for path in latents:
+        _, text_path = musubi_reads_latent_cache(path)
+        text = load_file(str(text_path))
+        assert {k: (tuple(v.shape), v.dtype) for k, v in text.items()} == {
+            "llm_float16": ((256, TINY_LLM_HIDDEN), torch.float16), "llm_mask": ((256,), torch.int64),
+            "clipL_float16": ((TINY_CLIP_HIDDEN,), torch.float16), "clipL_mask": ((77,), torch.int64)}
+        caption = (tmp_path / "videos" / f"{path.name[:9]}.txt").read_text().strip()
+        assert read_safetensors_header(text_path)[1]["caption1"] == caption
+    first, second = (load_file(str(p)).popitem()[1] for p in latents[:2])
+    assert not torch.equal(first, second)  # each clip was encoded, not one latent copied
+    assert TrainingDataset.from_config(load_dataset_config(toml), seed=0).num_items == 100
+    assert not list(cache.glob(".*"))
+
+
+@pytest.mark.parametrize("flags, calls", [((), [4, 4, 2]), (("--batch_size", "3"), [3, 3, 3, 1])],
+                         ids=["the dataset's batch_size", "--batch_size"])
+def test_captions_reach_the_text_encoders_a_batch_at_a_time(models, tmp_path, monkeypatch, flags, calls):
+    toml, _ = clips(tmp_path, 10, batch_size=4)
+    seen = {"llm": [], "clipL": []}
+    for name, encoder in (("llm", LLMTextEncoder), ("clipL", CLIPTextEncoder)):
+        def recording(self, prompts, _encode=encoder.encode, _name=name):
+            seen[_name].append(len(prompts))
+            return _encode(self, prompts)
+        monkeypatch.setattr(encoder, "encode", recording)
+    cache_text_main(text_args(toml, models, *flags))
+    assert seen == {"llm": calls, "clipL": calls}
+
+
+# ------------------------------------------------------------------------------------------ interrupted runs
+
+# Runs a caching script as a file, as users do, and SIGKILLs it at its k-th cache write: after the
+# temporary file is written, before it is renamed into place. Nothing in the process gets to clean up.
+KILL_AT_WRITE = """
+import os, runpy, signal, sys
+kill_at, script = int(sys.argv[1]), sys.argv[2]
+writes, rename = 0, os.replace
+def rename_or_die(src, dst, *args, **kwargs):
+    global writes
+    if str(dst).endswith(".safetensors"):
+        writes += 1
+        if writes == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst, *args, **kwargs)
+os.replace = rename_or_die
+sys.argv = [script] + sys.argv[3:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_killed_at_write(tmp_path, k, script, args):
+    killer = tmp_path / "kill_at_write.py"
+    killer.write_text(KILL_AT_WRITE)
+    result = subprocess.run([sys.executable, str(killer), str(k), str(SCRIPTS / script), *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_latent_run_is_finished_by_running_it_again(models, tmp_path, capsys):
+    toml, cache = clips(tmp_path, 10)
+    run_killed_at_write(tmp_path, 5, "cache_latents.py", latent_args(toml, models, "--num_workers", "1"))
+    after_kill = cache_state(cache)
+    finished = [name for name in after_kill if name.endswith("_hv.safetensors")]
+    assert len(finished) == 4 and len([n for n in after_kill if n.endswith(".tmp")]) == 1
+    assert_every_cache_loads(cache)
+
+    cache_latents_main(latent_args(toml, models, "--skip_existing"))
+    assert "6 latent caches cached, 4 already cached, 0 skipped, 0 failed" in capsys.readouterr().out
+    after_rerun = cache_state(cache)
+    assert sorted(after_rerun) == [f"clip_{i:04d}_00000-005_0032x0032_hv.safetensors" for i in range(10)]
+    assert {name: after_rerun[name] for name in finished} == {name: after_kill[name] for name in finished}
+    assert_every_cache_loads(cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at, llm_message, clip_message", [
+    (5, "llm: encoding 6 captions (4 already cached)", "clipL: encoding 10 captions (0 already cached)"),
+    (15, "llm: nothing to encode (10 already cached)", "clipL: encoding 6 captions (4 already cached)"),
+], ids=["killed in the LLM pass", "killed in the CLIP pass"])
+def test_a_killed_text_run_is_finished_by_running_it_again(models, tmp_path, caplog, kill_at, llm_message, clip_message):
+    toml, cache = clips(tmp_path, 10)
+    run_killed_at_write(tmp_path, kill_at, "cache_text_encoder_outputs.py", text_args(toml, models))
+    assert len(list(cache.glob(".*.tmp"))) == 1
+    assert_every_cache_loads(cache)
+
+    with caplog.at_level(logging.INFO):
+        cache_text_main(text_args(toml, models, "--skip_existing"))
+    assert llm_message in caplog.text and clip_message in caplog.text
+    assert sorted(p.name for p in cache.iterdir()) == [f"clip_{i:04d}_hv_te.safetensors" for i in range(10)]
+    for path in cache.iterdir():
+        assert sorted(load_file(str(path))) == ["clipL_float16", "clipL_mask", "llm_float16", "llm_mask"]
+
+
+@pytest.mark.parametrize("command", ["latents", "text"])
+def test_keep_cache_keeps_stale_caches_but_removes_temporary_files_of_killed_runs(models, tmp_path, command):
+    toml, cache = clips(tmp_path, 2)
+    run, args, stale, temporary = {
+        "latents": (cache_latents_main, latent_args, "gone_00000-005_0032x0032_hv.safetensors",
+                    ".clip_0001_00000-005_0032x0032_hv.safetensors.k2x9q0ab.tmp"),
+        "text": (cache_text_main, text_args, "gone_hv_te.safetensors", ".clip_0001_hv_te.safetensors.k2x9q0ab.tmp"),
+    }[command]
+    run(args(toml, models))
+    (cache / stale).write_bytes(b"a cache of a clip since deleted")
+    (cache / temporary).write_bytes(b"half a cache")
+    run(args(toml, models, "--skip_existing", "--keep_cache"))
+    assert (cache / stale).exists() and not (cache / temporary).exists()
+    run(args(toml, models, "--skip_existing"))
+    assert not (cache / stale).exists()
+
+
+# ------------------------------------------------------------------------------------------ bad files
+
+
+def add_bad_videos(root):
+    """Beside the synthetic clips: an empty file and a truncated mp4, both with captions."""
+    videos = root / "videos"
+    good = (videos / "clip_0000.mp4").read_bytes()
+    (videos / "broken.mp4").write_bytes(good[: len(good) // 2])
+    (videos / "empty.mp4").write_bytes(b"")
+    for name in ("broken", "empty"):
+        (videos / f"{name}.txt").write_text("a clip that cannot be read")
+
+
+def test_an_unreadable_video_is_reported_by_name_and_the_other_clips_are_cached(models, tmp_path, capsys, caplog):
+    toml, cache = clips(tmp_path, 3)
+    add_bad_videos(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        cache_latents_main(latent_args(toml, models))
+    out = capsys.readouterr().out
+    assert "3 latent caches cached, 0 already cached, 0 skipped, 2 failed" in out
+    assert f"failed: {tmp_path / 'videos' / 'broken.mp4'}: not a readable video (Invalid data found when processing input)\n" in out
+    assert f"failed: {tmp_path / 'videos' / 'empty.mp4'}: empty file (0 bytes)" in out
+    assert len(list(cache.glob("clip_*_hv.safetensors"))) == 3 and not list(cache.glob("broken*")) + list(cache.glob("empty*"))
+    assert all(record.exc_info is None for record in caplog.records)  # a line per file, no traceback
+
+
+def test_a_video_without_its_caption_file_gets_no_text_cache_and_the_run_goes_on(models, tmp_path, capsys):
+    toml, cache = clips(tmp_path, 3)
+    (tmp_path / "videos" / "clip_0001.txt").unlink()
+    cache_text_main(text_args(toml, models))
+    out = capsys.readouterr().out
+    assert "2 text caches cached, 0 already cached, 0 skipped, 1 failed" in out
+    assert f"{tmp_path / 'videos' / 'clip_0001.txt'}: caption file not found" in out
+    assert sorted(p.name for p in cache.iterdir()) == ["clip_0000_hv_te.safetensors", "clip_0002_hv_te.safetensors"]
+
+
+def test_strict_stops_at_an_unreadable_video_with_a_one_line_error(models, tmp_path, capsys):
+    toml, _ = clips(tmp_path, 1)
+    (tmp_path / "videos" / "empty.mp4").write_bytes(b"")
+    (tmp_path / "videos" / "empty.txt").write_text("nothing")
+    with pytest.raises(SystemExit) as exit_info:
+        cache_latents_main(latent_args(toml, models, "--strict"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"error: {tmp_path / 'videos' / 'empty.mp4'}: empty file (0 bytes)\n" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ docs/caching.md
+
+
+def documented_commands():
+    """Every command line in the ```bash blocks of docs/caching.md, in page order, as argv lists."""
+    page = (ROOT / "docs" / "caching.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", page, re.S)
+    return [shlex.split(line) for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_every_command_on_the_caching_page_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The page's commands, in order, in a folder laid out as they assume: dataset.toml and ckpts/ with
+    tiny models (official folders and ComfyUI single files) under the real names."""
+    make_synthetic_dataset(tmp_path, num_videos=2, num_images=1, width=32, height=32, frames=5)
+    ckpts = tmp_path / "ckpts"
+    write_vae(ckpts / "hunyuan-video-t2v-720p" / "vae" / "pytorch_model.pt", random_vae_state_dict(TINY_VAE))
+    write_tiny_llm_folder(ckpts / "text_encoder")
+    write_tiny_clip_folder(ckpts / "text_encoder_2")
+    write_tiny_llm_single_file(ckpts / "llava_llama3_fp16.safetensors")
+    write_tiny_clip_single_file(ckpts / "clip_l.safetensors")
+    monkeypatch.chdir(tmp_path)
+    commands = documented_commands()
+    assert len(commands) == 8
+    mains = {"src/musubi_tuner/cache_latents.py": cache_latents_main,
+             "src/musubi_tuner/cache_text_encoder_outputs.py": cache_text_main}
+    for argv in commands:
+        assert argv[0] == "python" and argv[1] in mains, argv
+        mains[argv[1]](argv[2:])
+        out = capsys.readouterr().out
+        assert "failed" not in out.replace("0 failed", ""), (argv, out)
+
+    for kind, count in (("videos", 2), ("images", 1)):
+        cache = tmp_path / "cache" / kind
+        assert len(list(cache.glob("*_hv.safetensors"))) == count and len(list(cache.glob("*_hv_te.safetensors"))) == count
+        for path in cache.glob("*_hv_te.safetensors"):
+            assert sorted(load_file(str(path))) == ["clipL_float16", "clipL_mask", "llm_float16", "llm_mask"]
+    assert len(list((tmp_path / "cache" / "videos").glob("*_hv.mp4"))) == 2  # --debug_mode video's clips

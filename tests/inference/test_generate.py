@@ -1,0 +1,364 @@
+"""hv_generate_video.py on tiny models: what a user gets for the flags they type.
+
+Every run goes through the real pipeline and the real loaders (the official DiT .pt, the VAE .pt, HF text
+encoder folders, a SkyReels I2V safetensors); sizes are tiny (32x32, 5 frames, 3 steps). Runs with the same
+flags are made once and shared between tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import dit_inputs, rel_err
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
+from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
+from musubi_tuner.files import StateDictFile
+from musubi_tuner.hunyuan.vae import SCALING_FACTOR, load_vae
+from musubi_tuner.hv_generate_video import build_parser, main
+from musubi_tuner.inference import pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "generate.md"
+PROMPT = "A cat walks on the grass, realistic style."
+
+
+def sharp_vae_state_dict() -> dict[str, torch.Tensor]:
+    """The tiny VAE with a posterior as narrow as a trained VAE's (std e^-15), so decode(encode(x)) is one thing."""
+    sd = random_vae_state_dict(TINY_VAE, seed=0)
+    latent = TINY_VAE.latent_channels
+    sd["quant_conv.weight"][latent:] = 0.0
+    sd["quant_conv.bias"][latent:] = -30.0  # log-variance
+    return sd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all overhead: one intra-op thread runs them faster than two, and shares a busy machine better."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    t2v, i2v = tiny_dit_config(), tiny_dit_config(in_channels=32)
+    m = {
+        "dit": write_dit(root / "mp_rank_00_model_states.pt", random_dit_state_dict(t2v, seed=3, scale=0.05), t2v, "pt"),
+        "dit_i2v": write_dit(root / "skyreels_hunyuan_i2v_bf16.safetensors", random_dit_state_dict(i2v, seed=4, scale=0.05), i2v),
+        "vae": write_vae(root / "pytorch_model.pt", sharp_vae_state_dict()),
+        "te1": write_tiny_llm_folder(root / "text_encoder"),
+        "te2": write_tiny_clip_folder(root / "text_encoder_2"),
+        "root": root,
+    }
+    m["lora"] = write_lora(m["dit"], root / "lora.safetensors")
+    return m
+
+
+def write_lora(dit_path: Path, path: Path) -> Path:
+    from musubi_tuner.hunyuan.checkpoints import load_dit
+    from musubi_tuner.networks import lora
+
+    net = lora.create_arch_network(1.0, 4, 2.0, None, None, load_dit(dit_path, dtype=torch.float32))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for module in net.unet_loras:
+            module.lora_up.weight.normal_(0, 0.3, generator=g)  # strong enough to change the video clearly
+    net.save_weights(str(path), torch.float32, {})
+    return path
+
+
+def base_flags(m) -> list[str]:
+    return ["--dit", str(m["dit"]), "--vae", str(m["vae"]), "--text_encoder1", str(m["te1"]), "--text_encoder2", str(m["te2"]),
+            "--prompt", PROMPT, "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "3", "--seed", "1"]
+
+
+_runs: dict[tuple, list[Path]] = {}
+
+
+def generate(m, *flags: str, output_type: str = "latent") -> list[Path]:
+    """hv_generate_video in-process with the base flags plus `flags` (later flags win); the saved paths."""
+    key = (*flags, output_type)
+    if key not in _runs:
+        out = m["root"] / f"out{len(_runs)}"
+        args = build_parser().parse_args([*base_flags(m), *flags, "--output_type", output_type, "--save_path", str(out)])
+        _runs[key] = pipeline.generate(args)
+    return _runs[key]
+
+
+def latent_of(m, *flags: str) -> tuple[torch.Tensor, dict[str, str]]:
+    (path,) = generate(m, *flags)
+    f = StateDictFile(path, what="latent")
+    return f.get("latent"), dict(f.metadata)
+
+
+def video_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def encoded(m, frames_uint8: np.ndarray) -> torch.Tensor:
+    """What the VAE makes of (F, H, W, 3) uint8 frames: the scaled latent (16, f, h, w)."""
+    vae = load_vae(m["vae"], dtype=torch.float32)
+    pixels = torch.from_numpy(frames_uint8).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        return vae.encode(pixels).mode()[0] * SCALING_FACTOR
+
+
+# ----------------------------------------------------------------------------------------------- seeds and outputs
+
+
+def test_same_seed_gives_identical_latents_and_another_seed_differs(models):
+    first, meta = latent_of(models)
+    again, _ = latent_of(models, "--infer_steps", "3", "--seed", "1", "--fps", "12")  # same settings, a separate run
+    other, _ = latent_of(models, "--seed", "2")
+    assert first.shape == (16, 2, 4, 4) and first.dtype == torch.float32
+    assert torch.equal(first, again)
+    assert (first - other).abs().mean() > 0.1
+    assert (meta["seeds"], meta["prompt"], meta["infer_steps"], meta["video_length"]) == ("1", PROMPT, "3", "5")
+
+
+def test_output_both_writes_the_video_asked_for_and_a_latent_that_decodes_to_the_same_frames(models):
+    saved = generate(models, "--video_size", "32", "48", output_type="both")
+    latent_file, = [p for p in saved if p.name.endswith("_latent.safetensors")]
+    mp4, = [p for p in saved if p.suffix == ".mp4"]
+    assert latent_file.name.split("_")[-2] == "1" and mp4.stem.endswith("_1")  # names carry the seed
+    frames = video_frames(mp4)
+    assert frames.shape == (5, 32, 48, 3)  # --video_length frames of --video_size (height, width)
+    with av.open(str(mp4)) as container:
+        assert PROMPT in container.metadata.get("comment", "")
+
+    decoded, = pipeline.generate(build_parser().parse_args([
+        "--dit", str(models["dit"]), "--vae", str(models["vae"]), "--latent_path", str(latent_file),
+        "--save_path", str(models["root"] / "decoded"), "--output_type", "video"]))
+    assert np.array_equal(video_frames(decoded), frames)
+
+
+# ----------------------------------------------------------------------------------------------- guidance
+
+
+def test_guidance_scale_1_is_no_cfg_even_with_a_negative_prompt(models):
+    plain, _ = latent_of(models)
+    with_negative, _ = latent_of(models, "--negative_prompt", "blurry, low quality", "--guidance_scale", "1.0")
+    assert torch.equal(plain, with_negative)
+
+
+def test_split_uncond_equals_batched_cfg(models):
+    plain, _ = latent_of(models)
+    cfg = ("--guidance_scale", "6.0", "--negative_prompt", "blurry")  # shorter than the prompt: padded in the batch
+    batched, meta = latent_of(models, *cfg)
+    split, _ = latent_of(models, *cfg, "--split_uncond")
+    assert rel_err(split, batched) < 1e-5
+    assert rel_err(batched, plain) > 0.01  # CFG did something (the tiny random DiT listens to text only a little)
+    assert (meta["guidance_scale"], meta["negative_prompt"]) == ("6.0", "blurry")
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_multiplier_0_equals_no_lora(models):
+    plain, _ = latent_of(models)
+    zero, _ = latent_of(models, "--lora_weight", str(models["lora"]), "--lora_multiplier", "0")
+    one, meta = latent_of(models, "--lora_weight", str(models["lora"]), "--lora_multiplier", "1.0")
+    assert torch.equal(zero, plain)
+    assert rel_err(one, plain) > 0.005  # the LoRA does something at 1.0
+    assert Path(eval(meta["lora_weight"])[0]).name == "lora.safetensors"
+
+
+def test_lora_applied_on_the_fly_equals_lora_merged(models):
+    from musubi_tuner.hunyuan.checkpoints import load_dit
+    from musubi_tuner.networks.merge import merge_loras_into
+
+    merged = load_dit(models["dit"], dtype=torch.float32)
+    merge_loras_into(merged, [models["lora"]], [0.7])
+    on_the_fly = load_dit(models["dit"], dtype=torch.float32)
+    pipeline.apply_loras_on_the_fly(on_the_fly, [models["lora"]], [0.7], exclude_single_blocks=False)
+    base = load_dit(models["dit"], dtype=torch.float32)
+    inputs = dit_inputs(merged.config, frames=2, height=4, width=4, text_lens=(9,))
+    with torch.no_grad():
+        got, want, without = on_the_fly(*inputs), merged(*inputs), base(*inputs)
+    assert rel_err(got, want) < 1e-5 and rel_err(without, want) > 0.005
+
+
+def test_fp8_runs_loras_on_the_fly_with_the_effect_of_the_merged_lora(models):
+    lora = ("--lora_weight", str(models["lora"]), "--lora_multiplier", "1.0")
+    plain, _ = latent_of(models)
+    merged, _ = latent_of(models, *lora)
+    fp8, _ = latent_of(models, "--fp8")
+    fp8_lora, _ = latent_of(models, "--fp8", *lora)
+    # fp8 rounds the block Linears to 3 mantissa bits: an error far below the LoRA's own effect (about 1.5% here),
+    # and the LoRA changes the fp8 result as it changes the merged one
+    assert rel_err(fp8_lora, merged) < 0.003 < 0.005 < rel_err(merged, plain)
+    assert rel_err(fp8_lora - fp8, merged - plain) < 0.1
+
+
+def test_save_merged_model_writes_the_merged_dit_and_loads_no_model(models, no_model_loads, capsys):
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file
+    from musubi_tuner.networks.lora_files import load_lora
+    from musubi_tuner.networks.merge import lora_deltas
+
+    out = models["root"] / "merged.safetensors"
+    main([*base_flags(models), "--lora_weight", str(models["lora"]), "--lora_multiplier", "0.5", "--save_merged_model", str(out),
+          "--save_path", str(models["root"] / "unused")])
+    assert f"saved {out}" in capsys.readouterr().out
+    path, delta = next(lora_deltas(load_lora(models["lora"]), "lora"))
+    key = f"{path}.weight"
+    base, merged = open_dit_file(models["dit"]).get(key, dtype=torch.float32), StateDictFile(out).get(key, dtype=torch.float32)
+    assert torch.allclose(merged, base + 0.5 * delta, atol=1e-2) and not torch.allclose(merged, base, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------- V2V and I2V
+
+
+def write_frames(folder: Path, count: int, width: int, height: int) -> np.ndarray:
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:height, 0:width]
+    frames = []
+    for i in range(count):
+        frame = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 40 * i)], axis=-1).astype(np.uint8)
+        Image.fromarray(frame).save(folder / f"frame_{i:03d}.png")
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def test_v2v_with_strength_0_returns_the_encoded_input(models):
+    frames = write_frames(models["root"] / "v2v_frames", 6, 32, 32)  # one frame more than --video_length
+    latent, meta = latent_of(models, "--video_path", str(models["root"] / "v2v_frames"), "--strength", "0")
+    assert torch.allclose(latent, encoded(models, frames[:5]), atol=1e-4)
+    assert meta["infer_steps"] == "0"
+
+
+class PerfectFirstFrameI2V(torch.nn.Module):
+    """Stands in for a SkyReels I2V DiT that has learned to keep the first frame: it runs the real (tiny, random)
+    32-channel DiT, then sets frame 0's velocity to the one that lands on the image latent it was given in
+    channels 16..31. If the pipeline put the image anywhere else, or not at all, the first frame would not follow it."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x, t, *text_and_guidance):
+        assert x.shape[1] == 32
+        v = self.dit(x, t, *text_and_guidance).clone()
+        sigma = (t / 1000).view(-1, 1, 1, 1)
+        noisy, image = x[:, :16, 0], x[:, 16:, 0]
+        v[:, :, 0] = (noisy - image) / sigma
+        return v
+
+
+def test_i2v_first_frame_follows_the_image(models, monkeypatch):
+    from musubi_tuner.data.buckets import resize_to_bucket
+
+    image = write_frames(models["root"] / "i2v", 1, 48, 40)[0]  # another size: resized and cropped to --video_size
+    load = pipeline.load_generation_dit
+    monkeypatch.setattr(pipeline, "load_generation_dit", lambda args, device: PerfectFirstFrameI2V(load(args, device)))
+    latent, meta = latent_of(models, "--dit", str(models["dit_i2v"]), "--image_path", str(models["root"] / "i2v" / "frame_000.png"))
+    want = encoded(models, resize_to_bucket(image, (32, 32))[None])[:, 0]
+    assert torch.allclose(latent[:, 0], want, atol=1e-4)
+    assert not torch.allclose(latent[:, 1], want, atol=0.1)
+    # the file says SkyReels I2V: its preset filled in what was not typed
+    assert (meta["preset"], meta["guidance_scale"], meta["embedded_cfg_scale"]) == ("skyreels-i2v", "6.0", "1.0")
+    assert meta["prompt"] == "FPS-24, " + PROMPT and meta["negative_prompt"].startswith("Aerial view")
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: input checks must come first."""
+    from musubi_tuner.hunyuan import checkpoints, text_encoders, vae
+
+    def forbidden(*_, **__):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    for module, name in ((text_encoders, "load_text_encoder1"), (text_encoders, "load_text_encoder2"),
+                         (checkpoints, "load_dit"), (vae, "load_vae")):
+        monkeypatch.setattr(module, name, forbidden)
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--video_length", "6"], "--video_length 6 is not 4N+1 (try 5 or 9)"),
+    (["--video_size", "40", "32"], "--video_size 40 32: height and width must be multiples of 16 (try 48 32)"),
+    (["--dit", "missing.pt"], "missing.pt: DiT checkpoint not found (--dit)"),
+    (["--text_encoder2", "missing_clip"], "missing_clip: text encoder not found (--text_encoder2)"),
+    (["--video_path", "missing.mp4"], "missing.mp4: not found (--video_path)"),
+    (["--lora_weight", "missing.safetensors"], "missing.safetensors: LoRA file not found (--lora_weight)"),
+    (["--image_path", "{dit}"], "--image_path needs a SkyReels I2V DiT (32 input channels)"),
+    (["--dit", "{dit_i2v}"], "is an image-to-video DiT (32 input channels): give the first frame with --image_path"),
+])
+def test_bad_inputs_stop_with_one_line_naming_the_flag_before_any_model_loads(models, no_model_loads, capsys, change, message):
+    argv = [*base_flags(models), *(c.format(**models) for c in change), "--save_path", str(models["root"] / "unused")]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+# ----------------------------------------------------------------------------------------------- the documented commands
+
+
+def doc_commands() -> list[list[str]]:
+    """Every hv_generate_video.py command in docs/generate.md, as argv after the script."""
+    commands, lines, in_block = [], [], False
+    for line in DOC.read_text().splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+            continue
+        if in_block:
+            lines.append(line)
+    text = "\n".join(lines).replace("\\\n", " ")
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["python", "src/musubi_tuner/hv_generate_video.py"]:
+            commands.append(words[2:])
+    return commands
+
+
+def with_values(argv: list[str], values: dict[str, list[str]]) -> list[str]:
+    """argv with the values of the given flags replaced."""
+    out, i = [], 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] in values:
+            out += values[argv[i]]
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+        else:
+            i += 1
+    return out
+
+
+def test_every_documented_command_parses():
+    commands = doc_commands()
+    assert len(commands) >= 8
+    for argv in commands:
+        build_parser().parse_args(argv)
+
+
+def test_the_documented_t2v_command_runs_as_typed_on_tiny_models(models, tmp_path):
+    argv = doc_commands()[0]  # the quick start
+    tiny = with_values(argv, {"--dit": [str(models["dit"])], "--vae": [str(models["vae"])], "--text_encoder1": [str(models["te1"])],
+                              "--text_encoder2": [str(models["te2"])], "--save_path": [str(tmp_path)],
+                              "--lora_weight": [str(models["lora"])], "--video_size": ["32", "48"], "--infer_steps": ["2"]})
+    result = subprocess.run([sys.executable, "src/musubi_tuner/hv_generate_video.py", *tiny], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    mp4, = tmp_path.glob("*.mp4")
+    assert f"saved {mp4}" in result.stdout
+    length = int(argv[argv.index("--video_length") + 1])
+    assert video_frames(mp4).shape == (length, 32, 48, 3)
