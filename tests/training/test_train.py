@@ -149,3 +149,20 @@ def test_attention_flag_is_required_and_sage_is_refused(assets, tmp_path):
         train(parse_args(args))
     with pytest.raises(UserError, match="--sage_attn is for inference only"):
         train(parse_args(args + ["--sage_attn"]))
+
+
+def test_every_flag_that_docs_training_names_exists():
+    import re
+
+    from musubi_tuner.training.args import build_parser
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    ours = {s for a in build_parser()._actions for s in a.option_strings}
+    accelerate_launch = {"--multi_gpu", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
+                         "--main_process_port", "--num_cpu_threads_per_process", "--cpu"}
+    sample_prompt_options = {"--w", "--h", "--f", "--d", "--s", "--g", "--fs", "--l", "--n", "--i"}  # inside prompt files
+    other_commands = {"--workdir", "--lora_weight"}  # the demo's, hv_generate_video's
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", doc)) - {"--metadata_"}
+    unknown = named - ours - accelerate_launch - sample_prompt_options - other_commands
+    assert not unknown, f"docs/training.md names flags hv_train_network.py does not have: {sorted(unknown)}"
+    assert len(named & ours) > 60
