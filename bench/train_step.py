@@ -12,7 +12,8 @@ valid. LoRA rank 32, alpha 32, on the same layers both sides: every Linear of th
 except modulation (ours fuses q/k/v into one LoRA, diffusers has separate to_q/to_k/to_v as its LoRA
 scripts train them). A step = noise and timestep draw, forward, MSE loss to noise - x0, backward,
 clip_grad_norm_(1.0), AdamW step, zero_grad. Both sides draw the same noise and timesteps, and their first
-losses are printed (the LoRAs start at zero, so the two models compute the same function).
+losses are printed (the LoRAs start at zero, so the two models compute the same function). Denormal floats
+are flushed to zero on both sides, as a GPU does.
 
 The variants, ours / diffusers:
 - plain: no option / none.
@@ -175,6 +176,9 @@ def worker(impl: str, variant: str, dit_path: str, frames: int, size: int, runs:
     """impl "ours" / "diffusers": peak memory (memory mode). impl "both": alternating timed steps of the two."""
     import time
 
+    # AdamW's second moments of the zero-initialised lora_up start out as denormal floats, which x86 CPUs
+    # compute ~100x slower (the optimizer step then takes most of a step); GPUs flush them to zero.
+    torch.set_flush_denormal(True)
     torch.manual_seed(0)
     rss_before_model = rss_mib()
     batch = make_batch(bench_config(1, 1), frames, size)  # only the text widths are read from the config
