@@ -2,13 +2,12 @@
 HunyuanVideoTransformer3DModel + a PEFT LoRA, on the same weights and inputs, for each memory option.
 
     PYTHONPATH=src python bench/train_step.py [--runs 5] [--variants plain,checkpointing,fp8_base,block_swap,split_attn]
-                                              [--double 1 --single 2 --frames 5 --size 16]
+                                              [--double 1 --single 2 --frames 5 --size 16 --text 60,120]
 
 Bench config (defaults): DiT hidden 1024 (8 heads of 128, the real head size), MLP 4096, 1 double + 2 single
 blocks, 2 refiner blocks, LLM width 1024, CLIP width 768 (110M parameters); weights bf16 in a safetensors
-file, bf16 autocast;
-batch 2: latents 16 x 5 x 16 x 16 each (320 image tokens), LLM states padded to 256 tokens with 60 and 120
-valid. LoRA rank 32, alpha 32, on the same layers both sides: every Linear of the double and single blocks
+file, bf16 autocast; batch 2: latents 16 x 5 x 16 x 16 each (320 image tokens), LLM states padded to 256
+tokens with 60 and 120 valid (--text; ours computes the longest valid prompt, diffusers all 256). LoRA rank 32, alpha 32, on the same layers both sides: every Linear of the double and single blocks
 except modulation (ours fuses q/k/v into one LoRA, diffusers has separate to_q/to_k/to_v as its LoRA
 scripts train them). A step = noise and timestep draw, forward, MSE loss to noise - x0, backward,
 clip_grad_norm_(1.0), AdamW step, zero_grad. Both sides draw the same noise and timesteps, and their first
@@ -70,11 +69,11 @@ def write_dit_file(path: Path, config: DiTConfig) -> Path:
     return write_dit(path, random_dit_state_dict(config, seed=0), config, "safetensors")
 
 
-def make_batch(config: DiTConfig, frames: int, size: int) -> dict:
+def make_batch(config: DiTConfig, frames: int, size: int, text_lengths: tuple[int, ...] = TEXT_LENGTHS) -> dict:
     g = torch.Generator().manual_seed(1)
-    B = len(TEXT_LENGTHS)
+    B = len(text_lengths)
     mask = torch.zeros(B, MAX_TEXT, dtype=torch.long)
-    for b, n in enumerate(TEXT_LENGTHS):
+    for b, n in enumerate(text_lengths):
         mask[b, :n] = 1
     return {
         "latents": torch.randn(B, 16, frames, size, size, generator=g),
@@ -172,7 +171,7 @@ def diffusers(dit_path: str, variant: str, batch: dict):
     return step
 
 
-def worker(impl: str, variant: str, dit_path: str, frames: int, size: int, runs: int) -> dict:
+def worker(impl: str, variant: str, dit_path: str, frames: int, size: int, runs: int, text: str) -> dict:
     """impl "ours" / "diffusers": peak memory (memory mode). impl "both": alternating timed steps of the two."""
     import time
 
@@ -181,7 +180,7 @@ def worker(impl: str, variant: str, dit_path: str, frames: int, size: int, runs:
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     rss_before_model = rss_mib()
-    batch = make_batch(bench_config(1, 1), frames, size)  # only the text widths are read from the config
+    batch = make_batch(bench_config(1, 1), frames, size, tuple(int(n) for n in text.split(",")))  # the config: text widths
     if os.environ.get(MEMORY_MODE_ENV):
         step = (ours if impl == "ours" else diffusers)(dit_path, variant, batch)
         step()  # warm-up; allocates the optimizer state
@@ -198,11 +197,11 @@ def worker(impl: str, variant: str, dit_path: str, frames: int, size: int, runs:
     return result
 
 
-def run_variant(variant: str, dit: Path, frames: int, size: int, runs: int) -> dict:
+def run_variant(variant: str, dit: Path, frames: int, size: int, runs: int, text: str) -> dict:
     import statistics
     import subprocess
 
-    common = [variant, str(dit), str(frames), str(size), str(runs)]
+    common = [variant, str(dit), str(frames), str(size), str(runs), text]
     out = subprocess.run([sys.executable, __file__, "--worker", "both", *common], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
@@ -226,11 +225,12 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=2)
     parser.add_argument("--frames", type=int, default=5, help="latent frames")
     parser.add_argument("--size", type=int, default=16, help="latent height and width")
-    parser.add_argument("--worker", nargs=6, metavar=("IMPL", "VARIANT", "DIT", "FRAMES", "SIZE", "RUNS"))
+    parser.add_argument("--text", default=",".join(map(str, TEXT_LENGTHS)), help="valid LLM tokens of each sample (of 256)")
+    parser.add_argument("--worker", nargs=7, metavar=("IMPL", "VARIANT", "DIT", "FRAMES", "SIZE", "RUNS", "TEXT"))
     args = parser.parse_args()
     if args.worker:
-        impl, variant, dit, frames, size, runs = args.worker
-        print(json.dumps(worker(impl, variant, dit, int(frames), int(size), int(runs))))
+        impl, variant, dit, frames, size, runs, text = args.worker
+        print(json.dumps(worker(impl, variant, dit, int(frames), int(size), int(runs), text)))
         return
 
     from musubi_tuner.hunyuan.cost import forward_flops
@@ -244,11 +244,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dit = write_dit_file(Path(tmp) / "dit.safetensors", config)
         for variant in args.variants.split(","):
-            res = run_variant(variant, dit, args.frames, args.size, args.runs)
+            res = run_variant(variant, dit, args.frames, args.size, args.runs, args.text)
             for impl in ("diffusers", "ours"):
                 r = res[impl]
-                # forward FLOPs x 2 (input gradients), for the text tokens each side computes
-                flops = sum(2 * forward_flops(config, latent, MAX_TEXT if impl == "diffusers" else n).total for n in TEXT_LENGTHS)
+                # forward FLOPs x 2 (input gradients), for the text tokens each side computes: all 256, or the longest valid prompt
+                lengths = [int(n) for n in args.text.split(",")]
+                flops = len(lengths) * 2 * forward_flops(config, latent, MAX_TEXT if impl == "diffusers" else max(lengths)).total
                 rows.append({
                     "variant": variant, "impl": impl,
                     "step s (median)": f"{r['median']:.3f}",
