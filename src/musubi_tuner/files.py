@@ -214,6 +214,7 @@ class StateDictFile:
         self.what = what
         self.metadata: dict[str, str] = {}
         self._safe = None
+        self._offsets: dict[str, tuple[int, int]] | None = None  # safetensors: absolute byte range per tensor, for read()
         self._tensors: dict[str, torch.Tensor] | None = None
         if self.path.suffix.lower() == ".safetensors" or _looks_like_safetensors(self.path):
             entries, self.metadata = read_safetensors_header(self.path)
@@ -267,12 +268,44 @@ class StateDictFile:
             t = t.to(device)
         return t
 
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor in memory of its own, read without mapping the file (safetensors).
+
+        `get` returns views of the memory-mapped file, whose pages then count in this process's resident
+        memory until the file is closed: streaming a whole model through `get` ends up holding a copy of it.
+        Reading each tensor with a positioned read keeps only the tensors still referenced.
+        """
+        if self._safe is None:
+            return self.get(key)
+        real = self._rename[key]
+        dtype, shape = self._entries[real]
+        if self._offsets is None:
+            self._offsets = _safetensors_offsets(self.path)
+        start, end = self._offsets[real]
+        t = torch.empty(shape, dtype=dtype)
+        if end > start:
+            buffer = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(start)
+                if f.readinto(buffer) != end - start:
+                    raise UserError(f"{self.path}: file is truncated (tensor {real!r})")
+        return t
+
     def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self._rename:
             yield k, self.get(k, dtype)
 
     def load_all(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return dict(self.items(dtype))
+
+
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute (start, end) byte offsets of every tensor's data in a safetensors file (header already validated)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()}
 
 
 def _looks_like_safetensors(path: Path) -> bool:

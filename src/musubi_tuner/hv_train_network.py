@@ -46,7 +46,10 @@ def main(argv=None) -> None:
         from musubi_tuner.training.loop import train
 
         final = train(args)
-        print(f"saved {final}")
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"saved {final}")
 
     run_cli(run, argv)
 

@@ -64,7 +64,7 @@ def test_batches_have_musubi_tuners_keys_and_shapes(cached):
     shapes = set()
     for plan in dataset.epoch_plan(1):
         batch = dataset[plan]
-        assert sorted(batch) == ["clipL", "clipL_mask", "item_names", "latents", "llm", "llm_mask", "timesteps"]
+        assert sorted(batch) == ["clipL", "clipL_mask", "item_names", "latents", "llm", "llm_mask", "sample_ids", "timesteps"]
         bsz = len(plan.items)
         assert batch["latents"].shape == (bsz, 16, *plan.shape) and batch["llm"].shape == (bsz, 256, 8)
         assert batch["llm_mask"].shape == (bsz, 256) and batch["clipL"].shape == (bsz, 768)
@@ -92,6 +92,26 @@ def test_the_order_depends_only_on_seed_and_epoch(cached):
     assert plan_files(first.epoch_plan(3)) != plan_files(TrainingDataset.from_config(cached, seed=6).epoch_plan(3))
     every_epoch = {tuple(sorted(n for b in plan_files(first.epoch_plan(e)) for n in b)) for e in (1, 2, 3)}
     assert len(every_epoch) == 1  # each epoch sees every item once
+
+
+def test_sample_ids_follow_the_sample_whatever_the_batch_size_and_number_of_processes(cached):
+    def ids_by_sample(dataset, world=1):
+        from musubi_tuner.data.training_dataset import EpochSampler
+
+        seen = {}
+        for rank in range(world):
+            sampler = EpochSampler(dataset, rank, world)
+            sampler.set_epoch(2)
+            for plan in sampler:
+                for item, sample_id in zip(plan.items, plan.sample_ids):
+                    seen.setdefault(item.latent_path.name, set()).add(sample_id)
+        return seen
+
+    dataset = TrainingDataset.from_config(cached, seed=3)
+    ids = ids_by_sample(dataset)
+    assert sorted(i for s in ids.values() for i in s) == list(range(dataset.num_items))  # one id per sample of the epoch
+    one_by_one = TrainingDataset([type(d)(d.buckets, 1) for d in dataset.datasets], seed=3)
+    assert ids_by_sample(one_by_one) == ids == ids_by_sample(one_by_one, world=2)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -129,6 +129,44 @@ def test_fp8_base_output_error_against_bf16_is_bounded(dit_file, tmp_path):
     assert not torch.equal(fp8, bf16)  # the fp8 path really ran
 
 
+def test_fp8_base_training_keeps_no_high_precision_weight_copies_for_backward(dit_file):
+    """What autograd holds between forward and backward, beyond the model's own tensors: fp8 weights must not
+    add a bf16 copy of every layer (then --fp8_base would cost more memory in training than bf16 weights)."""
+    path, config = dit_file
+
+    def held_for_backward(model):
+        own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        own |= {m.weight_scale.untyped_storage().data_ptr() for m in model.modules() if getattr(m, "weight_scale", None) is not None}
+        held = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in own:
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x, *rest = dit_inputs(config, batch=2, text_lens=(5, 11))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            out = model(x.requires_grad_(True), *rest)
+        out.float().square().mean().backward()
+        return sum(held.values()), x.grad
+
+    bf16_bytes, bf16_grad = held_for_backward(load_dit(path, dtype=torch.bfloat16))
+    fp8_bytes, fp8_grad = held_for_backward(load_dit(path, dtype=torch.bfloat16, fp8=True))
+    block_weights_bf16 = 2 * sum(m.weight.numel() for m in load_dit(path, dtype=torch.bfloat16, fp8=True).modules() if isinstance(m, Fp8Linear))
+    assert fp8_bytes < bf16_bytes + 0.1 * block_weights_bf16, (fp8_bytes, bf16_bytes, block_weights_bf16)
+    assert rel_err(fp8_grad, bf16_grad) < 0.05  # the gradient still flows through the dequantized weights
+
+
+def test_fp8_linear_gradient_is_the_dequantized_linears(dit_file):
+    path, _ = dit_file
+    layer = load_dit(path, dtype=torch.bfloat16, fp8=True).single_blocks[0].linear1
+    x = torch.randn(3, 7, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, layer.dequantized_weight(torch.bfloat16), layer.bias).float().square().sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+
+
 def test_fp8_fast_on_a_cpu_says_what_it_needs(dit_file):
     from musubi_tuner.hunyuan.fp8 import enable_fp8_fast
 

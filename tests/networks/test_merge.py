@@ -150,3 +150,76 @@ def test_merge_lora_command_takes_lora_blocks(setup, tmp_path):
                         "--save_merged_model", str(out), "--device", "cpu", "--lora_blocks", "double"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "into 16 layers" in r.stdout
+
+
+MEMORY_PROBE = """
+import sys
+from musubi_tuner.networks.merge import merge_file
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the high-water mark to the current resident set
+base = status("VmRSS")
+merge_file(sys.argv[1], [sys.argv[2]], [1.0], sys.argv[3])
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_merging_a_file_needs_less_memory_than_one_copy_of_the_model(tmp_path):
+    """Streaming: neither the model nor full-size deltas are ever held whole (bench/merge.py measures a bigger one)."""
+    import os
+
+    config = tiny_dit_config(hidden_size=512, heads_num=4, mlp_hidden_size=2048, mm_double_blocks_depth=1, mm_single_blocks_depth=4)
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config, seed=0), config)
+    model = load_dit(dit, dtype=torch.float32)
+    net = lora.create_arch_network(1.0, 8, 8, None, None, model)
+    net.save_weights(str(tmp_path / "lora.safetensors"), torch.float32, {})
+    del model, net
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # freed tensors leave the RSS
+    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(dit), str(tmp_path / "lora.safetensors"), str(tmp_path / "out.safetensors")],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    one_copy = dit.stat().st_size
+    assert one_copy > 40e6
+    assert int(r.stdout.split()[-1]) < 0.6 * one_copy, (int(r.stdout.split()[-1]) / one_copy)
+
+
+def documented_commands(doc: Path) -> list[list[str]]:
+    """The command lines of the block marked `<!-- tested-commands -->` in a docs page, split like a shell would."""
+    import shlex
+
+    text = doc.read_text()
+    block = text.split("<!-- tested-commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def test_the_commands_of_docs_merge_lora_run_on_the_demo_files(setup, tmp_path, capsys):
+    """docs/merge_lora.md's example block, on a tiny DiT and LoRA where `python -m musubi_tuner.demo` puts them."""
+    import importlib
+
+    _, config, dit, paths = setup
+    demo = tmp_path / "demo_output"
+    (demo / "ckpts/hunyuan-video-t2v-720p/transformers").mkdir(parents=True)
+    (demo / "output").mkdir()
+    write_dit(demo / "ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt", load_dit(dit, dtype=torch.float32).state_dict(), config, "pt")
+    (demo / "output/demo-lora.safetensors").write_bytes(paths[0].read_bytes())
+    commands = documented_commands(ROOT / "docs" / "merge_lora.md")
+    assert len(commands) == 5
+    for cmd in commands:
+        cmd = [c.replace("demo_output/", f"{demo}/") for c in cmd]
+        assert cmd[0] == "python"
+        module = cmd[2] if cmd[1] == "-m" else "musubi_tuner." + Path(cmd[1]).stem  # run in this process: faster
+        importlib.import_module(module).main(cmd[3:] if cmd[1] == "-m" else cmd[2:])
+    out = capsys.readouterr().out
+    assert "into 16 layers" in out and "20 modules in the other naming" in out and "20 modules in the default naming" in out
+    assert (demo / "merged.safetensors").is_file() and (demo / "merged_double.safetensors").is_file()
+    # the round trip through the other naming gives the same update (up @ down * alpha / rank) per module
+    a, b = load_lora(demo / "output/demo-lora.safetensors"), load_lora(demo / "demo-lora-back.safetensors")
+    for name in (k.removesuffix(".lora_down.weight") for k in a if k.endswith(".lora_down.weight")):
+        def delta(w):
+            return w[f"{name}.lora_up.weight"] @ w[f"{name}.lora_down.weight"] * (w[f"{name}.alpha"] / w[f"{name}.lora_down.weight"].shape[0])
+        assert torch.allclose(delta(a), delta(b), atol=1e-6)

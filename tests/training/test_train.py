@@ -112,6 +112,26 @@ def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_pat
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_resuming_a_run_without_seed_continues_with_the_seed_it_drew(assets, tmp_path):
+    root, dit, toml = assets
+
+    def unseeded(out, *extra):
+        args = base_args(dit, toml, out, *extra)
+        i = args.index("--seed")
+        return args[:i] + args[i + 2:]
+
+    parts = tmp_path / "parts"
+    train(parse_args(unseeded(parts, "--max_train_steps", "2", "--save_state_on_train_end")))
+    drawn = read_safetensors_header(parts / "tiny.safetensors")[1]["ss_seed"]  # the metadata records the drawn seed
+    train(parse_args(unseeded(parts, "--max_train_steps", "4", "--resume", "auto")))
+    assert read_safetensors_header(parts / "tiny.safetensors")[1]["ss_seed"] == drawn
+    straight = tmp_path / "straight"
+    train(parse_args(base_args(dit, toml, straight, "--max_train_steps", "4", "--seed", drawn)))
+    a, b = load_lora(straight / "tiny.safetensors"), load_lora(parts / "tiny.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
 def test_missing_caches_tell_the_user_what_to_run(assets, tmp_path):
     root, dit, _ = assets
     empty = tmp_path / "d"
@@ -129,3 +149,20 @@ def test_attention_flag_is_required_and_sage_is_refused(assets, tmp_path):
         train(parse_args(args))
     with pytest.raises(UserError, match="--sage_attn is for inference only"):
         train(parse_args(args + ["--sage_attn"]))
+
+
+def test_every_flag_that_docs_training_names_exists():
+    import re
+
+    from musubi_tuner.training.args import build_parser
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    ours = {s for a in build_parser()._actions for s in a.option_strings}
+    accelerate_launch = {"--multi_gpu", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
+                         "--main_process_port", "--num_cpu_threads_per_process", "--cpu"}
+    sample_prompt_options = {"--w", "--h", "--f", "--d", "--s", "--g", "--fs", "--l", "--n", "--i"}  # inside prompt files
+    other_commands = {"--workdir", "--lora_weight"}  # the demo's, hv_generate_video's
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", doc)) - {"--metadata_"}
+    unknown = named - ours - accelerate_launch - sample_prompt_options - other_commands
+    assert not unknown, f"docs/training.md names flags hv_train_network.py does not have: {sorted(unknown)}"
+    assert len(named & ours) > 60

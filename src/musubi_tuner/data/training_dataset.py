@@ -11,6 +11,10 @@
 An epoch's order depends only on (seed, epoch): items are shuffled inside their bucket, each
 dataset's batches are shuffled, then all batches are interleaved. A batch never mixes buckets
 (latent shapes) or datasets. Resuming at (epoch, position) gives exactly the batches that followed.
+
+Every sample of an epoch (an item, or one of its repeats) has a `sample_id`: its index in the
+unshuffled list of all samples. It does not depend on the batch size, the order or the number of
+training processes, so the trainer keys each sample's noise and timestep on it.
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ class TrainingItem:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """One batch of one epoch: which files, and the stratified timesteps if a timestep pool is used."""
+    """One batch of one epoch: which files (and their sample ids), and the stratified timesteps if a timestep pool is used."""
 
     dataset: int
     shape: LatentShape
     items: tuple[TrainingItem, ...]
     timesteps: tuple[float, ...] | None = None
+    sample_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,8 @@ class TrainingDataset(torch.utils.data.Dataset):
     """Map-style dataset whose indices are BatchPlans (see make_dataloader); one index = one batch.
 
     Batch keys (musubi-tuner's): `latents` (B, 16, F, H, W), `llm` (B, 256, D), `llm_mask` (B, 256),
-    `clipL` (B, 768), `clipL_mask` (B, 77), `timesteps` (B floats in [0, 1) from the timestep pool, or None).
+    `clipL` (B, 768), `clipL_mask` (B, 77), `timesteps` (B floats in [0, 1) from the timestep pool, or None);
+    and `item_names` (B latent cache file names) and `sample_ids` (B ints, see the module docstring).
     Tensors keep the dtype they were cached in.
     """
 
@@ -199,18 +205,23 @@ class TrainingDataset(torch.utils.data.Dataset):
         """All batches of `epoch` in training order; a pure function of (seed, epoch)."""
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             rng = random.Random(self.seed + epoch)
-            plan = [b for i, d in enumerate(self.datasets) for b in self._dataset_batches(i, d, rng)]
+            first_ids = [0]
+            for d in self.datasets:
+                first_ids.append(first_ids[-1] + sum(len(items) for items in d.buckets.values()))
+            plan = [b for i, d in enumerate(self.datasets) for b in self._dataset_batches(i, d, rng, first_ids[i])]
             rng.shuffle(plan)
             self._plan_cache = (epoch, plan)
         return self._plan_cache[1]
 
-    def _dataset_batches(self, index: int, dataset: DatasetBuckets, rng: random.Random) -> list[BatchPlan]:
+    def _dataset_batches(self, index: int, dataset: DatasetBuckets, rng: random.Random, first_id: int) -> list[BatchPlan]:
         batches = []
         for shape, items in dataset.buckets.items():
-            items = list(items)
-            rng.shuffle(items)
-            for start in range(0, len(items), dataset.batch_size):
-                batches.append(BatchPlan(index, shape, tuple(items[start:start + dataset.batch_size])))
+            samples = list(enumerate(items, start=first_id))  # (sample id, item), before shuffling
+            first_id += len(items)
+            rng.shuffle(samples)
+            for start in range(0, len(samples), dataset.batch_size):
+                chunk = samples[start:start + dataset.batch_size]
+                batches.append(BatchPlan(index, shape, tuple(item for _, item in chunk), sample_ids=tuple(i for i, _ in chunk)))
         rng.shuffle(batches)
         if self.num_timestep_buckets is not None and self.num_timestep_buckets > 1:
             batches = self._with_timesteps(batches, dataset.batch_size, rng)
@@ -223,7 +234,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         per_interval = math.ceil(total / k)
         pool = [rng.uniform(i / k, (i + 1) / k) for i in range(k) for _ in range(per_interval)]
         rng.shuffle(pool)
-        return [BatchPlan(b.dataset, b.shape, b.items, tuple(pool[j * batch_size: j * batch_size + len(b.items)]))
+        return [BatchPlan(b.dataset, b.shape, b.items, tuple(pool[j * batch_size: j * batch_size + len(b.items)]), b.sample_ids)
                 for j, b in enumerate(batches)]
 
     def __getitem__(self, plan: BatchPlan | int) -> dict[str, torch.Tensor | list[float] | None]:
@@ -267,6 +278,7 @@ def load_batch(plan: BatchPlan) -> dict[str, torch.Tensor | list[float] | None]:
         batch[key] = torch.stack(tensors)
     batch["timesteps"] = list(plan.timesteps) if plan.timesteps is not None else None
     batch["item_names"] = [item.latent_path.name for item in plan.items]
+    batch["sample_ids"] = list(plan.sample_ids)
     return batch
 
 

@@ -60,17 +60,41 @@ class Fp8Linear(nn.Linear):
         return self.weight
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self.stored_weight().to(dtype)
-        if self.weight_scale is not None:
-            w = w * self.weight_scale.to(dtype).unsqueeze(1)
-        return w
+        return _dequantize(self.stored_weight(), self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype(x)
         if self.fast and x.device.type == "cuda":
             return _scaled_mm_linear(x.to(dtype), self.stored_weight(), self.weight_scale, self.bias, dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
+        if torch.is_grad_enabled() and x.requires_grad and not (bias is not None and bias.requires_grad):
+            return _Fp8LinearFunction.apply(x.to(dtype), self.stored_weight(), self.weight_scale, bias, dtype)
         return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias)
+
+
+def _dequantize(weight_fp8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    w = weight_fp8.to(dtype)
+    if scale is not None:
+        w = w * scale.to(dtype).unsqueeze(1)
+    return w
+
+
+class _Fp8LinearFunction(torch.autograd.Function):
+    """F.linear with a frozen fp8 weight that autograd keeps as fp8: dequantized for the forward, and again for
+    the input's gradient. A plain F.linear would keep every layer's high-precision copy until backward, so
+    fp8 weights would cost more memory in training than bf16 ones (autocast's casts do the same)."""
+
+    @staticmethod
+    def forward(ctx, x, weight_fp8, scale, bias, dtype):
+        ctx.save_for_backward(weight_fp8, scale)
+        ctx.dtype = dtype
+        return F.linear(x, _dequantize(weight_fp8, scale, dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight_fp8, scale = ctx.saved_tensors
+        grad_x = grad_out.to(ctx.dtype) @ _dequantize(weight_fp8, scale, ctx.dtype)
+        return grad_x, None, None, None, None
 
 
 def _scaled_mm_linear(x, weight_fp8, weight_scale, bias, dtype):

@@ -66,8 +66,9 @@ def select_lora_blocks(weights: dict[str, torch.Tensor], keep: ModuleFilter) -> 
     return {k: v for k, v in weights.items() if keep(kohya_to_module_path(k.split(".", 1)[0]))}
 
 
-def lora_deltas(weights: dict[str, torch.Tensor], source: str, keep: ModuleFilter | None = None):
-    """(module path, float32 delta weight) per module of a kohya-named LoRA state dict (the modules `keep` accepts)."""
+def lora_factors(weights: dict[str, torch.Tensor], source: str, keep: ModuleFilter | None = None):
+    """(module path, up (out, rank), down (rank, in), alpha / rank) per module of a kohya-named LoRA state dict
+    (the modules `keep` accepts); up and down in float32. The delta weight is up @ down * (alpha / rank)."""
     for key, down in weights.items():
         if not key.endswith(".lora_down.weight"):
             continue
@@ -83,7 +84,13 @@ def lora_deltas(weights: dict[str, torch.Tensor], source: str, keep: ModuleFilte
         d = down.float()
         if d.ndim > 2:  # 1x1 conv layout from some trainers
             d = d.flatten(1)
-        yield path, (up.float().reshape(up.shape[0], -1) @ d) * (alpha / rank)
+        yield path, up.float().reshape(up.shape[0], -1), d, alpha / rank
+
+
+def lora_deltas(weights: dict[str, torch.Tensor], source: str, keep: ModuleFilter | None = None):
+    """(module path, float32 delta weight) per module of a kohya-named LoRA state dict (the modules `keep` accepts)."""
+    for path, up, down, scale in lora_factors(weights, source, keep):
+        yield path, (up @ down) * scale
 
 
 @torch.no_grad()
@@ -150,8 +157,9 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
                exclude_single_blocks: bool = False, in_channels: int | None = None, lora_blocks: Sequence[str] | str | None = None) -> dict:
     """Merge LoRAs into a DiT file and write the result, streaming one tensor at a time.
 
-    Each weight is read, its LoRA deltas added in float32 on `device`, cast back to its stored dtype and
-    written before the next is read: peak memory is about one tensor plus the LoRAs, not two models.
+    Each weight is read, its LoRA deltas added in float32 on `device` (W += m * up @ down * alpha / rank, in
+    place), cast back to its stored dtype and written before the next is read. Only the LoRAs' small factors
+    are kept in between, so peak memory is about one layer in float32 plus the LoRA files, not a second model.
     fp8 inputs are written in bf16: rounding W + delta back to e4m3 would erase most of a LoRA's small update.
     """
     from musubi_tuner.files import LazyTensors, save_safetensors
@@ -162,17 +170,18 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     config = read_dit_config(source)
     if in_channels is not None and in_channels != config.in_channels:
         raise UserError(f"{dit_path}: --dit_in_channels {in_channels} but the file's DiT takes {config.in_channels} input channels")
-    deltas: dict[str, list[tuple[float, torch.Tensor]]] = {}
+    factors: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}  # weight key -> (m * scale, up, down) per LoRA
     keeps = block_filters(lora_paths, lora_blocks, exclude_single_blocks)
     for path, m, keep in zip(lora_paths, resolve_multipliers(lora_paths, multipliers), keeps):
         count = 0
-        for module_path, delta in lora_deltas(load_lora(path), str(path), keep):
+        for module_path, up, down, scale in lora_factors(load_lora(path), str(path), keep):
             key = f"{module_path}.weight"
             if key not in source:
                 raise UserError(f"{path}: module {module_path} does not exist in {dit_path} (a LoRA for another model?)")
-            if tuple(delta.shape) != tuple(source.shape(key)):
-                raise UserError(f"{path}: {module_path} has shape {list(delta.shape)} in the LoRA but {list(source.shape(key))} in {dit_path}")
-            deltas.setdefault(key, []).append((m, delta))
+            shape = (up.shape[0], down.shape[1])
+            if shape != tuple(source.shape(key)):
+                raise UserError(f"{path}: {module_path} has shape {list(shape)} in the LoRA but {list(source.shape(key))} in {dit_path}")
+            factors.setdefault(key, []).append((m * scale, up, down))
             count += 1
         if count == 0:
             raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
@@ -182,14 +191,15 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
         return torch.bfloat16 if dtype == FP8_DTYPE else dtype
 
     def compute(key: str) -> torch.Tensor:
-        t = source.get(key)
-        if key not in deltas:
+        t = source.read(key)  # a copy of its own: the file's pages do not pile up in this process
+        if key not in factors:
             return t.to(out_dtype(key))
-        merged = t.to(device, torch.float32)
-        for m, delta in deltas[key]:
-            merged += m * delta.to(device)
+        merged = t.to(device, torch.float32, copy=True)
+        del t
+        for factor, up, down in factors[key]:
+            merged.addmm_(up.to(device), down.to(device), alpha=factor)  # no delta-sized temporary
         return merged.to("cpu", out_dtype(key))
 
     specs = {k: (out_dtype(k), tuple(source.shape(k))) for k in source.keys()}
     save_safetensors(LazyTensors(specs, compute), out_path, metadata=dit_metadata(config))
-    return {"layers": len(deltas), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}
+    return {"layers": len(factors), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}

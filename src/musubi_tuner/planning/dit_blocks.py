@@ -99,12 +99,9 @@ class BlockTracer:
         s = self.s
         weight = None
         if s.fp8 or s.weight_cast:
-            weight = self.new(n_out * n_in, part=WEIGHT_COPIES)  # w.to(compute dtype)
-            if s.fp8 and s.fp8_scaled:
-                scaled = self.new(n_out * n_in, part=WEIGHT_COPIES)  # w * row scales
-                self.t.drop(weight)
-                weight = scaled
-            self.keep(saved, key + ".weight", weight, part=WEIGHT_COPIES)  # the input grad needs it
+            weight = self._weight_copy(n_in, n_out)
+            if not s.fp8:  # autocast's cast copy is what the input grad uses; fp8 weights are dequantized again then
+                self.keep(saved, key + ".weight", weight, part=WEIGHT_COPIES)
         rows = self.new(s.batch * tokens * n_in) if strided else None
         out = self.new(s.batch * tokens * n_out)
         self.t.drop(weight, rows)
@@ -126,6 +123,15 @@ class BlockTracer:
         if strided:
             self.t.drop(x)
         return total
+
+    def _weight_copy(self, n_in: int, n_out: int) -> int:
+        """A Linear's weight in the compute dtype: cast (autocast), or dequantized from fp8 (`hunyuan.fp8._dequantize`)."""
+        weight = self.new(n_out * n_in, part=WEIGHT_COPIES)  # w.to(compute dtype)
+        if self.s.fp8 and self.s.fp8_scaled:
+            scaled = self.new(n_out * n_in, part=WEIGHT_COPIES)  # w * row scales
+            self.t.drop(weight)
+            weight = scaled
+        return weight
 
     def modulate_norm(self, saved: Saved, key: str, x: int, tokens: int, input_needs_grad: bool) -> int:
         s = self.s
@@ -298,7 +304,9 @@ class BlockTracer:
             self.t.alloc(4 * r * n_in, LORA_GRADS)  # lora_down.weight.grad
             self.t.drop(h_grad)
             self.t.unsave(saved[key + ".lora_in"], saved[key + ".lora_w"])
+        weight = self._weight_copy(n_in, n_out) if s.fp8 and needs_input_grad else None  # fp8: dequantized again
         input_grad = self.new(rows * n_in) if needs_input_grad else None  # grad @ W
+        self.t.drop(weight)
         self.t.unsave(saved[key + ".weight"])
         if lora_input_grad is None:
             return input_grad

@@ -8,8 +8,8 @@ block by block (`dit_blocks`), with the memory options acting as the code makes 
 - block swap keeps the Linear weights of the last N blocks in host memory; a block's on-device copy
   exists while it runs (and the next one is fetched ahead). Without checkpointing autograd keeps every
   copy until backward, so in training block swap saves nothing unless checkpointing is on;
-- fp8 weights are dequantized per Linear per use: a bf16 copy of a block's weights exists while it
-  runs, and without checkpointing autograd keeps them all.
+- fp8 weights are dequantized per Linear per use, in forward and again in backward: a bf16 copy of one
+  Linear's weight exists while it runs; autograd keeps only the fp8 weight.
 
 Two ledgers: `device` (GPU memory) and `host` (CPU memory the options put there). For a CPU run they
 are the same ledger, which is how the tests check the replay against measurement.
@@ -226,7 +226,7 @@ class _TrainingStep:
             else:
                 x, saved = tracer.single_block(*args, needs_grad)
             if swap:
-                self.copies[key] = swap.after(key, kept_by_autograd=not self.ckpt and not self.opts.fp8)
+                self.copies[key] = swap.after(key, kept_by_autograd=not self.ckpt)
             if not self.ckpt:
                 self.saved_by_block[key] = saved
             elif self.offload and key != ("double", 0):  # the block's inputs arrived in host memory
@@ -255,7 +255,7 @@ class _TrainingStep:
                                 else self.recording.single_block(*on_device, needs_grad))
                 device.drop(*outs)
                 if swap:
-                    self.copies[key] = swap.after(key, kept_by_autograd=not self.opts.fp8)
+                    self.copies[key] = swap.after(key, kept_by_autograd=True)
             else:
                 saved = self.saved_by_block.pop(key)
             if kind == "double":  # the joint grad's views are the outputs' grads

@@ -160,7 +160,8 @@ def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: flo
         transfer += moved / (device.pcie_pageable_gbps * GB)
     dequant = 0.0
     if opts.fp8:
-        runs = (2 if opts.gradient_checkpointing else 1) if work.mode == "train" else (2 if opts.guidance_scale != 1.0 and opts.split_uncond else 1)
+        # training dequantizes in forward and again for the input gradients (and once more when checkpointing recomputes)
+        runs = (3 if opts.gradient_checkpointing else 2) if work.mode == "train" else (2 if opts.guidance_scale != 1.0 and opts.split_uncond else 1)
         dequant = runs * sizes.fp8_params * 5 / (device.hbm_gbps * GB)  # read fp8, write and read back bf16, x2 with row scales
         notes.append(f"fp8 dequantization: {dequant:.2f} s per step")
     if work.mode == "train" and opts.gradient_checkpointing:
@@ -174,9 +175,6 @@ def _warnings(work: Workload, opts: MemoryOptions) -> list[str]:
         out.append("--blocks_to_swap without --gradient_checkpointing saves little GPU memory in training: autograd keeps "
                    "every swapped block's on-device weights until backward (all but the modulation layers'). "
                    "Add --gradient_checkpointing.")
-    if work.mode == "train" and opts.fp8 and not opts.gradient_checkpointing:
-        out.append("--fp8_base without --gradient_checkpointing keeps a bf16 copy of every fp8 weight for backward "
-                   "(the input gradients need them): more memory than bf16 weights. Add --gradient_checkpointing.")
     if work.mode == "train" and opts.blocks_to_swap > 36:
         out.append(f"--blocks_to_swap {opts.blocks_to_swap}: training swaps at most 36 blocks")
     if opts.split_attn and work.batch == 1 and opts.cfg_batch == 1 and work.text_lengths is None:

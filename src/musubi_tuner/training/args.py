@@ -1,7 +1,7 @@
 """The flags of hv_train_network.py: musubi-tuner's names, types and defaults, grouped by what they act on.
 
 Where musubi-tuner has a quirk users may depend on, the default keeps it and a named flag fixes it
-(see docs/hv_train_network.md, "Differences from musubi-tuner").
+(see docs/training.md and docs/coming_from_musubi_tuner.md).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Flow matching as HunyuanVideo is trained: noisy = (1 - sigma) * x0 + sigma * noise, the DiT predicts
 noise - x0, loss = MSE (optionally weighted). The DiT is frozen; only the network's weights train.
-Multi-GPU and multi-node data parallelism come from `accelerate launch`; gradients of the network are
-averaged across processes before each optimizer step.
+Each sample's noise and timestep come from its own seed, made of (run seed, epoch, sample id), so they do
+not depend on the batch or process a sample lands in. Multi-GPU and multi-node data parallelism come
+from `accelerate launch`; gradients of the network are averaged across processes before each optimizer
+step, so N processes of batch B train as one process of batch N x B would.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -29,7 +33,7 @@ from musubi_tuner.hunyuan.vae import SCALING_FACTOR
 from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.optimizers import create_optimizer, create_scheduler, is_schedule_free, parse_key_values, total_training_steps
-from musubi_tuner.training.state import TrainProgress, load_state, newest_state
+from musubi_tuner.training.state import TrainProgress, load_state, newest_state, read_progress
 from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps
 
 logger = logging.getLogger(__name__)
@@ -161,14 +165,48 @@ def build_network(args, dit: HunyuanVideoDiT):
 # ----------------------------------------------------------------------------------------------- the step
 
 
+def sample_seeds(seed: int, epoch: int, sample_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(noise seed, timestep seed) per sample: a function of the run's seed, the epoch and the sample only.
+
+    So a sample gets the same noise and timestep whichever batch or process it lands in: two processes of
+    batch B train exactly as one process of batch 2B, a resumed run as an uninterrupted one, and no two
+    processes share noise.
+    """
+    seeds = []
+    for sample_id in sample_ids:
+        noise_seed, timestep_seed = np.random.SeedSequence([seed, epoch, sample_id]).generate_state(2, np.uint64)
+        seeds.append((int(noise_seed) >> 1, int(timestep_seed) >> 1))
+    return seeds
+
+
+def draw_noise_and_timesteps(ts_cfg: TimestepConfig, latents: torch.Tensor, seeds: Sequence[tuple[int, int]] | None,
+                             uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise like latents, sigma (B,), model timesteps (B,)) on the latents' device.
+
+    With `seeds` (see sample_seeds) each sample's draws come from its own generators; without, from the
+    process's global RNG. `uniform` (B,) are timestep-pool values replacing the uniform draws.
+    """
+    B, device = latents.shape[0], latents.device
+    hw = tuple(latents.shape[-2:])
+    if seeds is None:
+        noise = torch.randn_like(latents)
+        sigma, timesteps = sample_timesteps(ts_cfg, B, hw, uniform=uniform)
+    else:
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator(device).manual_seed(n), device=device,
+                                         dtype=latents.dtype) for n, _ in seeds])
+        drawn = [sample_timesteps(ts_cfg, 1, hw, generator=torch.Generator().manual_seed(t), uniform=None if uniform is None else uniform[j:j + 1])
+                 for j, (_, t) in enumerate(seeds)]
+        sigma, timesteps = torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+    return noise, sigma.to(device), timesteps.to(device)
+
+
 def training_step(dit: HunyuanVideoDiT, batch: dict, accelerator: Accelerator, ts_cfg: TimestepConfig, guidance_value: float,
-                  uniform: torch.Tensor | None = None) -> torch.Tensor:
+                  uniform: torch.Tensor | None = None, seeds: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+    """The flow-matching loss of one batch (a scalar, mean over the batch). `seeds`: per-sample draws (see sample_seeds)."""
     device = accelerator.device
     latents = batch["latents"].to(device, torch.float32) * SCALING_FACTOR
-    B, _, F, H, W = latents.shape
-    noise = torch.randn_like(latents)
-    sigma, timesteps = sample_timesteps(ts_cfg, B, (H, W), uniform=uniform)
-    sigma, timesteps = sigma.to(device), timesteps.to(device)
+    B = latents.shape[0]
+    noise, sigma, timesteps = draw_noise_and_timesteps(ts_cfg, latents, seeds, uniform)
     s = sigma.view(B, 1, 1, 1, 1)
     model_input = (1.0 - s) * latents + s * noise
     if dit.config.in_channels == 2 * latents.shape[1]:  # SkyReels I2V: the clean first frame conditions the rest
@@ -213,11 +251,30 @@ def plan_training(args):
     return dry_run(args, "train", video_size=size, frames=frames, batch=batch)
 
 
+def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
+    """--seed; else the seed of the run being resumed; else a random one, the same on every process."""
+    if args.seed is not None:
+        return args.seed
+    if resume_from is not None:
+        saved = read_progress(resume_from)
+        if saved is not None:
+            return saved.seed
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([random.randint(0, 2**32 - 1)])[0]  # every process must shuffle and initialise alike
+
+
 def train(args) -> Path:
     check_args(args)
     accelerator = make_accelerator(args)
     is_main = accelerator.is_main_process
-    seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+    if not is_main:  # one copy of the progress messages, from the main process
+        logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
+    if args.sample_prompts:
+        logger.warning("--sample_prompts: sampling during training is not implemented yet, no samples will be made; "
+                       "generate from a saved LoRA with hv_generate_video.py --lora_weight")
+    resume_from = newest_state(Path(args.output_dir)) if args.resume == "auto" else (Path(args.resume) if args.resume else None)
+    args.seed = seed = run_seed(args, accelerator, resume_from)  # the metadata records the seed actually used
     set_seed(seed)
 
     from musubi_tuner.data.config import load_dataset_config
@@ -236,8 +293,10 @@ def train(args) -> Path:
                                       persistent_workers=args.persistent_data_loader_workers,
                                       rank=accelerator.process_index, world=accelerator.num_processes)
     dit = load_frozen_dit(args, accelerator.device)
-    network = build_network(args, dit)
+    network = build_network(args, dit)  # the same initial weights on every process: same seed so far
     network.to(accelerator.device)
+    if accelerator.num_processes > 1:
+        set_seed(seed, device_specific=True)  # from here on (dropout), each process draws its own numbers
 
     groups, _ = network.prepare_optimizer_params(unet_lr=args.learning_rate)
     optimizer, optimizer_name = create_optimizer(args.optimizer_type, groups, args.learning_rate,
@@ -249,9 +308,11 @@ def train(args) -> Path:
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     num_epochs = math.ceil(total_steps / steps_per_epoch)
+    if accelerator.num_processes > 1:
+        logger.info("data parallel over %d processes (%s backend): each takes one batch in %d, %d batches per epoch each",
+                    accelerator.num_processes, accelerator.state.backend, accelerator.num_processes, batches_per_epoch)
 
     progress = TrainProgress(seed=seed)
-    resume_from = newest_state(Path(args.output_dir)) if args.resume == "auto" else (Path(args.resume) if args.resume else None)
     if args.resume == "auto" and resume_from is None:
         logger.info("--resume auto: no saved state in %s, starting fresh", args.output_dir)
     if resume_from is not None:
@@ -293,10 +354,12 @@ def train(args) -> Path:
         for i, batch in enumerate(loader, start=skip):
             with accelerator.accumulate(network):
                 uniform = torch.tensor(batch["timesteps"]) if batch.get("timesteps") is not None else None
-                loss = training_step(dit, batch, accelerator, ts_cfg, guidance_value, uniform)
-                if not torch.isfinite(loss):
+                loss = training_step(dit, batch, accelerator, ts_cfg, guidance_value, uniform, sample_seeds(seed, epoch + 1, batch["sample_ids"]))
+                # the mean over all processes: what is logged, and every process stops together on a bad one
+                global_loss = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss.detach()
+                if not torch.isfinite(global_loss):
                     raise NonFiniteLoss(
-                        f"loss is {loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, items {', '.join(batch['item_names'])}); "
+                        f"loss is {global_loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, items {', '.join(batch['item_names'])}); "
                         f"stopped without saving. Last good checkpoint: {saver.last_saved or 'none yet'}. "
                         "Lower --learning_rate, check the caches of those items, or use bf16 instead of fp16."
                     )
@@ -314,9 +377,9 @@ def train(args) -> Path:
             progress.global_step += 1
             if args.scale_weight_norms:
                 network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
-            recent = (recent + [loss.item()])[-max(1, batches_per_epoch):]
-            saver.losses.add(progress.global_step, loss.item())
-            logs = {"loss/current": loss.item(), "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
+            recent = (recent + [global_loss.item()])[-max(1, batches_per_epoch):]
+            saver.losses.add(progress.global_step, global_loss.item())
+            logs = {"loss/current": global_loss.item(), "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
             bar.update(1)
             if validation is not None:
                 validation.after_step(progress.global_step)
@@ -364,12 +427,19 @@ def held_out_batches(args, dataset_config) -> list:
 
 
 def _average_gradients(network, accelerator: Accelerator) -> None:
-    """The network is not wrapped in DDP (its modules run inside the frozen DiT), so average its gradients here."""
+    """The network is not wrapped in DDP (its modules run inside the frozen DiT), so average its gradients here.
+
+    Every process reduces every trainable parameter, a missing gradient counting as zero (a module dropped by
+    module dropout on one process only), so the collectives always pair up.
+    """
     if accelerator.num_processes == 1:
         return
     for p in network.parameters():
-        if p.grad is not None:
-            p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 def _loggable(args) -> dict:

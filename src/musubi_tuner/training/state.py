@@ -144,6 +144,14 @@ def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_i
         return TrainProgress(**json.load(f))
 
 
+def read_progress(folder: Path) -> TrainProgress | None:
+    """The progress saved in a state folder, or None if it has no readable one."""
+    try:
+        return TrainProgress(**json.loads((Path(folder) / STATE_MARKER).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def newest_state(output_dir: Path) -> Path | None:
     """The most advanced complete state folder in output_dir (by saved global step)."""
     best, best_step = None, -1
