@@ -270,9 +270,6 @@ def train(args) -> Path:
     is_main = accelerator.is_main_process
     if not is_main:  # one copy of the progress messages, from the main process
         logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
-    if args.sample_prompts:
-        logger.warning("--sample_prompts: sampling during training is not implemented yet, no samples will be made; "
-                       "generate from a saved LoRA with hv_generate_video.py --lora_weight")
     resume_from = newest_state(Path(args.output_dir)) if args.resume == "auto" else (Path(args.resume) if args.resume else None)
     args.seed = seed = run_seed(args, accelerator, resume_from)  # the metadata records the seed actually used
     set_seed(seed)
