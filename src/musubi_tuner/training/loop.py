@@ -267,6 +267,10 @@ def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
 def train(args) -> Path:
     check_args(args)
     accelerator = make_accelerator(args)
+    if accelerator.device.type == "cpu":
+        # AdamW's second moments of the zero-initialised lora_up weights decay into float denormals, which
+        # the CPU handles about 100x slower (bench/train_step.py); GPUs flush them already.
+        torch.set_flush_denormal(True)
     is_main = accelerator.is_main_process
     if not is_main:  # one copy of the progress messages, from the main process
         logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
