@@ -136,8 +136,10 @@ def test_tiles_of_a_clip_flat_in_space_blend_back_to_the_untiled_result(pair):
             enc, dec = ours.encode(x).mean, ours.decode(z)
         finally:
             ours.set_memory_options()
-    # float rounding only (statistics over a tile instead of the frame); detailed content differs by O(0.1-1) here
-    assert rel_err(enc, base_enc) < 1e-4 and rel_err(dec, base_dec) < 1e-4
+    # Float rounding only, but amplified: a flat clip leaves some GroupNorm groups of this tiny VAE with a variance near
+    # 0, so rounding noise of 1e-7 comes out at 1e-5..3e-4 (it depends on the thread count). Wrong blend weights give
+    # O(0.5); detailed content differs by 0.4-1 between tiled and untiled on these random weights.
+    assert rel_err(enc, base_enc) < 2e-3 and rel_err(dec, base_dec) < 2e-3
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
