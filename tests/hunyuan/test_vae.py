@@ -194,6 +194,15 @@ def test_every_vae_layout_loads_to_the_same_model(tmp_path, weights, pair, fmt):
         assert torch.equal(loaded.encode(x).mean, ours.encode(x).mean)
 
 
+def test_a_bf16_safetensors_like_comfyuis_loads_in_the_requested_dtype(tmp_path, weights):
+    """ComfyUI's hunyuan_video_vae_bf16.safetensors: the official names, stored in bfloat16."""
+    path = write_vae(tmp_path / "hunyuan_video_vae_bf16.safetensors", {k: v.bfloat16() for k, v in weights.items()}, "safetensors")
+    loaded = load_vae(path, dtype=torch.float16)
+    assert loaded.config == TINY_VAE and loaded.dtype == torch.float16
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], v.bfloat16().half()) for k, v in weights.items())
+
+
 def test_wrong_files_are_named(tmp_path, weights):
     with pytest.raises(UserError, match="nope.pt: VAE checkpoint not found"):
         load_vae(tmp_path / "nope.pt")
