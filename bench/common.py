@@ -79,18 +79,20 @@ def measure(step: Callable[[], None], runs: int, warmup: int = 1) -> dict:
     return {"times": times, "median": statistics.median(times)}
 
 
+def run_process(script: str, args: Sequence[str], memory: bool) -> dict:
+    """Run `script --worker args...` in a fresh process (a memory process if `memory`) and return its JSON result."""
+    env = dict(os.environ)
+    if memory:
+        env.update({MEMORY_MODE_ENV: "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
+    out = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_worker(script: str, args: Sequence[str]) -> dict:
     """Run `script --worker args...` twice in fresh processes (time, then memory) and merge their JSON results."""
-    result: dict = {}
-    for memory in (False, True):
-        env = dict(os.environ)
-        if memory:
-            env.update({MEMORY_MODE_ENV: "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
-        out = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
-        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
-    return result
+    return {**run_process(script, args, memory=False), **run_process(script, args, memory=True)}
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:

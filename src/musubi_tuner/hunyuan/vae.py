@@ -5,6 +5,10 @@ frame never sees later frames: convolutions pad the past only (replicating the f
 mid-block attention lets frame i attend to frames <= i. So the first frame is encoded alone, and an
 image is a 1-frame video. Latents in and out of this module are UNSCALED (what caches hold); the
 diffusion model works on latents x SCALING_FACTOR.
+
+The VAE is frozen and runs without autograd: the convolutions stream their input a few frames at a time
+and write over tensors they no longer need (see CausalConv3d), which keeps about two full-resolution
+tensors alive where a plain implementation holds four or five. docs/vae.md has the figures.
 """
 
 from __future__ import annotations
@@ -89,23 +93,132 @@ class VAEConfig:
 # ----------------------------------------------------------------------------------------- parts
 
 
-class CausalConv3d(nn.Module):
-    """Conv3d after padding k-1 past frames and k//2 on each spatial side, replicating edges (`conv` holds the weights).
+# A causal convolution computes at most this many output frames per call, on a padded copy of only the
+# input frames those need (normalised and activated, or upsampled, on the way). So no full-size
+# normalised, upsampled or padded copy of a tensor exists. On the CPU, calls of 3-4 frames ran within a
+# few % of whole-clip calls; 1-frame calls were 1.6x slower, hence the even split (9 frames: 3 x 3).
+FRAMES_PER_CALL = 4
 
-    With `chunk_size`, wide inputs are convolved in column chunks (with the kernel's overlap) and joined:
-    the same result, a smaller working set for the convolution.
+
+class Frames:
+    """What a causal convolution reads, a frame range at a time: here the tensor x (B, C, T, H, W) itself."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.shape = tuple(x.shape)  # (B, C, T, H, W) of what the convolution sees
+
+    def write(self, dst: torch.Tensor, start: int, stop: int) -> None:
+        """Write frames [start, stop) of what the convolution sees into dst (B, C, stop - start, H, W)."""
+        dst.copy_(self.x[:, :, start:stop])
+
+
+class NormSiLU(Frames):
+    """silu(group_norm(x)): statistics taken once over the whole tensor, applied per frame range."""
+
+    def __init__(self, norm: nn.GroupNorm, x: torch.Tensor):
+        super().__init__(x)
+        self.scale, self.shift = group_norm_affine(norm, x)
+
+    def write(self, dst: torch.Tensor, start: int, stop: int) -> None:
+        F.silu(torch.addcmul(self.shift, self.x[:, :, start:stop], self.scale, out=dst), inplace=True)
+
+
+class Upsampled(Frames):
+    """x upsampled by nearest neighbour by (t, s, s), the first frame in space only: T -> t(T - 1) + 1 frames."""
+
+    def __init__(self, x: torch.Tensor, factor: tuple[int, int, int]):
+        super().__init__(x)
+        self.factor = factor
+        B, C, T, H, W = x.shape
+        self.shape = (B, C, 1 + (T - 1) * factor[0], H * factor[1], W * factor[2])
+
+    def write(self, dst: torch.Tensor, start: int, stop: int) -> None:
+        ft, fh, fw = self.factor
+        index = torch.tensor([0 if j == 0 else 1 + (j - 1) // ft for j in range(start, stop)], device=self.x.device)
+        src = self.x.index_select(2, index)
+        B, C, n, H, W = src.shape
+        dst.unflatten(4, (W, fw)).unflatten(3, (H, fh)).copy_(src[:, :, :, :, None, :, None].expand(B, C, n, H, fh, W, fw))
+
+
+def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (scale, shift), each (B, C, 1, 1, 1), such that norm(x) = x * scale + shift (as PyTorch's kernel computes it).
+
+    Two float32 passes, the second centred on the mean (no cancellation) and over frame ranges (no full-size
+    temporary): several times faster on the CPU than torch.var_mean, and no float32 copy of a half-precision x.
+    """
+    B, C, T, H, W = x.shape
+    groups = norm.num_groups
+    grouped = x.view(B, groups, C // groups, T * H * W)
+    count = grouped.shape[2] * grouped.shape[3]
+    mean = grouped.sum(dim=(2, 3), dtype=torch.float32) / count
+    m2 = torch.zeros_like(mean)
+    for start in range(0, T, FRAMES_PER_CALL):
+        part = x[:, :, start : start + FRAMES_PER_CALL]
+        part = part.view(B, groups, C // groups, -1) - mean[:, :, None, None]
+        m2 += torch.linalg.vector_norm(part, dim=(2, 3)).square()
+    rstd = torch.rsqrt(m2 / count + norm.eps).repeat_interleave(C // groups, dim=1)
+    scale = rstd * norm.weight.float()
+    shift = norm.bias.float() - mean.repeat_interleave(C // groups, dim=1) * scale
+    return scale.view(B, C, 1, 1, 1), shift.view(B, C, 1, 1, 1)
+
+
+def padded_frames(source: Frames, first: int, stop: int, pad: int) -> torch.Tensor:
+    """Frames [first, stop) of `source` (frames before 0 repeat frame 0), edges replicated by `pad` pixels: what a
+    causal convolution reads. Written straight into one new buffer: the source's frames pass through memory once."""
+    B, C, _, H, W = source.shape
+    buf = torch.empty(B, C, stop - first, H + 2 * pad, W + 2 * pad, dtype=source.x.dtype, device=source.x.device)
+    lead = max(0, -first)
+    source.write(buf[:, :, lead:, pad : pad + H, pad : pad + W], first + lead, stop)
+    if pad:
+        body = buf[:, :, lead:]
+        body[:, :, :, :pad, pad : pad + W] = body[:, :, :, pad : pad + 1, pad : pad + W]
+        body[:, :, :, pad + H :, pad : pad + W] = body[:, :, :, pad + H - 1 : pad + H, pad : pad + W]
+        body[:, :, :, :, :pad] = body[:, :, :, :, pad : pad + 1]
+        body[:, :, :, :, pad + W :] = body[:, :, :, :, pad + W - 1 : pad + W]
+    if lead:
+        buf[:, :, :lead] = buf[:, :, lead : lead + 1]
+    return buf
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d after padding k-1 past frames (copies of the first) and k//2 replicated pixels on each side (`conv` holds
+    the weights). Inference only: the VAE runs under torch.no_grad().
+
+    The input is a tensor or a `Frames` source (normalised, upsampled), read FRAMES_PER_CALL output frames' worth at a
+    time, last frames first. A call reads no input frame later than those it writes, so with `overwrite` the output
+    goes into the source's own tensor (the ResNet block's second convolution: one full tensor fewer).
+    `residual(start, stop)`, if given, is added to output frames [start, stop). With `chunk_size`, each call is further
+    split into column chunks (`--vae_chunk_size`): the same result, a smaller convolution working set.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int | tuple[int, int, int] = 1):
         super().__init__()
         self.kernel_size = kernel_size
-        self.padding = (kernel_size // 2, kernel_size // 2, kernel_size // 2, kernel_size // 2, kernel_size - 1, 0)
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride)
         self.chunk_size: int | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_size > 1:
-            x = F.pad(x, self.padding, mode="replicate")
+    def forward(self, x: torch.Tensor | Frames, overwrite: bool = False, residual=None) -> torch.Tensor:
+        source = x if isinstance(x, Frames) else Frames(x)
+        k, pad, stride = self.kernel_size, self.kernel_size // 2, self.conv.stride[0]
+        frames_out = (source.shape[2] - 1) // stride + 1
+        calls = math.ceil(frames_out / FRAMES_PER_CALL)
+        per_call = math.ceil(frames_out / calls)
+        out = None
+        for o0 in reversed(range(0, frames_out, per_call)):
+            o1 = min(o0 + per_call, frames_out)
+            first, stop = o0 * stride - (k - 1), (o1 - 1) * stride + 1  # input frames read; those before 0 repeat frame 0
+            y = self._conv(padded_frames(source, first, stop, pad))
+            if residual is not None:
+                y += residual(o0, o1)
+            if calls == 1:
+                return y
+            if out is None:
+                out = source.x if overwrite else y.new_empty((y.shape[0], y.shape[1], frames_out, *y.shape[3:]))
+            out[:, :, o0:o1] = y
+        return out
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of a padded input, in column chunks of about `chunk_size` when it is at least 1.5 chunks wide."""
         width = x.shape[-1]
         if not self.chunk_size or width < 1.5 * self.chunk_size:
             return self.conv(x)
@@ -133,11 +246,15 @@ class ResnetBlockCausal3D(nn.Module):
         self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inplace = not torch.is_grad_enabled()  # inference: reuse buffers instead of allocating new ones
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
-        residual = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h.add_(residual) if inplace else h + residual
+        """x + conv2(silu(norm2(conv1(silu(norm1(x)))))) (x through a 1x1 conv if the width changes); x is not modified."""
+        h = self.conv1(NormSiLU(self.norm1, x))
+        if self.conv_shortcut is None:
+            def residual(start, stop):
+                return x[:, :, start:stop]
+        else:
+            def residual(start, stop):
+                return self.conv_shortcut.conv(x[:, :, start:stop])
+        return self.conv2(NormSiLU(self.norm2, h), overwrite=True, residual=residual)  # written over h: one tensor fewer
 
 
 class CausalAttention(nn.Module):
@@ -193,11 +310,7 @@ class Upsample(nn.Module):
         self.conv = CausalConv3d(channels, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = F.interpolate(x[:, :, 0], scale_factor=self.factor[1:], mode="nearest").unsqueeze(2)
-        if x.shape[2] > 1:
-            rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=self.factor, mode="nearest")
-            first = torch.cat([first, rest], dim=2)
-        return self.conv(first)
+        return self.conv(Upsampled(x, self.factor))  # upsampled a few frames at a time, never all at once
 
 
 class DownBlock(nn.Module):
@@ -206,10 +319,9 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)])
         self.downsamplers = nn.ModuleList([Downsample(out_channels, stride)]) if stride else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.downsamplers[0](x) if self.downsamplers is not None else x
+    def layers(self) -> list[nn.Module]:
+        """The resnets then the downsampler, for the encoder to run in its own loop (see Encoder.forward)."""
+        return [*self.resnets, *(self.downsamplers or [])]
 
 
 class UpBlock(nn.Module):
@@ -218,10 +330,9 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)])
         self.upsamplers = nn.ModuleList([Upsample(out_channels, factor)]) if factor else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.upsamplers[0](x) if self.upsamplers is not None else x
+    def layers(self) -> list[nn.Module]:
+        """The resnets then the upsampler, for the decoder to run in its own loop (see Decoder.forward)."""
+        return [*self.resnets, *(self.upsamplers or [])]
 
 
 class Encoder(nn.Module):
@@ -239,10 +350,12 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
+        # One flat loop over every layer: a nested block.forward would keep the block's input alive in this frame
+        # while the block's later layers run (one full-resolution tensor more at the peak).
+        for layer in [layer for block in self.down_blocks for layer in block.layers()]:
+            x = layer(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(NormSiLU(self.conv_norm_out, x))
 
 
 class Decoder(nn.Module):
@@ -260,9 +373,9 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        for layer in [layer for block in self.up_blocks for layer in block.layers()]:  # flat, as in Encoder.forward
+            x = layer(x)
+        return self.conv_out(NormSiLU(self.conv_norm_out, x))
 
 
 class DiagonalGaussian:
@@ -321,6 +434,7 @@ class CausalVideoVAE(nn.Module):
     def _decode_untiled(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(latents))
 
+    @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> DiagonalGaussian:
         """pixels (B, 3, F, H, W) in [-1, 1] with F = 4N+1 (or 1) and H, W multiples of 8 -> the posterior."""
         if pixels.ndim != 5 or pixels.shape[1] != self.config.in_channels:
@@ -332,6 +446,7 @@ class CausalVideoVAE(nn.Module):
             return DiagonalGaussian(tiled_encode(self, pixels, self.tiling))
         return DiagonalGaussian(self._encode_moments(pixels))
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """UNSCALED latents (B, 16, f, h, w) -> pixels (B, 3, 4(f-1)+1, 8h, 8w), about [-1, 1], not clamped."""
         latents = latents.to(self.dtype)
