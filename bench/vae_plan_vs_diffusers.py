@@ -4,8 +4,10 @@
 
 The full-size VAE (246M parameters, random float32 weights) encodes and decodes small clips without
 tiling; the peak of live tensor storage (planning.measure.TensorBytes) is compared with
-encoders.vae_encode_stage / vae_decode_stage at float32. Our own VAE is being written; until it lands,
-this is the check the VAE stage has. (diffusers decodes in chunks of 4 latent frames: keep clips short.)
+encoders.vae_encode_stage / vae_decode_stage at float32. The replay follows diffusers' structure; our
+hunyuan/vae.py streams its convolutions and peaks at about 0.4-0.6x of that (bench/vae.py), so for our
+VAE the stage is an upper bound until its replay is re-based. (diffusers decodes in chunks of 4 latent
+frames: keep clips short.)
 """
 
 from __future__ import annotations
