@@ -1,8 +1,7 @@
-"""The DiT's flow-matching prediction at a given noise and noise level, as loop.training_step computes it.
+"""The DiT's flow-matching prediction at a given noise and noise level: one place for training and validation.
 
-noisy = (1 - sigma) * x0 + sigma * noise; the DiT predicts the velocity noise - x0. Validation uses it
-with fixed noise and levels; training_step draws its own and should call this too (kept apart for now
-so that the trainer's noise-drawing changes on other branches merge cleanly).
+noisy = (1 - sigma) * x0 + sigma * noise; the DiT predicts the velocity noise - x0. training_step calls it
+with the noise and levels it draws; validation with fixed ones.
 """
 
 from __future__ import annotations

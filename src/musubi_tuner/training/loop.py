@@ -32,6 +32,7 @@ from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR
 from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
+from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import create_optimizer, create_scheduler, is_schedule_free, parse_key_values, total_training_steps
 from musubi_tuner.training.state import TrainProgress, load_state, newest_state, read_progress
 from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps
@@ -205,19 +206,9 @@ def training_step(dit: HunyuanVideoDiT, batch: dict, accelerator: Accelerator, t
     """The flow-matching loss of one batch (a scalar, mean over the batch). `seeds`: per-sample draws (see sample_seeds)."""
     device = accelerator.device
     latents = batch["latents"].to(device, torch.float32) * SCALING_FACTOR
-    B = latents.shape[0]
     noise, sigma, timesteps = draw_noise_and_timesteps(ts_cfg, latents, seeds, uniform)
-    s = sigma.view(B, 1, 1, 1, 1)
-    model_input = (1.0 - s) * latents + s * noise
-    if dit.config.in_channels == 2 * latents.shape[1]:  # SkyReels I2V: the clean first frame conditions the rest
-        image_latents = torch.zeros_like(latents)
-        image_latents[:, :, :1] = latents[:, :, :1]
-        model_input = torch.cat([model_input, image_latents], dim=1)
-    guidance = torch.full((B,), guidance_value, device=device, dtype=torch.float32)
-    with accelerator.autocast():
-        pred = dit(model_input, timesteps, batch["llm"].to(device), batch["llm_mask"].to(device), batch["clipL"].to(device), guidance)
-    target = noise - latents
-    per_sample = (pred.float() - target).square().mean(dim=(1, 2, 3, 4))
+    pred, target = predict_velocity(dit, latents, noise, sigma, timesteps, batch, accelerator, guidance_value)
+    per_sample = (pred - target).square().mean(dim=(1, 2, 3, 4))
     weights = loss_weights(ts_cfg, sigma)
     if weights is not None:
         per_sample = per_sample * weights
