@@ -132,9 +132,6 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
 
     check_text_encoder1(args.text_encoder1)
     check_text_encoder2(args.text_encoder2)
-
-    if args.save_merged_model and not args.lora_weight:
-        raise UserError("--save_merged_model needs --lora_weight")
     open_vae_file(args.vae)
     if args.lora_weight:
         check_loras_fit(args.lora_weight, dit_shapes, args.dit)

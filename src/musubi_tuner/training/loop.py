@@ -29,7 +29,7 @@ from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
-from musubi_tuner.hunyuan.vae import SCALING_FACTOR
+from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
 from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.flow_matching import predict_velocity
@@ -223,13 +223,12 @@ def largest_workload(dataset_config) -> tuple[tuple[int, int], int, int]:
 
     Buckets keep the resolution's area, so the resolution stands for every bucket of its dataset."""
 
-    def tokens(d):
-        frames = max(d.target_frames) if d.is_video else 1
-        return d.resolution[0] * d.resolution[1] * ((frames - 1) // 4 + 1) * d.batch_size
+    def frames(d):
+        return max(d.target_frames) if d.is_video else 1
 
-    biggest = max(dataset_config.datasets, key=tokens)
+    biggest = max(dataset_config.datasets, key=lambda d: d.resolution[0] * d.resolution[1] * latent_frames(frames(d)) * d.batch_size)
     width, height = biggest.resolution
-    return (height, width), (max(biggest.target_frames) if biggest.is_video else 1), biggest.batch_size
+    return (height, width), frames(biggest), biggest.batch_size
 
 
 def plan_training(args):
