@@ -153,10 +153,10 @@ def measured_tensor_bytes(work: Workload, opts: MemoryOptions) -> tuple[int, int
     run.step()
     counter = TensorBytes()
     counter.track(run.existing_tensors())
-    from musubi_tuner.hunyuan.rope import rope_frequencies
+    from musubi_tuner.hunyuan.rope import rope_rotations
 
     c = work.config
-    counter.track(rope_frequencies(work.latent_shape, c.patch_size, c.rope_dim_list, c.rope_theta))  # cached between steps
+    counter.track(rope_rotations(work.latent_shape, c.patch_size, c.rope_dim_list, c.rope_theta))  # cached between steps
     before = counter.current
     with counter:
         run.step()

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from musubi_tuner.hunyuan.attention import attention
-from musubi_tuner.hunyuan.rope import apply_rope
+from musubi_tuner.hunyuan.rope import rotate_
 
 LN_EPS = 1e-6
 
@@ -27,8 +27,7 @@ class AttentionContext:
     mode: str = "sdpa"
     split: bool = False
     lengths: torch.Tensor | None = None  # valid tokens per sample in the joint [image, text] sequence
-    rope_cos: torch.Tensor | None = None  # (L, 1, D): image rows rotate, text rows are identity
-    rope_sin: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None  # (L, D / 2) complex rope table: image rows rotate, text rows are 1
     img_len: int = 0
 
 
@@ -48,12 +47,50 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     return torch.addcmul(x, gate.unsqueeze(1), y)
 
 
-def qk_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the head dim, computed in float32 as the official model does."""
-    D = x.shape[-1]
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (D,), weight.float(), eps)
-    return F.rms_norm(x.float(), (D,), None, eps).to(x.dtype) * weight.to(x.dtype)
+class _NormRotate(torch.autograd.Function):
+    """RMSNorm of q or k over the head dim, times its weight, then the rope rotation: float32 inside, one cast out.
+
+    As one op it keeps for backward only its input (a view of the qkv projection, which stays alive anyway in
+    the single-stream blocks) and one float32 scale per row, and runs a handful of kernels each way instead of
+    the two dozen of the op-by-op version (casts, the norm's decomposition, the pair swap of the rotation).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, rotation, eps):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+        y = xf * rstd
+        y.mul_(weight.to(y.dtype))
+        if rotation is not None:
+            y = rotate_(y, rotation)
+        ctx.save_for_backward(x, weight, rotation, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rotation, rstd = ctx.saved_tensors
+        g = grad.to(rstd.dtype)
+        if g is grad:  # float32 already: work on a copy
+            g = g.clone()
+        if rotation is not None:
+            g = rotate_(g, rotation.conj())
+        normed = x.to(rstd.dtype) * rstd  # the norm's output before the weight
+        weight_grad = None
+        if ctx.needs_input_grad[1]:
+            weight_grad = (g * normed).flatten(0, -2).sum(0).to(weight.dtype)
+        g.mul_(weight.to(g.dtype))
+        # d/dx of x * rstd: rstd * (g - normed * mean(g * normed))
+        dot = (g * normed).mean(-1, keepdim=True)
+        g.sub_(normed.mul_(dot)).mul_(rstd)
+        return g.to(x.dtype), weight_grad, None, None
+
+
+def qk_norm(x: torch.Tensor, weight: torch.Tensor, rotation: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm of q or k (B, L, H, D) over D, times `weight`, then rotated by a (L, D / 2) rope table when given.
+
+    Computed in float32 as the official model does (it rounds once more, between the norm and the rotation).
+    """
+    return _NormRotate.apply(x, weight, rotation, eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -221,21 +258,21 @@ class MMDoubleStreamBlock(nn.Module):
             self.add_module(f"{stream}_attn_proj", nn.Linear(hidden_size, hidden_size))
             self.add_module(f"{stream}_mlp", MLP(hidden_size, mlp_hidden, "gelu_tanh"))
 
-    def _qkv(self, x: torch.Tensor, stream: str, mod: tuple[torch.Tensor, ...]):
+    def _qkv(self, x: torch.Tensor, stream: str, mod: tuple[torch.Tensor, ...], rotation: torch.Tensor | None):
         B, L, C = x.shape
         qkv = getattr(self, f"{stream}_attn_qkv")(modulate_norm(x, mod[0], mod[1]))
         q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).unbind(2)
-        q = qk_norm(q, getattr(self, f"{stream}_attn_q_norm").weight)
-        k = qk_norm(k, getattr(self, f"{stream}_attn_k_norm").weight)
+        q = qk_norm(q, getattr(self, f"{stream}_attn_q_norm").weight, rotation)
+        k = qk_norm(k, getattr(self, f"{stream}_attn_k_norm").weight, rotation)
         return q, k, v
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor, ctx: AttentionContext):
         img_mod = self.img_mod(silu_vec)
         txt_mod = self.txt_mod(silu_vec)
-        img_q, img_k, img_v = self._qkv(img, "img", img_mod)
-        txt_q, txt_k, txt_v = self._qkv(txt, "txt", txt_mod)
-        q = apply_rope(torch.cat([img_q, txt_q], dim=1), ctx.rope_cos, ctx.rope_sin)
-        k = apply_rope(torch.cat([img_k, txt_k], dim=1), ctx.rope_cos, ctx.rope_sin)
+        img_q, img_k, img_v = self._qkv(img, "img", img_mod, ctx.rotation[: img.shape[1]])
+        txt_q, txt_k, txt_v = self._qkv(txt, "txt", txt_mod, None)  # text tokens are not rotated
+        q = torch.cat([img_q, txt_q], dim=1)
+        k = torch.cat([img_k, txt_k], dim=1)
         v = torch.cat([img_v, txt_v], dim=1)
         # split (not slicing): its backward concatenates instead of scattering into zero-filled tensors
         img_attn, txt_attn = attention(q, k, v, ctx.lengths, ctx.mode, ctx.split).split([img.shape[1], txt.shape[1]], dim=1)
@@ -265,8 +302,8 @@ class MMSingleStreamBlock(nn.Module):
         B, L, C = x.shape
         qkv, mlp = self.linear1(modulate_norm(x, shift, scale)).split([3 * C, self.linear1.out_features - 3 * C], dim=-1)
         q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).unbind(2)
-        q = apply_rope(qk_norm(q, self.q_norm.weight), ctx.rope_cos, ctx.rope_sin)
-        k = apply_rope(qk_norm(k, self.k_norm.weight), ctx.rope_cos, ctx.rope_sin)
+        q = qk_norm(q, self.q_norm.weight, ctx.rotation)
+        k = qk_norm(k, self.k_norm.weight, ctx.rotation)
         attn = attention(q, k, v, ctx.lengths, ctx.mode, ctx.split)
         return gated_residual(x, gate, self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)))
 

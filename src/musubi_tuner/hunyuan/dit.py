@@ -27,7 +27,7 @@ from musubi_tuner.hunyuan.blocks import (
     TimestepEmbedder,
 )
 from musubi_tuner.hunyuan.config import DiTConfig
-from musubi_tuner.hunyuan.rope import rope_frequencies, rotation_tables
+from musubi_tuner.hunyuan.rope import rope_rotations
 
 
 class HunyuanVideoDiT(nn.Module):
@@ -124,14 +124,12 @@ class HunyuanVideoDiT(nn.Module):
             self.txt_in.to("cpu")
         img_len, txt_len = img.shape[1], txt.shape[1]
 
-        cos, sin = rope_frequencies((T, H, W), c.patch_size, c.rope_dim_list, c.rope_theta, img.device)
-        cos, sin = rotation_tables(cos, sin)
+        rotation = rope_rotations((T, H, W), c.patch_size, c.rope_dim_list, c.rope_theta, img.device)
         ctx = AttentionContext(
             mode=self.attn_mode,
             split=self.split_attn,
             lengths=None if text_lengths is None else img_len + text_lengths,
-            rope_cos=torch.cat([cos, cos.new_ones(txt_len, cos.shape[1])]).unsqueeze(1),  # text tokens: no rotation
-            rope_sin=torch.cat([sin, sin.new_zeros(txt_len, sin.shape[1])]).unsqueeze(1),
+            rotation=torch.cat([rotation, rotation.new_ones(txt_len, rotation.shape[1])]),  # text tokens: no rotation
             img_len=img_len,
         )
         silu_vec = F.silu(vec)

@@ -2,6 +2,8 @@
 
 Each head's dims are split into (t, h, w) groups (16/56/56 for head dim 128, theta 256). A token at
 grid position (f, y, x) rotates each adjacent pair (x_2k, x_2k+1) of its group by pos * theta^(-2k/d).
+Read as a complex number x_2k + i x_2k+1, the rotation is one multiplication by exp(i angle), which
+is how the tables below are kept: one complex64 (tokens, head_dim / 2) table per latent grid.
 """
 
 from __future__ import annotations
@@ -12,43 +14,43 @@ import torch
 
 
 @functools.lru_cache(maxsize=16)
-def _rope_tables(grid: tuple[int, int, int], axes: tuple[int, int, int], theta: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    cos_parts, sin_parts = [], []
+def _rotation_table(grid: tuple[int, int, int], axes: tuple[int, int, int], theta: float, device: str) -> torch.Tensor:
+    parts = []
     positions = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in grid], indexing="ij")
     for pos, dim in zip(positions, axes):
         inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
-        angles = pos.reshape(-1, 1) * inv_freq  # (S, dim/2)
-        cos_parts.append(angles.cos().repeat_interleave(2, dim=1))
-        sin_parts.append(angles.sin().repeat_interleave(2, dim=1))
-    cos = torch.cat(cos_parts, dim=1).float()
-    sin = torch.cat(sin_parts, dim=1).float()
-    return cos.to(device), sin.to(device)
+        parts.append(pos.reshape(-1, 1) * inv_freq)  # (S, dim/2) angles
+    angles = torch.cat(parts, dim=1)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device)
 
 
-def rope_frequencies(latent_shape: tuple[int, int, int], patch_size: tuple[int, int, int], axes: tuple[int, int, int], theta: float,
-                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (T*H*W tokens, head_dim) float32, for a latent of (frames, height, width).
+def rope_rotations(latent_shape: tuple[int, int, int], patch_size: tuple[int, int, int], axes: tuple[int, int, int], theta: float,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """exp(i angle) per token and dim pair: complex64 (T*H*W tokens, head_dim / 2) for a latent of (frames, height, width).
 
-    The token order is (t, h, w) row-major, the order `img_in` flattens patches in.
+    The token order is (t, h, w) row-major, the order `img_in` flattens patches in. Cached per grid and device.
     """
     grid = []
     for size, p, name in zip(latent_shape, patch_size, ("frames", "height", "width")):
         if size % p:
             raise ValueError(f"latent {name} {size} is not divisible by the patch size {p}")
         grid.append(size // p)
-    return _rope_tables(tuple(grid), tuple(axes), float(theta), str(torch.device(device)))
+    return _rotation_table(tuple(grid), tuple(axes), float(theta), str(torch.device(device)))
 
 
-def rotation_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, signed sin) so that rope(x) = x * cos + swap_pairs(x) * signed_sin, swap_pairs(x)_2k = x_2k+1."""
-    signed_sin = sin.clone()
-    signed_sin[:, 0::2] = -signed_sin[:, 0::2]
-    return cos, signed_sin
+def as_complex(x: torch.Tensor) -> torch.Tensor:
+    """A float32 (..., D) tensor viewed as complex (..., D / 2) pairs (copied first if its layout can't be viewed)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or any(s % 2 for s in pairs.stride()[:-1]) or pairs.storage_offset() % 2:
+        pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., S, D) by tables (S, D); computed in float32 and returned in x's dtype."""
-    dtype = x.dtype
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return torch.addcmul(xf * cos, swapped, signed_sin).to(dtype)
+def rotate_(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., S, H, D) float32 by a (S, D / 2) complex table, in place where x's layout allows; returns the result.
+
+    x must be a tensor the caller owns. A conjugated table rotates back (the backward of a rotation).
+    """
+    pairs = as_complex(x)
+    pairs.mul_(rotation.unsqueeze(-2))
+    return torch.view_as_real(pairs).flatten(-2)

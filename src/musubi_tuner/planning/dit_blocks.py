@@ -142,39 +142,18 @@ class BlockTracer:
         return out
 
     def qk_norm(self, saved: Saved, key: str, tokens: int, qkv: int) -> int:
-        """RMSNorm in float32 of q or k (a view of the qkv output), cast back."""
-        s = self.s
-        n = s.batch * tokens * s.hidden
-        if s.act == 4:  # already float32: rms_norm saves the view, i.e. the whole qkv output
-            out = self.new(n)
-            self.keep(saved, key + ".src", qkv)
-            self.keep_new(saved, key + ".rstd", s.batch * tokens * s.heads, 4)
-            return out
-        as_float = self.new(n, 4)
-        normed = self.new(n, 4)
-        self.keep(saved, key + ".float", as_float)
-        self.keep_new(saved, key + ".rstd", s.batch * tokens * s.heads, 4)
-        self.t.drop(as_float)
-        cast = self.new(n)
-        self.t.drop(normed)
-        out = self.new(n)  # * weight
-        self.t.drop(cast)
-        return out
-
-    def rope(self, x: int, tokens: int) -> int:
-        """x * cos + swap_pairs(x) * sin in float32; saves only the shared tables."""
+        """`blocks.qk_norm` of q or k (a view of the qkv output, which it saves): float32 inside, rotated in place."""
         s = self.s
         n = s.batch * tokens * s.hidden
         as_float = self.new(n, 4) if s.act != 4 else None
-        swapped = self.new(n, 4)
-        product = self.new(n, 4)
-        rotated = self.new(n, 4)
-        self.t.drop(product)
+        self.t.drop(self.new(n, 4))  # the square, for the mean
+        self.keep(saved, key + ".src", qkv)
+        self.keep_new(saved, key + ".rstd", s.batch * tokens * s.heads, 4)
+        normed = self.new(n, 4)
         if s.act == 4:
-            self.t.drop(swapped)
-            return rotated
+            return normed
         out = self.new(n)
-        self.t.drop(as_float, swapped, rotated)
+        self.t.drop(as_float, normed)
         return out
 
     def attention(self, saved: Saved, key: str, q: int, k: int, v: int) -> int:
@@ -228,13 +207,7 @@ class BlockTracer:
             self.t.drop(normed)
             qs[name] = self.qk_norm(saved, name + ".q", n, qkvs[name])
             ks[name] = self.qk_norm(saved, name + ".k", n, qkvs[name])
-        q_in = self.new(s.batch * s.tokens * C)  # torch.cat([img_q, txt_q])
-        q = self.rope(q_in, s.tokens)
-        self.t.drop(q_in)
-        k_in = self.new(s.batch * s.tokens * C)
-        k = self.rope(k_in, s.tokens)
-        self.t.drop(k_in)
-        v = self.new(s.batch * s.tokens * C)  # torch.cat([img_v, txt_v])
+        q, k, v = (self.new(s.batch * s.tokens * C) for _ in "qkv")  # torch.cat of the streams' q, k, v
         attn = self.attention(saved, "attn", q, k, v)
         outs = {}
         for name, (x, n) in streams.items():
@@ -265,12 +238,7 @@ class BlockTracer:
         normed = self.modulate_norm(saved, "norm", x, L, inputs_need_grad and self.grad)
         lin1 = self.linear(saved, "linear1", normed, L, C, 3 * C + M, lora)
         self.t.drop(normed)
-        rotated = []
-        for name in ("q", "k"):  # q = apply_rope(qk_norm(q)): the norm's output is a temporary of the call
-            normed_qk = self.qk_norm(saved, name, L, lin1)
-            rotated.append(self.rope(normed_qk, L))
-            self.t.drop(normed_qk)
-        q, k = rotated
+        q, k = (self.qk_norm(saved, name, L, lin1) for name in ("q", "k"))
         attn = self.attention(saved, "attn", q, k, lin1)  # v is a view of linear1's output: the whole output stays
         act = self.new(s.batch * L * M)  # gelu of the MLP half of linear1
         self.keep(saved, "mlp_in", lin1)
@@ -314,40 +282,21 @@ class BlockTracer:
         self.t.drop(lora_input_grad, input_grad)
         return total
 
-    def rope_backward(self, grad: int, tokens: int) -> int:
-        """Grad of the rope input from the grad of its output (float32 inside)."""
+    def qk_norm_backward(self, saved: Saved, key: str, tokens: int) -> int:
+        """Backward of qk_norm: returns the grad of its (q or k) input."""
         s = self.s
         n = s.batch * tokens * s.hidden
-        grad32 = self.new(n, 4) if s.act != 4 else None  # .to(dtype) backward
-        through_sin = self.new(n, 4)
-        unflipped = self.new(n, 4)
-        self.t.drop(through_sin)
-        through_cos = self.new(n, 4)
-        self.t.drop(grad32)
-        self.t.drop(through_cos)  # summed into `unflipped`
+        grad32 = self.new(n, 4)  # the incoming grad cast to float32 (or copied), rotated back in place
+        as_float = self.new(n, 4) if s.act != 4 else None
+        normed = self.new(n, 4)
+        self.t.drop(as_float)
+        self.t.drop(self.new(n, 4))  # grad * normed, for the mean
+        self.t.unsave(saved[key + ".src"], saved[key + ".rstd"])
         if s.act == 4:
-            return unflipped
-        out = self.new(n)  # .float() backward
-        self.t.drop(unflipped)
-        return out
-
-    def qk_norm_backward(self, saved: Saved, key: str, grad: int, tokens: int) -> int:
-        s = self.s
-        n = s.batch * tokens * s.hidden
-        if s.act == 4:
-            out = self.new(n)
-            self.t.unsave(saved[key + ".src"], saved[key + ".rstd"])
-            return out
-        weighted = self.new(n)  # (.. * weight) backward
-        grad32 = self.new(n, 4)  # .to(dtype) backward
-        self.t.drop(weighted)
-        # rms_norm backward, as its decomposition runs: x * rstd, grad * that, the sum's broadcast, the result
-        temps = [self.new(n, 4) for _ in range(3)]
-        normed_grad = self.new(n, 4)
-        self.t.drop(grad32, *temps)
-        self.t.unsave(saved[key + ".float"], saved[key + ".rstd"])
-        out = self.new(n)  # .float() backward
-        self.t.drop(normed_grad)
+            self.t.drop(normed)
+            return grad32
+        out = self.new(n)
+        self.t.drop(grad32, normed)
         return out
 
     def attention_backward(self, saved: Saved, key: str, grad: int, dq_accumulator: bool) -> tuple[int, int, int]:
@@ -375,10 +324,8 @@ class BlockTracer:
         self.t.drop(joined)
         normed = []
         for name, g in (("k", k), ("q", q)):
-            unrotated = self.rope_backward(g, L)
+            normed.append(self.qk_norm_backward(saved, name, L))
             self.t.drop(g)
-            normed.append(self.qk_norm_backward(saved, name, unrotated, L))
-            self.t.drop(unrotated)
         qkv = self.new(s.batch * L * 3 * C)  # unbind backward: stack
         self.t.drop(*normed, v)
         lin1 = self.new(s.batch * L * (3 * C + M))  # split backward: cat
@@ -412,20 +359,16 @@ class BlockTracer:
         self.t.drop(*attn_parts)
         q, k, v = self.attention_backward(saved, "attn", attn, dq_accumulator)
         self.t.drop(attn)
-        k_cat = self.rope_backward(k, s.tokens)
-        self.t.drop(k)
-        q_cat = self.rope_backward(q, s.tokens)
-        self.t.drop(q)
-        for name, n in (("txt", s.txt_tokens), ("img", s.img_tokens)):
-            k_in = self.qk_norm_backward(saved, name + ".k", k_cat, n)
-            q_in = self.qk_norm_backward(saved, name + ".q", q_cat, n)
+        for name, n in (("txt", s.txt_tokens), ("img", s.img_tokens)):  # each reads its rows of the cat's grads
+            k_in = self.qk_norm_backward(saved, name + ".k", n)
+            q_in = self.qk_norm_backward(saved, name + ".q", n)
             qkv = self.new(s.batch * n * 3 * C)  # stack of the q, k, v grads
             self.t.drop(k_in, q_in)
             normed = self.linear_backward(saved, name + ".qkv", qkv, n, C, 3 * C, lora, inputs_need_grad)
             self.t.drop(qkv)
             self._norm_backward(saved, name + ".norm1", normed, n, inputs_need_grad)
             self.t.unsave(saved[name + ".mod"])
-        self.t.drop(k_cat, q_cat, v)
+        self.t.drop(q, k, v)
 
     def _norm_backward(self, saved: Saved, key: str, grad: int | None, tokens: int, needs_input_grad: bool) -> None:
         """layer_norm backward; its grad is summed into the residual's grad, which the caller holds."""

@@ -145,8 +145,8 @@ def _embed(t: MemoryTrace, sizes: DiTSizes, work: Workload, opts: MemoryOptions,
     t.drop(t.alloc(4 * batch * lt * c.mlp_hidden_size * a, EMBED))  # the token refiner: a few hundred tokens
     img = t.alloc(batch * li * c.hidden_size * a, WORK)
     txt = t.alloc(batch * lt * c.hidden_size * a, WORK)
-    # rope: cos and sin (cached between steps), the signed sin, and the [image, text] tables every block reads
-    rope = t.alloc((3 * li + 2 * (li + lt)) * c.head_dim * 4, ROPE)
+    # rope: the complex table of the image tokens (cached between steps) and the [image, text] one every block reads
+    rope = t.alloc((li + (li + lt)) * c.head_dim * 4, ROPE)
     return img, txt, rope
 
 
