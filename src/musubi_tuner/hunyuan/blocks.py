@@ -262,8 +262,10 @@ class MMDoubleStreamBlock(nn.Module):
         B, L, C = x.shape
         qkv = getattr(self, f"{stream}_attn_qkv")(modulate_norm(x, mod[0], mod[1]))
         q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).unbind(2)
-        q = qk_norm(q, getattr(self, f"{stream}_attn_q_norm").weight, rotation)
-        k = qk_norm(k, getattr(self, f"{stream}_attn_k_norm").weight, rotation)
+        # qk_norm keeps its input for backward: copies of q and k let the whole qkv output (v is concatenated
+        # into a new tensor anyway) be freed when the block returns
+        q = qk_norm(q.contiguous(), getattr(self, f"{stream}_attn_q_norm").weight, rotation)
+        k = qk_norm(k.contiguous(), getattr(self, f"{stream}_attn_k_norm").weight, rotation)
         return q, k, v
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor, ctx: AttentionContext):

@@ -141,13 +141,13 @@ class BlockTracer:
             self.keep_new(saved, key + ".stats", 2 * s.batch * tokens, 4)  # mean, rstd
         return out
 
-    def qk_norm(self, saved: Saved, key: str, tokens: int, qkv: int) -> int:
-        """`blocks.qk_norm` of q or k (a view of the qkv output, which it saves): float32 inside, rotated in place."""
+    def qk_norm(self, saved: Saved, key: str, tokens: int, src: int) -> int:
+        """`blocks.qk_norm` of q or k (`src`: the tensor q or k is a view of, which it saves): float32 inside, rotated in place."""
         s = self.s
         n = s.batch * tokens * s.hidden
         as_float = self.new(n, 4) if s.act != 4 else None
         self.t.drop(self.new(n, 4))  # the square, for the mean
-        self.keep(saved, key + ".src", qkv)
+        self.keep(saved, key + ".src", src)
         self.keep_new(saved, key + ".rstd", s.batch * tokens * s.heads, 4)
         normed = self.new(n, 4)
         if s.act == 4:
@@ -205,8 +205,10 @@ class BlockTracer:
             normed = self.modulate_norm(saved, name + ".norm1", x, n, inputs_need_grad and self.grad)
             qkvs[name] = self.linear(saved, name + ".qkv", normed, n, C, 3 * C, lora)
             self.t.drop(normed)
-            qs[name] = self.qk_norm(saved, name + ".q", n, qkvs[name])
-            ks[name] = self.qk_norm(saved, name + ".k", n, qkvs[name])
+            for key, outs in ((".q", qs), (".k", ks)):  # qk_norm of a contiguous copy: the qkv output is not kept
+                copy = self.new(s.batch * n * C)
+                outs[name] = self.qk_norm(saved, name + key, n, copy)
+                self.t.drop(copy)
         q, k, v = (self.new(s.batch * s.tokens * C) for _ in "qkv")  # torch.cat of the streams' q, k, v
         attn = self.attention(saved, "attn", q, k, v)
         outs = {}
