@@ -79,6 +79,22 @@ def measure(step: Callable[[], None], runs: int, warmup: int = 1) -> dict:
     return {"times": times, "median": statistics.median(times)}
 
 
+def measure_interleaved(steps: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, dict]:
+    """Time several variants in one process, one step of each in turn (the order flips every round), so that the
+    machine's drift (its clock, a neighbour's load) falls on all of them alike. {name: {"times", "median"}}."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"times": t, "median": statistics.median(t)} for name, t in times.items()}
+
+
 def run_process(script: str, args: Sequence[str], memory: bool) -> dict:
     """Run `script --worker args...` in a fresh process (a memory process if `memory`) and return its JSON result."""
     env = dict(os.environ)

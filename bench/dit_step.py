@@ -6,7 +6,8 @@ Bench config (fixed): hidden 1024 (8 heads of 128, as the real model's head size
 4 single blocks, 2 refiner blocks, LLM width 1024; latent 16 x 3 x 32 x 32 (a 9-frame 256x256 clip:
 768 image tokens); text padded to 256 tokens with 60 valid (a typical caption) or all 256 valid.
 The weights are frozen and the gradient flows to the input latents, as in LoRA training. bf16 rows run
-bf16 weights under bf16 autocast. Each row runs in its own process; times are the median of --runs steps.
+bf16 weights under bf16 autocast. Times: both models in one process, one step of each in turn, the median of
+--runs steps each (so that the machine's drift falls on both alike); peak memory: each model in its own process.
 FLOP/s counts 2 x the forward FLOPs (forward + input gradients; see musubi_tuner.hunyuan.cost).
 """
 
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from common import machine, matmul_rate, measure, run_worker, table  # noqa: E402
+from common import machine, matmul_rate, measure, measure_interleaved, run_process, table  # noqa: E402
 
 from musubi_tuner.hunyuan.config import DiTConfig  # noqa: E402
 from musubi_tuner.hunyuan.cost import forward_flops  # noqa: E402
@@ -33,7 +34,8 @@ LATENT = (16, 3, 32, 32)
 MAX_TEXT = 256
 
 
-def worker(impl: str, dtype_name: str, text_len: int, runs: int) -> dict:
+def build_step(impl: str, dtype_name: str, text_len: int):
+    """One forward+backward of `impl` ("ours" / "diffusers") on the bench weights and inputs."""
     from musubi_tuner.demo.tiny_dit import random_dit_state_dict
     from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 
@@ -69,7 +71,17 @@ def worker(impl: str, dtype_name: str, text_len: int, runs: int) -> dict:
                 out = model(xi, t, text, mask, pooled, guidance, return_dict=False)[0]
         out.float().square().mean().backward()
 
-    return measure(step, runs)
+    return step
+
+
+IMPLS = ("diffusers", "ours")
+
+
+def worker(impl: str, dtype_name: str, text_len: int, runs: int) -> dict:
+    """impl "both": alternating timed steps of the two; "ours" / "diffusers": that one's peak memory (memory process)."""
+    if impl == "both":
+        return measure_interleaved({name: build_step(name, dtype_name, text_len) for name in IMPLS}, runs)
+    return measure(build_step(impl, dtype_name, text_len), runs)
 
 
 def main() -> None:
@@ -90,8 +102,9 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         for text in (int(v) for v in args.text.split(",")):
-            res = {impl: run_worker(__file__, [impl, dtype, str(text), str(args.runs)]) for impl in ("diffusers", "ours")}
-            for impl in ("diffusers", "ours"):
+            timed = run_process(__file__, ["both", dtype, str(text), str(args.runs)], memory=False)
+            res = {impl: {**timed[impl], **run_process(__file__, [impl, dtype, str(text), str(args.runs)], memory=True)} for impl in IMPLS}
+            for impl in IMPLS:
                 r = res[impl]
                 # diffusers computes all 256 text tokens; we compute the valid ones
                 tokens = MAX_TEXT if impl == "diffusers" else text

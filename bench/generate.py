@@ -33,14 +33,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from common import MEMORY_MODE_ENV, machine, matmul_rate, measure, run_worker, table  # noqa: E402
+from common import MEMORY_MODE_ENV, machine, matmul_rate, measure, measure_interleaved, run_worker, table  # noqa: E402
 
 from musubi_tuner.hunyuan.config import DiTConfig  # noqa: E402
 from musubi_tuner.hunyuan.cost import forward_flops  # noqa: E402
@@ -132,13 +131,9 @@ def worker(row_name: str, steps: int, runs: int, latents_path: str) -> dict:
     if os.environ.get(MEMORY_MODE_ENV):
         return {"memory": {impl: measure(loop, 1) for impl, loop in loops.items()}}
     torch.save({impl: loop().float() for impl, loop in loops.items()}, latents_path)  # the warm-up loops
-    times = {impl: [] for impl in IMPLS}
-    for r in range(runs):
-        for impl in IMPLS if r % 2 == 0 else IMPLS[::-1]:
-            t0 = time.perf_counter()
-            loops[impl]()
-            times[impl].append((time.perf_counter() - t0) / steps)
-    return {"time": {impl: {"times": t, "median": statistics.median(t)} for impl, t in times.items()}}
+    timed = measure_interleaved(loops, runs, warmup=0)
+    per_step = {impl: [t / steps for t in timed[impl]["times"]] for impl in IMPLS}
+    return {"time": {impl: {"times": t, "median": statistics.median(t)} for impl, t in per_step.items()}}
 
 
 def main() -> None:
