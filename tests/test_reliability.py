@@ -417,6 +417,8 @@ CASES = [
          keep=lambda a, t: sorted((t / "out" / "tiny-state").iterdir()), fault="full_disk_state"),
     Case("train-read-only-output-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out"),
          r"out: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --output_dir", fault="read_only:out"),
+    Case("train-dry-run-read-only-output-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--dry_run"),
+         r"out: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --output_dir", fault="read_only:out"),
     # --- merging
     Case("merge-multiplier-count", "merge_lora", lambda a, t: merge_argv(a, t, extra=["--lora_multiplier", "1", "0.5"]),
          r"1 LoRA files but 2 values of --lora_multiplier: give one per file, or one for all"),
@@ -449,6 +451,9 @@ CASES = [
          lambda a, t: generate_argv(a, t, "--video_path", str(_write(t / "clip.mp4", NOISE))),
          r"clip\.mp4: not a readable video", then=nothing_generated),
     Case("generate-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t),
+         r"videos: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --save_path",
+         fault="read_only:videos", then=nothing_generated),
+    Case("generate-dry-run-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t, "--dry_run"),
          r"videos: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --save_path",
          fault="read_only:videos", then=nothing_generated),
     # --- converting

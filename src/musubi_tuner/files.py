@@ -66,14 +66,19 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def require_writable_folder(folder: str | os.PathLike, flag: str) -> Path:
+def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool = True) -> Path:
     """Create `folder` if needed and prove it takes new files, before any long work that would write there.
 
     Writes and removes a probe file: os.access says yes to root on a read-only mount or a full quota.
+    create=False (a --dry_run): create nothing; probe the folder, or the nearest parent that exists.
     """
     folder = Path(folder)
+    if not create:
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
         os.close(fd)
         os.unlink(probe)

@@ -122,7 +122,12 @@ def check_and_fill(args) -> None:
 def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
     """Files read only after the text encoders (and for the VAE, the sampling) have run: a wrong one fails now.
 
-    Not in a --dry_run, which plans from the DiT's header alone (the other files may not be at hand)."""
+    A --dry_run plans from the DiT's header alone (the other files may not be at hand): it checks only that
+    the output folder takes files, creating nothing."""
+    from musubi_tuner.files import require_writable_folder
+
+    require_writable_folder(args.save_merged_model and Path(args.save_merged_model).parent or args.save_path,
+                            "--save_merged_model" if args.save_merged_model else "--save_path", create=not args.dry_run)
     if args.dry_run:
         return
     from musubi_tuner.data.media import load_image, video_size
@@ -139,10 +144,6 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
         load_image(args.image_path)
     if args.video_path:
         video_size(args.video_path)
-    from musubi_tuner.files import require_writable_folder
-
-    require_writable_folder(args.save_merged_model and Path(args.save_merged_model).parent or args.save_path,
-                            "--save_merged_model" if args.save_merged_model else "--save_path")
 
 
 # ----------------------------------------------------------------------------------------------- stages

@@ -74,16 +74,9 @@ def check_args(args) -> None:
         raise UserError(f"{args.network_weights}: LoRA file not found (--network_weights)")
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
-    out = Path(args.output_dir)
-    if args.dry_run:  # check, create nothing: the folder or the first of its parents that exists must be writable
-        while not out.exists() and out.parent != out:
-            out = out.parent
-        if not os.access(out, os.W_OK):
-            raise UserError(f"{out}: output folder is not writable")
-    else:
-        from musubi_tuner.files import require_writable_folder
+    from musubi_tuner.files import require_writable_folder
 
-        require_writable_folder(out, "--output_dir")
+    require_writable_folder(args.output_dir, "--output_dir", create=not args.dry_run)
 
 
 def make_accelerator(args) -> Accelerator:
