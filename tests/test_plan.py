@@ -7,11 +7,14 @@ import torch
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
 from musubi_tuner.hunyuan.cost import forward_flops, train_step_flops
 from musubi_tuner.hunyuan.fp8 import is_fp8_weight
+from musubi_tuner.hunyuan.vae import CausalVideoVAE, VAEConfig, latent_frames
 from musubi_tuner.planning import MemoryOptions, Workload, fit_budget, gpu, plan
 from musubi_tuner.planning import sizes
 from musubi_tuner.planning.dit_blocks import BlockTracer
 from musubi_tuner.planning.dit_step import block_shapes, replay_sampling_call, replay_training_step
+from musubi_tuner.planning.measure import TensorBytes
 from musubi_tuner.planning.trace import MemoryTrace
+from musubi_tuner.planning.vae import vae_decode_stage, vae_encode_stage, vae_params
 from plan_runs import measured_tensor_peak, saved_bytes_by_block
 
 # Small enough for a CPU test, shaped like the real model (head dim 128, MLP 4x) so activations outweigh weights.
@@ -43,7 +46,7 @@ def test_encoder_sizes_match_the_reference_manifests(manifest):
     assert sizes.LLM_PARAMS + sizes.LLM_LM_HEAD_PARAMS == manifest("text_encoder_llm_LlamaForCausalLM.json")["params"]
     assert tuple(manifest("text_encoder_llm_LlamaModel.json")["keys"]["embed_tokens.weight"]) == (128_320, sizes.LLM_HIDDEN)
     assert sizes.CLIP_PARAMS == manifest("text_encoder_clip_l_CLIPTextModel.json")["params"]
-    assert sizes.VAE_PARAMS == manifest("vae_884_16c.json")["params"]
+    assert vae_params() == manifest("vae_884_16c.json")["params"]
 
 
 def test_block_swap_streams_the_linear_weights_of_the_blocks_musubi_tuner_swaps():
@@ -117,6 +120,43 @@ def test_replayed_peak_matches_the_live_tensor_peak_of_a_cpu_run(case):
     replay = (replay_training_step if work.mode == "train" else replay_sampling_call)(work, opts, on_cpu=True)
     measured = measured_tensor_peak(work, opts)
     assert replay.device.peak == pytest.approx(measured, rel=0.06)
+
+
+# ------------------------------------------------------------------------------------------- the VAE stages
+
+# Our VAE's structure (4 blocks, 3 spatial / 2 temporal halvings, streamed convolutions) at widths a CPU test affords.
+SMALL_VAE = VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+VAE_CASES = {  # (frames, height, width, tile px or None)
+    "untiled": (9, 32, 48, None),
+    "32 px tiles": (9, 48, 64, 32),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", VAE_CASES)
+@pytest.mark.parametrize("op", ["encode", "decode"])
+def test_replayed_vae_peak_matches_the_live_tensor_peak_of_a_cpu_run(op, case, dtype):
+    from musubi_tuner.inference.outputs import decode_to_frames
+
+    frames, height, width, tile = VAE_CASES[case]
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(SMALL_VAE).to(dtype).eval().requires_grad_(False)
+    vae.set_memory_options(tiling=tile is not None, spatial_tile_sample_min_size=tile)
+    act = dtype.itemsize
+    if op == "encode":  # as cache_latents calls it
+        x = torch.rand(1, 3, frames, height, width).to(dtype) * 2 - 1
+        replay = vae_encode_stage(frames, height, width, 1, tile is not None, tile or 256, act, SMALL_VAE)
+        run = lambda: vae.encode(x).sample(torch.Generator().manual_seed(0))  # noqa: E731
+    else:  # as generation and training samples decode
+        x = torch.randn(16, latent_frames(frames), height // 8, width // 8)
+        replay = vae_decode_stage(frames, height, width, tile is not None, tile or 256, act, SMALL_VAE)
+        run = lambda: decode_to_frames(vae, x)  # noqa: E731
+    counter = TensorBytes()
+    counter.track(list(vae.parameters()) + [x])
+    with torch.no_grad(), counter:
+        run()
+    weights = vae_params(SMALL_VAE) * act
+    assert replay.peak - weights == pytest.approx(counter.peak - weights, rel=0.02)
 
 
 # ------------------------------------------------------------------------------------------- the full model

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from musubi_tuner.hunyuan.cost import block_flops, forward_flops, lora_forward_flops, train_step_flops
-from musubi_tuner.planning import encoders
+from musubi_tuner.planning import encoders, vae
 from musubi_tuner.planning.dit_step import replay_sampling_call, replay_training_step, swapped_blocks
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.sizes import dit_sizes
@@ -95,7 +95,7 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float = 
         if train:
             stages.append(Stage.from_traces(
                 f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]",
-                encoders.vae_encode_stage(work.frames, work.height, work.width, 1, opts.vae_tiling, opts.vae_spatial_tile_sample_min_size)))
+                vae.vae_encode_stage(work.frames, work.height, work.width, 1, opts.vae_tiling, opts.vae_spatial_tile_sample_min_size)))
     if train:
         replay = replay_training_step(work, opts)
         stages.append(Stage.from_traces("DiT training step (forward + backward + optimizer)", replay.device, replay.host))
@@ -105,7 +105,7 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float = 
         if include_encoders:
             stages.append(Stage.from_traces(
                 f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px)",
-                encoders.vae_decode_stage(work.frames, work.height, work.width, work.batch, True, opts.vae_spatial_tile_sample_min_size)))
+                vae.vae_decode_stage(work.frames, work.height, work.width, True, opts.vae_spatial_tile_sample_min_size)))
     flops, note = step_flops(work, opts)
     time = step_time(work, opts, device, utilisation)
     return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, utilisation=utilisation,
@@ -248,9 +248,9 @@ def _fit_encoders(work: Workload, base: MemoryOptions, budget: float) -> MemoryO
     for tile in (256, 192, 160, 128, 96, 64):
         opts = opts.replace(vae_spatial_tile_sample_min_size=tile)
         if work.mode == "generate":
-            trace = encoders.vae_decode_stage(work.frames, work.height, work.width, work.batch, True, tile)
+            trace = vae.vae_decode_stage(work.frames, work.height, work.width, True, tile)
         else:
-            trace = encoders.vae_encode_stage(work.frames, work.height, work.width, 1, True, tile)
+            trace = vae.vae_encode_stage(work.frames, work.height, work.width, 1, True, tile)
         if Stage.from_traces("", trace).needed <= budget:
             break
     if work.mode == "train":

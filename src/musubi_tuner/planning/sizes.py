@@ -2,9 +2,9 @@
 
 The DiT's numbers come from the model itself, built on the `meta` device from its config (no weights,
 no memory): which tensors are stored in fp8 (`hunyuan.fp8.is_fp8_weight`), which Linears block swap
-streams (`hunyuan.offload`), which modules LoRA wraps (`networks.lora.target_modules`). The text
-encoders and the VAE are other people's modules; their sizes are the published architectures, checked
-against the reference state-dict manifests by the tests.
+streams (`hunyuan.offload`), which modules LoRA wraps (`networks.lora.target_modules`); the VAE's come
+from hunyuan/vae.py the same way (planning/vae.py). The text encoders are other people's modules; their
+sizes are the published architectures, checked against the reference state-dict manifests by the tests.
 """
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ LLM_LAYERS, LLM_HIDDEN, LLM_MLP = 32, 4096, 14336
 LLM_PROMPT_TOKENS = 256 + 95  # max_length: 256 prompt tokens after the 95-token template crop
 CLIP_PARAMS = 123_060_480  # CLIP-L text model
 CLIP_TOKENS, CLIP_HIDDEN, CLIP_LAYERS = 77, 768, 12
-# Causal 3D VAE "884-16c-hy": 4x temporal / 8x spatial compression, 16 latent channels.
-VAE_PARAMS = 246_478_803
-VAE_BLOCK_CHANNELS = (128, 256, 512, 512)
-VAE_LATENT_CHANNELS = 16
-VAE_TEMPORAL, VAE_SPATIAL = 4, 8
 
 
 # ------------------------------------------------------------------------------------ the DiT
