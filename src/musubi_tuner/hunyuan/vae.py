@@ -180,6 +180,21 @@ def padded_frames(source: Frames, first: int, stop: int, pad: int) -> torch.Tens
     return buf
 
 
+def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`; in float32 on the CPU always through oneDNN.
+
+    PyTorch picks oneDNN for a CPU convolution only when N x C x T x H of the input exceeds 20,480 (a rule made for
+    2D convolutions); smaller inputs go to an im2col kernel that is 2-3x slower at the VAE's widths (10x when two
+    processes share the cores). The VAE's short frame windows, column chunks and small tiles are such inputs: a
+    128 px tiled decode took 1.7x longer before. (bfloat16 keeps PyTorch's choice: oneDNN's bf16 kernels need
+    AVX-512 or AVX-NE-CONVERT, which not every CPU has.)
+    """
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")):
+        return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+    return conv(x)
+
+
 class CausalConv3d(nn.Module):
     """Conv3d after padding k-1 past frames (copies of the first) and k//2 replicated pixels on each side (`conv` holds
     the weights). Inference only: the VAE runs under torch.no_grad().
@@ -221,7 +236,7 @@ class CausalConv3d(nn.Module):
         """The convolution of a padded input, in column chunks of about `chunk_size` when it is at least 1.5 chunks wide."""
         width = x.shape[-1]
         if not self.chunk_size or width < 1.5 * self.chunk_size:
-            return self.conv(x)
+            return conv3d(self.conv, x)
         k, stride = self.kernel_size, self.conv.stride[2]
         out_width = (width - k) // stride + 1
         step = max(1, self.chunk_size // stride)
@@ -230,7 +245,7 @@ class CausalConv3d(nn.Module):
             stop = min(start + step, out_width)
             if out_width - stop < step // 2:  # fold a small trailing piece into this one
                 stop = out_width
-            pieces.append(self.conv(x[..., start * stride : (stop - 1) * stride + k]))
+            pieces.append(conv3d(self.conv, x[..., start * stride : (stop - 1) * stride + k]))
             if stop == out_width:
                 break
         return torch.cat(pieces, dim=-1)
@@ -253,7 +268,7 @@ class ResnetBlockCausal3D(nn.Module):
                 return x[:, :, start:stop]
         else:
             def residual(start, stop):
-                return self.conv_shortcut.conv(x[:, :, start:stop])
+                return conv3d(self.conv_shortcut.conv, x[:, :, start:stop])
         return self.conv2(NormSiLU(self.norm2, h), overwrite=True, residual=residual)  # written over h: one tensor fewer
 
 
@@ -429,10 +444,10 @@ class CausalVideoVAE(nn.Module):
                 m.chunk_size = chunk_size if chunk_size and chunk_size > 0 else None
 
     def _encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(pixels))
+        return conv3d(self.quant_conv, self.encoder(pixels))
 
     def _decode_untiled(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latents))
+        return self.decoder(conv3d(self.post_quant_conv, latents))
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> DiagonalGaussian:
