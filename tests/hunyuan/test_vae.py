@@ -155,6 +155,27 @@ def test_half_precision_vae_stays_close_to_float32(weights, pair, dtype, toleran
         assert rel_err(half.decode(z), ours.decode(z)) < tolerance
 
 
+@pytest.mark.parametrize("fp16_kernel", [True, False])
+def test_cpu_convolutions_match_pytorch_on_small_inputs(monkeypatch, fp16_kernel):
+    """conv3d() sends small float32 inputs to oneDNN and, on CPUs without a float16 kernel (where PyTorch's own runs
+    50-140x slower), float16 through float32: the result is PyTorch's float32 convolution, rounded once."""
+    from musubi_tuner.hunyuan import vae
+
+    monkeypatch.setattr(vae, "_cpu_has_fp16_convolution", lambda: fp16_kernel)
+    conv = torch.nn.Conv3d(8, 4, 3, padding=(0, 1, 1), stride=(1, 2, 2)).eval()
+    x = torch.randn(1, 8, 3, 6, 10, generator=torch.Generator().manual_seed(0))  # N x C x T x H = 144: PyTorch's im2col path
+    with torch.no_grad():
+        assert rel_err(vae.conv3d(conv, x), conv(x)) < 1e-6
+        half = conv.half()
+        want = torch.nn.functional.conv3d(x.half().float(), half.weight.float(), half.bias.float(), (1, 2, 2), (0, 1, 1))
+        got = vae.conv3d(half, x.half())
+        assert got.dtype == torch.float16
+        if fp16_kernel:  # PyTorch's own float16 kernel: float16 rounding inside
+            assert rel_err(got.float(), want) < 2e-3
+        else:
+            assert torch.equal(got, want.half())
+
+
 @pytest.mark.parametrize("op", ["encode", "decode"])
 def test_peak_tensor_memory_is_well_below_the_reference(weights, pair, op):
     """Live tensor storage (not timing): the streamed convolutions keep about two full-resolution tensors alive."""

@@ -14,6 +14,7 @@ tensors alive where a plain implementation holds four or five. docs/vae.md has t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -181,18 +182,31 @@ def padded_frames(source: Frames, first: int, stop: int, pad: int) -> torch.Tens
 
 
 def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)`; in float32 on the CPU always through oneDNN.
+    """`conv(x)`; on the CPU, float32 always through oneDNN, and float16 in float32 where oneDNN has no float16.
 
     PyTorch picks oneDNN for a CPU convolution only when N x C x T x H of the input exceeds 20,480 (a rule made for
     2D convolutions); smaller inputs go to an im2col kernel that is 2-3x slower at the VAE's widths (10x when two
     processes share the cores). The VAE's short frame windows, column chunks and small tiles are such inputs: a
-    128 px tiled decode took 1.7x longer before. (bfloat16 keeps PyTorch's choice: oneDNN's bf16 kernels need
-    AVX-512 or AVX-NE-CONVERT, which not every CPU has.)
+    128 px tiled decode took 1.7x longer before. A float16 convolution on a CPU without oneDNN float16 support
+    (no AVX512-FP16 / AMX-FP16) runs a scalar kernel 50-140x slower than float32, and float16 is the VAE's default
+    dtype: it is computed in float32 and rounded back (float32 accumulation: no less exact). bfloat16
+    keeps PyTorch's choice.
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")):
-        return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+    if x.device.type == "cpu" and x.dtype == conv.weight.dtype and not torch.is_autocast_enabled("cpu") \
+            and torch.backends.mkldnn.is_available():
+        if x.dtype == torch.float32:
+            return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
+                                                     conv.groups)
+        if x.dtype == torch.float16 and not _cpu_has_fp16_convolution():
+            bias = None if conv.bias is None else conv.bias.float()
+            return torch.ops.aten.mkldnn_convolution(x.float(), conv.weight.float(), bias, conv.padding, conv.stride,
+                                                     conv.dilation, conv.groups).to(torch.float16)
     return conv(x)
+
+
+@functools.cache
+def _cpu_has_fp16_convolution() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
 class CausalConv3d(nn.Module):
