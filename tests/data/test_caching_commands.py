@@ -117,6 +117,18 @@ def test_captions_reach_the_text_encoders_a_batch_at_a_time(models, tmp_path, mo
     assert seen == {"llm": calls, "clipL": calls}
 
 
+@pytest.mark.parametrize("flags, warned", [((), True), (("--text_encoder_dtype", "bf16"), False)], ids=["float16", "bf16"])
+def test_float16_text_encoding_on_a_cpu_without_float16_kernels_says_what_is_faster(models, tmp_path, monkeypatch,
+                                                                                    caplog, flags, warned):
+    import musubi_tuner.dtypes
+
+    monkeypatch.setattr(musubi_tuner.dtypes, "cpu_lacks_fast_float16", lambda: True)
+    toml, _ = clips(tmp_path, 2)
+    with caplog.at_level(logging.WARNING):
+        cache_text_main(text_args(toml, models, "--device", "cpu", *flags))
+    assert ("--text_encoder_dtype bf16" in caplog.text) == warned
+
+
 # ------------------------------------------------------------------------------------------ interrupted runs
 
 # Runs a caching script as a file, as users do, and SIGKILLs it at its k-th cache write: after the

@@ -161,7 +161,7 @@ def test_cpu_convolutions_match_pytorch_on_small_inputs(monkeypatch, fp16_kernel
     50-140x slower), float16 through float32: the result is PyTorch's float32 convolution, rounded once."""
     from musubi_tuner.hunyuan import vae
 
-    monkeypatch.setattr(vae, "_cpu_has_fp16_convolution", lambda: fp16_kernel)
+    monkeypatch.setattr(vae, "cpu_lacks_fast_float16", lambda: not fp16_kernel)
     conv = torch.nn.Conv3d(8, 4, 3, padding=(0, 1, 1), stride=(1, 2, 2)).eval()
     x = torch.randn(1, 8, 3, 6, 10, generator=torch.Generator().manual_seed(0))  # N x C x T x H = 144: PyTorch's im2col path
     with torch.no_grad():

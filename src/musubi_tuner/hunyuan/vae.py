@@ -14,7 +14,6 @@ tensors alive where a plain implementation holds four or five. docs/vae.md has t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from musubi_tuner.dtypes import cpu_lacks_fast_float16
 from musubi_tuner.errors import UserError
 
 SCALING_FACTOR = 0.476986
@@ -197,16 +197,11 @@ def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
                                                      conv.groups)
-        if x.dtype == torch.float16 and not _cpu_has_fp16_convolution():
+        if x.dtype == torch.float16 and cpu_lacks_fast_float16():
             bias = None if conv.bias is None else conv.bias.float()
             return torch.ops.aten.mkldnn_convolution(x.float(), conv.weight.float(), bias, conv.padding, conv.stride,
                                                      conv.dilation, conv.groups).to(torch.float16)
     return conv(x)
-
-
-@functools.cache
-def _cpu_has_fp16_convolution() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
 class CausalConv3d(nn.Module):
