@@ -158,7 +158,7 @@ def test_half_precision_vae_stays_close_to_float32(weights, pair, dtype, toleran
 @pytest.mark.parametrize("fp16_kernel", [True, False])
 def test_cpu_convolutions_match_pytorch_on_small_inputs(monkeypatch, fp16_kernel):
     """conv3d() sends small float32 inputs to oneDNN and, on CPUs without a float16 kernel (where PyTorch's own runs
-    50-140x slower), float16 through float32: the result is PyTorch's float32 convolution, rounded once."""
+    60-140x slower), float16 through float32: the result is PyTorch's float32 convolution, rounded once."""
     from musubi_tuner.hunyuan import vae
 
     monkeypatch.setattr(vae, "cpu_lacks_fast_float16", lambda: not fp16_kernel)

@@ -188,7 +188,7 @@ def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     2D convolutions); smaller inputs go to an im2col kernel that is 2-3x slower at the VAE's widths (10x when two
     processes share the cores). The VAE's short frame windows, column chunks and small tiles are such inputs: a
     128 px tiled decode took 1.7x longer before. A float16 convolution on a CPU without oneDNN float16 support
-    (no AVX512-FP16 / AMX-FP16) runs a scalar kernel 50-140x slower than float32, and float16 is the VAE's default
+    (no AVX512-FP16 / AMX-FP16) runs a scalar kernel 60-140x slower than float32, and float16 is the VAE's default
     dtype: it is computed in float32 and rounded back (float32 accumulation: no less exact). bfloat16
     keeps PyTorch's choice.
     """
