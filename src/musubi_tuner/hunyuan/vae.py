@@ -192,15 +192,12 @@ def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     dtype: it is computed in float32 and rounded back (float32 accumulation: no less exact). bfloat16
     keeps PyTorch's choice.
     """
-    if x.device.type == "cpu" and x.dtype == conv.weight.dtype and not torch.is_autocast_enabled("cpu") \
-            and torch.backends.mkldnn.is_available():
-        if x.dtype == torch.float32:
-            return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
-                                                     conv.groups)
-        if x.dtype == torch.float16 and cpu_lacks_fast_float16():
-            bias = None if conv.bias is None else conv.bias.float()
-            return torch.ops.aten.mkldnn_convolution(x.float(), conv.weight.float(), bias, conv.padding, conv.stride,
-                                                     conv.dilation, conv.groups).to(torch.float16)
+    if (x.device.type == "cpu" and x.dtype == conv.weight.dtype and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available()
+            and (x.dtype == torch.float32 or x.dtype == torch.float16 and cpu_lacks_fast_float16())):
+        bias = None if conv.bias is None else conv.bias.float()  # .float() of a float32 tensor is the tensor itself
+        return torch.ops.aten.mkldnn_convolution(x.float(), conv.weight.float(), bias, conv.padding, conv.stride,
+                                                 conv.dilation, conv.groups).to(x.dtype)
     return conv(x)
 
 
