@@ -57,19 +57,12 @@ def check_args(args) -> None:
     if not Path(args.dit).is_file():
         raise UserError(f"{args.dit}: DiT checkpoint not found (--dit)")
     attention_mode(args)
-    if args.blocks_to_swap is not None and args.blocks_to_swap > 36:
-        raise UserError(f"--blocks_to_swap {args.blocks_to_swap}: training swaps at most 36 blocks")
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
         raise UserError("--sample_prompts needs --vae, --text_encoder1 and --text_encoder2")
     if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
         logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
-    for flag in ("validate_every_n_steps", "validate_every_n_epochs", "validation_timesteps", "sample_every_n_steps", "sample_every_n_epochs"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    if args.num_timestep_buckets is not None and args.num_timestep_buckets < 2:
-        raise UserError("--num_timestep_buckets must be at least 2")
     if args.network_weights and not Path(args.network_weights).is_file():
         raise UserError(f"{args.network_weights}: LoRA file not found (--network_weights)")
     if args.dim_from_weights and not args.network_weights:
@@ -266,13 +259,18 @@ def train(args) -> Path:
 
     dataset_config = load_dataset_config(args.dataset_config, check_sources=False)
     data = TrainingDataset.from_config(dataset_config, seed, args.num_timestep_buckets)
+    from musubi_tuner.data.training_dataset import check_caches_fit
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    dit_config = read_dit_config(open_dit_file(args.dit))  # the header only: a wrong cache fails before the model loads
+    check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
+                                     "clipL": dit_config.text_states_dim_2}, args.dit)
     held_out = held_out_batches(args, dataset_config)
     samples = None
     if args.sample_prompts:  # the text encoders run and are freed before the DiT is loaded
-        from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
         from musubi_tuner.training.sampling import TrainingSampler
 
-        samples = TrainingSampler(args, accelerator, in_channels=read_dit_config(open_dit_file(args.dit)).in_channels, seed=seed)
+        samples = TrainingSampler(args, accelerator, in_channels=dit_config.in_channels, seed=seed)
     loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
                                       persistent_workers=args.persistent_data_loader_workers,
                                       rank=accelerator.process_index, world=accelerator.num_processes)
