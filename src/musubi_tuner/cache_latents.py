@@ -98,17 +98,19 @@ def main(argv=None) -> None:
             raise UserError("--vae is required (the VAE checkpoint, e.g. hunyuan-video-t2v-720p/vae/pytorch_model.pt)")
         if not Path(args.vae).exists():
             raise UserError(f"{args.vae}: VAE checkpoint not found (--vae)")
+        from musubi_tuner.data.cache_files import lock_cache_directories
         from musubi_tuner.dtypes import str_to_dtype
         from musubi_tuner.hunyuan.vae import load_vae
 
         device = resolve_device(args.device)
-        if args.disable_cudnn_backend:
-            torch.backends.cudnn.enabled = False
-        vae = load_vae(args.vae, dtype=str_to_dtype(args.vae_dtype, torch.float16, "--vae_dtype"), device=device)
-        vae.set_memory_options(tiling=args.vae_tiling or args.vae_spatial_tile_sample_min_size is not None,
-                               spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
-        generator = torch.Generator(device).manual_seed(0)  # the posterior sample is reproducible run to run
-        summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
+        with lock_cache_directories(config.all_datasets, "latents"):  # before the VAE loads: a second run stops at once
+            if args.disable_cudnn_backend:
+                torch.backends.cudnn.enabled = False
+            vae = load_vae(args.vae, dtype=str_to_dtype(args.vae_dtype, torch.float16, "--vae_dtype"), device=device)
+            vae.set_memory_options(tiling=args.vae_tiling or args.vae_spatial_tile_sample_min_size is not None,
+                                   spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
+            generator = torch.Generator(device).manual_seed(0)  # the posterior sample is reproducible run to run
+            summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
         print("\n".join(summaries))
 
     run_cli(run, argv)

@@ -108,27 +108,30 @@ def main(argv=None) -> None:
             logger.warning("this CPU has no fast float16 kernels: float16 encoders run about 4x slower than float32 and 8x slower "
                            "than bfloat16 here; --text_encoder_dtype bf16 (same memory) or fp32 (twice the memory) is faster")
 
-        workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
-        reports, captions = [], []
-        for ds in config.all_datasets:  # validation datasets too
-            report = CacheReport()
-            captions.append(caption_items(ds, report, strict=args.strict, num_workers=workers))
-            reports.append(report)
-        everything = [c for cs in captions for c in cs]
-        # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
-        todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
-        todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
-        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
-                    encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
-        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
-                    encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
+        from musubi_tuner.data.cache_files import lock_cache_directories
 
-        changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
-        for ds, report, cs in zip(config.all_datasets, reports, captions):
-            report.cached = sum(c.cache_path in changed for c in cs)
-            report.already_cached = len(cs) - report.cached
-            tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
-            print(f"{ds.where}: {report.summary('text caches')}")
+        with lock_cache_directories(config.all_datasets, "text"):  # before any encoder loads: a second run stops at once
+            workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+            reports, captions = [], []
+            for ds in config.all_datasets:  # validation datasets too
+                report = CacheReport()
+                captions.append(caption_items(ds, report, strict=args.strict, num_workers=workers))
+                reports.append(report)
+            everything = [c for cs in captions for c in cs]
+            # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
+            todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
+            todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
+            run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
+                        encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
+            run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
+                        encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
+
+            changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
+            for ds, report, cs in zip(config.all_datasets, reports, captions):
+                report.cached = sum(c.cache_path in changed for c in cs)
+                report.already_cached = len(cs) - report.cached
+                tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
+                print(f"{ds.where}: {report.summary('text caches')}")
 
     run_cli(run, argv)
 

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output LoRA (.safetensors)")
     p.add_argument("--target", required=True, choices=("other", "default"), help="other: diffusers/diffusion-pipe naming; default: ours")
     p.add_argument("--diffusers_prefix", default=None, help="key prefix of the 'other' output (default diffusion_model)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

@@ -228,6 +228,18 @@ class TrainingDataset(torch.utils.data.Dataset):
                             f"cache_text_encoder_outputs.py with --dataset_config {config.path} first")
         return cls(datasets, seed, num_timestep_buckets)
 
+    def fingerprint(self) -> str:
+        """A hash of which cache files make up each dataset's buckets and how they are batched: equal fingerprints mean
+        equal epoch plans for equal seeds, so a resumed run can continue inside an epoch."""
+        digest = hashlib.sha1()
+        for d in self.datasets:
+            digest.update(f"batch {d.batch_size}\n".encode())
+            for shape, items in d.buckets.items():
+                digest.update(f"{shape}: {len(items)}\n".encode())
+                for item in items:
+                    digest.update(f"{item.latent_path.name}\n".encode())
+        return digest.hexdigest()[:16]
+
     @property
     def num_items(self) -> int:
         """Training items per epoch, repeats included."""

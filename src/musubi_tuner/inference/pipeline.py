@@ -287,6 +287,11 @@ def generate(args) -> list[Path]:
     check_and_fill(args)
     save_path = Path(args.save_path)
     save_path.mkdir(parents=True, exist_ok=True)
+    from musubi_tuner.files import leftover_temp_files
+
+    for stale in leftover_temp_files(save_path):  # of killed runs only: other generations may write here right now
+        stale.unlink(missing_ok=True)
+        logger.info("removed %s (left by an interrupted run)", stale)
     from musubi_tuner.inference import outputs
 
     if args.latent_path:
