@@ -34,7 +34,7 @@ def test_every_visible_flag_has_help(command):
 def test_help_shows_defaults_that_matter():
     text = parser_of("hv_train_network").format_help()
     for shown in ("base learning rate (LoRA training: about 2e-4) (default: 2e-06)", "optimizer steps to train (default: 1600)",
-                  "how training noise levels are drawn (default: sigma)", "updates are scaled by alpha / rank (default: 1)"):
+                  "how training noise levels are drawn (default: sigma)", "updates are scaled by alpha / rank; 0 means alpha = rank (as musubi-tuner) (default: 1)"):
         assert shown in " ".join(text.split()), shown
 
 

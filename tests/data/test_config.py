@@ -257,3 +257,12 @@ def test_a_validation_dataset_cannot_split_itself_or_share_a_cache_folder(folder
     assert load_error(folders, IMAGES + held).startswith(
         "dataset.toml: [[datasets]][0] and [[validation_datasets]][0] share the cache folder images")
     assert "a validation dataset is held out whole" in load_error(folders, IMAGES + held.replace('"images"', '"videos"') + "validation_split = 0.5\n")
+
+
+def test_a_misspelt_key_is_named_before_the_errors_of_other_tables(tmp_path):
+    toml = tmp_path / "dataset.toml"
+    toml.write_text('[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n\n'
+                    '[[datasets]]\nvideo_directory = "videos"\nnum_repeats = 0\n\n'  # a bad value in the first table
+                    '[[datasets]]\nimage_directroy = "images"\n')  # and a misspelt key in the second
+    with pytest.raises(UserError, match=r"\[\[datasets\]\]\[1\]\.image_directroy is not a dataset key \(did you mean image_directory\?\)"):
+        load_dataset_config(toml, check_sources=False)

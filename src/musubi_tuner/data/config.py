@@ -295,6 +295,7 @@ def load_dataset_config(path: str | os.PathLike, args: Any = None, *, check_sour
         if key not in top_level:
             raise UserError(f"{path}: unknown top-level key {key!r}; a dataset config holds [general], [[datasets]] and "
                             f"optionally [[validation_datasets]]{_did_you_mean(key, top_level)}")
+    _name_unknown_keys(raw, path)
     general = _general_table(raw.get("general", {}), path)
     fallback = _command_line_values(args)
     groups = {}
@@ -307,6 +308,23 @@ def load_dataset_config(path: str | os.PathLike, args: Any = None, *, check_sour
         raise UserError(f"{path}: no [[datasets]] defined")
     _require_distinct_cache_directories(groups["datasets"] + groups["validation_datasets"], path)
     return DatasetGroupConfig(path, groups["datasets"], groups["validation_datasets"])
+
+
+def _name_unknown_keys(raw: dict, path: Path) -> None:
+    """A misspelt key anywhere in the file is named (with the closest valid one) before any other problem: the other
+    problem is often its consequence (a misspelt video_directory reads as "no source folder")."""
+    general = raw.get("general")
+    if isinstance(general, dict):
+        for key in general:
+            if key not in ALL_KEYS:
+                raise UserError(f"{path}: [general].{key} is not a dataset key{_did_you_mean(key, SHARED_KEYS)}")
+    for name in ("datasets", "validation_datasets"):
+        tables = raw.get(name)
+        for index, table in enumerate(tables if isinstance(tables, list) else []):
+            if isinstance(table, dict):
+                unknown = [key for key in table if key not in ALL_KEYS]
+                if unknown:
+                    raise UserError(_unknown_key_message(f"{path}: [[{name}]][{index}]", unknown[0], _kind_of_table(table)))
 
 
 def _general_table(table: Any, path: Path) -> dict[str, Any]:
@@ -336,9 +354,6 @@ def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path,
     where = f"{path}: [[{group}]][{index}]"
     if group == "validation_datasets" and "validation_split" in table:
         raise UserError(f"{where}.validation_split: a validation dataset is held out whole; set validation_split in [[datasets]]")
-    unknown = [key for key in table if key not in ALL_KEYS]
-    if unknown:  # named first: a misspelt video_directory would otherwise read as "no source folder"
-        raise UserError(_unknown_key_message(where, unknown[0], _kind_of_table(table)))
     is_video = _is_video_table(table, where)
     keys, ignored_keys = (VIDEO_KEYS, IGNORED_VIDEO_KEYS) if is_video else (IMAGE_KEYS, IGNORED_IMAGE_KEYS)
     own, ignored = {}, []

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("network")
     g.add_argument("--network_module", default=None, help="the network to train: networks.lora")
     g.add_argument("--network_dim", type=count(1), default=None, help="LoRA rank (default 4)")
-    g.add_argument("--network_alpha", type=real(above=0), default=1, help="LoRA alpha: updates are scaled by alpha / rank")
+    g.add_argument("--network_alpha", type=real(0), default=1,
+                   help="LoRA alpha: updates are scaled by alpha / rank; 0 means alpha = rank (as musubi-tuner)")
     g.add_argument("--network_dropout", type=real(0, 0.99), default=None, help="dropout on the rank activations")
     g.add_argument("--network_args", nargs="*", default=None,
                    help="key=value ...: include_patterns, exclude_patterns, rank_dropout, module_dropout, loraplus_lr_ratio")
