@@ -158,9 +158,10 @@ def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor
     deviation = torch.zeros_like(mean)
     m2 = torch.zeros_like(mean)
     for start in range(0, T, FRAMES_PER_CALL):
-        part = x[:, :, start : start + FRAMES_PER_CALL].reshape(B, groups, -1) - mean[:, :, None]
-        deviation += part.sum(dim=2)
-        m2 += part.square_().sum(dim=2)
+        part = x[:, :, start : start + FRAMES_PER_CALL].view(B, groups, C // groups, -1) - mean[:, :, None, None]  # no copy of x
+        deviation += part.sum(dim=(2, 3))
+        m2 += part.square_().sum(dim=(2, 3))
+        del part  # before the next range's is made: one range's float32 copy at a time
     deviation /= count
     mean += deviation
     variance = m2 / count - deviation.square()
