@@ -47,9 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_encoder(name: str, load, batches: list[list], total: int, model_path: str) -> int:
     """Encode the captions of `batches` (one encoder call each; `total` captions in the dataset) with one
     encoder and merge its outputs into their caches."""
-    from tqdm import tqdm
-
     from musubi_tuner.data import cache_files
+    from musubi_tuner.progress import progress_bar
 
     todo = sum(len(batch) for batch in batches)
     if not todo:
@@ -57,7 +56,7 @@ def run_encoder(name: str, load, batches: list[list], total: int, model_path: st
         return 0
     logger.info("%s: encoding %d captions (%d already cached)", name, todo, total - todo)
     encoder = load()
-    with tqdm(total=todo, desc=f"{name} text", unit="caption") as bar:
+    with progress_bar(total=todo, desc=f"{name} text", unit="caption") as bar:
         for batch in batches:
             with torch.no_grad():
                 embeds, masks = encoder.encode([c.caption for c in batch])

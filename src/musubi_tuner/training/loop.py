@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
+from musubi_tuner.progress import progress_bar
 from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.flow_matching import predict_velocity
@@ -327,7 +327,7 @@ def train(args) -> Path:
         validation.run(progress.global_step)  # the starting point of the validation curve
     if samples is not None and args.sample_at_first:
         samples.sample(dit, network, optimizer, progress.global_step)
-    bar = tqdm(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
+    bar = progress_bar(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
     recent: list[float] = []
     if is_schedule_free(optimizer):
         optimizer.train()
