@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text_encoder2", required=True, help="CLIP-L: HF folder (ckpts/text_encoder_2) or ComfyUI clip_l.safetensors")
     p.add_argument("--text_encoder_dtype", default=None, help="default float16")
     p.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
+    p.add_argument("--cast_llm_rope", action="store_true",
+                   help="round the LLM's rotary frequencies to --text_encoder_dtype, as musubi-tuner's cast does: its caches "
+                        "bit for bit (default: kept in float32, the more exact; see docs/text_encoders.md)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch_size", type=int, default=None, help="captions per encoder call")
     p.add_argument("--num_workers", type=int, default=None, help="threads reading caption files (default CPUs - 1)")
@@ -112,7 +115,8 @@ def main(argv=None) -> None:
         # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
         todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
         todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
-        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
+        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm,
+                                                              cast_rope=args.cast_llm_rope),
                     encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
         run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
                     encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
