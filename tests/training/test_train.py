@@ -44,6 +44,8 @@ def test_trains_and_saves_a_lora_per_epoch_with_kohya_keys(assets, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_up" in k)  # it learned something
     _, meta = read_safetensors_header(final)
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_steps"] == "12" and meta["ss_epoch"] == "3"
+    # what the run computed from --max_train_epochs, as musubi-tuner records it (not the default 1600 steps)
+    assert (meta["ss_max_train_steps"], meta["ss_num_batches_per_epoch"], meta["ss_num_epochs"]) == ("12", "4", "3")
     assert meta["modelspec.architecture"] == "hunyuan-video/lora" and len(meta["sshs_model_hash"]) == 64
     assert meta["musubi_tuner.base_model"] == "hunyuan-video-t2v"
 

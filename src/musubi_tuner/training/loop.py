@@ -309,7 +309,8 @@ def train(args) -> Path:
                             args.preserve_distribution_shape, args.sigma_uses_shift)
     guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
-                            steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, scheduler=scheduler, optimizer=optimizer)
+                            batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
+                            scheduler=scheduler, optimizer=optimizer)
     if args.logging_dir or args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
 
