@@ -145,10 +145,10 @@ def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor
     """(scale, shift), each (B, C, 1, 1, 1), float32 (float64 for a float64 x), such that norm(x) = x * scale + shift
     (as PyTorch's kernel computes it).
 
-    Two passes over frame ranges (no full-size temporary, no float32 copy of a half-precision x; several times faster
-    on the CPU than torch.var_mean). The second sums the squares of x - mean, and its sum of x - mean corrects the
-    mean: both then lie within float32 rounding of a float64 computation, on flat frames (a variance far below the
-    mean's square) and on frames of high dynamic range alike. A norm of the deviations, squared, was up to 4e-5 off.
+    Two passes over frame ranges: no full-size temporary and no float32 copy of a half-precision x (torch.var_mean
+    would need one). The second sums the squares of x - mean, and its sum of x - mean corrects the mean: both then
+    lie within float32 rounding of a float64 computation, on flat frames (a variance far below the mean's square)
+    and on frames of high dynamic range alike. A norm of the deviations, squared, was up to 4e-5 off (and 13% faster).
     """
     B, C, T, H, W = x.shape
     groups = norm.num_groups
