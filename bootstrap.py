@@ -24,11 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-EXTRAS = {"demo": "train", "test": "test"}
+# The demo needs only a plain install (what the seed's five commands use is a core dependency); the tests add theirs.
+EXTRAS = {"demo": None, "test": "test"}
 
 
-def venv_python() -> Path:
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def venv_python(venv_dir: Path = VENV) -> Path:
+    return venv_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def has_nvidia_gpu() -> bool:
@@ -43,7 +44,17 @@ def run(cmd: list[str]) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
 
 
-def ensure_environment(extra: str) -> Path:
+def install(python: Path, extra: str | None) -> None:
+    """PyTorch first (a CPU build where there is no NVIDIA GPU), then this package: `pip install -e .[extra]`."""
+    torch_spec = os.environ.get("MUSUBI_TORCH_SPEC") or ("torch>=2.5" if has_nvidia_gpu() else "torch==2.13.0")
+    torch_cmd = [python, "-m", "pip", "install", torch_spec]
+    if os.environ.get("MUSUBI_TORCH_INDEX"):
+        torch_cmd += ["--index-url", os.environ["MUSUBI_TORCH_INDEX"]]
+    run(torch_cmd)
+    run([python, "-m", "pip", "install", "-e", f".[{extra}]" if extra else "."])
+
+
+def ensure_environment(extra: str | None) -> Path:
     if sys.version_info < (3, 10):
         sys.exit(f"Python 3.10 or newer is needed (this is {sys.version.split()[0]}).")
     python = venv_python()
@@ -51,16 +62,11 @@ def ensure_environment(extra: str) -> Path:
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     # Reinstall only when what we would install changed.
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extra.encode()).hexdigest()[:16]
-    stamp = VENV / f".installed-{extra}"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + str(extra).encode()).hexdigest()[:16]
+    stamp = VENV / f".installed-{extra or 'plain'}"
     if stamp.exists() and stamp.read_text() == digest:
         return python
-    torch_spec = os.environ.get("MUSUBI_TORCH_SPEC") or ("torch>=2.5" if has_nvidia_gpu() else "torch==2.13.0")
-    torch_cmd = [python, "-m", "pip", "install", torch_spec]
-    if os.environ.get("MUSUBI_TORCH_INDEX"):
-        torch_cmd += ["--index-url", os.environ["MUSUBI_TORCH_INDEX"]]
-    run(torch_cmd)
-    run([python, "-m", "pip", "install", "-e", f".[{extra}]"])
+    install(python, extra)
     stamp.write_text(digest)
     return python
 

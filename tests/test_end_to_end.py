@@ -24,6 +24,7 @@ def test_cache_train_merge_generate(tmp_path):
     for title, cmd in steps:
         result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         assert result.returncode == 0, f"{title} failed:\n{result.stderr[-4000:]}"
+        assert "\r" not in result.stderr, f"{title}: a progress bar redrawn in a log (no terminal) instead of whole lines"
 
     # caches: musubi-tuner's names and keys
     cache = work / "dataset" / "cache"

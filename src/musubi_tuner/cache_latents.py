@@ -59,15 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def encode_dataset(dataset, vae, args, device, generator) -> str:
     """Cache one dataset; returns its summary line(s)."""
-    from tqdm import tqdm
-
     from musubi_tuner.data import cache_files
     from musubi_tuner.data.items import (CacheReport, chunks, iter_latent_batches, stack_pixels, stale_latent_caches,
                                          tidy_cache_directory)
+    from musubi_tuner.progress import progress_bar
 
     report = CacheReport()
     workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
-    bar = tqdm(desc=f"{dataset.where} latents", unit="item")
+    bar = progress_bar(desc=f"{dataset.where} latents", unit="item")
     for batch in iter_latent_batches(dataset, report, num_workers=workers, skip_existing=args.skip_existing,
                                      vae=args.vae, strict=args.strict):
         for part in chunks(batch.items, args.batch_size):

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text_encoder2", required=True, help="CLIP-L: HF folder (ckpts/text_encoder_2) or ComfyUI clip_l.safetensors")
     g.add_argument("--text_encoder_dtype", default=None, help="encoders' dtype (default float16)")
     g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
+    g.add_argument("--cast_llm_rope", action="store_true",
+                   help="round the LLM's rotary frequencies to --text_encoder_dtype, as musubi-tuner's cast does: its caches "
+                        "bit for bit (default: kept in float32, the more exact; see docs/text_encoders.md)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available, else cpu)")
 
     g = p.add_argument_group("what to cache")
@@ -52,9 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_encoder(name: str, load, batches: list[list], total: int, model_path: str) -> int:
     """Encode the captions of `batches` (one encoder call each; `total` captions in the dataset) with one
     encoder and merge its outputs into their caches."""
-    from tqdm import tqdm
-
     from musubi_tuner.data import cache_files
+    from musubi_tuner.progress import progress_bar
 
     todo = sum(len(batch) for batch in batches)
     if not todo:
@@ -62,7 +64,7 @@ def run_encoder(name: str, load, batches: list[list], total: int, model_path: st
         return 0
     logger.info("%s: encoding %d captions (%d already cached)", name, todo, total - todo)
     encoder = load()
-    with tqdm(total=todo, desc=f"{name} text", unit="caption") as bar:
+    with progress_bar(total=todo, desc=f"{name} text", unit="caption") as bar:
         for batch in batches:
             with torch.no_grad():
                 embeds, masks = encoder.encode([c.caption for c in batch])
@@ -121,7 +123,8 @@ def main(argv=None) -> None:
             # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
             todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
             todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
-            run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
+            run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm,
+                                                          cast_rope=args.cast_llm_rope),
                         encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
             run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
                         encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)

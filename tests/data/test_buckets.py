@@ -90,8 +90,23 @@ def test_an_image_already_at_the_bucket_size_is_returned_unchanged():
 
 def test_area_resize_by_an_integer_factor_is_the_block_mean():
     image = np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)
-    expected = np.rint(image.reshape(30, 2, 45, 2, 3).astype(np.float64).mean(axis=(1, 3)))
+    expected = np.floor(image.reshape(30, 2, 45, 2, 3).astype(np.float64).mean(axis=(1, 3)) + 0.5)  # halves up
     assert np.array_equal(area_resize(image, (45, 30)), expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("size, out", [
+    ((1000, 600), (933, 560)), ((1333, 777), (500, 291)), ((1280, 720), (967, 544)),  # fractional factors
+    ((1024, 1024), (512, 512)), ((90, 60), (30, 20)), ((96, 64), (32, 16)),  # whole factors: 2, 3, 3 x 4
+])
+def test_area_resize_equals_opencvs_inter_area_pixel_for_pixel(size, out):
+    """What musubi-tuner computes (cv2.INTER_AREA); before, 1 apart on 12.5% of values at factor 2 and on up to
+    1e-4 of them at fractional factors."""
+    cv2 = pytest.importorskip("cv2")
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(0).normal(0, 20, (h, w, 3))
+    image = np.clip(np.stack([x * 255 / w, y * 255 / h, (x + y) % 256], axis=-1) + noise, 0, 255).astype(np.uint8)
+    assert np.array_equal(area_resize(image, out), cv2.resize(image, out, interpolation=cv2.INTER_AREA))
 
 
 def test_area_resize_weights_partly_covered_pixels_by_their_overlap():

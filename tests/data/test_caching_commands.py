@@ -117,6 +117,20 @@ def test_captions_reach_the_text_encoders_a_batch_at_a_time(models, tmp_path, mo
     assert seen == {"llm": calls, "clipL": calls}
 
 
+def test_cast_llm_rope_changes_the_llm_caches_only(models, tmp_path):
+    """--cast_llm_rope: musubi-tuner's fp16 rotary frequencies (bit-equal states: test_text_encoders.py)."""
+    toml, cache = clips(tmp_path, 2)
+    caches = {}
+    for flags in ((), ("--cast_llm_rope",)):
+        cache_text_main(text_args(toml, models, "--text_encoder_dtype", "bf16", *flags))
+        caches[flags] = {p.name: load_file(str(p)) for p in sorted(cache.glob("*_hv_te.safetensors"))}
+    plain, cast = caches.values()
+    assert plain.keys() == cast.keys() and len(plain) == 2
+    for name in plain:
+        assert not torch.equal(plain[name]["llm_bfloat16"], cast[name]["llm_bfloat16"])
+        assert torch.equal(plain[name]["clipL_bfloat16"], cast[name]["clipL_bfloat16"])
+
+
 @pytest.mark.parametrize("flags, warned", [((), True), (("--text_encoder_dtype", "bf16"), False)], ids=["float16", "bf16"])
 def test_float16_text_encoding_on_a_cpu_without_float16_kernels_says_what_is_faster(models, tmp_path, monkeypatch,
                                                                                     caplog, flags, warned):

@@ -142,14 +142,3 @@ def test_pickle_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_pat
     with pytest.raises(UserError, match="evil.pt: refused to load"):
         load_dit(path)
     assert not (tmp_path / "pwned_by_pickle").exists()
-
-
-def test_the_python_example_of_docs_dit_md_runs(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    page = Path(__file__).resolve().parents[2] / "docs" / "dit.md"
-    (code,) = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(page), "exec"), {})
-    assert (tmp_path / "mp_rank_00_model_states.pt").exists() and (tmp_path / "dit_bf16.safetensors").exists()

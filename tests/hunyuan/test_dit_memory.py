@@ -99,13 +99,17 @@ def test_block_swap_gives_the_same_outputs_and_gradients(dit_file, checkpointing
     assert swap.resident_copies() == 0  # nothing stays on the device after the step
 
 
-def test_fp8_base_stores_block_linears_in_e4m3fn_and_keeps_sensitive_layers_high_precision(dit_file):
+def test_fp8_base_stores_every_block_linear_in_e4m3fn_and_keeps_the_rest_high_precision(dit_file):
+    """Every Linear of the double and single blocks, modulation included, as musubi-tuner's cast does; the norms,
+    embedders, token refiner and final layer stay in the compute dtype."""
     path, config = dit_file
     model = load_dit(path, dtype=torch.bfloat16, fp8=True)
     blk = model.double_blocks[0]
-    for m in (blk.img_attn_qkv, blk.img_mlp.fc2, blk.txt_attn_proj, model.single_blocks[0].linear1):
-        assert isinstance(m, Fp8Linear) and m.weight.dtype == FP8_DTYPE
-    for m in (blk.img_mod.linear, model.single_blocks[0].modulation.linear, model.final_layer.linear, model.txt_in.input_embedder):
+    block_linears = [m for b in (*model.double_blocks, *model.single_blocks) for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    assert blk.img_mod.linear in block_linears and model.single_blocks[0].modulation.linear in block_linears
+    for m in block_linears:
+        assert isinstance(m, Fp8Linear) and m.weight.dtype == FP8_DTYPE and m.weight_scale.dtype == torch.float32
+    for m in (model.final_layer.linear, model.txt_in.input_embedder, model.txt_in.individual_token_refiner.blocks[0].mlp.fc1):
         assert m.weight.dtype == torch.bfloat16
     assert blk.img_attn_q_norm.weight.dtype == torch.bfloat16
     keys = set(model.state_dict())
@@ -197,3 +201,27 @@ def test_embedder_offloading_gives_the_same_output(dit_file):
         m.offload_embedders = True
         b = m(*args)
     assert torch.equal(a, b)
+
+
+def test_full_size_fp8_dit_holds_12_5_gb_of_fp8_weights_and_the_planner_counts_them():
+    """The real 12.8 B-parameter DiT, built on the meta device and quantized as --fp8_base loads it: what its tensors
+    occupy, by dtype, is what the memory planner assumes; and with the modulation Linears in fp8 the block weights
+    are 97% of the model."""
+    from musubi_tuner.hunyuan.config import DiTConfig
+    from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+    from musubi_tuner.hunyuan.fp8 import convert_to_fp8
+    from musubi_tuner.planning import sizes
+
+    config = DiTConfig()
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(config).to(torch.bfloat16)
+    convert_to_fp8(model)
+    by_dtype: dict[torch.dtype, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel() * t.element_size()
+    planned = sizes.dit_sizes(config).weight_bytes(2, fp8=True)
+    assert by_dtype == {FP8_DTYPE: planned["fp8"], torch.bfloat16: planned["bf16/fp16"], torch.float32: planned["fp8 scales"]}
+    assert by_dtype[FP8_DTYPE] == 12_457_082_880  # every double / single block Linear, modulation included
+    assert by_dtype[torch.bfloat16] == 2 * 363_929_664  # embedders, token refiner, final layer, norms, biases
+    assert sum(by_dtype.values()) < 13.3e9  # the bf16 model: 25.6 GB
+    assert model.double_blocks[0].img_mod.linear.weight.dtype == model.single_blocks[39].modulation.linear.weight.dtype == FP8_DTYPE

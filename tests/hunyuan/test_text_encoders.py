@@ -345,6 +345,27 @@ def test_states_come_out_in_the_encoder_dtype(files, dtype):
     assert encoder.model.embed_tokens.weight.dtype == dtype
 
 
+def test_cast_llm_rope_gives_musubi_tuners_fp16_states_bit_for_bit(files):
+    """musubi-tuner loads the LLM and casts the whole module to fp16, rotary frequencies included; the default keeps
+    those in float32 (3e-4 apart here, 1.2e-2 at full width: docs/text_encoders.md)."""
+    from transformers import AutoModel
+
+    folder = files["llm_folder"]
+    musubi = AutoModel.from_pretrained(str(folder), dtype=torch.float16).to(dtype=torch.float16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="right")
+    cast, ours = (te.load_text_encoder1(folder, dtype=torch.float16, cast_rope=c) for c in (True, False))
+    batch = tokenizer([te.PROMPT_TEMPLATE_VIDEO.format(p) for p in PROMPTS[:3]], padding="max_length", truncation=True,
+                      max_length=cast.max_length, return_tensors="pt")
+    with torch.no_grad():
+        want = musubi(**batch, output_hidden_states=True).hidden_states[-(te.HIDDEN_STATE_SKIP_LAYER + 1)][:, cast.crop_start:]
+    got, mask = cast.encode(PROMPTS[:3])
+    assert torch.equal(got, want)
+    assert cast.model.rotary_emb.inv_freq.dtype == torch.float16 and ours.model.rotary_emb.inv_freq.dtype == torch.float32
+    default, _ = ours.encode(PROMPTS[:3])
+    real = mask.bool()
+    assert 0 < rel_err(default[real], want[real]) < 2e-3
+
+
 def test_dtype_none_keeps_the_stored_dtype(files):
     assert te.load_text_encoder1(files["llm_file"], dtype=None).dtype == torch.float16
     assert te.load_text_encoder2(files["clip_folder"], dtype=None).dtype == torch.float32

@@ -16,6 +16,7 @@ import torch
 
 from helpers import write_cached_dataset
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.files import read_safetensors_header
 from musubi_tuner.networks.lora_files import load_lora
 from musubi_tuner.training.args import parse_args
 from musubi_tuner.training.loop import draw_noise_and_timesteps, sample_seeds, train
@@ -76,6 +77,10 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(assets, tmp_pat
     # the logged loss is the mean over both processes: the same curve as the single process
     assert [s for s, _ in losses(two)] == [s for s, _ in losses(one)] == list(range(1, STEPS + 1))
     assert [v for _, v in losses(two)] == pytest.approx([v for _, v in losses(one)], rel=1e-4)
+    # the metadata counts batches per process, as musubi-tuner's (2 batches of 1 shared by 2 processes)
+    meta_two, meta_one = read_safetensors_header(two / "tiny.safetensors")[1], read_safetensors_header(one / "tiny.safetensors")[1]
+    assert (meta_two["ss_num_batches_per_epoch"], meta_two["ss_max_train_steps"]) == ("1", str(STEPS))
+    assert (meta_one["ss_num_batches_per_epoch"], meta_one["ss_max_train_steps"]) == ("1", str(STEPS))
     # the main process alone wrote the files; the state holds each process's RNG
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} | {"tiny-state"}
     assert sorted(p.name for p in (two / "tiny-state").iterdir()) == [

@@ -64,8 +64,8 @@ class BucketSelector:
 def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
     """Scale `image` (H, W, C) uint8 to cover `bucket` (width, height), then centre-crop to it.
 
-    Upscaling uses Pillow's LANCZOS and downscaling an exact area average (what OpenCV's INTER_AREA
-    computes, which musubi-tuner uses), so pixels match musubi-tuner's to within one level of rounding.
+    Upscaling uses Pillow's LANCZOS and downscaling an area average computed as OpenCV's INTER_AREA computes it
+    (musubi-tuner uses both), so the pixels are musubi-tuner's.
     Returns (bucket_h, bucket_w, C) uint8.
     """
     height, width = image.shape[:2]
@@ -83,14 +83,29 @@ def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
 
 
 def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Shrink (H, W, C) uint8 to `size` (width, height): each output pixel is the mean of the input area it covers."""
-    rows = _area_resize_first_axis(image, size[1])  # (h, W, C) float32
-    columns = _area_resize_first_axis(np.ascontiguousarray(rows.transpose(1, 0, 2)), size[0])  # (w, h, C)
-    return np.clip(np.rint(columns.transpose(1, 0, 2)), 0, 255).astype(np.uint8)
+    """Shrink (H, W, C) uint8 to `size` (width, height): each output pixel is the mean of the input area it covers.
+
+    The same arithmetic as OpenCV's INTER_AREA, which musubi-tuner uses, so the pixels are equal: by whole factors on
+    both axes (1024 -> 512) the block sums rounded as OpenCV rounds them there (2 x 2: half up; other factors: the
+    sum times the float32 1 / area, half to even); otherwise float32 weights, columns then rows, rounded to nearest.
+    """
+    height, width = image.shape[:2]
+    if height % size[1] == 0 and width % size[0] == 0:
+        fy, fx = height // size[1], width // size[0]
+        sums = np.zeros((size[1], size[0], *image.shape[2:]), np.int32)
+        for dy in range(fy):  # strided slices: 8x faster than a sum over a reshaped view
+            for dx in range(fx):
+                sums += image[dy::fy, dx::fx]
+        mean = (sums + 2) >> 2 if fy == fx == 2 else np.rint(sums.astype(np.float32) * np.float32(1 / (fy * fx)))
+        return mean.astype(np.uint8)
+    # Columns first: the order whose float32 rounding is OpenCV's. Each pass gathers whole rows (contiguous).
+    columns = _area_resize_first_axis(np.ascontiguousarray(image.transpose(1, 0, 2)), size[0])  # (w, H, C) float32
+    rows = _area_resize_first_axis(np.ascontiguousarray(columns.transpose(1, 0, 2)), size[1])  # (h, w, C)
+    return np.clip(np.rint(rows), 0, 255).astype(np.uint8)
 
 
 def _area_resize_first_axis(pixels: np.ndarray, out_len: int) -> np.ndarray:
-    """(N, ...) -> (out_len, ...) float32; gathering whole rows keeps memory access contiguous."""
+    """(N, ...) -> (out_len, ...) float32: each output row the weighted sum of its input rows, in order."""
     taps, weights = _area_taps(pixels.shape[0], out_len)
     out = pixels[taps[:, 0]] * weights[:, 0, None, None]
     for k in range(1, taps.shape[1]):

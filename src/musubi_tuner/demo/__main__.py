@@ -31,8 +31,9 @@ def script(name: str) -> str:
         return str(path)
 
 
-def write_assets(work: Path, frames: int) -> dict[str, Path]:
-    from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+def write_models(work: Path) -> dict[str, Path]:
+    """The tiny models where the official download puts the real ones: `ckpts/hunyuan-video-t2v-720p/transformers/
+    mp_rank_00_model_states.pt`, `.../vae/pytorch_model.pt`, `ckpts/text_encoder`, `ckpts/text_encoder_2`."""
     from musubi_tuner.demo.tiny_dit import TINY_DIT, random_dit_state_dict, write_dit
     from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
     from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
@@ -42,8 +43,15 @@ def write_assets(work: Path, frames: int) -> dict[str, Path]:
     vae = write_vae(models / "hunyuan-video-t2v-720p" / "vae" / "pytorch_model.pt", random_vae_state_dict(TINY_VAE))
     te1 = write_tiny_llm_folder(models / "text_encoder")
     te2 = write_tiny_clip_folder(models / "text_encoder_2")
+    return {"dit": dit, "vae": vae, "te1": te1, "te2": te2}
+
+
+def write_assets(work: Path, frames: int) -> dict[str, Path]:
+    """write_models, and a synthetic captioned dataset (`dataset/dataset.toml`)."""
+    from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+
     toml = make_synthetic_dataset(work / "dataset", num_videos=6, num_images=6, width=64, height=64, frames=frames)
-    return {"dit": dit, "vae": vae, "te1": te1, "te2": te2, "toml": toml}
+    return {**write_models(work), "toml": toml}
 
 
 def commands(a: dict[str, Path], work: Path, epochs: int) -> list[tuple[str, list[str]]]:

@@ -1,8 +1,10 @@
 """fp8 base weights: the big Linear layers of the DiT stored as float8 e4m3fn, computed in bf16.
 
-Which layers: the attention and MLP Linears of the double and single stream blocks (about 70% of the
-parameters). Norms, embedders, the modulation layers and the final layer stay in high precision;
-they are small or sensitive (modulation sets every block's scale, shift and gate).
+Which layers: every Linear of the double and single stream blocks, the modulation Linears included (97% of
+the parameters; musubi-tuner casts these and everything else). Norms, embedders, the token refiner and the final
+layer stay in high precision: 0.36 B parameters together, and they shape every token's input or the output.
+The modulation Linears (3.4 B parameters, 27% of the model) set every block's scale, shift and gate; with a scale
+per output row their outputs stay within e4m3's rounding (see docs/dit.md for the measured error).
 
 Weights cast here from bf16/fp32 get one scale per output row (absmax / 448), which keeps small
 weights out of e4m3's subnormal range; weights that arrive already in fp8 (the unofficial fp8 file,
@@ -23,7 +25,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 # Linear weights stored in fp8 (official names); everything else keeps the compute dtype.
 FP8_WEIGHT_PATTERN = re.compile(
-    r"(double_blocks\.\d+\.(img|txt)_(attn_qkv|attn_proj|mlp\.fc1|mlp\.fc2)|single_blocks\.\d+\.linear[12])\.weight"
+    r"(double_blocks\.\d+\.(img|txt)_(mod\.linear|attn_qkv|attn_proj|mlp\.fc1|mlp\.fc2)"
+    r"|single_blocks\.\d+\.(linear[12]|modulation\.linear))\.weight"
 )
 
 

@@ -315,17 +315,33 @@ def build_llm(config: LlamaConfig) -> LlamaModel:
     return model
 
 
+def cast_rope_buffers(model: LlamaModel, dtype: torch.dtype) -> None:
+    """Round the rotary frequencies to `dtype`, as a whole-module `model.to(dtype)` does (musubi-tuner's cast).
+
+    transformers computes the rotary angles in float32 from `inv_freq` either way; rounded to fp16 first, Llama 3's
+    frequencies are off by up to 5e-4 relative (0.9% for the slowest, subnormal in fp16): angles at position 350 by
+    up to 0.057 rad."""
+    rotary = model.rotary_emb
+    for name in ("inv_freq", "original_inv_freq"):
+        if hasattr(rotary, name):
+            setattr(rotary, name, getattr(rotary, name).to(dtype))
+
+
 def load_text_encoder1(path: str | os.PathLike, dtype: torch.dtype | None = torch.float16, device="cpu",
                        fp8: bool = False, tokenizer_path: str | os.PathLike | None = None,
-                       skip_padding: bool = False) -> LLMTextEncoder:
+                       skip_padding: bool = False, cast_rope: bool = False) -> LLMTextEncoder:
     """The LLM from an HF folder or a single file. dtype None keeps the stored dtype. fp8: decoder-layer
     Linear weights stored in float8 e4m3fn with per-row scales and computed in bf16 (embedding and norms
-    in bf16); the states are still returned in `dtype`."""
+    in bf16); the states are still returned in `dtype`. cast_rope: the rotary frequencies rounded to `dtype`
+    too, as musubi-tuner's cast of the whole module does (its fp16 / bf16 caches bit for bit; see
+    docs/text_encoders.md); by default they stay float32, the more exact."""
     weights, prefix, config, tokenizer, model, plan = _open_llm(path, tokenizer_path)
     dtype = _default_dtype(weights, prefix + "embed_tokens.weight", dtype)
     compute_dtype = torch.bfloat16 if fp8 else dtype
     fp8_keys = {k for k in plan if LLM_FP8_WEIGHTS.fullmatch(k)} if fp8 else set()
     _load_into(model, weights, plan, compute_dtype, device, fp8_keys)
+    if cast_rope:
+        cast_rope_buffers(model, dtype)
     return LLMTextEncoder(model, tokenizer, dtype, weights.path, skip_padding=skip_padding)
 
 

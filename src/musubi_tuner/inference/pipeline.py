@@ -18,6 +18,7 @@ from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.inference.presets import PRESETS, detect_preset
 from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule, v2v_start
+from musubi_tuner.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -331,9 +332,7 @@ def generate(args) -> list[Path]:
     guidance = Guidance(embedded_scale=args.embedded_cfg_scale, scale=args.guidance_scale,
                         split=args.split_uncond or (args.split_attn and args.guidance_scale != 1.0), cfg_end=args.cfg_end)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=args.infer_steps - start, desc="denoising")
+    bar = progress_bar(total=args.infer_steps - start, desc="denoising")
     to_device = {k: v.to(device) for k, v in cond.items()}
     neg = {k: v.to(device) for k, v in uncond.items()} if uncond else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

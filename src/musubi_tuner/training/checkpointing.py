@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 class CheckpointSaver:
-    def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, steps_per_epoch: int,
-                 num_epochs: int, scheduler, optimizer, run: dict | None = None):
+    def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, batches_per_epoch: int,
+                 max_train_steps: int, num_epochs: int, scheduler, optimizer, run: dict | None = None):
+        """batches_per_epoch: this process's share; max_train_steps: the steps the run makes (from --max_train_epochs
+        when given). Both are recorded as musubi-tuner records them (ss_num_batches_per_epoch, ss_max_train_steps)."""
         self.args, self.accelerator, self.network = args, accelerator, network
         self.optimizer, self.scheduler = optimizer, scheduler
         self.run = run  # recorded in every state, checked on resume (state.check_resumable)
@@ -43,7 +45,7 @@ class CheckpointSaver:
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
             args, config=config, network_info=lora_module_info(network), datasets=[d.metadata() for d in dataset_config.datasets],
-            num_items=data.num_items, batches_per_epoch=len(data), num_epochs=num_epochs,
+            num_items=data.num_items, batches_per_epoch=batches_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
             optimizer_name=optimizer_name, training_started=started, session_id=random.randint(0, 2**32))
 
     # -- names (musubi-tuner's)

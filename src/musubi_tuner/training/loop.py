@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
+from musubi_tuner.progress import progress_bar
 from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.flow_matching import predict_velocity
@@ -353,7 +353,8 @@ def _train(args) -> Path:
                             args.preserve_distribution_shape, args.sigma_uses_shift)
     guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
-                            steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, scheduler=scheduler, optimizer=optimizer, run=run)
+                            batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
+                            scheduler=scheduler, optimizer=optimizer, run=run)
     if args.logging_dir or args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
 
@@ -371,7 +372,7 @@ def _train(args) -> Path:
         validation.run(progress.global_step)  # the starting point of the validation curve
     if samples is not None and args.sample_at_first:
         samples.sample(dit, network, optimizer, progress.global_step)
-    bar = tqdm(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
+    bar = progress_bar(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
     recent: list[float] = []
     if is_schedule_free(optimizer):
         optimizer.train()

@@ -142,7 +142,7 @@ def modelspec(args, training_started: float) -> dict[str, str]:
 
 
 def training_metadata(args, *, config: DiTConfig, network_info: dict[str, tuple[int, float]], datasets: list[dict], num_items: int,
-                      batches_per_epoch: int, num_epochs: int, optimizer_name: str, training_started: float,
+                      batches_per_epoch: int, max_train_steps: int, num_epochs: int, optimizer_name: str, training_started: float,
                       session_id: int) -> dict[str, str]:
     """Everything except the per-save keys (`ss_steps`, `ss_epoch`, `ss_training_finished_at`) and the hashes."""
     base = {
@@ -170,7 +170,7 @@ def training_metadata(args, *, config: DiTConfig, network_info: dict[str, tuple[
         "ss_gradient_checkpointing": args.gradient_checkpointing,
         "ss_gradient_checkpointing_cpu_offload": args.gradient_checkpointing_cpu_offload,
         "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "ss_max_train_steps": args.max_train_steps,
+        "ss_max_train_steps": max_train_steps,
         "ss_lr_warmup_steps": args.lr_warmup_steps,
         "ss_lr_scheduler": args.lr_scheduler,
         "ss_network_dropout": args.network_dropout,

@@ -36,6 +36,30 @@ def _import_optional(module: str, package: str, what: str):
         raise UserError(f"{what} needs the package {package}: pip install {package}") from None
 
 
+# The bitsandbytes whose 8-bit optimizers were tested on the CPU (they ran on CUDA only before 0.50); also the core
+# dependency's floor in pyproject.toml, where a wheel for the platform exists.
+BITSANDBYTES_MIN = "0.50.2"
+
+
+def _import_bitsandbytes(name: str, on_cpu: bool):
+    """bitsandbytes, or a UserError that says what to do where pip found no wheel for this platform."""
+    fallback = ("where bitsandbytes publishes no wheel (e.g. Intel macOS) use --optimizer_type AdamW instead: the same "
+                "update with float32 state (4x the optimizer memory, small for a LoRA)")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError(f"--optimizer_type {name} needs bitsandbytes, which is not installed: pip install "
+                        f"'bitsandbytes>={BITSANDBYTES_MIN}' (wheels for Linux x86-64 / aarch64, Windows, Apple-silicon "
+                        f"macOS); {fallback}") from None
+    from packaging.version import Version  # transformers' and accelerate's dependency
+
+    version = getattr(bitsandbytes, "__version__", "0")
+    if on_cpu and Version(version) < Version(BITSANDBYTES_MIN):
+        raise UserError(f"--optimizer_type {name}: bitsandbytes {version} runs its 8-bit optimizers on CUDA only: "
+                        f"pip install -U 'bitsandbytes>={BITSANDBYTES_MIN}'; {fallback}")
+    return bitsandbytes
+
+
 def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, optimizer_args: dict[str, Any]) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer and its full name for metadata. An empty type means AdamW (as musubi-tuner's help says)."""
     name = (optimizer_type or "AdamW").strip()
@@ -44,7 +68,7 @@ def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, 
     if lower == "adamw":
         cls = torch.optim.AdamW
     elif lower.endswith("8bit"):
-        bnb = _import_optional("bitsandbytes", "bitsandbytes", f"--optimizer_type {name}")
+        bnb = _import_bitsandbytes(name, on_cpu=any(p.device.type == "cpu" for g in params for p in g["params"]))
         attr = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "sgdnesterov8bit": "SGD8bit",
                 "pagedadamw8bit": "PagedAdamW8bit"}.get(lower)
         if attr is None or not hasattr(bnb.optim, attr):

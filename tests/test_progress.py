@@ -1,0 +1,58 @@
+"""Progress bars: tqdm's bar on a terminal; in a log, a few whole lines per bar instead of one per redraw."""
+
+import io
+
+import pytest
+from tqdm import tqdm
+
+from musubi_tuner import progress
+from musubi_tuner.progress import LogLines, progress_bar
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_tqdms_own_bar():
+    bar = progress_bar(total=10, desc="steps", file=Terminal())
+    assert type(bar) is tqdm
+    bar.close()
+
+
+@pytest.mark.parametrize("total", [7, 100, 2400])
+def test_a_log_gets_a_line_per_ten_percent_whatever_the_number_of_updates(total):
+    log = io.StringIO()
+    bar = progress_bar(total=total, desc="steps", file=log, mininterval=0)
+    for step in range(total):
+        bar.update(1)
+        bar.set_postfix(loss=1.0 / (step + 1))  # a refresh per step, as the training loop makes
+    bar.close()
+    text = log.getvalue()
+    lines = text.splitlines()
+    assert isinstance(bar, LogLines) and "\r" not in text and text.endswith("\n")
+    assert lines[0].startswith("steps:   0%") and lines[-1].startswith("steps: 100%") and f"{total}/{total}" in lines[-1]
+    assert len(lines) <= 100 // progress.LOG_PERCENT_STEP + 1  # the start and one per 10 %
+    percents = [int(line.split("%")[0].split()[-1]) for line in lines]
+    assert percents == sorted(set(percents))  # no line repeats a state
+
+
+def test_an_interrupted_bar_ends_with_where_it_stopped():
+    log = io.StringIO()
+    bar = progress_bar(total=50, desc="denoising", file=log, mininterval=0)
+    bar.update(12)
+    bar.close()  # what errors.run_cli does to a bar a failure left open
+    assert log.getvalue().splitlines()[-1].startswith("denoising:  24%") and "12/50" in log.getvalue()
+
+
+def test_without_a_total_a_log_gets_the_start_the_end_and_a_line_a_minute(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    bar = progress_bar(desc="latents", unit="item", file=log, mininterval=0)
+    for _ in range(30):
+        bar.update(1)
+        clock[0] += 5  # 150 s in all
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [line.split(" ")[1] for line in lines] == ["0item", "13item", "25item", "30item"]

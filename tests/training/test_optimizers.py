@@ -1,0 +1,56 @@
+"""--optimizer_type: the seed's AdamW8bit runs on the CPU after a plain install, and says what to do where it cannot."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.training.optimizers import BITSANDBYTES_MIN, create_optimizer
+
+
+def lora_like_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(64, 128, generator=g) * 0.1), torch.nn.Parameter(torch.randn(128, 64, generator=g) * 0.1)]
+
+
+def run(optimizer_type, params, steps=30):
+    optimizer, name = create_optimizer(optimizer_type, [{"params": params}], 1e-2, {})
+    target = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = ((params[0] @ params[1] - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return optimizer, name, losses
+
+
+def test_adamw8bit_runs_on_the_cpu_with_8bit_state_and_follows_adamw():
+    pytest.importorskip("bitsandbytes")
+    params8, params32 = lora_like_params(), lora_like_params()
+    optimizer, name, losses8 = run("AdamW8bit", params8)
+    _, _, losses32 = run("AdamW", params32)
+    assert name == "bitsandbytes.optim.adamw.AdamW8bit"
+    state = optimizer.state[params8[0]]
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+    assert losses8[-1] < 0.9 * losses8[0]  # it trains
+    assert abs(losses8[-1] - losses32[-1]) < 0.02 * losses32[-1]  # as AdamW does, to the rounding of its state
+    for a, b in zip(params8, params32):
+        assert ((a - b).norm() / b.norm()).item() < 0.05
+
+
+def test_missing_bitsandbytes_says_how_to_install_it_and_what_else_to_use(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(UserError) as err:
+        create_optimizer("adamw8bit", [{"params": lora_like_params()}], 1e-3, {})
+    message = str(err.value)
+    assert f"pip install 'bitsandbytes>={BITSANDBYTES_MIN}'" in message and "--optimizer_type AdamW" in message
+
+
+def test_a_bitsandbytes_without_cpu_optimizers_is_refused_on_the_cpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(__version__="0.42.0"))  # Intel macOS' fallback
+    with pytest.raises(UserError, match="bitsandbytes 0.42.0 runs its 8-bit optimizers on CUDA only"):
+        create_optimizer("AdamW8bit", [{"params": lora_like_params()}], 1e-3, {})
