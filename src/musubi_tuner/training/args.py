@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale_weight_norms", type=float, default=None)
     g.add_argument("--base_weights", nargs="*", default=None)
     g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None)
+    g.add_argument("--allow_partial_lora", action="store_true",
+                   help="apply the parts of --network_weights / --base_weights files that can be, and list what is dropped, "
+                        "instead of refusing a file with entries this toolkit cannot apply")
     g.add_argument("--training_comment", default=None)
     g.add_argument("--no_metadata", action="store_true")
 
