@@ -123,3 +123,28 @@ def test_convert_round_trips_keep_the_effect(base, foreign, fmt, tmp_path):
         convert_lora.main(["--input", str(source), "--output", str(out), "--target", target])
         assert max_diff(merged_weights(dit, out, tmp_path / f"merged_{name}.safetensors"), want) < 1e-6, name
         source = out
+
+
+def test_hv_generate_video_with_a_comfyui_trainer_lora_equals_generating_with_the_merged_model(base, foreign, encoders_and_vae, tmp_path):
+    """The whole command, with the hardest format (conv LoRA on img_in, norm and bias diffs): --lora_weight on the base
+    DiT gives the latents of the model merge_lora.py writes (the on-the-fly path is checked above, at the DiT)."""
+    from musubi_tuner.hv_generate_video import build_parser
+    from musubi_tuner.inference import pipeline
+
+    _, _, _, dit = base
+    f = foreign["ComfyUI trainer, whole model"]
+    merged = tmp_path / "merged.safetensors"
+    merge_file(str(dit), [str(f.path)], [MULTIPLIER], str(merged))
+    e = encoders_and_vae
+
+    def latents(dit_path, *flags):
+        args = build_parser().parse_args(["--dit", str(dit_path), "--vae", str(e["vae"]), "--text_encoder1", str(e["te1"]),
+                                          "--text_encoder2", str(e["te2"]), "--prompt", "a cat", "--video_size", "32", "32",
+                                          "--video_length", "5", "--infer_steps", "2", "--seed", "1", "--output_type", "latent",
+                                          "--save_path", str(tmp_path / f"out{len(flags)}"), *flags])
+        (path,) = pipeline.generate(args)
+        return StateDictFile(path, what="latent").get("latent")
+
+    with_lora = latents(dit, "--lora_weight", str(f.path), "--lora_multiplier", str(MULTIPLIER))
+    assert rel_err(with_lora, latents(merged)) < 1e-5
+    assert rel_err(latents(dit, "--lora_weight", str(f.path), "--lora_multiplier", "0"), with_lora) > 1e-3
