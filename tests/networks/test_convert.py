@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import dit_inputs, rel_err
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
@@ -72,7 +71,6 @@ def test_round_trip_kohya_other_kohya_is_exact_in_effect(tmp_path, trained):
 def test_diffusers_peft_naming_loads_to_the_same_update(trained):
     """q/k/v LoRAs on diffusers' split Linears fuse exactly onto the official qkv and linear1."""
     model, config, path = trained
-    kohya = load_lora(path)
     C = config.hidden_size
     g = torch.Generator().manual_seed(3)
     peft = {}

@@ -165,7 +165,7 @@ def diagnosis_text(d: Diagnosis) -> str:
         if v.coverage.dropped:
             lines += ["", f"  {title} drops {len(v.coverage.dropped)} of {v.coverage.total} keys of {v.file.name}:"]
             lines += [f"    {line}" for line in dropped_lines(v.coverage)]
-        for label, cov in v.tried:
+        for label, cov in ([] if v.alternative else v.tried):  # why none of our outputs serves it
             why = cov.fatal or f"drops {len(cov.dropped)} keys ({next(iter(cov.dropped.values()))})"
             lines.append(f"    with {label if label.startswith('convert_lora.py') else Path(label).name}: {why}")
     if d.mismatches:
