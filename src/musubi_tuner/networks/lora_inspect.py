@@ -136,7 +136,7 @@ def module_groups(paths: list[str]) -> list[str]:
     by_block: dict[tuple[str, int], list[str]] = {}
     others = []
     for p in paths:
-        m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", p)
+        m = re.match(r"(double_blocks|single_blocks|txt_in\.individual_token_refiner\.blocks)\.(\d+)\.(.+)", p)
         if m:
             by_block.setdefault((m.group(1), int(m.group(2))), []).append(m.group(3))
         else:
