@@ -1,9 +1,12 @@
-"""Convert a HunyuanVideo LoRA between our kohya naming ("default") and the "other" naming of diffusers/diffusion-pipe.
+"""Convert a HunyuanVideo LoRA in any naming to our kohya naming ("default") or the "other" naming of ComfyUI/diffusers/diffusion-pipe.
 
     python src/musubi_tuner/convert_lora.py --input my.safetensors --output my_other.safetensors --target other
     python src/musubi_tuner/convert_lora.py --input other.safetensors --output my.safetensors --target default
 
-`--target default` also reads diffusers/PEFT LoRAs of diffusers' HunyuanVideo transformer (q, k, v fused exactly).
+The input may be in any naming the toolkit reads (networks.lora_reader): kohya with official or ComfyUI module
+names, `diffusion_model.` / `transformer.` files, diffusers/PEFT LoRAs (q, k, v fused exactly, with their
+`lora_alpha`), ComfyUI's trainer output with its diff / diff_b / conv entries. Every entry is converted with its
+scale, or the file is refused naming the entry (`--allow_partial_lora` converts the rest and lists what it drops).
 The input's metadata is copied (with `musubi_tuner.lora_naming` set to the output's naming).
 """
 
@@ -23,10 +26,11 @@ from musubi_tuner.errors import run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="convert_lora.py", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="input LoRA (.safetensors)")
+    p.add_argument("--input", required=True, help="input LoRA (.safetensors), in any naming")
     p.add_argument("--output", required=True, help="output LoRA (.safetensors)")
-    p.add_argument("--target", required=True, choices=("other", "default"), help="other: diffusers/diffusion-pipe naming; default: ours")
+    p.add_argument("--target", required=True, choices=("other", "default"), help="other: ComfyUI/diffusers/diffusion-pipe naming; default: ours")
     p.add_argument("--diffusers_prefix", default=None, help="key prefix of the 'other' output (default diffusion_model)")
+    p.add_argument("--allow_partial_lora", action="store_true", help="convert what can be, list what is dropped, instead of refusing")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
@@ -34,15 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
-        from musubi_tuner.networks.lora_files import read_lora_file, save_lora
-        from musubi_tuner.networks.lora_naming import kohya_to_other, require_hunyuan_modules, to_kohya
+        from musubi_tuner.networks.lora_files import save_lora
+        from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora
         from musubi_tuner.training.metadata import with_naming
 
-        weights, metadata = read_lora_file(args.input)
-        kohya = require_hunyuan_modules(to_kohya(weights, source=args.input), args.input)
-        out = kohya_to_other(kohya, args.diffusers_prefix or "diffusion_model") if args.target == "other" else kohya
+        contents = read_lora(args.input, args.allow_partial_lora)
+        if args.target == "other":
+            out = other_state_dict(contents.patches, args.diffusers_prefix or "diffusion_model")
+        else:
+            out = kohya_state_dict(contents.patches)
+        # PEFT's lora_alpha is now in the weights (folded) or in .alpha keys: kept, it would scale them twice
+        metadata = {k: v for k, v in contents.metadata.items() if k != "lora_adapter_metadata"}
         save_lora(out, args.output, with_naming(metadata, "other" if args.target == "other" else "kohya"))
-        modules = sum(k.endswith(("lora_down.weight", "lora_A.weight")) for k in out)
+        modules = len({p.module for p in contents.patches})
         print(f"{args.input} -> {args.output}: {modules} modules in the {args.target} naming")
 
     run_cli(run, argv)

@@ -71,6 +71,18 @@ def _tell_the_launcher(message: str) -> None:
         pass
 
 
+def print_report(text: str) -> None:
+    """Print a command's report to stdout. A reader that stops early (`| head`) ends the command quietly with the status
+    of a process stopped by SIGPIPE (141), as `cat` does, instead of a BrokenPipeError traceback."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush then has nowhere to fail
+        sys.exit(141)
+
+
 def _close_progress_bars() -> None:
     """Close bars the failure left open, so the message starts its own line instead of trailing a bar."""
     tqdm = sys.modules.get("tqdm")

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_blocks", nargs="*", default=None, metavar="BLOCKS",
                    help="blocks each LoRA is applied to, one per LoRA or one for all: all (default), double, single, "
                         "or a regular expression searched in module paths such as 'double_blocks\\.1[0-9]\\.'")
+    g.add_argument("--allow_partial_lora", action="store_true",
+                   help="apply the parts of a LoRA file that can be, and list what is dropped, instead of refusing the file")
     g.add_argument("--save_merged_model", default=None, help="save the DiT with the LoRAs merged, then exit")
     g.add_argument("--lycoris", action="store_true", help=argparse.SUPPRESS)
 

@@ -1,11 +1,14 @@
-"""Check that a HunyuanVideo LoRA loads with every weight applied in this toolkit, musubi-tuner, ComfyUI and diffusers.
+"""Check that a HunyuanVideo LoRA loads with every weight applied in this toolkit, musubi-tuner, ComfyUI, kijai's
+HunyuanVideoWrapper and diffusers, and say which file (or which of convert_lora.py's outputs) to give each.
 
-    python -m musubi_tuner.lora_doctor my_lora.safetensors [--for comfyui|diffusers|musubi|ours|all] [--dit DIT] [--json]
+    python -m musubi_tuner.lora_doctor my_lora.safetensors [--for ours|musubi|comfyui|kijai|kijai_blocks|diffusers|all] [--dit DIT] [--json]
 
-Detects the file's naming, lists the modules it covers, and reports for each consumer how many weights it
-applies and which it drops, from that consumer's own mapping rules. With --dit (only the file's header is
-read) it also warns when the LoRA was trained on another base (I2V vs T2V) and checks every layer's shape.
-Exit status: 0 all applied, 1 something would be dropped or refused, 2 the file could not be read.
+Detects the file's naming and entry kinds, lists the modules it covers, and reports for each consumer how many
+keys it applies and which it drops, from that consumer's own rules (kijai_blocks: kijai's wrapper with its
+block-selection node). With --dit (only the file's header is read) it also warns when the LoRA was trained on
+another base (I2V vs T2V) and checks every layer's shape. Exit status: 0 every consumer checked is served
+completely (by the file or its companion), 1 something would be dropped or refused (the report says which of
+convert_lora.py's outputs serves that consumer, if one does), or the file holds NaN/inf, 2 the file could not be read.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import json
 import sys
 
 from musubi_tuner.cli import Parser
-from musubi_tuner.errors import run_cli
+from musubi_tuner.errors import print_report, run_cli
 
-CHOICES = ("all", "ours", "musubi", "comfyui", "diffusers")
+CHOICES = ("all", "ours", "musubi", "comfyui", "kijai", "kijai_blocks", "diffusers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +47,7 @@ def main(argv=None) -> None:
 
         consumers = CONSUMERS if "all" in args.consumers else tuple(c for c in CONSUMERS if c in args.consumers)
         diagnosis = diagnose(args.file, consumers, dit=args.dit)
-        print(json.dumps(diagnosis_json(diagnosis), indent=1) if args.json else diagnosis_text(diagnosis))
+        print_report(json.dumps(diagnosis_json(diagnosis), indent=1) if args.json else diagnosis_text(diagnosis))
         if not diagnosis.ok:
             sys.exit(1)
 

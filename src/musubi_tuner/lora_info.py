@@ -17,7 +17,7 @@ import argparse
 import json
 
 from musubi_tuner.cli import Parser
-from musubi_tuner.errors import run_cli
+from musubi_tuner.errors import print_report, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         from musubi_tuner.networks.lora_inspect import inspect_lora, inspection_text
 
         inspection = inspect_lora(args.file)
-        print(json.dumps(inspection_json(inspection), indent=1) if args.json else inspection_text(inspection))
+        print_report(json.dumps(inspection_json(inspection), indent=1) if args.json else inspection_text(inspection))
 
     run_cli(run, argv)
 

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude_single_blocks", action="store_true", help="merge only the double-block parts of the LoRAs")
     g.add_argument("--lora_blocks", nargs="+", default=None, metavar="BLOCKS",
                    help="blocks each LoRA is merged into, one per LoRA or one for all: all (default), double, single, or a regex")
+    g.add_argument("--allow_partial_lora", action="store_true",
+                   help="merge the parts of a LoRA file that can be, and list what is dropped, instead of refusing the file")
     g = p.add_argument_group("output")
     g.add_argument("--save_merged_model", required=True, help="output .safetensors (written whole or not at all)")
     g.add_argument("--device", default=None, help="where the merge arithmetic runs (default: cuda if available, else cpu)")
@@ -49,7 +51,7 @@ def main(argv=None) -> None:
         device = resolve_device(args.device)
         info = merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
                           exclude_single_blocks=args.exclude_single_blocks, in_channels=args.dit_in_channels,
-                          lora_blocks=args.lora_blocks)
+                          lora_blocks=args.lora_blocks, allow_partial=args.allow_partial_lora)
         if info["fp8_input"]:
             logger.info("the DiT was fp8: the merged model is saved in bf16 (an fp8 round trip would erase most of the LoRA)")
         print(f"merged {len(args.lora_weight)} LoRA file(s) into {info['layers']} layers -> {args.save_merged_model}")

@@ -206,16 +206,16 @@ def test_fp8_runs_loras_on_the_fly_with_the_effect_of_the_merged_lora(models):
 
 def test_save_merged_model_writes_the_merged_dit_and_loads_no_model(models, no_model_loads, capsys):
     from musubi_tuner.hunyuan.checkpoints import open_dit_file
-    from musubi_tuner.networks.lora_files import load_lora
-    from musubi_tuner.networks.merge import lora_deltas
+    from musubi_tuner.networks.lora_reader import read_lora
 
     out = models["root"] / "merged.safetensors"
     main([*base_flags(models), "--lora_weight", str(models["lora"]), "--lora_multiplier", "0.5", "--save_merged_model", str(out),
           "--save_path", str(models["root"] / "unused")])
     assert f"saved {out}" in capsys.readouterr().out
-    path, delta = next(lora_deltas(load_lora(models["lora"]), "lora"))
-    key = f"{path}.weight"
+    patch = read_lora(models["lora"]).patches[0]
+    key = patch.param
     base, merged = open_dit_file(models["dit"]).get(key, dtype=torch.float32), StateDictFile(out).get(key, dtype=torch.float32)
+    delta = patch.delta(base.shape)
     assert torch.allclose(merged, base + 0.5 * delta, atol=1e-2) and not torch.allclose(merged, base, atol=1e-2)
 
 

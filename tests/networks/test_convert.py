@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import dit_inputs, rel_err
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.networks import lora
 from musubi_tuner.networks.lora_files import load_lora, read_lora_file, save_lora
-from musubi_tuner.networks.lora_naming import detect_naming, kohya_to_module_path, kohya_to_other, to_kohya
+from musubi_tuner.networks.lora_naming import kohya_to_module_path
+from musubi_tuner.networks.lora_reader import kohya_state_dict, parse_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +39,13 @@ def test_kohya_names_map_back_to_module_paths():
     assert kohya_to_module_path("lora_unet_double_blocks_5_txt_mlp_fc2") == "double_blocks.5.txt_mlp.fc2"
     assert kohya_to_module_path("lora_unet_single_blocks_3_linear1") == "single_blocks.3.linear1"
     assert kohya_to_module_path("lora_unet_double_blocks_1_img_mod_linear") == "double_blocks.1.img_mod.linear"
+    # the same layers under ComfyUI's module names, as several trainers and ComfyUI tools write them
+    assert kohya_to_module_path("lora_unet_double_blocks_5_txt_mlp_2") == "double_blocks.5.txt_mlp.fc2"
+    assert kohya_to_module_path("lora_unet_double_blocks_1_img_mod_lin") == "double_blocks.1.img_mod.linear"
+    assert kohya_to_module_path("lora_unet_single_blocks_3_modulation_lin") == "single_blocks.3.modulation.linear"
+    assert kohya_to_module_path("lora_unet_txt_in_t_embedder_in_layer") == "txt_in.t_embedder.mlp.0"
+    with pytest.raises(UserError, match="names no layer"):
+        kohya_to_module_path("lora_unet_input_blocks_1_1_proj_in")
 
 
 def test_round_trip_kohya_other_kohya_is_exact_in_effect(tmp_path, trained):
@@ -50,7 +57,7 @@ def test_round_trip_kohya_other_kohya_is_exact_in_effect(tmp_path, trained):
         r = subprocess.run(cli + args, cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     o, meta = read_lora_file(other)
-    assert detect_naming(o) == "other" and meta["ss_network_dim"] == "4"
+    assert parse_lora(o).naming == "other" and meta["ss_network_dim"] == "4"
     assert "diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight" in o and not any(k.endswith("alpha") for k in o)
     a, b = load_lora(path), load_lora(back)
     for key in a:
@@ -64,7 +71,6 @@ def test_round_trip_kohya_other_kohya_is_exact_in_effect(tmp_path, trained):
 def test_diffusers_peft_naming_loads_to_the_same_update(trained):
     """q/k/v LoRAs on diffusers' split Linears fuse exactly onto the official qkv and linear1."""
     model, config, path = trained
-    kohya = load_lora(path)
     C = config.hidden_size
     g = torch.Generator().manual_seed(3)
     peft = {}
@@ -77,7 +83,7 @@ def test_diffusers_peft_naming_loads_to_the_same_update(trained):
     a, b = torch.randn(3, C, generator=g), torch.randn(config.mlp_hidden_size, 3, generator=g)
     peft["transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight"] = a
     peft["transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight"] = b
-    converted = to_kohya(peft, mlp_hidden=config.mlp_hidden_size)
+    converted = kohya_state_dict(parse_lora(peft, mlp_hidden=config.mlp_hidden_size).require_whole().patches)
     d = converted["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] @ converted["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
     assert torch.allclose(d, torch.cat([parts["to_q"], parts["to_k"], parts["to_v"]]), atol=1e-6)
     s = converted["lora_unet_single_blocks_1_linear1.lora_up.weight"] @ converted["lora_unet_single_blocks_1_linear1.lora_down.weight"]
@@ -86,5 +92,6 @@ def test_diffusers_peft_naming_loads_to_the_same_update(trained):
 
 
 def test_unknown_naming_lists_keys(tmp_path):
-    with pytest.raises(UserError, match="not a HunyuanVideo LoRA in any naming we know.*first keys: foo.weight"):
-        to_kohya({"foo.weight": torch.zeros(1)}, source="x.safetensors")
+    with pytest.raises(UserError, match="x.safetensors: nothing in it can be applied: .*not a HunyuanVideo LoRA in any naming we know.*"
+                                        "first keys: foo.weight"):
+        parse_lora({"foo.weight": torch.zeros(1)}, source="x.safetensors").require_whole()

@@ -1,101 +1,270 @@
-"""The doctor's mapping rules per consumer, checked against each consumer's rules as its source states them.
+"""The doctor's per-consumer predictions, checked against independent models of each consumer's loader.
 
-ComfyUI: tests/fixtures/lora_consumers/comfyui_hunyuan_video.json (its module names, key map and loader,
-written down from its source) drives an independent model of its loader here. diffusers is checked with
-diffusers itself in test_lora_interop.py.
+ComfyUI and kijai's HunyuanVideoWrapper: models written here from the rules in tests/fixtures/lora_consumers/ (each
+written down from that program's source; see the README there), over every state-dict key of their model and every
+entry kind. musubi-tuner: its rule is short enough to state here. diffusers: diffusers itself, loading the file into
+its transformer. The files are those other tools write (tests/foreign_loras.py) and our own outputs of them.
 """
+
+from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 
 from conftest import DATA
-from musubi_tuner.demo.tiny_dit import tiny_dit_config
-from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
-from musubi_tuner.networks import lora
-from musubi_tuner.networks.lora_consumers import coverage, dit_linears
-from musubi_tuner.networks.lora_naming import kohya_to_other, official_to_comfy, official_to_diffusers
+from foreign_loras import (
+    comfy_module_name, comfy_param_name, comfy_trainer_file, diffusion_pipe_adapter, entry_kinds_file, kohya_network_file,
+    prefixed_pairs_file, tiny_model,
+)
+from helpers import dit_inputs, rel_err
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
+from musubi_tuner.files import StateDictFile
+from musubi_tuner.networks.lora_consumers import Model, coverage, dit_linears
+from musubi_tuner.networks.lora_naming import official_to_comfy
+from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, parse_lora, read_lora
+from musubi_tuner.networks.merge import merge_patch
 
 
-@pytest.fixture(scope="module")
-def comfy_rules():
-    with open(os.path.join(DATA, "lora_consumers", "comfyui_hunyuan_video.json")) as f:
+def rules(name):
+    with open(os.path.join(DATA, "lora_consumers", name)) as f:
         return json.load(f)
 
 
-def comfy_modules(rules, blocks=None) -> set[str]:
-    """ComfyUI's Linear module names for a model with `blocks` ({template: count}; default the full model)."""
-    blocks = blocks or rules["full_model_blocks"]
-    names = set()
-    for template, leaves in rules["linear_modules"].items():
-        if template == "_about":
-            continue
-        containers = [""] if not template else [template.format(i=i) + "." for i in range(blocks[template])]
-        names |= {c + leaf for c in containers for leaf in leaves}
-    return names
-
-
-def comfy_loaded_keys(rules, file_keys, modules) -> set[str]:
-    """The file keys ComfyUI's loader reads, by the rules in the fixture."""
-    prefix, key_map = rules["state_dict_prefix"], {}
-    for module in modules:
-        weight = f"{prefix}{module}.weight"
-        renamed = weight
-        for old, new in rules["key_map"]["hunyuan_video_renames"]:
-            renamed = renamed.replace(old, new)
-        fields = {"module": module, "underscored": module.replace(".", "_"), "renamed": renamed[len(prefix):-len(".weight")]}
-        for form in rules["key_map"]["generic"] + rules["key_map"]["hunyuan_video"]:
-            key_map[form.format(**fields)] = weight
-    loader, read = rules["loader"], set()
-    for x in key_map:
-        read |= {x + s for s in loader["always"]}
-        for i, (up, down) in enumerate(loader["lora_pairs_up_down"]):
-            if x + up in file_keys:
-                read |= {x + up, x + down} | {x + s for s in loader["with_a_pair"]}
-                read |= {x + s for s in loader["with_the_first_pair"]} if i == 0 else set()
-                break
-    return read & set(file_keys)
-
-
-def tiny_lora(include=None, rank=4) -> dict[str, torch.Tensor]:
-    model = HunyuanVideoDiT(tiny_dit_config())
-    kwargs = {"include_patterns": str(include)} if include else {}
-    return lora.create_arch_network(1.0, rank, rank / 2, None, None, model, **kwargs).state_dict_for_saving()
-
-
+COMFY = rules("comfyui_hunyuan_video.json")
+KIJAI = rules("kijai_hunyuan_video_wrapper.json")
 TINY_BLOCKS = {"double_blocks.{i}": 2, "single_blocks.{i}": 2, "txt_in.individual_token_refiner.blocks.{i}": 2}
 
 
-def test_our_comfyui_names_are_the_module_names_of_comfyuis_model(comfy_rules):
-    assert {official_to_comfy(p) for p in dit_linears()} == comfy_modules(comfy_rules)
+# ----------------------------------------------------------------------------------------------- independent models
 
 
-@pytest.mark.parametrize("naming", ["kohya", "kohya with modulation", "other", "transformer. prefix", "comfy names", "no prefix",
-                                    "diffusers"])
-def test_doctor_predicts_what_comfyuis_loader_reads(comfy_rules, naming):
-    kohya = tiny_lora(include=[".*mod.*"] if naming == "kohya with modulation" else None)
-    files = {
-        "kohya": kohya, "kohya with modulation": kohya, "other": kohya_to_other(kohya),
-        "transformer. prefix": kohya_to_other(kohya, prefix="transformer"),
-        "comfy names": {k.replace("img_attn_qkv", "img_attn.qkv").replace("mlp.fc1", "mlp.0"): v for k, v in kohya_to_other(kohya).items()},
-        "no prefix": {k.removeprefix("diffusion_model."): v for k, v in kohya_to_other(kohya).items()},
-        "diffusers": {f"transformer.{official_to_diffusers('double_blocks.0.img_attn_qkv')[0]}.lora_A.weight": torch.zeros(4, 64),
-                      f"transformer.{official_to_diffusers('double_blocks.0.img_attn_qkv')[0]}.lora_B.weight": torch.zeros(64, 4)},
+def _expand(table: dict, blocks: dict) -> list[str]:
+    names = []
+    for template, leaves in table.items():
+        if template == "_about":
+            continue
+        containers = [""] if not template else [template.format(i=i) + "." for i in range(blocks[template])]
+        names += [c + leaf for c in containers for leaf in leaves]
+    return names
+
+
+def comfy_modules(blocks=None) -> set[str]:
+    """ComfyUI's Linear module names for a model with `blocks` ({template: count}; default the full model)."""
+    return set(_expand(COMFY["linear_modules"], blocks or COMFY["full_model_blocks"]))
+
+
+def comfy_state_dict_keys(blocks) -> list[str]:
+    """Every state-dict key of ComfyUI's HunyuanVideo model: Linears, the Conv3d and the affine LayerNorms (weight and
+    bias), and Flux's RMSNorm scales."""
+    prefix, weighted = COMFY["state_dict_prefix"], _expand(COMFY["linear_modules"], blocks)
+    for kind in ("conv3d", "layer_norm"):
+        weighted += _expand(COMFY["other_weighted_modules"][kind], blocks)
+    return [f"{prefix}{m}.{leaf}" for m in weighted for leaf in ("weight", "bias")] + [
+        prefix + k for k in _expand(COMFY["rms_norm_scales"], blocks)]
+
+
+def comfy_key_map(sd_keys, hunyuan_video=True) -> dict[str, str]:
+    prefix, key_map = COMFY["state_dict_prefix"], {}
+    for k in sd_keys:
+        if not k.endswith(".weight"):
+            key_map[COMFY["key_map"]["generic_non_weight"].format(key=k)] = k
+            continue
+        module = k[len(prefix):-len(".weight")]
+        for form in COMFY["key_map"]["generic"]:
+            key_map[form.format(module=module, underscored=module.replace(".", "_"))] = k
+    if hunyuan_video:
+        for k in sd_keys:
+            if k.endswith(".weight"):
+                renamed = k
+                for old, new in COMFY["key_map"]["hunyuan_video_renames"]:
+                    renamed = renamed.replace(old, new)
+                for form in COMFY["key_map"]["hunyuan_video"]:
+                    key_map[form.format(renamed=renamed[len(prefix):-len(".weight")])] = k
+    return key_map
+
+
+def comfy_applied(file_keys, sd_keys, key_map) -> set[str]:
+    """The file keys whose patch ComfyUI's loader keeps (one patch per state-dict key: the last written)."""
+    loader, keys, patches = COMFY["loader"], set(file_keys), {}
+    for x, target in key_map.items():
+        alpha = {x + ".alpha"} & keys
+        for up, down in loader["lora_pairs_up_down"]:
+            if x + up in keys:
+                patches[target] = {x + up, x + down} | alpha | ({x + ".reshape_weight"} & keys)
+                break
+        bias = target[: -len(".weight")] + ".bias"
+        for entry in loader["entries"]["order"]:
+            if x + entry not in keys or (entry == ".b_norm"):
+                continue
+            patches[bias if entry in loader["entries"]["bias"] else target] = {x + entry}
+            if entry == ".w_norm" and x + ".b_norm" in keys:
+                patches[bias] = {x + ".b_norm"}
+    return {k for target, used in patches.items() if target in sd_keys for k in used}
+
+
+def kijai_applied(file_keys, official_sd_keys, blocks_node: bool) -> set[str] | None:
+    """The file keys kijai's wrapper applies; None when it fails on the file."""
+    renamed = {}
+    for k in file_keys:
+        new = k.replace("transformer.", "diffusion_model.") if k.startswith("transformer.") else k
+        for old, repl in KIJAI["standardize"]["rules"]:
+            if old in new:
+                new = new.replace(old, repl)
+        renamed[new] = k
+    if blocks_node:
+        kept = {}
+        for new, k in renamed.items():
+            if "double_blocks." in new or "single_blocks." in new:
+                parts = new.split("diffusion_model.")
+                if len(parts) < 2:
+                    return None  # IndexError
+                kind, index = parts[1].split(".", 2)[:2]
+                if int(index) < KIJAI["block_filter"][kind]:
+                    kept[new] = k
+        renamed = kept
+    prefix, key_map = "diffusion_model.", {}
+    for k in official_sd_keys:
+        if k.endswith(".weight"):
+            module = k[len(prefix):-len(".weight")]
+            for form in KIJAI["key_map"]:
+                key_map[form.format(module=module, underscored=module.replace(".", "_"))] = k
+        else:
+            key_map[k] = k
+    return {renamed[k] for k in comfy_applied(renamed, set(official_sd_keys), key_map)}
+
+
+def musubi_applied(file_keys, linears) -> set[str]:
+    """musubi-tuner: lora_unet_<official path with _> of the Linears in the double and single blocks; down, up, alpha."""
+    names = {"lora_unet_" + p.replace(".", "_") for p in linears if re.match(r"(double|single)_blocks\.", p)}
+    return {k for k in file_keys if k.split(".", 1)[0] in names and k.split(".", 1)[1] in ("lora_down.weight", "lora_up.weight", "alpha")}
+
+
+# ----------------------------------------------------------------------------------------------- the files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """name -> state dict: the files other tools write, our outputs of them, and awkward ones."""
+    tmp = tmp_path_factory.mktemp("consumers")
+    config = tiny_dit_config()
+    model = tiny_model(config, random_dit_state_dict(config, seed=2, scale=0.05))
+    made = {
+        "musubi kohya": kohya_network_file(model, tmp / "kohya.safetensors"),
+        "kohya with modulation": kohya_network_file(model, tmp / "kohya_mod.safetensors", include=[r".*mod.*"]),
+        "kohya, ComfyUI names": kohya_network_file(model, tmp / "kohya_comfy.safetensors", include=[r".*mod.*"], rename=comfy_module_name),
+        "transformer. pairs": prefixed_pairs_file(model, tmp / "prefixed.safetensors"),
+        "diffusion-pipe": diffusion_pipe_adapter(model, tmp / "epoch1"),
+        "ComfyUI trainer": comfy_trainer_file(model, tmp / "trainer.safetensors"),
+        "ComfyUI trainer, blocks": comfy_trainer_file(model, tmp / "trainer_blocks.safetensors", blocks_only=True),
+        "entry kinds": entry_kinds_file(model, tmp / "entries.safetensors"),
     }
-    weights = files[naming]
-    cov = coverage("comfyui", weights)
-    want = comfy_loaded_keys(comfy_rules, weights, comfy_modules(comfy_rules))
+    out = {}
+    for name, f in made.items():
+        out[name] = StateDictFile(f.path).load_all()
+        patches = read_lora(f.path).patches
+        out[name + " -> ours kohya"] = kohya_state_dict(patches)
+        out[name + " -> ours other"] = other_state_dict(patches)
+    kohya = out["musubi kohya"]
+    out["both namings in one file"] = {**kohya, **out["musubi kohya -> ours other"]}
+    out["a pair and a diff of one weight"] = {**kohya, "lora_unet_double_blocks_0_img_attn_qkv.diff": torch.zeros(192, 64)}
+    out["no prefix"] = {k.removeprefix("diffusion_model."): v for k, v in out["musubi kohya -> ours other"].items()}
+    out["double blocks, ours other"] = {k: v for k, v in out["musubi kohya -> ours other"].items() if ".double_blocks." in k}
+    return config, model, out
+
+
+FILES = ["musubi kohya", "kohya with modulation", "kohya, ComfyUI names", "transformer. pairs", "diffusion-pipe", "ComfyUI trainer",
+         "ComfyUI trainer, blocks", "entry kinds"]
+ALL_FILES = [f for name in FILES for f in (name, name + " -> ours kohya", name + " -> ours other")] + [
+    "both namings in one file", "a pair and a diff of one weight", "no prefix", "double blocks, ours other"]
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_comfyui_prediction_matches_its_loader(files, name):
+    config, model, out = files
+    weights = out[name]
+    sd_keys = comfy_state_dict_keys(TINY_BLOCKS)
+    want = comfy_applied(weights, set(sd_keys), comfy_key_map(sd_keys))
+    cov = coverage("comfyui", weights, Model(config, shapes_known=True))
     assert set(cov.applied) == want
     assert set(cov.dropped) == set(weights) - want
-    # on the tiny model's own layers too
-    assert set(coverage("comfyui", weights, tiny_dit_config()).applied) == comfy_loaded_keys(
-        comfy_rules, weights, comfy_modules(comfy_rules, TINY_BLOCKS))
 
 
-def test_kohya_file_loses_exactly_the_double_block_mlps_in_comfyui():
-    cov = coverage("comfyui", tiny_lora())
+@pytest.mark.parametrize("blocks_node", [False, True], ids=["kijai", "kijai with block selection"])
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_kijai_prediction_matches_its_loader(files, name, blocks_node):
+    config, model, out = files
+    weights = out[name]
+    want = kijai_applied(weights, ["diffusion_model." + k for k in model.state_dict()], blocks_node)
+    cov = coverage("kijai_blocks" if blocks_node else "kijai", weights, Model(config, shapes_known=True))
+    if want is None:
+        assert cov.fatal and "IndexError" in cov.fatal
+    else:
+        assert cov.fatal is None and set(cov.applied) == want and set(cov.dropped) == set(weights) - want
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_musubi_prediction_matches_its_rule(files, name):
+    config, model, out = files
+    weights = out[name]
+    cov = coverage("musubi", weights, Model(config, shapes_known=True))
+    assert set(cov.applied) == musubi_applied(weights, dit_linears(config))
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_diffusers_prediction_matches_diffusers(files, name):
+    """The doctor says diffusers fails, loads nothing, or loads everything; diffusers does exactly that (tiny width 64,
+    so a file with single-block linear1 LoRAs fails in its converter, which splits them at 3072)."""
+    pytest.importorskip("peft")
+    from diffusers.loaders.lora_pipeline import HunyuanVideoLoraLoaderMixin
+
+    from diffusers_reference import diffusers_dit
+
+    config, model, out = files
+    weights = out[name]
+    cov = coverage("diffusers", weights, Model(config, shapes_known=True))
+    transformer = diffusers_dit(model.state_dict(), config)
+    args = dit_inputs(config, frames=2, height=4, width=4, text_lens=(5,))
+
+    def run(m):
+        x, t, text, mask, pooled, guidance = args
+        with torch.no_grad():
+            return m(hidden_states=x, timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=pooled,
+                     guidance=guidance, return_dict=False)[0]
+
+    base = run(transformer)
+    try:
+        converted = HunyuanVideoLoraLoaderMixin.lora_state_dict({k: v.clone() for k, v in weights.items()})
+        if not all("lora" in k for k in converted):  # what load_lora_weights checks before PEFT
+            raise ValueError("Invalid LoRA checkpoint")
+        HunyuanVideoLoraLoaderMixin.load_lora_into_transformer(converted, transformer=transformer)
+    except Exception:
+        assert cov.fatal is not None, "diffusers failed but the doctor says it loads"
+        return
+    assert cov.fatal is None, f"the doctor says diffusers fails ({cov.fatal}) but it loads"
+    if name == "double blocks, ours other":
+        assert cov.complete  # the case where diffusers takes every key at this width
+    if cov.complete:  # and it gives what the LoRA merged here gives
+        ours = tiny_model(config, model.state_dict())
+        for patch in parse_lora(weights).require_whole().patches:
+            merge_patch(ours, patch, 1.0)
+        with torch.no_grad():
+            assert rel_err(run(transformer), ours(*args)) < 1e-5
+    elif not cov.applied:
+        assert torch.equal(run(transformer), base)
+
+
+def test_our_comfyui_names_are_the_module_names_of_comfyuis_model():
+    assert {official_to_comfy(p) for p in dit_linears()} == comfy_modules()
+    assert {comfy_param_name(p + ".weight").removesuffix(".weight") for p in dit_linears()} == comfy_modules()
+
+
+def test_kohya_file_loses_exactly_the_double_block_mlps_in_comfyui(files):
+    config, model, out = files
+    cov = coverage("comfyui", out["musubi kohya"])
     mlp = {f"lora_unet_double_blocks_{i}_{stream}_mlp_{fc}.{t}" for i in range(2) for stream in ("img", "txt")
            for fc in ("fc1", "fc2") for t in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert set(cov.dropped) == mlp
@@ -104,16 +273,25 @@ def test_kohya_file_loses_exactly_the_double_block_mlps_in_comfyui():
     assert len(cov.applied) == 60 - 24 and cov.fatal is None and not cov.complete
 
 
-def test_other_naming_loads_completely_in_comfyui_diffusers_and_here_but_not_in_musubi():
-    other = kohya_to_other(tiny_lora())
-    for consumer in ("comfyui", "diffusers", "ours"):
-        assert coverage(consumer, other).complete, consumer
-    musubi = coverage("musubi", other)
-    assert musubi.applied == [] and "convert_lora.py --target default" in next(iter(musubi.dropped.values()))
+def test_comfyui_trainer_files_load_completely_in_comfyui_and_here(files):
+    """What the doctor once got wrong (147 of 208 keys): ComfyUI's own trainer output loads whole in ComfyUI."""
+    config, model, out = files
+    for name in ("ComfyUI trainer", "ComfyUI trainer, blocks"):
+        for consumer in ("comfyui", "ours"):
+            assert coverage(consumer, out[name], Model(config, shapes_known=True)).complete, (name, consumer)
 
 
-def test_musubi_reads_kohya_block_linears_and_needs_every_alpha():
-    kohya = tiny_lora(include=[".*mod.*"])
+def test_kijai_block_selection_drops_every_kohya_key_and_fails_on_unprefixed_block_keys(files):
+    config, model, out = files
+    assert coverage("kijai", out["musubi kohya"]).complete
+    assert coverage("kijai_blocks", out["musubi kohya"]).applied == []
+    assert coverage("kijai_blocks", out["musubi kohya -> ours other"]).complete
+    assert "IndexError" in coverage("kijai_blocks", out["no prefix"]).fatal
+
+
+def test_musubi_reads_kohya_block_linears_and_needs_every_alpha(files):
+    config, model, out = files
+    kohya = out["kohya with modulation"]
     assert coverage("musubi", kohya).complete  # modulation Linears are inside the blocks: musubi-tuner reads them too
     no_alpha = {k: v for k, v in kohya.items() if k != "lora_unet_single_blocks_0_linear2.alpha"}
     assert "KeyError" in coverage("musubi", no_alpha).fatal
@@ -122,12 +300,17 @@ def test_musubi_reads_kohya_block_linears_and_needs_every_alpha():
     cov = coverage("musubi", outside)
     assert set(cov.dropped) == {k for k in outside if "final_layer" in k}
     assert coverage("ours", outside).complete  # merging here applies every Linear the file names
+    assert "matches official names only" in next(iter(coverage("musubi", out["kohya, ComfyUI names"]).dropped.values()))
 
 
-def test_ours_drops_stray_keys_and_refuses_layers_the_dit_lacks():
-    kohya = tiny_lora()
+def test_ours_refuses_what_it_cannot_apply_and_layers_the_dit_lacks(files):
+    config, model, out = files
+    kohya = out["musubi kohya"]
     cov = coverage("ours", {**kohya, "some_counter": torch.tensor(1)})
-    assert list(cov.dropped) == ["some_counter"] and len(cov.applied) == len(kohya)
+    assert list(cov.dropped) == ["some_counter"] and "refuses the file" in cov.fatal
     beyond = {k.replace("single_blocks_1_", "single_blocks_7_"): v for k, v in kohya.items()}
     assert coverage("ours", beyond).complete  # the full model has 40 single blocks
-    assert "single_blocks.7.linear1 does not exist" in coverage("ours", beyond, tiny_dit_config()).fatal
+    assert "single_blocks.7.linear1.weight does not exist" in coverage("ours", beyond, Model(config)).fatal
+    assert "names that layer twice" in coverage("ours", out["both namings in one file"]).fatal
+    nan = {**kohya, "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.full((448, 4), float("nan"))}
+    assert "NaN" in coverage("ours", nan).fatal

@@ -1,6 +1,7 @@
 """lora_doctor and lora_info: what they say about the files users have, and their exit status."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,20 +71,33 @@ def test_files_trained_elsewhere_tell_what_their_ss_keys_say():
     assert (info.base_model, info.resolutions, info.frames, info.written_here) == ("skyreels-i2v", [(544, 960), (512, 512)], [1, 25], False)
 
 
-def test_trainers_pair_loads_completely_in_all_four_consumers(tmp_path, capsys):
+def test_trainers_pair_loads_completely_in_every_consumer(tmp_path, capsys):
     path = save_like_the_trainer(trained_network(), tmp_path / "mine.safetensors")
     copy = tmp_path / "mine.comfyui.safetensors"
-    for given, use in ((path, {"ours": path, "musubi": path, "comfyui": copy, "diffusers": copy}),
-                       (copy, {"ours": copy, "musubi": path, "comfyui": copy, "diffusers": copy})):
-        status, out = doctor(capsys, given, "--json")
+    for given, use in ((path, {"ours": path, "musubi": path, "comfyui": copy, "kijai": path, "kijai_blocks": copy}),
+                       (copy, {"ours": copy, "musubi": path, "comfyui": copy, "kijai": copy, "kijai_blocks": copy})):
+        status, out = doctor(capsys, given, "--json", "--for", *use)
         report = json.loads(out)
         assert status == 0 and report["ok"]
         for consumer, entry in report["consumers"].items():
             best = entry if entry["complete"] else entry["alternative"]
             assert best["complete"] and best["fraction"] == 1.0 and best["file"] == str(use[consumer]), consumer
-    status, out = doctor(capsys, path)
-    assert status == 0 and "<- load this one in ComfyUI" in out and "ok: every consumer checked applies every weight" in out
+            assert entry["use"] == use[consumer].name
+    status, out = doctor(capsys, path, "--for", "comfyui", "kijai_blocks", "musubi")
+    assert status == 0 and "ok: every consumer checked applies every weight" in out
+    assert re.search(r"ComfyUI +36/60 +60% +mine.comfyui.safetensors +\(40/40 keys applied there\)", out)
     assert "trained    on hunyuan-video-t2v (16 input channels), 960x544, frames 25, 45" in out  # the metadata, shown
+
+
+def test_diffusers_is_told_by_the_files_real_width(tmp_path, capsys):
+    """diffusers' converter splits single-block linear1 at 3072: at the tiny width (64) neither file loads, and the
+    doctor says so (it once predicted a load from the released model's width)."""
+    path = save_like_the_trainer(trained_network(), tmp_path / "mine.safetensors")
+    status, out = doctor(capsys, path, "--for", "diffusers")
+    assert status == 1
+    assert re.search(r"diffusers +refuses +none of our outputs loads completely", out)
+    assert "with mine.comfyui.safetensors: its converter splits diffusion_model.single_blocks.0.linear1.lora_B.weight at a width of 3072, " \
+           "and this LoRA's width is 64" in out
 
 
 def test_musubi_file_shows_the_double_block_mlp_weights_comfyui_drops(tmp_path, capsys):
@@ -93,7 +107,7 @@ def test_musubi_file_shows_the_double_block_mlp_weights_comfyui_drops(tmp_path, 
     assert status == 1
     assert "ComfyUI drops 24 of 60 keys of from_musubi.safetensors" in out
     assert "lora_unet_double_blocks_1_txt_mlp_fc2 (.alpha .lora_down.weight .lora_up.weight): lora key not loaded" in out
-    assert "convert_lora.py --target other" in out
+    assert re.search(r"ComfyUI +36/60 +60% +convert_lora.py --target other +\(40/40 keys applied there\)", out)
     status, out = doctor(capsys, path, "--for", "musubi", "ours")
     assert status == 0 and "ComfyUI" not in out
 

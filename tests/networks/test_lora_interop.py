@@ -11,14 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_reference import diffusers_dit, split_linear1_lora_for_diffusers
+from diffusers_reference import diffusers_dit, official_to_diffusers_dit, split_linear1_lora_for_diffusers
 from helpers import dit_inputs, rel_err
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.files import StateDictFile, save_safetensors
+from musubi_tuner.inference.pipeline import apply_loras_on_the_fly
 from musubi_tuner.networks import lora
 from musubi_tuner.networks.lora_consumers import coverage
-from musubi_tuner.networks.lora_files import load_lora, lora_outputs, save_lora
-from musubi_tuner.networks.merge import merge_loras_into
+from musubi_tuner.networks.lora_files import lora_outputs, save_lora
+from musubi_tuner.networks.merge import merge_file, merge_loras_into
 
 pytest.importorskip("peft")
 from diffusers.loaders.lora_pipeline import HunyuanVideoLoraLoaderMixin  # noqa: E402
@@ -74,9 +76,15 @@ def test_comfyui_copy_loads_completely_in_diffusers_and_gives_our_output(base):
     assert rel_err(ours, ours_with(config, weights, None, args)) > 0.02  # the LoRA does something
 
     lora_sd = load_file(comfy_file)
-    assert coverage("diffusers", lora_sd).complete
+    # diffusers' converter splits single-block linear1 at the released model's width (3072): the doctor, which uses the
+    # file's own width (64 here), says it fails, and it does; split at the tiny width, the file loads completely
+    assert "width of 3072, and this LoRA's width is 64" in coverage("diffusers", lora_sd).fatal
+    with pytest.raises(Exception):
+        load_in_diffusers(diffusers_dit(weights, config), lora_sd)
+    split = split_linear1_lora_for_diffusers(lora_sd, config)
+    assert coverage("diffusers", split).complete
     model = diffusers_dit(weights, config)
-    load_in_diffusers(model, split_linear1_lora_for_diffusers(lora_sd, config))  # diffusers splits linear1 at 3072
+    load_in_diffusers(model, split)
     assert rel_err(run_diffusers(model, args), ours) < 1e-5
 
 
@@ -101,12 +109,16 @@ def test_original_naming_without_img_attn_qkv_loads_nothing_in_diffusers(base, c
     assert torch.equal(run_diffusers(model, args), run_diffusers(diffusers_dit(weights, config), args))
 
 
-def test_peft_lora_trained_on_diffusers_loads_here_with_the_same_output(tmp_path, base):
-    """A LoRA made with PEFT on diffusers' transformer (q, k, v split; lora_alpha != r; refiner and final layer too)."""
+@pytest.fixture(scope="module")
+def peft_file(base, tmp_path_factory):
+    """A LoRA made with PEFT on diffusers' transformer (q, k, v split; lora_alpha != r with an alpha_pattern; refiner and
+    final layer too), saved by diffusers' save_lora_weights; and the weights of that transformer with PEFT's own merge."""
     from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import get_peft_model_state_dict
 
     config, weights, _ = base
+    tmp = tmp_path_factory.mktemp("peft")
     model = diffusers_dit(weights, config)
     targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
                "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
@@ -119,11 +131,19 @@ def test_peft_lora_trained_on_diffusers_loads_here_with_the_same_output(tmp_path
                 p.mul_(0.3)
     args = dit_inputs(config, text_lens=(7,))
     want = run_diffusers(model, args)
-
-    HunyuanVideoLoraLoaderMixin.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(model),
+    HunyuanVideoLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(model),
                                                   transformer_lora_adapter_metadata=peft_config.to_dict(),
                                                   weight_name="peft.safetensors")
-    path = tmp_path / "peft.safetensors"
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    merged = {k.replace(".base_layer", ""): v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    return tmp / "peft.safetensors", want, args, merged
+
+
+def test_peft_lora_trained_on_diffusers_loads_here_with_the_same_output(base, peft_file):
+    config, weights, _ = base
+    path, want, args, _ = peft_file
     file_sd = load_file(path)
     assert any(k.startswith("transformer.transformer_blocks.0.attn.to_q.lora_A") for k in file_sd)
     assert coverage("ours", file_sd).complete
@@ -133,6 +153,31 @@ def test_peft_lora_trained_on_diffusers_loads_here_with_the_same_output(tmp_path
     # and on the fly, as generation runs LoRAs beside fp8 weights
     ours = HunyuanVideoDiT(config)
     ours.load_state_dict(weights)
-    lora.create_arch_network_from_weights(1.0, load_lora(path), ours.eval()).apply_to(None, ours)
+    apply_loras_on_the_fly(ours.eval(), [str(path)], [1.0], exclude_single_blocks=False)
     with torch.no_grad():
         assert rel_err(ours(*args), want) < 1e-5
+
+
+def test_merged_peft_lora_equals_peft_merging_it_in_diffusers(base, peft_file, tmp_path):
+    """merge_lora.py's weights, in diffusers' names (diffusers' own checkpoint converter), equal PEFT's merge to 1e-6."""
+    config, weights, _ = base
+    path, _, _, peft_merged = peft_file
+    dit = tmp_path / "dit.safetensors"
+    save_safetensors(weights, dit)
+    merge_file(str(dit), [str(path)], [1.0], str(tmp_path / "merged.safetensors"))
+    ours = official_to_diffusers_dit(StateDictFile(tmp_path / "merged.safetensors").load_all(), config)
+    assert ours.keys() == peft_merged.keys()
+    assert max((ours[k] - peft_merged[k]).abs().max().item() for k in ours) < 1e-6
+
+
+@pytest.mark.parametrize("target", ["default", "other"])
+def test_convert_lora_keeps_peft_lora_alpha(base, peft_file, tmp_path, target):
+    """convert_lora.py once dropped PEFT's lora_alpha (about half the effect): either output now gives diffusers' output."""
+    from musubi_tuner import convert_lora
+
+    config, weights, _ = base
+    path, want, args, _ = peft_file
+    out = tmp_path / f"{target}.safetensors"
+    convert_lora.main(["--input", str(path), "--output", str(out), "--target", target])
+    assert "lora_adapter_metadata" not in StateDictFile(out).metadata  # the scale is in the weights (or .alpha) now
+    assert rel_err(ours_with(config, weights, out, args), want) < 1e-5

@@ -135,7 +135,7 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
     check_text_encoder2(args.text_encoder2)
     open_vae_file(args.vae)
     if args.lora_weight:
-        check_loras_fit(args.lora_weight, dit_shapes, args.dit)
+        check_loras_fit(args.lora_weight, dit_shapes, args.dit, getattr(args, "allow_partial_lora", False))
     if args.image_path:
         load_image(args.image_path)
     if args.video_path:
@@ -226,10 +226,11 @@ def load_generation_dit(args, device):
     dit = load_dit(args.dit, device=load_device, dtype=dtype, fp8=args.fp8, attn_mode=args.attn_mode, split_attn=args.split_attn)
     if args.lora_weight:
         if on_the_fly:  # fp8 weights: a merge would be rounded away; run the LoRAs beside the weights instead
-            apply_loras_on_the_fly(dit, args.lora_weight, args.lora_multiplier, args.exclude_single_blocks, args.lora_blocks)
+            apply_loras_on_the_fly(dit, args.lora_weight, args.lora_multiplier, args.exclude_single_blocks, args.lora_blocks,
+                                   getattr(args, "allow_partial_lora", False))
         else:
             merge_loras_into(dit, args.lora_weight, args.lora_multiplier, device=device, exclude_single_blocks=args.exclude_single_blocks,
-                             lora_blocks=args.lora_blocks)
+                             lora_blocks=args.lora_blocks, allow_partial=getattr(args, "allow_partial_lora", False))
     if args.fp8_fast:
         from musubi_tuner.hunyuan.fp8 import enable_fp8_fast
 
@@ -247,19 +248,29 @@ def load_generation_dit(args, device):
     return dit
 
 
-def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool, lora_blocks=None) -> list:
+def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool, lora_blocks=None, allow_partial: bool = False) -> list:
+    """Run each file's LoRA pairs of Linear layers beside the weights (which fp8 would round a merge away on); its other
+    patches (bias and norm diffs, the img_in conv LoRA, set_weight) are merged into their parameters, none of which is fp8
+    (a diff or set of an fp8 weight is merged in float32 and requantized)."""
+    import torch.nn as nn
+
     from musubi_tuner.networks import lora
-    from musubi_tuner.networks.lora_files import load_lora
-    from musubi_tuner.networks.merge import block_filters, resolve_multipliers, select_lora_blocks
+    from musubi_tuner.networks.lora_reader import kohya_state_dict
+    from musubi_tuner.networks.merge import block_filters, lora_patches, merge_patch, patch_target, resolve_multipliers
 
     networks = []
     keeps = block_filters(paths, lora_blocks, exclude_single_blocks)
     for path, m, keep in zip(paths, resolve_multipliers(paths, multipliers), keeps):
-        weights = select_lora_blocks(load_lora(path), keep)
-        net = lora.create_arch_network_from_weights(m, weights, dit, for_inference=True)
-        net.to(dit.device).eval()
-        net.apply_to(None, dit)
-        networks.append(net)
+        patches = lora_patches(path, keep, allow_partial)
+        beside = [p for p in patches if p.kind == "lora" and isinstance(patch_target(dit, p, str(path))[0], nn.Linear)]
+        for patch in patches:
+            if not any(patch is p for p in beside):
+                merge_patch(dit, patch, m, source=str(path))
+        if beside:
+            net = lora.create_arch_network_from_weights(m, kohya_state_dict(beside), dit, for_inference=True)
+            net.to(dit.device).eval()
+            net.apply_to(None, dit)
+            networks.append(net)
     return networks
 
 
@@ -305,7 +316,8 @@ def generate(args) -> list[Path]:
         from musubi_tuner.networks.merge import merge_file
 
         merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
-                   exclude_single_blocks=args.exclude_single_blocks, lora_blocks=args.lora_blocks)
+                   exclude_single_blocks=args.exclude_single_blocks, lora_blocks=args.lora_blocks,
+                   allow_partial=getattr(args, "allow_partial_lora", False))
         return [Path(args.save_merged_model)]
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)

@@ -208,17 +208,22 @@ class LoRANetwork(nn.Module):
 
         save_lora(self.state_dict_for_saving(dtype), file, metadata or {})
 
-    def load_weights(self, file: str) -> dict:
-        from musubi_tuner.networks.lora_files import load_lora
+    def load_weights(self, file: str, allow_partial: bool = False) -> dict:
+        """Load a LoRA file (any naming) into this network: every LoRA pair of the file must fit one of its modules."""
+        from musubi_tuner.networks.lora_files import load_network_weights
 
-        weights = load_lora(file)
+        weights = load_network_weights(file, allow_partial)
         own = self.state_dict()
         unknown = [k for k in weights if k not in own]
         if len(unknown) == len(weights):
             raise UserError(f"{file}: none of its {len(weights)} tensors fits this network (e.g. {unknown[0]}); "
                             "a LoRA for another model, or trained with other --network_args include/exclude patterns")
+        if unknown and not allow_partial:
+            raise UserError(f"{file}: {unknown[0]} matches no module of this network ({len(unknown)} such tensors): build the "
+                            "network from the file with --dim_from_weights, or --allow_partial_lora to load the rest")
         if unknown:
-            logger.warning("%s: %d keys match no module of this network (e.g. %s)", file, len(unknown), unknown[0])
+            logger.warning("%s: --allow_partial_lora drops %d tensors that match no module of this network: %s", file, len(unknown),
+                           ", ".join(unknown))
         wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
         if wrong:
             raise UserError(f"{file}: {wrong[0]} has shape {list(weights[wrong[0]].shape)}, this network's is "

@@ -1,18 +1,24 @@
-"""Which weights of a LoRA file each program that loads HunyuanVideo LoRAs applies, and which it drops.
+"""Which entries of a LoRA file each program that loads HunyuanVideo LoRAs applies, and which it drops.
 
-Each consumer's mapping rules, as read in its source (docs/lora_formats.md has them in prose, with the
-sources), applied to the file's key names:
+Each consumer's rules, as read in its source (docs/lora_formats.md has them in prose, with the sources), applied
+to the file's keys against every parameter of the model the consumer builds (Linears, the img_in Conv3d, norms):
 
-- ours: every naming `networks.lora_naming` reads (kohya, "other", diffusers/PEFT); a module that is not
-  in the DiT makes merging refuse the whole file.
+- ours: `networks.lora_reader` (every naming and entry kind it documents); a file with anything it cannot apply
+  is refused, as merging and generation refuse it.
 - musubi: musubi-tuner's hv_generate_video.py and merge_lora.py build the network from the file as is:
   `lora_unet_<module path with _>` with `.lora_down.weight`, `.lora_up.weight` and a required `.alpha`,
   for Linears inside the double and single blocks. Other keys are ignored without a word.
-- comfyui: ComfyUI's native LoRA loader builds a key map from its own module names (Flux-style names,
-  see `official_to_comfy`) and matches file keys against it; every key left over is logged as
-  "lora key not loaded" and skipped.
-- diffusers: `HunyuanVideoLoraLoaderMixin.lora_state_dict` converts files in the original naming (any key
-  containing `img_attn_qkv`) to its own names, then PEFT injects `transformer.`-prefixed lora_A/lora_B pairs.
+- comfyui: ComfyUI's native loader (`comfy.sd.load_lora_for_models`): a key map from its model's state dict
+  (Flux-style names; `lora_unet_` + name with `_`, `diffusion_model.` + name, and for HunyuanVideo the official
+  names under `transformer.` / `diffusion_model.`), then `comfy.lora.load_lora`: per mapped name its alpha, one
+  adapter (LoRA pairs in several namings, LoHa, LoKr, GLoRA), `.w_norm`/`.b_norm`, `.diff`, `.diff_b`,
+  `.set_weight`, one patch per model weight (a later entry for the same weight replaces an earlier one); every key
+  not read is logged "lora key not loaded".
+- kijai, kijai_blocks: kijai's ComfyUI-HunyuanVideoWrapper (`HyVideoModelLoader`): renames `transformer.` to
+  `diffusion_model.` and `img_attn.qkv/.proj`, `txt_attn.qkv` to the official names; with its block-selection node
+  (`HyVideoLoraBlockEdit`) keeps only `double_blocks.` / `single_blocks.` keys and splits each at
+  `diffusion_model.`; then ComfyUI's loader on its model, whose names are the official ones (generic key map only).
+- diffusers: networks.lora_diffusers_rules.
 """
 
 from __future__ import annotations
@@ -22,17 +28,18 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
-from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V, DiTConfig
 from musubi_tuner.networks.lora_naming import (
-    KOHYA_PREFIX, diffusers_to_official, kohya_to_module_path, module_path_to_kohya, official_to_comfy,
-    official_to_diffusers, to_kohya,
+    KOHYA_PREFIX, comfy_param, module_path_to_kohya, module_template, module_templates, official_module, official_to_comfy,
 )
+from musubi_tuner.networks.lora_reader import first_non_finite, parse_lora
 
-CONSUMERS = ("ours", "musubi", "comfyui", "diffusers")
-CONSUMER_TITLES = {"ours": "this toolkit", "musubi": "musubi-tuner", "comfyui": "ComfyUI", "diffusers": "diffusers"}
+CONSUMERS = ("ours", "musubi", "comfyui", "kijai", "kijai_blocks", "diffusers")
+CONSUMER_TITLES = {"ours": "this toolkit", "musubi": "musubi-tuner", "comfyui": "ComfyUI", "kijai": "kijai wrapper",
+                   "kijai_blocks": "kijai + blocks", "diffusers": "diffusers"}
+CONSUMER_DETAILS = {"kijai": "kijai's ComfyUI-HunyuanVideoWrapper, HunyuanVideo Lora Select",
+                    "kijai_blocks": "kijai's wrapper with its HunyuanVideo Lora Block Edit node"}
 
 
 @dataclass
@@ -42,7 +49,7 @@ class Coverage:
     consumer: str
     total: int
     applied: list[str] = field(default_factory=list)
-    modules: list[str] = field(default_factory=list)  # the consumer's own names of the layers it changes
+    modules: list[str] = field(default_factory=list)  # the consumer's own names of the parameters it changes
     dropped: dict[str, str] = field(default_factory=dict)
     fatal: str | None = None  # the consumer refuses (or fails on) the whole file
 
@@ -55,57 +62,121 @@ class Coverage:
         return 0.0 if self.fatal or not self.total else len(self.applied) / self.total
 
 
-# ----------------------------------------------------------------------------------------------- the model's layers
+# ----------------------------------------------------------------------------------------------- the model's parameters
+
+
+@dataclass(frozen=True)
+class Model:
+    """The DiT a file is checked against: its official parameter names, and their shapes when known (a --dit was given)."""
+
+    config: DiTConfig = HUNYUAN_T2V
+    shapes_known: bool = False
+
+    @functools.cached_property
+    def params(self) -> dict[str, tuple[int, ...] | None]:
+        return dit_params(self.config) if self.shapes_known else {p: None for p in _param_names(self.config)}
+
+    def fits(self, param: str, shape) -> bool:
+        """Whether an update of `shape` (a LoRA pair's (out, in), or a tensor's shape) fits `param`; unknown shapes fit."""
+        want = self.params.get(param)
+        if want is None or shape is None:
+            return True
+        return tuple(shape) in (tuple(want), (want[0], numel(want[1:])) if len(want) >= 2 else ())
+
+
+def numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _param_names(config: DiTConfig) -> list[str]:
+    depth = {"double_blocks": config.mm_double_blocks_depth, "single_blocks": config.mm_single_blocks_depth,
+             "txt_in.individual_token_refiner.blocks": config.refiner_depth}
+    names = []
+    for template in module_templates().values():
+        if template.path.startswith("guidance_in") and not config.guidance_embed:
+            continue
+        container = next((c for c in depth if template.path.startswith(c + ".{i}")), None)
+        paths = [template.path.replace("{i}", str(i)) for i in range(depth[container])] if container else [template.path]
+        names += [f"{p}.{leaf}" for p in paths for leaf in template.params]
+    return names
 
 
 @functools.lru_cache(maxsize=8)
-def dit_linears(config: DiTConfig = HUNYUAN_T2V) -> dict[str, tuple[int, int]]:
-    """Every Linear of the official DiT: module path -> weight shape (out, in). Built on the meta device."""
+def dit_params(config: DiTConfig = HUNYUAN_T2V) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the official DiT of `config` -> its shape (built on the meta device)."""
     from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 
     with torch.device("meta"):
         model = HunyuanVideoDiT(config)
-    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def _in_stream_block(path: str) -> bool:
-    return re.match(r"(double|single)_blocks\.\d+\.", path) is not None
+def dit_linears(config: DiTConfig = HUNYUAN_T2V) -> dict[str, tuple[int, int]]:
+    """Every Linear of the official DiT: module path -> weight shape (out, in)."""
+    return {name.removesuffix(".weight"): shape for name, shape in dit_params(config).items()
+            if name.endswith(".weight") and len(shape) == 2}
+
+
+def shape_of(t) -> tuple[int, ...]:
+    return tuple(t.shape)
 
 
 # ----------------------------------------------------------------------------------------------- consumers
 
 
-def coverage(consumer: str, weights: dict[str, torch.Tensor], config: DiTConfig = HUNYUAN_T2V) -> Coverage:
-    """`consumer`'s treatment of a LoRA file's tensors (as stored), against a DiT of `config`."""
-    rules = {"ours": _ours, "musubi": _musubi, "comfyui": _comfyui, "diffusers": _diffusers}
+def coverage(consumer: str, weights: dict[str, torch.Tensor], model: Model | DiTConfig | None = None) -> Coverage:
+    """`consumer`'s treatment of a LoRA file's tensors (as stored), against `model` (default: the released model's
+    blocks, shapes not checked; a DiTConfig checks shapes too)."""
+    from musubi_tuner.networks.lora_diffusers_rules import diffusers_coverage
+
+    rules = {"ours": _ours, "musubi": _musubi, "comfyui": _comfyui, "kijai": _kijai, "kijai_blocks": _kijai_blocks,
+             "diffusers": diffusers_coverage}
     if consumer not in rules:
         raise ValueError(f"unknown consumer {consumer!r}; one of {CONSUMERS}")
-    return rules[consumer](weights, dit_linears(config))
+    if model is None:
+        model = Model()
+    elif isinstance(model, DiTConfig):
+        model = Model(model, shapes_known=True)
+    return rules[consumer](weights, model)
 
 
-def _ours(weights, linears) -> Coverage:
+def _ours(weights, model: Model) -> Coverage:
     cov = Coverage("ours", len(weights))
-    ignored: list[str] = []
-    try:
-        kohya = to_kohya(weights, ignored=ignored)
-        names = sorted({k.split(".", 1)[0] for k in kohya if k.endswith(".lora_down.weight")})
-        paths = [kohya_to_module_path(n) for n in names]
-    except UserError as e:
-        cov.fatal = str(e)
+    bad = first_non_finite(weights)
+    if bad is not None:
+        cov.fatal = f"{bad} holds NaN or infinite values: refused"
         return cov
-    missing = [p for p in paths if p not in linears]
-    if missing:
-        cov.fatal = f"merging stops: module {missing[0]} does not exist in this DiT ({len(missing)} such modules)"
+    contents = parse_lora(weights)
+    for p in contents.problems:
+        for key in p.keys:
+            cov.dropped[key] = p.message
+    if not contents.patches:
+        cov.fatal = contents.problems[0].message if contents.problems else "no LoRA entries"
+        cov.dropped = {}
         return cov
-    cov.dropped = {k: "our reader skips it (not a LoRA weight of a known module)" for k in ignored}
-    cov.applied = [k for k in weights if k not in cov.dropped]
-    cov.modules = paths
+    for patch in contents.patches:
+        if patch.param not in model.params:
+            cov.fatal = f"{patch.param} does not exist in this DiT: merging and generation refuse the file"
+            return cov
+        if not model.fits(patch.param, patch.shape):
+            cov.fatal = f"{patch.module} is {list(patch.shape)} in the LoRA but {list(model.params[patch.param])} in the DiT"
+            return cov
+    if cov.dropped:
+        cov.fatal = f"it refuses the file (--allow_partial_lora applies the rest): {next(iter(cov.dropped.items()))[1]}"
+    used = {k for patch in contents.patches for k in patch.keys}
+    cov.applied = [k for k in weights if k in used]
+    cov.modules = sorted({p.param for p in contents.patches})
     return cov
 
 
-def _musubi(weights, linears) -> Coverage:
+def _musubi(weights, model: Model) -> Coverage:
     cov = Coverage("musubi", len(weights))
-    targets = {module_path_to_kohya(p): p for p in linears if _in_stream_block(p)}
+    targets = {module_path_to_kohya(p.removesuffix(".weight")): p.removesuffix(".weight") for p in model.params
+               if p.endswith(".weight") and re.match(r"(double|single)_blocks\.\d+\.", p)
+               and module_template(p.removesuffix(".weight")).weight_ndim == 2}
     modules = set()
     for key in weights:
         name, _, suffix = key.partition(".")
@@ -116,6 +187,8 @@ def _musubi(weights, linears) -> Coverage:
             cov.dropped[key] = "musubi-tuner reads only kohya names (lora_unet_*); convert_lora.py --target default converts"
         elif name in targets:
             cov.dropped[key] = f"musubi-tuner reads only .lora_down.weight, .lora_up.weight and .alpha, not .{suffix}"
+        elif module_path_to_kohya(official_module(name) or "-") in targets:
+            cov.dropped[key] = f"musubi-tuner matches official names only: this layer is {module_path_to_kohya(official_module(name))}"
         else:
             cov.dropped[key] = "musubi-tuner applies LoRAs only to Linears inside the double and single blocks"
     built = {k.partition(".")[0] for k in cov.applied if k.endswith(".lora_down.weight")}
@@ -126,56 +199,120 @@ def _musubi(weights, linears) -> Coverage:
     return cov
 
 
-# ComfyUI's LoRA loader reads, for each key x of its key map: x.alpha and x.dora_scale; the first of these
-# (up, down) pairs present, with x.reshape_weight (and x.lora_mid.weight beside lora_up/lora_down); and the
-# tensors of its LoHa and LoKr adapters.
+# ComfyUI's adapters (comfy/weight_adapter): for a mapped name x, the LoRA pairs (up, down) in the order it tries
+# them (the first present wins; lora_mid only beside lora_up/lora_down), then LoHa, LoKr and GLoRA tensors.
 COMFY_LORA_PAIRS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
                     (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"), (".lora_B", ".lora_A"),
                     (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
                     (".lora_B.default.weight", ".lora_A.default.weight"))
-COMFY_ALWAYS = (".alpha", ".dora_scale")
-COMFY_OTHER_ADAPTERS = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1", ".lokr_w2",
-                        ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
-# For HunyuanVideo it also accepts diffusion-pipe files: its own names turned back into the official ones by these.
+COMFY_LOHA = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2")
+COMFY_LOKR = (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+COMFY_GLORA = (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")
+# For HunyuanVideo it also maps diffusion-pipe names: its own names turned back into the official ones by these.
 COMFY_LORA_OFFICIAL = (("_mod.lin.", "_mod.linear."), ("_attn.qkv.", "_attn_qkv."), ("_attn.proj.", "_attn_proj."),
                        ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), (".modulation.lin.", ".modulation.linear."))
 
 
-def comfy_key_map(linears) -> dict[str, str]:
-    """ComfyUI's LoRA key map for its HunyuanVideo model: LoRA module key -> the ComfyUI weight it patches."""
+def comfy_state_dict_keys(model: Model, comfy_names: bool = True) -> dict[str, str]:
+    """The state-dict keys of the model ComfyUI patches (`diffusion_model.` + its names) -> official parameter."""
+    return {f"diffusion_model.{comfy_param(p) if comfy_names else p}": p for p in model.params}
+
+
+def comfy_key_map(sd_keys, hunyuan_video: bool = True) -> dict[str, str]:
+    """`model_lora_keys_unet` for a HunyuanVideo model: LoRA module key -> the state-dict key it patches, in ComfyUI's order."""
     key_map = {}
-    for official in linears:
-        comfy = official_to_comfy(official)
-        weight = f"diffusion_model.{comfy}.weight"
-        key_map[KOHYA_PREFIX + comfy.replace(".", "_")] = weight  # kohya names are matched against ComfyUI's names
-        key_map[f"diffusion_model.{comfy}"] = weight
-        diffusion_pipe = weight
-        for comfy_part, official_part in COMFY_LORA_OFFICIAL:
-            diffusion_pipe = diffusion_pipe.replace(comfy_part, official_part)
-        body = diffusion_pipe.removeprefix("diffusion_model.").removesuffix(".weight")
-        key_map[f"transformer.{body}"] = weight
-        key_map[f"diffusion_model.{body}"] = weight
+    for k in sd_keys:
+        if k.endswith(".weight"):
+            key_map[KOHYA_PREFIX + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
+            key_map[k[:-len(".weight")]] = k
+        else:
+            key_map[k] = k
+    if hunyuan_video:  # comfy.model_base.HunyuanVideo: the diffusion-pipe format
+        for k in sd_keys:
+            if k.endswith(".weight"):
+                renamed = k
+                for comfy_part, official_part in COMFY_LORA_OFFICIAL:
+                    renamed = renamed.replace(comfy_part, official_part)
+                body = renamed[len("diffusion_model."):-len(".weight")]
+                key_map[f"transformer.{body}"] = k
+                key_map[f"diffusion_model.{body}"] = k
     return key_map
 
 
-def _comfyui(weights, linears) -> Coverage:
-    cov = Coverage("comfyui", len(weights))
-    consumed, modules = set(), set()
-    for x, weight in comfy_key_map(linears).items():
+def comfy_load(keys, key_map: dict[str, str]) -> tuple[set[str], dict[str, tuple[str, list[str]]]]:
+    """`comfy.lora.load_lora`: (keys read, patch per state-dict key: (kind, the keys it came from)); later entries win."""
+    keys = set(keys)
+    loaded: set[str] = set()
+    patches: dict[str, tuple[str, list[str]]] = {}
+    for x, target in key_map.items():
+        alpha = [x + ".alpha"] if x + ".alpha" in keys else []
+        loaded |= set(alpha) | ({x + ".dora_scale"} & keys)
         for up, down in COMFY_LORA_PAIRS:
-            if x + up in weights:
-                consumed |= {x + up, x + down, x + ".reshape_weight"}
-                if up == ".lora_up.weight":
-                    consumed.add(x + ".lora_mid.weight")
-                modules.add(weight.removeprefix("diffusion_model.").removesuffix(".weight"))
+            if x + up in keys:
+                used = [x + up, x + down] + [x + s for s in (".reshape_weight",) if x + s in keys]
+                if up == ".lora_up.weight" and x + ".lora_mid.weight" in keys:
+                    used.append(x + ".lora_mid.weight")
+                patches[target] = ("lora", used + alpha)
+                loaded |= set(used)
                 break
-        consumed |= {x + extra for extra in COMFY_ALWAYS + COMFY_OTHER_ADAPTERS}
-    for key in weights:
-        if key in consumed:
-            cov.applied.append(key)
+        for kind, names, trigger in (("loha", COMFY_LOHA, COMFY_LOHA[:1]), ("lokr", COMFY_LOKR, (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a")),
+                                     ("glora", COMFY_GLORA, COMFY_GLORA[:1])):
+            if any(x + t in keys for t in trigger):
+                used = [x + s for s in names if x + s in keys]
+                patches[target] = (kind, used + alpha)
+                loaded |= set(used)
+        bias = target[: -len(".weight")] + ".bias"
+        if x + ".w_norm" in keys:
+            patches[target] = ("diff", [x + ".w_norm"])
+            loaded.add(x + ".w_norm")
+            if x + ".b_norm" in keys:
+                patches[bias] = ("diff", [x + ".b_norm"])
+                loaded.add(x + ".b_norm")
+        for suffix, to, kind in ((".diff", target, "diff"), (".diff_b", bias, "diff"), (".set_weight", target, "set")):
+            if x + suffix in keys:
+                patches[to] = (kind, [x + suffix])
+                loaded.add(x + suffix)
+    return loaded, patches
+
+
+def _comfy_coverage(consumer: str, weights, model: Model, key_map: dict[str, str], sd_to_official: dict[str, str],
+                    renamed: dict[str, str] | None = None, reasons: dict[str, str] | None = None) -> Coverage:
+    """ComfyUI's loader on `weights` (keys after the consumer's renames `renamed`: new -> original key)."""
+    cov = Coverage(consumer, len(weights))
+    cov.dropped.update(reasons or {})
+    renamed = renamed if renamed is not None else {k: k for k in weights}
+    loaded, patches = comfy_load(renamed, key_map)
+    applied: set[str] = set()
+    for target, (kind, keys) in patches.items():
+        official = sd_to_official.get(target)
+        original = [renamed[k] for k in keys]
+        if official is None:  # add_patches: "NOT LOADED" for a weight the model lacks (a bias diff of a layer without bias)
+            for k in original:
+                cov.dropped[k] = f"{target} does not exist in the model (logged NOT LOADED)"
+            continue
+        if kind in ("loha", "lokr", "glora"):
+            shape = None
+        elif kind == "lora":
+            up, down = (weights[k] for k in original[:2])
+            shape = (up.shape[0], numel(down.shape[1:])) if up.ndim >= 2 and down.ndim >= 2 else None
         else:
-            cov.dropped[key] = "lora key not loaded" + _comfy_hint(key)  # ComfyUI's own warning
-    cov.modules = sorted(modules)
+            shape = shape_of(weights[original[0]])
+        if not model.fits(official, shape):
+            for k in original:
+                cov.dropped[k] = f"shape {list(shape)} does not fit {target} {list(model.params[official])} (logged, not merged)"
+            continue
+        applied |= set(original)
+        cov.modules.append(target.removeprefix("diffusion_model."))
+    for new, original in renamed.items():
+        if original in cov.dropped or original in applied:
+            continue
+        if new in loaded:
+            cov.dropped[original] = ("read, but no patch uses it: an alpha without a pair, or an entry whose weight a later "
+                                     "entry patches instead (ComfyUI keeps one patch per weight)")
+        else:
+            cov.dropped[original] = "lora key not loaded" + _comfy_hint(original)  # ComfyUI's own warning
+    cov.applied = [k for k in weights if k in applied]
+    cov.modules = sorted(set(cov.modules))
     return cov
 
 
@@ -184,9 +321,8 @@ def _comfy_hint(key: str) -> str:
     name = key.partition(".")[0]
     if not name.startswith(KOHYA_PREFIX):
         return ""
-    try:
-        official = kohya_to_module_path(name)
-    except UserError:
+    official = official_module(name)
+    if official is None:
         return ""
     comfy = official_to_comfy(official)
     if comfy == official:
@@ -194,50 +330,56 @@ def _comfy_hint(key: str) -> str:
     return f": ComfyUI's layer is {comfy}, kohya name {KOHYA_PREFIX}{comfy.replace('.', '_')}"
 
 
-# diffusers' converter splits every tensor of these layers in three (as a q/k/v lora_B) unless its name says lora_A.
-SPLIT_IN_THREE = re.compile(r"(img|txt|self)_attn_qkv")
+def _comfyui(weights, model: Model) -> Coverage:
+    sd = comfy_state_dict_keys(model)
+    return _comfy_coverage("comfyui", weights, model, comfy_key_map(sd), sd)
 
 
-def _diffusers(weights, linears) -> Coverage:
-    cov = Coverage("diffusers", len(weights))
-    no_lora = [k for k in weights if "lora" not in k]
-    if no_lora:
-        cov.fatal = f"'Invalid LoRA checkpoint': key {no_lora[0]} has no 'lora' in its name"
-        return cov
-    if any("img_attn_qkv" in k for k in weights):
-        return _diffusers_original(weights, linears, cov)
-    modules = set()
-    for key in weights:
-        m = re.fullmatch(r"transformer\.(.+)\.(lora_A|lora_B)\.weight", key)
-        target = diffusers_to_official(m.group(1)) if m else None
-        if target is not None and target[0] in linears:
-            cov.applied.append(key)
-            modules.add(m.group(1))
-        elif not key.startswith("transformer."):
-            cov.dropped[key] = ("diffusers reads the original naming only when some key contains 'img_attn_qkv'; "
-                                "otherwise it keeps only its own 'transformer.' keys")
-        else:
-            cov.dropped[key] = "not a lora_A/lora_B weight of a module of diffusers' HunyuanVideo transformer"
-    cov.modules = sorted(modules)
-    return cov
+# kijai's standardize_lora_key_format: (substring, replacement); its txt_attn.proj rule has a trailing space and never matches
+KIJAI_RENAMES = (("img_attn.proj", "img_attn_proj"), ("img_attn.qkv", "img_attn_qkv"), ("txt_attn.qkv", "txt_attn_qkv"))
 
 
-def _diffusers_original(weights, linears, cov: Coverage) -> Coverage:
-    """diffusers' converter for the original naming: strips `transformer.` / `diffusion_model.`, renames, splits q/k/v."""
-    modules = set()
-    for key in weights:
-        m = re.fullmatch(r"(?:transformer\.|diffusion_model\.)?(.+)\.(lora_A|lora_B)\.weight", key)
-        if m is None or m.group(1) not in linears or not official_to_diffusers(m.group(1)):
-            if SPLIT_IN_THREE.search(key):
-                cov.fatal = (f"its HunyuanVideo converter splits {key} in three as a q/k/v weight "
-                             "(it reads only lora_A/lora_B weights, without alpha)")
-                cov.applied = []
+def kijai_renamed(keys) -> tuple[dict[str, str], dict[str, str]]:
+    """(renamed key -> original key, dropped original -> why) after kijai's key standardisation."""
+    renamed, dropped = {}, {}
+    for k in keys:
+        new = k.replace("transformer.", "diffusion_model.") if k.startswith("transformer.") else k
+        for old, repl in KIJAI_RENAMES:
+            new = new.replace(old, repl)
+        if new in renamed:
+            dropped[renamed[new]] = f"renamed to {new}, as is {k}, which replaces it"
+        renamed[new] = k
+    return renamed, dropped
+
+
+def _kijai(weights, model: Model, blocks: bool = False) -> Coverage:
+    consumer = "kijai_blocks" if blocks else "kijai"
+    renamed, dropped = kijai_renamed(weights)
+    if blocks:  # filter_state_dict_by_blocks with every block selected
+        kept = {}
+        for new, original in renamed.items():
+            if "double_blocks." not in new and "single_blocks." not in new:
+                dropped[original] = "the block-selection node keeps only keys of double_blocks. and single_blocks."
+                continue
+            if "diffusion_model." not in new:
+                cov = Coverage(consumer, len(weights))
+                cov.fatal = f"its block filter splits {original} at 'diffusion_model.', which it lacks (IndexError)"
                 return cov
-            cov.dropped[key] = "diffusers' converter reads only lora_A/lora_B weights of the DiT's layers"
-        elif m.group(1) == "final_layer.adaLN_modulation.1":
-            cov.dropped[key] = "diffusers' converter swaps the halves of lora_A as well as lora_B here, which changes the update"
-        else:
-            cov.applied.append(key)
-            modules.update(official_to_diffusers(m.group(1)))
-    cov.modules = sorted(modules)
-    return cov
+            block = ".".join(new.split("diffusion_model.")[1].split(".", 2)[:2]) + "."
+            if not re.fullmatch(r"(double_blocks\.(1?\d)|single_blocks\.([0-3]?\d))\.", block):
+                dropped[original] = f"the block-selection node offers no {block}"
+                continue
+            kept[new] = original
+        renamed = kept
+    sd = comfy_state_dict_keys(model, comfy_names=False)
+    return _comfy_coverage(consumer, weights, model, comfy_key_map(sd, hunyuan_video=False), sd, renamed, dropped)
+
+
+def _kijai_blocks(weights, model: Model) -> Coverage:
+    return _kijai(weights, model, blocks=True)
+
+
+def model_for(config: DiTConfig | None) -> Model:
+    """The model to check against: a DiT's config (shapes checked), or the released model's blocks (names only)."""
+    return Model(config, shapes_known=True) if config is not None else Model()
+

@@ -13,25 +13,32 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from musubi_tuner.hunyuan.config import HUNYUAN_T2V, DiTConfig
-from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, Coverage, coverage, dit_linears
+from musubi_tuner.hunyuan.config import DiTConfig
+from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, Coverage, coverage, model_for
 from musubi_tuner.networks.lora_files import read_lora_file
 from musubi_tuner.networks.lora_inspect import LoRAInspection, inspect_lora, summary_lines
+from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict
 from musubi_tuner.training.metadata import base_model_kind
+
+# what to give a consumer the file does not serve completely: our two outputs, made by convert_lora.py
+CONVERSIONS = {"convert_lora.py --target default": kohya_state_dict, "convert_lora.py --target other": other_state_dict}
 
 
 @dataclass
 class Verdict:
-    """One consumer's treatment of the file, and of its companion file when that one serves the consumer completely."""
+    """One consumer's treatment of the file, and what to give it instead when that serves it completely: the
+    companion file (its path) or one of our outputs (the convert_lora.py command that writes it)."""
 
     consumer: str
     file: Path
     coverage: Coverage
-    alternative: tuple[Path, Coverage] | None = None
+    alternative: tuple[str, Coverage] | None = None
+    tried: list[tuple[str, Coverage]] = field(default_factory=list)  # the other files / outputs checked, none complete
 
     @property
     def ok(self) -> bool:
-        return self.coverage.complete or (self.alternative is not None and self.alternative[1].complete)
+        """The file, or its companion beside it, serves the consumer completely (a conversion still to make is advice)."""
+        return self.coverage.complete or (self.alternative is not None and not self.alternative[0].startswith("convert_lora.py"))
 
 
 @dataclass
@@ -45,29 +52,33 @@ class Diagnosis:
 
     @property
     def ok(self) -> bool:
-        return all(v.ok for v in self.verdicts) and not self.mismatches
+        return all(v.ok for v in self.verdicts) and not self.mismatches and not self.inspection.non_finite
 
 
 def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLike | None = None) -> Diagnosis:
-    """Inspect a LoRA file and check it, and its companion file, against each consumer and the DiT (if given)."""
+    """Inspect a LoRA file and check it against each consumer's rules and the DiT (if given); for a consumer it does
+    not serve completely, find the companion file or the output of ours that does."""
     ins = inspect_lora(path)
     diagnosis = Diagnosis(ins, [], dit=str(dit) if dit else None)
-    config = HUNYUAN_T2V
-    if dit is not None:
-        config = _check_base(diagnosis, dit)
-    companion = None
+    model = model_for(_check_base(diagnosis, dit) if dit is not None else None)
+    candidates: list[tuple[str, dict]] = []
     if ins.info.companion:
         companion_file = ins.path.parent / ins.info.companion
         if companion_file.is_file():
-            companion = (companion_file, read_lora_file(companion_file)[0])
+            candidates.append((str(companion_file), read_lora_file(companion_file)[0]))
         else:
             diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, but it is not beside {ins.path.name}")
+    if ins.contents.patches and not ins.problems and not ins.non_finite:  # our outputs hold every entry of the file
+        candidates += [(command, convert(ins.contents.patches)) for command, convert in CONVERSIONS.items()]
     for consumer in consumers:
-        verdict = Verdict(consumer, ins.path, coverage(consumer, ins.weights, config))
-        if not verdict.coverage.complete and companion is not None:
-            other = coverage(consumer, companion[1], config)
-            if other.complete:
-                verdict.alternative = (companion[0], other)
+        verdict = Verdict(consumer, ins.path, coverage(consumer, ins.weights, model))
+        if not verdict.coverage.complete:
+            for label, weights in candidates:
+                other = coverage(consumer, weights, model)
+                if other.complete:
+                    verdict.alternative = (label, other)
+                    break
+                verdict.tried.append((label, other))
         diagnosis.verdicts.append(verdict)
     return diagnosis
 
@@ -76,7 +87,8 @@ def _check_base(diagnosis: Diagnosis, dit) -> DiTConfig:
     """Compare the LoRA with the DiT file (a safetensors is read for its header only): base, input channels, shapes."""
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
-    config = read_dit_config(open_dit_file(dit))
+    source = open_dit_file(dit)
+    config = read_dit_config(source)
     diagnosis.dit_config = config
     kind = base_model_kind(config, str(dit))
     info = diagnosis.inspection.info
@@ -89,10 +101,10 @@ def _check_base(diagnosis: Diagnosis, dit) -> DiTConfig:
         guessed = "" if info.written_here else " (guessed from ss_sd_model_name)"
         diagnosis.warnings.append(f"trained on {info.base_model}{guessed} but {name} looks like {kind}: the layers fit, "
                                   "the results may differ from what the LoRA was trained for")
-    linears = dit_linears(config)
-    for m in diagnosis.inspection.modules:
-        if m.path in linears and tuple(linears[m.path]) != tuple(m.shape):
-            diagnosis.mismatches.append(f"{m.path}: {list(m.shape)} in the LoRA, {list(linears[m.path])} in {name}")
+    shapes = source.shapes()
+    for patch in diagnosis.inspection.contents.patches:
+        if patch.param in shapes and not patch.fits(shapes[patch.param]):
+            diagnosis.mismatches.append(f"{patch.module}: {list(patch.shape)} in the LoRA, {list(shapes[patch.param])} in {name}")
     return config
 
 
@@ -117,6 +129,16 @@ def dropped_lines(cov: Coverage, limit: int = 16) -> list[str]:
     return lines
 
 
+def _use(v: Verdict) -> str:
+    """What to give this consumer."""
+    if v.coverage.complete:
+        return v.file.name
+    if v.alternative is None:
+        return "none of our outputs loads completely"
+    label = v.alternative[0]
+    return label if label.startswith("convert_lora.py") else Path(label).name
+
+
 def _coverage_cell(cov: Coverage) -> str:
     """'   36/60      60%' or 'refuses', 17 wide."""
     if cov.fatal:
@@ -130,12 +152,10 @@ def diagnosis_text(d: Diagnosis) -> str:
         c = d.dit_config
         lines.append(f"  DiT        {Path(d.dit).name}: {base_model_kind(c, d.dit)}, {c.in_channels} input channels, "
                      f"{c.mm_double_blocks_depth}+{c.mm_single_blocks_depth} blocks of width {c.hidden_size}")
-    lines += ["", f"  {'consumer':<14} {'keys applied':>17}  file"]
+    lines += ["", f"  {'consumer':<14} {'keys applied':>17}  give it"]
     for v in d.verdicts:
-        title = CONSUMER_TITLES[v.consumer]
-        lines.append(f"  {title:<14} {_coverage_cell(v.coverage)}  {v.file.name}")
-        if v.alternative:
-            lines.append(f"  {'':<14} {_coverage_cell(v.alternative[1])}  {v.alternative[0].name}  <- load this one in {title}")
+        there = f"  ({len(v.alternative[1].applied)}/{v.alternative[1].total} keys applied there)" if v.alternative else ""
+        lines.append(f"  {CONSUMER_TITLES[v.consumer]:<14} {_coverage_cell(v.coverage)}  {_use(v)}{there}")
     for v in d.verdicts:
         if v.ok:
             continue
@@ -145,22 +165,30 @@ def diagnosis_text(d: Diagnosis) -> str:
         if v.coverage.dropped:
             lines += ["", f"  {title} drops {len(v.coverage.dropped)} of {v.coverage.total} keys of {v.file.name}:"]
             lines += [f"    {line}" for line in dropped_lines(v.coverage)]
+        for label, cov in ([] if v.alternative else v.tried):  # why none of our outputs serves it
+            why = cov.fatal or f"drops {len(cov.dropped)} keys ({next(iter(cov.dropped.values()))})"
+            lines.append(f"    with {label if label.startswith('convert_lora.py') else Path(label).name}: {why}")
     if d.mismatches:
         lines += ["", f"  {len(d.mismatches)} layers do not fit {Path(d.dit).name} (a LoRA for another model size?):"]
         lines += [f"    {m}" for m in d.mismatches[:8]] + ([f"    ... and {len(d.mismatches) - 8} more"] if len(d.mismatches) > 8 else [])
+    if d.inspection.non_finite:
+        lines += ["", f"  {d.inspection.non_finite} holds NaN or infinite values: every program would produce garbage with it"]
     lines.append("")
     lines += [f"  warning: {w}" for w in d.warnings]
     if d.ok:
         lines.append("  ok: every consumer checked applies every weight")
     else:
-        bad = [CONSUMER_TITLES[v.consumer] for v in d.verdicts if not v.ok]
-        hint = " (convert_lora.py --target other writes a copy ComfyUI and diffusers load completely)" if (
-            d.inspection.naming == "kohya" and {"ComfyUI", "diffusers"} & set(bad)) else ""
-        lines.append(f"  problem: {', '.join(bad) or 'the DiT'} would not apply every weight{hint}")
+        convert = [CONSUMER_TITLES[v.consumer] for v in d.verdicts if not v.ok and v.alternative]
+        none = [CONSUMER_TITLES[v.consumer] for v in d.verdicts if not v.ok and not v.alternative]
+        problems = ([f"{', '.join(convert)} would not apply every weight of this file: give them the output named above"] if convert else [])
+        problems += [f"{', '.join(none)} would not apply every weight of any of our outputs"] if none else []
+        problems += ["its layers do not fit the DiT"] if d.mismatches else []
+        problems += ["it holds NaN or infinite values"] if d.inspection.non_finite else []
+        lines.append(f"  problem: {'; '.join(problems)}")
     return "\n".join(lines)
 
 
-def _coverage_json(cov: Coverage, file: Path) -> dict:
+def _coverage_json(cov: Coverage, file: Path | str) -> dict:
     return {"file": str(file), "applied": len(cov.applied), "total": cov.total, "fraction": round(cov.fraction, 6),
             "complete": cov.complete, "fatal": cov.fatal, "dropped": cov.dropped, "modules": cov.modules}
 
@@ -178,7 +206,7 @@ def inspection_json(ins: LoRAInspection) -> dict:
 def diagnosis_json(d: Diagnosis) -> dict:
     consumers = {}
     for v in d.verdicts:
-        entry = _coverage_json(v.coverage, v.file) | {"ok": v.ok, "alternative": None}
+        entry = _coverage_json(v.coverage, v.file) | {"ok": v.ok, "alternative": None, "use": _use(v)}
         if v.alternative:
             entry["alternative"] = _coverage_json(v.alternative[1], v.alternative[0])
         consumers[v.consumer] = entry
@@ -186,5 +214,5 @@ def diagnosis_json(d: Diagnosis) -> dict:
     if d.dit:
         c = d.dit_config
         dit = {"path": d.dit, "base_model": base_model_kind(c, d.dit), "in_channels": c.in_channels, "hidden_size": c.hidden_size}
-    return {**inspection_json(d.inspection), "consumers": consumers, "dit": dit, "warnings": d.warnings,
+    return {**inspection_json(d.inspection), "consumers": consumers, "dit": dit, "warnings": d.warnings, "non_finite": d.inspection.non_finite,
             "shape_mismatches": d.mismatches, "ok": d.ok}

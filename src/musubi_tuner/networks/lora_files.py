@@ -8,6 +8,7 @@ trainer writes, per `--lora_format`, the kohya file, its "other"-naming companio
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile, save_safetensors
-from musubi_tuner.networks.lora import LORA_PREFIX
+
+logger = logging.getLogger(__name__)
 
 
 def save_lora(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
@@ -33,12 +35,33 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     return f.load_all(), dict(f.metadata)
 
 
-def load_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A LoRA file's weights in our naming (`lora_unet_*.lora_down/up.weight`, `.alpha`)."""
-    from musubi_tuner.networks.lora_naming import peft_alphas, require_hunyuan_modules, to_kohya
+def load_lora(path: str | os.PathLike, allow_partial: bool = False) -> dict[str, torch.Tensor]:
+    """A LoRA file in any naming, in ours (`lora_unet_*.lora_down/up.weight`, `.alpha`, `.diff`, `.diff_b`, `.set_weight`);
+    refused unless every entry applies (networks.lora_reader)."""
+    from musubi_tuner.networks.lora_reader import kohya_state_dict, read_lora
 
-    weights, metadata = read_lora_file(path)
-    return require_hunyuan_modules(to_kohya({**weights, **peft_alphas(weights, metadata)}, source=str(path)), str(path))
+    return kohya_state_dict(read_lora(path, allow_partial).patches)
+
+
+def load_network_weights(path: str | os.PathLike, allow_partial: bool = False) -> dict[str, torch.Tensor]:
+    """The LoRA pairs of Linear layers of a file, in our naming: what a LoRA network (--network_weights) holds.
+
+    Anything else (bias or weight diffs, a conv LoRA, set_weight) cannot be trained on: refused naming the first
+    entry, or with `allow_partial` dropped with a warning."""
+    from musubi_tuner.networks.lora_naming import module_template
+    from musubi_tuner.networks.lora_reader import kohya_state_dict, read_lora
+
+    patches = read_lora(path, allow_partial).patches
+    pairs = [p for p in patches if p.kind == "lora" and module_template(p.module).weight_ndim == 2]
+    others = [p for p in patches if not (p.kind == "lora" and module_template(p.module).weight_ndim == 2)]
+    if others and not allow_partial:
+        raise UserError(f"{path}: {others[0].keys[0]}: a {others[0].kind} of {others[0].param}, but a LoRA network holds LoRA pairs of "
+                        f"Linear layers only ({len(others)} such entries): merge the file into the base with --base_weights, "
+                        "or --allow_partial_lora to train on its LoRA pairs alone")
+    if others:
+        logger.warning("%s: --allow_partial_lora drops %d entries the network cannot hold: %s", path, len(others),
+                       ", ".join(k for p in others for k in p.keys))
+    return kohya_state_dict(pairs)
 
 
 LORA_FORMATS = {
@@ -65,7 +88,7 @@ class LoRAOutput:
 
 def lora_outputs(kohya_weights: dict[str, torch.Tensor], path: str | os.PathLike, lora_format: str = "both") -> list[LoRAOutput]:
     """The files `--lora_format` asks for, from a kohya-named state dict: (path, tensors, naming, companion)."""
-    from musubi_tuner.networks.lora_naming import kohya_to_other
+    from musubi_tuner.networks.lora_reader import kohya_to_other
 
     path = Path(path)
     if lora_format not in LORA_FORMATS:
@@ -78,6 +101,3 @@ def lora_outputs(kohya_weights: dict[str, torch.Tensor], path: str | os.PathLike
     copy = companion_path(path)
     return [LoRAOutput(path, kohya_weights, "kohya", copy.name), LoRAOutput(copy, other, "other", path.name)]
 
-
-def is_kohya(keys) -> bool:
-    return any(k.startswith(LORA_PREFIX) for k in keys)

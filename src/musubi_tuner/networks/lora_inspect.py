@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.errors import UserError
-from musubi_tuner.networks.lora_files import read_lora_file
-from musubi_tuner.networks.lora_naming import detect_naming, kohya_to_module_path, peft_alphas, to_kohya
+from musubi_tuner.networks.lora_reader import LoRAContents, first_non_finite, read_lora_contents
 from musubi_tuner.training.metadata import LoRAFileInfo
 
 NAMINGS = {
     "kohya": "kohya (lora_unet_*): musubi-tuner, sd-scripts, this toolkit",
     "other": "diffusion_model.* lora_A/lora_B: ComfyUI, diffusers, diffusion-pipe, this toolkit",
     "diffusers": "diffusers/PEFT (transformer.transformer_blocks.*): diffusers, this toolkit",
+    "mixed": "several namings in one file",
     "unknown": "unknown",
 }
+KIND_NAMES = {"lora": "LoRA pairs", "diff": "weight diffs", "diff_b": "bias diffs", "set": "set_weights"}
 # musubi-tuner's ss_* keys worth showing, in this order
 TRAINING_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
                  "ss_learning_rate", "ss_optimizer", "ss_lr_scheduler", "ss_steps", "ss_epoch", "ss_max_train_steps",
@@ -34,10 +34,11 @@ TRAINING_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_network_module", "ss_
 @dataclass
 class ModuleUpdate:
     path: str  # official module path, e.g. double_blocks.0.img_attn_qkv
-    shape: tuple[int, int]  # (out, in) of the layer it changes
-    rank: int
+    shape: tuple[int, ...]  # (out, in) of the layer a LoRA pair changes; a diff's own shape
+    rank: int  # 0 for a diff or set_weight
     alpha: float  # as stored; rank when the file folds the scale into its weights
-    norm: float  # Frobenius norm of the update up @ down * alpha / rank
+    norm: float  # Frobenius norm of the update (up @ down * alpha / rank, or the diff)
+    kind: str = "lora"  # "lora", "diff", "diff_b" or "set"
 
     @property
     def block(self) -> str:
@@ -54,14 +55,21 @@ class LoRAInspection:
     naming: str
     modules: list[ModuleUpdate]
     info: LoRAFileInfo
+    contents: LoRAContents | None = None
+    non_finite: str | None = None  # the first tensor holding NaN or inf
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({m.rank for m in self.modules})
+        return sorted({m.rank for m in self.modules if m.kind == "lora"})
 
     @property
     def alphas(self) -> list[float]:
-        return sorted({m.alpha for m in self.modules})
+        return sorted({m.alpha for m in self.modules if m.kind == "lora"})
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, why) of each entry this toolkit cannot apply."""
+        return [(k, p.message) for p in (self.contents.problems if self.contents else []) for k in p.keys]
 
     def block_norms(self) -> dict[str, float]:
         """Norm of each block's whole update (root of the sum of its modules' squared norms), in model order."""
@@ -80,31 +88,28 @@ def _block_order(block: str) -> tuple:
 
 
 def update_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
-    """‖up @ down‖_F * scale without forming the (out, in) product: sqrt(sum((upᵀup) ∘ (down downᵀ)))."""
+    """‖up @ down‖_F * scale without forming the (out, in) product: sqrt(sum((upᵀup) ∘ (down downᵀ))).
+
+    nan when a factor holds NaN or inf (info reports the file as non-finite)."""
     up, down = up.double().flatten(1), down.double().flatten(1)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        return math.nan
     return math.sqrt(max(((up.T @ up) * (down @ down.T)).sum().item(), 0.0)) * abs(scale)
 
 
 def inspect_lora(path: str | os.PathLike) -> LoRAInspection:
-    weights, metadata = read_lora_file(path)
-    naming = detect_naming(weights)
+    """A file's patches and problems as networks.lora_reader reads it, without refusing anything."""
+    contents = read_lora_contents(path)
     modules = []
-    if naming != "unknown":
-        kohya = to_kohya({**weights, **peft_alphas(weights, metadata)}, source=str(path))
-        for key, down in kohya.items():
-            if not key.endswith(".lora_down.weight"):
-                continue
-            name = key.removesuffix(".lora_down.weight")
-            up = kohya[f"{name}.lora_up.weight"]
-            rank = down.shape[0]
-            alpha = float(kohya[f"{name}.alpha"]) if f"{name}.alpha" in kohya else float(rank)
-            try:
-                module = kohya_to_module_path(name)
-            except UserError:  # a name no HunyuanVideo layer has: shown as stored
-                module = name
-            modules.append(ModuleUpdate(module, (up.shape[0], down.flatten(1).shape[1]), rank, alpha, update_norm(down, up, alpha / rank)))
-    modules.sort(key=lambda m: (_block_order(m.block), m.path))
-    return LoRAInspection(Path(path), weights, metadata, naming, modules, LoRAFileInfo.from_metadata(metadata))
+    for p in contents.patches:
+        if p.kind == "lora":
+            alpha = float(p.rank if p.alpha is None else p.alpha)
+            modules.append(ModuleUpdate(p.module, p.shape, p.rank, alpha, update_norm(p.down, p.up, p.scale)))
+        else:
+            modules.append(ModuleUpdate(p.module, p.shape, 0, 0.0, p.tensor.double().norm().item(), p.kind))
+    modules.sort(key=lambda m: (_block_order(m.block), m.path, m.kind))
+    return LoRAInspection(Path(path), contents.tensors, contents.metadata, contents.naming, modules,
+                          LoRAFileInfo.from_metadata(contents.metadata), contents, first_non_finite(contents.tensors))
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -131,7 +136,7 @@ def module_groups(paths: list[str]) -> list[str]:
     by_block: dict[tuple[str, int], list[str]] = {}
     others = []
     for p in paths:
-        m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", p)
+        m = re.match(r"(double_blocks|single_blocks|txt_in\.individual_token_refiner\.blocks)\.(\d+)\.(.+)", p)
         if m:
             by_block.setdefault((m.group(1), int(m.group(2))), []).append(m.group(3))
         else:
@@ -152,8 +157,21 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
         alphas = _fmt_values(ins.alphas)
         if ins.naming == "other" and info.modules:  # the scale is folded into the weights; the metadata has the trained values
             alphas = f"{_fmt_values(sorted({a for _, a in info.modules.values()}))} (folded into the weights)"
-        lines.append(f"  modules    {len(ins.modules)} in {len(blocks)} blocks, rank {_fmt_values(ins.ranks)}, alpha {alphas}")
-        lines += [f"             {g}" for g in module_groups([m.path for m in ins.modules])]
+        pairs = [m for m in ins.modules if m.kind == "lora"]
+        lines.append(f"  modules    {len({m.path for m in ins.modules})} in {len(blocks)} blocks, rank {_fmt_values(ins.ranks)}, alpha {alphas}")
+        lines += [f"             {g}" for g in module_groups(sorted({m.path for m in ins.modules}))]
+        others = {kind: sum(m.kind == kind for m in ins.modules) for kind in KIND_NAMES if kind != "lora"}
+        if any(others.values()):
+            counts = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in [("lora", len(pairs)), *others.items()] if n)
+            lines.append(f"  entries    {counts}")
+    if ins.non_finite:
+        lines.append(f"  NOT FINITE {ins.non_finite} holds NaN or infinite values: merging and generation refuse this file")
+    if ins.problems:
+        lines.append(f"  unusable   {len(ins.problems)} entries this toolkit cannot apply (merging refuses the file; "
+                     "--allow_partial_lora drops them):")
+        lines += [f"             {k}: {why}" for k, why in ins.problems[:8]]
+        if len(ins.problems) > 8:
+            lines.append(f"             ... and {len(ins.problems) - 8} more (--json lists every one)")
     if info.written_here:
         data = ", ".join(f"{w}x{h}" for w, h in info.resolutions) or "?"
         frames = ", ".join(map(str, info.frames)) or "?"
@@ -174,11 +192,12 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
 def inspection_text(ins: LoRAInspection) -> str:
     lines = summary_lines(ins)
     if ins.modules:
-        lines += ["", "  update norm per block (|up @ down| * alpha/rank):"]
+        lines += ["", "  update norm per block (|up @ down| * alpha/rank, and |diff|):"]
         norms = ins.block_norms()
-        top = max(norms.values()) or 1.0
+        top = max((n for n in norms.values() if math.isfinite(n)), default=0.0) or 1.0
         for block, norm in norms.items():
-            lines.append(f"    {block:<20} {norm:10.4g}  {'#' * max(1, round(30 * norm / top)) if norm else ''}")
+            bar = "not finite" if not math.isfinite(norm) else "#" * max(1, round(30 * norm / top)) if norm else ""
+            lines.append(f"    {block:<20} {norm:10.4g}  {bar}")
     shown = [(k, ins.metadata[k]) for k in TRAINING_KEYS if k in ins.metadata]
     if shown:
         lines += ["", "  training settings:"] + [f"    {k:<28} {v}" for k, v in shown]

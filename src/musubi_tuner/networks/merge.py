@@ -1,4 +1,5 @@
-"""Baking LoRAs into a loaded DiT: W += multiplier * (up @ down) * alpha / rank, in float32, cast back per layer."""
+"""Baking LoRAs into a DiT (loaded, or streamed file to file): each patch's math (networks.lora_reader) in float32,
+cast back per parameter."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import torch
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.fp8 import Fp8Linear, quantize_rows
-from musubi_tuner.networks.lora_files import load_lora
-from musubi_tuner.networks.lora_naming import kohya_to_module_path
+from musubi_tuner.networks.lora_reader import Patch, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -62,96 +62,86 @@ def block_filters(lora_paths: Sequence[str], specs: Sequence[str] | str | None, 
     return [block_filter(s, exclude_single_blocks) for s in specs]
 
 
-def select_lora_blocks(weights: dict[str, torch.Tensor], keep: ModuleFilter) -> dict[str, torch.Tensor]:
-    """The part of a kohya-named LoRA state dict whose modules `keep` accepts."""
-    return {k: v for k, v in weights.items() if keep(kohya_to_module_path(k.split(".", 1)[0]))}
+def lora_patches(path, keep: ModuleFilter | None = None, allow_partial: bool = False) -> list[Patch]:
+    """The patches of a LoRA file (any naming, refused unless whole and finite) on the modules `keep` accepts."""
+    patches = read_lora(path, allow_partial).select(keep)
+    if not patches:
+        raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
+    return patches
 
 
-def lora_factors(weights: dict[str, torch.Tensor], source: str, keep: ModuleFilter | None = None):
-    """(module path, up (out, rank), down (rank, in), alpha / rank) per module of a kohya-named LoRA state dict
-    (the modules `keep` accepts); up and down in float32. The delta weight is up @ down * (alpha / rank)."""
-    for key, down in weights.items():
-        if not key.endswith(".lora_down.weight"):
-            continue
-        name = key.removesuffix(".lora_down.weight")
-        up = weights.get(f"{name}.lora_up.weight")
-        if up is None:
-            raise UserError(f"{source}: {name} has lora_down but no lora_up")
-        path = kohya_to_module_path(name)
-        if keep is not None and not keep(path):
-            continue
-        rank = down.shape[0]
-        alpha = float(weights[f"{name}.alpha"]) if f"{name}.alpha" in weights else float(rank)
-        d = down.float()
-        if d.ndim > 2:  # 1x1 conv layout from some trainers
-            d = d.flatten(1)
-        yield path, up.float().reshape(up.shape[0], -1), d, alpha / rank
+def apply_patch(weight: torch.Tensor, patch: Patch, multiplier: float) -> None:
+    """One patch's documented math on a float32 parameter, in place: W += m * up @ down * alpha / rank (reshaped),
+    W += m * diff, b += m * diff_b, or W = set_weight (any multiplier but 0, as ComfyUI)."""
+    if patch.kind == "lora":
+        up, down = patch.factors()
+        weight.view(weight.shape[0], -1).addmm_(up.to(weight.device), down.to(weight.device), alpha=multiplier * patch.scale)
+    elif patch.kind == "set":
+        if multiplier != 0:
+            weight.copy_(patch.tensor.reshape(weight.shape))
+    else:
+        weight.add_(patch.tensor.to(weight.device, torch.float32).reshape(weight.shape), alpha=multiplier)
 
 
-def lora_deltas(weights: dict[str, torch.Tensor], source: str, keep: ModuleFilter | None = None):
-    """(module path, float32 delta weight) per module of a kohya-named LoRA state dict (the modules `keep` accepts)."""
-    for path, up, down, scale in lora_factors(weights, source, keep):
-        yield path, (up @ down) * scale
+def patch_target(dit: HunyuanVideoDiT, patch: Patch, source: str):
+    try:
+        module = dit.get_submodule(patch.module)
+    except AttributeError:
+        raise UserError(f"{source}: module {patch.module} does not exist in this DiT (a LoRA for another model?)") from None
+    param = getattr(module, patch.param.rsplit(".", 1)[1], None)
+    if not isinstance(param, torch.Tensor):
+        raise UserError(f"{source}: {patch.keys[0]} changes {patch.param}, which this DiT does not have")
+    if not patch.fits(param.shape):
+        raise UserError(f"{source}: {patch.module} is {list(patch.shape)} in the LoRA but {list(param.shape)} in the DiT "
+                        "(a LoRA for another model size?)")
+    return module, param
 
 
 @torch.no_grad()
 def merge_loras_into(dit: HunyuanVideoDiT, lora_paths: Sequence[str], multipliers, device: torch.device | str | None = None,
-                     exclude_single_blocks: bool = False, lora_blocks: Sequence[str] | str | None = None) -> int:
-    """Merge each LoRA file (any naming we read) into the DiT's weights in place; returns the number of layers changed.
+                     exclude_single_blocks: bool = False, lora_blocks: Sequence[str] | str | None = None,
+                     allow_partial: bool = False) -> int:
+    """Merge each LoRA file (any naming we read) into the DiT's parameters in place; returns the number of patches applied.
 
     `lora_blocks`: a `--lora_blocks` value per file (or one for all) choosing the blocks each LoRA is applied to.
     """
     changed = 0
     keeps = block_filters(lora_paths, lora_blocks, exclude_single_blocks)
     for path, m, keep in zip(lora_paths, resolve_multipliers(lora_paths, multipliers), keeps):
-        weights = load_lora(path)
-        count = 0
-        for module_path, delta in lora_deltas(weights, str(path), keep):
-            try:
-                linear = dit.get_submodule(module_path)
-            except AttributeError:
-                raise UserError(f"{path}: module {module_path} does not exist in this DiT (a LoRA for another model?)") from None
-            _add_delta(linear, delta, m, device, str(path))
-            count += 1
-        if count == 0:
-            raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
-        logger.info("merged %s (multiplier %s) into %d layers", path, m, count)
-        changed += count
+        patches = lora_patches(path, keep, allow_partial)
+        for patch in patches:
+            merge_patch(dit, patch, m, device, str(path))
+        logger.info("merged %s (multiplier %s): %d patches", path, m, len(patches))
+        changed += len(patches)
     return changed
 
 
-def check_loras_fit(lora_paths: Sequence[str], dit_shapes: dict[str, tuple[int, ...]], dit_name: str) -> None:
-    """Every LoRA file is readable and each of its modules is a layer of this DiT with the LoRA's shape (no weights merged)."""
-    for path in lora_paths:
-        weights = load_lora(path)
-        for key, down in weights.items():
-            if not key.endswith(".lora_down.weight"):
-                continue
-            name = key.removesuffix(".lora_down.weight")
-            module_path = kohya_to_module_path(name)
-            up = weights.get(f"{name}.lora_up.weight")
-            if up is None:
-                raise UserError(f"{path}: {name} has lora_down but no lora_up")
-            shape = dit_shapes.get(f"{module_path}.weight")
-            if shape is None:
-                raise UserError(f"{path}: module {module_path} does not exist in {dit_name} (a LoRA for another model?)")
-            if (up.shape[0], down.flatten(1).shape[1]) != tuple(shape[:2]):
-                raise UserError(f"{path}: {module_path} is {[up.shape[0], down.flatten(1).shape[1]]} in the LoRA but "
-                                f"{list(shape)} in {dit_name} (a LoRA for another model size?)")
-
-
-def _add_delta(linear, delta: torch.Tensor, multiplier: float, device, source: str) -> None:
-    w = linear.weight
-    if tuple(delta.shape) != tuple(w.shape):
-        raise UserError(f"{source}: LoRA for a layer of shape {list(delta.shape)} but the DiT's is {list(w.shape)} (a LoRA for another model size?)")
-    device = device or w.device
-    if isinstance(linear, Fp8Linear):
-        full = linear.dequantized_weight(torch.float32).to(device) + multiplier * delta.to(device)
+def merge_patch(dit: HunyuanVideoDiT, patch: Patch, multiplier: float, device=None, source: str = "LoRA") -> None:
+    """Apply one patch to the DiT's parameter in float32 on `device`, cast back (fp8 weights are requantized)."""
+    module, param = patch_target(dit, patch, source)
+    device = device or param.device
+    if isinstance(module, Fp8Linear) and param is module.weight:
+        full = module.dequantized_weight(torch.float32).to(device)
+        apply_patch(full, patch, multiplier)
         q, scale = quantize_rows(full)
-        w.data = q.to(w.device)
-        linear.weight_scale = scale.to(w.device)
+        param.data = q.to(param.device)
+        module.weight_scale = scale.to(param.device)
         return
-    w.data = (w.to(device, torch.float32) + multiplier * delta.to(device)).to(w.device, w.dtype)
+    w = param.to(device, torch.float32, copy=True)
+    apply_patch(w, patch, multiplier)
+    param.data = w.to(param.device, param.dtype)
+
+
+def check_loras_fit(lora_paths: Sequence[str], dit_shapes: dict[str, tuple[int, ...]], dit_name: str, allow_partial: bool = False) -> None:
+    """Every LoRA file is readable, whole and finite, and each patch is a parameter of this DiT of the LoRA's shape (no weights merged)."""
+    for path in lora_paths:
+        for patch in read_lora(path, allow_partial).patches:
+            shape = dit_shapes.get(patch.param)
+            if shape is None:
+                raise UserError(f"{path}: module {patch.module} does not exist in {dit_name} (a LoRA for another model?)")
+            if not patch.fits(shape):
+                raise UserError(f"{path}: {patch.module} is {list(patch.shape)} in the LoRA but {list(shape)} in {dit_name} "
+                                "(a LoRA for another model size?)")
 
 
 def _finite(t: torch.Tensor, key: str, what: str, cause: str) -> torch.Tensor:
@@ -163,12 +153,14 @@ def _finite(t: torch.Tensor, key: str, what: str, cause: str) -> torch.Tensor:
 
 
 def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: str, device: torch.device | str = "cpu",
-               exclude_single_blocks: bool = False, in_channels: int | None = None, lora_blocks: Sequence[str] | str | None = None) -> dict:
+               exclude_single_blocks: bool = False, in_channels: int | None = None, lora_blocks: Sequence[str] | str | None = None,
+               allow_partial: bool = False) -> dict:
     """Merge LoRAs into a DiT file and write the result, streaming one tensor at a time.
 
-    Each weight is read, its LoRA deltas added in float32 on `device` (W += m * up @ down * alpha / rank, in
-    place), cast back to its stored dtype and written before the next is read. Only the LoRAs' small factors
-    are kept in between, so peak memory is about one layer in float32 plus the LoRA files, not a second model.
+    Each parameter is read, its LoRAs' patches applied in float32 on `device` (`apply_patch`, in place), cast back
+    to its stored dtype and written before the next is read. Only the LoRAs' small factors are kept in between,
+    so peak memory is about one layer in float32 plus the LoRA files, not a second model. Every LoRA is read and
+    checked (whole, finite, fitting) before the first weight is.
     fp8 inputs are written in bf16: rounding W + delta back to e4m3 would erase most of a LoRA's small update.
     """
     from musubi_tuner.files import LazyTensors, RunLock, leftover_temp_files, save_safetensors
@@ -179,21 +171,16 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     config = read_dit_config(source)
     if in_channels is not None and in_channels != config.in_channels:
         raise UserError(f"{dit_path}: --dit_in_channels {in_channels} but the file's DiT takes {config.in_channels} input channels")
-    factors: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}  # weight key -> (m * scale, up, down) per LoRA
+    ops: dict[str, list[tuple[float, Patch]]] = {}  # parameter key -> (multiplier, patch) per LoRA, in order
     keeps = block_filters(lora_paths, lora_blocks, exclude_single_blocks)
     for path, m, keep in zip(lora_paths, resolve_multipliers(lora_paths, multipliers), keeps):
-        count = 0
-        for module_path, up, down, scale in lora_factors(load_lora(path), str(path), keep):
-            key = f"{module_path}.weight"
-            if key not in source:
-                raise UserError(f"{path}: module {module_path} does not exist in {dit_path} (a LoRA for another model?)")
-            shape = (up.shape[0], down.shape[1])
-            if shape != tuple(source.shape(key)):
-                raise UserError(f"{path}: {module_path} has shape {list(shape)} in the LoRA but {list(source.shape(key))} in {dit_path}")
-            factors.setdefault(key, []).append((m * scale, up, down))
-            count += 1
-        if count == 0:
-            raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
+        for patch in lora_patches(path, keep, allow_partial):
+            if patch.param not in source:
+                raise UserError(f"{path}: module {patch.module} does not exist in {dit_path} (a LoRA for another model?)")
+            if not patch.fits(source.shape(patch.param)):
+                raise UserError(f"{path}: {patch.param} has shape {list(patch.shape)} in the LoRA but {list(source.shape(patch.param))} "
+                                f"in {dit_path} (a LoRA for another model size?)")
+            ops.setdefault(patch.param, []).append((m, patch))
 
     def out_dtype(key: str) -> torch.dtype:
         dtype = source.dtype(key)
@@ -201,14 +188,14 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
 
     def compute(key: str) -> torch.Tensor:
         t = source.read(key)  # a copy of its own: the file's pages do not pile up in this process
-        if key not in factors:
+        if key not in ops:
             return _finite(t.to(out_dtype(key)), key, f"{dit_path}: {key}", "the DiT file itself holds them")
         merged = t.to(device, torch.float32, copy=True)
         del t
-        for factor, up, down in factors[key]:
-            merged.addmm_(up.to(device), down.to(device), alpha=factor)  # no delta-sized temporary
+        for m, patch in ops[key]:
+            apply_patch(merged, patch, m)  # a LoRA pair is added with addmm_: no delta-sized temporary
         return _finite(merged.to("cpu", out_dtype(key)), key, f"merging {', '.join(map(str, lora_paths))} into {dit_path}: {key}",
-                       f"a LoRA holding NaN/inf values, or a sum beyond {out_dtype(key)}; check them with musubi-lora-info")
+                       f"a sum beyond {out_dtype(key)}")
 
     specs = {k: (out_dtype(k), tuple(source.shape(k))) for k in source.keys()}
     out = Path(out_path)
@@ -217,4 +204,4 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
             stale.unlink(missing_ok=True)
             logger.info("removed %s (left by an interrupted merge)", stale)
         save_safetensors(LazyTensors(specs, compute), out, metadata=dit_metadata(config))
-    return {"layers": len(factors), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}
+    return {"layers": len(ops), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}

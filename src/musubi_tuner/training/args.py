@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base_weights", nargs="*", default=None, help="LoRA files merged into the DiT before training")
     g.add_argument("--base_weights_multiplier", type=real(), nargs="*", default=None,
                    help="one multiplier per --base_weights file (default 1.0)")
+    g.add_argument("--allow_partial_lora", action="store_true",
+                   help="apply the parts of --network_weights / --base_weights files that can be, and list what is dropped, "
+                        "instead of refusing a file with entries this toolkit cannot apply")
     g.add_argument("--training_comment", default=None, help="stored in the LoRA's metadata (ss_training_comment)")
     g.add_argument("--no_metadata", action="store_true", help="save only the minimal metadata")
 

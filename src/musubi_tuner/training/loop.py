@@ -91,9 +91,22 @@ def check_args(args) -> None:
         raise UserError(f"{args.network_weights}: LoRA file not found (--network_weights)")
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
+    check_lora_files(args)
     from musubi_tuner.files import require_writable_folder
 
     require_writable_folder(args.output_dir, "--output_dir", create=not args.dry_run)
+
+
+def check_lora_files(args) -> None:
+    """--network_weights and --base_weights are whole, finite LoRA files (networks.lora_reader), before any model loads."""
+    from musubi_tuner.networks.lora_files import load_network_weights
+    from musubi_tuner.networks.lora_reader import read_lora
+
+    allow_partial = getattr(args, "allow_partial_lora", False)
+    if args.network_weights:
+        load_network_weights(args.network_weights, allow_partial)
+    for path in args.base_weights or []:
+        read_lora(path, allow_partial)
 
 
 def make_accelerator(args) -> Accelerator:
@@ -135,7 +148,8 @@ def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
     if merge_first:
         from musubi_tuner.networks.merge import merge_loras_into
 
-        merge_loras_into(dit, args.base_weights, args.base_weights_multiplier or [], device=device)
+        merge_loras_into(dit, args.base_weights, args.base_weights_multiplier or [], device=device,
+                         allow_partial=getattr(args, "allow_partial_lora", False))
         if args.fp8_base:
             from musubi_tuner.hunyuan.fp8 import convert_to_fp8
 
@@ -158,16 +172,18 @@ def build_network(args, dit: HunyuanVideoDiT):
     module = load_network_module(args.network_module)
     net_kwargs = parse_key_values(args.network_args, "--network_args")
     net_kwargs = {k: v if isinstance(v, str) else repr(v) if isinstance(v, (list, tuple)) else str(v) for k, v in net_kwargs.items()}
+    allow_partial = getattr(args, "allow_partial_lora", False)
     if args.dim_from_weights:
-        from musubi_tuner.networks.lora_files import load_lora
+        from musubi_tuner.networks.lora_files import load_network_weights
 
-        network = module.create_arch_network_from_weights(1.0, load_lora(args.network_weights), unet=dit, **net_kwargs)
+        network = module.create_arch_network_from_weights(1.0, load_network_weights(args.network_weights, allow_partial), unet=dit,
+                                                          **net_kwargs)
     else:
         create = getattr(module, "create_arch_network", None) or getattr(module, "create_network")
         network = create(1.0, args.network_dim, args.network_alpha, None, None, dit, neuron_dropout=args.network_dropout, **net_kwargs)
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
     if args.network_weights and not args.dim_from_weights:
-        info = network.load_weights(args.network_weights)
+        info = network.load_weights(args.network_weights, **({"allow_partial": True} if allow_partial else {}))
         logger.info("loaded %s into the network (%s)", args.network_weights, info)
     network.prepare_grad_etc(None, dit)
     return network

@@ -1,0 +1,442 @@
+"""One reading path for every HunyuanVideo LoRA file this ecosystem writes: the file's entries as patches of the
+official DiT's parameters, each with its documented math.
+
+Entries understood, for a module named in any naming of `lora_naming` (kohya with official or ComfyUI module
+names, `diffusion_model.` / `transformer.` prefixes, diffusers/PEFT with its fused q/k/v):
+
+| entry | patch | math at multiplier m |
+| --- | --- | --- |
+| up/down pair (`lora_up/lora_down`, `lora_B/lora_A`, `_lora.up/down`, `.lora.up/down`, `lora_linear_layer.up/down`) | lora | W += m * (up @ down) * alpha / rank, reshaped to W (conv LoRAs) |
+| `.alpha` | the pair's alpha | (rank if absent; PEFT's `lora_alpha` / `alpha_pattern` from the file's metadata or `adapter_config.json`) |
+| `.diff`, `.w_norm` | diff | W += m * diff |
+| `.diff_b`, `.b_norm` | diff_b | b += m * diff_b |
+| `.set_weight` | set | W = set_weight (whatever m, as ComfyUI does) |
+
+Any other entry (LoHa, LoKr, DoRA scales, a key naming no layer, a pair whose ranks disagree, two entries for one
+weight) is a `Problem`: `LoRAContents.require_whole` refuses the file naming it, or with `allow_partial` warns and
+lists what is dropped. Non-finite tensors are always refused (`check_finite`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.networks.lora_naming import (
+    DIFFUSERS_PREFIXES, KOHYA_PREFIX, OTHER_PREFIXES, diffusers_to_official, module_path_to_kohya, module_template, official_module,
+)
+
+logger = logging.getLogger(__name__)
+
+# entry suffix -> role, longest first where one ends another
+_PAIR_SUFFIXES = (
+    (".lora_up.weight", ".lora_down.weight"), (".lora_B.default.weight", ".lora_A.default.weight"), (".lora_B.weight", ".lora_A.weight"),
+    ("_lora.up.weight", "_lora.down.weight"), (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+    (".lora.up.weight", ".lora.down.weight"), (".lora_B", ".lora_A"),
+)
+_ROLES = {**{up: "up" for up, _ in _PAIR_SUFFIXES}, **{down: "down" for _, down in _PAIR_SUFFIXES},
+          ".alpha": "alpha", ".diff": "diff", ".w_norm": "diff", ".diff_b": "diff_b", ".b_norm": "diff_b", ".set_weight": "set"}
+# entries of adapters other programs write that we do not apply: suffix -> what they are
+_UNSUPPORTED = {".dora_scale": "a DoRA scale", ".lora_mid.weight": "a LoCon/Tucker middle factor", ".reshape_weight": "a weight reshape",
+                ".lora_B.bias": "a LoRA bias", **{s: "a LoHa factor" for s in (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2")},
+                **{s: "a LoKr factor" for s in (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")},
+                **{s: "a GLoRA factor" for s in (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")}}
+_SUFFIXES = sorted([*_ROLES, *_UNSUPPORTED], key=len, reverse=True)
+NAMINGS = ("kohya", "other", "diffusers")
+
+
+@dataclass
+class Patch:
+    """One change a LoRA file makes to one parameter of the official DiT."""
+
+    module: str  # official module path, e.g. double_blocks.0.img_attn_qkv
+    kind: str  # "lora", "diff", "diff_b" or "set"
+    keys: tuple[str, ...]  # the file's keys it was read from
+    up: torch.Tensor | None = None  # lora: (out, rank) (or a conv layout of it)
+    down: torch.Tensor | None = None  # lora: (rank, in) (or (rank, in, *kernel))
+    alpha: float | None = None  # lora: None means alpha = rank
+    tensor: torch.Tensor | None = None  # diff / diff_b / set
+
+    @property
+    def param(self) -> str:
+        return f"{self.module}.{'bias' if self.kind == 'diff_b' else 'weight'}"
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank of a LoRA pair."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(out, in) of a pair (in counts a convolution's kernel); a diff's or set's own shape."""
+        if self.kind == "lora":
+            return (self.up.shape[0], self.down.flatten(1).shape[1])
+        return tuple(self.tensor.shape)
+
+    def fits(self, shape) -> bool:
+        shape = tuple(shape)
+        if self.kind == "lora":
+            return len(shape) >= 2 and self.shape == (shape[0], math.prod(shape[1:]))
+        return self.shape == shape
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up (out, rank), down (rank, in)) in float32, 2-D."""
+        return self.up.float().flatten(1), self.down.float().flatten(1)
+
+    def delta(self, shape) -> torch.Tensor:
+        """The float32 update at multiplier 1 to a parameter of `shape`: (up @ down) * alpha / rank, or the diff."""
+        if self.kind == "lora":
+            up, down = self.factors()
+            return ((up @ down) * self.scale).reshape(shape)
+        return self.tensor.float().reshape(shape)
+
+
+@dataclass
+class Problem:
+    keys: list[str]
+    message: str  # says why, without the file name
+
+
+@dataclass
+class LoRAContents:
+    source: str
+    patches: list[Patch]
+    problems: list[Problem] = field(default_factory=list)
+    naming: str = "unknown"  # "kohya", "other", "diffusers", "mixed" or "unknown"
+    metadata: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the file's tensors as stored
+
+    @property
+    def dropped(self) -> list[str]:
+        return [k for p in self.problems for k in p.keys]
+
+    def require_whole(self, allow_partial: bool = False) -> "LoRAContents":
+        """Refuse a file with entries we cannot apply (naming the first); with `allow_partial`, warn and list them."""
+        if not self.patches:
+            raise UserError(self._nothing_applies())
+        if not self.problems:
+            return self
+        first = self.problems[0]
+        if not allow_partial:
+            more = f" ({len(self.dropped)} entries cannot be applied)" if len(self.dropped) > len(first.keys) else ""
+            raise UserError(f"{self.source}: {first.keys[0]}: {first.message}{more}; "
+                            "--allow_partial_lora applies the rest and lists what it drops")
+        lines = [f"{k}: {p.message}" for p in self.problems for k in p.keys]
+        logger.warning("%s: --allow_partial_lora drops %d entries:\n  %s", self.source, len(lines), "\n  ".join(lines))
+        return self
+
+    def _nothing_applies(self) -> str:
+        foreign = [p for p in self.problems if p.message.startswith("names no layer")]
+        if foreign and len(foreign) == len(self.problems):
+            module = _module_name(foreign[0].keys[0])
+            return f"{self.source}: a LoRA for another model: its module {module!r} names no layer of the HunyuanVideo DiT"
+        if self.problems:
+            return f"{self.source}: nothing in it can be applied: {self.problems[0].keys[0]}: {self.problems[0].message}"
+        return f"{self.source}: holds no LoRA entries"
+
+    def select(self, keep) -> list[Patch]:
+        """The patches whose module `keep` accepts (a --lora_blocks filter), or all when keep is None."""
+        return [p for p in self.patches if keep is None or keep(p.module)]
+
+
+def _module_name(key: str) -> str:
+    for suffix in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_lora(path: str | os.PathLike, allow_partial: bool = False) -> LoRAContents:
+    """A LoRA file's patches, refused (UserError naming the file and entry) unless every entry applies and is finite."""
+    contents = read_lora_contents(path)
+    check_finite(contents.source, contents.tensors)
+    return contents.require_whole(allow_partial)
+
+
+def read_lora_contents(path: str | os.PathLike) -> LoRAContents:
+    """A LoRA file's patches and problems, without refusing anything (what info and the doctor show)."""
+    from musubi_tuner.networks.lora_files import read_lora_file
+
+    weights, metadata = read_lora_file(path)
+    return parse_lora(weights, metadata, str(path), peft_config(path))
+
+
+def check_finite(source: str, weights: dict[str, torch.Tensor]) -> None:
+    bad = first_non_finite(weights)
+    if bad is not None:
+        raise UserError(f"{source}: {bad} holds NaN or infinite values (a diverged training?): this LoRA cannot be applied")
+
+
+def first_non_finite(weights: dict[str, torch.Tensor]) -> str | None:
+    for key, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+def peft_config(path: str | os.PathLike) -> dict | None:
+    """The `adapter_config.json` PEFT (and diffusion-pipe) save beside `adapter_model.safetensors`, if there is one."""
+    path = Path(path)
+    config = path.parent / "adapter_config.json"
+    if not path.name.startswith("adapter_model") or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text())
+    except (OSError, ValueError):
+        logger.warning("%s: unreadable; its LoRA scales are taken as 1", config)
+        return None
+
+
+def _peft_alphas(metadata: dict[str, str], config: dict | None) -> tuple[float | None, dict[str, float]]:
+    """(lora_alpha, alpha_pattern) of a PEFT adapter: from diffusers' `lora_adapter_metadata`, or adapter_config.json."""
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            config = json.loads(raw)
+        except ValueError:
+            config = None
+    if not config:
+        return None, {}
+    alpha = config.get("transformer.lora_alpha", config.get("lora_alpha"))
+    pattern = config.get("transformer.alpha_pattern", config.get("alpha_pattern")) or {}
+    return alpha, pattern
+
+
+def _split_entry(key: str) -> tuple[str, str] | None:
+    for suffix in _SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], suffix
+    return None
+
+
+@dataclass
+class _Entry:
+    """The keys of one module name of the file, by role."""
+
+    naming: str
+    module: str  # official module
+    part: int | None  # which fused part (diffusers q/k/v/mlp), None for a whole layer
+    peft_path: str  # the module's path as PEFT names it (for alpha_pattern)
+    keys: dict[str, str] = field(default_factory=dict)  # role -> key
+
+
+def _resolve(name: str) -> tuple[str, str, int | None, str] | None:
+    """(naming, official module, part, PEFT module path) for a module name of a file, None if it names no layer."""
+    official = official_module(name)
+    if official is not None:
+        naming = "kohya" if name.startswith(KOHYA_PREFIX) else "other"
+        return naming, official, None, next((name[len(p):] for p in OTHER_PREFIXES if name.startswith(p)), name)
+    for prefix in DIFFUSERS_PREFIXES:
+        if name.startswith(prefix):
+            target = diffusers_to_official(name[len(prefix):])
+            if target is not None:
+                return "diffusers", target[0], target[1], name[len(prefix):]
+    return None
+
+
+def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, source: str = "LoRA",
+               adapter_config: dict | None = None, mlp_hidden: int | None = None) -> LoRAContents:
+    """A state dict in any naming -> patches of the official DiT (see the module docstring), and what cannot be applied."""
+    metadata = metadata or {}
+    problems: list[Problem] = []
+    entries: dict[str, _Entry] = {}
+    if weights and not any(_split_entry(k) for k in weights):
+        sample = ", ".join(list(weights)[:4])
+        problems.append(Problem(list(weights), "not a HunyuanVideo LoRA in any naming we know (kohya lora_unet_*, "
+                                               f"diffusion_model.*.lora_A/B, diffusers transformer.*); first keys: {sample}"))
+        return LoRAContents(source, [], problems, "unknown", metadata, weights)
+    for key in weights:
+        split = _split_entry(key)
+        if split is None:
+            problems.append(Problem([key], "not a LoRA entry (no lora_up/lora_down, lora_A/lora_B, alpha, diff, diff_b or set_weight)"))
+            continue
+        name, suffix = split
+        if suffix in _UNSUPPORTED:
+            problems.append(Problem([key], f"{_UNSUPPORTED[suffix]}, which this toolkit does not apply"))
+            continue
+        resolved = _resolve(name)
+        if resolved is None:
+            problems.append(Problem([key], "names no layer of the HunyuanVideo DiT"))
+            continue
+        entry = entries.setdefault(name, _Entry(*resolved))
+        role = _ROLES[suffix]
+        if role in entry.keys:
+            problems.append(Problem([key], f"a second {role} entry for {name} (beside {entry.keys[role]})"))
+            continue
+        entry.keys[role] = key
+    lora_alpha, alpha_pattern = _peft_alphas(metadata, adapter_config)
+    patches, fused = [], {}
+    for name, entry in entries.items():
+        for patch in _entry_patches(name, entry, weights, problems, lora_alpha, alpha_pattern):
+            if entry.part is None:
+                patches.append(patch)
+            else:
+                fused.setdefault(entry.module, []).append((entry.part, patch))
+    for module, parts in fused.items():
+        patches += _fuse_parts(module, parts, problems, mlp_hidden)
+    patches = _without_conflicts(patches, problems)
+    namings = {e.naming for e in entries.values()}
+    naming = namings.pop() if len(namings) == 1 else ("mixed" if namings else "unknown")
+    return LoRAContents(source, patches, problems, naming, metadata, weights)
+
+
+def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], lora_alpha, alpha_pattern) -> list[Patch]:
+    keys, out = entry.keys, []
+    if "up" in keys or "down" in keys:
+        if "up" not in keys or "down" not in keys:
+            have, missing = ("up", "down") if "up" in keys else ("down", "up")
+            problems.append(Problem([keys[have]] + ([keys["alpha"]] if "alpha" in keys else []), f"a LoRA {have} weight without its {missing} weight"))
+        else:
+            up, down = weights[keys["up"]], weights[keys["down"]]
+            if up.ndim < 2 or down.ndim < 2 or up.flatten(1).shape[1] != down.shape[0]:
+                problems.append(Problem([keys["up"], keys["down"]] + ([keys["alpha"]] if "alpha" in keys else []),
+                                        f"its up weight {list(up.shape)} and down weight {list(down.shape)} have different ranks "
+                                        "(a damaged or mismatched file)"))
+            else:
+                alpha = float(weights[keys["alpha"]]) if "alpha" in keys else _pattern_alpha(entry.peft_path, lora_alpha, alpha_pattern)
+                if entry.module == "final_layer.adaLN_modulation.1" and entry.naming == "diffusers":
+                    up = torch.cat(up.chunk(2, dim=0)[::-1])  # diffusers' norm_out orders (scale, shift); official (shift, scale)
+                used = tuple(keys[r] for r in ("down", "up", "alpha") if r in keys)
+                out.append(Patch(entry.module, "lora", used, up=up, down=down, alpha=alpha))
+    elif "alpha" in keys:
+        problems.append(Problem([keys["alpha"]], "an alpha without a LoRA pair"))
+    for role in ("diff", "diff_b", "set"):
+        if role in keys:
+            tensor = weights[keys[role]]
+            if entry.module == "final_layer.adaLN_modulation.1" and entry.naming == "diffusers":
+                tensor = torch.cat(tensor.chunk(2, dim=0)[::-1])
+            if entry.part is not None:
+                problems.append(Problem([keys[role]], f"a {role} of one part of a fused layer, which this toolkit does not apply"))
+            else:
+                out.append(Patch(entry.module, role, (keys[role],), tensor=tensor))
+    return out
+
+
+def _pattern_alpha(path: str, lora_alpha, alpha_pattern: dict[str, float]) -> float | None:
+    """PEFT's scale for a module: the alpha_pattern entry matching the end of its path, else lora_alpha (None: alpha = rank)."""
+    for pattern, alpha in alpha_pattern.items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", path):
+            return float(alpha)
+    return None if lora_alpha is None else float(lora_alpha)
+
+
+def _fuse_parts(module: str, parts: list[tuple[int, Patch]], problems: list[Problem], mlp_hidden: int | None) -> list[Patch]:
+    """One exact LoRA of an official fused Linear from the LoRAs of its diffusers parts (q, k, v[, mlp]).
+
+    The fused layer's rows are its parts' outputs stacked, so down = [A_q; A_k; A_v], up = blockdiag(B_q * s_q, ...),
+    with each part's scale s folded into its rows (alpha = rank of the result); a missing part's rows stay zero.
+    """
+    by_part: dict[int, Patch] = {}
+    for part, patch in parts:
+        if patch.kind != "lora":
+            continue
+        by_part[part] = patch
+    if not by_part:
+        return []
+    hidden = next(iter(by_part.values())).down.shape[1]
+    sizes = [hidden] * 3
+    if module.endswith("linear1"):
+        sizes.append(by_part[3].up.shape[0] if 3 in by_part else (mlp_hidden or 4 * hidden))
+    for part, patch in by_part.items():
+        if patch.down.shape[1] != hidden or patch.up.shape[0] != sizes[part]:
+            problems.append(Problem(list(patch.keys), f"a part of {module} of shape {list(patch.shape)}, which does not fit its other parts"))
+            return []
+    rank = sum(p.rank for p in by_part.values())
+    down, up = torch.zeros(rank, hidden), torch.zeros(sum(sizes), rank)
+    r = 0
+    for part in sorted(by_part):
+        patch = by_part[part]
+        b, a = patch.factors()  # (up, down)
+        row = sum(sizes[:part])
+        down[r : r + patch.rank] = a
+        up[row : row + sizes[part], r : r + patch.rank] = b * patch.scale
+        r += patch.rank
+    keys = tuple(k for part in sorted(by_part) for k in by_part[part].keys)
+    return [Patch(module, "lora", keys, up=up, down=down, alpha=None)]
+
+
+def _without_conflicts(patches: list[Patch], problems: list[Problem]) -> list[Patch]:
+    """Two patches of one kind for one parameter (a file holding two namings of a layer), or a set beside another
+    patch of the same weight, cannot both be meant: they are problems."""
+    seen: dict[tuple[str, str], Patch] = {}
+    sets = {p.param for p in patches if p.kind == "set"}
+    kept = []
+    for p in patches:
+        if (p.param, p.kind) in seen:
+            other = seen[(p.param, p.kind)]
+            problems.append(Problem(list(p.keys), f"a second {p.kind} of {p.param} (beside {other.keys[0]}): the file names that layer twice"))
+            continue
+        if p.kind != "set" and p.param in sets:
+            problems.append(Problem(list(p.keys), f"a {p.kind} of {p.param}, which the same file also replaces with a set_weight"))
+            continue
+        seen[(p.param, p.kind)] = p
+        kept.append(p)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _conv_layout(patch: Patch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv layer's pair as convolutions (down (rank, in, *kernel), up (out, rank, 1, ...)), which PEFT and kohya LoCon
+    write; a Linear's as is."""
+    kernel = module_template(patch.module).kernel
+    if not kernel:
+        return patch.up, patch.down
+    down = patch.down.reshape(patch.rank, -1, *kernel)
+    return patch.up.reshape(patch.up.shape[0], patch.rank, *([1] * len(kernel))), down
+
+
+_ENTRY_NAMES = {"diff": "diff", "diff_b": "diff_b", "set": "set_weight"}
+
+
+def kohya_state_dict(patches: list[Patch]) -> dict[str, torch.Tensor]:
+    """Patches in our (musubi-tuner's) kohya naming: `lora_unet_<official path>.lora_down.weight`, `.lora_up.weight`,
+    `.alpha` (as read; rank when the file had none), `.diff`, `.diff_b`, `.set_weight`."""
+    out: dict[str, torch.Tensor] = {}
+    for p in patches:
+        name = module_path_to_kohya(p.module)
+        if p.kind == "lora":
+            up, down = _conv_layout(p)
+            out[f"{name}.lora_down.weight"] = down
+            out[f"{name}.lora_up.weight"] = up
+            out[f"{name}.alpha"] = torch.tensor(float(p.rank if p.alpha is None else p.alpha))
+        else:
+            out[f"{name}.{_ENTRY_NAMES[p.kind]}"] = p.tensor
+    return out
+
+
+def other_state_dict(patches: list[Patch], prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
+    """Patches in the "other" naming (ComfyUI, diffusers' loader, diffusion-pipe): `<prefix>.<official path>.lora_A.weight`,
+    `.lora_B.weight` with alpha / rank folded into both (sqrt each; diffusers reads no alpha), `.diff`, `.diff_b`, `.set_weight`."""
+    out: dict[str, torch.Tensor] = {}
+    for p in patches:
+        name = f"{prefix}.{p.module}"
+        if p.kind == "lora":
+            up, down = _conv_layout(p)
+            factor = p.scale ** 0.5
+            out[f"{name}.lora_A.weight"] = (down.float() * factor).to(down.dtype)
+            out[f"{name}.lora_B.weight"] = (up.float() * factor).to(up.dtype)
+        else:
+            out[f"{name}.{_ENTRY_NAMES[p.kind]}"] = p.tensor
+    return out
+
+
+def kohya_to_other(weights: dict[str, torch.Tensor], prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
+    """A kohya-named state dict (ours, every entry applies) in the "other" naming."""
+    return other_state_dict(parse_lora(weights).require_whole().patches, prefix)

@@ -1,0 +1,178 @@
+"""Bad LoRA files at every command that reads them: one `error:` line naming the file and the entry, exit 2, before
+any model is read, nothing written; --allow_partial_lora applies the rest and lists what it drops. info and the
+doctor report such files instead of failing, and stop quietly when their reader goes away (`| head`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from musubi_tuner import convert_lora, hv_generate_video, hv_train_network, lora_doctor, lora_info, merge_lora
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.files import StateDictFile
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.networks import lora
+
+ROOT = Path(__file__).resolve().parents[2]
+NAN_KEY = "lora_unet_single_blocks_1_linear1.lora_up.weight"
+RANK_KEY = "lora_unet_double_blocks_1_img_mlp_fc2"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("refusals")
+    config = tiny_dit_config()
+    dit = write_dit(tmp / "dit.safetensors", random_dit_state_dict(config, seed=1, scale=0.05), config)
+    net = lora.create_arch_network(1.0, 4, 2, None, None, HunyuanVideoDiT(config))
+    good = {k: v.clone() for k, v in net.state_dict_for_saving().items()}
+    for k in good:
+        if k.endswith("lora_up.weight"):
+            good[k].normal_(0, 0.05)
+    made = {"good": good,
+            "nan": {**good, NAN_KEY: torch.full_like(good[NAN_KEY], float("nan"))},
+            "ranks": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(8, 256)},  # lora_up is (64, 4)
+            "loha": {**good, "lora_unet_double_blocks_0_img_attn_proj.hada_w1_a": torch.zeros(64, 2)},
+            "bias diff": {**good, "lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.full((64,), 0.01)}}
+    paths = {}
+    for name, sd in made.items():
+        paths[name] = tmp / f"{name.replace(' ', '_')}.safetensors"
+        save_file(sd, str(paths[name]))
+    return tmp, dit, paths
+
+
+def run(main, argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+        sys.exit(0)
+    out, err = capsys.readouterr()
+    return exit_.value.code or 0, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_dit_reads(monkeypatch):
+    """Fails the test if any tensor of a DiT (or anything else) is read through StateDictFile.read: the heavy part of a merge."""
+    def read(self, key):
+        raise AssertionError(f"{self.path}: {key} was read before the LoRA was checked")
+
+    monkeypatch.setattr(StateDictFile, "read", read)
+
+
+def test_merge_refuses_a_nan_lora_naming_the_file_and_key_before_reading_the_dit(files, capsys, tmp_path, no_dit_reads):
+    _, dit, paths = files
+    out = tmp_path / "merged.safetensors"
+    status, _, err = run(merge_lora.main, ["--dit", dit, "--lora_weight", paths["good"], paths["nan"], "--save_merged_model", out,
+                                           "--device", "cpu"], capsys)
+    assert status == 2
+    assert error_line(err) == f"error: {paths['nan']}: {NAN_KEY} holds NaN or infinite values (a diverged training?): this LoRA cannot be applied"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_refuses_ranks_that_disagree(files, capsys, tmp_path, no_dit_reads):
+    _, dit, paths = files
+    argv = ["--dit", dit, "--lora_weight", paths["ranks"], "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
+    status, _, err = run(merge_lora.main, argv, capsys)
+    assert status == 2
+    assert error_line(err).startswith(f"error: {paths['ranks']}: {RANK_KEY}.lora_")
+    assert "have different ranks" in err and "--allow_partial_lora" in err
+
+
+def test_allow_partial_lora_merges_the_rest_and_lists_what_it_drops(files, capsys, tmp_path, caplog):
+    _, dit, paths = files
+    out = tmp_path / "m.safetensors"
+    argv = ["--dit", dit, "--lora_weight", paths["loha"], "--save_merged_model", out, "--device", "cpu"]
+    status, _, err = run(merge_lora.main, argv, capsys)
+    assert status == 2 and "lora_unet_double_blocks_0_img_attn_proj.hada_w1_a: a LoHa factor, which this toolkit does not apply" in error_line(err)
+    assert not out.exists()
+    status, stdout, _ = run(merge_lora.main, [*argv, "--allow_partial_lora"], capsys)
+    assert status == 0 and out.is_file() and "into 20 layers" in stdout
+    assert "--allow_partial_lora drops 1 entries:\n  lora_unet_double_blocks_0_img_attn_proj.hada_w1_a: a LoHa factor" in caplog.text
+
+
+def test_convert_refuses_what_it_cannot_convert(files, capsys, tmp_path):
+    _, _, paths = files
+    status, _, err = run(convert_lora.main, ["--input", paths["nan"], "--output", tmp_path / "o.safetensors", "--target", "other"], capsys)
+    assert status == 2 and NAN_KEY in error_line(err) and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def generation_files(files, encoders_and_vae):
+    tmp, _, _ = files
+    config = tiny_dit_config()
+    return {"dit": write_dit(tmp / "mp_rank_00_model_states.pt", random_dit_state_dict(config, seed=3, scale=0.05), config, "pt"),
+            **encoders_and_vae}
+
+
+@pytest.mark.parametrize("bad, named", [("nan", f"{NAN_KEY} holds NaN or infinite values"),
+                                        ("ranks", f"{RANK_KEY}.lora_up.weight: its up weight [64, 4] and down weight [8, 256]")])
+def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, generation_files, capsys, tmp_path, monkeypatch, bad, named):
+    from musubi_tuner.hunyuan import text_encoders
+
+    monkeypatch.setattr(text_encoders, "load_text_encoder1", lambda *a, **k: pytest.fail("a text encoder was loaded"))
+    _, _, paths = files
+    g = generation_files
+    argv = ["--dit", g["dit"], "--vae", g["vae"], "--text_encoder1", g["te1"], "--text_encoder2", g["te2"], "--prompt", "a cat",
+            "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2", "--save_path", tmp_path / "out",
+            "--lora_weight", paths["good"], paths[bad], "--fp8"]
+    status, _, err = run(hv_generate_video.main, argv, capsys)
+    assert status == 2 and error_line(err).startswith(f"error: {paths[bad]}: ") and named in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("bad, named", [("nan", NAN_KEY), ("ranks", f"{RANK_KEY}.lora_up.weight"),
+                                        ("bias diff", "lora_unet_double_blocks_0_img_attn_proj.diff_b: a diff_b of "
+                                                      "double_blocks.0.img_attn_proj.bias, but a LoRA network holds LoRA pairs")])
+@pytest.mark.parametrize("flag", ["--network_weights", "--base_weights"])
+def test_training_refuses_a_bad_lora_before_loading_anything(files, capsys, tmp_path, bad, named, flag):
+    _, dit, paths = files
+    if flag == "--base_weights" and bad == "bias diff":
+        return  # a bias diff merges into the base: nothing to refuse
+    toml = tmp_path / "dataset.toml"
+    toml.write_text("[general]\nresolution = [64, 64]\n")
+    argv = ["--dit", dit, "--dataset_config", toml, "--sdpa", "--network_module", "networks.lora", "--output_dir", tmp_path / "out",
+            "--output_name", "x", flag, paths[bad]]
+    status, _, err = run(hv_train_network.main, argv, capsys)
+    assert status == 2 and error_line(err).startswith(f"error: {paths[bad]}: ") and named in err
+
+
+def test_info_and_doctor_report_a_nan_lora(files, capsys):
+    _, _, paths = files
+    status, out, err = run(lora_info.main, [paths["nan"]], capsys)
+    assert status == 0 and "Traceback" not in err
+    assert f"NOT FINITE {NAN_KEY} holds NaN or infinite values" in out and "not finite" in out  # and in the block norms
+    status, out, err = run(lora_info.main, [paths["nan"], "--json"], capsys)
+    assert status == 0 and json.loads(out)["modules"]
+    status, out, _ = run(lora_doctor.main, [paths["nan"], "--for", "ours", "comfyui"], capsys)
+    assert status == 1 and f"{NAN_KEY} holds NaN or infinite values" in out and "it holds NaN or infinite values" in out
+    status, out, _ = run(lora_doctor.main, [paths["nan"], "--json"], capsys)
+    assert status == 1 and json.loads(out)["non_finite"] == NAN_KEY
+
+
+def test_info_and_doctor_list_entries_we_cannot_apply(files, capsys):
+    _, _, paths = files
+    status, out, _ = run(lora_info.main, [paths["ranks"]], capsys)
+    assert status == 0 and "unusable   3 entries this toolkit cannot apply" in out and f"{RANK_KEY}.lora_up.weight: its up weight" in out
+
+
+def test_a_reader_that_stops_early_ends_info_and_the_doctor_quietly(files):
+    """`musubi-lora-info FILE | head`: the pipe closes before the report is written (both commands run at once)."""
+    _, _, paths = files
+    runs = [subprocess.Popen([sys.executable, "-m", command, str(paths["good"])], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+            for command in ("musubi_tuner.lora_info", "musubi_tuner.lora_doctor")]
+    for p in runs:
+        p.stdout.close()  # the reader is gone before the command prints
+    for p in runs:
+        err = p.stderr.read().decode()
+        assert p.wait() == 141 and err.strip() == "", err
