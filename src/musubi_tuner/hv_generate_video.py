@@ -17,6 +17,7 @@ import argparse
 
 from musubi_tuner.errors import run_cli
 from musubi_tuner.hunyuan.attention import ATTENTION_MODES
+from musubi_tuner.inference.step_cache import add_step_cache_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile_fullgraph", action="store_true")
     g.add_argument("--compile_cache_size_limit", type=int, default=None)
     g.add_argument("--compile_args", nargs=4, default=None, help=argparse.SUPPRESS)
+    add_step_cache_flags(g)
 
     g = p.add_argument_group("output")
     g.add_argument("--save_path", required=True, help="output folder")

@@ -15,7 +15,9 @@ import torch
 
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.compile import CompileOptions, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.inference.presets import PRESETS, detect_preset
+from musubi_tuner.inference import step_cache
 from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule, v2v_start
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,23 @@ def check_and_fill(args) -> None:
         raise UserError(f"--strength {args.strength}: must be between 0 and 1")
     if not 0.0 <= args.cfg_end <= 1.0:
         raise UserError(f"--cfg_end {args.cfg_end}: must be between 0 and 1")
+    check_speed_flags(args)
     check_files_used_late(args, dit_file.shapes())
+
+
+def check_speed_flags(args) -> None:
+    """--step_cache and --compile values, and whether this platform can compile, before any model loads."""
+    from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile
+    from musubi_tuner.inference import step_cache
+
+    step_cache.from_args(args)
+    options = CompileOptions.from_args(args)
+    if options is not None and not args.dry_run:
+        check_can_compile(options, generation_device(args))
+
+
+def generation_device(args) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
@@ -239,8 +257,9 @@ def load_generation_dit(args, device):
         BlockSwap(dit, args.blocks_to_swap, device, args.use_pinned_memory_for_block_swap)
     else:
         dit.to(device)
-    if args.compile:
-        compile_blocks(dit, args)
+    options = CompileOptions.from_args(args)
+    if options is not None:
+        compile_blocks(dit, options)
     return dit
 
 
@@ -260,15 +279,6 @@ def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool,
     return networks
 
 
-def compile_blocks(dit, args) -> None:
-    dynamic = {"true": True, "false": False}.get(args.compile_dynamic)
-    if args.compile_cache_size_limit:
-        torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
-    for blocks in (dit.double_blocks, dit.single_blocks):
-        for i, block in enumerate(blocks):
-            blocks[i] = torch.compile(block, backend=args.compile_backend, mode=args.compile_mode, dynamic=dynamic, fullgraph=args.compile_fullgraph)
-
-
 # ----------------------------------------------------------------------------------------------- the whole job
 
 
@@ -282,7 +292,7 @@ def plan_generation(args):
 
 def generate(args) -> list[Path]:
     check_and_fill(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = generation_device(args)
     save_path = Path(args.save_path)
     save_path.mkdir(parents=True, exist_ok=True)
     from musubi_tuner.inference import outputs
@@ -328,13 +338,18 @@ def generate(args) -> list[Path]:
     to_device = {k: v.to(device) for k, v in cond.items()}
     neg = {k: v.to(device) for k, v in uncond.items()} if uncond else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with torch.no_grad(), autocast:
+    cache = step_cache.from_args(args)
+    with torch.no_grad(), autocast, compile_errors():
         latents = denoise(dit, latents, sigmas, cond=to_device, uncond=neg, guidance=guidance, image_latents=image_latents,
-                          start_step=start, callback=lambda i: bar.update(1))
+                          start_step=start, callback=lambda i: bar.update(1), step_cache=cache)
     bar.close()
     _free(dit)
+    if cache is not None:
+        logger.info(cache.summary())
+    if args.compile:
+        log_graph_breaks(args.debug)
 
-    meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start)
+    meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start) | step_cache.describe(cache)
     saved = []
     if args.output_type in ("latent", "both"):
         saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata))
