@@ -106,8 +106,10 @@ def compile_errors():
     try:
         yield
     except (BackendCompilerFailed, InternalTorchDynamoError, InductorError) as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise UserError(f"--compile: torch.compile failed on this platform ({first[:200]}); run without --compile") from e
+        cause = getattr(e, "inner_exception", None) or e.__cause__ or e  # the compiler's own complaint, not dynamo's wrapper
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        raise UserError(f"--compile: torch.compile failed on this platform ({type(cause).__name__}: {first[:200]}); "
+                        "run without --compile") from e
 
 
 def log_graph_breaks(debug: bool = False) -> None:

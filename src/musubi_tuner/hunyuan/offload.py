@@ -35,7 +35,6 @@ class SwappedLinear(nn.Linear):
             return self.weight.to(self.bias.device if self.bias is not None else "cpu", non_blocking=True)
         return self.device_weight
 
-    @torch.compiler.disable  # its weight is another tensor at every call: compiled blocks (--compile) call it eagerly
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.stored_weight(), self.bias)
 
@@ -43,7 +42,6 @@ class SwappedLinear(nn.Linear):
 class SwappedFp8Linear(Fp8Linear):
     device_weight: torch.Tensor | None = None
     stored_weight = SwappedLinear.stored_weight
-    forward = torch.compiler.disable(Fp8Linear.forward)
 
 
 def split_blocks_to_swap(n: int, double_depth: int, single_depth: int) -> tuple[int, int]:

@@ -116,7 +116,7 @@ class _Call:
 
 
 class StepCache:
-    """One per generation (reset() between videos). The sampler brackets every DiT call with `call(...)`."""
+    """One per generation (new_video() between videos). The sampler brackets every DiT call with `call(...)`."""
 
     def __init__(self, method: str, threshold: float | None = None, warmup: int = 1):
         if method not in METHODS:
@@ -131,10 +131,9 @@ class StepCache:
         self._branches: dict[str, _Branch] = {}
         self._call: _Call | None = None
 
-    def reset(self) -> None:
-        """Forget the cached residuals and the decisions: the next video starts afresh."""
+    def new_video(self) -> None:
+        """Forget the cached residuals: the next call starts another video (the counts go on)."""
         self._branches.clear()
-        self.decisions.clear()
 
     @contextmanager
     def call(self, model, step: int, first_step: int, last_step: int, branch: str):

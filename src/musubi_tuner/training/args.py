@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.inference.step_cache import add_step_cache_flags
 from musubi_tuner.training.timesteps import SAMPLING_MODES, WEIGHTING_SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_every_n_steps", type=int, default=None)
     g.add_argument("--sample_every_n_epochs", type=int, default=None)
     g.add_argument("--sample_at_first", action="store_true")
+    add_step_cache_flags(g)
 
     g = p.add_argument_group("validation (held-out data from the dataset config: validation_split or [[validation_datasets]])")
     g.add_argument("--validate_every_n_steps", type=int, default=None,
