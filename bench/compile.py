@@ -65,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--configs", default="tiny,mid")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadier on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     rows = [bench_config(name, args.runs) for name in args.configs.split(",")]
     print(table(rows, list(rows[0])))

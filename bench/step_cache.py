@@ -20,14 +20,17 @@ differ by that one step).
 
 Columns: seconds per video (median of --runs, every variant of a config taking its turn in each round, so
 that other work on the machine slows them alike), DiT evaluations run of those asked for, the latent error
-against the same impl without a cache, and diffusers' time over ours. The first (warm-up) round also checks
-that both impls skip the same steps.
+against the same impl without a cache, and diffusers' time over ours (the median over the rounds of the ratio
+within a round: on a shared machine the load moves between rounds more than within one). One intra-op thread
+by default (--threads): on a shared 2-core machine two threads wait for each other whenever a neighbour runs.
+The first (warm-up) round also checks that both impls skip the same steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -154,13 +157,14 @@ def bench_config(name: str, runs: int) -> list[dict]:
         computed = ours.computed[(None if method == "none" else method, threshold)] if impl == "ours" else theirs.computed[threshold]
         latents = ours.latents[(None if method == "none" else method, threshold)] if impl == "ours" else theirs.latents[threshold]
         error = ((latents - plain[impl]).norm() / plain[impl].norm()).item()
-        other = timed.get(("diffusers" if impl == "ours" else "ours", method, threshold))
+        theirs_timed = timed.get(("diffusers", method, threshold))
+        ratio = statistics.median(d / o for d, o in zip(theirs_timed["times"], result["times"])) if impl == "ours" and theirs_timed else None
         rows.append({
             "config": name, "method": method, "threshold": "-" if threshold is None else f"{threshold:g}", "impl": impl,
             "s/video (median)": f"{result['median']:.3f}", "min..max": f"{min(result['times']):.3f}..{max(result['times']):.3f}",
             "DiT evaluations": f"{computed.count('C')} of {len(computed)}", "steps (C computed, s skipped)": computed,
             "latent error vs uncached": f"{error:.2e}",
-            "diffusers / ours": f"{other['median'] / result['median']:.2f}x" if impl == "ours" and other else "",
+            "diffusers / ours": f"{ratio:.2f}x" if ratio else "",
         })
     same = all(ours.computed[("fbcache", t)] == theirs.computed[t] for t in fbc_thresholds)
     ours_vs_diffusers = ((plain["ours"] - plain["diffusers"]).norm() / plain["diffusers"].norm()).item()
@@ -173,7 +177,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--configs", default="tiny,mid")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"machine: {machine()}")
     rows = []

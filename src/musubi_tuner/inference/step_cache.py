@@ -168,7 +168,7 @@ class StepCache:
         if call is None:
             raise RuntimeError("StepCache.run_blocks outside StepCache.call")
         state = self._branches.setdefault(call.branch, _Branch())
-        forced = call.step < call.first_step + self.warmup or call.step == call.last_step or self.threshold == 0
+        forced = call.step < call.first_step + self.warmup or call.step == call.last_step
         if self.threshold == 0:  # exactly the plain forward
             out, skipped, metric = model.run_blocks(img, txt, silu_vec, ctx), False, None
         elif self.method == "teacache":
