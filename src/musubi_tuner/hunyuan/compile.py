@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -91,6 +92,8 @@ def compile_blocks(model, options: CompileOptions) -> int:
     """Compile every double and single block in place (module types and state-dict keys unchanged); returns the count."""
     if options.cache_size_limit:
         torch._dynamo.config.cache_size_limit = options.cache_size_limit
+    # the one complex op in a block is the view of the rope table as (cos, sin) pairs: nothing to generate code for
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex operators")
     blocks = [*model.double_blocks, *model.single_blocks]
     for block in blocks:
         block.compile(backend=options.backend, mode=options.mode, dynamic=options.dynamic, fullgraph=options.fullgraph)
