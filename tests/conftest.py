@@ -22,3 +22,11 @@ def manifest():
             return json.load(f)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """The tiny models, dataset and LoRAs of the reliability matrix (tests/reliability), built once per session."""
+    from reliability_assets import build_assets  # tests/reliability is on sys.path while its tests run
+
+    return build_assets(tmp_path_factory.mktemp("reliability"))

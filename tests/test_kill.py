@@ -78,7 +78,7 @@ def state_appears(out: Path, step: int):
 def assert_whole(out: Path) -> None:
     """Every file a run leaves is whole; only temp files and .incomplete folders (never read as real) may be partial."""
     for path in out.iterdir():
-        if path.name.endswith((".tmp", ".incomplete")):
+        if path.name.endswith((".tmp", ".incomplete")) or path.name == ".musubi-train.lock":  # the killed run's lock: taken over
             continue
         if path.suffix == ".safetensors":
             StateDictFile(path).load_all()
@@ -123,8 +123,9 @@ def test_kill_during_a_save_and_during_a_step_then_resume_auto_finishes_as_an_un
     assert final.wait(600) == 0, log.read_text()[-3000:]
 
     assert_whole(out)
-    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete", ".old"))]
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete", ".old", ".lock"))]
     assert log.read_text().count("resumed from") == 2, log.read_text()[-3000:]
+    assert log.read_text().count("taking over the lock of a training run that did not finish") == 2
     resumed = StateDictFile(out / "tiny.safetensors").load_all()
     assert resumed.keys() == straight.keys()
     for key in straight:

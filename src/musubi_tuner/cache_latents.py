@@ -21,30 +21,39 @@ from pathlib import Path
 
 import torch
 
+from musubi_tuner.cli import Parser, count, pixels, resolve_device
 from musubi_tuner.errors import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cache_latents.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="cache_latents.py", description=__doc__.splitlines()[0])
     p.add_argument("--dataset_config", required=True, help="dataset TOML (or JSON)")
-    p.add_argument("--vae", help="VAE checkpoint (vae/pytorch_model.pt)")
-    p.add_argument("--vae_dtype", default=None, help="default float16")
-    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
-    p.add_argument("--batch_size", type=int, default=None, help="items per VAE call (default: the dataset's batch)")
-    p.add_argument("--num_workers", type=int, default=None, help="threads decoding media while the VAE runs (default CPUs - 1)")
-    p.add_argument("--skip_existing", action="store_true", help="keep caches whose source, bucket and VAE are unchanged")
-    p.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping it")
-    p.add_argument("--debug_mode", choices=("image", "console", "video"), default=None,
-                   help="show what would be encoded instead of caching")
-    p.add_argument("--console_width", type=int, default=80)
-    p.add_argument("--console_back", default=None)
-    p.add_argument("--console_num_images", type=int, default=None)
-    p.add_argument("--disable_cudnn_backend", action="store_true")
-    p.add_argument("--vae_tiling", action="store_true", help="encode in overlapping spatial tiles (256 px unless set below)")
-    p.add_argument("--vae_chunk_size", type=int, default=None, help="evaluate the causal convolutions in chunks (32 suggested)")
-    p.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None, help="tile size in pixels; implies --vae_tiling")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--vae", help="VAE checkpoint (vae/pytorch_model.pt)")
+    g.add_argument("--vae_dtype", default=None, help="VAE dtype (default float16)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available, else cpu)")
+    g.add_argument("--disable_cudnn_backend", action="store_true", help="turn cuDNN off (AMD GPUs, or when its convolutions are slow)")
+
+    g = p.add_argument_group("memory")
+    g.add_argument("--vae_tiling", action="store_true", help="encode in overlapping spatial tiles (256 px unless set below)")
+    g.add_argument("--vae_chunk_size", type=count(1), default=None, help="evaluate the causal convolutions in chunks (32 suggested)")
+    g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="tile size in pixels; implies --vae_tiling")
+
+    g = p.add_argument_group("what to cache")
+    g.add_argument("--batch_size", type=count(1), default=None, help="items per VAE call (default: the dataset's batch_size)")
+    g.add_argument("--num_workers", type=count(0), default=None, help="threads decoding media while the VAE runs (default CPUs - 1)")
+    g.add_argument("--skip_existing", action="store_true", help="keep caches whose source, bucket and VAE are unchanged")
+    g.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
+    g.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping it")
+
+    g = p.add_argument_group("looking at the dataset instead of caching")
+    g.add_argument("--debug_mode", choices=("image", "console", "video"), default=None,
+                   help="show what would be encoded instead of caching")
+    g.add_argument("--console_width", type=count(8), default=80, help="--debug_mode console: characters per row")
+    g.add_argument("--console_back", default=None, help="--debug_mode console: background colour")
+    g.add_argument("--console_num_images", type=count(1), default=None, help="--debug_mode console: show at most N items")
     return p
 
 
@@ -89,17 +98,19 @@ def main(argv=None) -> None:
             raise UserError("--vae is required (the VAE checkpoint, e.g. hunyuan-video-t2v-720p/vae/pytorch_model.pt)")
         if not Path(args.vae).exists():
             raise UserError(f"{args.vae}: VAE checkpoint not found (--vae)")
+        from musubi_tuner.data.cache_files import lock_cache_directories
         from musubi_tuner.dtypes import str_to_dtype
         from musubi_tuner.hunyuan.vae import load_vae
 
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if args.disable_cudnn_backend:
-            torch.backends.cudnn.enabled = False
-        vae = load_vae(args.vae, dtype=str_to_dtype(args.vae_dtype, torch.float16, "--vae_dtype"), device=device)
-        vae.set_memory_options(tiling=args.vae_tiling or args.vae_spatial_tile_sample_min_size is not None,
-                               spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
-        generator = torch.Generator(device).manual_seed(0)  # the posterior sample is reproducible run to run
-        summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
+        device = resolve_device(args.device)
+        with lock_cache_directories(config.all_datasets, "latents"):  # before the VAE loads: a second run stops at once
+            if args.disable_cudnn_backend:
+                torch.backends.cudnn.enabled = False
+            vae = load_vae(args.vae, dtype=str_to_dtype(args.vae_dtype, torch.float16, "--vae_dtype"), device=device)
+            vae.set_memory_options(tiling=args.vae_tiling or args.vae_spatial_tile_sample_min_size is not None,
+                                   spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
+            generator = torch.Generator(device).manual_seed(0)  # the posterior sample is reproducible run to run
+            summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
         print("\n".join(summaries))
 
     run_cli(run, argv)

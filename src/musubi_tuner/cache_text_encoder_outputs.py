@@ -22,25 +22,30 @@ from pathlib import Path
 
 import torch
 
+from musubi_tuner.cli import Parser, count, resolve_device
 from musubi_tuner.errors import UserError, run_cli
 
 logger = logging.getLogger("cache_text_encoder_outputs")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cache_text_encoder_outputs.py", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset_config", required=True)
-    p.add_argument("--text_encoder1", required=True, help="LLM: HF folder (ckpts/text_encoder) or ComfyUI llava_llama3_fp16.safetensors")
-    p.add_argument("--text_encoder2", required=True, help="CLIP-L: HF folder (ckpts/text_encoder_2) or ComfyUI clip_l.safetensors")
-    p.add_argument("--text_encoder_dtype", default=None, help="default float16")
-    p.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--batch_size", type=int, default=None, help="captions per encoder call")
-    p.add_argument("--num_workers", type=int, default=None, help="threads reading caption files (default CPUs - 1)")
-    p.add_argument("--skip_existing", action="store_true", help="keep caches made from the same caption and model")
-    p.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable caption instead of skipping it")
-    p.add_argument("--debug", action="store_true")
+    p = Parser(prog="cache_text_encoder_outputs.py", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset_config", required=True, help="dataset TOML (or JSON)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    g = p.add_argument_group("models")
+    g.add_argument("--text_encoder1", required=True, help="LLM: HF folder (ckpts/text_encoder) or ComfyUI llava_llama3_fp16.safetensors")
+    g.add_argument("--text_encoder2", required=True, help="CLIP-L: HF folder (ckpts/text_encoder_2) or ComfyUI clip_l.safetensors")
+    g.add_argument("--text_encoder_dtype", default=None, help="encoders' dtype (default float16)")
+    g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available, else cpu)")
+
+    g = p.add_argument_group("what to cache")
+    g.add_argument("--batch_size", type=count(1), default=None, help="captions per encoder call (default: the dataset's batch_size)")
+    g.add_argument("--num_workers", type=count(0), default=None, help="threads reading caption files (default CPUs - 1)")
+    g.add_argument("--skip_existing", action="store_true", help="keep caches made from the same caption and model")
+    g.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
+    g.add_argument("--strict", action="store_true", help="stop at the first unreadable caption instead of skipping it")
     return p
 
 
@@ -97,33 +102,36 @@ def main(argv=None) -> None:
         config = load_dataset_config(args.dataset_config, args)
         check_text_encoder1(args.text_encoder1)  # both now: a wrong CLIP file must not wait for the whole LLM pass
         check_text_encoder2(args.text_encoder2)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(args.device)
         dtype = str_to_dtype(args.text_encoder_dtype, torch.float16, "--text_encoder_dtype")
         if device.type == "cpu" and dtype == torch.float16 and cpu_lacks_fast_float16():
             logger.warning("this CPU has no fast float16 kernels: float16 encoders run about 4x slower than float32 and 8x slower "
                            "than bfloat16 here; --text_encoder_dtype bf16 (same memory) or fp32 (twice the memory) is faster")
 
-        workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
-        reports, captions = [], []
-        for ds in config.all_datasets:  # validation datasets too
-            report = CacheReport()
-            captions.append(caption_items(ds, report, strict=args.strict, num_workers=workers))
-            reports.append(report)
-        everything = [c for cs in captions for c in cs]
-        # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
-        todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
-        todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
-        run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
-                    encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
-        run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
-                    encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
+        from musubi_tuner.data.cache_files import lock_cache_directories
 
-        changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
-        for ds, report, cs in zip(config.all_datasets, reports, captions):
-            report.cached = sum(c.cache_path in changed for c in cs)
-            report.already_cached = len(cs) - report.cached
-            tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
-            print(f"{ds.where}: {report.summary('text caches')}")
+        with lock_cache_directories(config.all_datasets, "text"):  # before any encoder loads: a second run stops at once
+            workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+            reports, captions = [], []
+            for ds in config.all_datasets:  # validation datasets too
+                report = CacheReport()
+                captions.append(caption_items(ds, report, strict=args.strict, num_workers=workers))
+                reports.append(report)
+            everything = [c for cs in captions for c in cs]
+            # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
+            todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
+            todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
+            run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm),
+                        encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
+            run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
+                        encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
+
+            changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
+            for ds, report, cs in zip(config.all_datasets, reports, captions):
+                report.cached = sum(c.cache_path in changed for c in cs)
+                report.already_cached = len(cs) - report.cached
+                tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
+                print(f"{ds.where}: {report.summary('text caches')}")
 
     run_cli(run, argv)
 

@@ -17,16 +17,17 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 import argparse
 
+from musubi_tuner.cli import Parser
 from musubi_tuner.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_lora.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="convert_lora.py", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="input LoRA (.safetensors)")
     p.add_argument("--output", required=True, help="output LoRA (.safetensors)")
     p.add_argument("--target", required=True, choices=("other", "default"), help="other: diffusers/diffusion-pipe naming; default: ours")
     p.add_argument("--diffusers_prefix", default=None, help="key prefix of the 'other' output (default diffusion_model)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

@@ -22,20 +22,53 @@ def debug_requested(argv: Sequence[str] | None = None) -> bool:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a command's main(); turn UserError into `error: ...` on stderr and exit status 2."""
+    """Run a command's main(); turn UserError into `error: ...` on stderr and exit status 2.
+
+    Output piped into a reader that stops early (`| head`) ends the command quietly, as it does C tools.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
     except UserError as e:
         if debug_requested(argv):
             raise
         _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
+        _tell_the_launcher(f"error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        _quiet_stdout()
+        sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _tell_the_launcher(message: str) -> None:
+    """Under torchrun / `accelerate launch --multi_gpu`, the launcher's failure summary shows the error file of the
+    failed process as its root cause: give it our one line instead of its "To enable traceback see ..." hint."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass
 
 
 def _close_progress_bars() -> None:

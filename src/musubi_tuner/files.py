@@ -10,10 +10,13 @@ Every file users own passes through here, so the rules live here once:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import math
 import os
 import pickle
+import re
 import struct
 import tempfile
 import warnings
@@ -48,7 +51,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise write_error(path, e) from e
     os.close(fd)
@@ -64,6 +67,63 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError):
             raise write_error(path, e) from e
         raise
+
+
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?:(?P<pid>\d+)-)?[^.]*\.tmp")  # atomic_write's: .{target}.{pid}-{random}.tmp
+
+
+def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, owned: bool = False) -> list[Path]:
+    """atomic_write's temporary files in `folder` whose write was killed, for targets whose name `target` accepts.
+
+    A temporary file names the pid that writes it: one whose process still runs on this machine is a live run's
+    and is never listed. Files without a pid (older versions) are listed only when the caller `owned` the folder
+    (holds its RunLock), since then no other run writes there.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        match = _TEMP_NAME.fullmatch(path.name)
+        if not match or not target(match["target"]) or not path.is_file():
+            continue
+        pid = match["pid"]
+        if (pid is None and owned) or (pid is not None and not pid_alive(int(pid))):
+            found.append(path)
+    return found
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """torch.save, atomically, with the real cause of a failed write (full disk, file-size limit) in a UserError.
+
+    torch.save to a path reports a failed write as a RuntimeError ("unexpected pos ..."); writing through a Python
+    file object keeps the OSError the operating system gave.
+    """
+    path = Path(path)
+
+    class Recorder:  # torch.save's writer calls write(); the first OSError is the cause
+        def __init__(self, f):
+            self.f, self.error = f, None
+
+        def write(self, data):
+            try:
+                return self.f.write(data)
+            except OSError as e:
+                self.error = self.error or e
+                raise
+
+        def flush(self):
+            self.f.flush()
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        out = Recorder(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError as e:
+            if out.error is not None:
+                raise out.error from None  # atomic_write names the file
+            raise UserError(f"{path}: cannot write ({str(e).strip()[:160]})") from None
 
 
 def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool = True) -> Path:
@@ -159,6 +219,151 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
                 raise ValueError(f"{name}: computed shape {list(t.shape)} differs from the announced {list(shape)}")
             if t.numel():
                 f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+# ----------------------------------------------------------------------------------------------- one run at a time
+
+
+class RunLock:
+    """Only one run at a time writes into a folder (or an output file): `with RunLock(path, ...):` around the run.
+
+    The lock is a file holding who took it (pid, host, start time, command). A second run is refused with
+    that information. The lock is an OS file lock (flock / LockFileEx), released by the OS when its holder dies,
+    so a lock left by a killed run is recognised as stale and taken over, with a message. Where the file system
+    has no locks, a holder on this host whose pid is gone counts as stale too.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str, flag: str):
+        self.path = Path(path)
+        self.what = what  # "training run", "latent caching run", ...: how the holder is named to a second run
+        self.flag = flag  # the flag that chooses the locked place, for the message
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{self.path.parent}: cannot create the lock file {self.path.name} ({e.strerror or e}); "
+                            f"fix its permissions or choose another {self.flag}") from None
+        try:
+            locked = _try_lock(fd)
+            holder = _read_holder(fd)
+            if locked is False or (locked is None and holder and _alive_here(holder)):
+                raise UserError(f"{self.path.parent}: another {self.what} is using this ({_describe(holder)}); wait for it "
+                                f"to finish or choose another {self.flag} (if that run is gone, delete {self.path})")
+            if os.fstat(fd).st_ino != _inode(self.path):  # the holder finished and removed the file meanwhile: retry
+                os.close(fd)
+                return self.acquire()
+            if holder:
+                logging.getLogger(__name__).warning("%s: taking over the lock of a %s that did not finish (%s)",
+                                                    self.path.parent, self.what, _describe(holder))
+            _write_holder(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiting run then finds no file, or its own
+        except OSError:
+            pass
+        os.close(self._fd)  # closing releases the OS lock
+        self._fd = None
+
+
+def _try_lock(fd: int) -> bool | None:
+    """True: locked; False: another process holds it; None: this file system has no locks."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+            return False
+        return None  # ENOLCK, EOPNOTSUPP: a file system without locks
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 65536)
+        holder = json.loads(data) if data.strip() else {}
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {"unreadable": True}
+
+
+def _write_holder(fd: int) -> None:
+    import socket
+    import sys
+    import time
+
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:500]}
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(holder).encode())
+
+
+def _alive_here(holder: dict) -> bool:
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return True  # cannot tell for another machine: assume it runs
+    return pid_alive(holder.get("pid"))
+
+
+def pid_alive(pid) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if os.name == "nt":
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if handle:
+            ctypes.windll.kernel32.CloseHandle(handle)
+        return bool(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    if not holder or holder.get("unreadable"):
+        return "holder unknown"
+    return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: "
+            f"{holder.get('command', '?')}")
 
 
 # ----------------------------------------------------------------------------------------------- reading

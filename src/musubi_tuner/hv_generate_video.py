@@ -15,18 +15,20 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 import argparse
 
+from musubi_tuner.cli import Parser, count, frames_4n1, pixels, real, seed
 from musubi_tuner.errors import run_cli
+from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_INFERENCE
 from musubi_tuner.hunyuan.attention import ATTENTION_MODES
 from musubi_tuner.inference.step_cache import add_step_cache_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hv_generate_video.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="hv_generate_video.py", description=__doc__.splitlines()[0])
     g = p.add_argument_group("models")
     g.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")
-    g.add_argument("--dit_in_channels", type=int, default=None, help="checked against the file (32 = SkyReels I2V)")
-    g.add_argument("--vae", required=True)
-    g.add_argument("--vae_dtype", default=None, help="default float16")
+    g.add_argument("--dit_in_channels", type=count(1), default=None, help="checked against the file (32 = SkyReels I2V)")
+    g.add_argument("--vae", required=True, help="VAE checkpoint (vae/pytorch_model.pt)")
+    g.add_argument("--vae_dtype", default=None, help="VAE dtype (default float16 on GPUs, float32 on the CPU)")
     g.add_argument("--text_encoder1", help="LLM: HF folder or ComfyUI llava_llama3_fp16.safetensors (not needed with --latent_path)")
     g.add_argument("--text_encoder2", help="CLIP-L: HF folder or ComfyUI clip_l.safetensors (not needed with --latent_path)")
     g.add_argument("--preset", choices=("hunyuan-t2v", "skyreels-t2v", "skyreels-i2v"), default=None,
@@ -34,25 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("what to generate")
     g.add_argument("--prompt", help="the prompt (required unless --latent_path)")
-    g.add_argument("--negative_prompt", default=None)
-    g.add_argument("--video_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"), help="height then width (default 256 256)")
-    g.add_argument("--video_length", type=int, default=None, help="frames, 4N+1 (default 129)")
-    g.add_argument("--fps", type=int, default=24)
-    g.add_argument("--infer_steps", type=int, default=None, help="default 50")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--guidance_scale", type=float, default=None, help="real CFG scale (SkyReels 6.0); 1.0 = off")
-    g.add_argument("--embedded_cfg_scale", type=float, default=None, help="distilled guidance (HunyuanVideo 6.0, SkyReels 1.0)")
-    g.add_argument("--cfg_end", type=float, default=1.0, help="fraction of steps that use real CFG (0.5 halves SkyReels' cost)")
-    g.add_argument("--flow_shift", type=float, default=None, help="default 7.0 (17.0 suits fewer than 20 steps)")
+    g.add_argument("--negative_prompt", default=None, help="with real CFG (--guidance_scale > 1): what to steer away from")
+    g.add_argument("--video_size", type=pixels, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"), help="height then width (default 256 256)")
+    g.add_argument("--video_length", type=frames_4n1, default=None, help="frames, 4N+1 (default 129)")
+    g.add_argument("--fps", type=count(1, 240), default=24, help="frame rate of the written video")
+    g.add_argument("--infer_steps", type=count(1, 1000), default=None, help="sampling steps (default 50)")
+    g.add_argument("--seed", type=seed(64), default=None, help="seed of the initial noise (default: random, printed and saved)")
+    g.add_argument("--guidance_scale", type=real(0), default=None, help="real CFG scale (SkyReels 6.0); 1.0 = off")
+    g.add_argument("--embedded_cfg_scale", type=real(0), default=None, help="distilled guidance (HunyuanVideo 6.0, SkyReels 1.0)")
+    g.add_argument("--cfg_end", type=real(0, 1), default=1.0, help="fraction of steps that use real CFG (0.5 halves SkyReels' cost)")
+    g.add_argument("--flow_shift", type=real(above=0), default=None, help="default 7.0 (17.0 suits fewer than 20 steps)")
     g.add_argument("--split_uncond", action="store_true", help="negative and positive prompt in two passes (less memory)")
     g.add_argument("--video_path", default=None, help="V2V: a video file or a folder of frames")
-    g.add_argument("--strength", type=float, default=0.8, help="V2V: how much of the schedule runs (0 = input unchanged)")
+    g.add_argument("--strength", type=real(0, 1), default=0.8, help="V2V: how much of the schedule runs (0 = input unchanged)")
     g.add_argument("--image_path", default=None, help="SkyReels I2V: the first frame")
 
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora_weight", nargs="*", default=None)
-    g.add_argument("--lora_multiplier", type=float, nargs="*", default=None, help="one per LoRA or one for all (default 1.0)")
-    g.add_argument("--exclude_single_blocks", action="store_true")
+    g.add_argument("--lora_weight", nargs="*", default=None, help="LoRA files applied to the DiT")
+    g.add_argument("--lora_multiplier", type=real(), nargs="*", default=None, help="one per LoRA or one for all (default 1.0)")
+    g.add_argument("--exclude_single_blocks", action="store_true", help="apply only the double-block parts of the LoRAs")
     g.add_argument("--lora_blocks", nargs="*", default=None, metavar="BLOCKS",
                    help="blocks each LoRA is applied to, one per LoRA or one for all: all (default), double, single, "
                         "or a regular expression searched in module paths such as 'double_blocks\\.1[0-9]\\.'")
@@ -62,32 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("memory and speed")
     g.add_argument("--fp8", action="store_true", help="DiT block Linears in fp8 e4m3fn")
     g.add_argument("--fp8_fast", action="store_true", help="fp8 matmuls on GPUs that have them (needs --fp8)")
-    g.add_argument("--fp8_llm", action="store_true")
-    g.add_argument("--device", default=None)
-    g.add_argument("--attn_mode", choices=ATTENTION_MODES, default="torch")
-    g.add_argument("--split_attn", action="store_true")
-    g.add_argument("--vae_chunk_size", type=int, default=None)
-    g.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None)
-    g.add_argument("--blocks_to_swap", type=int, default=None, help="max 38")
-    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true")
-    g.add_argument("--img_in_txt_in_offloading", action="store_true")
-    g.add_argument("--compile", action="store_true")
-    g.add_argument("--compile_backend", default="inductor")
-    g.add_argument("--compile_mode", default="default")
-    g.add_argument("--compile_dynamic", choices=("true", "false", "auto"), default=None)
-    g.add_argument("--compile_fullgraph", action="store_true")
-    g.add_argument("--compile_cache_size_limit", type=int, default=None)
+    g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 while encoding the prompt")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available, else cpu)")
+    g.add_argument("--attn_mode", choices=ATTENTION_MODES, default="torch", help="attention kernel")
+    g.add_argument("--split_attn", action="store_true", help="attention one sample at a time over its valid tokens")
+    g.add_argument("--vae_chunk_size", type=count(1), default=None, help="decode the causal convolutions in chunks (less memory)")
+    g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="VAE tile size in pixels (default 256)")
+    g.add_argument("--blocks_to_swap", type=count(1, MAX_BLOCKS_TO_SWAP_INFERENCE), default=None,
+                   help=f"keep N blocks' weights in host memory, moving each in when it runs (max {MAX_BLOCKS_TO_SWAP_INFERENCE})")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host buffers for faster block swap")
+    g.add_argument("--img_in_txt_in_offloading", action="store_true", help="keep the input embedders in host memory between steps")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend")
+    g.add_argument("--compile_mode", default="default", help="torch.compile mode")
+    g.add_argument("--compile_dynamic", choices=("true", "false", "auto"), default=None, help="torch.compile dynamic shapes")
+    g.add_argument("--compile_fullgraph", action="store_true", help="torch.compile fullgraph=True")
+    g.add_argument("--compile_cache_size_limit", type=count(1), default=None, help="torch._dynamo cache size limit")
     g.add_argument("--compile_args", nargs=4, default=None, help=argparse.SUPPRESS)
     add_step_cache_flags(g)
 
     g = p.add_argument_group("output")
     g.add_argument("--save_path", required=True, help="output folder")
-    g.add_argument("--output_type", choices=("video", "images", "latent", "both"), default="video")
+    g.add_argument("--output_type", choices=("video", "images", "latent", "both"), default="video",
+                   help="video: mp4; images: a folder of PNGs; latent: safetensors; both: mp4 and latent")
     g.add_argument("--latent_path", nargs="*", default=None, help="decode saved latents only")
-    g.add_argument("--no_metadata", action="store_true")
+    g.add_argument("--no_metadata", action="store_true", help="write no prompt or settings into the outputs")
     g.add_argument("--dry_run", action="store_true", help="print the planned GPU/host memory and time per stage, load nothing, exit")
     g.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")
-    g.add_argument("--debug", action="store_true")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

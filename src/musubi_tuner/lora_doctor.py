@@ -20,18 +20,19 @@ import argparse
 import json
 import sys
 
+from musubi_tuner.cli import Parser
 from musubi_tuner.errors import run_cli
 
 CHOICES = ("all", "ours", "musubi", "comfyui", "diffusers")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora_doctor", description=__doc__.splitlines()[0])
+    p = Parser(prog="lora_doctor", description=__doc__.splitlines()[0])
     p.add_argument("file", help="LoRA file (.safetensors), in any naming")
     p.add_argument("--for", dest="consumers", nargs="+", choices=CHOICES, default=["all"], help="which consumers to check (default all)")
     p.add_argument("--dit", default=None, help="the DiT the LoRA is meant for: checks base model, input channels and layer shapes")
     p.add_argument("--json", action="store_true", help="print the full diagnosis as JSON (every dropped key)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

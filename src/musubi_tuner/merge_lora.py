@@ -15,25 +15,27 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import logging
 
-import torch
 
+from musubi_tuner.cli import Parser, count, real, resolve_device
 from musubi_tuner.errors import UserError, run_cli
 
 logger = logging.getLogger("merge_lora")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="merge_lora.py", description=__doc__.splitlines()[0])
-    p.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")
-    p.add_argument("--dit_in_channels", type=int, default=None, help="checked against the file: 16 T2V, 32 SkyReels I2V")
-    p.add_argument("--lora_weight", nargs="+", required=True, help="LoRA files, merged in this order")
-    p.add_argument("--lora_multiplier", type=float, nargs="+", default=None, help="one per LoRA, or one for all (default 1.0)")
-    p.add_argument("--save_merged_model", required=True, help="output .safetensors")
-    p.add_argument("--device", default=None, help="where the merge arithmetic runs (default: cuda if available, else cpu)")
-    p.add_argument("--exclude_single_blocks", action="store_true", help="merge only the double-block parts of the LoRAs")
-    p.add_argument("--lora_blocks", nargs="+", default=None, metavar="BLOCKS",
+    p = Parser(prog="merge_lora.py", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    g = p.add_argument_group("inputs")
+    g.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")
+    g.add_argument("--dit_in_channels", type=count(1), default=None, help="checked against the file: 16 T2V, 32 SkyReels I2V")
+    g.add_argument("--lora_weight", nargs="+", required=True, help="LoRA files, merged in this order")
+    g.add_argument("--lora_multiplier", type=real(), nargs="+", default=None, help="one per LoRA, or one for all (default 1.0)")
+    g.add_argument("--exclude_single_blocks", action="store_true", help="merge only the double-block parts of the LoRAs")
+    g.add_argument("--lora_blocks", nargs="+", default=None, metavar="BLOCKS",
                    help="blocks each LoRA is merged into, one per LoRA or one for all: all (default), double, single, or a regex")
-    p.add_argument("--debug", action="store_true")
+    g = p.add_argument_group("output")
+    g.add_argument("--save_merged_model", required=True, help="output .safetensors (written whole or not at all)")
+    g.add_argument("--device", default=None, help="where the merge arithmetic runs (default: cuda if available, else cpu)")
     return p
 
 
@@ -44,7 +46,7 @@ def main(argv=None) -> None:
 
         if not str(args.save_merged_model).endswith(".safetensors"):
             raise UserError(f"--save_merged_model {args.save_merged_model}: the merged model is written as .safetensors")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         info = merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
                           exclude_single_blocks=args.exclude_single_blocks, in_channels=args.dit_in_channels,
                           lora_blocks=args.lora_blocks)

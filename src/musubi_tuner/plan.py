@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import sys
 
+from musubi_tuner.cli import Parser, count, frames_4n1, pixels, real
 from musubi_tuner.errors import run_cli
 
 
@@ -28,47 +29,47 @@ def build_parser() -> argparse.ArgumentParser:
     from musubi_tuner.planning.options import OPTIMIZERS
     from musubi_tuner.planning.timing import GPUS
 
-    p = argparse.ArgumentParser(prog="python -m musubi_tuner.plan", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m musubi_tuner.plan", description=__doc__.splitlines()[0])
     g = p.add_argument_group("what to run")
-    g.add_argument("--mode", choices=("train", "generate"), default="train")
+    g.add_argument("--mode", choices=("train", "generate"), default="train", help="plan a training step or a generation")
     g.add_argument("--dit", default=None, help="DiT checkpoint: its shapes are read from the header (official .pt, safetensors)")
     g.add_argument("--model", choices=tuple(NAMED_MODELS), default=None, help="a named model instead of --dit (default t2v-720p)")
-    g.add_argument("--video_size", type=int, nargs=2, default=[544, 960], metavar=("HEIGHT", "WIDTH"))
-    g.add_argument("--video_length", type=int, default=129, help="frames, 4N+1 (1 for images)")
-    g.add_argument("--batch_size", type=int, default=1)
-    g.add_argument("--text_tokens", type=int, default=256, help="valid LLM tokens of the longest prompt (the DiT drops padding)")
+    g.add_argument("--video_size", type=pixels, nargs=2, default=[544, 960], metavar=("HEIGHT", "WIDTH"), help="height then width")
+    g.add_argument("--video_length", type=frames_4n1, default=129, help="frames, 4N+1 (1 for images)")
+    g.add_argument("--batch_size", type=count(1), default=1, help="samples per step")
+    g.add_argument("--text_tokens", type=count(1, 256), default=256, help="valid LLM tokens of the longest prompt (the DiT drops padding)")
 
     g = p.add_argument_group("memory options (hv_train_network / hv_generate_video)")
     g.add_argument("--fp8_base", action="store_true", help="training: block Linears in fp8")
     g.add_argument("--fp8", action="store_true", help="generation: block Linears in fp8")
-    g.add_argument("--blocks_to_swap", type=int, default=0)
-    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true")
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
-    g.add_argument("--split_attn", action="store_true")
-    g.add_argument("--img_in_txt_in_offloading", action="store_true")
-    g.add_argument("--network_dim", type=int, default=32, help="LoRA rank")
-    g.add_argument("--optimizer_type", default="adamw", type=str.lower, choices=OPTIMIZERS)
-    g.add_argument("--mixed_precision", choices=("bf16", "fp16", "no"), default="bf16")
-    g.add_argument("--dit_dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    g.add_argument("--guidance_scale", type=float, default=1.0, help="generation: real CFG scale (SkyReels 6.0): a batch of two")
-    g.add_argument("--split_uncond", action="store_true")
+    g.add_argument("--blocks_to_swap", type=count(0, 38), default=0, help="blocks kept in host memory (training: max 36)")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host buffers for block swap")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="training: recompute activations")
+    g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true", help="training: block inputs in host memory")
+    g.add_argument("--split_attn", action="store_true", help="attention one sample at a time")
+    g.add_argument("--img_in_txt_in_offloading", action="store_true", help="input embedders in host memory")
+    g.add_argument("--network_dim", type=count(1), default=32, help="LoRA rank")
+    g.add_argument("--optimizer_type", default="adamw", type=str.lower, choices=OPTIMIZERS, help="optimizer (its state is memory)")
+    g.add_argument("--mixed_precision", choices=("bf16", "fp16", "no"), default="bf16", help="activation precision")
+    g.add_argument("--dit_dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="DiT weight dtype")
+    g.add_argument("--guidance_scale", type=real(0), default=1.0, help="generation: real CFG scale (SkyReels 6.0): a batch of two")
+    g.add_argument("--split_uncond", action="store_true", help="generation: negative prompt in a second call")
     g.add_argument("--with_lora", action="store_true", help="generation with LoRAs (beside fp8 weights; merged into bf16 ones)")
-    g.add_argument("--infer_steps", type=int, default=50)
+    g.add_argument("--infer_steps", type=count(1, 1000), default=50, help="generation: sampling steps")
     add_step_cache_flags(g)
-    g.add_argument("--fp8_llm", action="store_true")
+    g.add_argument("--fp8_llm", action="store_true", help="LLM text encoder in fp8")
     g.add_argument("--no_vae_tiling", dest="vae_tiling", action="store_false",
                    help="plan cache_latents without --vae_tiling (the plan assumes it; generation always tiles)")
-    g.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None)
-    g.add_argument("--vae_chunk_size", type=int, default=None)
+    g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="VAE tile size in pixels")
+    g.add_argument("--vae_chunk_size", type=count(1), default=None, help="VAE causal convolution chunk")
 
     g = p.add_argument_group("budget and speed")
     g.add_argument("--vram_budget", default=None, help="e.g. 12G, 16G, 24G, 80G: find the fastest option set that fits")
     g.add_argument("--gpu", choices=tuple(GPUS), default=None, help="throughput figures for the time estimate "
                    "(default rtx4090, or h100 for budgets above 24G)")
-    g.add_argument("--tflops", type=float, default=None, help="override: dense bf16 TFLOP/s")
-    g.add_argument("--utilisation", type=float, default=None, help="share of peak FLOP/s reached (default 0.4)")
-    g.add_argument("--pcie_gbps", type=float, default=None, help="override: host-to-device GB/s from pinned memory")
+    g.add_argument("--tflops", type=real(above=0), default=None, help="override: dense bf16 TFLOP/s")
+    g.add_argument("--utilisation", type=real(0.01, 1), default=None, help="share of peak FLOP/s reached (default 0.4)")
+    g.add_argument("--pcie_gbps", type=real(above=0), default=None, help="override: host-to-device GB/s from pinned memory")
     return p
 
 

@@ -316,7 +316,7 @@ def test_stale_caches_are_those_of_items_gone_or_changed_but_not_of_items_that_f
     cache_everything(dataset, report, skip_existing=True)
     stale = [p.name for p in items.stale_latent_caches(dataset, report)]
     assert stale == ["removed_00000-001_0064x0064_hv.safetensors", "removed_00000-005_0064x0064_hv.safetensors"]
-    assert report.already_cached == 2 and "broken" in report.failed_stems
+    assert report.already_cached == 2 and "broken" in report.kept_stems
 
 
 def test_stale_text_caches_are_those_no_caption_item_has(tmp_path):

@@ -12,6 +12,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from musubi_tuner.errors import UserError
+
 # The VAE downsamples 8x and the DiT patchifies 2x2: pixel sizes must be multiples of 16.
 RESOLUTION_STEP = 16
 
@@ -50,6 +52,9 @@ class BucketSelector:
         """The bucket (width, height) for an image of `size` (width, height)."""
         width, height = size
         if self.no_upscale and width * height <= self.area:
+            if width < self.step or height < self.step:
+                raise UserError(f"{width}x{height} pixels is smaller than one bucket step ({self.step} px) and bucket_no_upscale "
+                                f"keeps small images at their size; enlarge it, remove it, or set bucket_no_upscale = false")
             return floor_to(width, self.step), floor_to(height, self.step)
         aspect = width / height
         errors = [abs(ar - aspect) for ar in self._aspect_ratios]

@@ -28,6 +28,7 @@ import torch
 
 from musubi_tuner.dtypes import dtype_short_name
 from musubi_tuner.errors import UserError
+from musubi_tuner import files
 from musubi_tuner.files import read_safetensors_header, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,24 @@ FORMAT_VERSION = "1.0.1"
 LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
 TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
 TEXT_ENCODERS = ("llm", "clipL")  # key prefixes of the two text encoders' outputs
+# One caching run of each kind per cache folder (latent and text caching may run side by side: they write other files)
+LOCK_NAMES = {"latents": ".musubi-cache-latents.lock", "text": ".musubi-cache-text.lock"}
+
+
+def lock_cache_directories(datasets, kind: str):
+    """A context holding the `kind` ("latents" or "text") caching lock of every dataset's cache folder."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    try:
+        for ds in datasets:
+            stack.enter_context(files.RunLock(Path(ds.cache_directory) / LOCK_NAMES[kind],
+                                              f"{'latent' if kind == 'latents' else 'text'} caching run",
+                                              f"cache_directory ({ds.where})"))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -301,12 +320,7 @@ def stale_caches(cache_dir: str | os.PathLike, current: Iterable[str | os.PathLi
 def leftover_temp_files(cache_dir: str | os.PathLike, *, text: bool = False) -> list[Path]:
     """Temporary files of latent (or, with `text`, text) caches whose write was killed before its rename.
 
-    They are never caches, so they go even with --keep_cache.
+    They are never caches, so they go even with --keep_cache; a live run's are never listed (files.leftover_temp_files).
     """
-    cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        return []
     suffix = TEXT_SUFFIX if text else LATENT_SUFFIX
-    # atomic_write names them `.{cache name}.{random}.tmp`
-    return [p for p in sorted(cache_dir.iterdir())
-            if p.name.startswith(".") and p.name.endswith(".tmp") and f"{suffix}." in p.name]
+    return files.leftover_temp_files(cache_dir, lambda name: name.endswith(suffix), owned=True)

@@ -194,7 +194,7 @@ def _resolution(value: Any, at: str) -> tuple[int, int]:
         value = [value, value]
     if not (isinstance(value, (list, tuple)) and len(value) == 2):
         raise UserError(f"{at} is not [width, height] or a single number")
-    return tuple(_positive_int(1)(v, at) for v in value)
+    return tuple(_positive_int(RESOLUTION_STEP)(v, at) for v in value)
 
 
 def _extraction(value: Any, at: str) -> str:
@@ -218,7 +218,7 @@ def _fraction(value: Any, at: str) -> float:
 # Keys that [general] may set for every dataset.
 SHARED_KEYS: dict[str, Check] = {
     "resolution": _resolution, "caption_extension": _str, "batch_size": _positive_int(1),
-    "num_repeats": _positive_int(0), "enable_bucket": _bool, "bucket_no_upscale": _bool, "validation_split": _fraction,
+    "num_repeats": _positive_int(1), "enable_bucket": _bool, "bucket_no_upscale": _bool, "validation_split": _fraction,
 }
 IMAGE_KEYS: dict[str, Check] = {"image_directory": _path, "image_jsonl_file": _path, "cache_directory": _path}
 VIDEO_KEYS: dict[str, Check] = {
@@ -336,6 +336,9 @@ def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path,
     where = f"{path}: [[{group}]][{index}]"
     if group == "validation_datasets" and "validation_split" in table:
         raise UserError(f"{where}.validation_split: a validation dataset is held out whole; set validation_split in [[datasets]]")
+    unknown = [key for key in table if key not in ALL_KEYS]
+    if unknown:  # named first: a misspelt video_directory would otherwise read as "no source folder"
+        raise UserError(_unknown_key_message(where, unknown[0], _kind_of_table(table)))
     is_video = _is_video_table(table, where)
     keys, ignored_keys = (VIDEO_KEYS, IGNORED_VIDEO_KEYS) if is_video else (IMAGE_KEYS, IGNORED_IMAGE_KEYS)
     own, ignored = {}, []
@@ -347,7 +350,7 @@ def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path,
             ignored_keys[key](value, at)
             ignored.append(key)
         else:
-            raise UserError(_unknown_key_message(where, key, is_video))
+            raise UserError(_unknown_key_message(where, key, is_video))  # a key of the other kind
     if ignored:
         logger.info("%s: %s used by other architectures, ignored for HunyuanVideo", where, ", ".join(ignored))
 
@@ -380,7 +383,18 @@ def _is_video_table(table: dict, where: str) -> bool:
     return bool(video)
 
 
-def _unknown_key_message(where: str, key: str, is_video: bool) -> str:
+def _kind_of_table(table: dict) -> bool | None:
+    """True for a video table, False for an image table, None while no source key says which."""
+    if any(k in table for k in ("video_directory", "video_jsonl_file")):
+        return True
+    if any(k in table for k in ("image_directory", "image_jsonl_file")):
+        return False
+    return None
+
+
+def _unknown_key_message(where: str, key: str, is_video: bool | None) -> str:
+    if is_video is None:
+        return f"{where}.{key} is not a dataset key{_did_you_mean(key, [*SHARED_KEYS, *IMAGE_KEYS, *VIDEO_KEYS])}"
     kind, other = ("video", "image") if is_video else ("image", "video")
     other_keys = IMAGE_KEYS if is_video else VIDEO_KEYS
     if key in other_keys:
@@ -412,6 +426,10 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video:
         cache = _resolve(cache_directory, path)
     enable_bucket = value("enable_bucket")
     resolution = value("resolution")
+    smallest_area = (2 * RESOLUTION_STEP) ** 2  # buckets range from half the side to the side, in steps of 16
+    if enable_bucket and resolution[0] * resolution[1] < smallest_area:
+        raise UserError(f"{where}.resolution = {list(resolution)} is too small for enable_bucket: the area must be at least "
+                        f"{2 * RESOLUTION_STEP}x{2 * RESOLUTION_STEP} (two bucket steps of {RESOLUTION_STEP} per side)")
     if not enable_bucket and any(r % RESOLUTION_STEP for r in resolution):
         fixed = [floor_to(r) for r in resolution]
         raise UserError(f"{where}.resolution = {list(resolution)} must be multiples of {RESOLUTION_STEP} when "

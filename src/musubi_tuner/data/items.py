@@ -46,20 +46,24 @@ class CacheReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): nothing to cache from it
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): could not be read
     cache_paths: set[Path] = field(default_factory=set)  # every cache the current items have (or will have)
-    failed_stems: set[str] = field(default_factory=set)  # their old caches are kept, not judged stale
+    kept_stems: set[str] = field(default_factory=set)  # items not judged this run (unreadable, no caption): caches kept
+    listed: int = 0  # items the dataset's folder or JSONL lists, whatever became of them
 
     def fail(self, path: str | os.PathLike, reason: str, strict: bool = False) -> None:
-        """Record an unreadable item (or raise it as a UserError in strict mode)."""
+        """Record an unreadable item (or raise it as a UserError in strict mode); its old caches are kept."""
         if strict:
             raise UserError(_naming(path, reason))
         logger.warning("cannot use %s", _naming(path, reason))
         self.failed.append((str(path), reason))
-        self.failed_stems.add(cache_files.item_stem(path))
+        self.kept_stems.add(cache_files.item_stem(path))
 
-    def skip(self, path: str | os.PathLike, reason: str) -> None:
-        """Record an item that gives nothing to cache (too short, no caption, duplicate name)."""
+    def skip(self, path: str | os.PathLike, reason: str, *, superseded: bool = False) -> None:
+        """Record an item that gives nothing to cache. Its old caches are kept (a missing caption may be a typo in
+        caption_extension) unless `superseded`: the item was read and the config now makes nothing of it."""
         logger.info("skipped %s", _naming(path, reason))
         self.skipped.append((str(path), reason))
+        if not superseded:
+            self.kept_stems.add(cache_files.item_stem(path))
 
     def summary(self, unit: str = "items", limit: int = 20) -> str:
         """`98 clips cached, 0 already cached, 1 skipped, 1 failed` and a line per skipped or failed file."""
@@ -326,6 +330,7 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
     """
     if items is None:
         items, problems = list_items(dataset)
+        report.listed += len(items) + len(problems)
         for path, reason in problems:
             report.skip(path, reason)
     loader = _LatentLoader(dataset, vae, skip_existing)
@@ -337,8 +342,8 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
         report.already_cached += len(loaded.already_cached)
         report.cache_paths.update(loaded.already_cached)
         report.cache_paths.update(latent_item.cache_path for latent_item in loaded.items)
-        if loaded.skip_reason:
-            report.skip(item.path, loaded.skip_reason)
+        if loaded.skip_reason:  # read whole: shorter than every target_frames the config asks for now
+            report.skip(item.path, loaded.skip_reason, superseded=True)
         for latent_item in loaded.items:
             key = latent_item.bucket + ((latent_item.clip.frames,) if latent_item.clip else ())
             group = groups.setdefault(key, [])
@@ -403,6 +408,7 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
     """Every item's caption and text cache path, in item order; unreadable captions are reported (or
     raised when `strict`). `num_workers` threads read the caption files (worth it on network drives)."""
     items, problems = list_items(dataset)
+    report.listed += len(items) + len(problems)
     for path, reason in problems:
         report.skip(path, reason)
     result = []
@@ -436,18 +442,34 @@ def text_encoding_todo(items: Iterable[CaptionItem], encoder: str, *, skip_exist
 
 
 def stale_latent_caches(dataset: AnyDatasetConfig, report: CacheReport) -> list[Path]:
-    """Latent caches in the dataset's folder that its current items do not have (after iter_latent_batches).
+    """Latent caches in the dataset's folder that are known to be superseded (after iter_latent_batches): of items
+    whose caches are now other files (another bucket, other clips), or whose source is no longer listed.
 
-    Caches of items that failed to read this time are kept: a file that is briefly unreadable should
-    not cost its caches.
+    Caches of items that were only skipped this time (unreadable, no caption) are kept: a file that is
+    briefly unreadable, or a typo in caption_extension, must not cost its caches. A dataset that lists no
+    items at all (an empty or unmounted folder) deletes nothing.
     """
-    return cache_files.stale_caches(dataset.cache_directory, report.cache_paths, keep_stems=report.failed_stems)
+    if not _lists_anything(dataset, report):
+        return []
+    return cache_files.stale_caches(dataset.cache_directory, report.cache_paths, keep_stems=report.kept_stems)
 
 
 def stale_text_caches(dataset: AnyDatasetConfig, captions: Iterable[CaptionItem], report: CacheReport) -> list[Path]:
-    """Text caches in the dataset's folder that none of `captions` (from caption_items) has."""
+    """Text caches in the dataset's folder that none of `captions` (from caption_items) has, under the same rules
+    as stale_latent_caches."""
+    if not _lists_anything(dataset, report):
+        return []
     return cache_files.stale_caches(dataset.cache_directory, [c.cache_path for c in captions], text=True,
-                                    keep_stems=report.failed_stems)
+                                    keep_stems=report.kept_stems)
+
+
+def _lists_anything(dataset: AnyDatasetConfig, report: CacheReport) -> bool:
+    if report.listed:
+        return True
+    kind = "videos" if dataset.is_video else "images"
+    logger.warning("%s: %s lists no %s (empty, or a drive not mounted?); no cache in %s is deleted",
+                   dataset.where, dataset.source, kind, dataset.cache_directory)
+    return False
 
 
 def tidy_cache_directory(cache_dir: Path, stale: Iterable[Path], *, keep_cache: bool, text: bool = False) -> None:

@@ -11,6 +11,7 @@ Any file that cannot be read raises a UserError that names it.
 
 from __future__ import annotations
 
+import errno
 import fractions
 import importlib.util
 import itertools
@@ -34,9 +35,28 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap widt
 
 
 def _list(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
-    """Files of `folder` (not recursive) whose extension is one of `extensions`, any case, sorted by name."""
+    """Files of `folder` (not recursive) whose extension is one of `extensions`, any case, sorted by name.
+
+    Broken and looping symbolic links are listed too: reading them fails with a message that names them,
+    where dropping them here would lose them without a word."""
     folder = Path(folder)
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in extensions and p.is_file()), key=lambda p: p.name)
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in extensions and (p.is_file() or p.is_symlink())),
+                  key=lambda p: p.name)
+
+
+def _require_readable_file(path: Path) -> None:
+    """A clear reason for what is not a file with data: a broken or looping link, an empty file."""
+    if path.is_symlink() and not path.exists():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 reports a loop as RuntimeError
+            raise UserError(f"{path}: symbolic link loop") from None
+        except OSError as e:
+            if getattr(e, "errno", None) == errno.ELOOP:
+                raise UserError(f"{path}: symbolic link loop") from None
+        raise UserError(f"{path}: broken symbolic link (to {os.readlink(path)}, which does not exist)")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes)")
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -52,8 +72,7 @@ def list_videos(folder: str | os.PathLike) -> list[Path]:
 
 def _open_image(path: Path) -> Image.Image:
     try:
-        if path.stat().st_size == 0:
-            raise UserError(f"{path}: empty file (0 bytes)")
+        _require_readable_file(path)
         return Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({_reason(e)})") from None
@@ -132,8 +151,7 @@ def _decimate(frames: Iterator, source_fps: float | None, target_fps: float) -> 
 def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
     """Every frame of the first video stream as (H, W, 3) uint8 RGB, display rotation applied."""
     try:
-        if path.stat().st_size == 0:
-            raise UserError(f"{path}: empty file (0 bytes)")
+        _require_readable_file(path)
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise UserError(f"{path}: has no video stream")

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -63,6 +63,8 @@ class DatasetBuckets:
 
     buckets: dict[LatentShape, list[TrainingItem]]
     batch_size: int
+    # (tensor, width) -> the first cache found with it: ("latents", 16), ("llm", 4096), ("clipL", 768) for HunyuanVideo
+    widths: dict[tuple[str, int], Path] = field(default_factory=dict)
 
     @property
     def num_batches(self) -> int:
@@ -106,6 +108,7 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
     buckets: dict[LatentShape, list[TrainingItem]] = {}
     problems: list[str] = []
     text_problems: dict[Path, str | None] = {}  # a video's clips share one text cache: check it once
+    widths: dict[tuple[str, int], Path] = {}
     other_size = 0
     for latent_path in latent_files:
         name = names[latent_path]
@@ -117,13 +120,15 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
             continue
         text_path = cache_files.text_cache_path(cache_dir, name.item_key)
         if text_path not in text_problems:
-            text_problems[text_path] = _text_cache_problem(text_path)
+            text_problems[text_path] = _text_cache_problem(text_path, widths)
         if text_problems[text_path] is not None:
             problems.append(f"{latent_path.name}: {text_problems[text_path]}")
             continue
-        shape = _latent_shape(latent_path, problems)
-        if shape is not None:
-            other_size += (shape[2] * 8, shape[1] * 8) != selector.bucket_for(name.size)
+        full_shape = _latent_shape(latent_path, problems)
+        if full_shape is not None:
+            widths.setdefault(("latents", full_shape[0]), latent_path)
+            shape = full_shape[1:]
+            other_size += (shape[2] * 8, shape[1] * 8) != _bucket_or_none(selector, name.size)
             buckets.setdefault(shape, []).extend([TrainingItem(latent_path, text_path)] * repeats)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -131,11 +136,18 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
     if other_size:
         logger.warning("%s: %d caches in %s are not the size this config gives (was resolution changed?); "
                        "run cache_latents.py again to remake them", dataset.where, other_size, cache_dir)
-    return DatasetBuckets(dict(sorted(buckets.items())), dataset.batch_size)
+    return DatasetBuckets(dict(sorted(buckets.items())), dataset.batch_size, widths)
 
 
-def _text_cache_problem(text_path: Path) -> str | None:
-    """None if the text cache holds both encoders' outputs, else what is wrong."""
+def _bucket_or_none(selector: BucketSelector, size: tuple[int, int]) -> tuple[int, int] | None:
+    try:
+        return selector.bucket_for(size)
+    except UserError:  # a size no bucket takes: the cache came from elsewhere; it is used as it is
+        return None
+
+
+def _text_cache_problem(text_path: Path, widths: dict[tuple[str, int], Path]) -> str | None:
+    """None if the text cache holds both encoders' outputs, else what is wrong; records each output's width."""
     if not text_path.exists():
         return f"no text cache {text_path.name} (run cache_text_encoder_outputs.py)"
     try:
@@ -143,11 +155,35 @@ def _text_cache_problem(text_path: Path) -> str | None:
     except UserError as e:
         return str(e)
     missing = [e for e in cache_files.TEXT_ENCODERS if not any(cache_files.logical_key(k) == e for k in entries)]
-    return f"no {' or '.join(missing)} output in {text_path.name}" if missing else None
+    if missing:
+        return f"no {' or '.join(missing)} output in {text_path.name}"
+    for key, (_, shape) in entries.items():
+        if cache_files.logical_key(key) in cache_files.TEXT_ENCODERS and shape:
+            widths.setdefault((cache_files.logical_key(key), shape[-1]), text_path)
+    return None
 
 
-def _latent_shape(latent_path: Path, problems: list[str]) -> LatentShape | None:
-    """(F, H, W) of the cache's one latents tensor (16, F, H, W), read from the header only."""
+def check_caches_fit(datasets: Sequence[DatasetBuckets], expected: dict[str, int], model: str) -> None:
+    """Refuse caches made for another model before any training: `expected` widths such as {"latents": 16, "llm": 4096}.
+
+    Names the first cache whose latent channels or text-encoder width differ, and what made it where it says.
+    """
+    what = {"latents": "latent channels", "llm": "LLM text width", "clipL": "CLIP-L text width"}
+    for found in datasets:
+        for (tensor, width), path in found.widths.items():
+            if tensor in expected and width != expected[tensor]:
+                try:
+                    made_for = read_safetensors_header(path)[1].get("architecture")
+                except UserError:
+                    made_for = None
+                origin = f"it says it was made for {made_for}" if made_for and made_for != cache_files.ARCHITECTURE_FULL \
+                    else "it was made with another model"
+                raise UserError(f"{path}: {what[tensor]} {width}, but {model} takes {expected[tensor]} ({origin}); "
+                                f"cache this dataset again for this model, or give it another cache_directory")
+
+
+def _latent_shape(latent_path: Path, problems: list[str]) -> tuple[int, int, int, int] | None:
+    """(C, F, H, W) of the cache's one latents tensor, read from the header only."""
     try:
         entries, _ = read_safetensors_header(latent_path)
     except UserError as e:
@@ -157,7 +193,7 @@ def _latent_shape(latent_path: Path, problems: list[str]) -> LatentShape | None:
     if len(shapes) != 1 or len(shapes[0]) != 4:
         problems.append(f"{latent_path.name}: not one (C, F, H, W) latents tensor")
         return None
-    return tuple(shapes[0][1:])
+    return tuple(shapes[0])
 
 
 # ------------------------------------------------------------------------------------------ dataset
@@ -191,6 +227,18 @@ class TrainingDataset(torch.utils.data.Dataset):
             raise UserError(f"{config.path}: no cached training items in {folders}; run cache_latents.py and "
                             f"cache_text_encoder_outputs.py with --dataset_config {config.path} first")
         return cls(datasets, seed, num_timestep_buckets)
+
+    def fingerprint(self) -> str:
+        """A hash of which cache files make up each dataset's buckets and how they are batched: equal fingerprints mean
+        equal epoch plans for equal seeds, so a resumed run can continue inside an epoch."""
+        digest = hashlib.sha1()
+        for d in self.datasets:
+            digest.update(f"batch {d.batch_size}\n".encode())
+            for shape, items in d.buckets.items():
+                digest.update(f"{shape}: {len(items)}\n".encode())
+                for item in items:
+                    digest.update(f"{item.latent_path.name}\n".encode())
+        return digest.hexdigest()[:16]
 
     @property
     def num_items(self) -> int:

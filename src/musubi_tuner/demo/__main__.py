@@ -82,10 +82,12 @@ def shown(cmd: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    from musubi_tuner.cli import count, frames_4n1
+
     parser = argparse.ArgumentParser(prog="python -m musubi_tuner.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="demo_output")
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--frames", type=int, default=9, help="frames per synthetic clip (4N+1)")
+    parser.add_argument("--workdir", default="demo_output", help="folder for the models, the dataset and the outputs")
+    parser.add_argument("--epochs", type=count(1), default=16, help="training epochs")
+    parser.add_argument("--frames", type=frames_4n1, default=9, help="frames per synthetic clip (4N+1)")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
     started = time.time()

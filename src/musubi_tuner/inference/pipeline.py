@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from musubi_tuner.cli import resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.compile import CompileOptions, compile_blocks, compile_errors, log_graph_breaks
@@ -65,8 +66,6 @@ def check_and_fill(args) -> None:
             raise UserError(f"{getattr(args, flag)}: not found (--{flag})")
     if args.fp8_fast and not args.fp8:
         raise UserError("--fp8_fast needs --fp8")
-    if args.blocks_to_swap is not None and not 0 < args.blocks_to_swap <= 38:
-        raise UserError(f"--blocks_to_swap {args.blocks_to_swap}: between 1 and 38 for inference")
     if args.lycoris:
         raise UserError("--lycoris is not supported; LyCORIS LoRAs in kohya naming load without it")
     if args.save_merged_model and not args.lora_weight:
@@ -114,10 +113,6 @@ def check_and_fill(args) -> None:
         raise UserError(f"{args.dit} is an image-to-video DiT (32 input channels): give the first frame with --image_path")
     if args.dit_in_channels is not None and args.dit_in_channels != config.in_channels:
         raise UserError(f"{args.dit}: --dit_in_channels {args.dit_in_channels} but the file's DiT takes {config.in_channels} input channels")
-    if not 0.0 <= args.strength <= 1.0:
-        raise UserError(f"--strength {args.strength}: must be between 0 and 1")
-    if not 0.0 <= args.cfg_end <= 1.0:
-        raise UserError(f"--cfg_end {args.cfg_end}: must be between 0 and 1")
     check_speed_flags(args)
     check_files_used_late(args, dit_file.shapes())
 
@@ -130,11 +125,7 @@ def check_speed_flags(args) -> None:
     step_cache.from_args(args)
     options = CompileOptions.from_args(args)
     if options is not None and not args.dry_run:
-        check_can_compile(options, generation_device(args))
-
-
-def generation_device(args) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_can_compile(options, resolve_device(args.device))
 
 
 def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
@@ -162,6 +153,13 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
         load_image(args.image_path)
     if args.video_path:
         video_size(args.video_path)
+
+
+def require_finite(tensor: torch.Tensor, what: str, advice: str) -> None:
+    """Refuse to go on with NaN/inf values, naming where they came from: a video of noise must not be written silently."""
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise UserError(f"{what} holds {bad} non-finite (NaN/inf) values of {tensor.numel()}; {advice}")
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -291,14 +289,21 @@ def plan_generation(args):
 
 
 def generate(args) -> list[Path]:
+    device = resolve_device(args.device)
     check_and_fill(args)
-    device = generation_device(args)
     save_path = Path(args.save_path)
     save_path.mkdir(parents=True, exist_ok=True)
+    from musubi_tuner.files import leftover_temp_files
+
+    for stale in leftover_temp_files(save_path):  # of killed runs only: other generations may write here right now
+        stale.unlink(missing_ok=True)
+        logger.info("removed %s (left by an interrupted run)", stale)
     from musubi_tuner.inference import outputs
 
     if args.latent_path:
         latents = [outputs.load_latent(p) for p in args.latent_path]
+        for path, (latent, _) in zip(args.latent_path, latents):
+            require_finite(latent, f"{path}: the saved latent", "it cannot be decoded into a video; generate it again")
         vae = load_vae_for(args, device)
         return [p for lat, meta in latents for p in outputs.decode_and_save(vae, lat, meta, args, save_path)]
     if args.save_merged_model:  # save and exit: no text encoder or sampling is needed for that
@@ -348,6 +353,10 @@ def generate(args) -> list[Path]:
         logger.info(cache.summary())
     if args.compile:
         log_graph_breaks(args.debug)
+    loras = f" with {', '.join(args.lora_weight)}" if args.lora_weight else ""
+    require_finite(latents, f"the sampled latent of {args.dit}{loras}",
+                   "nothing was written; a LoRA or DiT file holding NaN/inf weights, or fp16 overflow, are the usual causes "
+                   "(check the files with musubi-lora-info)")
 
     meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start) | step_cache.describe(cache)
     saved = []

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from musubi_tuner.cli import count, real
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.blocks import modulate_norm
 
@@ -74,10 +75,10 @@ def add_step_cache_flags(group) -> None:
     """The flags, for hv_generate_video and for the trainer's sample prompts."""
     group.add_argument("--step_cache", choices=METHODS, default=None,
                        help="skip the DiT's blocks at steps whose result barely changes: teacache or fbcache (First-Block-Cache)")
-    group.add_argument("--step_cache_threshold", type=float, default=None,
+    group.add_argument("--step_cache_threshold", type=real(0), default=None,
                        help="higher skips more: default 0.1 for teacache (published 1.6x; 0.15: 2.1x), 0.06 for fbcache "
                             "(published 1.62x); 0 computes every step")
-    group.add_argument("--step_cache_warmup", type=int, default=1, help="first steps always computed (default 1)")
+    group.add_argument("--step_cache_warmup", type=count(1), default=1, help="first steps always computed")
 
 
 def from_args(args) -> "StepCache | None":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -153,6 +154,14 @@ def _add_delta(linear, delta: torch.Tensor, multiplier: float, device, source: s
     w.data = (w.to(device, torch.float32) + multiplier * delta.to(device)).to(w.device, w.dtype)
 
 
+def _finite(t: torch.Tensor, key: str, what: str, cause: str) -> torch.Tensor:
+    """`t`, or a UserError if it holds NaN/inf: a merged model must never carry them into a video silently."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise UserError(f"{what} would hold {bad} NaN/inf values ({cause}); nothing was written")
+    return t
+
+
 def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: str, device: torch.device | str = "cpu",
                exclude_single_blocks: bool = False, in_channels: int | None = None, lora_blocks: Sequence[str] | str | None = None) -> dict:
     """Merge LoRAs into a DiT file and write the result, streaming one tensor at a time.
@@ -162,7 +171,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     are kept in between, so peak memory is about one layer in float32 plus the LoRA files, not a second model.
     fp8 inputs are written in bf16: rounding W + delta back to e4m3 would erase most of a LoRA's small update.
     """
-    from musubi_tuner.files import LazyTensors, save_safetensors
+    from musubi_tuner.files import LazyTensors, RunLock, leftover_temp_files, save_safetensors
     from musubi_tuner.hunyuan.checkpoints import dit_metadata, open_dit_file, read_dit_config
     from musubi_tuner.hunyuan.fp8 import FP8_DTYPE
 
@@ -193,13 +202,19 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     def compute(key: str) -> torch.Tensor:
         t = source.read(key)  # a copy of its own: the file's pages do not pile up in this process
         if key not in factors:
-            return t.to(out_dtype(key))
+            return _finite(t.to(out_dtype(key)), key, f"{dit_path}: {key}", "the DiT file itself holds them")
         merged = t.to(device, torch.float32, copy=True)
         del t
         for factor, up, down in factors[key]:
             merged.addmm_(up.to(device), down.to(device), alpha=factor)  # no delta-sized temporary
-        return merged.to("cpu", out_dtype(key))
+        return _finite(merged.to("cpu", out_dtype(key)), key, f"merging {', '.join(map(str, lora_paths))} into {dit_path}: {key}",
+                       f"a LoRA holding NaN/inf values, or a sum beyond {out_dtype(key)}; check them with musubi-lora-info")
 
     specs = {k: (out_dtype(k), tuple(source.shape(k))) for k in source.keys()}
-    save_safetensors(LazyTensors(specs, compute), out_path, metadata=dit_metadata(config))
+    out = Path(out_path)
+    with RunLock(out.with_name(f".{out.name}.lock"), "merge into this file", "--save_merged_model"):
+        for stale in leftover_temp_files(out.parent, lambda name: name == out.name, owned=True):
+            stale.unlink(missing_ok=True)
+            logger.info("removed %s (left by an interrupted merge)", stale)
+        save_safetensors(LazyTensors(specs, compute), out, metadata=dit_metadata(config))
     return {"layers": len(factors), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}

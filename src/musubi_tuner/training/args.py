@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from musubi_tuner.cli import Parser, count, pixels, real, seed
 from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
 from musubi_tuner.training.timesteps import SAMPLING_MODES, WEIGHTING_SCHEMES
 
@@ -27,14 +29,17 @@ IGNORED_FLAGS = ("huggingface_repo_id", "huggingface_repo_type", "huggingface_pa
 
 def _int_or_float(value: str) -> float | int:
     """`100` steps, `0.1` of all steps, or `10%`."""
-    if value.endswith("%"):
-        return float(value[:-1]) / 100
-    number = float(value)
+    try:
+        number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value}: not a number of steps, a fraction or a percentage") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more")
     return int(number) if number >= 1 and number.is_integer() else number
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hv_train_network.py", description="Train a LoRA for HunyuanVideo / SkyReels V1 from cached latents and text.")
+    p = Parser(prog="hv_train_network.py", description="Train a LoRA for HunyuanVideo / SkyReels V1 from cached latents and text.")
     p.add_argument("--config_file", help="TOML file with any of these options (the command line wins)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("--dry_run", action="store_true",
@@ -44,22 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--dit", help="DiT checkpoint: mp_rank_00_model_states.pt, an fp8/bf16 safetensors, a SkyReels file")
     g.add_argument("--dit_dtype", default=None, help="compute dtype of the DiT (default bfloat16)")
-    g.add_argument("--dit_in_channels", type=int, default=None, help="16 for T2V, 32 for SkyReels I2V (read from the file when omitted)")
+    g.add_argument("--dit_in_channels", type=count(1), default=None,
+                   help="16 for T2V, 32 for SkyReels I2V (read from the file when omitted)")
     g.add_argument("--vae", help="VAE checkpoint (only for sampling during training)")
-    g.add_argument("--vae_dtype", default=None)
-    g.add_argument("--vae_tiling", action="store_true")
-    g.add_argument("--vae_chunk_size", type=int, default=None)
-    g.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None)
+    g.add_argument("--vae_dtype", default=None, help="VAE dtype for sampling (default float16)")
+    g.add_argument("--vae_tiling", action="store_true", help="decode samples in spatial tiles")
+    g.add_argument("--vae_chunk_size", type=count(1), default=None, help="decode samples' causal convolutions in chunks")
+    g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="tile size in pixels for sample decoding")
     g.add_argument("--text_encoder1", help="LLM text encoder (only for sampling during training)")
     g.add_argument("--text_encoder2", help="CLIP-L text encoder (only for sampling during training)")
-    g.add_argument("--text_encoder_dtype", default=None)
-    g.add_argument("--fp8_llm", action="store_true")
+    g.add_argument("--text_encoder_dtype", default=None, help="text encoders' dtype for sample prompts (default float16)")
+    g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 while encoding sample prompts")
     g.add_argument("--fp8_base", action="store_true", help="store the DiT's block Linears in fp8 e4m3fn")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_config", type=Path, help="dataset TOML (the one the caching commands used)")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8)
-    g.add_argument("--persistent_data_loader_workers", action="store_true")
+    g.add_argument("--max_data_loader_n_workers", type=count(0), default=8,
+                   help="processes reading caches (at most the CPU count; 0 reads in the training process)")
+    g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep the reading processes between epochs")
 
     g = p.add_argument_group("attention")
     for flag, help_ in (("--sdpa", "PyTorch scaled_dot_product_attention"), ("--flash_attn", "FlashAttention 2"),
@@ -68,132 +75,151 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split_attn", action="store_true", help="attention one sample at a time over its valid tokens")
 
     g = p.add_argument_group("memory")
-    g.add_argument("--blocks_to_swap", type=int, default=None, help="keep N blocks' weights in host memory (max 36)")
-    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true")
+    g.add_argument("--blocks_to_swap", type=count(0, MAX_BLOCKS_TO_SWAP_TRAINING), default=None,
+                   help=f"keep N blocks' weights in host memory, moving each in when it runs (max {MAX_BLOCKS_TO_SWAP_TRAINING})")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host buffers for faster block swap")
     g.add_argument("--block_swap_h2d_only", action="store_true", help="accepted: our block swap is always host-to-device only")
-    g.add_argument("--block_swap_ring_size", type=int, default=2)
-    g.add_argument("--img_in_txt_in_offloading", action="store_true")
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
+    g.add_argument("--block_swap_ring_size", type=count(1), default=2,
+                   help="accepted for musubi-tuner command lines (its H2D-only ring); our block swap needs no setting")
+    g.add_argument("--img_in_txt_in_offloading", action="store_true",
+                   help="keep the image and text input embedders in host memory between steps")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute each block's activations in the backward pass")
+    g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true",
+                   help="with --gradient_checkpointing: keep block inputs in host memory")
 
     g = p.add_argument_group("precision and schedule")
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
-    g.add_argument("--save_precision", choices=("float", "fp32", "fp16", "bf16"), default=None)
-    g.add_argument("--max_train_steps", type=int, default=1600)
-    g.add_argument("--max_train_epochs", type=int, default=None)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="autocast dtype (default: accelerate's config, else no)")
+    g.add_argument("--save_precision", choices=("float", "fp32", "fp16", "bf16"), default=None,
+                   help="dtype of the saved LoRA (default fp32)")
+    g.add_argument("--max_train_steps", type=count(1), default=1600, help="optimizer steps to train")
+    g.add_argument("--max_train_epochs", type=count(1), default=None, help="epochs to train (overrides --max_train_steps)")
+    g.add_argument("--gradient_accumulation_steps", type=count(1), default=1, help="batches per optimizer step")
+    g.add_argument("--max_grad_norm", type=real(0), default=1.0, help="clip the gradient norm to this; 0 disables clipping")
+    g.add_argument("--seed", type=seed(32), default=None,
+                   help="seed of noise, timesteps, shuffling and initial weights (default: random, recorded in the LoRA)")
     g.add_argument("--full_fp16", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--full_bf16", action="store_true", help=argparse.SUPPRESS)
 
     g = p.add_argument_group("optimizer and learning rate")
-    g.add_argument("--optimizer_type", default="", help="AdamW (default), AdamW8bit, Adafactor, Prodigy, AdamWScheduleFree, or module.Class")
-    g.add_argument("--optimizer_args", nargs="*", default=None, help="key=value ...")
-    g.add_argument("--learning_rate", type=float, default=2.0e-6)
-    g.add_argument("--lr_scheduler", default="constant")
-    g.add_argument("--lr_warmup_steps", type=_int_or_float, default=0)
-    g.add_argument("--lr_decay_steps", type=_int_or_float, default=0)
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
-    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
-    g.add_argument("--lr_scheduler_timescale", type=int, default=None)
-    g.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None)
-    g.add_argument("--lr_scheduler_type", default="")
-    g.add_argument("--lr_scheduler_args", nargs="*", default=None)
+    g.add_argument("--optimizer_type", default="",
+                   help="AdamW (default), AdamW8bit, Adafactor, Prodigy, AdamWScheduleFree, a torch.optim class, or module.Class")
+    g.add_argument("--optimizer_args", nargs="*", default=None, help="optimizer keyword arguments: key=value ...")
+    g.add_argument("--learning_rate", type=real(above=0), default=2.0e-6, help="base learning rate (LoRA training: about 2e-4)")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup, inverse_sqrt, "
+                        "cosine_with_min_lr, warmup_stable_decay, rex, adafactor")
+    g.add_argument("--lr_warmup_steps", type=_int_or_float, default=0, help="warmup steps, or a fraction of all steps (0.1 or 10%%)")
+    g.add_argument("--lr_decay_steps", type=_int_or_float, default=0,
+                   help="decay steps of warmup_stable_decay, or a fraction of all steps")
+    g.add_argument("--lr_scheduler_num_cycles", type=count(1), default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_scheduler_power", type=real(above=0), default=1.0, help="power of the polynomial schedule")
+    g.add_argument("--lr_scheduler_timescale", type=count(1), default=None, help="timescale of inverse_sqrt")
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=real(0, 1), default=None,
+                   help="lowest learning rate as a fraction of the base (cosine_with_min_lr, warmup_stable_decay, rex)")
+    g.add_argument("--lr_scheduler_type", default="", help="any scheduler class (torch.optim.lr_scheduler.X or module.Class)")
+    g.add_argument("--lr_scheduler_args", nargs="*", default=None, help="scheduler keyword arguments: key=value ...")
 
     g = p.add_argument_group("flow matching")
-    g.add_argument("--timestep_sampling", choices=SAMPLING_MODES, default="sigma")
-    g.add_argument("--discrete_flow_shift", type=float, default=1.0)
-    g.add_argument("--sigmoid_scale", type=float, default=1.0)
-    g.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="none")
-    g.add_argument("--logit_mean", type=float, default=0.0)
-    g.add_argument("--logit_std", type=float, default=1.0)
-    g.add_argument("--mode_scale", type=float, default=1.29)
-    g.add_argument("--min_timestep", type=int, default=None)
-    g.add_argument("--max_timestep", type=int, default=None)
-    g.add_argument("--preserve_distribution_shape", action="store_true")
-    g.add_argument("--num_timestep_buckets", type=int, default=None)
-    g.add_argument("--show_timesteps", choices=("image", "console"), default=None)
-    g.add_argument("--guidance_scale", type=float, default=1.0, help="embedded guidance fed to the DiT while training")
+    g.add_argument("--timestep_sampling", choices=SAMPLING_MODES, default="sigma", help="how training noise levels are drawn")
+    g.add_argument("--discrete_flow_shift", type=real(above=0), default=1.0,
+                   help="shift of the 'shift' sampling (the project's docs suggest 7.0)")
+    g.add_argument("--sigmoid_scale", type=real(above=0), default=1.0, help="scale of the normal draw before the sigmoid")
+    g.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="none", help="timestep density or loss weighting")
+    g.add_argument("--logit_mean", type=real(), default=0.0, help="mean of logit_normal (and logsnr)")
+    g.add_argument("--logit_std", type=real(above=0), default=1.0, help="standard deviation of logit_normal (and logsnr)")
+    g.add_argument("--mode_scale", type=real(), default=1.29, help="scale of the 'mode' density")
+    g.add_argument("--min_timestep", type=count(0, 999), default=None, help="lowest timestep on the 0-1000 scale (default 0)")
+    g.add_argument("--max_timestep", type=count(1, 1000), default=None, help="highest timestep on the 0-1000 scale (default 1000)")
+    g.add_argument("--preserve_distribution_shape", action="store_true",
+                   help="keep [min, max] by rejection sampling instead of rescaling")
+    g.add_argument("--num_timestep_buckets", type=count(2), default=None, help="stratify each epoch's timesteps into N buckets")
+    g.add_argument("--show_timesteps", choices=("image", "console"), default=None, help="show the timestep distribution and exit")
+    g.add_argument("--guidance_scale", type=real(0), default=1.0, help="embedded guidance fed to the DiT while training")
     g.add_argument("--guidance_scale_x1000", action="store_true",
                    help="feed guidance_scale x 1000 as inference does (musubi-tuner feeds the raw value)")
     g.add_argument("--sigma_uses_shift", action="store_true",
                    help="apply --discrete_flow_shift in the default 'sigma' sampling too (musubi-tuner ignores it there)")
 
     g = p.add_argument_group("network")
-    g.add_argument("--network_module", default=None, help="e.g. networks.lora")
-    g.add_argument("--network_dim", type=int, default=None)
-    g.add_argument("--network_alpha", type=float, default=1)
-    g.add_argument("--network_dropout", type=float, default=None)
-    g.add_argument("--network_args", nargs="*", default=None, help="key=value ...")
-    g.add_argument("--network_weights", default=None)
-    g.add_argument("--dim_from_weights", action="store_true")
-    g.add_argument("--scale_weight_norms", type=float, default=None)
-    g.add_argument("--base_weights", nargs="*", default=None)
-    g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None)
-    g.add_argument("--training_comment", default=None)
-    g.add_argument("--no_metadata", action="store_true")
+    g.add_argument("--network_module", default=None, help="the network to train: networks.lora")
+    g.add_argument("--network_dim", type=count(1), default=None, help="LoRA rank (default 4)")
+    g.add_argument("--network_alpha", type=real(above=0), default=1, help="LoRA alpha: updates are scaled by alpha / rank")
+    g.add_argument("--network_dropout", type=real(0, 0.99), default=None, help="dropout on the rank activations")
+    g.add_argument("--network_args", nargs="*", default=None,
+                   help="key=value ...: include_patterns, exclude_patterns, rank_dropout, module_dropout, loraplus_lr_ratio")
+    g.add_argument("--network_weights", default=None, help="LoRA file to start from")
+    g.add_argument("--dim_from_weights", action="store_true", help="take the rank from --network_weights")
+    g.add_argument("--scale_weight_norms", type=real(above=0), default=None, help="max-norm regularisation of each LoRA update")
+    g.add_argument("--base_weights", nargs="*", default=None, help="LoRA files merged into the DiT before training")
+    g.add_argument("--base_weights_multiplier", type=real(), nargs="*", default=None,
+                   help="one multiplier per --base_weights file (default 1.0)")
+    g.add_argument("--training_comment", default=None, help="stored in the LoRA's metadata (ss_training_comment)")
+    g.add_argument("--no_metadata", action="store_true", help="save only the minimal metadata")
 
     g = p.add_argument_group("saving")
-    g.add_argument("--output_dir", default=None)
-    g.add_argument("--output_name", default=None)
-    g.add_argument("--save_every_n_epochs", type=int, default=None)
-    g.add_argument("--save_every_n_steps", type=int, default=None)
-    g.add_argument("--save_last_n_epochs", type=int, default=None)
-    g.add_argument("--save_last_n_epochs_state", type=int, default=None)
-    g.add_argument("--save_last_n_steps", type=int, default=None)
-    g.add_argument("--save_last_n_steps_state", type=int, default=None)
-    g.add_argument("--save_state", action="store_true")
-    g.add_argument("--save_state_on_train_end", action="store_true")
+    g.add_argument("--output_dir", default=None, help="folder of the LoRA files, states, loss curve and samples (one run at a time)")
+    g.add_argument("--output_name", default=None, help="file name stem of the LoRA files")
+    g.add_argument("--save_every_n_epochs", type=count(1), default=None, help="save NAME-EEEEEE.safetensors every N epochs")
+    g.add_argument("--save_every_n_steps", type=count(1), default=None, help="save NAME-stepSSSSSSSS.safetensors every N steps")
+    g.add_argument("--save_last_n_epochs", type=count(1), default=None, help="keep only the last N epoch saves")
+    g.add_argument("--save_last_n_epochs_state", type=count(1), default=None, help="keep only the last N epoch states")
+    g.add_argument("--save_last_n_steps", type=count(1), default=None, help="keep only the step saves of the last N steps")
+    g.add_argument("--save_last_n_steps_state", type=count(1), default=None, help="keep only the step states of the last N steps")
+    g.add_argument("--save_state", action="store_true", help="save the training state with every LoRA save (for --resume)")
+    g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
     g.add_argument("--resume", default=None, help="a state folder, or 'auto' for the newest complete one in --output_dir")
     g.add_argument("--lora_format", choices=("musubi", "comfyui", "both"), default="both",
                    help="both (default): NAME.safetensors in musubi-tuner's kohya naming plus NAME.comfyui.safetensors, which "
                         "ComfyUI and diffusers load completely; musubi or comfyui: only that one, as NAME.safetensors")
-    for key in ("title", "author", "description", "license", "tags", "reso", "arch"):
-        g.add_argument(f"--metadata_{key}", default=None)
+    for key, help_ in (("title", "model title (default: --output_name)"), ("author", "author"), ("description", "description"),
+                       ("license", "license"), ("tags", "comma-separated tags"), ("reso", "resolution 'W,H' (default 1280,720)"),
+                       ("arch", "architecture string override")):
+        g.add_argument(f"--metadata_{key}", default=None, help=f"modelspec metadata: {help_}")
 
     g = p.add_argument_group("sampling during training")
-    g.add_argument("--sample_prompts", default=None)
-    g.add_argument("--sample_every_n_steps", type=int, default=None)
-    g.add_argument("--sample_every_n_epochs", type=int, default=None)
-    g.add_argument("--sample_at_first", action="store_true")
+    g.add_argument("--sample_prompts", default=None, help="prompt file (.txt, .toml or .json) for sample videos")
+    g.add_argument("--sample_every_n_steps", type=count(1), default=None, help="sample every N steps")
+    g.add_argument("--sample_every_n_epochs", type=count(1), default=None, help="sample every N epochs")
+    g.add_argument("--sample_at_first", action="store_true", help="sample before the first step")
     add_step_cache_flags(g)
 
     g = p.add_argument_group("validation (held-out data from the dataset config: validation_split or [[validation_datasets]])")
-    g.add_argument("--validate_every_n_steps", type=int, default=None,
+    g.add_argument("--validate_every_n_steps", type=count(1), default=None,
                    help="validation loss every N steps (it is also computed before the first step and at every save)")
-    g.add_argument("--validate_every_n_epochs", type=int, default=None, help="validation loss at the end of every N-th epoch")
-    g.add_argument("--validation_seed", type=int, default=0, help="seed of the validation noise (the same for every run by default)")
-    g.add_argument("--validation_timesteps", type=int, default=10,
+    g.add_argument("--validate_every_n_epochs", type=count(1), default=None, help="validation loss at the end of every N-th epoch")
+    g.add_argument("--validation_seed", type=seed(64), default=0, help="seed of the validation noise (the same for every run by default)")
+    g.add_argument("--validation_timesteps", type=count(1), default=10,
                    help="noise levels the validation loss is measured at: the midpoints of N equal intervals of [0, 1]")
 
     g = p.add_argument_group("logging")
-    g.add_argument("--logging_dir", default=None)
-    g.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), default=None)
-    g.add_argument("--log_prefix", default=None)
-    g.add_argument("--log_tracker_name", default=None)
-    g.add_argument("--wandb_run_name", default=None)
-    g.add_argument("--log_tracker_config", default=None)
-    g.add_argument("--log_config", action="store_true")
+    g.add_argument("--logging_dir", default=None, help="TensorBoard logs go to a timestamped folder here")
+    g.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), default=None, help="tracker (default tensorboard)")
+    g.add_argument("--log_prefix", default=None, help="prefix of the timestamped log folder")
+    g.add_argument("--log_tracker_name", default=None, help="tracker project name (default network_train)")
+    g.add_argument("--wandb_run_name", default=None, help="wandb run name")
+    g.add_argument("--log_tracker_config", default=None, help="TOML file of tracker init arguments")
+    g.add_argument("--log_config", action="store_true", help="log the options (without paths and keys) as the tracker config")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--compile", action="store_true")
-    g.add_argument("--compile_backend", default="inductor")
-    g.add_argument("--compile_mode", default="default", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    g.add_argument("--compile_dynamic", choices=("true", "false", "auto"), default=None)
-    g.add_argument("--compile_fullgraph", action="store_true")
-    g.add_argument("--compile_cache_size_limit", type=int, default=None)
-    g.add_argument("--cuda_allow_tf32", action="store_true")
-    g.add_argument("--cuda_cudnn_benchmark", action="store_true")
-    g.add_argument("--dynamo_backend", default="NO")
-    g.add_argument("--dynamo_mode", default=None)
-    g.add_argument("--dynamo_fullgraph", action="store_true")
-    g.add_argument("--dynamo_dynamic", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend")
+    g.add_argument("--compile_mode", default="default", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode")
+    g.add_argument("--compile_dynamic", choices=("true", "false", "auto"), default=None, help="torch.compile dynamic shapes")
+    g.add_argument("--compile_fullgraph", action="store_true", help="torch.compile fullgraph=True")
+    g.add_argument("--compile_cache_size_limit", type=count(1), default=None, help="torch._dynamo cache size limit")
+    g.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    g.add_argument("--cuda_cudnn_benchmark", action="store_true", help="cuDNN benchmark mode")
+    g.add_argument("--dynamo_backend", default="NO", help="accepted for musubi-tuner command lines (accelerate's dynamo plugin)")
+    g.add_argument("--dynamo_mode", default=None, help="accepted for musubi-tuner command lines")
+    g.add_argument("--dynamo_fullgraph", action="store_true", help="accepted for musubi-tuner command lines")
+    g.add_argument("--dynamo_dynamic", action="store_true", help="accepted for musubi-tuner command lines")
 
     g = p.add_argument_group("distributed")
-    g.add_argument("--ddp_timeout", type=int, default=None)
-    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true")
-    g.add_argument("--ddp_static_graph", action="store_true")
+    g.add_argument("--ddp_timeout", type=count(1), default=None, help="minutes the processes wait for each other")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="accepted (the network is not DDP-wrapped)")
+    g.add_argument("--ddp_static_graph", action="store_true", help="accepted (the network is not DDP-wrapped)")
 
     for name in IGNORED_FLAGS:
         p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
@@ -242,12 +268,15 @@ def _config_value(file: Path, key: str, value, action: argparse.Action):
 
 
 def _config_item(at: str, key: str, value, action: argparse.Action):
-    kind = {int: "an integer", float: "a number", _int_or_float: "a number"}.get(action.type, f"a valid value for --{key}")
+    kind = {"int": "an integer", "count": "an integer", "float": "a number", "number": "a number",
+            "_int_or_float": "a number"}.get(getattr(action.type, "__name__", ""), f"a valid value for --{key}")
     if isinstance(value, (bool, dict, list)) or (action.type is None and not isinstance(value, (str, int, float))):
         raise UserError(f"{at} is not {kind if action.type else 'a string'}")
     try:
         converted = str(value) if action.type is None else action.type(value if isinstance(value, str) else str(value))
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
+    except argparse.ArgumentTypeError as e:  # the flag's domain: "0: must be at least 1"
+        raise UserError(f"{at}: {str(e).split(': ', 1)[-1]}") from None
+    except (TypeError, ValueError):
         raise UserError(f"{at} is not {kind}") from None
     if action.choices is not None and converted not in action.choices:
         raise UserError(f"{at} is not one of {', '.join(map(str, action.choices))}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.dtypes import str_to_dtype
+from musubi_tuner.errors import UserError
 from musubi_tuner.training.metadata import finish_metadata, lora_module_info, modelspec, training_metadata
 from musubi_tuner.training.state import TrainProgress, save_state
 
@@ -21,14 +22,16 @@ logger = logging.getLogger(__name__)
 
 class CheckpointSaver:
     def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, steps_per_epoch: int,
-                 num_epochs: int, scheduler, optimizer):
+                 num_epochs: int, scheduler, optimizer, run: dict | None = None):
         self.args, self.accelerator, self.network = args, accelerator, network
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.run = run  # recorded in every state, checked on resume (state.check_resumable)
         self.out = Path(args.output_dir)
         self.name = args.output_name
         self.num_epochs = num_epochs
         self.save_dtype = str_to_dtype(args.save_precision, torch.float32, "--save_precision")
-        self.last_saved: Path | None = None
+        self.last_saved: Path | None = None  # the newest LoRA this run saved (always finite: see save)
+        self.last_state: Path | None = None  # its state folder, if one was saved with it
         # (step, path) -> extra metadata for that file, called on every process before each save (validation's hook)
         self.before_save = None
         from musubi_tuner.training.loss_curve import LossHistory
@@ -73,6 +76,12 @@ class CheckpointSaver:
     def save(self, stem: str, progress: TrainProgress, *, epoch: int, with_state: bool) -> Path:
         acc = self.accelerator
         path = self.out / f"{stem}.safetensors"
+        from musubi_tuner.training.loop import first_non_finite
+
+        bad = first_non_finite(self.network)
+        if bad is not None:  # never a NaN LoRA on disk, and never one named as the last good checkpoint
+            raise UserError(f"{path}: not saved: {bad} holds NaN/inf values at step {progress.global_step}. Last good "
+                            f"checkpoint: {self.last_saved or 'none yet'}. Lower --learning_rate or use bf16 instead of fp16.")
         schedule_free = hasattr(self.optimizer, "eval") and type(self.optimizer).__name__.endswith("ScheduleFree")
         if schedule_free:
             self.optimizer.eval()  # schedule-free: save the averaged weights
@@ -94,10 +103,11 @@ class CheckpointSaver:
             state_dir = self.out / f"{stem}-state"
             save_state(state_dir, network_state={k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
                        optimizer=self.optimizer, scheduler=self.scheduler, scaler=acc.scaler, progress=progress,
-                       process_index=acc.process_index, is_main=acc.is_main_process, wait=acc.wait_for_everyone)
+                       process_index=acc.process_index, is_main=acc.is_main_process, wait=acc.wait_for_everyone, run=self.run)
         if schedule_free:
             self.optimizer.train()
         self.last_saved = path
+        self.last_state = self.out / f"{stem}-state" if with_state else None
         return path
 
     def _remove_leftovers(self) -> None:

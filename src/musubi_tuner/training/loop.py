@@ -36,7 +36,7 @@ from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import create_optimizer, create_scheduler, is_schedule_free, parse_key_values, total_training_steps
-from musubi_tuner.training.state import TrainProgress, load_state, newest_state, read_progress
+from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_progress, run_identity
 from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,30 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLoss(UserError):
     pass
+
+
+def first_non_finite(network) -> str | None:
+    """The name of the first trainable parameter holding NaN/inf, or None."""
+    for name, p in network.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            return name
+    return None
+
+
+def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, resumed_from: Path | None) -> NonFiniteLoss:
+    """The error that stops a diverged run, naming the newest checkpoint saved before the bad update.
+
+    Weights are checked after every update and before every save, so every checkpoint is finite and was saved
+    before the update that went wrong; the state the run resumed from counts when nothing was saved since."""
+    if saver.last_saved is not None:
+        good = f"{saver.last_saved}" + (f" (state {saver.last_state})" if saver.last_state else "")
+    elif resumed_from is not None:
+        good = f"the state this run resumed from, {resumed_from}"
+    else:
+        good = "none yet"
+    return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}); stopped without saving. "
+                         f"Last good checkpoint: {good}. Lower --learning_rate, check the caches of those items, "
+                         f"or use bf16 instead of fp16.")
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -59,8 +83,6 @@ def check_args(args) -> None:
     if not Path(args.dit).is_file():
         raise UserError(f"{args.dit}: DiT checkpoint not found (--dit)")
     attention_mode(args)
-    if args.blocks_to_swap is not None and args.blocks_to_swap > 36:
-        raise UserError(f"--blocks_to_swap {args.blocks_to_swap}: training swaps at most 36 blocks")
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
@@ -72,11 +94,6 @@ def check_args(args) -> None:
         check_can_compile(compile_options, "cuda" if torch.cuda.is_available() else "cpu")
     if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
         logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
-    for flag in ("validate_every_n_steps", "validate_every_n_epochs", "validation_timesteps", "sample_every_n_steps", "sample_every_n_epochs"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    if args.num_timestep_buckets is not None and args.num_timestep_buckets < 2:
-        raise UserError("--num_timestep_buckets must be at least 2")
     if args.network_weights and not Path(args.network_weights).is_file():
         raise UserError(f"{args.network_weights}: LoRA file not found (--network_weights)")
     if args.dim_from_weights and not args.network_weights:
@@ -257,8 +274,28 @@ def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
     return broadcast_object_list([random.randint(0, 2**32 - 1)])[0]  # every process must shuffle and initialise alike
 
 
+TRAIN_LOCK = ".musubi-train.lock"
+
+
+def output_lock(args):
+    """One training run per --output_dir: its state, step files and LoRAs would mix with another's. Held by the
+    process of global rank 0 (the one that writes); the others follow it."""
+    import contextlib
+
+    from musubi_tuner.files import RunLock
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return contextlib.nullcontext()
+    return RunLock(Path(args.output_dir) / TRAIN_LOCK, "training run", "--output_dir")
+
+
 def train(args) -> Path:
     check_args(args)
+    with output_lock(args):
+        return _train(args)
+
+
+def _train(args) -> Path:
     accelerator = make_accelerator(args)
     if accelerator.device.type == "cpu":
         # AdamW's second moments of the zero-initialised lora_up weights decay into float denormals, which
@@ -267,7 +304,9 @@ def train(args) -> Path:
     is_main = accelerator.is_main_process
     if not is_main:  # one copy of the progress messages, from the main process
         logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
-    resume_from = newest_state(Path(args.output_dir)) if args.resume == "auto" else (Path(args.resume) if args.resume else None)
+    # --resume auto: the newest complete state first, older ones if it turns out damaged
+    candidates = complete_states(Path(args.output_dir)) if args.resume == "auto" else [Path(args.resume)] if args.resume else []
+    resume_from = candidates[0] if candidates else None
     args.seed = seed = run_seed(args, accelerator, resume_from)  # the metadata records the seed actually used
     set_seed(seed)
 
@@ -276,13 +315,18 @@ def train(args) -> Path:
 
     dataset_config = load_dataset_config(args.dataset_config, check_sources=False)
     data = TrainingDataset.from_config(dataset_config, seed, args.num_timestep_buckets)
+    from musubi_tuner.data.training_dataset import check_caches_fit
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    dit_config = read_dit_config(open_dit_file(args.dit))  # the header only: a wrong cache fails before the model loads
+    check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
+                                     "clipL": dit_config.text_states_dim_2}, args.dit)
     held_out = held_out_batches(args, dataset_config)
     samples = None
     if args.sample_prompts:  # the text encoders run and are freed before the DiT is loaded
-        from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
         from musubi_tuner.training.sampling import TrainingSampler
 
-        samples = TrainingSampler(args, accelerator, in_channels=read_dit_config(open_dit_file(args.dit)).in_channels, seed=seed)
+        samples = TrainingSampler(args, accelerator, in_channels=dit_config.in_channels, seed=seed)
     loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
                                       persistent_workers=args.persistent_data_loader_workers,
                                       rank=accelerator.process_index, world=accelerator.num_processes)
@@ -306,20 +350,20 @@ def train(args) -> Path:
         logger.info("data parallel over %d processes (%s backend): each takes one batch in %d, %d batches per epoch each",
                     accelerator.num_processes, accelerator.state.backend, accelerator.num_processes, batches_per_epoch)
 
-    progress = TrainProgress(seed=seed)
-    if args.resume == "auto" and resume_from is None:
-        logger.info("--resume auto: no saved state in %s, starting fresh", args.output_dir)
-    if resume_from is not None:
-        progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
-                              scaler=accelerator.scaler, process_index=accelerator.process_index)
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, progress.global_step, progress.epoch + 1, progress.batch_in_epoch)
+    run = run_identity(optimizer_name=optimizer_name, scheduler=args.lr_scheduler_type or args.lr_scheduler,
+                       network={"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
+                                "args": sorted(args.network_args or []), "dropout": args.network_dropout},
+                       processes=accelerator.num_processes, batches_per_epoch=batches_per_epoch,
+                       accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint())
+    progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
+                                   accelerator=accelerator, seed=seed)
 
     ts_cfg = TimestepConfig(args.timestep_sampling, args.discrete_flow_shift, args.sigmoid_scale, args.weighting_scheme,
                             args.logit_mean, args.logit_std, args.mode_scale, args.min_timestep, args.max_timestep,
                             args.preserve_distribution_shape, args.sigma_uses_shift)
     guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
-                            steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, scheduler=scheduler, optimizer=optimizer)
+                            steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, scheduler=scheduler, optimizer=optimizer, run=run)
     if args.logging_dir or args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
 
@@ -353,19 +397,22 @@ def train(args) -> Path:
                 # the mean over all processes: what is logged, and every process stops together on a bad one
                 global_loss = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss.detach()
                 if not torch.isfinite(global_loss):
-                    raise NonFiniteLoss(
-                        f"loss is {global_loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, items {', '.join(batch['item_names'])}); "
-                        f"stopped without saving. Last good checkpoint: {saver.last_saved or 'none yet'}. "
-                        "Lower --learning_rate, check the caches of those items, or use bf16 instead of fp16."
-                    )
+                    raise divergence(f"loss is {global_loss.item()}", progress.global_step + 1, epoch + 1, batch["item_names"],
+                                     saver, resume_from)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     _average_gradients(network, accelerator)
-                    if args.max_grad_norm:
-                        accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm or float("inf"))
+                    # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
+                    if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                        raise divergence(f"the gradient norm is {float(norm)}", progress.global_step + 1, epoch + 1,
+                                         batch["item_names"], saver, resume_from)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients and (bad := first_non_finite(network)) is not None:
+                    raise divergence(f"the update made {bad} NaN/inf", progress.global_step + 1, epoch + 1, batch["item_names"],
+                                     saver, resume_from)
             progress.batch_in_epoch = i + 1
             if not accelerator.sync_gradients:
                 continue
@@ -406,6 +453,33 @@ def train(args) -> Path:
         validation.report_best()
     accelerator.end_training()
     return final
+
+
+def resume(candidates: list[Path], args, run: dict, *, network, optimizer, scheduler, accelerator, seed: int):
+    """(progress, the state resumed from or None): the first of `candidates` that loads whole and fits this run.
+
+    With --resume auto a damaged state is skipped with a warning for the next older one; a state of another run
+    (optimizer, network, processes differ) is an error either way, since every older state would differ too.
+    """
+    from musubi_tuner.training.state import DamagedState
+
+    if args.resume == "auto" and not candidates:
+        logger.info("--resume auto: no saved state in %s, starting fresh", args.output_dir)
+    for folder in candidates:
+        try:
+            progress = load_state(folder, network=network, optimizer=optimizer, scheduler=scheduler, scaler=accelerator.scaler,
+                                  process_index=accelerator.process_index, run=run)
+        except DamagedState as e:
+            if args.resume != "auto":
+                raise
+            logger.warning("--resume auto: %s; trying the next older state", e)
+            continue
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, progress.global_step, progress.epoch + 1,
+                    progress.batch_in_epoch)
+        return progress, folder
+    if candidates:
+        logger.warning("--resume auto: no state in %s could be read whole; starting fresh", args.output_dir)
+    return TrainProgress(seed=seed), None
 
 
 def held_out_batches(args, dataset_config) -> list:

@@ -117,10 +117,20 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int):
         return cls(optimizer, **extra)
 
     name = args.lr_scheduler
+    if not name.startswith("adafactor") and getattr(optimizer, "defaults", {}).get("relative_step"):
+        # Adafactor with relative_step computes its own step size: the only schedule that fits it reports it (as
+        # musubi-tuner switches to); any other would multiply a learning rate the optimizer does not have
+        logger.info("--optimizer_type adafactor sets its own step size (relative_step): using the adafactor schedule "
+                    "instead of --lr_scheduler %s, as musubi-tuner does", name)
+        name = f"adafactor:{args.learning_rate}"
     warmup = warmup_steps(args.lr_warmup_steps, total_steps)
     decay = warmup_steps(args.lr_decay_steps, total_steps)
     if name.startswith("adafactor"):
         from transformers.optimization import AdafactorSchedule
+
+        if warmup:
+            raise UserError("--lr_warmup_steps: the adafactor schedule takes no warmup (Adafactor with relative_step warms up "
+                            "by itself); remove it or pass --optimizer_args relative_step=False")
 
         return AdafactorSchedule(optimizer, initial_lr=float(name.split(":")[1]) if ":" in name else 0.0)
     if name in ("constant",) and warmup:

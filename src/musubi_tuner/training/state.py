@@ -8,9 +8,12 @@ renamed into place only when complete, so `--resume auto` always finds whole sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +22,9 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import load_torch_file, save_safetensors
+from musubi_tuner.files import atomic_write, load_torch_file, save_safetensors, save_torch
+
+logger = logging.getLogger(__name__)
 
 STATE_MARKER = "train_state.json"
 
@@ -75,8 +80,11 @@ def _rng_from_plain(plain: dict) -> dict:
 
 
 def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimizer, scheduler, scaler, progress: TrainProgress,
-               process_index: int, is_main: bool, wait) -> None:
-    """Write a complete state folder atomically (all processes call this; `wait` is a barrier)."""
+               process_index: int, is_main: bool, wait, run: dict | None = None) -> None:
+    """Write a complete state folder atomically (all processes call this; `wait` is a barrier).
+
+    `run` (see run_identity) is recorded beside the progress, so that a resume can check it continues the same run.
+    """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".incomplete")
     old = folder.with_name(folder.name + ".old")
@@ -85,16 +93,16 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         wait()
-        torch.save(_rng_to_plain(rng_state()), tmp / f"rng_{process_index}.pt")
+        save_torch(_rng_to_plain(rng_state()), tmp / f"rng_{process_index}.pt")
         if is_main:
             save_safetensors(network_state, tmp / "network.safetensors")
-            torch.save({
+            save_torch({
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
             }, tmp / "optimizer.pt")
-            with open(tmp / STATE_MARKER, "w") as f:
-                json.dump(asdict(progress), f, indent=1)
+            with atomic_write(tmp / STATE_MARKER) as marker:
+                marker.write_text(json.dumps({**asdict(progress), "run": run or {}}, indent=1))
         wait()
         if is_main:
             _fsync_files(tmp)  # a power cut after the rename must not leave empty files in a "complete" state
@@ -103,13 +111,13 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
                 os.replace(folder, old)
             os.replace(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)
-    except (OSError, UserError) as e:  # full disk, read-only folder: the previous state (if any) is still whole
+    except (OSError, UserError) as e:  # full disk, file-size limit, read-only folder: the previous state (if any) is whole
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, UserError):  # save_safetensors already named the file
-            raise
-        raise UserError(f"{folder}: cannot write the training state ({e.strerror or e}); check free space and permissions "
-                        f"of {folder.parent}") from e
+        named = re.search(r"cannot write \(([^)]*)\)", str(e))  # atomic_write's message names the file and the cause
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else named[1] if named else str(e)
+        raise UserError(f"{folder}: cannot write the training state ({cause}); check free space and permissions of "
+                        f"{folder.parent} (the previous state is kept)") from None
     wait()
 
 
@@ -119,42 +127,128 @@ def _fsync_files(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
-def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_index: int) -> TrainProgress:
+# ----------------------------------------------------------------------------------------------- resuming
+
+
+class DamagedState(UserError):
+    """A state folder that cannot be read whole (cut files, missing parts): `--resume auto` tries an older one."""
+
+
+def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
+                 accumulation: int, dataset: str) -> dict:
+    """What a resumed run must share with the saved one for the resume to continue it, not start something else."""
+    return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
+            "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset}
+
+
+def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainProgress) -> TrainProgress:
+    """Compare a state's run identity with this run's: a mismatch that would silently train something else is a
+    UserError saying what differs and what to do; a changed dataset restarts at the next epoch, with a warning.
+
+    States saved before identities were recorded (an empty `saved`) resume unchecked.
+    """
+    def differs(key: str) -> bool:
+        return key in saved and saved[key] != current[key]
+
+    if differs("processes"):
+        raise UserError(f"{folder}: saved by {saved['processes']} training processes, this run has {current['processes']}; "
+                        f"resume with the same number (accelerate launch --num_processes {saved['processes']}), or start a new "
+                        f"run from its LoRA with --network_weights")
+    if differs("optimizer"):
+        raise UserError(f"{folder}: saved with the optimizer {saved['optimizer']}, this run uses {current['optimizer']}; "
+                        f"resume with the same --optimizer_type/--optimizer_args, or start a new run from its LoRA with "
+                        f"--network_weights")
+    if differs("scheduler"):
+        raise UserError(f"{folder}: saved with the learning-rate schedule {saved['scheduler']}, this run uses "
+                        f"{current['scheduler']}; resume with the same --lr_scheduler and step counts, or start a new run "
+                        f"from its LoRA with --network_weights")
+    if differs("network"):
+        then, now = saved["network"], current["network"]
+        changed = ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+        raise UserError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
+                        f"--network_dim, --network_alpha and --network_args")
+    if differs("gradient_accumulation_steps") or differs("batches_per_epoch") or differs("dataset"):
+        if progress.batch_in_epoch:
+            logger.warning("%s: the dataset or batching changed since this state was saved (%s batches per epoch then, %s now); "
+                           "the position inside epoch %d cannot be found again, so training continues at the start of "
+                           "epoch %d", folder, saved.get("batches_per_epoch"), current["batches_per_epoch"],
+                           progress.epoch + 1, progress.epoch + 2)
+            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        else:
+            logger.warning("%s: the dataset or batching changed since this state was saved; continuing with the new one", folder)
+    return progress
+
+
+def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
+    """(progress, run identity) of a state folder; DamagedState naming the file if it is missing or cut."""
+    marker = Path(folder) / STATE_MARKER
+    if not marker.is_file():
+        raise DamagedState(f"{folder}: not a complete training state (no {STATE_MARKER}); pick another folder or --resume auto")
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        fields = {f.name for f in dataclasses.fields(TrainProgress)}
+        progress = TrainProgress(**{k: int(v) for k, v in data.items() if k in fields})
+        run = data.get("run") or {}
+        if not isinstance(run, dict):
+            raise ValueError("run is not a table")
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise DamagedState(f"{marker}: damaged ({str(e)[:120]}); pick another state folder or --resume auto") from None
+    return progress, run
+
+
+def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_index: int,
+               run: dict | None = None) -> TrainProgress:
+    """Load a state folder into the run's objects; checks first that it belongs to this run (see check_resumable)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: training state folder not found (--resume); give a *-state folder or --resume auto")
-    if not (folder / STATE_MARKER).is_file():
-        raise UserError(f"{folder}: not a complete training state (no {STATE_MARKER}); pick another folder or --resume auto")
+    progress, saved_run = read_marker(folder)
+    if run is not None:
+        progress = check_resumable(folder, saved_run, run, progress)
     from musubi_tuner.files import StateDictFile
 
-    weights = StateDictFile(folder / "network.safetensors", what="saved LoRA state").load_all()
+    try:
+        weights = StateDictFile(folder / "network.safetensors", what="saved LoRA state").load_all()
+        saved = load_torch_file(folder / "optimizer.pt", "optimizer state")
+    except UserError as e:
+        raise DamagedState(str(e)) from None
     missing, unexpected = network.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if not k.endswith("alpha")]:
         raise UserError(f"{folder}: the saved LoRA does not fit this network (missing {len(missing)}, unexpected {len(unexpected)} keys); "
                         "resume with the same --network_dim / --network_args")
-    saved = load_torch_file(folder / "optimizer.pt", "optimizer state")
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if scaler is not None and saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{folder}/optimizer.pt: does not fit this run's optimizer or schedule ({str(e)[:160]}); resume with "
+                        f"the same --optimizer_type and --lr_scheduler, or start a new run with --network_weights") from None
     rng_file = folder / f"rng_{process_index}.pt"
     if rng_file.is_file():
-        set_rng_state(_rng_from_plain(load_torch_file(rng_file, "RNG state")))
-    with open(folder / STATE_MARKER) as f:
-        return TrainProgress(**json.load(f))
+        try:
+            set_rng_state(_rng_from_plain(load_torch_file(rng_file, "RNG state")))
+        except (UserError, KeyError, TypeError, ValueError) as e:
+            logger.warning("%s: RNG state unreadable (%s); dropout and other draws differ from an uninterrupted run",
+                           rng_file, str(e)[:120])
+    return progress
 
 
 def read_progress(folder: Path) -> TrainProgress | None:
     """The progress saved in a state folder, or None if it has no readable one."""
     try:
-        return TrainProgress(**json.loads((Path(folder) / STATE_MARKER).read_text()))
-    except (OSError, ValueError, TypeError):
+        return read_marker(folder)[0]
+    except UserError:
         return None
 
 
-def newest_state(output_dir: Path) -> Path | None:
-    """The most advanced complete state folder in output_dir (by saved global step)."""
-    best, best_step = None, -1
+def complete_states(output_dir: Path) -> list[Path]:
+    """The complete state folders in output_dir, the most advanced (by saved global step) first.
+
+    Damaged markers are left out with a warning; so are folders still being written (.incomplete) and replaced
+    copies (.old) whose replacement exists.
+    """
+    found: list[tuple[int, Path]] = []
     for marker in Path(output_dir).glob(f"*/{STATE_MARKER}"):
         folder = marker.parent
         if folder.name.endswith(".incomplete"):  # being written when the run stopped
@@ -162,9 +256,13 @@ def newest_state(output_dir: Path) -> Path | None:
         if folder.name.endswith(".old") and folder.with_suffix("").exists():  # replaced; only a kill between the renames keeps it alone
             continue
         try:
-            step = json.loads(marker.read_text())["global_step"]
-        except (ValueError, KeyError, OSError):
-            continue
-        if step > best_step:
-            best, best_step = folder, step
-    return best
+            found.append((read_marker(folder)[0].global_step, folder))
+        except UserError as e:
+            logger.warning("skipping %s", e)
+    return [folder for _, folder in sorted(found, key=lambda sf: (-sf[0], sf[1].name))]
+
+
+def newest_state(output_dir: Path) -> Path | None:
+    """The most advanced complete state folder in output_dir (by saved global step)."""
+    states = complete_states(output_dir)
+    return states[0] if states else None

@@ -1,0 +1,153 @@
+"""What every command's flags share: one-line errors, the domain of each number, and the device.
+
+Each flag states its domain where it is defined, `type=count()` or `type=seed(bits=32)`, so a value
+outside it is refused before any work, in one line that names the flag, the value and what is allowed:
+
+    error: --network_dim 0: must be at least 1
+    error: --seed 18446744073709551616: must be between 0 and 2^64-1 (the RNGs take 64-bit seeds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+from musubi_tuner.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UserError: one `error:` line (no usage block), exit status 2.
+
+    Help texts show each flag's default where it has one (the `%(default)s` of every argument with help).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        # argparse: "argument --x: invalid count value: '0'" or "argument --x: 0: must be ...": name the flag first
+        match = re.fullmatch(r"argument (\S+?)(?:/\S+)?: (.*)", message, flags=re.S)
+        if match:
+            flag, detail = match.groups()
+            own = re.match(r"(invalid|expected|ignored|not allowed|one of) ", detail)  # argparse's words, not a domain's
+            message = f"{flag}: {detail}" if own else f"{flag} {detail}"
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help when it has a default worth showing and does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        default = action.default
+        if (help_ and "%(default)" not in help_ and "default" not in help_ and default not in (None, False, "", [], argparse.SUPPRESS)
+                and action.option_strings and action.nargs != 0):
+            help_ += " (default: %(default)s)"
+        return help_
+
+
+# ----------------------------------------------------------------------------------------------- domains
+
+
+def _number(value: str, kind: type) -> int | float:
+    try:
+        number = kind(value) if kind is float else int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value}: not {'a number' if kind is float else 'a whole number'}") from None
+    if kind is float and not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value}: not a finite number")
+    return number
+
+
+def count(minimum: int = 1, maximum: int | None = None, what: str = ""):
+    """An integer in [minimum, maximum]: steps, epochs, ranks, batch sizes, workers (minimum 0)."""
+
+    def parse(value: str) -> int:
+        number = _number(value, int)
+        if number < minimum or (maximum is not None and number > maximum):
+            allowed = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{value}: must be {allowed}{what}")
+        return number
+
+    parse.__name__ = "count"
+    return parse
+
+
+def real(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None, what: str = ""):
+    """A finite float with optional bounds: `minimum` <= x <= `maximum`, or x > `above`."""
+
+    def parse(value: str) -> float:
+        number = _number(value, float)
+        if above is not None and not number > above:
+            raise argparse.ArgumentTypeError(f"{value}: must be greater than {above:g}{what}")
+        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+            if minimum is not None and maximum is not None:
+                allowed = f"between {minimum:g} and {maximum:g}"
+            else:
+                allowed = f"at least {minimum:g}" if minimum is not None else f"at most {maximum:g}"
+            raise argparse.ArgumentTypeError(f"{value}: must be {allowed}{what}")
+        return number
+
+    parse.__name__ = "number"
+    return parse
+
+
+def seed(bits: int = 64):
+    """A seed the RNGs take: torch's generators take 64 bits, numpy's global RNG (seeded by training) 32."""
+    return count(0, 2**bits - 1, what=f", 2^{bits}-1")
+
+
+def frames_4n1(value: str) -> int:
+    """A frame count of the form 4N+1 (the VAE compresses 4 frames into one after the first)."""
+    number = _number(value, int)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1 (4N+1: 1, 5, 9, ...)")
+    if (number - 1) % 4:
+        low = (number - 1) // 4 * 4 + 1
+        raise argparse.ArgumentTypeError(f"{value} is not 4N+1 (try {low} or {low + 4})")
+    return number
+
+
+frames_4n1.__name__ = "frame count"
+
+
+def pixels(value: str) -> int:
+    """A height or width in pixels: a positive multiple of 16 (8x VAE, 2x2 patches) is checked by the caller."""
+    number = _number(value, int)
+    if number < 16:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 16 pixels")
+    return number
+
+
+pixels.__name__ = "size"
+
+
+# ----------------------------------------------------------------------------------------------- device
+
+
+def resolve_device(value: str | None, flag: str = "--device"):
+    """The torch.device a command runs on: `value`, or cuda when there is one, else cpu.
+
+    A device this machine does not have is a UserError, before any model is loaded.
+    """
+    import torch
+
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} {value}: not a device (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UserError(f"{flag} {value}: {why} (torch {torch.__version__}); use {flag} cpu or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"{flag} {value}: no Apple GPU (MPS) here; use {flag} cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{flag} {value}: unsupported device type (use cpu, cuda, cuda:N or mps)")
+    return device

@@ -1,0 +1,225 @@
+"""cache_latents.py and cache_text_encoder_outputs.py off the happy path: the dataset TOML, the models, the media,
+the captions, and the caches already on disk (see cases.py for what every case asserts)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from reliability_cases import (
+    NOISE,
+    READ_ONLY,
+    TOO_LARGE,
+    Case,
+    cache_latents_argv,
+    cache_text_argv,
+    caches,
+    check,
+    copy_dataset,
+    evil_pt,
+    no_file,
+    summary_names,
+    truncated,
+    video_table,
+    write,
+    write_toml,
+)
+
+
+def corrupt_videos(a, tmp):
+    toml, folder = copy_dataset(a, tmp)
+    write(folder / "videos" / "corrupt.mp4", NOISE)
+    write(folder / "videos" / "corrupt.txt", "noise")
+    write(folder / "videos" / "zero.mp4", b"")
+    write(folder / "videos" / "zero.txt", "nothing")
+    return toml
+
+
+def odd_images(a, tmp):
+    folder = tmp / "images"
+    folder.mkdir()
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0  # fully transparent red: alpha is dropped, not composited
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(folder / "deep.png")  # I;16
+    for stem in ("alpha", "deep"):
+        write(folder / f"{stem}.txt", f"a {stem} image")
+    return write_toml(tmp, f'[[datasets]]\nimage_directory = "{folder}"\ncache_directory = "{tmp / "cache"}"\n')
+
+
+def images_cached(a, tmp, err, out):
+    names = sorted(p.name for p in (tmp / "cache").glob("*_hv.safetensors"))
+    assert names == ["alpha_0032x0032_hv.safetensors", "deep_0032x0032_hv.safetensors"]
+    assert "2 latent caches cached" in out
+
+
+def tiny_image(a, tmp):
+    toml, folder = copy_dataset(a, tmp)
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(folder / "images" / "dot.png")
+    write(folder / "images" / "dot.txt", "a dot")
+    text = toml.read_text().replace("enable_bucket = false", "enable_bucket = true\nbucket_no_upscale = true")
+    toml.write_text(text)
+    return toml
+
+
+def links(a, tmp):
+    toml, folder = copy_dataset(a, tmp)
+    images = folder / "images"
+    os.symlink(images / "gone.png", images / "broken.png")
+    os.symlink(images / "loop_b.png", images / "loop_a.png")
+    os.symlink(images / "loop_a.png", images / "loop_b.png")
+    for stem in ("broken", "loop_a", "loop_b"):
+        write(images / f"{stem}.txt", stem)
+    return toml
+
+
+def captions(a, tmp, kind: str):
+    toml, folder = copy_dataset(a, tmp)
+    target = folder / "videos" / "clip_0001.txt"
+    if kind == "missing":
+        target.unlink()
+    elif kind == "empty":
+        target.write_text("")
+    else:
+        target.write_bytes("un caf\xe9 noir".encode("latin-1"))
+    return toml
+
+
+def misspelt_caption_extension(a, tmp):
+    toml, _ = copy_dataset(a, tmp)
+    toml.write_text(toml.read_text().replace('caption_extension = ".txt"', 'caption_extension = ".tx"'))
+    return toml
+
+
+def emptied_folder(a, tmp):
+    """The images folder as an unmounted drive shows it: there, but empty (its caches live in cache/images)."""
+    toml, folder = copy_dataset(a, tmp)
+    for p in (folder / "images").iterdir():
+        p.unlink()
+    return toml
+
+
+def image_caches_kept(a, tmp, err, out):
+    assert len(list((tmp / "ds").rglob("image_*_hv*.safetensors"))) >= 2, "the image caches were deleted"
+
+
+def truncated_shard(a, tmp):
+    import shutil
+
+    folder = tmp / "te1"
+    shutil.copytree(a.te1, folder)
+    truncated(folder / "model-00001-of-00002.safetensors", folder / "model-00001-of-00002.safetensors", 0.3)
+    return folder
+
+
+def no_llm_pass(a, tmp, err, out):
+    assert "llm text" not in err, "the LLM pass ran before the CLIP file was checked"
+
+
+def first_cache(a, tmp):
+    return sorted((tmp / "ds").rglob("*_hv.safetensors"))[0]
+
+
+def all_caches(a, tmp):
+    return caches(tmp / "ds")
+
+
+def image_caches(a, tmp):
+    return caches(tmp / "ds" / "cache" / "images")
+
+
+CASES = [
+    # --- dataset TOML: every value checked against its domain, keys named with the closest valid one
+    Case("toml-misspelt-key", "cache_latents", lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t, 'frame_extration = "head"')), a),
+         r"dataset\.toml: \[\[datasets\]\]\[0\]\.frame_extration is not a video dataset key \(did you mean frame_extraction\?\)",
+         covered_by="tests/data/test_config.py::test_a_misspelt_key_names_file_table_and_the_closest_key"),
+    Case("toml-misspelt-source-key", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace("video_directory", "video_directroy")), a),
+         r"\[\[datasets\]\]\[0\]\.video_directroy is not a dataset key \(did you mean video_directory\?\)"),
+    Case("toml-unknown-general-key", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolutoin = [32, 32]\ncaption_extension = ".txt"\n'), a),
+         r"dataset\.toml: \[general\]\.resolutoin is not a dataset key \(did you mean resolution\?\)"),
+    Case("toml-wrong-type", "cache_latents", lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t, 'batch_size = "2"')), a),
+         r'dataset\.toml: \[\[datasets\]\]\[0\]\.batch_size = "2" is not an integer'),
+    Case("toml-num-repeats-zero", "cache_latents", lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t, "num_repeats = 0")), a),
+         r"dataset\.toml: \[\[datasets\]\]\[0\]\.num_repeats = 0 must be at least 1"),
+    Case("toml-resolution-under-two-bucket-steps", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolution = [16, 16]\nenable_bucket = true\n'
+                                                                                  'caption_extension = ".txt"\n'), a),
+         r"\[\[datasets\]\]\[0\]\.resolution = \[16, 16\] is too small for enable_bucket: the area must be at least 32x32"),
+    Case("toml-resolution-under-one-step", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolution = [8, 8]\ncaption_extension = ".txt"\n'), a),
+         r"\[general\]\.resolution = \[8, 8\] must be at least 16"),
+    Case("toml-missing-folder", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace(str(a.dataset.parent / "videos"), str(t / "nope"))), a),
+         r'dataset\.toml: \[\[datasets\]\]\[0\]\.video_directory = ".*nope": folder not found'),
+    Case("toml-size-not-multiple-of-16", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolution = [40, 40]\ncaption_extension = ".txt"\n'), a),
+         r"dataset\.toml: \[\[datasets\]\]\[0\]\.resolution = \[40, 40\] must be multiples of 16 when enable_bucket is false \(try \[32, 32\]\)"),
+    Case("toml-target-frames-not-4n1-rounded", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace("target_frames = [5]", "target_frames = [6]")), a),
+         None, then=summary_names(r"2 latent caches cached"), warning=r"target_frames: is not 4N\+1, rounded down \(6 -> 5"),
+    # --- flags
+    Case("cache-latents-batch-size-zero", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a, "--batch_size", "0"),
+         r"--batch_size 0: must be at least 1"),
+    Case("cache-latents-device-without-cuda", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a, "--device", "cuda"),
+         r"--device cuda: (this PyTorch is built without CUDA|no CUDA device is visible)"),
+    Case("cache-text-device-unknown", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(a.dataset, a, "--device", "gpu0"),
+         r"--device gpu0: not a device"),
+    # --- the VAE file
+    Case("vae-missing", "cache_latents", lambda a, t: ["--dataset_config", str(a.dataset), "--vae", str(t / "vae.pt")],
+         r"vae\.pt: VAE checkpoint not found \(--vae\)"),
+    Case("vae-truncated", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(truncated(a.vae, t / "vae.pt"))],
+         r"vae\.pt: not a readable PyTorch VAE checkpoint \(truncated or a different format"),
+    Case("vae-is-the-dit", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(a.dit)],
+         r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module' .*pass it with --dit"),
+    Case("vae-pickle-runs-code", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(evil_pt(t))],
+         r"evil\.pt: refused to load: the pickle holds objects other than tensors",
+         then=lambda a, t, err, out: no_file(t / "pwned_by_pickle")),
+    # --- media: unreadable items are named and skipped, never dropped in silence
+    Case("video-corrupt-and-empty-are-skipped", "cache_latents", lambda a, t: cache_latents_argv(corrupt_videos(a, t), a), None,
+         then=summary_names(r"failed: .*corrupt\.mp4: not a readable video", r"failed: .*zero\.mp4: empty file \(0 bytes\)",
+                            r"\[\[datasets\]\]\[1\]: 2 latent caches cached, 0 already cached, 0 skipped, 2 failed")),
+    Case("video-corrupt-strict", "cache_latents", lambda a, t: cache_latents_argv(corrupt_videos(a, t), a, "--strict"),
+         r"corrupt\.mp4: not a readable video"),
+    Case("image-alpha-and-16-bit-work", "cache_latents", lambda a, t: cache_latents_argv(odd_images(a, t), a), None, then=images_cached),
+    Case("image-1x1-under-no-upscale-is-named", "cache_latents", lambda a, t: cache_latents_argv(tiny_image(a, t), a), None,
+         then=summary_names(r"failed: .*dot\.png: 1x1 pixels is smaller than one bucket step \(16 px\)")),
+    Case("image-broken-and-looping-links-are-named", "cache_latents", lambda a, t: cache_latents_argv(links(a, t), a), None,
+         then=summary_names(r"failed: .*broken\.png: broken symbolic link", r"failed: .*loop_a\.png: symbolic link loop",
+                            r"failed: .*loop_b\.png: symbolic link loop")),
+    # --- caches already on disk: deleted only when known to be superseded
+    Case("cache-latents-misspelt-caption-extension-keeps-caches", "cache_latents",
+         lambda a, t: cache_latents_argv(misspelt_caption_extension(a, t), a), None, keep=image_caches,
+         then=summary_names(r"skipped: .*image_0000\.png: no caption file image_0000\.tx")),
+    Case("cache-text-misspelt-caption-extension-keeps-caches", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(misspelt_caption_extension(a, t), a), None, keep=all_caches),
+    Case("cache-latents-empty-folder-deletes-nothing", "cache_latents", lambda a, t: cache_latents_argv(emptied_folder(a, t), a), None,
+         then=image_caches_kept, warning=r"lists no images \(empty, or a drive not mounted\?\); no cache in .* is deleted"),
+    Case("cache-latents-full-disk", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
+         r"_hv\.safetensors: cannot write " + TOO_LARGE + r"; check free space and permissions of .*cache",
+         keep=all_caches, file_size_limit=lambda a, t: first_cache(a, t).stat().st_size // 2),
+    Case("cache-latents-read-only-folder", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
+         r"ds/cache(/images)?: cannot .*" + READ_ONLY, keep=all_caches, read_only="ds/cache/images"),
+    # --- captions and text encoders
+    Case("caption-missing-is-reported", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "missing"), a), None,
+         then=summary_names(r"failed: .*clip_0001\.txt: caption file not found \(for clip_0001\.mp4\)")),
+    Case("caption-empty-works", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "empty"), a), None,
+         then=summary_names(r"\[\[datasets\]\]\[1\]: 2 text caches cached"), warning=r"clip_0001\.txt: empty caption"),
+    Case("caption-not-utf8-strict", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "latin1"), a, "--strict"),
+         r"clip_0001\.txt: caption is not UTF-8 text \(byte 6\); save it as UTF-8", keep=all_caches),
+    Case("text-encoder2-is-the-dit", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te2=a.dit),
+         r"dit\.pt: not a CLIP text encoder .*this looks like a HunyuanVideo DiT \(pass it with --dit\)", keep=all_caches, then=no_llm_pass),
+    Case("text-encoder1-truncated-shard", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(a.dataset, a, te1=truncated_shard(a, t)),
+         r"model-00001-of-00002\.safetensors: file is truncated"),
+    Case("text-cache-full-disk", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a),
+         r"_hv_te\.safetensors: cannot write " + TOO_LARGE, keep=all_caches,
+         file_size_limit=lambda a, t: sorted((t / "ds").rglob("*_hv_te.safetensors"))[0].stat().st_size // 2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_caching(case, assets, tmp_path):
+    check(case, assets, tmp_path)

@@ -1,0 +1,149 @@
+"""Two runs at once, runs killed half-way, output cut short by a reader: real processes and real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from command_runner import no_traceback, run_command, start_command
+from reliability_cases import (
+    cache_latents_argv,
+    copy_dataset,
+    leftovers,
+    merge_argv,
+    train_argv,
+)
+
+from musubi_tuner import files
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+
+
+def wait_for(condition, started, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert started.process.exitcode is None, f"the run ended first: {started.stderr_so_far()[-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.0005)
+
+
+def holder(lock: Path) -> dict:
+    return json.loads(lock.read_text()) if lock.exists() and lock.read_text().strip() else {}
+
+
+def test_a_second_training_into_the_same_folder_is_refused_and_a_killed_runs_lock_is_taken_over(assets, tmp_path):
+    out = tmp_path / "out"
+    lock = out / ".musubi-train.lock"
+    first = start_command("hv_train_network", train_argv(assets, out, "--max_train_steps", "100000"), tmp_path)
+    wait_for(lambda: holder(lock).get("pid") == first.pid, first)
+
+    second = run_command("hv_train_network", train_argv(assets, out, "--output_name", "other"), tmp_path)
+    no_traceback(second)
+    assert second.code == 2, second.err[-2000:]
+    (line,) = second.error_lines
+    assert re.fullmatch(rf"error: {re.escape(str(out))}: another training run is using this \(pid {first.pid} on \S+, started "
+                        rf"[0-9-]+ [0-9:]+: \S*hv_train_network\.py --dit .*\); wait for it to finish or choose "
+                        rf"another --output_dir \(if that run is gone, delete {re.escape(str(lock))}\)", line), line
+    assert not list(out.glob("other*")), "the refused run wrote files"
+
+    first.process.kill()  # SIGKILL: no clean-up runs; the OS releases the file lock
+    first.process.join()
+    assert lock.exists()
+    third = run_command("hv_train_network", train_argv(assets, out), tmp_path)
+    assert third.code == 0, third.err[-2000:]
+    assert re.search(rf"taking over the lock of a training run that did not finish \(pid {first.pid} on ", third.err)
+    assert not lock.exists() and not leftovers(out)
+
+
+def test_a_second_latent_caching_of_the_same_cache_folder_is_refused_but_text_caching_may_run_beside_it(assets, tmp_path):
+    toml, folder = copy_dataset(assets, tmp_path)
+    lock = folder / "cache" / "videos" / ".musubi-cache-latents.lock"
+    first = start_command("cache_latents", cache_latents_argv(toml, assets), tmp_path)
+    wait_for(lambda: holder(lock).get("pid") == first.pid, first)
+    os.kill(first.pid, signal.SIGSTOP)  # hold it there, whatever the speed of this machine
+    try:
+        second = run_command("cache_latents", cache_latents_argv(toml, assets), tmp_path)
+        text = run_command("cache_text_encoder_outputs", ["--dataset_config", str(toml), "--text_encoder1", str(assets.te1),
+                                                          "--text_encoder2", str(assets.te2)], tmp_path)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.code == 2 and re.search(r"cache/(images|videos): another latent caching run is using this "
+                                          rf"\(pid {first.pid} on ", second.error_lines[0]), second.err[-2000:]
+    assert text.code == 0, text.err[-2000:]
+    assert first.wait().code == 0
+    assert not leftovers(folder)
+
+
+def test_a_killed_merge_leaves_nothing_the_next_merge_keeps(assets, tmp_path):
+    merged = tmp_path / "merged" / "merged.safetensors"
+    first = start_command("merge_lora", merge_argv(assets, tmp_path), tmp_path)
+    temp = lambda: [p for p in merged.parent.glob(".merged.safetensors.*.tmp")] if merged.parent.exists() else []  # noqa: E731
+    wait_for(lambda: bool(temp()), first)
+    first.process.kill()
+    first.process.join()
+    left = temp()
+    assert left and not merged.exists(), "the kill came too late to leave a temporary file"
+
+    again = run_command("merge_lora", merge_argv(assets, tmp_path), tmp_path)
+    assert again.code == 0, again.err[-2000:]
+    assert f"removed {left[0]} (left by an interrupted merge)" in again.err
+    assert not leftovers(tmp_path / "merged")
+    files.StateDictFile(merged).load_all()
+
+
+def test_generation_removes_temporary_files_of_dead_runs_only(assets, tmp_path):
+    from reliability_cases import generate_argv
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_temp = videos / f".x_latent.safetensors.{int(dead.stdout)}-abc123.tmp"
+    live_temp = videos / f".y_latent.safetensors.{os.getpid()}-def456.tmp"  # this test process: alive
+    dead_temp.write_bytes(b"partial")
+    live_temp.write_bytes(b"partial")
+    result = run_command("hv_generate_video", generate_argv(assets, tmp_path), tmp_path)
+    assert result.code == 0, result.err[-2000:]
+    assert not dead_temp.exists() and live_temp.exists()
+
+
+def test_output_cut_short_by_a_reader_ends_quietly(assets, tmp_path):
+    """`musubi-lora-info FILE | head -1`: the closed pipe ends the command without a BrokenPipeError traceback."""
+    command = f"{sys.executable} src/musubi_tuner/lora_info.py {assets.lora} --json | head -1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == "{"
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_quiet_our_line_is_the_last_on_screen(assets, tmp_path):
+    """docs/training.md: `accelerate launch -q` keeps the launcher's own traceback off the screen."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    argv = train_argv(assets, tmp_path / "out", "--network_dim", "0")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    result = subprocess.run([str(accelerate), "launch", "-q", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, capture_output=True,
+                            text=True, env=env)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --network_dim 0: must be at least 1"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_under_a_multi_process_launch_the_failure_summary_names_our_error(assets, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    argv = train_argv(assets, tmp_path / "out", "--dit", str(tmp_path / "missing.pt"))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    result = subprocess.run([str(accelerate), "launch", "-q", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "src/musubi_tuner/hv_train_network.py", *argv],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert re.search(r"traceback : error: \S+missing\.pt: DiT checkpoint not found", result.stderr), result.stderr[-3000:]
+    assert "Traceback (most recent call last)" not in result.stderr

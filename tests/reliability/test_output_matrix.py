@@ -1,0 +1,122 @@
+"""merge_lora.py, hv_generate_video.py, convert_lora.py, the planner and the LoRA tools off the happy path
+(see cases.py for what every case asserts)."""
+
+from __future__ import annotations
+
+import pytest
+from reliability_cases import (
+    NOISE,
+    READ_ONLY,
+    TOO_LARGE,
+    Case,
+    check,
+    generate_argv,
+    merge_argv,
+    nothing_generated,
+    outputs_of,
+    plan_argv,
+    run_command,
+    write,
+)
+
+
+def merged_before(a, tmp, *extra):
+    """An earlier merge in tmp/merged (what a failed rerun must not damage), then the rerun's command line."""
+    result = run_command("merge_lora", merge_argv(a, tmp), tmp)
+    assert result.code == 0, result.err[-3000:]
+    return merge_argv(a, tmp, extra=["--lora_multiplier", "0.5", *extra])
+
+
+def nan_dit(a, tmp):
+    """The tiny DiT with one NaN weight, as a damaged download would be."""
+    from musubi_tuner.demo.tiny_dit import TINY_DIT, random_dit_state_dict, write_dit
+
+    state = random_dit_state_dict(TINY_DIT)
+    key = sorted(k for k in state if k.startswith("final_layer"))[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("inf")
+    return write_dit(tmp / "nan_dit.safetensors", state, TINY_DIT)
+
+
+def video_written(a, tmp, err, out):
+    assert list((tmp / "videos").glob("*.mp4")), "no video was written"
+
+
+CASES = [
+    # --- merging
+    Case("merge-multiplier-count", "merge_lora", lambda a, t: merge_argv(a, t, extra=["--lora_multiplier", "1", "0.5"]),
+         r"1 LoRA files but 2 values of --lora_multiplier: give one per file, or one for all"),
+    Case("merge-multiplier-not-a-number", "merge_lora", lambda a, t: merge_argv(a, t, extra=["--lora_multiplier", "inf"]),
+         r"--lora_multiplier inf: not a finite number"),
+    Case("merge-lora-of-another-model-size", "merge_lora", lambda a, t: merge_argv(a, t, a.lora_big),
+         r"lora_big\.safetensors: \S+ has shape \[.*\] in the LoRA but \[.*\] in .*dit\.pt"),
+    Case("merge-lora-is-the-dit", "merge_lora", lambda a, t: merge_argv(a, t, a.dit),
+         r"dit\.pt: not a LoRA file: its tensors sit under 'module' .*pass it with --dit"),
+    Case("merge-lora-with-nan-writes-nothing", "merge_lora", lambda a, t: merged_before(a, t) and merge_argv(a, t, a.lora_nan),
+         r"lora_nan\.safetensors.*(NaN|non-finite)", keep=outputs_of("merged")),
+    Case("merge-dit-with-inf-writes-nothing", "merge_lora", lambda a, t: ["--dit", str(nan_dit(a, t)), *merge_argv(a, t)[2:]],
+         r"nan_dit\.safetensors: final_layer\S+ would hold 1 NaN/inf values \(the DiT file itself holds them\); nothing was written"),
+    Case("merge-device-without-cuda", "merge_lora", lambda a, t: merge_argv(a, t)[:-2] + ["--device", "cuda:0"],
+         r"--device cuda:0: (this PyTorch is built without CUDA|no CUDA device is visible)"),
+    Case("merge-full-disk-keeps-the-old-merge", "merge_lora", lambda a, t: merged_before(a, t),
+         r"merged\.safetensors: cannot write " + TOO_LARGE, keep=outputs_of("merged"),
+         file_size_limit=lambda a, t: (t / "merged" / "merged.safetensors").stat().st_size // 2),
+    Case("merge-read-only-folder", "merge_lora", lambda a, t: merge_argv(a, t), r"merged: cannot .*" + READ_ONLY, read_only="merged"),
+    # --- generation: everything checked before the text encoders and the sampler run
+    Case("generate-video-length-not-4n1", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_length", "6"),
+         r"--video_length 6 is not 4N\+1 \(try 5 or 9\)"),
+    Case("generate-size-not-multiple-of-16", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_size", "40", "47"),
+         r"--video_size 40 47: height and width must be multiples of 16 \(try 48 48\)", then=nothing_generated),
+    Case("generate-infer-steps-zero", "hv_generate_video", lambda a, t: generate_argv(a, t, "--infer_steps", "0"),
+         r"--infer_steps 0: must be between 1 and 1000", then=nothing_generated),
+    Case("generate-fps-zero", "hv_generate_video", lambda a, t: generate_argv(a, t, "--fps", "0"), r"--fps 0: must be between 1 and 240"),
+    Case("generate-seed-beyond-64-bits", "hv_generate_video", lambda a, t: generate_argv(a, t, "--seed", str(2**64)),
+         r"--seed 18446744073709551616: must be between 0 and 18446744073709551615"),
+    Case("generate-device-without-cuda", "hv_generate_video", lambda a, t: generate_argv(a, t, "--device", "cuda"),
+         r"--device cuda: (this PyTorch is built without CUDA|no CUDA device is visible)", then=nothing_generated),
+    Case("generate-i2v-image-with-t2v-model", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--image_path", str(a.dataset.parent / "images" / "image_0000.png")),
+         r"--image_path needs a SkyReels I2V DiT \(32 input channels\); .*dit\.pt has 16"),
+    Case("generate-multiplier-count", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora), "--lora_multiplier", "1", "2"),
+         r"1 LoRA files but 2 values of --lora_multiplier"),
+    Case("generate-lora-of-another-model-size", "hv_generate_video", lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora_big)),
+         r"lora_big\.safetensors: \S+ is \[\d+, \d+\] in the LoRA but \[.*\] in .*dit\.pt \(a LoRA for another model size\?\)",
+         then=nothing_generated),
+    Case("generate-lora-with-nan-writes-nothing", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora_nan), "--output_type", "video"),
+         r"(lora_nan\.safetensors.*(NaN|non-finite))|(non-finite \(NaN/inf\) values)"),
+    Case("generate-dit-with-inf-writes-nothing", "hv_generate_video",
+         lambda a, t: ["--dit", str(nan_dit(a, t)), *generate_argv(a, t, "--output_type", "video")[2:]],
+         r"the sampled latent of \S+nan_dit\.safetensors holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written"),
+    Case("generate-vae-is-the-dit", "hv_generate_video", lambda a, t: generate_argv(a, t, vae=a.dit),
+         r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module'", then=nothing_generated),
+    Case("generate-v2v-video-corrupt", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_path", str(write(t / "clip.mp4", NOISE))),
+         r"clip\.mp4: not a readable video", then=nothing_generated),
+    Case("generate-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t),
+         r"videos: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --save_path",
+         read_only="videos", then=nothing_generated),
+    Case("generate-video-over-the-file-size-limit", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--output_type", "video", "--video_length", "5"),
+         r"videos/\S+\.mp4: cannot write " + TOO_LARGE, file_size_limit=lambda a, t: 2000),
+    Case("generate-dry-run-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t, "--dry_run"),
+         r"videos: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --save_path",
+         read_only="videos", then=nothing_generated),
+    # --- converting, planning, inspecting
+    Case("convert-missing-input", "convert_lora",
+         lambda a, t: ["--input", str(t / "nope.safetensors"), "--output", str(t / "out.safetensors"), "--target", "other"],
+         r"nope\.safetensors: LoRA file not found"),
+    Case("convert-lora-of-another-model", "convert_lora",
+         lambda a, t: ["--input", str(a.lora_sdxl), "--output", str(t / "out.safetensors"), "--target", "other"],
+         r"lora_sdxl\.safetensors: a LoRA for another model"),
+    Case("plan-video-length-negative", "plan", lambda a, t: plan_argv("--video_length", "-3"), r"--video_length -3: must be at least 1"),
+    Case("plan-batch-size-zero", "plan", lambda a, t: plan_argv("--batch_size", "0"), r"--batch_size 0: must be at least 1"),
+    Case("plan-size-not-multiple-of-16", "plan", lambda a, t: plan_argv()[:2] + ["--video_size", "540", "960"],
+         r"height and width must be multiples of 16"),
+    Case("lora-info-missing-file", "lora_info", lambda a, t: [str(t / "nope.safetensors")], r"nope\.safetensors: .*not found"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_outputs(case, assets, tmp_path):
+    check(case, assets, tmp_path)

@@ -1,0 +1,166 @@
+"""Training when the numbers go wrong, and what --resume auto finds after crashes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from command_runner import no_traceback, run_command
+from helpers import write_cached_dataset
+from reliability_cases import leftovers, train_argv, write
+
+from musubi_tuner import files
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def poison(cache: Path, value: float) -> None:
+    """Put `value` into a latent cache as a broken VAE run would (the cache writer itself stores NaN as 0)."""
+    f = files.StateDictFile(cache)
+    (key,) = f.keys()
+    latents = f.get(key).clone()
+    latents[0, 0, 0, 0] = value
+    files.save_safetensors({key: latents}, cache, metadata=f.metadata)
+
+
+def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(assets, tmp_path):
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.data.training_dataset import TrainingDataset
+
+    toml = write_cached_dataset(tmp_path / "data", items=3, frames=5, size=(32, 32))
+    data = TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=1)
+    (second,) = data[data.epoch_plan(1)[1]]["item_names"]  # the batch of step 2: step 1 saves a good checkpoint first
+    poison(tmp_path / "data" / "cache" / second, float("nan"))
+    out = tmp_path / "out"
+    result = run_command("hv_train_network", train_argv(assets, out, "--save_every_n_steps", "1", "--max_train_steps", "6",
+                                                        toml=toml), tmp_path)
+    no_traceback(result)
+    (line,) = result.error_lines
+    last_good = out / "tiny-step00000001.safetensors"
+    assert result.code == 2
+    assert line == (f"error: loss is nan at step 2 (epoch 1, items {second}); stopped without saving. Last good checkpoint: "
+                    f"{last_good}. Lower --learning_rate, check the caches of those items, or use bf16 instead of fp16.")
+    assert files.StateDictFile(last_good).load_all()
+    assert not (out / "tiny-step00000002.safetensors").exists() and not leftovers(out)
+
+
+def test_a_diverging_run_names_a_finite_checkpoint_saved_before_the_bad_update_and_resumes_from_it(assets, tmp_path):
+    """A learning rate of 1e30 sends the weights to inf within a few updates. Every step is saved: the error must
+    name the newest checkpoint whose weights are finite, and its state must resume."""
+    out = tmp_path / "out"
+    argv = train_argv(assets, out, "--save_every_n_steps", "1", "--save_state", "--max_train_steps", "8", "--max_grad_norm", "0",
+                      "--optimizer_type", "SGD", "--learning_rate", "1e30")
+    result = run_command("hv_train_network", argv, tmp_path)
+    no_traceback(result)
+    assert result.code == 2, result.err[-3000:]
+    (line,) = result.error_lines
+    match = re.search(r"Last good checkpoint: (\S+\.safetensors) \(state (\S+)\)\.", line)
+    assert match, line
+    lora, state = Path(match[1]), Path(match[2])
+    assert all(torch.isfinite(t).all() for t in files.StateDictFile(lora).load_all().values())
+    for saved in out.glob("tiny-step*.safetensors"):  # nothing non-finite was ever written
+        assert all(torch.isfinite(t).all() for t in files.StateDictFile(saved).load_all().values()), saved
+    step = json.loads((state / "train_state.json").read_text())["global_step"]
+    assert lora.name == f"tiny-step{step:08d}.safetensors" and not (out / f"tiny-step{step + 1:08d}.safetensors").exists()
+
+    resumed = run_command("hv_train_network", train_argv(assets, tmp_path / "again", "--resume", str(state), "--optimizer_type", "SGD",
+                                                         "--learning_rate", "1e30", "--max_grad_norm", "0",
+                                                         "--max_train_steps", str(step + 1)), tmp_path)
+    assert f"resumed from {state} at step {step}" in resumed.err, resumed.err[-3000:]
+
+
+def _state_like(src: Path, dst: Path, step: int | None) -> Path:
+    """A copy of a state folder claiming `step` (None: without its completion marker, as a half-written one)."""
+    shutil.copytree(src, dst)
+    marker = dst / "train_state.json"
+    if step is None:
+        marker.unlink()
+    else:
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "global_step": step}))
+    return dst
+
+
+def test_resume_auto_takes_the_newest_complete_state_and_clears_a_killed_runs_leftovers(assets, tmp_path):
+    from musubi_tuner.training.state import newest_state
+
+    out = tmp_path / "out"
+    argv = train_argv(assets, out, "--save_every_n_steps", "2", "--save_state")
+    assert run_command("hv_train_network", argv + ["--max_train_steps", "4"], tmp_path).code == 0
+    # what runs killed later would leave: a state folder without its marker, one still being written, a temp
+    # file, and a .old folder half deleted
+    step4 = out / "tiny-step00000004-state"
+    half = _state_like(step4, out / "tiny-step00000006-state", None)
+    writing = _state_like(step4, out / "tiny-step00000008-state.incomplete", 8)
+    old = out / "tiny-state.old"
+    old.mkdir()
+    write(old / "optimizer.pt", b"partial")
+    temp = write(out / ".tiny-step00000008.safetensors.k2j4.tmp", b"partial")
+    assert json.loads((newest_state(out) / "train_state.json").read_text())["global_step"] == 4
+
+    result = run_command("hv_train_network", argv + ["--max_train_steps", "6", "--resume", "auto"], tmp_path)
+    assert result.code == 0, result.err[-3000:]
+    assert re.search(r"resumed from \S+/tiny(-step00000004)?-state at step 4", result.err)
+    assert not writing.exists() and not old.exists() and not temp.exists()
+    for state in (half, out / "tiny-state"):  # rewritten whole at step 6 (the stale .old no longer blocks the rename)
+        assert json.loads((state / "train_state.json").read_text())["global_step"] == 6
+
+
+def test_a_state_only_left_as_old_by_a_kill_between_the_renames_is_still_found(tmp_path):
+    from musubi_tuner.training.state import newest_state
+
+    def state(name, step):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_state.json").write_text(json.dumps({"global_step": step}))
+
+    state("x-step00000002-state", 2)
+    state("x-step00000004-state.old", 4)
+    state("x-step00000006-state.incomplete", 6)
+    assert newest_state(tmp_path).name == "x-step00000004-state.old"
+    state("x-step00000004-state", 4)  # once the replacement is there, the .old copy is only garbage
+    assert newest_state(tmp_path).name == "x-step00000004-state"
+
+
+def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_path):
+    from types import SimpleNamespace
+
+    from musubi_tuner.training.checkpointing import CheckpointSaver
+
+    saver = CheckpointSaver.__new__(CheckpointSaver)  # only the pruning: no network, no accelerator
+    saver.out, saver.name, saver.accelerator = tmp_path, "x", SimpleNamespace(is_main_process=True)
+    saver.args = SimpleNamespace(save_every_n_steps=2, save_last_n_steps=4, save_last_n_steps_state=None, save_state=True,
+                                 save_every_n_epochs=1, save_last_n_epochs=2, save_last_n_epochs_state=None)
+    for stem in [f"x-step{s:08d}" for s in (2, 4, 6, 8, 10)] + [f"x-{e:06d}" for e in (1, 2, 3, 4)] + ["xy-step00000002"]:
+        write(tmp_path / f"{stem}.safetensors", b"")
+        write(tmp_path / f"{stem}.comfyui.safetensors", b"")
+        (tmp_path / f"{stem}-state").mkdir()
+    (tmp_path / "x-step00000002.safetensors").unlink()  # killed between removing a LoRA and its companion
+    saver._prune_steps(10)  # step 4 leaves the window; step 2 is what a run killed before its pruning left
+    saver._prune_epochs(4)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors" and ".comfyui" not in p.name)
+    assert left == ["x-000003.safetensors", "x-000004.safetensors", "x-step00000006.safetensors", "x-step00000008.safetensors",
+                    "x-step00000010.safetensors", "xy-step00000002.safetensors"]
+    assert sorted(p.name for p in tmp_path.glob("*-state")) == [n.replace(".safetensors", "-state") for n in left]
+    assert len(list(tmp_path.glob("*.comfyui.safetensors"))) == len(left)
+
+
+def test_as_a_script_the_refusal_is_the_only_line_on_stderr(assets, tmp_path):
+    """Started exactly as users type it: a refused pickle prints one line, no torch warning wall, and runs nothing."""
+    from reliability_cases import evil_pt
+
+    result = subprocess.run([sys.executable, "src/musubi_tuner/cache_latents.py", "--dataset_config", str(assets.dataset),
+                             "--vae", str(evil_pt(tmp_path))], cwd=ROOT, capture_output=True, text=True)
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and re.fullmatch(r"error: \S+evil\.pt: refused to load: the pickle holds objects other than "
+                                                   r"tensors and plain containers \(it could run code when unpickled; .*\)", line)
+    assert not (Path.cwd() / "pwned_by_pickle").exists()
+
+
+def test_debug_shows_the_traceback(assets, tmp_path):
+    result = run_command("cache_latents", ["--dataset_config", str(assets.dataset), "--vae", str(tmp_path / "vae.pt"), "--debug"],
+                         tmp_path)
+    assert result.code == 1 and "Traceback" in result.err and "UserError: " in result.err and "VAE checkpoint not found" in result.err

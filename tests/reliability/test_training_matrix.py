@@ -1,0 +1,167 @@
+"""hv_train_network.py off the happy path: flags, files, caches made for another model, resuming, full disks
+(see cases.py for what every case asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from reliability_cases import (
+    READ_ONLY,
+    TOO_LARGE,
+    Case,
+    check,
+    copy_cached,
+    outputs_of,
+    train_argv,
+    trained_before,
+    truncated,
+    write,
+)
+
+from musubi_tuner.data import cache_files
+
+
+def state_file(a, tmp, name="train_state.json"):
+    return tmp / "out" / "tiny-state" / name
+
+
+def with_run(**changes):
+    """An earlier run's state whose recorded run identity says `changes` (as another kind of run would have saved it)."""
+    def make(a, tmp):
+        out = trained_before(a, tmp)
+        marker = state_file(a, tmp)
+        data = json.loads(marker.read_text())
+        data["run"].update(changes)
+        marker.write_text(json.dumps(data))
+        return out
+    return make
+
+
+def other_model_latents(a, tmp):
+    toml = copy_cached(a, tmp)
+    victim = sorted((tmp / "cached" / "cache").glob("*_hv.safetensors"))[1]
+    size = (32, 32)
+    cache_files.save_latent_cache(victim, torch.zeros(32, 2, 4, 4, dtype=torch.float16), size=size, frame_count=5)
+    return toml
+
+
+def other_width_text(a, tmp):
+    toml = copy_cached(a, tmp)
+    victim = sorted((tmp / "cached" / "cache").glob("*_hv_te.safetensors"))[2]
+    victim.unlink()
+    mask = torch.ones(256, dtype=torch.int64)
+    tensors = {**cache_files.text_encoder_tensors("llm", torch.zeros(256, 4096, dtype=torch.float16), mask),
+               **cache_files.text_encoder_tensors("clipL", torch.zeros(32, dtype=torch.float16), torch.ones(77, dtype=torch.int64))}
+    cache_files.save_text_cache(victim, "a caption", tensors)
+    return toml
+
+
+def repeated(a, tmp, repeats: int):
+    toml = tmp / "cached" / "dataset.toml"
+    if not toml.exists():
+        toml = copy_cached(a, tmp)
+    text = toml.read_text()
+    text = text.replace("num_repeats = 2\n", "") if "num_repeats" in text else text
+    toml.write_text(text.replace("target_frames", f"num_repeats = {repeats}\ntarget_frames"))
+    return toml
+
+
+def fewer_repeats(a, tmp):
+    out = trained_before(a, tmp, "--dataset_config", str(repeated(a, tmp, 2)))
+    repeated(a, tmp, 1)
+    return train_argv(a, out, "--resume", "auto", "--save_state", "--max_train_steps", "3", toml=tmp / "cached" / "dataset.toml")
+
+
+def damaged_newest(a, tmp):
+    out = trained_before(a, tmp, "--save_every_n_steps", "1")
+    for state in ("tiny-state", "tiny-step00000002-state"):
+        truncated(out / state / "network.safetensors", out / state / "network.safetensors")
+    return train_argv(a, out, "--resume", "auto", "--save_state", "--max_train_steps", "3")
+
+
+def resumed_from_step_1(a, tmp, err, out):
+    assert "resumed from" in err and "tiny-step00000001-state at step 1" in err, err[-3000:]
+
+
+CASES = [
+    # --- flags checked against their domain before anything loads
+    Case("train-network-dim-zero", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--network_dim", "0"),
+         r"--network_dim 0: must be at least 1"),
+    Case("train-gradient-accumulation-zero", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--gradient_accumulation_steps", "0"), r"--gradient_accumulation_steps 0: must be at least 1"),
+    Case("train-max-train-epochs-zero", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "0"),
+         r"--max_train_epochs 0: must be at least 1"),
+    Case("train-seed-beyond-32-bits", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--seed", str(2**64)),
+         r"--seed 18446744073709551616: must be between 0 and 4294967295"),
+    Case("train-learning-rate-not-a-number", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--learning_rate", "nan"),
+         r"--learning_rate nan: not a finite number"),
+    Case("train-config-file-misspelt-option", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--config_file", str(write(t / "run.toml", "learning_rat = 1e-4\n"))),
+         r"run\.toml: unknown option 'learning_rat' \(did you mean 'learning_rate'\?\)"),
+    Case("train-config-file-wrong-type", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--config_file", str(write(t / "run.toml", 'gradient_checkpointing = "false"\n'))),
+         r'run\.toml: gradient_checkpointing = "false" must be true or false \(without quotes\)'),
+    Case("train-config-file-value-out-of-range", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--config_file", str(write(t / "run.toml", "max_train_steps = 0\n"))),
+         r"run\.toml: max_train_steps = 0: must be at least 1"),
+    Case("train-adafactor-with-the-default-scheduler", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--optimizer_type", "adafactor"), None,
+         warning=r"using the adafactor schedule instead of --lr_scheduler constant"),
+    # --- model and weight files
+    Case("train-dit-truncated", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=truncated(a.dit_st, t / "dit.safetensors")),
+         r"dit\.safetensors: file is truncated"),
+    Case("train-dit-is-the-vae", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=a.vae),
+         r"vae\.pt: this is a VAE checkpoint, not a DiT; pass it with --vae"),
+    Case("train-network-weights-of-another-model", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora_sdxl)),
+         r"lora_sdxl\.safetensors: a LoRA for another model: its module 'lora_unet_input_blocks_1_1_proj_in' names no layer"),
+    Case("train-network-weights-of-another-rank", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora), "--network_dim", "8"),
+         r"lora\.safetensors: lora_unet_\S+ has shape \[.*\], this network's is \[.*\]; train with the file's rank \(--dim_from_weights\)"),
+    # --- caches made for another model, found before the DiT loads
+    Case("train-latents-of-another-model", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=other_model_latents(a, t)),
+         r"clip1_00000-005_0032x0032_hv\.safetensors: latent channels 32, but \S+dit\.pt takes 16 \(it was made with another model\)"),
+    Case("train-text-of-another-width", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=other_width_text(a, t)),
+         r"clip2_hv_te\.safetensors: LLM text width 4096, but \S+dit\.pt takes \d+"),
+    # --- resuming checks what it resumes
+    Case("train-resume-not-a-state", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(a.root)),
+         r"not a complete training state \(no train_state\.json\); pick another folder or --resume auto"),
+    Case("train-resume-cut-json", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", str(truncated(state_file(a, t), state_file(a, t)).parent)),
+         r"tiny-state/train_state\.json: damaged \(.*\); pick another state folder or --resume auto", keep=outputs_of("out")),
+    Case("train-resume-other-optimizer", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--optimizer_type", "SGD"),
+         r"tiny-state: saved with the optimizer torch\.optim\.adamw\.AdamW, this run uses torch\.optim\.sgd\.SGD", keep=outputs_of("out")),
+    Case("train-resume-other-rank", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_dim", "8"),
+         r"tiny-state: saved with another network \(dim 4 -> 8\)", keep=outputs_of("out")),
+    Case("train-resume-two-process-state-with-one", "hv_train_network",
+         lambda a, t: train_argv(a, with_run(processes=2)(a, t), "--resume", "auto"),
+         r"tiny-state: saved by 2 training processes, this run has 1; resume with the same number", keep=outputs_of("out")),
+    Case("train-resume-after-num-repeats-lowered", "hv_train_network", fewer_repeats, None,
+         warning=r"the dataset or batching changed since this state was saved \(8 batches per epoch then, 4 now\).*continues at the "
+                 r"start of epoch 2"),
+    Case("train-resume-auto-skips-a-damaged-newest-state", "hv_train_network", damaged_newest, None, then=resumed_from_step_1,
+         warning=r"--resume auto: .*network\.safetensors: file is truncated.*; trying the next older state"),
+    # --- writing: a full disk or a file-size limit keeps the last LoRA and state whole
+    Case("train-full-disk-keeps-the-last-lora-and-state", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),
+         r"tiny\.safetensors: cannot write " + TOO_LARGE, keep=outputs_of("out"),
+         file_size_limit=lambda a, t: (t / "out" / "tiny.safetensors").stat().st_size // 2),
+    Case("train-full-disk-during-the-state-save", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),
+         r"tiny-state: cannot write the training state " + TOO_LARGE + r"; check free space",
+         keep=lambda a, t: sorted((t / "out" / "tiny-state").iterdir()),
+         file_size_limit=lambda a, t: int((t / "out" / "tiny-state" / "optimizer.pt").stat().st_size * 0.7)),
+    Case("train-read-only-output-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out"),
+         r"out: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --output_dir", read_only="out"),
+    Case("train-dry-run-read-only-output-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--dry_run"),
+         r"out: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --output_dir", read_only="out"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_training(case, assets, tmp_path):
+    check(case, assets, tmp_path)

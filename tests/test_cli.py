@@ -1,0 +1,79 @@
+"""Every command's --help reads as a manual: each visible flag has a line of help, with its default where it has one."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import pytest
+
+from musubi_tuner.cli import Parser, count, frames_4n1, real, seed
+from musubi_tuner.errors import UserError
+
+COMMANDS = {  # module: where its parser is built
+    "cache_latents": "musubi_tuner.cache_latents", "cache_text_encoder_outputs": "musubi_tuner.cache_text_encoder_outputs",
+    "hv_train_network": "musubi_tuner.training.args", "merge_lora": "musubi_tuner.merge_lora",
+    "hv_generate_video": "musubi_tuner.hv_generate_video", "convert_lora": "musubi_tuner.convert_lora",
+    "lora_info": "musubi_tuner.lora_info", "lora_doctor": "musubi_tuner.lora_doctor", "plan": "musubi_tuner.plan",
+}
+
+
+def parser_of(command: str) -> argparse.ArgumentParser:
+    return importlib.import_module(COMMANDS[command]).build_parser()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_visible_flag_has_help(command):
+    parser = parser_of(command)
+    assert isinstance(parser, Parser), "bad input must end in one error line, not argparse's usage block"
+    missing = [a.option_strings[0] for a in parser._actions
+               if a.option_strings and a.help != argparse.SUPPRESS and not (a.help or "").strip()]
+    assert not missing, f"{command}: flags without help: {missing}"
+
+
+def test_help_shows_defaults_that_matter():
+    text = parser_of("hv_train_network").format_help()
+    for shown in ("base learning rate (LoRA training: about 2e-4) (default: 2e-06)", "optimizer steps to train (default: 1600)",
+                  "how training noise levels are drawn (default: sigma)", "updates are scaled by alpha / rank (default: 1)"):
+        assert shown in " ".join(text.split()), shown
+
+
+@pytest.mark.parametrize("kind, value, message", [
+    (count(1), "0", "0: must be at least 1"),
+    (count(1), "2.5", "2.5: not a whole number"),
+    (count(0, 36), "37", "37: must be between 0 and 36"),
+    (real(above=0), "0", "0: must be greater than 0"),
+    (real(0, 1), "1.5", "1.5: must be between 0 and 1"),
+    (real(), "inf", "inf: not a finite number"),
+    (seed(32), str(2**32), f"{2**32}: must be between 0 and {2**32 - 1}, 2^32-1"),
+    (frames_4n1, "6", "6 is not 4N+1 (try 5 or 9)"),
+    (frames_4n1, "0", "0: must be at least 1 (4N+1: 1, 5, 9, ...)"),
+])
+def test_domains_name_the_value_and_what_is_allowed(kind, value, message):
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        kind(value)
+    assert str(e.value) == message
+
+
+def test_a_bad_value_becomes_one_line_naming_the_flag():
+    p = Parser(prog="x")
+    p.add_argument("--steps", type=count(1))
+    with pytest.raises(UserError) as e:
+        p.parse_args(["--steps", "0"])
+    assert str(e.value) == "--steps 0: must be at least 1 (see x --help)"
+    with pytest.raises(UserError) as e:
+        p.parse_args(["--stepz", "3"])
+    assert str(e.value) == "unrecognized arguments: --stepz 3 (see x --help)"
+
+
+def test_a_device_this_machine_lacks_is_named():
+    import torch
+
+    from musubi_tuner.cli import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match=r"--device gpu: not a device"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"--device cuda:1: (this PyTorch is built without CUDA|no CUDA device is visible)"):
+            resolve_device("cuda:1")
