@@ -16,7 +16,7 @@ import torch
 from musubi_tuner.cli import resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
-from musubi_tuner.hunyuan.compile import CompileOptions, compile_blocks, compile_errors, log_graph_breaks
+from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.inference.presets import PRESETS, detect_preset
 from musubi_tuner.inference import step_cache
 from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule, v2v_start
@@ -119,9 +119,6 @@ def check_and_fill(args) -> None:
 
 def check_speed_flags(args) -> None:
     """--step_cache and --compile values, and whether this platform can compile, before any model loads."""
-    from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile
-    from musubi_tuner.inference import step_cache
-
     step_cache.from_args(args)
     options = CompileOptions.from_args(args)
     if options is not None and not args.dry_run:
