@@ -22,17 +22,14 @@ diffusers' pipeline does with its "cond" and "uncond" cache contexts.
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from musubi_tuner.cli import count, real
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.blocks import modulate_norm
-
-logger = logging.getLogger(__name__)
 
 METHODS = ("teacache", "fbcache")
 DEFAULT_THRESHOLD = {"teacache": 0.1, "fbcache": 0.06}

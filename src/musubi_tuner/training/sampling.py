@@ -194,11 +194,11 @@ class TrainingSampler:
                     self.base_latents[p.index] = self._latents(dit, p, cache)
                 finally:
                     network.set_multiplier(multiplier)
-        if cache is not None:
-            logger.info("samples at step %d: %s", step, cache.summary())
             base = self.base_latents.get(p.index)
             if base is not None:
                 effects.append(((latents[p.index] - base).norm() / base.norm().clamp_min(1e-12)).item())
+        if cache is not None:
+            logger.info("samples at step %d: %s", step, cache.summary())
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
