@@ -12,6 +12,7 @@ import torch
 
 from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.inference.step_cache import StepCache
 from musubi_tuner.planning.measure import TensorBytes
 from musubi_tuner.planning.options import MemoryOptions, Workload
 
@@ -117,6 +118,8 @@ class SamplingRun:
         negative = dit_inputs(work, seed=2)
         negative["llm_mask"][:, max(1, work.text_tokens // 4):] = 0  # a shorter negative prompt
         self.negative = negative
+        # a threshold no step reaches: every step computes and keeps its residuals, as a computed step does
+        self.cache = StepCache(opts.step_cache, 1e-12) if opts.step_cache else None
 
     def step(self) -> None:
         from musubi_tuner.inference.sampler import Guidance, denoise
@@ -126,11 +129,13 @@ class SamplingRun:
         guidance = Guidance(embedded_scale=1.0, scale=self.opts.guidance_scale, split=self.opts.split_uncond)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             denoise(self.model, self.latents, torch.tensor([1.0, 0.9]), cond=cond, uncond=uncond if guidance.uses_cfg else None,
-                    guidance=guidance)
+                    guidance=guidance, step_cache=self.cache)
 
     def existing_tensors(self) -> list[torch.Tensor]:
         out = list(self.model.parameters()) + list(self.model.buffers()) + list(self.batch.values()) + list(self.negative.values())
         out.append(self.latents)
+        if self.cache is not None:  # what the previous steps left in the cache
+            out += [t for b in self.cache._branches.values() for t in (b.previous, b.residual) if t is not None]
         for m in self.model.modules():
             scale = getattr(m, "weight_scale", None)
             if torch.is_tensor(scale):

@@ -110,6 +110,8 @@ PEAK_CASES = {
     "batch 2": (dict(batch=2, text_lengths=(48, 20)), {}),
     "256 text tokens": (dict(text_tokens=256), {}),
     "generation, CFG batch 2": (dict(mode="generate"), dict(guidance_scale=6.0)),
+    "generation, CFG batch 2, TeaCache": (dict(mode="generate"), dict(guidance_scale=6.0, step_cache="teacache")),
+    "generation, CFG split, First-Block-Cache": (dict(mode="generate"), dict(guidance_scale=6.0, split_uncond=True, step_cache="fbcache")),
 }
 
 
@@ -287,3 +289,22 @@ target_frames = [1, 25, 45]
         hv_generate_video.main(["--dit", str(dit), "--vae", str(dit), "--text_encoder1", str(te), "--text_encoder2", str(te),
                                 "--prompt", "a cat", "--video_length", "30", "--save_path", str(video_out), "--dry_run"])
     assert e.value.code == 2 and "not 4N+1" in capsys.readouterr().err
+
+
+def test_plan_prints_the_time_per_video_with_and_without_step_caching(capsys):
+    import re
+
+    from musubi_tuner.plan import main
+
+    main(["--mode", "generate", "--video_size", "720", "1280", "--video_length", "129", "--gpu", "h100",
+          "--step_cache", "teacache", "--step_cache_threshold", "0.15"])
+    out = capsys.readouterr().out
+    plain = re.search(r"50 steps: ([0-9.]+) min of denoising per video without step caching", out)
+    cached = re.search(r"--step_cache teacache --step_cache_threshold 0.15: about ([0-9.]+) min per video, 26 of 50 steps skipped "
+                       r"\(2.1x: published figure", out)
+    assert plain and cached and float(cached.group(1)) == pytest.approx(float(plain.group(1)) / 2.1, abs=0.06)
+    assert "step cache: residuals kept between steps" in out  # the memory they hold: 2 x 118,800 tokens x 3072 x bf16
+    main(["--mode", "generate", "--video_size", "544", "960", "--video_length", "97", "--infer_steps", "30"])
+    out = capsys.readouterr().out
+    assert "--step_cache teacache --step_cache_threshold 0.1: about" in out and "11 of 30 steps skipped (1.6x" in out
+    assert "--step_cache fbcache --step_cache_threshold 0.06: about" in out and "11 of 30 steps skipped (1.62x" in out

@@ -19,6 +19,7 @@ from musubi_tuner.cli import Parser, count, frames_4n1, pixels, real, seed
 from musubi_tuner.errors import run_cli
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_INFERENCE
 from musubi_tuner.hunyuan.attention import ATTENTION_MODES
+from musubi_tuner.inference.step_cache import add_step_cache_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile_fullgraph", action="store_true", help="torch.compile fullgraph=True")
     g.add_argument("--compile_cache_size_limit", type=count(1), default=None, help="torch._dynamo cache size limit")
     g.add_argument("--compile_args", nargs=4, default=None, help=argparse.SUPPRESS)
+    add_step_cache_flags(g)
 
     g = p.add_argument_group("output")
     g.add_argument("--save_path", required=True, help="output folder")

@@ -24,6 +24,7 @@ from musubi_tuner.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from musubi_tuner.inference.step_cache import add_step_cache_flags
     from musubi_tuner.planning.from_args import NAMED_MODELS
     from musubi_tuner.planning.options import OPTIMIZERS
     from musubi_tuner.planning.timing import GPUS
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split_uncond", action="store_true", help="generation: negative prompt in a second call")
     g.add_argument("--with_lora", action="store_true", help="generation with LoRAs (beside fp8 weights; merged into bf16 ones)")
     g.add_argument("--infer_steps", type=count(1, 1000), default=50, help="generation: sampling steps")
+    add_step_cache_flags(g)
     g.add_argument("--fp8_llm", action="store_true", help="LLM text encoder in fp8")
     g.add_argument("--no_vae_tiling", dest="vae_tiling", action="store_false",
                    help="plan cache_latents without --vae_tiling (the plan assumes it; generation always tiles)")

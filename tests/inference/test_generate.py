@@ -362,3 +362,63 @@ def test_the_documented_t2v_command_runs_as_typed_on_tiny_models(models, tmp_pat
     assert f"saved {mp4}" in result.stdout
     length = int(argv[argv.index("--video_length") + 1])
     assert video_frames(mp4).shape == (length, 32, 48, 3)
+
+
+# ----------------------------------------------------------------------------------------------- step caching
+
+
+SPEED_MODES = {
+    "fp8 with LoRAs on the fly": ["--fp8", "--lora_weight", "{lora}"],
+    "SkyReels I2V preset, CFG split": ["--dit", "{dit_i2v}", "--image_path", "{root}/i2v_cache/frame_000.png", "--split_uncond"],
+    "V2V": ["--video_path", "{root}/v2v_cache", "--strength", "0.8"],
+    "block swap, CFG in one batch": ["--blocks_to_swap", "2", "--guidance_scale", "4.0"],
+}
+
+
+@pytest.fixture(scope="module")
+def speed_inputs(models):
+    write_frames(models["root"] / "i2v_cache", 1, 32, 32)
+    write_frames(models["root"] / "v2v_cache", 5, 32, 32)
+    return models
+
+
+@pytest.mark.parametrize("mode", ["fp8 with LoRAs on the fly", "SkyReels I2V preset, CFG split"])
+@pytest.mark.parametrize("method", ["teacache", "fbcache"])
+def test_step_cache_threshold_0_gives_exactly_the_uncached_latents(speed_inputs, mode, method):
+    flags = [f.format(**speed_inputs) for f in SPEED_MODES[mode]]
+    plain, _ = latent_of(speed_inputs, *flags)
+    cached, meta = latent_of(speed_inputs, *flags, "--step_cache", method, "--step_cache_threshold", "0")
+    assert torch.equal(cached, plain)
+    calls = 6 if "CFG" in mode else 3
+    assert (meta["step_cache"], meta["step_cache_threshold"], meta["step_cache_skipped"]) == (method, "0", f"0/{calls}")
+
+
+@pytest.mark.parametrize("mode", list(SPEED_MODES))
+def test_step_cache_skips_all_but_the_warmup_and_last_steps_in_every_mode(speed_inputs, mode, caplog):
+    flags = [f.format(**speed_inputs) for f in SPEED_MODES[mode]]
+    with caplog.at_level("INFO", logger="musubi_tuner"):
+        latent, meta = latent_of(speed_inputs, *flags, "--infer_steps", "5", "--step_cache", "fbcache", "--step_cache_threshold", "1e9",
+                                 "--step_cache_warmup", "2")
+    steps = 4 if mode == "V2V" else 5  # strength 0.8 runs the last 4 of 5
+    per_call = 2 if "CFG" in mode else 1
+    skipped, evaluations = per_call * (steps - 3), per_call * steps
+    assert meta["step_cache_skipped"] == f"{skipped}/{evaluations}"
+    assert f"skipped {skipped} of {evaluations} DiT evaluations" in caplog.text
+    plain, _ = latent_of(speed_inputs, *flags, "--infer_steps", "5")
+    assert torch.isfinite(latent).all() and 0 < rel_err(latent, plain) < 0.5
+
+
+def test_step_cache_flags_are_checked_before_any_model_loads(models, no_model_loads, capsys):
+    for change, message in ((["--step_cache_threshold", "0.1"], "--step_cache_threshold needs --step_cache teacache or fbcache"),
+                            (["--step_cache", "teacache", "--step_cache_threshold", "-1"], "--step_cache_threshold -1: must be at least 0"),
+                            (["--compile", "--compile_mode", "fast"], "--compile_mode fast: one of default, reduce-overhead")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*base_flags(models), *change, "--save_path", str(models["root"] / "unused")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_compile_gives_the_eager_latents_with_a_step_cache_and_block_swap(models):
+    flags = ("--infer_steps", "5", "--step_cache", "teacache", "--step_cache_threshold", "1e9", "--blocks_to_swap", "2")
+    eager, _ = latent_of(models, *flags)
+    compiled, meta = latent_of(models, *flags, "--compile", "--compile_backend", "aot_eager")
+    assert rel_err(compiled, eager) < 1e-5 and meta["step_cache_skipped"] == "3/5"

@@ -193,3 +193,17 @@ def test_every_flag_that_docs_training_names_exists():
     unknown = named - ours - accelerate_launch - sample_prompt_options - other_commands
     assert not unknown, f"docs/training.md names flags hv_train_network.py does not have: {sorted(unknown)}"
     assert len(named & ours) > 60
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_lora_with_checkpointing_and_block_swap(assets, tmp_path):
+    """The trainer compiles its blocks one by one (dynamo's eager backend: the tracing without code generation, still
+    about 10 s here) under block swap's hooks and gradient checkpointing's recomputation; tests/hunyuan/test_compile.py
+    checks the gradients through AOT autograd."""
+    root, dit, toml = assets
+    flags = ("--max_train_steps", "1", "--gradient_checkpointing", "--blocks_to_swap", "1")
+    eager = load_lora(train(parse_args(base_args(dit, toml, tmp_path / "eager", *flags))))
+    compiled = load_lora(train(parse_args(base_args(dit, toml, tmp_path / "compiled", *flags, "--compile", "--compile_backend", "eager"))))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-6), key

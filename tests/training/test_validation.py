@@ -290,3 +290,20 @@ def test_the_docs_examples_are_valid_configs_prompt_files_and_command_lines(tmp_
         else:
             module = cache_latents if script.endswith("cache_latents.py") else cache_text_encoder_outputs
             module.build_parser().parse_args(flags)
+
+
+def test_sample_prompts_run_with_the_step_cache_flags(assets, tmp_path, caplog):
+    sampling = ("--max_train_steps", "1", "--sample_prompts", str(assets["prompts"]), "--sample_at_first", "--vae", str(assets["vae"]),
+                "--text_encoder1", str(assets["te1"]), "--text_encoder2", str(assets["te2"]))
+
+    def grid(name, *flags):
+        train(parse_args(base_args(assets, assets["plain"], tmp_path / name, *sampling, *flags)))
+        return np.asarray(Image.open(tmp_path / name / "sample" / "tiny_000000_grid.png"))
+
+    plain = grid("plain")
+    assert np.array_equal(grid("threshold_0", "--step_cache", "teacache", "--step_cache_threshold", "0"), plain)
+    with caplog.at_level(logging.INFO, logger="musubi_tuner"):
+        skipping = grid("skipping", "--step_cache", "fbcache", "--step_cache_threshold", "1e9")
+    # 2 prompts, each with the LoRA and at multiplier 0, 4 steps: the first and last of each video are computed
+    assert "samples at step 0: step cache fbcache (threshold 1e+09): skipped 8 of 16 DiT evaluations (50%)" in caplog.messages
+    assert not np.array_equal(skipping, plain)

@@ -38,8 +38,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.
               mode: str = "sdpa", split: bool = False) -> torch.Tensor:
     """Softmax attention; q, k, v (B, L, H, D), lengths (B,) valid tokens or None (all valid). Returns (B, L, H*D)."""
     B, L, H, D = q.shape
-    if lengths is not None and bool((lengths >= L).all()):
-        lengths = None
+    if lengths is not None and not torch.compiler.is_compiling() and bool((lengths >= L).all()):
+        lengths = None  # (a compiled block keeps the mask: a test on values would break its graph; all-true changes nothing)
     if split and (B > 1 or lengths is not None):
         return _split_attention(q, k, v, lengths, mode)
     if mode == "sdpa":

@@ -73,7 +73,7 @@ class _NormRotate(torch.autograd.Function):
         if g is grad:  # float32 already: work on a copy
             g = g.clone()
         if rotation is not None:
-            g = rotate_(g, rotation.conj())
+            g = rotate_(g, rotation, inverse=True)
         normed = x.to(rstd.dtype) * rstd  # the norm's output before the weight
         weight_grad = None
         if ctx.needs_input_grad[1]:

@@ -51,6 +51,7 @@ class HunyuanVideoDiT(nn.Module):
         self.checkpoint_cpu_offload = False
         self.block_hooks: BlockHooks | None = None  # block swap installs itself here
         self.offload_embedders = False  # --img_in_txt_in_offloading: img_in/txt_in visit the device only while used
+        self.step_cache = None  # generation's step cache (inference/step_cache.py) sets itself here for each call
 
     # ------------------------------------------------------------------------------------------ options
 
@@ -136,19 +137,30 @@ class HunyuanVideoDiT(nn.Module):
 
         if self.block_hooks is not None:
             self.block_hooks.start_forward()
-        for i, block in enumerate(self.double_blocks):
-            img, txt = self._run_block(block, ("double", i), img, txt, silu_vec, ctx)
-        x_joint = torch.cat([img, txt], dim=1)
-        for i, block in enumerate(self.single_blocks):
-            x_joint = self._run_block(block, ("single", i), x_joint, silu_vec, ctx)
+        if self.step_cache is None:
+            img = self.run_blocks(img, txt, silu_vec, ctx)
+        else:  # it runs the blocks, or part of them, or none (a skipped step)
+            img = self.step_cache.run_blocks(self, img, txt, silu_vec, ctx)
         if self.block_hooks is not None:
             self.block_hooks.end_forward()
-        img = x_joint.split([img_len, txt_len], dim=1)[0]
         if img.device != x.device:
             img = img.to(x.device)
 
         out = self.final_layer(img, silu_vec)
         return self.unpatchify(out, T, H, W)
+
+    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor, ctx: AttentionContext, first: int = 0) -> torch.Tensor:
+        """The double blocks from index `first` on, then every single block; returns the image tokens (B, Li, C)."""
+        for i in range(first, len(self.double_blocks)):
+            img, txt = self.run_double_block(i, img, txt, silu_vec, ctx)
+        x_joint = torch.cat([img, txt], dim=1)
+        for i, block in enumerate(self.single_blocks):
+            x_joint = self._run_block(block, ("single", i), x_joint, silu_vec, ctx)
+        return x_joint.split([img.shape[1], txt.shape[1]], dim=1)[0]
+
+    def run_double_block(self, i: int, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor,
+                         ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run_block(self.double_blocks[i], ("double", i), img, txt, silu_vec, ctx)
 
     def unpatchify(self, x: torch.Tensor, T: int, H: int, W: int) -> torch.Tensor:
         """(B, tokens, pt*ph*pw*C) -> (B, C, T, H, W)."""

@@ -46,11 +46,16 @@ def as_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs)
 
 
-def rotate_(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def rotate_(x: torch.Tensor, rotation: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotate x (..., S, H, D) float32 by a (S, D / 2) complex table, in place where x's layout allows; returns the result.
 
-    x must be a tensor the caller owns. A conjugated table rotates back (the backward of a rotation).
+    x must be a tensor the caller owns. `inverse` rotates back (the backward of a rotation).
     """
+    if torch.compiler.is_compiling():  # --compile: Inductor has no complex kernels; the same product in real arithmetic
+        cos_sin = torch.view_as_real(rotation).unsqueeze(-3)  # (S, 1, D / 2, 2)
+        cos, sin = cos_sin[..., 0], (-cos_sin[..., 1] if inverse else cos_sin[..., 1])
+        a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
     pairs = as_complex(x)
-    pairs.mul_(rotation.unsqueeze(-2))
+    pairs.mul_((rotation.conj() if inverse else rotation).unsqueeze(-2))
     return torch.view_as_real(pairs).flatten(-2)

@@ -16,7 +16,9 @@ import torch
 from musubi_tuner.cli import resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.inference.presets import PRESETS, detect_preset
+from musubi_tuner.inference import step_cache
 from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule, v2v_start
 from musubi_tuner.progress import progress_bar
 
@@ -112,7 +114,16 @@ def check_and_fill(args) -> None:
         raise UserError(f"{args.dit} is an image-to-video DiT (32 input channels): give the first frame with --image_path")
     if args.dit_in_channels is not None and args.dit_in_channels != config.in_channels:
         raise UserError(f"{args.dit}: --dit_in_channels {args.dit_in_channels} but the file's DiT takes {config.in_channels} input channels")
+    check_speed_flags(args)
     check_files_used_late(args, dit_file.shapes())
+
+
+def check_speed_flags(args) -> None:
+    """--step_cache and --compile values, and whether this platform can compile, before any model loads."""
+    step_cache.from_args(args)
+    options = CompileOptions.from_args(args)
+    if options is not None and not args.dry_run:
+        check_can_compile(options, resolve_device(args.device))
 
 
 def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
@@ -243,8 +254,9 @@ def load_generation_dit(args, device):
         BlockSwap(dit, args.blocks_to_swap, device, args.use_pinned_memory_for_block_swap)
     else:
         dit.to(device)
-    if args.compile:
-        compile_blocks(dit, args)
+    options = CompileOptions.from_args(args)
+    if options is not None:
+        compile_blocks(dit, options)
     return dit
 
 
@@ -272,15 +284,6 @@ def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool,
             net.apply_to(None, dit)
             networks.append(net)
     return networks
-
-
-def compile_blocks(dit, args) -> None:
-    dynamic = {"true": True, "false": False}.get(args.compile_dynamic)
-    if args.compile_cache_size_limit:
-        torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
-    for blocks in (dit.double_blocks, dit.single_blocks):
-        for i, block in enumerate(blocks):
-            blocks[i] = torch.compile(block, backend=args.compile_backend, mode=args.compile_mode, dynamic=dynamic, fullgraph=args.compile_fullgraph)
 
 
 # ----------------------------------------------------------------------------------------------- the whole job
@@ -348,17 +351,22 @@ def generate(args) -> list[Path]:
     to_device = {k: v.to(device) for k, v in cond.items()}
     neg = {k: v.to(device) for k, v in uncond.items()} if uncond else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with torch.no_grad(), autocast:
+    cache = step_cache.from_args(args)
+    with torch.no_grad(), autocast, compile_errors():
         latents = denoise(dit, latents, sigmas, cond=to_device, uncond=neg, guidance=guidance, image_latents=image_latents,
-                          start_step=start, callback=lambda i: bar.update(1))
+                          start_step=start, callback=lambda i: bar.update(1), step_cache=cache)
     bar.close()
     _free(dit)
+    if cache is not None:
+        logger.info(cache.summary())
+    if args.compile:
+        log_graph_breaks(args.debug)
     loras = f" with {', '.join(args.lora_weight)}" if args.lora_weight else ""
     require_finite(latents, f"the sampled latent of {args.dit}{loras}",
                    "nothing was written; a LoRA or DiT file holding NaN/inf weights, or fp16 overflow, are the usual causes "
                    "(check the files with musubi-lora-info)")
 
-    meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start)
+    meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start) | step_cache.describe(cache)
     saved = []
     if args.output_type in ("latent", "both"):
         saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata))

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from musubi_tuner.inference.step_cache import StepCache
 from musubi_tuner.training.timesteps import shift_sigma
 
 
@@ -44,18 +45,27 @@ class Guidance:
 
 def denoise(model: Callable[..., torch.Tensor], latents: torch.Tensor, sigmas: torch.Tensor, *, cond: dict, uncond: dict | None,
             guidance: Guidance, image_latents: torch.Tensor | None = None, start_step: int = 0,
-            callback: Callable[[int], None] | None = None) -> torch.Tensor:
+            callback: Callable[[int], None] | None = None, step_cache: StepCache | None = None) -> torch.Tensor:
     """Euler integration from sigmas[start_step] to 0.
 
     model(x, t, text_states, text_mask, text_states_2, guidance) -> velocity; cond/uncond hold
     `text_states`, `text_mask`, `text_states_2` for the positive and negative prompts (batch of 1 each).
     image_latents (I2V): concatenated to the noisy latents on channels at every step.
+    step_cache: skips the DiT's blocks where it judges a step's result close to the last computed one;
+    branches "cond", "uncond" (--split_uncond) or "cond+uncond" (CFG in one batch) keep their own state.
     Returns float32 latents.
     """
     x = latents.float()
     steps = len(sigmas) - 1
     cfg_steps = round(steps * guidance.cfg_end)
     device = x.device
+
+    def run(branch: str, *inputs) -> torch.Tensor:
+        if step_cache is None:
+            return model(*inputs)
+        with step_cache.call(model, i, start_step, steps - 1, branch):
+            return model(*inputs)
+
     for i in range(start_step, steps):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         use_cfg = guidance.uses_cfg and uncond is not None and i < cfg_steps
@@ -63,14 +73,15 @@ def denoise(model: Callable[..., torch.Tensor], latents: torch.Tensor, sigmas: t
         t = torch.full((1,), sigma * 1000.0, device=device)
         g = torch.full((1,), guidance.embedded_scale * 1000.0, device=device)
         if not use_cfg:
-            v = model(model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)
+            v = run("cond", model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)
         elif guidance.split:
-            v_neg = model(model_in, t, uncond["text_states"], uncond["text_mask"], uncond["text_states_2"], g)
-            v_pos = model(model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)
+            v_neg = run("uncond", model_in, t, uncond["text_states"], uncond["text_mask"], uncond["text_states_2"], g)
+            v_pos = run("cond", model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)
             v = v_neg.float() + guidance.scale * (v_pos.float() - v_neg.float())
         else:
             batch = {k: _stack(uncond[k], cond[k]) for k in ("text_states", "text_mask", "text_states_2")}
-            both = model(torch.cat([model_in, model_in]), t.repeat(2), batch["text_states"], batch["text_mask"], batch["text_states_2"], g.repeat(2))
+            both = run("cond+uncond", torch.cat([model_in, model_in]), t.repeat(2), batch["text_states"], batch["text_mask"],
+                       batch["text_states_2"], g.repeat(2))
             v_neg, v_pos = both.float().chunk(2)
             v = v_neg + guidance.scale * (v_pos - v_neg)
         x = x + v.float() * (sigma_next - sigma)

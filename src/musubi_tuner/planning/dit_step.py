@@ -35,6 +35,7 @@ CKPT_INPUTS = "checkpointed block inputs"
 SWAP_COPIES = "block swap: on-device copies"
 SWAP_HOST = "block swap: swapped weights"
 EMBED = "embedding (img_in, txt_in)"
+STEP_CACHE = "step cache: residuals kept between steps"
 
 
 @dataclass
@@ -292,6 +293,9 @@ def replay_sampling_call(work: Workload, opts: MemoryOptions, on_cpu: bool = Fal
         device.alloc(4 * sizes.lora_params(r), LORA)
     latent_elems = work.batch * c.out_channels * work.latent_shape[0] * work.latent_shape[1] * work.latent_shape[2]
     device.alloc(4 * latent_elems * 3 + 2 * 2 * 256 * c.text_states_dim, INPUTS)  # latents, the model input, the V2V/I2V condition
+    if opts.step_cache:  # per sample: the last residual of the blocks and the last judge (modulated input / first block's residual)
+        samples = work.batch * (2 if opts.guidance_scale != 1.0 else 1)
+        device.alloc(2 * samples * work.image_tokens * c.hidden_size * a, STEP_CACHE)
 
     device.where = "DiT forward"
     calls = 2 if opts.guidance_scale != 1.0 and opts.split_uncond else 1

@@ -57,6 +57,8 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         split_uncond=bool(get("split_uncond", False)) or (bool(get("split_attn", False)) and float(get("guidance_scale", 1.0)) != 1.0),
         lora_at_generation=bool(get("lora_weight", None)) or bool(get("with_lora", False)),
         infer_steps=int(get("infer_steps", 50)),
+        step_cache=get("step_cache") if mode == "generate" else None,  # the trainer's applies to its samples only
+        step_cache_threshold=get("step_cache_threshold") if mode == "generate" else None,
         fp8_llm=bool(get("fp8_llm", False)),
         vae_tiling=bool(get("vae_tiling", True)) or mode == "generate" or get("vae_spatial_tile_sample_min_size") is not None,
         vae_spatial_tile_sample_min_size=int(get("vae_spatial_tile_sample_min_size", 256)),

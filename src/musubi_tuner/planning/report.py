@@ -56,12 +56,34 @@ def format_plan(plan: Plan) -> str:
                  + (f" + {duration(t.transfer_s)} transfers not hidden" if t.transfer_s else "")
                  + (f" + {duration(t.dequant_s)} fp8 dequantization" if t.dequant_s else ""))
     if not train:
-        lines.append(f"{plan.steps} steps: {duration(plan.steps * t.total_s)} of denoising (VAE and text encoders not timed)")
+        denoising = plan.steps * t.total_s
+        lines.append(f"{plan.steps} steps: {duration(denoising)} of denoising per video{' without step caching' if o.step_cache else ''} "
+                     "(VAE and text encoders not timed)")
+        lines += step_cache_lines(o, plan.steps, denoising)
     for note in t.notes:
         lines.append(f"  - {note}")
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def step_cache_lines(o, steps: int, denoising_s: float) -> list[str]:
+    """The denoising time per video with --step_cache (the chosen method, or each at its default threshold): a skipped
+    step costs next to nothing, so time / speed-up, and 1 - 1 / speed-up of the steps skipped."""
+    from musubi_tuner.inference.step_cache import DEFAULT_THRESHOLD, METHODS, expected_speedup
+
+    if o.step_cache:
+        chosen = [(o.step_cache, DEFAULT_THRESHOLD[o.step_cache] if o.step_cache_threshold is None else o.step_cache_threshold)]
+    else:
+        chosen = [(method, DEFAULT_THRESHOLD[method]) for method in METHODS]
+    lines = ["with step caching, at the speed-ups published for the full-size model (not measured here: the share of "
+             "skipped steps depends on the weights, the prompt and the step count):"]
+    for method, threshold in chosen:
+        speedup, how = expected_speedup(method, threshold)
+        skipped = round(steps * (1 - 1 / speedup))
+        lines.append(f"  --step_cache {method} --step_cache_threshold {threshold:g}: about {duration(denoising_s / speedup)} per video, "
+                     f"{skipped} of {steps} steps skipped ({speedup:.3g}x: {how})")
+    return lines
 
 
 def format_search(search: Search, budget_label: str) -> str:

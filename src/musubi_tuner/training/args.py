@@ -16,6 +16,7 @@ from typing import Sequence
 from musubi_tuner.cli import Parser, count, pixels, real, seed
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
+from musubi_tuner.inference.step_cache import add_step_cache_flags
 from musubi_tuner.training.timesteps import SAMPLING_MODES, WEIGHTING_SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_every_n_steps", type=count(1), default=None, help="sample every N steps")
     g.add_argument("--sample_every_n_epochs", type=count(1), default=None, help="sample every N epochs")
     g.add_argument("--sample_at_first", action="store_true", help="sample before the first step")
+    add_step_cache_flags(g)
 
     g = p.add_argument_group("validation (held-out data from the dataset config: validation_split or [[validation_datasets]])")
     g.add_argument("--validate_every_n_steps", type=count(1), default=None,

@@ -27,8 +27,10 @@ from accelerate.utils import set_seed
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.checkpoints import load_dit
+from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
+from musubi_tuner.inference import step_cache
 from musubi_tuner.progress import progress_bar
 from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
@@ -85,6 +87,11 @@ def check_args(args) -> None:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
         raise UserError("--sample_prompts needs --vae, --text_encoder1 and --text_encoder2")
+    if step_cache.from_args(args) is not None and not args.sample_prompts:
+        logger.warning("--step_cache acts on the samples of --sample_prompts only; without them it does nothing")
+    compile_options = CompileOptions.from_args(args)
+    if compile_options is not None and not args.dry_run:
+        check_can_compile(compile_options, "cuda" if torch.cuda.is_available() else "cpu")
     if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
         logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
     if args.network_weights and not Path(args.network_weights).is_file():
@@ -165,6 +172,9 @@ def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
     else:
         dit.to(device)
     dit.train(args.gradient_checkpointing)  # official behaviour: train mode only matters for checkpointing
+    compile_options = CompileOptions.from_args(args)
+    if compile_options is not None:  # block by block, after block swap: its hooks run between the compiled blocks
+        compile_blocks(dit, compile_options)
     return dit
 
 
@@ -390,6 +400,7 @@ def _train(args) -> Path:
         samples.sample(dit, network, optimizer, progress.global_step)
     bar = progress_bar(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
     recent: list[float] = []
+    compile_pending = bool(args.compile)
     if is_schedule_free(optimizer):
         optimizer.train()
     network.train()
@@ -397,7 +408,7 @@ def _train(args) -> Path:
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
         sampler.set_epoch(epoch + 1, start=skip)
         for i, batch in enumerate(loader, start=skip):
-            with accelerator.accumulate(network):
+            with accelerator.accumulate(network), compile_errors():
                 uniform = torch.tensor(batch["timesteps"]) if batch.get("timesteps") is not None else None
                 loss = training_step(dit, batch, accelerator, ts_cfg, guidance_value, uniform, sample_seeds(seed, epoch + 1, batch["sample_ids"]))
                 # the mean over all processes: what is logged, and every process stops together on a bad one
@@ -423,6 +434,9 @@ def _train(args) -> Path:
             if not accelerator.sync_gradients:
                 continue
             progress.global_step += 1
+            if compile_pending:  # the first step compiled every block
+                log_graph_breaks(args.debug)
+                compile_pending = False
             if args.scale_weight_norms:
                 network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
             recent = (recent + [global_loss.item()])[-max(1, batches_per_epoch):]

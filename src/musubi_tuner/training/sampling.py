@@ -25,7 +25,9 @@ from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import atomic_write
 from musubi_tuner.inference.pipeline import latent_shape
+from musubi_tuner.inference import step_cache
 from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule
+from musubi_tuner.inference.step_cache import StepCache
 from musubi_tuner.training.sample_prompts import SamplePrompt, load_sample_prompts
 from musubi_tuner.training.validation import evaluation_mode
 
@@ -141,16 +143,18 @@ class TrainingSampler:
             self.sample(dit, network, optimizer, step, epoch=epoch)
 
     # -- what
-    def _latents(self, dit, p: SamplePrompt) -> torch.Tensor:
+    def _latents(self, dit, p: SamplePrompt, cache: StepCache | None = None) -> torch.Tensor:
         device = self.accelerator.device
         cond = {k: v.to(device) for k, v in self.texts[p.prompt].items()}
         uncond = {k: v.to(device) for k, v in self.texts[p.negative_prompt or ""].items()} if _uses_cfg(p) else None
         noise = initial_noise((1, *latent_shape(p.frames, p.height, p.width)), self.seeds[p.index]).to(device)
         image = self.image_latents.get(p.index)
         guidance = Guidance(embedded_scale=p.guidance, scale=p.cfg_scale if p.cfg_scale is not None else 1.0)
+        if cache is not None:
+            cache.new_video()
         with self.accelerator.autocast():
             latents = denoise(dit, noise, sigma_schedule(p.steps, p.flow_shift), cond=cond, uncond=uncond, guidance=guidance,
-                              image_latents=None if image is None else image.to(device))
+                              image_latents=None if image is None else image.to(device), step_cache=cache)
         return latents.cpu()
 
     def sample(self, dit, network, optimizer, step: int, epoch: int | None = None) -> Path | None:
@@ -181,17 +185,20 @@ class TrainingSampler:
         multiplier = getattr(network, "multiplier", None)
         can_switch_off = multiplier is not None and hasattr(network, "set_multiplier")
         latents, effects = {}, []
+        cache = step_cache.from_args(self.args)  # the base latents skip alike, so the LoRA's effect compares like with like
         for p in self.prompts:
-            latents[p.index] = self._latents(dit, p)
+            latents[p.index] = self._latents(dit, p, cache)
             if can_switch_off and p.index not in self.base_latents:
                 network.set_multiplier(0.0)
                 try:
-                    self.base_latents[p.index] = self._latents(dit, p)
+                    self.base_latents[p.index] = self._latents(dit, p, cache)
                 finally:
                     network.set_multiplier(multiplier)
             base = self.base_latents.get(p.index)
             if base is not None:
                 effects.append(((latents[p.index] - base).norm() / base.norm().clamp_min(1e-12)).item())
+        if cache is not None:
+            logger.info("samples at step %d: %s", step, cache.summary())
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"

@@ -1,0 +1,127 @@
+"""--compile: torch.compile each double and single block of the DiT on its own, as musubi-tuner does.
+
+Block by block rather than the whole model: block swap's hooks and gradient checkpointing run between the
+blocks, in Python, so they keep working, and all blocks of a kind share one compiled graph per input shape.
+Compilation happens at the first call (the first steps are slow); its failures and the platforms that
+cannot compile at all are reported as one-line errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from musubi_tuner.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DYNAMIC = {"true": True, "false": False, "auto": None, None: None}
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "inductor"
+    mode: str = "default"
+    dynamic: bool | None = None
+    fullgraph: bool = False
+    cache_size_limit: int | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "CompileOptions | None":
+        """From --compile and its flags (None without --compile); musubi-tuner's deprecated --compile_args
+        BACKEND MODE DYNAMIC FULLGRAPH overrides them and, as there, raises the cache size limit to 32."""
+        if not getattr(args, "compile", False):
+            return None
+        backend, mode, dynamic, fullgraph = args.compile_backend, args.compile_mode, args.compile_dynamic, args.compile_fullgraph
+        limit = args.compile_cache_size_limit
+        legacy = getattr(args, "compile_args", None)
+        if legacy:
+            backend, mode, dynamic, fullgraph = legacy
+            fullgraph = fullgraph.lower() == "true"
+            dynamic = dynamic.lower()
+            limit = limit or 32
+        if mode not in COMPILE_MODES:
+            raise UserError(f"--compile_mode {mode}: one of {', '.join(COMPILE_MODES)}")
+        if dynamic not in DYNAMIC:
+            raise UserError(f"--compile_dynamic {dynamic}: true, false or auto")
+        if limit is not None and limit < 1:
+            raise UserError(f"--compile_cache_size_limit {limit}: at least 1")
+        return cls(backend, mode, DYNAMIC[dynamic], bool(fullgraph), limit)
+
+
+def check_can_compile(options: CompileOptions, device: torch.device | str) -> None:
+    """Stop before any model loads where this platform cannot compile, naming what is missing."""
+    device = torch.device(device)
+    if not torch._dynamo.is_dynamo_supported():
+        raise UserError(f"--compile: torch {torch.__version__} cannot compile on Python {sys.version.split()[0]} "
+                        "(torch.compile does not support it); drop --compile or use a supported Python")
+    if options.backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"--compile_backend {options.backend}: not a torch.compile backend here "
+                        f"(available: {', '.join(torch._dynamo.list_backends())})")
+    if options.backend != "inductor":
+        return
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise UserError("--compile: Inductor needs Triton to compile for CUDA GPUs, and it is not installed "
+                            "(pip install triton; on Windows: pip install triton-windows), or drop --compile")
+    elif device.type == "cpu" and cpp_compiler() is None:
+        raise UserError("--compile: Inductor on the CPU needs a C++ compiler (g++ or clang++, or one named by $CXX) "
+                        "and none was found; install one or drop --compile")
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler Inductor would call on the CPU, or None."""
+    for name in filter(None, (os.environ.get("CXX"), "g++", "clang++", "c++")):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def compile_blocks(model, options: CompileOptions) -> int:
+    """Compile every double and single block in place (module types and state-dict keys unchanged); returns the count."""
+    if options.cache_size_limit:
+        torch._dynamo.config.cache_size_limit = options.cache_size_limit
+    # the one complex op in a block is the view of the rope table as (cos, sin) pairs: nothing to generate code for
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex operators")
+    blocks = [*model.double_blocks, *model.single_blocks]
+    for block in blocks:
+        block.compile(backend=options.backend, mode=options.mode, dynamic=options.dynamic, fullgraph=options.fullgraph)
+    return len(blocks)
+
+
+@contextmanager
+def compile_errors():
+    """A compilation that fails at the first call becomes a one-line error (--debug shows the traceback)."""
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+    from torch._inductor.exc import InductorError
+
+    try:
+        yield
+    except (BackendCompilerFailed, InternalTorchDynamoError, InductorError) as e:
+        cause = getattr(e, "inner_exception", None) or e.__cause__ or e  # the compiler's own complaint, not dynamo's wrapper
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        raise UserError(f"--compile: torch.compile failed on this platform ({type(cause).__name__}: {first[:200]}); "
+                        "run without --compile") from e
+
+
+def log_graph_breaks(debug: bool = False) -> None:
+    """One line with the graphs compiled and the graph breaks; then each break's reason, at debug level unless `debug`."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    listed = debug or logger.isEnabledFor(logging.DEBUG)
+    logger.info("torch.compile: %d graph(s) compiled, %d graph break(s)%s", counters["stats"]["unique_graphs"], sum(breaks.values()),
+                " (--debug lists them)" if breaks and not listed else "")
+    for reason, count in breaks.items():
+        logger.log(logging.INFO if debug else logging.DEBUG, "graph break (%dx): %s", count, reason)

@@ -1,0 +1,158 @@
+"""--compile: the blocks compiled one by one compute what the eager model computes, with block swap and
+gradient checkpointing still in place; a platform that cannot compile gets a one-line error.
+
+Most tests use the aot_eager backend: the same tracing (dynamo, autograd graphs) as Inductor, without the
+C++ compilation that takes Inductor half a minute here; one slow test runs Inductor itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from helpers import dit_inputs, rel_err
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan import compile as compiling
+from musubi_tuner.hunyuan.blocks import MMDoubleStreamBlock
+from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, log_graph_breaks
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+
+CONFIG = tiny_dit_config()
+AOT = CompileOptions(backend="aot_eager")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
+
+
+def model(seed: int = 3) -> HunyuanVideoDiT:
+    dit = HunyuanVideoDiT(CONFIG)
+    dit.load_state_dict(random_dit_state_dict(CONFIG, seed=seed, scale=0.05))
+    return dit.eval()
+
+
+INPUTS = dit_inputs(CONFIG, batch=2, frames=2, height=4, width=4, text_lens=(5, 9))
+
+
+def test_compiled_blocks_keep_their_type_and_the_checkpoint_keys():
+    dit = model()
+    keys = list(dit.state_dict())
+    assert compile_blocks(dit, AOT) == CONFIG.mm_double_blocks_depth + CONFIG.mm_single_blocks_depth
+    assert isinstance(dit.double_blocks[0], MMDoubleStreamBlock) and list(dit.state_dict()) == keys
+
+
+def test_compiled_forward_equals_eager_also_with_block_swap():
+    from musubi_tuner.hunyuan.offload import BlockSwap
+
+    with torch.no_grad():
+        want = model()(*INPUTS)
+        compiled = model()
+        compile_blocks(compiled, AOT)
+        swapped = model()
+        BlockSwap(swapped, 3, "cpu")
+        compile_blocks(swapped, AOT)
+        got, got_swapped = compiled(*INPUTS), swapped(*INPUTS)
+    assert rel_err(got, want) < 1e-6 and rel_err(got_swapped, want) < 1e-6
+
+
+@pytest.mark.parametrize("blocks_to_swap", [0, 1])
+def test_compiled_training_step_gives_the_eager_lora_gradients_with_checkpointing(blocks_to_swap):
+    from musubi_tuner.hunyuan.offload import BlockSwap
+    from musubi_tuner.networks import lora
+
+    grads = []
+    for compiled in (False, True):
+        dit = model()
+        dit.enable_gradient_checkpointing()
+        dit.train()
+        if blocks_to_swap:
+            BlockSwap(dit, blocks_to_swap, "cpu")
+        net = lora.create_arch_network(1.0, 4, 4.0, None, None, dit)
+        net.apply_to(None, dit)
+        with torch.no_grad():
+            for module in net.unet_loras:
+                module.lora_up.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        if compiled:
+            compile_blocks(dit, AOT)
+        dit(*INPUTS).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert rel_err(grads[1], grads[0]) < 1e-5 and grads[0].abs().sum() > 0
+
+
+def test_graph_breaks_are_counted_and_listed_with_debug(caplog):
+    from musubi_tuner.hunyuan.offload import BlockSwap
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    dit = model()
+    dit.set_attention("sdpa", split=True)  # attention per sample over its own length: a graph break at each
+    BlockSwap(dit, 3, "cpu")
+    compile_blocks(dit, AOT)
+    with torch.no_grad():
+        dit(*INPUTS)
+    with caplog.at_level(logging.INFO, logger="musubi_tuner"):
+        log_graph_breaks(debug=False)
+        log_graph_breaks(debug=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "musubi_tuner.hunyuan.compile"]
+    assert "graph break(s) (--debug lists them)" in lines[0]
+    assert any(line.startswith("graph break (") and "item()" in line for line in lines[2:])
+
+
+def test_a_platform_that_cannot_compile_gets_a_one_line_reason(monkeypatch):
+    monkeypatch.setattr(compiling, "cpp_compiler", lambda: None)
+    with pytest.raises(UserError, match=r"--compile: Inductor on the CPU needs a C\+\+ compiler"):
+        check_can_compile(CompileOptions(), "cpu")
+    check_can_compile(AOT, "cpu")  # no C++ needed
+    with pytest.raises(UserError, match="--compile_backend nope: not a torch.compile backend"):
+        check_can_compile(CompileOptions(backend="nope"), "cpu")
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.raises(UserError, match="cannot compile on Python"):
+        check_can_compile(AOT, "cpu")
+
+
+def test_a_compilation_that_fails_at_the_first_call_becomes_a_user_error():
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("cc1plus: not found")
+
+    dit = model()
+    compile_blocks(dit, CompileOptions(backend=no_compiler))
+    with pytest.raises(UserError, match=r"--compile: torch.compile failed on this platform \(.*cc1plus: not found"), \
+            compiling.compile_errors(), torch.no_grad():
+        dit(*INPUTS)
+    torch._dynamo.reset()
+
+
+def test_musubi_tuner_compile_args_override_the_single_flags():
+    from argparse import Namespace
+
+    args = Namespace(compile=True, compile_backend="inductor", compile_mode="default", compile_dynamic=None, compile_fullgraph=False,
+                     compile_cache_size_limit=None, compile_args=["aot_eager", "max-autotune", "true", "True"])
+    assert CompileOptions.from_args(args) == CompileOptions("aot_eager", "max-autotune", True, True, 32)
+    with pytest.raises(UserError, match="--compile_dynamic maybe"):
+        CompileOptions.from_args(Namespace(**{**vars(args), "compile_args": None, "compile_dynamic": "maybe"}))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_forward_equals_eager():
+    """Inductor's C++ kernels on the CPU; about 35 s on a 2-core machine with an empty compile cache."""
+    if compiling.cpp_compiler() is None:
+        pytest.skip("no C++ compiler")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model()(*INPUTS)
+        compiled = model()
+        compile_blocks(compiled, CompileOptions())
+        started = time.perf_counter()
+        got = compiled(*INPUTS)
+        first_call = time.perf_counter() - started
+    print(f"first Inductor call (compilation included): {first_call:.1f} s")
+    assert rel_err(got, want) < 1e-5
