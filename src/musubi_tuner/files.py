@@ -247,6 +247,8 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise UserError(f"{self.path.parent}: is a file, not a folder; choose another {self.flag}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -37,6 +37,7 @@ class Assets:
     lora_big: Path  # rank 4 on a wider DiT (another model size)
     lora_sdxl: Path  # kohya naming, SDXL modules
     lora_nan: Path  # the tiny DiT's LoRA with a NaN in one lora_up
+    lora_ranks: Path  # the tiny DiT's LoRA whose up and down ranks disagree in one module
 
 
 def make_lora(dit_model, path: Path, rank: int = 4, seed: int = 1) -> Path:
@@ -79,4 +80,8 @@ def build_assets(root: Path) -> Assets:
     weights[up][0, 0] = float("nan")
     lora_nan = root / "lora_nan.safetensors"
     files.save_safetensors(weights, lora_nan)
-    return Assets(root, dit, dit_st, vae, te1, te2, dataset, cached, lora, lora_big, lora_sdxl, lora_nan)
+    weights = files.StateDictFile(lora).load_all()
+    weights[up] = weights[up][:, :3].clone()  # rank 3 up, rank 4 down
+    lora_ranks = root / "lora_ranks.safetensors"
+    files.save_safetensors(weights, lora_ranks)
+    return Assets(root, dit, dit_st, vae, te1, te2, dataset, cached, lora, lora_big, lora_sdxl, lora_nan, lora_ranks)

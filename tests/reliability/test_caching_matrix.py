@@ -161,6 +161,9 @@ CASES = [
     Case("toml-target-frames-not-4n1-rounded", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace("target_frames = [5]", "target_frames = [6]")), a),
          None, then=summary_names(r"2 latent caches cached"), warning=r"target_frames: is not 4N\+1, rounded down \(6 -> 5"),
+    Case("toml-cache-directory-is-a-file", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace(str(t / "cache"), str(write(t / "cfile", "x")))), a),
+         r"cfile: is a file, not a folder; choose another cache_directory"),
     # --- flags
     Case("cache-latents-batch-size-zero", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a, "--batch_size", "0"),
          r"--batch_size 0: must be at least 1"),

@@ -38,8 +38,10 @@ def nan_dit(a, tmp):
     return write_dit(tmp / "nan_dit.safetensors", state, TINY_DIT)
 
 
-def video_written(a, tmp, err, out):
-    assert list((tmp / "videos").glob("*.mp4")), "no video was written"
+def assert_names(text: str, pattern: str) -> None:
+    import re
+
+    assert re.search(pattern, text), text[-2000:]
 
 
 CASES = [
@@ -54,6 +56,7 @@ CASES = [
          r"dit\.pt: not a LoRA file: its tensors sit under 'module' .*pass it with --dit"),
     Case("merge-lora-with-nan-writes-nothing", "merge_lora", lambda a, t: merged_before(a, t) and merge_argv(a, t, a.lora_nan),
          r"lora_nan\.safetensors.*(NaN|non-finite)", keep=outputs_of("merged")),
+    Case("merge-lora-ranks-disagree", "merge_lora", lambda a, t: merge_argv(a, t, a.lora_ranks), r"lora_ranks\.safetensors: \S+"),
     Case("merge-dit-with-inf-writes-nothing", "merge_lora", lambda a, t: ["--dit", str(nan_dit(a, t)), *merge_argv(a, t)[2:]],
          r"nan_dit\.safetensors: final_layer\S+ would hold 1 NaN/inf values \(the DiT file itself holds them\); nothing was written"),
     Case("merge-device-without-cuda", "merge_lora", lambda a, t: merge_argv(a, t)[:-2] + ["--device", "cuda:0"],
@@ -85,7 +88,9 @@ CASES = [
          then=nothing_generated),
     Case("generate-lora-with-nan-writes-nothing", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora_nan), "--output_type", "video"),
-         r"(lora_nan\.safetensors.*(NaN|non-finite))|(non-finite \(NaN/inf\) values)"),
+         r"lora_nan\.safetensors.*(NaN|non-finite)", then=nothing_generated),
+    Case("generate-lora-ranks-disagree", "hv_generate_video", lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora_ranks)),
+         r"lora_ranks\.safetensors: \S+", then=nothing_generated),
     Case("generate-dit-with-inf-writes-nothing", "hv_generate_video",
          lambda a, t: ["--dit", str(nan_dit(a, t)), *generate_argv(a, t, "--output_type", "video")[2:]],
          r"the sampled latent of \S+nan_dit\.safetensors holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written"),
@@ -113,6 +118,8 @@ CASES = [
     Case("plan-batch-size-zero", "plan", lambda a, t: plan_argv("--batch_size", "0"), r"--batch_size 0: must be at least 1"),
     Case("plan-size-not-multiple-of-16", "plan", lambda a, t: plan_argv()[:2] + ["--video_size", "540", "960"],
          r"height and width must be multiples of 16"),
+    Case("lora-info-reports-a-nan-lora", "lora_info", lambda a, t: [str(a.lora_nan)], None,
+         then=lambda a, t, err, out: assert_names(out, r"(NaN|non-finite)")),
     Case("lora-info-missing-file", "lora_info", lambda a, t: [str(t / "nope.safetensors")], r"nope\.safetensors: .*not found"),
 ]
 

@@ -186,7 +186,7 @@ def test_every_flag_that_docs_training_names_exists():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
     ours = {s for a in build_parser()._actions for s in a.option_strings}
     accelerate_launch = {"--multi_gpu", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
-                         "--main_process_port", "--num_cpu_threads_per_process", "--cpu"}
+                         "--main_process_port", "--num_cpu_threads_per_process", "--cpu", "--quiet"}
     sample_prompt_options = {"--w", "--h", "--f", "--d", "--s", "--g", "--fs", "--l", "--n", "--i"}  # inside prompt files
     other_commands = {"--workdir", "--lora_weight"}  # the demo's, hv_generate_video's
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", doc)) - {"--metadata_"}

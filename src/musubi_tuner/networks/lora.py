@@ -261,14 +261,25 @@ class LoRANetwork(nn.Module):
 def _parse_network_args(kwargs: dict) -> dict:
     """`--network_args key=value` strings (already split into kwargs) to typed options."""
     opts = {}
-    for key in ("rank_dropout", "module_dropout", "loraplus_lr_ratio"):
+    for key, low, high in (("rank_dropout", 0.0, 0.99), ("module_dropout", 0.0, 0.99), ("loraplus_lr_ratio", 0.0, float("inf"))):
         if kwargs.get(key) is not None:
-            opts[key] = float(kwargs[key])
+            try:
+                opts[key] = float(kwargs[key])
+            except ValueError:
+                raise UserError(f"--network_args {key}={kwargs[key]}: not a number") from None
+            if not low <= opts[key] <= high:
+                raise UserError(f"--network_args {key}={kwargs[key]}: must be between {low:g} and {high:g}")
     for key in ("include_patterns", "exclude_patterns"):
         value = kwargs.get(key)
         if value is None:
             continue
-        patterns = ast.literal_eval(value) if isinstance(value, str) else value
+        try:
+            patterns = ast.literal_eval(value) if isinstance(value, str) else value
+        except (ValueError, SyntaxError):
+            raise UserError(f"--network_args {key}={value}: not a list of regular expressions; write it as "
+                            f"{key}=[\"double_blocks\", \"img_mod\"] (quoted, in brackets)") from None
+        if not isinstance(patterns, (str, list, tuple)) or not all(isinstance(p, str) for p in ([patterns] if isinstance(patterns, str) else patterns)):
+            raise UserError(f"--network_args {key}={value}: not a list of regular expressions (strings)")
         if isinstance(patterns, str):
             patterns = [patterns]
         valid = []

@@ -114,6 +114,10 @@ def check_lora_files(args) -> None:
         load_network_weights(args.network_weights, allow_partial)
     for path in args.base_weights or []:
         read_lora(path, allow_partial)
+    if args.base_weights:
+        from musubi_tuner.networks.merge import resolve_multipliers
+
+        resolve_multipliers(args.base_weights, args.base_weights_multiplier, "--base_weights_multiplier")
 
 
 def make_accelerator(args) -> Accelerator:
@@ -155,7 +159,7 @@ def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
     if merge_first:
         from musubi_tuner.networks.merge import merge_loras_into
 
-        merge_loras_into(dit, args.base_weights, args.base_weights_multiplier or [], device=device,
+        merge_loras_into(dit, args.base_weights, args.base_weights_multiplier, device=device,
                          allow_partial=getattr(args, "allow_partial_lora", False))
         if args.fp8_base:
             from musubi_tuner.hunyuan.fp8 import convert_to_fp8

@@ -24,7 +24,7 @@ def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
             raise UserError(f"{flag}: {item!r} is not key=value")
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             out[key.strip()] = value.strip()
     return out
 
