@@ -35,13 +35,20 @@ def check_attention_mode(mode: str) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None,
-              mode: str = "sdpa", split: bool = False) -> torch.Tensor:
-    """Softmax attention; q, k, v (B, L, H, D), lengths (B,) valid tokens or None (all valid). Returns (B, L, H*D)."""
+              mode: str = "sdpa", split: bool = False, host_lengths: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Softmax attention; q, k, v (B, L, H, D), lengths (B,) valid tokens or None (all valid). Returns (B, L, H*D).
+
+    `host_lengths`: the same lengths as Python ints, when the caller has them: decisions on them read no device
+    memory (and work on fake tensors, which the memory planner traces)."""
     B, L, H, D = q.shape
-    if lengths is not None and not torch.compiler.is_compiling() and bool((lengths >= L).all()):
-        lengths = None  # (a compiled block keeps the mask: a test on values would break its graph; all-true changes nothing)
+    if lengths is not None and not torch.compiler.is_compiling():
+        # (a compiled block keeps the mask: a test on values would break its graph; all-true changes nothing)
+        if all(n >= L for n in host_lengths) if host_lengths is not None else bool((lengths >= L).all()):
+            lengths = host_lengths = None
+    if lengths is not None and host_lengths is None and (split or mode != "sdpa"):  # the sdpa mask needs no values
+        host_lengths = tuple(int(n) for n in lengths.tolist())
     if split and (B > 1 or lengths is not None):
-        return _split_attention(q, k, v, lengths, mode)
+        return _split_attention(q, k, v, host_lengths, mode)
     if mode == "sdpa":
         mask = None
         if lengths is not None:
@@ -49,9 +56,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2).reshape(B, L, H * D)
     if mode in ("flash", "flash3", "sageattn"):
-        return _varlen_attention(q, k, v, lengths, mode)
+        return _varlen_attention(q, k, v, lengths, host_lengths, mode)
     if mode == "xformers":
-        return _xformers_attention(q, k, v, lengths)
+        return _xformers_attention(q, k, v, lengths, host_lengths)
     raise UserError(f"attention mode {mode!r} is unknown")
 
 
@@ -82,11 +89,11 @@ def _single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> tor
     return out.reshape(1, l, H * D)
 
 
-def _split_attention(q, k, v, lengths, mode) -> torch.Tensor:
+def _split_attention(q, k, v, host_lengths, mode) -> torch.Tensor:
     B, L, H, D = q.shape
     outs = []
     for b in range(B):
-        n = L if lengths is None else int(lengths[b])
+        n = L if host_lengths is None else host_lengths[b]
         o = _single(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n], mode)
         if n < L:
             o = torch.cat([o, o.new_zeros(1, L - n, H * D)], dim=1)
@@ -94,7 +101,7 @@ def _split_attention(q, k, v, lengths, mode) -> torch.Tensor:
     return torch.cat(outs, dim=0) if B > 1 else outs[0]
 
 
-def _varlen_attention(q, k, v, lengths, mode) -> torch.Tensor:
+def _varlen_attention(q, k, v, lengths, host_lengths, mode) -> torch.Tensor:
     """Pack the valid tokens of all samples and run the kernel's variable-length entry point."""
     B, L, H, D = q.shape
     if lengths is None:
@@ -103,7 +110,7 @@ def _varlen_attention(q, k, v, lengths, mode) -> torch.Tensor:
     lengths = lengths.to(device=q.device, dtype=torch.int32)
     valid = torch.arange(L, device=q.device)[None, :] < lengths[:, None]  # (B, L)
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    max_len = int(lengths.max())
+    max_len = max(host_lengths)
     qp, kp, vp = q[valid], k[valid], v[valid]  # (total, H, D)
     if mode == "flash":
         from flash_attn import flash_attn_varlen_func
@@ -123,13 +130,13 @@ def _varlen_attention(q, k, v, lengths, mode) -> torch.Tensor:
     return full.reshape(B, L, H * D)
 
 
-def _xformers_attention(q, k, v, lengths) -> torch.Tensor:
+def _xformers_attention(q, k, v, lengths, host_lengths) -> torch.Tensor:
     import xformers.ops as xops
 
     B, L, H, D = q.shape
     if lengths is None:
         return xops.memory_efficient_attention(q, k, v).reshape(B, L, H * D)
-    lens = [int(n) for n in lengths]
+    lens = list(host_lengths)
     valid = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]
     bias = xops.fmha.BlockDiagonalMask.from_seqlens(lens)
     out = xops.memory_efficient_attention(q[valid][None], k[valid][None], v[valid][None], attn_bias=bias)[0]

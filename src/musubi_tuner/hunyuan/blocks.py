@@ -27,6 +27,7 @@ class AttentionContext:
     mode: str = "sdpa"
     split: bool = False
     lengths: torch.Tensor | None = None  # valid tokens per sample in the joint [image, text] sequence
+    host_lengths: tuple[int, ...] | None = None  # the same, as Python ints
     rotation: torch.Tensor | None = None  # (L, D / 2) complex rope table: image rows rotate, text rows are 1
     img_len: int = 0
 
@@ -202,11 +203,12 @@ class IndividualTokenRefinerBlock(nn.Module):
         self.mlp = MLP(hidden_size, mlp_hidden, "silu")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, lengths: torch.Tensor | None, split: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, lengths: torch.Tensor | None, split: bool,
+                host_lengths: tuple[int, ...] | None = None) -> torch.Tensor:
         gate_msa, gate_mlp = self.adaLN_modulation(c).chunk(2, dim=-1)
         B, L, C = x.shape
         q, k, v = self.self_attn_qkv(self.norm1(x)).view(B, L, 3, self.heads, C // self.heads).unbind(2)
-        a = attention(q, k, v, lengths, "sdpa", split)  # at most a few hundred tokens: SDPA is always fine
+        a = attention(q, k, v, lengths, "sdpa", split, host_lengths)  # at most a few hundred tokens: SDPA is always fine
         x = gated_residual(x, gate_msa, self.self_attn_proj(a))
         return gated_residual(x, gate_mlp, self.mlp(self.norm2(x)))
 
@@ -227,7 +229,8 @@ class SingleTokenRefiner(nn.Module):
         self.c_embedder = TextProjection(text_dim, hidden_size)
         self.individual_token_refiner = IndividualTokenRefiner(hidden_size, heads, mlp_hidden, depth)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, lengths: torch.Tensor | None, split: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, lengths: torch.Tensor | None, split: bool = False,
+                host_lengths: tuple[int, ...] | None = None) -> torch.Tensor:
         if lengths is None:
             pooled = x.float().mean(dim=1)
         else:
@@ -236,7 +239,7 @@ class SingleTokenRefiner(nn.Module):
         c = self.t_embedder(t) + self.c_embedder(pooled.to(x.dtype))
         x = self.input_embedder(x)
         for block in self.individual_token_refiner.blocks:
-            x = block(x, c, lengths, split)
+            x = block(x, c, lengths, split, host_lengths)
         return x
 
 
@@ -277,7 +280,7 @@ class MMDoubleStreamBlock(nn.Module):
         k = torch.cat([img_k, txt_k], dim=1)
         v = torch.cat([img_v, txt_v], dim=1)
         # split (not slicing): its backward concatenates instead of scattering into zero-filled tensors
-        img_attn, txt_attn = attention(q, k, v, ctx.lengths, ctx.mode, ctx.split).split([img.shape[1], txt.shape[1]], dim=1)
+        img_attn, txt_attn = attention(q, k, v, ctx.lengths, ctx.mode, ctx.split, ctx.host_lengths).split([img.shape[1], txt.shape[1]], dim=1)
         img = gated_residual(img, img_mod[2], self.img_attn_proj(img_attn))
         img = gated_residual(img, img_mod[5], self.img_mlp(modulate_norm(img, img_mod[3], img_mod[4])))
         txt = gated_residual(txt, txt_mod[2], self.txt_attn_proj(txt_attn))
@@ -306,7 +309,7 @@ class MMSingleStreamBlock(nn.Module):
         q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).unbind(2)
         q = qk_norm(q, self.q_norm.weight, ctx.rotation)
         k = qk_norm(k, self.k_norm.weight, ctx.rotation)
-        attn = attention(q, k, v, ctx.lengths, ctx.mode, ctx.split)
+        attn = attention(q, k, v, ctx.lengths, ctx.mode, ctx.split, ctx.host_lengths)
         return gated_residual(x, gate, self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)))
 
 

@@ -104,13 +104,14 @@ class HunyuanVideoDiT(nn.Module):
             x, text_states, text_states_2 = x.to(dtype), text_states.to(dtype), text_states_2.to(dtype)
 
         # Cut the text to the longest valid prompt; mask or split handles shorter ones.
-        text_lengths = None
+        text_lengths = host_lengths = None
         if text_mask is not None:
-            lengths = text_mask.to(x.device).sum(dim=1)
-            longest = max(int(lengths.max()), 1)
+            valid = [int(sum(row)) for row in text_mask.tolist()]  # one read of the mask, as Python ints
+            longest = max(*valid, 1)
             text_states = text_states[:, :longest]
-            if bool((lengths != longest).any()):
-                text_lengths = lengths.clamp(min=1)
+            if any(n != longest for n in valid):
+                host_lengths = tuple(max(n, 1) for n in valid)
+                text_lengths = torch.tensor(host_lengths, device=x.device)
 
         vec = self.time_in(t) + self.vector_in(text_states_2)
         if self.guidance_in is not None:
@@ -119,7 +120,7 @@ class HunyuanVideoDiT(nn.Module):
             self.img_in.to(x.device)
             self.txt_in.to(x.device)
         img = self.img_in(x)
-        txt = self.txt_in(text_states, t, text_lengths, self.split_attn)
+        txt = self.txt_in(text_states, t, text_lengths, self.split_attn, host_lengths)
         if self.offload_embedders:
             self.img_in.to("cpu")
             self.txt_in.to("cpu")
@@ -130,6 +131,7 @@ class HunyuanVideoDiT(nn.Module):
             mode=self.attn_mode,
             split=self.split_attn,
             lengths=None if text_lengths is None else img_len + text_lengths,
+            host_lengths=None if host_lengths is None else tuple(img_len + n for n in host_lengths),
             rotation=torch.cat([rotation, rotation.new_ones(txt_len, rotation.shape[1])]),  # text tokens: no rotation
             img_len=img_len,
         )
