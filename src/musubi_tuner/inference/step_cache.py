@@ -196,9 +196,9 @@ class StepCache:
         img_1, txt_1 = model.run_double_block(0, img, txt, silu_vec, ctx)
         first_residual = img_1 - img
         metric = None
-        if state.previous is not None and state.residual is not None:
+        if not forced and state.previous is not None and state.residual is not None:  # as TeaCache: a forced step reads nothing
             metric = relative_l1(first_residual, state.previous)
-            if not forced and metric <= self.threshold:
+            if metric <= self.threshold:
                 return img_1 + state.residual, True, metric
         state.previous = first_residual
         out = model.run_blocks(img_1, txt_1, silu_vec, ctx, first=1)
