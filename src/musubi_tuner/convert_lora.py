@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         args = build_parser().parse_args(argv)
         from musubi_tuner.networks.lora_files import save_lora
         from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora
-        from musubi_tuner.training.metadata import with_naming
+        from musubi_tuner.networks.lora_metadata import with_naming
 
         contents = read_lora(args.input, args.allow_partial_lora)
         if args.target == "other":

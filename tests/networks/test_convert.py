@@ -11,7 +11,8 @@ from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.networks import lora
-from musubi_tuner.networks.lora_files import load_lora, read_lora_file, save_lora
+from musubi_tuner.networks.lora_files import load_lora, save_lora
+from musubi_tuner.networks.lora_reader import read_lora_file
 from musubi_tuner.networks.lora_naming import kohya_to_module_path
 from musubi_tuner.networks.lora_reader import kohya_state_dict, parse_lora
 

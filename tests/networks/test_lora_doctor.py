@@ -15,7 +15,8 @@ from musubi_tuner.files import read_safetensors_header
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.networks import lora
 from musubi_tuner.networks.lora_files import lora_outputs, save_lora
-from musubi_tuner.training.metadata import LoRAFileInfo, finish_metadata, lora_module_info
+from musubi_tuner.networks.lora_metadata import LoRAFileInfo, lora_module_info
+from musubi_tuner.training.metadata import finish_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 

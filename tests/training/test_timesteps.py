@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps, shift_sigma, timestep_bucket_pool
+from musubi_tuner.hunyuan.schedule import shift_sigma
+from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps, timestep_bucket_pool
 
 N = 20_000
 

@@ -52,7 +52,7 @@ def test_trains_and_saves_a_lora_per_epoch_with_kohya_keys(assets, tmp_path):
 
 def test_saved_lora_says_what_it_is_and_loads_completely_in_every_consumer(assets, tmp_path):
     from musubi_tuner.networks.lora_doctor import diagnose
-    from musubi_tuner.training.metadata import LoRAFileInfo
+    from musubi_tuner.networks.lora_metadata import LoRAFileInfo
 
     root, dit, toml = assets
     final = train(parse_args(base_args(dit, toml, tmp_path, "--max_train_steps", "2")))

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from musubi_tuner.inference.step_cache import StepCache
-from musubi_tuner.training.timesteps import shift_sigma
+from musubi_tuner.hunyuan.schedule import shift_sigma
 
 
 def sigma_schedule(steps: int, shift: float) -> torch.Tensor:

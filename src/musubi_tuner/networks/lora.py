@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.networks.lora_files import load_network_weights, save_lora
 
 logger = logging.getLogger(__name__)
 
@@ -204,14 +205,10 @@ class LoRANetwork(nn.Module):
         return out
 
     def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-        from musubi_tuner.networks.lora_files import save_lora
-
         save_lora(self.state_dict_for_saving(dtype), file, metadata or {})
 
     def load_weights(self, file: str, allow_partial: bool = False) -> dict:
         """Load a LoRA file (any naming) into this network: every LoRA pair of the file must fit one of its modules."""
-        from musubi_tuner.networks.lora_files import load_network_weights
-
         weights = load_network_weights(file, allow_partial)
         own = self.state_dict()
         unknown = [k for k in weights if k not in own]

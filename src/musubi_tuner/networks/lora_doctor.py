@@ -15,10 +15,9 @@ from pathlib import Path
 
 from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, Coverage, coverage, model_for
-from musubi_tuner.networks.lora_files import read_lora_file
 from musubi_tuner.networks.lora_inspect import LoRAInspection, inspect_lora, summary_lines
-from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict
-from musubi_tuner.training.metadata import base_model_kind
+from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora_file
+from musubi_tuner.networks.lora_metadata import base_model_kind
 
 # what to give a consumer the file does not serve completely: our two outputs, made by convert_lora.py
 CONVERSIONS = {"convert_lora.py --target default": kohya_state_dict, "convert_lora.py --target other": other_state_dict}

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import StateDictFile, save_safetensors
+from musubi_tuner.files import save_safetensors
+from musubi_tuner.networks.lora_naming import module_template
+from musubi_tuner.networks.lora_reader import kohya_state_dict, kohya_to_other, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +31,9 @@ def save_lora(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, meta
     return path
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata exactly as stored."""
-    f = StateDictFile(path, what="LoRA file")
-    return f.load_all(), dict(f.metadata)
-
-
 def load_lora(path: str | os.PathLike, allow_partial: bool = False) -> dict[str, torch.Tensor]:
     """A LoRA file in any naming, in ours (`lora_unet_*.lora_down/up.weight`, `.alpha`, `.diff`, `.diff_b`, `.set_weight`);
     refused unless every entry applies (networks.lora_reader)."""
-    from musubi_tuner.networks.lora_reader import kohya_state_dict, read_lora
-
     return kohya_state_dict(read_lora(path, allow_partial).patches)
 
 
@@ -48,9 +42,6 @@ def load_network_weights(path: str | os.PathLike, allow_partial: bool = False) -
 
     Anything else (bias or weight diffs, a conv LoRA, set_weight) cannot be trained on: refused naming the first
     entry, or with `allow_partial` dropped with a warning."""
-    from musubi_tuner.networks.lora_naming import module_template
-    from musubi_tuner.networks.lora_reader import kohya_state_dict, read_lora
-
     patches = read_lora(path, allow_partial).patches
     pairs = [p for p in patches if p.kind == "lora" and module_template(p.module).weight_ndim == 2]
     others = [p for p in patches if not (p.kind == "lora" and module_template(p.module).weight_ndim == 2)]
@@ -88,8 +79,6 @@ class LoRAOutput:
 
 def lora_outputs(kohya_weights: dict[str, torch.Tensor], path: str | os.PathLike, lora_format: str = "both") -> list[LoRAOutput]:
     """The files `--lora_format` asks for, from a kohya-named state dict: (path, tensors, naming, companion)."""
-    from musubi_tuner.networks.lora_reader import kohya_to_other
-
     path = Path(path)
     if lora_format not in LORA_FORMATS:
         raise UserError(f"--lora_format {lora_format}: one of {', '.join(LORA_FORMATS)}")

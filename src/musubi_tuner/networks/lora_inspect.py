@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.networks.lora_reader import LoRAContents, first_non_finite, read_lora_contents
-from musubi_tuner.training.metadata import LoRAFileInfo
+from musubi_tuner.networks.lora_metadata import LoRAFileInfo
 
 NAMINGS = {
     "kohya": "kohya (lora_unet_*): musubi-tuner, sd-scripts, this toolkit",

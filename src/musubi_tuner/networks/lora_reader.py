@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import StateDictFile
 from musubi_tuner.networks.lora_naming import (
     DIFFUSERS_PREFIXES, KOHYA_PREFIX, OTHER_PREFIXES, diffusers_to_official, module_path_to_kohya, module_template, official_module,
 )
@@ -168,10 +169,14 @@ def read_lora(path: str | os.PathLike, allow_partial: bool = False) -> LoRAConte
     return contents.require_whole(allow_partial)
 
 
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata exactly as stored."""
+    f = StateDictFile(path, what="LoRA file")
+    return f.load_all(), dict(f.metadata)
+
+
 def read_lora_contents(path: str | os.PathLike) -> LoRAContents:
     """A LoRA file's patches and problems, without refusing anything (what info and the doctor show)."""
-    from musubi_tuner.networks.lora_files import read_lora_file
-
     weights, metadata = read_lora_file(path)
     return parse_lora(weights, metadata, str(path), peft_config(path))
 

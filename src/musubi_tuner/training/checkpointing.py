@@ -14,7 +14,8 @@ import torch
 
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
-from musubi_tuner.training.metadata import finish_metadata, lora_module_info, modelspec, training_metadata
+from musubi_tuner.networks.lora_metadata import lora_module_info
+from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
 from musubi_tuner.training.state import TrainProgress, save_state
 
 logger = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.schedule import shift_sigma
 
 SAMPLING_MODES = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "flux2_shift", "qwen_shift", "krea2_shift",
                   "logsnr", "qinglong_flux", "qinglong_qwen")
@@ -52,11 +53,6 @@ class TimestepConfig:
     @property
     def t_max(self) -> float:
         return (NUM_TRAIN_TIMESTEPS if self.max_timestep is None else self.max_timestep) / NUM_TRAIN_TIMESTEPS
-
-
-def shift_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """Flow-matching time shift: t' = s t / (1 + (s - 1) t)."""
-    return t * shift / (1 + (shift - 1) * t)
 
 
 def _mu_line(x: float, x1: float, y1: float, x2: float, y2: float) -> float:

@@ -31,7 +31,7 @@ from musubi_tuner.data.training_dataset import BatchPlan, load_batch
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR
 from musubi_tuner.training.flow_matching import predict_velocity
-from musubi_tuner.training.metadata import OURS
+from musubi_tuner.networks.lora_metadata import OURS
 from musubi_tuner.training.optimizers import is_schedule_free
 from musubi_tuner.training.timesteps import TimestepConfig, model_timesteps
 
