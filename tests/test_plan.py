@@ -308,3 +308,23 @@ def test_plan_prints_the_time_per_video_with_and_without_step_caching(capsys):
     out = capsys.readouterr().out
     assert "--step_cache teacache --step_cache_threshold 0.1: about" in out and "11 of 30 steps skipped (1.6x" in out
     assert "--step_cache fbcache --step_cache_threshold 0.06: about" in out and "11 of 30 steps skipped (1.62x" in out
+
+
+def test_budget_reads_as_gib_and_an_assumed_gpu_says_so():
+    import argparse
+
+    from musubi_tuner.planning.from_args import device_from_args, parse_budget
+
+    assert parse_budget("24G") == parse_budget("24GB") == parse_budget("24 GiB") == parse_budget("24") == pytest.approx(25.769803776)
+    assert device_from_args(argparse.Namespace(gpu="a100"), 80 * 1.073741824).name == "A100 80GB"
+    assert device_from_args(argparse.Namespace(), 80 * 1.073741824).name.startswith("H100 SXM (assumed, for a 80 GiB budget")
+    assert device_from_args(argparse.Namespace(), 24 * 1.073741824).name.startswith("RTX 4090 (assumed")
+    own = device_from_args(argparse.Namespace(tflops=100.0), None)
+    assert own.bf16_tflops == 100.0 and own.name.startswith("a GPU of 100 TFLOP/s")
+
+
+def test_budget_search_keeps_the_memory_options_the_user_gave():
+    tried = fit_budget(small_work(), MemoryOptions(fp8=True, blocks_to_swap=1, gradient_checkpointing=True), 80, gpu("h100"))
+    sets = [c.options for c in [tried.best, *tried.ruled_out, *tried.also_fit]]
+    assert all(o.fp8 and o.gradient_checkpointing and o.blocks_to_swap >= 1 for o in sets)
+    assert tried.best.options.blocks_to_swap == 1  # the fastest that fits: the user's own count

@@ -66,22 +66,30 @@ def options_from_args(args, mode: str) -> MemoryOptions:
     )
 
 
+GIB = 1.073741824  # GB per GiB
+
+
 def parse_budget(text: str) -> float:
-    """'24G', '24GB', '16 GiB', '80' -> gigabytes (GiB counts as 1.074 GB)."""
+    """'24G', '24GB', '24GiB', '24' -> gigabytes (1e9 bytes) of a card sold as that many "GB": GPU makers count
+    GiB (a "24 GB" RTX 4090 holds 24 GiB, 25.8e9 bytes), so every form reads as GiB."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*(g|gb|gib)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise UserError(f"--vram_budget {text!r}: give gigabytes, e.g. 12G, 16G, 24G or 80G")
-    value = float(m.group(1))
-    return value * (1.073741824 if (m.group(2) or "").lower() == "gib" else 1.0)
+        raise UserError(f"--vram_budget {text!r}: give the card's memory, e.g. 12G, 16G, 24G or 80G (read as GiB)")
+    return float(m.group(1)) * GIB
 
 
 def device_from_args(args, budget_gb: float | None) -> GPU:
-    name = getattr(args, "gpu", None) or (default_gpu_for_budget(budget_gb) if budget_gb else "rtx4090")
-    device = gpu(name)
+    """--gpu, or the card a budget suggests (said in its name); --tflops / --pcie_gbps override its figures."""
+    name = getattr(args, "gpu", None)
+    device = gpu(name or (default_gpu_for_budget(budget_gb / GIB) if budget_gb else "rtx4090"))
     changes = {}
+    if not name:
+        why = f"for a {budget_gb / GIB:g} GiB budget" if budget_gb else "the default"
+        changes["name"] = f"{device.name} (assumed, {why}: give --gpu)"
     if getattr(args, "tflops", None):
         changes["bf16_tflops"] = float(args.tflops)
-        changes["name"] = f"{device.name} at {args.tflops} TFLOP/s"
+        changes["name"] = (f"{device.name} at {args.tflops:g} TFLOP/s" if name else
+                           f"a GPU of {args.tflops:g} TFLOP/s (memory and PCIe figures of an {device.name}: give --gpu)")
     if getattr(args, "pcie_gbps", None):
         changes["pcie_pinned_gbps"] = float(args.pcie_gbps)
         changes["pcie_pageable_gbps"] = float(args.pcie_gbps) / 2

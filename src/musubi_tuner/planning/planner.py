@@ -205,23 +205,27 @@ def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GP
 
     The DiT options searched: fp8 weights, gradient checkpointing (+ CPU offload), block swap (every
     fourth count up to the maximum, pinned memory), and split CFG for generation; the encoder stages
-    take fp8 for the LLM and smaller VAE tiles only when they need them. The user's other choices
-    (LoRA rank, optimizer, precision) stay as given.
+    take fp8 for the LLM and smaller VAE tiles only when they need them. What the user turned on stays on
+    (fp8, checkpointing, its CPU offload, at least their --blocks_to_swap, split CFG), and their other
+    choices (LoRA rank, optimizer, precision) stay as given.
     """
     budget = budget_gb * GB
     max_swap = 36 if work.mode == "train" else 38
     sets = []
-    for fp8 in ((False, True) if allow_fp8 else (False,)):
+    swaps = [n for n in (0, *range(4, max_swap + 1, 4), max_swap, base.blocks_to_swap) if n >= base.blocks_to_swap]
+    for fp8 in [f for f in ((False, True) if allow_fp8 else (False,)) if f >= base.fp8]:
         if work.mode == "train":
             for ckpt, offload in ((False, False), (True, False), (True, True)):
-                for swap in (0, *range(4, max_swap + 1, 4), max_swap):
+                if ckpt < base.gradient_checkpointing or offload < base.gradient_checkpointing_cpu_offload:
+                    continue
+                for swap in swaps:
                     if swap and not ckpt:
                         continue  # saves nothing in training (see the warning)
                     sets.append(base.replace(fp8=fp8, gradient_checkpointing=ckpt, gradient_checkpointing_cpu_offload=offload,
                                              blocks_to_swap=swap, use_pinned_memory_for_block_swap=bool(swap)))
         else:
-            for split in ((False, True) if base.guidance_scale != 1.0 else (base.split_uncond,)):
-                for swap in (0, *range(4, max_swap + 1, 4), max_swap):
+            for split in [x for x in ((False, True) if base.guidance_scale != 1.0 else (base.split_uncond,)) if x >= base.split_uncond]:
+                for swap in swaps:
                     sets.append(base.replace(fp8=fp8, split_uncond=split, blocks_to_swap=swap, use_pinned_memory_for_block_swap=bool(swap)))
     # the encoder stages: cheapest settings that fit (they do not change the step time)
     encoder_opts = _fit_encoders(work, base, budget)

@@ -87,7 +87,8 @@ def step_cache_lines(o, steps: int, denoising_s: float) -> list[str]:
 
 
 def format_search(search: Search, budget_label: str) -> str:
-    lines = [f"--vram_budget {budget_label}: the fastest option set whose every stage fits in {gb(search.budget_bytes)}"]
+    lines = [f"--vram_budget {budget_label} (read as GiB, as GPU memory is sold: {gb(search.budget_bytes)}): "
+             "the fastest option set whose every stage fits, keeping the memory options given"]
     if search.best is None:
         lines.append("nothing fits. The smallest option sets tried:")
         for c in sorted(search.ruled_out, key=lambda c: c.plan.needed)[:4]:

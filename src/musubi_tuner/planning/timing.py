@@ -44,9 +44,10 @@ def gpu(name: str) -> GPU:
         raise UserError(f"--gpu {name}: known GPUs are {', '.join(GPUS)} (or give --tflops and --pcie_gbps)") from None
 
 
-def default_gpu_for_budget(budget_gb: float) -> str:
-    """The GPU the time estimates assume when only a memory budget is given: a 24 GB card up to 24 GB, else an H100."""
-    return "rtx4090" if budget_gb <= 24 else "h100"
+def default_gpu_for_budget(budget_gib: float) -> str:
+    """The GPU the time estimates assume when only a memory budget is given (the plan says so): a 24 GB card up to
+    24 GiB, else an H100."""
+    return "rtx4090" if budget_gib <= 24 else "h100"
 
 
 @dataclass(frozen=True)
