@@ -23,7 +23,8 @@ from foreign_loras import (
 from helpers import dit_inputs, rel_err
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
 from musubi_tuner.files import StateDictFile
-from musubi_tuner.networks.lora_consumers import Model, coverage, dit_linears
+from musubi_tuner.networks.lora_consumers import coverage
+from musubi_tuner.networks.lora_coverage import Model, dit_linears
 from musubi_tuner.networks.lora_naming import official_to_comfy
 from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, parse_lora, read_lora
 from musubi_tuner.networks.merge import merge_patch

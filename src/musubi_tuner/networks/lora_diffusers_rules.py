@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from musubi_tuner.hunyuan.config import DiTConfig
-from musubi_tuner.networks.lora_consumers import Coverage, Model, numel, shape_of
+from musubi_tuner.networks.lora_coverage import Coverage, Model, numel, shape_of
 from musubi_tuner.networks.lora_naming import official_to_diffusers
 
 DIFFUSERS_SPLIT_WIDTH = 3072  # _convert_hunyuan_video_lora_to_diffusers splits single-block linear1 at this width

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from musubi_tuner.hunyuan.config import DiTConfig
-from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, Coverage, coverage, model_for
+from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, coverage, model_for
+from musubi_tuner.networks.lora_coverage import Coverage
 from musubi_tuner.networks.lora_inspect import LoRAInspection, inspect_lora, summary_lines
 from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora_file
 from musubi_tuner.networks.lora_metadata import base_model_kind
