@@ -23,7 +23,7 @@ SMALL = DiTConfig(hidden_size=256, heads_num=2, mlp_hidden_size=1024, mm_double_
 
 
 def small_work(**changes) -> Workload:
-    return Workload(**{"config": SMALL, "height": 192, "width": 256, "frames": 9, "text_tokens": 48, **changes})
+    return Workload(**{"config": SMALL, "height": 128, "width": 192, "frames": 9, "text_tokens": 48, **changes})
 
 
 # ------------------------------------------------------------------------------------------- sizes
