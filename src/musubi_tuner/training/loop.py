@@ -453,6 +453,8 @@ def _train(args) -> Path:
             bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}", **shown)
             accelerator.log(logs, step=progress.global_step)
             saver.after_step(progress)
+            if is_main:
+                saver.losses.write_csv_if_due()  # a live curve for whoever watches the run
             if samples is not None:
                 samples.after_step(dit, network, optimizer, progress.global_step)
             if progress.global_step >= total_steps:
