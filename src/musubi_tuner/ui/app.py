@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 

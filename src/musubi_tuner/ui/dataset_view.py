@@ -49,7 +49,7 @@ def _inspect(ds, previews: Path, num_workers: int) -> dict:
                     "path": str(path), "name": path.name, "caption": caption.caption if caption else None,
                     "size": list(latent.size) if latent.clip is None else _source_size(latent.provenance),
                     "bucket": list(latent.bucket), "clips": [],
-                    "text_cache": _text_status(caption.cache_path) if caption else "no caption",
+                    "text_cache": _text_status(caption) if caption else "no caption",
                     "source_frames": int(latent.provenance["source_frames"]) if "source_frames" in latent.provenance else None,
                 }
             clip = {"start": latent.clip.start if latent.clip else None, "frames": latent.clip.frames if latent.clip else 1,
@@ -82,8 +82,9 @@ def _source_size(provenance: dict[str, str]) -> list[int]:
     return [int(width), int(height)]
 
 
-def _text_status(path: Path) -> str:
-    return cache_files.cache_status(path, required_prefixes=TEXT_ENCODERS) or "cached"
+def _text_status(caption) -> str:
+    """As cache_text_encoder_outputs.py --skip_existing judges it: both encoders' outputs, of this caption."""
+    return cache_files.cache_status(caption.cache_path, {"caption1": caption.caption}, required_prefixes=TEXT_ENCODERS) or "cached"
 
 
 def _windows_by_mode(ds, source_frames: int | None) -> dict[str, list[list[int]]] | None:

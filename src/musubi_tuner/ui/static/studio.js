@@ -101,16 +101,17 @@ function curveSvg(train, validation, width = 560, height = 220) {
   const steps = pts.map((p) => p[0]);
   const s0 = Math.min(...steps), s1 = Math.max(Math.max(...steps), s0 + 1);
   const scale = (series) => { const v = series.map((p) => p[1]); const lo = Math.min(...v); return [lo, Math.max(Math.max(...v), lo + 1e-9)]; };
-  const line = (series, cls, [lo, hi]) => {
-    const xy = series.map(([s, v]) => `${(m + (s - s0) / (s1 - s0) * (width - 2 * m)).toFixed(1)},${(height - m - (v - lo) / (hi - lo) * (height - 2 * m)).toFixed(1)}`);
-    return series.length > 1 ? `<polyline class="${cls}" points="${xy.join(" ")}" fill="none"/>` : `<circle class="${cls}" cx="${xy[0].split(",")[0]}" cy="${xy[0].split(",")[1]}" r="3"/>`;
+  const line = (series, cls, color, [lo, hi]) => {
+    const xy = series.map(([s, v]) => [(m + (s - s0) / (s1 - s0) * (width - 2 * m)).toFixed(1), (height - m - (v - lo) / (hi - lo) * (height - 2 * m)).toFixed(1)]);
+    return series.length > 1 ? `<polyline class="${cls}" points="${xy.map((p) => p.join(",")).join(" ")}" fill="none" stroke="${color}" stroke-width="1.5"/>`
+      : `<circle class="${cls}" cx="${xy[0][0]}" cy="${xy[0][1]}" r="3" fill="${color}"/>`;
   };
   let svg = `<svg width="${width}" height="${height}" class="curve" viewBox="0 0 ${width} ${height}"><rect x="${m}" y="${m}" width="${width - 2 * m}" height="${height - 2 * m}" fill="none" stroke="#ccd"/>`;
-  if (train.length) { const sc = scale(train); svg += line(train, "train", sc) + `<text x="2" y="${m}" font-size="10">${sc[1].toFixed(3)}</text><text x="2" y="${height - m}" font-size="10">${sc[0].toFixed(3)}</text>`; }
-  if (validation.length) { const sc = scale(validation); svg += line(validation, "validation", sc) + `<text x="${width - m + 2}" y="${m}" font-size="10" fill="#c55a00">${sc[1].toFixed(3)}</text><text x="${width - m + 2}" y="${height - m}" font-size="10" fill="#c55a00">${sc[0].toFixed(3)}</text>`; }
+  if (train.length) { const sc = scale(train); svg += line(train, "train", "#2d5bd7", sc) + `<text x="2" y="${m}" font-size="10">${sc[1].toFixed(3)}</text><text x="2" y="${height - m}" font-size="10">${sc[0].toFixed(3)}</text>`; }
+  if (validation.length) { const sc = scale(validation); svg += line(validation, "validation", "#e07a10", sc) + `<text x="${width - m + 2}" y="${m}" font-size="10" fill="#c55a00">${sc[1].toFixed(3)}</text><text x="${width - m + 2}" y="${height - m}" font-size="10" fill="#c55a00">${sc[0].toFixed(3)}</text>`; }
   svg += `<text x="${m}" y="${height - 8}" font-size="11">step ${s0}</text><text x="${width - m}" y="${height - 8}" font-size="11" text-anchor="end">step ${s1}</text>`;
   svg += `<text x="${m}" y="20" font-size="11">training loss (blue, left scale)${validation.length ? "; validation loss (orange, right scale)" : ""}</text></svg>`;
-  return svg.replace(/class="train"/g, 'class="train" stroke="#2d5bd7" fill="#2d5bd7" stroke-width="1.5"').replace(/class="validation"/g, 'class="validation" stroke="#e07a10" fill="#e07a10" stroke-width="2"');
+  return svg;
 }
 
 function clock(seconds) {
