@@ -189,3 +189,47 @@ def test_a_job_is_a_child_process_that_a_new_server_finds_and_that_stops_on_requ
         time.sleep(0.1)
     assert jobs.get(job.id).state == "stopped" and Jobs(tmp_path / "jobs").get(job.id).state == "stopped"
     assert jobs.log_tail(job).startswith("$ python -c ")
+
+
+# ------------------------------------------------------------------------------------ what a dataset produces
+
+
+def test_inspecting_a_dataset_lists_its_clips_windows_previews_and_every_problem_caching_would_meet(tmp_path):
+    """Without a model: the clips are the caches caching would write, the windows per frame_extraction agree with
+    them, the preview clip has the clip's frames, and skipped / unreadable / too short items are listed with why."""
+    import numpy as np
+
+    from musubi_tuner.data.media import load_video, write_video
+    from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+    from musubi_tuner.ui.dataset_view import inspect_dataset
+
+    toml = make_synthetic_dataset(tmp_path / "data", num_videos=1, num_images=2, frames=9)
+    toml.write_text(toml.read_text().replace('target_frames = [9]\nframe_extraction = "head"',
+                                             'target_frames = [5, 13]\nframe_extraction = "uniform"\nframe_sample = 2'))
+    images = tmp_path / "data" / "images"
+    (images / "image_0001.txt").unlink()
+    (images / "broken.png").write_bytes(b"not a png")
+    (images / "broken.txt").write_text("a caption for a file that is no image")
+    write_video(tmp_path / "data" / "videos" / "short.mp4", np.zeros((3, 64, 64, 3), np.uint8))
+    (tmp_path / "data" / "videos" / "short.txt").write_text("three black frames")
+    (tmp_path / "data" / "videos" / "uncaptioned.mp4").write_bytes((tmp_path / "data" / "videos" / "clip_0000.mp4").read_bytes())
+    image_ds, video_ds = inspect_dataset(toml, tmp_path / "previews")["datasets"]
+
+    assert [(p["path"], p["what"]) for p in image_ds["problems"]] == [(str(images / "broken.png"), "failed"),
+                                                                       (str(images / "image_0001.png"), "skipped")]
+    assert "not a readable image" in image_ds["problems"][0]["reason"] and "no caption" in image_ds["problems"][1]["reason"]
+    assert [i["name"] for i in image_ds["items"]] == ["image_0000.png"] and image_ds["buckets"] == ["64x64"]
+    assert image_ds["items"][0]["text_cache"] == "missing" and image_ds["items"][0]["clips"][0]["status"] == "missing"
+
+    clip = next(i for i in video_ds["items"] if i["name"] == "clip_0000.mp4")
+    assert [(Path(p["path"]).name, p["what"]) for p in video_ds["problems"]] == [("short.mp4", "skipped"), ("uncaptioned.mp4", "failed")]
+    assert video_ds["problems"][0]["reason"] == "only 3 frames, shorter than every target_frames [5, 13]"
+    assert "uncaptioned.txt: caption file not found" in video_ds["problems"][1]["reason"]
+    assert [[c["start"], c["frames"]] for c in clip["clips"]] == clip["windows_by_mode"]["uniform"] == [[0, 5], [4, 5]]
+    assert clip["windows_by_mode"]["full"] == [[0, 9]] and len(clip["windows_by_mode"]["slide"]) == 5
+    assert [c["cache"] for c in clip["clips"]] == ["clip_0000_00000-005_0064x0064_hv.safetensors",
+                                                   "clip_0000_00004-005_0064x0064_hv.safetensors"]
+    preview, source = load_video(clip["clips"][1]["preview"]).frames, load_video(clip["path"]).frames
+    assert preview.shape == (5, 64, 64, 3) and Path(clip["clips"][1]["thumbnail"]).is_file()
+    error = lambda frames: np.abs(preview.astype(int) - frames.astype(int)).mean()  # noqa: E731
+    assert error(source[4:9]) < 4 < error(source[0:5])  # the preview shows the window's own frames (lossy mp4)
