@@ -6,10 +6,12 @@ caching on the dataset page, then training, then generating (about a minute and 
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from .conftest import screenshot
 
@@ -78,10 +80,10 @@ def test_training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload
     page.click("#start")
     page.wait_for_selector("#run[data-state=running]", timeout=30_000)
     job = page.get_attribute("#run", "data-job")
-    page.wait_for_selector("#run .eta", timeout=JOB_SECONDS * 1000)  # the training steps' progress bar, with its ETA
+    # reloaded while the child process is still loading (seconds before its first step): the page finds the run again
     page.reload()
-    page.wait_for_selector(f"#run[data-job='{job}']")
-    assert page.get_attribute("#run", "data-state") in ("running", "finished")
+    page.wait_for_selector(f"#run[data-job='{job}'][data-state=running]", timeout=10_000)
+    page.wait_for_selector("#run .eta", timeout=JOB_SECONDS * 1000)  # the training steps' progress bar, with its ETA
     page.wait_for_selector("#run[data-state=finished], #run[data-state=failed]", timeout=JOB_SECONDS * 1000)
     assert page.get_attribute("#run", "data-state") == "finished", page.evaluate("document.querySelector('#run .log').textContent")
     assert page.query_selector_all("#curve polyline.train, #curve circle.train")
@@ -93,15 +95,31 @@ def test_training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload
     screenshot(page, "train")
 
 
-def test_the_generate_page_plays_the_video_it_made(studio, page):
-    url, _ = studio
+def test_the_generate_page_applies_the_trained_lora_and_plays_the_video_it_made(studio, page):
+    url, workspace = studio
     page.goto(f"{url}/generate")
     page.wait_for_selector("#f-video_size")
     page.fill("#f-video_size", "64 64")
     page.fill("#f-video_length", "5")
     page.fill("#f-infer_steps", "2")
-    page.wait_for_function("document.querySelector('#command').textContent.includes('--infer_steps 2')")
-    assert page.inner_text("#command").startswith("python src/musubi_tuner/hv_generate_video.py ")
+    # the LoRA the training page made, picked from the workspace's LoRAs, with its multiplier
+    lora = str(Path(workspace, "output", "demo-lora.safetensors").resolve())
+    page.select_option("#lora-pick", lora)
+    page.fill("#lora-mult", "0.8")
+    page.click("#lora-add")
+    # an I2V first frame uploaded into the workspace fills --image_path (cleared again: the demo's DiT is T2V)
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image, format="PNG")
+    page.set_input_files("#upload", files=[{"name": "first frame.png", "mimeType": "image/png", "buffer": image.getvalue()}])
+    page.wait_for_function("document.querySelector('#f-image_path').value.endsWith('first frame.png')")
+    uploaded = Path(page.input_value("#f-image_path"))
+    assert uploaded.parent == Path(workspace, "uploads").resolve() and uploaded.read_bytes() == image.getvalue()
+    page.fill("#f-image_path", "")
+    page.wait_for_function("document.querySelector('#command').textContent.includes('--infer_steps 2') && "
+                           "!document.querySelector('#command').textContent.includes('--image_path')")
+    command = page.inner_text("#command")
+    assert command.startswith("python src/musubi_tuner/hv_generate_video.py ")
+    assert f"--lora_weight {lora} --lora_multiplier 0.8" in command
     page.click("#generate")
     page.wait_for_selector("#run video.result", timeout=JOB_SECONDS * 1000)
     page.wait_for_function("(() => { const v = document.querySelector('#run video.result'); "
