@@ -87,6 +87,7 @@ def test_training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload
     page.wait_for_selector("#run[data-state=finished], #run[data-state=failed]", timeout=JOB_SECONDS * 1000)
     assert page.get_attribute("#run", "data-state") == "finished", page.evaluate("document.querySelector('#run .log').textContent")
     assert page.query_selector_all("#curve polyline.train, #curve circle.train")
+    assert page.query_selector_all("#curve polyline.validation, #curve circle.validation")  # the held-out items' loss
     page.wait_for_function("document.querySelector('#sample') && document.querySelector('#sample').naturalWidth > 0")
     page.wait_for_function("[...document.querySelectorAll('#files .file')].length > 0 && "
                            "![...document.querySelectorAll('#files .file')].some(f => f.textContent.includes('checking'))",

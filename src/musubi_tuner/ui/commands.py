@@ -75,7 +75,7 @@ def demo_values(command: str, workspace: Workspace) -> dict[str, object]:
     models = {"dit": str(a["dit"]), "vae": str(a["vae"]), "text_encoder1": str(a["te1"]), "text_encoder2": str(a["te2"])}
     if command == "train":
         flags = training_flags(a, workspace.root / "output", epochs=2) + [
-            "--save_state", "--sample_prompts", str(a["sample_prompts"]), "--sample_every_n_epochs", "1",
+            "--save_state", "--sample_prompts", str(a["sample_prompts"]), "--sample_every_n_epochs", "1", "--validate_every_n_epochs", "1",
             "--vae", str(a["vae"]), "--text_encoder1", str(a["te1"]), "--text_encoder2", str(a["te2"])]
         return form_values(parser_for("train"), flags)
     if command == "generate":

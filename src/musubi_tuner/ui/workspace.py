@@ -12,6 +12,7 @@ DEMO_MARKER = ".demo-complete"
 # The studio's demo: small enough that caching, a 1-epoch run with samples, and a video take a minute on a CPU.
 DEMO_ITEMS = 2
 DEMO_FRAMES = 5
+DEMO_VALIDATION_SPLIT = 0.5
 DEMO_SAMPLE_PROMPT = "a red circle moving left on a black background --w 64 --h 64 --f 5 --d 7 --s 4"
 
 
@@ -66,6 +67,10 @@ class Workspace:
 
             written = write_assets(work, DEMO_FRAMES, items=DEMO_ITEMS)
             assert all(written[k] == assets[k] for k in written), "the demo's layout changed"
+            toml = assets["toml"].read_text(encoding="utf-8")
+            assert "\n[general]\n" in toml, "the demo's dataset config changed"
+            with atomic_write(assets["toml"]) as tmp:  # one item of each dataset held out: the validation curve
+                tmp.write_text(toml.replace("\n[general]\n", f"\n[general]\nvalidation_split = {DEMO_VALIDATION_SPLIT}\n"), encoding="utf-8")
             with atomic_write(assets["sample_prompts"]) as tmp:
                 tmp.write_text(DEMO_SAMPLE_PROMPT + "\n", encoding="utf-8")
             (work / DEMO_MARKER).write_text("written by the studio\n")

@@ -100,7 +100,8 @@ function curveSvg(train, validation, width = 560, height = 220) {
   if (!pts.length) return `<svg width="${width}" height="${height}" class="curve"><text x="${m}" y="${height / 2}" fill="#667">no loss recorded yet</text></svg>`;
   const steps = pts.map((p) => p[0]);
   const s0 = Math.min(...steps), s1 = Math.max(Math.max(...steps), s0 + 1);
-  const scale = (series) => { const v = series.map((p) => p[1]); const lo = Math.min(...v); return [lo, Math.max(Math.max(...v), lo + 1e-9)]; };
+  // each series on its own scale, at least 1% of its value tall: a change in the fourth digit stays a flat line
+  const scale = (series) => { const v = series.map((p) => p[1]); const lo = Math.min(...v); return [lo, Math.max(Math.max(...v), lo + Math.abs(lo) * 0.01, lo + 1e-9)]; };
   const line = (series, cls, color, [lo, hi]) => {
     const xy = series.map(([s, v]) => [(m + (s - s0) / (s1 - s0) * (width - 2 * m)).toFixed(1), (height - m - (v - lo) / (hi - lo) * (height - 2 * m)).toFixed(1)]);
     return series.length > 1 ? `<polyline class="${cls}" points="${xy.map((p) => p.join(",")).join(" ")}" fill="none" stroke="${color}" stroke-width="1.5"/>`
