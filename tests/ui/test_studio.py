@@ -183,6 +183,9 @@ def test_a_job_is_a_child_process_that_a_new_server_finds_and_that_stops_on_requ
     while "started" not in jobs.log_tail(job) and time.monotonic() < deadline:
         time.sleep(0.1)
     again = Jobs(tmp_path / "jobs").get(job.id)  # what a restarted server (or a reloaded page) reads
+    while again.state == "starting" and time.monotonic() < deadline:  # job.json is written just after the child starts
+        time.sleep(0.05)
+        again = Jobs(tmp_path / "jobs").get(job.id)
     assert (again.state, again.pid, again.commands) == ("running", job.pid, job.commands)
     jobs.stop(job.id)
     while jobs.get(job.id).state == "running" and time.monotonic() < deadline:
