@@ -39,7 +39,7 @@ def test_the_dataset_page_lists_the_items_and_buckets_that_caching_reports(studi
     page.goto(f"{url}/dataset")
     assert "[[datasets]]" in page.inner_text("#toml-text")
     page.wait_for_selector(".dataset-summary")
-    page.wait_for_function("[...document.querySelectorAll('.latent-cache')].every(e => e.textContent.trim() === 'cached')")
+    page.wait_for_function("[...document.querySelectorAll('.latent-cache, .text-cache')].every(e => e.textContent.trim() === 'cached')")
     summaries = page.query_selector_all(".dataset-summary")
     # cache_latents.py's summary per dataset: "<where>: N latent caches cached, ..."
     reported = {where: int(n) for where, n in re.findall(r"^(.*\]\[\d+\]): (\d+) latent caches cached", cached, re.M)}
@@ -116,11 +116,9 @@ def test_the_generate_page_applies_the_trained_lora_and_plays_the_video_it_made(
     uploaded = Path(page.input_value("#f-image_path"))
     assert uploaded.parent == Path(workspace, "uploads").resolve() and uploaded.read_bytes() == image.getvalue()
     page.fill("#f-image_path", "")
-    page.wait_for_function("document.querySelector('#command').textContent.includes('--infer_steps 2') && "
-                           "!document.querySelector('#command').textContent.includes('--image_path')")
-    command = page.inner_text("#command")
-    assert command.startswith("python src/musubi_tuner/hv_generate_video.py ")
-    assert f"--lora_weight {lora} --lora_multiplier 0.8" in command
+    page.wait_for_function("([lora]) => { const c = document.querySelector('#command').textContent; return c.includes('--infer_steps 2') "
+                           "&& c.includes(`--lora_weight ${lora} --lora_multiplier 0.8`) && !c.includes('--image_path'); }", arg=[lora])
+    assert page.inner_text("#command").startswith("python src/musubi_tuner/hv_generate_video.py ")
     page.click("#generate")
     page.wait_for_selector("#run video.result", timeout=JOB_SECONDS * 1000)
     page.wait_for_function("(() => { const v = document.querySelector('#run video.result'); "

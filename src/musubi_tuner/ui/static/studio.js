@@ -81,11 +81,13 @@ function setField(name, value) {
 async function commandForm(command, formRoot, commandEl, openTitles) {
   const spec = await api("GET", `/api/form/${command}`);
   renderForm(formRoot, spec.groups, spec.values, openTitles);
+  let asked = 0;  // only the answer to the latest request is shown: an earlier one may arrive last
   const refresh = debounce(async () => {
+    const mine = ++asked;
     try {
       const r = await api("POST", `/api/command/${command}`, { values: formValues(formRoot) });
-      commandEl.className = "command"; commandEl.textContent = r.shown;
-    } catch (e) { commandEl.className = "command error"; commandEl.textContent = "error: " + e.message; }
+      if (mine === asked) { commandEl.className = "command"; commandEl.textContent = r.shown; }
+    } catch (e) { if (mine === asked) { commandEl.className = "command error"; commandEl.textContent = "error: " + e.message; } }
   });
   formRoot.addEventListener("input", refresh);
   formRoot.addEventListener("change", refresh);
