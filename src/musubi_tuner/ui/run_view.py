@@ -10,6 +10,7 @@ from pathlib import Path
 from musubi_tuner.ui.jobs import Job, Jobs
 from musubi_tuner.ui.workspace import Workspace
 
+
 def outputs_of(command: str, values: dict, workspace: Workspace) -> dict[str, str]:
     """Where a job writes, from its (checked) form values."""
     if command == "train":
