@@ -236,3 +236,39 @@ def test_inspecting_a_dataset_lists_its_clips_windows_previews_and_every_problem
     assert preview.shape == (5, 64, 64, 3) and Path(clip["clips"][1]["thumbnail"]).is_file()
     error = lambda frames: np.abs(preview.astype(int) - frames.astype(int)).mean()  # noqa: E731
     assert error(source[4:9]) < 4 < error(source[0:5])  # the preview shows the window's own frames (lossy mp4)
+
+
+def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_with_resume_auto(tmp_path):
+    """Through the endpoints the pages' buttons call; the 'training command' here is a Python one-liner."""
+    app = create_app(Workspace(tmp_path / "ws"))
+    studio, jobs = TestClient(app, base_url="http://127.0.0.1:7860"), app.app.state.jobs
+    script = "import sys, time; print('args', sys.argv[1:], flush=True); time.sleep(float(sys.argv[1]))"
+
+    def wait(job_id: str, state: str) -> dict:
+        deadline = time.monotonic() + 30
+        while (detail := studio.get(f"/api/jobs/{job_id}").json())["state"] != state and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return detail
+
+    running = jobs.start("train", "demo-lora", [[sys.executable, "-c", script, "60"]], {"output_dir": str(tmp_path / "ws" / "o"),
+                                                                                          "output_name": "demo-lora"})
+    wait(running.id, "running")
+    refused = studio.post(f"/api/jobs/{running.id}/resume", headers=STUDIO)
+    assert refused.status_code == 400 and refused.json()["error"] == f"{running.id} is still running"
+    assert studio.post(f"/api/jobs/{running.id}/stop", headers=STUDIO).status_code == 200
+    assert wait(running.id, "stopped")["state"] == "stopped"
+
+    resumed = studio.post(f"/api/jobs/{running.id}/resume", headers=STUDIO).json()
+    assert resumed["resumed_from"] == running.id and resumed["commands"][0][-2:] == ["--resume", "auto"]
+    assert resumed["shown"][0].endswith("time.sleep(float(sys.argv[1]))' 60 --resume auto")
+    deadline = time.monotonic() + 30
+    printed = "args ['60', '--resume', 'auto']"  # what the child got
+    while printed not in (log := studio.get(f"/api/jobs/{resumed['id']}").json()["log"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert printed in log
+    studio.post(f"/api/jobs/{resumed['id']}/stop", headers=STUDIO)
+    assert wait(resumed["id"], "stopped")["state"] == "stopped"
+
+    generation = jobs.start("generate", "a cat", [[sys.executable, "-c", "pass"]], {"save_path": str(tmp_path / "ws" / "videos")})
+    wait(generation.id, "finished")
+    assert studio.post(f"/api/jobs/{generation.id}/resume", headers=STUDIO).json()["error"].startswith("only training runs resume")
