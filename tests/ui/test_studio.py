@@ -250,7 +250,7 @@ def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_w
             time.sleep(0.05)
         return detail
 
-    running = jobs.start("train", "demo-lora", [[sys.executable, "-c", script, "60"]], {"output_dir": str(tmp_path / "ws" / "o"),
+    running = jobs.start("train", "demo-lora", [[sys.executable, "-c", script, "20"]], {"output_dir": str(tmp_path / "ws" / "o"),
                                                                                           "output_name": "demo-lora"})
     wait(running.id, "running")
     refused = studio.post(f"/api/jobs/{running.id}/resume", headers=STUDIO)
@@ -260,9 +260,9 @@ def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_w
 
     resumed = studio.post(f"/api/jobs/{running.id}/resume", headers=STUDIO).json()
     assert resumed["resumed_from"] == running.id and resumed["commands"][0][-2:] == ["--resume", "auto"]
-    assert resumed["shown"][0].endswith("time.sleep(float(sys.argv[1]))' 60 --resume auto")
+    assert resumed["shown"][0].endswith("time.sleep(float(sys.argv[1]))' 20 --resume auto")
     deadline = time.monotonic() + 30
-    printed = "args ['60', '--resume', 'auto']"  # what the child got
+    printed = "args ['20', '--resume', 'auto']"  # what the child got
     while printed not in (log := studio.get(f"/api/jobs/{resumed['id']}").json()["log"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert printed in log
