@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu.support import CUDA, MID, mid_dit, mid_inputs
+from gpu.support import CUDA, mid_dit, mid_inputs
 from helpers import fp8_formula, rel_err
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.attention import attention, check_attention_mode
