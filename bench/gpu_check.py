@@ -12,8 +12,9 @@
    ones as utilisation (the model's FLOPs over the time, over the GPU's bf16 peak), which compares GPUs.
 3. `pytest -m gpu tests/gpu` runs in what is left of --budget (seconds; the whole check stays under it).
 
-Nothing is installed: the kernels that are importable are timed, the others named. Without a CUDA device the
-script says so and exits 0.
+Nothing is installed: it needs torch and pytest (no diffusers, no video packages), runs this tree's src
+whether the package is installed or not, times the kernels that are importable and names the others.
+Without a CUDA device it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "src"))  # this tree's package, installed or not: a GPU machine may have torch alone
 
 from common import measure, table  # noqa: E402
 from gpu.support import cuda_seconds, no_cuda_reason  # noqa: E402
