@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from helpers import free_port
 from musubi_tuner.networks.lora_files import load_lora
 from training.test_distributed import ROOT, assets, train_args  # noqa: F401 (assets is a fixture)
 
@@ -22,7 +23,8 @@ def launch(processes: int, args: list[str]) -> subprocess.CompletedProcess:
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if processes > 1 else []),
-           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port()),
+           "--mixed_precision", "no", "--dynamo_backend", "no",
            "src/musubi_tuner/hv_train_network.py", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
