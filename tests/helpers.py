@@ -59,3 +59,12 @@ def write_cached_dataset(root, *, items=4, frames=5, size=(64, 48), llm_dim=64, 
         f'target_frames = [{frames}]\n'
     )
     return toml
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: each multi-process launch gets its own, so tests can run side by side."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
