@@ -61,12 +61,12 @@ def test_the_test_setup_installs_debians_chromium_for_the_browser_tests_and_neve
     monkeypatch.setattr(bootstrap.subprocess, "run", lambda cmd, **kw: ran.append([str(c) for c in cmd]) or subprocess.CompletedProcess(cmd, 0))
     assert bootstrap.main(["test", "-k", "studio"]) == 0
     assert ran == [["/usr/bin/apt-get", "update"], ["/usr/bin/apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                   ["/venv/bin/python", "-m", "pytest", "-q", "-k", "studio"]]
+                   ["/venv/bin/python", "-m", "pytest", "-q", *bootstrap.test_workers([]), "-k", "studio"]]
 
     ran.clear()
     monkeypatch.setattr(bootstrap.shutil, "which", lambda name: None)  # no apt-get (macOS, Windows, another Linux)
     assert bootstrap.main(["test"]) == 0
-    assert ran == [["/venv/bin/python", "-m", "pytest", "-q"]]
+    assert ran == [["/venv/bin/python", "-m", "pytest", "-q", *bootstrap.test_workers([])]]
     assert "the studio's browser tests will be skipped" in capsys.readouterr().out
 
 

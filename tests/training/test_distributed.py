@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_cached_dataset
+from helpers import free_port, write_cached_dataset
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 from musubi_tuner.files import read_safetensors_header
 from musubi_tuner.networks.lora_files import load_lora
@@ -56,7 +56,7 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(assets, tmp_pat
     # `accelerate launch --cpu --num_processes 2` would quietly start one process; this starts two on gloo.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
            "src/musubi_tuner/hv_train_network.py", *train_args(dit, per_process, two, "--save_state_on_train_end")]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
