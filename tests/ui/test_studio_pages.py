@@ -1,7 +1,8 @@
 """End to end in a browser: each page of the studio on the demo, doing what a new user does first.
 
-One studio serves the whole module; the tests run in file order and build on each other as a user does:
-caching on the dataset page, then training, then generating (about a minute and a half on a 2-core CPU).
+One test, steps in the order a user takes them, each building on the one before: caching on the dataset page,
+planning, training, then generating with the trained LoRA. One test and not one per page, so that pytest-xdist
+(bootstrap.py test) cannot hand the steps to different workers, each with its own studio.
 """
 
 from __future__ import annotations
@@ -20,21 +21,25 @@ pytestmark = pytest.mark.slow  # a real server, real commands as child processes
 JOB_SECONDS = 240
 
 
-@pytest.fixture(scope="session")
-def cached(studio, browser):
+def test_a_new_user_sees_every_page_work_on_the_demo(studio, page):
+    cache_log = cache_the_demo_from_the_dataset_page(studio, page)
+    the_dataset_page_lists_the_items_and_buckets_that_caching_reports(studio, page, cache_log)
+    the_plan_page_prints_the_planners_answer(studio, page)
+    training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload(studio, page)
+    the_generate_page_applies_the_trained_lora_and_plays_the_video_it_made(studio, page)
+
+
+def cache_the_demo_from_the_dataset_page(studio, page) -> str:
     """The demo dataset cached from the dataset page's button; the caching job's log (what the commands printed)."""
     url, _ = studio
-    page = browser.new_page()
     page.goto(f"{url}/dataset")
     page.click("#cache")
     page.wait_for_selector("#cache-job[data-state=finished], #cache-job[data-state=failed]", timeout=JOB_SECONDS * 1000)
     assert page.get_attribute("#cache-job", "data-state") == "finished", page.inner_text("#cache-job")
-    log = page.evaluate("document.querySelector('#cache-job .log').textContent")
-    page.close()
-    return log
+    return page.evaluate("document.querySelector('#cache-job .log').textContent")
 
 
-def test_the_dataset_page_lists_the_items_and_buckets_that_caching_reports(studio, cached, page):
+def the_dataset_page_lists_the_items_and_buckets_that_caching_reports(studio, page, cached: str):
     url, workspace = studio
     page.goto(f"{url}/dataset")
     assert "[[datasets]]" in page.inner_text("#toml-text")
@@ -57,7 +62,7 @@ def test_the_dataset_page_lists_the_items_and_buckets_that_caching_reports(studi
     screenshot(page, "dataset")
 
 
-def test_the_plan_page_prints_the_planners_answer(studio, page):
+def the_plan_page_prints_the_planners_answer(studio, page):
     url, _ = studio
     page.goto(f"{url}/plan")
     page.fill("#f-vram_budget", "")  # one plan, not the search over option sets (seconds more)
@@ -68,7 +73,7 @@ def test_the_plan_page_prints_the_planners_answer(studio, page):
     screenshot(page, "plan")
 
 
-def test_training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload(studio, cached, page):
+def training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload(studio, page):
     url, _ = studio
     page.goto(f"{url}/train")
     page.wait_for_selector("#f-max_train_epochs")
@@ -96,7 +101,7 @@ def test_training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload
     screenshot(page, "train")
 
 
-def test_the_generate_page_applies_the_trained_lora_and_plays_the_video_it_made(studio, page):
+def the_generate_page_applies_the_trained_lora_and_plays_the_video_it_made(studio, page):
     url, workspace = studio
     page.goto(f"{url}/generate")
     page.wait_for_selector("#f-video_size")
