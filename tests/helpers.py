@@ -61,10 +61,14 @@ def write_cached_dataset(root, *, items=4, frames=5, size=(64, 48), llm_dim=64, 
     return toml
 
 
-def run_group(world: int, fn, *args, timeout: float = 120.0) -> list:
+def run_group(world: int, fn, *args, timeout: float = 120.0, launcher_env: bool = False) -> list:
     """Run fn(rank, world, *args) in `world` processes forked from this one and joined by torch.distributed (gloo);
     returns what each returned (tensors, numbers, dicts of them), in rank order. A failing process fails the call
-    with its traceback; the others are stopped (they would wait for it in a collective)."""
+    with its traceback; the others are stopped (they would wait for it in a collective).
+
+    launcher_env: instead of joining the group here, set the variables `accelerate launch --cpu` / torchrun set
+    (RANK, WORLD_SIZE, MASTER_ADDR, ...) and forget accelerate's state inherited from this process, so that the
+    commands' own code (an Accelerator) starts the group as under a launcher, without a launcher's seconds per process."""
     import datetime
     import multiprocessing
     import socket
@@ -84,10 +88,18 @@ def run_group(world: int, fn, *args, timeout: float = 120.0) -> list:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         try:
-            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+            if launcher_env:
+                from accelerate.state import AcceleratorState
+
+                AcceleratorState._reset_state(reset_partial_state=True)
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                                  ACCELERATE_USE_CPU="1")
+            else:
+                dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
             result = fn(rank, world, *args)
             torch.save(result, Path(folder) / f"{rank}.pt")
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
         except BaseException:
             (Path(folder) / f"{rank}.err").write_text(traceback.format_exc())
             os._exit(1)
