@@ -72,10 +72,13 @@ def make_layout(context_parallel: int, flag: str = "--context_parallel") -> Layo
     return layout
 
 
-def describe(layout: Layout, replicas_are: str = "data parallel") -> str:
+def describe(layout: Layout, training: bool = True) -> str:
     backend = dist.get_backend() if layout.world > 1 else "none"
-    return (f"{layout.world} processes ({backend} backend): {layout.replicas} {replicas_are} x {layout.context_parallel} context parallel"
-            + (" (each sample's tokens split over the group)" if layout.context_parallel > 1 else ""))
+    head = f"{layout.world} processes ({backend} backend): "
+    if training:
+        return head + f"{layout.replicas} data parallel x {layout.context_parallel} context parallel"
+    return head + f"context parallel over {layout.context_parallel}" + (
+        ", the negative and the positive prompt on separate groups (CFG-parallel)" if layout.replicas == 2 else "")
 
 
 @dataclass
@@ -148,15 +151,18 @@ class GradientReducer:
 # ------------------------------------------------------------------------------------------- broadcast
 
 
-def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, device: torch.device, src: int = 0) -> dict[str, torch.Tensor]:
-    """The dict of tensors process `src` holds, on every process (the others pass None): shapes and dtypes travel
-    first as one small object, then each tensor in one broadcast."""
+def broadcast_tensors(tensors: dict[str, torch.Tensor | None] | None, device: torch.device, src: int = 0) -> dict[str, torch.Tensor | None]:
+    """The dict of tensors (or None values) process `src` holds, on every process, on `device` (the others pass None):
+    shapes and dtypes travel first as one small object, then each tensor in one broadcast."""
     rank = dist.get_rank()
-    header = [None if rank != src else {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}]
+    header = [None if rank != src else {k: None if v is None else (tuple(v.shape), v.dtype) for k, v in tensors.items()}]
     dist.broadcast_object_list(header, src=src, device=device if device.type == "cuda" else None)
     out = {}
-    for key, (shape, dtype) in header[0].items():
-        t = tensors[key].to(device).contiguous() if rank == src else torch.empty(shape, dtype=dtype, device=device)
+    for key, spec in header[0].items():
+        if spec is None:
+            out[key] = None
+            continue
+        t = tensors[key].to(device).contiguous() if rank == src else torch.empty(spec[0], dtype=spec[1], device=device)
         dist.broadcast(t, src=src)
         out[key] = t
     return out
@@ -167,6 +173,45 @@ def broadcast_value(value, src: int = 0):
     box = [value]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def join_launched_group(device: torch.device) -> torch.device:
+    """Join the process group of a launcher (torchrun, accelerate launch: WORLD_SIZE > 1 in the environment);
+    returns this process's device (cuda:LOCAL_RANK when `device` is cuda without an index)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class WorkShare:
+    """Independent jobs (VAE tiles) shared out over every process: job k runs on process k mod world, then each
+    result is broadcast, so every process ends with all of them, in order."""
+
+    def __init__(self):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def map(self, fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        mine = {k: fn(x) for k, x in enumerate(inputs) if k % self.world == self.rank}
+        device = inputs[0].device if inputs else torch.device("cpu")
+        return [broadcast_tensors({"out": mine[k]} if k in mine else None, device, src=k % self.world)["out"]
+                for k in range(len(inputs))]
 
 
 # ------------------------------------------------------------------------------------------- measuring

@@ -2,8 +2,9 @@
 
 One launch of 4 processes (gloo, forked from the test) runs every case against the single-process result:
 N = 4; N = 2 inside data parallel 2 x context parallel 2, with checkpointing and split attention; generation
-with N = 4, and real CFG over two groups of 2 (CFG-parallel) with a step cache. The tiny DiT has 4 heads,
-an odd number of image tokens (45: every N pads) and a batch of prompts of different lengths (5 and 13).
+with N = 4, and real CFG over two groups of 2 (CFG-parallel) with a step cache; the VAE decode with its tiles
+shared out over the processes. The tiny DiT has 4 heads, an odd number of image tokens (45: every N pads)
+and a batch of prompts of different lengths (5 and 13).
 """
 
 import pytest
@@ -12,10 +13,12 @@ import torch.distributed as dist
 
 from helpers import dit_inputs, rel_err, run_group
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
-from musubi_tuner.distributed import CfgBranches, GradientReducer, make_layout
+from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict
+from musubi_tuner.distributed import CfgBranches, GradientReducer, WorkShare, make_layout
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel, check_heads
+from musubi_tuner.hunyuan.vae import CausalVideoVAE
 from musubi_tuner.inference.sampler import Guidance, denoise, sigma_schedule
 from musubi_tuner.inference.step_cache import StepCache
 from musubi_tuner.networks import lora
@@ -62,8 +65,21 @@ def sample(dit, cfg_scale: float, branches=None, cache=None, split=False) -> tor
                        step_cache=cache)
 
 
-def worker(rank: int, world: int, dit, net) -> dict:
+def tiled_vae():
+    vae = CausalVideoVAE(TINY_VAE)
+    vae.load_state_dict(random_vae_state_dict(TINY_VAE, seed=0))
+    vae.set_memory_options(tiling=True, spatial_tile_sample_min_size=32)  # a 4 x 6 latent: 2 x 2 tiles
+    return vae.eval()
+
+
+LATENT = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(5))
+
+
+def worker(rank: int, world: int, dit, net, vae) -> dict:
     results = {}
+    vae.tile_share = WorkShare()
+    with torch.no_grad():
+        results["decoded"] = vae.decode(LATENT)
     # N = world: every process holds a quarter of each sample's tokens
     whole = make_layout(world)
     dit.sequence_parallel = whole.sequence
@@ -106,8 +122,13 @@ def reference():
 
 def test_four_processes_and_two_by_two_compute_what_one_process_computes(reference):
     dit, net, ref, ref_latents, ref_cfg, ref_skipped = reference
-    results = run_group(4, worker, dit, net)
+    vae = tiled_vae()
+    with torch.no_grad():
+        decoded = vae.decode(LATENT)
+    results = run_group(4, worker, dit, net, vae)
     for rank, res in enumerate(results):
+        # each process decoded one of the 4 tiles and every one got all (not bit for bit: 1 thread here, 2 in the test)
+        assert res["decoded"].shape == decoded.shape and rel_err(res["decoded"], decoded) < TOL
         got = res["cp4"]
         assert got.keys() == ref.keys()
         for key in ref:
