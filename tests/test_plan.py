@@ -308,3 +308,50 @@ def test_plan_prints_the_time_per_video_with_and_without_step_caching(capsys):
     out = capsys.readouterr().out
     assert "--step_cache teacache --step_cache_threshold 0.1: about" in out and "11 of 30 steps skipped (1.6x" in out
     assert "--step_cache fbcache --step_cache_threshold 0.06: about" in out and "11 of 30 steps skipped (1.62x" in out
+
+
+# ------------------------------------------------------------------------------------------- several processes
+
+
+def _peak_in_group(rank, world, work, opts):
+    return measured_tensor_peak(work, opts)
+
+
+def test_replayed_peak_of_one_of_two_processes_sharing_the_tokens_matches_a_cpu_run():
+    """Each process holds half the tokens plus the all-to-all buffers; the weights whole. (Sampling replays the same
+    blocks without autograd; the training step, with checkpointing's recomputation, is the harder case.)"""
+    from helpers import run_group
+
+    work = small_work(height=128, width=128, frames=5)
+    opts = MemoryOptions(network_dim=16, context_parallel=2, gradient_checkpointing=True)
+    replay = replay_training_step(work, opts, on_cpu=True)
+    measured = run_group(2, _peak_in_group, work, opts)
+    for peak in measured:
+        assert replay.device.peak == pytest.approx(peak, rel=0.06)
+    assert replay.device.peak < replay_training_step(work, opts.replace(context_parallel=1), on_cpu=True).device.peak
+
+
+def test_context_parallel_plans_each_gpus_share_and_the_traffic_of_its_collectives(capsys):
+    from musubi_tuner.plan import main
+    from musubi_tuner.planning.planner import collective_bytes
+
+    work = Workload(HUNYUAN_T2V, 720, 1280, 129, mode="generate")
+    one, eight = (plan(work, MemoryOptions(context_parallel=n), gpu("h100")) for n in (1, 8))
+    weights = eight.dit_stage.device_parts["DiT weights bf16/fp16"]
+    assert weights == one.dit_stage.device_parts["DiT weights bf16/fp16"]  # every GPU holds the whole model
+    assert eight.dit_stage.device_peak - weights < (one.dit_stage.device_peak - weights) / 5  # and 1/8 of the tokens
+    assert eight.time.compute_s == pytest.approx(one.time.compute_s / 8)
+    # 60 blocks x (q, k, v out + the output back) of 14,850 + 32 tokens x 3072 in bf16, 7/8 of it to the others,
+    # then 7 shards of the prediction (14,850 tokens x 64 values)
+    assert collective_bytes(work, MemoryOptions(context_parallel=8)) == 60 * 4 * 14_882 * 3072 * 2 * 7 // 8 + 14_850 * 64 * 2 * 7
+    assert eight.time.collectives_s == pytest.approx(collective_bytes(work, MemoryOptions(context_parallel=8)) / 450e9)
+    # CFG-parallel: each of 2N processes runs one prompt
+    cfg = MemoryOptions(guidance_scale=6.0, context_parallel=2, cfg_parallel=True)
+    assert (cfg.cfg_batch, cfg.processes) == (1, 4)
+
+    main(["--mode", "generate", "--video_size", "720", "1280", "--video_length", "129", "--gpu", "h100", "--context_parallel", "8",
+          "--link_gbps", "100"])
+    out = capsys.readouterr().out
+    assert "--context_parallel 8" in out and "needed on each GPU" in out
+    assert "8 processes (context parallel over 8): each computes 1/8 of the FLOPs and sends 19.21 GB per step" in out
+    assert "at 100 GB/s" in out

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from helpers import dit_inputs, rel_err, run_group
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
 from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict
-from musubi_tuner.distributed import CfgBranches, GradientReducer, WorkShare, make_layout
+from musubi_tuner.distributed import CfgBranches, GradientReducer, WorkShare, logging_collectives, make_layout
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel, check_heads
@@ -22,6 +22,8 @@ from musubi_tuner.hunyuan.vae import CausalVideoVAE
 from musubi_tuner.inference.sampler import Guidance, denoise, sigma_schedule
 from musubi_tuner.inference.step_cache import StepCache
 from musubi_tuner.networks import lora
+from musubi_tuner.planning import MemoryOptions, Workload
+from musubi_tuner.planning.planner import collective_bytes
 
 CONFIG = tiny_dit_config(heads_num=4)
 TOL = 1e-5
@@ -88,7 +90,9 @@ def worker(rank: int, world: int, dit, net, vae) -> dict:
         dist.all_reduce(got[key])
     GradientReducer(list(net.parameters()), divide_by=whole.replicas).reduce()
     results["cp4"] = got | {n: p.grad for n, p in net.named_parameters()}
-    results["cp4_latents"] = sample(dit, 1.0)
+    with logging_collectives() as log:
+        results["cp4_latents"] = sample(dit, 1.0)
+    results["cp4_sent"] = torch.tensor([log.bytes_sent(), log.count("all_to_all"), log.count("all_gather"), log.count()])
 
     # data parallel 2 x context parallel 2: replica r trains on sample r, with checkpointing and split attention
     pairs = make_layout(2)
@@ -97,9 +101,9 @@ def worker(rank: int, world: int, dit, net, vae) -> dict:
     dit.enable_gradient_checkpointing()
     dit.train()
     got = forward_backward(dit, net, slice(pairs.replica, pairs.replica + 1))
-    reducer = GradientReducer(list(net.parameters()), divide_by=pairs.replicas)
-    reducer.reduce()
-    results["dp2cp2"] = {"out": got["out"], "buckets": len(reducer.buckets)} | {n: p.grad for n, p in net.named_parameters()}
+    with logging_collectives() as log:
+        GradientReducer(list(net.parameters()), divide_by=pairs.replicas).reduce()
+    results["dp2cp2"] = {"out": got["out"], "all_reduces": log.count()} | {n: p.grad for n, p in net.named_parameters()}
     dit.eval()
     dit.disable_gradient_checkpointing()
     dit.set_attention("sdpa", split=False)
@@ -134,6 +138,11 @@ def test_four_processes_and_two_by_two_compute_what_one_process_computes(referen
         for key in ref:
             assert rel_err(got[key], ref[key]) < TOL, (rank, "N=4", key, rel_err(got[key], ref[key]))
         assert rel_err(res["cp4_latents"], ref_latents) < TOL
+        # what the processes sent while sampling is what the planner predicts: 4 steps of one DiT call each,
+        # two all-to-alls in each of the 4 blocks' attention and one gather of the prediction
+        planned = collective_bytes(Workload(CONFIG, 48, 80, 9, text_tokens=13, mode="generate"),
+                                   MemoryOptions(mixed_precision="no", context_parallel=4))
+        assert res["cp4_sent"].tolist() == [4 * planned, 4 * 4 * 2, 4, 4 * 4 * 2 + 4]
 
         # replica r's prediction is sample r's; the LoRA gradients are averaged over the replicas as over a batch
         r = rank // 2
@@ -142,7 +151,7 @@ def test_four_processes_and_two_by_two_compute_what_one_process_computes(referen
         for key in ref:
             if key.startswith("lora_"):
                 assert rel_err(got[key], ref[key]) < TOL, (rank, "2x2", key, rel_err(got[key], ref[key]))
-        assert got["buckets"] == 1  # 40 LoRA tensors, one all-reduce
+        assert got["all_reduces"] == 1 and len(list(net.parameters())) == 40  # 40 LoRA tensors, one collective
 
         assert rel_err(res["cfg_latents"], ref_cfg) < TOL
         assert res["cfg_skipped"].tolist() == ref_skipped[r::2]  # the negative prompt's decisions, then the positive's

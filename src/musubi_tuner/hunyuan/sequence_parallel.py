@@ -67,8 +67,8 @@ class Shards:
         start = self.sp.rank * local
         x = x[:, start : start + local]
         if x.shape[1] < local:
-            x = F.pad(x, (0, 0) * (x.ndim - 2) + (0, local - x.shape[1]))
-        return x
+            return F.pad(x, (0, 0) * (x.ndim - 2) + (0, local - x.shape[1]))
+        return x.clone()  # a copy, not a view: the whole sequence's storage is freed
 
     def image(self, img: torch.Tensor) -> torch.Tensor:
         return self.scatter(img, self.img_local)
