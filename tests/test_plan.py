@@ -355,3 +355,30 @@ def test_context_parallel_plans_each_gpus_share_and_the_traffic_of_its_collectiv
     assert "--context_parallel 8" in out and "needed on each GPU" in out
     assert "8 processes (context parallel over 8): each computes 1/8 of the FLOPs and sends 19.21 GB per step" in out
     assert "at 100 GB/s" in out
+
+
+def test_the_more_than_one_gpu_page_shows_the_planners_figures_and_commands_that_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from musubi_tuner.hv_generate_video import build_parser as generate_parser
+    from musubi_tuner.training.args import parse_args
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "multi_gpu.md").read_text()
+    table = page.split("**HunyuanVideo, 720x1280x129, 50 steps**")[1].split("\n\n")[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    work = Workload(HUNYUAN_T2V, 720, 1280, 129, mode="generate")
+    for gpus, needed, minutes, *_ in rows:
+        p = plan(work, MemoryOptions(context_parallel=int(gpus)), gpu("h100"))
+        assert (needed, minutes) == (f"{p.needed / 1e9:.1f} GB", f"{p.time.total_s * 50 / 60:.1f} min")
+
+    commands = re.findall(r"^(?:torchrun|accelerate launch) .*?(?<!\\)$", page.split("## What it costs")[0], re.M | re.S)
+    assert len(commands) == 3
+    for command in commands:
+        argv = shlex.split(command.replace("\\\n", " "))
+        script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+        if argv[script].endswith("hv_generate_video.py"):
+            generate_parser().parse_args(argv[script + 1:])
+        else:
+            assert parse_args(argv[script + 1:]).context_parallel == 2
