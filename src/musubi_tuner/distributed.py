@@ -56,8 +56,9 @@ def make_layout(context_parallel: int, flag: str = "--context_parallel") -> Layo
     rank = dist.get_rank() if world > 1 else 0
     n = context_parallel
     if world % n:
-        raise UserError(f"{flag} {n}: {world} process{'es' if world > 1 else ''} do not split into groups of {n}; "
-                        f"start a multiple of {n} (accelerate launch --num_processes {n}, or torchrun --nproc_per_node {n})")
+        started = f"{world} processes were started" if world > 1 else "one process was started"
+        raise UserError(f"{flag} {n} shares each sample over groups of {n} processes, and {started}; start a multiple of {n} "
+                        f"(accelerate launch --multi_gpu --num_processes {n}, or torchrun --nproc_per_node {n})")
     layout = Layout(rank, world, n)
     if n > 1:
         for start in range(0, world, n):

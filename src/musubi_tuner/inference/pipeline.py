@@ -333,9 +333,9 @@ def processes_layout(args):
         return None
     cfg = args.guidance_scale != 1.0
     if world not in (n, 2 * n if cfg else n):
-        started = f"{world} process{'es were' if world > 1 else ' was'} started"
-        raise UserError(f"--context_parallel {n}: {started}; start {n} (accelerate launch --num_processes {n}, or torchrun "
-                        f"--nproc_per_node {n})" + (f", or {2 * n} to run the negative and positive prompt side by side" if cfg else ""))
+        started = f"{world} processes were started" if world > 1 else "one process was started"
+        raise UserError(f"--context_parallel {n}: {started}; start {n} (accelerate launch --multi_gpu --num_processes {n}, or "
+                        f"torchrun --nproc_per_node {n})" + (f", or {2 * n} to run the negative and positive prompt side by side" if cfg else ""))
     layout = distributed.make_layout(n)
     logger.info(distributed.describe(layout, training=False))
     return layout

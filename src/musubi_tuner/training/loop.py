@@ -343,8 +343,8 @@ def _train(args) -> Path:
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
     dit_config = read_dit_config(open_dit_file(args.dit))  # the header only: a wrong cache fails before the model loads
-    layout = make_layout(args.context_parallel)
     check_heads(dit_config.heads_num, args.context_parallel)
+    layout = make_layout(args.context_parallel)
     check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
                                      "clipL": dit_config.text_states_dim_2}, args.dit)
     held_out = held_out_batches(args, dataset_config)
