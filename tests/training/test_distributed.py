@@ -4,13 +4,11 @@ batches (data parallel) train exactly as one process with the whole batch.
 Each sample's noise and timestep come from (seed, epoch, sample id), not from the process's RNG, so the
 comparisons are exact up to float rounding. The dataset has 2 items in one bucket, so every step of every run
 sees both, whatever order each run shuffles them into. Every run checkpoints, swaps a block and validates
-every 2 steps, so those are checked under context parallel too.
+every 2 steps, so those are checked under context parallel too. The processes are forked from the test with the
+variables a launcher sets (helpers.run_group) and run the command's own main().
 """
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,6 @@ from musubi_tuner.training.args import parse_args
 from musubi_tuner.training.loop import draw_noise_and_timesteps, sample_seeds, train
 from musubi_tuner.training.timesteps import TimestepConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 MEMORY_FLAGS = ("--gradient_checkpointing", "--blocks_to_swap", "1", "--validate_every_n_steps", "2")
 
@@ -80,19 +77,31 @@ def assert_same_training(run: Path, reference: Path, name: str = "tiny.safetenso
     assert [s for s, _ in losses(run)] == list(range(1, STEPS + 1))
 
 
+def _command_in_group(rank, world, argv) -> str:
+    """hv_train_network's main() as a launched process runs it; returns what it printed and logged."""
+    import contextlib
+    import io
+    import logging
+
+    from musubi_tuner.hv_train_network import main
+
+    out = io.StringIO()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=out, force=True)
+    with contextlib.redirect_stdout(out):
+        main(argv)
+    return out.getvalue()
+
+
 def test_two_processes_sharing_each_samples_tokens_train_as_one_process(assets, one_process, tmp_path):
     dit, _, doubled = assets
     two = tmp_path / "two"
-    # `accelerate launch --cpu --num_processes 2` would quietly start one process; this starts two on gloo.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-           "src/musubi_tuner/hv_train_network.py", *train_args(dit, doubled, two, "--context_parallel", "2", "--save_state_on_train_end")]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 processes (gloo backend): 1 data parallel x 2 context parallel" in run.stderr  # really two processes, one group
-    assert "gradients: 40 tensors (0.1 MiB) reduced in 1 all-reduce per step" in run.stderr
-    assert run.stdout.count("saved ") == 1 and run.stderr.count("LoRA: 20 modules") == 1  # one voice, not one per process
+    # As under `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (the variables it sets, in processes
+    # forked from this one: a launcher's interpreters would add half a minute of imports on a 2-core machine).
+    first, second = run_group(2, _command_in_group, train_args(dit, doubled, two, "--context_parallel", "2", "--save_state_on_train_end"),
+                              launcher_env=True)
+    assert "2 processes (gloo backend): 1 data parallel x 2 context parallel" in first  # really two processes, one group
+    assert "gradients: 40 tensors (0.1 MiB) reduced in 1 all-reduce per step" in first
+    assert first.count("\nsaved ") == 1 and first.count("LoRA: 20 modules") == 1 and second == ""  # one voice, not one per process
     assert_same_training(two, one_process)
     # the metadata counts batches per replica, as musubi-tuner's (1 batch of 2)
     meta_two, meta_one = read_safetensors_header(two / "tiny.safetensors")[1], read_safetensors_header(one_process / "tiny.safetensors")[1]
@@ -104,21 +113,17 @@ def test_two_processes_sharing_each_samples_tokens_train_as_one_process(assets, 
         "network.safetensors", "optimizer.pt", "rng_0.pt", "rng_1.pt", "train_state.json"]
 
 
-def _train_in_group(rank, world, argv):
-    train(parse_args(argv))
-    return rank
-
-
 def test_data_parallel_2_x_context_parallel_2_trains_as_one_process_and_resumes_exactly(assets, one_process, tmp_path):
     dit, per_replica, _ = assets
     out = tmp_path / "2x2"
     argv = train_args(dit, per_replica, out, "--context_parallel", "2", "--save_every_n_steps", "2", "--save_state")
-    run_group(4, _train_in_group, argv, launcher_env=True)
+    logged = run_group(4, _command_in_group, argv, launcher_env=True)[0]
+    assert "4 processes (gloo backend): 2 data parallel x 2 context parallel" in logged
     assert_same_training(out, one_process)
 
     # from the state saved at step 2, the last step again: the same LoRA as the uninterrupted run
     resumed = tmp_path / "resumed"
-    run_group(4, _train_in_group, train_args(dit, per_replica, resumed, "--context_parallel", "2", "--resume",
+    run_group(4, _command_in_group, train_args(dit, per_replica, resumed, "--context_parallel", "2", "--resume",
                                              str(out / "tiny-step00000002-state")), launcher_env=True)
     a, b = load_lora(resumed / "tiny.safetensors"), load_lora(out / "tiny.safetensors")
     for k in a:
