@@ -270,10 +270,11 @@ target_frames = [1, 25, 45]
 ''')
     out = tmp_path / "out"
     hv_train_network.main(["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
-                           "--gradient_checkpointing", "--output_dir", str(out), "--output_name", "x", "--dry_run"])
+                           "--gradient_checkpointing", "--output_dir", str(out), "--output_name", "x", "--dry_run", "--context_parallel", "2"])
     printed = capsys.readouterr().out
     # 45 frames x 544x960 x batch 2 (12 latent frames) outweighs 8 images of 544x960
     assert "544x960x45f, batch 2" in printed and "DiT training step" in printed
+    assert "needed on each GPU" in printed and "2 processes (context parallel over 2): each computes 1/2 of the FLOPs" in printed
     assert not out.exists()
 
     te = tmp_path / "te"

@@ -101,9 +101,11 @@ def worker(rank: int, world: int, dit, net, vae) -> dict:
     dit.enable_gradient_checkpointing()
     dit.train()
     got = forward_backward(dit, net, slice(pairs.replica, pairs.replica + 1))
+    for key in ("x", "text"):
+        dist.all_reduce(got[key], group=pairs.sequence.group)
     with logging_collectives() as log:
         GradientReducer(list(net.parameters()), divide_by=pairs.replicas).reduce()
-    results["dp2cp2"] = {"out": got["out"], "all_reduces": log.count()} | {n: p.grad for n, p in net.named_parameters()}
+    results["dp2cp2"] = got | {"all_reduces": log.count()} | {n: p.grad for n, p in net.named_parameters()}
     dit.eval()
     dit.disable_gradient_checkpointing()
     dit.set_attention("sdpa", split=False)
@@ -148,6 +150,8 @@ def test_four_processes_and_two_by_two_compute_what_one_process_computes(referen
         r = rank // 2
         got = res["dp2cp2"]
         assert rel_err(got["out"], ref["out"][r : r + 1]) < TOL
+        for key in ("x", "text"):  # sample r's input gradients (its loss alone: twice its share of the batch's mean)
+            assert rel_err(got[key], 2 * ref[key][r : r + 1]) < TOL, (rank, "N=2", key, rel_err(got[key], 2 * ref[key][r : r + 1]))
         for key in ref:
             if key.startswith("lora_"):
                 assert rel_err(got[key], ref[key]) < TOL, (rank, "2x2", key, rel_err(got[key], ref[key]))

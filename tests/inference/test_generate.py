@@ -366,34 +366,6 @@ def test_the_documented_t2v_command_runs_as_typed_on_tiny_models(models, tmp_pat
     assert video_frames(mp4).shape == (length, 32, 48, 3)
 
 
-# ----------------------------------------------------------------------------------------------- several processes
-
-
-def _generate_in_group(rank, world, argv):
-    return [str(p) for p in pipeline.generate(build_parser().parse_args(argv))]
-
-
-def test_two_processes_sharing_the_tokens_generate_the_one_process_video_and_only_the_first_writes(models, tmp_path):
-    """As under `torchrun --nproc_per_node 2` (the variables it sets, in processes forked from this one)."""
-    (latent_file, _), = [sorted(generate(models, "--video_size", "32", "48", output_type="both"), key=lambda p: p.suffix != ".safetensors")]
-    argv = [*base_flags(models), "--video_size", "32", "48", "--context_parallel", "2", "--output_type", "both", "--save_path", str(tmp_path),
-            "--vae_spatial_tile_sample_min_size", "32"]  # 2 x 2 tiles: each process decodes two
-    first, second = run_group(2, _generate_in_group, argv, launcher_env=True)
-    assert second == [] and sorted(Path(p).name for p in first) == sorted(p.name for p in tmp_path.iterdir())
-    latent, = [Path(p) for p in first if p.endswith(".safetensors")]
-    assert rel_err(StateDictFile(latent).get("latent"), StateDictFile(latent_file).get("latent")) < 1e-5
-    mp4, = [Path(p) for p in first if p.endswith(".mp4")]
-    assert video_frames(mp4).shape == (5, 32, 48, 3)
-
-
-def test_two_processes_run_the_negative_and_positive_prompt_of_skyreels_i2v_side_by_side(speed_inputs, tmp_path):
-    flags = [f.format(**speed_inputs) for f in SPEED_MODES["SkyReels I2V preset, CFG split"]]
-    one, _ = latent_of(speed_inputs, *flags)
-    argv = [*base_flags(speed_inputs), *flags, "--output_type", "latent", "--save_path", str(tmp_path)]
-    (latent, ), _ = run_group(2, _generate_in_group, argv, launcher_env=True)  # the image encoded once, by the first
-    assert rel_err(StateDictFile(latent).get("latent"), one) < 1e-5
-
-
 # ----------------------------------------------------------------------------------------------- step caching
 
 
@@ -452,3 +424,33 @@ def test_compile_gives_the_eager_latents_with_a_step_cache_and_block_swap(models
     eager, _ = latent_of(models, *flags)
     compiled, meta = latent_of(models, *flags, "--compile", "--compile_backend", "aot_eager")
     assert rel_err(compiled, eager) < 1e-5 and meta["step_cache_skipped"] == "3/5"
+
+
+# ----------------------------------------------------------------------------------------------- several processes
+# (last: the one-process references are those of the tests above, already made)
+
+
+def _generate_in_group(rank, world, argv):
+    return [str(p) for p in pipeline.generate(build_parser().parse_args(argv))]
+
+
+def test_two_processes_sharing_the_tokens_generate_the_one_process_video_and_only_the_first_writes(speed_inputs, tmp_path):
+    """As under `torchrun --nproc_per_node 2` (the variables it sets, in processes forked from this one); fp8 with a LoRA."""
+    flags = [f.format(**speed_inputs) for f in SPEED_MODES["fp8 with LoRAs on the fly"]]
+    one, _ = latent_of(speed_inputs, *flags)
+    argv = [*base_flags(speed_inputs), *flags, "--context_parallel", "2", "--output_type", "both", "--save_path", str(tmp_path),
+            "--vae_spatial_tile_sample_min_size", "32"]  # 2 x 2 tiles: each process decodes two
+    first, second = run_group(2, _generate_in_group, argv, launcher_env=True)
+    assert second == [] and sorted(Path(p).name for p in first) == sorted(p.name for p in tmp_path.iterdir())
+    latent, = [Path(p) for p in first if p.endswith(".safetensors")]
+    assert rel_err(StateDictFile(latent).get("latent"), one) < 1e-5
+    mp4, = [Path(p) for p in first if p.endswith(".mp4")]
+    assert video_frames(mp4).shape == (5, 32, 32, 3)
+
+
+def test_two_processes_run_the_negative_and_positive_prompt_of_skyreels_i2v_side_by_side(speed_inputs, tmp_path):
+    flags = [f.format(**speed_inputs) for f in SPEED_MODES["SkyReels I2V preset, CFG split"]]
+    one, _ = latent_of(speed_inputs, *flags)
+    argv = [*base_flags(speed_inputs), *flags, "--output_type", "latent", "--save_path", str(tmp_path)]
+    (latent, ), _ = run_group(2, _generate_in_group, argv, launcher_env=True)  # the image encoded once, by the first
+    assert rel_err(StateDictFile(latent).get("latent"), one) < 1e-5
