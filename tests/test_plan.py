@@ -325,11 +325,12 @@ def test_replayed_peak_of_one_of_two_processes_sharing_the_tokens_matches_a_cpu_
 
     work = small_work(height=128, width=128, frames=5)
     opts = MemoryOptions(network_dim=16, context_parallel=2, gradient_checkpointing=True)
-    replay = replay_training_step(work, opts, on_cpu=True)
+    replay = replay_training_step(work, opts, on_cpu=True).device.peak
+    whole = replay_training_step(work, opts.replace(context_parallel=1), on_cpu=True).device.peak
     measured = run_group(2, _peak_in_group, work, opts)
     for peak in measured:
-        assert replay.device.peak == pytest.approx(peak, rel=0.06)
-    assert replay.device.peak < replay_training_step(work, opts.replace(context_parallel=1), on_cpu=True).device.peak
+        # closer to the replay than half of what sharding saves (the weights, whole on each process, are most of it)
+        assert abs(replay - peak) < (whole - replay) / 2, (replay, peak, whole)
 
 
 def test_context_parallel_plans_each_gpus_share_and_the_traffic_of_its_collectives(capsys):
