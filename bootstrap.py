@@ -71,6 +71,14 @@ def ensure_environment(extra: str | None) -> Path:
     return python
 
 
+def test_workers(rest: list[str]) -> list[str]:
+    """Run the tests on every core (at most 4 workers: each loads PyTorch), unless the arguments choose."""
+    workers = min(os.cpu_count() or 1, 4)
+    if workers < 2 or any(a == "-n" or a.startswith(("-n", "--numprocesses", "-p")) for a in rest):
+        return []
+    return ["-n", str(workers), "--dist", "worksteal"]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
@@ -80,7 +88,7 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         cmd = [python, "-m", "musubi_tuner.demo", *rest]
     else:
-        cmd = [python, "-m", "pytest", "-q", *rest]
+        cmd = [python, "-m", "pytest", "-q", *test_workers(rest), *rest]
     print("+", " ".join(str(c) for c in cmd), flush=True)
     return subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
 

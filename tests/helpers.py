@@ -61,6 +61,15 @@ def write_cached_dataset(root, *, items=4, frames=5, size=(64, 48), llm_dim=64, 
     return toml
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now: each multi-process launch gets its own, so tests can run side by side."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_group(world: int, fn, *args, timeout: float = 120.0, launcher_env: bool = False) -> list:
     """Run fn(rank, world, *args) in `world` processes forked from this one and joined by torch.distributed (gloo);
     returns what each returned (tensors, numbers, dicts of them), in rank order. A failing process fails the call
@@ -71,14 +80,11 @@ def run_group(world: int, fn, *args, timeout: float = 120.0, launcher_env: bool 
     commands' own code (an Accelerator) starts the group as under a launcher, without a launcher's seconds per process."""
     import datetime
     import multiprocessing
-    import socket
     import tempfile
     import traceback
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     def worker(rank: int, folder: str) -> None:
         import os
