@@ -16,6 +16,8 @@ import torch
 
 from helpers import run_group, write_cached_dataset
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
+from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
 from musubi_tuner.files import read_safetensors_header
 from musubi_tuner.networks.lora_files import load_lora
 from musubi_tuner.training.args import parse_args
@@ -23,7 +25,7 @@ from musubi_tuner.training.loop import draw_noise_and_timesteps, sample_seeds, t
 from musubi_tuner.training.timesteps import TimestepConfig
 
 STEPS = 3
-MEMORY_FLAGS = ("--gradient_checkpointing", "--blocks_to_swap", "1", "--validate_every_n_steps", "2")
+MEMORY_FLAGS = ("--fp8_base", "--gradient_checkpointing", "--blocks_to_swap", "1", "--validate_every_n_steps", "2")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,12 @@ def assets(tmp_path_factory):
                            f'cache_directory = "{(root / "held" / "cache").as_posix()}"\ntarget_frames = [5]\n')
     doubled = per_replica.with_name("dataset_batch2.toml")
     doubled.write_text(per_replica.read_text().replace("batch_size = 1", "batch_size = 2"))
-    return dit, per_replica, doubled
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cube on grass --w 32 --h 32 --f 5 --d 7 --s 2\n")
+    sampling = ("--sample_prompts", str(prompts), "--sample_every_n_steps", str(STEPS),
+                "--vae", str(write_vae(root / "vae.pt", random_vae_state_dict(TINY_VAE))),
+                "--text_encoder1", str(write_tiny_llm_folder(root / "te1")), "--text_encoder2", str(write_tiny_clip_folder(root / "te2")))
+    return dit, per_replica, doubled, sampling
 
 
 def train_args(dit, toml, out, *extra):
@@ -50,7 +57,7 @@ def train_args(dit, toml, out, *extra):
 
 @pytest.fixture(scope="module")
 def one_process(assets, tmp_path_factory):
-    dit, _, doubled = assets
+    dit, _, doubled, _ = assets
     out = tmp_path_factory.mktemp("one")
     train(parse_args(train_args(dit, doubled, out)))
     return out
@@ -93,11 +100,12 @@ def _command_in_group(rank, world, argv) -> str:
 
 
 def test_two_processes_sharing_each_samples_tokens_train_as_one_process(assets, one_process, tmp_path):
-    dit, _, doubled = assets
+    dit, _, doubled, sampling = assets
     two = tmp_path / "two"
     # As under `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (the variables it sets, in processes
     # forked from this one: a launcher's interpreters would add half a minute of imports on a 2-core machine).
-    first, second = run_group(2, _command_in_group, train_args(dit, doubled, two, "--context_parallel", "2", "--save_state_on_train_end"),
+    first, second = run_group(2, _command_in_group, train_args(dit, doubled, two, "--context_parallel", "2", "--save_state_on_train_end",
+                                                                          *sampling),
                               launcher_env=True)
     assert "2 processes (gloo backend): 1 data parallel x 2 context parallel" in first  # really two processes, one group
     assert "gradients: 40 tensors (0.1 MiB) reduced in 1 all-reduce per step" in first
@@ -107,14 +115,16 @@ def test_two_processes_sharing_each_samples_tokens_train_as_one_process(assets, 
     meta_two, meta_one = read_safetensors_header(two / "tiny.safetensors")[1], read_safetensors_header(one_process / "tiny.safetensors")[1]
     assert (meta_two["ss_num_batches_per_epoch"], meta_two["ss_max_train_steps"]) == ("1", str(STEPS))
     assert (meta_one["ss_num_batches_per_epoch"], meta_one["ss_max_train_steps"]) == ("1", str(STEPS))
-    # the main process alone wrote the files; the state holds each process's RNG
-    assert {p.name for p in two.iterdir()} == {p.name for p in one_process.iterdir()} | {"tiny-state"}
+    # the main process alone wrote the files; the state holds each process's RNG; the samples (the group ran the DiT
+    # together) left the training as it was
+    assert {p.name for p in two.iterdir()} == {p.name for p in one_process.iterdir()} | {"tiny-state", "sample"}
+    assert sorted(p.suffix for p in (two / "sample").iterdir()) == [".mp4", ".png"]
     assert sorted(p.name for p in (two / "tiny-state").iterdir()) == [
         "network.safetensors", "optimizer.pt", "rng_0.pt", "rng_1.pt", "train_state.json"]
 
 
 def test_data_parallel_2_x_context_parallel_2_trains_as_one_process_and_resumes_exactly(assets, one_process, tmp_path):
-    dit, per_replica, _ = assets
+    dit, per_replica, _, _ = assets
     out = tmp_path / "2x2"
     argv = train_args(dit, per_replica, out, "--context_parallel", "2", "--save_every_n_steps", "2", "--save_state")
     logged = run_group(4, _command_in_group, argv, launcher_env=True)[0]
