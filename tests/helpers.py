@@ -9,6 +9,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def fp8_formula(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias) -> torch.Tensor:
+    """What --fp8_fast computes, in float32: x W^T + b with x rounded to e4m3 per token (scale absmax / 448) and W
+    dequantized per output row."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    x_scale = (x2.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    x_fp8 = (x2 / x_scale).to(torch.float8_e4m3fn).float() * x_scale
+    out = x_fp8 @ (weight_fp8.float() * weight_scale.float()[:, None]).T + bias
+    return out.reshape(*x.shape[:-1], -1)
+
+
 def dit_inputs(config, batch=1, frames=3, height=6, width=10, text_lens=(7,), max_text=20, seed=1):
     """Random DiT inputs (x, t, text_states, text_mask, pooled, guidance) with right-padded prompts of `text_lens`."""
     g = torch.Generator().manual_seed(seed)

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_partial_lora", action="store_true",
                    help="apply the parts of a LoRA file that can be, and list what is dropped, instead of refusing the file")
     g.add_argument("--save_merged_model", default=None, help="save the DiT with the LoRAs merged, then exit")
-    g.add_argument("--lycoris", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--lycoris", action="store_true",
+                   help="accepted for musubi-tuner command lines: LoHa and LoKr files are applied natively, with or without it")
 
     g = p.add_argument_group("memory and speed")
     g.add_argument("--fp8", action="store_true", help="DiT block Linears in fp8 e4m3fn")

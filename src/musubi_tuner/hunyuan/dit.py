@@ -231,14 +231,16 @@ def _offloading(block: Callable, device: torch.device) -> Callable:
     """Run `block` on `device` and hand its outputs back in host memory.
 
     Under checkpointing the tensors kept for backward are a block's inputs, so with this wrapper the
-    activations between blocks live on the CPU and only one block's working set is on the GPU.
+    activations between blocks live on the CPU and only one block's working set is on the GPU. The copies
+    to the host are synchronous: the host reads them right away (the joint sequence of the single blocks is
+    concatenated there), and an asynchronous copy from the GPU is not there yet when the host reads it.
     """
 
     def run(*args):
         moved = [a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args]
         out = block(*moved)
         if isinstance(out, tuple):
-            return tuple(o.to("cpu", non_blocking=True) for o in out)
-        return out.to("cpu", non_blocking=True)
+            return tuple(o.to("cpu") for o in out)
+        return out.to("cpu")
 
     return run

@@ -67,8 +67,8 @@ def check_and_fill(args) -> None:
             raise UserError(f"{getattr(args, flag)}: not found (--{flag})")
     if args.fp8_fast and not args.fp8:
         raise UserError("--fp8_fast needs --fp8")
-    if args.lycoris:
-        raise UserError("--lycoris is not supported; LyCORIS LoRAs in kohya naming load without it")
+    if args.lycoris:  # musubi-tuner needs the LyCORIS package for LoHa/LoKr; here the LoRA reader applies them itself
+        logger.info("--lycoris: LoHa and LoKr files are read and applied natively (the LyCORIS package is not needed)")
     if args.save_merged_model and not args.lora_weight:
         raise UserError("--save_merged_model needs --lora_weight")
     if args.lora_weight:
@@ -269,28 +269,32 @@ def load_generation_dit(args, device):
 
 
 def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool, lora_blocks=None, allow_partial: bool = False) -> list:
-    """Run each file's LoRA pairs of Linear layers beside the weights (which fp8 would round a merge away on); its other
-    patches (bias and norm diffs, the img_in conv LoRA, set_weight) are merged into their parameters, none of which is fp8
-    (a diff or set of an fp8 weight is merged in float32 and requantized)."""
+    """Run each file's LoRA, LoHa and LoKr modules of Linear layers beside the weights (which fp8 would round a merge
+    away on): y = W x + b + m * update(x), each module's update as in training. The file's other patches (bias and
+    norm diffs, the img_in conv LoRA, set_weight) are merged into their parameters, none of which is fp8 (a diff or
+    set of an fp8 weight is merged in float32 and requantized)."""
     import torch.nn as nn
 
-    from musubi_tuner.networks import lora
-    from musubi_tuner.networks.lora_reader import kohya_state_dict
+    from musubi_tuner.networks import loha, lokr, lora
+    from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict
     from musubi_tuner.networks.merge import block_filters, lora_patches, merge_patch, patch_target, resolve_multipliers
 
+    modules = {"lora": lora, "loha": loha, "lokr": lokr}
     networks = []
     keeps = block_filters(paths, lora_blocks, exclude_single_blocks)
     for path, m, keep in zip(paths, resolve_multipliers(paths, multipliers), keeps):
         patches = lora_patches(path, keep, allow_partial)
-        beside = [p for p in patches if p.kind == "lora" and isinstance(patch_target(dit, p, str(path))[0], nn.Linear)]
+        beside = [p for p in patches if p.kind in ADAPTERS and isinstance(patch_target(dit, p, str(path))[0], nn.Linear)]
         for patch in patches:
             if not any(patch is p for p in beside):
                 merge_patch(dit, patch, m, source=str(path))
-        if beside:
-            net = lora.create_arch_network_from_weights(m, kohya_state_dict(beside), dit, for_inference=True)
-            net.to(dit.device).eval()
-            net.apply_to(None, dit)
-            networks.append(net)
+        for kind in ADAPTERS:
+            of_kind = [p for p in beside if p.kind == kind]
+            if of_kind:
+                net = modules[kind].create_arch_network_from_weights(m, kohya_state_dict(of_kind), dit, for_inference=True)
+                net.to(dit.device).eval()
+                net.apply_to(None, dit)
+                networks.append(net)
     return networks
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from musubi_tuner.hunyuan.offload import split_blocks_to_swap
+from musubi_tuner.hunyuan.offload import swapped_block_keys
 from musubi_tuner.planning.dit_blocks import SAVED, WORK, BlockShapes, BlockTracer
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.sizes import DiTSizes, dit_sizes
@@ -84,9 +84,7 @@ def optimizer_step_bytes(sizes: DiTSizes, opts: MemoryOptions, cuda: bool) -> in
 def swapped_blocks(sizes: DiTSizes, opts: MemoryOptions) -> dict[tuple[str, int], int]:
     """The blocks `--blocks_to_swap` streams, in run order, with the bytes of their Linear weights (hunyuan.offload)."""
     c = sizes.config
-    n_double, n_single = split_blocks_to_swap(opts.blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
-    order = ([("double", i) for i in range(c.mm_double_blocks_depth - n_double, c.mm_double_blocks_depth)]
-             + [("single", i) for i in range(c.mm_single_blocks_depth - n_single, c.mm_single_blocks_depth)])
+    order = swapped_block_keys(opts.blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
     return {key: sizes.block_linear_weight_bytes(key, opts.weight_bytes, opts.fp8) for key in order}
 
 

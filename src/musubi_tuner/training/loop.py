@@ -103,6 +103,11 @@ def check_args(args) -> None:
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
     check_lora_files(args)
+    from musubi_tuner.training.hub import check_hub_args
+
+    check_hub_args(args)
+    if args.wandb_api_key and args.log_with not in ("wandb", "all"):
+        logger.warning("--wandb_api_key is used only with --log_with wandb or all; it is ignored")
     from musubi_tuner.files import require_writable_folder
 
     require_writable_folder(args.output_dir, "--output_dir", create=not args.dry_run)
@@ -136,12 +141,36 @@ def make_accelerator(args) -> Accelerator:
         if args.log_with in ("tensorboard", "all", None) and not args.logging_dir:
             raise UserError("--log_with tensorboard needs --logging_dir")
         log_with = {"all": ["tensorboard", "wandb"], None: "tensorboard"}.get(args.log_with, args.log_with)
-        project_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        if args.logging_dir:
+            project_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        if args.log_with in ("wandb", "all"):
+            wandb_login(args)
     try:
         return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
                            log_with=log_with, project_dir=project_dir, kwargs_handlers=kwargs)
     except ValueError as e:
         raise UserError(f"accelerate: {e}") from None
+
+
+def wandb_login(args) -> None:
+    """As musubi-tuner: wandb logs beside --logging_dir (WANDB_DIR), after `wandb.login(key=--wandb_api_key)` when one is given."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(f"--log_with {args.log_with} needs the wandb package: pip install wandb") from None
+    if args.logging_dir:
+        os.environ.setdefault("WANDB_DIR", args.logging_dir)
+    if args.wandb_api_key:
+        wandb.login(key=args.wandb_api_key)
+
+
+def tracker_init_kwargs(args) -> dict:
+    """accelerate's init_kwargs: --log_tracker_config (a TOML file, as musubi-tuner) or the wandb run name."""
+    if args.log_tracker_config:
+        from musubi_tuner.tomlio import load_toml
+
+        return load_toml(Path(args.log_tracker_config))
+    return {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
 
 
 def load_network_module(name: str):
@@ -321,6 +350,11 @@ def train(args) -> Path:
 
 def _train(args) -> Path:
     accelerator = make_accelerator(args)
+    if args.cuda_allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.cuda_cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if accelerator.device.type == "cpu":
         # AdamW's second moments of the zero-initialised lora_up weights decay into float denormals, which
         # the CPU handles about 100x slower (bench/train_step.py); GPUs flush them already.
@@ -328,8 +362,17 @@ def _train(args) -> Path:
     is_main = accelerator.is_main_process
     if not is_main:  # one copy of the progress messages, from the main process
         logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
+    from musubi_tuner.training.hub import HubUploader, download_state
+
+    hub = HubUploader.from_args(args)
+    if hub is not None and is_main:
+        hub.create_repo()
     # --resume auto: the newest complete state first, older ones if it turns out damaged
-    candidates = complete_states(Path(args.output_dir)) if args.resume == "auto" else [Path(args.resume)] if args.resume else []
+    if args.resume and args.resume_from_huggingface:
+        with accelerator.main_process_first():
+            candidates = [download_state(args.resume, args.huggingface_token)]
+    else:
+        candidates = complete_states(Path(args.output_dir)) if args.resume == "auto" else [Path(args.resume)] if args.resume else []
     resume_from = candidates[0] if candidates else None
     args.seed = seed = run_seed(args, accelerator, resume_from)  # the metadata records the seed actually used
     set_seed(seed)
@@ -394,9 +437,10 @@ def _train(args) -> Path:
     guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
-                            scheduler=scheduler, optimizer=optimizer, run=run)
+                            scheduler=scheduler, optimizer=optimizer, run=run, hub=hub)
     if args.logging_dir or args.log_with:
-        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
+        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None,
+                                  init_kwargs=tracker_init_kwargs(args))
 
     saver.losses.truncate(progress.global_step)
     validation = None

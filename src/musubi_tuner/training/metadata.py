@@ -132,8 +132,8 @@ def modelspec(args, training_started: float) -> dict[str, str]:
         "modelspec.date": datetime.datetime.fromtimestamp(training_started).replace(microsecond=0).isoformat(),
         "modelspec.resolution": f"{w}x{h}",
     }
-    for key in ("author", "description", "license", "tags"):
-        value = getattr(args, f"metadata_{key}")
+    for key, value in (("author", args.metadata_author), ("description", args.metadata_description), ("license", args.metadata_license),
+                       ("tags", args.metadata_tags)):
         if value:
             spec[f"modelspec.{key}"] = value
     if args.min_timestep is not None or args.max_timestep is not None:
