@@ -42,6 +42,10 @@ def build_dit(config: DiTConfig, opts: MemoryOptions, seed: int = 0, device: str
     if opts.blocks_to_swap:
         BlockSwap(model, opts.blocks_to_swap, device, opts.use_pinned_memory_for_block_swap, max_blocks=36)
     model.train(opts.gradient_checkpointing)
+    if opts.context_parallel > 1:  # run inside a process group of that size (helpers.run_group)
+        from musubi_tuner.distributed import make_layout
+
+        model.sequence_parallel = make_layout(opts.context_parallel).sequence
     return model
 
 

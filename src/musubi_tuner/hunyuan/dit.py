@@ -28,6 +28,7 @@ from musubi_tuner.hunyuan.blocks import (
 )
 from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.hunyuan.rope import rope_rotations
+from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
 
 
 class HunyuanVideoDiT(nn.Module):
@@ -52,6 +53,7 @@ class HunyuanVideoDiT(nn.Module):
         self.block_hooks: BlockHooks | None = None  # block swap installs itself here
         self.offload_embedders = False  # --img_in_txt_in_offloading: img_in/txt_in visit the device only while used
         self.step_cache = None  # generation's step cache (inference/step_cache.py) sets itself here for each call
+        self.sequence_parallel: SequenceParallel | None = None  # context parallel: the group sharing each sample's tokens
 
     # ------------------------------------------------------------------------------------------ options
 
@@ -126,12 +128,19 @@ class HunyuanVideoDiT(nn.Module):
         img_len, txt_len = img.shape[1], txt.shape[1]
 
         rotation = rope_rotations((T, H, W), c.patch_size, c.rope_dim_list, c.rope_theta, img.device)
+        attn_lengths = None if text_lengths is None else img_len + text_lengths
+        shards = None
+        if self.sequence_parallel is not None:  # from here on this process holds 1/N of the tokens
+            shards = self.sequence_parallel.shard(img_len, txt_len)
+            img, txt, rotation = shards.image(img), shards.text(txt), shards.rotation(rotation)
+            attn_lengths = shards.lengths(text_lengths, B, img.device)
         ctx = AttentionContext(
             mode=self.attn_mode,
             split=self.split_attn,
-            lengths=None if text_lengths is None else img_len + text_lengths,
-            rotation=torch.cat([rotation, rotation.new_ones(txt_len, rotation.shape[1])]),  # text tokens: no rotation
-            img_len=img_len,
+            lengths=attn_lengths,
+            rotation=torch.cat([rotation, rotation.new_ones(txt.shape[1], rotation.shape[1])]),  # text tokens: no rotation
+            img_len=img.shape[1],
+            shards=shards,
         )
         silu_vec = F.silu(vec)
 
@@ -147,6 +156,8 @@ class HunyuanVideoDiT(nn.Module):
             img = img.to(x.device)
 
         out = self.final_layer(img, silu_vec)
+        if shards is not None:
+            out = shards.gather_image(out)
         return self.unpatchify(out, T, H, W)
 
     def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor, ctx: AttentionContext, first: int = 0) -> torch.Tensor:

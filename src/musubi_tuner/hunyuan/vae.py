@@ -436,6 +436,7 @@ class CausalVideoVAE(nn.Module):
         self.quant_conv = nn.Conv3d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv3d(config.latent_channels, config.latent_channels, 1)
         self.tiling = None  # set by set_memory_options
+        self.tile_share = None  # several processes decoding one video: a distributed.WorkShare splits the spatial tiles
 
     @property
     def device(self) -> torch.device:

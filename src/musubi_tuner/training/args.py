@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("distributed")
     g.add_argument("--ddp_timeout", type=count(1), default=None, help="minutes the processes wait for each other")
+    g.add_argument("--context_parallel", type=count(1), default=1,
+                   help="split each sample's tokens over groups of N processes (Ulysses; N divides the 24 heads); "
+                        "processes / N groups train in data parallel")
     ddp = "the network is not wrapped in DistributedDataParallel here; the loop averages its gradients itself"
     accepted_only(g, "--ddp_gradient_as_bucket_view", ddp, action="store_true")
     accepted_only(g, "--ddp_static_graph", ddp, action="store_true")

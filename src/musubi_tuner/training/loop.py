@@ -3,9 +3,11 @@
 Flow matching as HunyuanVideo is trained: noisy = (1 - sigma) * x0 + sigma * noise, the DiT predicts
 noise - x0, loss = MSE (optionally weighted). The DiT is frozen; only the network's weights train.
 Each sample's noise and timestep come from its own seed, made of (run seed, epoch, sample id), so they do
-not depend on the batch or process a sample lands in. Multi-GPU and multi-node data parallelism come
-from `accelerate launch`; gradients of the network are averaged across processes before each optimizer
-step, so N processes of batch B train as one process of batch N x B would.
+not depend on the batch or process a sample lands in. Multi-GPU and multi-node runs come from
+`accelerate launch` (or torchrun): processes = data parallel replicas x --context_parallel N, the N
+processes of a group sharing each sample's tokens (distributed.py); gradients of the network are summed
+over all processes and divided by the replicas before each optimizer step, so R replicas of batch B
+train as one process of batch R x B would.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from musubi_tuner.distributed import GradientReducer, describe as describe_layout, make_layout
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.hunyuan.sequence_parallel import check_heads
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
 from musubi_tuner.inference import step_cache
 from musubi_tuner.progress import progress_bar
@@ -382,6 +386,8 @@ def _train(args) -> Path:
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
     dit_config = read_dit_config(open_dit_file(args.dit))  # the header only: a wrong cache fails before the model loads
+    check_heads(dit_config.heads_num, args.context_parallel)
+    layout = make_layout(args.context_parallel)
     check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
                                      "clipL": dit_config.text_states_dim_2}, args.dit)
     held_out = held_out_batches(args, dataset_config)
@@ -389,15 +395,18 @@ def _train(args) -> Path:
     if args.sample_prompts:  # the text encoders run and are freed before the DiT is loaded
         from musubi_tuner.training.sampling import TrainingSampler
 
-        samples = TrainingSampler(args, accelerator, in_channels=dit_config.in_channels, seed=seed)
+        samples = TrainingSampler(args, accelerator, in_channels=dit_config.in_channels, seed=seed, layout=layout)
+    # the data is sharded over the replicas: the processes of a context-parallel group share their batches
     loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-                                      persistent_workers=args.persistent_data_loader_workers,
-                                      rank=accelerator.process_index, world=accelerator.num_processes)
+                                      persistent_workers=args.persistent_data_loader_workers, rank=layout.replica, world=layout.replicas)
     dit = load_frozen_dit(args, accelerator.device)
+    dit.sequence_parallel = layout.sequence
     network = build_network(args, dit)  # the same initial weights on every process: same seed so far
     network.to(accelerator.device)
-    if accelerator.num_processes > 1:
-        set_seed(seed, device_specific=True)  # from here on (dropout), each process draws its own numbers
+    reducer = GradientReducer(list(network.parameters()), divide_by=layout.replicas) if layout.world > 1 else None
+    if layout.world > 1:
+        # from here on (dropout) each replica draws its own numbers; a group draws alike, as its computations are one
+        set_seed(seed + layout.replica)
 
     groups, _ = network.prepare_optimizer_params(unet_lr=args.learning_rate)
     optimizer, optimizer_name = create_optimizer(args.optimizer_type, groups, args.learning_rate,
@@ -409,9 +418,10 @@ def _train(args) -> Path:
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    if accelerator.num_processes > 1:
-        logger.info("data parallel over %d processes (%s backend): each takes one batch in %d, %d batches per epoch each",
-                    accelerator.num_processes, accelerator.state.backend, accelerator.num_processes, batches_per_epoch)
+    if layout.world > 1:
+        logger.info("%s; each replica takes one batch in %d, %d batches per epoch each", describe_layout(layout), layout.replicas,
+                    batches_per_epoch)
+        logger.info(reducer.describe())
 
     run = run_identity(optimizer_name=optimizer_name, scheduler=args.lr_scheduler_type or args.lr_scheduler,
                        network={"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
@@ -439,6 +449,7 @@ def _train(args) -> Path:
 
         validator = Validator(held_out, ts_cfg, guidance_value, levels=args.validation_timesteps, seed=args.validation_seed)
         validation = Validation(validator, dit=dit, network=network, optimizer=optimizer, accelerator=accelerator, losses=saver.losses,
+                                layout=layout,
                                 every_n_steps=args.validate_every_n_steps, every_n_epochs=args.validate_every_n_epochs)
         saver.before_save = validation.checkpoint_metadata  # every saved LoRA carries its validation loss
         if resume_from is not None:
@@ -465,8 +476,8 @@ def _train(args) -> Path:
                     raise divergence(f"loss is {global_loss.item()}", progress.global_step + 1, epoch + 1, batch["item_names"],
                                      saver, resume_from)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    _average_gradients(network, accelerator)
+                if accelerator.sync_gradients and reducer is not None:
+                    reducer.reduce()
                     norm = accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm or float("inf"))
                     # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
                     if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
@@ -563,22 +574,6 @@ def held_out_batches(args, dataset_config) -> list:
     if dataset_config.has_validation and not batches:
         logger.warning("%s: validation is set up but no validation item is cached; training without it", dataset_config.path)
     return batches
-
-
-def _average_gradients(network, accelerator: Accelerator) -> None:
-    """The network is not wrapped in DDP (its modules run inside the frozen DiT), so average its gradients here.
-
-    Every process reduces every trainable parameter, a missing gradient counting as zero (a module dropped by
-    module dropout on one process only), so the collectives always pair up.
-    """
-    if accelerator.num_processes == 1:
-        return
-    for p in network.parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 def _loggable(args) -> dict:
