@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""One command for each of the two things a new user does first, on Linux, macOS and Windows alike.
+"""One command for each of the things a new user does first, on Linux, macOS and Windows alike.
 
     python bootstrap.py demo    # venv + install + the whole job on tiny built-in models (cache -> train -> merge -> mp4)
     python bootstrap.py test    # venv + install + the whole test suite
+    python bootstrap.py ui      # venv + install + the studio, a local web app over the same commands (127.0.0.1:7860)
 
-Both create `.venv` beside this file on first use and reuse it afterwards (it is reinstalled when
+Each creates `.venv` beside this file on first use and reuse it afterwards (it is reinstalled when
 pyproject.toml changes). Extra arguments after the command go to the demo or to pytest.
 
 PyTorch: on a machine without an NVIDIA GPU the CPU build `torch==2.13.0` is installed first, so pip
@@ -25,7 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 # The demo needs only a plain install (what the seed's five commands use is a core dependency); the tests add theirs.
-EXTRAS = {"demo": None, "test": "test"}
+EXTRAS = {"demo": None, "test": "test", "ui": "ui"}
+# The studio's browser tests drive Debian's chromium package (never a browser download); `test` installs it with
+# apt-get where it is missing and apt can run (CI runs as root on Debian). Elsewhere those tests skip and say why.
+CHROMIUM_PACKAGE = "chromium"
 
 
 def venv_python(venv_dir: Path = VENV) -> Path:
@@ -37,6 +41,32 @@ def has_nvidia_gpu() -> bool:
     if smi is None:
         return False
     return subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
+def find_chromium() -> str | None:
+    """A chromium to drive: $MUSUBI_CHROMIUM, Debian's /usr/bin/chromium, or one on PATH."""
+    for candidate in (os.environ.get("MUSUBI_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def ensure_chromium() -> None:
+    if find_chromium() is not None:
+        return
+    apt = shutil.which("apt-get")
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    prefix = [] if as_root else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if apt is None or prefix is None:
+        print("note: no chromium found and apt-get cannot install it here; the studio's browser tests will be skipped "
+              "(install a chromium and set MUSUBI_CHROMIUM to run them)", flush=True)
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in ([*prefix, apt, "update"], [*prefix, apt, "install", "-y", "--no-install-recommends", CHROMIUM_PACKAGE]):
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            print("note: installing chromium failed; the studio's browser tests will be skipped", flush=True)
+            return
 
 
 def run(cmd: list[str]) -> None:
@@ -71,6 +101,14 @@ def ensure_environment(extra: str | None) -> Path:
     return python
 
 
+def test_workers(rest: list[str]) -> list[str]:
+    """Run the tests on every core (at most 4 workers: each loads PyTorch), unless the arguments choose."""
+    workers = min(os.cpu_count() or 1, 4)
+    if workers < 2 or any(a == "-n" or a.startswith(("-n", "--numprocesses", "-p")) for a in rest):
+        return []
+    return ["-n", str(workers), "--dist", "worksteal"]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
@@ -79,8 +117,11 @@ def main(argv: list[str]) -> int:
     python = ensure_environment(EXTRAS[command])
     if command == "demo":
         cmd = [python, "-m", "musubi_tuner.demo", *rest]
+    elif command == "ui":
+        cmd = [python, "-m", "musubi_tuner.ui", *rest]
     else:
-        cmd = [python, "-m", "pytest", "-q", *rest]
+        ensure_chromium()
+        cmd = [python, "-m", "pytest", "-q", *test_workers(rest), *rest]
     print("+", " ".join(str(c) for c in cmd), flush=True)
     return subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
 

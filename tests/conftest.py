@@ -7,10 +7,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Tests run on CPU with small models; two threads is what CI machines have.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests run on CPU with small models; two threads is what CI machines have, shared by the test processes
+# pytest-xdist runs side by side (one thread each then).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 DATA = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The minutes-long runs (marked slow) go first, so that with several workers they overlap the many short tests
+    instead of running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

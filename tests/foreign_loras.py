@@ -83,6 +83,43 @@ def kohya_network_file(model, path: Path, rank=4, alpha=2.0, seed=0, include=Non
     return Foreign(path.stem, path, expected)
 
 
+def loha_delta_reference(w1_a, w1_b, w2_a, w2_b, alpha, rank) -> torch.Tensor:
+    """musubi-tuner's documented LoHa update (docs/loha_lokr.md): delta W = (W1a x W1b) * (W2a x W2b) * alpha / rank."""
+    return (w1_a.double() @ w1_b.double()) * (w2_a.double() @ w2_b.double()) * (alpha / rank)
+
+
+def lokr_delta_reference(w1, w2, scale) -> torch.Tensor:
+    """musubi-tuner's documented LoKr update: delta W = W1 (Kronecker) W2 * scale, written out element by element:
+    delta[i * out2 + a, j * in2 + b] = w1[i, j] * w2[a, b]."""
+    (out1, in1), (out2, in2) = w1.shape, w2.shape
+    return (w1.double()[:, None, :, None] * w2.double()[None, :, None, :]).reshape(out1 * out2, in1 * in2) * scale
+
+
+def lycoris_network_file(model, path: Path, kind: str, rank=4, alpha=2.0, seed=0, **network_args) -> Foreign:
+    """musubi-tuner's LoHa or LoKr network (kind "loha" / "lokr") with random factors, saved as the trainer saves it;
+    `expected` from the documented formulas above (not from the toolkit's own math)."""
+    from musubi_tuner.networks import loha, lokr
+
+    net = {"loha": loha, "lokr": lokr}[kind].create_arch_network(1.0, rank, alpha, None, None, model, **network_args)
+    g = torch.Generator().manual_seed(seed)
+    paths = {id(m): name for name, m in model.named_modules()}
+    expected = {}
+    with torch.no_grad():
+        for m in net.unet_loras:
+            for p in m.parameters():
+                p.copy_(_randn(p.shape, g, 0.3))
+            t = {k: v.float() for k, v in m.tensors().items()}
+            if kind == "loha":
+                delta = loha_delta_reference(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], alpha, rank)
+            elif "lokr_w2" in t:  # a whole w2: scale 1
+                delta = lokr_delta_reference(t["lokr_w1"], t["lokr_w2"], 1.0)
+            else:
+                delta = lokr_delta_reference(t["lokr_w1"], t["lokr_w2_a"].double() @ t["lokr_w2_b"].double(), alpha / rank)
+            expected[paths[id(m.org_module[0])] + ".weight"] = delta.float()
+    save_file(net.state_dict_for_saving(), str(path))
+    return Foreign(path.stem, path, expected)
+
+
 def _rename_kohya(key: str, paths, net, rename) -> str:
     name, rest = key.split(".", 1)
     module = next(paths[id(m.org_module[0])] for m in net.unet_loras if m.lora_name == name)

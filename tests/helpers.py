@@ -9,6 +9,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def fp8_formula(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias) -> torch.Tensor:
+    """What --fp8_fast computes, in float32: x W^T + b with x rounded to e4m3 per token (scale absmax / 448) and W
+    dequantized per output row."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    x_scale = (x2.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    x_fp8 = (x2 / x_scale).to(torch.float8_e4m3fn).float() * x_scale
+    out = x_fp8 @ (weight_fp8.float() * weight_scale.float()[:, None]).T + bias
+    return out.reshape(*x.shape[:-1], -1)
+
+
 def dit_inputs(config, batch=1, frames=3, height=6, width=10, text_lens=(7,), max_text=20, seed=1):
     """Random DiT inputs (x, t, text_states, text_mask, pooled, guidance) with right-padded prompts of `text_lens`."""
     g = torch.Generator().manual_seed(seed)
@@ -59,3 +69,72 @@ def write_cached_dataset(root, *, items=4, frames=5, size=(64, 48), llm_dim=64, 
         f'target_frames = [{frames}]\n'
     )
     return toml
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: each multi-process launch gets its own, so tests can run side by side."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(world: int, fn, *args, timeout: float = 120.0, launcher_env: bool = False) -> list:
+    """Run fn(rank, world, *args) in `world` processes forked from this one and joined by torch.distributed (gloo);
+    returns what each returned (tensors, numbers, dicts of them), in rank order. A failing process fails the call
+    with its traceback; the others are stopped (they would wait for it in a collective).
+
+    launcher_env: instead of joining the group here, set the variables `accelerate launch --cpu` / torchrun set
+    (RANK, WORLD_SIZE, MASTER_ADDR, ...) and forget accelerate's state inherited from this process, so that the
+    commands' own code (an Accelerator) starts the group as under a launcher, without a launcher's seconds per process."""
+    import datetime
+    import multiprocessing
+    import tempfile
+    import traceback
+    from pathlib import Path
+
+    port = free_port()
+
+    def worker(rank: int, folder: str) -> None:
+        import os
+
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        try:
+            if launcher_env:
+                from accelerate.state import AcceleratorState
+
+                AcceleratorState._reset_state(reset_partial_state=True)
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                                  ACCELERATE_USE_CPU="1")
+            else:
+                dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+            result = fn(rank, world, *args)
+            torch.save(result, Path(folder) / f"{rank}.pt")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except BaseException:
+            (Path(folder) / f"{rank}.err").write_text(traceback.format_exc())
+            os._exit(1)
+        os._exit(0)
+
+    context = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory() as folder:
+        procs = [context.Process(target=worker, args=(rank, folder)) for rank in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = sorted(Path(folder).glob("*.err"))
+        if errors:
+            raise AssertionError(f"process {errors[0].stem} failed:\n{errors[0].read_text()}")
+        if any(p.exitcode != 0 for p in procs):
+            raise AssertionError(f"exit codes {[p.exitcode for p in procs]}")
+        return [torch.load(Path(folder) / f"{rank}.pt", weights_only=True) for rank in range(world)]

@@ -2,8 +2,9 @@
 
 A training step here is `training.loop.training_step` + backward + clip + optimizer step, with the DiT
 loaded as `load_frozen_dit` sets it up (fp8, checkpointing, block swap, then LoRA). bf16 weights run
-under bf16 autocast as on a GPU. Used by tests/test_plan.py (in process, counting live tensor bytes)
-and bench/plan_vs_measured.py (fresh processes, also the resident set).
+under bf16 autocast as on a GPU. Used by tests/test_plan.py (in process, counting live tensor bytes),
+bench/plan_vs_measured.py (fresh processes, also the resident set) and, with device="cuda",
+tests/gpu/test_planner.py (the CUDA allocator's peak).
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from musubi_tuner.planning.options import MemoryOptions, Workload
 SCALING_FACTOR = 0.476986  # the VAE's latent scale (hunyuan.vae.SCALING_FACTOR)
 
 
-def build_dit(config: DiTConfig, opts: MemoryOptions, seed: int = 0) -> HunyuanVideoDiT:
-    """A frozen DiT with random weights, memory options applied as load_frozen_dit applies them."""
+def build_dit(config: DiTConfig, opts: MemoryOptions, seed: int = 0, device: str = "cpu") -> HunyuanVideoDiT:
+    """A frozen DiT with random weights on `device`, memory options applied as load_frozen_dit applies them."""
     from musubi_tuner.hunyuan.fp8 import convert_to_fp8
     from musubi_tuner.hunyuan.offload import BlockSwap
 
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = HunyuanVideoDiT(config)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
@@ -39,12 +40,16 @@ def build_dit(config: DiTConfig, opts: MemoryOptions, seed: int = 0) -> HunyuanV
     if opts.gradient_checkpointing:
         model.enable_gradient_checkpointing(opts.gradient_checkpointing_cpu_offload)
     if opts.blocks_to_swap:
-        BlockSwap(model, opts.blocks_to_swap, "cpu", max_blocks=36)
+        BlockSwap(model, opts.blocks_to_swap, device, opts.use_pinned_memory_for_block_swap, max_blocks=36)
     model.train(opts.gradient_checkpointing)
+    if opts.context_parallel > 1:  # run inside a process group of that size (helpers.run_group)
+        from musubi_tuner.distributed import make_layout
+
+        model.sequence_parallel = make_layout(opts.context_parallel).sequence
     return model
 
 
-def dit_inputs(work: Workload, seed: int = 1) -> dict[str, torch.Tensor]:
+def dit_inputs(work: Workload, seed: int = 1, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A training batch as the cache loader gives it: latents (bf16), LLM states padded to 256, CLIP pooled."""
     c = work.config
     g = torch.Generator().manual_seed(seed)
@@ -53,40 +58,43 @@ def dit_inputs(work: Workload, seed: int = 1) -> dict[str, torch.Tensor]:
     mask = torch.zeros(B, 256, dtype=torch.long)
     for b, n in enumerate(lengths):
         mask[b, :n] = 1
-    return {
+    batch = {
         "latents": torch.randn(B, c.out_channels, *work.latent_shape, generator=g).to(torch.bfloat16),
         "llm": torch.randn(B, 256, c.text_states_dim, generator=g).to(torch.bfloat16),
         "llm_mask": mask,
         "clipL": torch.randn(B, c.text_states_dim_2, generator=g).to(torch.bfloat16),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 class TrainingRun:
     """The model, LoRA network, optimizer and batch of a LoRA training run; `step()` is one optimizer step."""
 
-    def __init__(self, work: Workload, opts: MemoryOptions):
+    def __init__(self, work: Workload, opts: MemoryOptions, device: str = "cpu"):
         from musubi_tuner.networks.lora import LoRANetwork
         from musubi_tuner.training.optimizers import create_optimizer
 
-        self.work, self.opts = work, opts
-        self.model = build_dit(work.config, opts)
+        self.work, self.opts, self.device = work, opts, torch.device(device)
+        self.model = build_dit(work.config, opts, device=device)
         self.network = LoRANetwork(self.model, rank=opts.network_dim, alpha=1.0)
         self.network.apply_to(None, self.model)
+        self.network.to(device)
         self.network.prepare_grad_etc()
         groups, _ = self.network.prepare_optimizer_params(unet_lr=1e-4)
         self.optimizer, _ = create_optimizer(opts.optimizer_type, groups, 1e-4, {})
-        self.batch = dit_inputs(work)
+        self.batch = dit_inputs(work, device=device)
 
     def step(self) -> None:
         b = self.batch
         latents = b["latents"].to(torch.float32) * SCALING_FACTOR
         B = latents.shape[0]
         noise = torch.randn_like(latents)
-        sigma = torch.full((B, 1, 1, 1, 1), 0.6)
+        sigma = torch.full((B, 1, 1, 1, 1), 0.6, device=self.device)
         model_input = (1.0 - sigma) * latents + sigma * noise
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.opts.act_bytes == 2)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.act_bytes == 2)
         with autocast:
-            pred = self.model(model_input, torch.full((B,), 600.0), b["llm"], b["llm_mask"], b["clipL"], torch.full((B,), 1.0))
+            pred = self.model(model_input, torch.full((B,), 600.0, device=self.device), b["llm"], b["llm_mask"], b["clipL"],
+                              torch.full((B,), 1.0, device=self.device))
         loss = (pred.float() - (noise - latents)).square().mean(dim=(1, 2, 3, 4)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
@@ -108,14 +116,14 @@ class TrainingRun:
 class SamplingRun:
     """One denoising step of hv_generate_video (bf16 autocast as on a GPU): a batch of two with real CFG."""
 
-    def __init__(self, work: Workload, opts: MemoryOptions):
-        self.work, self.opts = work, opts
-        self.model = build_dit(work.config, opts.replace(gradient_checkpointing=False))
+    def __init__(self, work: Workload, opts: MemoryOptions, device: str = "cpu"):
+        self.work, self.opts, self.device = work, opts, torch.device(device)
+        self.model = build_dit(work.config, opts.replace(gradient_checkpointing=False), device=device)
         self.model.eval()
-        self.batch = dit_inputs(work)
+        self.batch = dit_inputs(work, device=device)
         B = work.batch
-        self.latents = torch.randn(B, work.config.out_channels, *work.latent_shape)
-        negative = dit_inputs(work, seed=2)
+        self.latents = torch.randn(B, work.config.out_channels, *work.latent_shape).to(device)
+        negative = dit_inputs(work, seed=2, device=device)
         negative["llm_mask"][:, max(1, work.text_tokens // 4):] = 0  # a shorter negative prompt
         self.negative = negative
         # a threshold no step reaches: every step computes and keeps its residuals, as a computed step does
@@ -127,7 +135,7 @@ class SamplingRun:
         cond = {"text_states": self.batch["llm"], "text_mask": self.batch["llm_mask"], "text_states_2": self.batch["clipL"]}
         uncond = {"text_states": self.negative["llm"], "text_mask": self.negative["llm_mask"], "text_states_2": self.negative["clipL"]}
         guidance = Guidance(embedded_scale=1.0, scale=self.opts.guidance_scale, split=self.opts.split_uncond)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16):
             denoise(self.model, self.latents, torch.tensor([1.0, 0.9]), cond=cond, uncond=uncond if guidance.uses_cfg else None,
                     guidance=guidance, step_cache=self.cache)
 
@@ -143,8 +151,8 @@ class SamplingRun:
         return out
 
 
-def make_run(work: Workload, opts: MemoryOptions):
-    return TrainingRun(work, opts) if work.mode == "train" else SamplingRun(work, opts)
+def make_run(work: Workload, opts: MemoryOptions, device: str = "cpu"):
+    return (TrainingRun if work.mode == "train" else SamplingRun)(work, opts, device)
 
 
 def measured_tensor_peak(work: Workload, opts: MemoryOptions) -> int:
@@ -197,3 +205,15 @@ def saved_bytes_by_block(work: Workload, opts: MemoryOptions) -> dict[tuple[str,
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.act_bytes == 2):
         model(x, torch.full((B,), 600.0), b["llm"], b["llm_mask"], b["clipL"], torch.full((B,), 1.0))
     return totals  # the first double block also holds the rope tables all blocks share; compare later blocks
+
+
+def measured_cuda_peak(work: Workload, opts: MemoryOptions) -> tuple[int, int]:
+    """On the GPU: (torch.cuda.max_memory_allocated during a steady-state step, bytes allocated before it)."""
+    run = make_run(work, opts, "cuda")
+    run.step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(), before

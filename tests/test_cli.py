@@ -15,6 +15,8 @@ COMMANDS = {  # module: where its parser is built
     "hv_train_network": "musubi_tuner.training.args", "merge_lora": "musubi_tuner.merge_lora",
     "hv_generate_video": "musubi_tuner.hv_generate_video", "convert_lora": "musubi_tuner.convert_lora",
     "lora_info": "musubi_tuner.lora_info", "lora_doctor": "musubi_tuner.lora_doctor", "plan": "musubi_tuner.plan",
+    "musubi-ui": "musubi_tuner.ui.server",
+    "lora_post_hoc_ema": "musubi_tuner.lora_post_hoc_ema",
 }
 
 

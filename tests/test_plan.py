@@ -270,10 +270,11 @@ target_frames = [1, 25, 45]
 ''')
     out = tmp_path / "out"
     hv_train_network.main(["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
-                           "--gradient_checkpointing", "--output_dir", str(out), "--output_name", "x", "--dry_run"])
+                           "--gradient_checkpointing", "--output_dir", str(out), "--output_name", "x", "--dry_run", "--context_parallel", "2"])
     printed = capsys.readouterr().out
     # 45 frames x 544x960 x batch 2 (12 latent frames) outweighs 8 images of 544x960
     assert "544x960x45f, batch 2" in printed and "DiT training step" in printed
+    assert "needed on each GPU" in printed and "2 processes (context parallel over 2): each computes 1/2 of the FLOPs" in printed
     assert not out.exists()
 
     te = tmp_path / "te"
@@ -328,3 +329,78 @@ def test_budget_search_keeps_the_memory_options_the_user_gave():
     sets = [c.options for c in [tried.best, *tried.ruled_out, *tried.also_fit]]
     assert all(o.fp8 and o.gradient_checkpointing and o.blocks_to_swap >= 1 for o in sets)
     assert tried.best.options.blocks_to_swap == 1  # the fastest that fits: the user's own count
+
+
+# ------------------------------------------------------------------------------------------- several processes
+
+
+def _peak_in_group(rank, world, work, opts):
+    return measured_tensor_peak(work, opts)
+
+
+def test_replayed_peak_of_one_of_two_processes_sharing_the_tokens_matches_a_cpu_run():
+    """Each process holds half the tokens plus the all-to-all buffers; the weights whole. (Sampling replays the same
+    blocks without autograd; the training step, with checkpointing's recomputation, is the harder case.)"""
+    from helpers import run_group
+
+    work = small_work(height=128, width=128, frames=5)
+    opts = MemoryOptions(network_dim=16, context_parallel=2, gradient_checkpointing=True)
+    replay = replay_training_step(work, opts, on_cpu=True).device.peak
+    whole = replay_training_step(work, opts.replace(context_parallel=1), on_cpu=True).device.peak
+    measured = run_group(2, _peak_in_group, work, opts)
+    for peak in measured:
+        # closer to the replay than half of what sharding saves (the weights, whole on each process, are most of it)
+        assert abs(replay - peak) < (whole - replay) / 2, (replay, peak, whole)
+
+
+def test_context_parallel_plans_each_gpus_share_and_the_traffic_of_its_collectives(capsys):
+    from musubi_tuner.plan import main
+    from musubi_tuner.planning.planner import collective_bytes
+
+    work = Workload(HUNYUAN_T2V, 720, 1280, 129, mode="generate")
+    one, eight = (plan(work, MemoryOptions(context_parallel=n), gpu("h100")) for n in (1, 8))
+    weights = eight.dit_stage.device_parts["DiT weights bf16/fp16"]
+    assert weights == one.dit_stage.device_parts["DiT weights bf16/fp16"]  # every GPU holds the whole model
+    assert eight.dit_stage.device_peak - weights < (one.dit_stage.device_peak - weights) / 5  # and 1/8 of the tokens
+    assert eight.time.compute_s == pytest.approx(one.time.compute_s / 8)
+    # 60 blocks x (q, k, v out + the output back) of 14,850 + 32 tokens x 3072 in bf16, 7/8 of it to the others,
+    # then 7 shards of the prediction (14,850 tokens x 64 values)
+    assert collective_bytes(work, MemoryOptions(context_parallel=8)) == 60 * 4 * 14_882 * 3072 * 2 * 7 // 8 + 14_850 * 64 * 2 * 7
+    assert eight.time.collectives_s == pytest.approx(collective_bytes(work, MemoryOptions(context_parallel=8)) / 450e9)
+    # CFG-parallel: each of 2N processes runs one prompt
+    cfg = MemoryOptions(guidance_scale=6.0, context_parallel=2, cfg_parallel=True)
+    assert (cfg.cfg_batch, cfg.processes) == (1, 4)
+
+    main(["--mode", "generate", "--video_size", "720", "1280", "--video_length", "129", "--gpu", "h100", "--context_parallel", "8",
+          "--link_gbps", "100"])
+    out = capsys.readouterr().out
+    assert "--context_parallel 8" in out and "needed on each GPU" in out
+    assert "8 processes (context parallel over 8): each computes 1/8 of the FLOPs and sends 19.21 GB per step" in out
+    assert "at 100 GB/s" in out
+
+
+def test_the_more_than_one_gpu_page_shows_the_planners_figures_and_commands_that_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from musubi_tuner.hv_generate_video import build_parser as generate_parser
+    from musubi_tuner.training.args import parse_args
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "multi_gpu.md").read_text()
+    table = page.split("**HunyuanVideo, 720x1280x129, 50 steps**")[1].split("\n\n")[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    work = Workload(HUNYUAN_T2V, 720, 1280, 129, mode="generate")
+    for gpus, needed, minutes, *_ in rows:
+        p = plan(work, MemoryOptions(context_parallel=int(gpus)), gpu("h100"))
+        assert (needed, minutes) == (f"{p.needed / 1e9:.1f} GB", f"{p.time.total_s * 50 / 60:.1f} min")
+
+    commands = re.findall(r"^(?:torchrun|accelerate launch) .*?(?<!\\)$", page.split("## What it costs")[0], re.M | re.S)
+    assert len(commands) == 3
+    for command in commands:
+        argv = shlex.split(command.replace("\\\n", " "))
+        script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+        if argv[script].endswith("hv_generate_video.py"):
+            generate_parser().parse_args(argv[script + 1:])
+        else:
+            assert parse_args(argv[script + 1:]).context_parallel == 2

@@ -56,3 +56,33 @@ def test_without_a_total_a_log_gets_the_start_the_end_and_a_line_a_minute(monkey
     bar.close()
     lines = log.getvalue().splitlines()
     assert [line.split(" ")[1] for line in lines] == ["0item", "13item", "25item", "30item"]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_watcher_gets_each_bars_state_as_json_lines_with_the_time_left(tmp_path, monkeypatch, terminal):
+    import json
+
+    watched = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(progress.PROGRESS_FILE_VARIABLE, str(watched))
+    monkeypatch.setattr(progress, "REPORT_SECONDS", 0.0)
+    bar = progress_bar(total=4, desc="steps", file=Terminal() if terminal else io.StringIO())
+    assert isinstance(bar, tqdm) and isinstance(bar, LogLines) is not terminal  # the same bar as without a watcher
+    for _ in range(2):
+        bar.update(1)
+    bar.set_postfix(loss=0.5)
+    bar.close()
+    lines = [json.loads(line) for line in watched.read_text().splitlines()]
+    assert [(r["desc"], r["n"], r["total"], r["closed"]) for r in lines] == [("steps", 0, 4, False), ("steps", 1, 4, False),
+                                                                             ("steps", 2, 4, False), ("steps", 2, 4, True)]
+    at_two = lines[2]
+    assert at_two["remaining"] == pytest.approx(2 / at_two["rate"], rel=1e-3)  # 2 steps left at the measured rate
+    assert lines[-1]["postfix"] == "loss=0.5"
+
+
+def test_without_a_watcher_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv(progress.PROGRESS_FILE_VARIABLE, raising=False)
+    monkeypatch.chdir(tmp_path)
+    bar = progress_bar(total=2, desc="steps", file=io.StringIO())
+    bar.update(2)
+    bar.close()
+    assert type(bar) is LogLines and list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ outside it is refused before any work, in one line that names the flag, the valu
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 
@@ -25,6 +26,22 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:  # say so for each musubi-tuner flag given that does nothing here
+            reason = getattr(action, "accepted_only", None)
+            if reason and getattr(parsed, action.dest, None) != action.musubi_default and action.dest not in self._told:
+                self._told.add(action.dest)
+                logging.getLogger("musubi_tuner").warning("%s: accepted for musubi-tuner command lines, and ignored: %s",
+                                                          action.option_strings[0], reason)
+        return parsed, rest
+
+    @property
+    def _told(self) -> set:
+        if not hasattr(self, "_told_flags"):
+            self._told_flags = set()
+        return self._told_flags
 
     def error(self, message: str):
         # argparse: "argument --x: invalid count value: '0'" or "argument --x: 0: must be ...": name the flag first
@@ -46,6 +63,15 @@ class HelpFormatter(argparse.HelpFormatter):
                 and action.option_strings and action.nargs != 0):
             help_ += " (default: %(default)s)"
         return help_
+
+
+def accepted_only(group, flag: str, reason: str, **kwargs) -> argparse.Action:
+    """A musubi-tuner flag that has nothing to act on here: parsed as there, so command lines keep working, with
+    `reason` in its help and in a warning whenever it is given."""
+    action = group.add_argument(flag, help=f"accepted for musubi-tuner command lines, no effect here: {reason}", **kwargs)
+    action.accepted_only = reason
+    action.musubi_default = action.default  # a --config_file value replaces action.default; it is given all the same
+    return action
 
 
 # ----------------------------------------------------------------------------------------------- domains

@@ -3,6 +3,8 @@
     python src/musubi_tuner/hv_generate_video.py --video_size 544 960 --video_length 5 --infer_steps 30 \
         --prompt "A cat walks on the grass, realistic style." --save_path out --dit DIT --vae VAE \
         --text_encoder1 TE1 --text_encoder2 TE2 --seed 1234 [--lora_weight L --lora_multiplier 1.0]
+
+On N GPUs: torchrun --nproc_per_node N src/musubi_tuner/hv_generate_video.py ... --context_parallel N
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_partial_lora", action="store_true",
                    help="apply the parts of a LoRA file that can be, and list what is dropped, instead of refusing the file")
     g.add_argument("--save_merged_model", default=None, help="save the DiT with the LoRAs merged, then exit")
-    g.add_argument("--lycoris", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--lycoris", action="store_true",
+                   help="accepted for musubi-tuner command lines: LoHa and LoKr files are applied natively, with or without it")
 
     g = p.add_argument_group("memory and speed")
     g.add_argument("--fp8", action="store_true", help="DiT block Linears in fp8 e4m3fn")
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"keep N blocks' weights in host memory, moving each in when it runs (max {MAX_BLOCKS_TO_SWAP_INFERENCE})")
     g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host buffers for faster block swap")
     g.add_argument("--img_in_txt_in_offloading", action="store_true", help="keep the input embedders in host memory between steps")
+    g.add_argument("--context_parallel", type=count(1), default=1,
+                   help="split the DiT's tokens over N processes started by accelerate launch or torchrun (N divides the 24 "
+                        "heads); with real CFG, 2N processes run the negative and positive prompt side by side")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
     g.add_argument("--compile_backend", default="inductor", help="torch.compile backend")
     g.add_argument("--compile_mode", default="default", help="torch.compile mode")

@@ -3,6 +3,7 @@
     python -m musubi_tuner.plan --model t2v-720p --video_size 544 960 --video_length 129 \
         --gradient_checkpointing --fp8_base --network_dim 32
     python -m musubi_tuner.plan --mode generate --dit mp_rank_00_model_states.pt --video_size 720 1280 --vram_budget 24G
+    python -m musubi_tuner.plan --mode generate --video_size 720 1280 --video_length 129 --gpu h100 --context_parallel 8
 
 The flags are those of hv_train_network / hv_generate_video. No model is loaded: --dit reads the
 file's header for the model's shapes. Exit status 1 when --vram_budget is given and nothing fits.
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan cache_latents without --vae_tiling (the plan assumes it; generation always tiles)")
     g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="VAE tile size in pixels")
     g.add_argument("--vae_chunk_size", type=count(1), default=None, help="VAE causal convolution chunk")
+    g.add_argument("--context_parallel", type=count(1), default=1, help="N processes share each sample's tokens: memory and time per GPU")
+    g.add_argument("--cfg_parallel", action="store_true", help="generation with real CFG on 2N processes, one prompt each")
 
     g = p.add_argument_group("budget and speed")
     g.add_argument("--vram_budget", default=None, help="e.g. 12G, 16G, 24G, 80G: find the fastest option set that fits")
@@ -70,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tflops", type=real(above=0), default=None, help="override: dense bf16 TFLOP/s")
     g.add_argument("--utilisation", type=real(0.01, 1), default=None, help="share of peak FLOP/s reached (default 0.4)")
     g.add_argument("--pcie_gbps", type=real(above=0), default=None, help="override: host-to-device GB/s from pinned memory")
+    g.add_argument("--link_gbps", type=real(above=0), default=None,
+                   help="override: GPU-to-GPU GB/s in one direction (NVLink; PCIe ~25), for --context_parallel")
     return p
 
 

@@ -4,10 +4,17 @@ Without a terminal tqdm still redraws its bar with a carriage return many times 
 files show each redraw as a line of its own (the demo's training alone made some 400). `progress_bar` keeps the
 bar where someone watches it and otherwise prints one plain line per 10 % of the total (or per minute when the
 total is unknown), plus the final state.
+
+For programs that watch a command (the studio, musubi_tuner.ui): with the environment variable MUSUBI_PROGRESS_FILE
+set to a path, every bar also appends its state to that file as one JSON line, at most REPORT_SECONDS apart and when
+it closes: {"desc", "n", "total", "elapsed", "remaining", "rate", "unit", "postfix", "closed", "time"} (seconds; remaining
+and rate are null until known).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 
@@ -15,13 +22,18 @@ from tqdm import tqdm
 
 LOG_PERCENT_STEP = 10        # a line each time the count crosses another 10 % of the total
 LOG_SECONDS_WITHOUT_TOTAL = 60
+PROGRESS_FILE_VARIABLE = "MUSUBI_PROGRESS_FILE"
+REPORT_SECONDS = 0.5
 
 
 def progress_bar(*, total: int | None = None, desc: str | None = None, **kwargs) -> tqdm:
     """tqdm(total=..., desc=..., **kwargs) on a terminal, a `LogLines` bar otherwise (same interface)."""
     stream = kwargs.get("file") or sys.stderr
     on_terminal = getattr(stream, "isatty", lambda: False)()
-    return (tqdm if on_terminal else LogLines)(total=total, desc=desc, **kwargs)
+    bar = tqdm if on_terminal else LogLines
+    if os.environ.get(PROGRESS_FILE_VARIABLE):
+        bar = _REPORTING[bar]
+    return bar(total=total, desc=desc, **kwargs)
 
 
 class LogLines(tqdm):
@@ -57,3 +69,45 @@ class LogLines(tqdm):
         self.fp.write(self.__str__() + "\n")
         self.fp.flush()
         self._printed_n, self._printed_at = self.n, time.monotonic()
+
+
+class _Reports:
+    """Mixed into a bar class: appends the bar's state to $MUSUBI_PROGRESS_FILE as JSON lines (see the module doc)."""
+
+    def __init__(self, *args, **kwargs):
+        self._reported_at = 0.0
+        super().__init__(*args, **kwargs)
+        self._report(closed=False)
+
+    def update(self, n=1):
+        shown = super().update(n)
+        if time.monotonic() - self._reported_at >= REPORT_SECONDS or (self.total and self.n >= self.total):
+            self._report(closed=False)
+        return shown
+
+    def close(self):
+        if not self.disable and not getattr(self, "_report_closed", False):
+            self._report_closed = True
+            self._report(closed=True)
+        super().close()
+
+    def _report(self, closed: bool) -> None:
+        path = os.environ.get(PROGRESS_FILE_VARIABLE)
+        if self.disable or not path:
+            return
+        state = self.format_dict
+        rate = state.get("rate") or (state["n"] / state["elapsed"] if state["n"] and state["elapsed"] else None)
+        total = state.get("total")
+        line = {"desc": state.get("prefix") or "", "n": state["n"], "total": total, "elapsed": round(state["elapsed"], 3),
+                "remaining": (total - state["n"]) / rate if rate and total else None,
+                "rate": rate, "unit": state.get("unit", "it"), "postfix": state.get("postfix") or "", "closed": closed,
+                "time": time.time()}
+        try:
+            with open(path, "a", encoding="utf-8") as f:  # one short append per line: whole lines even with several writers
+                f.write(json.dumps(line) + "\n")
+        except OSError:
+            pass  # a watcher's file must never stop the work it watches
+        self._reported_at = time.monotonic()
+
+
+_REPORTING = {kind: type(f"Reporting{kind.__name__}", (_Reports, kind), {}) for kind in (tqdm, LogLines)}

@@ -310,3 +310,17 @@ def test_every_command_on_the_caching_page_runs_as_written(tmp_path, monkeypatch
         for path in cache.glob("*_hv_te.safetensors"):
             assert sorted(load_file(str(path))) == ["clipL_float16", "clipL_mask", "llm_float16", "llm_mask"]
     assert len(list((tmp_path / "cache" / "videos").glob("*_hv.mp4"))) == 2  # --debug_mode video's clips
+
+
+def test_console_back_paints_every_row_and_names_the_colours_it_takes():
+    """--debug_mode console --console_back (musubi-tuner's ascii_magic Back names): each row on that background."""
+    import numpy as np
+
+    from musubi_tuner.data.debug_view import ascii_art, background_code
+    from musubi_tuner.errors import UserError
+
+    rows = ascii_art(np.full((8, 16, 3), 200, np.uint8), width=8, color=False, back=background_code("Blue")).splitlines()
+    assert rows and all(r.startswith("\x1b[44m") and r.endswith("\x1b[0m") for r in rows)
+    assert "\x1b" not in ascii_art(np.zeros((8, 16, 3), np.uint8), width=8, color=False)
+    with pytest.raises(UserError, match="--console_back pink: one of black, red, green"):
+        background_code("pink")

@@ -39,6 +39,35 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(dit_file, c
     assert rel_err(grad2, grad) < 1e-6
 
 
+def test_checkpoint_offload_brings_block_outputs_back_to_the_host_synchronously():
+    """The host reads a block's outputs right away (dit.run_blocks concatenates the single blocks' input there):
+    an asynchronous copy from the GPU would not have arrived yet. Copies to the device may be asynchronous."""
+    from torch.overrides import TorchFunctionMode
+
+    from musubi_tuner.hunyuan.dit import _offloading
+
+    class Copies(TorchFunctionMode):
+        seen: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to:
+                target = torch.device(args[1] if len(args) > 1 else kwargs["device"])
+                self.seen.append((target.type, bool(kwargs.get("non_blocking"))))
+                if target.type == "cuda":  # stand in for the GPU: the tensor stays where it is
+                    return args[0]
+            return func(*args, **kwargs)
+
+    def block(img, txt):
+        return img * 2, txt + 1
+
+    img, txt = torch.ones(2, 3), torch.zeros(2, 1)
+    with Copies() as copies:
+        out = _offloading(block, torch.device("cuda"))(img, txt)
+    assert torch.equal(out[0], img * 2) and torch.equal(out[1], txt + 1)
+    assert copies.seen == [("cuda", True), ("cuda", True), ("cpu", False), ("cpu", False)]
+
+
 def test_split_attention_gives_the_same_outputs_and_gradients(dit_file):
     path, config = dit_file
     model = load_dit(path, dtype=torch.float32)

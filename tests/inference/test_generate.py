@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import dit_inputs, rel_err
+from helpers import dit_inputs, rel_err, run_group
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
 from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
@@ -298,6 +298,8 @@ def no_model_loads(monkeypatch):
     (["--lora_weight", "missing.safetensors"], "missing.safetensors: LoRA file not found (--lora_weight)"),
     (["--image_path", "{dit}"], "--image_path needs a SkyReels I2V DiT (32 input channels)"),
     (["--dit", "{dit_i2v}"], "is an image-to-video DiT (32 input channels): give the first frame with --image_path"),
+    (["--context_parallel", "3"], "--context_parallel 3: the DiT's 2 attention heads do not split over 3 processes; use one of 2"),
+    (["--context_parallel", "2"], "--context_parallel 2: one process was started; start 2 (accelerate launch --multi_gpu"),
 ])
 def test_bad_inputs_stop_with_one_line_naming_the_flag_before_any_model_loads(models, no_model_loads, capsys, change, message):
     argv = [*base_flags(models), *(c.format(**models) for c in change), "--save_path", str(models["root"] / "unused")]
@@ -422,3 +424,33 @@ def test_compile_gives_the_eager_latents_with_a_step_cache_and_block_swap(models
     eager, _ = latent_of(models, *flags)
     compiled, meta = latent_of(models, *flags, "--compile", "--compile_backend", "aot_eager")
     assert rel_err(compiled, eager) < 1e-5 and meta["step_cache_skipped"] == "3/5"
+
+
+# ----------------------------------------------------------------------------------------------- several processes
+# (last: the one-process references are those of the tests above, already made)
+
+
+def _generate_in_group(rank, world, argv):
+    return [str(p) for p in pipeline.generate(build_parser().parse_args(argv))]
+
+
+def test_two_processes_sharing_the_tokens_generate_the_one_process_video_and_only_the_first_writes(speed_inputs, tmp_path):
+    """As under `torchrun --nproc_per_node 2` (the variables it sets, in processes forked from this one); fp8 with a LoRA."""
+    flags = [f.format(**speed_inputs) for f in SPEED_MODES["fp8 with LoRAs on the fly"]]
+    one, _ = latent_of(speed_inputs, *flags)
+    argv = [*base_flags(speed_inputs), *flags, "--context_parallel", "2", "--output_type", "both", "--save_path", str(tmp_path),
+            "--vae_spatial_tile_sample_min_size", "32"]  # 2 x 2 tiles: each process decodes two
+    first, second = run_group(2, _generate_in_group, argv, launcher_env=True)
+    assert second == [] and sorted(Path(p).name for p in first) == sorted(p.name for p in tmp_path.iterdir())
+    latent, = [Path(p) for p in first if p.endswith(".safetensors")]
+    assert rel_err(StateDictFile(latent).get("latent"), one) < 1e-5
+    mp4, = [Path(p) for p in first if p.endswith(".mp4")]
+    assert video_frames(mp4).shape == (5, 32, 32, 3)
+
+
+def test_two_processes_run_the_negative_and_positive_prompt_of_skyreels_i2v_side_by_side(speed_inputs, tmp_path):
+    flags = [f.format(**speed_inputs) for f in SPEED_MODES["SkyReels I2V preset, CFG split"]]
+    one, _ = latent_of(speed_inputs, *flags)
+    argv = [*base_flags(speed_inputs), *flags, "--output_type", "latent", "--save_path", str(tmp_path)]
+    (latent, ), _ = run_group(2, _generate_in_group, argv, launcher_env=True)  # the image encoded once, by the first
+    assert rel_err(StateDictFile(latent).get("latent"), one) < 1e-5

@@ -18,7 +18,7 @@ import torch
 from conftest import DATA
 from foreign_loras import (
     comfy_module_name, comfy_param_name, comfy_trainer_file, diffusion_pipe_adapter, entry_kinds_file, kohya_network_file,
-    prefixed_pairs_file, tiny_model,
+    lycoris_network_file, prefixed_pairs_file, tiny_model,
 )
 from helpers import dit_inputs, rel_err
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
@@ -97,6 +97,10 @@ def comfy_applied(file_keys, sd_keys, key_map) -> set[str]:
             if x + up in keys:
                 patches[target] = {x + up, x + down} | alpha | ({x + ".reshape_weight"} & keys)
                 break
+        for adapter in ("loha", "lokr"):
+            rules_ = loader["lycoris_adapters"][adapter]
+            if any(x + t in keys for t in rules_["trigger"]):
+                patches[target] = {x + r for r in rules_["reads"]} & keys | alpha
         bias = target[: -len(".weight")] + ".bias"
         for entry in loader["entries"]["order"]:
             if x + entry not in keys or (entry == ".b_norm"):
@@ -139,9 +143,12 @@ def kijai_applied(file_keys, official_sd_keys, blocks_node: bool) -> set[str] | 
 
 
 def musubi_applied(file_keys, linears) -> set[str]:
-    """musubi-tuner: lora_unet_<official path with _> of the Linears in the double and single blocks; down, up, alpha."""
+    """musubi-tuner: lora_unet_<official path with _> of the Linears in the double and single blocks; down, up, and the
+    alpha of a module it builds (one with a lora_down)."""
     names = {"lora_unet_" + p.replace(".", "_") for p in linears if re.match(r"(double|single)_blocks\.", p)}
-    return {k for k in file_keys if k.split(".", 1)[0] in names and k.split(".", 1)[1] in ("lora_down.weight", "lora_up.weight", "alpha")}
+    built = {k.split(".", 1)[0] for k in file_keys if k.endswith(".lora_down.weight")}
+    return {k for k in file_keys if k.split(".", 1)[0] in names and (k.split(".", 1)[1] in ("lora_down.weight", "lora_up.weight")
+                                                                      or k.split(".", 1)[1] == "alpha" and k.split(".", 1)[0] in built)}
 
 
 # ----------------------------------------------------------------------------------------------- the files
@@ -162,6 +169,8 @@ def files(tmp_path_factory):
         "ComfyUI trainer": comfy_trainer_file(model, tmp / "trainer.safetensors"),
         "ComfyUI trainer, blocks": comfy_trainer_file(model, tmp / "trainer_blocks.safetensors", blocks_only=True),
         "entry kinds": entry_kinds_file(model, tmp / "entries.safetensors"),
+        "musubi loha": lycoris_network_file(model, tmp / "loha.safetensors", "loha"),
+        "musubi lokr": lycoris_network_file(model, tmp / "lokr.safetensors", "lokr", factor="4"),
     }
     out = {}
     for name, f in made.items():
@@ -178,7 +187,7 @@ def files(tmp_path_factory):
 
 
 FILES = ["musubi kohya", "kohya with modulation", "kohya, ComfyUI names", "transformer. pairs", "diffusion-pipe", "ComfyUI trainer",
-         "ComfyUI trainer, blocks", "entry kinds"]
+         "ComfyUI trainer, blocks", "entry kinds", "musubi loha", "musubi lokr"]
 ALL_FILES = [f for name in FILES for f in (name, name + " -> ours kohya", name + " -> ours other")] + [
     "both namings in one file", "a pair and a diff of one weight", "no prefix", "double blocks, ours other"]
 
@@ -272,6 +281,37 @@ def test_kohya_file_loses_exactly_the_double_block_mlps_in_comfyui(files):
     assert "ComfyUI's layer is double_blocks.0.img_mlp.0, kohya name lora_unet_double_blocks_0_img_mlp_0" in cov.dropped[
         "lora_unet_double_blocks_0_img_mlp_fc1.lora_down.weight"]
     assert len(cov.applied) == 60 - 24 and cov.fatal is None and not cov.complete
+
+
+def comfy_lycoris_update(t: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
+    """ComfyUI's LoHa / LoKr update of one module from its entries, by the rules in the data file (loader.lycoris_adapters)."""
+    if "hada_w1_a" in t:
+        scale = 1.0 if alpha is None else alpha / t["hada_w1_b"].shape[0]
+        return (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * scale
+    w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+    scale = alpha / t["lokr_w2_b"].shape[0] if alpha is not None and "lokr_w2_b" in t else 1.0
+    return torch.kron(t["lokr_w1"], w2) * scale
+
+
+@pytest.mark.parametrize("name", ["musubi loha", "musubi lokr"])
+def test_comfyui_places_every_key_of_our_lycoris_companion_with_our_update(files, name):
+    """The .comfyui copy of a LoHa/LoKr loads whole in ComfyUI and changes each weight as merging here does; the kohya
+    file loses the double-block MLPs there, as a LoRA does."""
+    config, model, out = files
+    sd_keys = comfy_state_dict_keys(TINY_BLOCKS)
+    key_map = comfy_key_map(sd_keys)
+    kohya, other = out[name], out[name + " -> ours other"]
+    assert comfy_applied(other, set(sd_keys), key_map) == set(other)
+    assert coverage("comfyui", other, Model(config, shapes_known=True)).complete
+    lost = set(kohya) - comfy_applied(kohya, set(sd_keys), key_map)
+    assert lost and all(re.search(r"_(img|txt)_mlp_fc[12]\.", k) for k in lost)
+    ours = {p.module: p.delta(p.shape) for p in parse_lora(kohya).require_whole().patches}
+    modules = {k.rsplit(".", 1)[0] for k in other}
+    assert len(modules) == len(ours) == 20
+    for module in modules:
+        entries = {k.rsplit(".", 1)[1]: v.float() for k, v in other.items() if k.rsplit(".", 1)[0] == module}
+        alpha = entries.pop("alpha").item() if "alpha" in entries else None
+        assert rel_err(comfy_lycoris_update(entries, alpha), ours[module.removeprefix("diffusion_model.")]) < 1e-6
 
 
 def test_comfyui_trainer_files_load_completely_in_comfyui_and_here(files):

@@ -37,7 +37,7 @@ def files(tmp_path_factory):
     made = {"good": good,
             "nan": {**good, NAN_KEY: torch.full_like(good[NAN_KEY], float("nan"))},
             "ranks": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(8, 256)},  # lora_up is (64, 4)
-            "loha": {**good, "lora_unet_double_blocks_0_img_attn_proj.hada_w1_a": torch.zeros(64, 2)},
+            "tucker": {**good, "lora_unet_double_blocks_0_img_attn_proj.hada_t1": torch.zeros(2, 2, 3, 3)},
             "bias diff": {**good, "lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.full((64,), 0.01)}}
     paths = {}
     for name, sd in made.items():
@@ -91,13 +91,14 @@ def test_merge_refuses_ranks_that_disagree(files, capsys, tmp_path, no_dit_reads
 def test_allow_partial_lora_merges_the_rest_and_lists_what_it_drops(files, capsys, tmp_path, caplog):
     _, dit, paths = files
     out = tmp_path / "m.safetensors"
-    argv = ["--dit", dit, "--lora_weight", paths["loha"], "--save_merged_model", out, "--device", "cpu"]
+    argv = ["--dit", dit, "--lora_weight", paths["tucker"], "--save_merged_model", out, "--device", "cpu"]
     status, _, err = run(merge_lora.main, argv, capsys)
-    assert status == 2 and "lora_unet_double_blocks_0_img_attn_proj.hada_w1_a: a LoHa factor, which this toolkit does not apply" in error_line(err)
+    assert status == 2 and ("lora_unet_double_blocks_0_img_attn_proj.hada_t1: a LoHa/LoKr Tucker core (of a convolution), which this "
+                            "toolkit does not apply") in error_line(err)
     assert not out.exists()
     status, stdout, _ = run(merge_lora.main, [*argv, "--allow_partial_lora"], capsys)
     assert status == 0 and out.is_file() and "into 20 layers" in stdout
-    assert "--allow_partial_lora drops 1 entries:\n  lora_unet_double_blocks_0_img_attn_proj.hada_w1_a: a LoHa factor" in caplog.text
+    assert "--allow_partial_lora drops 1 entries:\n  lora_unet_double_blocks_0_img_attn_proj.hada_t1: a LoHa/LoKr Tucker" in caplog.text
 
 
 def test_convert_refuses_what_it_cannot_convert(files, capsys, tmp_path):
@@ -132,7 +133,7 @@ def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, gener
 
 @pytest.mark.parametrize("bad, named", [("nan", NAN_KEY), ("ranks", f"{RANK_KEY}.lora_up.weight"),
                                         ("bias diff", "lora_unet_double_blocks_0_img_attn_proj.diff_b: a diff_b of "
-                                                      "double_blocks.0.img_attn_proj.bias, but a LoRA network holds LoRA pairs")])
+                                                      "double_blocks.0.img_attn_proj.bias, but a network holds LoRA, LoHa or LoKr modules")])
 @pytest.mark.parametrize("flag", ["--network_weights", "--base_weights"])
 def test_training_refuses_a_bad_lora_before_loading_anything(files, capsys, tmp_path, bad, named, flag):
     _, dit, paths = files

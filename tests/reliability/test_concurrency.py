@@ -21,6 +21,7 @@ from reliability_cases import (
     train_argv,
 )
 
+from helpers import free_port
 from musubi_tuner import files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,7 +142,7 @@ def test_under_a_multi_process_launch_the_failure_summary_names_our_error(assets
     accelerate = Path(sys.executable).with_name("accelerate")
     argv = train_argv(assets, tmp_path / "out", "--dit", str(tmp_path / "missing.pt"))
     env = dict(os.environ, ACCELERATE_USE_CPU="1")
-    result = subprocess.run([str(accelerate), "launch", "-q", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    result = subprocess.run([str(accelerate), "launch", "-q", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
                              "--mixed_precision", "no", "--dynamo_backend", "no", "src/musubi_tuner/hv_train_network.py", *argv],
                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0

@@ -1,29 +1,31 @@
-"""Data-parallel training: two processes of batch B train exactly as one process of batch 2B.
+"""Multi-process training: processes sharing each sample's tokens (context parallel) and processes taking their own
+batches (data parallel) train exactly as one process with the whole batch.
 
-Each sample's noise and timestep come from (seed, epoch, sample id), not from the process's RNG, so
-the comparison is exact up to float rounding. The dataset has world x B items in one bucket, so every
-step of both runs sees all of them, whatever order each run shuffles them into.
+Each sample's noise and timestep come from (seed, epoch, sample id), not from the process's RNG, so the
+comparisons are exact up to float rounding. The dataset has 2 items in one bucket, so every step of every run
+sees both, whatever order each run shuffles them into. Every run checkpoints, swaps a block and validates
+every 2 steps, so those are checked under context parallel too. The processes are forked from the test with the
+variables a launcher sets (helpers.run_group) and run the command's own main().
 """
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import write_cached_dataset
+from helpers import run_group, write_cached_dataset
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
+from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
 from musubi_tuner.files import read_safetensors_header
 from musubi_tuner.networks.lora_files import load_lora
 from musubi_tuner.training.args import parse_args
 from musubi_tuner.training.loop import draw_noise_and_timesteps, sample_seeds, train
 from musubi_tuner.training.timesteps import TimestepConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
+MEMORY_FLAGS = ("--fp8_base", "--gradient_checkpointing", "--blocks_to_swap", "1", "--validate_every_n_steps", "2")
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +33,18 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     config = tiny_dit_config()
     dit = write_dit(root / "dit.pt", random_dit_state_dict(config, seed=0), config, "pt")
-    per_process = write_cached_dataset(root / "data", items=2, frames=5, size=(64, 48), batch_size=1)
-    doubled = per_process.with_name("dataset_batch2.toml")
-    doubled.write_text(per_process.read_text().replace("batch_size = 1", "batch_size = 2"))
-    return dit, per_process, doubled
+    per_replica = write_cached_dataset(root / "data", items=2, frames=5, size=(64, 48), batch_size=1)
+    write_cached_dataset(root / "held", items=1, frames=5, size=(64, 48), seed=1)
+    per_replica.write_text(per_replica.read_text() + f'\n[[validation_datasets]]\nvideo_directory = "{(root / "held" / "videos").as_posix()}"\n'
+                           f'cache_directory = "{(root / "held" / "cache").as_posix()}"\ntarget_frames = [5]\n')
+    doubled = per_replica.with_name("dataset_batch2.toml")
+    doubled.write_text(per_replica.read_text().replace("batch_size = 1", "batch_size = 2"))
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cube on grass --w 32 --h 32 --f 5 --d 7 --s 2\n")
+    sampling = ("--sample_prompts", str(prompts), "--sample_every_n_steps", str(STEPS),
+                "--vae", str(write_vae(root / "vae.pt", random_vae_state_dict(TINY_VAE))),
+                "--text_encoder1", str(write_tiny_llm_folder(root / "te1")), "--text_encoder2", str(write_tiny_clip_folder(root / "te2")))
+    return dit, per_replica, doubled, sampling
 
 
 def train_args(dit, toml, out, *extra):
@@ -42,49 +52,92 @@ def train_args(dit, toml, out, *extra):
             "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3", "--optimizer_type", "adamw",
             "--lr_scheduler", "linear", "--timestep_sampling", "shift", "--discrete_flow_shift", "7.0", "--seed", "42",
             "--dit_dtype", "float32", "--max_data_loader_n_workers", "0", "--max_train_steps", str(STEPS),
-            "--output_dir", str(out), "--output_name", "tiny", *extra]
+            "--output_dir", str(out), "--output_name", "tiny", *MEMORY_FLAGS, *extra]
 
 
-def losses(out: Path) -> list[tuple[int, float]]:
+@pytest.fixture(scope="module")
+def one_process(assets, tmp_path_factory):
+    dit, _, doubled, _ = assets
+    out = tmp_path_factory.mktemp("one")
+    train(parse_args(train_args(dit, doubled, out)))
+    return out
+
+
+def losses(out: Path, kind: str = "train") -> list[tuple[int, float]]:
     with open(out / "tiny-loss.csv", newline="") as f:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["kind"] == kind]
 
 
-def test_two_processes_train_as_one_process_with_twice_the_batch(assets, tmp_path):
-    dit, per_process, doubled = assets
-    two = tmp_path / "two"
-    # `accelerate launch --cpu --num_processes 2` would quietly start one process; this starts two on gloo.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-           "src/musubi_tuner/hv_train_network.py", *train_args(dit, per_process, two, "--save_state_on_train_end")]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "data parallel over 2 processes (gloo backend)" in run.stderr  # really two processes
-    assert run.stdout.count("saved ") == 1 and run.stderr.count("LoRA: 20 modules") == 1  # one voice, not one per process
-
-    one = tmp_path / "one"
-    train(parse_args(train_args(dit, doubled, one)))
-
-    a, b = load_lora(two / "tiny.safetensors"), load_lora(one / "tiny.safetensors")
+def assert_same_training(run: Path, reference: Path, name: str = "tiny.safetensors") -> None:
+    a, b = load_lora(run / name), load_lora(reference / "tiny.safetensors")
     assert a.keys() == b.keys()
     moved = max(b[k].abs().max().item() for k in b if "lora_up" in k)  # lora_up starts at zero
     assert moved > 1e-3
-    # Float rounding differs (a batch of 2 vs two of 1, gloo's sum); AdamW's division by sqrt(v) amplifies it on
-    # near-zero gradients to ~3e-6. Unaveraged gradients or noise shared by the processes move weights by ~4e-3.
+    # Float rounding differs (a batch of 2 vs shards, gloo's sums); AdamW's division by sqrt(v) amplifies it on
+    # near-zero gradients to ~3e-6. Unaveraged or unsummed gradients, or noise differing within a group, move weights by ~4e-3.
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=5e-5), (k, (a[k] - b[k]).abs().max().item())
-    # the logged loss is the mean over both processes: the same curve as the single process
-    assert [s for s, _ in losses(two)] == [s for s, _ in losses(one)] == list(range(1, STEPS + 1))
-    assert [v for _, v in losses(two)] == pytest.approx([v for _, v in losses(one)], rel=1e-4)
-    # the metadata counts batches per process, as musubi-tuner's (2 batches of 1 shared by 2 processes)
-    meta_two, meta_one = read_safetensors_header(two / "tiny.safetensors")[1], read_safetensors_header(one / "tiny.safetensors")[1]
+    # the logged loss is the mean over the replicas: the same curve as the single process; validation too
+    for kind in ("train", "validation"):
+        assert [s for s, _ in losses(run, kind)] == [s for s, _ in losses(reference, kind)]
+        assert [v for _, v in losses(run, kind)] == pytest.approx([v for _, v in losses(reference, kind)], rel=1e-4)
+    assert [s for s, _ in losses(run)] == list(range(1, STEPS + 1))
+
+
+def _command_in_group(rank, world, argv) -> str:
+    """hv_train_network's main() as a launched process runs it; returns what it printed and logged."""
+    import contextlib
+    import io
+    import logging
+
+    from musubi_tuner.hv_train_network import main
+
+    out = io.StringIO()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=out, force=True)
+    with contextlib.redirect_stdout(out):
+        main(argv)
+    return out.getvalue()
+
+
+def test_two_processes_sharing_each_samples_tokens_train_as_one_process(assets, one_process, tmp_path):
+    dit, _, doubled, sampling = assets
+    two = tmp_path / "two"
+    # As under `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (the variables it sets, in processes
+    # forked from this one: a launcher's interpreters would add half a minute of imports on a 2-core machine).
+    first, second = run_group(2, _command_in_group, train_args(dit, doubled, two, "--context_parallel", "2", "--save_state_on_train_end",
+                                                                          *sampling),
+                              launcher_env=True)
+    assert "2 processes (gloo backend): 1 data parallel x 2 context parallel" in first  # really two processes, one group
+    assert "gradients: 40 tensors (0.1 MiB) reduced in 1 all-reduce per step" in first
+    assert first.count("\nsaved ") == 1 and first.count("LoRA: 20 modules") == 1 and second == ""  # one voice, not one per process
+    assert_same_training(two, one_process)
+    # the metadata counts batches per replica, as musubi-tuner's (1 batch of 2)
+    meta_two, meta_one = read_safetensors_header(two / "tiny.safetensors")[1], read_safetensors_header(one_process / "tiny.safetensors")[1]
     assert (meta_two["ss_num_batches_per_epoch"], meta_two["ss_max_train_steps"]) == ("1", str(STEPS))
     assert (meta_one["ss_num_batches_per_epoch"], meta_one["ss_max_train_steps"]) == ("1", str(STEPS))
-    # the main process alone wrote the files; the state holds each process's RNG
-    assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} | {"tiny-state"}
+    # the main process alone wrote the files; the state holds each process's RNG; the samples (the group ran the DiT
+    # together) left the training as it was
+    assert {p.name for p in two.iterdir()} == {p.name for p in one_process.iterdir()} | {"tiny-state", "sample"}
+    assert sorted(p.suffix for p in (two / "sample").iterdir()) == [".mp4", ".png"]
     assert sorted(p.name for p in (two / "tiny-state").iterdir()) == [
         "network.safetensors", "optimizer.pt", "rng_0.pt", "rng_1.pt", "train_state.json"]
+
+
+def test_data_parallel_2_x_context_parallel_2_trains_as_one_process_and_resumes_exactly(assets, one_process, tmp_path):
+    dit, per_replica, _, _ = assets
+    out = tmp_path / "2x2"
+    argv = train_args(dit, per_replica, out, "--context_parallel", "2", "--save_every_n_steps", "2", "--save_state")
+    logged = run_group(4, _command_in_group, argv, launcher_env=True)[0]
+    assert "4 processes (gloo backend): 2 data parallel x 2 context parallel" in logged
+    assert_same_training(out, one_process)
+
+    # from the state saved at step 2, the last step again: the same LoRA as the uninterrupted run
+    resumed = tmp_path / "resumed"
+    run_group(4, _command_in_group, train_args(dit, per_replica, resumed, "--context_parallel", "2", "--resume",
+                                             str(out / "tiny-step00000002-state")), launcher_env=True)
+    a, b = load_lora(resumed / "tiny.safetensors"), load_lora(out / "tiny.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-7), (k, (a[k] - b[k]).abs().max().item())
 
 
 def test_a_samples_noise_and_timestep_do_not_depend_on_its_batch():

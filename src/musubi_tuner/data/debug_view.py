@@ -16,10 +16,21 @@ from musubi_tuner.data.items import CacheReport, iter_latent_batches
 from musubi_tuner.errors import UserError
 
 _RAMP = " .:-=+*#%@"
+# --console_back: the background colours musubi-tuner takes (ascii_magic's Back names) -> ANSI codes
+BACKGROUNDS = {"black": 40, "red": 41, "green": 42, "yellow": 43, "blue": 44, "magenta": 45, "cyan": 46, "white": 47}
 
 
-def ascii_art(frame: np.ndarray, width: int = 80, color: bool = True) -> str:
-    """(H, W, 3) uint8 -> lines of characters (and ANSI colours), `width` columns, aspect kept (cells are ~2:1)."""
+def background_code(name: str | None) -> int | None:
+    if name is None:
+        return None
+    if name.lower() not in BACKGROUNDS:
+        raise UserError(f"--console_back {name}: one of {', '.join(BACKGROUNDS)}")
+    return BACKGROUNDS[name.lower()]
+
+
+def ascii_art(frame: np.ndarray, width: int = 80, color: bool = True, back: int | None = None) -> str:
+    """(H, W, 3) uint8 -> lines of characters (and ANSI colours, on background `back`), `width` columns, aspect kept
+    (cells are ~2:1)."""
     h, w = frame.shape[:2]
     rows = max(1, round(h / w * width / 2))
     small = np.asarray(Image.fromarray(frame).resize((width, rows), Image.BOX)).astype(np.int32)
@@ -33,7 +44,8 @@ def ascii_art(frame: np.ndarray, width: int = 80, color: bool = True) -> str:
                 r, g, b = small[y, x]
                 ch = f"\x1b[38;2;{r};{g};{b}m{ch}"
             chars.append(ch)
-        lines.append("".join(chars) + ("\x1b[0m" if color else ""))
+        start = f"\x1b[{back}m" if back is not None else ""
+        lines.append(start + "".join(chars) + ("\x1b[0m" if color or back is not None else ""))
     return "\n".join(lines)
 
 
@@ -42,6 +54,7 @@ def show_dataset(config, args) -> None:
 
     if args.debug_mode == "image" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt"):
         raise UserError("--debug_mode image needs a display (none found here); use --debug_mode video (writes files) or console")
+    back = background_code(args.console_back)
     for dataset in config.all_datasets:
         report = CacheReport()
         shown = 0
@@ -60,7 +73,7 @@ def show_dataset(config, args) -> None:
                     print(f"{label}: wrote {stem}{'.mp4' if item.clip is not None else '.jpg'}")
                 elif args.debug_mode == "console":
                     print(label)
-                    print(ascii_art(item.pixels[0], args.console_width))
+                    print(ascii_art(item.pixels[0], args.console_width, back=back))
                 else:
                     Image.fromarray(item.pixels[0]).show(title=label)
                 shown += 1

@@ -10,25 +10,12 @@ types them with only the paths changed, printing each before it runs.
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import musubi_tuner
-
-SCRIPTS = Path(musubi_tuner.__file__).resolve().parent
-
-
-def script(name: str) -> str:
-    """The command file as the seed types it: src/musubi_tuner/X.py when run from the repository, else its full path."""
-    path = SCRIPTS / name
-    try:
-        return os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        return str(path)
+from musubi_tuner.launch import child_environment, python_command, shown, training_command
 
 
 def write_models(work: Path) -> dict[str, Path]:
@@ -46,47 +33,44 @@ def write_models(work: Path) -> dict[str, Path]:
     return {"dit": dit, "vae": vae, "te1": te1, "te2": te2}
 
 
-def write_assets(work: Path, frames: int) -> dict[str, Path]:
-    """write_models, and a synthetic captioned dataset (`dataset/dataset.toml`)."""
+def write_assets(work: Path, frames: int, items: int = 6) -> dict[str, Path]:
+    """write_models, and a synthetic captioned dataset (`dataset/dataset.toml`) of `items` clips and `items` images."""
     from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
 
-    toml = make_synthetic_dataset(work / "dataset", num_videos=6, num_images=6, width=64, height=64, frames=frames)
+    toml = make_synthetic_dataset(work / "dataset", num_videos=items, num_images=items, width=64, height=64, frames=frames)
     return {**write_models(work), "toml": toml}
 
 
 def commands(a: dict[str, Path], work: Path, epochs: int) -> list[tuple[str, list[str]]]:
-    py = sys.executable
     out = work / "output"
     lora = out / "demo-lora.safetensors"
     merged = work / "merged" / "merged_model.safetensors"
     return [
-        ("cache latents", [py, script("cache_latents.py"), "--dataset_config", str(a["toml"]), "--vae", str(a["vae"]),
-                           "--vae_chunk_size", "32", "--vae_tiling"]),
-        ("cache text encoder outputs", [py, script("cache_text_encoder_outputs.py"), "--dataset_config", str(a["toml"]),
-                                        "--text_encoder1", str(a["te1"]), "--text_encoder2", str(a["te2"]), "--batch_size", "16"]),
-        ("train a LoRA", [py, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1", "--mixed_precision", "bf16",
-                          script("hv_train_network.py"), "--dit", str(a["dit"]), "--dataset_config", str(a["toml"]), "--sdpa",
-                          "--mixed_precision", "bf16", "--fp8_base", "--optimizer_type", "adamw8bit", "--learning_rate", "2e-4",
-                          "--gradient_checkpointing", "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
-                          "--network_module", "networks.lora", "--network_dim", "32", "--timestep_sampling", "shift",
-                          "--discrete_flow_shift", "7.0", "--max_train_epochs", str(epochs), "--save_every_n_epochs", "1",
-                          "--seed", "42", "--output_dir", str(out), "--output_name", "demo-lora"]),
-        ("merge the LoRA into the DiT", [py, script("merge_lora.py"), "--dit", str(a["dit"]), "--lora_weight", str(lora),
-                                         "--save_merged_model", str(merged), "--device", "cpu", "--lora_multiplier", "1.0"]),
-        ("generate a video", [py, script("hv_generate_video.py"), "--fp8", "--video_size", "544", "960", "--video_length", "5",
-                              "--infer_steps", "30", "--prompt", "A cat walks on the grass, realistic style.",
-                              "--save_path", str(work / "videos"), "--output_type", "both", "--dit", str(a["dit"]),
-                              "--attn_mode", "sdpa", "--split_attn", "--vae", str(a["vae"]), "--vae_chunk_size", "32",
-                              "--vae_spatial_tile_sample_min_size", "128", "--text_encoder1", str(a["te1"]),
-                              "--text_encoder2", str(a["te2"]), "--seed", "1234", "--lora_multiplier", "1.0", "--lora_weight", str(lora)]),
+        ("cache latents", python_command("cache_latents.py", ["--dataset_config", str(a["toml"]), "--vae", str(a["vae"]),
+                                                             "--vae_chunk_size", "32", "--vae_tiling"])),
+        ("cache text encoder outputs", python_command("cache_text_encoder_outputs.py", [
+            "--dataset_config", str(a["toml"]), "--text_encoder1", str(a["te1"]), "--text_encoder2", str(a["te2"]), "--batch_size", "16"])),
+        ("train a LoRA", training_command(training_flags(a, out, epochs))),
+        ("merge the LoRA into the DiT", python_command("merge_lora.py", [
+            "--dit", str(a["dit"]), "--lora_weight", str(lora), "--save_merged_model", str(merged), "--device", "cpu",
+            "--lora_multiplier", "1.0"])),
+        ("generate a video", python_command("hv_generate_video.py", [
+            "--fp8", "--video_size", "544", "960", "--video_length", "5", "--infer_steps", "30",
+            "--prompt", "A cat walks on the grass, realistic style.", "--save_path", str(work / "videos"), "--output_type", "both",
+            "--dit", str(a["dit"]), "--attn_mode", "sdpa", "--split_attn", "--vae", str(a["vae"]), "--vae_chunk_size", "32",
+            "--vae_spatial_tile_sample_min_size", "128", "--text_encoder1", str(a["te1"]), "--text_encoder2", str(a["te2"]),
+            "--seed", "1234", "--lora_multiplier", "1.0", "--lora_weight", str(lora)])),
     ]
 
 
-def shown(cmd: list[str]) -> str:
-    parts = ["python" if c == sys.executable else c for c in cmd]
-    if parts[1:3] == ["-m", "accelerate.commands.launch"]:
-        parts = ["accelerate", "launch"] + parts[3:]
-    return " ".join(shlex.quote(p) for p in parts)
+def training_flags(a: dict[str, Path], out: Path, epochs: int) -> list[str]:
+    """hv_train_network's flags of the seed's training command, on the demo's files."""
+    return ["--dit", str(a["dit"]), "--dataset_config", str(a["toml"]), "--sdpa", "--mixed_precision", "bf16", "--fp8_base",
+            "--optimizer_type", "adamw8bit", "--learning_rate", "2e-4", "--gradient_checkpointing",
+            "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers", "--network_module", "networks.lora",
+            "--network_dim", "32", "--timestep_sampling", "shift", "--discrete_flow_shift", "7.0",
+            "--max_train_epochs", str(epochs), "--save_every_n_epochs", "1", "--seed", "42", "--output_dir", str(out),
+            "--output_name", "demo-lora"]
 
 
 def main(argv=None) -> int:
@@ -101,7 +85,7 @@ def main(argv=None) -> int:
     started = time.time()
     print(f"writing tiny models and a synthetic dataset to {work}", flush=True)
     assets = write_assets(work, args.frames)
-    env = dict(os.environ, ACCELERATE_USE_CPU=os.environ.get("ACCELERATE_USE_CPU", "" if _has_gpu() else "1"))
+    env = child_environment()
     for title, cmd in commands(assets, work, args.epochs):
         print(f"\n== {title}\n$ {shown(cmd)}", flush=True)
         t0 = time.time()
@@ -112,12 +96,6 @@ def main(argv=None) -> int:
         print(f"-- {title}: {time.time() - t0:.0f} s", flush=True)
     summary(work, time.time() - started)
     return 0
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def summary(work: Path, seconds: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 
 from musubi_tuner.hunyuan.attention import attention
 from musubi_tuner.hunyuan.rope import rotate_
+
+if TYPE_CHECKING:
+    from musubi_tuner.hunyuan.sequence_parallel import Shards
 
 LN_EPS = 1e-6
 
@@ -30,6 +34,13 @@ class AttentionContext:
     host_lengths: tuple[int, ...] | None = None  # the same, as Python ints
     rotation: torch.Tensor | None = None  # (L, D / 2) complex rope table: image rows rotate, text rows are 1
     img_len: int = 0
+    shards: "Shards | None" = None  # context parallel: this process holds a shard of the tokens (sequence_parallel.py)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of the joint [image, text] sequence (B, L, H, D) -> (B, L, H * D), over the group's tokens when sharded."""
+        if self.shards is None:
+            return attention(q, k, v, self.lengths, self.mode, self.split, self.host_lengths)
+        return self.shards.attention(q, k, v, self.lengths, self.mode, self.split)
 
 
 # ----------------------------------------------------------------------------------------- small helpers
@@ -280,7 +291,7 @@ class MMDoubleStreamBlock(nn.Module):
         k = torch.cat([img_k, txt_k], dim=1)
         v = torch.cat([img_v, txt_v], dim=1)
         # split (not slicing): its backward concatenates instead of scattering into zero-filled tensors
-        img_attn, txt_attn = attention(q, k, v, ctx.lengths, ctx.mode, ctx.split, ctx.host_lengths).split([img.shape[1], txt.shape[1]], dim=1)
+        img_attn, txt_attn = ctx.attend(q, k, v).split([img.shape[1], txt.shape[1]], dim=1)
         img = gated_residual(img, img_mod[2], self.img_attn_proj(img_attn))
         img = gated_residual(img, img_mod[5], self.img_mlp(modulate_norm(img, img_mod[3], img_mod[4])))
         txt = gated_residual(txt, txt_mod[2], self.txt_attn_proj(txt_attn))
@@ -309,7 +320,7 @@ class MMSingleStreamBlock(nn.Module):
         q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).unbind(2)
         q = qk_norm(q, self.q_norm.weight, ctx.rotation)
         k = qk_norm(k, self.k_norm.weight, ctx.rotation)
-        attn = attention(q, k, v, ctx.lengths, ctx.mode, ctx.split, ctx.host_lengths)
+        attn = ctx.attend(q, k, v)
         return gated_residual(x, gate, self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)))
 
 

@@ -28,6 +28,7 @@ from musubi_tuner.hunyuan.blocks import (
 )
 from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.hunyuan.rope import rope_rotations
+from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
 
 
 class HunyuanVideoDiT(nn.Module):
@@ -52,6 +53,7 @@ class HunyuanVideoDiT(nn.Module):
         self.block_hooks: BlockHooks | None = None  # block swap installs itself here
         self.offload_embedders = False  # --img_in_txt_in_offloading: img_in/txt_in visit the device only while used
         self.step_cache = None  # generation's step cache (inference/step_cache.py) sets itself here for each call
+        self.sequence_parallel: SequenceParallel | None = None  # context parallel: the group sharing each sample's tokens
 
     # ------------------------------------------------------------------------------------------ options
 
@@ -127,13 +129,22 @@ class HunyuanVideoDiT(nn.Module):
         img_len, txt_len = img.shape[1], txt.shape[1]
 
         rotation = rope_rotations((T, H, W), c.patch_size, c.rope_dim_list, c.rope_theta, img.device)
+        attn_lengths = None if text_lengths is None else img_len + text_lengths
+        attn_host_lengths = None if host_lengths is None else tuple(img_len + n for n in host_lengths)
+        shards = None
+        if self.sequence_parallel is not None:  # from here on this process holds 1/N of the tokens
+            shards = self.sequence_parallel.shard(img_len, txt_len)
+            img, txt, rotation = shards.image(img), shards.text(txt), shards.rotation(rotation)
+            attn_lengths = shards.lengths(text_lengths, B, img.device)
+            attn_host_lengths = None  # the group's lengths: read from the tensor where a kernel needs them
         ctx = AttentionContext(
             mode=self.attn_mode,
             split=self.split_attn,
-            lengths=None if text_lengths is None else img_len + text_lengths,
-            host_lengths=None if host_lengths is None else tuple(img_len + n for n in host_lengths),
-            rotation=torch.cat([rotation, rotation.new_ones(txt_len, rotation.shape[1])]),  # text tokens: no rotation
-            img_len=img_len,
+            lengths=attn_lengths,
+            host_lengths=attn_host_lengths,
+            rotation=torch.cat([rotation, rotation.new_ones(txt.shape[1], rotation.shape[1])]),  # text tokens: no rotation
+            img_len=img.shape[1],
+            shards=shards,
         )
         silu_vec = F.silu(vec)
 
@@ -149,6 +160,8 @@ class HunyuanVideoDiT(nn.Module):
             img = img.to(x.device)
 
         out = self.final_layer(img, silu_vec)
+        if shards is not None:
+            out = shards.gather_image(out)
         return self.unpatchify(out, T, H, W)
 
     def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor, ctx: AttentionContext, first: int = 0) -> torch.Tensor:
@@ -222,14 +235,16 @@ def _offloading(block: Callable, device: torch.device) -> Callable:
     """Run `block` on `device` and hand its outputs back in host memory.
 
     Under checkpointing the tensors kept for backward are a block's inputs, so with this wrapper the
-    activations between blocks live on the CPU and only one block's working set is on the GPU.
+    activations between blocks live on the CPU and only one block's working set is on the GPU. The copies
+    to the host are synchronous: the host reads them right away (the joint sequence of the single blocks is
+    concatenated there), and an asynchronous copy from the GPU is not there yet when the host reads it.
     """
 
     def run(*args):
         moved = [a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args]
         out = block(*moved)
         if isinstance(out, tuple):
-            return tuple(o.to("cpu", non_blocking=True) for o in out)
-        return out.to("cpu", non_blocking=True)
+            return tuple(o.to("cpu") for o in out)
+        return out.to("cpu")
 
     return run

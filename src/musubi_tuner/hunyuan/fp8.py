@@ -101,14 +101,20 @@ class _Fp8LinearFunction(torch.autograd.Function):
 
 
 def _scaled_mm_linear(x, weight_fp8, weight_scale, bias, dtype):
+    """x @ W.T + b with x quantized to e4m3 per token (row) and W per output row, multiplied in fp8.
+
+    What CUDA's row-wise scaled matmul takes: A row-major, B column-major (W.T of a row-major W), both inner
+    sizes multiples of 16, float32 scales of shapes (M, 1) and (1, N), and a bf16 output (and bias) on most
+    torch builds; the result is cast to `dtype` afterwards.
+    """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
     x_fp8 = (x2 / x_scale).to(FP8_DTYPE)
     w_scale = (weight_scale if weight_scale is not None else torch.ones(weight_fp8.shape[0], device=x.device)).float()
-    out = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=w_scale.unsqueeze(0), out_dtype=dtype,
-                           bias=None if bias is None else bias.to(dtype))
-    return out.reshape(*shape[:-1], weight_fp8.shape[0])
+    out = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=w_scale.unsqueeze(0).contiguous(),
+                           out_dtype=torch.bfloat16, bias=None if bias is None else bias.to(torch.bfloat16))
+    return out.to(dtype).reshape(*shape[:-1], weight_fp8.shape[0])
 
 
 def make_fp8_linear(module: nn.Linear, scale: torch.Tensor | None) -> None:

@@ -8,7 +8,10 @@ No device -> host traffic, no per-block bookkeeping in backward, and the numbers
 swapping because the arithmetic is the same.
 
 The next swapped block is fetched while the current one computes (on a side CUDA stream where there is
-one; `use_pinned_memory` makes those copies truly asynchronous).
+one, `CopyStream`; `use_pinned_memory` makes those copies truly asynchronous). Asynchronous copies let the
+host run ahead of the GPU, and a copy's memory is allocated on the host's clock: so before it allocates the
+next copy, the host waits until the GPU has finished the swapped block before the current one. At most two
+blocks' copies (the one in use and the one arriving) then exist on the device, as the memory planner counts.
 """
 
 from __future__ import annotations
@@ -44,6 +47,42 @@ class SwappedFp8Linear(Fp8Linear):
     stored_weight = SwappedLinear.stored_weight
 
 
+class CopyStream:
+    """Host -> device copies on a side CUDA stream, ordered against the compute stream with events.
+
+    Every CUDA call of block swap is made here, through `cuda` (torch.cuda; the CPU tests pass a fake that
+    records the order of the calls).
+    """
+
+    def __init__(self, device: torch.device, cuda=torch.cuda):
+        self.device = device
+        self.cuda = cuda
+        self.side = cuda.Stream(device)
+
+    def start(self, weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+        """Queue on-device copies of `weights` after the work already queued on the compute stream; returns the
+        copies and the event that marks them done."""
+        self.side.wait_stream(self.cuda.current_stream(self.device))
+        with self.cuda.stream(self.side):
+            copies = [w.to(self.device, non_blocking=True, copy=True) for w in weights]
+            done = self.cuda.Event()
+            done.record(self.side)
+        return copies, done
+
+    def finish(self, copies: list[torch.Tensor], done) -> None:
+        """The compute stream waits for the copies; their memory is not reused before the compute stream is done with them."""
+        compute = self.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        for copy in copies:
+            copy.record_stream(compute)
+
+    def mark(self):
+        """An event that completes when the work queued so far on the compute stream is done."""
+        event = self.cuda.Event()
+        event.record(self.cuda.current_stream(self.device))
+        return event
+
+
 def split_blocks_to_swap(n: int, double_depth: int, single_depth: int) -> tuple[int, int]:
     """How many double and single blocks N swaps: a double block weighs about two single blocks (musubi-tuner's split)."""
     double = n // 2
@@ -51,25 +90,30 @@ def split_blocks_to_swap(n: int, double_depth: int, single_depth: int) -> tuple[
     return min(double, double_depth - 1), min(single, single_depth - 1)
 
 
+def swapped_block_keys(n: int, double_depth: int, single_depth: int) -> list[tuple[str, int]]:
+    """The blocks N swaps, in the order a forward runs them: the last double blocks, then the last single blocks."""
+    n_double, n_single = split_blocks_to_swap(n, double_depth, single_depth)
+    return ([("double", i) for i in range(double_depth - n_double, double_depth)]
+            + [("single", i) for i in range(single_depth - n_single, single_depth)])
+
+
 class BlockSwap(BlockHooks):
     """Keeps the Linear weights of the last N double/single blocks on the host and streams them in."""
 
     def __init__(self, model: HunyuanVideoDiT, blocks_to_swap: int, device: torch.device | str,
-                 use_pinned_memory: bool = False, max_blocks: int = MAX_BLOCKS_TO_SWAP_INFERENCE):
+                 use_pinned_memory: bool = False, max_blocks: int = MAX_BLOCKS_TO_SWAP_INFERENCE,
+                 copy_stream: CopyStream | None = None):
         c = model.config
         limit = min(max_blocks, (c.mm_double_blocks_depth - 1) * 2 + 1)
         if not 0 < blocks_to_swap <= limit:
             raise UserError(f"--blocks_to_swap {blocks_to_swap}: must be between 1 and {limit} for this model")
         self.device = torch.device(device)
-        n_double, n_single = split_blocks_to_swap(blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
-        self.swapped: list[tuple[str, int]] = (
-            [("double", i) for i in range(c.mm_double_blocks_depth - n_double, c.mm_double_blocks_depth)]
-            + [("single", i) for i in range(c.mm_single_blocks_depth - n_single, c.mm_single_blocks_depth)]
-        )
+        self.swapped = swapped_block_keys(blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
         self.model = model
         self._linears: dict[tuple[str, int], list[nn.Linear]] = {}
-        self._pending: dict[tuple[str, int], torch.cuda.Event | None] = {}
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pending: dict[tuple[str, int], object] = {}  # fetched blocks: their copies' done event (None: copied already)
+        self._copies = copy_stream or (CopyStream(self.device) if self.device.type == "cuda" else None)
+        self._last_block_done = None  # compute-stream event after the last swapped block that ran
         self._backward_phase = False
 
         swapped = set(self.swapped)
@@ -115,34 +159,38 @@ class BlockSwap(BlockHooks):
             self._fetch(self.swapped[nxt])
 
     def after(self, key: tuple[str, int]) -> None:
+        if key not in self._linears:
+            return
         # Drop our reference; autograd keeps the copy alive exactly as long as backward needs it.
-        for m in self._linears.get(key, ()):
+        for m in self._linears[key]:
             m.device_weight = None
         self._pending.pop(key, None)
+        if self._copies is not None:
+            self._last_block_done = self._copies.mark()
 
     def _fetch(self, key: tuple[str, int]) -> None:
         if key in self._pending:
             return
         linears = self._linears[key]
-        if self._stream is None:
+        if self._copies is None:
             for m in linears:
                 m.device_weight = m.weight.to(self.device, copy=True)
             self._pending[key] = None
             return
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            for m in linears:
-                m.device_weight = m.weight.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        self._pending[key] = event
+        if self._last_block_done is not None:
+            # Copies are allocated on the host's clock, which may be blocks ahead of the GPU's: wait until the GPU has
+            # finished the previous swapped block, so that its copy's memory is free for this one (two copies on the
+            # device, not one per block queued).
+            self._last_block_done.synchronize()
+        copies, done = self._copies.start([m.weight for m in linears])
+        for m, copy in zip(linears, copies):
+            m.device_weight = copy
+        self._pending[key] = done
 
     def _wait(self, key: tuple[str, int]) -> None:
-        event = self._pending.get(key)
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-            for m in self._linears[key]:
-                m.device_weight.record_stream(torch.cuda.current_stream(self.device))
+        done = self._pending.get(key)
+        if done is not None:
+            self._copies.finish([m.device_weight for m in self._linears[key]], done)
 
     def resident_copies(self) -> int:
         """How many swapped blocks currently hold an on-device copy (for tests and debugging)."""

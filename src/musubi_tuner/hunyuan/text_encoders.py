@@ -35,6 +35,7 @@ from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile
 from musubi_tuner.hunyuan.fp8 import FP8_DTYPE, make_fp8_linear, quantize_rows
 from musubi_tuner.hunyuan.tokenization import TextTokenizer, load_clip_tokenizer, load_llm_tokenizer, read_json
+from musubi_tuner.networks.lora_naming import looks_like_lora
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def _what_is(keys: list[str]) -> str | None:
     sample = keys[:2000]
     if any(k.startswith(("double_blocks.", "single_blocks.")) or ".double_blocks." in k for k in sample):
         return "a HunyuanVideo DiT (pass it with --dit)"
-    if any(".lora_down." in k or ".lora_A." in k for k in sample):
+    if looks_like_lora(sample):
         return "a LoRA file (pass it with --lora_weight)"
     if any(k.startswith(("encoder.down", "decoder.up", "encoder.down_blocks", "decoder.up_blocks")) for k in sample):
         return "a VAE (pass it with --vae)"

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from musubi_tuner.dtypes import cpu_lacks_fast_float16
 from musubi_tuner.errors import UserError
+from musubi_tuner.networks.lora_naming import looks_like_lora
 
 SCALING_FACTOR = 0.476986
 GROUP_NORM_EPS = 1e-6
@@ -435,6 +436,7 @@ class CausalVideoVAE(nn.Module):
         self.quant_conv = nn.Conv3d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv3d(config.latent_channels, config.latent_channels, 1)
         self.tiling = None  # set by set_memory_options
+        self.tile_share = None  # several processes decoding one video: a distributed.WorkShare splits the spatial tiles
 
     @property
     def device(self) -> torch.device:
@@ -510,7 +512,7 @@ def open_vae_file(path: str | os.PathLike):
     f.strip_prefix("vae.")
     if "img_in.proj.weight" in f or any(k.startswith(("double_blocks.", "model.diffusion_model.")) for k in f.keys()[:20]):
         raise UserError(f"{f.path}: this is a DiT checkpoint, not a VAE; pass it with --dit")
-    if any(".lora_down." in k or ".lora_A." in k for k in f.keys()[:50]):
+    if looks_like_lora(f.keys()[:50]):
         raise UserError(f"{f.path}: this is a LoRA file, not a VAE")
     config = VAEConfig.from_shapes(f.shapes(), source=str(f.path))
     with torch.device("meta"):

@@ -83,8 +83,12 @@ def _spatial_decode(vae, z: torch.Tensor, size: int) -> torch.Tensor:
         return vae._decode_untiled(z)
     stride = int(size * (1 - OVERLAP))
     stride_latent = stride // ratio
-    rows = [[vae._decode_untiled(z[:, :, :, i : i + tile_latent, j : j + tile_latent]) for j in range(0, w, stride_latent)]
-            for i in range(0, h, stride_latent)]
+    starts = [(i, j) for i in range(0, h, stride_latent) for j in range(0, w, stride_latent)]
+    tiles = [z[:, :, :, i : i + tile_latent, j : j + tile_latent] for i, j in starts]
+    share = getattr(vae, "tile_share", None)  # several processes: each decodes its share of the tiles (distributed.WorkShare)
+    decoded = share.map(vae._decode_untiled, tiles) if share is not None else [vae._decode_untiled(t) for t in tiles]
+    columns = len(range(0, w, stride_latent))
+    rows = [decoded[r : r + columns] for r in range(0, len(decoded), columns)]
     return _stitch(rows, size - stride, stride)[:, :, :, : h * ratio, : w * ratio]
 
 

@@ -67,8 +67,8 @@ def check_and_fill(args) -> None:
             raise UserError(f"{getattr(args, flag)}: not found (--{flag})")
     if args.fp8_fast and not args.fp8:
         raise UserError("--fp8_fast needs --fp8")
-    if args.lycoris:
-        raise UserError("--lycoris is not supported; LyCORIS LoRAs in kohya naming load without it")
+    if args.lycoris:  # musubi-tuner needs the LyCORIS package for LoHa/LoKr; here the LoRA reader applies them itself
+        logger.info("--lycoris: LoHa and LoKr files are read and applied natively (the LyCORIS package is not needed)")
     if args.save_merged_model and not args.lora_weight:
         raise UserError("--save_merged_model needs --lora_weight")
     if args.lora_weight:
@@ -114,6 +114,9 @@ def check_and_fill(args) -> None:
         raise UserError(f"{args.dit} is an image-to-video DiT (32 input channels): give the first frame with --image_path")
     if args.dit_in_channels is not None and args.dit_in_channels != config.in_channels:
         raise UserError(f"{args.dit}: --dit_in_channels {args.dit_in_channels} but the file's DiT takes {config.in_channels} input channels")
+    from musubi_tuner.hunyuan.sequence_parallel import check_heads
+
+    check_heads(config.heads_num, args.context_parallel)
     check_speed_flags(args)
     check_files_used_late(args, dit_file.shapes())
 
@@ -188,12 +191,17 @@ def encode_prompts(args, device) -> tuple[dict, dict | None]:
     return pick(0), (pick(1) if use_cfg else None)
 
 
-def load_vae_for(args, device):
+def load_vae_for(args, device, layout=None):
+    """The VAE as generation decodes: tiled; with several processes (`layout`) each decodes its share of the tiles."""
     from musubi_tuner.hunyuan.vae import load_vae
 
     vae = load_vae(args.vae, dtype=str_to_dtype(args.vae_dtype, torch.float16 if device.type == "cuda" else torch.float32, "--vae_dtype"), device=device)
     # musubi-tuner always tiles at inference (256 px tiles unless told otherwise); the result is the same within tolerance
     vae.set_memory_options(tiling=True, spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
+    if layout is not None:
+        from musubi_tuner.distributed import WorkShare
+
+        vae.tile_share = WorkShare()
     return vae
 
 
@@ -261,28 +269,32 @@ def load_generation_dit(args, device):
 
 
 def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool, lora_blocks=None, allow_partial: bool = False) -> list:
-    """Run each file's LoRA pairs of Linear layers beside the weights (which fp8 would round a merge away on); its other
-    patches (bias and norm diffs, the img_in conv LoRA, set_weight) are merged into their parameters, none of which is fp8
-    (a diff or set of an fp8 weight is merged in float32 and requantized)."""
+    """Run each file's LoRA, LoHa and LoKr modules of Linear layers beside the weights (which fp8 would round a merge
+    away on): y = W x + b + m * update(x), each module's update as in training. The file's other patches (bias and
+    norm diffs, the img_in conv LoRA, set_weight) are merged into their parameters, none of which is fp8 (a diff or
+    set of an fp8 weight is merged in float32 and requantized)."""
     import torch.nn as nn
 
-    from musubi_tuner.networks import lora
-    from musubi_tuner.networks.lora_reader import kohya_state_dict
+    from musubi_tuner.networks import loha, lokr, lora
+    from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict
     from musubi_tuner.networks.merge import block_filters, lora_patches, merge_patch, patch_target, resolve_multipliers
 
+    modules = {"lora": lora, "loha": loha, "lokr": lokr}
     networks = []
     keeps = block_filters(paths, lora_blocks, exclude_single_blocks)
     for path, m, keep in zip(paths, resolve_multipliers(paths, multipliers), keeps):
         patches = lora_patches(path, keep, allow_partial)
-        beside = [p for p in patches if p.kind == "lora" and isinstance(patch_target(dit, p, str(path))[0], nn.Linear)]
+        beside = [p for p in patches if p.kind in ADAPTERS and isinstance(patch_target(dit, p, str(path))[0], nn.Linear)]
         for patch in patches:
             if not any(patch is p for p in beside):
                 merge_patch(dit, patch, m, source=str(path))
-        if beside:
-            net = lora.create_arch_network_from_weights(m, kohya_state_dict(beside), dit, for_inference=True)
-            net.to(dit.device).eval()
-            net.apply_to(None, dit)
-            networks.append(net)
+        for kind in ADAPTERS:
+            of_kind = [p for p in beside if p.kind == kind]
+            if of_kind:
+                net = modules[kind].create_arch_network_from_weights(m, kohya_state_dict(of_kind), dit, for_inference=True)
+                net.to(dit.device).eval()
+                net.apply_to(None, dit)
+                networks.append(net)
     return networks
 
 
@@ -300,11 +312,56 @@ def plan_generation(args):
 def generate(args) -> list[Path]:
     device = resolve_device(args.device)
     check_and_fill(args)
+    from musubi_tuner import distributed
+
+    device = distributed.join_launched_group(device)
+    try:
+        if distributed.rank() != 0:  # one voice: the main process's
+            logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
+        layout = processes_layout(args)
+        saved = _generate(args, device, layout)
+        return saved if layout is None or layout.is_main else []
+    finally:
+        distributed.leave_group()
+
+
+def processes_layout(args):
+    """With several processes (accelerate launch / torchrun): their groups, checked against --context_parallel; else None."""
+    from musubi_tuner import distributed
+
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    n = args.context_parallel
+    if world == 1 and n == 1:
+        return None
+    cfg = args.guidance_scale != 1.0
+    if world not in (n, 2 * n if cfg else n):
+        started = f"{world} processes were started" if world > 1 else "one process was started"
+        raise UserError(f"--context_parallel {n}: {started}; start {n} (accelerate launch --multi_gpu --num_processes {n}, or "
+                        f"torchrun --nproc_per_node {n})" + (f", or {2 * n} to run the negative and positive prompt side by side" if cfg else ""))
+    layout = distributed.make_layout(n)
+    logger.info(distributed.describe(layout, training=False))
+    return layout
+
+
+def _from_main(layout, device, compute) -> dict:
+    """compute() -> dict of tensors (or None) on the main process only, then broadcast: the encoders run once."""
+    if layout is None:
+        return compute()
+    from musubi_tuner.distributed import broadcast_tensors
+
+    return broadcast_tensors(compute() if layout.is_main else None, device)
+
+
+def _generate(args, device, layout) -> list[Path]:
     save_path = Path(args.save_path)
-    save_path.mkdir(parents=True, exist_ok=True)
+    main = layout is None or layout.is_main
+    if main:
+        save_path.mkdir(parents=True, exist_ok=True)
     from musubi_tuner.files import leftover_temp_files
 
-    for stale in leftover_temp_files(save_path):  # of killed runs only: other generations may write here right now
+    for stale in leftover_temp_files(save_path) if main else []:  # of killed runs only: other generations may write here right now
         stale.unlink(missing_ok=True)
         logger.info("removed %s (left by an interrupted run)", stale)
     from musubi_tuner.inference import outputs
@@ -313,25 +370,51 @@ def generate(args) -> list[Path]:
         latents = [outputs.load_latent(p) for p in args.latent_path]
         for path, (latent, _) in zip(args.latent_path, latents):
             require_finite(latent, f"{path}: the saved latent", "it cannot be decoded into a video; generate it again")
-        vae = load_vae_for(args, device)
-        return [p for lat, meta in latents for p in outputs.decode_and_save(vae, lat, meta, args, save_path)]
+        vae = load_vae_for(args, device, layout)
+        return [p for lat, meta in latents for p in decode_and_save(vae, lat, meta, args, save_path, main)]
     if args.save_merged_model:  # save and exit: no text encoder or sampling is needed for that
         from musubi_tuner.networks.merge import merge_file
 
-        merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
-                   exclude_single_blocks=args.exclude_single_blocks, lora_blocks=args.lora_blocks,
-                   allow_partial=getattr(args, "allow_partial_lora", False))
+        if main:
+            merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
+                       exclude_single_blocks=args.exclude_single_blocks, lora_blocks=args.lora_blocks,
+                       allow_partial=getattr(args, "allow_partial_lora", False))
         return [Path(args.save_merged_model)]
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+    if layout is not None:
+        from musubi_tuner.distributed import broadcast_value
+
+        seed = broadcast_value(seed)
     height, width = args.video_size
     shape = latent_shape(args.video_length, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
 
-    cond, uncond = encode_prompts(args, device)
-    video_latents, image_latents = encode_condition(args, device, height, width, generator)
-    dit = load_generation_dit(args, device)
+    def encode():
+        cond, uncond = encode_prompts(args, device)
+        video, image = encode_condition(args, device, height, width, generator)
+        return {**{f"cond.{k}": v for k, v in cond.items()}, **{f"uncond.{k}": v for k, v in (uncond or {}).items()},
+                "video": video, "image": image}
 
+    encoded = _from_main(layout, device, encode)
+    cond = {k.split(".", 1)[1]: v.to(device) for k, v in encoded.items() if k.startswith("cond.")}
+    neg = {k.split(".", 1)[1]: v.to(device) for k, v in encoded.items() if k.startswith("uncond.")} or None
+    dit = load_generation_dit(args, device)
+    dit.sequence_parallel = layout.sequence if layout is not None else None
+    latents, start, cache = _sample(args, dit, device, layout, shape, seed, cond, neg, encoded["video"], encoded["image"])
+
+    meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start) | step_cache.describe(cache)
+    saved = []
+    if args.output_type in ("latent", "both") and main:
+        saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata))
+    if args.output_type in ("video", "images", "both"):
+        vae = load_vae_for(args, device, layout)
+        saved += decode_and_save(vae, latents[0].cpu(), meta, args, save_path, main)
+    return saved
+
+
+def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, image_latents):
+    """Denoise from the seed's noise (or the V2V start); returns (latents (1, 16, F, H, W) float32, first step, step cache)."""
     sigmas = sigma_schedule(args.infer_steps, args.flow_shift)
     noise = initial_noise((1, *shape), seed, device="cpu").to(device)
     start = 0
@@ -344,16 +427,19 @@ def generate(args) -> list[Path]:
         padded = torch.zeros((1, *shape), device=device)
         padded[:, :, :1] = image_latents.to(device)
         image_latents = padded
-    guidance = Guidance(embedded_scale=args.embedded_cfg_scale, scale=args.guidance_scale,
-                        split=args.split_uncond or (args.split_attn and args.guidance_scale != 1.0), cfg_end=args.cfg_end)
+    branches = None
+    if layout is not None and layout.replicas == 2:  # the negative prompt on one group, the positive on the other
+        from musubi_tuner.distributed import CfgBranches
 
-    bar = progress_bar(total=args.infer_steps - start, desc="denoising")
-    to_device = {k: v.to(device) for k, v in cond.items()}
-    neg = {k: v.to(device) for k, v in uncond.items()} if uncond else None
+        branches = CfgBranches.of(layout)
+    guidance = Guidance(embedded_scale=args.embedded_cfg_scale, scale=args.guidance_scale,
+                        split=args.split_uncond or (args.split_attn and args.guidance_scale != 1.0), cfg_end=args.cfg_end, branches=branches)
+
+    bar = progress_bar(total=args.infer_steps - start, desc="denoising", disable=layout is not None and not layout.is_main)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     cache = step_cache.from_args(args)
     with torch.no_grad(), autocast, compile_errors():
-        latents = denoise(dit, latents, sigmas, cond=to_device, uncond=neg, guidance=guidance, image_latents=image_latents,
+        latents = denoise(dit, latents, sigmas, cond=cond, uncond=neg, guidance=guidance, image_latents=image_latents,
                           start_step=start, callback=lambda i: bar.update(1), step_cache=cache)
     bar.close()
     _free(dit)
@@ -365,12 +451,14 @@ def generate(args) -> list[Path]:
     require_finite(latents, f"the sampled latent of {args.dit}{loras}",
                    "nothing was written; a LoRA or DiT file holding NaN/inf weights, or fp16 overflow, are the usual causes "
                    "(check the files with musubi-lora-info)")
+    return latents, start, cache
 
-    meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start) | step_cache.describe(cache)
-    saved = []
-    if args.output_type in ("latent", "both"):
-        saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata))
-    if args.output_type in ("video", "images", "both"):
-        vae = load_vae_for(args, device)
-        saved += outputs.decode_and_save(vae, latents[0].cpu(), meta, args, save_path)
-    return saved
+
+def decode_and_save(vae, latent, meta, args, save_path: Path, main: bool) -> list[Path]:
+    """Decode (every process its share of the tiles), then the main process writes."""
+    from musubi_tuner.inference import outputs
+
+    if not main:
+        outputs.decode_to_frames(vae, latent)
+        return []
+    return outputs.decode_and_save(vae, latent, meta, args, save_path)

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from musubi_tuner.distributed import CfgBranches
 from musubi_tuner.inference.step_cache import StepCache
 from musubi_tuner.hunyuan.schedule import shift_sigma
 
@@ -37,6 +38,7 @@ class Guidance:
     scale: float = 1.0
     split: bool = False  # negative and positive in two calls instead of one batch of two
     cfg_end: float = 1.0
+    branches: CfgBranches | None = None  # CFG-parallel: this process runs one of the two prompts, its partner the other
 
     @property
     def uses_cfg(self) -> bool:
@@ -74,6 +76,11 @@ def denoise(model: Callable[..., torch.Tensor], latents: torch.Tensor, sigmas: t
         g = torch.full((1,), guidance.embedded_scale * 1000.0, device=device)
         if not use_cfg:
             v = run("cond", model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)
+        elif guidance.branches is not None:
+            mine, branch = (uncond, "uncond") if guidance.branches.negative else (cond, "cond")
+            v_mine = run(branch, model_in, t, mine["text_states"], mine["text_mask"], mine["text_states_2"], g)
+            v_neg, v_pos = guidance.branches.exchange(v_mine.float())
+            v = v_neg + guidance.scale * (v_pos - v_neg)
         elif guidance.split:
             v_neg = run("uncond", model_in, t, uncond["text_states"], uncond["text_mask"], uncond["text_states_2"], g)
             v_pos = run("cond", model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)

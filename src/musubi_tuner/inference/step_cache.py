@@ -181,7 +181,7 @@ class StepCache:
         modulated = modulate_norm(img, shift, scale)
         metric, skip = None, False
         if not forced and state.previous is not None and state.residual is not None:
-            state.accumulated += _rescale(relative_l1(modulated, state.previous))
+            state.accumulated += _rescale(relative_l1(modulated, state.previous, ctx.shards))
             metric = state.accumulated
             skip = state.accumulated < self.threshold
         state.previous = modulated
@@ -197,7 +197,7 @@ class StepCache:
         first_residual = img_1 - img
         metric = None
         if not forced and state.previous is not None and state.residual is not None:  # as TeaCache: a forced step reads nothing
-            metric = relative_l1(first_residual, state.previous)
+            metric = relative_l1(first_residual, state.previous, ctx.shards)
             if metric <= self.threshold:
                 return img_1 + state.residual, True, metric
         state.previous = first_residual
@@ -206,8 +206,12 @@ class StepCache:
         return out, False, metric
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean |current - previous| / mean |previous|, accumulated in float32."""
+def relative_l1(current: torch.Tensor, previous: torch.Tensor, shards=None) -> float:
+    """mean |current - previous| / mean |previous|, accumulated in float32. With context parallel (`shards`), over the
+    image tokens of every process of the group, so that all of them take the same decision."""
+    if shards is not None:
+        change, size = shards.sum_image_rows([(current - previous).abs(), previous.abs()])
+        return (change / size).item()
     return ((current - previous).abs().mean(dtype=torch.float32) / previous.abs().mean(dtype=torch.float32)).item()
 
 

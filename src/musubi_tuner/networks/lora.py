@@ -56,18 +56,16 @@ def target_modules(model: nn.Module, include: Iterable[str] = (), exclude: Itera
     return found
 
 
-class LoRAModule(nn.Module):
-    """The low-rank update of one Linear. Installs itself by replacing the Linear's forward."""
+class AdapterModule(nn.Module):
+    """What every adapter of one Linear shares (LoRA here, LoHa and LoKr in their modules): it installs itself by
+    replacing the Linear's forward, adds `multiplier * update(x)` to the Linear's output, and merges, scales and
+    saves its update. Subclasses define `update`, `delta_weight`, `scale_update_` and `tensors`."""
 
-    def __init__(self, name: str, org_module: nn.Linear, multiplier: float = 1.0, rank: int = 4, alpha: float | None = 1.0,
+    def __init__(self, name: str, org_module: nn.Linear, multiplier: float, rank: int, alpha: float | None,
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None):
         super().__init__()
         self.lora_name = name
         self.rank = rank
-        self.lora_down = nn.Linear(org_module.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, org_module.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
         alpha = rank if alpha is None or alpha == 0 else float(alpha)
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
         self.scale = alpha / rank
@@ -91,19 +89,10 @@ class LoRAModule(nn.Module):
         if org.__dict__.get("forward") == self.forward:
             del org.forward
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.lora_down.weight.dtype:
-            x = x.to(self.lora_down.weight.dtype)
-        h = self.lora_down(x)
-        scale = self.scale
-        if self.training:
-            if self.dropout:
-                h = F.dropout(h, p=self.dropout)
-            if self.rank_dropout:
-                keep = torch.rand((h.shape[0], self.rank), device=h.device) > self.rank_dropout
-                h = h * keep.view(h.shape[0], *([1] * (h.ndim - 2)), self.rank).to(h.dtype)
-                scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(h) * (self.multiplier * scale)
+    def own_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the adapter's dtype when autocast does not cast it (a bfloat16 DiT with float32 adapter weights)."""
+        dtype = next(self.parameters()).dtype
+        return x if torch.is_autocast_enabled(x.device.type) or x.dtype == dtype else x.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.org_forward(x)
@@ -111,12 +100,23 @@ class LoRAModule(nn.Module):
             return out
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
-        return out + self.lora_delta(x).to(out.dtype)
+        return out + self.update(x).to(out.dtype)
 
-    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """multiplier * (the adapter's change of the Linear's output), with the training-time dropouts."""
+        raise NotImplementedError
+
     def delta_weight(self) -> torch.Tensor:
-        """(up @ down) * alpha/rank in float32: what merging adds to the Linear's weight (times the multiplier)."""
-        return (self.lora_up.weight.float() @ self.lora_down.weight.float()) * self.scale
+        """The update of the Linear's weight at multiplier 1, scale included, in float32, (out, in)."""
+        raise NotImplementedError
+
+    def scale_update_(self, ratio: float) -> None:
+        """Scale the factors in place so that delta_weight() is multiplied by `ratio`."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The module's entries as saved: key suffix -> tensor, e.g. `lora_down.weight`, `alpha`."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def merge_to(self, multiplier: float | None = None, device: torch.device | str | None = None) -> None:
@@ -129,36 +129,78 @@ class LoRAModule(nn.Module):
         w.data = merged.to(w.device, w.dtype)
 
 
+class LoRAModule(AdapterModule):
+    """The low-rank update of one Linear: multiplier * (alpha / rank) * up(dropout(down(x)))."""
+
+    def __init__(self, name: str, org_module: nn.Linear, multiplier: float = 1.0, rank: int = 4, alpha: float | None = 1.0,
+                 dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None):
+        super().__init__(name, org_module, multiplier, rank, alpha, dropout, rank_dropout, module_dropout)
+        self.lora_down = nn.Linear(org_module.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, org_module.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lora_down(self.own_dtype(x))
+        scale = self.scale
+        if self.training:
+            if self.dropout:
+                h = F.dropout(h, p=self.dropout)
+            if self.rank_dropout:
+                keep = torch.rand((h.shape[0], self.rank), device=h.device) > self.rank_dropout
+                h = h * keep.view(h.shape[0], *([1] * (h.ndim - 2)), self.rank).to(h.dtype)
+                scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(h) * (self.multiplier * scale)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """(up @ down) * alpha/rank in float32: what merging adds to the Linear's weight (times the multiplier)."""
+        return (self.lora_up.weight.float() @ self.lora_down.weight.float()) * self.scale
+
+    @torch.no_grad()
+    def scale_update_(self, ratio: float) -> None:
+        self.lora_up.weight.mul_(ratio ** 0.5)
+        self.lora_down.weight.mul_(ratio ** 0.5)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight, "alpha": self.alpha}
+
+
 class LoRANetwork(nn.Module):
+    """The adapters of a DiT's Linears: LoRA (`module_class=LoRAModule`), LoHa or LoKr, with the interface
+    musubi-tuner's trainer calls. `per_module` (name -> the module's own keyword arguments, e.g. its rank, alpha and
+    factor shapes) builds exactly the modules a file holds; otherwise the targets of `target_modules` all get
+    `rank`, `alpha` and `module_kwargs`."""
+
     def __init__(self, unet: nn.Module, multiplier: float = 1.0, rank: int = 4, alpha: float | None = 1.0,
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
                  include_patterns: Iterable[str] = (), exclude_patterns: Iterable[str] = (),
-                 ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None,
-                 loraplus_lr_ratio: float | None = None, verbose: bool = False):
+                 per_module: dict[str, dict] | None = None, loraplus_lr_ratio: float | None = None, verbose: bool = False,
+                 module_class: type[AdapterModule] = LoRAModule, module_kwargs: dict | None = None):
         super().__init__()
         self.multiplier = multiplier
         self.loraplus_lr_ratio = loraplus_lr_ratio
-        if ranks is None:
+        if per_module is None:
             targets = target_modules(unet, include_patterns, [*exclude_patterns, DEFAULT_EXCLUDE])
         else:  # built from a file: the Linears it names, wherever they are (as merging does)
-            targets = {path: m for path, m in unet.named_modules() if isinstance(m, nn.Linear) and lora_name(path) in ranks}
-            unknown = sorted(set(ranks) - {lora_name(p) for p in targets})
+            targets = {path: m for path, m in unet.named_modules() if isinstance(m, nn.Linear) and lora_name(path) in per_module}
+            unknown = sorted(set(per_module) - {lora_name(p) for p in targets})
             if unknown:
                 raise UserError(f"LoRA module {unknown[0]} names no Linear layer of this DiT ({len(unknown)} such modules; a LoRA for another model?)")
-        self.unet_loras: list[LoRAModule] = []
+        self.unet_loras: list[AdapterModule] = []
         for path, linear in targets.items():
             name = lora_name(path)
-            r = ranks[name] if ranks is not None else rank
-            a = alphas[name] if alphas is not None else alpha
-            module = LoRAModule(name, linear, multiplier, r, a, dropout, rank_dropout, module_dropout)
+            kwargs = {"rank": rank, "alpha": alpha, **(module_kwargs or {}), **(per_module or {}).get(name, {})}
+            module = module_class(name, linear, multiplier, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                                  **kwargs)
             self.add_module(name, module)
             self.unet_loras.append(module)
             if verbose:
-                logger.info("LoRA %s: rank %d, alpha %s", name, r, module.alpha.item())
+                logger.info("%s %s: rank %d, alpha %s", module_class.__name__, name, module.rank, module.alpha.item())
         if not self.unet_loras:
-            why = "the LoRA file names none (or --lora_blocks keeps none)" if ranks is not None else "the include/exclude patterns leave no Linear layer"
+            why = "the LoRA file names none (or --lora_blocks keeps none)" if per_module is not None else "the include/exclude patterns leave no Linear layer"
             raise UserError(f"no LoRA modules were created: {why}")
-        logger.info("LoRA: %d modules on the DiT", len(self.unet_loras))
+        logger.info("%s: %d modules on the DiT", module_class.__name__.removesuffix("Module"), len(self.unet_loras))
 
     # -- the interface the trainer (and LyCORIS) use
     def apply_to(self, text_encoders=None, unet=None, apply_text_encoder: bool = False, apply_unet: bool = True) -> None:
@@ -180,10 +222,13 @@ class LoRANetwork(nn.Module):
 
     def prepare_optimizer_params(self, unet_lr: float, **_) -> tuple[list[dict], list[str]]:
         """Parameter groups: one for all LoRA weights, or with LoRA+ the up weights at lr x ratio."""
-        if not self.loraplus_lr_ratio:
+        up = [p for n, p in self.named_parameters() if "lora_up" in n]
+        if self.loraplus_lr_ratio and not up:
+            logger.warning("loraplus_lr_ratio does nothing here: LoRA+ raises the rate of LoRA's up weights, and %s has none",
+                           type(self.unet_loras[0]).__name__.removesuffix("Module"))
+        if not self.loraplus_lr_ratio or not up:
             return [{"params": list(self.parameters()), "lr": unet_lr}], ["unet"]
         down = [p for n, p in self.named_parameters() if "lora_up" not in n]
-        up = [p for n, p in self.named_parameters() if "lora_up" in n]
         return [{"params": down, "lr": unet_lr}, {"params": up, "lr": unet_lr * self.loraplus_lr_ratio}], ["unet", "unet plus"]
 
     def prepare_grad_etc(self, *_, **__) -> None:
@@ -196,10 +241,10 @@ class LoRANetwork(nn.Module):
         return list(self.parameters())
 
     def state_dict_for_saving(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """`name.lora_down.weight`, `name.lora_up.weight`, `name.alpha` in module order, on the CPU."""
+        """Each module's entries (`name.lora_down.weight`, ..., `name.alpha`) in module order, on the CPU."""
         out: dict[str, torch.Tensor] = {}
         for lora in self.unet_loras:
-            for key, t in (("lora_down.weight", lora.lora_down.weight), ("lora_up.weight", lora.lora_up.weight), ("alpha", lora.alpha)):
+            for key, t in lora.tensors().items():
                 t = t.detach().to("cpu")
                 out[f"{lora.lora_name}.{key}"] = t.to(dtype) if dtype is not None else t.clone()
         return out
@@ -210,6 +255,7 @@ class LoRANetwork(nn.Module):
     def load_weights(self, file: str, allow_partial: bool = False) -> dict:
         """Load a LoRA file (any naming) into this network: every LoRA pair of the file must fit one of its modules."""
         weights = load_network_weights(file, allow_partial)
+        require_module_kind(file, weights, type(self.unet_loras[0]))
         own = self.state_dict()
         unknown = [k for k in weights if k not in own]
         if len(unknown) == len(weights):
@@ -224,7 +270,8 @@ class LoRANetwork(nn.Module):
         wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
         if wrong:
             raise UserError(f"{file}: {wrong[0]} has shape {list(weights[wrong[0]].shape)}, this network's is "
-                            f"{list(own[wrong[0]].shape)}; train with the file's rank (--dim_from_weights) or another --network_dim")
+                            f"{list(own[wrong[0]].shape)}; train with the file's rank (--dim_from_weights) or another --network_dim"
+                            f"{' or LoKr factor' if 'lokr' in wrong[0] else ''}")
         missing, _ = self.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
         return {"missing": missing, "unexpected": unknown}
 
@@ -237,18 +284,16 @@ class LoRANetwork(nn.Module):
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm: float, device) -> tuple[int, float, float]:
-        """Scale down LoRA pairs whose update norm exceeds max_norm (musubi-tuner's --scale_weight_norms)."""
+        """Scale down updates whose norm exceeds max_norm (musubi-tuner's --scale_weight_norms): |delta W|_F, clamped
+        below at max_norm / 2, is brought to at most max_norm by scaling the factors."""
         scaled, norms = 0, []
         for lora in self.unet_loras:
-            up, down = lora.lora_up.weight, lora.lora_down.weight
-            norm = ((up.float() @ down.float()) * lora.scale).norm().clamp(min=max_norm / 2)
-            desired = norm.clamp(max=max_norm)
-            ratio = (desired / norm).item()
+            norm = lora.delta_weight().norm().clamp(min=max_norm / 2)
+            ratio = (norm.clamp(max=max_norm) / norm).item()
             if ratio != 1:
                 scaled += 1
-                up.mul_(ratio ** 0.5)
-                down.mul_(ratio ** 0.5)
-            norms.append((norm * ratio).item())
+                lora.scale_update_(ratio)
+            norms.append(norm.item() * ratio)
         return scaled, sum(norms) / len(norms), max(norms)
 
 
@@ -303,15 +348,36 @@ create_network = create_arch_network  # the name LyCORIS-style loaders look for
 def create_arch_network_from_weights(multiplier: float, weights_sd: dict[str, torch.Tensor], unet: nn.Module | None = None,
                                      for_inference: bool = False, **kwargs) -> LoRANetwork:
     """A network with exactly the modules, ranks and alphas of a kohya-named state dict, weights loaded."""
-    ranks, alphas = {}, {}
-    for key, t in weights_sd.items():
-        name, _, suffix = key.partition(".")
-        if suffix == "lora_down.weight":
-            ranks[name] = t.shape[0]
-        elif suffix == "alpha":
-            alphas[name] = float(t)
-    for name, r in ranks.items():
-        alphas.setdefault(name, float(r))  # no alpha stored: scale 1 (alpha = rank)
-    network = LoRANetwork(unet, multiplier, ranks=ranks, alphas=alphas, **kwargs)
-    network.load_state_dict({k: v for k, v in weights_sd.items() if k.split(".", 1)[0] in ranks}, strict=False)
+    per_module = {key.partition(".")[0]: {"rank": t.shape[0]} for key, t in weights_sd.items() if key.endswith(".lora_down.weight")}
+    return network_from_weights(LoRAModule, per_module, multiplier, weights_sd, unet, **kwargs)
+
+
+# the entry that marks each kind of module in a kohya-named file, and the --network_module that trains it
+NETWORK_MODULES = {"LoRAModule": ("lora_down.weight", "networks.lora"), "LoHaModule": ("hada_w1_b", "networks.loha"),
+                   "LoKrModule": ("lokr_w1", "networks.lokr")}
+
+
+def require_module_kind(source: str, weights_sd: dict[str, torch.Tensor], module_class: type[AdapterModule]) -> None:
+    """A file of LoHa modules cannot start a LoRA network, and so on: say which --network_module it needs."""
+    own_entry, own_module = NETWORK_MODULES[module_class.__name__]
+    if any(k.endswith("." + own_entry) for k in weights_sd):
+        return
+    for entry, module in NETWORK_MODULES.values():
+        if any(k.endswith("." + entry) for k in weights_sd):
+            raise UserError(f"{source}: its modules are {module.split('.')[1]} modules ({entry}), not {own_module.split('.')[1]}: "
+                            f"use --network_module {module}")
+
+
+def network_from_weights(module_class: type[AdapterModule], per_module: dict[str, dict], multiplier: float,
+                         weights_sd: dict[str, torch.Tensor], unet: nn.Module, **kwargs) -> LoRANetwork:
+    """The network of `module_class` modules a kohya-named state dict holds, weights loaded: `per_module` gives each
+    module's shape arguments (its rank, ...), its `.alpha` entry its alpha (none: alpha = rank, a scale of 1).
+    `kwargs` are --network_args; the file decides the modules, so include/exclude patterns do not apply."""
+    require_module_kind("--network_weights", weights_sd, module_class)
+    for name, spec in per_module.items():
+        alpha = weights_sd.get(f"{name}.alpha")
+        spec["alpha"] = None if alpha is None else float(alpha)
+    opts = {k: v for k, v in _parse_network_args(kwargs).items() if k not in ("include_patterns", "exclude_patterns")}
+    network = LoRANetwork(unet, multiplier, per_module=per_module, module_class=module_class, **opts)
+    network.load_state_dict({k: v for k, v in weights_sd.items() if k.partition(".")[0] in per_module}, strict=False)
     return network

@@ -96,11 +96,15 @@ def _musubi(weights, model: Model) -> Coverage:
     modules = set()
     for key in weights:
         name, _, suffix = key.partition(".")
-        if name in targets and suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+        lora_module = f"{name}.lora_down.weight" in weights or f"{name}.lora_up.weight" in weights
+        if name in targets and (suffix in ("lora_down.weight", "lora_up.weight") or suffix == "alpha" and lora_module):
             cov.applied.append(key)
             modules.add(targets[name])
         elif not key.startswith(KOHYA_PREFIX):
             cov.dropped[key] = "musubi-tuner reads only kohya names (lora_unet_*); convert_lora.py --target default converts"
+        elif name in targets and (suffix.startswith(("hada_", "lokr_")) or suffix == "alpha"):
+            cov.dropped[key] = ("musubi-tuner's merge_lora.py and hv_generate_video.py read LoRA modules only: LoHa/LoKr need its "
+                                "hv_generate_video.py --lycoris with the LyCORIS package installed")
         elif name in targets:
             cov.dropped[key] = f"musubi-tuner reads only .lora_down.weight, .lora_up.weight and .alpha, not .{suffix}"
         elif module_path_to_kohya(official_module(name) or "-") in targets:
@@ -206,7 +210,9 @@ def _comfy_coverage(consumer: str, weights, model: Model, key_map: dict[str, str
             for k in original:
                 cov.dropped[k] = f"{target} does not exist in the model (logged NOT LOADED)"
             continue
-        if kind in ("loha", "lokr", "glora"):
+        if kind in ("loha", "lokr"):
+            shape = _lycoris_shape(kind, {k[len(k.rsplit(".", 1)[0]) + 1:]: weights[o] for k, o in zip(keys, original)})
+        elif kind == "glora":
             shape = None
         elif kind == "lora":
             up, down = (weights[k] for k in original[:2])
@@ -230,6 +236,21 @@ def _comfy_coverage(consumer: str, weights, model: Model, key_map: dict[str, str
     cov.applied = [k for k in weights if k in applied]
     cov.modules = sorted(set(cov.modules))
     return cov
+
+
+def _lycoris_shape(kind: str, t: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(out, in) of the update ComfyUI forms from a LoHa's or LoKr's factors (by entry name), None if it cannot tell."""
+    def half(name):  # LoKr's w1 / w2: whole, or as the product _a @ _b
+        if name in t:
+            return t[name].shape[0], numel(t[name].shape[1:])
+        if f"{name}_a" in t and f"{name}_b" in t:
+            return t[f"{name}_a"].shape[0], numel(t[f"{name}_b"].shape[1:])
+        return None
+
+    if kind == "loha":
+        return (t["hada_w1_a"].shape[0], numel(t["hada_w1_b"].shape[1:])) if "hada_w1_b" in t and "hada_w1_a" in t else None
+    w1, w2 = half("lokr_w1"), half("lokr_w2")
+    return (w1[0] * w2[0], w1[1] * w2[1]) if w1 and w2 else None
 
 
 def _comfy_hint(key: str) -> str:

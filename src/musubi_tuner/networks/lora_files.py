@@ -18,7 +18,7 @@ import torch
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import save_safetensors
 from musubi_tuner.networks.lora_naming import module_template
-from musubi_tuner.networks.lora_reader import kohya_state_dict, kohya_to_other, read_lora
+from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict, kohya_to_other, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +38,17 @@ def load_lora(path: str | os.PathLike, allow_partial: bool = False) -> dict[str,
 
 
 def load_network_weights(path: str | os.PathLike, allow_partial: bool = False) -> dict[str, torch.Tensor]:
-    """The LoRA pairs of Linear layers of a file, in our naming: what a LoRA network (--network_weights) holds.
+    """The LoRA (LoHa, LoKr) modules of Linear layers of a file, in our naming: what a network (--network_weights) holds.
 
     Anything else (bias or weight diffs, a conv LoRA, set_weight) cannot be trained on: refused naming the first
     entry, or with `allow_partial` dropped with a warning."""
     patches = read_lora(path, allow_partial).patches
-    pairs = [p for p in patches if p.kind == "lora" and module_template(p.module).weight_ndim == 2]
-    others = [p for p in patches if not (p.kind == "lora" and module_template(p.module).weight_ndim == 2)]
+    pairs = [p for p in patches if p.kind in ADAPTERS and module_template(p.module).weight_ndim == 2]
+    others = [p for p in patches if not (p.kind in ADAPTERS and module_template(p.module).weight_ndim == 2)]
     if others and not allow_partial:
-        raise UserError(f"{path}: {others[0].keys[0]}: a {others[0].kind} of {others[0].param}, but a LoRA network holds LoRA pairs of "
-                        f"Linear layers only ({len(others)} such entries): merge the file into the base with --base_weights, "
-                        "or --allow_partial_lora to train on its LoRA pairs alone")
+        raise UserError(f"{path}: {others[0].keys[0]}: a {others[0].kind} of {others[0].param}, but a network holds LoRA, LoHa or "
+                        f"LoKr modules of Linear layers only ({len(others)} such entries): merge the file into the base with "
+                        "--base_weights, or --allow_partial_lora to train on its modules alone")
     if others:
         logger.warning("%s: --allow_partial_lora drops %d entries the network cannot hold: %s", path, len(others),
                        ", ".join(k for p in others for k in p.keys))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.networks.lora_reader import LoRAContents, first_non_finite, read_lora_contents
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo
+from musubi_tuner.networks.lora_reader import ADAPTERS, LoRAContents, first_non_finite, read_lora_contents
 
 NAMINGS = {
     "kohya": "kohya (lora_unet_*): musubi-tuner, sd-scripts, this toolkit",
@@ -23,7 +23,8 @@ NAMINGS = {
     "mixed": "several namings in one file",
     "unknown": "unknown",
 }
-KIND_NAMES = {"lora": "LoRA pairs", "diff": "weight diffs", "diff_b": "bias diffs", "set": "set_weights"}
+KIND_NAMES = {"lora": "LoRA pairs", "loha": "LoHa modules", "lokr": "LoKr modules", "diff": "weight diffs", "diff_b": "bias diffs",
+              "set": "set_weights"}
 # musubi-tuner's ss_* keys worth showing, in this order
 TRAINING_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
                  "ss_learning_rate", "ss_optimizer", "ss_lr_scheduler", "ss_steps", "ss_epoch", "ss_max_train_steps",
@@ -35,10 +36,10 @@ TRAINING_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_network_module", "ss_
 class ModuleUpdate:
     path: str  # official module path, e.g. double_blocks.0.img_attn_qkv
     shape: tuple[int, ...]  # (out, in) of the layer a LoRA pair changes; a diff's own shape
-    rank: int  # 0 for a diff or set_weight
+    rank: int  # 0 for a diff or set_weight (and a LoKr with a whole w2)
     alpha: float  # as stored; rank when the file folds the scale into its weights
-    norm: float  # Frobenius norm of the update (up @ down * alpha / rank, or the diff)
-    kind: str = "lora"  # "lora", "diff", "diff_b" or "set"
+    norm: float  # Frobenius norm of the update (up @ down * alpha / rank, LoHa's or LoKr's, or the diff)
+    kind: str = "lora"  # "lora", "loha", "lokr", "diff", "diff_b" or "set"
 
     @property
     def block(self) -> str:
@@ -60,11 +61,11 @@ class LoRAInspection:
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({m.rank for m in self.modules if m.kind == "lora"})
+        return sorted({m.rank for m in self.modules if m.kind in ADAPTERS and m.rank})
 
     @property
     def alphas(self) -> list[float]:
-        return sorted({m.alpha for m in self.modules if m.kind == "lora"})
+        return sorted({m.alpha for m in self.modules if m.kind in ADAPTERS and m.rank})
 
     @property
     def problems(self) -> list[tuple[str, str]]:
@@ -97,6 +98,10 @@ def update_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
     return math.sqrt(max(((up.T @ up) * (down @ down.T)).sum().item(), 0.0)) * abs(scale)
 
 
+def _non_finite(patch) -> bool:
+    return any(not bool(torch.isfinite(t).all()) for t in patch.factors.values())
+
+
 def inspect_lora(path: str | os.PathLike) -> LoRAInspection:
     """A file's patches and problems as networks.lora_reader reads it, without refusing anything."""
     contents = read_lora_contents(path)
@@ -105,6 +110,10 @@ def inspect_lora(path: str | os.PathLike) -> LoRAInspection:
         if p.kind == "lora":
             alpha = float(p.rank if p.alpha is None else p.alpha)
             modules.append(ModuleUpdate(p.module, p.shape, p.rank, alpha, update_norm(p.down, p.up, p.scale)))
+        elif p.kind in ADAPTERS:  # LoHa, LoKr: their (out, in) update is formed (as merging does)
+            rank = p.rank or 0
+            norm = p.delta(p.shape).double().norm().item() if not _non_finite(p) else math.nan
+            modules.append(ModuleUpdate(p.module, p.shape, rank, float(rank if p.alpha is None else p.alpha), norm, p.kind))
         else:
             modules.append(ModuleUpdate(p.module, p.shape, 0, 0.0, p.tensor.double().norm().item(), p.kind))
     modules.sort(key=lambda m: (_block_order(m.block), m.path, m.kind))
@@ -192,7 +201,7 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
 def inspection_text(ins: LoRAInspection) -> str:
     lines = summary_lines(ins)
     if ins.modules:
-        lines += ["", "  update norm per block (|up @ down| * alpha/rank, and |diff|):"]
+        lines += ["", "  update norm per block (|delta W|: up @ down * alpha/rank, LoHa's, LoKr's, diffs):"]
         norms = ins.block_norms()
         top = max((n for n in norms.values() if math.isfinite(n)), default=0.0) or 1.0
         for block, norm in norms.items():

@@ -1,14 +1,18 @@
 """LoRA file metadata: our `musubi_tuner.*` keys (what a LoRA was trained on and for, how it is named), read back
 from files trained here or, as far as they say, from musubi-tuner's `ss_*` keys. The trainer writes them
-(training.metadata); the LoRA tools (info, doctor, convert) read them.
+(training.metadata); the LoRA tools (info, doctor, convert) read them. Also sd-scripts' hashes of a file, which
+the trainer and the post-hoc EMA merge both write.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
+
+import torch
 
 from musubi_tuner.hunyuan.config import DiTConfig
 
@@ -120,3 +124,14 @@ def with_naming(metadata: dict[str, str], naming: str, companion: str | None = N
     if companion:
         meta[OURS + "companion"] = companion
     return meta
+
+
+def sd_scripts_hashes(state_dict: dict[str, torch.Tensor], ss_metadata: dict[str, str]) -> tuple[str, str]:
+    """SHA-256 of the data section of a safetensors serialisation, and the legacy 8-hex-digit hash (sd-scripts' definitions)."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=ss_metadata)
+    n = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + n :]).hexdigest()
+    legacy = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy

@@ -29,6 +29,15 @@ DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.", "")
 # the block index of a module path, in either separator (double_blocks.3. / double_blocks_3_)
 _BLOCK_INDEX = re.compile(r"(blocks[._])(\d+)(?=[._]|$)")
 
+# what only a LoRA file's keys hold (a LoRA pair, LoHa's or LoKr's first factor): a file given where a model belongs
+_LORA_MARKERS = (".lora_down.", ".lora_A.", ".hada_w1_a", ".lokr_w1")
+
+
+def looks_like_lora(keys) -> bool:
+    """Whether these state-dict keys (a sample of a file's) are a LoRA's."""
+    return any(marker in k for k in keys for marker in _LORA_MARKERS)
+
+
 # ComfyUI keeps HunyuanVideo in memory under Flux's module names: official -> ComfyUI name, by the container.
 _COMFY_LEAVES = {
     r"double_blocks\.\d+": {f"{s}_{official}": f"{s}_{comfy}" for s in ("img", "txt") for official, comfy in (

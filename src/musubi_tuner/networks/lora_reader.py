@@ -11,9 +11,11 @@ names, `diffusion_model.` / `transformer.` prefixes, diffusers/PEFT with its fus
 | `.diff`, `.w_norm` | diff | W += m * diff |
 | `.diff_b`, `.b_norm` | diff_b | b += m * diff_b |
 | `.set_weight` | set | W = set_weight (whatever m, as ComfyUI does) |
+| `.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` | loha | W += m * ((w1_a @ w1_b) * (w2_a @ w2_b)) * alpha / rank |
+| `.lokr_w1` (or `_a`/`_b`), `.lokr_w2` or `.lokr_w2_a`/`_b` | lokr | W += m * kron(w1, w2) * alpha / rank (1 with a whole w2) |
 
-Any other entry (LoHa, LoKr, DoRA scales, a key naming no layer, a pair whose ranks disagree, two entries for one
-weight) is a `Problem`: `LoRAContents.require_whole` refuses the file naming it, or with `allow_partial` warns and
+Any other entry (Tucker cores, DoRA scales, GLoRA, a key naming no layer, a pair whose ranks disagree, two updates
+of one weight) is a `Problem`: `LoRAContents.require_whole` refuses the file naming it, or with `allow_partial` warns and
 lists what is dropped. Non-finite tensors are always refused (`check_finite`).
 """
 
@@ -43,14 +45,17 @@ _PAIR_SUFFIXES = (
     ("_lora.up.weight", "_lora.down.weight"), (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
     (".lora.up.weight", ".lora.down.weight"), (".lora_B", ".lora_A"),
 )
+LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 _ROLES = {**{up: "up" for up, _ in _PAIR_SUFFIXES}, **{down: "down" for _, down in _PAIR_SUFFIXES},
-          ".alpha": "alpha", ".diff": "diff", ".w_norm": "diff", ".diff_b": "diff_b", ".b_norm": "diff_b", ".set_weight": "set"}
+          ".alpha": "alpha", ".diff": "diff", ".w_norm": "diff", ".diff_b": "diff_b", ".b_norm": "diff_b", ".set_weight": "set",
+          **{f".{f}": f for f in LOHA_FACTORS + LOKR_FACTORS}}
 # entries of adapters other programs write that we do not apply: suffix -> what they are
 _UNSUPPORTED = {".dora_scale": "a DoRA scale", ".lora_mid.weight": "a LoCon/Tucker middle factor", ".reshape_weight": "a weight reshape",
-                ".lora_B.bias": "a LoRA bias", **{s: "a LoHa factor" for s in (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2")},
-                **{s: "a LoKr factor" for s in (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")},
+                ".lora_B.bias": "a LoRA bias", **{s: "a LoHa/LoKr Tucker core (of a convolution)" for s in (".hada_t1", ".hada_t2", ".lokr_t2")},
                 **{s: "a GLoRA factor" for s in (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")}}
 _SUFFIXES = sorted([*_ROLES, *_UNSUPPORTED], key=len, reverse=True)
+ADAPTERS = ("lora", "loha", "lokr")  # the kinds that are a low-rank update of a weight (one per weight)
 NAMINGS = ("kohya", "other", "diffusers")
 
 
@@ -59,49 +64,75 @@ class Patch:
     """One change a LoRA file makes to one parameter of the official DiT."""
 
     module: str  # official module path, e.g. double_blocks.0.img_attn_qkv
-    kind: str  # "lora", "diff", "diff_b" or "set"
+    kind: str  # "lora", "loha", "lokr", "diff", "diff_b" or "set"
     keys: tuple[str, ...]  # the file's keys it was read from
     up: torch.Tensor | None = None  # lora: (out, rank) (or a conv layout of it)
     down: torch.Tensor | None = None  # lora: (rank, in) (or (rank, in, *kernel))
-    alpha: float | None = None  # lora: None means alpha = rank
+    alpha: float | None = None  # lora, loha, lokr: None means alpha = rank
     tensor: torch.Tensor | None = None  # diff / diff_b / set
+    factors: dict[str, torch.Tensor] | None = None  # loha: hada_w1_a ...; lokr: lokr_w1 and lokr_w2 or lokr_w2_a, lokr_w2_b
 
     @property
     def param(self) -> str:
         return f"{self.module}.{'bias' if self.kind == 'diff_b' else 'weight'}"
 
     @property
-    def rank(self) -> int:
+    def rank(self) -> int | None:
+        """A LoRA's or LoHa's rank, a low-rank LoKr's w2 rank; None for a LoKr with a full w2."""
+        if self.kind == "loha":
+            return self.factors["hada_w1_b"].shape[0]
+        if self.kind == "lokr":
+            return self.factors["lokr_w2_a"].shape[1] if "lokr_w2_a" in self.factors else None
         return self.down.shape[0]
 
     @property
     def scale(self) -> float:
-        """alpha / rank of a LoRA pair."""
+        """alpha / rank (1 for a LoKr with a full w2, as musubi-tuner and ComfyUI have it)."""
+        if self.rank is None:
+            return 1.0
         return (self.rank if self.alpha is None else self.alpha) / self.rank
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """(out, in) of a pair (in counts a convolution's kernel); a diff's or set's own shape."""
+        """(out, in) of an adapter (in counts a convolution's kernel); a diff's or set's own shape."""
         if self.kind == "lora":
             return (self.up.shape[0], self.down.flatten(1).shape[1])
+        if self.kind == "loha":
+            return (self.factors["hada_w1_a"].shape[0], self.factors["hada_w1_b"].shape[1])
+        if self.kind == "lokr":
+            (out1, in1), (out2, in2) = self.factors["lokr_w1"].shape, self._w2_shape()
+            return (out1 * out2, in1 * in2)
         return tuple(self.tensor.shape)
+
+    def _w2_shape(self) -> tuple[int, int]:
+        f = self.factors
+        return tuple(f["lokr_w2"].shape) if "lokr_w2" in f else (f["lokr_w2_a"].shape[0], f["lokr_w2_b"].shape[1])
 
     def fits(self, shape) -> bool:
         shape = tuple(shape)
-        if self.kind == "lora":
+        if self.kind in ADAPTERS:
             return len(shape) >= 2 and self.shape == (shape[0], math.prod(shape[1:]))
         return self.shape == shape
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up (out, rank), down (rank, in)) in float32, 2-D."""
+    def factors_2d(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA's (up (out, rank), down (rank, in)) in float32, 2-D."""
         return self.up.float().flatten(1), self.down.float().flatten(1)
 
-    def delta(self, shape) -> torch.Tensor:
-        """The float32 update at multiplier 1 to a parameter of `shape`: (up @ down) * alpha / rank, or the diff."""
+    def delta(self, shape, device=None) -> torch.Tensor:
+        """The float32 update at multiplier 1 to a parameter of `shape`, computed on `device`: (up @ down) * alpha / rank,
+        LoHa's or LoKr's (networks.lycoris_math), or the diff."""
+        from musubi_tuner.networks.lycoris_math import loha_delta, lokr_delta
+
         if self.kind == "lora":
-            up, down = self.factors()
-            return ((up @ down) * self.scale).reshape(shape)
-        return self.tensor.float().reshape(shape)
+            up, down = self.factors_2d()
+            return ((up.to(device) @ down.to(device)) * self.scale).reshape(shape)
+        f = {k: v.to(device, torch.float32) for k, v in (self.factors or {}).items()}
+        if self.kind == "loha":
+            return loha_delta(*(f[k] for k in LOHA_FACTORS), self.scale).reshape(shape)
+        if self.kind == "lokr":
+            w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+            return lokr_delta(f["lokr_w1"], w2, self.scale).reshape(shape)
+        return self.tensor.to(device, torch.float32).reshape(shape)
 
 
 @dataclass
@@ -318,7 +349,9 @@ def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], l
                     up = torch.cat(up.chunk(2, dim=0)[::-1])  # diffusers' norm_out orders (scale, shift); official (shift, scale)
                 used = tuple(keys[r] for r in ("down", "up", "alpha") if r in keys)
                 out.append(Patch(entry.module, "lora", used, up=up, down=down, alpha=alpha))
-    elif "alpha" in keys:
+    if any(f in keys for f in LOHA_FACTORS + LOKR_FACTORS):
+        out += _lycoris_patch(entry, weights, problems)
+    elif "alpha" in keys and not ("up" in keys or "down" in keys):
         problems.append(Problem([keys["alpha"]], "an alpha without a LoRA pair"))
     for role in ("diff", "diff_b", "set"):
         if role in keys:
@@ -330,6 +363,62 @@ def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], l
             else:
                 out.append(Patch(entry.module, role, (keys[role],), tensor=tensor))
     return out
+
+
+def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patch]:
+    """A LoHa or LoKr module's patch (LoKr in musubi-tuner's form: w1 whole, w2 whole or as w2_a @ w2_b)."""
+    keys = entry.keys
+    loha = [f for f in LOHA_FACTORS if f in keys]
+    lokr = [f for f in LOKR_FACTORS if f in keys]
+    used = [keys[f] for f in loha + lokr] + ([keys["alpha"]] if "alpha" in keys else [])
+    t = {f: weights[keys[f]].float() for f in loha + lokr}
+    alpha = float(weights[keys["alpha"]]) if "alpha" in keys else None
+    if loha and lokr:
+        problems.append(Problem(used, "LoHa and LoKr factors for one layer (a damaged file)"))
+        return []
+    if entry.part is not None:
+        problems.append(Problem(used, f"a {'LoHa' if loha else 'LoKr'} of one part of a fused layer, which this toolkit does not apply"))
+        return []
+    if loha:
+        missing = [f for f in LOHA_FACTORS if f not in keys]
+        if missing:
+            return _bad(problems, used, f"a LoHa module without its {', '.join(missing)}")
+        if any(v.ndim != 2 for v in t.values()) or not (t["hada_w1_a"].shape[1] == t["hada_w1_b"].shape[0] and
+                                                         t["hada_w1_a"].shape == t["hada_w2_a"].shape and t["hada_w1_b"].shape == t["hada_w2_b"].shape):
+            return _bad(problems, used, "LoHa factors whose shapes do not fit together: " +
+                        ", ".join(f"{f} {list(v.shape)}" for f, v in t.items()))
+        return [Patch(entry.module, "loha", tuple(used), alpha=alpha, factors={f: weights[keys[f]] for f in LOHA_FACTORS})]
+    if any(v.ndim != 2 for v in t.values()):
+        return _bad(problems, used, "a LoKr factor that is not a matrix (a convolution's; this toolkit applies LoKr to Linear layers)")
+    w1, w1_rank = _lokr_half(t, "lokr_w1")
+    w2, w2_rank = _lokr_half(t, "lokr_w2")
+    if w1 is None or w2 is None:
+        return _bad(problems, used, "a LoKr module without its " + ("w1 (lokr_w1 or lokr_w1_a/_b)" if w1 is None else "w2 (lokr_w2 or lokr_w2_a/_b)"))
+    factors = {"lokr_w1": weights[keys["lokr_w1"]]} if "lokr_w1" in keys else {}
+    if w1_rank is not None:  # LyCORIS's w1_a @ w1_b: made whole; its scale is folded in when w2 is whole (ComfyUI's rule)
+        factors["lokr_w1"] = w1 * ((alpha or w1_rank) / w1_rank if w2_rank is None else 1.0)
+        if w2_rank is None:
+            alpha = None
+    if w2_rank is None:
+        factors["lokr_w2"] = weights[keys["lokr_w2"]]
+    else:
+        factors.update(lokr_w2_a=weights[keys["lokr_w2_a"]], lokr_w2_b=weights[keys["lokr_w2_b"]])
+    return [Patch(entry.module, "lokr", tuple(used), alpha=alpha, factors=factors)]
+
+
+def _lokr_half(t: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor | None, int | None]:
+    """(LoKr's w1 or w2, its rank if given as a low-rank product), or (None, None) when the file lacks it."""
+    if name in t:
+        return t[name], None
+    a, b = t.get(f"{name}_a"), t.get(f"{name}_b")
+    if a is None or b is None or a.shape[1] != b.shape[0]:
+        return None, None
+    return a @ b, b.shape[0]
+
+
+def _bad(problems: list[Problem], keys: list[str], message: str) -> list:
+    problems.append(Problem(keys, message))
+    return []
 
 
 def _pattern_alpha(path: str, lora_alpha, alpha_pattern: dict[str, float]) -> float | None:
@@ -366,7 +455,7 @@ def _fuse_parts(module: str, parts: list[tuple[int, Patch]], problems: list[Prob
     r = 0
     for part in sorted(by_part):
         patch = by_part[part]
-        b, a = patch.factors()  # (up, down)
+        b, a = patch.factors_2d()  # (up, down)
         row = sum(sizes[:part])
         down[r : r + patch.rank] = a
         up[row : row + sizes[part], r : r + patch.rank] = b * patch.scale
@@ -382,14 +471,15 @@ def _without_conflicts(patches: list[Patch], problems: list[Problem]) -> list[Pa
     sets = {p.param for p in patches if p.kind == "set"}
     kept = []
     for p in patches:
-        if (p.param, p.kind) in seen:
-            other = seen[(p.param, p.kind)]
+        kind = "adapter" if p.kind in ADAPTERS else p.kind  # a LoRA, LoHa or LoKr: one update of the weight
+        if (p.param, kind) in seen:
+            other = seen[(p.param, kind)]
             problems.append(Problem(list(p.keys), f"a second {p.kind} of {p.param} (beside {other.keys[0]}): the file names that layer twice"))
             continue
         if p.kind != "set" and p.param in sets:
             problems.append(Problem(list(p.keys), f"a {p.kind} of {p.param}, which the same file also replaces with a set_weight"))
             continue
-        seen[(p.param, p.kind)] = p
+        seen[(p.param, kind)] = p
         kept.append(p)
     return kept
 
@@ -412,7 +502,8 @@ _ENTRY_NAMES = {"diff": "diff", "diff_b": "diff_b", "set": "set_weight"}
 
 def kohya_state_dict(patches: list[Patch]) -> dict[str, torch.Tensor]:
     """Patches in our (musubi-tuner's) kohya naming: `lora_unet_<official path>.lora_down.weight`, `.lora_up.weight`,
-    `.alpha` (as read; rank when the file had none), `.diff`, `.diff_b`, `.set_weight`."""
+    `.alpha` (as read; rank when the file had none), `.diff`, `.diff_b`, `.set_weight`; LoHa / LoKr factors
+    (`.hada_w1_a`, ..., `.lokr_w1`, ...) and their `.alpha` when the file has one."""
     out: dict[str, torch.Tensor] = {}
     for p in patches:
         name = module_path_to_kohya(p.module)
@@ -421,14 +512,26 @@ def kohya_state_dict(patches: list[Patch]) -> dict[str, torch.Tensor]:
             out[f"{name}.lora_down.weight"] = down
             out[f"{name}.lora_up.weight"] = up
             out[f"{name}.alpha"] = torch.tensor(float(p.rank if p.alpha is None else p.alpha))
+        elif p.kind in ADAPTERS:
+            out.update(_lycoris_entries(name, p))
         else:
             out[f"{name}.{_ENTRY_NAMES[p.kind]}"] = p.tensor
     return out
 
 
+def _lycoris_entries(name: str, patch: Patch) -> dict[str, torch.Tensor]:
+    """A LoHa's or LoKr's factors under `name.` (`name.hada_w1_a`, ...), and its alpha when it has one: musubi-tuner's
+    layout, which its convert_lora.py keeps in the other naming, and which ComfyUI reads in both."""
+    out = {f"{name}.{factor}": t for factor, t in patch.factors.items()}
+    if patch.alpha is not None:
+        out[f"{name}.alpha"] = torch.tensor(float(patch.alpha))
+    return out
+
+
 def other_state_dict(patches: list[Patch], prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
     """Patches in the "other" naming (ComfyUI, diffusers' loader, diffusion-pipe): `<prefix>.<official path>.lora_A.weight`,
-    `.lora_B.weight` with alpha / rank folded into both (sqrt each; diffusers reads no alpha), `.diff`, `.diff_b`, `.set_weight`."""
+    `.lora_B.weight` with alpha / rank folded into both (sqrt each; diffusers reads no alpha), `.diff`, `.diff_b`, `.set_weight`;
+    LoHa / LoKr factors with their `.alpha` (`<prefix>.<official path>.hada_w1_a`, ..., as musubi-tuner converts them)."""
     out: dict[str, torch.Tensor] = {}
     for p in patches:
         name = f"{prefix}.{p.module}"
@@ -437,6 +540,8 @@ def other_state_dict(patches: list[Patch], prefix: str = "diffusion_model") -> d
             factor = p.scale ** 0.5
             out[f"{name}.lora_A.weight"] = (down.float() * factor).to(down.dtype)
             out[f"{name}.lora_B.weight"] = (up.float() * factor).to(up.dtype)
+        elif p.kind in ADAPTERS:
+            out.update(_lycoris_entries(name, p))
         else:
             out[f"{name}.{_ENTRY_NAMES[p.kind]}"] = p.tensor
     return out

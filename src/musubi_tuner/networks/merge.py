@@ -72,9 +72,11 @@ def lora_patches(path, keep: ModuleFilter | None = None, allow_partial: bool = F
 
 def apply_patch(weight: torch.Tensor, patch: Patch, multiplier: float) -> None:
     """One patch's documented math on a float32 parameter, in place: W += m * up @ down * alpha / rank (reshaped),
-    W += m * diff, b += m * diff_b, or W = set_weight (any multiplier but 0, as ComfyUI)."""
-    if patch.kind == "lora":
-        up, down = patch.factors()
+    W += m * LoHa's or LoKr's delta, W += m * diff, b += m * diff_b, or W = set_weight (any multiplier but 0, as ComfyUI)."""
+    if patch.kind in ("loha", "lokr"):
+        weight.add_(patch.delta(weight.shape, weight.device), alpha=multiplier)
+    elif patch.kind == "lora":
+        up, down = patch.factors_2d()
         weight.view(weight.shape[0], -1).addmm_(up.to(weight.device), down.to(weight.device), alpha=multiplier * patch.scale)
     elif patch.kind == "set":
         if multiplier != 0:

@@ -21,6 +21,7 @@ WORK = "block working tensors"
 ATTN = "attention workspace"
 WEIGHT_COPIES = "weight copies (fp8 dequantized / cast)"
 LORA_GRADS = "LoRA grads"
+EXCHANGE = "context parallel: all-to-all buffers"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class BlockShapes:
     fp8: bool = False  # block Linears stored in fp8, dequantized to `act` bytes per use
     fp8_scaled: bool = True  # per-row scales (weights quantized here, not read from a plain-cast fp8 file): one more copy
     weight_cast: bool = False  # weights stored in another dtype than compute (autocast casts every use)
+    exchange: bool = False  # context parallel: attention trades the shards of q, k, v (and of its output) by all-to-all
 
     @property
     def tokens(self) -> int:
@@ -160,6 +162,8 @@ class BlockTracer:
         """SDPA (flash / memory-efficient kernels: no L x L matrix) over the joint sequence; returns (B, L, C)."""
         s = self.s
         L, C = s.tokens, s.hidden
+        if s.exchange:  # the stacked q, k, v and what arrives for them (the heads of every token: as many elements)
+            self.t.drop(self.new(2 * 3 * s.batch * L * C, part=EXCHANGE))
         if s.split_attn and (s.batch > 1 or s.text_lengths is not None):
             outs = []
             for i, n in enumerate(s.valid_tokens()):

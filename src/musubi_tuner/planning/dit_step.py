@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from musubi_tuner.hunyuan.offload import split_blocks_to_swap
+from musubi_tuner.hunyuan.offload import swapped_block_keys
 from musubi_tuner.planning.dit_blocks import SAVED, WORK, BlockShapes, BlockTracer
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.sizes import DiTSizes, dit_sizes
@@ -45,11 +45,13 @@ class StepReplay:
 
 
 def block_shapes(work: Workload, opts: MemoryOptions, batch: int, lora_rank: int, text_lengths=None) -> BlockShapes:
+    """The blocks' shapes on one process: with context parallel, its shard of the tokens."""
     c = work.config
+    img_tokens, txt_tokens = work.local_tokens(opts.context_parallel)
     return BlockShapes(
-        batch=batch, img_tokens=work.image_tokens, txt_tokens=work.text_tokens, hidden=c.hidden_size, mlp_hidden=c.mlp_hidden_size,
+        batch=batch, img_tokens=img_tokens, txt_tokens=txt_tokens, hidden=c.hidden_size, mlp_hidden=c.mlp_hidden_size,
         heads=c.heads_num, act=opts.act_bytes, lora_rank=lora_rank, text_lengths=text_lengths, split_attn=opts.split_attn,
-        fp8=opts.fp8, weight_cast=opts.weight_bytes != opts.act_bytes,
+        fp8=opts.fp8, weight_cast=opts.weight_bytes != opts.act_bytes, exchange=opts.context_parallel > 1,
     )
 
 
@@ -82,9 +84,7 @@ def optimizer_step_bytes(sizes: DiTSizes, opts: MemoryOptions, cuda: bool) -> in
 def swapped_blocks(sizes: DiTSizes, opts: MemoryOptions) -> dict[tuple[str, int], int]:
     """The blocks `--blocks_to_swap` streams, in run order, with the bytes of their Linear weights (hunyuan.offload)."""
     c = sizes.config
-    n_double, n_single = split_blocks_to_swap(opts.blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
-    order = ([("double", i) for i in range(c.mm_double_blocks_depth - n_double, c.mm_double_blocks_depth)]
-             + [("single", i) for i in range(c.mm_single_blocks_depth - n_single, c.mm_single_blocks_depth)])
+    order = swapped_block_keys(opts.blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
     return {key: sizes.block_linear_weight_bytes(key, opts.weight_bytes, opts.fp8) for key in order}
 
 
@@ -140,14 +140,16 @@ def _embed(t: MemoryTrace, sizes: DiTSizes, work: Workload, opts: MemoryOptions,
     """img_in, txt_in and the rope tables: returns (img, txt, rope) handles."""
     c = work.config
     a = opts.act_bytes
-    li, lt = work.image_tokens, work.text_tokens
+    li, lt = work.local_tokens(opts.context_parallel)
     if opts.img_in_txt_in_offloading:  # the embedders visit the device for this
         t.drop(t.alloc(sizes.embedder_params * opts.weight_bytes, EMBED))
-    t.drop(t.alloc(4 * batch * lt * c.mlp_hidden_size * a, EMBED))  # the token refiner: a few hundred tokens
+    t.drop(t.alloc(4 * batch * work.text_tokens * c.mlp_hidden_size * a, EMBED))  # the token refiner (whole): a few hundred tokens
+    if opts.context_parallel > 1:  # img_in's output for every token, before this process keeps its shard
+        t.drop(t.alloc(batch * work.image_tokens * c.hidden_size * a, EMBED))
     img = t.alloc(batch * li * c.hidden_size * a, WORK)
     txt = t.alloc(batch * lt * c.hidden_size * a, WORK)
     # rope: the complex table of the image tokens (cached between steps) and the [image, text] one every block reads
-    rope = t.alloc((li + (li + lt)) * c.head_dim * 4, ROPE)
+    rope = t.alloc((work.image_tokens + (li + lt)) * c.head_dim * 4, ROPE)
     return img, txt, rope
 
 
@@ -190,7 +192,7 @@ class _TrainingStep:
         device.where = "forward"
         x, rope = self.forward()
         # final layer (its norm saves the joint output), unpatchify, the float32 loss
-        final_in = device.alloc(work.batch * work.image_tokens * c.hidden_size * opts.act_bytes, WORK)
+        final_in = device.alloc(work.batch * self.shapes.img_tokens * c.hidden_size * opts.act_bytes, WORK)
         device.save(x, part=SAVED)
         device.drop(x)
         pred = device.alloc(2 * work.batch * work.image_tokens * c.patch_volume * c.out_channels * opts.act_bytes, WORK)
@@ -294,11 +296,11 @@ def replay_sampling_call(work: Workload, opts: MemoryOptions, on_cpu: bool = Fal
     latent_elems = work.batch * c.out_channels * work.latent_shape[0] * work.latent_shape[1] * work.latent_shape[2]
     device.alloc(4 * latent_elems * 3 + 2 * 2 * 256 * c.text_states_dim, INPUTS)  # latents, the model input, the V2V/I2V condition
     if opts.step_cache:  # per sample: the last residual of the blocks and the last judge (modulated input / first block's residual)
-        samples = work.batch * (2 if opts.guidance_scale != 1.0 else 1)
-        device.alloc(2 * samples * work.image_tokens * c.hidden_size * a, STEP_CACHE)
+        samples = work.batch * (2 if opts.guidance_scale != 1.0 and not opts.uses_cfg_parallel else 1)
+        device.alloc(2 * samples * shapes.img_tokens * c.hidden_size * a, STEP_CACHE)
 
     device.where = "DiT forward"
-    calls = 2 if opts.guidance_scale != 1.0 and opts.split_uncond else 1
+    calls = opts.dit_calls
     velocity = None
     for _ in range(calls):
         img, txt, rope = _embed(device, sizes, work, opts, B)

@@ -63,7 +63,16 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         vae_tiling=bool(get("vae_tiling", True)) or mode == "generate" or get("vae_spatial_tile_sample_min_size") is not None,
         vae_spatial_tile_sample_min_size=int(get("vae_spatial_tile_sample_min_size", 256)),
         vae_chunk_size=get("vae_chunk_size", None),
+        context_parallel=int(get("context_parallel", 1)),
+        cfg_parallel=bool(get("cfg_parallel", False)) or (mode == "generate" and _launched_processes() == 2 * int(get("context_parallel", 1))),
     )
+
+
+def _launched_processes() -> int:
+    """WORLD_SIZE of a launcher (accelerate launch / torchrun): a --dry_run under one plans what that run would do."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 GIB = 1.073741824  # GB per GiB
@@ -93,6 +102,8 @@ def device_from_args(args, budget_gb: float | None) -> GPU:
     if getattr(args, "pcie_gbps", None):
         changes["pcie_pinned_gbps"] = float(args.pcie_gbps)
         changes["pcie_pageable_gbps"] = float(args.pcie_gbps) / 2
+    if getattr(args, "link_gbps", None):
+        changes["link_gbps"] = float(args.link_gbps)
     if changes:
         import dataclasses
 

@@ -44,6 +44,11 @@ class Workload:
 
         return image_tokens(self.config, self.latent_shape)
 
+    def local_tokens(self, context_parallel: int) -> tuple[int, int]:
+        """(image, text) tokens each process holds when N share a sample (hunyuan.sequence_parallel: padded to N)."""
+        n = context_parallel
+        return -(-self.image_tokens // n), -(-self.text_tokens // n)
+
     def describe(self) -> str:
         return f"{self.height}x{self.width}x{self.frames}f, batch {self.batch}, {self.image_tokens:,} image + {self.text_tokens} text tokens"
 
@@ -75,6 +80,9 @@ class MemoryOptions:
     vae_tiling: bool = True  # hv_generate_video always tiles; cache_latents only with --vae_tiling
     vae_spatial_tile_sample_min_size: int = 256
     vae_chunk_size: int | None = None
+    # several processes
+    context_parallel: int = 1  # --context_parallel N: each GPU holds 1/N of every sample's tokens
+    cfg_parallel: bool = False  # generation with real CFG on 2N processes: each runs one of the two prompts
 
     def __post_init__(self):
         if self.optimizer_type.lower() not in OPTIMIZERS:
@@ -83,6 +91,8 @@ class MemoryOptions:
             raise UserError(f"--mixed_precision {self.mixed_precision}: one of {', '.join(PRECISIONS)}")
         if self.gradient_checkpointing_cpu_offload and not self.gradient_checkpointing:
             raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
+        if self.context_parallel < 1:
+            raise UserError(f"--context_parallel {self.context_parallel}: 1 or more")
         if self.blocks_to_swap < 0 or self.blocks_to_swap > 38:
             raise UserError(f"--blocks_to_swap {self.blocks_to_swap}: between 0 and 38 (36 for training)")
 
@@ -95,9 +105,22 @@ class MemoryOptions:
         return {"bf16": 2, "fp16": 2, "fp32": 4}[self.dit_dtype]
 
     @property
+    def uses_cfg_parallel(self) -> bool:
+        return self.cfg_parallel and self.guidance_scale != 1.0
+
+    @property
     def cfg_batch(self) -> int:
         """Samples per DiT call while sampling: 2 with real CFG batched, else 1."""
-        return 2 if self.guidance_scale != 1.0 and not self.split_uncond else 1
+        return 2 if self.guidance_scale != 1.0 and not self.split_uncond and not self.uses_cfg_parallel else 1
+
+    @property
+    def dit_calls(self) -> int:
+        """DiT calls per denoising step: 2 with real CFG split (--split_uncond), else 1."""
+        return 2 if self.guidance_scale != 1.0 and self.split_uncond and not self.uses_cfg_parallel else 1
+
+    @property
+    def processes(self) -> int:
+        return self.context_parallel * (2 if self.uses_cfg_parallel else 1)
 
     def replace(self, **changes) -> "MemoryOptions":
         return dataclasses.replace(self, **changes)
@@ -130,4 +153,6 @@ class MemoryOptions:
                 out.append(f"--vae_chunk_size {self.vae_chunk_size}")
         if self.fp8_llm:
             out.append("--fp8_llm")
+        if self.context_parallel > 1 or self.uses_cfg_parallel:
+            out.append(f"--context_parallel {self.context_parallel}" + (f" on {self.processes} processes" if self.uses_cfg_parallel else ""))
         return " ".join(out) or "(no memory options)"

@@ -126,13 +126,46 @@ def step_flops(work: Workload, opts: MemoryOptions) -> tuple[int, str]:
     return fwd.total + lora, note
 
 
+def collective_bytes(work: Workload, opts: MemoryOptions) -> int:
+    """Bytes one process sends per training step / denoising step in context parallel's collectives.
+
+    Per DiT call: two all-to-alls per attention (q, k, v out, the output back: sequence_parallel.exchange_bytes)
+    and the gather of the prediction ((N - 1) shards). Training runs the all-to-alls again in backward (and once
+    more when checkpointing recomputes) and all-reduces the LoRA gradients; CFG-parallel swaps the predictions."""
+    from musubi_tuner.hunyuan.sequence_parallel import exchange_bytes
+
+    c, n, a = work.config, opts.context_parallel, opts.act_bytes
+    li, lt = work.local_tokens(n)
+    total = 0
+    if n > 1:
+        batch = work.batch * (1 if work.mode == "train" else opts.cfg_batch)
+        call = c.num_blocks * exchange_bytes(batch, li + lt, c.hidden_size, n, a)
+        gather = batch * li * c.patch_volume * c.out_channels * a * (n - 1)
+        if work.mode == "train":
+            passes = 3 if opts.gradient_checkpointing else 2
+            total = passes * call + gather + 4 * dit_sizes(c).lora_params(opts.network_dim) * 2 * (n - 1) // n
+        else:
+            total = opts.dit_calls * (call + gather)
+    if work.mode == "generate" and opts.uses_cfg_parallel:
+        latent = work.batch * c.out_channels * work.latent_shape[0] * work.latent_shape[1] * work.latent_shape[2]
+        total += 4 * latent  # this process's prediction to its partner (float32)
+    return total
+
+
 def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float) -> StepTime:
-    """Seconds per training step / denoising step on `device` at `utilisation` of its peak."""
+    """Seconds per training step / denoising step on `device` at `utilisation` of its peak (one process's share with
+    context parallel: 1/N of the FLOPs, plus its collectives over the GPU-to-GPU link)."""
     c = work.config
     sizes = dit_sizes(c)
     flops, _ = step_flops(work, opts)
-    compute = compute_seconds(flops, device, utilisation)
+    compute = compute_seconds(flops / opts.processes, device, utilisation)
     notes = []
+    collectives = 0.0
+    if opts.processes > 1:
+        moved = collective_bytes(work, opts)
+        collectives = moved / (device.link_gbps * GB)
+        notes.append(f"{opts.processes} processes ({_layout_words(opts)}): each computes 1/{opts.processes} of the FLOPs and sends "
+                     f"{moved / GB:.2f} GB per step to the others: {collectives:.2f} s at {device.link_gbps:g} GB/s, not overlapped")
     # block swap: the swapped blocks' weights cross PCIe once per block run, overlapped with the previous block
     transfer = 0.0
     if opts.blocks_to_swap:
@@ -140,7 +173,7 @@ def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: flo
         samples = work.batch * (1 if work.mode == "train" else opts.cfg_batch)
         double, single = block_flops(c, work.image_tokens, work.text_tokens)
         per_run = {"double": double.total * samples, "single": single.total * samples}
-        runs = 1 if work.mode == "train" else (2 if opts.guidance_scale != 1.0 and opts.split_uncond else 1)
+        runs = 1 if work.mode == "train" else opts.dit_calls
         passes = 2 if work.mode == "train" else runs  # training: forward and the recomputation in backward
         blocks = [("double", i) for i in range(c.mm_double_blocks_depth)] + [("single", i) for i in range(c.mm_single_blocks_depth)]
         secs = [compute_seconds(per_run[k[0]], device, utilisation) for k in blocks]
@@ -161,12 +194,21 @@ def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: flo
     dequant = 0.0
     if opts.fp8:
         # training dequantizes in forward and again for the input gradients (and once more when checkpointing recomputes)
-        runs = (3 if opts.gradient_checkpointing else 2) if work.mode == "train" else (2 if opts.guidance_scale != 1.0 and opts.split_uncond else 1)
+        runs = (3 if opts.gradient_checkpointing else 2) if work.mode == "train" else opts.dit_calls
         dequant = runs * sizes.fp8_params * 5 / (device.hbm_gbps * GB)  # read fp8, write and read back bf16, x2 with row scales
         notes.append(f"fp8 dequantization: {dequant:.2f} s per step")
     if work.mode == "train" and opts.gradient_checkpointing:
         notes.append("checkpointing recomputes every block's forward in backward (+1 forward of FLOPs)")
-    return StepTime(compute, transfer, dequant, compute + transfer + dequant, tuple(notes))
+    return StepTime(compute, transfer, dequant, compute + transfer + dequant + collectives, tuple(notes), collectives)
+
+
+def _layout_words(opts: MemoryOptions) -> str:
+    parts = []
+    if opts.context_parallel > 1:
+        parts.append(f"context parallel over {opts.context_parallel}")
+    if opts.uses_cfg_parallel:
+        parts.append("the two CFG prompts side by side")
+    return ", ".join(parts)
 
 
 def _warnings(work: Workload, opts: MemoryOptions) -> list[str]:

@@ -35,7 +35,7 @@ def format_plan(plan: Plan) -> str:
     ]
     for s in plan.stages:
         lines.append(f"{s.name:<58} {gb(s.device_peak):>10} {gb(s.host) if s.host else '-':>9}  {s.when}")
-    lines.append(f"needed on the GPU: {gb(plan.needed)} (largest stage + {ALLOCATOR_MARGIN:.0%} allocator margin + "
+    lines.append(f"needed on {'each' if o.processes > 1 else 'the'} GPU: {gb(plan.needed)} (largest stage + {ALLOCATOR_MARGIN:.0%} allocator margin + "
                  f"{gb(CUDA_CONTEXT)} CUDA context)")
     lines.append("")
     for s in (plan.dit_stage, plan.peak_stage) if plan.peak_stage is not plan.dit_stage else (plan.dit_stage,):
@@ -54,7 +54,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"time per {what} on {g.name} ({g.bf16_tflops:g} TFLOP/s bf16 dense, {plan.utilisation:.0%} "
                  f"utilisation assumed): {duration(t.total_s)} = {duration(t.compute_s)} compute"
                  + (f" + {duration(t.transfer_s)} transfers not hidden" if t.transfer_s else "")
-                 + (f" + {duration(t.dequant_s)} fp8 dequantization" if t.dequant_s else ""))
+                 + (f" + {duration(t.dequant_s)} fp8 dequantization" if t.dequant_s else "")
+                 + (f" + {duration(t.collectives_s)} collectives" if t.collectives_s else ""))
     if not train:
         denoising = plan.steps * t.total_s
         lines.append(f"{plan.steps} steps: {duration(denoising)} of denoising per video{' without step caching' if o.step_cache else ''} "

@@ -1,6 +1,7 @@
 """Time per step from FLOPs and bytes moved: a stated GPU throughput, utilisation and PCIe bandwidth.
 
-compute = FLOPs / (peak dense bf16 FLOP/s x utilisation). Block swap streams each swapped block's
+compute = FLOPs / (peak dense bf16 FLOP/s x utilisation). Context parallel's collectives move their bytes
+over the GPU-to-GPU link, not overlapped with compute (the all-to-alls sit between the matmuls). Block swap streams each swapped block's
 Linear weights host -> device once per block run (forward; again for the recomputation in backward);
 with pinned memory the copy overlaps the previous block's compute (time = the larger of the two),
 from pageable memory it does not (the host thread waits for each copy). Checkpoint CPU offload moves
@@ -24,13 +25,15 @@ class GPU:
     pcie_pinned_gbps: float  # host -> device, pinned memory, achieved
     pcie_pageable_gbps: float  # from pageable memory
     source: str
+    link_gbps: float = 25.0  # GPU-to-GPU, one direction, per GPU: what context parallel's all-to-alls run over
 
 
 # Peak figures from the vendors' datasheets / architecture whitepapers; PCIe rates are typical measured
 # host-to-device rates for the link generation (PCIe 4.0 x16 ~25 GB/s pinned, ~12 GB/s pageable; 5.0 ~2x).
+# GPU-to-GPU links: NVLink's total bidirectional figure halved (SXM boards); consumer cards talk over PCIe.
 GPUS = {
-    "h100": GPU("H100 SXM", 989.4, 80, 3350, 50, 20, "NVIDIA H100 datasheet: 989 TFLOP/s dense BF16"),
-    "a100": GPU("A100 80GB", 312.0, 80, 2039, 25, 12, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16"),
+    "h100": GPU("H100 SXM", 989.4, 80, 3350, 50, 20, "NVIDIA H100 datasheet: 989 TFLOP/s dense BF16; NVLink 4 900 GB/s", 450),
+    "a100": GPU("A100 80GB", 312.0, 80, 2039, 25, 12, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16; NVLink 3 600 GB/s", 300),
     "rtx4090": GPU("RTX 4090", 165.2, 24, 1008, 25, 12, "NVIDIA Ada whitepaper: 165.2 TFLOP/s FP16/BF16 tensor, FP32 accumulate"),
     "rtx3090": GPU("RTX 3090", 71.0, 24, 936, 25, 12, "NVIDIA Ampere GA102 whitepaper: 71 TFLOP/s FP16 tensor, FP32 accumulate"),
 }
@@ -57,6 +60,7 @@ class StepTime:
     dequant_s: float
     total_s: float
     notes: tuple[str, ...] = ()
+    collectives_s: float = 0.0  # context parallel (included in total_s)
 
 
 def compute_seconds(flops: float, device: GPU, utilisation: float = DEFAULT_UTILISATION) -> float:

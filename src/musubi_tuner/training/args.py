@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from musubi_tuner.cli import Parser, count, pixels, real, seed
+from musubi_tuner.cli import Parser, accepted_only, count, pixels, real, seed
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
 from musubi_tuner.training.timesteps import SAMPLING_MODES, WEIGHTING_SCHEMES
-
-logger = logging.getLogger(__name__)
-
-# Flags musubi-tuner has that act on services out of this toolkit's reach; accepted and ignored with a note.
-IGNORED_FLAGS = ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-                 "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
-                 "wandb_api_key", "disable_numpy_memmap")
 
 
 def _int_or_float(value: str) -> float | int:
@@ -61,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text_encoder_dtype", default=None, help="text encoders' dtype for sample prompts (default float16)")
     g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 while encoding sample prompts")
     g.add_argument("--fp8_base", action="store_true", help="store the DiT's block Linears in fp8 e4m3fn")
+    accepted_only(g, "--disable_numpy_memmap", "musubi-tuner only logs it for HunyuanVideo too", action="store_true")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_config", type=Path, help="dataset TOML (the one the caching commands used)")
@@ -78,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks_to_swap", type=count(0, MAX_BLOCKS_TO_SWAP_TRAINING), default=None,
                    help=f"keep N blocks' weights in host memory, moving each in when it runs (max {MAX_BLOCKS_TO_SWAP_TRAINING})")
     g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host buffers for faster block swap")
-    g.add_argument("--block_swap_h2d_only", action="store_true", help="accepted: our block swap is always host-to-device only")
-    g.add_argument("--block_swap_ring_size", type=count(1), default=2,
-                   help="accepted for musubi-tuner command lines (its H2D-only ring); our block swap needs no setting")
+    accepted_only(g, "--block_swap_h2d_only", "block swap here always copies host to device only", action="store_true")
+    accepted_only(g, "--block_swap_ring_size", "the size of musubi-tuner's H2D-only ring; block swap here needs no setting",
+                  type=count(1), default=2)
     g.add_argument("--img_in_txt_in_offloading", action="store_true",
                    help="keep the image and text input embedders in host memory between steps")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute each block's activations in the backward pass")
@@ -142,13 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply --discrete_flow_shift in the default 'sigma' sampling too (musubi-tuner ignores it there)")
 
     g = p.add_argument_group("network")
-    g.add_argument("--network_module", default=None, help="the network to train: networks.lora")
+    g.add_argument("--network_module", default=None, help="the network to train: networks.lora, networks.loha or networks.lokr")
     g.add_argument("--network_dim", type=count(1), default=None, help="LoRA rank (default 4)")
     g.add_argument("--network_alpha", type=real(0), default=1,
                    help="LoRA alpha: updates are scaled by alpha / rank; 0 means alpha = rank (as musubi-tuner)")
     g.add_argument("--network_dropout", type=real(0, 0.99), default=None, help="dropout on the rank activations")
     g.add_argument("--network_args", nargs="*", default=None,
-                   help="key=value ...: include_patterns, exclude_patterns, rank_dropout, module_dropout, loraplus_lr_ratio")
+                   help="key=value ...: include_patterns, exclude_patterns, rank_dropout, module_dropout, loraplus_lr_ratio, "
+                        "verbose; LoKr: factor")
     g.add_argument("--network_weights", default=None, help="LoRA file to start from")
     g.add_argument("--dim_from_weights", action="store_true", help="take the rank from --network_weights")
     g.add_argument("--scale_weight_norms", type=real(above=0), default=None, help="max-norm regularisation of each LoRA update")
@@ -203,7 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_tracker_name", default=None, help="tracker project name (default network_train)")
     g.add_argument("--wandb_run_name", default=None, help="wandb run name")
     g.add_argument("--log_tracker_config", default=None, help="TOML file of tracker init arguments")
+    g.add_argument("--wandb_api_key", default=None, help="with --log_with wandb or all: log in to wandb with this key first")
     g.add_argument("--log_config", action="store_true", help="log the options (without paths and keys) as the tracker config")
+
+    g = p.add_argument_group("Hugging Face Hub (HF_ENDPOINT chooses another server speaking its API)")
+    g.add_argument("--huggingface_repo_id", default=None, help="upload every saved LoRA to this repository (created if missing)")
+    g.add_argument("--huggingface_repo_type", default=None, help="model (default), dataset or space")
+    g.add_argument("--huggingface_path_in_repo", default=None, help="folder in the repository for the uploads (default: its root)")
+    g.add_argument("--huggingface_token", default=None, help="access token (default: HF_TOKEN or the login of `hf auth login`)")
+    g.add_argument("--huggingface_repo_visibility", default=None, help="public, or private (the default) for a repository it creates")
+    g.add_argument("--save_state_to_huggingface", action="store_true", help="upload the training states too")
+    g.add_argument("--resume_from_huggingface", action="store_true",
+                   help="--resume names a state in a repository: REPO_ID/PATH[:REVISION[:REPO_TYPE]]")
+    g.add_argument("--async_upload", action="store_true", help="upload in the background while training goes on (the last one waits)")
 
     g = p.add_argument_group("speed")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
@@ -215,18 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile_cache_size_limit", type=count(1), default=None, help="torch._dynamo cache size limit")
     g.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     g.add_argument("--cuda_cudnn_benchmark", action="store_true", help="cuDNN benchmark mode")
-    g.add_argument("--dynamo_backend", default="NO", help="accepted for musubi-tuner command lines (accelerate's dynamo plugin)")
-    g.add_argument("--dynamo_mode", default=None, help="accepted for musubi-tuner command lines")
-    g.add_argument("--dynamo_fullgraph", action="store_true", help="accepted for musubi-tuner command lines")
-    g.add_argument("--dynamo_dynamic", action="store_true", help="accepted for musubi-tuner command lines")
+    dynamo = "accelerate's dynamo plugin compiles the models given to accelerator.prepare, and the frozen DiT is not one: use --compile"
+    from accelerate.utils import DynamoBackend
+
+    accepted_only(g, "--dynamo_backend", dynamo, default="NO", choices=[b.value for b in DynamoBackend])
+    accepted_only(g, "--dynamo_mode", dynamo, default=None)
+    accepted_only(g, "--dynamo_fullgraph", dynamo, action="store_true")
+    accepted_only(g, "--dynamo_dynamic", dynamo, action="store_true")
 
     g = p.add_argument_group("distributed")
     g.add_argument("--ddp_timeout", type=count(1), default=None, help="minutes the processes wait for each other")
-    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="accepted (the network is not DDP-wrapped)")
-    g.add_argument("--ddp_static_graph", action="store_true", help="accepted (the network is not DDP-wrapped)")
-
-    for name in IGNORED_FLAGS:
-        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--context_parallel", type=count(1), default=1,
+                   help="split each sample's tokens over groups of N processes (Ulysses; N divides the 24 heads); "
+                        "processes / N groups train in data parallel")
+    ddp = "the network is not wrapped in DistributedDataParallel here; the loop averages its gradients itself"
+    accepted_only(g, "--ddp_gradient_as_bucket_view", ddp, action="store_true")
+    accepted_only(g, "--ddp_static_graph", ddp, action="store_true")
     return p
 
 
@@ -293,11 +303,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     if pre.config_file:
         parser.set_defaults(**_read_config_file(pre.config_file, parser))
-    args = parser.parse_args(argv)
-    for name in IGNORED_FLAGS:
-        if getattr(args, name) is not None:
-            logger.warning("--%s is not supported here (no model hub / no tracker login) and is ignored", name)
-    return args
+    return parser.parse_args(argv)
 
 
 def attention_mode(args: argparse.Namespace) -> str:

@@ -23,12 +23,13 @@ logger = logging.getLogger(__name__)
 
 class CheckpointSaver:
     def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, batches_per_epoch: int,
-                 max_train_steps: int, num_epochs: int, scheduler, optimizer, run: dict | None = None):
+                 max_train_steps: int, num_epochs: int, scheduler, optimizer, run: dict | None = None, hub=None):
         """batches_per_epoch: this process's share; max_train_steps: the steps the run makes (from --max_train_epochs
         when given). Both are recorded as musubi-tuner records them (ss_num_batches_per_epoch, ss_max_train_steps)."""
         self.args, self.accelerator, self.network = args, accelerator, network
         self.optimizer, self.scheduler = optimizer, scheduler
         self.run = run  # recorded in every state, checked on resume (state.check_resumable)
+        self.hub = hub if accelerator.is_main_process else None  # training.hub.HubUploader: --huggingface_repo_id
         self.out = Path(args.output_dir)
         self.name = args.output_name
         self.num_epochs = num_epochs
@@ -72,11 +73,16 @@ class CheckpointSaver:
         self._prune_epochs(epoch)
 
     def final(self, progress: TrainProgress) -> Path:
-        path = self.save(self.name, progress, epoch=progress.epoch, with_state=self.args.save_state or self.args.save_state_on_train_end)
+        path = self.save(self.name, progress, epoch=progress.epoch, with_state=self.args.save_state or self.args.save_state_on_train_end,
+                         last=True)
+        if self.hub is not None:
+            self.hub.finish()
         return path
 
     # -- writing
-    def save(self, stem: str, progress: TrainProgress, *, epoch: int, with_state: bool) -> Path:
+    def save(self, stem: str, progress: TrainProgress, *, epoch: int, with_state: bool, last: bool = False) -> Path:
+        """Write the LoRA file(s) `stem`, and its state with `with_state`; upload them with --huggingface_repo_id (the
+        `last` save synchronously)."""
         acc = self.accelerator
         path = self.out / f"{stem}.safetensors"
         from musubi_tuner.training.loop import first_non_finite
@@ -97,16 +103,24 @@ class CheckpointSaver:
                 for out in lora_outputs(weights, path, self.args.lora_format):  # the kohya file and/or its ComfyUI copy
                     meta = finish_metadata({**self.metadata, **extra}, out.tensors, steps=progress.global_step, epoch=epoch, spec=self.spec,
                                            naming=out.naming, companion=out.companion)
+                    if self.hub is not None:
+                        self.hub.wait_for(out.path)  # an upload of an older file of this name still reading it
                     save_lora(out.tensors, out.path, meta)
+                    if self.hub is not None:
+                        self.hub.upload(out.path, sync=last)
             else:
                 self.network.save_weights(str(path), self.save_dtype, {**self.metadata, **extra})
             self.losses.save(self.out / f"{self.name}-loss.png")
             logger.info("saved %s", path)
         if with_state:
             state_dir = self.out / f"{stem}-state"
+            if self.hub is not None:
+                self.hub.wait_for(state_dir)
             save_state(state_dir, network_state={k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
                        optimizer=self.optimizer, scheduler=self.scheduler, scaler=acc.scaler, progress=progress,
                        process_index=acc.process_index, is_main=acc.is_main_process, wait=acc.wait_for_everyone, run=self.run)
+            if self.hub is not None and self.args.save_state_to_huggingface:
+                self.hub.upload(state_dir, sync=last)
         if schedule_free:
             self.optimizer.train()
         self.last_saved = path
@@ -159,6 +173,8 @@ class CheckpointSaver:
 
         pair = [path, companion_path(path)] if path.suffix == ".safetensors" else [path]
         for p in pair:
+            if self.hub is not None:
+                self.hub.wait_for(p)
             if p.exists():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 logger.info("removed %s (keeping the last ones)", p)

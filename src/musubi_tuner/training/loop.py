@@ -3,9 +3,11 @@
 Flow matching as HunyuanVideo is trained: noisy = (1 - sigma) * x0 + sigma * noise, the DiT predicts
 noise - x0, loss = MSE (optionally weighted). The DiT is frozen; only the network's weights train.
 Each sample's noise and timestep come from its own seed, made of (run seed, epoch, sample id), so they do
-not depend on the batch or process a sample lands in. Multi-GPU and multi-node data parallelism come
-from `accelerate launch`; gradients of the network are averaged across processes before each optimizer
-step, so N processes of batch B train as one process of batch N x B would.
+not depend on the batch or process a sample lands in. Multi-GPU and multi-node runs come from
+`accelerate launch` (or torchrun): processes = data parallel replicas x --context_parallel N, the N
+processes of a group sharing each sample's tokens (distributed.py); gradients of the network are summed
+over all processes and divided by the replicas before each optimizer step, so R replicas of batch B
+train as one process of batch R x B would.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from musubi_tuner.distributed import GradientReducer, describe as describe_layout, make_layout
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.hunyuan.sequence_parallel import check_heads
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
 from musubi_tuner.inference import step_cache
 from musubi_tuner.progress import progress_bar
@@ -99,6 +103,11 @@ def check_args(args) -> None:
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
     check_lora_files(args)
+    from musubi_tuner.training.hub import check_hub_args
+
+    check_hub_args(args)
+    if args.wandb_api_key and args.log_with not in ("wandb", "all"):
+        logger.warning("--wandb_api_key is used only with --log_with wandb or all; it is ignored")
     from musubi_tuner.files import require_writable_folder
 
     require_writable_folder(args.output_dir, "--output_dir", create=not args.dry_run)
@@ -132,12 +141,36 @@ def make_accelerator(args) -> Accelerator:
         if args.log_with in ("tensorboard", "all", None) and not args.logging_dir:
             raise UserError("--log_with tensorboard needs --logging_dir")
         log_with = {"all": ["tensorboard", "wandb"], None: "tensorboard"}.get(args.log_with, args.log_with)
-        project_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        if args.logging_dir:
+            project_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        if args.log_with in ("wandb", "all"):
+            wandb_login(args)
     try:
         return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
                            log_with=log_with, project_dir=project_dir, kwargs_handlers=kwargs)
     except ValueError as e:
         raise UserError(f"accelerate: {e}") from None
+
+
+def wandb_login(args) -> None:
+    """As musubi-tuner: wandb logs beside --logging_dir (WANDB_DIR), after `wandb.login(key=--wandb_api_key)` when one is given."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(f"--log_with {args.log_with} needs the wandb package: pip install wandb") from None
+    if args.logging_dir:
+        os.environ.setdefault("WANDB_DIR", args.logging_dir)
+    if args.wandb_api_key:
+        wandb.login(key=args.wandb_api_key)
+
+
+def tracker_init_kwargs(args) -> dict:
+    """accelerate's init_kwargs: --log_tracker_config (a TOML file, as musubi-tuner) or the wandb run name."""
+    if args.log_tracker_config:
+        from musubi_tuner.tomlio import load_toml
+
+        return load_toml(Path(args.log_tracker_config))
+    return {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
 
 
 def load_network_module(name: str):
@@ -317,6 +350,11 @@ def train(args) -> Path:
 
 def _train(args) -> Path:
     accelerator = make_accelerator(args)
+    if args.cuda_allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.cuda_cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if accelerator.device.type == "cpu":
         # AdamW's second moments of the zero-initialised lora_up weights decay into float denormals, which
         # the CPU handles about 100x slower (bench/train_step.py); GPUs flush them already.
@@ -324,8 +362,17 @@ def _train(args) -> Path:
     is_main = accelerator.is_main_process
     if not is_main:  # one copy of the progress messages, from the main process
         logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
+    from musubi_tuner.training.hub import HubUploader, download_state
+
+    hub = HubUploader.from_args(args)
+    if hub is not None and is_main:
+        hub.create_repo()
     # --resume auto: the newest complete state first, older ones if it turns out damaged
-    candidates = complete_states(Path(args.output_dir)) if args.resume == "auto" else [Path(args.resume)] if args.resume else []
+    if args.resume and args.resume_from_huggingface:
+        with accelerator.main_process_first():
+            candidates = [download_state(args.resume, args.huggingface_token)]
+    else:
+        candidates = complete_states(Path(args.output_dir)) if args.resume == "auto" else [Path(args.resume)] if args.resume else []
     resume_from = candidates[0] if candidates else None
     args.seed = seed = run_seed(args, accelerator, resume_from)  # the metadata records the seed actually used
     set_seed(seed)
@@ -339,6 +386,8 @@ def _train(args) -> Path:
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
     dit_config = read_dit_config(open_dit_file(args.dit))  # the header only: a wrong cache fails before the model loads
+    check_heads(dit_config.heads_num, args.context_parallel)
+    layout = make_layout(args.context_parallel)
     check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
                                      "clipL": dit_config.text_states_dim_2}, args.dit)
     held_out = held_out_batches(args, dataset_config)
@@ -346,15 +395,18 @@ def _train(args) -> Path:
     if args.sample_prompts:  # the text encoders run and are freed before the DiT is loaded
         from musubi_tuner.training.sampling import TrainingSampler
 
-        samples = TrainingSampler(args, accelerator, in_channels=dit_config.in_channels, seed=seed)
+        samples = TrainingSampler(args, accelerator, in_channels=dit_config.in_channels, seed=seed, layout=layout)
+    # the data is sharded over the replicas: the processes of a context-parallel group share their batches
     loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-                                      persistent_workers=args.persistent_data_loader_workers,
-                                      rank=accelerator.process_index, world=accelerator.num_processes)
+                                      persistent_workers=args.persistent_data_loader_workers, rank=layout.replica, world=layout.replicas)
     dit = load_frozen_dit(args, accelerator.device)
+    dit.sequence_parallel = layout.sequence
     network = build_network(args, dit)  # the same initial weights on every process: same seed so far
     network.to(accelerator.device)
-    if accelerator.num_processes > 1:
-        set_seed(seed, device_specific=True)  # from here on (dropout), each process draws its own numbers
+    reducer = GradientReducer(list(network.parameters()), divide_by=layout.replicas) if layout.world > 1 else None
+    if layout.world > 1:
+        # from here on (dropout) each replica draws its own numbers; a group draws alike, as its computations are one
+        set_seed(seed + layout.replica)
 
     groups, _ = network.prepare_optimizer_params(unet_lr=args.learning_rate)
     optimizer, optimizer_name = create_optimizer(args.optimizer_type, groups, args.learning_rate,
@@ -366,9 +418,10 @@ def _train(args) -> Path:
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    if accelerator.num_processes > 1:
-        logger.info("data parallel over %d processes (%s backend): each takes one batch in %d, %d batches per epoch each",
-                    accelerator.num_processes, accelerator.state.backend, accelerator.num_processes, batches_per_epoch)
+    if layout.world > 1:
+        logger.info("%s; each replica takes one batch in %d, %d batches per epoch each", describe_layout(layout), layout.replicas,
+                    batches_per_epoch)
+        logger.info(reducer.describe())
 
     run = run_identity(optimizer_name=optimizer_name, scheduler=args.lr_scheduler_type or args.lr_scheduler,
                        network={"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
@@ -384,9 +437,10 @@ def _train(args) -> Path:
     guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
-                            scheduler=scheduler, optimizer=optimizer, run=run)
+                            scheduler=scheduler, optimizer=optimizer, run=run, hub=hub)
     if args.logging_dir or args.log_with:
-        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None)
+        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None,
+                                  init_kwargs=tracker_init_kwargs(args))
 
     saver.losses.truncate(progress.global_step)
     validation = None
@@ -395,6 +449,7 @@ def _train(args) -> Path:
 
         validator = Validator(held_out, ts_cfg, guidance_value, levels=args.validation_timesteps, seed=args.validation_seed)
         validation = Validation(validator, dit=dit, network=network, optimizer=optimizer, accelerator=accelerator, losses=saver.losses,
+                                layout=layout,
                                 every_n_steps=args.validate_every_n_steps, every_n_epochs=args.validate_every_n_epochs)
         saver.before_save = validation.checkpoint_metadata  # every saved LoRA carries its validation loss
         if resume_from is not None:
@@ -421,8 +476,8 @@ def _train(args) -> Path:
                     raise divergence(f"loss is {global_loss.item()}", progress.global_step + 1, epoch + 1, batch["item_names"],
                                      saver, resume_from)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    _average_gradients(network, accelerator)
+                if accelerator.sync_gradients and reducer is not None:
+                    reducer.reduce()
                     norm = accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm or float("inf"))
                     # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
                     if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
@@ -453,6 +508,8 @@ def _train(args) -> Path:
             bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}", **shown)
             accelerator.log(logs, step=progress.global_step)
             saver.after_step(progress)
+            if is_main:
+                saver.losses.write_csv_if_due()  # a live curve for whoever watches the run
             if samples is not None:
                 samples.after_step(dit, network, optimizer, progress.global_step)
             if progress.global_step >= total_steps:
@@ -517,22 +574,6 @@ def held_out_batches(args, dataset_config) -> list:
     if dataset_config.has_validation and not batches:
         logger.warning("%s: validation is set up but no validation item is cached; training without it", dataset_config.path)
     return batches
-
-
-def _average_gradients(network, accelerator: Accelerator) -> None:
-    """The network is not wrapped in DDP (its modules run inside the frozen DiT), so average its gradients here.
-
-    Every process reduces every trainable parameter, a missing gradient counting as zero (a module dropped by
-    module dropout on one process only), so the collectives always pair up.
-    """
-    if accelerator.num_processes == 1:
-        return
-    for p in network.parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 def _loggable(args) -> dict:

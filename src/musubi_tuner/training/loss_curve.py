@@ -1,13 +1,20 @@
-"""The loss history of a run, kept beside the LoRA as CSV and drawn as a PNG at every save (for users without TensorBoard)."""
+"""The loss history of a run, kept beside the LoRA as CSV and drawn as a PNG at every save (for users without TensorBoard).
+
+The CSV is also rewritten during the run, at most every LIVE_SECONDS, so that whoever watches it (a spreadsheet,
+`tail`, the studio's live curve) sees the run as it goes; the PNG waits for the saves.
+"""
 
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from musubi_tuner.files import atomic_write
+
+LIVE_SECONDS = 2.0
 
 
 class LossHistory:
@@ -17,6 +24,7 @@ class LossHistory:
         self.csv_path = Path(csv_path)
         self.train: list[tuple[int, float]] = []
         self.validation: list[tuple[int, float]] = []
+        self._written_at = time.monotonic()
         if self.csv_path.is_file():
             with open(self.csv_path, newline="") as f:
                 for row in csv.DictReader(f):
@@ -35,11 +43,20 @@ class LossHistory:
         self.validation = [p for p in self.validation if p[0] <= step]
 
     def save(self, png_path: Path) -> Path:
+        self.write_csv()
+        return draw_curve(self.train, self.validation, png_path)
+
+    def write_csv(self) -> None:
         with atomic_write(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["kind", "step", "loss"])
             writer.writerows([("train", s, v) for s, v in self.train] + [("validation", s, v) for s, v in self.validation])
-        return draw_curve(self.train, self.validation, png_path)
+        self._written_at = time.monotonic()
+
+    def write_csv_if_due(self) -> None:
+        """The CSV, if LIVE_SECONDS have passed since it was last written (called after every step by the main process)."""
+        if time.monotonic() - self._written_at >= LIVE_SECONDS:
+            self.write_csv()
 
 
 def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:

@@ -4,7 +4,6 @@ that tell any tool what base model, blocks, ranks and data the file is for (`net
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import time
@@ -13,7 +12,7 @@ import torch
 
 from musubi_tuner import __version__
 from musubi_tuner.hunyuan.config import DiTConfig
-from musubi_tuner.networks.lora_metadata import LoRAFileInfo, base_model_kind, data_shapes, with_naming
+from musubi_tuner.networks.lora_metadata import LoRAFileInfo, base_model_kind, data_shapes, sd_scripts_hashes, with_naming
 
 BASE_MODEL_VERSION = "hunyuan_video"
 TEXT_TEMPLATE = "hunyuan-video (dit-llm-encode-video, crop 95, hidden_states[-3])"
@@ -32,8 +31,8 @@ def modelspec(args, training_started: float) -> dict[str, str]:
         "modelspec.date": datetime.datetime.fromtimestamp(training_started).replace(microsecond=0).isoformat(),
         "modelspec.resolution": f"{w}x{h}",
     }
-    for key in ("author", "description", "license", "tags"):
-        value = getattr(args, f"metadata_{key}")
+    for key, value in (("author", args.metadata_author), ("description", args.metadata_description), ("license", args.metadata_license),
+                       ("tags", args.metadata_tags)):
         if value:
             spec[f"modelspec.{key}"] = value
     if args.min_timestep is not None or args.max_timestep is not None:
@@ -108,14 +107,3 @@ def finish_metadata(metadata: dict[str, str], state_dict: dict[str, torch.Tensor
     meta["sshs_model_hash"] = model_hash
     meta["sshs_legacy_hash"] = legacy_hash
     return meta
-
-
-def sd_scripts_hashes(state_dict: dict[str, torch.Tensor], ss_metadata: dict[str, str]) -> tuple[str, str]:
-    """SHA-256 of the data section of a safetensors serialisation, and the legacy 8-hex-digit hash (sd-scripts' definitions)."""
-    from safetensors.torch import save
-
-    blob = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=ss_metadata)
-    n = int.from_bytes(blob[:8], "little")
-    model_hash = hashlib.sha256(blob[8 + n :]).hexdigest()
-    legacy = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
-    return model_hash, legacy

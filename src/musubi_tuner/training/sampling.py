@@ -84,10 +84,13 @@ def sample_grid(rows: list[tuple[str, np.ndarray]], title: str) -> Image.Image:
 
 
 class TrainingSampler:
-    """Generates the sample prompts during training, on the main process (the others wait)."""
+    """Generates the sample prompts during training, on the main process (the others wait). With context parallel the
+    processes of the main one's group run the DiT together (each holds part of the tokens); the main one writes."""
 
-    def __init__(self, args, accelerator, *, in_channels: int, seed: int):
+    def __init__(self, args, accelerator, *, in_channels: int, seed: int, layout=None):
         self.args, self.accelerator = args, accelerator
+        shared = layout is not None and layout.context_parallel > 1
+        self.participates = accelerator.is_main_process or (shared and layout.replica == 0)
         self.prompts = load_sample_prompts(args.sample_prompts)
         if in_channels == 32 and any(p.image_path is None for p in self.prompts):
             raise UserError(f"{args.sample_prompts}: an image-to-video DiT needs a first frame for every sample prompt (--i image.png)")
@@ -107,6 +110,14 @@ class TrainingSampler:
             # Whatever building the encoders and the VAE draws from the global RNG (nothing today), training's draws stay as they were.
             with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
                 self._prepare()
+        if shared:  # the encoders ran once; the group's other processes get the embeddings (and I2V latents)
+            from musubi_tuner.distributed import broadcast_tensors, broadcast_value
+
+            texts = broadcast_value(sorted(self.texts) if accelerator.is_main_process else None)
+            self.texts = {t: broadcast_tensors(self.texts.get(t), torch.device("cpu")) for t in texts}
+            indices = broadcast_value(sorted(self.image_latents) if accelerator.is_main_process else None)
+            self.image_latents = {i: broadcast_tensors({"latent": self.image_latents[i]} if accelerator.is_main_process else None,
+                                                       torch.device("cpu"))["latent"] for i in indices}
 
     def _prepare(self) -> None:
         from musubi_tuner.inference.pipeline import load_vae_for
@@ -163,25 +174,25 @@ class TrainingSampler:
             return None
         self.last_step = step
         grid_path = None
-        if self.accelerator.is_main_process:
+        if self.participates:
             started = time.perf_counter()
             with evaluation_mode(network, optimizer, self.accelerator.device):
-                grid_path, effects = self._sample_all(dit, network, step, epoch)
-            logs = {f"lora_effect/sample_{i:02d}": e for i, e in enumerate(effects)}
-            if effects:
-                logs["lora_effect/sample"] = sum(effects) / len(effects)
-            self.accelerator.log(logs, step=step)
-            self._log_image(grid_path, step)
-            shown = ", ".join(f"{e:.2%}" for e in effects)
-            logger.info("samples at step %d: %s [%.1f s]; the LoRA moves them by %s", step, grid_path,
-                        time.perf_counter() - started, shown or "n/a")
+                latents, effects = self._all_latents(dit, network, step)
+            if self.accelerator.is_main_process:
+                grid_path = self._write(latents, step, epoch)
+                logs = {f"lora_effect/sample_{i:02d}": e for i, e in enumerate(effects)}
+                if effects:
+                    logs["lora_effect/sample"] = sum(effects) / len(effects)
+                self.accelerator.log(logs, step=step)
+                self._log_image(grid_path, step)
+                shown = ", ".join(f"{e:.2%}" for e in effects)
+                logger.info("samples at step %d: %s [%.1f s]; the LoRA moves them by %s", step, grid_path,
+                            time.perf_counter() - started, shown or "n/a")
         self.accelerator.wait_for_everyone()
         return grid_path
 
-    def _sample_all(self, dit, network, step: int, epoch: int | None) -> tuple[Path, list[float]]:
-        from musubi_tuner.data.media import write_video
-        from musubi_tuner.inference.outputs import decode_to_frames
-
+    def _all_latents(self, dit, network, step: int) -> tuple[dict[int, torch.Tensor], list[float]]:
+        """Final latents per prompt index, and the LoRA's effect on each (when the network can be switched off)."""
         multiplier = getattr(network, "multiplier", None)
         can_switch_off = multiplier is not None and hasattr(network, "set_multiplier")
         latents, effects = {}, []
@@ -197,8 +208,14 @@ class TrainingSampler:
             base = self.base_latents.get(p.index)
             if base is not None:
                 effects.append(((latents[p.index] - base).norm() / base.norm().clamp_min(1e-12)).item())
-        if cache is not None:
+        if cache is not None and self.accelerator.is_main_process:
             logger.info("samples at step %d: %s", step, cache.summary())
+        return latents, effects
+
+    def _write(self, latents: dict[int, torch.Tensor], step: int, epoch: int | None) -> Path:
+        """Decode, write each sample and the grid; returns the grid's path."""
+        from musubi_tuner.data.media import write_video
+        from musubi_tuner.inference.outputs import decode_to_frames
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
@@ -219,7 +236,7 @@ class TrainingSampler:
         grid_path = self.folder / f"{self.args.output_name}_{tag}_grid.png"
         with atomic_write(grid_path) as tmp:
             sample_grid(rows, title).save(tmp, format="PNG")
-        return grid_path, effects
+        return grid_path
 
     def _log_image(self, grid_path: Path, step: int) -> None:
         for tracker in getattr(self.accelerator, "trackers", []):

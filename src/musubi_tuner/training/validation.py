@@ -134,13 +134,19 @@ class Validator:
                     sums[2 * n + 1] += base.square().sum().double()
         return sums
 
-    def evaluate(self, dit, network, accelerator, step: int, optimizer=None) -> ValidationResult:
-        """The validation loss of the current weights; the same on every process."""
+    def evaluate(self, dit, network, accelerator, step: int, optimizer=None, layout=None) -> ValidationResult:
+        """The validation loss of the current weights; the same on every process.
+
+        With a `layout` (distributed.Layout) the replicas share out the batches and the processes of a
+        context-parallel group evaluate theirs together (each gets the group's sums)."""
         started = time.perf_counter()
+        rank, world, copies = accelerator.process_index, accelerator.num_processes, 1
+        if layout is not None:
+            rank, world, copies = layout.replica, layout.replicas, layout.context_parallel
         with evaluation_mode(network, optimizer, accelerator.device):
-            sums = self.partial_sums(dit, network, accelerator, accelerator.process_index, accelerator.num_processes)
+            sums = self.partial_sums(dit, network, accelerator, rank, world)
         if accelerator.num_processes > 1:
-            sums = accelerator.reduce(sums, reduction="sum")
+            sums = accelerator.reduce(sums, reduction="sum") / copies
         sums = sums.cpu()
         n = len(self.levels)
         per_level = tuple((round(level.item(), 6), (sums[j] / sums[n + j]).item()) for j, level in enumerate(self.levels))
@@ -157,9 +163,9 @@ class Validation:
     """
 
     def __init__(self, validator: Validator, *, dit, network, optimizer, accelerator, losses, every_n_steps: int | None = None,
-                 every_n_epochs: int | None = None):
+                 every_n_epochs: int | None = None, layout=None):
         self.validator = validator
-        self.dit, self.network, self.optimizer, self.accelerator = dit, network, optimizer, accelerator
+        self.dit, self.network, self.optimizer, self.accelerator, self.layout = dit, network, optimizer, accelerator, layout
         self.losses = losses  # LossHistory: validation points go into the loss curve
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.last: ValidationResult | None = None
@@ -170,7 +176,7 @@ class Validation:
         if self.last is not None and self.last.step == step:
             return self.last
         result = self.validator.evaluate(self.dit, self.network, self.accelerator, step,
-                                         optimizer=None if optimizer_in_eval_mode else self.optimizer)
+                                         optimizer=None if optimizer_in_eval_mode else self.optimizer, layout=self.layout)
         self.last = result
         self.losses.add(step, result.loss, kind="validation")
         self.accelerator.log(result.logs(), step=step)

@@ -1,0 +1,274 @@
+"""How the processes of a run share the work, on torch.distributed (whatever started them: accelerate launch, torchrun).
+
+world = replicas x context parallel. Processes r*N .. r*N + N-1 form one context-parallel group of N
+(neighbours in rank order: on one machine, where the all-to-alls of sequence parallelism are cheapest);
+they share every sample's tokens. Training's replicas are data parallel (each takes its own batches);
+generation's are CFG branches (one runs the negative prompt, the other the positive one).
+
+Gradients of the network (not wrapped in DDP: its modules run inside the frozen DiT) are summed over all
+processes in a few flat buckets and divided by the number of replicas: within a group each process holds
+part of every sample's gradient (see hunyuan/sequence_parallel.py), across replicas the samples differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
+
+logger = logging.getLogger(__name__)
+
+BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket
+
+
+@dataclass
+class Layout:
+    rank: int
+    world: int
+    context_parallel: int
+    sequence: SequenceParallel | None = None  # this process's context-parallel group (None without one)
+    replica_group: dist.ProcessGroup | None = None  # the processes of this one's group rank in every replica
+
+    @property
+    def replicas(self) -> int:
+        return self.world // self.context_parallel
+
+    @property
+    def replica(self) -> int:
+        """Which replica (data-parallel shard, or CFG branch) this process belongs to."""
+        return self.rank // self.context_parallel
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def make_layout(context_parallel: int, flag: str = "--context_parallel") -> Layout:
+    """The groups of this run; every process must call it (creating a group is a collective)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    n = context_parallel
+    if world % n:
+        started = f"{world} processes were started" if world > 1 else "one process was started"
+        raise UserError(f"{flag} {n} shares each sample over groups of {n} processes, and {started}; start a multiple of {n} "
+                        f"(accelerate launch --multi_gpu --num_processes {n}, or torchrun --nproc_per_node {n})")
+    layout = Layout(rank, world, n)
+    if n > 1:
+        for start in range(0, world, n):
+            group = dist.new_group(list(range(start, start + n)))
+            if start <= rank < start + n:
+                layout.sequence = SequenceParallel(group, n, rank - start)
+    if world // n > 1:
+        for first in range(n):
+            group = dist.new_group(list(range(first, world, n)))
+            if rank % n == first:
+                layout.replica_group = group
+    return layout
+
+
+def describe(layout: Layout, training: bool = True) -> str:
+    backend = dist.get_backend() if layout.world > 1 else "none"
+    head = f"{layout.world} processes ({backend} backend): "
+    if training:
+        return head + f"{layout.replicas} data parallel x {layout.context_parallel} context parallel"
+    return head + f"context parallel over {layout.context_parallel}" + (
+        ", the negative and the positive prompt on separate groups (CFG-parallel)" if layout.replicas == 2 else "")
+
+
+@dataclass
+class CfgBranches:
+    """Real CFG over two replicas: replica 0 runs the negative prompt, replica 1 the positive one; after every DiT
+    call the two swap predictions (one all-gather between the processes of the same group rank)."""
+
+    group: dist.ProcessGroup
+    negative: bool
+
+    @classmethod
+    def of(cls, layout: Layout) -> "CfgBranches":
+        if layout.replicas != 2:
+            raise ValueError("CFG-parallel needs exactly two replicas")
+        return cls(layout.replica_group, negative=layout.replica == 0)
+
+    def exchange(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's prediction -> (negative, positive)."""
+        parts = [torch.empty_like(v) for _ in range(2)]
+        dist.all_gather(parts, v.contiguous(), group=self.group)
+        return parts[0], parts[1]
+
+
+# ------------------------------------------------------------------------------------------- gradients
+
+
+@dataclass
+class GradientReducer:
+    """Sum the gradients of `params` over every process, then divide by `divide_by`: one all-reduce per bucket of
+    up to `bucket_bytes` (consecutive parameters of one dtype and device), not one per tensor.
+
+    A missing gradient (a module dropped by module dropout on one process only) counts as zero, so the
+    buckets always pair up across processes."""
+
+    params: list[torch.nn.Parameter]
+    divide_by: int
+    bucket_bytes: int = BUCKET_BYTES
+    buckets: list[list[torch.nn.Parameter]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.params = [p for p in self.params if p.requires_grad]
+        size = 0
+        for p in self.params:
+            nbytes = p.numel() * p.element_size()
+            last = self.buckets[-1][-1] if self.buckets else None
+            if last is None or size + nbytes > self.bucket_bytes or (last.dtype, last.device) != (p.dtype, p.device):
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    def describe(self) -> str:
+        return (f"gradients: {len(self.params)} tensors ({self.nbytes / 2**20:.1f} MiB) reduced in {len(self.buckets)} "
+                f"all-reduce{'s' if len(self.buckets) != 1 else ''} per step (buckets of up to {self.bucket_bytes / 2**20:g} MiB)")
+
+    def reduce(self) -> None:
+        for bucket in self.buckets:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+            dist.all_reduce(flat)
+            if self.divide_by != 1:
+                flat.div_(self.divide_by)
+            for p, piece in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad = piece.view_as(p)
+
+
+# ------------------------------------------------------------------------------------------- broadcast
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor | None] | None, device: torch.device, src: int = 0) -> dict[str, torch.Tensor | None]:
+    """The dict of tensors (or None values) process `src` holds, on every process, on `device` (the others pass None):
+    shapes and dtypes travel first as one small object, then each tensor in one broadcast."""
+    rank = dist.get_rank()
+    header = [None if rank != src else {k: None if v is None else (tuple(v.shape), v.dtype) for k, v in tensors.items()}]
+    dist.broadcast_object_list(header, src=src, device=device if device.type == "cuda" else None)
+    out = {}
+    for key, spec in header[0].items():
+        if spec is None:
+            out[key] = None
+            continue
+        t = tensors[key].to(device).contiguous() if rank == src else torch.empty(spec[0], dtype=spec[1], device=device)
+        dist.broadcast(t, src=src)
+        out[key] = t
+    return out
+
+
+def broadcast_value(value, src: int = 0):
+    """A small picklable value (a seed, a flag) from process `src` to all."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def join_launched_group(device: torch.device) -> torch.device:
+    """Join the process group of a launcher (torchrun, accelerate launch: WORLD_SIZE > 1 in the environment);
+    returns this process's device (cuda:LOCAL_RANK when `device` is cuda without an index)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class WorkShare:
+    """Independent jobs (VAE tiles) shared out over every process: job k runs on process k mod world, then each
+    result is broadcast, so every process ends with all of them, in order."""
+
+    def __init__(self):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def map(self, fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        mine = {k: fn(x) for k, x in enumerate(inputs) if k % self.world == self.rank}
+        device = inputs[0].device if inputs else torch.device("cpu")
+        return [broadcast_tensors({"out": mine[k]} if k in mine else None, device, src=k % self.world)["out"]
+                for k in range(len(inputs))]
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class CollectiveLog:
+    """Collectives a process issued: (name, bytes it sent)."""
+
+    calls: list[tuple[str, int]] = field(default_factory=list)
+
+    def count(self, name: str | None = None) -> int:
+        return sum(1 for n, _ in self.calls if name is None or n == name)
+
+    def bytes_sent(self, name: str | None = None) -> int:
+        return sum(b for n, b in self.calls if name is None or n == name)
+
+
+@contextlib.contextmanager
+def logging_collectives() -> Iterator[CollectiveLog]:
+    """Record every all_reduce / all_to_all_single / all_gather / broadcast issued inside, with the bytes this process
+    sends (ring all-reduce: 2 (N-1)/N of the tensor; all-to-all: (N-1)/N; all-gather: (N-1) x its part)."""
+    log = CollectiveLog()
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_to_all_single", "all_gather", "broadcast")}
+
+    def size(group) -> int:
+        return dist.get_world_size(group)
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        n = size(group)
+        log.calls.append(("all_reduce", _nbytes(tensor) * 2 * (n - 1) // n))
+        return originals["all_reduce"](tensor, op=op, group=group, async_op=async_op)
+
+    def all_to_all_single(output, input, *args, group=None, **kwargs):
+        n = size(group)
+        log.calls.append(("all_to_all", _nbytes(input) * (n - 1) // n))
+        return originals["all_to_all_single"](output, input, *args, group=group, **kwargs)
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        log.calls.append(("all_gather", _nbytes(tensor) * (size(group) - 1)))
+        return originals["all_gather"](tensor_list, tensor, group=group, async_op=async_op)
+
+    def broadcast(tensor, src=0, group=None, async_op=False, **kwargs):
+        log.calls.append(("broadcast", _nbytes(tensor) if dist.get_rank() == src else 0))
+        return originals["broadcast"](tensor, src=src, group=group, async_op=async_op, **kwargs)
+
+    patched = {"all_reduce": all_reduce, "all_to_all_single": all_to_all_single, "all_gather": all_gather, "broadcast": broadcast}
+    for name, fn in patched.items():
+        setattr(dist, name, fn)
+    try:
+        yield log
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+

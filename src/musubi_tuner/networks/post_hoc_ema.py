@@ -1,0 +1,108 @@
+"""Post-hoc EMA of saved LoRA checkpoints (musubi-tuner's lora_post_hoc_ema.py): one LoRA averaged from a run's saves.
+
+Files oldest first (by modification time unless told otherwise); the average starts as the first file and takes
+each next one as  avg = beta * avg + (1 - beta) * file, in float32, every floating tensor (alphas must agree and are
+kept; integer tensors are the first file's). beta per merge k = 1 .. N-1:
+
+- constant: `beta`; linearly from `beta` to `beta2` over the merges: beta + (beta2 - beta) * (k - 1) / (N - 2);
+- power function EMA (`sigma_rel`, Karras et al. 2024, arXiv:2312.02696, Algorithm 2): beta_k = (1 - 1/k)^(gamma + 1),
+  gamma the non-negative root of gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2) = 0. Its first
+  merge has beta = 0: the profile weighs file k in proportion to k^gamma, so the first file (k = 0) gets none.
+
+The result keeps each tensor's dtype, and the last file's metadata with sd-scripts' hashes recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from musubi_tuner.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The power-function exponent gamma whose EMA profile has relative width `sigma_rel` (the cubic above)."""
+    t = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+    real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0]
+    if not real:
+        raise UserError(f"--sigma_rel {sigma_rel}: no power-function EMA has this width (try a value between 0.05 and 0.28)")
+    return float(max(real))
+
+
+def ema_betas(merges: int, beta: float = 0.95, beta2: float | None = None, sigma_rel: float | None = None) -> list[float]:
+    """beta of each of the `merges` merges (files 2..N), by the rules of the module docstring."""
+    if sigma_rel is not None:
+        gamma = sigma_rel_to_gamma(sigma_rel)
+        return [(1 - 1 / k) ** (gamma + 1) for k in range(1, merges + 1)]
+    beta2 = beta if beta2 is None else beta2
+    if merges == 1:
+        return [beta]
+    return [beta + (beta2 - beta) * i / (merges - 1) for i in range(merges)]
+
+
+def order_files(paths: Sequence[str | os.PathLike], sort: bool = True) -> list[Path]:
+    """The checkpoints oldest first (modification time; ties keep the given order), or as given. A `.comfyui` companion
+    given with its kohya file (`out/name-0000*.safetensors` matches both) is left out: the same weights, named otherwise."""
+    from musubi_tuner.networks.lora_files import companion_path
+
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"{p}: LoRA file not found")
+    companions = {companion_path(p) for p in paths} & set(paths)
+    if companions:
+        logger.info("leaving out %d .comfyui companions of the kohya files given (the same weights)", len(companions))
+        paths = [p for p in paths if p not in companions]
+    return sorted(paths, key=lambda p: p.stat().st_mtime) if sort else paths
+
+
+def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(averaged tensors, the last file's metadata with new hashes) of `paths` (oldest first), one beta per later file."""
+    from musubi_tuner.networks.lora_metadata import sd_scripts_hashes
+    from musubi_tuner.networks.lora_reader import read_lora_file
+
+    first, _ = read_lora_file(paths[0])
+    dtypes = {k: v.dtype for k, v in first.items()}
+    average = {k: v.float() if v.is_floating_point() else v for k, v in first.items()}
+    for path, beta in zip(paths[1:], betas):
+        weights, _ = read_lora_file(path)
+        _check_same_keys(paths[0], first, path, weights)
+        logger.info("%s: beta %.4f", path.name, beta)
+        for key, value in weights.items():
+            if not value.is_floating_point():
+                continue  # counters and such: the first file's
+            if key.endswith(".alpha"):
+                if not torch.allclose(average[key], value.float()):
+                    raise UserError(f"{path}: {key} = {value.item():g}, but {paths[0].name} has {average[key].item():g}: "
+                                    "checkpoints of one run share their alphas")
+                continue
+            if value.shape != average[key].shape:
+                raise UserError(f"{path}: {key} has shape {list(value.shape)}, {paths[0].name} {list(average[key].shape)}: "
+                                "not checkpoints of one run")
+            average[key] = average[key] * beta + value.float() * (1 - beta)
+    out = {k: v.to(dtypes[k]) for k, v in average.items()}
+    metadata = dict(read_lora_file(paths[-1])[1])
+    if metadata:
+        model_hash, legacy_hash = sd_scripts_hashes(out, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+        metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
+        metadata.pop("musubi_tuner.companion", None)  # the companion of the last checkpoint is not this file's
+    return out, metadata
+
+
+def _check_same_keys(first_path: Path, first: dict, path: Path, weights: dict) -> None:
+    missing, extra = sorted(set(first) - set(weights)), sorted(set(weights) - set(first))
+    if not missing and not extra:
+        return
+    key = (extra or missing)[0]
+    where = f"{path.name} has {key}, which {first_path.name} lacks" if extra else f"{path.name} lacks {key} of {first_path.name}"
+    mixed = any(".comfyui." in p.name for p in (first_path, path))
+    hint = " (a .comfyui file among kohya files? give the files of one naming)" if mixed else ""
+    raise UserError(f"{path}: not a checkpoint of the same LoRA: {where}{hint}")

@@ -1,0 +1,237 @@
+"""The studio's web app: four pages and the JSON endpoints their scripts call. Long work (inspecting a dataset,
+planning, checking a LoRA) runs in worker threads and commands run as child processes; no request waits for them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import atomic_write
+from musubi_tuner.launch import child_environment, shown
+from musubi_tuner.ui import commands, dataset_form, run_view
+from musubi_tuner.ui.forms import form_schema
+from musubi_tuner.ui.guard import Guard
+from musubi_tuner.ui.jobs import Jobs
+from musubi_tuner.ui.workspace import Workspace
+
+HERE = Path(__file__).resolve().parent
+PAGES = ("dataset", "plan", "train", "generate")
+PLAN_TIMEOUT_SECONDS = 300
+
+
+def body(raw: bytes) -> dict:
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError:
+        raise UserError("the request body is not JSON") from None
+    if not isinstance(data, dict):
+        raise UserError("the request body is not a JSON object")
+    return data
+
+
+class Tasks:
+    """In-process work in a small thread pool; the page asks for the result by id."""
+
+    def __init__(self, workers: int = 2):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="studio")
+        self.futures: dict[str, Future] = {}
+        self.ids = itertools.count(1)
+
+    def submit(self, fn, *args) -> str:
+        task_id = str(next(self.ids))
+        self.futures[task_id] = self.pool.submit(fn, *args)
+        return task_id
+
+    def state(self, task_id: str) -> dict:
+        future = self.futures.get(task_id)
+        if future is None:
+            return {"state": "unknown", "error": f"no task {task_id} (the studio was restarted?)"}
+        if not future.done():
+            return {"state": "running"}
+        error = future.exception()
+        if isinstance(error, UserError):
+            return {"state": "failed", "error": str(error)}
+        if error is not None:
+            return {"state": "failed", "error": f"{type(error).__name__}: {error}"}
+        return {"state": "done", "result": future.result()}
+
+
+def api(handler):
+    """A JSON endpoint: handler(request, body) runs in a worker thread (the page never waits on another request);
+    a UserError is its one line as {"error": ...} (status 400), as the commands print it."""
+    async def endpoint(request: Request):
+        raw = await request.body() if request.method == "POST" else b""
+        try:
+            return JSONResponse(await run_in_threadpool(handler, request, raw))
+        except UserError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        except KeyError as e:
+            return JSONResponse({"error": f"not found: {e}"}, status_code=404)
+    return endpoint
+
+
+class Studio:
+    """The endpoints, over one workspace: its jobs (child processes), in-process tasks and run views."""
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        self.jobs = Jobs(workspace.root / "jobs")
+        self.tasks = Tasks()
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+        self.views = run_view.RunViews(workspace, self.jobs, self.tasks)
+
+    def page(self, name: str):
+        async def render(request: Request):
+            return self.templates.TemplateResponse(request, f"{name}.html", {"page": name, "pages": PAGES,
+                                                                             "workspace": str(self.workspace.root)})
+        return render
+
+    # ---------------------------------------------------------------- files, tasks
+
+    async def files(self, request: Request):
+        try:
+            path = self.workspace.readable(request.query_params.get("path", ""))
+        except UserError as e:
+            return JSONResponse({"error": str(e)}, status_code=403)
+        if not path.is_file():
+            return JSONResponse({"error": f"{path}: no such file"}, status_code=404)
+        return FileResponse(path, headers={"Cache-Control": "no-store"})
+
+    def task_state(self, request: Request, raw: bytes):
+        return self.tasks.state(request.path_params["task"])
+
+    def upload(self, request: Request, raw: bytes):
+        name = Path(request.query_params.get("name", "")).name
+        if not name:
+            raise UserError("upload: no file name")
+        target = self.workspace.writable(Path("uploads") / name, "upload")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(raw)
+        return {"path": str(target)}
+
+    # ---------------------------------------------------------------- dataset
+
+    def dataset_get(self, request: Request, raw: bytes):
+        path = request.query_params.get("path") or str(self.workspace.demo_assets()["toml"])
+        return {**dataset_form.load(path), "cache": commands.cache_values(self.workspace)}
+
+    def dataset_toml(self, request: Request, raw: bytes):
+        return {"text": dataset_form.to_toml(body(raw).get("config", {}))}
+
+    def dataset_save(self, request: Request, raw: bytes):
+        data = body(raw)
+        target = self.workspace.writable(data.get("path", ""), "dataset config")
+        return dataset_form.save(target, data.get("config", {}))
+
+    def dataset_inspect(self, request: Request, raw: bytes):
+        from musubi_tuner.ui.dataset_view import inspect_dataset
+
+        return {"task": self.tasks.submit(inspect_dataset, body(raw).get("path", ""), self.workspace.root / "previews")}
+
+    def dataset_cache(self, request: Request, raw: bytes):
+        data = body(raw)
+        cmds = commands.caching_commands(data.get("toml", ""), data.get("vae", ""), data.get("te1", ""), data.get("te2", ""),
+                                         self.workspace)
+        return self.jobs.summary(self.jobs.start("cache", f"cache {Path(data['toml']).name}", cmds))
+
+    # ---------------------------------------------------------------- commands
+
+    def form(self, request: Request, raw: bytes):
+        command = request.path_params["command"]
+        return {"groups": form_schema(commands.parser_for(command)), "values": commands.demo_values(command, self.workspace),
+                "writes": list(commands.WRITES[command])}
+
+    def command_line(self, request: Request, raw: bytes):
+        cmd = commands.build(request.path_params["command"], body(raw).get("values", {}), self.workspace)
+        return {"shown": shown(cmd)}
+
+    def plan(self, request: Request, raw: bytes):
+        cmd = commands.build("plan", body(raw).get("values", {}), self.workspace)
+
+        def run():
+            done = subprocess.run(cmd, capture_output=True, text=True, env=child_environment(), timeout=PLAN_TIMEOUT_SECONDS)
+            return {"shown": shown(cmd), "output": done.stdout + done.stderr, "returncode": done.returncode}
+        return {"task": self.tasks.submit(run), "shown": shown(cmd)}
+
+    # ---------------------------------------------------------------- jobs
+
+    def job_start(self, request: Request, raw: bytes):
+        data = body(raw)
+        command, values = data.get("command"), data.get("values", {})
+        if command not in ("train", "generate"):
+            raise UserError(f"unknown command {command!r}: jobs are train or generate")
+        cmd = commands.build(command, values, self.workspace)
+        outputs = run_view.outputs_of(command, values, self.workspace)
+        title = outputs.get("output_name") or (values.get("prompt") or "")[:60]
+        return self.jobs.summary(self.jobs.start(command, title, [cmd], outputs))
+
+    def job_list(self, request: Request, raw: bytes):
+        kind = request.query_params.get("kind")
+        return {"jobs": [self.jobs.summary(j) for j in self.jobs.all() if kind in (None, j.kind)]}
+
+    def job_detail(self, request: Request, raw: bytes):
+        return self.views.detail(self.jobs.get(request.path_params["job"]))
+
+    def job_stop(self, request: Request, raw: bytes):
+        return self.jobs.summary(self.jobs.stop(request.path_params["job"]))
+
+    def job_resume(self, request: Request, raw: bytes):
+        old = self.jobs.get(request.path_params["job"])
+        if old.kind != "train":
+            raise UserError("only training runs resume; start a generation again instead")
+        if old.state == "running":
+            raise UserError(f"{old.id} is still running")
+        return self.jobs.summary(self.jobs.start("train", old.title, [commands.with_resume(old.commands[-1])], old.outputs,
+                                                 resumed_from=old.id))
+
+    def loras(self, request: Request, raw: bytes):
+        found = []
+        for job in self.jobs.all():
+            if job.kind == "train" and job.outputs.get("output_dir"):
+                found += [str(p) for p in run_view.RunViews.lora_files(Path(job.outputs["output_dir"]), job.outputs["output_name"])]
+        return {"files": sorted(set(found))}
+
+    def routes(self) -> list:
+        return [
+            Route("/", lambda request: RedirectResponse("/dataset")),
+            Route("/favicon.ico", lambda request: Response(status_code=204)),
+            *[Route(f"/{name}", self.page(name)) for name in PAGES],
+            Route("/files", self.files),
+            Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+            Route("/api/tasks/{task}", api(self.task_state)),
+            Route("/api/upload", api(self.upload), methods=["POST"]),
+            Route("/api/dataset", api(self.dataset_get)),
+            Route("/api/dataset/toml", api(self.dataset_toml), methods=["POST"]),
+            Route("/api/dataset/save", api(self.dataset_save), methods=["POST"]),
+            Route("/api/dataset/inspect", api(self.dataset_inspect), methods=["POST"]),
+            Route("/api/dataset/cache", api(self.dataset_cache), methods=["POST"]),
+            Route("/api/form/{command}", api(self.form)),
+            Route("/api/command/{command}", api(self.command_line), methods=["POST"]),
+            Route("/api/plan", api(self.plan), methods=["POST"]),
+            Route("/api/loras", api(self.loras)),
+            Route("/api/jobs", api(self.job_list)),
+            Route("/api/jobs", api(self.job_start), methods=["POST"]),
+            Route("/api/jobs/{job}", api(self.job_detail)),
+            Route("/api/jobs/{job}/stop", api(self.job_stop), methods=["POST"]),
+            Route("/api/jobs/{job}/resume", api(self.job_resume), methods=["POST"]),
+        ]
+
+
+def create_app(workspace: Workspace, *, token: str | None = None, loopback_only: bool = True):
+    studio = Studio(workspace)
+    app = Starlette(routes=studio.routes())
+    app.state.jobs, app.state.workspace = studio.jobs, workspace
+    return Guard(app, token=token, loopback_only=loopback_only)

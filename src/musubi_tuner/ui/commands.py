@@ -1,0 +1,101 @@
+"""The commands the studio runs, built from its forms with the commands' own parsers, and the demo's values that
+fill the forms when nothing else is configured. Paths a command writes must lie in the workspace."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.launch import python_command, training_command
+from musubi_tuner.ui.forms import command_flags, form_values
+from musubi_tuner.ui.workspace import Workspace
+
+# The flags through which each command writes files (the dataset's cache folders are checked apart).
+WRITES = {"train": ("output_dir", "logging_dir"), "generate": ("save_path", "save_merged_model"), "plan": ()}
+
+
+def parser_for(command: str) -> argparse.ArgumentParser:
+    if command == "train":
+        from musubi_tuner.training.args import build_parser
+    elif command == "generate":
+        from musubi_tuner.hv_generate_video import build_parser
+    elif command == "plan":
+        from musubi_tuner.plan import build_parser
+    else:
+        raise UserError(f"unknown command {command!r}: the studio runs train, generate and plan")
+    return build_parser()
+
+
+def build(command: str, values: dict[str, object], workspace: Workspace) -> list[str]:
+    """The child process's argv for a filled form: checked by the command's parser, write paths confined."""
+    values = dict(values)
+    for name in WRITES[command]:
+        if str(values.get(name) or "").strip():
+            values[name] = str(workspace.writable(str(values[name]).strip(), f"--{name}"))
+    parser = parser_for(command)
+    flags = command_flags(parser, values)
+    if command == "train":
+        if not values.get("output_dir"):
+            raise UserError("--output_dir: required here (a folder in the workspace for the LoRA files)")
+        mixed = parser.parse_args(flags).mixed_precision or "no"
+        return training_command(flags, mixed_precision=mixed)
+    if command == "generate":
+        return python_command("hv_generate_video.py", flags)
+    return [sys.executable, "-m", "musubi_tuner.plan", *flags]
+
+
+def caching_commands(toml: str, vae: str, te1: str, te2: str, workspace: Workspace) -> list[list[str]]:
+    """cache_latents.py then cache_text_encoder_outputs.py, as the seed types them; every cache folder of the config
+    must lie in the workspace (caching writes there, and deletes stale caches)."""
+    from musubi_tuner.data.config import load_dataset_config
+
+    for dataset in load_dataset_config(toml).all_datasets:
+        workspace.writable(dataset.cache_directory, f"{dataset.where}.cache_directory")
+    return [python_command("cache_latents.py", ["--dataset_config", toml, "--vae", vae, "--vae_chunk_size", "32", "--vae_tiling"]),
+            python_command("cache_text_encoder_outputs.py", ["--dataset_config", toml, "--text_encoder1", te1,
+                                                             "--text_encoder2", te2, "--batch_size", "16"])]
+
+
+def with_resume(cmd: list[str]) -> list[str]:
+    """The same training command, continuing from the newest complete state in its --output_dir."""
+    cmd = list(cmd)
+    if "--resume" in cmd:
+        at = cmd.index("--resume")
+        del cmd[at:at + 2]
+    return cmd + ["--resume", "auto"]
+
+
+def demo_values(command: str, workspace: Workspace) -> dict[str, object]:
+    """The forms' starting values: the seed's commands on the demo's tiny models and dataset (written on first use)."""
+    from musubi_tuner.demo.__main__ import training_flags
+
+    a = workspace.demo_assets()
+    models = {"dit": str(a["dit"]), "vae": str(a["vae"]), "text_encoder1": str(a["te1"]), "text_encoder2": str(a["te2"])}
+    if command == "train":
+        flags = training_flags(a, workspace.root / "output", epochs=2) + [
+            "--save_state", "--sample_prompts", str(a["sample_prompts"]), "--sample_every_n_epochs", "1", "--validate_every_n_epochs", "1",
+            "--vae", str(a["vae"]), "--text_encoder1", str(a["te1"]), "--text_encoder2", str(a["te2"])]
+        return form_values(parser_for("train"), flags)
+    if command == "generate":
+        flags = ["--dit", models["dit"], "--vae", models["vae"], "--text_encoder1", models["text_encoder1"],
+                 "--text_encoder2", models["text_encoder2"], "--prompt", "a red circle moving left on a black background",
+                 "--video_size", "128", "128", "--video_length", "9", "--infer_steps", "8", "--seed", "1234",
+                 "--attn_mode", "sdpa", "--save_path", str(workspace.root / "videos")]
+        return form_values(parser_for("generate"), flags)
+    if command == "plan":
+        return form_values(parser_for("plan"), ["--gradient_checkpointing", "--fp8_base", "--vram_budget", "24G"])
+    raise UserError(f"unknown command {command!r}")
+
+
+def cache_values(workspace: Workspace) -> dict[str, str]:
+    a = workspace.demo_assets()
+    return {"toml": str(a["toml"]), "vae": str(a["vae"]), "te1": str(a["te1"]), "te2": str(a["te2"])}
+
+
+def relative_to(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)

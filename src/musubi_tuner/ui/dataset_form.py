@@ -1,0 +1,89 @@
+"""The dataset page's form: every key of the dataset config (from data/config.py's own key tables), the file as
+TOML, and saving it only once the caching commands' own loader accepts it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from musubi_tuner.data import config as schema
+from musubi_tuner.data.frames import FRAME_EXTRACTIONS
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import atomic_write
+from musubi_tuner.tomlio import dumps
+
+_KINDS = {schema._resolution: "ints", schema._int_list: "ints", schema._bool: "bool", schema._str: "text",
+          schema._path: "path", schema._fps: "number", schema._fraction: "number", schema._extraction: "choice"}
+
+
+def _kind(check) -> str:
+    if check in _KINDS:
+        return _KINDS[check]
+    if check.__qualname__.startswith("_positive_int"):
+        return "integer"
+    raise AssertionError(f"no form field for the dataset key check {check.__qualname__}")  # a new kind of key in config.py
+
+
+def _fields(keys: dict) -> list[dict]:
+    return [{"key": key, "kind": _kind(check), "default": _shown_default(key),
+             "choices": list(FRAME_EXTRACTIONS) if check is schema._extraction else []} for key, check in keys.items()]
+
+
+def _shown_default(key: str) -> object:
+    value = schema.DEFAULTS.get(key)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def form_schema() -> dict:
+    """Keys of [general], of image and of video datasets. Keys musubi-tuner accepts for other architectures (ignored
+    here) are kept as they are in the file but not offered."""
+    return {"general": _fields(schema.SHARED_KEYS), "image": _fields({**schema.SHARED_KEYS, **schema.IMAGE_KEYS}),
+            "video": _fields({**schema.SHARED_KEYS, **schema.VIDEO_KEYS})}
+
+
+def load(path: str) -> dict:
+    """The config as a table for the form (a new one when the file does not exist yet), with its TOML text."""
+    target = Path(path)
+    config = schema.read_config_file(target) if target.exists() else {"general": {}, "datasets": []}
+    return {"path": str(target), "config": config, "schema": form_schema(), "text": to_toml(config),
+            "exists": target.exists()}
+
+
+def to_toml(config: dict) -> str:
+    try:
+        return dumps(_clean(config))
+    except ValueError as e:
+        raise UserError(f"dataset config: {e}") from None
+
+
+def _clean(config: dict) -> dict:
+    """Empty form fields are unset keys; an empty [general] or array is left out."""
+    if not isinstance(config, dict):
+        raise UserError("dataset config: expected a table")
+    out = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v not in (None, "")}
+        elif isinstance(value, list):
+            value = [{k: v for k, v in t.items() if v not in (None, "")} for t in value if isinstance(t, dict)]
+        if value:
+            out[name] = value
+    return out
+
+
+def save(target: Path, config: dict) -> dict:
+    """Write `config` to `target` if the loader accepts it (checked on a copy beside it: relative paths resolve
+    against the config's folder); a UserError with the loader's message otherwise, and nothing written."""
+    text = to_toml(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    probe = target.with_name(f".{target.stem}.check-{os.getpid()}.toml")
+    try:
+        probe.write_text(text, encoding="utf-8")
+        schema.load_dataset_config(probe)
+    except UserError as e:
+        raise UserError(str(e).replace(str(probe), str(target))) from None
+    finally:
+        probe.unlink(missing_ok=True)
+    with atomic_write(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return {"path": str(target), "text": text, "saved": True}

@@ -1,0 +1,99 @@
+"""Forms made from the commands' own argparse parsers, so the studio offers every flag with the command's help text,
+and turns a filled form back into the command line that the parser then checks, as the command itself would."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from musubi_tuner.errors import UserError
+
+
+def _kind(action: argparse.Action) -> str:
+    if action.nargs == 0:
+        return "flag"
+    if action.choices:
+        return "choice"
+    if action.nargs in ("*", "+"):
+        return "list"  # one value per line (paths may hold spaces)
+    return "text"  # nargs=N: the N values separated by spaces
+
+
+def _default(action: argparse.Action) -> object:
+    default = action.default
+    if default is None or default is argparse.SUPPRESS or action.nargs == 0:
+        return ""
+    if isinstance(default, (list, tuple)):
+        return " ".join(str(v) for v in default)
+    return str(default)
+
+
+def form_schema(parser: argparse.ArgumentParser) -> list[dict]:
+    """The parser's flags by group: [{"title", "fields": [{"name", "flag", "kind", "help", "default", "choices"}]}]."""
+    groups = []
+    for group in parser._action_groups:  # argparse keeps no public list of its groups
+        fields = []
+        for action in group._group_actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            flag = max(action.option_strings, key=len)
+            fields.append({"name": action.dest, "flag": flag, "kind": _kind(action), "help": action.help or "",
+                           "default": _default(action), "choices": [str(c) for c in action.choices or ()],
+                           "nargs": action.nargs if isinstance(action.nargs, int) else None})
+        if fields:
+            groups.append({"title": group.title or "", "fields": fields})
+    return groups
+
+
+def command_flags(parser: argparse.ArgumentParser, values: dict[str, object]) -> list[str]:
+    """The flags for `values` ({dest: str | bool}), in the parser's order, leaving out what equals the default;
+    checked by the parser itself (its one-line error as a UserError)."""
+    flags: list[str] = []
+    for group in form_schema(parser):
+        for field in group["fields"]:
+            value = values.get(field["name"])
+            if field["kind"] == "flag":
+                if value is True or value in ("true", "on", "1"):
+                    flags.append(field["flag"])
+                continue
+            if value is None or not str(value).strip():
+                continue
+            if field["kind"] == "list":
+                items = [line.strip() for line in str(value).splitlines() if line.strip()]
+            elif field["nargs"]:
+                items = str(value).split()
+            else:
+                items = [str(value).strip()]
+            if field["kind"] != "list" and " ".join(items) == field["default"]:
+                continue
+            flags += [field["flag"], *items]
+    parser.parse_args(flags)  # the command's own checks: raises UserError (cli.Parser) with its one line
+    return flags
+
+
+def form_values(parser: argparse.ArgumentParser, flags: list[str]) -> dict[str, object]:
+    """The inverse: a command line's flags as form values, as typed (to fill a form from a command)."""
+    parser.parse_args(flags)  # a bad command line is a UserError here, not a half-filled form
+    actions = parser._option_string_actions
+    values: dict[str, object] = {}
+    at = 0
+    while at < len(flags):
+        action = actions[flags[at]]
+        following = []
+        at += 1
+        while at < len(flags) and not (flags[at].startswith("--") and flags[at] in actions):
+            following.append(flags[at])
+            at += 1
+        if action.nargs == 0:
+            values[action.dest] = True
+        else:
+            values[action.dest] = ("\n" if _kind(action) == "list" else " ").join(following)
+    return values
+
+
+def split_flags(text: str) -> list[str]:
+    """A command line typed or pasted by the user, split as a POSIX shell would."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"cannot read the command line ({e})") from None

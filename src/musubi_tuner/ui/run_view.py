@@ -1,0 +1,69 @@
+"""What the train and generate pages show of a job: its progress (with the ETA its progress bar computes), the loss
+and validation curve from the run's loss CSV, the sample grids, the LoRA files with the LoRA doctor's verdict, the
+videos written."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from musubi_tuner.ui.jobs import Job, Jobs
+from musubi_tuner.ui.workspace import Workspace
+
+
+def outputs_of(command: str, values: dict, workspace: Workspace) -> dict[str, str]:
+    """Where a job writes, from its (checked) form values."""
+    if command == "train":
+        return {"output_dir": str(workspace.writable(values["output_dir"], "--output_dir")),
+                "output_name": str(values.get("output_name") or "")}
+    return {"save_path": str(workspace.writable(values["save_path"], "--save_path"))}
+
+
+class RunViews:
+    def __init__(self, workspace: Workspace, jobs: Jobs, tasks):
+        self.workspace, self.jobs, self.tasks = workspace, jobs, tasks
+        self._doctor: dict[tuple[str, int], str] = {}  # (file, mtime_ns) -> task id
+
+    def detail(self, job: Job) -> dict:
+        out = {**self.jobs.summary(job), "log": self.jobs.log_tail(job), "progress": self.jobs.progress(job)}
+        if job.kind == "train":
+            out.update(self._training(job))
+        elif job.kind == "generate":
+            out["videos"] = self._videos(job)
+        return out
+
+    def _training(self, job: Job) -> dict:
+        from musubi_tuner.training.loss_curve import LossHistory
+
+        folder, name = Path(job.outputs["output_dir"]), job.outputs["output_name"]
+        history = LossHistory(folder / f"{name}-loss.csv")
+        grids = sorted((folder / "sample").glob(f"{name}_*_grid.png"), key=lambda p: p.stat().st_mtime)
+        return {"curve": {"train": history.train, "validation": history.validation},
+                "samples": [str(p) for p in grids], "files": [self._with_doctor(p) for p in self.lora_files(folder, name)]}
+
+    @staticmethod
+    def lora_files(folder: Path, name: str) -> list[Path]:
+        found = [p for p in folder.glob(f"{name}*.safetensors") if p.is_file()]
+        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def _with_doctor(self, path: Path) -> dict:
+        """The file and the LoRA doctor's report on it (checked once per version of the file, in a worker thread)."""
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in self._doctor:
+            self._doctor[key] = self.tasks.submit(_doctor, path)
+        state = self.tasks.state(self._doctor[key])
+        return {"path": str(path), "name": path.name, "bytes": path.stat().st_size,
+                "doctor": state.get("result") or state.get("error") or "checking..."}
+
+    def _videos(self, job: Job) -> list[str]:
+        folder = Path(job.outputs["save_path"])
+        since = job.started - 1
+        found = [p for p in folder.glob("*.mp4") if p.stat().st_mtime >= since]
+        return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime)]
+
+
+def _doctor(path: Path) -> dict:
+    from musubi_tuner.networks.lora_doctor import diagnose, diagnosis_text
+
+    diagnosis = diagnose(path)
+    return {"ok": diagnosis.ok, "text": diagnosis_text(diagnosis), "checked": time.time()}

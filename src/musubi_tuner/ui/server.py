@@ -1,0 +1,64 @@
+"""Start the studio: a local web app over the dataset, plan, train and generate commands.
+
+    musubi-ui [--workspace studio] [--port 7860]              # http://127.0.0.1:7860, this machine only
+    musubi-ui --listen 0.0.0.0 [--token SECRET]                # other hosts, with a token (one is made if not given)
+
+Every file the studio writes (dataset configs, caches, LoRAs, videos, logs) lies inside the workspace folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+
+from musubi_tuner.cli import Parser, count
+from musubi_tuner.errors import UserError, run_cli
+
+TOKEN_VARIABLE = "MUSUBI_UI_TOKEN"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="musubi-ui", description=__doc__.splitlines()[0])
+    p.add_argument("--workspace", default="studio", help="the folder the studio writes to (made if missing)")
+    p.add_argument("--port", type=count(1, 65535), default=7860, help="TCP port")
+    p.add_argument("--listen", nargs="?", const="0.0.0.0", default=None, metavar="ADDRESS",
+                   help="serve other hosts on ADDRESS (0.0.0.0 when given alone); needs a token")
+    p.add_argument("--token", default=None, help=f"the token other hosts must give (default ${TOKEN_VARIABLE}, or a new random one)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def serving(args) -> tuple[str, str | None]:
+    """(address to bind, token or None). Loopback needs no token unless one is given; --listen always has one."""
+    token = args.token or os.environ.get(TOKEN_VARIABLE) or None
+    if token is not None and len(token) < 8:
+        raise UserError("--token: use at least 8 characters (or leave it out for a random one)")
+    if args.listen is None:
+        return "127.0.0.1", token
+    return args.listen, token or secrets.token_urlsafe(18)
+
+
+def main(argv=None) -> None:
+    def run(argv):
+        args = build_parser().parse_args(argv)
+        host, token = serving(args)
+        import uvicorn
+
+        from musubi_tuner.ui.app import create_app
+        from musubi_tuner.ui.workspace import Workspace
+
+        workspace = Workspace(args.workspace)
+        print(f"workspace {workspace.root}: writing the demo's tiny models and dataset (first start only)", flush=True)
+        workspace.demo_assets()
+        app = create_app(workspace, token=token, loopback_only=args.listen is None)
+        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        print(f"studio at http://{shown_host}:{args.port}/" + (f"?token={token}" if token else ""), flush=True)
+        uvicorn.run(app, host=host, port=args.port, log_level="warning")
+
+    run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

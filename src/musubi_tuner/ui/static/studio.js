@@ -1,0 +1,168 @@
+// The studio's pages: forms made from the commands' own parsers, jobs polled from the server. No framework.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const fileUrl = (path) => "/files?path=" + encodeURIComponent(path);
+
+async function api(method, url, body) {
+  const init = { method, headers: { "X-Musubi-Studio": "1" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(url, init);
+  const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+  return data;
+}
+
+async function waitTask(id, everyMs = 500) {
+  for (;;) {
+    const t = await api("GET", `/api/tasks/${id}`);
+    if (t.state === "done") return t.result;
+    if (t.state !== "running") throw new Error(t.error || t.state);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+function debounce(fn, ms = 300) {
+  let timer;
+  return (...args) => { clearTimeout(timer); timer = setTimeout(() => fn(...args), ms); };
+}
+
+// ---------------------------------------------------------------- command forms (from argparse)
+
+function renderForm(root, groups, values, openTitles) {
+  root.innerHTML = "";
+  for (const group of groups) {
+    const details = document.createElement("details");
+    details.open = openTitles.includes(group.title);
+    details.innerHTML = `<summary>${esc(group.title)}</summary><div class="fields"></div>`;
+    const grid = $(".fields", details);
+    for (const f of group.fields) {
+      const id = `f-${f.name}`;
+      const v = values[f.name];
+      let input;
+      if (f.kind === "flag") {
+        input = `<input type="checkbox" id="${id}" data-name="${f.name}" ${v ? "checked" : ""}>`;
+      } else if (f.kind === "choice") {
+        const opts = [`<option value="">${f.default ? "default: " + esc(f.default) : "(not set)"}</option>`]
+          .concat(f.choices.map((c) => `<option ${String(v) === c ? "selected" : ""}>${esc(c)}</option>`));
+        input = `<select id="${id}" data-name="${f.name}">${opts.join("")}</select>`;
+      } else if (f.kind === "list") {
+        input = `<textarea id="${id}" data-name="${f.name}" rows="1" placeholder="one per line">${esc(v ?? "")}</textarea>`;
+      } else {
+        input = `<input type="text" id="${id}" data-name="${f.name}" value="${esc(v ?? "")}" placeholder="${esc(f.default)}">`;
+      }
+      grid.insertAdjacentHTML("beforeend", `<label for="${id}" title="${esc(f.help)}">${esc(f.flag)}</label>${input}<div class="help">${esc(f.help)}</div>`);
+    }
+    root.appendChild(details);
+  }
+}
+
+function formValues(root) {
+  const values = {};
+  for (const el of root.querySelectorAll("[data-name]")) {
+    if (el.type === "checkbox") { if (el.checked) values[el.dataset.name] = true; }
+    else if (el.value.trim() !== "") values[el.dataset.name] = el.value;
+  }
+  return values;
+}
+
+function setField(name, value) {
+  const el = document.getElementById(`f-${name}`);
+  if (!el) return;
+  if (el.type === "checkbox") el.checked = !!value; else el.value = value;
+  el.dispatchEvent(new Event("input", { bubbles: true }));
+}
+
+// A form whose command line is shown (copyable) as it changes. Returns {values()} once loaded.
+async function commandForm(command, formRoot, commandEl, openTitles) {
+  const spec = await api("GET", `/api/form/${command}`);
+  renderForm(formRoot, spec.groups, spec.values, openTitles);
+  let asked = 0;  // only the answer to the latest request is shown: an earlier one may arrive last
+  const refresh = debounce(async () => {
+    const mine = ++asked;
+    try {
+      const r = await api("POST", `/api/command/${command}`, { values: formValues(formRoot) });
+      if (mine === asked) { commandEl.className = "command"; commandEl.textContent = r.shown; }
+    } catch (e) { if (mine === asked) { commandEl.className = "command error"; commandEl.textContent = "error: " + e.message; } }
+  });
+  formRoot.addEventListener("input", refresh);
+  formRoot.addEventListener("change", refresh);
+  refresh();
+  return { values: () => formValues(formRoot) };
+}
+
+// ---------------------------------------------------------------- jobs
+
+function curveSvg(train, validation, width = 560, height = 220) {
+  const m = 34, pts = train.concat(validation);
+  if (!pts.length) return `<svg width="${width}" height="${height}" class="curve"><text x="${m}" y="${height / 2}" fill="#667">no loss recorded yet</text></svg>`;
+  const steps = pts.map((p) => p[0]);
+  const s0 = Math.min(...steps), s1 = Math.max(Math.max(...steps), s0 + 1);
+  // each series on its own scale, at least 1% of its value tall: a change in the fourth digit stays a flat line
+  const scale = (series) => { const v = series.map((p) => p[1]); const lo = Math.min(...v); return [lo, Math.max(Math.max(...v), lo + Math.abs(lo) * 0.01, lo + 1e-9)]; };
+  const line = (series, cls, color, [lo, hi]) => {
+    const xy = series.map(([s, v]) => [(m + (s - s0) / (s1 - s0) * (width - 2 * m)).toFixed(1), (height - m - (v - lo) / (hi - lo) * (height - 2 * m)).toFixed(1)]);
+    return series.length > 1 ? `<polyline class="${cls}" points="${xy.map((p) => p.join(",")).join(" ")}" fill="none" stroke="${color}" stroke-width="1.5"/>`
+      : `<circle class="${cls}" cx="${xy[0][0]}" cy="${xy[0][1]}" r="3" fill="${color}"/>`;
+  };
+  let svg = `<svg width="${width}" height="${height}" class="curve" viewBox="0 0 ${width} ${height}"><rect x="${m}" y="${m}" width="${width - 2 * m}" height="${height - 2 * m}" fill="none" stroke="#ccd"/>`;
+  if (train.length) { const sc = scale(train); svg += line(train, "train", "#2d5bd7", sc) + `<text x="2" y="${m}" font-size="10">${sc[1].toFixed(3)}</text><text x="2" y="${height - m}" font-size="10">${sc[0].toFixed(3)}</text>`; }
+  if (validation.length) { const sc = scale(validation); svg += line(validation, "validation", "#e07a10", sc) + `<text x="${width - m + 2}" y="${m}" font-size="10" fill="#c55a00">${sc[1].toFixed(3)}</text><text x="${width - m + 2}" y="${height - m}" font-size="10" fill="#c55a00">${sc[0].toFixed(3)}</text>`; }
+  svg += `<text x="${m}" y="${height - 8}" font-size="11">step ${s0}</text><text x="${width - m}" y="${height - 8}" font-size="11" text-anchor="end">step ${s1}</text>`;
+  svg += `<text x="${m}" y="20" font-size="11">training loss (blue, left scale)${validation.length ? "; validation loss (orange, right scale)" : ""}</text></svg>`;
+  return svg;
+}
+
+function clock(seconds) {
+  if (seconds == null) return "?";
+  seconds = Math.round(seconds);
+  const h = Math.floor(seconds / 3600), m = Math.floor(seconds / 60) % 60, s = seconds % 60;
+  return (h ? h + ":" + String(m).padStart(2, "0") : m) + ":" + String(s).padStart(2, "0");
+}
+
+function progressHtml(records) {
+  return records.filter((r) => !r.closed).slice(-2).map((r) => {
+    const pct = r.total ? Math.min(100, 100 * r.n / r.total) : 0;
+    return `<div class="progress"><span>${esc(r.desc)} ${r.n}${r.total ? "/" + r.total : ""} ${esc(r.unit)} · ${clock(r.elapsed)} elapsed · ETA <span class="eta">${clock(r.remaining)}</span>${r.postfix ? " · " + esc(r.postfix) : ""}</span><div class="bar"><div style="width:${pct}%"></div></div></div>`;
+  }).join("");
+}
+
+// Shows job `id` in `root`, polling while it runs; `extra(detail)` renders the page's own parts. A part of the panel is
+// redrawn only when it changed, so players and open sections stay as they are. Returns a stop function.
+function watchJob(root, id, extra) {
+  let stopped = false;
+  root.innerHTML = `<div class="job-head"></div><pre class="command"></pre><div class="job-progress"></div><div class="job-extra"></div>
+    <details><summary>log</summary><pre class="log"></pre></details>`;
+  const parts = { head: $(".job-head", root), command: $(".command", root), progress: $(".job-progress", root), extra: $(".job-extra", root), log: $(".log", root) };
+  const shownHtml = {};
+  const put = (name, html) => { if (shownHtml[name] !== html) { parts[name].innerHTML = html; shownHtml[name] = html; } };
+  root.addEventListener("click", async (event) => {
+    if (event.target.id === "stop") await api("POST", `/api/jobs/${id}/stop`);
+    if (event.target.id === "resume") {
+      const j = await api("POST", `/api/jobs/${id}/resume`);
+      root.dispatchEvent(new CustomEvent("job-started", { detail: j, bubbles: true }));
+    }
+  });
+  async function tick() {
+    if (stopped) return;
+    let d;
+    try { d = await api("GET", `/api/jobs/${id}`); } catch (e) { put("head", `<p class="error">${esc(e.message)}</p>`); return; }
+    if (stopped) return;
+    root.dataset.state = d.state;
+    root.dataset.job = d.id;
+    put("head", `<div class="ds-head"><div><span class="state ${d.state}" id="job-state">${esc(d.state)}</span> ${esc(d.title)} <span class="muted">${esc(d.id)}${d.returncode != null ? " · exit status " + d.returncode : ""}${d.resumed_from ? " · resumes " + esc(d.resumed_from) : ""}</span></div>
+      <div>${d.state === "running" ? `<button class="secondary" id="stop">Stop</button>` : ""}${d.kind === "train" && d.state !== "running" && d.state !== "starting" ? ` <button class="secondary" id="resume">Resume</button>` : ""}</div></div>`);
+    put("command", d.shown.map((s) => "$ " + esc(s)).join("\n"));
+    put("progress", progressHtml(d.progress));
+    if (extra) put("extra", extra(d));
+    put("log", esc(d.log));
+    if (d.state === "running" || d.state === "starting") setTimeout(tick, 1000);
+    else root.dispatchEvent(new CustomEvent("job-ended", { detail: d, bubbles: true }));
+  }
+  tick();
+  return () => { stopped = true; };
+}

@@ -1,0 +1,119 @@
+"""lora_post_hoc_ema.py: musubi-tuner's flags and math, checked against the documented formulas on synthetic checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from musubi_tuner import lora_post_hoc_ema
+from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.networks.post_hoc_ema import sigma_rel_to_gamma
+from musubi_tuner.networks.lora_metadata import sd_scripts_hashes
+
+KEYS = ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """Four saves of one run, written newest first (so sorting by modification time has work to do)."""
+    g = torch.Generator().manual_seed(0)
+    saves = []
+    for step in range(4):
+        sd = {KEYS[0]: torch.randn(4, 16, generator=g), KEYS[1]: torch.randn(32, 4, generator=g).to(torch.bfloat16),
+              "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0), "counter": torch.tensor([step], dtype=torch.int64)}
+        saves.append(sd)
+    paths = [tmp_path / f"run-step{(i + 1) * 10:08d}.safetensors" for i in range(4)]
+    for i, (path, sd) in enumerate(zip(paths, saves)):
+        save_file(sd, str(path), metadata={"ss_steps": str((i + 1) * 10), "ss_network_module": "networks.lora",
+                                           "musubi_tuner.companion": path.name.replace(".safetensors", ".comfyui.safetensors")})
+        os.utime(path, (1_000_000 + i * 100, 1_000_000 + i * 100))
+    return paths, saves
+
+
+def reference(saves, betas):
+    """The documented EMA: start from the oldest, then avg = beta * avg + (1 - beta) * next, in float32."""
+    avg = {k: v.double() for k, v in saves[0].items() if v.is_floating_point()}
+    for sd, beta in zip(saves[1:], betas):
+        for k in KEYS:
+            avg[k] = beta * avg[k] + (1 - beta) * sd[k].double()
+    return avg
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        lora_post_hoc_ema.main([str(a) for a in argv])
+        sys.exit(0)
+    return e.value.code or 0, capsys.readouterr()
+
+
+def check(out, saves, betas):
+    got = load_file(str(out))
+    want = reference(saves, betas)
+    for k in KEYS:
+        assert got[k].dtype == saves[0][k].dtype  # each tensor keeps its dtype
+        tol = 1e-6 if got[k].dtype == torch.float32 else 1e-2
+        assert (got[k].double() - want[k]).abs().max() <= tol * want[k].abs().max()
+    assert torch.equal(got["counter"], saves[0]["counter"]) and got["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == 2.0
+
+
+def test_constant_beta_averages_oldest_first_and_keeps_the_last_files_metadata(checkpoints, tmp_path, capsys):
+    paths, saves = checkpoints
+    out = tmp_path / "ema.safetensors"
+    status, _ = run([*reversed(paths), "--beta", "0.9", "--output_file", out], capsys)  # order given: newest first
+    assert status == 0
+    check(out, saves, [0.9, 0.9, 0.9])
+    _, meta = read_safetensors_header(out)
+    assert meta["ss_steps"] == "40" and "musubi_tuner.companion" not in meta
+    assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == sd_scripts_hashes(load_file(str(out)), {
+        k: v for k, v in meta.items() if k.startswith("ss_")})
+
+
+def test_beta2_moves_beta_linearly_over_the_merges_and_no_sort_keeps_the_given_order(checkpoints, tmp_path, capsys):
+    paths, saves = checkpoints
+    out = tmp_path / "ema.safetensors"
+    assert run([*paths, "--beta", "0.8", "--beta2", "0.95", "--output_file", out], capsys)[0] == 0
+    check(out, saves, [0.8, 0.875, 0.95])
+    order = [2, 0, 3, 1]
+    assert run([*(paths[i] for i in order), "--no_sort", "--beta", "0.5", "--output_file", out], capsys)[0] == 0
+    check(out, [saves[i] for i in order], [0.5, 0.5, 0.5])
+
+
+def test_sigma_rel_is_the_power_function_ema_of_the_paper(checkpoints, tmp_path, capsys):
+    paths, saves = checkpoints
+    gamma = sigma_rel_to_gamma(0.2)
+    # the width of the profile t^gamma (Karras et al. 2024, eq. 3): sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3)))
+    assert math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) == pytest.approx(0.2, rel=1e-9)
+    out = tmp_path / "ema.safetensors"
+    status, io = run([*paths, "--sigma_rel", "0.2", "--beta", "0.1", "--output_file", out], capsys)  # sigma_rel overrides beta
+    assert status == 0
+    betas = [(1 - 1 / k) ** (gamma + 1) for k in (1, 2, 3)]
+    assert betas[0] == 0.0 and f"{betas[1]:.4f}" in io.out
+    check(out, saves, betas)
+
+
+def test_companions_beside_their_kohya_files_are_left_out(checkpoints, tmp_path, capsys):
+    paths, saves = checkpoints
+    for p in paths:  # what `out/run-step*.safetensors` matches after a --lora_format both run
+        save_file({"diffusion_model.x.lora_A.weight": torch.zeros(1, 1)}, str(p.with_name(p.name.replace(".safetensors", ".comfyui.safetensors"))))
+    out = tmp_path / "ema.safetensors"
+    assert run([*sorted(tmp_path.glob("run-step*.safetensors")), "--output_file", out], capsys)[0] == 0
+    check(out, saves, [0.95] * 3)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.update({"lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}), "checkpoints of one run share their alphas"),
+    (lambda sd: sd.pop(KEYS[0]), f"not a checkpoint of the same LoRA: run-step00000030.safetensors lacks {KEYS[0]}"),
+])
+def test_checkpoints_of_another_run_are_refused_in_one_line(checkpoints, tmp_path, capsys, change, message):
+    paths, saves = checkpoints
+    bad = dict(saves[2])
+    change(bad)
+    save_file(bad, str(paths[2]))
+    status, io = run([*paths, "--output_file", tmp_path / "ema.safetensors"], capsys)
+    assert status == 2 and message in io.err and "Traceback" not in io.err
+    assert not (tmp_path / "ema.safetensors").exists()

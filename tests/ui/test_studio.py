@@ -1,0 +1,274 @@
+"""The studio's pieces without a browser: who may talk to it, where it may write, and that its forms, jobs and
+files are the commands' own (same flags, same checks, same files)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette", reason="the studio's extra is not installed (pip install -e .[ui])")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from musubi_tuner.errors import UserError  # noqa: E402
+from musubi_tuner.ui import commands, dataset_form  # noqa: E402
+from musubi_tuner.ui.app import create_app  # noqa: E402
+from musubi_tuner.ui.forms import command_flags, form_schema, form_values  # noqa: E402
+from musubi_tuner.ui.jobs import Jobs  # noqa: E402
+from musubi_tuner.ui.server import build_parser, serving  # noqa: E402
+from musubi_tuner.ui.workspace import Workspace  # noqa: E402
+
+STUDIO = {"X-Musubi-Studio": "1"}
+TRAIN = ["--dit", "d.pt", "--dataset_config", "x.toml", "--sdpa", "--mixed_precision", "bf16", "--fp8_base", "--optimizer_type",
+         "adamw8bit", "--learning_rate", "2e-4", "--network_module", "networks.lora", "--network_dim", "32",
+         "--network_args", "loraplus_lr_ratio=4", "exclude_patterns=['.*single.*']", "--max_train_epochs", "16", "--output_name", "a b"]
+
+
+def client(tmp_path, **kwargs) -> TestClient:
+    return TestClient(create_app(Workspace(tmp_path / "ws"), **kwargs), base_url="http://127.0.0.1:7860")
+
+
+def train_values(out: str) -> dict:
+    return form_values(commands.parser_for("train"), TRAIN + ["--output_dir", out])
+
+
+# ------------------------------------------------------------------------------------ who may talk to it
+
+
+def test_a_loopback_studio_answers_only_requests_addressed_to_loopback(tmp_path):
+    studio = client(tmp_path)
+    assert studio.get("/static/studio.css").status_code == 200
+    assert studio.get("/static/studio.css", headers={"Host": "localhost:7860"}).status_code == 200
+    rebound = studio.get("/static/studio.css", headers={"Host": "attacker.example:7860"})  # DNS rebinding
+    assert rebound.status_code == 403 and "127.0.0.1 only" in rebound.text
+
+
+def test_changes_need_the_studios_own_header_so_other_sites_cannot_post(tmp_path):
+    studio = client(tmp_path)
+    body = {"values": train_values("out")}
+    assert studio.post("/api/command/train", json=body).status_code == 403
+    assert studio.post("/api/command/train", json=body, headers=STUDIO).status_code == 200
+
+
+def test_with_a_token_nothing_is_served_without_it_and_the_printed_url_sets_a_cookie(tmp_path):
+    studio = client(tmp_path, token="s3cret-token", loopback_only=False)
+    assert studio.get("/static/studio.css").status_code == 401
+    assert studio.get("/static/studio.css?token=wrong-token").status_code == 401
+    assert studio.get("/static/studio.css", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    first = studio.get("/static/studio.css?token=s3cret-token", follow_redirects=False)
+    assert first.status_code == 303 and "token" not in first.headers["location"]
+    assert studio.get("/static/studio.css").status_code == 200  # the cookie from the redirect
+
+
+def test_listen_always_has_a_token_and_loopback_needs_none():
+    assert serving(build_parser().parse_args([])) == ("127.0.0.1", None)
+    host, token = serving(build_parser().parse_args(["--listen"]))
+    assert host == "0.0.0.0" and len(token) >= 16
+    assert serving(build_parser().parse_args(["--listen", "10.0.0.5", "--token", "longenough"])) == ("10.0.0.5", "longenough")
+    with pytest.raises(UserError, match="--token: use at least 8"):
+        serving(build_parser().parse_args(["--listen", "--token", "short"]))
+
+
+# ------------------------------------------------------------------------------------ where it may write
+
+
+def test_commands_that_would_write_outside_the_workspace_are_refused(tmp_path):
+    studio = client(tmp_path)
+    refused = studio.post("/api/command/train", json={"values": train_values(str(tmp_path / "elsewhere"))}, headers=STUDIO)
+    assert refused.status_code == 400 and refused.json()["error"].startswith(f"--output_dir = {tmp_path / 'elsewhere'}: outside the workspace")
+    escape = studio.post("/api/command/generate", json={"values": {"save_path": "../up", "dit": "d", "vae": "v", "prompt": "p"}},
+                         headers=STUDIO)
+    assert "--save_path = ../up: outside the workspace" in escape.json()["error"]
+    inside = studio.post("/api/command/train", json={"values": train_values("runs/one")}, headers=STUDIO).json()
+    assert f"--output_dir {tmp_path / 'ws' / 'runs' / 'one'}" in inside["shown"]
+
+
+def test_a_symlink_inside_the_workspace_does_not_lead_writes_or_reads_outside(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("x")
+    (workspace.root / "link").symlink_to(outside)
+    with pytest.raises(UserError, match="outside the workspace"):
+        workspace.writable("link/lora", "--output_dir")
+    studio = client(tmp_path)
+    assert studio.get("/files", params={"path": str(outside / "secret.txt")}).status_code == 403
+    assert studio.get("/files", params={"path": str(workspace.root / "link" / "secret.txt")}).status_code == 403
+
+
+def test_caching_from_the_studio_needs_the_configs_cache_folders_in_the_workspace(tmp_path):
+    from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+
+    toml = make_synthetic_dataset(tmp_path / "data", num_videos=0, num_images=1)  # caches beside it, outside the workspace
+    with pytest.raises(UserError, match=r"\[\[datasets\]\]\[0\]\.cache_directory = .*: outside the workspace"):
+        commands.caching_commands(str(toml), "vae.pt", "te1", "te2", Workspace(tmp_path / "ws"))
+    inside = make_synthetic_dataset(tmp_path / "ws" / "data", num_videos=0, num_images=1)
+    latents, text = commands.caching_commands(str(inside), "vae.pt", "te1", "te2", Workspace(tmp_path / "ws"))
+    assert latents[1:3] == [os.path.relpath(Path(commands.__file__).parents[1] / "cache_latents.py"), "--dataset_config"]
+    assert text[1].endswith("cache_text_encoder_outputs.py")
+
+
+# ------------------------------------------------------------------------------------ the commands' own forms
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "plan"])
+def test_the_form_offers_every_visible_flag_of_the_command_with_its_help(command):
+    parser = commands.parser_for(command)
+    visible = {max(a.option_strings, key=len) for a in parser._actions if a.option_strings and a.help != "==SUPPRESS=="} - {"--help"}
+    fields = [f for group in form_schema(parser) for f in group["fields"]]
+    assert {f["flag"] for f in fields} == visible
+    assert all(f["help"] for f in fields)
+
+
+def test_a_command_read_into_the_form_comes_back_as_the_same_command():
+    parser = commands.parser_for("train")
+    flags = command_flags(parser, form_values(parser, TRAIN))
+    assert vars(parser.parse_args(flags)) == vars(parser.parse_args(TRAIN))
+    assert flags[flags.index("--network_args") + 1:][:2] == ["loraplus_lr_ratio=4", "exclude_patterns=['.*single.*']"]
+
+
+def test_a_bad_value_in_the_form_is_the_commands_own_one_line_error():
+    parser = commands.parser_for("generate")
+    with pytest.raises(UserError, match=r"^--video_length 24 is not 4N\+1"):
+        command_flags(parser, {"dit": "d", "vae": "v", "save_path": "o", "prompt": "p", "video_length": "24"})
+
+
+def test_resume_reruns_the_training_command_from_the_newest_state():
+    from musubi_tuner.launch import training_command
+
+    cmd = training_command(["--output_dir", "o", "--resume", "o/x-state"])
+    assert commands.with_resume(cmd)[-4:] == ["--output_dir", "o", "--resume", "auto"]
+
+
+# ------------------------------------------------------------------------------------ the dataset form
+
+
+def test_the_dataset_form_saves_only_a_config_the_loader_accepts(tmp_path):
+    (tmp_path / "clips").mkdir()
+    config = {"general": {"resolution": [64, 64], "caption_extension": ".txt", "enable_bucket": None},
+              "datasets": [{"video_directory": "clips", "cache_directory": "cache", "target_frames": [1, 25],
+                            "frame_extraction": "heads", "control_directory": "kept as it was"}]}
+    target = tmp_path / "dataset.toml"
+    with pytest.raises(UserError, match=rf"^{target}: \[\[datasets\]\]\[0\]\.frame_extraction = \"heads\""):
+        dataset_form.save(target, config)
+    assert not target.exists() and list(tmp_path.iterdir()) == [tmp_path / "clips"]
+    config["datasets"][0]["frame_extraction"] = "chunk"
+    dataset_form.save(target, config)
+    from musubi_tuner.data.config import load_dataset_config, read_config_file
+
+    loaded = load_dataset_config(target).datasets[0]
+    assert (loaded.video_directory, loaded.target_frames, loaded.frame_extraction) == (tmp_path / "clips", (1, 25), "chunk")
+    assert read_config_file(target)["datasets"][0]["control_directory"] == "kept as it was"  # keys for other models survive
+
+
+def test_every_dataset_key_has_a_form_field():
+    from musubi_tuner.data import config
+
+    schema = dataset_form.form_schema()
+    assert {f["key"] for f in schema["video"]} == set(config.SHARED_KEYS) | set(config.VIDEO_KEYS)
+    assert {f["key"] for f in schema["image"]} == set(config.SHARED_KEYS) | set(config.IMAGE_KEYS)
+
+
+# ------------------------------------------------------------------------------------ jobs
+
+
+def test_a_job_is_a_child_process_that_a_new_server_finds_and_that_stops_on_request(tmp_path):
+    jobs = Jobs(tmp_path / "jobs")
+    job = jobs.start("generate", "sleeper", [[sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]])
+    deadline = time.monotonic() + 30
+    while "started" not in jobs.log_tail(job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    again = Jobs(tmp_path / "jobs").get(job.id)  # what a restarted server (or a reloaded page) reads
+    while again.state == "starting" and time.monotonic() < deadline:  # job.json is written just after the child starts
+        time.sleep(0.05)
+        again = Jobs(tmp_path / "jobs").get(job.id)
+    assert (again.state, again.pid, again.commands) == ("running", job.pid, job.commands)
+    jobs.stop(job.id)
+    while jobs.get(job.id).state == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert jobs.get(job.id).state == "stopped" and Jobs(tmp_path / "jobs").get(job.id).state == "stopped"
+    assert jobs.log_tail(job).startswith("$ python -c ")
+
+
+# ------------------------------------------------------------------------------------ what a dataset produces
+
+
+def test_inspecting_a_dataset_lists_its_clips_windows_previews_and_every_problem_caching_would_meet(tmp_path):
+    """Without a model: the clips are the caches caching would write, the windows per frame_extraction agree with
+    them, the preview clip has the clip's frames, and skipped / unreadable / too short items are listed with why."""
+    import numpy as np
+
+    from musubi_tuner.data.media import load_video, write_video
+    from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+    from musubi_tuner.ui.dataset_view import inspect_dataset
+
+    toml = make_synthetic_dataset(tmp_path / "data", num_videos=1, num_images=2, frames=9)
+    toml.write_text(toml.read_text().replace('target_frames = [9]\nframe_extraction = "head"',
+                                             'target_frames = [5, 13]\nframe_extraction = "uniform"\nframe_sample = 2'))
+    images = tmp_path / "data" / "images"
+    (images / "image_0001.txt").unlink()
+    (images / "broken.png").write_bytes(b"not a png")
+    (images / "broken.txt").write_text("a caption for a file that is no image")
+    write_video(tmp_path / "data" / "videos" / "short.mp4", np.zeros((3, 64, 64, 3), np.uint8))
+    (tmp_path / "data" / "videos" / "short.txt").write_text("three black frames")
+    (tmp_path / "data" / "videos" / "uncaptioned.mp4").write_bytes((tmp_path / "data" / "videos" / "clip_0000.mp4").read_bytes())
+    image_ds, video_ds = inspect_dataset(toml, tmp_path / "previews")["datasets"]
+
+    assert [(p["path"], p["what"]) for p in image_ds["problems"]] == [(str(images / "broken.png"), "failed"),
+                                                                       (str(images / "image_0001.png"), "skipped")]
+    assert "not a readable image" in image_ds["problems"][0]["reason"] and "no caption" in image_ds["problems"][1]["reason"]
+    assert [i["name"] for i in image_ds["items"]] == ["image_0000.png"] and image_ds["buckets"] == ["64x64"]
+    assert image_ds["items"][0]["text_cache"] == "missing" and image_ds["items"][0]["clips"][0]["status"] == "missing"
+
+    clip = next(i for i in video_ds["items"] if i["name"] == "clip_0000.mp4")
+    assert [(Path(p["path"]).name, p["what"]) for p in video_ds["problems"]] == [("short.mp4", "skipped"), ("uncaptioned.mp4", "failed")]
+    assert video_ds["problems"][0]["reason"] == "only 3 frames, shorter than every target_frames [5, 13]"
+    assert "uncaptioned.txt: caption file not found" in video_ds["problems"][1]["reason"]
+    assert [[c["start"], c["frames"]] for c in clip["clips"]] == clip["windows_by_mode"]["uniform"] == [[0, 5], [4, 5]]
+    assert clip["windows_by_mode"]["full"] == [[0, 9]] and len(clip["windows_by_mode"]["slide"]) == 5
+    assert [c["cache"] for c in clip["clips"]] == ["clip_0000_00000-005_0064x0064_hv.safetensors",
+                                                   "clip_0000_00004-005_0064x0064_hv.safetensors"]
+    preview, source = load_video(clip["clips"][1]["preview"]).frames, load_video(clip["path"]).frames
+    assert preview.shape == (5, 64, 64, 3) and Path(clip["clips"][1]["thumbnail"]).is_file()
+    error = lambda frames: np.abs(preview.astype(int) - frames.astype(int)).mean()  # noqa: E731
+    assert error(source[4:9]) < 4 < error(source[0:5])  # the preview shows the window's own frames (lossy mp4)
+
+
+def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_with_resume_auto(tmp_path):
+    """Through the endpoints the pages' buttons call; the 'training command' here is a Python one-liner."""
+    app = create_app(Workspace(tmp_path / "ws"))
+    studio, jobs = TestClient(app, base_url="http://127.0.0.1:7860"), app.app.state.jobs
+    script = "import sys, time; print('args', sys.argv[1:], flush=True); time.sleep(float(sys.argv[1]))"
+
+    def wait(job_id: str, state: str) -> dict:
+        deadline = time.monotonic() + 30
+        while (detail := studio.get(f"/api/jobs/{job_id}").json())["state"] != state and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return detail
+
+    running = jobs.start("train", "demo-lora", [[sys.executable, "-c", script, "20"]], {"output_dir": str(tmp_path / "ws" / "o"),
+                                                                                          "output_name": "demo-lora"})
+    wait(running.id, "running")
+    refused = studio.post(f"/api/jobs/{running.id}/resume", headers=STUDIO)
+    assert refused.status_code == 400 and refused.json()["error"] == f"{running.id} is still running"
+    assert studio.post(f"/api/jobs/{running.id}/stop", headers=STUDIO).status_code == 200
+    assert wait(running.id, "stopped")["state"] == "stopped"
+
+    resumed = studio.post(f"/api/jobs/{running.id}/resume", headers=STUDIO).json()
+    assert resumed["resumed_from"] == running.id and resumed["commands"][0][-2:] == ["--resume", "auto"]
+    assert resumed["shown"][0].endswith("time.sleep(float(sys.argv[1]))' 20 --resume auto")
+    deadline = time.monotonic() + 30
+    printed = "args ['20', '--resume', 'auto']"  # what the child got
+    while printed not in (log := studio.get(f"/api/jobs/{resumed['id']}").json()["log"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert printed in log
+    studio.post(f"/api/jobs/{resumed['id']}/stop", headers=STUDIO)
+    assert wait(resumed["id"], "stopped")["state"] == "stopped"
+
+    generation = jobs.start("generate", "a cat", [[sys.executable, "-c", "pass"]], {"save_path": str(tmp_path / "ws" / "videos")})
+    wait(generation.id, "finished")
+    assert studio.post(f"/api/jobs/{generation.id}/resume", headers=STUDIO).json()["error"].startswith("only training runs resume")

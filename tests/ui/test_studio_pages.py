@@ -1,0 +1,131 @@
+"""End to end in a browser: each page of the studio on the demo, doing what a new user does first.
+
+One test, steps in the order a user takes them, each building on the one before: caching on the dataset page,
+planning, training, then generating with the trained LoRA. One test and not one per page, so that pytest-xdist
+(bootstrap.py test) cannot hand the steps to different workers, each with its own studio.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from .conftest import screenshot
+
+pytestmark = pytest.mark.slow  # a real server, real commands as child processes, a real browser
+
+JOB_SECONDS = 240
+
+
+def test_a_new_user_sees_every_page_work_on_the_demo(studio, page):
+    cache_log = cache_the_demo_from_the_dataset_page(studio, page)
+    the_dataset_page_lists_the_items_and_buckets_that_caching_reports(studio, page, cache_log)
+    the_plan_page_prints_the_planners_answer(studio, page)
+    training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload(studio, page)
+    the_generate_page_applies_the_trained_lora_and_plays_the_video_it_made(studio, page)
+
+
+def cache_the_demo_from_the_dataset_page(studio, page) -> str:
+    """The demo dataset cached from the dataset page's button; the caching job's log (what the commands printed)."""
+    url, _ = studio
+    page.goto(f"{url}/dataset")
+    page.click("#cache")
+    page.wait_for_selector("#cache-job[data-state=finished], #cache-job[data-state=failed]", timeout=JOB_SECONDS * 1000)
+    assert page.get_attribute("#cache-job", "data-state") == "finished", page.inner_text("#cache-job")
+    return page.evaluate("document.querySelector('#cache-job .log').textContent")
+
+
+def the_dataset_page_lists_the_items_and_buckets_that_caching_reports(studio, page, cached: str):
+    url, workspace = studio
+    page.goto(f"{url}/dataset")
+    assert "[[datasets]]" in page.inner_text("#toml-text")
+    page.wait_for_selector(".dataset-summary")
+    page.wait_for_function("[...document.querySelectorAll('.latent-cache, .text-cache')].every(e => e.textContent.trim() === 'cached')")
+    summaries = page.query_selector_all(".dataset-summary")
+    # cache_latents.py's summary per dataset: "<where>: N latent caches cached, ..."
+    reported = {where: int(n) for where, n in re.findall(r"^(.*\]\[\d+\]): (\d+) latent caches cached", cached, re.M)}
+    assert len(reported) == len(summaries) == 2
+    for summary in summaries:
+        where = summary.get_attribute("data-where")
+        assert int(summary.get_attribute("data-latent-caches")) == reported[where]
+        assert int(summary.get_attribute("data-items")) == len(summary.query_selector_all("tr.item")) == 2
+    # a bucket the page shows is the one in the name of the cache file caching wrote for that item
+    row = page.query_selector(".dataset-summary tr.item")
+    name, bucket = row.query_selector(".name").inner_text(), row.query_selector(".bucket").inner_text()
+    width, height = (int(v) for v in bucket.split("x"))
+    caches = list(Path(workspace, "demo", "dataset", "cache").rglob(f"{Path(name).stem}_*_hv.safetensors"))
+    assert caches and all(c.name.endswith(f"_{width:04d}x{height:04d}_hv.safetensors") for c in caches)
+    screenshot(page, "dataset")
+
+
+def the_plan_page_prints_the_planners_answer(studio, page):
+    url, _ = studio
+    page.goto(f"{url}/plan")
+    page.fill("#f-vram_budget", "")  # one plan, not the search over option sets (seconds more)
+    page.wait_for_function("document.querySelector('#command').textContent.startsWith('python -m musubi_tuner.plan ') && "
+                           "!document.querySelector('#command').textContent.includes('vram_budget')")
+    page.click("#run-plan")
+    page.wait_for_function("document.querySelector('#plan-output').textContent.includes('needed on the GPU')", timeout=120_000)
+    screenshot(page, "plan")
+
+
+def training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload(studio, page):
+    url, _ = studio
+    page.goto(f"{url}/train")
+    page.wait_for_selector("#f-max_train_epochs")
+    page.fill("#f-max_train_epochs", "1")
+    page.fill("#f-max_data_loader_n_workers", "0")  # no reader processes to start on a small CI machine
+    page.uncheck("#f-persistent_data_loader_workers")
+    page.wait_for_function("document.querySelector('#command').textContent.includes('--max_train_epochs 1')")
+    assert page.inner_text("#command").startswith("accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 ")
+    page.click("#start")
+    page.wait_for_selector("#run[data-state=running]", timeout=30_000)
+    job = page.get_attribute("#run", "data-job")
+    # reloaded while the child process is still loading (seconds before its first step): the page finds the run again
+    page.reload()
+    page.wait_for_selector(f"#run[data-job='{job}'][data-state=running]", timeout=10_000)
+    page.wait_for_selector("#run .eta", timeout=JOB_SECONDS * 1000)  # the training steps' progress bar, with its ETA
+    page.wait_for_selector("#run[data-state=finished], #run[data-state=failed]", timeout=JOB_SECONDS * 1000)
+    assert page.get_attribute("#run", "data-state") == "finished", page.evaluate("document.querySelector('#run .log').textContent")
+    assert page.query_selector_all("#curve polyline.train, #curve circle.train")
+    assert page.query_selector_all("#curve polyline.validation, #curve circle.validation")  # the held-out items' loss
+    page.wait_for_function("document.querySelector('#sample') && document.querySelector('#sample').naturalWidth > 0")
+    page.wait_for_function("[...document.querySelectorAll('#files .file')].length > 0 && "
+                           "![...document.querySelectorAll('#files .file')].some(f => f.textContent.includes('checking'))",
+                           timeout=60_000)
+    assert "LoRA doctor" in page.inner_text("#files")
+    screenshot(page, "train")
+
+
+def the_generate_page_applies_the_trained_lora_and_plays_the_video_it_made(studio, page):
+    url, workspace = studio
+    page.goto(f"{url}/generate")
+    page.wait_for_selector("#f-video_size")
+    page.fill("#f-video_size", "64 64")
+    page.fill("#f-video_length", "5")
+    page.fill("#f-infer_steps", "2")
+    # the LoRA the training page made, picked from the workspace's LoRAs, with its multiplier
+    lora = str(Path(workspace, "output", "demo-lora.safetensors").resolve())
+    page.select_option("#lora-pick", lora)
+    page.fill("#lora-mult", "0.8")
+    page.click("#lora-add")
+    # an I2V first frame uploaded into the workspace fills --image_path (cleared again: the demo's DiT is T2V)
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image, format="PNG")
+    page.set_input_files("#upload", files=[{"name": "first frame.png", "mimeType": "image/png", "buffer": image.getvalue()}])
+    page.wait_for_function("document.querySelector('#f-image_path').value.endsWith('first frame.png')")
+    uploaded = Path(page.input_value("#f-image_path"))
+    assert uploaded.parent == Path(workspace, "uploads").resolve() and uploaded.read_bytes() == image.getvalue()
+    page.fill("#f-image_path", "")
+    page.wait_for_function("([lora]) => { const c = document.querySelector('#command').textContent; return c.includes('--infer_steps 2') "
+                           "&& c.includes(`--lora_weight ${lora} --lora_multiplier 0.8`) && !c.includes('--image_path'); }", arg=[lora])
+    assert page.inner_text("#command").startswith("python src/musubi_tuner/hv_generate_video.py ")
+    page.click("#generate")
+    page.wait_for_selector("#run video.result", timeout=JOB_SECONDS * 1000)
+    page.wait_for_function("(() => { const v = document.querySelector('#run video.result'); "
+                           "return v.readyState >= 2 && v.duration > 0 && !v.error; })()", timeout=30_000)
+    screenshot(page, "generate")
