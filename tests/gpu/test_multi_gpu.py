@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import free_port
 from musubi_tuner.networks.lora_files import load_lora
-from training.test_distributed import ROOT, assets, train_args  # noqa: F401 (assets is a fixture)
+from training.test_distributed import assets, train_args  # noqa: F401 (assets is a fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.gpu
 
@@ -34,7 +37,7 @@ def test_two_gpus_over_nccl_train_as_one_gpu_with_twice_the_batch(assets, tmp_pa
         pytest.skip(f"needs two CUDA GPUs; this machine has {torch.cuda.device_count()}")
     if not torch.distributed.is_nccl_available():
         pytest.skip("this torch build has no NCCL")
-    dit, per_process, doubled = assets
+    dit, per_process, doubled, _ = assets
     two, one = tmp_path / "two", tmp_path / "one"
     run = launch(2, train_args(dit, per_process, two))
     assert run.returncode == 0, run.stderr[-3000:]

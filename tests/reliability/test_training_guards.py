@@ -131,7 +131,7 @@ def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_
     from musubi_tuner.training.checkpointing import CheckpointSaver
 
     saver = CheckpointSaver.__new__(CheckpointSaver)  # only the pruning: no network, no accelerator
-    saver.out, saver.name, saver.accelerator = tmp_path, "x", SimpleNamespace(is_main_process=True)
+    saver.out, saver.name, saver.accelerator, saver.hub = tmp_path, "x", SimpleNamespace(is_main_process=True), None
     saver.args = SimpleNamespace(save_every_n_steps=2, save_last_n_steps=4, save_last_n_steps_state=None, save_state=True,
                                  save_every_n_epochs=1, save_last_n_epochs=2, save_last_n_epochs_state=None)
     for stem in [f"x-step{s:08d}" for s in (2, 4, 6, 8, 10)] + [f"x-{e:06d}" for e in (1, 2, 3, 4)] + ["xy-step00000002"]:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from musubi_tuner.files import atomic_write, pid_alive
@@ -109,17 +109,18 @@ class Jobs:
             self._processes[job.id] = process
             job.pid, job.current, job.state = process.pid, index, "running"
             self._save(job)
-            returncode = process.wait()
-            self._processes.pop(job.id, None)
+            returncode = process.wait()  # the process stays listed until the next one or _finish: never "lost" meanwhile
             if returncode != 0 or job.id in self._stopping:
                 self._finish(job, returncode)
                 return
         self._finish(job, 0)
 
     def _finish(self, job: Job, returncode: int) -> None:
-        job.returncode, job.ended = returncode, time.time()
-        job.state = "stopped" if job.id in self._stopping else ("finished" if returncode == 0 else "failed")
-        self._save(job)
+        state = "stopped" if job.id in self._stopping else ("finished" if returncode == 0 else "failed")
+        ended = replace(job, returncode=returncode, ended=time.time(), state=state)
+        self._save(ended)  # on disk first: whoever sees the job end here (a page, another server) finds it there too
+        job.returncode, job.ended, job.state = ended.returncode, ended.ended, ended.state
+        self._processes.pop(job.id, None)
 
     # ------------------------------------------------------------------ reading
 
@@ -131,8 +132,10 @@ class Jobs:
         if job is None:
             raise KeyError(job_id)
         if job.state == "running" and job.id not in self._processes and job.pid and not pid_alive(job.pid):
-            job.state, job.ended = "lost", time.time()  # started by an earlier server, ended while nobody watched
-            self._save(job)
+            job = self._jobs[job_id] = self._read(job)  # the server running it may have written its end just now
+            if job.state == "running":
+                job.state, job.ended = "lost", time.time()  # started by an earlier server, ended while nobody watched
+                self._save(job)
         return job
 
     def all(self) -> list[Job]:
@@ -161,6 +164,12 @@ class Jobs:
 
     def summary(self, job: Job) -> dict:
         return {**asdict(job), "shown": job.shown}
+
+    def _read(self, job: Job) -> Job:
+        try:
+            return Job(**json.loads((self.path(job) / "job.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return job
 
     def _save(self, job: Job) -> None:
         with atomic_write(self.path(job) / "job.json") as tmp:
