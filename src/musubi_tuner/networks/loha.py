@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from musubi_tuner.networks.lora import AdapterModule, LoRANetwork, _parse_network_args, network_from_weights
+from musubi_tuner.networks.lora import AdapterModule, LoRANetwork, _parse_network_args, check_network_args, network_from_weights  # noqa: F401 (check_network_args: the trainer asks this module)
 from musubi_tuner.networks.lycoris_math import loha_delta
 
 logger = logging.getLogger(__name__)

@@ -84,6 +84,11 @@ def _factor(kwargs: dict) -> int:
     return factor
 
 
+def check_network_args(kwargs: dict) -> None:
+    _factor(kwargs)
+    _parse_network_args(kwargs)
+
+
 def create_arch_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoders,
                         unet: nn.Module, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
     warn_network_dropout("LoKr", neuron_dropout)

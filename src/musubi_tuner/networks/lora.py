@@ -10,6 +10,7 @@ musubi-tuner's trainer calls, so LyCORIS-style modules plug in the same way.
 from __future__ import annotations
 
 import ast
+import difflib
 import logging
 import math
 import re
@@ -300,8 +301,22 @@ class LoRANetwork(nn.Module):
 # --------------------------------------------------------------------------------------------- entry points
 
 
+NETWORK_ARGS = ("rank_dropout", "module_dropout", "loraplus_lr_ratio", "include_patterns", "exclude_patterns", "verbose")
+MODULE_ARGS = {"factor": "networks.lokr"}  # what only one network module reads (it takes it out before the others)
+
+
 def _parse_network_args(kwargs: dict) -> dict:
-    """`--network_args key=value` strings (already split into kwargs) to typed options."""
+    """`--network_args key=value` strings (already split into kwargs) to typed options. A key no module reads is
+    refused, naming the closest one: musubi-tuner ignores it silently, and a misspelt `rank_dropuot` trains without it."""
+    for key in kwargs:
+        if key in NETWORK_ARGS:
+            continue
+        if key in MODULE_ARGS:
+            raise UserError(f"--network_args {key}=...: only --network_module {MODULE_ARGS[key]} reads it")
+        close = difflib.get_close_matches(key, NETWORK_ARGS + tuple(MODULE_ARGS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"--network_args {key}: not an option of the network modules ({hint}they read: "
+                        f"{', '.join(NETWORK_ARGS + tuple(MODULE_ARGS))})")
     opts = {}
     for key, low, high in (("rank_dropout", 0.0, 0.99), ("module_dropout", 0.0, 0.99), ("loraplus_lr_ratio", 0.0, float("inf"))):
         if kwargs.get(key) is not None:
@@ -335,6 +350,11 @@ def _parse_network_args(kwargs: dict) -> dict:
     if "verbose" in kwargs:
         opts["verbose"] = str(kwargs["verbose"]).lower() == "true"
     return opts
+
+
+def check_network_args(kwargs: dict) -> None:
+    """Before any model loads: every --network_args key is one this module reads, with a value it takes."""
+    _parse_network_args(kwargs)
 
 
 def create_arch_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoders,

@@ -103,6 +103,7 @@ def check_args(args) -> None:
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
     check_lora_files(args)
+    network_options(args)
     from musubi_tuner.training.hub import check_hub_args
 
     check_hub_args(args)
@@ -215,10 +216,19 @@ def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
     return dit
 
 
-def build_network(args, dit: HunyuanVideoDiT):
+def network_options(args):
+    """--network_module and its --network_args: the module, and the arguments it reads (checked, when it can say)."""
     module = load_network_module(args.network_module)
     net_kwargs = parse_key_values(args.network_args, "--network_args")
     net_kwargs = {k: v if isinstance(v, str) else repr(v) if isinstance(v, (list, tuple)) else str(v) for k, v in net_kwargs.items()}
+    check = getattr(module, "check_network_args", None)
+    if check is not None:
+        check(dict(net_kwargs))
+    return module, net_kwargs
+
+
+def build_network(args, dit: HunyuanVideoDiT):
+    module, net_kwargs = network_options(args)
     allow_partial = getattr(args, "allow_partial_lora", False)
     if args.dim_from_weights:
         from musubi_tuner.networks.lora_files import load_network_weights
