@@ -181,7 +181,7 @@ def load_network_module(name: str):
         except ModuleNotFoundError as e:
             if e.name not in (candidate, candidate.rsplit(".", 1)[0]):
                 raise
-    raise UserError(f"--network_module {name}: no such module (try networks.lora)")
+    raise UserError(f"--network_module {name}: no such module (this project has networks.lora, networks.loha and networks.lokr)")
 
 
 def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
