@@ -22,6 +22,7 @@ import argparse
 
 from musubi_tuner.cli import Parser
 from musubi_tuner.errors import run_cli
+from musubi_tuner.files import refuse_overwriting_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,7 @@ def main(argv=None) -> None:
         from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora
         from musubi_tuner.networks.lora_metadata import with_naming
 
+        refuse_overwriting_inputs(args.output, "--output", {"--input": [args.input]})
         contents = read_lora(args.input, args.allow_partial_lora)
         if args.target == "other":
             out = other_state_dict(contents.patches, args.diffusers_prefix or "diffusion_model")

@@ -22,7 +22,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -145,6 +145,23 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     except OSError as e:
         raise UserError(f"{folder}: cannot write to this folder ({e.strerror or e}); fix its permissions or choose another {flag}") from None
     return folder
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike, output_flag: str, inputs: Mapping[str, Sequence]) -> None:
+    """An output that is one of the command's own inputs (the same file under any name or link) is refused before
+    any work: writing it would replace what the run reads, and a base model or a checkpoint would be gone."""
+    out = Path(output)
+    if not out.exists():
+        return
+    for flag, paths in inputs.items():
+        for path in paths or ():
+            try:
+                same = os.path.samefile(out, path)
+            except OSError:
+                continue
+            if same:
+                raise UserError(f"{output_flag} {output}: is {path}, which this command reads ({flag}); write to another "
+                                f"file (rename it afterwards if you mean to replace it)")
 
 
 def _default_mode(path: Path) -> int:

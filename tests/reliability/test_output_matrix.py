@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from reliability_cases import (
     NOISE,
@@ -25,6 +27,19 @@ def merged_before(a, tmp, *extra):
     result = run_command("merge_lora", merge_argv(a, tmp), tmp)
     assert result.code == 0, result.err[-3000:]
     return merge_argv(a, tmp, extra=["--lora_multiplier", "0.5", *extra])
+
+
+def own_copy(path, tmp):
+    """A copy of an asset in tmp/own, which the case may name as its output (and must keep)."""
+    import shutil
+
+    (tmp / "own").mkdir(exist_ok=True)
+    return Path(shutil.copy2(path, tmp / "own" / path.name))
+
+
+def link(path, target):
+    path.symlink_to(target)
+    return path
 
 
 def nan_dit(a, tmp):
@@ -107,7 +122,18 @@ CASES = [
     Case("generate-dry-run-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t, "--dry_run"),
          r"videos: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --save_path",
          read_only="videos", then=nothing_generated),
-    # --- converting, planning, inspecting
+    Case("merge-output-is-the-dit", "merge_lora",
+         lambda a, t: ["--dit", str(own_copy(a.dit_st, t)), "--lora_weight", str(a.lora), "--device", "cpu",
+                       "--save_merged_model", str(link(t / "merged.safetensors", t / "own" / a.dit_st.name))],
+         r"--save_merged_model .*: is .*, which this command reads \(--dit\)", keep=lambda a, t: [t / "own" / a.dit_st.name]),
+    # --- converting, averaging, planning, inspecting
+    Case("convert-output-is-the-input", "convert_lora",
+         lambda a, t: ["--input", str(own_copy(a.lora, t)), "--output", str(t / "own" / ".." / "own" / a.lora.name), "--target", "other"],
+         r"--output .*: is .*, which this command reads \(--input\)", keep=lambda a, t: [t / "own" / a.lora.name]),
+    Case("post-hoc-ema-output-is-a-checkpoint", "lora_post_hoc_ema",
+         lambda a, t: [str(own_copy(a.lora, t)), str(a.lora), "--output_file", str(t / "own" / a.lora.name)],
+         r"--output_file .*: is .*, which this command reads \(the checkpoints to average\)",
+         keep=lambda a, t: [t / "own" / a.lora.name]),
     Case("convert-missing-input", "convert_lora",
          lambda a, t: ["--input", str(t / "nope.safetensors"), "--output", str(t / "out.safetensors"), "--target", "other"],
          r"nope\.safetensors: LoRA file not found"),
