@@ -361,6 +361,13 @@ def test_utilisation_is_learnt_per_gpu_family_and_attention_kernel():
     assert sage / sdpa == pytest.approx(1 / ((1 - a) + a / ATTENTION_SPEEDUP["sageattn"]))
     given = plan(work, MemoryOptions(attn_mode="sageattn"), gpu("h100"), utilisation=0.5, include_encoders=False)
     assert given.utilisation == 0.5
+    # the commands' own flags choose the kernel: hv_generate_video's --attn_mode, the trainer's --flash_attn
+    import argparse
+
+    from musubi_tuner.planning.from_args import options_from_args
+
+    assert options_from_args(argparse.Namespace(attn_mode="sageattn"), "generate").attn_mode == "sageattn"
+    assert options_from_args(argparse.Namespace(sdpa=False, flash_attn=True), "train").attn_mode == "flash"
 
 
 # ------------------------------------------------------------------------------------------- several processes
