@@ -12,6 +12,7 @@ from __future__ import annotations
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V
 from musubi_tuner.hunyuan.cost import forward_flops, train_step_flops
 from musubi_tuner.planning import MemoryOptions, Workload, fit_budget, gpu, plan
+from musubi_tuner.planning.calibration import fitted_utilisation
 from musubi_tuner.planning.report import duration
 from musubi_tuner.planning.timing import default_gpu_for_budget
 
@@ -50,13 +51,14 @@ def stage_table(mode: str, opts: MemoryOptions) -> str:
 
 def flops_table() -> str:
     h100 = gpu("h100")
-    lines = ["| video | tokens | forward | training step (checkpointing) | at 40% of H100 bf16 | 50 denoising steps at 40% of H100 |",
+    share = fitted_utilisation("h100")
+    lines = [f"| video | tokens | forward | training step (checkpointing) | at {share:.0%} of H100 bf16 | 50 denoising steps at {share:.0%} of H100 |",
              "|---|---|---|---|---|---|"]
     for h, w in SIZES:
         work = Workload(HUNYUAN_T2V, h, w, 129)
         fwd = forward_flops(HUNYUAN_T2V, work.latent_shape, 256)
         step = train_step_flops(HUNYUAN_T2V, work.latent_shape, 256, 1, 32, True)
-        rate = h100.bf16_tflops * 1e12 * 0.4
+        rate = h100.bf16_tflops * 1e12 * share
         lines.append(f"| {h}x{w}x129 | {work.image_tokens:,} + 256 | {fwd.total / 1e12:,.0f} TFLOP ({fwd.attention / fwd.total:.0%} attention) | "
                      f"{step.total / 1e12:,.0f} TFLOP | {duration(step.total / rate)} / step | {duration(50 * fwd.total / rate)} |")
     return "\n".join(lines)

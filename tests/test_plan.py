@@ -331,6 +331,45 @@ def test_budget_search_keeps_the_memory_options_the_user_gave():
     assert tried.best.options.blocks_to_swap == 1  # the fastest that fits: the user's own count
 
 
+def test_time_comes_within_30_percent_of_every_published_time_or_says_why():
+    from pathlib import Path
+
+    from musubi_tuner.planning.calibration import PUBLISHED, markdown_tables, predicted_seconds
+
+    for figure in PUBLISHED:
+        ratio = predicted_seconds(figure) / figure.seconds
+        # a figure said to be out of reach must really be (else its reason is stale); fits reproduce their figure
+        assert (0.7 <= ratio <= 1.3) != bool(figure.outside), (figure.setting(), ratio)
+        if figure.fit:
+            assert 0.9 <= ratio <= 1.1, (figure.setting(), ratio)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "memory_planner.md").read_text()
+    assert markdown_tables() in page  # the page shows today's model (regenerate: python bench/plan_calibration.py)
+
+
+def test_utilisation_is_learnt_per_gpu_family_and_attention_kernel():
+    from musubi_tuner.planning.calibration import ATTENTION_SPEEDUP, fitted_utilisation
+    from musubi_tuner.planning.planner import calibrated_utilisation
+
+    # H100 at 1,904 s for 50 steps of 12,069 TFLOP: 32%; its 960x960 figure (same tokens) 35%: their geometric mean
+    assert fitted_utilisation("h100") == pytest.approx((50 * 12069 / 1904.08 / 989.4 * 50 * 12069 / 1735.01 / 989.4) ** 0.5, rel=2e-3)
+    assert fitted_utilisation("rtx3090") == fitted_utilisation("a800") and fitted_utilisation("rtx4090") == fitted_utilisation("l20")
+    work = Workload(HUNYUAN_T2V, 544, 960, 97, mode="generate")
+    fwd = forward_flops(HUNYUAN_T2V, work.latent_shape, work.text_tokens)
+    a = fwd.attention / fwd.total
+    sdpa, sage = (calibrated_utilisation(work, MemoryOptions(attn_mode=m), gpu("rtx4090")) for m in ("sdpa", "sageattn"))
+    assert sdpa == fitted_utilisation("l20")
+    assert sage / sdpa == pytest.approx(1 / ((1 - a) + a / ATTENTION_SPEEDUP["sageattn"]))
+    given = plan(work, MemoryOptions(attn_mode="sageattn"), gpu("h100"), utilisation=0.5, include_encoders=False)
+    assert given.utilisation == 0.5
+    # the commands' own flags choose the kernel: hv_generate_video's --attn_mode, the trainer's --flash_attn
+    import argparse
+
+    from musubi_tuner.planning.from_args import options_from_args
+
+    assert options_from_args(argparse.Namespace(attn_mode="sageattn"), "generate").attn_mode == "sageattn"
+    assert options_from_args(argparse.Namespace(sdpa=False, flash_attn=True), "train").attn_mode == "flash"
+
+
 # ------------------------------------------------------------------------------------------- several processes
 
 

@@ -25,6 +25,7 @@ from musubi_tuner.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from musubi_tuner.hunyuan.attention import ATTENTION_MODES
     from musubi_tuner.inference.step_cache import add_step_cache_flags
     from musubi_tuner.planning.from_args import NAMED_MODELS
     from musubi_tuner.planning.options import OPTIMIZERS
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_checkpointing", action="store_true", help="training: recompute activations")
     g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true", help="training: block inputs in host memory")
     g.add_argument("--split_attn", action="store_true", help="attention one sample at a time")
+    g.add_argument("--attn_mode", choices=ATTENTION_MODES, default="sdpa",
+                   help="attention kernel (its published speed enters the time: sageattn ~2.1x flash-attention 2)")
     g.add_argument("--img_in_txt_in_offloading", action="store_true", help="input embedders in host memory")
     g.add_argument("--network_dim", type=count(1), default=32, help="LoRA rank")
     g.add_argument("--optimizer_type", default="adamw", type=str.lower, choices=OPTIMIZERS, help="optimizer (its state is memory)")
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu", choices=tuple(GPUS), default=None, help="throughput figures for the time estimate "
                    "(default rtx4090, or h100 for budgets above 24G)")
     g.add_argument("--tflops", type=real(above=0), default=None, help="override: dense bf16 TFLOP/s")
-    g.add_argument("--utilisation", type=real(0.01, 1), default=None, help="share of peak FLOP/s reached (default 0.4)")
+    g.add_argument("--utilisation", type=real(0.01, 1), default=None, help="share of peak FLOP/s reached "
+                   "(default: calibrated per GPU and attention kernel from published times, docs/memory_planner.md)")
     g.add_argument("--pcie_gbps", type=real(above=0), default=None, help="override: host-to-device GB/s from pinned memory")
     g.add_argument("--link_gbps", type=real(above=0), default=None,
                    help="override: GPU-to-GPU GB/s in one direction (NVLink; PCIe ~25), for --context_parallel")

@@ -15,7 +15,7 @@ from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.planner import Plan, fit_budget, plan
 from musubi_tuner.planning.report import format_plan, format_search
-from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, default_gpu_for_budget, gpu
+from musubi_tuner.planning.timing import GPU, default_gpu_for_budget, gpu
 
 NAMED_MODELS = {"t2v-720p": HUNYUAN_T2V, "skyreels-t2v": HUNYUAN_T2V, "skyreels-i2v": SKYREELS_I2V}
 
@@ -48,6 +48,7 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         gradient_checkpointing=bool(get("gradient_checkpointing", False)) and mode == "train",
         gradient_checkpointing_cpu_offload=bool(get("gradient_checkpointing_cpu_offload", False)) and mode == "train",
         split_attn=bool(get("split_attn", False)),
+        attn_mode=_attention_mode(args, mode),
         img_in_txt_in_offloading=bool(get("img_in_txt_in_offloading", False)),
         network_dim=int(get("network_dim", 32)),
         optimizer_type=(get("optimizer_type", "") or "adamw").lower(),
@@ -66,6 +67,16 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         context_parallel=int(get("context_parallel", 1)),
         cfg_parallel=bool(get("cfg_parallel", False)) or (mode == "generate" and _launched_processes() == 2 * int(get("context_parallel", 1))),
     )
+
+
+def _attention_mode(args, mode: str) -> str:
+    """hv_generate_video's --attn_mode; hv_train_network's --sdpa / --flash_attn / --xformers / --flash3 flags."""
+    if mode == "generate" or getattr(args, "attn_mode", None):
+        return getattr(args, "attn_mode", None) or "sdpa"
+    for flag, name in (("flash_attn", "flash"), ("xformers", "xformers"), ("flash3", "flash3")):
+        if getattr(args, flag, False) and not getattr(args, "sdpa", False):
+            return name
+    return "sdpa"
 
 
 def _launched_processes() -> int:
@@ -128,7 +139,7 @@ def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frame
     budget_text = getattr(args, "vram_budget", None)
     budget = parse_budget(budget_text) if budget_text else None
     device = device_from_args(args, budget)
-    utilisation = float(getattr(args, "utilisation", None) or DEFAULT_UTILISATION)
+    utilisation = getattr(args, "utilisation", None)  # None: calibrated for the GPU and the attention kernel
     if budget:
         search = fit_budget(work, opts, budget, device, utilisation)
         out(format_search(search, budget_text))

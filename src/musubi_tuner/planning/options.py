@@ -63,6 +63,7 @@ class MemoryOptions:
     gradient_checkpointing: bool = False
     gradient_checkpointing_cpu_offload: bool = False
     split_attn: bool = False
+    attn_mode: str = "sdpa"  # the attention kernel: its speed enters the time (calibration.ATTENTION_SPEEDUP)
     img_in_txt_in_offloading: bool = False
     network_dim: int = 32  # LoRA rank (training; generation with LoRAs merges them unless --fp8)
     optimizer_type: str = "adamw"

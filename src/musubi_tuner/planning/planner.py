@@ -20,7 +20,7 @@ from musubi_tuner.planning import encoders, vae
 from musubi_tuner.planning.dit_step import replay_sampling_call, replay_training_step, swapped_blocks
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.sizes import dit_sizes
-from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, StepTime, compute_seconds, overlapped_swap_seconds
+from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, StepTime, compute_seconds, overlapped_swap_seconds, utilisation_for
 from musubi_tuner.planning.trace import MemoryTrace
 
 GB = 1e9
@@ -81,9 +81,12 @@ class Plan:
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float = DEFAULT_UTILISATION,
+def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | None = None,
          include_encoders: bool = True) -> Plan:
-    """Memory per stage and time per step of running `work` with `opts` on `device`."""
+    """Memory per stage and time per step of running `work` with `opts` on `device` (at `utilisation` of its peak;
+    None: calibrated for the GPU and attention kernel)."""
+    if utilisation is None:
+        utilisation = calibrated_utilisation(work, opts, device)
     warnings = _warnings(work, opts)
     stages = []
     train = work.mode == "train"
@@ -110,6 +113,12 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float = 
     time = step_time(work, opts, device, utilisation)
     return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, utilisation=utilisation,
                 warnings=warnings)
+
+
+def calibrated_utilisation(work: Workload, opts: MemoryOptions, device: GPU) -> float:
+    """The GPU family's share of peak learnt from published times, adjusted for the attention kernel."""
+    fwd = forward_flops(work.config, work.latent_shape, work.text_tokens, work.batch)
+    return utilisation_for(device, opts.attn_mode, fwd.attention / fwd.total)
 
 
 def step_flops(work: Workload, opts: MemoryOptions) -> tuple[int, str]:
@@ -241,7 +250,7 @@ class Search:
     also_fit: list[Candidate]  # slower sets that fit
 
 
-def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GPU, utilisation: float = DEFAULT_UTILISATION,
+def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GPU, utilisation: float | None = None,
                allow_fp8: bool = True) -> Search:
     """Try option sets from the fastest down and keep the fastest whose every stage fits in `budget_gb`.
 

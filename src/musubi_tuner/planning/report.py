@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from musubi_tuner.planning.planner import ALLOCATOR_MARGIN, CUDA_CONTEXT, GB, Plan, Search
+from musubi_tuner.planning.planner import ALLOCATOR_MARGIN, CUDA_CONTEXT, GB, Plan, Search, calibrated_utilisation
 from musubi_tuner.planning.sizes import dit_sizes
 
 
@@ -52,7 +52,7 @@ def format_plan(plan: Plan) -> str:
     what = "training step" if train else "denoising step"
     lines.append(f"FLOPs per {what}: {plan.flops_per_step / 1e12:,.0f} TFLOP ({plan.flops_note})")
     lines.append(f"time per {what} on {g.name} ({g.bf16_tflops:g} TFLOP/s bf16 dense, {plan.utilisation:.0%} "
-                 f"utilisation assumed): {duration(t.total_s)} = {duration(t.compute_s)} compute"
+                 f"of it {how_utilisation(plan)}): {duration(t.total_s)} = {duration(t.compute_s)} compute"
                  + (f" + {duration(t.transfer_s)} transfers not hidden" if t.transfer_s else "")
                  + (f" + {duration(t.dequant_s)} fp8 dequantization" if t.dequant_s else "")
                  + (f" + {duration(t.collectives_s)} collectives" if t.collectives_s else ""))
@@ -113,3 +113,10 @@ def format_search(search: Search, budget_label: str) -> str:
     lines.append("")
     lines.append(format_plan(search.best.plan))
     return "\n".join(lines)
+
+
+def how_utilisation(plan: Plan) -> str:
+    """Where the share of peak came from: the calibration for this GPU and kernel, or the user."""
+    if plan.utilisation != calibrated_utilisation(plan.workload, plan.options, plan.gpu):
+        return "as given"
+    return f"with {plan.options.attn_mode} attention, learnt from published times: docs/memory_planner.md"
