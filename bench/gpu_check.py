@@ -68,10 +68,15 @@ class Video:
         return Workload(config=FULL, height=self.height, width=self.width, frames=self.frames, text_tokens=TEXT_TOKENS)
 
 
-VIDEOS = (
-    Video(544, 960, 97, 30, 2, 889.0, "rtx4090", "SkyReels V1 README: 544x960x97, 30 steps, CFG, one RTX 4090"),
-    Video(720, 1280, 129, 50, 1, 1904.0, "h100", "HunyuanVideo README: 720x1280x129, 50 steps, one GPU"),
-)
+def published_video(gpu: str, height: int, width: int) -> Video:
+    """A one-GPU figure of the planner's calibration table (planning/calibration.py, which names its source)."""
+    from musubi_tuner.planning.calibration import PUBLISHED
+
+    f = next(p for p in PUBLISHED if (p.gpu, p.height, p.width, p.processes) == (gpu, height, width, 1))
+    return Video(f.height, f.width, f.frames, f.steps, 2 if f.guidance != 1.0 else 1, f.seconds, f.gpu, f.source)
+
+
+VIDEOS = (published_video("rtx4090", 544, 960), published_video("h100", 720, 1280))
 
 
 @dataclass(frozen=True)
