@@ -12,15 +12,15 @@ Each option set runs in two fresh processes (tests/plan_runs.py builds the run a
 - "RSS": the resident set's high-water mark during the second step above the resident set before the
   model was built, with glibc's mmap threshold fixed so freed tensors leave the resident set
   (bench/common.py).
-The prediction is `replay_training_step` / `replay_sampling_call` with on_cpu=True: host and device
-are one memory, so block swap's host-resident weights count once and its on-device copies add to them.
+The prediction is `planning.dit_trace.dit_peak` with on_cpu=True (the real modules traced on fake tensors): host
+and device are one memory, so block swap's host-resident weights count once and its on-device copies add to them.
 
 Predictions of the error, written before the first run of this script (from the small configs of
 tests/test_plan.py, which agree within 6%):
 - tensors: within +-4% for every training set, +-2% for sampling;
 - RSS: 3-10% above the prediction (predicted/measured - 1 between -3% and -10%): glibc's heap for the
   many small tensors, oneDNN's bf16 reorder buffers and scratchpads, CPU flash attention's per-thread
-  buffers and the autograd graph's own objects are resident but are not tensors the replay counts.
+  buffers and the autograd graph's own objects are resident but are not tensors a trace counts.
 """
 
 from __future__ import annotations
@@ -104,10 +104,10 @@ def measure(name: str) -> dict:
 
 
 def predict(name: str) -> int:
-    from musubi_tuner.planning.dit_step import replay_sampling_call, replay_training_step
+    from musubi_tuner.planning.dit_trace import dit_peak
 
     work, opts = work_and_options(name)
-    return (replay_training_step if work.mode == "train" else replay_sampling_call)(work, opts, on_cpu=True).device.peak
+    return dit_peak(work, opts, on_cpu=True)[0].total
 
 
 def main() -> None:

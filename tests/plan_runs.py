@@ -176,37 +176,6 @@ def measured_tensor_bytes(work: Workload, opts: MemoryOptions) -> tuple[int, int
     return counter.peak, before
 
 
-def saved_bytes_by_block(work: Workload, opts: MemoryOptions) -> dict[tuple[str, int], int]:
-    """Bytes autograd saves in each block's forward (torch.autograd.graph.saved_tensors_hooks), each storage
-    counted once, in the first block that saves it; weights and the rope tables every block shares excluded."""
-    run = TrainingRun(work, opts)
-    model = run.model
-    existing = {t.untyped_storage().data_ptr() for t in run.existing_tensors()}
-    current: list = [None]
-    for kind, blocks in (("double", model.double_blocks), ("single", model.single_blocks)):
-        for i, block in enumerate(blocks):
-            block.register_forward_pre_hook(lambda m, a, key=(kind, i): current.__setitem__(0, key))
-            block.register_forward_hook(lambda m, a, o: current.__setitem__(0, None))
-    seen: dict[int, tuple[str, int] | None] = {}
-    totals: dict[tuple[str, int], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in existing or ptr in seen:
-            return t
-        seen[ptr] = current[0]
-        if current[0] is not None:
-            totals[current[0]] = totals.get(current[0], 0) + t.untyped_storage().nbytes()
-        return t
-
-    b = run.batch
-    B = work.batch
-    x = torch.randn(B, work.config.in_channels, *work.latent_shape)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.act_bytes == 2):
-        model(x, torch.full((B,), 600.0), b["llm"], b["llm_mask"], b["clipL"], torch.full((B,), 1.0))
-    return totals  # the first double block also holds the rope tables all blocks share; compare later blocks
-
-
 def measured_cuda_peak(work: Workload, opts: MemoryOptions) -> tuple[int, int]:
     """On the GPU: (torch.cuda.max_memory_allocated during a steady-state step, bytes allocated before it)."""
     run = make_run(work, opts, "cuda")

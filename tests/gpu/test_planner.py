@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from musubi_tuner.hunyuan.config import DiTConfig
-from musubi_tuner.planning.dit_step import replay_sampling_call, replay_training_step
+from musubi_tuner.planning.dit_trace import dit_peak
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from plan_runs import measured_cuda_peak
 
@@ -41,8 +41,7 @@ def test_the_planner_predicts_the_allocators_peak_within_15_percent(name):
     work = Workload(**{**WORK, **work_changes})
     opts = MemoryOptions(**opts_changes)
     measured, before = measured_cuda_peak(work, opts)
-    replay = replay_training_step if work.mode == "train" else replay_sampling_call
-    predicted = replay(work, opts).device.peak
+    predicted = dit_peak(work, opts)[0].total
     gib = 2**30
     assert abs(predicted / measured - 1) < 0.15, (
         f"{name}: planned {predicted / gib:.2f} GiB, allocator peak {measured / gib:.2f} GiB "

@@ -40,7 +40,7 @@ class AttentionContext:
         """Attention of the joint [image, text] sequence (B, L, H, D) -> (B, L, H * D), over the group's tokens when sharded."""
         if self.shards is None:
             return attention(q, k, v, self.lengths, self.mode, self.split, self.host_lengths)
-        return self.shards.attention(q, k, v, self.lengths, self.mode, self.split)
+        return self.shards.attention(q, k, v, self.lengths, self.mode, self.split, self.host_lengths)
 
 
 # ----------------------------------------------------------------------------------------- small helpers

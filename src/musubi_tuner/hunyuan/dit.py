@@ -136,7 +136,7 @@ class HunyuanVideoDiT(nn.Module):
             shards = self.sequence_parallel.shard(img_len, txt_len)
             img, txt, rotation = shards.image(img), shards.text(txt), shards.rotation(rotation)
             attn_lengths = shards.lengths(text_lengths, B, img.device)
-            attn_host_lengths = None  # the group's lengths: read from the tensor where a kernel needs them
+            attn_host_lengths = tuple(img_len + n for n in host_lengths or (txt_len,) * B)  # the group's, as `lengths`
         ctx = AttentionContext(
             mode=self.attn_mode,
             split=self.split_attn,

@@ -108,7 +108,7 @@ class Shards:
 
     # ---------------------------------------------------------------------------------- attention
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None, mode: str,
-                  split: bool) -> torch.Tensor:
+                  split: bool, host_lengths: tuple[int, ...] | None = None) -> torch.Tensor:
         """Attention of the local joint shard [image S, text T] against every token of the group.
 
         q, k, v (B, S + T, H, D) -> (B, S + T, H * D). `lengths` count valid tokens of [image, text] (see `lengths`)."""
@@ -116,7 +116,7 @@ class Shards:
         n = self.sp.size
         qkv = _AllToAll.apply(torch.stack([q, k, v]), 3, 2, self.sp)  # (3, B, n * L, H / n, D)
         q, k, v = self._canonical(qkv).unbind(0)
-        out = attention(q, k, v, lengths, mode, split).view(B, -1, H // n, D)
+        out = attention(q, k, v, lengths, mode, split, host_lengths).view(B, -1, H // n, D)
         out = _AllToAll.apply(self._uncanonical(out), 1, 2, self.sp)  # (B, L, H, D)
         return out.reshape(B, L, H * D)
 

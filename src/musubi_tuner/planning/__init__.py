@@ -3,8 +3,9 @@
     from musubi_tuner.planning import Workload, MemoryOptions, plan, fit_budget, gpu
     p = plan(Workload(HUNYUAN_T2V, 544, 960, 129, mode="train"), MemoryOptions(fp8=True, gradient_checkpointing=True), gpu("rtx4090"))
 
-The memory figures come from replaying a step of our own code tensor by tensor (dit_blocks, dit_step,
-encoders); the tests check the replay against a real CPU run of the same code.
+The DiT's memory comes from tracing the real modules on fake tensors (dit_trace, tracer: PyTorch's MemTracker),
+the VAE's and the text encoders' from replaying their tensors (vae, encoders); the tests check both against
+real CPU runs of the same code.
 """
 
 from musubi_tuner.planning.options import MemoryOptions, Workload

@@ -19,13 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import atomic_write
+from musubi_tuner.hunyuan import sequence_parallel
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
 from musubi_tuner.hunyuan.offload import split_blocks_to_swap
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.tracer import Parts, Peak, Segment, add, compose, fake_module, trace
@@ -34,6 +45,7 @@ TRACED = {"double": 3, "single": 2}
 REPEATED = {("forward", "double"): 1, ("backward", "double"): 1, ("forward", "single"): 0, ("backward", "single"): 1}
 SWAP_COPIES, SWAP_HOST, CKPT_HOST = "block swap: on-device copies", "block swap: swapped weights", "checkpointed block inputs"
 EMBEDDERS, DQ, OPTIMIZER, OPTIMIZER_STEP = "img_in, txt_in (offloaded)", "flash attention dq (float32)", "optimizer state", "optimizer step"
+STEP_CACHE = "step cache: residuals kept between steps"
 SCALING_FACTOR = 0.476986  # the VAE's latent scale: the trainer feeds scaled latents
 
 
@@ -58,14 +70,16 @@ class Traced:
     embedder_bytes: int
     params: int  # of the full model
     joint_bytes: int  # one block input over the joint sequence (a checkpointed input, one dq accumulator at float32 / 2)
+    step_cache_bytes: int = 0  # the residuals a step cache keeps between steps (traced as inputs)
 
 
 def _reduced(opts: MemoryOptions) -> MemoryOptions:
     """Only the options that change what the traced step allocates (the others are applied by hand)."""
     return MemoryOptions(fp8=opts.fp8, gradient_checkpointing=opts.gradient_checkpointing, split_attn=opts.split_attn,
                          network_dim=opts.network_dim, mixed_precision=opts.mixed_precision, dit_dtype=opts.dit_dtype,
-                         guidance_scale=1.0 if opts.guidance_scale == 1.0 else 2.0, split_uncond=opts.split_uncond,
-                         lora_at_generation=opts.lora_at_generation and opts.fp8, step_cache=opts.step_cache)
+                         guidance_scale=1.0 if opts.cfg_batch == opts.dit_calls == 1 else 2.0, split_uncond=opts.split_uncond,
+                         lora_at_generation=opts.lora_at_generation and opts.fp8, step_cache=opts.step_cache,
+                         context_parallel=opts.context_parallel)
 
 
 def traced_step(work: Workload, opts: MemoryOptions) -> Traced:
@@ -78,35 +92,108 @@ def _traced(work: Workload, opts: MemoryOptions) -> Traced:
 
     c = work.config
     depth = {"double": min(c.mm_double_blocks_depth, TRACED["double"]), "single": min(c.mm_single_blocks_depth, TRACED["single"])}
+    model = meta_model(dataclasses.replace(c, mm_double_blocks_depth=depth["double"], mm_single_blocks_depth=depth["single"]), opts)
+    path = _cache_path(model, work, opts)
+    if (hit := _load(path)) is not None:
+        return hit
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    model = build_model(dataclasses.replace(c, mm_double_blocks_depth=depth["double"], mm_single_blocks_depth=depth["single"]),
-                        opts, mode, train=work.mode == "train")
+    model = build_model(model, opts, mode, train=work.mode == "train")
+    if opts.context_parallel > 1:  # this process's share of the tokens: rank 0 of a group whose collectives move nothing
+        model.sequence_parallel = SequenceParallel(None, opts.context_parallel, 0)
     rope._rotation_table.cache_clear()  # a table cached by a real run must not meet fake tensors, nor a fake one real runs
+    quiet = logging.getLogger("musubi_tuner.networks.lora")
+    level, _ = quiet.level, quiet.setLevel(logging.WARNING)  # the traced LoRA network is no news to the user
     try:
-        with mode:
+        with mode, mock.patch.object(sequence_parallel, "dist", _NoCollectives):
             if work.mode == "train":
-                segments, network = _training_trace(model, work, opts)
+                segments, network, cached = _training_trace(model, work, opts)
             else:
-                segments, network = _sampling_trace(model, work, opts)
+                segments, network, cached = _sampling_trace(model, work, opts)
     finally:
         rope._rotation_table.cache_clear()
+        quiet.setLevel(level)
     blocks = {kind: _block_facts(getattr(model, f"{kind}_blocks")[0], network, f"{kind}_blocks_0_") for kind in depth}
     embedders = sum(p.nbytes for m in (model.img_in, model.txt_in) for p in m.parameters())
     params = sum(p.numel() for p in model.parameters()) + sum(
         (n - depth[k]) * blocks[k].params for k, n in (("double", c.mm_double_blocks_depth), ("single", c.mm_single_blocks_depth)))
     batch = work.batch * (opts.cfg_batch if work.mode == "generate" else 1)
-    joint = batch * (work.image_tokens + work.text_tokens) * c.hidden_size * opts.act_bytes
-    return Traced(tuple(segments), blocks, embedders, params, joint)
+    joint = batch * sum(work.local_tokens(opts.context_parallel)) * c.hidden_size * opts.act_bytes
+    traced = Traced(tuple(segments), blocks, embedders, params, joint, cached)
+    _store(path, traced)
+    return traced
 
 
-def build_model(config, opts: MemoryOptions, mode: FakeTensorMode, train: bool) -> HunyuanVideoDiT:
-    """The DiT as the commands load it (`load_frozen_dit`), on fake tensors: dtype, fp8, frozen, attention, checkpointing."""
+# ------------------------------------------------------------------------------------------------ the disk cache
+# A trace at full size takes seconds and a budget search needs four: `python -m musubi_tuner.plan` keeps each one in
+# $XDG_CACHE_HOME/musubi_tuner/plan_traces, under a digest of the workload, the options, torch's version and the
+# source of every module the traced model is made of (and of the code that runs the step), so a changed model
+# is traced anew.
+
+
+def _cache_path(model: nn.Module, work: Workload, opts: MemoryOptions) -> Path:
+    import musubi_tuner.hunyuan as hunyuan
+    from musubi_tuner.inference import step_cache
+    from musubi_tuner.networks import lora
+    from musubi_tuner.planning import tracer
+
+    kinds = {type(m) for m in model.modules()}
+    files = {*Path(hunyuan.__file__).parent.glob("*.py"), Path(__file__), Path(tracer.__file__), Path(lora.__file__),
+             Path(step_cache.__file__), *(Path(inspect.getsourcefile(k)) for k in kinds if inspect.getsourcefile(k))}
+    digest = hashlib.sha256(repr((work, opts, torch.__version__, sorted(k.__qualname__ for k in kinds))).encode())
+    for f in sorted(files):
+        digest.update(f.read_bytes())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "musubi_tuner" / "plan_traces" / f"{digest.hexdigest()[:32]}.json"
+
+
+def _load(path: Path) -> Traced | None:
+    try:
+        d = json.loads(path.read_text())
+        blocks = {k: Block(**{**b, "lora_shapes": tuple(map(tuple, b["lora_shapes"]))}) for k, b in d["blocks"].items()}
+        return Traced(tuple(Segment(**seg) for seg in d["segments"]), blocks, d["embedder_bytes"], d["params"], d["joint_bytes"],
+                      d["step_cache_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: trace again
+        return None
+
+
+def _store(path: Path, traced: Traced) -> None:
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(traced)))
+    except (OSError, UserError):  # a cache that cannot be written is only slower
+        pass
+
+
+class _NoCollectives:
+    """The collectives `hunyuan.sequence_parallel` calls, for a traced process: their buffers are allocated by the caller
+    (and traced); what arrives in them is no concern of a memory trace."""
+
+    @staticmethod
+    def all_to_all_single(output, input, group=None) -> None:
+        pass
+
+    @staticmethod
+    def all_gather(outputs, input, group=None) -> None:
+        pass
+
+    @staticmethod
+    def all_reduce(tensor, group=None) -> None:
+        pass
+
+
+def meta_model(config, opts: MemoryOptions) -> HunyuanVideoDiT:
+    """The DiT as the commands load it (`load_frozen_dit`: dtype, fp8) on the meta device."""
     from musubi_tuner.hunyuan.fp8 import convert_to_fp8
 
     with torch.device("meta"):
         model = HunyuanVideoDiT(config).to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dit_dtype])
     if opts.fp8:
         convert_to_fp8(model)
+    return model
+
+
+def build_model(model: HunyuanVideoDiT, opts: MemoryOptions, mode: FakeTensorMode, train: bool) -> HunyuanVideoDiT:
+    """`meta_model` on fake tensors, frozen, with the attention and checkpointing the options ask for."""
     model = fake_module(model, mode)
     model.requires_grad_(False)
     model.set_attention("sdpa", opts.split_attn)
@@ -153,7 +240,7 @@ def _training_trace(model: HunyuanVideoDiT, work: Workload, opts: MemoryOptions)
         del pred, model_input
         loss.backward()
 
-    return trace(step, [model, network, b["latents"], b["llm"], b["clipL"]], _marks(model)), network
+    return trace(step, [model, network, b["latents"], b["llm"], b["clipL"]], _marks(model)), network, 0
 
 
 def _sampling_trace(model: HunyuanVideoDiT, work: Workload, opts: MemoryOptions):
@@ -204,7 +291,7 @@ def _sampling_trace(model: HunyuanVideoDiT, work: Workload, opts: MemoryOptions)
     kept = [t for br in (cache._branches.values() if cache else ()) for t in (br.previous, br.residual) if t is not None]
     external = [model, latents, *kept] + ([network] if network else [])
     external += [t for inputs in (cond, uncond, pair) for k, t in inputs.items() if k != "llm_mask"]
-    return trace(step, external, _marks(model)), network
+    return trace(step, external, _marks(model)), network, sum(t.untyped_storage().nbytes() for t in kept)
 
 
 def _block_facts(block: nn.Module, network, lora_prefix: str) -> Block:
@@ -249,7 +336,8 @@ def dit_peak(work: Workload, opts: MemoryOptions, on_cpu: bool = False) -> tuple
         return rep + i if phase == "forward" else rep + count[kind] - 1 - i
 
     repeats = {f"{phase} {kind}_blocks.{j}": count[kind] for (phase, kind), j in REPEATED.items()}
-    static = {"weights": sum((depth[k] - min(depth[k], TRACED[k])) * (b.nbytes + b.lora_bytes) for k, b in t.blocks.items())}
+    untraced = sum((depth[k] - min(depth[k], TRACED[k])) * (b.nbytes + b.lora_bytes) for k, b in t.blocks.items())
+    static = {"weights": untraced, "inputs": -t.step_cache_bytes, STEP_CACHE: t.step_cache_bytes}
     host: Parts = {}
     n_double, n_single = split_blocks_to_swap(opts.blocks_to_swap, depth["double"], depth["single"])
     swapped = [("double", i) for i in range(depth["double"] - n_double, depth["double"])] + \
@@ -294,9 +382,15 @@ def dit_peak(work: Workload, opts: MemoryOptions, on_cpu: bool = False) -> tuple
             left["activations"] = -sign * t.joint_bytes
             if phase == "backward":  # copied back for the recomputation
                 at_top["activations"] = t.joint_bytes
+        elif train and opts.gradient_checkpointing:  # named apart from the activations: the block inputs the checkpoint holds
+            sign = 1 if phase == "forward" else -1
+            left = add(left, {"activations": -sign * t.joint_bytes, CKPT_HOST: sign * t.joint_bytes})
         return at_top, left
 
     peak = compose(list(t.segments), repeats, adjust, static)
+    if _where(peak.where):  # a traced block stands for several: name the phase and the kind
+        phase, kind, _ = _where(peak.where)
+        peak.where = f"{phase}, {kind} blocks"
     if train:
         peak.consider(add(peak.end, {OPTIMIZER_STEP: optimizer_step_bytes(t, opts, depth, cuda=not on_cpu)}), "optimizer step")
     return peak, host

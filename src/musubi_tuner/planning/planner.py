@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from musubi_tuner.hunyuan.cost import block_flops, forward_flops, lora_forward_flops, train_step_flops
 from musubi_tuner.planning import encoders, vae
-from musubi_tuner.planning.dit_step import replay_sampling_call, replay_training_step, swapped_blocks
+from musubi_tuner.planning.dit_trace import dit_peak
 from musubi_tuner.planning.options import MemoryOptions, Workload
-from musubi_tuner.planning.sizes import dit_sizes
+from musubi_tuner.planning.sizes import dit_sizes, swapped_blocks
 from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, StepTime, compute_seconds, overlapped_swap_seconds, utilisation_for
 from musubi_tuner.planning.trace import MemoryTrace
 
@@ -36,6 +36,12 @@ class Stage:
     when: str  # where in the stage the peak falls
     host: int = 0  # host memory the options put there during the stage
     host_parts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of_dit(cls, name: str, work: Workload, opts: MemoryOptions) -> "Stage":
+        """The DiT step traced on fake tensors (`dit_trace`), with what the options keep in host memory."""
+        peak, host = dit_peak(work, opts)
+        return cls(name, peak.total, dict(peak.parts), peak.where, sum(host.values()), dict(host))
 
     @classmethod
     def from_traces(cls, name: str, device: MemoryTrace, host: MemoryTrace | None = None) -> "Stage":
@@ -100,11 +106,9 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | 
                 f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]",
                 vae.vae_encode_stage(work.frames, work.height, work.width, 1, opts.vae_tiling, opts.vae_spatial_tile_sample_min_size)))
     if train:
-        replay = replay_training_step(work, opts)
-        stages.append(Stage.from_traces("DiT training step (forward + backward + optimizer)", replay.device, replay.host))
+        stages.append(Stage.of_dit("DiT training step (forward + backward + optimizer)", work, opts))
     else:
-        replay = replay_sampling_call(work, opts)
-        stages.append(Stage.from_traces("DiT denoising step", replay.device, replay.host))
+        stages.append(Stage.of_dit("DiT denoising step", work, opts))
         if include_encoders:
             stages.append(Stage.from_traces(
                 f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px)",

@@ -127,3 +127,12 @@ def dit_sizes(config: DiTConfig) -> DiTSizes:
     embedders = sum(p.numel() for name in ("img_in", "txt_in") for p in getattr(model, name).parameters())
     return DiTSizes(config=config, params=sum(p.numel() for p in model.parameters()), fp8_params=fp8_params, fp8_rows=fp8_rows,
                     block_linears=tuple(linears), embedder_params=embedders)
+
+
+def swapped_blocks(sizes: DiTSizes, opts) -> dict[tuple[str, int], int]:
+    """The blocks `--blocks_to_swap` streams, in run order, with the bytes of their Linear weights (hunyuan.offload)."""
+    from musubi_tuner.hunyuan.offload import swapped_block_keys
+
+    c = sizes.config
+    order = swapped_block_keys(opts.blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
+    return {key: sizes.block_linear_weight_bytes(key, opts.weight_bytes, opts.fp8) for key in order}

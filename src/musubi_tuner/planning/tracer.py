@@ -13,12 +13,12 @@ blocks is composed from a trace of five.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
 
 PARTS = {"Parameter": "weights", "Buffer": "weights", "Gradient": "gradients", "Activation": "activations",
          "Temp": "backward temporaries", "Optstate": "optimizer state", "Other": "inputs"}
@@ -63,51 +63,58 @@ class _NoHook:
         pass
 
 
-class _Tracker(MemTracker):
-    """MemTracker that takes frozen weights, lets a root module run more than once and cuts the trace into segments."""
+@functools.cache
+def _tracker_class() -> type:
+    """MemTracker imports torch.distributed (seconds): only when a trace runs, not when a cached one is read."""
+    from torch.distributed._tools.mem_tracker import MemTracker
 
-    def __init__(self, marks: dict[nn.Module, str]):
-        super().__init__()
-        self.marks = marks
-        self.segments: list[Segment] = []
-        self._label, self._start, self._top = "start", {}, {}
+    class _Tracker(MemTracker):
+        """MemTracker that takes frozen weights, lets a root module run more than once and cuts the trace into segments."""
 
-    def now(self) -> Parts:
-        out: Parts = {}
-        for snap in self._curr_mem_snap.values():
-            for kind, nbytes in snap.items():
-                if kind != "Total":
-                    name = PARTS[kind.value]
-                    out[name] = out.get(name, 0) + nbytes
-        return out
+        def __init__(self, marks: dict[nn.Module, str]):
+            super().__init__()
+            self.marks = marks
+            self.segments: list[Segment] = []
+            self._label, self._start, self._top = "start", {}, {}
 
-    def mark(self, label: str) -> None:
-        now = self.now()
-        self.segments.append(Segment(self._label, self._start, self._top or self._start, now))
-        self._label, self._start, self._top = label, now, now
+        def now(self) -> Parts:
+            out: Parts = {}
+            for snap in self._curr_mem_snap.values():
+                for kind, nbytes in snap.items():
+                    if kind != "Total":
+                        name = PARTS[kind.value]
+                        out[name] = out.get(name, 0) + nbytes
+            return out
 
-    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-        for p in module.parameters():  # a frozen weight has no gradient to hook
-            if not p.requires_grad and p not in self._param_to_grad_hook_handles:
-                self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+        def mark(self, label: str) -> None:
+            now = self.now()
+            self.segments.append(Segment(self._label, self._start, self._top or self._start, now))
+            self._label, self._start, self._top = label, now, now
 
-    def _pre_fw_hook(self, module, inputs) -> None:
-        if not self._mod_tracker.is_bw:
-            self.memory_tracking.pop(module, None)  # a second call (--split_uncond) is a call, not a new iteration
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            for p in module.parameters():  # a frozen weight has no gradient to hook
+                if not p.requires_grad and p not in self._param_to_grad_hook_handles:
+                    self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _pre_fw_hook(self, module, inputs) -> None:
+            if not self._mod_tracker.is_bw:
+                self.memory_tracking.pop(module, None)  # a second call (--split_uncond) is a call, not a new iteration
+                if module in self.marks:
+                    self.mark("forward " + self.marks[module])
+            super()._pre_fw_hook(module, inputs)
+
+        def _pre_bw_hook(self, module, args) -> None:
             if module in self.marks:
-                self.mark("forward " + self.marks[module])
-        super()._pre_fw_hook(module, inputs)
+                self.mark("backward " + self.marks[module])
+            super()._pre_bw_hook(module, args)
 
-    def _pre_bw_hook(self, module, args) -> None:
-        if module in self.marks:
-            self.mark("backward " + self.marks[module])
-        super()._pre_bw_hook(module, args)
+        def _update_peak_stats(self, peak_state) -> None:  # after every op: only the running segment's top is kept
+            now = self.now()
+            if sum(now.values()) > sum(self._top.values()):
+                self._top = now
 
-    def _update_peak_stats(self, peak_state) -> None:  # after every op: only the running segment's top is kept
-        now = self.now()
-        if sum(now.values()) > sum(self._top.values()):
-            self._top = now
+    return _Tracker
 
 
 def fake_module(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") -> nn.Module:
@@ -119,7 +126,7 @@ def fake_module(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") ->
 def trace(run: Callable[[Callable[[str], None]], None], external: list, marks: dict[nn.Module, str]) -> list[Segment]:
     """Segments of `run(mark)`; `external` are the modules and tensors that exist before it (their parts count
     from the start); `mark(label)` starts a segment of that name."""
-    tracker = _Tracker(marks)
+    tracker = _tracker_class()(marks)
     tracker.track_external(*external)
     with tracker:
         run(tracker.mark)
