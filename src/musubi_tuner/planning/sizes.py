@@ -77,23 +77,6 @@ class DiTSizes:
             return {label: self.params * dtype_bytes}
         return {label: (self.params - self.fp8_params) * dtype_bytes, "fp8": self.fp8_params, "fp8 scales": self.fp8_rows * 4}
 
-    def split_weight_bytes(self, dtype_bytes: int, fp8: bool, swapped: list[tuple[str, int]], embedders_off: bool
-                           ) -> tuple[dict[str, int], dict[str, int]]:
-        """(on the device, in host memory) weight bytes by storage dtype, with the Linear weights of the
-        `swapped` blocks (block swap) and optionally img_in/txt_in (--img_in_txt_in_offloading) in host memory."""
-        label = {2: "bf16/fp16", 4: "fp32"}[dtype_bytes]
-        device = dict(self.weight_bytes(dtype_bytes, fp8))
-        host: dict[str, int] = {}
-        for lin in (lin for key in swapped for lin in self.linears_of(key)):
-            dtype = "fp8" if fp8 and lin.fp8 else label
-            nbytes = lin.weight_params * (1 if dtype == "fp8" else dtype_bytes)
-            device[dtype] -= nbytes
-            host[dtype] = host.get(dtype, 0) + nbytes
-        if embedders_off:
-            device[label] -= self.embedder_params * dtype_bytes
-            host[label] = host.get(label, 0) + self.embedder_params * dtype_bytes
-        return device, host
-
     def block_linear_weight_bytes(self, block: tuple[str, int], dtype_bytes: int, fp8: bool, modulation: bool = True) -> int:
         """What block swap streams for one block: its Linear weights at their storage dtype (without the
         modulation Linears when `modulation` is False)."""
