@@ -104,7 +104,7 @@ def ensure_environment(extra: str | None) -> Path:
 def test_workers(rest: list[str]) -> list[str]:
     """Run the tests on every core (at most 4 workers: each loads PyTorch), unless the arguments choose."""
     workers = min(os.cpu_count() or 1, 4)
-    if workers < 2 or any(a == "-n" or a.startswith(("-n", "--numprocesses", "-p")) for a in rest):
+    if workers < 2 or any(a.startswith(("-n", "--numprocesses", "-p")) for a in rest):
         return []
     return ["-n", str(workers), "--dist", "worksteal"]
 

@@ -16,6 +16,14 @@ class UserError(Exception):
     """
 
 
+def did_you_mean(word: str, candidates) -> str:
+    """` (did you mean X?)` with the closest of `candidates` to a misspelt `word`, or nothing when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
     argv = sys.argv if argv is None else argv
     return "--debug" in argv or os.environ.get("MUSUBI_DEBUG", "") not in ("", "0")

@@ -8,7 +8,6 @@ table and the key: `dataset.toml: [[datasets]][1].frame_extraction = "heads" is 
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import Any, Callable, ClassVar, Mapping, Union
 
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.tomlio import load_toml
 
 logger = logging.getLogger(__name__)
@@ -199,7 +198,7 @@ def _resolution(value: Any, at: str) -> tuple[int, int]:
 
 def _extraction(value: Any, at: str) -> str:
     if _str(value, at) not in FRAME_EXTRACTIONS:
-        raise UserError(f"{at} is not one of {', '.join(FRAME_EXTRACTIONS)}{_did_you_mean(value, FRAME_EXTRACTIONS)}")
+        raise UserError(f"{at} is not one of {', '.join(FRAME_EXTRACTIONS)}{did_you_mean(value, FRAME_EXTRACTIONS)}")
     return value
 
 
@@ -242,11 +241,6 @@ DEFAULTS: dict[str, Any] = {
     "frame_stride": 1, "frame_sample": 1, "max_frames": 129, "source_fps": None, "validation_split": 0.0,
 }
 ALL_KEYS = sorted({*SHARED_KEYS, *IMAGE_KEYS, *VIDEO_KEYS, *IGNORED_IMAGE_KEYS, *IGNORED_VIDEO_KEYS})
-
-
-def _did_you_mean(word: str, candidates) -> str:
-    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -294,7 +288,7 @@ def load_dataset_config(path: str | os.PathLike, args: Any = None, *, check_sour
     for key in raw:
         if key not in top_level:
             raise UserError(f"{path}: unknown top-level key {key!r}; a dataset config holds [general], [[datasets]] and "
-                            f"optionally [[validation_datasets]]{_did_you_mean(key, top_level)}")
+                            f"optionally [[validation_datasets]]{did_you_mean(key, top_level)}")
     _name_unknown_keys(raw, path)
     general = _general_table(raw.get("general", {}), path)
     fallback = _command_line_values(args)
@@ -317,7 +311,7 @@ def _name_unknown_keys(raw: dict, path: Path) -> None:
     if isinstance(general, dict):
         for key in general:
             if key not in ALL_KEYS:
-                raise UserError(f"{path}: [general].{key} is not a dataset key{_did_you_mean(key, SHARED_KEYS)}")
+                raise UserError(f"{path}: [general].{key} is not a dataset key{did_you_mean(key, SHARED_KEYS)}")
     for name in ("datasets", "validation_datasets"):
         tables = raw.get(name)
         for index, table in enumerate(tables if isinstance(tables, list) else []):
@@ -338,7 +332,7 @@ def _general_table(table: Any, path: Path) -> dict[str, Any]:
         elif key in ALL_KEYS:
             raise UserError(f"{path}: [general].{key} must be set in each [[datasets]] table, not in [general]")
         else:
-            raise UserError(f"{path}: [general].{key} is not a dataset key{_did_you_mean(key, SHARED_KEYS)}")
+            raise UserError(f"{path}: [general].{key} is not a dataset key{did_you_mean(key, SHARED_KEYS)}")
     return checked
 
 
@@ -409,13 +403,13 @@ def _kind_of_table(table: dict) -> bool | None:
 
 def _unknown_key_message(where: str, key: str, is_video: bool | None) -> str:
     if is_video is None:
-        return f"{where}.{key} is not a dataset key{_did_you_mean(key, [*SHARED_KEYS, *IMAGE_KEYS, *VIDEO_KEYS])}"
+        return f"{where}.{key} is not a dataset key{did_you_mean(key, [*SHARED_KEYS, *IMAGE_KEYS, *VIDEO_KEYS])}"
     kind, other = ("video", "image") if is_video else ("image", "video")
     other_keys = IMAGE_KEYS if is_video else VIDEO_KEYS
     if key in other_keys:
         return f"{where}.{key} applies to {other} datasets only; this is a {kind} dataset"
     own = [*SHARED_KEYS, *(VIDEO_KEYS if is_video else IMAGE_KEYS)]
-    return f"{where}.{key} is not a {kind} dataset key{_did_you_mean(key, own)}"
+    return f"{where}.{key} is not a {kind} dataset key{did_you_mean(key, own)}"
 
 
 def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video: bool, path: Path,

@@ -10,7 +10,6 @@ musubi-tuner's trainer calls, so LyCORIS-style modules plug in the same way.
 from __future__ import annotations
 
 import ast
-import difflib
 import logging
 import math
 import re
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.networks.lora_files import load_network_weights, save_lora
 
 logger = logging.getLogger(__name__)
@@ -313,10 +312,9 @@ def _parse_network_args(kwargs: dict) -> dict:
             continue
         if key in MODULE_ARGS:
             raise UserError(f"--network_args {key}=...: only --network_module {MODULE_ARGS[key]} reads it")
-        close = difflib.get_close_matches(key, NETWORK_ARGS + tuple(MODULE_ARGS), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise UserError(f"--network_args {key}: not an option of the network modules ({hint}they read: "
-                        f"{', '.join(NETWORK_ARGS + tuple(MODULE_ARGS))})")
+        known = NETWORK_ARGS + tuple(MODULE_ARGS)
+        raise UserError(f"--network_args {key}: not an option of the network modules{did_you_mean(key, known)}; they read: "
+                        f"{', '.join(known)}")
     opts = {}
     for key, low, high in (("rank_dropout", 0.0, 0.99), ("module_dropout", 0.0, 0.99), ("loraplus_lr_ratio", 0.0, float("inf"))):
         if kwargs.get(key) is not None:

@@ -53,11 +53,9 @@ class Jobs:
         self._stopping: set[str] = set()
         self._lock = threading.Lock()
         for path in sorted(self.folder.glob("*/job.json")):
-            try:
-                job = Job(**json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError):
-                continue
-            self._jobs[job.id] = job
+            job = _load_job(path)
+            if job is not None:
+                self._jobs[job.id] = job
 
     # ------------------------------------------------------------------ starting and stopping
 
@@ -132,7 +130,7 @@ class Jobs:
         if job is None:
             raise KeyError(job_id)
         if job.state == "running" and job.id not in self._processes and job.pid and not pid_alive(job.pid):
-            job = self._jobs[job_id] = self._read(job)  # the server running it may have written its end just now
+            job = self._jobs[job_id] = _load_job(self.path(job) / "job.json") or job  # its server may have just written its end
             if job.state == "running":
                 job.state, job.ended = "lost", time.time()  # started by an earlier server, ended while nobody watched
                 self._save(job)
@@ -165,15 +163,17 @@ class Jobs:
     def summary(self, job: Job) -> dict:
         return {**asdict(job), "shown": job.shown}
 
-    def _read(self, job: Job) -> Job:
-        try:
-            return Job(**json.loads((self.path(job) / "job.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            return job
-
     def _save(self, job: Job) -> None:
         with atomic_write(self.path(job) / "job.json") as tmp:
             tmp.write_text(json.dumps(asdict(job), indent=1), encoding="utf-8")
+
+
+def _load_job(path: Path) -> Job | None:
+    """A job.json read back; None where it is unreadable (a job folder another version left, or half gone)."""
+    try:
+        return Job(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _new_process_group() -> dict:
