@@ -136,23 +136,10 @@ def full_size_live_peaks(frames: int, height: int, width: int, dtype=torch.float
     Attention is replaced by what a flash kernel allocates (its output), as on a GPU; diffusers' L x L causal
     mask is built by diffusers itself and counts.
     """
-    import weakref
-
     import torch.nn.functional as F
 
     from musubi_tuner.planning.measure import TensorBytes
-
-    class MetaTensorBytes(TensorBytes):
-        def _add(self, t: torch.Tensor) -> None:
-            storage = t.untyped_storage()
-            if id(storage) not in self._live:
-                self._live[id(storage)] = storage.nbytes()
-                self.current += storage.nbytes()
-                self.peak = max(self.peak, self.current)
-                weakref.finalize(storage, self._free, id(storage))
-
-    def flash_like(q, k, v, *args, **kwargs):
-        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    from musubi_tuner.planning.vae import fused_attention as flash_like
 
     peaks = {}
     sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, flash_like
@@ -164,7 +151,7 @@ def full_size_live_peaks(frames: int, height: int, width: int, dtype=torch.float
                 latents = torch.empty(1, CONFIG.latent_channels, latent_frames(frames), height // 8, width // 8, dtype=dtype)
             for op, x in (("encode", pixels), ("decode", latents)):
                 for variant in ("untiled", "tiled"):
-                    counter = MetaTensorBytes()
+                    counter = TensorBytes(count_meta=True)
                     with counter:
                         call_for(op, impl, variant, model, x, FULL_SIZE_TILE, 0)()
                     peaks[f"{impl} {variant} {op}"] = counter.peak / 2**30

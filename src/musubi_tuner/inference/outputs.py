@@ -55,13 +55,18 @@ def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
 
 
 def decode_to_frames(vae, latent: torch.Tensor) -> torch.Tensor:
-    """Scaled latent (16, F, H, W) -> uint8 frames (frames, height, width, 3)."""
+    """Scaled latent (16, F, H, W) -> uint8 frames (frames, height, width, 3) on the CPU."""
+    return decode_to_uint8(vae, latent).permute(1, 2, 3, 0).cpu()
+
+
+def decode_to_uint8(vae, latent: torch.Tensor) -> torch.Tensor:
+    """Scaled latent (16, F, H, W) -> uint8 pixels (3, frames, height, width) on the VAE's device (the planner
+    measures this on meta tensors: planning/vae.py)."""
     from musubi_tuner.hunyuan.vae import SCALING_FACTOR
 
     with torch.no_grad():
         pixels = vae.decode((latent[None] / SCALING_FACTOR).to(vae.device, vae.dtype))[0]
-    pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return pixels.permute(1, 2, 3, 0).cpu()
+    return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folder: Path) -> list[Path]:

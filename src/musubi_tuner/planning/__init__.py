@@ -3,9 +3,9 @@
     from musubi_tuner.planning import Workload, MemoryOptions, plan, fit_budget, gpu
     p = plan(Workload(HUNYUAN_T2V, 544, 960, 129, mode="train"), MemoryOptions(fp8=True, gradient_checkpointing=True), gpu("rtx4090"))
 
-The DiT's memory comes from tracing the real modules on fake tensors (dit_trace, tracer: PyTorch's MemTracker),
-the VAE's and the text encoders' from replaying their tensors (vae, encoders); the tests check both against
-real CPU runs of the same code.
+Memory comes from running the real modules without memory or arithmetic: the DiT's step traced on fake tensors
+(dit_trace, tracer: PyTorch's MemTracker), the VAE's encode and decode on meta tensors (vae, measure); the tests
+check both against real CPU runs of the same code.
 """
 
 from musubi_tuner.planning.options import MemoryOptions, Workload

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import inspect
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -32,14 +29,12 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from musubi_tuner.errors import UserError
-from musubi_tuner.files import atomic_write
 from musubi_tuner.hunyuan import sequence_parallel
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
 from musubi_tuner.hunyuan.offload import split_blocks_to_swap
 from musubi_tuner.planning.options import MemoryOptions, Workload
-from musubi_tuner.planning.tracer import Parts, Peak, Segment, add, compose, fake_module, trace
+from musubi_tuner.planning.tracer import Parts, Peak, Segment, add, compose, fake_module, on_disk, trace
 
 TRACED = {"double": 3, "single": 2}
 REPEATED = {("forward", "double"): 1, ("backward", "double"): 1, ("forward", "single"): 0, ("backward", "single"): 1}
@@ -88,14 +83,33 @@ def traced_step(work: Workload, opts: MemoryOptions) -> Traced:
 
 @functools.lru_cache(maxsize=32)
 def _traced(work: Workload, opts: MemoryOptions) -> Traced:
-    from musubi_tuner.hunyuan import rope
+    """Kept on disk (tracer.on_disk) under the workload, the options and the source of every module the traced model is
+    made of, and of the code that runs the step."""
+    import musubi_tuner.hunyuan as hunyuan
+    from musubi_tuner.inference import step_cache
+    from musubi_tuner.networks import lora
+    from musubi_tuner.planning import tracer
 
     c = work.config
     depth = {"double": min(c.mm_double_blocks_depth, TRACED["double"]), "single": min(c.mm_single_blocks_depth, TRACED["single"])}
     model = meta_model(dataclasses.replace(c, mm_double_blocks_depth=depth["double"], mm_single_blocks_depth=depth["single"]), opts)
-    path = _cache_path(model, work, opts)
-    if (hit := _load(path)) is not None:
-        return hit
+    kinds = {type(m) for m in model.modules()}
+    sources = [*Path(hunyuan.__file__).parent.glob("*.py"), __file__, tracer.__file__, lora.__file__, step_cache.__file__,
+               *filter(None, map(inspect.getsourcefile, kinds))]
+    return on_disk((work, opts, sorted(k.__qualname__ for k in kinds)), sources, lambda: _trace_step(model, work, opts, depth),
+                   _from_json)
+
+
+def _from_json(d: dict) -> Traced:
+    blocks = {k: Block(**{**b, "lora_shapes": tuple(map(tuple, b["lora_shapes"]))}) for k, b in d["blocks"].items()}
+    return Traced(tuple(Segment(**seg) for seg in d["segments"]), blocks, d["embedder_bytes"], d["params"], d["joint_bytes"],
+                  d["step_cache_bytes"])
+
+
+def _trace_step(model: HunyuanVideoDiT, work: Workload, opts: MemoryOptions, depth: dict[str, int]) -> Traced:
+    from musubi_tuner.hunyuan import rope
+
+    c = work.config
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = build_model(model, opts, mode, train=work.mode == "train")
     if opts.context_parallel > 1:  # this process's share of the tokens: rank 0 of a group whose collectives move nothing
@@ -118,50 +132,7 @@ def _traced(work: Workload, opts: MemoryOptions) -> Traced:
         (n - depth[k]) * blocks[k].params for k, n in (("double", c.mm_double_blocks_depth), ("single", c.mm_single_blocks_depth)))
     batch = work.batch * (opts.cfg_batch if work.mode == "generate" else 1)
     joint = batch * sum(work.local_tokens(opts.context_parallel)) * c.hidden_size * opts.act_bytes
-    traced = Traced(tuple(segments), blocks, embedders, params, joint, cached)
-    _store(path, traced)
-    return traced
-
-
-# ------------------------------------------------------------------------------------------------ the disk cache
-# A trace at full size takes seconds and a budget search needs four: `python -m musubi_tuner.plan` keeps each one in
-# $XDG_CACHE_HOME/musubi_tuner/plan_traces, under a digest of the workload, the options, torch's version and the
-# source of every module the traced model is made of (and of the code that runs the step), so a changed model
-# is traced anew.
-
-
-def _cache_path(model: nn.Module, work: Workload, opts: MemoryOptions) -> Path:
-    import musubi_tuner.hunyuan as hunyuan
-    from musubi_tuner.inference import step_cache
-    from musubi_tuner.networks import lora
-    from musubi_tuner.planning import tracer
-
-    kinds = {type(m) for m in model.modules()}
-    files = {*Path(hunyuan.__file__).parent.glob("*.py"), Path(__file__), Path(tracer.__file__), Path(lora.__file__),
-             Path(step_cache.__file__), *(Path(inspect.getsourcefile(k)) for k in kinds if inspect.getsourcefile(k))}
-    digest = hashlib.sha256(repr((work, opts, torch.__version__, sorted(k.__qualname__ for k in kinds))).encode())
-    for f in sorted(files):
-        digest.update(f.read_bytes())
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "musubi_tuner" / "plan_traces" / f"{digest.hexdigest()[:32]}.json"
-
-
-def _load(path: Path) -> Traced | None:
-    try:
-        d = json.loads(path.read_text())
-        blocks = {k: Block(**{**b, "lora_shapes": tuple(map(tuple, b["lora_shapes"]))}) for k, b in d["blocks"].items()}
-        return Traced(tuple(Segment(**seg) for seg in d["segments"]), blocks, d["embedder_bytes"], d["params"], d["joint_bytes"],
-                      d["step_cache_bytes"])
-    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: trace again
-        return None
-
-
-def _store(path: Path, traced: Traced) -> None:
-    try:
-        with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps(dataclasses.asdict(traced)))
-    except (OSError, UserError):  # a cache that cannot be written is only slower
-        pass
+    return Traced(tuple(segments), blocks, embedders, params, joint, cached)
 
 
 class _NoCollectives:

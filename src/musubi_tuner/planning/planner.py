@@ -22,6 +22,7 @@ from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.sizes import dit_sizes, swapped_blocks
 from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, StepTime, compute_seconds, overlapped_swap_seconds, utilisation_for
 from musubi_tuner.planning.trace import MemoryTrace
+from musubi_tuner.planning.tracer import Peak
 
 GB = 1e9
 CUDA_CONTEXT = int(0.6 * GB)  # CUDA context, cuBLAS/cuDNN handles and kernels (typical for torch 2.x)
@@ -40,8 +41,11 @@ class Stage:
     @classmethod
     def of_dit(cls, name: str, work: Workload, opts: MemoryOptions) -> "Stage":
         """The DiT step traced on fake tensors (`dit_trace`), with what the options keep in host memory."""
-        peak, host = dit_peak(work, opts)
-        return cls(name, peak.total, dict(peak.parts), peak.where, sum(host.values()), dict(host))
+        return cls.from_peak(name, *dit_peak(work, opts))
+
+    @classmethod
+    def from_peak(cls, name: str, peak: Peak, host_parts: dict[str, int] | None = None) -> "Stage":
+        return cls(name, peak.total, dict(peak.parts), peak.where, sum((host_parts or {}).values()), dict(host_parts or {}))
 
     @classmethod
     def from_traces(cls, name: str, device: MemoryTrace, host: MemoryTrace | None = None) -> "Stage":
@@ -102,17 +106,15 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | 
                                         encoders.llm_stage(prompts, opts.fp8_llm)))
         stages.append(Stage.from_traces("text encoder 2 (CLIP-L)", encoders.clip_stage(prompts)))
         if train:
-            stages.append(Stage.from_traces(
-                f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]",
-                vae.vae_encode_stage(work.frames, work.height, work.width, 1, opts.vae_tiling, opts.vae_spatial_tile_sample_min_size)))
+            stages.append(Stage.from_peak(f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]", vae.vae_encode_peak(
+                work.frames, work.height, work.width, 1, opts.vae_spatial_tile_sample_min_size if opts.vae_tiling else None)))
     if train:
         stages.append(Stage.of_dit("DiT training step (forward + backward + optimizer)", work, opts))
     else:
         stages.append(Stage.of_dit("DiT denoising step", work, opts))
         if include_encoders:
-            stages.append(Stage.from_traces(
-                f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px)",
-                vae.vae_decode_stage(work.frames, work.height, work.width, True, opts.vae_spatial_tile_sample_min_size)))
+            stages.append(Stage.from_peak(f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px)", vae.vae_decode_peak(
+                work.frames, work.height, work.width, opts.vae_spatial_tile_sample_min_size, chunk_size=opts.vae_chunk_size)))
     flops, note = step_flops(work, opts)
     time = step_time(work, opts, device, utilisation)
     return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, utilisation=utilisation,
@@ -307,10 +309,10 @@ def _fit_encoders(work: Workload, base: MemoryOptions, budget: float) -> MemoryO
     for tile in (256, 192, 160, 128, 96, 64):
         opts = opts.replace(vae_spatial_tile_sample_min_size=tile)
         if work.mode == "generate":
-            trace = vae.vae_decode_stage(work.frames, work.height, work.width, True, tile)
+            peak = vae.vae_decode_peak(work.frames, work.height, work.width, tile, chunk_size=base.vae_chunk_size)
         else:
-            trace = vae.vae_encode_stage(work.frames, work.height, work.width, 1, True, tile)
-        if Stage.from_traces("", trace).needed <= budget:
+            peak = vae.vae_encode_peak(work.frames, work.height, work.width, 1, tile)
+        if Stage.from_peak("", peak).needed <= budget:
             break
     if work.mode == "train":
         opts = opts.replace(vae_tiling=True)

@@ -13,12 +13,21 @@ blocks is composed from a trace of five.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
+import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.files import atomic_write
 
 PARTS = {"Parameter": "weights", "Buffer": "weights", "Gradient": "gradients", "Activation": "activations",
          "Temp": "backward temporaries", "Optstate": "optimizer state", "Other": "inputs"}
@@ -151,3 +160,25 @@ def compose(segments: list[Segment], repeats: dict[str, int] | None = None,
             level = add(add(level, seg.change), left)
     peak.end = level
     return peak
+
+
+def on_disk(key: object, sources: Iterable[Path], compute: Callable[[], Any], load: Callable[[dict], Any]) -> Any:
+    """`compute()` (a dataclass), kept in $XDG_CACHE_HOME/musubi_tuner/plan_traces under a digest of `key`, torch's
+    version and the bytes of the `sources` files (the traced modules and the code that runs them: a changed model is
+    traced anew); `load` rebuilds it from its JSON. A trace at full size takes seconds and a budget search needs several."""
+    digest = hashlib.sha256(repr((key, torch.__version__)).encode())
+    for f in sorted(set(map(Path, sources))):
+        digest.update(f.read_bytes())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = root / "musubi_tuner" / "plan_traces" / f"{digest.hexdigest()[:32]}.json"
+    try:
+        return load(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: trace again
+        pass
+    value = compute()
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(value)))
+    except (OSError, UserError):  # a cache that cannot be written is only slower
+        pass
+    return value
