@@ -284,8 +284,17 @@ def _load_into(model: nn.Module, weights: WeightFiles, plan: dict[str, str], dty
             state[key] = (weights.get(file_key, torch.float32, device) * scale.to(device)).to(dtype)
         else:
             state[key] = weights.get(file_key, dtype, device)
+    assign_weights(model, state, scales, device)
+
+
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor | None], device) -> None:
+    """Give a model built on meta its tensors: `state` for every parameter, the fp8 ones with their per-row
+    float32 `scales` (those Linears become `Fp8Linear`s); frozen, in eval mode. The non-persistent buffers (rotary
+    frequencies, position ids) were built on the CPU: they move to `device` (None: they stay; the planner's fake
+    weights cannot move)."""
     model.load_state_dict(state, strict=True, assign=True)
-    model.to(device)  # the non-persistent buffers (rotary frequencies, position ids) were built on the CPU
+    if device is not None:
+        model.to(device)
     for key, scale in scales.items():
         make_fp8_linear(model.get_submodule(key.removesuffix(".weight")), scale)
     model.requires_grad_(False)
@@ -338,12 +347,19 @@ def load_text_encoder1(path: str | os.PathLike, dtype: torch.dtype | None = torc
     docs/text_encoders.md); by default they stay float32, the more exact."""
     weights, prefix, config, tokenizer, model, plan = _open_llm(path, tokenizer_path)
     dtype = _default_dtype(weights, prefix + "embed_tokens.weight", dtype)
-    compute_dtype = torch.bfloat16 if fp8 else dtype
-    fp8_keys = {k for k in plan if LLM_FP8_WEIGHTS.fullmatch(k)} if fp8 else set()
+    compute_dtype, fp8_keys = llm_weight_storage(plan, dtype, fp8)
     _load_into(model, weights, plan, compute_dtype, device, fp8_keys)
     if cast_rope:
         cast_rope_buffers(model, dtype)
     return LLMTextEncoder(model, tokenizer, dtype, weights.path, skip_padding=skip_padding)
+
+
+def llm_weight_storage(keys, dtype: torch.dtype, fp8: bool) -> tuple[torch.dtype, set[str]]:
+    """(the dtype the LLM computes in and keeps its other weights in, the weights it stores in fp8) for states
+    wanted in `dtype`: --fp8_llm stores the decoder layers' Linear weights in fp8 and computes in bf16."""
+    if not fp8:
+        return dtype, set()
+    return torch.bfloat16, {k for k in keys if LLM_FP8_WEIGHTS.fullmatch(k)}
 
 
 def check_text_encoder1(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> None:
