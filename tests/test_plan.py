@@ -6,10 +6,12 @@ import torch
 
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
 from musubi_tuner.hunyuan.cost import forward_flops, train_step_flops
-from musubi_tuner.hunyuan.fp8 import is_fp8_weight
+from musubi_tuner.demo.tiny_text_encoders import tiny_clip_config, tiny_llm_config
+from musubi_tuner.hunyuan import text_encoders as te
+from musubi_tuner.hunyuan.fp8 import is_fp8_weight, quantize_rows
 from musubi_tuner.hunyuan.vae import CausalVideoVAE, VAEConfig, latent_frames
 from musubi_tuner.planning import MemoryOptions, Workload, fit_budget, gpu, plan
-from musubi_tuner.planning import sizes
+from musubi_tuner.planning import encoders, sizes
 from musubi_tuner.planning.dit_trace import dit_peak
 from musubi_tuner.planning.measure import TensorBytes
 from musubi_tuner.planning.vae import vae_decode_peak, vae_encode_peak, vae_params
@@ -40,10 +42,16 @@ def test_dit_sizes_come_from_the_real_model(manifest):
 
 
 def test_encoder_sizes_match_the_reference_manifests(manifest):
-    assert sizes.LLM_PARAMS == manifest("text_encoder_llm_LlamaModel.json")["params"]
-    assert sizes.LLM_PARAMS + sizes.LLM_LM_HEAD_PARAMS == manifest("text_encoder_llm_LlamaForCausalLM.json")["params"]
-    assert tuple(manifest("text_encoder_llm_LlamaModel.json")["keys"]["embed_tokens.weight"]) == (128_320, sizes.LLM_HIDDEN)
-    assert sizes.CLIP_PARAMS == manifest("text_encoder_clip_l_CLIPTextModel.json")["params"]
+    llm = manifest("text_encoder_llm_LlamaModel.json")
+    layers = {int(k.split(".")[1]) for k in llm["keys"] if k.startswith("layers.")}
+    assert layers == set(range(32))  # the manifest is the whole LlamaModel: 32 layers and the final norm
+    layer = sum(torch.Size(s).numel() for k, s in llm["keys"].items() if k.startswith("layers.31."))
+    rope = 2 * 64 * 4  # inv_freq and original_inv_freq: float32 buffers of head_dim / 2
+    # what the commands load and the plan traces: 30 layers (HunyuanVideo reads the 3rd state from the end), no norm
+    assert encoders.llm_peak(1, fp8=False).parts["weights (fp16)"] == 2 * (llm["params"] - 2 * layer - 4096) + rope
+    position_ids = 77 * 8
+    clip = manifest("text_encoder_clip_l_CLIPTextModel.json")["params"]
+    assert encoders.clip_peak(1).parts["weights (fp16)"] == 2 * clip + position_ids
     assert vae_params() == manifest("vae_884_16c.json")["params"]
 
 
@@ -78,6 +86,71 @@ def test_traced_peak_matches_the_live_tensor_peak_of_a_cpu_run(case):
     peak, _ = dit_peak(work, opts, on_cpu=True)
     measured = measured_tensor_peak(work, opts)
     assert peak.total == pytest.approx(measured, rel=0.04)
+
+
+# ------------------------------------------------------------------------------------------- the text encoder stages
+
+
+def loaded(model: torch.nn.Module, fp8_keys: set[str] = frozenset()) -> torch.nn.Module:
+    """A text encoder built for loading, given random fp16 weights as the loader gives them (fp8 ones per row)."""
+    torch.manual_seed(0)
+    state, scales = {}, {}
+    for key, p in model.state_dict().items():
+        w = torch.randn(p.shape) * 0.05
+        if key in fp8_keys:
+            state[key], scales[key] = quantize_rows(w)
+        else:
+            state[key] = w.to(torch.bfloat16 if fp8_keys else torch.float16)
+    te.assign_weights(model, state, scales, "cpu")
+    return model
+
+
+def measured_encode(encoder, prompts: int) -> tuple[int, int]:
+    """(weight bytes, peak bytes of the other live tensors) of `encoder.encode` on the CPU."""
+    counter = TensorBytes()
+    counter.track([*encoder.model.parameters(), *encoder.model.buffers()])
+    weights = counter.current
+    with counter:
+        encoder.encode(["a cat"] * prompts)
+    return weights, counter.peak - weights
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
+def test_traced_llm_stage_matches_the_live_tensor_peak_of_a_cpu_run(fp8):
+    # 5 layers loaded (3 traced, the middle one repeated); wide enough for the MLP (fp16) or fp8's dequantized weight
+    # copies (fp8) to make the peak, not the attention mask
+    config = tiny_llm_config(num_hidden_layers=7, hidden_size=512, intermediate_size=512)
+    model = te.build_llm(config)
+    model = loaded(model, te.llm_weight_storage(model.state_dict(), torch.float16, fp8)[1])
+    weights, activations = measured_encode(te.LLMTextEncoder(model, encoders.Prompts(8), torch.float16, None), 1)
+    traced = encoders.llm_peak(1, fp8, config, crop_start=8)
+    assert traced.where == "LLM forward"
+    assert traced.parts.pop("weights (fp8 Linears, bf16 rest)" if fp8 else "weights (fp16)") == weights
+    assert traced.total - weights == pytest.approx(activations, rel=0.03)
+
+
+def test_traced_clip_stage_matches_the_live_tensor_peak_of_a_cpu_run():
+    config = tiny_clip_config(num_hidden_layers=5, hidden_size=256, intermediate_size=1024).text_config
+    weights, activations = measured_encode(te.CLIPTextEncoder(loaded(te.build_clip(config)), encoders.Prompts(), torch.float16, None), 2)
+    traced = encoders.clip_peak(2, config)
+    assert (traced.where, traced.parts["weights (fp16)"]) == ("CLIP forward", weights)
+    assert traced.total - weights == pytest.approx(activations, rel=0.03)
+
+
+def test_full_size_llm_stage_fp16_and_fp8(manifest):
+    keys = manifest("text_encoder_llm_LlamaModel.json")["keys"]
+    fp8 = [torch.Size(s) for k, s in keys.items() if te.LLM_FP8_WEIGHTS.fullmatch(k) and int(k.split(".")[1]) < 30]
+    saved = sum(s.numel() for s in fp8) - 4 * sum(s[0] for s in fp8)  # a byte less per weight, a float32 scale per row
+    largest = 2 * 14336 * 4096  # an MLP weight in bf16
+    act = {}
+    for prompts in (1, 2):
+        half, quarter = encoders.llm_peak(prompts, False), encoders.llm_peak(prompts, True)
+        assert half.parts["weights (fp16)"] - quarter.parts["weights (fp8 Linears, bf16 rest)"] == saved
+        act[prompts] = half.parts["activations"]
+        assert act[prompts] < 0.01 * half.total  # one layer's working set at a time: nothing kept from layer to layer
+        # Fp8Linear dequantizes a weight as two bf16 tensors (the cast, the scaled copy) beside a smaller working set
+        assert 2 * largest < quarter.parts["activations"] < 2 * largest + act[prompts]
+    assert act[2] == pytest.approx(2 * act[1], rel=0.02)
 
 
 # ------------------------------------------------------------------------------------------- the VAE stages

@@ -4,8 +4,8 @@
     p = plan(Workload(HUNYUAN_T2V, 544, 960, 129, mode="train"), MemoryOptions(fp8=True, gradient_checkpointing=True), gpu("rtx4090"))
 
 Memory comes from running the real modules without memory or arithmetic: the DiT's step traced on fake tensors
-(dit_trace, tracer: PyTorch's MemTracker), the VAE's encode and decode on meta tensors (vae, measure); the tests
-check both against real CPU runs of the same code.
+(dit_trace, tracer: PyTorch's MemTracker), the text encoders' forward traced the same way (encoders), the VAE's
+encode and decode on meta tensors (vae, measure); the tests check each against real CPU runs of the same code.
 """
 
 from musubi_tuner.planning.options import MemoryOptions, Workload

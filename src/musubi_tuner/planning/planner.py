@@ -21,7 +21,6 @@ from musubi_tuner.planning.dit_trace import dit_peak
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.sizes import dit_sizes, swapped_blocks
 from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, StepTime, compute_seconds, overlapped_swap_seconds, utilisation_for
-from musubi_tuner.planning.trace import MemoryTrace
 from musubi_tuner.planning.tracer import Peak
 
 GB = 1e9
@@ -46,12 +45,6 @@ class Stage:
     @classmethod
     def from_peak(cls, name: str, peak: Peak, host_parts: dict[str, int] | None = None) -> "Stage":
         return cls(name, peak.total, dict(peak.parts), peak.where, sum((host_parts or {}).values()), dict(host_parts or {}))
-
-    @classmethod
-    def from_traces(cls, name: str, device: MemoryTrace, host: MemoryTrace | None = None) -> "Stage":
-        host_peak = 0 if host is None or host is device else host.peak
-        host_parts = {} if host is None or host is device else host.peak_parts
-        return cls(name, device.peak, dict(device.peak_parts), device.peak_where, host_peak, dict(host_parts))
 
     @property
     def needed(self) -> int:
@@ -102,9 +95,9 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | 
     train = work.mode == "train"
     if include_encoders:
         prompts = 1 if train else (2 if opts.guidance_scale != 1.0 else 1)
-        stages.append(Stage.from_traces("text encoder 1 (LLM)" + (" [cache_text_encoder_outputs]" if train else ""),
-                                        encoders.llm_stage(prompts, opts.fp8_llm)))
-        stages.append(Stage.from_traces("text encoder 2 (CLIP-L)", encoders.clip_stage(prompts)))
+        stages.append(Stage.from_peak("text encoder 1 (LLM)" + (" [cache_text_encoder_outputs]" if train else ""),
+                                      encoders.llm_peak(prompts, opts.fp8_llm)))
+        stages.append(Stage.from_peak("text encoder 2 (CLIP-L)", encoders.clip_peak(prompts)))
         if train:
             stages.append(Stage.from_peak(f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]", vae.vae_encode_peak(
                 work.frames, work.height, work.width, 1, opts.vae_spatial_tile_sample_min_size if opts.vae_tiling else None)))
@@ -304,7 +297,7 @@ def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GP
 def _fit_encoders(work: Workload, base: MemoryOptions, budget: float) -> MemoryOptions:
     opts = base
     prompts = 2 if work.mode == "generate" and base.guidance_scale != 1.0 else 1
-    if Stage.from_traces("", encoders.llm_stage(prompts, False)).needed > budget:
+    if Stage.from_peak("", encoders.llm_peak(prompts, False)).needed > budget:
         opts = opts.replace(fp8_llm=True)
     for tile in (256, 192, 160, 128, 96, 64):
         opts = opts.replace(vae_spatial_tile_sample_min_size=tile)

@@ -1,10 +1,8 @@
-"""Parameter counts and bytes of every model the commands load, from real shapes.
+"""Parameter counts and bytes of the DiT, from real shapes (the VAE's and the text encoders' come with their traces).
 
 The DiT's numbers come from the model itself, built on the `meta` device from its config (no weights,
 no memory): which tensors are stored in fp8 (`hunyuan.fp8.is_fp8_weight`), which Linears block swap
-streams (`hunyuan.offload`), which modules LoRA wraps (`networks.lora.target_modules`); the VAE's come
-from hunyuan/vae.py the same way (planning/vae.py). The text encoders are other people's modules; their
-sizes are the published architectures, checked against the reference state-dict manifests by the tests.
+streams (`hunyuan.offload`), which modules LoRA wraps (`networks.lora.target_modules`).
 """
 
 from __future__ import annotations
@@ -15,17 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from musubi_tuner.hunyuan.config import DiTConfig
-
-# ------------------------------------------------------------------------------------ text encoders and VAE
-# llava-llama-3-8b text tower (Llama 3 8B layout, vocab 128320): 32 layers, hidden 4096, 8 KV heads, MLP 14336.
-LLM_PARAMS = 7_505_186_816  # LlamaModel, what the HF folder loads (no lm_head)
-LLM_LM_HEAD_PARAMS = 128_320 * 4096  # present in ComfyUI's llava_llama3_fp16.safetensors (LlamaForCausalLM)
-LLM_EMBEDDING_PARAMS = 128_320 * 4096  # stays fp16 under --fp8_llm
-LLM_LAYERS, LLM_HIDDEN, LLM_MLP = 32, 4096, 14336
-LLM_PROMPT_TOKENS = 256 + 95  # max_length: 256 prompt tokens after the 95-token template crop
-CLIP_PARAMS = 123_060_480  # CLIP-L text model
-CLIP_TOKENS, CLIP_HIDDEN, CLIP_LAYERS = 77, 768, 12
-
 
 # ------------------------------------------------------------------------------------ the DiT
 
