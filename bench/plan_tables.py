@@ -1,6 +1,6 @@
-"""The planner's tables for the full-size model, as they appear in docs/memory_planner.md.
+"""The planner's tables for the full-size model, as they appear in docs/memory_planner.md (and docs/multi_gpu.md).
 
-    python bench/plan_tables.py
+    python bench/plan_tables.py [multi_gpu]
 
 For 544x960x129 and 720x1280x129 frames, training (LoRA rank 32, AdamW, bf16) and generation
 (50 steps, embedded guidance, no real CFG): the fastest option set that fits 12, 16, 24 and 80 GB,
@@ -79,6 +79,38 @@ def peers_table() -> str:
     return "\n".join(lines)
 
 
+def multi_gpu_tables() -> str:
+    """docs/multi_gpu.md's "What it costs": HunyuanVideo 720p generation, SkyReels with real CFG, LoRA training, per GPU."""
+    out = ["**HunyuanVideo, 720x1280x129, 50 steps** (H100)", "",
+           "| GPUs | needed per GPU | denoising, planned | of which collectives | sent per GPU per step |", "| --- | --- | --- | --- | --- |"]
+    from musubi_tuner.planning.planner import collective_bytes
+
+    work = Workload(HUNYUAN_T2V, 720, 1280, 129, mode="generate")
+    for n in (1, 2, 4, 8):
+        opts = MemoryOptions(context_parallel=n)
+        p = plan(work, opts, gpu("h100"))
+        sent = f"{collective_bytes(work, opts) / 1e9:.1f} GB" if n > 1 else "-"
+        out.append(f"| {n} | {p.needed / 1e9:.1f} GB | {p.time.total_s * 50 / 60:.1f} min | "
+                   f"{p.time.collectives_s * 50:.1f} s | {sent} |" if n > 1 else f"| 1 | {p.needed / 1e9:.1f} GB | {p.time.total_s * 50 / 60:.1f} min | - | - |")
+    out += ["", "**SkyReels V1, 544x960x97, 30 steps, real CFG 6** (A100 80GB)", "",
+            "| GPUs | processes | needed per GPU | denoising, planned |", "| --- | --- | --- | --- |"]
+    work = Workload(HUNYUAN_T2V, 544, 960, 97, mode="generate")
+    for gpus, n, cfg, label in ((1, 1, False, "one, CFG as a batch of 2"), (2, 1, True, "CFG-parallel, N = 1"),
+                                (4, 2, True, "CFG-parallel, N = 2"), (8, 4, True, "CFG-parallel, N = 4")):
+        p = plan(work, MemoryOptions(guidance_scale=6.0, infer_steps=30, context_parallel=n, cfg_parallel=cfg), gpu("a100"))
+        out.append(f"| {gpus} | {label} | {p.needed / 1e9:.1f} GB | {p.time.total_s * 30 / 60:.1f} min |")
+    out += ["", "**LoRA training step, rank 32, gradient checkpointing** (H100)", "",
+            "| clip | GPUs (N) | needed per GPU | time per step | sent per GPU per step |", "| --- | --- | --- | --- | --- |"]
+    for (h, w, f), counts in (((720, 1280, 129), (1, 2, 4, 8)), ((544, 960, 97), (1, 8))):
+        work = Workload(HUNYUAN_T2V, h, w, f)
+        for n in counts:
+            opts = MemoryOptions(gradient_checkpointing=True, context_parallel=n)
+            p = plan(work, opts, gpu("h100"))
+            sent = f"{collective_bytes(work, opts) / 1e9:.0f} GB" if n > 1 else "-"
+            out.append(f"| {h}x{w}x{f} | {n} | {p.needed / 1e9:.1f} GB | {duration(p.time.total_s)} | {sent} |")
+    return "\n".join(out)
+
+
 def sum_resident(p) -> int:
     """Every model's weights kept on the GPU (the official script without --use-cpu-offload) plus the largest stage's activations."""
     weights = {s.name: sum(v for k, v in s.device_parts.items() if "weights" in k) for s in p.stages}
@@ -86,6 +118,11 @@ def sum_resident(p) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["multi_gpu"]:
+        print(multi_gpu_tables())
+        sys.exit()
     print("## Training (LoRA rank 32, AdamW, bf16 autocast; caching commands included)\n")
     print(budget_table("train"))
     print("\nShorter clips and images:\n")
