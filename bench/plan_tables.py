@@ -89,9 +89,8 @@ def multi_gpu_tables() -> str:
     for n in (1, 2, 4, 8):
         opts = MemoryOptions(context_parallel=n)
         p = plan(work, opts, gpu("h100"))
-        sent = f"{collective_bytes(work, opts) / 1e9:.1f} GB" if n > 1 else "-"
-        out.append(f"| {n} | {p.needed / 1e9:.1f} GB | {p.time.total_s * 50 / 60:.1f} min | "
-                   f"{p.time.collectives_s * 50:.1f} s | {sent} |" if n > 1 else f"| 1 | {p.needed / 1e9:.1f} GB | {p.time.total_s * 50 / 60:.1f} min | - | - |")
+        collectives, sent = (f"{p.time.collectives_s * 50:.1f} s", f"{collective_bytes(work, opts) / 1e9:.1f} GB") if n > 1 else ("-", "-")
+        out.append(f"| {n} | {p.needed / 1e9:.1f} GB | {p.time.total_s * 50 / 60:.1f} min | {collectives} | {sent} |")
     out += ["", "**SkyReels V1, 544x960x97, 30 steps, real CFG 6** (A100 80GB)", "",
             "| GPUs | processes | needed per GPU | denoising, planned |", "| --- | --- | --- | --- |"]
     work = Workload(HUNYUAN_T2V, 544, 960, 97, mode="generate")

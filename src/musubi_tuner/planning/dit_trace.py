@@ -88,13 +88,12 @@ def _traced(work: Workload, opts: MemoryOptions) -> Traced:
     import musubi_tuner.hunyuan as hunyuan
     from musubi_tuner.inference import step_cache
     from musubi_tuner.networks import lora
-    from musubi_tuner.planning import tracer
 
     c = work.config
     depth = {"double": min(c.mm_double_blocks_depth, TRACED["double"]), "single": min(c.mm_single_blocks_depth, TRACED["single"])}
     model = meta_model(dataclasses.replace(c, mm_double_blocks_depth=depth["double"], mm_single_blocks_depth=depth["single"]), opts)
     kinds = {type(m) for m in model.modules()}
-    sources = [*Path(hunyuan.__file__).parent.glob("*.py"), __file__, tracer.__file__, lora.__file__, step_cache.__file__,
+    sources = [*Path(hunyuan.__file__).parent.glob("*.py"), __file__, lora.__file__, step_cache.__file__,
                *filter(None, map(inspect.getsourcefile, kinds))]
     return on_disk((work, opts, sorted(k.__qualname__ for k in kinds)), sources, lambda: _trace_step(model, work, opts, depth),
                    _from_json)

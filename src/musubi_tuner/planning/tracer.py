@@ -165,9 +165,10 @@ def compose(segments: list[Segment], repeats: dict[str, int] | None = None,
 def on_disk(key: object, sources: Iterable[Path], compute: Callable[[], Any], load: Callable[[dict], Any]) -> Any:
     """`compute()` (a dataclass), kept in $XDG_CACHE_HOME/musubi_tuner/plan_traces under a digest of `key`, torch's
     version and the bytes of the `sources` files (the traced modules and the code that runs them: a changed model is
-    traced anew); `load` rebuilds it from its JSON. A trace at full size takes seconds and a budget search needs several."""
+    traced anew) and of this file (the tracing itself); `load` rebuilds it from its JSON. A trace at full size takes
+    seconds and a budget search needs several."""
     digest = hashlib.sha256(repr((key, torch.__version__)).encode())
-    for f in sorted(set(map(Path, sources))):
+    for f in sorted({Path(__file__), *map(Path, sources)}):
         digest.update(f.read_bytes())
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     path = root / "musubi_tuner" / "plan_traces" / f"{digest.hexdigest()[:32]}.json"

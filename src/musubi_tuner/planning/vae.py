@@ -52,7 +52,7 @@ def fused_attention(q, k, v, *args, **kwargs):
 
 def _once_per_shape(counter: TensorBytes, call):
     """`call(x)` run for the first x of each shape; a repeat adds the recorded rise and returns an empty output."""
-    seen: dict[tuple, tuple[int, torch.Size]] = {}
+    seen: dict[tuple, tuple[int, torch.Size, torch.dtype]] = {}
 
     def run(x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype)
@@ -60,13 +60,13 @@ def _once_per_shape(counter: TensorBytes, call):
             outer_peak, outer_parts, start = counter.peak, counter.peak_parts, counter.current
             counter.reset_peak()
             out = call(x)
-            seen[key] = (counter.peak - start, out.shape)
+            seen[key] = (counter.peak - start, out.shape, out.dtype)
             if outer_peak >= counter.peak:
                 counter.peak, counter.peak_parts = outer_peak, outer_parts
             return out
-        rise, shape = seen[key]
+        rise, shape, dtype = seen[key]
         counter.raise_peak(rise)
-        return x.new_empty(shape)
+        return x.new_empty(shape, dtype=dtype)
 
     return run
 
