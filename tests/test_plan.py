@@ -11,8 +11,8 @@ from musubi_tuner.hunyuan import text_encoders as te
 from musubi_tuner.hunyuan.fp8 import is_fp8_weight, quantize_rows
 from musubi_tuner.hunyuan.vae import CausalVideoVAE, VAEConfig, latent_frames
 from musubi_tuner.planning import MemoryOptions, Workload, fit_budget, gpu, plan
-from musubi_tuner.planning import encoders, sizes
-from musubi_tuner.planning.dit_trace import dit_peak
+from musubi_tuner.planning import encoders
+from musubi_tuner.planning.dit_trace import dit_peak, traced_step
 from musubi_tuner.planning.measure import TensorBytes
 from musubi_tuner.planning.vae import vae_decode_peak, vae_encode_peak, vae_params
 from plan_runs import measured_tensor_peak
@@ -29,16 +29,19 @@ def small_work(**changes) -> Workload:
 # ------------------------------------------------------------------------------------------- sizes
 
 
-def test_dit_sizes_come_from_the_real_model(manifest):
+def test_the_traced_dit_has_the_sizes_of_the_official_model(manifest):
+    """What the time model reads off the trace (fp8 weights to dequantize, LoRA gradients to all-reduce, what block swap
+    streams) is the real model's."""
     for config, name in ((HUNYUAN_T2V, "dit_t2v_720p.json"), (SKYREELS_I2V, "dit_skyreels_i2v.json")):
         ref = manifest(name)
-        s = sizes.dit_sizes(config)
-        assert s.params == ref["params"]
-        assert s.fp8_params == sum(torch.Size(shape).numel() for key, shape in ref["keys"].items() if is_fp8_weight(key))
-    s = sizes.dit_sizes(HUNYUAN_T2V)
-    assert s.lora_modules() == 240
-    assert s.lora_params(32) == 117_964_800  # rank x (in + out) over the 240 block Linears
-    assert s.weight_bytes(2, fp8=False) == {"bf16/fp16": 2 * 12_821_012_544}
+        t = traced_step(Workload(config, 16, 16, 1, mode="generate"), MemoryOptions(fp8=True))
+        assert t.params == ref["params"]
+        assert t.total("fp8_params") == sum(torch.Size(shape).numel() for key, shape in ref["keys"].items() if is_fp8_weight(key))
+    t = traced_step(Workload(HUNYUAN_T2V, 544, 960, 33), MemoryOptions())  # the step the block swap test below plans
+    assert sum(t.depth[k] * len(b.lora_shapes) for k, b in t.blocks.items()) == 240
+    assert t.total("lora_params") == 117_964_800  # rank 32 x (in + out) over the 240 block Linears
+    # block swap streams a block's Linear weights, modulation included: a double block's two streams
+    assert t.blocks["double"].linear_bytes == 2 * 2 * (3072 * 9216 + 3072 * 3072 + 2 * 3072 * 12288 + 3072 * 18432)
 
 
 def test_encoder_sizes_match_the_reference_manifests(manifest):
@@ -53,12 +56,6 @@ def test_encoder_sizes_match_the_reference_manifests(manifest):
     clip = manifest("text_encoder_clip_l_CLIPTextModel.json")["params"]
     assert encoders.clip_peak(1).parts["weights (fp16)"] == 2 * clip + position_ids
     assert vae_params() == manifest("vae_884_16c.json")["params"]
-
-
-def test_block_swap_streams_the_linear_weights_of_the_blocks_musubi_tuner_swaps():
-    s = sizes.dit_sizes(HUNYUAN_T2V)
-    double = s.block_linear_weight_bytes(("double", 0), 2, fp8=False)
-    assert double == 2 * 2 * (3072 * 9216 + 3072 * 3072 + 2 * 3072 * 12288 + 3072 * 18432)  # two streams, modulation included
 
 
 # ------------------------------------------------------------------------------------------- peak of a whole step
@@ -201,8 +198,8 @@ def test_block_swap_needs_checkpointing_to_save_memory_in_training():
     plain = plan(work, MemoryOptions(), h100)
     swapped = plan(work, MemoryOptions(blocks_to_swap=20), h100)
     # every copy is kept for backward but the modulation Linears' (their input needs no grad): little is saved
-    streamed = sum(sizes.dit_sizes(HUNYUAN_T2V).block_linear_weight_bytes(k, 2, False)
-                   for k in [("double", i) for i in range(10, 20)] + [("single", i) for i in range(19, 40)])
+    blocks = traced_step(work, MemoryOptions()).blocks
+    streamed = 10 * blocks["double"].linear_bytes + 21 * blocks["single"].linear_bytes  # double 10-19, single 19-39
     assert plain.dit_stage.device_peak - swapped.dit_stage.device_peak < 0.3 * streamed
     assert any("saves little GPU memory" in w for w in swapped.warnings)
     ckpt = plan(work, MemoryOptions(gradient_checkpointing=True), h100)

@@ -239,7 +239,8 @@ def test_full_size_fp8_dit_holds_12_5_gb_of_fp8_weights_and_the_planner_counts_t
     from musubi_tuner.hunyuan.config import DiTConfig
     from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
     from musubi_tuner.hunyuan.fp8 import convert_to_fp8
-    from musubi_tuner.planning import sizes
+    from musubi_tuner.planning import MemoryOptions, Workload
+    from musubi_tuner.planning.dit_trace import dit_peak
 
     config = DiTConfig()
     with torch.device("meta"):
@@ -248,8 +249,8 @@ def test_full_size_fp8_dit_holds_12_5_gb_of_fp8_weights_and_the_planner_counts_t
     by_dtype: dict[torch.dtype, int] = {}
     for t in [*model.parameters(), *model.buffers()]:
         by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel() * t.element_size()
-    planned = sizes.dit_sizes(config).weight_bytes(2, fp8=True)
-    assert by_dtype == {FP8_DTYPE: planned["fp8"], torch.bfloat16: planned["bf16/fp16"], torch.float32: planned["fp8 scales"]}
+    planned, _ = dit_peak(Workload(config, 16, 16, 1, mode="generate"), MemoryOptions(fp8=True))
+    assert planned.parts["weights"] == sum(by_dtype.values())
     assert by_dtype[FP8_DTYPE] == 12_457_082_880  # every double / single block Linear, modulation included
     assert by_dtype[torch.bfloat16] == 2 * 363_929_664  # embedders, token refiner, final layer, norms, biases
     assert sum(by_dtype.values()) < 13.3e9  # the bf16 model: 25.6 GB

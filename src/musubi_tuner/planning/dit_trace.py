@@ -32,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from musubi_tuner.hunyuan import sequence_parallel
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
-from musubi_tuner.hunyuan.offload import split_blocks_to_swap
+from musubi_tuner.hunyuan.offload import swapped_block_keys
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.tracer import Parts, Peak, Segment, add, compose, fake_module, on_disk, trace
 
@@ -47,7 +47,8 @@ SCALING_FACTOR = 0.476986  # the VAE's latent scale: the trainer feeds scaled la
 @dataclass(frozen=True)
 class Block:
     """What one block of a kind holds: bytes of its parameters and buffers, of its Linear weights (all / those whose
-    input needs a grad, the ones autograd keeps), and of its LoRA parameters; its parameter count."""
+    input needs a grad, the ones autograd keeps: what block swap streams), and of its LoRA parameters; its parameter
+    counts."""
 
     nbytes: int
     linear_bytes: int
@@ -55,7 +56,8 @@ class Block:
     lora_bytes: int
     lora_shapes: tuple[tuple[int, int], ...]  # (in, out) of each Linear LoRA wraps
     params: int
-    fp8_params: int
+    fp8_params: int  # Linear weights stored in float8
+    lora_params: int
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,12 @@ class Traced:
     embedder_bytes: int
     params: int  # of the full model
     joint_bytes: int  # one block input over the joint sequence (a checkpointed input, one dq accumulator at float32 / 2)
-    step_cache_bytes: int = 0  # the residuals a step cache keeps between steps (traced as inputs)
+    step_cache_bytes: int  # the residuals a step cache keeps between steps (traced as inputs)
+    depth: dict[str, int]  # blocks of each kind in the full model
+
+    def total(self, fact: str) -> int:
+        """A `Block` fact summed over the full model's blocks (fp8_params, lora_params, linear_bytes, ...)."""
+        return sum(self.depth[k] * getattr(b, fact) for k, b in self.blocks.items())
 
 
 def _reduced(opts: MemoryOptions) -> MemoryOptions:
@@ -102,7 +109,7 @@ def _traced(work: Workload, opts: MemoryOptions) -> Traced:
 def _from_json(d: dict) -> Traced:
     blocks = {k: Block(**{**b, "lora_shapes": tuple(map(tuple, b["lora_shapes"]))}) for k, b in d["blocks"].items()}
     return Traced(tuple(Segment(**seg) for seg in d["segments"]), blocks, d["embedder_bytes"], d["params"], d["joint_bytes"],
-                  d["step_cache_bytes"])
+                  d["step_cache_bytes"], d["depth"])
 
 
 def _trace_step(model: HunyuanVideoDiT, work: Workload, opts: MemoryOptions, depth: dict[str, int]) -> Traced:
@@ -127,11 +134,11 @@ def _trace_step(model: HunyuanVideoDiT, work: Workload, opts: MemoryOptions, dep
         quiet.setLevel(level)
     blocks = {kind: _block_facts(getattr(model, f"{kind}_blocks")[0], network, f"{kind}_blocks_0_") for kind in depth}
     embedders = sum(p.nbytes for m in (model.img_in, model.txt_in) for p in m.parameters())
-    params = sum(p.numel() for p in model.parameters()) + sum(
-        (n - depth[k]) * blocks[k].params for k, n in (("double", c.mm_double_blocks_depth), ("single", c.mm_single_blocks_depth)))
+    full = {"double": c.mm_double_blocks_depth, "single": c.mm_single_blocks_depth}
+    params = sum(p.numel() for p in model.parameters()) + sum((full[k] - depth[k]) * blocks[k].params for k in full)
     batch = work.batch * (opts.cfg_batch if work.mode == "generate" else 1)
     joint = batch * sum(work.local_tokens(opts.context_parallel)) * c.hidden_size * opts.act_bytes
-    return Traced(tuple(segments), blocks, embedders, params, joint, cached)
+    return Traced(tuple(segments), blocks, embedders, params, joint, cached, full)
 
 
 class _NoCollectives:
@@ -275,7 +282,8 @@ def _block_facts(block: nn.Module, network, lora_prefix: str) -> Block:
         lora_bytes=sum(p.nbytes for m in lora for p in m.parameters()),
         lora_shapes=tuple((m.lora_down.in_features, m.lora_up.out_features) for m in lora),
         params=sum(p.numel() for p in block.parameters()),
-        fp8_params=sum(m.weight.numel() for m in linears if m.weight.element_size() == 1))
+        fp8_params=sum(m.weight.numel() for m in linears if m.weight.element_size() == 1),
+        lora_params=sum(p.numel() for m in lora for p in m.parameters()))
 
 
 # ------------------------------------------------------------------------------------------------ composing
@@ -292,9 +300,8 @@ def _where(label: str) -> tuple[str, str, int] | None:
 
 def dit_peak(work: Workload, opts: MemoryOptions, on_cpu: bool = False) -> tuple[Peak, Parts]:
     """(the device's peak during the step, with its parts; what the options keep in host memory, by part)."""
-    c = work.config
     t = traced_step(work, opts)
-    depth = {"double": c.mm_double_blocks_depth, "single": c.mm_single_blocks_depth}
+    depth = t.depth
     count = {k: depth[k] - TRACED[k] + 1 if depth[k] >= TRACED[k] else 1 for k in depth}
     train = work.mode == "train"
 
@@ -309,9 +316,7 @@ def dit_peak(work: Workload, opts: MemoryOptions, on_cpu: bool = False) -> tuple
     untraced = sum((depth[k] - min(depth[k], TRACED[k])) * (b.nbytes + b.lora_bytes) for k, b in t.blocks.items())
     static = {"weights": untraced, "inputs": -t.step_cache_bytes, STEP_CACHE: t.step_cache_bytes}
     host: Parts = {}
-    n_double, n_single = split_blocks_to_swap(opts.blocks_to_swap, depth["double"], depth["single"])
-    swapped = [("double", i) for i in range(depth["double"] - n_double, depth["double"])] + \
-              [("single", i) for i in range(depth["single"] - n_single, depth["single"])]
+    swapped = swapped_block_keys(opts.blocks_to_swap, depth["double"], depth["single"])
     if swapped and not on_cpu:
         moved = sum(t.blocks[k].linear_bytes for k, _ in swapped)
         static = add(static, {"weights": -moved})
@@ -322,7 +327,7 @@ def dit_peak(work: Workload, opts: MemoryOptions, on_cpu: bool = False) -> tuple
         host[EMBEDDERS] = t.embedder_bytes
     offload_inputs = train and opts.gradient_checkpointing and opts.gradient_checkpointing_cpu_offload and not on_cpu
     if train:
-        static[OPTIMIZER] = optimizer_state_bytes(t, opts, depth)
+        static[OPTIMIZER] = optimizer_state_bytes(t, opts)
     held_on_host = [0]
 
     def adjust(label: str, i: int) -> tuple[Parts, Parts]:
@@ -362,26 +367,25 @@ def dit_peak(work: Workload, opts: MemoryOptions, on_cpu: bool = False) -> tuple
         phase, kind, _ = _where(peak.where)
         peak.where = f"{phase}, {kind} blocks"
     if train:
-        peak.consider(add(peak.end, {OPTIMIZER_STEP: optimizer_step_bytes(t, opts, depth, cuda=not on_cpu)}), "optimizer step")
+        peak.consider(add(peak.end, {OPTIMIZER_STEP: optimizer_step_bytes(t, opts, cuda=not on_cpu)}), "optimizer step")
     return peak, host
 
 
 # ------------------------------------------------------------------------------------------------ the optimizer
 
 
-def optimizer_state_bytes(t: Traced, opts: MemoryOptions, depth: dict[str, int]) -> int:
+def optimizer_state_bytes(t: Traced, opts: MemoryOptions) -> int:
     """AdamW: exp_avg and exp_avg_sq in float32; AdamW8bit: two uint8 states and a float32 absmax per 256 values each;
     Adafactor (no first moment): a float32 row and column second moment per matrix."""
-    r, name = opts.network_dim, opts.optimizer_type.lower()
-    params = sum(depth[k] * r * (i + o) for k, b in t.blocks.items() for i, o in b.lora_shapes)
+    r, name, params = opts.network_dim, opts.optimizer_type.lower(), t.total("lora_params")
     if name == "adamw":
         return 8 * params
     if name == "adamw8bit":
         return 2 * params + 2 * 4 * params // 256
-    return 4 * sum(depth[k] * (2 * r + i + o) for k, b in t.blocks.items() for i, o in b.lora_shapes)
+    return 4 * sum(t.depth[k] * (2 * r + i + o) for k, b in t.blocks.items() for i, o in b.lora_shapes)
 
 
-def optimizer_step_bytes(t: Traced, opts: MemoryOptions, depth: dict[str, int], cuda: bool) -> int:
+def optimizer_step_bytes(t: Traced, opts: MemoryOptions, cuda: bool) -> int:
     """torch's AdamW on CUDA runs foreach: a float32 temporary per parameter; on the CPU it loops (the largest matrix
     at a time); Adafactor holds three temporaries of the largest matrix; AdamW8bit works in place."""
     r, name = opts.network_dim, opts.optimizer_type.lower()
@@ -389,5 +393,5 @@ def optimizer_step_bytes(t: Traced, opts: MemoryOptions, depth: dict[str, int], 
     if name == "adamw8bit":
         return 0
     if name == "adamw" and cuda:
-        return 4 * sum(depth[k] * r * (i + o) for k, b in t.blocks.items() for i, o in b.lora_shapes)
+        return 4 * t.total("lora_params")
     return (3 if name == "adafactor" else 1) * largest

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from musubi_tuner.hunyuan.cost import block_flops, forward_flops, lora_forward_flops, train_step_flops
 from musubi_tuner.planning import encoders, vae
-from musubi_tuner.planning.dit_trace import dit_peak
+from musubi_tuner.hunyuan.offload import swapped_block_keys
+from musubi_tuner.planning.dit_trace import dit_peak, traced_step
 from musubi_tuner.planning.options import MemoryOptions, Workload
-from musubi_tuner.planning.sizes import dit_sizes, swapped_blocks
 from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, StepTime, compute_seconds, overlapped_swap_seconds, utilisation_for
 from musubi_tuner.planning.tracer import Peak
 
@@ -151,7 +151,7 @@ def collective_bytes(work: Workload, opts: MemoryOptions) -> int:
         gather = batch * li * c.patch_volume * c.out_channels * a * (n - 1)
         if work.mode == "train":
             passes = 3 if opts.gradient_checkpointing else 2
-            total = passes * call + gather + 4 * dit_sizes(c).lora_params(opts.network_dim) * 2 * (n - 1) // n
+            total = passes * call + gather + 4 * traced_step(work, opts).total("lora_params") * 2 * (n - 1) // n
         else:
             total = opts.dit_calls * (call + gather)
     if work.mode == "generate" and opts.uses_cfg_parallel:
@@ -164,7 +164,6 @@ def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: flo
     """Seconds per training step / denoising step on `device` at `utilisation` of its peak (one process's share with
     context parallel: 1/N of the FLOPs, plus its collectives over the GPU-to-GPU link)."""
     c = work.config
-    sizes = dit_sizes(c)
     flops, _ = step_flops(work, opts)
     compute = compute_seconds(flops / opts.processes, device, utilisation)
     notes = []
@@ -177,15 +176,16 @@ def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: flo
     # block swap: the swapped blocks' weights cross PCIe once per block run, overlapped with the previous block
     transfer = 0.0
     if opts.blocks_to_swap:
-        swapped = swapped_blocks(sizes, opts)
+        swapped = swapped_block_keys(opts.blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
+        streamed = traced_step(work, opts).blocks  # a swapped block streams its Linear weights
         samples = work.batch * (1 if work.mode == "train" else opts.cfg_batch)
         double, single = block_flops(c, work.image_tokens, work.text_tokens)
         per_run = {"double": double.total * samples, "single": single.total * samples}
         runs = 1 if work.mode == "train" else opts.dit_calls
         passes = 2 if work.mode == "train" else runs  # training: forward and the recomputation in backward
-        blocks = [("double", i) for i in range(c.mm_double_blocks_depth)] + [("single", i) for i in range(c.mm_single_blocks_depth)]
-        secs = [compute_seconds(per_run[k[0]], device, utilisation) for k in blocks]
-        moved = [swapped.get(k, 0) for k in blocks]
+        order = [("double", i) for i in range(c.mm_double_blocks_depth)] + [("single", i) for i in range(c.mm_single_blocks_depth)]
+        secs = [compute_seconds(per_run[k[0]], device, utilisation) for k in order]
+        moved = [streamed[kind].linear_bytes if (kind, i) in swapped else 0 for kind, i in order]
         _, exposed = overlapped_swap_seconds(secs, moved, device, opts.use_pinned_memory_for_block_swap)
         transfer += passes * exposed
         total_bytes = passes * sum(moved)
@@ -197,13 +197,14 @@ def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: flo
         transfer += moved / (device.pcie_pageable_gbps * GB)
         notes.append(f"checkpoint CPU offload moves {moved / GB:.1f} GB per step (pageable, not overlapped)")
     if opts.img_in_txt_in_offloading:
-        moved = sizes.embedder_params * opts.weight_bytes * (1 if work.mode == "train" else opts.cfg_batch)
+        moved = traced_step(work, opts).embedder_bytes * (1 if work.mode == "train" else opts.cfg_batch)
         transfer += moved / (device.pcie_pageable_gbps * GB)
     dequant = 0.0
     if opts.fp8:
         # training dequantizes in forward and again for the input gradients (and once more when checkpointing recomputes)
         runs = (3 if opts.gradient_checkpointing else 2) if work.mode == "train" else opts.dit_calls
-        dequant = runs * sizes.fp8_params * 5 / (device.hbm_gbps * GB)  # read fp8, write and read back bf16, x2 with row scales
+        # read fp8, write and read back bf16, x2 with row scales
+        dequant = runs * traced_step(work, opts).total("fp8_params") * 5 / (device.hbm_gbps * GB)
         notes.append(f"fp8 dequantization: {dequant:.2f} s per step")
     if work.mode == "train" and opts.gradient_checkpointing:
         notes.append("checkpointing recomputes every block's forward in backward (+1 forward of FLOPs)")

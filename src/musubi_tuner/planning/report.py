@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from musubi_tuner.planning.dit_trace import traced_step
 from musubi_tuner.planning.planner import ALLOCATOR_MARGIN, CUDA_CONTEXT, GB, Plan, Search, calibrated_utilisation
-from musubi_tuner.planning.sizes import dit_sizes
 
 
 def gb(nbytes: float) -> str:
@@ -21,7 +21,7 @@ def duration(seconds: float) -> str:
 def describe_model(plan: Plan) -> str:
     c = plan.workload.config
     kind = "SkyReels V1 I2V" if c.in_channels == 32 else "HunyuanVideo"
-    return f"{kind} DiT, {dit_sizes(c).params / 1e9:.2f}B parameters ({c.mm_double_blocks_depth} double + {c.mm_single_blocks_depth} single blocks)"
+    return f"{kind} DiT, {traced_step(plan.workload, plan.options).params / 1e9:.2f}B parameters ({c.mm_double_blocks_depth} double + {c.mm_single_blocks_depth} single blocks)"
 
 
 def format_plan(plan: Plan) -> str:
