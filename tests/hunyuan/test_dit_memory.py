@@ -200,6 +200,19 @@ def test_fp8_linear_gradient_is_the_dequantized_linears(dit_file):
     assert torch.equal(x.grad, x2.grad)
 
 
+def test_an_fp8_linear_holds_one_high_precision_copy_of_its_weight_at_a_time(dit_file):
+    """The dequantized weight is scaled in place: at the --fp8_llm peak a second copy of the largest weight was 117 MB."""
+    from musubi_tuner.planning.measure import TensorBytes
+
+    path, _ = dit_file
+    layer = load_dit(path, dtype=torch.bfloat16, fp8=True).single_blocks[0].linear1
+    counter = TensorBytes()
+    with torch.no_grad(), counter:
+        layer(torch.randn(1, layer.in_features, dtype=torch.bfloat16))
+    copy = 2 * layer.weight.numel()  # one bf16 copy; the rest is a row of scales, the bias and the output
+    assert copy < counter.peak < 1.1 * copy
+
+
 def test_fp8_fast_on_a_cpu_says_what_it_needs(dit_file):
     from musubi_tuner.hunyuan.fp8 import enable_fp8_fast
 

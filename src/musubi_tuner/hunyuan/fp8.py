@@ -76,9 +76,10 @@ class Fp8Linear(nn.Linear):
 
 
 def _dequantize(weight_fp8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    w = weight_fp8.to(dtype)
+    """A fresh `dtype` copy of the weight, scaled in place: one high-precision copy at a time, not two."""
+    w = weight_fp8.to(dtype, copy=True)
     if scale is not None:
-        w = w * scale.to(dtype).unsqueeze(1)
+        w.mul_(scale.to(dtype).unsqueeze(1))
     return w
 
 
