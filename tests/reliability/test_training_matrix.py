@@ -118,7 +118,7 @@ CASES = [
     Case("train-network-alpha-zero-means-rank", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--network_alpha", "0"), None),
     Case("train-config-file-misspelt-option", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--config_file", str(write(t / "run.toml", "learning_rat = 1e-4\n"))),
-         r"run\.toml: unknown option 'learning_rat' \(did you mean 'learning_rate'\?\)"),
+         r"run\.toml: unknown option 'learning_rat' \(did you mean learning_rate\?\)"),
     Case("train-config-file-wrong-type", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--config_file", str(write(t / "run.toml", 'gradient_checkpointing = "false"\n'))),
          r'run\.toml: gradient_checkpointing = "false" must be true or false \(without quotes\)'),

@@ -7,13 +7,12 @@ Where musubi-tuner has a quirk users may depend on, the default keeps it and a n
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from musubi_tuner.cli import Parser, accepted_only, count, pixels, real, seed
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
 from musubi_tuner.training.timesteps import SAMPLING_MODES, WEIGHTING_SCHEMES
@@ -258,9 +257,7 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     actions = {a.dest: a for a in parser._actions}
     for key in flat:
         if key not in actions:
-            close = difflib.get_close_matches(key, actions, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"{file}: unknown option {key!r}{hint}")
+            raise UserError(f"{file}: unknown option {key!r}{did_you_mean(key, actions)}")
     return {key: _config_value(file, key, value, actions[key]) for key, value in flat.items()}
 
 
