@@ -213,6 +213,21 @@ def test_an_fp8_linear_holds_one_high_precision_copy_of_its_weight_at_a_time(dit
     assert copy < counter.peak < 1.1 * copy
 
 
+def test_the_last_double_blocks_outputs_are_freed_once_joined_for_the_single_blocks(dit_file):
+    """In inference nothing needs them after the concatenation; held, they cost an image-sized tensor through all 40
+    single blocks (0.7 GB of a 720p denoising step)."""
+    import weakref
+
+    path, config = dit_file
+    model = load_dit(path, dtype=torch.float32)
+    outputs, alive = [], []
+    model.double_blocks[-1].register_forward_hook(lambda m, args, out: outputs.extend(weakref.ref(t) for t in out))
+    model.single_blocks[1].register_forward_pre_hook(lambda m, args: alive.append([r() is not None for r in outputs]))
+    with torch.no_grad():
+        model(*dit_inputs(config))
+    assert alive == [[False, False]]
+
+
 def test_fp8_fast_on_a_cpu_says_what_it_needs(dit_file):
     from musubi_tuner.hunyuan.fp8 import enable_fp8_fast
 

@@ -168,10 +168,12 @@ class HunyuanVideoDiT(nn.Module):
         """The double blocks from index `first` on, then every single block; returns the image tokens (B, Li, C)."""
         for i in range(first, len(self.double_blocks)):
             img, txt = self.run_double_block(i, img, txt, silu_vec, ctx)
+        img_len = img.shape[1]
         x_joint = torch.cat([img, txt], dim=1)
+        del img, txt  # the joint sequence replaces them: not held through the single blocks
         for i, block in enumerate(self.single_blocks):
             x_joint = self._run_block(block, ("single", i), x_joint, silu_vec, ctx)
-        return x_joint.split([img.shape[1], txt.shape[1]], dim=1)[0]
+        return x_joint[:, :img_len]
 
     def run_double_block(self, i: int, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor,
                          ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
