@@ -228,6 +228,24 @@ def test_the_last_double_blocks_outputs_are_freed_once_joined_for_the_single_blo
     assert alive == [[False, False]]
 
 
+def test_inference_frees_the_qkv_and_linear1_outputs_before_the_blocks_projections(dit_file):
+    """Without autograd nothing needs them after attention (and linear1's MLP part after the GELU); held, they were
+    7 x hidden bytes a token more at the peak of a denoising step (4.4 GB at 720p)."""
+    import weakref
+
+    path, config = dit_file
+    model = load_dit(path, dtype=torch.float32)
+    double, single = model.double_blocks[0], model.single_blocks[0]
+    outputs, alive = {}, []  # weak references to the storages: a view keeps a storage, not its base tensor object
+    pairs = (("double qkv", double.img_attn_qkv, double.img_attn_proj), ("single linear1", single.linear1, single.linear2))
+    for name, producer, consumer in pairs:
+        producer.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, weakref.ref(out.untyped_storage())))
+        consumer.register_forward_pre_hook(lambda m, args, name=name: alive.append((name, outputs[name]() is not None)))
+    with torch.no_grad():
+        model(*dit_inputs(config))
+    assert alive == [("double qkv", False), ("single linear1", False)]
+
+
 def test_fp8_fast_on_a_cpu_says_what_it_needs(dit_file):
     from musubi_tuner.hunyuan.fp8 import enable_fp8_fast
 

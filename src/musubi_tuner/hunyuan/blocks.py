@@ -287,11 +287,18 @@ class MMDoubleStreamBlock(nn.Module):
         txt_mod = self.txt_mod(silu_vec)
         img_q, img_k, img_v = self._qkv(img, "img", img_mod, ctx.rotation[: img.shape[1]])
         txt_q, txt_k, txt_v = self._qkv(txt, "txt", txt_mod, None)  # text tokens are not rotated
+        # without autograd nothing else holds the per-stream q, k, v (nor the qkv output under v) once joined, nor the
+        # joined ones once attention ran: dropped as they are done with, not held through the MLPs
         q = torch.cat([img_q, txt_q], dim=1)
+        del img_q, txt_q
         k = torch.cat([img_k, txt_k], dim=1)
+        del img_k, txt_k
         v = torch.cat([img_v, txt_v], dim=1)
+        del img_v, txt_v
+        attn = ctx.attend(q, k, v)
+        del q, k, v
         # split (not slicing): its backward concatenates instead of scattering into zero-filled tensors
-        img_attn, txt_attn = ctx.attend(q, k, v).split([img.shape[1], txt.shape[1]], dim=1)
+        img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)
         img = gated_residual(img, img_mod[2], self.img_attn_proj(img_attn))
         img = gated_residual(img, img_mod[5], self.img_mlp(modulate_norm(img, img_mod[3], img_mod[4])))
         txt = gated_residual(txt, txt_mod[2], self.txt_attn_proj(txt_attn))
@@ -318,10 +325,14 @@ class MMSingleStreamBlock(nn.Module):
         B, L, C = x.shape
         qkv, mlp = self.linear1(modulate_norm(x, shift, scale)).split([3 * C, self.linear1.out_features - 3 * C], dim=-1)
         q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).unbind(2)
+        del qkv
         q = qk_norm(q, self.q_norm.weight, ctx.rotation)
         k = qk_norm(k, self.k_norm.weight, ctx.rotation)
         attn = ctx.attend(q, k, v)
-        return gated_residual(x, gate, self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)))
+        # without autograd nothing else holds q, k or linear1's output: the latter goes with the GELU's input
+        del q, k, v
+        mlp = F.gelu(mlp, approximate="tanh")
+        return gated_residual(x, gate, self.linear2(torch.cat([attn, mlp], dim=-1)))
 
 
 class RMSNormWeight(nn.Module):
