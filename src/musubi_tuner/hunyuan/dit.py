@@ -151,7 +151,9 @@ class HunyuanVideoDiT(nn.Module):
         if self.block_hooks is not None:
             self.block_hooks.start_forward()
         if self.step_cache is None:
-            img = self.run_blocks(img, txt, silu_vec, ctx)
+            tokens = [img, txt]
+            del img, txt  # run_blocks takes them out of the list: not held here through the blocks
+            img = self.run_blocks(tokens, silu_vec, ctx)
         else:  # it runs the blocks, or part of them, or none (a skipped step)
             img = self.step_cache.run_blocks(self, img, txt, silu_vec, ctx)
         if self.block_hooks is not None:
@@ -164,8 +166,13 @@ class HunyuanVideoDiT(nn.Module):
             out = shards.gather_image(out)
         return self.unpatchify(out, T, H, W)
 
-    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor, ctx: AttentionContext, first: int = 0) -> torch.Tensor:
-        """The double blocks from index `first` on, then every single block; returns the image tokens (B, Li, C)."""
+    def run_blocks(self, tokens: list[torch.Tensor], silu_vec: torch.Tensor, ctx: AttentionContext, first: int = 0) -> torch.Tensor:
+        """The double blocks from index `first` on, then every single block; returns the image tokens (B, Li, C).
+
+        `tokens` is [img, txt], emptied here: a caller that keeps no other reference does not hold the blocks'
+        inputs while they run (the embedders' outputs: an image-sized tensor through all 60 blocks in inference)."""
+        img, txt = tokens
+        tokens.clear()
         for i in range(first, len(self.double_blocks)):
             img, txt = self.run_double_block(i, img, txt, silu_vec, ctx)
         img_len = img.shape[1]

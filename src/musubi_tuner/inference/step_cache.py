@@ -161,14 +161,14 @@ class StepCache:
 
     # -- the decision
     def run_blocks(self, model, img: torch.Tensor, txt: torch.Tensor, silu_vec: torch.Tensor, ctx) -> torch.Tensor:
-        """What model.run_blocks(img, ...) returns, or its cached estimate: the image tokens after the blocks (B, Li, C)."""
+        """What model.run_blocks([img, txt], ...) returns, or its cached estimate: the image tokens after the blocks (B, Li, C)."""
         call = self._call
         if call is None:
             raise RuntimeError("StepCache.run_blocks outside StepCache.call")
         state = self._branches.setdefault(call.branch, _Branch())
         forced = call.step < call.first_step + self.warmup or call.step == call.last_step
         if self.threshold == 0:  # exactly the plain forward
-            out, skipped, metric = model.run_blocks(img, txt, silu_vec, ctx), False, None
+            out, skipped, metric = model.run_blocks([img, txt], silu_vec, ctx), False, None
         elif self.method == "teacache":
             out, skipped, metric = self._teacache(model, state, forced, img, txt, silu_vec, ctx)
         else:
@@ -188,7 +188,7 @@ class StepCache:
         if skip:
             return img + state.residual, True, metric
         state.accumulated = 0.0
-        out = model.run_blocks(img, txt, silu_vec, ctx)
+        out = model.run_blocks([img, txt], silu_vec, ctx)
         state.residual = out - img
         return out, False, metric
 
@@ -201,7 +201,7 @@ class StepCache:
             if metric <= self.threshold:
                 return img_1 + state.residual, True, metric
         state.previous = first_residual
-        out = model.run_blocks(img_1, txt_1, silu_vec, ctx, first=1)
+        out = model.run_blocks([img_1, txt_1], silu_vec, ctx, first=1)
         state.residual = out - img_1
         return out, False, metric
 
