@@ -152,6 +152,7 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, sp: SequenceP
     send = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=sp.group)
+    del send  # sent: not held while the result is put in order (the attention's peak under context parallel)
     # received[j] is process j's chunk: put that axis just before gather_dim and merge the two (source-major order)
     return received.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
 
