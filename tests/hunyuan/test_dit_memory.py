@@ -213,38 +213,41 @@ def test_an_fp8_linear_holds_one_high_precision_copy_of_its_weight_at_a_time(dit
     assert copy < counter.peak < 1.1 * copy
 
 
+def outputs_alive_when(model, config, producers, consumer) -> list[bool]:
+    """For each output of the `producers` in an inference forward: is its storage still alive when `consumer` starts?
+    (Weak references to the storages: a view keeps a storage, not its base tensor object.)"""
+    import weakref
+
+    refs, alive = [], []
+
+    def keep(module, args, out):
+        refs.extend(weakref.ref(t.untyped_storage()) for t in (out if isinstance(out, tuple) else (out,)))
+
+    hooks = [p.register_forward_hook(keep) for p in producers]
+    hooks.append(consumer.register_forward_pre_hook(lambda module, args: alive.append([r() is not None for r in refs])))
+    with torch.no_grad():
+        model(*dit_inputs(config))
+    for hook in hooks:
+        hook.remove()
+    return alive[0]
+
+
 def test_the_embedders_and_the_last_double_blocks_outputs_are_not_held_through_the_single_blocks(dit_file):
     """In inference nothing needs them once the blocks that read them ran; held, each costs an image-sized tensor
     through the single blocks (0.7 GB of a 720p denoising step)."""
-    import weakref
-
     path, config = dit_file
     model = load_dit(path, dtype=torch.float32)
-    outputs, alive = [], []  # weak references to the storages (a view keeps a storage, not its base tensor object)
-    model.img_in.register_forward_hook(lambda m, args, out: outputs.append(weakref.ref(out.untyped_storage())))
-    model.double_blocks[-1].register_forward_hook(lambda m, args, out: outputs.extend(weakref.ref(t.untyped_storage()) for t in out))
-    model.single_blocks[1].register_forward_pre_hook(lambda m, args: alive.append([r() is not None for r in outputs]))
-    with torch.no_grad():
-        model(*dit_inputs(config))
-    assert alive == [[False, False, False]]
+    assert outputs_alive_when(model, config, [model.img_in, model.double_blocks[-1]], model.single_blocks[1]) == [False] * 3
 
 
 def test_inference_frees_the_qkv_and_linear1_outputs_before_the_blocks_projections(dit_file):
     """Without autograd nothing needs them after attention (and linear1's MLP part after the GELU); held, they were
     7 x hidden bytes a token more at the peak of a denoising step (4.4 GB at 720p)."""
-    import weakref
-
     path, config = dit_file
     model = load_dit(path, dtype=torch.float32)
     double, single = model.double_blocks[0], model.single_blocks[0]
-    outputs, alive = {}, []  # weak references to the storages: a view keeps a storage, not its base tensor object
-    pairs = (("double qkv", double.img_attn_qkv, double.img_attn_proj), ("single linear1", single.linear1, single.linear2))
-    for name, producer, consumer in pairs:
-        producer.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, weakref.ref(out.untyped_storage())))
-        consumer.register_forward_pre_hook(lambda m, args, name=name: alive.append((name, outputs[name]() is not None)))
-    with torch.no_grad():
-        model(*dit_inputs(config))
-    assert alive == [("double qkv", False), ("single linear1", False)]
+    assert outputs_alive_when(model, config, [double.img_attn_qkv], double.img_attn_proj) == [False]
+    assert outputs_alive_when(model, config, [single.linear1], single.linear2) == [False]
 
 
 def test_fp8_fast_on_a_cpu_says_what_it_needs(dit_file):

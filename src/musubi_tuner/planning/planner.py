@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from musubi_tuner.hunyuan.cost import block_flops, forward_flops, lora_forward_flops, train_step_flops
-from musubi_tuner.planning import encoders, vae
 from musubi_tuner.hunyuan.offload import swapped_block_keys
+from musubi_tuner.planning import encoders, vae
 from musubi_tuner.planning.dit_trace import dit_peak, traced_step
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.timing import DEFAULT_UTILISATION, GPU, StepTime, compute_seconds, overlapped_swap_seconds, utilisation_for
