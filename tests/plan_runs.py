@@ -200,7 +200,14 @@ def measured_tensor_bytes(work: Workload, opts: MemoryOptions) -> tuple[int, int
 
 
 def measured_cuda_peak(work: Workload, opts: MemoryOptions) -> tuple[int, int]:
-    """On the GPU: (torch.cuda.max_memory_allocated during a steady-state step, bytes allocated before it)."""
+    """On the GPU: (torch.cuda.max_memory_allocated during a steady-state step, bytes allocated before it), both above
+    what was allocated before the run was built (a previous test's garbage, still held by a reference cycle, is not
+    this run's: it is collected first, and whatever survives is subtracted)."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
     run = make_run(work, opts, "cuda")
     run.step()
     torch.cuda.synchronize()
@@ -208,4 +215,4 @@ def measured_cuda_peak(work: Workload, opts: MemoryOptions) -> tuple[int, int]:
     torch.cuda.reset_peak_memory_stats()
     run.step()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated(), before
+    return torch.cuda.max_memory_allocated() - base, before - base

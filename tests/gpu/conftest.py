@@ -7,6 +7,8 @@ NCCL. Where torch sees no CUDA device, each one is skipped and says why.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -22,10 +24,13 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(autouse=True)
 def fresh_allocator():
-    """Each test starts with an empty cache and its own peak; tests that time things are not slowed by a neighbour's."""
+    """Each test starts with an empty cache and its own peak; tests that time things are not slowed by a neighbour's.
+    A model held by a reference cycle (hooks, checkpointing closures) keeps its CUDA memory until the cycle is
+    collected: collected here, so that a test's peak is not raised by the one before."""
     if no_cuda_reason():
         yield
         return
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     yield

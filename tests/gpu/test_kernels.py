@@ -111,21 +111,26 @@ def test_fp8_fast_dit_error_is_bounded_and_block_swap_changes_nothing():
 
     needs_fp8_matmuls()
     inputs = mid_inputs(batch=1)
+
+    def quantized_on_the_cpu():
+        # All three are quantized on the CPU. CUDA rounds a few weights the other way (an H200 under torch 2.11: 741 of
+        # 1.57M bytes, its scale = amax / 448 one ulp off), and fp8 activations turn that into ~0.4% at the output.
+        model = mid_dit(torch.bfloat16, device="cpu")
+        convert_to_fp8(model)
+        return model
+
     with torch.no_grad():
         want = mid_dit()(*inputs)
-        weight_only, fast = mid_dit(torch.bfloat16), mid_dit(torch.bfloat16)
-        convert_to_fp8(weight_only)
-        convert_to_fp8(fast)
+        weight_only, fast = quantized_on_the_cpu().to(CUDA), quantized_on_the_cpu().to(CUDA)
         assert enable_fp8_fast(fast) == 3 * 10 + 4 * 3  # every block Linear: 10 per double block, 3 per single
-        swapped = mid_dit(torch.bfloat16, device="cpu")
-        convert_to_fp8(swapped)
+        swapped = quantized_on_the_cpu()
         BlockSwap(swapped, 3, CUDA, use_pinned_memory=True)
         enable_fp8_fast(swapped)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got_weight_only, got, got_swapped = weight_only(*inputs), fast(*inputs), swapped(*inputs)
     assert rel_err(got, want) < 0.02  # the same bound as --fp8 (tests/hunyuan/test_dit_memory.py); ~0.8% on the CPU
     assert rel_err(got, got_weight_only) > 1e-4  # the fp8 matmuls really ran
-    assert rel_err(got_swapped, got) < 1e-3  # the same arithmetic on copies that arrived by the side stream
+    assert rel_err(got_swapped, got) < 1e-6  # the same arithmetic on copies that arrived by the side stream (0.0 on an H200)
 
 
 def test_compiled_blocks_on_cuda_give_the_eager_outputs_and_lora_gradients():
