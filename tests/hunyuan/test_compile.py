@@ -163,3 +163,20 @@ def test_inductor_compiled_forward_equals_eager():
         first_call = time.perf_counter() - started
     print(f"first Inductor call (compilation included): {first_call:.1f} s")
     assert rel_err(got, want) < 1e-5
+
+
+def test_a_diverged_run_hears_of_the_compile_and_checkpointing_problem_a_gpu_check_found():
+    from types import SimpleNamespace
+
+    from musubi_tuner.hunyuan.compile import known_gradient_problem
+    from musubi_tuner.training.loop import divergence
+
+    inductor = CompileOptions()
+    note = known_gradient_problem(inductor, True, "cuda:0")
+    assert note and "without --compile" in note
+    # where nothing went wrong: the CPU, no checkpointing, no --compile, another backend
+    assert {known_gradient_problem(inductor, True, "cpu"), known_gradient_problem(inductor, False, "cuda"),
+            known_gradient_problem(None, True, "cuda"), known_gradient_problem(AOT, True, "cuda")} == {None}
+    saver = SimpleNamespace(last_saved=None, last_state=None)  # nothing saved yet
+    message = str(divergence("the gradient norm is nan", 3, 1, ["a.mp4"], saver, None, note))
+    assert f"{note}; else lower --learning_rate" in message and message.startswith("the gradient norm is nan at step 3")

@@ -100,6 +100,17 @@ def compile_blocks(model, options: CompileOptions) -> int:
     return len(blocks)
 
 
+def known_gradient_problem(options: CompileOptions | None, gradient_checkpointing: bool, device: torch.device | str) -> str | None:
+    """What a diverged run should hear when its set-up is one a GPU check saw go wrong, else None.
+
+    bench/gpu_check.py on an H200 (torch 2.11.0+cu130, Inductor): blocks compiled under gradient checkpointing gave
+    NaN LoRA gradients with block swap and an illegal memory access without it; the same is exact on the CPU."""
+    if options is None or options.backend != "inductor" or not gradient_checkpointing or torch.device(device).type != "cuda":
+        return None
+    return ("--compile with --gradient_checkpointing gave NaN gradients on a CUDA GPU in this project's own check "
+            "(docs/dit.md, \"On a GPU\"); train without --compile")
+
+
 @contextmanager
 def compile_errors():
     """A compilation that fails at the first call becomes a one-line error (--debug shows the traceback)."""

@@ -30,7 +30,8 @@ from musubi_tuner.distributed import GradientReducer, describe as describe_layou
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.checkpoints import load_dit
-from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
+from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, compile_blocks, compile_errors, known_gradient_problem,
+                                          log_graph_breaks)
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.sequence_parallel import check_heads
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
@@ -58,7 +59,8 @@ def first_non_finite(network) -> str | None:
     return None
 
 
-def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, resumed_from: Path | None) -> NonFiniteLoss:
+def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, resumed_from: Path | None,
+               known_cause: str | None = None) -> NonFiniteLoss:
     """The error that stops a diverged run, naming the newest checkpoint saved before the bad update.
 
     Weights are checked after every update and before every save, so every checkpoint is finite and was saved
@@ -69,8 +71,9 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
         good = f"the state this run resumed from, {resumed_from}"
     else:
         good = "none yet"
+    advice = f"{known_cause}; else lower" if known_cause else "Lower"
     return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}); stopped without saving. "
-                         f"Last good checkpoint: {good}. Lower --learning_rate, check the caches of those items, "
+                         f"Last good checkpoint: {good}. {advice} --learning_rate, check the caches of those items, "
                          f"or use bf16 instead of fp16.")
 
 
@@ -470,6 +473,7 @@ def _train(args) -> Path:
     bar = progress_bar(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
     recent: list[float] = []
     compile_pending = bool(args.compile)
+    known_cause = known_gradient_problem(CompileOptions.from_args(args), args.gradient_checkpointing, accelerator.device)
     if is_schedule_free(optimizer):
         optimizer.train()
     network.train()
@@ -484,7 +488,7 @@ def _train(args) -> Path:
                 global_loss = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss.detach()
                 if not torch.isfinite(global_loss):
                     raise divergence(f"loss is {global_loss.item()}", progress.global_step + 1, epoch + 1, batch["item_names"],
-                                     saver, resume_from)
+                                     saver, resume_from, known_cause)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and reducer is not None:
                     reducer.reduce()
@@ -492,13 +496,13 @@ def _train(args) -> Path:
                     # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
                     if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
                         raise divergence(f"the gradient norm is {float(norm)}", progress.global_step + 1, epoch + 1,
-                                         batch["item_names"], saver, resume_from)
+                                         batch["item_names"], saver, resume_from, known_cause)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients and (bad := first_non_finite(network)) is not None:
                     raise divergence(f"the update made {bad} NaN/inf", progress.global_step + 1, epoch + 1, batch["item_names"],
-                                     saver, resume_from)
+                                     saver, resume_from, known_cause)
             progress.batch_in_epoch = i + 1
             if not accelerator.sync_gradients:
                 continue
