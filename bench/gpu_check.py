@@ -1,6 +1,6 @@
 """The one command to run when a CUDA GPU is at hand: the GPU tests, then the real model's blocks timed.
 
-    python bench/gpu_check.py [--runs 3] [--kernels sdpa,flash3,flash] [--budget 540] [--skip-tests]
+    python bench/gpu_check.py [--runs 3] [--kernels sdpa,flash3,flash] [--budget 540] [--skip-plan] [--skip-tests]
 
 1. One full-width double block and one single block (hidden 3072, 24 heads, MLP 12288, LoRA rank 32 on
    every block Linear, bf16 weights under bf16 autocast) are timed with CUDA events at the token counts of
@@ -10,7 +10,9 @@
    are well under 1% of the FLOPs): a training step with gradient checkpointing (forward, then forward again
    and backward), and a whole video (steps x forwards per step). The video times are set beside published
    ones as utilisation (the model's FLOPs over the time, over the GPU's bf16 peak), which compares GPUs.
-3. `pytest -m gpu tests/gpu` runs in what is left of --budget (seconds; the whole check stays under it).
+3. The planner's full-size rows are run on this GPU (bench/gpu_plan_check.py): the full-depth DiT with each row's
+   memory options, its allocator peak and step time against the plan.
+4. `pytest -m gpu tests/gpu` runs in what is left of --budget (seconds; the whole check stays under it).
 
 Nothing is installed: it needs torch and pytest (no diffusers, no video packages), runs this tree's src
 whether the package is installed or not, times the kernels that are importable and names the others.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "src"))  # this tree's package, installed or not: a GPU machine may have torch alone
 
+import gpu_plan_check  # noqa: E402
 from common import measure, table  # noqa: E402
 from gpu.support import cuda_seconds, no_cuda_reason  # noqa: E402
 
@@ -201,10 +203,10 @@ def video_flops(video: Video, config: DiTConfig = FULL) -> float:
 
 
 def this_gpu_peak(name: str) -> tuple[float, str]:
-    """(dense bf16 TFLOP/s, where it comes from) for a GPU name as CUDA reports it; the H200 has the H100's tensor cores."""
-    for pattern, key in (("H100|H200|H800", "h100"), ("A100", "a100"), ("4090", "rtx4090"), ("3090", "rtx3090")):
-        if re.search(pattern, name):
-            return GPUS[key].bf16_tflops, GPUS[key].source
+    """(dense bf16 TFLOP/s, where it comes from) for a GPU name as CUDA reports it."""
+    key = gpu_plan_check.this_gpu_key(name)
+    if key is not None:
+        return GPUS[key].bf16_tflops, GPUS[key].source
     return measured_matmul_tflops(), "measured: 8192^3 bf16 matmul (no datasheet figure known for this GPU)"
 
 
@@ -228,7 +230,7 @@ def rows_for(video: Video, mode: str, times: BlockTimes, peak_tflops: float) -> 
         "double fwd ms": _fmt(times.double_forward, 1e3), "double fwd+bwd ms": _fmt(times.double_train, 1e3, missing="-"),
         "single fwd ms": _fmt(times.single_forward, 1e3), "single fwd+bwd ms": _fmt(times.single_train, 1e3, missing="-"),
         "train step s": _fmt(est.train_step_s, digits=1, missing="-"),
-        f"video s ({video.steps} steps x{video.forwards_per_step})": _fmt(est.video_s),
+        "steps x forwards": f"{video.steps} x {video.forwards_per_step}", "video s": _fmt(est.video_s),
         "published s": f"{video.published_s:.0f} ({published.name})",
         "utilisation ours / published": f"{ours} / {flops / video.published_s / 1e12 / published.bf16_tflops:.0%}",
     }
@@ -239,14 +241,16 @@ def run_gpu_tests(timeout_s: float) -> str:
     if timeout_s < 30:
         return "the gpu tests did not run: no time left in --budget"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=10"]
+    # no:logging: a failing compile test would otherwise print every DEBUG record torch logged, burying the tracebacks
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "-p", "no:logging",
+           "--durations=10"]
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        print(out[-6000:])
+        print(out)
         return f"the gpu tests ran past {timeout_s:.0f} s and were stopped (raise --budget or run pytest -m gpu alone)"
-    print(done.stdout[-12000:], done.stderr[-3000:], sep="\n")
+    print(done.stdout, done.stderr[-3000:], sep="\n")
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     return f"gpu tests: {lines[-1].strip('= ') if lines else 'no output'} (exit {done.returncode})"
 
@@ -256,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per block (the median is shown)")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="attention modes to time, those installed")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole check; the gpu tests get what is left")
-    parser.add_argument("--skip-tests", action="store_true", help="time the blocks only")
+    parser.add_argument("--skip-plan", action="store_true", help="do not run the planner's full-size rows")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run the gpu tests")
     args = parser.parse_args(argv)
     started = time.monotonic()
     reason = no_cuda_reason()
@@ -278,9 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             for video in VIDEOS for mode in kernels]
     del model, _network
     torch.cuda.empty_cache()
+    print(table(rows, list(rows[0])), flush=True)
+    plan_rows = [] if args.skip_plan else gpu_plan_check.run_cases()
     summary = "gpu tests skipped (--skip-tests)" if args.skip_tests else run_gpu_tests(args.budget - (time.monotonic() - started))
     print()
     print(table(rows, list(rows[0])))
+    if plan_rows:
+        print()
+        print(table(plan_rows, gpu_plan_check.COLUMNS))
     for video in VIDEOS:
         print(f"published {video.name}: {video.source}")
     print(summary)

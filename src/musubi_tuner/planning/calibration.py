@@ -1,11 +1,12 @@
-"""The share of a GPU's peak this model reaches, learnt from published end-to-end times (one table, used by the
-time model and printed in docs/memory_planner.md).
+"""The share of a GPU's peak this model reaches, learnt from published end-to-end times, and the speed of PyTorch's
+SDPA on Hopper, learnt from this project's own steps timed on an H200 (one table of each, used by the time model and
+printed in docs/memory_planner.md).
 
 A figure marked `fit` sets its GPU's utilisation: the model's FLOPs over (seconds x the GPU's dense bf16 peak),
 the geometric mean where a GPU has several. Every other figure is a check of the model. All the fit figures ran
 flash-attention 2 (the official code, xDiT, diffusers); another attention kernel changes only the attention's
-share of the time, by the kernel's published speed-up over flash-attention 2 (ATTENTION_SPEEDUP).
-GPUs with no published figure take the one of the same chip family (CALIBRATED_FROM).
+share of the time, by the kernel's speed over flash-attention 2 (ATTENTION_SPEEDUP; for SDPA on Hopper, the
+denoising steps of MEASURED). GPUs with no published figure take the one of the same chip family (CALIBRATED_FROM).
 """
 
 from __future__ import annotations
@@ -80,12 +81,71 @@ PUBLISHED = (
 )
 
 # Attention kernels' speed over flash-attention 2 (what the fit figures ran). PyTorch's SDPA runs flash-attention 2's
-# kernel for bf16 on these GPUs. SageAttention: "outperforms FlashAttention2 ... by about 2.1 times" (its paper,
+# kernel for bf16 on Ampere and Ada; on Hopper it is faster, by sdpa_speedup_on_hopper(). SageAttention: "outperforms FlashAttention2 ... by about 2.1 times" (its paper,
 # arXiv 2410.02367, https://github.com/thu-ml/SageAttention). flash3 and xformers: no published figure for this
 # model, taken as flash-attention 2.
 ATTENTION_SPEEDUP = {"sageattn": 2.1}
-# Cards with no published figure: the same chip family's (A100 = A800's chip; RTX 4090 = L20's Ada; RTX 3090 Ampere).
-CALIBRATED_FROM = {"a100": "a800", "rtx4090": "l20", "rtx3090": "a800"}
+# Cards with no published figure: the same chip family's (H200 = H100's Hopper chip, more memory; A100 = A800's chip; RTX 4090 = L20's Ada; RTX 3090 Ampere).
+CALIBRATED_FROM = {"h200": "h100", "a100": "a800", "rtx4090": "l20", "rtx3090": "a800"}
+
+
+# Full-size steps of this project's code (random weights, bf16, SDPA), timed with CUDA events by bench/gpu_check.py
+# (bench/gpu_plan_check.py) on one H200: torch 2.11.0+cu130, cuDNN 9.19, driver 580, 2026-12-04. The allocator's
+# peak is beside each, for the memory half of the planner (tests/test_plan.py holds the trace to it).
+MEASURED_ON = "bench/gpu_plan_check.py on an H200 (torch 2.11.0+cu130), 2026-12-04"
+PINNED = dict(use_pinned_memory_for_block_swap=True)
+
+
+@dataclass(frozen=True)
+class Measured:
+    gpu: str  # a key of timing.GPUS
+    height: int
+    width: int
+    frames: int
+    mode: str  # "generate": one denoising step, embedded guidance (fits SDPA's speed); "train": a check
+    options: MemoryOptions  # LoRA rank 32 and AdamW when training
+    seconds: float  # one step
+    allocated_gib: float  # torch.cuda.max_memory_allocated during it
+
+    def workload(self) -> Workload:
+        return Workload(HUNYUAN_T2V, self.height, self.width, self.frames, 1, text_tokens=256, mode=self.mode)
+
+    def setting(self) -> str:
+        flags = self.options.flags(self.mode).replace("(no memory options)", "no options")
+        return f"{self.mode} {self.height}x{self.width}x{self.frames}, {flags}, {self.gpu.upper()}, sdpa"
+
+
+MEASURED = (
+    Measured("h200", 720, 1280, 129, "generate", MemoryOptions(blocks_to_swap=36, **PINNED), 22.86, 13.08),
+    Measured("h200", 544, 960, 129, "generate", MemoryOptions(), 8.01, 29.47),
+    Measured("h200", 544, 960, 33, "train", MemoryOptions(gradient_checkpointing=True), 4.28, 34.81),
+    Measured("h200", 544, 960, 33, "train", MemoryOptions(fp8=True, blocks_to_swap=36, gradient_checkpointing=True, **PINNED),
+             4.59, 12.85),
+)
+# The chips whose SDPA is not flash-attention 2's kernel (PyTorch runs cuDNN's or its own Hopper attention there).
+HOPPER = ("h100", "h200", "h20")
+
+
+@functools.cache
+def sdpa_speedup_on_hopper() -> float:
+    """SDPA's attention speed over flash-attention 2's on Hopper: the geometric mean, over the measured denoising
+    steps, of the speed that makes the time model give the measured time (its other parts, such as block swap's
+    exposed copies, kept as they are)."""
+    from musubi_tuner.planning.planner import calibrated_utilisation, step_time
+    from musubi_tuner.planning.timing import GPUS
+
+    logs = []
+    for m in MEASURED:
+        if m.mode != "generate":
+            continue
+        work, device = m.workload(), GPUS[m.gpu]
+        as_flash = m.options.replace(attn_mode="flash")
+        t = step_time(work, as_flash, device, calibrated_utilisation(work, as_flash, device))
+        fwd = forward_flops(work.config, work.latent_shape, work.text_tokens)
+        a = fwd.attention / fwd.total
+        # measured = compute x ((1 - a) + a / speed) + the rest
+        logs.append(math.log(a / ((m.seconds - (t.total_s - t.compute_s)) / t.compute_s - (1 - a))))
+    return math.exp(sum(logs) / len(logs))
 
 
 def implied_utilisation(figure: Published, peak_tflops: float) -> float:
@@ -108,9 +168,11 @@ def fitted_utilisation(gpu_key: str) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def kernel_factor(attn_mode: str, attention_share: float) -> float:
-    """Time with `attn_mode` over time with flash-attention 2, when attention is `attention_share` of the FLOPs."""
-    return (1 - attention_share) + attention_share / ATTENTION_SPEEDUP.get(attn_mode, 1.0)
+def kernel_factor(attn_mode: str, attention_share: float, gpu_key: str = "") -> float:
+    """Time with `attn_mode` over time with flash-attention 2 on GPU `gpu_key`, attention being `attention_share` of
+    the FLOPs."""
+    speed = sdpa_speedup_on_hopper() if attn_mode == "sdpa" and gpu_key in HOPPER else ATTENTION_SPEEDUP.get(attn_mode, 1.0)
+    return (1 - attention_share) + attention_share / speed
 
 
 def predicted_seconds(figure: Published) -> float:
@@ -137,4 +199,20 @@ def markdown_tables() -> str:
         note = "; ".join(x for x in (f.note, "outside 30%: see below" if f.outside else "") if x)
         lines.append(f"| {f.setting()} | {f.seconds:,.0f} s | {f.source} | {'fit' if f.fit else 'check'} | {ours:,.0f} s "
                      f"| {ours / f.seconds:.2f} | {note} |")
+    lines += ["", f"SDPA on Hopper: {sdpa_speedup_on_hopper():.2f} x flash-attention 2's attention speed, learnt from our own steps "
+              f"({MEASURED_ON}):", "",
+              "| step | measured | use | ours | ours / measured |", "|---|---|---|---|---|"]
+    for m in MEASURED:
+        ours = measured_step_seconds(m)
+        lines.append(f"| {m.setting()} | {m.seconds:.2f} s | {'fit' if m.mode == 'generate' else 'check'} | {ours:.2f} s "
+                     f"| {ours / m.seconds:.2f} |")
     return "\n".join(lines)
+
+
+def measured_step_seconds(m: Measured) -> float:
+    """The planner's time for one of our measured steps."""
+    from musubi_tuner.planning.planner import calibrated_utilisation, step_time
+    from musubi_tuner.planning.timing import GPUS
+
+    work, device = m.workload(), GPUS[m.gpu]
+    return step_time(work, m.options, device, calibrated_utilisation(work, m.options, device)).total_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from musubi_tuner.planning.calibration import HOPPER
 from musubi_tuner.planning.dit_trace import traced_step
 from musubi_tuner.planning.planner import ALLOCATOR_MARGIN, CUDA_CONTEXT, GB, Plan, Search, calibrated_utilisation
 
@@ -119,4 +120,5 @@ def how_utilisation(plan: Plan) -> str:
     """Where the share of peak came from: the calibration for this GPU and kernel, or the user."""
     if plan.utilisation != calibrated_utilisation(plan.workload, plan.options, plan.gpu):
         return "as given"
-    return f"with {plan.options.attn_mode} attention, learnt from published times: docs/memory_planner.md"
+    source = "published times" + (" and our steps timed on an H200" if plan.options.attn_mode == "sdpa" and plan.gpu.key in HOPPER else "")
+    return f"with {plan.options.attn_mode} attention, learnt from {source}: docs/memory_planner.md"

@@ -36,6 +36,7 @@ class GPU:
 # GPU-to-GPU links: NVLink's total bidirectional figure halved (SXM boards); consumer cards talk over PCIe.
 GPUS = {
     "h100": GPU("H100 SXM", 989.4, 80, 3350, 50, 20, "NVIDIA H100 datasheet: 989 TFLOP/s dense BF16; NVLink 4 900 GB/s", 450),
+    "h200": GPU("H200 SXM", 989.4, 141, 4800, 50, 20, "NVIDIA H200 datasheet: the H100's 989 TFLOP/s dense BF16, 141 GB HBM3e 4.8 TB/s; NVLink 900 GB/s", 450),
     "h20": GPU("H20", 148.0, 96, 4000, 50, 20, "NVIDIA H20 product brief: 148 TFLOP/s dense BF16, 96 GB HBM3 4.0 TB/s; NVLink 900 GB/s", 450),
     "a100": GPU("A100 80GB", 312.0, 80, 2039, 25, 12, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16; NVLink 3 600 GB/s", 300),
     "a800": GPU("A800 80GB", 312.0, 80, 2039, 25, 12, "NVIDIA A800 datasheet: A100's chip, 312 TFLOP/s dense BF16; NVLink 400 GB/s", 200),
@@ -77,7 +78,7 @@ def utilisation_for(device: GPU, attn_mode: str, attention_share: float) -> floa
     from musubi_tuner.planning.calibration import fitted_utilisation, kernel_factor
 
     base = fitted_utilisation(device.key) if device.key else None
-    return (base or DEFAULT_UTILISATION) / kernel_factor(attn_mode, attention_share)
+    return (base or DEFAULT_UTILISATION) / kernel_factor(attn_mode, attention_share, device.key)
 
 
 def compute_seconds(flops: float, device: GPU, utilisation: float = DEFAULT_UTILISATION) -> float:
