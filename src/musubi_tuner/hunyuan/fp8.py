@@ -39,7 +39,10 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
     if weight.dtype == FP8_DTYPE:
         return weight, None
     w = weight.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    # Divided by a tensor, not a Python number: CUDA multiplies by the reciprocal of a number (PyTorch's div kernel,
+    # "may lose one bit"), the CPU divides. One ulp in the scale flipped 741 of 1.57M fp8 bytes on an H200, so a
+    # model quantized on the GPU differed from the same model quantized on the CPU (as block swap loads it).
+    scale = (w.abs().amax(dim=1, keepdim=True) / torch.tensor(FP8_MAX, device=w.device)).clamp(min=1e-12)
     return (w / scale).to(FP8_DTYPE), scale.squeeze(1)
 
 
