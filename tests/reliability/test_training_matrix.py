@@ -23,6 +23,10 @@ from reliability_cases import (
 from musubi_tuner.data import cache_files
 
 
+def before_the_model_loads(a, tmp, err, out):
+    assert "modules on the DiT" not in err, "the LoRA was built: the model had loaded before the error"
+
+
 def state_file(a, tmp, name="train_state.json"):
     return tmp / "out" / "tiny-state" / name
 
@@ -125,6 +129,19 @@ CASES = [
     Case("train-config-file-value-out-of-range", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--config_file", str(write(t / "run.toml", "max_train_steps = 0\n"))),
          r"run\.toml: max_train_steps = 0: must be at least 1"),
+    # the optimizer is built on a stand-in parameter before the model loads: values it rejects end the run there
+    Case("train-optimizer-args-value-rejected", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--optimizer_args", "weight_decay=-1"),
+         r"--optimizer_args weight_decay=-1 for AdamW: Invalid weight_decay value: -1", then=before_the_model_loads),
+    Case("train-optimizer-args-wrong-type", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--optimizer_type", "SGD", "--optimizer_args", "momentum=fast"),
+         r"--optimizer_args momentum=fast for SGD: ", then=before_the_model_loads),
+    Case("train-scheduler-args-missing-key", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--lr_scheduler_type", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler_args", "gamma=0.5"),
+         r"--lr_scheduler_args gamma=0\.5 for StepLR: .*missing 1 required positional argument: 'step_size'", then=before_the_model_loads),
+    Case("train-scheduler-args-fail-at-the-first-step", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "step_size=abc"),
+         r"--lr_scheduler_args step_size=abc: the schedule fails at its first step", then=before_the_model_loads),
     Case("train-adafactor-with-the-default-scheduler", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "adafactor"), None,
          warning=r"using the adafactor schedule instead of --lr_scheduler constant"),

@@ -40,7 +40,8 @@ from musubi_tuner.progress import progress_bar
 from musubi_tuner.training.args import attention_mode
 from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.flow_matching import predict_velocity
-from musubi_tuner.training.optimizers import create_optimizer, create_scheduler, is_schedule_free, parse_key_values, total_training_steps
+from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
+                                             parse_key_values, total_training_steps)
 from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_progress, run_identity
 from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps
 
@@ -404,14 +405,20 @@ def _train(args) -> Path:
     check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
                                      "clipL": dit_config.text_states_dim_2}, args.dit)
     held_out = held_out_batches(args, dataset_config)
+    # the data is sharded over the replicas: the processes of a context-parallel group share their batches
+    loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+                                      persistent_workers=args.persistent_data_loader_workers, rank=layout.replica, world=layout.replicas)
+    batches_per_epoch = sampler.batches_per_epoch()  # this process's share
+    total_steps = total_training_steps(batches_per_epoch, args.max_train_epochs, args.max_train_steps, 1, args.gradient_accumulation_steps)
+    optimizer_args = parse_key_values(args.optimizer_args, "--optimizer_args")
+    # the optimizer and its schedule, built once on a stand-in parameter: their flags fail here, before any model loads
+    check_scheduler(args, check_optimizer(args.optimizer_type, args.learning_rate, optimizer_args, accelerator.device),
+                    total_steps * accelerator.num_processes)
     samples = None
     if args.sample_prompts:  # the text encoders run and are freed before the DiT is loaded
         from musubi_tuner.training.sampling import TrainingSampler
 
         samples = TrainingSampler(args, accelerator, in_channels=dit_config.in_channels, seed=seed, layout=layout)
-    # the data is sharded over the replicas: the processes of a context-parallel group share their batches
-    loader, sampler = make_dataloader(data, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-                                      persistent_workers=args.persistent_data_loader_workers, rank=layout.replica, world=layout.replicas)
     dit = load_frozen_dit(args, accelerator.device)
     dit.sequence_parallel = layout.sequence
     network = build_network(args, dit)  # the same initial weights on every process: same seed so far
@@ -422,10 +429,7 @@ def _train(args) -> Path:
         set_seed(seed + layout.replica)
 
     groups, _ = network.prepare_optimizer_params(unet_lr=args.learning_rate)
-    optimizer, optimizer_name = create_optimizer(args.optimizer_type, groups, args.learning_rate,
-                                                 parse_key_values(args.optimizer_args, "--optimizer_args"))
-    batches_per_epoch = sampler.batches_per_epoch()  # this process's share
-    total_steps = total_training_steps(batches_per_epoch, args.max_train_epochs, args.max_train_steps, 1, args.gradient_accumulation_steps)
+    optimizer, optimizer_name = create_optimizer(args.optimizer_type, groups, args.learning_rate, optimizer_args)
     scheduler = create_scheduler(args, optimizer, total_steps * accelerator.num_processes)
     # The loader is sharded by our sampler, not by accelerate, so that resuming knows each process's position.
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)

@@ -6,6 +6,7 @@ import ast
 import importlib
 import logging
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -111,10 +112,18 @@ def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, 
         kwargs.setdefault("lr", lr)
     try:
         optimizer = cls(params, **kwargs)
-    except TypeError as e:
-        raise UserError(f"--optimizer_args for {cls.__name__}: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown key, a value of the wrong type, or one the optimizer rejects
+        given = " ".join(f"{k}={v}" for k, v in optimizer_args.items())
+        raise UserError(f"--optimizer_args {given} for {cls.__name__}: {e}" if given else f"--optimizer_type {name}: {e}") from None
     full_name = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(f'{k}={v}' for k, v in optimizer_args.items())})" if optimizer_args else "")
     return optimizer, full_name
+
+
+def check_optimizer(optimizer_type: str, lr: float | None, optimizer_args: dict[str, Any], device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer built on a stand-in parameter: --optimizer_type and --optimizer_args fail in a second, before the
+    model loads (an optimizer takes its state at the first step, so this allocates nothing else)."""
+    stand_in = torch.nn.Parameter(torch.zeros(16, device=device))
+    return create_optimizer(optimizer_type, [{"params": [stand_in], "lr": lr}], lr, optimizer_args)[0]
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
@@ -126,8 +135,9 @@ def warmup_steps(value: int | float, total: int) -> int:
     return int(value * total) if isinstance(value, float) and value < 1 else int(value)
 
 
-def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int):
-    """The LR schedule; total_steps are optimizer steps times processes, as musubi-tuner counts them."""
+def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, announce: bool = True):
+    """The LR schedule; total_steps are optimizer steps times processes, as musubi-tuner counts them. `announce`: log
+    the schedule chosen in place of --lr_scheduler (not for the trainer's early check on a stand-in optimizer)."""
     if is_schedule_free(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     extra = parse_key_values(args.lr_scheduler_args, "--lr_scheduler_args")
@@ -138,14 +148,19 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int):
             cls = getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), cls_name)
         except (ImportError, AttributeError):
             raise UserError(f"--lr_scheduler_type {name}: cannot import it") from None
-        return cls(optimizer, **extra)
+        try:
+            return cls(optimizer, **extra)
+        except (TypeError, ValueError) as e:  # a missing or unknown key, a value of the wrong type
+            given = " ".join(f"{k}={v}" for k, v in extra.items()) or "(none given)"
+            raise UserError(f"--lr_scheduler_args {given} for {cls_name}: {e}") from None
 
     name = args.lr_scheduler
     if not name.startswith("adafactor") and getattr(optimizer, "defaults", {}).get("relative_step"):
         # Adafactor with relative_step computes its own step size: the only schedule that fits it reports it (as
         # musubi-tuner switches to); any other would multiply a learning rate the optimizer does not have
-        logger.info("--optimizer_type adafactor sets its own step size (relative_step): using the adafactor schedule "
-                    "instead of --lr_scheduler %s, as musubi-tuner does", name)
+        if announce:
+            logger.info("--optimizer_type adafactor sets its own step size (relative_step): using the adafactor schedule "
+                        "instead of --lr_scheduler %s, as musubi-tuner does", name)
         name = f"adafactor:{args.learning_rate}"
     warmup = warmup_steps(args.lr_warmup_steps, total_steps)
     decay = warmup_steps(args.lr_decay_steps, total_steps)
@@ -180,8 +195,21 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int):
         kwargs.setdefault("num_cycles", args.lr_scheduler_num_cycles / 2)
     try:
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"--lr_scheduler {name}: {e}") from None
+
+
+def check_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+    """The schedule built on `optimizer` (check_optimizer's stand-in) and stepped once: --lr_scheduler_args that a
+    scheduler takes but cannot use (StepLR's step_size=abc) fail before the model loads, not at the first step."""
+    scheduler = create_scheduler(args, optimizer, total_steps, announce=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": there is no training step here
+        try:
+            scheduler.step()
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            given = " ".join(args.lr_scheduler_args or ()) or "(none given)"
+            raise UserError(f"--lr_scheduler_args {given}: the schedule fails at its first step: {e}") from None
 
 
 def _rex(optimizer, total: int, warmup: int, min_ratio: float | None):
