@@ -149,8 +149,9 @@ def run_cases(keys: list[str] | None = None) -> list[dict]:
             rows.append({"case": case.name, "checks": case.row, "error": f"failed: {type(e).__name__}: {str(e)[:200]}"})
             gc.collect()
             torch.cuda.empty_cache()
-        print(f"{case.key} ({time.monotonic() - t0:.0f} s): " + ", ".join(f"{k} {v}" for k, v in rows[-1].items() if k not in ("case", "checks")),
-              flush=True)  # each row as it comes: a run stopped at its time limit still reports the rows it finished
+        # each row as it comes: a run stopped at its time limit still reports the rows it finished
+        figures = ", ".join(f"{k} {v}" for k, v in rows[-1].items() if k not in ("case", "checks"))
+        print(f"{case.key} ({time.monotonic() - t0:.0f} s): {figures}", flush=True)
     return rows
 
 

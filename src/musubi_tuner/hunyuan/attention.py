@@ -71,7 +71,8 @@ def padding_bias(lengths: torch.Tensor, L: int, dtype: torch.dtype, device: torc
     B = lengths.shape[0]
     padded = -(-L // 16) * 16
     valid = torch.arange(padded, device=device)[None, :] < lengths.to(device)[:, None]
-    return torch.zeros(B, 1, 1, padded, dtype=dtype, device=device).masked_fill_(~valid.view(B, 1, 1, padded), float("-inf"))[..., :L]
+    bias = torch.zeros(B, 1, 1, padded, dtype=dtype, device=device).masked_fill_(~valid.view(B, 1, 1, padded), float("-inf"))
+    return bias[..., :L]
 
 
 def _single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:

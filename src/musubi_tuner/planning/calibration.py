@@ -81,11 +81,13 @@ PUBLISHED = (
 )
 
 # Attention kernels' speed over flash-attention 2 (what the fit figures ran). PyTorch's SDPA runs flash-attention 2's
-# kernel for bf16 on Ampere and Ada; on Hopper it is faster, by sdpa_speedup_on_hopper(). SageAttention: "outperforms FlashAttention2 ... by about 2.1 times" (its paper,
-# arXiv 2410.02367, https://github.com/thu-ml/SageAttention). flash3 and xformers: no published figure for this
-# model, taken as flash-attention 2.
+# kernel for bf16 on Ampere and Ada; on Hopper it is faster, by sdpa_speedup_on_hopper(). SageAttention:
+# "outperforms FlashAttention2 ... by about 2.1 times" (its paper, arXiv 2410.02367,
+# https://github.com/thu-ml/SageAttention). flash3 and xformers: no published figure for this model, taken as
+# flash-attention 2.
 ATTENTION_SPEEDUP = {"sageattn": 2.1}
-# Cards with no published figure: the same chip family's (H200 = H100's Hopper chip, more memory; A100 = A800's chip; RTX 4090 = L20's Ada; RTX 3090 Ampere).
+# Cards with no published figure: the same chip family's (H200 = H100's Hopper chip, more memory; A100 = A800's chip;
+# RTX 4090 = L20's Ada; RTX 3090 Ampere).
 CALIBRATED_FROM = {"h200": "h100", "a100": "a800", "rtx4090": "l20", "rtx3090": "a800"}
 
 
@@ -199,8 +201,8 @@ def markdown_tables() -> str:
         note = "; ".join(x for x in (f.note, "outside 30%: see below" if f.outside else "") if x)
         lines.append(f"| {f.setting()} | {f.seconds:,.0f} s | {f.source} | {'fit' if f.fit else 'check'} | {ours:,.0f} s "
                      f"| {ours / f.seconds:.2f} | {note} |")
-    lines += ["", f"SDPA on Hopper: {sdpa_speedup_on_hopper():.2f} x flash-attention 2's attention speed, learnt from our own steps "
-              f"({MEASURED_ON}):", "",
+    lines += ["", f"SDPA on Hopper: {sdpa_speedup_on_hopper():.2f} x flash-attention 2's attention speed, learnt from our "
+              f"own steps ({MEASURED_ON}):", "",
               "| step | measured | use | ours | ours / measured |", "|---|---|---|---|---|"]
     for m in MEASURED:
         ours = measured_step_seconds(m)

@@ -120,5 +120,6 @@ def how_utilisation(plan: Plan) -> str:
     """Where the share of peak came from: the calibration for this GPU and kernel, or the user."""
     if plan.utilisation != calibrated_utilisation(plan.workload, plan.options, plan.gpu):
         return "as given"
-    source = "published times" + (" and our steps timed on an H200" if plan.options.attn_mode == "sdpa" and plan.gpu.key in HOPPER else "")
+    ours = plan.options.attn_mode == "sdpa" and plan.gpu.key in HOPPER
+    source = "published times" + (" and our steps timed on an H200" if ours else "")
     return f"with {plan.options.attn_mode} attention, learnt from {source}: docs/memory_planner.md"

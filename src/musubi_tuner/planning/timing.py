@@ -36,7 +36,8 @@ class GPU:
 # GPU-to-GPU links: NVLink's total bidirectional figure halved (SXM boards); consumer cards talk over PCIe.
 GPUS = {
     "h100": GPU("H100 SXM", 989.4, 80, 3350, 50, 20, "NVIDIA H100 datasheet: 989 TFLOP/s dense BF16; NVLink 4 900 GB/s", 450),
-    "h200": GPU("H200 SXM", 989.4, 141, 4800, 50, 20, "NVIDIA H200 datasheet: the H100's 989 TFLOP/s dense BF16, 141 GB HBM3e 4.8 TB/s; NVLink 900 GB/s", 450),
+    "h200": GPU("H200 SXM", 989.4, 141, 4800, 50, 20,
+                "NVIDIA H200 datasheet: the H100's 989 TFLOP/s dense BF16, 141 GB HBM3e 4.8 TB/s; NVLink 900 GB/s", 450),
     "h20": GPU("H20", 148.0, 96, 4000, 50, 20, "NVIDIA H20 product brief: 148 TFLOP/s dense BF16, 96 GB HBM3 4.0 TB/s; NVLink 900 GB/s", 450),
     "a100": GPU("A100 80GB", 312.0, 80, 2039, 25, 12, "NVIDIA A100 datasheet: 312 TFLOP/s dense BF16; NVLink 3 600 GB/s", 300),
     "a800": GPU("A800 80GB", 312.0, 80, 2039, 25, 12, "NVIDIA A800 datasheet: A100's chip, 312 TFLOP/s dense BF16; NVLink 400 GB/s", 200),
