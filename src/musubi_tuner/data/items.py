@@ -138,7 +138,10 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
     for path in files:
         caption_file = path.with_name(path.stem + extension)
         if not dataset.is_video and not caption_file.exists():
-            problems.append((str(path), f"no caption file {caption_file.name}"))
+            dotted = path.with_name(f"{path.stem}.{extension}")
+            hint = (f" (caption_extension = {extension!r} has no dot; {dotted.name} exists: write '.{extension}')"
+                    if extension and not extension.startswith(".") and dotted.exists() else "")
+            problems.append((str(path), f"no caption file {caption_file.name}{hint}"))
             continue
         items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file))
     return items, problems
