@@ -12,7 +12,8 @@
    ones as utilisation (the model's FLOPs over the time, over the GPU's bf16 peak), which compares GPUs.
 3. The planner's full-size rows are run on this GPU (bench/gpu_plan_check.py): the full-depth DiT with each row's
    memory options, its allocator peak and step time against the plan.
-4. `pytest -m gpu tests/gpu` runs in what is left of --budget (seconds; the whole check stays under it).
+4. `pytest -m gpu tests/gpu` runs in what is left of --budget (seconds; the whole check stays under it), the
+   compiled-block cases each in a process of their own (a CUDA error there would fail every later test).
 
 Nothing is installed: it needs torch and pytest (no diffusers, no video packages), runs this tree's src
 whether the package is installed or not, times the kernels that are importable and names the others.
@@ -236,23 +237,47 @@ def rows_for(video: Video, mode: str, times: BlockTimes, peak_tflops: float) -> 
     }
 
 
+ISOLATED = "compiled_blocks"  # tests that run each in a process of its own (-k expression)
+
+
 def run_gpu_tests(timeout_s: float) -> str:
-    """`pytest -m gpu tests/gpu` in a fresh process (this tree's src first); its summary, or why it stopped."""
-    if timeout_s < 30:
-        return "the gpu tests did not run: no time left in --budget"
+    """`pytest -m gpu tests/gpu` in fresh processes (this tree's src first); their summaries, or why they stopped.
+
+    A CUDA error such as an illegal memory access poisons the process's CUDA context, and every later test in it would
+    fail too. The compiled-block cases, where the first GPU run saw one, therefore run each in a process of its own,
+    after the rest."""
+    started = time.monotonic()
+    base = ["-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+            "-p", "no:logging"]  # a failing compile test would otherwise print every DEBUG record torch logged
+    listed = _pytest(["tests/gpu", "-k", ISOLATED, "--collect-only", "-q", "-p", "no:cacheprovider"], 120)
+    isolated = [line.strip() for line in (listed[1] if listed else "").splitlines() if "::" in line]
+    runs = [("tests/gpu", "-k", f"not {ISOLATED}", "--durations=10"), *[(node,) for node in isolated]]
+    summaries = []
+    for args in runs:
+        left = timeout_s - (time.monotonic() - started)
+        if left < 30:
+            summaries.append(f"{args[0]}: not run, no time left in --budget")
+            continue
+        done = _pytest([*args, *base], left)
+        if done is None:
+            summaries.append(f"{args[0]}: ran past the time left and was stopped (raise --budget or run pytest -m gpu alone)")
+            continue
+        code, out, err = done
+        print(out, err[-3000:], sep="\n")
+        lines = [line for line in out.splitlines() if line.strip()]
+        summaries.append(f"{args[0] if len(runs) > 1 else 'gpu tests'}: {lines[-1].strip('= ') if lines else 'no output'} (exit {code})")
+    return "gpu tests:\n  " + "\n  ".join(summaries)
+
+
+def _pytest(args: list[str], timeout_s: float) -> tuple[int, str, str] | None:
+    """(exit code, stdout, stderr) of pytest in a fresh process, or None where it ran past `timeout_s` (its output printed)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")])}
-    # no:logging: a failing compile test would otherwise print every DEBUG record torch logged, burying the tracebacks
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "-p", "no:logging",
-           "--durations=10"]
     try:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        print(out)
-        return f"the gpu tests ran past {timeout_s:.0f} s and were stopped (raise --budget or run pytest -m gpu alone)"
-    print(done.stdout, done.stderr[-3000:], sep="\n")
-    lines = [line for line in done.stdout.splitlines() if line.strip()]
-    return f"gpu tests: {lines[-1].strip('= ') if lines else 'no output'} (exit {done.returncode})"
+        print(e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))
+        return None
+    return done.returncode, done.stdout, done.stderr
 
 
 def main(argv: list[str] | None = None) -> int:
