@@ -104,7 +104,8 @@ def known_gradient_problem(options: CompileOptions | None, gradient_checkpointin
     """What a diverged run should hear when its set-up is one a GPU check saw go wrong, else None.
 
     bench/gpu_check.py on an H200 (torch 2.11.0+cu130, Inductor): blocks compiled under gradient checkpointing gave
-    NaN LoRA gradients with block swap and an illegal memory access without it; the same is exact on the CPU."""
+    NaN LoRA gradients with block swap and an illegal memory access without it (on the CPU, aot_eager gives the eager
+    gradients)."""
     if options is None or options.backend != "inductor" or not gradient_checkpointing or torch.device(device).type != "cuda":
         return None
     return ("--compile with --gradient_checkpointing gave NaN gradients on a CUDA GPU in this project's own check "
