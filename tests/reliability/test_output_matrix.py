@@ -111,6 +111,10 @@ CASES = [
          r"the sampled latent of \S+nan_dit\.safetensors holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written"),
     Case("generate-vae-is-the-dit", "hv_generate_video", lambda a, t: generate_argv(a, t, vae=a.dit),
          r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module'", then=nothing_generated),
+    Case("generate-v2v-strength-rounds-to-no-step", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--video_path", str(next((a.dataset.parent / "videos").glob("*.mp4")))), None,
+         warning=r"--strength 0\.8 of 1 steps runs int\(0\.8\) = 0 of them: the input video comes back unchanged; "
+                 r"raise --strength to at least 1 or --infer_steps"),
     Case("generate-v2v-video-corrupt", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_path", str(write(t / "clip.mp4", NOISE))),
          r"clip\.mp4: not a readable video", then=nothing_generated),
     Case("generate-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t),

@@ -421,6 +421,10 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
     latents = noise
     if video_latents is not None:
         start = v2v_start(sigmas, args.strength)
+        if start == args.infer_steps and args.strength > 0:  # strength 0 asks for the input back; this did not
+            logger.warning("--strength %g of %d steps runs int(%g) = 0 of them: the input video comes back unchanged; "
+                           "raise --strength to at least %g or --infer_steps", args.strength, args.infer_steps,
+                           args.strength * args.infer_steps, 1 / args.infer_steps)
         s = sigmas[start].item()
         latents = noise * s + video_latents.to(device) * (1 - s)
     if image_latents is not None:
