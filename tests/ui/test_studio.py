@@ -76,6 +76,21 @@ def test_listen_always_has_a_token_and_loopback_needs_none():
 # ------------------------------------------------------------------------------------ where it may write
 
 
+@pytest.mark.parametrize("url, request_body, field", [
+    ("/api/dataset/save", {"path": 5, "config": {}}, "'path' must be a string, not 5"),
+    ("/api/dataset/save", {"path": "a.toml", "config": []}, "'config' must be an object, not []"),
+    ("/api/dataset/toml", {"config": "x"}, "'config' must be an object"),
+    ("/api/dataset/inspect", {"path": ["a"]}, "'path' must be a string"),
+    ("/api/dataset/cache", {"toml": 5}, "'toml' must be a string"),
+    ("/api/command/train", {"values": 5}, "'values' must be an object"),
+    ("/api/plan", {"values": [1]}, "'values' must be an object"),
+    ("/api/jobs", {"command": "train", "values": 5}, "'values' must be an object"),
+])
+def test_a_request_field_of_the_wrong_type_is_a_400_naming_it_not_a_server_error(tmp_path, url, request_body, field):
+    response = client(tmp_path).post(url, json=request_body, headers=STUDIO)
+    assert response.status_code == 400 and field in response.json()["error"], response.text
+
+
 def test_commands_that_would_write_outside_the_workspace_are_refused(tmp_path):
     studio = client(tmp_path)
     refused = studio.post("/api/command/train", json={"values": train_values(str(tmp_path / "elsewhere"))}, headers=STUDIO)

@@ -41,6 +41,16 @@ def body(raw: bytes) -> dict:
     return data
 
 
+def field(data: dict, key: str, kind: type, default=None):
+    """`data[key]` (or `default`), which must be a `kind`: a request of another shape is a 400 naming the field, not a
+    server error."""
+    value = data.get(key, default)
+    if not isinstance(value, kind):
+        wanted = {str: "a string", dict: "an object"}[kind]
+        raise UserError(f"the request's {key!r} must be {wanted}, not {json.dumps(value)[:40]}")
+    return value
+
+
 class Tasks:
     """In-process work in a small thread pool; the page asks for the result by id."""
 
@@ -129,23 +139,23 @@ class Studio:
         return {**dataset_form.load(path), "cache": commands.cache_values(self.workspace)}
 
     def dataset_toml(self, request: Request, raw: bytes):
-        return {"text": dataset_form.to_toml(body(raw).get("config", {}))}
+        return {"text": dataset_form.to_toml(field(body(raw), "config", dict, {}))}
 
     def dataset_save(self, request: Request, raw: bytes):
         data = body(raw)
-        target = self.workspace.writable(data.get("path", ""), "dataset config")
-        return dataset_form.save(target, data.get("config", {}))
+        target = self.workspace.writable(field(data, "path", str, ""), "dataset config")
+        return dataset_form.save(target, field(data, "config", dict, {}))
 
     def dataset_inspect(self, request: Request, raw: bytes):
         from musubi_tuner.ui.dataset_view import inspect_dataset
 
-        return {"task": self.tasks.submit(inspect_dataset, body(raw).get("path", ""), self.workspace.root / "previews")}
+        return {"task": self.tasks.submit(inspect_dataset, field(body(raw), "path", str, ""), self.workspace.root / "previews")}
 
     def dataset_cache(self, request: Request, raw: bytes):
         data = body(raw)
-        cmds = commands.caching_commands(data.get("toml", ""), data.get("vae", ""), data.get("te1", ""), data.get("te2", ""),
-                                         self.workspace)
-        return self.jobs.summary(self.jobs.start("cache", f"cache {Path(data['toml']).name}", cmds))
+        toml, vae, te1, te2 = (field(data, key, str, "") for key in ("toml", "vae", "te1", "te2"))
+        cmds = commands.caching_commands(toml, vae, te1, te2, self.workspace)
+        return self.jobs.summary(self.jobs.start("cache", f"cache {Path(toml).name}", cmds))
 
     # ---------------------------------------------------------------- commands
 
@@ -155,11 +165,11 @@ class Studio:
                 "writes": list(commands.WRITES[command])}
 
     def command_line(self, request: Request, raw: bytes):
-        cmd = commands.build(request.path_params["command"], body(raw).get("values", {}), self.workspace)
+        cmd = commands.build(request.path_params["command"], field(body(raw), "values", dict, {}), self.workspace)
         return {"shown": shown(cmd)}
 
     def plan(self, request: Request, raw: bytes):
-        cmd = commands.build("plan", body(raw).get("values", {}), self.workspace)
+        cmd = commands.build("plan", field(body(raw), "values", dict, {}), self.workspace)
 
         def run():
             done = subprocess.run(cmd, capture_output=True, text=True, env=child_environment(), timeout=PLAN_TIMEOUT_SECONDS)
@@ -170,7 +180,7 @@ class Studio:
 
     def job_start(self, request: Request, raw: bytes):
         data = body(raw)
-        command, values = data.get("command"), data.get("values", {})
+        command, values = data.get("command"), field(data, "values", dict, {})
         if command not in ("train", "generate"):
             raise UserError(f"unknown command {command!r}: jobs are train or generate")
         cmd = commands.build(command, values, self.workspace)
