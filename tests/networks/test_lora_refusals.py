@@ -38,7 +38,11 @@ def files(tmp_path_factory):
             "nan": {**good, NAN_KEY: torch.full_like(good[NAN_KEY], float("nan"))},
             "ranks": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(8, 256)},  # lora_up is (64, 4)
             "tucker": {**good, "lora_unet_double_blocks_0_img_attn_proj.hada_t1": torch.zeros(2, 2, 3, 3)},
-            "bias diff": {**good, "lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.full((64,), 0.01)}}
+            "bias diff": {**good, "lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.full((64,), 0.01)},
+            "alpha vector": {**good, f"{RANK_KEY}.alpha": torch.tensor([2.0, 2.0])},
+            "rank zero": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(0, 256), f"{RANK_KEY}.lora_up.weight": torch.zeros(64, 0)},
+            "fp8": {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in good.items()},
+            "fp8 as float32": {k: v.to(torch.float8_e4m3fn).float() if v.ndim == 2 else v for k, v in good.items()}}
     paths = {}
     for name, sd in made.items():
         paths[name] = tmp / f"{name.replace(' ', '_')}.safetensors"
@@ -177,3 +181,27 @@ def test_a_reader_that_stops_early_ends_info_and_the_doctor_quietly(files):
     for p in runs:
         err = p.stderr.read().decode()
         assert p.wait() == 141 and err.strip() == "", err
+
+
+@pytest.mark.parametrize("name, why", [("alpha vector", "its alpha holds 2 values, not one (a damaged file)"),
+                                       ("rank zero", "rank 0: its up and down weights are empty (a damaged file)")])
+def test_a_damaged_alpha_or_an_empty_rank_is_refused_by_name_and_reported_by_info(files, capsys, tmp_path, name, why):
+    _, dit, paths = files
+    argv = ["--dit", dit, "--lora_weight", paths[name], "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
+    status, _, err = run(merge_lora.main, argv, capsys)
+    assert status == 2 and error_line(err).startswith(f"error: {paths[name]}: {RANK_KEY}.lora_") and why in err
+    status, out, err = run(lora_info.main, [paths[name]], capsys)
+    assert status == 0 and why in out + err and "Traceback" not in err
+
+
+def test_an_fp8_lora_merges_as_the_float_values_it_holds(files, capsys, tmp_path):
+    _, dit, paths = files
+    merged = {}
+    for name in ("fp8", "fp8 as float32"):
+        out = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        status, _, err = run(merge_lora.main, ["--dit", dit, "--lora_weight", paths[name], "--save_merged_model", out, "--device", "cpu"],
+                             capsys)
+        assert status == 0, err
+        merged[name] = StateDictFile(out).load_all()
+    assert merged["fp8"].keys() == merged["fp8 as float32"].keys()
+    assert all(torch.equal(merged["fp8"][k], merged["fp8 as float32"][k]) for k in merged["fp8"])

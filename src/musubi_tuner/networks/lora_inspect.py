@@ -99,7 +99,7 @@ def update_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
 
 
 def _non_finite(patch) -> bool:
-    return any(not bool(torch.isfinite(t).all()) for t in patch.factors.values())
+    return any(not bool(torch.isfinite(t.float()).all()) for t in patch.factors.values())
 
 
 def inspect_lora(path: str | os.PathLike) -> LoRAInspection:

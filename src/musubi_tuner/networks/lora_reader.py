@@ -220,7 +220,7 @@ def check_finite(source: str, weights: dict[str, torch.Tensor]) -> None:
 
 def first_non_finite(weights: dict[str, torch.Tensor]) -> str | None:
     for key, t in weights.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):  # fp8: no isfinite
             return key
     return None
 
@@ -339,10 +339,14 @@ def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], l
             problems.append(Problem([keys[have]] + ([keys["alpha"]] if "alpha" in keys else []), f"a LoRA {have} weight without its {missing} weight"))
         else:
             up, down = weights[keys["up"]], weights[keys["down"]]
+            pair = [keys["up"], keys["down"]] + ([keys["alpha"]] if "alpha" in keys else [])
             if up.ndim < 2 or down.ndim < 2 or up.flatten(1).shape[1] != down.shape[0]:
-                problems.append(Problem([keys["up"], keys["down"]] + ([keys["alpha"]] if "alpha" in keys else []),
-                                        f"its up weight {list(up.shape)} and down weight {list(down.shape)} have different ranks "
-                                        "(a damaged or mismatched file)"))
+                problems.append(Problem(pair, f"its up weight {list(up.shape)} and down weight {list(down.shape)} have different "
+                                              "ranks (a damaged or mismatched file)"))
+            elif down.shape[0] == 0:
+                problems.append(Problem(pair, "rank 0: its up and down weights are empty (a damaged file)"))
+            elif "alpha" in keys and weights[keys["alpha"]].numel() != 1:
+                problems.append(Problem(pair, f"its alpha holds {weights[keys['alpha']].numel()} values, not one (a damaged file)"))
             else:
                 alpha = float(weights[keys["alpha"]]) if "alpha" in keys else _pattern_alpha(entry.peft_path, lora_alpha, alpha_pattern)
                 if entry.module == "final_layer.adaLN_modulation.1" and entry.naming == "diffusers":
@@ -372,6 +376,8 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patc
     lokr = [f for f in LOKR_FACTORS if f in keys]
     used = [keys[f] for f in loha + lokr] + ([keys["alpha"]] if "alpha" in keys else [])
     t = {f: weights[keys[f]].float() for f in loha + lokr}
+    if "alpha" in keys and weights[keys["alpha"]].numel() != 1:
+        return _bad(problems, used, f"its alpha holds {weights[keys['alpha']].numel()} values, not one (a damaged file)")
     alpha = float(weights[keys["alpha"]]) if "alpha" in keys else None
     if loha and lokr:
         problems.append(Problem(used, "LoHa and LoKr factors for one layer (a damaged file)"))
