@@ -90,43 +90,24 @@ def cuda_context_bytes() -> int:
 
 
 def check(case: Case, gpu_key: str | None, context: int) -> dict:
-    from plan_runs import make_run
+    from plan_runs import measured_cuda_step
 
-    from musubi_tuner.planning.planner import Stage, calibrated_utilisation, step_time
+    from musubi_tuner.planning.planner import Stage, step_time
     from musubi_tuner.planning.timing import GPUS
 
     stage = Stage.of_dit("DiT", case.work, case.opts)
     row = {"case": case.name, "checks": case.row, "planned GiB": f"{stage.device_peak / GiB:.2f}"}
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()  # what an earlier case left (nothing, unless it leaked)
-    run = make_run(case.work, case.opts, "cuda")
-    if case.work.mode == "train":
-        run.step()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated() - base
-    torch.cuda.empty_cache()  # building the model (on the GPU, then swapped out) reserved more than the step will
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run.step()
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) / 1000
-    peak, reserved = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_reserved()
-    del run
-    gc.collect()
-    torch.cuda.empty_cache()
+    step = measured_cuda_step(case.work, case.opts, warm_up=case.work.mode == "train")
     row.update({
-        "allocated GiB": f"{peak / GiB:.2f}", "error": f"{stage.device_peak / peak - 1:+.1%}",
-        "needs GiB (plan / GPU)": f"{stage.needed / GiB:.1f} / {(reserved + context) / GiB:.1f}",
-        "before step GiB": f"{before / GiB:.2f}", "step s": f"{seconds:.2f}",
+        "allocated GiB": f"{step.peak / GiB:.2f}", "error": f"{stage.device_peak / step.peak - 1:+.1%}",
+        "needs GiB (plan / GPU)": f"{stage.needed / GiB:.1f} / {(step.reserved + context) / GiB:.1f}",
+        "before step GiB": f"{step.before / GiB:.2f}", "step s": f"{step.seconds:.2f}",
     })
     if gpu_key is not None:
         device = GPUS[gpu_key]
-        planned = step_time(case.work, case.opts, device, calibrated_utilisation(case.work, case.opts, device)).total_s
+        planned = step_time(case.work, case.opts, device).total_s
         row["planned s"] = f"{planned:.2f} ({device.name})"
-        row["time ratio"] = f"{seconds / planned:.2f}"
+        row["time ratio"] = f"{step.seconds / planned:.2f}"
     return row
 
 
@@ -147,8 +128,8 @@ def run_cases(keys: list[str] | None = None) -> list[dict]:
         except Exception as e:  # noqa: BLE001 (one case's failure is a finding, not the end of the check)
             traceback.print_exc()
             rows.append({"case": case.name, "checks": case.row, "error": f"failed: {type(e).__name__}: {str(e)[:200]}"})
-            gc.collect()
-            torch.cuda.empty_cache()
+        gc.collect()  # the case's model goes before the next one (and before gpu_check's tests, in other processes)
+        torch.cuda.empty_cache()
         # each row as it comes: a run stopped at its time limit still reports the rows it finished
         figures = ", ".join(f"{k} {v}" for k, v in rows[-1].items() if k not in ("case", "checks"))
         print(f"{case.key} ({time.monotonic() - t0:.0f} s): {figures}", flush=True)

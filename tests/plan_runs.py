@@ -4,10 +4,12 @@ A training step here is `training.loop.training_step` + backward + clip + optimi
 loaded as `load_frozen_dit` sets it up (fp8, checkpointing, block swap, then LoRA). bf16 weights run
 under bf16 autocast as on a GPU. Used by tests/test_plan.py (in process, counting live tensor bytes),
 bench/plan_vs_measured.py (fresh processes, also the resident set) and, with device="cuda",
-tests/gpu/test_planner.py (the CUDA allocator's peak).
+tests/gpu/test_planner.py and bench/gpu_plan_check.py (the CUDA allocator's peak).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -199,20 +201,36 @@ def measured_tensor_bytes(work: Workload, opts: MemoryOptions) -> tuple[int, int
     return counter.peak, before
 
 
-def measured_cuda_peak(work: Workload, opts: MemoryOptions) -> tuple[int, int]:
-    """On the GPU: (torch.cuda.max_memory_allocated during a steady-state step, bytes allocated before it), both above
-    what was allocated before the run was built (a previous test's garbage, still held by a reference cycle, is not
-    this run's: it is collected first, and whatever survives is subtracted)."""
+@dataclass(frozen=True)
+class CudaStep:
+    """One step measured on the GPU, above what was allocated before its run was built."""
+
+    peak: int  # torch.cuda.max_memory_allocated during the step
+    before: int  # allocated before it: weights, LoRA, optimizer state, the batch
+    reserved: int  # torch.cuda.max_memory_reserved during it, the allocator's cache emptied before
+    seconds: float  # the step, timed with CUDA events
+
+
+def measured_cuda_step(work: Workload, opts: MemoryOptions, warm_up: bool = True) -> CudaStep:
+    """On the GPU: one step of `work` with `opts`, after a first one unless not `warm_up` (a training step's first one
+    creates the optimizer state; a denoising step has none). A previous run's garbage, still held by a reference cycle,
+    is not this run's: it is collected first, and whatever survives is subtracted."""
     import gc
 
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     run = make_run(work, opts, "cuda")
-    run.step()
+    if warm_up:
+        run.step()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
+    torch.cuda.empty_cache()  # building the model (on the GPU, then swapped out) reserved more than the step will
     torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     run.step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base, before - base
+    end.record()
+    end.synchronize()
+    return CudaStep(torch.cuda.max_memory_allocated() - base, before - base, torch.cuda.max_memory_reserved(),
+                    start.elapsed_time(end) / 1000)

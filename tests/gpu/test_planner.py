@@ -14,7 +14,7 @@ import pytest
 from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.planning.dit_trace import dit_peak
 from musubi_tuner.planning.options import MemoryOptions, Workload
-from plan_runs import measured_cuda_peak
+from plan_runs import measured_cuda_step
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +40,8 @@ def test_the_planner_predicts_the_allocators_peak_within_15_percent(name):
     work_changes, opts_changes = VARIANTS[name]
     work = Workload(**{**WORK, **work_changes})
     opts = MemoryOptions(**opts_changes)
-    measured, before = measured_cuda_peak(work, opts)
+    step = measured_cuda_step(work, opts)
+    measured, before = step.peak, step.before
     predicted = dit_peak(work, opts)[0].total
     gib = 2**30
     assert abs(predicted / measured - 1) < 0.15, (

@@ -98,10 +98,6 @@ def update_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
     return math.sqrt(max(((up.T @ up) * (down @ down.T)).sum().item(), 0.0)) * abs(scale)
 
 
-def _non_finite(patch) -> bool:
-    return any(not bool(torch.isfinite(t.float()).all()) for t in patch.factors.values())
-
-
 def inspect_lora(path: str | os.PathLike) -> LoRAInspection:
     """A file's patches and problems as networks.lora_reader reads it, without refusing anything."""
     contents = read_lora_contents(path)
@@ -112,7 +108,7 @@ def inspect_lora(path: str | os.PathLike) -> LoRAInspection:
             modules.append(ModuleUpdate(p.module, p.shape, p.rank, alpha, update_norm(p.down, p.up, p.scale)))
         elif p.kind in ADAPTERS:  # LoHa, LoKr: their (out, in) update is formed (as merging does)
             rank = p.rank or 0
-            norm = p.delta(p.shape).double().norm().item() if not _non_finite(p) else math.nan
+            norm = p.delta(p.shape).double().norm().item() if first_non_finite(p.factors) is None else math.nan
             modules.append(ModuleUpdate(p.module, p.shape, rank, float(rank if p.alpha is None else p.alpha), norm, p.kind))
         else:
             modules.append(ModuleUpdate(p.module, p.shape, 0, 0.0, p.tensor.double().norm().item(), p.kind))

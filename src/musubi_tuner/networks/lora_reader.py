@@ -345,8 +345,8 @@ def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], l
                                               "ranks (a damaged or mismatched file)"))
             elif down.shape[0] == 0:
                 problems.append(Problem(pair, "rank 0: its up and down weights are empty (a damaged file)"))
-            elif "alpha" in keys and weights[keys["alpha"]].numel() != 1:
-                problems.append(Problem(pair, f"its alpha holds {weights[keys['alpha']].numel()} values, not one (a damaged file)"))
+            elif bad := _bad_alpha(weights, keys):
+                problems.append(Problem(pair, bad))
             else:
                 alpha = float(weights[keys["alpha"]]) if "alpha" in keys else _pattern_alpha(entry.peft_path, lora_alpha, alpha_pattern)
                 if entry.module == "final_layer.adaLN_modulation.1" and entry.naming == "diffusers":
@@ -369,6 +369,13 @@ def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], l
     return out
 
 
+def _bad_alpha(weights, keys: dict[str, str]) -> str | None:
+    """Why an entry's alpha cannot be read as its one number, or None (also when it has none)."""
+    if "alpha" in keys and (n := weights[keys["alpha"]].numel()) != 1:
+        return f"its alpha holds {n} values, not one (a damaged file)"
+    return None
+
+
 def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patch]:
     """A LoHa or LoKr module's patch (LoKr in musubi-tuner's form: w1 whole, w2 whole or as w2_a @ w2_b)."""
     keys = entry.keys
@@ -376,8 +383,8 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patc
     lokr = [f for f in LOKR_FACTORS if f in keys]
     used = [keys[f] for f in loha + lokr] + ([keys["alpha"]] if "alpha" in keys else [])
     t = {f: weights[keys[f]].float() for f in loha + lokr}
-    if "alpha" in keys and weights[keys["alpha"]].numel() != 1:
-        return _bad(problems, used, f"its alpha holds {weights[keys['alpha']].numel()} values, not one (a damaged file)")
+    if bad := _bad_alpha(weights, keys):
+        return _bad(problems, used, bad)
     alpha = float(weights[keys["alpha"]]) if "alpha" in keys else None
     if loha and lokr:
         problems.append(Problem(used, "LoHa and LoKr factors for one layer (a damaged file)"))

@@ -133,7 +133,7 @@ def sdpa_speedup_on_hopper() -> float:
     """SDPA's attention speed over flash-attention 2's on Hopper: the geometric mean, over the measured denoising
     steps, of the speed that makes the time model give the measured time (its other parts, such as block swap's
     exposed copies, kept as they are)."""
-    from musubi_tuner.planning.planner import calibrated_utilisation, step_time
+    from musubi_tuner.planning.planner import step_time
     from musubi_tuner.planning.timing import GPUS
 
     logs = []
@@ -141,8 +141,7 @@ def sdpa_speedup_on_hopper() -> float:
         if m.mode != "generate":
             continue
         work, device = m.workload(), GPUS[m.gpu]
-        as_flash = m.options.replace(attn_mode="flash")
-        t = step_time(work, as_flash, device, calibrated_utilisation(work, as_flash, device))
+        t = step_time(work, m.options.replace(attn_mode="flash"), device)
         fwd = forward_flops(work.config, work.latent_shape, work.text_tokens)
         a = fwd.attention / fwd.total
         # measured = compute x ((1 - a) + a / speed) + the rest
@@ -179,11 +178,10 @@ def kernel_factor(attn_mode: str, attention_share: float, gpu_key: str = "") -> 
 
 def predicted_seconds(figure: Published) -> float:
     """The planner's denoising time for a published setting (steps x step time at the calibrated utilisation)."""
-    from musubi_tuner.planning.planner import calibrated_utilisation, step_time
+    from musubi_tuner.planning.planner import step_time
     from musubi_tuner.planning.timing import GPUS
 
-    work, opts, device = figure.workload(), figure.options(), GPUS[figure.gpu]
-    return figure.steps * step_time(work, opts, device, calibrated_utilisation(work, opts, device)).total_s
+    return figure.steps * step_time(figure.workload(), figure.options(), GPUS[figure.gpu]).total_s
 
 
 def markdown_tables() -> str:
@@ -213,8 +211,7 @@ def markdown_tables() -> str:
 
 def measured_step_seconds(m: Measured) -> float:
     """The planner's time for one of our measured steps."""
-    from musubi_tuner.planning.planner import calibrated_utilisation, step_time
+    from musubi_tuner.planning.planner import step_time
     from musubi_tuner.planning.timing import GPUS
 
-    work, device = m.workload(), GPUS[m.gpu]
-    return step_time(work, m.options, device, calibrated_utilisation(work, m.options, device)).total_s
+    return step_time(m.workload(), m.options, GPUS[m.gpu]).total_s

@@ -160,9 +160,12 @@ def collective_bytes(work: Workload, opts: MemoryOptions) -> int:
     return total
 
 
-def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float) -> StepTime:
-    """Seconds per training step / denoising step on `device` at `utilisation` of its peak (one process's share with
-    context parallel: 1/N of the FLOPs, plus its collectives over the GPU-to-GPU link)."""
+def step_time(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | None = None) -> StepTime:
+    """Seconds per training step / denoising step on `device` at `utilisation` of its peak (None: calibrated for the GPU
+    and attention kernel; one process's share with context parallel: 1/N of the FLOPs, plus its collectives over the
+    GPU-to-GPU link)."""
+    if utilisation is None:
+        utilisation = calibrated_utilisation(work, opts, device)
     c = work.config
     flops, _ = step_flops(work, opts)
     compute = compute_seconds(flops / opts.processes, device, utilisation)

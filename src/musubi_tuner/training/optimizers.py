@@ -30,6 +30,11 @@ def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
+def _as_typed(values: dict[str, Any]) -> str:
+    """parse_key_values' result as the user typed it: `weight_decay=-1 betas=(0.9, 0.99)`."""
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
 def _import_optional(module: str, package: str, what: str):
     try:
         return importlib.import_module(module)
@@ -113,7 +118,7 @@ def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, 
     try:
         optimizer = cls(params, **kwargs)
     except (TypeError, ValueError) as e:  # an unknown key, a value of the wrong type, or one the optimizer rejects
-        given = " ".join(f"{k}={v}" for k, v in optimizer_args.items())
+        given = _as_typed(optimizer_args)
         raise UserError(f"--optimizer_args {given} for {cls.__name__}: {e}" if given else f"--optimizer_type {name}: {e}") from None
     full_name = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(f'{k}={v}' for k, v in optimizer_args.items())})" if optimizer_args else "")
     return optimizer, full_name
@@ -151,8 +156,7 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, a
         try:
             return cls(optimizer, **extra)
         except (TypeError, ValueError) as e:  # a missing or unknown key, a value of the wrong type
-            given = " ".join(f"{k}={v}" for k, v in extra.items()) or "(none given)"
-            raise UserError(f"--lr_scheduler_args {given} for {cls_name}: {e}") from None
+            raise UserError(f"--lr_scheduler_args {_as_typed(extra) or '(none given)'} for {cls_name}: {e}") from None
 
     name = args.lr_scheduler
     if not name.startswith("adafactor") and getattr(optimizer, "defaults", {}).get("relative_step"):
