@@ -35,6 +35,10 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     Output piped into a reader that stops early (`| head`) ends the command quietly, as it does C tools.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not debug_requested(argv):
+        # bitsandbytes >= 0.50 logs at import that it could not fetch its 4-bit CPU kernels from the hub: the 8-bit
+        # optimizers never use them, and a warning about remote code on every training start only alarms
+        logging.getLogger("bitsandbytes.backends").setLevel(logging.ERROR)
     try:
         main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown

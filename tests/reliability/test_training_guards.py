@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -164,3 +165,17 @@ def test_debug_shows_the_traceback(assets, tmp_path):
     result = run_command("cache_latents", ["--dataset_config", str(assets.dataset), "--vae", str(tmp_path / "vae.pt"), "--debug"],
                          tmp_path)
     assert result.code == 1 and "Traceback" in result.err and "UserError: " in result.err and "VAE checkpoint not found" in result.err
+
+
+def test_the_seeds_training_command_prints_only_our_lines(assets, tmp_path):
+    """Started as users type it (AdamW8bit, the default constant schedule): every line on stderr is ours or a progress
+    bar. bitsandbytes 0.50 logs at import that it could not fetch a 4-bit CPU kernel from the hub, which training
+    never uses; and transformers' schedules import peft and bitsandbytes (seconds) for a constant learning rate."""
+    argv = train_argv(assets, tmp_path / "out", "--gradient_checkpointing")
+    argv[argv.index("adamw")] = "adamw8bit"
+    result = subprocess.run([sys.executable, "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONWARNINGS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    foreign = [line for line in result.stderr.splitlines() if line.strip()
+               and not re.match(r"(INFO|WARNING) musubi_tuner[.:]|steps: |saved ", line.split("\r")[-1])]
+    assert not foreign, foreign

@@ -180,6 +180,8 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, a
         raise UserError("--lr_scheduler constant takes no warmup; use constant_with_warmup")
     if name == "rex":
         return _rex(optimizer, total_steps, warmup, args.lr_scheduler_min_lr_ratio)
+    if name == "constant" and not extra:  # transformers' constant schedule, without importing it (and peft, bitsandbytes: seconds)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     from transformers import get_scheduler
 
     kwargs: dict[str, Any] = dict(extra)
