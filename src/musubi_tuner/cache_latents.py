@@ -113,7 +113,8 @@ def main(argv=None) -> None:
             summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
         print("\n".join(summaries))
 
-    run_cli(run, argv)
+    run_cli(run, argv, memory_advice="--vae_tiling (with a smaller --vae_spatial_tile_sample_min_size), --vae_chunk_size 16 "
+                                      "and --batch_size 1 need less")
 
 
 if __name__ == "__main__":

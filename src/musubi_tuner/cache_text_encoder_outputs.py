@@ -136,7 +136,7 @@ def main(argv=None) -> None:
                 tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
                 print(f"{ds.where}: {report.summary('text caches')}")
 
-    run_cli(run, argv)
+    run_cli(run, argv, memory_advice="--fp8_llm and a smaller --batch_size need less")
 
 
 if __name__ == "__main__":

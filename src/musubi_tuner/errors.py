@@ -29,9 +29,10 @@ def debug_requested(argv: Sequence[str] | None = None) -> bool:
     return "--debug" in argv or os.environ.get("MUSUBI_DEBUG", "") not in ("", "0")
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, memory_advice: str = "") -> None:
     """Run a command's main(); turn UserError into `error: ...` on stderr and exit status 2.
 
+    Running out of GPU or host memory is one such line too, with `memory_advice`: the command's flags that need less.
     Output piped into a reader that stops early (`| head`) ends the command quietly, as it does C tools.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -45,10 +46,12 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except UserError as e:
         if debug_requested(argv):
             raise
-        _close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        _tell_the_launcher(f"error: {e}")
-        sys.exit(2)
+        _fail(str(e))
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        message = out_of_memory(e)
+        if message is None or debug_requested(argv):
+            raise
+        _fail(f"{message}{'; ' + memory_advice if memory_advice else ''} (--debug shows where)")
     except KeyboardInterrupt:
         _close_progress_bars()
         print("interrupted", file=sys.stderr)
@@ -56,6 +59,35 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
+
+
+def _fail(message: str) -> None:
+    _close_progress_bars()
+    print(f"error: {message}", file=sys.stderr)
+    _tell_the_launcher(f"error: {message}")
+    sys.exit(2)
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What an allocation failure means, in a line ("out of GPU memory: ..."), or None when `e` is not one.
+
+    PyTorch raises torch.OutOfMemoryError from the CUDA caching allocator ("Tried to allocate 2.00 GiB"), a RuntimeError
+    from the CPU allocator ("can't allocate memory: you tried to allocate N bytes") and from cuBLAS/cuDNN when their
+    workspaces do not fit; Python raises MemoryError."""
+    import re
+
+    text = str(e)
+    cuda = type(e).__name__ == "OutOfMemoryError" or re.search(r"CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|"
+                                                                r"CUDNN_STATUS_(?:ALLOC_FAILED|NOT_ENOUGH_WORKSPACE)", text)
+    host = isinstance(e, MemoryError) or "can't allocate memory" in text
+    if not (cuda or host):
+        return None
+    on_cpu = re.search(r"tried to allocate (\d+) bytes", text)
+    on_gpu = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
+    size = f"{int(on_cpu.group(1)) / 2**30:.2f} GiB" if on_cpu else on_gpu.group(1) if on_gpu else ""
+    card = re.search(r"GPU (\d+) has a total capacity of ([\d.]+ [KMGT]iB) of which ([\d.]+ [KMGT]?i?B) is free", text)
+    return (f"out of {'GPU' if cuda else 'host'} memory" + (f": an allocation of {size} failed" if size else "")
+            + (f" (GPU {card[1]} holds {card[2]}, {card[3]} of it free)" if card else ""))
 
 
 def _quiet_stdout() -> None:

@@ -116,7 +116,8 @@ def main(argv=None) -> None:
         for path in generate(args):
             print(f"saved {path}")
 
-    run_cli(run, argv)
+    run_cli(run, argv, memory_advice="a smaller --video_size or --video_length needs less, as do --blocks_to_swap N, --fp8, "
+                                      "--split_uncond and --vae_chunk_size 16; --dry_run --vram_budget 24G finds the options that fit a 24 GB GPU")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def main(argv=None) -> None:
         if PartialState().is_main_process:
             print(f"saved {final}")
 
-    run_cli(run, argv)
+    run_cli(run, argv, memory_advice="a smaller resolution, frame count or batch_size in the dataset config needs less, as do "
+                                      "--gradient_checkpointing, --fp8_base, --blocks_to_swap N and a lower --network_dim; --dry_run "
+                                      "--vram_budget 24G finds the options that fit a 24 GB GPU")
 
 
 if __name__ == "__main__":

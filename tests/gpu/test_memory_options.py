@@ -3,6 +3,8 @@ model without them, and block swap's copies run while the blocks compute (timed 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -104,3 +106,15 @@ def test_pinned_block_swap_hides_its_copies_behind_the_blocks_compute():
         pytest.skip(f"this machine copies too slowly for the blocks' compute to hide it: {numbers}")
     exposed = timed[True] - compute
     assert exposed < first + 0.25 * (copies - first) + 0.02 * compute, numbers
+
+
+def test_running_out_of_gpu_memory_is_one_line_that_says_how_much():
+    """A real CUDA allocation failure, read as the commands report it (errors.run_cli)."""
+    from musubi_tuner.errors import out_of_memory
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        torch.empty(2 * total, dtype=torch.uint8, device="cuda")
+    message = out_of_memory(caught.value)
+    assert re.fullmatch(r"out of GPU memory: an allocation of [\d.]+ GiB failed \(GPU 0 holds [\d.]+ GiB, [\d.]+ \w+ of it free\)",
+                        message), message

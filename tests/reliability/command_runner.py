@@ -97,7 +97,7 @@ class _Drain:
 
 
 def start_command(command: str, argv: list[str], cwd: Path, *, file_size_limit: int | None = None,
-                  read_only: Path | None = None, env: dict[str, str] | None = None) -> Started:
+                  memory_headroom: int | None = None, read_only: Path | None = None, env: dict[str, str] | None = None) -> Started:
     """Start `python src/musubi_tuner/{command}.py argv` as a fresh process (see the module docstring)."""
     cwd = Path(cwd)
     global _fifo_dir
@@ -105,7 +105,8 @@ def start_command(command: str, argv: list[str], cwd: Path, *, file_size_limit: 
     stem = _fifo_dir / f"{command}-{next(_numbers)}"
     out, err = _Drain(stem.with_suffix(".out")), _Drain(stem.with_suffix(".err"))
     process = _server().Process(target=_child, args=(command, [str(a) for a in argv], str(cwd), str(out.path), str(err.path),
-                                                      file_size_limit, str(read_only) if read_only else None, env or {}))
+                                                      file_size_limit, memory_headroom, str(read_only) if read_only else None,
+                                                      env or {}))
     process.start()
     return Started(process, out, err)
 
@@ -145,8 +146,11 @@ def _mount_read_only(folder: Path) -> None:
             raise OSError(code, os.strerror(code))
 
 
-def _child(command, argv, cwd, out, err, file_size_limit, read_only, env) -> None:
-    """The command's process: its own stdout/stderr files, limits and mounts, then `main(argv)` as the script runs it."""
+def _child(command, argv, cwd, out, err, file_size_limit, memory_headroom, read_only, env) -> None:
+    """The command's process: its own stdout/stderr files, limits and mounts, then `main(argv)` as the script runs it.
+
+    `memory_headroom`: bytes of address space the command may map beyond what the process holds when it starts
+    (RLIMIT_AS): an allocation past it fails as it does on a machine out of memory."""
     for fd, path in ((1, out), (2, err)):
         handle = os.open(path, os.O_WRONLY)
         os.dup2(handle, fd)
@@ -164,6 +168,11 @@ def _child(command, argv, cwd, out, err, file_size_limit, read_only, env) -> Non
 
     torch.set_num_threads(1)
     main = importlib.import_module(f"musubi_tuner.{command}").main
+    if memory_headroom is not None:
+        import resource
+
+        mapped = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + memory_headroom, mapped + memory_headroom))
     try:
         main(argv)
     finally:

@@ -1,6 +1,6 @@
 """The shape of a reliability case and the one check every case gets.
 
-A case builds a situation in a fresh folder (a bad flag, a damaged file, a file-size limit, a read-only folder)
+A case builds a situation in a fresh folder (a bad flag, a damaged file, a file-size limit, a memory limit, a read-only folder)
 and runs one command in its own process (runner.py). What a user sees is asserted: exit status 2 when the run
 cannot go on (0 when the input is odd but usable), exactly one `error:` line naming the culprit, no traceback,
 files that existed keep their bytes, no temporary file left behind, and whatever the run wrote is whole.
@@ -32,6 +32,7 @@ class Case:
     error: str | None  # regex the one `error:` line must match; None: the run must succeed
     keep: Callable[[Assets, Path], list[Path]] | None = None  # files that existed before and must keep their bytes
     file_size_limit: Callable[[Assets, Path], int] | None = None  # RLIMIT_FSIZE of the command's process, in bytes
+    memory_headroom: int | None = None  # bytes of address space the command may map beyond its start (RLIMIT_AS)
     read_only: str | None = None  # a folder (relative to tmp) mounted read-only for the command's process
     then: Callable[[Assets, Path, str, str], None] | None = None  # further checks (tmp, stderr, stdout)
     warning: str | None = None  # regex a log line on stderr must match
@@ -57,7 +58,7 @@ def check(case: Case, assets: Assets, tmp: Path) -> None:
     before = {p: p.read_bytes() for p in tmp.rglob("*.safetensors")}
 
     result = run_command(case.command, argv, tmp, file_size_limit=case.file_size_limit(assets, tmp) if case.file_size_limit else None,
-                         read_only=tmp / case.read_only if case.read_only else None)
+                         memory_headroom=case.memory_headroom, read_only=tmp / case.read_only if case.read_only else None)
 
     no_traceback(result)
     errors = result.error_lines
@@ -122,6 +123,7 @@ def plan_argv(*extra):
 NOISE = random.Random(0).randbytes(4000)  # not a video (fixed bytes: some random bytes pass for a container without video)
 READ_ONLY = r"\(Read-only file system\)"
 TOO_LARGE = r"\(File too large\)"
+MEMORY = 1536 << 20  # a memory limit: what the tiny models' runs need, with room to spare, and far less than a huge size does
 
 
 def write(path: Path, content: str | bytes) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from reliability_cases import (
+    MEMORY,
     NOISE,
     READ_ONLY,
     TOO_LARGE,
@@ -98,6 +99,13 @@ def emptied_folder(a, tmp):
     toml, folder = copy_dataset(a, tmp)
     for p in (folder / "images").iterdir():
         p.unlink()
+    return toml
+
+
+def huge_resolution(a, tmp):
+    """The dataset asked for at 4096x4096: its 32 px items are upscaled, and the VAE's activations outgrow a memory limit."""
+    toml, _ = copy_dataset(a, tmp)
+    toml.write_text(toml.read_text().replace("resolution = [32, 32]", "resolution = [4096, 4096]"))
     return toml
 
 
@@ -206,6 +214,8 @@ CASES = [
          keep=all_caches, file_size_limit=lambda a, t: first_cache(a, t).stat().st_size // 2),
     Case("cache-latents-read-only-folder", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
          r"ds/cache(/images)?: cannot .*" + READ_ONLY, keep=all_caches, read_only="ds/cache/images"),
+    Case("cache-latents-out-of-memory-keeps-caches", "cache_latents", lambda a, t: cache_latents_argv(huge_resolution(a, t), a),
+         r"out of host memory: an allocation of .* failed; --vae_tiling .* need less", keep=all_caches, memory_headroom=MEMORY),
     # --- captions and text encoders
     Case("caption-missing-is-reported", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "missing"), a), None,
          then=summary_names(r"failed: .*clip_0001\.txt: caption file not found \(for clip_0001\.mp4\)")),

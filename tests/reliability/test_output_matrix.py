@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from reliability_cases import (
+    MEMORY,
     NOISE,
     READ_ONLY,
     TOO_LARGE,
@@ -123,6 +124,9 @@ CASES = [
     Case("generate-video-over-the-file-size-limit", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--output_type", "video", "--video_length", "5"),
          r"videos/\S+\.mp4: cannot write " + TOO_LARGE, file_size_limit=lambda a, t: 2000),
+    Case("generate-out-of-memory-says-what-needs-less", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_size", "65536", "65536"),
+         r"out of host memory: an allocation of 4\.00 GiB failed; a smaller --video_size or --video_length needs less, .*"
+         r"--dry_run --vram_budget 24G", memory_headroom=MEMORY),
     Case("generate-dry-run-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t, "--dry_run"),
          r"videos: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --save_path",
          read_only="videos", then=nothing_generated),
