@@ -189,6 +189,25 @@ def test_vae_peak_on_meta_tensors_matches_the_live_tensor_peak_of_a_cpu_run(op, 
     assert planned.total - weights == pytest.approx(counter.peak - weights, rel=0.02)
 
 
+@pytest.mark.parametrize("stage", ["decode, 32 px tiles, chunks of 16", "encode, untiled"])
+def test_a_long_videos_vae_peak_is_the_traced_peak_extrapolated_part_by_part(stage, monkeypatch):
+    """Past vae.LONGEST_TRACED frames the peak is extrapolated from the two longest traced lengths (a trace runs the
+    VAE's per-frame loop: an hour for 100,001 frames at 544x960). Lowered here to 45 frames, the extrapolation to 97
+    frames is what a trace of 97 frames gives, every part to the byte."""
+    from musubi_tuner.planning import vae
+
+    if stage.startswith("decode"):
+        peak = lambda frames: vae.vae_decode_peak(frames, 48, 64, 32, 4, 16, SMALL_VAE)  # noqa: E731
+    else:
+        peak = lambda frames: vae.vae_encode_peak(frames, 32, 48, 1, None, 4, None, SMALL_VAE)  # noqa: E731
+    traced = peak(97)
+    monkeypatch.setattr(vae, "LONGEST_TRACED", 45)
+    vae.vae_decode_peak.cache_clear(), vae.vae_encode_peak.cache_clear()
+    extrapolated = peak(97)
+    vae.vae_decode_peak.cache_clear(), vae.vae_encode_peak.cache_clear()
+    assert extrapolated.parts == traced.parts and extrapolated.total == traced.total
+
+
 # ------------------------------------------------------------------------------------------- the full model
 
 

@@ -31,6 +31,7 @@ VAE_IN = "input frames and latents"
 VAE_ACTS = "VAE activations and finished tiles"
 VAE_OUT = "decoded video and its uint8 conversion"
 DTYPES = {2: torch.float16, 4: torch.float32}
+LONGEST_TRACED = 257  # frames; a longer video's peak is extrapolated from the two longest traced lengths (_longer)
 
 
 @functools.cache
@@ -101,12 +102,25 @@ def _measure(config, act_bytes, tile_px, chunk_size, stage, x, where) -> Peak:
     return Peak(counter.peak, {k: v for k, v in counter.peak_parts.items() if v}, where)
 
 
+def _longer(peak_at, frames: int) -> Peak:
+    """`peak_at(frames)` past LONGEST_TRACED frames. From 17 frames on, each part of a VAE stage's peak grows by the
+    same bytes per 4 frames (the causal convolutions stream a fixed window; the input and the finished output grow),
+    while a trace runs the VAE's per-frame loop (0.025 s a frame at 544x960: an hour for 100,001 frames)."""
+    a, b = peak_at(LONGEST_TRACED - 4), peak_at(LONGEST_TRACED)
+    steps = (frames - LONGEST_TRACED) // 4
+    parts = {k: b.parts.get(k, 0) + steps * (b.parts.get(k, 0) - a.parts.get(k, 0)) for k in {*a.parts, *b.parts}}
+    return Peak(sum(parts.values()), {k: v for k, v in parts.items() if v}, b.where)
+
+
 @functools.lru_cache(maxsize=64)
 def vae_decode_peak(frames: int, height: int, width: int, tile_px: int | None = 256, act_bytes: int = 2,
                     chunk_size: int | None = None, config: hv.VAEConfig = hv.VAEConfig()) -> Peak:
     """Generation's decode of one video (videos are decoded one at a time) of `frames` x `height` x `width` from its
     latents, to uint8 pixels, in spatial tiles of `tile_px` (None: untiled)."""
     from musubi_tuner.inference.outputs import decode_to_uint8
+
+    if frames > LONGEST_TRACED:
+        return _longer(lambda f: vae_decode_peak(f, height, width, tile_px, act_bytes, chunk_size, config), frames)
 
     def stage(vae, latents, counter):
         def decode(z):  # what follows the decode is the conversion to uint8
@@ -127,5 +141,7 @@ def vae_encode_peak(frames: int, height: int, width: int, batch: int = 1, tile_p
                     chunk_size: int | None = None, config: hv.VAEConfig = hv.VAEConfig()) -> Peak:
     """cache_latents' encode of `batch` clips of `frames` x `height` x `width` pixels and the posterior's sample, in
     spatial tiles of `tile_px` (None: untiled, cache_latents' default)."""
+    if frames > LONGEST_TRACED:
+        return _longer(lambda f: vae_encode_peak(f, height, width, batch, tile_px, act_bytes, chunk_size, config), frames)
     pixels = torch.empty(batch, config.in_channels, frames, height, width, dtype=DTYPES[act_bytes], device="meta")
     return _run(config, act_bytes, tile_px, chunk_size, lambda vae, x, counter: vae.encode(x).sample(), pixels, "VAE encode")
