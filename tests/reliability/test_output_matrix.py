@@ -13,6 +13,7 @@ from reliability_cases import (
     TOO_LARGE,
     Case,
     check,
+    nan_dit,
     generate_argv,
     merge_argv,
     nothing_generated,
@@ -41,17 +42,6 @@ def own_copy(path, tmp):
 def link(path, target):
     path.symlink_to(target)
     return path
-
-
-def nan_dit(a, tmp):
-    """The tiny DiT with one NaN weight, as a damaged download would be."""
-    from musubi_tuner.demo.tiny_dit import TINY_DIT, random_dit_state_dict, write_dit
-
-    state = random_dit_state_dict(TINY_DIT)
-    key = sorted(k for k in state if k.startswith("final_layer"))[0]
-    state[key] = state[key].clone()
-    state[key].view(-1)[0] = float("inf")
-    return write_dit(tmp / "nan_dit.safetensors", state, TINY_DIT)
 
 
 def assert_names(text: str, pattern: str) -> None:

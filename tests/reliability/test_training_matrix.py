@@ -13,6 +13,7 @@ from reliability_cases import (
     TOO_LARGE,
     Case,
     check,
+    nan_dit,
     copy_cached,
     outputs_of,
     train_argv,
@@ -149,6 +150,9 @@ CASES = [
     # --- model and weight files
     Case("train-dit-truncated", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=truncated(a.dit_st, t / "dit.safetensors")),
          r"dit\.safetensors: file is truncated"),
+    Case("train-dit-with-inf-is-named", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=nan_dit(a, t)),
+         r"loss is (nan|inf) at step 1 .* The DiT file \S+nan_dit\.safetensors holds NaN or infinite values \(final_layer\S+\): it is "
+         r"damaged, download it again; else lower --learning_rate"),
     Case("train-dit-is-the-vae", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=a.vae),
          r"vae\.pt: this is a VAE checkpoint, not a DiT; pass it with --vae"),
     Case("train-network-weights-of-another-model", "hv_train_network",

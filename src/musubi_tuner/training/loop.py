@@ -60,6 +60,19 @@ def first_non_finite(network) -> str | None:
     return None
 
 
+def damaged_dit(dit: torch.nn.Module, path) -> str | None:
+    """Why every loss is NaN whatever the data and the learning rate: a frozen DiT weight that holds NaN/inf (a
+    damaged file). Looked for only once a run has diverged: a pass over every weight."""
+    from musubi_tuner.networks.lora_reader import first_non_finite
+
+    frozen = {name: t for name, t in (*dit.named_parameters(), *dit.named_buffers()) if not t.requires_grad}
+    bad = first_non_finite(frozen)
+    if bad is None:
+        return None
+    key = bad.removeprefix("module.").replace("_orig_mod.", "")
+    return f"The DiT file {path} holds NaN or infinite values ({key}): it is damaged, download it again"
+
+
 def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, resumed_from: Path | None,
                known_cause: str | None = None) -> NonFiniteLoss:
     """The error that stops a diverged run, naming the newest checkpoint saved before the bad update.
@@ -478,6 +491,11 @@ def _train(args) -> Path:
     recent: list[float] = []
     compile_pending = bool(args.compile)
     known_cause = known_gradient_problem(CompileOptions.from_args(args), args.gradient_checkpointing, accelerator.device)
+
+    def diverged(what: str) -> NonFiniteLoss:
+        return divergence(what, progress.global_step + 1, epoch + 1, batch["item_names"], saver, resume_from,
+                          known_cause or damaged_dit(dit, args.dit))
+
     if is_schedule_free(optimizer):
         optimizer.train()
     network.train()
@@ -491,22 +509,19 @@ def _train(args) -> Path:
                 # the mean over all processes: what is logged, and every process stops together on a bad one
                 global_loss = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss.detach()
                 if not torch.isfinite(global_loss):
-                    raise divergence(f"loss is {global_loss.item()}", progress.global_step + 1, epoch + 1, batch["item_names"],
-                                     saver, resume_from, known_cause)
+                    raise diverged(f"loss is {global_loss.item()}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and reducer is not None:
                     reducer.reduce()
                     norm = accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm or float("inf"))
                     # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
                     if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                        raise divergence(f"the gradient norm is {float(norm)}", progress.global_step + 1, epoch + 1,
-                                         batch["item_names"], saver, resume_from, known_cause)
+                        raise diverged(f"the gradient norm is {float(norm)}")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients and (bad := first_non_finite(network)) is not None:
-                    raise divergence(f"the update made {bad} NaN/inf", progress.global_step + 1, epoch + 1, batch["item_names"],
-                                     saver, resume_from, known_cause)
+                    raise diverged(f"the update made {bad} NaN/inf")
             progress.batch_in_epoch = i + 1
             if not accelerator.sync_gradients:
                 continue
