@@ -470,8 +470,14 @@ def _lists_anything(dataset: AnyDatasetConfig, report: CacheReport) -> bool:
     if report.listed:
         return True
     kind = "videos" if dataset.is_video else "images"
-    logger.warning("%s: %s lists no %s (empty, or a drive not mounted?); no cache in %s is deleted",
-                   dataset.where, dataset.source, kind, dataset.cache_directory)
+    why = "empty, or a drive not mounted?"
+    if dataset.source.is_dir():  # a folder of the other kind: the key is the wrong one
+        others = (media.list_images if dataset.is_video else media.list_videos)(dataset.source)
+        if others:
+            other_key = "image_directory" if dataset.is_video else "video_directory"
+            why = f"it holds {len(others)} {'images' if dataset.is_video else 'videos'}: list it as {other_key}"
+    logger.warning("%s: %s lists no %s (%s); no cache in %s is deleted", dataset.where, dataset.source, kind, why,
+                   dataset.cache_directory)
     return False
 
 
