@@ -93,6 +93,25 @@ def test_an_image_latent_cache_has_no_frame_count(tmp_path):
     assert list(load_file(str(path))) == ["latents_1x68x120_float32"]
 
 
+def test_a_few_nan_values_are_stored_as_zero_but_a_mostly_nan_latent_is_refused_and_the_old_cache_kept(tmp_path, caplog):
+    """musubi-tuner stores NaN as 0 with a warning (a few overflowed values); a latent that is more than half NaN comes
+    from a broken encoder and would be a cache of nothing."""
+    path = tmp_path / "cat_0032x0032_hv.safetensors"
+    latent = torch.randn(16, 1, 4, 4)
+    latent[0, 0, 0, :3] = float("nan")
+    with caplog.at_level(logging.WARNING):
+        cf.save_latent_cache(path, latent, size=(32, 32))
+    stored = load_file(str(path))["latents_1x4x4_float32"]
+    assert "holds NaN values; they are stored as 0" in caplog.text
+    assert torch.equal(stored, torch.nan_to_num(latent, nan=0.0)) and torch.isnan(latent).sum() == 3
+    before = path.read_bytes()
+    broken = torch.full((16, 1, 4, 4), float("nan"))
+    broken[0, 0, 0, 0] = 1.0
+    with pytest.raises(UserError, match=r"came out NaN in 255 of its 256 values: .* nothing was written"):
+        cf.save_latent_cache(path, broken, size=(32, 32))
+    assert path.read_bytes() == before
+
+
 def test_a_text_cache_written_in_two_passes_holds_both_encoders(tmp_path):
     path = cf.text_cache_path(tmp_path, "walk")
     llm, llm_mask = torch.randn(256, 4096).half(), torch.ones(256, dtype=torch.int64)

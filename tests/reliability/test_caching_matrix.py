@@ -109,6 +109,34 @@ def huge_resolution(a, tmp):
     return toml
 
 
+def nan_vae(a, tmp):
+    """The tiny VAE with its encoder's first convolution NaN, as a damaged download would be."""
+    import torch
+
+    state = torch.load(a.vae, weights_only=True)
+    state["encoder.conv_in.conv.weight"] = torch.full_like(state["encoder.conv_in.conv.weight"], float("nan"))
+    torch.save(state, tmp / "nan_vae.pt")
+    return tmp / "nan_vae.pt"
+
+
+def nan_llm(a, tmp):
+    """The tiny LLM folder with a NaN weight in its first layer."""
+    import shutil
+
+    import torch
+
+    from musubi_tuner import files
+
+    folder = tmp / "te1"
+    shutil.copytree(a.te1, folder)
+    shard = folder / "model-00001-of-00002.safetensors"
+    weights = files.StateDictFile(shard).load_all()
+    key = "model.layers.0.mlp.down_proj.weight"
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    files.save_safetensors(weights, shard)
+    return folder
+
+
 def image_caches_kept(a, tmp, err, out):
     assert len(list((tmp / "ds").rglob("image_*_hv*.safetensors"))) >= 2, "the image caches were deleted"
 
@@ -186,6 +214,9 @@ CASES = [
          r"vae\.pt: not a readable PyTorch VAE checkpoint \(truncated or a different format"),
     Case("vae-is-the-dit", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(a.dit)],
          r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module' .*pass it with --dit"),
+    Case("vae-with-nan-keeps-the-caches", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [
+         str(nan_vae(a, t)), "--num_workers", "0"], r"_hv\.safetensors: latents_\S+ came out NaN in (\d+) of its \1 values: the "
+         r"encoder's model file is damaged, or --vae_dtype float32 avoids an overflow; nothing was written", keep=all_caches),
     Case("vae-pickle-runs-code", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(evil_pt(t))],
          r"evil\.pt: refused to load: the pickle holds objects other than tensors",
          then=lambda a, t, err, out: no_file(t / "pwned_by_pickle")),
@@ -230,6 +261,10 @@ CASES = [
          r"dit\.pt: not a CLIP text encoder .*this looks like a HunyuanVideo DiT \(pass it with --dit\)", keep=all_caches, then=no_llm_pass),
     Case("text-encoder1-truncated-shard", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(a.dataset, a, te1=truncated_shard(a, t)),
          r"model-00001-of-00002\.safetensors: file is truncated"),
+    Case("text-encoder1-with-nan-keeps-the-caches", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te1=nan_llm(a, t)),
+         r"_hv_te\.safetensors: llm_\S+ came out NaN in [\d,]+ of its [\d,]+ values: the encoder's model file is damaged, or "
+         r"--text_encoder_dtype float32", keep=all_caches),
     Case("text-cache-full-disk", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a),
          r"_hv_te\.safetensors: cannot write " + TOO_LARGE, keep=all_caches,
          file_size_limit=lambda a, t: sorted((t / "ds").rglob("*_hv_te.safetensors"))[0].stat().st_size // 2),
