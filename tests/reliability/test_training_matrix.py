@@ -150,6 +150,11 @@ CASES = [
     # --- model and weight files
     Case("train-dit-truncated", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=truncated(a.dit_st, t / "dit.safetensors")),
          r"dit\.safetensors: file is truncated"),
+    Case("train-sample-prompt-seed-beyond-64-bits", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--sample_prompts", str(write(t / "prompts.txt", "a cat --d 99999999999999999999999\n")),
+                                 "--sample_every_n_steps", "1", "--vae", str(a.vae), "--text_encoder1", str(a.te1),
+                                 "--text_encoder2", str(a.te2)),
+         r"prompts\.txt: line 1: --d 99999999999999999999999: must be between 0 and", then=before_the_model_loads),
     Case("train-dit-with-inf-is-named", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=nan_dit(a, t)),
          r"loss is (nan|inf) at step 1 .* The DiT file \S+nan_dit\.safetensors holds NaN or infinite values \(final_layer\S+\): it is "
          r"damaged, download it again; else lower --learning_rate"),

@@ -30,5 +30,35 @@ def test_bad_option_names_the_line(tmp_path):
     with pytest.raises(UserError, match=r"p.txt: line 2: unknown option --zz"):
         load_sample_prompts(f)
     f.write_text("bad --w wide\n")
-    with pytest.raises(UserError, match=r"--w 'wide' is not a int"):
+    with pytest.raises(UserError, match=r"p.txt: line 1: --w wide: not a whole number"):
+        load_sample_prompts(f)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a cat --d 99999999999999999999999", r"line 1: --d 99999999999999999999999: must be between 0 and 18446744073709551615, 2\^64-1"),
+    ("a cat --s -5", r"line 1: --s -5: must be between 1 and 1000"),
+    ("a cat --g nan", r"line 1: --g nan: not a finite number"),
+    ("a cat --fs 0", r"line 1: --fs 0: must be greater than 0"),
+    ("a cat --w 0", r"line 1: --w 0: must be at least 1"),
+])
+def test_a_value_outside_its_domain_is_refused_when_the_file_is_read(tmp_path, content, message):
+    """As the generation command's flags are: not when the first sample runs, after training has started."""
+    f = tmp_path / "p.txt"
+    f.write_text(content + "\n")
+    with pytest.raises(UserError, match=message):
+        load_sample_prompts(f)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.toml", "[[prompt]]\nprompt = 'x'\n", r"p.toml: write the prompts as \[prompt\] .* \[\[prompt.subset\]\]"),
+    ("p.toml", "[prompt]\nwidth = 'a'\n[[prompt.subset]]\nprompt = 'x'\n", r"p.toml: entry 1: width 'a' is not a number|width a: not"),
+    ("p.json", '{"prompt": "x"}', r"p.json: a JSON list of prompts"),
+    ("p.json", '[{"prompt": 5}]', r"p.json: entry 1: prompt 5 is not text"),
+    ("p.json", '[{"prompt": "x", "seed": -1}]', r"p.json: entry 1: seed -1: must be between 0"),
+    ("p.json", '[["x"]]', r"p.json: entry 1 is list"),
+])
+def test_toml_and_json_prompt_files_of_another_shape_name_the_entry(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(UserError, match=message):
         load_sample_prompts(f)

@@ -6,10 +6,12 @@ A .txt line is a prompt followed by options: `a cat --w 256 --h 256 --f 25 --d 4
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from musubi_tuner.cli import count, real, seed
 from musubi_tuner.errors import UserError
 
 
@@ -31,13 +33,33 @@ class SamplePrompt:
     def normalised(self) -> "SamplePrompt":
         """Sizes floored to multiples of 16 (musubi-tuner floors to 8, which the 2x2 patch then rejects), frames to 4N+1."""
         return replace(self, width=max(16, self.width // 16 * 16), height=max(16, self.height // 16 * 16),
-                       frames=max(1, (self.frames - 1) // 4 * 4 + 1), steps=min(max(self.steps, 1), 1000))
+                       frames=max(1, (self.frames - 1) // 4 * 4 + 1))
 
 
-_OPTIONS = {"w": ("width", int), "h": ("height", int), "f": ("frames", int), "d": ("seed", int), "s": ("steps", int),
-            "g": ("guidance", float), "fs": ("flow_shift", float), "l": ("cfg_scale", float), "n": ("negative_prompt", str),
-            "i": ("image_path", str)}
+def _text(value: str) -> str:
+    return value
+
+
+# each option's field and domain (the generation command's, as cli.py states them): a value outside is refused when
+# the file is read, before the model loads, not when the first sample runs
+_OPTIONS = {"w": ("width", count(1)), "h": ("height", count(1)), "f": ("frames", count(1)), "d": ("seed", seed(64)),
+            "s": ("steps", count(1, 1000)), "g": ("guidance", real(0)), "fs": ("flow_shift", real(above=0)),
+            "l": ("cfg_scale", real(0)), "n": ("negative_prompt", _text), "i": ("image_path", _text)}
 _IGNORED = {"ei", "cn", "ci", "of"}  # options of other architectures
+
+
+def _value(parse, value, name: str, where: str):
+    """`value` (a string of a .txt line, or a TOML/JSON value) through the option's domain, or a UserError naming it."""
+    if parse is _text:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: {name} {value!r} is not text")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"{where}: {name} {value!r} is not a number")
+    try:
+        return parse(str(value).strip())
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"{where}: {name} {e}") from None
 
 
 def parse_line(line: str, index: int, source: str = "prompt file") -> SamplePrompt:
@@ -50,11 +72,8 @@ def parse_line(line: str, index: int, source: str = "prompt file") -> SampleProm
             continue
         if key not in _OPTIONS:
             raise UserError(f"{source}: line {index + 1}: unknown option --{key} (known: {', '.join('--' + k for k in _OPTIONS)})")
-        name, kind = _OPTIONS[key]
-        try:
-            fields[name] = kind(value.strip())
-        except ValueError:
-            raise UserError(f"{source}: line {index + 1}: --{key} {value.strip()!r} is not a {kind.__name__}") from None
+        name, parse = _OPTIONS[key]
+        fields[name] = _value(parse, value.strip(), f"--{key}", f"{source}: line {index + 1}")
     return SamplePrompt(**fields).normalised()
 
 
@@ -62,10 +81,14 @@ def _from_dict(d: dict, index: int, source: str) -> SamplePrompt:
     aliases = {"sample_steps": "steps", "guidance_scale": "guidance", "discrete_flow_shift": "flow_shift", "cfg_scale": "cfg_scale",
                "negative_prompt": "negative_prompt", "image_path": "image_path", "seed": "seed", "width": "width", "height": "height",
                "frame_count": "frames", "frames": "frames", "prompt": "prompt", "steps": "steps", "guidance": "guidance", "flow_shift": "flow_shift"}
+    domains = {name: parse for name, parse in _OPTIONS.values()}
+    if not isinstance(d, dict):
+        raise UserError(f"{source}: entry {index + 1} is {type(d).__name__}, not a prompt line or a table of its settings")
     fields = {"index": index}
     for key, value in d.items():
         if key in aliases:
-            fields[aliases[key]] = value
+            name = aliases[key]
+            fields[name] = _value(domains.get(name, _text), value, key, f"{source}: entry {index + 1}")
     if "prompt" not in fields:
         raise UserError(f"{source}: entry {index + 1} has no prompt")
     return SamplePrompt(**fields).normalised()
@@ -80,13 +103,17 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         from musubi_tuner.tomlio import load_toml
 
         table = load_toml(path).get("prompt", {})
+        if not isinstance(table, dict) or not isinstance(table.get("subset", []), list):
+            raise UserError(f"{path}: write the prompts as [prompt] (shared settings) and [[prompt.subset]] tables, one per prompt")
         base = {k: v for k, v in table.items() if k != "subset"}
-        prompts = [_from_dict({**base, **sub}, i, str(path)) for i, sub in enumerate(table.get("subset", []))]
+        prompts = [_from_dict({**base, **sub} if isinstance(sub, dict) else sub, i, str(path)) for i, sub in enumerate(table.get("subset", []))]
     elif suffix == ".json":
         try:
             entries = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(entries, list):
+            raise UserError(f"{path}: a JSON list of prompts (lines or tables of their settings), not {type(entries).__name__}")
         prompts = [parse_line(e, i, str(path)) if isinstance(e, str) else _from_dict(e, i, str(path)) for i, e in enumerate(entries)]
     else:
         try:
