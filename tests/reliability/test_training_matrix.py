@@ -45,6 +45,16 @@ def with_run(**changes):
     return make
 
 
+def with_run_progress(**changes):
+    """An earlier run's state whose saved progress says `changes`; the rerun resumes from it."""
+    def make(a, tmp):
+        out = trained_before(a, tmp)
+        marker = state_file(a, tmp)
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), **changes}))
+        return train_argv(a, out, "--resume", str(out / "tiny-state"), "--max_train_steps", "3")
+    return make
+
+
 def other_model_latents(a, tmp):
     toml = copy_cached(a, tmp)
     victim = sorted((tmp / "cached" / "cache").glob("*_hv.safetensors"))[1]
@@ -85,6 +95,20 @@ def damaged_newest(a, tmp):
     for state in ("tiny-state", "tiny-step00000002-state"):
         truncated(out / state / "network.safetensors", out / state / "network.safetensors")
     return train_argv(a, out, "--resume", "auto", "--save_state", "--max_train_steps", "3")
+
+
+def nan_newest(a, tmp):
+    """The two newest states' LoRAs with a NaN, as a state saved by a run without finiteness checks could be."""
+    from musubi_tuner import files
+
+    out = trained_before(a, tmp, "--save_every_n_steps", "1")
+    for state in ("tiny-state", "tiny-step00000002-state"):
+        weights = files.StateDictFile(out / state / "network.safetensors").load_all()
+        key = sorted(k for k in weights if k.endswith("lora_up.weight"))[0]
+        weights[key] = weights[key].clone()
+        weights[key].view(-1)[0] = float("nan")
+        files.save_safetensors(weights, out / state / "network.safetensors")
+    return out
 
 
 def resumed_from_step_1(a, tmp, err, out):
@@ -191,6 +215,14 @@ CASES = [
                  r"start of epoch 2"),
     Case("train-resume-auto-skips-a-damaged-newest-state", "hv_train_network", damaged_newest, None, then=resumed_from_step_1,
          warning=r"--resume auto: .*network\.safetensors: file is truncated.*; trying the next older state"),
+    Case("train-resume-a-state-holding-nan-is-refused", "hv_train_network",
+         lambda a, t: train_argv(a, nan_newest(a, t), "--resume", str(t / "out" / "tiny-state"), "--max_train_steps", "3"),
+         r"tiny-state/network\.safetensors: lora_unet_\S+ holds NaN or infinite values: no state to resume from"),
+    Case("train-resume-auto-skips-states-holding-nan", "hv_train_network",
+         lambda a, t: train_argv(a, nan_newest(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),
+         None, then=resumed_from_step_1, warning=r"--resume auto: .*holds NaN or infinite values.*; trying the next older state"),
+    Case("train-resume-negative-step-is-damaged", "hv_train_network", with_run_progress(global_step=-5),
+         r"train_state\.json: damaged \(a negative step, epoch or batch\)"),
     # --- writing: a full disk or a file-size limit keeps the last LoRA and state whole
     Case("train-full-disk-keeps-the-last-lora-and-state", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),

@@ -188,6 +188,8 @@ def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
         data = json.loads(marker.read_text(encoding="utf-8"))
         fields = {f.name for f in dataclasses.fields(TrainProgress)}
         progress = TrainProgress(**{k: int(v) for k, v in data.items() if k in fields})
+        if any(getattr(progress, k) < 0 for k in fields):
+            raise ValueError("a negative step, epoch or batch")
         run = data.get("run") or {}
         if not isinstance(run, dict):
             raise ValueError("run is not a table")
@@ -212,6 +214,11 @@ def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_i
         saved = load_torch_file(folder / "optimizer.pt", "optimizer state")
     except UserError as e:
         raise DamagedState(str(e)) from None
+    from musubi_tuner.networks.lora_reader import first_non_finite
+
+    if (bad := first_non_finite(weights)) is not None:  # saved by a run older than the finiteness checks, or damaged since
+        raise DamagedState(f"{folder}/network.safetensors: {bad} holds NaN or infinite values: no state to resume from; pick "
+                           f"an older state folder or --resume auto")
     missing, unexpected = network.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if not k.endswith("alpha")]:
         raise UserError(f"{folder}: the saved LoRA does not fit this network (missing {len(missing)}, unexpected {len(unexpected)} keys); "
