@@ -179,3 +179,14 @@ def test_listing_is_by_extension_any_case_and_sorted(tmp_path):
         (tmp_path / name).touch()
     assert [p.name for p in media.list_images(tmp_path)] == ["a.jpg", "b.PNG"]
     assert [p.name for p in media.list_videos(tmp_path)] == ["d.Mp4"]
+
+
+def test_an_image_past_pillows_decompression_bomb_limit_is_one_error_naming_it(tmp_path, monkeypatch):
+    """Pillow refuses to open an image of more than twice Image.MAX_IMAGE_PIXELS (a 20000x20000 PNG by default);
+    the limit is lowered here so that a small image crosses it, as a huge one does."""
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    for read in (media.load_image, media.image_size):
+        with pytest.raises(UserError, match=r"huge\.png: too large to open \(Image size \(10000 pixels\) exceeds limit .*\); downscale it"):
+            read(path)

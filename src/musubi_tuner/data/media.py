@@ -76,6 +76,8 @@ def _open_image(path: Path) -> Image.Image:
         return Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({_reason(e)})") from None
+    except Image.DecompressionBombError as e:  # Pillow's guard: more than twice MAX_IMAGE_PIXELS
+        raise UserError(f"{path}: too large to open ({e}); downscale it") from None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
