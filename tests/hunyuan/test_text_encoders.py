@@ -536,3 +536,19 @@ def test_a_file_without_metadata_is_checked_against_the_full_size_config(files, 
     save_safetensors(StateDictFile(files["llm_file"]).load_all(), path)  # tiny weights, no config
     tiny.write_tiny_llm_tokenizer(tmp_path / "llava_tokenizer")
     one_line_error(te.load_text_encoder1, path, "decoder layers", "32")
+
+
+def test_a_prompt_past_the_llms_256_tokens_is_said_to_be_cut_once(files, caplog):
+    """musubi-tuner cuts the text past 256 tokens silently; a prompt that short keeps every word and says nothing."""
+    import logging
+
+    encoder = te.load_text_encoder1(files["llm_folder"], dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="musubi_tuner"):
+        encoder.encode(["a red ball rolls on the grass"])
+        assert "fill the LLM" not in caplog.text
+        long = " ".join(f"word{i}" for i in range(400))
+        states, mask = encoder.encode([long, "short"])
+        encoder.encode([long])
+    assert caplog.text.count("1 of 2 prompts fill the LLM's 256 tokens, and the text past them is cut") == 1
+    assert "fill the LLM" in caplog.text and caplog.text.count("fill the LLM") == 1
+    assert mask[0].sum() == 256 and mask[1].sum() < 256
