@@ -192,6 +192,35 @@ def nan_dit(a, tmp):
     return write_dit(tmp / "nan_dit.safetensors", state, TINY_DIT)
 
 
+def nan_vae(a, tmp, part: str = "encoder"):
+    """The tiny VAE with the first convolution of its `part` (encoder or decoder) NaN, as a damaged download would be."""
+    import torch
+
+    state = torch.load(a.vae, weights_only=True)
+    key = f"{part}.conv_in.conv.weight"
+    state[key] = torch.full_like(state[key], float("nan"))
+    torch.save(state, tmp / "nan_vae.pt")
+    return tmp / "nan_vae.pt"
+
+
+def nan_llm(a, tmp):
+    """The tiny LLM folder with a NaN weight in its first layer."""
+    import shutil
+
+    import torch
+
+    from musubi_tuner import files
+
+    folder = tmp / "te1"
+    shutil.copytree(a.te1, folder)
+    shard = folder / "model-00001-of-00002.safetensors"
+    weights = files.StateDictFile(shard).load_all()
+    key = "model.layers.0.mlp.down_proj.weight"
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    files.save_safetensors(weights, shard)
+    return folder
+
+
 def no_file(path: Path) -> None:
     assert not path.exists(), f"{path} exists: the pickle ran code"
 

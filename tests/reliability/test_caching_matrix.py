@@ -18,6 +18,8 @@ from reliability_cases import (
     cache_text_argv,
     caches,
     check,
+    nan_llm,
+    nan_vae,
     copy_dataset,
     evil_pt,
     no_file,
@@ -107,34 +109,6 @@ def huge_resolution(a, tmp):
     toml, _ = copy_dataset(a, tmp)
     toml.write_text(toml.read_text().replace("resolution = [32, 32]", "resolution = [4096, 4096]"))
     return toml
-
-
-def nan_vae(a, tmp):
-    """The tiny VAE with its encoder's first convolution NaN, as a damaged download would be."""
-    import torch
-
-    state = torch.load(a.vae, weights_only=True)
-    state["encoder.conv_in.conv.weight"] = torch.full_like(state["encoder.conv_in.conv.weight"], float("nan"))
-    torch.save(state, tmp / "nan_vae.pt")
-    return tmp / "nan_vae.pt"
-
-
-def nan_llm(a, tmp):
-    """The tiny LLM folder with a NaN weight in its first layer."""
-    import shutil
-
-    import torch
-
-    from musubi_tuner import files
-
-    folder = tmp / "te1"
-    shutil.copytree(a.te1, folder)
-    shard = folder / "model-00001-of-00002.safetensors"
-    weights = files.StateDictFile(shard).load_all()
-    key = "model.layers.0.mlp.down_proj.weight"
-    weights[key] = torch.full_like(weights[key], float("nan"))
-    files.save_safetensors(weights, shard)
-    return folder
 
 
 def image_caches_kept(a, tmp, err, out):

@@ -13,6 +13,8 @@ from reliability_cases import (
     TOO_LARGE,
     Case,
     check,
+    nan_llm,
+    nan_vae,
     nan_dit,
     generate_argv,
     merge_argv,
@@ -42,6 +44,12 @@ def own_copy(path, tmp):
 def link(path, target):
     path.symlink_to(target)
     return path
+
+
+def replaced(argv: list[str], flag: str, value) -> list[str]:
+    """`argv` with `flag`'s value replaced by `value`."""
+    i = argv.index(flag)
+    return [*argv[: i + 1], str(value), *argv[i + 2:]]
 
 
 def assert_names(text: str, pattern: str) -> None:
@@ -100,6 +108,14 @@ CASES = [
     Case("generate-dit-with-inf-writes-nothing", "hv_generate_video",
          lambda a, t: ["--dit", str(nan_dit(a, t)), *generate_argv(a, t, "--output_type", "video")[2:]],
          r"the sampled latent of \S+nan_dit\.safetensors holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written"),
+    Case("generate-text-encoder-with-nan-generates-nothing", "hv_generate_video",
+         lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--text_encoder1", nan_llm(a, t)),
+         r"the prompt's encoding by \S+te1 \(--text_encoder1\) holds \d+ non-finite \(NaN/inf\) values of \d+; its file is damaged",
+         then=nothing_generated),
+    Case("generate-vae-decoder-with-nan-writes-nothing", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--output_type", "video", vae=nan_vae(a, t, "decoder")),
+         r"the VAE decoded NaN/inf pixels from a finite latent: the VAE file \(--vae\) is damaged.*; no video was written",
+         then=lambda a, t, err, out: not list((t / "videos").glob("*.mp4")) or pytest.fail("a video was written")),
     Case("generate-vae-is-the-dit", "hv_generate_video", lambda a, t: generate_argv(a, t, vae=a.dit),
          r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module'", then=nothing_generated),
     Case("generate-v2v-strength-rounds-to-no-step", "hv_generate_video",

@@ -121,11 +121,12 @@ class LLMTextEncoder:
             return (torch.zeros(0, LLM_MAX_LENGTH, self.hidden_size, dtype=self.dtype, device=self.device),
                     torch.zeros(0, LLM_MAX_LENGTH, dtype=torch.int64, device=self.device))
         ids, mask = self.tokenize(prompts)
-        full = [p for p, n in zip(prompts, mask.sum(dim=1).tolist()) if n >= self.max_length]
-        if full and not self.told_cut:  # once per encoder: a caching run of long captions is not a wall of warnings
-            self.told_cut = True
-            logger.warning("%d of %d prompts fill the LLM's %d tokens, and the text past them is cut (as in musubi-tuner), "
-                           "e.g. %r", len(full), len(prompts), LLM_MAX_LENGTH, full[0][:60] + "...")
+        if not self.told_cut:  # once per encoder: a caching run of long captions is not a wall of warnings
+            cut = [p for p in prompts if len(self.tokenizer.ids(PROMPT_TEMPLATE_VIDEO.format(p))) > self.max_length]
+            if cut:
+                self.told_cut = True
+                logger.warning("%d of %d prompts are longer than the LLM's %d tokens, and the text past them is cut (as in "
+                               "musubi-tuner), e.g. %r", len(cut), len(prompts), LLM_MAX_LENGTH, cut[0][:60] + "...")
         ids, mask = ids.to(self.device), mask.to(self.device)
         length = int(mask.sum(dim=1).max()) if self.skip_padding else self.max_length
         states = self.model(input_ids=ids[:, :length], attention_mask=mask[:, :length], use_cache=False).last_hidden_state

@@ -66,7 +66,15 @@ def decode_to_uint8(vae, latent: torch.Tensor) -> torch.Tensor:
 
     with torch.no_grad():
         pixels = vae.decode((latent[None] / SCALING_FACTOR).to(vae.device, vae.dtype))[0]
+        total = pixels.sum(dtype=torch.float32)  # NaN/inf anywhere make the sum so: one number, not a mask of the video
+    if total.device.type != "meta" and not torch.isfinite(total):  # (the planner runs this on meta tensors)
+        raise NonFinitePixels("the VAE decoded NaN/inf pixels from a finite latent: the VAE file (--vae) is damaged, or "
+                              "float16 overflowed (--vae_dtype float32); no video was written")
     return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class NonFinitePixels(UserError):
+    pass
 
 
 def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folder: Path) -> list[Path]:

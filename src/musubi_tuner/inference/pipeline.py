@@ -184,6 +184,9 @@ def encode_prompts(args, device) -> tuple[dict, dict | None]:
     with torch.no_grad():
         pooled, _ = te2.encode(prompts)
     _free(te2)
+    advice = "its file is damaged (a float16 overflow is the other cause); nothing was generated"
+    require_finite(states[mask.bool()], f"the prompt's encoding by {args.text_encoder1} (--text_encoder1)", advice)
+    require_finite(pooled, f"the prompt's encoding by {args.text_encoder2} (--text_encoder2)", advice)
 
     def pick(i):
         return {"text_states": states[i : i + 1], "text_mask": mask[i : i + 1], "text_states_2": pooled[i : i + 1]}

@@ -184,7 +184,8 @@ class TrainingSampler:
                 if effects:
                     logs["lora_effect/sample"] = sum(effects) / len(effects)
                 self.accelerator.log(logs, step=step)
-                self._log_image(grid_path, step)
+                if grid_path is not None:
+                    self._log_image(grid_path, step)
                 shown = ", ".join(f"{e:.2%}" for e in effects)
                 logger.info("samples at step %d: %s [%.1f s]; the LoRA moves them by %s", step, grid_path,
                             time.perf_counter() - started, shown or "n/a")
@@ -212,10 +213,10 @@ class TrainingSampler:
             logger.info("samples at step %d: %s", step, cache.summary())
         return latents, effects
 
-    def _write(self, latents: dict[int, torch.Tensor], step: int, epoch: int | None) -> Path:
-        """Decode, write each sample and the grid; returns the grid's path."""
+    def _write(self, latents: dict[int, torch.Tensor], step: int, epoch: int | None) -> Path | None:
+        """Decode, write each sample and the grid; returns the grid's path (None: no sample decoded)."""
         from musubi_tuner.data.media import write_video
-        from musubi_tuner.inference.outputs import decode_to_frames
+        from musubi_tuner.inference.outputs import NonFinitePixels, decode_to_frames
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
@@ -223,7 +224,11 @@ class TrainingSampler:
         self.vae.to(self.accelerator.device)
         rows = []
         for p in self.prompts:
-            frames = decode_to_frames(self.vae, latents[p.index][0]).numpy()
+            try:
+                frames = decode_to_frames(self.vae, latents[p.index][0]).numpy()
+            except NonFinitePixels as e:  # the samples are lost, not the training run
+                logger.warning("sample %d at step %d: %s", p.index, step, e)
+                continue
             stem = f"{self.args.output_name}_{tag}_{p.index:02d}_{stamp}_{self.seeds[p.index]}"
             if len(frames) > 1:
                 write_video(self.folder / f"{stem}.mp4", frames, fps=24, bitrate=4_000_000)
@@ -232,6 +237,8 @@ class TrainingSampler:
                     Image.fromarray(frames[0]).save(tmp, format="PNG")
             rows.append((f"#{p.index} seed {self.seeds[p.index]}: {p.prompt}"[:90], frames))
         self.vae.to("cpu")
+        if not rows:
+            return None
         title = f"step {step}" + (f", epoch {epoch}" if epoch is not None else "") + " - columns: first, middle, last frame"
         grid_path = self.folder / f"{self.args.output_name}_{tag}_grid.png"
         with atomic_write(grid_path) as tmp:
