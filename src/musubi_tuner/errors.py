@@ -85,7 +85,7 @@ def out_of_memory(e: BaseException) -> str | None:
     on_cpu = re.search(r"tried to allocate (\d+) bytes", text)
     on_gpu = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
     size = f"{int(on_cpu.group(1)) / 2**30:.2f} GiB" if on_cpu else on_gpu.group(1) if on_gpu else ""
-    card = re.search(r"GPU (\d+) has a total capacity of ([\d.]+ [KMGT]iB) of which ([\d.]+ [KMGT]?i?B) is free", text)
+    card = re.search(r"GPU (\d+) has a total capacity of ([\d.]+ [KMGT]iB) of which ([\d.]+ (?:[KMGT]iB|bytes)) is free", text)
     return (f"out of {'GPU' if cuda else 'host'} memory" + (f": an allocation of {size} failed" if size else "")
             + (f" (GPU {card[1]} holds {card[2]}, {card[3]} of it free)" if card else ""))
 

@@ -63,10 +63,10 @@ def first_non_finite(network) -> str | None:
 def damaged_dit(dit: torch.nn.Module, path) -> str | None:
     """Why every loss is NaN whatever the data and the learning rate: a frozen DiT weight that holds NaN/inf (a
     damaged file). Looked for only once a run has diverged: a pass over every weight."""
-    from musubi_tuner.networks.lora_reader import first_non_finite
+    from musubi_tuner.networks.lora_reader import first_non_finite as first_non_finite_tensor
 
     frozen = {name: t for name, t in (*dit.named_parameters(), *dit.named_buffers()) if not t.requires_grad}
-    bad = first_non_finite(frozen)
+    bad = first_non_finite_tensor(frozen)
     if bad is None:
         return None
     key = bad.removeprefix("module.").replace("_orig_mod.", "")
