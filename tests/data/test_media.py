@@ -190,3 +190,23 @@ def test_an_image_past_pillows_decompression_bomb_limit_is_one_error_naming_it(t
     for read in (media.load_image, media.image_size):
         with pytest.raises(UserError, match=r"huge\.png: too large to open \(Image size \(10000 pixels\) exceeds limit .*\); downscale it"):
             read(path)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_a_loaded_and_resized_image_is_writable_so_torch_takes_it_without_a_warning(tmp_path, mode):
+    """torch.from_numpy warns on stderr about a read-only array (what np.asarray of a Pillow image is): I2V generation
+    showed that warning."""
+    import warnings
+
+    import torch
+
+    from musubi_tuner.data.buckets import resize_to_bucket
+
+    path = tmp_path / "x.png"
+    Image.new(mode, (40, 24)).save(path)
+    loaded = media.load_image(path)
+    for array in (loaded, resize_to_bucket(loaded, (64, 48)), resize_to_bucket(loaded, (16, 16))):
+        assert array.flags.writeable
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.from_numpy(array)

@@ -75,7 +75,7 @@ def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
     scale = max(bucket_w / width, bucket_h / height)
     new_w, new_h = int(width * scale + 0.5), int(height * scale + 0.5)
     if scale > 1:
-        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.LANCZOS))
+        resized = np.array(Image.fromarray(image).resize((new_w, new_h), Image.LANCZOS))  # writable, as torch wants
     else:
         resized = area_resize(image, (new_w, new_h))
     left, top = (new_w - bucket_w) // 2, (new_h - bucket_h) // 2

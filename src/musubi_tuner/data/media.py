@@ -105,8 +105,9 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _rgb_array(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8, writable (np.asarray of an image is read-only, and torch.from_numpy warns about that)."""
     if img.mode == "RGB":
-        return np.asarray(img)
+        return np.array(img)
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         # Pillow's own conversion clips these to 0..255, which turns a 16-bit image white
         values = np.asarray(img, dtype=np.float32)
@@ -117,7 +118,7 @@ def _rgb_array(img: Image.Image) -> np.ndarray:
             values = values * 255.0
         grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    return np.asarray(img.convert("RGB"))  # RGBA, LA, P, L, CMYK, YCbCr...: alpha dropped, palette expanded
+    return np.array(img.convert("RGB"))  # RGBA, LA, P, L, CMYK, YCbCr...: alpha dropped, palette expanded
 
 
 # ------------------------------------------------------------------------------------------ videos
