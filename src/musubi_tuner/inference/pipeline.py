@@ -71,6 +71,9 @@ def check_and_fill(args) -> None:
         logger.info("--lycoris: LoHa and LoKr files are read and applied natively (the LyCORIS package is not needed)")
     if args.save_merged_model and not args.lora_weight:
         raise UserError("--save_merged_model needs --lora_weight")
+    if not args.lora_weight and (args.lora_multiplier or args.lora_blocks or args.exclude_single_blocks):
+        logger.warning("--lora_multiplier, --lora_blocks and --exclude_single_blocks act on the files of --lora_weight, "
+                       "and none is given: they are ignored")
     if args.lora_weight:
         from musubi_tuner.networks.merge import block_filters, resolve_multipliers
 
