@@ -52,21 +52,18 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def first_non_finite(network) -> str | None:
-    """The name of the first trainable parameter holding NaN/inf, or None."""
-    for name, p in network.named_parameters():
-        if p.requires_grad and not torch.isfinite(p).all():
-            return name
-    return None
+def first_non_finite(module: torch.nn.Module, frozen: bool = False) -> str | None:
+    """The name of the first trainable parameter (with `frozen`: frozen parameter or buffer) holding NaN/inf, or None."""
+    from musubi_tuner.networks.lora_reader import first_non_finite as first_in
+
+    tensors = (*module.named_parameters(), *(module.named_buffers() if frozen else ()))
+    return first_in({name: t for name, t in tensors if t.requires_grad != frozen})
 
 
 def damaged_dit(dit: torch.nn.Module, path) -> str | None:
     """Why every loss is NaN whatever the data and the learning rate: a frozen DiT weight that holds NaN/inf (a
     damaged file). Looked for only once a run has diverged: a pass over every weight."""
-    from musubi_tuner.networks.lora_reader import first_non_finite as first_non_finite_tensor
-
-    frozen = {name: t for name, t in (*dit.named_parameters(), *dit.named_buffers()) if not t.requires_grad}
-    bad = first_non_finite_tensor(frozen)
+    bad = first_non_finite(dit, frozen=True)
     if bad is None:
         return None
     key = bad.removeprefix("module.").replace("_orig_mod.", "")
