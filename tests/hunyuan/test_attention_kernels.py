@@ -130,24 +130,3 @@ def test_the_dit_gives_the_sdpa_output_with_each_kernel(kernels, mode):
         model.set_attention(mode)
         got = model(*inputs)
     assert rel_err(got, want) < 1e-5
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("L", [37, 370, 384])
-def test_the_padding_mask_is_sdpas_own_layout_and_gives_the_boolean_masks_numbers(dtype, L):
-    """The additive mask gives what a boolean key mask gives, bit for bit, and needs no copy in memory-efficient
-    attention: float in q's dtype, rows 16-element aligned."""
-    from musubi_tuner.hunyuan.attention import padding_bias
-
-    lengths = torch.tensor([L, L - 17])
-    bias = padding_bias(lengths, L, dtype, torch.device("cpu"))
-    assert bias.shape == (2, 1, 1, L) and bias.dtype == dtype and bias.stride(-1) == 1 and bias.stride(-2) % 16 == 0
-    g = torch.Generator().manual_seed(L)
-    q, k, v = (torch.randn(2, L, 4, 64, generator=g).to(dtype).requires_grad_(True) for _ in range(3))
-    got = attention(q, k, v, lengths, "sdpa")
-    boolean = (torch.arange(L)[None, :] < lengths[:, None]).view(2, 1, 1, L)
-    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=boolean)
-    want = want.transpose(1, 2).reshape(2, L, 256)
-    assert torch.equal(got, want)
-    for a, b in zip(torch.autograd.grad(got.float().square().sum(), (q, k, v)), torch.autograd.grad(want.float().square().sum(), (q, k, v))):
-        assert torch.equal(a, b)

@@ -50,29 +50,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.
     if split and (B > 1 or lengths is not None):
         return _split_attention(q, k, v, host_lengths, mode)
     if mode == "sdpa":
-        bias = None if lengths is None else padding_bias(lengths, L, q.dtype, q.device)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+        mask = None
+        if lengths is not None:
+            mask = (torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]).view(B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2).reshape(B, L, H * D)
     if mode in ("flash", "flash3", "sageattn"):
         return _varlen_attention(q, k, v, lengths, host_lengths, mode)
     if mode == "xformers":
         return _xformers_attention(q, k, v, lengths, host_lengths)
     raise UserError(f"attention mode {mode!r} is unknown")
-
-
-def padding_bias(lengths: torch.Tensor, L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(B, 1, 1, L) additive mask over the keys: 0 for the first `lengths` of each sample, -inf after.
-
-    Built in the layout memory-efficient attention reads: float in q's dtype, rows padded to 16 elements and sliced
-    back. Given a boolean mask, SDPA converts it to floats and copies those into this layout on every call. In
-    compiled blocks Inductor does that conversion, and on an H200 (torch 2.11) compiled blocks with a mask gave NaN
-    gradients or an illegal memory access under checkpointing (docs/dit.md): the prime suspect, not yet confirmed
-    on a GPU. The same numbers as the boolean mask, bit for bit (forward and gradients, on the CPU)."""
-    B = lengths.shape[0]
-    padded = -(-L // 16) * 16
-    valid = torch.arange(padded, device=device)[None, :] < lengths.to(device)[:, None]
-    bias = torch.zeros(B, 1, 1, padded, dtype=dtype, device=device).masked_fill_(~valid.view(B, 1, 1, padded), float("-inf"))
-    return bias[..., :L]
 
 
 def _single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
