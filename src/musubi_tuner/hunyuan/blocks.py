@@ -35,12 +35,20 @@ class AttentionContext:
     rotation: torch.Tensor | None = None  # (L, D / 2) complex rope table: image rows rotate, text rows are 1
     img_len: int = 0
     shards: "Shards | None" = None  # context parallel: this process holds a shard of the tokens (sequence_parallel.py)
+    outside_graph: bool = False  # compiled blocks: the attention runs eagerly, between two compiled graphs (compile.py)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of the joint [image, text] sequence (B, L, H, D) -> (B, L, H * D), over the group's tokens when sharded."""
-        if self.shards is None:
-            return attention(q, k, v, self.lengths, self.mode, self.split, self.host_lengths)
-        return self.shards.attention(q, k, v, self.lengths, self.mode, self.split, self.host_lengths)
+        return (_attend_eagerly if self.outside_graph else _attend)(self, q, k, v)
+
+
+def _attend(ctx: AttentionContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if ctx.shards is None:
+        return attention(q, k, v, ctx.lengths, ctx.mode, ctx.split, ctx.host_lengths)
+    return ctx.shards.attention(q, k, v, ctx.lengths, ctx.mode, ctx.split, ctx.host_lengths)
+
+
+_attend_eagerly = torch.compiler.disable(_attend)  # a graph break inside a compiled block; a plain call elsewhere
 
 
 # ----------------------------------------------------------------------------------------- small helpers

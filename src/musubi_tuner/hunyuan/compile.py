@@ -57,9 +57,25 @@ class CompileOptions:
         return cls(backend, mode, DYNAMIC[dynamic], bool(fullgraph), limit)
 
 
-def check_can_compile(options: CompileOptions, device: torch.device | str) -> None:
+def attention_outside_graph(options: CompileOptions, device: torch.device | str, training: bool) -> bool:
+    """Whether compiled blocks run their attention eagerly, between two compiled graphs: when training on CUDA with
+    Inductor.
+
+    bench/gpu_compile_probe.py on an H200 (torch 2.11.0+cu130): with SDPA inside Inductor's graphs, LoRA gradients
+    came out NaN under gradient checkpointing and the step hit an illegal memory access without it. SDPA's math
+    kernel, AOTAutograd without Inductor, or the checkpoint traced into the graph each gave eager's gradients, so the
+    fault is in the attention's saved outputs crossing from Inductor's forward graph to its backward (docs/dit.md).
+    Inductor still compiles the rest of each block; a forward alone (generation) keeps the attention in its graph."""
+    return training and options.backend == "inductor" and torch.device(device).type == "cuda"
+
+
+def check_can_compile(options: CompileOptions, device: torch.device | str, training: bool = False) -> None:
     """Stop before any model loads where this platform cannot compile, naming what is missing."""
     device = torch.device(device)
+    if options.fullgraph and attention_outside_graph(options, device, training):
+        raise UserError("--compile_fullgraph: training on a CUDA GPU runs the attention outside the compiled graphs (Inductor's "
+                        "compiled attention gave NaN gradients in this project's GPU check, docs/dit.md), so a block is two "
+                        "graphs, not one; drop --compile_fullgraph")
     if not torch._dynamo.is_dynamo_supported():
         raise UserError(f"--compile: torch {torch.__version__} cannot compile on Python {sys.version.split()[0]} "
                         "(torch.compile does not support it); drop --compile or use a supported Python")
@@ -88,8 +104,13 @@ def cpp_compiler() -> str | None:
     return None
 
 
-def compile_blocks(model, options: CompileOptions) -> int:
-    """Compile every double and single block in place (module types and state-dict keys unchanged); returns the count."""
+def compile_blocks(model, options: CompileOptions, training: bool = False) -> int:
+    """Compile every double and single block in place (module types and state-dict keys unchanged); returns the count.
+
+    `training`: the blocks will run backward too (see attention_outside_graph); the model is on its device already."""
+    model.attention_outside_graph = attention_outside_graph(options, model.device, training)
+    if model.attention_outside_graph:
+        logger.info("--compile: training on CUDA, the attention runs between the compiled graphs of each block")
     if options.cache_size_limit:
         torch._dynamo.config.cache_size_limit = options.cache_size_limit
     # the one complex op in a block is the view of the rope table as (cos, sin) pairs: nothing to generate code for
@@ -100,16 +121,15 @@ def compile_blocks(model, options: CompileOptions) -> int:
     return len(blocks)
 
 
-def known_gradient_problem(options: CompileOptions | None, gradient_checkpointing: bool, device: torch.device | str) -> str | None:
+def known_gradient_problem(options: CompileOptions | None, device: torch.device | str) -> str | None:
     """What a diverged run should hear when its set-up is one a GPU check saw go wrong, else None.
 
-    bench/gpu_check.py on an H200 (torch 2.11.0+cu130, Inductor): blocks compiled under gradient checkpointing gave
-    NaN LoRA gradients with block swap and an illegal memory access without it (on the CPU, aot_eager gives the eager
-    gradients)."""
-    if options is None or options.backend != "inductor" or not gradient_checkpointing or torch.device(device).type != "cuda":
+    Training with Inductor on CUDA: the fault the GPU check found is worked around (attention_outside_graph), and the
+    work-around has not run on a GPU yet."""
+    if options is None or not attention_outside_graph(options, device, training=True):
         return None
-    return ("--compile with --gradient_checkpointing gave NaN gradients on a CUDA GPU in this project's own check "
-            "(docs/dit.md, \"On a GPU\"); train without --compile")
+    return ("--compile on a CUDA GPU gave NaN gradients in this project's GPU check until the attention was moved out of "
+            "the compiled graphs (docs/dit.md, \"On a GPU\"); if this run diverged with it, train without --compile")
 
 
 @contextmanager

@@ -54,6 +54,7 @@ class HunyuanVideoDiT(nn.Module):
         self.offload_embedders = False  # --img_in_txt_in_offloading: img_in/txt_in visit the device only while used
         self.step_cache = None  # generation's step cache (inference/step_cache.py) sets itself here for each call
         self.sequence_parallel: SequenceParallel | None = None  # context parallel: the group sharing each sample's tokens
+        self.attention_outside_graph = False  # compiled blocks for training on CUDA (compile.compile_blocks)
 
     # ------------------------------------------------------------------------------------------ options
 
@@ -145,6 +146,7 @@ class HunyuanVideoDiT(nn.Module):
             rotation=torch.cat([rotation, rotation.new_ones(txt.shape[1], rotation.shape[1])]),  # text tokens: no rotation
             img_len=img.shape[1],
             shards=shards,
+            outside_graph=self.attention_outside_graph,
         )
         silu_vec = F.silu(vec)
 

@@ -109,7 +109,7 @@ def check_args(args) -> None:
         logger.warning("--step_cache acts on the samples of --sample_prompts only; without them it does nothing")
     compile_options = CompileOptions.from_args(args)
     if compile_options is not None and not args.dry_run:
-        check_can_compile(compile_options, "cuda" if torch.cuda.is_available() else "cpu")
+        check_can_compile(compile_options, "cuda" if torch.cuda.is_available() else "cpu", training=True)
     if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
         logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
     if args.network_weights and not Path(args.network_weights).is_file():
@@ -226,7 +226,7 @@ def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
     dit.train(args.gradient_checkpointing)  # official behaviour: train mode only matters for checkpointing
     compile_options = CompileOptions.from_args(args)
     if compile_options is not None:  # block by block, after block swap: its hooks run between the compiled blocks
-        compile_blocks(dit, compile_options)
+        compile_blocks(dit, compile_options, training=True)
     return dit
 
 
@@ -487,7 +487,7 @@ def _train(args) -> Path:
     bar = progress_bar(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
     recent: list[float] = []
     compile_pending = bool(args.compile)
-    known_cause = known_gradient_problem(CompileOptions.from_args(args), args.gradient_checkpointing, accelerator.device)
+    known_cause = known_gradient_problem(CompileOptions.from_args(args), accelerator.device)
 
     def diverged(what: str) -> NonFiniteLoss:
         return divergence(what, progress.global_step + 1, epoch + 1, batch["item_names"], saver, resume_from,
