@@ -41,6 +41,7 @@ import gpu_plan_check  # noqa: E402
 from common import measure, table  # noqa: E402
 from gpu.support import cuda_seconds, no_cuda_reason  # noqa: E402
 
+from musubi_tuner.errors import use_expandable_segments  # noqa: E402
 from musubi_tuner.hunyuan.config import DiTConfig  # noqa: E402
 from musubi_tuner.hunyuan.cost import forward_flops  # noqa: E402
 from musubi_tuner.planning.options import Workload  # noqa: E402
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no GPU: {reason}. Nothing to check here; run this on a machine with a CUDA GPU "
               "(the gpu tests skip on this one: pytest -m gpu).")
         return 0
+    use_expandable_segments()  # as the commands run (the gpu tests inherit it)
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     peak, peak_source = this_gpu_peak(name)

@@ -7,13 +7,15 @@ memory options, as the trainer and the sampler build it (tests/plan_runs.py), an
 
 - memory: the CUDA allocator's peak (`max_memory_allocated`) against the planned tensor peak of the DiT stage, and
   the GPU memory the step really took (the allocator's reserved peak during the step, its cache emptied before, plus
-  the CUDA context, read from the driver) against the plan's "needs" (tensors + allocator margin + context);
+  the CUDA context, read from the driver) against the plan's "needs" (tensors + allocator margin + context), and one
+  more step with the allocator capped at those needs (what a GPU of that size has): does it fit?
 - time: the step, timed with CUDA events, against the planned step time for this GPU (planning/timing.GPUS, its
   share of peak learnt from published figures of the same chip family).
 
 A training case runs two steps and reports the second (the first creates the optimizer state); a denoising step has
 no state, so its first step is the one reported (its cuBLAS / SDPA set-up is milliseconds against seconds).
-bench/gpu_check.py runs this after timing the blocks.
+bench/gpu_check.py runs this after timing the blocks. Both set the CUDA allocator as the commands do
+(errors.use_expandable_segments), unless PYTORCH_CUDA_ALLOC_CONF says otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from common import table  # noqa: E402
 
+from musubi_tuner.errors import use_expandable_segments  # noqa: E402
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V  # noqa: E402
 from musubi_tuner.planning.options import MemoryOptions, Workload  # noqa: E402
 
@@ -97,10 +100,11 @@ def check(case: Case, gpu_key: str | None, context: int) -> dict:
 
     stage = Stage.of_dit("DiT", case.work, case.opts)
     row = {"case": case.name, "checks": case.row, "planned GiB": f"{stage.device_peak / GiB:.2f}"}
-    step = measured_cuda_step(case.work, case.opts, warm_up=case.work.mode == "train")
+    step = measured_cuda_step(case.work, case.opts, warm_up=case.work.mode == "train", capped_at=stage.needed - context)
     row.update({
         "allocated GiB": f"{step.peak / GiB:.2f}", "error": f"{stage.device_peak / step.peak - 1:+.1%}",
         "needs GiB (plan / GPU)": f"{stage.needed / GiB:.1f} / {(step.reserved + context) / GiB:.1f}",
+        "fits in needs": "yes" if step.fits else "no: out of memory",
         "before step GiB": f"{step.before / GiB:.2f}", "step s": f"{step.seconds:.2f}",
     })
     if gpu_key is not None:
@@ -136,7 +140,7 @@ def run_cases(keys: list[str] | None = None) -> list[dict]:
     return rows
 
 
-COLUMNS = ["case", "checks", "planned GiB", "allocated GiB", "error", "needs GiB (plan / GPU)", "before step GiB", "step s",
+COLUMNS = ["case", "checks", "planned GiB", "allocated GiB", "error", "needs GiB (plan / GPU)", "fits in needs", "before step GiB", "step s",
            "planned s", "time ratio"]
 
 
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (run this on a machine with a CUDA GPU)")
         return 0
+    use_expandable_segments()
     print(table(run_cases([k for k in args.cases.split(",") if k]), COLUMNS))
     return 0
 

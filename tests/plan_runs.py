@@ -9,6 +9,8 @@ tests/gpu/test_planner.py and bench/gpu_plan_check.py (the CUDA allocator's peak
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -209,12 +211,16 @@ class CudaStep:
     before: int  # allocated before it: weights, LoRA, optimizer state, the batch
     reserved: int  # torch.cuda.max_memory_reserved during it, the allocator's cache emptied before
     seconds: float  # the step, timed with CUDA events
+    fits: bool | None = None  # whether one more step ran with the allocator capped at `capped_at` (None: not tried)
 
 
-def measured_cuda_step(work: Workload, opts: MemoryOptions, warm_up: bool = True) -> CudaStep:
+def measured_cuda_step(work: Workload, opts: MemoryOptions, warm_up: bool = True, capped_at: int | None = None) -> CudaStep:
     """On the GPU: one step of `work` with `opts`, after a first one unless not `warm_up` (a training step's first one
     creates the optimizer state; a denoising step has none). A previous run's garbage, still held by a reference cycle,
-    is not this run's: it is collected first, and whatever survives is subtracted."""
+    is not this run's: it is collected first, and whatever survives is subtracted.
+
+    `capped_at` (bytes): then one more step with the allocator allowed that much in all (what a smaller GPU has: the
+    reserve on a large one only says the allocator never had to give memory back)."""
     import gc
 
     gc.collect()
@@ -232,5 +238,18 @@ def measured_cuda_step(work: Workload, opts: MemoryOptions, warm_up: bool = True
     run.step()
     end.record()
     end.synchronize()
-    return CudaStep(torch.cuda.max_memory_allocated() - base, before - base, torch.cuda.max_memory_reserved(),
+    step = CudaStep(torch.cuda.max_memory_allocated() - base, before - base, torch.cuda.max_memory_reserved(),
                     start.elapsed_time(end) / 1000)
+    if capped_at is None:
+        return step
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(capped_at / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        run.step()
+        torch.cuda.synchronize()
+        fits = True
+    except torch.OutOfMemoryError:
+        fits = False
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return dataclasses.replace(step, fits=fits)

@@ -79,3 +79,23 @@ def test_a_device_this_machine_lacks_is_named():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match=r"--device cuda:1: (this PyTorch is built without CUDA|no CUDA device is visible)"):
             resolve_device("cuda:1")
+
+
+def test_every_command_asks_for_expandable_cuda_segments_unless_the_user_configured_the_allocator():
+    """errors.run_cli, which every command runs through, sets PYTORCH_CUDA_ALLOC_CONF for itself and its child processes."""
+    import os
+    import subprocess
+    import sys
+
+    from musubi_tuner.errors import use_expandable_segments
+
+    show = ("import os; from musubi_tuner.errors import run_cli; "
+            "run_cli(lambda argv: print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF')), [])")
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    for extra, seen in (({}, "expandable_segments:True" if sys.platform.startswith("linux") else "None"),
+                        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:256"}, "max_split_size_mb:256"),
+                        ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, "None")):
+        done = subprocess.run([sys.executable, "-c", show], env={**clean, **extra}, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == seen, (extra, done.stdout, done.stderr)
+    environ = {}
+    assert not use_expandable_segments(environ, platform="win32") and environ == {}  # PyTorch has them on Linux only

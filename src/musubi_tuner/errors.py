@@ -36,6 +36,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     Output piped into a reader that stops early (`| head`) ends the command quietly, as it does C tools.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    use_expandable_segments()
     if not debug_requested(argv):
         # bitsandbytes >= 0.50 logs at import that it could not fetch its 4-bit CPU kernels from the hub: the 8-bit
         # optimizers never use them, and a warning about remote code on every training start only alarms
@@ -59,6 +60,27 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
+
+
+ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def use_expandable_segments(environ=os.environ, platform: str = sys.platform) -> bool:
+    """Have CUDA's caching allocator grow its segments instead of adding new ones, unless the user configured it.
+
+    With block swap the GPU holds activations and weight copies of changing sizes, and the default allocator kept
+    gigabytes reserved that no later request could use: on an H200 capped at what the planner says a step needs,
+    the step ran out of memory with 2.4 GiB reserved and unused (docs/memory_planner.md). Expandable segments are
+    PyTorch's answer to that. Linux only (PyTorch has them nowhere else). Returns whether it set them."""
+    if not platform.startswith("linux") or any(environ.get(name) for name in ALLOCATOR_VARIABLES):
+        return False
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # read when CUDA starts, here and in child processes
+    torch = sys.modules.get("torch")
+    if torch is not None and environ is os.environ:  # imported already: tell the allocator now too
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        if setter is not None:
+            setter("expandable_segments:True")
+    return True
 
 
 def _fail(message: str) -> None:
