@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from musubi_tuner.cli import Parser, count, frames_4n1, real, seed
+from musubi_tuner.cli import Parser, compute_dtype, count, frames_4n1, real, seed
 from musubi_tuner.errors import UserError
 
 COMMANDS = {  # module: where its parser is built
@@ -50,11 +50,22 @@ def test_help_shows_defaults_that_matter():
     (seed(32), str(2**32), f"{2**32}: must be between 0 and {2**32 - 1}, 2^32-1"),
     (frames_4n1, "6", "6 is not 4N+1 (try 5 or 9)"),
     (frames_4n1, "0", "0: must be at least 1 (4N+1: 1, 5, 9, ...)"),
+    (compute_dtype, "fp8", "fp8: not a dtype to compute in; use bf16, fp16 or fp32 (fp8 weights: --fp8, --fp8_base or --fp8_llm)"),
+    (compute_dtype, "f16", "f16: not a dtype to compute in; use bf16, fp16 or fp32"),
 ])
 def test_domains_name_the_value_and_what_is_allowed(kind, value, message):
     with pytest.raises(argparse.ArgumentTypeError) as e:
         kind(value)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("command, flag", [("hv_generate_video", "--vae_dtype"), ("cache_latents", "--vae_dtype"),
+                                           ("cache_text_encoder_outputs", "--text_encoder_dtype"), ("hv_train_network", "--dit_dtype"),
+                                           ("hv_train_network", "--vae_dtype"), ("hv_train_network", "--text_encoder_dtype")])
+def test_every_compute_dtype_flag_is_checked_when_the_command_line_is_read(command, flag):
+    """Not when its model loads: generation loads the VAE after all the denoising steps."""
+    action = next(a for a in parser_of(command)._actions if flag in a.option_strings)
+    assert action.type is compute_dtype and action.default is None  # None: the command's own default dtype
 
 
 def test_a_bad_value_becomes_one_line_naming_the_flag():
@@ -99,3 +110,11 @@ def test_every_command_asks_for_expandable_cuda_segments_unless_the_user_configu
         assert done.stdout.strip() == seen, (extra, done.stdout, done.stderr)
     environ = {}
     assert not use_expandable_segments(environ, platform="win32") and environ == {}  # PyTorch has them on Linux only
+
+
+@pytest.mark.parametrize("command", ["hv_generate_video", "hv_train_network"])
+def test_blocks_to_swap_0_means_none_as_in_musubi_tuner(command):
+    action = next(a for a in parser_of(command)._actions if "--blocks_to_swap" in a.option_strings)
+    assert action.type("0") == 0  # falsy: the command builds no BlockSwap
+    with pytest.raises(argparse.ArgumentTypeError):
+        action.type("-1")

@@ -32,7 +32,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "musubi_tuner"
 SAMPLES = {"--video_size": ["544", "960"], "--vae_spatial_tile_sample_min_size": ["256"], "--compile_args": ["inductor", "default", "auto", "False"],
            "--metadata_reso": ["1280,720"], "--optimizer_args": ["weight_decay=0.01"], "--lr_scheduler_args": ["T_max=10"],
            "--network_args": ["rank_dropout=0.1"], "--lr_warmup_steps": ["0.1"], "--lr_decay_steps": ["10%"], "--video_length": ["129"],
-           "--block_swap_ring_size": ["3"]}
+           "--block_swap_ring_size": ["3"], "--vae_dtype": ["float16"], "--text_encoder_dtype": ["float16"], "--dit_dtype": ["bfloat16"]}
 GENERIC = {"int": "2", "float": "0.5", "str": "x", None: "x"}
 
 # musubi-tuner default -> ours, and why

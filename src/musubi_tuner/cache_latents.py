@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.cli import Parser, count, pixels, resolve_device
+from musubi_tuner.cli import Parser, compute_dtype, count, pixels, resolve_device
 from musubi_tuner.errors import UserError, run_cli
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--vae", help="VAE checkpoint (vae/pytorch_model.pt)")
-    g.add_argument("--vae_dtype", default=None, help="VAE dtype (default float16)")
+    g.add_argument("--vae_dtype", type=compute_dtype, default=None, help="VAE dtype (default float16)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available, else cpu)")
     g.add_argument("--disable_cudnn_backend", action="store_true", help="turn cuDNN off (AMD GPUs, or when its convolutions are slow)")
 

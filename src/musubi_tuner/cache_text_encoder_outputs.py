@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.cli import Parser, count, resolve_device
+from musubi_tuner.cli import Parser, compute_dtype, count, resolve_device
 from musubi_tuner.errors import UserError, run_cli
 
 logger = logging.getLogger("cache_text_encoder_outputs")
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--text_encoder1", required=True, help="LLM: HF folder (ckpts/text_encoder) or ComfyUI llava_llama3_fp16.safetensors")
     g.add_argument("--text_encoder2", required=True, help="CLIP-L: HF folder (ckpts/text_encoder_2) or ComfyUI clip_l.safetensors")
-    g.add_argument("--text_encoder_dtype", default=None, help="encoders' dtype (default float16)")
+    g.add_argument("--text_encoder_dtype", type=compute_dtype, default=None, help="encoders' dtype (default float16)")
     g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
     g.add_argument("--cast_llm_rope", action="store_true",
                    help="round the LLM's rotary frequencies to --text_encoder_dtype, as musubi-tuner's cast does: its caches "

@@ -150,6 +150,25 @@ def pixels(value: str) -> int:
 pixels.__name__ = "size"
 
 
+def compute_dtype(value: str) -> str:
+    """A dtype a model computes in (bf16, fp16, fp32 and their spellings), checked when the command line is read, not
+    when the model loads after the work; fp8 holds weights only (--fp8, --fp8_base, --fp8_llm), no kernel computes in it."""
+    from musubi_tuner.dtypes import FP8_DTYPES, str_to_dtype
+    from musubi_tuner.errors import UserError
+
+    try:
+        dtype = str_to_dtype(value)
+    except UserError:
+        dtype = None
+    if dtype is None or dtype in FP8_DTYPES:
+        raise argparse.ArgumentTypeError(f"{value}: not a dtype to compute in; use bf16, fp16 or fp32"
+                                         + (" (fp8 weights: --fp8, --fp8_base or --fp8_llm)" if dtype is not None else ""))
+    return value
+
+
+compute_dtype.__name__ = "dtype"
+
+
 # ----------------------------------------------------------------------------------------------- device
 
 

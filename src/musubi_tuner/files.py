@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import struct
 import tempfile
 import warnings
@@ -69,16 +70,42 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`, renamed to `path` (a new name) when the block succeeds and removed with
+    all it holds when it fails: a folder of many files (a video's frames) appears whole or not at all. A killed run's
+    is named like atomic_write's temporary files, and leftover_temp_files(..., folders=True) finds it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent))
+    except OSError as e:
+        raise write_error(path, e) from e
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the permissions a normal mkdir would
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
+        if isinstance(e, UserError):  # a file inside that could not be written: named where the user will look for it
+            raise UserError(str(e).replace(str(tmp), str(path))) from e
+        raise
+
+
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?:(?P<pid>\d+)-)?[^.]*\.tmp")  # atomic_write's: .{target}.{pid}-{random}.tmp
 
 
-def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, owned: bool = False) -> list[Path]:
+def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, owned: bool = False, folders: bool = False) -> list[Path]:
     """atomic_write's temporary files in `folder` whose write was killed, for targets whose name `target` accepts.
 
     A temporary file names the pid that writes it: one whose process still runs on this machine is a live run's
     and is never listed. Files without a pid (older versions) are listed only when the caller `owned` the folder
-    (holds its RunLock), since then no other run writes there.
+    (holds its RunLock), since then no other run writes there. `folders`: atomic_folder's temporary folders too.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -86,7 +113,7 @@ def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, 
     found = []
     for path in sorted(folder.iterdir()):
         match = _TEMP_NAME.fullmatch(path.name)
-        if not match or not target(match["target"]) or not path.is_file():
+        if not match or not target(match["target"]) or not (path.is_file() or (folders and path.is_dir())):
             continue
         pid = match["pid"]
         if (pid is None and owned) or (pid is not None and not pid_alive(int(pid))):

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 import argparse
 
-from musubi_tuner.cli import Parser, count, frames_4n1, pixels, real, seed
+from musubi_tuner.cli import Parser, compute_dtype, count, frames_4n1, pixels, real, seed
 from musubi_tuner.errors import run_cli
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_INFERENCE
 from musubi_tuner.hunyuan.attention import ATTENTION_MODES
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")
     g.add_argument("--dit_in_channels", type=count(1), default=None, help="checked against the file (32 = SkyReels I2V)")
     g.add_argument("--vae", required=True, help="VAE checkpoint (vae/pytorch_model.pt)")
-    g.add_argument("--vae_dtype", default=None, help="VAE dtype (default float16 on GPUs, float32 on the CPU)")
+    g.add_argument("--vae_dtype", type=compute_dtype, default=None, help="VAE dtype (default float16 on GPUs, float32 on the CPU)")
     g.add_argument("--text_encoder1", help="LLM: HF folder or ComfyUI llava_llama3_fp16.safetensors (not needed with --latent_path)")
     g.add_argument("--text_encoder2", help="CLIP-L: HF folder or ComfyUI clip_l.safetensors (not needed with --latent_path)")
     g.add_argument("--preset", choices=("hunyuan-t2v", "skyreels-t2v", "skyreels-i2v"), default=None,
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split_attn", action="store_true", help="attention one sample at a time over its valid tokens")
     g.add_argument("--vae_chunk_size", type=count(1), default=None, help="decode the causal convolutions in chunks (less memory)")
     g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="VAE tile size in pixels (default 256)")
-    g.add_argument("--blocks_to_swap", type=count(1, MAX_BLOCKS_TO_SWAP_INFERENCE), default=None,
-                   help=f"keep N blocks' weights in host memory, moving each in when it runs (max {MAX_BLOCKS_TO_SWAP_INFERENCE})")
+    g.add_argument("--blocks_to_swap", type=count(0, MAX_BLOCKS_TO_SWAP_INFERENCE), default=None,
+                   help=f"keep N blocks' weights in host memory, moving each in when it runs (max {MAX_BLOCKS_TO_SWAP_INFERENCE}; 0: none, as musubi-tuner reads it)")
     g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host buffers for faster block swap")
     g.add_argument("--img_in_txt_in_offloading", action="store_true", help="keep the input embedders in host memory between steps")
     g.add_argument("--context_parallel", type=count(1), default=1,

@@ -18,7 +18,6 @@ import logging
 
 from musubi_tuner.cli import Parser, count, real, resolve_device
 from musubi_tuner.errors import UserError, run_cli
-from musubi_tuner.files import refuse_overwriting_inputs
 
 logger = logging.getLogger("merge_lora")
 
@@ -45,11 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
-        from musubi_tuner.networks.merge import merge_file
+        from musubi_tuner.networks.merge import check_merged_model_output, merge_file
 
-        if not str(args.save_merged_model).endswith(".safetensors"):
-            raise UserError(f"--save_merged_model {args.save_merged_model}: the merged model is written as .safetensors")
-        refuse_overwriting_inputs(args.save_merged_model, "--save_merged_model", {"--dit": [args.dit], "--lora_weight": args.lora_weight})
+        check_merged_model_output(args.save_merged_model, args.dit, args.lora_weight)
         device = resolve_device(args.device)
         info = merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
                           exclude_single_blocks=args.exclude_single_blocks, in_channels=args.dit_in_channels,

@@ -164,7 +164,7 @@ def test_four_processes_and_two_by_two_compute_what_one_process_computes(referen
 
 def test_a_head_count_that_does_not_split_is_refused_with_the_counts_that_do():
     check_heads(24, 8)
-    with pytest.raises(UserError, match=r"--context_parallel 5: the DiT's 24 attention heads .* use one of 2, 3, 4, 6, 8, 12, 24"):
+    with pytest.raises(UserError, match=r"--context_parallel 5: the DiT's 24 attention heads .* use one of 1, 2, 3, 4, 6, 8, 12, 24"):
         check_heads(24, 5)
 
 

@@ -298,7 +298,7 @@ def no_model_loads(monkeypatch):
     (["--lora_weight", "missing.safetensors"], "missing.safetensors: LoRA file not found (--lora_weight)"),
     (["--image_path", "{dit}"], "--image_path needs a SkyReels I2V DiT (32 input channels)"),
     (["--dit", "{dit_i2v}"], "is an image-to-video DiT (32 input channels): give the first frame with --image_path"),
-    (["--context_parallel", "3"], "--context_parallel 3: the DiT's 2 attention heads do not split over 3 processes; use one of 2"),
+    (["--context_parallel", "3"], "--context_parallel 3: the DiT's 2 attention heads do not split over 3 processes; use one of 1, 2"),
     (["--context_parallel", "2"], "--context_parallel 2: one process was started; start 2 (accelerate launch --multi_gpu"),
 ])
 def test_bad_inputs_stop_with_one_line_naming_the_flag_before_any_model_loads(models, no_model_loads, capsys, change, message):

@@ -61,6 +61,31 @@ def test_merged_file_equals_loras_applied_on_the_fly(setup):
     assert rel_err(got, want) < rel_err(base, want) / 5
 
 
+def test_an_alpha_of_zero_acts_as_the_rank_in_every_path(setup, tmp_path):
+    """musubi-tuner's and kohya's LoRA modules read alpha 0 as the rank; merging, the on-the-fly path and the
+    inspection agree (merging applied such a file at strength 0 while the fp8 path, via the modules, applied it whole)."""
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.networks.lora_inspect import inspect_lora
+
+    tmp, config, dit, paths = setup
+    weights = load_file(paths[0])
+    zero = {k: (torch.zeros_like(v) if k.endswith(".alpha") else v) for k, v in weights.items()}
+    ranked = {k: (torch.full_like(v, 4.0) if k.endswith(".alpha") else v) for k, v in weights.items()}  # rank 4
+    save_file(zero, tmp_path / "zero.safetensors")
+    save_file(ranked, tmp_path / "ranked.safetensors")
+    args = dit_inputs(config, batch=1, text_lens=(6,))
+    outs = []
+    for name in ("zero", "ranked"):
+        merge_file(str(dit), [str(tmp_path / f"{name}.safetensors")], [1.0], str(tmp_path / f"m_{name}.safetensors"))
+        with torch.no_grad():
+            outs.append(load_dit(tmp_path / f"m_{name}.safetensors", dtype=torch.float32)(*args))
+    fly = on_the_fly(dit, config, [tmp_path / "zero.safetensors"], [1.0], args)
+    assert torch.equal(outs[0], outs[1]) and rel_err(fly, outs[1]) < 2e-2
+    norms = {name: sum(m.norm for m in inspect_lora(tmp_path / f"{name}.safetensors").modules) for name in ("zero", "ranked")}
+    assert norms["zero"] == norms["ranked"] > 0
+
+
 def test_merged_keys_equal_the_base_and_dtype_is_kept(setup):
     tmp, config, dit, paths = setup
     out = tmp / "m2.safetensors"

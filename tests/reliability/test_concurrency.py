@@ -110,9 +110,12 @@ def test_generation_removes_temporary_files_of_dead_runs_only(assets, tmp_path):
     live_temp = videos / f".y_latent.safetensors.{os.getpid()}-def456.tmp"  # this test process: alive
     dead_temp.write_bytes(b"partial")
     live_temp.write_bytes(b"partial")
+    dead_frames = videos / f".x_0_1.{int(dead.stdout)}-ghi789.tmp"  # a killed run's frames folder (--output_type images)
+    (dead_frames / "x_0_1_000.png").parent.mkdir()
+    (dead_frames / "x_0_1_000.png").write_bytes(b"partial")
     result = run_command("hv_generate_video", generate_argv(assets, tmp_path), tmp_path)
     assert result.code == 0, result.err[-2000:]
-    assert not dead_temp.exists() and live_temp.exists()
+    assert not dead_temp.exists() and not dead_frames.exists() and live_temp.exists()
 
 
 def test_output_cut_short_by_a_reader_ends_quietly(assets, tmp_path):

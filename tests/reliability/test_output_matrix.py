@@ -26,6 +26,25 @@ from reliability_cases import (
 )
 
 
+EMPTY_SAFETENSORS = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"  # a header of no tensors: a valid, empty file
+
+
+def latent_file(path: Path, shape) -> Path:
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"latent": torch.zeros(shape)}, str(path))
+    return path
+
+
+def absent(path: Path) -> None:
+    assert not path.exists(), f"{path} was written"
+
+
+def absent_all(folder: Path) -> None:
+    assert not list(folder.iterdir()), list(folder.iterdir())
+
+
 def merged_before(a, tmp, *extra):
     """An earlier merge in tmp/merged (what a failed rerun must not damage), then the rerun's command line."""
     result = run_command("merge_lora", merge_argv(a, tmp), tmp)
@@ -133,6 +152,16 @@ CASES = [
     Case("generate-video-over-the-file-size-limit", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--output_type", "video", "--video_length", "5"),
          r"videos/\S+\.mp4: cannot write " + TOO_LARGE, file_size_limit=lambda a, t: 2000),
+    Case("generate-frames-over-the-file-size-limit", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--output_type", "images", "--video_length", "5"),
+         r"videos/(\d+-\d+-\d+_0_1)/\1_000\.png: cannot write " + TOO_LARGE, file_size_limit=lambda a, t: 200,
+         then=lambda a, t, err, out: absent_all(t / "videos")),  # no frames folder, whole or in part
+    *[Case(f"generate-latent-path-of-shape-{'x'.join(map(str, shape))}", "hv_generate_video",
+           lambda a, t, shape=shape: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"),
+                                      "--latent_path", str(latent_file(t / "odd.safetensors", shape))],
+           r"odd\.safetensors: latent has shape \[" + ", ".join(map(str, shape)) + r"\], expected \(16, frames, height, width\)",
+           then=nothing_generated)
+      for shape in ((8, 2, 4, 4), (16, 0, 4, 4))],
     Case("generate-out-of-memory-says-what-needs-less", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_size", "65536", "65536"),
          r"out of host memory: an allocation of 4\.00 GiB failed; a smaller --video_size or --video_length needs less, .*"
          r"--dry_run --vram_budget 24G", memory_headroom=MEMORY),
@@ -143,6 +172,16 @@ CASES = [
          lambda a, t: ["--dit", str(own_copy(a.dit_st, t)), "--lora_weight", str(a.lora), "--device", "cpu",
                        "--save_merged_model", str(link(t / "merged.safetensors", t / "own" / a.dit_st.name))],
          r"--save_merged_model .*: is .*, which this command reads \(--dit\)", keep=lambda a, t: [t / "own" / a.dit_st.name]),
+    Case("generate-merged-model-is-the-dit", "hv_generate_video",
+         lambda a, t: replaced(generate_argv(a, t, "--lora_weight", str(a.lora), "--save_merged_model",
+                                             str(t / "own" / a.dit_st.name)), "--dit", own_copy(a.dit_st, t)),
+         r"--save_merged_model .*: is .*, which this command reads \(--dit\)", keep=lambda a, t: [t / "own" / a.dit_st.name]),
+    Case("generate-merged-model-is-the-lora", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--lora_weight", str(own_copy(a.lora, t)), "--save_merged_model", str(t / "own" / a.lora.name)),
+         r"--save_merged_model .*: is .*, which this command reads \(--lora_weight\)", keep=lambda a, t: [t / "own" / a.lora.name]),
+    Case("generate-merged-model-not-safetensors", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora), "--save_merged_model", str(t / "merged.pt")),
+         r"--save_merged_model .*merged\.pt: the merged model is written as \.safetensors", then=nothing_generated),
     # --- converting, averaging, planning, inspecting
     Case("convert-output-is-the-input", "convert_lora",
          lambda a, t: ["--input", str(own_copy(a.lora, t)), "--output", str(t / "own" / ".." / "own" / a.lora.name), "--target", "other"],
@@ -151,6 +190,16 @@ CASES = [
          lambda a, t: [str(own_copy(a.lora, t)), str(a.lora), "--output_file", str(t / "own" / a.lora.name)],
          r"--output_file .*: is .*, which this command reads \(the checkpoints to average\)",
          keep=lambda a, t: [t / "own" / a.lora.name]),
+    Case("post-hoc-ema-a-checkpoint-holds-nan", "lora_post_hoc_ema",
+         lambda a, t: [str(a.lora), str(a.lora_nan), "--no_sort", "--output_file", str(t / "ema.safetensors")],
+         r"\S+\.safetensors: \S+ holds NaN or infinite values", then=lambda a, t, err, out: absent(t / "ema.safetensors")),
+    Case("post-hoc-ema-of-dit-checkpoints", "lora_post_hoc_ema",
+         lambda a, t: [str(a.dit_st), str(own_copy(a.dit_st, t)), "--output_file", str(t / "ema.safetensors")],
+         r"\S+\.safetensors: nothing in it can be applied: img_in\.proj\.weight: not a HunyuanVideo LoRA"),
+    Case("post-hoc-ema-of-empty-files", "lora_post_hoc_ema",
+         lambda a, t: [str(write(t / "a.safetensors", EMPTY_SAFETENSORS)), str(write(t / "b.safetensors", EMPTY_SAFETENSORS)),
+                       "--output_file", str(t / "ema.safetensors")],
+         r"a\.safetensors: holds no LoRA entries"),
     Case("convert-missing-input", "convert_lora",
          lambda a, t: ["--input", str(t / "nope.safetensors"), "--output", str(t / "out.safetensors"), "--target", "other"],
          r"nope\.safetensors: LoRA file not found"),
@@ -158,6 +207,8 @@ CASES = [
          lambda a, t: ["--input", str(a.lora_sdxl), "--output", str(t / "out.safetensors"), "--target", "other"],
          r"lora_sdxl\.safetensors: a LoRA for another model"),
     Case("plan-video-length-negative", "plan", lambda a, t: plan_argv("--video_length", "-3"), r"--video_length -3: must be at least 1"),
+    Case("plan-context-parallel-that-splits-no-heads", "plan", lambda a, t: plan_argv("--context_parallel", "5"),
+         r"--context_parallel 5: the DiT's 24 attention heads do not split over 5 processes; use one of 1, 2, 3, 4, 6, 8, 12, 24"),
     Case("plan-batch-size-zero", "plan", lambda a, t: plan_argv("--batch_size", "0"), r"--batch_size 0: must be at least 1"),
     Case("plan-size-not-multiple-of-16", "plan", lambda a, t: plan_argv()[:2] + ["--video_size", "540", "960"],
          r"height and width must be multiples of 16"),

@@ -32,7 +32,7 @@ from musubi_tuner.hunyuan.attention import attention
 def check_heads(heads: int, size: int, flag: str = "--context_parallel") -> None:
     """Ulysses splits the heads over the processes: their count must divide."""
     if heads % size:
-        fits = [n for n in range(2, heads + 1) if heads % n == 0]
+        fits = [n for n in range(1, heads + 1) if heads % n == 0]  # 1: no context parallel
         raise UserError(f"{flag} {size}: the DiT's {heads} attention heads do not split over {size} processes; "
                         f"use one of {', '.join(map(str, fits))}")
 

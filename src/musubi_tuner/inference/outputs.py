@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import StateDictFile, atomic_write, save_safetensors
+from musubi_tuner.files import StateDictFile, atomic_folder, atomic_write, save_safetensors
 
 
 def time_flag() -> str:
@@ -49,9 +49,13 @@ def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
         latent = latent[0]
     if latent.ndim == 3:  # an image latent without a time axis
         latent = latent[:, None]
-    if latent.ndim != 4:
-        raise UserError(f"{path}: latent has shape {list(latent.shape)}, expected (16, frames, height, width)")
+    if latent.ndim != 4 or latent.shape[0] != LATENT_CHANNELS or 0 in latent.shape:
+        raise UserError(f"{path}: latent has shape {list(latent.shape)}, expected ({LATENT_CHANNELS}, frames, height, width), "
+                        "none of them 0 (a latent this command or musubi-tuner saved with --output_type latent)")
     return latent, dict(f.metadata)
+
+
+LATENT_CHANNELS = 16  # HunyuanVideo's VAE (hunyuan.vae.VAEConfig.latent_channels), T2V and SkyReels alike
 
 
 def decode_to_frames(vae, latent: torch.Tensor) -> torch.Tensor:
@@ -90,9 +94,9 @@ def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folde
         saved.append(path)
     if args.output_type == "images":
         out = folder / stem
-        out.mkdir(parents=True, exist_ok=True)
-        for i, frame in enumerate(frames.numpy()):
-            with atomic_write(out / f"{stem}_{i:03d}.png") as tmp:
-                Image.fromarray(frame).save(tmp, format="PNG")
+        with atomic_folder(out) as partial:  # every frame or none
+            for i, frame in enumerate(frames.numpy()):
+                with atomic_write(partial / f"{stem}_{i:03d}.png") as tmp:
+                    Image.fromarray(frame).save(tmp, format="PNG")
         saved.append(out)
     return saved

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -71,6 +72,10 @@ def check_and_fill(args) -> None:
         logger.info("--lycoris: LoHa and LoKr files are read and applied natively (the LyCORIS package is not needed)")
     if args.save_merged_model and not args.lora_weight:
         raise UserError("--save_merged_model needs --lora_weight")
+    if args.save_merged_model:
+        from musubi_tuner.networks.merge import check_merged_model_output
+
+        check_merged_model_output(args.save_merged_model, args.dit, args.lora_weight)
     if not args.lora_weight and (args.lora_multiplier or args.lora_blocks or args.exclude_single_blocks):
         logger.warning("--lora_multiplier, --lora_blocks and --exclude_single_blocks act on the files of --lora_weight, "
                        "and none is given: they are ignored")
@@ -367,8 +372,8 @@ def _generate(args, device, layout) -> list[Path]:
         save_path.mkdir(parents=True, exist_ok=True)
     from musubi_tuner.files import leftover_temp_files
 
-    for stale in leftover_temp_files(save_path) if main else []:  # of killed runs only: other generations may write here right now
-        stale.unlink(missing_ok=True)
+    for stale in leftover_temp_files(save_path, folders=True) if main else []:  # of killed runs only: others may write here now
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         logger.info("removed %s (left by an interrupted run)", stale)
     from musubi_tuner.inference import outputs
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.networks.lora_files import load_network_weights, save_lora
+from musubi_tuner.networks.lora_reader import alpha_or_rank
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class AdapterModule(nn.Module):
         super().__init__()
         self.lora_name = name
         self.rank = rank
-        alpha = rank if alpha is None or alpha == 0 else float(alpha)
+        alpha = alpha_or_rank(alpha, rank)
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
         self.scale = alpha / rank
         self.multiplier = multiplier

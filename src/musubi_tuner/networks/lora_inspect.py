@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo
-from musubi_tuner.networks.lora_reader import ADAPTERS, LoRAContents, first_non_finite, read_lora_contents
+from musubi_tuner.networks.lora_reader import ADAPTERS, LoRAContents, alpha_or_rank, first_non_finite, read_lora_contents
 
 NAMINGS = {
     "kohya": "kohya (lora_unet_*): musubi-tuner, sd-scripts, this toolkit",
@@ -37,7 +37,7 @@ class ModuleUpdate:
     path: str  # official module path, e.g. double_blocks.0.img_attn_qkv
     shape: tuple[int, ...]  # (out, in) of the layer a LoRA pair changes; a diff's own shape
     rank: int  # 0 for a diff or set_weight (and a LoKr with a whole w2)
-    alpha: float  # as stored; rank when the file folds the scale into its weights
+    alpha: float  # as it acts: the rank where the file has none, or 0 (musubi-tuner reads both so)
     norm: float  # Frobenius norm of the update (up @ down * alpha / rank, LoHa's or LoKr's, or the diff)
     kind: str = "lora"  # "lora", "loha", "lokr", "diff", "diff_b" or "set"
 
@@ -104,12 +104,11 @@ def inspect_lora(path: str | os.PathLike) -> LoRAInspection:
     modules = []
     for p in contents.patches:
         if p.kind == "lora":
-            alpha = float(p.rank if p.alpha is None else p.alpha)
-            modules.append(ModuleUpdate(p.module, p.shape, p.rank, alpha, update_norm(p.down, p.up, p.scale)))
+            modules.append(ModuleUpdate(p.module, p.shape, p.rank, alpha_or_rank(p.alpha, p.rank), update_norm(p.down, p.up, p.scale)))
         elif p.kind in ADAPTERS:  # LoHa, LoKr: their (out, in) update is formed (as merging does)
             rank = p.rank or 0
             norm = p.delta(p.shape).double().norm().item() if first_non_finite(p.factors) is None else math.nan
-            modules.append(ModuleUpdate(p.module, p.shape, rank, float(rank if p.alpha is None else p.alpha), norm, p.kind))
+            modules.append(ModuleUpdate(p.module, p.shape, rank, alpha_or_rank(p.alpha, rank), norm, p.kind))
         else:
             modules.append(ModuleUpdate(p.module, p.shape, 0, 0.0, p.tensor.double().norm().item(), p.kind))
     modules.sort(key=lambda m: (_block_order(m.block), m.path, m.kind))

@@ -59,6 +59,12 @@ ADAPTERS = ("lora", "loha", "lokr")  # the kinds that are a low-rank update of a
 NAMINGS = ("kohya", "other", "diffusers")
 
 
+def alpha_or_rank(alpha: float | None, rank: int) -> float:
+    """The alpha a LoRA module acts with: a missing alpha, or 0, means the rank (scale 1), as musubi-tuner and kohya's
+    LoRA modules read it."""
+    return float(rank) if alpha is None or alpha == 0 else float(alpha)
+
+
 @dataclass
 class Patch:
     """One change a LoRA file makes to one parameter of the official DiT."""
@@ -90,7 +96,7 @@ class Patch:
         """alpha / rank (1 for a LoKr with a full w2, as musubi-tuner and ComfyUI have it)."""
         if self.rank is None:
             return 1.0
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
+        return alpha_or_rank(self.alpha, self.rank) / self.rank
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -156,8 +162,7 @@ class LoRAContents:
 
     def require_whole(self, allow_partial: bool = False) -> "LoRAContents":
         """Refuse a file with entries we cannot apply (naming the first); with `allow_partial`, warn and list them."""
-        if not self.patches:
-            raise UserError(self._nothing_applies())
+        self.require_some()
         if not self.problems:
             return self
         first = self.problems[0]
@@ -167,6 +172,12 @@ class LoRAContents:
                             "--allow_partial_lora applies the rest and lists what it drops")
         lines = [f"{k}: {p.message}" for p in self.problems for k in p.keys]
         logger.warning("%s: --allow_partial_lora drops %d entries:\n  %s", self.source, len(lines), "\n  ".join(lines))
+        return self
+
+    def require_some(self) -> "LoRAContents":
+        """Refuse a file with nothing a LoRA of this model holds (a DiT checkpoint, an empty file, another model's LoRA)."""
+        if not self.patches:
+            raise UserError(self._nothing_applies())
         return self
 
     def _nothing_applies(self) -> str:
@@ -524,7 +535,7 @@ def kohya_state_dict(patches: list[Patch]) -> dict[str, torch.Tensor]:
             up, down = _conv_layout(p)
             out[f"{name}.lora_down.weight"] = down
             out[f"{name}.lora_up.weight"] = up
-            out[f"{name}.alpha"] = torch.tensor(float(p.rank if p.alpha is None else p.alpha))
+            out[f"{name}.alpha"] = torch.tensor(alpha_or_rank(p.alpha, p.rank))
         elif p.kind in ADAPTERS:
             out.update(_lycoris_entries(name, p))
         else:

@@ -67,14 +67,15 @@ def order_files(paths: Sequence[str | os.PathLike], sort: bool = True) -> list[P
 def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(averaged tensors, the last file's metadata with new hashes) of `paths` (oldest first), one beta per later file."""
     from musubi_tuner.networks.lora_metadata import sd_scripts_hashes
-    from musubi_tuner.networks.lora_reader import read_lora_file
+    from musubi_tuner.networks.lora_reader import check_finite, read_lora_file
 
-    first, _ = read_lora_file(paths[0])
+    first = _checkpoint(paths[0])
     dtypes = {k: v.dtype for k, v in first.items()}
     average = {k: v.float() if v.is_floating_point() else v for k, v in first.items()}
     for path, beta in zip(paths[1:], betas):
         weights, _ = read_lora_file(path)
-        _check_same_keys(paths[0], first, path, weights)
+        _check_same_keys(paths[0], first, path, weights)  # so the same LoRA entries as the first
+        check_finite(str(path), weights)
         logger.info("%s: beta %.4f", path.name, beta)
         for key, value in weights.items():
             if not value.is_floating_point():
@@ -95,6 +96,16 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
         metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
         metadata.pop("musubi_tuner.companion", None)  # the companion of the last checkpoint is not this file's
     return out, metadata
+
+
+def _checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The first checkpoint's tensors as stored; refused when it holds no LoRA entries or a NaN (a NaN would spread to
+    every later average). The later ones must hold the same keys, and no NaN either."""
+    from musubi_tuner.networks.lora_reader import check_finite, read_lora_contents
+
+    contents = read_lora_contents(path).require_some()
+    check_finite(str(path), contents.tensors)
+    return contents.tensors
 
 
 def _check_same_keys(first_path: Path, first: dict, path: Path, weights: dict) -> None:

@@ -12,6 +12,7 @@ from typing import Callable
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
+from musubi_tuner.hunyuan.sequence_parallel import check_heads
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.planner import Plan, fit_budget, plan
 from musubi_tuner.planning.report import format_plan, format_search
@@ -136,6 +137,7 @@ def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frame
     work = Workload(config_from_args(args), int(size[0]), int(size[1]), int(length), batch or int(getattr(args, "batch_size", 1) or 1),
                     text_tokens=text_tokens, mode=mode)
     opts = options_from_args(args, mode)
+    check_heads(work.config.heads_num, opts.context_parallel)  # the commands check it too; plan.py has only this
     budget_text = getattr(args, "vram_budget", None)
     budget = parse_budget(budget_text) if budget_text else None
     device = device_from_args(args, budget)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from musubi_tuner.cli import Parser, accepted_only, count, pixels, real, seed
+from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, pixels, real, seed
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
@@ -39,17 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--dit", help="DiT checkpoint: mp_rank_00_model_states.pt, an fp8/bf16 safetensors, a SkyReels file")
-    g.add_argument("--dit_dtype", default=None, help="compute dtype of the DiT (default bfloat16)")
+    g.add_argument("--dit_dtype", type=compute_dtype, default=None, help="compute dtype of the DiT (default bfloat16)")
     g.add_argument("--dit_in_channels", type=count(1), default=None,
                    help="16 for T2V, 32 for SkyReels I2V (read from the file when omitted)")
     g.add_argument("--vae", help="VAE checkpoint (only for sampling during training)")
-    g.add_argument("--vae_dtype", default=None, help="VAE dtype for sampling (default float16)")
+    g.add_argument("--vae_dtype", type=compute_dtype, default=None, help="VAE dtype for sampling (default float16)")
     g.add_argument("--vae_tiling", action="store_true", help="decode samples in spatial tiles")
     g.add_argument("--vae_chunk_size", type=count(1), default=None, help="decode samples' causal convolutions in chunks")
     g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="tile size in pixels for sample decoding")
     g.add_argument("--text_encoder1", help="LLM text encoder (only for sampling during training)")
     g.add_argument("--text_encoder2", help="CLIP-L text encoder (only for sampling during training)")
-    g.add_argument("--text_encoder_dtype", default=None, help="text encoders' dtype for sample prompts (default float16)")
+    g.add_argument("--text_encoder_dtype", type=compute_dtype, default=None, help="text encoders' dtype for sample prompts (default float16)")
     g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 while encoding sample prompts")
     g.add_argument("--fp8_base", action="store_true", help="store the DiT's block Linears in fp8 e4m3fn")
     accepted_only(g, "--disable_numpy_memmap", "musubi-tuner only logs it for HunyuanVideo too", action="store_true")
