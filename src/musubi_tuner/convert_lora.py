@@ -19,9 +19,10 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
     _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 
 import argparse
+import logging
 
 from musubi_tuner.cli import Parser
-from musubi_tuner.errors import run_cli
+from musubi_tuner.errors import UserError, run_cli
 from musubi_tuner.files import refuse_overwriting_inputs
 
 
@@ -36,6 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def diffusers_prefix(value: str | None) -> str:
+    """--diffusers_prefix: diffusion_model when not given; `transformer.` means `transformer` (keys are PREFIX.module);
+    a prefix that neither ComfyUI nor diffusers nor this tool reads back is written as asked, with a warning."""
+    from musubi_tuner.networks.lora_naming import OTHER_PREFIXES
+
+    if value is None:
+        return "diffusion_model"
+    prefix = value.rstrip(".")
+    if not prefix or prefix.strip() != prefix:
+        raise UserError(f"--diffusers_prefix {value!r}: a key prefix such as diffusion_model or transformer")
+    if prefix + "." not in OTHER_PREFIXES:
+        logging.getLogger(__name__).warning("--diffusers_prefix %s: LoRA readers know %s; a file with this prefix may load "
+                                            "nowhere (this tool cannot read it back)", prefix,
+                                            ", ".join(p.rstrip(".") for p in OTHER_PREFIXES))
+    return prefix
+
+
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
@@ -44,9 +62,10 @@ def main(argv=None) -> None:
         from musubi_tuner.networks.lora_metadata import with_naming
 
         refuse_overwriting_inputs(args.output, "--output", {"--input": [args.input]})
+        prefix = diffusers_prefix(args.diffusers_prefix)
         contents = read_lora(args.input, args.allow_partial_lora)
         if args.target == "other":
-            out = other_state_dict(contents.patches, args.diffusers_prefix or "diffusion_model")
+            out = other_state_dict(contents.patches, prefix)
         else:
             out = kohya_state_dict(contents.patches)
         # PEFT's lora_alpha is now in the weights (folded) or in .alpha keys: kept, it would scale them twice

@@ -163,6 +163,11 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     if not create:
         while not folder.exists() and folder.parent != folder:
             folder = folder.parent
+    for above in (folder, *folder.parents):  # a file where a folder must be: not a permissions problem
+        if above.exists() and not above.is_dir():
+            raise UserError(f"{above}: is a file, not a folder; choose another {flag}")
+        if above.exists():
+            break
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)

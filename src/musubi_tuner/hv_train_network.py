@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         final = train(args)
         from accelerate import PartialState
 
-        if PartialState().is_main_process:
+        if PartialState().is_main_process and final is not None:
             print(f"saved {final}")
 
     run_cli(run, argv, memory_advice="a smaller resolution, frame count or batch_size in the dataset config needs less, as do "

@@ -19,8 +19,8 @@ def load_toml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        text = path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # a BOM: what Windows' Notepad writes first
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
     except UnicodeDecodeError:

@@ -125,6 +125,7 @@ def test_per_dataset_keys_are_refused_in_general(folders):
     ("resolution = [960]", "dataset.toml: [[datasets]][0].resolution = [960] is not [width, height] or a single number"),
     ("target_frames = [0]", "dataset.toml: [[datasets]][0].target_frames = [0] must be at least 1"),
     ('source_fps = "30"', 'dataset.toml: [[datasets]][0].source_fps = "30" is not a number'),
+    ("source_fps = inf", "dataset.toml: [[datasets]][0].source_fps = inf must be a finite number greater than 0"),
     ('frame_extraction = "heads"',
      'dataset.toml: [[datasets]][0].frame_extraction = "heads" is not one of head, chunk, slide, uniform, full '
      '(did you mean head?)'),
@@ -266,3 +267,11 @@ def test_a_misspelt_key_is_named_before_the_errors_of_other_tables(tmp_path):
                     '[[datasets]]\nimage_directroy = "images"\n')  # and a misspelt key in the second
     with pytest.raises(UserError, match=r"\[\[datasets\]\]\[1\]\.image_directroy is not a dataset key \(did you mean image_directory\?\)"):
         load_dataset_config(toml, check_sources=False)
+
+
+def test_a_dataset_config_saved_with_a_byte_order_mark_reads_as_without(folders):
+    """Windows' Notepad writes a UTF-8 BOM first; tomllib calls that an invalid statement at line 1."""
+    path = write(folders, VIDEOS)
+    want = load_dataset_config(path).datasets
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_dataset_config(path).datasets == want

@@ -174,8 +174,8 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     assert path.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 
-def test_listing_is_by_extension_any_case_and_sorted(tmp_path):
-    for name in ("b.PNG", "a.jpg", "c.txt", "d.Mp4"):
+def test_listing_is_by_extension_any_case_and_sorted_without_hidden_files(tmp_path):
+    for name in ("b.PNG", "a.jpg", "c.txt", "d.Mp4", "._a.jpg", ".d.mp4"):  # macOS resource forks, editors' leftovers
         (tmp_path / name).touch()
     assert [p.name for p in media.list_images(tmp_path)] == ["a.jpg", "b.PNG"]
     assert [p.name for p in media.list_videos(tmp_path)] == ["d.Mp4"]

@@ -96,3 +96,21 @@ def test_unknown_naming_lists_keys(tmp_path):
     with pytest.raises(UserError, match="x.safetensors: nothing in it can be applied: .*not a HunyuanVideo LoRA in any naming we know.*"
                                         "first keys: foo.weight"):
         parse_lora({"foo.weight": torch.zeros(1)}, source="x.safetensors").require_whole()
+
+
+def test_diffusers_prefix_with_a_trailing_dot_is_the_prefix_and_an_empty_one_is_refused(trained, tmp_path, caplog):
+    """`--diffusers_prefix transformer.` wrote `transformer..double_blocks...`, which no reader loads (exit 0)."""
+    from musubi_tuner import convert_lora
+
+    _, _, path = trained
+    out = tmp_path / "other.safetensors"
+    convert_lora.main(["--input", str(path), "--output", str(out), "--target", "other", "--diffusers_prefix", "transformer."])
+    keys = read_lora_file(out)[0]
+    assert all(k.startswith("transformer.double_blocks.") or k.startswith("transformer.single_blocks.") for k in keys), list(keys)[:3]
+    assert parse_lora(keys, {}, str(out)).patches  # and it reads back
+    with pytest.raises(SystemExit) as e:
+        convert_lora.main(["--input", str(path), "--output", str(tmp_path / "x.safetensors"), "--target", "other", "--diffusers_prefix", ""])
+    assert e.value.code == 2 and not (tmp_path / "x.safetensors").exists()
+    with caplog.at_level("WARNING"):
+        convert_lora.main(["--input", str(path), "--output", str(tmp_path / "y.safetensors"), "--target", "other", "--diffusers_prefix", "foo"])
+    assert "--diffusers_prefix foo: LoRA readers know diffusion_model, transformer, model.diffusion_model" in caplog.text

@@ -17,6 +17,7 @@ from reliability_cases import (
     nan_vae,
     copy_cached,
     outputs_of,
+    run_command,
     train_argv,
     trained_before,
     truncated,
@@ -24,6 +25,24 @@ from reliability_cases import (
 )
 
 from musubi_tuner.data import cache_files
+
+
+def output_name_with_a_folder(a, tmp):
+    """A first run into --output_name sub/tiny, pruned to its last step file; the rerun resumes it (--resume auto)."""
+    out = tmp / "out"
+    first = train_argv(a, out, "--save_state", "--save_every_n_steps", "1", "--save_last_n_steps", "1", "--save_last_n_steps_state", "1",
+                       "--max_train_steps", "3")
+    first[first.index("--output_name") + 1] = "sub/tiny"
+    result = run_command("hv_train_network", first, tmp)
+    assert result.code == 0, result.err[-3000:]
+    steps = sorted(p.name for p in (out / "sub").glob("tiny-step*[0-9].safetensors"))
+    assert steps == ["tiny-step00000002.safetensors", "tiny-step00000003.safetensors"], steps  # step 1 pruned, as with a plain name
+    return [*first, "--resume", "auto", "--max_train_steps", "4"]
+
+
+def resumed_into_the_folder(a, tmp, err, out):
+    assert "resumed from" in err and "sub/tiny-state at step 3" in err, err[-3000:]
+    assert (tmp / "out" / "sub" / "tiny.safetensors").is_file()
 
 
 def before_the_model_loads(a, tmp, err, out):
@@ -201,12 +220,25 @@ CASES = [
          r"clip1_00000-005_0032x0032_hv\.safetensors: latent channels 32, but \S+dit\.pt takes 16 \(it was made with another model\)"),
     Case("train-text-of-another-width", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=other_width_text(a, t)),
          r"clip2_hv_te\.safetensors: LLM text width 4096, but \S+dit\.pt takes \d+"),
+    Case("train-timesteps-min-above-max", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--min_timestep", "900", "--max_timestep", "100"),
+         r"--min_timestep 900.*--max_timestep 100", then=before_the_model_loads),
     # --- resuming checks what it resumes
+    Case("train-output-name-with-a-folder-prunes-and-resumes-there", "hv_train_network", output_name_with_a_folder, None,
+         then=resumed_into_the_folder),
+    Case("train-output-name-absolute", "hv_train_network",
+         lambda a, t: [*train_argv(a, t / "out")[:-2], "--output_name", str(t / "elsewhere" / "tiny")], None,
+         then=lambda a, t, err, out: (t / "elsewhere" / "tiny.safetensors").is_file() or (_ for _ in ()).throw(AssertionError(err[-2000:]))),
+    Case("train-resume-a-finished-run", "hv_train_network", lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto"),
+         None, warning=r"tiny-state is at step 2 of 2: nothing left to train, nothing written", keep=outputs_of("out")),
     Case("train-resume-not-a-state", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(a.root)),
-         r"not a complete training state \(no train_state\.json\); pick another folder or --resume auto"),
+         r"not a complete training state \(no train_state\.json\); pick another folder or --resume auto", then=before_the_model_loads),
+    Case("train-resume-missing-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(t / "nope-state")),
+         r"nope-state: training state folder not found \(--resume\)", then=before_the_model_loads),
     Case("train-resume-cut-json", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", str(truncated(state_file(a, t), state_file(a, t)).parent)),
-         r"tiny-state/train_state\.json: damaged \(.*\); pick another state folder or --resume auto", keep=outputs_of("out")),
+         r"tiny-state/train_state\.json: damaged \(.*\); pick another state folder or --resume auto", keep=outputs_of("out"),
+         then=before_the_model_loads),
     Case("train-resume-other-optimizer", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--optimizer_type", "SGD"),
          r"tiny-state: saved with the optimizer torch\.optim\.adamw\.AdamW, this run uses torch\.optim\.sgd\.SGD", keep=outputs_of("out")),

@@ -54,3 +54,21 @@ def test_a_bitsandbytes_without_cpu_optimizers_is_refused_on_the_cpu(monkeypatch
     monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(__version__="0.42.0"))  # Intel macOS' fallback
     with pytest.raises(UserError, match="bitsandbytes 0.42.0 runs its 8-bit optimizers on CUDA only"):
         create_optimizer("AdamW8bit", [{"params": lora_like_params()}], 1e-3, {})
+
+
+@pytest.mark.parametrize("typed, warmup", [("10", 10), ("0.25", 5), ("25%", 5), ("100%", 20), ("1", 1), ("0", 0)])
+def test_warmup_as_steps_fraction_or_percentage_as_musubi_tuner_reads_it(typed, warmup):
+    """A percentage is a share of the 20 steps (100%: all of them, not 1 step); a number of 1 or more is steps."""
+    from musubi_tuner.training.args import build_parser
+    from musubi_tuner.training.optimizers import warmup_steps
+
+    args = build_parser().parse_args(["--lr_warmup_steps", typed])
+    assert warmup_steps(args.lr_warmup_steps, 20) == warmup
+
+
+@pytest.mark.parametrize("typed, message", [("150%", "a share of the steps is at most 100%"), ("1.5", "a whole number of steps")])
+def test_warmup_that_is_neither_steps_nor_a_share_is_refused(typed, message):
+    from musubi_tuner.training.args import build_parser
+
+    with pytest.raises(UserError, match=message):
+        build_parser().parse_args(["--lr_warmup_steps", typed])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,8 @@ def _fps(value: Any, at: str) -> float:
     # musubi-tuner only accepts a TOML float (30.0); 30 means the same, so we take it too
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{at} is not a number")
-    if not value > 0:
-        raise UserError(f"{at} must be greater than 0")
+    if not 0 < value < math.inf:
+        raise UserError(f"{at} must be a finite number greater than 0")
     return float(value)
 
 

@@ -37,10 +37,12 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap widt
 def _list(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
     """Files of `folder` (not recursive) whose extension is one of `extensions`, any case, sorted by name.
 
-    Broken and looping symbolic links are listed too: reading them fails with a message that names them,
-    where dropping them here would lose them without a word."""
+    Hidden files (a leading dot: macOS's `._name.png` resource forks, editors' temporary files) are not listed, as
+    musubi-tuner's glob does not list them. Broken and looping symbolic links are listed: reading them fails with a
+    message that names them, where dropping them here would lose them without a word."""
     folder = Path(folder)
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in extensions and (p.is_file() or p.is_symlink())),
+    return sorted((p for p in folder.iterdir()
+                   if p.suffix.lower() in extensions and not p.name.startswith(".") and (p.is_file() or p.is_symlink())),
                   key=lambda p: p.name)
 
 

@@ -17,7 +17,7 @@ from musubi_tuner.files import StateDictFile, save_safetensors
 from musubi_tuner.hunyuan.config import DiTConfig, default_rope_axes
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.fp8 import is_fp8_weight, make_fp8_linear, quantize_rows
-from musubi_tuner.networks.lora_naming import looks_like_lora
+from musubi_tuner.networks.lora_naming import LORA_FLAGS, looks_like_lora
 
 # Where a pickled checkpoint may keep its weights (the official file uses `module`).
 SUBDICT_KEYS = ("module", "state_dict", "model")
@@ -39,7 +39,7 @@ def open_dit_file(path: str | os.PathLike) -> StateDictFile:
     if any(k.startswith(("encoder.", "decoder.")) for k in f.keys()) and "img_in.proj.weight" not in f:
         raise UserError(f"{f.path}: this is a VAE checkpoint, not a DiT; pass it with --vae")
     if looks_like_lora(f.keys()[:50]):
-        raise UserError(f"{f.path}: this is a LoRA file, not a DiT; pass it with --lora_weight")
+        raise UserError(f"{f.path}: this is a LoRA file, not a DiT; {LORA_FLAGS}")
     return f
 
 

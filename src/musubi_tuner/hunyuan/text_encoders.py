@@ -35,7 +35,7 @@ from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile
 from musubi_tuner.hunyuan.fp8 import FP8_DTYPE, make_fp8_linear, quantize_rows
 from musubi_tuner.hunyuan.tokenization import TextTokenizer, load_clip_tokenizer, load_llm_tokenizer, read_json
-from musubi_tuner.networks.lora_naming import looks_like_lora
+from musubi_tuner.networks.lora_naming import LORA_FLAGS, looks_like_lora
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def _what_is(keys: list[str]) -> str | None:
     if any(k.startswith(("double_blocks.", "single_blocks.")) or ".double_blocks." in k for k in sample):
         return "a HunyuanVideo DiT (pass it with --dit)"
     if looks_like_lora(sample):
-        return "a LoRA file (pass it with --lora_weight)"
+        return f"a LoRA file ({LORA_FLAGS})"
     if any(k.startswith(("encoder.down", "decoder.up", "encoder.down_blocks", "decoder.up_blocks")) for k in sample):
         return "a VAE (pass it with --vae)"
     if any(k.endswith("embed_tokens.weight") for k in sample):

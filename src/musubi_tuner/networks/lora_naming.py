@@ -33,6 +33,9 @@ _BLOCK_INDEX = re.compile(r"(blocks[._])(\d+)(?=[._]|$)")
 _LORA_MARKERS = (".lora_down.", ".lora_A.", ".hada_w1_a", ".lokr_w1")
 
 
+LORA_FLAGS = "a LoRA goes to --lora_weight in generation and merging, to --network_weights in training"  # for "not a DiT"
+
+
 def looks_like_lora(keys) -> bool:
     """Whether these state-dict keys (a sample of a file's) are a LoRA's."""
     return any(marker in k for k in keys for marker in _LORA_MARKERS)

@@ -19,14 +19,21 @@ from musubi_tuner.training.timesteps import SAMPLING_MODES, WEIGHTING_SCHEMES
 
 
 def _int_or_float(value: str) -> float | int:
-    """`100` steps, `0.1` of all steps, or `10%`."""
+    """`100` steps (an int), `0.1` of all steps, or `10%` (a float: a fraction of all steps, `100%` all of them), as
+    musubi-tuner and kohya's scripts read them."""
     try:
         number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value}: not a number of steps, a fraction or a percentage") from None
     if not 0 <= number < float("inf"):
         raise argparse.ArgumentTypeError(f"{value}: must be 0 or more")
-    return int(number) if number >= 1 and number.is_integer() else number
+    if value.endswith("%") or number < 1:
+        if number > 1:
+            raise argparse.ArgumentTypeError(f"{value}: a share of the steps is at most 100%")
+        return number
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"{value}: a whole number of steps, or a fraction below 1 (0.5) or a percentage (50%)")
+    return int(number)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,16 +91,35 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
 # ----------------------------------------------------------------------------------------------- set-up
 
 
+def timestep_config(args) -> TimestepConfig:
+    """The timestep flags as one config (which checks them together: --min_timestep below --max_timestep, ...)."""
+    return TimestepConfig(args.timestep_sampling, args.discrete_flow_shift, args.sigmoid_scale, args.weighting_scheme,
+                          args.logit_mean, args.logit_std, args.mode_scale, args.min_timestep, args.max_timestep,
+                          args.preserve_distribution_shape, args.sigma_uses_shift)
+
+
 def check_args(args) -> None:
     """Everything that can be checked before loading a model."""
     for flag in ("dataset_config", "dit", "network_module", "output_dir", "output_name"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")
+    joined = Path(args.output_dir) / args.output_name  # as musubi-tuner joins them: a name may hold folders, or be absolute
+    if Path(args.output_name).name in ("", ".", "..") or args.output_name.endswith(("/", os.sep)):
+        raise UserError(f"--output_name {args.output_name}: a file name stem, not a folder")
+    # the files' folder is output_dir from here on, so pruning, --resume auto and the run lock look where they are
+    args.output_dir, args.output_name = str(joined.parent), joined.name
     if not Path(args.dataset_config).is_file():
         raise UserError(f"{args.dataset_config}: dataset config not found (--dataset_config)")
     if not Path(args.dit).is_file():
         raise UserError(f"{args.dit}: DiT checkpoint not found (--dit)")
     attention_mode(args)
+    timestep_config(args)
+    if args.resume and args.resume != "auto" and not args.resume_from_huggingface:
+        from musubi_tuner.training.state import read_marker
+
+        if not Path(args.resume).is_dir():
+            raise UserError(f"{args.resume}: training state folder not found (--resume); give a *-state folder or --resume auto")
+        read_marker(Path(args.resume))  # a folder that is no complete state, before the model loads
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
@@ -366,13 +385,14 @@ def output_lock(args):
     return RunLock(Path(args.output_dir) / TRAIN_LOCK, "training run", "--output_dir")
 
 
-def train(args) -> Path:
+def train(args) -> Path | None:
+    """The final LoRA's path, or None when a resumed run had nothing left to train."""
     check_args(args)
     with output_lock(args):
         return _train(args)
 
 
-def _train(args) -> Path:
+def _train(args) -> Path | None:
     accelerator = make_accelerator(args)
     if args.cuda_allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -457,10 +477,13 @@ def _train(args) -> Path:
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint())
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
+    if progress.global_step >= total_steps:  # a finished run resumed: another step would pass its end and overwrite its LoRA
+        logger.warning("%s is at step %d of %d: nothing left to train, nothing written (raise --max_train_steps or "
+                       "--max_train_epochs to train on)", resume_from, progress.global_step, total_steps)
+        accelerator.end_training()
+        return None
 
-    ts_cfg = TimestepConfig(args.timestep_sampling, args.discrete_flow_shift, args.sigmoid_scale, args.weighting_scheme,
-                            args.logit_mean, args.logit_std, args.mode_scale, args.min_timestep, args.max_timestep,
-                            args.preserve_distribution_shape, args.sigma_uses_shift)
+    ts_cfg = timestep_config(args)
     guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,

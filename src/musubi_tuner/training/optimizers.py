@@ -136,8 +136,8 @@ def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def warmup_steps(value: int | float, total: int) -> int:
-    """An int is steps; a float below 1 is a fraction of the total."""
-    return int(value * total) if isinstance(value, float) and value < 1 else int(value)
+    """An int is steps; a float (training.args._int_or_float: at most 1) is a fraction of the total."""
+    return int(value * total) if isinstance(value, float) else int(value)
 
 
 def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, announce: bool = True):
