@@ -420,12 +420,14 @@ def _describe(holder: dict) -> str:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+def require_file(path: str | os.PathLike, what: str = "file", flag: str | None = None) -> Path:
+    """`path` as a Path, or a UserError that says whether it is missing or a folder (naming `flag` when given)."""
     path = Path(path)
+    given = f" ({flag})" if flag else ""
     if not path.exists():
-        raise UserError(f"{path}: {what} not found")
+        raise UserError(f"{path}: {what} not found{given}")
     if path.is_dir():
-        raise UserError(f"{path}: expected a {what}, found a folder")
+        raise UserError(f"{path}: expected a {what}, found a folder{given}")
     return path
 
 

@@ -18,10 +18,13 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
     _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 
 import argparse
+import logging
 import sys
 
 from musubi_tuner.cli import Parser, count, frames_4n1, pixels, real
 from musubi_tuner.errors import run_cli
+
+logger = logging.getLogger("musubi_tuner.plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,11 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flags_of_the_other_mode(parser: argparse.ArgumentParser, args) -> list[str]:
+    """A warning for each flag given that the plan's --mode does not read (their help starts with the mode they act in),
+    and for --model beside --dit (the file's shapes win)."""
+    other = {"train": "generation:", "generate": "training:"}[args.mode]
+    given = [a for a in parser._actions if a.option_strings and (a.help or "").startswith(other)
+             and getattr(args, a.dest) != a.default]
+    lines = [f"{a.option_strings[0]} acts on {other[:-1]} (--mode {'generate' if args.mode == 'train' else 'train'}); "
+             f"this plan of {'training' if args.mode == 'train' else 'generation'} ignores it" for a in given]
+    if args.dit and args.model:
+        lines.append(f"--model {args.model} is ignored: the shapes come from --dit {args.dit}")
+    return lines
+
+
 def main(argv=None) -> None:
     def run(argv):
         from musubi_tuner.planning.from_args import dry_run, parse_budget
 
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        for line in flags_of_the_other_mode(parser, args):
+            logger.warning(line)
         result = dry_run(args, args.mode, video_size=tuple(args.video_size), frames=args.video_length, batch=args.batch_size,
                          text_tokens=args.text_tokens)
         if args.vram_budget and not result.fits(parse_budget(args.vram_budget) * 1e9):

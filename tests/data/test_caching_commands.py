@@ -52,6 +52,17 @@ def clips(root, count, batch_size=1):
     return toml, root / "cache" / "videos"
 
 
+def test_uniform_clips_that_repeat_a_start_are_encoded_and_counted_once(models, tmp_path, capsys):
+    """musubi-tuner's uniform extraction repeats a start on a short video: 5 clips of 5 frames from a 5-frame video
+    all start at 0. A repeat is the same cache file: encoded once, counted once."""
+    toml, cache = clips(tmp_path, 1)
+    toml.write_text(toml.read_text().replace('frame_extraction = "head"', 'frame_extraction = "uniform"\nframe_sample = 5'))
+    cache_latents_main(latent_args(toml, models))
+    out = capsys.readouterr().out
+    assert "1 latent caches cached, 0 already cached, 0 skipped, 0 failed" in out, out
+    assert len(list(cache.glob("*_hv.safetensors"))) == 1
+
+
 def musubi_reads_latent_cache(path):
     """musubi-tuner's training-side reading of a latent cache, written out from its rules (behaviour ref. 2.10, 3.1)."""
     tokens = path.name.split("_")

@@ -125,6 +125,8 @@ def test_per_dataset_keys_are_refused_in_general(folders):
     ("resolution = [960]", "dataset.toml: [[datasets]][0].resolution = [960] is not [width, height] or a single number"),
     ("target_frames = [0]", "dataset.toml: [[datasets]][0].target_frames = [0] must be at least 1"),
     ('source_fps = "30"', 'dataset.toml: [[datasets]][0].source_fps = "30" is not a number'),
+    ("resolution = [100000, 100000]", "dataset.toml: [[datasets]][0].resolution = [100000, 100000]: each side at most 8192 pixels "
+                                      "(HunyuanVideo trains at 544x960 to 720x1280)"),
     ("source_fps = inf", "dataset.toml: [[datasets]][0].source_fps = inf must be a finite number greater than 0"),
     ('frame_extraction = "heads"',
      'dataset.toml: [[datasets]][0].frame_extraction = "heads" is not one of head, chunk, slide, uniform, full '

@@ -173,6 +173,24 @@ def test_a_caption_extension_without_its_dot_is_named_where_the_dotted_file_exis
                                          "no caption file cattxt (caption_extension = 'txt' has no dot; cat.txt exists: write '.txt')")]
 
 
+def test_captions_under_another_extension_are_named_and_a_folder_of_them_logs_a_few_lines(tmp_path, caplog):
+    (tmp_path / "images").mkdir()
+    dataset = config_for(tmp_path, f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\ncache_directory = "{tmp_path / "cache"}"\n',
+                         general='[general]\ncaption_extension = ".txt"\nresolution = [64, 64]\n').datasets[0]
+    for i in range(30):
+        add_image(tmp_path, f"cat{i:02d}")
+        (tmp_path / "images" / f"cat{i:02d}.txt").rename(tmp_path / "images" / f"cat{i:02d}.caption")
+    found, problems = items.list_items(dataset)
+    assert found == [] and problems[0] == (str(tmp_path / "images" / "cat00.png"),
+                                           "no caption file cat00.txt (cat00.caption exists: caption_extension = '.caption'?)")
+    report = items.CacheReport()
+    with caplog.at_level("INFO", logger="musubi_tuner.data.items"):
+        for path, reason in problems:
+            report.skip(path, reason)
+    assert len(caplog.records) == items.LOGGED_SKIPS + 1 and len(report.skipped) == 30  # not a line per image
+    assert "... and 10 more skipped" in report.summary()
+
+
 def test_an_image_cache_is_named_by_the_original_size(tmp_path):
     dataset = image_config(tmp_path, "enable_bucket = true\n")
     add_image(tmp_path, "cat", size=(100, 60))

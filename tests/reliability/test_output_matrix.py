@@ -165,6 +165,9 @@ CASES = [
            r"odd\.safetensors: latent has shape \[" + ", ".join(map(str, shape)) + r"\], expected \(16, frames, height, width\)",
            then=nothing_generated)
       for shape in ((8, 2, 4, 4), (16, 0, 4, 4))],
+    Case("generate-latent-path-is-a-folder", "hv_generate_video",
+         lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--latent_path", str(t)],
+         r": expected a latent file, found a folder \(--latent_path\)", then=nothing_generated),
     Case("generate-out-of-memory-says-what-needs-less", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_size", "65536", "65536"),
          r"out of host memory: an allocation of 4\.00 GiB failed; a smaller --video_size or --video_length needs less, .*"
          r"--dry_run --vram_budget 24G", memory_headroom=MEMORY),
@@ -199,6 +202,8 @@ CASES = [
     Case("post-hoc-ema-of-dit-checkpoints", "lora_post_hoc_ema",
          lambda a, t: [str(a.dit_st), str(own_copy(a.dit_st, t)), "--output_file", str(t / "ema.safetensors")],
          r"\S+\.safetensors: nothing in it can be applied: img_in\.proj\.weight: not a HunyuanVideo LoRA"),
+    Case("post-hoc-ema-of-a-folder", "lora_post_hoc_ema", lambda a, t: [str(a.lora), str(t), "--output_file", str(t / "ema.safetensors")],
+         r": expected a LoRA file, found a folder"),
     Case("post-hoc-ema-of-empty-files", "lora_post_hoc_ema",
          lambda a, t: [str(write(t / "a.safetensors", EMPTY_SAFETENSORS)), str(write(t / "b.safetensors", EMPTY_SAFETENSORS)),
                        "--output_file", str(t / "ema.safetensors")],
@@ -212,6 +217,9 @@ CASES = [
     Case("plan-video-length-negative", "plan", lambda a, t: plan_argv("--video_length", "-3"), r"--video_length -3: must be at least 1"),
     Case("plan-context-parallel-that-splits-no-heads", "plan", lambda a, t: plan_argv("--context_parallel", "5"),
          r"--context_parallel 5: the DiT's 24 attention heads do not split over 5 processes; use one of 1, 2, 3, 4, 6, 8, 12, 24"),
+    Case("plan-flags-of-the-other-mode-are-named", "plan", lambda a, t: plan_argv("--fp8", "--model", "t2v-720p", "--dit", str(a.dit)), None,
+         warning=r"--fp8 acts on generation \(--mode generate\); this plan of training ignores it[\s\S]*"
+                 r"--model t2v-720p is ignored: the shapes come from --dit"),
     Case("plan-batch-size-zero", "plan", lambda a, t: plan_argv("--batch_size", "0"), r"--batch_size 0: must be at least 1"),
     Case("plan-size-not-multiple-of-16", "plan", lambda a, t: plan_argv()[:2] + ["--video_size", "540", "960"],
          r"height and width must be multiples of 16"),

@@ -72,3 +72,21 @@ def test_warmup_that_is_neither_steps_nor_a_share_is_refused(typed, message):
 
     with pytest.raises(UserError, match=message):
         build_parser().parse_args(["--lr_warmup_steps", typed])
+
+
+@pytest.mark.parametrize("typed, message", [
+    ("Cosine", "Cosine: not a schedule here; one of constant, .*rex, adafactor \\(did you mean cosine\\?\\)"),
+    ("reduce_lr_on_plateau", "reduce_lr_on_plateau: this schedule steps on the loss, which the trainer does not pass it"),
+])
+def test_a_schedule_the_trainer_cannot_build_is_refused_with_the_schedules_it_can(typed, message):
+    """Not transformers' list (which lacks rex and adafactor and offers schedules stepped on the loss) after loading."""
+    from musubi_tuner.training.args import build_parser
+    from musubi_tuner.training.optimizers import SCHEDULERS
+
+    with pytest.raises(UserError, match=message):
+        build_parser().parse_args(["--lr_scheduler", typed])
+    from musubi_tuner.training.optimizers import check_scheduler
+
+    for name in SCHEDULERS:  # each one the trainer accepts, it builds and steps
+        args = build_parser().parse_args(["--lr_scheduler", name])
+        check_scheduler(args, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3), 100)

@@ -194,7 +194,14 @@ def _resolution(value: Any, at: str) -> tuple[int, int]:
         value = [value, value]
     if not (isinstance(value, (list, tuple)) and len(value) == 2):
         raise UserError(f"{at} is not [width, height] or a single number")
-    return tuple(_positive_int(RESOLUTION_STEP)(v, at) for v in value)
+    sides = tuple(_positive_int(RESOLUTION_STEP)(v, at) for v in value)
+    if max(sides) > MAX_RESOLUTION:  # with buckets, every image is scaled to this area: a typo here ran out of host memory
+        raise UserError(f"{at}: each side at most {MAX_RESOLUTION} pixels (HunyuanVideo trains at 544x960 "
+                        "to 720x1280)")
+    return sides
+
+
+MAX_RESOLUTION = 8192
 
 
 def _extraction(value: Any, at: str) -> str:

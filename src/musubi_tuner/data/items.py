@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ report
 
 
+LOGGED_SKIPS = 10
+
+
 @dataclass
 class CacheReport:
     """What a caching run did, for the summary at the end. Only the main thread updates it."""
@@ -59,8 +62,14 @@ class CacheReport:
 
     def skip(self, path: str | os.PathLike, reason: str, *, superseded: bool = False) -> None:
         """Record an item that gives nothing to cache. Its old caches are kept (a missing caption may be a typo in
-        caption_extension) unless `superseded`: the item was read and the config now makes nothing of it."""
-        logger.info("skipped %s", _naming(path, reason))
+        caption_extension) unless `superseded`: the item was read and the config now makes nothing of it.
+
+        The first LOGGED_SKIPS are logged as they come; the rest only count (a wrong caption_extension skips every
+        item, and the summary lists the first of them with the total)."""
+        if len(self.skipped) < LOGGED_SKIPS:
+            logger.info("skipped %s", _naming(path, reason))
+        elif len(self.skipped) == LOGGED_SKIPS:
+            logger.info("skipping more items: the summary at the end counts them")
         self.skipped.append((str(path), reason))
         if not superseded:
             self.kept_stems.add(cache_files.item_stem(path))
@@ -135,16 +144,29 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
     except OSError as e:
         raise UserError(f"{dataset.where}.{dataset.source_key}: cannot list {folder} ({e.strerror or e})") from None
     items, problems = [], []
+    siblings: dict[str, list[str]] | None = None  # stem -> the other files' suffixes, listed once, at the first miss
     for path in files:
         caption_file = path.with_name(path.stem + extension)
         if not dataset.is_video and not caption_file.exists():
             dotted = path.with_name(f"{path.stem}.{extension}")
-            hint = (f" (caption_extension = {extension!r} has no dot; {dotted.name} exists: write '.{extension}')"
-                    if extension and not extension.startswith(".") and dotted.exists() else "")
+            if extension and not extension.startswith(".") and dotted.exists():
+                hint = f" (caption_extension = {extension!r} has no dot; {dotted.name} exists: write '.{extension}')"
+            else:
+                siblings = _suffixes_by_stem(folder) if siblings is None else siblings
+                others = [s for s in siblings.get(path.stem, []) if s.lower() not in (*media.IMAGE_EXTENSIONS, *media.VIDEO_EXTENSIONS)]
+                hint = f" ({path.stem}{others[0]} exists: caption_extension = {others[0]!r}?)" if others else ""
             problems.append((str(path), f"no caption file {caption_file.name}{hint}"))
             continue
         items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file))
     return items, problems
+
+
+def _suffixes_by_stem(folder: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in sorted(Path(folder).iterdir()):
+        if p.suffix and not p.name.startswith("."):
+            out.setdefault(p.stem, []).append(p.suffix)
+    return out
 
 
 def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
@@ -284,9 +306,11 @@ class _LatentLoader:
         return loaded
 
     def _clips(self, num_frames: int) -> list[Clip]:
+        """The video's clips, each once: `uniform` repeats a start on a short video (as musubi-tuner's extraction
+        does), and a repeat is the same cache file encoded again."""
         ds: VideoDatasetConfig = self.dataset
-        return extract_clips(num_frames, ds.frame_extraction, ds.target_frames, frame_stride=ds.frame_stride,
-                             frame_sample=ds.frame_sample, max_frames=ds.max_frames)
+        return list(dict.fromkeys(extract_clips(num_frames, ds.frame_extraction, ds.target_frames, frame_stride=ds.frame_stride,
+                                                frame_sample=ds.frame_sample, max_frames=ds.max_frames)))
 
     def _cached_clips(self, item: SourceItem) -> list[Path]:
         """With --skip_existing: the caches of all clips if every one is cached and current, else [].

@@ -17,6 +17,7 @@ import torch
 from musubi_tuner.cli import resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import require_file
 from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.inference.presets import PRESETS, detect_preset
 from musubi_tuner.inference import step_cache
@@ -53,8 +54,7 @@ def check_and_fill(args) -> None:
         if args.output_type not in ("video", "images"):
             raise UserError("--latent_path decodes saved latents: use --output_type video or images")
         for p in args.latent_path:
-            if not Path(p).is_file():
-                raise UserError(f"{p}: latent file not found (--latent_path)")
+            require_file(p, "latent file", "--latent_path")
         return
     if not args.prompt:
         raise UserError("--prompt is required")
@@ -83,8 +83,7 @@ def check_and_fill(args) -> None:
         from musubi_tuner.networks.merge import block_filters, resolve_multipliers
 
         for p in args.lora_weight:
-            if not Path(p).is_file():
-                raise UserError(f"{p}: LoRA file not found (--lora_weight)")
+            require_file(p, "LoRA file", "--lora_weight")
 
         resolve_multipliers(args.lora_weight, args.lora_multiplier)  # counts and patterns checked before any model loads
         block_filters(args.lora_weight, args.lora_blocks, args.exclude_single_blocks)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import require_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ def order_files(paths: Sequence[str | os.PathLike], sort: bool = True) -> list[P
 
     paths = [Path(p) for p in paths]
     for p in paths:
-        if not p.is_file():
-            raise UserError(f"{p}: LoRA file not found")
+        require_file(p, "LoRA file")
     companions = {companion_path(p) for p in paths} & set(paths)
     if companions:
         logger.info("leaving out %d .comfyui companions of the kohya files given (the same weights)", len(companions))

@@ -15,6 +15,7 @@ from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, pixels
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
+from musubi_tuner.training.optimizers import SCHEDULERS, scheduler_name
 from musubi_tuner.training.timesteps import SAMPLING_MODES, WEIGHTING_SCHEMES
 
 
@@ -105,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW (default), AdamW8bit, Adafactor, Prodigy, AdamWScheduleFree, a torch.optim class, or module.Class")
     g.add_argument("--optimizer_args", nargs="*", default=None, help="optimizer keyword arguments: key=value ...")
     g.add_argument("--learning_rate", type=real(above=0), default=2.0e-6, help="base learning rate (LoRA training: about 2e-4)")
-    g.add_argument("--lr_scheduler", default="constant",
-                   help="constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup, inverse_sqrt, "
-                        "cosine_with_min_lr, warmup_stable_decay, rex, adafactor")
+    g.add_argument("--lr_scheduler", type=scheduler_name, default="constant", help=", ".join(SCHEDULERS))
     g.add_argument("--lr_warmup_steps", type=_int_or_float, default=0, help="warmup steps, or a fraction of all steps (0.1 or 10%%)")
     g.add_argument("--lr_decay_steps", type=_int_or_float, default=0,
                    help="decay steps of warmup_stable_decay, or a fraction of all steps")

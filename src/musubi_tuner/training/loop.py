@@ -29,6 +29,7 @@ from accelerate.utils import set_seed
 from musubi_tuner.distributed import GradientReducer, describe as describe_layout, make_layout
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, compile_blocks, compile_errors, known_gradient_problem,
                                           log_graph_breaks)
@@ -131,8 +132,8 @@ def check_args(args) -> None:
         check_can_compile(compile_options, "cuda" if torch.cuda.is_available() else "cpu", training=True)
     if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
         logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
-    if args.network_weights and not Path(args.network_weights).is_file():
-        raise UserError(f"{args.network_weights}: LoRA file not found (--network_weights)")
+    if args.network_weights:
+        require_file(args.network_weights, "LoRA file", "--network_weights")
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
     check_lora_files(args)

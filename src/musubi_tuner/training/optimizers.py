@@ -140,6 +140,29 @@ def warmup_steps(value: int | float, total: int) -> int:
     return int(value * total) if isinstance(value, float) else int(value)
 
 
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup", "inverse_sqrt",
+              "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "rex", "adafactor")
+NEEDS_A_METRIC = ("reduce_lr_on_plateau", "greedy")  # transformers' schedules that step on the loss
+
+
+def scheduler_name(value: str) -> str:
+    """--lr_scheduler, checked when the command line is read: a schedule create_scheduler builds."""
+    import argparse
+
+    from musubi_tuner.errors import did_you_mean
+
+    if value in SCHEDULERS or value.startswith("adafactor:"):
+        return value
+    if value in NEEDS_A_METRIC:
+        raise argparse.ArgumentTypeError(f"{value}: this schedule steps on the loss, which the trainer does not pass it "
+                                         "(nor does musubi-tuner's); use another, or --lr_scheduler_type")
+    raise argparse.ArgumentTypeError(f"{value}: not a schedule here; one of {', '.join(SCHEDULERS)}"
+                                     f"{did_you_mean(value.lower(), SCHEDULERS)}")
+
+
+scheduler_name.__name__ = "schedule"
+
+
 def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, announce: bool = True):
     """The LR schedule; total_steps are optimizer steps times processes, as musubi-tuner counts them. `announce`: log
     the schedule chosen in place of --lr_scheduler (not for the trainer's early check on a stand-in optimizer)."""
@@ -191,12 +214,11 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, a
         kwargs.setdefault("power", args.lr_scheduler_power)
     elif name == "inverse_sqrt" and args.lr_scheduler_timescale is not None:
         kwargs.setdefault("timescale", args.lr_scheduler_timescale)
-    elif name == "cosine_with_min_lr":
+    elif name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         kwargs.setdefault("min_lr_rate", args.lr_scheduler_min_lr_ratio or 0.0)
         kwargs.setdefault("num_cycles", args.lr_scheduler_num_cycles / 2)
     elif name == "warmup_stable_decay":
-        kwargs.setdefault("num_decay_steps", decay)
-        kwargs.setdefault("num_stable_steps", total_steps - warmup - decay)
+        kwargs.setdefault("num_decay_steps", decay)  # stable: total - warmup - decay (transformers derives it, silently)
         kwargs.setdefault("min_lr_ratio", args.lr_scheduler_min_lr_ratio or 0.0)
         kwargs.setdefault("num_cycles", args.lr_scheduler_num_cycles / 2)
     try:
