@@ -208,6 +208,20 @@ def test_items_whose_cache_names_collide_keep_the_first(tmp_path):
     assert [i.path.name for i in found] == ["a.jpg"] and "same cache name 'a'" in problems[0][1]
 
 
+def test_a_jsonl_that_lists_one_image_twice_says_so_and_keeps_the_first_entry(tmp_path):
+    import json
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    lines = [{"image_path": str(tmp_path / "images" / "a.png"), "caption": caption} for caption in ("first", "second")]
+    (tmp_path / "meta.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    dataset = config_for(tmp_path, f'[[datasets]]\nimage_jsonl_file = "{tmp_path / "meta.jsonl"}"\n'
+                                   f'cache_directory = "{tmp_path / "cache"}"\n').datasets[0]
+    found, problems = items.list_items(dataset)
+    assert [i.read_caption() for i in found] == ["first"]
+    assert problems == [(str(tmp_path / "images" / "a.png"), "listed twice in meta.jsonl; the first entry is used")]
+
+
 def test_a_caption_that_is_not_utf8_is_reported_naming_the_file(tmp_path):
     dataset = image_config(tmp_path)
     add_image(tmp_path, "ok")

@@ -179,6 +179,18 @@ def test_caches_of_another_size_go_to_their_own_bucket_with_a_warning(tmp_path, 
     assert "not the size this config gives" in caplog.text and "run cache_latents.py again" in caplog.text
 
 
+def test_clips_of_a_length_target_frames_no_longer_gives_are_used_with_a_warning(tmp_path, caplog):
+    write_item(tmp_path / "cache_v", "vid", size=(64, 64), clip=(0, 5))  # cached with target_frames = [5]
+    write_item(tmp_path / "cache_i", "img")
+    with caplog.at_level(logging.WARNING):
+        TrainingDataset.from_config(dataset_config(tmp_path, video_extra="target_frames = [9]"), seed=0)
+    assert "1 clip caches in" in caplog.text and "of a length target_frames [9] does not give" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        TrainingDataset.from_config(dataset_config(tmp_path, video_extra="target_frames = [1, 5]"), seed=0)
+    assert "target_frames" not in caplog.text
+
+
 def test_the_timestep_pool_draws_equally_from_each_interval(cached):
     dataset = TrainingDataset.from_config(cached, seed=2, num_timestep_buckets=4)
     plan = dataset.epoch_plan(1)

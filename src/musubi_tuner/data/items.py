@@ -130,10 +130,12 @@ def list_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[tuple[
         items, problems = _jsonl_items(dataset), []
     unique: dict[str, SourceItem] = {}
     for item in items:
-        if item.stem in unique:
-            problems.append((str(item.path), f"same cache name {item.stem!r} as {unique[item.stem].path}; rename one"))
-        else:
+        if item.stem not in unique:
             unique[item.stem] = item
+        elif unique[item.stem].path == item.path:  # a JSONL that lists one file twice: its first line is used
+            problems.append((str(item.path), f"listed twice in {dataset.source.name}; the first entry is used"))
+        else:
+            problems.append((str(item.path), f"same cache name {item.stem!r} as {unique[item.stem].path}; rename one"))
     return list(unique.values()), problems
 
 

@@ -95,7 +95,8 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
     each; held_out=True: the held-out items once each (all items of a [[validation_datasets]] table).
     Latent caches without a complete text cache, or whose files cannot be read, are left out with a
     warning. Caches of another size than the config gives now are used, in their own bucket, with a
-    warning (the config's resolution changed since caching).
+    warning (the config's resolution changed since caching), and so are clips of a length target_frames no longer
+    gives.
     """
     cache_dir = dataset.cache_directory
     latent_files = sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []
@@ -110,6 +111,9 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
     text_problems: dict[Path, str | None] = {}  # a video's clips share one text cache: check it once
     widths: dict[tuple[str, int], Path] = {}
     other_size = 0
+    # clips of a length target_frames no longer gives (`full` takes each video's own length)
+    lengths = set(dataset.target_frames) if dataset.is_video and dataset.frame_extraction != "full" else None
+    other_length = 0
     for latent_path in latent_files:
         name = names[latent_path]
         if name is None:
@@ -129,6 +133,7 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
             widths.setdefault(("latents", full_shape[0]), latent_path)
             shape = full_shape[1:]
             other_size += (shape[2] * 8, shape[1] * 8) != _bucket_or_none(selector, name.size)
+            other_length += lengths is not None and name.frames not in lengths
             buckets.setdefault(shape, []).extend([TrainingItem(latent_path, text_path)] * repeats)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -136,6 +141,10 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
     if other_size:
         logger.warning("%s: %d caches in %s are not the size this config gives (was resolution changed?); "
                        "run cache_latents.py again to remake them", dataset.where, other_size, cache_dir)
+    if other_length:
+        logger.warning("%s: %d clip caches in %s are of a length target_frames %s does not give (was target_frames "
+                       "changed?); they are used as they are: run cache_latents.py again to remake them", dataset.where,
+                       other_length, cache_dir, list(dataset.target_frames))
     return DatasetBuckets(dict(sorted(buckets.items())), dataset.batch_size, widths)
 
 
