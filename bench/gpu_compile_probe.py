@@ -36,11 +36,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def compile_variant(variant: str, device: torch.device) -> str:
     """One line: the compiled run's output and gradient error against eager, and its non-finite gradients."""
     from gpu.support import MID, mid_dit
-    from helpers import dit_inputs
+    from helpers import dit_inputs, lora_with_random_ups
     from torch.utils.checkpoint import checkpoint
 
     from musubi_tuner.hunyuan.compile import CompileOptions, compile_blocks
-    from musubi_tuner.networks import lora
 
     if variant == "math":
         torch.backends.cuda.enable_flash_sdp(False)
@@ -53,12 +52,7 @@ def compile_variant(variant: str, device: torch.device) -> str:
         if variant != "inside":
             dit.enable_gradient_checkpointing()
         dit.train()
-        net = lora.create_arch_network(1.0, 8, 8.0, None, None, dit)
-        net.apply_to(None, dit)
-        net.to(device)
-        with torch.no_grad():
-            for module in net.unet_loras:
-                module.lora_up.weight.normal_(0, 0.01, generator=torch.Generator(device=device).manual_seed(1))
+        net = lora_with_random_ups(dit, 8, 0.01, device)
         if compiled and variant == "traced_ckpt":
             dit.disable_gradient_checkpointing()
             for block in [*dit.double_blocks, *dit.single_blocks]:

@@ -138,3 +138,20 @@ def run_group(world: int, fn, *args, timeout: float = 120.0, launcher_env: bool 
         if any(p.exitcode != 0 for p in procs):
             raise AssertionError(f"exit codes {[p.exitcode for p in procs]}")
         return [torch.load(Path(folder) / f"{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def lora_with_random_ups(dit, rank: int, std: float, device=None):
+    """A LoRA (alpha = rank) applied to every block Linear of `dit`, on `device` when given, its lora_up weights drawn
+    from N(0, std) (seed 1, the same draw for each module): lora_up starts at zero, and this one changes the output."""
+    import torch
+
+    from musubi_tuner.networks import lora
+
+    net = lora.create_arch_network(1.0, rank, float(rank), None, None, dit)
+    net.apply_to(None, dit)
+    if device is not None:
+        net.to(device)
+    with torch.no_grad():
+        for module in net.unet_loras:
+            module.lora_up.weight.normal_(0, std, generator=torch.Generator(device=device or "cpu").manual_seed(1))
+    return net

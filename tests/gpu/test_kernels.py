@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu.support import CUDA, mid_dit, mid_inputs
-from helpers import fp8_formula, rel_err
+from helpers import fp8_formula, lora_with_random_ups, rel_err
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.attention import attention, check_attention_mode
 
@@ -151,7 +151,6 @@ def test_fp8_fast_dit_error_is_bounded_and_block_swap_changes_nothing():
 def test_compiled_blocks_on_cuda_give_the_eager_outputs_and_lora_gradients(batch, blocks_to_swap, checkpointing):
     from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors
     from musubi_tuner.hunyuan.offload import BlockSwap
-    from musubi_tuner.networks import lora
 
     try:
         check_can_compile(CompileOptions(), CUDA)
@@ -169,12 +168,7 @@ def test_compiled_blocks_on_cuda_give_the_eager_outputs_and_lora_gradients(batch
                 BlockSwap(dit, blocks_to_swap, CUDA, use_pinned_memory=True, max_blocks=36)
             else:
                 dit.to(CUDA)
-            net = lora.create_arch_network(1.0, 8, 8.0, None, None, dit)
-            net.apply_to(None, dit)
-            net.to(CUDA)
-            with torch.no_grad():
-                for module in net.unet_loras:
-                    module.lora_up.weight.normal_(0, 0.01, generator=torch.Generator(device=CUDA).manual_seed(1))
+            net = lora_with_random_ups(dit, 8, 0.01, CUDA)
             if compiled:
                 compile_blocks(dit, CompileOptions(), training=True)
                 assert dit.attention_outside_graph

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import dit_inputs, rel_err
+from helpers import dit_inputs, lora_with_random_ups, rel_err
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan import compile as compiling
@@ -67,7 +67,6 @@ def test_compiled_forward_equals_eager_also_with_block_swap():
 @pytest.mark.parametrize("blocks_to_swap", [0, 1])
 def test_compiled_training_step_gives_the_eager_lora_gradients_with_checkpointing(blocks_to_swap):
     from musubi_tuner.hunyuan.offload import BlockSwap
-    from musubi_tuner.networks import lora
 
     grads = []
     for compiled in (False, True):
@@ -76,11 +75,7 @@ def test_compiled_training_step_gives_the_eager_lora_gradients_with_checkpointin
         dit.train()
         if blocks_to_swap:
             BlockSwap(dit, blocks_to_swap, "cpu")
-        net = lora.create_arch_network(1.0, 4, 4.0, None, None, dit)
-        net.apply_to(None, dit)
-        with torch.no_grad():
-            for module in net.unet_loras:
-                module.lora_up.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        net = lora_with_random_ups(dit, 4, 0.1)
         if compiled:
             compile_blocks(dit, AOT)
         dit(*INPUTS).square().mean().backward()
@@ -93,7 +88,6 @@ def test_attention_outside_the_compiled_graph_gives_the_eager_lora_gradients(che
     """Training on CUDA runs each block's attention eagerly between its compiled graphs (compile.attention_outside_graph:
     a GPU check found Inductor's compiled attention giving NaN gradients). The mechanism is the same on the CPU."""
     from musubi_tuner.hunyuan import blocks
-    from musubi_tuner.networks import lora
 
     real, compiling_at_calls = blocks.attention, []
 
@@ -109,11 +103,7 @@ def test_attention_outside_the_compiled_graph_gives_the_eager_lora_gradients(che
         if checkpointing:
             dit.enable_gradient_checkpointing()
         dit.train()
-        net = lora.create_arch_network(1.0, 4, 4.0, None, None, dit)
-        net.apply_to(None, dit)
-        with torch.no_grad():
-            for module in net.unet_loras:
-                module.lora_up.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        net = lora_with_random_ups(dit, 4, 0.1)
         if compiled:
             compile_blocks(dit, AOT)
             dit.attention_outside_graph = True  # what compile_blocks sets for training on CUDA
