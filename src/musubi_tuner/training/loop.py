@@ -116,11 +116,9 @@ def check_args(args) -> None:
     attention_mode(args)
     timestep_config(args)
     if args.resume and args.resume != "auto" and not args.resume_from_huggingface:
-        from musubi_tuner.training.state import read_marker
+        from musubi_tuner.training.state import read_state_folder
 
-        if not Path(args.resume).is_dir():
-            raise UserError(f"{args.resume}: training state folder not found (--resume); give a *-state folder or --resume auto")
-        read_marker(Path(args.resume))  # a folder that is no complete state, before the model loads
+        read_state_folder(args.resume)  # missing, or no complete state: said before the model loads
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):

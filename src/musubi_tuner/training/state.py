@@ -198,13 +198,19 @@ def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
     return progress, run
 
 
-def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_index: int,
-               run: dict | None = None) -> TrainProgress:
-    """Load a state folder into the run's objects; checks first that it belongs to this run (see check_resumable)."""
+def read_state_folder(folder: str | Path) -> tuple[TrainProgress, dict]:
+    """read_marker of a --resume folder, after saying plainly when there is no such folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: training state folder not found (--resume); give a *-state folder or --resume auto")
-    progress, saved_run = read_marker(folder)
+    return read_marker(folder)
+
+
+def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_index: int,
+               run: dict | None = None) -> TrainProgress:
+    """Load a state folder into the run's objects; checks first that it belongs to this run (see check_resumable)."""
+    progress, saved_run = read_state_folder(folder)
+    folder = Path(folder)
     if run is not None:
         progress = check_resumable(folder, saved_run, run, progress)
     from musubi_tuner.files import StateDictFile
