@@ -41,6 +41,8 @@ def save_latent(latent: torch.Tensor, meta: dict[str, str], folder: Path, seed: 
 
 
 def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
+    from musubi_tuner.hunyuan.vae import VAEConfig
+
     f = StateDictFile(path, what="latent file")
     if "latent" not in f:
         raise UserError(f"{path}: no tensor named 'latent' (keys: {', '.join(f.keys()[:4])})")
@@ -49,13 +51,11 @@ def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
         latent = latent[0]
     if latent.ndim == 3:  # an image latent without a time axis
         latent = latent[:, None]
-    if latent.ndim != 4 or latent.shape[0] != LATENT_CHANNELS or 0 in latent.shape:
-        raise UserError(f"{path}: latent has shape {list(latent.shape)}, expected ({LATENT_CHANNELS}, frames, height, width), "
+    channels = VAEConfig.latent_channels  # HunyuanVideo's VAE, T2V and SkyReels alike
+    if latent.ndim != 4 or latent.shape[0] != channels or 0 in latent.shape:
+        raise UserError(f"{path}: latent has shape {list(latent.shape)}, expected ({channels}, frames, height, width), "
                         "none of them 0 (a latent this command or musubi-tuner saved with --output_type latent)")
     return latent, dict(f.metadata)
-
-
-LATENT_CHANNELS = 16  # HunyuanVideo's VAE (hunyuan.vae.VAEConfig.latent_channels), T2V and SkyReels alike
 
 
 def decode_to_frames(vae, latent: torch.Tensor) -> torch.Tensor:
