@@ -49,6 +49,11 @@ class VAEConfig:
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(channels, frames, height, width) of the latent of a frames x height x width video."""
+        s = self.spatial_compression
+        return (self.latent_channels, (frames - 1) // self.temporal_compression + 1, height // s, width // s)
+
     def downsample_strides(self) -> list[tuple[int, int, int] | None]:
         """(t, h, w) stride of each encoder block's downsampler (None: no downsampler). The decoder mirrors it.
 

@@ -19,21 +19,13 @@ from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import require_file
 from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
+from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference.presets import PRESETS, detect_preset
 from musubi_tuner.inference import step_cache
 from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule, v2v_start
 from musubi_tuner.progress import progress_bar
 
 logger = logging.getLogger(__name__)
-
-LATENT_CHANNELS = 16
-SPATIAL_COMPRESSION = 8
-TEMPORAL_COMPRESSION = 4
-
-
-def latent_shape(video_length: int, height: int, width: int) -> tuple[int, int, int, int]:
-    return (LATENT_CHANNELS, (video_length - 1) // TEMPORAL_COMPRESSION + 1, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
-
 
 def _free(*objs) -> None:
     del objs
@@ -397,7 +389,7 @@ def _generate(args, device, layout) -> list[Path]:
 
         seed = broadcast_value(seed)
     height, width = args.video_size
-    shape = latent_shape(args.video_length, height, width)
+    shape = VAEConfig().latent_shape(args.video_length, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
 
     def encode():

@@ -35,8 +35,10 @@ class Workload:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(frames, height, width) of the latent: 4x temporal, 8x spatial compression."""
-        return ((self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        """(frames, height, width) of the latent."""
+        from musubi_tuner.hunyuan.vae import VAEConfig
+
+        return VAEConfig().latent_shape(self.frames, self.height, self.width)[1:]
 
     @property
     def image_tokens(self) -> int:

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import atomic_write
-from musubi_tuner.inference.pipeline import latent_shape
+from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference import step_cache
 from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule
 from musubi_tuner.inference.step_cache import StepCache
@@ -139,7 +139,7 @@ class TrainingSampler:
         x = image.permute(2, 0, 1)[None, :, None].to(self.vae.device, self.vae.dtype) / 127.5 - 1.0
         with torch.no_grad():
             latent = self.vae.encode(x).sample(torch.Generator(self.vae.device).manual_seed(self.seeds[p.index])).float() * SCALING_FACTOR
-        F = latent_shape(p.frames, p.height, p.width)[1]
+        F = VAEConfig().latent_shape(p.frames, p.height, p.width)[1]
         padded = torch.zeros((*latent.shape[:2], F, *latent.shape[3:]))
         padded[:, :, :1] = latent.cpu()
         return padded
@@ -158,7 +158,7 @@ class TrainingSampler:
         device = self.accelerator.device
         cond = {k: v.to(device) for k, v in self.texts[p.prompt].items()}
         uncond = {k: v.to(device) for k, v in self.texts[p.negative_prompt or ""].items()} if _uses_cfg(p) else None
-        noise = initial_noise((1, *latent_shape(p.frames, p.height, p.width)), self.seeds[p.index]).to(device)
+        noise = initial_noise((1, *VAEConfig().latent_shape(p.frames, p.height, p.width)), self.seeds[p.index]).to(device)
         image = self.image_latents.get(p.index)
         guidance = Guidance(embedded_scale=p.guidance, scale=p.cfg_scale if p.cfg_scale is not None else 1.0)
         if cache is not None:
