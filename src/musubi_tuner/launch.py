@@ -27,10 +27,12 @@ def python_command(name: str, flags: list[str]) -> list[str]:
     return [sys.executable, script(name), *flags]
 
 
-def training_command(flags: list[str], mixed_precision: str = "bf16") -> list[str]:
-    """The seed's `accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 hv_train_network.py ...`."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-            "--mixed_precision", mixed_precision, script("hv_train_network.py"), *flags]
+def training_command(flags: list[str], mixed_precision: str = "bf16", quiet: bool = False) -> list[str]:
+    """The seed's `accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 hv_train_network.py ...`;
+    `quiet`: with accelerate's -q, so that a failed run ends with the trainer's one-line error, not with accelerate's
+    traceback of the launch repeating it."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *(["-q"] if quiet else []), "--num_cpu_threads_per_process",
+            "1", "--mixed_precision", mixed_precision, script("hv_train_network.py"), *flags]
 
 
 def shown(cmd: list[str]) -> str:
@@ -44,7 +46,8 @@ def shown(cmd: list[str]) -> str:
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """os.environ for a child command: accelerate on the CPU where there is no GPU (unless the user chose)."""
     env = dict(os.environ, **(extra or {}))
-    env.setdefault("ACCELERATE_USE_CPU", "" if _has_gpu() else "1")
+    if "ACCELERATE_USE_CPU" not in env:  # (asking torch costs its import: not in a child that inherits the answer)
+        env["ACCELERATE_USE_CPU"] = "" if _has_gpu() else "1"
     return env
 
 

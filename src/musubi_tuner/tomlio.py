@@ -52,7 +52,9 @@ def _value(value, key: str) -> str:
 
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)) and math.isfinite(value):
+    if isinstance(value, int) and -2**63 <= value < 2**63:  # TOML's integers are 64-bit
+        return repr(value)
+    if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)

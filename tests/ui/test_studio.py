@@ -4,6 +4,8 @@ files are the commands' own (same flags, same checks, same files)."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -201,7 +203,7 @@ def test_a_job_is_a_child_process_that_a_new_server_finds_and_that_stops_on_requ
     while again.state == "starting" and time.monotonic() < deadline:  # job.json is written just after the child starts
         time.sleep(0.05)
         again = Jobs(tmp_path / "jobs").get(job.id)
-    assert (again.state, again.pid, again.commands) == ("running", job.pid, job.commands)
+    assert (again.state, again.pid, again.commands) == ("running", jobs.get(job.id).pid, job.commands)
     jobs.stop(job.id)
     while jobs.get(job.id).state == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -287,3 +289,126 @@ def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_w
     generation = jobs.start("generate", "a cat", [[sys.executable, "-c", "pass"]], {"save_path": str(tmp_path / "ws" / "videos")})
     wait(generation.id, "finished")
     assert studio.post(f"/api/jobs/{generation.id}/resume", headers=STUDIO).json()["error"].startswith("only training runs resume")
+
+
+# ------------------------------------------------------------------------------------ off the happy path
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"output_name": "../../escaped"}, "--output_dir / --output_name = .*escaped.*: outside the workspace"),
+    ({"output_name": "/elsewhere/lora"}, "--output_dir / --output_name = /elsewhere/lora: outside the workspace"),
+    ({"logging_dir": "logs", "log_prefix": "../../outside/run_"}, "--logging_dir / --log_prefix = .*/outside/run_[0-9]+: outside the workspace"),
+])
+def test_training_may_not_write_outside_the_workspace_through_the_name_or_the_log_prefix(tmp_path, change, error):
+    """The trainer joins --output_dir with --output_name and --logging_dir with --log_prefix: the joined folders are
+    what is checked, not the flags one by one."""
+    studio = client(tmp_path)
+    values = {**train_values("runs"), **change}
+    for url in ("/api/command/train", "/api/jobs"):
+        refused = studio.post(url, json={"command": "train", "values": values}, headers=STUDIO)
+        assert refused.status_code == 400 and re.search(error, refused.json()["error"]), refused.text
+    assert not (tmp_path / "escaped.safetensors").exists()
+    assert list((tmp_path / "ws" / "jobs").iterdir()) == []  # no job was started
+
+
+def test_a_config_file_that_sends_the_lora_elsewhere_is_refused_too(tmp_path):
+    config = tmp_path / "ws" / "options.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'output_dir = "{tmp_path / "elsewhere"}"\n')
+    values = {k: v for k, v in train_values("").items() if k != "output_dir"} | {"config_file": str(config)}
+    refused = client(tmp_path).post("/api/command/train", json={"values": values}, headers=STUDIO)
+    assert refused.status_code == 400 and f"= {tmp_path / 'elsewhere' / 'a b'}: outside the workspace" in refused.json()["error"]
+
+
+def test_a_name_with_folders_inside_the_workspace_is_where_the_job_page_looks(tmp_path):
+    studio = client(tmp_path)
+    values = {**train_values("runs"), "output_name": "sub/my-lora"}
+    assert commands.outputs("train", values, Workspace(tmp_path / "ws")) == {"output_dir": str(tmp_path / "ws" / "runs" / "sub"),
+                                                                            "output_name": "my-lora"}
+    assert studio.post("/api/command/train", json={"values": values}, headers=STUDIO).status_code == 200
+
+
+@pytest.mark.parametrize("url, request_body, error", [
+    ("/api/command/generate", {"values": {"prompt": "p", "dit": "d", "vae": "v", "save_path": "v\u0000x"}}, "NUL character"),
+    ("/api/command/generate", {"values": {"prompt": "p", "dit": "d\u0000", "vae": "v", "save_path": "v"}}, "--dit: holds a NUL"),
+    ("/api/command/generate", {"values": {"prompt": 5, "dit": "d", "vae": "v", "save_path": "v", "fp8": True}},
+     None),  # a number typed into a text field is text: the command's parser decides
+    ("/api/command/generate", {"values": {"prompt": "p", "dit": "d", "vae": "v", "save_path": "v", "fp8": "yes"}},
+     "--fp8: on or off"),
+    ("/api/command/generate", {"values": {"prompt": "p", "dit": "d", "vae": "v", "save_path": "v", "lora_weight": {"a": 1}}},
+     "--lora_weight: a value typed as text, not dict"),
+    ("/api/dataset/save", {"path": "x\u0000.toml", "config": {}}, "NUL character"),
+    ("/api/dataset/toml", {"config": {"general": {"num_repeats": 10 ** 400}}}, "num_repeats = 1000.*cannot be written as TOML"),
+    ("/api/dataset/toml", {"config": {"datasets": [[1, 2]]}}, r"datasets\[0\] is not a table"),
+])
+def test_hostile_form_values_are_a_400_naming_the_field_never_a_server_error(tmp_path, url, request_body, error):
+    response = client(tmp_path).post(url, json=request_body, headers=STUDIO)
+    if error is None:
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 400 and re.search(error, response.json()["error"]), response.text
+
+
+def test_a_path_with_a_nul_character_is_refused_when_served_or_uploaded(tmp_path):
+    studio = client(tmp_path)
+    assert studio.get("/files", params={"path": "a\u0000b"}).status_code == 403
+    upload = studio.post("/api/upload", params={"name": "a\u0000b"}, content=b"x", headers=STUDIO)
+    assert upload.status_code == 400 and "NUL character" in upload.json()["error"]
+
+
+def test_a_job_folder_that_cannot_be_written_is_a_400_and_no_job_is_listed(tmp_path):
+    studio, jobs_folder = client(tmp_path), tmp_path / "ws" / "jobs"
+    jobs_folder.rmdir()
+    jobs_folder.write_text("a file where the jobs folder was")
+    values = {"prompt": "p", "dit": "d", "vae": "v", "save_path": "videos"}
+    refused = studio.post("/api/jobs", json={"command": "generate", "values": values}, headers=STUDIO)
+    assert refused.status_code == 400 and "cannot start the job" in refused.json()["error"]
+    assert studio.get("/api/jobs").json()["jobs"] == []
+
+
+def test_a_workspace_the_studio_cannot_write_is_one_line_at_start(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--workspace .*file/ws: cannot write"):
+        Workspace(tmp_path / "file" / "ws")
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "jobs").write_text("x")
+    with pytest.raises(UserError, match=r"ws/jobs: cannot make the jobs folder"):
+        create_app(Workspace(tmp_path / "ws"))
+
+
+def test_a_job_outlives_a_killed_server_runs_its_later_commands_and_records_how_it_ended(tmp_path):
+    """The server (a process here) starts a two-command job and is killed at once: the supervisor still runs the second
+    command, and the next server reads the job as finished with its status; a job that fails says so in its log."""
+    folder = tmp_path / "jobs"
+    first = "import time; time.sleep(1.5); print('first done', flush=True)"
+    second = f"open({str(tmp_path / 'second-ran')!r}, 'w').write('yes'); print('second done')"
+    failing = "import sys; sys.exit(3)"
+    server = (f"import os, signal, sys; from musubi_tuner.ui.jobs import Jobs; jobs = Jobs({str(folder)!r}); "
+              f"jobs.start('cache', 'two', [[sys.executable, '-c', {first!r}], [sys.executable, '-c', {second!r}]]); "
+              f"jobs.start('cache', 'fails', [[sys.executable, '-c', {failing!r}], [sys.executable, '-c', 'print(1)']]); "
+              f"os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", server]).returncode == -9
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(j.state in ("starting", "running") for j in Jobs(folder).all()):
+        time.sleep(0.1)
+    jobs = Jobs(folder)  # the restarted server
+    ended = {j.title: j for j in jobs.all()}
+    assert (ended["two"].state, ended["two"].returncode) == ("finished", 0)
+    assert (tmp_path / "second-ran").read_text() == "yes"
+    assert "first done" in jobs.log_tail(ended["two"]) and "second done" in jobs.log_tail(ended["two"])
+    assert (ended["fails"].state, ended["fails"].returncode) == ("failed", 3)
+    assert jobs.log_tail(ended["fails"]).endswith("[studio] the command exited with status 3; 1 later command(s) not run\n")
+
+
+def test_a_resumed_job_runs_in_the_folder_its_first_run_ran_in(tmp_path, monkeypatch):
+    """Relative paths in a job's commands (the scripts' own, as the seed types them) still work after the studio is
+    restarted from another folder."""
+    (tmp_path / "here").mkdir()
+    jobs = Jobs(tmp_path / "jobs")
+    monkeypatch.chdir(tmp_path / "here")
+    job = jobs.start("train", "t", [[sys.executable, "-c", "import os; print('in', os.getcwd())"]])
+    monkeypatch.chdir(tmp_path)
+    deadline = time.monotonic() + 30
+    while jobs.get(job.id).state != "finished" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"in {tmp_path / 'here'}" in jobs.log_tail(job) and Jobs(tmp_path / "jobs").get(job.id).cwd == str(tmp_path / "here")

@@ -81,7 +81,7 @@ def training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload(stud
     page.fill("#f-max_data_loader_n_workers", "0")  # no reader processes to start on a small CI machine
     page.uncheck("#f-persistent_data_loader_workers")
     page.wait_for_function("document.querySelector('#command').textContent.includes('--max_train_epochs 1')")
-    assert page.inner_text("#command").startswith("accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 ")
+    assert page.inner_text("#command").startswith("accelerate launch -q --num_cpu_threads_per_process 1 --mixed_precision bf16 ")
     page.click("#start")
     page.wait_for_selector("#run[data-state=running]", timeout=30_000)
     job = page.get_attribute("#run", "data-job")

@@ -7,7 +7,9 @@ Where musubi-tuner has a quirk users may depend on, the default keeps it and a n
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -307,6 +309,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if pre.config_file:
         parser.set_defaults(**_read_config_file(pre.config_file, parser))
     return parser.parse_args(argv)
+
+
+def output_stem(output_dir: str, output_name: str) -> Path:
+    """Where the LoRA files go, without their suffix: the two flags joined as musubi-tuner joins them (a name may hold
+    folders, or be absolute). The loop, pruning, --resume auto and the studio's workspace check all read it."""
+    if Path(output_name).name in ("", ".", "..") or output_name.endswith(("/", os.sep)):
+        raise UserError(f"--output_name {output_name}: a file name stem, not a folder")
+    return Path(output_dir) / output_name
+
+
+def log_folder(args: argparse.Namespace) -> str | None:
+    """The run's TensorBoard folder: --logging_dir / (--log_prefix + the start time), or None without --logging_dir."""
+    if not args.logging_dir:
+        return None
+    return os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
 
 
 def attention_mode(args: argparse.Namespace) -> str:

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +37,7 @@ from musubi_tuner.hunyuan.sequence_parallel import check_heads
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
 from musubi_tuner.inference import step_cache
 from musubi_tuner.progress import progress_bar
-from musubi_tuner.training.args import attention_mode
+from musubi_tuner.training.args import attention_mode, log_folder, output_stem
 from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
@@ -104,9 +103,7 @@ def check_args(args) -> None:
     for flag in ("dataset_config", "dit", "network_module", "output_dir", "output_name"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")
-    joined = Path(args.output_dir) / args.output_name  # as musubi-tuner joins them: a name may hold folders, or be absolute
-    if Path(args.output_name).name in ("", ".", "..") or args.output_name.endswith(("/", os.sep)):
-        raise UserError(f"--output_name {args.output_name}: a file name stem, not a folder")
+    joined = output_stem(args.output_dir, args.output_name)
     # the files' folder is output_dir from here on, so pruning, --resume auto and the run lock look where they are
     args.output_dir, args.output_name = str(joined.parent), joined.name
     if not Path(args.dataset_config).is_file():
@@ -174,8 +171,7 @@ def make_accelerator(args) -> Accelerator:
         if args.log_with in ("tensorboard", "all", None) and not args.logging_dir:
             raise UserError("--log_with tensorboard needs --logging_dir")
         log_with = {"all": ["tensorboard", "wandb"], None: "tensorboard"}.get(args.log_with, args.log_with)
-        if args.logging_dir:
-            project_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        project_dir = log_folder(args)
         if args.log_with in ("wandb", "all"):
             wandb_login(args)
     try:

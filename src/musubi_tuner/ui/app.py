@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ from musubi_tuner.ui.guard import Guard
 from musubi_tuner.ui.jobs import Jobs
 from musubi_tuner.ui.workspace import Workspace
 
+logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 PAGES = ("dataset", "plan", "train", "generate")
 PLAN_TIMEOUT_SECONDS = 300
@@ -89,6 +91,10 @@ def api(handler):
             return JSONResponse({"error": str(e)}, status_code=400)
         except KeyError as e:
             return JSONResponse({"error": f"not found: {e}"}, status_code=404)
+        except Exception as e:  # a defect of the studio's: the page still gets one line, and the log the traceback
+            logger.exception("%s %s", request.method, request.url.path)
+            return JSONResponse({"error": f"internal error ({type(e).__name__}: {e}); the studio's log has the details"},
+                                status_code=500)
     return endpoint
 
 
@@ -184,8 +190,8 @@ class Studio:
         if command not in ("train", "generate"):
             raise UserError(f"unknown command {command!r}: jobs are train or generate")
         cmd = commands.build(command, values, self.workspace)
-        outputs = run_view.outputs_of(command, values, self.workspace)
-        title = outputs.get("output_name") or (values.get("prompt") or "")[:60]
+        outputs = commands.outputs(command, values, self.workspace)
+        title = outputs.get("output_name") or str(values.get("prompt") or "")[:60]
         return self.jobs.summary(self.jobs.start(command, title, [cmd], outputs))
 
     def job_list(self, request: Request, raw: bytes):
@@ -202,10 +208,10 @@ class Studio:
         old = self.jobs.get(request.path_params["job"])
         if old.kind != "train":
             raise UserError("only training runs resume; start a generation again instead")
-        if old.state == "running":
+        if old.state in ("starting", "running"):
             raise UserError(f"{old.id} is still running")
         return self.jobs.summary(self.jobs.start("train", old.title, [commands.with_resume(old.commands[-1])], old.outputs,
-                                                 resumed_from=old.id))
+                                                 resumed_from=old.id, cwd=old.cwd or None))
 
     def loras(self, request: Request, raw: bytes):
         found = []

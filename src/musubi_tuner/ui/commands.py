@@ -12,8 +12,12 @@ from musubi_tuner.launch import python_command, training_command
 from musubi_tuner.ui.forms import command_flags, form_values
 from musubi_tuner.ui.workspace import Workspace
 
-# The flags through which each command writes files (the dataset's cache folders are checked apart).
-WRITES = {"train": ("output_dir", "logging_dir"), "generate": ("save_path", "save_merged_model"), "plan": ()}
+# The flags through which each command writes files, which the form marks (the dataset's cache folders are checked
+# apart). What is checked is where the command really writes: training joins --output_dir and --output_name, and
+# --logging_dir and --log_prefix, and a --config_file may give any of them.
+WRITES = {"train": ("output_dir", "output_name", "logging_dir", "log_prefix"), "generate": ("save_path", "save_merged_model"),
+          "plan": ()}
+IN_WORKSPACE = {"train": ("output_dir", "logging_dir"), "generate": ("save_path", "save_merged_model"), "plan": ()}
 
 
 def parser_for(command: str) -> argparse.ArgumentParser:
@@ -29,21 +33,44 @@ def parser_for(command: str) -> argparse.ArgumentParser:
 
 
 def build(command: str, values: dict[str, object], workspace: Workspace) -> list[str]:
-    """The child process's argv for a filled form: checked by the command's parser, write paths confined."""
-    values = dict(values)
-    for name in WRITES[command]:
-        if str(values.get(name) or "").strip():
-            values[name] = str(workspace.writable(str(values[name]).strip(), f"--{name}"))
-    parser = parser_for(command)
-    flags = command_flags(parser, values)
+    """The child process's argv for a filled form: checked by the command's parser, every folder it writes to
+    inside the workspace."""
+    flags, args = _checked(command, values, workspace)
     if command == "train":
-        if not values.get("output_dir"):
-            raise UserError("--output_dir: required here (a folder in the workspace for the LoRA files)")
-        mixed = parser.parse_args(flags).mixed_precision or "no"
-        return training_command(flags, mixed_precision=mixed)
+        return training_command(flags, mixed_precision=args.mixed_precision or "no", quiet=True)
     if command == "generate":
         return python_command("hv_generate_video.py", flags)
     return [sys.executable, "-m", "musubi_tuner.plan", *flags]
+
+
+def outputs(command: str, values: dict[str, object], workspace: Workspace) -> dict[str, str]:
+    """Where a job's files will be, for its page: the LoRA files' folder and stem, or the videos' folder."""
+    _, args = _checked(command, values, workspace)
+    if command == "train":
+        from musubi_tuner.training.args import output_stem
+
+        stem = output_stem(args.output_dir, args.output_name)
+        return {"output_dir": str(stem.parent), "output_name": stem.name}
+    return {"save_path": args.save_path}
+
+
+def _checked(command: str, values: dict[str, object], workspace: Workspace) -> tuple[list[str], argparse.Namespace]:
+    values = dict(values)
+    for name in IN_WORKSPACE[command]:  # relative to the workspace, not to the server's folder
+        if str(values.get(name) or "").strip():
+            values[name] = str(workspace.writable(str(values[name]).strip(), f"--{name}"))
+    flags = command_flags(parser_for(command), values)
+    if command == "train":
+        from musubi_tuner.training.args import log_folder, output_stem, parse_args
+
+        args = parse_args(flags)  # with its --config_file, as the trainer reads it
+        if not args.output_dir:
+            raise UserError("--output_dir: required here (a folder in the workspace for the LoRA files)")
+        workspace.writable(output_stem(args.output_dir, args.output_name or "x"), "--output_dir / --output_name")
+        if args.logging_dir:
+            workspace.writable(log_folder(args), "--logging_dir / --log_prefix")
+        return flags, args
+    return flags, parser_for(command).parse_args(flags)
 
 
 def caching_commands(toml: str, vae: str, te1: str, te2: str, workspace: Workspace) -> list[list[str]]:

@@ -65,7 +65,10 @@ def _clean(config: dict) -> dict:
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if v not in (None, "")}
         elif isinstance(value, list):
-            value = [{k: v for k, v in t.items() if v not in (None, "")} for t in value if isinstance(t, dict)]
+            for i, table in enumerate(value):
+                if not isinstance(table, dict):
+                    raise UserError(f"dataset config: {name}[{i}] is not a table of keys, but {table!r:.40}")
+            value = [{k: v for k, v in t.items() if v not in (None, "")} for t in value]
         if value:
             out[name] = value
     return out

@@ -51,7 +51,7 @@ def command_flags(parser: argparse.ArgumentParser, values: dict[str, object]) ->
     flags: list[str] = []
     for group in form_schema(parser):
         for field in group["fields"]:
-            value = values.get(field["name"])
+            value = form_value(field, values.get(field["name"]))
             if field["kind"] == "flag":
                 if value is True or value in ("true", "on", "1"):
                     flags.append(field["flag"])
@@ -69,6 +69,24 @@ def command_flags(parser: argparse.ArgumentParser, values: dict[str, object]) ->
             flags += [field["flag"], *items]
     parser.parse_args(flags)  # the command's own checks: raises UserError (cli.Parser) with its one line
     return flags
+
+
+FLAG_WORDS = (True, False, None, "", "true", "false", "on", "off", "1", "0")
+
+
+def form_value(field: dict, value: object) -> object:
+    """A form's value as the page sends it: a flag is true or false, anything else a string (or a number typed into
+    it); another JSON type, or a NUL character (no path or argument can hold one), is a UserError naming the flag."""
+    flag = field["flag"]
+    if field["kind"] == "flag":
+        if not any(value is w or (isinstance(w, str) and value == w) for w in FLAG_WORDS):
+            raise UserError(f"{flag}: on or off (true or false), not {value!r:.40}")
+        return value
+    if isinstance(value, bool) or not (value is None or isinstance(value, (str, int, float))):
+        raise UserError(f"{flag}: a value typed as text, not {type(value).__name__} {value!r:.40}")
+    if isinstance(value, str) and "\0" in value:
+        raise UserError(f"{flag}: holds a NUL character, which no path or argument can")
+    return value
 
 
 def form_values(parser: argparse.ArgumentParser, flags: list[str]) -> dict[str, object]:

@@ -1,8 +1,10 @@
 """Commands started from the studio, as child processes that outlive the page (and the server) that started them.
 
 Each job is a folder under <workspace>/jobs/<id>: job.json (the commands, state, exit status), log.txt (what the
-commands print) and progress.jsonl (their progress bars, see musubi_tuner.progress). A reloaded page, or a
-restarted server, reads the job back from there.
+commands print) and progress.jsonl (their progress bars, see musubi_tuner.progress). A small supervisor process
+(`python -m musubi_tuner.ui.jobs <folder>`, in a session of its own) runs the commands one after another and is the
+only writer of job.json while it lives, so a server that is killed or restarted loses nothing: the next commands
+still run, and the exit status is still recorded. A reloaded page, or a restarted server, reads the job from there.
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from musubi_tuner.errors import UserError
 from musubi_tuner.files import atomic_write, pid_alive
 from musubi_tuner.launch import child_environment, shown
 from musubi_tuner.progress import PROGRESS_FILE_VARIABLE
 
 STOP_GRACE_SECONDS = 20  # after Ctrl-C (SIGINT), this long to finish the file being written, then SIGKILL
 LOG_TAIL_BYTES = 12_000
+SUPERVISOR_START_SECONDS = 60  # a job that names no supervisor this long after it was written never got one
+STOP_MARKER = "stop-requested"  # written by the server before it interrupts the command: the supervisor runs no more
 
 
 @dataclass
@@ -33,11 +39,13 @@ class Job:
     outputs: dict[str, str] = field(default_factory=dict)  # where it writes: output_dir + output_name, or save_path
     state: str = "starting"  # running, finished, failed, stopped, lost
     returncode: int | None = None
-    pid: int | None = None
+    pid: int | None = None  # the command running
     current: int = 0  # index of the command running
     started: float = field(default_factory=time.time)
     ended: float | None = None
     resumed_from: str | None = None
+    cwd: str = ""  # the folder the commands run in (relative paths in them are relative to it)
+    supervisor: int | None = None  # the process that runs the commands and writes job.json
 
     @property
     def shown(self) -> list[str]:
@@ -47,10 +55,12 @@ class Job:
 class Jobs:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.folder}: cannot make the jobs folder ({e.strerror or e}); start the studio with a "
+                            f"--workspace it can write to") from None
         self._jobs: dict[str, Job] = {}
-        self._processes: dict[str, subprocess.Popen] = {}
-        self._stopping: set[str] = set()
         self._lock = threading.Lock()
         for path in sorted(self.folder.glob("*/job.json")):
             job = _load_job(path)
@@ -60,23 +70,37 @@ class Jobs:
     # ------------------------------------------------------------------ starting and stopping
 
     def start(self, kind: str, title: str, commands: list[list[str]], outputs: dict[str, str] | None = None,
-              resumed_from: str | None = None) -> Job:
+              resumed_from: str | None = None, cwd: str | None = None) -> Job:
+        """Write the job's folder, then start its supervisor; a job folder that cannot be written is a UserError, and
+        no job is listed."""
         with self._lock:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             number = 1 + sum(1 for j in self._jobs if j.startswith(stamp))
-            job = Job(f"{stamp}-{number}-{kind}", kind, title, commands, dict(outputs or {}), resumed_from=resumed_from)
+            job = Job(f"{stamp}-{number}-{kind}", kind, title, commands, dict(outputs or {}), resumed_from=resumed_from,
+                      cwd=cwd or os.getcwd())
+            try:
+                self.path(job).mkdir(parents=True)
+                self._save(job)
+                supervisor = subprocess.Popen([sys.executable, "-m", "musubi_tuner.ui.jobs", str(self.path(job))],
+                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              env=child_environment(), cwd=job.cwd, **_new_process_group())
+            except OSError as e:
+                raise UserError(f"{self.path(job)}: cannot start the job ({e.strerror or e})") from None
+            job.supervisor = supervisor.pid
+            self._save(job)  # (the supervisor writes it too, as soon as it starts)
             self._jobs[job.id] = job
-            self.path(job).mkdir(parents=True, exist_ok=True)
-            self._save(job)
-        threading.Thread(target=self._run, args=(job,), name=f"job {job.id}", daemon=True).start()
+        threading.Thread(target=supervisor.wait, name=f"job {job.id}", daemon=True).start()  # reaped when it ends
         return job
 
     def stop(self, job_id: str) -> Job:
-        """Ctrl-C to the job's process group, as in a terminal (the commands stop cleanly); SIGKILL if it lingers."""
+        """Ctrl-C to the running command's process group, as in a terminal (the commands stop cleanly); SIGKILL if it
+        lingers. The supervisor records the job as stopped and starts no further command."""
         job = self.get(job_id)
-        if job.state != "running" or job.pid is None:
+        if job.state not in ("starting", "running"):
             return job
-        self._stopping.add(job.id)
+        (self.path(job) / STOP_MARKER).touch()
+        if job.pid is None:
+            return job  # the supervisor sees the marker before it starts the first command
         _signal_group(job.pid, interrupt=True)
 
         def kill_if_alive():
@@ -90,36 +114,6 @@ class Jobs:
         threading.Thread(target=kill_if_alive, daemon=True).start()
         return job
 
-    def _run(self, job: Job) -> None:
-        env = child_environment({PROGRESS_FILE_VARIABLE: str(self.path(job) / "progress.jsonl"), "PYTHONUNBUFFERED": "1"})
-        log_path = self.path(job) / "log.txt"
-        for index, cmd in enumerate(job.commands):
-            with open(log_path, "a", encoding="utf-8") as log:
-                log.write(f"$ {shown(cmd)}\n")
-                log.flush()
-                try:
-                    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                               **_new_process_group())
-                except OSError as e:
-                    log.write(f"error: cannot start {cmd[0]}: {e}\n")
-                    self._finish(job, 127)
-                    return
-            self._processes[job.id] = process
-            job.pid, job.current, job.state = process.pid, index, "running"
-            self._save(job)
-            returncode = process.wait()  # the process stays listed until the next one or _finish: never "lost" meanwhile
-            if returncode != 0 or job.id in self._stopping:
-                self._finish(job, returncode)
-                return
-        self._finish(job, 0)
-
-    def _finish(self, job: Job, returncode: int) -> None:
-        state = "stopped" if job.id in self._stopping else ("finished" if returncode == 0 else "failed")
-        ended = replace(job, returncode=returncode, ended=time.time(), state=state)
-        self._save(ended)  # on disk first: whoever sees the job end here (a page, another server) finds it there too
-        job.returncode, job.ended, job.state = ended.returncode, ended.ended, ended.state
-        self._processes.pop(job.id, None)
-
     # ------------------------------------------------------------------ reading
 
     def path(self, job: Job) -> Path:
@@ -129,10 +123,15 @@ class Jobs:
         job = self._jobs.get(job_id)
         if job is None:
             raise KeyError(job_id)
-        if job.state == "running" and job.id not in self._processes and job.pid and not pid_alive(job.pid):
-            job = self._jobs[job_id] = _load_job(self.path(job) / "job.json") or job  # its server may have just written its end
-            if job.state == "running":
-                job.state, job.ended = "lost", time.time()  # started by an earlier server, ended while nobody watched
+        if job.state in ("starting", "running"):
+            on_disk = _load_job(self.path(job) / "job.json")  # the supervisor's latest word
+            if on_disk is not None:
+                on_disk.supervisor = on_disk.supervisor or job.supervisor  # (written before the supervisor knew its pid)
+                job.__dict__.update(on_disk.__dict__)
+            unknown = job.supervisor is None and time.time() - job.started < SUPERVISOR_START_SECONDS  # being started
+            if job.state in ("starting", "running") and not unknown and not _alive(job.supervisor) and not _alive(job.pid):
+                job.state, job.ended = "lost", time.time()  # its supervisor was killed: nobody saw how it ended
+                self._log(job, "the studio's supervisor of this job stopped before the job ended; how it ended is unknown")
                 self._save(job)
         return job
 
@@ -164,8 +163,63 @@ class Jobs:
         return {**asdict(job), "shown": job.shown}
 
     def _save(self, job: Job) -> None:
-        with atomic_write(self.path(job) / "job.json") as tmp:
-            tmp.write_text(json.dumps(asdict(job), indent=1), encoding="utf-8")
+        save_job(self.path(job), job)
+
+    def _log(self, job: Job, line: str) -> None:
+        _append_log(self.path(job), line)
+
+
+def save_job(folder: Path, job: Job) -> None:
+    with atomic_write(folder / "job.json") as tmp:
+        tmp.write_text(json.dumps(asdict(job), indent=1), encoding="utf-8")
+
+
+def _append_log(folder: Path, line: str) -> None:
+    try:
+        with open(folder / "log.txt", "a", encoding="utf-8") as log:
+            log.write(f"[studio] {line}\n")
+    except OSError:
+        pass  # a full disk: job.json still says how the job ended
+
+
+def supervise(folder: Path) -> int:
+    """Run the job's commands one after another, each in a process group of its own, recording in job.json which
+    runs and how each ended; stop at the first that fails or after a stop request."""
+    job = _load_job(folder / "job.json")
+    if job is None:
+        return 2
+    job.supervisor = os.getpid()
+    save_job(folder, job)
+    env = child_environment({PROGRESS_FILE_VARIABLE: str(folder / "progress.jsonl"), "PYTHONUNBUFFERED": "1"})
+
+    def finish(returncode: int, why: str) -> int:
+        stopped = (folder / STOP_MARKER).exists()
+        state = "stopped" if stopped else ("finished" if returncode == 0 else "failed")
+        ended = replace(job, returncode=returncode, ended=time.time(), state=state)
+        if state != "finished":
+            _append_log(folder, "stopped on request" if stopped else why)
+        save_job(folder, ended)
+        return 0
+
+    for index, cmd in enumerate(job.commands):
+        if (folder / STOP_MARKER).exists():
+            return finish(130, "")
+        try:
+            with open(folder / "log.txt", "a", encoding="utf-8") as log:
+                log.write(f"$ {shown(cmd)}\n")
+                log.flush()
+                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                           **_new_process_group())
+        except OSError as e:
+            return finish(127, f"cannot start {cmd[0]}: {e.strerror or e}")
+        job.pid, job.current, job.state = process.pid, index, "running"
+        save_job(folder, job)
+        returncode = process.wait()
+        if returncode != 0:
+            left = len(job.commands) - index - 1
+            return finish(returncode, f"the command exited with status {returncode}"
+                                      + (f"; {left} later command(s) not run" if left else ""))
+    return finish(0, "")
 
 
 def _load_job(path: Path) -> Job | None:
@@ -182,6 +236,10 @@ def _new_process_group() -> dict:
     if os.name == "nt":
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
+
+
+def _alive(pid: int | None) -> bool:
+    return pid is not None and pid_alive(pid)
 
 
 def _group_alive(pid: int) -> bool:
@@ -204,3 +262,7 @@ def _signal_group(pid: int, interrupt: bool) -> None:
             os.killpg(pid, signal.SIGINT if interrupt else signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
         pass
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(Path(sys.argv[1])))

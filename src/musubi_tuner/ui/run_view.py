@@ -11,14 +11,6 @@ from musubi_tuner.ui.jobs import Job, Jobs
 from musubi_tuner.ui.workspace import Workspace
 
 
-def outputs_of(command: str, values: dict, workspace: Workspace) -> dict[str, str]:
-    """Where a job writes, from its (checked) form values."""
-    if command == "train":
-        return {"output_dir": str(workspace.writable(values["output_dir"], "--output_dir")),
-                "output_name": str(values.get("output_name") or "")}
-    return {"save_path": str(workspace.writable(values["save_path"], "--save_path"))}
-
-
 class RunViews:
     def __init__(self, workspace: Workspace, jobs: Jobs, tasks):
         self.workspace, self.jobs, self.tasks = workspace, jobs, tasks

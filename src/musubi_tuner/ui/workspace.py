@@ -19,10 +19,19 @@ DEMO_SAMPLE_PROMPT = "a red circle moving left on a black background --w 64 --h 
 class Workspace:
     def __init__(self, root: str | os.PathLike):
         root = Path(root).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-check-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--workspace {root}: cannot write ({e.strerror or e}); choose a folder the studio may "
+                            f"write to") from None
         self.root = Path(os.path.realpath(root))
 
     def inside(self, value: str | os.PathLike) -> bool:
+        if "\0" in str(value):
+            raise UserError(f"{str(value)!r}: a path cannot hold a NUL character")
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = self.root / path
