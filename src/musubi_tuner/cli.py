@@ -14,7 +14,7 @@ import logging
 import math
 import re
 
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import SharedError, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,7 +50,7 @@ class Parser(argparse.ArgumentParser):
             flag, detail = match.groups()
             own = re.match(r"(invalid|expected|ignored|not allowed|one of) ", detail)  # argparse's words, not a domain's
             message = f"{flag}: {detail}" if own else f"{flag} {detail}"
-        raise UserError(f"{message} (see {self.prog} --help)")
+        raise SharedError(f"{message} (see {self.prog} --help)")  # every process has the same command line
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import SharedError, UserError
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,29 @@ def join_launched_group(device: torch.device) -> torch.device:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    check_same_command_line()
     return device
+
+
+def check_same_command_line(argv: list[str] | None = None) -> None:
+    """Every process of a run must have been given the same command line (a launcher gives each the same): one whose
+    flags differ (a wrapper that edits them, a shell loop) would compute another thing and mix it into the result,
+    as a video sampled on two step schedules."""
+    import sys
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith(("--local_rank", "--local-rank"))]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    first = everyone[0]
+    for process, other in enumerate(everyone):
+        if other != first:
+            at = next((i for i, (a, b) in enumerate(zip(first, other)) if a != b), min(len(first), len(other)))
+            flag = next((first[i] for i in range(min(at, len(first) - 1), -1, -1) if first[i].startswith("--")), "")
+            shown = lambda args: " ".join(args[max(0, at - 1):at + 2]) or "(nothing)"  # noqa: E731
+            raise SharedError(f"process {process} was started with another command line than process 0 (near {flag or 'the start'}: "
+                              f"{shown(other)!r} vs {shown(first)!r}); give every process of a run the same flags")
 
 
 def rank() -> int:

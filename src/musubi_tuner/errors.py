@@ -16,6 +16,12 @@ class UserError(Exception):
     """
 
 
+class SharedError(UserError):
+    """A UserError that every process of a multi-process run meets alike (a bad command line, a count that does not
+    fit the model, a check made on values all processes share): process 0 prints it, the others only hand it to the
+    launcher's summary, so the user reads it once, not once per process."""
+
+
 def did_you_mean(word: str, candidates) -> str:
     """` (did you mean X?)` with the closest of `candidates` to a misspelt `word`, or nothing when none is close."""
     import difflib
@@ -47,12 +53,15 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except UserError as e:
         if debug_requested(argv):
             raise
-        _fail(str(e))
+        _fail(str(e), shared=isinstance(e, SharedError))
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         message = out_of_memory(e)
+        if message is not None and not debug_requested(argv):
+            _fail(f"{message}{'; ' + memory_advice if memory_advice else ''} (--debug shows where)")
+        message = lost_peer(e)
         if message is None or debug_requested(argv):
             raise
-        _fail(f"{message}{'; ' + memory_advice if memory_advice else ''} (--debug shows where)")
+        _fail(f"{message} (--debug shows where)")
     except KeyboardInterrupt:
         _close_progress_bars()
         print("interrupted", file=sys.stderr)
@@ -83,11 +92,33 @@ def use_expandable_segments(environ=os.environ, platform: str = sys.platform) ->
     return True
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, shared: bool = False) -> None:
     _close_progress_bars()
-    print(f"error: {message}", file=sys.stderr)
+    if not shared or int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"error: {message}", file=sys.stderr)
     _tell_the_launcher(f"error: {message}")
     sys.exit(2)
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """What a failed collective means in a run of several processes, in a line, or None when `e` is not one.
+
+    Gloo and NCCL report a process that died as a broken connection, and one that hangs as a timeout, each with a long
+    traceback on every process that was waiting for it."""
+    import re
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    text = f"{type(e).__name__}: {e}"
+    collective = type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError") or re.search(
+        r"gloo|nccl|ProcessGroup|c10d|TCPStore", text, re.I)
+    if not collective:
+        return None
+    if re.search(r"timed? ?out|timeout", text, re.I):
+        return ("the other processes of this run did not answer in time: one of them is stuck, stopped, or much slower "
+                "(training waits --ddp_timeout minutes; otherwise PyTorch's default, 30 minutes with gloo, 10 with NCCL)")
+    return ("another process of this run stopped or lost its connection; its own error, if it printed one, is above, "
+            "and the launcher's summary names the process")
 
 
 def out_of_memory(e: BaseException) -> str | None:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import SharedError
 from musubi_tuner.hunyuan.attention import attention
 
 
@@ -33,7 +33,7 @@ def check_heads(heads: int, size: int, flag: str = "--context_parallel") -> None
     """Ulysses splits the heads over the processes: their count must divide."""
     if heads % size:
         fits = [n for n in range(1, heads + 1) if heads % n == 0]  # 1: no context parallel
-        raise UserError(f"{flag} {size}: the DiT's {heads} attention heads do not split over {size} processes; "
+        raise SharedError(f"{flag} {size}: the DiT's {heads} attention heads do not split over {size} processes; "
                         f"use one of {', '.join(map(str, fits))}")
 
 

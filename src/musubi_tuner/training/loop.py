@@ -25,9 +25,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from musubi_tuner.distributed import GradientReducer, describe as describe_layout, make_layout
+from musubi_tuner.distributed import GradientReducer, check_same_command_line, describe as describe_layout, make_layout
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import SharedError, UserError
 from musubi_tuner.files import require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, compile_blocks, compile_errors, known_gradient_problem,
@@ -48,8 +48,9 @@ from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(UserError):
-    pass
+class NonFiniteLoss(SharedError):
+    """Every process stops on it at the same step (the loss, gradients and weights checked are shared), with the same
+    message (the items come from every process): process 0 prints it."""
 
 
 def first_non_finite(module: torch.nn.Module, frozen: bool = False) -> str | None:
@@ -68,6 +69,20 @@ def damaged_dit(dit: torch.nn.Module, path) -> str | None:
         return None
     key = bad.removeprefix("module.").replace("_orig_mod.", "")
     return f"The DiT file {path} holds NaN or infinite values ({key}): it is damaged, download it again"
+
+
+def culprit_items(items: list[str], local_loss: torch.Tensor | None, processes: int) -> list[str]:
+    """The items to name when a run diverges: this batch's, or with several processes, those of the processes whose
+    own loss was not finite (every process, when the loss is not what went wrong), each marked with its process."""
+    if processes == 1:
+        return list(items)
+    import torch.distributed as dist
+
+    finite = local_loss is None or bool(torch.isfinite(local_loss).all())
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (finite, list(items)))
+    culprits = [(rank, names) for rank, (ok, names) in enumerate(everyone) if not ok] or list(enumerate(n for _, n in everyone))
+    return [f"process {rank}: {name}" for rank, names in culprits for name in names]
 
 
 def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, resumed_from: Path | None,
@@ -389,6 +404,7 @@ def train(args) -> Path | None:
 
 def _train(args) -> Path | None:
     accelerator = make_accelerator(args)
+    check_same_command_line()
     if args.cuda_allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -507,8 +523,9 @@ def _train(args) -> Path | None:
     compile_pending = bool(args.compile)
     known_cause = known_gradient_problem(CompileOptions.from_args(args), accelerator.device)
 
-    def diverged(what: str) -> NonFiniteLoss:
-        return divergence(what, progress.global_step + 1, epoch + 1, batch["item_names"], saver, resume_from,
+    def diverged(what: str, local_loss: torch.Tensor | None = None) -> NonFiniteLoss:
+        items = culprit_items(batch["item_names"], local_loss, accelerator.num_processes)
+        return divergence(what, progress.global_step + 1, epoch + 1, items, saver, resume_from,
                           known_cause or damaged_dit(dit, args.dit))
 
     if is_schedule_free(optimizer):
@@ -524,7 +541,7 @@ def _train(args) -> Path | None:
                 # the mean over all processes: what is logged, and every process stops together on a bad one
                 global_loss = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss.detach()
                 if not torch.isfinite(global_loss):
-                    raise diverged(f"loss is {global_loss.item()}")
+                    raise diverged(f"loss is {global_loss.item()}", loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and reducer is not None:
                     reducer.reduce()

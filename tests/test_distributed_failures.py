@@ -1,0 +1,123 @@
+"""A run of several processes off the happy path: processes given different command lines, a process that dies or
+stops answering, a loss that is not finite on one process, an error that every process meets. Each case runs real
+processes joined by torch.distributed (gloo), forked from the test (helpers.run_group) or started as commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_group
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check_command_lines(rank, world, argvs):
+    from musubi_tuner.distributed import check_same_command_line
+    from musubi_tuner.errors import SharedError
+
+    try:
+        check_same_command_line(argvs[rank])
+    except SharedError as e:
+        return {"error": str(e)}
+    return {"error": ""}
+
+
+def test_processes_given_different_command_lines_all_stop_with_one_message_naming_the_flag():
+    same = ["--video_size", "64", "64", "--infer_steps", "4", "--local_rank=0"]
+    assert [r["error"] for r in run_group(2, _check_command_lines, [same, same[:-1] + ["--local_rank=1"]])] == ["", ""]
+    other = ["--video_size", "64", "64", "--infer_steps", "6"]
+    errors = [r["error"] for r in run_group(2, _check_command_lines, [same[:-1], other])]
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("process 1 was started with another command line than process 0 (near --infer_steps: "
+                                "'--infer_steps 6' vs '--infer_steps 4')"), errors[0]
+
+
+def _wait_for_a_peer_that_dies(rank, world, mode):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from musubi_tuner.errors import lost_peer
+
+    os.environ["WORLD_SIZE"] = str(world)
+    group = dist.new_group(timeout=datetime.timedelta(seconds=3))
+    if rank == 1:
+        if mode == "dies":
+            os._exit(0)  # gone without a word, as a process the kernel killed
+        time.sleep(6)  # stuck longer than the group's timeout
+        return {"message": ""}
+    try:
+        dist.all_reduce(torch.ones(4), group=group)
+    except Exception as e:  # what gloo raises on the process left waiting
+        return {"message": lost_peer(e) or f"not recognised: {type(e).__name__}: {e}"}
+    return {"message": "the collective returned"}
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("dies", "another process of this run stopped or lost its connection"),
+    ("stuck", "the other processes of this run did not answer in time"),
+])
+def test_a_process_that_dies_or_stops_answering_is_one_line_on_the_others(mode, message):
+    import multiprocessing
+    import tempfile
+
+    # run_group fails on a process that exits without a result, so process 0's answer is collected by hand here
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "0.json"
+
+        def worker(rank):
+            import datetime
+
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+            out = _wait_for_a_peer_that_dies(rank, 2, mode)
+            if rank == 0:
+                result.write_text(json.dumps(out))
+            os._exit(0)
+
+        from helpers import free_port
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        procs = [multiprocessing.get_context("fork").Process(target=worker, args=(r,)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+        assert json.loads(result.read_text())["message"].startswith(message)
+
+
+def _culprits(rank, world):
+    from musubi_tuner.training.loop import culprit_items
+
+    loss = torch.tensor(float("nan") if rank == 1 else 0.5)
+    return {"loss": culprit_items([f"item{rank}a", f"item{rank}b"], loss, world),
+            "update": culprit_items([f"item{rank}"], None, world)}
+
+
+def test_a_loss_that_is_not_finite_on_one_process_names_that_processs_items_on_every_process():
+    first, second = run_group(2, _culprits)
+    assert first == second
+    assert first["loss"] == ["process 1: item1a", "process 1: item1b"]
+    assert first["update"] == ["process 0: item0", "process 1: item1"]  # the weights are shared: every item counts
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_an_error_every_process_meets_is_printed_by_process_0_only_and_given_to_the_launcher(tmp_path, rank, printed):
+    error_file = tmp_path / "error.json"
+    env = dict(os.environ, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", TORCHELASTIC_ERROR_FILE=str(error_file))
+    done = subprocess.run([sys.executable, "src/musubi_tuner/hv_generate_video.py", "--save_path", "x", "--infer_steps", "0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert ("error: --infer_steps" in done.stderr) == printed, done.stderr
+    assert json.loads(error_file.read_text())["message"].startswith("error: --infer_steps")
