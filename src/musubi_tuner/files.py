@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
@@ -23,20 +24,31 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from musubi_tuner.errors import UserError
 
-# safetensors dtype tags <-> torch dtypes (the format's spec; the same tags musubi-tuner's writer uses).
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-ST_TAGS = {dtype: tag for tag, dtype in ST_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+
+# safetensors dtype tags <-> torch dtypes (the format's spec; the same tags musubi-tuner's writer uses). Built on first
+# use: the atomic writes, locks and checks here serve processes that never load torch (the studio's job supervisor).
+@functools.cache
+def st_dtypes() -> dict[str, "torch.dtype"]:
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+            "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+
+
+@functools.cache
+def st_tags() -> dict["torch.dtype", str]:
+    return {dtype: tag for tag, dtype in st_dtypes().items()}
+
+
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -127,6 +139,8 @@ def save_torch(obj, path: str | os.PathLike) -> None:
     torch.save to a path reports a failed write as a RuntimeError ("unexpected pos ..."); writing through a Python
     file object keeps the OSError the operating system gave.
     """
+    import torch
+
     path = Path(path)
 
     class Recorder:  # torch.save's writer calls write(); the first OSError is the cause
@@ -238,6 +252,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     Tensors are written in the mapping's order; floating-point ones are cast to `cast` one at a time if
     given. `metadata` values must be strings.
     """
+    import torch
 
     def stored_dtype(t: torch.Tensor) -> torch.dtype:
         return cast if cast is not None and t.is_floating_point() else t.dtype
@@ -252,10 +267,10 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     specs = getattr(tensors, "specs", None) or {name: (stored_dtype(t), tuple(t.shape)) for name, t in tensors.items()}
     offset = 0
     for name, (dtype, shape) in specs.items():
-        if dtype not in ST_TAGS:
+        if dtype not in st_tags():
             raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": ST_TAGS[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": st_tags()[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
@@ -453,7 +468,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[to
     data_size = size - 8 - n
     for key, info in header.items():
         try:
-            dtype = ST_DTYPES[info["dtype"]]
+            dtype = st_dtypes()[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
             end = int(info["data_offsets"][1])
         except (KeyError, TypeError, ValueError, IndexError):
@@ -538,6 +553,8 @@ class StateDictFile:
         memory until the file is closed: streaming a whole model through `get` ends up holding a copy of it.
         Reading each tensor with a positioned read keeps only the tensors still referenced.
         """
+        import torch
+
         if self._safe is None:
             return self.get(key)
         real = self._rename[key]
@@ -580,6 +597,8 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object:
     """torch.load with weights_only=True (mmap when possible) and errors that name the file."""
+    import torch
+
     path = require_file(path, what)
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols is noise to users: the file loads or is refused
@@ -601,6 +620,8 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
 
 
 def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path, what: str) -> dict[str, torch.Tensor]:
+    import torch
+
     if isinstance(obj, dict):
         for key in subdict_keys:
             if key in obj and isinstance(obj[key], dict):
