@@ -23,7 +23,7 @@ import logging
 
 from musubi_tuner.cli import Parser
 from musubi_tuner.errors import UserError, run_cli
-from musubi_tuner.files import refuse_overwriting_inputs
+from musubi_tuner.files import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora
         from musubi_tuner.networks.lora_metadata import with_naming
 
-        refuse_overwriting_inputs(args.output, "--output", {"--input": [args.input]})
+        check_output_file(args.output, "--output", {"--input": [args.input]})
         prefix = diffusers_prefix(args.diffusers_prefix)
         contents = read_lora(args.input, args.allow_partial_lora)
         if args.target == "other":

@@ -69,6 +69,10 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
+    except OSError as e:  # a file or folder the command met that no check foresaw: name it, as for every other error
+        if e.filename is None or debug_requested(argv):
+            raise
+        _fail(f"{e.filename}: {e.strerror or e} (--debug shows where)")
 
 
 ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")

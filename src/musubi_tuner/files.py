@@ -193,10 +193,12 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     return folder
 
 
-def refuse_overwriting_inputs(output: str | os.PathLike, output_flag: str, inputs: Mapping[str, Sequence]) -> None:
-    """An output that is one of the command's own inputs (the same file under any name or link) is refused before
-    any work: writing it would replace what the run reads, and a base model or a checkpoint would be gone."""
+def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mapping[str, Sequence]) -> None:
+    """Before any work: the output's folder takes new files (require_writable_folder), and the output is none of the
+    command's own inputs (the same file under any name or link): writing it would replace what the run reads, and a
+    base model or a checkpoint would be gone."""
     out = Path(output)
+    require_writable_folder(out.parent, output_flag)
     if not out.exists():
         return
     for flag, paths in inputs.items():
@@ -221,7 +223,14 @@ def _default_mode(path: Path) -> int:
 
 
 def write_error(path: Path, err: OSError) -> UserError:
-    """Turn a failed write (full disk, read-only folder) into a message that names the file."""
+    """Turn a failed write (full disk, read-only folder, a file where a folder must be) into a message that names the
+    file."""
+    path = Path(path)
+    for above in path.parents:
+        if above.exists():
+            if not above.is_dir():
+                return UserError(f"{path}: cannot write: {above} is a file, not a folder")
+            break
     return UserError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions of {path.parent}")
 
 

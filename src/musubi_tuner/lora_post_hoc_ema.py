@@ -18,7 +18,7 @@ import argparse
 
 from musubi_tuner.cli import Parser, real
 from musubi_tuner.errors import run_cli
-from musubi_tuner.files import refuse_overwriting_inputs
+from musubi_tuner.files import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         from musubi_tuner.networks.lora_files import save_lora
         from musubi_tuner.networks.post_hoc_ema import ema_betas, order_files, post_hoc_ema
 
-        refuse_overwriting_inputs(args.output_file, "--output_file", {"the checkpoints to average": args.path})
+        check_output_file(args.output_file, "--output_file", {"the checkpoints to average": args.path})
         paths = order_files(args.path, sort=not args.no_sort)
         betas = ema_betas(len(paths) - 1, args.beta, args.beta2, args.sigma_rel)
         weights, metadata = post_hoc_ema(paths, betas)

@@ -20,11 +20,11 @@ logger = logging.getLogger(__name__)
 
 def check_merged_model_output(output: str, dit: str, loras: Sequence[str]) -> None:
     """--save_merged_model, before any work: a .safetensors name, and none of the files the merge reads."""
-    from musubi_tuner.files import refuse_overwriting_inputs
+    from musubi_tuner.files import check_output_file
 
     if not str(output).endswith(".safetensors"):
         raise UserError(f"--save_merged_model {output}: the merged model is written as .safetensors")
-    refuse_overwriting_inputs(output, "--save_merged_model", {"--dit": [dit], "--lora_weight": loras})
+    check_output_file(output, "--save_merged_model", {"--dit": [dit], "--lora_weight": loras})
 
 
 def resolve_multipliers(lora_paths: Sequence[str], multipliers: Sequence[float] | float | None, flag: str = "--lora_multiplier") -> list[float]:

@@ -156,6 +156,10 @@ def check_args(args) -> None:
     from musubi_tuner.files import require_writable_folder
 
     require_writable_folder(args.output_dir, "--output_dir", create=not args.dry_run)
+    if args.sample_prompts:  # the samples' folder, which sampling makes only at the first sample (hours in)
+        require_writable_folder(Path(args.output_dir) / "sample", "--output_dir", create=not args.dry_run)
+    if args.logging_dir:
+        require_writable_folder(args.logging_dir, "--logging_dir", create=not args.dry_run)
 
 
 def check_lora_files(args) -> None:
