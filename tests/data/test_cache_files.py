@@ -133,13 +133,20 @@ def test_rewriting_one_encoder_in_another_dtype_replaces_it(tmp_path):
     assert sorted(load_file(str(path))) == ["clipL_float32", "llm_float8_e4m3fn", "llm_mask"]
 
 
-def test_a_changed_caption_wins_with_a_warning(tmp_path, caplog):
+def test_a_changed_caption_wins_with_a_warning_and_drops_what_the_old_caption_made(tmp_path, caplog):
+    """A caching run stopped between the LLM and the CLIP pass of a new caption must not leave the old caption's
+    CLIP output beside the new LLM output, under the new caption: --skip_existing would then never redo it."""
+    from musubi_tuner.data.items import CaptionItem, text_encoding_todo
+
     path = tmp_path / "x_hv_te.safetensors"
-    cf.save_text_cache(path, "old", {"llm_float16": torch.zeros(2).half()})
+    cf.save_text_cache(path, "old", {"llm_float16": torch.zeros(2).half(), "clipL_float16": torch.zeros(2).half()})
     with caplog.at_level(logging.WARNING):
-        cf.save_text_cache(path, "new", {"clipL_float16": torch.zeros(2).half()})
+        cf.save_text_cache(path, "new", {"llm_float16": torch.ones(2).half()})  # the LLM pass; then the run is killed
     assert "caption changed" in caplog.text
-    assert read_safetensors_header(path)[1]["caption1"] == "new" and len(load_file(str(path))) == 2
+    assert read_safetensors_header(path)[1]["caption1"] == "new" and sorted(load_file(str(path))) == ["llm_float16"]
+    item = CaptionItem(source=None, caption="new", cache_path=path)
+    assert text_encoding_todo([item], "clipL", skip_existing=True) == [item]  # the rerun encodes CLIP again
+    assert text_encoding_todo([item], "llm", skip_existing=True) == []
 
 
 def test_merging_into_another_architectures_cache_is_refused(tmp_path):

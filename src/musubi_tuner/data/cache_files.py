@@ -220,8 +220,10 @@ def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str,
 
     `tensors` holds stored keys (see text_encoder_tensors): one encoder's or both. If the file exists,
     its tensors are kept except those whose dtype-stripped name is written now (so a re-run in another
-    precision replaces, not duplicates); a caption change wins with a warning; a cache of another
-    architecture is an error.
+    precision replaces, not duplicates); a caption change wins with a warning, and drops the other encoder's
+    tensors (made from the old caption: until its pass writes them anew, the cache lacks them, and a run killed
+    between the two passes leaves a cache that --skip_existing completes, never one that mixes two captions);
+    a cache of another architecture is an error.
     """
     path = Path(path)
     tensors = _without_nan(dict(tensors), str(path), "--text_encoder_dtype")
@@ -231,6 +233,7 @@ def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str,
         if old_metadata.get("caption1", caption) != caption:
             logger.warning("%s: caption changed from %r to %r; the new one is stored", path,
                            old_metadata["caption1"], caption)
+            kept = {}
         tensors = {**kept, **tensors}
         metadata = {**old_metadata, **metadata}
     metadata.update(provenance or {})
