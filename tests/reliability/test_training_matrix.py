@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,13 @@ from reliability_cases import (
 )
 
 from musubi_tuner.data import cache_files
+
+
+def assert_metadata(path: Path, **expected: str) -> None:
+    from musubi_tuner.files import read_safetensors_header
+
+    metadata = read_safetensors_header(path)[1]
+    assert {k: metadata.get(k) for k in expected} == expected, metadata
 
 
 def output_name_with_a_folder(a, tmp):
@@ -239,6 +247,15 @@ CASES = [
          then=lambda a, t, err, out: (t / "elsewhere" / "tiny.safetensors").is_file() or (_ for _ in ()).throw(AssertionError(err[-2000:]))),
     Case("train-resume-a-finished-run", "hv_train_network", lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto"),
          None, warning=r"tiny-state is at step 2 of 2: nothing left to train, nothing written", keep=outputs_of("out")),
+    Case("train-resume-auto-leaves-another-names-state", "hv_train_network",
+         lambda a, t: [*train_argv(a, trained_before(a, t))[:-2], "--output_name", "other", "--resume", "auto"], None,
+         warning=r"--resume auto: no saved state of other in \S+, starting fresh \(states of other names there: tiny-state;",
+         keep=outputs_of("out"), then=lambda a, t, err, out: assert_metadata(t / "out" / "other.safetensors", ss_steps="2")),
+    Case("train-resume-with-another-learning-rate-says-the-saved-one-continues", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--max_train_steps", "3", "--learning_rate", "5e-4"),
+         None, warning=r"tiny-state: saved with --learning_rate 0\.001; its optimizer and schedule continue at that rate, not "
+                       r"at 0\.0005, and the LoRA's metadata records 0\.001",
+         then=lambda a, t, err, out: assert_metadata(t / "out" / "tiny.safetensors", ss_learning_rate="0.001", ss_steps="3")),
     Case("train-resume-not-a-state", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(a.root)),
          r"not a complete training state \(no train_state\.json\); pick another folder or --resume auto", then=before_the_model_loads),
     Case("train-resume-missing-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(t / "nope-state")),

@@ -431,7 +431,7 @@ def _train(args) -> Path | None:
         with accelerator.main_process_first():
             candidates = [download_state(args.resume, args.huggingface_token)]
     else:
-        candidates = complete_states(Path(args.output_dir)) if args.resume == "auto" else [Path(args.resume)] if args.resume else []
+        candidates = complete_states(Path(args.output_dir), args.output_name) if args.resume == "auto" else [Path(args.resume)] if args.resume else []
     resume_from = candidates[0] if candidates else None
     args.seed = seed = run_seed(args, accelerator, resume_from)  # the metadata records the seed actually used
     set_seed(seed)
@@ -489,9 +489,10 @@ def _train(args) -> Path | None:
                        network={"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
                                 "args": sorted(args.network_args or []), "dropout": args.network_dropout},
                        processes=accelerator.num_processes, batches_per_epoch=batches_per_epoch,
-                       accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint())
+                       accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate)
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
+    args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record
     if progress.global_step >= total_steps:  # a finished run resumed: another step would pass its end and overwrite its LoRA
         logger.warning("%s is at step %d of %d: nothing left to train, nothing written (raise --max_train_steps or "
                        "--max_train_epochs to train on)", resume_from, progress.global_step, total_steps)
@@ -611,7 +612,9 @@ def resume(candidates: list[Path], args, run: dict, *, network, optimizer, sched
     from musubi_tuner.training.state import DamagedState
 
     if args.resume == "auto" and not candidates:
-        logger.info("--resume auto: no saved state in %s, starting fresh", args.output_dir)
+        others = sorted(p.name for p in complete_states(Path(args.output_dir)))
+        logger.info("--resume auto: no saved state of %s in %s, starting fresh%s", args.output_name, args.output_dir,
+                    f" (states of other names there: {', '.join(others[:3])}; --resume FOLDER continues one)" if others else "")
     for folder in candidates:
         try:
             progress = load_state(folder, network=network, optimizer=optimizer, scheduler=scheduler, scaler=accelerator.scaler,

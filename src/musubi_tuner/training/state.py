@@ -135,10 +135,12 @@ class DamagedState(UserError):
 
 
 def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
-                 accumulation: int, dataset: str) -> dict:
-    """What a resumed run must share with the saved one for the resume to continue it, not start something else."""
+                 accumulation: int, dataset: str, learning_rate: float | None = None) -> dict:
+    """What a resumed run must share with the saved one for the resume to continue it, not start something else
+    (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says)."""
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
-            "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset}
+            "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
+            "learning_rate": learning_rate}
 
 
 def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainProgress) -> TrainProgress:
@@ -167,6 +169,11 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
         changed = ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
         raise UserError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
                         f"--network_dim, --network_alpha and --network_args")
+    if differs("learning_rate"):  # the optimizer's and the schedule's saved state hold the rate: they win, as in musubi-tuner
+        logger.warning("%s: saved with --learning_rate %g; its optimizer and schedule continue at that rate, not at %g, and "
+                       "the LoRA's metadata records %g. To train at %g, start a new run from its LoRA with --network_weights",
+                       folder, saved["learning_rate"], current["learning_rate"], saved["learning_rate"], current["learning_rate"])
+        current["learning_rate"] = saved["learning_rate"]
     if differs("gradient_accumulation_steps") or differs("batches_per_epoch") or differs("dataset"):
         if progress.batch_in_epoch:
             logger.warning("%s: the dataset or batching changed since this state was saved (%s batches per epoch then, %s now); "
@@ -255,15 +262,20 @@ def read_progress(folder: Path) -> TrainProgress | None:
         return None
 
 
-def complete_states(output_dir: Path) -> list[Path]:
-    """The complete state folders in output_dir, the most advanced (by saved global step) first.
+def complete_states(output_dir: Path, name: str | None = None) -> list[Path]:
+    """The complete state folders in output_dir, the most advanced (by saved global step) first; with `name`, only
+    those of that --output_name (NAME-state, NAME-step00000006-state, NAME-000002-state): another experiment saved
+    in the same folder is not this run's to continue.
 
     Damaged markers are left out with a warning; so are folders still being written (.incomplete) and replaced
     copies (.old) whose replacement exists.
     """
     found: list[tuple[int, Path]] = []
+    own = re.compile(rf"{re.escape(name)}(?:-step\d+|-\d+)?-state(?:\.old)?") if name is not None else None
     for marker in Path(output_dir).glob(f"*/{STATE_MARKER}"):
         folder = marker.parent
+        if own is not None and not own.fullmatch(folder.name):
+            continue
         if folder.name.endswith(".incomplete"):  # being written when the run stopped
             continue
         if folder.name.endswith(".old") and folder.with_suffix("").exists():  # replaced; only a kill between the renames keeps it alone
