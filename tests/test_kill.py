@@ -133,3 +133,23 @@ def test_kill_during_a_save_and_during_a_step_then_resume_auto_finishes_as_an_un
     # --save_last_n_steps 2 keeps the steps within 2 of the last (musubi-tuner's arithmetic): nothing piles up across the kills
     assert sorted(p.name for p in out.glob("tiny-step*")) == [
         f"tiny-step{s:08d}{suffix}" for s in range(STEPS - 2, STEPS + 1) for suffix in ("-state", ".comfyui.safetensors", ".safetensors")]
+
+
+def test_a_run_killed_between_the_lora_and_its_comfyui_copy_leaves_no_copy_of_another_save(setup, tmp_path):
+    """The pair is written one file after the other: the copy of the previous save is removed first, so a kill in
+    between leaves the new LoRA without its copy (which a rerun writes), never beside the previous save's copy."""
+    import shutil
+
+    from musubi_tuner.files import read_safetensors_header
+
+    dit, toml, _ = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("tiny.safetensors", "tiny.comfyui.safetensors"):  # an earlier run's pair (seed 7, 8 steps)
+        shutil.copy(dit.parent / "straight" / name, out / name)
+    run = start(train_argv(dit, toml, out, "--seed", "8", "--max_train_steps", "1"), tmp_path / "train.log")
+    kill_when(run, lambda: any(p.name.startswith(".tiny.comfyui.safetensors.") for p in os.scandir(out)))
+    main = read_safetensors_header(out / "tiny.safetensors")[1]
+    assert main["ss_seed"] == "8"  # the new LoRA was in place
+    copy = out / "tiny.comfyui.safetensors"
+    assert not copy.exists() or read_safetensors_header(copy)[1]["ss_seed"] == main["ss_seed"]

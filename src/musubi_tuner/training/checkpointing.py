@@ -100,7 +100,10 @@ class CheckpointSaver:
             if weights is not None:
                 from musubi_tuner.networks.lora_files import lora_outputs, save_lora
 
-                for out in lora_outputs(weights, path, self.args.lora_format):  # the kohya file and/or its ComfyUI copy
+                outputs = list(lora_outputs(weights, path, self.args.lora_format))  # the kohya file and/or its ComfyUI copy
+                for out in outputs[1:]:  # a run stopped between the writes leaves the copy missing, never a previous save's
+                    out.path.unlink(missing_ok=True)
+                for out in outputs:
                     meta = finish_metadata({**self.metadata, **extra}, out.tensors, steps=progress.global_step, epoch=epoch, spec=self.spec,
                                            naming=out.naming, companion=out.companion)
                     if self.hub is not None:
