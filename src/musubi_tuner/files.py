@@ -67,7 +67,10 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise write_error(path, e) from e
-    os.close(fd)
+    if os.name == "nt":  # (an open handle would stop the rename there)
+        os.close(fd)
+        fd = None
+    _hold_while_writing(fd)
     tmp_path = Path(tmp)
     try:
         os.chmod(tmp_path, _default_mode(path))  # mkstemp makes 0600 files; give the permissions a normal write would
@@ -80,6 +83,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError):
             raise write_error(path, e) from e
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)  # (and with it the lock)
 
 
 @contextlib.contextmanager
@@ -93,6 +99,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent))
     except OSError as e:
         raise write_error(path, e) from e
+    fd = os.open(tmp, os.O_RDONLY) if os.name != "nt" else None
+    _hold_while_writing(fd)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -106,6 +114,32 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, UserError):  # a file inside that could not be written: named where the user will look for it
             raise UserError(str(e).replace(str(tmp), str(path))) from e
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _hold_while_writing(fd: int | None) -> None:
+    """Lock a temporary file or folder (flock) for as long as it is written: the pid in its name means something only
+    on this machine and in this PID namespace, while the lock is seen by a run in another container on the same
+    machine, or (NFSv4) on another machine writing to the same folder. Not on Windows, whose locks would block the
+    writes themselves."""
+    if fd is not None and os.name != "nt":
+        _try_lock(fd)
+
+
+def _being_written(path: Path) -> bool:
+    """Whether some process holds a temporary file's or folder's _hold_while_writing lock."""
+    if os.name == "nt":
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return _try_lock(fd) is False
+    finally:
+        os.close(fd)
 
 
 TEMP_SUFFIX = ".tmp"
@@ -116,8 +150,10 @@ def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, 
     """atomic_write's temporary files in `folder` whose write was killed, for targets whose name `target` accepts.
 
     A temporary file names the pid that writes it: one whose process still runs on this machine is a live run's
-    and is never listed. Files without a pid (older versions) are listed only when the caller `owned` the folder
-    (holds its RunLock), since then no other run writes there. `folders`: atomic_folder's temporary folders too.
+    and is never listed; nor is one whose writer holds its lock (a run in another container, or on another machine
+    sharing the folder, whose pid means nothing here). Files without a pid (older versions) are listed only when
+    the caller `owned` the folder (holds its RunLock), since then no other run writes there. `folders`:
+    atomic_folder's temporary folders too.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -128,7 +164,7 @@ def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, 
         if not match or not target(match["target"]) or not (path.is_file() or (folders and path.is_dir())):
             continue
         pid = match["pid"]
-        if (pid is None and owned) or (pid is not None and not pid_alive(int(pid))):
+        if ((pid is None and owned) or (pid is not None and not pid_alive(int(pid)))) and not _being_written(path):
             found.append(path)
     return found
 

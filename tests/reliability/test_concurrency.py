@@ -113,9 +113,21 @@ def test_generation_removes_temporary_files_of_dead_runs_only(assets, tmp_path):
     dead_frames = videos / f".x_0_1.{int(dead.stdout)}-ghi789.tmp"  # a killed run's frames folder (--output_type images)
     (dead_frames / "x_0_1_000.png").parent.mkdir()
     (dead_frames / "x_0_1_000.png").write_bytes(b"partial")
-    result = run_command("hv_generate_video", generate_argv(assets, tmp_path), tmp_path)
+    # a run in another container (or on another machine sharing the folder): its pid means nothing here, but it holds
+    # the lock every temporary file is written under
+    elsewhere = videos / f".z_latent.safetensors.{int(dead.stdout)}-jkl012.tmp"
+    elsewhere.write_bytes(b"partial")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(elsewhere)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_command("hv_generate_video", generate_argv(assets, tmp_path), tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
     assert result.code == 0, result.err[-2000:]
-    assert not dead_temp.exists() and not dead_frames.exists() and live_temp.exists()
+    assert not dead_temp.exists() and not dead_frames.exists() and live_temp.exists() and elsewhere.exists()
 
 
 def test_output_cut_short_by_a_reader_ends_quietly(assets, tmp_path):
