@@ -539,7 +539,12 @@ class StateDictFile:
         self._safe = None
         self._offsets: dict[str, tuple[int, int]] | None = None  # safetensors: absolute byte range per tensor, for read()
         self._tensors: dict[str, torch.Tensor] | None = None
+        self._file = None
         if self.path.suffix.lower() == ".safetensors" or _looks_like_safetensors(self.path):
+            # the version of the file opened here is the one read to the end: a rename over it (another run saving
+            # under this name) does not reach this descriptor, and a rewrite in place is seen (_check_unchanged)
+            self._file = open(self.path, "rb", buffering=0)
+            self._opened = _version(os.fstat(self._file.fileno()))
             entries, self.metadata = read_safetensors_header(self.path)
             self._entries = entries
             from safetensors import safe_open
@@ -581,7 +586,9 @@ class StateDictFile:
     def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """One tensor, optionally cast and moved (cast happens after reading that tensor only)."""
         real = self._rename[key]
-        if self._safe is not None:
+        if self._safe is not None and self._opened[0] <= MAPPED_FROM_BYTES:
+            t = self.read(key)  # a small file (a LoRA, a cache): no mapping, whose pages a rewrite would pull away (SIGBUS)
+        elif self._safe is not None:
             t = self._safe.get_tensor(real)
         else:
             t = self._tensors[real]
@@ -610,11 +617,24 @@ class StateDictFile:
         t = torch.empty(shape, dtype=dtype)
         if end > start:
             buffer = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            with open(self.path, "rb", buffering=0) as f:
-                f.seek(start)
-                if f.readinto(buffer) != end - start:
-                    raise UserError(f"{self.path}: file is truncated (tensor {real!r})")
+            self._file.seek(start)
+            short = self._file.readinto(buffer) != end - start
+            self._check_unchanged()
+            if short:
+                raise UserError(f"{self.path}: file is truncated (tensor {real!r})")
         return t
+
+    def _check_unchanged(self) -> None:
+        if _version(os.fstat(self._file.fileno())) != self._opened:
+            raise UserError(f"{self.path}: changed while it was being read (another program writes it in place); run again "
+                            f"once it is complete")
+
+    def close(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+
+    def __del__(self):
+        self.close()
 
     def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self._rename:
@@ -622,6 +642,13 @@ class StateDictFile:
 
     def load_all(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return dict(self.items(dtype))
+
+
+MAPPED_FROM_BYTES = 512 * 2**20  # files this large are memory-mapped (a DiT, a VAE); smaller ones are read
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:

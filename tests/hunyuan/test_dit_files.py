@@ -142,3 +142,27 @@ def test_pickle_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_pat
     with pytest.raises(UserError, match="evil.pt: refused to load"):
         load_dit(path)
     assert not (tmp_path / "pwned_by_pickle").exists()
+
+
+def test_a_file_replaced_while_it_is_read_gives_the_version_opened_and_one_rewritten_in_place_is_refused(tmp_path):
+    """Another run saving under the same name (a rename over the file) must not mix its tensors into what is being
+    read (a merge streams its --dit tensor by tensor); a program rewriting the file in place is named, not read."""
+    from musubi_tuner.files import StateDictFile
+
+    path, other = tmp_path / "dit.safetensors", tmp_path / "new.safetensors"
+    old = {"a": torch.zeros(64), "b": torch.zeros(64)}
+    save_safetensors(old, path)
+    save_safetensors({k: v + 1 for k, v in old.items()}, other)
+    reader = StateDictFile(path)
+    assert torch.equal(reader.read("a"), old["a"])
+    os.replace(other, path)  # what an atomic save under this name does
+    assert torch.equal(reader.read("b"), old["b"]) and torch.equal(reader.get("b"), old["b"])
+
+    os.utime(path, (1e9, 1e9))  # (the clock's tick is coarser than this test: the rewrite must show in the mtime)
+    reader = StateDictFile(path)
+    reader.read("a")
+    with open(path, "r+b") as f:  # rewritten in place, as cp or a non-atomic writer does
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x80\x7f")
+    with pytest.raises(UserError, match=r"dit\.safetensors: changed while it was being read"):
+        reader.read("b")
