@@ -130,6 +130,21 @@ class CheckpointSaver:
         self.last_state = self.out / f"{stem}-state" if with_state else None
         return path
 
+    def warn_of_an_earlier_run(self) -> None:
+        """A fresh run (no --resume) into a folder that holds an earlier run's LoRAs or states of this --output_name
+        replaces those it writes under the same names and leaves the others beside them (musubi-tuner does so
+        silently): say so, since post-hoc EMA or --resume auto would later mix the two runs."""
+        from musubi_tuner.training.state import complete_states
+
+        own = re.compile(rf"{re.escape(self.name)}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors")
+        found = sorted(p.name for p in self.out.glob("*.safetensors") if own.fullmatch(p.name))
+        found += [p.name for p in complete_states(self.out, self.name)]
+        if found:
+            logger.warning("%s holds %d files of an earlier run named %s (%s%s); this run starts afresh, replaces those it "
+                           "writes under the same names and leaves the others. To continue that run, use --resume auto; "
+                           "to keep both, another --output_name", self.out, len(found), self.name, ", ".join(found[:3]),
+                           ", ..." if len(found) > 3 else "")
+
     def _remove_leftovers(self) -> None:
         """Temporary files and half-written states of a killed run: never complete, so never worth keeping."""
         name = glob.escape(self.name)

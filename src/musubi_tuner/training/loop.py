@@ -504,6 +504,8 @@ def _train(args) -> Path | None:
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
                             scheduler=scheduler, optimizer=optimizer, run=run, hub=hub)
+    if not args.resume and is_main:
+        saver.warn_of_an_earlier_run()
     if args.logging_dir or args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None,
                                   init_kwargs=tracker_init_kwargs(args))
