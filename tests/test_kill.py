@@ -136,8 +136,8 @@ def test_kill_during_a_save_and_during_a_step_then_resume_auto_finishes_as_an_un
 
 
 def test_a_run_killed_between_the_lora_and_its_comfyui_copy_leaves_no_copy_of_another_save(setup, tmp_path):
-    """The pair is written one file after the other: the copy of the previous save is removed first, so a kill in
-    between leaves the new LoRA without its copy (which a rerun writes), never beside the previous save's copy."""
+    """Both files of a save are written whole before either replaces the previous save's: a kill while the copy is
+    written leaves the previous pair, never the new LoRA beside the previous save's copy."""
     import shutil
 
     from musubi_tuner.files import read_safetensors_header
@@ -149,7 +149,5 @@ def test_a_run_killed_between_the_lora_and_its_comfyui_copy_leaves_no_copy_of_an
         shutil.copy(dit.parent / "straight" / name, out / name)
     run = start(train_argv(dit, toml, out, "--seed", "8", "--max_train_steps", "1"), tmp_path / "train.log")
     kill_when(run, lambda: any(p.name.startswith(".tiny.comfyui.safetensors.") for p in os.scandir(out)))
-    main = read_safetensors_header(out / "tiny.safetensors")[1]
-    assert main["ss_seed"] == "8"  # the new LoRA was in place
-    copy = out / "tiny.comfyui.safetensors"
-    assert not copy.exists() or read_safetensors_header(copy)[1]["ss_seed"] == main["ss_seed"]
+    main, copy = (read_safetensors_header(out / name)[1] for name in ("tiny.safetensors", "tiny.comfyui.safetensors"))
+    assert (main["ss_seed"], main["ss_steps"]) == (copy["ss_seed"], copy["ss_steps"])

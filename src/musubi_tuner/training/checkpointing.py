@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import random
@@ -98,18 +99,26 @@ class CheckpointSaver:
         if acc.is_main_process:
             weights = self.network.state_dict_for_saving(self.save_dtype) if hasattr(self.network, "state_dict_for_saving") else None
             if weights is not None:
-                from musubi_tuner.networks.lora_files import lora_outputs, save_lora
+                from musubi_tuner.files import atomic_write, save_safetensors
+                from musubi_tuner.networks.lora_files import lora_outputs
 
                 outputs = list(lora_outputs(weights, path, self.args.lora_format))  # the kohya file and/or its ComfyUI copy
-                for out in outputs[1:]:  # a run stopped between the writes leaves the copy missing, never a previous save's
-                    out.path.unlink(missing_ok=True)
-                for out in outputs:
-                    meta = finish_metadata({**self.metadata, **extra}, out.tensors, steps=progress.global_step, epoch=epoch, spec=self.spec,
-                                           naming=out.naming, companion=out.companion)
-                    if self.hub is not None:
-                        self.hub.wait_for(out.path)  # an upload of an older file of this name still reading it
-                    save_lora(out.tensors, out.path, meta)
-                    if self.hub is not None:
+                # every file of the pair is written whole before either replaces its previous version: a full disk keeps
+                # the previous pair, and a run killed while writing leaves it too (only the two renames, back to back,
+                # could be split)
+                with contextlib.ExitStack() as pair:
+                    for out in outputs:
+                        meta = finish_metadata({**self.metadata, **extra}, out.tensors, steps=progress.global_step, epoch=epoch,
+                                               spec=self.spec, naming=out.naming, companion=out.companion)
+                        if self.hub is not None:
+                            self.hub.wait_for(out.path)  # an upload of an older file of this name still reading it
+                        staged = pair.enter_context(atomic_write(out.path))
+                        try:
+                            save_safetensors(out.tensors, staged, metadata={k: str(v) for k, v in meta.items()})
+                        except UserError as e:  # named as the file the user knows, not the temporary one
+                            raise UserError(str(e).replace(str(staged), str(out.path))) from e
+                if self.hub is not None:
+                    for out in outputs:
                         self.hub.upload(out.path, sync=last)
             else:
                 self.network.save_weights(str(path), self.save_dtype, {**self.metadata, **extra})
