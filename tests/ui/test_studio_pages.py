@@ -77,10 +77,12 @@ def training_runs_to_the_end_with_a_curve_and_samples_and_survives_a_reload(stud
     url, _ = studio
     page.goto(f"{url}/train")
     page.wait_for_selector("#f-max_train_epochs")
-    page.fill("#f-max_train_epochs", "1")
+    # 4 epochs of the demo's 2 items: the steps' bar stays open for seconds, longer than the page's 1 s between polls
+    # (1 epoch kept it open for 0.6 s, and the ETA was seen only when a poll happened to fall in it)
+    page.fill("#f-max_train_epochs", "4")
     page.fill("#f-max_data_loader_n_workers", "0")  # no reader processes to start on a small CI machine
     page.uncheck("#f-persistent_data_loader_workers")
-    page.wait_for_function("document.querySelector('#command').textContent.includes('--max_train_epochs 1')")
+    page.wait_for_function("document.querySelector('#command').textContent.includes('--max_train_epochs 4')")
     assert page.inner_text("#command").startswith("accelerate launch -q --num_cpu_threads_per_process 1 --mixed_precision bf16 ")
     page.click("#start")
     page.wait_for_selector("#run[data-state=running]", timeout=30_000)
