@@ -335,3 +335,64 @@ def test_console_back_paints_every_row_and_names_the_colours_it_takes():
     assert "\x1b" not in ascii_art(np.zeros((8, 16, 3), np.uint8), width=8, color=False)
     with pytest.raises(UserError, match="--console_back pink: one of black, red, green"):
         background_code("pink")
+
+
+def test_training_warns_once_per_dataset_about_caches_older_than_the_dataset_and_items_never_cached(models, tmp_path, caplog):
+    """fuzz_a D8: a replaced image, an edited caption, a deleted image and a killed cache_latents.py (latent caches
+    missing) were trained on, or left out, without a word. Training compares what the caches record with a stat of
+    each source and its caption (the check --skip_existing uses), and names a few of each kind."""
+    import os
+
+    from PIL import Image
+
+    toml = make_synthetic_dataset(tmp_path, num_videos=2, num_images=5, width=32, height=32, frames=5)
+    cache_latents_main(latent_args(toml, models))
+    cache_text_main(text_args(toml, models))
+    config = load_dataset_config(toml, check_sources=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        TrainingDataset.from_config(config, seed=0)
+    assert "older than" not in caplog.text and "no latent cache" not in caplog.text  # just cached: nothing to say
+
+    images, image_caches = tmp_path / "images", tmp_path / "cache" / "images"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(images / "image_0000.png")  # same size and name: only the pixels changed
+    os.utime(images / "image_0000.png", ns=(1, 10**18))
+    (images / "image_0001.txt").write_text("a totally different caption")
+    (images / "image_0002.png").unlink()
+    for stem in ("image_0003", "image_0004"):  # as a killed cache_latents.py leaves them
+        next(image_caches.glob(f"{stem}_*_hv.safetensors")).unlink()
+    (tmp_path / "videos" / "clip_0001.txt").write_text("another caption")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        dataset = TrainingDataset.from_config(config, seed=0)
+    assert dataset.num_items == 3 + 2  # image_0000, image_0001, image_0002 (source gone, caches still there); the clips
+    lines = [r.getMessage() for r in caplog.records if "older than the dataset" in r.getMessage() or "no latent cache" in r.getMessage()]
+    assert lines == [
+        f"{toml}: [[datasets]][0]: 3 cached items are older than the dataset and trained on as cached (image_0000: image "
+        "changed; image_0001: caption changed; image_0002: source deleted), and 2 images have no latent cache and are left out "
+        "(image_0003; image_0004); run cache_latents.py and cache_text_encoder_outputs.py again (with --skip_existing they "
+        "redo only these)",
+        f"{toml}: [[datasets]][1]: 1 cached item is older than the dataset and trained on as cached (clip_0001: caption "
+        "changed); run cache_latents.py and cache_text_encoder_outputs.py again (with --skip_existing they redo only these)",
+    ]
+
+    cache_latents_main(latent_args(toml, models, "--skip_existing"))  # what the warning says to do silences it
+    cache_text_main(text_args(toml, models, "--skip_existing"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert TrainingDataset.from_config(config, seed=0).num_items == 4 + 2
+    assert "older than" not in caplog.text and "no latent cache" not in caplog.text
+
+
+def test_a_dataset_whose_sources_are_absent_says_nothing_about_stale_caches(models, tmp_path, caplog):
+    """Training needs only the caches: with the source folder gone (or a cache-only dataset) there is nothing to compare."""
+    import shutil
+
+    toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=2, width=32, height=32, frames=5)
+    cache_latents_main(latent_args(toml, models))
+    cache_text_main(text_args(toml, models))
+    shutil.rmtree(tmp_path / "images")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=0).num_items == 2
+    assert "older than" not in caplog.text and "no latent cache" not in caplog.text

@@ -277,3 +277,35 @@ def test_a_dataset_config_saved_with_a_byte_order_mark_reads_as_without(folders)
     want = load_dataset_config(path).datasets
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert load_dataset_config(path).datasets == want
+
+
+@pytest.mark.parametrize("value", ["../../etc/passwd", "/x", "sub/.txt", "..\\\\caps.txt", "a\\u0000.txt"])
+@pytest.mark.parametrize("table", ["general", "datasets"])
+def test_a_caption_extension_holding_a_path_separator_is_refused_naming_the_key(folders, value, table):
+    """It is appended to each item's file name: a separator would read a caption from another folder (D15)."""
+    line = f'caption_extension = "{value}"\n'
+    text = "[general]\n" + line + '[[datasets]]\nimage_directory = "images"\n' if table == "general" else \
+        '[[datasets]]\nimage_directory = "images"\n' + line
+    message = load_error(folders, text)
+    where = "[general]" if table == "general" else "[[datasets]][0]"
+    assert message.startswith(f"dataset.toml: {where}.caption_extension = ")
+    assert message.endswith('must be a file extension such as ".txt" (no /, \\ or NUL): the caption sits beside its image or video')
+    assert "\n" not in message
+
+
+def test_a_caption_extension_from_the_command_line_is_checked_too(folders):
+    with pytest.raises(UserError, match=r"command line --caption_extension = '/x' must be a file extension"):
+        load_dataset_config(write(folders, '[[datasets]]\nimage_directory = "images"\n'), {"caption_extension": "/x"})
+
+
+@pytest.mark.parametrize("value", ["100000000000000000", "10001"])
+def test_an_absurd_num_repeats_is_refused_naming_the_key_and_the_flags_for_longer_training(folders, value):
+    """Every repeat is a sample the epoch's plan holds in memory; 10**17 ran training out of host memory (D16)."""
+    message = load_error(folders, VIDEOS + f"num_repeats = {value}\n")
+    assert message == (f"dataset.toml: [[datasets]][0].num_repeats = {value} is too large: at most 10,000 (every repeat is "
+                       "held in memory for the epoch's plan); to train longer, set --max_train_steps or --max_train_epochs")
+
+
+def test_num_repeats_up_to_the_bound_is_accepted(folders):
+    (video,) = load_dataset_config(write(folders, "[general]\nnum_repeats = 10000\n" + VIDEOS)).datasets
+    assert video.num_repeats == 10000

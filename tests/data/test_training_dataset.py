@@ -219,3 +219,90 @@ def test_processes_share_an_epoch_without_overlap_and_with_equal_step_counts(tmp
     resumed = EpochSampler(Fake(), 1, 2)
     resumed.set_epoch(1, start=2)
     assert list(resumed) == ["b5", "b0"]
+
+
+def _damage(path, change):
+    """Rewrite a cache file with `change(tensors)` applied to its stored tensors, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file(change(load_file(str(path))), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("stored, problem", [
+    ({"latents_1x4x8_int32": torch.ones(16, 1, 4, 8, dtype=torch.int32)}, "latents_1x4x8_int32 is int32, not a floating-point tensor"),
+    ({"latents_1x4x8_bool": torch.ones(16, 1, 4, 8, dtype=torch.bool)}, "latents_1x4x8_bool is bool, not a floating-point tensor"),
+    ({"latents_0x4x8_float16": torch.ones(16, 0, 4, 8).half()}, r"latents_0x4x8_float16 has shape [16, 0, 4, 8], a dimension of 0"),
+    ({"latents_1x0x0_float16": torch.ones(16, 1, 0, 0).half()}, r"latents_1x0x0_float16 has shape [16, 1, 0, 0], a dimension of 0"),
+    ({"latents_1x3x7_float16": torch.ones(16, 1, 3, 7).half()},
+     "latents_1x3x7_float16 has shape [16, 1, 3, 7]: frames, height and width must be multiples of the DiT's patch [1, 2, 2]"),
+    ({"latents_4x8_float16": torch.ones(16, 4, 8).half()}, "not one (C, F, H, W) latents tensor"),
+])
+def test_a_latent_cache_training_cannot_use_is_left_out_naming_the_file_and_the_fault(tmp_path, caplog, stored, problem):
+    """Integer, bool, empty or odd-sized latents crashed mid-run or trained on garbage (fuzz D5, D7)."""
+    write_item(tmp_path / "cache_i", "good")
+    write_item(tmp_path / "cache_i", "bad")
+    save_file(stored, str(tmp_path / "cache_i" / "bad_0064x0032_hv.safetensors"), metadata={"architecture": "hunyuan_video"})
+    with caplog.at_level(logging.WARNING):
+        dataset = TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    assert dataset.num_items == 1
+    assert [i.latent_path.name for b in dataset.epoch_plan(1) for i in b.items] == ["good_0064x0032_hv.safetensors"]
+    assert f"[[datasets]][0]: 1 cached items left out: bad_0064x0032_hv.safetensors: {problem}; delete it and run " \
+           f"cache_latents.py again" in caplog.text
+    dataset[dataset.epoch_plan(1)[0]]  # what is left loads
+
+
+def _text(llm=(256, 8), mask=(256,), clip=(768,), llm_dtype=torch.float16, mask_dtype=torch.int64, clip_mask=(77,)):
+    def change(tensors):
+        out = {f"llm_{str(llm_dtype).removeprefix('torch.')}": torch.ones(llm).to(llm_dtype),
+               "clipL_float16": torch.ones(clip).half()}
+        if mask is not None:
+            out["llm_mask"] = torch.ones(mask).to(mask_dtype)
+        if clip_mask is not None:
+            out["clipL_mask"] = torch.ones(clip_mask, dtype=torch.int64)
+        return out
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_text(mask=None), "bad_hv_te.safetensors has no llm_mask (the LLM output's token mask)"),
+    (_text(llm=(8,), mask=(8,)), "bad_hv_te.safetensors: llm_float16 has shape [8], expected [tokens, width] with no dimension 0"),
+    (_text(llm=(1, 256, 8)), "bad_hv_te.safetensors: llm_float16 has shape [1, 256, 8], expected [tokens, width] with no dimension 0"),
+    (_text(llm=(0, 8), mask=(0,)), "bad_hv_te.safetensors: llm_float16 has shape [0, 8], expected [tokens, width] with no dimension 0"),
+    (_text(clip=(1, 768)), "bad_hv_te.safetensors: clipL_float16 has shape [1, 768], expected [width] with no dimension 0"),
+    (_text(llm_dtype=torch.int32), "bad_hv_te.safetensors: llm_int32 is int32, not a floating-point tensor"),
+    (_text(mask_dtype=torch.float32), "bad_hv_te.safetensors: llm_mask is float32, not an integer or bool tensor"),
+    (_text(mask=(100,)), "bad_hv_te.safetensors: llm_float16 has 256 tokens but llm_mask 100; they must match"),
+    (_text(llm=(300, 8)), "bad_hv_te.safetensors: llm_float16 has 300 tokens but llm_mask 256; they must match"),
+    (_text(clip_mask=(1, 77)), "bad_hv_te.safetensors: clipL_mask has shape [1, 77], expected [tokens] with no dimension 0"),
+])
+def test_a_text_cache_training_cannot_use_is_left_out_naming_the_file_and_the_fault(tmp_path, caplog, change, problem):
+    """A missing mask, a wrong rank or dtype, or a mask of another length crashed mid-run or trained silently (fuzz D6, D7, D14)."""
+    write_item(tmp_path / "cache_i", "good")
+    write_item(tmp_path / "cache_i", "bad")
+    _damage(tmp_path / "cache_i" / "bad_hv_te.safetensors", change)
+    with caplog.at_level(logging.WARNING):
+        dataset = TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    assert dataset.num_items == 1
+    assert f"1 cached items left out: bad_0064x0032_hv.safetensors: {problem}; delete it and run " \
+           f"cache_text_encoder_outputs.py again" in caplog.text
+    dataset[dataset.epoch_plan(1)[0]]
+
+
+def test_text_caches_as_the_caching_command_writes_them_pass_bool_masks_and_no_clip_mask_included(tmp_path, caplog):
+    write_item(tmp_path / "cache_i", "a")
+    write_item(tmp_path / "cache_i", "b")
+    _damage(tmp_path / "cache_i" / "b_hv_te.safetensors", _text(mask_dtype=torch.bool, clip_mask=None))
+    with caplog.at_level(logging.WARNING):
+        assert TrainingDataset.from_config(dataset_config(tmp_path), seed=0).num_items == 2
+    assert "left out" not in caplog.text
+
+
+def test_when_every_cache_is_unusable_training_stops_before_any_model_loads(tmp_path, caplog):
+    write_item(tmp_path / "cache_i", "a")
+    _damage(tmp_path / "cache_i" / "a_hv_te.safetensors", _text(llm_dtype=torch.int32))
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="no cached training items in"):
+        TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    assert "a_hv_te.safetensors: llm_int32 is int32, not a floating-point tensor" in caplog.text

@@ -155,6 +155,16 @@ CASES = [
          r'dataset\.toml: \[\[datasets\]\]\[0\]\.batch_size = "2" is not an integer'),
     Case("toml-num-repeats-zero", "cache_latents", lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t, "num_repeats = 0")), a),
          r"dataset\.toml: \[\[datasets\]\]\[0\]\.num_repeats = 0 must be at least 1"),
+    Case("toml-caption-extension-with-a-path", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolution = [32, 32]\n'
+                                                                                  'caption_extension = "../../etc/passwd"\n'), a),
+         r'dataset\.toml: \[general\]\.caption_extension = "\.\./\.\./etc/passwd" must be a file extension such as "\.txt" '
+         r"\(no /, \\ or NUL\)", covered_by="tests/data/test_config.py::"
+                                      "test_a_caption_extension_holding_a_path_separator_is_refused_naming_the_key"),
+    Case("toml-num-repeats-absurd", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t, "num_repeats = 100000000000000000")), a),
+         r"dataset\.toml: \[\[datasets\]\]\[0\]\.num_repeats = 100000000000000000 is too large: at most 10,000",
+         covered_by="tests/data/test_config.py::test_an_absurd_num_repeats_is_refused_naming_the_key_and_the_flags_for_longer_training"),
     Case("toml-resolution-under-two-bucket-steps", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolution = [16, 16]\nenable_bucket = true\n'
                                                                                   'caption_extension = ".txt"\n'), a),

@@ -17,6 +17,7 @@ from reliability_cases import (
     nan_dit,
     nan_vae,
     copy_cached,
+    copy_dataset,
     outputs_of,
     run_command,
     train_argv,
@@ -139,6 +140,35 @@ def nan_newest(a, tmp):
     return out
 
 
+def damaged_caches(a, tmp, everywhere=False):
+    """The cache-only dataset with an odd-sized latent cache and a text cache whose llm_mask is shorter than its llm
+    (fuzz D5, D14); with `everywhere`, every latent cache integer (D7)."""
+    from safetensors.torch import load_file, save_file
+
+    toml = copy_cached(a, tmp)
+    cache = tmp / "cached" / "cache"
+    latents, texts = sorted(cache.glob("*_hv.safetensors")), sorted(cache.glob("*_hv_te.safetensors"))
+    meta = {"architecture": "hunyuan_video"}
+    if everywhere:
+        for path in latents:
+            save_file({"latents_2x4x4_int32": torch.ones(16, 2, 4, 4, dtype=torch.int32)}, str(path), metadata=meta)
+        return toml
+    save_file({"latents_2x3x3_float16": torch.ones(16, 2, 3, 3).half()}, str(latents[0]), metadata=meta)
+    tensors = load_file(str(texts[1]))
+    tensors["llm_mask"] = tensors["llm_mask"][:100].clone()
+    save_file(tensors, str(texts[1]), metadata=meta)
+    return toml
+
+
+def stale_dataset(a, tmp):
+    """A copy of the cached synthetic dataset (sources included) whose caption changed and one latent cache is missing,
+    as a killed cache_latents.py leaves it (fuzz_a D8)."""
+    toml, folder = copy_dataset(a, tmp)
+    (folder / "images" / "image_0000.txt").write_text("a caption written after caching")
+    next((folder / "cache" / "images").glob("image_0001_*_hv.safetensors")).unlink()
+    return toml
+
+
 def resumed_from_step_1(a, tmp, err, out):
     assert "resumed from" in err and "tiny-step00000001-state at step 1" in err, err[-3000:]
 
@@ -236,6 +266,26 @@ CASES = [
          r"clip1_00000-005_0032x0032_hv\.safetensors: latent channels 32, but \S+dit\.pt takes 16 \(it was made with another model\)"),
     Case("train-text-of-another-width", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=other_width_text(a, t)),
          r"clip2_hv_te\.safetensors: LLM text width 4096, but \S+dit\.pt takes \d+"),
+    # --- caches training cannot use are left out with a warning naming each, before any model loads
+    Case("train-damaged-caches-are-left-out", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=damaged_caches(a, t)),
+         None, warning=r"\[\[datasets\]\]\[0\]: 2 cached items left out: clip0_00000-005_0032x0032_hv\.safetensors: "
+                       r"latents_2x3x3_float16 has shape \[16, 2, 3, 3\]: frames, height and width must be multiples of the "
+                       r"DiT's patch \[1, 2, 2\]; delete it and run cache_latents\.py again; clip1_00000-005_0032x0032_hv\."
+                       r"safetensors: clip1_hv_te\.safetensors: llm_float16 has 256 tokens but llm_mask 100; they must match; "
+                       r"delete it and run cache_text_encoder_outputs\.py again"),
+    Case("train-integer-latents-train-nothing", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", toml=damaged_caches(a, t, everywhere=True)),
+         r"dataset\.toml: no cached training items in \S+cache; run cache_latents\.py",
+         warning=r"4 cached items left out: clip0_00000-005_0032x0032_hv\.safetensors: latents_2x4x4_int32 is int32, not a "
+                 r"floating-point tensor", then=before_the_model_loads),
+    Case("train-num-repeats-absurd", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=repeated(a, t, 10**17)),
+         r"dataset\.toml: \[\[datasets\]\]\[0\]\.num_repeats = 100000000000000000 is too large: at most 10,000 .*; to train "
+         r"longer, set --max_train_steps or --max_train_epochs$", then=before_the_model_loads),
+    Case("train-caches-older-than-the-dataset-are-named", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", toml=stale_dataset(a, t)), None,
+         warning=r"\[\[datasets\]\]\[0\]: 1 cached item is older than the dataset and trained on as cached \(image_0000: "
+                 r"caption changed\), and 1 image has no latent cache and is left out \(image_0001\); run cache_latents\.py and "
+                 r"cache_text_encoder_outputs\.py again"),
     Case("train-timesteps-min-above-max", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--min_timestep", "900", "--max_timestep", "100"),
          r"--min_timestep 900.*--max_timestep 100", then=before_the_model_loads),
@@ -256,6 +306,9 @@ CASES = [
          None, warning=r"tiny-state: saved with --learning_rate 0\.001; its optimizer and schedule continue at that rate, not "
                        r"at 0\.0005, and the LoRA's metadata records 0\.001",
          then=lambda a, t, err, out: assert_metadata(t / "out" / "tiny.safetensors", ss_learning_rate="0.001", ss_steps="3")),
+    Case("train-afresh-over-an-earlier-run-says-so", "hv_train_network", lambda a, t: train_argv(a, trained_before(a, t)), None,
+         warning=r"out holds 3 files of an earlier run named tiny \(tiny\.comfyui\.safetensors, tiny\.safetensors, tiny-state\); "
+                 r"this run starts afresh"),
     Case("train-resume-not-a-state", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(a.root)),
          r"not a complete training state \(no train_state\.json\); pick another folder or --resume auto", then=before_the_model_loads),
     Case("train-resume-missing-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(t / "nope-state")),

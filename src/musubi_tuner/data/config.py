@@ -145,12 +145,14 @@ def _show(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (str, bool, list, tuple, dict)) or value is None else repr(value)
 
 
-def _positive_int(minimum: int = 1) -> Check:
+def _positive_int(minimum: int = 1, maximum: int | None = None, why: str = "") -> Check:
     def check(value: Any, at: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{at} is not an integer")
         if value < minimum:
             raise UserError(f"{at} must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise UserError(f"{at} is too large: at most {maximum:,}{why}")
         return value
     return check
 
@@ -210,6 +212,14 @@ def _extraction(value: Any, at: str) -> str:
     return value
 
 
+def _file_extension(value: Any, at: str) -> str:
+    """caption_extension: appended to an item's file name without its extension, so it must stay in that folder."""
+    if any(c in value for c in ("/", "\\", "\0")):
+        raise UserError(f"{at} must be a file extension such as \".txt\" (no /, \\ or NUL): the caption sits beside "
+                        f"its image or video")
+    return value
+
+
 def _anything(value: Any, at: str) -> Any:
     return value
 
@@ -222,11 +232,20 @@ def _fraction(value: Any, at: str) -> float:
     return float(value)
 
 
+# Each repeat of an item is one sample of the epoch, and the epoch's plan holds every sample in host memory (about 300
+# bytes each): 10,000 repeats of 1,000 items is already 3 GB, and 10**17 ran out of memory. An epoch that long is never
+# needed: epochs only pace saving and sampling, and --max_train_steps / --max_train_epochs set how long a run trains.
+MAX_NUM_REPEATS = 10_000
+
 # Keys that [general] may set for every dataset.
 SHARED_KEYS: dict[str, Check] = {
     "resolution": _resolution, "caption_extension": _str, "batch_size": _positive_int(1),
-    "num_repeats": _positive_int(1), "enable_bucket": _bool, "bucket_no_upscale": _bool, "validation_split": _fraction,
+    "num_repeats": _positive_int(1, MAX_NUM_REPEATS, " (every repeat is held in memory for the epoch's plan); to train longer, "
+                                                     "set --max_train_steps or --max_train_epochs"),
+    "enable_bucket": _bool, "bucket_no_upscale": _bool, "validation_split": _fraction,
 }
+# Rules a key's value must meet beyond its type (kept apart from the tables above, whose checks name the value's kind).
+FURTHER_CHECKS: dict[str, Check] = {"caption_extension": _file_extension}
 IMAGE_KEYS: dict[str, Check] = {"image_directory": _path, "image_jsonl_file": _path, "cache_directory": _path}
 VIDEO_KEYS: dict[str, Check] = {
     "video_directory": _path, "video_jsonl_file": _path, "cache_directory": _path, "target_frames": _int_list,
@@ -249,6 +268,12 @@ DEFAULTS: dict[str, Any] = {
     "frame_stride": 1, "frame_sample": 1, "max_frames": 129, "source_fps": None, "validation_split": 0.0,
 }
 ALL_KEYS = sorted({*SHARED_KEYS, *IMAGE_KEYS, *VIDEO_KEYS, *IGNORED_IMAGE_KEYS, *IGNORED_VIDEO_KEYS})
+
+
+def _checked(checks: Mapping[str, Check], key: str, value: Any, at: str) -> Any:
+    """`value` of `key` through its table's check, then through FURTHER_CHECKS."""
+    value = checks[key](value, at)
+    return FURTHER_CHECKS[key](value, at) if key in FURTHER_CHECKS else value
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -336,7 +361,7 @@ def _general_table(table: Any, path: Path) -> dict[str, Any]:
     for key, value in table.items():
         at = f"{path}: [general].{key} = {_show(value)}"
         if key in SHARED_KEYS:
-            checked[key] = SHARED_KEYS[key](value, at)
+            checked[key] = _checked(SHARED_KEYS, key, value, at)
         elif key in ALL_KEYS:
             raise UserError(f"{path}: [general].{key} must be set in each [[datasets]] table, not in [general]")
         else:
@@ -362,7 +387,7 @@ def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path,
     for key, value in table.items():
         at = f"{where}.{key} = {_show(value)}"
         if key in SHARED_KEYS or key in keys:
-            own[key] = (SHARED_KEYS.get(key) or keys[key])(value, at)
+            own[key] = _checked(SHARED_KEYS if key in SHARED_KEYS else keys, key, value, at)
         elif key in ignored_keys:
             ignored_keys[key](value, at)
             ignored.append(key)
@@ -376,7 +401,8 @@ def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path,
             if source.get(key) is not None:
                 return source[key]
         if key in fallback:
-            return (SHARED_KEYS.get(key) or keys[key])(fallback[key], f"command line --{key} = {fallback[key]!r}")
+            return _checked(SHARED_KEYS if key in SHARED_KEYS else keys, key, fallback[key],
+                            f"command line --{key} = {fallback[key]!r}")
         return DEFAULTS[key]
 
     common = _common_values(where, value, own, is_video, path, check_sources)

@@ -32,12 +32,18 @@ import torch
 from musubi_tuner.data import cache_files
 from musubi_tuner.data.buckets import BucketSelector
 from musubi_tuner.data.config import AnyDatasetConfig, DatasetGroupConfig
+from musubi_tuner.dtypes import dtype_short_name
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.hunyuan.config import HUNYUAN_T2V
 
 logger = logging.getLogger(__name__)
 
 LatentShape = tuple[int, int, int]  # (F, H, W) of the latent; the bucket key
+# HunyuanVideo's DiT (and SkyReels V1's) cuts the latent into patches of (frames, height, width) = (1, 2, 2)
+LATENT_PATCH: tuple[int, int, int] = HUNYUAN_T2V.patch_size
+_REDO_TEXT = "delete it and run cache_text_encoder_outputs.py again"
+_REDO_LATENT = "delete it and run cache_latents.py again"
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,81 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
     return DatasetBuckets(dict(sorted(buckets.items())), dataset.batch_size, widths)
 
 
+def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
+    """One line on the dataset's caches that no longer match its sources, or None when all match.
+
+    Counts and names a few items whose latent cache was made from another version of the image or video, whose text
+    cache from another caption, or whose source is gone, and the images/videos that have no latent cache at all (a
+    killed cache_latents.py leaves them): the first are trained on as they were cached, the last are left out. It
+    compares what the caches record (source_bytes, source_mtime_ns, caption1) with the sources by the check
+    --skip_existing uses (cache_files.cache_status): a stat and a caption read per item, nothing decoded. A dataset
+    whose sources are absent or list nothing (a cache-only dataset) gives None, as do caches without that record
+    (musubi-tuner's).
+    """
+    from musubi_tuner.data import items
+
+    if not dataset.source.exists():
+        return None
+    try:
+        sources, skipped = items.list_items(dataset)
+    except (UserError, OSError):  # a damaged JSONL or an unreadable folder: training needs only the caches
+        return None
+    if not sources:
+        return None
+    cache_dir = dataset.cache_directory
+    latents: dict[str, list[Path]] = {}
+    for path in sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []:
+        name = cache_files.parse_latent_cache_name(path.name, video=dataset.is_video)
+        if name is not None:
+            latents.setdefault(name.item_key, []).append(path)
+    kind = "video" if dataset.is_video else "image"
+    changed: list[str] = []  # "stem: what changed"
+    uncached: list[str] = []
+    for item in sources:
+        if item.stem not in latents:
+            uncached.append(item.stem)
+            continue
+        try:
+            signature = cache_files.source_signature(item.path)
+        except OSError:  # a JSONL entry whose file is gone
+            changed.append(f"{item.stem}: source deleted")
+            continue
+        whats = []
+        if any((cache_files.cache_status(path, signature) or "").startswith("source_") for path in latents[item.stem]):
+            whats.append(f"{kind} changed")
+        try:
+            caption = item.read_caption()
+        except UserError:
+            caption = None
+        text_path = cache_files.text_cache_path(cache_dir, item.stem)
+        if caption is not None and (cache_files.cache_status(text_path, {"caption1": caption}) or "").startswith("caption1"):
+            whats.append("caption changed")
+        if whats:
+            changed.append(f"{item.stem}: {' and '.join(whats)}")
+    listed = {item.stem for item in sources} | {cache_files.item_stem(path) for path, _ in skipped}
+    changed += [f"{stem}: source deleted" for stem in sorted(latents) if stem not in listed]
+    if not changed and not uncached:
+        return None
+    parts = []
+    if changed:
+        parts.append(f"{_count(len(changed), 'cached item', 'is', 'are')} older than the dataset and trained on as cached "
+                     f"({_first(changed, shown)})")
+    if uncached:
+        parts.append(f"{_count(len(uncached), kind, 'has', 'have')} no latent cache and {'is' if len(uncached) == 1 else 'are'} "
+                     f"left out ({_first(uncached, shown)})")
+    return (f"{dataset.where}: {', and '.join(parts)}; run cache_latents.py and cache_text_encoder_outputs.py again "
+            f"(with --skip_existing they redo only these)")
+
+
+def _count(n: int, noun: str, one: str, many: str) -> str:
+    """`1 image has`, `3 images have`."""
+    return f"1 {noun} {one}" if n == 1 else f"{n} {noun}s {many}"
+
+
+def _first(names: list[str], shown: int) -> str:
+    return "; ".join(names[:shown]) + (f"; and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _bucket_or_none(selector: BucketSelector, size: tuple[int, int]) -> tuple[int, int] | None:
     try:
         return selector.bucket_for(size)
@@ -156,7 +237,13 @@ def _bucket_or_none(selector: BucketSelector, size: tuple[int, int]) -> tuple[in
 
 
 def _text_cache_problem(text_path: Path, widths: dict[tuple[str, int], Path]) -> str | None:
-    """None if the text cache holds both encoders' outputs, else what is wrong; records each output's width."""
+    """None if the text cache holds both encoders' outputs as training reads them, else what is wrong (naming the file,
+    the tensor and the fix); records each output's width.
+
+    What training needs: `llm` (tokens, width) and `clipL` (width,) of a floating dtype, and `llm_mask` (tokens,) of
+    an integer or bool dtype with as many tokens as `llm`; `clipL_mask`, which the DiT does not read, if present is one
+    integer or bool vector. No dimension may be 0.
+    """
     if not text_path.exists():
         return f"no text cache {text_path.name} (run cache_text_encoder_outputs.py)"
     try:
@@ -166,10 +253,36 @@ def _text_cache_problem(text_path: Path, widths: dict[tuple[str, int], Path]) ->
     missing = [e for e in cache_files.TEXT_ENCODERS if not any(cache_files.logical_key(k) == e for k in entries)]
     if missing:
         return f"no {' or '.join(missing)} output in {text_path.name}"
-    for key, (_, shape) in entries.items():
-        if cache_files.logical_key(key) in cache_files.TEXT_ENCODERS and shape:
-            widths.setdefault((cache_files.logical_key(key), shape[-1]), text_path)
+    tensors: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}  # logical key -> (stored key, dtype, shape)
+    for key, (dtype, shape) in entries.items():
+        name = cache_files.logical_key(key)
+        if name in tensors:
+            return f"{text_path.name} holds two versions of {name} ({tensors[name][0]}, {key}); {_REDO_TEXT}"
+        tensors[name] = (key, dtype, shape)
+    if "llm_mask" not in tensors:
+        return f"{text_path.name} has no llm_mask (the LLM output's token mask); {_REDO_TEXT}"
+    expected = {"llm": (True, "[tokens, width]", 2), "llm_mask": (False, "[tokens]", 1),
+                "clipL": (True, "[width]", 1), "clipL_mask": (False, "[tokens]", 1)}
+    for name, (floating, layout, rank) in expected.items():
+        if name not in tensors:
+            continue
+        key, dtype, shape = tensors[name]
+        if not (dtype.is_floating_point if floating else _is_mask_dtype(dtype)):
+            kind = "a floating-point" if floating else "an integer or bool"
+            return f"{text_path.name}: {key} is {dtype_short_name(dtype)}, not {kind} tensor; {_REDO_TEXT}"
+        if len(shape) != rank or 0 in shape:
+            return f"{text_path.name}: {key} has shape {list(shape)}, expected {layout} with no dimension 0; {_REDO_TEXT}"
+    tokens, mask_tokens = tensors["llm"][2][0], tensors["llm_mask"][2][0]
+    if tokens != mask_tokens:
+        return (f"{text_path.name}: {tensors['llm'][0]} has {tokens} tokens but llm_mask {mask_tokens}; they must match; "
+                f"{_REDO_TEXT}")
+    for name in cache_files.TEXT_ENCODERS:
+        widths.setdefault((name, tensors[name][2][-1]), text_path)
     return None
+
+
+def _is_mask_dtype(dtype: torch.dtype) -> bool:
+    return dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex)
 
 
 def check_caches_fit(datasets: Sequence[DatasetBuckets], expected: dict[str, int], model: str) -> None:
@@ -192,17 +305,30 @@ def check_caches_fit(datasets: Sequence[DatasetBuckets], expected: dict[str, int
 
 
 def _latent_shape(latent_path: Path, problems: list[str]) -> tuple[int, int, int, int] | None:
-    """(C, F, H, W) of the cache's one latents tensor, read from the header only."""
+    """(C, F, H, W) of the cache's one latents tensor, read from the header only; None (and what is wrong, in
+    `problems`) unless it is one floating tensor with no dimension 0 whose frames, height and width the DiT's patch
+    (LATENT_PATCH) divides. The channel count is checked against the DiT by check_caches_fit."""
     try:
         entries, _ = read_safetensors_header(latent_path)
     except UserError as e:
         problems.append(str(e))
         return None
-    shapes = [shape for key, (_, shape) in entries.items() if cache_files.logical_key(key) == "latents"]
-    if len(shapes) != 1 or len(shapes[0]) != 4:
-        problems.append(f"{latent_path.name}: not one (C, F, H, W) latents tensor")
+    latents = [(key, dtype, shape) for key, (dtype, shape) in entries.items() if cache_files.logical_key(key) == "latents"]
+    if len(latents) != 1 or len(latents[0][2]) != 4:
+        problems.append(f"{latent_path.name}: not one (C, F, H, W) latents tensor; {_REDO_LATENT}")
         return None
-    return tuple(shapes[0])
+    key, dtype, shape = latents[0]
+    if not dtype.is_floating_point:
+        problems.append(f"{latent_path.name}: {key} is {dtype_short_name(dtype)}, not a floating-point tensor; {_REDO_LATENT}")
+        return None
+    if 0 in shape:
+        problems.append(f"{latent_path.name}: {key} has shape {list(shape)}, a dimension of 0; {_REDO_LATENT}")
+        return None
+    if any(size % patch for size, patch in zip(shape[1:], LATENT_PATCH)):
+        problems.append(f"{latent_path.name}: {key} has shape {list(shape)}: frames, height and width must be multiples "
+                        f"of the DiT's patch {list(LATENT_PATCH)}; {_REDO_LATENT}")
+        return None
+    return tuple(shape)
 
 
 # ------------------------------------------------------------------------------------------ dataset
@@ -227,6 +353,10 @@ class TrainingDataset(torch.utils.data.Dataset):
     def from_config(cls, config: DatasetGroupConfig, seed: int, num_timestep_buckets: int | None = None) -> TrainingDataset:
         """Every dataset's caches; a UserError if none holds any (the caching commands have not been run)."""
         datasets = [find_cached_items(ds) for ds in config.datasets]
+        for ds in config.all_datasets:
+            warning = out_of_date_caches(ds)
+            if warning:
+                logger.warning("%s", warning)
         for ds, found in zip(config.datasets, datasets):
             count = sum(len(items) for items in found.buckets.values())
             logger.info("%s: %d training items (with repeats) in %d buckets, %d batches", ds.where, count,
