@@ -159,8 +159,19 @@ def comfy_key_map(sd_keys, hunyuan_video: bool = True) -> dict[str, str]:
     return key_map
 
 
+class LoaderKeyError(Exception):
+    """ComfyUI's loader indexing the file with a key it lacks (`lora[B_name]` for the down half of a pair whose up it
+    found, a LoHa factor beside hada_w1_a): the load stops with a KeyError."""
+
+    def __init__(self, present: str, missing: str):
+        super().__init__(missing)
+        self.present, self.missing = present, missing
+
+
 def comfy_load(keys, key_map: dict[str, str]) -> tuple[set[str], dict[str, tuple[str, list[str]]]]:
-    """`comfy.lora.load_lora`: (keys read, patch per state-dict key: (kind, the keys it came from)); later entries win."""
+    """`comfy.lora.load_lora`: (keys read, patch per state-dict key: (kind, the keys it came from)); later entries win.
+    Raises LoaderKeyError where ComfyUI stops with a KeyError (an up weight without its down weight, a LoHa without one
+    of its factors)."""
     keys = set(keys)
     loaded: set[str] = set()
     patches: dict[str, tuple[str, list[str]]] = {}
@@ -169,6 +180,8 @@ def comfy_load(keys, key_map: dict[str, str]) -> tuple[set[str], dict[str, tuple
         loaded |= set(alpha) | ({x + ".dora_scale"} & keys)
         for up, down in COMFY_LORA_PAIRS:
             if x + up in keys:
+                if x + down not in keys:
+                    raise LoaderKeyError(x + up, x + down)
                 used = [x + up, x + down] + [x + s for s in (".reshape_weight",) if x + s in keys]
                 if up == ".lora_up.weight" and x + ".lora_mid.weight" in keys:
                     used.append(x + ".lora_mid.weight")
@@ -178,6 +191,10 @@ def comfy_load(keys, key_map: dict[str, str]) -> tuple[set[str], dict[str, tuple
         for kind, names, trigger in (("loha", COMFY_LOHA, COMFY_LOHA[:1]), ("lokr", COMFY_LOKR, (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a")),
                                      ("glora", COMFY_GLORA, COMFY_GLORA[:1])):
             if any(x + t in keys for t in trigger):
+                if kind == "loha":  # LoHaAdapter.load reads all four factors (and hada_t2 beside a hada_t1)
+                    needed = COMFY_LOHA[:4] + ((".hada_t2",) if x + ".hada_t1" in keys else ())
+                    if missing := [x + s for s in needed if x + s not in keys]:
+                        raise LoaderKeyError(x + COMFY_LOHA[0], missing[0])
                 used = [x + s for s in names if x + s in keys]
                 patches[target] = (kind, used + alpha)
                 loaded |= set(used)
@@ -201,11 +218,17 @@ def _comfy_coverage(consumer: str, weights, model: Model, key_map: dict[str, str
     cov = Coverage(consumer, len(weights))
     cov.dropped.update(reasons or {})
     renamed = renamed if renamed is not None else {k: k for k in weights}
-    loaded, patches = comfy_load(renamed, key_map)
+    try:
+        loaded, patches = comfy_load(renamed, key_map)
+    except LoaderKeyError as e:
+        cov.fatal = (f"its loader stops with a KeyError: {renamed[e.present]} has no {e.missing} beside it (it reads every "
+                     "factor of each LoRA pair or LoHa it finds)")
+        cov.dropped = {}
+        return cov
     applied: set[str] = set()
     for target, (kind, keys) in patches.items():
         official = sd_to_official.get(target)
-        original = [renamed[k] for k in keys]
+        original = [renamed[k] for k in keys if k in renamed]
         if official is None:  # add_patches: "NOT LOADED" for a weight the model lacks (a bias diff of a layer without bias)
             for k in original:
                 cov.dropped[k] = f"{target} does not exist in the model (logged NOT LOADED)"

@@ -8,17 +8,21 @@ exits 1 when a consumer would drop or refuse weights (or a layer does not fit th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, coverage, model_for
 from musubi_tuner.networks.lora_coverage import Coverage
 from musubi_tuner.networks.lora_inspect import LoRAInspection, inspect_lora, summary_lines
 from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora_file
 from musubi_tuner.networks.lora_metadata import base_model_kind
+
+logger = logging.getLogger(__name__)
 
 # what to give a consumer the file does not serve completely: our two outputs, made by convert_lora.py
 CONVERSIONS = {"convert_lora.py --target default": kohya_state_dict, "convert_lora.py --target other": other_state_dict}
@@ -65,22 +69,37 @@ def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLik
     if ins.info.companion:
         companion_file = ins.path.parent / ins.info.companion
         if companion_file.is_file():
-            candidates.append((str(companion_file), read_lora_file(companion_file)[0]))
+            try:
+                candidates.append((str(companion_file), read_lora_file(companion_file)[0]))
+            except UserError as e:  # a damaged companion: the file itself is still diagnosed
+                diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, which cannot be read: {e}")
         else:
             diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, but it is not beside {ins.path.name}")
     if ins.contents.patches and not ins.problems and not ins.non_finite:  # our outputs hold every entry of the file
         candidates += [(command, convert(ins.contents.patches)) for command, convert in CONVERSIONS.items()]
     for consumer in consumers:
-        verdict = Verdict(consumer, ins.path, coverage(consumer, ins.weights, model))
+        verdict = Verdict(consumer, ins.path, _coverage(consumer, ins.weights, model))
         if not verdict.coverage.complete:
             for label, weights in candidates:
-                other = coverage(consumer, weights, model)
+                other = _coverage(consumer, weights, model)
                 if other.complete:
                     verdict.alternative = (label, other)
                     break
                 verdict.tried.append((label, other))
         diagnosis.verdicts.append(verdict)
     return diagnosis
+
+
+def _coverage(consumer: str, weights, model) -> Coverage:
+    """`coverage`, with an emulated consumer that fails on a damaged file (a shape or key its rules do not foresee)
+    reported as that consumer's verdict, so the doctor still diagnoses the file for the others."""
+    try:
+        return coverage(consumer, weights, model)
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
+        logger.debug("checking %s", consumer, exc_info=True)
+        cov = Coverage(consumer, len(weights))
+        cov.fatal = f"the doctor could not apply its rules to this file ({type(e).__name__}: {e}): a damaged file?"
+        return cov
 
 
 def _check_base(diagnosis: Diagnosis, dit) -> DiTConfig:

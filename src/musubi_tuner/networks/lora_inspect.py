@@ -113,7 +113,7 @@ def inspect_lora(path: str | os.PathLike) -> LoRAInspection:
             modules.append(ModuleUpdate(p.module, p.shape, 0, 0.0, p.tensor.double().norm().item(), p.kind))
     modules.sort(key=lambda m: (_block_order(m.block), m.path, m.kind))
     return LoRAInspection(Path(path), contents.tensors, contents.metadata, contents.naming, modules,
-                          LoRAFileInfo.from_metadata(contents.metadata), contents, first_non_finite(contents.tensors))
+                          LoRAFileInfo.from_metadata(contents.metadata, str(path)), contents, first_non_finite(contents.tensors))
 
 
 # ----------------------------------------------------------------------------------------------- text

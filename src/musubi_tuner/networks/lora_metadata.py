@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 
 import torch
 
 from musubi_tuner.hunyuan.config import DiTConfig
+
+logger = logging.getLogger(__name__)
 
 BASE_MODELS = ("hunyuan-video-t2v", "skyreels-t2v", "skyreels-i2v")
 OURS = "musubi_tuner."  # prefix of our own keys
@@ -57,32 +60,125 @@ class LoRAFileInfo:
         return {OURS + k: str(v) for k, v in values.items() if v is not None}
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> "LoRAFileInfo":
-        def get(key: str) -> str | None:
-            return meta.get(OURS + key)
+    def from_metadata(cls, meta: dict[str, str], source: str | None = None) -> "LoRAFileInfo":
+        """What the metadata says. Every key is informational: one that cannot be read (not valid JSON, JSON of another
+        shape, a value of the wrong type) is left out with a warning naming the file (`source`) and the key; the others
+        are read as ever."""
+        def get(key: str, parse=str, default=None):
+            return _parsed(meta, OURS + key, parse, default, source)
 
         if get("version") is not None:
             return cls(
-                version=get("version"), base_model=get("base_model"),
-                in_channels=int(get("in_channels")) if get("in_channels") else None, text_template=get("text_template"),
-                modules={p: (int(r), float(a)) for p, (r, a) in json.loads(get("lora_modules") or "{}").items()},
-                resolutions=[tuple(r) for r in json.loads(get("resolutions") or "[]")],
-                frames=json.loads(get("frames") or "[]"), naming=get("lora_naming"), companion=get("companion"), written_here=True)
+                version=get("version"), base_model=get("base_model"), in_channels=get("in_channels", _whole_number),
+                text_template=get("text_template"), modules=get("lora_modules", _modules, {}),
+                resolutions=get("resolutions", _resolutions, []), frames=get("frames", _frames, []),
+                naming=get("lora_naming"), companion=get("companion", _file_name), written_here=True)
         # trained elsewhere: musubi-tuner's keys say the data, and the DiT file's name hints at the base
-        datasets = _json_or(meta.get("ss_datasets"), [])
-        resolutions, frames = data_shapes(datasets)
+        resolutions, frames = _parsed(meta, "ss_datasets", _datasets, ([], []), source)
         base = None
-        model_name = meta.get("ss_sd_model_name", "").lower()
+        model_name = _parsed(meta, "ss_sd_model_name", str, "", source).lower()
         if model_name:
             base = "skyreels-i2v" if "i2v" in model_name else "skyreels-t2v" if "skyreels" in model_name else "hunyuan-video-t2v"
         return cls(base_model=base, resolutions=resolutions, frames=frames)
 
 
-def _json_or(text: str | None, default):
-    try:
-        return json.loads(text) if text else default
-    except json.JSONDecodeError:
+def _parsed(meta: dict[str, str], key: str, parse, default, source: str | None):
+    """`parse(meta[key])`, or `default` when the key is absent or empty, or (with a warning naming the file and the key)
+    when `parse` cannot read it: the one way every metadata key is read."""
+    text = meta.get(key)
+    if text is None or text == "":
         return default
+    try:
+        if not isinstance(text, str):
+            raise ValueError(f"is a {type(text).__name__}, not text")
+        return parse(text)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        logger.warning("%s: metadata %s %s; ignored", source or "LoRA file", key, e)
+        return default
+
+
+def _json(text: str, type_: type):
+    """The JSON value of `text`, which must be of `type_` (list or dict)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError("is not valid JSON") from None
+    if not isinstance(value, type_):
+        raise ValueError(f"is {_json_kind(value)}, not {'an object' if type_ is dict else 'a list'}")
+    return value
+
+
+def _json_kind(value) -> str:
+    return {dict: "a JSON object", list: "a JSON list", str: "a JSON string", bool: "a JSON boolean", type(None): "JSON null"}.get(
+        type(value), "a JSON number")
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole_number(text: str) -> int:
+    if not re.fullmatch(r"\s*\d{1,9}\s*", text) or int(text) <= 0:
+        raise ValueError(f"= {_short(text)} is not a whole number above 0")
+    return int(text)
+
+
+def _file_name(text: str) -> str:
+    """A file name beside the LoRA (a companion): no folder in it."""
+    if text in (".", "..") or "/" in text or "\\" in text or "\0" in text:
+        raise ValueError(f"= {_short(text)} is not a file name (it names a folder)")
+    return text
+
+
+def _modules(text: str) -> dict[str, tuple[int, float]]:
+    modules = {}
+    for path, value in _json(text, dict).items():
+        if not (isinstance(value, list) and len(value) == 2 and _is_whole(value[0]) and _is_real(value[1])):
+            raise ValueError(f"entry {_short(path)} is {_short(value)}, not [rank, alpha]")
+        modules[path] = (value[0], float(value[1]))
+    return modules
+
+
+def _pair(value, what: str) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_whole(v) for v in value)):
+        raise ValueError(f"holds {_short(value)}, not {what}")
+    return tuple(value)
+
+
+def _resolutions(text: str) -> list[tuple[int, int]]:
+    return [_pair(r, "[width, height]") for r in _json(text, list)]
+
+
+def _frames(text: str) -> list[int]:
+    frames = _json(text, list)
+    if not all(_is_whole(f) for f in frames):
+        raise ValueError(f"= {_short(frames)} is not a list of whole numbers")
+    return frames
+
+
+def _datasets(text: str) -> tuple[list[tuple[int, int]], list[int]]:
+    """musubi-tuner's `ss_datasets`: a list of dataset objects, of which the resolution (a number or [width, height]) and
+    target_frames (a list of whole numbers) are read."""
+    datasets = _json(text, list)
+    for i, d in enumerate(datasets):
+        if not isinstance(d, dict):
+            raise ValueError(f"entry {i} is {_json_kind(d)}, not an object")
+        res = d.get("resolution")
+        if res and not (_is_whole(res) or isinstance(res, list) and len(res) == 2 and all(_is_whole(v) for v in res)):
+            raise ValueError(f"entry {i}: resolution {_short(res)} is not a number or [width, height]")
+        frames = d.get("target_frames")
+        if frames and not (isinstance(frames, list) and all(_is_whole(f) for f in frames)):
+            raise ValueError(f"entry {i}: target_frames {_short(frames)} is not a list of whole numbers")
+    return data_shapes(datasets)
 
 
 def data_shapes(datasets: list[dict]) -> tuple[list[tuple[int, int]], list[int]]:

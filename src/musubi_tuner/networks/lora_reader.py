@@ -16,7 +16,8 @@ names, `diffusion_model.` / `transformer.` prefixes, diffusers/PEFT with its fus
 
 Any other entry (Tucker cores, DoRA scales, GLoRA, a key naming no layer, a pair whose ranks disagree, two updates
 of one weight) is a `Problem`: `LoRAContents.require_whole` refuses the file naming it, or with `allow_partial` warns and
-lists what is dropped. Non-finite tensors are always refused (`check_finite`).
+lists what is dropped. Non-finite tensors are always refused (`check_finite`), and so, by every reading of a file, are
+integer or bool weights and an alpha that is not one real number (`check_entry_types`).
 """
 
 from __future__ import annotations
@@ -212,9 +213,38 @@ def read_lora(path: str | os.PathLike, allow_partial: bool = False) -> LoRAConte
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata exactly as stored."""
+    """Tensors and metadata exactly as stored, refused (UserError naming the file and entry) when an entry cannot be what
+    its name says (`check_entry_types`). Every reading of a LoRA file goes through here: merging, generation, training
+    from a LoRA, convert_lora, the post-hoc EMA, lora_info and the doctor."""
     f = StateDictFile(path, what="LoRA file")
-    return f.load_all(), dict(f.metadata)
+    weights = f.load_all()
+    check_entry_types(str(path), weights)
+    return weights, dict(f.metadata)
+
+
+def check_entry_types(source: str, weights: dict[str, torch.Tensor]) -> None:
+    """Every LoRA entry (a name this reader knows: pairs, LoHa / LoKr factors, diffs, set_weights, and the entries it
+    knows but does not apply) holds floating-point values (fp8 included), and every `.alpha` is one real number (any
+    integer or float type). Integer or bool weights are what a damaged or foreign file holds: cast to integers, the
+    trained values (|w| < 1) are zeros, and the LoRA would silently do nothing."""
+    for key, t in weights.items():
+        split = _split_entry(key)
+        if split is None:
+            continue  # not named as a LoRA entry: parse_lora reports it
+        if _ROLES.get(split[1]) == "alpha":
+            if t.dtype == torch.bool or t.is_complex():
+                raise UserError(f"{source}: {key}: a {_dtype_name(t)} alpha; an alpha is one real number (a damaged or foreign file: "
+                                "re-save the LoRA from its source)")
+            if t.numel() != 1:
+                raise UserError(f"{source}: {key}: its alpha holds {t.numel()} values, not one (shape {list(t.shape)}; a damaged "
+                                "file: re-save the LoRA from its source)")
+        elif not t.is_floating_point():
+            raise UserError(f"{source}: {key}: {_dtype_name(t)} weights; a LoRA holds floating-point tensors (a damaged or foreign "
+                            "file: re-save the LoRA from its source)")
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def read_lora_contents(path: str | os.PathLike) -> LoRAContents:
@@ -554,16 +584,18 @@ def _lycoris_entries(name: str, patch: Patch) -> dict[str, torch.Tensor]:
 
 def other_state_dict(patches: list[Patch], prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
     """Patches in the "other" naming (ComfyUI, diffusers' loader, diffusion-pipe): `<prefix>.<official path>.lora_A.weight`,
-    `.lora_B.weight` with alpha / rank folded into both (sqrt each; diffusers reads no alpha), `.diff`, `.diff_b`, `.set_weight`;
+    `.lora_B.weight` with alpha / rank folded into both (sqrt of its size each, its sign in B; diffusers reads no alpha), `.diff`, `.diff_b`, `.set_weight`;
     LoHa / LoKr factors with their `.alpha` (`<prefix>.<official path>.hada_w1_a`, ..., as musubi-tuner converts them)."""
     out: dict[str, torch.Tensor] = {}
     for p in patches:
         name = f"{prefix}.{p.module}"
         if p.kind == "lora":
             up, down = _conv_layout(p)
-            factor = p.scale ** 0.5
-            out[f"{name}.lora_A.weight"] = (down.float() * factor).to(down.dtype)
-            out[f"{name}.lora_B.weight"] = (up.float() * factor).to(up.dtype)
+            # sqrt(|alpha / rank|) into each factor and the sign into B: a negative alpha (kohya's and musubi-tuner's
+            # scale is the plain number alpha / rank) flips the update, and a complex root would be cast to zeros
+            root = abs(p.scale) ** 0.5
+            out[f"{name}.lora_A.weight"] = (down.float() * root).to(down.dtype)
+            out[f"{name}.lora_B.weight"] = (up.float() * math.copysign(root, p.scale)).to(up.dtype)
         elif p.kind in ADAPTERS:
             out.update(_lycoris_entries(name, p))
         else:

@@ -2,7 +2,8 @@
 
 Files oldest first (by modification time unless told otherwise); the average starts as the first file and takes
 each next one as  avg = beta * avg + (1 - beta) * file, in float32, every floating tensor (alphas must agree and are
-kept; integer tensors are the first file's). beta per merge k = 1 .. N-1:
+kept; integer tensors that are not LoRA entries are the first file's). Every file is read as merging reads it
+(networks.lora_reader.read_lora_file): integer / bool LoRA weights and an alpha of several values are refused. beta per merge k = 1 .. N-1:
 
 - constant: `beta`; linearly from `beta` to `beta2` over the merges: beta + (beta2 - beta) * (k - 1) / (N - 2);
 - power function EMA (`sigma_rel`, Karras et al. 2024, arXiv:2312.02696, Algorithm 2): beta_k = (1 - 1/k)^(gamma + 1),
@@ -15,6 +16,7 @@ The result keeps each tensor's dtype, and the last file's metadata with sd-scrip
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -78,13 +80,13 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
         check_finite(str(path), weights)
         logger.info("%s: beta %.4f", path.name, beta)
         for key, value in weights.items():
-            if not value.is_floating_point():
-                continue  # counters and such: the first file's
-            if key.endswith(".alpha"):
-                if not torch.allclose(average[key], value.float()):
-                    raise UserError(f"{path}: {key} = {value.item():g}, but {paths[0].name} has {average[key].item():g}: "
+            if key.endswith(".alpha"):  # one real number each (the reader refuses any other alpha), of any dtype
+                if not math.isclose(float(value), float(average[key]), rel_tol=1e-5, abs_tol=1e-8):
+                    raise UserError(f"{path}: {key} = {float(value):g}, but {paths[0].name} has {float(average[key]):g}: "
                                     "checkpoints of one run share their alphas")
                 continue
+            if not value.is_floating_point():
+                continue  # counters and such (not LoRA entries: the reader refuses integer LoRA weights): the first file's
             if value.shape != average[key].shape:
                 raise UserError(f"{path}: {key} has shape {list(value.shape)}, {paths[0].name} {list(average[key].shape)}: "
                                 "not checkpoints of one run")
