@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from reliability_cases import (
     MEMORY,
     NOISE,
@@ -52,6 +53,24 @@ def merged_before(a, tmp, *extra):
     return merge_argv(a, tmp, extra=["--lora_multiplier", "0.5", *extra])
 
 
+def damaged_dit(a, tmp, how: str) -> Path:
+    """The tiny DiT as safetensors, damaged: its config metadata not JSON, one tensor gone, or every tensor int32."""
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.files import read_safetensors_header
+
+    tensors, metadata = load_file(str(a.dit_st)), read_safetensors_header(a.dit_st)[1]
+    if how == "config":
+        metadata["musubi_tuner.dit_config"] = "{"
+    elif how == "missing":
+        del tensors["txt_in.input_embedder.bias"]
+    else:
+        tensors = {k: v.to(torch.int32) for k, v in tensors.items()}
+    path = tmp / f"dit_{how}.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
 def own_copy(path, tmp):
     """A copy of an asset in tmp/own, which the case may name as its output (and must keep)."""
     import shutil
@@ -75,6 +94,52 @@ def assert_names(text: str, pattern: str) -> None:
     import re
 
     assert re.search(pattern, text), text[-2000:]
+
+
+def damaged_lora(a, tmp, name: str, change=None, metadata=None) -> Path:
+    """A copy of the tiny DiT's LoRA in tmp, its tensors passed through `change` (a dict -> dict) and its metadata updated."""
+    from safetensors.torch import save_file
+
+    from musubi_tuner import files
+
+    f = files.StateDictFile(a.lora)
+    weights = f.load_all()
+    path = tmp / name
+    save_file(change(weights) if change else weights, str(path), metadata={**dict(f.metadata), **(metadata or {})})
+    return path
+
+
+def _first_alpha(weights) -> str:
+    return sorted(k for k in weights if k.endswith(".alpha"))[0]
+
+
+def with_int_weights(weights):
+    import torch
+
+    return {k: v if k.endswith(".alpha") else v.to(torch.int32) for k, v in weights.items()}
+
+
+def with_square_alpha(weights):
+    import torch
+
+    return {**weights, _first_alpha(weights): torch.ones(32, 32)}
+
+
+def with_negative_alpha(weights):
+    import torch
+
+    return {**weights, _first_alpha(weights): torch.tensor(-4.0)}
+
+
+def same_update(a, tmp, err, out):
+    """The converted file applies what the input applies, a negative alpha's sign included (not zeros)."""
+    import torch
+
+    from musubi_tuner.networks.lora_reader import read_lora
+
+    want = {p.module: p.delta(p.shape) for p in read_lora(tmp / "neg.safetensors").patches}
+    got = {p.module: p.delta(p.shape) for p in read_lora(tmp / "other.safetensors").patches}
+    assert want.keys() == got.keys() and all(torch.allclose(got[m], want[m], atol=1e-6) for m in want)
 
 
 CASES = [
@@ -189,6 +254,16 @@ CASES = [
          lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora), "--save_merged_model", str(t / "merged.pt")),
          r"--save_merged_model .*merged\.pt: the merged model is written as \.safetensors", then=nothing_generated),
     # --- converting, averaging, planning, inspecting
+    Case("merge-into-a-dit-whose-config-metadata-is-damaged", "merge_lora",
+         lambda a, t: ["--dit", str(damaged_dit(a, t, "config")), *merge_argv(a, t)[2:]],
+         r"dit_config\.safetensors: not a usable HunyuanVideo DiT: its metadata musubi_tuner\.dit_config give no model "
+         r"\(JSONDecodeError", then=lambda a, t, err, out: absent(t / "merged" / "merged.safetensors")),
+    Case("merge-into-a-dit-missing-a-tensor", "merge_lora", lambda a, t: ["--dit", str(damaged_dit(a, t, "missing")), *merge_argv(a, t)[2:]],
+         r"dit_missing\.safetensors: not a complete HunyuanVideo DiT: keys 1 missing \(e\.g\. txt_in\.input_embedder\.bias\)",
+         then=lambda a, t, err, out: absent(t / "merged" / "merged.safetensors")),
+    Case("merge-into-an-integer-dit", "merge_lora", lambda a, t: ["--dit", str(damaged_dit(a, t, "int")), *merge_argv(a, t)[2:]],
+         r"dit_int\.safetensors: tensor \S+ is int32; a DiT's weights are floating point",
+         then=lambda a, t, err, out: absent(t / "merged" / "merged.safetensors")),
     Case("convert-output-is-the-input", "convert_lora",
          lambda a, t: ["--input", str(own_copy(a.lora, t)), "--output", str(t / "own" / ".." / "own" / a.lora.name), "--target", "other"],
          r"--output .*: is .*, which this command reads \(--input\)", keep=lambda a, t: [t / "own" / a.lora.name]),
@@ -232,6 +307,30 @@ CASES = [
     Case("lora-info-reports-a-nan-lora", "lora_info", lambda a, t: [str(a.lora_nan)], None,
          then=lambda a, t, err, out: assert_names(out, r"(NaN|non-finite)")),
     Case("lora-info-missing-file", "lora_info", lambda a, t: [str(t / "nope.safetensors")], r"nope\.safetensors: .*not found"),
+    # --- damaged LoRA files: refused by the reader every command goes through, or (metadata) ignored with a warning
+    Case("merge-lora-with-integer-weights", "merge_lora", lambda a, t: merge_argv(a, t, damaged_lora(a, t, "ints.safetensors", with_int_weights)),
+         r"ints\.safetensors: lora_unet_\w+\.lora_(up|down)\.weight: int32 weights; a LoRA holds floating-point tensors",
+         then=lambda a, t, err, out: absent(t / "merged" / "merged.safetensors")),
+    Case("convert-lora-with-integer-weights", "convert_lora",
+         lambda a, t: ["--input", str(damaged_lora(a, t, "ints.safetensors", with_int_weights)), "--output", str(t / "out.safetensors"),
+                       "--target", "other"],
+         r"ints\.safetensors: lora_unet_\w+\.lora_(up|down)\.weight: int32 weights; a LoRA holds floating-point tensors",
+         then=lambda a, t, err, out: absent(t / "out.safetensors")),
+    Case("post-hoc-ema-an-alpha-of-many-values", "lora_post_hoc_ema",
+         lambda a, t: [str(a.lora), str(damaged_lora(a, t, "square.safetensors", with_square_alpha)), "--no_sort",
+                       "--output_file", str(t / "ema.safetensors")],
+         r"square\.safetensors: lora_unet_\w+\.alpha: its alpha holds 1024 values, not one",
+         then=lambda a, t, err, out: absent(t / "ema.safetensors")),
+    Case("lora-info-with-an-integer-lora", "lora_info", lambda a, t: [str(damaged_lora(a, t, "ints.safetensors", with_int_weights))],
+         r"ints\.safetensors: lora_unet_\w+\.lora_(up|down)\.weight: int32 weights; a LoRA holds floating-point tensors"),
+    Case("lora-info-ignores-unreadable-metadata", "lora_info",
+         lambda a, t: [str(damaged_lora(a, t, "meta.safetensors", metadata={"musubi_tuner.version": "0.1.0",
+                                                                            "musubi_tuner.lora_modules": "{not json"}))], None,
+         warning=r"meta\.safetensors: metadata musubi_tuner\.lora_modules is not valid JSON; ignored",
+         then=lambda a, t, err, out: assert_names(out, r"modules +\d+ in \d+ blocks, rank 4")),
+    Case("convert-negative-alpha-keeps-its-sign", "convert_lora",
+         lambda a, t: ["--input", str(damaged_lora(a, t, "neg.safetensors", with_negative_alpha)), "--output", str(t / "other.safetensors"),
+                       "--target", "other"], None, then=same_update),
 ]
 
 

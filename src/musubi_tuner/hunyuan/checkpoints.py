@@ -44,9 +44,34 @@ def open_dit_file(path: str | os.PathLike) -> StateDictFile:
 
 
 def read_dit_config(f: StateDictFile) -> DiTConfig:
-    if CONFIG_METADATA_KEY in f.metadata:
-        return DiTConfig.from_json(f.metadata[CONFIG_METADATA_KEY])
-    return DiTConfig.from_shapes(f.shapes(), source=str(f.path))
+    """The DiT's config, from the metadata this project writes or from the tensors' shapes; a UserError naming the file
+    when neither makes a model (malformed metadata, tensors of odd ranks or empty dimensions)."""
+    where = f"its metadata {CONFIG_METADATA_KEY}" if CONFIG_METADATA_KEY in f.metadata else "the shapes of its tensors"
+    try:
+        if CONFIG_METADATA_KEY in f.metadata:
+            config = DiTConfig.from_json(f.metadata[CONFIG_METADATA_KEY])
+        else:
+            config = DiTConfig.from_shapes(f.shapes(), source=str(f.path))
+        with torch.device("meta"):
+            HunyuanVideoDiT(config)
+    except UserError:
+        raise
+    except Exception as e:  # json, the dataclass, the model's own arithmetic: any of them may refuse a damaged file
+        raise UserError(f"{f.path}: not a usable HunyuanVideo DiT: {where} give no model ({type(e).__name__}: "
+                        f"{str(e)[:120]})") from None
+    return config
+
+
+def check_dit_file(f: StateDictFile, config: DiTConfig) -> None:
+    """Every key of the model, of its shape, in a floating-point dtype (fp8 included), and nothing else: what load_dit
+    and merge_lora check before any long work."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in HunyuanVideoDiT(config).state_dict().items()}
+    _check_keys(f, expected)
+    for key in expected:
+        if not f.dtype(key).is_floating_point:
+            raise UserError(f"{f.path}: tensor {key} is {str(f.dtype(key)).removeprefix('torch.')}; a DiT's weights are "
+                            f"floating point (the file is damaged or not a model)")
 
 
 def load_dit(
@@ -72,10 +97,10 @@ def load_dit(
             f"{f.path}: --dit_in_channels {in_channels} was given but this {kind} DiT takes {config.in_channels} input channels "
             f"(img_in.proj.weight {list(f.shape('img_in.proj.weight'))}); drop the flag or pass the matching file"
         )
+    check_dit_file(f, config)
     with torch.device("meta"):
         model = HunyuanVideoDiT(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(f, expected)
 
     state: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor | None] = {}

@@ -175,11 +175,12 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     fp8 inputs are written in bf16: rounding W + delta back to e4m3 would erase most of a LoRA's small update.
     """
     from musubi_tuner.files import LazyTensors, RunLock, leftover_temp_files, save_safetensors
-    from musubi_tuner.hunyuan.checkpoints import dit_metadata, open_dit_file, read_dit_config
+    from musubi_tuner.hunyuan.checkpoints import check_dit_file, dit_metadata, open_dit_file, read_dit_config
     from musubi_tuner.hunyuan.fp8 import FP8_DTYPE
 
     source = open_dit_file(dit_path)
     config = read_dit_config(source)
+    check_dit_file(source, config)  # a damaged base is named now, not found by whoever loads the merged file
     if in_channels is not None and in_channels != config.in_channels:
         raise UserError(f"{dit_path}: --dit_in_channels {in_channels} but the file's DiT takes {config.in_channels} input channels")
     ops: dict[str, list[tuple[float, Patch]]] = {}  # parameter key -> (multiplier, patch) per LoRA, in order
