@@ -672,6 +672,9 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
     import torch
 
     path = require_file(path, what)
+    unlike = _not_a_torch_file(path)
+    if unlike:
+        raise UserError(f"{path}: not a PyTorch {what}: {unlike}")
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols is noise to users: the file loads or is refused
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -683,12 +686,36 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unknown object"
+        if not re.search(r"Unsupported (global|operand|class)|GLOBAL|REDUCE|not an allowed global|allowlist", str(e)):
+            raise UserError(f"{path}: not a readable PyTorch {what} (a damaged pickle: {first[:160]})") from None
         raise UserError(
             f"{path}: refused to load: the pickle holds objects other than tensors and plain containers "
             f"(it could run code when unpickled; {first[:160]})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable PyTorch {what} (truncated or a different format: {str(e)[:160]})") from None
+    except Exception as e:  # the weights-only unpickler meets a malformed stream with IndexError, KeyError, struct.error...
+        raise UserError(f"{path}: not a readable PyTorch {what} (truncated or a different format: "
+                        f"{type(e).__name__}: {str(e)[:160]})") from None
+
+
+def _not_a_torch_file(path: Path) -> str:
+    """Why a file cannot be a torch.save file (a zip since PyTorch 1.6; a pickle starting with its PROTO opcode before),
+    in words a user acts on; empty when it may be one."""
+    if zipfile.is_zipfile(path):
+        return ""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":  # a pickle, or a zip (cut short: is_zipfile needs its end)
+        return ""
+    text = head.decode("utf-8", errors="replace")
+    if text.startswith("version https://git-lfs"):
+        return "a Git LFS pointer, not the file (the download fetched the pointer only: git lfs pull)"
+    if "<html" in text.lower() or "<!doctype" in text.lower():
+        return "an HTML page (a download that returned an error page?)"
+    if not head:
+        return "an empty file"
+    if all(c.isprintable() or c in "\r\n\t" for c in text.replace("\ufffd", "")) and "\ufffd" not in text:
+        return f"it is text ({text.splitlines()[0][:40]!r}...)"
+    return "its bytes are neither a zip nor a pickle (a damaged file, or another format)"
 
 
 def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path, what: str) -> dict[str, torch.Tensor]:
