@@ -84,6 +84,31 @@ def with_run_progress(**changes):
     return make
 
 
+def with_damaged_state(part: str):
+    """An earlier run's state whose LoRA (`network`) or AdamW moments (`optimizer`) have another shape than this run's,
+    or whose LoRA is integer (`integer`); the rerun resumes from it."""
+    def make(a, tmp):
+        from safetensors.torch import load_file, save_file
+
+        out = trained_before(a, tmp)
+        state = out / "tiny-state"
+        if part == "optimizer":
+            saved = torch.load(state / "optimizer.pt", weights_only=True)
+            for moments in saved["optimizer"]["state"].values():
+                moments["exp_avg"] = torch.zeros(3, 3)
+            torch.save(saved, state / "optimizer.pt")
+        else:
+            weights = load_file(str(state / "network.safetensors"))
+            key = sorted(k for k in weights if k.endswith("lora_down.weight"))[0]
+            if part == "network":
+                weights[key] = torch.zeros(8, weights[key].shape[1])
+            else:
+                weights = {k: v.to(torch.int32) for k, v in weights.items()}
+            save_file(weights, str(state / "network.safetensors"))
+        return train_argv(a, out, "--resume", str(state), "--max_train_steps", "3")
+    return make
+
+
 def other_model_latents(a, tmp):
     toml = copy_cached(a, tmp)
     victim = sorted((tmp / "cached" / "cache").glob("*_hv.safetensors"))[1]
@@ -309,6 +334,14 @@ CASES = [
     Case("train-afresh-over-an-earlier-run-says-so", "hv_train_network", lambda a, t: train_argv(a, trained_before(a, t)), None,
          warning=r"out holds 3 files of an earlier run named tiny \(tiny\.comfyui\.safetensors, tiny\.safetensors, tiny-state\); "
                  r"this run starts afresh"),
+    Case("train-resume-a-state-whose-lora-has-another-shape", "hv_train_network", with_damaged_state("network"),
+         r"tiny-state/network\.safetensors: \S+lora_down\.weight is float32 \[8, \d+\], this run's LoRA holds float32 \[4, \d+\]; "
+         r"pick another state folder or --resume auto", keep=outputs_of("out")),
+    Case("train-resume-a-state-of-integer-weights", "hv_train_network", with_damaged_state("integer"),
+         r"tiny-state/network\.safetensors: \S+ is int32 \[.*\], this run's LoRA holds float32", keep=outputs_of("out")),
+    Case("train-resume-a-state-whose-optimizer-moments-have-another-shape", "hv_train_network", with_damaged_state("optimizer"),
+         r"tiny-state/optimizer\.pt: exp_avg of parameter \d+ has shape \[3, 3\], its parameter \[\d+, \d+\]; pick another "
+         r"state folder", keep=outputs_of("out")),
     Case("train-resume-not-a-state", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(a.root)),
          r"not a complete training state \(no train_state\.json\); pick another folder or --resume auto", then=before_the_model_loads),
     Case("train-resume-missing-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(t / "nope-state")),

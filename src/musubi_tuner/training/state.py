@@ -186,6 +186,26 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
     return progress
 
 
+# torch.optim's per-parameter tensors, each of its parameter's shape (8-bit optimizers keep blocks of other shapes)
+PER_PARAMETER_STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum")
+
+
+def _check_optimizer_state(folder: Path, saved, optimizer) -> None:
+    """The saved optimizer's per-parameter tensors (AdamW's moments, ...) have their parameters' shapes: torch takes any
+    shape and the first step would fail deep inside the update."""
+    try:
+        state, groups = saved["optimizer"]["state"], saved["optimizer"]["param_groups"]
+        saved_ids = [i for g in groups for i in g["params"]]
+    except (KeyError, TypeError):
+        return  # load_state_dict names what is missing
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, param in zip(saved_ids, params):
+        for name, value in (state.get(index) or {}).items():
+            if name in PER_PARAMETER_STATES and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise DamagedState(f"{folder}/optimizer.pt: {name} of parameter {index} has shape {list(value.shape)}, its "
+                                   f"parameter {list(param.shape)}; pick another state folder or --resume auto")
+
+
 def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
     """(progress, run identity) of a state folder; DamagedState naming the file if it is missing or cut."""
     marker = Path(folder) / STATE_MARKER
@@ -232,10 +252,17 @@ def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_i
     if (bad := first_non_finite(weights)) is not None:  # saved by a run older than the finiteness checks, or damaged since
         raise DamagedState(f"{folder}/network.safetensors: {bad} holds NaN or infinite values: no state to resume from; pick "
                            f"an older state folder or --resume auto")
+    own = network.state_dict()
+    for key, t in weights.items():  # what load_state_dict would copy: of the network's shape, and floating point
+        if key in own and (t.shape != own[key].shape or not t.is_floating_point()):
+            raise DamagedState(f"{folder}/network.safetensors: {key} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
+                               f"this run's LoRA holds {str(own[key].dtype).removeprefix('torch.')} {list(own[key].shape)}; "
+                               f"pick another state folder or --resume auto")
     missing, unexpected = network.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if not k.endswith("alpha")]:
         raise UserError(f"{folder}: the saved LoRA does not fit this network (missing {len(missing)}, unexpected {len(unexpected)} keys); "
                         "resume with the same --network_dim / --network_args")
+    _check_optimizer_state(folder, saved, optimizer)
     try:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
