@@ -181,12 +181,13 @@ def evil_pt(tmp: Path) -> Path:
     return path
 
 
-def nan_dit(a, tmp):
-    """The tiny DiT with one infinite weight, as a damaged download would be."""
+def nan_dit(a, tmp, prefix: str = "final_layer"):
+    """The tiny DiT with one infinite weight (in the first tensor whose name starts with `prefix`), as a damaged download
+    would be."""
     from musubi_tuner.demo.tiny_dit import TINY_DIT, random_dit_state_dict, write_dit
 
     state = random_dit_state_dict(TINY_DIT)
-    key = sorted(k for k in state if k.startswith("final_layer"))[0]
+    key = sorted(k for k in state if k.startswith(prefix))[0]
     state[key] = state[key].clone()
     state[key].view(-1)[0] = float("inf")
     return write_dit(tmp / "nan_dit.safetensors", state, TINY_DIT)

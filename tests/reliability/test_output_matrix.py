@@ -155,6 +155,10 @@ CASES = [
     Case("merge-lora-with-nan-writes-nothing", "merge_lora", lambda a, t: merged_before(a, t) and merge_argv(a, t, a.lora_nan),
          r"lora_nan\.safetensors.*(NaN|non-finite)", keep=outputs_of("merged")),
     Case("merge-lora-ranks-disagree", "merge_lora", lambda a, t: merge_argv(a, t, a.lora_ranks), r"lora_ranks\.safetensors: \S+"),
+    Case("merge-dit-with-inf-where-the-lora-adds-names-the-dit", "merge_lora",
+         lambda a, t: ["--dit", str(nan_dit(a, t, "double_blocks.0.img_attn_qkv.weight")), *merge_argv(a, t)[2:]],
+         r"nan_dit\.safetensors: double_blocks\.0\.img_attn_qkv\.weight would hold 1 NaN/inf values \(the DiT file itself holds "
+         r"them\); nothing was written"),
     Case("merge-dit-with-inf-writes-nothing", "merge_lora", lambda a, t: ["--dit", str(nan_dit(a, t)), *merge_argv(a, t)[2:]],
          r"nan_dit\.safetensors: final_layer\S+ would hold 1 NaN/inf values \(the DiT file itself holds them\); nothing was written"),
     Case("merge-device-without-cuda", "merge_lora", lambda a, t: merge_argv(a, t)[:-2] + ["--device", "cuda:0"],

@@ -204,6 +204,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
             return _finite(t.to(out_dtype(key)), key, f"{dit_path}: {key}", "the DiT file itself holds them")
         merged = t.to(device, torch.float32, copy=True)
         del t
+        _finite(merged, key, f"{dit_path}: {key}", "the DiT file itself holds them")  # before a LoRA is blamed for them
         for m, patch in ops[key]:
             apply_patch(merged, patch, m)  # a LoRA pair is added with addmm_: no delta-sized temporary
         return _finite(merged.to("cpu", out_dtype(key)), key, f"merging {', '.join(map(str, lora_paths))} into {dit_path}: {key}",
