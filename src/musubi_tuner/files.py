@@ -291,11 +291,12 @@ class LazyTensors(Mapping):
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
-                     cast: torch.dtype | None = None) -> None:
+                     cast: torch.dtype | None = None, staged: bool = False) -> None:
     """Write a safetensors file atomically, streaming tensor by tensor (no second copy of the weights).
 
     Tensors are written in the mapping's order; floating-point ones are cast to `cast` one at a time if
-    given. `metadata` values must be strings.
+    given. `metadata` values must be strings. `staged`: `path` is already the temporary file of the caller's
+    atomic_write (files that must replace their previous versions together), written as it is.
     """
     import torch
 
@@ -319,7 +320,8 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # atomic_write turns a failed write into a UserError
+    with (contextlib.nullcontext(path) if staged else atomic_write(path)) as tmp, open(tmp, "wb") as f:  # (atomic_write
+        # turns a failed write into a UserError naming the file)
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for name, (dtype, shape) in specs.items():

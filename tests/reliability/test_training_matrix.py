@@ -342,6 +342,8 @@ CASES = [
     Case("train-resume-a-state-whose-optimizer-moments-have-another-shape", "hv_train_network", with_damaged_state("optimizer"),
          r"tiny-state/optimizer\.pt: exp_avg of parameter \d+ has shape \[3, 3\], its parameter \[\d+, \d+\]; pick another "
          r"state folder", keep=outputs_of("out")),
+    Case("train-resume-a-state-of-a-fractional-step", "hv_train_network", with_run_progress(global_step=1.5),
+         r"tiny-state/train_state\.json: damaged \(global_step = 1\.5 is not a step, epoch or batch count\)", keep=outputs_of("out")),
     Case("train-resume-not-a-state", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(a.root)),
          r"not a complete training state \(no train_state\.json\); pick another folder or --resume auto", then=before_the_model_loads),
     Case("train-resume-missing-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(t / "nope-state")),
@@ -371,7 +373,7 @@ CASES = [
          lambda a, t: train_argv(a, nan_newest(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),
          None, then=resumed_from_step_1, warning=r"--resume auto: .*holds NaN or infinite values.*; trying the next older state"),
     Case("train-resume-negative-step-is-damaged", "hv_train_network", with_run_progress(global_step=-5),
-         r"train_state\.json: damaged \(a negative step, epoch or batch\)"),
+         r"train_state\.json: damaged \(global_step = -5 is not a step, epoch or batch count\)"),
     # --- writing: a full disk or a file-size limit keeps the last LoRA and state whole
     Case("train-full-disk-keeps-the-last-lora-and-state", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),

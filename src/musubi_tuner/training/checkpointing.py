@@ -113,10 +113,7 @@ class CheckpointSaver:
                         if self.hub is not None:
                             self.hub.wait_for(out.path)  # an upload of an older file of this name still reading it
                         staged = pair.enter_context(atomic_write(out.path))
-                        try:
-                            save_safetensors(out.tensors, staged, metadata={k: str(v) for k, v in meta.items()})
-                        except UserError as e:  # named as the file the user knows, not the temporary one
-                            raise UserError(str(e).replace(str(staged), str(out.path))) from e
+                        save_safetensors(out.tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
                 if self.hub is not None:
                     for out in outputs:
                         self.hub.upload(out.path, sync=last)

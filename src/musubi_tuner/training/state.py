@@ -214,9 +214,11 @@ def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
     try:
         data = json.loads(marker.read_text(encoding="utf-8"))
         fields = {f.name for f in dataclasses.fields(TrainProgress)}
-        progress = TrainProgress(**{k: int(v) for k, v in data.items() if k in fields})
-        if any(getattr(progress, k) < 0 for k in fields):
-            raise ValueError("a negative step, epoch or batch")
+        values = {k: v for k, v in data.items() if k in fields}
+        for k, v in values.items():  # whole numbers a run can reach: not 1.5, "3", or 10**400
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
+                raise ValueError(f"{k} = {str(v)[:20]} is not a step, epoch or batch count")
+        progress = TrainProgress(**values)
         run = data.get("run") or {}
         if not isinstance(run, dict):
             raise ValueError("run is not a table")
