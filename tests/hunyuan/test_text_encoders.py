@@ -552,3 +552,167 @@ def test_a_prompt_past_the_llms_256_tokens_is_said_to_be_cut_once(files, caplog)
     assert caplog.text.count("1 of 2 prompts are longer than the LLM's 256 tokens, and the text past them is cut") == 1
     assert caplog.text.count("longer than the LLM") == 1
     assert mask[0].sum() == 256 and mask[1].sum() < 256
+
+
+# ----------------------------------------------------------------------------------------------- damaged folders (D10)
+
+
+def refused(load, named: Path, *fragments) -> str:
+    """load() raises one one-line UserError that starts with the file it names, and holds every fragment."""
+    with pytest.raises(UserError) as e:
+        load()
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{named}: "), message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def damaged_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, edit) -> None:
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("config.json", lambda d: (d / "config.json").write_text("[1, 2]")),
+    ("tokenizer_config.json", lambda d: (d / "tokenizer_config.json").write_text("[]")),
+    # read when tokenizer_config.json names no pad token
+    ("special_tokens_map.json", lambda d: ((d / "tokenizer_config.json").unlink(), (d / "special_tokens_map.json").write_text('"x"'))),
+    ("model.safetensors.index.json", lambda d: (d / "model.safetensors.index.json").write_text("7")),
+])
+def test_every_json_file_of_a_text_encoder_folder_of_another_json_type_is_named(files, tmp_path, name, damage):
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    damage(folder)
+    refused(lambda: te.load_text_encoder1(folder), folder / name, "where an object is expected")
+
+
+def test_a_json_file_that_is_a_folder_is_named(files, tmp_path):
+    folder = damaged_copy(files["clip_folder"], tmp_path / "text_encoder_2")
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+    refused(lambda: te.load_text_encoder2(folder), folder / "config.json", "is a folder, not a JSON file")
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("hidden_size", "64", "expected int, got str"),
+    ("num_attention_heads", 3, "not a multiple of the number of attention heads (3)"),
+    ("vocab_size", None, "expected int"),
+])
+def test_llm_config_values_transformers_refuses_are_named_with_file_and_field(files, tmp_path, field, value, fragment):
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    edit_json(folder / "config.json", lambda raw: raw.update({field: value}))
+    refused(lambda: te.load_text_encoder1(folder), folder / "config.json", f"({field}: ", fragment, "not a usable")
+
+
+def test_clip_config_values_transformers_refuses_are_named(files, tmp_path):
+    folder = damaged_copy(files["clip_folder"], tmp_path / "text_encoder_2")
+    edit_json(folder / "config.json", lambda raw: raw["text_config"].update(num_attention_heads=5))
+    refused(lambda: te.load_text_encoder2(folder), folder / "config.json", "text_config", "attention heads (5)")
+
+
+def test_a_config_that_transformers_accepts_but_gives_no_model_is_named(files, tmp_path):
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    edit_json(folder / "config.json", lambda raw: raw.update(hidden_size=-64, head_dim=-2))
+    refused(lambda: te.load_text_encoder1(folder), folder / "config.json", "not a usable Llama text encoder config")
+
+
+@pytest.mark.parametrize("metadata,fragment", [
+    ("[1]", "holds an array where an object is expected"),
+    (json.dumps(dict(tiny.TINY_LLM_CONFIG, hidden_size="64")), "(hidden_size: "),
+])
+def test_a_config_in_the_metadata_that_is_refused_is_named(files, tmp_path, metadata, fragment):
+    path = tmp_path / "llava.safetensors"
+    save_safetensors(StateDictFile(files["llm_file"]).load_all(), path, metadata={te.CONFIG_METADATA_KEY: metadata})
+    tiny.write_tiny_llm_tokenizer(tmp_path / "llava_tokenizer")
+    refused(lambda: te.load_text_encoder1(path), path, te.CONFIG_METADATA_KEY, fragment)
+
+
+@pytest.mark.parametrize("entry", ["../../../../etc/passwd", "sub/../../model-00001-of-00002.safetensors", "ABSOLUTE",
+                                   "..\\text_encoder\\model-00001-of-00002.safetensors"])
+def test_weight_index_entries_that_leave_the_folder_are_refused_naming_the_index(files, tmp_path, entry):
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    entry = str(files["clip_folder"] / "model.safetensors") if entry == "ABSOLUTE" else entry
+    index = folder / "model.safetensors.index.json"
+    edit_json(index, lambda raw: raw["weight_map"].update({next(iter(raw["weight_map"])): entry}))
+    refused(lambda: te.load_text_encoder1(folder), index, "is not a file in", "weight_map[")
+
+
+@pytest.mark.parametrize("weight_map,fragment", [([1], "weight_map is an array"), ({}, "weight_map is empty"),
+                                                 ({"model.norm.weight": 3}, "is a number, not a shard file name")])
+def test_a_weight_index_without_a_usable_weight_map_is_named(files, tmp_path, weight_map, fragment):
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    index = folder / "model.safetensors.index.json"
+    edit_json(index, lambda raw: raw.update(weight_map=weight_map))
+    refused(lambda: te.load_text_encoder1(folder), index, fragment)
+
+
+def test_shards_inside_the_folder_or_linked_elsewhere_still_load(files, tmp_path):
+    """A Hugging Face cache's shards are links into its blobs folder: links are not refused, only names that leave."""
+    folder = damaged_copy(files["llm_folder"], tmp_path / "snapshot")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in folder.glob("*.safetensors"):
+        shard.rename(blobs / shard.name)
+        shard.symlink_to(blobs / shard.name)
+    reference = te.load_text_encoder1(files["llm_folder"], dtype=torch.float32)
+    assert torch.equal(te.load_text_encoder1(folder, dtype=torch.float32).encode(PROMPTS[:1])[0], reference.encode(PROMPTS[:1])[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_text_encoder_weights_that_are_not_floating_point_are_refused_naming_file_and_key(files, tmp_path, dtype):
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    shard = folder / "model-00001-of-00002.safetensors"
+    save_safetensors({k: v.to(dtype) for k, v in StateDictFile(shard).load_all().items()}, shard)
+    refused(lambda: te.load_text_encoder1(folder), shard, "tensor model.", "weights are floating point", str(dtype).removeprefix("torch."))
+    clip = tmp_path / "clip_l.safetensors"
+    state = StateDictFile(files["clip_file"]).load_all()
+    key = "text_model.encoder.layers.0.mlp.fc1.weight"
+    state[key] = state[key].to(dtype)
+    save_safetensors(state, clip, metadata=StateDictFile(files["clip_file"]).metadata)
+    tiny.write_tiny_clip_tokenizer(tmp_path / "clip_l_tokenizer")
+    refused(lambda: te.load_text_encoder2(clip), clip, f"tensor {key} is {str(dtype).removeprefix('torch.')}")
+
+
+def test_fp8_text_encoder_weights_are_floating_point_and_load(files, tmp_path):
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    shard = folder / "model-00001-of-00002.safetensors"
+    save_safetensors({k: v.to(torch.float8_e4m3fn) for k, v in StateDictFile(shard).load_all().items()}, shard)
+    te.check_text_encoder1(folder)
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda p: p.unlink(), "tokenizer.json: not found, though"),
+    (lambda p: (p.unlink(), p.mkdir()), "tokenizer.json: is a folder, not the Llama 3 tokenizer file"),
+])
+def test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packaged_vocabulary(files, tmp_path, damage, fragment):
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    damage(folder / "tokenizer.json")
+    message = refused(lambda: te.load_text_encoder1(folder), folder / "tokenizer.json", fragment)
+    assert "does not belong" not in message
+    # named as well when the folder is passed as the tokenizer folder
+    refused(lambda: te.load_text_encoder1(files["llm_file"], tokenizer_path=folder), folder / "tokenizer.json", fragment)
+
+
+def test_a_clip_tokenizer_json_that_is_a_folder_is_named(files, tmp_path):
+    folder = damaged_copy(files["clip_folder"], tmp_path / "text_encoder_2")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").mkdir()
+    refused(lambda: te.load_text_encoder2(folder), folder / "tokenizer.json", "is a folder, not the CLIP tokenizer file")
+
+
+@pytest.mark.parametrize("file,damage,fragment", [
+    ("vocab.json", lambda d: (d / "vocab.json").write_text("[]"), "holds an array where an object is expected"),
+    ("vocab.json", lambda d: edit_json(d / "vocab.json", lambda v: v.update({"a": "one"})), "token 'a' has id \"one\""),
+    ("merges.txt", lambda d: (d / "merges.txt").write_text("#version: 0.2\na b c\n"), "line 2 is not two tokens"),
+])
+def test_a_damaged_clip_vocabulary_is_named(files, tmp_path, file, damage, fragment):
+    folder = damaged_copy(files["clip_folder"], tmp_path / "text_encoder_2")
+    (folder / "tokenizer.json").unlink()  # vocab.json + merges.txt are then the tokenizer
+    damage(folder)
+    refused(lambda: te.load_text_encoder2(folder), folder / file, fragment)

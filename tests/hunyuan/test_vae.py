@@ -311,3 +311,43 @@ def test_vae_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="evil.pt: refused to load"):
         load_vae(evil)
     assert not (tmp_path / "pwned_by_vae").exists()
+
+
+# ----------------------------------------------------------------------------------------- damaged files (D17)
+
+
+@pytest.mark.parametrize("key,damage,shape", [
+    ("encoder.conv_in.conv.weight", lambda t: t.reshape(-1), None),
+    ("decoder.conv_in.conv.weight", lambda t: torch.zeros(3), "[3]"),
+    ("encoder.down_blocks.0.resnets.0.conv1.conv.weight", lambda t: torch.zeros(0), "[0]"),
+    ("encoder.down_blocks.1.resnets.0.conv1.conv.weight", lambda t: t[:, :, 0], None),
+    ("encoder.conv_in.conv.weight", lambda t: t[:, :0], "expected no dimension of size 0"),
+])
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_a_tensor_of_another_rank_where_the_config_is_read_is_named(tmp_path, weights, key, damage, shape, fmt):
+    state = dict(weights)
+    state[key] = damage(state[key]).contiguous()
+    path = write_vae(tmp_path / f"vae.{fmt}", state, "safetensors" if fmt == "safetensors" else "pt")
+    with pytest.raises(UserError) as e:
+        load_vae(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: not a HunyuanVideo VAE: {key} has shape {list(state[key].shape)}") and "\n" not in message
+    assert ("expected a 5-D convolution weight" in message) if shape != "expected no dimension of size 0" else shape in message
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_a_vae_whose_weights_are_not_floating_point_is_refused_naming_file_and_key(tmp_path, weights, dtype):
+    path = write_vae(tmp_path / "vae.pt", {k: v.to(dtype) for k, v in weights.items()})
+    with pytest.raises(UserError) as e:
+        load_vae(path)
+    name = str(dtype).removeprefix("torch.")
+    assert str(e.value).startswith(f"{path}: tensor ") and f" is {name}; a VAE's weights are floating point" in str(e.value)
+    one = dict(weights, **{"decoder.conv_out.conv.bias": weights["decoder.conv_out.conv.bias"].to(dtype)})
+    path = write_vae(tmp_path / "one.safetensors", one, "safetensors")
+    with pytest.raises(UserError, match=rf"one\.safetensors: tensor decoder\.conv_out\.conv\.bias is {name}; "):
+        load_vae(path)
+
+
+def test_an_fp8_vae_is_floating_point_and_loads(tmp_path, weights):
+    path = write_vae(tmp_path / "vae.safetensors", {k: v.to(torch.float8_e4m3fn) for k, v in weights.items()}, "safetensors")
+    assert load_vae(path, dtype=torch.float32).config == TINY_VAE

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from reliability_cases import (
     MEMORY,
@@ -124,6 +125,57 @@ def truncated_shard(a, tmp):
     return folder
 
 
+def damaged_te1(a, tmp, damage):
+    """A copy of the tiny LLM folder, `damage`d (a function of the folder)."""
+    import shutil
+
+    folder = tmp / "te1"
+    shutil.copytree(a.te1, folder)
+    damage(folder)
+    return folder
+
+
+def edit_json(path, edit):
+    import json
+
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+def integer_shard(folder):
+    from musubi_tuner import files
+
+    shard = folder / "model-00001-of-00002.safetensors"
+    files.save_safetensors({k: v.to(torch.int32) for k, v in files.StateDictFile(shard).load_all().items()}, shard)
+
+
+def damaged_vae(a, tmp, damage):
+    """The tiny VAE with `damage` applied to its state dict."""
+    state = torch.load(a.vae, weights_only=True)
+    damage(state)
+    torch.save(state, tmp / "vae.pt")
+    return tmp / "vae.pt"
+
+
+def flattened_conv_in(state):
+    state["encoder.conv_in.conv.weight"] = state["encoder.conv_in.conv.weight"].reshape(-1)
+
+
+def all_int32(state):
+    for k in state:
+        state[k] = state[k].to(torch.int32)
+
+
+def tokenizer_json_a_folder(folder):
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").mkdir()
+
+
+TE = "tests/hunyuan/test_text_encoders.py::"
+VAE = "tests/hunyuan/test_vae.py::"
+
+
 def no_llm_pass(a, tmp, err, out):
     assert "llm text" not in err, "the LLM pass ran before the CLIP file was checked"
 
@@ -201,6 +253,15 @@ CASES = [
     Case("vae-with-nan-keeps-the-caches", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [
          str(nan_vae(a, t)), "--num_workers", "0"], r"_hv\.safetensors: latents_\S+ came out NaN in (\d+) of its \1 values: the "
          r"encoder's model file is damaged, or --vae_dtype float32 avoids an overflow; nothing was written", keep=all_caches),
+    Case("vae-conv-weight-of-another-rank", "cache_latents",
+         lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [str(damaged_vae(a, t, flattened_conv_in)), "--num_workers", "0"],
+         r"vae\.pt: not a HunyuanVideo VAE: encoder\.conv_in\.conv\.weight has shape \[\d+\], expected a 5-D convolution "
+         r"weight \(the file is damaged or not a VAE", keep=all_caches,
+         covered_by=VAE + "test_a_tensor_of_another_rank_where_the_config_is_read_is_named"),
+    Case("vae-integer-weights", "cache_latents",
+         lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [str(damaged_vae(a, t, all_int32)), "--num_workers", "0"],
+         r"vae\.pt: tensor \S+ is int32; a VAE's weights are floating point", keep=all_caches,
+         covered_by=VAE + "test_a_vae_whose_weights_are_not_floating_point_is_refused_naming_file_and_key"),
     Case("vae-pickle-runs-code", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(evil_pt(t))],
          r"evil\.pt: refused to load: the pickle holds objects other than tensors",
          then=lambda a, t, err, out: no_file(t / "pwned_by_pickle")),
@@ -245,6 +306,33 @@ CASES = [
          r"dit\.pt: not a CLIP text encoder .*this looks like a HunyuanVideo DiT \(pass it with --dit\)", keep=all_caches, then=no_llm_pass),
     Case("text-encoder1-truncated-shard", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(a.dataset, a, te1=truncated_shard(a, t)),
          r"model-00001-of-00002\.safetensors: file is truncated"),
+    Case("text-encoder1-config-json-is-an-array", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(a.dataset, a, te1=damaged_te1(a, t, lambda d: (d / "config.json").write_text("[1, 2]"))),
+         r"te1/config\.json: holds an array where an object is expected",
+         covered_by=TE + "test_every_json_file_of_a_text_encoder_folder_of_another_json_type_is_named"),
+    Case("text-encoder1-config-value-refused", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(a.dataset, a, te1=damaged_te1(
+             a, t, lambda d: edit_json(d / "config.json", lambda raw: raw.update(num_attention_heads=3)))),
+         r"te1/config\.json: not a usable Llama text encoder config \(num_attention_heads: .*not a multiple of the number of "
+         r"attention heads \(3\)", covered_by=TE + "test_llm_config_values_transformers_refuses_are_named_with_file_and_field"),
+    Case("text-encoder1-index-leaves-the-folder", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(a.dataset, a, te1=damaged_te1(a, t, lambda d: edit_json(
+             d / "model.safetensors.index.json",
+             lambda raw: raw["weight_map"].update({next(iter(raw["weight_map"])): "../../../../etc/passwd"})))),
+         r"te1/model\.safetensors\.index\.json: weight_map\['\S+'\] = '\.\./\.\./\.\./\.\./etc/passwd' is not a file in",
+         covered_by=TE + "test_weight_index_entries_that_leave_the_folder_are_refused_naming_the_index"),
+    Case("text-encoder1-integer-weights", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te1=damaged_te1(a, t, integer_shard)),
+         r"te1/model-00001-of-00002\.safetensors: tensor \S+ is int32; a text encoder's weights are floating point",
+         keep=all_caches, covered_by=TE + "test_text_encoder_weights_that_are_not_floating_point_are_refused_naming_file_and_key"),
+    Case("text-encoder1-tokenizer-json-missing", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(a.dataset, a, te1=damaged_te1(a, t, lambda d: (d / "tokenizer.json").unlink())),
+         r"te1/tokenizer\.json: not found, though .*te1 holds tokenizer_config\.json",
+         covered_by=TE + "test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packaged_vocabulary"),
+    Case("text-encoder1-tokenizer-json-is-a-folder", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(a.dataset, a, te1=damaged_te1(a, t, tokenizer_json_a_folder)),
+         r"te1/tokenizer\.json: is a folder, not the Llama 3 tokenizer file",
+         covered_by=TE + "test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packaged_vocabulary"),
     Case("text-encoder1-with-nan-keeps-the-caches", "cache_text_encoder_outputs",
          lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te1=nan_llm(a, t)),
          r"_hv_te\.safetensors: llm_\S+ came out NaN in [\d,]+ of its [\d,]+ values: the encoder's model file is damaged, or "

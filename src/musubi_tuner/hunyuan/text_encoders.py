@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile
 from musubi_tuner.hunyuan.fp8 import FP8_DTYPE, make_fp8_linear, quantize_rows
-from musubi_tuner.hunyuan.tokenization import TextTokenizer, load_clip_tokenizer, load_llm_tokenizer, read_json
+from musubi_tuner.hunyuan.tokenization import (TextTokenizer, json_type_name, load_clip_tokenizer, load_llm_tokenizer,
+                                               parse_json, read_json)
 from musubi_tuner.networks.lora_naming import LORA_FLAGS, looks_like_lora
 
 logger = logging.getLogger(__name__)
@@ -205,17 +206,42 @@ def _folder_weight_files(folder: Path) -> list[Path]:
     """An HF folder's weight files: the shards an index names, else every safetensors file, else `.bin` files."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
-            weight_map = read_json(folder / index).get("weight_map", {})
-            shards = sorted({folder / name for name in weight_map.values()})
-            missing = [s.name for s in shards if not s.is_file()]
-            if missing:
-                raise UserError(f"{folder}: {index} names shards that are missing: {', '.join(missing[:3])}")
-            return shards
+            return _index_shards(folder, folder / index)
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
-        found = sorted(folder.glob(pattern))
+        found = sorted(p for p in folder.glob(pattern) if p.is_file())
         if found:
             return found
     raise UserError(f"{folder}: no weight files in this folder (expected *.safetensors or pytorch_model*.bin)")
+
+
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files a weight index names (`weight_map`: tensor name -> file name), each a file inside `folder`."""
+    weight_map = read_json(index).get("weight_map")
+    fix = "restore the index from the model's download"
+    if not isinstance(weight_map, dict):
+        found = "no weight_map" if weight_map is None else f"weight_map is {json_type_name(weight_map)}"
+        raise UserError(f"{index}: {found}, where an object (tensor name -> shard file) is expected; {fix}")
+    if not weight_map:
+        raise UserError(f"{index}: weight_map is empty: the index names no shard files; {fix}")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise UserError(f"{index}: weight_map[{key!r}] is {json_type_name(name)}, not a shard file name; {fix}")
+        if _leaves_folder(name):
+            raise UserError(f"{index}: weight_map[{key!r}] = {name!r} is not a file in {folder} (a shard must sit beside "
+                            f"the index); {fix}")
+    shards = sorted({folder / name for name in weight_map.values()})
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise UserError(f"{folder}: {index.name} names shards that are missing: {', '.join(missing[:3])}")
+    return shards
+
+
+def _leaves_folder(name: str) -> bool:
+    """Whether a file name from an index points outside its folder: an absolute path, a drive, or a `..` part (checked
+    by its words, not by resolving links: a Hugging Face cache's shards are links into its blobs folder)."""
+    if "\0" in name:
+        return True
+    return any(p.is_absolute() or p.anchor or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name)))
 
 
 def _what_is(keys: list[str]) -> str | None:
@@ -254,24 +280,95 @@ def plan_keys(model_shapes: dict[str, tuple[int, ...]], file_shapes: dict[str, t
     return plan
 
 
+# What transformers / huggingface_hub raise for a config value they refuse (types, a head count that does not divide
+# the hidden size, a negative width...); their StrictDataclass errors are Exceptions of their own.
+try:
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # an older huggingface_hub: transformers' configs then raise TypeError / ValueError only
+    _StrictDataclassError = ValueError
+CONFIG_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, ZeroDivisionError,
+                 RuntimeError, _StrictDataclassError)
+
+
 def _read_config(weights: WeightFiles, config_class, full_size: dict, model_type: str, what: str):
-    """The folder's config.json (a whole llava/CLIP config gives its text part), else the file's metadata,
-    else the full-size config."""
+    """(config, where it came from) from the folder's config.json (a whole llava/CLIP config gives its text part),
+    else the file's metadata, else the full-size config. Values transformers refuses are one UserError naming the
+    file and the field."""
     config_file = weights.path / "config.json"
-    if weights.path.is_dir() and config_file.is_file():
+    if weights.path.is_dir() and config_file.exists():
         raw = read_json(config_file)
         if raw.get("model_type") == "clip":
             from transformers import CLIPConfig
 
-            config = CLIPConfig.from_pretrained(str(weights.path)).text_config
+            config = make_config(lambda d: CLIPConfig.from_dict(d).text_config, raw, str(config_file), what)
         else:
-            config = config_class(**raw.get("text_config", raw))
+            source, part = str(config_file), raw
+            if "text_config" in raw:
+                source, part = f"{config_file}: text_config", raw["text_config"]
+                if not isinstance(part, dict):
+                    raise UserError(f"{source} is {json_type_name(part)}, where an object is expected; restore config.json "
+                                    "from the model's download")
+            config = make_config(lambda d: config_class(**d), part, source, what)
         if config.model_type != model_type:
             raise UserError(f"{config_file}: model_type {config.model_type!r} is not a {what} ({model_type!r})")
-        return config
+        return config, str(config_file)
     if CONFIG_METADATA_KEY in weights.metadata:
-        return config_class(**json.loads(weights.metadata[CONFIG_METADATA_KEY]))
-    return config_class(**full_size)
+        source = f"{weights.path}: metadata {CONFIG_METADATA_KEY}"
+        raw = parse_json(weights.metadata[CONFIG_METADATA_KEY], source)
+        return make_config(lambda d: config_class(**d), raw, source, what), source
+    return config_class(**full_size), f"the full-size {what} config"
+
+
+def make_config(build, raw: dict, source: str, what: str):
+    """build(raw), its refusal of a value a one-line UserError naming `source` and the field."""
+    try:
+        return build(raw)
+    except CONFIG_ERRORS as e:
+        field, cause = _refused_field(build, raw, e)
+        where = f"{field}: " if field else ""
+        raise UserError(f"{source}: not a usable {what} config ({where}{cause}); correct the value or restore the "
+                        "config from the model's download") from None
+
+
+def _refused_field(build, raw: dict, error: Exception) -> tuple[str | None, str]:
+    """(the field whose value `build` refuses, if one can be named; the refusal in one short line).
+
+    huggingface_hub names the field of a wrong type; a check across fields (heads dividing the hidden size) names
+    none, so each field is tried alone on the defaults: the first refused alone is the one named."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = (lines[-1] if lines else type(error).__name__)[:200]
+    named = re.search(r"field '([^']+)'", str(error))
+    if named and named.group(1) in raw:
+        return named.group(1), cause
+    for key, value in raw.items():
+        try:
+            build({key: value})
+        except CONFIG_ERRORS:
+            return key, cause
+        except Exception:  # noqa: BLE001 - a probe only; the original refusal is what is reported
+            continue
+    return (named.group(1) if named else None), cause
+
+
+def _build_model(build, config, source: str, what: str):
+    """The model of `config` on meta; a config transformers accepts but cannot build a model of is a UserError too."""
+    try:
+        return build(config)
+    except CONFIG_ERRORS as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{source}: not a usable {what} config: it gives no model ({type(e).__name__}: "
+                        f"{(lines[-1] if lines else '')[:160]}); correct it or restore it from the model's download") from None
+
+
+def check_float_weights(weights: WeightFiles, file_keys, what: str) -> None:
+    """Every tensor a text encoder is built from is floating point (fp8 included): integer or bool weights are a
+    damaged or foreign file, and would be cast into a model that computes garbage."""
+    for key in file_keys:
+        dtype = weights.float_dtype(key)
+        if not dtype.is_floating_point:
+            raise UserError(f"{weights.owner[key].path}: tensor {key} is {str(dtype).removeprefix('torch.')}; a {what}'s "
+                            "weights are floating point (the file is damaged or not a model): restore it from the model's "
+                            "download")
 
 
 def _load_into(model: nn.Module, weights: WeightFiles, plan: dict[str, str], dtype: torch.dtype, device,
@@ -383,7 +480,7 @@ def _open_llm(path, tokenizer_path):
         other = _what_is(keys)
         raise UserError(f"{weights.path}: not a Llama text encoder (no embed_tokens.weight)"
                         + (f"; this looks like {other}" if other else ""))
-    config = _read_config(weights, LlamaConfig, LLAVA_LLAMA3_CONFIG, "llama", "Llama text encoder")
+    config, config_source = _read_config(weights, LlamaConfig, LLAVA_LLAMA3_CONFIG, "llama", "Llama text encoder")
     file_layers = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
     if len(file_layers) != config.num_hidden_layers:
         raise UserError(f"{weights.path}: has {len(file_layers)} decoder layers, the config says {config.num_hidden_layers}")
@@ -391,9 +488,10 @@ def _open_llm(path, tokenizer_path):
     if tokenizer.max_id() >= config.vocab_size:
         raise UserError(f"{tokenizer.source}: tokenizer ids go up to {tokenizer.max_id()} but {weights.path} "
                         f"has only {config.vocab_size} embeddings; the tokenizer does not belong to this model")
-    model = build_llm(config)
+    model = _build_model(build_llm, config, config_source, "Llama text encoder")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     plan = plan_keys(shapes, weights.shapes(), prefix, str(weights.path), "Llama text encoder")
+    check_float_weights(weights, plan.values(), "text encoder")
     return weights, prefix, config, tokenizer, model, plan
 
 
@@ -434,14 +532,15 @@ def _open_clip(path, tokenizer_path):
         other = _what_is(keys)
         raise UserError(f"{weights.path}: not a CLIP text encoder (no embeddings.token_embedding.weight)"
                         + (f"; this looks like {other}" if other else ""))
-    config = _read_config(weights, CLIPTextConfig, CLIP_L_CONFIG, "clip_text_model", "CLIP text model")
+    config, config_source = _read_config(weights, CLIPTextConfig, CLIP_L_CONFIG, "clip_text_model", "CLIP text model")
     tokenizer = load_clip_tokenizer(weights.path, tokenizer_path)
     if tokenizer.max_id() >= config.vocab_size:
         raise UserError(f"{tokenizer.source}: tokenizer ids go up to {tokenizer.max_id()} but {weights.path} "
                         f"has only {config.vocab_size} embeddings; the tokenizer does not belong to this model")
-    model = build_clip(config)
+    model = _build_model(build_clip, config, config_source, "CLIP text model")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     file_shapes = weights.shapes()
     plan = {k: clip_file_key(k, prefix) for k in shapes}
     plan_keys({plan[k]: s for k, s in shapes.items()}, file_shapes, "", str(weights.path), "CLIP text model")
+    check_float_weights(weights, plan.values(), "text encoder")
     return weights, prefix, tokenizer, model, plan

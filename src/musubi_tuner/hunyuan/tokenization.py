@@ -213,14 +213,47 @@ def _add_bos(tokenizer: Tokenizer, bos: str) -> None:
 # ----------------------------------------------------------------------------------------------- HF folders
 
 
-def read_json(path: Path) -> dict:
-    """A JSON file as a dict ({} if it does not exist); a UserError naming it if it is not JSON."""
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+                    bool: "true or false", type(None): "null"}
+
+
+def json_type_name(value) -> str:
+    """How JSON names the type of a parsed value ("an object", "an array", ...), for messages."""
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def parse_json(text: str, source: str, expect: type = dict):
+    """JSON text as a value of type `expect` (dict: a JSON object); a one-line UserError naming `source` if it is
+    not JSON or holds another JSON type."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{source}: not valid JSON ({str(e)[:160]}); the file is damaged: restore it from the "
+                        "model's download") from None
+    if not isinstance(value, expect) or (expect in (int, float) and isinstance(value, bool)):
+        want = _JSON_TYPE_NAMES.get(expect, expect.__name__)
+        raise UserError(f"{source}: holds {json_type_name(value)} where {want} is expected; the file is damaged: "
+                        "restore it from the model's download")
+    return value
+
+
+def read_json(path: Path, expect: type = dict):
+    """Every JSON file of a model or tokenizer folder is read here: its value, checked to be of type `expect`
+    (dict: a JSON object), or, if the file does not exist, {} (None when `expect` is not dict); a one-line UserError
+    naming the file if it is a folder, unreadable, not UTF-8 JSON or of another JSON type."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a JSON file; put the file from the model's download there")
+    try:
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        return {} if expect is dict else None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); the file is damaged: "
+                        "restore it from the model's download") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}); check the file's permissions") from None
+    return parse_json(text, str(path), expect)
 
 
 def _configured_token(folder: Path, name: str) -> str | None:
@@ -238,6 +271,26 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
 
 
+# Files that come with a tokenizer: a folder holding one of them was meant to hold the tokenizer itself.
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def _tokenizer_file_problem(folder: Path, kind_name: str) -> str | None:
+    """Why `folder` does not give the tokenizer it was meant to hold (a one-line message naming the file), or None
+    when it holds one, or shows no sign of being meant to (no tokenizer.json and no tokenizer_config.json beside)."""
+    path = folder / "tokenizer.json"
+    if path.exists() and not path.is_file():
+        return (f"{path}: is a folder, not the {kind_name} tokenizer file; put the tokenizer.json of the model's "
+                "download there")
+    if _has_tokenizer(folder):
+        return None
+    companions = [name for name in TOKENIZER_COMPANIONS if (folder / name).exists()]
+    if companions:
+        return (f"{path}: not found, though {folder} holds {companions[0]} (the {kind_name} tokenizer's other "
+                "files); restore tokenizer.json from the model's download")
+    return None
+
+
 def _read_tokenizer_json(folder: Path) -> Tokenizer:
     path = folder / "tokenizer.json"
     try:
@@ -248,7 +301,9 @@ def _read_tokenizer_json(folder: Path) -> Tokenizer:
 
 def llama_tokenizer_from_folder(folder: Path) -> TextTokenizer:
     if not (folder / "tokenizer.json").is_file():
-        raise UserError(f"{folder}: no tokenizer.json (the Llama 3 tokenizer of the text_encoder folder)")
+        problem = _tokenizer_file_problem(folder, "Llama 3")
+        raise UserError(problem or f"{folder / 'tokenizer.json'}: not found (the Llama 3 tokenizer of the text_encoder "
+                                   "folder); restore it from the model's download")
     tokenizer = _read_tokenizer_json(folder)
     missing = [t for t in LLAMA3_TEMPLATE_TOKENS if tokenizer.token_to_id(t) is None]
     if missing:
@@ -268,13 +323,13 @@ def llama_tokenizer_from_folder(folder: Path) -> TextTokenizer:
 def clip_tokenizer_from_folder(folder: Path) -> TextTokenizer:
     if (folder / "tokenizer.json").is_file():
         tokenizer = _read_tokenizer_json(folder)
+    elif (folder / "tokenizer.json").exists():
+        raise UserError(_tokenizer_file_problem(folder, "CLIP"))
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        vocab = read_json(folder / "vocab.json")
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        tokenizer = clip_tokenizer(vocab, merges)
+        tokenizer = _clip_tokenizer_from_vocab_merges(folder)
     else:
-        raise UserError(f"{folder}: no CLIP tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+        raise UserError(f"{folder}: no CLIP tokenizer (tokenizer.json, or vocab.json and merges.txt); restore them from "
+                        "the model's download")
     if tokenizer.token_to_id(CLIP_BOS) is None or tokenizer.token_to_id(CLIP_EOS) is None:
         raise UserError(f"{folder}: this tokenizer is not CLIP's (no {CLIP_BOS} / {CLIP_EOS}); "
                         "text encoder 2 needs the CLIP-L tokenizer")
@@ -282,6 +337,36 @@ def clip_tokenizer_from_folder(folder: Path) -> TextTokenizer:
     if pad is None or tokenizer.token_to_id(pad) is None:
         pad = CLIP_EOS
     return TextTokenizer(tokenizer, pad, source=str(folder))
+
+
+def _clip_tokenizer_from_vocab_merges(folder: Path) -> Tokenizer:
+    """CLIP's tokenizer from `vocab.json` (token -> id) and `merges.txt` (a version line, then two tokens a line)."""
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    vocab = read_json(vocab_path)
+    bad = next((k for k, v in vocab.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+    if bad is not None:
+        raise UserError(f"{vocab_path}: token {bad!r} has id {json.dumps(vocab[bad])[:40]}, not a token id (an integer "
+                        "from 0); the file is damaged: restore it from the model's download")
+    for token in (CLIP_BOS, CLIP_EOS):
+        if token not in vocab:
+            raise UserError(f"{vocab_path}: has no {token}; this is not CLIP's vocabulary (text encoder 2 needs CLIP-L's)")
+    try:
+        lines = merges_path.read_text(encoding="utf-8").split("\n")
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{merges_path}: cannot read ({str(e)[:120]}); restore it from the model's download") from None
+    merges = []
+    for number, line in enumerate(lines, 1):
+        if line and not line.startswith("#version"):
+            merge = tuple(line.split())
+            if len(merge) != 2:
+                raise UserError(f"{merges_path}: line {number} is not two tokens ({line[:40]!r}); the file is damaged: "
+                                "restore it from the model's download")
+            merges.append(merge)
+    try:
+        return clip_tokenizer(vocab, merges)
+    except Exception as e:  # the tokenizers library raises plain Exceptions for merges whose tokens are not in the vocabulary
+        raise UserError(f"{merges_path}: does not fit {vocab_path.name} ({str(e)[:120]}); restore both from the model's "
+                        "download") from None
 
 
 # ----------------------------------------------------------------------------------------------- finding one
@@ -334,6 +419,10 @@ def find_tokenizer(kind: _Kind, model_path: Path, tokenizer_path: str | os.PathL
     for folder in candidates:
         if folder.is_dir() and _has_tokenizer(folder):
             return kind.from_folder(folder)
+    for folder in candidates:  # a tokenizer meant to be here but missing or damaged is named, not replaced by a vocabulary
+        problem = _tokenizer_file_problem(folder, kind.name) if folder.is_dir() else None
+        if problem:
+            raise UserError(problem)
     found = packaged_vocabulary(kind.packaged)
     if found is not None:
         path, module = found

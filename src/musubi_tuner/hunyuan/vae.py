@@ -71,16 +71,27 @@ class VAEConfig:
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, Sequence[int]], source: str = "VAE checkpoint") -> "VAEConfig":
+        """The config read off the shapes of the convolution weights that fix it; a file whose tensors cannot be those
+        weights (absent, of another rank, with no channels) is a one-line UserError naming the file and the key."""
+
         def need(key):
             if key not in shapes:
                 sample = ", ".join(sorted(shapes)[:4]) or "no keys"
                 raise UserError(f"{source}: not a HunyuanVideo VAE (missing {key!r}; first keys: {sample})")
-            return tuple(shapes[key])
+            return conv_weight(key)
+
+        def conv_weight(key):  # (out, in, t, h, w) of a 3D convolution, each at least 1
+            shape = tuple(shapes[key])
+            if len(shape) != 5 or min(shape) < 1:
+                what = "a 5-D convolution weight" if len(shape) != 5 else "no dimension of size 0"
+                raise UserError(f"{source}: not a HunyuanVideo VAE: {key} has shape {list(shape)}, expected {what} "
+                                "(the file is damaged or not a VAE: restore it from the model's download)")
+            return shape
 
         channels = []
         i = 0
         while f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight" in shapes:
-            channels.append(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight"][0])
+            channels.append(conv_weight(f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight")[0])
             i += 1
         if not channels:
             need("encoder.down_blocks.0.resnets.0.conv1.conv.weight")
@@ -535,4 +546,8 @@ def open_vae_file(path: str | os.PathLike):
     for k, shape in expected.items():
         if tuple(f.shape(k)) != shape:
             raise UserError(f"{f.path}: tensor {k} has shape {list(f.shape(k))}, expected {list(shape)}")
+    for k in expected:  # integer or bool weights would be cast into a VAE that encodes garbage
+        if not f.dtype(k).is_floating_point:
+            raise UserError(f"{f.path}: tensor {k} is {str(f.dtype(k)).removeprefix('torch.')}; a VAE's weights are "
+                            "floating point (the file is damaged or not a VAE: restore it from the model's download)")
     return f, config
