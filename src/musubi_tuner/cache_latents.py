@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def encode_dataset(dataset, vae, args, device, generator) -> str:
-    """Cache one dataset; returns its summary line(s)."""
+def encode_dataset(dataset, vae, args, device, generator):
+    """Cache one dataset; returns its report."""
     from musubi_tuner.data import cache_files
     from musubi_tuner.data.items import (CacheReport, chunks, iter_latent_batches, stack_pixels, stale_latent_caches,
                                          tidy_cache_directory)
@@ -80,7 +80,7 @@ def encode_dataset(dataset, vae, args, device, generator) -> str:
             bar.update(len(part))
     bar.close()
     tidy_cache_directory(dataset.cache_directory, stale_latent_caches(dataset, report), keep_cache=args.keep_cache)
-    return f"{dataset.where}: {report.summary('latent caches')}"
+    return report
 
 
 def main(argv=None) -> None:
@@ -110,8 +110,11 @@ def main(argv=None) -> None:
             vae.set_memory_options(tiling=args.vae_tiling or args.vae_spatial_tile_sample_min_size is not None,
                                    spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
             generator = torch.Generator(device).manual_seed(0)  # the posterior sample is reproducible run to run
-            summaries = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
-        print("\n".join(summaries))
+            reports = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
+        print("\n".join(f"{ds.where}: {r.summary('latent caches')}" for ds, r in zip(config.all_datasets, reports)))
+        from musubi_tuner.data.items import require_some_cached
+
+        require_some_cached(reports, "latent cache")
 
     run_cli(run, argv, memory_advice="--vae_tiling (with a smaller --vae_spatial_tile_sample_min_size), --vae_chunk_size 16 "
                                       "and --batch_size 1 need less")

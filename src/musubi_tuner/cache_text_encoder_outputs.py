@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
         from musubi_tuner.data.config import load_dataset_config
-        from musubi_tuner.data.items import (CacheReport, caption_items, stale_text_caches, text_encoding_todo,
+        from musubi_tuner.data.items import (CacheReport, caption_items, require_some_cached, stale_text_caches, text_encoding_todo,
                                              tidy_cache_directory)
         from musubi_tuner.dtypes import cpu_lacks_fast_float16, str_to_dtype
         from musubi_tuner.hunyuan.text_encoders import check_text_encoder1, check_text_encoder2, load_text_encoder1, load_text_encoder2
@@ -135,6 +135,7 @@ def main(argv=None) -> None:
                 report.already_cached = len(cs) - report.cached
                 tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
                 print(f"{ds.where}: {report.summary('text caches')}")
+            require_some_cached(reports, "text cache")
 
     run_cli(run, argv, memory_advice="--fp8_llm and a smaller --batch_size need less")
 

@@ -91,6 +91,17 @@ def captions(a, tmp, kind: str):
     return toml
 
 
+def every_caption_unreadable(a, tmp):
+    """The dataset with every caption file a folder (a caption that no run can read), and no text caches yet."""
+    toml, folder = copy_dataset(a, tmp)
+    for caption in folder.glob("*/*.txt"):
+        caption.unlink()
+        caption.mkdir()
+    for cache in folder.glob("cache/*/*_hv_te.safetensors"):
+        cache.unlink()
+    return toml
+
+
 def misspelt_caption_extension(a, tmp):
     toml, _ = copy_dataset(a, tmp)
     toml.write_text(toml.read_text().replace('caption_extension = ".txt"', 'caption_extension = ".tx"'))
@@ -282,7 +293,8 @@ CASES = [
          lambda a, t: cache_latents_argv(misspelt_caption_extension(a, t), a), None, keep=image_caches,
          then=summary_names(r"skipped: .*image_0000\.png: no caption file image_0000\.tx")),
     Case("cache-text-misspelt-caption-extension-keeps-caches", "cache_text_encoder_outputs",
-         lambda a, t: cache_text_argv(misspelt_caption_extension(a, t), a), None, keep=all_caches),
+         lambda a, t: cache_text_argv(misspelt_caption_extension(a, t), a),
+         r"no text cache made: 2 item\(s\) could not be read \(listed above\)", keep=all_caches),
     Case("cache-latents-videos-listed-as-images-says-so", "cache_latents", lambda a, t: cache_latents_argv(write_toml(t,
          f'[[datasets]]\nimage_directory = "{a.dataset.parent / "videos"}"\ncache_directory = "{t / "cache"}"\n'), a), None,
          warning=r"videos lists no images \(it holds 2 videos: list it as video_directory\)"),
@@ -298,6 +310,9 @@ CASES = [
     # --- captions and text encoders
     Case("caption-missing-is-reported", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "missing"), a), None,
          then=summary_names(r"failed: .*clip_0001\.txt: caption file not found \(for clip_0001\.mp4\)")),
+    Case("caption-every-one-unreadable-fails-the-run", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(every_caption_unreadable(a, t), a),
+         r"no text cache made: 4 item\(s\) could not be read \(listed above\) and no other item gave one"),
     Case("caption-empty-works", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "empty"), a), None,
          then=summary_names(r"\[\[datasets\]\]\[1\]: 2 text caches cached"), warning=r"clip_0001\.txt: empty caption"),
     Case("caption-not-utf8-strict", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "latin1"), a, "--strict"),

@@ -86,6 +86,17 @@ class CacheReport:
         return "\n".join(lines)
 
 
+def require_some_cached(reports: list[CacheReport], unit: str) -> None:
+    """A caching run that made no cache at all and could not read some items failed: exit status 2 (after the summary),
+    so that a script stops there instead of training on nothing. Skipped items (no caption, too short) are not
+    failures: a run that skips everything still succeeds, as in musubi-tuner."""
+    made = sum(r.cached + r.already_cached for r in reports)
+    failed = sum(len(r.failed) for r in reports)
+    if made == 0 and failed:
+        raise UserError(f"no {unit} made: {failed} item(s) could not be read (listed above) and no other item gave one; "
+                        f"fix or remove those files, or the dataset config")
+
+
 def _naming(path: str | os.PathLike, reason: str) -> str:
     """The reason, prefixed with the file unless it already names it (UserErrors do)."""
     return reason if str(path) in reason else f"{path}: {reason}"
