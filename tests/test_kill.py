@@ -151,3 +151,23 @@ def test_a_run_killed_between_the_lora_and_its_comfyui_copy_leaves_no_copy_of_an
     kill_when(run, lambda: any(p.name.startswith(".tiny.comfyui.safetensors.") for p in os.scandir(out)))
     main, copy = (read_safetensors_header(out / name)[1] for name in ("tiny.safetensors", "tiny.comfyui.safetensors"))
     assert (main["ss_seed"], main["ss_steps"]) == (copy["ss_seed"], copy["ss_steps"])
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_leaving_no_lock_or_temporary_file(setup, tmp_path):
+    """docker stop, systemd and batch systems send SIGTERM: the run stops at once with 'terminated' and status 143,
+    and the next run finds neither a lock to take over nor a temporary file to clear."""
+    dit, toml, _ = setup
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    argv = train_argv(dit, toml, out, "--save_every_n_steps", "1", "--save_state", "--resume", "auto")
+    run = start(argv, log)
+    deadline = time.monotonic() + 300
+    while not (out / "tiny-step00000002-state").is_dir():
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 143, log.read_text()[-3000:]
+    assert log.read_text().rstrip().endswith("terminated")
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete", ".lock"))]
+    assert_whole(out)
+    assert start(argv, log).wait(600) == 0, log.read_text()[-3000:]
+    assert "taking over the lock" not in log.read_text() and log.read_text().count("resumed from") == 1

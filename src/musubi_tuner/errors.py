@@ -43,6 +43,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     use_expandable_segments()
+    stop_cleanly_on_sigterm()
     if not debug_requested(argv):
         # bitsandbytes >= 0.50 logs at import that it could not fetch its 4-bit CPU kernels from the hub: the 8-bit
         # optimizers never use them, and a warning about remote code on every training start only alarms
@@ -62,10 +63,10 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         if message is None or debug_requested(argv):
             raise
         _fail(f"{message} (--debug shows where)")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _close_progress_bars()
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
@@ -73,6 +74,23 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         if e.filename is None or debug_requested(argv):
             raise
         _fail(f"{e.filename}: {e.strerror or e} (--debug shows where)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd, a batch system's time limit, a launcher stopping its workers), raised where the
+    command is, as Ctrl-C is: the file being written is abandoned whole, locks are released, nothing half-written
+    stays under a final name."""
+
+
+def stop_cleanly_on_sigterm() -> None:
+    import signal
+    import threading
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
 
 
 ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
