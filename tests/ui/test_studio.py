@@ -412,3 +412,15 @@ def test_a_resumed_job_runs_in_the_folder_its_first_run_ran_in(tmp_path, monkeyp
     while jobs.get(job.id).state != "finished" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert f"in {tmp_path / 'here'}" in jobs.log_tail(job) and Jobs(tmp_path / "jobs").get(job.id).cwd == str(tmp_path / "here")
+
+
+def test_a_job_stopped_while_it_starts_does_not_run_on(tmp_path):
+    """Stop pressed before the supervisor has started the command (the server knows no pid yet): the supervisor sees the
+    request and interrupts its command itself, so the job ends stopped at once, not when the command ends."""
+    jobs = Jobs(tmp_path / "jobs")
+    job = jobs.start("generate", "sleeper", [[sys.executable, "-c", "import time; time.sleep(60)"]])
+    jobs.stop(job.id)  # at once: the job is still "starting"
+    deadline = time.monotonic() + 30
+    while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert jobs.get(job.id).state == "stopped" and time.monotonic() < deadline

@@ -86,8 +86,7 @@ class Jobs:
                                               env=child_environment(), cwd=job.cwd, **_new_process_group())
             except OSError as e:
                 raise UserError(f"{self.path(job)}: cannot start the job ({e.strerror or e})") from None
-            job.supervisor = supervisor.pid
-            self._save(job)  # (the supervisor writes it too, as soon as it starts)
+            job.supervisor = supervisor.pid  # in memory only: from here on the supervisor alone writes job.json
             self._jobs[job.id] = job
         threading.Thread(target=supervisor.wait, name=f"job {job.id}", daemon=True).start()  # reaped when it ends
         return job
@@ -214,6 +213,8 @@ def supervise(folder: Path) -> int:
             return finish(127, f"cannot start {cmd[0]}: {e.strerror or e}")
         job.pid, job.current, job.state = process.pid, index, "running"
         save_job(folder, job)
+        if (folder / STOP_MARKER).exists():  # a stop asked for while this command started: the server knew no pid yet
+            _signal_group(process.pid, interrupt=True)
         returncode = process.wait()
         if returncode != 0:
             left = len(job.commands) - index - 1
