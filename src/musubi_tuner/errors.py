@@ -49,6 +49,13 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         # optimizers never use them, and a warning about remote code on every training start only alarms
         logging.getLogger("bitsandbytes.backends").setLevel(logging.ERROR)
     try:
+        _run(main, argv, memory_advice)
+    finally:  # a SIGTERM once the command has ended (a launcher stopping its processes) ends it as the default does
+        _default_sigterm()
+
+
+def _run(main, argv, memory_advice: str) -> None:
+    try:
         main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
     except UserError as e:
@@ -93,6 +100,14 @@ def stop_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, terminate)
 
 
+def _default_sigterm() -> None:
+    import signal
+    import threading
+
+    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
@@ -115,11 +130,20 @@ def use_expandable_segments(environ=os.environ, platform: str = sys.platform) ->
 
 
 def _fail(message: str, shared: bool = False) -> None:
+    _default_sigterm()  # ending anyway: a launcher's SIGTERM now ends it without a second message
     _close_progress_bars()
-    if not shared or int(os.environ.get("RANK", "0") or 0) == 0:
+    quiet = shared and int(os.environ.get("RANK", "0") or 0) != 0
+    if not quiet:
         print(f"error: {message}", file=sys.stderr)
     _tell_the_launcher(f"error: {message}")
+    if quiet:  # process 0 prints it: let it, before the launcher stops every process on this one's exit
+        import time
+
+        time.sleep(SHARED_ERROR_GRACE_SECONDS)
     sys.exit(2)
+
+
+SHARED_ERROR_GRACE_SECONDS = 2.0
 
 
 def lost_peer(e: BaseException) -> str | None:

@@ -496,34 +496,47 @@ def require_file(path: str | os.PathLike, what: str = "file", flag: str | None =
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str]]:
     """Keys with their dtype and shape, and the metadata, without reading any tensor data."""
     path = require_file(path, "safetensors file")
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, _MAX_HEADER_BYTES):
-            raise UserError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        entries, metadata, _ = _read_header(f, path)
+    return entries, metadata
+
+
+def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str], dict[str, tuple[int, int]]]:
+    """(entries, metadata, absolute (start, end) byte range of each tensor) of the safetensors file open as `f`, checked
+    against the file's size: every range inside the data and as long as its dtype and shape say."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, _MAX_HEADER_BYTES):
+        raise UserError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    offsets: dict[str, tuple[int, int]] = {}
     data_size = size - 8 - n
     for key, info in header.items():
         try:
             dtype = st_dtypes()[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
-            end = int(info["data_offsets"][1])
+            begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError, IndexError):
             raise UserError(f"{path}: tensor {key!r} has a malformed entry in the header") from None
         if end > data_size:
             raise UserError(f"{path}: file is truncated (tensor {key!r} ends at byte {end} of {data_size})")
+        if begin < 0 or end - begin != math.prod(shape) * dtype.itemsize or min(shape, default=1) < 0:
+            raise UserError(f"{path}: tensor {key!r} has a malformed entry in the header (bytes {begin}..{end} for "
+                            f"{str(dtype).removeprefix('torch.')} {list(shape)})")
         entries[key] = (dtype, shape)
-    return entries, metadata
+        offsets[key] = (8 + n + begin, 8 + n + end)
+    return entries, metadata, offsets
 
 
 class StateDictFile:
@@ -539,7 +552,7 @@ class StateDictFile:
         self.what = what
         self.metadata: dict[str, str] = {}
         self._safe = None
-        self._offsets: dict[str, tuple[int, int]] | None = None  # safetensors: absolute byte range per tensor, for read()
+        self._offsets: dict[str, tuple[int, int]] = {}  # safetensors: absolute byte range per tensor, for read()
         self._tensors: dict[str, torch.Tensor] | None = None
         self._file = None
         if self.path.suffix.lower() == ".safetensors" or _looks_like_safetensors(self.path):
@@ -547,14 +560,15 @@ class StateDictFile:
             # under this name) does not reach this descriptor, and a rewrite in place is seen (_check_unchanged)
             self._file = open(self.path, "rb", buffering=0)
             self._opened = _version(os.fstat(self._file.fileno()))
-            entries, self.metadata = read_safetensors_header(self.path)
-            self._entries = entries
-            from safetensors import safe_open
+            self._entries, self.metadata, self._offsets = _read_header(self._file, self.path)
+            self._safe = True  # read tensor by tensor from this descriptor (read); large files are mapped (get)
+            if self._opened[0] > MAPPED_FROM_BYTES:
+                from safetensors import safe_open
 
-            try:
-                self._safe = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise UserError(f"{self.path}: unreadable safetensors file ({e})") from None
+                try:
+                    self._safe = safe_open(str(self.path), framework="pt", device="cpu")
+                except Exception as e:  # safetensors raises its own error types
+                    raise UserError(f"{self.path}: unreadable safetensors file ({e})") from None
         else:
             obj = load_torch_file(self.path, what)
             self._tensors = _find_state_dict(obj, subdict_keys, self.path, what)
@@ -613,8 +627,6 @@ class StateDictFile:
             return self.get(key)
         real = self._rename[key]
         dtype, shape = self._entries[real]
-        if self._offsets is None:
-            self._offsets = _safetensors_offsets(self.path)
         start, end = self._offsets[real]
         t = torch.empty(shape, dtype=dtype)
         if end > start:
@@ -651,15 +663,6 @@ MAPPED_FROM_BYTES = 512 * 2**20  # files this large are memory-mapped (a DiT, a 
 
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Absolute (start, end) byte offsets of every tensor's data in a safetensors file (header already validated)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()}
 
 
 def _looks_like_safetensors(path: Path) -> bool:

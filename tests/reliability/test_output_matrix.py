@@ -71,6 +71,17 @@ def damaged_dit(a, tmp, how: str) -> Path:
     return path
 
 
+def of_run(a, tmp, seed: int) -> Path:
+    """The asset LoRA as a checkpoint of the training run of `seed` (in its metadata, as the trainer records it)."""
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.files import read_safetensors_header
+
+    metadata = {**read_safetensors_header(a.lora)[1], "ss_seed": str(seed), "ss_learning_rate": "0.001"}
+    save_file(load_file(str(a.lora)), str(tmp / f"run{seed}.safetensors"), metadata=metadata)
+    return tmp / f"run{seed}.safetensors"
+
+
 def own_copy(path, tmp):
     """A copy of an asset in tmp/own, which the case may name as its output (and must keep)."""
     import shutil
@@ -281,6 +292,9 @@ CASES = [
          lambda a, t: [str(own_copy(a.lora, t)), str(a.lora), "--output_file", str(t / "own" / a.lora.name)],
          r"--output_file .*: is .*, which this command reads \(the checkpoints to average\)",
          keep=lambda a, t: [t / "own" / a.lora.name]),
+    Case("post-hoc-ema-of-two-runs-says-so", "lora_post_hoc_ema",
+         lambda a, t: [str(of_run(a, t, 1)), str(of_run(a, t, 2)), "--no_sort", "--output_file", str(t / "ema.safetensors")], None,
+         warning=r"run2\.safetensors: not of the run of run1\.safetensors \(ss_seed 1 -> 2\): the average mixes two training runs"),
     Case("post-hoc-ema-a-checkpoint-holds-nan", "lora_post_hoc_ema",
          lambda a, t: [str(a.lora), str(a.lora_nan), "--no_sort", "--output_file", str(t / "ema.safetensors")],
          r"\S+\.safetensors: \S+ holds NaN or infinite values", then=lambda a, t, err, out: absent(t / "ema.safetensors")),

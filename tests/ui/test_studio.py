@@ -354,6 +354,8 @@ def test_a_path_with_a_nul_character_is_refused_when_served_or_uploaded(tmp_path
     assert studio.get("/files", params={"path": "a\u0000b"}).status_code == 403
     upload = studio.post("/api/upload", params={"name": "a\u0000b"}, content=b"x", headers=STUDIO)
     assert upload.status_code == 400 and "NUL character" in upload.json()["error"]
+    dataset = studio.get("/api/dataset", params={"path": "a\u0000.toml"})
+    assert dataset.status_code == 400 and "NUL character" in dataset.json()["error"]
 
 
 def test_a_job_folder_that_cannot_be_written_is_a_400_and_no_job_is_listed(tmp_path):

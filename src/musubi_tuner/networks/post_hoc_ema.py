@@ -66,6 +66,15 @@ def order_files(paths: Sequence[str | os.PathLike], sort: bool = True) -> list[P
     return sorted(paths, key=lambda p: p.stat().st_mtime) if sort else paths
 
 
+RUN_SETTINGS = ("ss_seed", "ss_learning_rate", "ss_network_dim", "ss_network_alpha")
+
+
+def _run_settings(metadata: dict[str, str]) -> dict[str, str]:
+    """What the checkpoints of one training run share in their metadata (a resumed run included: it keeps its seed and
+    rate), for telling two runs apart; empty without metadata."""
+    return {k: metadata[k] for k in RUN_SETTINGS if k in metadata}
+
+
 def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(averaged tensors, the last file's metadata with new hashes) of `paths` (oldest first), one beta per later file."""
     from musubi_tuner.networks.lora_metadata import sd_scripts_hashes
@@ -74,9 +83,14 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
     first = _checkpoint(paths[0])
     dtypes = {k: v.dtype for k, v in first.items()}
     average = {k: v.float() if v.is_floating_point() else v for k, v in first.items()}
+    first_run = _run_settings(read_lora_file(paths[0])[1])
     for path, beta in zip(paths[1:], betas):
-        weights, _ = read_lora_file(path)
+        weights, metadata = read_lora_file(path)
         _check_same_keys(paths[0], first, path, weights)  # so the same LoRA entries as the first
+        if (run := _run_settings(metadata)) != first_run and first_run and run:
+            changed = ", ".join(f"{k} {first_run.get(k)} -> {run.get(k)}" for k in first_run if first_run.get(k) != run.get(k))
+            logger.warning("%s: not of the run of %s (%s): the average mixes two training runs (a fresh run into the same "
+                           "--output_dir keeps the other run's older checkpoints)", path, paths[0].name, changed)
         check_finite(str(path), weights)
         logger.info("%s: beta %.4f", path.name, beta)
         for key, value in weights.items():

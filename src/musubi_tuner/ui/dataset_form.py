@@ -43,6 +43,8 @@ def form_schema() -> dict:
 
 def load(path: str) -> dict:
     """The config as a table for the form (a new one when the file does not exist yet), with its TOML text."""
+    if "\0" in path:
+        raise UserError(f"{path!r}: a path cannot hold a NUL character")
     target = Path(path)
     config = schema.read_config_file(target) if target.exists() else {"general": {}, "datasets": []}
     return {"path": str(target), "config": config, "schema": form_schema(), "text": to_toml(config),
