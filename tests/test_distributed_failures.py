@@ -121,3 +121,24 @@ def test_an_error_every_process_meets_is_printed_by_process_0_only_and_given_to_
     assert done.returncode == 2
     assert ("error: --infer_steps" in done.stderr) == printed, done.stderr
     assert json.loads(error_file.read_text())["message"].startswith("error: --infer_steps")
+
+
+def test_processes_that_accelerate_does_not_join_are_refused_before_they_train_alone(tmp_path):
+    """torchrun on a CPU without ACCELERATE_USE_CPU: accelerate runs each process as if it were alone, and every one
+    would train and write the same files. The processes stop before loading anything, with one line."""
+    from helpers import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    (tmp_path / "d.toml").write_text("[general]\nresolution = [32, 32]\n")
+    (tmp_path / "dit.pt").write_bytes(b"x")
+    argv = ["--dit", str(tmp_path / "dit.pt"), "--dataset_config", str(tmp_path / "d.toml"), "--sdpa", "--network_module",
+            "networks.lora", "--output_dir", str(tmp_path / "out"), "--output_name", "x"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stderr[-2000:]
+    printed = [line for line in done.stderr.splitlines() if line.startswith("error: launched as 2 processes (WORLD_SIZE)")]
+    assert printed == ["error: launched as 2 processes (WORLD_SIZE), but accelerate joined 1; on a machine without a GPU set "
+                       "ACCELERATE_USE_CPU=1 (accelerate launch --cpu sets it)"], done.stderr[-3000:]  # once, by process 0
+    assert not (tmp_path / "out" / "x.safetensors").exists()

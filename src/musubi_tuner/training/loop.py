@@ -408,6 +408,10 @@ def train(args) -> Path | None:
 
 def _train(args) -> Path | None:
     accelerator = make_accelerator(args)
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes != launched:  # each process would train alone into the same files
+        raise SharedError(f"launched as {launched} processes (WORLD_SIZE), but accelerate joined {accelerator.num_processes}; "
+                          f"on a machine without a GPU set ACCELERATE_USE_CPU=1 (accelerate launch --cpu sets it)")
     check_same_command_line()
     if args.cuda_allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
