@@ -42,7 +42,8 @@ def cache_the_demo_from_the_dataset_page(studio, page) -> str:
 def the_dataset_page_lists_the_items_and_buckets_that_caching_reports(studio, page, cached: str):
     url, workspace = studio
     page.goto(f"{url}/dataset")
-    assert "[[datasets]]" in page.inner_text("#toml-text")
+    # the page fetches the config after it loads: wait for it rather than read the empty box (a race under load)
+    page.wait_for_function("document.querySelector('#toml-text').textContent.includes('[[datasets]]')")
     page.wait_for_selector(".dataset-summary")
     page.wait_for_function("[...document.querySelectorAll('.latent-cache, .text-cache')].every(e => e.textContent.trim() === 'cached')")
     summaries = page.query_selector_all(".dataset-summary")
