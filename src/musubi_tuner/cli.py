@@ -125,11 +125,19 @@ def seed(bits: int = 64):
     return count(0, 2**bits - 1, what=f", 2^{bits}-1")
 
 
+# Bounds beyond which no run can finish (the memory grows with their product): a dataset's resolution and a training
+# sample's size are refused when read, instead of by the kernel's out-of-memory killer or a sample that never ends
+MAX_PIXELS = 8192
+MAX_FRAMES = 1025
+
+
 def frames_4n1(value: str) -> int:
     """A frame count of the form 4N+1 (the VAE compresses 4 frames into one after the first)."""
     number = _number(value, int)
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1 (4N+1: 1, 5, 9, ...)")
+    if number > MAX_FRAMES:
+        raise argparse.ArgumentTypeError(f"{value}: at most {MAX_FRAMES} frames (HunyuanVideo is made for 129)")
     if (number - 1) % 4:
         low = (number - 1) // 4 * 4 + 1
         raise argparse.ArgumentTypeError(f"{value} is not 4N+1 (try {low} or {low + 4})")

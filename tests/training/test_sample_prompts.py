@@ -39,7 +39,8 @@ def test_bad_option_names_the_line(tmp_path):
     ("a cat --s -5", r"line 1: --s -5: must be between 1 and 1000"),
     ("a cat --g nan", r"line 1: --g nan: not a finite number"),
     ("a cat --fs 0", r"line 1: --fs 0: must be greater than 0"),
-    ("a cat --w 0", r"line 1: --w 0: must be at least 1"),
+    ("a cat --w 0", r"line 1: --w 0: must be between 1 and 8192"),
+    ("a cat --f 100001", r"line 1: --f 100001: must be between 1 and 1025"),
 ])
 def test_a_value_outside_its_domain_is_refused_when_the_file_is_read(tmp_path, content, message):
     """As the generation command's flags are: not when the first sample runs, after training has started."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Union
 
+from musubi_tuner.cli import MAX_PIXELS
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError, did_you_mean
@@ -203,7 +204,7 @@ def _resolution(value: Any, at: str) -> tuple[int, int]:
     return sides
 
 
-MAX_RESOLUTION = 8192
+MAX_RESOLUTION = MAX_PIXELS  # a side of a dataset's resolution: the generation command's bound
 
 
 def _extraction(value: Any, at: str) -> str:
