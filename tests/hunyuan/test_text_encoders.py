@@ -592,11 +592,13 @@ def test_every_json_file_of_a_text_encoder_folder_of_another_json_type_is_named(
     refused(lambda: te.load_text_encoder1(folder), folder / name, "where an object is expected")
 
 
-def test_a_json_file_that_is_a_folder_is_named(files, tmp_path):
+@pytest.mark.parametrize("name,fragment", [("config.json", "is a folder, not a JSON file"),
+                                           ("tokenizer.json", "is a folder, not the CLIP tokenizer file")])
+def test_a_file_of_the_clip_folder_that_is_a_folder_is_named(files, tmp_path, name, fragment):
     folder = damaged_copy(files["clip_folder"], tmp_path / "text_encoder_2")
-    (folder / "config.json").unlink()
-    (folder / "config.json").mkdir()
-    refused(lambda: te.load_text_encoder2(folder), folder / "config.json", "is a folder, not a JSON file")
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    refused(lambda: te.load_text_encoder2(folder), folder / name, fragment)
 
 
 @pytest.mark.parametrize("field,value,fragment", [
@@ -697,13 +699,6 @@ def test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packa
     assert "does not belong" not in message
     # named as well when the folder is passed as the tokenizer folder
     refused(lambda: te.load_text_encoder1(files["llm_file"], tokenizer_path=folder), folder / "tokenizer.json", fragment)
-
-
-def test_a_clip_tokenizer_json_that_is_a_folder_is_named(files, tmp_path):
-    folder = damaged_copy(files["clip_folder"], tmp_path / "text_encoder_2")
-    (folder / "tokenizer.json").unlink()
-    (folder / "tokenizer.json").mkdir()
-    refused(lambda: te.load_text_encoder2(folder), folder / "tokenizer.json", "is a folder, not the CLIP tokenizer file")
 
 
 @pytest.mark.parametrize("file,damage,fragment", [
