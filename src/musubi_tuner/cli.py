@@ -152,10 +152,25 @@ def pixels(value: str) -> int:
     number = _number(value, int)
     if number < 16:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 16 pixels")
+    if number > MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f"{value}: at most {MAX_PIXELS} pixels a side (HunyuanVideo is made for 720x1280)")
     return number
 
 
 pixels.__name__ = "size"
+
+
+def text(value: str) -> str:
+    """Text given on the command line: bytes that are not UTF-8 (which Python keeps as lone surrogates) are refused
+    here, not by the tokenizer once the models have loaded."""
+    bad = next((c for c in value if "\udc80" <= c <= "\udcff"), None)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(f"is not UTF-8 text (byte 0x{ord(bad) - 0xDC00:02x} at character {value.index(bad) + 1}); "
+                                         "check the terminal's or the script's encoding")
+    return value
+
+
+text.__name__ = "text"
 
 
 def compute_dtype(value: str) -> str:

@@ -30,11 +30,11 @@ from reliability_cases import (
 EMPTY_SAFETENSORS = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"  # a header of no tensors: a valid, empty file
 
 
-def latent_file(path: Path, shape) -> Path:
+def latent_file(path: Path, shape, dtype: str = "float32") -> Path:
     from safetensors.torch import save_file
     import torch
 
-    save_file({"latent": torch.zeros(shape)}, str(path))
+    save_file({"latent": torch.zeros(shape, dtype=getattr(torch, dtype))}, str(path))
     return path
 
 
@@ -244,12 +244,32 @@ CASES = [
                                       "--latent_path", str(latent_file(t / "odd.safetensors", shape))],
            r"odd\.safetensors: latent has shape \[" + ", ".join(map(str, shape)) + r"\], expected \(16, frames, height, width\)",
            then=nothing_generated)
-      for shape in ((8, 2, 4, 4), (16, 0, 4, 4))],
+      for shape in ((8, 2, 4, 4), (16, 0, 4, 4), (2, 4, 4))],  # (the shape stored, not one with a frame axis added)
+    Case("generate-latent-path-of-integers", "hv_generate_video",
+         lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"),
+                       "--latent_path", str(latent_file(t / "odd.safetensors", (16, 1, 4, 4), dtype="int32"))],
+         r"odd\.safetensors: latent is int32, not floating point", then=nothing_generated),
+    Case("generate-latent-path-says-what-it-ignores", "hv_generate_video",
+         lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--prompt", "a cat",
+                       "--image_path", str(write(t / "first.png", NOISE)),
+                       "--latent_path", str(latent_file(t / "saved.safetensors", (16, 1, 4, 4)))], None,
+         warning=r"--image_path: not used with --latent_path, which only decodes the saved latents"),
+    Case("generate-prompt-not-utf-8", "hv_generate_video", lambda a, t: replaced(generate_argv(a, t), "--prompt", "a cat \udcff\udcfe"),
+         r"--prompt is not UTF-8 text \(byte 0xff at character 7\)", then=nothing_generated),
+    Case("generate-negative-prompt-not-utf-8", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--guidance_scale", "2", "--negative_prompt", "\udcff"),
+         r"--negative_prompt is not UTF-8 text \(byte 0xff at character 1\)", then=nothing_generated),
+    Case("generate-prompt-blank", "hv_generate_video", lambda a, t: replaced(generate_argv(a, t), "--prompt", " \t "),
+         r"--prompt is blank", then=nothing_generated),
+    Case("generate-video-size-beyond-any-machine", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--video_size", "100000", "100000"),
+         r"--video_size 100000: at most 8192 pixels a side", then=nothing_generated),
     Case("generate-latent-path-is-a-folder", "hv_generate_video",
          lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--latent_path", str(t)],
          r": expected a latent file, found a folder \(--latent_path\)", then=nothing_generated),
-    Case("generate-out-of-memory-says-what-needs-less", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_size", "65536", "65536"),
-         r"out of host memory: an allocation of 4\.00 GiB failed; a smaller --video_size or --video_length needs less, .*"
+    Case("generate-out-of-memory-says-what-needs-less", "hv_generate_video",  # a 2.06 GiB latent, over MEMORY
+         lambda a, t: generate_argv(a, t, "--video_size", "8192", "8192", "--video_length", "129"),
+         r"out of host memory: an allocation of [\d.]+ GiB failed; a smaller --video_size or --video_length needs less, .*"
          r"--dry_run --vram_budget 24G", memory_headroom=MEMORY),
     Case("generate-dry-run-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t, "--dry_run"),
          r"videos: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --save_path",

@@ -63,3 +63,28 @@ def test_toml_and_json_prompt_files_of_another_shape_name_the_entry(tmp_path, na
     f.write_text(content)
     with pytest.raises(UserError, match=message):
         load_sample_prompts(f)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.txt", "ok\n--w 32 --h 32\n", r"p.txt: line 2: no prompt text"),
+    ("p.txt", "a cat --w 32 --n\n", r"p.txt: line 1: --n needs a value"),
+    ("p.txt", "a cat --i \n", r"p.txt: line 1: --i needs a value"),
+    ("p.json", '[{"prompt": "  "}]', r"p.json: entry 1: no prompt text"),
+])
+def test_a_line_without_its_text_is_refused(tmp_path, name, content, message):
+    """As the generation command refuses a blank --prompt: a sample of nothing is not what the line meant."""
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_sample_prompts(f)
+
+
+def test_a_size_the_model_cannot_take_is_sampled_at_the_nearest_below_and_said(tmp_path, caplog):
+    f = tmp_path / "p.txt"
+    f.write_text("a cat --w 33 --h 40 --f 6\na dog --w 32 --h 48 --f 5\n")
+    with caplog.at_level("WARNING"):
+        cat, dog = load_sample_prompts(f)
+    assert (cat.width, cat.height, cat.frames, dog.width, dog.height, dog.frames) == (32, 32, 5, 32, 48, 5)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ["p.txt: line 1: sampled at 32x32, 5 frames (sizes are multiples of 16, frame counts 4N+1), not 33x40, 6"
+                    .replace("p.txt", str(f))]

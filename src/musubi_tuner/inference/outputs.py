@@ -46,16 +46,17 @@ def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
     f = StateDictFile(path, what="latent file")
     if "latent" not in f:
         raise UserError(f"{path}: no tensor named 'latent' (keys: {', '.join(f.keys()[:4])})")
-    latent = f.get("latent", dtype=torch.float32)
-    if latent.ndim == 5 and latent.shape[0] == 1:
-        latent = latent[0]
-    if latent.ndim == 3:  # an image latent without a time axis
-        latent = latent[:, None]
+    stored = f.shape("latent")
+    shape = stored[1:] if len(stored) == 5 and stored[0] == 1 else stored
+    shape = (shape[0], 1, *shape[1:]) if len(shape) == 3 else shape  # an image latent without a time axis
     channels = VAEConfig.latent_channels  # HunyuanVideo's VAE, T2V and SkyReels alike
-    if latent.ndim != 4 or latent.shape[0] != channels or 0 in latent.shape:
-        raise UserError(f"{path}: latent has shape {list(latent.shape)}, expected ({channels}, frames, height, width), "
+    if len(shape) != 4 or shape[0] != channels or 0 in shape:
+        raise UserError(f"{path}: latent has shape {list(stored)}, expected ({channels}, frames, height, width), "
                         "none of them 0 (a latent this command or musubi-tuner saved with --output_type latent)")
-    return latent, dict(f.metadata)
+    if not f.dtype("latent").is_floating_point:
+        raise UserError(f"{path}: latent is {str(f.dtype('latent')).removeprefix('torch.')}, not floating point "
+                        "(a latent this command or musubi-tuner saved with --output_type latent)")
+    return f.get("latent", dtype=torch.float32).reshape(shape), dict(f.metadata)
 
 
 def decode_to_frames(vae, latent: torch.Tensor) -> torch.Tensor:

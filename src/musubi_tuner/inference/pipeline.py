@@ -47,9 +47,15 @@ def check_and_fill(args) -> None:
             raise UserError("--latent_path decodes saved latents: use --output_type video or images")
         for p in args.latent_path:
             require_file(p, "latent file", "--latent_path")
+        # (not --prompt: musubi-tuner requires it with --latent_path, so its command lines all have one)
+        unused = [f"--{flag}" for flag in ("negative_prompt", "image_path", "video_path", "lora_weight") if getattr(args, flag)]
+        if unused:
+            logger.warning("%s: not used with --latent_path, which only decodes the saved latents", ", ".join(unused))
         return
     if not args.prompt:
         raise UserError("--prompt is required")
+    if not args.prompt.strip():
+        raise UserError("--prompt is blank: give the text of the video")
     for flag in ("text_encoder1", "text_encoder2"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, count, real, seed
 from musubi_tuner.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,19 @@ class SamplePrompt:
     negative_prompt: str | None = None
     image_path: str | None = None
 
-    def normalised(self) -> "SamplePrompt":
-        """Sizes floored to multiples of 16 (musubi-tuner floors to 8, which the 2x2 patch then rejects), frames to 4N+1."""
-        return replace(self, width=max(16, self.width // 16 * 16), height=max(16, self.height // 16 * 16),
+    def normalised(self, where: str) -> "SamplePrompt":
+        """Sizes floored to multiples of 16 (musubi-tuner floors to 8, which the 2x2 patch then rejects), frames to
+        4N+1, with a warning at `where` that gives what is sampled (the generation command refuses such values; a
+        musubi-tuner prompt file keeps working). A prompt of blanks is refused, as the generation command does."""
+        if not self.prompt.strip():
+            raise UserError(f"{where}: no prompt text (the line starts with the prompt, then its --options)")
+        done = replace(self, width=max(16, self.width // 16 * 16), height=max(16, self.height // 16 * 16),
                        frames=max(1, (self.frames - 1) // 4 * 4 + 1))
+        if done != self:
+            logger.warning("%s: sampled at %dx%d, %d frame%s (sizes are multiples of 16, frame counts 4N+1), not %dx%d, %d",
+                           where, done.width, done.height, done.frames, "" if done.frames == 1 else "s",
+                           self.width, self.height, self.frames)
+        return done
 
 
 def _text(value: str) -> str:
@@ -64,7 +76,7 @@ def _value(parse, value, name: str, where: str):
 
 
 def parse_line(line: str, index: int, source: str = "prompt file") -> SamplePrompt:
-    parts = line.split(" --")
+    parts = f" {line}".split(" --")  # (a line that starts with an option has no prompt text)
     fields: dict = {"index": index, "prompt": parts[0].strip()}
     for part in parts[1:]:
         key, _, value = part.strip().partition(" ")
@@ -73,9 +85,11 @@ def parse_line(line: str, index: int, source: str = "prompt file") -> SampleProm
             continue
         if key not in _OPTIONS:
             raise UserError(f"{source}: line {index + 1}: unknown option --{key} (known: {', '.join('--' + k for k in _OPTIONS)})")
+        if not value.strip():  # a `--n` with nothing after it, say: not taken as no negative prompt
+            raise UserError(f"{source}: line {index + 1}: --{key} needs a value")
         name, parse = _OPTIONS[key]
         fields[name] = _value(parse, value.strip(), f"--{key}", f"{source}: line {index + 1}")
-    return SamplePrompt(**fields).normalised()
+    return SamplePrompt(**fields).normalised(f"{source}: line {index + 1}")
 
 
 def _from_dict(d: dict, index: int, source: str) -> SamplePrompt:
@@ -92,7 +106,7 @@ def _from_dict(d: dict, index: int, source: str) -> SamplePrompt:
             fields[name] = _value(domains.get(name, _text), value, key, f"{source}: entry {index + 1}")
     if "prompt" not in fields:
         raise UserError(f"{source}: entry {index + 1} has no prompt")
-    return SamplePrompt(**fields).normalised()
+    return SamplePrompt(**fields).normalised(f"{source}: entry {index + 1}")
 
 
 def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
