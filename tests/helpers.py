@@ -155,3 +155,34 @@ def lora_with_random_ups(dit, rank: int, std: float, device=None):
         for module in net.unet_loras:
             module.lora_up.weight.normal_(0, std, generator=torch.Generator(device=device or "cpu").manual_seed(1))
     return net
+
+
+def tiny_dit_file_and_lora(folder, rank: int = 4, alpha: float = 2.0, std: float = 0.05, generator=None):
+    """(a tiny random DiT written to folder/dit.safetensors, the tensors of a LoRA on it as the trainer saves them,
+    the network): lora_up drawn from N(0, std) with `generator` (torch's global RNG when None), so the LoRA acts."""
+    import torch
+
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+    from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+    from musubi_tuner.networks import lora
+
+    config = tiny_dit_config()
+    dit = write_dit(folder / "dit.safetensors", random_dit_state_dict(config, seed=1, scale=0.05), config)
+    net = lora.create_arch_network(1.0, rank, alpha, None, None, HunyuanVideoDiT(config))
+    with torch.no_grad():
+        for m in net.unet_loras:
+            m.lora_up.weight.normal_(0, std, generator=generator)
+    return dit, {k: v.clone() for k, v in net.state_dict_for_saving().items()}, net
+
+
+def run_main(main, argv, capsys) -> tuple[int, str, str]:
+    """A command's main() run in this process as its script runs it: (exit status, stdout, stderr)."""
+    import sys
+
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+        sys.exit(0)
+    out, err = capsys.readouterr()
+    return exit_.value.code or 0, out, err

@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from musubi_tuner import convert_lora, lora_doctor, lora_info, lora_post_hoc_ema, merge_lora
-from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 from musubi_tuner.errors import UserError
-from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
-from musubi_tuner.networks import lora
 from musubi_tuner.networks.lora_files import lora_outputs
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo, lora_module_info
 from musubi_tuner.networks.lora_reader import check_entry_types, parse_lora, read_lora, read_lora_contents, read_lora_file
+
+from helpers import run_main, tiny_dit_file_and_lora
 
 MODULE = "lora_unet_double_blocks_0_img_attn_proj"
 OFFICIAL = "double_blocks.0.img_attn_proj"
@@ -30,14 +28,7 @@ OFFICIAL = "double_blocks.0.img_attn_proj"
 def made(tmp_path_factory):
     """(folder, tiny DiT path, the trained LoRA's tensors, its metadata as the trainer writes it)."""
     tmp = tmp_path_factory.mktemp("damaged")
-    config = tiny_dit_config()
-    dit = write_dit(tmp / "dit.safetensors", random_dit_state_dict(config, seed=1, scale=0.05), config)
-    net = lora.create_arch_network(1.0, 4, 2, None, None, HunyuanVideoDiT(config))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in net.unet_loras:
-            m.lora_up.weight.normal_(0, 0.05, generator=g)
-    weights = {k: v.clone() for k, v in net.state_dict_for_saving().items()}
+    dit, weights, net = tiny_dit_file_and_lora(tmp, generator=torch.Generator().manual_seed(0))
     info = LoRAFileInfo(version="0.1.0", base_model="hunyuan-video-t2v", in_channels=16, text_template="hunyuan-video",
                         modules=lora_module_info(net), resolutions=[(960, 544)], frames=[25, 45], naming="kohya")
     return tmp, dit, weights, info.to_metadata()
@@ -46,14 +37,6 @@ def made(tmp_path_factory):
 def write(path, weights, metadata=None):
     save_file(weights, str(path), metadata=metadata)
     return path
-
-
-def run(main, argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return exit_.value.code or 0, out, err
 
 
 def error_lines(err: str) -> list[str]:
@@ -86,11 +69,11 @@ def test_info_and_doctor_ignore_unreadable_metadata_with_a_warning_naming_file_a
     caplog.set_level(logging.WARNING)
     for main, argv in ((lora_info.main, [path]), (lora_info.main, [path, "--json"]), (lora_doctor.main, [path, "--for", "ours", "musubi"])):
         caplog.clear()
-        status, out, err = run(main, argv, capsys)
+        status, out, err = run_main(main, argv, capsys)
         assert status == 0 and "Traceback" not in err and not error_lines(err), err
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any(m.startswith(f"{path}: metadata {key} ") and why in m and m.endswith("ignored") for m in warned), warned
-    status, out, _ = run(lora_info.main, [path], capsys)
+    status, out, _ = run_main(lora_info.main, [path], capsys)
     assert "modules    20 in 4 blocks, rank 4, alpha 2" in out  # the weights are read as ever
 
 
@@ -114,7 +97,7 @@ def test_doctor_reports_a_pair_missing_a_half_for_every_consumer(made, tmp_path,
     damaged = {k: v for k, v in weights.items() if k != f"{MODULE}.{missing}.weight"}
     path = write(tmp_path / "half.safetensors", damaged, meta)
     for extra in ([], ["--dit", dit]):
-        status, out, err = run(lora_doctor.main, [path, "--json", *extra], capsys)
+        status, out, err = run_main(lora_doctor.main, [path, "--json", *extra], capsys)
         assert status == 1 and "Traceback" not in err and not error_lines(err), err
         consumers = json.loads(out)["consumers"]
         have = "up" if missing == "lora_down" else "down"
@@ -122,7 +105,7 @@ def test_doctor_reports_a_pair_missing_a_half_for_every_consumer(made, tmp_path,
         if missing == "lora_down":  # ComfyUI's loader reads lora[down] beside each lora_up it finds: a KeyError
             assert consumers["comfyui"]["fatal"].startswith(f"its loader stops with a KeyError: {MODULE}.lora_up.weight has no ")
             assert consumers["kijai"]["fatal"].startswith("its loader stops with a KeyError")
-    status, out, err = run(lora_doctor.main, [path], capsys)
+    status, out, err = run_main(lora_doctor.main, [path], capsys)
     assert status == 1 and "Traceback" not in err
 
 
@@ -139,7 +122,7 @@ def test_other_naming_keeps_the_sign_and_size_of_every_alpha(made, tmp_path, cap
     up, down = weights[f"{MODULE}.lora_up.weight"], weights[f"{MODULE}.lora_down.weight"]
     assert torch.allclose(want[OFFICIAL], up @ down * scale)
     out = tmp_path / "other.safetensors"
-    status, _, err = run(convert_lora.main, ["--input", path, "--output", out, "--target", "other"], capsys)
+    status, _, err = run_main(convert_lora.main, ["--input", path, "--output", out, "--target", "other"], capsys)
     assert status == 0 and "complex" not in err, err
     converted = load_file(str(out))
     assert converted[f"diffusion_model.{OFFICIAL}.lora_A.weight"].abs().max() > 0
@@ -174,7 +157,7 @@ def test_integer_or_bool_weights_are_refused_by_every_command_naming_file_and_ke
     name = str(dtype).removeprefix("torch.")
     line = rf"error: {re.escape(str(path))}: lora_unet_\w+\.lora_(up|down)\.weight: {name} weights; a LoRA holds floating-point tensors \("
     for command, (main, argv) in _commands(path, dit, tmp_path).items():
-        status, _, err = run(main, argv, capsys)
+        status, _, err = run_main(main, argv, capsys)
         lines = error_lines(err)
         assert status == 2 and len(lines) == 1 and "Traceback" not in err, (command, err)
         assert re.match(line, lines[0]), (command, lines[0])
@@ -192,7 +175,7 @@ def test_an_integer_alpha_is_a_number_like_any_other(made, tmp_path, capsys):
     _, dit, weights, meta = made
     path = write(tmp_path / "int_alpha.safetensors", {k: v.to(torch.int64) if k.endswith(".alpha") else v for k, v in weights.items()}, meta)
     assert {p.alpha for p in read_lora(path).patches} == {2.0}
-    status, _, err = run(merge_lora.main, ["--dit", dit, "--lora_weight", path, "--save_merged_model", tmp_path / "m.safetensors",
+    status, _, err = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", path, "--save_merged_model", tmp_path / "m.safetensors",
                                            "--device", "cpu"], capsys)
     assert status == 0, err
 
@@ -206,7 +189,7 @@ def test_an_alpha_that_is_not_one_real_number_is_refused_by_every_command(made, 
     write(tmp_path / "good.safetensors", weights, meta)
     path = write(tmp_path / "alpha.safetensors", {**weights, f"{MODULE}.alpha": alpha}, meta)
     for command, (main, argv) in _commands(path, dit, tmp_path).items():
-        status, _, err = run(main, argv, capsys)
+        status, _, err = run_main(main, argv, capsys)
         lines = error_lines(err)
         assert status == 2 and len(lines) == 1 and "Traceback" not in err, (command, err)
         assert lines[0].startswith(f"error: {path}: {MODULE}.alpha: {why}"), (command, lines[0])
@@ -230,9 +213,9 @@ def test_post_hoc_ema_compares_alphas_as_numbers(made, tmp_path, capsys):
     first = write(tmp_path / "a.safetensors", weights, meta)
     same = write(tmp_path / "b.safetensors", {**weights, f"{MODULE}.alpha": torch.tensor([2], dtype=torch.int64)}, meta)
     out = tmp_path / "e.safetensors"
-    status, _, err = run(lora_post_hoc_ema.main, [first, same, "--no_sort", "--output_file", out], capsys)
+    status, _, err = run_main(lora_post_hoc_ema.main, [first, same, "--no_sort", "--output_file", out], capsys)
     assert status == 0, err
     other = write(tmp_path / "c.safetensors", {**weights, f"{MODULE}.alpha": torch.tensor([3.0])}, meta)
-    status, _, err = run(lora_post_hoc_ema.main, [first, other, "--no_sort", "--output_file", tmp_path / "f.safetensors"], capsys)
+    status, _, err = run_main(lora_post_hoc_ema.main, [first, other, "--no_sort", "--output_file", tmp_path / "f.safetensors"], capsys)
     assert status == 2 and "Traceback" not in err
     assert error_lines(err) == [f"error: {other}: {MODULE}.alpha = 3, but a.safetensors has 2: checkpoints of one run share their alphas"]

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from musubi_tuner import convert_lora, hv_generate_video, hv_train_network, lora_doctor, lora_info, merge_lora
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 from musubi_tuner.files import StateDictFile
-from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
-from musubi_tuner.networks import lora
+
+from helpers import run_main, tiny_dit_file_and_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 NAN_KEY = "lora_unet_single_blocks_1_linear1.lora_up.weight"
@@ -27,13 +27,7 @@ RANK_KEY = "lora_unet_double_blocks_1_img_mlp_fc2"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("refusals")
-    config = tiny_dit_config()
-    dit = write_dit(tmp / "dit.safetensors", random_dit_state_dict(config, seed=1, scale=0.05), config)
-    net = lora.create_arch_network(1.0, 4, 2, None, None, HunyuanVideoDiT(config))
-    good = {k: v.clone() for k, v in net.state_dict_for_saving().items()}
-    for k in good:
-        if k.endswith("lora_up.weight"):
-            good[k].normal_(0, 0.05)
+    dit, good, _ = tiny_dit_file_and_lora(tmp)
     made = {"good": good,
             "nan": {**good, NAN_KEY: torch.full_like(good[NAN_KEY], float("nan"))},
             "ranks": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(8, 256)},  # lora_up is (64, 4)
@@ -48,14 +42,6 @@ def files(tmp_path_factory):
         paths[name] = tmp / f"{name.replace(' ', '_')}.safetensors"
         save_file(sd, str(paths[name]))
     return tmp, dit, paths
-
-
-def run(main, argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return exit_.value.code or 0, out, err
 
 
 def error_line(err: str) -> str:
@@ -82,7 +68,7 @@ def no_dit_reads(monkeypatch):
 def test_merge_refuses_a_nan_lora_naming_the_file_and_key_before_reading_the_dit(files, capsys, tmp_path, no_dit_reads):
     _, dit, paths = files
     out = tmp_path / "merged.safetensors"
-    status, _, err = run(merge_lora.main, ["--dit", dit, "--lora_weight", paths["good"], paths["nan"], "--save_merged_model", out,
+    status, _, err = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", paths["good"], paths["nan"], "--save_merged_model", out,
                                            "--device", "cpu"], capsys)
     assert status == 2
     assert error_line(err) == f"error: {paths['nan']}: {NAN_KEY} holds NaN or infinite values (a diverged training?): this LoRA cannot be applied"
@@ -92,7 +78,7 @@ def test_merge_refuses_a_nan_lora_naming_the_file_and_key_before_reading_the_dit
 def test_merge_refuses_ranks_that_disagree(files, capsys, tmp_path, no_dit_reads):
     _, dit, paths = files
     argv = ["--dit", dit, "--lora_weight", paths["ranks"], "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
-    status, _, err = run(merge_lora.main, argv, capsys)
+    status, _, err = run_main(merge_lora.main, argv, capsys)
     assert status == 2
     assert error_line(err).startswith(f"error: {paths['ranks']}: {RANK_KEY}.lora_")
     assert "have different ranks" in err and "--allow_partial_lora" in err
@@ -102,18 +88,18 @@ def test_allow_partial_lora_merges_the_rest_and_lists_what_it_drops(files, capsy
     _, dit, paths = files
     out = tmp_path / "m.safetensors"
     argv = ["--dit", dit, "--lora_weight", paths["tucker"], "--save_merged_model", out, "--device", "cpu"]
-    status, _, err = run(merge_lora.main, argv, capsys)
+    status, _, err = run_main(merge_lora.main, argv, capsys)
     assert status == 2 and ("lora_unet_double_blocks_0_img_attn_proj.hada_t1: a LoHa/LoKr Tucker core (of a convolution), which this "
                             "toolkit does not apply") in error_line(err)
     assert not out.exists()
-    status, stdout, _ = run(merge_lora.main, [*argv, "--allow_partial_lora"], capsys)
+    status, stdout, _ = run_main(merge_lora.main, [*argv, "--allow_partial_lora"], capsys)
     assert status == 0 and out.is_file() and "into 20 layers" in stdout
     assert "--allow_partial_lora drops 1 entries:\n  lora_unet_double_blocks_0_img_attn_proj.hada_t1: a LoHa/LoKr Tucker" in caplog.text
 
 
 def test_convert_refuses_what_it_cannot_convert(files, capsys, tmp_path):
     _, _, paths = files
-    status, _, err = run(convert_lora.main, ["--input", paths["nan"], "--output", tmp_path / "o.safetensors", "--target", "other"], capsys)
+    status, _, err = run_main(convert_lora.main, ["--input", paths["nan"], "--output", tmp_path / "o.safetensors", "--target", "other"], capsys)
     assert status == 2 and NAN_KEY in error_line(err) and not (tmp_path / "o.safetensors").exists()
 
 
@@ -136,7 +122,7 @@ def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, gener
     argv = ["--dit", g["dit"], "--vae", g["vae"], "--text_encoder1", g["te1"], "--text_encoder2", g["te2"], "--prompt", "a cat",
             "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2", "--save_path", tmp_path / "out",
             "--lora_weight", paths["good"], paths[bad], "--fp8"]
-    status, _, err = run(hv_generate_video.main, argv, capsys)
+    status, _, err = run_main(hv_generate_video.main, argv, capsys)
     assert status == 2 and error_line(err).startswith(f"error: {paths[bad]}: ") and named in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -153,26 +139,26 @@ def test_training_refuses_a_bad_lora_before_loading_anything(files, capsys, tmp_
     toml.write_text("[general]\nresolution = [64, 64]\n")
     argv = ["--dit", dit, "--dataset_config", toml, "--sdpa", "--network_module", "networks.lora", "--output_dir", tmp_path / "out",
             "--output_name", "x", flag, paths[bad]]
-    status, _, err = run(hv_train_network.main, argv, capsys)
+    status, _, err = run_main(hv_train_network.main, argv, capsys)
     assert status == 2 and error_line(err).startswith(f"error: {paths[bad]}: ") and named in err
 
 
 def test_info_and_doctor_report_a_nan_lora(files, capsys):
     _, _, paths = files
-    status, out, err = run(lora_info.main, [paths["nan"]], capsys)
+    status, out, err = run_main(lora_info.main, [paths["nan"]], capsys)
     assert status == 0 and "Traceback" not in err
     assert f"NOT FINITE {NAN_KEY} holds NaN or infinite values" in out and "not finite" in out  # and in the block norms
-    status, out, err = run(lora_info.main, [paths["nan"], "--json"], capsys)
+    status, out, err = run_main(lora_info.main, [paths["nan"], "--json"], capsys)
     assert status == 0 and json.loads(out)["modules"]
-    status, out, _ = run(lora_doctor.main, [paths["nan"], "--for", "ours", "comfyui"], capsys)
+    status, out, _ = run_main(lora_doctor.main, [paths["nan"], "--for", "ours", "comfyui"], capsys)
     assert status == 1 and f"{NAN_KEY} holds NaN or infinite values" in out and "it holds NaN or infinite values" in out
-    status, out, _ = run(lora_doctor.main, [paths["nan"], "--json"], capsys)
+    status, out, _ = run_main(lora_doctor.main, [paths["nan"], "--json"], capsys)
     assert status == 1 and json.loads(out)["non_finite"] == NAN_KEY
 
 
 def test_info_and_doctor_list_entries_we_cannot_apply(files, capsys):
     _, _, paths = files
-    status, out, _ = run(lora_info.main, [paths["ranks"]], capsys)
+    status, out, _ = run_main(lora_info.main, [paths["ranks"]], capsys)
     assert status == 0 and "unusable   3 entries this toolkit cannot apply" in out and f"{RANK_KEY}.lora_up.weight: its up weight" in out
 
 
@@ -193,9 +179,9 @@ def test_an_empty_rank_is_refused_by_name_and_reported_by_info(files, capsys, tm
     _, dit, paths = files
     why = "rank 0: its up and down weights are empty (a damaged file)"
     argv = ["--dit", dit, "--lora_weight", paths["rank zero"], "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
-    status, _, err = run(merge_lora.main, argv, capsys)
+    status, _, err = run_main(merge_lora.main, argv, capsys)
     assert status == 2 and error_line(err).startswith(f"error: {paths['rank zero']}: {RANK_KEY}.lora_") and why in err
-    status, out, err = run(lora_info.main, [paths["rank zero"]], capsys)
+    status, out, err = run_main(lora_info.main, [paths["rank zero"]], capsys)
     assert status == 0 and why in out + err and "Traceback" not in err
 
 
@@ -206,7 +192,7 @@ def test_an_alpha_of_several_values_is_refused_by_name_by_every_reader_of_the_fi
     argv = ["--dit", dit, "--lora_weight", paths["alpha vector"], "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
     for main, args in ((merge_lora.main, argv), (lora_info.main, [paths["alpha vector"]]),
                        (merge_lora.main, [*argv, "--allow_partial_lora"])):
-        status, _, err = run(main, args, capsys)
+        status, _, err = run_main(main, args, capsys)
         assert status == 2 and error_line(err).startswith(want) and "Traceback" not in err, err
 
 
@@ -215,7 +201,7 @@ def test_an_fp8_lora_merges_as_the_float_values_it_holds(files, capsys, tmp_path
     merged = {}
     for name in ("fp8", "fp8 as float32"):
         out = tmp_path / f"{name.replace(' ', '_')}.safetensors"
-        status, _, err = run(merge_lora.main, ["--dit", dit, "--lora_weight", paths[name], "--save_merged_model", out, "--device", "cpu"],
+        status, _, err = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", paths[name], "--save_merged_model", out, "--device", "cpu"],
                              capsys)
         assert status == 0, err
         merged[name] = StateDictFile(out).load_all()
