@@ -323,8 +323,8 @@ def test_a_config_file_that_sends_the_lora_elsewhere_is_refused_too(tmp_path):
 def test_a_name_with_folders_inside_the_workspace_is_where_the_job_page_looks(tmp_path):
     studio = client(tmp_path)
     values = {**train_values("runs"), "output_name": "sub/my-lora"}
-    assert commands.outputs("train", values, Workspace(tmp_path / "ws")) == {"output_dir": str(tmp_path / "ws" / "runs" / "sub"),
-                                                                            "output_name": "my-lora"}
+    assert commands.job("train", values, Workspace(tmp_path / "ws"))[1] == {"output_dir": str(tmp_path / "ws" / "runs" / "sub"),
+                                                                          "output_name": "my-lora"}
     assert studio.post("/api/command/train", json={"values": values}, headers=STUDIO).status_code == 200
 
 

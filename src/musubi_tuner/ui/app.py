@@ -189,8 +189,7 @@ class Studio:
         command, values = data.get("command"), field(data, "values", dict, {})
         if command not in ("train", "generate"):
             raise UserError(f"unknown command {command!r}: jobs are train or generate")
-        cmd = commands.build(command, values, self.workspace)
-        outputs = commands.outputs(command, values, self.workspace)
+        cmd, outputs = commands.job(command, values, self.workspace)
         title = outputs.get("output_name") or str(values.get("prompt") or "")[:60]
         return self.jobs.summary(self.jobs.start(command, title, [cmd], outputs))
 

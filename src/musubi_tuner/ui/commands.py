@@ -35,23 +35,27 @@ def parser_for(command: str) -> argparse.ArgumentParser:
 def build(command: str, values: dict[str, object], workspace: Workspace) -> list[str]:
     """The child process's argv for a filled form: checked by the command's parser, every folder it writes to
     inside the workspace."""
+    return _argv(command, *_checked(command, values, workspace))
+
+
+def job(command: str, values: dict[str, object], workspace: Workspace) -> tuple[list[str], dict[str, str]]:
+    """`build`'s argv, and where the job's files will be, for its page: the LoRA files' folder and stem, or the
+    videos' folder (the form parsed once for both)."""
     flags, args = _checked(command, values, workspace)
+    if command == "train":
+        from musubi_tuner.training.args import output_stem
+
+        stem = output_stem(args.output_dir, args.output_name)
+        return _argv(command, flags, args), {"output_dir": str(stem.parent), "output_name": stem.name}
+    return _argv(command, flags, args), {"save_path": args.save_path}
+
+
+def _argv(command: str, flags: list[str], args: argparse.Namespace) -> list[str]:
     if command == "train":
         return training_command(flags, mixed_precision=args.mixed_precision or "no", quiet=True)
     if command == "generate":
         return python_command("hv_generate_video.py", flags)
     return [sys.executable, "-m", "musubi_tuner.plan", *flags]
-
-
-def outputs(command: str, values: dict[str, object], workspace: Workspace) -> dict[str, str]:
-    """Where a job's files will be, for its page: the LoRA files' folder and stem, or the videos' folder."""
-    _, args = _checked(command, values, workspace)
-    if command == "train":
-        from musubi_tuner.training.args import output_stem
-
-        stem = output_stem(args.output_dir, args.output_name)
-        return {"output_dir": str(stem.parent), "output_name": stem.name}
-    return {"save_path": args.save_path}
 
 
 def _checked(command: str, values: dict[str, object], workspace: Workspace) -> tuple[list[str], argparse.Namespace]:
