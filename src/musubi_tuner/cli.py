@@ -26,8 +26,12 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        for name in (None, "store"):  # (a flag without action= is registered as None; the groups share the registry)
+            self.register("action", name, _StoreOnce)
 
     def parse_known_args(self, args=None, namespace=None):
+        for action in self._actions:
+            action.given = False
         parsed, rest = super().parse_known_args(args, namespace)
         for action in self._actions:  # say so for each musubi-tuner flag given that does nothing here
             reason = getattr(action, "accepted_only", None)
@@ -51,6 +55,17 @@ class Parser(argparse.ArgumentParser):
             own = re.match(r"(invalid|expected|ignored|not allowed|one of) ", detail)  # argparse's words, not a domain's
             message = f"{flag}: {detail}" if own else f"{flag} {detail}"
         raise SharedError(f"{message} (see {self.prog} --help)")  # every process has the same command line
+
+
+class _StoreOnce(argparse._StoreAction):
+    """argparse's store, except that a flag of several values given twice is refused: argparse keeps the last list
+    (`--lora_weight A --lora_weight B` applied B alone), where a user who writes the flag once per value meant both."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.nargs in ("*", "+") and getattr(self, "given", False):
+            parser.error(f"argument {option_string}: given twice; list all its values after one {option_string}")
+        self.given = True
+        super().__call__(parser, namespace, values, option_string)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_path", default=None, help="SkyReels I2V: the first frame")
 
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora_weight", nargs="*", default=None, help="LoRA files applied to the DiT")
+    g.add_argument("--lora_weight", nargs="+", default=None, help="LoRA files applied to the DiT")
     g.add_argument("--lora_multiplier", type=real(), nargs="*", default=None, help="one per LoRA or one for all (default 1.0)")
     g.add_argument("--exclude_single_blocks", action="store_true", help="apply only the double-block parts of the LoRAs")
     g.add_argument("--lora_blocks", nargs="*", default=None, metavar="BLOCKS",
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_path", required=True, help="output folder")
     g.add_argument("--output_type", choices=("video", "images", "latent", "both"), default="video",
                    help="video: mp4; images: a folder of PNGs; latent: safetensors; both: mp4 and latent")
-    g.add_argument("--latent_path", nargs="*", default=None, help="decode saved latents only")
+    g.add_argument("--latent_path", nargs="+", default=None, help="decode saved latents only")
     g.add_argument("--no_metadata", action="store_true", help="write no prompt or settings into the outputs")
     g.add_argument("--dry_run", action="store_true", help="print the planned GPU/host memory and time per stage, load nothing, exit")
     g.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")

@@ -36,6 +36,15 @@ def assert_metadata(path: Path, **expected: str) -> None:
     assert {k: metadata.get(k) for k in expected} == expected, metadata
 
 
+def saved_with_alpha(path: Path, alpha: float) -> None:
+    """Every module of the saved LoRA has `alpha`, and its metadata records the same: the strength it trained at."""
+    from safetensors.torch import load_file
+
+    alphas = {float(v) for k, v in load_file(str(path)).items() if k.endswith(".alpha")}
+    assert alphas == {alpha}, alphas
+    assert_metadata(path, ss_network_alpha=str(alpha))
+
+
 def output_name_with_a_folder(a, tmp):
     """A first run into --output_name sub/tiny, pruned to its last step file; the rerun resumes it (--resume auto)."""
     out = tmp / "out"
@@ -225,6 +234,24 @@ CASES = [
     Case("train-lokr-factor-not-a-number", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_module", "networks.lokr", "--network_args", "factor=abc"),
          r"--network_args factor=abc: not a whole number"),
+    Case("train-list-flag-given-twice", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_args", "verbose=true", "--network_args", "rank_dropout=0.1"),
+         r"--network_args given twice; list all its values after one --network_args"),
+    Case("train-pattern-that-matches-no-module-is-said", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_args", 'exclude_patterns=["single_blocks"]'), None,
+         warning=r"--network_args exclude_patterns: 'single_blocks' matches no module \(a pattern matches a module's whole name, "
+                 r"such as double_blocks\.0\.\S+\); '\.\*single_blocks\.\*' would match \d+"),
+    Case("train-patterns-that-leave-no-module", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_args", 'exclude_patterns=[".*"]'),
+         r"--network_args: the include/exclude patterns leave no Linear layer of the DiT for the LoRA", then=before_the_model_loads),
+    Case("train-loraplus-ratio-infinite", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_args", "loraplus_lr_ratio=inf"),
+         r"--network_args loraplus_lr_ratio=inf: must be a finite number, at least 0"),
+    Case("train-network-args-verbose-not-true-or-false", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_args", "verbose=yes"), r"--network_args verbose=yes: true or false"),
+    Case("train-base-weights-multiplier-without-files", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--base_weights_multiplier", "0.5"), None,
+         warning=r"--base_weights_multiplier acts on the files of --base_weights, and none is given: it is ignored"),
     Case("train-base-weights-multiplier-count", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--base_weights", str(a.lora), "--base_weights_multiplier", "1", "2"),
          r"1 LoRA files but 2 values of --base_weights_multiplier"),
@@ -288,6 +315,18 @@ CASES = [
     Case("train-network-weights-of-another-model", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora_sdxl)),
          r"lora_sdxl\.safetensors: a LoRA for another model: its module 'lora_unet_input_blocks_1_1_proj_in' names no layer"),
+    Case("train-network-weights-keep-their-alpha", "hv_train_network",  # a.lora: rank 4, alpha 4
+         lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora), "--network_alpha", "1"), None,
+         warning=r"lora\.safetensors: trained with alpha 4, and the network was built with 1 \(--network_alpha\): the file's "
+                 r"alpha is kept, so the LoRA continues at the strength it has",
+         then=lambda a, t, err, out: saved_with_alpha(t / "out" / "tiny.safetensors", 4.0)),
+    Case("train-dim-from-weights-records-the-files-rank-and-alpha", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora), "--dim_from_weights", "--network_dim", "8",
+                                 "--network_alpha", "2"), None,
+         warning=r"--dim_from_weights: the modules of \S+lora\.safetensors have rank 4 and alpha 4; --network_dim 8 and "
+                 r"--network_alpha 2 ignored",
+         then=lambda a, t, err, out: (saved_with_alpha(t / "out" / "tiny.safetensors", 4.0),
+                                      assert_metadata(t / "out" / "tiny.safetensors", ss_network_dim="4"))),
     Case("train-network-weights-of-another-rank", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora), "--network_dim", "8"),
          r"lora\.safetensors: lora_unet_\S+ has shape \[.*\], this network's is \[.*\]; train with the file's rank \(--dim_from_weights\)"),

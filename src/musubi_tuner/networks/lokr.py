@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.networks import lora
 from musubi_tuner.networks.lora import AdapterModule, LoRANetwork, _parse_network_args, network_from_weights
 from musubi_tuner.networks.loha import row_dropout, warn_network_dropout
 from musubi_tuner.networks.lycoris_math import factorization, lokr_delta
@@ -84,9 +85,9 @@ def _factor(kwargs: dict) -> int:
     return factor
 
 
-def check_network_args(kwargs: dict) -> None:
+def check_network_args(kwargs: dict, dit_config=None) -> None:
     _factor(kwargs)
-    _parse_network_args(kwargs)
+    lora.check_network_args(kwargs, dit_config)  # (_factor took its key out)
 
 
 def create_arch_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoders,

@@ -274,7 +274,29 @@ class LoRANetwork(nn.Module):
                             f"{list(own[wrong[0]].shape)}; train with the file's rank (--dim_from_weights) or another --network_dim"
                             f"{' or LoKr factor' if 'lokr' in wrong[0] else ''}")
         missing, _ = self.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
-        return {"missing": missing, "unexpected": unknown}
+        return {"missing": missing, "unexpected": unknown, "alpha": self._take_alphas(file, weights)}
+
+    @torch.no_grad()
+    def _take_alphas(self, file: str, weights: dict[str, torch.Tensor]) -> float | None:
+        """Each module the file holds acts with the file's alpha (none saved: its rank), as the file was trained: the
+        weights continue at the strength they have, and the alpha saved is the one trained with. A module built with
+        another alpha is said once. Returns the alpha all the file's modules share (None: they differ)."""
+        changed, alphas = set(), set()
+        for module in self.unet_loras:
+            if not any(k.startswith(module.lora_name + ".") for k in weights):
+                continue
+            saved = weights.get(f"{module.lora_name}.alpha")
+            alpha = alpha_or_rank(None if saved is None else float(saved), module.rank)
+            alphas.add(alpha)
+            if alpha != module.scale * module.rank:
+                changed.add((module.scale * module.rank, alpha))
+                module.alpha.fill_(alpha)
+                module.scale = alpha / module.rank
+        if changed:
+            built, taken = (", ".join(sorted({f"{pair[i]:g}" for pair in changed})) for i in (0, 1))
+            logger.warning("%s: trained with alpha %s, and the network was built with %s (--network_alpha): the file's alpha is "
+                           "kept, so the LoRA continues at the strength it has", file, taken, built)
+        return alphas.pop() if len(alphas) == 1 else None
 
     @torch.no_grad()
     def merge_to(self, text_encoders=None, unet=None, weights_sd=None, dtype=None, device=None, non_blocking=False) -> None:
@@ -317,14 +339,15 @@ def _parse_network_args(kwargs: dict) -> dict:
         raise UserError(f"--network_args {key}: not an option of the network modules{did_you_mean(key, known)}; they read: "
                         f"{', '.join(known)}")
     opts = {}
-    for key, low, high in (("rank_dropout", 0.0, 0.99), ("module_dropout", 0.0, 0.99), ("loraplus_lr_ratio", 0.0, float("inf"))):
+    for key, low, high in (("rank_dropout", 0.0, 0.99), ("module_dropout", 0.0, 0.99), ("loraplus_lr_ratio", 0.0, None)):
         if kwargs.get(key) is not None:
             try:
                 opts[key] = float(kwargs[key])
             except ValueError:
                 raise UserError(f"--network_args {key}={kwargs[key]}: not a number") from None
-            if not low <= opts[key] <= high:
-                raise UserError(f"--network_args {key}={kwargs[key]}: must be between {low:g} and {high:g}")
+            if not math.isfinite(opts[key]) or not low <= opts[key] <= (high if high is not None else math.inf):
+                allowed = f"between {low:g} and {high:g}" if high is not None else f"a finite number, at least {low:g}"
+                raise UserError(f"--network_args {key}={kwargs[key]}: must be {allowed}")
     for key in ("include_patterns", "exclude_patterns"):
         value = kwargs.get(key)
         if value is None:
@@ -347,13 +370,36 @@ def _parse_network_args(kwargs: dict) -> dict:
                 raise UserError(f"--network_args {key}: {p!r} is not a valid regular expression ({e})") from None
         opts[key] = valid
     if "verbose" in kwargs:
+        if str(kwargs["verbose"]).lower() not in ("true", "false"):
+            raise UserError(f"--network_args verbose={kwargs['verbose']}: true or false")
         opts["verbose"] = str(kwargs["verbose"]).lower() == "true"
     return opts
 
 
-def check_network_args(kwargs: dict) -> None:
-    """Before any model loads: every --network_args key is one this module reads, with a value it takes."""
-    _parse_network_args(kwargs)
+def check_network_args(kwargs: dict, dit_config=None) -> None:
+    """Before any model loads: every --network_args key is one this module reads, with a value it takes; given the
+    DiT's config (its file's header), the include/exclude patterns are tried on its module names (`check_patterns`)."""
+    opts = _parse_network_args(kwargs)
+    if dit_config is not None:
+        check_patterns(dit_config, opts.get("include_patterns", []), opts.get("exclude_patterns", []))
+
+
+def check_patterns(dit_config, include: list[str], exclude: list[str]) -> None:
+    """A pattern that matches no module is said (it must match a module's whole name: `single_blocks` matches none,
+    `single_blocks.*` all of theirs); patterns that leave no module are refused, before the DiT loads."""
+    from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+
+    with torch.device("meta"):
+        dit = HunyuanVideoDiT(dit_config)
+    names = list(target_modules(dit, exclude=()))
+    for key, patterns in (("include_patterns", include), ("exclude_patterns", exclude)):
+        for pattern in patterns:
+            if not any(re.fullmatch(pattern, n) for n in names):
+                wider = sum(bool(re.fullmatch(f".*(?:{pattern}).*", n)) for n in names)
+                logger.warning("--network_args %s: %r matches no module (a pattern matches a module's whole name, such as %s)%s",
+                               key, pattern, names[0], f"; '.*{pattern}.*' would match {wider}" if wider else "")
+    if not target_modules(dit, include, [*exclude, DEFAULT_EXCLUDE]):
+        raise UserError("--network_args: the include/exclude patterns leave no Linear layer of the DiT for the LoRA")
 
 
 def create_arch_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoders,

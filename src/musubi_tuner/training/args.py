@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_weights", default=None, help="LoRA file to start from")
     g.add_argument("--dim_from_weights", action="store_true", help="take the rank from --network_weights")
     g.add_argument("--scale_weight_norms", type=real(above=0), default=None, help="max-norm regularisation of each LoRA update")
-    g.add_argument("--base_weights", nargs="*", default=None, help="LoRA files merged into the DiT before training")
+    g.add_argument("--base_weights", nargs="+", default=None, help="LoRA files merged into the DiT before training")
     g.add_argument("--base_weights_multiplier", type=real(), nargs="*", default=None,
                    help="one multiplier per --base_weights file (default 1.0)")
     g.add_argument("--allow_partial_lora", action="store_true",

@@ -147,7 +147,9 @@ def check_args(args) -> None:
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
     check_lora_files(args)
-    network_options(args)
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    network_options(args, read_dit_config(open_dit_file(args.dit)))  # (the header only)
     from musubi_tuner.training.hub import check_hub_args
 
     check_hub_args(args)
@@ -172,6 +174,8 @@ def check_lora_files(args) -> None:
         load_network_weights(args.network_weights, allow_partial)
     for path in args.base_weights or []:
         read_lora(path, allow_partial)
+    if args.base_weights_multiplier and not args.base_weights:
+        logger.warning("--base_weights_multiplier acts on the files of --base_weights, and none is given: it is ignored")
     if args.base_weights:
         from musubi_tuner.networks.merge import resolve_multipliers
 
@@ -263,14 +267,18 @@ def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
     return dit
 
 
-def network_options(args):
-    """--network_module and its --network_args: the module, and the arguments it reads (checked, when it can say)."""
+def network_options(args, dit_config=None):
+    """--network_module and its --network_args: the module, and the arguments it reads (checked, when it can say;
+    with the DiT's config, its include/exclude patterns too)."""
     module = load_network_module(args.network_module)
     net_kwargs = parse_key_values(args.network_args, "--network_args")
     net_kwargs = {k: v if isinstance(v, str) else repr(v) if isinstance(v, (list, tuple)) else str(v) for k, v in net_kwargs.items()}
     check = getattr(module, "check_network_args", None)
     if check is not None:
-        check(dict(net_kwargs))
+        check(dict(net_kwargs), *([dit_config] if dit_config is not None and not args.dim_from_weights else []))
+    if dit_config is not None and args.dim_from_weights and {"include_patterns", "exclude_patterns"} & set(net_kwargs):
+        logger.warning("--network_args include_patterns / exclude_patterns: ignored with --dim_from_weights, where the file's "
+                       "modules are the network's")
     return module, net_kwargs
 
 
@@ -282,6 +290,7 @@ def build_network(args, dit: HunyuanVideoDiT):
 
         network = module.create_arch_network_from_weights(1.0, load_network_weights(args.network_weights, allow_partial), unet=dit,
                                                           **net_kwargs)
+        record_file_shape(args, network)
     else:
         create = getattr(module, "create_arch_network", None) or getattr(module, "create_network")
         network = create(1.0, args.network_dim, args.network_alpha, None, None, dit, neuron_dropout=args.network_dropout, **net_kwargs)
@@ -289,8 +298,27 @@ def build_network(args, dit: HunyuanVideoDiT):
     if args.network_weights and not args.dim_from_weights:
         info = network.load_weights(args.network_weights, **({"allow_partial": True} if allow_partial else {}))
         logger.info("loaded %s into the network (%s)", args.network_weights, info)
+        if info.get("alpha") is not None:
+            args.network_alpha = info["alpha"]  # the metadata records the alpha the LoRA trains with
     network.prepare_grad_etc(None, dit)
     return network
+
+
+def record_file_shape(args, network) -> None:
+    """--dim_from_weights: the file decides each module's rank and alpha. Where they are one rank and one alpha, the
+    metadata records them, not --network_dim / --network_alpha, which are said to be ignored where they differ
+    (--network_alpha at its default, 1, is not taken as given)."""
+    ranks = {m.rank for m in network.unet_loras}
+    alphas = {float(m.alpha) for m in network.unet_loras}
+    given = {"--network_dim": (args.network_dim, ranks), "--network_alpha": (args.network_alpha if args.network_alpha != 1 else None, alphas)}
+    ignored = [f"{flag} {value:g}" for flag, (value, found) in given.items() if value is not None and {float(value)} != found]
+    if ignored:
+        logger.warning("--dim_from_weights: the modules of %s have rank %s and alpha %s; %s ignored", args.network_weights,
+                       "/".join(map(str, sorted(ranks))), "/".join(f"{a:g}" for a in sorted(alphas)), " and ".join(ignored))
+    if len(ranks) == 1:
+        args.network_dim = ranks.pop()
+    if len(alphas) == 1:
+        args.network_alpha = alphas.pop()
 
 
 # ----------------------------------------------------------------------------------------------- the step
