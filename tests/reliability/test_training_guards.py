@@ -45,7 +45,8 @@ def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(a
     last_good = out / "tiny-step00000001.safetensors"
     assert result.code == 2
     assert line == (f"error: loss is nan at step 2 (epoch 1, items {second}); stopped without saving. Last good checkpoint: "
-                    f"{last_good}. Lower --learning_rate, check the caches of those items, or use bf16 instead of fp16.")
+                    f"{last_good} (saved at the step before, so its weights gave this loss; an earlier save is safer unless the "
+                    f"items are at fault). Lower --learning_rate, check the caches of those items, or use bf16 instead of fp16.")
     assert files.StateDictFile(last_good).load_all()
     assert not (out / "tiny-step00000002.safetensors").exists() and not leftovers(out)
 
@@ -60,7 +61,7 @@ def test_a_diverging_run_names_a_finite_checkpoint_saved_before_the_bad_update_a
     no_traceback(result)
     assert result.code == 2, result.err[-3000:]
     (line,) = result.error_lines
-    match = re.search(r"Last good checkpoint: (\S+\.safetensors) \(state (\S+)\)\.", line)
+    match = re.search(r"Last good checkpoint: (\S+\.safetensors) \(state (\S+)\)[. ]", line)
     assert match, line
     lora, state = Path(match[1]), Path(match[2])
     assert all(torch.isfinite(t).all() for t in files.StateDictFile(lora).load_all().values())
@@ -73,6 +74,21 @@ def test_a_diverging_run_names_a_finite_checkpoint_saved_before_the_bad_update_a
                                                          "--learning_rate", "1e30", "--max_grad_norm", "0",
                                                          "--max_train_steps", str(step + 1)), tmp_path)
     assert f"resumed from {state} at step {step}" in resumed.err, resumed.err[-3000:]
+
+
+def test_weights_beyond_the_save_precision_are_not_saved(assets, tmp_path):
+    """Finite in float32, infinite once cast to fp16 (above 65504): the LoRA is refused whole, as a NaN one is."""
+    out = tmp_path / "out"
+    argv = train_argv(assets, out, "--save_every_n_steps", "1", "--max_train_steps", "2", "--max_grad_norm", "0",
+                      "--optimizer_type", "SGD", "--learning_rate", "1e30", "--save_precision", "fp16")
+    result = run_command("hv_train_network", argv, tmp_path)
+    no_traceback(result)
+    assert result.code == 2, result.err[-3000:]
+    (line,) = result.error_lines
+    assert re.fullmatch(r"error: \S+/tiny-step00000001\.safetensors: not saved: lora_unet_\S+ does not fit --save_precision fp16 "
+                        r"at step 1 \(its largest value is \S+\)\. Last good checkpoint: none yet\. Lower --learning_rate, or "
+                        r"save in bf16 or float\.", line), line
+    assert not list(out.glob("*.safetensors")) and not leftovers(out)
 
 
 def _state_like(src: Path, dst: Path, step: int | None) -> Path:

@@ -37,6 +37,7 @@ class CheckpointSaver:
         self.save_dtype = str_to_dtype(args.save_precision, torch.float32, "--save_precision")
         self.last_saved: Path | None = None  # the newest LoRA this run saved (always finite: see save)
         self.last_state: Path | None = None  # its state folder, if one was saved with it
+        self.last_step: int | None = None  # the step it was saved at
         # (step, path) -> extra metadata for that file, called on every process before each save (validation's hook)
         self.before_save = None
         from musubi_tuner.training.loss_curve import LossHistory
@@ -95,9 +96,15 @@ class CheckpointSaver:
         schedule_free = hasattr(self.optimizer, "eval") and type(self.optimizer).__name__.endswith("ScheduleFree")
         if schedule_free:
             self.optimizer.eval()  # schedule-free: save the averaged weights
+        weights = self.network.state_dict_for_saving(self.save_dtype) if hasattr(self.network, "state_dict_for_saving") else None
+        overflow = next((k for k, t in (weights or {}).items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if overflow is not None:  # finite in the network's dtype, beyond the save precision's range (fp16: 65504)
+            largest = float(self.network.state_dict()[overflow].abs().max())
+            raise UserError(f"{path}: not saved: {overflow} does not fit --save_precision {self.args.save_precision} at step "
+                            f"{progress.global_step} (its largest value is {largest:.3g}). Last good checkpoint: "
+                            f"{self.last_saved or 'none yet'}. Lower --learning_rate, or save in bf16 or float.")
         extra = self.before_save(progress.global_step, path) if self.before_save is not None else {}
         if acc.is_main_process:
-            weights = self.network.state_dict_for_saving(self.save_dtype) if hasattr(self.network, "state_dict_for_saving") else None
             if weights is not None:
                 from musubi_tuner.files import atomic_write, save_safetensors
                 from musubi_tuner.networks.lora_files import lora_outputs
@@ -132,7 +139,7 @@ class CheckpointSaver:
                 self.hub.upload(state_dir, sync=last)
         if schedule_free:
             self.optimizer.train()
-        self.last_saved = path
+        self.last_saved, self.last_step = path, progress.global_step
         self.last_state = self.out / f"{stem}-state" if with_state else None
         return path
 

@@ -90,9 +90,13 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
     """The error that stops a diverged run, naming the newest checkpoint saved before the bad update.
 
     Weights are checked after every update and before every save, so every checkpoint is finite and was saved
-    before the update that went wrong; the state the run resumed from counts when nothing was saved since."""
+    before the update that went wrong; the state the run resumed from counts when nothing was saved since. A loss
+    that is not finite at the step right after a save was computed with that save's weights: said, since the
+    cause may then be those weights rather than the items."""
     if saver.last_saved is not None:
         good = f"{saver.last_saved}" + (f" (state {saver.last_state})" if saver.last_state else "")
+        if what.startswith("loss") and saver.last_step == step - 1:
+            good += " (saved at the step before, so its weights gave this loss; an earlier save is safer unless the items are at fault)"
     elif resumed_from is not None:
         good = f"the state this run resumed from, {resumed_from}"
     else:
