@@ -162,6 +162,16 @@ def test_datasets_must_not_share_a_cache_folder(folders):
     assert message.startswith("dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder images")
 
 
+def test_datasets_must_not_share_a_cache_folder_through_a_link(folders):
+    """Otherwise caching the second blamed "another run" (its own) for the first's lock, and training took every cache
+    twice."""
+    (folders / "cache").mkdir()
+    (folders / "linked").symlink_to(folders / "cache")
+    message = load_error(folders, IMAGES + 'cache_directory = "cache"\n' + IMAGES + 'cache_directory = "linked"\n')
+    assert message.startswith("dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder linked, which is "
+                              f"{(folders / 'cache').resolve()}; give each dataset its own cache_directory")
+
+
 def test_a_dataset_of_neither_kind_or_both_kinds_is_refused(folders):
     assert "needs one of image_directory" in load_error(folders, '[[datasets]]\nbatch_size = 1\n')
     assert "has both image_directory and video_directory" in load_error(folders, IMAGES + 'video_directory = "videos"\n')

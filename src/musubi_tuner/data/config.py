@@ -525,10 +525,10 @@ def _check_source(path: Path, key: str, written: str, where: str, *, is_director
 def _require_distinct_cache_directories(datasets: tuple[AnyDatasetConfig, ...], path: Path) -> None:
     seen: dict[str, str] = {}
     for ds in datasets:
-        key = os.path.normcase(os.path.abspath(ds.cache_directory))
+        key = os.path.normcase(os.path.realpath(ds.cache_directory))  # (two names of one folder through a link, too)
         table = ds.where[len(f"{path}: "):]
         if key in seen:
-            raise UserError(f"{path}: {seen[key]} and {table} share the cache folder "
-                            f"{ds.cache_directory}; give each dataset its own cache_directory (it defaults to the "
-                            f"image/video folder)")
+            linked = "" if key == os.path.normcase(os.path.abspath(ds.cache_directory)) else f", which is {key}"
+            raise UserError(f"{path}: {seen[key]} and {table} share the cache folder {ds.cache_directory}{linked}; give each "
+                            f"dataset its own cache_directory (it defaults to the image/video folder)")
         seen[key] = table
