@@ -58,18 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def encode_dataset(dataset, vae, args, device, generator):
-    """Cache one dataset; returns its report."""
+def encode_dataset(dataset, items, report, vae, args, device, generator):
+    """Cache one dataset's `items` (`listed_items`, whose `report` this completes); returns the report."""
     from musubi_tuner.data import cache_files
-    from musubi_tuner.data.items import (CacheReport, chunks, iter_latent_batches, stack_pixels, stale_latent_caches,
-                                         tidy_cache_directory)
+    from musubi_tuner.data.items import chunks, iter_latent_batches, stack_pixels, stale_latent_caches, tidy_cache_directory
     from musubi_tuner.progress import progress_bar
 
-    report = CacheReport()
     workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
     bar = progress_bar(desc=f"{dataset.where} latents", unit="item")
     for batch in iter_latent_batches(dataset, report, num_workers=workers, skip_existing=args.skip_existing,
-                                     vae=args.vae, strict=args.strict):
+                                     vae=args.vae, strict=args.strict, items=items):
         for part in chunks(batch.items, args.batch_size):
             with torch.no_grad():
                 latents = vae.encode(stack_pixels(part, device, vae.dtype)).sample(generator).to("cpu", vae.dtype)
@@ -99,9 +97,14 @@ def main(argv=None) -> None:
         if not Path(args.vae).exists():
             raise UserError(f"{args.vae}: VAE checkpoint not found (--vae)")
         from musubi_tuner.data.cache_files import lock_cache_directories
+        from musubi_tuner.data.items import CacheReport, listed_items
         from musubi_tuner.dtypes import str_to_dtype
         from musubi_tuner.hunyuan.vae import load_vae
 
+        # every dataset's items (validation datasets too) before the VAE loads: a malformed JSONL line of the last
+        # dataset stops the run now, not after the others are encoded
+        reports = [CacheReport() for _ in config.all_datasets]
+        items = [listed_items(ds, report) for ds, report in zip(config.all_datasets, reports)]
         device = resolve_device(args.device)
         with lock_cache_directories(config.all_datasets, "latents"):  # before the VAE loads: a second run stops at once
             if args.disable_cudnn_backend:
@@ -110,7 +113,8 @@ def main(argv=None) -> None:
             vae.set_memory_options(tiling=args.vae_tiling or args.vae_spatial_tile_sample_min_size is not None,
                                    spatial_tile_sample_min_size=args.vae_spatial_tile_sample_min_size, chunk_size=args.vae_chunk_size)
             generator = torch.Generator(device).manual_seed(0)  # the posterior sample is reproducible run to run
-            reports = [encode_dataset(ds, vae, args, device, generator) for ds in config.all_datasets]  # validation datasets too
+            for ds, todo, report in zip(config.all_datasets, items, reports):
+                encode_dataset(ds, todo, report, vae, args, device, generator)
         print("\n".join(f"{ds.where}: {r.summary('latent caches')}" for ds, r in zip(config.all_datasets, reports)))
         from musubi_tuner.data.items import require_some_cached
 

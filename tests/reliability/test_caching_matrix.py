@@ -146,6 +146,14 @@ def damaged_te1(a, tmp, damage):
     return folder
 
 
+def jsonl_after_a_folder(a, tmp):
+    """A folder dataset, then a JSONL dataset whose second line is not JSON (a trailing comma)."""
+    image = next((a.dataset.parent / "images").glob("*.png"))
+    write(tmp / "meta.jsonl", f'{{"image_path": "{image}", "caption": "a"}}\n{{"image_path": "{image}", "caption": "b",}}\n')
+    return write_toml(tmp, f'[[datasets]]\nimage_directory = "{image.parent}"\ncache_directory = "{tmp / "first"}"\n'
+                           f'[[datasets]]\nimage_jsonl_file = "{tmp / "meta.jsonl"}"\ncache_directory = "{tmp / "second"}"\n')
+
+
 def edit_json(path, edit):
     import json
 
@@ -298,6 +306,10 @@ CASES = [
     Case("cache-latents-videos-listed-as-images-says-so", "cache_latents", lambda a, t: cache_latents_argv(write_toml(t,
          f'[[datasets]]\nimage_directory = "{a.dataset.parent / "videos"}"\ncache_directory = "{t / "cache"}"\n'), a), None,
          warning=r"videos lists no images \(it holds 2 videos: list it as video_directory\)"),
+    Case("cache-latents-bad-jsonl-line-of-a-later-dataset-stops-before-any-encoding", "cache_latents",
+         lambda a, t: cache_latents_argv(jsonl_after_a_folder(a, t), a),
+         r"meta\.jsonl:2: not a JSON object .*\[\[datasets\]\]\[1\]\.image_jsonl_file",
+         then=lambda a, t, err, out: not list((t / "first").glob("*_hv.safetensors")) or pytest.fail("the first dataset was encoded")),
     Case("cache-latents-empty-folder-deletes-nothing", "cache_latents", lambda a, t: cache_latents_argv(emptied_folder(a, t), a), None,
          then=image_caches_kept, warning=r"lists no images \(empty, or a drive not mounted\?\); no cache in .* is deleted"),
     Case("cache-latents-full-disk", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),

@@ -358,6 +358,15 @@ class _LatentLoader:
         return paths
 
 
+def listed_items(dataset: AnyDatasetConfig, report: CacheReport) -> list[SourceItem]:
+    """`list_items`, with what it leaves out counted and reported in `report`."""
+    items, problems = list_items(dataset)
+    report.listed += len(items) + len(problems)
+    for path, reason in problems:
+        report.skip(path, reason)
+    return items
+
+
 def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_workers: int = 1,
                         skip_existing: bool = False, vae: str | None = None, strict: bool = False,
                         items: Sequence[SourceItem] | None = None) -> Iterator[LatentBatch]:
@@ -369,10 +378,7 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
     `report` collects every cache path the items have, for stale_latent_caches once all are written.
     """
     if items is None:
-        items, problems = list_items(dataset)
-        report.listed += len(items) + len(problems)
-        for path, reason in problems:
-            report.skip(path, reason)
+        items = listed_items(dataset, report)
     loader = _LatentLoader(dataset, vae, skip_existing)
     groups: dict[tuple[int, ...], list[LatentItem]] = {}
     for item, loaded in _map_in_threads(loader, items, num_workers):
@@ -447,10 +453,7 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
                   num_workers: int = 0) -> list[CaptionItem]:
     """Every item's caption and text cache path, in item order; unreadable captions are reported (or
     raised when `strict`). `num_workers` threads read the caption files (worth it on network drives)."""
-    items, problems = list_items(dataset)
-    report.listed += len(items) + len(problems)
-    for path, reason in problems:
-        report.skip(path, reason)
+    items = listed_items(dataset, report)
     result = []
     for item, caption in _map_in_threads(SourceItem.read_caption, items, num_workers):
         if isinstance(caption, BaseException):
