@@ -65,6 +65,7 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
     from musubi_tuner.progress import progress_bar
 
     workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    record = cache_files.dataset_record(dataset.source, dataset.cache_directory)
     bar = progress_bar(desc=f"{dataset.where} latents", unit="item")
     for batch in iter_latent_batches(dataset, report, num_workers=workers, skip_existing=args.skip_existing,
                                      vae=args.vae, strict=args.strict, items=items):
@@ -73,7 +74,7 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
                 latents = vae.encode(stack_pixels(part, device, vae.dtype)).sample(generator).to("cpu", vae.dtype)
             for item, latent in zip(part, latents):
                 cache_files.save_latent_cache(item.cache_path, latent, size=item.size, frame_count=item.frame_count,
-                                              provenance=item.provenance)
+                                              provenance={**item.provenance, **record})
                 report.cached += 1
             bar.update(len(part))
     bar.close()

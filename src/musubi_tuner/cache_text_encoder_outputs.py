@@ -70,7 +70,7 @@ def run_encoder(name: str, load, batches: list[list], total: int, model_path: st
                 embeds, masks = encoder.encode([c.caption for c in batch])
             for item, embed, mask in zip(batch, embeds.cpu(), masks.cpu()):
                 cache_files.save_text_cache(item.cache_path, item.caption, cache_files.text_encoder_tensors(name, embed, mask),
-                                            provenance=cache_files.text_provenance(name, model_path))
+                                            provenance={**cache_files.text_provenance(name, model_path), **(item.record or {})})
             bar.update(len(batch))
     del encoder
     gc.collect()

@@ -146,6 +146,14 @@ def damaged_te1(a, tmp, damage):
     return folder
 
 
+def videos_into_the_image_cache(a, tmp):
+    """A second dataset config whose videos are cached in the folder the first config's images were cached in."""
+    _, folder = copy_dataset(a, tmp)
+    return write(folder / "videos.toml", f'[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n[[datasets]]\n'
+                                         f'video_directory = "{folder / "videos"}"\ncache_directory = "{folder / "cache" / "images"}"\n'
+                                         f'target_frames = [5]\n')
+
+
 def jsonl_after_a_folder(a, tmp):
     """A folder dataset, then a JSONL dataset whose second line is not JSON (a trailing comma)."""
     image = next((a.dataset.parent / "images").glob("*.png"))
@@ -310,6 +318,11 @@ CASES = [
          lambda a, t: cache_latents_argv(jsonl_after_a_folder(a, t), a),
          r"meta\.jsonl:2: not a JSON object .*\[\[datasets\]\]\[1\]\.image_jsonl_file",
          then=lambda a, t, err, out: not list((t / "first").glob("*_hv.safetensors")) or pytest.fail("the first dataset was encoded")),
+    *[Case(f"cache-{kind}-keeps-the-caches-another-dataset-config-made-in-its-folder", command,
+           lambda a, t, argv=argv: argv(videos_into_the_image_cache(a, t), a), None, then=image_caches_kept,
+           warning=r"\[\[datasets\]\]\[0\]: 2 caches in \S+/cache/images were made by another dataset \(of \.\./\.\./images, "
+                   r"from that folder\), not by \S+/videos: kept")
+      for kind, command, argv in (("latents", "cache_latents", cache_latents_argv), ("text", "cache_text_encoder_outputs", cache_text_argv))],
     Case("cache-latents-empty-folder-deletes-nothing", "cache_latents", lambda a, t: cache_latents_argv(emptied_folder(a, t), a), None,
          then=image_caches_kept, warning=r"lists no images \(empty, or a drive not mounted\?\); no cache in .* is deleted"),
     Case("cache-latents-full-disk", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),

@@ -160,6 +160,37 @@ def latent_provenance(source: str | os.PathLike, source_size: tuple[int, int], b
     return provenance
 
 
+DATASET_KEY = "dataset"
+
+
+def dataset_record(source: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str, str]:
+    """For a cache's metadata: the dataset that made it, as the path of its image/video folder or JSONL file relative
+    to the cache folder (a project copied or moved whole keeps it). Not provenance, which --skip_existing compares:
+    it tells this dataset's stale caches from those of another dataset config sharing the folder, which are not this
+    one's to delete."""
+    source, cache_dir = os.path.abspath(source), os.path.abspath(cache_dir)
+    try:
+        where = os.path.relpath(source, cache_dir)
+    except ValueError:  # another drive
+        where = source
+    return {DATASET_KEY: os.path.normcase(where).replace(os.sep, "/")}
+
+
+def made_by_another_dataset(paths: Iterable[Path], source: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[Path, str]:
+    """Of `paths`, the caches whose metadata names another dataset than `source`: path -> that dataset. Caches
+    without the record (musubi-tuner's, or older ones) are not listed."""
+    own = dataset_record(source, cache_dir)[DATASET_KEY]
+    other = {}
+    for path in paths:
+        try:
+            recorded = read_safetensors_header(path)[1].get(DATASET_KEY)
+        except UserError:  # a damaged cache is nobody's to keep
+            continue
+        if recorded is not None and recorded != own:
+            other[path] = recorded
+    return other
+
+
 def text_provenance(encoder: str, model: str) -> dict[str, str]:
     """What made one encoder's part of a text cache: the model file's name."""
     return {f"{encoder}_model": os.path.basename(model)}

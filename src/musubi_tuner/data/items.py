@@ -447,6 +447,7 @@ class CaptionItem:
     source: SourceItem
     caption: str
     cache_path: Path  # {cache_dir}/{stem}_hv_te.safetensors
+    record: dict[str, str] | None = field(default=None, compare=False)  # which dataset made it (cache_files.dataset_record)
 
 
 def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: bool = False,
@@ -461,7 +462,8 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
             continue
         if not caption:  # legal (it trains the unconditional case), but usually a caption file saved empty by mistake
             logger.warning("%s: empty caption; %s is trained with an empty prompt", item.caption_file or item.path, item.path.name)
-        result.append(CaptionItem(item, caption, cache_files.text_cache_path(dataset.cache_directory, item.stem)))
+        result.append(CaptionItem(item, caption, cache_files.text_cache_path(dataset.cache_directory, item.stem),
+                                  cache_files.dataset_record(dataset.source, dataset.cache_directory)))
     return result
 
 
@@ -494,7 +496,7 @@ def stale_latent_caches(dataset: AnyDatasetConfig, report: CacheReport) -> list[
     """
     if not _lists_anything(dataset, report):
         return []
-    return cache_files.stale_caches(dataset.cache_directory, report.cache_paths, keep_stems=report.kept_stems)
+    return _own(dataset, cache_files.stale_caches(dataset.cache_directory, report.cache_paths, keep_stems=report.kept_stems))
 
 
 def stale_text_caches(dataset: AnyDatasetConfig, captions: Iterable[CaptionItem], report: CacheReport) -> list[Path]:
@@ -502,8 +504,21 @@ def stale_text_caches(dataset: AnyDatasetConfig, captions: Iterable[CaptionItem]
     as stale_latent_caches."""
     if not _lists_anything(dataset, report):
         return []
-    return cache_files.stale_caches(dataset.cache_directory, [c.cache_path for c in captions], text=True,
-                                    keep_stems=report.kept_stems)
+    return _own(dataset, cache_files.stale_caches(dataset.cache_directory, [c.cache_path for c in captions], text=True,
+                                                  keep_stems=report.kept_stems))
+
+
+def _own(dataset: AnyDatasetConfig, stale: list[Path]) -> list[Path]:
+    """`stale` without the caches another dataset made (two dataset configs sharing one cache folder), which are kept
+    with a warning: deleting them lost the other config's caches, without a word."""
+    other = cache_files.made_by_another_dataset(stale, dataset.source, dataset.cache_directory)
+    if other:
+        owners = sorted(set(other.values()))
+        logger.warning("%s: %d caches in %s were made by another dataset (of %s, from that folder), not by %s: kept; "
+                       "training takes every cache of the folder, theirs too, so give each dataset config its own cache_directory",
+                       dataset.where, len(other), dataset.cache_directory, ", ".join(owners[:2]) + (", ..." if len(owners) > 2 else ""),
+                       dataset.source)
+    return [path for path in stale if path not in other]
 
 
 def _lists_anything(dataset: AnyDatasetConfig, report: CacheReport) -> bool:
