@@ -27,11 +27,11 @@ def main(argv=None) -> None:
         args = parse_args(argv)
         if args.show_timesteps:
             from musubi_tuner.training.show_timesteps import console_histogram, image_histogram
-            from musubi_tuner.training.timesteps import TimestepConfig
+            from musubi_tuner.training.loop import timestep_config
+            from musubi_tuner.training.timesteps import warn_of_unread_flags
 
-            cfg = TimestepConfig(args.timestep_sampling, args.discrete_flow_shift, args.sigmoid_scale, args.weighting_scheme,
-                                 args.logit_mean, args.logit_std, args.mode_scale, args.min_timestep, args.max_timestep,
-                                 args.preserve_distribution_shape, args.sigma_uses_shift)
+            cfg = timestep_config(args)
+            warn_of_unread_flags(cfg)
             if args.show_timesteps == "console":
                 print(console_histogram(cfg))
             else:

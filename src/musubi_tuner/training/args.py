@@ -18,7 +18,7 @@ from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
 from musubi_tuner.training.optimizers import SCHEDULERS, scheduler_name
-from musubi_tuner.training.timesteps import SAMPLING_MODES, WEIGHTING_SCHEMES
+from musubi_tuner.training.timesteps import NUM_TRAIN_TIMESTEPS, SAMPLING_MODES, WEIGHTING_SCHEMES
 
 
 def _int_or_float(value: str) -> float | int:
@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_timestep", type=count(1, 1000), default=None, help="highest timestep on the 0-1000 scale (default 1000)")
     g.add_argument("--preserve_distribution_shape", action="store_true",
                    help="keep [min, max] by rejection sampling instead of rescaling")
-    g.add_argument("--num_timestep_buckets", type=count(2), default=None, help="stratify each epoch's timesteps into N buckets")
+    g.add_argument("--num_timestep_buckets", default=None,
+                   type=count(2, NUM_TRAIN_TIMESTEPS, what=" (a bucket narrower than one of the 1000 training timesteps stratifies nothing)"),
+                   help="stratify each epoch's timesteps into N equal intervals of the noise levels (at most 1000)")
     g.add_argument("--show_timesteps", choices=("image", "console"), default=None, help="show the timestep distribution and exit")
     g.add_argument("--guidance_scale", type=real(0), default=1.0, help="embedded guidance fed to the DiT while training")
     g.add_argument("--guidance_scale_x1000", action="store_true",

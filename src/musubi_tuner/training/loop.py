@@ -43,7 +43,7 @@ from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
                                              parse_key_values, total_training_steps)
 from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_progress, run_identity
-from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps
+from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps, warn_of_unread_flags
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def check_args(args) -> None:
     if not Path(args.dit).is_file():
         raise UserError(f"{args.dit}: DiT checkpoint not found (--dit)")
     attention_mode(args)
-    timestep_config(args)
+    warn_of_unread_flags(timestep_config(args))
     if args.resume and args.resume != "auto" and not args.resume_from_huggingface:
         from musubi_tuner.training.state import read_state_folder
 

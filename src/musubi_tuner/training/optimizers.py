@@ -69,6 +69,8 @@ def _import_bitsandbytes(name: str, on_cpu: bool):
 def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, optimizer_args: dict[str, Any]) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer and its full name for metadata. An empty type means AdamW (as musubi-tuner's help says)."""
     name = (optimizer_type or "AdamW").strip()
+    if "lr" in optimizer_args:  # the parameter groups carry --learning_rate, which wins over an optimizer's lr (musubi-tuner: a TypeError)
+        raise UserError(f"--optimizer_args lr={optimizer_args['lr']}: set the learning rate with --learning_rate")
     lower = name.lower()
     kwargs = dict(optimizer_args)
     if lower == "adamw":
@@ -140,8 +142,27 @@ def warmup_steps(value: int | float, total: int) -> int:
     return int(value * total) if isinstance(value, float) else int(value)
 
 
-SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup", "inverse_sqrt",
-              "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "rex", "adafactor")
+# The schedules of --lr_scheduler and the scheduler flags each one reads (create_scheduler passes it these and no others;
+# transformers' constant schedules drop --lr_scheduler_args). --lr_scheduler_type reads --lr_scheduler_args alone, and
+# a schedule-free optimizer none of them. check_scheduler warns of each flag given that the schedule in effect ignores.
+_WARMUP, _DECAY, _CYCLES, _POWER, _TIMESCALE, _MIN_LR, _ARGS = (
+    "lr_warmup_steps", "lr_decay_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_timescale",
+    "lr_scheduler_min_lr_ratio", "lr_scheduler_args")
+SCHEDULE_FLAGS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "linear": (_WARMUP, _ARGS),
+    "cosine": (_WARMUP, _ARGS),
+    "cosine_with_restarts": (_WARMUP, _CYCLES, _ARGS),
+    "polynomial": (_WARMUP, _POWER, _ARGS),
+    "constant_with_warmup": (_WARMUP,),
+    "inverse_sqrt": (_WARMUP, _TIMESCALE, _ARGS),
+    "cosine_with_min_lr": (_WARMUP, _MIN_LR, _CYCLES, _ARGS),
+    "cosine_warmup_with_min_lr": (_WARMUP, _MIN_LR, _CYCLES, _ARGS),
+    "warmup_stable_decay": (_WARMUP, _DECAY, _MIN_LR, _CYCLES, _ARGS),
+    "rex": (_WARMUP, _MIN_LR),
+    "adafactor": (),
+}
+SCHEDULERS = tuple(SCHEDULE_FLAGS)
 NEEDS_A_METRIC = ("reduce_lr_on_plateau", "greedy")  # transformers' schedules that step on the loss
 
 
@@ -163,13 +184,25 @@ def scheduler_name(value: str) -> str:
 scheduler_name.__name__ = "schedule"
 
 
+def _schedule_in_effect(args, optimizer: torch.optim.Optimizer) -> str:
+    """What create_scheduler builds: a schedule of SCHEDULE_FLAGS, "schedule-free" or "lr_scheduler_type"."""
+    if is_schedule_free(optimizer):
+        return "schedule-free"
+    if args.lr_scheduler_type:
+        return "lr_scheduler_type"
+    if getattr(optimizer, "defaults", {}).get("relative_step"):  # Adafactor computing its own step size
+        return "adafactor"
+    return args.lr_scheduler.partition(":")[0]
+
+
 def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, announce: bool = True):
     """The LR schedule; total_steps are optimizer steps times processes, as musubi-tuner counts them. `announce`: log
     the schedule chosen in place of --lr_scheduler (not for the trainer's early check on a stand-in optimizer)."""
-    if is_schedule_free(optimizer):
+    schedule = _schedule_in_effect(args, optimizer)
+    if schedule == "schedule-free":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     extra = parse_key_values(args.lr_scheduler_args, "--lr_scheduler_args")
-    if args.lr_scheduler_type:
+    if schedule == "lr_scheduler_type":
         name = args.lr_scheduler_type
         module, _, cls_name = name.rpartition(".")
         try:
@@ -182,7 +215,7 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, a
             raise UserError(f"--lr_scheduler_args {_as_typed(extra) or '(none given)'} for {cls_name}: {e}") from None
 
     name = args.lr_scheduler
-    if not name.startswith("adafactor") and getattr(optimizer, "defaults", {}).get("relative_step"):
+    if schedule == "adafactor" and not name.startswith("adafactor"):
         # Adafactor with relative_step computes its own step size: the only schedule that fits it reports it (as
         # musubi-tuner switches to); any other would multiply a learning rate the optimizer does not have
         if announce:
@@ -229,8 +262,13 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, a
 
 def check_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
     """The schedule built on `optimizer` (check_optimizer's stand-in) and stepped once: --lr_scheduler_args that a
-    scheduler takes but cannot use (StepLR's step_size=abc) fail before the model loads, not at the first step."""
+    scheduler takes but cannot use (StepLR's step_size=abc) fail before the model loads, not at the first step.
+    Warns of each scheduler flag given that the schedule ignores, and of a warmup (or decay) longer than the run."""
     scheduler = create_scheduler(args, optimizer, total_steps, announce=False)
+    schedule = _schedule_in_effect(args, optimizer)
+    _warn_of_ignored_flags(args, schedule)
+    if schedule in SCHEDULE_FLAGS:
+        _warn_of_a_run_too_short(args, schedule, scheduler, total_steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": there is no training step here
         try:
@@ -238,6 +276,51 @@ def check_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int) ->
         except (TypeError, ValueError, ZeroDivisionError) as e:
             given = " ".join(args.lr_scheduler_args or ()) or "(none given)"
             raise UserError(f"--lr_scheduler_args {given}: the schedule fails at its first step: {e}") from None
+
+
+def _warn_of_ignored_flags(args, schedule: str) -> None:
+    from musubi_tuner.training.args import build_parser
+
+    parser = build_parser()  # its defaults: a flag at its default was not given
+    if schedule == "schedule-free":
+        read, why = (), f"--optimizer_type {args.optimizer_type}, a schedule-free optimizer that sets its own learning rate"
+    elif schedule == "lr_scheduler_type":
+        read, why = (_ARGS,), f"--lr_scheduler_type {args.lr_scheduler_type}, which is built from --lr_scheduler_args alone"
+    else:
+        read = SCHEDULE_FLAGS[schedule]
+        why = f"--lr_scheduler {args.lr_scheduler}" if schedule == args.lr_scheduler.partition(":")[0] else \
+            "the adafactor schedule (Adafactor's relative_step sets the step size)"
+    if schedule in ("schedule-free", "lr_scheduler_type") and args.lr_scheduler != parser.get_default("lr_scheduler"):
+        logger.warning("--lr_scheduler %s is ignored with %s", args.lr_scheduler, why)
+    for flag in (_WARMUP, _DECAY, _CYCLES, _POWER, _TIMESCALE, _MIN_LR, _ARGS):
+        value = getattr(args, flag)
+        if flag in read or value == parser.get_default(flag) or (flag == _ARGS and not value):
+            continue
+        readers = [name for name, flags in SCHEDULE_FLAGS.items() if flag in flags]
+        others = [name for name in SCHEDULE_FLAGS if name not in readers]
+        readers_said = f"every --lr_scheduler but {', '.join(others)}" if len(others) < len(readers) else f"--lr_scheduler {', '.join(readers)}"
+        logger.warning("--%s %s is read only by %s%s; ignored with %s", flag, " ".join(value) if flag == _ARGS else value,
+                       "--lr_scheduler_type and " if flag == _ARGS else "", readers_said, why)
+
+
+def _warn_of_a_run_too_short(args, schedule: str, scheduler, total_steps: int) -> None:
+    """A warmup longer than the run (or warmup_stable_decay's warmup and decay together): the learning rate never
+    reaches --learning_rate, or the stable phase is gone; says the highest learning rate the run reaches."""
+    warmup = warmup_steps(args.lr_warmup_steps, total_steps) if _WARMUP in SCHEDULE_FLAGS[schedule] else 0
+    decay = warmup_steps(args.lr_decay_steps, total_steps) if _DECAY in SCHEDULE_FLAGS[schedule] else 0
+    if warmup + decay <= total_steps:
+        return
+    factor, base = scheduler.lr_lambdas[0], scheduler.base_lrs[0]
+    last = total_steps - 1  # the run's steps use the factors of steps 0 .. total - 1
+    top = min(warmup, last)  # the decay's start, and the warmup's top one step before
+    peak = max(factor(step) for step in {top, max(top - 1, 0), last, *range(0, total_steps, max(1, total_steps // 10_000))})
+    reaches = f"the learning rate reaches {peak * base:.3g} at most, not --learning_rate {base:g}" if peak < 1 - 1e-6 else ""
+    if warmup > total_steps:
+        logger.warning("--lr_warmup_steps %d is longer than the run (%d steps of the schedule): %s", warmup, total_steps, reaches)
+    else:
+        longer = f"--lr_decay_steps {decay} and --lr_warmup_steps {warmup} together are" if warmup else f"--lr_decay_steps {decay} is"
+        logger.warning("%s longer than the run (%d steps of the schedule): warmup_stable_decay has no stable phase%s",
+                       longer, total_steps, f"; {reaches}" if reaches else "")
 
 
 def _rex(optimizer, total: int, warmup: int, min_ratio: float | None):

@@ -9,8 +9,9 @@ schedule, so `--discrete_flow_shift` does not act in that mode (a musubi-tuner q
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -21,6 +22,10 @@ SAMPLING_MODES = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "flux2_s
                   "logsnr", "qinglong_flux", "qinglong_qwen")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 NUM_TRAIN_TIMESTEPS = 1000
+_NORMAL_DRAWS = ("sigmoid", "shift", "flux_shift", "flux2_shift", "qwen_shift", "krea2_shift", "qinglong_flux", "qinglong_qwen")
+_DENSITIES = ("logit_normal", "mode")  # weighting schemes that shape the sigma sampling's draws; the others weight the loss
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,37 @@ class TimestepConfig:
     @property
     def t_max(self) -> float:
         return (NUM_TRAIN_TIMESTEPS if self.max_timestep is None else self.max_timestep) / NUM_TRAIN_TIMESTEPS
+
+
+# Which sampling reads each flag (besides --timestep_sampling, and --min_timestep / --max_timestep that all read), as
+# sample_timesteps and loss_weights do: (who reads it, said in the warning; whether `cfg` does). warn_of_unread_flags
+# warns of each flag given that the sampling in effect ignores.
+_READ_BY = {
+    "discrete_flow_shift": ("--timestep_sampling shift, and sigma with --sigma_uses_shift",
+                            lambda c: c.mode == "shift" or (c.mode == "sigma" and c.sigma_uses_shift)),
+    "sigmoid_scale": (f"--timestep_sampling {', '.join(_NORMAL_DRAWS)}", lambda c: c.mode in _NORMAL_DRAWS),
+    "weighting_scheme": ("--timestep_sampling sigma, as the density of its draws (sigma_sqrt and cosmap weight the loss in every "
+                         "sampling)", lambda c: c.mode == "sigma" or c.weighting_scheme not in _DENSITIES),
+    **dict.fromkeys(("logit_mean", "logit_std"), (
+        "--timestep_sampling logsnr, qinglong_flux, and sigma with --weighting_scheme logit_normal",
+        lambda c: c.mode in ("logsnr", "qinglong_flux") or (c.mode == "sigma" and c.weighting_scheme == "logit_normal"))),
+    "mode_scale": ("--timestep_sampling sigma with --weighting_scheme mode", lambda c: c.mode == "sigma" and c.weighting_scheme == "mode"),
+    "sigma_uses_shift": ("--timestep_sampling sigma with a --discrete_flow_shift other than 1",
+                         lambda c: c.mode == "sigma" and c.discrete_flow_shift != 1.0),
+    "preserve_distribution_shape": ("every --timestep_sampling but sigma, with --min_timestep or --max_timestep",
+                                    lambda c: c.mode != "sigma" and (c.t_min > 0 or c.t_max < 1)),
+}
+
+
+def warn_of_unread_flags(cfg: TimestepConfig) -> None:
+    """A warning for each timestep flag given (not at its default) that the chosen sampling does not read."""
+    defaults = {f.name: f.default for f in fields(TimestepConfig)}
+    for flag, (readers, reads) in _READ_BY.items():
+        value = getattr(cfg, flag)
+        if value != defaults[flag] and not reads(cfg):
+            given = f"--{flag}" if isinstance(value, bool) else f"--{flag} {value}"
+            weighting = f" --weighting_scheme {cfg.weighting_scheme}" if cfg.weighting_scheme != "none" and flag != "weighting_scheme" else ""
+            logger.warning("%s is read only by %s; ignored with --timestep_sampling %s%s", given, readers, cfg.mode, weighting)
 
 
 def _mu_line(x: float, x1: float, y1: float, x2: float, y2: float) -> float:
