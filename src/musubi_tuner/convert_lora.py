@@ -6,8 +6,10 @@
 The input may be in any naming the toolkit reads (networks.lora_reader): kohya with official or ComfyUI module
 names, `diffusion_model.` / `transformer.` files, diffusers/PEFT LoRAs (q, k, v fused exactly, with their
 `lora_alpha`), ComfyUI's trainer output with its diff / diff_b / conv entries. Every entry is converted with its
-scale, or the file is refused naming the entry (`--allow_partial_lora` converts the rest and lists what it drops).
-The input's metadata is copied (with `musubi_tuner.lora_naming` set to the output's naming).
+scale, or the file is refused naming the entry (`--allow_partial_lora` converts the rest and lists what it drops),
+and a file whose metadata names another model (a Flux LoRA) is refused. The "other" output folds alpha / rank into
+its LoRA factors, which fp8 cannot hold: an fp8 input's factors are written in bf16 there (the "default" output
+keeps every tensor as stored). The input's metadata is copied (with `musubi_tuner.lora_naming` set to the output's naming).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import logging
 from musubi_tuner.cli import Parser
 from musubi_tuner.errors import UserError, run_cli
 from musubi_tuner.files import check_output_file
+
+logger = logging.getLogger("convert_lora")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +52,7 @@ def diffusers_prefix(value: str | None) -> str:
     if not prefix or prefix.strip() != prefix:
         raise UserError(f"--diffusers_prefix {value!r}: a key prefix such as diffusion_model or transformer")
     if prefix + "." not in OTHER_PREFIXES:
-        logging.getLogger(__name__).warning("--diffusers_prefix %s: LoRA readers know %s; a file with this prefix may load "
+        logger.warning("--diffusers_prefix %s: LoRA readers know %s; a file with this prefix may load "
                                             "nowhere (this tool cannot read it back)", prefix,
                                             ", ".join(p.rstrip(".") for p in OTHER_PREFIXES))
     return prefix
@@ -58,7 +62,7 @@ def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
         from musubi_tuner.networks.lora_files import save_lora
-        from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora
+        from musubi_tuner.networks.lora_reader import folded_dtype, kohya_state_dict, other_state_dict, read_lora
         from musubi_tuner.networks.lora_metadata import with_naming
 
         check_output_file(args.output, "--output", {"--input": [args.input]})
@@ -66,7 +70,15 @@ def main(argv=None) -> None:
         contents = read_lora(args.input, args.allow_partial_lora)
         if args.target == "other":
             out = other_state_dict(contents.patches, prefix)
+            widened = sorted({str(t.dtype).removeprefix("torch.") for p in contents.patches if p.kind == "lora"
+                              for t in (p.up, p.down) if folded_dtype(t.dtype) != t.dtype})
+            if widened:
+                logger.info("%s: its %s LoRA factors are written in bf16 with alpha / rank folded in (fp8 would round the "
+                            "folded values, the small ones to 0)", args.input, " and ".join(widened))
         else:
+            if args.diffusers_prefix is not None:
+                logger.warning("--diffusers_prefix %s is ignored: it names the keys of --target other; --target default "
+                               "writes kohya names (lora_unet_*)", args.diffusers_prefix)
             out = kohya_state_dict(contents.patches)
         # PEFT's lora_alpha is now in the weights (folded) or in .alpha keys: kept, it would scale them twice
         metadata = {k: v for k, v in contents.metadata.items() if k != "lora_adapter_metadata"}

@@ -8,7 +8,8 @@ keys it applies and which it drops, from that consumer's own rules (kijai_blocks
 block-selection node). With --dit (only the file's header is read) it also warns when the LoRA was trained on
 another base (I2V vs T2V) and checks every layer's shape. Exit status: 0 every consumer checked is served
 completely (by the file or its companion), 1 something would be dropped or refused (the report says which of
-convert_lora.py's outputs serves that consumer, if one does), or the file holds NaN/inf, 2 the file could not be read.
+convert_lora.py's outputs serves that consumer, if one does), or the file holds NaN/inf, or its metadata says it is a
+LoRA for another model (Flux, SDXL, Wan, ...: networks.lora_metadata.OTHER_MODELS), 2 the file could not be read.
 """
 
 from __future__ import annotations

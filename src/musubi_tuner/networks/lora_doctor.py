@@ -2,7 +2,8 @@
 and does the file fit the DiT it is meant for?
 
 `python -m musubi_tuner.lora_doctor FILE [--for ...] [--dit CHECKPOINT] [--json]` prints the diagnosis and
-exits 1 when a consumer would drop or refuse weights (or a layer does not fit the DiT).
+exits 1 when a consumer would drop or refuse weights (or a layer does not fit the DiT, or the metadata says the file
+is another model's LoRA).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, cov
 from musubi_tuner.networks.lora_coverage import Coverage
 from musubi_tuner.networks.lora_inspect import LoRAInspection, inspect_lora, summary_lines
 from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora_file
-from musubi_tuner.networks.lora_metadata import base_model_kind
+from musubi_tuner.networks.lora_metadata import base_mismatch, base_model_kind
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Diagnosis:
 
     @property
     def ok(self) -> bool:
-        return all(v.ok for v in self.verdicts) and not self.mismatches and not self.inspection.non_finite
+        return (all(v.ok for v in self.verdicts) and not self.mismatches and not self.inspection.non_finite
+                and not self.inspection.info.other_model)
 
 
 def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLike | None = None) -> Diagnosis:
@@ -75,10 +77,14 @@ def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLik
                 diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, which cannot be read: {e}")
         else:
             diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, but it is not beside {ins.path.name}")
-    if ins.contents.patches and not ins.problems and not ins.non_finite:  # our outputs hold every entry of the file
+    foreign = ins.info.other_model  # another model's LoRA: this toolkit refuses it, and converts it to nothing
+    if ins.contents.patches and not ins.problems and not ins.non_finite and not foreign:  # our outputs hold every entry of the file
         candidates += [(command, convert(ins.contents.patches)) for command, convert in CONVERSIONS.items()]
     for consumer in consumers:
         verdict = Verdict(consumer, ins.path, _coverage(consumer, ins.weights, model))
+        if consumer == "ours" and foreign:
+            verdict.coverage = Coverage(consumer, len(ins.weights),
+                                        fatal=f"a LoRA for {foreign}: merging, converting and generation refuse it")
         if not verdict.coverage.complete:
             for label, weights in candidates:
                 other = _coverage(consumer, weights, model)
@@ -109,17 +115,9 @@ def _check_base(diagnosis: Diagnosis, dit) -> DiTConfig:
     source = open_dit_file(dit)
     config = read_dit_config(source)
     diagnosis.dit_config = config
-    kind = base_model_kind(config, str(dit))
-    info = diagnosis.inspection.info
     name = Path(dit).name
-    if info.in_channels is not None and info.in_channels != config.in_channels:
-        diagnosis.warnings.append(
-            f"trained on {info.base_model} ({info.in_channels} input channels) but {name} is {kind} ({config.in_channels}): "
-            "the layers fit, but the LoRA learned another task (image-to-video vs text-to-video)")
-    elif info.base_model and info.base_model != kind:
-        guessed = "" if info.written_here else " (guessed from ss_sd_model_name)"
-        diagnosis.warnings.append(f"trained on {info.base_model}{guessed} but {name} looks like {kind}: the layers fit, "
-                                  "the results may differ from what the LoRA was trained for")
+    if mismatch := base_mismatch(diagnosis.inspection.info, config, str(dit)):
+        diagnosis.warnings.append(mismatch)
     shapes = source.shapes()
     for patch in diagnosis.inspection.contents.patches:
         if patch.param in shapes and not patch.fits(shapes[patch.param]):
@@ -203,6 +201,7 @@ def diagnosis_text(d: Diagnosis) -> str:
         problems += [f"{', '.join(none)} would not apply every weight of any of our outputs"] if none else []
         problems += ["its layers do not fit the DiT"] if d.mismatches else []
         problems += ["it holds NaN or infinite values"] if d.inspection.non_finite else []
+        problems += [f"it is a LoRA for {d.inspection.info.other_model}, not for HunyuanVideo"] if d.inspection.info.other_model else []
         lines.append(f"  problem: {'; '.join(problems)}")
     return "\n".join(lines)
 

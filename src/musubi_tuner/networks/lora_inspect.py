@@ -176,6 +176,9 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
         lines += [f"             {k}: {why}" for k, why in ins.problems[:8]]
         if len(ins.problems) > 8:
             lines.append(f"             ... and {len(ins.problems) - 8} more (--json lists every one)")
+    if info.other_model:
+        lines.append(f"  FOR        {info.other_model}: a LoRA of another model, not HunyuanVideo; merging, converting and "
+                     "generation refuse it")
     if info.written_here:
         data = ", ".join(f"{w}x{h}" for w, h in info.resolutions) or "?"
         frames = ", ".join(map(str, info.frames)) or "?"
@@ -186,7 +189,7 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
         data = ", ".join(f"{w}x{h}" for w, h in info.resolutions) or "?"
         lines.append(f"  trained    elsewhere; base guessed from ss_sd_model_name: {info.base_model or '?'}; data {data}, "
                      f"frames {', '.join(map(str, info.frames)) or '?'}")
-    else:
+    elif not info.other_model:
         lines.append("  trained    no training metadata in the file")
     if info.companion:
         lines.append(f"  companion  {info.companion}")

@@ -1,7 +1,8 @@
 """LoRA file metadata: our `musubi_tuner.*` keys (what a LoRA was trained on and for, how it is named), read back
 from files trained here or, as far as they say, from musubi-tuner's `ss_*` keys. The trainer writes them
 (training.metadata); the LoRA tools (info, doctor, convert) read them. Also sd-scripts' hashes of a file, which
-the trainer and the post-hoc EMA merge both write.
+the trainer and the post-hoc EMA merge both write, and what the metadata says against a DiT: another model
+family's LoRA (`other_model`, which every reading that applies a LoRA refuses) and another base (`base_mismatch`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,64 @@ logger = logging.getLogger(__name__)
 BASE_MODELS = ("hunyuan-video-t2v", "skyreels-t2v", "skyreels-i2v")
 OURS = "musubi_tuner."  # prefix of our own keys
 
+# LoRAs of other model families, by what their trainers write: sd-scripts' and musubi-tuner's ss_base_model_version
+# (flux1, sd_v1, sdxl_base_v1-0, wan, qwen_image), the model spec's modelspec.architecture before its "/" (flux-1-dev,
+# stable-diffusion-xl-v1-base, wan2.1) and the network module after its "networks.lora_" (networks.lora_flux,
+# networks.lora_sd3, networks.lora_wan). Flux.1's blocks have HunyuanVideo's names and widths, so its LoRAs pass every
+# name and shape check: only the metadata tells. A pattern matches the start of the name in lower case with only its
+# letters and digits. Only names positively of another family are listed: --metadata_arch is free text (a SkyReels
+# name), and HunyuanVideo's own are hunyuan_video and hunyuan-video.
+OTHER_MODELS = {
+    "Flux": r"flux",
+    "Stable Diffusion 1/2": r"(sd|stablediffusion)v?[12]",
+    "SDXL": r"(sd|stablediffusion)xl",
+    "Stable Diffusion 3": r"(sd|stablediffusion)v?3",
+    "HunyuanVideo 1.5": r"hunyuanvideo15",
+    "Wan": r"wan",
+    "FramePack": r"framepack",
+    "Qwen-Image": r"qwenimage",
+    "Lumina": r"lumina",
+    "HiDream": r"hidream",
+    "Chroma": r"chroma",
+    "Kandinsky": r"kandinsky",
+    "Z-Image": r"zimage",
+    "LTX-Video": r"ltx",
+    "CogVideoX": r"cogvideo",
+    "Mochi": r"mochi",
+}
+# metadata key -> the model name in its value (None: the value names no model, e.g. networks.lora)
+_MODEL_NAME_KEYS = {
+    "ss_base_model_version": lambda v: v,
+    "modelspec.architecture": lambda v: v.split("/", 1)[0],
+    "ss_network_module": lambda v: m.group(1) if (m := re.fullmatch(r"networks\.[a-z]+_(\w+)", v.strip())) else None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherModel:
+    """The metadata says the LoRA is for another model family than HunyuanVideo."""
+
+    model: str  # a name of OTHER_MODELS
+    key: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.model} ({self.key}={self.value})"
+
+
+def other_model(meta: dict[str, str]) -> OtherModel | None:
+    """The other model family (OTHER_MODELS) the first of ss_base_model_version, modelspec.architecture and
+    ss_network_module names, or None (HunyuanVideo's values, a name we do not know, no metadata)."""
+    for key, model_name in _MODEL_NAME_KEYS.items():
+        value = meta.get(key)
+        if not isinstance(value, str) or not (name := model_name(value)):
+            continue
+        name = re.sub(r"[^a-z0-9]", "", name.lower())
+        for model, pattern in OTHER_MODELS.items():
+            if re.match(pattern, name):
+                return OtherModel(model, key, value)
+    return None
+
 
 @dataclasses.dataclass
 class LoRAFileInfo:
@@ -41,6 +100,7 @@ class LoRAFileInfo:
     naming: str | None = None  # "kohya" or "other" (networks.lora_naming)
     companion: str | None = None  # file name of the same LoRA in the other naming, written beside this one
     written_here: bool = False
+    other_model: OtherModel | None = None  # the metadata says it is a LoRA of another model family
 
     @property
     def target_blocks(self) -> list[str]:
@@ -67,19 +127,21 @@ class LoRAFileInfo:
         def get(key: str, parse=str, default=None):
             return _parsed(meta, OURS + key, parse, default, source)
 
+        other = other_model(meta)
         if get("version") is not None:
             return cls(
                 version=get("version"), base_model=get("base_model"), in_channels=get("in_channels", _whole_number),
                 text_template=get("text_template"), modules=get("lora_modules", _modules, {}),
                 resolutions=get("resolutions", _resolutions, []), frames=get("frames", _frames, []),
-                naming=get("lora_naming"), companion=get("companion", _file_name), written_here=True)
-        # trained elsewhere: musubi-tuner's keys say the data, and the DiT file's name hints at the base
+                naming=get("lora_naming"), companion=get("companion", _file_name), written_here=True, other_model=other)
+        # trained elsewhere: musubi-tuner's keys say the data, and the DiT file's name hints at the base (unless the file
+        # is another model's, or the name is another model's: flux1-dev.safetensors is no HunyuanVideo)
         resolutions, frames = _parsed(meta, "ss_datasets", _datasets, ([], []), source)
         base = None
         model_name = _parsed(meta, "ss_sd_model_name", str, "", source).lower()
-        if model_name:
+        if model_name and other is None and other_model({"ss_base_model_version": model_name}) is None:
             base = "skyreels-i2v" if "i2v" in model_name else "skyreels-t2v" if "skyreels" in model_name else "hunyuan-video-t2v"
-        return cls(base_model=base, resolutions=resolutions, frames=frames)
+        return cls(base_model=base, resolutions=resolutions, frames=frames, other_model=other)
 
 
 def _parsed(meta: dict[str, str], key: str, parse, default, source: str | None):
@@ -211,6 +273,21 @@ def base_model_kind(config: DiTConfig, dit_path: str | None) -> str:
     if dit_path and "skyreels" in os.path.basename(dit_path).lower():
         return "skyreels-t2v"
     return "hunyuan-video-t2v"
+
+
+def base_mismatch(info: LoRAFileInfo, config: DiTConfig, dit_path: str) -> str | None:
+    """Why the base a LoRA's metadata names does not look like the DiT it is applied to (the doctor's warning, which
+    merging and generation log too), or None: another input-channel count (SkyReels I2V vs T2V), or another base."""
+    kind = base_model_kind(config, dit_path)
+    name = os.path.basename(dit_path)
+    if info.in_channels is not None and info.in_channels != config.in_channels:
+        return (f"trained on {info.base_model} ({info.in_channels} input channels) but {name} is {kind} ({config.in_channels}): "
+                "the layers fit, but the LoRA learned another task (image-to-video vs text-to-video)")
+    if info.base_model and info.base_model != kind:
+        guessed = "" if info.written_here else " (guessed from ss_sd_model_name)"
+        return (f"trained on {info.base_model}{guessed} but {name} looks like {kind}: the layers fit, "
+                "the results may differ from what the LoRA was trained for")
+    return None
 
 
 def with_naming(metadata: dict[str, str], naming: str, companion: str | None = None) -> dict[str, str]:

@@ -17,7 +17,9 @@ names, `diffusion_model.` / `transformer.` prefixes, diffusers/PEFT with its fus
 Any other entry (Tucker cores, DoRA scales, GLoRA, a key naming no layer, a pair whose ranks disagree, two updates
 of one weight) is a `Problem`: `LoRAContents.require_whole` refuses the file naming it, or with `allow_partial` warns and
 lists what is dropped. Non-finite tensors are always refused (`check_finite`), and so, by every reading of a file, are
-integer or bool weights and an alpha that is not one real number (`check_entry_types`).
+integer or bool weights and an alpha that is not one real number (`check_entry_types`). `read_lora`, the reading of
+everything that applies or converts a file (merging, generation, training from a LoRA, convert_lora), also refuses a
+file whose metadata names another model family (`check_model`): Flux.1 LoRAs have HunyuanVideo's layer names and widths.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile
+from musubi_tuner.networks.lora_metadata import other_model
 from musubi_tuner.networks.lora_naming import (
     DIFFUSERS_PREFIXES, KOHYA_PREFIX, OTHER_PREFIXES, diffusers_to_official, module_path_to_kohya, module_template, official_module,
 )
@@ -206,8 +209,10 @@ def _module_name(key: str) -> str:
 
 
 def read_lora(path: str | os.PathLike, allow_partial: bool = False) -> LoRAContents:
-    """A LoRA file's patches, refused (UserError naming the file and entry) unless every entry applies and is finite."""
+    """A LoRA file's patches, refused (UserError naming the file and entry) unless it is HunyuanVideo's (`check_model`)
+    and every entry applies and is finite."""
     contents = read_lora_contents(path)
+    check_model(contents.source, contents.metadata)
     check_finite(contents.source, contents.tensors)
     return contents.require_whole(allow_partial)
 
@@ -251,6 +256,14 @@ def read_lora_contents(path: str | os.PathLike) -> LoRAContents:
     """A LoRA file's patches and problems, without refusing anything (what info and the doctor show)."""
     weights, metadata = read_lora_file(path)
     return parse_lora(weights, metadata, str(path), peft_config(path))
+
+
+def check_model(source: str, metadata: dict[str, str]) -> None:
+    """Refuse a LoRA whose metadata names another model family (networks.lora_metadata.other_model)."""
+    other = other_model(metadata)
+    if other is not None:
+        raise UserError(f"{source}: a LoRA for {other}, not for HunyuanVideo: even where its layers' names and widths fit "
+                        "(as Flux.1's do), applying it makes a wrong video")
 
 
 def check_finite(source: str, weights: dict[str, torch.Tensor]) -> None:
@@ -582,9 +595,16 @@ def _lycoris_entries(name: str, patch: Patch) -> dict[str, torch.Tensor]:
     return out
 
 
+def folded_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a LoRA factor is written in with alpha / rank folded into it: its own, but bf16 for fp8 (an fp8 factor
+    times sqrt(alpha / rank) is no fp8 number: e4m3 would round most of a trained up weight to 0, e5m2 by up to 12%)."""
+    return torch.bfloat16 if dtype.is_floating_point and dtype.itemsize == 1 else dtype
+
+
 def other_state_dict(patches: list[Patch], prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
     """Patches in the "other" naming (ComfyUI, diffusers' loader, diffusion-pipe): `<prefix>.<official path>.lora_A.weight`,
-    `.lora_B.weight` with alpha / rank folded into both (sqrt of its size each, its sign in B; diffusers reads no alpha), `.diff`, `.diff_b`, `.set_weight`;
+    `.lora_B.weight` with alpha / rank folded into both (sqrt of its size each, its sign in B; diffusers reads no alpha), in
+    `folded_dtype` of theirs, `.diff`, `.diff_b`, `.set_weight`;
     LoHa / LoKr factors with their `.alpha` (`<prefix>.<official path>.hada_w1_a`, ..., as musubi-tuner converts them)."""
     out: dict[str, torch.Tensor] = {}
     for p in patches:
@@ -594,8 +614,8 @@ def other_state_dict(patches: list[Patch], prefix: str = "diffusion_model") -> d
             # sqrt(|alpha / rank|) into each factor and the sign into B: a negative alpha (kohya's and musubi-tuner's
             # scale is the plain number alpha / rank) flips the update, and a complex root would be cast to zeros
             root = abs(p.scale) ** 0.5
-            out[f"{name}.lora_A.weight"] = (down.float() * root).to(down.dtype)
-            out[f"{name}.lora_B.weight"] = (up.float() * math.copysign(root, p.scale)).to(up.dtype)
+            out[f"{name}.lora_A.weight"] = (down.float() * root).to(folded_dtype(down.dtype))
+            out[f"{name}.lora_B.weight"] = (up.float() * math.copysign(root, p.scale)).to(folded_dtype(up.dtype))
         elif p.kind in ADAPTERS:
             out.update(_lycoris_entries(name, p))
         else:

@@ -4,6 +4,7 @@ cast back per parameter."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,9 +12,11 @@ from typing import Callable, Sequence
 import torch
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.fp8 import Fp8Linear, quantize_rows
-from musubi_tuner.networks.lora_reader import Patch, read_lora
+from musubi_tuner.networks.lora_metadata import LoRAFileInfo, base_mismatch
+from musubi_tuner.networks.lora_reader import LoRAContents, Patch, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +71,30 @@ def block_filters(lora_paths: Sequence[str], specs: Sequence[str] | str | None, 
         specs = specs * len(lora_paths)
     if len(specs) != len(lora_paths):
         raise UserError(f"{len(lora_paths)} LoRA files but {len(specs)} values of --lora_blocks: give one per file, or one for all")
+    seen: dict[tuple[str, str | None], str] = {}
+    for path, spec in zip(lora_paths, specs):
+        if (key := (os.path.realpath(path), spec)) in seen:
+            also = "" if seen[key] == str(path) else f" (also as {seen[key]})"
+            logger.warning("%s is given twice among the LoRA files%s: it is applied twice to the same blocks, as one file at "
+                           "the sum of its multipliers", path, also)
+        seen.setdefault(key, str(path))
     return [block_filter(s, exclude_single_blocks) for s in specs]
 
 
-def lora_patches(path, keep: ModuleFilter | None = None, allow_partial: bool = False) -> list[Patch]:
-    """The patches of a LoRA file (any naming, refused unless whole and finite) on the modules `keep` accepts."""
-    patches = read_lora(path, allow_partial).select(keep)
+def warn_base_mismatch(contents: LoRAContents, config: DiTConfig, dit_path: str) -> None:
+    """Log the doctor's warning when the LoRA's metadata names another base than the DiT (SkyReels I2V on a T2V DiT)."""
+    if mismatch := base_mismatch(LoRAFileInfo.from_metadata(contents.metadata, contents.source), config, str(dit_path)):
+        logger.warning("%s: %s", contents.source, mismatch)
+
+
+def lora_patches(path, keep: ModuleFilter | None = None, allow_partial: bool = False,
+                 base: tuple[DiTConfig, str] | None = None) -> list[Patch]:
+    """The patches of a LoRA file (any naming, refused unless whole and finite) on the modules `keep` accepts; with `base`
+    (the DiT's config and file) warned about when its metadata names another base."""
+    contents = read_lora(path, allow_partial)
+    if base is not None:
+        warn_base_mismatch(contents, *base)
+    patches = contents.select(keep)
     if not patches:
         raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
     return patches
@@ -144,9 +165,13 @@ def merge_patch(dit: HunyuanVideoDiT, patch: Patch, multiplier: float, device=No
 
 
 def check_loras_fit(lora_paths: Sequence[str], dit_shapes: dict[str, tuple[int, ...]], dit_name: str, allow_partial: bool = False) -> None:
-    """Every LoRA file is readable, whole and finite, and each patch is a parameter of this DiT of the LoRA's shape (no weights merged)."""
+    """Every LoRA file is readable, whole and finite, and each patch is a parameter of this DiT of the LoRA's shape (no weights
+    merged); a file whose metadata names another base than the DiT is warned about."""
+    config = DiTConfig.from_shapes(dit_shapes, source=dit_name)
     for path in lora_paths:
-        for patch in read_lora(path, allow_partial).patches:
+        contents = read_lora(path, allow_partial)
+        warn_base_mismatch(contents, config, dit_name)
+        for patch in contents.patches:
             shape = dit_shapes.get(patch.param)
             if shape is None:
                 raise UserError(f"{path}: module {patch.module} does not exist in {dit_name} (a LoRA for another model?)")
@@ -186,7 +211,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     ops: dict[str, list[tuple[float, Patch]]] = {}  # parameter key -> (multiplier, patch) per LoRA, in order
     keeps = block_filters(lora_paths, lora_blocks, exclude_single_blocks)
     for path, m, keep in zip(lora_paths, resolve_multipliers(lora_paths, multipliers), keeps):
-        for patch in lora_patches(path, keep, allow_partial):
+        for patch in lora_patches(path, keep, allow_partial, base=(config, dit_path)):
             if patch.param not in source:
                 raise UserError(f"{path}: module {patch.module} does not exist in {dit_path} (a LoRA for another model?)")
             if not patch.fits(source.shape(patch.param)):

@@ -32,8 +32,13 @@ logger = logging.getLogger(__name__)
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The power-function exponent gamma whose EMA profile has relative width `sigma_rel` (the cubic above)."""
-    t = sigma_rel ** -2
-    roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+    try:
+        t = sigma_rel ** -2
+        with np.errstate(all="raise"):
+            roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+    except (ArithmeticError, np.linalg.LinAlgError):  # sigma_rel^-2, or the cubic's roots, beyond a float
+        raise UserError(f"--sigma_rel {sigma_rel}: too narrow for the power-function EMA's formula (its numbers overflow); "
+                        "try a value between 0.05 and 0.28") from None
     real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0]
     if not real:
         raise UserError(f"--sigma_rel {sigma_rel}: no power-function EMA has this width (try a value between 0.05 and 0.28)")
@@ -43,8 +48,12 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 def ema_betas(merges: int, beta: float = 0.95, beta2: float | None = None, sigma_rel: float | None = None) -> list[float]:
     """beta of each of the `merges` merges (files 2..N), by the rules of the module docstring."""
     if sigma_rel is not None:
+        if beta2 is not None:
+            logger.warning("--beta2 %s is ignored: --sigma_rel sets every merge's beta", beta2)
         gamma = sigma_rel_to_gamma(sigma_rel)
         return [(1 - 1 / k) ** (gamma + 1) for k in range(1, merges + 1)]
+    if merges == 1 and beta2 is not None and beta2 != beta:
+        logger.warning("--beta2 %s is ignored: two checkpoints make one merge, at --beta %s", beta2, beta)
     beta2 = beta if beta2 is None else beta2
     if merges == 1:
         return [beta]

@@ -1,0 +1,121 @@
+"""The LoRA tools on inputs a user gives by accident or habit: an fp8 LoRA converted to the other naming keeps its
+update (alpha / rank folded into bf16 factors, said), a --sigma_rel whose formula overflows is one error line, and a
+setting that does nothing (--diffusers_prefix with --target default, --beta2 with two checkpoints, the same LoRA
+twice) is said in a warning."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from musubi_tuner import convert_lora, lora_post_hoc_ema, merge_lora
+
+from helpers import run_main, tiny_dit_file_and_lora
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    """The tiny DiT and a LoRA on it as musubi-tuner trains them (alpha 1, rank 32: a scale of 1/32), lora_up small."""
+    tmp = tmp_path_factory.mktemp("settings")
+    dit, weights, _ = tiny_dit_file_and_lora(tmp, rank=32, alpha=1.0, std=0.01, generator=torch.Generator().manual_seed(0))
+    return tmp, dit, weights
+
+
+def updates(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each module's update in float32: kohya up @ down * alpha / rank, or the other naming's B @ A."""
+    out = {}
+    for key, down in weights.items():
+        if key.endswith(".lora_down.weight"):
+            name = key.removesuffix(".lora_down.weight")
+            up = weights[f"{name}.lora_up.weight"].float()
+            out[name.removeprefix("lora_unet_")] = up @ down.float() * (weights[f"{name}.alpha"].float() / down.shape[0])
+        elif key.endswith(".lora_A.weight"):
+            name = key.removesuffix(".lora_A.weight").removeprefix("diffusion_model.")
+            out[name.replace(".", "_")] = weights[key.replace("lora_A", "lora_B")].float() @ down.float()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_convert_to_other_keeps_an_fp8_loras_update(lora, tmp_path, capsys, caplog, dtype):
+    _, _, weights = lora
+    fp8 = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in weights.items()}
+    src, out = tmp_path / "fp8.safetensors", tmp_path / "other.safetensors"
+    save_file(fp8, str(src))
+    with caplog.at_level(logging.INFO):
+        status, _, err = run_main(convert_lora.main, ["--input", src, "--output", out, "--target", "other"], capsys)
+    assert status == 0, err
+    written = load_file(str(out))
+    expected, got = updates(fp8), updates(written)
+    assert expected.keys() == got.keys() and len(got) == 20
+    for name in expected:
+        assert ((got[name] - expected[name]).norm() / expected[name].norm()).item() < 0.01, name
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert f"its {str(dtype).removeprefix('torch.')} LoRA factors are written in bf16 with alpha / rank folded in" in caplog.text
+
+
+def test_convert_keeps_other_dtypes_as_stored(lora, tmp_path, capsys):
+    _, _, weights = lora
+    src, out = tmp_path / "fp16.safetensors", tmp_path / "other.safetensors"
+    save_file({k: v.half() for k, v in weights.items()}, str(src))
+    assert run_main(convert_lora.main, ["--input", src, "--output", out, "--target", "other"], capsys)[0] == 0
+    assert {t.dtype for t in load_file(str(out)).values()} == {torch.float16}
+
+
+def test_diffusers_prefix_with_target_default_is_said_to_be_ignored(lora, tmp_path, capsys, caplog):
+    _, _, weights = lora
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(weights, str(src))
+    with caplog.at_level(logging.WARNING):
+        status, _, _ = run_main(convert_lora.main, ["--input", src, "--output", out, "--target", "default",
+                                                    "--diffusers_prefix", "transformer"], capsys)
+    assert status == 0 and load_file(str(out)).keys() == weights.keys()
+    assert "--diffusers_prefix transformer is ignored: it names the keys of --target other" in caplog.text
+    caplog.clear()
+    run_main(convert_lora.main, ["--input", src, "--output", tmp_path / "o2.safetensors", "--target", "other",
+                                 "--diffusers_prefix", "transformer"], capsys)
+    assert "is ignored" not in caplog.text
+
+
+def test_the_same_lora_twice_is_warned_about(lora, tmp_path, capsys, caplog):
+    _, dit, weights = lora
+    src = tmp_path / "a.safetensors"
+    save_file(weights, str(src))
+    with caplog.at_level(logging.WARNING):
+        status, _, _ = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", src, f"{tmp_path}/./a.safetensors", src,
+                                                  "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"], capsys)
+    assert status == 0
+    assert f"{tmp_path}/./a.safetensors is given twice among the LoRA files (also as {src}): it is applied twice" in caplog.text
+    assert f"{src} is given twice among the LoRA files: it is applied twice to the same blocks" in caplog.text
+    caplog.clear()  # one file on two sets of blocks, each with its multiplier, is a way to weigh them apart
+    status, _, _ = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", src, src, "--lora_blocks", "double", "single",
+                                              "--save_merged_model", tmp_path / "m2.safetensors", "--device", "cpu"], capsys)
+    assert status == 0 and "given twice" not in caplog.text
+
+
+@pytest.fixture
+def two_checkpoints(lora, tmp_path):
+    _, _, weights = lora
+    paths = [tmp_path / "run-1.safetensors", tmp_path / "run-2.safetensors"]
+    for i, path in enumerate(paths):
+        save_file({k: v if k.endswith(".alpha") else v * (i + 1) for k, v in weights.items()}, str(path))
+    return paths
+
+
+@pytest.mark.parametrize("sigma_rel", ["1e-160", "1e-200"])
+def test_a_sigma_rel_whose_formula_overflows_is_one_error_line(two_checkpoints, tmp_path, capsys, sigma_rel):
+    out = tmp_path / "ema.safetensors"
+    status, _, err = run_main(lora_post_hoc_ema.main, [*two_checkpoints, "--sigma_rel", sigma_rel, "--output_file", out], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and "Traceback" not in err and len(errors) == 1 and errors[0].startswith(f"error: --sigma_rel {sigma_rel}: ")
+    assert not out.exists()
+
+
+def test_beta2_with_two_checkpoints_is_said_to_be_ignored(two_checkpoints, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.WARNING):
+        status, stdout, _ = run_main(lora_post_hoc_ema.main, [*two_checkpoints, "--beta", "0.5", "--beta2", "0.9", "--no_sort",
+                                                              "--output_file", tmp_path / "ema.safetensors"], capsys)
+    assert status == 0 and "beta per merge: 0.5000" in stdout
+    assert "--beta2 0.9 is ignored: two checkpoints make one merge, at --beta 0.5" in caplog.text
