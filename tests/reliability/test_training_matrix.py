@@ -36,6 +36,21 @@ def assert_metadata(path: Path, **expected: str) -> None:
     assert {k: metadata.get(k) for k in expected} == expected, metadata
 
 
+def trained(path: Path) -> None:
+    """The LoRA's up weights moved from their zero start: an optimizer step was made."""
+    from safetensors.torch import load_file
+
+    assert any(v.abs().max() > 0 for k, v in load_file(str(path)).items() if k.endswith("lora_up.weight")), "an untrained LoRA"
+
+
+def up_norm_at_most(path: Path, bound: float) -> None:
+    from safetensors.torch import load_file
+
+    ups = [v.float() for k, v in load_file(str(path)).items() if k.endswith("lora_up.weight")]
+    norm = float(sum(v.pow(2).sum() for v in ups) ** 0.5)
+    assert 0 < norm <= bound * 1.001, norm
+
+
 def saved_with_alpha(path: Path, alpha: float) -> None:
     """Every module of the saved LoRA has `alpha`, and its metadata records the same: the strength it trained at."""
     from safetensors.torch import load_file
@@ -213,6 +228,27 @@ CASES = [
          r"--network_dim 0: must be at least 1"),
     Case("train-gradient-accumulation-zero", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--gradient_accumulation_steps", "0"), r"--gradient_accumulation_steps 0: must be at least 1"),
+    Case("train-accumulation-ends-each-epoch-with-a-step", "hv_train_network",  # 4 batches: a step at batch 3, one at 4
+         lambda a, t: train_argv(a, t / "out", "--gradient_accumulation_steps", "3", "--max_train_epochs", "2"), None,
+         then=lambda a, t, err, out: assert_metadata(t / "out" / "tiny.safetensors", ss_steps="4")),
+    Case("train-accumulation-longer-than-an-epoch", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--gradient_accumulation_steps", "7", "--max_train_epochs", "1"), None,
+         warning=r"--gradient_accumulation_steps 7 is more than the 4 batches of an epoch: each epoch is one optimizer step",
+         then=lambda a, t, err, out: (assert_metadata(t / "out" / "tiny.safetensors", ss_steps="1"), trained(t / "out" / "tiny.safetensors"))),
+    Case("train-max-train-epochs-over-max-train-steps-is-said", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "1"), None,
+         warning=r"--max_train_epochs 1 sets the run's length \(4 steps\); --max_train_steps 2 is ignored"),
+    *[Case(f"train-{kept.replace('_', '-')}-without-its-saves", "hv_train_network", lambda a, t, kept=kept: train_argv(a, t / "out", f"--{kept}", "2"),
+           None, warning=rf"--{kept} acts on the saves of --save_every_n_{unit}, and none is set: it is ignored")
+      for kept, unit in (("save_last_n_epochs", "epochs"), ("save_last_n_steps_state", "steps"))],
+    Case("train-gradients-are-clipped", "hv_train_network",  # one SGD step of rate 1 from lora_up = 0 moves it by the clipped gradient
+         lambda a, t: train_argv(a, t / "out", "--max_train_steps", "1", "--optimizer_type", "SGD", "--learning_rate", "1",
+                                 "--max_grad_norm", "0.001"), None,
+         then=lambda a, t, err, out: up_norm_at_most(t / "out" / "tiny.safetensors", 0.001)),
+    Case("train-log-tracker-config-missing", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--log_with", "tensorboard", "--logging_dir", str(t / "logs"), "--log_tracker_config",
+                                 str(t / "missing.toml")),
+         r"missing\.toml: file not found", then=before_the_model_loads),
     Case("train-max-train-epochs-zero", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "0"),
          r"--max_train_epochs 0: must be at least 1"),
     Case("train-seed-beyond-32-bits", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--seed", str(2**64)),

@@ -146,14 +146,18 @@ def check_args(args) -> None:
         check_can_compile(compile_options, "cuda" if torch.cuda.is_available() else "cpu", training=True)
     if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
         logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
+    for unit in ("epochs", "steps"):  # the window of saves kept acts on the saves of that unit
+        for kept in (f"save_last_n_{unit}", f"save_last_n_{unit}_state"):
+            if getattr(args, kept) and not getattr(args, f"save_every_n_{unit}"):
+                logger.warning("--%s acts on the saves of --save_every_n_%s, and none is set: it is ignored", kept, unit)
+    if args.log_tracker_config:
+        tracker_init_kwargs(args)  # read now: a missing or malformed file is said before the models load
     if args.network_weights:
         require_file(args.network_weights, "LoRA file", "--network_weights")
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights")
     check_lora_files(args)
-    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
-
-    network_options(args, read_dit_config(open_dit_file(args.dit)))  # (the header only)
+    network_options(args)
     from musubi_tuner.training.hub import check_hub_args
 
     check_hub_args(args)
@@ -218,6 +222,20 @@ def wandb_login(args) -> None:
         os.environ.setdefault("WANDB_DIR", args.logging_dir)
     if args.wandb_api_key:
         wandb.login(key=args.wandb_api_key)
+
+
+def say_the_length(args, batches_per_epoch: int, total_steps: int) -> None:
+    """What sets the run's length when it is not what the flags suggest: --max_train_epochs over a --max_train_steps
+    given too, and an accumulation longer than an epoch (whose every epoch is then one step)."""
+    from musubi_tuner.training.args import build_parser
+
+    if args.max_train_epochs and args.max_train_steps != build_parser().get_default("max_train_steps"):
+        logger.warning("--max_train_epochs %d sets the run's length (%d steps); --max_train_steps %d is ignored",
+                       args.max_train_epochs, total_steps, args.max_train_steps)
+    if args.gradient_accumulation_steps > batches_per_epoch:
+        logger.warning("--gradient_accumulation_steps %d is more than the %d batches of an epoch: each epoch is one optimizer "
+                       "step, of its %d batches' gradients (divided by %d, as accelerate does)", args.gradient_accumulation_steps,
+                       batches_per_epoch, batches_per_epoch, args.gradient_accumulation_steps)
 
 
 def tracker_init_kwargs(args) -> dict:
@@ -481,6 +499,7 @@ def _train(args) -> Path | None:
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
     dit_config = read_dit_config(open_dit_file(args.dit))  # the header only: a wrong cache fails before the model loads
+    network_options(args, dit_config)  # the include/exclude patterns tried on the DiT's module names
     check_heads(dit_config.heads_num, args.context_parallel)
     layout = make_layout(args.context_parallel)
     check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
@@ -491,6 +510,7 @@ def _train(args) -> Path | None:
                                       persistent_workers=args.persistent_data_loader_workers, rank=layout.replica, world=layout.replicas)
     batches_per_epoch = sampler.batches_per_epoch()  # this process's share
     total_steps = total_training_steps(batches_per_epoch, args.max_train_epochs, args.max_train_steps, 1, args.gradient_accumulation_steps)
+    say_the_length(args, batches_per_epoch, total_steps)
     optimizer_args = parse_key_values(args.optimizer_args, "--optimizer_args")
     # the optimizer and its schedule, built once on a stand-in parameter: their flags fail here, before any model loads
     check_scheduler(args, check_optimizer(args.optimizer_type, args.learning_rate, optimizer_args, accelerator.device),
@@ -578,7 +598,13 @@ def _train(args) -> Path | None:
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
         sampler.set_epoch(epoch + 1, start=skip)
         for i, batch in enumerate(loader, start=skip):
-            with accelerator.accumulate(network), compile_errors():
+            # an optimizer step every --gradient_accumulation_steps batches and at each epoch's end, as
+            # total_training_steps plans (and accelerate does with a loader it prepared): the rest of an epoch is
+            # neither carried into the next nor, at the end of a run, dropped. (accelerator.backward divides the loss
+            # by the accumulation, so the step of an epoch's rest is of its share.) Counted in the epoch, so a resume
+            # at a saved step keeps the same steps.
+            sync = (i + 1) % args.gradient_accumulation_steps == 0 or i + 1 == batches_per_epoch
+            with compile_errors():
                 uniform = torch.tensor(batch["timesteps"]) if batch.get("timesteps") is not None else None
                 loss = training_step(dit, batch, accelerator, ts_cfg, guidance_value, uniform, sample_seeds(seed, epoch + 1, batch["sample_ids"]))
                 # the mean over all processes: what is logged, and every process stops together on a bad one
@@ -586,19 +612,20 @@ def _train(args) -> Path | None:
                 if not torch.isfinite(global_loss):
                     raise diverged(f"loss is {global_loss.item()}", loss.detach())
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and reducer is not None:
-                    reducer.reduce()
+                if sync:
+                    if reducer is not None:
+                        reducer.reduce()
                     norm = accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm or float("inf"))
                     # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
                     if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
                         raise diverged(f"the gradient norm is {float(norm)}")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients and (bad := first_non_finite(network)) is not None:
-                    raise diverged(f"the update made {bad} NaN/inf")
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if (bad := first_non_finite(network)) is not None:
+                        raise diverged(f"the update made {bad} NaN/inf")
             progress.batch_in_epoch = i + 1
-            if not accelerator.sync_gradients:
+            if not sync:
                 continue
             progress.global_step += 1
             if compile_pending:  # the first step compiled every block
