@@ -422,15 +422,31 @@ NETWORK_MODULES = {"LoRAModule": ("lora_down.weight", "networks.lora"), "LoHaMod
                    "LoKrModule": ("lokr_w1", "networks.lokr")}
 
 
-def require_module_kind(source: str, weights_sd: dict[str, torch.Tensor], module_class: type[AdapterModule]) -> None:
+def require_module_kind(source: str, weights_sd: dict[str, torch.Tensor], module_class: type[AdapterModule] | str) -> None:
     """A file of LoHa modules cannot start a LoRA network, and so on: say which --network_module it needs."""
-    own_entry, own_module = NETWORK_MODULES[module_class.__name__]
+    own_entry, own_module = NETWORK_MODULES[module_class if isinstance(module_class, str) else module_class.__name__]
     if any(k.endswith("." + own_entry) for k in weights_sd):
         return
     for entry, module in NETWORK_MODULES.values():
         if any(k.endswith("." + entry) for k in weights_sd):
             raise UserError(f"{source}: its modules are {module.split('.')[1]} modules ({entry}), not {own_module.split('.')[1]}: "
                             f"use --network_module {module}")
+
+
+def check_weights_fit(source: str, weights_sd: dict[str, torch.Tensor], network_module: str, rank: int) -> None:
+    """Before any model loads: a --network_weights file (not --dim_from_weights) holds modules of --network_module's
+    kind, of rank --network_dim. (A LoKr module's shapes depend on its factor too: checked when the network is built.)"""
+    kind = next((cls for cls, (_, module) in NETWORK_MODULES.items() if module == network_module.removeprefix("musubi_tuner.")), None)
+    if kind is None:  # a module of another package: its own loading says
+        return
+    require_module_kind(source, weights_sd, kind)
+    if kind == "LoKrModule":
+        return
+    entry = NETWORK_MODULES[kind][0]  # (rank, in) for LoRA's down and LoHa's w1_b
+    ranks = sorted({t.shape[0] for k, t in weights_sd.items() if k.endswith("." + entry)})
+    if ranks and ranks != [rank]:
+        fix = f"give --network_dim {ranks[0]}, or --dim_from_weights" if len(ranks) == 1 else "build the network from the file with --dim_from_weights"
+        raise UserError(f"{source}: its modules have rank {'/'.join(map(str, ranks))}, and --network_dim is {rank}: {fix}")
 
 
 def network_from_weights(module_class: type[AdapterModule], per_module: dict[str, dict], multiplier: float,

@@ -179,7 +179,11 @@ def check_lora_files(args) -> None:
 
     allow_partial = getattr(args, "allow_partial_lora", False)
     if args.network_weights:
-        load_network_weights(args.network_weights, allow_partial)
+        weights = load_network_weights(args.network_weights, allow_partial)
+        if not args.dim_from_weights:  # the kind and rank of its modules, which the network is built with
+            from musubi_tuner.networks.lora import check_weights_fit
+
+            check_weights_fit(args.network_weights, weights, args.network_module, args.network_dim or 4)
     for path in args.base_weights or []:
         read_lora(path, allow_partial)
     if args.base_weights_multiplier and not args.base_weights:
@@ -247,14 +251,22 @@ def tracker_init_kwargs(args) -> dict:
     return {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
 
 
+NETWORK_MODULES_HERE = "this project has networks.lora, networks.loha and networks.lokr"
+
+
 def load_network_module(name: str):
+    """The --network_module, which must make networks (create_arch_network or create_network, as musubi-tuner calls)."""
     for candidate in (f"musubi_tuner.{name}", name):
         try:
-            return importlib.import_module(candidate)
+            module = importlib.import_module(candidate)
         except ModuleNotFoundError as e:
             if e.name not in (candidate, candidate.rsplit(".", 1)[0]):
                 raise
-    raise UserError(f"--network_module {name}: no such module (this project has networks.lora, networks.loha and networks.lokr)")
+            continue
+        if not hasattr(module, "create_arch_network") and not hasattr(module, "create_network"):
+            raise UserError(f"--network_module {name}: not a network module (it has no create_network); {NETWORK_MODULES_HERE}")
+        return module
+    raise UserError(f"--network_module {name}: no such module ({NETWORK_MODULES_HERE})")
 
 
 def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
