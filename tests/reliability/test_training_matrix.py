@@ -249,6 +249,8 @@ CASES = [
          lambda a, t: train_argv(a, t / "out", "--log_with", "tensorboard", "--logging_dir", str(t / "logs"), "--log_tracker_config",
                                  str(t / "missing.toml")),
          r"missing\.toml: file not found", then=before_the_model_loads),
+    Case("train-dataset-config-is-a-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=t),
+         r": expected a dataset config, found a folder \(--dataset_config\)"),
     Case("train-max-train-epochs-zero", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "0"),
          r"--max_train_epochs 0: must be at least 1"),
     Case("train-seed-beyond-32-bits", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--seed", str(2**64)),

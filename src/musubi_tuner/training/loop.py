@@ -125,10 +125,8 @@ def check_args(args) -> None:
     joined = output_stem(args.output_dir, args.output_name)
     # the files' folder is output_dir from here on, so pruning, --resume auto and the run lock look where they are
     args.output_dir, args.output_name = str(joined.parent), joined.name
-    if not Path(args.dataset_config).is_file():
-        raise UserError(f"{args.dataset_config}: dataset config not found (--dataset_config)")
-    if not Path(args.dit).is_file():
-        raise UserError(f"{args.dit}: DiT checkpoint not found (--dit)")
+    require_file(args.dataset_config, "dataset config", "--dataset_config")
+    require_file(args.dit, "DiT checkpoint", "--dit")
     attention_mode(args)
     warn_of_unread_flags(timestep_config(args))
     if args.resume and args.resume != "auto" and not args.resume_from_huggingface:
