@@ -514,8 +514,8 @@ def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int,
         raise UserError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
     try:
         header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    except (ValueError, RecursionError) as e:  # (a UnicodeDecodeError or a JSONDecodeError is a ValueError; so is a huge integer)
+        raise UserError(f"{path}: not a safetensors file (header is not JSON: {str(e)[:160]})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}

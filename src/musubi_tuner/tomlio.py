@@ -1,10 +1,13 @@
-"""Reading TOML files users write (dataset configs, --config_file, prompt files) with errors that name the file."""
+"""Reading TOML files users write (dataset configs, --config_file, prompt files) with errors that name the file, and
+JSON that users write (JSON dataset configs, JSONL lines) read as strictly as TOML."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from musubi_tuner.errors import UserError
 
@@ -25,6 +28,32 @@ def load_toml(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: not valid TOML ({e})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+
+
+def loads_json(text: str) -> Any:
+    """`text` as JSON, with every problem a ValueError that says what: bad syntax (a json.JSONDecodeError, which says
+    where), a key given twice in one object (refused as TOML refuses one; Python's json keeps the last), an integer
+    Python will not read (over 4300 digits) or nesting too deep."""
+    try:
+        return json.loads(text, object_pairs_hook=_without_duplicates, parse_int=_json_int)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _without_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {json.dumps(key)} given twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _json_int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:  # Python's limit on converting long digit strings
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits, too long to read") from None
 
 
 def dumps(table: dict) -> str:

@@ -163,14 +163,16 @@ def test_images_without_caption_files_are_left_out_and_listed(tmp_path):
     assert problems == [(str(tmp_path / "images" / "without.png"), "no caption file without.txt")]
 
 
-def test_a_caption_extension_without_its_dot_is_named_where_the_dotted_file_exists(tmp_path):
+def test_a_caption_extension_without_its_leading_dot_is_named_where_the_dotted_file_exists(tmp_path):
     (tmp_path / "images").mkdir()
     dataset = config_for(tmp_path, f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\ncache_directory = "{tmp_path / "cache"}"\n',
-                         general='[general]\ncaption_extension = "txt"\nresolution = [64, 64]\n').datasets[0]
-    add_image(tmp_path, "cat")  # cat.png and cat.txt
+                         general='[general]\ncaption_extension = "caption.txt"\nresolution = [64, 64]\n').datasets[0]
+    add_image(tmp_path, "cat", caption=None)
+    (tmp_path / "images" / "cat.caption.txt").write_text("a cat")
     found, problems = items.list_items(dataset)
     assert found == [] and problems == [(str(tmp_path / "images" / "cat.png"),
-                                         "no caption file cattxt (caption_extension = 'txt' has no dot; cat.txt exists: write '.txt')")]
+                                         "no caption file catcaption.txt (caption_extension = 'caption.txt' does not start with "
+                                         "a dot; cat.caption.txt exists: write '.caption.txt')")]
 
 
 def test_captions_under_another_extension_are_named_and_a_folder_of_them_logs_a_few_lines(tmp_path, caplog):

@@ -3,7 +3,9 @@
 A value is looked up, first found wins, in: the `[[datasets]]` table, `[general]`, the command line's
 non-None flags of the same name (how `cache_latents.py --batch_size` reaches a dataset that sets
 none, as in musubi-tuner), then the default. Every problem is a UserError that names the file, the
-table and the key: `dataset.toml: [[datasets]][1].frame_extraction = "heads" is not one of ...`.
+table and the key: `dataset.toml: [[datasets]][1].frame_extraction = "heads" is not one of ...`. A key that the
+dataset's other settings do not read (frame_stride without "slide", ...: READ_ONLY_WITH) is accepted, as musubi-tuner
+accepts it, with a warning.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Union
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Union
 
 from musubi_tuner.cli import MAX_PIXELS
+from musubi_tuner.data import media
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError, did_you_mean
-from musubi_tuner.tomlio import load_toml
+from musubi_tuner.tomlio import load_toml, loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +217,16 @@ def _extraction(value: Any, at: str) -> str:
 
 
 def _file_extension(value: Any, at: str) -> str:
-    """caption_extension: appended to an item's file name without its extension, so it must stay in that folder."""
+    """caption_extension: appended to an item's file name without its extension (cat.png -> "cat" + ".txt"), so it must
+    stay in that folder, and hold a dot: "txt" names the caption cattxt, in musubi-tuner too, which then finds none."""
     if any(c in value for c in ("/", "\\", "\0")):
         raise UserError(f"{at} must be a file extension such as \".txt\" (no /, \\ or NUL): the caption sits beside "
                         f"its image or video")
+    if "." not in value or value != value.strip():
+        fixed = value.strip() if "." in value else "." + (value.strip() or "txt")
+        problem = "has no dot" if "." not in value else "has spaces around it"
+        raise UserError(f"{at} {problem}: the caption of cat.png is \"cat\" + caption_extension; "
+                        f"write {json.dumps(fixed)}")
     return value
 
 
@@ -270,6 +279,51 @@ DEFAULTS: dict[str, Any] = {
 }
 ALL_KEYS = sorted({*SHARED_KEYS, *IMAGE_KEYS, *VIDEO_KEYS, *IGNORED_IMAGE_KEYS, *IGNORED_VIDEO_KEYS})
 
+# Which frame_extraction reads which key (musubi-tuner's modes, data/frames.py), and the clips each mode takes.
+EXTRACTION_KEYS: dict[str, tuple[str, ...]] = {
+    "target_frames": ("head", "chunk", "slide", "uniform"), "frame_stride": ("slide",), "frame_sample": ("uniform",),
+    "max_frames": ("full",),
+}
+EXTRACTION_CLIPS: dict[str, str] = {
+    "head": "one clip of each target_frames length from the first frame", "chunk": "back-to-back clips",
+    "slide": "a clip every frame_stride = {frame_stride} frames",
+    "uniform": "frame_sample = {frame_sample} clips per length, spread evenly",
+    "full": "the whole video, at most max_frames = {max_frames} frames",
+}
+
+
+class ReadOnlyWith(NamedTuple):
+    """A key that only some datasets read: which (`reads`), said as `used`, and what a dataset does without it."""
+
+    reads: Callable[[AnyDatasetConfig], bool]
+    used: str  # "with enable_bucket = true only"
+    instead: Callable[[AnyDatasetConfig], str]
+
+
+def _extraction_rule(key: str) -> ReadOnlyWith:
+    modes = EXTRACTION_KEYS[key]
+    named = " or ".join(", ".join(json.dumps(m) for m in modes).rsplit(", ", 1))  # "head", "chunk" or "slide"
+    return ReadOnlyWith(lambda ds: ds.frame_extraction in modes, f"with frame_extraction = {named} only",
+                        lambda ds: f"frame_extraction = {json.dumps(ds.frame_extraction)} takes "
+                                   + EXTRACTION_CLIPS[ds.frame_extraction].format(**ds.metadata()))
+
+
+# A key set (to other than its default) where its dataset does not read it is accepted, as musubi-tuner does, with a
+# warning: `frame_stride = 10` with "head" takes other clips than the writer meant. A [[datasets]] table's own key is
+# named for that dataset; a [general] key only when no dataset that inherits it reads it (a [general] value shared by
+# datasets that need it and datasets that do not is normal).
+READ_ONLY_WITH: dict[str, ReadOnlyWith] = {
+    **{key: _extraction_rule(key) for key in EXTRACTION_KEYS},
+    "bucket_no_upscale": ReadOnlyWith(lambda ds: ds.enable_bucket, "with enable_bucket = true only",
+                                      lambda ds: f"without buckets every item is scaled and cropped to resolution = "
+                                                 f"{list(ds.resolution)}"),
+    "num_repeats": ReadOnlyWith(lambda ds: ds.role == "train", "by [[datasets]] only",
+                                lambda ds: "a validation dataset uses each item once"),
+    "caption_extension": ReadOnlyWith(lambda ds: ds.source_key.endswith("_directory"),
+                                      "with image_directory or video_directory only",
+                                      lambda ds: f"each line of {ds.source_key} holds its \"caption\""),
+}
+
 
 def _checked(checks: Mapping[str, Check], key: str, value: Any, at: str) -> Any:
     """`value` of `key` through its table's check, then through FURTHER_CHECKS."""
@@ -290,16 +344,14 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".toml":
         return _table(load_toml(path), path)
+    if suffix != ".json":
+        raise UserError(f"{path}: a dataset config must end in .toml or .json")
     try:
-        if suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        else:
-            raise UserError(f"{path}: a dataset config must end in .toml or .json")
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        raw = loads_json(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    except ValueError as e:  # every problem loads_json has: syntax, a key given twice, a huge integer, deep nesting
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     return _table(raw, path)
 
 
@@ -334,6 +386,7 @@ def load_dataset_config(path: str | os.PathLike, args: Any = None, *, check_sour
         groups[name] = tuple(_dataset(i, table, general, fallback, path, check_sources, name) for i, table in enumerate(tables))
     if not groups["datasets"]:
         raise UserError(f"{path}: no [[datasets]] defined")
+    _warn_unread_general_keys(raw, general, groups, path)
     _require_distinct_cache_directories(groups["datasets"] + groups["validation_datasets"], path)
     return DatasetGroupConfig(path, groups["datasets"], groups["validation_datasets"])
 
@@ -353,6 +406,19 @@ def _name_unknown_keys(raw: dict, path: Path) -> None:
                 unknown = [key for key in table if key not in ALL_KEYS]
                 if unknown:
                     raise UserError(_unknown_key_message(f"{path}: [[{name}]][{index}]", unknown[0], _kind_of_table(table)))
+
+
+def _warn_unread_general_keys(raw: dict, general: dict, groups: dict[str, tuple[AnyDatasetConfig, ...]],
+                              path: Path) -> None:
+    """A [general] key (of READ_ONLY_WITH) that no dataset inheriting it reads: said once."""
+    for key, rule in READ_ONLY_WITH.items():
+        if key not in general or general[key] == DEFAULTS[key]:
+            continue
+        heirs = [ds for name, datasets in groups.items() for table, ds in zip(raw.get(name, []), datasets)
+                 if key not in table]
+        if heirs and not any(rule.reads(ds) for ds in heirs):
+            logger.warning("%s: [general].%s = %s is used %s; no dataset that takes it from [general] uses it",
+                           path, key, _show(raw["general"][key]), rule.used)
 
 
 def _general_table(table: Any, path: Path) -> dict[str, Any]:
@@ -412,9 +478,15 @@ def _dataset(index: int, table: dict, general: dict, fallback: dict, path: Path,
     else:
         common["validation_split"] = value("validation_split")
     if is_video:
-        return VideoDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common,
-                                  **_video_values(where, value))
-    return ImageDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common)
+        config = VideoDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common,
+                                    **_video_values(where, value))
+    else:
+        config = ImageDatasetConfig(index=index, where=where, ignored_keys=tuple(ignored), **common)
+    for key, rule in READ_ONLY_WITH.items():
+        if key in own and own[key] != DEFAULTS[key] and not rule.reads(config):
+            logger.warning("%s.%s = %s is used %s; ignored here: %s", where, key, _show(table[key]), rule.used,
+                           rule.instead(config))
+    return config
 
 
 def _is_video_table(table: dict, where: str) -> bool:
@@ -461,6 +533,11 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video:
     if source_key == directory_key and value("caption_extension") is None:
         raise UserError(f"{where}: caption_extension is required with {directory_key} "
                         f"(set caption_extension = \".txt\" here or in [general])")
+    media_extensions = media.VIDEO_EXTENSIONS if is_video else media.IMAGE_EXTENSIONS
+    if source_key == directory_key and value("caption_extension").lower() in media_extensions:
+        raise UserError(f"{where}: caption_extension = {_show(value('caption_extension'))} is the extension of the "
+                        f"{kind}s in {directory_key}, so each {kind} would be read as its own caption; captions need "
+                        f"files of their own, such as \".txt\"")
     cache_directory = value("cache_directory")
     if cache_directory is None:
         if source_key == jsonl_key:

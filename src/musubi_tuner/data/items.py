@@ -30,6 +30,7 @@ from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetC
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.tomlio import loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
         if not dataset.is_video and not caption_file.exists():
             dotted = path.with_name(f"{path.stem}.{extension}")
             if extension and not extension.startswith(".") and dotted.exists():
-                hint = f" (caption_extension = {extension!r} has no dot; {dotted.name} exists: write '.{extension}')"
+                hint = f" (caption_extension = {extension!r} does not start with a dot; {dotted.name} exists: write '.{extension}')"
             else:
                 siblings = _suffixes_by_stem(folder) if siblings is None else siblings
                 others = [s for s in siblings.get(path.stem, []) if s.lower() not in (*media.IMAGE_EXTENSIONS, *media.VIDEO_EXTENSIONS)]
@@ -197,9 +198,10 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{jsonl}:{number}: not a JSON object ({e.msg}) {where}") from None
+            entry = loads_json(line)
+        except ValueError as e:  # every problem loads_json has: syntax, a key given twice, a huge integer, deep nesting
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else e  # (the line is named; its "line 1" is not)
+            raise UserError(f"{jsonl}:{number}: not a JSON object ({reason}) {where}") from None
         if not isinstance(entry, dict):
             raise UserError(f"{jsonl}:{number}: not a JSON object {where}")
         media_path = next((entry[k] for k in path_keys if k in entry), None)

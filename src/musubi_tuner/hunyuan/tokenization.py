@@ -227,7 +227,7 @@ def parse_json(text: str, source: str, expect: type = dict):
     not JSON or holds another JSON type."""
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # (a JSONDecodeError is a ValueError; so is an integer of 4300+ digits)
         raise UserError(f"{source}: not valid JSON ({str(e)[:160]}); the file is damaged: restore it from the "
                         "model's download") from None
     if not isinstance(value, expect) or (expect in (int, float) and isinstance(value, bool)):

@@ -7,7 +7,6 @@ A .txt line is a prompt followed by options: `a cat --w 256 --h 256 --f 25 --d 4
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,10 +122,12 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         base = {k: v for k, v in table.items() if k != "subset"}
         prompts = [_from_dict({**base, **sub} if isinstance(sub, dict) else sub, i, str(path)) for i, sub in enumerate(table.get("subset", []))]
     elif suffix == ".json":
+        from musubi_tuner.tomlio import loads_json
+
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+            entries = loads_json(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # (a UnicodeDecodeError is one): syntax, a key given twice, a huge integer, deep nesting
+            raise UserError(f"{path}: not valid JSON ({str(e)[:160]})") from None
         if not isinstance(entries, list):
             raise UserError(f"{path}: a JSON list of prompts (lines or tables of their settings), not {type(entries).__name__}")
         prompts = [parse_line(e, i, str(path)) if isinstance(e, str) else _from_dict(e, i, str(path)) for i, e in enumerate(entries)]

@@ -1,0 +1,61 @@
+"""JSON that users write (a JSON dataset config, the lines of a JSONL file): every problem json can have is the one-line
+error of a malformed file, never a traceback, and a key given twice is refused as TOML refuses one."""
+
+import json
+
+import pytest
+
+from musubi_tuner.data.config import load_dataset_config
+from musubi_tuner.data.items import list_items
+from musubi_tuner.errors import UserError
+
+BIG = "1" + "0" * 5000  # more digits than Python converts
+DEEP = "[" * 100000 + "1" + "]" * 100000
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    return tmp_path
+
+
+def config_error(folder, text):
+    (folder / "dataset.json").write_text(text)
+    with pytest.raises(UserError) as info:
+        load_dataset_config("dataset.json")
+    return str(info.value)
+
+
+@pytest.mark.parametrize("batch_size, reason", [
+    (BIG, "an integer of 5001 digits, too long to read)"),
+    (DEEP, "nested too deeply"),
+])
+def test_a_json_config_that_python_cannot_read_is_not_valid_json(folder, batch_size, reason):
+    text = ('{"general": {"caption_extension": ".txt"},\n "datasets": [\n'
+            f'  {{"image_directory": "images", "batch_size": {batch_size}}}]}}\n')
+    assert config_error(folder, text).startswith(f"dataset.json: not valid JSON ({reason}")
+
+
+def test_a_json_config_with_a_key_given_twice_in_one_table_is_refused_naming_the_key(folder):
+    (folder / "dataset.json").write_text(json.dumps({"general": {"caption_extension": ".txt", "resolution": [32, 32]},
+                                                     "datasets": [{"image_directory": "images", "resolution": [64, 64]}]}))
+    assert load_dataset_config("dataset.json").datasets[0].resolution == (64, 64)  # one key in two tables: fine
+    text = ('{"general": {"caption_extension": ".txt", "resolution": [32, 32]},\n "datasets": [\n'
+            '  {"image_directory": "images", "resolution": [32, 32],\n   "resolution": [64, 64]}]}\n')
+    assert config_error(folder, text) == 'dataset.json: not valid JSON (key "resolution" given twice)'
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"image_path": "a.png", "caption": "a", "n": %s}' % BIG, "an integer of 5001 digits, too long to read"),
+    ('{"image_path": "a.png", "caption": "a", "n": %s}' % DEEP, "nested too deeply"),
+    ('{"image_path": "a.png", "caption": "a", "caption": "b"}', 'key "caption" given twice'),
+])
+def test_a_jsonl_line_that_python_cannot_read_or_that_gives_a_key_twice_is_named(folder, line, reason):
+    (folder / "items.jsonl").write_text('{"image_path": "a.png", "caption": "fine"}\n' + line + "\n")
+    (folder / "dataset.toml").write_text('[[datasets]]\nimage_jsonl_file = "items.jsonl"\ncache_directory = "cache"\n')
+    dataset = load_dataset_config("dataset.toml").datasets[0]
+    with pytest.raises(UserError) as info:
+        list_items(dataset)
+    assert str(info.value) == (f"items.jsonl:2: not a JSON object ({reason}) "
+                               f"(dataset.toml: [[datasets]][0].image_jsonl_file)")
