@@ -53,7 +53,7 @@ def main(argv=None) -> None:
                           lora_blocks=args.lora_blocks, allow_partial=args.allow_partial_lora)
         if info["fp8_input"]:
             logger.info("the DiT was fp8: the merged model is saved in bf16 (an fp8 round trip would erase most of the LoRA)")
-        print(f"merged {len(args.lora_weight)} LoRA file(s) into {info['layers']} layers -> {args.save_merged_model}")
+        print(f"merged {info['files']} LoRA file(s) into {info['layers']} layers -> {args.save_merged_model}")
 
     run_cli(run, argv)
 

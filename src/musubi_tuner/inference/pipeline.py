@@ -285,12 +285,11 @@ def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool,
 
     from musubi_tuner.networks import loha, lokr, lora
     from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict
-    from musubi_tuner.networks.merge import block_filters, lora_patches, merge_patch, patch_target, resolve_multipliers
+    from musubi_tuner.networks.merge import lora_jobs, lora_patches, merge_patch, patch_target
 
     modules = {"lora": lora, "loha": loha, "lokr": lokr}
     networks = []
-    keeps = block_filters(paths, lora_blocks, exclude_single_blocks)
-    for path, m, keep in zip(paths, resolve_multipliers(paths, multipliers), keeps):
+    for path, m, keep in lora_jobs(paths, multipliers, lora_blocks, exclude_single_blocks):
         patches = lora_patches(path, keep, allow_partial)
         beside = [p for p in patches if p.kind in ADAPTERS and isinstance(patch_target(dit, p, str(path))[0], nn.Linear)]
         for patch in patches:

@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -67,6 +68,31 @@ def companion_path(path: str | os.PathLike) -> Path:
     """`out/my_lora.safetensors` -> `out/my_lora.comfyui.safetensors`: where the other-naming copy goes."""
     path = Path(path)
     return path.with_name(path.name.removesuffix(".safetensors") + COMPANION_SUFFIX)
+
+
+def companion_copies(paths: Sequence[str | os.PathLike]) -> dict[Path, Path]:
+    """The `.comfyui` companions among `paths` whose own LoRA file is given too (a glob `out/my-lora*.safetensors` matches
+    both): companion -> that file. The two are the same LoRA in two namings, written side by side (`--lora_format both`),
+    each naming the other in its metadata (`musubi_tuner.companion`): a pair is two files of which one's metadata names
+    the other, or `NAME.safetensors` and its `companion_path`. Of a pair, the companion is the file in the other naming
+    (`musubi_tuner.lora_naming`), else the `.comfyui` one. Every command that takes several LoRA files applies or
+    averages each LoRA once by leaving the companions out (networks.merge.lora_jobs, networks.post_hoc_ema.order_files)."""
+    from musubi_tuner.files import read_safetensors_header
+    from musubi_tuner.networks.lora_metadata import LoRAFileInfo
+
+    given = {os.path.realpath(p): Path(p) for p in reversed(paths)}  # the first spelling of each file
+    infos = {p: LoRAFileInfo.from_metadata(read_safetensors_header(p)[1], str(p)) if p.suffix == ".safetensors" else LoRAFileInfo()
+             for p in given.values()}
+    copies: dict[Path, Path] = {}
+    for p, info in infos.items():
+        for named in filter(None, (info.companion and p.parent / info.companion, companion_path(p))):
+            q = given.get(os.path.realpath(named))
+            if q is None or q == p or p in copies or q in copies:
+                continue
+            other_naming = [f for f in (p, q) if infos[f].naming == "other"]
+            copy = other_naming[0] if len(other_naming) == 1 else q if q.name.endswith(COMPANION_SUFFIX) else p
+            copies[copy] = q if copy == p else p
+    return copies
 
 
 @dataclass

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 BASE_MODELS = ("hunyuan-video-t2v", "skyreels-t2v", "skyreels-i2v")
 OURS = "musubi_tuner."  # prefix of our own keys
+POST_HOC_EMA = OURS + "post_hoc_ema"  # a post-hoc EMA result's: JSON {"checkpoints": [file names, oldest first], "betas": [...]}
 
 # LoRAs of other model families, by what their trainers write: sd-scripts' and musubi-tuner's ss_base_model_version
 # (flux1, sd_v1, sdxl_base_v1-0, wan, qwen_image), the model spec's modelspec.architecture before its "/" (flux-1-dev,

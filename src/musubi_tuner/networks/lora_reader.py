@@ -7,7 +7,7 @@ names, `diffusion_model.` / `transformer.` prefixes, diffusers/PEFT with its fus
 | entry | patch | math at multiplier m |
 | --- | --- | --- |
 | up/down pair (`lora_up/lora_down`, `lora_B/lora_A`, `_lora.up/down`, `.lora.up/down`, `lora_linear_layer.up/down`) | lora | W += m * (up @ down) * alpha / rank, reshaped to W (conv LoRAs) |
-| `.alpha` | the pair's alpha | (rank if absent; PEFT's `lora_alpha` / `alpha_pattern` from the file's metadata or `adapter_config.json`) |
+| `.alpha` | the pair's alpha | (rank if absent; PEFT's `lora_alpha` / `alpha_pattern` / `use_rslora` from the file's metadata or `adapter_config.json`: `PeftScales`) |
 | `.diff`, `.w_norm` | diff | W += m * diff |
 | `.diff_b`, `.b_norm` | diff_b | b += m * diff_b |
 | `.set_weight` | set | W = set_weight (whatever m, as ComfyUI does) |
@@ -280,31 +280,86 @@ def first_non_finite(weights: dict[str, torch.Tensor]) -> str | None:
 
 
 def peft_config(path: str | os.PathLike) -> dict | None:
-    """The `adapter_config.json` PEFT (and diffusion-pipe) save beside `adapter_model.safetensors`, if there is one."""
+    """The `adapter_config.json` PEFT (and diffusion-pipe) save beside `adapter_model.safetensors`, if there is one, as
+    JSON (`PeftScales.read` reads its values)."""
     path = Path(path)
     config = path.parent / "adapter_config.json"
     if not path.name.startswith("adapter_model") or not config.is_file():
         return None
     try:
         return json.loads(config.read_text())
-    except (OSError, ValueError):
-        logger.warning("%s: unreadable; its LoRA scales are taken as 1", config)
-        return None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{config}: unreadable ({e}); it holds the LoRA's lora_alpha, without which its scale is unknown: "
+                        "fix or restore the file") from None
 
 
-def _peft_alphas(metadata: dict[str, str], config: dict | None) -> tuple[float | None, dict[str, float]]:
-    """(lora_alpha, alpha_pattern) of a PEFT adapter: from diffusers' `lora_adapter_metadata`, or adapter_config.json."""
-    raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        try:
-            config = json.loads(raw)
-        except ValueError:
-            config = None
-    if not config:
-        return None, {}
-    alpha = config.get("transformer.lora_alpha", config.get("lora_alpha"))
-    pattern = config.get("transformer.alpha_pattern", config.get("alpha_pattern")) or {}
-    return alpha, pattern
+@dataclass(frozen=True)
+class PeftScales:
+    """What a PEFT adapter's config says of its modules' scales, as PEFT's LoRA layers compute them: lora_alpha / r, or
+    lora_alpha / sqrt(r) with `use_rslora`; the alpha is the first `alpha_pattern` entry that matches the end of the
+    module's path (PEFT's get_pattern_key), else `lora_alpha`. r is the module's rank in the file (which PEFT's `r` and
+    `rank_pattern` made). Without a lora_alpha the scale is 1 (alpha = rank), as for any LoRA file without alphas."""
+
+    lora_alpha: float | None = None
+    alpha_pattern: tuple[tuple[re.Pattern, float], ...] = ()
+    use_rslora: bool = False
+
+    @classmethod
+    def read(cls, metadata: dict[str, str], config, source: str) -> "PeftScales":
+        """The scales of diffusers' `lora_adapter_metadata` (keys `transformer.lora_alpha`, ...) or else of the
+        adapter_config.json beside the file (`config`, its JSON); a value of the wrong type, a pattern that is no regular
+        expression, or a NaN / infinite alpha is refused naming the file and the key."""
+        raw = metadata.get("lora_adapter_metadata")
+        if raw:
+            where, prefix = f"{source}: metadata lora_adapter_metadata", "transformer."
+            try:
+                config = json.loads(raw)
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{where}: not valid JSON ({e}); it holds the LoRA's lora_alpha, without which its scale is "
+                                "unknown") from None
+        else:
+            where, prefix = str(Path(source).parent / "adapter_config.json"), ""
+        if config is None:
+            return cls()
+        if not isinstance(config, dict):
+            raise UserError(f"{where}: a JSON {type(config).__name__}, not an object of PEFT's LoRA settings")
+
+        def get(key: str):
+            name = prefix + key if prefix + key in config else key  # diffusers' prefixed key, or PEFT's own
+            return name, config.get(name)
+
+        name, alpha = get("lora_alpha")
+        alpha = None if alpha is None else _peft_number(alpha, where, name)
+        name, pattern = get("alpha_pattern")
+        if pattern is not None and not isinstance(pattern, dict):
+            raise UserError(f"{where}: {name} is a JSON {type(pattern).__name__}, not an object of module pattern -> alpha")
+        patterns = []
+        for key, value in (pattern or {}).items():
+            try:
+                re.compile(key)  # alone first: an error's position is then the key's own
+                rx = re.compile(rf"(?:.*\.)?(?:{key})")
+            except re.error as e:
+                raise UserError(f"{where}: {name} {key!r} is not a regular expression ({e})") from None
+            patterns.append((rx, _peft_number(value, where, f"{name} {key!r}")))
+        name, rslora = get("use_rslora")
+        if rslora is not None and not isinstance(rslora, bool):
+            raise UserError(f"{where}: {name} = {json.dumps(rslora)} is not true or false")
+        return cls(alpha, tuple(patterns), bool(rslora))
+
+    def alpha(self, path: str, rank: int) -> float | None:
+        """The alpha that gives a module (its PEFT path, its rank) PEFT's scale as alpha / rank; None: alpha = rank."""
+        alpha = next((a for rx, a in self.alpha_pattern if rx.fullmatch(path)), self.lora_alpha)
+        if alpha is None or not self.use_rslora:
+            return alpha
+        return alpha * math.sqrt(rank)  # PEFT's rsLoRA scale alpha / sqrt(r), as alpha' / r
+
+
+def _peft_number(value, where: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: {key} = {json.dumps(value)} is not a number")
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {key} = {value} is not a finite number: this LoRA cannot be applied")
+    return float(value)
 
 
 def _split_entry(key: str) -> tuple[str, str] | None:
@@ -369,10 +424,10 @@ def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None
             problems.append(Problem([key], f"a second {role} entry for {name} (beside {entry.keys[role]})"))
             continue
         entry.keys[role] = key
-    lora_alpha, alpha_pattern = _peft_alphas(metadata, adapter_config)
+    scales = PeftScales.read(metadata, adapter_config, source)
     patches, fused = [], {}
     for name, entry in entries.items():
-        for patch in _entry_patches(name, entry, weights, problems, lora_alpha, alpha_pattern):
+        for patch in _entry_patches(name, entry, weights, problems, scales):
             if entry.part is None:
                 patches.append(patch)
             else:
@@ -385,7 +440,7 @@ def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None
     return LoRAContents(source, patches, problems, naming, metadata, weights)
 
 
-def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], lora_alpha, alpha_pattern) -> list[Patch]:
+def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], scales: PeftScales) -> list[Patch]:
     keys, out = entry.keys, []
     if "up" in keys or "down" in keys:
         if "up" not in keys or "down" not in keys:
@@ -402,7 +457,7 @@ def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], l
             elif bad := _bad_alpha(weights, keys):
                 problems.append(Problem(pair, bad))
             else:
-                alpha = float(weights[keys["alpha"]]) if "alpha" in keys else _pattern_alpha(entry.peft_path, lora_alpha, alpha_pattern)
+                alpha = float(weights[keys["alpha"]]) if "alpha" in keys else scales.alpha(entry.peft_path, down.shape[0])
                 if entry.module == "final_layer.adaLN_modulation.1" and entry.naming == "diffusers":
                     up = torch.cat(up.chunk(2, dim=0)[::-1])  # diffusers' norm_out orders (scale, shift); official (shift, scale)
                 used = tuple(keys[r] for r in ("down", "up", "alpha") if r in keys)
@@ -486,14 +541,6 @@ def _lokr_half(t: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor | No
 def _bad(problems: list[Problem], keys: list[str], message: str) -> list:
     problems.append(Problem(keys, message))
     return []
-
-
-def _pattern_alpha(path: str, lora_alpha, alpha_pattern: dict[str, float]) -> float | None:
-    """PEFT's scale for a module: the alpha_pattern entry matching the end of its path, else lora_alpha (None: alpha = rank)."""
-    for pattern, alpha in alpha_pattern.items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", path):
-            return float(alpha)
-    return None if lora_alpha is None else float(lora_alpha)
 
 
 def _fuse_parts(module: str, parts: list[tuple[int, Patch]], problems: list[Problem], mlp_hidden: int | None) -> list[Patch]:

@@ -64,6 +64,11 @@ def block_filter(spec: str | None, exclude_single_blocks: bool = False, flag: st
 
 def block_filters(lora_paths: Sequence[str], specs: Sequence[str] | str | None, exclude_single_blocks: bool = False) -> list[ModuleFilter]:
     """One module filter per LoRA file: one `--lora_blocks` value per file, or one for all."""
+    return [block_filter(s, exclude_single_blocks) for s in _block_specs(lora_paths, specs)]
+
+
+def _block_specs(lora_paths: Sequence[str], specs: Sequence[str] | str | None) -> list[str | None]:
+    """The `--lora_blocks` value of each LoRA file; a file given twice with the same value is warned about."""
     if specs is None or isinstance(specs, str):
         specs = [specs]
     specs = list(specs) or [None]
@@ -78,7 +83,29 @@ def block_filters(lora_paths: Sequence[str], specs: Sequence[str] | str | None, 
             logger.warning("%s is given twice among the LoRA files%s: it is applied twice to the same blocks, as one file at "
                            "the sum of its multipliers", path, also)
         seen.setdefault(key, str(path))
-    return [block_filter(s, exclude_single_blocks) for s in specs]
+    return specs
+
+
+def lora_jobs(lora_paths: Sequence[str], multipliers, lora_blocks: Sequence[str] | str | None = None,
+              exclude_single_blocks: bool = False) -> list[tuple[str, float, ModuleFilter]]:
+    """(file, multiplier, module filter) of each LoRA file to apply, in order: what every command that applies several
+    LoRA files (merge_lora, generation, training's --base_weights) iterates over. A `.comfyui` companion given beside its
+    own LoRA file (networks.lora_files.companion_copies; a glob `out/my-lora*.safetensors` matches both) is the same LoRA:
+    it is left out with a warning, or refused when given another multiplier or --lora_blocks value than that file."""
+    from musubi_tuner.networks.lora_files import companion_copies
+
+    jobs = list(zip(lora_paths, resolve_multipliers(lora_paths, multipliers), _block_specs(lora_paths, lora_blocks)))
+    copies = companion_copies(lora_paths)
+    settings = {Path(path): (m, spec) for path, m, spec in reversed(jobs)}  # of its first mention
+    for copy, kept in copies.items():
+        if settings[copy] != settings[kept]:
+            raise UserError(f"{copy} is the .comfyui companion of {kept} (the same LoRA in the other naming), but given with "
+                            f"another --lora_multiplier or --lora_blocks value: give one of the two files")
+        logger.warning("%s is the .comfyui companion of %s, also given (the same LoRA in the other naming): left out, so "
+                       "the LoRA is applied once", copy, kept)
+    left_out = {os.path.realpath(copy) for copy in copies}
+    return [(path, m, block_filter(spec, exclude_single_blocks)) for path, m, spec in jobs
+            if os.path.realpath(path) not in left_out]
 
 
 def warn_base_mismatch(contents: LoRAContents, config: DiTConfig, dit_path: str) -> None:
@@ -138,8 +165,7 @@ def merge_loras_into(dit: HunyuanVideoDiT, lora_paths: Sequence[str], multiplier
     `lora_blocks`: a `--lora_blocks` value per file (or one for all) choosing the blocks each LoRA is applied to.
     """
     changed = 0
-    keeps = block_filters(lora_paths, lora_blocks, exclude_single_blocks)
-    for path, m, keep in zip(lora_paths, resolve_multipliers(lora_paths, multipliers), keeps):
+    for path, m, keep in lora_jobs(lora_paths, multipliers, lora_blocks, exclude_single_blocks):
         patches = lora_patches(path, keep, allow_partial)
         for patch in patches:
             merge_patch(dit, patch, m, device, str(path))
@@ -209,8 +235,8 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     if in_channels is not None and in_channels != config.in_channels:
         raise UserError(f"{dit_path}: --dit_in_channels {in_channels} but the file's DiT takes {config.in_channels} input channels")
     ops: dict[str, list[tuple[float, Patch]]] = {}  # parameter key -> (multiplier, patch) per LoRA, in order
-    keeps = block_filters(lora_paths, lora_blocks, exclude_single_blocks)
-    for path, m, keep in zip(lora_paths, resolve_multipliers(lora_paths, multipliers), keeps):
+    jobs = lora_jobs(lora_paths, multipliers, lora_blocks, exclude_single_blocks)
+    for path, m, keep in jobs:
         for patch in lora_patches(path, keep, allow_partial, base=(config, dit_path)):
             if patch.param not in source:
                 raise UserError(f"{path}: module {patch.module} does not exist in {dit_path} (a LoRA for another model?)")
@@ -242,4 +268,4 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
             stale.unlink(missing_ok=True)
             logger.info("removed %s (left by an interrupted merge)", stale)
         save_safetensors(LazyTensors(specs, compute), out, metadata=dit_metadata(config))
-    return {"layers": len(ops), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}
+    return {"files": len(jobs), "layers": len(ops), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}

@@ -10,11 +10,13 @@ kept; integer tensors that are not LoRA entries are the first file's). Every fil
   gamma the non-negative root of gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2) = 0. Its first
   merge has beta = 0: the profile weighs file k in proportion to k^gamma, so the first file (k = 0) gets none.
 
-The result keeps each tensor's dtype, and the last file's metadata with sd-scripts' hashes recomputed.
+The result keeps each tensor's dtype, and the last file's metadata with sd-scripts' hashes recomputed and
+`musubi_tuner.post_hoc_ema` added (the files and betas), by which a later average leaves the result out (`order_files`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -61,18 +63,39 @@ def ema_betas(merges: int, beta: float = 0.95, beta2: float | None = None, sigma
 
 
 def order_files(paths: Sequence[str | os.PathLike], sort: bool = True) -> list[Path]:
-    """The checkpoints oldest first (modification time; ties keep the given order), or as given. A `.comfyui` companion
-    given with its kohya file (`out/name-0000*.safetensors` matches both) is left out: the same weights, named otherwise."""
-    from musubi_tuner.networks.lora_files import companion_path
+    """The checkpoints oldest first (modification time; ties keep the given order), or as given, without the files a
+    glob matches beside them that are no checkpoint of their own, each left out with a message: a `.comfyui` companion
+    given with its kohya file (`out/name-0000*.safetensors` matches both; networks.lora_files.companion_copies), an
+    earlier post-hoc EMA result (its metadata `musubi_tuner.post_hoc_ema`), and a file of the same run saved at the same
+    step as an older one (`ss_session_id`, `ss_steps`: the run's final LoRA beside its last step's checkpoint, which
+    `out/name*.safetensors` matches)."""
+    from musubi_tuner.files import read_safetensors_header
+    from musubi_tuner.networks.lora_files import companion_copies
+    from musubi_tuner.networks.lora_metadata import POST_HOC_EMA
 
     paths = [Path(p) for p in paths]
     for p in paths:
         require_file(p, "LoRA file")
-    companions = {companion_path(p) for p in paths} & set(paths)
+    companions = companion_copies(paths)
     if companions:
         logger.info("leaving out %d .comfyui companions of the kohya files given (the same weights)", len(companions))
         paths = [p for p in paths if p not in companions]
-    return sorted(paths, key=lambda p: p.stat().st_mtime) if sort else paths
+    kept, saved_at = [], {}
+    for p in sorted(paths, key=lambda p: p.stat().st_mtime) if sort else paths:
+        meta = read_safetensors_header(p)[1] if p.suffix == ".safetensors" else {}
+        if POST_HOC_EMA in meta:
+            logger.warning("%s is itself a post-hoc EMA result (its metadata %s): left out of the average", p, POST_HOC_EMA)
+            continue
+        step = (meta.get("ss_session_id"), meta.get("ss_steps"))
+        if None not in step and step in saved_at:
+            logger.warning("%s was saved at step %s of the same run as %s (the run's final LoRA beside its last checkpoint?): "
+                           "the same weights, left out of the average", p, step[1], saved_at[step].name)
+            continue
+        saved_at.setdefault(step, p)
+        kept.append(p)
+    if not kept:
+        raise UserError(f"{paths[0]}: no checkpoint to average among the files given (each is left out, see above)")
+    return kept
 
 
 RUN_SETTINGS = ("ss_seed", "ss_learning_rate", "ss_network_dim", "ss_network_alpha")
@@ -86,7 +109,7 @@ def _run_settings(metadata: dict[str, str]) -> dict[str, str]:
 
 def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(averaged tensors, the last file's metadata with new hashes) of `paths` (oldest first), one beta per later file."""
-    from musubi_tuner.networks.lora_metadata import sd_scripts_hashes
+    from musubi_tuner.networks.lora_metadata import POST_HOC_EMA, sd_scripts_hashes
     from musubi_tuner.networks.lora_reader import check_finite, read_lora_file
 
     first = _checkpoint(paths[0])
@@ -120,6 +143,8 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
         model_hash, legacy_hash = sd_scripts_hashes(out, {k: v for k, v in metadata.items() if k.startswith("ss_")})
         metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
         metadata.pop("musubi_tuner.companion", None)  # the companion of the last checkpoint is not this file's
+    # what it is, by which order_files leaves it out of a later average
+    metadata[POST_HOC_EMA] = json.dumps({"checkpoints": [p.name for p in paths], "betas": list(betas)})
     return out, metadata
 
 

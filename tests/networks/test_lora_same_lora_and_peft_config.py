@@ -1,0 +1,246 @@
+"""A LoRA that reaches a command twice is applied once, and PEFT's scales are PEFT's: a `.comfyui` companion given beside
+its own file (a glob matches both) is left out with a warning by merging, generation and training's --base_weights; the
+post-hoc EMA leaves out an earlier EMA result and the run's final LoRA beside its last checkpoint; a PEFT adapter with
+`use_rslora` (and alpha_pattern / rank_pattern) merges to PEFT's own merge; a PEFT config with a value of the wrong type
+is one error line naming the file and the key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from musubi_tuner import convert_lora, lora_post_hoc_ema, merge_lora
+from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+from musubi_tuner.networks.lora_files import lora_outputs
+from musubi_tuner.networks.lora_metadata import with_naming
+from musubi_tuner.networks.merge import merge_loras_into
+
+from helpers import run_main, tiny_dit_file_and_lora
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The tiny DiT, and a LoRA as the trainer writes it with --lora_format both: mine.safetensors and its companion
+    mine.comfyui.safetensors, each naming the other in its metadata."""
+    tmp = tmp_path_factory.mktemp("pair")
+    dit, weights, _ = tiny_dit_file_and_lora(tmp, rank=4, alpha=2.0, generator=torch.Generator().manual_seed(0))
+    for out in lora_outputs(weights, tmp / "mine.safetensors"):
+        save_file(out.tensors, str(out.path), metadata=with_naming({"ss_network_module": "networks.lora"}, out.naming, out.companion))
+    return tmp, dit, weights
+
+
+def merged_update(tmp_path, dit, loras, capsys, *flags) -> tuple[dict[str, torch.Tensor], str]:
+    out = tmp_path / "merged.safetensors"
+    status, stdout, err = run_main(merge_lora.main, ["--dit", dit, "--device", "cpu", "--lora_weight", *loras,
+                                                     "--save_merged_model", out, *flags], capsys)
+    assert status == 0, err
+    base, merged = load_file(str(dit)), load_file(str(out))
+    return {k: merged[k].float() - base[k].float() for k in base}, stdout
+
+
+def applied(delta: torch.Tensor, want: torch.Tensor) -> float:
+    """The multiple of `want` that `delta` (a merged DiT minus its base, rounded to the DiT's dtype) is."""
+    return ((delta * want).sum() / (want * want).sum()).item()
+
+
+def lora_update(weights, key="double_blocks_0_img_attn_qkv") -> torch.Tensor:
+    name = f"lora_unet_{key}"
+    down, up = weights[f"{name}.lora_down.weight"].float(), weights[f"{name}.lora_up.weight"].float()
+    return up @ down * (float(weights[f"{name}.alpha"]) / down.shape[0])
+
+
+def test_merge_lora_applies_a_lora_given_with_its_companion_once(pair, tmp_path, capsys, caplog):
+    folder, dit, weights = pair
+    loras = sorted(folder.glob("mine*.safetensors"))  # what out/mine*.safetensors gives: the companion first
+    assert [p.name for p in loras] == ["mine.comfyui.safetensors", "mine.safetensors"]
+    with caplog.at_level(logging.WARNING):
+        delta, stdout = merged_update(tmp_path, dit, loras, capsys)
+    assert applied(delta["double_blocks.0.img_attn_qkv.weight"], lora_update(weights)) == pytest.approx(1, abs=0.01)
+    assert "mine.comfyui.safetensors is the .comfyui companion of" in caplog.text and "applied once" in caplog.text
+    assert "merged 1 LoRA file(s)" in stdout
+
+
+def test_a_companion_renamed_is_found_by_its_metadata(pair, tmp_path, capsys, caplog):
+    folder, dit, weights = pair
+    kohya, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for src, dst, companion in ((folder / "mine.safetensors", kohya, other.name), (folder / "mine.comfyui.safetensors", other, kohya.name)):
+        tensors, naming = load_file(str(src)), "other" if "comfyui" in src.name else "kohya"
+        save_file(tensors, str(dst), metadata=with_naming({"musubi_tuner.version": "1"}, naming, companion))
+    with caplog.at_level(logging.WARNING):
+        delta, _ = merged_update(tmp_path, dit, [kohya, other], capsys)
+    assert applied(delta["double_blocks.0.img_attn_qkv.weight"], lora_update(weights)) == pytest.approx(1, abs=0.01)
+    assert f"{other} is the .comfyui companion of {kohya}" in caplog.text
+
+
+def test_generation_and_base_weights_apply_a_lora_given_with_its_companion_once(pair, caplog):
+    """merge_loras_into: what generation's --lora_weight and training's --base_weights merge with."""
+    from musubi_tuner.demo.tiny_dit import tiny_dit_config
+
+    folder, dit, weights = pair
+    model = HunyuanVideoDiT(tiny_dit_config())
+    model.load_state_dict(load_file(str(dit)))
+    with caplog.at_level(logging.WARNING):
+        merge_loras_into(model, [str(folder / "mine.safetensors"), str(folder / "mine.comfyui.safetensors")], [0.5])
+    delta = model.double_blocks[0].img_attn_qkv.weight.detach() - load_file(str(dit))["double_blocks.0.img_attn_qkv.weight"]
+    assert applied(delta.float(), lora_update(weights)) == pytest.approx(0.5, abs=0.01)
+    assert "left out, so the LoRA is applied once" in caplog.text
+
+
+def test_a_companion_given_another_multiplier_is_refused(pair, tmp_path, capsys):
+    folder, dit, _ = pair
+    status, _, err = run_main(merge_lora.main, ["--dit", dit, "--device", "cpu", "--lora_weight", folder / "mine.safetensors",
+                                                folder / "mine.comfyui.safetensors", "--lora_multiplier", "1", "0.5",
+                                                "--save_merged_model", tmp_path / "m.safetensors"], capsys)
+    assert status == 2
+    assert "mine.comfyui.safetensors is the .comfyui companion of" in err and "give one of the two files" in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------- post-hoc EMA
+
+
+KEY = "lora_unet_double_blocks_0_img_attn_qkv"
+
+
+def save_checkpoint(path, step: int, seed: int, session="7", **extra) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"{KEY}.lora_down.weight": torch.randn(4, 16, generator=g), f"{KEY}.lora_up.weight": torch.randn(32, 4, generator=g),
+          f"{KEY}.alpha": torch.tensor(2.0)}
+    save_file(sd, str(path), metadata={"ss_session_id": session, "ss_steps": str(step), **extra})
+    os.utime(path, (1_000_000 + step, 1_000_000 + step))
+    return sd
+
+
+def test_post_hoc_ema_leaves_out_an_earlier_result_and_the_final_lora(tmp_path, capsys, caplog):
+    a = save_checkpoint(tmp_path / "run-step00000010.safetensors", 10, 0)
+    b = save_checkpoint(tmp_path / "run-step00000020.safetensors", 20, 1)
+    final = tmp_path / "run.safetensors"  # the run's final LoRA, saved after the last step's checkpoint: the same weights
+    save_file(load_file(str(tmp_path / "run-step00000020.safetensors")), str(final), metadata={"ss_session_id": "7", "ss_steps": "20"})
+    os.utime(final, (1_000_021, 1_000_021))
+    first = tmp_path / "run-step-ema.safetensors"
+    assert run_main(lora_post_hoc_ema.main, [*sorted(tmp_path.glob("run-step*.safetensors")), "--beta", "0.5",
+                                             "--output_file", first], capsys)[0] == 0
+    os.utime(first, (1_000_100, 1_000_100))  # newer than every checkpoint
+    out = tmp_path / "ema2.safetensors"
+    with caplog.at_level(logging.WARNING):
+        status, stdout, err = run_main(lora_post_hoc_ema.main, [*sorted(tmp_path.glob("run*.safetensors")), "--beta", "0.9",
+                                                                "--output_file", out], capsys)
+    assert status == 0, err
+    got = load_file(str(out))
+    for k in (f"{KEY}.lora_down.weight", f"{KEY}.lora_up.weight"):
+        assert torch.allclose(got[k], 0.9 * a[k] + 0.1 * b[k], atol=1e-6)
+    assert "2 checkpoints" in stdout
+    assert f"{first} is itself a post-hoc EMA result" in caplog.text
+    assert f"{final} was saved at step 20 of the same run as run-step00000020.safetensors" in caplog.text
+
+
+def test_post_hoc_ema_of_nothing_but_earlier_results_is_one_error(tmp_path, capsys):
+    save_checkpoint(tmp_path / "s1.safetensors", 1, 0)
+    save_checkpoint(tmp_path / "s2.safetensors", 2, 1)
+    ema = tmp_path / "ema.safetensors"
+    assert run_main(lora_post_hoc_ema.main, [tmp_path / "s1.safetensors", tmp_path / "s2.safetensors", "--output_file", ema], capsys)[0] == 0
+    status, _, err = run_main(lora_post_hoc_ema.main, [ema, "--output_file", tmp_path / "again.safetensors"], capsys)
+    assert status == 2 and err.startswith("error: ") and "no checkpoint to average" in err
+
+
+# ----------------------------------------------------------------------------------------------- PEFT's scales
+
+
+TARGETS = ["double_blocks.0.img_attn_qkv", "double_blocks.0.img_attn_proj", "double_blocks.1.txt_mlp.fc1", "single_blocks.0.linear2"]
+
+
+def peft_adapter(dit_file, folder, **config):
+    """A PEFT LoRA (peft.LoraConfig(**config)) on the tiny DiT's official Linears, saved as diffusion-pipe saves it
+    (folder/adapter_model.safetensors with `diffusion_model.` names, adapter_config.json beside); and, per module, PEFT's
+    own scale and its B @ A."""
+    import peft
+
+    from musubi_tuner.demo.tiny_dit import tiny_dit_config
+
+    model = HunyuanVideoDiT(tiny_dit_config())
+    model.load_state_dict(load_file(str(dit_file)))
+    lora_config = peft.LoraConfig(target_modules=TARGETS, lora_dropout=0.0, **config)
+    torch.manual_seed(0)
+    peft.get_peft_model(model, lora_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    folder.mkdir(parents=True, exist_ok=True)
+    lora_config.save_pretrained(str(folder))
+    tensors = {"diffusion_model." + n.replace(".default", ""): p.detach().clone().contiguous()
+               for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    layers = {t: model.get_submodule(t) for t in TARGETS}
+    return folder / "adapter_model.safetensors", {t: (m.scaling["default"], m.lora_B["default"].weight.detach().float() @
+                                                      m.lora_A["default"].weight.detach().float()) for t, m in layers.items()}
+
+
+@pytest.mark.parametrize("config", [
+    dict(r=4, lora_alpha=8, use_rslora=True),
+    dict(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"linear2": 2}, alpha_pattern={"img_attn_proj": 3}),
+])
+def test_rslora_adapter_merges_at_pefts_scale(pair, tmp_path, capsys, config):
+    """The merged update of each module is PEFT's scale (lora_alpha / sqrt(r), per module with the patterns) times B @ A."""
+    _, dit, _ = pair
+    path, peft_layers = peft_adapter(dit, tmp_path / "adapter", **config)
+    delta, _ = merged_update(tmp_path, dit, [path], capsys)
+    for module, (scale, ba) in peft_layers.items():
+        r = config.get("rank_pattern", {}).get(module.rsplit(".", 1)[1], config["r"])
+        alpha = next((a for k, a in config.get("alpha_pattern", {}).items() if module.endswith(k)), config["lora_alpha"])
+        assert scale == pytest.approx(alpha / math.sqrt(r))  # PEFT's formula, by PEFT
+        assert applied(delta[f"{module}.weight"], ba) == pytest.approx(scale, rel=0.01), module
+
+
+def test_rslora_in_diffusers_metadata_and_convert_keep_pefts_scale(pair, tmp_path, capsys):
+    """The same scale from diffusers' lora_adapter_metadata; convert_lora writes it into the kohya .alpha."""
+    _, dit, _ = pair
+    path, _ = peft_adapter(dit, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True)
+    meta = {f"transformer.{k}": v for k, v in json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()).items()}
+    alone = tmp_path / "rslora.safetensors"
+    save_file(load_file(str(path)), str(alone), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    kohya = tmp_path / "kohya.safetensors"
+    assert run_main(convert_lora.main, ["--input", alone, "--output", kohya, "--target", "default"], capsys)[0] == 0
+    assert float(load_file(str(kohya))["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == pytest.approx(8 * math.sqrt(4))
+    assert torch.allclose(merged_update(tmp_path, dit, [alone], capsys)[0]["double_blocks.0.img_attn_proj.weight"],
+                          merged_update(tmp_path, dit, [path], capsys)[0]["double_blocks.0.img_attn_proj.weight"])
+
+
+BAD_CONFIGS = [
+    ({"r": 4, "lora_alpha": "eight"}, 'lora_alpha = "eight" is not a number'),
+    ({"r": 4, "lora_alpha": 8, "alpha_pattern": ["to_out.0"]}, "alpha_pattern is a JSON list, not an object"),
+    ([1, 2], "a JSON list, not an object of PEFT's LoRA settings"),
+    ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"img_attn_proj(": 16}}, "alpha_pattern 'img_attn_proj(' is not a regular expression"),
+    ({"r": 4, "lora_alpha": float("nan")}, "lora_alpha = nan is not a finite number"),
+    ({"r": 4, "lora_alpha": float("inf")}, "lora_alpha = inf is not a finite number"),
+    ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"linear2": "x"}}, "alpha_pattern 'linear2' = \"x\" is not a number"),
+    ({"r": 4, "lora_alpha": 8, "use_rslora": "yes"}, 'use_rslora = "yes" is not true or false'),
+]
+
+
+@pytest.mark.parametrize("config, message", BAD_CONFIGS)
+def test_a_peft_config_of_the_wrong_type_is_one_error_naming_file_and_key(pair, tmp_path, capsys, config, message):
+    _, dit, weights = pair
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    tensors = {"diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(4, 64),
+               "diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(64, 4)}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    status, _, err = run_main(merge_lora.main, ["--dit", dit, "--device", "cpu", "--lora_weight", folder / "adapter_model.safetensors",
+                                                "--save_merged_model", tmp_path / "m.safetensors"], capsys)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {folder / 'adapter_config.json'}: {message}"), err
+    # the same config in diffusers' metadata: convert_lora writes nothing (a NaN .alpha once)
+    meta = {f"transformer.{k}": v for k, v in config.items()} if isinstance(config, dict) else config
+    alone, out = tmp_path / "meta.safetensors", tmp_path / "converted.safetensors"
+    save_file(tensors, str(alone), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    status, _, err = run_main(convert_lora.main, ["--input", alone, "--output", out, "--target", "default"], capsys)
+    assert status == 2 and err.startswith(f"error: {alone}: metadata lora_adapter_metadata: "), err
+    assert (message.split()[0] in err) and not out.exists()
