@@ -320,7 +320,23 @@ def test_every_command_on_the_caching_page_runs_as_written(tmp_path, monkeypatch
         assert len(list(cache.glob("*_hv.safetensors"))) == count and len(list(cache.glob("*_hv_te.safetensors"))) == count
         for path in cache.glob("*_hv_te.safetensors"):
             assert sorted(load_file(str(path))) == ["clipL_float16", "clipL_mask", "llm_float16", "llm_mask"]
-    assert len(list((tmp_path / "cache" / "videos").glob("*_hv.mp4"))) == 2  # --debug_mode video's clips
+    assert len(list((tmp_path / "cache" / "videos" / "debug_mode").glob("*_hv.mp4"))) == 2  # --debug_mode video's clips
+
+
+def test_previews_in_the_media_folder_are_not_cached_as_items(models, tmp_path):
+    """Without cache_directory the caches (and --debug_mode video's previews) go into the image and video folders: the
+    previews, written beside the sources, were cached as items by the next run, and previews of previews by the next."""
+    make_synthetic_dataset(tmp_path, num_videos=2, num_images=2, width=32, height=32, frames=5)
+    toml = tmp_path / "here.toml"
+    toml.write_text('[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n'
+                    f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\n'
+                    f'[[datasets]]\nvideo_directory = "{tmp_path / "videos"}"\ntarget_frames = [5]\n')
+    for _ in range(2):
+        cache_latents_main(latent_args(toml, models, "--debug_mode", "video"))
+    cache_latents_main(latent_args(toml, models))
+    assert len(list((tmp_path / "images").glob("*_hv.safetensors"))) == 2
+    assert len(list((tmp_path / "videos").glob("*_hv.safetensors"))) == 2
+    assert len(list((tmp_path / "videos" / "debug_mode").glob("*.mp4"))) == 2
 
 
 def test_console_back_paints_every_row_and_names_the_colours_it_takes():

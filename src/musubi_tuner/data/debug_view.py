@@ -49,6 +49,9 @@ def ascii_art(frame: np.ndarray, width: int = 80, color: bool = True, back: int 
     return "\n".join(lines)
 
 
+PREVIEW_FOLDER = "debug_mode"  # --debug_mode video writes into this folder of each dataset's cache folder
+
+
 def show_dataset(config, args) -> None:
     from musubi_tuner.data.media import write_video
 
@@ -65,7 +68,11 @@ def show_dataset(config, args) -> None:
                 label = f"{item.source.path} -> bucket {item.bucket[0]}x{item.bucket[1]}" + (
                     f", frames {item.clip.start}..{item.clip.start + item.clip.frames - 1}" if item.clip else "")
                 if args.debug_mode == "video":
-                    stem = str(item.cache_path).removesuffix(".safetensors")
+                    # in a folder of their own: the cache folder is often the image/video folder, whose next caching
+                    # would take previews beside the sources for items (a listing never looks into subfolders)
+                    folder = item.cache_path.parent / PREVIEW_FOLDER
+                    folder.mkdir(parents=True, exist_ok=True)
+                    stem = str(folder / item.cache_path.name.removesuffix(".safetensors"))
                     if item.clip is not None:
                         write_video(f"{stem}.mp4", item.pixels, fps=24, bitrate=1_000_000)
                     else:
