@@ -323,6 +323,23 @@ def test_every_command_on_the_caching_page_runs_as_written(tmp_path, monkeypatch
     assert len(list((tmp_path / "cache" / "videos" / "debug_mode").glob("*_hv.mp4"))) == 2  # --debug_mode video's clips
 
 
+def test_a_dataset_given_through_a_link_deletes_the_caches_of_its_removed_items(models, tmp_path):
+    """Its caches record its folder as it is: a link to it names the same dataset, whose stale caches are its own."""
+    make_synthetic_dataset(tmp_path / "real", num_videos=0, num_images=3, width=32, height=32, frames=5)
+    (tmp_path / "linked").symlink_to(tmp_path / "real" / "images")
+    tomls = {}
+    for name, folder in (("real", tmp_path / "real" / "images"), ("linked", tmp_path / "linked")):
+        tomls[name] = tmp_path / f"{name}.toml"
+        tomls[name].write_text(f'[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n[[datasets]]\n'
+                               f'image_directory = "{folder}"\ncache_directory = "{tmp_path / "cache"}"\n')
+    cache_latents_main(latent_args(tomls["real"], models))
+    first = sorted((tmp_path / "real" / "images").glob("*.png"))[0]
+    first.unlink()
+    first.with_suffix(".txt").unlink()
+    cache_latents_main(latent_args(tomls["linked"], models, "--skip_existing"))
+    assert len(list((tmp_path / "cache").glob("*_hv.safetensors"))) == 2
+
+
 def test_previews_in_the_media_folder_are_not_cached_as_items(models, tmp_path):
     """Without cache_directory the caches (and --debug_mode video's previews) go into the image and video folders: the
     previews, written beside the sources, were cached as items by the next run, and previews of previews by the next."""

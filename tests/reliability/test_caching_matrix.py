@@ -320,7 +320,7 @@ CASES = [
          then=lambda a, t, err, out: not list((t / "first").glob("*_hv.safetensors")) or pytest.fail("the first dataset was encoded")),
     *[Case(f"cache-{kind}-keeps-the-caches-another-dataset-config-made-in-its-folder", command,
            lambda a, t, argv=argv: argv(videos_into_the_image_cache(a, t), a), None, then=image_caches_kept,
-           warning=r"\[\[datasets\]\]\[0\]: 2 caches in \S+/cache/images were made by another dataset \(of \.\./\.\./images, "
+           warning=r"\[\[datasets\]\]\[0\]: 2 cache\(s\) in \S+/cache/images were made by another dataset \(of \.\./\.\./images, "
                    r"from that folder\), not by \S+/videos: kept")
       for kind, command, argv in (("latents", "cache_latents", cache_latents_argv), ("text", "cache_text_encoder_outputs", cache_text_argv))],
     Case("cache-latents-empty-folder-deletes-nothing", "cache_latents", lambda a, t: cache_latents_argv(emptied_folder(a, t), a), None,

@@ -168,7 +168,7 @@ def dataset_record(source: str | os.PathLike, cache_dir: str | os.PathLike) -> d
     to the cache folder (a project copied or moved whole keeps it). Not provenance, which --skip_existing compares:
     it tells this dataset's stale caches from those of another dataset config sharing the folder, which are not this
     one's to delete."""
-    source, cache_dir = os.path.abspath(source), os.path.abspath(cache_dir)
+    source, cache_dir = os.path.realpath(source), os.path.realpath(cache_dir)  # (a folder given through a link is itself)
     try:
         where = os.path.relpath(source, cache_dir)
     except ValueError:  # another drive

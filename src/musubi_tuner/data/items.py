@@ -516,7 +516,7 @@ def _own(dataset: AnyDatasetConfig, stale: list[Path]) -> list[Path]:
     other = cache_files.made_by_another_dataset(stale, dataset.source, dataset.cache_directory)
     if other:
         owners = sorted(set(other.values()))
-        logger.warning("%s: %d caches in %s were made by another dataset (of %s, from that folder), not by %s: kept; "
+        logger.warning("%s: %d cache(s) in %s were made by another dataset (of %s, from that folder), not by %s: kept; "
                        "training takes every cache of the folder, theirs too, so give each dataset config its own cache_directory",
                        dataset.where, len(other), dataset.cache_directory, ", ".join(owners[:2]) + (", ..." if len(owners) > 2 else ""),
                        dataset.source)
