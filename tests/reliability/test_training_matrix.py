@@ -51,6 +51,15 @@ def up_norm_at_most(path: Path, bound: float) -> None:
     assert 0 < norm <= bound * 1.001, norm
 
 
+def i2v_lora(a, tmp) -> Path:
+    """The assets' LoRA, its metadata saying it was trained here on a SkyReels I2V DiT (32 input channels)."""
+    from musubi_tuner import files
+
+    files.save_safetensors(files.StateDictFile(a.lora).load_all(), tmp / "i2v.safetensors",
+                           metadata={"musubi_tuner.version": "0.1", "musubi_tuner.base_model": "skyreels-i2v", "musubi_tuner.in_channels": "32"})
+    return tmp / "i2v.safetensors"
+
+
 def saved_with_alpha(path: Path, alpha: float) -> None:
     """Every module of the saved LoRA has `alpha`, and its metadata records the same: the strength it trained at."""
     from safetensors.torch import load_file
@@ -369,6 +378,11 @@ CASES = [
                  r"--network_alpha 2 ignored",
          then=lambda a, t, err, out: (saved_with_alpha(t / "out" / "tiny.safetensors", 4.0),
                                       assert_metadata(t / "out" / "tiny.safetensors", ss_network_dim="4"))),
+    *[Case(f"train-{flag.strip('-').replace('_', '-')}-of-an-i2v-dit-is-said", "hv_train_network",
+           lambda a, t, flag=flag: train_argv(a, t / "out", flag, str(i2v_lora(a, t))), None,
+           warning=r"i2v\.safetensors: trained on skyreels-i2v \(32 input channels\) but dit\.pt is hunyuan-video-t2v \(16\): "
+                   r"the layers fit, but the LoRA learned another task")
+      for flag in ("--network_weights", "--base_weights")],
     Case("train-network-weights-of-another-rank", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora), "--network_dim", "8"),
          r"lora\.safetensors: its modules have rank 4, and --network_dim is 8: give --network_dim 4, or --dim_from_weights",

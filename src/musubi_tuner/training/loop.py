@@ -510,6 +510,11 @@ def _train(args) -> Path | None:
 
     dit_config = read_dit_config(open_dit_file(args.dit))  # the header only: a wrong cache fails before the model loads
     network_options(args, dit_config)  # the include/exclude patterns tried on the DiT's module names
+    for path in filter(None, [args.network_weights, *(args.base_weights or [])]):  # an I2V LoRA on a T2V DiT, say
+        from musubi_tuner.networks.lora_reader import read_lora
+        from musubi_tuner.networks.merge import warn_base_mismatch
+
+        warn_base_mismatch(read_lora(path, getattr(args, "allow_partial_lora", False)), dit_config, args.dit)
     check_heads(dit_config.heads_num, args.context_parallel)
     layout = make_layout(args.context_parallel)
     check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
