@@ -206,7 +206,7 @@ CASES = [
          r"--lora_multiplier given twice; list all its values after one --lora_multiplier"),
     Case("generate-lora-multiplier-without-a-lora-is-said-to-do-nothing", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--lora_multiplier", "0.5"), None,
-         warning=r"--lora_multiplier, --lora_blocks and --exclude_single_blocks act on the files of --lora_weight, and none is given"),
+         warning=r"--lora_multiplier acts on the files of --lora_weight, and none is given: ignored"),
     Case("generate-lora-of-another-model-size", "hv_generate_video", lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora_big)),
          r"lora_big\.safetensors: \S+ is \[\d+, \d+\] in the LoRA but \[.*\] in .*dit\.pt \(a LoRA for another model size\?\)",
          then=nothing_generated),

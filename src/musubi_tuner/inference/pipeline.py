@@ -74,9 +74,10 @@ def check_and_fill(args) -> None:
         from musubi_tuner.networks.merge import check_merged_model_output
 
         check_merged_model_output(args.save_merged_model, args.dit, args.lora_weight)
-    if not args.lora_weight and (args.lora_multiplier or args.lora_blocks or args.exclude_single_blocks):
-        logger.warning("--lora_multiplier, --lora_blocks and --exclude_single_blocks act on the files of --lora_weight, "
-                       "and none is given: they are ignored")
+    given = [f"--{flag}" for flag in ("lora_multiplier", "lora_blocks", "exclude_single_blocks") if getattr(args, flag)]
+    if not args.lora_weight and given:
+        logger.warning("%s act%s on the files of --lora_weight, and none is given: ignored", " and ".join(given),
+                       "" if len(given) > 1 else "s")
     if args.lora_weight:
         from musubi_tuner.networks.merge import block_filters, resolve_multipliers
 

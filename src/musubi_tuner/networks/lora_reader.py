@@ -37,6 +37,7 @@ import torch
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile
 from musubi_tuner.networks.lora_metadata import other_model
+from musubi_tuner.tomlio import loads_json
 from musubi_tuner.networks.lora_naming import (
     DIFFUSERS_PREFIXES, KOHYA_PREFIX, OTHER_PREFIXES, diffusers_to_official, module_path_to_kohya, module_template, official_module,
 )
@@ -262,8 +263,9 @@ def check_model(source: str, metadata: dict[str, str]) -> None:
     """Refuse a LoRA whose metadata names another model family (networks.lora_metadata.other_model)."""
     other = other_model(metadata)
     if other is not None:
-        raise UserError(f"{source}: a LoRA for {other}, not for HunyuanVideo: even where its layers' names and widths fit "
-                        "(as Flux.1's do), applying it makes a wrong video")
+        raise UserError(f"{source}: a LoRA for {other}, not for HunyuanVideo: applied, it would make a wrong video"
+                        + (" (Flux.1's layers have HunyuanVideo's names and widths, so only the metadata tells)"
+                           if other.model == "Flux" else ""))
 
 
 def check_finite(source: str, weights: dict[str, torch.Tensor]) -> None:
@@ -287,8 +289,8 @@ def peft_config(path: str | os.PathLike) -> dict | None:
     if not path.name.startswith("adapter_model") or not config.is_file():
         return None
     try:
-        return json.loads(config.read_text())
-    except (OSError, ValueError, RecursionError) as e:
+        return loads_json(config.read_text())
+    except (OSError, ValueError) as e:  # (loads_json: syntax, a key given twice, a huge integer, deep nesting)
         raise UserError(f"{config}: unreadable ({e}); it holds the LoRA's lora_alpha, without which its scale is unknown: "
                         "fix or restore the file") from None
 
@@ -313,8 +315,8 @@ class PeftScales:
         if raw:
             where, prefix = f"{source}: metadata lora_adapter_metadata", "transformer."
             try:
-                config = json.loads(raw)
-            except (ValueError, RecursionError) as e:
+                config = loads_json(raw)
+            except ValueError as e:
                 raise UserError(f"{where}: not valid JSON ({e}); it holds the LoRA's lora_alpha, without which its scale is "
                                 "unknown") from None
         else:
