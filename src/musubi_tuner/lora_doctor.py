@@ -32,17 +32,33 @@ CHOICES = ("all", "ours", "musubi", "comfyui", "kijai", "kijai_blocks", "diffuse
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lora_doctor", description=__doc__.splitlines()[0])
-    p.add_argument("file", help="LoRA file (.safetensors), in any naming")
-    p.add_argument("--for", dest="consumers", nargs="+", choices=CHOICES, default=["all"], help="which consumers to check (default all)")
+    p.add_argument("file", nargs="?", help="LoRA file (.safetensors), in any naming")
+    p.add_argument("--for", dest="consumers", nargs="+", metavar="{" + ",".join(CHOICES) + "}", default=["all"],
+                   help="which consumers to check (default all)")
     p.add_argument("--dit", default=None, help="the DiT the LoRA is meant for: checks base model, input channels and layer shapes")
     p.add_argument("--json", action="store_true", help="print the full diagnosis as JSON (every dropped key)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, the file before or after `--for A B`: `--for comfyui FILE` (the order the usage shows) gave
+    the file to --for, which takes one or more names."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.file is None and args.consumers and args.consumers[-1] not in CHOICES:
+        args.file = args.consumers.pop()
+    unknown = [c for c in args.consumers if c not in CHOICES]
+    if unknown or not args.consumers:
+        parser.error(f"argument --for: invalid choice: {unknown[0] if unknown else '(none)'!r} (choose from {', '.join(CHOICES)})")
+    if args.file is None:
+        parser.error("the following arguments are required: file")
+    return args
+
+
 def main(argv=None) -> None:
     def run(argv):
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         from musubi_tuner.networks.lora_consumers import CONSUMERS
         from musubi_tuner.networks.lora_doctor import diagnose, diagnosis_json, diagnosis_text
 

@@ -86,8 +86,18 @@ def test_trainers_pair_loads_completely_in_every_consumer(tmp_path, capsys):
             assert entry["use"] == use[consumer].name
     status, out = doctor(capsys, path, "--for", "comfyui", "kijai_blocks", "musubi")
     assert status == 0 and "ok: every consumer checked applies every weight" in out
+    assert doctor(capsys, "--for", "comfyui", "kijai_blocks", "musubi", path) == (status, out)  # the usage's order
     assert re.search(r"ComfyUI +36/60 +60% +mine.comfyui.safetensors +\(40/40 keys applied there\)", out)
     assert "trained    on hunyuan-video-t2v (16 input channels), 960x544, frames 25, 45" in out  # the metadata, shown
+
+
+def test_a_consumer_that_is_not_one_is_named(tmp_path, capsys):
+    path = save_like_the_trainer(trained_network(), tmp_path / "mine.safetensors")
+    for argv in ((path, "--for", "comfy"), ("--for", "comfy", "ours", path), ("--for", "ours")):
+        with pytest.raises(SystemExit) as exit_:
+            lora_doctor.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and ("--for: invalid choice: 'comfy'" in err if "comfy" in argv else "required: file" in err), err
 
 
 def test_diffusers_is_told_by_the_files_real_width(tmp_path, capsys):
