@@ -192,3 +192,13 @@ def test_info_says_what_the_modules_are(files):
     norms = {m.path: m.norm for m in ins.modules}
     for param, delta in made["lokr"].expected.items():
         assert norms[param.removesuffix(".weight")] == pytest.approx(delta.double().norm().item(), rel=1e-5)
+
+
+def test_a_lokr_file_of_another_factor_is_named_as_such_when_loaded_into_a_network(files):
+    """--network_weights without --dim_from_weights builds the network from --network_dim and factor: a file of
+    another factor has a low-rank w2 where the network has a whole one (or the reverse)."""
+    tmp, config, base, dit, made = files
+    network = lokr.create_arch_network(1.0, 4, 1.0, None, None, tiny_model(config, base))  # whole w2s; the file's are low-rank
+    with pytest.raises(UserError, match=r"lokr4\.safetensors: its LoKr modules are of another factor or rank than this "
+                                        r"network's \(\S+\.lokr_w2\S*\): give the --network_args factor and --network_dim"):
+        network.load_weights(str(made["lokr factor 4"].path))

@@ -262,6 +262,10 @@ class LoRANetwork(nn.Module):
         if len(unknown) == len(weights):
             raise UserError(f"{file}: none of its {len(weights)} tensors fits this network (e.g. {unknown[0]}); "
                             "a LoRA for another model, or trained with other --network_args include/exclude patterns")
+        if unknown and not allow_partial and all(".lokr_" in k for k in unknown):  # a full w2 against a low-rank one
+            raise UserError(f"{file}: its LoKr modules are of another factor or rank than this network's ({unknown[0]}): give "
+                            "the --network_args factor and --network_dim it was trained with, or build the network from the "
+                            "file with --dim_from_weights")
         if unknown and not allow_partial:
             raise UserError(f"{file}: {unknown[0]} matches no module of this network ({len(unknown)} such tensors): build the "
                             "network from the file with --dim_from_weights, or --allow_partial_lora to load the rest")
