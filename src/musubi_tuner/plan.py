@@ -25,6 +25,7 @@ from musubi_tuner.cli import Parser, count, frames_4n1, pixels, real
 from musubi_tuner.errors import run_cli
 
 logger = logging.getLogger("musubi_tuner.plan")
+MEMORY_OPTIONS = "memory options (hv_train_network / hv_generate_video)"  # the flags options_from_args reads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,33 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=count(1), default=1, help="samples per step")
     g.add_argument("--text_tokens", type=count(1, 256), default=256, help="valid LLM tokens of the longest prompt (the DiT drops padding)")
 
-    g = p.add_argument_group("memory options (hv_train_network / hv_generate_video)")
+    g = p.add_argument_group(MEMORY_OPTIONS)
     g.add_argument("--fp8_base", action="store_true", help="training: block Linears in fp8")
     g.add_argument("--fp8", action="store_true", help="generation: block Linears in fp8")
     g.add_argument("--blocks_to_swap", type=count(0, 38), default=0, help="blocks kept in host memory (training: max 36)")
-    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host buffers for block swap")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host buffers for --blocks_to_swap")
     g.add_argument("--gradient_checkpointing", action="store_true", help="training: recompute activations")
     g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true", help="training: block inputs in host memory")
     g.add_argument("--split_attn", action="store_true", help="attention one sample at a time")
     g.add_argument("--attn_mode", choices=ATTENTION_MODES, default="sdpa",
                    help="attention kernel (its published speed enters the time: sageattn ~2.1x flash-attention 2)")
     g.add_argument("--img_in_txt_in_offloading", action="store_true", help="input embedders in host memory")
-    g.add_argument("--network_dim", type=count(1), default=32, help="LoRA rank")
-    g.add_argument("--optimizer_type", default="adamw", type=str.lower, choices=OPTIMIZERS, help="optimizer (its state is memory)")
-    g.add_argument("--mixed_precision", choices=("bf16", "fp16", "no"), default="bf16", help="activation precision")
+    g.add_argument("--network_dim", type=count(1), default=32, help="LoRA rank: training, or generation with --with_lora beside --fp8 weights")
+    g.add_argument("--optimizer_type", default="adamw", type=str.lower, choices=OPTIMIZERS, help="training: optimizer (its state is memory)")
+    g.add_argument("--mixed_precision", choices=("bf16", "fp16", "no"), default="bf16", help="training: activation precision")
     g.add_argument("--dit_dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="DiT weight dtype")
     g.add_argument("--guidance_scale", type=real(0), default=1.0, help="generation: real CFG scale (SkyReels 6.0): a batch of two")
-    g.add_argument("--split_uncond", action="store_true", help="generation: negative prompt in a second call")
-    g.add_argument("--with_lora", action="store_true", help="generation with LoRAs (beside fp8 weights; merged into bf16 ones)")
+    g.add_argument("--split_uncond", action="store_true", help="generation with --guidance_scale other than 1: negative prompt in a second call")
+    g.add_argument("--with_lora", action="store_true", help="generation with LoRAs: beside --fp8 weights; merged into bf16 ones, at no cost")
     g.add_argument("--infer_steps", type=count(1, 1000), default=50, help="generation: sampling steps")
     add_step_cache_flags(g)
     g.add_argument("--fp8_llm", action="store_true", help="LLM text encoder in fp8")
     g.add_argument("--no_vae_tiling", dest="vae_tiling", action="store_false",
-                   help="plan cache_latents without --vae_tiling (the plan assumes it; generation always tiles)")
+                   help="training: plan cache_latents without --vae_tiling, which the plan assumes; a tile size turns it "
+                        "on, and generation always tiles")
     g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="VAE tile size in pixels")
-    g.add_argument("--vae_chunk_size", type=count(1), default=None, help="VAE causal convolution chunk")
+    g.add_argument("--vae_chunk_size", type=count(1), default=None, help="generation: the VAE decode's causal convolution chunk")
     g.add_argument("--context_parallel", type=count(1), default=1, help="N processes share each sample's tokens: memory and time per GPU")
-    g.add_argument("--cfg_parallel", action="store_true", help="generation with real CFG on 2N processes, one prompt each")
+    g.add_argument("--cfg_parallel", action="store_true", help="generation with --guidance_scale other than 1 on 2N processes, one prompt each")
 
     g = p.add_argument_group("budget and speed")
     g.add_argument("--vram_budget", default=None, help="e.g. 12G, 16G, 24G, 80G: find the fastest option set that fits")
@@ -85,14 +87,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def flags_of_the_other_mode(parser: argparse.ArgumentParser, args) -> list[str]:
-    """A warning for each flag given that the plan's --mode does not read (their help starts with the mode they act in),
-    and for --model beside --dit (the file's shapes win)."""
-    other = {"train": "generation:", "generate": "training:"}[args.mode]
-    given = [a for a in parser._actions if a.option_strings and (a.help or "").startswith(other)
-             and getattr(args, a.dest) != a.default]
-    lines = [f"{a.option_strings[0]} acts on {other[:-1]} (--mode {'generate' if args.mode == 'train' else 'train'}); "
-             f"this plan of {'training' if args.mode == 'train' else 'generation'} ignores it" for a in given]
+def flags_that_change_nothing(parser: argparse.ArgumentParser, args) -> list[str]:
+    """A warning for each memory option given that leaves the plan's options as they were without it: the options are
+    what the plan reads (`options_from_args` gives a flag that its --mode does not read, or that another flag leaves
+    without effect, its default), so every such flag is named; and one for --model beside --dit (the file's shapes win)."""
+    from musubi_tuner.errors import UserError
+    from musubi_tuner.planning.from_args import options_from_args
+
+    def changes(action, mode) -> bool:
+        unset = argparse.Namespace(**{**vars(args), action.dest: action.default})
+        try:
+            return options_from_args(unset, mode) != options_from_args(args, mode)
+        except UserError:  # without it the set is refused (--gradient_checkpointing under its CPU offload): it acts
+            return True
+
+    mode, other = args.mode, {"train": "generate", "generate": "train"}[args.mode]
+    what = {"train": "training", "generate": "generation"}
+    group = next(g for g in parser._action_groups if g.title == MEMORY_OPTIONS)
+    lines = []
+    for action in group._group_actions:
+        if getattr(args, action.dest) == action.default or changes(action, mode):
+            continue
+        flag = action.option_strings[0]
+        if changes(action, other):
+            lines.append(f"{flag} acts on {what[other]} (--mode {other}); this plan of {what[mode]} ignores it")
+        else:
+            lines.append(f"{flag} changes nothing in this plan of {what[mode]} with the other flags given ({action.help})")
     if args.dit and args.model:
         lines.append(f"--model {args.model} is ignored: the shapes come from --dit {args.dit}")
     return lines
@@ -104,11 +124,11 @@ def main(argv=None) -> None:
 
         parser = build_parser()
         args = parser.parse_args(argv)
-        for line in flags_of_the_other_mode(parser, args):
+        for line in flags_that_change_nothing(parser, args):
             logger.warning(line)
         result = dry_run(args, args.mode, video_size=tuple(args.video_size), frames=args.video_length, batch=args.batch_size,
                          text_tokens=args.text_tokens)
-        if args.vram_budget and not result.fits(parse_budget(args.vram_budget) * 1e9):
+        if args.vram_budget is not None and not result.fits(parse_budget(args.vram_budget) * 1e9):
             sys.exit(1)
 
     run_cli(run, argv)

@@ -123,13 +123,16 @@ def check_and_fill(args) -> None:
     from musubi_tuner.hunyuan.sequence_parallel import check_heads
 
     check_heads(config.heads_num, args.context_parallel)
+    from musubi_tuner.planning.from_args import check_budget_flag
+
+    check_budget_flag(args)
     check_speed_flags(args)
     check_files_used_late(args, dit_file.shapes())
 
 
 def check_speed_flags(args) -> None:
     """--step_cache and --compile values, and whether this platform can compile, before any model loads."""
-    step_cache.from_args(args)
+    step_cache.check_args(args)
     options = CompileOptions.from_args(args)
     if options is not None and not args.dry_run:
         check_can_compile(options, resolve_device(args.device))

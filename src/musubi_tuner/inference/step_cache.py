@@ -22,6 +22,7 @@ diffusers' pipeline does with its "cond" and "uncond" cache contexts.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ import torch
 from musubi_tuner.cli import count, real
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.blocks import modulate_norm
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("teacache", "fbcache")
 DEFAULT_THRESHOLD = {"teacache": 0.1, "fbcache": 0.06}
@@ -73,9 +76,9 @@ def add_step_cache_flags(group) -> None:
     group.add_argument("--step_cache", choices=METHODS, default=None,
                        help="skip the DiT's blocks at steps whose result barely changes: teacache or fbcache (First-Block-Cache)")
     group.add_argument("--step_cache_threshold", type=real(0), default=None,
-                       help="higher skips more: default 0.1 for teacache (published 1.6x; 0.15: 2.1x), 0.06 for fbcache "
+                       help="with --step_cache: higher skips more, default 0.1 for teacache (published 1.6x; 0.15: 2.1x), 0.06 for fbcache "
                             "(published 1.62x); 0 computes every step")
-    group.add_argument("--step_cache_warmup", type=count(1), default=1, help="first steps always computed")
+    group.add_argument("--step_cache_warmup", type=count(1), default=1, help="with --step_cache: first steps always computed (and the last)")
 
 
 def from_args(args) -> "StepCache | None":
@@ -87,6 +90,20 @@ def from_args(args) -> "StepCache | None":
             raise UserError("--step_cache_threshold needs --step_cache teacache or fbcache")
         return None
     return StepCache(method, threshold, warmup)
+
+
+def skippable_steps(steps: int, warmup: int) -> int:
+    """The most steps of a run a cache can skip: the first `warmup` and the last always run the blocks."""
+    return max(0, steps - warmup - 1)
+
+
+def check_args(args) -> None:
+    """Generation's early check of the step cache flags: their values (from_args), and a warning when --step_cache_warmup
+    leaves no step of --infer_steps to skip."""
+    cache, steps = from_args(args), getattr(args, "infer_steps", None)
+    if cache is not None and steps is not None and skippable_steps(steps, cache.warmup) == 0:
+        logger.warning("--step_cache_warmup %d with --infer_steps %d: the first %d steps and the last always run, so --step_cache "
+                       "%s can skip no step", cache.warmup, steps, cache.warmup, cache.method)
 
 
 @dataclass
@@ -229,5 +246,5 @@ def describe(cache: StepCache | None) -> dict[str, str]:
     return {"step_cache": cache.method, "step_cache_threshold": f"{cache.threshold:g}", "step_cache_skipped": f"{cache.skipped}/{cache.evaluations}"}
 
 
-__all__ = ["METHODS", "DEFAULT_THRESHOLD", "PUBLISHED", "StepCache", "Decision", "add_step_cache_flags", "expected_speedup", "from_args",
-           "relative_l1"]
+__all__ = ["METHODS", "DEFAULT_THRESHOLD", "PUBLISHED", "StepCache", "Decision", "add_step_cache_flags", "check_args", "expected_speedup",
+           "from_args", "relative_l1", "skippable_steps"]

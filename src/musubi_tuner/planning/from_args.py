@@ -7,6 +7,7 @@ it, without loading any model: the DiT's config comes from the file's header.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Callable
 
@@ -17,6 +18,8 @@ from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.planner import Plan, fit_budget, plan
 from musubi_tuner.planning.report import format_plan, format_search
 from musubi_tuner.planning.timing import GPU, default_gpu_for_budget, gpu
+
+logger = logging.getLogger(__name__)
 
 NAMED_MODELS = {"t2v-720p": HUNYUAN_T2V, "skyreels-t2v": HUNYUAN_T2V, "skyreels-i2v": SKYREELS_I2V}
 
@@ -42,31 +45,42 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         value = getattr(args, name, None)
         return default if value is None else value
 
+    train, generate = mode == "train", mode == "generate"
+    guidance = float(get("guidance_scale", 1.0)) if generate else 1.0  # training's --guidance_scale is the DiT's embedded one
+    fp8 = bool(get("fp8_base", False) if train else get("fp8", False))
+    blocks_to_swap = int(get("blocks_to_swap", 0))
+    step_cache = get("step_cache") if generate else None  # the trainer's applies to its samples only
+    # LoRAs given to generation act beside fp8 weights; merged into bf16 ones they cost nothing
+    lora_at_generation = generate and fp8 and (bool(get("lora_weight", None)) or bool(get("with_lora", False)))
+    # what a mode does not read, or what another flag leaves without effect, takes its default: these options are
+    # the plan, so a flag that leaves them unchanged changes nothing (plan.py warns of it)
     return MemoryOptions(
-        fp8=bool(get("fp8_base", False) if mode == "train" else get("fp8", False)),
-        blocks_to_swap=int(get("blocks_to_swap", 0)),
-        use_pinned_memory_for_block_swap=bool(get("use_pinned_memory_for_block_swap", False)),
-        gradient_checkpointing=bool(get("gradient_checkpointing", False)) and mode == "train",
-        gradient_checkpointing_cpu_offload=bool(get("gradient_checkpointing_cpu_offload", False)) and mode == "train",
+        fp8=fp8,
+        blocks_to_swap=blocks_to_swap,
+        use_pinned_memory_for_block_swap=bool(get("use_pinned_memory_for_block_swap", False)) and blocks_to_swap > 0,
+        gradient_checkpointing=bool(get("gradient_checkpointing", False)) and train,
+        gradient_checkpointing_cpu_offload=bool(get("gradient_checkpointing_cpu_offload", False)) and train,
         split_attn=bool(get("split_attn", False)),
         attn_mode=_attention_mode(args, mode),
         img_in_txt_in_offloading=bool(get("img_in_txt_in_offloading", False)),
-        network_dim=int(get("network_dim", 32)),
-        optimizer_type=(get("optimizer_type", "") or "adamw").lower(),
-        mixed_precision=get("mixed_precision", "bf16") if mode == "train" else "bf16",
+        network_dim=int(get("network_dim", 32)) if train or lora_at_generation else 32,
+        optimizer_type=(get("optimizer_type", "") or "adamw").lower() if train else "adamw",
+        mixed_precision=get("mixed_precision", "bf16") if train else "bf16",
         dit_dtype=get("dit_dtype", "bf16"),
-        guidance_scale=float(get("guidance_scale", 1.0)),
-        split_uncond=bool(get("split_uncond", False)) or (bool(get("split_attn", False)) and float(get("guidance_scale", 1.0)) != 1.0),
-        lora_at_generation=bool(get("lora_weight", None)) or bool(get("with_lora", False)),
-        infer_steps=int(get("infer_steps", 50)),
-        step_cache=get("step_cache") if mode == "generate" else None,  # the trainer's applies to its samples only
-        step_cache_threshold=get("step_cache_threshold") if mode == "generate" else None,
+        guidance_scale=guidance,
+        split_uncond=guidance != 1.0 and (bool(get("split_uncond", False)) or bool(get("split_attn", False))),
+        lora_at_generation=lora_at_generation,
+        infer_steps=int(get("infer_steps", 50)) if generate else 50,
+        step_cache=step_cache,
+        step_cache_threshold=get("step_cache_threshold") if step_cache else None,
+        step_cache_warmup=int(get("step_cache_warmup", 1)) if step_cache else 1,
         fp8_llm=bool(get("fp8_llm", False)),
-        vae_tiling=bool(get("vae_tiling", True)) or mode == "generate" or get("vae_spatial_tile_sample_min_size") is not None,
+        vae_tiling=bool(get("vae_tiling", True)) or generate or get("vae_spatial_tile_sample_min_size") is not None,
         vae_spatial_tile_sample_min_size=int(get("vae_spatial_tile_sample_min_size", 256)),
-        vae_chunk_size=get("vae_chunk_size", None),
+        vae_chunk_size=get("vae_chunk_size", None) if generate else None,
         context_parallel=int(get("context_parallel", 1)),
-        cfg_parallel=bool(get("cfg_parallel", False)) or (mode == "generate" and _launched_processes() == 2 * int(get("context_parallel", 1))),
+        cfg_parallel=generate and guidance != 1.0 and (bool(get("cfg_parallel", False))
+                                                       or _launched_processes() == 2 * int(get("context_parallel", 1))),
     )
 
 
@@ -92,11 +106,24 @@ GIB = 1.073741824  # GB per GiB
 
 def parse_budget(text: str) -> float:
     """'24G', '24GB', '24GiB', '24' -> gigabytes (1e9 bytes) of a card sold as that many "GB": GPU makers count
-    GiB (a "24 GB" RTX 4090 holds 24 GiB, 25.8e9 bytes), so every form reads as GiB."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(g|gb|gib)?\s*", str(text), re.IGNORECASE)
-    if not m:
+    GiB (a "24 GB" RTX 4090 holds 24 GiB, 25.8e9 bytes), so every form reads as GiB. Anything else, 0 included,
+    is a UserError naming the flag."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(g|gb|gib)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) == 0:
         raise UserError(f"--vram_budget {text!r}: give the card's memory, e.g. 12G, 16G, 24G or 80G (read as GiB)")
     return float(m.group(1)) * GIB
+
+
+def check_budget_flag(args) -> None:
+    """hv_train_network's and hv_generate_video's --vram_budget, before any model loads: its value is checked either
+    way, and without --dry_run (which plans; a run does not fit itself to it) a warning says it is ignored."""
+    text = getattr(args, "vram_budget", None)
+    if text is None:
+        return
+    parse_budget(text)
+    if not getattr(args, "dry_run", False):
+        logger.warning("--vram_budget %s acts only with --dry_run (it plans the options that fit; it does not limit a run): "
+                       "ignored", text)
 
 
 def device_from_args(args, budget_gb: float | None) -> GPU:
@@ -139,7 +166,7 @@ def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frame
     opts = options_from_args(args, mode)
     check_heads(work.config.heads_num, opts.context_parallel)  # the commands check it too; plan.py has only this
     budget_text = getattr(args, "vram_budget", None)
-    budget = parse_budget(budget_text) if budget_text else None
+    budget = parse_budget(budget_text) if budget_text is not None else None
     device = device_from_args(args, budget)
     utilisation = getattr(args, "utilisation", None)  # None: calibrated for the GPU and the attention kernel
     if budget:
@@ -152,4 +179,4 @@ def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frame
 
 
 
-__all__ = ["config_from_args", "dry_run", "options_from_args", "parse_budget", "NAMED_MODELS"]
+__all__ = ["check_budget_flag", "config_from_args", "dry_run", "options_from_args", "parse_budget", "NAMED_MODELS"]

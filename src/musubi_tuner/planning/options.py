@@ -78,6 +78,7 @@ class MemoryOptions:
     infer_steps: int = 50
     step_cache: str | None = None  # --step_cache teacache | fbcache: skipped steps cost (almost) nothing
     step_cache_threshold: float | None = None  # None: the method's default
+    step_cache_warmup: int = 1  # first steps always computed (and the last): the most a cache can skip is the rest
     # encoders
     fp8_llm: bool = False
     vae_tiling: bool = True  # hv_generate_video always tiles; cache_latents only with --vae_tiling
@@ -148,7 +149,8 @@ class MemoryOptions:
         if mode == "generate" and self.split_uncond and self.guidance_scale != 1.0:
             out.append("--split_uncond")
         if mode == "generate" and self.step_cache:
-            out.append(f"--step_cache {self.step_cache}" + ("" if self.step_cache_threshold is None else f" --step_cache_threshold {self.step_cache_threshold:g}"))
+            out.append(f"--step_cache {self.step_cache}" + ("" if self.step_cache_threshold is None else f" --step_cache_threshold {self.step_cache_threshold:g}")
+                       + ("" if self.step_cache_warmup == 1 else f" --step_cache_warmup {self.step_cache_warmup}"))
         if self.vae_spatial_tile_sample_min_size != 256:  # hv_generate_video's, or cache_latents' when training
             out.append(f"--vae_spatial_tile_sample_min_size {self.vae_spatial_tile_sample_min_size}")
         if mode == "generate":

@@ -71,8 +71,9 @@ def format_plan(plan: Plan) -> str:
 
 def step_cache_lines(o, steps: int, denoising_s: float) -> list[str]:
     """The denoising time per video with --step_cache (the chosen method, or each at its default threshold): a skipped
-    step costs next to nothing, so time / speed-up, and 1 - 1 / speed-up of the steps skipped."""
-    from musubi_tuner.inference.step_cache import DEFAULT_THRESHOLD, METHODS, expected_speedup
+    step costs next to nothing, so time / speed-up, and 1 - 1 / speed-up of the steps skipped, at most those the
+    warm-up and the last step leave (the speed-up then follows from them)."""
+    from musubi_tuner.inference.step_cache import DEFAULT_THRESHOLD, METHODS, expected_speedup, skippable_steps
 
     if o.step_cache:
         chosen = [(o.step_cache, DEFAULT_THRESHOLD[o.step_cache] if o.step_cache_threshold is None else o.step_cache_threshold)]
@@ -82,7 +83,10 @@ def step_cache_lines(o, steps: int, denoising_s: float) -> list[str]:
              "skipped steps depends on the weights, the prompt and the step count):"]
     for method, threshold in chosen:
         speedup, how = expected_speedup(method, threshold)
-        skipped = round(steps * (1 - 1 / speedup))
+        skipped, most = round(steps * (1 - 1 / speedup)), skippable_steps(steps, o.step_cache_warmup)
+        if skipped > most:
+            skipped, speedup = most, steps / (steps - most)
+            how = f"capped: the first {o.step_cache_warmup} steps (--step_cache_warmup) and the last always run"
         lines.append(f"  --step_cache {method} --step_cache_threshold {threshold:g}: about {duration(denoising_s / speedup)} per video, "
                      f"{skipped} of {steps} steps skipped ({speedup:.3g}x: {how})")
     return lines

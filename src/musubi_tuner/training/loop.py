@@ -137,6 +137,9 @@ def check_args(args) -> None:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
         raise UserError("--sample_prompts needs --vae, --text_encoder1 and --text_encoder2")
+    from musubi_tuner.planning.from_args import check_budget_flag
+
+    check_budget_flag(args)
     if step_cache.from_args(args) is not None and not args.sample_prompts:
         logger.warning("--step_cache acts on the samples of --sample_prompts only; without them it does nothing")
     compile_options = CompileOptions.from_args(args)

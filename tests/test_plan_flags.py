@@ -1,0 +1,123 @@
+"""The planner's flags as a user types them: --vram_budget's values, the flags that change nothing, the step cache's warm-up."""
+
+import logging
+
+import pytest
+
+from musubi_tuner.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def trace_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+PLAN = ["--video_size", "64", "64", "--video_length", "9"]
+GENERATE = ["--dit", "dit.pt", "--vae", "vae.pt", "--text_encoder1", "te1", "--text_encoder2", "te2", "--prompt", "a cat",
+            "--save_path", "out"]  # parsed only: the files are not opened
+
+
+@pytest.mark.parametrize("budget", ["0", "0G", ".", "1.2.3", ""])  # as "-1", "nan" and "abc" already were
+def test_a_vram_budget_it_cannot_take_is_one_error_line(budget, capsys):
+    from musubi_tuner.plan import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*PLAN, "--vram_budget", budget])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert err.strip() == f"error: --vram_budget {budget!r}: give the card's memory, e.g. 12G, 16G, 24G or 80G (read as GiB)"
+
+
+def test_a_vram_budget_without_dry_run_is_checked_and_said_to_be_ignored(caplog):
+    from musubi_tuner import hv_generate_video
+    from musubi_tuner.planning.from_args import check_budget_flag
+    from musubi_tuner.training.args import build_parser
+
+    common = GENERATE
+    for args in (build_parser().parse_args(["--vram_budget", "24G"]),
+                 hv_generate_video.build_parser().parse_args([*common, "--vram_budget", "24G"])):
+        with caplog.at_level(logging.WARNING):
+            check_budget_flag(args)
+        assert "--vram_budget 24G acts only with --dry_run (it plans the options that fit; it does not limit a run): ignored" \
+            in caplog.text
+        caplog.clear()
+        args.dry_run = True
+        check_budget_flag(args)
+        assert caplog.text == ""
+        for bad in ("abc", "0", "1.2.3"):
+            args.vram_budget = bad
+            with pytest.raises(UserError, match=f"--vram_budget '{bad}': give the card's memory"):
+                check_budget_flag(args)
+
+
+TRAIN_IGNORES = {
+    "--with_lora": [], "--cfg_parallel": [], "--step_cache": ["teacache"], "--step_cache_threshold": ["0.3"],
+    "--step_cache_warmup": ["5"], "--infer_steps": ["3"], "--fp8": [], "--guidance_scale": ["6"], "--split_uncond": [],
+    "--vae_chunk_size": ["4"], "--use_pinned_memory_for_block_swap": [],
+}
+GENERATE_IGNORES = {
+    "--network_dim": ["128"], "--optimizer_type": ["adafactor"], "--mixed_precision": ["fp16"], "--fp8_base": [],
+    "--gradient_checkpointing": [], "--use_pinned_memory_for_block_swap": [], "--step_cache_threshold": ["0.2"],
+    "--step_cache_warmup": ["5"], "--no_vae_tiling": [], "--with_lora": [], "--split_uncond": [], "--cfg_parallel": [],
+}
+
+
+@pytest.mark.parametrize("mode, ignored", [("train", TRAIN_IGNORES), ("generate", GENERATE_IGNORES)])
+def test_every_memory_flag_that_changes_nothing_is_named(mode, ignored):
+    from musubi_tuner.plan import build_parser, flags_that_change_nothing
+
+    parser = build_parser()
+    for flag, values in ignored.items():
+        lines = flags_that_change_nothing(parser, parser.parse_args([*PLAN, "--mode", mode, flag, *values]))
+        assert len(lines) == 1 and lines[0].startswith(f"{flag} "), (flag, lines)
+        assert "ignores it" in lines[0] or "changes nothing" in lines[0]
+    # and none for a flag that acts, given with what it needs
+    acting = {"train": [["--blocks_to_swap", "4", "--use_pinned_memory_for_block_swap"], ["--network_dim", "8"],
+                        ["--gradient_checkpointing", "--gradient_checkpointing_cpu_offload"], ["--no_vae_tiling"]],
+              "generate": [["--blocks_to_swap", "4", "--use_pinned_memory_for_block_swap"], ["--step_cache", "fbcache", "--step_cache_threshold", "0.1"],
+                           ["--guidance_scale", "6", "--split_uncond"], ["--fp8", "--with_lora", "--network_dim", "8"], ["--vae_chunk_size", "4"]]}
+    for flags in acting[mode]:
+        assert flags_that_change_nothing(parser, parser.parse_args([*PLAN, "--mode", mode, *flags])) == [], flags
+
+
+def test_the_plan_names_a_flag_another_flag_leaves_without_effect(caplog, capsys):
+    from musubi_tuner.plan import main
+
+    with caplog.at_level(logging.WARNING):
+        main([*PLAN, "--no_vae_tiling", "--vae_spatial_tile_sample_min_size", "128"])
+    assert "[cache_latents, --vae_tiling]" in capsys.readouterr().out
+    assert "--no_vae_tiling changes nothing in this plan of training with the other flags given (training: plan cache_latents " \
+           "without --vae_tiling, which the plan assumes; a tile size turns it on" in caplog.text
+
+
+def test_the_plan_skips_no_more_steps_than_the_warmup_leaves(capsys):
+    from musubi_tuner.plan import main
+
+    gen = [*PLAN, "--mode", "generate", "--step_cache", "teacache"]
+    main([*gen, "--step_cache_warmup", "100"])
+    out = capsys.readouterr().out
+    assert "options: --step_cache teacache --step_cache_warmup 100" in out
+    assert "0 of 50 steps skipped (1x: capped: the first 100 steps (--step_cache_warmup) and the last always run)" in out
+    main([*gen, "--step_cache_warmup", "45"])  # 50 - 45 - 1 = 4 of the 19 the published 1.6x would skip
+    assert "4 of 50 steps skipped (1.09x: capped" in capsys.readouterr().out
+    main([*gen, "--step_cache_warmup", "2"])  # the published figure when the warm-up leaves enough
+    assert "19 of 50 steps skipped (1.6x: published figure" in capsys.readouterr().out
+
+
+def test_generation_warns_before_the_run_when_the_warmup_leaves_no_step_to_skip(caplog):
+    from musubi_tuner import hv_generate_video
+    from musubi_tuner.inference import step_cache
+
+    parser = hv_generate_video.build_parser()
+    common = [*GENERATE, "--step_cache", "teacache"]
+    for steps, warmup in ((3, 10), (3, 2), (50, 49)):
+        with caplog.at_level(logging.WARNING):
+            step_cache.check_args(parser.parse_args([*common, "--infer_steps", str(steps), "--step_cache_warmup", str(warmup)]))
+        assert (f"--step_cache_warmup {warmup} with --infer_steps {steps}: the first {warmup} steps and the last always run, "
+                "so --step_cache teacache can skip no step") in caplog.text
+        caplog.clear()
+    step_cache.check_args(parser.parse_args([*common, "--infer_steps", "3", "--step_cache_warmup", "1"]))
+    step_cache.check_args(parser.parse_args([*GENERATE, "--infer_steps", "3", "--step_cache_warmup", "10"]))
+    assert caplog.text == ""
+    with pytest.raises(UserError, match="--step_cache_threshold needs --step_cache"):  # the values are checked as before
+        step_cache.check_args(parser.parse_args([*GENERATE, "--step_cache_threshold", "0.2"]))
