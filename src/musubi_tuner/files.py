@@ -395,6 +395,74 @@ class RunLock:
         self._fd = None
 
 
+class FolderUse:
+    """Commands that read a folder's files against one that rewrites them: training holds a shared lock on its cache
+    folders, a caching run an exclusive one. `acquire` says False when the other kind holds it; where the folder
+    cannot be locked (read-only, no locks on the file system, Windows) nothing is checked and it says True.
+
+    The lock file goes with its last holder: on release, one that can take the lock exclusively (no one else holds
+    it) removes the file. A run that opened the file before its removal finds, once locked, that the name is no longer
+    its file, and starts again (as RunLock does)."""
+
+    def __init__(self, path: str | os.PathLike, exclusive: bool):
+        self.path = Path(path)
+        self.exclusive = exclusive
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        if os.name == "nt" or not self.path.parent.is_dir():
+            return True
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:  # a read-only cache folder: no caching run can write there either
+                return True
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if isinstance(e, BlockingIOError) or e.errno in (errno.EAGAIN, errno.EACCES):
+                    return False
+                return True  # ENOLCK, EOPNOTSUPP: a file system without locks
+            if os.fstat(fd).st_ino == _inode(self.path):
+                self._fd = fd
+                return True
+            os.close(fd)  # its last holder removed it meanwhile
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no one else holds it: the file goes
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "FolderUse":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_holder(path: str | os.PathLike) -> str:
+    """Who holds a RunLock file, in words (for a run that meets it from another kind of command)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return "holder unknown"
+    try:
+        return _describe(_read_holder(fd))
+    finally:
+        os.close(fd)
+
+
 def _try_lock(fd: int) -> bool | None:
     """True: locked; False: another process holds it; None: this file system has no locks."""
     try:

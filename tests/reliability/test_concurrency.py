@@ -163,3 +163,56 @@ def test_under_a_multi_process_launch_the_failure_summary_names_our_error(assets
     assert result.returncode != 0
     assert re.search(r"traceback : error: \S+missing\.pt: DiT checkpoint not found", result.stderr), result.stderr[-3000:]
     assert "Traceback (most recent call last)" not in result.stderr
+
+
+def test_caching_is_refused_while_a_training_reads_the_cache_folder(assets, tmp_path):
+    """A cache_latents run rewrote every cache under a running training (and deleted a removed image's, which
+    stopped the training at step 1269, without a save): now it waits its turn."""
+    import fcntl
+
+    toml, folder = copy_dataset(assets, tmp_path)
+    use = folder / "cache" / "images" / ".musubi-cache-latents.use"
+
+    def training_reads() -> bool:
+        if not use.exists():
+            return False
+        with open(use) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        return False
+
+    training = start_command("hv_train_network", train_argv(assets, tmp_path / "out", "--max_train_steps", "100000", toml=toml), tmp_path)
+    try:
+        wait_for(training_reads, training)
+        before = {p.name: p.stat().st_mtime_ns for p in (folder / "cache" / "images").glob("*_hv.safetensors")}
+        caching = run_command("cache_latents", cache_latents_argv(toml, assets), tmp_path)
+        no_traceback(caching)
+        assert caching.code == 2, caching.err[-2000:]
+        (line,) = caching.error_lines
+        assert re.fullmatch(r"error: \S+/cache/(images|videos): a training run is reading these caches \(\S+ \[\[datasets\]\]\[\d\]\); "
+                            r"this latent caching run would change them under it: wait for it to finish, or stop it first", line), line
+        assert {p.name: p.stat().st_mtime_ns for p in (folder / "cache" / "images").glob("*_hv.safetensors")} == before
+    finally:
+        training.process.kill()
+        training.process.join()
+
+
+def test_training_is_refused_while_a_caching_run_writes_the_cache_folder(assets, tmp_path):
+    """A training started while cache_latents was writing trained on the 3 caches of 12 made so far. The caching run
+    here is this test's process, holding what cache_latents holds while it writes."""
+    from musubi_tuner.data.cache_files import lock_cache_directories
+    from musubi_tuner.data.config import load_dataset_config
+
+    toml, folder = copy_dataset(assets, tmp_path)
+    with lock_cache_directories(load_dataset_config(toml).all_datasets, "latents"):
+        training = run_command("hv_train_network", train_argv(assets, tmp_path / "out", toml=toml), tmp_path)
+    no_traceback(training)
+    assert training.code == 2, training.err[-2000:]
+    (line,) = training.error_lines
+    assert re.fullmatch(rf"error: \S+/cache/(images|videos): a latent caching run is writing these caches \(pid {os.getpid()} on "
+                        r"\S+, started [0-9-]+ [0-9:]+: .*\); training would read them half-made: wait for it to finish \(.*\)", line), line
+    assert not (tmp_path / "out" / "tiny.safetensors").exists()
+    again = run_command("hv_train_network", train_argv(assets, tmp_path / "out", toml=toml), tmp_path)  # the lock released
+    assert again.code == 0, again.err[-2000:]

@@ -40,19 +40,45 @@ LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
 TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
 TEXT_ENCODERS = ("llm", "clipL")  # key prefixes of the two text encoders' outputs
 # One caching run of each kind per cache folder (latent and text caching may run side by side: they write other files)
-LOCK_NAMES = {"latents": ".musubi-cache-latents.lock", "text": ".musubi-cache-text.lock"}
+LOCK_NAMES = {"latents": ".musubi-cache-latents.lock", "text": ".musubi-cache-text.lock"}  # one caching run of each kind
+USE_NAMES = {"latents": ".musubi-cache-latents.use", "text": ".musubi-cache-text.use"}  # caching against training
+CACHING_RUNS = {"latents": "latent caching run", "text": "text caching run"}
 
 
 def lock_cache_directories(datasets, kind: str):
-    """A context holding the `kind` ("latents" or "text") caching lock of every dataset's cache folder."""
+    """A context holding the `kind` ("latents" or "text") caching lock of every dataset's cache folder, and the
+    folder's use by caching (refused while a training reads it: the caches would change under it)."""
     import contextlib
 
     stack = contextlib.ExitStack()
     try:
         for ds in datasets:
-            stack.enter_context(files.RunLock(Path(ds.cache_directory) / LOCK_NAMES[kind],
-                                              f"{'latent' if kind == 'latents' else 'text'} caching run",
+            stack.enter_context(files.RunLock(Path(ds.cache_directory) / LOCK_NAMES[kind], CACHING_RUNS[kind],
                                               f"cache_directory ({ds.where})"))
+            use = stack.enter_context(files.FolderUse(Path(ds.cache_directory) / USE_NAMES[kind], exclusive=True))
+            if not use.acquire():
+                raise UserError(f"{ds.cache_directory}: a training run is reading these caches ({ds.where}); this "
+                                f"{CACHING_RUNS[kind]} would change them under it: wait for it to finish, or stop it first")
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def read_cache_directories(datasets):
+    """A context holding training's use of every dataset's cache folder: refused while a caching run writes one (its
+    caches would be read half-made), and keeping caching runs out until training ends."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    try:
+        for ds in datasets:
+            for kind in LOCK_NAMES:
+                use = stack.enter_context(files.FolderUse(Path(ds.cache_directory) / USE_NAMES[kind], exclusive=False))
+                if not use.acquire():
+                    raise UserError(f"{ds.cache_directory}: a {CACHING_RUNS[kind]} is writing these caches "
+                                    f"({files.lock_holder(Path(ds.cache_directory) / LOCK_NAMES[kind])}); training would read "
+                                    f"them half-made: wait for it to finish ({ds.where})")
     except BaseException:
         stack.close()
         raise

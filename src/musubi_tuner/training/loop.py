@@ -12,6 +12,7 @@ train as one process of batch R x B would.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -465,11 +466,12 @@ def output_lock(args):
 def train(args) -> Path | None:
     """The final LoRA's path, or None when a resumed run had nothing left to train."""
     check_args(args)
-    with output_lock(args):
-        return _train(args)
+    with output_lock(args), contextlib.ExitStack() as held:
+        return _train(args, held)
 
 
-def _train(args) -> Path | None:
+def _train(args, held: contextlib.ExitStack) -> Path | None:
+    """`held`: what the run holds until it ends (its use of the cache folders)."""
     accelerator = make_accelerator(args)
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and accelerator.num_processes != launched:  # each process would train alone into the same files
@@ -507,6 +509,9 @@ def _train(args) -> Path | None:
     from musubi_tuner.data.training_dataset import TrainingDataset, make_dataloader
 
     dataset_config = load_dataset_config(args.dataset_config, check_sources=False)
+    from musubi_tuner.data.cache_files import read_cache_directories
+
+    held.enter_context(read_cache_directories(dataset_config.all_datasets))  # no caching run rewrites them meanwhile
     data = TrainingDataset.from_config(dataset_config, seed, args.num_timestep_buckets)
     from musubi_tuner.data.training_dataset import check_caches_fit
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
