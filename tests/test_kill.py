@@ -171,3 +171,21 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_leaving_no_lock_or_temporary_file(se
     assert_whole(out)
     assert start(argv, log).wait(600) == 0, log.read_text()[-3000:]
     assert "taking over the lock" not in log.read_text() and log.read_text().count("resumed from") == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("script", ["cache_latents.py", "cache_text_encoder_outputs.py", "hv_generate_video.py", "hv_train_network.py"])
+@pytest.mark.parametrize("sig, said, status", [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)])
+def test_a_signal_while_torch_loads_is_the_commands_one_line(script, sig, said, status, tmp_path):
+    """Ctrl-C in a command's first second landed in the `import torch` at the top of its file: a traceback of the
+    import (and a SIGTERM there ended it without a word). The signal is sent once torch's library is mapped."""
+    run = subprocess.Popen([sys.executable, str(ROOT / "src" / "musubi_tuner" / script), "--help"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{run.pid}/maps")
+    deadline = time.monotonic() + 60
+    while run.poll() is None and "libtorch" not in (maps.read_text() if maps.exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    run.send_signal(sig)
+    err = run.communicate(timeout=60)[1]
+    assert (run.returncode, err.strip().splitlines()[-1:]) == (status, [said]), err

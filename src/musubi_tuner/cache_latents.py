@@ -16,13 +16,15 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
     _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
-import torch
 
 from musubi_tuner.cli import Parser, compute_dtype, count, pixels, resolve_device
 from musubi_tuner.errors import UserError, run_cli
+
+logger = logging.getLogger("cache_latents")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("looking at the dataset instead of caching")
     g.add_argument("--debug_mode", choices=("image", "console", "video"), default=None,
                    help="show what would be encoded instead of caching")
-    g.add_argument("--console_width", type=count(8), default=80, help="--debug_mode console: characters per row")
+    g.add_argument("--console_width", type=count(8, 1000), default=80, help="--debug_mode console: characters per row")
     g.add_argument("--console_back", default=None,
                    help="--debug_mode console: background colour (black, red, green, yellow, blue, magenta, cyan, white)")
     g.add_argument("--console_num_images", type=count(1), default=None, help="--debug_mode console: show at most N items")
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def encode_dataset(dataset, items, report, vae, args, device, generator):
     """Cache one dataset's `items` (`listed_items`, whose `report` this completes); returns the report."""
+    import torch
+
     from musubi_tuner.data import cache_files
     from musubi_tuner.data.items import chunks, iter_latent_batches, stack_pixels, stale_latent_caches, tidy_cache_directory
     from musubi_tuner.progress import progress_bar
@@ -82,12 +86,33 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
     return report
 
 
+# the flags each way of running reads besides the dataset's: caching, or looking at the dataset (--debug_mode MODE)
+CACHING_ONLY = ("vae", "vae_dtype", "device", "disable_cudnn_backend", "vae_tiling", "vae_chunk_size",
+                "vae_spatial_tile_sample_min_size", "skip_existing", "keep_cache", "strict")
+
+
+def say_unused_flags(args) -> None:
+    """A warning naming each flag given that this run does not read: the caching flags with --debug_mode, the
+    console's without --debug_mode console (--console_num_images also limits the other modes)."""
+    defaults = build_parser().parse_args(["--dataset_config", "x"])
+    unused = [f for f in CACHING_ONLY if args.debug_mode] + \
+             [f for f in ("console_width", "console_back") if args.debug_mode != "console"] + \
+             [f for f in ("console_num_images",) if not args.debug_mode]
+    given = [f"--{f}" for f in unused if getattr(args, f) != getattr(defaults, f)]
+    if given:
+        logger.warning("%s: not read %s; ignored", ", ".join(given),
+                       f"by --debug_mode {args.debug_mode}, which caches nothing" if args.debug_mode else "while caching")
+
+
 def main(argv=None) -> None:
     def run(argv):
+        import torch
+
         args = build_parser().parse_args(argv)
         from musubi_tuner.data.config import load_dataset_config
 
         config = load_dataset_config(args.dataset_config, args)
+        say_unused_flags(args)
         if args.debug_mode:
             from musubi_tuner.data.debug_view import show_dataset
 

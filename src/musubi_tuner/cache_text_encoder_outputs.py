@@ -20,7 +20,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 
 from musubi_tuner.cli import Parser, compute_dtype, count, resolve_device
 from musubi_tuner.errors import UserError, run_cli
@@ -55,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_encoder(name: str, load, batches: list[list], total: int, model_path: str) -> int:
     """Encode the captions of `batches` (one encoder call each; `total` captions in the dataset) with one
     encoder and merge its outputs into their caches."""
+    import torch
+
     from musubi_tuner.data import cache_files
     from musubi_tuner.progress import progress_bar
 
@@ -91,6 +92,8 @@ def encoder_batches(datasets, captions, todo, batch_size: int | None) -> list[li
 
 def main(argv=None) -> None:
     def run(argv):
+        import torch
+
         args = build_parser().parse_args(argv)
         from musubi_tuner.data.config import load_dataset_config
         from musubi_tuner.data.items import (CacheReport, caption_items, require_some_cached, stale_text_caches, text_encoding_todo,

@@ -19,12 +19,15 @@ import argparse
 
 from musubi_tuner.cli import Parser, compute_dtype, count, frames_4n1, pixels, real, seed, text
 from musubi_tuner.errors import run_cli
-from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_INFERENCE
-from musubi_tuner.hunyuan.attention import ATTENTION_MODES
-from musubi_tuner.inference.step_cache import add_step_cache_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # (imported here, under run_cli: these import torch, and a Ctrl-C or SIGTERM during that second is then the
+    # command's one line, not a traceback of the import)
+    from musubi_tuner.hunyuan.attention import ATTENTION_MODES
+    from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_INFERENCE
+    from musubi_tuner.inference.step_cache import add_step_cache_flags
+
     p = Parser(prog="hv_generate_video.py", description=__doc__.splitlines()[0])
     g = p.add_argument_group("models")
     g.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")

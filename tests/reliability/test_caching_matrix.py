@@ -154,6 +154,10 @@ def videos_into_the_image_cache(a, tmp):
                                          f'target_frames = [5]\n')
 
 
+def replaced_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    return [value if i and argv[i - 1] == flag else v for i, v in enumerate(argv)]
+
+
 def jsonl_after_a_folder(a, tmp):
     """A folder dataset, then a JSONL dataset whose second line is not JSON (a trailing comma)."""
     image = next((a.dataset.parent / "images").glob("*.png"))
@@ -323,6 +327,16 @@ CASES = [
            warning=r"\[\[datasets\]\]\[0\]: 2 cache\(s\) in \S+/cache/images were made by another dataset \(of \.\./\.\./images, "
                    r"from that folder\), not by \S+/videos: kept")
       for kind, command, argv in (("latents", "cache_latents", cache_latents_argv), ("text", "cache_text_encoder_outputs", cache_text_argv))],
+    Case("cache-latents-console-width-beyond-any-terminal", "cache_latents",
+         lambda a, t: cache_latents_argv(a.dataset, a, "--debug_mode", "console", "--console_width", "100000"),
+         r"--console_width 100000: must be between 8 and 1000"),
+    Case("cache-latents-debug-mode-names-the-caching-flags-it-ignores", "cache_latents",
+         lambda a, t: replaced_flag(cache_latents_argv(copy_dataset(a, t)[0], a, "--debug_mode", "console", "--skip_existing"),
+                                    "--vae", str(t / "missing.pt")), None,
+         warning=r"--vae, --skip_existing: not read by --debug_mode console, which caches nothing; ignored"),
+    Case("cache-latents-names-the-console-flags-it-ignores", "cache_latents",
+         lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a, "--console_width", "120", "--console_num_images", "2"), None,
+         warning=r"--console_width, --console_num_images: not read while caching; ignored"),
     Case("cache-latents-empty-folder-deletes-nothing", "cache_latents", lambda a, t: cache_latents_argv(emptied_folder(a, t), a), None,
          then=image_caches_kept, warning=r"lists no images \(empty, or a drive not mounted\?\); no cache in .* is deleted"),
     Case("cache-latents-full-disk", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
