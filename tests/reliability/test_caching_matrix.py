@@ -327,6 +327,10 @@ CASES = [
            warning=r"\[\[datasets\]\]\[0\]: 2 cache\(s\) in \S+/cache/images were made by another dataset \(of \.\./\.\./images, "
                    r"from that folder\), not by \S+/videos: kept")
       for kind, command, argv in (("latents", "cache_latents", cache_latents_argv), ("text", "cache_text_encoder_outputs", cache_text_argv))],
+    Case("cache-latents-that-skips-every-item-says-so", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, f'[[datasets]]\nimage_directory = "{a.dataset.parent / "images"}"\n'
+                                                       f'cache_directory = "{t / "cache"}"\ncaption_extension = ".caption"\n'), a), None,
+         warning=r"no latent cache made: every one of the 2 item\(s\) was skipped \(the reasons above\)"),
     Case("cache-latents-console-width-beyond-any-terminal", "cache_latents",
          lambda a, t: cache_latents_argv(a.dataset, a, "--debug_mode", "console", "--console_width", "100000"),
          r"--console_width 100000: must be between 8 and 1000"),

@@ -96,6 +96,10 @@ def require_some_cached(reports: list[CacheReport], unit: str) -> None:
     if made == 0 and failed:
         raise UserError(f"no {unit} made: {failed} item(s) could not be read (listed above) and no other item gave one; "
                         f"fix or remove those files, or the dataset config")
+    skipped = sum(len(r.skipped) for r in reports)
+    if made == 0 and skipped:  # (a caption_extension that matches no file, say): still a success, as in musubi-tuner
+        logger.warning("no %s made: every one of the %d item(s) was skipped (the reasons above); training has nothing to "
+                       "train on from these datasets", unit, skipped)
 
 
 def _naming(path: str | os.PathLike, reason: str) -> str:
