@@ -33,6 +33,7 @@ class Foreign:
     path: Path
     expected: dict[str, torch.Tensor]  # official parameter -> float32 change at multiplier 1
     replaced: dict[str, torch.Tensor] | None = None  # official parameter -> its new value (set_weight)
+    scales: dict[str, float] | None = None  # PEFT adapters: official module -> PEFT's own scale of its update
 
     def merged(self, base: dict[str, torch.Tensor], multiplier: float = 1.0) -> dict[str, torch.Tensor]:
         """The base weights with the documented math applied."""
@@ -168,20 +169,24 @@ def comfy_trainer_file(model: HunyuanVideoDiT, path: Path, rank=4, blocks_only=F
 # ----------------------------------------------------------------------------------------------- diffusion-pipe (PEFT)
 
 
-def diffusion_pipe_adapter(model: HunyuanVideoDiT, folder: Path, rank=4, lora_alpha=None, seed=0) -> Foreign:
-    """diffusion-pipe's HunyuanVideo LoRA: PEFT on the official model's Linears inside the double and single blocks,
-    lora_alpha = rank (it forces that), saved as folder/adapter_model.safetensors with `diffusion_model.` + the parameter
-    names without `.default`, and PEFT's adapter_config.json beside. The expected change is PEFT's own merge."""
+def diffusion_pipe_adapter(model: HunyuanVideoDiT, folder: Path, rank=4, lora_alpha=None, seed=0, targets=None,
+                           **peft_options) -> Foreign:
+    """diffusion-pipe's HunyuanVideo LoRA: PEFT on the official model's Linears inside the double and single blocks (or
+    on `targets`), lora_alpha = rank (it forces that), saved as folder/adapter_model.safetensors with `diffusion_model.`
+    + the parameter names without `.default`, and PEFT's adapter_config.json beside; `peft_options` (use_rslora,
+    rank_pattern, alpha_pattern) go to PEFT's LoraConfig. The expected change is PEFT's own merge, and `scales` PEFT's
+    scale of each module."""
     import peft
 
-    targets = sorted(name for name, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")))
+    targets = targets or sorted(name for name, m in model.named_modules()
+                                if isinstance(m, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")))
     config = peft.LoraConfig(r=rank, lora_alpha=rank if lora_alpha is None else lora_alpha, lora_dropout=0.0, bias="none",
-                             target_modules=targets)
+                             target_modules=targets, **peft_options)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     target = copy.deepcopy(model)
     torch.manual_seed(seed)
     wrapped = peft.get_peft_model(target, config)
+    scales = {t: target.get_submodule(t).scaling["default"] for t in targets}
     with torch.no_grad():
         for name, p in target.named_parameters():
             if "lora_B" in name:
@@ -193,7 +198,7 @@ def diffusion_pipe_adapter(model: HunyuanVideoDiT, folder: Path, rank=4, lora_al
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     merged = wrapped.merge_and_unload().state_dict()
     expected = {k: merged[k].float() - base[k].float() for k in base if not torch.equal(merged[k], base[k])}
-    return Foreign(folder.name, folder / "adapter_model.safetensors", expected)
+    return Foreign(folder.name, folder / "adapter_model.safetensors", expected, scales=scales)
 
 
 # ----------------------------------------------------------------------------------------------- hand-made entry kinds

@@ -21,6 +21,7 @@ from musubi_tuner.networks.lora_files import lora_outputs
 from musubi_tuner.networks.lora_metadata import with_naming
 from musubi_tuner.networks.merge import merge_loras_into
 
+from foreign_loras import diffusion_pipe_adapter
 from helpers import run_main, tiny_dit_file_and_lora
 
 
@@ -155,31 +156,14 @@ def test_post_hoc_ema_of_nothing_but_earlier_results_is_one_error(tmp_path, caps
 TARGETS = ["double_blocks.0.img_attn_qkv", "double_blocks.0.img_attn_proj", "double_blocks.1.txt_mlp.fc1", "single_blocks.0.linear2"]
 
 
-def peft_adapter(dit_file, folder, **config):
-    """A PEFT LoRA (peft.LoraConfig(**config)) on the tiny DiT's official Linears, saved as diffusion-pipe saves it
-    (folder/adapter_model.safetensors with `diffusion_model.` names, adapter_config.json beside); and, per module, PEFT's
-    own scale and its B @ A."""
-    import peft
-
+def peft_adapter(dit_file, folder, r, lora_alpha, **options):
+    """A PEFT LoRA on some of the tiny DiT's official Linears (TARGETS), saved as diffusion-pipe saves it, with PEFT's
+    merge and its own scale of each module (tests/foreign_loras.diffusion_pipe_adapter)."""
     from musubi_tuner.demo.tiny_dit import tiny_dit_config
 
     model = HunyuanVideoDiT(tiny_dit_config())
     model.load_state_dict(load_file(str(dit_file)))
-    lora_config = peft.LoraConfig(target_modules=TARGETS, lora_dropout=0.0, **config)
-    torch.manual_seed(0)
-    peft.get_peft_model(model, lora_config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    folder.mkdir(parents=True, exist_ok=True)
-    lora_config.save_pretrained(str(folder))
-    tensors = {"diffusion_model." + n.replace(".default", ""): p.detach().clone().contiguous()
-               for n, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    layers = {t: model.get_submodule(t) for t in TARGETS}
-    return folder / "adapter_model.safetensors", {t: (m.scaling["default"], m.lora_B["default"].weight.detach().float() @
-                                                      m.lora_A["default"].weight.detach().float()) for t, m in layers.items()}
+    return diffusion_pipe_adapter(model, folder, rank=r, lora_alpha=lora_alpha, targets=TARGETS, **options)
 
 
 @pytest.mark.parametrize("config", [
@@ -189,19 +173,20 @@ def peft_adapter(dit_file, folder, **config):
 def test_rslora_adapter_merges_at_pefts_scale(pair, tmp_path, capsys, config):
     """The merged update of each module is PEFT's scale (lora_alpha / sqrt(r), per module with the patterns) times B @ A."""
     _, dit, _ = pair
-    path, peft_layers = peft_adapter(dit, tmp_path / "adapter", **config)
-    delta, _ = merged_update(tmp_path, dit, [path], capsys)
-    for module, (scale, ba) in peft_layers.items():
+    adapter = peft_adapter(dit, tmp_path / "adapter", **config)
+    delta, _ = merged_update(tmp_path, dit, [adapter.path], capsys)
+    for module, scale in adapter.scales.items():
         r = config.get("rank_pattern", {}).get(module.rsplit(".", 1)[1], config["r"])
         alpha = next((a for k, a in config.get("alpha_pattern", {}).items() if module.endswith(k)), config["lora_alpha"])
         assert scale == pytest.approx(alpha / math.sqrt(r))  # PEFT's formula, by PEFT
+        ba = adapter.expected[f"{module}.weight"] / scale  # B @ A: PEFT's merge adds scale * B @ A
         assert applied(delta[f"{module}.weight"], ba) == pytest.approx(scale, rel=0.01), module
 
 
 def test_rslora_in_diffusers_metadata_and_convert_keep_pefts_scale(pair, tmp_path, capsys):
     """The same scale from diffusers' lora_adapter_metadata; convert_lora writes it into the kohya .alpha."""
     _, dit, _ = pair
-    path, _ = peft_adapter(dit, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True)
+    path = peft_adapter(dit, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True).path
     meta = {f"transformer.{k}": v for k, v in json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()).items()}
     alone = tmp_path / "rslora.safetensors"
     save_file(load_file(str(path)), str(alone), metadata={"lora_adapter_metadata": json.dumps(meta)})
