@@ -186,3 +186,23 @@ def run_main(main, argv, capsys) -> tuple[int, str, str]:
         sys.exit(0)
     out, err = capsys.readouterr()
     return exit_.value.code or 0, out, err
+
+
+def write_config(folder, text, name="dataset.toml"):
+    """Write a dataset config; returns its path as a user would type it when `folder` is the current folder."""
+    from pathlib import Path
+
+    (folder / name).write_text(text)
+    return Path(name) if Path.cwd() == folder else folder / name
+
+
+def config_error(folder, text, name="dataset.toml", **kwargs) -> str:
+    """The one-line error loading the dataset config `text` (written to folder/name) gives."""
+    import pytest
+
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        load_dataset_config(write_config(folder, text, name), **kwargs)
+    return str(info.value)

@@ -12,28 +12,9 @@ import pytest
 from musubi_tuner.data.config import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
 from musubi_tuner.errors import UserError
 
+from helpers import config_error, write_config
+
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "dataset_config.md"
-
-
-@pytest.fixture
-def folders(tmp_path, monkeypatch):
-    """tmp_path as the current folder, with images/ and videos/ in it."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("images", "videos"):
-        (tmp_path / name).mkdir()
-    return tmp_path
-
-
-def write(folder, text, name="dataset.toml"):
-    """Write the config; returns its path as a user would type it when `folder` is the current folder."""
-    (folder / name).write_text(text)
-    return Path(name) if Path.cwd() == folder else folder / name
-
-
-def load_error(folder, text, **kwargs) -> str:
-    with pytest.raises(UserError) as info:
-        load_dataset_config(write(folder, text), **kwargs)
-    return str(info.value)
 
 
 IMAGES = '[[datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\n'
@@ -41,19 +22,19 @@ VIDEOS = '[[datasets]]\nvideo_directory = "videos"\ncaption_extension = ".txt"\n
 
 
 def test_defaults_are_musubi_tuners(folders):
-    (image,) = load_dataset_config(write(folders, IMAGES)).datasets
+    (image,) = load_dataset_config(write_config(folders, IMAGES)).datasets
     assert isinstance(image, ImageDatasetConfig)
     assert (image.resolution, image.batch_size, image.num_repeats, image.enable_bucket, image.bucket_no_upscale) == \
         ((960, 544), 1, 1, False, False)
     assert image.cache_directory == Path("images")  # defaults to the image folder
-    (video,) = load_dataset_config(write(folders, VIDEOS)).datasets
+    (video,) = load_dataset_config(write_config(folders, VIDEOS)).datasets
     assert isinstance(video, VideoDatasetConfig)
     assert (video.target_frames, video.frame_extraction, video.frame_stride, video.frame_sample, video.max_frames,
             video.source_fps) == ((1,), "head", 1, 1, 129, None)
 
 
 def test_a_dataset_overrides_general_which_overrides_the_command_line_which_overrides_defaults(folders):
-    config = write(folders, """
+    config = write_config(folders, """
 [general]
 resolution = 512
 batch_size = 2
@@ -75,46 +56,46 @@ cache_directory = "cache_b"
 
 
 def test_source_fps_accepts_an_integer_unlike_musubi_tuner(folders):
-    (video,) = load_dataset_config(write(folders, VIDEOS + "source_fps = 30\n")).datasets
+    (video,) = load_dataset_config(write_config(folders, VIDEOS + "source_fps = 30\n")).datasets
     assert video.source_fps == 30.0 and isinstance(video.source_fps, float)
 
 
 def test_target_frames_are_rounded_down_to_4n_plus_1_with_a_warning(folders, caplog):
     with caplog.at_level(logging.WARNING):
-        (video,) = load_dataset_config(write(folders, VIDEOS + "target_frames = [24, 1, 45]\n")).datasets
+        (video,) = load_dataset_config(write_config(folders, VIDEOS + "target_frames = [24, 1, 45]\n")).datasets
     assert video.target_frames == (1, 21, 45)
     assert "[[datasets]][0].target_frames: 24 -> 21" in caplog.text.replace("is not 4N+1, rounded down (", "")
 
 
 def test_uniform_with_one_sample_becomes_head(folders, caplog):
     with caplog.at_level(logging.WARNING):
-        (video,) = load_dataset_config(write(folders, VIDEOS + 'frame_extraction = "uniform"\n')).datasets
+        (video,) = load_dataset_config(write_config(folders, VIDEOS + 'frame_extraction = "uniform"\n')).datasets
     assert video.frame_extraction == "head" and "same as \"head\"" in caplog.text
 
 
 def test_other_architectures_keys_are_accepted_and_ignored_with_a_note(folders, caplog):
     with caplog.at_level(logging.INFO):
-        (image,) = load_dataset_config(write(folders, IMAGES + 'control_directory = "c"\nfp_latent_window_size = 9\n')).datasets
+        (image,) = load_dataset_config(write_config(folders, IMAGES + 'control_directory = "c"\nfp_latent_window_size = 9\n')).datasets
     assert image.ignored_keys == ("control_directory", "fp_latent_window_size")
     assert "ignored for HunyuanVideo" in caplog.text
 
 
 def test_a_misspelt_key_names_file_table_and_the_closest_key(folders):
-    message = load_error(folders, VIDEOS + "target_frame = [25]\n")
+    message = config_error(folders, VIDEOS + "target_frame = [25]\n")
     assert message == "dataset.toml: [[datasets]][0].target_frame is not a video dataset key (did you mean target_frames?)"
 
 
 def test_a_misspelt_key_in_general_suggests_a_general_key(folders):
-    message = load_error(folders, "[general]\nbatchsize = 2\n" + IMAGES)
+    message = config_error(folders, "[general]\nbatchsize = 2\n" + IMAGES)
     assert message == "dataset.toml: [general].batchsize is not a dataset key (did you mean batch_size?)"
 
 
 def test_a_video_key_in_an_image_dataset_says_so(folders):
-    assert "target_frames applies to video datasets only" in load_error(folders, IMAGES + "target_frames = [1]\n")
+    assert "target_frames applies to video datasets only" in config_error(folders, IMAGES + "target_frames = [1]\n")
 
 
 def test_per_dataset_keys_are_refused_in_general(folders):
-    message = load_error(folders, '[general]\ncache_directory = "c"\n' + IMAGES)
+    message = config_error(folders, '[general]\ncache_directory = "c"\n' + IMAGES)
     assert message == "dataset.toml: [general].cache_directory must be set in each [[datasets]] table, not in [general]"
 
 
@@ -133,32 +114,32 @@ def test_per_dataset_keys_are_refused_in_general(folders):
      '(did you mean head?)'),
 ])
 def test_wrong_types_and_values_name_the_key_and_value(folders, line, expected):
-    assert load_error(folders, VIDEOS + line + "\n") == expected
+    assert config_error(folders, VIDEOS + line + "\n") == expected
 
 
 def test_a_missing_folder_is_named_with_its_key(folders):
-    message = load_error(folders, '[[datasets]]\nvideo_directory = "clips"\ncaption_extension = ".txt"\n')
+    message = config_error(folders, '[[datasets]]\nvideo_directory = "clips"\ncaption_extension = ".txt"\n')
     assert message == 'dataset.toml: [[datasets]][0].video_directory = "clips": folder not found'
 
 
 def test_training_from_caches_does_not_need_the_source_folders(folders):
     text = '[[datasets]]\nvideo_directory = "gone"\ncache_directory = "cache"\ncaption_extension = ".txt"\n'
-    (video,) = load_dataset_config(write(folders, text), check_sources=False).datasets
+    (video,) = load_dataset_config(write_config(folders, text), check_sources=False).datasets
     assert video.cache_directory == Path("cache")
 
 
 def test_a_directory_dataset_needs_a_caption_extension(folders):
-    assert "caption_extension is required with image_directory" in load_error(folders, '[[datasets]]\nimage_directory = "images"\n')
+    assert "caption_extension is required with image_directory" in config_error(folders, '[[datasets]]\nimage_directory = "images"\n')
 
 
 def test_a_jsonl_dataset_needs_a_cache_directory(folders):
     (folders / "meta.jsonl").write_text("")
-    message = load_error(folders, '[[datasets]]\nimage_jsonl_file = "meta.jsonl"\n')
+    message = config_error(folders, '[[datasets]]\nimage_jsonl_file = "meta.jsonl"\n')
     assert message == "dataset.toml: [[datasets]][0]: cache_directory is required with image_jsonl_file"
 
 
 def test_datasets_must_not_share_a_cache_folder(folders):
-    message = load_error(folders, IMAGES + IMAGES)  # both default to images/
+    message = config_error(folders, IMAGES + IMAGES)  # both default to images/
     assert message.startswith("dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder images")
 
 
@@ -167,47 +148,47 @@ def test_datasets_must_not_share_a_cache_folder_through_a_link(folders):
     twice."""
     (folders / "cache").mkdir()
     (folders / "linked").symlink_to(folders / "cache")
-    message = load_error(folders, IMAGES + 'cache_directory = "cache"\n' + IMAGES + 'cache_directory = "linked"\n')
+    message = config_error(folders, IMAGES + 'cache_directory = "cache"\n' + IMAGES + 'cache_directory = "linked"\n')
     assert message.startswith("dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder linked, which is "
                               f"{(folders / 'cache').resolve()}; give each dataset its own cache_directory")
 
 
 def test_a_dataset_of_neither_kind_or_both_kinds_is_refused(folders):
-    assert "needs one of image_directory" in load_error(folders, '[[datasets]]\nbatch_size = 1\n')
-    assert "has both image_directory and video_directory" in load_error(folders, IMAGES + 'video_directory = "videos"\n')
+    assert "needs one of image_directory" in config_error(folders, '[[datasets]]\nbatch_size = 1\n')
+    assert "has both image_directory and video_directory" in config_error(folders, IMAGES + 'video_directory = "videos"\n')
 
 
 def test_resolution_without_bucketing_must_be_a_multiple_of_16(folders):
-    assert "(try [992, 496])" in load_error(folders, IMAGES + "resolution = [1000, 500]\n")
-    (image,) = load_dataset_config(write(folders, IMAGES + "resolution = [1000, 500]\nenable_bucket = true\n")).datasets
+    assert "(try [992, 496])" in config_error(folders, IMAGES + "resolution = [1000, 500]\n")
+    (image,) = load_dataset_config(write_config(folders, IMAGES + "resolution = [1000, 500]\nenable_bucket = true\n")).datasets
     assert image.resolution == (1000, 500)
 
 
 def test_syntax_errors_and_unknown_files_name_the_file(folders):
-    assert load_error(folders, "[general\n").startswith("dataset.toml: not valid TOML")
+    assert config_error(folders, "[general\n").startswith("dataset.toml: not valid TOML")
     with pytest.raises(UserError, match="dataset config not found"):
         load_dataset_config(folders / "nope.toml")
     with pytest.raises(UserError, match="must end in .toml or .json"):
-        load_dataset_config(write(folders, IMAGES, "dataset.yaml"))
+        load_dataset_config(write_config(folders, IMAGES, "dataset.yaml"))
 
 
 def test_json_configs_have_the_same_structure(folders):
     config = {"general": {"resolution": [640, 384], "caption_extension": ".txt"},
               "datasets": [{"video_directory": "videos", "target_frames": [1, 25], "frame_extraction": "chunk"}]}
-    (video,) = load_dataset_config(write(folders, json.dumps(config), "dataset.json")).datasets
+    (video,) = load_dataset_config(write_config(folders, json.dumps(config), "dataset.json")).datasets
     assert (video.resolution, video.target_frames, video.frame_extraction) == ((640, 384), (1, 25), "chunk")
 
 
 def test_relative_paths_fall_back_to_the_config_files_folder(tmp_path, monkeypatch):
     (tmp_path / "project" / "images").mkdir(parents=True)
-    config = write(tmp_path / "project", IMAGES)
+    config = write_config(tmp_path / "project", IMAGES)
     monkeypatch.chdir(tmp_path)  # "images" does not exist here, but beside the config
     (image,) = load_dataset_config(config).datasets
     assert image.image_directory == tmp_path / "project" / "images"
 
 
 def test_lora_metadata_uses_musubi_tuners_keys(folders):
-    (video,) = load_dataset_config(write(folders, VIDEOS + "target_frames = [1, 25]\n")).datasets
+    (video,) = load_dataset_config(write_config(folders, VIDEOS + "target_frames = [1, 25]\n")).datasets
     meta = video.metadata()
     assert meta["video_directory"] == "videos" and meta["target_frames"] == [1, 25]
     assert meta["batch_size_per_device"] == 1 and meta["has_control"] is False
@@ -229,7 +210,7 @@ def test_every_example_in_the_docs_loads(tmp_path, monkeypatch, index):
         elif key.endswith("_file"):
             (tmp_path / value).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / value).touch()
-    config = load_dataset_config(write(tmp_path, text))
+    config = load_dataset_config(write_config(tmp_path, text))
     assert config.datasets
 
 
@@ -238,16 +219,16 @@ def test_every_example_in_the_docs_loads(tmp_path, monkeypatch, index):
 
 def test_validation_split_in_general_holds_out_part_of_every_dataset_unless_one_sets_its_own(folders):
     text = "[general]\nvalidation_split = 0.1\n\n" + IMAGES + "\n" + VIDEOS + "validation_split = 0.25\n"
-    images, videos = load_dataset_config(write(folders, text)).datasets
+    images, videos = load_dataset_config(write_config(folders, text)).datasets
     assert (images.validation_split, videos.validation_split) == (0.1, 0.25)
-    assert load_dataset_config(write(folders, text)).has_validation
-    (plain,) = load_dataset_config(write(folders, IMAGES)).datasets
-    assert plain.validation_split == 0.0 and not load_dataset_config(write(folders, IMAGES)).has_validation
+    assert load_dataset_config(write_config(folders, text)).has_validation
+    (plain,) = load_dataset_config(write_config(folders, IMAGES)).datasets
+    assert plain.validation_split == 0.0 and not load_dataset_config(write_config(folders, IMAGES)).has_validation
 
 
 @pytest.mark.parametrize("value", ["1.0", "-0.1", '"10%"'])
 def test_validation_split_must_be_a_fraction_below_one(folders, value):
-    message = load_error(folders, IMAGES + f"validation_split = {value}\n")
+    message = config_error(folders, IMAGES + f"validation_split = {value}\n")
     assert message.startswith(f"dataset.toml: [[datasets]][0].validation_split = ")
     assert "less than 1" in message or "not a number" in message
 
@@ -256,7 +237,7 @@ def test_validation_datasets_are_read_like_datasets_but_kept_apart(folders):
     (folders / "held").mkdir()
     text = ("[general]\nresolution = [512, 512]\ncaption_extension = \".txt\"\nvalidation_split = 0.1\nnum_repeats = 3\n\n"
             + IMAGES + '\n[[validation_datasets]]\nimage_directory = "held"\n')
-    config = load_dataset_config(write(folders, text))
+    config = load_dataset_config(write_config(folders, text))
     (train,), (held,) = config.datasets, config.validation_datasets
     assert train.role == "train" and train.num_repeats == 3 and train.validation_split == 0.1
     assert held.role == "validation" and held.resolution == (512, 512)  # [general] applies to it too
@@ -267,9 +248,9 @@ def test_validation_datasets_are_read_like_datasets_but_kept_apart(folders):
 
 def test_a_validation_dataset_cannot_split_itself_or_share_a_cache_folder(folders):
     held = '\n[[validation_datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\n'
-    assert load_error(folders, IMAGES + held).startswith(
+    assert config_error(folders, IMAGES + held).startswith(
         "dataset.toml: [[datasets]][0] and [[validation_datasets]][0] share the cache folder images")
-    assert "a validation dataset is held out whole" in load_error(folders, IMAGES + held.replace('"images"', '"videos"') + "validation_split = 0.5\n")
+    assert "a validation dataset is held out whole" in config_error(folders, IMAGES + held.replace('"images"', '"videos"') + "validation_split = 0.5\n")
 
 
 def test_a_misspelt_key_is_named_before_the_errors_of_other_tables(tmp_path):
@@ -283,7 +264,7 @@ def test_a_misspelt_key_is_named_before_the_errors_of_other_tables(tmp_path):
 
 def test_a_dataset_config_saved_with_a_byte_order_mark_reads_as_without(folders):
     """Windows' Notepad writes a UTF-8 BOM first; tomllib calls that an invalid statement at line 1."""
-    path = write(folders, VIDEOS)
+    path = write_config(folders, VIDEOS)
     want = load_dataset_config(path).datasets
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert load_dataset_config(path).datasets == want
@@ -296,7 +277,7 @@ def test_a_caption_extension_holding_a_path_separator_is_refused_naming_the_key(
     line = f'caption_extension = "{value}"\n'
     text = "[general]\n" + line + '[[datasets]]\nimage_directory = "images"\n' if table == "general" else \
         '[[datasets]]\nimage_directory = "images"\n' + line
-    message = load_error(folders, text)
+    message = config_error(folders, text)
     where = "[general]" if table == "general" else "[[datasets]][0]"
     assert message.startswith(f"dataset.toml: {where}.caption_extension = ")
     assert message.endswith('must be a file extension such as ".txt" (no /, \\ or NUL): the caption sits beside its image or video')
@@ -305,17 +286,17 @@ def test_a_caption_extension_holding_a_path_separator_is_refused_naming_the_key(
 
 def test_a_caption_extension_from_the_command_line_is_checked_too(folders):
     with pytest.raises(UserError, match=r"command line --caption_extension = '/x' must be a file extension"):
-        load_dataset_config(write(folders, '[[datasets]]\nimage_directory = "images"\n'), {"caption_extension": "/x"})
+        load_dataset_config(write_config(folders, '[[datasets]]\nimage_directory = "images"\n'), {"caption_extension": "/x"})
 
 
 @pytest.mark.parametrize("value", ["100000000000000000", "10001"])
 def test_an_absurd_num_repeats_is_refused_naming_the_key_and_the_flags_for_longer_training(folders, value):
     """Every repeat is a sample the epoch's plan holds in memory; 10**17 ran training out of host memory (D16)."""
-    message = load_error(folders, VIDEOS + f"num_repeats = {value}\n")
+    message = config_error(folders, VIDEOS + f"num_repeats = {value}\n")
     assert message == (f"dataset.toml: [[datasets]][0].num_repeats = {value} is too large: at most 10,000 (every repeat is "
                        "held in memory for the epoch's plan); to train longer, set --max_train_steps or --max_train_epochs")
 
 
 def test_num_repeats_up_to_the_bound_is_accepted(folders):
-    (video,) = load_dataset_config(write(folders, "[general]\nnum_repeats = 10000\n" + VIDEOS)).datasets
+    (video,) = load_dataset_config(write_config(folders, "[general]\nnum_repeats = 10000\n" + VIDEOS)).datasets
     assert video.num_repeats == 10000

@@ -9,41 +9,29 @@ from musubi_tuner.data.config import load_dataset_config
 from musubi_tuner.data.items import list_items
 from musubi_tuner.errors import UserError
 
+from helpers import config_error
+
 BIG = "1" + "0" * 5000  # more digits than Python converts
 DEEP = "[" * 100000 + "1" + "]" * 100000
-
-
-@pytest.fixture
-def folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "images").mkdir()
-    return tmp_path
-
-
-def config_error(folder, text):
-    (folder / "dataset.json").write_text(text)
-    with pytest.raises(UserError) as info:
-        load_dataset_config("dataset.json")
-    return str(info.value)
 
 
 @pytest.mark.parametrize("batch_size, reason", [
     (BIG, "an integer of 5001 digits, too long to read)"),
     (DEEP, "nested too deeply"),
 ])
-def test_a_json_config_that_python_cannot_read_is_not_valid_json(folder, batch_size, reason):
+def test_a_json_config_that_python_cannot_read_is_not_valid_json(folders, batch_size, reason):
     text = ('{"general": {"caption_extension": ".txt"},\n "datasets": [\n'
             f'  {{"image_directory": "images", "batch_size": {batch_size}}}]}}\n')
-    assert config_error(folder, text).startswith(f"dataset.json: not valid JSON ({reason}")
+    assert config_error(folders, text, name="dataset.json").startswith(f"dataset.json: not valid JSON ({reason}")
 
 
-def test_a_json_config_with_a_key_given_twice_in_one_table_is_refused_naming_the_key(folder):
-    (folder / "dataset.json").write_text(json.dumps({"general": {"caption_extension": ".txt", "resolution": [32, 32]},
+def test_a_json_config_with_a_key_given_twice_in_one_table_is_refused_naming_the_key(folders):
+    (folders / "dataset.json").write_text(json.dumps({"general": {"caption_extension": ".txt", "resolution": [32, 32]},
                                                      "datasets": [{"image_directory": "images", "resolution": [64, 64]}]}))
     assert load_dataset_config("dataset.json").datasets[0].resolution == (64, 64)  # one key in two tables: fine
     text = ('{"general": {"caption_extension": ".txt", "resolution": [32, 32]},\n "datasets": [\n'
             '  {"image_directory": "images", "resolution": [32, 32],\n   "resolution": [64, 64]}]}\n')
-    assert config_error(folder, text) == 'dataset.json: not valid JSON (key "resolution" given twice)'
+    assert config_error(folders, text, name="dataset.json") == 'dataset.json: not valid JSON (key "resolution" given twice)'
 
 
 @pytest.mark.parametrize("line, reason", [
@@ -51,9 +39,9 @@ def test_a_json_config_with_a_key_given_twice_in_one_table_is_refused_naming_the
     ('{"image_path": "a.png", "caption": "a", "n": %s}' % DEEP, "nested too deeply"),
     ('{"image_path": "a.png", "caption": "a", "caption": "b"}', 'key "caption" given twice'),
 ])
-def test_a_jsonl_line_that_python_cannot_read_or_that_gives_a_key_twice_is_named(folder, line, reason):
-    (folder / "items.jsonl").write_text('{"image_path": "a.png", "caption": "fine"}\n' + line + "\n")
-    (folder / "dataset.toml").write_text('[[datasets]]\nimage_jsonl_file = "items.jsonl"\ncache_directory = "cache"\n')
+def test_a_jsonl_line_that_python_cannot_read_or_that_gives_a_key_twice_is_named(folders, line, reason):
+    (folders / "items.jsonl").write_text('{"image_path": "a.png", "caption": "fine"}\n' + line + "\n")
+    (folders / "dataset.toml").write_text('[[datasets]]\nimage_jsonl_file = "items.jsonl"\ncache_directory = "cache"\n')
     dataset = load_dataset_config("dataset.toml").datasets[0]
     with pytest.raises(UserError) as info:
         list_items(dataset)

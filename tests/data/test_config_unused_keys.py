@@ -8,12 +8,10 @@ from musubi_tuner.data.config import load_dataset_config
 
 
 @pytest.fixture
-def folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for name in ("images", "videos"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "items.jsonl").write_text("")
-    return tmp_path
+def folder(folders):
+    """The config tests' folder, with an (empty) items.jsonl for the JSONL datasets."""
+    (folders / "items.jsonl").write_text("")
+    return folders
 
 
 def warnings_of(folder, text, caplog):
