@@ -412,20 +412,15 @@ class FolderUse:
     def acquire(self) -> bool:
         if os.name == "nt" or not self.path.parent.is_dir():
             return True
-        import fcntl
-
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError:  # a read-only cache folder: no caching run can write there either
                 return True
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except OSError as e:
+            locked = _try_lock(fd, shared=not self.exclusive)
+            if not locked:
                 os.close(fd)
-                if isinstance(e, BlockingIOError) or e.errno in (errno.EAGAIN, errno.EACCES):
-                    return False
-                return True  # ENOLCK, EOPNOTSUPP: a file system without locks
+                return locked is None  # None: a file system without locks
             if os.fstat(fd).st_ino == _inode(self.path):
                 self._fd = fd
                 return True
@@ -434,13 +429,11 @@ class FolderUse:
     def release(self) -> None:
         if self._fd is None:
             return
-        import fcntl
-
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no one else holds it: the file goes
-            self.path.unlink(missing_ok=True)
-        except OSError:
-            pass
+        if _try_lock(self._fd):  # no one else holds it: the file goes
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
         os.close(self._fd)
         self._fd = None
 
@@ -463,8 +456,9 @@ def lock_holder(path: str | os.PathLike) -> str:
         os.close(fd)
 
 
-def _try_lock(fd: int) -> bool | None:
-    """True: locked; False: another process holds it; None: this file system has no locks."""
+def _try_lock(fd: int, shared: bool = False) -> bool | None:
+    """True: locked (exclusively, or with `shared` alongside other shared holders; POSIX only); False: another process
+    holds it; None: this file system has no locks."""
     try:
         if os.name == "nt":
             import msvcrt
@@ -473,7 +467,7 @@ def _try_lock(fd: int) -> bool | None:
         else:
             import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
