@@ -94,11 +94,10 @@ CACHING_ONLY = ("vae", "vae_dtype", "device", "disable_cudnn_backend", "vae_tili
 def say_unused_flags(args) -> None:
     """A warning naming each flag given that this run does not read: the caching flags with --debug_mode, the
     console's without --debug_mode console (--console_num_images also limits the other modes)."""
-    defaults = build_parser().parse_args(["--dataset_config", "x"])
-    unused = [f for f in CACHING_ONLY if args.debug_mode] + \
-             [f for f in ("console_width", "console_back") if args.debug_mode != "console"] + \
-             [f for f in ("console_num_images",) if not args.debug_mode]
-    given = [f"--{f}" for f in unused if getattr(args, f) != getattr(defaults, f)]
+    parser = build_parser()  # its defaults: a flag at its default was not given
+    unused = [*(CACHING_ONLY if args.debug_mode else ()), *(("console_width", "console_back") if args.debug_mode != "console" else ()),
+              *(() if args.debug_mode else ("console_num_images",))]
+    given = [f"--{f}" for f in unused if getattr(args, f) != parser.get_default(f)]
     if given:
         logger.warning("%s: not read %s; ignored", ", ".join(given),
                        f"by --debug_mode {args.debug_mode}, which caches nothing" if args.debug_mode else "while caching")
