@@ -16,7 +16,7 @@ from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.fp8 import Fp8Linear, quantize_rows
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo, base_mismatch
-from musubi_tuner.networks.lora_reader import LoRAContents, Patch, read_lora
+from musubi_tuner.networks.lora_reader import Patch, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,10 @@ def lora_jobs(lora_paths: Sequence[str], multipliers, lora_blocks: Sequence[str]
             if os.path.realpath(path) not in left_out]
 
 
-def warn_base_mismatch(contents: LoRAContents, config: DiTConfig, dit_path: str) -> None:
-    """Log the doctor's warning when the LoRA's metadata names another base than the DiT (SkyReels I2V on a T2V DiT)."""
-    if mismatch := base_mismatch(LoRAFileInfo.from_metadata(contents.metadata, contents.source), config, str(dit_path)):
-        logger.warning("%s: %s", contents.source, mismatch)
+def warn_base_mismatch(metadata: dict[str, str], source: str, config: DiTConfig, dit_path: str) -> None:
+    """Log the doctor's warning when a LoRA file's metadata names another base than the DiT (SkyReels I2V on a T2V DiT)."""
+    if mismatch := base_mismatch(LoRAFileInfo.from_metadata(metadata, source), config, str(dit_path)):
+        logger.warning("%s: %s", source, mismatch)
 
 
 def lora_patches(path, keep: ModuleFilter | None = None, allow_partial: bool = False,
@@ -120,7 +120,7 @@ def lora_patches(path, keep: ModuleFilter | None = None, allow_partial: bool = F
     (the DiT's config and file) warned about when its metadata names another base."""
     contents = read_lora(path, allow_partial)
     if base is not None:
-        warn_base_mismatch(contents, *base)
+        warn_base_mismatch(contents.metadata, contents.source, *base)
     patches = contents.select(keep)
     if not patches:
         raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
@@ -196,7 +196,7 @@ def check_loras_fit(lora_paths: Sequence[str], dit_shapes: dict[str, tuple[int, 
     config = DiTConfig.from_shapes(dit_shapes, source=dit_name)
     for path in lora_paths:
         contents = read_lora(path, allow_partial)
-        warn_base_mismatch(contents, config, dit_name)
+        warn_base_mismatch(contents.metadata, contents.source, config, dit_name)
         for patch in contents.patches:
             shape = dit_shapes.get(patch.param)
             if shape is None:

@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 from musubi_tuner.distributed import GradientReducer, check_same_command_line, describe as describe_layout, make_layout
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError
-from musubi_tuner.files import require_file
+from musubi_tuner.files import StateDictFile, require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, compile_blocks, compile_errors, known_gradient_problem,
                                           log_graph_breaks)
@@ -518,11 +518,12 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
 
     dit_config = read_dit_config(open_dit_file(args.dit))  # the header only: a wrong cache fails before the model loads
     network_options(args, dit_config)  # the include/exclude patterns tried on the DiT's module names
-    for path in filter(None, [args.network_weights, *(args.base_weights or [])]):  # an I2V LoRA on a T2V DiT, say
-        from musubi_tuner.networks.lora_reader import read_lora
-        from musubi_tuner.networks.merge import warn_base_mismatch
+    from musubi_tuner.networks.merge import warn_base_mismatch
 
-        warn_base_mismatch(read_lora(path, getattr(args, "allow_partial_lora", False)), dit_config, args.dit)
+    for path in filter(None, [args.network_weights, *(args.base_weights or [])]):  # an I2V LoRA on a T2V DiT, say
+        lora = StateDictFile(path, what="LoRA file")  # (its metadata: check_lora_files read the whole file already)
+        warn_base_mismatch(lora.metadata, str(path), dit_config, args.dit)
+        lora.close()
     check_heads(dit_config.heads_num, args.context_parallel)
     layout = make_layout(args.context_parallel)
     check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
