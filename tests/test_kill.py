@@ -135,6 +135,34 @@ def test_kill_during_a_save_and_during_a_step_then_resume_auto_finishes_as_an_un
         f"tiny-step{s:08d}{suffix}" for s in range(STEPS - 2, STEPS + 1) for suffix in ("-state", ".comfyui.safetensors", ".safetensors")]
 
 
+def test_a_run_killed_while_it_prunes_a_state_leaves_that_state_whole_or_gone(setup, tmp_path):
+    """--save_last_n_steps deletes old state folders. A kill part-way through a deletion must not leave a state
+    folder with some of its files under its own name, which --resume auto could take for a state. The state is
+    padded with many files so that its deletion takes long enough to be killed in."""
+    dit, toml, _ = setup
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    argv = train_argv(dit, toml, out, "--save_every_n_steps", "1", "--save_state", "--save_last_n_steps", "2", "--resume", "auto")
+    kill_when(start(argv, log), state_appears(out, 1))
+    first, files = out / "tiny-step00000001-state", 30000
+    (first / "padding").mkdir()
+    for i in range(files):
+        (first / "padding" / str(i)).touch()
+
+    def pruning() -> bool:
+        try:
+            return len(os.listdir(first / "padding")) < files
+        except FileNotFoundError:
+            return True
+    kill_when(start(argv, log), pruning)
+
+    assert not first.exists() or len(os.listdir(first / "padding")) == files, "a half-deleted state is left under its name"
+    assert_whole(out)
+    final = start(argv, log)
+    assert final.wait(600) == 0, log.read_text()[-3000:]
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete", ".old", ".lock"))]
+    assert not first.exists()
+
+
 def test_a_run_killed_between_the_lora_and_its_comfyui_copy_leaves_no_copy_of_another_save(setup, tmp_path):
     """Both files of a save are written whole before either replaces the previous save's: a kill while the copy is
     written leaves the previous pair, never the new LoRA beside the previous save's copy."""

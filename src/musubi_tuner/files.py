@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import secrets
 import shutil
 import struct
 import tempfile
@@ -167,6 +168,21 @@ def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, 
         if ((pid is None and owned) or (pid is not None and not pid_alive(int(pid)))) and not _being_written(path):
             found.append(path)
     return found
+
+
+def remove_folder(path: str | os.PathLike) -> None:
+    """Remove a folder so that a kill part-way never leaves it half there under its own name: it is first renamed to
+    an atomic_folder temporary name (which no reader takes for real and leftover_temp_files(..., folders=True) finds
+    once this process is gone), then deleted."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise write_error(path, e) from e
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_torch(obj, path: str | os.PathLike) -> None:

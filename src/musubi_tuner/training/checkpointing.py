@@ -7,7 +7,6 @@ import glob
 import logging
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import remove_folder
 from musubi_tuner.networks.lora_metadata import lora_module_info
 from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
 from musubi_tuner.training.state import TrainProgress, save_state
@@ -165,7 +165,7 @@ class CheckpointSaver:
             for path in self.out.glob(pattern):
                 if path.suffix == ".old" and not path.with_suffix("").is_dir():
                     continue  # a kill between the renames left only this copy (see state.newest_state)
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                remove_folder(path) if path.is_dir() else path.unlink(missing_ok=True)
                 logger.info("removed %s (left by an interrupted run)", path)
 
     # -- keeping the last N (musubi-tuner's arithmetic for which save leaves the window)
@@ -202,10 +202,11 @@ class CheckpointSaver:
             return
         from musubi_tuner.networks.lora_files import companion_path
 
-        pair = [path, companion_path(path)] if path.suffix == ".safetensors" else [path]
+        # a state's .old copy goes first: left alone, it would be taken for the state (see state.complete_states)
+        pair = [path, companion_path(path)] if path.suffix == ".safetensors" else [path.with_name(path.name + ".old"), path]
         for p in pair:
             if self.hub is not None:
                 self.hub.wait_for(p)
             if p.exists():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                remove_folder(p) if p.is_dir() else p.unlink()  # a kill while deleting a state leaves no state without its files
                 logger.info("removed %s (keeping the last ones)", p)

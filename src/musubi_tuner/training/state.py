@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import atomic_write, load_torch_file, save_safetensors, save_torch
+from musubi_tuner.files import atomic_write, load_torch_file, remove_folder, save_safetensors, save_torch
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,11 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
         wait()
         if is_main:
             _fsync_files(tmp)  # a power cut after the rename must not leave empty files in a "complete" state
-            shutil.rmtree(old, ignore_errors=True)  # left by a run killed while deleting it; os.replace onto it would fail
+            remove_folder(old)  # left by a run killed before deleting it; os.replace onto it would fail
             if folder.exists():
                 os.replace(folder, old)
             os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_folder(old)  # never half there: alone (see complete_states), a .old copy is taken for the state
     except (OSError, UserError) as e:  # full disk, file-size limit, read-only folder: the previous state (if any) is whole
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
