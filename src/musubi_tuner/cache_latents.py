@@ -71,8 +71,9 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
     workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
     record = cache_files.dataset_record(dataset.source, dataset.cache_directory)
     bar = progress_bar(desc=f"{dataset.where} latents", unit="item")
+    made_by = cache_files.vae_provenance(args.vae, vae.dtype)
     for batch in iter_latent_batches(dataset, report, num_workers=workers, skip_existing=args.skip_existing,
-                                     vae=args.vae, strict=args.strict, items=items):
+                                     vae=made_by, strict=args.strict, items=items):
         for part in chunks(batch.items, args.batch_size):
             with torch.no_grad():
                 latents = vae.encode(stack_pixels(part, device, vae.dtype)).sample(generator).to("cpu", vae.dtype)

@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_encoder(name: str, load, batches: list[list], total: int, model_path: str) -> int:
+def run_encoder(name: str, load, batches: list[list], total: int, made_by: dict[str, str]) -> int:
     """Encode the captions of `batches` (one encoder call each; `total` captions in the dataset) with one
-    encoder and merge its outputs into their caches."""
+    encoder and merge its outputs into their caches, recording `made_by` (cache_files.text_provenance)."""
     import torch
 
     from musubi_tuner.data import cache_files
@@ -71,7 +71,7 @@ def run_encoder(name: str, load, batches: list[list], total: int, model_path: st
                 embeds, masks = encoder.encode([c.caption for c in batch])
             for item, embed, mask in zip(batch, embeds.cpu(), masks.cpu()):
                 cache_files.save_text_cache(item.cache_path, item.caption, cache_files.text_encoder_tensors(name, embed, mask),
-                                            provenance={**cache_files.text_provenance(name, model_path), **(item.record or {})})
+                                            provenance={**made_by, **(item.record or {})})
             bar.update(len(batch))
     del encoder
     gc.collect()
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
             logger.warning("this CPU has no fast float16 kernels: float16 encoders run about 4x slower than float32 and 8x slower "
                            "than bfloat16 here; --text_encoder_dtype bf16 (same memory) or fp32 (twice the memory) is faster")
 
-        from musubi_tuner.data.cache_files import lock_cache_directories
+        from musubi_tuner.data.cache_files import lock_cache_directories, text_provenance
 
         with lock_cache_directories(config.all_datasets, "text"):  # before any encoder loads: a second run stops at once
             workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
@@ -124,13 +124,15 @@ def main(argv=None) -> None:
                 reports.append(report)
             everything = [c for cs in captions for c in cs]
             # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
-            todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=args.text_encoder1)
-            todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=args.text_encoder2)
+            made_by = {"llm": text_provenance("llm", args.text_encoder1, dtype, args.fp8_llm),
+                       "clipL": text_provenance("clipL", args.text_encoder2, dtype)}
+            todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=made_by["llm"])
+            todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=made_by["clipL"])
             run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm,
                                                           cast_rope=args.cast_llm_rope),
-                        encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), args.text_encoder1)
+                        encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), made_by["llm"])
             run_encoder("clipL", lambda: load_text_encoder2(args.text_encoder2, dtype=dtype, device=device),
-                        encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), args.text_encoder2)
+                        encoder_batches(config.all_datasets, captions, todo_clip, args.batch_size), len(everything), made_by["clipL"])
 
             changed = {c.cache_path for c in todo_llm} | {c.cache_path for c in todo_clip}
             for ds, report, cs in zip(config.all_datasets, reports, captions):

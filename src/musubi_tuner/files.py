@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -183,6 +184,34 @@ def remove_folder(path: str | os.PathLike) -> None:
     except OSError as e:
         raise write_error(path, e) from e
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """A short digest of what a model file (or every file of a model folder) holds, from its size and 16 blocks of
+    64 KiB spread over it: two different weights of the same architecture differ in every block, and a read of 1 MiB
+    costs nothing beside loading the model, while its name (every official VAE is pytorch_model.pt) or its
+    modification time (changed by a copy) tell nothing. A file that cannot be read is a UserError naming it."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        parts = [path] if not path.is_dir() else sorted(  # not a download tool's hidden bookkeeping (.cache/, .lock)
+            p for p in path.rglob("*") if p.is_file() and not any(n.startswith(".") for n in p.relative_to(path).parts))
+        for part in parts:
+            size = part.stat().st_size
+            digest.update(f"{part.relative_to(path) if part != path else ''}:{size}".encode())
+            with open(part, "rb") as f:
+                if size <= SAMPLES * SAMPLE_BYTES:  # a config, a tokenizer, a tiny model: all of it
+                    digest.update(f.read())
+                    continue
+                for i in range(SAMPLES):  # the first block, the last, and 14 between
+                    f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                    digest.update(f.read(SAMPLE_BYTES))
+    except OSError as e:
+        raise UserError(f"{getattr(e, 'filename', None) or path}: cannot read ({e.strerror or e})") from None
+    return digest.hexdigest()[:16]
 
 
 def save_torch(obj, path: str | os.PathLike) -> None:

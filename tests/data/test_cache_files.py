@@ -266,8 +266,19 @@ def test_cache_status_says_why_a_cache_cannot_be_reused(tmp_path):
 def test_latent_provenance_follows_the_source_file(tmp_path):
     source = tmp_path / "cat.png"
     source.write_bytes(b"12345")
-    first = cf.latent_provenance(source, (40, 30), (32, 32), vae="/models/vae/pytorch_model.pt")
+    vae = tmp_path / "models" / "vae" / "pytorch_model.pt"
+    vae.parent.mkdir(parents=True)
+    vae.write_bytes(bytes(range(256)) * 8192)  # 2 MiB: sampled, not read whole
+    first = cf.latent_provenance(source, (40, 30), (32, 32), vae=cf.vae_provenance(vae, torch.float16))
     assert first["vae"] == "pytorch_model.pt" and first["source_bytes"] == "5" and first["bucket"] == "32x32"
+    assert first["vae_dtype"] == "float16"
+    copy = tmp_path / "copy" / "pytorch_model.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(vae.read_bytes())
+    assert cf.vae_provenance(copy, torch.float16) == cf.vae_provenance(vae, torch.float16)  # a copy is the same VAE
+    assert cf.vae_provenance(copy, torch.bfloat16)["vae_dtype"] == "bfloat16"
+    copy.write_bytes(bytes(range(255, -1, -1)) * 8192)  # another VAE of the same size and name: other weights throughout
+    assert cf.vae_provenance(copy, torch.float16)["vae_digest"] != first["vae_digest"]
     source.write_bytes(b"123456")
     os.utime(source, ns=(1, 1))
     assert cf.latent_provenance(source, (40, 30), (32, 32))["source_mtime_ns"] == "1"

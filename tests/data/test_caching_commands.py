@@ -236,6 +236,34 @@ def test_keep_cache_keeps_stale_caches_but_removes_temporary_files_of_killed_run
     assert not (cache / stale).exists()
 
 
+def test_skip_existing_redoes_latents_of_another_vae_of_the_same_file_name_or_another_dtype(models, tmp_path, capsys):
+    """Every official VAE file is pytorch_model.pt: the name tells nothing, so the cache records what the file holds."""
+    toml, _ = clips(tmp_path, 2)
+    other = write_vae(tmp_path / "finetuned" / "vae" / "pytorch_model.pt", random_vae_state_dict(TINY_VAE, seed=1))
+    cache_latents_main(latent_args(toml, models))
+    for vae, flags, cached in [(other, (), 2), (other, (), 0), (other, ("--vae_dtype", "fp32"), 2), (models.vae, (), 2)]:
+        capsys.readouterr()
+        cache_latents_main(["--dataset_config", str(toml), "--vae", str(vae), "--skip_existing", *flags])
+        assert f"{cached} latent caches cached, {2 - cached} already cached" in capsys.readouterr().out, (vae, flags)
+
+
+def test_skip_existing_redoes_text_of_another_encoder_of_the_same_folder_name_or_another_setting(models, tmp_path, caplog):
+    toml, _ = clips(tmp_path, 2)
+    other = write_tiny_llm_folder(tmp_path / "finetuned" / "text_encoder", seed=1)
+    cache_text_main(text_args(toml, models))
+    runs = [((other, models.te2), (), "llm: encoding 2 captions"), ((other, models.te2), (), "llm: nothing to encode"),
+            ((other, models.te2), ("--fp8_llm",), "llm: encoding 2 captions"),
+            ((other, models.te2), ("--fp8_llm", "--text_encoder_dtype", "fp32"), "clipL: encoding 2 captions")]
+    for (te1, te2), flags, said in runs:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            cache_text_main(["--dataset_config", str(toml), "--text_encoder1", str(te1), "--text_encoder2", str(te2),
+                             "--skip_existing", *flags])
+        assert said in caplog.text, (te1, flags)
+        if flags == ("--fp8_llm",):
+            assert "clipL: nothing to encode" in caplog.text  # --fp8_llm changes the LLM only
+
+
 # ------------------------------------------------------------------------------------------ bad files
 
 

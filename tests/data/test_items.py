@@ -291,16 +291,17 @@ def test_skip_existing_reuses_current_image_caches_and_redoes_changed_ones(tmp_p
     dataset = image_config(tmp_path)
     for name in ("a", "b"):
         add_image(tmp_path, name)
-    cache_everything(dataset, items.CacheReport(), vae="vae.pt")
+    vae, other = {"vae": "vae.pt", "vae_digest": "1"}, {"vae": "vae.pt", "vae_digest": "2"}
+    cache_everything(dataset, items.CacheReport(), vae=vae)
     report = items.CacheReport()
-    assert list(items.iter_latent_batches(dataset, report, skip_existing=True, vae="vae.pt")) == []
+    assert list(items.iter_latent_batches(dataset, report, skip_existing=True, vae=vae)) == []
     assert report.already_cached == 2
     add_image(tmp_path, "b", caption="an image")  # rewritten source
     os.utime(tmp_path / "images" / "b.png", ns=(1, 1))
-    redo = [i.source.stem for b in items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True, vae="vae.pt")
+    redo = [i.source.stem for b in items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True, vae=vae)
             for i in b.items]
     assert redo == ["b"]
-    other_vae = list(items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True, vae="other.pt"))
+    other_vae = list(items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True, vae=other))
     assert sum(len(b.items) for b in other_vae) == 2
 
 

@@ -174,16 +174,20 @@ def source_signature(source: str | os.PathLike) -> dict[str, str]:
 
 
 def latent_provenance(source: str | os.PathLike, source_size: tuple[int, int], bucket: tuple[int, int],
-                      vae: str | None = None, source_frames: int | None = None) -> dict[str, str]:
+                      vae: Mapping[str, str] | None = None, source_frames: int | None = None) -> dict[str, str]:
     """What made a latent cache, for its metadata: the source file and its state, its size (and, for a
-    video, its frame count after source_fps), the bucket and the VAE file name."""
+    video, its frame count after source_fps), the bucket and the VAE (`vae_provenance`)."""
     provenance = {"source": os.path.basename(os.path.normpath(source)), **source_signature(source),
                   "source_size": f"{source_size[0]}x{source_size[1]}", "bucket": f"{bucket[0]}x{bucket[1]}"}
     if source_frames is not None:
         provenance["source_frames"] = str(source_frames)
-    if vae is not None:
-        provenance["vae"] = os.path.basename(vae)
-    return provenance
+    return {**provenance, **(vae or {})}
+
+
+def vae_provenance(vae: str | os.PathLike, dtype: torch.dtype) -> dict[str, str]:
+    """The VAE's part of a latent cache's provenance: its file name, what the file holds (files.content_digest: every
+    official VAE file has the same name) and the dtype it encoded in. Computed once per run."""
+    return {"vae": os.path.basename(vae), "vae_digest": files.content_digest(vae), "vae_dtype": dtype_short_name(dtype)}
 
 
 DATASET_KEY = "dataset"
@@ -217,9 +221,15 @@ def made_by_another_dataset(paths: Iterable[Path], source: str | os.PathLike, ca
     return other
 
 
-def text_provenance(encoder: str, model: str) -> dict[str, str]:
-    """What made one encoder's part of a text cache: the model file's name."""
-    return {f"{encoder}_model": os.path.basename(model)}
+def text_provenance(encoder: str, model: str | os.PathLike, dtype: torch.dtype, fp8: bool = False) -> dict[str, str]:
+    """What made one encoder's part of a text cache: the model's file or folder name, what it holds
+    (files.content_digest), the dtype it ran in and, for the LLM, whether its weights were fp8 (--fp8_llm).
+    Computed once per run."""
+    record = {f"{encoder}_model": os.path.basename(os.path.normpath(model)), f"{encoder}_digest": files.content_digest(model),
+              f"{encoder}_dtype": dtype_short_name(dtype)}
+    if encoder == "llm":
+        record["llm_fp8"] = str(bool(fp8)).lower()
+    return record
 
 
 def clip_provenance(video_provenance: dict[str, str], clip: tuple[int, int]) -> dict[str, str]:

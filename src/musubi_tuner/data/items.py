@@ -1,7 +1,7 @@
 """A dataset's items for the caching commands: listing, captions, decoding in worker threads, batches.
 
     items, problems = list_items(dataset)                     # cheap: names and caption files only
-    for batch in iter_latent_batches(dataset, report, num_workers=4, vae="vae.pt"):
+    for batch in iter_latent_batches(dataset, report, num_workers=4, vae=vae_provenance("vae.pt", dtype)):
         latents = vae.encode(batch.pixels(device, dtype))     # workers decode the next items meanwhile
         ...save_latent_cache(item.cache_path, ...) for each item; report.cached += len(batch)
     print(report.summary())
@@ -19,7 +19,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -275,7 +275,7 @@ class _Loaded:
 class _LatentLoader:
     """Turns a SourceItem into LatentItems (runs in worker threads; touches no shared state)."""
 
-    def __init__(self, dataset: AnyDatasetConfig, vae: str | None, skip_existing: bool):
+    def __init__(self, dataset: AnyDatasetConfig, vae: Mapping[str, str] | None, skip_existing: bool):
         self.dataset = dataset
         self.vae = vae
         self.skip_existing = skip_existing
@@ -374,7 +374,7 @@ def listed_items(dataset: AnyDatasetConfig, report: CacheReport) -> list[SourceI
 
 
 def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_workers: int = 1,
-                        skip_existing: bool = False, vae: str | None = None, strict: bool = False,
+                        skip_existing: bool = False, vae: Mapping[str, str] | None = None, strict: bool = False,
                         items: Sequence[SourceItem] | None = None) -> Iterator[LatentBatch]:
     """Decode the dataset's items in `num_workers` threads and yield batches of one bucket (and clip length).
 
@@ -474,19 +474,19 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
 
 
 def text_encoding_todo(items: Iterable[CaptionItem], encoder: str, *, skip_existing: bool,
-                       model: str | None = None) -> list[CaptionItem]:
+                       model: Mapping[str, str] | None = None) -> list[CaptionItem]:
     """The items one text encoder ("llm" or "clipL") must encode.
 
     Without skip_existing: all. With it: those whose cache lacks this encoder's output, was made from
-    another caption, or (when recorded) by another model file. Call it for both encoders before
-    running either pass: the first pass rewrites the file the second would look at.
+    another caption, or (when recorded) by another model or setting (`model`: cache_files.text_provenance).
+    Call it for both encoders before running either pass: the first pass rewrites the file the second would look at.
     """
     items = list(items)
     if not skip_existing:
         return items
     todo = []
     for item in items:
-        expected = {"caption1": item.caption, **(cache_files.text_provenance(encoder, model) if model else {})}
+        expected = {"caption1": item.caption, **(model or {})}
         if cache_files.cache_status(item.cache_path, expected, required_prefixes=(f"{encoder}_",)) is not None:
             todo.append(item)
     return todo
