@@ -87,6 +87,8 @@ def test_a_device_this_machine_lacks_is_named():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match=r"--device gpu: not a device"):
         resolve_device("gpu")
+    with pytest.raises(UserError, match=r"--device cpu:1: there is one cpu device here; use --device cpu"):
+        resolve_device("cpu:1")  # a typo for cuda:1, which torch would run on the CPU
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match=r"--device cuda:1: (this PyTorch is built without CUDA|no CUDA device is visible)"):
             resolve_device("cuda:1")

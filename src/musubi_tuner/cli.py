@@ -233,4 +233,6 @@ def resolve_device(value: str | None, flag: str = "--device"):
         raise UserError(f"{flag} {value}: no Apple GPU (MPS) here; use {flag} cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"{flag} {value}: unsupported device type (use cpu, cuda, cuda:N or mps)")
+    if device.type != "cuda" and device.index not in (None, 0):  # torch takes cpu:1 for the CPU without a word
+        raise UserError(f"{flag} {value}: there is one {device.type} device here; use {flag} {device.type}")
     return device
