@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from musubi_tuner.errors import UserError
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     import torch
 
@@ -214,6 +216,17 @@ def content_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def remove_leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, owned: bool = False,
+                               folders: bool = False) -> list[Path]:
+    """Delete what leftover_temp_files lists (the same arguments), each said; returns them. Every command calls it for
+    each folder it writes into, before its first write there: a killed run's temporary files go with the next run."""
+    found = leftover_temp_files(folder, target, owned=owned, folders=folders)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        logger.info("removed %s (left by an interrupted run)", path)
+    return found
+
+
 def save_torch(obj, path: str | os.PathLike) -> None:
     """torch.save, atomically, with the real cause of a failed write (full disk, file-size limit) in a UserError.
 
@@ -266,9 +279,8 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(dir=folder):  # unnamed where the system can (O_TMPFILE): a kill leaves nothing
+            pass
     except OSError as e:
         raise UserError(f"{folder}: cannot write to this folder ({e.strerror or e}); fix its permissions or choose another {flag}") from None
     return folder
@@ -421,7 +433,7 @@ class RunLock:
                 os.close(fd)
                 return self.acquire()
             if holder:
-                logging.getLogger(__name__).warning("%s: taking over the lock of a %s that did not finish (%s)",
+                logger.warning("%s: taking over the lock of a %s that did not finish (%s)",
                                                     self.path.parent, self.what, _describe(holder))
             _write_holder(fd)
         except BaseException:

@@ -13,6 +13,9 @@ import pickle
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -145,6 +148,20 @@ def write_toml(tmp: Path, body: str, general: str = '[general]\nresolution = [32
 def video_table(a: Assets, tmp: Path, extra: str = "") -> str:
     return (f'[[datasets]]\nvideo_directory = "{a.dataset.parent / "videos"}"\ncache_directory = "{tmp / "cache"}"\n'
             f'target_frames = [5]\n{extra}')
+
+
+KILLED_WRITE = ("import os, signal, sys\nfrom musubi_tuner.files import atomic_write\n"
+                "with atomic_write(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half a file')\n"
+                "    os.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+def killed_while_writing(path: Path) -> Path:
+    """What a command killed while it wrote `path` leaves: a process really killed inside atomic_write (its temporary
+    file beside `path`, named with its dead pid). Returns `path`; `check` then asserts that the run removed it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(path)], capture_output=True)
+    assert done.returncode == -signal.SIGKILL and leftovers(path.parent), done.stderr
+    return path
 
 
 def copy_dataset(a: Assets, tmp: Path) -> tuple[Path, Path]:

@@ -19,6 +19,7 @@ from reliability_cases import (
     cache_text_argv,
     caches,
     check,
+    killed_while_writing,
     nan_llm,
     nan_vae,
     copy_dataset,
@@ -114,6 +115,21 @@ def emptied_folder(a, tmp):
     for p in (folder / "images").iterdir():
         p.unlink()
     return toml
+
+
+def killed_preview(a, tmp):
+    """A copy of the dataset whose image previews folder holds what a --debug_mode video run killed mid-preview left."""
+    toml, folder = copy_dataset(a, tmp)
+    killed_while_writing(folder / "cache" / "images" / "debug_mode" / "image_0000_0032x0032_hv.jpg")
+    return toml
+
+
+def previews_whole(a, tmp, err, out):
+    shown = sorted((tmp / "ds" / "cache" / "images" / "debug_mode").glob("*.jpg"))
+    assert shown, out
+    for path in shown:
+        with Image.open(path) as image:
+            image.load()
 
 
 def huge_resolution(a, tmp):
@@ -338,6 +354,8 @@ CASES = [
          lambda a, t: replaced_flag(cache_latents_argv(copy_dataset(a, t)[0], a, "--debug_mode", "console", "--skip_existing"),
                                     "--vae", str(t / "missing.pt")), None,
          warning=r"--vae, --skip_existing: not read by --debug_mode console, which caches nothing; ignored"),
+    Case("cache-latents-debug-video-removes-what-a-killed-preview-left-and-writes-whole-ones", "cache_latents",
+         lambda a, t: cache_latents_argv(killed_preview(a, t), a, "--debug_mode", "video"), None, then=previews_whole),
     Case("cache-latents-names-the-console-flags-it-ignores", "cache_latents",
          lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a, "--console_width", "120", "--console_num_images", "2"), None,
          warning=r"--console_width, --console_num_images: not read while caching; ignored"),

@@ -95,7 +95,7 @@ def test_a_killed_merge_leaves_nothing_the_next_merge_keeps(assets, tmp_path):
 
     again = run_command("merge_lora", merge_argv(assets, tmp_path), tmp_path)
     assert again.code == 0, again.err[-2000:]
-    assert f"removed {left[0]} (left by an interrupted merge)" in again.err
+    assert f"removed {left[0]} (left by an interrupted run)" in again.err
     assert not leftovers(tmp_path / "merged")
     files.StateDictFile(merged).load_all()
 

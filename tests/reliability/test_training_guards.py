@@ -156,7 +156,7 @@ def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_
         write(tmp_path / f"{stem}.comfyui.safetensors", b"")
         (tmp_path / f"{stem}-state").mkdir()
     (tmp_path / "x-step00000002.safetensors").unlink()  # killed between removing a LoRA and its companion
-    saver._prune_steps(10)  # step 4 leaves the window; step 2 is what a run killed before its pruning left
+    saver.prune_steps(10)  # step 4 leaves the window; step 2 is what a run killed before its pruning left
     saver._prune_epochs(4)
     left = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors" and ".comfyui" not in p.name)
     assert left == ["x-000003.safetensors", "x-000004.safetensors", "x-step00000006.safetensors", "x-step00000008.safetensors",

@@ -402,6 +402,20 @@ def test_a_job_outlives_a_killed_server_runs_its_later_commands_and_records_how_
     assert jobs.log_tail(ended["fails"]).endswith("[studio] the command exited with status 3; 1 later command(s) not run\n")
 
 
+def test_a_restarted_server_removes_what_a_supervisor_killed_while_writing_job_json_left(tmp_path):
+    folder = tmp_path / "jobs"
+    job = Jobs(folder).start("cache", "one", [[sys.executable, "-c", "print(1)"]])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and Jobs(folder).get(job.id).state in ("starting", "running"):
+        time.sleep(0.1)
+    killed = ("import os, signal, sys; from musubi_tuner.files import atomic_write\n"
+              "with atomic_write(sys.argv[1]) as tmp:\n    tmp.write_text('{\"id\": ')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", killed, str(folder / job.id / "job.json")]).returncode == -9
+    assert list((folder / job.id).glob(".job.json.*.tmp"))
+    assert Jobs(folder).get(job.id).state == "finished"  # the restarted server
+    assert not list((folder / job.id).glob(".job.json.*.tmp"))
+
+
 def test_a_resumed_job_runs_in_the_folder_its_first_run_ran_in(tmp_path, monkeypatch):
     """Relative paths in a job's commands (the scripts' own, as the seed types them) still work after the studio is
     restarted from another folder."""

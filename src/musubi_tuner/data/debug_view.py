@@ -14,6 +14,7 @@ from PIL import Image
 
 from musubi_tuner.data.items import CacheReport, iter_latent_batches
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import atomic_write, remove_leftover_temp_files
 
 _RAMP = " .:-=+*#%@"
 # --console_back: the background colours musubi-tuner takes (ascii_magic's Back names) -> ANSI codes
@@ -58,6 +59,7 @@ def show_dataset(config, args) -> None:
     if args.debug_mode == "image" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt"):
         raise UserError("--debug_mode image needs a display (none found here); use --debug_mode video (writes files) or console")
     back = background_code(args.console_back)
+    cleaned = set()
     for dataset in config.all_datasets:
         report = CacheReport()
         shown = 0
@@ -72,11 +74,15 @@ def show_dataset(config, args) -> None:
                     # would take previews beside the sources for items (a listing never looks into subfolders)
                     folder = item.cache_path.parent / PREVIEW_FOLDER
                     folder.mkdir(parents=True, exist_ok=True)
+                    if folder not in cleaned:
+                        remove_leftover_temp_files(folder)  # previews a killed run was writing
+                        cleaned.add(folder)
                     stem = str(folder / item.cache_path.name.removesuffix(".safetensors"))
                     if item.clip is not None:
                         write_video(f"{stem}.mp4", item.pixels, fps=24, bitrate=1_000_000)
                     else:
-                        Image.fromarray(item.pixels[0]).save(f"{stem}.jpg", quality=95)
+                        with atomic_write(f"{stem}.jpg") as tmp:
+                            Image.fromarray(item.pixels[0]).save(tmp, format="JPEG", quality=95)
                     print(f"{label}: wrote {stem}{'.mp4' if item.clip is not None else '.jpg'}")
                 elif args.debug_mode == "console":
                     print(label)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -370,11 +369,10 @@ def _generate(args, device, layout) -> list[Path]:
     main = layout is None or layout.is_main
     if main:
         save_path.mkdir(parents=True, exist_ok=True)
-    from musubi_tuner.files import leftover_temp_files
+    from musubi_tuner.files import remove_leftover_temp_files
 
-    for stale in leftover_temp_files(save_path, folders=True) if main else []:  # of killed runs only: others may write here now
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        logger.info("removed %s (left by an interrupted run)", stale)
+    if main:
+        remove_leftover_temp_files(save_path, folders=True)  # of killed runs only: others may write here now
     from musubi_tuner.inference import outputs
 
     if args.latent_path:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import save_safetensors
+from musubi_tuner.files import remove_leftover_temp_files, save_safetensors
 from musubi_tuner.networks.lora_naming import module_template
 from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict, kohya_to_other, read_lora
 
@@ -28,6 +28,7 @@ def save_lora(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, meta
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path}: LoRA files are written as .safetensors")
+    remove_leftover_temp_files(path.parent, lambda name: name == path.name)  # an earlier write of this file, killed
     save_safetensors(state_dict, path, metadata={k: str(v) for k, v in metadata.items()})
     return path
 

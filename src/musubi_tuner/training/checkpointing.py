@@ -14,7 +14,7 @@ import torch
 
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import remove_folder
+from musubi_tuner.files import remove_folder, remove_leftover_temp_files
 from musubi_tuner.networks.lora_metadata import lora_module_info
 from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
 from musubi_tuner.training.state import TrainProgress, save_state
@@ -65,7 +65,7 @@ class CheckpointSaver:
         if not n or progress.global_step % n:
             return
         self.save(self.step_name(progress.global_step), progress, epoch=progress.epoch + 1, with_state=self.args.save_state)
-        self._prune_steps(progress.global_step)
+        self.prune_steps(progress.global_step)
 
     def after_epoch(self, progress: TrainProgress, epoch: int) -> None:
         n = self.args.save_every_n_epochs
@@ -167,6 +167,7 @@ class CheckpointSaver:
                     continue  # a kill between the renames left only this copy (see state.newest_state)
                 remove_folder(path) if path.is_dir() else path.unlink(missing_ok=True)
                 logger.info("removed %s (left by an interrupted run)", path)
+        remove_leftover_temp_files(self.out / "sample", lambda target: target.startswith(self.name), owned=True)  # samples, grids
 
     # -- keeping the last N (musubi-tuner's arithmetic for which save leaves the window)
     def _prune_epochs(self, epoch: int) -> None:
@@ -177,8 +178,10 @@ class CheckpointSaver:
         if keep_states and a.save_state:
             self._remove_up_to("epoch", epoch - n * keep_states, "-state")
 
-    def _prune_steps(self, step: int) -> None:
+    def prune_steps(self, step: int) -> None:
         a, n = self.args, self.args.save_every_n_steps
+        if not n or step % n:  # only a step that saved moves the window
+            return
         if a.save_last_n_steps:
             self._remove_up_to("step", (step - a.save_last_n_steps - 1) // n * n, ".safetensors")
         keep_states = a.save_last_n_steps_state or a.save_last_n_steps

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import atomic_write, pid_alive
+from musubi_tuner.files import atomic_write, pid_alive, remove_leftover_temp_files
 from musubi_tuner.launch import child_environment, shown
 from musubi_tuner.progress import PROGRESS_FILE_VARIABLE
 
@@ -63,6 +63,7 @@ class Jobs:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         for path in sorted(self.folder.glob("*/job.json")):
+            remove_leftover_temp_files(path.parent, lambda name: name == "job.json")  # of a supervisor killed mid-write
             job = _load_job(path)
             if job is not None:
                 self._jobs[job.id] = job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from musubi_tuner.errors import UserError
@@ -21,9 +22,8 @@ class Workspace:
         root = Path(root).expanduser()
         try:
             root.mkdir(parents=True, exist_ok=True)
-            probe = root / f".write-check-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=root):  # unnamed where the system can (O_TMPFILE): a kill leaves nothing
+                pass
         except OSError as e:
             raise UserError(f"--workspace {root}: cannot write ({e.strerror or e}); choose a folder the studio may "
                             f"write to") from None
