@@ -163,6 +163,32 @@ def test_a_run_killed_while_it_prunes_a_state_leaves_that_state_whole_or_gone(se
     assert not first.exists()
 
 
+def test_a_run_stopped_after_its_last_steps_state_is_finished_by_resume_auto(setup, tmp_path):
+    """A run that stops after its last step's state and before its final save (killed, or failing at the end as here:
+    a folder stands where its final LoRA goes) is finished by --resume auto, which trains nothing: before, it said
+    "nothing left to train" and wrote no final LoRA, ever."""
+    dit, toml, straight = setup
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    argv = train_argv(dit, toml, out, "--save_every_n_steps", "1", "--save_state", "--save_last_n_steps", "2", "--resume", "auto")
+    (out / "tiny.safetensors").mkdir(parents=True)
+    assert start(argv, log).wait(600) == 2  # "cannot write (Is a directory)"
+    assert (out / f"tiny-step{STEPS:08d}-state").is_dir() and not (out / "tiny-state").exists(), log.read_text()[-3000:]
+
+    (out / "tiny.safetensors").rmdir()
+    assert start(argv, log).wait(600) == 0, log.read_text()[-3000:]
+    assert f"tiny-step{STEPS:08d}-state is the state of the last step ({STEPS}), saved before the run stopped" in log.read_text()
+    assert "resumed from" in log.read_text() and "steps:  12%" not in log.read_text().split("resumed from")[-1]  # no step run
+    assert_whole(out)
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete", ".old", ".lock"))]
+    resumed = StateDictFile(out / "tiny.safetensors").load_all()
+    assert StateDictFile(out / "tiny.comfyui.safetensors").load_all().keys()  # the pair, both of this save
+    for key in straight:
+        assert torch.allclose(resumed[key], straight[key], rtol=0, atol=1e-5), key
+    assert json.loads((out / "tiny-state" / STATE_MARKER).read_text())["global_step"] == STEPS
+    assert start(argv, log).wait(600) == 0 and log.read_text().rstrip().endswith("nothing left to train, nothing written "
+                                                                                 "(raise --max_train_steps or --max_train_epochs to train on)")
+
+
 def test_a_run_killed_between_the_lora_and_its_comfyui_copy_leaves_no_copy_of_another_save(setup, tmp_path):
     """Both files of a save are written whole before either replaces the previous save's: a kill while the copy is
     written leaves the previous pair, never the new LoRA beside the previous save's copy."""

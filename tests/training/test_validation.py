@@ -307,3 +307,25 @@ def test_sample_prompts_run_with_the_step_cache_flags(assets, tmp_path, caplog):
     # 2 prompts, each with the LoRA and at multiplier 0, 4 steps: the first and last of each video are computed
     assert "samples at step 0: step cache fbcache (threshold 1e+09): skipped 8 of 16 DiT evaluations (50%)" in caplog.messages
     assert not np.array_equal(skipping, plain)
+
+
+def test_a_run_finished_by_resume_replaces_the_samples_the_stopped_run_made_after_its_state(assets, tmp_path):
+    """A run that fails after its last step's state and sample (a folder stands where its final LoRA goes) is finished
+    by --resume auto, which samples that step again: one sample per prompt and step, not the stopped run's beside it."""
+    import time
+
+    out = tmp_path / "out"
+    argv = base_args(assets, assets["plain"], out, "--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state",
+                     "--sample_every_n_steps", "2", "--sample_prompts", str(assets["prompts"]), "--vae", str(assets["vae"]),
+                     "--text_encoder1", str(assets["te1"]), "--text_encoder2", str(assets["te2"]), "--resume", "auto")
+    (out / "tiny.safetensors").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"tiny\.safetensors: cannot write \(Is a directory\)"):
+        train(parse_args(argv))
+    stopped = sorted(p.name for p in (out / "sample").glob("tiny_000002_0*"))
+    assert len(stopped) == 2  # one per prompt
+    (out / "tiny.safetensors").rmdir()
+    time.sleep(1.1)  # the samples' names hold the second they were written in
+    train(parse_args(argv))
+    finished = sorted(p.name for p in (out / "sample").glob("tiny_000002_0*"))
+    assert len(finished) == 2 and not set(finished) & set(stopped), finished
+    assert (out / "tiny.safetensors").is_file() and (out / "tiny-state").is_dir()

@@ -43,7 +43,7 @@ from musubi_tuner.training.checkpointing import CheckpointSaver
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
                                              parse_key_values, total_training_steps)
-from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_progress, run_identity
+from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_marker, read_progress, run_identity
 from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps, warn_of_unread_flags
 
 logger = logging.getLogger(__name__)
@@ -573,11 +573,19 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record
-    if progress.global_step >= total_steps:  # a finished run resumed: another step would pass its end and overwrite its LoRA
+    if samples is not None:
+        samples.replaces_earlier = resume_from is not None
+    # at the last step: a finished run (its final save is there), or one stopped after its last step's state and before
+    # what follows it (pruning, the last samples, the final save), which this run then does, training nothing
+    finishing = progress.global_step == total_steps
+    if progress.global_step > total_steps or finishing and ran_to_the_end(args, total_steps):  # a step would pass the end
         logger.warning("%s is at step %d of %d: nothing left to train, nothing written (raise --max_train_steps or "
                        "--max_train_epochs to train on)", resume_from, progress.global_step, total_steps)
         accelerator.end_training()
         return None
+    if finishing:
+        logger.info("%s is the state of the last step (%d), saved before the run stopped: finishing what the run did after "
+                    "it (the last pruning and samples, the final save)", resume_from, progress.global_step)
 
     ts_cfg = timestep_config(args)
     guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
@@ -618,7 +626,24 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     if is_schedule_free(optimizer):
         optimizer.train()
     network.train()
-    for epoch in range(progress.epoch, num_epochs):
+
+    def end_epoch(epoch: int) -> None:
+        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+        if recent:
+            accelerator.log({"loss/epoch": sum(recent) / len(recent)}, step=epoch + 1)
+        if validation is not None:
+            validation.after_epoch(epoch + 1, progress.global_step)
+        saver.after_epoch(progress, epoch + 1)
+        if samples is not None:
+            samples.after_epoch(dit, network, optimizer, progress.global_step, epoch + 1)
+
+    if finishing:  # what the loop below does after a run's last step
+        saver.prune_steps(progress.global_step)
+        if samples is not None:
+            samples.after_step(dit, network, optimizer, progress.global_step)
+        if progress.batch_in_epoch >= batches_per_epoch:
+            end_epoch(progress.epoch)
+    for epoch in range(progress.epoch, num_epochs) if not finishing else ():
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
         sampler.set_epoch(epoch + 1, start=skip)
         for i, batch in enumerate(loader, start=skip):
@@ -675,13 +700,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                 break
         if progress.batch_in_epoch < batches_per_epoch:  # stopped inside the epoch: a resume continues it
             break
-        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-        accelerator.log({"loss/epoch": sum(recent) / max(1, len(recent))}, step=epoch + 1)
-        if validation is not None:
-            validation.after_epoch(epoch + 1, progress.global_step)
-        saver.after_epoch(progress, epoch + 1)
-        if samples is not None:
-            samples.after_epoch(dit, network, optimizer, progress.global_step, epoch + 1)
+        end_epoch(epoch)
         if progress.global_step >= total_steps:
             break
     bar.close()
@@ -690,6 +709,19 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         validation.report_best()
     accelerator.end_training()
     return final
+
+
+def ran_to_the_end(args, total_steps: int) -> bool:
+    """Whether the run in --output_dir made its final save (the LoRA, then its state when states are saved), at
+    `total_steps` or later. A state at the last step without it is of a run stopped before its end."""
+    out = Path(args.output_dir)
+    final = out / f"{args.output_name}-state"
+    if not (out / f"{args.output_name}.safetensors").is_file() or not final.is_dir():
+        return False
+    try:
+        return read_marker(final)[0].global_step >= total_steps
+    except UserError:
+        return False
 
 
 def resume(candidates: list[Path], args, run: dict, *, network, optimizer, scheduler, accelerator, seed: int):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -102,6 +103,8 @@ class TrainingSampler:
         self.folder = Path(args.output_dir) / "sample"
         self.base_latents: dict[int, torch.Tensor] = {}  # prompt index -> final latents at multiplier 0
         self.last_step: int | None = None
+        # a resumed run replays the steps a stopped run made after its state: their samples replace that run's
+        self.replaces_earlier = False
         self.texts: dict = {}
         self.vae = None
         self.image_latents: dict[int, torch.Tensor] = {}
@@ -230,11 +233,14 @@ class TrainingSampler:
                 logger.warning("sample %d at step %d: %s", p.index, step, e)
                 continue
             stem = f"{self.args.output_name}_{tag}_{p.index:02d}_{stamp}_{self.seeds[p.index]}"
+            written = self.folder / f"{stem}{'.mp4' if len(frames) > 1 else '.png'}"
             if len(frames) > 1:
-                write_video(self.folder / f"{stem}.mp4", frames, fps=24, bitrate=4_000_000)
+                write_video(written, frames, fps=24, bitrate=4_000_000)
             else:
-                with atomic_write(self.folder / f"{stem}.png") as tmp:
+                with atomic_write(written) as tmp:
                     Image.fromarray(frames[0]).save(tmp, format="PNG")
+            if self.replaces_earlier:
+                self._remove_earlier(tag, p.index, written)
             rows.append((f"#{p.index} seed {self.seeds[p.index]}: {p.prompt}"[:90], frames))
         self.vae.to("cpu")
         if not rows:
@@ -244,6 +250,14 @@ class TrainingSampler:
         with atomic_write(grid_path) as tmp:
             sample_grid(rows, title).save(tmp, format="PNG")
         return grid_path
+
+    def _remove_earlier(self, tag: str, index: int, written: Path) -> None:
+        """The same sample (step or epoch, prompt) written at another time: by the run this one resumes."""
+        same = re.compile(rf"{re.escape(self.args.output_name)}_{tag}_{index:02d}_\d{{14}}_-?\d+\.(?:mp4|png)")
+        for path in self.folder.iterdir():
+            if path != written and same.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+                logger.info("removed %s (replaced by %s)", path.name, written.name)
 
     def _log_image(self, grid_path: Path, step: int) -> None:
         for tracker in getattr(self.accelerator, "trackers", []):
