@@ -83,6 +83,32 @@ def test_beta2_moves_beta_linearly_over_the_merges_and_no_sort_keeps_the_given_o
     check(out, [saves[i] for i in order], [0.5, 0.5, 0.5])
 
 
+def test_copied_checkpoints_are_averaged_in_the_order_of_the_steps_they_record(checkpoints, tmp_path, capsys, caplog):
+    """Copies (or downloads) get modification times in any order: the steps the files record decide, when every file
+    records one and they are of one run."""
+    import logging
+
+    paths, saves = checkpoints
+    copies = tmp_path / "copied"
+    copies.mkdir()
+    for i, path in enumerate(reversed(paths)):  # copied newest first: the newest save has the oldest time
+        data = load_file(str(path))
+        save_file(data, str(copies / path.name), metadata={**read_safetensors_header(path)[1], "ss_session_id": "7"})
+        os.utime(copies / path.name, (2_000_000 + i * 100, 2_000_000 + i * 100))
+    out = tmp_path / "ema.safetensors"
+    with caplog.at_level(logging.INFO):
+        assert run([*sorted(copies.iterdir()), "--beta", "0.9", "--output_file", out], capsys)[0] == 0
+    check(out, saves, [0.9, 0.9, 0.9])
+    assert "ordered by the training step each file records (ss_steps), not by modification time" in caplog.text
+    without_steps = tmp_path / "plain"
+    without_steps.mkdir()
+    for i, path in enumerate(paths):  # no step recorded: modification time, as musubi-tuner
+        save_file(load_file(str(path)), str(without_steps / path.name), metadata={"ss_network_module": "networks.lora"})
+        os.utime(without_steps / path.name, (3_000_000 - i * 100, 3_000_000 - i * 100))
+    assert run([*sorted(without_steps.iterdir()), "--beta", "0.9", "--output_file", out], capsys)[0] == 0
+    check(out, list(reversed(saves)), [0.9, 0.9, 0.9])
+
+
 def test_sigma_rel_is_the_power_function_ema_of_the_paper(checkpoints, tmp_path, capsys):
     paths, saves = checkpoints
     gamma = sigma_rel_to_gamma(0.2)

@@ -62,8 +62,24 @@ def ema_betas(merges: int, beta: float = 0.95, beta2: float | None = None, sigma
     return [beta + (beta2 - beta) * i / (merges - 1) for i in range(merges)]
 
 
+def oldest_first(paths: list[Path], metadata: dict[Path, dict[str, str]]) -> list[Path]:
+    """By the training step each file records (`ss_steps`) when they all record one and are of one run
+    (`ss_session_id`): copying or downloading sets modification times in any order. Else by modification time, as
+    musubi-tuner orders them; ties keep the given order."""
+    by_time = sorted(paths, key=lambda p: p.stat().st_mtime)
+    runs = {metadata[p].get("ss_session_id") for p in paths}
+    steps = {p: metadata[p].get("ss_steps", "") for p in paths}
+    if len(runs) != 1 or not all(s.isdigit() for s in steps.values()):
+        return by_time
+    by_step = sorted(by_time, key=lambda p: int(steps[p]))
+    if by_step != by_time:
+        logger.info("ordered by the training step each file records (ss_steps), not by modification time, which differs "
+                    "(copied or downloaded files?): %s", ", ".join(p.name for p in by_step))
+    return by_step
+
+
 def order_files(paths: Sequence[str | os.PathLike], sort: bool = True) -> list[Path]:
-    """The checkpoints oldest first (modification time; ties keep the given order), or as given, without the files a
+    """The checkpoints oldest first (`oldest_first`), or as given, without the files a
     glob matches beside them that are no checkpoint of their own, each left out with a message: a `.comfyui` companion
     given with its kohya file (`out/name-0000*.safetensors` matches both; networks.lora_files.companion_copies), an
     earlier post-hoc EMA result (its metadata `musubi_tuner.post_hoc_ema`), and a file of the same run saved at the same
@@ -80,9 +96,10 @@ def order_files(paths: Sequence[str | os.PathLike], sort: bool = True) -> list[P
     if companions:
         logger.info("leaving out %d .comfyui companions of the kohya files given (the same weights)", len(companions))
         paths = [p for p in paths if p not in companions]
+    metadata = {p: read_safetensors_header(p)[1] if p.suffix == ".safetensors" else {} for p in paths}
     kept, saved_at = [], {}
-    for p in sorted(paths, key=lambda p: p.stat().st_mtime) if sort else paths:
-        meta = read_safetensors_header(p)[1] if p.suffix == ".safetensors" else {}
+    for p in oldest_first(paths, metadata) if sort else paths:
+        meta = metadata[p]
         if POST_HOC_EMA in meta:
             logger.warning("%s is itself a post-hoc EMA result (its metadata %s): left out of the average", p, POST_HOC_EMA)
             continue
