@@ -342,6 +342,8 @@ CASES = [
     Case("post-hoc-ema-output-folder-is-a-file", "lora_post_hoc_ema",
          lambda a, t: [str(a.lora), str(own_copy(a.lora, t)), "--output_file", str(write(t / "afile", "x") / "ema.safetensors")],
          r"afile: is a file, not a folder; choose another --output_file$", keep=lambda a, t: [t / "afile"]),
+    Case("demo-on-a-full-disk-is-one-line", "demo.__main__", lambda a, t: ["--workdir", str(t / "demo")],
+         r"demo/\S+: cannot write \(File too large\)", file_size_limit=lambda a, t: 20_000),
     Case("convert-removes-what-a-killed-convert-left", "convert_lora",
          lambda a, t: ["--input", str(a.lora), "--output", str(killed_while_writing(t / "out.safetensors")), "--target", "other"],
          None),

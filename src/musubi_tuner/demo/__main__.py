@@ -73,7 +73,20 @@ def training_flags(a: dict[str, Path], out: Path, epochs: int) -> list[str]:
             "--output_name", "demo-lora"]
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
+    """As the commands run: a file it cannot write (a full disk) is one `error:` line; a step that fails ends the demo
+    with that step's exit status."""
+    from musubi_tuner.errors import run_cli
+
+    def run(argv) -> None:
+        status = demo(argv)
+        if status:
+            sys.exit(status)
+
+    run_cli(run, argv)
+
+
+def demo(argv=None) -> int:
     from musubi_tuner.cli import count, frames_4n1
 
     parser = argparse.ArgumentParser(prog="python -m musubi_tuner.demo", description=__doc__.splitlines()[0])
@@ -112,4 +125,4 @@ def summary(work: Path, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.files import atomic_write, save_safetensors
+from musubi_tuner.files import save_safetensors, save_torch
 from musubi_tuner.hunyuan.checkpoints import dit_metadata
 from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
@@ -61,8 +61,7 @@ def write_dit(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], conf
     """
     path = Path(path)
     if fmt == "pt":
-        with atomic_write(path) as tmp:
-            torch.save({"module": {k: v.to(torch.bfloat16) for k, v in state_dict.items()}}, tmp)
+        save_torch({"module": {k: v.to(torch.bfloat16) for k, v in state_dict.items()}}, path)
     elif fmt in ("safetensors", "fp16", "fp8"):
         dtype = {"safetensors": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}[fmt]
         save_safetensors(state_dict, path, metadata=dit_metadata(config), cast=dtype)

@@ -168,8 +168,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _write_tokenizer_json(path: Path, tokenizer: Tokenizer) -> None:
-    with atomic_write(path) as tmp:
-        tokenizer.save(str(tmp))
+    with atomic_write(path) as tmp:  # written by Python: tokenizers' own save reports a full disk as a bare Exception
+        Path(tmp).write_text(tokenizer.to_str(), encoding="utf-8")
 
 
 def write_tiny_llm_tokenizer(folder: str | os.PathLike) -> Path:

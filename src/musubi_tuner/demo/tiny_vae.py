@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.files import atomic_write, save_safetensors
+from musubi_tuner.files import save_safetensors, save_torch
 from musubi_tuner.hunyuan.vae import CausalVideoVAE, VAEConfig
 
 # Widths are multiples of 32 because the VAE's GroupNorms have 32 groups (not stored in the file).
@@ -39,6 +39,5 @@ def write_vae(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], fmt:
                "pt_prefixed": {f"vae.{k}": v for k, v in state_dict.items()}}.get(fmt)
     if payload is None:
         raise ValueError(f"unknown VAE format {fmt!r}; one of {VAE_FORMATS}")
-    with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
     return path
