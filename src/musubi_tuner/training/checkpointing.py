@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
+import os
 import random
 import re
 import time
@@ -20,6 +21,36 @@ from musubi_tuner.training.metadata import finish_metadata, modelspec, training_
 from musubi_tuner.training.state import TrainProgress, save_state
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def replaced_together(paths: list[Path]):
+    """Around the renames of files that must agree (a LoRA and its .comfyui copy): when one fails (a target held open
+    or immutable, a folder in its place) after another was made, that one is undone: each file is the previous save's
+    again (kept meanwhile as a hard link, named as a temporary file) or absent where there was none, not a pair of two
+    saves."""
+    existed = {path: path.is_file() for path in paths}
+    backups = {}
+    for path in paths:
+        if existed[path]:
+            backup = path.with_name(f".{path.name}.{os.getpid()}-before.tmp")
+            try:
+                os.link(path, backup)
+            except OSError:  # a file system without hard links: no undo
+                continue
+            backups[path] = backup
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if path in backups:
+                os.replace(backups.pop(path), path)
+            elif not existed[path] and path.is_file():
+                path.unlink()
+        raise
+    finally:
+        for backup in backups.values():
+            backup.unlink(missing_ok=True)
 
 
 class CheckpointSaver:
@@ -112,8 +143,8 @@ class CheckpointSaver:
                 outputs = list(lora_outputs(weights, path, self.args.lora_format))  # the kohya file and/or its ComfyUI copy
                 # every file of the pair is written whole before either replaces its previous version: a full disk keeps
                 # the previous pair, and a run killed while writing leaves it too (only the two renames, back to back,
-                # could be split)
-                with contextlib.ExitStack() as pair:
+                # could be split by a kill); a rename that fails undoes the other
+                with replaced_together([out.path for out in outputs]), contextlib.ExitStack() as pair:
                     for out in outputs:
                         meta = finish_metadata({**self.metadata, **extra}, out.tensors, steps=progress.global_step, epoch=epoch,
                                                spec=self.spec, naming=out.naming, companion=out.companion)
