@@ -97,8 +97,10 @@ class _Drain:
 
 
 def start_command(command: str, argv: list[str], cwd: Path, *, file_size_limit: int | None = None,
-                  memory_headroom: int | None = None, read_only: Path | None = None, env: dict[str, str] | None = None) -> Started:
-    """Start `python src/musubi_tuner/{command}.py argv` as a fresh process (see the module docstring)."""
+                  memory_headroom: int | None = None, read_only: Path | None = None, env: dict[str, str] | None = None,
+                  small_disk: tuple[Path, int] | None = None) -> Started:
+    """Start `python src/musubi_tuner/{command}.py argv` as a fresh process (see the module docstring). `small_disk`:
+    (folder, bytes): a file system of that size mounted on the folder for the process only (a disk almost full)."""
     cwd = Path(cwd)
     global _fifo_dir
     _fifo_dir = _fifo_dir or Path(tempfile.mkdtemp(prefix="musubi-commands-"))
@@ -106,7 +108,7 @@ def start_command(command: str, argv: list[str], cwd: Path, *, file_size_limit: 
     out, err = _Drain(stem.with_suffix(".out")), _Drain(stem.with_suffix(".err"))
     process = _server().Process(target=_child, args=(command, [str(a) for a in argv], str(cwd), str(out.path), str(err.path),
                                                       file_size_limit, memory_headroom, str(read_only) if read_only else None,
-                                                      env or {}))
+                                                      env or {}, small_disk and (str(small_disk[0]), small_disk[1])))
     process.start()
     return Started(process, out, err)
 
@@ -137,16 +139,27 @@ def read_only_mounts_work() -> bool:
 def _mount_read_only(folder: Path) -> None:
     """Make `folder` read-only for this process only: a private mount namespace with a read-only bind mount."""
     libc = ctypes.CDLL(None, use_errno=True)
-    clone_newns, ms_bind, ms_remount, ms_rdonly, ms_rec, ms_private = 0x20000, 4096, 32, 1, 16384, 1 << 18
-    for call in (lambda: libc.unshare(clone_newns), lambda: libc.mount(b"none", b"/", None, ms_rec | ms_private, None),
-                 lambda: libc.mount(bytes(folder), bytes(folder), None, ms_bind, None),
-                 lambda: libc.mount(bytes(folder), bytes(folder), None, ms_bind | ms_remount | ms_rdonly, None)):
+    ms_bind, ms_remount, ms_rdonly = 4096, 32, 1
+    _private_mounts(libc, lambda: libc.mount(bytes(folder), bytes(folder), None, ms_bind, None),
+                    lambda: libc.mount(bytes(folder), bytes(folder), None, ms_bind | ms_remount | ms_rdonly, None))
+
+
+def _mount_small_disk(folder: Path, size: int) -> None:
+    """A tmpfs of `size` bytes on `folder` for this process only: its files then meet ENOSPC as on a full disk."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    _private_mounts(libc, lambda: libc.mount(b"tmpfs", bytes(folder), b"tmpfs", 0, f"size={size}".encode()))
+
+
+def _private_mounts(libc, *mounts) -> None:
+    clone_newns, ms_rec, ms_private = 0x20000, 16384, 1 << 18
+    for call in (lambda: libc.unshare(clone_newns), lambda: libc.mount(b"none", b"/", None, ms_rec | ms_private, None), *mounts):
         if call() != 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
 
 
-def _child(command, argv, cwd, out, err, file_size_limit, memory_headroom, read_only, env) -> None:
+def _child(command, argv, cwd, out, err, file_size_limit, memory_headroom, read_only, env, small_disk=None) -> None:
     """The command's process: its own stdout/stderr files, limits and mounts, then `main(argv)` as the script runs it.
 
     `memory_headroom`: bytes of address space the command may map beyond what the process holds when it starts
@@ -160,6 +173,8 @@ def _child(command, argv, cwd, out, err, file_size_limit, memory_headroom, read_
     sys.argv = [f"src/musubi_tuner/{command}.py", *argv]
     if read_only:
         _mount_read_only(Path(read_only))
+    if small_disk:
+        _mount_small_disk(Path(small_disk[0]), small_disk[1])
     if file_size_limit is not None:
         import resource
 

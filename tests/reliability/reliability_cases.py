@@ -37,6 +37,7 @@ class Case:
     file_size_limit: Callable[[Assets, Path], int] | None = None  # RLIMIT_FSIZE of the command's process, in bytes
     memory_headroom: int | None = None  # bytes of address space the command may map beyond its start (RLIMIT_AS)
     read_only: str | None = None  # a folder (relative to tmp) mounted read-only for the command's process
+    small_disk: tuple[str, int] | None = None  # (a folder relative to tmp, bytes): a file system that small mounted there
     then: Callable[[Assets, Path, str, str], None] | None = None  # further checks (tmp, stderr, stdout)
     warning: str | None = None  # regex a log line on stderr must match
     covered_by: str = ""  # where a library test checks the same rule in more detail
@@ -48,11 +49,11 @@ _READ_ONLY_OK: bool | None = None
 
 def check(case: Case, assets: Assets, tmp: Path) -> None:
     global _READ_ONLY_OK
-    if case.read_only:
+    if case.read_only or case.small_disk:
         if _READ_ONLY_OK is None:
             _READ_ONLY_OK = read_only_mounts_work()
         if not _READ_ONLY_OK:
-            pytest.skip("needs a private read-only mount (root with CAP_SYS_ADMIN)")
+            pytest.skip("needs a private mount namespace (root with CAP_SYS_ADMIN)")
     argv = case.argv(assets, tmp)
     if case.read_only:
         (tmp / case.read_only).mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,8 @@ def check(case: Case, assets: Assets, tmp: Path) -> None:
     before = {p: p.read_bytes() for p in tmp.rglob("*.safetensors")}
 
     result = run_command(case.command, argv, tmp, file_size_limit=case.file_size_limit(assets, tmp) if case.file_size_limit else None,
-                         memory_headroom=case.memory_headroom, read_only=tmp / case.read_only if case.read_only else None)
+                         memory_headroom=case.memory_headroom, read_only=tmp / case.read_only if case.read_only else None,
+                         small_disk=(tmp / case.small_disk[0], case.small_disk[1]) if case.small_disk else None)
 
     no_traceback(result)
     errors = result.error_lines

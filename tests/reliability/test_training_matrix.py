@@ -429,6 +429,9 @@ CASES = [
     Case("train-removes-what-a-killed-run-left-in-its-sample-folder", "hv_train_network",
          lambda a, t: (killed_while_writing(t / "out" / "sample" / "tiny_000002_00_20261205000000_42.mp4"),
                        train_argv(a, t / "out"))[1], None),
+    Case("train-on-a-disk-without-room-for-one-save", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--save_state"),
+         r"out: 0\.0 MB free, and each save of this run writes about 0\.\d MB \(the LoRA and its \.comfyui copy, the training "
+         r"state\); free some space or choose another --output_dir", small_disk=("out", 16_384)),
     Case("train-resume-a-finished-run", "hv_train_network", lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto"),
          None, warning=r"tiny-state is at step 2 of 2: nothing left to train, nothing written", keep=outputs_of("out")),
     Case("train-resume-auto-leaves-another-names-state", "hv_train_network",

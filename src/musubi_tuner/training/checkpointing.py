@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -53,6 +54,28 @@ def replaced_together(paths: list[Path]):
             backup.unlink(missing_ok=True)
 
 
+def check_names_fit(output_dir: str | os.PathLike, name: str) -> None:
+    """Before the run: every file and folder name it derives from --output_name fits the output folder's file system
+    (255 bytes a name on most). A name that fits alone can fail hours in: at the first save of a state, a sample, or the
+    final LoRA's temporary file, whose names are up to about 55 bytes longer."""
+    folder = Path(output_dir)
+    while not folder.exists() and folder.parent != folder:  # (not made yet: the file system it will be on)
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # (Windows has no pathconf)
+        limit = 255
+    pid, token = "9" * 7, "x" * 8
+    derived = [f".{name}.comfyui.safetensors.{pid}-{token}.tmp", f".{name}-step00000000-state.{pid}-{token}.tmp",
+               f".{name}_e000000_00_{'0' * 14}_{'9' * 10}.mp4.{pid}-{token}.tmp", f"{name}-step00000000-state.incomplete"]
+    longest = max(derived, key=lambda n: len(os.fsencode(n)))
+    if len(os.fsencode(longest)) > limit:
+        most = len(os.fsencode(name)) - (len(os.fsencode(longest)) - limit)
+        raise UserError(f"--output_name: {len(os.fsencode(name))} bytes, and the names of the files it names reach "
+                        f"{len(os.fsencode(longest))} (such as {longest[:40]}...), over the {limit} bytes a name may have in "
+                        f"{folder}; use a name of at most {max(most, 1)} bytes")
+
+
 class CheckpointSaver:
     def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, batches_per_epoch: int,
                  max_train_steps: int, num_epochs: int, scheduler, optimizer, run: dict | None = None, hub=None):
@@ -76,12 +99,29 @@ class CheckpointSaver:
         self.losses = LossHistory(self.out / f"{self.name}-loss.csv")
         if accelerator.is_main_process:
             self._remove_leftovers()
+            self._check_free_space()
         started = time.time()
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
             args, config=config, network_info=lora_module_info(network), datasets=[d.metadata() for d in dataset_config.datasets],
             num_items=data.num_items, batches_per_epoch=batches_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
             optimizer_name=optimizer_name, training_started=started, session_id=random.randint(0, 2**32))
+
+    def _check_free_space(self) -> None:
+        """A save needs room for the LoRA (twice with its .comfyui copy, and once more while it replaces the previous
+        one) and, with states, the network and an optimizer's two moments in float32: checked now, not at the first
+        save or the final one, hours in. (A probe file, which require_writable_folder writes, fits a nearly full disk.)"""
+        weights = sum(t.numel() for t in self.network.state_dict().values())
+        files = 1 if self.args.lora_format in ("musubi", "comfyui") else 2
+        need = weights * self.save_dtype.itemsize * files
+        if self.args.save_state or self.args.save_state_on_train_end:
+            need += 3 * 4 * weights
+        free = shutil.disk_usage(self.out).free
+        if free < need:
+            raise UserError(f"{self.out}: {free / 1e6:,.1f} MB free, and each save of this run writes about {need / 1e6:,.1f} "
+                            f"MB (the LoRA{' and its .comfyui copy' if files == 2 else ''}"
+                            f"{', the training state' if need > weights * self.save_dtype.itemsize * files else ''}); free "
+                            "some space or choose another --output_dir")
 
     # -- names (musubi-tuner's)
     def epoch_name(self, epoch: int) -> str:
