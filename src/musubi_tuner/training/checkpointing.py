@@ -44,7 +44,7 @@ def replaced_together(paths: list[Path]):
         yield
     except BaseException:
         for path in paths:
-            if path in backups:
+            if path in backups and not _same_file(path, backups[path]):  # (renaming a hard link onto its twin does nothing)
                 os.replace(backups.pop(path), path)
             elif not existed[path] and path.is_file():
                 path.unlink()
@@ -52,6 +52,13 @@ def replaced_together(paths: list[Path]):
     finally:
         for backup in backups.values():
             backup.unlink(missing_ok=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_names_fit(output_dir: str | os.PathLike, name: str) -> None:
