@@ -21,6 +21,7 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import struct
 import tempfile
 import warnings
@@ -435,7 +436,12 @@ class RunLock:
             if holder:
                 logger.warning("%s: taking over the lock of a %s that did not finish (%s)",
                                                     self.path.parent, self.what, _describe(holder))
-            _write_holder(fd)
+            try:
+                _write_holder(fd)
+            except OSError as e:  # a full disk or quota: the file goes as release() removes it, while still locked
+                _remove_quietly(self.path)
+                raise UserError(f"{self.path}: cannot write the lock file ({e.strerror or e}); check free space and "
+                                f"permissions of {self.path.parent}, or choose another {self.flag}") from None
         except BaseException:
             os.close(fd)
             raise
@@ -444,12 +450,16 @@ class RunLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        try:
-            self.path.unlink(missing_ok=True)  # while still locked: a waiting run then finds no file, or its own
-        except OSError:
-            pass
+        _remove_quietly(self.path)  # while still locked: a waiting run then finds no file, or its own
         os.close(self._fd)  # closing releases the OS lock
         self._fd = None
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class FolderUse:
@@ -601,23 +611,100 @@ def _describe(holder: dict) -> str:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def require_file(path: str | os.PathLike, what: str = "file", flag: str | None = None) -> Path:
-    """`path` as a Path, or a UserError that says whether it is missing or a folder (naming `flag` when given)."""
+def require_file(path: str | os.PathLike, what: str = "file", flag: str | None = None, max_bytes: int | None = None) -> Path:
+    """`path` as a Path, or a UserError (naming `flag` when given) that says why it cannot be read as a `what`: missing,
+    a broken or looping link, a folder, not a regular file, or larger than `max_bytes`.
+
+    Links are followed. Only a regular file is an input: a FIFO blocks the first read until another program writes to
+    it (a hang), a character device such as /dev/zero never ends (a read that fills the memory) and a socket cannot be
+    opened at all; each is named here, before anything opens it. `max_bytes` bounds files read whole (a caption, a
+    config), whose size is a mistake, not work, when it is gigabytes."""
     path = Path(path)
-    given = f" ({flag})" if flag else ""
-    if not path.exists():
-        raise UserError(f"{path}: {what} not found{given}")
-    if path.is_dir():
-        raise UserError(f"{path}: expected a {what}, found a folder{given}")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _unreadable(path, what, flag, e) from None
+    except ValueError:  # a NUL in the name (from a config file): no such file can exist
+        raise UserError(f"{path}: {what} not found" + (f" ({flag})" if flag else "")) from None
+    _require_regular(st, path, what, flag, max_bytes)
     return path
+
+
+# A text file users write and that is read whole (a caption, a dataset config, a prompt file): at most this large
+MAX_TEXT_BYTES = 64 * 2**20
+
+
+def read_small_file(path: str | os.PathLike, what: str = "file", flag: str | None = None,
+                    max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a small input file, checked as require_file checks it, or a UserError naming it.
+
+    The check is made again on the descriptor that is read, which is opened without blocking: a FIFO put in the
+    file's place after the check is refused, not waited on. At most `max_bytes` are read, even from a file that grows.
+    """
+    path = require_file(path, what, flag, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise _unreadable(path, what, flag, e) from None
+    with os.fdopen(fd, "rb") as f:
+        _require_regular(os.fstat(fd), path, what, flag, max_bytes)
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise _unreadable(path, what, flag, e) from None
+    if len(data) > max_bytes:  # (it grew since the check)
+        raise UserError(f"{path}: more than {_size(max_bytes)}, too large for a {what}" + (f" ({flag})" if flag else ""))
+    return data
+
+
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular(st: os.stat_result, path: Path, what: str, flag: str | None, max_bytes: int | None) -> None:
+    given = f" ({flag})" if flag else ""
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{path}: expected a {what}, found a folder{given}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)), "a special file")
+        raise UserError(f"{path}: not a regular file ({kind}); expected a {what}{given}")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UserError(f"{path}: {_size(st.st_size)}, too large for a {what} (at most {_size(max_bytes)}){given}")
+
+
+def _unreadable(path: Path, what: str, flag: str | None, e: OSError) -> UserError:
+    """Why os.stat or os.open of an input failed, in words: a missing file, a broken or looping link, permissions."""
+    given = f" ({flag})" if flag else ""
+    if e.errno == errno.ELOOP:
+        return UserError(f"{path}: symbolic link loop{given}")
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        if os.path.islink(path):
+            return UserError(f"{path}: broken symbolic link (to {os.readlink(path)}, which does not exist){given}")
+        return UserError(f"{path}: {what} not found{given}")
+    return UserError(f"{path}: cannot read ({e.strerror or e}){given}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str]]:
     """Keys with their dtype and shape, and the metadata, without reading any tensor data."""
     path = require_file(path, "safetensors file")
-    with open(path, "rb") as f:
+    with _open_input(path, "safetensors file") as f:
         entries, metadata, _ = _read_header(f, path)
     return entries, metadata
+
+
+def _open_input(path: Path, what: str, buffering: int = -1):
+    """open(path, "rb"), with a file that cannot be opened (permissions) a UserError naming it."""
+    try:
+        return open(path, "rb", buffering=buffering)
+    except OSError as e:
+        raise _unreadable(path, what, None, e) from None
 
 
 def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str], dict[str, tuple[int, int]]]:
@@ -677,7 +764,7 @@ class StateDictFile:
         if self.path.suffix.lower() == ".safetensors" or _looks_like_safetensors(self.path):
             # the version of the file opened here is the one read to the end: a rename over it (another run saving
             # under this name) does not reach this descriptor, and a rewrite in place is seen (_check_unchanged)
-            self._file = open(self.path, "rb", buffering=0)
+            self._file = _open_input(self.path, what, buffering=0)
             self._opened = _version(os.fstat(self._file.fileno()))
             self._entries, self.metadata, self._offsets = _read_header(self._file, self.path)
             self._safe = True  # read tensor by tensor from this descriptor (read); large files are mapped (get)
@@ -685,7 +772,7 @@ class StateDictFile:
                 from safetensors import safe_open
 
                 try:
-                    self._safe = safe_open(str(self.path), framework="pt", device="cpu")
+                    self._safe = safe_open(_utf8_name(self.path, self._file), framework="pt", device="cpu")
                 except Exception as e:  # safetensors raises its own error types
                     raise UserError(f"{self.path}: unreadable safetensors file ({e})") from None
         else:
@@ -778,6 +865,17 @@ class StateDictFile:
 
 
 MAPPED_FROM_BYTES = 512 * 2**20  # files this large are memory-mapped (a DiT, a VAE); smaller ones are read
+
+
+def _utf8_name(path: Path, f) -> str:
+    """A name of the file open as `f` that safetensors' reader takes: it refuses a path that is not UTF-8 (a name
+    from a zip unpacked on Linux), for which Linux's /proc/self/fd gives the open file under a name of digits."""
+    try:
+        str(path).encode("utf-8")
+        return str(path)
+    except UnicodeEncodeError:
+        by_fd = f"/proc/self/fd/{f.fileno()}"
+        return by_fd if os.path.exists(by_fd) else str(path)
 
 
 def _version(st: os.stat_result) -> tuple[int, int, int]:

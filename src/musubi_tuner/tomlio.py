@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_small_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,12 +18,13 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-def load_toml(path: str | os.PathLike) -> dict:
+def load_toml(path: str | os.PathLike, what: str = "file", flag: str | None = None) -> dict:
+    """The table of a TOML file; what is wrong with the file (missing, not a regular file, too large, not TOML) is a
+    UserError that names it as `what` (and `flag`)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    data = read_small_file(path, what, flag)
     try:
-        text = path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # a BOM: what Windows' Notepad writes first
+        text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # a BOM: what Windows' Notepad writes first
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None

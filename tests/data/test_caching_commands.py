@@ -457,3 +457,50 @@ def test_a_dataset_whose_sources_are_absent_says_nothing_about_stale_caches(mode
     with caplog.at_level(logging.WARNING):
         assert TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=0).num_items == 2
     assert "older than" not in caplog.text and "no latent cache" not in caplog.text
+
+
+def test_an_image_whose_name_is_not_utf8_is_cached_and_trained_on(models, tmp_path, capsys):
+    """A name in Latin-1 (b'caf\\xe9.png', from a zip unpacked on Linux) is a valid POSIX name: safetensors' own reader
+    refused its cache's path, the second text pass dropped the first's tensors and reported success, and training left
+    the item out or failed in its fingerprint. Its caches are read from a descriptor now, and it trains like any."""
+    import os
+
+    toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=2, width=32, height=32, frames=5)
+    images = tmp_path / "images"
+    for suffix in (b".png", b".txt"):
+        os.rename(os.fsencode(images / "image_0001") + suffix, os.fsencode(images) + b"/caf\xe9" + suffix)
+    for _ in range(2):  # the second run (--skip_existing) finds every cache complete
+        cache_latents_main(latent_args(toml, models, "--skip_existing"))
+        cache_text_main(text_args(toml, models, "--skip_existing"))
+    out = capsys.readouterr().out
+    assert out.count("2 latent caches cached, 0 already cached, 0 skipped, 0 failed") == 1, out
+    assert out.count("0 latent caches cached, 2 already cached, 0 skipped, 0 failed") == 1, out
+    assert "0 text caches cached, 2 already cached" in out, out
+    (text_cache,) = [p for p in (tmp_path / "cache" / "images").iterdir() if os.fsencode(p.name).startswith(b"caf\xe9_hv_te")]
+    assert {k.split("_")[0] for k in read_safetensors_header(text_cache)[0]} == {"llm", "clipL"}
+    dataset = TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=0)
+    assert dataset.num_items == 2 and dataset.fingerprint()
+
+
+def test_a_relative_cache_directory_is_one_folder_from_whichever_folder_the_commands_run(models, tmp_path, monkeypatch, capsys):
+    """fuzz_i F3: image_directory = "images" was found beside the config, but cache_directory = "cache", not there
+    yet, went to the current folder: caching from two folders split the latents and the text caches in two, and
+    training found neither half complete. A relative cache_directory follows where its dataset's source was found."""
+    project, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    make_synthetic_dataset(project, num_videos=0, num_images=2, width=32, height=32, frames=5)
+    elsewhere.mkdir()
+    toml = project / "dataset.toml"
+    toml.write_text('[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n'
+                    '[[datasets]]\nimage_directory = "images"\ncache_directory = "cache"\n')
+    monkeypatch.chdir(elsewhere)
+    cache_latents_main(latent_args("../proj/dataset.toml", models))
+    monkeypatch.chdir(project)
+    cache_text_main(text_args("dataset.toml", models))
+    assert not (elsewhere / "cache").exists()
+    assert len(list((project / "cache").glob("*_hv.safetensors"))) == 2
+    assert len(list((project / "cache").glob("*_hv_te.safetensors"))) == 2
+    for cwd, config in ((project, "dataset.toml"), (elsewhere, "../proj/dataset.toml")):
+        monkeypatch.chdir(cwd)
+        (dataset,) = load_dataset_config(config).datasets
+        assert dataset.cache_directory == project / "cache"  # in full, in every message that names it
+        assert TrainingDataset.from_config(load_dataset_config(config, check_sources=False), seed=0).num_items == 2

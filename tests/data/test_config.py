@@ -26,7 +26,7 @@ def test_defaults_are_musubi_tuners(folders):
     assert isinstance(image, ImageDatasetConfig)
     assert (image.resolution, image.batch_size, image.num_repeats, image.enable_bucket, image.bucket_no_upscale) == \
         ((960, 544), 1, 1, False, False)
-    assert image.cache_directory == Path("images")  # defaults to the image folder
+    assert image.cache_directory == Path("images").absolute()  # defaults to the image folder
     (video,) = load_dataset_config(write_config(folders, VIDEOS)).datasets
     assert isinstance(video, VideoDatasetConfig)
     assert (video.target_frames, video.frame_extraction, video.frame_stride, video.frame_sample, video.max_frames,
@@ -125,7 +125,7 @@ def test_a_missing_folder_is_named_with_its_key(folders):
 def test_training_from_caches_does_not_need_the_source_folders(folders):
     text = '[[datasets]]\nvideo_directory = "gone"\ncache_directory = "cache"\ncaption_extension = ".txt"\n'
     (video,) = load_dataset_config(write_config(folders, text), check_sources=False).datasets
-    assert video.cache_directory == Path("cache")
+    assert video.cache_directory == Path("cache").absolute()
 
 
 def test_a_directory_dataset_needs_a_caption_extension(folders):
@@ -140,7 +140,7 @@ def test_a_jsonl_dataset_needs_a_cache_directory(folders):
 
 def test_datasets_must_not_share_a_cache_folder(folders):
     message = config_error(folders, IMAGES + IMAGES)  # both default to images/
-    assert message.startswith("dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder images")
+    assert message.startswith(f"dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder {folders / 'images'}")
 
 
 def test_datasets_must_not_share_a_cache_folder_through_a_link(folders):
@@ -149,7 +149,7 @@ def test_datasets_must_not_share_a_cache_folder_through_a_link(folders):
     (folders / "cache").mkdir()
     (folders / "linked").symlink_to(folders / "cache")
     message = config_error(folders, IMAGES + 'cache_directory = "cache"\n' + IMAGES + 'cache_directory = "linked"\n')
-    assert message.startswith("dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder linked, which is "
+    assert message.startswith(f"dataset.toml: [[datasets]][0] and [[datasets]][1] share the cache folder {folders / 'linked'}, which is "
                               f"{(folders / 'cache').resolve()}; give each dataset its own cache_directory")
 
 
@@ -249,7 +249,7 @@ def test_validation_datasets_are_read_like_datasets_but_kept_apart(folders):
 def test_a_validation_dataset_cannot_split_itself_or_share_a_cache_folder(folders):
     held = '\n[[validation_datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\n'
     assert config_error(folders, IMAGES + held).startswith(
-        "dataset.toml: [[datasets]][0] and [[validation_datasets]][0] share the cache folder images")
+        f"dataset.toml: [[datasets]][0] and [[validation_datasets]][0] share the cache folder {folders / 'images'}")
     assert "a validation dataset is held out whole" in config_error(folders, IMAGES + held.replace('"images"', '"videos"') + "validation_split = 0.5\n")
 
 

@@ -87,9 +87,40 @@ def captions(a, tmp, kind: str):
         target.unlink()
     elif kind == "empty":
         target.write_text("")
+    elif kind == "fifo":  # read, it blocked the run for ever
+        target.unlink()
+        os.mkfifo(target)
+    elif kind == "zero":  # read, it filled the memory
+        target.unlink()
+        target.symlink_to("/dev/zero")
+    elif kind == "huge":  # 1 TiB, sparse: read, a MemoryError without a reason
+        os.truncate(target, 2**40)
     else:
         target.write_bytes("un caf\xe9 noir".encode("latin-1"))
     return toml
+
+
+def fifo_config(a, tmp):
+    os.mkfifo(tmp / "dataset.toml")
+    return tmp / "dataset.toml"
+
+
+def image_named_in_latin1(a, tmp):
+    """The first image and its caption renamed to b'caf\xe9' (a zip unpacked on Linux); no text cache yet."""
+    toml, folder = copy_dataset(a, tmp)
+    images = folder / "images"
+    for suffix in (b".png", b".txt"):
+        os.rename(os.fsencode(images / "image_0000") + suffix, os.fsencode(images) + b"/caf\xe9" + suffix)
+    for cache in folder.glob("cache/*/*_hv_te.safetensors"):
+        cache.unlink()
+    return toml
+
+
+def both_text_passes_kept(a, tmp, err, out):
+    (cache,) = [p for p in (tmp / "ds" / "cache" / "images").iterdir() if os.fsencode(p.name) == b"caf\xe9_hv_te.safetensors"]
+    from musubi_tuner.files import read_safetensors_header
+
+    assert {key.split("_")[0] for key in read_safetensors_header(cache)[0]} == {"llm", "clipL"}, "a text pass was dropped"
 
 
 def every_caption_unreadable(a, tmp):
@@ -378,6 +409,20 @@ CASES = [
          then=summary_names(r"\[\[datasets\]\]\[1\]: 2 text caches cached"), warning=r"clip_0001\.txt: empty caption"),
     Case("caption-not-utf8-strict", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "latin1"), a, "--strict"),
          r"clip_0001\.txt: caption is not UTF-8 text \(byte 6\); save it as UTF-8", keep=all_caches),
+    *[Case(f"caption-{kind}-is-named-not-read", "cache_text_encoder_outputs",
+           lambda a, t, kind=kind: cache_text_argv(captions(a, t, kind), a), None,
+           then=summary_names(rf"failed: .*clip_0001\.txt: {reason} \(for clip_0001\.mp4\)",
+                              r"\[\[datasets\]\]\[1\]: 1 text caches cached, 0 already cached, 0 skipped, 1 failed"),
+           covered_by="tests/data/test_input_files.py::test_a_fifo_a_device_and_a_huge_sparse_file_as_captions_are_named_and_the_others_read")
+      for kind, reason in (("fifo", r"not a regular file \(a FIFO\); expected a caption file"),
+                           ("zero", r"not a regular file \(a character device\); expected a caption file"),
+                           ("huge", r"1 TiB, too large for a caption file \(at most 1 MiB\)"))],
+    Case("dataset-config-a-fifo-is-named-not-read", "cache_latents", lambda a, t: cache_latents_argv(fifo_config(a, t), a),
+         r"dataset\.toml: not a regular file \(a FIFO\); expected a dataset config$",
+         covered_by="tests/test_files_inputs.py::test_a_dataset_config_that_is_not_a_regular_file_or_is_huge_is_named"),
+    Case("text-cache-of-an-image-named-in-latin1-keeps-both-passes", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(image_named_in_latin1(a, t), a), None, then=both_text_passes_kept,
+         covered_by="tests/data/test_caching_commands.py::test_an_image_whose_name_is_not_utf8_is_cached_and_trained_on"),
     Case("text-encoder2-is-the-dit", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te2=a.dit),
          r"dit\.pt: not a CLIP text encoder .*this looks like a HunyuanVideo DiT \(pass it with --dit\)", keep=all_caches, then=no_llm_pass),
     Case("text-encoder1-truncated-shard", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(a.dataset, a, te1=truncated_shard(a, t)),

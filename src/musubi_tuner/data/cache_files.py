@@ -309,14 +309,14 @@ def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str,
 
 
 def _mergeable_text_cache(path: Path, replaced: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The existing file's tensors not in `replaced`, and its metadata; ({}, {}) if it is unreadable."""
-    from safetensors import safe_open
+    """The existing file's tensors not in `replaced`, and its metadata; ({}, {}) if it is unreadable.
 
+    Read through files.StateDictFile, which reads from a descriptor: safetensors' own reader takes a path as UTF-8
+    text and refuses any other (an image named in Latin-1 or Shift-JIS, from a zip unpacked on Linux)."""
     try:
         _, metadata = read_safetensors_header(path)
         if metadata.get("architecture", ARCHITECTURE_FULL) == ARCHITECTURE_FULL:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys() if strip_dtype(k) not in replaced}, dict(metadata)
+            return {k: t for k, t in _read_all(path).items() if strip_dtype(k) not in replaced}, dict(metadata)
     except Exception as e:  # a half-written file from a killed run (musubi-tuner's writes are not atomic)
         logger.warning("%s: unreadable (%s); writing it anew", path, str(e)[:160])
         return {}, {}
@@ -329,16 +329,14 @@ def _mergeable_text_cache(path: Path, replaced: set[str]) -> tuple[dict[str, tor
 
 def load_cache(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A latent or text cache as {logical key: tensor}, e.g. `latents` (16, F, H, W), `llm` (256, 4096)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
+    if not os.path.lexists(path):
+        raise UserError(f"{path}: cache file not found; run the caching commands again")
     try:
-        stored = load_file(str(path))
-    except FileNotFoundError:
-        raise UserError(f"{path}: cache file not found; run the caching commands again") from None
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise UserError(f"{path}: unreadable cache file ({str(e)[:160]}); "
-                        f"delete it and run the caching command again") from None
+        stored = _read_all(path)
+    except UserError as e:  # truncated, damaged or foreign
+        reason = str(e).removeprefix(f"{path}: ")
+        raise UserError(f"{path}: unreadable cache file ({reason[:160]}); delete it and run the caching command again") from None
     tensors: dict[str, torch.Tensor] = {}
     for key, t in stored.items():
         name = logical_key(key)
@@ -347,6 +345,15 @@ def load_cache(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                             f"delete it and run the caching command again")
         tensors[name] = t
     return tensors
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a cache file, read from its descriptor (any file name works; see _mergeable_text_cache)."""
+    f = files.StateDictFile(path, what="cache file")
+    try:
+        return {k: f.read(k) for k in f.keys()}
+    finally:
+        f.close()
 
 
 def cache_status(path: str | os.PathLike, expected: Mapping[str, str] | None = None,

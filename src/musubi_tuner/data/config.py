@@ -23,6 +23,7 @@ from musubi_tuner.data import media
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError, did_you_mean
+from musubi_tuner.files import read_small_file, require_file
 from musubi_tuner.tomlio import load_toml, loads_json
 
 logger = logging.getLogger(__name__)
@@ -336,18 +337,14 @@ def _checked(checks: Mapping[str, Check], key: str, value: Any, at: str) -> Any:
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The raw table of a .toml or .json dataset config; syntax errors name the file and the line."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: dataset config not found")
-    if not path.is_file():
-        raise UserError(f"{path}: is a folder, expected a dataset config file")
+    path = require_file(path, "dataset config")  # (not a FIFO, /dev/zero or a socket: named as what they are)
     suffix = path.suffix.lower()
     if suffix == ".toml":
-        return _table(load_toml(path), path)
+        return _table(load_toml(path, "dataset config"), path)
     if suffix != ".json":
         raise UserError(f"{path}: a dataset config must end in .toml or .json")
     try:
-        raw = loads_json(path.read_text(encoding="utf-8"))
+        raw = loads_json(read_small_file(path, "dataset config").decode("utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
     except ValueError as e:  # every problem loads_json has: syntax, a key given twice, a huge integer, deep nesting
@@ -527,7 +524,7 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video:
         logger.warning("%s sets both %s and %s; using %s as musubi-tuner does", where, directory_key, jsonl_key,
                        directory_key)
     source_key = directory_key if directory_key in own else jsonl_key
-    source = _resolve(own[source_key], path)
+    source = _resolve(own[source_key], path, f"{where}.{source_key} = {_show(own[source_key])}")
     if check_sources:
         _check_source(source, source_key, own[source_key], where, is_directory=source_key == directory_key)
     if source_key == directory_key and value("caption_extension") is None:
@@ -544,7 +541,9 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video:
             raise UserError(f"{where}: cache_directory is required with {jsonl_key}")
         cache = source
     else:
-        cache = _resolve(cache_directory, path)
+        cache = _resolve_cache(cache_directory, path, f"{where}.cache_directory = {_show(cache_directory)}",
+                               _anchor(own[source_key], source, path), source_key)
+    cache = Path(os.path.abspath(cache))  # (named in full in every message: which folder the caches are in)
     enable_bucket = value("enable_bucket")
     resolution = value("resolution")
     smallest_area = (2 * RESOLUTION_STEP) ** 2  # buckets range from half the side to the side, in steps of 16
@@ -579,14 +578,43 @@ def _video_values(where: str, value: Callable[[str], Any]) -> dict[str, Any]:
             "frame_sample": frame_sample, "max_frames": value("max_frames"), "source_fps": value("source_fps")}
 
 
-def _resolve(value: str, config_path: Path) -> Path:
+def _resolve(value: str, config_path: Path, at: str) -> Path:
     """A path from the config: as written (relative to the current folder, as in musubi-tuner), or,
     when only that exists, relative to the config file's folder."""
-    path = Path(value).expanduser()
+    path = _expanded(value, at)
     if path.is_absolute() or path.exists():
         return path
     beside = config_path.parent / path
     return beside if beside.exists() else path
+
+
+def _expanded(value: str, at: str) -> Path:
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # HOME unset, and a user without a passwd entry (some containers)
+        raise UserError(f"{at}: cannot expand ~ (no HOME); write the full path") from None
+
+
+def _anchor(written: str, resolved: Path, config_path: Path) -> bool | None:
+    """Where a relative source path was found: True beside the config, False in the current folder, None if absolute
+    or found nowhere (training from caches only, the source folder gone)."""
+    if Path(written).is_absolute() or written.startswith("~") or not resolved.exists():
+        return None
+    return resolved == config_path.parent / Path(written)  # (and not the current folder's, which wins when both exist)
+
+
+def _resolve_cache(value: str, config_path: Path, at: str, anchor: bool | None, source_key: str) -> Path:
+    """A relative cache_directory, which often does not exist yet, goes where its dataset's source was found (beside
+    the config, or in the current folder): resolved by _resolve alone, it followed the current folder until the
+    first run created it beside the config, and commands run from two folders split one dataset's caches in two."""
+    path = _expanded(value, at)
+    if anchor is None or path.is_absolute():
+        return _resolve(value, config_path, at)
+    chosen, other = (config_path.parent / path, path) if anchor else (path, config_path.parent / path)
+    if other.is_dir() and not (chosen.exists() and os.path.samefile(other, chosen)):
+        logger.warning("%s: using %s (where %s was found); %s is not used", at, os.path.abspath(chosen), source_key,
+                       os.path.abspath(other))
+    return chosen
 
 
 def _check_source(path: Path, key: str, written: str, where: str, *, is_directory: bool) -> None:

@@ -29,7 +29,7 @@ from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
 from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.files import read_safetensors_header, read_small_file, require_file
 from musubi_tuner.tomlio import loads_json
 
 logger = logging.getLogger(__name__)
@@ -123,14 +123,15 @@ class SourceItem:
         """The caption, stripped. Raises UserError naming the caption file if it is missing or not UTF-8."""
         if self.caption_file is None:
             return self.jsonl_caption.strip()
+        # (a FIFO, /dev/zero, a socket or a 1 TB sparse file as a caption: named, where a read would hang or fill memory)
+        data = read_small_file(self.caption_file, "caption file", f"for {self.path.name}", MAX_CAPTION_BYTES)
         try:
-            return self.caption_file.read_bytes().decode("utf-8-sig").strip()
-        except FileNotFoundError:
-            raise UserError(f"{self.caption_file}: caption file not found (for {self.path.name})") from None
+            return data.decode("utf-8-sig").strip()
         except UnicodeDecodeError as e:
             raise UserError(f"{self.caption_file}: caption is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-        except OSError as e:
-            raise UserError(f"{self.caption_file}: cannot read caption ({e.strerror or e})") from None
+
+
+MAX_CAPTION_BYTES = 2**20  # a caption is a sentence or a paragraph; the text encoders read a few hundred tokens of it
 
 
 def list_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[tuple[str, str]]]:
@@ -167,8 +168,16 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
         caption_file = path.with_name(path.stem + extension)
         if not dataset.is_video and not caption_file.exists():
             dotted = path.with_name(f"{path.stem}.{extension}")
+            if caption_file.is_symlink():  # there, but a broken or looping link: said so, not "no caption file"
+                try:
+                    require_file(caption_file, "caption file")
+                except UserError as e:
+                    problems.append((str(path), str(e)))
+                    continue
             if extension and not extension.startswith(".") and dotted.exists():
                 hint = f" (caption_extension = {extension!r} does not start with a dot; {dotted.name} exists: write '.{extension}')"
+            elif path.with_name(path.name + extension).exists():  # x.png.txt: the caption of x.png is x.txt
+                hint = f" ({path.name}{extension} exists: the caption of {path.name} is named {caption_file.name})"
             else:
                 siblings = _suffixes_by_stem(folder) if siblings is None else siblings
                 others = [s for s in siblings.get(path.stem, []) if s.lower() not in (*media.IMAGE_EXTENSIONS, *media.VIDEO_EXTENSIONS)]
@@ -176,7 +185,18 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
             problems.append((str(path), f"no caption file {caption_file.name}{hint}"))
             continue
         items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file))
+    if not dataset.is_video:
+        problems += _unsupported_images(folder, extension, {path.stem for path in files})
     return items, problems
+
+
+def _unsupported_images(folder: Path, extension: str, listed_stems: set[str]) -> list[tuple[str, str]]:
+    """Captioned images of a type that is not read (.gif, .tiff): named, where leaving them out said nothing."""
+    captioned = {p.name[:-len(extension)] for p in Path(folder).iterdir() if extension and p.name.endswith(extension)}
+    return [(str(p), f"{p.suffix} is not a supported image type ({', '.join(media.IMAGE_EXTENSIONS)}); convert it")
+            for p in sorted(Path(folder).iterdir())
+            if p.suffix.lower() in media.UNSUPPORTED_IMAGE_EXTENSIONS and p.stem in captioned and p.stem not in listed_stems
+            and not p.name.startswith(".")]
 
 
 def _suffixes_by_stem(folder: Path) -> dict[str, list[str]]:
@@ -192,12 +212,11 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
     path_keys = ("video_path",) if dataset.is_video else ("image_path", "image_path_0")
     where = f"({dataset.where}.{dataset.source_key})"
     items = []
+    data = read_small_file(jsonl, "JSONL file", f"{dataset.where}.{dataset.source_key}", MAX_JSONL_BYTES)
     try:
-        lines = jsonl.read_text(encoding="utf-8-sig").splitlines()
+        lines = data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise UserError(f"{jsonl}: not UTF-8 text (byte {e.start}) {where}") from None
-    except OSError as e:
-        raise UserError(f"{jsonl}: cannot read ({e.strerror or e}) {where}") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -214,9 +233,15 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
         caption = entry.get("caption")
         if not isinstance(caption, str):
             raise UserError(f"{jsonl}:{number}: no \"caption\" string {where}")
-        path = _jsonl_media_path(media_path, jsonl)
+        try:
+            path = _jsonl_media_path(media_path, jsonl)
+        except RuntimeError:  # "~" with HOME unset and a user without a passwd entry (some containers)
+            raise UserError(f"{jsonl}:{number}: {media_path!r}: cannot expand ~ (no HOME); write the full path {where}") from None
         items.append(SourceItem(path, cache_files.item_stem(path), jsonl_caption=caption))
     return items
+
+
+MAX_JSONL_BYTES = 2**30  # a line per item: a million items with long captions
 
 
 def _jsonl_media_path(value: str, jsonl: Path) -> Path:

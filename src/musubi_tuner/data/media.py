@@ -11,7 +11,6 @@ Any file that cannot be read raises a UserError that names it.
 
 from __future__ import annotations
 
-import errno
 import fractions
 import importlib.util
 import itertools
@@ -24,11 +23,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import atomic_write, write_error
+from musubi_tuner.files import atomic_write, require_file, write_error
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
 if importlib.util.find_spec("pillow_jxl") or importlib.util.find_spec("jxlpy"):  # JPEG XL plugins, as musubi-tuner
     IMAGE_EXTENSIONS += (".jxl",)
+# image types people caption that are not read (neither here nor by musubi-tuner): named, not left out without a word
+UNSUPPORTED_IMAGE_EXTENSIONS = tuple(e for e in (".gif", ".tif", ".tiff", ".heic", ".heif", ".jxl", ".svg")
+                                     if e not in IMAGE_EXTENSIONS)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".flv", ".wmv", ".m4v", ".mpg", ".mpeg")
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
@@ -38,25 +40,18 @@ def _list(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
     """Files of `folder` (not recursive) whose extension is one of `extensions`, any case, sorted by name.
 
     Hidden files (a leading dot: macOS's `._name.png` resource forks, editors' temporary files) are not listed, as
-    musubi-tuner's glob does not list them. Broken and looping symbolic links are listed: reading them fails with a
-    message that names them, where dropping them here would lose them without a word."""
+    musubi-tuner's glob does not list them. Broken and looping symbolic links, FIFOs, devices and sockets are listed:
+    reading them fails with a message that names them, where dropping them here would lose them without a word."""
     folder = Path(folder)
     return sorted((p for p in folder.iterdir()
-                   if p.suffix.lower() in extensions and not p.name.startswith(".") and (p.is_file() or p.is_symlink())),
+                   if p.suffix.lower() in extensions and not p.name.startswith(".") and (p.is_symlink() or not p.is_dir())),
                   key=lambda p: p.name)
 
 
 def _require_readable_file(path: Path) -> None:
-    """A clear reason for what is not a file with data: a broken or looping link, an empty file."""
-    if path.is_symlink() and not path.exists():
-        try:
-            path.resolve(strict=True)
-        except RuntimeError:  # Python < 3.13 reports a loop as RuntimeError
-            raise UserError(f"{path}: symbolic link loop") from None
-        except OSError as e:
-            if getattr(e, "errno", None) == errno.ELOOP:
-                raise UserError(f"{path}: symbolic link loop") from None
-        raise UserError(f"{path}: broken symbolic link (to {os.readlink(path)}, which does not exist)")
+    """A clear reason for what is not a file with data: a broken or looping link, not a regular file (a FIFO would
+    block the decoder, /dev/zero never end), an empty file."""
+    require_file(path)
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file (0 bytes)")
 

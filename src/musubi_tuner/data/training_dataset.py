@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,7 +377,7 @@ class TrainingDataset(torch.utils.data.Dataset):
             for shape, items in d.buckets.items():
                 digest.update(f"{shape}: {len(items)}\n".encode())
                 for item in items:
-                    digest.update(f"{item.latent_path.name}\n".encode())
+                    digest.update(os.fsencode(item.latent_path.name) + b"\n")  # (any file name: one not UTF-8 too)
         return digest.hexdigest()[:16]
 
     @property

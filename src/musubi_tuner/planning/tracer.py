@@ -170,7 +170,10 @@ def on_disk(key: object, sources: Iterable[Path], compute: Callable[[], Any], lo
     digest = hashlib.sha256(repr((key, torch.__version__)).encode())
     for f in sorted({Path(__file__), *map(Path, sources)}):
         digest.update(f.read_bytes())
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    try:  # (no home folder: HOME unset and a UID without a passwd entry, as in some containers: no cache)
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:
+        return compute()
     path = root / "musubi_tuner" / "plan_traces" / f"{digest.hexdigest()[:32]}.json"
     try:
         return load(json.loads(path.read_text()))

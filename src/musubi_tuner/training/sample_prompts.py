@@ -13,6 +13,7 @@ from pathlib import Path
 
 from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, count, real, seed
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_small_file, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +110,13 @@ def _from_dict(d: dict, index: int, source: str) -> SamplePrompt:
 
 
 def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: sample prompt file not found (--sample_prompts)")
+    what, flag = "sample prompt file", "--sample_prompts"
+    path = require_file(path, what, flag)  # (not a FIFO, /dev/zero or a socket: named as what they are)
     suffix = path.suffix.lower()
     if suffix == ".toml":
         from musubi_tuner.tomlio import load_toml
 
-        table = load_toml(path).get("prompt", {})
+        table = load_toml(path, what, flag).get("prompt", {})
         if not isinstance(table, dict) or not isinstance(table.get("subset", []), list):
             raise UserError(f"{path}: write the prompts as [prompt] (shared settings) and [[prompt.subset]] tables, one per prompt")
         base = {k: v for k, v in table.items() if k != "subset"}
@@ -125,7 +125,7 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         from musubi_tuner.tomlio import loads_json
 
         try:
-            entries = loads_json(path.read_text(encoding="utf-8"))
+            entries = loads_json(read_small_file(path, what, flag).decode("utf-8"))
         except ValueError as e:  # (a UnicodeDecodeError is one): syntax, a key given twice, a huge integer, deep nesting
             raise UserError(f"{path}: not valid JSON ({str(e)[:160]})") from None
         if not isinstance(entries, list):
@@ -133,7 +133,7 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         prompts = [parse_line(e, i, str(path)) if isinstance(e, str) else _from_dict(e, i, str(path)) for i, e in enumerate(entries)]
     else:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_small_file(path, what, flag).decode("utf-8").splitlines()
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text") from None
         lines = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]

@@ -1,0 +1,201 @@
+"""Input files that are not regular files (a FIFO, /dev/zero, a socket), or are huge, are named in one line before
+anything reads them; a run lock on a full disk is one line too. All with the real thing: real FIFOs, devices, sparse
+files, sockets and a real full file system; a deadline turns a hang into a failure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from musubi_tuner.data.config import read_config_file
+from musubi_tuner.errors import UserError
+from musubi_tuner import files
+from musubi_tuner.files import RunLock, StateDictFile, load_torch_file, require_file
+from musubi_tuner.tomlio import load_toml
+from musubi_tuner.training.sample_prompts import load_sample_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int = 10):
+    """A read that blocks (a FIFO) or never ends (/dev/zero) fails the test instead of hanging it."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def zero(path: Path) -> Path:
+    path.symlink_to("/dev/zero")
+    return path
+
+
+def sparse(path: Path, size: int = 2**40) -> Path:
+    path.write_bytes(b"")
+    os.truncate(path, size)  # 1 TiB that takes no disk
+    return path
+
+
+@pytest.fixture
+def bound_socket(tmp_path):
+    with socket.socket(socket.AF_UNIX) as s:
+        path = tmp_path / "sock.safetensors"
+        s.bind(str(path))
+        yield path
+
+
+@pytest.mark.parametrize("make, kind", [(fifo, "a FIFO"), (zero, "a character device")])
+@pytest.mark.parametrize("name", ["lora.safetensors", "dit.pt"])
+def test_a_model_file_that_is_not_a_regular_file_is_named_without_reading_it(tmp_path, make, kind, name):
+    path = make(tmp_path / name)
+    with deadline(), pytest.raises(UserError) as e:
+        StateDictFile(path, what="LoRA file")
+    assert str(e.value) == f"{path}: not a regular file ({kind}); expected a LoRA file"
+    with deadline(), pytest.raises(UserError, match=rf"not a regular file \({kind}\); expected a DiT checkpoint \(--dit\)"):
+        require_file(path, "DiT checkpoint", "--dit")
+    with deadline(), pytest.raises(UserError, match=rf"not a regular file \({kind}\)"):
+        load_torch_file(path)
+
+
+def test_a_socket_as_a_model_file_is_named(bound_socket):
+    with deadline(), pytest.raises(UserError, match=r"sock\.safetensors: not a regular file \(a socket\); expected a LoRA file"):
+        StateDictFile(bound_socket, what="LoRA file")
+
+
+def test_broken_and_looping_links_are_named_as_such(tmp_path):
+    (tmp_path / "broken.pt").symlink_to(tmp_path / "gone.pt")
+    with pytest.raises(UserError, match=r"broken\.pt: broken symbolic link \(to .*gone\.pt, which does not exist\) \(--dit\)"):
+        require_file(tmp_path / "broken.pt", "DiT checkpoint", "--dit")
+    (tmp_path / "a.pt").symlink_to(tmp_path / "b.pt")
+    (tmp_path / "b.pt").symlink_to(tmp_path / "a.pt")
+    with pytest.raises(UserError, match=r"a\.pt: symbolic link loop"):
+        require_file(tmp_path / "a.pt")
+
+
+@pytest.mark.parametrize("make, reason", [
+    (fifo, r"not a regular file \(a FIFO\); expected a dataset config"),
+    (zero, r"not a regular file \(a character device\); expected a dataset config"),
+    (sparse, r"1 TiB, too large for a dataset config \(at most 64 MiB\)"),
+])
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_a_dataset_config_that_is_not_a_regular_file_or_is_huge_is_named(tmp_path, make, reason, suffix):
+    path = make(tmp_path / f"dataset{suffix}")
+    with deadline(), pytest.raises(UserError, match=rf"^{path}: {reason}$"):
+        read_config_file(path)
+
+
+def test_a_socket_as_a_dataset_config_is_not_called_a_folder(tmp_path):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "dataset.toml"))
+        with deadline(), pytest.raises(UserError, match=r"dataset\.toml: not a regular file \(a socket\); expected a dataset config$"):
+            read_config_file(tmp_path / "dataset.toml")
+
+
+@pytest.mark.parametrize("make, reason", [
+    (fifo, r"not a regular file \(a FIFO\); expected a sample prompt file \(--sample_prompts\)"),
+    (zero, r"not a regular file \(a character device\); expected a sample prompt file \(--sample_prompts\)"),
+    (sparse, r"1 TiB, too large for a sample prompt file \(at most 64 MiB\) \(--sample_prompts\)"),
+])
+@pytest.mark.parametrize("suffix", [".txt", ".toml", ".json"])
+def test_a_sample_prompt_file_that_is_not_a_regular_file_or_is_huge_is_named(tmp_path, make, reason, suffix):
+    path = make(tmp_path / f"prompts{suffix}")
+    with deadline(), pytest.raises(UserError, match=rf"^{path}: {reason}$"):
+        load_sample_prompts(path)
+
+
+def test_load_toml_reads_no_fifo_and_no_device(tmp_path):
+    with deadline(), pytest.raises(UserError, match=r"not a regular file \(a FIFO\); expected a file$"):
+        load_toml(fifo(tmp_path / "config.toml"))
+    with deadline(), pytest.raises(UserError, match=r"not a regular file \(a character device\)"):
+        load_toml(zero(tmp_path / "zero.toml"))
+
+
+def test_read_small_file_reads_a_small_regular_file_and_bounds_the_rest(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"hello")
+    assert files.read_small_file(tmp_path / "a.txt") == b"hello"
+    (tmp_path / "b.txt").write_bytes(b"x" * 11)
+    with pytest.raises(UserError, match=r"b\.txt: 11 bytes, too large for a caption file \(at most 10 bytes\) \(for b\.png\)"):
+        files.read_small_file(tmp_path / "b.txt", "caption file", "for b.png", max_bytes=10)
+
+
+# ------------------------------------------------------------------------------------------ a run lock on a full disk
+
+
+@pytest.fixture
+def full_filesystem(tmp_path):
+    """A real tmpfs of 64 KiB, filled: a new file can be made (tmpfs counts inodes apart) but not written to."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs (root with CAP_SYS_ADMIN)")
+    try:
+        with open(mount / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_run_lock_on_a_full_disk_is_one_line_and_leaves_no_lock_file(full_filesystem):
+    out = full_filesystem / "out"
+    out.mkdir()
+    lock = RunLock(out / ".musubi-train.lock", "training run", "--output_dir")
+    with pytest.raises(UserError) as e:
+        lock.acquire()
+    assert str(e.value) == (f"{out / '.musubi-train.lock'}: cannot write the lock file (No space left on device); check free "
+                            f"space and permissions of {out}, or choose another --output_dir")
+    assert list(out.iterdir()) == []
+    (full_filesystem / "filler").unlink()  # with room again, the same lock is taken and released
+    with RunLock(out / ".musubi-train.lock", "training run", "--output_dir"):
+        assert (out / ".musubi-train.lock").stat().st_size > 0
+    assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ no home folder
+
+
+def without_home(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`code` run as a user without a passwd entry and without HOME (some containers): Path.home() cannot work."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run as a user without a passwd entry")
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_CACHE_HOME")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    os.chmod(cwd, 0o777)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, user=54321, group=54321, extra_groups=[],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_plan_trace_cache_is_skipped_when_no_home_folder_can_be_found(tmp_path):
+    done = without_home(
+        "from musubi_tuner.planning.tracer import on_disk\n"
+        "print(on_disk('k', [], lambda: 'traced', lambda d: 'loaded'))\n", tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "traced", done.stderr
+
+
+def test_a_tilde_in_a_dataset_config_without_a_home_folder_is_one_line(tmp_path):
+    (tmp_path / "ds.toml").write_text('[[datasets]]\nimage_directory = "~/images"\ncaption_extension = ".txt"\n')
+    done = without_home(
+        "from musubi_tuner.data.config import load_dataset_config\nfrom musubi_tuner.errors import UserError\n"
+        "try:\n    load_dataset_config('ds.toml')\nexcept UserError as e:\n    print(e)\n", tmp_path)
+    assert done.stdout.strip() == ('ds.toml: [[datasets]][0].image_directory = "~/images": cannot expand ~ (no HOME); '
+                                   'write the full path'), done.stderr
