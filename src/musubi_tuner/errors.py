@@ -40,7 +40,10 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 
     Running out of GPU or host memory is one such line too, with `memory_advice`: the command's flags that need less.
     Output piped into a reader that stops early (`| head`) ends the command quietly, as it does C tools.
+    stdout and stderr are side outputs: closed, or failing to write (a full disk under a log), they cost the command
+    what it printed there, never its result or its exit status.
     """
+    usable_standard_streams()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     use_expandable_segments()
     stop_cleanly_on_sigterm()
@@ -48,10 +51,13 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         # bitsandbytes >= 0.50 logs at import that it could not fetch its 4-bit CPU kernels from the hub: the 8-bit
         # optimizers never use them, and a warning about remote code on every training start only alarms
         logging.getLogger("bitsandbytes.backends").setLevel(logging.ERROR)
+    stdout = sys.stdout = LosableStdout(sys.stdout)
     try:
         _run(main, argv, memory_advice)
     finally:  # a SIGTERM once the command has ended (a launcher stopping its processes) ends it as the default does
         _default_sigterm()
+        if sys.stdout is stdout:
+            sys.stdout = stdout.wrapped
 
 
 def _run(main, argv, memory_advice: str) -> None:
@@ -72,7 +78,7 @@ def _run(main, argv, memory_advice: str) -> None:
         _fail(f"{message} (--debug shows where)")
     except KeyboardInterrupt as e:
         _close_progress_bars()
-        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        _say("terminated" if isinstance(e, Terminated) else "interrupted")
         sys.exit(143 if isinstance(e, Terminated) else 130)
     except BrokenPipeError:
         _quiet_stdout()
@@ -134,7 +140,7 @@ def _fail(message: str, shared: bool = False) -> None:
     _close_progress_bars()
     quiet = shared and int(os.environ.get("RANK", "0") or 0) != 0
     if not quiet:
-        print(f"error: {message}", file=sys.stderr)
+        _say(f"error: {message}")
     _tell_the_launcher(f"error: {message}")
     if quiet:  # process 0 prints it: let it, before the launcher stops every process on this one's exit
         import time
@@ -189,6 +195,73 @@ def out_of_memory(e: BaseException) -> str | None:
             + (f" (GPU {card[1]} holds {card[2]}, {card[3]} of it free)" if card else ""))
 
 
+def usable_standard_streams() -> None:
+    """Give a closed stdout or stderr somewhere to go: os.devnull.
+
+    A command started with `>&-` or `2>&-`, by a launcher that closed them, or under Windows' pythonw.exe has
+    sys.stdout / sys.stderr None, and its first print, log line or progress line failed (status 1, no word), or a
+    finished run failed at its last flush. Closed descriptors 1 and 2 are taken too (dup2): a file the command opened
+    later got their number, and with it the writes meant for stdout and stderr (C code's too) among its bytes."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                if devnull != fd:
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
+            except OSError:
+                pass
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+
+
+def _say(line: str) -> None:
+    """Print a line on stderr, if it can be written: a full or closed stderr must not turn the outcome it reports into
+    another one (a traceback nobody sees, status 1)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class LosableStdout:
+    """sys.stdout while a command runs: lines it cannot write (a full disk, an I/O error, a closed stream) are lost,
+    said once on stderr, and the command goes on. What commands print there ("saved X") is a side output: before, a
+    training run that had saved its LoRA ended with a traceback and status 1 at its last line on a full disk.
+
+    A reader that stops early (BrokenPipeError) still ends the command, quietly with 141 (run_cli). A report, the
+    command's result, is written past this (print_report): it fails as the command's error."""
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+        self.lost: BaseException | None = None
+
+    def write(self, text: str) -> int:
+        self._quietly(lambda: self.wrapped.write(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._quietly(self.wrapped.flush)
+
+    def _quietly(self, call) -> None:
+        if self.lost is not None:
+            return
+        try:
+            call()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:
+            self.lost = e
+            _quiet_stdout()  # the interpreter's last flush then has nowhere to fail
+            logging.getLogger(__name__).warning("stdout: cannot write (%s); what the command prints there is lost",
+                                                getattr(e, "strerror", None) or e)
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, buffer: the stream's
+        return getattr(self.wrapped, name)
+
+
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe again."""
     try:
@@ -216,14 +289,19 @@ def _tell_the_launcher(message: str) -> None:
 
 def print_report(text: str) -> None:
     """Print a command's report to stdout. A reader that stops early (`| head`) ends the command quietly with the status
-    of a process stopped by SIGPIPE (141), as `cat` does, instead of a BrokenPipeError traceback."""
+    of a process stopped by SIGPIPE (141), as `cat` does, instead of a BrokenPipeError traceback. The report is the
+    command's result: one that cannot be written (a full disk) is the command's error, not a line lost."""
+    stdout = sys.stdout.wrapped if isinstance(sys.stdout, LosableStdout) else sys.stdout
     try:
-        print(text)
-        sys.stdout.flush()
+        print(text, file=stdout)
+        stdout.flush()
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush then has nowhere to fail
         sys.exit(141)
+    except (OSError, ValueError) as e:
+        _quiet_stdout()
+        raise UserError(f"stdout: cannot write the report ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _close_progress_bars() -> None:

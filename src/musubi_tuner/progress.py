@@ -9,6 +9,9 @@ For programs that watch a command (the studio, musubi_tuner.ui): with the enviro
 set to a path, every bar also appends its state to that file as one JSON line, at most REPORT_SECONDS apart and when
 it closes: {"desc", "n", "total", "elapsed", "remaining", "rate", "unit", "postfix", "closed", "time"} (seconds; remaining
 and rate are null until known).
+
+A bar is a side output: a stream it cannot write (a log on a full disk, stderr closed or None as under pythonw) turns
+that bar's output off; the work it shows goes on (`LostQuietly`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import time
 
 from tqdm import tqdm
+from tqdm.utils import ObjectWrapper
 
 LOG_PERCENT_STEP = 10        # a line each time the count crosses another 10 % of the total
 LOG_SECONDS_WITHOUT_TOTAL = 60
@@ -29,11 +33,50 @@ REPORT_SECONDS = 0.5
 def progress_bar(*, total: int | None = None, desc: str | None = None, **kwargs) -> tqdm:
     """tqdm(total=..., desc=..., **kwargs) on a terminal, a `LogLines` bar otherwise (same interface)."""
     stream = kwargs.get("file") or sys.stderr
-    on_terminal = getattr(stream, "isatty", lambda: False)()
+    try:
+        on_terminal = bool(getattr(stream, "isatty", lambda: False)())
+    except (OSError, ValueError):  # a closed stream
+        on_terminal = False
     bar = tqdm if on_terminal else LogLines
     if os.environ.get(PROGRESS_FILE_VARIABLE):
         bar = _REPORTING[bar]
-    return bar(total=total, desc=desc, **kwargs)
+    return bar(total=total, desc=desc, **{**kwargs, "file": LostQuietly(stream)})
+
+
+class LostQuietly(ObjectWrapper):
+    """A bar's stream whose first failed write turns it off (later lines are dropped) instead of failing the work
+    the bar shows. Without it the first progress line on a full disk ended a training run with status 1 and no word
+    (the traceback could not be written either). tqdm itself forgives only EIO and a closed file.
+
+    A reader that stops early (BrokenPipeError: `2>&1 | head`) still ends the command, quietly with 141, as
+    errors.run_cli documents for every command."""
+
+    def __init__(self, wrapped):
+        super().__init__(wrapped)
+        self.wrapper_setattr("lost", wrapped is None)  # sys.stderr is None under pythonw, or when fd 2 was closed
+
+    def write(self, text):
+        return self._quietly("write", text)
+
+    def flush(self):
+        return self._quietly("flush")
+
+    def _quietly(self, method: str, *args):
+        call = None if self.wrapper_getattr("lost") else getattr(self._wrapped, method, None)
+        if call is None:
+            return None
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError):
+            self.wrapper_setattr("lost", True)
+            return None
+
+    def __eq__(self, other):  # tqdm finds the bars of a stream by comparing their streams with it
+        return self._wrapped == getattr(other, "_wrapped", other)
+
+    __hash__ = None
 
 
 class LogLines(tqdm):

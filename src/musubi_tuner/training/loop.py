@@ -212,10 +212,95 @@ def make_accelerator(args) -> Accelerator:
         if args.log_with in ("wandb", "all"):
             wandb_login(args)
     try:
-        return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-                           log_with=log_with, project_dir=project_dir, kwargs_handlers=kwargs)
+        accelerator = TrackedAccelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                         mixed_precision=args.mixed_precision, log_with=log_with, project_dir=project_dir,
+                                         kwargs_handlers=kwargs)
     except ValueError as e:
         raise UserError(f"accelerate: {e}") from None
+    accelerator.logs_to = f"--logging_dir {project_dir}" if project_dir else f"--log_with {args.log_with}"
+    return accelerator
+
+
+class TrackedAccelerator(Accelerator):
+    """An Accelerator whose trackers (--log_with: TensorBoard, wandb) are a side output that never costs the run.
+
+    Every call into them (init_trackers, log, end_training, and `tracking` for the rest, as the sample images) goes
+    through `tracking`: a tracker that fails to write (a full disk under --logging_dir, a file-size limit, wandb's
+    own errors) is said once, in a warning that names where the logs go and why, and tracking is off for the rest of
+    the run, which trains on and saves. Before, TensorBoard's full disk killed the run mid-way with two tracebacks
+    and no LoRA for the steps done."""
+
+    logs_to = "--logging_dir"
+    tracking_off = False
+
+    def init_trackers(self, *args, **kwargs):
+        if self.is_main_process:
+            _quiet_tensorboard_writer_threads()
+        self.tracking(lambda: super(TrackedAccelerator, self).init_trackers(*args, **kwargs))
+
+    def log(self, values: dict, step: int | None = None, log_kwargs: dict | None = None):
+        self.tracking(lambda: super(TrackedAccelerator, self).log(values, step=step, log_kwargs=log_kwargs))
+
+    def end_training(self):
+        def finish():
+            for tracker in self.trackers:
+                tracker.finish()
+
+        self.tracking(finish)
+        self.trackers = []
+        self.state.destroy_process_group()  # what accelerate's end_training does after the trackers
+
+    def tracking(self, call):
+        """`call()`, which writes to the trackers, unless tracking is off; a failure to write turns it off."""
+        if self.tracking_off:
+            return None
+        try:
+            return call()
+        except _tracker_errors() as e:
+            self.stop_tracking(e)
+            return None
+
+    def stop_tracking(self, e: BaseException) -> None:
+        self.tracking_off = True
+        logger.warning("%s: cannot write the training logs (%s); logging is off for the rest of the run, which trains on",
+                       self.logs_to, getattr(e, "strerror", None) or str(e) or type(e).__name__)
+        for tracker in self.trackers:  # close what can be closed; each failed or fails alike
+            try:
+                tracker.finish()
+            except Exception:
+                pass
+        self.trackers = []
+
+
+def _tracker_errors() -> tuple[type[BaseException], ...]:
+    """What a tracker raises when it cannot write: OSError, and the errors of the tracker libraries loaded."""
+    import sys
+
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("wandb.errors", "Error"), ("tensorboard.compat.tensorflow_stub.errors", "OpError")):
+        error = getattr(sys.modules.get(module), name, None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            errors.append(error)
+    return tuple(errors)
+
+
+def _quiet_tensorboard_writer_threads() -> None:
+    """TensorBoard writes its events in a thread, which printed a traceback when a write failed. The thread also keeps
+    its error for the training's next call into the writer, which TrackedAccelerator.tracking says in a line: the
+    thread's traceback is dropped (its OSError only; anything else, and every other thread's, is printed as before)."""
+    import threading
+
+    if getattr(threading.excepthook, "quiets_tensorboard", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if not (type(args.thread).__module__.startswith(("tensorboard", "tensorboardX", "torch.utils.tensorboard"))
+                and issubclass(args.exc_type, _tracker_errors())):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def wandb_login(args) -> None:

@@ -260,6 +260,16 @@ class TrainingSampler:
                 logger.info("removed %s (replaced by %s)", path.name, written.name)
 
     def _log_image(self, grid_path: Path, step: int) -> None:
-        for tracker in getattr(self.accelerator, "trackers", []):
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("samples", np.asarray(Image.open(grid_path).convert("RGB")), step, dataformats="HWC")
+        writers = [tracker.writer for tracker in getattr(self.accelerator, "trackers", []) if tracker.name == "tensorboard"]
+        if not writers:
+            return
+        image = np.asarray(Image.open(grid_path).convert("RGB"))
+
+        def add_image():
+            for writer in writers:
+                writer.add_image("samples", image, step, dataformats="HWC")
+
+        if hasattr(self.accelerator, "tracking"):  # loop.TrackedAccelerator: logs that cannot be written never cost the run
+            self.accelerator.tracking(add_image)
+        else:
+            add_image()
