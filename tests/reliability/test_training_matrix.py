@@ -258,7 +258,11 @@ CASES = [
     Case("train-log-tracker-config-missing", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--log_with", "tensorboard", "--logging_dir", str(t / "logs"), "--log_tracker_config",
                                  str(t / "missing.toml")),
-         r"missing\.toml: file not found", then=before_the_model_loads),
+         r"missing\.toml: tracker config not found \(--log_tracker_config\)", then=before_the_model_loads),
+    Case("train-output-name-too-long-for-the-names-it-makes", "hv_train_network",
+         lambda a, t: [*train_argv(a, t / "out")[:-2], "--output_name", "n" * 216],
+         r"--output_name: 216 bytes, and the names of the files it names reach 279 \(such as \.n+\.\.\.\), over the 255 "
+         r"bytes a name may have in \S+; use a name of at most 192 bytes", then=before_the_model_loads),
     Case("train-dataset-config-is-a-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=t),
          r": expected a dataset config, found a folder \(--dataset_config\)"),
     Case("train-max-train-epochs-zero", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "0"),

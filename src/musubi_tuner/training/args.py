@@ -253,7 +253,7 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     from musubi_tuner.tomlio import load_toml
 
     file = Path(path if Path(path).suffix else f"{path}.toml")
-    raw = load_toml(file)
+    raw = load_toml(file, "config file", "--config_file")
     flat: dict = {}
 
     def walk(table):  # section names are only for the reader; all keys land in one namespace

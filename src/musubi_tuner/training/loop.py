@@ -39,7 +39,7 @@ from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
 from musubi_tuner.inference import step_cache
 from musubi_tuner.progress import progress_bar
 from musubi_tuner.training.args import attention_mode, log_folder, output_stem
-from musubi_tuner.training.checkpointing import CheckpointSaver
+from musubi_tuner.training.checkpointing import CheckpointSaver, check_names_fit
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
                                              parse_key_values, total_training_steps)
@@ -126,6 +126,7 @@ def check_args(args) -> None:
     joined = output_stem(args.output_dir, args.output_name)
     # the files' folder is output_dir from here on, so pruning, --resume auto and the run lock look where they are
     args.output_dir, args.output_name = str(joined.parent), joined.name
+    check_names_fit(args.output_dir, args.output_name)
     require_file(args.dataset_config, "dataset config", "--dataset_config")
     require_file(args.dit, "DiT checkpoint", "--dit")
     attention_mode(args)
@@ -334,7 +335,7 @@ def tracker_init_kwargs(args) -> dict:
     if args.log_tracker_config:
         from musubi_tuner.tomlio import load_toml
 
-        return load_toml(Path(args.log_tracker_config))
+        return load_toml(Path(args.log_tracker_config), "tracker config", "--log_tracker_config")
     return {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
 
 
