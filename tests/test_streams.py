@@ -166,20 +166,27 @@ def test_a_progress_bar_whose_stream_fails_turns_off_and_the_work_goes_on(monkey
 
 
 def test_a_reader_that_stops_early_still_ends_a_progress_bar_with_a_broken_pipe():
-    """`cmd 2>&1 | head`: as errors.run_cli documents, a closed pipe ends the command (quietly, with 141)."""
-    from musubi_tuner.progress import progress_bar
+    """`cmd 2>&1 | head`: as errors.run_cli documents, a closed pipe ends the command (quietly, with 141). In a process
+    of its own: tqdm keeps its lock when a line fails inside it, which the process then ends with."""
+    script = ("import os, sys\nfrom musubi_tuner.progress import progress_bar\n"
+              "read, write = os.pipe()\npipe = open(write, 'w', buffering=1)\n"
+              "bar = progress_bar(total=10, desc='steps', file=pipe, mininterval=0)\n"  # its first line, read
+              "os.close(read)\n"  # the reader stops
+              "try:\n    bar.update(10)\nexcept BrokenPipeError:\n    os._exit(41)\nos._exit(0)\n")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 41
 
-    read, write = os.pipe()
-    pipe = open(write, "w", buffering=1)
-    bar = progress_bar(total=10, desc="steps", file=pipe, mininterval=0)  # its first line, read
-    os.close(read)  # the reader stops
-    with pytest.raises(BrokenPipeError):
-        bar.update(10)
-    bar.disable = True  # nothing more to say on the closed pipe (nor when the bar is collected)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, write)  # what the text layer still holds then goes nowhere as the pipe closes
-    os.close(devnull)
-    pipe.close()
+
+def test_a_process_forked_while_another_thread_writes_a_bar_has_bars_of_its_own():
+    """A fork copies a lock as it is: held, when another thread was inside a bar at that moment (tqdm's lock; a line to
+    a full pipe). Every bar of the child then waited for ever: two context-parallel test groups hung so."""
+    script = ("import os, threading\nfrom musubi_tuner.progress import progress_bar\nfrom tqdm import tqdm\n"
+              "held, done = threading.Event(), threading.Event()\n"
+              "def writer():\n    with tqdm.get_lock():\n        held.set()\n        done.wait()\n"
+              "threading.Thread(target=writer, daemon=True).start()\nheld.wait()\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n    progress_bar(total=1, desc='child', file=open(os.devnull, 'w')).close()\n    os._exit(0)\n"
+              "status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])\ndone.set()\nos._exit(status)\n")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60).returncode == 0
 
 
 # -- training logs (--log_with tensorboard)

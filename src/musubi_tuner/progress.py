@@ -19,10 +19,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 from tqdm import tqdm
 from tqdm.utils import ObjectWrapper
+
+# The bars of these commands never coordinate across processes, and a forked process (a data-loader worker, a
+# process of a group) starts with a lock of its own. tqdm's default lock adds a multiprocessing lock shared with every
+# process forked after a bar exists, and a fork copies a thread lock as it is: held, if another thread (tqdm's monitor,
+# a bar writing to a full pipe) held it at that moment. Every bar of the child then waited for ever (two
+# context-parallel test groups hung so). No monitor thread either: it only re-draws bars that stalled.
+tqdm.set_lock(threading.RLock())
+tqdm.monitor_interval = 0
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: tqdm.set_lock(threading.RLock()))
 
 LOG_PERCENT_STEP = 10        # a line each time the count crosses another 10 % of the total
 LOG_SECONDS_WITHOUT_TOTAL = 60
