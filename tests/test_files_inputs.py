@@ -199,3 +199,30 @@ def test_a_tilde_in_a_dataset_config_without_a_home_folder_is_one_line(tmp_path)
         "try:\n    load_dataset_config('ds.toml')\nexcept UserError as e:\n    print(e)\n", tmp_path)
     assert done.stdout.strip() == ('ds.toml: [[datasets]][0].image_directory = "~/images": cannot expand ~ (no HOME); '
                                    'write the full path'), done.stderr
+
+
+# ------------------------------------------------------------------------------------------ permissions of a rewrite
+
+
+def test_a_file_its_owner_could_not_read_is_rewritten_readable_by_a_user_who_is_not_root(tmp_path):
+    """--skip_existing rewrites a cache it cannot read (mode 000). The temporary file took the old mode before it was
+    written, so a user other than root could not write it: the whole caching run stopped at that cache."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run as another user (root reads and writes any file)")
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))  # (pytest's folders are root's alone: not passable)
+    try:
+        (folder / "x_hv.safetensors").write_bytes(b"old")
+        for path in (folder, folder / "x_hv.safetensors"):
+            os.chown(path, 54321, 54321)
+        os.chmod(folder / "x_hv.safetensors", 0o000)
+        code = ("import os\nos.umask(0o022)\nfrom musubi_tuner.files import atomic_write\n"
+                "with atomic_write('x_hv.safetensors') as tmp:\n    open(tmp, 'wb').write(b'new')\n"
+                "print(oct(os.stat('x_hv.safetensors').st_mode & 0o777), open('x_hv.safetensors', 'rb').read())\n")
+        done = subprocess.run([sys.executable, "-c", code], cwd=folder, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                              user=54321, group=54321, extra_groups=[], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.split() == ["0o644", "b'new'"], done.stderr[-2000:]
+    finally:
+        shutil.rmtree(folder)

@@ -78,10 +78,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     _hold_while_writing(fd)
     tmp_path = Path(tmp)
     try:
-        os.chmod(tmp_path, _default_mode(path))  # mkstemp makes 0600 files; give the permissions a normal write would
+        mode = _default_mode(path)
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if fd is not None:
+            os.fsync(fd)  # (the file's data, however it was written)
+        else:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp_path, mode)  # mkstemp makes 0600 files; give the permissions a normal write would, once written
         os.replace(tmp_path, path)
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
@@ -307,13 +311,17 @@ def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mappi
 
 
 def _default_mode(path: Path) -> int:
-    """The replaced file's permissions, or what a new file gets under the current umask."""
+    """The replaced file's permissions where they let its owner read and write it, else (a new file, or one rewritten
+    because it could not be read: a cache made mode 000) what a new file gets under the current umask."""
     try:
-        return path.stat().st_mode & 0o777
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o600 == 0o600:
+            return mode
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_error(path: Path, err: OSError) -> UserError:
