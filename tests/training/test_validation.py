@@ -309,9 +309,9 @@ def test_sample_prompts_run_with_the_step_cache_flags(assets, tmp_path, caplog):
     assert not np.array_equal(skipping, plain)
 
 
-def test_a_run_finished_by_resume_replaces_the_samples_the_stopped_run_made_after_its_state(assets, tmp_path):
-    """A run that fails after its last step's state and sample (a folder stands where its final LoRA goes) is finished
-    by --resume auto, which samples that step again: one sample per prompt and step, not the stopped run's beside it."""
+def test_a_run_finished_by_resume_keeps_the_samples_the_stopped_run_made_after_its_state(assets, tmp_path):
+    """A run that fails after its last step's state and samples (a folder stands where its final LoRA goes) is finished
+    by --resume auto: one sample per prompt and step, the stopped run's, not a second set beside them."""
     import time
 
     out = tmp_path / "out"
@@ -327,5 +327,26 @@ def test_a_run_finished_by_resume_replaces_the_samples_the_stopped_run_made_afte
     time.sleep(1.1)  # the samples' names hold the second they were written in
     train(parse_args(argv))
     finished = sorted(p.name for p in (out / "sample").glob("tiny_000002_0*"))
-    assert len(finished) == 2 and not set(finished) & set(stopped), finished
+    assert finished == stopped  # the stopped run made them whole: kept, not made a second time
     assert (out / "tiny.safetensors").is_file() and (out / "tiny-state").is_dir()
+
+
+def test_a_run_killed_while_it_samples_after_a_state_makes_those_samples_when_resumed(assets, tmp_path):
+    """A state is written before the samples of its step: a run killed while it samples (minutes on a real model)
+    resumes after that step, and its samples were never made. --resume auto makes them first."""
+    from test_kill import kill_when, start, state_appears
+
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(assets["prompts"].read_text().replace("--s 4", "--s 40"))  # sampling long enough to be killed in
+    argv = base_args(assets, assets["plain"], out, "--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state",
+                     "--sample_every_n_steps", "2", "--sample_prompts", str(prompts), "--vae", str(assets["vae"]),
+                     "--text_encoder1", str(assets["te1"]), "--text_encoder2", str(assets["te2"]), "--resume", "auto")
+    kill_when(start(argv, log), state_appears(out, 2))
+    assert not (out / "sample" / "tiny_000002_grid.png").exists()
+    finished = start(argv, log)
+    assert finished.wait(600) == 0, log.read_text()[-3000:]
+    for step in (2, 4):
+        assert (out / "sample" / f"tiny_{step:06d}_grid.png").is_file()
+        assert len(list((out / "sample").glob(f"tiny_{step:06d}_0*"))) == 2  # one per prompt
+    assert (out / "tiny.safetensors").is_file()

@@ -723,10 +723,11 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         if samples is not None:
             samples.after_epoch(dit, network, optimizer, progress.global_step, epoch + 1)
 
+    if samples is not None and resume_from is not None:  # a state is written before the samples of its step or epoch
+        at_epoch_end = progress.batch_in_epoch == 0 and progress.epoch > 0
+        samples.catch_up(dit, network, optimizer, progress.global_step, progress.epoch if at_epoch_end else None)
     if finishing:  # what the loop below does after a run's last step
         saver.prune_steps(progress.global_step)
-        if samples is not None:
-            samples.after_step(dit, network, optimizer, progress.global_step)
         if progress.batch_in_epoch >= batches_per_epoch:
             end_epoch(progress.epoch)
     for epoch in range(progress.epoch, num_epochs) if not finishing else ():

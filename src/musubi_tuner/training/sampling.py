@@ -13,6 +13,7 @@ computed once, at the first evaluation.
 from __future__ import annotations
 
 import gc
+import glob
 import logging
 import re
 import time
@@ -155,6 +156,20 @@ class TrainingSampler:
     def after_epoch(self, dit, network, optimizer, step: int, epoch: int) -> None:
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
             self.sample(dit, network, optimizer, step, epoch=epoch)
+
+    def catch_up(self, dit, network, optimizer, step: int, epoch: int | None) -> None:
+        """On a resume from the state saved at `step` (or at the end of `epoch`): the samples the stopped run was to make
+        right after writing that state, where one of them is missing (it stopped before, or while, it made them)."""
+        if self.every_n_steps and step % self.every_n_steps == 0 and not self._made(f"{step:06d}"):
+            self.sample(dit, network, optimizer, step)
+        if epoch and self.every_n_epochs and epoch % self.every_n_epochs == 0 and not self._made(f"e{epoch:06d}"):
+            self.sample(dit, network, optimizer, step, epoch=epoch)
+
+    def _made(self, tag: str) -> bool:
+        """Whether every prompt's sample and the grid of `tag` (a step or an epoch) are in the sample folder."""
+        name = self.args.output_name
+        return (self.folder / f"{name}_{tag}_grid.png").is_file() and all(
+            any(self.folder.glob(f"{glob.escape(name)}_{tag}_{p.index:02d}_*")) for p in self.prompts)
 
     # -- what
     def _latents(self, dit, p: SamplePrompt, cache: StepCache | None = None) -> torch.Tensor:
