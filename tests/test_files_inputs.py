@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -145,8 +146,9 @@ def full_filesystem(tmp_path):
     """A real tmpfs of 64 KiB, filled: a new file can be made (tmpfs counts inodes apart) but not written to."""
     mount = tmp_path / "full"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("needs to mount a tmpfs (root with CAP_SYS_ADMIN)")
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                                        capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs (root with CAP_SYS_ADMIN, and mount)")
     try:
         with open(mount / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
             while True:
@@ -209,7 +211,6 @@ def test_a_file_its_owner_could_not_read_is_rewritten_readable_by_a_user_who_is_
     written, so a user other than root could not write it: the whole caching run stopped at that cache."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to run as another user (root reads and writes any file)")
-    import shutil
     import tempfile
 
     folder = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))  # (pytest's folders are root's alone: not passable)
