@@ -505,10 +505,7 @@ class FolderUse:
         if self._fd is None:
             return
         if _try_lock(self._fd):  # no one else holds it: the file goes
-            try:
-                self.path.unlink(missing_ok=True)
-            except OSError:
-                pass
+            _remove_quietly(self.path)
         os.close(self._fd)
         self._fd = None
 

@@ -400,10 +400,12 @@ def stale_caches(cache_dir: str | os.PathLike, current: Iterable[str | os.PathLi
             and not (protected and p.name.startswith(protected))]
 
 
-def leftover_temp_files(cache_dir: str | os.PathLike, *, text: bool = False) -> list[Path]:
-    """Temporary files of latent (or, with `text`, text) caches whose write was killed before its rename.
+def leftover_temp_files(cache_dir: str | os.PathLike, *, text: bool = False, remove: bool = False) -> list[Path]:
+    """Temporary files of latent (or, with `text`, text) caches whose write was killed before its rename; with `remove`,
+    deleted (files.remove_leftover_temp_files).
 
     They are never caches, so they go even with --keep_cache; a live run's are never listed (files.leftover_temp_files).
     """
     suffix = TEXT_SUFFIX if text else LATENT_SUFFIX
-    return files.leftover_temp_files(cache_dir, lambda name: name.endswith(suffix), owned=True)
+    find = files.remove_leftover_temp_files if remove else files.leftover_temp_files
+    return find(cache_dir, lambda name: name.endswith(suffix), owned=True)

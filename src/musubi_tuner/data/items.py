@@ -576,9 +576,7 @@ def tidy_cache_directory(cache_dir: Path, stale: Iterable[Path], *, keep_cache: 
         else:
             path.unlink(missing_ok=True)
             logger.info("deleted %s (not in the dataset any more)", path)
-    for path in cache_files.leftover_temp_files(cache_dir, text=text):
-        path.unlink(missing_ok=True)
-        logger.info("deleted %s (left by an interrupted run)", path)
+    cache_files.leftover_temp_files(cache_dir, text=text, remove=True)
 
 
 def chunks(items: Sequence, size: int | None) -> Iterator[list]:
