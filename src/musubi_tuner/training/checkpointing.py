@@ -115,20 +115,18 @@ class CheckpointSaver:
             optimizer_name=optimizer_name, training_started=started, session_id=random.randint(0, 2**32))
 
     def _check_free_space(self) -> None:
-        """A save needs room for the LoRA (twice with its .comfyui copy, and once more while it replaces the previous
-        one) and, with states, the network and an optimizer's two moments in float32: checked now, not at the first
-        save or the final one, hours in. (A probe file, which require_writable_folder writes, fits a nearly full disk.)"""
+        """A save needs room for the LoRA (twice with its .comfyui copy) and, with states, the network and an optimizer's
+        two moments in float32: checked now, not at the first save or the final one, hours in. (A probe file, which
+        require_writable_folder writes, fits a nearly full disk.)"""
         weights = sum(t.numel() for t in self.network.state_dict().values())
         files = 1 if self.args.lora_format in ("musubi", "comfyui") else 2
-        need = weights * self.save_dtype.itemsize * files
-        if self.args.save_state or self.args.save_state_on_train_end:
-            need += 3 * 4 * weights
+        lora = weights * self.save_dtype.itemsize * files
+        state = 3 * 4 * weights if self.args.save_state or self.args.save_state_on_train_end else 0
         free = shutil.disk_usage(self.out).free
-        if free < need:
-            raise UserError(f"{self.out}: {free / 1e6:,.1f} MB free, and each save of this run writes about {need / 1e6:,.1f} "
-                            f"MB (the LoRA{' and its .comfyui copy' if files == 2 else ''}"
-                            f"{', the training state' if need > weights * self.save_dtype.itemsize * files else ''}); free "
-                            "some space or choose another --output_dir")
+        if free < lora + state:
+            raise UserError(f"{self.out}: {free / 1e6:,.1f} MB free, and each save of this run writes about "
+                            f"{(lora + state) / 1e6:,.1f} MB (the LoRA{' and its .comfyui copy' if files == 2 else ''}"
+                            f"{', the training state' if state else ''}); free some space or choose another --output_dir")
 
     # -- names (musubi-tuner's)
     def epoch_name(self, epoch: int) -> str:

@@ -43,7 +43,7 @@ from musubi_tuner.training.checkpointing import CheckpointSaver, check_names_fit
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
                                              parse_key_values, total_training_steps)
-from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_marker, read_progress, run_identity
+from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_progress, run_identity
 from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps, warn_of_unread_flags
 
 logger = logging.getLogger(__name__)
@@ -802,13 +802,8 @@ def ran_to_the_end(args, total_steps: int) -> bool:
     """Whether the run in --output_dir made its final save (the LoRA, then its state when states are saved), at
     `total_steps` or later. A state at the last step without it is of a run stopped before its end."""
     out = Path(args.output_dir)
-    final = out / f"{args.output_name}-state"
-    if not (out / f"{args.output_name}.safetensors").is_file() or not final.is_dir():
-        return False
-    try:
-        return read_marker(final)[0].global_step >= total_steps
-    except UserError:
-        return False
+    final = read_progress(out / f"{args.output_name}-state")
+    return (out / f"{args.output_name}.safetensors").is_file() and final is not None and final.global_step >= total_steps
 
 
 def resume(candidates: list[Path], args, run: dict, *, network, optimizer, scheduler, accelerator, seed: int):
