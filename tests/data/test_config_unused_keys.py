@@ -53,11 +53,17 @@ def test_the_warning_says_what_the_mode_takes_instead_and_keys_read_or_at_their_
                         'video, at most max_frames = 45 frames']
 
 
-def test_bucket_no_upscale_without_buckets_is_warned_about(folder, caplog):
-    text = '[general]\nresolution = [64, 64]\n[[datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\nbucket_no_upscale = true\n'
+@pytest.mark.parametrize("text, warning", [
+    ('[general]\nresolution = [64, 64]\n[[datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\nbucket_no_upscale = true\n',
+     "dataset.toml: [[datasets]][0].bucket_no_upscale = true is used with enable_bucket = true only; "
+     "ignored here: without buckets every item is scaled and cropped to resolution = [64, 64]"),
+    ('[[datasets]]\nimage_jsonl_file = "items.jsonl"\ncache_directory = "cache"\ncaption_extension = ".txt"\n',
+     'dataset.toml: [[datasets]][0].caption_extension = ".txt" is used with image_directory or '
+     'video_directory only; ignored here: each line of image_jsonl_file holds its "caption"'),
+], ids=["bucket_no_upscale without buckets", "caption_extension of a JSONL dataset"])
+def test_a_key_the_datasets_kind_does_not_read_is_warned_about(folder, caplog, text, warning):
     _, warnings = warnings_of(folder, text, caplog)
-    assert warnings == ["dataset.toml: [[datasets]][0].bucket_no_upscale = true is used with enable_bucket = true only; "
-                        "ignored here: without buckets every item is scaled and cropped to resolution = [64, 64]"]
+    assert warnings == [warning]
 
 
 def test_num_repeats_of_a_validation_dataset_is_warned_about(folder, caplog):
@@ -67,13 +73,6 @@ def test_num_repeats_of_a_validation_dataset_is_warned_about(folder, caplog):
     assert warnings == ["dataset.toml: [[validation_datasets]][0].num_repeats = 5 is used by [[datasets]] only; "
                         "ignored here: a validation dataset uses each item once"]
     assert config.validation_datasets[0].num_repeats == 1
-
-
-def test_caption_extension_of_a_jsonl_dataset_is_warned_about(folder, caplog):
-    text = '[[datasets]]\nimage_jsonl_file = "items.jsonl"\ncache_directory = "cache"\ncaption_extension = ".txt"\n'
-    _, warnings = warnings_of(folder, text, caplog)
-    assert warnings == ['dataset.toml: [[datasets]][0].caption_extension = ".txt" is used with image_directory or '
-                        'video_directory only; ignored here: each line of image_jsonl_file holds its "caption"']
 
 
 def test_a_general_key_is_warned_about_only_when_no_dataset_that_inherits_it_reads_it(folder, caplog):
