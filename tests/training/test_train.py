@@ -139,6 +139,16 @@ def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_pat
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_two_runs_of_one_seed_are_two_sessions(assets, tmp_path):
+    """post_hoc_ema tells runs apart by ss_session_id: the seeded generator must not draw it."""
+    root, dit, toml = assets
+    sessions = set()
+    for out in (tmp_path / "a", tmp_path / "b"):
+        train(parse_args(base_args(dit, toml, out, "--max_train_steps", "1")))
+        sessions.add(read_safetensors_header(out / "tiny.safetensors")[1]["ss_session_id"])
+    assert len(sessions) == 2
+
+
 def test_resuming_a_run_without_seed_continues_with_the_seed_it_drew(assets, tmp_path):
     root, dit, toml = assets
 

@@ -6,7 +6,7 @@ import contextlib
 import glob
 import logging
 import os
-import random
+import secrets
 import re
 import shutil
 import time
@@ -112,7 +112,7 @@ class CheckpointSaver:
         self.metadata = training_metadata(
             args, config=config, network_info=lora_module_info(network), datasets=[d.metadata() for d in dataset_config.datasets],
             num_items=data.num_items, batches_per_epoch=batches_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
-            optimizer_name=optimizer_name, training_started=started, session_id=random.randint(0, 2**32))
+            optimizer_name=optimizer_name, training_started=started, session_id=secrets.randbelow(2**32 + 1))  # not the seeded generator: each run its own
 
     def _check_free_space(self) -> None:
         """A save needs room for the LoRA (twice with its .comfyui copy) and, with states, the network and an optimizer's
