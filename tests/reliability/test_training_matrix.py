@@ -247,7 +247,11 @@ CASES = [
          then=lambda a, t, err, out: (assert_metadata(t / "out" / "tiny.safetensors", ss_steps="1"), trained(t / "out" / "tiny.safetensors"))),
     Case("train-max-train-epochs-over-max-train-steps-is-said", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "1"), None,
-         warning=r"--max_train_epochs 1 sets the run's length \(4 steps\); --max_train_steps 2 is ignored"),
+         warning=r"--max_train_epochs 1 sets the run's length; --max_train_steps 2 is ignored",
+         then=lambda a, t, err, out: assert_metadata(t / "out" / "tiny.safetensors", ss_steps="4")),
+    Case("train-max-train-epochs-over-the-default-max-train-steps-given-is-said", "hv_train_network",  # 1600 given, not defaulted
+         lambda a, t: train_argv(a, t / "out", "--max_train_steps", "1600", "--max_train_epochs", "1"), None,
+         warning=r"--max_train_epochs 1 sets the run's length; --max_train_steps 1600 is ignored"),
     *[Case(f"train-{kept.replace('_', '-')}-without-its-saves", "hv_train_network", lambda a, t, kept=kept: train_argv(a, t / "out", f"--{kept}", "2"),
            None, warning=rf"--{kept} acts on the saves of --save_every_n_{unit}, and none is set: it is ignored")
       for kept, unit in (("save_last_n_epochs", "epochs"), ("save_last_n_steps_state", "steps"))],

@@ -7,6 +7,7 @@ Where musubi-tuner has a quirk users may depend on, the default keeps it and a n
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -308,9 +309,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
-    if pre.config_file:
-        parser.set_defaults(**_read_config_file(pre.config_file, parser))
-    return parser.parse_args(argv)
+    from_file = _read_config_file(pre.config_file, parser) if pre.config_file else {}
+    parser.set_defaults(**from_file)
+    args = parser.parse_args(argv)
+    given = {a.dest for a in parser._actions if getattr(a, "given", False)} | from_file.keys()
+    if args.max_train_epochs and "max_train_steps" in given:  # (its default, 1600, may be given too)
+        logging.getLogger(__name__).warning("--max_train_epochs %d sets the run's length; --max_train_steps %d is ignored",
+                                            args.max_train_epochs, args.max_train_steps)
+    return args
 
 
 def output_stem(output_dir: str, output_name: str) -> Path:

@@ -317,13 +317,8 @@ def wandb_login(args) -> None:
 
 
 def say_the_length(args, batches_per_epoch: int, total_steps: int) -> None:
-    """What sets the run's length when it is not what the flags suggest: --max_train_epochs over a --max_train_steps
-    given too, and an accumulation longer than an epoch (whose every epoch is then one step)."""
-    from musubi_tuner.training.args import build_parser
-
-    if args.max_train_epochs and args.max_train_steps != build_parser().get_default("max_train_steps"):
-        logger.warning("--max_train_epochs %d sets the run's length (%d steps); --max_train_steps %d is ignored",
-                       args.max_train_epochs, total_steps, args.max_train_steps)
+    """What sets the run's length when it is not what the flags suggest: an accumulation longer than an epoch (whose
+    every epoch is then one step). (--max_train_epochs over a --max_train_steps given too: parse_args says so.)"""
     if args.gradient_accumulation_steps > batches_per_epoch:
         logger.warning("--gradient_accumulation_steps %d is more than the %d batches of an epoch: each epoch is one optimizer "
                        "step, of its %d batches' gradients (divided by %d, as accelerate does)", args.gradient_accumulation_steps,
