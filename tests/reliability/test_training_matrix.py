@@ -61,6 +61,16 @@ def i2v_lora(a, tmp) -> Path:
     return tmp / "i2v.safetensors"
 
 
+def lokr_of_factor_4(a, tmp) -> Path:
+    """A LoKr network file of rank 4 and factor 4 on the assets' DiT (its w2s low-rank where factor -1 makes them whole)."""
+    from musubi_tuner.hunyuan.checkpoints import load_dit
+    from musubi_tuner.networks import lokr
+
+    net = lokr.create_arch_network(1.0, 4, 4, None, None, load_dit(a.dit, dtype=torch.float32), factor="4")
+    net.save_weights(str(tmp / "lokr4.safetensors"), None, {})
+    return tmp / "lokr4.safetensors"
+
+
 def saved_with_alpha(path: Path, alpha: float) -> None:
     """Every module of the saved LoRA has `alpha`, and its metadata records the same: the strength it trained at."""
     from safetensors.torch import load_file
@@ -396,6 +406,13 @@ CASES = [
          lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora), "--network_dim", "8"),
          r"lora\.safetensors: its modules have rank 4, and --network_dim is 8: give --network_dim 4, or --dim_from_weights",
          then=before_the_model_loads),
+    Case("train-network-weights-of-another-lokr-factor", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_weights", str(lokr_of_factor_4(a, t)), "--network_module", "networks.lokr"),
+         r"lokr4\.safetensors: its LoKr modules are of another factor or rank than this network's \(\S+\): give the "
+         r"--network_args factor and --network_dim it was trained with", then=before_the_model_loads),
+    Case("train-network-weights-of-another-model-size", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora_big)),
+         r"lora_big\.safetensors: \S+ has shape \[.*\], this network's is \[.*\]", then=before_the_model_loads),
     Case("train-network-weights-of-another-kind", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora), "--network_module", "networks.loha"),
          r"lora\.safetensors: its modules are lora modules \(lora_down\.weight\), not loha: use --network_module networks\.lora",

@@ -256,6 +256,18 @@ class LoRANetwork(nn.Module):
     def load_weights(self, file: str, allow_partial: bool = False) -> dict:
         """Load a LoRA file (any naming) into this network: every LoRA pair of the file must fit one of its modules."""
         weights = load_network_weights(file, allow_partial)
+        unknown = self.check_takes(file, weights, allow_partial)
+        if unknown:
+            logger.warning("%s: --allow_partial_lora drops %d tensors that match no module of this network: %s", file, len(unknown),
+                           ", ".join(unknown))
+        own = self.state_dict()
+        missing, _ = self.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+        return {"missing": missing, "unexpected": unknown, "alpha": self._take_alphas(file, weights)}
+
+    def check_takes(self, file: str, weights: dict[str, torch.Tensor], allow_partial: bool = False) -> list[str]:
+        """Refuse `file`'s `weights` unless every tensor fits one of this network's (kind, names, shapes; with
+        `allow_partial`, the rest fit); returns the keys that match no module. Reads shapes only: a network on the meta
+        device checks a file before any model loads."""
         require_module_kind(file, weights, type(self.unet_loras[0]))
         own = self.state_dict()
         unknown = [k for k in weights if k not in own]
@@ -269,16 +281,12 @@ class LoRANetwork(nn.Module):
         if unknown and not allow_partial:
             raise UserError(f"{file}: {unknown[0]} matches no module of this network ({len(unknown)} such tensors): build the "
                             "network from the file with --dim_from_weights, or --allow_partial_lora to load the rest")
-        if unknown:
-            logger.warning("%s: --allow_partial_lora drops %d tensors that match no module of this network: %s", file, len(unknown),
-                           ", ".join(unknown))
         wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
         if wrong:
             raise UserError(f"{file}: {wrong[0]} has shape {list(weights[wrong[0]].shape)}, this network's is "
                             f"{list(own[wrong[0]].shape)}; train with the file's rank (--dim_from_weights) or another --network_dim"
                             f"{' or LoKr factor' if 'lokr' in wrong[0] else ''}")
-        missing, _ = self.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
-        return {"missing": missing, "unexpected": unknown, "alpha": self._take_alphas(file, weights)}
+        return unknown
 
     @torch.no_grad()
     def _take_alphas(self, file: str, weights: dict[str, torch.Tensor]) -> float | None:

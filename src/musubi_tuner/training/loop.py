@@ -187,6 +187,7 @@ def check_lora_files(args) -> None:
             from musubi_tuner.networks.lora import check_weights_fit
 
             check_weights_fit(args.network_weights, weights, args.network_module, args.network_dim or 4)
+        check_network_takes(args, weights)
     for path in args.base_weights or []:
         read_lora(path, allow_partial)
     if args.base_weights_multiplier and not args.base_weights:
@@ -195,6 +196,34 @@ def check_lora_files(args) -> None:
         from musubi_tuner.networks.merge import resolve_multipliers
 
         resolve_multipliers(args.base_weights, args.base_weights_multiplier, "--base_weights_multiplier")
+
+
+def check_network_takes(args, weights: dict[str, torch.Tensor]) -> None:
+    """Before any model loads: the network these flags build takes --network_weights (its module names, shapes, LoKr
+    factor), built on a DiT of --dit's config on the meta device, which holds no memory. Modules of other packages are
+    left to their own loading."""
+    import warnings
+
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    module, _ = network_options(args)
+    if not module.__name__.startswith("musubi_tuner."):
+        return
+    dit_file = open_dit_file(args.dit)
+    try:
+        config = read_dit_config(dit_file)
+    finally:
+        dit_file.close()
+    quiet = logging.getLogger("musubi_tuner.networks")  # the real build says what it builds, once
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # loading into meta parameters copies nothing, as torch warns
+            network = make_network(args, HunyuanVideoDiT(config), lambda: weights)
+            network.check_takes(args.network_weights, weights, getattr(args, "allow_partial_lora", False))
+    finally:
+        quiet.setLevel(level)
 
 
 def make_accelerator(args) -> Accelerator:
@@ -399,18 +428,23 @@ def network_options(args, dit_config=None):
     return module, net_kwargs
 
 
-def build_network(args, dit: HunyuanVideoDiT):
+def make_network(args, dit: HunyuanVideoDiT, file_weights):
+    """The network of --network_module on `dit`, not applied: of --network_dim and --network_args, or with
+    --dim_from_weights of the modules of `file_weights()` (--network_weights' tensors)."""
     module, net_kwargs = network_options(args)
-    allow_partial = getattr(args, "allow_partial_lora", False)
     if args.dim_from_weights:
-        from musubi_tuner.networks.lora_files import load_network_weights
+        return module.create_arch_network_from_weights(1.0, file_weights(), unet=dit, **net_kwargs)
+    create = getattr(module, "create_arch_network", None) or getattr(module, "create_network")
+    return create(1.0, args.network_dim, args.network_alpha, None, None, dit, neuron_dropout=args.network_dropout, **net_kwargs)
 
-        network = module.create_arch_network_from_weights(1.0, load_network_weights(args.network_weights, allow_partial), unet=dit,
-                                                          **net_kwargs)
+
+def build_network(args, dit: HunyuanVideoDiT):
+    from musubi_tuner.networks.lora_files import load_network_weights
+
+    allow_partial = getattr(args, "allow_partial_lora", False)
+    network = make_network(args, dit, lambda: load_network_weights(args.network_weights, allow_partial))
+    if args.dim_from_weights:
         record_file_shape(args, network)
-    else:
-        create = getattr(module, "create_arch_network", None) or getattr(module, "create_network")
-        network = create(1.0, args.network_dim, args.network_alpha, None, None, dit, neuron_dropout=args.network_dropout, **net_kwargs)
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
     if args.network_weights and not args.dim_from_weights:
         info = network.load_weights(args.network_weights, **({"allow_partial": True} if allow_partial else {}))
