@@ -25,11 +25,17 @@ def load_toml(path: str | os.PathLike, what: str = "file", flag: str | None = No
     data = read_small_file(path, what, flag)
     try:
         text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # a BOM: what Windows' Notepad writes first
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    return loads_toml(text, path)
+
+
+def loads_toml(text: str, path: str | os.PathLike) -> dict:
+    """The table of TOML `text` that is (or is to be) the file `path`, which a syntax error names."""
+    try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
 
 
 def loads_json(text: str) -> Any:

@@ -24,7 +24,7 @@ from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.files import read_small_file, require_file
-from musubi_tuner.tomlio import load_toml, loads_json
+from musubi_tuner.tomlio import load_toml, loads_json, loads_toml
 
 logger = logging.getLogger(__name__)
 
@@ -358,15 +358,17 @@ def _table(raw: Any, path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_dataset_config(path: str | os.PathLike, args: Any = None, *, check_sources: bool = True) -> DatasetGroupConfig:
+def load_dataset_config(path: str | os.PathLike, args: Any = None, *, check_sources: bool = True,
+                        text: str | None = None) -> DatasetGroupConfig:
     """Read and validate a dataset config.
 
     `args`: an argparse Namespace or a mapping whose non-None values named like dataset keys fill
     in what neither the dataset nor [general] sets. `check_sources=False` (training, which reads
-    caches only) skips checking that image/video folders and JSONL files exist.
+    caches only) skips checking that image/video folders and JSONL files exist. `text`: TOML checked as
+    the file `path` would be (relative paths against its folder), before that file is written.
     """
     path = Path(path)
-    raw = read_config_file(path)
+    raw = read_config_file(path) if text is None else _table(loads_toml(text, path), path)
     top_level = ("general", "datasets", "validation_datasets")
     for key in raw:
         if key not in top_level:

@@ -3,7 +3,6 @@ TOML, and saving it only once the caching commands' own loader accepts it."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from musubi_tuner.data import config as schema
@@ -77,18 +76,11 @@ def _clean(config: dict) -> dict:
 
 
 def save(target: Path, config: dict) -> dict:
-    """Write `config` to `target` if the loader accepts it (checked on a copy beside it: relative paths resolve
-    against the config's folder); a UserError with the loader's message otherwise, and nothing written."""
+    """Write `config` to `target` if the loader accepts it (the text checked as that file, before it is written:
+    relative paths resolve against its folder); a UserError with the loader's message otherwise, and nothing written."""
     text = to_toml(config)
+    schema.load_dataset_config(target, text=text)
     target.parent.mkdir(parents=True, exist_ok=True)
-    probe = target.with_name(f".{target.stem}.check-{os.getpid()}.toml")
-    try:
-        probe.write_text(text, encoding="utf-8")
-        schema.load_dataset_config(probe)
-    except UserError as e:
-        raise UserError(str(e).replace(str(probe), str(target))) from None
-    finally:
-        probe.unlink(missing_ok=True)
     with atomic_write(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return {"path": str(target), "text": text, "saved": True}
