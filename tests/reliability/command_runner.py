@@ -98,9 +98,10 @@ class _Drain:
 
 def start_command(command: str, argv: list[str], cwd: Path, *, file_size_limit: int | None = None,
                   memory_headroom: int | None = None, read_only: Path | None = None, env: dict[str, str] | None = None,
-                  small_disk: tuple[Path, int] | None = None) -> Started:
+                  small_disk: tuple[Path, int] | None = None, open_files: int | None = None) -> Started:
     """Start `python src/musubi_tuner/{command}.py argv` as a fresh process (see the module docstring). `small_disk`:
-    (folder, bytes): a file system of that size mounted on the folder for the process only (a disk almost full)."""
+    (folder, bytes): a file system of that size mounted on the folder for the process only (a disk almost full).
+    `open_files`: its limit on open files (RLIMIT_NOFILE, soft and hard: `ulimit -n`)."""
     cwd = Path(cwd)
     global _fifo_dir
     _fifo_dir = _fifo_dir or Path(tempfile.mkdtemp(prefix="musubi-commands-"))
@@ -108,7 +109,7 @@ def start_command(command: str, argv: list[str], cwd: Path, *, file_size_limit: 
     out, err = _Drain(stem.with_suffix(".out")), _Drain(stem.with_suffix(".err"))
     process = _server().Process(target=_child, args=(command, [str(a) for a in argv], str(cwd), str(out.path), str(err.path),
                                                       file_size_limit, memory_headroom, str(read_only) if read_only else None,
-                                                      env or {}, small_disk and (str(small_disk[0]), small_disk[1])))
+                                                      env or {}, small_disk and (str(small_disk[0]), small_disk[1]), open_files))
     process.start()
     return Started(process, out, err)
 
@@ -159,7 +160,7 @@ def _private_mounts(libc, *mounts) -> None:
             raise OSError(code, os.strerror(code))
 
 
-def _child(command, argv, cwd, out, err, file_size_limit, memory_headroom, read_only, env, small_disk=None) -> None:
+def _child(command, argv, cwd, out, err, file_size_limit, memory_headroom, read_only, env, small_disk=None, open_files=None) -> None:
     """The command's process: its own stdout/stderr files, limits and mounts, then `main(argv)` as the script runs it.
 
     `memory_headroom`: bytes of address space the command may map beyond what the process holds when it starts
@@ -179,6 +180,10 @@ def _child(command, argv, cwd, out, err, file_size_limit, memory_headroom, read_
         import resource
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    if open_files is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
     import torch
 
     torch.set_num_threads(1)

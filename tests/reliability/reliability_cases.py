@@ -38,6 +38,7 @@ class Case:
     memory_headroom: int | None = None  # bytes of address space the command may map beyond its start (RLIMIT_AS)
     read_only: str | None = None  # a folder (relative to tmp) mounted read-only for the command's process
     small_disk: tuple[str, int] | None = None  # (a folder relative to tmp, bytes): a file system that small mounted there
+    open_files: int | None = None  # the command's limit on open files (ulimit -n)
     then: Callable[[Assets, Path, str, str], None] | None = None  # further checks (tmp, stderr, stdout)
     warning: str | None = None  # regex a log line on stderr must match
     covered_by: str = ""  # where a library test checks the same rule in more detail
@@ -63,7 +64,8 @@ def check(case: Case, assets: Assets, tmp: Path) -> None:
 
     result = run_command(case.command, argv, tmp, file_size_limit=case.file_size_limit(assets, tmp) if case.file_size_limit else None,
                          memory_headroom=case.memory_headroom, read_only=tmp / case.read_only if case.read_only else None,
-                         small_disk=(tmp / case.small_disk[0], case.small_disk[1]) if case.small_disk else None)
+                         small_disk=(tmp / case.small_disk[0], case.small_disk[1]) if case.small_disk else None,
+                         open_files=case.open_files)
 
     no_traceback(result)
     errors = result.error_lines

@@ -255,6 +255,10 @@ CASES = [
          lambda a, t: train_argv(a, t / "out", "--gradient_accumulation_steps", "7", "--max_train_epochs", "1"), None,
          warning=r"--gradient_accumulation_steps 7 is more than the 4 batches of an epoch: each epoch is one optimizer step",
          then=lambda a, t, err, out: (assert_metadata(t / "out" / "tiny.safetensors", ss_steps="1"), trained(t / "out" / "tiny.safetensors"))),
+    Case("train-data-loader-workers-within-a-low-open-file-limit", "hv_train_network",  # two workers fail at ulimit -n 32
+         lambda a, t: train_argv(a, t / "out", "--max_data_loader_n_workers", "2"), None, open_files=32,
+         warning=r"the limit on open files \(ulimit -n\) is 32: 2 data-loader workers need about \d+; using [01] \(raise the limit",
+         then=lambda a, t, err, out: trained(t / "out" / "tiny.safetensors")),
     Case("train-max-train-epochs-over-max-train-steps-is-said", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "1"), None,
          warning=r"--max_train_epochs 1 sets the run's length; --max_train_steps 2 is ignored",
