@@ -152,17 +152,28 @@ def _being_written(path: Path) -> bool:
 
 
 TEMP_SUFFIX = ".tmp"
-_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?:(?P<pid>\d+)-)?[^.]*\.tmp")  # atomic_write's: .{target}.{pid}-{random}.tmp
+# atomic_write's and atomic_folder's: .{target}.{pid}-{8 of mkstemp's characters}.tmp (older versions: no pid)
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?:(?P<pid>[1-9][0-9]{0,9})-)?[a-z0-9_]{8}\.tmp")
+
+
+@functools.cache
+def _pid_max() -> int:
+    """The largest pid this machine gives: a larger number in a name is not a pid (a date, a version)."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 2**32 if os.name == "nt" else 2**22  # (Linux's ceiling; macOS stays under 100,000)
 
 
 def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, owned: bool = False, folders: bool = False) -> list[Path]:
     """atomic_write's temporary files in `folder` whose write was killed, for targets whose name `target` accepts.
 
-    A temporary file names the pid that writes it: one whose process still runs on this machine is a live run's
-    and is never listed; nor is one whose writer holds its lock (a run in another container, or on another machine
-    sharing the folder, whose pid means nothing here). Files without a pid (older versions) are listed only when
-    the caller `owned` the folder (holds its RunLock), since then no other run writes there. `folders`:
-    atomic_folder's temporary folders too.
+    Only names this project makes count (a user's `.notes.2023-draft.tmp` is no temporary of ours), and no
+    symbolic link (ours are files and folders). A temporary file names the pid that writes it: one whose process
+    still runs on this machine is a live run's and is never listed; nor is one whose writer holds its lock (a run in
+    another container, or on another machine sharing the folder, whose pid means nothing here). Files without a pid
+    (older versions) are listed only when the caller `owned` the folder (holds its RunLock), since then no other run
+    writes there. `folders`: atomic_folder's temporary folders too.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -170,7 +181,8 @@ def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, 
     found = []
     for path in sorted(folder.iterdir()):
         match = _TEMP_NAME.fullmatch(path.name)
-        if not match or not target(match["target"]) or not (path.is_file() or (folders and path.is_dir())):
+        if (not match or not target(match["target"]) or path.is_symlink() or not (path.is_file() or (folders and path.is_dir()))
+                or (match["pid"] is not None and int(match["pid"]) > _pid_max())):
             continue
         pid = match["pid"]
         if ((pid is None and owned) or (pid is not None and not pid_alive(int(pid)))) and not _being_written(path):
@@ -599,7 +611,7 @@ def pid_alive(pid) -> bool:
         return bool(handle)
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a number beyond pid_t is no process)
         return False
     except PermissionError:
         return True

@@ -286,7 +286,7 @@ def test_latent_provenance_follows_the_source_file(tmp_path):
 
 def test_stale_caches_are_those_no_item_produces(tmp_path):
     names = ["a_0016x0016_hv.safetensors", "b_0016x0016_hv.safetensors", "a_hv_te.safetensors",
-             ".b_0016x0016_hv.safetensors.x1y2.tmp", "readme.txt"]
+             ".b_0016x0016_hv.safetensors.x1y2z3w4.tmp", "readme.txt"]
     for name in names:
         (tmp_path / name).touch()
     current = {tmp_path / "a_0016x0016_hv.safetensors"}
@@ -296,12 +296,12 @@ def test_stale_caches_are_those_no_item_produces(tmp_path):
 
 
 def test_temporary_files_of_killed_writes_are_found_by_cache_kind(tmp_path):
-    names = [".b_0016x0016_hv.safetensors.x1y2.tmp", ".b_hv_te.safetensors.k9_z.tmp", ".notes.txt.ab12.tmp",
+    names = [".b_0016x0016_hv.safetensors.x1y2z3w4.tmp", ".b_hv_te.safetensors.k9_z0a1b.tmp", ".notes.txt.ab12cd34.tmp",
              "b_0016x0016_hv.safetensors"]
     for name in names:
         (tmp_path / name).touch()
-    assert [p.name for p in cf.leftover_temp_files(tmp_path)] == [".b_0016x0016_hv.safetensors.x1y2.tmp"]
-    assert [p.name for p in cf.leftover_temp_files(tmp_path, text=True)] == [".b_hv_te.safetensors.k9_z.tmp"]
+    assert [p.name for p in cf.leftover_temp_files(tmp_path)] == [".b_0016x0016_hv.safetensors.x1y2z3w4.tmp"]
+    assert [p.name for p in cf.leftover_temp_files(tmp_path, text=True)] == [".b_hv_te.safetensors.k9_z0a1b.tmp"]
     assert cf.leftover_temp_files(tmp_path / "missing") == []
 
 

@@ -101,22 +101,33 @@ def test_a_killed_merge_leaves_nothing_the_next_merge_keeps(assets, tmp_path):
 
 
 def test_generation_removes_temporary_files_of_dead_runs_only(assets, tmp_path):
+    """Of its own output names, and never a user's files that look alike: --save_path is any folder."""
     from reliability_cases import generate_argv
 
     videos = tmp_path / "videos"
     videos.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_temp = videos / f".x_latent.safetensors.{int(dead.stdout)}-abc123.tmp"
-    live_temp = videos / f".y_latent.safetensors.{os.getpid()}-def456.tmp"  # this test process: alive
+    dead_pid = int(dead.stdout)
+    dead_temp = videos / f".20261205-101010-123_0_7_latent.safetensors.{dead_pid}-abc12345.tmp"
+    live_temp = videos / f".20261205-101010-456_0_7.mp4.{os.getpid()}-def45678.tmp"  # this test process: alive
     dead_temp.write_bytes(b"partial")
     live_temp.write_bytes(b"partial")
-    dead_frames = videos / f".x_0_1.{int(dead.stdout)}-ghi789.tmp"  # a killed run's frames folder (--output_type images)
-    (dead_frames / "x_0_1_000.png").parent.mkdir()
-    (dead_frames / "x_0_1_000.png").write_bytes(b"partial")
+    dead_frames = videos / f".20261205-101010-789_0_7.{dead_pid}-ghi78901.tmp"  # a killed run's frames folder (images)
+    (dead_frames / "20261205-101010-789_0_7_000.png").parent.mkdir()
+    (dead_frames / "20261205-101010-789_0_7_000.png").write_bytes(b"partial")
     # a run in another container (or on another machine sharing the folder): its pid means nothing here, but it holds
     # the lock every temporary file is written under
-    elsewhere = videos / f".z_latent.safetensors.{int(dead.stdout)}-jkl012.tmp"
+    elsewhere = videos / f".20261205-101010-999_0_7.mp4.{dead_pid}-jkl01234.tmp"
     elsewhere.write_bytes(b"partial")
+    # a user's files that only look like temporary ones: another name, a date or a long number where a pid would be,
+    # a random part of another length, a link
+    users = [videos / f".notes.txt.{dead_pid}-abcdefgh.tmp", videos / ".report.20241201-abcdefgh.tmp",
+             videos / ".backup.20241201123456-final.tmp", videos / ".holiday.2023-summer.tmp" / "photo.jpg"]
+    for path in users:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"mine")
+    link = videos / f".20261205-101010-111_0_7.mp4.{dead_pid}-mno56789.tmp"
+    link.symlink_to(users[0])
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
                                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(elsewhere)],
                               stdout=subprocess.PIPE, text=True)
@@ -128,6 +139,34 @@ def test_generation_removes_temporary_files_of_dead_runs_only(assets, tmp_path):
         holder.wait()
     assert result.code == 0, result.err[-2000:]
     assert not dead_temp.exists() and not dead_frames.exists() and live_temp.exists() and elsewhere.exists()
+    assert all(path.read_bytes() == b"mine" for path in users) and link.is_symlink()
+
+
+def test_a_training_start_leaves_what_another_command_writes_into_its_output_folder(assets, tmp_path):
+    """A post-hoc EMA or a merge writing tiny-ema.safetensors beside the LoRAs of a training named tiny: the training's
+    start removes leftovers of its own names, whose writer is gone, not that write."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    own_leftover = out / f".tiny-step00000002.safetensors.{dead}-abcd1234.tmp"
+    others_leftover = out / f".tiny-ema.safetensors.{dead}-abcd1234.tmp"  # not a name the training writes: not its to judge
+    for path in (own_leftover, others_leftover):
+        path.write_bytes(b"partial")
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom musubi_tuner.files import atomic_write\n"
+                               "with atomic_write(sys.argv[1]) as tmp:\n    print('writing', flush=True)\n"
+                               "    sys.stdin.readline()\n    tmp.write_bytes(b'averaged')\n", str(out / "tiny-ema.safetensors")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        result = run_command("hv_train_network", train_argv(assets, out), tmp_path)
+        writer.stdin.write("\n")
+        writer.stdin.close()
+        assert writer.wait(60) == 0
+    finally:
+        writer.kill()
+    assert result.code == 0, result.err[-2000:]
+    assert (out / "tiny-ema.safetensors").read_bytes() == b"averaged"
+    assert not own_leftover.exists() and others_leftover.exists()
 
 
 def test_output_cut_short_by_a_reader_ends_quietly(assets, tmp_path):

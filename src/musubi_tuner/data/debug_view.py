@@ -75,7 +75,7 @@ def show_dataset(config, args) -> None:
                     folder = item.cache_path.parent / PREVIEW_FOLDER
                     folder.mkdir(parents=True, exist_ok=True)
                     if folder not in cleaned:
-                        remove_leftover_temp_files(folder)  # previews a killed run was writing
+                        remove_leftover_temp_files(folder, lambda name: name.endswith((".mp4", ".jpg")))  # a killed run's previews
                         cleaned.add(folder)
                     stem = str(folder / item.cache_path.name.removesuffix(".safetensors"))
                     if item.clip is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from PIL import Image
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile, atomic_folder, atomic_write, save_safetensors
+
+
+# what generation names its outputs: a time_flag, the batch index, the seed; a video, a latent, or a folder of frames
+OUTPUT_NAME = re.compile(r"\d{8}-\d{6}-\d{3}_0_-?\d+(?:\.mp4|_latent\.safetensors)?")
 
 
 def time_flag() -> str:

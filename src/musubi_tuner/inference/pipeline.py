@@ -370,11 +370,10 @@ def _generate(args, device, layout) -> list[Path]:
     if main:
         save_path.mkdir(parents=True, exist_ok=True)
     from musubi_tuner.files import remove_leftover_temp_files
-
-    if main:
-        remove_leftover_temp_files(save_path, folders=True)  # of killed runs only: others may write here now
     from musubi_tuner.inference import outputs
 
+    if main:  # of killed runs only (others may write here now), and of names generation gives: a user's folder
+        remove_leftover_temp_files(save_path, outputs.OUTPUT_NAME.fullmatch, folders=True)
     if args.latent_path:
         latents = [outputs.load_latent(p) for p in args.latent_path]
         for path, (latent, _) in zip(args.latent_path, latents):

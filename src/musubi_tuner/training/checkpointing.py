@@ -6,8 +6,8 @@ import contextlib
 import glob
 import logging
 import os
-import secrets
 import re
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +34,7 @@ def replaced_together(paths: list[Path]):
     backups = {}
     for path in paths:
         if existed[path]:
-            backup = path.with_name(f".{path.name}.{os.getpid()}-before.tmp")
+            backup = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # (a leftover's name)
             try:
                 os.link(path, backup)
             except OSError:  # a file system without hard links: no undo
@@ -112,7 +112,8 @@ class CheckpointSaver:
         self.metadata = training_metadata(
             args, config=config, network_info=lora_module_info(network), datasets=[d.metadata() for d in dataset_config.datasets],
             num_items=data.num_items, batches_per_epoch=batches_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
-            optimizer_name=optimizer_name, training_started=started, session_id=secrets.randbelow(2**32 + 1))  # not the seeded generator: each run its own
+            optimizer_name=optimizer_name, training_started=started,
+            session_id=secrets.randbelow(2**32 + 1))  # not from the seeded generator: two runs of one seed are two sessions
 
     def _check_free_space(self) -> None:
         """A save needs room for the LoRA (twice with its .comfyui copy) and, with states, the network and an optimizer's
@@ -235,15 +236,22 @@ class CheckpointSaver:
                            ", ..." if len(found) > 3 else "")
 
     def _remove_leftovers(self) -> None:
-        """Temporary files and half-written states of a killed run: never complete, so never worth keeping."""
-        name = glob.escape(self.name)
-        for pattern in (f".{name}.*.tmp", f".{name}-*.tmp", f"{name}*-state.incomplete", f"{name}*-state.old"):
-            for path in self.out.glob(pattern):
-                if path.suffix == ".old" and not path.with_suffix("").is_dir():
-                    continue  # a kill between the renames left only this copy (see state.newest_state)
-                remove_folder(path) if path.is_dir() else path.unlink(missing_ok=True)
-                logger.info("removed %s (left by an interrupted run)", path)
-        remove_leftover_temp_files(self.out / "sample", lambda target: target.startswith(self.name), owned=True)  # samples, grids
+        """What a killed run of this --output_name left, never complete, so never worth keeping: temporary files of
+        the names it writes (only where their writer is gone: another command, a merge or post-hoc EMA, may be
+        writing its own output into this folder now), half-written states, and replaced states' copies."""
+        name = re.escape(self.name)
+        states = re.compile(rf"{name}(?:-step\d+|-\d+)?-state")
+        written = re.compile(rf"{name}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors|{name}-loss\.(?:csv|png)|{states.pattern}(?:\.old)?")
+        remove_leftover_temp_files(self.out, written.fullmatch, owned=True, folders=True)  # (its RunLock keeps other trainings out)
+        for path in sorted(self.out.glob(f"{glob.escape(self.name)}*-state.*")):
+            stem, _, suffix = path.name.rpartition(".")
+            if not states.fullmatch(stem) or suffix not in ("incomplete", "old") or path.is_symlink() or not path.is_dir():
+                continue
+            if suffix == "old" and not path.with_suffix("").is_dir():
+                continue  # a kill between the renames left only this copy (see state.newest_state)
+            remove_folder(path)
+            logger.info("removed %s (left by an interrupted run)", path)
+        remove_leftover_temp_files(self.out / "sample", lambda target: target.startswith(self.name + "_"), owned=True)  # samples, grids
 
     # -- keeping the last N (musubi-tuner's arithmetic for which save leaves the window)
     def _prune_epochs(self, epoch: int) -> None:
