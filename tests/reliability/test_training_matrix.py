@@ -281,6 +281,18 @@ CASES = [
          lambda a, t: [*train_argv(a, t / "out")[:-2], "--output_name", "n" * 216],
          r"--output_name: 216 bytes, and the names of the files it names reach 279 \(such as \.n+\.\.\.\), over the 255 "
          r"bytes a name may have in \S+; use a name of at most 192 bytes", then=before_the_model_loads),
+    Case("train-output-name-too-long-for-a-sample-seed", "hv_train_network",  # fits a 10-digit seed, not the prompt's 19
+         lambda a, t: [*train_argv(a, t / "out")[:-2], "--output_name", "n" * 192, "--sample_every_n_steps", "1", "--sample_prompts",
+                       str(write(t / "prompts.txt", "a cat --w 32 --h 32 --d 1234567890123456789\n")), "--vae", str(a.vae),
+                       "--text_encoder1", str(a.te1), "--text_encoder2", str(a.te2)],
+         r"--output_name: 192 bytes, and the names of the files it names reach 264 \(such as \.n+\.\.\.\), over the 255 "
+         r"bytes a name may have in \S+; use a name of at most 183 bytes", then=before_the_model_loads),
+    Case("train-a-sample-that-cannot-be-written-costs-the-sample-not-the-run", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--sample_every_n_steps", "1", "--sample_prompts",
+                                 str(write(t / "prompts.txt", "a cat --w 32 --h 32 --f 5\n")), "--vae", str(a.vae),
+                                 "--text_encoder1", str(a.te1), "--text_encoder2", str(a.te2)), None,
+         small_disk=("out/sample", 4096), warning=r"(sample 0|the samples' grid) at step 1 not written: .*No space left on device",
+         then=lambda a, t, err, out: trained(t / "out" / "tiny.safetensors")),
     Case("train-dataset-config-is-a-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=t),
          r": expected a dataset config, found a folder \(--dataset_config\)"),
     Case("train-max-train-epochs-zero", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "0"),

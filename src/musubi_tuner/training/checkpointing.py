@@ -11,6 +11,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -61,10 +62,11 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_names_fit(output_dir: str | os.PathLike, name: str) -> None:
+def check_names_fit(output_dir: str | os.PathLike, name: str, seeds: Sequence[int] = (9_999_999_999,)) -> None:
     """Before the run: every file and folder name it derives from --output_name fits the output folder's file system
-    (255 bytes a name on most). A name that fits alone can fail hours in: at the first save of a state, a sample, or the
-    final LoRA's temporary file, whose names are up to about 55 bytes longer."""
+    (255 bytes a name on most). A name that fits alone can fail hours in: at the first save of a state, a sample (its
+    name holds its seed: `seeds`, those of the sample prompts once they are read), or the final LoRA's temporary file,
+    whose names are up to about 55 bytes longer."""
     folder = Path(output_dir)
     while not folder.exists() and folder.parent != folder:  # (not made yet: the file system it will be on)
         folder = folder.parent
@@ -74,7 +76,8 @@ def check_names_fit(output_dir: str | os.PathLike, name: str) -> None:
         limit = 255
     pid, token = "9" * 7, "x" * 8
     derived = [f".{name}.comfyui.safetensors.{pid}-{token}.tmp", f".{name}-step00000000-state.{pid}-{token}.tmp",
-               f".{name}_e000000_00_{'0' * 14}_{'9' * 10}.mp4.{pid}-{token}.tmp", f"{name}-step00000000-state.incomplete"]
+               f".{name}_e000000_00_{'0' * 14}_{max(map(str, seeds), key=len)}.mp4.{pid}-{token}.tmp",
+               f"{name}-step00000000-state.incomplete"]
     longest = max(derived, key=lambda n: len(os.fsencode(n)))
     if len(os.fsencode(longest)) > limit:
         most = len(os.fsencode(name)) - (len(os.fsencode(longest)) - limit)

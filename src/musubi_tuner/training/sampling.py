@@ -100,6 +100,9 @@ class TrainingSampler:
             if p.image_path and not Path(p.image_path).is_file():
                 raise UserError(f"{args.sample_prompts}: prompt {p.index + 1}: image {p.image_path} not found (--i)")
         self.seeds = [p.seed if p.seed is not None else seed + p.index for p in self.prompts]  # fixed for the whole run
+        from musubi_tuner.training.checkpointing import check_names_fit
+
+        check_names_fit(args.output_dir, args.output_name, self.seeds)  # a seed of 19 digits makes a long sample name
         self.every_n_steps, self.every_n_epochs = args.sample_every_n_steps, args.sample_every_n_epochs
         self.folder = Path(args.output_dir) / "sample"
         self.base_latents: dict[int, torch.Tensor] = {}  # prompt index -> final latents at multiplier 0
@@ -249,11 +252,15 @@ class TrainingSampler:
                 continue
             stem = f"{self.args.output_name}_{tag}_{p.index:02d}_{stamp}_{self.seeds[p.index]}"
             written = self.folder / f"{stem}{'.mp4' if len(frames) > 1 else '.png'}"
-            if len(frames) > 1:
-                write_video(written, frames, fps=24, bitrate=4_000_000)
-            else:
-                with atomic_write(written) as tmp:
-                    Image.fromarray(frames[0]).save(tmp, format="PNG")
+            try:
+                if len(frames) > 1:
+                    write_video(written, frames, fps=24, bitrate=4_000_000)
+                else:
+                    with atomic_write(written) as tmp:
+                        Image.fromarray(frames[0]).save(tmp, format="PNG")
+            except UserError as e:  # a side output: the sample is lost, not the run (a full disk stops the next save)
+                logger.warning("sample %d at step %d not written: %s", p.index, step, e)
+                continue
             if self.replaces_earlier:
                 self._remove_earlier(tag, p.index, written)
             rows.append((f"#{p.index} seed {self.seeds[p.index]}: {p.prompt}"[:90], frames))
@@ -262,8 +269,12 @@ class TrainingSampler:
             return None
         title = f"step {step}" + (f", epoch {epoch}" if epoch is not None else "") + " - columns: first, middle, last frame"
         grid_path = self.folder / f"{self.args.output_name}_{tag}_grid.png"
-        with atomic_write(grid_path) as tmp:
-            sample_grid(rows, title).save(tmp, format="PNG")
+        try:
+            with atomic_write(grid_path) as tmp:
+                sample_grid(rows, title).save(tmp, format="PNG")
+        except UserError as e:
+            logger.warning("the samples' grid at step %d not written: %s", step, e)
+            return None
         return grid_path
 
     def _remove_earlier(self, tag: str, index: int, written: Path) -> None:
