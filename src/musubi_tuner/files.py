@@ -303,12 +303,37 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     return folder
 
 
+def temporary_name(name: str) -> str:
+    """The longest name atomic_write gives the temporary file of `name` (pids have at most 7 digits)."""
+    return f".{name}.{'9' * 7}-{'x' * 8}{TEMP_SUFFIX}"
+
+
+def require_names_fit(folder: str | os.PathLike, flag: str, name: str, derived: Sequence[str]) -> None:
+    """Before any work: the names a command derives from `name` (given with `flag`) fit `folder`'s file system, 255
+    bytes a name on most: a name that fits alone fails at its temporary file's, after the work."""
+    folder = Path(folder)
+    while not folder.exists() and folder.parent != folder:  # (not made yet: the file system it will be on)
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # (Windows has no pathconf)
+        limit = 255
+    size = lambda text: len(os.fsencode(text))  # noqa: E731
+    longest = max(derived, key=size)
+    if size(longest) > limit:
+        most = size(name) - (size(longest) - limit)
+        raise UserError(f"{flag}: {size(name)} bytes, and the names of the files it names reach {size(longest)} (such as "
+                        f"{longest[:40]}...), over the {limit} bytes a name may have in {folder}; use a name of at most "
+                        f"{max(most, 1)} bytes")
+
+
 def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mapping[str, Sequence]) -> None:
-    """Before any work: the output's folder takes new files (require_writable_folder), and the output is none of the
-    command's own inputs (the same file under any name or link): writing it would replace what the run reads, and a
-    base model or a checkpoint would be gone."""
+    """Before any work: the output's folder takes new files (require_writable_folder), its name leaves room for its
+    temporary file's, and the output is none of the command's own inputs (the same file under any name or link):
+    writing it would replace what the run reads, and a base model or a checkpoint would be gone."""
     out = Path(output)
     require_writable_folder(out.parent, output_flag)
+    require_names_fit(out.parent, output_flag, out.name, [temporary_name(out.name)])
     if not out.exists():
         return
     for flag, paths in inputs.items():

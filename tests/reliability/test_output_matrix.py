@@ -344,6 +344,17 @@ CASES = [
          r"afile: is a file, not a folder; choose another --output_file$", keep=lambda a, t: [t / "afile"]),
     Case("demo-on-a-full-disk-is-one-line", "demo.__main__", lambda a, t: ["--workdir", str(t / "demo")],
          r"demo/\S+: cannot write \(File too large\)", file_size_limit=lambda a, t: 20_000),
+    # a name of 240 bytes is a legal file name, but its temporary file's (22 bytes longer) is not: refused before the work
+    Case("convert-output-name-too-long-for-its-temporary-file", "convert_lora",
+         lambda a, t: ["--input", str(a.lora), "--output", str(t / ("n" * 228 + ".safetensors")), "--target", "other"],
+         r"--output: 240 bytes, and the names of the files it names reach 262 \(such as \.n+\.\.\.\), over the 255 bytes a "
+         r"name may have in \S+; use a name of at most 233 bytes$"),
+    Case("post-hoc-ema-output-name-too-long-for-its-temporary-file", "lora_post_hoc_ema",
+         lambda a, t: [str(a.lora), str(own_copy(a.lora, t)), "--output_file", str(t / ("n" * 228 + ".safetensors"))],
+         r"--output_file: 240 bytes, .* use a name of at most 233 bytes$"),
+    Case("merge-output-name-too-long-for-its-temporary-file", "merge_lora",
+         lambda a, t: [*merge_argv(a, t)[:-3], str(t / ("n" * 228 + ".safetensors")), "--device", "cpu"],
+         r"--save_merged_model: 240 bytes, .* use a name of at most 233 bytes$"),
     Case("convert-removes-what-a-killed-convert-left", "convert_lora",
          lambda a, t: ["--input", str(a.lora), "--output", str(killed_while_writing(t / "out.safetensors")), "--target", "other"],
          None),

@@ -17,7 +17,7 @@ import torch
 
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import remove_folder, remove_leftover_temp_files
+from musubi_tuner.files import remove_folder, remove_leftover_temp_files, require_names_fit, temporary_name
 from musubi_tuner.networks.lora_metadata import lora_module_info
 from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
 from musubi_tuner.training.state import TrainProgress, save_state
@@ -63,27 +63,14 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_names_fit(output_dir: str | os.PathLike, name: str, seeds: Sequence[int] = (9_999_999_999,)) -> None:
-    """Before the run: every file and folder name it derives from --output_name fits the output folder's file system
-    (255 bytes a name on most). A name that fits alone can fail hours in: at the first save of a state, a sample (its
-    name holds its seed: `seeds`, those of the sample prompts once they are read), or the final LoRA's temporary file,
-    whose names are up to about 55 bytes longer."""
-    folder = Path(output_dir)
-    while not folder.exists() and folder.parent != folder:  # (not made yet: the file system it will be on)
-        folder = folder.parent
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # (Windows has no pathconf)
-        limit = 255
-    pid, token = "9" * 7, "x" * 8
-    derived = [f".{name}.comfyui.safetensors.{pid}-{token}.tmp", f".{name}-step00000000-state.{pid}-{token}.tmp",
-               f".{name}_e000000_00_{'0' * 14}_{max(map(str, seeds), key=len)}.mp4.{pid}-{token}.tmp",
-               f"{name}-step00000000-state.incomplete"]
-    longest = max(derived, key=lambda n: len(os.fsencode(n)))
-    if len(os.fsencode(longest)) > limit:
-        most = len(os.fsencode(name)) - (len(os.fsencode(longest)) - limit)
-        raise UserError(f"--output_name: {len(os.fsencode(name))} bytes, and the names of the files it names reach "
-                        f"{len(os.fsencode(longest))} (such as {longest[:40]}...), over the {limit} bytes a name may have in "
-                        f"{folder}; use a name of at most {max(most, 1)} bytes")
+    """Before the run: every file and folder name it derives from --output_name fits the output folder's file system.
+    A name that fits alone can fail hours in: at the first save of a state, a sample (its name holds its seed: `seeds`,
+    those of the sample prompts once they are read), or the final LoRA's temporary file, whose names are up to about
+    55 bytes longer."""
+    seed = max(map(str, seeds), key=len)
+    require_names_fit(output_dir, "--output_name", name, [
+        temporary_name(f"{name}.comfyui.safetensors"), temporary_name(f"{name}-step00000000-state"),
+        temporary_name(f"{name}_e000000_00_{'0' * 14}_{seed}.mp4"), f"{name}-step00000000-state.incomplete"])
 
 
 class CheckpointSaver:
