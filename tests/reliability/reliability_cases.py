@@ -60,7 +60,7 @@ def check(case: Case, assets: Assets, tmp: Path) -> None:
         (tmp / case.read_only).mkdir(parents=True, exist_ok=True)
     kept = {p: p.read_bytes() for p in case.keep(assets, tmp)} if case.keep else {}
     assert kept or not case.keep, "the case meant to protect files but found none"
-    before = {p: p.read_bytes() for p in tmp.rglob("*.safetensors")}
+    before = {p: p.read_bytes() for p in tmp.rglob("*.safetensors") if p.is_file()}
 
     result = run_command(case.command, argv, tmp, file_size_limit=case.file_size_limit(assets, tmp) if case.file_size_limit else None,
                          memory_headroom=case.memory_headroom, read_only=tmp / case.read_only if case.read_only else None,
@@ -80,7 +80,7 @@ def check(case: Case, assets: Assets, tmp: Path) -> None:
     for path, data in kept.items():
         assert path.is_file() and path.read_bytes() == data, f"{path} was damaged"
     assert not leftovers(tmp), leftovers(tmp)
-    for path in tmp.rglob("*.safetensors"):  # what the run wrote is whole: the old file or the new one
+    for path in filter(Path.is_file, tmp.rglob("*.safetensors")):  # what the run wrote is whole: the old file or the new one
         if before.get(path) != path.read_bytes():
             files.StateDictFile(path).load_all()
     if case.then:

@@ -262,6 +262,15 @@ def first_cache(a, tmp):
     return sorted((tmp / "ds").rglob("*_hv.safetensors"))[0]
 
 
+def folder_at_a_cache_name(a, tmp) -> Path:
+    """The dataset's copy, with a folder where its first latent cache belongs."""
+    toml, _ = copy_dataset(a, tmp)
+    cache = first_cache(a, tmp)
+    cache.unlink()
+    cache.mkdir()
+    return toml
+
+
 def all_caches(a, tmp):
     return caches(tmp / "ds")
 
@@ -392,6 +401,9 @@ CASES = [
          warning=r"--console_width, --console_num_images: not read while caching; ignored"),
     Case("cache-latents-empty-folder-deletes-nothing", "cache_latents", lambda a, t: cache_latents_argv(emptied_folder(a, t), a), None,
          then=image_caches_kept, warning=r"lists no images \(empty, or a drive not mounted\?\); no cache in .* is deleted"),
+    Case("cache-latents-folder-where-a-cache-belongs", "cache_latents",
+         lambda a, t: cache_latents_argv(folder_at_a_cache_name(a, t), a, "--skip_existing"),
+         r"_hv\.safetensors: cannot write: a folder has this name; move it away$"),
     Case("cache-latents-full-disk", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
          r"_hv\.safetensors: cannot write " + TOO_LARGE + r"; check free space and permissions of .*cache",
          keep=all_caches, file_size_limit=lambda a, t: first_cache(a, t).stat().st_size // 2),
