@@ -126,8 +126,11 @@ def main(argv=None) -> None:
             # decide both passes before either runs: the LLM pass rewrites the files the CLIP pass would check
             made_by = {"llm": text_provenance("llm", args.text_encoder1, dtype, args.fp8_llm),
                        "clipL": text_provenance("clipL", args.text_encoder2, dtype)}
-            todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=made_by["llm"])
-            todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=made_by["clipL"])
+            unrecorded = set()  # kept caches that do not record their encoders (musubi-tuner's)
+            todo_llm = text_encoding_todo(everything, "llm", skip_existing=args.skip_existing, model=made_by["llm"],
+                                          unrecorded=unrecorded)
+            todo_clip = text_encoding_todo(everything, "clipL", skip_existing=args.skip_existing, model=made_by["clipL"],
+                                           unrecorded=unrecorded)
             run_encoder("llm", lambda: load_text_encoder1(args.text_encoder1, dtype=dtype, device=device, fp8=args.fp8_llm,
                                                           cast_rope=args.cast_llm_rope),
                         encoder_batches(config.all_datasets, captions, todo_llm, args.batch_size), len(everything), made_by["llm"])
@@ -138,6 +141,7 @@ def main(argv=None) -> None:
             for ds, report, cs in zip(config.all_datasets, reports, captions):
                 report.cached = sum(c.cache_path in changed for c in cs)
                 report.already_cached = len(cs) - report.cached
+                report.unrecorded = sum(c.cache_path in unrecorded and c.cache_path not in changed for c in cs)
                 tidy_cache_directory(ds.cache_directory, stale_text_caches(ds, cs, report), keep_cache=args.keep_cache, text=True)
                 print(f"{ds.where}: {report.summary('text caches')}")
             require_some_cached(reports, "text cache")

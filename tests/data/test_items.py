@@ -312,7 +312,7 @@ def test_skip_existing_does_not_decode_a_fully_cached_video(tmp_path, monkeypatc
     monkeypatch.setattr(media, "load_video", lambda *a, **k: pytest.fail("decoded a cached video"))
     report = items.CacheReport()
     assert list(items.iter_latent_batches(dataset, report, skip_existing=True)) == []
-    assert report.already_cached == 12 + 2 and report.failed == []
+    assert report.already_cached == 12 + 2 and report.failed == [] and report.unrecorded == 0
 
 
 def test_skip_existing_with_musubi_tuner_caches_decodes_then_skips_each_clip(tmp_path):
@@ -324,7 +324,8 @@ def test_skip_existing_with_musubi_tuner_caches_decodes_then_skips_each_clip(tmp
                                       size=(64, 64), frame_count=clip[1])
     report = items.CacheReport()
     assert list(items.iter_latent_batches(dataset, report, skip_existing=True)) == []
-    assert report.already_cached == 2
+    assert report.already_cached == 2 and report.unrecorded == 2  # kept, and the summary says they were not compared
+    assert "2 of those already cached do not record what made them" in report.summary("latent caches")
 
 
 def test_text_encoding_todo_is_planned_per_encoder_before_either_pass(tmp_path):
@@ -337,6 +338,10 @@ def test_text_encoding_todo_is_planned_per_encoder_before_either_pass(tmp_path):
     todo_llm = items.text_encoding_todo(captions, "llm", skip_existing=True)
     todo_clip = items.text_encoding_todo(captions, "clipL", skip_existing=True)
     assert [c.source.stem for c in todo_llm] == ["b"] and [c.source.stem for c in todo_clip] == ["a", "b"]
+    unrecorded = set()  # that cache records its caption, not the LLM that made it (as musubi-tuner's): kept, and said
+    model = cache_files.text_provenance("llm", str(tmp_path / "images"), torch.float16)
+    assert items.text_encoding_todo(captions, "llm", skip_existing=True, model=model, unrecorded=unrecorded) == captions[1:]
+    assert unrecorded == {captions[0].cache_path}
     changed = [items.CaptionItem(captions[0].source, "a new caption", captions[0].cache_path)]
     assert items.text_encoding_todo(changed, "llm", skip_existing=True) == changed
     assert items.text_encoding_todo(captions, "llm", skip_existing=False) == captions

@@ -357,11 +357,12 @@ def _read_all(path: Path) -> dict[str, torch.Tensor]:
 
 
 def cache_status(path: str | os.PathLike, expected: Mapping[str, str] | None = None,
-                 required_prefixes: tuple[str, ...] = ()) -> str | None:
+                 required_prefixes: tuple[str, ...] = (), unrecorded: set | None = None) -> str | None:
     """None if the cache at `path` can be reused, else why not ("missing", "vae changed (a -> b)", ...).
 
     A metadata key in `expected` that the file lacks (musubi-tuner's caches record no provenance)
-    does not make it stale. `required_prefixes`: tensor keys that must be present, e.g. ("llm_",).
+    does not make it stale; such a reusable cache's path is added to `unrecorded`, for the summary to say so.
+    `required_prefixes`: tensor keys that must be present, e.g. ("llm_",).
     """
     path = Path(path)
     if not path.exists():
@@ -378,6 +379,8 @@ def cache_status(path: str | os.PathLike, expected: Mapping[str, str] | None = N
     for key, value in (expected or {}).items():
         if key in metadata and metadata[key] != value:
             return f"{key} changed ({metadata[key]} -> {value})"
+    if unrecorded is not None and any(key not in metadata for key in expected or {}):
+        unrecorded.add(path)
     return None
 
 

@@ -47,6 +47,7 @@ class CacheReport:
 
     cached: int = 0
     already_cached: int = 0  # --skip_existing found them current
+    unrecorded: int = 0  # of those, caches that do not record all of what made them (musubi-tuner's): not compared
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): nothing to cache from it
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): could not be read
     cache_paths: set[Path] = field(default_factory=set)  # every cache the current items have (or will have)
@@ -84,6 +85,10 @@ class CacheReport:
                 lines.append(f"  {title}: {_naming(path, reason)}")
             if len(entries) > limit:
                 lines.append(f"  ... and {len(entries) - limit} more {title}")
+        if self.unrecorded:
+            lines.append(f"  {self.unrecorded} of those already cached do not record what made them (caches of musubi-tuner or "
+                         "of an older version): kept without comparing the model and settings; without --skip_existing "
+                         "they are made anew")
         return "\n".join(lines)
 
 
@@ -294,6 +299,7 @@ class _Loaded:
 
     items: list[LatentItem] = field(default_factory=list)
     already_cached: list[Path] = field(default_factory=list)  # current caches, not decoded again
+    unrecorded: set[Path] = field(default_factory=set)  # of those, the ones that record not all of what made them
     skip_reason: str | None = None
 
 
@@ -309,25 +315,27 @@ class _LatentLoader:
     def __call__(self, item: SourceItem) -> _Loaded:
         return self._video(item) if self.dataset.is_video else self._image(item)
 
-    def _current(self, path: Path, provenance: dict[str, str]) -> bool:
-        return self.skip_existing and cache_files.cache_status(path, provenance) is None
+    def _current(self, path: Path, provenance: dict[str, str], unrecorded: set[Path]) -> bool:
+        return self.skip_existing and cache_files.cache_status(path, provenance, unrecorded=unrecorded) is None
 
     def _image(self, item: SourceItem) -> _Loaded:
         size = media.image_size(item.path)
         bucket = self.selector.bucket_for(size)
         path = cache_files.latent_cache_path(self.dataset.cache_directory, item.stem, size)
         provenance = cache_files.latent_provenance(item.path, size, bucket, vae=self.vae)
-        if self._current(path, provenance):
-            return _Loaded(already_cached=[path])
+        unrecorded: set[Path] = set()
+        if self._current(path, provenance, unrecorded):
+            return _Loaded(already_cached=[path], unrecorded=unrecorded)
         pixels = resize_to_bucket(media.load_image(item.path), bucket)[None]
         return _Loaded([LatentItem(item, pixels, bucket, size, None, path, provenance)])
 
     def _video(self, item: SourceItem) -> _Loaded:
         ds: VideoDatasetConfig = self.dataset
+        loaded = _Loaded()
         if self.skip_existing:
-            cached = self._cached_clips(item)
-            if cached:
-                return _Loaded(already_cached=cached)
+            loaded.already_cached = self._cached_clips(item, loaded.unrecorded)
+            if loaded.already_cached:
+                return loaded
         video = media.load_video(item.path, max_frames=decode_limit(ds.frame_extraction, ds.target_frames),
                                  source_fps=ds.source_fps, target_fps=TARGET_FPS,
                                  resize=lambda frame, size: resize_to_bucket(frame, self.selector.bucket_for(size)))
@@ -338,11 +346,10 @@ class _LatentLoader:
             return _Loaded(skip_reason=f"only {num_frames} frames, shorter than every target_frames "
                                        f"{list(ds.target_frames)}")
         video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames)
-        loaded = _Loaded()
         for clip in clips:
             path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
             provenance = cache_files.clip_provenance(video_provenance, clip)
-            if self._current(path, provenance):
+            if self._current(path, provenance, loaded.unrecorded):
                 loaded.already_cached.append(path)
             else:
                 pixels = video.frames[clip.start:clip.start + clip.frames]
@@ -356,8 +363,9 @@ class _LatentLoader:
         return list(dict.fromkeys(extract_clips(num_frames, ds.frame_extraction, ds.target_frames, frame_stride=ds.frame_stride,
                                                 frame_sample=ds.frame_sample, max_frames=ds.max_frames)))
 
-    def _cached_clips(self, item: SourceItem) -> list[Path]:
-        """With --skip_existing: the caches of all clips if every one is cached and current, else [].
+    def _cached_clips(self, item: SourceItem, unrecorded: set[Path]) -> list[Path]:
+        """With --skip_existing: the caches of all clips if every one is cached and current, else [] (those that do not
+        record all of what made them are added to `unrecorded`).
 
         Decodes only the first frame (for the bucket); the frame count comes from the metadata of the
         clip that starts at 0, which every video with clips has. Caches without our provenance
@@ -380,12 +388,13 @@ class _LatentLoader:
         except (UserError, KeyError, ValueError):
             return []
         video_provenance = cache_files.latent_provenance(item.path, size, bucket, self.vae, num_frames)
-        paths = []
+        paths, partly = [], set()
         for clip in self._clips(num_frames):
             path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
-            if cache_files.cache_status(path, cache_files.clip_provenance(video_provenance, clip)) is not None:
+            if cache_files.cache_status(path, cache_files.clip_provenance(video_provenance, clip), unrecorded=partly) is not None:
                 return []
             paths.append(path)
+        unrecorded.update(partly)
         return paths
 
 
@@ -417,6 +426,7 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
             report.fail(item.path, _failure_reason(item, loaded), strict)
             continue
         report.already_cached += len(loaded.already_cached)
+        report.unrecorded += len(loaded.unrecorded)
         report.cache_paths.update(loaded.already_cached)
         report.cache_paths.update(latent_item.cache_path for latent_item in loaded.items)
         if loaded.skip_reason:  # read whole: shorter than every target_frames the config asks for now
@@ -499,11 +509,12 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
 
 
 def text_encoding_todo(items: Iterable[CaptionItem], encoder: str, *, skip_existing: bool,
-                       model: Mapping[str, str] | None = None) -> list[CaptionItem]:
+                       model: Mapping[str, str] | None = None, unrecorded: set[Path] | None = None) -> list[CaptionItem]:
     """The items one text encoder ("llm" or "clipL") must encode.
 
     Without skip_existing: all. With it: those whose cache lacks this encoder's output, was made from
-    another caption, or (when recorded) by another model or setting (`model`: cache_files.text_provenance).
+    another caption, or (when recorded) by another model or setting (`model`: cache_files.text_provenance; caches
+    kept that do not record it are added to `unrecorded`).
     Call it for both encoders before running either pass: the first pass rewrites the file the second would look at.
     """
     items = list(items)
@@ -512,7 +523,7 @@ def text_encoding_todo(items: Iterable[CaptionItem], encoder: str, *, skip_exist
     todo = []
     for item in items:
         expected = {"caption1": item.caption, **(model or {})}
-        if cache_files.cache_status(item.cache_path, expected, required_prefixes=(f"{encoder}_",)) is not None:
+        if cache_files.cache_status(item.cache_path, expected, required_prefixes=(f"{encoder}_",), unrecorded=unrecorded) is not None:
             todo.append(item)
     return todo
 
