@@ -495,6 +495,10 @@ CASES = [
     Case("train-resume-a-state-whose-optimizer-moments-have-another-shape", "hv_train_network", with_damaged_state("optimizer"),
          r"tiny-state/optimizer\.pt: exp_avg of parameter \d+ has shape \[3, 3\], its parameter \[\d+, \d+\]; pick another "
          r"state folder", keep=outputs_of("out")),
+    Case("train-resume-a-state-without-its-rng-file-says-so", "hv_train_network",
+         lambda a, t: (trained_before(a, t), state_file(a, t, "rng_0.pt").unlink(),
+                       train_argv(a, t / "out", "--resume", str(t / "out" / "tiny-state"), "--max_train_steps", "3"))[-1], None,
+         warning=r"rng_0\.pt: no RNG state for process 0; dropout and other draws differ from an uninterrupted run"),
     Case("train-resume-a-state-of-a-fractional-step", "hv_train_network", with_run_progress(global_step=1.5),
          r"tiny-state/train_state\.json: damaged \(global_step = 1\.5 is not a step, epoch or batch count\)", keep=outputs_of("out")),
     Case("train-resume-not-a-state", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(a.root)),

@@ -280,6 +280,9 @@ def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_i
         except (UserError, KeyError, TypeError, ValueError) as e:
             logger.warning("%s: RNG state unreadable (%s); dropout and other draws differ from an uninterrupted run",
                            rng_file, str(e)[:120])
+    else:  # deleted, or a state saved by fewer processes
+        logger.warning("%s: no RNG state for process %d; dropout and other draws differ from an uninterrupted run", rng_file,
+                       process_index)
     return progress
 
 
