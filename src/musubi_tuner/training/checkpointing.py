@@ -231,7 +231,8 @@ class CheckpointSaver:
         writing its own output into this folder now), half-written states, and replaced states' copies."""
         name = re.escape(self.name)
         states = re.compile(rf"{name}(?:-step\d+|-\d+)?-state")
-        written = re.compile(rf"{name}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors|{name}-loss\.(?:csv|png)|{states.pattern}(?:\.old)?")
+        written = re.compile(rf"{name}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors|{name}-loss\.(?:csv|png)"
+                             rf"|{states.pattern}(?:\.old|\.incomplete)?")  # (states being deleted: files.remove_folder)
         remove_leftover_temp_files(self.out, written.fullmatch, owned=True, folders=True)  # (its RunLock keeps other trainings out)
         for path in sorted(self.out.glob(f"{glob.escape(self.name)}*-state.*")):
             stem, _, suffix = path.name.rpartition(".")
