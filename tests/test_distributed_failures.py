@@ -142,3 +142,43 @@ def test_processes_that_accelerate_does_not_join_are_refused_before_they_train_a
     assert printed == ["error: launched as 2 processes (WORLD_SIZE), but accelerate joined 1; on a machine without a GPU set "
                        "ACCELERATE_USE_CPU=1 (accelerate launch --cpu sets it)"], done.stderr[-3000:]  # once, by process 0
     assert not (tmp_path / "out" / "x.safetensors").exists()
+
+
+def test_sigterm_to_a_launched_run_with_data_loader_workers_is_one_line_per_process(tmp_path):
+    """docker stop or a batch system's limit SIGTERMs `accelerate launch`, which SIGTERMs each process's group: the
+    data-loader workers too. A worker that died of it first made the process's stop a traceback ("DataLoader worker
+    ... is killed by signal: Terminated"), in three of three runs; now the workers leave the signal to their process."""
+    import signal
+    import time
+
+    from helpers import free_port, write_cached_dataset
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+
+    config = tiny_dit_config()
+    dit = write_dit(tmp_path / "dit.pt", random_dit_state_dict(config, seed=0), config, "pt")
+    toml = write_cached_dataset(tmp_path / "data", items=4, frames=5, size=(64, 48))
+    out = tmp_path / "out"
+    argv = ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora", "--network_dim", "4",
+            "--learning_rate", "1e-3", "--dit_dtype", "float32", "--max_data_loader_n_workers", "1",
+            "--persistent_data_loader_workers", "--max_train_steps", "100000", "--save_every_n_steps", "2",
+            "--output_dir", str(out), "--output_name", "tiny"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    log = tmp_path / "run.log"
+    with open(log, "wb") as f:
+        run = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+                                "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "tiny-step00000004.safetensors").is_file():
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        run.send_signal(signal.SIGTERM)
+        run.wait(120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text and "killed by signal" not in text, text[-4000:]
+    assert [line.split("]: ")[-1] for line in text.splitlines() if line.endswith("terminated")] == ["terminated"] * 2, text[-3000:]

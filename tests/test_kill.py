@@ -230,6 +230,43 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_leaving_no_lock_or_temporary_file(se
     assert "taking over the lock" not in log.read_text() and log.read_text().count("resumed from") == 1
 
 
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the processes whose command line holds `text` (a run's output folder: its data-loader workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes in /proc")
+@pytest.mark.parametrize("sig, said", [(signal.SIGTERM, "terminated"), (signal.SIGHUP, "hung up")])
+def test_a_hang_up_or_sigterm_to_the_trainer_alone_stops_its_data_loader_workers_too(setup, tmp_path, sig, said):
+    """A closed terminal or ssh session sends SIGHUP; a job manager may signal the trainer's pid only. Before, SIGHUP
+    ended the trainer at once without a word, its temporary files left, and a data-loader worker ran on, orphaned."""
+    dit, toml, _ = setup
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    argv = train_argv(dit, toml, out, "--save_every_n_steps", "1", "--max_data_loader_n_workers", "2",
+                      "--persistent_data_loader_workers")
+    run = start(argv, log)
+    deadline = time.monotonic() + 300
+    while not (out / "tiny-step00000002.safetensors").is_file():
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    assert len(_processes_naming(str(out))) >= 2, "the run's data-loader workers"
+    run.send_signal(sig)
+    assert run.wait(60) == 128 + sig, log.read_text()[-3000:]
+    assert log.read_text().rstrip().endswith(said)
+    deadline = time.monotonic() + 10
+    while _processes_naming(str(out)) and time.monotonic() < deadline:  # (a worker notices a gone parent in a second)
+        time.sleep(0.1)
+    assert not _processes_naming(str(out)), "a data-loader worker outlived the run"
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete", ".lock"))]
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 @pytest.mark.parametrize("script", ["cache_latents.py", "cache_text_encoder_outputs.py", "hv_generate_video.py", "hv_train_network.py"])
 @pytest.mark.parametrize("sig, said, status", [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)])

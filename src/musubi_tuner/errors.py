@@ -78,8 +78,8 @@ def _run(main, argv, memory_advice: str) -> None:
         _fail(f"{message} (--debug shows where)")
     except KeyboardInterrupt as e:
         _close_progress_bars()
-        _say("terminated" if isinstance(e, Terminated) else "interrupted")
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        _say(e.words if isinstance(e, Terminated) else "interrupted")
+        sys.exit(128 + (e.signum if isinstance(e, Terminated) else 2))  # as a shell reports a command a signal ended
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
@@ -90,28 +90,48 @@ def _run(main, argv, memory_advice: str) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (docker stop, systemd, a batch system's time limit, a launcher stopping its workers), raised where the
-    command is, as Ctrl-C is: the file being written is abandoned whole, locks are released, nothing half-written
-    stays under a final name."""
+    """SIGTERM (docker stop, systemd, a batch system's time limit, a launcher stopping its workers) or SIGHUP (the
+    terminal or ssh session closed), raised where the command is, as Ctrl-C is: the file being written is abandoned
+    whole, locks are released, data-loader workers are stopped, nothing half-written stays under a final name."""
+
+    def __init__(self, signum: int, words: str):
+        super().__init__(words)
+        self.signum, self.words = signum, words
+
+
+_STOPPING_SIGNALS = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
 
 
 def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM and SIGHUP raise Terminated in the main thread. A SIGHUP ignored when the command started (`nohup`)
+    stays ignored."""
     import signal
     import threading
 
-    def terminate(signum, frame):
-        raise Terminated()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name, words in _STOPPING_SIGNALS.items():
+        number = getattr(signal, name, None)
+        if number is None or (name == "SIGHUP" and signal.getsignal(number) == signal.SIG_IGN):
+            continue
 
-    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, terminate)
+        def stop(signum, frame, words=words):
+            raise Terminated(signum, words)
+
+        signal.signal(number, stop)
 
 
 def _default_sigterm() -> None:
+    """Back to the default action of SIGTERM and SIGHUP (not of a SIGHUP `nohup` ignores)."""
     import signal
     import threading
 
-    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in _STOPPING_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) not in (signal.SIG_IGN, None):
+            signal.signal(number, signal.SIG_DFL)
 
 
 ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
