@@ -283,3 +283,13 @@ def test_a_signal_while_torch_loads_is_the_commands_one_line(script, sig, said, 
     run.send_signal(sig)
     err = run.communicate(timeout=60)[1]
     assert (run.returncode, err.strip().splitlines()[-1:]) == (status, [said]), err
+
+
+def test_a_command_started_under_nohup_keeps_ignoring_sighup():
+    """`nohup` starts a command with SIGHUP ignored so that it outlives its terminal: the commands' handler must not
+    take that back."""
+    code = ("import os, signal\nfrom musubi_tuner.errors import stop_cleanly_on_sigterm\nstop_cleanly_on_sigterm()\n"
+            "os.kill(os.getpid(), signal.SIGHUP)\nprint('still running')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert (done.returncode, done.stdout) == (0, "still running\n"), done.stderr
