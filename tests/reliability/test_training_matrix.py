@@ -367,6 +367,10 @@ CASES = [
     Case("train-adafactor-with-the-default-scheduler", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "adafactor"), None,
          warning=r"using the adafactor schedule instead of --lr_scheduler constant"),
+    Case("train-adafactor-scheduler-with-another-optimizer", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--lr_scheduler", "adafactor"),
+         r"--lr_scheduler adafactor: works only with --optimizer_type adafactor \(it reports the step size Adafactor computes\), "
+         r"not adamw; choose another --lr_scheduler", then=before_the_model_loads),
     # --- model and weight files
     Case("train-dit-truncated", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=truncated(a.dit_st, t / "dit.safetensors")),
          r"dit\.safetensors: file is truncated"),

@@ -87,6 +87,9 @@ def test_a_schedule_the_trainer_cannot_build_is_refused_with_the_schedules_it_ca
         build_parser().parse_args(["--lr_scheduler", typed])
     from musubi_tuner.training.optimizers import check_scheduler
 
-    for name in SCHEDULERS:  # each one the trainer accepts, it builds and steps
-        args = build_parser().parse_args(["--lr_scheduler", name])
-        check_scheduler(args, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3), 100)
+    from transformers.optimization import Adafactor
+
+    for name in SCHEDULERS:  # each one the trainer accepts, it builds and steps (adafactor's, with its optimizer)
+        args = build_parser().parse_args(["--lr_scheduler", name, *(["--optimizer_type", "adafactor"] if name == "adafactor" else [])])
+        params = [torch.nn.Parameter(torch.zeros(2))]
+        check_scheduler(args, Adafactor(params) if name == "adafactor" else torch.optim.AdamW(params, lr=1e-3), 100)

@@ -225,8 +225,11 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, a
     warmup = warmup_steps(args.lr_warmup_steps, total_steps)
     decay = warmup_steps(args.lr_decay_steps, total_steps)
     if name.startswith("adafactor"):
-        from transformers.optimization import AdafactorSchedule
+        from transformers.optimization import Adafactor, AdafactorSchedule
 
+        if not isinstance(optimizer, Adafactor):  # the schedule reports the step size Adafactor computes
+            raise UserError(f"--lr_scheduler {args.lr_scheduler}: works only with --optimizer_type adafactor (it reports the "
+                            f"step size Adafactor computes), not {args.optimizer_type or 'adamw'}; choose another --lr_scheduler")
         if warmup:
             raise UserError("--lr_warmup_steps: the adafactor schedule takes no warmup (Adafactor with relative_step warms up "
                             "by itself); remove it or pass --optimizer_args relative_step=False")
