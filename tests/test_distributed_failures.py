@@ -144,6 +144,30 @@ def test_processes_that_accelerate_does_not_join_are_refused_before_they_train_a
     assert not (tmp_path / "out" / "x.safetensors").exists()
 
 
+def _tiny_training(tmp_path: Path, *extra: str) -> list[str]:
+    from helpers import write_cached_dataset
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+
+    config = tiny_dit_config()
+    dit = write_dit(tmp_path / "dit.pt", random_dit_state_dict(config, seed=0), config, "pt")
+    toml = write_cached_dataset(tmp_path / "data", items=4, frames=5, size=(64, 48))
+    return ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora", "--network_dim", "4",
+            "--learning_rate", "1e-3", "--dit_dtype", "float32", "--output_dir", str(tmp_path / "out"), "--output_name", "tiny", *extra]
+
+
+def _launch(argv: list[str], log: Path, processes: int = 2) -> subprocess.Popen:
+    """hv_train_network as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` runs it, in a session
+    of its own (as a terminal's job)."""
+    from helpers import free_port
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    with open(log, "wb") as f:
+        return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                                 "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+                                 "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
 def test_sigterm_to_a_launched_run_with_data_loader_workers_is_one_line_per_process(tmp_path):
     """docker stop or a batch system's limit SIGTERMs `accelerate launch`, which SIGTERMs each process's group: the
     data-loader workers too. A worker that died of it first made the process's stop a traceback ("DataLoader worker
@@ -151,24 +175,9 @@ def test_sigterm_to_a_launched_run_with_data_loader_workers_is_one_line_per_proc
     import signal
     import time
 
-    from helpers import free_port, write_cached_dataset
-    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
-
-    config = tiny_dit_config()
-    dit = write_dit(tmp_path / "dit.pt", random_dit_state_dict(config, seed=0), config, "pt")
-    toml = write_cached_dataset(tmp_path / "data", items=4, frames=5, size=(64, 48))
-    out = tmp_path / "out"
-    argv = ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora", "--network_dim", "4",
-            "--learning_rate", "1e-3", "--dit_dtype", "float32", "--max_data_loader_n_workers", "1",
-            "--persistent_data_loader_workers", "--max_train_steps", "100000", "--save_every_n_steps", "2",
-            "--output_dir", str(out), "--output_name", "tiny"]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    log = tmp_path / "run.log"
-    with open(log, "wb") as f:
-        run = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                                "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
-                                "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    run = _launch(_tiny_training(tmp_path, "--max_data_loader_n_workers", "1", "--persistent_data_loader_workers",
+                                 "--max_train_steps", "100000", "--save_every_n_steps", "2"), log)
     try:
         deadline = time.monotonic() + 300
         while not (out / "tiny-step00000004.safetensors").is_file():
@@ -182,3 +191,27 @@ def test_sigterm_to_a_launched_run_with_data_loader_workers_is_one_line_per_proc
     text = log.read_text()
     assert "Traceback" not in text and "killed by signal" not in text, text[-4000:]
     assert [line.split("]: ")[-1] for line in text.splitlines() if line.endswith("terminated")] == ["terminated"] * 2, text[-3000:]
+
+
+def test_a_launched_run_into_a_folder_another_run_holds_stops_every_process_at_once(tmp_path):
+    """Process 0 takes the output folder's lock. Before, it stopped alone, and process 1, waiting for it in a
+    collective, ignored the launcher's SIGTERM until the launcher killed it half a minute later."""
+    import signal
+    import time
+
+    from musubi_tuner.files import RunLock
+
+    argv = _tiny_training(tmp_path, "--max_train_steps", "2")
+    with RunLock(tmp_path / "out" / ".musubi-train.lock", "training run", "--output_dir"):
+        started = time.monotonic()
+        run = _launch(argv, tmp_path / "run.log")
+        try:
+            code = run.wait(120)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    text = (tmp_path / "run.log").read_text()
+    assert code != 0 and time.monotonic() - started < 25, text[-3000:]  # (25 s: the start of two processes on 2 slow cores)
+    assert "SIGKILL" not in text, text[-3000:]
+    printed = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(printed) == 1 and "another training run is using this" in printed[0], text[-3000:]  # by process 0 alone

@@ -566,33 +566,42 @@ def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
 TRAIN_LOCK = ".musubi-train.lock"
 
 
-def output_lock(args):
+def take_output_lock(args, accelerator, held: contextlib.ExitStack) -> None:
     """One training run per --output_dir: its state, step files and LoRAs would mix with another's. Held by the
-    process of global rank 0 (the one that writes); the others follow it."""
-    import contextlib
-
+    process of global rank 0 (the one that writes) until the run ends; the others learn whether it got it and stop
+    with it when it did not: a process left waiting for it in a collective sees no signal, and the launcher killed it
+    only half a minute later."""
+    from musubi_tuner.distributed import broadcast_value
     from musubi_tuner.files import RunLock
 
-    if int(os.environ.get("RANK", "0") or 0) != 0:
-        return contextlib.nullcontext()
-    return RunLock(Path(args.output_dir) / TRAIN_LOCK, "training run", "--output_dir")
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            held.enter_context(RunLock(Path(args.output_dir) / TRAIN_LOCK, "training run", "--output_dir"))
+        except UserError as e:
+            refusal = str(e)
+    if accelerator.num_processes > 1:
+        refusal = broadcast_value(refusal)
+    if refusal is not None:
+        raise SharedError(refusal)
 
 
 def train(args) -> Path | None:
     """The final LoRA's path, or None when a resumed run had nothing left to train."""
     check_args(args)
-    with output_lock(args), contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as held:
         return _train(args, held)
 
 
 def _train(args, held: contextlib.ExitStack) -> Path | None:
-    """`held`: what the run holds until it ends (its use of the cache folders)."""
+    """`held`: what the run holds until it ends (the output folder's lock, its use of the cache folders)."""
     accelerator = make_accelerator(args)
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and accelerator.num_processes != launched:  # each process would train alone into the same files
         raise SharedError(f"launched as {launched} processes (WORLD_SIZE), but accelerate joined {accelerator.num_processes}; "
                           f"on a machine without a GPU set ACCELERATE_USE_CPU=1 (accelerate launch --cpu sets it)")
     check_same_command_line()
+    take_output_lock(args, accelerator, held)
     if args.cuda_allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
