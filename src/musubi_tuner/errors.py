@@ -51,6 +51,8 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         # bitsandbytes >= 0.50 logs at import that it could not fetch its 4-bit CPU kernels from the hub: the 8-bit
         # optimizers never use them, and a warning about remote code on every training start only alarms
         logging.getLogger("bitsandbytes.backends").setLevel(logging.ERROR)
+        # torch logs its fake-tensor cache statistics at exit (at INFO, after an interrupted import among others)
+        logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.WARNING)
     stdout = sys.stdout = LosableStdout(sys.stdout)
     try:
         _run(main, argv, memory_advice)
