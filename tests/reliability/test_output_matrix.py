@@ -219,6 +219,11 @@ CASES = [
     Case("generate-dit-with-inf-writes-nothing", "hv_generate_video",
          lambda a, t: ["--dit", str(nan_dit(a, t)), *generate_argv(a, t, "--output_type", "video")[2:]],
          r"the sampled latent of \S+nan_dit\.safetensors holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written"),
+    Case("generate-extreme-guidance-is-named-as-the-likely-cause", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--output_type", "video", "--guidance_scale", "1e30"),
+         r"(holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written|the VAE decoded NaN/inf pixels from a finite "
+         r"latent): --guidance_scale 1e\+30, far from the usual, may be the cause; else ",
+         then=lambda a, t, err, out: not list((t / "videos").glob("*.mp4")) or pytest.fail("a video was written")),
     Case("generate-text-encoder-with-nan-generates-nothing", "hv_generate_video",
          lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--text_encoder1", nan_llm(a, t)),
          r"the prompt's encoding by \S+te1 \(--text_encoder1\) holds \d+ non-finite \(NaN/inf\) values of \d+; its file is damaged",

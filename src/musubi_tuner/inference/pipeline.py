@@ -461,16 +461,30 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
         log_graph_breaks(args.debug)
     loras = f" with {', '.join(args.lora_weight)}" if args.lora_weight else ""
     require_finite(latents, f"the sampled latent of {args.dit}{loras}",
-                   "nothing was written; a LoRA or DiT file holding NaN/inf weights, or fp16 overflow, are the usual causes "
-                   "(check the files with musubi-lora-info)")
+                   f"nothing was written; {_far_settings(args)}a LoRA or DiT file holding NaN/inf weights, or fp16 overflow, "
+                   "are the usual causes (check the files with musubi-lora-info)")
     return latents, start, cache
+
+
+def _far_settings(args) -> str:
+    """The sampling flags given far beyond their usual range, as the likely cause of a NaN/inf latent or video ("" when
+    none is): a guidance scale of 1e30 overflows, and then the files are not to blame."""
+    far = [f"{flag} {value:g}" for flag, value, usual in (("--guidance_scale", args.guidance_scale, (0, 100)),
+                                                           ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
+                                                           ("--flow_shift", args.flow_shift, (1e-3, 1e3)))
+           if value is not None and not usual[0] <= value <= usual[1]]
+    return f"{' and '.join(far)}, far from the usual, may be the cause; else " if far else ""
 
 
 def decode_and_save(vae, latent, meta, args, save_path: Path, main: bool) -> list[Path]:
     """Decode (every process its share of the tiles), then the main process writes."""
     from musubi_tuner.inference import outputs
 
-    if not main:
-        outputs.decode_to_frames(vae, latent)
-        return []
-    return outputs.decode_and_save(vae, latent, meta, args, save_path)
+    try:
+        if not main:
+            outputs.decode_to_frames(vae, latent)
+            return []
+        return outputs.decode_and_save(vae, latent, meta, args, save_path)
+    except outputs.NonFinitePixels as e:
+        far = _far_settings(args)
+        raise outputs.NonFinitePixels(str(e).replace(": the VAE file", f": {far}the VAE file", 1) if far else str(e)) from None
