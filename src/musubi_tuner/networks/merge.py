@@ -206,6 +206,9 @@ def check_loras_fit(lora_paths: Sequence[str], dit_shapes: dict[str, tuple[int, 
                                 "(a LoRA for another model size?)")
 
 
+GROWTH_WARNED = 100  # a merged layer this many times the base's norm (a LoRA moves weights by a few percent)
+
+
 def _finite(t: torch.Tensor, key: str, what: str, cause: str) -> torch.Tensor:
     """`t`, or a UserError if it holds NaN/inf: a merged model must never carry them into a video silently."""
     if t.is_floating_point() and not torch.isfinite(t).all():
@@ -249,6 +252,8 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
         dtype = source.dtype(key)
         return torch.bfloat16 if dtype == FP8_DTYPE else dtype
 
+    grown: dict[str, float] = {}  # layers the LoRAs made many times larger: (finite) nonsense, said after the write
+
     def compute(key: str) -> torch.Tensor:
         t = source.read(key)  # a copy of its own: the file's pages do not pile up in this process
         if key not in ops:
@@ -256,8 +261,12 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
         merged = t.to(device, torch.float32, copy=True)
         del t
         _finite(merged, key, f"{dit_path}: {key}", "the DiT file itself holds them")  # before a LoRA is blamed for them
+        before = merged.norm().item()
         for m, patch in ops[key]:
             apply_patch(merged, patch, m)  # a LoRA pair is added with addmm_: no delta-sized temporary
+        after = merged.norm().item()
+        if after > GROWTH_WARNED * before:
+            grown[key] = after / max(before, 1e-30)
         return _finite(merged.to("cpu", out_dtype(key)), key, f"merging {', '.join(map(str, lora_paths))} into {dit_path}: {key}",
                        f"a sum beyond {out_dtype(key)}")
 
@@ -266,4 +275,9 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     with RunLock(out.with_name(f".{out.name}.lock"), "merge into this file", "--save_merged_model"):
         remove_leftover_temp_files(out.parent, lambda name: name == out.name, owned=True)
         save_safetensors(LazyTensors(specs, compute), out, metadata=dit_metadata(config))
+    if grown:
+        key = max(grown, key=grown.get)
+        logger.warning("%s: the merged weights of %d layer(s) are over %d times the base's (%s: %.3g times), where a LoRA changes "
+                       "a layer by a few percent: the merged model is unlikely to work; check the LoRA files with musubi-lora-info "
+                       "and the --lora_multiplier", out, len(grown), GROWTH_WARNED, key, grown[key])
     return {"files": len(jobs), "layers": len(ops), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}
