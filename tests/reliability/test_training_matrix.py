@@ -299,6 +299,10 @@ CASES = [
          r"--max_train_epochs 0: must be at least 1"),
     Case("train-seed-beyond-32-bits", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--seed", str(2**64)),
          r"--seed 18446744073709551616: must be between 0 and 4294967295"),
+    Case("train-learning-rate-far-too-high-is-named-as-the-cause", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--learning_rate", "1e10", "--max_train_steps", "4"),
+         r"at step \d \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. The LoRA's weights reach "
+         r"\S+ after \d update\(s\), where they stay well below 1: --learning_rate 1e\+10 is far too high; else lower"),
     Case("train-learning-rate-not-a-number", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--learning_rate", "nan"),
          r"--learning_rate nan: not a finite number"),
     Case("train-network-args-not-a-list", "hv_train_network",

@@ -72,6 +72,17 @@ def damaged_dit(dit: torch.nn.Module, path) -> str | None:
     return f"The DiT file {path} holds NaN or infinite values ({key}): it is damaged, download it again"
 
 
+def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
+    """Why a loss is NaN when the items are not to blame: the LoRA's weights, which stay near their start (values well
+    below 1), have grown past 1e3 in the updates before (a learning rate far too high, or no gradient clipping)."""
+    with torch.no_grad():
+        largest = max((p.detach().abs().max().item() for p in network.parameters() if p.numel()), default=0.0)
+    if not largest > 1e3 or step <= 1:
+        return None
+    return (f"The LoRA's weights reach {largest:.3g} after {step - 1} update(s), where they stay well below 1: "
+            f"--learning_rate {learning_rate:g} is far too high")
+
+
 def culprit_items(items: list[str], local_loss: torch.Tensor | None, processes: int) -> list[str]:
     """The items to name when a run diverges: this batch's, or with several processes, those of the processes whose
     own loss was not finite (every process, when the loss is not what went wrong), each marked with its process."""
@@ -745,7 +756,8 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     def diverged(what: str, local_loss: torch.Tensor | None = None) -> NonFiniteLoss:
         items = culprit_items(batch["item_names"], local_loss, accelerator.num_processes)
         return divergence(what, progress.global_step + 1, epoch + 1, items, saver, resume_from,
-                          known_cause or damaged_dit(dit, args.dit))
+                          known_cause or damaged_dit(dit, args.dit)
+                          or grown_lora(network, args.learning_rate, progress.global_step + 1))
 
     if is_schedule_free(optimizer):
         optimizer.train()
