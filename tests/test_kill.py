@@ -172,7 +172,7 @@ def test_a_run_stopped_after_its_last_steps_state_is_finished_by_resume_auto(set
     argv = train_argv(dit, toml, out, "--save_every_n_steps", "1", "--save_state", "--save_last_n_steps", "2", "--resume", "auto")
     (out / "tiny.safetensors").mkdir(parents=True)
     (out / "tiny.comfyui.safetensors").write_bytes(b"an earlier run's copy")
-    assert start(argv, log).wait(600) == 2  # "cannot write (Is a directory)"
+    assert start(argv, log).wait(600) == 2  # "cannot write: a folder has this name"
     assert (out / f"tiny-step{STEPS:08d}-state").is_dir() and not (out / "tiny-state").exists(), log.read_text()[-3000:]
     # the pair's other file, renamed first, is undone: not this run's copy beside another file
     assert (out / "tiny.comfyui.safetensors").read_bytes() == b"an earlier run's copy"
