@@ -440,3 +440,20 @@ def test_a_job_stopped_while_it_starts_does_not_run_on(tmp_path):
     while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert jobs.get(job.id).state == "stopped" and time.monotonic() < deadline
+
+
+def test_a_training_stopped_while_accelerate_starts_ends_in_one_line(tmp_path):
+    """Stop pressed at once: the Ctrl-C reaches `accelerate launch` while it imports, and its log ended in a traceback
+    of that import; the launch now says `interrupted`, as the commands do."""
+    from musubi_tuner.launch import training_command
+
+    jobs = Jobs(tmp_path / "jobs")
+    job = jobs.start("train", "stopped at once", [training_command(["--help"], quiet=True)])
+    deadline = time.monotonic() + 60
+    while jobs.get(job.id).state == "starting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    jobs.stop(job.id)
+    while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = (tmp_path / "jobs" / job.id / "log.txt").read_text()
+    assert jobs.get(job.id).state == "stopped" and "Traceback" not in log, log[-3000:]

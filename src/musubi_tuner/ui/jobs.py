@@ -256,14 +256,32 @@ def _group_alive(pid: int) -> bool:
     return True
 
 
+STARTING_SECONDS = 5.0  # a command this young is still starting Python and accelerate: see _signal_group
+
+
 def _signal_group(pid: int, interrupt: bool) -> None:
+    """`interrupt`: Ctrl-C, which the commands stop on cleanly; but to a command still starting, SIGTERM, whose default
+    action ends it quietly where a Ctrl-C in Python's or accelerate's start-up is a traceback in the job's log (and which
+    a command past its start treats as Ctrl-C). Else SIGKILL."""
     try:
         if os.name == "nt":
             os.kill(pid, signal.CTRL_BREAK_EVENT if interrupt else signal.SIGTERM)
+        elif interrupt:
+            age = _seconds_running(pid)
+            os.killpg(pid, signal.SIGTERM if age is not None and age < STARTING_SECONDS else signal.SIGINT)
         else:
-            os.killpg(pid, signal.SIGINT if interrupt else signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
         pass
+
+
+def _seconds_running(pid: int) -> float | None:
+    """How long the process has run (Linux's /proc; None elsewhere)."""
+    try:
+        started = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])  # field 22: start time, in ticks
+        return float(Path("/proc/uptime").read_text().split()[0]) - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 if __name__ == "__main__":
