@@ -96,8 +96,8 @@ class Terminated(KeyboardInterrupt):
     terminal or ssh session closed), raised where the command is, as Ctrl-C is: the file being written is abandoned
     whole, locks are released, data-loader workers are stopped, nothing half-written stays under a final name."""
 
-    def __init__(self, signum: int, words: str):
-        super().__init__(words)
+    def __init__(self, signum: int = 15, words: str = "terminated"):
+        super().__init__(signum, words)  # (both in args: a pickled copy, from another process, is the same)
         self.signum, self.words = signum, words
 
 
