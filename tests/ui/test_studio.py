@@ -3,6 +3,7 @@ files are the commands' own (same flags, same checks, same files)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -457,3 +458,51 @@ def test_a_training_stopped_while_accelerate_starts_ends_in_one_line(tmp_path):
         time.sleep(0.1)
     log = (tmp_path / "jobs" / job.id / "log.txt").read_text()
     assert jobs.get(job.id).state == "stopped" and "Traceback" not in log, log[-3000:]
+
+
+def test_half_a_character_in_a_request_is_a_400_and_starts_no_job(tmp_path):
+    """A page's JSON may carry a lone UTF-16 surrogate (half a pasted emoji): it was a 500 that still started a job,
+    after which every listing of the jobs was a 500."""
+    studio = client(tmp_path)
+    values = {"prompt": "a cat \ud83d", "dit": "d", "vae": "v", "save_path": "v"}
+    request_body = json.dumps({"command": "generate", "values": values}).encode()  # (ensure_ascii: "\\ud83d", as a page sends it)
+    response = studio.post("/api/jobs", content=request_body, headers={**STUDIO, "Content-Type": "application/json"})
+    assert response.status_code == 400 and "lone surrogate" in response.json()["error"], response.text
+    listing = studio.get("/api/jobs")
+    assert listing.status_code == 200 and listing.json()["jobs"] == [], listing.text
+    deep = studio.post("/api/dataset/toml", content=b"[" * 100_000, headers=STUDIO)
+    assert deep.status_code == 400, deep.text
+
+
+def test_the_dataset_form_replaces_only_a_dataset_config_and_shows_only_one(tmp_path):
+    """Save wrote TOML over any file of the workspace (a VAE, a job's record); Open showed any .json or .toml file (a
+    credentials file, say) whole."""
+    studio = client(tmp_path)
+    ws = tmp_path / "ws"
+    config = {"general": {"resolution": [64, 64], "caption_extension": ".txt"},
+              "datasets": [{"image_directory": "imgs", "cache_directory": "cache"}]}
+    (ws / "imgs").mkdir(parents=True)
+    model = ws / "vae.pt"
+    model.write_bytes(b"PK\x03\x04 weights")
+    secret = ws / "settings.toml"
+    secret.write_text('token = "s3cr3t"\n')
+    for path, error in (("vae.pt", "ending in .toml"), ("settings.toml", "not a dataset config"), ("x.json", "ending in .toml")):
+        response = studio.post("/api/dataset/save", json={"path": path, "config": config}, headers=STUDIO)
+        assert response.status_code == 400 and error in response.json()["error"], (path, response.text)
+    assert model.read_bytes() == b"PK\x03\x04 weights" and secret.read_text() == 'token = "s3cr3t"\n'
+    shown = studio.get("/api/dataset", params={"path": str(secret)})
+    assert shown.status_code == 400 and "s3cr3t" not in shown.text, shown.text
+    for _ in range(2):  # a new config, then the same one replaced
+        saved = studio.post("/api/dataset/save", json={"path": "mine.toml", "config": config}, headers=STUDIO)
+        assert saved.status_code == 200, saved.text
+
+
+def test_files_are_served_as_files_never_as_pages_of_the_studio(tmp_path):
+    """An .svg or .html in the workspace, opened through a link, would run its script on the studio's origin."""
+    studio = client(tmp_path)
+    (tmp_path / "ws").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "ws" / "x.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>fetch("/api/jobs")</script></svg>')
+    served = studio.get("/files", params={"path": "x.svg"})
+    assert served.status_code == 200 and served.headers["x-content-type-options"] == "nosniff"
+    assert served.headers["content-security-policy"].startswith("sandbox")
+    assert studio.get("/files", params={"path": "d" * 5000}).status_code in (400, 403)

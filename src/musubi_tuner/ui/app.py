@@ -36,11 +36,29 @@ PLAN_TIMEOUT_SECONDS = 300
 def body(raw: bytes) -> dict:
     try:
         data = json.loads(raw or b"{}")
-    except ValueError:
-        raise UserError("the request body is not JSON") from None
+    except (ValueError, RecursionError):
+        raise UserError("the request body is not JSON (or nests too deep)") from None
     if not isinstance(data, dict):
         raise UserError("the request body is not a JSON object")
+    _require_text(data, "the request")
     return data
+
+
+def _require_text(value, where: str) -> None:
+    """Every string of a request is text a file or a command line can hold: JSON may carry a lone UTF-16 surrogate (half
+    an emoji a page pasted), which no UTF-8 file takes; refused here, before a job folder or a file is made."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{where}: {value!r:.60} holds half of a character (a lone surrogate); paste it again") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _require_text(key, where)
+            _require_text(item, f"{where}'s {key!r:.40}")
+    elif isinstance(value, list):
+        for item in value:
+            _require_text(item, where)
 
 
 def field(data: dict, key: str, kind: type, default=None):
@@ -121,9 +139,16 @@ class Studio:
             path = self.workspace.readable(request.query_params.get("path", ""))
         except UserError as e:
             return JSONResponse({"error": str(e)}, status_code=403)
-        if not path.is_file():
-            return JSONResponse({"error": f"{path}: no such file"}, status_code=404)
-        return FileResponse(path, headers={"Cache-Control": "no-store"})
+        try:
+            found = path.is_file()
+        except OSError as e:  # a name too long, say
+            return JSONResponse({"error": f"{str(path)[:200]}: {e.strerror or e}"}, status_code=400)
+        if not found:
+            return JSONResponse({"error": f"{str(path)[:200]}: no such file"}, status_code=404)
+        # a workspace's .html or .svg (a downloaded dataset's, say) is shown as a file, never run as a page of the studio:
+        # a script there could call the API from the studio's own origin
+        return FileResponse(path, headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                                           "Content-Security-Policy": "sandbox; default-src 'none'; img-src 'self'; media-src 'self'"})
 
     def task_state(self, request: Request, raw: bytes):
         return self.tasks.state(request.path_params["task"])

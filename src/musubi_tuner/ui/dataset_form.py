@@ -45,9 +45,20 @@ def load(path: str) -> dict:
     if "\0" in path:
         raise UserError(f"{path!r}: a path cannot hold a NUL character")
     target = Path(path)
-    config = schema.read_config_file(target) if target.exists() else {"general": {}, "datasets": []}
+    config = _dataset_table(target) if target.exists() else {"general": {}, "datasets": []}
     return {"path": str(target), "config": config, "schema": form_schema(), "text": to_toml(config),
             "exists": target.exists()}
+
+
+def _dataset_table(target: Path) -> dict:
+    """The raw table of a file that is a dataset config (the keys of one at its top); any other .toml or .json (a tool's
+    settings, a credentials file) is refused, not shown."""
+    config = schema.read_config_file(target)
+    others = set(config) - {"general", "datasets", "validation_datasets"}
+    if others or not config:
+        raise UserError(f"{target}: not a dataset config (it holds {', '.join(sorted(others))[:80] or 'nothing'}, where one "
+                        "holds [general] and [[datasets]])")
+    return config
 
 
 def to_toml(config: dict) -> str:
@@ -79,6 +90,12 @@ def save(target: Path, config: dict) -> dict:
     """Write `config` to `target` if the loader accepts it (the text checked as that file, before it is written:
     relative paths resolve against its folder); a UserError with the loader's message otherwise, and nothing written."""
     text = to_toml(config)
+    if target.suffix.lower() != ".toml":
+        raise UserError(f"{target}: the studio saves dataset configs as TOML; give a name ending in .toml")
+    if target.exists() and not target.is_file():
+        raise UserError(f"{target}: not a file; give the path of a dataset config")
+    if target.exists():
+        _dataset_table(target)  # only a dataset config is replaced, never a model, a LoRA or a job's record
     schema.load_dataset_config(target, text=text)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as tmp:
