@@ -506,3 +506,37 @@ def test_files_are_served_as_files_never_as_pages_of_the_studio(tmp_path):
     assert served.status_code == 200 and served.headers["x-content-type-options"] == "nosniff"
     assert served.headers["content-security-policy"].startswith("sandbox")
     assert studio.get("/files", params={"path": "d" * 5000}).status_code in (400, 403)
+
+
+@pytest.mark.skipif(not Path("/proc/sys/kernel/random/boot_id").exists(), reason="process identities come from Linux's /proc")
+def test_a_job_whose_pid_is_now_another_programs_is_lost_and_stop_leaves_that_program_alone(tmp_path):
+    """After a reboot (or a wrap-around of pids) a job left "running" names pids that now belong to other programs: the
+    job showed "running" for ever, and Stop killed the unrelated program's process group."""
+    from musubi_tuner.ui.jobs import _identity, save_job
+
+    jobs = Jobs(tmp_path / "jobs")
+    job = jobs.start("generate", "ends at once", [[sys.executable, "-c", "pass"]])
+    deadline = time.monotonic() + 60
+    while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    recorded = jobs.get(job.id)
+    assert recorded.pid_identity and recorded.supervisor_identity  # what each pid was when the job started it
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        # the record as a machine that went down mid-run leaves it, the pids since given to another program
+        folder = tmp_path / "jobs" / job.id
+        stale = Jobs(tmp_path / "jobs").get(job.id)
+        stale.state, stale.pid, stale.supervisor, stale.ended = "running", other.pid, other.pid, None
+        save_job(folder, stale)
+        assert Jobs(tmp_path / "jobs").get(job.id).state == "lost"
+        # a live supervisor (this process stands for it), its command's pid since given to another program
+        stale.state, stale.supervisor, stale.supervisor_identity = "running", os.getpid(), _identity(os.getpid())
+        save_job(folder, stale)
+        restarted = Jobs(tmp_path / "jobs")
+        assert restarted.get(job.id).state == "running"
+        restarted.stop(job.id)
+        time.sleep(1)
+        assert other.poll() is None, "Stop signalled a process that is not the job's"
+    finally:
+        other.kill()
+        other.wait()

@@ -46,6 +46,10 @@ class Job:
     resumed_from: str | None = None
     cwd: str = ""  # the folder the commands run in (relative paths in them are relative to it)
     supervisor: int | None = None  # the process that runs the commands and writes job.json
+    # which processes the pids were (boot and start time, _identity): after a reboot or a wrap-around, a pid may be another
+    # program's, which must be neither taken for the job nor signalled
+    pid_identity: str | None = None
+    supervisor_identity: str | None = None
 
     @property
     def shown(self) -> list[str]:
@@ -99,8 +103,8 @@ class Jobs:
         if job.state not in ("starting", "running"):
             return job
         (self.path(job) / STOP_MARKER).touch()
-        if job.pid is None:
-            return job  # the supervisor sees the marker before it starts the first command
+        if job.pid is None or not _alive(job.pid, job.pid_identity):
+            return job  # the supervisor sees the marker before it starts the first command (or the command is gone)
         _signal_group(job.pid, interrupt=True)
 
         def kill_if_alive():
@@ -109,7 +113,8 @@ class Jobs:
                 if not _group_alive(job.pid):
                     return
                 time.sleep(0.2)
-            _signal_group(job.pid, interrupt=False)
+            if _alive(job.pid, job.pid_identity):  # (its pid not yet another program's)
+                _signal_group(job.pid, interrupt=False)
 
         threading.Thread(target=kill_if_alive, daemon=True).start()
         return job
@@ -129,7 +134,8 @@ class Jobs:
                 on_disk.supervisor = on_disk.supervisor or job.supervisor  # (written before the supervisor knew its pid)
                 job.__dict__.update(on_disk.__dict__)
             unknown = job.supervisor is None and time.time() - job.started < SUPERVISOR_START_SECONDS  # being started
-            if job.state in ("starting", "running") and not unknown and not _alive(job.supervisor) and not _alive(job.pid):
+            if (job.state in ("starting", "running") and not unknown and not _alive(job.supervisor, job.supervisor_identity)
+                    and not _alive(job.pid, job.pid_identity)):
                 job.state, job.ended = "lost", time.time()  # its supervisor was killed: nobody saw how it ended
                 self._log(job, "the studio's supervisor of this job stopped before the job ended; how it ended is unknown")
                 self._save(job)
@@ -188,7 +194,7 @@ def supervise(folder: Path) -> int:
     job = _load_job(folder / "job.json")
     if job is None:
         return 2
-    job.supervisor = os.getpid()
+    job.supervisor, job.supervisor_identity = os.getpid(), _identity(os.getpid())
     save_job(folder, job)
     env = child_environment({PROGRESS_FILE_VARIABLE: str(folder / "progress.jsonl"), "PYTHONUNBUFFERED": "1"})
 
@@ -212,7 +218,7 @@ def supervise(folder: Path) -> int:
                                            **_new_process_group())
         except OSError as e:
             return finish(127, f"cannot start {cmd[0]}: {e.strerror or e}")
-        job.pid, job.current, job.state = process.pid, index, "running"
+        job.pid, job.pid_identity, job.current, job.state = process.pid, _identity(process.pid), index, "running"
         save_job(folder, job)
         if (folder / STOP_MARKER).exists():  # a stop asked for while this command started: the server knew no pid yet
             _signal_group(process.pid, interrupt=True)
@@ -240,8 +246,19 @@ def _new_process_group() -> dict:
     return {"start_new_session": True}
 
 
-def _alive(pid: int | None) -> bool:
-    return pid is not None and pid_alive(pid)
+def _alive(pid: int | None, identity: str | None = None) -> bool:
+    """Whether `pid` runs, and is still the process of that `identity` (where one was recorded)."""
+    return pid is not None and pid_alive(pid) and (identity is None or _identity(pid) == identity)
+
+
+def _identity(pid: int) -> str | None:
+    """This boot's id and the process's start time (Linux's /proc; None elsewhere): a pid names the same process only
+    while both are the same."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{Path(f'/proc/{pid}/stat').read_text().rpartition(')')[2].split()[19]}"  # field 22: start time
+    except (OSError, IndexError):
+        return None
 
 
 def _group_alive(pid: int) -> bool:
@@ -277,10 +294,10 @@ def _signal_group(pid: int, interrupt: bool) -> None:
 
 def _seconds_running(pid: int) -> float | None:
     """How long the process has run (Linux's /proc; None elsewhere)."""
+    identity = _identity(pid)
     try:
-        started = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])  # field 22: start time, in ticks
-        return float(Path("/proc/uptime").read_text().split()[0]) - started / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        return float(Path("/proc/uptime").read_text().split()[0]) - int(identity.rpartition("/")[2]) / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):  # (no identity: not Linux)
         return None
 
 
