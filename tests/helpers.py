@@ -206,3 +206,12 @@ def config_error(folder, text, name="dataset.toml", **kwargs) -> str:
     with pytest.raises(UserError) as info:
         load_dataset_config(write_config(folder, text, name), **kwargs)
     return str(info.value)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended: what a killed run's temporary file names."""
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True).stdout)

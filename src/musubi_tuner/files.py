@@ -152,8 +152,8 @@ def _being_written(path: Path) -> bool:
 
 
 TEMP_SUFFIX = ".tmp"
-# atomic_write's and atomic_folder's: .{target}.{pid}-{8 of mkstemp's characters}.tmp (older versions: no pid)
-_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?:(?P<pid>[1-9][0-9]{0,9})-)?[a-z0-9_]{8}\.tmp")
+# atomic_write's and atomic_folder's: .{target}.{pid}-{8 of mkstemp's characters}.tmp
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<pid>[1-9][0-9]{0,9})-[a-z0-9_]{8}\.tmp")
 
 
 @functools.cache
@@ -165,15 +165,14 @@ def _pid_max() -> int:
         return 2**32 if os.name == "nt" else 2**22  # (Linux's ceiling; macOS stays under 100,000)
 
 
-def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, owned: bool = False, folders: bool = False) -> list[Path]:
+def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, folders: bool = False) -> list[Path]:
     """atomic_write's temporary files in `folder` whose write was killed, for targets whose name `target` accepts.
 
     Only names this project makes count (a user's `.notes.2023-draft.tmp` is no temporary of ours), and no
     symbolic link (ours are files and folders). A temporary file names the pid that writes it: one whose process
     still runs on this machine is a live run's and is never listed; nor is one whose writer holds its lock (a run in
-    another container, or on another machine sharing the folder, whose pid means nothing here). Files without a pid
-    (older versions) are listed only when the caller `owned` the folder (holds its RunLock), since then no other run
-    writes there. `folders`: atomic_folder's temporary folders too.
+    another container, or on another machine sharing the folder, whose pid means nothing here). A name without a pid
+    is never taken for one (`.x.safetensors.original.tmp` is a user's). `folders`: atomic_folder's temporary folders too.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -182,10 +181,9 @@ def leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, 
     for path in sorted(folder.iterdir()):
         match = _TEMP_NAME.fullmatch(path.name)
         if (not match or not target(match["target"]) or path.is_symlink() or not (path.is_file() or (folders and path.is_dir()))
-                or (match["pid"] is not None and int(match["pid"]) > _pid_max())):
+                or int(match["pid"]) > _pid_max()):
             continue
-        pid = match["pid"]
-        if ((pid is None and owned) or (pid is not None and not pid_alive(int(pid)))) and not _being_written(path):
+        if not pid_alive(int(match["pid"])) and not _being_written(path):
             found.append(path)
     return found
 
@@ -233,11 +231,10 @@ def content_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def remove_leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, owned: bool = False,
-                               folders: bool = False) -> list[Path]:
+def remove_leftover_temp_files(folder: str | os.PathLike, target=lambda name: True, *, folders: bool = False) -> list[Path]:
     """Delete what leftover_temp_files lists (the same arguments), each said; returns them. Every command calls it for
     each folder it writes into, before its first write there: a killed run's temporary files go with the next run."""
-    found = leftover_temp_files(folder, target, owned=owned, folders=folders)
+    found = leftover_temp_files(folder, target, folders=folders)
     for path in found:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         logger.info("removed %s (left by an interrupted run)", path)

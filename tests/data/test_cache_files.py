@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import dead_pid
+
 from musubi_tuner.data import cache_files as cf
 from musubi_tuner.data.config import load_dataset_config
 from musubi_tuner.data.training_dataset import TrainingDataset
@@ -296,12 +298,14 @@ def test_stale_caches_are_those_no_item_produces(tmp_path):
 
 
 def test_temporary_files_of_killed_writes_are_found_by_cache_kind(tmp_path):
-    names = [".b_0016x0016_hv.safetensors.x1y2z3w4.tmp", ".b_hv_te.safetensors.k9_z0a1b.tmp", ".notes.txt.ab12cd34.tmp",
+    pid = dead_pid()
+    names = [f".b_0016x0016_hv.safetensors.{pid}-x1y2z3w4.tmp", f".b_hv_te.safetensors.{pid}-k9_z0a1b.tmp",
+             f".notes.txt.{pid}-ab12cd34.tmp", ".b_0016x0016_hv.safetensors.original.tmp",  # (a user's: no pid)
              "b_0016x0016_hv.safetensors"]
     for name in names:
         (tmp_path / name).touch()
-    assert [p.name for p in cf.leftover_temp_files(tmp_path)] == [".b_0016x0016_hv.safetensors.x1y2z3w4.tmp"]
-    assert [p.name for p in cf.leftover_temp_files(tmp_path, text=True)] == [".b_hv_te.safetensors.k9_z0a1b.tmp"]
+    assert [p.name for p in cf.leftover_temp_files(tmp_path)] == [f".b_0016x0016_hv.safetensors.{pid}-x1y2z3w4.tmp"]
+    assert [p.name for p in cf.leftover_temp_files(tmp_path, text=True)] == [f".b_hv_te.safetensors.{pid}-k9_z0a1b.tmp"]
     assert cf.leftover_temp_files(tmp_path / "missing") == []
 
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import dead_pid
+
 from musubi_tuner.cache_latents import main as cache_latents_main
 from musubi_tuner.cache_text_encoder_outputs import main as cache_text_main
 from musubi_tuner.data.config import load_dataset_config
@@ -224,8 +226,8 @@ def test_keep_cache_keeps_stale_caches_but_removes_temporary_files_of_killed_run
     toml, cache = clips(tmp_path, 2)
     run, args, stale, temporary = {
         "latents": (cache_latents_main, latent_args, "gone_00000-005_0032x0032_hv.safetensors",
-                    ".clip_0001_00000-005_0032x0032_hv.safetensors.k2x9q0ab.tmp"),
-        "text": (cache_text_main, text_args, "gone_hv_te.safetensors", ".clip_0001_hv_te.safetensors.k2x9q0ab.tmp"),
+                    f".clip_0001_00000-005_0032x0032_hv.safetensors.{dead_pid()}-k2x9q0ab.tmp"),
+        "text": (cache_text_main, text_args, "gone_hv_te.safetensors", f".clip_0001_hv_te.safetensors.{dead_pid()}-k2x9q0ab.tmp"),
     }[command]
     run(args(toml, models))
     (cache / stale).write_bytes(b"a cache of a clip since deleted")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from command_runner import no_traceback, run_command
-from helpers import write_cached_dataset
+from helpers import dead_pid, write_cached_dataset
 from reliability_cases import leftovers, train_argv, write
 
 from musubi_tuner import files
@@ -116,7 +116,7 @@ def test_resume_auto_takes_the_newest_complete_state_and_clears_a_killed_runs_le
     old = out / "tiny-state.old"
     old.mkdir()
     write(old / "optimizer.pt", b"partial")
-    temp = write(out / ".tiny-step00000008.safetensors.k2j4m9x0.tmp", b"partial")
+    temp = write(out / f".tiny-step00000008.safetensors.{dead_pid()}-k2j4m9x0.tmp", b"partial")
     assert json.loads((newest_state(out) / "train_state.json").read_text())["global_step"] == 4
 
     result = run_command("hv_train_network", argv + ["--max_train_steps", "6", "--resume", "auto"], tmp_path)

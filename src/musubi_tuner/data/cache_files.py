@@ -411,4 +411,4 @@ def leftover_temp_files(cache_dir: str | os.PathLike, *, text: bool = False, rem
     """
     suffix = TEXT_SUFFIX if text else LATENT_SUFFIX
     find = files.remove_leftover_temp_files if remove else files.leftover_temp_files
-    return find(cache_dir, lambda name: name.endswith(suffix), owned=True)
+    return find(cache_dir, lambda name: name.endswith(suffix))

@@ -273,7 +273,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     specs = {k: (out_dtype(k), tuple(source.shape(k))) for k in source.keys()}
     out = Path(out_path)
     with RunLock(out.with_name(f".{out.name}.lock"), "merge into this file", "--save_merged_model"):
-        remove_leftover_temp_files(out.parent, lambda name: name == out.name, owned=True)
+        remove_leftover_temp_files(out.parent, lambda name: name == out.name)
         save_safetensors(LazyTensors(specs, compute), out, metadata=dit_metadata(config))
     if grown:
         key = max(grown, key=grown.get)

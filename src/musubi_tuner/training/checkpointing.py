@@ -233,7 +233,7 @@ class CheckpointSaver:
         states = re.compile(rf"{name}(?:-step\d+|-\d+)?-state")
         written = re.compile(rf"{name}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors|{name}-loss\.(?:csv|png)"
                              rf"|{states.pattern}(?:\.old|\.incomplete)?")  # (states being deleted: files.remove_folder)
-        remove_leftover_temp_files(self.out, written.fullmatch, owned=True, folders=True)  # (its RunLock keeps other trainings out)
+        remove_leftover_temp_files(self.out, written.fullmatch, folders=True)
         for path in sorted(self.out.glob(f"{glob.escape(self.name)}*-state.*")):
             stem, _, suffix = path.name.rpartition(".")
             if not states.fullmatch(stem) or suffix not in ("incomplete", "old") or path.is_symlink() or not path.is_dir():
@@ -242,7 +242,7 @@ class CheckpointSaver:
                 continue  # a kill between the renames left only this copy (see state.newest_state)
             remove_folder(path)
             logger.info("removed %s (left by an interrupted run)", path)
-        remove_leftover_temp_files(self.out / "sample", lambda target: target.startswith(self.name + "_"), owned=True)  # samples, grids
+        remove_leftover_temp_files(self.out / "sample", lambda target: target.startswith(self.name + "_"))  # samples, grids
 
     # -- keeping the last N (musubi-tuner's arithmetic for which save leaves the window)
     def _prune_epochs(self, epoch: int) -> None:
