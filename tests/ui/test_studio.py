@@ -321,6 +321,18 @@ def test_a_config_file_that_sends_the_lora_elsewhere_is_refused_too(tmp_path):
     assert refused.status_code == 400 and f"= {tmp_path / 'elsewhere' / 'a b'}: outside the workspace" in refused.json()["error"]
 
 
+def test_a_config_files_relative_folders_are_the_workspaces_where_the_run_writes_too(tmp_path):
+    """They were checked inside the workspace but written by the trainer relative to the studio's own folder."""
+    ws = tmp_path / "ws"
+    config = ws / "options.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('output_dir = "relout"\nlogging_dir = "rellogs"\n')
+    values = {k: v for k, v in train_values("").items() if k != "output_dir"} | {"config_file": str(config)}
+    argv, outputs = commands.job("train", values, Workspace(ws))
+    assert outputs["output_dir"] == str(ws / "relout")
+    assert argv[argv.index("--output_dir") + 1] == str(ws / "relout") and argv[argv.index("--logging_dir") + 1] == str(ws / "rellogs")
+
+
 def test_a_name_with_folders_inside_the_workspace_is_where_the_job_page_looks(tmp_path):
     studio = client(tmp_path)
     values = {**train_values("runs"), "output_name": "sub/my-lora"}

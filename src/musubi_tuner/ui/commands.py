@@ -68,6 +68,13 @@ def _checked(command: str, values: dict[str, object], workspace: Workspace) -> t
         from musubi_tuner.training.args import log_folder, output_stem, parse_args
 
         args = parse_args(flags)  # with its --config_file, as the trainer reads it
+        # a --config_file's relative folders are the workspace's too, as the form's are, and go on the command line so
+        # that the run writes where the check looked (the trainer would take them from the studio's folder)
+        moved = {name: str(workspace.writable(getattr(args, name), f"--{name}")) for name in IN_WORKSPACE[command]
+                 if getattr(args, name) and not Path(getattr(args, name)).is_absolute()}
+        if moved:
+            flags = command_flags(parser_for(command), {**values, **moved})
+            args = parse_args(flags)
         if not args.output_dir:
             raise UserError("--output_dir: required here (a folder in the workspace for the LoRA files)")
         workspace.writable(output_stem(args.output_dir, args.output_name or "x"), "--output_dir / --output_name")
