@@ -552,3 +552,33 @@ def test_a_job_whose_pid_is_now_another_programs_is_lost_and_stop_leaves_that_pr
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("sig, said", [("SIGHUP", "hung up"), ("SIGTERM", "terminated"), ("SIGINT", "interrupted")])
+def test_the_studio_stops_on_a_signal_in_one_line_with_the_signals_status(tmp_path, sig, said):
+    """SIGHUP (a closed terminal) was a traceback inside a request, and at times left the studio serving; SIGTERM and
+    Ctrl-C ended it with status 0 and no word."""
+    import signal
+    import urllib.request
+
+    from helpers import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "musubi_tuner.ui", "--workspace", str(tmp_path / "ws"), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.2)
+        number = getattr(signal, sig)
+        server.send_signal(number)
+        err = server.communicate(timeout=60)[1]
+    finally:
+        server.kill()
+    assert "Traceback" not in err and err.strip().splitlines()[-1:] == [said], err
+    assert server.returncode == 128 + number

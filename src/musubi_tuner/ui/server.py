@@ -40,6 +40,22 @@ def serving(args) -> tuple[str, str | None]:
     return args.listen, token or secrets.token_urlsafe(18)
 
 
+def _stop_gracefully_on_sighup(server) -> list[int]:
+    """A closed terminal (SIGHUP) stops the server as Ctrl-C does, through uvicorn's graceful shutdown, instead of an
+    exception inside a request (a traceback, and at times a server left serving without a terminal); not under nohup.
+    Returns the list the signal is recorded in."""
+    import signal
+
+    received: list[int] = []
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        def hang_up(signum, frame):
+            received.append(signum)
+            server.should_exit = True
+
+        signal.signal(signal.SIGHUP, hang_up)
+    return received
+
+
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
@@ -55,7 +71,13 @@ def main(argv=None) -> None:
         app = create_app(workspace, token=token, loopback_only=args.listen is None)
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         print(f"studio at http://{shown_host}:{args.port}/" + (f"?token={token}" if token else ""), flush=True)
-        uvicorn.run(app, host=host, port=args.port, log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level="warning"))
+        hung_up = _stop_gracefully_on_sighup(server)
+        server.run()  # (not uvicorn.run, which swallows the Ctrl-C or SIGTERM it re-raises after its graceful stop)
+        if hung_up:
+            from musubi_tuner.errors import Terminated
+
+            raise Terminated(hung_up[0], "hung up")
 
     run_cli(run, argv)
 
