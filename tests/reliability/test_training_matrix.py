@@ -293,6 +293,11 @@ CASES = [
                                  "--text_encoder1", str(a.te1), "--text_encoder2", str(a.te2)), None,
          small_disk=("out/sample", 4096), warning=r"(sample 0|the samples' grid) at step 1 not written: .*No space left on device",
          then=lambda a, t, err, out: trained(t / "out" / "tiny.safetensors")),
+    Case("train-a-loss-curve-that-cannot-be-written-costs-the-curve-not-the-run", "hv_train_network",  # a folder at its name
+         lambda a, t: (Path(t / "out" / "tiny-loss.png").mkdir(parents=True),
+                       train_argv(a, t / "out", "--save_every_n_steps", "1", "--save_state"))[1], None,
+         warning=r"the loss curve not written: \S+tiny-loss\.png: cannot write: a folder has this name",
+         then=lambda a, t, err, out: (trained(t / "out" / "tiny.safetensors"), state_file(a, t).is_file() or pytest.fail("no state"))),
     Case("train-dataset-config-is-a-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", toml=t),
          r": expected a dataset config, found a folder \(--dataset_config\)"),
     Case("train-max-train-epochs-zero", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--max_train_epochs", "0"),

@@ -7,12 +7,16 @@ The CSV is also rewritten during the run, at most every LIVE_SECONDS, so that wh
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from musubi_tuner.errors import UserError
 from musubi_tuner.files import atomic_write
+
+logger = logging.getLogger(__name__)
 
 LIVE_SECONDS = 2.0
 
@@ -25,6 +29,7 @@ class LossHistory:
         self.train: list[tuple[int, float]] = []
         self.validation: list[tuple[int, float]] = []
         self._written_at = time.monotonic()
+        self._said = False
         if self.csv_path.is_file():
             with open(self.csv_path, newline="") as f:
                 for row in csv.DictReader(f):
@@ -42,9 +47,15 @@ class LossHistory:
         self.train = [p for p in self.train if p[0] <= step]
         self.validation = [p for p in self.validation if p[0] <= step]
 
-    def save(self, png_path: Path) -> Path:
-        self.write_csv()
-        return draw_curve(self.train, self.validation, png_path)
+    def save(self, png_path: Path) -> Path | None:
+        """The CSV and the PNG; a side output, so one that cannot be written (a folder at its name, a full disk, which
+        the LoRA's own save then meets) is a warning, not the end of the run before its state is saved."""
+        try:
+            self.write_csv()
+            return draw_curve(self.train, self.validation, png_path)
+        except UserError as e:
+            logger.warning("the loss curve not written: %s", e)
+            return None
 
     def write_csv(self) -> None:
         with atomic_write(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
@@ -56,7 +67,13 @@ class LossHistory:
     def write_csv_if_due(self) -> None:
         """The CSV, if LIVE_SECONDS have passed since it was last written (called after every step by the main process)."""
         if time.monotonic() - self._written_at >= LIVE_SECONDS:
-            self.write_csv()
+            try:
+                self.write_csv()
+            except UserError as e:
+                self._written_at = time.monotonic()
+                if not self._said:  # once: it is tried again every LIVE_SECONDS
+                    logger.warning("the live loss curve not written: %s", e)
+                self._said = True
 
 
 def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
