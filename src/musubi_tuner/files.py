@@ -367,11 +367,15 @@ def write_error(path: Path, err: OSError) -> UserError:
             if not above.is_dir():
                 return UserError(f"{path}: cannot write: {above} is a file, not a folder")
             break
-    if err.errno == errno.EISDIR or (path.is_dir() and not path.is_symlink()):
-        return UserError(f"{path}: cannot write: a folder has this name; move it away")
-    if err.errno == errno.ENAMETOOLONG:
+    if err.errno == errno.ENAMETOOLONG:  # (first: asking about such a name fails too)
         return UserError(f"{path}: cannot write: the name, or its temporary file's, is too long for the file system (255 "
                          "bytes a name on most); choose a shorter one")
+    try:
+        folder_there = path.is_dir() and not path.is_symlink()
+    except OSError:
+        folder_there = False
+    if err.errno == errno.EISDIR or folder_there:
+        return UserError(f"{path}: cannot write: a folder has this name; move it away")
     return UserError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions of {path.parent}")
 
 

@@ -271,6 +271,16 @@ def folder_at_a_cache_name(a, tmp) -> Path:
     return toml
 
 
+def source_of_a_long_name(a, tmp) -> Path:
+    """The dataset's copy, one image (and its caption) renamed to a 236-byte stem: its cache's name is over 255 bytes."""
+    toml, folder = copy_dataset(a, tmp)
+    image = sorted((folder / "images").glob("*.png"))[0]
+    long = "n" * 236
+    image.with_suffix(".txt").rename(image.with_name(f"{long}.txt"))
+    image.rename(image.with_name(f"{long}.png"))
+    return toml
+
+
 def all_caches(a, tmp):
     return caches(tmp / "ds")
 
@@ -404,6 +414,9 @@ CASES = [
     Case("cache-latents-folder-where-a-cache-belongs", "cache_latents",
          lambda a, t: cache_latents_argv(folder_at_a_cache_name(a, t), a, "--skip_existing"),
          r"_hv\.safetensors: cannot write: a folder has this name; move it away$"),
+    Case("cache-latents-source-name-too-long-for-its-cache", "cache_latents",
+         lambda a, t: cache_latents_argv(source_of_a_long_name(a, t), a),
+         r"n{40}\S*_hv\.safetensors: cannot write: the name, or its temporary file's, is too long for the file system"),
     Case("cache-latents-full-disk", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
          r"_hv\.safetensors: cannot write " + TOO_LARGE + r"; check free space and permissions of .*cache",
          keep=all_caches, file_size_limit=lambda a, t: first_cache(a, t).stat().st_size // 2),
