@@ -582,3 +582,30 @@ def test_the_studio_stops_on_a_signal_in_one_line_with_the_signals_status(tmp_pa
         server.kill()
     assert "Traceback" not in err and err.strip().splitlines()[-1:] == [said], err
     assert server.returncode == 128 + number
+
+
+def test_a_runs_page_shows_its_own_files_only(tmp_path):
+    """Files were found by a prefix glob: run "lora" listed "lora-big"'s, a name with [ ] listed none, and a generation
+    showed every video written into its --save_path since it started, another job's among them."""
+    from musubi_tuner.ui.run_view import RunViews
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("lora.safetensors", "lora.comfyui.safetensors", "lora-000002.safetensors", "lora-step00000010.safetensors",
+                 "lora-big.safetensors", "lora-big.comfyui.safetensors", "style[v2].safetensors"):
+        (out / name).write_bytes(b"x")
+    assert sorted(p.name for p in RunViews.lora_files(out, "lora")) == [
+        "lora-000002.safetensors", "lora-step00000010.safetensors", "lora.comfyui.safetensors", "lora.safetensors"]
+    assert [p.name for p in RunViews.lora_files(out, "style[v2]")] == ["style[v2].safetensors"]
+
+    jobs = Jobs(tmp_path / "jobs")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    mine, other = videos / "20261205-101010-111_0_1.mp4", videos / "20261205-101011-222_0_2.mp4"
+    for path in (mine, other):
+        path.write_bytes(b"mp4")
+    job = jobs.start("generate", "a cat", [[sys.executable, "-c", f"print('saved {mine}')"]], {"save_path": str(videos)})
+    deadline = time.monotonic() + 60
+    while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert RunViews(Workspace(tmp_path / "ws"), jobs, None)._videos(jobs.get(job.id)) == [str(mine)]

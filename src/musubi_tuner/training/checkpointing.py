@@ -73,6 +73,12 @@ def check_names_fit(output_dir: str | os.PathLike, name: str, seeds: Sequence[in
         temporary_name(f"{name}_e000000_00_{'0' * 14}_{seed}.mp4"), f"{name}-step00000000-state.incomplete"])
 
 
+def lora_file_names(name: str) -> re.Pattern:
+    """The names of the LoRA files a run of --output_name `name` saves: final, per epoch, per step, each with its
+    .comfyui copy (and no other run's: "lora" is not "lora-big")."""
+    return re.compile(rf"{re.escape(name)}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors")
+
+
 class CheckpointSaver:
     def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, batches_per_epoch: int,
                  max_train_steps: int, num_epochs: int, scheduler, optimizer, run: dict | None = None, hub=None):
@@ -216,7 +222,7 @@ class CheckpointSaver:
         silently): say so, since post-hoc EMA or --resume auto would later mix the two runs."""
         from musubi_tuner.training.state import complete_states
 
-        own = re.compile(rf"{re.escape(self.name)}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors")
+        own = lora_file_names(self.name)
         found = sorted(p.name for p in self.out.glob("*.safetensors") if own.fullmatch(p.name))
         found += [p.name for p in complete_states(self.out, self.name)]
         if found:
@@ -231,7 +237,7 @@ class CheckpointSaver:
         writing its own output into this folder now), half-written states, and replaced states' copies."""
         name = re.escape(self.name)
         states = re.compile(rf"{name}(?:-step\d+|-\d+)?-state")
-        written = re.compile(rf"{name}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors|{name}-loss\.(?:csv|png)"
+        written = re.compile(rf"{lora_file_names(self.name).pattern}|{name}-loss\.(?:csv|png)"
                              rf"|{states.pattern}(?:\.old|\.incomplete)?")  # (states being deleted: files.remove_folder)
         remove_leftover_temp_files(self.out, written.fullmatch, folders=True)
         for path in sorted(self.out.glob(f"{glob.escape(self.name)}*-state.*")):

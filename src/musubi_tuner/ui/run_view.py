@@ -4,6 +4,7 @@ videos written."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -29,13 +30,18 @@ class RunViews:
 
         folder, name = Path(job.outputs["output_dir"]), job.outputs["output_name"]
         history = LossHistory(folder / f"{name}-loss.csv")
-        grids = sorted((folder / "sample").glob(f"{name}_*_grid.png"), key=lambda p: p.stat().st_mtime)
+        grid = re.compile(rf"{re.escape(name)}_(?:e\d+|\d+)_grid\.png")  # (not another run's: "lora" is not "lora-big")
+        grids = sorted((p for p in (folder / "sample").glob("*_grid.png") if grid.fullmatch(p.name)),
+                       key=lambda p: p.stat().st_mtime)
         return {"curve": {"train": history.train, "validation": history.validation},
                 "samples": [str(p) for p in grids], "files": [self._with_doctor(p) for p in self.lora_files(folder, name)]}
 
     @staticmethod
     def lora_files(folder: Path, name: str) -> list[Path]:
-        found = [p for p in folder.glob(f"{name}*.safetensors") if p.is_file()]
+        from musubi_tuner.training.checkpointing import lora_file_names
+
+        own = lora_file_names(name)
+        found = [p for p in folder.glob("*.safetensors") if own.fullmatch(p.name) and p.is_file()]
         return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
     def _with_doctor(self, path: Path) -> dict:
@@ -48,10 +54,14 @@ class RunViews:
                 "doctor": state.get("result") or state.get("error") or "checking..."}
 
     def _videos(self, job: Job) -> list[str]:
-        folder = Path(job.outputs["save_path"])
-        since = job.started - 1
-        found = [p for p in folder.glob("*.mp4") if p.stat().st_mtime >= since]
-        return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime)]
+        """The videos this job wrote, as its log says (`saved PATH`): others' share its --save_path."""
+        log = self.jobs.path(job) / "log.txt"
+        try:
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+        saved = [Path(job.cwd or ".", line.removeprefix("saved ").strip()) for line in lines if line.startswith("saved ")]
+        return [str(p) for p in saved if p.suffix == ".mp4" and p.is_file()]
 
 
 def _doctor(path: Path) -> dict:
