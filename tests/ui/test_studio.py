@@ -609,3 +609,15 @@ def test_a_runs_page_shows_its_own_files_only(tmp_path):
     while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert RunViews(Workspace(tmp_path / "ws"), jobs, None)._videos(jobs.get(job.id)) == [str(mine)]
+
+
+def test_a_dataset_config_saved_by_a_relative_path_opens_by_that_path(tmp_path):
+    """Save took a relative path inside the workspace, Open and Cache from the studio's own folder: right after a Save,
+    Cache said the file was not found."""
+    studio = client(tmp_path)
+    (tmp_path / "ws" / "imgs").mkdir(parents=True)
+    config = {"general": {"resolution": [64, 64], "caption_extension": ".txt"},
+              "datasets": [{"image_directory": "imgs", "cache_directory": "cache"}]}
+    assert studio.post("/api/dataset/save", json={"path": "mine.toml", "config": config}, headers=STUDIO).status_code == 200
+    opened = studio.get("/api/dataset", params={"path": "mine.toml"})
+    assert opened.status_code == 200 and opened.json()["exists"] and opened.json()["path"] == str(tmp_path / "ws" / "mine.toml")

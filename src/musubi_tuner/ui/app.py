@@ -166,7 +166,7 @@ class Studio:
     # ---------------------------------------------------------------- dataset
 
     def dataset_get(self, request: Request, raw: bytes):
-        path = request.query_params.get("path") or str(self.workspace.demo_assets()["toml"])
+        path = self.workspace.resolve(request.query_params.get("path") or str(self.workspace.demo_assets()["toml"]))
         return {**dataset_form.load(path), "cache": commands.cache_values(self.workspace)}
 
     def dataset_toml(self, request: Request, raw: bytes):
@@ -180,11 +180,13 @@ class Studio:
     def dataset_inspect(self, request: Request, raw: bytes):
         from musubi_tuner.ui.dataset_view import inspect_dataset
 
-        return {"task": self.tasks.submit(inspect_dataset, field(body(raw), "path", str, ""), self.workspace.root / "previews")}
+        path = self.workspace.resolve(field(body(raw), "path", str, ""))
+        return {"task": self.tasks.submit(inspect_dataset, path, self.workspace.root / "previews")}
 
     def dataset_cache(self, request: Request, raw: bytes):
         data = body(raw)
-        toml, vae, te1, te2 = (field(data, key, str, "") for key in ("toml", "vae", "te1", "te2"))
+        toml = self.workspace.resolve(field(data, "toml", str, ""))  # (relative: the workspace's, as Save wrote it)
+        vae, te1, te2 = (field(data, key, str, "") for key in ("vae", "te1", "te2"))
         cmds = commands.caching_commands(toml, vae, te1, te2, self.workspace)
         return self.jobs.summary(self.jobs.start("cache", f"cache {Path(toml).name}", cmds))
 

@@ -50,6 +50,10 @@ class Workspace:
                             f"(start it with --workspace to choose another folder)")
         return Path(os.path.abspath(path))
 
+    def resolve(self, value: str) -> str:
+        """A path a form gives: relative ones are the workspace's (as writable takes them), absolute ones as they are."""
+        return str(self.root / value) if value.strip() and not Path(value).expanduser().is_absolute() else value
+
     def readable(self, value: str | os.PathLike) -> Path:
         """A file the studio may serve to the browser: only those inside the workspace."""
         if not self.inside(value):
