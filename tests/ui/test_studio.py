@@ -457,7 +457,7 @@ def test_a_job_stopped_while_it_starts_does_not_run_on(tmp_path):
 
 def test_a_training_stopped_while_accelerate_starts_ends_in_one_line(tmp_path):
     """Stop pressed at once: a Ctrl-C reached `accelerate launch` while Python or accelerate started, and the job's log
-    ended in a traceback of that start-up (three of four runs); a command that young is now sent SIGTERM."""
+    ended in a traceback of that start-up (three of four runs); a command that young is now killed."""
     from musubi_tuner.launch import training_command
 
     jobs = Jobs(tmp_path / "jobs")

@@ -273,19 +273,20 @@ def _group_alive(pid: int) -> bool:
     return True
 
 
-STARTING_SECONDS = 5.0  # a command this young is still starting Python and accelerate: see _signal_group
+STARTING_SECONDS = 5.0  # a command this young is still importing (Python, accelerate, torch): see _signal_group
 
 
 def _signal_group(pid: int, interrupt: bool) -> None:
-    """`interrupt`: Ctrl-C, which the commands stop on cleanly; but to a command still starting, SIGTERM, whose default
-    action ends it quietly where a Ctrl-C in Python's or accelerate's start-up is a traceback in the job's log (and which
-    a command past its start treats as Ctrl-C). Else SIGKILL."""
+    """`interrupt`: Ctrl-C, which the commands stop on cleanly; but a command still starting is killed: a signal that
+    Python turns into an exception, landing in the import of a compiled module (numpy's, torch's), left a traceback of
+    that import in the job's log, and a command that young has written nothing a kill could damage (every write is
+    atomic, its locks are the system's). Else SIGKILL."""
     try:
         if os.name == "nt":
             os.kill(pid, signal.CTRL_BREAK_EVENT if interrupt else signal.SIGTERM)
         elif interrupt:
             age = _seconds_running(pid)
-            os.killpg(pid, signal.SIGTERM if age is not None and age < STARTING_SECONDS else signal.SIGINT)
+            os.killpg(pid, signal.SIGKILL if age is not None and age < STARTING_SECONDS else signal.SIGINT)
         else:
             os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
