@@ -621,3 +621,11 @@ def test_a_dataset_config_saved_by_a_relative_path_opens_by_that_path(tmp_path):
     assert studio.post("/api/dataset/save", json={"path": "mine.toml", "config": config}, headers=STUDIO).status_code == 200
     opened = studio.get("/api/dataset", params={"path": "mine.toml"})
     assert opened.status_code == 200 and opened.json()["exists"] and opened.json()["path"] == str(tmp_path / "ws" / "mine.toml")
+
+
+def test_a_path_the_system_refuses_is_a_400_naming_it_and_a_huge_value_is_not_echoed_whole(tmp_path):
+    studio = client(tmp_path)
+    long = studio.get("/api/dataset", params={"path": "d" * 5000 + ".toml"})
+    assert long.status_code == 400 and "name too long" in long.json()["error"].lower(), long.text
+    assert len(long.text) < 3000
+    assert studio.post("/api/upload", params={"name": ".."}, content=b"x", headers=STUDIO).status_code == 400

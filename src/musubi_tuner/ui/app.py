@@ -98,6 +98,14 @@ class Tasks:
         return {"state": "done", "result": future.result()}
 
 
+def _short(message: str, most: int = 2000) -> str:
+    """A message as the page shows it: a value of megabytes that a request gave is not echoed whole (its start, and its
+    end, where the cause is said)."""
+    if len(message) <= most:
+        return message
+    return f"{message[:most // 2]} ...({len(message) - most:,} characters)... {message[-most // 2:]}"
+
+
 def api(handler):
     """A JSON endpoint: handler(request, body) runs in a worker thread (the page never waits on another request);
     a UserError is its one line as {"error": ...} (status 400), as the commands print it."""
@@ -106,10 +114,12 @@ def api(handler):
         try:
             return JSONResponse(await run_in_threadpool(handler, request, raw))
         except UserError as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+            return JSONResponse({"error": _short(str(e))}, status_code=400)
         except KeyError as e:
-            return JSONResponse({"error": f"not found: {e}"}, status_code=404)
+            return JSONResponse({"error": _short(f"not found: {e}")}, status_code=404)
         except Exception as e:  # a defect of the studio's: the page still gets one line, and the log the traceback
+            if isinstance(e, OSError) and e.filename is not None:  # a path the request gave that the system refuses
+                return JSONResponse({"error": _short(f"{e.filename}: {e.strerror or e}")}, status_code=400)
             logger.exception("%s %s", request.method, request.url.path)
             return JSONResponse({"error": f"internal error ({type(e).__name__}: {e}); the studio's log has the details"},
                                 status_code=500)
@@ -155,7 +165,7 @@ class Studio:
 
     def upload(self, request: Request, raw: bytes):
         name = Path(request.query_params.get("name", "")).name
-        if not name:
+        if name in ("", ".", ".."):
             raise UserError("upload: no file name")
         target = self.workspace.writable(Path("uploads") / name, "upload")
         target.parent.mkdir(parents=True, exist_ok=True)
