@@ -293,3 +293,29 @@ def test_a_command_started_under_nohup_keeps_ignoring_sighup():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=60,
                           preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     assert (done.returncode, done.stdout) == (0, "still running\n"), done.stderr
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes in /proc")
+def test_sigterm_to_the_demo_stops_the_training_it_launched(tmp_path):
+    """The demo ran each command with subprocess.run, which answered a SIGTERM by killing `accelerate launch` alone:
+    the trainer under it ran on, orphaned, with its data-loader workers and its output folder's lock."""
+    work = tmp_path / "demo"
+    with open(tmp_path / "demo.log", "wb") as log:
+        demo = subprocess.Popen([sys.executable, "-m", "musubi_tuner.demo", "--workdir", str(work), "--epochs", "500"], cwd=ROOT,
+                                env=environment(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (work / "output" / "demo-lora-loss.csv").exists():  # training has made steps
+            assert demo.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()[-3000:]
+            time.sleep(0.1)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(120) == 143, (tmp_path / "demo.log").read_text()[-3000:]
+        deadline = time.monotonic() + 10
+        while _processes_naming(str(work)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _processes_naming(str(work)), "the training outlived the demo"
+        assert not (work / "output" / ".musubi-train.lock").exists()
+    finally:
+        for pid in _processes_naming(str(work)):
+            os.kill(pid, signal.SIGKILL)
+        demo.kill()

@@ -102,13 +102,36 @@ def demo(argv=None) -> int:
     for title, cmd in commands(assets, work, args.epochs):
         print(f"\n== {title}\n$ {shown(cmd)}", flush=True)
         t0 = time.time()
-        result = subprocess.run(cmd, env=env)
-        if result.returncode != 0:
-            print(f"\n{title} failed (exit {result.returncode})", file=sys.stderr)
-            return result.returncode
+        returncode = run_child(cmd, env)
+        if returncode != 0:
+            print(f"\n{title} failed (exit {returncode})", file=sys.stderr)
+            return returncode
         print(f"-- {title}: {time.time() - t0:.0f} s", flush=True)
     summary(work, time.time() - started)
     return 0
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> int:
+    """`cmd` in a process group of its own: a signal that stops the demo (Ctrl-C, SIGTERM, SIGHUP) is passed to the
+    whole group, `accelerate launch` and the trainer it started, and the demo ends once they have. (subprocess.run killed
+    the launcher alone, and the trainer ran on, orphaned, holding its output folder's lock.)"""
+    import os
+    import signal
+
+    process = subprocess.Popen(cmd, env=env, start_new_session=os.name != "nt")
+    try:
+        return process.wait()
+    except BaseException as e:
+        if os.name == "nt":
+            process.terminate()
+        else:
+            os.killpg(process.pid, getattr(e, "signum", signal.SIGINT))
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill() if os.name == "nt" else os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        raise
 
 
 def summary(work: Path, seconds: float) -> None:
