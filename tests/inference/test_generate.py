@@ -135,6 +135,7 @@ def test_output_both_writes_the_video_asked_for_and_a_latent_that_decodes_to_the
     latent_file, = [p for p in saved if p.name.endswith("_latent.safetensors")]
     mp4, = [p for p in saved if p.suffix == ".mp4"]
     assert latent_file.name.split("_")[-2] == "1" and mp4.stem.endswith("_1")  # names carry the seed
+    assert latent_file.name == f"{mp4.stem}_latent.safetensors"  # and one time: the latent is found by its video's name
     frames = video_frames(mp4)
     assert frames.shape == (5, 32, 48, 3)  # --video_length frames of --video_size (height, width)
     with av.open(str(mp4)) as container:

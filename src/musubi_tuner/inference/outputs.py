@@ -38,9 +38,11 @@ def generation_metadata(args, seed: int, steps_run: int) -> dict[str, str]:
     return meta
 
 
-def save_latent(latent: torch.Tensor, meta: dict[str, str], folder: Path, seed: int, no_metadata: bool) -> Path:
-    """(16, F, H, W) float32 latent (already times the VAE scaling factor) under the key `latent`."""
-    path = folder / f"{time_flag()}_0_{seed}_latent.safetensors"
+def save_latent(latent: torch.Tensor, meta: dict[str, str], folder: Path, seed: int, no_metadata: bool,
+                stamp: str | None = None) -> Path:
+    """(16, F, H, W) float32 latent (already times the VAE scaling factor) under the key `latent`; `stamp`: the
+    generation's time_flag, which its video shares (as musubi-tuner names them: a latent is found by its video's name)."""
+    path = folder / f"{stamp or time_flag()}_0_{seed}_latent.safetensors"
     save_safetensors({"latent": latent.float().contiguous()}, path, metadata=None if no_metadata else meta)
     return path
 
@@ -87,12 +89,12 @@ class NonFinitePixels(UserError):
     pass
 
 
-def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folder: Path) -> list[Path]:
+def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folder: Path, stamp: str | None = None) -> list[Path]:
     from musubi_tuner.data.media import write_video
 
     frames = decode_to_frames(vae, latent)
     seed = meta.get("seeds", "0")
-    stem = f"{time_flag()}_0_{seed}"
+    stem = f"{stamp or time_flag()}_0_{seed}"
     saved = []
     if args.output_type in ("video", "both"):
         path = folder / f"{stem}.mp4"

@@ -412,12 +412,12 @@ def _generate(args, device, layout) -> list[Path]:
     latents, start, cache = _sample(args, dit, device, layout, shape, seed, cond, neg, encoded["video"], encoded["image"])
 
     meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start) | step_cache.describe(cache)
-    saved = []
+    saved, stamp = [], outputs.time_flag()  # one name for the latent and its video
     if args.output_type in ("latent", "both") and main:
-        saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata))
+        saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata, stamp))
     if args.output_type in ("video", "images", "both"):
         vae = load_vae_for(args, device, layout)
-        saved += decode_and_save(vae, latents[0].cpu(), meta, args, save_path, main)
+        saved += decode_and_save(vae, latents[0].cpu(), meta, args, save_path, main, stamp)
     return saved
 
 
@@ -476,7 +476,7 @@ def _far_settings(args) -> str:
     return f"{' and '.join(far)}, far from the usual, may be the cause; else " if far else ""
 
 
-def decode_and_save(vae, latent, meta, args, save_path: Path, main: bool) -> list[Path]:
+def decode_and_save(vae, latent, meta, args, save_path: Path, main: bool, stamp: str | None = None) -> list[Path]:
     """Decode (every process its share of the tiles), then the main process writes."""
     from musubi_tuner.inference import outputs
 
@@ -484,7 +484,7 @@ def decode_and_save(vae, latent, meta, args, save_path: Path, main: bool) -> lis
         if not main:
             outputs.decode_to_frames(vae, latent)
             return []
-        return outputs.decode_and_save(vae, latent, meta, args, save_path)
+        return outputs.decode_and_save(vae, latent, meta, args, save_path, stamp)
     except outputs.NonFinitePixels as e:
         far = _far_settings(args)
         raise outputs.NonFinitePixels(str(e).replace(": the VAE file", f": {far}the VAE file", 1) if far else str(e)) from None
