@@ -184,6 +184,10 @@ def check_args(args) -> None:
         require_writable_folder(Path(args.output_dir) / "sample", "--output_dir", create=not args.dry_run)
     if args.logging_dir:
         require_writable_folder(args.logging_dir, "--logging_dir", create=not args.dry_run)
+        from musubi_tuner.files import require_names_fit
+
+        # the run's log folder: --log_prefix and the start time (log_folder); too long, the whole run would go unlogged
+        require_names_fit(args.logging_dir, "--log_prefix", args.log_prefix or "", [Path(log_folder(args)).name])
 
 
 def check_lora_files(args) -> None:
@@ -593,6 +597,10 @@ def take_output_lock(args, accelerator, held: contextlib.ExitStack) -> None:
             refusal = str(e)
     if accelerator.num_processes > 1:
         refusal = broadcast_value(refusal)
+        if refusal is not None:  # every process leaves the group together: exiting with gloo's threads live aborted
+            from musubi_tuner.distributed import leave_group
+
+            leave_group()
     if refusal is not None:
         raise SharedError(refusal)
 
