@@ -629,3 +629,29 @@ def test_a_path_the_system_refuses_is_a_400_naming_it_and_a_huge_value_is_not_ec
     assert long.status_code == 400 and "name too long" in long.json()["error"].lower(), long.text
     assert len(long.text) < 3000
     assert studio.post("/api/upload", params={"name": ".."}, content=b"x", headers=STUDIO).status_code == 400
+
+
+def test_the_job_list_is_newest_first_past_nine_jobs_in_a_second_and_a_prompt_too_long_for_a_command_line_is_a_400(tmp_path):
+    jobs = Jobs(tmp_path / "jobs")
+    started = [jobs.start("generate", f"job {i}", [[sys.executable, "-c", "pass"]]) for i in range(11)]
+    listed = [j.id for j in jobs.all()]
+    assert listed[0] == started[-1].id, listed  # ("-11-" sorted before "-9-" as text)
+    values = {"prompt": "x" * 200_000, "dit": "d", "vae": "v", "save_path": "v"}
+    refused = client(tmp_path).post("/api/jobs", json={"command": "generate", "values": values}, headers=STUDIO)
+    assert refused.status_code == 400 and "--prompt: over 128 KB" in refused.json()["error"], refused.text[:300]
+
+
+def test_a_stop_of_a_job_whose_supervisor_was_killed_ends_it_stopped_not_lost(tmp_path):
+    import signal
+
+    jobs = Jobs(tmp_path / "jobs")
+    job = jobs.start("generate", "sleeper", [[sys.executable, "-c", "import time; time.sleep(60)"]])
+    deadline = time.monotonic() + 60
+    while jobs.get(job.id).pid is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(jobs.get(job.id).supervisor, signal.SIGKILL)  # the OOM killer, say
+    time.sleep(6)  # the command is past its start: Stop interrupts it
+    jobs.stop(job.id)
+    while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert jobs.get(job.id).state == "stopped"

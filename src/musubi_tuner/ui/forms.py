@@ -4,6 +4,7 @@ and turns a filled form back into the command line that the parser then checks, 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 
 from musubi_tuner.errors import UserError
@@ -45,6 +46,9 @@ def form_schema(parser: argparse.ArgumentParser) -> list[dict]:
     return groups
 
 
+MAX_ARGUMENT_BYTES = 128 * 1024  # Linux's most for one argument of a command line (MAX_ARG_STRLEN)
+
+
 def command_flags(parser: argparse.ArgumentParser, values: dict[str, object]) -> list[str]:
     """The flags for `values` ({dest: str | bool}), in the parser's order, leaving out what equals the default;
     checked by the parser itself (its one-line error as a UserError)."""
@@ -66,6 +70,9 @@ def command_flags(parser: argparse.ArgumentParser, values: dict[str, object]) ->
                 items = [str(value).strip()]
             if field["kind"] != "list" and " ".join(items) == field["default"]:
                 continue
+            if any(len(os.fsencode(item)) > MAX_ARGUMENT_BYTES for item in items):  # the job would fail to start
+                raise UserError(f"{field['flag']}: over {MAX_ARGUMENT_BYTES // 1024} KB, more than a command line takes in one "
+                                "argument; shorten it")
             flags += [field["flag"], *items]
     parser.parse_args(flags)  # the command's own checks: raises UserError (cli.Parser) with its one line
     return flags

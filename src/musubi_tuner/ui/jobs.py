@@ -81,6 +81,8 @@ class Jobs:
         with self._lock:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             number = 1 + sum(1 for j in self._jobs if j.startswith(stamp))
+            while (self.folder / f"{stamp}-{number}-{kind}").exists():  # another studio on this workspace took it
+                number += 1
             job = Job(f"{stamp}-{number}-{kind}", kind, title, commands, dict(outputs or {}), resumed_from=resumed_from,
                       cwd=cwd or os.getcwd())
             try:
@@ -136,13 +138,18 @@ class Jobs:
             unknown = job.supervisor is None and time.time() - job.started < SUPERVISOR_START_SECONDS  # being started
             if (job.state in ("starting", "running") and not unknown and not _alive(job.supervisor, job.supervisor_identity)
                     and not _alive(job.pid, job.pid_identity)):
-                job.state, job.ended = "lost", time.time()  # its supervisor was killed: nobody saw how it ended
-                self._log(job, "the studio's supervisor of this job stopped before the job ended; how it ended is unknown")
+                if (self.path(job) / STOP_MARKER).exists():  # stopped on request, its supervisor gone meanwhile
+                    job.state, job.ended = "stopped", time.time()
+                else:
+                    job.state, job.ended = "lost", time.time()  # its supervisor was killed: nobody saw how it ended
+                    self._log(job, "the studio's supervisor of this job stopped before the job ended; how it ended is unknown")
                 self._save(job)
         return job
 
     def all(self) -> list[Job]:
-        return [self.get(j) for j in sorted(self._jobs, reverse=True)]
+        """Newest first (by start, then by the number a second's jobs get: "-10-" after "-9-")."""
+        order = sorted(self._jobs.values(), key=lambda j: (j.started, int(j.id.split("-")[2]) if j.id.count("-") >= 3 else 0))
+        return [self.get(j.id) for j in reversed(order)]
 
     def log_tail(self, job: Job) -> str:
         path = self.path(job) / "log.txt"
