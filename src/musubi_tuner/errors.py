@@ -118,6 +118,8 @@ def stop_cleanly_on_sigterm() -> None:
             continue
 
         def stop(signum, frame, words=words):
+            for repeated in _STOPPING_SIGNALS:  # a second one (a launcher passing it on) must not cut the clean-up short
+                signal.signal(getattr(signal, repeated), signal.SIG_IGN)
             raise Terminated(signum, words)
 
         signal.signal(number, stop)
