@@ -655,3 +655,10 @@ def test_a_stop_of_a_job_whose_supervisor_was_killed_ends_it_stopped_not_lost(tm
     while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert jobs.get(job.id).state == "stopped"
+
+
+def test_a_misspelt_form_key_is_a_400_naming_the_one_meant(tmp_path):
+    """It was ignored: `learning_rat` ran with the default learning rate."""
+    values = {**train_values("runs"), "learning_rat": "1e-2"}
+    refused = client(tmp_path).post("/api/command/train", json={"values": values}, headers=STUDIO)
+    assert refused.status_code == 400 and refused.json()["error"] == "unknown option 'learning_rat' (did you mean learning_rate?)"

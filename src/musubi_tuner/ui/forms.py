@@ -7,7 +7,7 @@ import argparse
 import os
 import shlex
 
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, did_you_mean
 
 
 def _kind(action: argparse.Action) -> str:
@@ -53,7 +53,12 @@ def command_flags(parser: argparse.ArgumentParser, values: dict[str, object]) ->
     """The flags for `values` ({dest: str | bool}), in the parser's order, leaving out what equals the default;
     checked by the parser itself (its one-line error as a UserError)."""
     flags: list[str] = []
-    for group in form_schema(parser):
+    schema = form_schema(parser)
+    known = [field["name"] for group in schema for field in group["fields"]]
+    for name in values:  # a misspelt key would run with the flag's default, unsaid
+        if name not in known:
+            raise UserError(f"unknown option {name!r:.60}{did_you_mean(name, known)}")
+    for group in schema:
         for field in group["fields"]:
             value = form_value(field, values.get(field["name"]))
             if field["kind"] == "flag":
