@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 class UserError(Exception):
@@ -28,6 +29,19 @@ def did_you_mean(word: str, candidates) -> str:
 
     close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+@contextlib.contextmanager
+def quieted(logger_name: str, level: int) -> Iterator[None]:
+    """Within the block, the logger `logger_name` says only what reaches `level`: the logs of work done for a check or a
+    plan (a network built on the meta device) are no news to the user, who reads them once from the real work."""
+    logger = logging.getLogger(logger_name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from musubi_tuner.errors import quieted
 from musubi_tuner.hunyuan import sequence_parallel
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
@@ -121,17 +122,15 @@ def _trace_step(model: HunyuanVideoDiT, work: Workload, opts: MemoryOptions, dep
     if opts.context_parallel > 1:  # this process's share of the tokens: rank 0 of a group whose collectives move nothing
         model.sequence_parallel = SequenceParallel(None, opts.context_parallel, 0)
     rope._rotation_table.cache_clear()  # a table cached by a real run must not meet fake tensors, nor a fake one real runs
-    quiet = logging.getLogger("musubi_tuner.networks.lora")
-    level, _ = quiet.level, quiet.setLevel(logging.WARNING)  # the traced LoRA network is no news to the user
     try:
-        with mode, mock.patch.object(sequence_parallel, "dist", _NoCollectives):
+        with (mode, mock.patch.object(sequence_parallel, "dist", _NoCollectives),
+              quieted("musubi_tuner.networks.lora", logging.WARNING)):  # (the traced LoRA network is no news to the user)
             if work.mode == "train":
                 segments, network, cached = _training_trace(model, work, opts)
             else:
                 segments, network, cached = _sampling_trace(model, work, opts)
     finally:
         rope._rotation_table.cache_clear()
-        quiet.setLevel(level)
     blocks = {kind: _block_facts(getattr(model, f"{kind}_blocks")[0], network, f"{kind}_blocks_0_") for kind in depth}
     embedders = sum(p.nbytes for m in (model.img_in, model.txt_in) for p in m.parameters())
     full = {"double": c.mm_double_blocks_depth, "single": c.mm_single_blocks_depth}

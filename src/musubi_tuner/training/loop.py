@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 
 from musubi_tuner.distributed import GradientReducer, check_same_command_line, describe as describe_layout, make_layout
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.errors import SharedError, UserError
+from musubi_tuner.errors import SharedError, UserError, quieted
 from musubi_tuner.files import StateDictFile, require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, compile_blocks, compile_errors, known_gradient_problem,
@@ -229,16 +229,11 @@ def check_network_takes(args, weights: dict[str, torch.Tensor]) -> None:
         config = read_dit_config(dit_file)
     finally:
         dit_file.close()
-    quiet = logging.getLogger("musubi_tuner.networks")  # the real build says what it builds, once
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # loading into meta parameters copies nothing, as torch warns
-            network = make_network(args, HunyuanVideoDiT(config), lambda: weights)
-            network.check_takes(args.network_weights, weights, getattr(args, "allow_partial_lora", False))
-    finally:
-        quiet.setLevel(level)
+    # (the real build says what it builds, once)
+    with torch.device("meta"), warnings.catch_warnings(), quieted("musubi_tuner.networks", logging.ERROR):
+        warnings.simplefilter("ignore")  # loading into meta parameters copies nothing, as torch warns
+        network = make_network(args, HunyuanVideoDiT(config), lambda: weights)
+        network.check_takes(args.network_weights, weights, getattr(args, "allow_partial_lora", False))
 
 
 def make_accelerator(args) -> Accelerator:
