@@ -261,10 +261,18 @@ def _alive(pid: int | None, identity: str | None = None) -> bool:
 def _identity(pid: int) -> str | None:
     """This boot's id and the process's start time (Linux's /proc; None elsewhere): a pid names the same process only
     while both are the same."""
+    started = _start_ticks(pid)
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{boot}/{Path(f'/proc/{pid}/stat').read_text().rpartition(')')[2].split()[19]}"  # field 22: start time
-    except (OSError, IndexError):
+        return None if started is None else f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}/{started}"
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (field 22 of Linux's /proc/PID/stat; None elsewhere)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
 
 
@@ -302,10 +310,10 @@ def _signal_group(pid: int, interrupt: bool) -> None:
 
 def _seconds_running(pid: int) -> float | None:
     """How long the process has run (Linux's /proc; None elsewhere)."""
-    identity = _identity(pid)
+    started = _start_ticks(pid)
     try:
-        return float(Path("/proc/uptime").read_text().split()[0]) - int(identity.rpartition("/")[2]) / os.sysconf("SC_CLK_TCK")
-    except (AttributeError, OSError, ValueError):  # (no identity: not Linux)
+        return None if started is None else float(Path("/proc/uptime").read_text().split()[0]) - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
         return None
 
 
