@@ -85,6 +85,16 @@ def sample_grid(rows: list[tuple[str, np.ndarray]], title: str) -> Image.Image:
     return grid
 
 
+def grid_name(output_name: str, tag: str) -> str:
+    """The grid of one evaluation: `tag` is its step (000500) or its epoch (e000002)."""
+    return f"{output_name}_{tag}_grid.png"
+
+
+def grid_names(output_name: str) -> re.Pattern:
+    """The names of every grid a run of `output_name` writes (not another run's: "lora" is not "lora-big")."""
+    return re.compile(rf"{re.escape(output_name)}_(?:e\d+|\d+)_grid\.png")  # (grid_name's, of any tag)
+
+
 class TrainingSampler:
     """Generates the sample prompts during training, on the main process (the others wait). With context parallel the
     processes of the main one's group run the DiT together (each holds part of the tokens); the main one writes."""
@@ -171,7 +181,7 @@ class TrainingSampler:
     def _made(self, tag: str) -> bool:
         """Whether every prompt's sample and the grid of `tag` (a step or an epoch) are in the sample folder."""
         name = self.args.output_name
-        return (self.folder / f"{name}_{tag}_grid.png").is_file() and all(
+        return (self.folder / grid_name(name, tag)).is_file() and all(
             any(self.folder.glob(f"{glob.escape(name)}_{tag}_{p.index:02d}_*")) for p in self.prompts)
 
     # -- what
@@ -268,7 +278,7 @@ class TrainingSampler:
         if not rows:
             return None
         title = f"step {step}" + (f", epoch {epoch}" if epoch is not None else "") + " - columns: first, middle, last frame"
-        grid_path = self.folder / f"{self.args.output_name}_{tag}_grid.png"
+        grid_path = self.folder / grid_name(self.args.output_name, tag)
         try:
             with atomic_write(grid_path) as tmp:
                 sample_grid(rows, title).save(tmp, format="PNG")

@@ -4,7 +4,6 @@ videos written."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -27,12 +26,12 @@ class RunViews:
 
     def _training(self, job: Job) -> dict:
         from musubi_tuner.training.loss_curve import LossHistory
+        from musubi_tuner.training.sampling import grid_names
 
         folder, name = Path(job.outputs["output_dir"]), job.outputs["output_name"]
         history = LossHistory(folder / f"{name}-loss.csv")
-        grid = re.compile(rf"{re.escape(name)}_(?:e\d+|\d+)_grid\.png")  # (not another run's: "lora" is not "lora-big")
-        grids = sorted((p for p in (folder / "sample").glob("*_grid.png") if grid.fullmatch(p.name)),
-                       key=lambda p: p.stat().st_mtime)
+        own = grid_names(name)
+        grids = sorted((p for p in (folder / "sample").glob("*_grid.png") if own.fullmatch(p.name)), key=lambda p: p.stat().st_mtime)
         return {"curve": {"train": history.train, "validation": history.validation},
                 "samples": [str(p) for p in grids], "files": [self._with_doctor(p) for p in self.lora_files(folder, name)]}
 
