@@ -118,9 +118,41 @@ class Terminated(KeyboardInterrupt):
 _STOPPING_SIGNALS = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
 
 
+class _Held:
+    depth = 0  # stops_held blocks the main thread is in
+    stop: BaseException | None = None  # the stop that came meanwhile
+
+
+def _stop(error: BaseException) -> None:
+    if _Held.depth:
+        _Held.stop = _Held.stop or error
+    else:
+        raise error
+
+
+@contextlib.contextmanager
+def stops_held() -> Iterator[None]:
+    """A Ctrl-C, SIGTERM or SIGHUP that arrives within the block is raised at its end: for the few steps whose
+    interruption would leave something no clean-up can find (a temporary file created but its name not yet known,
+    one of two renames done). Keep the block short: the user waits for it. Other threads never receive these."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _Held.depth += 1
+    try:
+        yield
+    finally:
+        _Held.depth -= 1
+        if not _Held.depth and _Held.stop is not None:
+            stop, _Held.stop = _Held.stop, None
+            raise stop
+
+
 def stop_cleanly_on_sigterm() -> None:
-    """SIGTERM and SIGHUP raise Terminated in the main thread. A SIGHUP ignored when the command started (`nohup`)
-    stays ignored."""
+    """SIGTERM and SIGHUP raise Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt; all three wait for
+    the end of a stops_held block. A SIGHUP ignored when the command started (`nohup`) stays ignored."""
     import signal
     import threading
 
@@ -134,13 +166,19 @@ def stop_cleanly_on_sigterm() -> None:
         def stop(signum, frame, words=words):
             for repeated in _STOPPING_SIGNALS:  # a second one (a launcher passing it on) must not cut the clean-up short
                 signal.signal(getattr(signal, repeated), signal.SIG_IGN)
-            raise Terminated(signum, words)
+            _stop(Terminated(signum, words))
 
         signal.signal(number, stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    _stop(KeyboardInterrupt())
 
 
 def _default_sigterm() -> None:
-    """Back to the default action of SIGTERM and SIGHUP (not of a SIGHUP `nohup` ignores)."""
+    """Back to the default action of SIGTERM, SIGHUP (not of a SIGHUP `nohup` ignores) and Ctrl-C."""
     import signal
     import threading
 
@@ -150,6 +188,8 @@ def _default_sigterm() -> None:
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) not in (signal.SIG_IGN, None):
             signal.signal(number, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is _interrupt:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")

@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, stops_held
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +67,16 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     A failed write (full disk, read-only folder) becomes a UserError that names `path`; `path` is untouched.
     """
     path = Path(path)
+    fd = tmp_path = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
-    except OSError as e:
-        raise write_error(path, e) from e
-    if os.name == "nt":  # (an open handle would stop the rename there)
-        os.close(fd)
-        fd = None
-    _hold_while_writing(fd)
-    tmp_path = Path(tmp)
-    try:
+        with stops_held():  # a Ctrl-C between the file's creation and this knowing its name would leave it behind
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
+            tmp_path = Path(tmp)
+            if os.name == "nt":  # (an open handle would stop the rename there)
+                os.close(fd)
+                fd = None
+            _hold_while_writing(fd)
         mode = _default_mode(path)
         yield tmp_path
         if fd is not None:
@@ -88,7 +87,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, mode)  # mkstemp makes 0600 files; give the permissions a normal write would, once written
         os.replace(tmp_path, path)
     except BaseException as e:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            with stops_held():
+                tmp_path.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise write_error(path, e) from e
         raise
@@ -103,21 +104,22 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     all it holds when it fails: a folder of many files (a video's frames) appears whole or not at all. A killed run's
     is named like atomic_write's temporary files, and leftover_temp_files(..., folders=True) finds it."""
     path = Path(path)
+    fd = tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent))
-    except OSError as e:
-        raise write_error(path, e) from e
-    fd = os.open(tmp, os.O_RDONLY) if os.name != "nt" else None
-    _hold_while_writing(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
+        with stops_held():  # (as atomic_write's)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent))
+            fd = os.open(tmp, os.O_RDONLY) if os.name != "nt" else None
+            _hold_while_writing(fd)
+            umask = os.umask(0)
+            os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the permissions a normal mkdir would
         yield tmp
         os.rename(tmp, path)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            with stops_held():
+                shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise write_error(path, e) from e
         if isinstance(e, UserError):  # a file inside that could not be written: named where the user will look for it
@@ -194,13 +196,14 @@ def remove_folder(path: str | os.PathLike) -> None:
     once this process is gone), then deleted."""
     path = Path(path)
     doomed = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    try:
-        os.rename(path, doomed)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise write_error(path, e) from e
-    shutil.rmtree(doomed, ignore_errors=True)
+    with stops_held():  # (a Ctrl-C would leave it half deleted, to the next run's clean-up)
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise write_error(path, e) from e
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 SAMPLES, SAMPLE_BYTES = 16, 1 << 16
@@ -236,7 +239,8 @@ def remove_leftover_temp_files(folder: str | os.PathLike, target=lambda name: Tr
     each folder it writes into, before its first write there: a killed run's temporary files go with the next run."""
     found = leftover_temp_files(folder, target, folders=folders)
     for path in found:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        with stops_held():  # (a Ctrl-C inside rmtree surfaces as "Bad file descriptor", the Ctrl-C lost)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         logger.info("removed %s (left by an interrupted run)", path)
     return found
 
@@ -467,6 +471,9 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        _taken_whole_or_not(self._acquire, self.release)
+
+    def _acquire(self) -> None:
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise UserError(f"{self.path.parent}: is a file, not a folder; choose another {self.flag}")
         try:
@@ -483,7 +490,7 @@ class RunLock:
                                 f"to finish or choose another {self.flag} (if that run is gone, delete {self.path})")
             if os.fstat(fd).st_ino != _inode(self.path):  # the holder finished and removed the file meanwhile: retry
                 os.close(fd)
-                return self.acquire()
+                return self._acquire()
             if holder:
                 logger.warning("%s: taking over the lock of a %s that did not finish (%s)",
                                                     self.path.parent, self.what, _describe(holder))
@@ -498,12 +505,24 @@ class RunLock:
             raise
         self._fd = fd
 
+    @stops_held()
     def release(self) -> None:
         if self._fd is None:
             return
         _remove_quietly(self.path)  # while still locked: a waiting run then finds no file, or its own
         os.close(self._fd)  # closing releases the OS lock
         self._fd = None
+
+
+def _taken_whole_or_not(acquire, release):
+    """A lock file is taken with a Ctrl-C held off: one between opening the file and holding it would leave the file
+    behind; one that came meanwhile is raised once the lock is released again."""
+    try:
+        with stops_held():
+            return acquire()
+    except BaseException:
+        release()
+        raise
 
 
 def _remove_quietly(path: Path) -> None:
@@ -528,6 +547,9 @@ class FolderUse:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
+        return _taken_whole_or_not(self._acquire, self.release)
+
+    def _acquire(self) -> bool:
         if os.name == "nt" or not self.path.parent.is_dir():
             return True
         while True:
@@ -544,6 +566,7 @@ class FolderUse:
                 return True
             os.close(fd)  # its last holder removed it meanwhile
 
+    @stops_held()
     def release(self) -> None:
         if self._fd is None:
             return

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, stops_held
 from musubi_tuner.files import remove_folder, remove_leftover_temp_files, require_names_fit, temporary_name
 from musubi_tuner.networks.lora_metadata import lora_module_info
 from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
@@ -33,26 +33,29 @@ def replaced_together(paths: list[Path]):
     saves."""
     existed = {path: path.is_file() for path in paths}
     backups = {}
-    for path in paths:
-        if existed[path]:
-            backup = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # (a leftover's name)
-            try:
-                os.link(path, backup)
-            except OSError:  # a file system without hard links: no undo
-                continue
-            backups[path] = backup
     try:
+        with stops_held():  # (a Ctrl-C between a link and its entry here would leave the link behind)
+            for path in paths:
+                if existed[path]:
+                    backup = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # (a leftover's name)
+                    try:
+                        os.link(path, backup)
+                    except OSError:  # a file system without hard links: no undo
+                        continue
+                    backups[path] = backup
         yield
     except BaseException:
-        for path in paths:
-            if path in backups and not _same_file(path, backups[path]):  # (renaming a hard link onto its twin does nothing)
-                os.replace(backups.pop(path), path)
-            elif not existed[path] and path.is_file():
-                path.unlink()
+        with stops_held():
+            for path in paths:
+                if path in backups and not _same_file(path, backups[path]):  # (renaming a hard link onto its twin does nothing)
+                    os.replace(backups.pop(path), path)
+                elif not existed[path] and path.is_file():
+                    path.unlink()
         raise
     finally:
-        for backup in backups.values():
-            backup.unlink(missing_ok=True)
+        with stops_held():
+            for backup in backups.values():
+                backup.unlink(missing_ok=True)
 
 
 def _same_file(a: Path, b: Path) -> bool:

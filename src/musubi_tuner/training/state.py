@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, stops_held
 from musubi_tuner.files import atomic_write, load_torch_file, remove_folder, save_safetensors, save_torch
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
     old = folder.with_name(folder.name + ".old")
     try:
         if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_folder(tmp)  # left by a run killed while writing it
             tmp.mkdir(parents=True)
         wait()
         save_torch(_rng_to_plain(rng_state()), tmp / f"rng_{process_index}.pt")
@@ -107,13 +107,17 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
         if is_main:
             _fsync_files(tmp)  # a power cut after the rename must not leave empty files in a "complete" state
             remove_folder(old)  # left by a run killed before deleting it; os.replace onto it would fail
-            if folder.exists():
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-            remove_folder(old)  # never half there: alone (see complete_states), a .old copy is taken for the state
-    except (OSError, UserError) as e:  # full disk, file-size limit, read-only folder: the previous state (if any) is whole
+            with stops_held():  # a Ctrl-C between these would leave the new state under .incomplete, or a .old beside it
+                if folder.exists():
+                    os.replace(folder, old)
+                os.replace(tmp, folder)
+                remove_folder(old)  # never half there: alone (see complete_states), a .old copy is taken for the state
+    except BaseException as e:  # a stop, a full disk, a file-size limit, a read-only folder: the previous state is whole
         if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with stops_held():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, (OSError, UserError)):
+            raise
         named = re.search(r"cannot write \(([^)]*)\)", str(e))  # atomic_write's message names the file and the cause
         cause = e.strerror if isinstance(e, OSError) and e.strerror else named[1] if named else str(e)
         raise UserError(f"{folder}: cannot write the training state ({cause}); check free space and permissions of "
