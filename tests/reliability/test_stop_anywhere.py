@@ -170,3 +170,56 @@ def test_a_stop_after_any_system_call_of_a_write_leaves_the_old_or_the_new_whole
             assert case["left"] in WHOLE[name], (name, case)
 
 
+
+FETCH = textwrap.dedent(r'''
+    import gc, multiprocessing.connection, os, signal, sys, time
+    import torch
+    from musubi_tuner import errors
+    from musubi_tuner.data.training_dataset import _ignore_stop_signals  # (make_dataloader's workers)
+
+    errors.stop_cleanly_on_sigterm()
+
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.ones(1000)
+
+
+    def stop_in_the_handshake(frame, event, arg):  # the training process fetching a tensor's file from the worker
+        if event == "call" and frame.f_code.co_name == "answer_challenge":
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+    loader = torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=1, worker_init_fn=_ignore_stop_signals)
+    batches = iter(loader)
+    try:
+        sys.setprofile(stop_in_the_handshake)
+        next(batches)
+    except errors.Terminated as stop:
+        print("terminated", file=sys.stderr, flush=True)
+        if sys.argv[1] == "let go":  # the stopped fetch's connection goes first, then the iterator, as a run's unwinding
+            tb = stop.__traceback__
+            while tb is not None:
+                for value in list(tb.tb_frame.f_locals.values()):
+                    if isinstance(value, multiprocessing.connection.Connection):
+                        value.close()
+                tb = tb.tb_next
+            time.sleep(1)  # (the worker's thread meets the dropped connection at once)
+    if sys.argv[1] == "let go":
+        del batches
+        gc.collect()
+''')
+
+
+@pytest.mark.parametrize("iterator", ["let go", "kept"])
+def test_a_stop_while_a_batch_is_fetched_from_a_data_loader_worker_is_one_line_and_the_exit_does_not_wait(iterator):
+    """The CI failure: a SIGTERM that landed while the training process took a batch's tensors from its worker printed
+    the worker's ConnectionResetError traceback after `terminated`. And a batch iterator kept until the exit: Python
+    ends the worker at the exit with a SIGTERM, which the worker ignored, and the exit waited for it forever."""
+    done = subprocess.run([sys.executable, "-c", FETCH, iterator], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1:] == ["terminated"] and "Traceback" not in done.stderr, done.stderr[-3000:]

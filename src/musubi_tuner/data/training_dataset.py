@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -514,12 +515,48 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """A data-loader worker leaves Ctrl-C, SIGTERM and SIGHUP to the training process, which stops its workers as it
     stops: a launcher or a terminal signals the whole process group, and a worker that died of it first made the
     training's own stop a traceback ("DataLoader worker ... is killed by signal"). A worker whose parent is gone
-    ends by itself (torch's watchdog)."""
+    ends by itself (torch's watchdog).
+
+    A SIGTERM from the training process itself still ends the worker: it is how Python, at the training process's
+    exit, and torch, for a worker that does not stop when asked, end workers. Ignored, it made that exit wait forever
+    for a worker that was never asked (a batch iterator kept past the stop, in a reference cycle)."""
+    import signal
+    import threading
+
+    stops = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+    for number in stops:
+        signal.signal(number, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # (Linux; elsewhere all three stay ignored)
+        # held for the worker's threads (those to come inherit it) and taken by one that knows who sent them; Linux
+        # queues a held signal even when it is ignored
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        threading.Thread(target=_end_when_the_parent_says, args=(stops, os.getppid()), daemon=True,
+                         name="stop signals").start()
+    sys.excepthook = _quiet_about_a_stopped_receiver(sys.excepthook)
+
+
+def _end_when_the_parent_says(stops: set, parent: int) -> None:
     import signal
 
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    while True:
+        got = signal.sigwaitinfo(stops)
+        if got.si_signo == signal.SIGTERM and got.si_pid == parent:
+            os._exit(0)  # (asked: nothing for the training process to report)
+
+
+def _quiet_about_a_stopped_receiver(report):
+    """A worker hands each batch's tensors over as file descriptors, which the training process fetches from the
+    worker's resource-sharer thread. A training process stopped mid-fetch drops the connection, and that thread reported
+    it with a ConnectionResetError traceback under the run's one-line stop (1 run in CI). The stop is the
+    training process's to report; any other error of the thread still is."""
+
+    def excepthook(kind, error, tb):
+        if issubclass(kind, (ConnectionError, EOFError)) and tb is not None \
+                and os.path.basename(tb.tb_frame.f_code.co_filename) == "resource_sharer.py":
+            return
+        report(kind, error, tb)
+
+    return excepthook
 
 
 def _no_collate(batch):
