@@ -215,3 +215,18 @@ def dead_pid() -> int:
 
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                               check=True).stdout)
+
+
+def folder_once(appears, folder) -> None:
+    """Make the folder `folder` once the file `appears` exists (a thread polls for it): a run then fails where it writes
+    `folder`'s name, after its start-up checks, which refuse a folder there that is there from the start."""
+    import threading
+    import time
+    from pathlib import Path
+
+    def watch():
+        while not Path(appears).exists():
+            time.sleep(0.001)
+        Path(folder).mkdir(parents=True)
+
+    threading.Thread(target=watch, daemon=True).start()

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import write_cached_dataset
+from helpers import folder_once, write_cached_dataset
 from musubi_tuner.demo.tiny_dit import TINY_DIT, random_dit_state_dict, write_dit
 from musubi_tuner.files import StateDictFile, load_torch_file
 from musubi_tuner.training.state import STATE_MARKER, newest_state
@@ -165,13 +165,14 @@ def test_a_run_killed_while_it_prunes_a_state_leaves_that_state_whole_or_gone(se
 
 def test_a_run_stopped_after_its_last_steps_state_is_finished_by_resume_auto(setup, tmp_path):
     """A run that stops after its last step's state and before its final save (killed, or failing at the end as here:
-    a folder stands where its final LoRA goes) is finished by --resume auto, which trains nothing: before, it said
-    "nothing left to train" and wrote no final LoRA, ever."""
+    a folder made where its final LoRA goes once it has started) is finished by --resume auto, which trains nothing:
+    before, it said "nothing left to train" and wrote no final LoRA, ever."""
     dit, toml, straight = setup
     out, log = tmp_path / "out", tmp_path / "train.log"
     argv = train_argv(dit, toml, out, "--save_every_n_steps", "1", "--save_state", "--save_last_n_steps", "2", "--resume", "auto")
-    (out / "tiny.safetensors").mkdir(parents=True)
+    out.mkdir()
     (out / "tiny.comfyui.safetensors").write_bytes(b"an earlier run's copy")
+    folder_once(out / "tiny-step00000001.safetensors", out / "tiny.safetensors")
     assert start(argv, log).wait(600) == 2  # "cannot write: a folder has this name"
     assert (out / f"tiny-step{STEPS:08d}-state").is_dir() and not (out / "tiny-state").exists(), log.read_text()[-3000:]
     # the pair's other file, renamed first, is undone: not this run's copy beside another file

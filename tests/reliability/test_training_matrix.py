@@ -298,6 +298,13 @@ CASES = [
                        train_argv(a, t / "out", "--save_every_n_steps", "1", "--save_state"))[1], None,
          warning=r"the loss curve not written: \S+tiny-loss\.png: cannot write: a folder has this name",
          then=lambda a, t, err, out: (trained(t / "out" / "tiny.safetensors"), state_file(a, t).is_file() or pytest.fail("no state"))),
+    Case("train-a-folder-at-the-final-lora-name-is-refused-before-the-run", "hv_train_network",  # it was found at the end
+         lambda a, t: (Path(t / "out" / "tiny.safetensors").mkdir(parents=True), train_argv(a, t / "out"))[1],
+         r"\S+/out/tiny\.safetensors: a folder has this name, where the run saves its LoRA at the end; move it away or choose "
+         r"another --output_name", then=before_the_model_loads),
+    Case("train-a-folder-at-the-final-comfyui-copy-name-is-refused-before-the-run", "hv_train_network",
+         lambda a, t: (Path(t / "out" / "tiny.comfyui.safetensors").mkdir(parents=True), train_argv(a, t / "out"))[1],
+         r"\S+/out/tiny\.comfyui\.safetensors: a folder has this name, where the run saves its LoRA at the end", then=before_the_model_loads),
     Case("train-log-prefix-too-long-for-the-log-folder", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--logging_dir", str(t / "logs"), "--log_prefix", "p" * 250),
          r"--log_prefix: 250 bytes, and the names of the files it names reach 264 .* use a name of at most 241 bytes",

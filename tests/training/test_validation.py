@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import write_cached_dataset
+from helpers import folder_once, write_cached_dataset
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
 from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
@@ -310,15 +310,16 @@ def test_sample_prompts_run_with_the_step_cache_flags(assets, tmp_path, caplog):
 
 
 def test_a_run_finished_by_resume_keeps_the_samples_the_stopped_run_made_after_its_state(assets, tmp_path):
-    """A run that fails after its last step's state and samples (a folder stands where its final LoRA goes) is finished
-    by --resume auto: one sample per prompt and step, the stopped run's, not a second set beside them."""
+    """A run that fails after its last step's state and samples (a folder made where its final LoRA goes once it has
+    started) is finished by --resume auto: one sample per prompt and step, the stopped run's, not a second set beside
+    them."""
     import time
 
     out = tmp_path / "out"
     argv = base_args(assets, assets["plain"], out, "--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state",
                      "--sample_every_n_steps", "2", "--sample_prompts", str(assets["prompts"]), "--vae", str(assets["vae"]),
                      "--text_encoder1", str(assets["te1"]), "--text_encoder2", str(assets["te2"]), "--resume", "auto")
-    (out / "tiny.safetensors").mkdir(parents=True)
+    folder_once(out / "tiny-step00000001.safetensors", out / "tiny.safetensors")
     with pytest.raises(UserError, match=r"tiny\.safetensors: cannot write: a folder has this name; move it away"):
         train(parse_args(argv))
     stopped = sorted(p.name for p in (out / "sample").glob("tiny_000002_0*"))

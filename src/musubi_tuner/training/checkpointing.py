@@ -76,6 +76,18 @@ def check_names_fit(output_dir: str | os.PathLike, name: str, seeds: Sequence[in
         temporary_name(f"{name}_e000000_00_{'0' * 14}_{seed}.mp4"), f"{name}-step00000000-state.incomplete"])
 
 
+def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format: str) -> None:
+    """Before the run: no folder stands where the final LoRA (or its ComfyUI copy) goes. Found when it was written, it
+    cost the whole run: the steps after the last saved state, or all of them without --save_state."""
+    from musubi_tuner.networks.lora_files import companion_path
+
+    final = Path(output_dir) / f"{name}.safetensors"
+    for path in [final, companion_path(final)] if lora_format == "both" else [final]:
+        if path.is_dir():
+            raise UserError(f"{path}: a folder has this name, where the run saves its LoRA at the end; move it away or "
+                            f"choose another --output_name")
+
+
 def lora_file_names(name: str) -> re.Pattern:
     """The names of the LoRA files a run of --output_name `name` saves: final, per epoch, per step, each with its
     .comfyui copy (and no other run's: "lora" is not "lora-big")."""

@@ -39,7 +39,7 @@ from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
 from musubi_tuner.inference import step_cache
 from musubi_tuner.progress import progress_bar
 from musubi_tuner.training.args import attention_mode, log_folder, output_stem
-from musubi_tuner.training.checkpointing import CheckpointSaver, check_names_fit
+from musubi_tuner.training.checkpointing import CheckpointSaver, check_final_names_free, check_names_fit
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
                                              parse_key_values, total_training_steps)
@@ -138,6 +138,7 @@ def check_args(args) -> None:
     # the files' folder is output_dir from here on, so pruning, --resume auto and the run lock look where they are
     args.output_dir, args.output_name = str(joined.parent), joined.name
     check_names_fit(args.output_dir, args.output_name)
+    check_final_names_free(args.output_dir, args.output_name, args.lora_format)
     require_file(args.dataset_config, "dataset config", "--dataset_config")
     require_file(args.dit, "DiT checkpoint", "--dit")
     attention_mode(args)
