@@ -309,16 +309,20 @@ def temporary_name(name: str) -> str:
     return f".{name}.{'9' * 7}-{'x' * 8}{TEMP_SUFFIX}"
 
 
-def require_names_fit(folder: str | os.PathLike, flag: str, name: str, derived: Sequence[str]) -> None:
-    """Before any work: the names a command derives from `name` (given with `flag`) fit `folder`'s file system, 255
-    bytes a name on most: a name that fits alone fails at its temporary file's, after the work."""
-    folder = Path(folder)
+def _name_limit(folder: Path) -> tuple[Path, int]:
+    """The longest name, in bytes, `folder`'s file system takes (255 on most), and the folder it was asked of."""
     while not folder.exists() and folder.parent != folder:  # (not made yet: the file system it will be on)
         folder = folder.parent
     try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
+        return folder, os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # (Windows has no pathconf)
-        limit = 255
+        return folder, 255
+
+
+def require_names_fit(folder: str | os.PathLike, flag: str, name: str, derived: Sequence[str]) -> None:
+    """Before any work: the names a command derives from `name` (given with `flag`) fit `folder`'s file system, 255
+    bytes a name on most: a name that fits alone fails at its temporary file's, after the work."""
+    folder, limit = _name_limit(Path(folder))
     size = lambda text: len(os.fsencode(text))  # noqa: E731
     longest = max(derived, key=size)
     if size(longest) > limit:
@@ -326,6 +330,21 @@ def require_names_fit(folder: str | os.PathLike, flag: str, name: str, derived: 
         raise UserError(f"{flag}: {size(name)} bytes, and the names of the files it names reach {size(longest)} (such as "
                         f"{longest[:40]}...), over the {limit} bytes a name may have in {folder}; use a name of at most "
                         f"{max(most, 1)} bytes")
+
+
+def unwritable_name(path: str | os.PathLike) -> str | None:
+    """Why no file can be written at `path`, whatever it holds, or None: a folder has its name, or its name (with its
+    temporary file's) is too long for the file system. For files named after the user's (caches after their sources),
+    checked item by item before the work on each."""
+    path = Path(path)
+    folder, limit = _name_limit(path.parent)
+    excess = len(os.fsencode(temporary_name(path.name))) - limit
+    if excess > 0:
+        return (f"the name of its file {path.name[:40]}... is too long for {folder} (with its temporary file's, {excess} "
+                f"bytes over the {limit} a name may have); shorten the name it comes from by {excess} bytes")
+    if path.is_dir():
+        return f"a folder stands where its file {path} goes; move it away"
+    return None
 
 
 def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mapping[str, Sequence]) -> None:

@@ -29,7 +29,7 @@ from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
 from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import read_safetensors_header, read_small_file, require_file
+from musubi_tuner.files import read_safetensors_header, read_small_file, require_file, unwritable_name
 from musubi_tuner.tomlio import loads_json
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ class _LatentLoader:
     def _image(self, item: SourceItem) -> _Loaded:
         size = media.image_size(item.path)
         bucket = self.selector.bucket_for(size)
-        path = cache_files.latent_cache_path(self.dataset.cache_directory, item.stem, size)
+        path = _writable(cache_files.latent_cache_path(self.dataset.cache_directory, item.stem, size))
         provenance = cache_files.latent_provenance(item.path, size, bucket, vae=self.vae)
         unrecorded: set[Path] = set()
         if self._current(path, provenance, unrecorded):
@@ -347,7 +347,7 @@ class _LatentLoader:
                                        f"{list(ds.target_frames)}")
         video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames)
         for clip in clips:
-            path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
+            path = _writable(cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip))
             provenance = cache_files.clip_provenance(video_provenance, clip)
             if self._current(path, provenance, loaded.unrecorded):
                 loaded.already_cached.append(path)
@@ -379,7 +379,7 @@ class _LatentLoader:
         first_lengths = range(round_to_4n1(ds.max_frames), 0, -4) if full else ds.target_frames[:1]
         for length in first_lengths:
             probe = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, Clip(0, length))
-            if probe.exists():
+            if unwritable_name(probe) is None and probe.exists():  # (a name too long is an error to exists())
                 break
         else:
             return []
@@ -396,6 +396,16 @@ class _LatentLoader:
             paths.append(path)
         unrecorded.update(partly)
         return paths
+
+
+def _writable(cache: Path) -> Path:
+    """`cache`, or the UserError that fails its item (before it is decoded) when no file can be written there: the
+    source's name makes a cache name too long for the file system, or a folder stands there. Before, the first such
+    item stopped the whole caching run."""
+    problem = unwritable_name(cache)
+    if problem:
+        raise UserError(problem)
+    return cache
 
 
 def listed_items(dataset: AnyDatasetConfig, report: CacheReport) -> list[SourceItem]:
@@ -501,10 +511,14 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
         if isinstance(caption, BaseException):
             report.fail(item.path, _failure_reason(item, caption), strict)
             continue
+        cache = cache_files.text_cache_path(dataset.cache_directory, item.stem)
+        problem = unwritable_name(cache)
+        if problem:
+            report.fail(item.path, problem, strict)
+            continue
         if not caption:  # legal (it trains the unconditional case), but usually a caption file saved empty by mistake
             logger.warning("%s: empty caption; %s is trained with an empty prompt", item.caption_file or item.path, item.path.name)
-        result.append(CaptionItem(item, caption, cache_files.text_cache_path(dataset.cache_directory, item.stem),
-                                  cache_files.dataset_record(dataset.source, dataset.cache_directory)))
+        result.append(CaptionItem(item, caption, cache, cache_files.dataset_record(dataset.source, dataset.cache_directory)))
     return result
 
 
