@@ -72,8 +72,28 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         _run(main, argv, memory_advice)
     finally:  # a SIGTERM once the command has ended (a launcher stopping its processes) ends it as the default does
         _default_sigterm()
+        import atexit
+
+        atexit.unregister(_nothing_left_to_stop)
+        atexit.register(_nothing_left_to_stop)  # (registered last: run first of the exit handlers)
         if sys.stdout is stdout:
             sys.stdout = stdout.wrapped
+
+
+def _nothing_left_to_stop() -> None:
+    """At the exit of a command that has ended: Ctrl-C and a hang-up have nothing left to stop. Raised in an exit
+    handler (data-loader workers being stopped, say), they printed "Exception ignored in atexit callback" and a
+    traceback after the command's last line, and the studio took a run that had saved its LoRA for a stopped one.
+    SIGTERM still ends the process at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGINT", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, signal.SIG_IGN)
 
 
 def _run(main, argv, memory_advice: str) -> None:

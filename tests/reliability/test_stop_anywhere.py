@@ -223,3 +223,27 @@ def test_a_stop_while_a_batch_is_fetched_from_a_data_loader_worker_is_one_line_a
     done = subprocess.run([sys.executable, "-c", FETCH, iterator], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.splitlines()[-1:] == ["terminated"] and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+AFTER_THE_END = textwrap.dedent(r'''
+    import atexit, os, signal, sys, time
+    from musubi_tuner.errors import run_cli
+
+
+    def slow_exit():  # registered before the command ran, as torch's and multiprocessing's are: runs after run_cli's
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        time.sleep(0.3)  # (stopping data-loader workers, say)
+        print("exited whole", file=sys.stderr)
+
+
+    atexit.register(slow_exit)
+    run_cli(lambda argv: print("saved", flush=True), [])
+''')
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGHUP"])
+def test_a_ctrl_c_or_hang_up_after_the_command_has_ended_has_nothing_to_stop(sig):
+    """F16 of the studio's fuzzing: a Stop that landed after a training's final save, while it exited, printed
+    "Exception ignored in atexit callback" and a traceback, and the run counted as stopped."""
+    done = subprocess.run([sys.executable, "-c", AFTER_THE_END, sig], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "saved\n", "exited whole\n")

@@ -443,6 +443,27 @@ def test_a_resumed_job_runs_in_the_folder_its_first_run_ran_in(tmp_path, monkeyp
     assert f"in {tmp_path / 'here'}" in jobs.log_tail(job) and Jobs(tmp_path / "jobs").get(job.id).cwd == str(tmp_path / "here")
 
 
+def test_a_stop_that_comes_while_a_finished_command_exits_leaves_the_job_finished(tmp_path):
+    """F16 of the studio's fuzzing: Stop pressed after a training's final save, while it exited, made the run "stopped",
+    with an atexit traceback in its log. The command's work was whole: the job is finished."""
+    from musubi_tuner.ui.jobs import STARTING_SECONDS
+
+    command = ("import atexit, sys, time; from musubi_tuner.errors import run_cli\n"
+               "atexit.register(time.sleep, 3)  # (an exit that takes a while: data-loader workers being stopped)\n"
+               f"run_cli(lambda argv: (time.sleep({STARTING_SECONDS + 0.5}), print('saved the LoRA', flush=True)), [])\n")
+    jobs = Jobs(tmp_path / "jobs")
+    job = jobs.start("train", "exiting", [[sys.executable, "-c", command]])
+    deadline = time.monotonic() + 60
+    while "\nsaved the LoRA\n" not in jobs.log_tail(job) and time.monotonic() < deadline:  # (the line, not the command)
+        time.sleep(0.05)
+    jobs.stop(job.id)
+    while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ended = Jobs(tmp_path / "jobs").get(job.id)
+    assert (ended.state, ended.returncode) == ("finished", 0), jobs.log_tail(job)
+    assert "Traceback" not in jobs.log_tail(job) and "stopped on request" not in jobs.log_tail(job)
+
+
 def test_a_job_stopped_while_it_starts_does_not_run_on(tmp_path):
     """Stop pressed before the supervisor has started the command (the server knows no pid yet): the supervisor sees the
     request and interrupts its command itself, so the job ends stopped at once, not when the command ends."""

@@ -205,8 +205,9 @@ def supervise(folder: Path) -> int:
     save_job(folder, job)
     env = child_environment({PROGRESS_FILE_VARIABLE: str(folder / "progress.jsonl"), "PYTHONUNBUFFERED": "1"})
 
-    def finish(returncode: int, why: str) -> int:
-        stopped = (folder / STOP_MARKER).exists()
+    def finish(returncode: int, why: str, ran_through: bool = False) -> int:
+        # a stop that came once the last command had done its work (while it exited) stopped nothing
+        stopped = (folder / STOP_MARKER).exists() and not ran_through
         state = "stopped" if stopped else ("finished" if returncode == 0 else "failed")
         ended = replace(job, returncode=returncode, ended=time.time(), state=state)
         if state != "finished":
@@ -234,7 +235,7 @@ def supervise(folder: Path) -> int:
             left = len(job.commands) - index - 1
             return finish(returncode, f"the command exited with status {returncode}"
                                       + (f"; {left} later command(s) not run" if left else ""))
-    return finish(0, "")
+    return finish(0, "", ran_through=True)
 
 
 def _load_job(path: Path) -> Job | None:
