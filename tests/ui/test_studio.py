@@ -464,6 +464,28 @@ def test_a_stop_that_comes_while_a_finished_command_exits_leaves_the_job_finishe
     assert "Traceback" not in jobs.log_tail(job) and "stopped on request" not in jobs.log_tail(job)
 
 
+def test_two_studios_on_one_workspace_see_each_others_jobs_and_start_one_training_into_a_folder(tmp_path):
+    """F12 of the studio's fuzzing: a job another studio started was a 404 here until a restart, and Resume pressed
+    twice (or in two studios) started two trainings into one folder, the second failing on the trainer's lock."""
+    first, second = Jobs(tmp_path / "jobs"), Jobs(tmp_path / "jobs")
+    sleeper = [[sys.executable, "-c", "import time; time.sleep(60)"]]
+    job = first.start("train", "lora", sleeper, {"output_dir": str(tmp_path / "out"), "output_name": "lora"})
+    try:
+        assert second.get(job.id).title == "lora" and [j.id for j in second.all()] == [job.id]
+        for studio in (first, second):
+            with pytest.raises(UserError, match=rf"out: job {job.id} is training into it; wait for it to end, or stop it first"):
+                studio.start("train", "lora", sleeper, {"output_dir": str(tmp_path / "out"), "output_name": "lora"})
+        other = second.start("train", "other", [[sys.executable, "-c", "pass"]], {"output_dir": str(tmp_path / "elsewhere")})
+        assert {j.id for j in first.all()} == {job.id, other.id}
+    finally:
+        first.stop(job.id)
+    deadline = time.monotonic() + 30
+    while first.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    again = second.start("train", "lora", [[sys.executable, "-c", "pass"]], {"output_dir": str(tmp_path / "out")})
+    assert again.id != job.id  # once it has ended, the folder takes a training again
+
+
 def test_a_job_stopped_while_it_starts_does_not_run_on(tmp_path):
     """Stop pressed before the supervisor has started the command (the server knows no pid yet): the supervisor sees the
     request and interrupts its command itself, so the job ends stopped at once, not when the command ends."""

@@ -66,11 +66,18 @@ class Jobs:
                             f"--workspace it can write to") from None
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        for path in sorted(self.folder.glob("*/job.json")):
+        for path in self.folder.glob("*/job.json"):
             remove_leftover_temp_files(path.parent, lambda name: name == "job.json")  # of a supervisor killed mid-write
-            job = _load_job(path)
-            if job is not None:
-                self._jobs[job.id] = job
+        self._scan()
+
+    def _scan(self) -> None:
+        """Take in the jobs folder's jobs this studio does not know: all at the start, then those another studio on the
+        same workspace started (before, each saw only its own until it restarted)."""
+        for path in sorted(self.folder.glob("*/job.json")):
+            if path.parent.name not in self._jobs:
+                job = _load_job(path)
+                if job is not None and job.id == path.parent.name:
+                    self._jobs.setdefault(job.id, job)
 
     # ------------------------------------------------------------------ starting and stopping
 
@@ -79,6 +86,7 @@ class Jobs:
         """Write the job's folder, then start its supervisor; a job folder that cannot be written is a UserError, and
         no job is listed."""
         with self._lock:
+            self._refuse_a_second_training_into(kind, outputs)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             number = 1 + sum(1 for j in self._jobs if j.startswith(stamp))
             while (self.folder / f"{stamp}-{number}-{kind}").exists():  # another studio on this workspace took it
@@ -121,6 +129,18 @@ class Jobs:
         threading.Thread(target=kill_if_alive, daemon=True).start()
         return job
 
+    def _refuse_a_second_training_into(self, kind: str, outputs: dict[str, str] | None) -> None:
+        """One training at a time into an output folder, as the trainer's lock has it, said before a job starts: Resume
+        pressed twice started two jobs, the second of which failed on the lock."""
+        folder = (outputs or {}).get("output_dir")
+        if kind != "train" or not folder:
+            return
+        self._scan()
+        for job in list(self._jobs.values()):
+            if (job.kind == "train" and job.state in ("starting", "running") and job.outputs.get("output_dir") == folder
+                    and self.get(job.id).state in ("starting", "running")):
+                raise UserError(f"{folder}: job {job.id} is training into it; wait for it to end, or stop it first")
+
     # ------------------------------------------------------------------ reading
 
     def path(self, job: Job) -> Path:
@@ -128,6 +148,9 @@ class Jobs:
 
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
+        if job is None and "/" not in job_id and (self.folder / job_id / "job.json").is_file():
+            self._scan()  # (started by another studio on this workspace)
+            job = self._jobs.get(job_id)
         if job is None:
             raise KeyError(job_id)
         if job.state in ("starting", "running"):
@@ -148,7 +171,8 @@ class Jobs:
 
     def all(self) -> list[Job]:
         """Newest first (by start, then by the number a second's jobs get: "-10-" after "-9-")."""
-        order = sorted(self._jobs.values(), key=lambda j: (j.started, int(j.id.split("-")[2]) if j.id.count("-") >= 3 else 0))
+        self._scan()
+        order = sorted(list(self._jobs.values()), key=lambda j: (j.started, int(j.id.split("-")[2]) if j.id.count("-") >= 3 else 0))
         return [self.get(j.id) for j in reversed(order)]
 
     def log_tail(self, job: Job) -> str:
