@@ -486,6 +486,23 @@ def test_two_studios_on_one_workspace_see_each_others_jobs_and_start_one_trainin
     assert again.id != job.id  # once it has ended, the folder takes a training again
 
 
+def test_resume_from_a_folder_that_is_gone_says_so_and_leaves_no_job_behind(tmp_path):
+    """F8 of the studio's fuzzing: with the folder the studio first ran from deleted, Resume said "cannot start the job
+    (No such file or directory)" of the job folder, which existed, and that half-made job was listed after a restart."""
+    (tmp_path / "was_here").mkdir()
+    jobs = Jobs(tmp_path / "jobs")
+    job = jobs.start("train", "lora", [[sys.executable, "-c", "pass"]], cwd=str(tmp_path / "was_here"))
+    deadline = time.monotonic() + 30
+    while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (tmp_path / "was_here").rmdir()
+    with pytest.raises(UserError, match=r"was_here: the folder this run was started from is gone; its commands name files "
+                                        r"relative to it: make it again, or start the run anew"):
+        jobs.start("train", "lora", [[sys.executable, "-c", "pass"]], resumed_from=job.id, cwd=job.cwd)
+    assert [j.id for j in Jobs(tmp_path / "jobs").all()] == [job.id]
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [job.id]
+
+
 def test_a_job_stopped_while_it_starts_does_not_run_on(tmp_path):
     """Stop pressed before the supervisor has started the command (the server knows no pid yet): the supervisor sees the
     request and interrupts its command itself, so the job ends stopped at once, not when the command ends."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,14 +94,21 @@ class Jobs:
                 number += 1
             job = Job(f"{stamp}-{number}-{kind}", kind, title, commands, dict(outputs or {}), resumed_from=resumed_from,
                       cwd=cwd or os.getcwd())
+            if not Path(job.cwd).is_dir():  # (its commands name files relative to it)
+                raise UserError(f"{job.cwd}: the folder this run was started from is gone; its commands name files "
+                                f"relative to it: make it again, or start the run anew")
             try:
                 self.path(job).mkdir(parents=True)
+            except OSError as e:
+                raise UserError(f"{self.path(job)}: cannot start the job ({e.strerror or e})") from None
+            try:
                 self._save(job)
                 supervisor = subprocess.Popen([sys.executable, "-m", "musubi_tuner.ui.jobs", str(self.path(job))],
                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                               env=child_environment(), cwd=job.cwd, **_new_process_group())
-            except OSError as e:
-                raise UserError(f"{self.path(job)}: cannot start the job ({e.strerror or e})") from None
+            except (OSError, UserError) as e:
+                shutil.rmtree(self.path(job), ignore_errors=True)  # listed by no studio, now or after a restart
+                raise UserError(f"{self.path(job)}: cannot start the job ({getattr(e, 'strerror', None) or e})") from None
             job.supervisor = supervisor.pid  # in memory only: from here on the supervisor alone writes job.json
             self._jobs[job.id] = job
         threading.Thread(target=supervisor.wait, name=f"job {job.id}", daemon=True).start()  # reaped when it ends
