@@ -503,6 +503,43 @@ def test_resume_from_a_folder_that_is_gone_says_so_and_leaves_no_job_behind(tmp_
     assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [job.id]
 
 
+FULL_DISK = """
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from command_runner import _mount_small_disk
+jobs_folder = Path(sys.argv[1])
+_mount_small_disk(jobs_folder, 256 * 1024)  # this process and its children: the supervisor, the command
+from musubi_tuner.ui.jobs import Jobs
+fill = ("import os\\ntry:\\n    with open(os.path.join(%r, 'fill'), 'wb') as f:\\n        while True:\\n"
+        "            f.write(b'x' * 4096)\\n            f.flush()\\nexcept OSError:\\n    pass\\n" % str(jobs_folder))
+jobs = Jobs(jobs_folder)
+job = jobs.start("generate", "fills the disk", [[sys.executable, "-c", fill]])
+deadline = time.monotonic() + 60
+while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+    time.sleep(0.1)
+again = Jobs(jobs_folder)  # a studio restarted on the full disk
+print(json.dumps([[j.state, j.returncode] for j in (jobs.get(job.id), again.get(job.id))]))
+"""
+
+
+def test_a_job_that_ends_on_a_full_disk_under_the_jobs_folder_is_finished_not_lost(tmp_path):
+    """F9 of the studio's fuzzing: with the jobs folder's disk full, the supervisor could not write how the job ended,
+    the job became "lost ... how it ended is unknown", and the next list poll was a 400."""
+    reliability = Path(__file__).resolve().parents[1] / "reliability"
+    sys.path.insert(0, str(reliability))
+    try:
+        from command_runner import read_only_mounts_work
+    finally:
+        sys.path.remove(str(reliability))
+    if not read_only_mounts_work():
+        pytest.skip("needs a private mount namespace (root with CAP_SYS_ADMIN)")
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "jobs"), str(reliability)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [["finished", 0], ["finished", 0]], done.stderr[-3000:]
+
+
 def test_a_job_stopped_while_it_starts_does_not_run_on(tmp_path):
     """Stop pressed before the supervisor has started the command (the server knows no pid yet): the supervisor sees the
     request and interrupts its command itself, so the job ends stopped at once, not when the command ends."""

@@ -29,6 +29,8 @@ STOP_GRACE_SECONDS = 20  # after Ctrl-C (SIGINT), this long to finish the file b
 LOG_TAIL_BYTES = 12_000
 SUPERVISOR_START_SECONDS = 60  # a job that names no supervisor this long after it was written never got one
 STOP_MARKER = "stop-requested"  # written by the server before it interrupts the command: the supervisor runs no more
+ENDED = "ended.json"  # room the supervisor reserves at the start for how the job ended, written in place on a full disk
+ENDED_BYTES = 256
 
 
 @dataclass
@@ -169,12 +171,18 @@ class Jobs:
             unknown = job.supervisor is None and time.time() - job.started < SUPERVISOR_START_SECONDS  # being started
             if (job.state in ("starting", "running") and not unknown and not _alive(job.supervisor, job.supervisor_identity)
                     and not _alive(job.pid, job.pid_identity)):
-                if (self.path(job) / STOP_MARKER).exists():  # stopped on request, its supervisor gone meanwhile
+                outcome = _read_ended(self.path(job) / ENDED)
+                if outcome is not None:  # the supervisor's last word, where the disk had no room for job.json
+                    job.state, job.returncode, job.ended = outcome
+                elif (self.path(job) / STOP_MARKER).exists():  # stopped on request, its supervisor gone meanwhile
                     job.state, job.ended = "stopped", time.time()
                 else:
                     job.state, job.ended = "lost", time.time()  # its supervisor was killed: nobody saw how it ended
                     self._log(job, "the studio's supervisor of this job stopped before the job ended; how it ended is unknown")
-                self._save(job)
+                try:
+                    self._save(job)
+                except UserError:  # a full disk: known here, and read again from ENDED by a restarted studio
+                    pass
         return job
 
     def all(self) -> list[Job]:
@@ -235,6 +243,7 @@ def supervise(folder: Path) -> int:
         return 2
     job.supervisor, job.supervisor_identity = os.getpid(), _identity(os.getpid())
     save_job(folder, job)
+    _reserve(folder / ENDED)
     env = child_environment({PROGRESS_FILE_VARIABLE: str(folder / "progress.jsonl"), "PYTHONUNBUFFERED": "1"})
 
     def finish(returncode: int, why: str, ran_through: bool = False) -> int:
@@ -244,7 +253,12 @@ def supervise(folder: Path) -> int:
         ended = replace(job, returncode=returncode, ended=time.time(), state=state)
         if state != "finished":
             _append_log(folder, "stopped on request" if stopped else why)
-        save_job(folder, ended)
+        try:
+            save_job(folder, ended)
+        except UserError:  # a full disk: the room reserved at the start takes it (before, the job was "lost")
+            _write_in_place(folder / ENDED, {"state": state, "returncode": returncode, "ended": ended.ended})
+            return 0
+        (folder / ENDED).unlink(missing_ok=True)
         return 0
 
     for index, cmd in enumerate(job.commands):
@@ -268,6 +282,36 @@ def supervise(folder: Path) -> int:
             return finish(returncode, f"the command exited with status {returncode}"
                                       + (f"; {left} later command(s) not run" if left else ""))
     return finish(0, "", ran_through=True)
+
+
+def _reserve(path: Path) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(b" " * ENDED_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:  # (a disk full already: job.json was written just before, and a later write may find room)
+        pass
+
+
+def _write_in_place(path: Path, outcome: dict) -> None:
+    """Overwrite the reserved bytes: a file system needs no new block for that (copy-on-write ones excepted)."""
+    data = json.dumps(outcome).encode()
+    try:
+        with open(path, "r+b") as f:
+            f.write(data.ljust(ENDED_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        pass
+
+
+def _read_ended(path: Path) -> tuple[str, int | None, float] | None:
+    try:
+        outcome = json.loads(path.read_bytes() or b"null")
+        return (str(outcome["state"]), outcome.get("returncode"), float(outcome["ended"])) if outcome else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def _load_job(path: Path) -> Job | None:
