@@ -57,27 +57,82 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     stdout and stderr are side outputs: closed, or failing to write (a full disk under a log), they cost the command
     what it printed there, never its result or its exit status.
     """
-    usable_standard_streams()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    use_expandable_segments()
-    stop_cleanly_on_sigterm()
-    if not debug_requested(argv):
-        # bitsandbytes >= 0.50 logs at import that it could not fetch its 4-bit CPU kernels from the hub: the 8-bit
-        # optimizers never use them, and a warning about remote code on every training start only alarms
-        logging.getLogger("bitsandbytes.backends").setLevel(logging.ERROR)
-        # torch logs its fake-tensor cache statistics at exit (at INFO, after an interrupted import among others)
-        logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.WARNING)
-    stdout = sys.stdout = LosableStdout(sys.stdout)
+    stop_cleanly_on_sigterm()  # first: a stop from here on is the command's one line, not a traceback or a silent end
+    streams: list[LosableStdout] = []
     try:
-        _run(main, argv, memory_advice)
+        _run(main, argv, memory_advice, streams)
     finally:  # a SIGTERM once the command has ended (a launcher stopping its processes) ends it as the default does
         _default_sigterm()
         import atexit
 
         atexit.unregister(_nothing_left_to_stop)
         atexit.register(_nothing_left_to_stop)  # (registered last: run first of the exit handlers)
-        if sys.stdout is stdout:
-            sys.stdout = stdout.wrapped
+        for stdout in streams:
+            if sys.stdout is stdout:
+                sys.stdout = stdout.wrapped
+
+
+def _prepare(argv, streams: list) -> None:
+    """What the command runs in, set up within _run's handling of a stop, as the command itself is."""
+    usable_standard_streams()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    use_expandable_segments()
+    _hold_stops_while_importing(HELD_IMPORTS)
+    if not debug_requested(argv):
+        # bitsandbytes >= 0.50 logs at import that it could not fetch its 4-bit CPU kernels from the hub: the 8-bit
+        # optimizers never use them, and a warning about remote code on every training start only alarms
+        logging.getLogger("bitsandbytes.backends").setLevel(logging.ERROR)
+        # torch logs its fake-tensor cache statistics at exit (at INFO, after an interrupted import among others)
+        logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.WARNING)
+    with stops_held():  # (run_cli puts it back)
+        streams.append(LosableStdout(sys.stdout))
+        sys.stdout = streams[-1]
+
+
+# Compiled libraries whose start-up a stop must not land in, imported whole before a stop is raised (torch: a second;
+# a command that needs none of them imports none). Raised inside numpy's, a stop came out as a RecursionError or an
+# ImportError traceback, or was lost: torch took it for a numpy it could not load and the command ran on to its end
+# (11 of 30 training runs stopped in their first half second). Raised inside torch's C++ start-up, it aborted the
+# process (SIGABRT, "terminate called after throwing pybind11::error_already_set"; 1 in 30).
+HELD_IMPORTS = ("torch", "numpy", "av", "safetensors", "tokenizers")
+
+
+def _hold_stops_while_importing(names: Sequence[str]) -> None:
+    if not any(isinstance(finder, _HeldImports) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _HeldImports(names))
+
+
+class _HeldImports:
+    """A finder that finds nothing itself: it hands the real finders' spec of one of `names` (a top-level package) on
+    with a loader that runs the package's import with stops held."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = set(names)
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.names:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None) if finder is not self else None
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _HeldLoader(spec.loader)
+                return spec
+        return None
+
+
+class _HeldLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # (the package sees its own loader, as without us)
+        with stops_held():
+            self.loader.exec_module(module)
 
 
 def _nothing_left_to_stop() -> None:
@@ -96,8 +151,9 @@ def _nothing_left_to_stop() -> None:
             signal.signal(number, signal.SIG_IGN)
 
 
-def _run(main, argv, memory_advice: str) -> None:
+def _run(main, argv, memory_advice: str, streams: list) -> None:
     try:
+        _prepare(argv, streams)
         main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
     except UserError as e:

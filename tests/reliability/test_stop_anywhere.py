@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(r'''
     from musubi_tuner.training.state import STATE_MARKER, TrainProgress, read_state_folder, save_state
 
     root, sig = Path(sys.argv[1]), signal.Signals[sys.argv[2]]
-    SYSTEM = ("posix", "fcntl", "_io")  # os.*, flock, open(): every call that makes, renames or removes a file
+    SYSTEM = ("posix", "fcntl", "io", "_io")  # os.*, flock, open(): every call that makes, renames or removes a file
 
 
     def stop_after(k):
@@ -247,3 +247,65 @@ def test_a_ctrl_c_or_hang_up_after_the_command_has_ended_has_nothing_to_stop(sig
     "Exception ignored in atexit callback" and a traceback, and the run counted as stopped."""
     done = subprocess.run([sys.executable, "-c", AFTER_THE_END, sig], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout, done.stderr) == (0, "saved\n", "exited whole\n")
+
+
+IN_AN_IMPORT = textwrap.dedent(r'''
+    import os, signal, sys
+    from musubi_tuner.errors import run_cli
+
+
+    def stop_in(frame, event, arg):  # the moment the module starts: inside its parent's compiled start-up
+        if event == "call" and frame.f_code.co_name == "<module>" and frame.f_code.co_filename.endswith(sys.argv[1]):
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+    def main(argv):
+        sys.setprofile(stop_in)
+        import torch
+        print("ran on", torch.ones(1).sum().item())
+
+
+    run_cli(main, [])
+''')
+
+
+@pytest.mark.parametrize("module", ["numpy/_core/__init__.py", "numpy/_core/_exceptions.py", "numpy/dtypes.py",
+                                    "torch/distributed/__init__.py"])
+def test_a_stop_while_torch_and_numpy_start_up_is_the_commands_one_line(module):
+    """fuzz_n: a SIGTERM in a command's first half second, while torch imported numpy, was an ImportError or
+    RecursionError traceback, or was lost (torch took it for a numpy it could not load): the run went on to its end.
+    Inside torch's C++ start-up it aborted the process. The import now ends first; then the stop is raised."""
+    done = subprocess.run([sys.executable, "-c", IN_AN_IMPORT, module], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (143, "", "terminated\n"), done.stderr[-3000:]
+
+
+AT_THE_START = textwrap.dedent(r'''
+    import os, signal, sys
+    from musubi_tuner.errors import run_cli
+
+    count = [0]
+
+
+    def stop_after(frame, event, arg):
+        if event == "c_return" and getattr(arg, "__module__", None) in ("posix", "fcntl", "io", "_io"):
+            count[0] += 1
+            if count[0] == int(sys.argv[1]):
+                sys.setprofile(None)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
+    sys.setprofile(stop_after)
+    run_cli(lambda argv: print("ran"), [])
+''')
+
+
+def test_a_stop_after_any_system_call_of_a_commands_start_is_its_one_line():
+    """fuzz_n: the handlers went in after run_cli had set up the streams; a SIGTERM then ended a command without a
+    word, and a Ctrl-C was a KeyboardInterrupt traceback."""
+    for k in range(1, 100):
+        done = subprocess.run([sys.executable, "-c", AT_THE_START, str(k)], capture_output=True, text=True, timeout=120)
+        if done.stdout == "ran\n":
+            break
+        assert (done.returncode, done.stdout, done.stderr) == (143, "", "terminated\n"), (k, done.stderr[-3000:])
+    assert k > 1 and (done.returncode, done.stderr) == (0, ""), done.stderr[-3000:]
