@@ -540,6 +540,24 @@ def test_a_job_that_ends_on_a_full_disk_under_the_jobs_folder_is_finished_not_lo
     assert json.loads(done.stdout.splitlines()[-1]) == [["finished", 0], ["finished", 0]], done.stderr[-3000:]
 
 
+def test_progress_polls_read_what_was_appended_a_line_being_written_once_whole_and_a_rewritten_file_anew(tmp_path):
+    """Each poll reads only what the command appended since the last (F20: a ten-hour run's file, re-read whole, cost
+    0.22 s per poll and page); what it shows is what a whole read shows."""
+    jobs = Jobs(tmp_path / "jobs")
+    job = jobs.start("train", "t", [[sys.executable, "-c", "pass"]])
+    path = jobs.path(job) / "progress.jsonl"
+    record = lambda desc, n, **more: json.dumps({"desc": desc, "n": n, "time": n, **more})  # noqa: E731
+    path.write_text(record("latents", 1) + "\n" + record("steps", 1) + "\n" + record("steps", 2)[:10])
+    assert [(r["desc"], r["n"]) for r in jobs.progress(job)] == [("latents", 1), ("steps", 1)]
+    with open(path, "a") as f:
+        f.write(record("steps", 2)[10:] + "\n" + record("latents", 3, closed=True) + "\n")
+    assert [(r["desc"], r["n"]) for r in jobs.progress(job)] == [("latents", 3), ("steps", 2)]  # (closed ones first)
+    path.unlink()
+    path.write_text(record("samples", 1) + "\n")  # a file written anew
+    assert [(r["desc"], r["n"]) for r in jobs.progress(job)] == [("samples", 1)]
+    assert Jobs(tmp_path / "jobs").progress(job) == jobs.progress(job)
+
+
 def test_a_job_stopped_while_it_starts_does_not_run_on(tmp_path):
     """Stop pressed before the supervisor has started the command (the server knows no pid yet): the supervisor sees the
     request and interrupts its command itself, so the job ends stopped at once, not when the command ends."""

@@ -59,6 +59,15 @@ class Job:
         return [shown(c) for c in self.commands]
 
 
+@dataclass
+class _ProgressRead:
+    """How far a job's progress.jsonl has been read, and the newest record of each bar in what was."""
+
+    file: tuple[int, int]  # (device, inode): a file written anew starts again from its beginning
+    offset: int = 0
+    latest: dict[str, dict] = field(default_factory=dict)
+
+
 class Jobs:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -69,6 +78,8 @@ class Jobs:
                             f"--workspace it can write to") from None
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._progress: dict[str, _ProgressRead] = {}
+        self._progress_lock = threading.Lock()
         for path in self.folder.glob("*/job.json"):
             remove_leftover_temp_files(path.parent, lambda name: name == "job.json")  # of a supervisor killed mid-write
         self._scan()
@@ -200,17 +211,32 @@ class Jobs:
             return f.read().decode("utf-8", "replace")
 
     def progress(self, job: Job) -> list[dict]:
-        """The latest state of each progress bar of the job's current command, open ones last."""
+        """The latest state of each progress bar of the job's current command, open ones last.
+
+        Each poll reads what was appended since the last one: re-read whole, a ten-hour run's 72,000 records (11 MB)
+        cost 0.22 s of CPU per poll and open page."""
         path = self.path(job) / "progress.jsonl"
-        latest: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with self._progress_lock:
+            try:
+                with open(path, "rb") as f:
+                    seen = os.fstat(f.fileno())
+                    read = self._progress.get(job.id)
+                    if read is None or read.file != (seen.st_dev, seen.st_ino) or seen.st_size < read.offset:
+                        read = self._progress[job.id] = _ProgressRead((seen.st_dev, seen.st_ino))  # new, or rewritten
+                    f.seek(read.offset)
+                    data = f.read()
+            except OSError:
+                return []
+            complete = data.rfind(b"\n") + 1  # (a line being written is read whole by a later poll)
+            read.offset += complete
+            for line in data[:complete].decode("utf-8", "replace").splitlines():
                 try:
                     record = json.loads(line)
                 except ValueError:
-                    continue  # a line being written
-                latest[record.get("desc", "")] = record
-        return sorted(latest.values(), key=lambda r: (not r.get("closed"), r.get("time", 0)))
+                    continue  # (a line cut by a killed command)
+                if isinstance(record, dict):
+                    read.latest[record.get("desc", "")] = record
+            return sorted(read.latest.values(), key=lambda r: (not r.get("closed"), r.get("time", 0)))
 
     def summary(self, job: Job) -> dict:
         return {**asdict(job), "shown": job.shown}
