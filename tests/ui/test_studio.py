@@ -669,6 +669,46 @@ def test_a_job_whose_pid_is_now_another_programs_is_lost_and_stop_leaves_that_pr
         other.wait()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak memory in /proc")
+def test_an_upload_is_written_as_it_arrives_not_held_whole_in_the_studios_memory(tmp_path):
+    """F20 of the studio's fuzzing: a 300 MB upload took the studio from 333 MB to 919 MB (the body read whole, then
+    copied); a V2V source of several GB needed several times its size in memory."""
+    import http.client
+
+    from helpers import free_port
+
+    size = 256 << 20
+    source = tmp_path / "clip.mp4"
+    with open(source, "wb") as f:
+        f.truncate(size)  # (a sparse file: the test process holds none of it either)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "musubi_tuner.ui", "--workspace", str(tmp_path / "ws"), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = lambda: int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{server.pid}/status").read_text())[1]) << 10  # noqa: E731
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/api/jobs")
+                break
+            except OSError:
+                time.sleep(0.2)
+        before = peak()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        with open(source, "rb") as body:
+            connection.request("POST", "/api/upload?name=clip.mp4", body=body, headers={**STUDIO, "Content-Length": str(size)})
+        reply = connection.getresponse()
+        assert reply.status == 200, reply.read()
+        uploaded = Path(json.loads(reply.read())["path"])
+        grown = peak() - before
+    finally:
+        server.kill()
+        server.communicate()
+    assert uploaded.stat().st_size == size
+    assert grown < size // 4, f"the studio's peak memory grew by {grown >> 20} MiB for a {size >> 20} MiB upload"
+
+
 @pytest.mark.parametrize("sig, said", [("SIGHUP", "hung up"), ("SIGTERM", "terminated"), ("SIGINT", "interrupted")])
 def test_the_studio_stops_on_a_signal_in_one_line_with_the_signals_status(tmp_path, sig, said):
     """SIGHUP (a closed terminal) was a traceback inside a request, and at times left the studio serving; SIGTERM and

@@ -106,11 +106,12 @@ def _short(message: str, most: int = 2000) -> str:
     return f"{message[:most // 2]} ...({len(message) - most:,} characters)... {message[-most // 2:]}"
 
 
-def api(handler):
+def api(handler, streamed: bool = False):
     """A JSON endpoint: handler(request, body) runs in a worker thread (the page never waits on another request);
-    a UserError is its one line as {"error": ...} (status 400), as the commands print it."""
+    a UserError is its one line as {"error": ...} (status 400), as the commands print it. `streamed`: the body is
+    handed on as an iterator of its chunks as they arrive, not read whole first."""
     async def endpoint(request: Request):
-        raw = await request.body() if request.method == "POST" else b""
+        raw = _Chunks(request) if streamed else await request.body() if request.method == "POST" else b""
         try:
             return JSONResponse(await run_in_threadpool(handler, request, raw))
         except UserError as e:
@@ -124,6 +125,27 @@ def api(handler):
             return JSONResponse({"error": f"internal error ({type(e).__name__}: {e}); the studio's log has the details"},
                                 status_code=500)
     return endpoint
+
+
+class _Chunks:
+    """A request's body as an iterator of the chunks the client sends, for a handler in a worker thread: an upload is
+    written as it arrives. Read whole first, a 300 MB upload took the studio from 333 MB to 919 MB (fuzz_l F20)."""
+
+    def __init__(self, request: Request):
+        self.stream = request.stream().__aiter__()
+
+    def __iter__(self):
+        import anyio.from_thread
+
+        from starlette.requests import ClientDisconnect
+
+        while True:
+            try:
+                yield anyio.from_thread.run(self.stream.__anext__)
+            except StopAsyncIteration:
+                return
+            except ClientDisconnect:
+                raise UserError("the page went away before the whole file had arrived; nothing was written") from None
 
 
 class Studio:
@@ -169,8 +191,9 @@ class Studio:
             raise UserError("upload: no file name")
         target = self.workspace.writable(Path("uploads") / name, "upload")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(target) as tmp:
-            tmp.write_bytes(raw)
+        with atomic_write(target) as tmp, open(tmp, "wb") as f:
+            for chunk in raw:
+                f.write(chunk)
         return {"path": str(target)}
 
     # ---------------------------------------------------------------- dataset
@@ -264,7 +287,7 @@ class Studio:
             Route("/files", self.files),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
             Route("/api/tasks/{task}", api(self.task_state)),
-            Route("/api/upload", api(self.upload), methods=["POST"]),
+            Route("/api/upload", api(self.upload, streamed=True), methods=["POST"]),
             Route("/api/dataset", api(self.dataset_get)),
             Route("/api/dataset/toml", api(self.dataset_toml), methods=["POST"]),
             Route("/api/dataset/save", api(self.dataset_save), methods=["POST"]),
