@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from command_runner import no_traceback, run_command
 from helpers import dead_pid, write_cached_dataset
@@ -195,3 +196,31 @@ def test_the_seeds_training_command_prints_only_our_lines(assets, tmp_path):
     foreign = [line for line in result.stderr.splitlines() if line.strip()
                and not re.match(r"(INFO|WARNING) musubi_tuner[.:]|steps: |saved ", line.split("\r")[-1])]
     assert not foreign, foreign
+
+
+def test_a_final_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_and_named(assets, tmp_path):
+    """A full disk at the final save lost the run's training (all of it, without --save_state): the LoRA was in memory
+    only. It is written to the temporary folder instead, and the error names it."""
+    from command_runner import read_only_mounts_work
+
+    if not read_only_mounts_work():
+        pytest.skip("needs a private mount namespace (root with CAP_SYS_ADMIN)")
+    probe = run_command("hv_train_network", train_argv(assets, tmp_path / "probe", "--lora_format", "musubi"), tmp_path)
+    assert probe.code == 0, probe.err[-3000:]
+    size = (tmp_path / "probe" / "tiny.safetensors").stat().st_size
+    # a disk that passes the start's check of free space (the tensors' bytes) beside the run's lock file, and that has
+    # no room for the final LoRA's header with them
+    disk = 4096 + (size - 1) // 4096 * 4096
+    out, elsewhere = tmp_path / "out", tmp_path / "tmp"
+    elsewhere.mkdir()
+    result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi"), tmp_path,
+                         small_disk=(out, disk), env={"TMPDIR": str(elsewhere)})
+    no_traceback(result)
+    (line,) = result.error_lines
+    rescued = elsewhere / "tiny-rescued-step00000002.safetensors"
+    assert result.code == 2
+    assert re.fullmatch(rf"error: \S+/out/tiny\.safetensors: cannot write .*No space left on device.*\. The trained LoRA is "
+                        rf"saved as {re.escape(str(rescued))} instead: move it where it belongs", line), line
+    weights = files.StateDictFile(rescued).load_all()
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    assert files.read_safetensors_header(rescued)[1]["ss_steps"] == "2"  # the run's metadata, as the final file's

@@ -201,14 +201,22 @@ class CheckpointSaver:
                 # every file of the pair is written whole before either replaces its previous version: a full disk keeps
                 # the previous pair, and a run killed while writing leaves it too (only the two renames, back to back,
                 # could be split by a kill); a rename that fails undoes the other
-                with replaced_together([out.path for out in outputs]), contextlib.ExitStack() as pair:
-                    for out in outputs:
-                        meta = finish_metadata({**self.metadata, **extra}, out.tensors, steps=progress.global_step, epoch=epoch,
-                                               spec=self.spec, naming=out.naming, companion=out.companion)
-                        if self.hub is not None:
-                            self.hub.wait_for(out.path)  # an upload of an older file of this name still reading it
-                        staged = pair.enter_context(atomic_write(out.path))
-                        save_safetensors(out.tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
+                try:
+                    with replaced_together([out.path for out in outputs]), contextlib.ExitStack() as pair:
+                        for out in outputs:
+                            meta = finish_metadata({**self.metadata, **extra}, out.tensors, steps=progress.global_step,
+                                                   epoch=epoch, spec=self.spec, naming=out.naming, companion=out.companion)
+                            if self.hub is not None:
+                                self.hub.wait_for(out.path)  # an upload of an older file of this name still reading it
+                            staged = pair.enter_context(atomic_write(out.path))
+                            save_safetensors(out.tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
+                except UserError as e:
+                    if not last:
+                        raise
+                    kohya = outputs[0]  # (alone: its companion is not beside it)
+                    meta = finish_metadata({**self.metadata, **extra}, kohya.tensors, steps=progress.global_step, epoch=epoch,
+                                           spec=self.spec, naming=kohya.naming, companion=None)
+                    raise self._rescued(kohya.tensors, meta, progress, e) from None
                 if self.hub is not None:
                     for out in outputs:
                         self.hub.upload(out.path, sync=last)
@@ -230,6 +238,25 @@ class CheckpointSaver:
         self.last_saved, self.last_step = path, progress.global_step
         self.last_state = self.out / f"{stem}-state" if with_state else None
         return path
+
+    def _rescued(self, tensors: dict, meta: dict, progress: TrainProgress, error: UserError) -> UserError:
+        """The final LoRA could not be written where it belongs (a full disk, a quota): the run's training is then in
+        memory only, and without a state it was lost. It is written to the temporary folder instead, else to the home
+        folder, and the error says where (`error` alone when neither takes it)."""
+        import tempfile
+
+        from musubi_tuner.files import atomic_write, save_safetensors
+
+        for folder in (Path(tempfile.gettempdir()), Path.home()):
+            rescue = folder / f"{self.name}-rescued-step{progress.global_step:08d}.safetensors"
+            try:
+                with atomic_write(rescue) as staged:
+                    save_safetensors(tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
+            except (UserError, OSError, RuntimeError):
+                continue
+            logger.info("saved %s", rescue)
+            return UserError(f"{error}. The trained LoRA is saved as {rescue} instead: move it where it belongs")
+        return error
 
     def warn_of_an_earlier_run(self) -> None:
         """A fresh run (no --resume) into a folder that holds an earlier run's LoRAs or states of this --output_name
