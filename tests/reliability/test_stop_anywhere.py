@@ -175,7 +175,7 @@ FETCH = textwrap.dedent(r'''
     import gc, multiprocessing.connection, os, signal, sys, time
     import torch
     from musubi_tuner import errors
-    from musubi_tuner.data.training_dataset import _ignore_stop_signals  # (make_dataloader's workers)
+    from musubi_tuner.data.training_dataset import _leave_stops_to_the_training  # (make_dataloader's workers)
 
     errors.stop_cleanly_on_sigterm()
 
@@ -194,7 +194,7 @@ FETCH = textwrap.dedent(r'''
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-    loader = torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=1, worker_init_fn=_ignore_stop_signals)
+    loader = torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=1, worker_init_fn=_leave_stops_to_the_training)
     batches = iter(loader)
     try:
         sys.setprofile(stop_in_the_handshake)

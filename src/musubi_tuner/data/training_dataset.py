@@ -511,7 +511,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch() - self.start
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _leave_stops_to_the_training(worker_id: int) -> None:
     """A data-loader worker leaves Ctrl-C, SIGTERM and SIGHUP to the training process, which stops its workers as it
     stops: a launcher or a terminal signals the whole process group, and a worker that died of it first made the
     training's own stop a traceback ("DataLoader worker ... is killed by signal"). A worker whose parent is gone
@@ -605,6 +605,6 @@ def make_dataloader(dataset: TrainingDataset, *, num_workers: int = 0, persisten
     # Its own generator: a DataLoader otherwise draws a worker seed from the global RNG at every epoch,
     # which would shift the training noise after a resume.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_no_collate, worker_init_fn=_ignore_stop_signals,
+        dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_no_collate, worker_init_fn=_leave_stops_to_the_training,
         persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory, generator=torch.Generator())
     return loader, sampler
