@@ -126,12 +126,15 @@ class _HeldLoader:
     def __init__(self, loader):
         self.loader = loader
 
+    def __getattr__(self, name):  # (get_filename, get_data, is_package, ...: importlib.util.find_spec's callers use them)
+        return getattr(self.loader, name)
+
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         module.__loader__ = module.__spec__.loader = self.loader  # (the package sees its own loader, as without us)
-        with stops_held():
+        with stops_held(importing=module.__name__):
             self.loader.exec_module(module)
 
 
@@ -196,32 +199,63 @@ _STOPPING_SIGNALS = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
 
 class _Held:
     depth = 0  # stops_held blocks the main thread is in
+    imports: list[str] = []  # of those, the imports (outermost first)
     stop: BaseException | None = None  # the stop that came meanwhile
+    notice = None  # a timer that says why the stop waits, when an import holds it long
+
+
+NOTICE_SECONDS = 1.0
 
 
 def _stop(error: BaseException) -> None:
-    if _Held.depth:
-        _Held.stop = _Held.stop or error
-    else:
+    if not _Held.depth:
         raise error
+    in_import = _Held.depth == len(_Held.imports)
+    if _Held.stop is None:
+        _Held.stop = error
+        if in_import:  # (an import can take long: torch's takes 10-30 s from a cold disk)
+            import threading
+
+            _Held.notice = threading.Timer(NOTICE_SECONDS, _say, [f"stopping once {_Held.imports[0]} has loaded (Ctrl-C "
+                                                                  f"again to stop at once)"])
+            _Held.notice.daemon = True
+            _Held.notice.start()
+    elif in_import and isinstance(error, KeyboardInterrupt) and not isinstance(error, Terminated):
+        _end_notice()
+        raise error  # a second Ctrl-C in an import: asked to, it stops there, traceback and all
+    # (a second stop in a write's few steps waits for them)
+
+
+def _end_notice() -> None:
+    if _Held.notice is not None:
+        _Held.notice.cancel()
+        _Held.notice = None
 
 
 @contextlib.contextmanager
-def stops_held() -> Iterator[None]:
+def stops_held(importing: str | None = None) -> Iterator[None]:
     """A Ctrl-C, SIGTERM or SIGHUP that arrives within the block is raised at its end: for the few steps whose
     interruption would leave something no clean-up can find (a temporary file created but its name not yet known,
-    one of two renames done). Keep the block short: the user waits for it. Other threads never receive these."""
+    one of two renames done). Keep the block short: the user waits for it. Other threads never receive these.
+
+    `importing`: the block imports that package, which a stop must not cut short (its compiled start-up garbles or
+    loses it); the user is told why the stop waits, and a second Ctrl-C stops at once."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _Held.depth += 1
+    if importing:
+        _Held.imports.append(importing)
     try:
         yield
     finally:
         _Held.depth -= 1
+        if importing:
+            _Held.imports.pop()
         if not _Held.depth and _Held.stop is not None:
+            _end_notice()
             stop, _Held.stop = _Held.stop, None
             raise stop
 
