@@ -669,31 +669,40 @@ def test_a_job_whose_pid_is_now_another_programs_is_lost_and_stop_leaves_that_pr
         other.wait()
 
 
+def _started_studio(workspace: Path) -> tuple[subprocess.Popen, int]:
+    """`python -m musubi_tuner.ui` on a free port, once it answers (its stderr piped for the test), and the port."""
+    import urllib.request
+
+    from helpers import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "musubi_tuner.ui", "--workspace", str(workspace), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"the studio did not start: {server.communicate()[1][-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs", timeout=5)
+            return server, port
+        except OSError:
+            time.sleep(0.2)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak memory in /proc")
 def test_an_upload_is_written_as_it_arrives_not_held_whole_in_the_studios_memory(tmp_path):
     """F20 of the studio's fuzzing: a 300 MB upload took the studio from 333 MB to 919 MB (the body read whole, then
     copied); a V2V source of several GB needed several times its size in memory."""
     import http.client
 
-    from helpers import free_port
-
     size = 256 << 20
     source = tmp_path / "clip.mp4"
     with open(source, "wb") as f:
         f.truncate(size)  # (a sparse file: the test process holds none of it either)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "musubi_tuner.ui", "--workspace", str(tmp_path / "ws"), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server, port = _started_studio(tmp_path / "ws")
     peak = lambda: int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{server.pid}/status").read_text())[1]) << 10  # noqa: E731
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
-            try:
-                http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/api/jobs")
-                break
-            except OSError:
-                time.sleep(0.2)
         before = peak()
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         with open(source, "rb") as body:
@@ -714,22 +723,9 @@ def test_the_studio_stops_on_a_signal_in_one_line_with_the_signals_status(tmp_pa
     """SIGHUP (a closed terminal) was a traceback inside a request, and at times left the studio serving; SIGTERM and
     Ctrl-C ended it with status 0 and no word."""
     import signal
-    import urllib.request
 
-    from helpers import free_port
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "musubi_tuner.ui", "--workspace", str(tmp_path / "ws"), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server, _ = _started_studio(tmp_path / "ws")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs", timeout=5)
-                break
-            except OSError:
-                time.sleep(0.2)
         number = getattr(signal, sig)
         server.send_signal(number)
         err = server.communicate(timeout=60)[1]
