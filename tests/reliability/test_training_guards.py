@@ -198,29 +198,54 @@ def test_the_seeds_training_command_prints_only_our_lines(assets, tmp_path):
     assert not foreign, foreign
 
 
-def test_a_final_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_and_named(assets, tmp_path):
-    """A full disk at the final save lost the run's training (all of it, without --save_state): the LoRA was in memory
-    only. It is written to the temporary folder instead, and the error names it."""
+def _lora_sizes(assets, tmp_path) -> tuple[int, int]:
+    """(bytes of the final LoRA file a run of train_argv writes, bytes of its tensors alone), from a probe run."""
     from command_runner import read_only_mounts_work
 
     if not read_only_mounts_work():
         pytest.skip("needs a private mount namespace (root with CAP_SYS_ADMIN)")
     probe = run_command("hv_train_network", train_argv(assets, tmp_path / "probe", "--lora_format", "musubi"), tmp_path)
     assert probe.code == 0, probe.err[-3000:]
-    size = (tmp_path / "probe" / "tiny.safetensors").stat().st_size
-    # a disk that passes the start's check of free space (the tensors' bytes) beside the run's lock file, and that has
-    # no room for the final LoRA's header with them
-    disk = 4096 + (size - 1) // 4096 * 4096
+    path = tmp_path / "probe" / "tiny.safetensors"
+    return path.stat().st_size, sum(t.nbytes for t in files.StateDictFile(path).load_all().values())
+
+
+def test_a_disk_with_room_for_the_loras_tensors_but_not_its_header_is_refused_at_the_start(assets, tmp_path):
+    """The start's check of free space counted the tensors only: a disk within the header's few kilobytes of full
+    passed it, and the run trained to its end to fail at the final save."""
+    size, tensors = _lora_sizes(assets, tmp_path)
+    disk = 4096 + -(-tensors // 4096) * 4096  # the run's lock file, and the tensors' bytes rounded up to whole blocks
+    assert disk - 4096 < size, "the test needs a header larger than the rounding"
     out, elsewhere = tmp_path / "out", tmp_path / "tmp"
     elsewhere.mkdir()
     result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi"), tmp_path,
                          small_disk=(out, disk), env={"TMPDIR": str(elsewhere)})
     no_traceback(result)
     (line,) = result.error_lines
-    rescued = elsewhere / "tiny-rescued-step00000002.safetensors"
+    assert result.code == 2
+    assert re.fullmatch(r"error: \S+/out: 0\.\d MB free, and each save of this run writes about 0\.\d MB \(the LoRA\); free some "
+                        r"space or choose another --output_dir", line), line
+    assert not list(elsewhere.iterdir())  # refused before training, not rescued after it
+
+
+def test_a_final_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_and_named(assets, tmp_path):
+    """A full disk at the final save lost the run's training (all of it, without --save_state): the LoRA was in memory
+    only. It is written to the temporary folder instead, and the error names it."""
+    size, _ = _lora_sizes(assets, tmp_path)
+    # a disk with room for one save (the start's check) beside the run's lock file, which the save at step 2 fills: the
+    # final one, at step 3, finds no room
+    disk = 4096 + -(-(size + 48 * 1024) // 4096) * 4096
+    out, elsewhere = tmp_path / "out", tmp_path / "tmp"
+    elsewhere.mkdir()
+    result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi", "--max_train_steps", "3",
+                                                        "--save_every_n_steps", "2"), tmp_path,
+                         small_disk=(out, disk), env={"TMPDIR": str(elsewhere)})
+    no_traceback(result)
+    (line,) = result.error_lines
+    rescued = elsewhere / "tiny-rescued-step00000003.safetensors"
     assert result.code == 2
     assert re.fullmatch(rf"error: \S+/out/tiny\.safetensors: cannot write .*No space left on device.*\. The trained LoRA is "
                         rf"saved as {re.escape(str(rescued))} instead: move it where it belongs", line), line
     weights = files.StateDictFile(rescued).load_all()
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
-    assert files.read_safetensors_header(rescued)[1]["ss_steps"] == "2"  # the run's metadata, as the final file's
+    assert files.read_safetensors_header(rescued)[1]["ss_steps"] == "3"  # the run's metadata, as the final file's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import re
@@ -23,6 +24,11 @@ from musubi_tuner.training.metadata import finish_metadata, modelspec, training_
 from musubi_tuner.training.state import TrainProgress, save_state
 
 logger = logging.getLogger(__name__)
+
+# A LoRA file's header per tensor beyond its name: `{"dtype":"BF16","shape":[3072,32],"data_offsets":[N,M]}` is about 70
+# bytes with ten-digit offsets; the ComfyUI copy's names run up to 40 bytes longer than the network's own
+HEADER_BYTES_PER_TENSOR = 128
+SAVE_METADATA_BYTES = 16_384  # what a save adds to the run's metadata: steps, epoch, losses, the hashes, ComfyUI's naming
 
 
 @contextlib.contextmanager
@@ -117,7 +123,6 @@ class CheckpointSaver:
         self.losses = LossHistory(self.out / f"{self.name}-loss.csv")
         if accelerator.is_main_process:
             self._remove_leftovers()
-            self._check_free_space()
         started = time.time()
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
@@ -125,14 +130,21 @@ class CheckpointSaver:
             num_items=data.num_items, batches_per_epoch=batches_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
             optimizer_name=optimizer_name, training_started=started,
             session_id=secrets.randbelow(2**32 + 1))  # not from the seeded generator: two runs of one seed are two sessions
+        if accelerator.is_main_process:
+            self._check_free_space()
 
     def _check_free_space(self) -> None:
         """A save needs room for the LoRA (twice with its .comfyui copy) and, with states, the network and an optimizer's
         two moments in float32: checked now, not at the first save or the final one, hours in. (A probe file, which
-        require_writable_folder writes, fits a nearly full disk.)"""
-        weights = sum(t.numel() for t in self.network.state_dict().values())
+        require_writable_folder writes, fits a nearly full disk.) A LoRA file is its tensors and its header: an entry per
+        tensor (name, dtype, shape, offsets: under HEADER_BYTES_PER_TENSOR) and the run's metadata, which a large
+        dataset's tag counts make megabytes, with what each save adds to it (steps, losses, hashes: SAVE_METADATA_BYTES)."""
+        tensors = self.network.state_dict()
+        weights = sum(t.numel() for t in tensors.values())
+        metadata = len(json.dumps({k: str(v) for k, v in {**self.metadata, **self.spec}.items()}).encode())
+        header = sum(len(k) + HEADER_BYTES_PER_TENSOR for k in tensors) + metadata + SAVE_METADATA_BYTES
         files = 1 if self.args.lora_format in ("musubi", "comfyui") else 2
-        lora = weights * self.save_dtype.itemsize * files
+        lora = (weights * self.save_dtype.itemsize + header) * files
         state = 3 * 4 * weights if self.args.save_state or self.args.save_state_on_train_end else 0
         free = shutil.disk_usage(self.out).free
         if free < lora + state:
