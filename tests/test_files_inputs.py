@@ -5,10 +5,13 @@ files, sockets and a real full file system; a deadline turns a hang into a failu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +230,59 @@ def test_a_file_its_owner_could_not_read_is_rewritten_readable_by_a_user_who_is_
         assert done.returncode == 0 and done.stdout.split() == ["0o644", "b'new'"], done.stderr[-2000:]
     finally:
         shutil.rmtree(folder)
+
+
+def _safetensors_bytes(header: dict, data: bytes, encoding: str = "utf-8") -> bytes:
+    raw = json.dumps(header).encode(encoding)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+A = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+B = {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}
+DATA = bytes(range(24))
+
+
+@pytest.mark.parametrize("header, data, encoding, reason", [
+    ({"a": A, "b": {**B, "data_offsets": [8, 16]}}, DATA[:16], "utf-8", r"tensor 'b' starts at byte 8 of the data, where another tensor "
+                                                                        r"overlaps it, up to byte 16"),
+    ({"a": A, "b": B}, DATA + b"\0" * 8, "utf-8", r"8 bytes after its last tensor"),
+    ({"a": {**A, "data_offsets": [8, 24]}}, DATA, "utf-8", r"tensor 'a' starts at byte 8 of the data, where the previous "
+                                                           r"tensor ends at byte 0"),
+    ({"a": A, "b": B}, DATA, "utf-16", r"header is not UTF-8 JSON"),
+    ({"__metadata__": ["x"], "a": A, "b": B}, DATA, "utf-8", r"its __metadata__ must map text to text; it is list"),
+    ({"__metadata__": {"ss_network_dim": 4}, "a": A, "b": B}, DATA, "utf-8",
+     r"its __metadata__ must map text to text; its value for 'ss_network_dim' is int"),
+    ({"a": {**A, "shape": [2.0, 2.0]}, "b": B}, DATA, "utf-8", r"tensor 'a' has a malformed entry in the header"),
+    ({"a": A, "b": {**B, "data_offsets": [24, 16]}}, DATA, "utf-8", r"tensor 'b' has a malformed entry in the header"),
+], ids=["overlap", "bytes-after", "gap-at-start", "utf16", "metadata-list", "metadata-int", "fractional-shape", "end-before-begin"])
+def test_a_safetensors_header_the_safetensors_library_refuses_is_refused_naming_the_file(tmp_path, header, data, encoding, reason):
+    """What the safetensors library will not open (so no other tool loads it either) is refused with the file and the
+    fault named, before any tensor is read: overlapping or loose tensor ranges, bytes past the last one, a header in
+    UTF-16, metadata that is not text to text, fractional or overflowing dimensions. Read as it was, such a file was
+    a traceback from torch (a stride that overflows, a list taken for a dict) or was accepted, its tensors read from
+    the wrong bytes."""
+    from safetensors import safe_open
+
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(_safetensors_bytes({"a": A, "b": B}, DATA))
+    assert sorted(StateDictFile(good).load_all()) == ["a", "b"]
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(_safetensors_bytes(header, data, encoding))
+    with pytest.raises(Exception):  # the reference: the library that wrote the format refuses it too
+        with safe_open(str(path), framework="pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: (not a safetensors file \()?{reason}"):
+        StateDictFile(path)
+    with pytest.raises(UserError, match=re.escape(str(path))):
+        files.read_safetensors_header(path)
+
+
+def test_a_tensor_whose_dimensions_overflow_is_refused_naming_it(tmp_path):
+    """No elements, but dimensions whose product passes 2**63: torch cannot give it strides ("Stride calculation
+    overflowed", a traceback)."""
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(_safetensors_bytes({"a": A, "c": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [16, 16]}},
+                                        DATA[:16]))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: tensor 'c' has a malformed entry in the header \(bytes "
+                                        r"16\.\.16 for float32 \[0, 4611686018427387904, 4611686018427387904\]\)"):
+        StateDictFile(path)

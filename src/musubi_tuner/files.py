@@ -798,8 +798,10 @@ def _open_input(path: Path, what: str, buffering: int = -1):
 
 
 def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str], dict[str, tuple[int, int]]]:
-    """(entries, metadata, absolute (start, end) byte range of each tensor) of the safetensors file open as `f`, checked
-    against the file's size: every range inside the data and as long as its dtype and shape say."""
+    """(entries, metadata, absolute (start, end) byte range of each tensor) of the safetensors file open as `f`, held to
+    the format as the safetensors library holds it (what it refuses, no other tool loads): a UTF-8 JSON object; its
+    metadata text to text; every tensor a known dtype, whole non-negative dimensions and a byte range as long as they
+    say; the ranges one after another from the start of the data to its end, no gap, no overlap, nothing after."""
     size = os.fstat(f.fileno()).st_size
     f.seek(0)
     raw = f.read(8)
@@ -809,29 +811,47 @@ def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int,
     if n > min(size - 8, _MAX_HEADER_BYTES):
         raise UserError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
     try:
-        header = json.loads(f.read(n))
+        header = json.loads(f.read(n).decode("utf-8"))  # (json.loads would take UTF-16 and UTF-32 bytes too)
     except (ValueError, RecursionError) as e:  # (a UnicodeDecodeError or a JSONDecodeError is a ValueError; so is a huge integer)
-        raise UserError(f"{path}: not a safetensors file (header is not JSON: {str(e)[:160]})") from None
+        raise UserError(f"{path}: not a safetensors file (header is not UTF-8 JSON: {str(e)[:160]})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)][:1] if isinstance(metadata, dict) else None
+    if bad != []:
+        what = f"its value for {bad[0]!r} is {type(metadata[bad[0]]).__name__}" if bad else f"it is {type(metadata).__name__}"
+        raise UserError(f"{path}: not a safetensors file (its __metadata__ must map text to text; {what})")
     entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     offsets: dict[str, tuple[int, int]] = {}
     data_size = size - 8 - n
+
+    def whole(values) -> bool:
+        return isinstance(values, list) and all(type(v) is int and 0 <= v < 2**63 for v in values)
+
     for key, info in header.items():
-        try:
-            dtype = st_dtypes()[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise UserError(f"{path}: tensor {key!r} has a malformed entry in the header") from None
+        dtype = st_dtypes().get(info.get("dtype")) if isinstance(info, dict) and isinstance(info.get("dtype"), str) else None
+        shape, span = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if dtype is None or not whole(shape) or not whole(span) or len(span) != 2:
+            raise UserError(f"{path}: tensor {key!r} has a malformed entry in the header ({str(info)[:120]})")
+        begin, end = span
         if end > data_size:
             raise UserError(f"{path}: file is truncated (tensor {key!r} ends at byte {end} of {data_size})")
-        if begin < 0 or end - begin != math.prod(shape) * dtype.itemsize or min(shape, default=1) < 0:
+        if end - begin != math.prod(shape) * dtype.itemsize or math.prod(d for d in shape if d) >= 2**63:
             raise UserError(f"{path}: tensor {key!r} has a malformed entry in the header (bytes {begin}..{end} for "
                             f"{str(dtype).removeprefix('torch.')} {list(shape)})")
-        entries[key] = (dtype, shape)
+        entries[key] = (dtype, tuple(shape))
         offsets[key] = (8 + n + begin, 8 + n + end)
+    reached = 8 + n
+    for key, (begin, end) in sorted(offsets.items(), key=lambda kv: kv[1]):
+        if begin != reached:
+            raise UserError(f"{path}: not a safetensors file (tensor {key!r} starts at byte {begin - 8 - n} of the data, where "
+                            f"{'the previous tensor ends at' if begin > reached else 'another tensor overlaps it, up to'} "
+                            f"byte {reached - 8 - n})")
+        reached = end
+    if reached != size:
+        raise UserError(f"{path}: not a safetensors file ({size - reached} bytes after its last tensor)")
     return entries, metadata, offsets
 
 
