@@ -114,6 +114,20 @@ def test_a_few_nan_values_are_stored_as_zero_but_a_mostly_nan_latent_is_refused_
     assert path.read_bytes() == before
 
 
+
+def test_a_latent_past_float16s_range_is_refused_and_the_old_cache_kept(tmp_path):
+    """An encoder output beyond 65504 is infinite once cast to float16: such a cache was written and called cached, and
+    training met a loss of NaN at the step that reached it."""
+    path = tmp_path / "cat_0032x0032_hv.safetensors"
+    cf.save_latent_cache(path, torch.randn(16, 1, 4, 4).half(), size=(32, 32))
+    before = path.read_bytes()
+    overflowed = (torch.randn(16, 1, 4, 4) * 1e5).half()
+    n = int(torch.isinf(overflowed).sum())
+    assert n
+    with pytest.raises(UserError, match=rf"latents_1x4x4_float16 came out infinite in {n:,} of its 256 values: .* nothing was written"):
+        cf.save_latent_cache(path, overflowed, size=(32, 32))
+    assert path.read_bytes() == before
+
 def test_a_text_cache_written_in_two_passes_holds_both_encoders(tmp_path):
     path = cf.text_cache_path(tmp_path, "walk")
     llm, llm_mask = torch.randn(256, 4096).half(), torch.ones(256, dtype=torch.int64)

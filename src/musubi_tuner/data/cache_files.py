@@ -240,19 +240,22 @@ def clip_provenance(video_provenance: dict[str, str], clip: tuple[int, int]) -> 
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _without_nan(tensors: dict[str, torch.Tensor], what: str, dtype_flag: str) -> dict[str, torch.Tensor]:
+def _finite(tensors: dict[str, torch.Tensor], what: str, dtype_flag: str) -> dict[str, torch.Tensor]:
     """NaN -> 0 with a warning (musubi-tuner does the same: a few overflowed values); the caller's tensors are not
-    modified. A tensor that is mostly NaN is refused instead: zeros in its place would be a cache of nothing, and
-    the next encodes would be the same (a damaged model file spreads NaN through every output)."""
+    modified. A tensor that is mostly NaN, or holds any infinity (an output past its dtype's range: float16 ends at
+    65504), is refused instead: zeros in its place would be a cache of nothing, an infinity a loss of NaN at the step
+    that meets it, and the next encodes would be the same (a damaged model file spreads NaN through every output)."""
     clean = {}
     for key, t in tensors.items():
-        if t.is_floating_point() and t.dtype.itemsize > 1 and (nans := int(torch.isnan(t).sum())):
-            if 2 * nans > t.numel():
-                raise UserError(f"{what}: {key} came out NaN in {nans:,} of its {t.numel():,} values: the encoder's model file "
-                                f"is damaged, or {dtype_flag} float32 avoids an overflow; nothing was written (the cache "
-                                f"already there is kept)")
-            logger.warning("%s: %s holds NaN values; they are stored as 0", what, key)
-            t = torch.nan_to_num(t, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        if t.is_floating_point() and t.dtype.itemsize > 1:
+            infinite, nans = int(torch.isinf(t).sum()), int(torch.isnan(t).sum())
+            if infinite or 2 * nans > t.numel():
+                raise UserError(f"{what}: {key} came out {'infinite' if infinite else 'NaN'} in {infinite or nans:,} of its "
+                                f"{t.numel():,} values: the encoder's model file is damaged, or {dtype_flag} float32 avoids an "
+                                f"overflow; nothing was written (the cache already there is kept)")
+            if nans:
+                logger.warning("%s: %s holds NaN values; they are stored as 0", what, key)
+                t = torch.nan_to_num(t, nan=0.0)
         clean[key] = t.detach().cpu().contiguous()
     return clean
 
@@ -267,7 +270,7 @@ def save_latent_cache(path: str | os.PathLike, latent: torch.Tensor, *, size: tu
                 "format_version": FORMAT_VERSION}
     if frame_count is not None:
         metadata["frame_count"] = str(frame_count)
-    save_safetensors(_without_nan({latent_key(latent): latent}, str(path), "--vae_dtype"), path, metadata=metadata)
+    save_safetensors(_finite({latent_key(latent): latent}, str(path), "--vae_dtype"), path, metadata=metadata)
     return path
 
 
@@ -293,7 +296,7 @@ def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str,
     a cache of another architecture is an error.
     """
     path = Path(path)
-    tensors = _without_nan(dict(tensors), str(path), "--text_encoder_dtype")
+    tensors = _finite(dict(tensors), str(path), "--text_encoder_dtype")
     metadata = {"architecture": ARCHITECTURE_FULL, "caption1": caption, "format_version": FORMAT_VERSION}
     if path.exists():
         kept, old_metadata = _mergeable_text_cache(path, {strip_dtype(k) for k in tensors})
