@@ -62,16 +62,6 @@ def first_non_finite(module: torch.nn.Module, frozen: bool = False) -> str | Non
     return first_in({name: t for name, t in tensors if t.requires_grad != frozen})
 
 
-def damaged_dit(dit: torch.nn.Module, path) -> str | None:
-    """Why every loss is NaN whatever the data and the learning rate: a frozen DiT weight that holds NaN/inf (a
-    damaged file). Looked for only once a run has diverged: a pass over every weight."""
-    bad = first_non_finite(dit, frozen=True)
-    if bad is None:
-        return None
-    key = bad.removeprefix("module.").replace("_orig_mod.", "")
-    return f"The DiT file {path} holds NaN or infinite values ({key}): it is damaged, download it again"
-
-
 def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
     """Why a loss is NaN when the items are not to blame: the LoRA's weights, which stay near their start (values well
     below 1), have grown past 1e3 in the updates before (a learning rate far too high, or no gradient clipping)."""
@@ -760,8 +750,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     def diverged(what: str, local_loss: torch.Tensor | None = None) -> NonFiniteLoss:
         items = culprit_items(batch["item_names"], local_loss, accelerator.num_processes)
         return divergence(what, progress.global_step + 1, epoch + 1, items, saver, resume_from,
-                          known_cause or damaged_dit(dit, args.dit)
-                          or grown_lora(network, args.learning_rate, progress.global_step + 1))
+                          known_cause or grown_lora(network, args.learning_rate, progress.global_step + 1))
 
     if is_schedule_free(optimizer):
         optimizer.train()
