@@ -54,12 +54,11 @@ class NonFiniteLoss(SharedError):
     message (the items come from every process): process 0 prints it."""
 
 
-def first_non_finite(module: torch.nn.Module, frozen: bool = False) -> str | None:
-    """The name of the first trainable parameter (with `frozen`: frozen parameter or buffer) holding NaN/inf, or None."""
+def first_non_finite(module: torch.nn.Module) -> str | None:
+    """The name of the first trainable parameter holding NaN/inf, or None."""
     from musubi_tuner.networks.lora_reader import first_non_finite as first_in
 
-    tensors = (*module.named_parameters(), *(module.named_buffers() if frozen else ()))
-    return first_in({name: t for name, t in tensors if t.requires_grad != frozen})
+    return first_in({name: t for name, t in module.named_parameters() if t.requires_grad})
 
 
 def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
