@@ -67,6 +67,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     A failed write (full disk, read-only folder) becomes a UserError that names `path`; `path` is untouched.
     """
     path = Path(path)
+    check_locks_still_held(path)
     fd = tmp_path = None
     try:
         with stops_held():  # a Ctrl-C between the file's creation and this knowing its name would leave it behind
@@ -104,6 +105,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     all it holds when it fails: a folder of many files (a video's frames) appears whole or not at all. A killed run's
     is named like atomic_write's temporary files, and leftover_temp_files(..., folders=True) finds it."""
     path = Path(path)
+    check_locks_still_held(path)
     fd = tmp = None
     try:
         with stops_held():  # (as atomic_write's)
@@ -399,6 +401,8 @@ def write_error(path: Path, err: OSError) -> UserError:
         folder_there = False
     if err.errno == errno.EISDIR or folder_there:
         return UserError(f"{path}: cannot write: a folder has this name; move it away")
+    if err.errno == errno.ENOENT and not path.parent.is_dir():
+        return UserError(f"{path}: cannot write: its folder is gone (deleted or moved while the command ran)")
     return UserError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions of {path.parent}")
 
 
@@ -481,6 +485,7 @@ class RunLock:
         self.what = what  # "training run", "latent caching run", ...: how the holder is named to a second run
         self.flag = flag  # the flag that chooses the locked place, for the message
         self._fd: int | None = None
+        self._folder = os.path.abspath(self.path.parent)  # (the name it had when taken, whatever the working folder)
 
     def __enter__(self) -> "RunLock":
         self.acquire()
@@ -523,14 +528,46 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD_LOCKS.append(self)
+
+    def still_held(self) -> bool:
+        """The file at the lock's name is still the one this run locked: its folder was not deleted, moved or replaced
+        (the lock would have gone with it, and another run could have taken the name since)."""
+        return self._fd is not None and _same_inode(self._fd, self.path)
 
     @stops_held()
     def release(self) -> None:
         if self._fd is None:
             return
-        _remove_quietly(self.path)  # while still locked: a waiting run then finds no file, or its own
+        if self.still_held():  # (not another run's lock, taken in a folder put where ours was)
+            _remove_quietly(self.path)  # while still locked: a waiting run then finds no file, or its own
         os.close(self._fd)  # closing releases the OS lock
         self._fd = None
+        if self in _HELD_LOCKS:
+            _HELD_LOCKS.remove(self)
+
+
+_HELD_LOCKS: list[RunLock] = []  # taken by this process, not yet released
+
+
+def check_locks_still_held(path: str | os.PathLike) -> None:
+    """Before a write into a folder one of this process's RunLocks guards: its lock file is still there. A folder
+    deleted or moved under a run took the lock with it; writing on would re-create the folder, or write beside a second
+    run that took it since, and both would call their files saved."""
+    target = os.path.abspath(path)
+    for lock in _HELD_LOCKS:
+        if (target + os.sep).startswith(lock._folder + os.sep) and not lock.still_held():
+            raise UserError(f"{lock._folder}: deleted, moved or replaced while this {lock.what} was writing into it (its "
+                            f"lock went with it); stopped, so as not to write beside a run that may have started there "
+                            f"since. Nothing was written to {path}")
+
+
+def _same_inode(fd: int, path: Path) -> bool:
+    try:
+        there, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _taken_whole_or_not(acquire, release):

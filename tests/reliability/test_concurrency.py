@@ -23,6 +23,7 @@ from reliability_cases import (
 
 from helpers import free_port
 from musubi_tuner import files
+from musubi_tuner.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -255,3 +256,48 @@ def test_training_is_refused_while_a_caching_run_writes_the_cache_folder(assets,
     assert not (tmp_path / "out" / "tiny.safetensors").exists()
     again = run_command("hv_train_network", train_argv(assets, tmp_path / "out", toml=toml), tmp_path)  # the lock released
     assert again.code == 0, again.err[-2000:]
+
+
+def test_a_training_whose_folder_is_moved_away_stops_at_its_next_save_and_leaves_the_new_folders_run_alone(assets, tmp_path):
+    """The lock lives in the folder it guards: a folder moved (or deleted) under a run took the lock with it, a second
+    run into a new folder of that name was let in, and the first one wrote on into it, both saying they had saved the
+    same files."""
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    first = start_command("hv_train_network", train_argv(assets, out, "--max_train_steps", "100000", "--save_every_n_steps", "1",
+                                                         "--learning_rate", "5e-4"), tmp_path)
+    wait_for(lambda: (out / "tiny-step00000001.safetensors").exists(), first)
+    while True:  # stopped between two saves, not within one
+        os.kill(first.pid, signal.SIGSTOP)
+        if not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete"))]:
+            break
+        os.kill(first.pid, signal.SIGCONT)
+        time.sleep(0.01)
+    out.rename(moved)
+    second = run_command("hv_train_network", train_argv(assets, out), tmp_path)
+    assert second.code == 0, second.err[-2000:]
+    os.kill(first.pid, signal.SIGCONT)
+    result = first.wait(timeout=120)  # (before: it trained on, into the second run's folder)
+    no_traceback(result)
+    assert result.code == 2
+    (line,) = result.error_lines
+    assert re.fullmatch(rf"error: {re.escape(str(out))}: deleted, moved or replaced while this training run was writing into it "
+                        rf"\(its lock went with it\); stopped, so as not to write beside a run that may have started there "
+                        rf"since\. Nothing was written to {re.escape(str(out))}/\S+", line), line
+    assert files.read_safetensors_header(out / "tiny.safetensors")[1]["ss_learning_rate"] == "0.001"  # the second run's
+    assert not list(out.glob("tiny-step*")), "the first run wrote into the second's folder"
+    assert not leftovers(out) and not (out / ".musubi-train.lock").exists()
+
+
+def test_a_lock_whose_folder_was_replaced_is_no_longer_held_and_its_release_leaves_the_new_lock(tmp_path):
+    folder = tmp_path / "out"
+    lock = files.RunLock(folder / ".musubi-train.lock", "training run", "--output_dir").__enter__()
+    files.check_locks_still_held(folder / "a.safetensors")  # held: nothing to say
+    folder.rename(tmp_path / "moved")
+    with files.RunLock(folder / ".musubi-train.lock", "training run", "--output_dir"):  # another run, in a new folder
+        assert not lock.still_held()
+        with pytest.raises(UserError, match=rf"^{re.escape(str(folder))}: deleted, moved or replaced while this training run"):
+            files.check_locks_still_held(folder / "a.safetensors")
+        files.check_locks_still_held(tmp_path / "elsewhere" / "b.safetensors")  # (outside the folder: none of its business)
+        lock.release()
+        assert (folder / ".musubi-train.lock").exists(), "the first run's release removed the second run's lock"
+    assert not (folder / ".musubi-train.lock").exists()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import UserError, stops_held
-from musubi_tuner.files import atomic_write, load_torch_file, remove_folder, save_safetensors, save_torch
+from musubi_tuner.files import atomic_write, check_locks_still_held, load_torch_file, remove_folder, save_safetensors, save_torch
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".incomplete")
     old = folder.with_name(folder.name + ".old")
+    if is_main:
+        check_locks_still_held(folder)
     try:
         if is_main:
             remove_folder(tmp)  # left by a run killed while writing it
@@ -118,10 +120,14 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
                 shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, (OSError, UserError)):
             raise
+        kept = " (the previous state is kept)" if folder.is_dir() else ""
+        if not folder.parent.is_dir():
+            raise UserError(f"{folder}: cannot write the training state: its folder is gone (deleted or moved while the run "
+                            f"was writing)") from None
         named = re.search(r"cannot write \(([^)]*)\)", str(e))  # atomic_write's message names the file and the cause
         cause = e.strerror if isinstance(e, OSError) and e.strerror else named[1] if named else str(e)
         raise UserError(f"{folder}: cannot write the training state ({cause}); check free space and permissions of "
-                        f"{folder.parent} (the previous state is kept)") from None
+                        f"{folder.parent}{kept}") from None
     wait()
 
 
