@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from musubi_tuner.data.config import read_config_file
 from musubi_tuner.errors import UserError
@@ -286,3 +287,21 @@ def test_a_tensor_whose_dimensions_overflow_is_refused_naming_it(tmp_path):
     with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: tensor 'c' has a malformed entry in the header \(bytes "
                                         r"16\.\.16 for float32 \[0, 4611686018427387904, 4611686018427387904\]\)"):
         StateDictFile(path)
+
+
+def test_an_output_that_is_a_link_has_its_target_written(tmp_path):
+    """As `cp` and `>` do: replacing the link put the file beside it, on the link's disk, and the target kept its old
+    contents."""
+    (tmp_path / "disk").mkdir()
+    target = tmp_path / "disk" / "merged.safetensors"
+    target.write_bytes(b"old")
+    link = tmp_path / "merged.safetensors"
+    link.symlink_to(target)
+    files.save_safetensors({"a": torch.ones(2)}, link)
+    assert link.is_symlink() and files.StateDictFile(target).load_all()["a"].tolist() == [1.0, 1.0]
+    dangling = tmp_path / "out.safetensors"
+    dangling.symlink_to(tmp_path / "nowhere" / "out.safetensors")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(dangling))}: cannot write: it is a link to \S+nowhere/out\.safetensors, "
+                                        r"whose folder does not exist"):
+        files.save_safetensors({"a": torch.ones(2)}, dangling)
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()

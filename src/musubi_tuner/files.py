@@ -64,9 +64,16 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed.
 
-    A failed write (full disk, read-only folder) becomes a UserError that names `path`; `path` is untouched.
+    A failed write (full disk, read-only folder) becomes a UserError that names `path`; `path` is untouched. A `path`
+    that is a symbolic link has its target written, as `cp` and `>` write it (replaced, the link would become a file
+    beside it, and a models folder of links to a large disk would get the file on the small one).
     """
     path = Path(path)
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.parent.is_dir():
+            raise UserError(f"{path}: cannot write: it is a link to {target}, whose folder does not exist")
+        path = target
     check_locks_still_held(path)
     fd = tmp_path = None
     try:
