@@ -109,6 +109,9 @@ def test_per_dataset_keys_are_refused_in_general(folders):
     ("resolution = [100000, 100000]", "dataset.toml: [[datasets]][0].resolution = [100000, 100000]: each side at most 8192 pixels "
                                       "(HunyuanVideo trains at 544x960 to 720x1280)"),
     ("source_fps = inf", "dataset.toml: [[datasets]][0].source_fps = inf must be a finite number greater than 0"),
+    ('frame_extraction = "uniform"\nframe_sample = 1000000000',  # (numpy's linspace of a billion starts: 11 GB, minutes)
+     "dataset.toml: [[datasets]][0].frame_sample = 1000000000 is too large: at most 10,000 (clips per video and length, each a "
+     "latent cache)"),
     ('frame_extraction = "heads"',
      'dataset.toml: [[datasets]][0].frame_extraction = "heads" is not one of head, chunk, slide, uniform, full '
      '(did you mean head?)'),

@@ -245,7 +245,12 @@ def resumed_from_step_1(a, tmp, err, out):
 CASES = [
     # --- flags checked against their domain before anything loads
     Case("train-network-dim-zero", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--network_dim", "0"),
-         r"--network_dim 0: must be at least 1"),
+         r"--network_dim 0: must be between 1 and 1048576"),
+    Case("train-network-dim-past-any-layer", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--network_dim", str(2**63)),
+         r"--network_dim 9223372036854775808: must be between 1 and 1048576 \(HunyuanVideo's layers are 3,072 wide",
+         then=before_the_model_loads),
+    Case("train-ddp-timeout-past-a-year", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--ddp_timeout", str(2**63)),
+         r"--ddp_timeout 9223372036854775808: must be between 1 and 525600 minutes \(a year\)", then=before_the_model_loads),
     Case("train-gradient-accumulation-zero", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--gradient_accumulation_steps", "0"), r"--gradient_accumulation_steps 0: must be at least 1"),
     Case("train-accumulation-ends-each-epoch-with-a-step", "hv_train_network",  # 4 batches: a step at batch 3, one at 4

@@ -247,6 +247,7 @@ def _fraction(value: Any, at: str) -> float:
 # bytes each): 10,000 repeats of 1,000 items is already 3 GB, and 10**17 ran out of memory. An epoch that long is never
 # needed: epochs only pace saving and sampling, and --max_train_steps / --max_train_epochs set how long a run trains.
 MAX_NUM_REPEATS = 10_000
+MAX_FRAME_SAMPLE = 10_000  # "uniform" clips per video and length: np.linspace of 1e9 starts took 11 GB and minutes
 
 # Keys that [general] may set for every dataset.
 SHARED_KEYS: dict[str, Check] = {
@@ -260,7 +261,7 @@ FURTHER_CHECKS: dict[str, Check] = {"caption_extension": _file_extension}
 IMAGE_KEYS: dict[str, Check] = {"image_directory": _path, "image_jsonl_file": _path, "cache_directory": _path}
 VIDEO_KEYS: dict[str, Check] = {
     "video_directory": _path, "video_jsonl_file": _path, "cache_directory": _path, "target_frames": _int_list,
-    "frame_extraction": _extraction, "frame_stride": _positive_int(1), "frame_sample": _positive_int(1),
+    "frame_extraction": _extraction, "frame_stride": _positive_int(1), "frame_sample": _positive_int(1, MAX_FRAME_SAMPLE, " (clips per video and length, each a latent cache)"),
     "max_frames": _positive_int(1), "source_fps": _fps,
 }
 # Accepted because musubi-tuner's schema accepts them, used by its other architectures, ignored here.

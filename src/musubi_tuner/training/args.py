@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("network")
     g.add_argument("--network_module", default=None, help="the network to train: networks.lora, networks.loha or networks.lokr")
-    g.add_argument("--network_dim", type=count(1), default=None, help="LoRA rank (default 4)")
+    g.add_argument("--network_dim", type=count(1, 2**20, " (HunyuanVideo's layers are 3,072 wide at the narrowest side: a higher "
+                                                  "rank adds nothing but memory)"), default=None, help="LoRA rank (default 4)")
     g.add_argument("--network_alpha", type=real(0), default=1,
                    help="LoRA alpha: updates are scaled by alpha / rank; 0 means alpha = rank (as musubi-tuner)")
     g.add_argument("--network_dropout", type=real(0, 0.99), default=None, help="dropout on the rank activations")
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     accepted_only(g, "--dynamo_dynamic", dynamo, action="store_true")
 
     g = p.add_argument_group("distributed")
-    g.add_argument("--ddp_timeout", type=count(1), default=None, help="minutes the processes wait for each other")
+    g.add_argument("--ddp_timeout", type=count(1, 525_600, " minutes (a year)"), default=None,
+                   help="minutes the processes wait for each other")
     g.add_argument("--context_parallel", type=count(1), default=1,
                    help="split each sample's tokens over groups of N processes (Ulysses; N divides the 24 heads); "
                         "processes / N groups train in data parallel")
