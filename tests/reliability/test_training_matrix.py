@@ -136,10 +136,13 @@ def with_damaged_state(part: str):
 
         out = trained_before(a, tmp)
         state = out / "tiny-state"
-        if part == "optimizer":
+        if part in ("optimizer", "optimizer-nan"):
             saved = torch.load(state / "optimizer.pt", weights_only=True)
             for moments in saved["optimizer"]["state"].values():
-                moments["exp_avg"] = torch.zeros(3, 3)
+                if part == "optimizer":
+                    moments["exp_avg"] = torch.zeros(3, 3)
+                else:
+                    moments["exp_avg_sq"].view(-1)[0] = float("nan")
             torch.save(saved, state / "optimizer.pt")
         else:
             weights = load_file(str(state / "network.safetensors"))
@@ -521,6 +524,9 @@ CASES = [
          r"pick another state folder or --resume auto", keep=outputs_of("out")),
     Case("train-resume-a-state-of-integer-weights", "hv_train_network", with_damaged_state("integer"),
          r"tiny-state/network\.safetensors: \S+ is int32 \[.*\], this run's LoRA holds float32", keep=outputs_of("out")),
+    Case("train-resume-a-state-whose-optimizer-moments-hold-nan", "hv_train_network", with_damaged_state("optimizer-nan"),
+         r"tiny-state/optimizer\.pt: exp_avg_sq of parameter \d+ holds NaN or infinite values: no state to resume from; pick an "
+         r"older state folder or --resume auto", keep=outputs_of("out")),
     Case("train-resume-a-state-whose-optimizer-moments-have-another-shape", "hv_train_network", with_damaged_state("optimizer"),
          r"tiny-state/optimizer\.pt: exp_avg of parameter \d+ has shape \[3, 3\], its parameter \[\d+, \d+\]; pick another "
          r"state folder", keep=outputs_of("out")),

@@ -201,8 +201,9 @@ PER_PARAMETER_STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buf
 
 
 def _check_optimizer_state(folder: Path, saved, optimizer) -> None:
-    """The saved optimizer's per-parameter tensors (AdamW's moments, ...) have their parameters' shapes: torch takes any
-    shape and the first step would fail deep inside the update."""
+    """The saved optimizer's per-parameter tensors (AdamW's moments, ...) have their parameters' shapes (torch takes any
+    shape and the first step would fail deep inside the update) and finite values (a NaN moment made the first step's
+    LoRA NaN, and the run blamed its learning rate and called this state good)."""
     try:
         state, groups = saved["optimizer"]["state"], saved["optimizer"]["param_groups"]
         saved_ids = [i for g in groups for i in g["params"]]
@@ -214,6 +215,9 @@ def _check_optimizer_state(folder: Path, saved, optimizer) -> None:
             if name in PER_PARAMETER_STATES and isinstance(value, torch.Tensor) and value.shape != param.shape:
                 raise DamagedState(f"{folder}/optimizer.pt: {name} of parameter {index} has shape {list(value.shape)}, its "
                                    f"parameter {list(param.shape)}; pick another state folder or --resume auto")
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise DamagedState(f"{folder}/optimizer.pt: {name} of parameter {index} holds NaN or infinite values: no "
+                                   f"state to resume from; pick an older state folder or --resume auto")
 
 
 def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
