@@ -351,3 +351,26 @@ def test_a_run_killed_while_it_samples_after_a_state_makes_those_samples_when_re
         assert (out / "sample" / f"tiny_{step:06d}_grid.png").is_file()
         assert len(list((out / "sample").glob(f"tiny_{step:06d}_0*"))) == 2  # one per prompt
     assert (out / "tiny.safetensors").is_file()
+
+
+def test_a_validation_cache_holding_nan_stops_the_run_naming_it(assets, tmp_path):
+    """A NaN loss from a held-out item was logged as 'loss nan' at every evaluation, and the run ended naming a 'best
+    checkpoint' of loss nan."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    held = tmp_path / "held"
+    shutil.copytree(assets["root"] / "held", held)
+    victim = sorted((held / "cache").glob("*_hv.safetensors"))[1]
+    tensors = load_file(str(victim))
+    key = next(iter(tensors))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(victim), metadata=read_safetensors_header(victim)[1])
+    toml = tmp_path / "with_validation.toml"
+    toml.write_text(assets["with_validation"].read_text().replace((assets["root"] / "held").as_posix(), held.as_posix()))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=rf"^validation loss is nan at step 0: the validation caches of {victim.name} hold NaN or "
+                                        r"infinite values; delete them and run cache_latents\.py"):
+        train(parse_args(base_args(assets, toml, out, "--max_train_steps", "2", "--validate_every_n_steps", "1")))
+    assert not list(out.glob("*.safetensors"))

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.data.training_dataset import BatchPlan, load_batch
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import SharedError, UserError
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.networks.lora_metadata import OURS
@@ -101,6 +101,7 @@ class Validator:
         self.levels = noise_levels(levels)
         self.seed = seed
         self.effect_level = levels // 2
+        self.non_finite_items: set[str] = set()  # latent cache names whose loss came out NaN/inf on this process
 
     def partial_sums(self, dit, network, accelerator, rank: int = 0, world: int = 1) -> torch.Tensor:
         """Sums over this process's share of the batches (every world-th): (2 * levels + 2,) float64 on the
@@ -122,7 +123,11 @@ class Validator:
                 sigma = torch.full((B,), level.item(), device=device)
                 timesteps = model_timesteps(self.ts_cfg, sigma)
                 pred, target = predict_velocity(dit, latents, noise, sigma, timesteps, batch, accelerator, self.guidance_value)
-                sums[j] += (pred - target).square().mean(dim=(1, 2, 3, 4)).sum().double()
+                per_item = (pred - target).square().mean(dim=(1, 2, 3, 4))
+                bad = ~torch.isfinite(per_item)
+                if bad.any():
+                    self.non_finite_items.update(name for name, b in zip(batch["item_names"], bad.tolist()) if b)
+                sums[j] += per_item.sum().double()
                 sums[n + j] += B
                 if j == self.effect_level and multiplier is not None and hasattr(network, "set_multiplier"):
                     network.set_multiplier(0.0)
@@ -152,6 +157,12 @@ class Validator:
         per_level = tuple((round(level.item(), 6), (sums[j] / sums[n + j]).item()) for j, level in enumerate(self.levels))
         effect = math.sqrt(sums[2 * n].item() / sums[2 * n + 1].item()) if sums[2 * n + 1] > 0 else None
         loss = sum(v for _, v in per_level) / n
+        if not math.isfinite(loss):  # (the same on every process: each raises; the LoRA's own finiteness is the step's check)
+            items = sorted(self.non_finite_items)
+            named = (f"{', '.join(items[:4])}{', ...' if len(items) > 4 else ''}" if items else
+                     "items evaluated by another process")
+            raise SharedError(f"validation loss is {loss} at step {step}: the validation caches of {named} hold NaN or infinite "
+                              f"values; delete them and run cache_latents.py and cache_text_encoder_outputs.py again")
         return ValidationResult(step, loss, per_level, effect, time.perf_counter() - started)
 
 
