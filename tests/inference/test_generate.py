@@ -455,3 +455,18 @@ def test_two_processes_run_the_negative_and_positive_prompt_of_skyreels_i2v_side
     argv = [*base_flags(speed_inputs), *flags, "--output_type", "latent", "--save_path", str(tmp_path)]
     (latent, ), _ = run_group(2, _generate_in_group, argv, launcher_env=True)  # the image encoded once, by the first
     assert rel_err(StateDictFile(latent).get("latent"), one) < 1e-5
+
+
+def test_two_outputs_of_one_seed_in_the_same_millisecond_keep_both(tmp_path, monkeypatch):
+    """Names come from the clock: two generations of one seed saved in one millisecond (or after the clock was set back)
+    replaced each other's latent and video without a word."""
+    import time
+
+    from musubi_tuner.inference import outputs
+
+    monkeypatch.setattr(time, "time", lambda: 1790000000.123)  # a clock that does not move
+    first = outputs.save_latent(torch.zeros(16, 1, 2, 2), {"prompt": "a"}, tmp_path, 1, False)
+    second = outputs.save_latent(torch.ones(16, 1, 2, 2), {"prompt": "b"}, tmp_path, 1, False)
+    assert first != second and outputs.OUTPUT_NAME.fullmatch(second.name)
+    assert [outputs.load_latent(str(p))[1]["prompt"] for p in (first, second)] == ["a", "b"]
+    assert outputs.free_stamp(tmp_path, 2) == outputs.time_flag()  # (another seed's names are its own)

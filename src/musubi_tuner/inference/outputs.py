@@ -18,10 +18,23 @@ from musubi_tuner.files import StateDictFile, atomic_folder, atomic_write, save_
 OUTPUT_NAME = re.compile(r"\d{8}-\d{6}-\d{3}_0_-?\d+(?:\.mp4|_latent\.safetensors)?")
 
 
-def time_flag() -> str:
+def time_flag(now: float | None = None) -> str:
     """Local time with milliseconds, as musubi-tuner names outputs: 20260101-120000-123."""
-    now = time.time()
+    now = time.time() if now is None else now
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}"
+
+
+def free_stamp(folder: Path, seed: int) -> str:
+    """The time_flag of now, or of the first millisecond after it that no output of this seed in `folder` has: two
+    generations of one seed saved in the same millisecond, or after the clock was set back, replaced each other's
+    video and latent without a word."""
+    now = time.time()
+    for ms in range(100_000):
+        stamp = time_flag(now + ms / 1000)
+        stem = f"{stamp}_0_{seed}"
+        if not any((folder / name).exists() for name in (f"{stem}.mp4", f"{stem}_latent.safetensors", stem)):
+            return stamp
+    raise UserError(f"{folder}: holds outputs of seed {seed} for every millisecond of the next 100 s; choose another --save_path")
 
 
 def generation_metadata(args, seed: int, steps_run: int) -> dict[str, str]:
@@ -42,7 +55,7 @@ def save_latent(latent: torch.Tensor, meta: dict[str, str], folder: Path, seed: 
                 stamp: str | None = None) -> Path:
     """(16, F, H, W) float32 latent (already times the VAE scaling factor) under the key `latent`; `stamp`: the
     generation's time_flag, which its video shares (as musubi-tuner names them: a latent is found by its video's name)."""
-    path = folder / f"{stamp or time_flag()}_0_{seed}_latent.safetensors"
+    path = folder / f"{stamp or free_stamp(folder, seed)}_0_{seed}_latent.safetensors"
     save_safetensors({"latent": latent.float().contiguous()}, path, metadata=None if no_metadata else meta)
     return path
 
@@ -94,7 +107,7 @@ def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folde
 
     frames = decode_to_frames(vae, latent)
     seed = meta.get("seeds", "0")
-    stem = f"{stamp or time_flag()}_0_{seed}"
+    stem = f"{stamp or free_stamp(folder, seed)}_0_{seed}"
     saved = []
     if args.output_type in ("video", "both"):
         path = folder / f"{stem}.mp4"

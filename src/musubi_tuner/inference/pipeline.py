@@ -412,7 +412,7 @@ def _generate(args, device, layout) -> list[Path]:
     latents, start, cache = _sample(args, dit, device, layout, shape, seed, cond, neg, encoded["video"], encoded["image"])
 
     meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start) | step_cache.describe(cache)
-    saved, stamp = [], outputs.time_flag()  # one name for the latent and its video
+    saved, stamp = [], outputs.free_stamp(save_path, seed)  # one name for the latent and its video
     if args.output_type in ("latent", "both") and main:
         saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata, stamp))
     if args.output_type in ("video", "images", "both"):
