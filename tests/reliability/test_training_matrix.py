@@ -496,6 +496,16 @@ CASES = [
     # --- resuming checks what it resumes
     Case("train-output-name-with-a-folder-prunes-and-resumes-there", "hv_train_network", output_name_with_a_folder, None,
          then=resumed_into_the_folder),
+    Case("train-output-name-out-of-the-output-folder", "hv_train_network",
+         lambda a, t: [*train_argv(a, t / "out")[:-2], "--output_name", "../elsewhere/tiny"],
+         r"--output_name \.\./elsewhere/tiny: leads out of --output_dir with '\.\.'; give the folder as --output_dir",
+         then=before_the_model_loads),
+    Case("train-resume-a-lora-file", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--resume", str(a.lora)),
+         r"lora\.safetensors: a file, not a training state folder \(--resume\) \(a LoRA file\? start from its weights with "
+         r"--network_weights\); give a \*-state folder or --resume auto", then=before_the_model_loads),
+    Case("train-config-file-without-suffix", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--config_file", str(write(t / "run", "max_train_steps = 0\n"))),
+         r"run: max_train_steps = 0"),
     Case("train-output-name-absolute", "hv_train_network",
          lambda a, t: [*train_argv(a, t / "out")[:-2], "--output_name", str(t / "elsewhere" / "tiny")], None,
          then=lambda a, t, err, out: (t / "elsewhere" / "tiny.safetensors").is_file() or (_ for _ in ()).throw(AssertionError(err[-2000:]))),

@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     from musubi_tuner.tomlio import load_toml
 
-    file = Path(path if Path(path).suffix else f"{path}.toml")
+    file = Path(path)  # sd-scripts' convention: a name without a suffix means NAME.toml, unless NAME itself is there
+    if not file.suffix and not file.exists() and not file.is_symlink():
+        file = Path(f"{path}.toml")
     raw = load_toml(file, "config file", "--config_file")
     flat: dict = {}
 
@@ -326,6 +328,8 @@ def output_stem(output_dir: str, output_name: str) -> Path:
     folders, or be absolute). The loop, pruning, --resume auto and the studio's workspace check all read it."""
     if Path(output_name).name in ("", ".", "..") or output_name.endswith(("/", os.sep)):
         raise UserError(f"--output_name {output_name}: a file name stem, not a folder")
+    if ".." in Path(output_name).parts:  # (the run's lock and checks are on --output_dir: the files would land elsewhere)
+        raise UserError(f"--output_name {output_name}: leads out of --output_dir with '..'; give the folder as --output_dir")
     return Path(output_dir) / output_name
 
 

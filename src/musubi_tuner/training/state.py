@@ -244,6 +244,9 @@ def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
 def read_state_folder(folder: str | Path) -> tuple[TrainProgress, dict]:
     """read_marker of a --resume folder, after saying plainly when there is no such folder."""
     folder = Path(folder)
+    if folder.is_file():
+        hint = " (a LoRA file? start from its weights with --network_weights)" if folder.suffix == ".safetensors" else ""
+        raise UserError(f"{folder}: a file, not a training state folder (--resume){hint}; give a *-state folder or --resume auto")
     if not folder.is_dir():
         raise UserError(f"{folder}: training state folder not found (--resume); give a *-state folder or --resume auto")
     return read_marker(folder)
