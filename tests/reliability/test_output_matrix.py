@@ -229,6 +229,11 @@ CASES = [
                        *generate_argv(a, t, "--output_type", "video")[2:]],
          r"nan_dit\.safetensors: double_blocks\.0\.img_attn_qkv\.weight holds NaN or infinite values: the file is damaged",
          then=nothing_generated),
+    Case("generate-extreme-lora-multiplier-is-named-as-the-likely-cause", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--output_type", "video", "--lora_weight", str(a.lora), "--lora_multiplier", "1e30"),
+         r"(holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written|the VAE decoded NaN/inf pixels from a finite "
+         r"latent)[:;] --lora_multiplier 1e\+30, far from the usual, may be the cause; else ",
+         then=lambda a, t, err, out: not list((t / "videos").glob("*.mp4")) or pytest.fail("a video was written")),
     Case("generate-extreme-guidance-is-named-as-the-likely-cause", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--output_type", "video", "--guidance_scale", "1e30"),
          r"(holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written|the VAE decoded NaN/inf pixels from a finite "

@@ -471,7 +471,9 @@ def _far_settings(args) -> str:
     none is): a guidance scale of 1e30 overflows, and then the files are not to blame."""
     far = [f"{flag} {value:g}" for flag, value, usual in (("--guidance_scale", args.guidance_scale, (0, 100)),
                                                            ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
-                                                           ("--flow_shift", args.flow_shift, (1e-3, 1e3)))
+                                                           ("--flow_shift", args.flow_shift, (1e-3, 1e3)),
+                                                           *(("--lora_multiplier", m, (-100, 100))
+                                                             for m in getattr(args, "lora_multiplier", None) or ()))
            if value is not None and not usual[0] <= value <= usual[1]]
     return f"{' and '.join(far)}, far from the usual, may be the cause; else " if far else ""
 
