@@ -5,6 +5,7 @@ doctor report such files instead of failing, and stop quietly when their reader 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,8 @@ def test_info_and_doctor_report_a_nan_lora(files, capsys):
     assert status == 0 and json.loads(out)["modules"]
     status, out, _ = run_main(lora_doctor.main, [paths["nan"], "--for", "ours", "comfyui"], capsys)
     assert status == 1 and f"{NAN_KEY} holds NaN or infinite values" in out and "it holds NaN or infinite values" in out
+    rows = [line for line in out.splitlines() if "keys applied" not in line and re.search(r"\d+/\d+\s+\d+%", line)]
+    assert rows and all(line.endswith("none: the file holds NaN or infinite values") for line in rows), out  # not "give it"
     status, out, _ = run_main(lora_doctor.main, [paths["nan"], "--json"], capsys)
     assert status == 1 and json.loads(out)["non_finite"] == NAN_KEY
 

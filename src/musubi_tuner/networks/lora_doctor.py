@@ -172,7 +172,8 @@ def diagnosis_text(d: Diagnosis) -> str:
     lines += ["", f"  {'consumer':<14} {'keys applied':>17}  give it"]
     for v in d.verdicts:
         there = f"  ({len(v.alternative[1].applied)}/{v.alternative[1].total} keys applied there)" if v.alternative else ""
-        lines.append(f"  {CONSUMER_TITLES[v.consumer]:<14} {_coverage_cell(v.coverage)}  {_use(v)}{there}")
+        use = "none: the file holds NaN or infinite values" if d.inspection.non_finite else f"{_use(v)}{there}"
+        lines.append(f"  {CONSUMER_TITLES[v.consumer]:<14} {_coverage_cell(v.coverage)}  {use}")
     for v in d.verdicts:
         if v.ok:
             continue
