@@ -188,7 +188,7 @@ def test_under_accelerate_launch_quiet_our_line_is_the_last_on_screen(assets, tm
                              "--dynamo_backend", "no", "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, capture_output=True,
                             text=True, env=env)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --network_dim 0: must be at least 1"), result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --network_dim 0: must be between 1 and 1048576"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 

@@ -296,7 +296,7 @@ def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_w
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"output_name": "../../escaped"}, "--output_dir / --output_name = .*escaped.*: outside the workspace"),
+    ({"output_name": "../../escaped"}, r"--output_name \.\./\.\./escaped: leads out of --output_dir with '\.\.'"),
     ({"output_name": "/elsewhere/lora"}, "--output_dir / --output_name = /elsewhere/lora: outside the workspace"),
     ({"logging_dir": "logs", "log_prefix": "../../outside/run_"}, "--logging_dir / --log_prefix = .*/outside/run_[0-9]+: outside the workspace"),
 ])
