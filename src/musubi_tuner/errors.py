@@ -326,6 +326,8 @@ def use_expandable_segments(environ=os.environ, platform: str = sys.platform) ->
 def _fail(message: str, shared: bool = False) -> None:
     _default_sigterm()  # ending anyway: a launcher's SIGTERM now ends it without a second message
     _close_progress_bars()
+    if "musubi_tuner.files" in sys.modules:  # (a command that failed before it checked any output folder made none)
+        sys.modules["musubi_tuner.files"].remove_created_empty_folders()
     quiet = shared and int(os.environ.get("RANK", "0") or 0) != 0
     if not quiet:
         _say(f"error: {message}")

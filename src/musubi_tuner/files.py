@@ -305,12 +305,28 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
             break
     try:
         if create:
+            missing = [above for above in (folder, *folder.parents) if not above.exists()]
             folder.mkdir(parents=True, exist_ok=True)
+            _CREATED_FOLDERS.extend(missing)
         with tempfile.TemporaryFile(dir=folder):  # unnamed where the system can (O_TMPFILE): a kill leaves nothing
             pass
     except OSError as e:
         raise UserError(f"{folder}: cannot write to this folder ({e.strerror or e}); fix its permissions or choose another {flag}") from None
     return folder
+
+
+_CREATED_FOLDERS: list[Path] = []  # made by require_writable_folder for outputs to come
+
+
+def remove_created_empty_folders() -> None:
+    """The folders a command made to check where its outputs go, when it fails: those still empty are removed, deepest
+    first (a typo in an output path left a tree of empty folders behind a run that failed on an input)."""
+    for folder in sorted(set(_CREATED_FOLDERS), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # (only an empty one: anything written there, by this run or another, keeps it)
+        except OSError:
+            pass
+    _CREATED_FOLDERS.clear()
 
 
 def temporary_name(name: str) -> str:
