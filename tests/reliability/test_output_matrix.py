@@ -44,7 +44,8 @@ def absent(path: Path) -> None:
 
 
 def absent_all(folder: Path) -> None:
-    assert not list(folder.iterdir()), list(folder.iterdir())
+    """Nothing in `folder`, or no `folder` (a command that fails removes the empty folders it made)."""
+    assert not folder.exists() or not list(folder.iterdir()), list(folder.iterdir())
 
 
 def merged_before(a, tmp, *extra):
