@@ -879,10 +879,13 @@ def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int,
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
-    bad = [k for k, v in metadata.items() if not isinstance(v, str)][:1] if isinstance(metadata, dict) else None
-    if bad != []:
-        what = f"its value for {bad[0]!r} is {type(metadata[bad[0]]).__name__}" if bad else f"it is {type(metadata).__name__}"
-        raise UserError(f"{path}: not a safetensors file (its __metadata__ must map text to text; {what})")
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path}: not a safetensors file (its __metadata__ must map text to text; it is "
+                        f"{type(metadata).__name__})")
+    bad = next((k for k, v in metadata.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise UserError(f"{path}: not a safetensors file (its __metadata__ must map text to text; its value for {bad!r} is "
+                        f"{type(metadata[bad]).__name__})")
     entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     offsets: dict[str, tuple[int, int]] = {}
     data_size = size - 8 - n

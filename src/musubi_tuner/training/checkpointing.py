@@ -137,8 +137,8 @@ class CheckpointSaver:
         """A save needs room for the LoRA (twice with its .comfyui copy) and, with states, the network and an optimizer's
         two moments in float32: checked now, not at the first save or the final one, hours in. (A probe file, which
         require_writable_folder writes, fits a nearly full disk.) A LoRA file is its tensors and its header: an entry per
-        tensor (name, dtype, shape, offsets: under HEADER_BYTES_PER_TENSOR) and the run's metadata, which a large
-        dataset's tag counts make megabytes, with what each save adds to it (steps, losses, hashes: SAVE_METADATA_BYTES)."""
+        tensor (name, dtype, shape, offsets: under HEADER_BYTES_PER_TENSOR) and the run's metadata (flags, datasets,
+        modules), with what each save adds to it (steps, losses, hashes: SAVE_METADATA_BYTES)."""
         tensors = self.network.state_dict()
         weights = sum(t.numel() for t in tensors.values())
         metadata = len(json.dumps({k: str(v) for k, v in {**self.metadata, **self.spec}.items()}).encode())

@@ -101,7 +101,7 @@ class Validator:
         self.levels = noise_levels(levels)
         self.seed = seed
         self.effect_level = levels // 2
-        self.non_finite_items: set[str] = set()  # latent cache names whose loss came out NaN/inf on this process
+        self._item_losses: list[tuple[list[str], torch.Tensor]] = []  # the last partial_sums' (item names, per-item losses)
 
     def partial_sums(self, dit, network, accelerator, rank: int = 0, world: int = 1) -> torch.Tensor:
         """Sums over this process's share of the batches (every world-th): (2 * levels + 2,) float64 on the
@@ -113,6 +113,7 @@ class Validator:
         n = len(self.levels)
         sums = torch.zeros(2 * n + 2, dtype=torch.float64, device=device)
         multiplier = getattr(network, "multiplier", None)
+        self._item_losses = []
         for b in range(rank, len(self.batches), world):
             batch = load_batch(self.batches[b])
             latents = batch["latents"].to(device, torch.float32) * SCALING_FACTOR
@@ -124,9 +125,7 @@ class Validator:
                 timesteps = model_timesteps(self.ts_cfg, sigma)
                 pred, target = predict_velocity(dit, latents, noise, sigma, timesteps, batch, accelerator, self.guidance_value)
                 per_item = (pred - target).square().mean(dim=(1, 2, 3, 4))
-                bad = ~torch.isfinite(per_item)
-                if bad.any():
-                    self.non_finite_items.update(name for name, b in zip(batch["item_names"], bad.tolist()) if b)
+                self._item_losses.append((batch["item_names"], per_item.detach()))  # (read only if the sum is not finite)
                 sums[j] += per_item.sum().double()
                 sums[n + j] += B
                 if j == self.effect_level and multiplier is not None and hasattr(network, "set_multiplier"):
@@ -158,7 +157,8 @@ class Validator:
         effect = math.sqrt(sums[2 * n].item() / sums[2 * n + 1].item()) if sums[2 * n + 1] > 0 else None
         loss = sum(v for _, v in per_level) / n
         if not math.isfinite(loss):  # (the same on every process: each raises; the LoRA's own finiteness is the step's check)
-            items = sorted(self.non_finite_items)
+            items = sorted({name for names, losses in self._item_losses
+                            for name, finite in zip(names, torch.isfinite(losses).tolist()) if not finite})
             named = (f"{', '.join(items[:4])}{', ...' if len(items) > 4 else ''}" if items else
                      "items evaluated by another process")
             raise SharedError(f"validation loss is {loss} at step {step}: the validation caches of {named} hold NaN or infinite "
