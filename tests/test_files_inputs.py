@@ -207,6 +207,27 @@ def test_a_tilde_in_a_dataset_config_without_a_home_folder_is_one_line(tmp_path)
                                    'write the full path'), done.stderr
 
 
+def test_a_text_encoder_folder_that_cannot_be_listed_is_not_called_one_without_weights():
+    """Path.glob returns nothing for a folder it cannot list: the folder was reported as holding no weight files."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run as a user who may enter the folder but not list it")
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))  # (pytest's folders are root's alone: not passable)
+    try:
+        os.chmod(folder, 0o755)
+        (folder / "te").mkdir()
+        files.save_safetensors({"w": torch.zeros(1)}, folder / "te" / "model.safetensors")
+        os.chmod(folder / "te", 0o311)
+        code = ("from musubi_tuner.errors import UserError\nfrom musubi_tuner.hunyuan.text_encoders import WeightFiles\n"
+                "try:\n    WeightFiles('te', 'text encoder')\nexcept UserError as e:\n    print(e)\n")
+        done = subprocess.run([sys.executable, "-c", code], cwd=folder, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                              user=54321, group=54321, extra_groups=[], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip() == "te: cannot list this text encoder folder (Permission denied)", done.stderr[-2000:]
+    finally:
+        shutil.rmtree(folder)
+
+
 # ------------------------------------------------------------------------------------------ permissions of a rewrite
 
 

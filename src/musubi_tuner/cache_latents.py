@@ -18,11 +18,11 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import logging
 import os
-from pathlib import Path
 
 
 from musubi_tuner.cli import Parser, compute_dtype, count, pixels, resolve_device
 from musubi_tuner.errors import UserError, run_cli
+from musubi_tuner.files import require_present
 
 logger = logging.getLogger("cache_latents")
 
@@ -120,8 +120,7 @@ def main(argv=None) -> None:
             return
         if not args.vae:
             raise UserError("--vae is required (the VAE checkpoint, e.g. hunyuan-video-t2v-720p/vae/pytorch_model.pt)")
-        if not Path(args.vae).exists():
-            raise UserError(f"{args.vae}: VAE checkpoint not found (--vae)")
+        require_present(args.vae, "VAE checkpoint", "--vae")
         from musubi_tuner.data.cache_files import lock_cache_directories
         from musubi_tuner.data.items import CacheReport, listed_items
         from musubi_tuner.dtypes import str_to_dtype

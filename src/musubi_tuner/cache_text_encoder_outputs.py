@@ -18,11 +18,11 @@ import argparse
 import gc
 import logging
 import os
-from pathlib import Path
 
 
 from musubi_tuner.cli import Parser, compute_dtype, count, resolve_device
-from musubi_tuner.errors import UserError, run_cli
+from musubi_tuner.errors import run_cli
+from musubi_tuner.files import require_present
 
 logger = logging.getLogger("cache_text_encoder_outputs")
 
@@ -102,8 +102,7 @@ def main(argv=None) -> None:
         from musubi_tuner.hunyuan.text_encoders import check_text_encoder1, check_text_encoder2, load_text_encoder1, load_text_encoder2
 
         for flag in ("text_encoder1", "text_encoder2"):
-            if not Path(getattr(args, flag)).exists():
-                raise UserError(f"{getattr(args, flag)}: text encoder not found (--{flag})")
+            require_present(getattr(args, flag), "text encoder", f"--{flag}")
         config = load_dataset_config(args.dataset_config, args)
         check_text_encoder1(args.text_encoder1)  # both now: a wrong CLIP file must not wait for the whole LLM pass
         check_text_encoder2(args.text_encoder2)

@@ -298,11 +298,9 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     if not create:
         while not folder.exists() and folder.parent != folder:
             folder = folder.parent
-    for above in (folder, *folder.parents):  # a file where a folder must be: not a permissions problem
-        if above.exists() and not above.is_dir():
-            raise UserError(f"{above}: is a file, not a folder; choose another {flag}")
-        if above.exists():
-            break
+    blocked = not_a_folder(folder)  # a file where a folder must be: not a permissions problem
+    if blocked is not None:
+        raise UserError(f"{blocked}: is {_what_is(blocked)}, not a folder; choose another {flag}")
     try:
         if create:
             missing = [above for above in (folder, *folder.parents) if not above.exists()]
@@ -410,11 +408,9 @@ def write_error(path: Path, err: OSError) -> UserError:
     """Turn a failed write (full disk, read-only folder, a file where a folder must be) into a message that names the
     file."""
     path = Path(path)
-    for above in path.parents:
-        if above.exists():
-            if not above.is_dir():
-                return UserError(f"{path}: cannot write: {above} is a file, not a folder")
-            break
+    blocked = not_a_folder(path.parent)
+    if blocked is not None:
+        return UserError(f"{path}: cannot write: {blocked} is {_what_is(blocked)}, not a folder")
     if err.errno == errno.ENAMETOOLONG:  # (first: asking about such a name fails too)
         return UserError(f"{path}: cannot write: the name, or its temporary file's, is too long for the file system (255 "
                          "bytes a name on most); choose a shorter one")
@@ -521,8 +517,9 @@ class RunLock:
         _taken_whole_or_not(self._acquire, self.release)
 
     def _acquire(self) -> None:
-        if self.path.parent.exists() and not self.path.parent.is_dir():
-            raise UserError(f"{self.path.parent}: is a file, not a folder; choose another {self.flag}")
+        blocked = not_a_folder(self.path.parent)
+        if blocked is not None:
+            raise UserError(f"{blocked}: is {_what_is(blocked)}, not a folder; choose another {self.flag}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -770,14 +767,48 @@ def require_file(path: str | os.PathLike, what: str = "file", flag: str | None =
     opened at all; each is named here, before anything opens it. `max_bytes` bounds files read whole (a caption, a
     config), whose size is a mistake, not work, when it is gigabytes."""
     path = Path(path)
+    _require_regular(_stat(path, what, flag), path, what, flag, max_bytes)
+    return path
+
+
+def require_present(path: str | os.PathLike, what: str = "file", flag: str | None = None) -> Path:
+    """`path` as a Path when it names something, a file or a folder (links followed), or a UserError that says why not
+    in the words require_file uses: not found, a broken or looping link, a file where a folder must be, permissions."""
+    path = Path(path)
+    _stat(path, what, flag)
+    return path
+
+
+def require_folder(path: str | os.PathLike, what: str = "folder", flag: str | None = None) -> Path:
+    """`path` as a Path when it is a folder that can be listed, or a UserError that says why not."""
+    path = Path(path)
+    if not stat.S_ISDIR(_stat(path, what, flag).st_mode):
+        raise UserError(f"{path}: is a file, expected {_a(what)}" + (f" ({flag})" if flag else ""))
+    list_folder(path, what, flag)
+    return path
+
+
+def list_folder(path: str | os.PathLike, what: str = "folder", flag: str | None = None) -> list[Path]:
+    """The entries of a folder, sorted by name, or a UserError naming it: a folder that cannot be listed is not one
+    with nothing in it (Path.glob says nothing of the difference)."""
+    path = Path(path)
     try:
-        st = os.stat(path)
+        return sorted(path.iterdir())
+    except OSError as e:
+        if e.errno == errno.ENOTDIR:
+            raise UserError(f"{path}: is a file, expected {_a(what)}" + (f" ({flag})" if flag else "")) from None
+        if e.errno in (errno.ENOENT, errno.ELOOP):
+            raise _unreadable(path, what, flag, e) from None
+        raise UserError(f"{path}: cannot list this {what} ({e.strerror or e})" + (f" ({flag})" if flag else "")) from None
+
+
+def _stat(path: Path, what: str, flag: str | None) -> os.stat_result:
+    try:
+        return os.stat(path)
     except OSError as e:
         raise _unreadable(path, what, flag, e) from None
     except ValueError:  # a NUL in the name (from a config file): no such file can exist
         raise UserError(f"{path}: {what} not found" + (f" ({flag})" if flag else "")) from None
-    _require_regular(st, path, what, flag, max_bytes)
-    return path
 
 
 # A text file users write and that is read whole (a caption, a dataset config, a prompt file): at most this large
@@ -803,7 +834,7 @@ def read_small_file(path: str | os.PathLike, what: str = "file", flag: str | Non
         except OSError as e:
             raise _unreadable(path, what, flag, e) from None
     if len(data) > max_bytes:  # (it grew since the check)
-        raise UserError(f"{path}: more than {_size(max_bytes)}, too large for a {what}" + (f" ({flag})" if flag else ""))
+        raise UserError(f"{path}: more than {_size(max_bytes)}, too large for {_a(what)}" + (f" ({flag})" if flag else ""))
     return data
 
 
@@ -814,24 +845,50 @@ _SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"
 def _require_regular(st: os.stat_result, path: Path, what: str, flag: str | None, max_bytes: int | None) -> None:
     given = f" ({flag})" if flag else ""
     if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{path}: expected a {what}, found a folder{given}")
+        raise UserError(f"{path}: expected {_a(what)}, found a folder{given}")
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)), "a special file")
-        raise UserError(f"{path}: not a regular file ({kind}); expected a {what}{given}")
+        raise UserError(f"{path}: not a regular file ({kind}); expected {_a(what)}{given}")
     if max_bytes is not None and st.st_size > max_bytes:
-        raise UserError(f"{path}: {_size(st.st_size)}, too large for a {what} (at most {_size(max_bytes)}){given}")
+        raise UserError(f"{path}: {_size(st.st_size)}, too large for {_a(what)} (at most {_size(max_bytes)}){given}")
 
 
 def _unreadable(path: Path, what: str, flag: str | None, e: OSError) -> UserError:
     """Why os.stat or os.open of an input failed, in words: a missing file, a broken or looping link, permissions."""
-    given = f" ({flag})" if flag else ""
+    return UserError(f"{path}: {why_unreadable(path, what, e)}" + (f" ({flag})" if flag else ""))
+
+
+def why_unreadable(path: str | os.PathLike, what: str, e: OSError) -> str:
+    """Why os.stat or os.open of `path` failed, in words (without the path): not found, a broken or looping link, a
+    file where one of its folders must be, permissions."""
     if e.errno == errno.ELOOP:
-        return UserError(f"{path}: symbolic link loop{given}")
+        return "symbolic link loop"
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
         if os.path.islink(path):
-            return UserError(f"{path}: broken symbolic link (to {os.readlink(path)}, which does not exist){given}")
-        return UserError(f"{path}: {what} not found{given}")
-    return UserError(f"{path}: cannot read ({e.strerror or e}){given}")
+            return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        blocked = not_a_folder(Path(path).parent)
+        if blocked is not None:
+            return f"{what} not found: {blocked} is {_what_is(blocked)}, not a folder"
+        return f"{what} not found"
+    return f"cannot read ({e.strerror or e})"
+
+
+def not_a_folder(folder: Path) -> Path | None:
+    """The first of `folder` and its parents that is there but is not a folder (a file, or a broken link), if the
+    nearest one there is not a folder: the reason a path under it cannot be made or found."""
+    for above in (folder, *folder.parents):
+        if os.path.lexists(above):
+            return None if above.is_dir() else above
+    return None
+
+
+def _what_is(path: Path) -> str:
+    return f"a broken symbolic link (to {os.readlink(path)})" if path.is_symlink() and not path.exists() else "a file"
+
+
+def _a(what: str) -> str:
+    """`what` with its article: "a file", "an image"."""
+    return ("an " if what[:1].lower() in "aeiou" else "a ") + what
 
 
 def _size(n: int) -> str:
@@ -1127,7 +1184,7 @@ def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path, wha
         nested = next((k for k, v in obj.items() if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())), None)
         if nested is not None:  # e.g. the official DiT .pt (weights under `module`) passed as a VAE or a LoRA
             dit = " (the layout of HunyuanVideo's DiT mp_rank_00_model_states.pt; pass it with --dit)" if nested == "module" else ""
-            raise UserError(f"{path}: not a {what}: its tensors sit under {nested!r}{dit}")
+            raise UserError(f"{path}: not {_a(what)}: its tensors sit under {nested!r}{dit}")
         hint = f" (looked under {', '.join(repr(k) for k in subdict_keys)})" if subdict_keys else ""
         raise UserError(f"{path}: holds no tensors{hint}; top-level keys: {sorted(map(str, obj))[:8]}")
     raise UserError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")

@@ -17,7 +17,7 @@ import logging
 
 
 from musubi_tuner.cli import Parser, count, real, resolve_device
-from musubi_tuner.errors import UserError, run_cli
+from musubi_tuner.errors import run_cli
 
 logger = logging.getLogger("merge_lora")
 

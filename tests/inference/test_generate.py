@@ -295,15 +295,29 @@ def no_model_loads(monkeypatch):
     (["--video_size", "40", "32"], "--video_size 40 32: height and width must be multiples of 16 (try 48 32)"),
     (["--dit", "missing.pt"], "missing.pt: DiT checkpoint not found (--dit)"),
     (["--text_encoder2", "missing_clip"], "missing_clip: text encoder not found (--text_encoder2)"),
-    (["--video_path", "missing.mp4"], "missing.mp4: not found (--video_path)"),
+    (["--video_path", "missing.mp4"], "missing.mp4: video not found (--video_path)"),
+    # every file flag says why in the same words: a broken link, a loop, a file where a folder must be, a folder
+    (["--vae", "{broken}"], "broken: broken symbolic link (to {tmp}/gone, which does not exist) (--vae)"),
+    (["--text_encoder1", "{loop}"], "loop: symbolic link loop (--text_encoder1)"),
+    (["--dit", "{under_file}"], "dit.pt: DiT checkpoint not found: {tmp}/file is a file, not a folder (--dit)"),
+    (["--image_path", "{tmp}"], "expected an image, found a folder (--image_path)"),
+    (["--video_path", "{broken}"], "broken: broken symbolic link (to {tmp}/gone, which does not exist) (--video_path)"),
+    (["--save_path", "{broken}"], "broken: is a broken symbolic link (to {tmp}/gone), not a folder; choose another --save_path"),
     (["--lora_weight", "missing.safetensors"], "missing.safetensors: LoRA file not found (--lora_weight)"),
     (["--image_path", "{dit}"], "--image_path needs a SkyReels I2V DiT (32 input channels)"),
     (["--dit", "{dit_i2v}"], "is an image-to-video DiT (32 input channels): give the first frame with --image_path"),
     (["--context_parallel", "3"], "--context_parallel 3: the DiT's 2 attention heads do not split over 3 processes; use one of 1, 2"),
     (["--context_parallel", "2"], "--context_parallel 2: one process was started; start 2 (accelerate launch --multi_gpu"),
 ])
-def test_bad_inputs_stop_with_one_line_naming_the_flag_before_any_model_loads(models, no_model_loads, capsys, change, message):
-    argv = [*base_flags(models), *(c.format(**models) for c in change), "--save_path", str(models["root"] / "unused")]
+def test_bad_inputs_stop_with_one_line_naming_the_flag_before_any_model_loads(models, no_model_loads, capsys, tmp_path, change,
+                                                                              message):
+    (tmp_path / "broken").symlink_to(tmp_path / "gone")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("")
+    paths = {**models, "tmp": tmp_path, "broken": tmp_path / "broken", "loop": tmp_path / "loop",
+             "under_file": tmp_path / "file" / "dit.pt"}
+    message = message.format(**paths)
+    argv = [*base_flags(models), "--save_path", str(models["root"] / "unused"), *(c.format(**paths) for c in change)]
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()

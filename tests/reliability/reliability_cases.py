@@ -168,6 +168,12 @@ def killed_while_writing(path: Path) -> Path:
     return path
 
 
+def link(path: Path, target: Path) -> Path:
+    """`path` made a symbolic link to `target` (which need not exist)."""
+    path.symlink_to(target)
+    return path
+
+
 def copy_dataset(a: Assets, tmp: Path) -> tuple[Path, Path]:
     """A private copy of the cached synthetic dataset: (its TOML, its folder)."""
     folder = tmp / "ds"

@@ -20,6 +20,7 @@ from reliability_cases import (
     caches,
     check,
     killed_while_writing,
+    link,
     nan_llm,
     nan_vae,
     copy_dataset,
@@ -213,6 +214,13 @@ def jsonl_after_a_folder(a, tmp):
                            f'[[datasets]]\nimage_jsonl_file = "{tmp / "meta.jsonl"}"\ncache_directory = "{tmp / "second"}"\n')
 
 
+def jsonl_with_a_missing_image(a, tmp):
+    """A JSONL dataset whose second line names an image that is not there (a typo)."""
+    image = next((a.dataset.parent / "images").glob("*.png"))
+    write(tmp / "meta.jsonl", f'{{"image_path": "{image}", "caption": "a"}}\n{{"image_path": "{tmp / "typo.png"}", "caption": "b"}}\n')
+    return write_toml(tmp, f'[[datasets]]\nimage_jsonl_file = "{tmp / "meta.jsonl"}"\ncache_directory = "{tmp / "cache"}"\n')
+
+
 def edit_json(path, edit):
     import json
 
@@ -333,6 +341,15 @@ CASES = [
     Case("toml-cache-directory-is-a-file", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace(str(t / "cache"), str(write(t / "cfile", "x")))), a),
          r"cfile: is a file, not a folder; choose another cache_directory"),
+    Case("toml-cache-directory-under-a-file", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(write_toml(t, video_table(a, t).replace(str(t / "cache"), str(write(t / "cfile", "x") / "cache"))), a),
+         r"cfile: is a file, not a folder; choose another cache_directory"),
+    Case("toml-folder-is-a-broken-link", "cache_latents",
+         lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace(str(a.dataset.parent / "videos"), str(link(t / "gone", t / "nowhere")))), a),
+         r'dataset\.toml: \[\[datasets\]\]\[0\]\.video_directory = ".*gone": broken symbolic link \(to .*nowhere, which does not exist\)'),
+    Case("cache-text-jsonl-image-missing-is-reported", "cache_text_encoder_outputs",
+         lambda a, t: cache_text_argv(jsonl_with_a_missing_image(a, t), a), None,
+         then=summary_names(r"1 text caches cached, 0 already cached, 0 skipped, 1 failed", r"failed: .*typo\.png: image not found")),
     # --- flags
     Case("cache-latents-batch-size-zero", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a, "--batch_size", "0"),
          r"--batch_size 0: must be at least 1"),

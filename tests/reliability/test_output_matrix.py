@@ -15,6 +15,7 @@ from reliability_cases import (
     Case,
     check,
     killed_while_writing,
+    link,
     nan_llm,
     nan_vae,
     nan_dit,
@@ -90,11 +91,6 @@ def own_copy(path, tmp):
 
     (tmp / "own").mkdir(exist_ok=True)
     return Path(shutil.copy2(path, tmp / "own" / path.name))
-
-
-def link(path, target):
-    path.symlink_to(target)
-    return path
 
 
 def replaced(argv: list[str], flag: str, value) -> list[str]:

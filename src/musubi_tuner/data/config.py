@@ -23,7 +23,7 @@ from musubi_tuner.data import media
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError, did_you_mean
-from musubi_tuner.files import read_small_file, require_file
+from musubi_tuner.files import read_small_file, require_file, why_unreadable
 from musubi_tuner.tomlio import load_toml, loads_json, loads_toml
 
 logger = logging.getLogger(__name__)
@@ -622,8 +622,11 @@ def _resolve_cache(value: str, config_path: Path, at: str, anchor: bool | None, 
 
 def _check_source(path: Path, key: str, written: str, where: str, *, is_directory: bool) -> None:
     at = f"{where}.{key} = {_show(written)}"
-    if not path.exists():
-        raise UserError(f"{at}: {'folder' if is_directory else 'file'} not found")
+    try:
+        os.stat(path)
+    except (OSError, ValueError) as e:  # (ValueError: a NUL in the name)
+        why = why_unreadable(path, "folder" if is_directory else "file", e) if isinstance(e, OSError) else "not found"
+        raise UserError(f"{at}: {why}") from None
     if is_directory and not path.is_dir():
         raise UserError(f"{at}: is a file, expected a folder")
     if not is_directory and path.is_dir():

@@ -29,7 +29,7 @@ from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
 from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import read_safetensors_header, read_small_file, require_file, unwritable_name
+from musubi_tuner.files import read_safetensors_header, read_small_file, require_file, require_present, unwritable_name
 from musubi_tuner.tomlio import loads_json
 
 logger = logging.getLogger(__name__)
@@ -506,8 +506,15 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
     """Every item's caption and text cache path, in item order; unreadable captions are reported (or
     raised when `strict`). `num_workers` threads read the caption files (worth it on network drives)."""
     items = listed_items(dataset, report)
+    what = "video" if dataset.is_video else "image"
+
+    def read(item: SourceItem) -> str:
+        if item.caption_file is None:  # a JSONL line's file: a typo is said here, not first by latent caching
+            require_present(item.path, what)
+        return item.read_caption()
+
     result = []
-    for item, caption in _map_in_threads(SourceItem.read_caption, items, num_workers):
+    for item, caption in _map_in_threads(read, items, num_workers):
         if isinstance(caption, BaseException):
             report.fail(item.path, _failure_reason(item, caption), strict)
             continue

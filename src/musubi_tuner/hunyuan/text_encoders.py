@@ -21,7 +21,7 @@ time onto a model built on the meta device.
 from __future__ import annotations
 
 import copy
-import json
+import fnmatch
 import logging
 import os
 import re
@@ -32,7 +32,7 @@ import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import StateDictFile
+from musubi_tuner.files import StateDictFile, list_folder, require_present
 from musubi_tuner.hunyuan.fp8 import FP8_DTYPE, make_fp8_linear, quantize_rows
 from musubi_tuner.hunyuan.tokenization import (TextTokenizer, json_type_name, load_clip_tokenizer, load_llm_tokenizer,
                                                parse_json, read_json)
@@ -177,9 +177,7 @@ class WeightFiles:
     """The tensors of a text encoder as one key space: a single file, or every weight file of an HF folder."""
 
     def __init__(self, path: str | os.PathLike, what: str):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise UserError(f"{self.path}: {what} not found")
+        self.path = require_present(path, what)
         files = _folder_weight_files(self.path) if self.path.is_dir() else [self.path]
         # subdict keys: so that a pickled DiT (`module`) passed by mistake is recognised as one
         self.files = [StateDictFile(f, what=what, subdict_keys=("module", "state_dict")) for f in files]
@@ -207,8 +205,9 @@ def _folder_weight_files(folder: Path) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             return _index_shards(folder, folder / index)
+    entries = list_folder(folder, "text encoder folder")  # (one that cannot be listed is not one without weights)
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
-        found = sorted(p for p in folder.glob(pattern) if p.is_file())
+        found = [p for p in entries if fnmatch.fnmatchcase(p.name, pattern) and p.is_file()]
         if found:
             return found
     raise UserError(f"{folder}: no weight files in this folder (expected *.safetensors or pytorch_model*.bin)")

@@ -16,7 +16,7 @@ import torch
 from musubi_tuner.cli import resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import require_file
+from musubi_tuner.files import require_file, require_present
 from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference.presets import PRESETS, detect_preset
@@ -39,8 +39,7 @@ def _free(*objs) -> None:
 def check_and_fill(args) -> None:
     """Validate everything that needs no model, and fill preset defaults into flags left unset."""
     for flag, what in (("dit", "DiT checkpoint"), ("vae", "VAE checkpoint")):
-        if not Path(getattr(args, flag)).exists():
-            raise UserError(f"{getattr(args, flag)}: {what} not found (--{flag})")
+        require_present(getattr(args, flag), what, f"--{flag}")
     if args.latent_path:
         if args.output_type not in ("video", "images"):
             raise UserError("--latent_path decodes saved latents: use --output_type video or images")
@@ -58,11 +57,11 @@ def check_and_fill(args) -> None:
     for flag in ("text_encoder1", "text_encoder2"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")
-        if not Path(getattr(args, flag)).exists():
-            raise UserError(f"{getattr(args, flag)}: text encoder not found (--{flag})")
-    for flag in ("video_path", "image_path"):
-        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
-            raise UserError(f"{getattr(args, flag)}: not found (--{flag})")
+        require_present(getattr(args, flag), "text encoder", f"--{flag}")
+    if args.image_path:
+        require_file(args.image_path, "image", "--image_path")
+    if args.video_path:  # (a file, or a folder of frames)
+        require_present(args.video_path, "video", "--video_path")
     if args.fp8_fast and not args.fp8:
         raise UserError("--fp8_fast needs --fp8")
     if args.lycoris:  # musubi-tuner needs the LyCORIS package for LoHa/LoKr; here the LoRA reader applies them itself
