@@ -216,10 +216,12 @@ def test_half_precision_vae_stays_close_to_float32(weights, pair, dtype, toleran
 @pytest.mark.parametrize("fp16_kernel", [True, False])
 def test_cpu_convolutions_match_pytorch_on_small_inputs(monkeypatch, fp16_kernel):
     """conv3d() sends small float32 inputs to oneDNN and, on CPUs without a float16 kernel (where PyTorch's own runs
-    60-140x slower), float16 through float32: the result is PyTorch's float32 convolution, rounded once."""
+    60-140x slower), float16 through float32: the result is a float32 convolution, rounded once (within a float16 step
+    of PyTorch's own, which sums in another order)."""
     from musubi_tuner.hunyuan import vae
 
     monkeypatch.setattr(vae, "cpu_lacks_fast_float16", lambda: not fp16_kernel)
+    torch.manual_seed(0)  # (the weights: not whatever the worker's earlier tests left the generator at)
     conv = torch.nn.Conv3d(8, 4, 3, padding=(0, 1, 1), stride=(1, 2, 2)).eval()
     x = torch.randn(1, 8, 3, 6, 10, generator=torch.Generator().manual_seed(0))  # N x C x T x H = 144: PyTorch's im2col path
     with torch.no_grad():
@@ -230,8 +232,9 @@ def test_cpu_convolutions_match_pytorch_on_small_inputs(monkeypatch, fp16_kernel
         assert got.dtype == torch.float16
         if fp16_kernel:  # PyTorch's own float16 kernel: float16 rounding inside
             assert rel_err(got.float(), want) < 2e-3
-        else:
-            assert torch.equal(got, want.half())
+        else:  # float32 summed in oneDNN's order, not im2col's: the rounding to float16 may land one step apart
+            assert rel_err(got.float(), want) < 2**-11
+            assert ((got.float() - want.half().float()).abs() <= (want.half().float().abs() * 2**-10).clamp_min(2**-24)).all()
 
 
 @pytest.mark.parametrize("op", ["encode", "decode"])
