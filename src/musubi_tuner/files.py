@@ -658,6 +658,33 @@ class FolderUse:
         self.release()
 
 
+def use_holders(path: str | os.PathLike) -> str:
+    """Who holds a FolderUse file, in words: the processes /proc/locks lists for it (Linux), with their command lines.
+    A shared use is held by several runs at once, so none writes a holder record as a RunLock's holder does."""
+    try:
+        st = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return "holder unknown"
+    here = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  READ  4242 08:01:1234 0 EOF" ("1: -> ..." waits for one)
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] != "->" and fields[5] == here and fields[4].isdigit():
+            pid = int(fields[4])
+            if pid != os.getpid() and pid not in pids:
+                pids.append(pid)
+    described = []
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [os.path.basename(command[0].decode(errors="replace"))] + [w.decode(errors="replace") for w in command[1:] if w]
+        described.append(f"pid {pid}: {' '.join(words)[:300]}")
+    return "; ".join(described) or "holder unknown"
+
+
 def lock_holder(path: str | os.PathLike) -> str:
     """Who holds a RunLock file, in words (for a run that meets it from another kind of command)."""
     try:

@@ -207,7 +207,7 @@ def test_under_a_multi_process_launch_the_failure_summary_names_our_error(assets
 
 def test_caching_is_refused_while_a_training_reads_the_cache_folder(assets, tmp_path):
     """A cache_latents run rewrote every cache under a running training (and deleted a removed image's, which
-    stopped the training at step 1269, without a save): now it waits its turn."""
+    stopped the training at step 1269, without a save): now it waits its turn, told which process it waits for."""
     import fcntl
 
     toml, folder = copy_dataset(assets, tmp_path)
@@ -231,8 +231,9 @@ def test_caching_is_refused_while_a_training_reads_the_cache_folder(assets, tmp_
         no_traceback(caching)
         assert caching.code == 2, caching.err[-2000:]
         (line,) = caching.error_lines
-        assert re.fullmatch(r"error: \S+/cache/(images|videos): a training run is reading these caches \(\S+ \[\[datasets\]\]\[\d\]\); "
-                            r"this latent caching run would change them under it: wait for it to finish, or stop it first", line), line
+        assert re.fullmatch(rf"error: \S+/cache/(images|videos): a training run is reading these caches \(\S+ \[\[datasets\]\]\[\d\]: "
+                            rf"pid {training.process.pid}: .+\); this latent caching run would change them under it: wait for it "
+                            r"to finish, or stop it first", line), line
         assert {p.name: p.stat().st_mtime_ns for p in (folder / "cache" / "images").glob("*_hv.safetensors")} == before
     finally:
         training.process.kill()

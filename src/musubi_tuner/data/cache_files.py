@@ -57,7 +57,8 @@ def lock_cache_directories(datasets, kind: str):
                                               f"cache_directory ({ds.where})"))
             use = stack.enter_context(files.FolderUse(Path(ds.cache_directory) / USE_NAMES[kind], exclusive=True))
             if not use.acquire():
-                raise UserError(f"{ds.cache_directory}: a training run is reading these caches ({ds.where}); this "
+                raise UserError(f"{ds.cache_directory}: a training run is reading these caches ({ds.where}: "
+                                f"{files.use_holders(Path(ds.cache_directory) / USE_NAMES[kind])}); this "
                                 f"{CACHING_RUNS[kind]} would change them under it: wait for it to finish, or stop it first")
     except BaseException:
         stack.close()
