@@ -202,3 +202,35 @@ def test_a_lokr_file_of_another_factor_is_named_as_such_when_loaded_into_a_netwo
     with pytest.raises(UserError, match=r"lokr4\.safetensors: its LoKr modules are of another factor or rank than this "
                                         r"network's \(\S+\.lokr_w2\S*\): give the --network_args factor and --network_dim"):
         network.load_weights(str(made["lokr factor 4"].path))
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "lokr_full", "diff"])
+@pytest.mark.parametrize("size", [1e-2, 1e4])
+def test_the_largest_update_is_the_update_s_largest_entry_once_it_matters(kind, size):
+    """What every reader refuses as a diverged training's (lora_reader.DIVERGED_UPDATE): below the limit a cheap bound
+    from the factors' norms, never under the true largest change; above it, that change exactly."""
+    from musubi_tuner.networks.lora_reader import DIVERGED_UPDATE, Patch, largest_update
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, share=0.5):  # factors whose products reach about `size`
+        return torch.randn(*shape, generator=g) * size ** share
+
+    if kind == "lora":
+        patch = Patch("m", "lora", (), up=r(12, 4), down=r(4, 10), alpha=-2.0)
+    elif kind == "loha":
+        patch = Patch("m", "loha", (), alpha=3.0, factors={k: r(*shape, share=0.25) for k, shape in
+                                                          (("hada_w1_a", (12, 4)), ("hada_w1_b", (4, 10)), ("hada_w2_a", (12, 4)), ("hada_w2_b", (4, 10)))})
+    elif kind == "lokr":
+        patch = Patch("m", "lokr", (), alpha=2.0, factors={"lokr_w1": r(3, 2), "lokr_w2_a": r(4, 2, share=0.25), "lokr_w2_b": r(2, 5, share=0.25)})
+    elif kind == "lokr_full":
+        patch = Patch("m", "lokr", (), factors={"lokr_w1": r(3, 2), "lokr_w2": r(4, 5)})
+    else:
+        patch = Patch("m", "diff", (), tensor=r(12, 10, share=1.0))
+    exact = patch.delta(patch.shape).abs().max().item()
+    found = largest_update(patch)
+    if found > DIVERGED_UPDATE:
+        assert found == pytest.approx(exact, rel=1e-6)
+    else:
+        assert exact <= found * (1 + 1e-6)
+    assert (found > DIVERGED_UPDATE) == (exact > DIVERGED_UPDATE) == (size > 1)  # (both sides of the limit are tried)

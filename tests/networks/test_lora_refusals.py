@@ -23,6 +23,7 @@ from helpers import run_main, tiny_dit_file_and_lora
 ROOT = Path(__file__).resolve().parents[2]
 NAN_KEY = "lora_unet_single_blocks_1_linear1.lora_up.weight"
 RANK_KEY = "lora_unet_double_blocks_1_img_mlp_fc2"
+DIVERGED = "single_blocks.1.linear1: its update reaches"  # (NAN_KEY's module, its lora_up at 1e30)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def files(tmp_path_factory):
     dit, good, _ = tiny_dit_file_and_lora(tmp)
     made = {"good": good,
             "nan": {**good, NAN_KEY: torch.full_like(good[NAN_KEY], float("nan"))},
+            "diverged": {**good, NAN_KEY: torch.full_like(good[NAN_KEY], 1e30)},  # finite: a diverged training's weights
             "ranks": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(8, 256)},  # lora_up is (64, 4)
             "tucker": {**good, "lora_unet_double_blocks_0_img_attn_proj.hada_t1": torch.zeros(2, 2, 3, 3)},
             "bias diff": {**good, "lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.full((64,), 0.01)},
@@ -112,7 +114,7 @@ def generation_files(files, encoders_and_vae):
             **encoders_and_vae}
 
 
-@pytest.mark.parametrize("bad, named", [("nan", f"{NAN_KEY} holds NaN or infinite values"),
+@pytest.mark.parametrize("bad, named", [("nan", f"{NAN_KEY} holds NaN or infinite values"), ("diverged", DIVERGED),
                                         ("ranks", f"{RANK_KEY}.lora_up.weight: its up weight [64, 4] and down weight [8, 256]")])
 def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, generation_files, capsys, tmp_path, monkeypatch, bad, named):
     from musubi_tuner.hunyuan import text_encoders
@@ -128,7 +130,7 @@ def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, gener
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("bad, named", [("nan", NAN_KEY), ("ranks", f"{RANK_KEY}.lora_up.weight"),
+@pytest.mark.parametrize("bad, named", [("nan", NAN_KEY), ("diverged", DIVERGED), ("ranks", f"{RANK_KEY}.lora_up.weight"),
                                         ("bias diff", "lora_unet_double_blocks_0_img_attn_proj.diff_b: a diff_b of "
                                                       "double_blocks.0.img_attn_proj.bias, but a network holds LoRA, LoHa or LoKr modules")])
 @pytest.mark.parametrize("flag", ["--network_weights", "--base_weights"])
@@ -157,6 +159,31 @@ def test_info_and_doctor_report_a_nan_lora(files, capsys):
     assert rows and all(line.endswith("none: the file holds NaN or infinite values") for line in rows), out  # not "give it"
     status, out, _ = run_main(lora_doctor.main, [paths["nan"], "--json"], capsys)
     assert status == 1 and json.loads(out)["non_finite"] == NAN_KEY
+
+
+def test_every_reader_refuses_a_diverged_training_s_lora_and_info_and_the_doctor_say_so(files, capsys, tmp_path, no_dit_reads):
+    """Finite weights of 1e30 were saved by a diverged training, called good, and applied by generation (a video of
+    noise): the update they make is held to what a trained LoRA's can be, by the one reader every tool uses."""
+    _, dit, paths = files
+    weights = StateDictFile(paths["diverged"]).load_all()
+    module = NAN_KEY.removesuffix(".lora_up.weight")
+    up, down, alpha = weights[NAN_KEY].double(), weights[f"{module}.lora_down.weight"].double(), float(weights[f"{module}.alpha"])
+    largest = float((up @ down).abs().max()) * alpha / down.shape[0]  # the largest change to one weight
+    message = (f"error: {paths['diverged']}: single_blocks.1.linear1: its update reaches {largest:.3g} per weight, where a "
+               "trained LoRA's stays well below 1 (a diverged training): this LoRA cannot be applied")
+    for main, argv in ((merge_lora.main, ["--dit", dit, "--lora_weight", paths["diverged"], "--save_merged_model", tmp_path / "m.safetensors",
+                                          "--device", "cpu"]),
+                       (convert_lora.main, ["--input", paths["diverged"], "--output", tmp_path / "o.safetensors", "--target", "other"])):
+        status, _, err = run_main(main, argv, capsys)
+        assert status == 2 and error_line(err) == message
+    assert list(tmp_path.iterdir()) == []
+    status, out, err = run_main(lora_info.main, [paths["diverged"]], capsys)
+    assert status == 0 and f"DIVERGED   single_blocks.1.linear1: its update reaches {largest:.3g} per weight" in out, out
+    status, out, _ = run_main(lora_doctor.main, [paths["diverged"], "--for", "ours", "comfyui"], capsys)
+    rows = [line for line in out.splitlines() if "keys applied" not in line and re.search(r"\d+/\d+\s+\d+%", line)]
+    assert status == 1 and rows and all(line.endswith("none: the file holds a diverged training's update") for line in rows), out
+    status, out, _ = run_main(lora_doctor.main, [paths["diverged"], "--json"], capsys)
+    assert status == 1 and json.loads(out)["diverged"].startswith(f"single_blocks.1.linear1: its update reaches {largest:.3g}")
 
 
 def test_info_and_doctor_list_entries_we_cannot_apply(files, capsys):

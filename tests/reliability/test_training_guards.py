@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def poison(cache: Path, value: float) -> None:
-    """Put `value` into a latent cache as a broken VAE run would (the cache writer itself stores NaN as 0)."""
+    """Put `value` into a latent cache, stored in float32 (as --vae_dtype float32 caches are)."""
     f = files.StateDictFile(cache)
     (key,) = f.keys()
-    latents = f.get(key).clone()
+    latents = f.get(key).float()
     latents[0, 0, 0, 0] = value
-    files.save_safetensors({key: latents}, cache, metadata=f.metadata)
+    files.save_safetensors({key.replace("float16", "float32"): latents}, cache, metadata=f.metadata)
 
 
 def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(assets, tmp_path):
@@ -37,7 +37,7 @@ def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(a
     toml = write_cached_dataset(tmp_path / "data", items=3, frames=5, size=(32, 32))
     data = TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=1)
     (second,) = data[data.epoch_plan(1)[1]]["item_names"]  # the batch of step 2: step 1 saves a good checkpoint first
-    poison(tmp_path / "data" / "cache" / second, float("nan"))
+    poison(tmp_path / "data" / "cache" / second, 3e38)  # finite, and past what the forward can hold
     out = tmp_path / "out"
     result = run_command("hv_train_network", train_argv(assets, out, "--save_every_n_steps", "1", "--max_train_steps", "6",
                                                         toml=toml), tmp_path)
@@ -53,11 +53,13 @@ def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(a
 
 
 def test_a_diverging_run_names_a_finite_checkpoint_saved_before_the_bad_update_and_resumes_from_it(assets, tmp_path):
-    """A learning rate of 1e30 sends the weights to inf within a few updates. Every step is saved: the error must
-    name the newest checkpoint whose weights are finite, and its state must resume."""
+    """A learning rate of 1e6 sends the update past anything a trained LoRA holds within a few updates. Every step is
+    saved: the error must name the newest checkpoint that every reader takes, and its state must resume."""
+    from musubi_tuner.networks.lora_reader import read_lora
+
     out = tmp_path / "out"
     argv = train_argv(assets, out, "--save_every_n_steps", "1", "--save_state", "--max_train_steps", "8", "--max_grad_norm", "0",
-                      "--optimizer_type", "SGD", "--learning_rate", "1e30")
+                      "--optimizer_type", "SGD", "--learning_rate", "1e6")
     result = run_command("hv_train_network", argv, tmp_path)
     no_traceback(result)
     assert result.code == 2, result.err[-3000:]
@@ -66,22 +68,24 @@ def test_a_diverging_run_names_a_finite_checkpoint_saved_before_the_bad_update_a
     assert match, line
     lora, state = Path(match[1]), Path(match[2])
     assert all(torch.isfinite(t).all() for t in files.StateDictFile(lora).load_all().values())
-    for saved in out.glob("tiny-step*.safetensors"):  # nothing non-finite was ever written
+    for saved in out.glob("tiny-step*.safetensors"):  # nothing non-finite or diverged was ever written
         assert all(torch.isfinite(t).all() for t in files.StateDictFile(saved).load_all().values()), saved
+        read_lora(saved)
     step = json.loads((state / "train_state.json").read_text())["global_step"]
     assert lora.name == f"tiny-step{step:08d}.safetensors" and not (out / f"tiny-step{step + 1:08d}.safetensors").exists()
 
     resumed = run_command("hv_train_network", train_argv(assets, tmp_path / "again", "--resume", str(state), "--optimizer_type", "SGD",
-                                                         "--learning_rate", "1e30", "--max_grad_norm", "0",
+                                                         "--learning_rate", "1e6", "--max_grad_norm", "0",
                                                          "--max_train_steps", str(step + 1)), tmp_path)
     assert f"resumed from {state} at step {step}" in resumed.err, resumed.err[-3000:]
 
 
 def test_weights_beyond_the_save_precision_are_not_saved(assets, tmp_path):
-    """Finite in float32, infinite once cast to fp16 (above 65504): the LoRA is refused whole, as a NaN one is."""
+    """Finite in float32, infinite once cast to fp16 (above 65504): the LoRA is refused whole, as a NaN one is. (A tiny
+    alpha keeps the update itself small: weights past fp16's range with an update a LoRA can make.)"""
     out = tmp_path / "out"
     argv = train_argv(assets, out, "--save_every_n_steps", "1", "--max_train_steps", "2", "--max_grad_norm", "0",
-                      "--optimizer_type", "SGD", "--learning_rate", "1e30", "--save_precision", "fp16")
+                      "--optimizer_type", "SGD", "--learning_rate", "1e14", "--network_alpha", "1e-4", "--save_precision", "fp16")
     result = run_command("hv_train_network", argv, tmp_path)
     no_traceback(result)
     assert result.code == 2, result.err[-3000:]
@@ -89,6 +93,20 @@ def test_weights_beyond_the_save_precision_are_not_saved(assets, tmp_path):
     assert re.fullmatch(r"error: \S+/tiny-step00000001\.safetensors: not saved: lora_unet_\S+ does not fit --save_precision fp16 "
                         r"at step 1 \(its largest value is \S+\)\. Last good checkpoint: none yet\. Lower --learning_rate, or "
                         r"save in bf16 or float\.", line), line
+    assert not list(out.glob("*.safetensors")) and not leftovers(out)
+
+
+def test_a_diverged_training_s_update_is_not_saved(assets, tmp_path):
+    """One update at a learning rate of 1e30: finite weights of 1e24 and more were saved with exit 0, and every reader
+    now refuses such a file (lora_reader.DIVERGED_UPDATE), so the trainer does not write it."""
+    out = tmp_path / "out"
+    result = run_command("hv_train_network", train_argv(assets, out, "--max_train_steps", "1", "--learning_rate", "1e30"), tmp_path)
+    no_traceback(result)
+    assert result.code == 2, result.err[-3000:]
+    (line,) = result.error_lines
+    assert re.fullmatch(r"error: \S+/tiny\.safetensors: not saved at step 1: \S+: its update reaches .+ per weight, where a "
+                        r"trained LoRA's stays well below 1 \(a diverged training\)\. Last good checkpoint: none yet\. Lower "
+                        r"--learning_rate\.", line), line
     assert not list(out.glob("*.safetensors")) and not leftovers(out)
 
 

@@ -33,7 +33,7 @@ from musubi_tuner.networks.lora_diffusers_rules import diffusers_coverage
 from musubi_tuner.networks.lora_naming import (
     KOHYA_PREFIX, comfy_param, module_path_to_kohya, module_template, official_module, official_to_comfy,
 )
-from musubi_tuner.networks.lora_reader import first_non_finite, parse_lora
+from musubi_tuner.networks.lora_reader import diverged, first_non_finite, parse_lora
 
 CONSUMERS = ("ours", "musubi", "comfyui", "kijai", "kijai_blocks", "diffusers")
 CONSUMER_TITLES = {"ours": "this toolkit", "musubi": "musubi-tuner", "comfyui": "ComfyUI", "kijai": "kijai wrapper",
@@ -66,6 +66,10 @@ def _ours(weights, model: Model) -> Coverage:
         cov.fatal = f"{bad} holds NaN or infinite values: refused"
         return cov
     contents = parse_lora(weights)
+    too_large = diverged(contents.patches)
+    if too_large is not None:
+        cov.fatal = f"{too_large}: refused"
+        return cov
     for p in contents.problems:
         for key in p.keys:
             cov.dropped[key] = p.message

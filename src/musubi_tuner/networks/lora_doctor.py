@@ -57,7 +57,7 @@ class Diagnosis:
 
     @property
     def ok(self) -> bool:
-        return (all(v.ok for v in self.verdicts) and not self.mismatches and not self.inspection.non_finite
+        return (all(v.ok for v in self.verdicts) and not self.mismatches and not self.inspection.unusable
                 and not self.inspection.info.other_model)
 
 
@@ -78,7 +78,7 @@ def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLik
         else:
             diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, but it is not beside {ins.path.name}")
     foreign = ins.info.other_model  # another model's LoRA: this toolkit refuses it, and converts it to nothing
-    if ins.contents.patches and not ins.problems and not ins.non_finite and not foreign:  # our outputs hold every entry of the file
+    if ins.contents.patches and not ins.problems and not ins.unusable and not foreign:  # our outputs hold every entry of the file
         candidates += [(command, convert(ins.contents.patches)) for command, convert in CONVERSIONS.items()]
     for consumer in consumers:
         verdict = Verdict(consumer, ins.path, _coverage(consumer, ins.weights, model))
@@ -172,7 +172,7 @@ def diagnosis_text(d: Diagnosis) -> str:
     lines += ["", f"  {'consumer':<14} {'keys applied':>17}  give it"]
     for v in d.verdicts:
         there = f"  ({len(v.alternative[1].applied)}/{v.alternative[1].total} keys applied there)" if v.alternative else ""
-        use = "none: the file holds NaN or infinite values" if d.inspection.non_finite else f"{_use(v)}{there}"
+        use = f"none: {_why_unusable(d.inspection)}" if d.inspection.unusable else f"{_use(v)}{there}"
         lines.append(f"  {CONSUMER_TITLES[v.consumer]:<14} {_coverage_cell(v.coverage)}  {use}")
     for v in d.verdicts:
         if v.ok:
@@ -189,8 +189,8 @@ def diagnosis_text(d: Diagnosis) -> str:
     if d.mismatches:
         lines += ["", f"  {len(d.mismatches)} layers do not fit {Path(d.dit).name} (a LoRA for another model size?):"]
         lines += [f"    {m}" for m in d.mismatches[:8]] + ([f"    ... and {len(d.mismatches) - 8} more"] if len(d.mismatches) > 8 else [])
-    if d.inspection.non_finite:
-        lines += ["", f"  {d.inspection.non_finite} holds NaN or infinite values: every program would produce garbage with it"]
+    if d.inspection.unusable:
+        lines += ["", f"  {d.inspection.unusable}: every program would produce garbage with it"]
     lines.append("")
     lines += [f"  warning: {w}" for w in d.warnings]
     if d.ok:
@@ -201,10 +201,14 @@ def diagnosis_text(d: Diagnosis) -> str:
         problems = ([f"{', '.join(convert)} would not apply every weight of this file: give them the output named above"] if convert else [])
         problems += [f"{', '.join(none)} would not apply every weight of any of our outputs"] if none else []
         problems += ["its layers do not fit the DiT"] if d.mismatches else []
-        problems += ["it holds NaN or infinite values"] if d.inspection.non_finite else []
+        problems += [_why_unusable(d.inspection).replace("the file", "it")] if d.inspection.unusable else []
         problems += [f"it is a LoRA for {d.inspection.info.other_model}, not for HunyuanVideo"] if d.inspection.info.other_model else []
         lines.append(f"  problem: {'; '.join(problems)}")
     return "\n".join(lines)
+
+
+def _why_unusable(ins: LoRAInspection) -> str:
+    return "the file holds NaN or infinite values" if ins.non_finite else "the file holds a diverged training's update"
 
 
 def _coverage_json(cov: Coverage, file: Path | str) -> dict:
@@ -218,7 +222,7 @@ def inspection_json(ins: LoRAInspection) -> dict:
     return {
         "file": str(ins.path), "naming": ins.naming, "keys": len(ins.weights), "ranks": ins.ranks, "alphas": ins.alphas,
         "modules": [dataclasses.asdict(m) for m in ins.modules], "block_norms": ins.block_norms(), "info": info,
-        "metadata": ins.metadata,
+        "metadata": ins.metadata, "diverged": ins.diverged,
     }
 
 
@@ -234,4 +238,5 @@ def diagnosis_json(d: Diagnosis) -> dict:
         c = d.dit_config
         dit = {"path": d.dit, "base_model": base_model_kind(c, d.dit), "in_channels": c.in_channels, "hidden_size": c.hidden_size}
     return {**inspection_json(d.inspection), "consumers": consumers, "dit": dit, "warnings": d.warnings, "non_finite": d.inspection.non_finite,
+            "diverged": d.inspection.diverged,
             "shape_mismatches": d.mismatches, "ok": d.ok}

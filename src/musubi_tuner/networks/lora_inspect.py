@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo
-from musubi_tuner.networks.lora_reader import ADAPTERS, LoRAContents, alpha_or_rank, first_non_finite, read_lora_contents
+from musubi_tuner.networks.lora_reader import ADAPTERS, LoRAContents, alpha_or_rank, diverged, first_non_finite, read_lora_contents
 
 NAMINGS = {
     "kohya": "kohya (lora_unet_*): musubi-tuner, sd-scripts, this toolkit",
@@ -58,6 +58,12 @@ class LoRAInspection:
     info: LoRAFileInfo
     contents: LoRAContents | None = None
     non_finite: str | None = None  # the first tensor holding NaN or inf
+    diverged: str | None = None  # a patch whose update is a diverged training's (lora_reader.diverged), in words
+
+    @property
+    def unusable(self) -> str | None:
+        """Why no program can use the file (NaN or inf, a diverged training's update), in words; None when it can."""
+        return f"{self.non_finite} holds NaN or infinite values" if self.non_finite else self.diverged
 
     @property
     def ranks(self) -> list[int]:
@@ -112,8 +118,10 @@ def inspect_lora(path: str | os.PathLike) -> LoRAInspection:
         else:
             modules.append(ModuleUpdate(p.module, p.shape, 0, 0.0, p.tensor.double().norm().item(), p.kind))
     modules.sort(key=lambda m: (_block_order(m.block), m.path, m.kind))
+    non_finite = first_non_finite(contents.tensors)
     return LoRAInspection(Path(path), contents.tensors, contents.metadata, contents.naming, modules,
-                          LoRAFileInfo.from_metadata(contents.metadata, str(path)), contents, first_non_finite(contents.tensors))
+                          LoRAFileInfo.from_metadata(contents.metadata, str(path)), contents, non_finite,
+                          None if non_finite else diverged(contents.patches))
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -170,6 +178,8 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
             lines.append(f"  entries    {counts}")
     if ins.non_finite:
         lines.append(f"  NOT FINITE {ins.non_finite} holds NaN or infinite values: merging and generation refuse this file")
+    if ins.diverged:
+        lines.append(f"  DIVERGED   {ins.diverged}: merging and generation refuse this file")
     if ins.problems:
         lines.append(f"  unusable   {len(ins.problems)} entries this toolkit cannot apply (merging refuses the file; "
                      "--allow_partial_lora drops them):")

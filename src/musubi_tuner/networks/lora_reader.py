@@ -16,7 +16,7 @@ names, `diffusion_model.` / `transformer.` prefixes, diffusers/PEFT with its fus
 
 Any other entry (Tucker cores, DoRA scales, GLoRA, a key naming no layer, a pair whose ranks disagree, two updates
 of one weight) is a `Problem`: `LoRAContents.require_whole` refuses the file naming it, or with `allow_partial` warns and
-lists what is dropped. Non-finite tensors are always refused (`check_finite`), and so, by every reading of a file, are
+lists what is dropped. Non-finite tensors and a diverged training's updates are always refused (`check_usable`), and so, by every reading of a file, are
 integer or bool weights and an alpha that is not one real number (`check_entry_types`). `read_lora`, the reading of
 everything that applies or converts a file (merging, generation, training from a LoRA, convert_lora), also refuses a
 file whose metadata names another model family (`check_model`): Flux.1 LoRAs have HunyuanVideo's layer names and widths.
@@ -211,10 +211,10 @@ def _module_name(key: str) -> str:
 
 def read_lora(path: str | os.PathLike, allow_partial: bool = False) -> LoRAContents:
     """A LoRA file's patches, refused (UserError naming the file and entry) unless it is HunyuanVideo's (`check_model`)
-    and every entry applies and is finite."""
+    and every entry applies, is finite and is not a diverged training's (`check_usable`)."""
     contents = read_lora_contents(path)
     check_model(contents.source, contents.metadata)
-    check_finite(contents.source, contents.tensors)
+    check_usable(contents.source, contents)
     return contents.require_whole(allow_partial)
 
 
@@ -268,10 +268,62 @@ def check_model(source: str, metadata: dict[str, str]) -> None:
                            if other.model == "Flux" else ""))
 
 
-def check_finite(source: str, weights: dict[str, torch.Tensor]) -> None:
-    bad = first_non_finite(weights)
+def check_usable(source: str, contents: LoRAContents) -> None:
+    """Refuse a LoRA holding NaN/inf, or whose update is a diverged training's (`diverged`)."""
+    bad = first_non_finite(contents.tensors)
     if bad is not None:
         raise UserError(f"{source}: {bad} holds NaN or infinite values (a diverged training?): this LoRA cannot be applied")
+    too_large = diverged(contents.patches)
+    if too_large is not None:
+        raise UserError(f"{source}: {too_large}: this LoRA cannot be applied")
+
+
+# A trained LoRA moves each weight of the DiT (whose weights are well below 1) by a small fraction of it. An update past
+# this, per weight, is a diverged training's (a learning rate far too high): applied, it turns the output to noise or
+# NaN, so every reader refuses it as it refuses NaN. Finite values of 1e30 were saved, and called good.
+DIVERGED_UPDATE = 1e3
+
+
+def diverged(patches: list[Patch]) -> str | None:
+    """The first patch whose largest change to one weight (at multiplier 1) is past DIVERGED_UPDATE, in words."""
+    for patch in patches:
+        largest = largest_update(patch)
+        if largest > DIVERGED_UPDATE:
+            size = f"{largest:.3g}" if math.isfinite(largest) else "past float32's range (3.4e+38)"
+            return (f"{patch.module}: its update reaches {size} per weight, where a trained LoRA's stays well below 1 "
+                    f"(a diverged training)")
+    return None
+
+
+def largest_update(patch: Patch) -> float:
+    """The largest change `patch` makes to one weight at multiplier 1 (a set_weight: none). Formed only when a bound
+    from its factors' row and column norms (Cauchy-Schwarz) is past DIVERGED_UPDATE: a bound below it is the answer's
+    upper limit, cheaply."""
+    if patch.kind == "set":
+        return 0.0
+    bound = _update_bound(patch)
+    if bound <= DIVERGED_UPDATE:
+        return bound
+    return patch.delta(patch.shape).abs().max().item()
+
+
+def _update_bound(patch: Patch) -> float:
+    def rows(t: torch.Tensor) -> float:  # largest row norm
+        return t.float().flatten(1).norm(dim=1).max().item() if t.numel() else 0.0
+
+    def cols(t: torch.Tensor) -> float:  # largest column norm
+        return t.float().flatten(1).norm(dim=0).max().item() if t.numel() else 0.0
+
+    f = patch.factors or {}
+    if patch.kind == "lora":
+        up, down = patch.factors_2d()
+        return abs(patch.scale) * rows(up) * cols(down)
+    if patch.kind == "loha":
+        return abs(patch.scale) * rows(f["hada_w1_a"]) * cols(f["hada_w1_b"]) * rows(f["hada_w2_a"]) * cols(f["hada_w2_b"])
+    if patch.kind == "lokr":
+        w2 = f["lokr_w2"].float().abs().max().item() if "lokr_w2" in f else rows(f["lokr_w2_a"]) * cols(f["lokr_w2_b"])
+        return abs(patch.scale) * f["lokr_w1"].float().abs().max().item() * w2
+    return patch.tensor.float().abs().max().item() if patch.tensor.numel() else 0.0
 
 
 def first_non_finite(weights: dict[str, torch.Tensor]) -> str | None:

@@ -127,20 +127,21 @@ def _run_settings(metadata: dict[str, str]) -> dict[str, str]:
 def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(averaged tensors, the last file's metadata with new hashes) of `paths` (oldest first), one beta per later file."""
     from musubi_tuner.networks.lora_metadata import POST_HOC_EMA, sd_scripts_hashes
-    from musubi_tuner.networks.lora_reader import check_finite, read_lora_file
+    from musubi_tuner.networks.lora_reader import check_usable, read_lora_contents, read_lora_file
 
     first = _checkpoint(paths[0])
     dtypes = {k: v.dtype for k, v in first.items()}
     average = {k: v.float() if v.is_floating_point() else v for k, v in first.items()}
     first_run = _run_settings(read_lora_file(paths[0])[1])
     for path, beta in zip(paths[1:], betas):
-        weights, metadata = read_lora_file(path)
+        contents = read_lora_contents(path)
+        weights, metadata = contents.tensors, contents.metadata
         _check_same_keys(paths[0], first, path, weights)  # so the same LoRA entries as the first
         if (run := _run_settings(metadata)) != first_run and first_run and run:
             changed = ", ".join(f"{k} {first_run.get(k)} -> {run.get(k)}" for k in first_run if first_run.get(k) != run.get(k))
             logger.warning("%s: not of the run of %s (%s): the average mixes two training runs (a fresh run into the same "
                            "--output_dir keeps the other run's older checkpoints)", path, paths[0].name, changed)
-        check_finite(str(path), weights)
+        check_usable(str(path), contents)
         logger.info("%s: beta %.4f", path.name, beta)
         for key, value in weights.items():
             if key.endswith(".alpha"):  # one real number each (the reader refuses any other alpha), of any dtype
@@ -166,12 +167,12 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
 
 
 def _checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The first checkpoint's tensors as stored; refused when it holds no LoRA entries or a NaN (a NaN would spread to
-    every later average). The later ones must hold the same keys, and no NaN either."""
-    from musubi_tuner.networks.lora_reader import check_finite, read_lora_contents
+    """The first checkpoint's tensors as stored; refused when it holds no LoRA entries, a NaN or a diverged update (it
+    would spread to every later average). The later ones must hold the same keys, and be usable too."""
+    from musubi_tuner.networks.lora_reader import check_usable, read_lora_contents
 
     contents = read_lora_contents(path).require_some()
-    check_finite(str(path), contents.tensors)
+    check_usable(str(path), contents)
     return contents.tensors
 
 

@@ -113,7 +113,7 @@ class CheckpointSaver:
         self.name = args.output_name
         self.num_epochs = num_epochs
         self.save_dtype = str_to_dtype(args.save_precision, torch.float32, "--save_precision")
-        self.last_saved: Path | None = None  # the newest LoRA this run saved (always finite: see save)
+        self.last_saved: Path | None = None  # the newest LoRA this run saved (always finite and usable: see save)
         self.last_state: Path | None = None  # its state folder, if one was saved with it
         self.last_step: int | None = None  # the step it was saved at
         # (step, path) -> extra metadata for that file, called on every process before each save (validation's hook)
@@ -181,18 +181,29 @@ class CheckpointSaver:
             self.hub.finish()
         return path
 
+    @property
+    def last_good(self) -> str:
+        """The newest checkpoint this run saved, with its state, in words (for a run stopped by a bad update)."""
+        if self.last_saved is None:
+            return "none yet"
+        return f"{self.last_saved}" + (f" (state {self.last_state})" if self.last_state else "")
+
     # -- writing
     def save(self, stem: str, progress: TrainProgress, *, epoch: int, with_state: bool, last: bool = False) -> Path:
         """Write the LoRA file(s) `stem`, and its state with `with_state`; upload them with --huggingface_repo_id (the
         `last` save synchronously)."""
         acc = self.accelerator
         path = self.out / f"{stem}.safetensors"
-        from musubi_tuner.training.loop import first_non_finite
+        from musubi_tuner.training.loop import diverged_update, first_non_finite
 
         bad = first_non_finite(self.network)
         if bad is not None:  # never a NaN LoRA on disk, and never one named as the last good checkpoint
             raise UserError(f"{path}: not saved: {bad} holds NaN/inf values at step {progress.global_step}. Last good "
-                            f"checkpoint: {self.last_saved or 'none yet'}. Lower --learning_rate or use bf16 instead of fp16.")
+                            f"checkpoint: {self.last_good}. Lower --learning_rate or use bf16 instead of fp16.")
+        too_large = diverged_update(self.network)
+        if too_large is not None:  # nor one that every reader refuses (lora_reader.DIVERGED_UPDATE)
+            raise UserError(f"{path}: not saved at step {progress.global_step}: {too_large}. Last good checkpoint: "
+                            f"{self.last_good}. Lower --learning_rate.")
         schedule_free = hasattr(self.optimizer, "eval") and type(self.optimizer).__name__.endswith("ScheduleFree")
         if schedule_free:
             self.optimizer.eval()  # schedule-free: save the averaged weights
@@ -202,7 +213,7 @@ class CheckpointSaver:
             largest = float(self.network.state_dict()[overflow].abs().max())
             raise UserError(f"{path}: not saved: {overflow} does not fit --save_precision {self.args.save_precision} at step "
                             f"{progress.global_step} (its largest value is {largest:.3g}). Last good checkpoint: "
-                            f"{self.last_saved or 'none yet'}. Lower --learning_rate, or save in bf16 or float.")
+                            f"{self.last_good}. Lower --learning_rate, or save in bf16 or float.")
         extra = self.before_save(progress.global_step, path) if self.before_save is not None else {}
         if acc.is_main_process:
             if weights is not None:

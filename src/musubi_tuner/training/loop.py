@@ -61,15 +61,22 @@ def first_non_finite(module: torch.nn.Module) -> str | None:
     return first_in({name: t for name, t in module.named_parameters() if t.requires_grad})
 
 
-def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
-    """Why a loss is NaN when the items are not to blame: the LoRA's weights, which stay near their start (values well
-    below 1), have grown past 1e3 in the updates before (a learning rate far too high, or no gradient clipping)."""
+def diverged_update(network: torch.nn.Module) -> str | None:
+    """The network's first module whose update is a diverged training's (networks.lora_reader.diverged: what every
+    reader of the saved file would refuse), in words; None when none is."""
+    from musubi_tuner.networks.lora_reader import diverged, parse_lora
+
     with torch.no_grad():
-        largest = max((p.detach().abs().max().item() for p in network.parameters() if p.numel()), default=0.0)
-    if not largest > 1e3 or step <= 1:
+        return diverged(parse_lora({k: t.detach() for k, t in network.state_dict().items()}).patches)
+
+
+def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
+    """Why a loss is NaN when the items are not to blame: the LoRA's update, which stays well below the weights it
+    changes, has grown to a diverged training's in the updates before (a learning rate far too high, or no clipping)."""
+    too_large = diverged_update(network) if step > 1 else None
+    if too_large is None:
         return None
-    return (f"The LoRA's weights reach {largest:.3g} after {step - 1} update(s), where they stay well below 1: "
-            f"--learning_rate {learning_rate:g} is far too high")
+    return f"The LoRA diverged in the {step - 1} update(s) before ({too_large}): --learning_rate {learning_rate:g} is far too high"
 
 
 def culprit_items(items: list[str], local_loss: torch.Tensor | None, processes: int) -> list[str]:
@@ -95,7 +102,7 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
     that is not finite at the step right after a save was computed with that save's weights: said, since the
     cause may then be those weights rather than the items."""
     if saver.last_saved is not None:
-        good = f"{saver.last_saved}" + (f" (state {saver.last_state})" if saver.last_state else "")
+        good = saver.last_good
         if what.startswith("loss") and saver.last_step == step - 1:
             good += " (saved at the step before, so its weights gave this loss; an earlier save is safer unless the items are at fault)"
     elif resumed_from is not None:
