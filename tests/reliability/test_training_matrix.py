@@ -27,6 +27,7 @@ from reliability_cases import (
     write,
 )
 
+from musubi_tuner import files
 from musubi_tuner.data import cache_files
 
 
@@ -54,8 +55,6 @@ def up_norm_at_most(path: Path, bound: float) -> None:
 
 def i2v_lora(a, tmp) -> Path:
     """The assets' LoRA, its metadata saying it was trained here on a SkyReels I2V DiT (32 input channels)."""
-    from musubi_tuner import files
-
     files.save_safetensors(files.StateDictFile(a.lora).load_all(), tmp / "i2v.safetensors",
                            metadata={"musubi_tuner.version": "0.1", "musubi_tuner.base_model": "skyreels-i2v", "musubi_tuner.in_channels": "32"})
     return tmp / "i2v.safetensors"
@@ -126,6 +125,18 @@ def with_run_progress(**changes):
         marker.write_text(json.dumps({**json.loads(marker.read_text()), **changes}))
         return train_argv(a, out, "--resume", str(out / "tiny-state"), "--max_train_steps", "3")
     return make
+
+
+def text_cache_with_nan(a, tmp) -> Path:
+    """The cached dataset's copy, a NaN in one text cache's LLM states (a damaged file: caching writes none). The loss of
+    its batch was NaN, and the error named the item's latent cache."""
+    toml = copy_cached(a, tmp)
+    path = sorted(toml.parent.rglob("*_hv_te.safetensors"))[0]
+    f = files.StateDictFile(path)
+    tensors = f.load_all()
+    tensors["llm_float16"].view(-1)[0] = float("nan")
+    files.save_safetensors(tensors, path, metadata=f.metadata)
+    return toml
 
 
 def with_damaged_state(part: str):
@@ -325,8 +336,9 @@ CASES = [
          r"--seed 18446744073709551616: must be between 0 and 4294967295"),
     Case("train-learning-rate-far-too-high-is-named-as-the-cause", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--learning_rate", "1e10", "--max_train_steps", "4"),
-         r"at step \d \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. The LoRA's weights reach "
-         r"\S+ after \d update\(s\), where they stay well below 1: --learning_rate 1e\+10 is far too high; else lower"),
+         r"at step \d \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. The LoRA diverged in the "
+         r"\d update\(s\) before \(\S+: its update reaches \S+ per weight, where a trained LoRA's stays well below 1 \(a diverged "
+         r"training\)\): --learning_rate 1e\+10 is far too high; else lower"),
     Case("train-learning-rate-not-a-number", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--learning_rate", "nan"),
          r"--learning_rate nan: not a finite number"),
     Case("train-network-args-not-a-list", "hv_train_network",
@@ -425,6 +437,10 @@ CASES = [
                                  "--sample_every_n_steps", "1", "--vae", str(nan_vae(a, t, "decoder")), "--text_encoder1", str(a.te1),
                                  "--text_encoder2", str(a.te2)),
          None, warning=r"sample 0 at step 1: the VAE decoded NaN/inf pixels from a finite latent"),
+    Case("train-text-cache-holding-nan-is-named-not-its-item-s-latents", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", toml=text_cache_with_nan(a, t)),
+         r"_hv_te\.safetensors: llm_float16 holds 1 NaN or infinite values of [\d,]+: a damaged cache; delete it and run the "
+         r"caching command again$"),
     Case("train-dit-with-inf-is-named", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=nan_dit(a, t)),
          r"nan_dit\.safetensors: final_layer\S+ holds NaN or infinite values: the file is damaged, download it again",
          then=before_the_model_loads),

@@ -353,9 +353,11 @@ def test_a_run_killed_while_it_samples_after_a_state_makes_those_samples_when_re
     assert (out / "tiny.safetensors").is_file()
 
 
-def test_a_validation_cache_holding_nan_stops_the_run_naming_it(assets, tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), 3e38])
+def test_a_validation_cache_that_gives_a_non_finite_loss_stops_the_run_naming_it(assets, tmp_path, value):
     """A NaN loss from a held-out item was logged as 'loss nan' at every evaluation, and the run ended naming a 'best
-    checkpoint' of loss nan."""
+    checkpoint' of loss nan. A NaN in a cache is named as the cache is read; a finite value past what the model holds
+    (a float32 cache), by the loss of its item."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -364,13 +366,16 @@ def test_a_validation_cache_holding_nan_stops_the_run_naming_it(assets, tmp_path
     shutil.copytree(assets["root"] / "held", held)
     victim = sorted((held / "cache").glob("*_hv.safetensors"))[1]
     tensors = load_file(str(victim))
-    key = next(iter(tensors))
-    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    (key,) = tensors
+    tensors = {key.replace("float16", "float32"): torch.full_like(tensors[key], value, dtype=torch.float32)}
     save_file(tensors, str(victim), metadata=read_safetensors_header(victim)[1])
     toml = tmp_path / "with_validation.toml"
     toml.write_text(assets["with_validation"].read_text().replace((assets["root"] / "held").as_posix(), held.as_posix()))
     out = tmp_path / "out"
-    with pytest.raises(UserError, match=rf"^validation loss is nan at step 0: the validation caches of {victim.name} hold NaN or "
-                                        r"infinite values; delete them and run cache_latents\.py"):
+    if value != value:
+        expected = rf"^{victim}: {key.replace('float16', 'float32')} holds [\d,]+ NaN or infinite values of [\d,]+: a damaged cache"
+    else:
+        expected = rf"^validation loss is (nan|inf) at step 0: the loss of {victim.name} is not finite \(values in their caches past"
+    with pytest.raises(UserError, match=expected):
         train(parse_args(base_args(assets, toml, out, "--max_train_steps", "2", "--validate_every_n_steps", "1")))
     assert not list(out.glob("*.safetensors"))

@@ -343,6 +343,11 @@ def load_cache(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: unreadable cache file ({reason[:160]}); delete it and run the caching command again") from None
     tensors: dict[str, torch.Tensor] = {}
     for key, t in stored.items():
+        finite = torch.isfinite(t.float() if t.element_size() == 1 else t) if t.is_floating_point() else None  # (fp8: no isfinite)
+        if finite is not None and not bool(finite.all()):  # (caching writes none: see _finite)
+            bad = int((~finite).sum())
+            raise UserError(f"{path}: {key} holds {bad:,} NaN or infinite values of {t.numel():,}: a damaged cache; delete it "
+                            "and run the caching command again")
         name = logical_key(key)
         if name in tensors:
             raise UserError(f"{path}: holds two versions of {name!r} (different dtypes); "

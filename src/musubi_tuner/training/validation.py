@@ -161,8 +161,9 @@ class Validator:
                             for name, finite in zip(names, torch.isfinite(losses).tolist()) if not finite})
             named = (f"{', '.join(items[:4])}{', ...' if len(items) > 4 else ''}" if items else
                      "items evaluated by another process")
-            raise SharedError(f"validation loss is {loss} at step {step}: the validation caches of {named} hold NaN or infinite "
-                              f"values; delete them and run cache_latents.py and cache_text_encoder_outputs.py again")
+            raise SharedError(f"validation loss is {loss} at step {step}: the loss of {named} is not finite (values in their "
+                              f"caches past what the model can hold, or an fp16 overflow); check those caches, or run "
+                              f"cache_latents.py and cache_text_encoder_outputs.py again")
         return ValidationResult(step, loss, per_level, effect, time.perf_counter() - started)
 
 
