@@ -215,3 +215,42 @@ def test_a_launched_run_into_a_folder_another_run_holds_stops_every_process_at_o
     assert "SIGKILL" not in text and "SIGABRT" not in text and "terminate called" not in text, text[-3000:]
     printed = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(printed) == 1 and "another training run is using this" in printed[0], text[-3000:]  # by process 0 alone
+
+
+def _training_of_process_0(tmp_path, **env) -> subprocess.CompletedProcess:
+    """hv_train_network started as process 0 of 2 by hand (as a scheduler's script does: the variables set, no launcher),
+    on stand-in files: it stops before reading them."""
+    (tmp_path / "d.toml").write_text("[general]\nresolution = [32, 32]\n")
+    (tmp_path / "dit.pt").write_bytes(b"x")
+    argv = ["--dit", str(tmp_path / "dit.pt"), "--dataset_config", str(tmp_path / "d.toml"), "--sdpa", "--network_module",
+            "networks.lora", "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--ddp_timeout", "1"]
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", ACCELERATE_USE_CPU="1", **env)
+    return subprocess.run([sys.executable, "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_master_address_that_does_not_resolve_is_named_at_once(tmp_path):
+    """It made training wait twice --ddp_timeout and blame the other processes ('did not answer in time'), and
+    generation retry for 30 minutes without a word."""
+    from helpers import free_port
+
+    done = _training_of_process_0(tmp_path, MASTER_ADDR="nohost.invalid", MASTER_PORT=str(free_port()))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: MASTER_ADDR nohost.invalid: cannot resolve this host name ("), done.stderr[-2000:]
+
+
+def test_a_master_port_in_use_is_named_not_blamed_on_another_process(tmp_path):
+    import socket
+
+    from helpers import free_port
+
+    port = free_port()
+    with socket.socket() as taken:  # another program on the port
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = _training_of_process_0(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: MASTER_PORT {port} is in use on this machine (another run or program); choose another port (torchrun "
+        "--master_port, accelerate launch --main_process_port, or MASTER_PORT) (--debug shows where)"), done.stderr[-2000:]

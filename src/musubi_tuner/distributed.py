@@ -57,7 +57,7 @@ def make_layout(context_parallel: int, flag: str = "--context_parallel") -> Layo
     n = context_parallel
     if world % n:
         started = f"{world} processes were started" if world > 1 else "one process was started"
-        raise UserError(f"{flag} {n} shares each sample over groups of {n} processes, and {started}; start a multiple of {n} "
+        raise SharedError(f"{flag} {n} shares each sample over groups of {n} processes, and {started}; start a multiple of {n} "
                         f"(accelerate launch --multi_gpu --num_processes {n}, or torchrun --nproc_per_node {n})")
     layout = Layout(rank, world, n)
     if n > 1:
@@ -176,6 +176,35 @@ def broadcast_value(value, src: int = 0):
     return box[0]
 
 
+def before_joining() -> None:
+    """What a process started as one of several (WORLD_SIZE > 1) checks and sets before it joins the group.
+
+    MASTER_ADDR must name a host: one that does not resolve made training wait twice --ddp_timeout and blame the other
+    processes, and generation retry silently for 30 minutes. A process of a launcher (torchrun, accelerate launch)
+    stops with it: a launcher killed with SIGKILL (the OOM killer) left its processes training on, holding the GPUs
+    and the output folder, and writing a final LoRA of a run its user thought gone."""
+    import os
+    import signal
+    import socket
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return
+    address = os.environ.get("MASTER_ADDR")
+    if address:
+        try:
+            socket.getaddrinfo(address, None)
+        except (OSError, UnicodeError) as e:
+            raise UserError(f"MASTER_ADDR {address}: cannot resolve this host name ({getattr(e, 'strerror', None) or e}); give "
+                            "the address of process 0's machine (torchrun --master_addr, accelerate launch --main_process_ip)") from None
+    if sys.platform == "linux" and os.environ.get("TORCHELASTIC_RUN_ID"):  # (not a process a shell or a scheduler started)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the launcher is gone
+        if os.getppid() == 1:  # it was gone before that
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def join_launched_group(device: torch.device) -> torch.device:
     """Join the process group of a launcher (torchrun, accelerate launch: WORLD_SIZE > 1 in the environment);
     returns this process's device (cuda:LOCAL_RANK when `device` is cuda without an index)."""
@@ -183,6 +212,7 @@ def join_launched_group(device: torch.device) -> torch.device:
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
+    before_joining()
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
@@ -212,6 +242,29 @@ def check_same_command_line(argv: list[str] | None = None) -> None:
             shown = lambda args: " ".join(args[max(0, at - 1):at + 2]) or "(nothing)"  # noqa: E731
             raise SharedError(f"process {process} was started with another command line than process 0 (near {flag or 'the start'}: "
                               f"{shown(other)!r} vs {shown(first)!r}); give every process of a run the same flags")
+
+
+def check_same_inputs(files: dict[str, str | None], extra: dict[str, str] | None = None, explain=None) -> None:
+    """Every process of a run reads the same inputs: `files` maps how the user names each (a flag and its value) to its
+    path (None: not given), `extra` other inputs to a digest of them here (a dataset's item list).
+
+    A run over several machines reads each machine's copy of every file. One stale or partial copy was mixed into the
+    result without a word: a video from two LoRAs, a LoRA trained on two item lists (each process shards its own: items
+    trained twice or not at all), or a run whose process with fewer batches finished first and saved the final LoRA of
+    a run that failed. `explain(what)`, called on every process at a difference in `extra`, may say more (a collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    from musubi_tuner.files import content_digest
+
+    mine = {what: content_digest(path) for what, path in files.items() if path} | (extra or {})
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for what, digest in everyone[0].items():
+        other = next((p for p, theirs in enumerate(everyone) if theirs.get(what) != digest), None)
+        if other is not None:
+            more = explain(what) if explain and what in (extra or {}) else ""
+            raise SharedError(f"{what} differs between process 0 and process {other} (each reads its own machine's copy"
+                              f"{'; ' + more if more else ''}); give every process the same files")
 
 
 def rank() -> int:

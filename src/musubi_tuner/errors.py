@@ -170,7 +170,7 @@ def _run(main, argv, memory_advice: str, streams: list) -> None:
         message = lost_peer(e)
         if message is None or debug_requested(argv):
             raise
-        _fail(f"{message} (--debug shows where)")
+        _fail(f"{message} (--debug shows where)", about_another=True)
     except KeyboardInterrupt as e:
         _close_progress_bars()
         _say(e.words if isinstance(e, Terminated) else "interrupted")
@@ -323,7 +323,7 @@ def use_expandable_segments(environ=os.environ, platform: str = sys.platform) ->
     return True
 
 
-def _fail(message: str, shared: bool = False) -> None:
+def _fail(message: str, shared: bool = False, about_another: bool = False) -> None:
     _default_sigterm()  # ending anyway: a launcher's SIGTERM now ends it without a second message
     _close_progress_bars()
     if "musubi_tuner.files" in sys.modules:  # (a command that failed before it checked any output folder made none)
@@ -331,7 +331,7 @@ def _fail(message: str, shared: bool = False) -> None:
     quiet = shared and int(os.environ.get("RANK", "0") or 0) != 0
     if not quiet:
         _say(f"error: {message}")
-    _tell_the_launcher(f"error: {message}")
+    _tell_the_launcher(f"error: {message}", later=LOST_PEER_LATER_SECONDS if about_another else 0)
     if quiet:  # process 0 prints it: let it, before the launcher stops every process on this one's exit
         import time
 
@@ -340,6 +340,10 @@ def _fail(message: str, shared: bool = False) -> None:
 
 
 SHARED_ERROR_GRACE_SECONDS = 2.0
+# A process that reports another one's failure dates its report this much later: the launcher's summary names the
+# failure of the earliest time as the root cause, and a process killed without a word (SIGKILL, the OOM killer) is
+# dated when the launcher notices it, after the survivor's report. The survivor was named as the root cause.
+LOST_PEER_LATER_SECONDS = 60
 
 
 def lost_peer(e: BaseException) -> str | None:
@@ -356,6 +360,9 @@ def lost_peer(e: BaseException) -> str | None:
         r"gloo|nccl|ProcessGroup|c10d|TCPStore", text, re.I)
     if not collective:
         return None
+    if re.search(r"EADDRINUSE|address already in use|failed to listen", text, re.I):  # process 0 could not open the port
+        return (f"MASTER_PORT {os.environ.get('MASTER_PORT', '?')} is in use on this machine (another run or program); choose "
+                "another port (torchrun --master_port, accelerate launch --main_process_port, or MASTER_PORT)")
     if re.search(r"timed? ?out|timeout", text, re.I):
         return ("the other processes of this run did not answer in time: one of them is stuck, stopped, or much slower "
                 "(training waits --ddp_timeout minutes; otherwise PyTorch's default, 30 minutes with gloo, 10 with NCCL)")
@@ -461,9 +468,10 @@ def _quiet_stdout() -> None:
         pass
 
 
-def _tell_the_launcher(message: str) -> None:
+def _tell_the_launcher(message: str, later: int = 0) -> None:
     """Under torchrun / `accelerate launch --multi_gpu`, the launcher's failure summary shows the error file of the
-    failed process as its root cause: give it our one line instead of its "To enable traceback see ..." hint."""
+    failed process as its root cause: give it our one line instead of its "To enable traceback see ..." hint, dated
+    `later` seconds on when it reports another process's failure."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
@@ -472,7 +480,7 @@ def _tell_the_launcher(message: str) -> None:
 
     try:
         with open(path, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+            json.dump({"message": message, "timestamp": int(time.time()) + later}, f)
     except OSError:
         pass
 

@@ -24,6 +24,7 @@ from reliability_cases import (
 from helpers import free_port
 from musubi_tuner import files
 from musubi_tuner.errors import UserError
+from musubi_tuner.training.loop import TRAIN_LOCK
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -302,3 +303,75 @@ def test_a_lock_whose_folder_was_replaced_is_no_longer_held_and_its_release_leav
         lock.release()
         assert (folder / ".musubi-train.lock").exists(), "the first run's release removed the second run's lock"
     assert not (folder / ".musubi-train.lock").exists()
+
+
+# ------------------------------------------------------------------------------------------ a launcher's processes
+
+
+def _launched_training(assets, tmp_path):
+    """A training of two processes under torchrun, long enough to be stopped; (the launcher, its log file)."""
+    log = tmp_path / "launcher.log"
+    argv = train_argv(assets, tmp_path / "out", "--max_train_steps", "100000")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT / "src"))
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                 str(free_port()), str(ROOT / "src" / "musubi_tuner" / "hv_train_network.py"), *argv],
+                                cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while "steps:" not in log.read_text(errors="replace"):  # both processes joined and training
+        assert launcher.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    return launcher, log
+
+
+def _ranks_of(launcher) -> dict[int, int]:
+    """{RANK: pid} of the launcher's child processes."""
+    ranks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = dict(v.split("=", 1) for v in Path(f"/proc/{entry}/environ").read_text().split("\0") if "=" in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher.pid and "RANK" in environ:
+            ranks[int(environ["RANK"])] = int(entry)
+    return ranks
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the launcher's processes in /proc")
+def test_the_launcher_s_summary_names_the_process_that_died_not_the_one_that_reported_it(assets, tmp_path):
+    """Process 1 killed without a word (the OOM killer): process 0 reports the lost connection, and its report was dated
+    before the launcher noticed the death, so the summary's 'Root Cause' named process 0, the healthy one."""
+    launcher, log = _launched_training(assets, tmp_path)
+    os.kill(_ranks_of(launcher)[1], signal.SIGKILL)
+    assert launcher.wait(120) != 0
+    text = log.read_text(errors="replace")
+    assert "error: another process of this run stopped or lost its connection" in text
+    cause = text.split("Root Cause (first observed failure):", 1)[1]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9", cause), text[-3000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_processes_of_a_launcher_killed_without_a_word_stop_instead_of_training_on(assets, tmp_path):
+    """torchrun killed with SIGKILL (the OOM killer, kill -9) left its processes running with no parent: they trained to
+    the end, holding the GPUs and the output folder, and wrote the final LoRA of a run its user thought gone."""
+    launcher, log = _launched_training(assets, tmp_path)
+    ranks = _ranks_of(launcher)
+    assert sorted(ranks) == [0, 1]
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while any(files.pid_alive(pid) and "zombie" not in _state(pid) for pid in ranks.values()):
+        assert time.monotonic() < deadline, f"still running: {log.read_text(errors='replace')[-2000:]}"
+        time.sleep(0.2)
+    assert not (tmp_path / "out" / "tiny.safetensors").exists()
+    assert not (tmp_path / "out" / TRAIN_LOCK).exists()  # stopped as on SIGTERM: the output folder is free again
+
+
+def _state(pid: int) -> str:
+    try:
+        return {"Z": "zombie"}.get(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0], "running")
+    except OSError:
+        return "gone"

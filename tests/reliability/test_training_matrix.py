@@ -579,6 +579,10 @@ CASES = [
     Case("train-resume-two-process-state-with-one", "hv_train_network",
          lambda a, t: train_argv(a, with_run(processes=2)(a, t), "--resume", "auto"),
          r"tiny-state: saved by 2 training processes, this run has 1; resume with the same number", keep=outputs_of("out")),
+    Case("train-resume-a-context-parallel-state-as-data-parallel", "hv_train_network",
+         lambda a, t: train_argv(a, with_run(context_parallel=2)(a, t), "--resume", "auto"),
+         r"tiny-state: saved with --context_parallel 2, this run has 1: its processes would share out the work otherwise",
+         keep=outputs_of("out")),
     Case("train-resume-after-num-repeats-lowered", "hv_train_network", fewer_repeats, None,
          warning=r"the dataset or batching changed since this state was saved \(8 batches per epoch then, 4 now\).*continues at the "
                  r"start of epoch 2"),

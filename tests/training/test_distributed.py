@@ -149,3 +149,47 @@ def test_a_samples_noise_and_timestep_do_not_depend_on_its_batch():
         assert torch.equal(batched[1:2], single)
     next_epoch = draw_noise_and_timesteps(cfg, latents, sample_seeds(42, 2, [5, 0, 9]), None)
     assert not torch.equal(next_epoch[0][0], together[0][0]) and len(set(together[1].tolist())) == 3
+
+
+def _train_from_own_copy(rank, world, machines, argv) -> str:
+    """The command run in machines[rank]: the same command line on every process, each reading its own copy of the
+    files it names (as processes on several machines do)."""
+    import os
+
+    from musubi_tuner.errors import SharedError
+
+    os.chdir(machines[rank])
+    try:
+        train(parse_args(argv))
+    except SharedError as e:
+        return str(e)
+    return "trained"
+
+
+@pytest.mark.parametrize("copy_differs", ["dataset", "dit"])
+def test_processes_reading_copies_that_differ_stop_before_training_naming_the_difference(assets, tmp_path, copy_differs):
+    """A copy of the dataset with a cache missing on one machine: each process sharded its own item list (items
+    trained twice or not at all, rc 0), or the process with fewer batches finished first and saved the final LoRA of a
+    run that failed. A DiT that differs on one machine was mixed into every step."""
+    import shutil
+
+    dit, per_replica, _, _ = assets
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for machine in machines:
+        shutil.copytree(per_replica.parent, machine / "data")
+        toml = machine / "data" / per_replica.name
+        toml.write_text(toml.read_text().replace(per_replica.parent.as_posix(), (machine / "data").as_posix()))
+        shutil.copy(dit, machine / "dit.pt")
+    gone = sorted((machines[1] / "data" / "cache").glob("*_hv.safetensors"))[0]
+    if copy_differs == "dataset":
+        gone.unlink()
+        expected = (f"the dataset differs between process 0 and process 1 (each reads its own machine's copy; process 1 has 1 "
+                    f"cached items, process 0 2; not on process 1: {gone.name}); give every process the same files")
+    else:
+        config = tiny_dit_config()
+        write_dit(machines[1] / "dit.pt", random_dit_state_dict(config, seed=1), config, "pt")
+        expected = ("--dit differs between process 0 and process 1 (each reads its own machine's copy); give every process "
+                    "the same files")
+    argv = train_args("dit.pt", Path("data") / per_replica.name, "out")
+    assert run_group(2, _train_from_own_copy, machines, argv, launcher_env=True) == [expected, expected]
+    assert not [p for machine in machines for p in (machine / "out").glob("*.safetensors")]

@@ -381,6 +381,23 @@ class TrainingDataset(torch.utils.data.Dataset):
                     digest.update(os.fsencode(item.latent_path.name) + b"\n")  # (any file name: one not UTF-8 too)
         return digest.hexdigest()[:16]
 
+    def difference_between_processes(self) -> str:
+        """Which cached items the processes of a run see differently, in words (a collective: every process calls it)."""
+        import torch.distributed as dist
+
+        mine = sorted(os.fsdecode(item.latent_path.name) for d in self.datasets for items in d.buckets.values() for item in items)
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        first = set(everyone[0])
+        for process, names in enumerate(everyone):
+            missing, extra = sorted(first - set(names)), sorted(set(names) - first)
+            if missing or extra:
+                listed = lambda found: ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")  # noqa: E731
+                return (f"process {process} has {len(names)} cached items, process 0 {len(everyone[0])}"
+                        + (f"; not on process {process}: {listed(missing)}" if missing else "")
+                        + (f"; only on process {process}: {listed(extra)}" if extra else ""))
+        return "the same items, batched otherwise"
+
     @property
     def num_items(self) -> int:
         """Training items per epoch, repeats included."""

@@ -15,7 +15,7 @@ import torch
 
 from musubi_tuner.cli import resolve_device
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import SharedError, UserError
 from musubi_tuner.files import require_file, require_present
 from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.hunyuan.vae import VAEConfig
@@ -328,6 +328,8 @@ def generate(args) -> list[Path]:
         if distributed.rank() != 0:  # one voice: the main process's
             logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
         layout = processes_layout(args)
+        distributed.check_same_inputs({"--dit": args.dit, "--vae": args.vae, "--image_path": args.image_path,
+                                       **{f"--lora_weight {path}": path for path in args.lora_weight or []}})
         saved = _generate(args, device, layout)
         return saved if layout is None or layout.is_main else []
     finally:
@@ -347,8 +349,11 @@ def processes_layout(args):
     cfg = args.guidance_scale != 1.0
     if world not in (n, 2 * n if cfg else n):
         started = f"{world} processes were started" if world > 1 else "one process was started"
-        raise UserError(f"--context_parallel {n}: {started}; start {n} (accelerate launch --multi_gpu --num_processes {n}, or "
-                        f"torchrun --nproc_per_node {n})" + (f", or {2 * n} to run the negative and positive prompt side by side" if cfg else ""))
+        fits = [m for m in (world, world // 2 if cfg and world % 2 == 0 else 0) if m > 1]  # what these processes could run
+        give = f"; or give --context_parallel {' or '.join(map(str, fits))} for {world} processes" if fits else ""
+        raise SharedError(f"--context_parallel {n}: {started}; start {n} (accelerate launch --multi_gpu --num_processes {n}, or "
+                          f"torchrun --nproc_per_node {n})" + (f", or {2 * n} to run the negative and positive prompt side by side"
+                                                               if cfg else "") + give)
     layout = distributed.make_layout(n)
     logger.info(distributed.describe(layout, training=False))
     return layout

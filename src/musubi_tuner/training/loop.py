@@ -26,7 +26,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from musubi_tuner.distributed import GradientReducer, check_same_command_line, describe as describe_layout, make_layout
+from musubi_tuner.distributed import (GradientReducer, check_same_command_line, check_same_inputs, describe as describe_layout,
+                                      make_layout)
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError, quieted
 from musubi_tuner.files import StateDictFile, require_file
@@ -606,6 +607,9 @@ def train(args) -> Path | None:
 
 def _train(args, held: contextlib.ExitStack) -> Path | None:
     """`held`: what the run holds until it ends (the output folder's lock, its use of the cache folders)."""
+    from musubi_tuner.distributed import before_joining
+
+    before_joining()
     accelerator = make_accelerator(args)
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and accelerator.num_processes != launched:  # each process would train alone into the same files
@@ -660,6 +664,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         warn_base_mismatch(lora.metadata, str(path), dit_config, args.dit)
         lora.close()
     check_heads(dit_config.heads_num, args.context_parallel)
+    check_same_inputs({"--dit": args.dit, "--network_weights": args.network_weights,
+                       **{f"--base_weights {path}": path for path in args.base_weights or []}},
+                      {"the dataset": data.fingerprint()}, lambda what: data.difference_between_processes())
     layout = make_layout(args.context_parallel)
     check_caches_fit(data.datasets, {"latents": dit_config.out_channels, "llm": dit_config.text_states_dim,
                                      "clipL": dit_config.text_states_dim_2}, args.dit)
@@ -703,7 +710,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     run = run_identity(optimizer_name=optimizer_name, scheduler=args.lr_scheduler_type or args.lr_scheduler,
                        network={"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
                                 "args": sorted(args.network_args or []), "dropout": args.network_dropout},
-                       processes=accelerator.num_processes, batches_per_epoch=batches_per_epoch,
+                       processes=accelerator.num_processes, context_parallel=args.context_parallel, batches_per_epoch=batches_per_epoch,
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate)
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musubi_tuner.errors import UserError, stops_held
+from musubi_tuner.errors import SharedError, UserError, stops_held
 from musubi_tuner.files import atomic_write, check_locks_still_held, load_torch_file, remove_folder, save_safetensors, save_torch
 
 logger = logging.getLogger(__name__)
@@ -145,11 +145,11 @@ class DamagedState(UserError):
 
 
 def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
-                 accumulation: int, dataset: str, learning_rate: float | None = None) -> dict:
+                 accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says)."""
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
-            "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
+            "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
             "learning_rate": learning_rate}
 
 
@@ -163,21 +163,26 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
         return key in saved and saved[key] != current[key]
 
     if differs("processes"):
-        raise UserError(f"{folder}: saved by {saved['processes']} training processes, this run has {current['processes']}; "
-                        f"resume with the same number (accelerate launch --num_processes {saved['processes']}), or start a new "
-                        f"run from its LoRA with --network_weights")
+        raise SharedError(f"{folder}: saved by {saved['processes']} training processes, this run has {current['processes']}; "
+                          f"resume with the same number (accelerate launch --num_processes {saved['processes']}), or start a new "
+                          f"run from its LoRA with --network_weights")
+    if differs("context_parallel"):  # the same processes, shared out otherwise: another batch per step, other RNG roles
+        then, now = saved["context_parallel"], current["context_parallel"]
+        raise SharedError(f"{folder}: saved with --context_parallel {then}, this run has {now}: its processes would share out "
+                          f"the work otherwise (another batch per step); resume with --context_parallel {then}, or start a new run "
+                          f"from its LoRA with --network_weights")
     if differs("optimizer"):
-        raise UserError(f"{folder}: saved with the optimizer {saved['optimizer']}, this run uses {current['optimizer']}; "
+        raise SharedError(f"{folder}: saved with the optimizer {saved['optimizer']}, this run uses {current['optimizer']}; "
                         f"resume with the same --optimizer_type/--optimizer_args, or start a new run from its LoRA with "
                         f"--network_weights")
     if differs("scheduler"):
-        raise UserError(f"{folder}: saved with the learning-rate schedule {saved['scheduler']}, this run uses "
+        raise SharedError(f"{folder}: saved with the learning-rate schedule {saved['scheduler']}, this run uses "
                         f"{current['scheduler']}; resume with the same --lr_scheduler and step counts, or start a new run "
                         f"from its LoRA with --network_weights")
     if differs("network"):
         then, now = saved["network"], current["network"]
         changed = ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
-        raise UserError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
+        raise SharedError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
                         f"--network_dim, --network_alpha and --network_args")
     if differs("learning_rate"):  # the optimizer's and the schedule's saved state hold the rate: they win, as in musubi-tuner
         logger.warning("%s: saved with --learning_rate %g; its optimizer and schedule continue at that rate, not at %g, and "
