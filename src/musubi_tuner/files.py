@@ -68,12 +68,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     that is a symbolic link has its target written, as `cp` and `>` write it (replaced, the link would become a file
     beside it, and a models folder of links to a large disk would get the file on the small one).
     """
-    path = Path(path)
-    if path.is_symlink():
-        target = Path(os.path.realpath(path))
-        if not target.parent.is_dir():
-            raise UserError(f"{path}: cannot write: it is a link to {target}, whose folder does not exist")
-        path = target
+    path = output_target(path)
     check_locks_still_held(path)
     fd = tmp_path = None
     try:
@@ -104,6 +99,33 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if fd is not None:
             os.close(fd)  # (and with it the lock)
+
+
+def output_target(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Where an output named `path` is written: the target of a symbolic link (as `cp` and `>` write it), refused when
+    that is no file to replace (a device, a FIFO or a socket: root replaced a link to /dev/null, and with it the
+    system's /dev/null, by a regular file; a link loop was replaced by a file). With `folder`, the output is a folder:
+    a file in its place is not replaced either (a user's file of that name was renamed away and later deleted)."""
+    given = path = Path(path)
+    if path.is_symlink():
+        try:
+            path = Path(os.path.realpath(path, strict=True))
+        except FileNotFoundError:  # dangling: the file it names is made
+            path = Path(os.path.realpath(path))
+        except OSError:
+            raise UserError(f"{given}: cannot write: a symbolic link loop; remove the link or choose another name") from None
+        if not path.parent.is_dir():
+            raise UserError(f"{given}: cannot write: it is a link to {path}, whose folder does not exist")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)), "a file" if folder and stat.S_ISREG(st.st_mode) else None)
+    if kind is not None:
+        linked = f" (through a link to {path})" if path != given else ""
+        raise UserError(f"{given}: cannot write: it is {kind}{linked}, not {'a folder' if folder else 'a file'} to save in; "
+                        "move it away or choose another name")
+    return path
 
 
 @contextlib.contextmanager
@@ -212,7 +234,10 @@ def remove_folder(path: str | os.PathLike) -> None:
             return
         except OSError as e:
             raise write_error(path, e) from e
-        shutil.rmtree(doomed, ignore_errors=True)
+        if doomed.is_symlink() or not doomed.is_dir():  # a link (not what it points to), or a file: rmtree takes neither
+            doomed.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 SAMPLES, SAMPLE_BYTES = 16, 1 << 16
@@ -377,6 +402,7 @@ def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mappi
     out = Path(output)
     require_writable_folder(out.parent, output_flag)
     require_names_fit(out.parent, output_flag, out.name, [temporary_name(out.name)])
+    output_target(out)  # (a link to a device or a FIFO, a link loop: said now, not after the work)
     if not out.exists():
         return
     for flag, paths in inputs.items():

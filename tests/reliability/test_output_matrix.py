@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from reliability_cases import (
     Case,
     check,
     killed_while_writing,
+    leftovers,
     link,
     nan_llm,
     nan_vae,
@@ -25,11 +28,36 @@ from reliability_cases import (
     outputs_of,
     plan_argv,
     run_command,
+    train_argv,
     write,
 )
 
 
 EMPTY_SAFETENSORS = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"  # a header of no tensors: a valid, empty file
+
+
+def fifo_link(path: Path, tmp: Path) -> Path:
+    """`path` made a link to a FIFO (tmp/pipe): what an output must never replace by a file."""
+    os.mkfifo(tmp / "pipe")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return link(path, tmp / "pipe")
+
+
+def still_a_fifo(path: Path) -> None:
+    assert stat.S_ISFIFO(os.lstat(path).st_mode), "the FIFO was replaced"
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def state_written_through_link(tmp: Path) -> None:
+    """The state went into the folder the link names (as for a file output), and the link stayed."""
+    assert (tmp / "out" / "tiny-state").is_symlink()
+    assert sorted(p.name for p in (tmp / "big" / "st").iterdir()) == ["network.safetensors", "optimizer.pt", "rng_0.pt",
+                                                                   "train_state.json"]
+    assert not leftovers(tmp / "out") and not leftovers(tmp / "big")
 
 
 def latent_file(path: Path, shape, dtype: str = "float32") -> Path:
@@ -305,6 +333,24 @@ CASES = [
     Case("generate-dry-run-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t, "--dry_run"),
          r"videos: cannot write to this folder " + READ_ONLY + r"; fix its permissions or choose another --save_path",
          read_only="videos", then=nothing_generated),
+    # --- outputs that are links to what is no file, or files where a folder goes: refused before the work, kept
+    Case("train-output-linked-to-a-fifo-is-refused-and-kept", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out") if fifo_link(t / "out" / "tiny.safetensors", t) else [],
+         r"out/tiny\.safetensors: cannot write: it is a FIFO \(through a link to \S+/pipe\), not a file to save in; move it away",
+         then=lambda a, t, err, out: still_a_fifo(t / "pipe")),
+    Case("merge-output-linked-to-a-fifo-is-refused-and-kept", "merge_lora",
+         lambda a, t: merge_argv(a, t) if fifo_link(t / "merged" / "merged.safetensors", t) else [],
+         r"merged\.safetensors: cannot write: it is a FIFO \(through a link to \S+/pipe\)",
+         then=lambda a, t, err, out: still_a_fifo(t / "pipe")),
+    Case("train-output-that-is-a-link-loop-is-refused", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out") if link(mkdir(t / "out") / "tiny.safetensors", t / "out" / "tiny.safetensors") else [],
+         r"out/tiny\.safetensors: cannot write: a symbolic link loop; remove the link or choose another name"),
+    Case("train-state-name-taken-by-a-file-is-refused-and-the-file-kept", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--save_state") if write(mkdir(t / "out") / "tiny-state", "my notes") else [],
+         r"out/tiny-state: cannot write: it is a file, not a folder to save in; move it away", keep=lambda a, t: [t / "out" / "tiny-state"]),
+    Case("train-state-that-is-a-link-writes-the-link-s-folder", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--save_state") if link(mkdir(t / "out") / "tiny-state", mkdir(t / "big" / "st")) else [],
+         None, then=lambda a, t, err, out: state_written_through_link(t)),
     Case("merge-output-is-the-dit", "merge_lora",
          lambda a, t: ["--dit", str(own_copy(a.dit_st, t)), "--lora_weight", str(a.lora), "--device", "cpu",
                        "--save_merged_model", str(link(t / "merged.safetensors", t / "own" / a.dit_st.name))],

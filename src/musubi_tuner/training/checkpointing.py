@@ -83,8 +83,10 @@ def check_names_fit(output_dir: str | os.PathLike, name: str, seeds: Sequence[in
 
 
 def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format: str) -> None:
-    """Before the run: no folder stands where the final LoRA (or its ComfyUI copy) goes. Found when it was written, it
-    cost the whole run: the steps after the last saved state, or all of them without --save_state."""
+    """Before the run: no folder stands where the final LoRA (or its ComfyUI copy) goes, and no file (or device) where
+    a LoRA or the final state goes. Found when it was written, it cost the whole run: the steps after the last saved
+    state, or all of them without --save_state."""
+    from musubi_tuner.files import output_target
     from musubi_tuner.networks.lora_files import companion_path
 
     final = Path(output_dir) / f"{name}.safetensors"
@@ -92,6 +94,8 @@ def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format
         if path.is_dir():
             raise UserError(f"{path}: a folder has this name, where the run saves its LoRA at the end; move it away or "
                             f"choose another --output_name")
+        output_target(path)
+    output_target(Path(output_dir) / f"{name}-state", folder=True)
 
 
 def lora_file_names(name: str) -> re.Pattern:

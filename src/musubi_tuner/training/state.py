@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import SharedError, UserError, stops_held
-from musubi_tuner.files import atomic_write, check_locks_still_held, load_torch_file, remove_folder, save_safetensors, save_torch
+from musubi_tuner.files import (atomic_write, check_locks_still_held, load_torch_file, output_target, remove_folder, save_safetensors,
+                                save_torch)
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
 
     `run` (see run_identity) is recorded beside the progress, so that a resume can check it continues the same run.
     """
-    folder = Path(folder)
+    folder = output_target(folder, folder=True)  # (a link's target; no file of the user's is replaced)
     tmp = folder.with_name(folder.name + ".incomplete")
     old = folder.with_name(folder.name + ".old")
     if is_main:
