@@ -47,6 +47,8 @@ def test_help_shows_defaults_that_matter():
     (real(above=0), "0", "0: must be greater than 0"),
     (real(0, 1), "1.5", "1.5: must be between 0 and 1"),
     (real(), "inf", "inf: not a finite number"),
+    (real(), "1e308", "1e308: past the range of float32 numbers (±3.4e+38)"),  # was a traceback where torch took it
+    (real(above=0), "-4e38", "-4e38: past the range of float32 numbers (±3.4e+38)"),
     (seed(32), str(2**32), f"{2**32}: must be between 0 and {2**32 - 1}, 2^32-1"),
     (frames_4n1, "6", "6 is not 4N+1 (try 5 or 9)"),
     (frames_4n1, "0", "0: must be at least 1 (4N+1: 1, 5, 9, ...)"),

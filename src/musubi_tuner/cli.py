@@ -116,11 +116,17 @@ def count(minimum: int = 1, maximum: int | None = None, what: str = ""):
     return parse
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # every float flag ends up in a float32 tensor or a kernel's float argument
+
+
 def real(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None, what: str = ""):
-    """A finite float with optional bounds: `minimum` <= x <= `maximum`, or x > `above`."""
+    """A finite float with optional bounds: `minimum` <= x <= `maximum`, or x > `above`; within float32's range always
+    (past it, the value was a traceback where torch took it: 'cannot be converted to type float without overflow')."""
 
     def parse(value: str) -> float:
         number = _number(value, float)
+        if abs(number) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"{value}: past the range of float32 numbers (±3.4e+38){what}")
         if above is not None and not number > above:
             raise argparse.ArgumentTypeError(f"{value}: must be greater than {above:g}{what}")
         if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):

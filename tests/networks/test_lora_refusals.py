@@ -186,6 +186,22 @@ def test_every_reader_refuses_a_diverged_training_s_lora_and_info_and_the_doctor
     assert status == 1 and json.loads(out)["diverged"].startswith(f"single_blocks.1.linear1: its update reaches {largest:.3g}")
 
 
+def test_a_multiplier_and_alpha_past_float32_are_one_line_not_a_traceback(files, capsys, tmp_path):
+    """A LoRA whose alpha is stored as float64 1e300, its lora_up still zero (an untrained one: no update to refuse):
+    merging multiplied 1e300 / rank into torch's float argument and failed with a traceback."""
+    tmp, dit, paths = files
+    weights = StateDictFile(paths["good"]).load_all()
+    module = NAN_KEY.removesuffix(".lora_up.weight")
+    save_file({**weights, NAN_KEY: torch.zeros_like(weights[NAN_KEY]), f"{module}.alpha": torch.tensor(1e300, dtype=torch.float64)},
+              str(tmp_path / "alpha.safetensors"))
+    status, _, err = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", tmp_path / "alpha.safetensors", "--save_merged_model",
+                                                tmp_path / "m.safetensors", "--device", "cpu"], capsys)
+    assert status == 2 and error_line(err).startswith(f"error: {tmp_path / 'alpha.safetensors'}: single_blocks.1.linear1: the "
+                                                      "multiplier 1 times its alpha / rank ")
+    assert "is past the range of float32 numbers; use a smaller multiplier" in error_line(err)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_info_and_doctor_list_entries_we_cannot_apply(files, capsys):
     _, _, paths = files
     status, out, _ = run_main(lora_info.main, [paths["ranks"]], capsys)

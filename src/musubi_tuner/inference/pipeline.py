@@ -292,7 +292,7 @@ def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool,
     modules = {"lora": lora, "loha": loha, "lokr": lokr}
     networks = []
     for path, m, keep in lora_jobs(paths, multipliers, lora_blocks, exclude_single_blocks):
-        patches = lora_patches(path, keep, allow_partial)
+        patches = lora_patches(path, keep, allow_partial, multiplier=m)
         beside = [p for p in patches if p.kind in ADAPTERS and isinstance(patch_target(dit, p, str(path))[0], nn.Linear)]
         for patch in patches:
             if not any(patch is p for p in beside):

@@ -115,15 +115,20 @@ def warn_base_mismatch(metadata: dict[str, str], source: str, config: DiTConfig,
 
 
 def lora_patches(path, keep: ModuleFilter | None = None, allow_partial: bool = False,
-                 base: tuple[DiTConfig, str] | None = None) -> list[Patch]:
+                 base: tuple[DiTConfig, str] | None = None, multiplier: float = 1.0) -> list[Patch]:
     """The patches of a LoRA file (any naming, refused unless whole and finite) on the modules `keep` accepts; with `base`
-    (the DiT's config and file) warned about when its metadata names another base."""
+    (the DiT's config and file) warned about when its metadata names another base. A `multiplier` whose product with a
+    pair's alpha / rank is past float32 (an alpha stored as float64 1e300) is refused: torch took it with a traceback."""
     contents = read_lora(path, allow_partial)
     if base is not None:
         warn_base_mismatch(contents.metadata, contents.source, *base)
     patches = contents.select(keep)
     if not patches:
         raise UserError(f"{path}: no LoRA module of this file applies to the DiT (or to the blocks --lora_blocks keeps)")
+    for patch in patches:
+        if patch.kind == "lora" and not abs(multiplier * patch.scale) <= torch.finfo(torch.float32).max:
+            raise UserError(f"{path}: {patch.module}: the multiplier {multiplier:g} times its alpha / rank {patch.scale:g} is past "
+                            "the range of float32 numbers; use a smaller multiplier")
     return patches
 
 
@@ -166,7 +171,7 @@ def merge_loras_into(dit: HunyuanVideoDiT, lora_paths: Sequence[str], multiplier
     """
     changed = 0
     for path, m, keep in lora_jobs(lora_paths, multipliers, lora_blocks, exclude_single_blocks):
-        patches = lora_patches(path, keep, allow_partial)
+        patches = lora_patches(path, keep, allow_partial, multiplier=m)
         for patch in patches:
             merge_patch(dit, patch, m, device, str(path))
         logger.info("merged %s (multiplier %s): %d patches", path, m, len(patches))
@@ -240,7 +245,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     ops: dict[str, list[tuple[float, Patch]]] = {}  # parameter key -> (multiplier, patch) per LoRA, in order
     jobs = lora_jobs(lora_paths, multipliers, lora_blocks, exclude_single_blocks)
     for path, m, keep in jobs:
-        for patch in lora_patches(path, keep, allow_partial, base=(config, dit_path)):
+        for patch in lora_patches(path, keep, allow_partial, base=(config, dit_path), multiplier=m):
             if patch.param not in source:
                 raise UserError(f"{path}: module {patch.module} does not exist in {dit_path} (a LoRA for another model?)")
             if not patch.fits(source.shape(patch.param)):
