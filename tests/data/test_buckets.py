@@ -117,3 +117,23 @@ def test_area_resize_weights_partly_covered_pixels_by_their_overlap():
 
 def test_area_resize_keeps_a_flat_image_flat():
     assert np.all(area_resize(np.full((37, 53, 3), 77, np.uint8), (20, 11)) == 77)
+
+
+@pytest.mark.parametrize("shape, bucket", [((100, 2), (96, 64)), ((3, 400), (64, 48)), ((1, 90), (32, 32))])
+def test_an_extreme_aspect_ratio_scales_only_the_part_that_stays_with_the_same_pixels(shape, bucket):
+    """A 1 x 80000 image was scaled whole to cover 960 x 544 (76.8 million rows) before the crop: minutes, then a
+    MemoryError. The kept part alone, from the same source region, gives the whole-then-crop pixels (musubi-tuner's
+    order)."""
+    from PIL import Image
+
+    image = (np.random.default_rng(0).random((*shape, 3)) * 255).astype(np.uint8)
+    height, width = shape
+    scale = max(bucket[0] / width, bucket[1] / height)
+    new_w, new_h = int(width * scale + 0.5), int(height * scale + 0.5)
+    assert new_w * new_h > 16 * bucket[0] * bucket[1]  # the case the limit is for
+    whole = np.array(Image.fromarray(image).resize((new_w, new_h), Image.LANCZOS))
+    left, top = (new_w - bucket[0]) // 2, (new_h - bucket[1]) // 2
+    want = whole[top:top + bucket[1], left:left + bucket[0]]
+    got = resize_to_bucket(image, bucket)
+    assert got.shape == want.shape
+    assert np.array_equal(got, want)

@@ -311,6 +311,18 @@ def test_stale_caches_are_those_no_item_produces(tmp_path):
     assert cf.stale_caches(tmp_path / "missing", set()) == []
 
 
+def test_an_unreadable_item_keeps_its_own_caches_not_those_of_names_it_begins(tmp_path):
+    """A skipped cat.png (its caption being edited) kept the caches of a deleted cat_2.png, and training trained on them."""
+    names = ["cat_0064x0064_hv.safetensors", "cat_2_0064x0064_hv.safetensors", "cat_00000-005_0064x0064_hv.safetensors",
+             "cat_2_00000-005_0064x0064_hv.safetensors", "cat_hv_te.safetensors", "cat_2_hv_te.safetensors"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in cf.stale_caches(tmp_path, set(), keep_stems=["cat"])] == [
+        "cat_2_00000-005_0064x0064_hv.safetensors", "cat_2_0064x0064_hv.safetensors"]
+    assert [p.name for p in cf.stale_caches(tmp_path, set(), text=True, keep_stems=["cat"])] == ["cat_2_hv_te.safetensors"]
+    assert cf.stale_caches(tmp_path, set(), keep_stems=["cat", "cat_2"]) == []
+
+
 def test_temporary_files_of_killed_writes_are_found_by_cache_kind(tmp_path):
     pid = dead_pid()
     names = [f".b_0016x0016_hv.safetensors.{pid}-x1y2z3w4.tmp", f".b_hv_te.safetensors.{pid}-k9_z0a1b.tmp",

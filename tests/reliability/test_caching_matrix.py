@@ -214,6 +214,27 @@ def jsonl_after_a_folder(a, tmp):
                            f'[[datasets]]\nimage_jsonl_file = "{tmp / "meta.jsonl"}"\ncache_directory = "{tmp / "second"}"\n')
 
 
+def image_whose_caption_name_is_too_long(a, tmp):
+    """The dataset's copy with an image of a 252-byte name (legal) and no caption: the look-up of the name the hint tries
+    (CCC.png.txt, 256 bytes, which no file can have) raised 'File name too long' and stopped both caching commands."""
+    import shutil
+
+    toml, folder = copy_dataset(a, tmp)
+    shutil.copy(sorted((folder / "images").glob("*.png"))[0], folder / "images" / f"{'C' * 248}.png")
+    return toml
+
+
+def image_of_an_extreme_aspect_ratio(a, tmp):
+    """The dataset's copy with a 400000 x 1 image (a PNG of a few KB): scaled whole to cover a 32 x 32 bucket before the
+    crop, it would be 12.8 million rows of 32 pixels (1.2 GB, and Pillow's working copies on top)."""
+    from PIL import Image
+
+    toml, folder = copy_dataset(a, tmp)
+    Image.new("RGB", (1, 400_000), (200, 30, 30)).save(folder / "images" / "thread.png")
+    (folder / "images" / "thread.txt").write_text("a red thread")
+    return toml
+
+
 def jsonl_with_a_missing_image(a, tmp):
     """A JSONL dataset whose second line names an image that is not there (a typo)."""
     image = next((a.dataset.parent / "images").glob("*.png"))
@@ -347,6 +368,12 @@ CASES = [
     Case("toml-folder-is-a-broken-link", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace(str(a.dataset.parent / "videos"), str(link(t / "gone", t / "nowhere")))), a),
          r'dataset\.toml: \[\[datasets\]\]\[0\]\.video_directory = ".*gone": broken symbolic link \(to .*nowhere, which does not exist\)'),
+    Case("cache-latents-image-whose-caption-name-cannot-exist-is-skipped", "cache_latents",
+         lambda a, t: cache_latents_argv(image_whose_caption_name_is_too_long(a, t), a), None,
+         then=summary_names(r"skipped: \S+/C{248}\.png: no caption file C{248}\.txt\n", r"[1-9] latent caches cached")),
+    Case("cache-latents-extreme-aspect-image-costs-its-bucket-not-its-whole-scale", "cache_latents",
+         lambda a, t: cache_latents_argv(image_of_an_extreme_aspect_ratio(a, t), a), None, memory_headroom=MEMORY,
+         then=summary_names(r"\[\[datasets\]\]\[0\]: 3 latent caches cached, 0 already cached, 0 skipped, 0 failed")),
     Case("cache-text-jsonl-image-missing-is-reported", "cache_text_encoder_outputs",
          lambda a, t: cache_text_argv(jsonl_with_a_missing_image(a, t), a), None,
          then=summary_names(r"1 text caches cached, 0 already cached, 0 skipped, 1 failed", r"failed: .*typo\.png: image not found")),

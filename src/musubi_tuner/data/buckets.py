@@ -61,6 +61,10 @@ class BucketSelector:
         return self.buckets[errors.index(min(errors))]  # the first of equal errors, as numpy's argmin
 
 
+WHOLE_UPSCALE_LIMIT = 16  # times the bucket's area: an upscale larger than this scales only the part that stays
+LANCZOS_REACH = 4  # source pixels beyond a kept one that Lanczos-3 reads when it enlarges (3, and one for rounding)
+
+
 def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
     """Scale `image` (H, W, C) uint8 to cover `bucket` (width, height), then centre-crop to it.
 
@@ -74,11 +78,22 @@ def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
         return image
     scale = max(bucket_w / width, bucket_h / height)
     new_w, new_h = int(width * scale + 0.5), int(height * scale + 0.5)
+    left, top = (new_w - bucket_w) // 2, (new_h - bucket_h) // 2
+    if scale > 1 and new_w * new_h > WHOLE_UPSCALE_LIMIT * bucket_w * bucket_h:
+        # An extreme aspect ratio: the whole image scaled to cover the bucket would be vast (a 1 x 80000 PNG of a few KB
+        # took 2 minutes and ended in a MemoryError; 2 x 1000 at 960 x 544 took 4.5 GB). Only the part that stays is
+        # scaled, in Pillow's two passes (rows, then columns, each rounded to uint8) on the same source region (its
+        # `box`) and the rows the filter reaches: the same pixels as the whole image scaled, then cropped.
+        sx, sy = width / new_w, height / new_h
+        y0, y1 = top * sy, (top + bucket_h) * sy
+        first, last = max(0, int(y0) - LANCZOS_REACH), min(height, int(np.ceil(y1)) + LANCZOS_REACH)
+        rows = Image.fromarray(np.ascontiguousarray(image[first:last])).resize(
+            (bucket_w, last - first), Image.LANCZOS, box=(left * sx, 0, (left + bucket_w) * sx, last - first))
+        return np.array(rows.resize((bucket_w, bucket_h), Image.LANCZOS, box=(0, y0 - first, bucket_w, y1 - first)))
     if scale > 1:
         resized = np.array(Image.fromarray(image).resize((new_w, new_h), Image.LANCZOS))  # writable, as torch wants
     else:
         resized = area_resize(image, (new_w, new_h))
-    left, top = (new_w - bucket_w) // 2, (new_h - bucket_h) // 2
     return np.ascontiguousarray(resized[top:top + bucket_h, left:left + bucket_w])
 
 

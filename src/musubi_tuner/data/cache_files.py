@@ -397,19 +397,25 @@ def stale_caches(cache_dir: str | os.PathLike, current: Iterable[str | os.PathLi
                  keep_stems: Iterable[str] = ()) -> list[Path]:
     """Cache files in `cache_dir` that no current item produces.
 
-    `text` selects `*_hv_te.safetensors`, otherwise `*_hv.safetensors`. Caches whose name starts
-    with a stem in `keep_stems` (items that could not be read this time) are never listed. Deleting
-    them (unless --keep_cache) is the caching scripts' job.
+    `text` selects `*_hv_te.safetensors`, otherwise `*_hv.safetensors`. The caches of a stem in `keep_stems` (items
+    that could not be read this time) are never listed: those whose item key is that stem, not every name it begins
+    (a skipped cat.png kept the caches of a deleted cat_2.png, and training trained on them). Deleting them (unless
+    --keep_cache) is the caching scripts' job.
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
     suffix = TEXT_SUFFIX if text else LATENT_SUFFIX
     wanted = {os.path.normcase(os.path.abspath(p)) for p in current}
-    protected = tuple(f"{stem}_" for stem in keep_stems)
+    kept = set(keep_stems)
+
+    def protected(name: str) -> bool:
+        if text:
+            return name[: -len(TEXT_SUFFIX)] in kept
+        return any(parsed is not None and parsed.item_key in kept for parsed in (parse_latent_cache_name(name, video) for video in (False, True)))
+
     return [p for p in sorted(cache_dir.iterdir())
-            if p.name.endswith(suffix) and os.path.normcase(os.path.abspath(p)) not in wanted
-            and not (protected and p.name.startswith(protected))]
+            if p.name.endswith(suffix) and os.path.normcase(os.path.abspath(p)) not in wanted and not protected(p.name)]
 
 
 def leftover_temp_files(cache_dir: str | os.PathLike, *, text: bool = False, remove: bool = False) -> list[Path]:

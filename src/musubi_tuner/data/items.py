@@ -136,6 +136,7 @@ class SourceItem:
             raise UserError(f"{self.caption_file}: caption is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on every file system a dataset lives on (ext4, XFS, btrfs, NTFS, APFS)
 MAX_CAPTION_BYTES = 2**20  # a caption is a sentence or a paragraph; the text encoders read a few hundred tokens of it
 
 
@@ -171,7 +172,12 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
     siblings: dict[str, list[str]] | None = None  # stem -> the other files' suffixes, listed once, at the first miss
     for path in files:
         caption_file = path.with_name(path.stem + extension)
-        if not dataset.is_video and not caption_file.exists():
+        if not dataset.is_video and len(os.fsencode(caption_file.name)) > MAX_NAME_BYTES:  # (no such file can exist)
+            problems.append((str(path), f"its caption file would be named {caption_file.name[:40]}..., "
+                                        f"{len(os.fsencode(caption_file.name))} bytes, over the {MAX_NAME_BYTES} a file name may "
+                                        "have; shorten the image's name"))
+            continue
+        if not dataset.is_video and not os.path.exists(caption_file):
             dotted = path.with_name(f"{path.stem}.{extension}")
             if caption_file.is_symlink():  # there, but a broken or looping link: said so, not "no caption file"
                 try:
@@ -179,9 +185,10 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
                 except UserError as e:
                     problems.append((str(path), str(e)))
                     continue
-            if extension and not extension.startswith(".") and dotted.exists():
+            # (os.path.exists: a hint's name may be too long to exist, which Path.exists raises for)
+            if extension and not extension.startswith(".") and os.path.exists(dotted):
                 hint = f" (caption_extension = {extension!r} does not start with a dot; {dotted.name} exists: write '.{extension}')"
-            elif path.with_name(path.name + extension).exists():  # x.png.txt: the caption of x.png is x.txt
+            elif os.path.exists(path.with_name(path.name + extension)):  # x.png.txt: the caption of x.png is x.txt
                 hint = f" ({path.name}{extension} exists: the caption of {path.name} is named {caption_file.name})"
             else:
                 siblings = _suffixes_by_stem(folder) if siblings is None else siblings
@@ -252,7 +259,7 @@ MAX_JSONL_BYTES = 2**30  # a line per item: a million items with long captions
 def _jsonl_media_path(value: str, jsonl: Path) -> Path:
     """Relative to the current folder as musubi-tuner reads it, else (if only that exists) to the JSONL's folder."""
     path = Path(value).expanduser()
-    if path.is_absolute() or path.exists() or not (jsonl.parent / path).exists():
+    if path.is_absolute() or os.path.exists(path) or not os.path.exists(jsonl.parent / path):  # (not raising: a name too long)
         return path
     return jsonl.parent / path
 
@@ -455,6 +462,8 @@ def _failure_reason(item: SourceItem, error: BaseException) -> str:
     if isinstance(error, UserError):
         return str(error)
     logger.debug("unexpected error reading %s", item.path, exc_info=error)
+    if isinstance(error, MemoryError) or "can't allocate memory" in str(error):  # (a MemoryError says nothing itself)
+        return f"{item.path}: out of host memory while reading it"
     return f"{item.path}: {type(error).__name__}: {error}"
 
 
