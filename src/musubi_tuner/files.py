@@ -328,9 +328,7 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
         raise UserError(f"{blocked}: is {_what_is(blocked)}, not a folder; choose another {flag}")
     try:
         if create:
-            missing = [above for above in (folder, *folder.parents) if not above.exists()]
-            folder.mkdir(parents=True, exist_ok=True)
-            _CREATED_FOLDERS.extend(missing)
+            make_folders(folder)
         with tempfile.TemporaryFile(dir=folder):  # unnamed where the system can (O_TMPFILE): a kill leaves nothing
             pass
     except OSError as e:
@@ -338,7 +336,14 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     return folder
 
 
-_CREATED_FOLDERS: list[Path] = []  # made by require_writable_folder for outputs to come
+_CREATED_FOLDERS: list[Path] = []  # made for outputs to come (make_folders)
+
+
+def make_folders(folder: Path) -> None:
+    """mkdir -p, remembering the folders made: a command that fails removes those still empty (remove_created_empty_folders)."""
+    missing = [above for above in (folder, *folder.parents) if not above.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    _CREATED_FOLDERS.extend(missing)
 
 
 def remove_created_empty_folders() -> None:
@@ -547,7 +552,7 @@ class RunLock:
         if blocked is not None:
             raise UserError(f"{blocked}: is {_what_is(blocked)}, not a folder; choose another {self.flag}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise UserError(f"{self.path.parent}: cannot create the lock file {self.path.name} ({e.strerror or e}); "

@@ -235,6 +235,19 @@ def image_of_an_extreme_aspect_ratio(a, tmp):
     return toml
 
 
+def without_caches(a, tmp):
+    """The dataset's copy with no cache folder yet (a first caching run)."""
+    import shutil
+
+    toml, folder = copy_dataset(a, tmp)
+    shutil.rmtree(folder / "cache")
+    return toml
+
+
+def no_cache_folder(folder):
+    assert not (folder / "cache").exists(), sorted(map(str, (folder / "cache").rglob("*")))
+
+
 def jsonl_with_a_missing_image(a, tmp):
     """A JSONL dataset whose second line names an image that is not there (a typo)."""
     image = next((a.dataset.parent / "images").glob("*.png"))
@@ -394,6 +407,9 @@ CASES = [
     Case("vae-with-nan-keeps-the-caches", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [
          str(nan_vae(a, t)), "--num_workers", "0"], r"_hv\.safetensors: latents_\S+ came out NaN in (\d+) of its \1 values: the "
          r"encoder's model file is damaged, or --vae_dtype float32 avoids an overflow; nothing was written", keep=all_caches),
+    Case("vae-with-nan-leaves-no-cache-folders-it-made", "cache_latents",
+         lambda a, t: cache_latents_argv(without_caches(a, t), a)[:3] + [str(nan_vae(a, t)), "--num_workers", "0"],
+         r"came out NaN in (\d+) of its \1 values", then=lambda a, t, err, out: no_cache_folder(t / "ds")),
     Case("vae-conv-weight-of-another-rank", "cache_latents",
          lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [str(damaged_vae(a, t, flattened_conv_in)), "--num_workers", "0"],
          r"vae\.pt: not a HunyuanVideo VAE: encoder\.conv_in\.conv\.weight has shape \[\d+\], expected a 5-D convolution "

@@ -127,6 +127,10 @@ def with_run_progress(**changes):
     return make
 
 
+def no_escape(tmp: Path) -> None:
+    assert not (tmp / "escaped").exists()
+
+
 def text_cache_with_nan(a, tmp) -> Path:
     """The cached dataset's copy, a NaN in one text cache's LLM states (a damaged file: caching writes none). The loss of
     its batch was NaN, and the error named the item's latent cache."""
@@ -147,13 +151,17 @@ def with_damaged_state(part: str):
 
         out = trained_before(a, tmp)
         state = out / "tiny-state"
-        if part in ("optimizer", "optimizer-nan"):
+        if part in ("optimizer", "optimizer-nan", "lr-nan", "schedule-inf"):
             saved = torch.load(state / "optimizer.pt", weights_only=True)
             for moments in saved["optimizer"]["state"].values():
                 if part == "optimizer":
                     moments["exp_avg"] = torch.zeros(3, 3)
-                else:
+                elif part == "optimizer-nan":
                     moments["exp_avg_sq"].view(-1)[0] = float("nan")
+            if part == "lr-nan":
+                saved["optimizer"]["param_groups"][0]["lr"] = float("nan")
+            if part == "schedule-inf":
+                saved["scheduler"]["base_lrs"] = [float("inf")]
             torch.save(saved, state / "optimizer.pt")
         else:
             weights = load_file(str(state / "network.safetensors"))
@@ -324,6 +332,10 @@ CASES = [
     Case("train-a-folder-at-the-final-comfyui-copy-name-is-refused-before-the-run", "hv_train_network",
          lambda a, t: (Path(t / "out" / "tiny.comfyui.safetensors").mkdir(parents=True), train_argv(a, t / "out"))[1],
          r"\S+/out/tiny\.comfyui\.safetensors: a folder has this name, where the run saves its LoRA at the end", then=before_the_model_loads),
+    Case("train-log-prefix-out-of-the-logging-dir", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--logging_dir", str(t / "logs"), "--log_prefix", "../escaped/"),
+         r"--log_prefix \.\./escaped/: leads out of --logging_dir; give the folder as --logging_dir",
+         then=lambda a, t, err, out: no_escape(t)),
     Case("train-log-prefix-too-long-for-the-log-folder", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--logging_dir", str(t / "logs"), "--log_prefix", "p" * 250),
          r"--log_prefix: 250 bytes, and the names of the files it names reach 264 .* use a name of at most 241 bytes",
@@ -588,6 +600,14 @@ CASES = [
                  r"start of epoch 2"),
     Case("train-resume-auto-skips-a-damaged-newest-state", "hv_train_network", damaged_newest, None, then=resumed_from_step_1,
          warning=r"--resume auto: .*network\.safetensors: file is truncated.*; trying the next older state"),
+    Case("train-resume-a-state-whose-learning-rate-is-nan", "hv_train_network", with_damaged_state("lr-nan"),
+         r"tiny-state/optimizer\.pt: lr of param group 0 is nan: no state to resume from; pick an older state folder or "
+         r"--resume auto", keep=outputs_of("out")),
+    Case("train-resume-a-state-whose-schedule-is-inf", "hv_train_network", with_damaged_state("schedule-inf"),
+         r"tiny-state/optimizer\.pt: the schedule's base_lrs is \[inf\]: no state to resume from", keep=outputs_of("out")),
+    Case("train-resume-a-state-past-the-end-of-its-epoch", "hv_train_network",
+         with_run_progress(batch_in_epoch=10**6),
+         r"tiny-state/train_state\.json: damaged \(batch_in_epoch 1000000 of an epoch of \d+ batches\)", keep=outputs_of("out")),
     Case("train-resume-a-state-holding-nan-is-refused", "hv_train_network",
          lambda a, t: train_argv(a, nan_newest(a, t), "--resume", str(t / "out" / "tiny-state"), "--max_train_steps", "3"),
          r"tiny-state/network\.safetensors: lora_unet_\S+ holds NaN or infinite values: no state to resume from"),

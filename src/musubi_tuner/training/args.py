@@ -337,7 +337,10 @@ def log_folder(args: argparse.Namespace) -> str | None:
     """The run's TensorBoard folder: --logging_dir / (--log_prefix + the start time), or None without --logging_dir."""
     if not args.logging_dir:
         return None
-    return os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+    prefix = args.log_prefix or ""
+    if os.path.isabs(prefix) or ".." in Path(prefix).parts:  # (a sub-folder, "run1/", is musubi-tuner's as well)
+        raise UserError(f"--log_prefix {prefix}: leads out of --logging_dir; give the folder as --logging_dir")
+    return os.path.join(args.logging_dir, prefix + time.strftime("%Y%m%d%H%M%S"))
 
 
 def attention_mode(args: argparse.Namespace) -> str:

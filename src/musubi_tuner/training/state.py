@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -190,7 +191,11 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
                        "the LoRA's metadata records %g. To train at %g, start a new run from its LoRA with --network_weights",
                        folder, saved["learning_rate"], current["learning_rate"], saved["learning_rate"], current["learning_rate"])
         current["learning_rate"] = saved["learning_rate"]
-    if differs("gradient_accumulation_steps") or differs("batches_per_epoch") or differs("dataset"):
+    same_batching = not (differs("gradient_accumulation_steps") or differs("batches_per_epoch") or differs("dataset"))
+    if same_batching and progress.batch_in_epoch > current["batches_per_epoch"]:
+        raise DamagedState(f"{folder}/{STATE_MARKER}: damaged (batch_in_epoch {progress.batch_in_epoch} of an epoch of "
+                           f"{current['batches_per_epoch']} batches); pick another state folder or --resume auto")
+    if not same_batching:
         if progress.batch_in_epoch:
             logger.warning("%s: the dataset or batching changed since this state was saved (%s batches per epoch then, %s now); "
                            "the position inside epoch %d cannot be found again, so training continues at the start of "
@@ -224,6 +229,18 @@ def _check_optimizer_state(folder: Path, saved, optimizer) -> None:
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise DamagedState(f"{folder}/optimizer.pt: {name} of parameter {index} holds NaN or infinite values: no "
                                    f"state to resume from; pick an older state folder or --resume auto")
+    # the numbers of the groups and the schedule (lr, eps, betas, base_lrs): a NaN there made the first update NaN, blamed
+    # on --learning_rate and the items, and the damaged state was named the last good checkpoint
+    numbers = [(f"{key} of param group {i}", v) for i, g in enumerate(groups) if isinstance(g, dict)
+               for key, v in g.items() if key != "params"]
+    schedule = saved.get("scheduler") if isinstance(saved, dict) else None
+    numbers += [(f"the schedule's {key}", v) for key, v in (schedule.items() if isinstance(schedule, dict) else ())
+                if key in ("base_lrs", "_last_lr")]  # (not every number of a schedule: a plateau's 'best' starts at inf)
+    for what, value in numbers:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise DamagedState(f"{folder}/optimizer.pt: {what} is {value}: no state to resume from; pick an older state "
+                               f"folder or --resume auto")
 
 
 def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
@@ -300,7 +317,7 @@ def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_i
     if rng_file.is_file():
         try:
             set_rng_state(_rng_from_plain(load_torch_file(rng_file, "RNG state")))
-        except (UserError, KeyError, TypeError, ValueError) as e:
+        except (UserError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # (torch's, numpy's refusals)
             logger.warning("%s: RNG state unreadable (%s); dropout and other draws differ from an uninterrupted run",
                            rng_file, str(e)[:120])
     else:  # deleted, or a state saved by fewer processes
