@@ -377,3 +377,15 @@ def test_stale_text_caches_are_those_no_caption_item_has(tmp_path):
     report = items.CacheReport()
     captions = items.caption_items(dataset, report)
     assert [p.name for p in items.stale_text_caches(dataset, captions, report)] == ["gone_hv_te.safetensors"]
+
+
+@pytest.mark.parametrize("written", [b"a cat\r\non grass\r\n", b"a cat\ron grass", b"\xef\xbb\xbfa cat\non grass\n"])
+def test_caption_line_breaks_read_as_musubi_tuner_reads_them(tmp_path, written):
+    """musubi-tuner opens captions in text mode (universal newlines): a Windows caption's \\r\\n is \\n there, and the
+    \\r kept here was one token more per line break for the LLM: other embeddings than musubi-tuner's."""
+    dataset = image_config(tmp_path)
+    add_image(tmp_path, "a")
+    (tmp_path / "images" / "a.txt").write_bytes(written)
+    (item,), _ = items.list_items(dataset)
+    with open(tmp_path / "images" / "a.txt", encoding="utf-8-sig") as f:  # what a text-mode open reads
+        assert item.read_caption() == f.read().strip() == "a cat\non grass"

@@ -202,6 +202,31 @@ def test_a_multiplier_and_alpha_past_float32_are_one_line_not_a_traceback(files,
     assert not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize("command", ["merge", "generate"])
+def test_a_multiplier_that_makes_the_update_a_diverged_training_s_is_refused_before_the_work(files, generation_files, capsys,
+                                                                                             tmp_path, command):
+    """merge_lora --lora_multiplier 1e30 wrote a DiT of 1e27 weights with a warning, and generation with it sampled noise
+    and blamed the files."""
+    _, dit, paths = files
+    g = generation_files
+    if command == "merge":
+        main, argv = merge_lora.main, ["--dit", dit, "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
+    else:
+        main, argv = hv_generate_video.main, ["--dit", g["dit"], "--vae", g["vae"], "--text_encoder1", g["te1"], "--text_encoder2",
+                                              g["te2"], "--prompt", "a cat", "--video_size", "32", "32", "--video_length", "5",
+                                              "--infer_steps", "2", "--save_path", tmp_path / "out"]
+    status, _, err = run_main(main, [*argv, "--lora_weight", paths["good"], "--lora_multiplier", "1e30"], capsys)
+    assert status == 2, err[-2000:]
+    line = error_line(err)
+    assert re.fullmatch(rf"error: {re.escape(str(paths['good']))}: \S+: with the multiplier 1e\+30 its update reaches \S+ per "
+                        r"weight, where a trained LoRA's stays well below 1: the output would be noise; use a multiplier near 1",
+                        line), line
+    assert not (tmp_path / "m.safetensors").exists() and not list((tmp_path / "out").glob("*"))
+    status, _, _ = run_main(merge_lora.main, ["--dit", dit, "--save_merged_model", tmp_path / "m2.safetensors", "--device", "cpu",
+                                              "--lora_weight", paths["good"], "--lora_multiplier", "-2"], capsys)
+    assert status == 0 and (tmp_path / "m2.safetensors").is_file()  # a multiplier people use is not refused
+
+
 def test_info_and_doctor_list_entries_we_cannot_apply(files, capsys):
     _, _, paths = files
     status, out, _ = run_main(lora_info.main, [paths["ranks"]], capsys)

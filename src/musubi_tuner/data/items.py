@@ -130,8 +130,8 @@ class SourceItem:
             return self.jsonl_caption.strip()
         # (a FIFO, /dev/zero, a socket or a 1 TB sparse file as a caption: named, where a read would hang or fill memory)
         data = read_small_file(self.caption_file, "caption file", f"for {self.path.name}", MAX_CAPTION_BYTES)
-        try:
-            return data.decode("utf-8-sig").strip()
+        try:  # (line breaks read as musubi-tuner's text-mode open reads them: a CRLF caption's \r was a token more per line)
+            return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n").strip()
         except UnicodeDecodeError as e:
             raise UserError(f"{self.caption_file}: caption is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 

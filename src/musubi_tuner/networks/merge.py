@@ -16,7 +16,7 @@ from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.fp8 import Fp8Linear, quantize_rows
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo, base_mismatch
-from musubi_tuner.networks.lora_reader import Patch, read_lora
+from musubi_tuner.networks.lora_reader import DIVERGED_UPDATE, Patch, largest_update, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,14 @@ def lora_patches(path, keep: ModuleFilter | None = None, allow_partial: bool = F
         if patch.kind == "lora" and not abs(multiplier * patch.scale) <= torch.finfo(torch.float32).max:
             raise UserError(f"{path}: {patch.module}: the multiplier {multiplier:g} times its alpha / rank {patch.scale:g} is past "
                             "the range of float32 numbers; use a smaller multiplier")
+        # the file's update is a trained LoRA's (read_lora); a far multiplier can make it a diverged training's: a DiT of
+        # 1e36 weights was merged and written, and generation then blamed the files
+        largest = abs(multiplier) * largest_update(patch) if abs(multiplier) > 1 and patch.kind != "set" else 0.0
+        if largest > DIVERGED_UPDATE:  # (a bound so far: the update itself, to say and to decide on)
+            largest = abs(multiplier) * patch.delta(patch.shape).abs().max().item()
+        if largest > DIVERGED_UPDATE:
+            raise UserError(f"{path}: {patch.module}: with the multiplier {multiplier:g} its update reaches {largest:.3g} per weight, "
+                            "where a trained LoRA's stays well below 1: the output would be noise; use a multiplier near 1")
     return patches
 
 
