@@ -453,6 +453,12 @@ CASES = [
          lambda a, t: train_argv(a, t / "out", toml=text_cache_with_nan(a, t)),
          r"_hv_te\.safetensors: llm_float16 holds 1 NaN or infinite values of [\d,]+: a damaged cache; delete it and run the "
          r"caching command again$"),
+    Case("train-sample-whose-latent-is-not-finite-names-its-options-not-the-vae", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--sample_prompts", str(write(t / "prompts.txt", "a cat --w 32 --h 32 --l 3e38 --n dog\n")),
+                                 "--sample_every_n_steps", "1", "--vae", str(a.vae), "--text_encoder1", str(a.te1),
+                                 "--text_encoder2", str(a.te2)),
+         None, warning=r"sample 0 at step 1: the sampled latent holds NaN/inf values: the LoRA at this step, or the prompt's "
+                       r"options \(guidance 6, flow shift 14\.5, CFG 3e\+38\), are the likely cause; no video was written"),
     Case("train-dit-with-inf-is-named", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=nan_dit(a, t)),
          r"nan_dit\.safetensors: final_layer\S+ holds NaN or infinite values: the file is damaged, download it again",
          then=before_the_model_loads),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import glob
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -217,8 +218,8 @@ class TrainingSampler:
                 self.accelerator.log(logs, step=step)
                 if grid_path is not None:
                     self._log_image(grid_path, step)
-                shown = ", ".join(f"{e:.2%}" for e in effects)
-                logger.info("samples at step %d: %s [%.1f s]; the LoRA moves them by %s", step, grid_path,
+                shown = ", ".join(f"{e:.2%}" if math.isfinite(e) else "(not finite)" for e in effects)
+                logger.info("samples at step %d: %s [%.1f s]; the LoRA moves them by %s", step, grid_path or "none written (see above)",
                             time.perf_counter() - started, shown or "n/a")
         self.accelerator.wait_for_everyone()
         return grid_path
@@ -255,6 +256,11 @@ class TrainingSampler:
         self.vae.to(self.accelerator.device)
         rows = []
         for p in self.prompts:
+            if not bool(torch.isfinite(latents[p.index]).all()):  # (decode_to_frames would blame the VAE)
+                logger.warning("sample %d at step %d: the sampled latent holds NaN/inf values: the LoRA at this step, or the "
+                               "prompt's options (guidance %g, flow shift %g, CFG %s), are the likely cause; no video was written",
+                               p.index, step, p.guidance, p.flow_shift, p.cfg_scale)
+                continue
             try:
                 frames = decode_to_frames(self.vae, latents[p.index][0]).numpy()
             except NonFinitePixels as e:  # the samples are lost, not the training run
