@@ -254,3 +254,31 @@ def test_a_master_port_in_use_is_named_not_blamed_on_another_process(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: MASTER_PORT {port} is in use on this machine (another run or program); choose another port (torchrun "
         "--master_port, accelerate launch --main_process_port, or MASTER_PORT) (--debug shows where)"), done.stderr[-2000:]
+
+
+def _wait_while_process_0_works(rank, world, seconds):
+    """Process 0 busy alone (a sample, a save) for longer than the collective timeout the others wait under."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from musubi_tuner.distributed import patient_wait
+
+    hasty = dist.new_group(timeout=datetime.timedelta(seconds=2))  # as --ddp_timeout would set it, in seconds
+    if rank == 0:
+        time.sleep(seconds)
+    patient_wait()  # outside that timeout: it returns once process 0 is done
+    if rank == 0:
+        time.sleep(seconds)
+    try:
+        dist.barrier(group=hasty)
+    except Exception as e:  # what gloo raises on the process left waiting past the timeout
+        return {"hasty": type(e).__name__}
+    return {"hasty": "returned"}
+
+
+def test_waiting_for_process_0_s_samples_is_not_bounded_by_the_hang_timeout():
+    """A training sample longer than --ddp_timeout killed a healthy run: 'one of them is stuck'."""
+    first, second = run_group(2, _wait_while_process_0_works, 5)
+    assert second["hasty"] != "returned"  # the collective timeout would have ended the run here

@@ -267,6 +267,25 @@ def check_same_inputs(files: dict[str, str | None], extra: dict[str, str] | None
                               f"{'; ' + more if more else ''}); give every process the same files")
 
 
+PATIENT_HOURS = 24  # the wait for work only some processes do: far past any sample or save, short of forever
+_patient_group = None
+
+
+def patient_wait() -> None:
+    """A barrier for waits on work only some processes do (process 0 sampling, saving, uploading): outside the collective
+    timeout, which is for a process that hangs. A sample longer than --ddp_timeout (30 minutes with gloo, 10 with NCCL:
+    one 720p sample takes 18 on an H100) killed a healthy run as 'stuck'. A process that dies still ends the wait at
+    once (its connection closes). Every process must call it at the same points (the first makes the group)."""
+    global _patient_group
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if _patient_group is None:
+        import datetime
+
+        _patient_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=PATIENT_HOURS))
+    dist.barrier(group=_patient_group)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from musubi_tuner.distributed import patient_wait
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError, stops_held
 from musubi_tuner.files import remove_folder, remove_leftover_temp_files, require_names_fit, temporary_name
@@ -257,7 +258,7 @@ class CheckpointSaver:
                 self.hub.wait_for(state_dir)
             save_state(state_dir, network_state={k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
                        optimizer=self.optimizer, scheduler=self.scheduler, scaler=acc.scaler, progress=progress,
-                       process_index=acc.process_index, is_main=acc.is_main_process, wait=acc.wait_for_everyone, run=self.run)
+                       process_index=acc.process_index, is_main=acc.is_main_process, wait=patient_wait, run=self.run)
             if self.hub is not None and self.args.save_state_to_huggingface:
                 self.hub.upload(state_dir, sync=last)
         if schedule_free:

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
+from musubi_tuner.distributed import patient_wait
 from musubi_tuner.files import atomic_write
 from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference import step_cache
@@ -221,7 +222,7 @@ class TrainingSampler:
                 shown = ", ".join(f"{e:.2%}" if math.isfinite(e) else "(not finite)" for e in effects)
                 logger.info("samples at step %d: %s [%.1f s]; the LoRA moves them by %s", step, grid_path or "none written (see above)",
                             time.perf_counter() - started, shown or "n/a")
-        self.accelerator.wait_for_everyone()
+        patient_wait()  # (the others wait for process 0's samples: not a hang, however long they take)
         return grid_path
 
     def _all_latents(self, dit, network, step: int) -> tuple[dict[int, torch.Tensor], list[float]]:
