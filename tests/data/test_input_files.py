@@ -9,7 +9,7 @@ import os
 from musubi_tuner.data import items
 
 from test_files_inputs import deadline  # (tests/ is on the path, as for helpers)
-from .test_items import add_image, image_config
+from .test_items import add_image, add_video, image_config, video_config
 
 
 def test_a_fifo_a_device_and_a_huge_sparse_file_as_captions_are_named_and_the_others_read(tmp_path):
@@ -80,3 +80,16 @@ def test_captioned_images_of_a_type_not_read_are_named(tmp_path):
     assert [item.path.name for item in found] == ["ok.png"]
     assert [(os.path.basename(path), reason.split(" (")[0]) for path, reason in problems] == [
         ("anim.gif", ".gif is not a supported image type"), ("scan.TIFF", ".TIFF is not a supported image type")]
+
+
+def test_videos_of_a_type_not_read_are_named(tmp_path):
+    """A .ts, .3gp or .gif in a video folder was left out without a word (an image folder names its unsupported files)."""
+    dataset = video_config(tmp_path)
+    add_video(tmp_path, "ok")
+    for name in ("broadcast.ts", "phone.3GP", "loop.gif", ".hidden.ts"):
+        (tmp_path / "videos" / name).write_bytes(b"\0" * 64)
+    found, problems = items.list_items(dataset)
+    assert [item.path.name for item in found] == ["ok.mp4"]
+    assert [(os.path.basename(path), reason.split(" (")[0]) for path, reason in problems] == [
+        ("broadcast.ts", ".ts is not a supported video type"), ("loop.gif", ".gif is not a supported video type"),
+        ("phone.3GP", ".3GP is not a supported video type")]

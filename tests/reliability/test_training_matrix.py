@@ -351,6 +351,10 @@ CASES = [
          r"at step \d \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. The LoRA diverged in the "
          r"\d update\(s\) before \(\S+: its update reaches \S+ per weight, where a trained LoRA's stays well below 1 \(a diverged "
          r"training\)\): --learning_rate 1e\+10 is far too high; else lower"),
+    Case("train-far-network-alpha-is-named-as-the-likely-cause", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_alpha", "1e30"),
+         r"at step 1 \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. --network_alpha 1e\+30, far "
+         r"from the usual, may be the cause; else lower --learning_rate"),
     Case("train-learning-rate-not-a-number", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--learning_rate", "nan"),
          r"--learning_rate nan: not a finite number"),
     Case("train-network-args-not-a-list", "hv_train_network",

@@ -199,6 +199,11 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
         items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file))
     if not dataset.is_video:
         problems += _unsupported_images(folder, extension, {path.stem for path in files})
+    else:
+        problems += [(str(p), f"{p.suffix} is not a supported video type ({', '.join(media.VIDEO_EXTENSIONS)}); convert it, "
+                              "e.g. ffmpeg -i IN -c:v libx264 OUT.mp4")
+                     for p in sorted(Path(folder).iterdir())
+                     if p.suffix.lower() in media.UNSUPPORTED_VIDEO_EXTENSIONS and not p.name.startswith(".")]
     return items, problems
 
 

@@ -32,6 +32,8 @@ if importlib.util.find_spec("pillow_jxl") or importlib.util.find_spec("jxlpy"): 
 UNSUPPORTED_IMAGE_EXTENSIONS = tuple(e for e in (".gif", ".tif", ".tiff", ".heic", ".heif", ".jxl", ".svg")
                                      if e not in IMAGE_EXTENSIONS)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".flv", ".wmv", ".m4v", ".mpg", ".mpeg")
+# video types a video folder may hold that are not read (as musubi-tuner does not): named, not left out without a word
+UNSUPPORTED_VIDEO_EXTENSIONS = (".ts", ".mts", ".m2ts", ".3gp", ".3g2", ".gif", ".vob", ".ogv", ".f4v", ".asf")
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
 

@@ -71,6 +71,17 @@ def diverged_update(network: torch.nn.Module) -> str | None:
         return diverged(parse_lora({k: t.detach() for k, t in network.state_dict().items()}).patches)
 
 
+def far_settings(args) -> str | None:
+    """The training flags given far beyond their usual range, as the likely cause of a NaN loss (None when none is):
+    --network_alpha 1e30 or --discrete_flow_shift 1e30 overflow, and then the learning rate and the items are not to
+    blame (as generation names its own: inference.pipeline._far_settings)."""
+    settings = [("--network_alpha", args.network_alpha, (1e-6, 1e6)), ("--discrete_flow_shift", args.discrete_flow_shift, (1e-3, 1e3)),
+                ("--guidance_scale", args.guidance_scale, (0, 1e3))]
+    settings += [("--base_weights_multiplier", m, (-100, 100)) for m in args.base_weights_multiplier or ()]
+    far = [f"{flag} {value:g}" for flag, value, usual in settings if value is not None and not usual[0] <= value <= usual[1]]
+    return f"{' and '.join(far)}, far from the usual, may be the cause" if far else None
+
+
 def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
     """Why a loss is NaN when the items are not to blame: the LoRA's update, which stays well below the weights it
     changes, has grown to a diverged training's in the updates before (a learning rate far too high, or no clipping)."""
@@ -763,7 +774,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     def diverged(what: str, local_loss: torch.Tensor | None = None) -> NonFiniteLoss:
         items = culprit_items(batch["item_names"], local_loss, accelerator.num_processes)
         return divergence(what, progress.global_step + 1, epoch + 1, items, saver, resume_from,
-                          known_cause or grown_lora(network, args.learning_rate, progress.global_step + 1))
+                          known_cause or far_settings(args) or grown_lora(network, args.learning_rate, progress.global_step + 1))
 
     if is_schedule_free(optimizer):
         optimizer.train()
