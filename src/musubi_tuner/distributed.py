@@ -55,10 +55,7 @@ def make_layout(context_parallel: int, flag: str = "--context_parallel") -> Layo
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     n = context_parallel
-    if world % n:
-        started = f"{world} processes were started" if world > 1 else "one process was started"
-        raise SharedError(f"{flag} {n} shares each sample over groups of {n} processes, and {started}; start a multiple of {n} "
-                        f"(accelerate launch --multi_gpu --num_processes {n}, or torchrun --nproc_per_node {n})")
+    check_training_processes(world, n, flag)
     layout = Layout(rank, world, n)
     if n > 1:
         for start in range(0, world, n):
@@ -71,6 +68,22 @@ def make_layout(context_parallel: int, flag: str = "--context_parallel") -> Layo
             if rank % n == first:
                 layout.replica_group = group
     return layout
+
+
+def check_training_processes(world: int, context_parallel: int, flag: str = "--context_parallel") -> None:
+    """The processes started fit the groups of `context_parallel` (a --dry_run checks it from WORLD_SIZE, without joining)."""
+    n = context_parallel
+    if world % n:
+        started = f"{world} processes were started" if world > 1 else "one process was started"
+        raise SharedError(f"{flag} {n} shares each sample over groups of {n} processes, and {started}; start a multiple of {n} "
+                          f"(accelerate launch --multi_gpu --num_processes {n}, or torchrun --nproc_per_node {n})")
+
+
+def launched() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) a launcher gave this process: (0, 1) when none did."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def describe(layout: Layout, training: bool = True) -> str:

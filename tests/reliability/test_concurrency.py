@@ -16,6 +16,7 @@ from command_runner import no_traceback, run_command, start_command
 from reliability_cases import (
     cache_latents_argv,
     copy_dataset,
+    generate_argv,
     leftovers,
     merge_argv,
     train_argv,
@@ -375,3 +376,34 @@ def _state(pid: int) -> str:
         return {"Z": "zombie"}.get(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0], "running")
     except OSError:
         return "gone"
+
+
+@pytest.mark.parametrize("rank, world, extra, error", [
+    ("1", "2", [], None),  # a process other than 0: checks as process 0 does, prints nothing
+    ("0", "3", ["--context_parallel", "2"], "--context_parallel 2 shares each sample over groups of 2 processes, and 3 processes were started"),
+    ("0", "2", ["--resume", "STATE"], "tiny-state: saved by 1 training processes, this run has 2"),
+])
+def test_a_dry_run_under_a_launcher_checks_the_processes_as_the_run_does_and_prints_the_plan_once(assets, tmp_path, rank, world,
+                                                                                                   extra, error):
+    """Under torchrun, --dry_run printed the plan once per process and said nothing of a layout or a state the real run
+    refuses: it exited 0 for launches that fail."""
+    from reliability_cases import trained_before
+
+    out = trained_before(assets, tmp_path) if "STATE" in extra else tmp_path / "out"
+    extra = [str(out / "tiny-state") if a == "STATE" else a for a in extra]
+    result = run_command("hv_train_network", train_argv(assets, out, "--dry_run", *extra), tmp_path,
+                         env={"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world})
+    no_traceback(result)
+    if error is None:
+        assert result.code == 0 and "needed on" not in result.out, result.out
+    else:
+        assert result.code == 2 and error in result.error_lines[0], result.err[-2000:]
+
+
+def test_a_generation_dry_run_under_a_launcher_checks_the_processes_as_the_run_does(assets, tmp_path):
+    result = run_command("hv_generate_video", generate_argv(assets, tmp_path, "--dry_run"), tmp_path,
+                         env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    no_traceback(result)
+    assert result.code == 2 and result.error_lines == [
+        "error: --context_parallel 1: 2 processes were started; start 1 (accelerate launch --multi_gpu --num_processes 1, or "
+        "torchrun --nproc_per_node 1); or give --context_parallel 2 for 2 processes"], result.err[-2000:]

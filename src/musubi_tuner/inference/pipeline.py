@@ -313,9 +313,14 @@ def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool,
 def plan_generation(args):
     """--dry_run: check the flags and files as a real run would, then print the memory/time plan; loads no model."""
     check_and_fill(args)
+    from musubi_tuner.distributed import launched
     from musubi_tuner.planning.from_args import dry_run
 
-    return dry_run(args, "generate", video_size=tuple(args.video_size), frames=args.video_length)
+    rank, world = launched()  # under a launcher: the layout checked as the run would, the plan printed once
+    if world > 1 or args.context_parallel > 1:
+        check_generation_processes(args, world)
+    return dry_run(args, "generate", video_size=tuple(args.video_size), frames=args.video_length,
+                   out=print if rank == 0 else lambda text: None)
 
 
 def generate(args) -> list[Path]:
@@ -343,9 +348,18 @@ def processes_layout(args):
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    n = args.context_parallel
-    if world == 1 and n == 1:
+    if world == 1 and args.context_parallel == 1:
         return None
+    check_generation_processes(args, world)
+    layout = distributed.make_layout(args.context_parallel)
+    logger.info(distributed.describe(layout, training=False))
+    return layout
+
+
+def check_generation_processes(args, world: int) -> None:
+    """The processes started fit --context_parallel (and the two CFG prompts side by side); a --dry_run checks it from
+    WORLD_SIZE, without joining."""
+    n = args.context_parallel
     cfg = args.guidance_scale != 1.0
     if world not in (n, 2 * n if cfg else n):
         started = f"{world} processes were started" if world > 1 else "one process was started"
@@ -354,9 +368,6 @@ def processes_layout(args):
         raise SharedError(f"--context_parallel {n}: {started}; start {n} (accelerate launch --multi_gpu --num_processes {n}, or "
                           f"torchrun --nproc_per_node {n})" + (f", or {2 * n} to run the negative and positive prompt side by side"
                                                                if cfg else "") + give)
-    layout = distributed.make_layout(n)
-    logger.info(distributed.describe(layout, training=False))
-    return layout
 
 
 def _from_main(layout, device, compute) -> dict:

@@ -66,7 +66,7 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         network_dim=int(get("network_dim", 32)) if train or lora_at_generation else 32,
         optimizer_type=(get("optimizer_type", "") or "adamw").lower() if train else "adamw",
         mixed_precision=get("mixed_precision", "bf16") if train else "bf16",
-        dit_dtype=get("dit_dtype", "bf16"),
+        dit_dtype=_short_dtype(get("dit_dtype", "bf16")),
         guidance_scale=guidance,
         split_uncond=guidance != 1.0 and (bool(get("split_uncond", False)) or bool(get("split_attn", False))),
         lora_at_generation=lora_at_generation,
@@ -82,6 +82,19 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         cfg_parallel=generate and guidance != 1.0 and (bool(get("cfg_parallel", False))
                                                        or _launched_processes() == 2 * int(get("context_parallel", 1))),
     )
+
+
+def _short_dtype(name: str) -> str:
+    """--dit_dtype as the planner names it: float32, fp32 and torch.float32 alike (float32 was a KeyError)."""
+    import torch
+
+    from musubi_tuner.dtypes import str_to_dtype
+
+    dtype = str_to_dtype(name, torch.bfloat16, "--dit_dtype")
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    if dtype not in names:
+        raise UserError(f"--dit_dtype {name}: the DiT computes in bf16, fp16 or fp32")
+    return names[dtype]
 
 
 def _attention_mode(args, mode: str) -> str:

@@ -565,8 +565,17 @@ def plan_training(args):
     from musubi_tuner.data.config import load_dataset_config
     from musubi_tuner.planning.from_args import dry_run
 
+    from musubi_tuner.distributed import check_training_processes, launched
+
+    rank, world = launched()  # under a launcher: the layout and a --resume state checked as the run would, the plan printed once
+    check_training_processes(world, args.context_parallel)
+    if args.resume and args.resume != "auto" and not args.resume_from_huggingface:
+        from musubi_tuner.training.state import check_same_processes, read_state_folder
+
+        check_same_processes(Path(args.resume), read_state_folder(args.resume)[1],
+                             {"processes": world, "context_parallel": args.context_parallel})
     size, frames, batch = largest_workload(load_dataset_config(args.dataset_config, check_sources=False))
-    return dry_run(args, "train", video_size=size, frames=frames, batch=batch)
+    return dry_run(args, "train", video_size=size, frames=frames, batch=batch, out=print if rank == 0 else lambda text: None)
 
 
 def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:

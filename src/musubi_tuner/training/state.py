@@ -155,12 +155,8 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
             "learning_rate": learning_rate}
 
 
-def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainProgress) -> TrainProgress:
-    """Compare a state's run identity with this run's: a mismatch that would silently train something else is a
-    UserError saying what differs and what to do; a changed dataset restarts at the next epoch, with a warning.
-
-    States saved before identities were recorded (an empty `saved`) resume unchecked.
-    """
+def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
+    """A state resumes on as many processes, shared out as before (--dry_run checks this alone, without joining)."""
     def differs(key: str) -> bool:
         return key in saved and saved[key] != current[key]
 
@@ -173,6 +169,18 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
         raise SharedError(f"{folder}: saved with --context_parallel {then}, this run has {now}: its processes would share out "
                           f"the work otherwise (another batch per step); resume with --context_parallel {then}, or start a new run "
                           f"from its LoRA with --network_weights")
+
+
+def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainProgress) -> TrainProgress:
+    """Compare a state's run identity with this run's: a mismatch that would silently train something else is a
+    UserError saying what differs and what to do; a changed dataset restarts at the next epoch, with a warning.
+
+    States saved before identities were recorded (an empty `saved`) resume unchecked.
+    """
+    def differs(key: str) -> bool:
+        return key in saved and saved[key] != current[key]
+
+    check_same_processes(folder, saved, current)
     if differs("optimizer"):
         raise SharedError(f"{folder}: saved with the optimizer {saved['optimizer']}, this run uses {current['optimizer']}; "
                         f"resume with the same --optimizer_type/--optimizer_args, or start a new run from its LoRA with "
