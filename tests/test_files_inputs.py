@@ -326,3 +326,17 @@ def test_an_output_that_is_a_link_has_its_target_written(tmp_path):
                                         r"whose folder does not exist"):
         files.save_safetensors({"a": torch.ones(2)}, dangling)
     assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_only_process_0_of_several_makes_the_output_folders_so_the_one_that_reports_a_failure_removes_them(tmp_path, monkeypatch):
+    """The process that made a run's output folder recorded it; when that one was killed, process 0 reported the failure
+    and left the empty folder behind (1 run in 3)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    files.require_writable_folder(tmp_path / "out" / "sub", "--output_dir")
+    assert not (tmp_path / "out").exists()  # probed at the nearest folder there, made by process 0
+    monkeypatch.setenv("RANK", "0")
+    files.require_writable_folder(tmp_path / "out" / "sub", "--output_dir")
+    assert (tmp_path / "out" / "sub").is_dir()
+    files.remove_created_empty_folders()  # as a failed command does
+    assert not (tmp_path / "out").exists()

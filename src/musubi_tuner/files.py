@@ -320,6 +320,10 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     create=False (a --dry_run): create nothing; probe the folder, or the nearest parent that exists.
     """
     folder = Path(folder)
+    if create and int(os.environ.get("RANK", "0") or 0) != 0:
+        # one of several processes: process 0 makes the folders (and removes them if the run fails); made by another,
+        # they stayed behind when that process was the one killed
+        create = False
     if not create:
         while not folder.exists() and folder.parent != folder:
             folder = folder.parent
