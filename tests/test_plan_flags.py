@@ -121,3 +121,13 @@ def test_generation_warns_before_the_run_when_the_warmup_leaves_no_step_to_skip(
     assert caplog.text == ""
     with pytest.raises(UserError, match="--step_cache_threshold needs --step_cache"):  # the values are checked as before
         step_cache.check_args(parser.parse_args([*GENERATE, "--step_cache_threshold", "0.2"]))
+
+
+def test_the_planner_holds_the_rank_to_the_trainer_s_bound(capsys):
+    """--network_dim 2**62 was a traceback in the planner, after the trainer's flag got its bound."""
+    from musubi_tuner.plan import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*PLAN, "--network_dim", str(2**62)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().startswith(
+        f"error: --network_dim {2**62}: must be between 1 and 1048576 (HunyuanVideo's layers are 3,072 wide")

@@ -141,6 +141,11 @@ def real(minimum: float | None = None, maximum: float | None = None, *, above: f
     return parse
 
 
+def network_dim():
+    """--network_dim: a rank the DiT's layers can hold (the trainer's and the planner's flag)."""
+    return count(1, 2**20, " (HunyuanVideo's layers are 3,072 wide at the narrowest side: a higher rank adds nothing but memory)")
+
+
 def seed(bits: int = 64):
     """A seed the RNGs take: torch's generators take 64 bits, numpy's global RNG (seeded by training) 32."""
     return count(0, 2**bits - 1, what=f", 2^{bits}-1")

@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 
-from musubi_tuner.cli import Parser, count, frames_4n1, pixels, real
+from musubi_tuner.cli import Parser, count, frames_4n1, network_dim, pixels, real
 from musubi_tuner.errors import run_cli
 
 logger = logging.getLogger("musubi_tuner.plan")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn_mode", choices=ATTENTION_MODES, default="sdpa",
                    help="attention kernel (its published speed enters the time: sageattn ~2.1x flash-attention 2)")
     g.add_argument("--img_in_txt_in_offloading", action="store_true", help="input embedders in host memory")
-    g.add_argument("--network_dim", type=count(1), default=32, help="LoRA rank: training, or generation with --with_lora beside --fp8 weights")
+    g.add_argument("--network_dim", type=network_dim(), default=32, help="LoRA rank: training, or generation with --with_lora beside --fp8 weights")
     g.add_argument("--optimizer_type", default="adamw", type=str.lower, choices=OPTIMIZERS, help="training: optimizer (its state is memory)")
     g.add_argument("--mixed_precision", choices=("bf16", "fp16", "no"), default="bf16", help="training: activation precision")
     g.add_argument("--dit_dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="DiT weight dtype")

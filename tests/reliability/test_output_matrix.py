@@ -186,8 +186,12 @@ CASES = [
     Case("merge-multiplier-not-a-number", "merge_lora", lambda a, t: merge_argv(a, t, extra=["--lora_multiplier", "inf"]),
          r"--lora_multiplier inf: not a finite number"),
     Case("merge-lora-that-makes-layers-hundreds-of-times-larger-is-said", "merge_lora",
-         lambda a, t: merge_argv(a, t, extra=("--lora_multiplier", "1e8")), None,
+         lambda a, t: merge_argv(a, t, extra=("--lora_multiplier", "1e3")), None,
          warning=r"merged\.safetensors: the merged weights of \d+ layer\(s\) are over 100 times the base's \(\S+: \S+ times\)"),
+    Case("merge-multiplier-that-makes-the-update-a-diverged-training-s-is-refused", "merge_lora",
+         lambda a, t: merge_argv(a, t, extra=("--lora_multiplier", "1e8")),
+         r"lora\.safetensors: \S+: with the multiplier 1e\+08 its update reaches \S+ per weight, where a trained LoRA's stays well "
+         r"below 1: the output would be noise; use a multiplier near 1", then=lambda a, t, err, out: absent(t / "merged")),
     Case("merge-lora-of-another-model-size", "merge_lora", lambda a, t: merge_argv(a, t, a.lora_big),
          r"lora_big\.safetensors: \S+ has shape \[.*\] in the LoRA but \[.*\] in .*dit\.pt"),
     Case("merge-lora-is-the-dit", "merge_lora", lambda a, t: merge_argv(a, t, a.dit),
@@ -259,11 +263,10 @@ CASES = [
                        *generate_argv(a, t, "--output_type", "video")[2:]],
          r"nan_dit\.safetensors: double_blocks\.0\.img_attn_qkv\.weight holds NaN or infinite values: the file is damaged",
          then=nothing_generated),
-    Case("generate-extreme-lora-multiplier-is-named-as-the-likely-cause", "hv_generate_video",
+    Case("generate-extreme-lora-multiplier-is-refused-before-sampling", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--output_type", "video", "--lora_weight", str(a.lora), "--lora_multiplier", "1e30"),
-         r"(holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written|the VAE decoded NaN/inf pixels from a finite "
-         r"latent)[:;] --lora_multiplier 1e\+30, far from the usual, may be the cause; else ",
-         then=lambda a, t, err, out: not list((t / "videos").glob("*.mp4")) or pytest.fail("a video was written")),
+         r"lora\.safetensors: \S+: with the multiplier 1e\+30 its update reaches \S+ per weight, where a trained LoRA's stays well "
+         r"below 1: the output would be noise; use a multiplier near 1", then=nothing_generated),
     Case("generate-extreme-guidance-is-named-as-the-likely-cause", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--output_type", "video", "--guidance_scale", "1e30"),
          r"(holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written|the VAE decoded NaN/inf pixels from a finite "

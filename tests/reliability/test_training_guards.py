@@ -80,33 +80,26 @@ def test_a_diverging_run_names_a_finite_checkpoint_saved_before_the_bad_update_a
     assert f"resumed from {state} at step {step}" in resumed.err, resumed.err[-3000:]
 
 
-def test_weights_beyond_the_save_precision_are_not_saved(assets, tmp_path):
-    """Finite in float32, infinite once cast to fp16 (above 65504): the LoRA is refused whole, as a NaN one is. (A tiny
-    alpha keeps the update itself small: weights past fp16's range with an update a LoRA can make.)"""
+@pytest.mark.parametrize("flags, refusal", [
+    # finite in float32, infinite once cast to fp16 (above 65504): refused whole, as a NaN one is (a tiny alpha keeps the
+    # update itself small: weights past fp16's range with an update a LoRA can make)
+    (["--save_every_n_steps", "1", "--max_train_steps", "2", "--max_grad_norm", "0", "--optimizer_type", "SGD", "--learning_rate",
+      "1e14", "--network_alpha", "1e-4", "--save_precision", "fp16"],
+     r"error: \S+/tiny-step00000001\.safetensors: not saved: lora_unet_\S+ does not fit --save_precision fp16 at step 1 \(its "
+     r"largest value is \S+\)\. Last good checkpoint: none yet\. Lower --learning_rate, or save in bf16 or float\."),
+    # one update at a learning rate of 1e30: finite weights of 1e24 and more were saved with exit 0, and every reader now
+    # refuses such a file (lora_reader.DIVERGED_UPDATE)
+    (["--max_train_steps", "1", "--learning_rate", "1e30"],
+     r"error: \S+/tiny\.safetensors: not saved at step 1: \S+: its update reaches .+ per weight, where a trained LoRA's stays "
+     r"well below 1 \(a diverged training\)\. Last good checkpoint: none yet\. Lower --learning_rate\."),
+])
+def test_a_lora_that_no_reader_would_take_is_not_saved(assets, tmp_path, flags, refusal):
     out = tmp_path / "out"
-    argv = train_argv(assets, out, "--save_every_n_steps", "1", "--max_train_steps", "2", "--max_grad_norm", "0",
-                      "--optimizer_type", "SGD", "--learning_rate", "1e14", "--network_alpha", "1e-4", "--save_precision", "fp16")
-    result = run_command("hv_train_network", argv, tmp_path)
+    result = run_command("hv_train_network", train_argv(assets, out, *flags), tmp_path)
     no_traceback(result)
     assert result.code == 2, result.err[-3000:]
     (line,) = result.error_lines
-    assert re.fullmatch(r"error: \S+/tiny-step00000001\.safetensors: not saved: lora_unet_\S+ does not fit --save_precision fp16 "
-                        r"at step 1 \(its largest value is \S+\)\. Last good checkpoint: none yet\. Lower --learning_rate, or "
-                        r"save in bf16 or float\.", line), line
-    assert not list(out.glob("*.safetensors")) and not leftovers(out)
-
-
-def test_a_diverged_training_s_update_is_not_saved(assets, tmp_path):
-    """One update at a learning rate of 1e30: finite weights of 1e24 and more were saved with exit 0, and every reader
-    now refuses such a file (lora_reader.DIVERGED_UPDATE), so the trainer does not write it."""
-    out = tmp_path / "out"
-    result = run_command("hv_train_network", train_argv(assets, out, "--max_train_steps", "1", "--learning_rate", "1e30"), tmp_path)
-    no_traceback(result)
-    assert result.code == 2, result.err[-3000:]
-    (line,) = result.error_lines
-    assert re.fullmatch(r"error: \S+/tiny\.safetensors: not saved at step 1: \S+: its update reaches .+ per weight, where a "
-                        r"trained LoRA's stays well below 1 \(a diverged training\)\. Last good checkpoint: none yet\. Lower "
-                        r"--learning_rate\.", line), line
+    assert re.fullmatch(refusal, line), line
     assert not list(out.glob("*.safetensors")) and not leftovers(out)
 
 

@@ -298,7 +298,7 @@ def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_w
 @pytest.mark.parametrize("change, error", [
     ({"output_name": "../../escaped"}, r"--output_name \.\./\.\./escaped: leads out of --output_dir with '\.\.'"),
     ({"output_name": "/elsewhere/lora"}, "--output_dir / --output_name = /elsewhere/lora: outside the workspace"),
-    ({"logging_dir": "logs", "log_prefix": "../../outside/run_"}, "--logging_dir / --log_prefix = .*/outside/run_[0-9]+: outside the workspace"),
+    ({"logging_dir": "logs", "log_prefix": "../../outside/run_"}, r"--log_prefix \.\./\.\./outside/run_: leads out of --logging_dir"),
 ])
 def test_training_may_not_write_outside_the_workspace_through_the_name_or_the_log_prefix(tmp_path, change, error):
     """The trainer joins --output_dir with --output_name and --logging_dir with --log_prefix: the joined folders are

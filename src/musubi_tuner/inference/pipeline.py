@@ -317,7 +317,7 @@ def plan_generation(args):
     from musubi_tuner.planning.from_args import dry_run
 
     rank, world = launched()  # under a launcher: the layout checked as the run would, the plan printed once
-    if world > 1 or args.context_parallel > 1:
+    if world > 1:  # (one process plans a run of several: a laptop planning a cluster's)
         check_generation_processes(args, world)
     return dry_run(args, "generate", video_size=tuple(args.video_size), frames=args.video_length,
                    out=print if rank == 0 else lambda text: None)

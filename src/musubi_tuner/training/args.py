@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, pixels, real, seed
+from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, network_dim, pixels, real, seed
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
@@ -146,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("network")
     g.add_argument("--network_module", default=None, help="the network to train: networks.lora, networks.loha or networks.lokr")
-    g.add_argument("--network_dim", type=count(1, 2**20, " (HunyuanVideo's layers are 3,072 wide at the narrowest side: a higher "
-                                                  "rank adds nothing but memory)"), default=None, help="LoRA rank (default 4)")
+    g.add_argument("--network_dim", type=network_dim(), default=None, help="LoRA rank (default 4)")
     g.add_argument("--network_alpha", type=real(0), default=1,
                    help="LoRA alpha: updates are scaled by alpha / rank; 0 means alpha = rank (as musubi-tuner)")
     g.add_argument("--network_dropout", type=real(0, 0.99), default=None, help="dropout on the rank activations")

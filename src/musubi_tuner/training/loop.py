@@ -568,8 +568,9 @@ def plan_training(args):
     from musubi_tuner.distributed import check_training_processes, launched
 
     rank, world = launched()  # under a launcher: the layout and a --resume state checked as the run would, the plan printed once
-    check_training_processes(world, args.context_parallel)
-    if args.resume and args.resume != "auto" and not args.resume_from_huggingface:
+    if world > 1:  # (one process plans a run of several: a laptop planning a cluster's)
+        check_training_processes(world, args.context_parallel)
+    if world > 1 and args.resume and args.resume != "auto" and not args.resume_from_huggingface:
         from musubi_tuner.training.state import check_same_processes, read_state_folder
 
         check_same_processes(Path(args.resume), read_state_folder(args.resume)[1],
