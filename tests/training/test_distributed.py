@@ -193,3 +193,20 @@ def test_processes_reading_copies_that_differ_stop_before_training_naming_the_di
     argv = train_args("dit.pt", Path("data") / per_replica.name, "out")
     assert run_group(2, _train_from_own_copy, machines, argv, launcher_env=True) == [expected, expected]
     assert not [p for machine in machines for p in (machine / "out").glob("*.safetensors")]
+
+
+def test_a_warning_every_process_meets_is_printed_once(assets, tmp_path):
+    """Each process printed the warnings computed from what they all share (the dataset, the flags, the state): the
+    same line once per process."""
+    import shutil
+
+    dit, per_replica, _, _ = assets
+    data = tmp_path / "data"
+    shutil.copytree(per_replica.parent, data)
+    toml = data / per_replica.name
+    toml.write_text(toml.read_text().replace(per_replica.parent.as_posix(), data.as_posix()))
+    next((data / "cache").glob("*_hv_te.safetensors")).unlink()  # an item left out, on every process alike
+    first, second = run_group(2, _command_in_group, train_args(dit, toml, tmp_path / "out", "--max_train_steps", "1"),
+                              launcher_env=True)
+    assert "WARNING" in first and "1 cached items left out" in first, first[-2000:]
+    assert second == "", second[-2000:]

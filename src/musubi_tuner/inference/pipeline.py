@@ -331,7 +331,7 @@ def generate(args) -> list[Path]:
     device = distributed.join_launched_group(device)
     try:
         if distributed.rank() != 0:  # one voice: the main process's
-            logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
+            logging.getLogger("musubi_tuner").setLevel(logging.ERROR)  # (its warnings too: every process meets them alike)
         layout = processes_layout(args)
         distributed.check_same_inputs({"--dit": args.dit, "--vae": args.vae, "--image_path": args.image_path,
                                        **{f"--lora_weight {path}": path for path in args.lora_weight or []}})

@@ -648,8 +648,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         # the CPU handles about 100x slower (bench/train_step.py); GPUs flush them already.
         torch.set_flush_denormal(True)
     is_main = accelerator.is_main_process
-    if not is_main:  # one copy of the progress messages, from the main process
-        logging.getLogger("musubi_tuner").setLevel(logging.WARNING)
+    if not is_main:  # one copy of the progress messages and warnings, from the main process: every process meets the
+        # same flags, dataset and state (what differs between them is refused: distributed.check_same_inputs)
+        logging.getLogger("musubi_tuner").setLevel(logging.ERROR)
     from musubi_tuner.training.hub import HubUploader, download_state
 
     hub = HubUploader.from_args(args)
