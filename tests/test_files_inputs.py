@@ -340,3 +340,18 @@ def test_only_process_0_of_several_makes_the_output_folders_so_the_one_that_repo
     assert (tmp_path / "out" / "sub").is_dir()
     files.remove_created_empty_folders()  # as a failed command does
     assert not (tmp_path / "out").exists()
+
+
+def test_a_size_just_past_the_limit_and_a_name_with_a_trailing_space_are_told_plainly(tmp_path):
+    """'1 MiB, too large for a caption file (at most 1 MiB)' for 1,048,577 bytes; 'x.png : file not found' for a JSONL
+    path with a trailing space (invisible in the message)."""
+    caption = tmp_path / "x.txt"
+    caption.write_bytes(b"a" * (2**20 + 1))
+    with pytest.raises(UserError, match=r"x\.txt: 1,048,577 bytes, too large for a caption file \(at most 1 MiB\)$"):
+        require_file(caption, "caption file", max_bytes=2**20)
+    with pytest.raises(UserError, match=r"^'.*/x\.png ': image not found$"):
+        require_file(tmp_path / "x.png ", "image")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "x.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"images\\x\.png: image not found \(with / for \\ it exists: write the path with /\)$"):
+        require_file(f"{tmp_path}/images\\x.png", "image")  # (a JSONL written on Windows)

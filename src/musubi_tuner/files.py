@@ -912,12 +912,14 @@ def _require_regular(st: os.stat_result, path: Path, what: str, flag: str | None
         kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)), "a special file")
         raise UserError(f"{path}: not a regular file ({kind}); expected {_a(what)}{given}")
     if max_bytes is not None and st.st_size > max_bytes:
-        raise UserError(f"{path}: {_size(st.st_size)}, too large for {_a(what)} (at most {_size(max_bytes)}){given}")
+        size = _size(st.st_size) if _size(st.st_size) != _size(max_bytes) else f"{st.st_size:,} bytes"  # (not "1 MiB, at most 1 MiB")
+        raise UserError(f"{path}: {size}, too large for {_a(what)} (at most {_size(max_bytes)}){given}")
 
 
 def _unreadable(path: Path, what: str, flag: str | None, e: OSError) -> UserError:
     """Why os.stat or os.open of an input failed, in words: a missing file, a broken or looping link, permissions."""
-    return UserError(f"{path}: {why_unreadable(path, what, e)}" + (f" ({flag})" if flag else ""))
+    shown = repr(str(path)) if str(path) != str(path).strip() else path  # (a trailing space is invisible unquoted)
+    return UserError(f"{shown}: {why_unreadable(path, what, e)}" + (f" ({flag})" if flag else ""))
 
 
 def why_unreadable(path: str | os.PathLike, what: str, e: OSError) -> str:
@@ -931,6 +933,8 @@ def why_unreadable(path: str | os.PathLike, what: str, e: OSError) -> str:
         blocked = not_a_folder(Path(path).parent)
         if blocked is not None:
             return f"{what} not found: {blocked} is {_what_is(blocked)}, not a folder"
+        if os.sep == "/" and "\\" in str(path) and os.path.exists(str(path).replace("\\", "/")):  # a path written on Windows
+            return f"{what} not found (with / for \\ it exists: write the path with /)"
         return f"{what} not found"
     return f"cannot read ({e.strerror or e})"
 
