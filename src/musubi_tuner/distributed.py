@@ -201,7 +201,7 @@ def before_joining() -> None:
     import socket
     import sys
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if launched()[1] <= 1:
         return
     address = os.environ.get("MASTER_ADDR")
     if address:
@@ -304,8 +304,10 @@ def rank() -> int:
 
 
 def leave_group() -> None:
+    global _patient_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _patient_group = None  # (it went with the others)
 
 
 class WorkShare:

@@ -563,9 +563,8 @@ def plan_training(args):
     """--dry_run: check the flags and the dataset TOML as a real run would, print the plan for its largest batch."""
     check_args(args)
     from musubi_tuner.data.config import load_dataset_config
-    from musubi_tuner.planning.from_args import dry_run
-
     from musubi_tuner.distributed import check_training_processes, launched
+    from musubi_tuner.planning.from_args import dry_run
 
     rank, world = launched()  # under a launcher: the layout and a --resume state checked as the run would, the plan printed once
     if world > 1:  # (one process plans a run of several: a laptop planning a cluster's)
