@@ -84,6 +84,9 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
             bar.update(len(part))
     bar.close()
     tidy_cache_directory(dataset.cache_directory, stale_latent_caches(dataset, report), keep_cache=args.keep_cache)
+    from musubi_tuner.data.cache_files import record_left_out
+
+    record_left_out(dataset.cache_directory, report.skipped + report.failed)  # (training quotes why, not "cache again")
     return report
 
 

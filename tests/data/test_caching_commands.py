@@ -447,6 +447,31 @@ def test_training_warns_once_per_dataset_about_caches_older_than_the_dataset_and
     assert "older than" not in caplog.text and "no latent cache" not in caplog.text
 
 
+def test_training_tells_items_caching_could_not_use_from_items_never_cached(models, tmp_path, caplog):
+    """Every training run said 'no latent cache ... run cache_latents.py again' of items caching had rejected for good
+    (a damaged image, a clip too short): running it again changed nothing, and the warning came back at every run."""
+    from PIL import Image
+
+    toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=3, width=32, height=32, frames=5)
+    (tmp_path / "images" / "image_0001.png").write_bytes(b"not a PNG")
+    cache_latents_main(latent_args(toml, models))
+    cache_text_main(text_args(toml, models))
+    config = load_dataset_config(toml, check_sources=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        TrainingDataset.from_config(config, seed=0)
+    (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert line.startswith(f"{toml}: [[datasets]][0]: 1 image is left out, as cache_latents.py could not use it (image_0001: ")
+    assert line.endswith("); fix or remove those files") and "run cache_latents.py" not in line
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "image_0001.png")  # fixed since: never cached, as a new item
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        TrainingDataset.from_config(config, seed=0)
+    assert "1 image has no latent cache and is left out (image_0001); run cache_latents.py" in caplog.text
+    cache_latents_main(latent_args(toml, models, "--skip_existing"))
+    assert not (tmp_path / "cache" / "images" / ".musubi-left-out.json").exists()  # nothing left out any more
+
+
 def test_a_dataset_whose_sources_are_absent_says_nothing_about_stale_caches(models, tmp_path, caplog):
     """Training needs only the caches: with the source folder gone (or a cache-only dataset) there is nothing to compare."""
     import shutil

@@ -18,6 +18,7 @@ keys: musubi-tuner's caches lack them, and musubi-tuner ignores them in ours.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from functools import lru_cache
@@ -172,6 +173,40 @@ def source_signature(source: str | os.PathLike) -> dict[str, str]:
     stats = [p.stat() for p in files]
     return {"source_bytes": str(sum(s.st_size for s in stats)),
             "source_mtime_ns": str(max((s.st_mtime_ns for s in stats), default=0))}
+
+
+LEFT_OUT_NAME = ".musubi-left-out.json"  # in a cache folder: the items latent caching could not use, and why
+
+
+def record_left_out(cache_dir: str | os.PathLike, left_out: Iterable[tuple[str, str]]) -> None:
+    """What latent caching could not use, (source, reason) pairs, with each source's signature then: training tells
+    such items apart from ones never cached, for which running the caching again helps (for these it changes nothing).
+    Rewritten by every latent caching run of the folder; removed when nothing was left out."""
+    entries = {}
+    for path, reason in left_out:
+        try:
+            entries[item_stem(path)] = {"reason": reason.removeprefix(f"{path}: "), **source_signature(path)}
+        except OSError:  # (gone, or a name too long to stat: nothing to tell apart later)
+            continue
+    target = Path(cache_dir) / LEFT_OUT_NAME
+    try:
+        files.remove_leftover_temp_files(cache_dir, lambda name: name == LEFT_OUT_NAME)  # (a killed run's write of it)
+        if entries:
+            with files.atomic_write(target) as tmp:
+                tmp.write_text(json.dumps(entries, ensure_ascii=False, indent=1), encoding="utf-8")
+        else:
+            target.unlink(missing_ok=True)
+    except (OSError, UserError):  # a record that cannot be written only makes training's advice less precise
+        pass
+
+
+def left_out(cache_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """record_left_out's record of a cache folder ({} when there is none, or it is damaged)."""
+    try:
+        record = json.loads((Path(cache_dir) / LEFT_OUT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in record.items() if isinstance(v, dict)} if isinstance(record, dict) else {}
 
 
 def latent_provenance(source: str | os.PathLike, source_size: tuple[int, int], bucket: tuple[int, int],

@@ -209,7 +209,14 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
             changed.append(f"{item.stem}: {' and '.join(whats)}")
     listed = {item.stem for item in sources} | {cache_files.item_stem(path) for path, _ in skipped}
     changed += [f"{stem}: source deleted" for stem in sorted(latents) if stem not in listed]
-    if not changed and not uncached:
+    recorded = cache_files.left_out(cache_dir)  # what latent caching could not use: caching again changes nothing
+    rejected = []
+    for item in sources:
+        entry = recorded.get(item.stem)
+        if item.stem in uncached and entry is not None and _same_source(item.path, entry):
+            uncached.remove(item.stem)
+            rejected.append(f"{item.stem}: {entry.get('reason', '?')}")
+    if not changed and not uncached and not rejected:
         return None
     parts = []
     if changed:
@@ -218,8 +225,21 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
     if uncached:
         parts.append(f"{_count(len(uncached), kind, 'has', 'have')} no latent cache and {'is' if len(uncached) == 1 else 'are'} "
                      f"left out ({_first(uncached, shown)})")
-    return (f"{dataset.where}: {', and '.join(parts)}; run cache_latents.py and cache_text_encoder_outputs.py again "
-            f"(with --skip_existing they redo only these)")
+    if rejected:
+        parts.append(f"{_count(len(rejected), kind, 'is', 'are')} left out, as cache_latents.py could not use "
+                     f"{'it' if len(rejected) == 1 else 'them'} ({_first(rejected, shown)})")
+    advice = ("run cache_latents.py and cache_text_encoder_outputs.py again (with --skip_existing they redo only these)"
+              if changed or uncached else "fix or remove those files")
+    return f"{dataset.where}: {', and '.join(parts)}; {advice}"
+
+
+def _same_source(path: Path, recorded: dict[str, str]) -> bool:
+    """The source is as it was when latent caching recorded why it could not use it."""
+    try:
+        signature = cache_files.source_signature(path)
+    except OSError:
+        return False
+    return all(recorded.get(k) == v for k, v in signature.items())
 
 
 def _count(n: int, noun: str, one: str, many: str) -> str:
