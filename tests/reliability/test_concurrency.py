@@ -349,7 +349,8 @@ def test_the_launcher_s_summary_names_the_process_that_died_not_the_one_that_rep
     os.kill(_ranks_of(launcher)[1], signal.SIGKILL)
     assert launcher.wait(120) != 0
     text = log.read_text(errors="replace")
-    assert "error: another process of this run stopped or lost its connection" in text
+    # process 0 reports the lost connection, or is stopped by the launcher first (it noticed the death sooner): both fine
+    assert "error: another process of this run stopped or lost its connection" in text or "\nterminated" in text, text[-3000:]
     cause = text.split("Root Cause (first observed failure):", 1)[1]
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9", cause), text[-3000:]
 
