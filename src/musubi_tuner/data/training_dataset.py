@@ -186,9 +186,15 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
     kind = "video" if dataset.is_video else "image"
     changed: list[str] = []  # "stem: what changed"
     uncached: list[str] = []
+    rejected: list[str] = []  # "stem: why latent caching could not use it"
+    recorded = cache_files.left_out(cache_dir)
     for item in sources:
         if item.stem not in latents:
-            uncached.append(item.stem)
+            entry = recorded.get(item.stem)  # what latent caching could not use: caching again changes nothing
+            if entry is not None and _same_source(item.path, entry):
+                rejected.append(f"{item.stem}: {entry.get('reason', '?')}")
+            else:
+                uncached.append(item.stem)
             continue
         try:
             signature = cache_files.source_signature(item.path)
@@ -209,13 +215,6 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
             changed.append(f"{item.stem}: {' and '.join(whats)}")
     listed = {item.stem for item in sources} | {cache_files.item_stem(path) for path, _ in skipped}
     changed += [f"{stem}: source deleted" for stem in sorted(latents) if stem not in listed]
-    recorded = cache_files.left_out(cache_dir)  # what latent caching could not use: caching again changes nothing
-    rejected = []
-    for item in sources:
-        entry = recorded.get(item.stem)
-        if item.stem in uncached and entry is not None and _same_source(item.path, entry):
-            uncached.remove(item.stem)
-            rejected.append(f"{item.stem}: {entry.get('reason', '?')}")
     if not changed and not uncached and not rejected:
         return None
     parts = []
