@@ -147,6 +147,27 @@ def test_an_unreadable_video_is_reported_by_name_and_the_run_goes_on(tmp_path, c
         list(items.iter_latent_batches(dataset, items.CacheReport(), strict=True))
 
 
+def test_a_folder_named_like_a_video_is_its_frames_and_one_named_like_an_image_is_named_as_a_folder(tmp_path):
+    """musubi-tuner's glob lists folders by their names: `clip.mp4/` of PNG frames is a video (its frames in name
+    order), `f.png/` fails to open. Neither is dropped without a word."""
+    dataset = video_config(tmp_path)
+    frames = tmp_path / "videos" / "clip.mp4"
+    frames.mkdir()
+    for i in range(5):
+        Image.new("RGB", (64, 64), (50 * i, 0, 0)).save(frames / f"{i:03d}.png")
+    (tmp_path / "videos" / "clip.txt").write_text("a clip")
+    (batch,) = items.iter_latent_batches(dataset, items.CacheReport())
+    assert [i.cache_path.name for i in batch.items] == ["clip_00000-001_0064x0064_hv.safetensors"]
+    assert batch.items[0].pixels.shape[0] == 1  # target_frames [1] of the 5 frames
+
+    dataset = image_config(tmp_path)
+    (tmp_path / "images" / "f.png").mkdir()
+    (tmp_path / "images" / "f.txt").write_text("an image")
+    report = items.CacheReport()
+    assert list(items.iter_latent_batches(dataset, report)) == []
+    assert report.failed == [(str(tmp_path / "images" / "f.png"), f"{tmp_path / 'images' / 'f.png'}: expected a file, found a folder")]
+
+
 def test_videos_follow_enable_bucket_false_unlike_musubi_tuner(tmp_path):
     dataset = video_config(tmp_path)  # resolution 64x64, enable_bucket false
     add_video(tmp_path, "wide", size=(96, 48))

@@ -42,11 +42,11 @@ def _list(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
     """Files of `folder` (not recursive) whose extension is one of `extensions`, any case, sorted by name.
 
     Hidden files (a leading dot: macOS's `._name.png` resource forks, editors' temporary files) are not listed, as
-    musubi-tuner's glob does not list them. Broken and looping symbolic links, FIFOs, devices and sockets are listed:
-    reading them fails with a message that names them, where dropping them here would lose them without a word."""
-    folder = Path(folder)
-    return sorted((p for p in folder.iterdir()
-                   if p.suffix.lower() in extensions and not p.name.startswith(".") and (p.is_symlink() or not p.is_dir())),
+    musubi-tuner's glob does not list them. Everything else with such a name is listed, as musubi-tuner's glob lists
+    it: a folder named like a video is read as a folder of frames; a folder named like an image, a broken or looping
+    link, a FIFO, a device or a socket fails when read, with a message that names it, where dropping it here would
+    lose it without a word."""
+    return sorted((p for p in Path(folder).iterdir() if p.suffix.lower() in extensions and not p.name.startswith(".")),
                   key=lambda p: p.name)
 
 
