@@ -141,6 +141,14 @@ def real(minimum: float | None = None, maximum: float | None = None, *, above: f
     return parse
 
 
+def far_from_usual(settings) -> str | None:
+    """The flags of `settings` ((flag, value, (lowest usual, highest usual)), value None when not given) set far beyond
+    their usual range, as the likely cause of a NaN/inf result, in words; None when none is. A value such as
+    --network_alpha 1e30 passes its flag's check and then overflows: the items and files are not to blame."""
+    far = [f"{flag} {value:g}" for flag, value, (low, high) in settings if value is not None and not low <= value <= high]
+    return f"{' and '.join(far)}, far from the usual, may be the cause" if far else None
+
+
 def network_dim():
     """--network_dim: a rank the DiT's layers can hold (the trainer's and the planner's flag)."""
     return count(1, 2**20, " (HunyuanVideo's layers are 3,072 wide at the narrowest side: a higher rank adds nothing but memory)")

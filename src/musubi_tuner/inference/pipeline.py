@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.cli import resolve_device
+from musubi_tuner.cli import far_from_usual, resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError
 from musubi_tuner.files import require_file, require_present
@@ -482,15 +482,12 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
 
 
 def _far_settings(args) -> str:
-    """The sampling flags given far beyond their usual range, as the likely cause of a NaN/inf latent or video ("" when
-    none is): a guidance scale of 1e30 overflows, and then the files are not to blame."""
-    far = [f"{flag} {value:g}" for flag, value, usual in (("--guidance_scale", args.guidance_scale, (0, 100)),
-                                                           ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
-                                                           ("--flow_shift", args.flow_shift, (1e-3, 1e3)),
-                                                           *(("--lora_multiplier", m, (-100, 100))
-                                                             for m in getattr(args, "lora_multiplier", None) or ()))
-           if value is not None and not usual[0] <= value <= usual[1]]
-    return f"{' and '.join(far)}, far from the usual, may be the cause; else " if far else ""
+    """The sampling flags given far beyond their usual range, as the likely cause of a NaN/inf latent or video
+    (cli.far_from_usual), leading the usual causes' list ("" when none is)."""
+    far = far_from_usual([("--guidance_scale", args.guidance_scale, (0, 100)), ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
+                          ("--flow_shift", args.flow_shift, (1e-3, 1e3)),
+                          *(("--lora_multiplier", m, (-100, 100)) for m in getattr(args, "lora_multiplier", None) or ())])
+    return f"{far}; else " if far else ""
 
 
 def decode_and_save(vae, latent, meta, args, save_path: Path, main: bool, stamp: str | None = None) -> list[Path]:

@@ -172,7 +172,7 @@ def diagnosis_text(d: Diagnosis) -> str:
     lines += ["", f"  {'consumer':<14} {'keys applied':>17}  give it"]
     for v in d.verdicts:
         there = f"  ({len(v.alternative[1].applied)}/{v.alternative[1].total} keys applied there)" if v.alternative else ""
-        use = f"none: {_why_unusable(d.inspection)}" if d.inspection.unusable else f"{_use(v)}{there}"
+        use = f"none: the file holds {d.inspection.unusable_in_short}" if d.inspection.unusable else f"{_use(v)}{there}"
         lines.append(f"  {CONSUMER_TITLES[v.consumer]:<14} {_coverage_cell(v.coverage)}  {use}")
     for v in d.verdicts:
         if v.ok:
@@ -201,14 +201,10 @@ def diagnosis_text(d: Diagnosis) -> str:
         problems = ([f"{', '.join(convert)} would not apply every weight of this file: give them the output named above"] if convert else [])
         problems += [f"{', '.join(none)} would not apply every weight of any of our outputs"] if none else []
         problems += ["its layers do not fit the DiT"] if d.mismatches else []
-        problems += [_why_unusable(d.inspection).replace("the file", "it")] if d.inspection.unusable else []
+        problems += [f"it holds {d.inspection.unusable_in_short}"] if d.inspection.unusable else []
         problems += [f"it is a LoRA for {d.inspection.info.other_model}, not for HunyuanVideo"] if d.inspection.info.other_model else []
         lines.append(f"  problem: {'; '.join(problems)}")
     return "\n".join(lines)
-
-
-def _why_unusable(ins: LoRAInspection) -> str:
-    return "the file holds NaN or infinite values" if ins.non_finite else "the file holds a diverged training's update"
 
 
 def _coverage_json(cov: Coverage, file: Path | str) -> dict:

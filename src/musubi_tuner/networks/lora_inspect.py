@@ -66,6 +66,13 @@ class LoRAInspection:
         return f"{self.non_finite} holds NaN or infinite values" if self.non_finite else self.diverged
 
     @property
+    def unusable_in_short(self) -> str | None:
+        """`unusable` without the key: what the file holds that no program can use."""
+        if not self.unusable:
+            return None
+        return "NaN or infinite values" if self.non_finite else "a diverged training's update"
+
+    @property
     def ranks(self) -> list[int]:
         return sorted({m.rank for m in self.modules if m.kind in ADAPTERS and m.rank})
 

@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from musubi_tuner.cli import far_from_usual
 from musubi_tuner.distributed import (GradientReducer, check_same_command_line, check_same_inputs, describe as describe_layout,
                                       make_layout)
 from musubi_tuner.dtypes import str_to_dtype
@@ -72,14 +73,10 @@ def diverged_update(network: torch.nn.Module) -> str | None:
 
 
 def far_settings(args) -> str | None:
-    """The training flags given far beyond their usual range, as the likely cause of a NaN loss (None when none is):
-    --network_alpha 1e30 or --discrete_flow_shift 1e30 overflow, and then the learning rate and the items are not to
-    blame (as generation names its own: inference.pipeline._far_settings)."""
-    settings = [("--network_alpha", args.network_alpha, (1e-6, 1e6)), ("--discrete_flow_shift", args.discrete_flow_shift, (1e-3, 1e3)),
-                ("--guidance_scale", args.guidance_scale, (0, 1e3))]
-    settings += [("--base_weights_multiplier", m, (-100, 100)) for m in args.base_weights_multiplier or ()]
-    far = [f"{flag} {value:g}" for flag, value, usual in settings if value is not None and not usual[0] <= value <= usual[1]]
-    return f"{' and '.join(far)}, far from the usual, may be the cause" if far else None
+    """The training flags given far beyond their usual range, as the likely cause of a NaN loss (cli.far_from_usual)."""
+    return far_from_usual([("--network_alpha", args.network_alpha, (1e-6, 1e6)), ("--discrete_flow_shift", args.discrete_flow_shift, (1e-3, 1e3)),
+                           ("--guidance_scale", args.guidance_scale, (0, 1e3)),
+                           *(("--base_weights_multiplier", m, (-100, 100)) for m in args.base_weights_multiplier or ())])
 
 
 def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
