@@ -131,3 +131,26 @@ def test_the_planner_holds_the_rank_to_the_trainer_s_bound(capsys):
         main([*PLAN, "--network_dim", str(2**62)])
     assert e.value.code == 2 and capsys.readouterr().err.strip().startswith(
         f"error: --network_dim {2**62}: must be between 1 and 1048576 (HunyuanVideo's layers are 3,072 wide")
+
+
+def test_a_batch_the_planner_cannot_trace_is_refused_by_the_planner_and_capped_in_the_trainer_s_dry_run(tmp_path, capsys, caplog):
+    """A batch of 2**62 ended in 'out of host memory' (the trace holds an int per sample). plan.py refuses it as its
+    flag; a dataset TOML's batch_size, which a real run takes (a batch holds at most one bucket's items), is planned
+    at the planner's bound, with a warning."""
+    from musubi_tuner import hv_train_network
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+    from musubi_tuner.plan import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*PLAN, "--batch_size", str(2**62)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().startswith(f"error: --batch_size {2**62}: must be between 1 and 65536")
+
+    config = tiny_dit_config()
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\nbatch_size = {2**62}\n\n'
+                    f'[[datasets]]\nimage_directory = "{(tmp_path / "images").as_posix()}"\n')
+    hv_train_network.main(["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
+                           "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"])
+    assert "train at 64x64x1f, batch 65536," in capsys.readouterr().out
+    assert f"batch_size {2**62:,} is planned as 65,536 samples, the most the planner plans" in caplog.text

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from musubi_tuner.hunyuan.attention import ATTENTION_MODES
     from musubi_tuner.inference.step_cache import add_step_cache_flags
     from musubi_tuner.planning.from_args import NAMED_MODELS
-    from musubi_tuner.planning.options import OPTIMIZERS
+    from musubi_tuner.planning.options import MAX_PLANNED_BATCH, OPTIMIZERS
     from musubi_tuner.planning.timing import GPUS
 
     p = Parser(prog="python -m musubi_tuner.plan", description=__doc__.splitlines()[0])
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", choices=tuple(NAMED_MODELS), default=None, help="a named model instead of --dit (default t2v-720p)")
     g.add_argument("--video_size", type=pixels, nargs=2, default=[544, 960], metavar=("HEIGHT", "WIDTH"), help="height then width")
     g.add_argument("--video_length", type=frames_4n1, default=129, help="frames, 4N+1 (1 for images)")
-    g.add_argument("--batch_size", type=count(1), default=1, help="samples per step")
+    g.add_argument("--batch_size", type=count(1, MAX_PLANNED_BATCH), default=1, help="samples per step")
     g.add_argument("--text_tokens", type=count(1, 256), default=256, help="valid LLM tokens of the longest prompt (the DiT drops padding)")
 
     g = p.add_argument_group(MEMORY_OPTIONS)

@@ -183,7 +183,7 @@ def _inputs(work: Workload, batch: int, lengths: tuple[int, ...]) -> dict:
     it on the host), CLIP's pooled vector."""
     c = work.config
     with torch._subclasses.fake_tensor.unset_fake_temporarily():
-        mask = torch.tensor([[1] * n + [0] * (256 - n) for n in lengths])
+        mask = (torch.arange(256) < torch.tensor(lengths)[:, None]).long()
     return {"latents": torch.empty(batch, c.out_channels, *work.latent_shape, dtype=torch.bfloat16),
             "llm": torch.empty(batch, 256, c.text_states_dim, dtype=torch.bfloat16), "llm_mask": mask,
             "clipL": torch.empty(batch, c.text_states_dim_2, dtype=torch.bfloat16)}

@@ -10,6 +10,9 @@ from musubi_tuner.hunyuan.config import DiTConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 PRECISIONS = {"bf16": 2, "fp16": 2, "no": 4}  # --mixed_precision -> bytes per activation
+# The largest batch planned: the trace holds a Python int per sample, and every tensor's size must fit int64 at the
+# largest video (8192x8192, 1,025 frames); no GPU holds a batch of even 64 such samples
+MAX_PLANNED_BATCH = 2**16
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class Workload:
             raise UserError(f"video size {self.height}x{self.width}: height and width must be multiples of 16")
         if (self.frames - 1) % 4:
             raise UserError(f"{self.frames} frames: must be 4N+1 (try {(self.frames - 1) // 4 * 4 + 1})")
+        if not 1 <= self.batch <= MAX_PLANNED_BATCH:
+            raise UserError(f"batch {self.batch:,}: the planner plans between 1 and {MAX_PLANNED_BATCH:,} samples per step")
         if not 1 <= self.text_tokens <= 256:
             raise UserError(f"text_tokens {self.text_tokens}: between 1 and 256 (the LLM cache holds 256)")
 

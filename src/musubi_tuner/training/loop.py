@@ -562,6 +562,7 @@ def plan_training(args):
     from musubi_tuner.data.config import load_dataset_config
     from musubi_tuner.distributed import check_training_processes, launched
     from musubi_tuner.planning.from_args import dry_run
+    from musubi_tuner.planning.options import MAX_PLANNED_BATCH
 
     rank, world = launched()  # under a launcher: the layout and a --resume state checked as the run would, the plan printed once
     if world > 1:  # (one process plans a run of several: a laptop planning a cluster's)
@@ -572,6 +573,10 @@ def plan_training(args):
         check_same_processes(Path(args.resume), read_state_folder(args.resume)[1],
                              {"processes": world, "context_parallel": args.context_parallel})
     size, frames, batch = largest_workload(load_dataset_config(args.dataset_config, check_sources=False))
+    if batch > MAX_PLANNED_BATCH:  # a batch holds at most one bucket's items: the run takes it, the plan cannot
+        logger.warning(f"{args.dataset_config}: batch_size {batch:,} is planned as {MAX_PLANNED_BATCH:,} samples, the most the "
+                       "planner plans; a batch holds at most the items of one bucket")
+        batch = MAX_PLANNED_BATCH
     return dry_run(args, "train", video_size=size, frames=frames, batch=batch, out=print if rank == 0 else lambda text: None)
 
 
