@@ -33,6 +33,12 @@ def test_every_visible_flag_has_help(command):
     assert not missing, f"{command}: flags without help: {missing}"
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_the_debug_flag_its_one_line_errors_point_to(command):
+    """Every command's one-line errors end "(--debug shows where)"; python -m musubi_tuner.plan refused --debug."""
+    assert "--debug" in parser_of(command)._option_string_actions
+
+
 def test_help_shows_defaults_that_matter():
     text = parser_of("hv_train_network").format_help()
     for shown in ("base learning rate (LoRA training: about 2e-4) (default: 2e-06)", "optimizer steps to train (default: 1600)",

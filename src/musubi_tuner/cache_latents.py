@@ -30,7 +30,6 @@ logger = logging.getLogger("cache_latents")
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="cache_latents.py", description=__doc__.splitlines()[0])
     p.add_argument("--dataset_config", required=True, help="dataset TOML (or JSON)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     g = p.add_argument_group("model")
     g.add_argument("--vae", help="VAE checkpoint (vae/pytorch_model.pt)")

@@ -30,7 +30,6 @@ logger = logging.getLogger("cache_text_encoder_outputs")
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="cache_text_encoder_outputs.py", description=__doc__.splitlines()[0])
     p.add_argument("--dataset_config", required=True, help="dataset TOML (or JSON)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     g = p.add_argument_group("models")
     g.add_argument("--text_encoder1", required=True, help="LLM: HF folder (ckpts/text_encoder) or ComfyUI llava_llama3_fp16.safetensors")

@@ -20,7 +20,8 @@ from musubi_tuner.errors import SharedError, UserError
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is a UserError: one `error:` line (no usage block), exit status 2.
 
-    Help texts show each flag's default where it has one (the `%(default)s` of every argument with help).
+    Help texts show each flag's default where it has one (the `%(default)s` of every argument with help). Every
+    command takes --debug: the one-line errors end "(--debug shows where)" (errors.run_cli reads it from the argv).
     """
 
     def __init__(self, *args, **kwargs):
@@ -28,6 +29,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         for name in (None, "store"):  # (a flag without action= is registered as None; the groups share the registry)
             self.register("action", name, _StoreOnce)
+        self.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     def parse_known_args(self, args=None, namespace=None):
         for action in self._actions:

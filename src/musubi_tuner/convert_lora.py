@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=("other", "default"), help="other: ComfyUI/diffusers/diffusion-pipe naming; default: ours")
     p.add_argument("--diffusers_prefix", default=None, help="key prefix of the 'other' output (default diffusion_model)")
     p.add_argument("--allow_partial_lora", action="store_true", help="convert what can be, list what is dropped, instead of refusing")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

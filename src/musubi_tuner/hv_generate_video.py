@@ -102,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_metadata", action="store_true", help="write no prompt or settings into the outputs")
     g.add_argument("--dry_run", action="store_true", help="print the planned GPU/host memory and time per stage, load nothing, exit")
     g.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")
-    g.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which consumers to check (default all)")
     p.add_argument("--dit", default=None, help="the DiT the LoRA is meant for: checks base model, input channels and layer shapes")
     p.add_argument("--json", action="store_true", help="print the full diagnosis as JSON (every dropped key)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

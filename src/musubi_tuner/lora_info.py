@@ -24,7 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lora_info", description=__doc__.splitlines()[0])
     p.add_argument("file", help="LoRA file (.safetensors), in any naming")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

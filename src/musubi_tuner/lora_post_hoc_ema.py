@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma_rel", type=real(above=0), default=None,
                    help="power-function EMA of this relative width (e.g. 0.2) instead of --beta / --beta2")
     p.add_argument("--output_file", required=True, help="the averaged LoRA (.safetensors)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 

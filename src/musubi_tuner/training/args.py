@@ -43,7 +43,6 @@ def _int_or_float(value: str) -> float | int:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="hv_train_network.py", description="Train a LoRA for HunyuanVideo / SkyReels V1 from cached latents and text.")
     p.add_argument("--config_file", help="TOML file with any of these options (the command line wins)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("--dry_run", action="store_true",
                    help="print the planned GPU/host memory and time per step for the dataset's largest bucket, load nothing, exit")
     p.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")

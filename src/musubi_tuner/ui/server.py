@@ -26,7 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", nargs="?", const="0.0.0.0", default=None, metavar="ADDRESS",
                    help="serve other hosts on ADDRESS (0.0.0.0 when given alone); needs a token")
     p.add_argument("--token", default=None, help=f"the token other hosts must give (default ${TOKEN_VARIABLE}, or a new random one)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
