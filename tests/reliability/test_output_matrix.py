@@ -272,6 +272,9 @@ CASES = [
          r"(holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written|the VAE decoded NaN/inf pixels from a finite "
          r"latent): --guidance_scale 1e\+30, far from the usual, may be the cause; else ",
          then=lambda a, t, err, out: not list((t / "videos").glob("*.mp4")) or pytest.fail("a video was written")),
+    Case("generate-far-flow-shift-that-does-not-overflow-is-said-before-the-work", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--output_type", "latent", "--flow_shift", "1e6"), None,
+         warning=r"--flow_shift 1e\+06, far from the usual, may be the cause of a NaN or noisy video"),
     Case("generate-text-encoder-with-nan-generates-nothing", "hv_generate_video",
          lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--text_encoder1", nan_llm(a, t)),
          r"the prompt's encoding by \S+te1 \(--text_encoder1\) holds \d+ non-finite \(NaN/inf\) values of \d+; its file is damaged",

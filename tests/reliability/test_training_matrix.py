@@ -355,6 +355,9 @@ CASES = [
          lambda a, t: train_argv(a, t / "out", "--network_alpha", "1e30"),
          r"at step 1 \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. --network_alpha 1e\+30, far "
          r"from the usual, may be the cause; else lower --learning_rate"),
+    Case("train-far-flow-shift-that-does-not-overflow-is-said-before-the-work", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--discrete_flow_shift", "1e6", "--max_train_steps", "1"), None,
+         warning=r"--discrete_flow_shift 1e\+06, far from the usual, may be the cause of a NaN loss or of a LoRA that learns nothing"),
     Case("train-learning-rate-not-a-number", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--learning_rate", "nan"),
          r"--learning_rate nan: not a finite number"),
     Case("train-network-args-not-a-list", "hv_train_network",

@@ -112,6 +112,9 @@ def check_and_fill(args) -> None:
     if h % 16 or w % 16 or h <= 0 or w <= 0:  # 8x VAE, then the DiT's 2x2 patches
         nh, nw = (max(16, int(v / 16 + 0.5) * 16) for v in (h, w))
         raise UserError(f"--video_size {h} {w}: height and width must be multiples of 16 (try {nh} {nw})")
+    far = far_settings(args)
+    if far:  # said before the work: a far value that does not overflow makes a video of noise without a word
+        logger.warning(f"{far} of a NaN or noisy video")
     if args.image_path and config.in_channels != 32:
         raise UserError(f"--image_path needs a SkyReels I2V DiT (32 input channels); {args.dit} has {config.in_channels}")
     if config.in_channels == 32 and not args.image_path and not args.save_merged_model:
@@ -476,17 +479,21 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
         log_graph_breaks(args.debug)
     loras = f" with {', '.join(args.lora_weight)}" if args.lora_weight else ""
     require_finite(latents, f"the sampled latent of {args.dit}{loras}",
-                   f"nothing was written; {_far_settings(args)}a LoRA or DiT file holding NaN/inf weights, or fp16 overflow, "
+                   f"nothing was written; {_else(far_settings(args))}a LoRA or DiT file holding NaN/inf weights, or fp16 overflow, "
                    "are the usual causes (check the files with musubi-lora-info)")
     return latents, start, cache
 
 
-def _far_settings(args) -> str:
+def far_settings(args) -> str | None:
     """The sampling flags given far beyond their usual range, as the likely cause of a NaN/inf latent or video
-    (cli.far_from_usual), leading the usual causes' list ("" when none is)."""
-    far = far_from_usual([("--guidance_scale", args.guidance_scale, (0, 100)), ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
-                          ("--flow_shift", args.flow_shift, (1e-3, 1e3)),
-                          *(("--lora_multiplier", m, (-100, 100)) for m in getattr(args, "lora_multiplier", None) or ())])
+    (cli.far_from_usual)."""
+    return far_from_usual([("--guidance_scale", args.guidance_scale, (0, 100)), ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
+                           ("--flow_shift", args.flow_shift, (1e-3, 1e3)),
+                           *(("--lora_multiplier", m, (-100, 100)) for m in getattr(args, "lora_multiplier", None) or ())])
+
+
+def _else(far: str | None) -> str:
+    """A far setting leading the list of the usual causes ("" when none is)."""
     return f"{far}; else " if far else ""
 
 
@@ -500,5 +507,4 @@ def decode_and_save(vae, latent, meta, args, save_path: Path, main: bool, stamp:
             return []
         return outputs.decode_and_save(vae, latent, meta, args, save_path, stamp)
     except outputs.NonFinitePixels as e:
-        far = _far_settings(args)
-        raise outputs.NonFinitePixels(str(e).replace(": the VAE file", f": {far}the VAE file", 1) if far else str(e)) from None
+        raise outputs.NonFinitePixels(str(e).replace(": the VAE file", f": {_else(far_settings(args))}the VAE file", 1)) from None

@@ -148,6 +148,9 @@ def check_args(args) -> None:
     require_file(args.dit, "DiT checkpoint", "--dit")
     attention_mode(args)
     warn_of_unread_flags(timestep_config(args))
+    far = far_settings(args)
+    if far:  # said before the work: a far value that does not overflow trains a LoRA that learns nothing without a word
+        logger.warning(f"{far} of a NaN loss or of a LoRA that learns nothing")
     if args.resume and args.resume != "auto" and not args.resume_from_huggingface:
         from musubi_tuner.training.state import read_state_folder
 
