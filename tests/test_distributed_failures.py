@@ -133,7 +133,7 @@ def test_processes_that_accelerate_does_not_join_are_refused_before_they_train_a
     (tmp_path / "d.toml").write_text("[general]\nresolution = [32, 32]\n")
     (tmp_path / "dit.pt").write_bytes(b"x")
     argv = ["--dit", str(tmp_path / "dit.pt"), "--dataset_config", str(tmp_path / "d.toml"), "--sdpa", "--network_module",
-            "networks.lora", "--output_dir", str(tmp_path / "out"), "--output_name", "x"]
+            "networks.lora", "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--discrete_flow_shift", "1e6"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -141,6 +141,8 @@ def test_processes_that_accelerate_does_not_join_are_refused_before_they_train_a
     printed = [line for line in done.stderr.splitlines() if line.startswith("error: launched as 2 processes (WORLD_SIZE)")]
     assert printed == ["error: launched as 2 processes (WORLD_SIZE), but accelerate joined 1; on a machine without a GPU set "
                        "ACCELERATE_USE_CPU=1 (accelerate launch --cpu sets it)"], done.stderr[-3000:]  # once, by process 0
+    # and a warning of the command line, said before the processes join their group: once too (it was once per process)
+    assert done.stderr.count("--discrete_flow_shift 1e+06, far from the usual") == 1, done.stderr[-3000:]
     assert not (tmp_path / "out" / "x.safetensors").exists()
 
 

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from musubi_tuner.errors import SharedError, UserError
+from musubi_tuner.errors import SharedError, UserError, launched
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
 
 logger = logging.getLogger(__name__)
@@ -77,13 +77,6 @@ def check_training_processes(world: int, context_parallel: int, flag: str = "--c
         started = f"{world} processes were started" if world > 1 else "one process was started"
         raise SharedError(f"{flag} {n} shares each sample over groups of {n} processes, and {started}; start a multiple of {n} "
                           f"(accelerate launch --multi_gpu --num_processes {n}, or torchrun --nproc_per_node {n})")
-
-
-def launched() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) a launcher gave this process: (0, 1) when none did."""
-    import os
-
-    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def describe(layout: Layout, training: bool = True) -> str:
@@ -223,7 +216,7 @@ def join_launched_group(device: torch.device) -> torch.device:
     returns this process's device (cuda:LOCAL_RANK when `device` is cuda without an index)."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if launched()[1] == 1:
         return device
     before_joining()
     if device.type == "cuda" and device.index is None:

@@ -76,6 +76,9 @@ def _prepare(argv, streams: list) -> None:
     """What the command runs in, set up within _run's handling of a stop, as the command itself is."""
     usable_standard_streams()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if launched()[0] != 0:  # one of a launcher's processes: process 0 says what every process meets alike, from the
+        # command line on (what differs between them is refused, by name: distributed.check_same_inputs)
+        logging.getLogger("musubi_tuner").setLevel(logging.ERROR)
     use_expandable_segments()
     _hold_stops_while_importing(HELD_IMPORTS)
     if not debug_requested(argv):
@@ -323,12 +326,18 @@ def use_expandable_segments(environ=os.environ, platform: str = sys.platform) ->
     return True
 
 
+def launched() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) a launcher gave this process: (0, 1) when none did. (Here, not in `distributed`, which imports
+    torch: processes that never load it, such as the studio's, ask too.)"""
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def _fail(message: str, shared: bool = False, about_another: bool = False) -> None:
     _default_sigterm()  # ending anyway: a launcher's SIGTERM now ends it without a second message
     _close_progress_bars()
     if "musubi_tuner.files" in sys.modules:  # (a command that failed before it checked any output folder made none)
         sys.modules["musubi_tuner.files"].remove_created_empty_folders()
-    quiet = shared and int(os.environ.get("RANK", "0") or 0) != 0
+    quiet = shared and launched()[0] != 0
     if not quiet:
         _say(f"error: {message}")
     _tell_the_launcher(f"error: {message}", later=LOST_PEER_LATER_SECONDS if about_another else 0)
@@ -353,7 +362,7 @@ def lost_peer(e: BaseException) -> str | None:
     traceback on every process that was waiting for it."""
     import re
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if launched()[1] <= 1:
         return None
     text = f"{type(e).__name__}: {e}"
     collective = type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError") or re.search(

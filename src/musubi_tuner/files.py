@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
-from musubi_tuner.errors import UserError, stops_held
+from musubi_tuner.errors import UserError, launched, stops_held
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
     create=False (a --dry_run): create nothing; probe the folder, or the nearest parent that exists.
     """
     folder = Path(folder)
-    if create and int(os.environ.get("RANK", "0") or 0) != 0:
+    if create and launched()[0] != 0:
         # one of several processes: process 0 makes the folders (and removes them if the run fails); made by another,
         # they stayed behind when that process was the one killed
         create = False

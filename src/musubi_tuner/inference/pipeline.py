@@ -316,7 +316,7 @@ def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool,
 def plan_generation(args):
     """--dry_run: check the flags and files as a real run would, then print the memory/time plan; loads no model."""
     check_and_fill(args)
-    from musubi_tuner.distributed import launched
+    from musubi_tuner.errors import launched
     from musubi_tuner.planning.from_args import dry_run
 
     rank, world = launched()  # under a launcher: the layout checked as the run would, the plan printed once

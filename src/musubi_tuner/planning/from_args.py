@@ -109,9 +109,9 @@ def _attention_mode(args, mode: str) -> str:
 
 def _launched_processes() -> int:
     """WORLD_SIZE of a launcher (accelerate launch / torchrun): a --dry_run under one plans what that run would do."""
-    import os
+    from musubi_tuner.errors import launched
 
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return launched()[1]
 
 
 GIB = 1.073741824  # GB per GiB
