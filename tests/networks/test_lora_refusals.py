@@ -186,20 +186,38 @@ def test_every_reader_refuses_a_diverged_training_s_lora_and_info_and_the_doctor
     assert status == 1 and json.loads(out)["diverged"].startswith(f"single_blocks.1.linear1: its update reaches {largest:.3g}")
 
 
-def test_a_multiplier_and_alpha_past_float32_are_one_line_not_a_traceback(files, capsys, tmp_path):
-    """A LoRA whose alpha is stored as float64 1e300, its lora_up still zero (an untrained one: no update to refuse):
-    merging multiplied 1e300 / rank into torch's float argument and failed with a traceback."""
+@pytest.mark.parametrize("past", ["alpha", "factors"])
+def test_float64_values_past_float32_are_refused_by_every_reader_and_reported_by_info_and_the_doctor(files, capsys, tmp_path, past):
+    """float64 entries that float32, where every program applies a LoRA, cannot hold: an alpha of 1e300 (merging
+    failed with a traceback, lora_info with an OverflowError), or a pair scaled 1e200 up and 1e-200 down, whose update
+    is the trained one in float64 (the bound of the update was NaN and passed: convert_lora and lora_post_hoc_ema wrote
+    files holding inf, merging blamed the sum)."""
+    from musubi_tuner import lora_post_hoc_ema
+
     tmp, dit, paths = files
     weights = StateDictFile(paths["good"]).load_all()
     module = NAN_KEY.removesuffix(".lora_up.weight")
-    save_file({**weights, NAN_KEY: torch.zeros_like(weights[NAN_KEY]), f"{module}.alpha": torch.tensor(1e300, dtype=torch.float64)},
-              str(tmp_path / "alpha.safetensors"))
-    status, _, err = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", tmp_path / "alpha.safetensors", "--save_merged_model",
-                                                tmp_path / "m.safetensors", "--device", "cpu"], capsys)
-    assert status == 2 and error_line(err).startswith(f"error: {tmp_path / 'alpha.safetensors'}: single_blocks.1.linear1: the "
-                                                      "multiplier 1 times its alpha / rank ")
-    assert "is past the range of float32 numbers; use a smaller multiplier" in error_line(err)
-    assert not (tmp_path / "m.safetensors").exists()
+    if past == "alpha":
+        key, changed = f"{module}.alpha", {f"{module}.alpha": torch.tensor(1e300, dtype=torch.float64)}
+    else:
+        key, changed = NAN_KEY, {NAN_KEY: weights[NAN_KEY].double() * 1e200,
+                                 f"{module}.lora_down.weight": weights[f"{module}.lora_down.weight"].double() * 1e-200}
+    bad = tmp_path / "f64.safetensors"
+    save_file({**weights, **changed}, str(bad))
+    largest = float(changed[key].abs().max())
+    why = f"{key} holds values up to {largest:.3g}, past float32's range (3.4e+38), in which LoRAs are applied"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for main, argv in ((merge_lora.main, ["--dit", dit, "--lora_weight", bad, "--save_merged_model", out_dir / "m.safetensors", "--device", "cpu"]),
+                       (convert_lora.main, ["--input", bad, "--output", out_dir / "o.safetensors", "--target", "other"]),
+                       (lora_post_hoc_ema.main, [paths["good"], bad, "--no_sort", "--output_file", out_dir / "e.safetensors"])):
+        status, _, err = run_main(main, argv, capsys)
+        assert status == 2 and error_line(err) == f"error: {bad}: {why} (a diverged training?): this LoRA cannot be applied"
+    assert list(out_dir.iterdir()) == []
+    status, out, err = run_main(lora_info.main, [bad], capsys)
+    assert status == 0 and f"NOT FINITE {why}: merging and generation refuse this file" in out and "Traceback" not in err
+    status, out, _ = run_main(lora_doctor.main, [bad, "--for", "ours"], capsys)
+    assert status == 1 and "none: the file holds values past float32's range" in out, out
 
 
 @pytest.mark.parametrize("command", ["merge", "generate"])

@@ -33,7 +33,7 @@ from musubi_tuner.networks.lora_diffusers_rules import diffusers_coverage
 from musubi_tuner.networks.lora_naming import (
     KOHYA_PREFIX, comfy_param, module_path_to_kohya, module_template, official_module, official_to_comfy,
 )
-from musubi_tuner.networks.lora_reader import diverged, first_non_finite, parse_lora
+from musubi_tuner.networks.lora_reader import diverged, first_non_finite, non_finite_words, parse_lora
 
 CONSUMERS = ("ours", "musubi", "comfyui", "kijai", "kijai_blocks", "diffusers")
 CONSUMER_TITLES = {"ours": "this toolkit", "musubi": "musubi-tuner", "comfyui": "ComfyUI", "kijai": "kijai wrapper",
@@ -63,7 +63,7 @@ def _ours(weights, model: Model) -> Coverage:
     cov = Coverage("ours", len(weights))
     bad = first_non_finite(weights)
     if bad is not None:
-        cov.fatal = f"{bad} holds NaN or infinite values: refused"
+        cov.fatal = f"{non_finite_words(bad, weights[bad])}: refused"
         return cov
     contents = parse_lora(weights)
     too_large = diverged(contents.patches)

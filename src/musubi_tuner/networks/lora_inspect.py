@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo
-from musubi_tuner.networks.lora_reader import ADAPTERS, LoRAContents, alpha_or_rank, diverged, first_non_finite, read_lora_contents
+from musubi_tuner.networks.lora_reader import (ADAPTERS, LoRAContents, alpha_or_rank, diverged, first_non_finite, non_finite_words,
+                                               past_float32, read_lora_contents)
 
 NAMINGS = {
     "kohya": "kohya (lora_unet_*): musubi-tuner, sd-scripts, this toolkit",
@@ -57,20 +58,22 @@ class LoRAInspection:
     modules: list[ModuleUpdate]
     info: LoRAFileInfo
     contents: LoRAContents | None = None
-    non_finite: str | None = None  # the first tensor holding NaN or inf
+    non_finite: str | None = None  # the first tensor holding NaN or inf (in float32: lora_reader.first_non_finite)
     diverged: str | None = None  # a patch whose update is a diverged training's (lora_reader.diverged), in words
 
     @property
     def unusable(self) -> str | None:
         """Why no program can use the file (NaN or inf, a diverged training's update), in words; None when it can."""
-        return f"{self.non_finite} holds NaN or infinite values" if self.non_finite else self.diverged
+        return non_finite_words(self.non_finite, self.weights[self.non_finite]) if self.non_finite else self.diverged
 
     @property
     def unusable_in_short(self) -> str | None:
         """`unusable` without the key: what the file holds that no program can use."""
         if not self.unusable:
             return None
-        return "NaN or infinite values" if self.non_finite else "a diverged training's update"
+        if self.non_finite:
+            return "values past float32's range" if past_float32(self.weights[self.non_finite]) else "NaN or infinite values"
+        return "a diverged training's update"
 
     @property
     def ranks(self) -> list[int]:
@@ -89,7 +92,7 @@ class LoRAInspection:
         """Norm of each block's whole update (root of the sum of its modules' squared norms), in model order."""
         sums: dict[str, float] = {}
         for m in self.modules:
-            sums[m.block] = sums.get(m.block, 0.0) + m.norm ** 2
+            sums[m.block] = sums.get(m.block, 0.0) + m.norm * m.norm  # (inf past float's range, where ** 2 raises)
         return {b: math.sqrt(sums[b]) for b in sorted(sums, key=_block_order)}
 
 
@@ -184,7 +187,7 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
             counts = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in [("lora", len(pairs)), *others.items()] if n)
             lines.append(f"  entries    {counts}")
     if ins.non_finite:
-        lines.append(f"  NOT FINITE {ins.non_finite} holds NaN or infinite values: merging and generation refuse this file")
+        lines.append(f"  NOT FINITE {ins.unusable}: merging and generation refuse this file")
     if ins.diverged:
         lines.append(f"  DIVERGED   {ins.diverged}: merging and generation refuse this file")
     if ins.problems:

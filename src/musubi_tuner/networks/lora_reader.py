@@ -272,7 +272,7 @@ def check_usable(source: str, contents: LoRAContents) -> None:
     """Refuse a LoRA holding NaN/inf, or whose update is a diverged training's (`diverged`)."""
     bad = first_non_finite(contents.tensors)
     if bad is not None:
-        raise UserError(f"{source}: {bad} holds NaN or infinite values (a diverged training?): this LoRA cannot be applied")
+        raise UserError(f"{source}: {non_finite_words(bad, contents.tensors[bad])} (a diverged training?): this LoRA cannot be applied")
     too_large = diverged(contents.patches)
     if too_large is not None:
         raise UserError(f"{source}: {too_large}: this LoRA cannot be applied")
@@ -288,7 +288,7 @@ def diverged(patches: list[Patch]) -> str | None:
     """The first patch whose largest change to one weight (at multiplier 1) is past DIVERGED_UPDATE, in words."""
     for patch in patches:
         largest = largest_update(patch)
-        if largest > DIVERGED_UPDATE:
+        if not largest <= DIVERGED_UPDATE:  # (NaN too: factors whose product overflowed, inf x 0)
             size = f"{largest:.3g}" if math.isfinite(largest) else "past float32's range (3.4e+38)"
             return (f"{patch.module}: its update reaches {size} per weight, where a trained LoRA's stays well below 1 "
                     f"(a diverged training)")
@@ -327,10 +327,24 @@ def _update_bound(patch: Patch) -> float:
 
 
 def first_non_finite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The first key whose values are NaN or inf in float32, where every program applies a LoRA: a float64 value past
+    float32's range is inf there (fp8 has no isfinite of its own either)."""
     for key, t in weights.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):  # fp8: no isfinite
+        if t.is_floating_point() and not bool(torch.isfinite(t if t.dtype == torch.float32 else t.float()).all()):
             return key
     return None
+
+
+def past_float32(tensor: torch.Tensor) -> bool:
+    """`first_non_finite` found no NaN or inf in `tensor`, but float64 values that float32 cannot hold."""
+    return tensor.dtype == torch.float64 and bool(torch.isfinite(tensor).all())
+
+
+def non_finite_words(key: str, tensor: torch.Tensor) -> str:
+    """What `first_non_finite` found in `tensor`, in words."""
+    if past_float32(tensor):
+        return f"{key} holds values up to {tensor.abs().max().item():.3g}, past float32's range (3.4e+38), in which LoRAs are applied"
+    return f"{key} holds NaN or infinite values"
 
 
 def peft_config(path: str | os.PathLike) -> dict | None:
