@@ -1203,12 +1203,15 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unknown object"
-        if not re.search(r"Unsupported (global|operand|class)|GLOBAL|REDUCE|not an allowed global|allowlist", str(e)):
-            raise UserError(f"{path}: not a readable PyTorch {what} (a damaged pickle: {first[:160]})") from None
+        forbidden = r"Unsupported (global|operand|class)|GLOBAL|REDUCE|not an allowed global|allowlist"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ["unknown object"]
+        if not re.search(forbidden, str(e)):
+            raise UserError(f"{path}: not a readable PyTorch {what} (a damaged pickle: {lines[0][:160]})") from None
+        # (torch's message opens with a paragraph on its weights_only default; the line naming the object is the one)
+        named = next((line for line in lines if re.search(forbidden, line) and "weights_only" not in line), lines[0])
         raise UserError(
             f"{path}: refused to load: the pickle holds objects other than tensors and plain containers "
-            f"(it could run code when unpickled; {first[:160]})"
+            f"(it could run code when unpickled; {named[:160]})"
         ) from None
     except Exception as e:  # the weights-only unpickler meets a malformed stream with IndexError, KeyError, struct.error...
         raise UserError(f"{path}: not a readable PyTorch {what} (truncated or a different format: "

@@ -34,6 +34,7 @@ def files(tmp_path_factory):
             "nan": {**good, NAN_KEY: torch.full_like(good[NAN_KEY], float("nan"))},
             "diverged": {**good, NAN_KEY: torch.full_like(good[NAN_KEY], 1e30)},  # finite: a diverged training's weights
             "ranks": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(8, 256)},  # lora_up is (64, 4)
+            "other size": {**good, f"{RANK_KEY}.lora_up.weight": torch.zeros(128, 4)},  # whole, but the DiT's layer is (64, 256)
             "tucker": {**good, "lora_unet_double_blocks_0_img_attn_proj.hada_t1": torch.zeros(2, 2, 3, 3)},
             "bias diff": {**good, "lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.full((64,), 0.01)},
             "alpha vector": {**good, f"{RANK_KEY}.alpha": torch.tensor([2.0, 2.0])},
@@ -114,9 +115,15 @@ def generation_files(files, encoders_and_vae):
             **encoders_and_vae}
 
 
+OTHER_SIZE = "double_blocks.1.img_mlp.fc2 is [128, 256] in the LoRA but [64, 256] in"
+
+
 @pytest.mark.parametrize("bad, named", [("nan", f"{NAN_KEY} holds NaN or infinite values"), ("diverged", DIVERGED),
-                                        ("ranks", f"{RANK_KEY}.lora_up.weight: its up weight [64, 4] and down weight [8, 256]")])
-def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, generation_files, capsys, tmp_path, monkeypatch, bad, named):
+                                        ("ranks", f"{RANK_KEY}.lora_up.weight: its up weight [64, 4] and down weight [8, 256]"),
+                                        ("other size", OTHER_SIZE)])
+@pytest.mark.parametrize("dry_run", [[], ["--dry_run"]], ids=["run", "dry run"])  # a --dry_run passed every LoRA file
+def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, generation_files, capsys, tmp_path, monkeypatch, bad, named,
+                                                                    dry_run):
     from musubi_tuner.hunyuan import text_encoders
 
     monkeypatch.setattr(text_encoders, "load_text_encoder1", lambda *a, **k: pytest.fail("a text encoder was loaded"))
@@ -124,7 +131,7 @@ def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, gener
     g = generation_files
     argv = ["--dit", g["dit"], "--vae", g["vae"], "--text_encoder1", g["te1"], "--text_encoder2", g["te2"], "--prompt", "a cat",
             "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2", "--save_path", tmp_path / "out",
-            "--lora_weight", paths["good"], paths[bad], "--fp8"]
+            "--lora_weight", paths["good"], paths[bad], "--fp8", *dry_run]
     status, _, err = run_main(hv_generate_video.main, argv, capsys)
     assert status == 2 and error_line(err).startswith(f"error: {paths[bad]}: ") and named in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -132,16 +139,18 @@ def test_generation_refuses_a_bad_lora_before_the_text_encoders_run(files, gener
 
 @pytest.mark.parametrize("bad, named", [("nan", NAN_KEY), ("diverged", DIVERGED), ("ranks", f"{RANK_KEY}.lora_up.weight"),
                                         ("bias diff", "lora_unet_double_blocks_0_img_attn_proj.diff_b: a diff_b of "
-                                                      "double_blocks.0.img_attn_proj.bias, but a network holds LoRA, LoHa or LoKr modules")])
+                                                      "double_blocks.0.img_attn_proj.bias, but a network holds LoRA, LoHa or LoKr modules"),
+                                        ("other size", "[128, ")])
 @pytest.mark.parametrize("flag", ["--network_weights", "--base_weights"])
-def test_training_refuses_a_bad_lora_before_loading_anything(files, capsys, tmp_path, bad, named, flag):
+@pytest.mark.parametrize("dry_run", [[], ["--dry_run"]], ids=["run", "dry run"])  # --base_weights of another size passed a --dry_run
+def test_training_refuses_a_bad_lora_before_loading_anything(files, capsys, tmp_path, bad, named, flag, dry_run):
     _, dit, paths = files
     if flag == "--base_weights" and bad == "bias diff":
         return  # a bias diff merges into the base: nothing to refuse
     toml = tmp_path / "dataset.toml"
     toml.write_text("[general]\nresolution = [64, 64]\n")
     argv = ["--dit", dit, "--dataset_config", toml, "--sdpa", "--network_module", "networks.lora", "--output_dir", tmp_path / "out",
-            "--output_name", "x", flag, paths[bad]]
+            "--output_name", "x", flag, paths[bad], *dry_run]
     status, _, err = run_main(hv_train_network.main, argv, capsys)
     assert status == 2 and error_line(err).startswith(f"error: {paths[bad]}: ") and named in err
 

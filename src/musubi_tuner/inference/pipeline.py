@@ -142,10 +142,13 @@ def check_speed_flags(args) -> None:
 def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
     """Files read only after the text encoders (and for the VAE, the sampling) have run: a wrong one fails now.
 
-    A --dry_run plans from the DiT's header alone (the other files may not be at hand): it checks only that
-    the output folder takes files, creating nothing."""
+    A --dry_run plans from the DiT's header: it checks the LoRA files against it too (small files, and what the plan
+    is of), and that the output folder takes files, creating nothing; the encoders and the VAE may not be at hand."""
     from musubi_tuner.files import require_writable_folder
+    from musubi_tuner.networks.merge import check_loras_fit
 
+    if args.lora_weight:
+        check_loras_fit(args.lora_weight, dit_shapes, args.dit, getattr(args, "allow_partial_lora", False))
     require_writable_folder(args.save_merged_model and Path(args.save_merged_model).parent or args.save_path,
                             "--save_merged_model" if args.save_merged_model else "--save_path", create=not args.dry_run)
     if args.dry_run:
@@ -153,13 +156,10 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
     from musubi_tuner.data.media import load_image, video_size
     from musubi_tuner.hunyuan.text_encoders import check_text_encoder1, check_text_encoder2
     from musubi_tuner.hunyuan.vae import open_vae_file
-    from musubi_tuner.networks.merge import check_loras_fit
 
     check_text_encoder1(args.text_encoder1)
     check_text_encoder2(args.text_encoder2)
     open_vae_file(args.vae)
-    if args.lora_weight:
-        check_loras_fit(args.lora_weight, dit_shapes, args.dit, getattr(args, "allow_partial_lora", False))
     if args.image_path:
         load_image(args.image_path)
     if args.video_path:

@@ -200,9 +200,9 @@ def check_args(args) -> None:
 
 
 def check_lora_files(args) -> None:
-    """--network_weights and --base_weights are whole, finite LoRA files (networks.lora_reader), before any model loads."""
+    """--network_weights and --base_weights are whole, finite LoRA files (networks.lora_reader) that fit the DiT, before
+    any model loads."""
     from musubi_tuner.networks.lora_files import load_network_weights
-    from musubi_tuner.networks.lora_reader import read_lora
 
     allow_partial = getattr(args, "allow_partial_lora", False)
     if args.network_weights:
@@ -212,8 +212,11 @@ def check_lora_files(args) -> None:
 
             check_weights_fit(args.network_weights, weights, args.network_module, args.network_dim or 4)
         check_network_takes(args, weights)
-    for path in args.base_weights or []:
-        read_lora(path, allow_partial)
+    if args.base_weights:  # each layer fitted to the DiT's header as the merge after the DiT loads would
+        from musubi_tuner.hunyuan.checkpoints import open_dit_file
+        from musubi_tuner.networks.merge import check_loras_fit
+
+        check_loras_fit(args.base_weights, open_dit_file(args.dit).shapes(), args.dit, allow_partial)
     if args.base_weights_multiplier and not args.base_weights:
         logger.warning("--base_weights_multiplier acts on the files of --base_weights, and none is given: it is ignored")
     if args.base_weights:
