@@ -254,14 +254,25 @@ def test_a_file_its_owner_could_not_read_is_rewritten_readable_by_a_user_who_is_
         shutil.rmtree(folder)
 
 
-def _safetensors_bytes(header: dict, data: bytes, encoding: str = "utf-8") -> bytes:
-    raw = json.dumps(header).encode(encoding)
+def _safetensors_bytes(header: dict | str, data: bytes, encoding: str = "utf-8") -> bytes:
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode(encoding)
     return struct.pack("<Q", len(raw)) + raw + data
 
 
 A = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
 B = {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}
 DATA = bytes(range(24))
+
+
+def test_a_dtype_the_format_has_and_no_model_holds_is_named_not_called_malformed(tmp_path):
+    """complex64 is a safetensors dtype the library reads: it was called 'a malformed entry in the header'."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lora.safetensors"
+    save_file({"x.lora_down.weight": torch.zeros(4, 8, dtype=torch.complex64)}, str(path))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: tensor 'x.lora_down.weight' is complex64, which no "
+                                        r"HunyuanVideo model or LoRA holds \(a foreign or damaged file\)$"):
+        StateDictFile(path)
 
 
 @pytest.mark.parametrize("header, data, encoding, reason", [
@@ -276,7 +287,10 @@ DATA = bytes(range(24))
      r"its __metadata__ must map text to text; its value for 'ss_network_dim' is int"),
     ({"a": {**A, "shape": [2.0, 2.0]}, "b": B}, DATA, "utf-8", r"tensor 'a' has a malformed entry in the header"),
     ({"a": A, "b": {**B, "data_offsets": [24, 16]}}, DATA, "utf-8", r"tensor 'b' has a malformed entry in the header"),
-], ids=["overlap", "bytes-after", "gap-at-start", "utf16", "metadata-list", "metadata-int", "fractional-shape", "end-before-begin"])
+    (json.dumps({"__metadata__": {"ss_network_dim": "4"}, "a": A, "b": B})[:-1] + ', "__metadata__": {"x": "y"}}', DATA, "utf-8",
+     r"its header names __metadata__ twice"),  # (json keeps the last: the training metadata of the first was lost)
+], ids=["overlap", "bytes-after", "gap-at-start", "utf16", "metadata-list", "metadata-int", "fractional-shape", "end-before-begin",
+        "metadata-twice"])
 def test_a_safetensors_header_the_safetensors_library_refuses_is_refused_naming_the_file(tmp_path, header, data, encoding, reason):
     """What the safetensors library will not open (so no other tool loads it either) is refused with the file and the
     fault named, before any tensor is read: overlapping or loose tensor ranges, bytes past the last one, a header in

@@ -980,6 +980,23 @@ def _open_input(path: Path, what: str, buffering: int = -1):
         raise _unreadable(path, what, None, e) from None
 
 
+# dtypes the safetensors format has that no file this toolkit reads holds: named as such, not as a malformed entry
+_OTHER_ST_DTYPES = {"C64": "complex64", "F8_E8M0": "float8 e8m0 (MX scales)", "F4": "float4", "F6_E2M3": "float6 e2m3",
+                    "F6_E3M2": "float6 e3m2"}
+
+
+class _TwoMetadata(Exception):
+    pass
+
+
+def _one_metadata(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object hook: an object naming __metadata__ twice is refused, as the safetensors library refuses it
+    (json keeps the last, which lost the first's training metadata)."""
+    if sum(key == "__metadata__" for key, _ in pairs) > 1:
+        raise _TwoMetadata
+    return dict(pairs)
+
+
 def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str], dict[str, tuple[int, int]]]:
     """(entries, metadata, absolute (start, end) byte range of each tensor) of the safetensors file open as `f`, held to
     the format as the safetensors library holds it (what it refuses, no other tool loads): a UTF-8 JSON object; its
@@ -993,8 +1010,11 @@ def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int,
     (n,) = struct.unpack("<Q", raw)
     if n > min(size - 8, _MAX_HEADER_BYTES):
         raise UserError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
-    try:
-        header = json.loads(f.read(n).decode("utf-8"))  # (json.loads would take UTF-16 and UTF-32 bytes too)
+    try:  # (json.loads would take UTF-16 and UTF-32 bytes too)
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_one_metadata)
+    except _TwoMetadata:
+        raise UserError(f"{path}: not a safetensors file (its header names __metadata__ twice; the safetensors library, "
+                        "and so every program that loads the file, refuses it)") from None
     except (ValueError, RecursionError) as e:  # (a UnicodeDecodeError or a JSONDecodeError is a ValueError; so is a huge integer)
         raise UserError(f"{path}: not a safetensors file (header is not UTF-8 JSON: {str(e)[:160]})") from None
     if not isinstance(header, dict):
@@ -1018,6 +1038,9 @@ def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int,
 
     for key, info in header.items():
         dtype = st_dtypes().get(info.get("dtype")) if isinstance(info, dict) and isinstance(info.get("dtype"), str) else None
+        if dtype is None and isinstance(info, dict) and info.get("dtype") in _OTHER_ST_DTYPES:  # well formed, but not ours
+            raise UserError(f"{path}: tensor {key!r} is {_OTHER_ST_DTYPES[info['dtype']]}, which no HunyuanVideo model or "
+                            "LoRA holds (a foreign or damaged file)")
         shape, span = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
         if dtype is None or not whole(shape) or not whole(span) or len(span) != 2:
             raise UserError(f"{path}: tensor {key!r} has a malformed entry in the header ({str(info)[:120]})")
