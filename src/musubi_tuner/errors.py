@@ -402,7 +402,7 @@ def out_of_memory(e: BaseException) -> str | None:
 
 
 def usable_standard_streams() -> None:
-    """Give a closed stdout or stderr somewhere to go: os.devnull.
+    """Give a closed stdout or stderr somewhere to go: os.devnull; and let stdout escape what it cannot encode.
 
     A command started with `>&-` or `2>&-`, by a launcher that closed them, or under Windows' pythonw.exe has
     sys.stdout / sys.stderr None, and its first print, log line or progress line failed (status 1, no word), or a
@@ -421,6 +421,13 @@ def usable_standard_streams() -> None:
                 pass
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+    # A character stdout's encoding cannot take (a file name that is not UTF-8, held as surrogates; an emoji on an
+    # ASCII or Latin-1 terminal) is escaped, as stderr escapes it, instead of failing the report that names it
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        try:
+            sys.stdout.reconfigure(errors="backslashreplace")
+        except (OSError, ValueError):
+            pass
 
 
 def _say(line: str) -> None:

@@ -273,6 +273,23 @@ def test_a_reader_that_stops_early_ends_info_and_the_doctor_quietly(files):
         assert p.wait() == 141 and err.strip() == "", err
 
 
+@pytest.mark.parametrize("encoding", ["utf-8:strict", "ascii"])
+def test_a_file_name_stdout_cannot_encode_is_escaped_in_the_report_not_the_report_lost(files, tmp_path, encoding):
+    """A name that is not UTF-8 (a zip unpacked on Linux), on a terminal of strict UTF-8 (a desktop's locale) or ASCII:
+    info and the doctor (status 1: a LoRA some consumers do not apply whole) printed nothing but "stdout: cannot write the
+    report"."""
+    import os
+    import shutil
+
+    _, _, paths = files
+    odd = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.safetensors")))
+    shutil.copy(paths["good"], odd)
+    for command in ("musubi_tuner.lora_info", "musubi_tuner.lora_doctor"):
+        done = subprocess.run([sys.executable, "-m", command, str(odd)], cwd=ROOT, capture_output=True,
+                              env={"PYTHONPATH": str(ROOT / "src"), "PATH": "", "PYTHONIOENCODING": encoding})
+        assert done.returncode in (0, 1) and done.stderr == b"" and done.stdout.startswith(b"caf\\udce9.safetensors"), done.stderr[-1000:]
+
+
 def test_an_empty_rank_is_refused_by_name_and_reported_by_info(files, capsys, tmp_path):
     _, dit, paths = files
     why = "rank 0: its up and down weights are empty (a damaged file)"
