@@ -206,6 +206,9 @@ BAD_CONFIGS = [
     ({"r": 4, "lora_alpha": float("inf")}, "lora_alpha = inf is not a finite number"),
     ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"linear2": "x"}}, "alpha_pattern 'linear2' = \"x\" is not a number"),
     ({"r": 4, "lora_alpha": 8, "use_rslora": "yes"}, 'use_rslora = "yes" is not true or false'),
+    # PEFT's scale 0 (the modules change nothing), where kohya's alpha 0 is the rank: it was applied at full strength
+    ({"r": 4, "lora_alpha": 0}, "lora_alpha = 0: PEFT and diffusers apply these modules at scale 0"),
+    ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"img_attn.proj": 0}}, "alpha_pattern 'img_attn.proj' = 0: PEFT and diffusers"),
 ]
 
 

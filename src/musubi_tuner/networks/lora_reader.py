@@ -427,6 +427,10 @@ def _peft_number(value, where: str, key: str) -> float:
         raise UserError(f"{where}: {key} = {json.dumps(value)} is not a number")
     if not math.isfinite(value):
         raise UserError(f"{where}: {key} = {value} is not a finite number: this LoRA cannot be applied")
+    if value == 0:  # PEFT's scale alpha / r is 0; a kohya alpha of 0 means the rank: no file of ours can say "nothing"
+        raise UserError(f"{where}: {key} = 0: PEFT and diffusers apply these modules at scale 0, that is not at all, where "
+                        "kohya's readers (musubi-tuner, ComfyUI) take an alpha of 0 as the rank, at full strength; set the "
+                        "alpha the LoRA was trained with, or leave the file out")
     return float(value)
 
 
