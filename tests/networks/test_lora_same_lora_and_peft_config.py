@@ -93,6 +93,34 @@ def test_generation_and_base_weights_apply_a_lora_given_with_its_companion_once(
     assert "left out, so the LoRA is applied once" in caplog.text
 
 
+def test_a_file_named_as_the_companion_that_is_another_lora_is_applied_too_and_not_recommended(pair, tmp_path, capsys, caplog):
+    """The name alone made a pair: another LoRA saved as mine.comfyui.safetensors was left out of a merge ("applied once")
+    though the user gave it, and the doctor recommended it to ComfyUI users as this LoRA's copy; one holding NaN too."""
+    from musubi_tuner import lora_doctor
+
+    folder, dit, weights = pair
+    ours = {"musubi_tuner.version": "1"}  # (the metadata our trainer writes: the doctor reads the companion's name there)
+    save_file(weights, str(tmp_path / "mine.safetensors"), metadata=with_naming(ours, "kohya", "mine.comfyui.safetensors"))
+    companion = tmp_path / "mine.comfyui.safetensors"
+    tensors = load_file(str(folder / "mine.comfyui.safetensors"))
+    save_file(tensors, str(companion), metadata=with_naming(ours, "other", "mine.safetensors"))
+    status, out, _ = run_main(lora_doctor.main, [tmp_path / "mine.safetensors", "--for", "comfyui"], capsys)
+    assert "mine.comfyui.safetensors  (" in out, out  # the real pair: recommended
+    other = {k: v.flip(0) if k.endswith("lora_B.weight") else v for k, v in tensors.items()}  # another update, same shapes
+    save_file(other, str(companion), metadata=with_naming(ours, "other", "mine.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        delta, stdout = merged_update(tmp_path, dit, [tmp_path / "mine.safetensors", companion], capsys)
+    assert "merged 2 LoRA file(s)" in stdout and "but change the DiT differently: both are used" in caplog.text
+    assert applied(delta["double_blocks.0.img_attn_qkv.weight"], lora_update(weights)) != pytest.approx(1, abs=0.01)
+    status, out, _ = run_main(lora_doctor.main, [tmp_path / "mine.safetensors", "--for", "comfyui"], capsys)
+    assert "mine.comfyui.safetensors  (" not in out and "changes the DiT differently from mine.safetensors" in out, out
+    b_key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    save_file({**tensors, b_key: torch.full_like(tensors[b_key], float("nan"))}, str(companion),
+              metadata=with_naming(ours, "other", "mine.safetensors"))
+    status, out, _ = run_main(lora_doctor.main, [tmp_path / "mine.safetensors", "--for", "comfyui"], capsys)
+    assert "mine.comfyui.safetensors  (" not in out and "holds NaN or infinite values" in out, out
+
+
 def test_a_companion_given_another_multiplier_is_refused(pair, tmp_path, capsys):
     folder, dit, _ = pair
     status, _, err = run_main(merge_lora.main, ["--dit", dit, "--device", "cpu", "--lora_weight", folder / "mine.safetensors",

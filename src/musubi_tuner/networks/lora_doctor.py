@@ -20,7 +20,8 @@ from musubi_tuner.hunyuan.config import DiTConfig
 from musubi_tuner.networks.lora_consumers import CONSUMER_TITLES, CONSUMERS, coverage, model_for
 from musubi_tuner.networks.lora_coverage import Coverage
 from musubi_tuner.networks.lora_inspect import LoRAInspection, inspect_lora, summary_lines
-from musubi_tuner.networks.lora_reader import kohya_state_dict, other_state_dict, read_lora_file
+from musubi_tuner.networks.lora_reader import (check_usable, kohya_state_dict, other_state_dict, read_lora_contents,
+                                               same_update)
 from musubi_tuner.networks.lora_metadata import base_mismatch, base_model_kind
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,14 @@ def diagnose(path: str | os.PathLike, consumers=CONSUMERS, dit: str | os.PathLik
     if ins.info.companion:
         companion_file = ins.path.parent / ins.info.companion
         if companion_file.is_file():
-            try:
-                candidates.append((str(companion_file), read_lora_file(companion_file)[0]))
+            try:  # recommended only when usable and the same LoRA (a NaN one, or another LoRA copied over it, was)
+                companion = read_lora_contents(companion_file)
+                check_usable(str(companion_file), companion)
+                if not same_update(ins.contents, companion):
+                    raise UserError(f"{companion_file}: it changes the DiT differently from {ins.path.name}: another LoRA")
+                candidates.append((str(companion_file), companion.tensors))
             except UserError as e:  # a damaged companion: the file itself is still diagnosed
-                diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, which cannot be read: {e}")
+                diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, which cannot be used: {e}")
         else:
             diagnosis.warnings.append(f"the metadata names a companion file {ins.info.companion}, but it is not beside {ins.path.name}")
     foreign = ins.info.other_model  # another model's LoRA: this toolkit refuses it, and converts it to nothing

@@ -19,7 +19,7 @@ import torch
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import remove_leftover_temp_files, save_safetensors
 from musubi_tuner.networks.lora_naming import module_template
-from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict, kohya_to_other, read_lora
+from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict, kohya_to_other, read_lora, read_lora_contents, same_update
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ def companion_copies(paths: Sequence[str | os.PathLike]) -> dict[Path, Path]:
     each naming the other in its metadata (`musubi_tuner.companion`): a pair is two files of which one's metadata names
     the other, or `NAME.safetensors` and its `companion_path`. Of a pair, the companion is the file in the other naming
     (`musubi_tuner.lora_naming`), else the `.comfyui` one. Every command that takes several LoRA files applies or
-    averages each LoRA once by leaving the companions out (networks.merge.lora_jobs, networks.post_hoc_ema.order_files)."""
+    averages each LoRA once by leaving the companions out (networks.merge.lora_jobs, networks.post_hoc_ema.order_files).
+    A pair by name whose files change the DiT differently (lora_reader.same_update) is not a pair: both are used, with
+    a warning (a file another LoRA was copied over, say)."""
     from musubi_tuner.files import read_safetensors_header
     from musubi_tuner.networks.lora_metadata import LoRAFileInfo
 
@@ -85,10 +87,16 @@ def companion_copies(paths: Sequence[str | os.PathLike]) -> dict[Path, Path]:
     infos = {p: LoRAFileInfo.from_metadata(read_safetensors_header(p)[1], str(p)) if p.suffix == ".safetensors" else LoRAFileInfo()
              for p in given.values()}
     copies: dict[Path, Path] = {}
+    compared: set[frozenset[Path]] = set()
     for p, info in infos.items():
         for named in filter(None, (info.companion and p.parent / info.companion, companion_path(p))):
             q = given.get(os.path.realpath(named))
-            if q is None or q == p or p in copies or q in copies:
+            if q is None or q == p or p in copies or q in copies or {p, q} in compared:
+                continue
+            compared.add(frozenset((p, q)))
+            if not same_update(read_lora_contents(p), read_lora_contents(q)):
+                logger.warning("%s and %s are named as one LoRA in two namings, but change the DiT differently: both are "
+                               "used", p, q)
                 continue
             other_naming = [f for f in (p, q) if infos[f].naming == "other"]
             copy = other_naming[0] if len(other_naming) == 1 else q if q.name.endswith(COMPANION_SUFFIX) else p

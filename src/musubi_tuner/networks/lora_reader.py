@@ -259,6 +259,35 @@ def read_lora_contents(path: str | os.PathLike) -> LoRAContents:
     return parse_lora(weights, metadata, str(path), peft_config(path))
 
 
+def same_update(a: LoRAContents, b: LoRAContents, tolerance: float = 1e-2) -> bool:
+    """Whether two files change the same parameters alike (to the rounding of 16-bit weights and a folded alpha): the
+    pair a `--lora_format both` training writes is one LoRA in two namings, and a file only named like its companion
+    is not. Each parameter's change is compared through one random probe (its update times a vector), which forms no
+    update for a LoRA pair."""
+
+    def probes(contents: LoRAContents) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for patch in contents.patches:
+            if patch.kind in ("diff_b", "set"):
+                probe = patch.tensor.double().flatten()
+            else:
+                columns = math.prod(patch.shape[1:])
+                v = torch.randn(columns, 1, generator=torch.Generator().manual_seed(columns), dtype=torch.float64)
+                if patch.kind == "lora":
+                    up, down = (t.double().flatten(1) for t in (patch.up, patch.down))
+                    probe = (up @ (down @ v)).flatten() * patch.scale
+                else:
+                    probe = (patch.delta(patch.shape).double().flatten(1) @ v).flatten()
+            out[patch.param] = out[patch.param] + probe if patch.param in out else probe
+        return out
+
+    pa, pb = probes(a), probes(b)
+    if pa.keys() != pb.keys():
+        return False
+    return all(pa[k].shape == pb[k].shape and bool((pa[k] - pb[k]).norm() <= tolerance * max(pa[k].norm(), pb[k].norm()) + 1e-12)
+               for k in pa)
+
+
 def check_model(source: str, metadata: dict[str, str]) -> None:
     """Refuse a LoRA whose metadata names another model family (networks.lora_metadata.other_model)."""
     other = other_model(metadata)
