@@ -124,8 +124,12 @@ def test_sigma_rel_is_the_power_function_ema_of_the_paper(checkpoints, tmp_path,
 
 def test_companions_beside_their_kohya_files_are_left_out(checkpoints, tmp_path, capsys):
     paths, saves = checkpoints
-    for p in paths:  # what `out/run-step*.safetensors` matches after a --lora_format both run
-        save_file({"diffusion_model.x.lora_A.weight": torch.zeros(1, 1)}, str(p.with_name(p.name.replace(".safetensors", ".comfyui.safetensors"))))
+    from musubi_tuner.networks.lora_reader import kohya_to_other
+
+    for p in paths:  # what `out/run-step*.safetensors` matches after a --lora_format both run: each LoRA in the other naming
+        sd = load_file(str(p))
+        other = {**kohya_to_other({k: v for k, v in sd.items() if k.startswith("lora_unet_")}), "counter": sd["counter"]}
+        save_file(other, str(p.with_name(p.name.replace(".safetensors", ".comfyui.safetensors"))))
     out = tmp_path / "ema.safetensors"
     assert run([*sorted(tmp_path.glob("run-step*.safetensors")), "--output_file", out], capsys)[0] == 0
     check(out, saves, [0.95] * 3)
