@@ -158,3 +158,13 @@ def test_lora_info_shows_naming_ranks_modules_norms_and_settings(tmp_path, capsy
     lora_info.main([str(tmp_path / "mine.comfyui.safetensors"), "--json"])
     assert json.loads(capsys.readouterr().out)["block_norms"] == pytest.approx(kohya_norms)  # same update in either naming
     assert report["info"]["resolutions"] == [[960, 544]] and report["ranks"] == [4]
+    # the same file carrying a PEFT lora_alpha: that alpha is applied (scale 8 / 4), not the metadata's folded 2
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    companion = tmp_path / "mine.comfyui.safetensors"
+    with safe_open(str(companion), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(companion)), str(tmp_path / "peft.safetensors"), metadata={**meta, "lora_adapter_metadata": '{"lora_alpha": 8}'})
+    lora_info.main([str(tmp_path / "peft.safetensors")])
+    assert "modules    20 in 4 blocks, rank 4, alpha 8\n" in capsys.readouterr().out

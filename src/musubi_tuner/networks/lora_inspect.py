@@ -177,7 +177,9 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
     if ins.modules:
         blocks = {m.block for m in ins.modules}
         alphas = _fmt_values(ins.alphas)
-        if ins.naming == "other" and info.modules:  # the scale is folded into the weights; the metadata has the trained values
+        folded = ins.contents is not None and not any(p.alpha is not None for p in ins.contents.patches if p.kind in ADAPTERS)
+        if ins.naming == "other" and info.modules and folded:  # our LoRA pairs' scale is in the weights; the metadata has
+            # the trained values (a LoHa's or LoKr's .alpha entries, or PEFT's lora_alpha, are what is applied: shown as such)
             alphas = f"{_fmt_values(sorted({a for _, a in info.modules.values()}))} (folded into the weights)"
         pairs = [m for m in ins.modules if m.kind == "lora"]
         lines.append(f"  modules    {len({m.path for m in ins.modules})} in {len(blocks)} blocks, rank {_fmt_values(ins.ranks)}, alpha {alphas}")
