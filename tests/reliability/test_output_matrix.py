@@ -60,11 +60,11 @@ def state_written_through_link(tmp: Path) -> None:
     assert not leftovers(tmp / "out") and not leftovers(tmp / "big")
 
 
-def latent_file(path: Path, shape, dtype: str = "float32") -> Path:
+def latent_file(path: Path, shape, dtype: str = "float32", metadata: dict | None = None) -> Path:
     from safetensors.torch import save_file
     import torch
 
-    save_file({"latent": torch.zeros(shape, dtype=getattr(torch, dtype))}, str(path))
+    save_file({"latent": torch.zeros(shape, dtype=getattr(torch, dtype))}, str(path), metadata=metadata)
     return path
 
 
@@ -319,6 +319,12 @@ CASES = [
                        "--image_path", str(write(t / "first.png", NOISE)),
                        "--latent_path", str(latent_file(t / "saved.safetensors", (16, 1, 4, 4)))], None,
          warning=r"--image_path: not used with --latent_path, which only decodes the saved latents"),
+    Case("generate-latent-whose-seed-is-a-path-writes-inside-the-save-path", "hv_generate_video",
+         lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--prompt", "a cat",
+                       "--latent_path", str(latent_file(t / "saved.safetensors", (16, 1, 4, 4), metadata={"seeds": "/../../escaped"}))],
+         None, warning=r"the latent's metadata gives seeds = '/\.\./\.\./escaped', which is no seed: the output is named with seed 0",
+         then=lambda a, t, err, out: [p.name for p in t.rglob("*.mp4")] == [p.name for p in (t / "videos").glob("*_0_0.mp4")] != []
+         or pytest.fail(f"{sorted(t.rglob('*.mp4'))}")),
     Case("generate-prompt-not-utf-8", "hv_generate_video", lambda a, t: replaced(generate_argv(a, t), "--prompt", "a cat \udcff\udcfe"),
          r"--prompt is not UTF-8 text \(byte 0xff at character 7\)", then=nothing_generated),
     Case("generate-negative-prompt-not-utf-8", "hv_generate_video",

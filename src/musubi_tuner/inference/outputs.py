@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from PIL import Image
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile, atomic_folder, atomic_write, save_safetensors
 
+logger = logging.getLogger(__name__)
 
 # what generation names its outputs: a time_flag, the batch index, the seed; a video, a latent, or a folder of frames
 OUTPUT_NAME = re.compile(r"\d{8}-\d{6}-\d{3}_0_-?\d+(?:\.mp4|_latent\.safetensors)?")
@@ -102,11 +104,21 @@ class NonFinitePixels(UserError):
     pass
 
 
+def _seed_in_name(meta: dict[str, str]) -> str:
+    """The seed an output's file name carries: the metadata's `seeds` (a --latent_path file's, which anyone may have
+    written) when it is one, else 0, said: text such as `../../x` or a `/` put the output outside --save_path."""
+    seed = meta.get("seeds", "0")
+    if re.fullmatch(r"-?\d{1,20}", seed):
+        return seed
+    logger.warning("the latent's metadata gives seeds = %r, which is no seed: the output is named with seed 0", seed[:80])
+    return "0"
+
+
 def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folder: Path, stamp: str | None = None) -> list[Path]:
     from musubi_tuner.data.media import write_video
 
     frames = decode_to_frames(vae, latent)
-    seed = meta.get("seeds", "0")
+    seed = _seed_in_name(meta)
     stem = f"{stamp or free_stamp(folder, seed)}_0_{seed}"
     saved = []
     if args.output_type in ("video", "both"):
