@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from musubi_tuner.cli import Parser, compute_dtype, count, frames_4n1, real, seed
+from musubi_tuner.cli import Parser, compute_dtype, count, embedded_guidance, frames_4n1, real, seed
 from musubi_tuner.errors import UserError
 
 COMMANDS = {  # module: where its parser is built
@@ -55,6 +55,8 @@ def test_help_shows_defaults_that_matter():
     (real(), "inf", "inf: not a finite number"),
     (real(), "1e308", "1e308: past the range of float32 numbers (±3.4e+38)"),  # was a traceback where torch took it
     (real(above=0), "-4e38", "-4e38: past the range of float32 numbers (±3.4e+38)"),
+    # the DiT embeds it times 1000: 1e38 passed and was a traceback at the first denoising step (training: at its first sample)
+    (embedded_guidance(), "1e38", "1e38: must be between 0 and 3.40282e+35 (the DiT embeds it times 1000, a float32)"),
     (seed(32), str(2**32), f"{2**32}: must be between 0 and {2**32 - 1}, 2^32-1"),
     (frames_4n1, "6", "6 is not 4N+1 (try 5 or 9)"),
     (frames_4n1, "0", "0: must be at least 1 (4N+1: 1, 5, 9, ...)"),

@@ -151,6 +151,11 @@ def far_from_usual(settings) -> str | None:
     return f"{' and '.join(far)}, far from the usual, may be the cause" if far else None
 
 
+def embedded_guidance():
+    """--embedded_cfg_scale (and a sample prompt's --g): the DiT embeds it times 1000 in float32, so at most 3.4e35."""
+    return real(0, FLOAT32_MAX / 1000, what=" (the DiT embeds it times 1000, a float32)")
+
+
 def network_dim():
     """--network_dim: a rank the DiT's layers can hold (the trainer's and the planner's flag)."""
     return count(1, 2**20, " (HunyuanVideo's layers are 3,072 wide at the narrowest side: a higher rank adds nothing but memory)")

@@ -37,6 +37,7 @@ def test_bad_option_names_the_line(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("a cat --d 99999999999999999999999", r"line 1: --d 99999999999999999999999: must be between 0 and 18446744073709551615, 2\^64-1"),
     ("a cat --s -5", r"line 1: --s -5: must be between 1 and 1000"),
+    ("a cat --g 1e38", r"line 1: --g 1e38: must be between 0 and 3.40282e\+35"),
     ("a cat --g nan", r"line 1: --g nan: not a finite number"),
     ("a cat --fs 0", r"line 1: --fs 0: must be greater than 0"),
     ("a cat --w 0", r"line 1: --w 0: must be between 1 and 8192"),

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, count, real, seed
+from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, count, embedded_guidance, real, seed
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import read_small_file, require_file
 
@@ -56,7 +56,7 @@ def _text(value: str) -> str:
 # the file is read, before the model loads, not when the first sample runs
 _OPTIONS = {"w": ("width", count(1, MAX_PIXELS)), "h": ("height", count(1, MAX_PIXELS)), "f": ("frames", count(1, MAX_FRAMES)),
             "d": ("seed", seed(64)),
-            "s": ("steps", count(1, 1000)), "g": ("guidance", real(0)), "fs": ("flow_shift", real(above=0)),
+            "s": ("steps", count(1, 1000)), "g": ("guidance", embedded_guidance()), "fs": ("flow_shift", real(above=0)),
             "l": ("cfg_scale", real(0)), "n": ("negative_prompt", _text), "i": ("image_path", _text)}
 _IGNORED = {"ei", "cn", "ci", "of"}  # options of other architectures
 
