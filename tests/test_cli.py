@@ -6,6 +6,7 @@ import argparse
 import importlib
 
 import pytest
+import torch
 
 from musubi_tuner.cli import Parser, compute_dtype, count, embedded_guidance, frames_4n1, real, seed
 from musubi_tuner.errors import UserError
@@ -130,3 +131,26 @@ def test_blocks_to_swap_0_means_none_as_in_musubi_tuner(command):
     assert action.type("0") == 0  # falsy: the command builds no BlockSwap
     with pytest.raises(argparse.ArgumentTypeError):
         action.type("-1")
+
+
+class _ItemsWhoseCacheIsGone(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise UserError("/data/cache/a_hv.safetensors: cache file not found; run the caching commands again")
+
+
+def test_an_error_a_data_loader_worker_meets_is_the_commands_one_line(capsys):
+    """torch raises a worker's error again in the training process, its message a traceback ("Caught UserError in
+    DataLoader worker process 0. Original Traceback ..."): a cache deleted mid-run was one line with no workers and a
+    traceback with two."""
+    from musubi_tuner.errors import run_cli
+
+    def main(argv):
+        list(torch.utils.data.DataLoader(_ItemsWhoseCacheIsGone(), batch_size=None, num_workers=1))
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: /data/cache/a_hv.safetensors: cache file not found; run the caching commands again\n"

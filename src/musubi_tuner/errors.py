@@ -165,7 +165,7 @@ def _run(main, argv, memory_advice: str, streams: list) -> None:
     except UserError as e:
         if debug_requested(argv):
             raise
-        _fail(str(e), shared=isinstance(e, SharedError))
+        _fail(_without_worker_traceback(str(e), type(e).__name__), shared=isinstance(e, SharedError))
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         message = out_of_memory(e)
         if message is not None and not debug_requested(argv):
@@ -185,6 +185,15 @@ def _run(main, argv, memory_advice: str, streams: list) -> None:
         if e.filename is None or debug_requested(argv):
             raise
         _fail(f"{e.filename}: {e.strerror or e} (--debug shows where)")
+
+
+def _without_worker_traceback(message: str, name: str) -> str:
+    """A data-loader worker's error as its own message: torch raises it again in the training process as the same class
+    with "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last): ..." (a cache
+    deleted mid-run was a traceback with 2 workers and one line with none)."""
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message and f"{name}: " in message:
+        return message.rsplit(f"{name}: ", 1)[1].strip()
+    return message
 
 
 class Terminated(KeyboardInterrupt):
