@@ -170,6 +170,9 @@ def _run(main, argv, memory_advice: str, streams: list) -> None:
         message = out_of_memory(e)
         if message is not None and not debug_requested(argv):
             _fail(f"{message}{'; ' + memory_advice if memory_advice else ''} (--debug shows where)")
+        message = worker_ended(e)
+        if message is not None and not debug_requested(argv):
+            _fail(message)
         message = lost_peer(e)
         if message is None or debug_requested(argv):
             raise
@@ -386,6 +389,22 @@ def lost_peer(e: BaseException) -> str | None:
                 "(training waits --ddp_timeout minutes; otherwise PyTorch's default, 30 minutes with gloo, 10 with NCCL)")
     return ("another process of this run stopped or lost its connection; its own error, if it printed one, is above, "
             "and the launcher's summary names the process")
+
+
+def worker_ended(e: BaseException) -> str | None:
+    """A data-loader worker that ended under the training, in a line, or None when `e` is not that: torch raises
+    "DataLoader worker (pid 123) is killed by signal: Killed." or "... exited unexpectedly", a traceback."""
+    import re
+
+    found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (is killed by signal: (\w+)|exited unexpectedly"
+                      r"(?: with exit code (\d+))?)", str(e))
+    if found is None:
+        return None
+    pids, _, signal_name, code = found.groups()
+    how = (f"was killed ({signal_name}{': the kernel ends processes so when the host is out of memory' if signal_name == 'Killed' else ''})"
+           if signal_name else f"ended{f' with status {code}' if code else ''} (its reason is the line above, when it could give one)")
+    return (f"a data-loader worker (pid {pids.strip()}) {how}; --max_data_loader_n_workers 0 loads the batches in the "
+            "training process")
 
 
 def out_of_memory(e: BaseException) -> str | None:

@@ -358,6 +358,13 @@ CASES = [
     Case("train-far-flow-shift-that-does-not-overflow-is-said-before-the-work", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--discrete_flow_shift", "1e6", "--max_train_steps", "1"), None,
          warning=r"--discrete_flow_shift 1e\+06, far from the usual, may be the cause of a NaN loss or of a LoRA that learns nothing"),
+    Case("train-batch-that-cannot-pass-through-shared-memory-stops-the-run", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--max_data_loader_n_workers", "2"),
+         r"a data-loader worker \(pid [\d, ]+\) ended \(its reason is the line above, when it could give one\); "
+         r"--max_data_loader_n_workers 0 loads the batches in the training process",
+         warning=r"a data-loader worker could not hand a batch over to the training process through shared memory \(.*File "
+                 r"too large.*\); free space in /dev/shm",  # (a full /dev/shm fails alike: the run waited forever for the batch)
+         file_size_limit=lambda a, t: 1024),
     Case("train-learning-rate-not-a-number", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--learning_rate", "nan"),
          r"--learning_rate nan: not a finite number"),
     Case("train-network-args-not-a-list", "hv_train_network",

@@ -580,6 +580,27 @@ def _end_when_the_parent_says(stops: set, parent: int) -> None:
             os._exit(0)  # (asked: nothing for the training process to report)
 
 
+def _start_worker(worker_id: int) -> None:
+    _leave_stops_to_the_training(worker_id)
+    _end_when_a_batch_cannot_be_handed_over()
+
+
+def _end_when_a_batch_cannot_be_handed_over() -> None:
+    """A worker hands each batch over through shared memory (/dev/shm). When that fails (a full or small /dev/shm, the
+    64 MB of a container by default; a file-size limit), the queue's feeder thread printed a traceback and dropped the
+    batch, and the training process waited for it forever. The worker now says why in one line and ends, which the
+    training process reports (errors.worker_ended) instead of waiting."""
+    import multiprocessing.queues
+
+    def failed(error: Exception, obj) -> None:  # (a log line: the training process's error line follows it)
+        logger.error(f"a data-loader worker could not hand a batch over to the training process through shared memory "
+                     f"({error}); free space in /dev/shm (a container's is often 64 MB: docker run --shm-size 8g) or load the "
+                     "batches in the training process with --max_data_loader_n_workers 0")
+        os._exit(3)
+
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(failed)
+
+
 def _quiet_about_a_stopped_receiver(report):
     """A worker hands each batch's tensors over as file descriptors, which the training process fetches from the
     worker's resource-sharer thread. A training process stopped mid-fetch drops the connection, and that thread reported
@@ -641,6 +662,6 @@ def make_dataloader(dataset: TrainingDataset, *, num_workers: int = 0, persisten
     # Its own generator: a DataLoader otherwise draws a worker seed from the global RNG at every epoch,
     # which would shift the training noise after a resume.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_no_collate, worker_init_fn=_leave_stops_to_the_training,
+        dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_no_collate, worker_init_fn=_start_worker,
         persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory, generator=torch.Generator())
     return loader, sampler
