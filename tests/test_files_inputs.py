@@ -369,3 +369,30 @@ def test_a_size_just_past_the_limit_and_a_name_with_a_trailing_space_are_told_pl
     (tmp_path / "images" / "x.png").write_bytes(b"")
     with pytest.raises(UserError, match=r"images\\x\.png: image not found \(with / for \\ it exists: write the path with /\)$"):
         require_file(f"{tmp_path}/images\\x.png", "image")  # (a JSONL written on Windows)
+
+
+def test_a_limit_of_the_machine_is_named_as_such_not_blamed_on_the_file(tmp_path):
+    """Out of file descriptors (ulimit -n) while torch loaded the VAE, the VAE was "truncated or a different format";
+    videos the decoder had no threads for were each "not a readable video" and skipped, and the run ended well."""
+    import errno
+    import resource
+
+    from musubi_tuner.errors import MachineLimit, limit_met
+
+    path = tmp_path / "vae.pt"
+    path.write_bytes(b"x")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # the next descriptor is past the limit
+    try:
+        with pytest.raises(OSError) as met:
+            open(path, "rb")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert met.value.errno == errno.EMFILE
+    limit = limit_met(path, met.value)
+    assert isinstance(limit, MachineLimit) and str(limit) == (
+        f"{path}: cannot be read now (Too many open files): a limit of this process or machine (memory, threads or open "
+        "files: ulimit -v, -u, -n), not the file")
+    assert limit_met(path, FileNotFoundError(errno.ENOENT, "No such file or directory")) is None  # the file's own: not a limit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -15,6 +16,25 @@ class UserError(Exception):
     The message is printed as a single line without a traceback; it should name the file or flag,
     say what is wrong and, where there is one, the fix.
     """
+
+
+class MachineLimit(UserError):
+    """A limit of this process or machine met while reading an input (no memory, threads or file descriptors left):
+    not the input's fault, so it stops the run instead of failing the item (`limit_met` makes one)."""
+
+
+# errno values that are the machine's, not the file's: no thread could start, no memory, no file descriptor left
+LIMIT_ERRNOS = (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+
+
+def limit_met(path, error: BaseException) -> MachineLimit | None:
+    """A MachineLimit naming `path` and what ran out, when `error` (an OSError or a library's error with an errno) is one
+    of the machine's limits; None otherwise."""
+    if getattr(error, "errno", None) not in LIMIT_ERRNOS:
+        return None
+    reason = getattr(error, "strerror", None) or os.strerror(error.errno)
+    return MachineLimit(f"{path}: cannot be read now ({reason}): a limit of this process or machine (memory, threads or open "
+                        "files: ulimit -v, -u, -n), not the file")
 
 
 class SharedError(UserError):
@@ -418,15 +438,24 @@ def out_of_memory(e: BaseException) -> str | None:
     text = str(e)
     cuda = type(e).__name__ == "OutOfMemoryError" or re.search(r"CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|"
                                                                 r"CUDNN_STATUS_(?:ALLOC_FAILED|NOT_ENOUGH_WORKSPACE)", text)
-    host = isinstance(e, MemoryError) or "can't allocate memory" in text
+    # (oneDNN's convolutions say "could not create a primitive" when their workspace cannot be allocated: under a memory
+    # limit, the VAE's first convolution failed so, a traceback)
+    host = isinstance(e, MemoryError) or "can't allocate memory" in text or text.strip() == "could not create a primitive"
     if not (cuda or host):
         return None
     on_cpu = re.search(r"tried to allocate (\d+) bytes", text)
     on_gpu = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
-    size = f"{int(on_cpu.group(1)) / 2**30:.2f} GiB" if on_cpu else on_gpu.group(1) if on_gpu else ""
+    size = _bytes_in_words(int(on_cpu.group(1))) if on_cpu else on_gpu.group(1) if on_gpu else ""
     card = re.search(r"GPU (\d+) has a total capacity of ([\d.]+ [KMGT]iB) of which ([\d.]+ (?:[KMGT]iB|bytes)) is free", text)
     return (f"out of {'GPU' if cuda else 'host'} memory" + (f": an allocation of {size} failed" if size else "")
             + (f" (GPU {card[1]} holds {card[2]}, {card[3]} of it free)" if card else ""))
+
+
+def _bytes_in_words(n: int) -> str:
+    """2.00 GiB, 432.0 KiB: an allocation of 442368 bytes was "0.00 GiB"."""
+    if n >= 2**30 / 10:
+        return f"{n / 2**30:.2f} GiB"
+    return next((f"{n / size:.1f} {unit}" for unit, size in (("MiB", 2**20), ("KiB", 2**10)) if n >= size), f"{n} bytes")
 
 
 def usable_standard_streams() -> None:

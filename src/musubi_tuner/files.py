@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
-from musubi_tuner.errors import UserError, launched, stops_held
+from musubi_tuner.errors import UserError, launched, limit_met, out_of_memory, stops_held
 
 logger = logging.getLogger(__name__)
 
@@ -1237,6 +1237,11 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
             f"(it could run code when unpickled; {named[:160]})"
         ) from None
     except Exception as e:  # the weights-only unpickler meets a malformed stream with IndexError, KeyError, struct.error...
+        if out_of_memory(e) is not None:  # the machine's, not the file's: said as such by the command (errors.run_cli)
+            raise
+        limit = limit_met(path, e)
+        if limit is not None:  # (an open-file limit met while torch imports its own modules names one of those)
+            raise limit from None
         raise UserError(f"{path}: not a readable PyTorch {what} (truncated or a different format: "
                         f"{type(e).__name__}: {str(e)[:160]})") from None
 

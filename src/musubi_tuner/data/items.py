@@ -28,7 +28,7 @@ from musubi_tuner.data import cache_files, media
 from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
 from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import MachineLimit, UserError
 from musubi_tuner.files import read_safetensors_header, read_small_file, require_file, require_present, unwritable_name
 from musubi_tuner.tomlio import loads_json
 
@@ -464,6 +464,11 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
 
 
 def _failure_reason(item: SourceItem, error: BaseException) -> str:
+    """Why `item` failed, for the report; a limit of the machine (no threads or memory left to decode) is raised instead:
+    the item is not to blame, and every later one would fail alike (all the videos were 'not readable' and the run
+    ended well)."""
+    if isinstance(error, MachineLimit):
+        raise error
     if isinstance(error, UserError):
         return str(error)
     logger.debug("unexpected error reading %s", item.path, exc_info=error)

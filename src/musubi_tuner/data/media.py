@@ -22,7 +22,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, limit_met
 from musubi_tuner.files import atomic_write, require_file, write_error
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
@@ -162,10 +162,11 @@ def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
                 pixels = frame.to_ndarray(format="rgb24")
                 quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as np.rot90
                 yield np.ascontiguousarray(np.rot90(pixels, quarter_turns)) if quarter_turns else pixels
-    except av.FFmpegError as e:
-        raise UserError(f"{path}: not a readable video ({_reason(e)})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({_reason(e)})") from None
+    except (av.FFmpegError, OSError) as e:
+        limit = limit_met(path, e)
+        if limit is not None:
+            raise limit from None
+        raise UserError(f"{path}: {'not a readable video' if isinstance(e, av.FFmpegError) else 'cannot read'} ({_reason(e)})") from None
 
 
 def _folder_frames(folder: Path) -> Iterator[np.ndarray]:
