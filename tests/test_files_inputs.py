@@ -396,3 +396,21 @@ def test_a_limit_of_the_machine_is_named_as_such_not_blamed_on_the_file(tmp_path
         f"{path}: cannot be read now (Too many open files): a limit of this process or machine (memory, threads or open "
         "files: ulimit -v, -u, -n), not the file")
     assert limit_met(path, FileNotFoundError(errno.ENOENT, "No such file or directory")) is None  # the file's own: not a limit
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_tensor_got_from_a_mapped_file_is_its_own_so_a_rewrite_of_the_file_cannot_change_a_model(tmp_path, suffix, monkeypatch):
+    """Training on the CPU built the DiT on the file's own pages (a bf16 file read as bf16: no cast, no move, and
+    load_state_dict(assign=True)): rewriting the file mid-run killed it with SIGBUS, or changed its frozen weights, and
+    the NaN that followed was blamed on the learning rate."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(files, "MAPPED_FROM_BYTES", 2**16)  # (safetensors files from 512 MiB are mapped: a DiT's size)
+    path = tmp_path / f"dit{suffix}"
+    weights = {"w": torch.zeros(2**16, dtype=torch.bfloat16)}  # 128 KiB: mapped (a .pt in the zip format always is)
+    torch.save(weights, path) if suffix == ".pt" else save_file(weights, str(path))
+    t = StateDictFile(path).get("w", dtype=torch.bfloat16, device="cpu")
+    with open(path, "r+b") as f:  # rewritten in place, as `cp other.pt dit.pt` does
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\x7f" * 4096)
+    assert not t.any()

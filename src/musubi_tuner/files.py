@@ -1077,6 +1077,7 @@ class StateDictFile:
         self.what = what
         self.metadata: dict[str, str] = {}
         self._safe = None
+        self._pt_mapped = False
         self._offsets: dict[str, tuple[int, int]] = {}  # safetensors: absolute byte range per tensor, for read()
         self._tensors: dict[str, torch.Tensor] | None = None
         self._file = None
@@ -1097,6 +1098,7 @@ class StateDictFile:
         else:
             obj = load_torch_file(self.path, what)
             self._tensors = _find_state_dict(obj, subdict_keys, self.path, what)
+            self._pt_mapped = zipfile.is_zipfile(self.path)  # (load_torch_file maps the zip format; the legacy one it reads)
             self._entries = {k: (v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
         self._rename: dict[str, str] = {k: k for k in self._entries}
 
@@ -1133,10 +1135,15 @@ class StateDictFile:
             t = self._safe.get_tensor(real)
         else:
             t = self._tensors[real]
+        mapped = t if self._safe is not None and self._opened[0] > MAPPED_FROM_BYTES or self._pt_mapped else None
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         if device is not None:
             t = t.to(device)
+        if mapped is not None and t.data_ptr() == mapped.data_ptr() and t.numel():
+            # still the file's pages (no cast, no move): a model built on them (load_state_dict(assign=True)) died of
+            # SIGBUS, or trained on other weights, when the file was rewritten mid-run; memory of its own instead
+            t = t.clone()
         return t
 
     def read(self, key: str) -> torch.Tensor:
