@@ -404,6 +404,38 @@ def unwritable_name(path: str | os.PathLike) -> str | None:
     return None
 
 
+TRAIN_LOCK = ".musubi-train.lock"  # the lock a training run holds on its --output_dir (training.loop.take_output_lock)
+
+
+def lora_file_names(name: str) -> re.Pattern:
+    """The names of the LoRA files a run of --output_name `name` saves: final, per epoch, per step, each with its
+    .comfyui copy (and no other run's: "lora" is not "lora-big")."""
+    return re.compile(rf"{re.escape(name)}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors")
+
+
+def _refuse_a_running_training_s_name(out: Path, output_flag: str) -> None:
+    """An output named as a LoRA file a training running in its folder writes (lora_file_names) is refused: the two
+    runs replaced each other's files without a word (a checkpoint became a merged DiT, an average was replaced by the
+    next save). Other names beside its files (NAME-ema.safetensors) are the user's to choose."""
+    lock = out.parent / TRAIN_LOCK
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return  # no training there
+    try:
+        locked = _try_lock(fd, shared=True)
+        holder = _read_holder(fd)
+    finally:
+        os.close(fd)  # (releases what the probe took)
+    stem = holder.get("writes")
+    running = locked is False or (locked is None and _alive_here(holder))
+    if not running or not isinstance(stem, str) or holder.get("pid") == os.getpid():
+        return
+    if lora_file_names(stem).fullmatch(out.name):
+        raise UserError(f"{output_flag} {out}: a name of the training run writing into {out.parent} ({_describe(holder)}), "
+                        "which would replace it, or be replaced by it; choose another name, or wait for the run to end")
+
+
 def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mapping[str, Sequence]) -> None:
     """Before any work: the output's folder takes new files (require_writable_folder), its name leaves room for its
     temporary file's, and the output is none of the command's own inputs (the same file under any name or link):
@@ -412,6 +444,7 @@ def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mappi
     require_writable_folder(out.parent, output_flag)
     require_names_fit(out.parent, output_flag, out.name, [temporary_name(out.name)])
     output_target(out)  # (a link to a device or a FIFO, a link loop: said now, not after the work)
+    _refuse_a_running_training_s_name(out, output_flag)
     if not out.exists():
         return
     for flag, paths in inputs.items():
@@ -534,10 +567,11 @@ class RunLock:
     has no locks, a holder on this host whose pid is gone counts as stale too.
     """
 
-    def __init__(self, path: str | os.PathLike, what: str, flag: str):
+    def __init__(self, path: str | os.PathLike, what: str, flag: str, writes: str | None = None):
         self.path = Path(path)
         self.what = what  # "training run", "latent caching run", ...: how the holder is named to a second run
         self.flag = flag  # the flag that chooses the locked place, for the message
+        self.writes = writes  # the stem of the files the run writes there, for other commands' outputs (check_output_file)
         self._fd: int | None = None
         self._folder = os.path.abspath(self.path.parent)  # (the name it had when taken, whatever the working folder)
 
@@ -574,7 +608,7 @@ class RunLock:
                 logger.warning("%s: taking over the lock of a %s that did not finish (%s)",
                                                     self.path.parent, self.what, _describe(holder))
             try:
-                _write_holder(fd)
+                _write_holder(fd, self.writes)
             except OSError as e:  # a full disk or quota: the file goes as release() removes it, while still locked
                 _remove_quietly(self.path)
                 raise UserError(f"{self.path}: cannot write the lock file ({e.strerror or e}); check free space and "
@@ -770,13 +804,15 @@ def _read_holder(fd: int) -> dict:
         return {"unreadable": True}
 
 
-def _write_holder(fd: int) -> None:
+def _write_holder(fd: int, writes: str | None = None) -> None:
     import socket
     import sys
     import time
 
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:500]}
+    if writes:
+        holder["writes"] = writes
     os.lseek(fd, 0, os.SEEK_SET)
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(holder).encode())

@@ -25,7 +25,7 @@ from reliability_cases import (
 from helpers import free_port
 from musubi_tuner import files
 from musubi_tuner.errors import UserError
-from musubi_tuner.training.loop import TRAIN_LOCK
+from musubi_tuner.files import TRAIN_LOCK
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -170,6 +170,34 @@ def test_a_training_start_leaves_what_another_command_writes_into_its_output_fol
     assert result.code == 0, result.err[-2000:]
     assert (out / "tiny-ema.safetensors").read_bytes() == b"averaged"
     assert not own_leftover.exists() and others_leftover.exists()
+
+
+def test_an_output_named_as_a_running_training_s_lora_is_refused_and_another_name_beside_it_is_not(assets, tmp_path):
+    """merge_lora, lora_post_hoc_ema and convert_lora wrote onto a running training's own names: a checkpoint became a
+    merged DiT (its .comfyui copy left the training's), an average was replaced by the next save, without a word."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom musubi_tuner.files import TRAIN_LOCK, RunLock\n"
+                               "with RunLock(sys.argv[1] + '/' + TRAIN_LOCK, 'training run', '--output_dir', writes='tiny'):\n"
+                               "    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = {name: run_command("convert_lora", ["--input", str(assets.lora), "--output", str(out / name), "--target", "other"],
+                                     tmp_path) for name in ("tiny-step00000004.safetensors", "tiny.comfyui.safetensors")}
+        merged = run_command("merge_lora", ["--dit", str(assets.dit), "--lora_weight", str(assets.lora), "--save_merged_model",
+                                            str(out / "tiny.safetensors"), "--device", "cpu"], tmp_path)
+        beside = run_command("convert_lora", ["--input", str(assets.lora), "--output", str(out / "tiny-ema.safetensors"),
+                                              "--target", "other"], tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    for name, result in [*refused.items(), ("tiny.safetensors", merged)]:
+        assert result.code == 2 and re.fullmatch(
+            rf"error: --\S+ {re.escape(str(out / name))}: a name of the training run writing into {re.escape(str(out))} \(pid "
+            rf"{holder.pid} on .*\), which would replace it, or be replaced by it; choose another name, or wait for the run to end",
+            result.error_lines[0]), result.err[-2000:]
+        assert not (out / name).exists()
+    assert beside.code == 0 and (out / "tiny-ema.safetensors").is_file(), beside.err[-2000:]
 
 
 def test_output_cut_short_by_a_reader_ends_quietly(assets, tmp_path):

@@ -19,7 +19,7 @@ import torch
 from musubi_tuner.distributed import patient_wait
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError, stops_held
-from musubi_tuner.files import remove_folder, remove_leftover_temp_files, require_names_fit, temporary_name
+from musubi_tuner.files import lora_file_names, remove_folder, remove_leftover_temp_files, require_names_fit, temporary_name
 from musubi_tuner.networks.lora_metadata import lora_module_info
 from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
 from musubi_tuner.training.state import TrainProgress, save_state
@@ -98,11 +98,6 @@ def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format
         output_target(path)
     output_target(Path(output_dir) / f"{name}-state", folder=True)
 
-
-def lora_file_names(name: str) -> re.Pattern:
-    """The names of the LoRA files a run of --output_name `name` saves: final, per epoch, per step, each with its
-    .comfyui copy (and no other run's: "lora" is not "lora-big")."""
-    return re.compile(rf"{re.escape(name)}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors")
 
 
 class CheckpointSaver:

@@ -599,21 +599,18 @@ def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
     return broadcast_object_list([random.randint(0, 2**32 - 1)])[0]  # every process must shuffle and initialise alike
 
 
-TRAIN_LOCK = ".musubi-train.lock"
-
-
 def take_output_lock(args, accelerator, held: contextlib.ExitStack) -> None:
     """One training run per --output_dir: its state, step files and LoRAs would mix with another's. Held by the
     process of global rank 0 (the one that writes) until the run ends; the others learn whether it got it and stop
     with it when it did not: a process left waiting for it in a collective sees no signal, and the launcher killed it
     only half a minute later."""
     from musubi_tuner.distributed import broadcast_value
-    from musubi_tuner.files import RunLock
+    from musubi_tuner.files import TRAIN_LOCK, RunLock
 
     refusal = None
     if accelerator.is_main_process:
         try:
-            held.enter_context(RunLock(Path(args.output_dir) / TRAIN_LOCK, "training run", "--output_dir"))
+            held.enter_context(RunLock(Path(args.output_dir) / TRAIN_LOCK, "training run", "--output_dir", writes=args.output_name))
         except UserError as e:
             refusal = str(e)
     if accelerator.num_processes > 1:

@@ -37,7 +37,7 @@ class RunViews:
 
     @staticmethod
     def lora_files(folder: Path, name: str) -> list[Path]:
-        from musubi_tuner.training.checkpointing import lora_file_names
+        from musubi_tuner.files import lora_file_names
 
         own = lora_file_names(name)
         found = [p for p in folder.glob("*.safetensors") if own.fullmatch(p.name) and p.is_file()]
