@@ -36,6 +36,8 @@ def loads_toml(text: str, path: str | os.PathLike) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:  # (arrays or inline tables some hundreds deep: the parser recurses)
+        raise UserError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def loads_json(text: str) -> Any:

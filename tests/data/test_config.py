@@ -169,6 +169,8 @@ def test_resolution_without_bucketing_must_be_a_multiple_of_16(folders):
 
 def test_syntax_errors_and_unknown_files_name_the_file(folders):
     assert config_error(folders, "[general\n").startswith("dataset.toml: not valid TOML")
+    # arrays 500 deep: the parser recursed past Python's limit, a RecursionError traceback
+    assert config_error(folders, "x = " + "[" * 500 + "]" * 500 + "\n") == "dataset.toml: not valid TOML (nested too deeply)"
     with pytest.raises(UserError, match="dataset config not found"):
         load_dataset_config(folders / "nope.toml")
     with pytest.raises(UserError, match="must end in .toml or .json"):
