@@ -856,6 +856,20 @@ def _describe(holder: dict) -> str:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def expanded_path(value: str, at: str) -> Path:
+    """A path a user wrote in a file (a dataset config, a JSONL line) as a Path, `~` expanded, or a UserError naming
+    `at`: a NUL character, which no path can hold (a traceback where the path was first used), or a `~` that cannot be
+    expanded (HOME unset, or `~name` of no user)."""
+    if "\0" in value:
+        raise UserError(f"{at}: holds a NUL character (\\u0000), which no path can; remove it")
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        user = value[1:].split("/", 1)[0].split(os.sep, 1)[0]
+        why = f"no user named {user!r}" if user else "no HOME"
+        raise UserError(f"{at}: cannot expand ~ ({why}); write the full path") from None
+
+
 def require_file(path: str | os.PathLike, what: str = "file", flag: str | None = None, max_bytes: int | None = None) -> Path:
     """`path` as a Path, or a UserError (naming `flag` when given) that says why it cannot be read as a `what`: missing,
     a broken or looping link, a folder, not a regular file, or larger than `max_bytes`.

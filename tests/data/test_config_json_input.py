@@ -47,3 +47,25 @@ def test_a_jsonl_line_that_python_cannot_read_or_that_gives_a_key_twice_is_named
         list_items(dataset)
     assert str(info.value) == (f"items.jsonl:2: not a JSON object ({reason}) "
                                f"(dataset.toml: [[datasets]][0].image_jsonl_file)")
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"image_path": "a.png\\u0000", "caption": "a"}', '"a.png\\u0000": holds a NUL character (\\u0000), which no path can; '
+                                                        'remove it'),  # (a traceback when latent caching recorded it)
+    ('{"image_path": 5, "caption": "a"}', 'no "image_path" (image_path is 5, not a path)'),  # (it was there: not a string)
+    ('{"image_path": "~nouser_of_this_machine/a.png", "caption": "a"}',
+     '"~nouser_of_this_machine/a.png": cannot expand ~ (no user named \'nouser_of_this_machine\'); write the full path'),
+])
+def test_a_jsonl_path_no_file_can_have_is_named_with_its_line(folders, line, reason):
+    (folders / "items.jsonl").write_text(line + "\n")
+    (folders / "dataset.toml").write_text('[[datasets]]\nimage_jsonl_file = "items.jsonl"\ncache_directory = "cache"\n')
+    with pytest.raises(UserError) as info:
+        list_items(load_dataset_config("dataset.toml").datasets[0])
+    assert str(info.value) == f"items.jsonl:1: {reason} (dataset.toml: [[datasets]][0].image_jsonl_file)"
+
+
+def test_a_config_path_with_a_nul_character_is_named_not_a_traceback(folders):
+    """cache_directory = "c\u0000x" was a ValueError traceback (embedded null byte) where the folder was first used."""
+    text = '[general]\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "images"\ncache_directory = "c\\u0000x"\n'
+    assert config_error(folders, text) == ('dataset.toml: [[datasets]][0].cache_directory = "c\\u0000x": holds a NUL character '
+                                           '(\\u0000), which no path can; remove it')

@@ -592,10 +592,9 @@ def _resolve(value: str, config_path: Path, at: str) -> Path:
 
 
 def _expanded(value: str, at: str) -> Path:
-    try:
-        return Path(value).expanduser()
-    except RuntimeError:  # HOME unset, and a user without a passwd entry (some containers)
-        raise UserError(f"{at}: cannot expand ~ (no HOME); write the full path") from None
+    from musubi_tuner.files import expanded_path
+
+    return expanded_path(value, at)
 
 
 def _anchor(written: str, resolved: Path, config_path: Path) -> bool | None:

@@ -29,7 +29,7 @@ from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
 from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
 from musubi_tuner.errors import MachineLimit, UserError
-from musubi_tuner.files import read_safetensors_header, read_small_file, require_file, require_present, unwritable_name
+from musubi_tuner.files import expanded_path, read_safetensors_header, read_small_file, require_file, require_present, unwritable_name
 from musubi_tuner.tomlio import loads_json
 
 logger = logging.getLogger(__name__)
@@ -244,16 +244,18 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
             raise UserError(f"{jsonl}:{number}: not a JSON object ({reason}) {where}") from None
         if not isinstance(entry, dict):
             raise UserError(f"{jsonl}:{number}: not a JSON object {where}")
-        media_path = next((entry[k] for k in path_keys if k in entry), None)
+        key = next((k for k in path_keys if k in entry), path_keys[0])
+        media_path = entry.get(key)
         if not isinstance(media_path, str) or not media_path.strip():
-            raise UserError(f"{jsonl}:{number}: no \"{path_keys[0]}\" {where}")
+            given = "" if media_path is None else f" ({key} is {json.dumps(media_path)[:40]}, not a path)"
+            raise UserError(f"{jsonl}:{number}: no \"{path_keys[0]}\"{given} {where}")
         caption = entry.get("caption")
         if not isinstance(caption, str):
             raise UserError(f"{jsonl}:{number}: no \"caption\" string {where}")
         try:
-            path = _jsonl_media_path(media_path, jsonl)
-        except RuntimeError:  # "~" with HOME unset and a user without a passwd entry (some containers)
-            raise UserError(f"{jsonl}:{number}: {media_path!r}: cannot expand ~ (no HOME); write the full path {where}") from None
+            path = _jsonl_media_path(media_path, jsonl, f"{jsonl}:{number}: {json.dumps(media_path)}")
+        except UserError as e:  # (a NUL character, a ~ that cannot be expanded)
+            raise UserError(f"{e} {where}") from None
         items.append(SourceItem(path, cache_files.item_stem(path), jsonl_caption=caption))
     return items
 
@@ -261,9 +263,9 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
 MAX_JSONL_BYTES = 2**30  # a line per item: a million items with long captions
 
 
-def _jsonl_media_path(value: str, jsonl: Path) -> Path:
+def _jsonl_media_path(value: str, jsonl: Path, at: str) -> Path:
     """Relative to the current folder as musubi-tuner reads it, else (if only that exists) to the JSONL's folder."""
-    path = Path(value).expanduser()
+    path = expanded_path(value, at)
     if path.is_absolute() or os.path.exists(path) or not os.path.exists(jsonl.parent / path):  # (not raising: a name too long)
         return path
     return jsonl.parent / path
