@@ -168,6 +168,20 @@ def test_a_folder_named_like_a_video_is_its_frames_and_one_named_like_an_image_i
     assert report.failed == [(str(tmp_path / "images" / "f.png"), f"{tmp_path / 'images' / 'f.png'}: expected a file, found a folder")]
 
 
+def test_a_video_without_its_caption_fails_latent_caching_as_it_fails_text_caching(tmp_path):
+    """Its latents were cached without a word (the VAE's time spent) while text caching failed it: two verdicts on one
+    item, and training then dropped it."""
+    dataset = video_config(tmp_path)
+    add_video(tmp_path, "good")
+    add_video(tmp_path, "uncaptioned")
+    (tmp_path / "videos" / "uncaptioned.txt").unlink()
+    report = items.CacheReport()
+    batches = list(items.iter_latent_batches(dataset, report))
+    assert [i.source.stem for b in batches for i in b.items] == ["good"]
+    caption = tmp_path / "videos" / "uncaptioned.txt"
+    assert report.failed == [(str(tmp_path / "videos" / "uncaptioned.mp4"), f"{caption}: caption file not found (for uncaptioned.mp4)")]
+
+
 def test_videos_follow_enable_bucket_false_unlike_musubi_tuner(tmp_path):
     dataset = video_config(tmp_path)  # resolution 64x64, enable_bucket false
     add_video(tmp_path, "wide", size=(96, 48))

@@ -435,9 +435,10 @@ CASES = [
          then=summary_names(r"failed: .*broken\.png: broken symbolic link", r"failed: .*loop_a\.png: symbolic link loop",
                             r"failed: .*loop_b\.png: symbolic link loop")),
     # --- caches already on disk: deleted only when known to be superseded
-    Case("cache-latents-misspelt-caption-extension-keeps-caches", "cache_latents",
-         lambda a, t: cache_latents_argv(misspelt_caption_extension(a, t), a), None, keep=image_caches,
-         then=summary_names(r"skipped: .*image_0000\.png: no caption file image_0000\.tx")),
+    Case("cache-latents-misspelt-caption-extension-keeps-caches", "cache_latents",  # (its videos fail as in text caching)
+         lambda a, t: cache_latents_argv(misspelt_caption_extension(a, t), a),
+         r"no latent cache made: 2 item\(s\) could not be read \(listed above\)", keep=all_caches,
+         warning=r"skipped .*image_0000\.png: no caption file image_0000\.tx"),
     Case("cache-text-misspelt-caption-extension-keeps-caches", "cache_text_encoder_outputs",
          lambda a, t: cache_text_argv(misspelt_caption_extension(a, t), a),
          r"no text cache made: 2 item\(s\) could not be read \(listed above\)", keep=all_caches),

@@ -327,6 +327,8 @@ class _LatentLoader:
         self.selector = BucketSelector(dataset.resolution, dataset.enable_bucket, dataset.bucket_no_upscale)
 
     def __call__(self, item: SourceItem) -> _Loaded:
+        if item.caption_file is not None:  # a video without its caption: failed here as text caching fails it, before
+            item.read_caption()  # the VAE's time is spent (its latents were cached without a word, and never trained on)
         return self._video(item) if self.dataset.is_video else self._image(item)
 
     def _current(self, path: Path, provenance: dict[str, str], unrecorded: set[Path]) -> bool:
