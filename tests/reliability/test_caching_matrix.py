@@ -248,10 +248,10 @@ def no_cache_folder(folder):
     assert not (folder / "cache").exists(), sorted(map(str, (folder / "cache").rglob("*")))
 
 
-def jsonl_with_a_missing_image(a, tmp):
-    """A JSONL dataset whose second line names an image that is not there (a typo)."""
+def jsonl_with_a_missing_image(a, tmp, second=None):
+    """A JSONL dataset whose second line names an image that is not there (a typo), or `second`."""
     image = next((a.dataset.parent / "images").glob("*.png"))
-    write(tmp / "meta.jsonl", f'{{"image_path": "{image}", "caption": "a"}}\n{{"image_path": "{tmp / "typo.png"}", "caption": "b"}}\n')
+    write(tmp / "meta.jsonl", f'{{"image_path": "{image}", "caption": "a"}}\n{{"image_path": "{second or tmp / "typo.png"}", "caption": "b"}}\n')
     return write_toml(tmp, f'[[datasets]]\nimage_jsonl_file = "{tmp / "meta.jsonl"}"\ncache_directory = "{tmp / "cache"}"\n')
 
 
@@ -390,6 +390,10 @@ CASES = [
     Case("cache-text-jsonl-image-missing-is-reported", "cache_text_encoder_outputs",
          lambda a, t: cache_text_argv(jsonl_with_a_missing_image(a, t), a), None,
          then=summary_names(r"1 text caches cached, 0 already cached, 0 skipped, 1 failed", r"failed: .*typo\.png: image not found")),
+    Case("cache-text-jsonl-image-that-is-a-folder-is-reported", "cache_text_encoder_outputs",  # (it got a text cache)
+         lambda a, t: cache_text_argv(jsonl_with_a_missing_image(a, t, second=a.dataset.parent / "images"), a), None,
+         then=summary_names(r"1 text caches cached, 0 already cached, 0 skipped, 1 failed", r"failed: .*images: expected an image, "
+                            r"found a folder")),
     # --- flags
     Case("cache-latents-batch-size-zero", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a, "--batch_size", "0"),
          r"--batch_size 0: must be at least 1"),

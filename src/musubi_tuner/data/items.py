@@ -532,8 +532,9 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
     what = "video" if dataset.is_video else "image"
 
     def read(item: SourceItem) -> str:
-        if item.caption_file is None:  # a JSONL line's file: a typo is said here, not first by latent caching
-            require_present(item.path, what)
+        if item.caption_file is None:  # a JSONL line's file: a typo is said here, not first by latent caching (an image
+            # is a file; a video may be a folder of frames)
+            (require_present if dataset.is_video else require_file)(item.path, what)
         return item.read_caption()
 
     result = []
