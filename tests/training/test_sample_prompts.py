@@ -34,6 +34,26 @@ def test_bad_option_names_the_line(tmp_path):
         load_sample_prompts(f)
 
 
+def test_a_line_is_named_by_its_number_in_the_file_a_byte_order_mark_is_no_prompt_and_a_misspelt_key_is_said(tmp_path, caplog):
+    """Comment and blank lines were not counted ("line 2" was the fifth), Notepad's byte-order mark was kept in the first
+    prompt (or made a comment a prompt), and a misspelt `widht` in a TOML prompt table sampled at the default width
+    without a word."""
+    f = tmp_path / "p.txt"
+    f.write_text("# comment\n\na cat --w 64\n\nbad --zz 1\n")
+    with pytest.raises(UserError, match=r"p.txt: line 5: unknown option --zz"):
+        load_sample_prompts(f)
+    f.write_bytes(b"\xef\xbb\xbf# comment\na cat --w 64\n")
+    (cat,) = load_sample_prompts(f)
+    assert cat.prompt == "a cat"
+    j = tmp_path / "p.json"
+    j.write_bytes(b'\xef\xbb\xbf["a dog"]')
+    assert [p.prompt for p in load_sample_prompts(j)] == ["a dog"]
+    t = tmp_path / "p.toml"
+    t.write_text('[prompt]\nwidth = 64\n[[prompt.subset]]\nprompt = "a cat"\nwidht = 128\n')
+    (cat,) = load_sample_prompts(t)
+    assert cat.width == 64 and "p.toml: entry 1: 'widht' is not a sample prompt setting, ignored (did you mean width?)" in caplog.text
+
+
 @pytest.mark.parametrize("content, message", [
     ("a cat --d 99999999999999999999999", r"line 1: --d 99999999999999999999999: must be between 0 and 18446744073709551615, 2\^64-1"),
     ("a cat --s -5", r"line 1: --s -5: must be between 1 and 1000"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, count, embedded_guidance, real, seed
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.files import read_small_file, require_file
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,10 @@ def _value(parse, value, name: str, where: str):
         raise UserError(f"{where}: {name} {e}") from None
 
 
-def parse_line(line: str, index: int, source: str = "prompt file") -> SamplePrompt:
+def parse_line(line: str, index: int, source: str = "prompt file", line_number: int | None = None) -> SamplePrompt:
+    """The prompt of `line`, the `index`-th of its file; errors name the file's `line_number` (comment and blank lines
+    counted), else the prompt's number."""
+    where = f"{source}: line {line_number or index + 1}"
     parts = f" {line}".split(" --")  # (a line that starts with an option has no prompt text)
     fields: dict = {"index": index, "prompt": parts[0].strip()}
     for part in parts[1:]:
@@ -84,12 +87,15 @@ def parse_line(line: str, index: int, source: str = "prompt file") -> SampleProm
         if key in _IGNORED:
             continue
         if key not in _OPTIONS:
-            raise UserError(f"{source}: line {index + 1}: unknown option --{key} (known: {', '.join('--' + k for k in _OPTIONS)})")
+            raise UserError(f"{where}: unknown option --{key} (known: {', '.join('--' + k for k in _OPTIONS)})")
         if not value.strip():  # a `--n` with nothing after it, say: not taken as no negative prompt
-            raise UserError(f"{source}: line {index + 1}: --{key} needs a value")
+            raise UserError(f"{where}: --{key} needs a value")
         name, parse = _OPTIONS[key]
-        fields[name] = _value(parse, value.strip(), f"--{key}", f"{source}: line {index + 1}")
-    return SamplePrompt(**fields).normalised(f"{source}: line {index + 1}")
+        fields[name] = _value(parse, value.strip(), f"--{key}", where)
+    return SamplePrompt(**fields).normalised(where)
+
+
+_UNREAD_KEYS = ("enum",)  # what musubi-tuner adds to each prompt's table (its index): not warned about
 
 
 def _from_dict(d: dict, index: int, source: str) -> SamplePrompt:
@@ -104,6 +110,9 @@ def _from_dict(d: dict, index: int, source: str) -> SamplePrompt:
         if key in aliases:
             name = aliases[key]
             fields[name] = _value(domains.get(name, _text), value, key, f"{source}: entry {index + 1}")
+        elif key not in _UNREAD_KEYS:  # (a misspelt `widht` sampled at the default width without a word)
+            logger.warning("%s: entry %d: %r is not a sample prompt setting, ignored%s", source, index + 1, key,
+                           did_you_mean(key, aliases))
     if "prompt" not in fields:
         raise UserError(f"{source}: entry {index + 1} has no prompt")
     return SamplePrompt(**fields).normalised(f"{source}: entry {index + 1}")
@@ -125,7 +134,7 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         from musubi_tuner.tomlio import loads_json
 
         try:
-            entries = loads_json(read_small_file(path, what, flag).decode("utf-8"))
+            entries = loads_json(read_small_file(path, what, flag).decode("utf-8-sig"))  # (a byte-order mark: Notepad)
         except ValueError as e:  # (a UnicodeDecodeError is one): syntax, a key given twice, a huge integer, deep nesting
             raise UserError(f"{path}: not valid JSON ({str(e)[:160]})") from None
         if not isinstance(entries, list):
@@ -133,11 +142,11 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         prompts = [parse_line(e, i, str(path)) if isinstance(e, str) else _from_dict(e, i, str(path)) for i, e in enumerate(entries)]
     else:
         try:
-            lines = read_small_file(path, what, flag).decode("utf-8").splitlines()
+            lines = read_small_file(path, what, flag).decode("utf-8-sig").splitlines()  # (a byte-order mark: Notepad)
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text") from None
-        lines = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-        prompts = [parse_line(ln, i, str(path)) for i, ln in enumerate(lines)]
+        numbered = [(n, ln.strip()) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.strip().startswith("#")]
+        prompts = [parse_line(ln, i, str(path), line_number=n) for i, (n, ln) in enumerate(numbered)]
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts
