@@ -336,7 +336,8 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
         with tempfile.TemporaryFile(dir=folder):  # unnamed where the system can (O_TMPFILE): a kill leaves nothing
             pass
     except OSError as e:
-        raise UserError(f"{folder}: cannot write to this folder ({e.strerror or e}); fix its permissions or choose another {flag}") from None
+        raise UserError(f"{folder}: cannot write to this folder ({e.strerror or e}); {what_to_check(e, folder)}, or choose another "
+                        f"{flag}") from None
     return folder
 
 
@@ -472,6 +473,27 @@ def _default_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
+def what_to_check(err: OSError | str | None, folder: str | os.PathLike) -> str:
+    """The advice for a write into `folder` that failed with `err` (or its strerror, as a message quoted it): what the
+    error is about, not free space and permissions for every cause (a file-size limit, too many open files, a name
+    too long, a missing folder)."""
+    if isinstance(err, str):
+        number = next((n for n in errno.errorcode if os.strerror(n) == err), None)
+    else:
+        number = getattr(err, "errno", None)
+    return {errno.EFBIG: "the file is past this process's file-size limit (ulimit -f)",
+            errno.EMFILE: "this process has as many files open as it may (ulimit -n)",
+            errno.ENFILE: "the system has as many files open as it may",
+            errno.ENOSPC: f"free some space on the disk of {folder}",
+            errno.EDQUOT: f"free some of your disk quota, which {folder} counts against",
+            errno.EROFS: f"{folder} is on a read-only file system",
+            errno.EACCES: f"fix the permissions of {folder}",
+            errno.EPERM: f"fix the permissions of {folder}",
+            errno.ENAMETOOLONG: "the name is too long for the file system (255 bytes a name on most)",
+            errno.ENOENT: f"a folder on the way to {folder} does not exist",
+            }.get(number, f"check free space and permissions of {folder}")
+
+
 def write_error(path: Path, err: OSError) -> UserError:
     """Turn a failed write (full disk, read-only folder, a file where a folder must be) into a message that names the
     file."""
@@ -490,7 +512,7 @@ def write_error(path: Path, err: OSError) -> UserError:
         return UserError(f"{path}: cannot write: a folder has this name; move it away")
     if err.errno == errno.ENOENT and not path.parent.is_dir():
         return UserError(f"{path}: cannot write: its folder is gone (deleted or moved while the command ran)")
-    return UserError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions of {path.parent}")
+    return UserError(f"{path}: cannot write ({err.strerror or err}); {what_to_check(err, path.parent)}")
 
 
 class LazyTensors(Mapping):
@@ -594,7 +616,7 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise UserError(f"{self.path.parent}: cannot create the lock file {self.path.name} ({e.strerror or e}); "
-                            f"fix its permissions or choose another {self.flag}") from None
+                            f"{what_to_check(e, self.path.parent)}, or choose another {self.flag}") from None
         try:
             locked = _try_lock(fd)
             holder = _read_holder(fd)

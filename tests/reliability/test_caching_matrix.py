@@ -493,7 +493,7 @@ CASES = [
          then=summary_names(r"\n  failed: \S+/n{236}\.png: the name of its file n{40}\.\.\. is too long for \S+ \(with its "
                             r"temporary file's, \d+ bytes over the 255 a name may have\)", r"1 failed")),
     Case("cache-latents-full-disk", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
-         r"_hv\.safetensors: cannot write " + TOO_LARGE + r"; check free space and permissions of .*cache",
+         r"_hv\.safetensors: cannot write " + TOO_LARGE + r"; the file is past this process's file-size limit \(ulimit -f\)",
          keep=all_caches, file_size_limit=lambda a, t: first_cache(a, t).stat().st_size // 2),
     Case("cache-latents-read-only-folder", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
          r"ds/cache(/images)?: cannot .*" + READ_ONLY, keep=all_caches, read_only="ds/cache/images"),

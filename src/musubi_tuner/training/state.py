@@ -24,7 +24,7 @@ import torch
 
 from musubi_tuner.errors import SharedError, UserError, stops_held
 from musubi_tuner.files import (atomic_write, check_locks_still_held, load_torch_file, output_target, remove_folder, save_safetensors,
-                                save_torch)
+                                save_torch, what_to_check)
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,7 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
                             f"was writing)") from None
         named = re.search(r"cannot write \(([^)]*)\)", str(e))  # atomic_write's message names the file and the cause
         cause = e.strerror if isinstance(e, OSError) and e.strerror else named[1] if named else str(e)
-        raise UserError(f"{folder}: cannot write the training state ({cause}); check free space and permissions of "
-                        f"{folder.parent}{kept}") from None
+        raise UserError(f"{folder}: cannot write the training state ({cause}); {what_to_check(cause, folder.parent)}{kept}") from None
     wait()
 
 
