@@ -639,6 +639,7 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+        _LOCK_FDS.add(fd)
         _HELD_LOCKS.append(self)
 
     def still_held(self) -> bool:
@@ -652,6 +653,7 @@ class RunLock:
             return
         if self.still_held():  # (not another run's lock, taken in a folder put where ours was)
             _remove_quietly(self.path)  # while still locked: a waiting run then finds no file, or its own
+        _LOCK_FDS.discard(self._fd)
         os.close(self._fd)  # closing releases the OS lock
         self._fd = None
         if self in _HELD_LOCKS:
@@ -659,6 +661,23 @@ class RunLock:
 
 
 _HELD_LOCKS: list[RunLock] = []  # taken by this process, not yet released
+_LOCK_FDS: set[int] = set()  # the descriptors of every lock this process holds (RunLock, FolderUse)
+
+
+def close_inherited_locks() -> None:
+    """In a forked child (a data-loader worker): let go of the locks of the process that forked it. An OS file lock
+    belongs to the open file, which fork shares: workers that outlived their killed training by seconds kept its
+    folder locked, and a rerun was refused naming the dead process. (The child's copies forget them: it neither
+    releases nor removes them.)"""
+    for fd in _LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+    for lock in _HELD_LOCKS:
+        lock._fd = None
+    _HELD_LOCKS.clear()
 
 
 def check_locks_still_held(path: str | os.PathLike) -> None:
@@ -730,6 +749,7 @@ class FolderUse:
                 return locked is None  # None: a file system without locks
             if os.fstat(fd).st_ino == _inode(self.path):
                 self._fd = fd
+                _LOCK_FDS.add(fd)
                 return True
             os.close(fd)  # its last holder removed it meanwhile
 
@@ -739,6 +759,7 @@ class FolderUse:
             return
         if _try_lock(self._fd):  # no one else holds it: the file goes
             _remove_quietly(self.path)
+        _LOCK_FDS.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 

@@ -200,6 +200,31 @@ def test_an_output_named_as_a_running_training_s_lora_is_refused_and_another_nam
     assert beside.code == 0 and (out / "tiny-ema.safetensors").is_file(), beside.err[-2000:]
 
 
+def test_a_training_killed_with_its_data_loader_workers_alive_leaves_its_folder_free_at_once(assets, tmp_path):
+    """SIGKILL to the training process: its workers live on for seconds (torch's watchdog), and held its folder's lock,
+    which fork had shared with them; a rerun was refused naming the dead process. (Started as users start it: the
+    workers are forked from the training process.)"""
+    out = tmp_path / "out"
+    argv = train_argv(assets, out, "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers", "--max_train_steps", "100000")
+    run = subprocess.Popen([sys.executable, "src/musubi_tuner/hv_train_network.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{run.pid}/task/{run.pid}/children")
+    try:
+        deadline = time.monotonic() + 300
+        while len(children.read_text().split()) < 2:  # its two workers run
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        workers = [int(pid) for pid in children.read_text().split()]
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        assert any(Path(f"/proc/{pid}").exists() for pid in workers)  # (still there: the case this is about)
+        with files.RunLock(out / TRAIN_LOCK, "training run", "--output_dir"):  # taken over at once, not refused
+            pass
+    finally:
+        run.kill()
+        run.wait()
+
+
 def test_output_cut_short_by_a_reader_ends_quietly(assets, tmp_path):
     """`musubi-lora-info FILE | head -1`: the closed pipe ends the command without a BrokenPipeError traceback."""
     command = f"{sys.executable} src/musubi_tuner/lora_info.py {assets.lora} --json | head -1"

@@ -581,6 +581,9 @@ def _end_when_the_parent_says(stops: set, parent: int) -> None:
 
 
 def _start_worker(worker_id: int) -> None:
+    from musubi_tuner.files import close_inherited_locks
+
+    close_inherited_locks()
     _leave_stops_to_the_training(worker_id)
     _end_when_a_batch_cannot_be_handed_over()
 
