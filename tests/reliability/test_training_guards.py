@@ -249,12 +249,15 @@ def test_a_final_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_
     disk = 4096 + -(-(size + 48 * 1024) // 4096) * 4096
     out, elsewhere = tmp_path / "out", tmp_path / "tmp"
     elsewhere.mkdir()
+    earlier = elsewhere / "tiny-rescued-step00000003.safetensors"  # an earlier run's rescue of the same name and step
+    earlier.write_bytes(b"an earlier run's LoRA")  # (was replaced; another user's in a shared /tmp refused the write)
     result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi", "--max_train_steps", "3",
                                                         "--save_every_n_steps", "2"), tmp_path,
                          small_disk=(out, disk), env={"TMPDIR": str(elsewhere)})
     no_traceback(result)
     (line,) = result.error_lines
-    rescued = elsewhere / "tiny-rescued-step00000003.safetensors"
+    rescued = elsewhere / "tiny-rescued-step00000003-1.safetensors"
+    assert earlier.read_bytes() == b"an earlier run's LoRA"
     assert result.code == 2
     assert re.fullmatch(rf"error: \S+/out/tiny\.safetensors: cannot write .*No space left on device.*\. The trained LoRA is "
                         rf"saved as {re.escape(str(rescued))} instead: move it where it belongs", line), line

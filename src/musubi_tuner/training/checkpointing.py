@@ -271,7 +271,13 @@ class CheckpointSaver:
         from musubi_tuner.files import atomic_write, save_safetensors
 
         for folder in (Path(tempfile.gettempdir()), Path.home()):
-            rescue = folder / f"{self.name}-rescued-step{progress.global_step:08d}.safetensors"
+            # a name no file has (an earlier run's rescue of the same name and step, another user's in a shared /tmp,
+            # was replaced, or refused the write and the LoRA was lost): numbered past those there
+            stem = f"{self.name}-rescued-step{progress.global_step:08d}"
+            rescue = next((p for p in (folder / f"{stem}{f'-{n}' if n else ''}.safetensors" for n in range(1000))
+                           if not os.path.lexists(p)), None)
+            if rescue is None:
+                continue
             try:
                 with atomic_write(rescue) as staged:
                     save_safetensors(tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
