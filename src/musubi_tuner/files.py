@@ -485,7 +485,7 @@ def what_to_check(err: OSError | str | None, folder: str | os.PathLike) -> str:
             errno.EMFILE: "this process has as many files open as it may (ulimit -n)",
             errno.ENFILE: "the system has as many files open as it may",
             errno.ENOSPC: f"free some space on the disk of {folder}",
-            errno.EDQUOT: f"free some of your disk quota, which {folder} counts against",
+            getattr(errno, "EDQUOT", -1): f"free some of your disk quota, which {folder} counts against",  # (not on Windows)
             errno.EROFS: f"{folder} is on a read-only file system",
             errno.EACCES: f"fix the permissions of {folder}",
             errno.EPERM: f"fix the permissions of {folder}",
