@@ -267,9 +267,13 @@ def test_a_misspelt_key_is_named_before_the_errors_of_other_tables(tmp_path):
         load_dataset_config(toml, check_sources=False)
 
 
-def test_a_dataset_config_saved_with_a_byte_order_mark_reads_as_without(folders):
+@pytest.mark.parametrize("name", ["dataset.toml", "dataset.json"])  # (a .json one was "not valid JSON (Unexpected UTF-8 BOM)")
+def test_a_dataset_config_saved_with_a_byte_order_mark_reads_as_without(folders, name):
     """Windows' Notepad writes a UTF-8 BOM first; tomllib calls that an invalid statement at line 1."""
     path = write_config(folders, VIDEOS)
+    if name.endswith(".json"):
+        path = path.with_name(name)
+        path.write_text(json.dumps({"general": {"caption_extension": ".txt"}, "datasets": [{"video_directory": "videos"}]}))
     want = load_dataset_config(path).datasets
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert load_dataset_config(path).datasets == want

@@ -332,6 +332,8 @@ CASES = [
          r"--negative_prompt is not UTF-8 text \(byte 0xff at character 1\)", then=nothing_generated),
     Case("generate-prompt-blank", "hv_generate_video", lambda a, t: replaced(generate_argv(a, t), "--prompt", " \t "),
          r"--prompt is blank", then=nothing_generated),
+    Case("generate-prompt-empty-is-given-and-blank", "hv_generate_video", lambda a, t: replaced(generate_argv(a, t), "--prompt", ""),
+         r"--prompt is blank", then=nothing_generated),  # (an unset shell variable: it said "--prompt is required")
     Case("generate-video-size-beyond-any-machine", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--video_size", "100000", "100000"),
          r"--video_size 100000: at most 8192 pixels a side", then=nothing_generated),

@@ -345,7 +345,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if suffix != ".json":
         raise UserError(f"{path}: a dataset config must end in .toml or .json")
     try:
-        raw = loads_json(read_small_file(path, "dataset config").decode("utf-8"))
+        raw = loads_json(read_small_file(path, "dataset config").decode("utf-8-sig"))  # (a byte-order mark, as TOML reads one)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
     except ValueError as e:  # every problem loads_json has: syntax, a key given twice, a huge integer, deep nesting

@@ -50,9 +50,9 @@ def check_and_fill(args) -> None:
         if unused:
             logger.warning("%s: not used with --latent_path, which only decodes the saved latents", ", ".join(unused))
         return
-    if not args.prompt:
+    if args.prompt is None:
         raise UserError("--prompt is required")
-    if not args.prompt.strip():
+    if not args.prompt.strip():  # ("" too: given, and empty, as an unset shell variable gives it)
         raise UserError("--prompt is blank: give the text of the video")
     for flag in ("text_encoder1", "text_encoder2"):
         if not getattr(args, flag):
