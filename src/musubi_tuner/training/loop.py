@@ -30,7 +30,7 @@ from musubi_tuner.cli import far_from_usual
 from musubi_tuner.distributed import (GradientReducer, check_same_command_line, check_same_inputs, describe as describe_layout,
                                       make_layout)
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.errors import SharedError, UserError, launched as launched_processes, quieted
+from musubi_tuner.errors import SharedError, UserError, launched, quieted
 from musubi_tuner.files import StateDictFile, require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, compile_blocks, compile_errors, known_gradient_problem,
@@ -570,7 +570,7 @@ def plan_training(args):
     from musubi_tuner.planning.from_args import dry_run
     from musubi_tuner.planning.options import MAX_PLANNED_BATCH
 
-    rank, world = launched_processes()  # under a launcher: the layout and a --resume state checked as the run would, the plan printed once
+    rank, world = launched()  # under a launcher: the layout and a --resume state checked as the run would, the plan printed once
     if world > 1:  # (one process plans a run of several: a laptop planning a cluster's)
         check_training_processes(world, args.context_parallel)
     if world > 1 and args.resume and args.resume != "auto" and not args.resume_from_huggingface:
@@ -636,9 +636,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
 
     before_joining()
     accelerator = make_accelerator(args)
-    launched = launched_processes()[1]
-    if launched > 1 and accelerator.num_processes != launched:  # each process would train alone into the same files
-        raise SharedError(f"launched as {launched} processes (WORLD_SIZE), but accelerate joined {accelerator.num_processes}; "
+    world = launched()[1]
+    if world > 1 and accelerator.num_processes != world:  # each process would train alone into the same files
+        raise SharedError(f"launched as {world} processes (WORLD_SIZE), but accelerate joined {accelerator.num_processes}; "
                           f"on a machine without a GPU set ACCELERATE_USE_CPU=1 (accelerate launch --cpu sets it)")
     check_same_command_line()
     take_output_lock(args, accelerator, held)
