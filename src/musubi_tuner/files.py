@@ -1223,12 +1223,12 @@ class StateDictFile:
         """One tensor, optionally cast and moved (cast happens after reading that tensor only)."""
         real = self._rename[key]
         if self._safe is not None and self._opened[0] <= MAPPED_FROM_BYTES:
-            t = self.read(key)  # a small file (a LoRA, a cache): no mapping, whose pages a rewrite would pull away (SIGBUS)
+            t, mapped = self.read(key), None  # a small file (a LoRA, a cache): no mapping, whose pages a rewrite would pull away (SIGBUS)
         elif self._safe is not None:
-            t = self._safe.get_tensor(real)
+            t = mapped = self._safe.get_tensor(real)
         else:
             t = self._tensors[real]
-        mapped = t if self._safe is not None and self._opened[0] > MAPPED_FROM_BYTES or self._pt_mapped else None
+            mapped = t if self._pt_mapped else None
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         if device is not None:
