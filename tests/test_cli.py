@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 
 import pytest
 import torch
 
-from musubi_tuner.cli import Parser, compute_dtype, count, embedded_guidance, frames_4n1, real, seed
+from musubi_tuner.cli import Parser, compute_dtype, count, embedded_guidance, frames_4n1, path, real, seed
 from musubi_tuner.errors import UserError
 
 COMMANDS = {  # module: where its parser is built
@@ -77,6 +78,24 @@ def test_every_compute_dtype_flag_is_checked_when_the_command_line_is_read(comma
     """Not when its model loads: generation loads the VAE after all the denoising steps."""
     action = next(a for a in parser_of(command)._actions if flag in a.option_strings)
     assert action.type is compute_dtype and action.default is None  # None: the command's own default dtype
+
+
+_NAMES_A_PATH = re.compile(r"(^|_)(dit|vae|text_encoder[12]|path|dir|file|weights?|config|model|input|output|workspace|resume|prompts)$")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_that_names_a_file_or_folder_refuses_an_empty_value(command):
+    """An unset shell variable (`--save_path $OUT`) gives "": read as Path("") it was the current folder, so generation
+    wrote its video where it ran and merge_lora failed with a traceback on `--lora_weight ""`."""
+    parser = parser_of(command)
+    flags = [a for a in parser._actions
+             if isinstance(a, argparse._StoreAction) and not a.choices and _NAMES_A_PATH.search(a.dest)]
+    assert flags, "the pattern finds no flag: it no longer matches the names"
+    for action in flags:
+        assert action.type is path, f"{command} {action.option_strings or action.dest}: not typed as a path"
+        given = [action.option_strings[0], ""] if action.option_strings else [""]
+        with pytest.raises(UserError, match=r"is empty: give a file or folder \(an unset shell variable gives an empty value\)"):
+            parser.parse_args(given)
 
 
 def test_a_bad_value_becomes_one_line_naming_the_flag():

@@ -20,7 +20,7 @@ import logging
 import os
 
 
-from musubi_tuner.cli import Parser, compute_dtype, count, pixels, resolve_device
+from musubi_tuner.cli import Parser, compute_dtype, count, path, pixels, resolve_device
 from musubi_tuner.errors import UserError, run_cli
 from musubi_tuner.files import require_present
 
@@ -29,10 +29,10 @@ logger = logging.getLogger("cache_latents")
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="cache_latents.py", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset_config", required=True, help="dataset TOML (or JSON)")
+    p.add_argument("--dataset_config", type=path, required=True, help="dataset TOML (or JSON)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--vae", help="VAE checkpoint (vae/pytorch_model.pt)")
+    g.add_argument("--vae", type=path, help="VAE checkpoint (vae/pytorch_model.pt)")
     g.add_argument("--vae_dtype", type=compute_dtype, default=None, help="VAE dtype (default float16)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available, else cpu)")
     g.add_argument("--disable_cudnn_backend", action="store_true", help="turn cuDNN off (AMD GPUs, or when its convolutions are slow)")

@@ -20,7 +20,7 @@ import logging
 import os
 
 
-from musubi_tuner.cli import Parser, compute_dtype, count, resolve_device
+from musubi_tuner.cli import Parser, compute_dtype, count, path, resolve_device
 from musubi_tuner.errors import run_cli
 from musubi_tuner.files import require_present
 
@@ -29,11 +29,11 @@ logger = logging.getLogger("cache_text_encoder_outputs")
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="cache_text_encoder_outputs.py", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset_config", required=True, help="dataset TOML (or JSON)")
+    p.add_argument("--dataset_config", type=path, required=True, help="dataset TOML (or JSON)")
 
     g = p.add_argument_group("models")
-    g.add_argument("--text_encoder1", required=True, help="LLM: HF folder (ckpts/text_encoder) or ComfyUI llava_llama3_fp16.safetensors")
-    g.add_argument("--text_encoder2", required=True, help="CLIP-L: HF folder (ckpts/text_encoder_2) or ComfyUI clip_l.safetensors")
+    g.add_argument("--text_encoder1", type=path, required=True, help="LLM: HF folder (ckpts/text_encoder) or ComfyUI llava_llama3_fp16.safetensors")
+    g.add_argument("--text_encoder2", type=path, required=True, help="CLIP-L: HF folder (ckpts/text_encoder_2) or ComfyUI clip_l.safetensors")
     g.add_argument("--text_encoder_dtype", type=compute_dtype, default=None, help="encoders' dtype (default float16)")
     g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 (for GPUs under 16 GB)")
     g.add_argument("--cast_llm_rope", action="store_true",

@@ -214,6 +214,18 @@ def text(value: str) -> str:
 text.__name__ = "text"
 
 
+def path(value: str) -> str:
+    """A file or folder given on the command line. An empty value, which an unset shell variable gives (`--dit $DIT`),
+    is refused here: read as Path("") it was the current folder, so a command read "." as a model or wrote its
+    output into whatever folder it ran from."""
+    if not value:
+        raise argparse.ArgumentTypeError("is empty: give a file or folder (an unset shell variable gives an empty value)")
+    return value
+
+
+path.__name__ = "path"
+
+
 def compute_dtype(value: str) -> str:
     """A dtype a model computes in (bf16, fp16, fp32 and their spellings), checked when the command line is read, not
     when the model loads after the work; fp8 holds weights only (--fp8, --fp8_base, --fp8_llm), no kernel computes in it."""

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import logging
 
-from musubi_tuner.cli import Parser
+from musubi_tuner.cli import Parser, path
 from musubi_tuner.errors import UserError, run_cli
 from musubi_tuner.files import check_output_file
 
@@ -32,8 +32,8 @@ logger = logging.getLogger("convert_lora")
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="convert_lora.py", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="input LoRA (.safetensors), in any naming")
-    p.add_argument("--output", required=True, help="output LoRA (.safetensors)")
+    p.add_argument("--input", type=path, required=True, help="input LoRA (.safetensors), in any naming")
+    p.add_argument("--output", type=path, required=True, help="output LoRA (.safetensors)")
     p.add_argument("--target", required=True, choices=("other", "default"), help="other: ComfyUI/diffusers/diffusion-pipe naming; default: ours")
     p.add_argument("--diffusers_prefix", default=None, help="key prefix of the 'other' output (default diffusion_model)")
     p.add_argument("--allow_partial_lora", action="store_true", help="convert what can be, list what is dropped, instead of refusing")

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 import argparse
 
-from musubi_tuner.cli import Parser, compute_dtype, count, embedded_guidance, frames_4n1, pixels, real, seed, text
+from musubi_tuner.cli import Parser, compute_dtype, count, embedded_guidance, frames_4n1, path, pixels, real, seed, text
 from musubi_tuner.errors import run_cli
 
 
@@ -30,12 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = Parser(prog="hv_generate_video.py", description=__doc__.splitlines()[0])
     g = p.add_argument_group("models")
-    g.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")
+    g.add_argument("--dit", type=path, required=True, help="DiT checkpoint (.pt or .safetensors)")
     g.add_argument("--dit_in_channels", type=count(1), default=None, help="checked against the file (32 = SkyReels I2V)")
-    g.add_argument("--vae", required=True, help="VAE checkpoint (vae/pytorch_model.pt)")
+    g.add_argument("--vae", type=path, required=True, help="VAE checkpoint (vae/pytorch_model.pt)")
     g.add_argument("--vae_dtype", type=compute_dtype, default=None, help="VAE dtype (default float16 on GPUs, float32 on the CPU)")
-    g.add_argument("--text_encoder1", help="LLM: HF folder or ComfyUI llava_llama3_fp16.safetensors (not needed with --latent_path)")
-    g.add_argument("--text_encoder2", help="CLIP-L: HF folder or ComfyUI clip_l.safetensors (not needed with --latent_path)")
+    g.add_argument("--text_encoder1", type=path, help="LLM: HF folder or ComfyUI llava_llama3_fp16.safetensors (not needed with --latent_path)")
+    g.add_argument("--text_encoder2", type=path, help="CLIP-L: HF folder or ComfyUI clip_l.safetensors (not needed with --latent_path)")
     g.add_argument("--preset", choices=("hunyuan-t2v", "skyreels-t2v", "skyreels-i2v"), default=None,
                    help="defaults for a model family; chosen from the DiT file when omitted (explicit flags win)")
 
@@ -52,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg_end", type=real(0, 1), default=1.0, help="fraction of steps that use real CFG (0.5 halves SkyReels' cost)")
     g.add_argument("--flow_shift", type=real(above=0), default=None, help="default 7.0 (17.0 suits fewer than 20 steps)")
     g.add_argument("--split_uncond", action="store_true", help="negative and positive prompt in two passes (less memory)")
-    g.add_argument("--video_path", default=None, help="V2V: a video file or a folder of frames")
+    g.add_argument("--video_path", type=path, default=None, help="V2V: a video file or a folder of frames")
     g.add_argument("--strength", type=real(0, 1), default=0.8, help="V2V: how much of the schedule runs (0 = input unchanged)")
-    g.add_argument("--image_path", default=None, help="SkyReels I2V: the first frame")
+    g.add_argument("--image_path", type=path, default=None, help="SkyReels I2V: the first frame")
 
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora_weight", nargs="+", default=None, help="LoRA files applied to the DiT")
+    g.add_argument("--lora_weight", type=path, nargs="+", default=None, help="LoRA files applied to the DiT")
     g.add_argument("--lora_multiplier", type=real(), nargs="*", default=None, help="one per LoRA or one for all (default 1.0)")
     g.add_argument("--exclude_single_blocks", action="store_true", help="apply only the double-block parts of the LoRAs")
     g.add_argument("--lora_blocks", nargs="*", default=None, metavar="BLOCKS",
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a regular expression searched in module paths such as 'double_blocks\\.1[0-9]\\.'")
     g.add_argument("--allow_partial_lora", action="store_true",
                    help="apply the parts of a LoRA file that can be, and list what is dropped, instead of refusing the file")
-    g.add_argument("--save_merged_model", default=None, help="save the DiT with the LoRAs merged, then exit")
+    g.add_argument("--save_merged_model", type=path, default=None, help="save the DiT with the LoRAs merged, then exit")
     g.add_argument("--lycoris", action="store_true",
                    help="accepted for musubi-tuner command lines: LoHa and LoKr files are applied natively, with or without it")
 
@@ -95,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_step_cache_flags(g)
 
     g = p.add_argument_group("output")
-    g.add_argument("--save_path", required=True, help="output folder")
+    g.add_argument("--save_path", type=path, required=True, help="output folder")
     g.add_argument("--output_type", choices=("video", "images", "latent", "both"), default="video",
                    help="video: mp4; images: a folder of PNGs; latent: safetensors; both: mp4 and latent")
-    g.add_argument("--latent_path", nargs="+", default=None, help="decode saved latents only")
+    g.add_argument("--latent_path", type=path, nargs="+", default=None, help="decode saved latents only")
     g.add_argument("--no_metadata", action="store_true", help="write no prompt or settings into the outputs")
     g.add_argument("--dry_run", action="store_true", help="print the planned GPU/host memory and time per stage, load nothing, exit")
     g.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")
@@ -115,8 +115,8 @@ def main(argv=None) -> None:
             return
         from musubi_tuner.inference.pipeline import generate
 
-        for path in generate(args):
-            print(f"saved {path}")
+        for saved in generate(args):
+            print(f"saved {saved}")
 
     run_cli(run, argv, memory_advice="a smaller --video_size or --video_length needs less, as do --blocks_to_swap N, --fp8, "
                                       "--split_uncond and --vae_chunk_size 16; --dry_run --vram_budget 24G finds the options that fit a 24 GB GPU")

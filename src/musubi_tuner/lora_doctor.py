@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 
-from musubi_tuner.cli import Parser
+from musubi_tuner.cli import Parser, path
 from musubi_tuner.errors import print_report, run_cli
 
 CHOICES = ("all", "ours", "musubi", "comfyui", "kijai", "kijai_blocks", "diffusers")
@@ -32,10 +32,10 @@ CHOICES = ("all", "ours", "musubi", "comfyui", "kijai", "kijai_blocks", "diffuse
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lora_doctor", description=__doc__.splitlines()[0])
-    p.add_argument("file", nargs="?", help="LoRA file (.safetensors), in any naming")
+    p.add_argument("file", type=path, nargs="?", help="LoRA file (.safetensors), in any naming")
     p.add_argument("--for", dest="consumers", nargs="+", metavar="{" + ",".join(CHOICES) + "}", default=["all"],
                    help="which consumers to check (default all)")
-    p.add_argument("--dit", default=None, help="the DiT the LoRA is meant for: checks base model, input channels and layer shapes")
+    p.add_argument("--dit", type=path, default=None, help="the DiT the LoRA is meant for: checks base model, input channels and layer shapes")
     p.add_argument("--json", action="store_true", help="print the full diagnosis as JSON (every dropped key)")
     return p
 

@@ -16,13 +16,13 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import json
 
-from musubi_tuner.cli import Parser
+from musubi_tuner.cli import Parser, path
 from musubi_tuner.errors import print_report, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lora_info", description=__doc__.splitlines()[0])
-    p.add_argument("file", help="LoRA file (.safetensors), in any naming")
+    p.add_argument("file", type=path, help="LoRA file (.safetensors), in any naming")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     return p
 

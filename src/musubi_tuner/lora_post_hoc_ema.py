@@ -16,20 +16,20 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 import argparse
 
-from musubi_tuner.cli import Parser, real
+from musubi_tuner.cli import Parser, path, real
 from musubi_tuner.errors import run_cli
 from musubi_tuner.files import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lora_post_hoc_ema.py", description=__doc__.splitlines()[0])
-    p.add_argument("path", nargs="+", help="the LoRA checkpoints of one run (kohya or .comfyui files, not both)")
+    p.add_argument("path", type=path, nargs="+", help="the LoRA checkpoints of one run (kohya or .comfyui files, not both)")
     p.add_argument("--no_sort", action="store_true", help="merge in the order given instead of by the training step the files record (by modification time where they do not)")
     p.add_argument("--beta", type=real(0, 1), default=0.95, help="decay: the weight the running average keeps at each merge")
     p.add_argument("--beta2", type=real(0, 1), default=None, help="move beta linearly from --beta to this over the merges")
     p.add_argument("--sigma_rel", type=real(above=0), default=None,
                    help="power-function EMA of this relative width (e.g. 0.2) instead of --beta / --beta2")
-    p.add_argument("--output_file", required=True, help="the averaged LoRA (.safetensors)")
+    p.add_argument("--output_file", type=path, required=True, help="the averaged LoRA (.safetensors)")
     return p
 
 

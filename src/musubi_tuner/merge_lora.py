@@ -16,7 +16,7 @@ import argparse
 import logging
 
 
-from musubi_tuner.cli import Parser, count, real, resolve_device
+from musubi_tuner.cli import Parser, count, path, real, resolve_device
 from musubi_tuner.errors import run_cli
 
 logger = logging.getLogger("merge_lora")
@@ -25,9 +25,9 @@ logger = logging.getLogger("merge_lora")
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="merge_lora.py", description=__doc__.splitlines()[0])
     g = p.add_argument_group("inputs")
-    g.add_argument("--dit", required=True, help="DiT checkpoint (.pt or .safetensors)")
+    g.add_argument("--dit", type=path, required=True, help="DiT checkpoint (.pt or .safetensors)")
     g.add_argument("--dit_in_channels", type=count(1), default=None, help="checked against the file: 16 T2V, 32 SkyReels I2V")
-    g.add_argument("--lora_weight", nargs="+", required=True, help="LoRA files, merged in this order")
+    g.add_argument("--lora_weight", type=path, nargs="+", required=True, help="LoRA files, merged in this order")
     g.add_argument("--lora_multiplier", type=real(), nargs="+", default=None, help="one per LoRA, or one for all (default 1.0)")
     g.add_argument("--exclude_single_blocks", action="store_true", help="merge only the double-block parts of the LoRAs")
     g.add_argument("--lora_blocks", nargs="+", default=None, metavar="BLOCKS",
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_partial_lora", action="store_true",
                    help="merge the parts of a LoRA file that can be, and list what is dropped, instead of refusing the file")
     g = p.add_argument_group("output")
-    g.add_argument("--save_merged_model", required=True, help="output .safetensors (written whole or not at all)")
+    g.add_argument("--save_merged_model", type=path, required=True, help="output .safetensors (written whole or not at all)")
     g.add_argument("--device", default=None, help="where the merge arithmetic runs (default: cuda if available, else cpu)")
     return p
 

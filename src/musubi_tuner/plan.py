@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 
-from musubi_tuner.cli import Parser, count, frames_4n1, network_dim, pixels, real
+from musubi_tuner.cli import Parser, count, frames_4n1, network_dim, path, pixels, real
 from musubi_tuner.errors import run_cli
 
 logger = logging.getLogger("musubi_tuner.plan")
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m musubi_tuner.plan", description=__doc__.splitlines()[0])
     g = p.add_argument_group("what to run")
     g.add_argument("--mode", choices=("train", "generate"), default="train", help="plan a training step or a generation")
-    g.add_argument("--dit", default=None, help="DiT checkpoint: its shapes are read from the header (official .pt, safetensors)")
+    g.add_argument("--dit", type=path, default=None, help="DiT checkpoint: its shapes are read from the header (official .pt, safetensors)")
     g.add_argument("--model", choices=tuple(NAMED_MODELS), default=None, help="a named model instead of --dit (default t2v-720p)")
     g.add_argument("--video_size", type=pixels, nargs=2, default=[544, 960], metavar=("HEIGHT", "WIDTH"), help="height then width")
     g.add_argument("--video_length", type=frames_4n1, default=129, help="frames, 4N+1 (1 for images)")

@@ -127,6 +127,11 @@ def replaced(argv: list[str], flag: str, value) -> list[str]:
     return [*argv[: i + 1], str(value), *argv[i + 2:]]
 
 
+def nothing_where_it_runs(a, tmp, err, out):
+    written = [p.name for p in tmp.iterdir() if p.suffix in (".mp4", ".png", ".safetensors")]
+    assert not written, written
+
+
 def assert_names(text: str, pattern: str) -> None:
     import re
 
@@ -215,8 +220,14 @@ CASES = [
     Case("merge-full-disk-keeps-the-old-merge", "merge_lora", lambda a, t: merged_before(a, t),
          r"merged\.safetensors: cannot write " + TOO_LARGE, keep=outputs_of("merged"),
          file_size_limit=lambda a, t: (t / "merged" / "merged.safetensors").stat().st_size // 2),
+    Case("merge-lora-weight-empty", "merge_lora", lambda a, t: replaced(merge_argv(a, t), "--lora_weight", ""),
+         r"--lora_weight is empty: give a file or folder"),  # was a ValueError traceback (Path("") has an empty name)
     Case("merge-read-only-folder", "merge_lora", lambda a, t: merge_argv(a, t), r"merged: cannot .*" + READ_ONLY, read_only="merged"),
     # --- generation: everything checked before the text encoders and the sampler run
+    Case("generate-save-path-empty-writes-nothing-where-it-runs", "hv_generate_video",
+         lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--save_path", ""),
+         r"--save_path is empty: give a file or folder \(an unset shell variable gives an empty value\)",
+         then=nothing_where_it_runs),  # (it wrote the video into the folder it ran from)
     Case("generate-video-length-not-4n1", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_length", "6"),
          r"--video_length 6 is not 4N\+1 \(try 5 or 9\)"),
     Case("generate-size-not-multiple-of-16", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_size", "40", "47"),

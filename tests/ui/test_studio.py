@@ -316,7 +316,7 @@ def test_a_config_file_that_sends_the_lora_elsewhere_is_refused_too(tmp_path):
     config = tmp_path / "ws" / "options.toml"
     config.parent.mkdir(parents=True)
     config.write_text(f'output_dir = "{tmp_path / "elsewhere"}"\n')
-    values = {k: v for k, v in train_values("").items() if k != "output_dir"} | {"config_file": str(config)}
+    values = {k: v for k, v in train_values("unused").items() if k != "output_dir"} | {"config_file": str(config)}
     refused = client(tmp_path).post("/api/command/train", json={"values": values}, headers=STUDIO)
     assert refused.status_code == 400 and f"= {tmp_path / 'elsewhere' / 'a b'}: outside the workspace" in refused.json()["error"]
 
@@ -327,7 +327,7 @@ def test_a_config_files_relative_folders_are_the_workspaces_where_the_run_writes
     config = ws / "options.toml"
     config.parent.mkdir(parents=True)
     config.write_text('output_dir = "relout"\nlogging_dir = "rellogs"\n')
-    values = {k: v for k, v in train_values("").items() if k != "output_dir"} | {"config_file": str(config)}
+    values = {k: v for k, v in train_values("unused").items() if k != "output_dir"} | {"config_file": str(config)}
     argv, outputs = commands.job("train", values, Workspace(ws))
     assert outputs["output_dir"] == str(ws / "relout")
     assert argv[argv.index("--output_dir") + 1] == str(ws / "relout") and argv[argv.index("--logging_dir") + 1] == str(ws / "rellogs")

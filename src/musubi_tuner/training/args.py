@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, network_dim, pixels, real, seed
+from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, network_dim, path, pixels, real, seed
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
@@ -42,30 +42,30 @@ def _int_or_float(value: str) -> float | int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="hv_train_network.py", description="Train a LoRA for HunyuanVideo / SkyReels V1 from cached latents and text.")
-    p.add_argument("--config_file", help="TOML file with any of these options (the command line wins)")
+    p.add_argument("--config_file", type=path, help="TOML file with any of these options (the command line wins)")
     p.add_argument("--dry_run", action="store_true",
                    help="print the planned GPU/host memory and time per step for the dataset's largest bucket, load nothing, exit")
     p.add_argument("--vram_budget", default=None, help="with --dry_run: also find the fastest option set that fits, e.g. 24G")
 
     g = p.add_argument_group("model")
-    g.add_argument("--dit", help="DiT checkpoint: mp_rank_00_model_states.pt, an fp8/bf16 safetensors, a SkyReels file")
+    g.add_argument("--dit", type=path, help="DiT checkpoint: mp_rank_00_model_states.pt, an fp8/bf16 safetensors, a SkyReels file")
     g.add_argument("--dit_dtype", type=compute_dtype, default=None, help="compute dtype of the DiT (default bfloat16)")
     g.add_argument("--dit_in_channels", type=count(1), default=None,
                    help="16 for T2V, 32 for SkyReels I2V (read from the file when omitted)")
-    g.add_argument("--vae", help="VAE checkpoint (only for sampling during training)")
+    g.add_argument("--vae", type=path, help="VAE checkpoint (only for sampling during training)")
     g.add_argument("--vae_dtype", type=compute_dtype, default=None, help="VAE dtype for sampling (default float16)")
     g.add_argument("--vae_tiling", action="store_true", help="decode samples in spatial tiles")
     g.add_argument("--vae_chunk_size", type=count(1), default=None, help="decode samples' causal convolutions in chunks")
     g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="tile size in pixels for sample decoding")
-    g.add_argument("--text_encoder1", help="LLM text encoder (only for sampling during training)")
-    g.add_argument("--text_encoder2", help="CLIP-L text encoder (only for sampling during training)")
+    g.add_argument("--text_encoder1", type=path, help="LLM text encoder (only for sampling during training)")
+    g.add_argument("--text_encoder2", type=path, help="CLIP-L text encoder (only for sampling during training)")
     g.add_argument("--text_encoder_dtype", type=compute_dtype, default=None, help="text encoders' dtype for sample prompts (default float16)")
     g.add_argument("--fp8_llm", action="store_true", help="LLM Linear weights in fp8 while encoding sample prompts")
     g.add_argument("--fp8_base", action="store_true", help="store the DiT's block Linears in fp8 e4m3fn")
     accepted_only(g, "--disable_numpy_memmap", "musubi-tuner only logs it for HunyuanVideo too", action="store_true")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_config", type=Path, help="dataset TOML (the one the caching commands used)")
+    g.add_argument("--dataset_config", type=path, help="dataset TOML (the one the caching commands used)")
     g.add_argument("--max_data_loader_n_workers", type=count(0), default=8,
                    help="processes reading caches (at most the CPU count; 0 reads in the training process)")
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep the reading processes between epochs")
@@ -152,10 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_args", nargs="*", default=None,
                    help="key=value ...: include_patterns, exclude_patterns, rank_dropout, module_dropout, loraplus_lr_ratio, "
                         "verbose; LoKr: factor")
-    g.add_argument("--network_weights", default=None, help="LoRA file to start from")
+    g.add_argument("--network_weights", type=path, default=None, help="LoRA file to start from")
     g.add_argument("--dim_from_weights", action="store_true", help="take the rank from --network_weights")
     g.add_argument("--scale_weight_norms", type=real(above=0), default=None, help="max-norm regularisation of each LoRA update")
-    g.add_argument("--base_weights", nargs="+", default=None, help="LoRA files merged into the DiT before training")
+    g.add_argument("--base_weights", type=path, nargs="+", default=None, help="LoRA files merged into the DiT before training")
     g.add_argument("--base_weights_multiplier", type=real(), nargs="*", default=None,
                    help="one multiplier per --base_weights file (default 1.0)")
     g.add_argument("--allow_partial_lora", action="store_true",
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_metadata", action="store_true", help="save only the minimal metadata")
 
     g = p.add_argument_group("saving")
-    g.add_argument("--output_dir", default=None, help="folder of the LoRA files, states, loss curve and samples (one run at a time)")
+    g.add_argument("--output_dir", type=path, default=None, help="folder of the LoRA files, states, loss curve and samples (one run at a time)")
     g.add_argument("--output_name", default=None, help="file name stem of the LoRA files")
     g.add_argument("--save_every_n_epochs", type=count(1), default=None, help="save NAME-EEEEEE.safetensors every N epochs")
     g.add_argument("--save_every_n_steps", type=count(1), default=None, help="save NAME-stepSSSSSSSS.safetensors every N steps")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_last_n_steps_state", type=count(1), default=None, help="keep only the step states of the last N steps")
     g.add_argument("--save_state", action="store_true", help="save the training state with every LoRA save (for --resume)")
     g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
-    g.add_argument("--resume", default=None, help="a state folder, or 'auto' for the newest complete one in --output_dir")
+    g.add_argument("--resume", type=path, default=None, help="a state folder, or 'auto' for the newest complete one in --output_dir")
     g.add_argument("--lora_format", choices=("musubi", "comfyui", "both"), default="both",
                    help="both (default): NAME.safetensors in musubi-tuner's kohya naming plus NAME.comfyui.safetensors, which "
                         "ComfyUI and diffusers load completely; musubi or comfyui: only that one, as NAME.safetensors")
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--metadata_{key}", default=None, help=f"modelspec metadata: {help_}")
 
     g = p.add_argument_group("sampling during training")
-    g.add_argument("--sample_prompts", default=None, help="prompt file (.txt, .toml or .json) for sample videos")
+    g.add_argument("--sample_prompts", type=path, default=None, help="prompt file (.txt, .toml or .json) for sample videos")
     g.add_argument("--sample_every_n_steps", type=count(1), default=None, help="sample every N steps")
     g.add_argument("--sample_every_n_epochs", type=count(1), default=None, help="sample every N epochs")
     g.add_argument("--sample_at_first", action="store_true", help="sample before the first step")
@@ -200,12 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise levels the validation loss is measured at: the midpoints of N equal intervals of [0, 1]")
 
     g = p.add_argument_group("logging")
-    g.add_argument("--logging_dir", default=None, help="TensorBoard logs go to a timestamped folder here")
+    g.add_argument("--logging_dir", type=path, default=None, help="TensorBoard logs go to a timestamped folder here")
     g.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), default=None, help="tracker (default tensorboard)")
     g.add_argument("--log_prefix", default=None, help="prefix of the timestamped log folder")
     g.add_argument("--log_tracker_name", default=None, help="tracker project name (default network_train)")
     g.add_argument("--wandb_run_name", default=None, help="wandb run name")
-    g.add_argument("--log_tracker_config", default=None, help="TOML file of tracker init arguments")
+    g.add_argument("--log_tracker_config", type=path, default=None, help="TOML file of tracker init arguments")
     g.add_argument("--wandb_api_key", default=None, help="with --log_with wandb or all: log in to wandb with this key first")
     g.add_argument("--log_config", action="store_true", help="log the options (without paths and keys) as the tracker config")
 

@@ -13,7 +13,7 @@ import os
 import secrets
 import sys
 
-from musubi_tuner.cli import Parser, count
+from musubi_tuner.cli import Parser, count, path
 from musubi_tuner.errors import UserError, run_cli
 
 TOKEN_VARIABLE = "MUSUBI_UI_TOKEN"
@@ -21,7 +21,7 @@ TOKEN_VARIABLE = "MUSUBI_UI_TOKEN"
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="musubi-ui", description=__doc__.splitlines()[0])
-    p.add_argument("--workspace", default="studio", help="the folder the studio writes to (made if missing)")
+    p.add_argument("--workspace", type=path, default="studio", help="the folder the studio writes to (made if missing)")
     p.add_argument("--port", type=count(1, 65535), default=7860, help="TCP port")
     p.add_argument("--listen", nargs="?", const="0.0.0.0", default=None, metavar="ADDRESS",
                    help="serve other hosts on ADDRESS (0.0.0.0 when given alone); needs a token")
