@@ -45,6 +45,7 @@ DEFAULTS_DIFFER = {
     ("hv_generate_video", "--guidance_scale"): "the preset's default (1.0 HunyuanVideo, 6.0 SkyReels)",
     ("hv_generate_video", "--embedded_cfg_scale"): "the preset's default (6.0 HunyuanVideo, 1.0 SkyReels)",
     ("hv_generate_video", "--flow_shift"): "the preset's default (7.0)",
+    ("hv_generate_video", "--strength"): "0.8, filled in with --video_path: given without it, it is said to be ignored",
     ("merge_lora", "--dit_in_channels"): "read from the DiT file when not given",
     ("merge_lora", "--lora_multiplier"): "none means 1.0 for each file, as musubi-tuner's [1.0] does",
     ("merge_lora", "--device"): "cuda when there is one, else cpu: musubi-tuner's default, resolved when run (the data holds the "

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     # command's one line, not a traceback of the import)
     from musubi_tuner.hunyuan.attention import ATTENTION_MODES
     from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_INFERENCE
+    from musubi_tuner.inference.sampler import V2V_STRENGTH
     from musubi_tuner.inference.step_cache import add_step_cache_flags
 
     p = Parser(prog="hv_generate_video.py", description=__doc__.splitlines()[0])
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flow_shift", type=real(above=0), default=None, help="default 7.0 (17.0 suits fewer than 20 steps)")
     g.add_argument("--split_uncond", action="store_true", help="negative and positive prompt in two passes (less memory)")
     g.add_argument("--video_path", type=path, default=None, help="V2V: a video file or a folder of frames")
-    g.add_argument("--strength", type=real(0, 1), default=0.8, help="V2V: how much of the schedule runs (0 = input unchanged)")
+    g.add_argument("--strength", type=real(0, 1), default=None,
+                   help=f"V2V: how much of the schedule runs (0 = input unchanged; default {V2V_STRENGTH} with --video_path)")
     g.add_argument("--image_path", type=path, default=None, help="SkyReels I2V: the first frame")
 
     g = p.add_argument_group("LoRA")

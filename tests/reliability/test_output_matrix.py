@@ -300,6 +300,9 @@ CASES = [
          lambda a, t: generate_argv(a, t, "--video_path", str(next((a.dataset.parent / "videos").glob("*.mp4")))), None,
          warning=r"--strength 0\.8 of 1 steps runs int\(0\.8\) = 0 of them: the input video comes back unchanged; "
                  r"raise --strength to at least 1 or --infer_steps"),
+    Case("generate-strength-without-video-path-is-said", "hv_generate_video",  # (it was ignored without a word)
+         lambda a, t: generate_argv(a, t, "--strength", "0.3"), None,
+         warning=r"--strength 0\.3: used only with --video_path \(V2V\), and none is given: ignored"),
     Case("generate-v2v-video-corrupt", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_path", str(write(t / "clip.mp4", NOISE))),
          r"clip\.mp4: not a readable video", then=nothing_generated),
     Case("generate-save-path-is-a-file", "hv_generate_video",

@@ -21,7 +21,7 @@ from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, comp
 from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference.presets import PRESETS, detect_preset
 from musubi_tuner.inference import step_cache
-from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule, v2v_start
+from musubi_tuner.inference.sampler import V2V_STRENGTH, Guidance, denoise, initial_noise, sigma_schedule, v2v_start
 from musubi_tuner.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ def check_and_fill(args) -> None:
         require_file(args.image_path, "image", "--image_path")
     if args.video_path:  # (a file, or a folder of frames)
         require_present(args.video_path, "video", "--video_path")
+        if args.strength is None:
+            args.strength = V2V_STRENGTH
+    elif args.strength is not None:  # (its default is None, so a 0.8 the user gave is told from none given)
+        logger.warning("--strength %g: used only with --video_path (V2V), and none is given: ignored", args.strength)
     if args.fp8_fast and not args.fp8:
         raise UserError("--fp8_fast needs --fp8")
     if args.lycoris:  # musubi-tuner needs the LyCORIS package for LoHa/LoKr; here the LoRA reader applies them itself

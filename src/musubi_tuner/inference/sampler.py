@@ -105,6 +105,9 @@ def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, b])
 
 
+V2V_STRENGTH = 0.8  # --strength when --video_path is given without it (musubi-tuner's default)
+
+
 def v2v_start(sigmas: torch.Tensor, strength: float) -> int:
     """The step V2V starts from: the last int(steps * strength) steps run (strength 0 returns the input unchanged)."""
     steps = len(sigmas) - 1
