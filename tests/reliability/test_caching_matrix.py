@@ -4,6 +4,7 @@ the captions, and the caches already on disk (see cases.py for what every case a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
