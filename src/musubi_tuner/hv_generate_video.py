@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     # (imported here, under run_cli: these import torch, and a Ctrl-C or SIGTERM during that second is then the
     # command's one line, not a traceback of the import)
     from musubi_tuner.hunyuan.attention import ATTENTION_MODES
+    from musubi_tuner.hunyuan.compile import add_compile_flags
     from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_INFERENCE
     from musubi_tuner.inference.sampler import V2V_STRENGTH
     from musubi_tuner.inference.step_cache import add_step_cache_flags
@@ -87,12 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context_parallel", type=count(1), default=1,
                    help="split the DiT's tokens over N processes started by accelerate launch or torchrun (N divides the 24 "
                         "heads); with real CFG, 2N processes run the negative and positive prompt side by side")
-    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
-    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend")
-    g.add_argument("--compile_mode", default="default", help="torch.compile mode")
-    g.add_argument("--compile_dynamic", choices=("true", "false", "auto"), default=None, help="torch.compile dynamic shapes")
-    g.add_argument("--compile_fullgraph", action="store_true", help="torch.compile fullgraph=True")
-    g.add_argument("--compile_cache_size_limit", type=count(1), default=None, help="torch._dynamo cache size limit")
+    add_compile_flags(g)
     g.add_argument("--compile_args", nargs=4, default=None, help=argparse.SUPPRESS)
     add_step_cache_flags(g)
 

@@ -87,6 +87,12 @@ def check(case: Case, assets: Assets, tmp: Path) -> None:
         case.then(assets, tmp, result.err, result.out)
 
 
+def all_said(err: str, *patterns: str) -> None:
+    """Each pattern matches somewhere in the command's stderr (a case's `warning` is one)."""
+    missing = [p for p in patterns if not re.search(p, err)]
+    assert not missing, (missing, err[-3000:])
+
+
 def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".incomplete", ".lock")) or ".write-test." in p.name]
 

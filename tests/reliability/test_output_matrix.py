@@ -15,6 +15,7 @@ from reliability_cases import (
     READ_ONLY,
     TOO_LARGE,
     Case,
+    all_said,
     check,
     killed_while_writing,
     leftovers,
@@ -303,6 +304,13 @@ CASES = [
     Case("generate-strength-without-video-path-is-said", "hv_generate_video",  # (it was ignored without a word)
          lambda a, t: generate_argv(a, t, "--strength", "0.3"), None,
          warning=r"--strength 0\.3: used only with --video_path \(V2V\), and none is given: ignored"),
+    Case("generate-flags-their-partner-flag-would-use-are-said", "hv_generate_video",  # (each was ignored without a word)
+         lambda a, t: generate_argv(a, t, "--compile_mode", "max-autotune", "--split_uncond", "--use_pinned_memory_for_block_swap",
+                                    "--vae_chunk_size", "8"), None,
+         warning=r"--compile_mode: acts with --compile, which is not given: ignored",
+         then=lambda a, t, err, out: all_said(err, r"--split_uncond acts with real CFG .*: ignored",
+                                              r"--use_pinned_memory_for_block_swap acts with --blocks_to_swap, and none is given: ignored",
+                                              r"--vae_chunk_size: the VAE does not run with --output_type latent: ignored")),
     Case("generate-v2v-video-corrupt", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_path", str(write(t / "clip.mp4", NOISE))),
          r"clip\.mp4: not a readable video", then=nothing_generated),
     Case("generate-save-path-is-a-file", "hv_generate_video",

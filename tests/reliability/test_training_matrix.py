@@ -13,6 +13,7 @@ from reliability_cases import (
     READ_ONLY,
     TOO_LARGE,
     Case,
+    all_said,
     check,
     killed_while_writing,
     nan_dit,
@@ -651,6 +652,13 @@ CASES = [
          memory_headroom=MEMORY),
     Case("train-read-only-output-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out"),
          r"out: cannot write to this folder " + READ_ONLY + r"; \S*out is on a read-only file system, or choose another --output_dir", read_only="out"),
+    Case("train-flags-their-partner-flag-would-use-are-said", "hv_train_network",  # (each was ignored without a word)
+         lambda a, t: train_argv(a, t / "out", "--dry_run", "--compile_backend", "eager", "--use_pinned_memory_for_block_swap",
+                                 "--vae_chunk_size", "8", "--sample_every_n_steps", "1"), None,
+         warning=r"--compile_backend: acts with --compile, which is not given: ignored",
+         then=lambda a, t, err, out: all_said(err, r"--sample_every_n_steps, --vae_chunk_size: act on the samples of --sample_prompts, "
+                                                   r"and none is given: ignored",
+                                              r"--use_pinned_memory_for_block_swap acts with --blocks_to_swap, and none is given: ignored")),
     Case("train-dry-run-read-only-output-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--dry_run"),
          r"out: cannot write to this folder " + READ_ONLY + r"; \S*out is on a read-only file system, or choose another --output_dir", read_only="out"),
 ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from musubi_tuner.cli import count
 from musubi_tuner.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class CompileOptions:
         BACKEND MODE DYNAMIC FULLGRAPH overrides them and, as there, raises the cache size limit to 32."""
         if not getattr(args, "compile", False):
             return None
-        backend, mode, dynamic, fullgraph = args.compile_backend, args.compile_mode, args.compile_dynamic, args.compile_fullgraph
+        backend, mode = args.compile_backend or "inductor", args.compile_mode or "default"
+        dynamic, fullgraph = args.compile_dynamic, args.compile_fullgraph
         limit = args.compile_cache_size_limit
         legacy = getattr(args, "compile_args", None)
         if legacy:
@@ -55,6 +57,30 @@ class CompileOptions:
         if limit is not None and limit < 1:
             raise UserError(f"--compile_cache_size_limit {limit}: at least 1")
         return cls(backend, mode, DYNAMIC[dynamic], bool(fullgraph), limit)
+
+
+SETTINGS = ("compile_backend", "compile_mode", "compile_dynamic", "compile_fullgraph", "compile_cache_size_limit", "compile_args")
+
+
+def add_compile_flags(group) -> None:
+    """--compile and its settings, for hv_train_network and hv_generate_video. The settings default to None (inductor
+    and mode default once --compile is given), so that one given without --compile is told from none given."""
+    group.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
+    group.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor)")
+    group.add_argument("--compile_mode", default=None, choices=COMPILE_MODES, help="torch.compile mode (default: default)")
+    group.add_argument("--compile_dynamic", choices=("true", "false", "auto"), default=None, help="torch.compile dynamic shapes")
+    group.add_argument("--compile_fullgraph", action="store_true", help="torch.compile fullgraph=True")
+    group.add_argument("--compile_cache_size_limit", type=count(1), default=None, help="torch._dynamo cache size limit")
+
+
+def check_compile_flags(args) -> CompileOptions | None:
+    """The run's compile options; the settings given without --compile are said to be ignored (they were, unsaid)."""
+    options = CompileOptions.from_args(args)
+    if options is None:
+        given = [f"--{name}" for name in SETTINGS if getattr(args, name, None) not in (None, False)]
+        if given:
+            logger.warning("%s: act%s with --compile, which is not given: ignored", ", ".join(given), "" if len(given) > 1 else "s")
+    return options
 
 
 def attention_outside_graph(options: CompileOptions, device: torch.device | str, training: bool) -> bool:
@@ -155,5 +181,5 @@ def log_graph_breaks(debug: bool = False) -> None:
     listed = debug or logger.isEnabledFor(logging.DEBUG)
     logger.info("torch.compile: %d graph(s) compiled, %d graph break(s)%s", counters["stats"]["unique_graphs"], sum(breaks.values()),
                 " (--debug lists them)" if breaks and not listed else "")
-    for reason, count in breaks.items():
-        logger.log(logging.INFO if debug else logging.DEBUG, "graph break (%dx): %s", count, reason)
+    for reason, times in breaks.items():
+        logger.log(logging.INFO if debug else logging.DEBUG, "graph break (%dx): %s", times, reason)

@@ -17,7 +17,7 @@ from musubi_tuner.cli import far_from_usual, resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError
 from musubi_tuner.files import require_file, require_present
-from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, compile_blocks, compile_errors, log_graph_breaks
+from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, check_compile_flags, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference.presets import PRESETS, detect_preset
 from musubi_tuner.inference import step_cache
@@ -106,6 +106,13 @@ def check_and_fill(args) -> None:
         args.video_size = list(preset.video_size)
     if args.negative_prompt is None and args.guidance_scale != 1.0:
         args.negative_prompt = preset.negative_prompt or ""
+    if args.split_uncond and args.guidance_scale == 1.0:
+        logger.warning("--split_uncond acts with real CFG (--guidance_scale other than 1.0), which this run has not: ignored")
+    if args.use_pinned_memory_for_block_swap and not args.blocks_to_swap:
+        logger.warning("--use_pinned_memory_for_block_swap acts with --blocks_to_swap, and none is given: ignored")
+    decoding = [f"--{flag}" for flag in ("vae_chunk_size", "vae_spatial_tile_sample_min_size") if getattr(args, flag) is not None]
+    if decoding and args.output_type == "latent":
+        logger.warning("%s: the VAE does not run with --output_type latent: ignored", ", ".join(decoding))
     if preset.prompt_prefix and not args.prompt.startswith(preset.prompt_prefix.strip()):
         args.prompt = preset.prompt_prefix + args.prompt
 
@@ -138,7 +145,7 @@ def check_and_fill(args) -> None:
 def check_speed_flags(args) -> None:
     """--step_cache and --compile values, and whether this platform can compile, before any model loads."""
     step_cache.check_args(args)
-    options = CompileOptions.from_args(args)
+    options = check_compile_flags(args)
     if options is not None and not args.dry_run:
         check_can_compile(options, resolve_device(args.device))
 

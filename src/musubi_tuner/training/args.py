@@ -16,6 +16,7 @@ from typing import Sequence
 
 from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, network_dim, path, pixels, real, seed
 from musubi_tuner.errors import UserError, did_you_mean
+from musubi_tuner.hunyuan.compile import add_compile_flags
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
 from musubi_tuner.inference.step_cache import add_step_cache_flags
 from musubi_tuner.training.optimizers import SCHEDULERS, scheduler_name
@@ -221,13 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--async_upload", action="store_true", help="upload in the background while training goes on (the last one waits)")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
-    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend")
-    g.add_argument("--compile_mode", default="default", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode")
-    g.add_argument("--compile_dynamic", choices=("true", "false", "auto"), default=None, help="torch.compile dynamic shapes")
-    g.add_argument("--compile_fullgraph", action="store_true", help="torch.compile fullgraph=True")
-    g.add_argument("--compile_cache_size_limit", type=count(1), default=None, help="torch._dynamo cache size limit")
+    add_compile_flags(g)
     g.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     g.add_argument("--cuda_cudnn_benchmark", action="store_true", help="cuDNN benchmark mode")
     dynamo = "accelerate's dynamo plugin compiles the models given to accelerator.prepare, and the frozen DiT is not one: use --compile"

@@ -33,8 +33,8 @@ from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError, launched, quieted
 from musubi_tuner.files import StateDictFile, require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
-from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, compile_blocks, compile_errors, known_gradient_problem,
-                                          log_graph_breaks)
+from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, check_compile_flags, compile_blocks, compile_errors,
+                                          known_gradient_problem, log_graph_breaks)
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.sequence_parallel import check_heads
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
@@ -164,11 +164,16 @@ def check_args(args) -> None:
     check_budget_flag(args)
     if step_cache.from_args(args) is not None and not args.sample_prompts:
         logger.warning("--step_cache acts on the samples of --sample_prompts only; without them it does nothing")
-    compile_options = CompileOptions.from_args(args)
+    compile_options = check_compile_flags(args)
     if compile_options is not None and not args.dry_run:
         check_can_compile(compile_options, "cuda" if torch.cuda.is_available() else "cpu", training=True)
-    if not args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
-        logger.warning("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing without --sample_prompts")
+    sampling = [f"--{flag}" for flag in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "vae_tiling",
+                                         "vae_chunk_size", "vae_spatial_tile_sample_min_size") if getattr(args, flag)]
+    if not args.sample_prompts and sampling:
+        logger.warning("%s: act%s on the samples of --sample_prompts, and none is given: ignored", ", ".join(sampling),
+                       "" if len(sampling) > 1 else "s")
+    if args.use_pinned_memory_for_block_swap and not args.blocks_to_swap:
+        logger.warning("--use_pinned_memory_for_block_swap acts with --blocks_to_swap, and none is given: ignored")
     for unit in ("epochs", "steps"):  # the window of saves kept acts on the saves of that unit
         for kept in (f"save_last_n_{unit}", f"save_last_n_{unit}_state"):
             if getattr(args, kept) and not getattr(args, f"save_every_n_{unit}"):
