@@ -222,6 +222,19 @@ def test_validation_flags_without_held_out_data_say_how_to_add_it(assets, tmp_pa
         train(parse_args(base_args(assets, assets["plain"], tmp_path, "--validate_every_n_steps", "10")))
 
 
+def test_a_split_of_a_single_cached_item_says_it_needs_two_not_to_cache_again(assets, tmp_path, caplog):
+    """One item cannot be both trained on and held out: the message sent the user to run the caching commands again."""
+    one = write_cached_dataset(tmp_path / "one", items=1, frames=1, size=SIZE)
+    one.write_text(one.read_text().replace("[general]\n", "[general]\nvalidation_split = 0.5\n"))
+    with pytest.raises(UserError) as e:
+        train(parse_args(base_args(assets, one, tmp_path / "out", "--validate_every_n_steps", "1")))
+    assert str(e.value) == (f"--validate_every_n_steps needs held-out items, and there are none: {one}: [[datasets]][0]: "
+                            f"validation_split = 0.5 holds out nothing from its 1 cached item (it needs at least 2)")
+    with caplog.at_level(logging.WARNING):
+        train(parse_args(base_args(assets, one, tmp_path / "out", "--max_train_steps", "1")))
+    assert "validation_split = 0.5 holds out nothing from its 1 cached item (it needs at least 2); training without validation" in caplog.text
+
+
 def test_the_caching_commands_cache_validation_datasets_too(assets, tmp_path):
     from musubi_tuner import cache_latents, cache_text_encoder_outputs
     from musubi_tuner.data.config import load_dataset_config

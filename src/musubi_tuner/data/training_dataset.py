@@ -96,6 +96,26 @@ def held_out_keys(item_keys: Sequence[str], fraction: float) -> set[str]:
     return set(sorted(keys, key=lambda k: hashlib.sha1(k.encode("utf-8")).hexdigest())[:count])
 
 
+def _latent_cache_names(dataset: AnyDatasetConfig) -> dict:
+    """The dataset's latent cache files, in name order, each with its parsed name (None: not one of ours)."""
+    cache_dir = dataset.cache_directory
+    latent_files = sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []
+    return {p: cache_files.parse_latent_cache_name(p.name, video=dataset.is_video) for p in latent_files}
+
+
+def too_few_to_split(config: DatasetGroupConfig) -> list[str]:
+    """The datasets whose validation_split holds out nothing because fewer than two of their items are cached (one
+    item cannot be both trained on and held out), each as "WHERE: validation_split = X ... N cached item(s)"."""
+    found = []
+    for ds in config.datasets:
+        if ds.validation_split > 0:
+            count = len({n.item_key for n in _latent_cache_names(ds).values() if n is not None})
+            if count < 2:
+                found.append(f"{ds.where}: validation_split = {ds.validation_split:g} holds out nothing from its {count} cached "
+                             f"item{'' if count == 1 else 's'} (it needs at least 2)")
+    return found
+
+
 def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> DatasetBuckets:
     """Pair every latent cache of the dataset's cache folder with its text cache, grouped by latent shape.
 
@@ -107,8 +127,8 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
     gives.
     """
     cache_dir = dataset.cache_directory
-    latent_files = sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []
-    names = {p: cache_files.parse_latent_cache_name(p.name, video=dataset.is_video) for p in latent_files}
+    names = _latent_cache_names(dataset)
+    latent_files = list(names)
     keys = {n.item_key for n in names.values() if n is not None}
     validation = keys if dataset.role == "validation" else held_out_keys(keys, dataset.validation_split)
     kept = validation if held_out else keys - validation

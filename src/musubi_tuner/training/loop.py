@@ -924,16 +924,21 @@ def resume(candidates: list[Path], args, run: dict, *, network, optimizer, sched
 
 def held_out_batches(args, dataset_config) -> list:
     """The validation batches the dataset config defines; an error if validation is asked for and there are none."""
-    from musubi_tuner.data.training_dataset import validation_batches
+    from musubi_tuner.data.training_dataset import too_few_to_split, validation_batches
 
     batches = validation_batches(dataset_config) if dataset_config.has_validation else []
     asked = args.validate_every_n_steps or args.validate_every_n_epochs
+    small = "; ".join(too_few_to_split(dataset_config)) if dataset_config.has_validation and not batches else ""
+    flag = f"--validate_every_n_{'steps' if args.validate_every_n_steps else 'epochs'}"
+    if asked and not batches and small:  # (caching again cannot help here)
+        raise UserError(f"{flag} needs held-out items, and there are none: {small}")
     if asked and not batches:
         where = "no cached validation items (run the caching commands again)" if dataset_config.has_validation else \
             "no validation data: add `validation_split = 0.1` to [general] or a [[validation_datasets]] table"
-        raise UserError(f"{dataset_config.path}: --validate_every_n_{'steps' if args.validate_every_n_steps else 'epochs'} "
-                        f"needs held-out items, and there are {where}")
-    if dataset_config.has_validation and not batches:
+        raise UserError(f"{dataset_config.path}: {flag} needs held-out items, and there are {where}")
+    if small:
+        logger.warning("%s; training without validation", small)
+    elif dataset_config.has_validation and not batches:
         logger.warning("%s: validation is set up but no validation item is cached; training without it", dataset_config.path)
     return batches
 
