@@ -83,6 +83,8 @@ def test_other_architectures_keys_are_accepted_and_ignored_with_a_note(folders, 
 def test_a_misspelt_key_names_file_table_and_the_closest_key(folders):
     message = config_error(folders, VIDEOS + "target_frame = [25]\n")
     assert message == "dataset.toml: [[datasets]][0].target_frame is not a video dataset key (did you mean target_frames?)"
+    message = config_error(folders, IMAGES + "num_repeat = 2\n")
+    assert message == "dataset.toml: [[datasets]][0].num_repeat is not an image dataset key (did you mean num_repeats?)"
 
 
 def test_a_misspelt_key_in_general_suggests_a_general_key(folders):

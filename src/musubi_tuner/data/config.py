@@ -516,7 +516,7 @@ def _unknown_key_message(where: str, key: str, is_video: bool | None) -> str:
     if key in other_keys:
         return f"{where}.{key} applies to {other} datasets only; this is a {kind} dataset"
     own = [*SHARED_KEYS, *(VIDEO_KEYS if is_video else IMAGE_KEYS)]
-    return f"{where}.{key} is not a {kind} dataset key{did_you_mean(key, own)}"
+    return f"{where}.{key} is not {'a video' if is_video else 'an image'} dataset key{did_you_mean(key, own)}"
 
 
 def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video: bool, path: Path,

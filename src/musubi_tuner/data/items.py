@@ -359,7 +359,7 @@ class _LatentLoader:
         num_frames = len(video.frames)
         clips = self._clips(num_frames)
         if not clips:
-            return _Loaded(skip_reason=f"only {num_frames} frames, shorter than every target_frames "
+            return _Loaded(skip_reason=f"only {num_frames} frame{'s' if num_frames != 1 else ''}, shorter than every target_frames "
                                        f"{list(ds.target_frames)}")
         video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames)
         for clip in clips:
