@@ -534,3 +534,27 @@ def test_a_relative_cache_directory_is_one_folder_from_whichever_folder_the_comm
         (dataset,) = load_dataset_config(config).datasets
         assert dataset.cache_directory == project / "cache"  # in full, in every message that names it
         assert TrainingDataset.from_config(load_dataset_config(config, check_sources=False), seed=0).num_items == 2
+
+
+def test_a_relative_cache_directory_beside_an_absolute_source_says_which_folder_holds_the_caches(models, tmp_path, monkeypatch, caplog):
+    """fuzz_x F6: with the source written in full there is nothing to anchor a relative cache_directory to but the
+    current folder (musubi-tuner's rule): caching from one folder and training from another found nothing, unsaid."""
+    project, here = tmp_path / "proj", tmp_path / "here"
+    make_synthetic_dataset(project, num_videos=0, num_images=2, width=32, height=32, frames=5)
+    here.mkdir()
+    toml = project / "dataset.toml"
+    toml.write_text(f'[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n'
+                    f'[[datasets]]\nimage_directory = "{(project / "images").as_posix()}"\ncache_directory = "cache"\n')
+    monkeypatch.chdir(here)
+    with caplog.at_level(logging.WARNING):
+        cache_latents_main(latent_args(str(toml), models))
+    assert (f'cache_directory = "cache": relative to the folder this command runs from, so the caches go to {here / "cache"} '
+            f"(not there yet); run from another folder, a command uses that folder's cache instead") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        cache_text_main(text_args(str(toml), models))  # the same folder, which now exists: nothing to say
+    assert "relative to the folder this command runs from" not in caplog.text
+    monkeypatch.chdir(project)  # (the config's own folder: where the caches go is no surprise)
+    with caplog.at_level(logging.WARNING):
+        load_dataset_config(toml)
+    assert "relative to the folder this command runs from" not in caplog.text

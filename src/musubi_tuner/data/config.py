@@ -611,12 +611,25 @@ def _resolve_cache(value: str, config_path: Path, at: str, anchor: bool | None, 
     first run created it beside the config, and commands run from two folders split one dataset's caches in two."""
     path = _expanded(value, at)
     if anchor is None or path.is_absolute():
-        return _resolve(value, config_path, at)
+        resolved = _resolve(value, config_path, at)
+        if resolved == path and not path.is_absolute() and not path.exists() and not _same_folder(config_path.parent, Path.cwd()):
+            # (musubi-tuner's rule, relative to the current folder: run from another folder, a command finds none)
+            logger.warning("%s: relative to the folder this command runs from, so the caches go to %s (not there yet); run "
+                           "from another folder, a command uses that folder's %s instead. Write an absolute cache_directory to "
+                           "keep them in one place", at, os.path.abspath(path), value)
+        return resolved
     chosen, other = (config_path.parent / path, path) if anchor else (path, config_path.parent / path)
     if other.is_dir() and not (chosen.exists() and os.path.samefile(other, chosen)):
         logger.warning("%s: using %s (where %s was found); %s is not used", at, os.path.abspath(chosen), source_key,
                        os.path.abspath(other))
     return chosen
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _check_source(path: Path, key: str, written: str, where: str, *, is_directory: bool) -> None:
