@@ -15,6 +15,7 @@ import math
 import re
 
 from musubi_tuner.errors import SharedError, UserError
+from musubi_tuner.files import not_text
 
 
 class Parser(argparse.ArgumentParser):
@@ -204,10 +205,9 @@ pixels.__name__ = "size"
 def text(value: str) -> str:
     """Text given on the command line: bytes that are not UTF-8 (which Python keeps as lone surrogates) are refused
     here, not by the tokenizer once the models have loaded."""
-    bad = next((c for c in value if "\udc80" <= c <= "\udcff"), None)
-    if bad is not None:
-        raise argparse.ArgumentTypeError(f"is not UTF-8 text (byte 0x{ord(bad) - 0xDC00:02x} at character {value.index(bad) + 1}); "
-                                         "check the terminal's or the script's encoding")
+    problem = not_text(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{problem}; check the terminal's or the script's encoding")
     return value
 
 

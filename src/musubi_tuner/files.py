@@ -535,6 +535,38 @@ class LazyTensors(Mapping):
         return len(self.specs)
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` is Unicode text, which UTF-8 writes: a file name's bytes that are not UTF-8, as Python holds
+    them (escaped to lone surrogates), and a lone surrogate from a JSON escape are not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def not_text(text: str) -> str | None:
+    """Why `text` is not Unicode text, or None: a byte that is not UTF-8 (a command line or file saved in another
+    encoding: Python holds it as a lone surrogate, U+DC80..U+DCFF), or half of a surrogate pair (JSON lets `\\ud800`
+    stand alone). A tokenizer given either fails with a TypeError once the models have loaded."""
+    if is_utf8(text):
+        return None
+    at, c = next((i, c) for i, c in enumerate(text, start=1) if "\ud800" <= c <= "\udfff")
+    if "\udc80" <= c <= "\udcff":
+        return f"is not UTF-8 text (byte 0x{ord(c) - 0xDC00:02x} at character {at})"
+    return f"holds \\u{ord(c):04x} at character {at}, half of a surrogate pair and no character"
+
+
+def utf8_text(text: str) -> str:
+    """`text` as Unicode text every reader takes: a byte of a file name that is not UTF-8 (held by Python as a lone
+    surrogate, U+DC80..U+DCFF) as \\xNN, another lone surrogate as \\uNNNN. The safetensors library (ComfyUI,
+    musubi-tuner, diffusers) refuses a header whose JSON escapes a lone surrogate."""
+    if is_utf8(text):
+        return text
+    return "".join(c if not "\ud800" <= c <= "\udfff" else f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff"
+                   else f"\\u{ord(c):04x}" for c in text)
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
                      cast: torch.dtype | None = None, staged: bool = False) -> None:
     """Write a safetensors file atomically, streaming tensor by tensor (no second copy of the weights).
@@ -554,7 +586,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         bad = [k for k, v in metadata.items() if not isinstance(v, str)]
         if bad:
             raise TypeError(f"safetensors metadata values must be str: {bad}")
-        header["__metadata__"] = dict(metadata)
+        header["__metadata__"] = {utf8_text(k): utf8_text(v) for k, v in metadata.items()}
     specs = getattr(tensors, "specs", None) or {name: (stored_dtype(t), tuple(t.shape)) for name, t in tensors.items()}
     offset = 0
     for name, (dtype, shape) in specs.items():
@@ -1319,6 +1351,9 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols is noise to users: the file loads or is refused
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if not is_utf8(str(path)):  # torch's zip reader takes the name as UTF-8: a file object it reads whole
+                with open(path, "rb") as f:
+                    return torch.load(f, map_location="cpu", weights_only=True)
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:

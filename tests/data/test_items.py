@@ -306,6 +306,9 @@ def test_jsonl_lines_give_paths_and_captions_and_a_folder_can_be_a_video(tmp_pat
     ('{"video_path": "a.mp4"}', 'meta.jsonl:2: no "caption" string'),
     ('{"video_path": "a.mp4", caption}', "meta.jsonl:2: not a JSON object"),
     ('["a.mp4", "x"]', "meta.jsonl:2: not a JSON object"),
+    # (the tokenizer failed on it with a TypeError once the text encoder had loaded: fuzz_aa 1)
+    ('{"video_path": "a.mp4", "caption": "lone \\ud800 half"}',
+     "meta.jsonl:2: the caption holds \\ud800 at character 6, half of a surrogate pair and no character"),
 ])
 def test_a_bad_jsonl_line_names_the_file_line_dataset_and_key(tmp_path, line, problem):
     dataset = jsonl_config(tmp_path, ['{"video_path": "a.mp4", "caption": "ok"}', line])

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -40,6 +41,16 @@ def test_pt_file_holds_weights_under_module_like_the_official_one(tmp_path, tiny
     pt = write_dit(tmp_path / "mp_rank_00_model_states.pt", sd, config, "pt")
     raw = torch.load(pt, weights_only=True)
     assert list(raw) == ["module"] and "double_blocks.0.img_attn_qkv.weight" in raw["module"]
+
+
+def test_a_pt_file_whose_name_is_not_utf8_loads(tmp_path, tiny):
+    """torch's zip reader takes a path as UTF-8: the file was called "not a readable PyTorch DiT checkpoint (truncated
+    or a different format)", sending the user to download it again (fuzz_aa 3)."""
+    config, sd = tiny
+    pt = write_dit(tmp_path / "dit.pt", sd, config, "pt")
+    latin1 = os.fsdecode(os.fsencode(tmp_path) + b"/dit\xff.pt")
+    shutil.copy(pt, latin1)
+    assert torch.equal(run(load_dit(latin1, dtype=torch.float32), config), run(load_dit(pt, dtype=torch.float32), config))
 
 
 def test_fp16_and_fp8_files_load_close_to_the_bf16_file(tmp_path, tiny):

@@ -217,3 +217,42 @@ def test_compile_trains_the_same_lora_with_checkpointing_and_block_swap(assets, 
     assert eager.keys() == compiled.keys()
     for key in eager:
         assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_a_dataset_folder_whose_name_is_not_utf8_gives_a_lora_every_safetensors_reader_opens(assets, tmp_path):
+    """A folder named in Latin-1 (b'caf\\xe9', a zip unpacked on Linux) is a valid name, which a JSON dataset config
+    names with the escape "\\udce9", as Python's json reads it. The name went into the LoRA's metadata as that escape of
+    a lone surrogate, which the safetensors library (ComfyUI, musubi-tuner, diffusers) refuses in a header (fuzz_aa 2):
+    now it is the text \\xe9, and the sd-scripts hash is of what is written."""
+    import json
+    import os
+
+    from safetensors.torch import load as safetensors_load
+
+    from musubi_tuner.networks.lora_metadata import sd_scripts_hashes
+
+    root, dit, _ = assets
+    write_cached_dataset(tmp_path / "data", items=2, frames=5, size=(64, 48))
+    folder = os.fsdecode(os.fsencode(tmp_path / "data") + b"/caf\xe9")
+    os.rename(tmp_path / "data" / "videos", folder)
+    config = tmp_path / "dataset.json"
+    config.write_text(json.dumps({"general": {"resolution": [64, 48], "caption_extension": ".txt", "enable_bucket": True},
+                                  "datasets": [{"video_directory": folder, "cache_directory": str(tmp_path / "data" / "cache"),
+                                                "target_frames": [5]}]}))
+    final = train(parse_args(base_args(dit, config, tmp_path / "out", "--max_train_steps", "1", "--lora_format", "musubi")))
+    safetensors_load(final.read_bytes())
+    _, meta = read_safetensors_header(final)
+    assert json.loads(meta["ss_datasets"])[0]["video_directory"] == "caf\\xe9"  # (a strict JSON reader takes it)
+    ss = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    assert sd_scripts_hashes(load_lora(final), ss)[0] == meta["sshs_model_hash"]
+
+
+@pytest.mark.parametrize("flag", ["--output_name", "--training_comment", "--metadata_author"])
+def test_text_flags_that_are_not_utf8_are_refused_when_the_command_line_is_read(assets, tmp_path, flag):
+    """Bytes that are not UTF-8 in a text flag (a script saved in Latin-1) made a UnicodeEncodeError after the whole run,
+    the LoRA lost (fuzz_aa 2); --prompt was already refused so."""
+    root, dit, toml = assets
+    argv = [a for a in base_args(dit, toml, tmp_path) if a not in ("--output_name", "tiny")] + [flag, "x\udcffy"]
+    argv += ["--output_name", "tiny"] if flag != "--output_name" else []
+    with pytest.raises(UserError, match=rf"^{flag} is not UTF-8 text \(byte 0xff at character 2\); check the terminal"):
+        parse_args(argv)

@@ -193,7 +193,8 @@ def record_left_out(cache_dir: str | os.PathLike, left_out: Iterable[tuple[str, 
         files.remove_leftover_temp_files(cache_dir, lambda name: name == LEFT_OUT_NAME)  # (a killed run's write of it)
         if entries:
             with files.atomic_write(target) as tmp:
-                tmp.write_text(json.dumps(entries, ensure_ascii=False, indent=1), encoding="utf-8")
+                tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")  # (ASCII: a name that is not UTF-8 is
+                # escaped, and read back as Python holds it)
         else:
             target.unlink(missing_ok=True)
     except (OSError, UserError):  # a record that cannot be written only makes training's advice less precise
@@ -213,17 +214,22 @@ def latent_provenance(source: str | os.PathLike, source_size: tuple[int, int], b
                       vae: Mapping[str, str] | None = None, source_frames: int | None = None) -> dict[str, str]:
     """What made a latent cache, for its metadata: the source file and its state, its size (and, for a
     video, its frame count after source_fps), the bucket and the VAE (`vae_provenance`)."""
-    provenance = {"source": os.path.basename(os.path.normpath(source)), **source_signature(source),
+    provenance = {"source": _name(source), **source_signature(source),
                   "source_size": f"{source_size[0]}x{source_size[1]}", "bucket": f"{bucket[0]}x{bucket[1]}"}
     if source_frames is not None:
         provenance["source_frames"] = str(source_frames)
     return {**provenance, **(vae or {})}
 
 
+def _name(path: str | os.PathLike) -> str:
+    """A file's or folder's name as metadata holds it (and compares it: files.utf8_text, as every header is written)."""
+    return files.utf8_text(os.path.basename(os.path.normpath(path)))
+
+
 def vae_provenance(vae: str | os.PathLike, dtype: torch.dtype) -> dict[str, str]:
     """The VAE's part of a latent cache's provenance: its file name, what the file holds (files.content_digest: every
     official VAE file has the same name) and the dtype it encoded in. Computed once per run."""
-    return {"vae": os.path.basename(vae), "vae_digest": files.content_digest(vae), "vae_dtype": dtype_short_name(dtype)}
+    return {"vae": _name(vae), "vae_digest": files.content_digest(vae), "vae_dtype": dtype_short_name(dtype)}
 
 
 DATASET_KEY = "dataset"
@@ -239,7 +245,7 @@ def dataset_record(source: str | os.PathLike, cache_dir: str | os.PathLike) -> d
         where = os.path.relpath(source, cache_dir)
     except ValueError:  # another drive
         where = source
-    return {DATASET_KEY: os.path.normcase(where).replace(os.sep, "/")}
+    return {DATASET_KEY: files.utf8_text(os.path.normcase(where).replace(os.sep, "/"))}
 
 
 def made_by_another_dataset(paths: Iterable[Path], source: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[Path, str]:
@@ -261,7 +267,7 @@ def text_provenance(encoder: str, model: str | os.PathLike, dtype: torch.dtype, 
     """What made one encoder's part of a text cache: the model's file or folder name, what it holds
     (files.content_digest), the dtype it ran in and, for the LLM, whether its weights were fp8 (--fp8_llm).
     Computed once per run."""
-    record = {f"{encoder}_model": os.path.basename(os.path.normpath(model)), f"{encoder}_digest": files.content_digest(model),
+    record = {f"{encoder}_model": _name(model), f"{encoder}_digest": files.content_digest(model),
               f"{encoder}_dtype": dtype_short_name(dtype)}
     if encoder == "llm":
         record["llm_fp8"] = str(bool(fp8)).lower()

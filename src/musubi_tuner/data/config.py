@@ -23,7 +23,7 @@ from musubi_tuner.data import media
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError, did_you_mean
-from musubi_tuner.files import read_small_file, require_file, why_unreadable
+from musubi_tuner.files import read_small_file, require_file, utf8_text, why_unreadable
 from musubi_tuner.tomlio import load_toml, loads_json, loads_toml
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class DatasetConfig:
             "resolution": list(self.resolution), "caption_extension": self.caption_extension,
             "batch_size_per_device": self.batch_size, "num_repeats": self.num_repeats,
             "enable_bucket": self.enable_bucket, "bucket_no_upscale": self.bucket_no_upscale,
-            self.source_key: self.source.name, "has_control": False,
+            self.source_key: utf8_text(self.source.name), "has_control": False,  # (LoRA metadata: see utf8_text)
         }
 
 

@@ -29,7 +29,8 @@ from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
 from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
 from musubi_tuner.errors import MachineLimit, UserError
-from musubi_tuner.files import expanded_path, read_safetensors_header, read_small_file, require_file, require_present, unwritable_name
+from musubi_tuner.files import (expanded_path, not_text, read_safetensors_header, read_small_file, require_file, require_present,
+                                 unwritable_name)
 from musubi_tuner.tomlio import loads_json
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,9 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
         caption = entry.get("caption")
         if not isinstance(caption, str):
             raise UserError(f"{jsonl}:{number}: no \"caption\" string {where}")
+        problem = not_text(caption)
+        if problem is not None:  # (a JSON escape of half a pair: the tokenizer failed on it once the encoder had loaded)
+            raise UserError(f"{jsonl}:{number}: the caption {problem} {where}")
         try:
             path = _jsonl_media_path(media_path, jsonl, f"{jsonl}:{number}: {json.dumps(media_path)}")
         except UserError as e:  # (a NUL character, a ~ that cannot be expanded)

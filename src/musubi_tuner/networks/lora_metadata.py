@@ -304,7 +304,10 @@ def sd_scripts_hashes(state_dict: dict[str, torch.Tensor], ss_metadata: dict[str
     """SHA-256 of the data section of a safetensors serialisation, and the legacy 8-hex-digit hash (sd-scripts' definitions)."""
     from safetensors.torch import save
 
-    blob = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=ss_metadata)
+    from musubi_tuner.files import utf8_text
+
+    # (as files.save_safetensors writes them: a name that is not UTF-8 was a UnicodeEncodeError here, after the whole run)
+    blob = save({k: v.contiguous() for k, v in state_dict.items()}, metadata={k: utf8_text(v) for k, v in ss_metadata.items()})
     n = int.from_bytes(blob[:8], "little")
     model_hash = hashlib.sha256(blob[8 + n :]).hexdigest()
     legacy = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]

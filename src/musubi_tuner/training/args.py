@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, network_dim, path, pixels, real, seed
+from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, network_dim, path, pixels, real, seed, text
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.hunyuan.compile import add_compile_flags
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
@@ -162,12 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_partial_lora", action="store_true",
                    help="apply the parts of --network_weights / --base_weights files that can be, and list what is dropped, "
                         "instead of refusing a file with entries this toolkit cannot apply")
-    g.add_argument("--training_comment", default=None, help="stored in the LoRA's metadata (ss_training_comment)")
+    g.add_argument("--training_comment", type=text, default=None, help="stored in the LoRA's metadata (ss_training_comment)")
     g.add_argument("--no_metadata", action="store_true", help="save only the minimal metadata")
 
     g = p.add_argument_group("saving")
     g.add_argument("--output_dir", type=path, default=None, help="folder of the LoRA files, states, loss curve and samples (one run at a time)")
-    g.add_argument("--output_name", default=None, help="file name stem of the LoRA files")
+    g.add_argument("--output_name", type=text, default=None, help="file name stem of the LoRA files")
     g.add_argument("--save_every_n_epochs", type=count(1), default=None, help="save NAME-EEEEEE.safetensors every N epochs")
     g.add_argument("--save_every_n_steps", type=count(1), default=None, help="save NAME-stepSSSSSSSS.safetensors every N steps")
     g.add_argument("--save_last_n_epochs", type=count(1), default=None, help="keep only the last N epoch saves")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     for key, help_ in (("title", "model title (default: --output_name)"), ("author", "author"), ("description", "description"),
                        ("license", "license"), ("tags", "comma-separated tags"), ("reso", "resolution 'W,H' (default 1280,720)"),
                        ("arch", "architecture string override")):
-        g.add_argument(f"--metadata_{key}", default=None, help=f"modelspec metadata: {help_}")
+        g.add_argument(f"--metadata_{key}", type=text, default=None, help=f"modelspec metadata: {help_}")
 
     g = p.add_argument_group("sampling during training")
     g.add_argument("--sample_prompts", type=path, default=None, help="prompt file (.txt, .toml or .json) for sample videos")
@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", type=path, default=None, help="TensorBoard logs go to a timestamped folder here")
     g.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), default=None, help="tracker (default tensorboard)")
-    g.add_argument("--log_prefix", default=None, help="prefix of the timestamped log folder")
-    g.add_argument("--log_tracker_name", default=None, help="tracker project name (default network_train)")
-    g.add_argument("--wandb_run_name", default=None, help="wandb run name")
+    g.add_argument("--log_prefix", type=text, default=None, help="prefix of the timestamped log folder")
+    g.add_argument("--log_tracker_name", type=text, default=None, help="tracker project name (default network_train)")
+    g.add_argument("--wandb_run_name", type=text, default=None, help="wandb run name")
     g.add_argument("--log_tracker_config", type=path, default=None, help="TOML file of tracker init arguments")
     g.add_argument("--wandb_api_key", default=None, help="with --log_with wandb or all: log in to wandb with this key first")
     g.add_argument("--log_config", action="store_true", help="log the options (without paths and keys) as the tracker config")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, count, embedded_guidance, real, seed
 from musubi_tuner.errors import UserError, did_you_mean
-from musubi_tuner.files import read_small_file, require_file
+from musubi_tuner.files import not_text, read_small_file, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ class SamplePrompt:
         musubi-tuner prompt file keeps working). A prompt of blanks is refused, as the generation command does."""
         if not self.prompt.strip():
             raise UserError(f"{where}: no prompt text (the line starts with the prompt, then its --options)")
+        for name, value in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            problem = not_text(value) if value else None
+            if problem is not None:  # (the tokenizer failed on it with a TypeError, after the models had loaded)
+                raise UserError(f"{where}: the {name} {problem}")
         done = replace(self, width=max(16, self.width // 16 * 16), height=max(16, self.height // 16 * 16),
                        frames=max(1, (self.frames - 1) // 4 * 4 + 1))
         if done != self:
