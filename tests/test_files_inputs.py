@@ -313,6 +313,22 @@ def test_a_safetensors_header_the_safetensors_library_refuses_is_refused_naming_
         files.read_safetensors_header(path)
 
 
+def test_metadata_is_written_as_the_safetensors_library_writes_it_utf8_text(tmp_path):
+    """Escaped as JSON's ASCII, an emoji took 12 header bytes: a 36 MB --training_comment made a header past the 100 MB
+    that library reads (fuzz_aa 12), and the file it had said "saved" opened nowhere else. A name's byte that is not
+    UTF-8 is written as the text \\xNN (a lone surrogate's escape is refused by that library)."""
+    from safetensors import safe_open
+
+    from musubi_tuner.files import save_safetensors
+
+    path = tmp_path / "x.safetensors"
+    comment, name = "\U0001F600" * 1000 + " café", os.fsdecode(b"caf\xe9.png")
+    save_safetensors({"a": torch.zeros(2)}, path, metadata={"ss_training_comment": comment, "source": name})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"ss_training_comment": comment, "source": "caf\\xe9.png"}
+    assert int.from_bytes(path.read_bytes()[:8], "little") < 4 * 1000 + 200
+
+
 def test_a_tensor_whose_dimensions_overflow_is_refused_naming_it(tmp_path):
     """No elements, but dimensions whose product passes 2**63: torch cannot give it strides ("Stride calculation
     overflowed", a traceback)."""

@@ -595,7 +595,9 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": st_tags()[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    # (UTF-8, as the safetensors library writes it: escaped, an emoji took 12 bytes, and a long --training_comment
+    # passed the 100 MB header that library reads)
+    header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
     with (contextlib.nullcontext(path) if staged else atomic_write(path)) as tmp, open(tmp, "wb") as f:  # (atomic_write
         # turns a failed write into a UserError naming the file)
