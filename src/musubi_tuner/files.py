@@ -545,6 +545,14 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+def text_lines(text: str) -> list[str]:
+    """`text`'s lines as Python's text-mode files (and so musubi-tuner) read them: split at \\n, \\r\\n and \\r only.
+    str.splitlines also splits at U+2028, U+0085 and form feeds, which JSON writers leave unescaped inside a string
+    and captions pasted from web pages carry: a valid JSONL line was refused, and a prompt line became two prompts."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def not_text(text: str) -> str | None:
     """Why `text` is not Unicode text, or None: a byte that is not UTF-8 (a command line or file saved in another
     encoding: Python holds it as a lone surrogate, U+DC80..U+DCFF), or half of a surrogate pair (JSON lets `\\ud800`

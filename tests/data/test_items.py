@@ -271,6 +271,31 @@ def test_a_caption_that_is_not_utf8_is_reported_naming_the_file(tmp_path):
         items.caption_items(dataset, items.CacheReport(), strict=True)
 
 
+@pytest.mark.parametrize("data, said", [
+    ("a cat".encode("utf-16-le"), "caption holds NUL bytes (UTF-16 text, or not text); save it as UTF-8"),
+    ("a cat".encode("utf-16"), "caption is UTF-16 text (it starts with a byte-order mark); save it as UTF-8"),
+])
+def test_a_utf16_caption_is_reported_naming_the_file(tmp_path, data, said):
+    """Without a byte-order mark (PowerShell's Out-File) it decoded as 'a\\x00 \\x00c...' and was trained on without a
+    word (fuzz_aa 9); with one it was "not UTF-8 text (byte 0)"."""
+    dataset = image_config(tmp_path)
+    add_image(tmp_path, "ok")
+    add_image(tmp_path, "wide", caption=None)
+    (tmp_path / "images" / "wide.txt").write_bytes(data)
+    report = items.CacheReport()
+    assert [c.caption for c in items.caption_items(dataset, report)] == ["an image"]
+    assert report.failed[0][1].endswith(f"wide.txt: {said}")
+
+
+def test_text_is_split_into_lines_only_where_musubi_tuners_text_mode_files_split_it(tmp_path):
+    """At \\n, \\r\\n and \\r: str.splitlines also split at U+2028 and U+0085, which JSON writers leave inside a string,
+    so a valid JSONL line was refused as "Unterminated string" (fuzz_aa 6)."""
+    caption = "first line\u2028second\x85line\x0cthird"
+    dataset = jsonl_config(tmp_path, [json.dumps({"video_path": "a.mp4", "caption": caption}, ensure_ascii=False)])
+    (item,), _ = items.list_items(dataset)
+    assert item.read_caption() == caption
+
+
 def test_a_missing_video_caption_fails_that_video_only(tmp_path):
     dataset = video_config(tmp_path)
     add_video(tmp_path, "a")

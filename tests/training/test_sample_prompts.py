@@ -24,6 +24,14 @@ def test_toml_subsets_and_json(tmp_path):
     assert dog.frames == 5 and cat.seed == 3
 
 
+def test_a_prompt_line_ends_only_where_musubi_tuner_ends_it(tmp_path):
+    """At \\n, \\r\\n or \\r: a U+2028 or NEL pasted inside a prompt made two prompts, the options on the second half
+    and the first sampled at the default size (fuzz_aa 6)."""
+    f = tmp_path / "p.txt"
+    f.write_bytes("a cat\u2028sitting --w 64 --h 64\r\nsecond\x85prompt --w 32\rthird --w 48\n".encode())
+    assert [(p.prompt, p.width) for p in load_sample_prompts(f)] == [("a cat\u2028sitting", 64), ("second\x85prompt", 32), ("third", 48)]
+
+
 def test_bad_option_names_the_line(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("ok\nbad --zz 3\n")

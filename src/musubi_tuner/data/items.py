@@ -30,7 +30,7 @@ from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetC
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
 from musubi_tuner.errors import MachineLimit, UserError
 from musubi_tuner.files import (expanded_path, not_text, read_safetensors_header, read_small_file, require_file, require_present,
-                                 unwritable_name)
+                                 text_lines, unwritable_name)
 from musubi_tuner.tomlio import loads_json
 
 logger = logging.getLogger(__name__)
@@ -131,8 +131,13 @@ class SourceItem:
             return self.jsonl_caption.strip()
         # (a FIFO, /dev/zero, a socket or a 1 TB sparse file as a caption: named, where a read would hang or fill memory)
         data = read_small_file(self.caption_file, "caption file", f"for {self.path.name}", MAX_CAPTION_BYTES)
+        bom = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        if bom or b"\x00" in data:  # (PowerShell's Out-File: without a byte-order mark it decoded as "a\x00 \x00c\x00a\x00t\x00",
+            # and was trained on without a word)
+            what = "is UTF-16 text (it starts with a byte-order mark)" if bom else "holds NUL bytes (UTF-16 text, or not text)"
+            raise UserError(f"{self.caption_file}: caption {what}; save it as UTF-8")
         try:  # (line breaks read as musubi-tuner's text-mode open reads them: a CRLF caption's \r was a token more per line)
-            return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n").strip()
+            return "\n".join(text_lines(data.decode("utf-8-sig"))).strip()
         except UnicodeDecodeError as e:
             raise UserError(f"{self.caption_file}: caption is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
@@ -232,7 +237,7 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
     items = []
     data = read_small_file(jsonl, "JSONL file", f"{dataset.where}.{dataset.source_key}", MAX_JSONL_BYTES)
     try:
-        lines = data.decode("utf-8-sig").splitlines()
+        lines = text_lines(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise UserError(f"{jsonl}: not UTF-8 text (byte {e.start}) {where}") from None
     for number, line in enumerate(lines, start=1):

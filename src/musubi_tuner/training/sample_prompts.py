@@ -13,7 +13,7 @@ from pathlib import Path
 
 from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, count, embedded_guidance, real, seed
 from musubi_tuner.errors import UserError, did_you_mean
-from musubi_tuner.files import not_text, read_small_file, require_file
+from musubi_tuner.files import not_text, read_small_file, require_file, text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         prompts = [parse_line(e, i, str(path)) if isinstance(e, str) else _from_dict(e, i, str(path)) for i, e in enumerate(entries)]
     else:
         try:
-            lines = read_small_file(path, what, flag).decode("utf-8-sig").splitlines()  # (a byte-order mark: Notepad)
+            lines = text_lines(read_small_file(path, what, flag).decode("utf-8-sig"))  # (a byte-order mark: Notepad)
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text") from None
         numbered = [(n, ln.strip()) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.strip().startswith("#")]
