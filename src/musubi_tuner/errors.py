@@ -364,12 +364,22 @@ def launched() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def printable(text: str) -> str:
+    """`text` with what a terminal acts on or hides written as escapes, as repr writes them: a newline or carriage return
+    in a file's name made one error or summary entry look like two, and a downloaded LoRA's metadata could clear the
+    screen, set the window's title or reverse the text (an escape sequence, U+202E), or forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fail(message: str, shared: bool = False, about_another: bool = False) -> None:
     _default_sigterm()  # ending anyway: a launcher's SIGTERM now ends it without a second message
     _close_progress_bars()
     if "musubi_tuner.files" in sys.modules:  # (a command that failed before it checked any output folder made none)
         sys.modules["musubi_tuner.files"].remove_created_empty_folders()
     quiet = shared and launched()[0] != 0
+    message = printable(message)  # (one line, whatever the names in it hold)
     if not quiet:
         _say(f"error: {message}")
     _tell_the_launcher(f"error: {message}", later=LOST_PEER_LATER_SECONDS if about_another else 0)

@@ -198,6 +198,31 @@ def test_images_without_caption_files_are_left_out_and_listed(tmp_path):
     assert problems == [(str(tmp_path / "images" / "without.png"), "no caption file without.txt")]
 
 
+def test_a_caption_whose_name_only_looks_the_same_is_named_and_odd_names_stay_one_entry(tmp_path):
+    """fuzz_aa 7: an image named in NFC (as typed on Linux or Windows) beside its caption in NFD (as macOS writes it)
+    was told "no caption file café.txt" with café.txt right there; IMG_1.png beside img_1.txt had no hint; a name
+    holding a newline made the summary read as two entries. musubi-tuner matches names exactly too: said, not read."""
+    import unicodedata
+
+    dataset = image_config(tmp_path)
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    add_image(tmp_path, nfc, caption=None)
+    (tmp_path / "images" / f"{nfd}.txt").write_text("a cafe")
+    add_image(tmp_path, "IMG_1", caption=None)
+    (tmp_path / "images" / "img_1.txt").write_text("a photo")
+    add_image(tmp_path, "two\nlines", caption=None)
+    found, problems = items.list_items(dataset)
+    assert found == []
+    assert sorted(reason for _, reason in problems) == [
+        "no caption file IMG_1.txt (img_1.txt exists, its name in other letter case: rename it IMG_1.txt)",
+        f"no caption file {nfc}.txt ({nfd}.txt exists, its name in another Unicode form: rename it {nfc}.txt)",
+        "no caption file two\nlines.txt"]
+    report = items.CacheReport()
+    report.skipped += problems
+    entries = report.summary().splitlines()[1:]
+    assert len(entries) == 3 and any(line.endswith("two\\nlines.png: no caption file two\\nlines.txt") for line in entries)
+
+
 def test_a_caption_extension_without_its_leading_dot_is_named_where_the_dotted_file_exists(tmp_path):
     (tmp_path / "images").mkdir()
     dataset = config_for(tmp_path, f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\ncache_directory = "{tmp_path / "cache"}"\n',

@@ -77,6 +77,24 @@ def test_info_and_doctor_ignore_unreadable_metadata_with_a_warning_naming_file_a
     assert "modules    20 in 4 blocks, rank 4, alpha 2" in out  # the weights are read as ever
 
 
+def test_lora_info_shows_a_downloaded_files_text_as_text_on_one_line_and_errors_stay_one_line(made, tmp_path, capsys):
+    """fuzz_aa 5: a file's metadata reached the terminal as it was: an escape sequence set the window's title and cleared
+    the screen, a carriage return hid the value, a newline forged the line after it, and a 2,000-line comment was
+    printed whole. A file name holding a newline made the one-line error two lines."""
+    _, _, weights, meta = made
+    forged = "nice\x1b]0;TITLE\x07\x1b[2J\n    ss_network_dim               128"
+    path = write(tmp_path / "evil.safetensors", weights, {**meta, "ss_training_comment": forged, "ss_output_name": "evil\rinnocent",
+                                                           "ss_seed": "\u202e" + "x" * 500, "ss_network_dim": "4"})
+    status, out, _ = run_main(lora_info.main, [path], capsys)
+    assert status == 0 and not any(c in out for c in "\x1b\r\x07\u202e"), out
+    shown = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ss_")}
+    assert shown["ss_training_comment"].endswith("nice\\x1b]0;TITLE\\x07\\x1b[2J\\n    ss_network_dim               128")
+    assert shown["ss_output_name"].endswith("evil\\rinnocent") and shown["ss_network_dim"].endswith(" 4")
+    assert shown["ss_seed"].endswith("... (506 characters; --json shows all)")
+    status, _, err = run_main(lora_info.main, [tmp_path / "two\nlines.safetensors"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "two\\nlines.safetensors" in err, err
+
+
 def test_metadata_keys_are_read_one_by_one_so_a_bad_one_leaves_the_others(made, caplog):
     _, _, _, meta = made
     info = LoRAFileInfo.from_metadata({**meta, "musubi_tuner.frames": "{", "musubi_tuner.in_channels": "-3"}, "x.safetensors")

@@ -16,6 +16,7 @@ import collections
 import json
 import logging
 import os
+import unicodedata
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from musubi_tuner.data import cache_files, media
 from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
 from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
-from musubi_tuner.errors import MachineLimit, UserError
+from musubi_tuner.errors import MachineLimit, UserError, printable
 from musubi_tuner.files import (expanded_path, not_text, read_safetensors_header, read_small_file, require_file, require_present,
                                  text_lines, unwritable_name)
 from musubi_tuner.tomlio import loads_json
@@ -83,7 +84,7 @@ class CacheReport:
                  f"{len(self.skipped)} skipped, {len(self.failed)} failed"]
         for title, entries in (("failed", self.failed), ("skipped", self.skipped)):
             for path, reason in entries[:limit]:
-                lines.append(f"  {title}: {_naming(path, reason)}")
+                lines.append(f"  {title}: {printable(_naming(path, reason))}")  # (a newline in a name made two entries)
             if len(entries) > limit:
                 lines.append(f"  ... and {len(entries) - limit} more {title}")
         if self.unrecorded:
@@ -176,6 +177,7 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
         raise UserError(f"{dataset.where}.{dataset.source_key}: cannot list {folder} ({e.strerror or e})") from None
     items, problems = [], []
     siblings: dict[str, list[str]] | None = None  # stem -> the other files' suffixes, listed once, at the first miss
+    loose: dict = {}  # the same by a name's Unicode-normalised, case-folded form
     for path in files:
         caption_file = path.with_name(path.stem + extension)
         if not dataset.is_video and len(os.fsencode(caption_file.name)) > MAX_NAME_BYTES:  # (no such file can exist)
@@ -197,29 +199,53 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
             elif os.path.exists(path.with_name(path.name + extension)):  # x.png.txt: the caption of x.png is x.txt
                 hint = f" ({path.name}{extension} exists: the caption of {path.name} is named {caption_file.name})"
             else:
-                siblings = _suffixes_by_stem(folder) if siblings is None else siblings
+                if siblings is None:
+                    siblings = _suffixes_by_stem(folder)
+                    loose = _by_loose_name(siblings)
                 others = [s for s in siblings.get(path.stem, []) if s.lower() not in (*media.IMAGE_EXTENSIONS, *media.VIDEO_EXTENSIONS)]
-                hint = f" ({path.stem}{others[0]} exists: caption_extension = {others[0]!r}?)" if others else ""
+                hint = f" ({path.stem}{others[0]} exists: caption_extension = {others[0]!r}?)" if others else \
+                    _caption_named_otherwise(loose, path.stem, extension, caption_file.name)
             problems.append((str(path), f"no caption file {caption_file.name}{hint}"))
             continue
         items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file))
     if not dataset.is_video:
         problems += _unsupported_images(folder, extension, {path.stem for path in files})
     else:
-        problems += [(str(p), f"{p.suffix} is not a supported video type ({', '.join(media.VIDEO_EXTENSIONS)}); convert it, "
-                              "e.g. ffmpeg -i IN -c:v libx264 OUT.mp4")
-                     for p in sorted(Path(folder).iterdir())
-                     if p.suffix.lower() in media.UNSUPPORTED_VIDEO_EXTENSIONS and not p.name.startswith(".")]
+        problems += [(str(p), media.unsupported_type(p.suffix, video=True)) for p in sorted(Path(folder).iterdir())
+                     if media.unsupported_type(p.suffix, video=True) and not p.name.startswith(".")]
     return items, problems
 
 
 def _unsupported_images(folder: Path, extension: str, listed_stems: set[str]) -> list[tuple[str, str]]:
     """Captioned images of a type that is not read (.gif, .tiff): named, where leaving them out said nothing."""
     captioned = {p.name[:-len(extension)] for p in Path(folder).iterdir() if extension and p.name.endswith(extension)}
-    return [(str(p), f"{p.suffix} is not a supported image type ({', '.join(media.IMAGE_EXTENSIONS)}); convert it")
-            for p in sorted(Path(folder).iterdir())
-            if p.suffix.lower() in media.UNSUPPORTED_IMAGE_EXTENSIONS and p.stem in captioned and p.stem not in listed_stems
+    return [(str(p), media.unsupported_type(p.suffix, video=False)) for p in sorted(Path(folder).iterdir())
+            if media.unsupported_type(p.suffix, video=False) and p.stem in captioned and p.stem not in listed_stems
             and not p.name.startswith(".")]
+
+
+def _by_loose_name(siblings: dict[str, list[str]]) -> dict[str, list[tuple[str, list[str]]]]:
+    """The folder's stems (with their suffixes) by their Unicode-normalised, case-folded form."""
+    index: dict[str, list[tuple[str, list[str]]]] = {}
+    for stem, suffixes in siblings.items():
+        index.setdefault(_loose(stem), []).append((stem, suffixes))
+    return index
+
+
+def _loose(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _caption_named_otherwise(by_loose_name: dict, stem: str, extension: str, expected: str) -> str:
+    """A hint when a caption file is there under a name that only looks the same: another Unicode form (café in NFD, as
+    macOS writes it, beside an image named in NFC) or other letter case (IMG_1.png beside img_1.txt). musubi-tuner
+    matches names exactly too, so the caption is not taken; it is said."""
+    for other, suffixes in by_loose_name.get(_loose(stem), []):
+        if other != stem and extension in suffixes:
+            same_form = unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", stem)
+            return f" ({printable(other + extension)} exists, its name {'in another Unicode form' if same_form else 'in other letter case'}: " \
+                   f"rename it {expected})"
+    return ""
 
 
 def _suffixes_by_stem(folder: Path) -> dict[str, list[str]]:

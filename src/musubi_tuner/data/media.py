@@ -29,11 +29,30 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
 if importlib.util.find_spec("pillow_jxl") or importlib.util.find_spec("jxlpy"):  # JPEG XL plugins, as musubi-tuner
     IMAGE_EXTENSIONS += (".jxl",)
 # image types people caption that are not read (neither here nor by musubi-tuner): named, not left out without a word
-UNSUPPORTED_IMAGE_EXTENSIONS = tuple(e for e in (".gif", ".tif", ".tiff", ".heic", ".heif", ".jxl", ".svg")
+UNSUPPORTED_IMAGE_EXTENSIONS = tuple(e for e in (".gif", ".tif", ".tiff", ".heic", ".heif", ".jxl", ".svg", ".jfif", ".jpe", ".tga",
+                                                 ".ppm", ".pgm", ".pbm", ".ico", ".dng", ".cr2", ".nef", ".arw", ".raw", ".qoi",
+                                                 ".psd", ".exr", ".hdr")
                                      if e not in IMAGE_EXTENSIONS)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".flv", ".wmv", ".m4v", ".mpg", ".mpeg")
 # video types a video folder may hold that are not read (as musubi-tuner does not): named, not left out without a word
-UNSUPPORTED_VIDEO_EXTENSIONS = (".ts", ".mts", ".m2ts", ".3gp", ".3g2", ".gif", ".vob", ".ogv", ".f4v", ".asf")
+UNSUPPORTED_VIDEO_EXTENSIONS = (".ts", ".mts", ".m2ts", ".3gp", ".3g2", ".3gpp", ".gif", ".vob", ".ogv", ".ogg", ".f4v", ".asf",
+                                ".mxf", ".qt", ".divx", ".y4m", ".rm", ".rmvb", ".dv", ".m2v", ".mod")
+JPEG_EXTENSIONS = (".jfif", ".jpe")  # JPEG files under another name: renamed to .jpg they are read
+
+
+def unsupported_type(suffix: str, video: bool) -> str | None:
+    """Why a file of this suffix is not read, when it is an image (`video` False) or video type: None for the types
+    that are read and for what is no image or video (a .json beside an image is no item)."""
+    if video:
+        if suffix.lower() not in UNSUPPORTED_VIDEO_EXTENSIONS:
+            return None
+        return f"{suffix} is not a supported video type ({', '.join(VIDEO_EXTENSIONS)}); convert it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4"
+    if suffix.lower() not in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return None
+    renamed = f" (a {suffix} file is a JPEG: renamed to .jpg it is read)" if suffix.lower() in JPEG_EXTENSIONS else ""
+    return f"{suffix} is not a supported image type ({', '.join(IMAGE_EXTENSIONS)}); convert it{renamed}"
+
+
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
 

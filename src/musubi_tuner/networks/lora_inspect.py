@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from musubi_tuner.errors import printable
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo
 from musubi_tuner.networks.lora_reader import (ADAPTERS, LoRAContents, alpha_or_rank, diverged, first_non_finite, non_finite_words,
                                                past_float32, read_lora_contents)
@@ -215,7 +216,7 @@ def summary_lines(ins: LoRAInspection) -> list[str]:
         lines.append("  trained    no training metadata in the file")
     if info.companion:
         lines.append(f"  companion  {info.companion}")
-    return lines
+    return [printable(line) for line in lines]  # (a downloaded file's key or metadata text reaches the terminal here)
 
 
 def inspection_text(ins: LoRAInspection) -> str:
@@ -227,7 +228,19 @@ def inspection_text(ins: LoRAInspection) -> str:
         for block, norm in norms.items():
             bar = "not finite" if not math.isfinite(norm) else "#" * max(1, round(30 * norm / top)) if norm else ""
             lines.append(f"    {block:<20} {norm:10.4g}  {bar}")
-    shown = [(k, ins.metadata[k]) for k in TRAINING_KEYS if k in ins.metadata]
+    shown = [(k, _shown_value(ins.metadata[k])) for k in TRAINING_KEYS if k in ins.metadata]
     if shown:
         lines += ["", "  training settings:"] + [f"    {k:<28} {v}" for k, v in shown]
     return "\n".join(lines)
+
+
+SHOWN_VALUE_CHARACTERS = 200
+
+
+def _shown_value(value: str) -> str:
+    """A metadata value on one line, what a terminal acts on escaped (a downloaded file's comment could clear the screen
+    or forge the line after it), and cut when long (a comment of 2,000 lines was printed as 2,000 report lines)."""
+    value = printable(value)
+    if len(value) <= SHOWN_VALUE_CHARACTERS:
+        return value
+    return f"{value[:SHOWN_VALUE_CHARACTERS]}... ({len(value):,} characters; --json shows all)"
