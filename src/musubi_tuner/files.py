@@ -941,12 +941,25 @@ def _describe(holder: dict) -> str:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def unnamable(value: str) -> str:
+    """Why no file can have `value` as its name, or "": half of a surrogate pair (a JSON escape such as \\ud800) is no
+    character and no byte. (U+DC80..U+DCFF are a name's bytes that are not UTF-8, as Python holds them: names.)"""
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError as e:
+        return f"holds \\u{ord(value[e.start]):04x} at character {e.start + 1}, half of a surrogate pair, which no file name can"
+    return ""
+
+
 def expanded_path(value: str, at: str) -> Path:
     """A path a user wrote in a file (a dataset config, a JSONL line) as a Path, `~` expanded, or a UserError naming
     `at`: a NUL character, which no path can hold (a traceback where the path was first used), or a `~` that cannot be
     expanded (HOME unset, or `~name` of no user)."""
     if "\0" in value:
         raise UserError(f"{at}: holds a NUL character (\\u0000), which no path can; remove it")
+    why = unnamable(value)
+    if why:
+        raise UserError(f"{at}: {why}")
     try:
         return Path(value).expanduser()
     except RuntimeError:

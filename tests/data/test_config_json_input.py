@@ -55,6 +55,9 @@ def test_a_jsonl_line_that_python_cannot_read_or_that_gives_a_key_twice_is_named
     ('{"image_path": 5, "caption": "a"}', 'no "image_path" (image_path is 5, not a path)'),  # (it was there: not a string)
     ('{"image_path": "~nouser_of_this_machine/a.png", "caption": "a"}',
      '"~nouser_of_this_machine/a.png": cannot expand ~ (no user named \'nouser_of_this_machine\'); write the full path'),
+    # (JSON lets half a surrogate pair stand alone: a UnicodeEncodeError traceback where latent caching stat'ed it)
+    ('{"image_path": "a\\ud800.png", "caption": "a"}',
+     '"a\\ud800.png": holds \\ud800 at character 2, half of a surrogate pair, which no file name can'),
 ])
 def test_a_jsonl_path_no_file_can_have_is_named_with_its_line(folders, line, reason):
     (folders / "items.jsonl").write_text(line + "\n")
@@ -69,3 +72,15 @@ def test_a_config_path_with_a_nul_character_is_named_not_a_traceback(folders):
     text = '[general]\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "images"\ncache_directory = "c\\u0000x"\n'
     assert config_error(folders, text) == ('dataset.toml: [[datasets]][0].cache_directory = "c\\u0000x": holds a NUL character '
                                            '(\\u0000), which no path can; remove it')
+
+
+@pytest.mark.parametrize("general, table, reason", [
+    ('"caption_extension": ".t\\ud800"', '"image_directory": "images"',
+     '[general].caption_extension = ".t\\ud800" holds \\ud800 at character 3, half of a surrogate pair, which no file name can'),
+    ('"caption_extension": ".txt"', '"image_directory": "images", "cache_directory": "c\\ud800"',
+     '[[datasets]][0].cache_directory = "c\\ud800": holds \\ud800 at character 2, half of a surrogate pair, which no file name can'),
+])
+def test_a_json_config_name_no_file_can_have_is_named(folders, general, table, reason):
+    """fuzz_aa 1: a UnicodeEncodeError traceback in latent caching (a path's realpath, a caption name's bytes)."""
+    text = f'{{"general": {{{general}}}, "datasets": [{{{table}}}]}}'
+    assert config_error(folders, text, name="dataset.json") == f"dataset.json: {reason}"

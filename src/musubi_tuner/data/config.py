@@ -23,7 +23,7 @@ from musubi_tuner.data import media
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError, did_you_mean
-from musubi_tuner.files import read_small_file, require_file, utf8_text, why_unreadable
+from musubi_tuner.files import read_small_file, require_file, unnamable, utf8_text, why_unreadable
 from musubi_tuner.tomlio import load_toml, loads_json, loads_toml
 
 logger = logging.getLogger(__name__)
@@ -223,6 +223,9 @@ def _file_extension(value: Any, at: str) -> str:
     if any(c in value for c in ("/", "\\", "\0")):
         raise UserError(f"{at} must be a file extension such as \".txt\" (no /, \\ or NUL): the caption sits beside "
                         f"its image or video")
+    why = unnamable(value)
+    if why:
+        raise UserError(f"{at} {why}")
     if "." not in value or value != value.strip():
         fixed = value.strip() if "." in value else "." + (value.strip() or "txt")
         problem = "has no dot" if "." not in value else "has spaces around it"
