@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 
 from musubi_tuner.errors import UserError
@@ -32,11 +34,16 @@ def test_a_prompt_line_ends_only_where_musubi_tuner_ends_it(tmp_path):
     assert [(p.prompt, p.width) for p in load_sample_prompts(f)] == [("a cat\u2028sitting", 64), ("second\x85prompt", 32), ("third", 48)]
 
 
-def test_bad_option_names_the_line(tmp_path):
+def test_bad_option_names_the_line(tmp_path, caplog):
+    """What matches no option is said and dropped, as musubi-tuner drops it: "a cat -- very cute" stopped the training
+    at its start, where musubi-tuner samples "a cat" (fuzz_aa 10)."""
     f = tmp_path / "p.txt"
-    f.write_text("ok\nbad --zz 3\n")
-    with pytest.raises(UserError, match=r"p.txt: line 2: unknown option --zz"):
-        load_sample_prompts(f)
+    f.write_text("ok\nbad --zz 3\na cat -- very cute --w 64\n")
+    with caplog.at_level(logging.WARNING):
+        prompts = load_sample_prompts(f)
+    assert [(p.prompt, p.width) for p in prompts] == [("ok", 256), ("bad", 256), ("a cat", 64)]
+    assert "p.txt: line 2: '--zz 3' is not an option (--w, --h," in caplog.text
+    assert "p.txt: line 3: '-- very cute' is not an option (--w," in caplog.text and "ignored, as musubi-tuner ignores it" in caplog.text
     f.write_text("bad --w wide\n")
     with pytest.raises(UserError, match=r"p.txt: line 1: --w wide: not a whole number"):
         load_sample_prompts(f)
@@ -47,8 +54,8 @@ def test_a_line_is_named_by_its_number_in_the_file_a_byte_order_mark_is_no_promp
     prompt (or made a comment a prompt), and a misspelt `widht` in a TOML prompt table sampled at the default width
     without a word."""
     f = tmp_path / "p.txt"
-    f.write_text("# comment\n\na cat --w 64\n\nbad --zz 1\n")
-    with pytest.raises(UserError, match=r"p.txt: line 5: unknown option --zz"):
+    f.write_text("# comment\n\na cat --w 64\n\nbad --w x\n")
+    with pytest.raises(UserError, match=r"p.txt: line 5: --w x: not a whole number"):
         load_sample_prompts(f)
     f.write_bytes(b"\xef\xbb\xbf# comment\na cat --w 64\n")
     (cat,) = load_sample_prompts(f)
@@ -120,3 +127,14 @@ def test_a_size_the_model_cannot_take_is_sampled_at_the_nearest_below_and_said(t
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert said == ["p.txt: line 1: sampled at 32x32, 5 frames (sizes are multiples of 16, frame counts 4N+1), not 33x40, 6"
                     .replace("p.txt", str(f))]
+
+
+def test_a_negative_prompt_without_real_cfg_is_said_to_be_ignored(tmp_path, caplog):
+    """musubi-tuner samples with the negative prompt only under real CFG (--l other than 1): in sd-scripts, where many
+    prompt files come from, --n acts alone, and here it was dropped without a word (fuzz_aa 17)."""
+    f = tmp_path / "p.txt"
+    f.write_text("a cat --n ugly\na dog --n ugly --l 6\n")
+    with caplog.at_level(logging.WARNING):
+        load_sample_prompts(f)
+    said = [r.getMessage() for r in caplog.records if "negative prompt" in r.getMessage()]
+    assert said == [f"{f}: line 1: the negative prompt is ignored without real CFG (--l other than 1, 6.0 say), as in musubi-tuner"]

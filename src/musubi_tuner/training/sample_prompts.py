@@ -43,6 +43,9 @@ class SamplePrompt:
             problem = not_text(value) if value else None
             if problem is not None:  # (the tokenizer failed on it with a TypeError, after the models had loaded)
                 raise UserError(f"{where}: the {name} {problem}")
+        if self.negative_prompt and (self.cfg_scale is None or self.cfg_scale == 1.0):  # (as the generation command says)
+            logger.warning("%s: the negative prompt is ignored without real CFG (--l other than 1, 6.0 say), as in musubi-tuner",
+                           where)
         done = replace(self, width=max(16, self.width // 16 * 16), height=max(16, self.height // 16 * 16),
                        frames=max(1, (self.frames - 1) // 4 * 4 + 1))
         if done != self:
@@ -90,8 +93,10 @@ def parse_line(line: str, index: int, source: str = "prompt file", line_number: 
         key = key.lower()
         if key in _IGNORED:
             continue
-        if key not in _OPTIONS:
-            raise UserError(f"{where}: unknown option --{key} (known: {', '.join('--' + k for k in _OPTIONS)})")
+        if key not in _OPTIONS:  # (prose with " --" in it: musubi-tuner drops what matches no option, and samples the line)
+            logger.warning("%s: %r is not an option (%s): ignored, as musubi-tuner ignores it", where, f"--{part}".rstrip()[:60],
+                           ", ".join("--" + k for k in _OPTIONS))
+            continue
         if not value.strip():  # a `--n` with nothing after it, say: not taken as no negative prompt
             raise UserError(f"{where}: --{key} needs a value")
         name, parse = _OPTIONS[key]
