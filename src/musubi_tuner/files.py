@@ -1229,7 +1229,16 @@ class StateDictFile:
         self._offsets: dict[str, tuple[int, int]] = {}  # safetensors: absolute byte range per tensor, for read()
         self._tensors: dict[str, torch.Tensor] | None = None
         self._file = None
-        if self.path.suffix.lower() == ".safetensors" or _looks_like_safetensors(self.path):
+        try:
+            self._read(what, subdict_keys)
+        except OSError as e:  # a read failing past a good open: a failing disk, a dropped network mount (EIO)
+            limit = limit_met(self.path, e)
+            raise (limit or _unreadable(self.path, what, None, e)) from None
+        self._rename: dict[str, str] = {k: k for k in self._entries}
+
+    def _read(self, what: str, subdict_keys: tuple[str, ...]) -> None:
+        if (self.path.suffix.lower() == ".safetensors" and not _is_zip(self.path)) or _looks_like_safetensors(self.path):
+            # (a .pt renamed .safetensors is read as what it is, as a safetensors file under another name is)
             # the version of the file opened here is the one read to the end: a rename over it (another run saving
             # under this name) does not reach this descriptor, and a rewrite in place is seen (_check_unchanged)
             self._file = _open_input(self.path, what, buffering=0)
@@ -1248,7 +1257,6 @@ class StateDictFile:
             self._tensors = _find_state_dict(obj, subdict_keys, self.path, what)
             self._pt_mapped = zipfile.is_zipfile(self.path)  # (load_torch_file maps the zip format; the legacy one it reads)
             self._entries = {k: (v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
-        self._rename: dict[str, str] = {k: k for k in self._entries}
 
     # -- key handling
     def strip_prefix(self, prefix: str) -> None:
@@ -1273,6 +1281,22 @@ class StateDictFile:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.shape(k) for k in self._rename}
+
+    def finite(self, key: str, t: torch.Tensor, cast_advice: str) -> torch.Tensor:
+        """`t`, this file's `key` as loaded, refused when it holds NaN or infinity: a damaged file, or one past the range
+        of the dtype it was cast to (`cast_advice` then says what to compute in). Every model's weights are checked as
+        they load: a damaged text encoder or VAE made caches with a zeroed channel, or failed after the whole sampling."""
+        import torch
+
+        def finite(x: torch.Tensor) -> bool:  # (float8 has no isfinite: its one NaN code is seen once widened)
+            return bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all())
+
+        if t.is_floating_point() and not finite(t):
+            if t.dtype != self.dtype(key) and finite(self.get(key)):  # finite as stored: past the cast
+                raise UserError(f"{self.path}: {key} holds values past {str(t.dtype).removeprefix('torch.')}'s range (finite "
+                                f"as stored, in {str(self.dtype(key)).removeprefix('torch.')}): {cast_advice}")
+            raise UserError(f"{self.path}: {key} holds NaN or infinite values: the file is damaged, download it again")
+        return t
 
     def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """One tensor, optionally cast and moved (cast happens after reading that tensor only)."""
@@ -1356,6 +1380,12 @@ def _version(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
+def _is_zip(path: Path) -> bool:
+    """torch.save's format (a zip) by its first bytes."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def _looks_like_safetensors(path: Path) -> bool:
     """safetensors content saved under another extension: 8-byte length followed by '{'."""
     with open(path, "rb") as f:
@@ -1368,13 +1398,17 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
     import torch
 
     path = require_file(path, what)
-    unlike = _not_a_torch_file(path)
+    try:
+        unlike = _not_a_torch_file(path)
+    except OSError as e:
+        raise (limit_met(path, e) or _unreadable(path, what, None, e)) from None
     if unlike:
         raise UserError(f"{path}: not a PyTorch {what}: {unlike}")
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols is noise to users: the file loads or is refused
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            if not is_utf8(str(path)):  # torch's zip reader takes the name as UTF-8: a file object it reads whole
+            # a file object, read whole: torch's zip reader takes a name as UTF-8, and reads a .safetensors name as safetensors
+            if not is_utf8(str(path)) or path.suffix.lower() == ".safetensors":
                 with open(path, "rb") as f:
                     return torch.load(f, map_location="cpu", weights_only=True)
             try:
@@ -1400,6 +1434,9 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
         limit = limit_met(path, e)
         if limit is not None:  # (an open-file limit met while torch imports its own modules names one of those)
             raise limit from None
+        if isinstance(e, OSError) and e.errno in (errno.EIO, getattr(errno, "ESTALE", -1)):  # a read that failed: the
+            # disk's or the network mount's, not the format's (a truncated zip is an OSError too: EINVAL, from its mmap)
+            raise _unreadable(path, what, None, e) from None
         raise UserError(f"{path}: not a readable PyTorch {what} (truncated or a different format: "
                         f"{type(e).__name__}: {str(e)[:160]})") from None
 

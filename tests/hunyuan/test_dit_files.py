@@ -9,7 +9,7 @@ import torch
 
 from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import save_safetensors
+from musubi_tuner.files import StateDictFile, save_safetensors
 from musubi_tuner.hunyuan.checkpoints import load_dit, save_dit
 from helpers import dit_inputs as inputs
 
@@ -51,6 +51,22 @@ def test_a_pt_file_whose_name_is_not_utf8_loads(tmp_path, tiny):
     latin1 = os.fsdecode(os.fsencode(tmp_path) + b"/dit\xff.pt")
     shutil.copy(pt, latin1)
     assert torch.equal(run(load_dit(latin1, dtype=torch.float32), config), run(load_dit(pt, dtype=torch.float32), config))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_an_fp8_file_holding_a_nan_code_is_refused_naming_the_key(tmp_path, tiny, fp8):
+    """e4m3fn has a NaN code (0x7F) and no isfinite: a damaged fp8 file was a NotImplementedError traceback (fuzz_y 12)."""
+    config, sd = tiny
+    path = write_dit(tmp_path / "dit_fp8.safetensors", sd, config, "fp8")
+    f = StateDictFile(path)
+    state = f.load_all()
+    key = "double_blocks.0.img_attn_qkv.weight"
+    raw = state[key].clone().view(torch.uint8)
+    raw.view(-1)[0] = 0x7F
+    state[key] = raw.view(state[key].dtype)
+    save_safetensors(state, path, metadata=f.metadata)
+    with pytest.raises(UserError, match=rf"dit_fp8\.safetensors: {key} holds NaN or infinite values: the file is damaged"):
+        load_dit(path, dtype=torch.float32, fp8=fp8)
 
 
 def test_fp16_and_fp8_files_load_close_to_the_bf16_file(tmp_path, tiny):

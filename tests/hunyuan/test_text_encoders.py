@@ -711,3 +711,43 @@ def test_a_damaged_clip_vocabulary_is_named(files, tmp_path, file, damage, fragm
     (folder / "tokenizer.json").unlink()  # vocab.json + merges.txt are then the tokenizer
     damage(folder)
     refused(lambda: te.load_text_encoder2(folder), folder / file, fragment)
+
+
+def test_a_scaled_fp8_file_whose_scale_is_not_one_number_is_refused_naming_it(tmp_path):
+    """A RuntimeError of broadcasting, and a per-row scale read by columns without --fp8_llm, by rows with it (fuzz_y 4)."""
+    state = {k: v.half() for k, v in tiny.tiny_llm_state_dict(seed=1).items()}
+    key = next(k for k in state if te.LLM_FP8_WEIGHTS.fullmatch(k.removeprefix("model.")))
+    state[key.removesuffix("weight") + "scale_weight"] = torch.ones(3)
+    path = tmp_path / "llava_llama3_fp8_scaled.safetensors"
+    save_safetensors(state, path, metadata={te.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_LLM_CONFIG)})
+    tiny.write_tiny_llm_tokenizer(tmp_path / "llava_llama3_fp8_scaled_tokenizer")
+    with pytest.raises(UserError, match=rf"{path}: {key.removesuffix('weight')}scale_weight has shape \[3\]; a scaled-fp8 file's "
+                                        r"scale_weight is one number per weight"):
+        te.load_text_encoder1(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("which", ["llm", "clip"])
+def test_a_text_encoder_weight_holding_nan_is_refused_as_it_loads_naming_file_and_key(files, tmp_path, which):
+    """The DiT's weights were checked as they load, the text encoders' not: a NaN in CLIP-L's final layer norm made every
+    text cache of a run with one channel stored as 0 (a warning per cache, exit 0), and NaN sample prompts blamed on
+    the LoRA (fuzz_y 1, 10)."""
+    folder = shutil.copytree(files[f"{which}_folder"], tmp_path / which)
+    read = "layers.0.mlp.up_proj.weight" if which == "llm" else "final_layer_norm.weight"  # (a weight the encoder reads)
+    weights = next(w for w in sorted(folder.glob("*.safetensors")) if any(k.endswith(read) for k in StateDictFile(w).keys()))
+    f = StateDictFile(weights)
+    state = f.load_all()
+    key = next(k for k in state if k.endswith(read))
+    state[key] = state[key].clone().view(-1).index_fill(0, torch.tensor([0]), float("nan")).view(state[key].shape)
+    save_safetensors(state, weights, metadata=f.metadata)
+    load = te.load_text_encoder1 if which == "llm" else te.load_text_encoder2
+    with pytest.raises(UserError, match=rf"^{weights}: {key} holds NaN or infinite values: the file is damaged"):
+        load(folder, dtype=torch.float32)
+
+
+def test_a_json_file_of_a_model_folder_that_is_a_fifo_is_named_not_waited_on(files, tmp_path):
+    """config.json as a FIFO: the command waited for ever for a writer (fuzz_y 2)."""
+    folder = shutil.copytree(files["clip_folder"], tmp_path / "clip")
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    with pytest.raises(UserError, match=r"config\.json: not a regular file \(a FIFO\)"):
+        te.load_text_encoder2(folder, dtype=torch.float32)

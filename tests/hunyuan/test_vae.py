@@ -302,6 +302,33 @@ def test_wrong_files_are_named(tmp_path, weights):
         load_vae(partial)
 
 
+def test_a_vae_weight_holding_nan_is_refused_as_it_loads_and_a_pt_named_safetensors_loads(tmp_path, weights):
+    """A NaN in a decoder weight was found after the whole sampling ("decoded NaN/inf pixels"), and caching with a NaN
+    in the encoder blamed float16 (fuzz_y 1). A torch.save file named .safetensors was "not a safetensors file (header
+    length 578712552184433488...)", where a safetensors file named .pt loaded (fuzz_y 7)."""
+    damaged = dict(weights)
+    damaged["decoder.conv_out.conv.weight"] = weights["decoder.conv_out.conv.weight"].clone().fill_(float("nan"))
+    path = write_vae(tmp_path / "vae.safetensors", damaged, "safetensors")
+    with pytest.raises(UserError, match=r"vae\.safetensors: decoder\.conv_out\.conv\.weight holds NaN or infinite values: the file is "
+                                        r"damaged, download it again"):
+        load_vae(path, dtype=torch.float32)
+    big = {**weights, "decoder.conv_out.conv.bias": weights["decoder.conv_out.conv.bias"].clone().fill_(1e6)}
+    with pytest.raises(UserError, match=r"decoder\.conv_out\.conv\.bias holds values past float16's range \(finite as stored, in "
+                                        r"float32\): compute in float32 \(--vae_dtype float32\)"):
+        load_vae(write_vae(tmp_path / "big.safetensors", big, "safetensors"), dtype=torch.float16)
+    renamed = write_vae(tmp_path / "vae.pt", weights)
+    renamed = renamed.rename(tmp_path / "pytorch_model.safetensors")
+    assert torch.equal(load_vae(renamed, dtype=torch.float32).state_dict()["decoder.conv_out.conv.weight"],
+                       weights["decoder.conv_out.conv.weight"])
+
+
+def test_a_model_file_that_opens_but_cannot_be_read_is_named():
+    """A read that fails past a good open (a failing disk, a dropped network mount: EIO; /proc/self/mem gives it) was a
+    traceback from the first read of every model loader (fuzz_y 3)."""
+    with pytest.raises(UserError, match=r"^/proc/self/mem: cannot read \(Input/output error\)"):
+        load_vae("/proc/self/mem")
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("touch pwned_by_vae",))

@@ -194,7 +194,10 @@ class WeightFiles:
         return {k: f.shape(k) for k, f in self.owner.items()}
 
     def get(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
-        return self.owner[key].get(key, dtype, device)
+        """The tensor, refused when it holds NaN or infinity (StateDictFile.finite): a damaged text encoder made caches
+        with a channel stored as 0, or NaN sample prompts blamed on the LoRA."""
+        f = self.owner[key]
+        return f.finite(key, f.get(key, dtype, device), "compute in bfloat16 or float32")
 
     def float_dtype(self, key: str) -> torch.dtype:
         return self.owner[key].dtype(key)
@@ -377,6 +380,9 @@ def _load_into(model: nn.Module, weights: WeightFiles, plan: dict[str, str], dty
     for key, file_key in plan.items():
         scale_key = file_key.removesuffix("weight") + "scale_weight"   # ComfyUI's scaled-fp8 files
         scale = weights.get(scale_key, torch.float32) if scale_key in weights else None
+        if scale is not None and scale.numel() != 1:  # (a RuntimeError of broadcasting; a per-row one read two ways)
+            raise UserError(f"{weights.owner[scale_key].path}: {scale_key} has shape {list(scale.shape)}; a scaled-fp8 file's "
+                            "scale_weight is one number per weight")
         if key in fp8_keys:
             raw = weights.get(file_key, device=device)
             weight, row_scale = quantize_rows(raw) if scale is None else (raw.to(FP8_DTYPE), None)

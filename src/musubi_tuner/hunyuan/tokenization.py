@@ -32,6 +32,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.files import read_small_file
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +245,14 @@ def read_json(path: Path, expect: type = dict):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a JSON file; put the file from the model's download there")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():  # (a broken or looping link is named by read_small_file)
         return {} if expect is dict else None
+    data = read_small_file(path, "JSON file")  # (a FIFO in its place was read, and the command waited for ever)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); the file is damaged: "
                         "restore it from the model's download") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e}); check the file's permissions") from None
     return parse_json(text, str(path), expect)
 
 

@@ -513,7 +513,9 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float16, device
     f, config = open_vae_file(path)
     with torch.device("meta"):
         model = CausalVideoVAE(config)
-    model.load_state_dict({k: f.get(k, dtype=dtype, device=device) for k in model.state_dict()}, strict=True, assign=True)
+    # (every weight checked as it loads: a NaN in a decoder weight was found only after all the sampling steps)
+    model.load_state_dict({k: f.finite(k, f.get(k, dtype=dtype, device=device), "compute in float32 (--vae_dtype float32)")
+                           for k in model.state_dict()}, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
 
