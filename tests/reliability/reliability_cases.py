@@ -87,6 +87,12 @@ def check(case: Case, assets: Assets, tmp: Path) -> None:
         case.then(assets, tmp, result.err, result.out)
 
 
+def replaced(argv: list[str], flag: str, value) -> list[str]:
+    """`argv` with `flag`'s value replaced by `value`."""
+    i = argv.index(flag)
+    return [*argv[: i + 1], str(value), *argv[i + 2:]]
+
+
 def all_said(err: str, *patterns: str) -> None:
     """Each pattern matches somewhere in the command's stderr (a case's `warning` is one)."""
     missing = [p for p in patterns if not re.search(p, err)]

@@ -17,17 +17,18 @@ from reliability_cases import (
     Case,
     all_said,
     check,
+    generate_argv,
     killed_while_writing,
     leftovers,
     link,
+    merge_argv,
+    nan_dit,
     nan_llm,
     nan_vae,
-    nan_dit,
-    generate_argv,
-    merge_argv,
     nothing_generated,
     outputs_of,
     plan_argv,
+    replaced,
     run_command,
     train_argv,
     write,
@@ -120,12 +121,6 @@ def own_copy(path, tmp):
 
     (tmp / "own").mkdir(exist_ok=True)
     return Path(shutil.copy2(path, tmp / "own" / path.name))
-
-
-def replaced(argv: list[str], flag: str, value) -> list[str]:
-    """`argv` with `flag`'s value replaced by `value`."""
-    i = argv.index(flag)
-    return [*argv[: i + 1], str(value), *argv[i + 2:]]
 
 
 def nothing_where_it_runs(a, tmp, err, out):

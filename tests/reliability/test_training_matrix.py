@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,13 @@ from reliability_cases import (
     Case,
     all_said,
     check,
+    copy_cached,
+    copy_dataset,
     killed_while_writing,
     nan_dit,
     nan_vae,
-    copy_cached,
-    copy_dataset,
     outputs_of,
+    replaced,
     run_command,
     train_argv,
     trained_before,
@@ -200,7 +202,7 @@ def repeated(a, tmp, repeats: int):
     if not toml.exists():
         toml = copy_cached(a, tmp)
     text = toml.read_text()
-    text = text.replace("num_repeats = 2\n", "") if "num_repeats" in text else text
+    text = re.sub(r"num_repeats = \d+\n", "", text)
     toml.write_text(text.replace("target_frames", f"num_repeats = {repeats}\ntarget_frames"))
     return toml
 
@@ -209,6 +211,18 @@ def fewer_repeats(a, tmp):
     out = trained_before(a, tmp, "--dataset_config", str(repeated(a, tmp, 2)))
     repeated(a, tmp, 1)
     return train_argv(a, out, "--resume", "auto", "--save_state", "--max_train_steps", "3", toml=tmp / "cached" / "dataset.toml")
+
+
+def more_repeats(a, tmp):
+    out = trained_before(a, tmp, "--dataset_config", str(repeated(a, tmp, 1)))
+    repeated(a, tmp, 4)
+    return train_argv(a, out, "--resume", "auto", "--save_state", "--max_train_steps", "6", toml=tmp / "cached" / "dataset.toml")
+
+
+def trained_to_step_6(a, tmp, err, out):
+    """fuzz_z 1: the epochs were counted from step 0, so the resumed run (moved to the next epoch) had none left: it
+    trained nothing and saved a "final" LoRA at the resumed step, exit 0."""
+    assert files.read_safetensors_header(tmp / "out" / "tiny.safetensors")[1]["ss_steps"] == "6", err[-3000:]
 
 
 def damaged_newest(a, tmp):
@@ -619,6 +633,13 @@ CASES = [
     Case("train-resume-after-num-repeats-lowered", "hv_train_network", fewer_repeats, None,
          warning=r"the dataset or batching changed since this state was saved \(8 batches per epoch then, 4 now\).*continues at the "
                  r"start of epoch 2"),
+    Case("train-resume-after-num-repeats-raised-trains-the-steps-left", "hv_train_network", more_repeats, None,
+         warning=r"the dataset or batching changed since this state was saved .*continues at the start of epoch 2",
+         then=trained_to_step_6),
+    Case("train-resume-with-another-seed-inside-an-epoch", "hv_train_network",  # (fuzz_z 2: items trained twice, others never)
+         lambda a, t: replaced(train_argv(a, trained_before(a, t), "--resume", "auto"), "--seed", 2),
+         r"tiny-state: saved by a run of --seed 1, 2 batches into epoch 1, whose order of the items is that seed's; resume without "
+         r"--seed \(or with --seed 1\)", keep=outputs_of("out")),
     Case("train-resume-auto-skips-a-damaged-newest-state", "hv_train_network", damaged_newest, None, then=resumed_from_step_1,
          warning=r"--resume auto: .*network\.safetensors: file is truncated.*; trying the next older state"),
     Case("train-resume-a-state-whose-learning-rate-is-nan", "hv_train_network", with_damaged_state("lr-nan"),

@@ -592,13 +592,23 @@ def plan_training(args):
 
 
 def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
-    """--seed; else the seed of the run being resumed; else a random one, the same on every process."""
+    """--seed; else the seed of the run being resumed; else a random one, the same on every process.
+
+    A --seed other than the resumed run's is refused inside an epoch: the state's position is one in that seed's order
+    of the items, and in another order some were trained twice in the epoch and others never (fuzz_z 2). At an epoch's
+    start it only changes the order of the epochs to come, and is said."""
+    saved = read_progress(resume_from) if resume_from is not None else None
+    if args.seed is not None and saved is not None and saved.seed != args.seed:
+        if saved.batch_in_epoch:
+            raise UserError(f"{resume_from}: saved by a run of --seed {saved.seed}, {saved.batch_in_epoch} batches into epoch "
+                            f"{saved.epoch + 1}, whose order of the items is that seed's; resume without --seed (or with "
+                            f"--seed {saved.seed})")
+        logger.warning("%s: saved by a run of --seed %d; the epochs from here are shuffled by --seed %d", resume_from, saved.seed,
+                       args.seed)
     if args.seed is not None:
         return args.seed
-    if resume_from is not None:
-        saved = read_progress(resume_from)
-        if saved is not None:
-            return saved.seed
+    if saved is not None:
+        return saved.seed
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([random.randint(0, 2**32 - 1)])[0]  # every process must shuffle and initialise alike
@@ -746,6 +756,11 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record
+    # a resume moved to the start of the next epoch (the dataset or batching changed since the state) is further on in
+    # epochs than its step count says: counted from step 0, the epochs left could hold none of the steps left, and the
+    # run saved a "final" LoRA at the resumed step, exit 0 (fuzz_z 1)
+    done_in_epoch = math.ceil(progress.batch_in_epoch / args.gradient_accumulation_steps)
+    num_epochs = max(num_epochs, progress.epoch + math.ceil((total_steps - progress.global_step + done_in_epoch) / steps_per_epoch))
     if samples is not None:
         samples.replaces_earlier = resume_from is not None
     # at the last step: a finished run (its final save is there), or one stopped after its last step's state and before
