@@ -213,6 +213,9 @@ def fewer_repeats(a, tmp):
     return train_argv(a, out, "--resume", "auto", "--save_state", "--max_train_steps", "3", toml=tmp / "cached" / "dataset.toml")
 
 
+WARMUP = ("--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "1")
+
+
 def more_repeats(a, tmp):
     out = trained_before(a, tmp, "--dataset_config", str(repeated(a, tmp, 1)))
     repeated(a, tmp, 4)
@@ -636,6 +639,10 @@ CASES = [
     Case("train-resume-after-num-repeats-raised-trains-the-steps-left", "hv_train_network", more_repeats, None,
          warning=r"the dataset or batching changed since this state was saved .*continues at the start of epoch 2",
          then=trained_to_step_6),
+    Case("train-resume-with-another-warmup", "hv_train_network",  # (fuzz_z 3: the schedule, rebuilt from the flags, took another curve)
+         lambda a, t: train_argv(a, trained_before(a, t, *WARMUP), "--resume", "auto", *WARMUP[:-1], "10"),
+         r"tiny-state: saved with another learning-rate schedule \(--lr_warmup_steps 1 -> 10\); resume with the same flags",
+         keep=outputs_of("out")),
     Case("train-resume-with-another-seed-inside-an-epoch", "hv_train_network",  # (fuzz_z 2: items trained twice, others never)
          lambda a, t: replaced(train_argv(a, trained_before(a, t), "--resume", "auto"), "--seed", 2),
          r"tiny-state: saved by a run of --seed 1, 2 batches into epoch 1, whose order of the items is that seed's; resume without "

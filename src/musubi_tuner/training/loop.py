@@ -591,6 +591,12 @@ def plan_training(args):
     return dry_run(args, "train", video_size=size, frames=frames, batch=batch, out=print if rank == 0 else lambda text: None)
 
 
+# the flags that shape the learning-rate schedule besides its name and the run's length (what --max_train_steps changes
+# to train on), recorded in each state and compared on resume
+SCHEDULE_SHAPE_FLAGS = ("lr_warmup_steps", "lr_decay_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_timescale",
+                        "lr_scheduler_min_lr_ratio", "lr_scheduler_args")
+
+
 def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
     """--seed; else the seed of the run being resumed; else a random one, the same on every process.
 
@@ -752,7 +758,8 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                        network={"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
                                 "args": sorted(args.network_args or []), "dropout": args.network_dropout},
                        processes=accelerator.num_processes, context_parallel=args.context_parallel, batches_per_epoch=batches_per_epoch,
-                       accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate)
+                       accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
+                       schedule={flag: getattr(args, flag) for flag in SCHEDULE_SHAPE_FLAGS})
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record

@@ -146,12 +146,15 @@ class DamagedState(UserError):
 
 
 def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
-                 accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1) -> dict:
+                 accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
+                 schedule: dict | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
-    (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says)."""
+    (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
+    `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
+    rebuilt from them)."""
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
-            "learning_rate": learning_rate}
+            "learning_rate": learning_rate, "schedule": schedule or {}}
 
 
 def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
@@ -188,6 +191,11 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
         raise SharedError(f"{folder}: saved with the learning-rate schedule {saved['scheduler']}, this run uses "
                         f"{current['scheduler']}; resume with the same --lr_scheduler and step counts, or start a new run "
                         f"from its LoRA with --network_weights")
+    if differs("schedule"):  # (only its step count is saved: another warmup or ratio continued on another curve, unsaid)
+        then, now = saved["schedule"], current["schedule"]
+        changed = ", ".join(f"--{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+        raise SharedError(f"{folder}: saved with another learning-rate schedule ({changed}); resume with the same flags, or start "
+                          f"a new run from its LoRA with --network_weights")
     if differs("network"):
         then, now = saved["network"], current["network"]
         changed = ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
