@@ -410,11 +410,11 @@ CASES = [
     Case("vae-is-the-dit", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(a.dit)],
          r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module' .*pass it with --dit"),
     Case("vae-with-nan-keeps-the-caches", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [
-         str(nan_vae(a, t)), "--num_workers", "0"], r"_hv\.safetensors: latents_\S+ came out NaN in (\d+) of its \1 values: the "
-         r"encoder's model file is damaged, or --vae_dtype float32 avoids an overflow; nothing was written", keep=all_caches),
+         str(nan_vae(a, t)), "--num_workers", "0"], r"nan_vae\.pt: encoder\.conv_in\.conv\.weight holds NaN or infinite values: the file is damaged, "
+         r"download it again", keep=all_caches),  # (checked as the VAE loads, as the DiT's weights are: fuzz_y 1)
     Case("vae-with-nan-leaves-no-cache-folders-it-made", "cache_latents",
          lambda a, t: cache_latents_argv(without_caches(a, t), a)[:3] + [str(nan_vae(a, t)), "--num_workers", "0"],
-         r"came out NaN in (\d+) of its \1 values", then=lambda a, t, err, out: no_cache_folder(t / "ds")),
+         r"nan_vae\.pt: encoder\.conv_in\.conv\.weight holds NaN or infinite values", then=lambda a, t, err, out: no_cache_folder(t / "ds")),
     Case("vae-conv-weight-of-another-rank", "cache_latents",
          lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [str(damaged_vae(a, t, flattened_conv_in)), "--num_workers", "0"],
          r"vae\.pt: not a HunyuanVideo VAE: encoder\.conv_in\.conv\.weight has shape \[\d+\], expected a 5-D convolution "
@@ -557,8 +557,8 @@ CASES = [
          covered_by=TE + "test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packaged_vocabulary"),
     Case("text-encoder1-with-nan-keeps-the-caches", "cache_text_encoder_outputs",
          lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te1=nan_llm(a, t)),
-         r"_hv_te\.safetensors: llm_\S+ came out NaN in [\d,]+ of its [\d,]+ values: the encoder's model file is damaged, or "
-         r"--text_encoder_dtype float32", keep=all_caches),
+         r"te1/model-00001-of-00002\.safetensors: model\.layers\.0\.mlp\.down_proj\.weight holds NaN or infinite values: the file "
+         r"is damaged", keep=all_caches),
     Case("text-cache-full-disk", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a),
          r"_hv_te\.safetensors: cannot write " + TOO_LARGE, keep=all_caches,
          file_size_limit=lambda a, t: sorted((t / "ds").rglob("*_hv_te.safetensors"))[0].stat().st_size // 2),

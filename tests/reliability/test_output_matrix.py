@@ -284,12 +284,12 @@ CASES = [
          warning=r"--flow_shift 1e\+06, far from the usual, may be the cause of a NaN or noisy video"),
     Case("generate-text-encoder-with-nan-generates-nothing", "hv_generate_video",
          lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--text_encoder1", nan_llm(a, t)),
-         r"the prompt's encoding by \S+te1 \(--text_encoder1\) holds \d+ non-finite \(NaN/inf\) values of \d+; its file is damaged",
-         then=nothing_generated),
+         r"te1/model-00001-of-00002\.safetensors: model\.layers\.0\.mlp\.down_proj\.weight holds NaN or infinite values: the file "
+         r"is damaged", then=nothing_generated),
     Case("generate-vae-decoder-with-nan-writes-nothing", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--output_type", "video", vae=nan_vae(a, t, "decoder")),
-         r"the VAE decoded NaN/inf pixels from a finite latent: the VAE file \(--vae\) is damaged.*; no video was written",
-         then=lambda a, t, err, out: not list((t / "videos").glob("*.mp4")) or pytest.fail("a video was written")),
+         r"nan_vae\.pt: decoder\.conv_in\.conv\.weight holds NaN or infinite values: the file is damaged",  # (before the sampling: it
+         then=nothing_generated),  # was found after all of it, fuzz_y 1)
     Case("generate-vae-is-the-dit", "hv_generate_video", lambda a, t: generate_argv(a, t, vae=a.dit),
          r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module'", then=nothing_generated),
     Case("generate-v2v-strength-rounds-to-no-step", "hv_generate_video",

@@ -124,6 +124,26 @@ def test_fp8_base_trains_as_the_high_precision_base_does(assets, tmp_path):
     assert moved > 0 and sum((fp8_delta[k] - d).norm() for k, d in full_delta.items()) < 0.3 * moved
 
 
+def test_resume_auto_continues_the_newest_run_and_a_folder_of_states_is_named_as_one(assets, tmp_path):
+    """A run started afresh in a folder holding an earlier run's states, stopped before it passed their step: --resume
+    auto continued the earlier run's state (the most advanced), and the stopped run's work was lost (fuzz_z 7). A
+    --resume of the output folder itself was called a damaged state (fuzz_z 9)."""
+    import shutil
+
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    train(parse_args(base_args(dit, toml, out, "--max_train_steps", "6", "--save_state")))  # the earlier run: at step 6
+    train(parse_args(base_args(dit, toml, tmp_path / "b", "--max_train_steps", "2", "--save_every_n_steps", "1",
+                               "--save_state", "--output_name", "tiny")))  # a later run, stopped at step 2 (its states moved in)
+    shutil.move(tmp_path / "b" / "tiny-step00000002-state", out / "tiny-step00000002-state")
+    with pytest.raises(UserError, match=rf"^{out}: a folder of training states, not one: give one of them \(tiny-step00000002-state, "
+                                        r"tiny-state\), or --resume auto with --output_dir"):
+        train(parse_args(base_args(dit, toml, tmp_path / "c", "--max_train_steps", "3", "--resume", str(out))))
+    from musubi_tuner.training.state import complete_states
+
+    assert [p.name for p in complete_states(out, "tiny")] == ["tiny-step00000002-state", "tiny-state"]
+
+
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
     root, dit, toml = assets
     straight = tmp_path / "straight"

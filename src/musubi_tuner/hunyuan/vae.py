@@ -507,6 +507,17 @@ class CausalVideoVAE(nn.Module):
 # ----------------------------------------------------------------------------------------- loading
 
 
+VAE_CAST_ADVICE = "compute in float32 (--vae_dtype float32)"
+
+
+def check_vae_weights(path: str | os.PathLike) -> None:
+    """Read every weight of the VAE file once, as stored, and refuse one that holds NaN or infinity: generation loads the
+    VAE after all the sampling steps, and a damaged decoder weight was found only then."""
+    f, _ = open_vae_file(path)
+    for key in f.keys():
+        f.finite(key, f.get(key), VAE_CAST_ADVICE)
+
+
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu") -> CausalVideoVAE:
     """The official `vae/pytorch_model.pt` (a plain state dict, or under `state_dict`, or with `vae.` prefixes) or
     safetensors; the config is read off the weights, so tiny VAEs load too. Frozen, in eval mode."""
@@ -514,7 +525,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float16, device
     with torch.device("meta"):
         model = CausalVideoVAE(config)
     # (every weight checked as it loads: a NaN in a decoder weight was found only after all the sampling steps)
-    model.load_state_dict({k: f.finite(k, f.get(k, dtype=dtype, device=device), "compute in float32 (--vae_dtype float32)")
+    model.load_state_dict({k: f.finite(k, f.get(k, dtype=dtype, device=device), VAE_CAST_ADVICE)
                            for k in model.state_dict()}, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()

@@ -166,11 +166,11 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
         return
     from musubi_tuner.data.media import load_image, video_size
     from musubi_tuner.hunyuan.text_encoders import check_text_encoder1, check_text_encoder2
-    from musubi_tuner.hunyuan.vae import open_vae_file
+    from musubi_tuner.hunyuan.vae import check_vae_weights
 
     check_text_encoder1(args.text_encoder1)
     check_text_encoder2(args.text_encoder2)
-    open_vae_file(args.vae)
+    check_vae_weights(args.vae)
     if args.image_path:
         load_image(args.image_path)
     if args.video_path:

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -759,7 +760,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                                 "args": sorted(args.network_args or []), "dropout": args.network_dropout},
                        processes=accelerator.num_processes, context_parallel=args.context_parallel, batches_per_epoch=batches_per_epoch,
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
-                       schedule={flag: getattr(args, flag) for flag in SCHEDULE_SHAPE_FLAGS})
+                       schedule={flag: getattr(args, flag) for flag in SCHEDULE_SHAPE_FLAGS}, session_started=time.time())
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record

@@ -147,14 +147,15 @@ class DamagedState(UserError):
 
 def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
                  accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
-                 schedule: dict | None = None) -> dict:
+                 schedule: dict | None = None, session_started: float | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
     `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
-    rebuilt from them)."""
+    rebuilt from them). `session_started`: when the run began (a resumed run keeps the one of the state it continues:
+    check_resumable), by which --resume auto prefers the newest run's states (complete_states)."""
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
-            "learning_rate": learning_rate, "schedule": schedule or {}}
+            "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started}
 
 
 def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
@@ -183,6 +184,8 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
         return key in saved and saved[key] != current[key]
 
     check_same_processes(folder, saved, current)
+    if isinstance(saved.get("session_started"), (int, float)):  # the run it continues
+        current["session_started"] = saved["session_started"]
     if differs("optimizer"):
         raise SharedError(f"{folder}: saved with the optimizer {saved['optimizer']}, this run uses {current['optimizer']}; "
                         f"resume with the same --optimizer_type/--optimizer_args, or start a new run from its LoRA with "
@@ -262,6 +265,10 @@ def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
     """(progress, run identity) of a state folder; DamagedState naming the file if it is missing or cut."""
     marker = Path(folder) / STATE_MARKER
     if not marker.is_file():
+        inside = complete_states(Path(folder)) if Path(folder).is_dir() else []
+        if inside:  # (--resume OUTPUT_DIR: the folder of the states, not one of them)
+            raise DamagedState(f"{folder}: a folder of training states, not one: give one of them ({', '.join(p.name for p in inside[:3])}"
+                               f"{', ...' if len(inside) > 3 else ''}), or --resume auto with --output_dir {folder}")
         raise DamagedState(f"{folder}: not a complete training state (no {STATE_MARKER}); pick another folder or --resume auto")
     try:
         data = json.loads(marker.read_text(encoding="utf-8"))
@@ -350,7 +357,8 @@ def read_progress(folder: Path) -> TrainProgress | None:
 
 
 def complete_states(output_dir: Path, name: str | None = None) -> list[Path]:
-    """The complete state folders in output_dir, the most advanced (by saved global step) first; with `name`, only
+    """The complete state folders in output_dir, those of the most recently started run first (the `session_started` of
+    their run identity: a resumed run keeps its first start), each run's most advanced (by saved global step) first; with `name`, only
     those of that --output_name (NAME-state, NAME-step00000006-state, NAME-000002-state): another experiment saved
     in the same folder is not this run's to continue.
 
@@ -368,13 +376,18 @@ def complete_states(output_dir: Path, name: str | None = None) -> list[Path]:
         if folder.name.endswith(".old") and folder.with_suffix("").exists():  # replaced; only a kill between the renames keeps it alone
             continue
         try:
-            found.append((read_marker(folder)[0].global_step, folder))
+            progress, run = read_marker(folder)
         except UserError as e:
             logger.warning("skipping %s", e)
-    return [folder for _, folder in sorted(found, key=lambda sf: (-sf[0], sf[1].name))]
+            continue
+        started = run.get("session_started")
+        found.append(((started if isinstance(started, (int, float)) else 0.0, progress.global_step), folder))
+    # the newest run's states first (a run started afresh in a folder of an earlier run's states, and stopped before it
+    # passed their step, was continued from the earlier run's: fuzz_z 7), then by step
+    return [folder for _, folder in sorted(found, key=lambda sf: (-sf[0][0], -sf[0][1], sf[1].name))]
 
 
 def newest_state(output_dir: Path) -> Path | None:
-    """The most advanced complete state folder in output_dir (by saved global step)."""
+    """The first of complete_states: the most advanced state of the most recently started run."""
     states = complete_states(output_dir)
     return states[0] if states else None
