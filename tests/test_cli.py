@@ -11,6 +11,7 @@ import torch
 
 from musubi_tuner.cli import Parser, compute_dtype, count, embedded_guidance, frames_4n1, path, real, seed
 from musubi_tuner.errors import UserError
+from musubi_tuner.training.args import metadata_resolution
 
 COMMANDS = {  # module: where its parser is built
     "cache_latents": "musubi_tuner.cache_latents", "cache_text_encoder_outputs": "musubi_tuner.cache_text_encoder_outputs",
@@ -64,11 +65,18 @@ def test_help_shows_defaults_that_matter():
     (frames_4n1, "0", "0: must be at least 1 (4N+1: 1, 5, 9, ...)"),
     (compute_dtype, "fp8", "fp8: not a dtype to compute in; use bf16, fp16 or fp32 (fp8 weights: --fp8, --fp8_base or --fp8_llm)"),
     (compute_dtype, "f16", "f16: not a dtype to compute in; use bf16, fp16 or fp32"),
+    # (read when the first LoRA was saved: a ValueError traceback once the DiT had loaded, and -5 stored as -5x-5)
+    (metadata_resolution, "64,", "64,: write the width and height as W,H (or WxH, or one number for both), such as 1280,720"),
+    (metadata_resolution, "-5", "-5: write the width and height as W,H (or WxH, or one number for both), such as 1280,720"),
 ])
 def test_domains_name_the_value_and_what_is_allowed(kind, value, message):
     with pytest.raises(argparse.ArgumentTypeError) as e:
         kind(value)
     assert str(e.value) == message
+
+
+def test_a_metadata_resolution_is_read_as_the_lora_file_shows_it_too():
+    assert [metadata_resolution(v) for v in ("64x48", "64", "1280,720")] == ["64,48", "64,64", "1280,720"]
 
 
 @pytest.mark.parametrize("command, flag", [("hv_generate_video", "--vae_dtype"), ("cache_latents", "--vae_dtype"),

@@ -305,6 +305,21 @@ def test_the_docs_examples_are_valid_configs_prompt_files_and_command_lines(tmp_
             module.build_parser().parse_args(flags)
 
 
+def test_a_first_frame_in_a_sample_prompt_of_a_text_to_video_run_is_ignored_as_musubi_tuner_ignores_it(assets, tmp_path, caplog):
+    """A SkyReels I2V run's prompt file reused: its first frame fed the 16-channel DiT 32 channels, a traceback at the
+    first sample (after the epoch, with only --sample_every_n_epochs: the LoRA lost) (fuzz_aa 20)."""
+    image = tmp_path / "first.png"
+    Image.new("RGB", SIZE, (200, 30, 30)).save(image)
+    prompts = tmp_path / "i2v_prompts.txt"
+    prompts.write_text(f"a red cube on grass --w 32 --h 32 --f 5 --d 7 --s 2 --i {image}\n")
+    with caplog.at_level(logging.WARNING):
+        train(parse_args(base_args(assets, assets["plain"], tmp_path / "out", "--max_train_steps", "1", "--sample_prompts", str(prompts),
+                                   "--sample_at_first", "--vae", str(assets["vae"]), "--text_encoder1", str(assets["te1"]),
+                                   "--text_encoder2", str(assets["te2"]))))
+    assert f"{prompts}: prompt 1: --i is for an image-to-video DiT (32 input channels); ignored for this 16-channel DiT" in caplog.text
+    assert (tmp_path / "out" / "sample" / "tiny_000000_grid.png").is_file()
+
+
 def test_sample_prompts_run_with_the_step_cache_flags(assets, tmp_path, caplog):
     sampling = ("--max_train_steps", "1", "--sample_prompts", str(assets["prompts"]), "--sample_at_first", "--vae", str(assets["vae"]),
                 "--text_encoder1", str(assets["te1"]), "--text_encoder2", str(assets["te2"]))

@@ -41,6 +41,24 @@ def _int_or_float(value: str) -> float | int:
     return int(number)
 
 
+def metadata_resolution(value: str) -> str:
+    """--metadata_reso: "W,H", "WxH" (as the LoRA's modelspec.resolution shows it) or one number for both, as "W,H". It
+    was read when the first LoRA was saved: "64x64" was a ValueError traceback once the DiT had loaded, "-5" stored."""
+    parts = [v.strip() for v in value.lower().replace("x", ",").split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    try:
+        w, h = (int(v) for v in parts) if len(parts) == 2 else (0, 0)
+    except ValueError:
+        w = h = 0
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{value}: write the width and height as W,H (or WxH, or one number for both), such as 1280,720")
+    return f"{w},{h}"
+
+
+metadata_resolution.__name__ = "resolution"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="hv_train_network.py", description="Train a LoRA for HunyuanVideo / SkyReels V1 from cached latents and text.")
     p.add_argument("--config_file", type=path, help="TOML file with any of these options (the command line wins)")
@@ -183,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key, help_ in (("title", "model title (default: --output_name)"), ("author", "author"), ("description", "description"),
                        ("license", "license"), ("tags", "comma-separated tags"), ("reso", "resolution 'W,H' (default 1280,720)"),
                        ("arch", "architecture string override")):
-        g.add_argument(f"--metadata_{key}", type=text, default=None, help=f"modelspec metadata: {help_}")
+        g.add_argument(f"--metadata_{key}", type=metadata_resolution if key == "reso" else text, default=None,
+                       help=f"modelspec metadata: {help_}")
 
     g = p.add_argument_group("sampling during training")
     g.add_argument("--sample_prompts", type=path, default=None, help="prompt file (.txt, .toml or .json) for sample videos")

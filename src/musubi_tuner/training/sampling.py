@@ -12,6 +12,7 @@ computed once, at the first evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import glob
 import logging
@@ -106,6 +107,13 @@ class TrainingSampler:
         shared = layout is not None and layout.context_parallel > 1
         self.participates = accelerator.is_main_process or (shared and layout.replica == 0)
         self.prompts = load_sample_prompts(args.sample_prompts)
+        if in_channels != 32 and any(p.image_path for p in self.prompts):  # (a SkyReels I2V run's prompt file reused:
+            # its first frames fed a 16-channel DiT 32 channels, a traceback at the first sample; musubi-tuner ignores them)
+            for p in self.prompts:
+                if p.image_path:
+                    logger.warning("%s: prompt %d: --i is for an image-to-video DiT (32 input channels); ignored for this "
+                                   "%d-channel DiT, as musubi-tuner ignores it", args.sample_prompts, p.index + 1, in_channels)
+            self.prompts = [dataclasses.replace(p, image_path=None) for p in self.prompts]
         if in_channels == 32 and any(p.image_path is None for p in self.prompts):
             raise UserError(f"{args.sample_prompts}: an image-to-video DiT needs a first frame for every sample prompt (--i image.png)")
         for p in self.prompts:
