@@ -437,6 +437,17 @@ def _refuse_a_running_training_s_name(out: Path, output_flag: str) -> None:
                         "which would replace it, or be replaced by it; choose another name, or wait for the run to end")
 
 
+def files_within(path: str | os.PathLike | None) -> list[Path]:
+    """A model given as a file or a folder (a text encoder's): the file, or the files in the folder."""
+    if not path:
+        return []
+    path = Path(path)
+    try:
+        return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    except OSError:
+        return [path]
+
+
 def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mapping[str, Sequence]) -> None:
     """Before any work: the output's folder takes new files (require_writable_folder), its name leaves room for its
     temporary file's, and the output is none of the command's own inputs (the same file under any name or link):

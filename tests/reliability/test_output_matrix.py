@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -121,6 +122,16 @@ def own_copy(path, tmp):
 
     (tmp / "own").mkdir(exist_ok=True)
     return Path(shutil.copy2(path, tmp / "own" / path.name))
+
+
+def vae_safetensors(a, tmp) -> Path:
+    """The tiny VAE as tmp/vae.safetensors (made once per case)."""
+    path = tmp / "vae.safetensors"
+    if not path.exists():
+        from musubi_tuner.files import save_safetensors
+
+        save_safetensors(torch.load(a.vae, weights_only=True), path)
+    return path
 
 
 def nothing_where_it_runs(a, tmp, err, out):
@@ -393,6 +404,15 @@ CASES = [
     Case("generate-merged-model-is-the-lora", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--lora_weight", str(own_copy(a.lora, t)), "--save_merged_model", str(t / "own" / a.lora.name)),
          r"--save_merged_model .*: is .*, which this command reads \(--lora_weight\)", keep=lambda a, t: [t / "own" / a.lora.name]),
+    # (a typo replaced the VAE, or a text encoder's weights, with the merged DiT: only --dit and --lora_weight were compared)
+    Case("generate-merged-model-is-the-vae", "hv_generate_video",
+         lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora), "--save_merged_model", str(vae_safetensors(a, t)),
+                                    vae=vae_safetensors(a, t)),
+         r"--save_merged_model .*: is .*, which this command reads \(--vae\)", keep=lambda a, t: [vae_safetensors(a, t)]),
+    Case("generate-merged-model-is-a-text-encoder-weight-file", "hv_generate_video",
+         lambda a, t: replaced(generate_argv(a, t, "--lora_weight", str(a.lora), "--save_merged_model", str(t / "te2" / "model.safetensors")),
+                               "--text_encoder2", shutil.copytree(a.te2, t / "te2")),
+         r"--save_merged_model .*: is .*, which this command reads \(--text_encoder2\)", keep=lambda a, t: [t / "te2" / "model.safetensors"]),
     Case("generate-merged-model-not-safetensors", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora), "--save_merged_model", str(t / "merged.pt")),
          r"--save_merged_model .*merged\.pt: the merged model is written as \.safetensors", then=nothing_generated),

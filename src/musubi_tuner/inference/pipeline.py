@@ -16,7 +16,7 @@ import torch
 from musubi_tuner.cli import far_from_usual, resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError
-from musubi_tuner.files import require_file, require_present
+from musubi_tuner.files import files_within, require_file, require_present
 from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, check_compile_flags, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference.presets import PRESETS, detect_preset
@@ -75,7 +75,8 @@ def check_and_fill(args) -> None:
     if args.save_merged_model:
         from musubi_tuner.networks.merge import check_merged_model_output
 
-        check_merged_model_output(args.save_merged_model, args.dit, args.lora_weight)
+        model_files = {f"--{flag}": files_within(getattr(args, flag)) for flag in ("vae", "text_encoder1", "text_encoder2")}
+        check_merged_model_output(args.save_merged_model, args.dit, args.lora_weight, model_files)
     given = [f"--{flag}" for flag in ("lora_multiplier", "lora_blocks", "exclude_single_blocks") if getattr(args, flag)]
     if not args.lora_weight and given:
         logger.warning("%s act%s on the files of --lora_weight, and none is given: ignored", " and ".join(given),

@@ -7,7 +7,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -21,13 +21,14 @@ from musubi_tuner.networks.lora_reader import DIVERGED_UPDATE, Patch, largest_up
 logger = logging.getLogger(__name__)
 
 
-def check_merged_model_output(output: str, dit: str, loras: Sequence[str]) -> None:
-    """--save_merged_model, before any work: a .safetensors name, and none of the files the merge reads."""
+def check_merged_model_output(output: str, dit: str, loras: Sequence[str], others: Mapping[str, Sequence] | None = None) -> None:
+    """--save_merged_model, before any work: a .safetensors name, and none of the files the command reads (`others`: the
+    generation's other models, flag -> files: a typo replaced the VAE or a text encoder's weights with the merged DiT)."""
     from musubi_tuner.files import check_output_file
 
     if not str(output).endswith(".safetensors"):
         raise UserError(f"--save_merged_model {output}: the merged model is written as .safetensors")
-    check_output_file(output, "--save_merged_model", {"--dit": [dit], "--lora_weight": loras})
+    check_output_file(output, "--save_merged_model", {"--dit": [dit], "--lora_weight": loras, **(others or {})})
 
 
 def resolve_multipliers(lora_paths: Sequence[str], multipliers: Sequence[float] | float | None, flag: str = "--lora_multiplier") -> list[float]:
