@@ -751,3 +751,18 @@ def test_a_json_file_of_a_model_folder_that_is_a_fifo_is_named_not_waited_on(fil
     os.mkfifo(folder / "config.json")
     with pytest.raises(UserError, match=r"config\.json: not a regular file \(a FIFO\)"):
         te.load_text_encoder2(folder, dtype=torch.float32)
+
+
+def test_a_stray_weight_file_in_a_text_encoder_folder_is_not_read_over_the_model(files, tmp_path):
+    """Without an index, every *.safetensors of the folder was read as one, a key in two files taken from the one that
+    sorts last: a leftover all-zero copy (zz_old.safetensors) beside model.safetensors replaced CLIP's weights, and the
+    caches were made by it without a word (fuzz_y 11). model.safetensors is what transformers reads; other files that
+    share a key are refused, naming both."""
+    folder = shutil.copytree(files["clip_folder"], tmp_path / "clip")
+    want = te.load_text_encoder2(folder, dtype=torch.float32).encode(PROMPTS[:1])[0]
+    state = StateDictFile(folder / "model.safetensors").load_all()
+    save_safetensors({k: torch.zeros_like(v) for k, v in state.items()}, folder / "zz_old.safetensors")
+    assert torch.equal(te.load_text_encoder2(folder, dtype=torch.float32).encode(PROMPTS[:1])[0], want)
+    (folder / "model.safetensors").rename(folder / "clip_l.safetensors")
+    with pytest.raises(UserError, match=r"is in two of its files, clip_l\.safetensors and zz_old\.safetensors"):
+        te.load_text_encoder2(folder, dtype=torch.float32)

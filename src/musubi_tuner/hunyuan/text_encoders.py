@@ -181,7 +181,14 @@ class WeightFiles:
         files = _folder_weight_files(self.path) if self.path.is_dir() else [self.path]
         # subdict keys: so that a pickled DiT (`module`) passed by mistake is recognised as one
         self.files = [StateDictFile(f, what=what, subdict_keys=("module", "state_dict")) for f in files]
-        self.owner = {k: f for f in self.files for k in f.keys()}  # key -> the file that holds it
+        self.owner: dict[str, StateDictFile] = {}  # key -> the file that holds it
+        for f in self.files:
+            for k in f.keys():
+                if k in self.owner:  # (the file sorted last won: a stray copy in the folder replaced the model, unsaid)
+                    raise UserError(f"{self.path}: {k} is in two of its files, {self.owner[k].path.name} and {f.path.name}; "
+                                    "keep the model's own files in the folder (a copy or an older version beside them is "
+                                    "read too)")
+                self.owner[k] = f
         self.metadata = self.files[0].metadata if len(self.files) == 1 else {}
 
     def keys(self) -> list[str]:
@@ -204,11 +211,15 @@ class WeightFiles:
 
 
 def _folder_weight_files(folder: Path) -> list[Path]:
-    """An HF folder's weight files: the shards an index names, else every safetensors file, else `.bin` files."""
+    """An HF folder's weight files: the shards an index names, else model.safetensors or pytorch_model.bin (as transformers
+    reads the folder), else every safetensors file, else `.bin` files."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             return _index_shards(folder, folder / index)
     entries = list_folder(folder, "text encoder folder")  # (one that cannot be listed is not one without weights)
+    for single in ("model.safetensors", "pytorch_model.bin"):  # what transformers reads without an index
+        if any(p.name == single and p.is_file() for p in entries):
+            return [folder / single]
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
         found = [p for p in entries if fnmatch.fnmatchcase(p.name, pattern) and p.is_file()]
         if found:
