@@ -492,6 +492,12 @@ CASES = [
     Case("plan-flags-of-the-other-mode-are-named", "plan", lambda a, t: plan_argv("--fp8", "--model", "t2v-720p", "--dit", str(a.dit)), None,
          warning=r"--fp8 acts on generation \(--mode generate\); this plan of training ignores it[\s\S]*"
                  r"--model t2v-720p is ignored: the shapes come from --dit"),
+    # (the header's keys, shapes and dtypes, as the run checks them: a plan was printed for files the run refuses, fuzz_y 6)
+    Case("plan-of-a-dit-the-run-would-refuse", "plan", lambda a, t: ["--dit", str(damaged_dit(a, t, "missing"))],
+         r"dit_missing\.safetensors: not a complete HunyuanVideo DiT: keys 1 missing \(e\.g\. txt_in\.input_embedder\.bias\)"),
+    Case("generate-dry-run-of-a-dit-of-integers", "hv_generate_video",
+         lambda a, t: replaced(generate_argv(a, t, "--dry_run"), "--dit", damaged_dit(a, t, "int")),
+         r"dit_int\.safetensors: tensor \S+ is int32; a DiT's weights are floating point"),
     Case("plan-batch-size-zero", "plan", lambda a, t: plan_argv("--batch_size", "0"), r"--batch_size 0: must be between 1 and 65536"),
     Case("plan-size-not-multiple-of-16", "plan", lambda a, t: plan_argv()[:2] + ["--video_size", "540", "960"],
          r"height and width must be multiples of 16"),

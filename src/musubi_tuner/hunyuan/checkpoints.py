@@ -59,6 +59,12 @@ def read_dit_config(f: StateDictFile) -> DiTConfig:
     except Exception as e:  # json, the dataclass, the model's own arithmetic: any of them may refuse a damaged file
         raise UserError(f"{f.path}: not a usable HunyuanVideo DiT: {where} give no model ({type(e).__name__}: "
                         f"{str(e)[:120]})") from None
+    try:  # (the header only: a plan or a --dry_run that passes is of a file the run loads)
+        check_dit_file(f, config)
+    except UserError as e:
+        if CONFIG_METADATA_KEY not in f.metadata or DiTConfig.from_shapes(f.shapes(), source=str(f.path)) == config:
+            raise
+        raise UserError(f"{e} (its metadata {CONFIG_METADATA_KEY} describes another model than its tensors)") from None
     return config
 
 
