@@ -627,7 +627,7 @@ CASES = [
          r"tiny-state: saved with the optimizer torch\.optim\.adamw\.AdamW, this run uses torch\.optim\.sgd\.SGD", keep=outputs_of("out")),
     Case("train-resume-other-rank", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_dim", "8"),
-         r"tiny-state: saved with another network \(dim 4 -> 8\)", keep=outputs_of("out")),
+         r"tiny-state: saved with another network \(dim 4 -> 8\)", keep=outputs_of("out"), then=before_the_model_loads),
     Case("train-resume-two-process-state-with-one", "hv_train_network",
          lambda a, t: train_argv(a, with_run(processes=2)(a, t), "--resume", "auto"),
          r"tiny-state: saved by 2 training processes, this run has 1; resume with the same number", keep=outputs_of("out")),
@@ -644,7 +644,13 @@ CASES = [
     Case("train-resume-with-another-warmup", "hv_train_network",  # (fuzz_z 3: the schedule, rebuilt from the flags, took another curve)
          lambda a, t: train_argv(a, trained_before(a, t, *WARMUP), "--resume", "auto", *WARMUP[:-1], "10"),
          r"tiny-state: saved with another learning-rate schedule \(--lr_warmup_steps 1 -> 10\); resume with the same flags",
-         keep=outputs_of("out")),
+         keep=outputs_of("out"), then=before_the_model_loads),  # (checked before the DiT loads: fuzz_z 4)
+    Case("train-resume-with-network-weights-and-another-flow-shift-is-said", "hv_train_network",  # (fuzz_z 5: silent)
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_weights", str(t / "out" / "tiny.safetensors"),
+                                 "--discrete_flow_shift", "3", "--max_train_steps", "3"), None,
+         then=lambda a, t, err, out: all_said(err, r"--network_weights \S+tiny\.safetensors: the LoRA of \S+tiny-state replaces it",
+                                              r"tiny-state: saved by a run that drew its noise levels otherwise \(--discrete_flow_shift "
+                                              r"\S+ -> 3\.0\)")),
     Case("train-resume-with-another-seed-inside-an-epoch", "hv_train_network",  # (fuzz_z 2: items trained twice, others never)
          lambda a, t: replaced(train_argv(a, trained_before(a, t), "--resume", "auto"), "--seed", 2),
          r"tiny-state: saved by a run of --seed 1, 2 batches into epoch 1, whose order of the items is that seed's; resume without "

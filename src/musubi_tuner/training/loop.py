@@ -152,10 +152,16 @@ def check_args(args) -> None:
     far = far_settings(args)
     if far:  # said before the work: a far value that does not overflow trains a LoRA that learns nothing without a word
         logger.warning(f"{far} of a NaN loss or of a LoRA that learns nothing")
-    if args.resume and args.resume != "auto" and not args.resume_from_huggingface:
-        from musubi_tuner.training.state import read_state_folder
+    if args.resume and not args.resume_from_huggingface:
+        from musubi_tuner.training.state import check_same_run, complete_states, read_state_folder
 
-        read_state_folder(args.resume)  # missing, or no complete state: said before the model loads
+        # missing, or no complete state: said before the model loads (--resume auto: its first state, where a state of
+        # another run is refused, as every older one would be too)
+        first = next(iter(complete_states(Path(args.output_dir), args.output_name)), None) if args.resume == "auto" else args.resume
+        if first is not None:
+            _, saved = read_state_folder(first)
+            processes = {} if args.dry_run else {"processes": launched()[1]}  # (a dry run may plan for other processes)
+            check_same_run(Path(first), saved, {**identity_from_flags(args), **processes})
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
@@ -598,6 +604,18 @@ SCHEDULE_SHAPE_FLAGS = ("lr_warmup_steps", "lr_decay_steps", "lr_scheduler_num_c
                         "lr_scheduler_min_lr_ratio", "lr_scheduler_args")
 
 
+def identity_from_flags(args) -> dict:
+    """The part of a run's identity (state.run_identity) its flags alone give: checked against a --resume folder before
+    the DiT loads (a resume with another --network_dim was refused minutes late, after the model had loaded: fuzz_z 4)."""
+    import dataclasses
+
+    return {"scheduler": args.lr_scheduler_type or args.lr_scheduler, "context_parallel": args.context_parallel,
+            "network": {"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
+                        "args": sorted(args.network_args or []), "dropout": args.network_dropout},
+            "schedule": {flag: getattr(args, flag) for flag in SCHEDULE_SHAPE_FLAGS},
+            "timesteps": {f"{'timestep_sampling' if k == 'mode' else k}": v for k, v in dataclasses.asdict(timestep_config(args)).items()}}
+
+
 def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
     """--seed; else the seed of the run being resumed; else a random one, the same on every process.
 
@@ -755,15 +773,17 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                     batches_per_epoch)
         logger.info(reducer.describe())
 
-    run = run_identity(optimizer_name=optimizer_name, scheduler=args.lr_scheduler_type or args.lr_scheduler,
-                       network={"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
-                                "args": sorted(args.network_args or []), "dropout": args.network_dropout},
-                       processes=accelerator.num_processes, context_parallel=args.context_parallel, batches_per_epoch=batches_per_epoch,
+    from musubi_tuner.files import content_digest
+
+    run = run_identity(optimizer_name=optimizer_name, processes=accelerator.num_processes, batches_per_epoch=batches_per_epoch,
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
-                       schedule={flag: getattr(args, flag) for flag in SCHEDULE_SHAPE_FLAGS}, session_started=time.time())
+                       session_started=time.time(), dit_digest=content_digest(args.dit), **identity_from_flags(args))
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record
+    if resume_from is not None and args.network_weights:  # (logged as loaded, then replaced without a word: fuzz_z 5)
+        logger.warning("--network_weights %s: the LoRA of %s replaces it (a resumed run continues its state's LoRA)",
+                       args.network_weights, resume_from)
     # a resume moved to the start of the next epoch (the dataset or batching changed since the state) is further on in
     # epochs than its step count says: counted from step 0, the epochs left could hold none of the steps left, and the
     # run saved a "final" LoRA at the resumed step, exit 0 (fuzz_z 1)

@@ -147,7 +147,8 @@ class DamagedState(UserError):
 
 def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
                  accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
-                 schedule: dict | None = None, session_started: float | None = None) -> dict:
+                 schedule: dict | None = None, session_started: float | None = None, dit_digest: str | None = None,
+                 timesteps: dict | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
     `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
@@ -155,7 +156,8 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
     check_resumable), by which --resume auto prefers the newest run's states (complete_states)."""
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
-            "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started}
+            "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started,
+            "dit_digest": dit_digest, "timesteps": timesteps or {}}
 
 
 def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
@@ -174,18 +176,13 @@ def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
                           f"from its LoRA with --network_weights")
 
 
-def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainProgress) -> TrainProgress:
-    """Compare a state's run identity with this run's: a mismatch that would silently train something else is a
-    UserError saying what differs and what to do; a changed dataset restarts at the next epoch, with a warning.
-
-    States saved before identities were recorded (an empty `saved`) resume unchecked.
-    """
+def check_same_run(folder: Path, saved: dict, current: dict) -> None:
+    """The identity checks of check_resumable, for the keys `current` has: the training checks a --resume folder with
+    what its flags tell before the DiT loads (the network, the schedule, the processes), and all of it once loaded."""
     def differs(key: str) -> bool:
-        return key in saved and saved[key] != current[key]
+        return key in saved and key in current and saved[key] != current[key]
 
     check_same_processes(folder, saved, current)
-    if isinstance(saved.get("session_started"), (int, float)):  # the run it continues
-        current["session_started"] = saved["session_started"]
     if differs("optimizer"):
         raise SharedError(f"{folder}: saved with the optimizer {saved['optimizer']}, this run uses {current['optimizer']}; "
                         f"resume with the same --optimizer_type/--optimizer_args, or start a new run from its LoRA with "
@@ -204,6 +201,28 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
         changed = ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
         raise SharedError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
                         f"--network_dim, --network_alpha and --network_args")
+    if differs("dit_digest"):  # (the same shapes: it trains on; another model's, or the same one in another precision)
+        logger.warning("%s: saved by a run on another DiT file than --dit (its contents differ); the LoRA continues on this one",
+                       folder)
+    if differs("timesteps"):
+        then, now = saved["timesteps"], current["timesteps"]
+        changed = ", ".join(f"--{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+        logger.warning("%s: saved by a run that drew its noise levels otherwise (%s); the steps from here draw them so", folder,
+                       changed)
+
+
+def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainProgress) -> TrainProgress:
+    """Compare a state's run identity with this run's: a mismatch that would silently train something else is a
+    UserError saying what differs and what to do; a changed dataset restarts at the next epoch, with a warning.
+
+    States saved before identities were recorded (an empty `saved`) resume unchecked.
+    """
+    def differs(key: str) -> bool:
+        return key in saved and saved[key] != current[key]
+
+    check_same_run(folder, saved, current)
+    if isinstance(saved.get("session_started"), (int, float)):  # the run it continues
+        current["session_started"] = saved["session_started"]
     if differs("learning_rate"):  # the optimizer's and the schedule's saved state hold the rate: they win, as in musubi-tuner
         logger.warning("%s: saved with --learning_rate %g; its optimizer and schedule continue at that rate, not at %g, and "
                        "the LoRA's metadata records %g. To train at %g, start a new run from its LoRA with --network_weights",
