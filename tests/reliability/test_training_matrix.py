@@ -222,6 +222,15 @@ def more_repeats(a, tmp):
     return train_argv(a, out, "--resume", "auto", "--save_state", "--max_train_steps", "6", toml=tmp / "cached" / "dataset.toml")
 
 
+def swapped_state_file(a, tmp):
+    """Step 1's state folder holding step 2's LoRA, as a copy between two state folders makes it."""
+    import shutil
+
+    out = trained_before(a, tmp, "--save_every_n_steps", "1")
+    shutil.copy(out / "tiny-step00000002-state" / "network.safetensors", out / "tiny-step00000001-state" / "network.safetensors")
+    return train_argv(a, out, "--resume", str(out / "tiny-step00000001-state"), "--max_train_steps", "3")
+
+
 def trained_to_step_6(a, tmp, err, out):
     """fuzz_z 1: the epochs were counted from step 0, so the resumed run (moved to the next epoch) had none left: it
     trained nothing and saved a "final" LoRA at the resumed step, exit 0."""
@@ -651,6 +660,9 @@ CASES = [
          then=lambda a, t, err, out: all_said(err, r"--network_weights \S+tiny\.safetensors: the LoRA of \S+tiny-state replaces it",
                                               r"tiny-state: saved by a run that drew its noise levels otherwise \(--discrete_flow_shift "
                                               r"\S+ -> 3\.0\)")),
+    Case("train-resume-a-state-holding-another-state-s-file", "hv_train_network", swapped_state_file,  # (fuzz_z 6: resumed "at step
+         r"tiny-step00000001-state/network\.safetensors: not the file this state was saved with \(another state's, or changed "  # 1"
+         r"since\); pick another state folder or --resume auto", keep=outputs_of("out")),  # with step 2's weights, unsaid)
     Case("train-resume-with-another-seed-inside-an-epoch", "hv_train_network",  # (fuzz_z 2: items trained twice, others never)
          lambda a, t: replaced(train_argv(a, trained_before(a, t), "--resume", "auto"), "--seed", 2),
          r"tiny-state: saved by a run of --seed 1, 2 batches into epoch 1, whose order of the items is that seed's; resume without "

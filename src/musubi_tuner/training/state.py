@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import SharedError, UserError, stops_held
-from musubi_tuner.files import (atomic_write, check_locks_still_held, load_torch_file, output_target, remove_folder, save_safetensors,
-                                save_torch, what_to_check)
+from musubi_tuner.files import (atomic_write, check_locks_still_held, content_digest, load_torch_file, output_target, remove_folder,
+                                save_safetensors, save_torch, what_to_check)
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,11 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
             }, tmp / "optimizer.pt")
+            # (what the other files hold: a file of another state put in one's folder resumed without a word, "at step 6"
+            # with step 3's weights: fuzz_z 6)
+            files = {name: content_digest(tmp / name) for name in STATE_FILES}
             with atomic_write(tmp / STATE_MARKER) as marker:
-                marker.write_text(json.dumps({**asdict(progress), "run": run or {}}, indent=1))
+                marker.write_text(json.dumps({**asdict(progress), "run": run or {}, "files": files}, indent=1))
         wait()
         if is_main:
             _fsync_files(tmp)  # a power cut after the rename must not leave empty files in a "complete" state
@@ -316,6 +319,23 @@ def read_state_folder(folder: str | Path) -> tuple[TrainProgress, dict]:
     return read_marker(folder)
 
 
+STATE_FILES = ("network.safetensors", "optimizer.pt")  # what the marker records a digest of
+
+
+def _check_files_are_its_own(folder: Path) -> None:
+    """The state's files are those its marker was written with (states older than the record are not checked)."""
+    try:
+        recorded = json.loads((folder / STATE_MARKER).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return  # (read_marker has named what is wrong with the marker)
+    if not isinstance(recorded, dict):
+        return
+    for name in STATE_FILES:
+        if name in recorded and (folder / name).is_file() and content_digest(folder / name) != recorded[name]:
+            raise DamagedState(f"{folder}/{name}: not the file this state was saved with (another state's, or changed since); "
+                               f"pick another state folder or --resume auto")
+
+
 def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_index: int,
                run: dict | None = None) -> TrainProgress:
     """Load a state folder into the run's objects; checks first that it belongs to this run (see check_resumable)."""
@@ -341,11 +361,12 @@ def load_state(folder: Path, *, network, optimizer, scheduler, scaler, process_i
             raise DamagedState(f"{folder}/network.safetensors: {key} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
                                f"this run's LoRA holds {str(own[key].dtype).removeprefix('torch.')} {list(own[key].shape)}; "
                                f"pick another state folder or --resume auto")
+    _check_optimizer_state(folder, saved, optimizer)
+    _check_files_are_its_own(folder)  # (whole, finite and of this run's shapes, but another state's: after those checks)
     missing, unexpected = network.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if not k.endswith("alpha")]:
         raise UserError(f"{folder}: the saved LoRA does not fit this network (missing {len(missing)}, unexpected {len(unexpected)} keys); "
                         "resume with the same --network_dim / --network_args")
-    _check_optimizer_state(folder, saved, optimizer)
     try:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
