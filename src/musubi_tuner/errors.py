@@ -48,7 +48,15 @@ def did_you_mean(word: str, candidates) -> str:
     import difflib
 
     close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    if not close:
+        return ""
+    odd = [c for c in dict.fromkeys(str(word)) if not c.isascii() and c not in close[0]]
+    if odd:  # a look-alike letter (a Cyrillic с for the Latin c): the suggestion read exactly as the word refused
+        import unicodedata
+
+        named = "; ".join(f"its {printable(c)} is U+{ord(c):04X} {unicodedata.name(c, 'with no name')}" for c in odd[:3])
+        return f" (did you mean {close[0]}? {named})"
+    return f" (did you mean {close[0]}?)"
 
 
 @contextlib.contextmanager

@@ -87,6 +87,13 @@ def test_a_misspelt_key_names_file_table_and_the_closest_key(folders):
     assert message == "dataset.toml: [[datasets]][0].num_repeat is not an image dataset key (did you mean num_repeats?)"
 
 
+def test_a_key_with_a_look_alike_letter_names_the_letter(folders):
+    """"сaption_extension is not a dataset key (did you mean caption_extension?)" read as a contradiction: its first letter
+    is Cyrillic (fuzz_aa 18)."""
+    message = config_error(folders, '[general]\n"\u0441aption_extension" = ".txt"\n' + IMAGES)
+    assert message.endswith("(did you mean caption_extension? its \u0441 is U+0441 CYRILLIC SMALL LETTER ES)")
+
+
 def test_a_misspelt_key_in_general_suggests_a_general_key(folders):
     message = config_error(folders, "[general]\nbatchsize = 2\n" + IMAGES)
     assert message == "dataset.toml: [general].batchsize is not a dataset key (did you mean batch_size?)"
