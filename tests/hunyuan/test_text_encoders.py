@@ -766,3 +766,12 @@ def test_a_stray_weight_file_in_a_text_encoder_folder_is_not_read_over_the_model
     (folder / "model.safetensors").rename(folder / "clip_l.safetensors")
     with pytest.raises(UserError, match=r"is in two of its files, clip_l\.safetensors and zz_old\.safetensors"):
         te.load_text_encoder2(folder, dtype=torch.float32)
+
+
+def test_a_text_encoder_folder_whose_path_is_not_utf8_loads(files, tmp_path):
+    """The weights loaded from such a path, the tokenizer did not: the tokenizers library takes a name as UTF-8 only
+    ("unreadable tokenizer file", fuzz_y 13)."""
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9_te2")
+    shutil.copytree(files["clip_folder"], folder)
+    want = te.load_text_encoder2(files["clip_folder"], dtype=torch.float32).encode(PROMPTS[:1])[0]
+    assert torch.equal(te.load_text_encoder2(folder, dtype=torch.float32).encode(PROMPTS[:1])[0], want)

@@ -291,10 +291,15 @@ def _tokenizer_file_problem(folder: Path, kind_name: str) -> str | None:
     return None
 
 
+MAX_TOKENIZER_BYTES = 2**30  # Llama 3's tokenizer.json is 9 MB; a vocabulary of millions of tokens stays below this
+
+
 def _read_tokenizer_json(folder: Path) -> Tokenizer:
     path = folder / "tokenizer.json"
+    # (read here: the tokenizers library takes a name as UTF-8 only, and a FIFO in its place would be waited on)
+    data = read_small_file(path, "tokenizer file", max_bytes=MAX_TOKENIZER_BYTES)
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises plain Exceptions for malformed files
         raise UserError(f"{path}: unreadable tokenizer file ({str(e)[:160]})") from None
 
@@ -351,8 +356,8 @@ def _clip_tokenizer_from_vocab_merges(folder: Path) -> Tokenizer:
         if token not in vocab:
             raise UserError(f"{vocab_path}: has no {token}; this is not CLIP's vocabulary (text encoder 2 needs CLIP-L's)")
     try:
-        lines = merges_path.read_text(encoding="utf-8").split("\n")
-    except (UnicodeDecodeError, OSError) as e:
+        lines = read_small_file(merges_path, "merges file", max_bytes=MAX_TOKENIZER_BYTES).decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
         raise UserError(f"{merges_path}: cannot read ({str(e)[:120]}); restore it from the model's download") from None
     merges = []
     for number, line in enumerate(lines, 1):
