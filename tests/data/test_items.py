@@ -1,6 +1,7 @@
 """Listing, decoding and batching items for the caching commands; bad items reported and skipped."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -198,7 +199,7 @@ def test_images_without_caption_files_are_left_out_and_listed(tmp_path):
     assert problems == [(str(tmp_path / "images" / "without.png"), "no caption file without.txt")]
 
 
-def test_a_caption_whose_name_only_looks_the_same_is_named_and_odd_names_stay_one_entry(tmp_path):
+def test_a_caption_whose_name_only_looks_the_same_is_named_and_odd_names_stay_one_entry(tmp_path, caplog):
     """fuzz_aa 7: an image named in NFC (as typed on Linux or Windows) beside its caption in NFD (as macOS writes it)
     was told "no caption file café.txt" with café.txt right there; IMG_1.png beside img_1.txt had no hint; a name
     holding a newline made the summary read as two entries. musubi-tuner matches names exactly too: said, not read."""
@@ -221,6 +222,9 @@ def test_a_caption_whose_name_only_looks_the_same_is_named_and_odd_names_stay_on
     report.skipped += problems
     entries = report.summary().splitlines()[1:]
     assert len(entries) == 3 and any(line.endswith("two\\nlines.png: no caption file two\\nlines.txt") for line in entries)
+    with caplog.at_level(logging.INFO):  # (and the line logged as each item is skipped)
+        items.CacheReport().skip(*next(p for p in problems if "two" in p[0]))
+    assert "two\\nlines.png: no caption file two\\nlines.txt" in caplog.text and "two\nlines" not in caplog.text
 
 
 def test_a_caption_extension_without_its_leading_dot_is_named_where_the_dotted_file_exists(tmp_path):

@@ -84,7 +84,7 @@ class CacheReport:
                  f"{len(self.skipped)} skipped, {len(self.failed)} failed"]
         for title, entries in (("failed", self.failed), ("skipped", self.skipped)):
             for path, reason in entries[:limit]:
-                lines.append(f"  {title}: {printable(_naming(path, reason))}")  # (a newline in a name made two entries)
+                lines.append(f"  {title}: {_naming(path, reason)}")
             if len(entries) > limit:
                 lines.append(f"  ... and {len(entries) - limit} more {title}")
         if self.unrecorded:
@@ -110,8 +110,9 @@ def require_some_cached(reports: list[CacheReport], unit: str) -> None:
 
 
 def _naming(path: str | os.PathLike, reason: str) -> str:
-    """The reason, prefixed with the file unless it already names it (UserErrors do)."""
-    return reason if str(path) in reason else f"{path}: {reason}"
+    """The reason, prefixed with the file unless it already names it (UserErrors do); on one line whatever the names in it
+    hold (errors.printable: a newline in a name made one entry of the log and the summary read as two)."""
+    return printable(reason if str(path) in reason else f"{path}: {reason}")
 
 
 # ------------------------------------------------------------------------------------------ listing
