@@ -274,7 +274,9 @@ def test_items_whose_cache_names_collide_keep_the_first(tmp_path):
     assert [i.path.name for i in found] == ["a.jpg"] and "same cache name 'a'" in problems[0][1]
 
 
-def test_a_jsonl_that_lists_one_image_twice_says_so_and_keeps_the_first_entry(tmp_path):
+def test_a_jsonl_that_lists_one_image_twice_says_so_and_keeps_the_caption_musubi_tuner_keeps(tmp_path):
+    """musubi-tuner writes the image's text cache for each line, the last one's staying: with the first line's caption
+    kept here, one JSONL trained on other text in the two tools, and the message named neither line (fuzz_aa 13)."""
     import json
 
     (tmp_path / "images").mkdir()
@@ -284,8 +286,10 @@ def test_a_jsonl_that_lists_one_image_twice_says_so_and_keeps_the_first_entry(tm
     dataset = config_for(tmp_path, f'[[datasets]]\nimage_jsonl_file = "{tmp_path / "meta.jsonl"}"\n'
                                    f'cache_directory = "{tmp_path / "cache"}"\n').datasets[0]
     found, problems = items.list_items(dataset)
-    assert [i.read_caption() for i in found] == ["first"]
-    assert problems == [(str(tmp_path / "images" / "a.png"), "listed twice in meta.jsonl; the first entry is used")]
+    assert [i.read_caption() for i in found] == ["second"]
+    assert problems == [(str(tmp_path / "images" / "a.png"), "listed on lines 1 and 2 of meta.jsonl with two captions; line 2's is "
+                                                              "used, as musubi-tuner uses it (one item per file: give each caption "
+                                                              "its own copy)")]
 
 
 def test_a_caption_that_is_not_utf8_is_reported_naming_the_file(tmp_path):

@@ -126,6 +126,7 @@ class SourceItem:
     stem: str  # cache names start with it
     caption_file: Path | None = None  # directory datasets
     jsonl_caption: str | None = None  # JSONL datasets
+    jsonl_line: int | None = None  # JSONL datasets: the line that lists it
 
     def read_caption(self) -> str:
         """The caption, stripped. Raises UserError naming the caption file if it is missing or not UTF-8."""
@@ -163,8 +164,15 @@ def list_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[tuple[
     for item in items:
         if item.stem not in unique:
             unique[item.stem] = item
-        elif unique[item.stem].path == item.path:  # a JSONL that lists one file twice: its first line is used
-            problems.append((str(item.path), f"listed twice in {dataset.source.name}; the first entry is used"))
+        elif unique[item.stem].path == item.path:  # a JSONL that lists one file twice
+            first = unique[item.stem]
+            lines = f"lines {first.jsonl_line} and {item.jsonl_line} of {dataset.source.name}"
+            if first.jsonl_caption != item.jsonl_caption:  # musubi-tuner's text cache ends with the last line's caption
+                unique[item.stem] = item
+                problems.append((str(item.path), f"listed on {lines} with two captions; line {item.jsonl_line}'s is used, as "
+                                                 "musubi-tuner uses it (one item per file: give each caption its own copy)"))
+            else:
+                problems.append((str(item.path), f"listed twice, on {lines}; it is one item"))
         else:
             problems.append((str(item.path), f"same cache name {item.stem!r} as {unique[item.stem].path}; rename one"))
     return list(unique.values()), problems
@@ -292,7 +300,7 @@ def _jsonl_items(dataset: AnyDatasetConfig) -> list[SourceItem]:
             path = _jsonl_media_path(media_path, jsonl, f"{jsonl}:{number}: {json.dumps(media_path)}")
         except UserError as e:  # (a NUL character, a ~ that cannot be expanded)
             raise UserError(f"{e} {where}") from None
-        items.append(SourceItem(path, cache_files.item_stem(path), jsonl_caption=caption))
+        items.append(SourceItem(path, cache_files.item_stem(path), jsonl_caption=caption, jsonl_line=number))
     return items
 
 
