@@ -72,6 +72,9 @@ def run_encoder(name: str, load, batches: list[list], total: int, made_by: dict[
                 cache_files.save_text_cache(item.cache_path, item.caption, cache_files.text_encoder_tensors(name, embed, mask),
                                             provenance={**made_by, **(item.record or {})})
             bar.update(len(batch))
+    cut = encoder.cut_summary()
+    if cut:
+        logger.info("%s: %s", name, cut)
     del encoder
     gc.collect()
     if torch.cuda.is_available():

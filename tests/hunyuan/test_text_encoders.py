@@ -549,9 +549,19 @@ def test_a_prompt_past_the_llms_256_tokens_is_said_to_be_cut_once(files, caplog)
         long = " ".join(f"word{i}" for i in range(400))
         states, mask = encoder.encode([long, "short"])
         encoder.encode([long])
-    assert caplog.text.count("1 of 2 prompts are longer than the LLM's 256 tokens, and the text past them is cut") == 1
+    assert caplog.text.count("prompts longer than the LLM's 256 tokens are cut there (as in musubi-tuner)") == 1
     assert caplog.text.count("longer than the LLM") == 1
     assert mask[0].sum() == 256 and mask[1].sum() < 256
+    # the count is of every prompt encoded, not of the first batch that had one ("1 of 1" when 5 of 5 were cut: fuzz_aa 8)
+    assert encoder.cut_summary() == "2 of 4 prompts were longer than the LLM's 256 tokens: the text past them is not read"
+
+
+def test_a_prompt_past_clips_77_tokens_is_counted(files):
+    """CLIP-L reads 77 tokens: a caption of 60-230 words fits the LLM and was cut by CLIP without a word (fuzz_aa 8)."""
+    encoder = te.load_text_encoder2(files["clip_folder"], dtype=torch.float32)
+    encoder.encode(["a red ball", " ".join(["word"] * 100)])
+    assert encoder.cut_summary() == ("1 of 2 prompts were longer than CLIP-L's 77 tokens: its pooled vector is of their start "
+                                     "(as in musubi-tuner)")
 
 
 # ----------------------------------------------------------------------------------------------- damaged folders (D10)

@@ -98,6 +98,7 @@ class LLMTextEncoder:
         self.max_length = self.crop_start + LLM_MAX_LENGTH
         self.skip_padding = skip_padding
         self.told_cut = False
+        self.prompts_seen = self.prompts_cut = 0  # over the encoder's life: cut_summary
 
     @property
     def device(self) -> torch.device:
@@ -122,18 +123,25 @@ class LLMTextEncoder:
             return (torch.zeros(0, LLM_MAX_LENGTH, self.hidden_size, dtype=self.dtype, device=self.device),
                     torch.zeros(0, LLM_MAX_LENGTH, dtype=torch.int64, device=self.device))
         ids, mask = self.tokenize(prompts)
-        if not self.told_cut:  # once per encoder: a caching run of long captions is not a wall of warnings
-            cut = [p for p in prompts if len(self.tokenizer.ids(PROMPT_TEMPLATE_VIDEO.format(p))) > self.max_length]
-            if cut:
-                self.told_cut = True
-                logger.warning("%d of %d prompts are longer than the LLM's %d tokens, and the text past them is cut (as in "
-                               "musubi-tuner), e.g. %r", len(cut), len(prompts), LLM_MAX_LENGTH, cut[0][:60] + "...")
+        cut = [p for p in prompts if len(self.tokenizer.ids(PROMPT_TEMPLATE_VIDEO.format(p))) > self.max_length]
+        self.prompts_seen, self.prompts_cut = self.prompts_seen + len(prompts), self.prompts_cut + len(cut)
+        if cut and not self.told_cut:  # once per encoder: a caching run of long captions is not a wall of warnings
+            self.told_cut = True
+            logger.warning("prompts longer than the LLM's %d tokens are cut there (as in musubi-tuner), e.g. %r (the count "
+                           "follows at the end)", LLM_MAX_LENGTH, cut[0][:60] + "...")
         ids, mask = ids.to(self.device), mask.to(self.device)
         length = int(mask.sum(dim=1).max()) if self.skip_padding else self.max_length
         states = self.model(input_ids=ids[:, :length], attention_mask=mask[:, :length], use_cache=False).last_hidden_state
         if length < self.max_length:
             states = nn.functional.pad(states, (0, 0, 0, self.max_length - length)) * mask[..., None].to(states.dtype)
         return states[:, self.crop_start:].to(self.dtype), mask[:, self.crop_start:]
+
+    def cut_summary(self) -> str | None:
+        """How many of the prompts encoded so far were cut at the LLM's length (the first batch's count was all it said)."""
+        if not self.prompts_cut:
+            return None
+        return (f"{self.prompts_cut:,} of {self.prompts_seen:,} prompts were longer than the LLM's {LLM_MAX_LENGTH} tokens: "
+                "the text past them is not read")
 
 
 class CLIPTextEncoder:
@@ -142,6 +150,7 @@ class CLIPTextEncoder:
     def __init__(self, model: CLIPTextModel, tokenizer: TextTokenizer, dtype: torch.dtype, path: Path):
         self.model, self.tokenizer, self.dtype, self.path = model, tokenizer, dtype, path
         self.max_length = CLIP_MAX_LENGTH
+        self.prompts_seen = self.prompts_cut = 0  # over the encoder's life: cut_summary
 
     @property
     def device(self) -> torch.device:
@@ -158,12 +167,21 @@ class CLIPTextEncoder:
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokenizer(list(prompts), self.max_length)
 
+    def cut_summary(self) -> str | None:
+        """How many of the prompts encoded so far CLIP-L read only the start of (its 77 tokens; it was never said)."""
+        if not self.prompts_cut:
+            return None
+        return (f"{self.prompts_cut:,} of {self.prompts_seen:,} prompts were longer than CLIP-L's {CLIP_MAX_LENGTH} tokens: its "
+                "pooled vector is of their start (as in musubi-tuner)")
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = list(prompts)
         if not prompts:
             return (torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device),
                     torch.zeros(0, CLIP_MAX_LENGTH, dtype=torch.int64, device=self.device))
+        cut = sum(len(self.tokenizer.ids(p)) > self.max_length for p in prompts)
+        self.prompts_seen, self.prompts_cut = self.prompts_seen + len(prompts), self.prompts_cut + cut
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pooled = self.model(input_ids=ids, attention_mask=mask).pooler_output
