@@ -164,9 +164,10 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
 
 
 def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
-    """A state resumes on as many processes, shared out as before (--dry_run checks this alone, without joining)."""
+    """A state resumes on as many processes, shared out as before (--dry_run checks this alone, without joining). The
+    keys `current` lacks are not compared (a partial identity: check_same_run)."""
     def differs(key: str) -> bool:
-        return key in saved and saved[key] != current[key]
+        return key in saved and key in current and saved[key] != current[key]
 
     if differs("processes"):
         raise SharedError(f"{folder}: saved by {saved['processes']} training processes, this run has {current['processes']}; "
