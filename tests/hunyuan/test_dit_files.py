@@ -122,6 +122,10 @@ def test_truncated_safetensors_is_reported_as_truncated(tmp_path, tiny):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="dit.safetensors: file is truncated"):
         load_dit(path)
+    path.write_bytes(data[:100])  # (cut inside its header: it was "not a safetensors file (header length ... does not fit")
+    with pytest.raises(UserError, match=r"dit\.safetensors: file is truncated \(its header alone is [\d,]+ bytes, the file 100\); "
+                                        r"download it again"):
+        load_dit(path)
 
 
 def test_truncated_pt_is_reported(tmp_path, tiny):
