@@ -785,3 +785,18 @@ def test_a_text_encoder_folder_whose_path_is_not_utf8_loads(files, tmp_path):
     shutil.copytree(files["clip_folder"], folder)
     want = te.load_text_encoder2(files["clip_folder"], dtype=torch.float32).encode(PROMPTS[:1])[0]
     assert torch.equal(te.load_text_encoder2(folder, dtype=torch.float32).encode(PROMPTS[:1])[0], want)
+
+
+@pytest.mark.parametrize("which", ["llm", "clip"])
+def test_a_folder_without_its_config_says_so_when_the_weights_do_not_fit_the_assumed_one(files, tmp_path, which):
+    """With config.json gone the full-size config is assumed, and the weights were blamed: "has 4 decoder layers, the
+    config says 32", "160 tensors missing" (fuzz_y 5)."""
+    folder = shutil.copytree(files[f"{which}_folder"], tmp_path / which)
+    (folder / "config.json").unlink()
+    load = te.load_text_encoder1 if which == "llm" else te.load_text_encoder2
+    with pytest.raises(UserError, match=r"\(its config\.json is missing, and the full-size config was assumed: restore config\.json "
+                                        r"from the model's download\)$"):
+        load(folder, dtype=torch.float32)
+    (folder / "config.json").symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(UserError, match=r"config\.json: broken symbolic link"):
+        load(folder, dtype=torch.float32)

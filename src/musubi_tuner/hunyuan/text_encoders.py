@@ -20,12 +20,14 @@ time onto a model built on the meta device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
 import os
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -326,7 +328,7 @@ def _read_config(weights: WeightFiles, config_class, full_size: dict, model_type
     else the file's metadata, else the full-size config. Values transformers refuses are one UserError naming the
     file and the field."""
     config_file = weights.path / "config.json"
-    if weights.path.is_dir() and config_file.exists():
+    if weights.path.is_dir() and (config_file.exists() or config_file.is_symlink()):  # (a broken link is named by read_json)
         raw = read_json(config_file)
         if raw.get("model_type") == "clip":
             from transformers import CLIPConfig
@@ -506,6 +508,19 @@ def check_text_encoder1(path: str | os.PathLike, tokenizer_path: str | os.PathLi
     _open_llm(path, tokenizer_path)
 
 
+@contextlib.contextmanager
+def _blamed_on_a_missing_config(weights: WeightFiles, config_source: str) -> Iterator[None]:
+    """A folder's weights that do not fit the config, when its config.json is missing: the full-size config was assumed,
+    and the weights were blamed ("has 4 decoder layers, the config says 32") for what the missing file did."""
+    try:
+        yield
+    except UserError as e:
+        if weights.path.is_dir() and config_source.startswith("the full-size"):
+            raise UserError(f"{e} (its config.json is missing, and the full-size config was assumed: restore config.json from "
+                            "the model's download)") from None
+        raise
+
+
 def _open_llm(path, tokenizer_path):
     weights = WeightFiles(path, "text encoder 1 (LLM)")
     keys = weights.keys()
@@ -516,15 +531,17 @@ def _open_llm(path, tokenizer_path):
                         + (f"; this looks like {other}" if other else ""))
     config, config_source = _read_config(weights, LlamaConfig, LLAVA_LLAMA3_CONFIG, "llama", "Llama text encoder")
     file_layers = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
-    if len(file_layers) != config.num_hidden_layers:
-        raise UserError(f"{weights.path}: has {len(file_layers)} decoder layers, the config says {config.num_hidden_layers}")
+    with _blamed_on_a_missing_config(weights, config_source):
+        if len(file_layers) != config.num_hidden_layers:
+            raise UserError(f"{weights.path}: has {len(file_layers)} decoder layers, the config says {config.num_hidden_layers}")
     tokenizer = load_llm_tokenizer(weights.path, tokenizer_path)
     if tokenizer.max_id() >= config.vocab_size:
         raise UserError(f"{tokenizer.source}: tokenizer ids go up to {tokenizer.max_id()} but {weights.path} "
                         f"has only {config.vocab_size} embeddings; the tokenizer does not belong to this model")
     model = _build_model(build_llm, config, config_source, "Llama text encoder")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    plan = plan_keys(shapes, weights.shapes(), prefix, str(weights.path), "Llama text encoder")
+    with _blamed_on_a_missing_config(weights, config_source):
+        plan = plan_keys(shapes, weights.shapes(), prefix, str(weights.path), "Llama text encoder")
     check_float_weights(weights, plan.values(), "text encoder")
     return weights, prefix, config, tokenizer, model, plan
 
@@ -573,8 +590,8 @@ def _open_clip(path, tokenizer_path):
                         f"has only {config.vocab_size} embeddings; the tokenizer does not belong to this model")
     model = _build_model(build_clip, config, config_source, "CLIP text model")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    file_shapes = weights.shapes()
     plan = {k: clip_file_key(k, prefix) for k in shapes}
-    plan_keys({plan[k]: s for k, s in shapes.items()}, file_shapes, "", str(weights.path), "CLIP text model")
+    with _blamed_on_a_missing_config(weights, config_source):
+        plan_keys({plan[k]: s for k, s in shapes.items()}, weights.shapes(), "", str(weights.path), "CLIP text model")
     check_float_weights(weights, plan.values(), "text encoder")
     return weights, prefix, tokenizer, model, plan
