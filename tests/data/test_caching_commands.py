@@ -416,6 +416,18 @@ def training_warnings(config, caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_an_image_whose_caption_was_deleted_since_caching_is_said_to_train_on_its_cached_caption(models, tmp_path, caplog):
+    """An edited caption was said, a deleted one (to take the image out, say) not: the image trained on its old caption
+    (fuzz_aa 15). Its caches are kept, as a misspelt caption_extension costs no cache."""
+    toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=2, width=32, height=32, frames=5)
+    config = cached(toml, models)
+    (tmp_path / "images" / "image_0001.txt").unlink()
+    assert [w for w in training_warnings(config, caplog) if "older than" in w] == [
+        f"{toml}: [[datasets]][0]: 1 cached item is older than the dataset and trained on as cached (image_0001: caption file "
+        "gone, trained on its cached caption); run cache_latents.py and cache_text_encoder_outputs.py again (with --skip_existing "
+        "they redo only these)"]
+
+
 def test_training_warns_once_per_dataset_about_caches_older_than_the_dataset_and_items_never_cached(models, tmp_path, caplog):
     """fuzz_a D8: a replaced image, an edited caption, a deleted image and a killed cache_latents.py (latent caches
     missing) were trained on, or left out, without a word. Training compares what the caches record with a stat of

@@ -234,6 +234,10 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
         if whats:
             changed.append(f"{item.stem}: {' and '.join(whats)}")
     listed = {item.stem for item in sources} | {cache_files.item_stem(path) for path, _ in skipped}
+    # (an image whose caption file was deleted since caching, to take it out of the dataset, say: its caches remain, and
+    # it was trained on its cached caption without a word)
+    changed += [f"{cache_files.item_stem(path)}: caption file gone, trained on its cached caption" for path, reason in skipped
+                if reason.startswith("no caption file") and cache_files.item_stem(path) in latents]
     changed += [f"{stem}: source deleted" for stem in sorted(latents) if stem not in listed]
     if not changed and not uncached and not rejected:
         return None
