@@ -13,6 +13,7 @@ train as one process of batch R x B would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import math
@@ -32,7 +33,7 @@ from musubi_tuner.distributed import (GradientReducer, check_same_command_line, 
                                       make_layout)
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError, launched, quieted
-from musubi_tuner.files import StateDictFile, require_file
+from musubi_tuner.files import StateDictFile, content_digest, require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, check_compile_flags, compile_blocks, compile_errors,
                                           known_gradient_problem, log_graph_breaks)
@@ -607,13 +608,12 @@ SCHEDULE_SHAPE_FLAGS = ("lr_warmup_steps", "lr_decay_steps", "lr_scheduler_num_c
 def identity_from_flags(args) -> dict:
     """The part of a run's identity (state.run_identity) its flags alone give: checked against a --resume folder before
     the DiT loads (a resume with another --network_dim was refused minutes late, after the model had loaded: fuzz_z 4)."""
-    import dataclasses
-
+    timesteps = dataclasses.asdict(timestep_config(args))
     return {"scheduler": args.lr_scheduler_type or args.lr_scheduler, "context_parallel": args.context_parallel,
             "network": {"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
                         "args": sorted(args.network_args or []), "dropout": args.network_dropout},
             "schedule": {flag: getattr(args, flag) for flag in SCHEDULE_SHAPE_FLAGS},
-            "timesteps": {f"{'timestep_sampling' if k == 'mode' else k}": v for k, v in dataclasses.asdict(timestep_config(args)).items()}}
+            "timesteps": {("timestep_sampling" if k == "mode" else k): v for k, v in timesteps.items()}}  # (as the flags)
 
 
 def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
@@ -772,8 +772,6 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         logger.info("%s; each replica takes one batch in %d, %d batches per epoch each", describe_layout(layout), layout.replicas,
                     batches_per_epoch)
         logger.info(reducer.describe())
-
-    from musubi_tuner.files import content_digest
 
     run = run_identity(optimizer_name=optimizer_name, processes=accelerator.num_processes, batches_per_epoch=batches_per_epoch,
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
