@@ -212,16 +212,22 @@ def test_a_caption_whose_name_only_looks_the_same_is_named_and_odd_names_stay_on
     add_image(tmp_path, "IMG_1", caption=None)
     (tmp_path / "images" / "img_1.txt").write_text("a photo")
     add_image(tmp_path, "two\nlines", caption=None)
+    for image, caption in (("a", "a.txt "), ("b", "b .txt"), ("e", "e.txt\u200b")):  # (fuzz_aa 14: the hint proposed
+        add_image(tmp_path, image, caption=None)                                    # caption_extension = '.txt ')
+        (tmp_path / "images" / caption).write_text("a caption")
     found, problems = items.list_items(dataset)
     assert found == []
     assert sorted(reason for _, reason in problems) == [
-        "no caption file IMG_1.txt (img_1.txt exists, its name in other letter case: rename it IMG_1.txt)",
-        f"no caption file {nfc}.txt ({nfd}.txt exists, its name in another Unicode form: rename it {nfc}.txt)",
+        "no caption file IMG_1.txt ('img_1.txt' exists, its name in other letter case: rename it IMG_1.txt)",
+        "no caption file a.txt ('a.txt ' exists, its name with a blank or an invisible character in it: rename it a.txt)",
+        "no caption file b.txt ('b .txt' exists, its name with a blank or an invisible character in it: rename it b.txt)",
+        f"no caption file {nfc}.txt ('{nfd}.txt' exists, its name in another Unicode form: rename it {nfc}.txt)",
+        "no caption file e.txt ('e.txt\\u200b' exists, its name with a blank or an invisible character in it: rename it e.txt)",
         "no caption file two\nlines.txt"]
     report = items.CacheReport()
     report.skipped += problems
     entries = report.summary().splitlines()[1:]
-    assert len(entries) == 3 and any(line.endswith("two\\nlines.png: no caption file two\\nlines.txt") for line in entries)
+    assert len(entries) == 6 and any(line.endswith("two\\nlines.png: no caption file two\\nlines.txt") for line in entries)
     with caplog.at_level(logging.INFO):  # (and the line logged as each item is skipped)
         items.CacheReport().skip(*next(p for p in problems if "two" in p[0]))
     assert "two\\nlines.png: no caption file two\\nlines.txt" in caplog.text and "two\nlines" not in caplog.text

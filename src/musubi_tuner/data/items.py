@@ -211,9 +211,10 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
                 if siblings is None:
                     siblings = _suffixes_by_stem(folder)
                     loose = _by_loose_name(siblings)
+                hint = _caption_named_otherwise(loose, path.stem, extension, caption_file.name)
                 others = [s for s in siblings.get(path.stem, []) if s.lower() not in (*media.IMAGE_EXTENSIONS, *media.VIDEO_EXTENSIONS)]
-                hint = f" ({path.stem}{others[0]} exists: caption_extension = {others[0]!r}?)" if others else \
-                    _caption_named_otherwise(loose, path.stem, extension, caption_file.name)
+                if others and not hint:
+                    hint = f" ({path.stem}{others[0]} exists: caption_extension = {others[0]!r}?)"
             problems.append((str(path), f"no caption file {caption_file.name}{hint}"))
             continue
         items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file))
@@ -242,18 +243,27 @@ def _by_loose_name(siblings: dict[str, list[str]]) -> dict[str, list[tuple[str, 
 
 
 def _loose(name: str) -> str:
-    return unicodedata.normalize("NFC", name).casefold()
+    """A name as it looks: in one Unicode form, one letter case, without blanks and invisible characters."""
+    return "".join(c for c in unicodedata.normalize("NFC", name).casefold() if not c.isspace() and unicodedata.category(c) != "Cf")
 
 
 def _caption_named_otherwise(by_loose_name: dict, stem: str, extension: str, expected: str) -> str:
     """A hint when a caption file is there under a name that only looks the same: another Unicode form (café in NFD, as
-    macOS writes it, beside an image named in NFC) or other letter case (IMG_1.png beside img_1.txt). musubi-tuner
-    matches names exactly too, so the caption is not taken; it is said."""
+    macOS writes it, beside an image named in NFC), other letter case (IMG_1.png beside img_1.txt), or a blank or an
+    invisible character in it ("a.txt ", "b .txt": the hint proposed caption_extension = '.txt ', which the config then
+    refuses). musubi-tuner matches names exactly too, so the caption is not taken; it is said."""
     for other, suffixes in by_loose_name.get(_loose(stem), []):
-        if other != stem and extension in suffixes:
-            same_form = unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", stem)
-            return f" ({printable(other + extension)} exists, its name {'in another Unicode form' if same_form else 'in other letter case'}: " \
-                   f"rename it {expected})"
+        # (a suffix in other letter case alone, x.TXT: the caption_extension hint names it, for a folder of them)
+        named = [s for s in suffixes if _loose(s) == _loose(extension) and not (other == stem and s.lower() == extension.lower())]
+        if named and not any(s.lower() in (*media.IMAGE_EXTENSIONS, *media.VIDEO_EXTENSIONS) for s in named):
+            name = other + named[0]
+            if unicodedata.normalize("NFC", name) == unicodedata.normalize("NFC", stem + extension):
+                how = "in another Unicode form"
+            elif name.casefold() == (stem + extension).casefold():
+                how = "in other letter case"
+            else:
+                how = "with a blank or an invisible character in it"
+            return f" ({printable(repr(name))} exists, its name {how}: rename it {expected})"
     return ""
 
 
