@@ -181,3 +181,22 @@ def test_an_error_a_data_loader_worker_meets_is_the_commands_one_line(capsys):
         run_cli(main, [])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: /data/cache/a_hv.safetensors: cache file not found; run the caching commands again\n"
+
+
+def test_a_command_that_ends_in_a_traceback_removes_the_empty_folders_it_made(tmp_path):
+    """As one that ends in an error line does: a damaged fp8 DiT's traceback left an empty --save_path behind (fuzz_y 12).
+    A folder that holds a file by then stays, and so does what was there before the command."""
+    from musubi_tuner.errors import run_cli
+    from musubi_tuner.files import require_writable_folder
+
+    (tmp_path / "before").mkdir()
+
+    def main(argv):
+        require_writable_folder(tmp_path / "before" / "made" / "empty", "--save_path")
+        require_writable_folder(tmp_path / "kept", "--output_dir")
+        (tmp_path / "kept" / "x.txt").write_text("written")
+        raise ZeroDivisionError("a fault no check foresaw")
+
+    with pytest.raises(ZeroDivisionError):
+        run_cli(main, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before", "kept"] and not list((tmp_path / "before").iterdir())

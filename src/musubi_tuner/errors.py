@@ -187,6 +187,14 @@ def _nothing_left_to_stop() -> None:
 
 def _run(main, argv, memory_advice: str, streams: list) -> None:
     try:
+        _run_main(main, argv, memory_advice, streams)
+    except Exception:  # a traceback, a fault no check foresaw: the empty folders the command made go too, as after an error
+        _remove_created_empty_folders()  # line (a damaged fp8 DiT's traceback left an empty --save_path behind: fuzz_y 12)
+        raise
+
+
+def _run_main(main, argv, memory_advice: str, streams: list) -> None:
+    try:
         _prepare(argv, streams)
         main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
@@ -381,11 +389,15 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _remove_created_empty_folders() -> None:
+    if "musubi_tuner.files" in sys.modules:  # (a command that failed before it checked any output folder made none)
+        sys.modules["musubi_tuner.files"].remove_created_empty_folders()
+
+
 def _fail(message: str, shared: bool = False, about_another: bool = False) -> None:
     _default_sigterm()  # ending anyway: a launcher's SIGTERM now ends it without a second message
     _close_progress_bars()
-    if "musubi_tuner.files" in sys.modules:  # (a command that failed before it checked any output folder made none)
-        sys.modules["musubi_tuner.files"].remove_created_empty_folders()
+    _remove_created_empty_folders()
     quiet = shared and launched()[0] != 0
     message = printable(message)  # (one line, whatever the names in it hold)
     if not quiet:
