@@ -9,6 +9,7 @@ renamed into place only when complete, so `--resume auto` always finds whole sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -163,12 +164,21 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
             "dit_digest": dit_digest, "timesteps": timesteps or {}}
 
 
+def _differs(saved: dict, current: dict, key: str) -> bool:
+    """Whether a part of the run identity a state recorded differs from this run's (what either lacks is not compared:
+    states saved before a part was recorded, and the partial identity checked before the DiT loads)."""
+    return key in saved and key in current and saved[key] != current[key]
+
+
+def _changes(then: dict, now: dict, prefix: str = "") -> str:
+    """"dim 4 -> 8, ...": the entries of a recorded table (flags, with `prefix` "--") that differ from this run's."""
+    return ", ".join(f"{prefix}{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+
+
 def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
     """A state resumes on as many processes, shared out as before (--dry_run checks this alone, without joining). The
     keys `current` lacks are not compared (a partial identity: check_same_run)."""
-    def differs(key: str) -> bool:
-        return key in saved and key in current and saved[key] != current[key]
-
+    differs = functools.partial(_differs, saved, current)
     if differs("processes"):
         raise SharedError(f"{folder}: saved by {saved['processes']} training processes, this run has {current['processes']}; "
                           f"resume with the same number (accelerate launch --num_processes {saved['processes']}), or start a new "
@@ -183,9 +193,7 @@ def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
 def check_same_run(folder: Path, saved: dict, current: dict) -> None:
     """The identity checks of check_resumable, for the keys `current` has: the training checks a --resume folder with
     what its flags tell before the DiT loads (the network, the schedule, the processes), and all of it once loaded."""
-    def differs(key: str) -> bool:
-        return key in saved and key in current and saved[key] != current[key]
-
+    differs = functools.partial(_differs, saved, current)
     check_same_processes(folder, saved, current)
     if differs("optimizer"):
         raise SharedError(f"{folder}: saved with the optimizer {saved['optimizer']}, this run uses {current['optimizer']}; "
@@ -197,12 +205,12 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
                         f"from its LoRA with --network_weights")
     if differs("schedule"):  # (only its step count is saved: another warmup or ratio continued on another curve, unsaid)
         then, now = saved["schedule"], current["schedule"]
-        changed = ", ".join(f"--{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+        changed = _changes(then, now, "--")
         raise SharedError(f"{folder}: saved with another learning-rate schedule ({changed}); resume with the same flags, or start "
                           f"a new run from its LoRA with --network_weights")
     if differs("network"):
         then, now = saved["network"], current["network"]
-        changed = ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+        changed = _changes(then, now)
         raise SharedError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
                         f"--network_dim, --network_alpha and --network_args")
     if differs("dit_digest"):  # (the same shapes: it trains on; another model's, or the same one in another precision)
@@ -210,7 +218,7 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
                        folder)
     if differs("timesteps"):
         then, now = saved["timesteps"], current["timesteps"]
-        changed = ", ".join(f"--{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+        changed = _changes(then, now, "--")
         logger.warning("%s: saved by a run that drew its noise levels otherwise (%s); the steps from here draw them so", folder,
                        changed)
 
@@ -221,9 +229,7 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
 
     States saved before identities were recorded (an empty `saved`) resume unchecked.
     """
-    def differs(key: str) -> bool:
-        return key in saved and saved[key] != current[key]
-
+    differs = functools.partial(_differs, saved, current)
     check_same_run(folder, saved, current)
     if isinstance(saved.get("session_started"), (int, float)):  # the run it continues
         current["session_started"] = saved["session_started"]
