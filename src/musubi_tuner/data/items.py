@@ -221,16 +221,16 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
     if not dataset.is_video:
         problems += _unsupported_images(folder, extension, {path.stem for path in files})
     else:
-        problems += [(str(p), media.unsupported_type(p.suffix, video=True)) for p in sorted(Path(folder).iterdir())
-                     if media.unsupported_type(p.suffix, video=True) and not p.name.startswith(".")]
+        problems += [(str(p), why) for p in sorted(Path(folder).iterdir())
+                     if (why := media.unsupported_type(p.suffix, video=True)) and not p.name.startswith(".")]
     return items, problems
 
 
 def _unsupported_images(folder: Path, extension: str, listed_stems: set[str]) -> list[tuple[str, str]]:
     """Captioned images of a type that is not read (.gif, .tiff): named, where leaving them out said nothing."""
     captioned = {p.name[:-len(extension)] for p in Path(folder).iterdir() if extension and p.name.endswith(extension)}
-    return [(str(p), media.unsupported_type(p.suffix, video=False)) for p in sorted(Path(folder).iterdir())
-            if media.unsupported_type(p.suffix, video=False) and p.stem in captioned and p.stem not in listed_stems
+    return [(str(p), why) for p in sorted(Path(folder).iterdir())
+            if (why := media.unsupported_type(p.suffix, video=False)) and p.stem in captioned and p.stem not in listed_stems
             and not p.name.startswith(".")]
 
 
