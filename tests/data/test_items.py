@@ -183,6 +183,23 @@ def test_a_video_without_its_caption_fails_latent_caching_as_it_fails_text_cachi
     assert report.failed == [(str(tmp_path / "videos" / "uncaptioned.mp4"), f"{caption}: caption file not found (for uncaptioned.mp4)")]
 
 
+def test_a_video_whose_caption_is_named_otherwise_fails_with_the_hint_an_image_gets(tmp_path):
+    """fuzz_aa 14: an image beside a.TXT, b.png.txt or 'c.txt ' was told where its caption was; a video (which fails
+    without it, as in musubi-tuner) was told only "caption file not found"."""
+    dataset = video_config(tmp_path)
+    folder = tmp_path / "videos"
+    for name, caption in (("a", "a.TXT"), ("b", "b.mp4.txt"), ("c", "c.txt ")):
+        add_video(tmp_path, name)
+        (folder / f"{name}.txt").rename(folder / caption)
+    report = items.CacheReport()
+    assert list(items.iter_latent_batches(dataset, report)) == []
+    assert sorted(reason for _, reason in report.failed) == [
+        f"{folder / 'a.txt'}: caption file not found (for a.mp4) (a.TXT exists: caption_extension = '.TXT'?)",
+        f"{folder / 'b.txt'}: caption file not found (for b.mp4) (b.mp4.txt exists: the caption of b.mp4 is named b.txt)",
+        f"{folder / 'c.txt'}: caption file not found (for c.mp4) ('c.txt ' exists, its name with a blank or an invisible "
+        "character in it: rename it c.txt)"]
+
+
 def test_videos_follow_enable_bucket_false_unlike_musubi_tuner(tmp_path):
     dataset = video_config(tmp_path)  # resolution 64x64, enable_bucket false
     add_video(tmp_path, "wide", size=(96, 48))

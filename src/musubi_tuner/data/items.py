@@ -127,13 +127,19 @@ class SourceItem:
     caption_file: Path | None = None  # directory datasets
     jsonl_caption: str | None = None  # JSONL datasets
     jsonl_line: int | None = None  # JSONL datasets: the line that lists it
+    caption_hint: str = ""  # a video whose caption file is missing: where it may be instead (_missing_caption_hint)
 
     def read_caption(self) -> str:
         """The caption, stripped. Raises UserError naming the caption file if it is missing or not UTF-8."""
         if self.caption_file is None:
             return self.jsonl_caption.strip()
         # (a FIFO, /dev/zero, a socket or a 1 TB sparse file as a caption: named, where a read would hang or fill memory)
-        data = read_small_file(self.caption_file, "caption file", f"for {self.path.name}", MAX_CAPTION_BYTES)
+        try:
+            data = read_small_file(self.caption_file, "caption file", f"for {self.path.name}", MAX_CAPTION_BYTES)
+        except UserError as e:
+            if self.caption_hint and not os.path.lexists(self.caption_file):  # (a video's: where it may be instead)
+                raise UserError(f"{e}{self.caption_hint}") from None
+            raise
         bom = data[:2] in (b"\xff\xfe", b"\xfe\xff")
         if bom or b"\x00" in data:  # (PowerShell's Out-File: without a byte-order mark it decoded as "a\x00 \x00c\x00a\x00t\x00",
             # and was trained on without a word)
@@ -194,36 +200,46 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
                                         f"{len(os.fsencode(caption_file.name))} bytes, over the {MAX_NAME_BYTES} a file name may "
                                         "have; shorten the image's name"))
             continue
-        if not dataset.is_video and not os.path.exists(caption_file):
-            dotted = path.with_name(f"{path.stem}.{extension}")
+        hint = ""
+        if not os.path.exists(caption_file):
             if caption_file.is_symlink():  # there, but a broken or looping link: said so, not "no caption file"
                 try:
                     require_file(caption_file, "caption file")
                 except UserError as e:
                     problems.append((str(path), str(e)))
                     continue
-            # (os.path.exists: a hint's name may be too long to exist, which Path.exists raises for)
-            if extension and not extension.startswith(".") and os.path.exists(dotted):
-                hint = f" (caption_extension = {extension!r} does not start with a dot; {dotted.name} exists: write '.{extension}')"
-            elif os.path.exists(path.with_name(path.name + extension)):  # x.png.txt: the caption of x.png is x.txt
-                hint = f" ({path.name}{extension} exists: the caption of {path.name} is named {caption_file.name})"
-            else:
-                if siblings is None:
-                    siblings = _suffixes_by_stem(folder)
-                    loose = _by_loose_name(siblings)
-                hint = _caption_named_otherwise(loose, path.stem, extension, caption_file.name)
-                others = [s for s in siblings.get(path.stem, []) if s.lower() not in (*media.IMAGE_EXTENSIONS, *media.VIDEO_EXTENSIONS)]
-                if others and not hint:
-                    hint = f" ({path.stem}{others[0]} exists: caption_extension = {others[0]!r}?)"
-            problems.append((str(path), f"no caption file {caption_file.name}{hint}"))
-            continue
-        items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file))
+            if siblings is None:
+                siblings = _suffixes_by_stem(folder)
+                loose = _by_loose_name(siblings)
+            hint = _missing_caption_hint(path, extension, siblings, loose)
+            if not dataset.is_video:  # (musubi-tuner leaves such images out; a video without its caption fails, as there:
+                # its failure says the same hint)
+                problems.append((str(path), f"no caption file {caption_file.name}{hint}"))
+                continue
+        items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file, caption_hint=hint))
     if not dataset.is_video:
         problems += _unsupported_images(folder, extension, {path.stem for path in files})
     else:
         problems += [(str(p), why) for p in sorted(Path(folder).iterdir())
                      if (why := media.unsupported_type(p.suffix, video=True)) and not p.name.startswith(".")]
     return items, problems
+
+
+def _missing_caption_hint(path: Path, extension: str, siblings: dict[str, list[str]], loose: dict) -> str:
+    """Where the caption of `path` may be instead, said after "no caption file": a caption_extension without its dot,
+    x.png.txt, a name that only looks the same (_caption_named_otherwise) or another suffix beside it."""
+    caption_name = path.stem + extension
+    # (os.path.exists: a hint's name may be too long to exist, which Path.exists raises for)
+    dotted = path.with_name(f"{path.stem}.{extension}")
+    if extension and not extension.startswith(".") and os.path.exists(dotted):
+        return f" (caption_extension = {extension!r} does not start with a dot; {dotted.name} exists: write '.{extension}')"
+    if os.path.exists(path.with_name(path.name + extension)):  # x.png.txt: the caption of x.png is x.txt
+        return f" ({path.name}{extension} exists: the caption of {path.name} is named {caption_name})"
+    hint = _caption_named_otherwise(loose, path.stem, extension, caption_name)
+    others = [s for s in siblings.get(path.stem, []) if s.lower() not in (*media.IMAGE_EXTENSIONS, *media.VIDEO_EXTENSIONS)]
+    if others and not hint:
+        hint = f" ({path.stem}{others[0]} exists: caption_extension = {others[0]!r}?)"
+    return hint
 
 
 def _unsupported_images(folder: Path, extension: str, listed_stems: set[str]) -> list[tuple[str, str]]:
