@@ -613,7 +613,11 @@ def caption_items(dataset: AnyDatasetConfig, report: CacheReport, *, strict: boo
             report.fail(item.path, _failure_reason(item, caption), strict)
             continue
         cache = cache_files.text_cache_path(dataset.cache_directory, item.stem)
-        problem = unwritable_name(cache)
+        # (judged by the longest name the item needs, its latent cache's: the two caching commands gave two "shorten by"
+        # figures, and an item could get a text cache and never a latent one)
+        longest = cache_files.latent_cache_path(dataset.cache_directory, item.stem, (9999, 9999),
+                                                (0, 999) if dataset.is_video else None)
+        problem = unwritable_name(longest) or unwritable_name(cache)
         if problem:
             report.fail(item.path, problem, strict)
             continue
