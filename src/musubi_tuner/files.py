@@ -1488,8 +1488,12 @@ def _find_state_dict(obj: object, subdict_keys: tuple[str, ...], path: Path, wha
             return tensors
         nested = next((k for k, v in obj.items() if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())), None)
         if nested is not None:  # e.g. the official DiT .pt (weights under `module`) passed as a VAE or a LoRA
-            dit = " (the layout of HunyuanVideo's DiT mp_rank_00_model_states.pt; pass it with --dit)" if nested == "module" else ""
-            raise UserError(f"{path}: not {_a(what)}: its tensors sit under {nested!r}{dit}")
+            from musubi_tuner.hunyuan.model_kinds import what_weights_are  # (what they are: a VAE under `module` was
+            # told to go to --dit, the place of the official DiT's weights)
+            kind = what_weights_are([k for k in obj[nested] if isinstance(k, str)])
+            where = " or ".join(["at the top level", *(f"under {k!r}" for k in subdict_keys)])
+            raise UserError(f"{path}: not {_a(what)}: its tensors sit under {nested!r} (the tensors of {_a(what)} are read {where})"
+                            + (f"; they look like {kind}" if kind else ""))
         hint = f" (looked under {', '.join(repr(k) for k in subdict_keys)})" if subdict_keys else ""
         raise UserError(f"{path}: holds no tensors{hint}; top-level keys: {sorted(map(str, obj))[:8]}")
     raise UserError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")

@@ -111,7 +111,7 @@ def test_comfyui_prefixed_keys_load(tmp_path, tiny):
 
 
 def test_missing_file_is_one_line_naming_it(tmp_path):
-    with pytest.raises(UserError, match="nope.safetensors: DiT checkpoint not found"):
+    with pytest.raises(UserError, match=r"nope.safetensors: DiT checkpoint not found \(--dit\)$"):  # (plan, merge_lora: fuzz_y 8)
         load_dit(tmp_path / "nope.safetensors")
 
 
@@ -139,16 +139,47 @@ def test_truncated_pt_is_reported(tmp_path, tiny):
 def test_a_file_of_another_kind_is_named(tmp_path):
     lora = tmp_path / "lora.safetensors"
     save_safetensors({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 64)}, lora)
-    with pytest.raises(UserError, match="LoRA file, not a DiT"):
+    with pytest.raises(UserError, match=r"lora.safetensors: not a DiT: this is a LoRA file \(a LoRA goes to --lora_weight"):
         load_dit(lora)
     other = tmp_path / "other.safetensors"
     save_safetensors({"encoder.conv_in.weight": torch.zeros(1)}, other)
-    with pytest.raises(UserError, match="VAE checkpoint, not a DiT"):
+    with pytest.raises(UserError, match=r"other.safetensors: not a DiT: this is a VAE \(pass it with --vae\)"):
         load_dit(other)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(300))
     with pytest.raises(UserError, match="junk.safetensors: not a safetensors file"):
         load_dit(junk)
+    # (fuzz_y 8: a VAE under the `vae.` prefix --vae reads was "missing 'img_in.proj.weight'"; a text encoder had no hint)
+    prefixed = tmp_path / "prefixed.safetensors"
+    save_safetensors({"vae.decoder.up_blocks.0.conv.weight": torch.zeros(1)}, prefixed)
+    with pytest.raises(UserError, match=r"prefixed.safetensors: not a DiT: this is a VAE \(pass it with --vae\)"):
+        load_dit(prefixed)
+    clip = tmp_path / "clip.safetensors"
+    save_safetensors({"text_model.embeddings.token_embedding.weight": torch.zeros(1),
+                      "text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(1)}, clip)
+    with pytest.raises(UserError, match=r"clip.safetensors: not a DiT: this is the CLIP-L text encoder \(pass it with --text_encoder2\)"):
+        load_dit(clip)
+    from musubi_tuner.hunyuan.vae import load_vae
+    with pytest.raises(UserError, match=r"clip.safetensors: not a VAE: this is the CLIP-L text encoder \(pass it with --text_encoder2\)"):
+        load_vae(clip)
+    vae_pt = tmp_path / "vae_module.pt"
+    torch.save({"module": {"encoder.conv_in.weight": torch.zeros(1)}}, vae_pt)  # (it was told to go to --dit)
+    with pytest.raises(UserError, match=r"vae_module.pt: not a VAE checkpoint: its tensors sit under 'module' \(the tensors of a VAE "
+                                        r"checkpoint are read at the top level or under 'state_dict'\); they look like a VAE"):
+        load_vae(vae_pt)
+
+
+def test_a_scaled_fp8_dit_is_named_as_one(tmp_path, tiny):
+    """ComfyUI's scaled-fp8 layout (a scale_weight beside each fp8 weight) was "not a complete HunyuanVideo DiT: keys 36
+    unexpected"; musubi-tuner does not read it either."""
+    config, sd = tiny
+    scaled = {k: v.to(torch.float8_e4m3fn) if k.startswith("double_blocks.") and k.endswith("qkv.weight") else v for k, v in sd.items()}
+    scaled.update({k.removesuffix("weight") + "scale_weight": torch.ones(()) for k in sd if k.startswith("double_blocks.") and k.endswith("qkv.weight")})
+    path = tmp_path / "dit_fp8_scaled.safetensors"
+    save_safetensors({**scaled, "scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, path)
+    with pytest.raises(UserError, match=r"dit_fp8_scaled.safetensors: a scaled-fp8 DiT \(ComfyUI's layout: .*scale_weight, ...\), which is "
+                                        r"not read, as in musubi-tuner: give the bf16 or plain fp8 file"):
+        load_dit(path)
 
 
 def test_incomplete_dit_lists_missing_keys(tmp_path, tiny):

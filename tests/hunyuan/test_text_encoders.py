@@ -603,7 +603,7 @@ def test_every_json_file_of_a_text_encoder_folder_of_another_json_type_is_named(
 
 
 @pytest.mark.parametrize("name,fragment", [("config.json", "is a folder, not a JSON file"),
-                                           ("tokenizer.json", "is a folder, not the CLIP tokenizer file")])
+                                           ("tokenizer.json", "expected a CLIP tokenizer file, found a folder")])
 def test_a_file_of_the_clip_folder_that_is_a_folder_is_named(files, tmp_path, name, fragment):
     folder = damaged_copy(files["clip_folder"], tmp_path / "text_encoder_2")
     (folder / name).unlink()
@@ -700,7 +700,10 @@ def test_fp8_text_encoder_weights_are_floating_point_and_load(files, tmp_path):
 
 @pytest.mark.parametrize("damage,fragment", [
     (lambda p: p.unlink(), "tokenizer.json: not found, though"),
-    (lambda p: (p.unlink(), p.mkdir()), "tokenizer.json: is a folder, not the Llama 3 tokenizer file"),
+    (lambda p: (p.unlink(), p.mkdir()), "tokenizer.json: expected a Llama 3 tokenizer file, found a folder"),
+    # (fuzz_y 8: a FIFO was called a folder, a looping link was not named)
+    (lambda p: (p.unlink(), os.mkfifo(p)), "tokenizer.json: not a regular file (a FIFO); expected a Llama 3 tokenizer file"),
+    (lambda p: (p.unlink(), p.symlink_to(p.name)), "tokenizer.json: symbolic link loop"),
 ])
 def test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packaged_vocabulary(files, tmp_path, damage, fragment):
     folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
@@ -709,6 +712,20 @@ def test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packa
     assert "does not belong" not in message
     # named as well when the folder is passed as the tokenizer folder
     refused(lambda: te.load_text_encoder1(files["llm_file"], tokenizer_path=folder), folder / "tokenizer.json", fragment)
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda p: (p.unlink(), p.mkdir()), "expected a weight shard, found a folder (named by model.safetensors.index.json)"),
+    (lambda p: (p.unlink(), p.symlink_to(p.name)), "symbolic link loop"),
+])
+def test_a_shard_that_is_a_folder_or_a_link_loop_is_named_as_that_not_as_missing(files, tmp_path, damage, fragment):
+    """fuzz_y 8: "model.safetensors.index.json names shards that are missing" for a shard right there."""
+    folder = damaged_copy(files["llm_folder"], tmp_path / "text_encoder")
+    damage(folder / "model-00002-of-00002.safetensors")
+    refused(lambda: te.check_text_encoder1(folder), folder / "model-00002-of-00002.safetensors", fragment)
+    single = damaged_copy(files["clip_folder"], tmp_path / "text_encoder_2")
+    damage(single / "model.safetensors")  # (it was "no weight files in this folder")
+    refused(lambda: te.check_text_encoder2(single), single / "model.safetensors", fragment.split(" (named")[0].replace("weight shard", "text encoder weight file"))
 
 
 @pytest.mark.parametrize("file,damage,fragment", [

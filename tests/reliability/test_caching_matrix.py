@@ -408,7 +408,7 @@ CASES = [
     Case("vae-truncated", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(truncated(a.vae, t / "vae.pt"))],
          r"vae\.pt: not a readable PyTorch VAE checkpoint \(truncated or a different format"),
     Case("vae-is-the-dit", "cache_latents", lambda a, t: cache_latents_argv(a.dataset, a)[:3] + [str(a.dit)],
-         r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module' .*pass it with --dit"),
+         r"dit\.pt: not a VAE checkpoint: its tensors sit under 'module' .*; they look like a HunyuanVideo DiT \(pass it with --dit\)"),
     Case("vae-with-nan-keeps-the-caches", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a)[:3] + [
          str(nan_vae(a, t)), "--num_workers", "0"], r"nan_vae\.pt: encoder\.conv_in\.conv\.weight holds NaN or infinite values: the file is damaged, "
          r"download it again", keep=all_caches),  # (checked as the VAE loads, as the DiT's weights are: fuzz_y 1)
@@ -554,7 +554,7 @@ CASES = [
          covered_by=TE + "test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packaged_vocabulary"),
     Case("text-encoder1-tokenizer-json-is-a-folder", "cache_text_encoder_outputs",
          lambda a, t: cache_text_argv(a.dataset, a, te1=damaged_te1(a, t, tokenizer_json_a_folder)),
-         r"te1/tokenizer\.json: is a folder, not the Llama 3 tokenizer file",
+         r"te1/tokenizer\.json: expected a Llama 3 tokenizer file, found a folder",
          covered_by=TE + "test_a_missing_or_folder_typed_tokenizer_json_is_named_not_blamed_on_a_packaged_vocabulary"),
     Case("text-encoder1-with-nan-keeps-the-caches", "cache_text_encoder_outputs",
          lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te1=nan_llm(a, t)),

@@ -207,7 +207,7 @@ CASES = [
     Case("merge-lora-of-another-model-size", "merge_lora", lambda a, t: merge_argv(a, t, a.lora_big),
          r"lora_big\.safetensors: \S+ has shape \[.*\] in the LoRA but \[.*\] in .*dit\.pt"),
     Case("merge-lora-is-the-dit", "merge_lora", lambda a, t: merge_argv(a, t, a.dit),
-         r"dit\.pt: not a LoRA file: its tensors sit under 'module' .*pass it with --dit"),
+         r"dit\.pt: not a LoRA file: its tensors sit under 'module' .*; they look like a HunyuanVideo DiT \(pass it with --dit\)"),
     Case("merge-that-fails-leaves-no-empty-output-folders", "merge_lora",
          lambda a, t: [*merge_argv(a, t, a.lora_nan)[:-4], "--save_merged_model", str(t / "new" / "deep" / "merged.safetensors"),
                        "--device", "cpu"],

@@ -506,7 +506,7 @@ CASES = [
          r"nan_dit\.safetensors: final_layer\S+ holds NaN or infinite values: the file is damaged, download it again",
          then=before_the_model_loads),
     Case("train-dit-is-the-vae", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=a.vae),
-         r"vae\.pt: this is a VAE checkpoint, not a DiT; pass it with --vae"),
+         r"vae\.pt: not a DiT: this is a VAE \(pass it with --vae\)"),
     Case("train-network-weights-of-another-model", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora_sdxl)),
          r"lora_sdxl\.safetensors: a LoRA for another model: its module 'lora_unet_input_blocks_1_1_proj_in' names no layer"),

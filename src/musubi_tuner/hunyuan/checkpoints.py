@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import StateDictFile, save_safetensors
+from musubi_tuner.files import StateDictFile, require_file, save_safetensors
 from musubi_tuner.hunyuan.config import DiTConfig, default_rope_axes
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.fp8 import is_fp8_weight, make_fp8_linear, quantize_rows
-from musubi_tuner.networks.lora_naming import LORA_FLAGS, looks_like_lora
+from musubi_tuner.hunyuan.model_kinds import is_kind, what_weights_are
 
 # Where a pickled checkpoint may keep its weights (the official file uses `module`).
 SUBDICT_KEYS = ("module", "state_dict", "model")
@@ -28,18 +28,14 @@ CONFIG_METADATA_KEY = "musubi_tuner.dit_config"
 
 def open_dit_file(path: str | os.PathLike) -> StateDictFile:
     """The file's tensors under official names, or a UserError that says what the file is instead."""
+    require_file(path, "DiT checkpoint", "--dit")  # (every command takes the DiT as --dit: named when it is not a file)
     f = StateDictFile(path, what="DiT checkpoint", subdict_keys=SUBDICT_KEYS)
     for prefix in KEY_PREFIXES:
         f.strip_prefix(prefix)
-    if "x_embedder.proj.weight" in f or "transformer_blocks.0.attn.to_q.weight" in f:
-        raise UserError(
-            f"{f.path}: this is a diffusers-format HunyuanVideo transformer; use the official-layout file "
-            "(mp_rank_00_model_states.pt, or a ComfyUI/Kijai safetensors such as skyreels_hunyuan_i2v_bf16.safetensors)"
-        )
-    if any(k.startswith(("encoder.", "decoder.")) for k in f.keys()) and "img_in.proj.weight" not in f:
-        raise UserError(f"{f.path}: this is a VAE checkpoint, not a DiT; pass it with --vae")
-    if looks_like_lora(f.keys()[:50]):
-        raise UserError(f"{f.path}: this is a LoRA file, not a DiT; {LORA_FLAGS}")
+    if "img_in.proj.weight" not in f:  # (a file given to the wrong flag: said which one it goes to)
+        other = what_weights_are(f.keys())
+        if other is not None and not is_kind(other, "a HunyuanVideo DiT"):
+            raise UserError(f"{f.path}: not a DiT: this is {other}")
     return f
 
 
@@ -132,6 +128,10 @@ DIT_CAST_ADVICE = "compute in bfloat16 (--dit_dtype bf16)"
 def _check_keys(f: StateDictFile, expected: dict[str, tuple[int, ...]]) -> None:
     missing = [k for k in expected if k not in f]
     unexpected = [k for k in f.keys() if k not in expected]
+    scaled = [k for k in unexpected if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"]
+    if scaled and len(scaled) == len(unexpected):  # (it was "not a complete HunyuanVideo DiT: keys 36 unexpected")
+        raise UserError(f"{f.path}: a scaled-fp8 DiT (ComfyUI's layout: {scaled[0]}, ...), which is not read, as in musubi-tuner: "
+                        "give the bf16 or plain fp8 file; --fp8 (--fp8_base in training) stores it in fp8 as it loads")
     if missing or unexpected:
         parts = []
         if missing:

@@ -34,11 +34,11 @@ import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import StateDictFile, list_folder, require_present
+from musubi_tuner.files import StateDictFile, list_folder, require_file, require_present
 from musubi_tuner.hunyuan.fp8 import FP8_DTYPE, make_fp8_linear, quantize_rows
 from musubi_tuner.hunyuan.tokenization import (TextTokenizer, json_type_name, load_clip_tokenizer, load_llm_tokenizer,
                                                parse_json, read_json)
-from musubi_tuner.networks.lora_naming import LORA_FLAGS, looks_like_lora
+from musubi_tuner.hunyuan.model_kinds import what_weights_are
 
 logger = logging.getLogger(__name__)
 
@@ -237,13 +237,17 @@ def _folder_weight_files(folder: Path) -> list[Path]:
         if (folder / index).is_file():
             return _index_shards(folder, folder / index)
     entries = list_folder(folder, "text encoder folder")  # (one that cannot be listed is not one without weights)
+    # (a weight file that is a looping link, a folder or a FIFO is named as what it is: it was "no weight files")
     for single in ("model.safetensors", "pytorch_model.bin"):  # what transformers reads without an index
-        if any(p.name == single and p.is_file() for p in entries):
-            return [folder / single]
+        if any(p.name == single for p in entries):
+            return [require_file(folder / single, "text encoder weight file")]
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
-        found = [p for p in entries if fnmatch.fnmatchcase(p.name, pattern) and p.is_file()]
+        named = [p for p in entries if fnmatch.fnmatchcase(p.name, pattern)]
+        found = [p for p in named if p.is_file()]
         if found:
             return found
+        if named:
+            require_file(named[0], "text encoder weight file")
     raise UserError(f"{folder}: no weight files in this folder (expected *.safetensors or pytorch_model*.bin)")
 
 
@@ -263,6 +267,9 @@ def _index_shards(folder: Path, index: Path) -> list[Path]:
             raise UserError(f"{index}: weight_map[{key!r}] = {name!r} is not a file in {folder} (a shard must sit beside "
                             f"the index); {fix}")
     shards = sorted({folder / name for name in weight_map.values()})
+    for shard in shards:  # (a shard that is a folder or a looping link is named as what it is, not as missing)
+        if os.path.lexists(shard):
+            require_file(shard, "weight shard", f"named by {index.name}")
     missing = [s.name for s in shards if not s.is_file()]
     if missing:
         raise UserError(f"{folder}: {index.name} names shards that are missing: {', '.join(missing[:3])}")
@@ -275,22 +282,6 @@ def _leaves_folder(name: str) -> bool:
     if "\0" in name:
         return True
     return any(p.is_absolute() or p.anchor or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name)))
-
-
-def _what_is(keys: list[str]) -> str | None:
-    """A short description of a weight file that is not the expected text encoder, for error messages."""
-    sample = keys[:2000]
-    if any(k.startswith(("double_blocks.", "single_blocks.")) or ".double_blocks." in k for k in sample):
-        return "a HunyuanVideo DiT (pass it with --dit)"
-    if looks_like_lora(sample):
-        return f"a LoRA file ({LORA_FLAGS})"
-    if any(k.startswith(("encoder.down", "decoder.up", "encoder.down_blocks", "decoder.up_blocks")) for k in sample):
-        return "a VAE (pass it with --vae)"
-    if any(k.endswith("embed_tokens.weight") for k in sample):
-        return "the LLM text encoder (pass it with --text_encoder1)"
-    if any(k.endswith("embeddings.token_embedding.weight") for k in sample):
-        return "the CLIP-L text encoder (pass it with --text_encoder2)"
-    return None
 
 
 def key_prefix(keys: list[str], anchor: str) -> str | None:
@@ -526,7 +517,7 @@ def _open_llm(path, tokenizer_path):
     keys = weights.keys()
     prefix = key_prefix(keys, "embed_tokens.weight")
     if prefix is None:
-        other = _what_is(keys)
+        other = what_weights_are(keys)
         raise UserError(f"{weights.path}: not a Llama text encoder (no embed_tokens.weight)"
                         + (f"; this looks like {other}" if other else ""))
     config, config_source = _read_config(weights, LlamaConfig, LLAVA_LLAMA3_CONFIG, "llama", "Llama text encoder")
@@ -580,7 +571,7 @@ def _open_clip(path, tokenizer_path):
     keys = weights.keys()
     prefix = key_prefix(keys, "embeddings.token_embedding.weight")
     if prefix is None:
-        other = _what_is(keys)
+        other = what_weights_are(keys)
         raise UserError(f"{weights.path}: not a CLIP text encoder (no embeddings.token_embedding.weight)"
                         + (f"; this looks like {other}" if other else ""))
     config, config_source = _read_config(weights, CLIPTextConfig, CLIP_L_CONFIG, "clip_text_model", "CLIP text model")

@@ -32,7 +32,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import read_small_file
+from musubi_tuner.files import read_small_file, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -279,9 +279,11 @@ def _tokenizer_file_problem(folder: Path, kind_name: str) -> str | None:
     """Why `folder` does not give the tokenizer it was meant to hold (a one-line message naming the file), or None
     when it holds one, or shows no sign of being meant to (no tokenizer.json and no tokenizer_config.json beside)."""
     path = folder / "tokenizer.json"
-    if path.exists() and not path.is_file():
-        return (f"{path}: is a folder, not the {kind_name} tokenizer file; put the tokenizer.json of the model's "
-                "download there")
+    if os.path.lexists(path) and not path.is_file():  # (a FIFO was called a folder; a looping link was not named)
+        try:
+            require_file(path, f"{kind_name} tokenizer file")
+        except UserError as e:
+            return f"{e}; put the tokenizer.json of the model's download there"
     if _has_tokenizer(folder):
         return None
     companions = [name for name in TOKENIZER_COMPANIONS if (folder / name).exists()]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from musubi_tuner.dtypes import cpu_lacks_fast_float16
 from musubi_tuner.errors import UserError
-from musubi_tuner.networks.lora_naming import looks_like_lora
+from musubi_tuner.hunyuan.model_kinds import is_kind, what_weights_are
 
 SCALING_FACTOR = 0.476986
 GROUP_NORM_EPS = 1e-6
@@ -535,14 +535,14 @@ def open_vae_file(path: str | os.PathLike):
     """The file's tensors and the VAE config read off them, every key and shape checked; no weights are read.
 
     Lets a command refuse a wrong --vae before hours of other work (generation uses the VAE last)."""
-    from musubi_tuner.files import StateDictFile
+    from musubi_tuner.files import StateDictFile, require_file
 
+    require_file(path, "VAE checkpoint", "--vae")  # (every command takes the VAE as --vae: named when it is not a file)
     f = StateDictFile(path, what="VAE checkpoint", subdict_keys=("state_dict",))
     f.strip_prefix("vae.")
-    if "img_in.proj.weight" in f or any(k.startswith(("double_blocks.", "model.diffusion_model.")) for k in f.keys()[:20]):
-        raise UserError(f"{f.path}: this is a DiT checkpoint, not a VAE; pass it with --dit")
-    if looks_like_lora(f.keys()[:50]):
-        raise UserError(f"{f.path}: this is a LoRA file, not a VAE")
+    other = what_weights_are(f.keys())  # (a file given to the wrong flag: said which one it goes to)
+    if other is not None and not is_kind(other, "a VAE"):
+        raise UserError(f"{f.path}: not a VAE: this is {other}")
     config = VAEConfig.from_shapes(f.shapes(), source=str(f.path))
     with torch.device("meta"):
         model = CausalVideoVAE(config)
