@@ -231,6 +231,32 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_leaving_no_lock_or_temporary_file(se
     assert "taking over the lock" not in log.read_text() and log.read_text().count("resumed from") == 1
 
 
+def test_two_quick_ctrl_cs_during_a_save_stop_the_run_in_one_line_and_resume_auto_finishes_it(setup, tmp_path):
+    """A terminal sends Ctrl-C to the whole process group; pressed twice, the second met the clean-up of the first in a
+    data-loader iterator's __del__ and printed "Exception ignored in ... Traceback" (fuzz_z 8). It stops at once,
+    quietly, and what it was writing is cleared by the next run, as after a kill."""
+    dit, toml, _ = setup
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    argv = train_argv(dit, toml, out, "--save_every_n_steps", "1", "--save_state", "--resume", "auto",
+                      "--max_data_loader_n_workers", "2")
+    with open(log, "ab") as f:
+        run = subprocess.Popen([sys.executable, str(ROOT / "src" / "musubi_tuner" / "hv_train_network.py"), *argv], cwd=ROOT,
+                               env=environment(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    ready, deadline = saving(out, 1), time.monotonic() + 300
+    while not ready():
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.0005)
+    os.killpg(run.pid, signal.SIGINT)
+    time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(60) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.rstrip().endswith("interrupted") and "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+    assert_whole(out)
+    assert start(argv[:-2], log).wait(600) == 0, log.read_text()[-3000:]
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".incomplete", ".lock"))]
+
+
 def _processes_naming(text: str) -> list[int]:
     """Pids of the processes whose command line holds `text` (a run's output folder: its data-loader workers)."""
     found = []

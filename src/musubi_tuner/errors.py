@@ -102,6 +102,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 
 def _prepare(argv, streams: list) -> None:
     """What the command runs in, set up within _run's handling of a stop, as the command itself is."""
+    _Held.raised = False  # (a command run in a process that ran one before, as the tests do)
     usable_standard_streams()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if launched()[0] != 0:  # one of a launcher's processes: process 0 says what every process meets alike, from the
@@ -250,6 +251,7 @@ _STOPPING_SIGNALS = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
 
 class _Held:
     depth = 0  # stops_held blocks the main thread is in
+    raised = False  # a stop was raised and the command is unwinding towards its "interrupted"
     imports: list[str] = []  # of those, the imports (outermost first)
     stop: BaseException | None = None  # the stop that came meanwhile
     notice = None  # a timer that says why the stop waits, when an import holds it long
@@ -260,6 +262,7 @@ NOTICE_SECONDS = 1.0
 
 def _stop(error: BaseException) -> None:
     if not _Held.depth:
+        _Held.raised = True
         raise error
     in_import = _Held.depth == len(_Held.imports)
     if _Held.stop is None:
@@ -308,6 +311,7 @@ def stops_held(importing: str | None = None) -> Iterator[None]:
         if not _Held.depth and _Held.stop is not None:
             _end_notice()
             stop, _Held.stop = _Held.stop, None
+            _Held.raised = True
             raise stop
 
 
@@ -335,6 +339,14 @@ def stop_cleanly_on_sigterm() -> None:
 
 
 def _interrupt(signum, frame) -> None:
+    if _Held.raised and not _Held.depth:
+        # A second Ctrl-C while the command unwinds from the first: it stops at once, quietly. Raised, it met the clean-up
+        # wherever it was, in a data-loader's __del__ joining its workers say, and printed "Exception ignored in ...",
+        # a traceback (fuzz_z 8). What was being written stays a temporary file, as after a kill, which the next run
+        # removes.
+        _close_progress_bars()
+        _say("interrupted")
+        os._exit(128 + signum)
     _stop(KeyboardInterrupt())
 
 
