@@ -656,10 +656,14 @@ CASES = [
          keep=outputs_of("out"), then=before_the_model_loads),  # (checked before the DiT loads: fuzz_z 4)
     Case("train-resume-with-network-weights-and-another-flow-shift-is-said", "hv_train_network",  # (fuzz_z 5: silent)
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_weights", str(t / "out" / "tiny.safetensors"),
-                                 "--discrete_flow_shift", "3", "--max_train_steps", "3"), None,
+                                 "--timestep_sampling", "shift", "--discrete_flow_shift", "3", "--max_train_steps", "3"), None,
          then=lambda a, t, err, out: all_said(err, r"--network_weights \S+tiny\.safetensors: the LoRA of \S+tiny-state replaces it",
-                                              r"tiny-state: saved by a run that drew its noise levels otherwise \(--discrete_flow_shift "
-                                              r"\S+ -> 3\.0\)")),
+                                              r"tiny-state: saved by a run that drew its noise levels otherwise \(--timestep_sampling "
+                                              r"sigma -> shift\); the steps")),  # (the shift, unread by sigma then, not listed)
+    Case("train-resume-with-a-flag-its-sampling-does-not-read-changed-says-no-change", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--sigmoid_scale", "2", "--max_train_steps", "3"), None,
+         then=lambda a, t, err, out: (all_said(err, r"--sigmoid_scale 2\.0 is read only by"),  # (it was said to change the draws)
+                                      not re.search("drew its noise levels otherwise", err) or pytest.fail(err))),
     Case("train-resume-a-state-holding-another-state-s-file", "hv_train_network", swapped_state_file,  # (fuzz_z 6: resumed "at step
          r"tiny-step00000001-state/network\.safetensors: not the file this state was saved with \(another state's, or changed "  # 1"
          r"since\); pick another state folder or --resume auto", keep=outputs_of("out")),  # with step 2's weights, unsaid)

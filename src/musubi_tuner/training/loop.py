@@ -13,7 +13,6 @@ train as one process of batch R x B would.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import logging
 import math
@@ -48,7 +47,7 @@ from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
                                              parse_key_values, total_training_steps)
 from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_progress, run_identity
-from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, sample_timesteps, warn_of_unread_flags
+from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, read_settings, sample_timesteps, warn_of_unread_flags
 
 logger = logging.getLogger(__name__)
 
@@ -608,7 +607,7 @@ SCHEDULE_SHAPE_FLAGS = ("lr_warmup_steps", "lr_decay_steps", "lr_scheduler_num_c
 def identity_from_flags(args) -> dict:
     """The part of a run's identity (state.run_identity) its flags alone give: checked against a --resume folder before
     the DiT loads (a resume with another --network_dim was refused minutes late, after the model had loaded: fuzz_z 4)."""
-    timesteps = dataclasses.asdict(timestep_config(args))
+    timesteps = read_settings(timestep_config(args))
     return {"scheduler": args.lr_scheduler_type or args.lr_scheduler, "context_parallel": args.context_parallel,
             "network": {"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
                         "args": sorted(args.network_args or []), "dropout": args.network_dropout},

@@ -216,9 +216,12 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
     if differs("dit_digest"):  # (the same shapes: it trains on; another model's, or the same one in another precision)
         logger.warning("%s: saved by a run on another DiT file than --dit (its contents differ); the LoRA continues on this one",
                        folder)
-    if differs("timesteps"):
+    if differs("timesteps"):  # (each side records the flags its sampling reads, states of earlier versions every flag:
+        # a flag the run does not read, or did not, is no change in how it draws)
         then, now = saved["timesteps"], current["timesteps"]
-        changed = _changes(then, now, "--")
+        both = [k for k in now if k in then]
+        changed = _changes({k: then[k] for k in both}, {k: now[k] for k in both}, "--")
+    if differs("timesteps") and changed:
         logger.warning("%s: saved by a run that drew its noise levels otherwise (%s); the steps from here draw them so", folder,
                        changed)
 

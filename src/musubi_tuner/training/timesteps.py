@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -89,6 +89,12 @@ def warn_of_unread_flags(cfg: TimestepConfig) -> None:
             given = f"--{flag}" if isinstance(value, bool) else f"--{flag} {value}"
             weighting = f" --weighting_scheme {cfg.weighting_scheme}" if cfg.weighting_scheme != "none" and flag != "weighting_scheme" else ""
             logger.warning("%s is read only by %s; ignored with --timestep_sampling %s%s", given, readers, cfg.mode, weighting)
+
+
+def read_settings(cfg: TimestepConfig) -> dict:
+    """The settings the sampling in effect reads (every field but the flags of _READ_BY it ignores): what a resumed run
+    records and compares, so that a flag it never read, changed, is not said to change how noise levels are drawn."""
+    return {k: v for k, v in asdict(cfg).items() if k not in _READ_BY or _READ_BY[k][1](cfg)}
 
 
 def _mu_line(x: float, x1: float, y1: float, x2: float, y2: float) -> float:
