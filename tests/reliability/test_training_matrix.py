@@ -693,7 +693,9 @@ CASES = [
     Case("train-full-disk-keeps-the-last-lora-and-state", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),
          r"tiny\.safetensors: cannot write " + TOO_LARGE, keep=outputs_of("out"),
-         file_size_limit=lambda a, t: (t / "out" / "tiny.safetensors").stat().st_size // 2),
+         file_size_limit=lambda a, t: (t / "out" / "tiny.safetensors").stat().st_size // 2,
+         warning=r"this process may write files of at most [\d.]+ MB \(ulimit -f\), and each save of this run writes one of about "
+                 r"[\d.]+ MB: every save, the final one included, will fail"),  # (said at the start: fuzz_w 7)
     Case("train-full-disk-during-the-state-save", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--save_state", "--max_train_steps", "3"),
          r"tiny-state: cannot write the training state " + TOO_LARGE + r"; the file is past this process's file-size limit \(ulimit -f\)",

@@ -146,6 +146,13 @@ class CheckpointSaver:
         files = 1 if self.args.lora_format in ("musubi", "comfyui") else 2
         lora = (weights * self.save_dtype.itemsize + header) * files
         state = 3 * 4 * weights if self.args.save_state or self.args.save_state_on_train_end else 0
+        largest = max(lora // files, 2 * 4 * weights if state else 0)  # (the LoRA, or the optimizer's two moments)
+        limit = _file_size_limit()
+        if limit is not None and largest > limit:  # (a warning: the file-size limit is also how a test stands in for a disk
+            # that fills mid-save; met at the first save, it came after an epoch's work: fuzz_w 7)
+            logger.warning("this process may write files of at most %s (ulimit -f), and each save of this run writes one of "
+                           "about %s: every save, the final one included, will fail; raise the limit (ulimit -f unlimited) "
+                           "before training", _mb(limit), _mb(largest))
         free = shutil.disk_usage(self.out).free
         if free < lora + state:
             raise UserError(f"{self.out}: {free / 1e6:,.1f} MB free, and each save of this run writes about "
@@ -365,3 +372,17 @@ class CheckpointSaver:
             if p.exists():
                 remove_folder(p) if p.is_dir() else p.unlink()  # a kill while deleting a state leaves no state without its files
                 logger.info("removed %s (keeping the last ones)", p)
+
+
+def _file_size_limit() -> int | None:
+    """The largest file this process may write (RLIMIT_FSIZE), or None when unlimited or not told."""
+    try:
+        import resource
+    except ImportError:  # (Windows)
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
