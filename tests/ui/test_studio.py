@@ -105,6 +105,30 @@ def test_commands_that_would_write_outside_the_workspace_are_refused(tmp_path):
     assert f"--output_dir {tmp_path / 'ws' / 'runs' / 'one'}" in inside["shown"]
 
 
+def test_a_flag_smuggled_in_another_fields_words_is_refused_and_a_value_that_starts_with_a_dash_stays_a_value(tmp_path):
+    """fuzz_ac 1: "video_size": "64 64 --save_path=/elsewhere", or a second line "--save_merged_model=/elsewhere" in the LoRA
+    list, became a flag of the command line: a video and a merged DiT were written outside the workspace."""
+    studio = client(tmp_path)
+    model = {"dit": "d", "vae": "v", "prompt": "p", "save_path": "videos"}
+    for values, field in ((dict(model, video_size=f"64 64 --save_path={tmp_path / 'out'}", save_path=""), "--video_size"),
+                          (dict(model, lora_weight=f"x.safetensors\n--save_merged_model={tmp_path / 'm.safetensors'}"), "--lora_weight"),
+                          (dict(model, latent_path=f"a.safetensors\n--save_path={tmp_path / 'out'}"), "--latent_path")):
+        refused = studio.post("/api/command/generate", json={"values": values}, headers=STUDIO)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"].startswith(f"{field}: '--save_") and "starts with a dash, which the command reads as an option" in refused.json()["error"]
+    # one word that starts with a dash is the flag's value (it was "expected one argument"), and reads back into the form
+    shown = studio.post("/api/command/generate", json={"values": dict(model, prompt="-- cinematic, a cat", video_size="64 -64")},
+                        headers=STUDIO)
+    assert shown.status_code == 400 and "-64" in shown.json()["error"]  # (a negative number is a value, judged by the command)
+    ok = studio.post("/api/command/generate", json={"values": dict(model, prompt="-- cinematic, a cat")}, headers=STUDIO).json()["shown"]
+    assert "'--prompt=-- cinematic, a cat'" in ok
+    from musubi_tuner.hv_generate_video import build_parser as generate_parser
+    from musubi_tuner.ui.forms import split_flags
+
+    flags = split_flags(ok)
+    assert form_values(generate_parser(), flags[flags.index("--dit"):])["prompt"] == "-- cinematic, a cat"
+
+
 def test_a_symlink_inside_the_workspace_does_not_lead_writes_or_reads_outside(tmp_path):
     workspace = Workspace(tmp_path / "ws")
     outside = tmp_path / "outside"

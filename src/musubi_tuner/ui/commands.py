@@ -81,7 +81,11 @@ def _checked(command: str, values: dict[str, object], workspace: Workspace) -> t
         if args.logging_dir:
             workspace.writable(log_folder(args), "--logging_dir / --log_prefix")
         return flags, args
-    return flags, parser_for(command).parse_args(flags)
+    args = parser_for(command).parse_args(flags)
+    for name in IN_WORKSPACE[command]:  # where the command writes, as it parses its command line (fuzz_ac 1: a flag
+        if getattr(args, name, None):   # smuggled in another field's words wrote outside the workspace)
+            workspace.writable(getattr(args, name), f"--{name}")
+    return flags, args
 
 
 def caching_commands(toml: str, vae: str, te1: str, te2: str, workspace: Workspace) -> list[list[str]]:

@@ -78,9 +78,24 @@ def command_flags(parser: argparse.ArgumentParser, values: dict[str, object]) ->
             if any(len(os.fsencode(item)) > MAX_ARGUMENT_BYTES for item in items):  # the job would fail to start
                 raise UserError(f"{field['flag']}: over {MAX_ARGUMENT_BYTES // 1024} KB, more than a command line takes in one "
                                 "argument; shorten it")
+            if len(items) == 1 and not field["nargs"] and field["kind"] != "list" and items[0].startswith("-"):
+                flags.append(f"{field['flag']}={items[0]}")  # (one word, whatever it starts with: a prompt "-- cinematic")
+                continue
+            for item in items:  # a word of several that starts with a dash is read as an option: "64 64 --save_path=/x"
+                if item.startswith("-") and not _is_number(item):  # wrote outside the workspace (fuzz_ac 1)
+                    raise UserError(f"{field['flag']}: {item!r:.60} starts with a dash, which the command reads as an option, "
+                                    f"not a value" + ("; write a path that starts with - as ./-name" if field["kind"] == "list" else ""))
             flags += [field["flag"], *items]
     parser.parse_args(flags)  # the command's own checks: raises UserError (cli.Parser) with its one line
     return flags
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return False
 
 
 FLAG_WORDS = (True, False, None, "", "true", "false", "on", "off", "1", "0")
@@ -108,10 +123,11 @@ def form_values(parser: argparse.ArgumentParser, flags: list[str]) -> dict[str, 
     values: dict[str, object] = {}
     at = 0
     while at < len(flags):
-        action = actions[flags[at]]
-        following = []
+        flag, joined, value = flags[at].partition("=")  # (--prompt=text, as command_flags writes one word)
+        action = actions[flag if joined and flag in actions else flags[at]]
+        following = [value] if joined and flag in actions else []
         at += 1
-        while at < len(flags) and not (flags[at].startswith("--") and flags[at] in actions):
+        while at < len(flags) and not (flags[at].startswith("--") and flags[at].partition("=")[0] in actions):
             following.append(flags[at])
             at += 1
         if action.nargs == 0:
