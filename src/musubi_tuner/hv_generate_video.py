@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_weight", type=path, nargs="+", default=None, help="LoRA files applied to the DiT")
-    g.add_argument("--lora_multiplier", type=real(), nargs="*", default=None, help="one per LoRA or one for all (default 1.0)")
+    g.add_argument("--lora_multiplier", type=real(), nargs="*", default=None, help="one per LoRA, in order (a file without one: 1.0, as in musubi-tuner)")
     g.add_argument("--exclude_single_blocks", action="store_true", help="apply only the double-block parts of the LoRAs")
     g.add_argument("--lora_blocks", nargs="*", default=None, metavar="BLOCKS",
                    help="blocks each LoRA is applied to, one per LoRA or one for all: all (default), double, single, "

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dit", type=path, required=True, help="DiT checkpoint (.pt or .safetensors)")
     g.add_argument("--dit_in_channels", type=count(1), default=None, help="checked against the file: 16 T2V, 32 SkyReels I2V")
     g.add_argument("--lora_weight", type=path, nargs="+", required=True, help="LoRA files, merged in this order")
-    g.add_argument("--lora_multiplier", type=real(), nargs="+", default=None, help="one per LoRA, or one for all (default 1.0)")
+    g.add_argument("--lora_multiplier", type=real(), nargs="+", default=None, help="one per LoRA, in order (a file without one: 1.0, as in musubi-tuner)")
     g.add_argument("--exclude_single_blocks", action="store_true", help="merge only the double-block parts of the LoRAs")
     g.add_argument("--lora_blocks", nargs="+", default=None, metavar="BLOCKS",
                    help="blocks each LoRA is merged into, one per LoRA or one for all: all (default), double, single, or a regex")
@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
-        from musubi_tuner.networks.merge import check_merged_model_output, merge_file
+        from musubi_tuner.networks.merge import check_merged_model_output, merge_file, resolve_multipliers
 
         check_merged_model_output(args.save_merged_model, args.dit, args.lora_weight)
+        resolve_multipliers(args.lora_weight, args.lora_multiplier, say=True)
         device = resolve_device(args.device)
         info = merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
                           exclude_single_blocks=args.exclude_single_blocks, in_channels=args.dit_in_channels,

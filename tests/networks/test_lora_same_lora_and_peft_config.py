@@ -86,11 +86,16 @@ def test_generation_and_base_weights_apply_a_lora_given_with_its_companion_once(
     folder, dit, weights = pair
     model = HunyuanVideoDiT(tiny_dit_config())
     model.load_state_dict(load_file(str(dit)))
-    with caplog.at_level(logging.WARNING):
-        merge_loras_into(model, [str(folder / "mine.safetensors"), str(folder / "mine.comfyui.safetensors")], [0.5])
-    delta = model.double_blocks[0].img_attn_qkv.weight.detach() - load_file(str(dit))["double_blocks.0.img_attn_qkv.weight"]
-    assert applied(delta.float(), lora_update(weights)) == pytest.approx(0.5, abs=0.01)
-    assert "left out, so the LoRA is applied once" in caplog.text
+    # (in both orders: a glob lists mine.comfyui.safetensors first, and the one value, given for the first file, is the
+    # LoRA's, not 0.5 for one file and 1.0, as musubi-tuner reads a short list, for its copy)
+    for files in (["mine.safetensors", "mine.comfyui.safetensors"], ["mine.comfyui.safetensors", "mine.safetensors"]):
+        model.load_state_dict(load_file(str(dit)))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            merge_loras_into(model, [str(folder / name) for name in files], [0.5])
+        delta = model.double_blocks[0].img_attn_qkv.weight.detach() - load_file(str(dit))["double_blocks.0.img_attn_qkv.weight"]
+        assert applied(delta.float(), lora_update(weights)) == pytest.approx(0.5, abs=0.01)
+        assert "left out, so the LoRA is applied once" in caplog.text
 
 
 def test_a_file_named_as_the_companion_that_is_another_lora_is_applied_too_and_not_recommended(pair, tmp_path, capsys, caplog):

@@ -193,8 +193,8 @@ def same_update(a, tmp, err, out):
 
 CASES = [
     # --- merging
-    Case("merge-multiplier-count", "merge_lora", lambda a, t: merge_argv(a, t, extra=["--lora_multiplier", "1", "0.5"]),
-         r"1 LoRA files but 2 values of --lora_multiplier: give one per file, or one for all"),
+    Case("merge-multiplier-count", "merge_lora", lambda a, t: merge_argv(a, t, extra=["--lora_multiplier", "1", "0.5"]), None,
+         warning=r"--lora_multiplier gives 2 values for 1 file\(s\): the last 1 unused"),  # (as musubi-tuner reads them)
     Case("merge-multiplier-not-a-number", "merge_lora", lambda a, t: merge_argv(a, t, extra=["--lora_multiplier", "inf"]),
          r"--lora_multiplier inf: not a finite number"),
     Case("merge-lora-that-makes-layers-hundreds-of-times-larger-is-said", "merge_lora",
@@ -250,8 +250,9 @@ CASES = [
          lambda a, t: generate_argv(a, t, "--image_path", str(a.dataset.parent / "images" / "image_0000.png")),
          r"--image_path needs a SkyReels I2V DiT \(32 input channels\); .*dit\.pt has 16"),
     Case("generate-multiplier-count", "hv_generate_video",
-         lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora), "--lora_multiplier", "1", "2"),
-         r"1 LoRA files but 2 values of --lora_multiplier"),
+         lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora), str(shutil.copy(a.lora, t / "second.safetensors")), "--lora_multiplier",
+                                 "0.5"), None,
+         warning=r"--lora_multiplier gives 1 value\(s\) for 2 files: \S+ is applied at 1\.0, as musubi-tuner reads the flag"),
     Case("generate-lora-weight-given-twice", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--lora_weight", str(a.lora), "--lora_weight", str(a.lora)),
          r"--lora_weight given twice; list all its values after one --lora_weight"),

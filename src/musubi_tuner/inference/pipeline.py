@@ -87,7 +87,7 @@ def check_and_fill(args) -> None:
         for p in args.lora_weight:
             require_file(p, "LoRA file", "--lora_weight")
 
-        resolve_multipliers(args.lora_weight, args.lora_multiplier)  # counts and patterns checked before any model loads
+        resolve_multipliers(args.lora_weight, args.lora_multiplier, say=True)  # counts and patterns checked before any model loads
         block_filters(args.lora_weight, args.lora_blocks, args.exclude_single_blocks)
 
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config

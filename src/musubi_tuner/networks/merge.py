@@ -31,18 +31,40 @@ def check_merged_model_output(output: str, dit: str, loras: Sequence[str], other
     check_output_file(output, "--save_merged_model", {"--dit": [dit], "--lora_weight": loras, **(others or {})})
 
 
-def resolve_multipliers(lora_paths: Sequence[str], multipliers: Sequence[float] | float | None, flag: str = "--lora_multiplier") -> list[float]:
-    """One multiplier per LoRA; a single value applies to all; none means 1.0 each."""
+def resolve_multipliers(lora_paths: Sequence[str], multipliers: Sequence[float] | float | None, flag: str = "--lora_multiplier",
+                        say: bool = False) -> list[float]:
+    """One multiplier per LoRA, as musubi-tuner reads the flag: the i-th value for the i-th file, 1.0 for each file after
+    the last value, values beyond the files unused; none means 1.0 each. A file after the last value whose `.comfyui`
+    companion (or own file) has one takes that one: the two are one LoRA (a glob `out/NAME*.safetensors` and one value).
+    `say`: the checks before the work say a list that is not one value per file (a single value was applied to every
+    file here, which changed a musubi-tuner command's merge without a word: fuzz_ad F2)."""
     if multipliers is None:
         return [1.0] * len(lora_paths)
     if isinstance(multipliers, (int, float)):
         multipliers = [float(multipliers)]
-    multipliers = list(multipliers)
-    if len(multipliers) == 1:
-        return multipliers * len(lora_paths)
-    if len(multipliers) != len(lora_paths):
-        raise UserError(f"{len(lora_paths)} LoRA files but {len(multipliers)} values of {flag}: give one per file, or one for all")
-    return multipliers
+    given, count = list(multipliers), len(lora_paths)
+    values = (given + [1.0] * count)[:count]
+    if say and len(given) > count:
+        logger.warning("%s gives %d values for %d file(s): the last %d unused", flag, len(given), count, len(given) - count)
+    if len(given) < count:
+        from musubi_tuner.networks.lora_files import companion_copies
+
+        partner = {}
+        for copy, kept in companion_copies(lora_paths).items():
+            partner[os.path.realpath(copy)], partner[os.path.realpath(kept)] = os.path.realpath(kept), os.path.realpath(copy)
+        first = {os.path.realpath(p): i for i, p in reversed(list(enumerate(lora_paths)))}
+        rest = []
+        for i in range(len(given), count):
+            other = first.get(partner.get(os.path.realpath(lora_paths[i]), ""), count)
+            if other < len(given):
+                values[i] = values[other]
+            else:
+                rest.append(Path(lora_paths[i]).name)
+        if say and rest:
+            logger.warning("%s gives %d value(s) for %d files: %s %s applied at 1.0, as musubi-tuner reads the flag (give one "
+                           "value per file)", flag, len(given), count, ", ".join(rest[:3]) + (", ..." if len(rest) > 3 else ""),
+                           "is" if len(rest) == 1 else "are")
+    return values
 
 
 # --lora_blocks words; anything else is a regular expression searched in the module path

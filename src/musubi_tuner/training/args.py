@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale_weight_norms", type=real(above=0), default=None, help="max-norm regularisation of each LoRA update")
     g.add_argument("--base_weights", type=path, nargs="+", default=None, help="LoRA files merged into the DiT before training")
     g.add_argument("--base_weights_multiplier", type=real(), nargs="*", default=None,
-                   help="one multiplier per --base_weights file (default 1.0)")
+                   help="one multiplier per --base_weights file, in order (a file without one: 1.0)")
     g.add_argument("--allow_partial_lora", action="store_true",
                    help="apply the parts of --network_weights / --base_weights files that can be, and list what is dropped, "
                         "instead of refusing a file with entries this toolkit cannot apply")

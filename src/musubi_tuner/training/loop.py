@@ -234,7 +234,7 @@ def check_lora_files(args) -> None:
     if args.base_weights:
         from musubi_tuner.networks.merge import resolve_multipliers
 
-        resolve_multipliers(args.base_weights, args.base_weights_multiplier, "--base_weights_multiplier")
+        resolve_multipliers(args.base_weights, args.base_weights_multiplier, "--base_weights_multiplier", say=True)
 
 
 def check_network_takes(args, weights: dict[str, torch.Tensor]) -> None:
