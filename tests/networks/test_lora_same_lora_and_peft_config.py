@@ -265,3 +265,32 @@ def test_a_peft_config_of_the_wrong_type_is_one_error_naming_file_and_key(pair, 
     status, _, err = run_main(convert_lora.main, ["--input", alone, "--output", out, "--target", "default"], capsys)
     assert status == 2 and err.startswith(f"error: {alone}: metadata lora_adapter_metadata: "), err
     assert (message.split()[0] in err) and not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_pair_is_one_lora_though_its_folded_copy_rounds_again(tmp_path, dtype):
+    """fuzz_ad F3: a LoRA saved with --save_precision bf16 and its .comfyui copy (alpha folded into the factors, rounded
+    again) were "named as one LoRA in two namings, but change the DiT differently": a layer's one random probe met a
+    cancellation, 1.08 % apart for updates 0.2 % apart, and the documented glob out/NAME*.safetensors merged it twice."""
+    from musubi_tuner.networks.lora_files import companion_copies
+
+    for seed in range(3):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        _, weights, _ = tiny_dit_file_and_lora(folder, rank=4, alpha=0.37, generator=torch.Generator().manual_seed(seed))
+        for key in [k for k in weights if k.endswith("lora_down.weight")]:  # (a direction of the input the update nearly
+            down = weights[key].double()                                    # ignores, as a trained LoRA's may: a probe
+            v = torch.randn(down.shape[1], generator=torch.Generator().manual_seed(down.shape[1]), dtype=torch.float64)  # along
+            v /= v.norm()                                                   # it sees mostly rounding)
+            weights[key] = (down - 0.999 * torch.outer(down @ v, v)).float()
+        for out in lora_outputs({k: v.to(dtype) for k, v in weights.items()}, folder / "mine.safetensors"):
+            save_file(out.tensors, str(out.path), metadata=with_naming({"ss_network_module": "networks.lora"}, out.naming, out.companion))
+        files = [folder / "mine.comfyui.safetensors", folder / "mine.safetensors"]
+        assert companion_copies(files) == {folder / "mine.comfyui.safetensors": folder / "mine.safetensors"}, seed
+    # and another LoRA copied over a companion is still told apart (both used, as before)
+    _, weights, _ = tiny_dit_file_and_lora(tmp_path, rank=4, alpha=0.37, generator=torch.Generator().manual_seed(99))
+    (another,) = [out for out in lora_outputs({k: v.to(dtype) for k, v in weights.items()}, tmp_path / "x.safetensors")
+                  if out.path.name.endswith(".comfyui.safetensors")]
+    save_file(another.tensors, str(tmp_path / "seed0" / "mine.comfyui.safetensors"),
+              metadata=with_naming({"ss_network_module": "networks.lora"}, another.naming, "mine.safetensors"))
+    assert companion_copies([tmp_path / "seed0" / "mine.safetensors", tmp_path / "seed0" / "mine.comfyui.safetensors"]) == {}
