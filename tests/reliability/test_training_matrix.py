@@ -406,6 +406,12 @@ CASES = [
     Case("train-network-module-missing", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_module", "networks.lycoris"),
          r"--network_module networks\.lycoris: no such module \(this project has networks\.lora, networks\.loha and networks\.lokr\)"),
+    Case("train-network-module-of-three-parts-missing", "hv_train_network",  # (fuzz_ad F1: a traceback, "No module named
+         lambda a, t: train_argv(a, t / "out", "--network_module", "my.lora.module"),  # 'musubi_tuner.my'")
+         r"--network_module my\.lora\.module: no such module"),
+    Case("train-network-module-by-its-full-name", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_module", "musubi_tuner.networks.lora", "--max_train_steps", "1"), None,
+         then=lambda a, t, err, out: (t / "out" / "tiny.safetensors").is_file() or pytest.fail(err)),
     *[Case(f"train-network-module-{name}-makes-no-network", "hv_train_network",
            lambda a, t, name=name: train_argv(a, t / "out", "--network_module", name),
            rf"--network_module {name}: not a network module \(it has no create_network\); this project has networks\.lora",

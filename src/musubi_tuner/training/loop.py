@@ -406,9 +406,10 @@ def load_network_module(name: str):
         try:
             module = importlib.import_module(candidate)
         except ModuleNotFoundError as e:
-            if e.name not in (candidate, candidate.rsplit(".", 1)[0]):
-                raise
-            continue
+            if e.name is None or not (candidate == e.name or candidate.startswith(e.name + ".")):  # (the module is there;
+                # something it imports is not)
+                raise UserError(f"--network_module {name}: it imports {e.name or e}, which is not installed") from None
+            continue  # (the module or a folder above it is not there: musubi_tuner.musubi_tuner.networks.lora, fuzz_ad F1)
         if not hasattr(module, "create_arch_network") and not hasattr(module, "create_network"):
             raise UserError(f"--network_module {name}: not a network module (it has no create_network); {NETWORK_MODULES_HERE}")
         return module
