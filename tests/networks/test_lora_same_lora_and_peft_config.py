@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from musubi_tuner import convert_lora, lora_post_hoc_ema, merge_lora
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.networks.lora_files import lora_outputs
-from musubi_tuner.networks.lora_metadata import with_naming
+from musubi_tuner.networks.lora_metadata import LoRAFileInfo, with_naming
+from musubi_tuner.networks.lora_naming import kohya_to_module_path
 from musubi_tuner.networks.merge import merge_loras_into
 
 from foreign_loras import diffusion_pipe_adapter
@@ -31,8 +32,10 @@ def pair(tmp_path_factory):
     mine.comfyui.safetensors, each naming the other in its metadata."""
     tmp = tmp_path_factory.mktemp("pair")
     dit, weights, _ = tiny_dit_file_and_lora(tmp, rank=4, alpha=2.0, generator=torch.Generator().manual_seed(0))
+    modules = {kohya_to_module_path(k.removesuffix(".alpha")): (4, 2.0) for k in weights if k.endswith(".alpha")}
+    ours = {"ss_network_module": "networks.lora", **LoRAFileInfo(version="1", modules=modules).to_metadata()}  # (as the trainer)
     for out in lora_outputs(weights, tmp / "mine.safetensors"):
-        save_file(out.tensors, str(out.path), metadata=with_naming({"ss_network_module": "networks.lora"}, out.naming, out.companion))
+        save_file(out.tensors, str(out.path), metadata=with_naming(ours, out.naming, out.companion))
     return tmp, dit, weights
 
 
@@ -294,3 +297,24 @@ def test_a_16_bit_pair_is_one_lora_though_its_folded_copy_rounds_again(tmp_path,
     save_file(another.tensors, str(tmp_path / "seed0" / "mine.comfyui.safetensors"),
               metadata=with_naming({"ss_network_module": "networks.lora"}, another.naming, "mine.safetensors"))
     assert companion_copies([tmp_path / "seed0" / "mine.safetensors", tmp_path / "seed0" / "mine.comfyui.safetensors"]) == {}
+
+
+def test_a_training_continued_from_the_comfyui_copy_is_the_one_continued_from_the_lora(pair, caplog):
+    """fuzz_ad F11: the .comfyui copy holds alpha / rank folded into its factors; --network_weights took it at scale 1 and
+    said "trained with alpha 4" (its rank) for a LoRA of alpha 2, and every step moved it otherwise. The copy's metadata
+    keeps each module's [rank, alpha]: the network gets back the LoRA's factors and alpha."""
+    from musubi_tuner.demo.tiny_dit import tiny_dit_config
+    from musubi_tuner.networks import lora
+
+    folder, _, weights = pair
+    networks = {}
+    for name in ("mine.safetensors", "mine.comfyui.safetensors"):
+        network = lora.create_arch_network(1.0, 4, 2.0, None, None, HunyuanVideoDiT(tiny_dit_config()))
+        with caplog.at_level(logging.WARNING):
+            assert network.load_weights(str(folder / name))["alpha"] == 2.0
+        networks[name] = network.state_dict()
+    assert "trained with alpha" not in caplog.text
+    kohya, copy = networks.values()
+    assert kohya.keys() == copy.keys()
+    for key in kohya:
+        torch.testing.assert_close(copy[key].float(), kohya[key].float(), rtol=1e-5, atol=1e-7, msg=key)

@@ -301,7 +301,8 @@ class LoRANetwork(nn.Module):
             alpha = alpha_or_rank(None if saved is None else float(saved), module.rank)
             alphas.add(alpha)
             if alpha != module.scale * module.rank:
-                changed.add((module.scale * module.rank, alpha))
+                if not math.isclose(alpha, module.scale * module.rank, rel_tol=1e-2):  # (a 16-bit file stores 0.37 as
+                    changed.add((module.scale * module.rank, alpha))                   # 0.369141: the same alpha, unsaid)
                 module.alpha.fill_(alpha)
                 module.scale = alpha / module.rank
         if changed:

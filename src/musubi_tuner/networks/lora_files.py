@@ -9,8 +9,9 @@ trainer writes, per `--lora_format`, the kohya file, its "other"-naming companio
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,8 @@ import torch
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import remove_leftover_temp_files, save_safetensors
 from musubi_tuner.networks.lora_naming import module_template
-from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict, kohya_to_other, read_lora, read_lora_contents, same_update
+from musubi_tuner.networks.lora_reader import (ADAPTERS, LoRAContents, Patch, kohya_state_dict, kohya_to_other, read_lora,
+                                               read_lora_contents, same_update)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def load_network_weights(path: str | os.PathLike, allow_partial: bool = False) -
 
     Anything else (bias or weight diffs, a conv LoRA, set_weight) cannot be trained on: refused naming the first
     entry, or with `allow_partial` dropped with a warning."""
-    patches = read_lora(path, allow_partial).patches
+    patches = unfolded(read_lora(path, allow_partial))
     pairs = [p for p in patches if p.kind in ADAPTERS and module_template(p.module).weight_ndim == 2]
     others = [p for p in patches if not (p.kind in ADAPTERS and module_template(p.module).weight_ndim == 2)]
     if others and not allow_partial:
@@ -55,6 +57,27 @@ def load_network_weights(path: str | os.PathLike, allow_partial: bool = False) -
         logger.warning("%s: --allow_partial_lora drops %d entries the network cannot hold: %s", path, len(others),
                        ", ".join(k for p in others for k in p.keys))
     return kohya_state_dict(pairs)
+
+
+def unfolded(contents: LoRAContents) -> list[Patch]:
+    """The file's patches, each LoRA pair whose alpha / rank was folded into its factors (a `.comfyui` copy this toolkit
+    wrote: its metadata keeps each module's [rank, alpha] in musubi_tuner.lora_modules) given back its alpha and its
+    factors as trained. The update is the same either way; a training continued from the copy (--network_weights) went
+    on at scale 1 where the LoRA had alpha / rank, so every step moved it otherwise (fuzz_ad F11)."""
+    from musubi_tuner.networks.lora_metadata import LoRAFileInfo
+
+    info = LoRAFileInfo.from_metadata(contents.metadata, contents.source)
+    if info.naming != "other" or not info.modules:
+        return contents.patches
+    out = []
+    for p in contents.patches:
+        rank, alpha = info.modules.get(p.module, (None, None))
+        if p.kind == "lora" and p.alpha is None and rank == p.rank and alpha and alpha != rank:
+            root = abs(alpha / rank) ** 0.5  # (other_state_dict: sqrt(|alpha / rank|) into each factor, its sign into B)
+            p = replace(p, down=(p.down.float() / root).to(p.down.dtype), alpha=float(alpha),
+                        up=(p.up.float() / math.copysign(root, alpha / rank)).to(p.up.dtype))
+        out.append(p)
+    return out
 
 
 LORA_FORMATS = {
