@@ -287,6 +287,37 @@ def stale_dataset(a, tmp):
     return toml
 
 
+def lora_of_two_ranks(a, tmp):
+    """The tiny DiT's rank-4 LoRA (alpha 4) with one module cut to rank 2 (alpha 1): a file whose modules differ."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(a.lora))
+    name = next(k for k in weights if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    weights[f"{name}.lora_down.weight"] = weights[f"{name}.lora_down.weight"][:2].contiguous()
+    weights[f"{name}.lora_up.weight"] = weights[f"{name}.lora_up.weight"][:, :2].contiguous()
+    weights[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(weights, str(tmp / "two_ranks.safetensors"))
+    return tmp / "two_ranks.safetensors"
+
+
+def metadata_says(**expected):
+    def check(a, tmp, err, out):
+        from musubi_tuner.files import read_safetensors_header
+
+        metadata = read_safetensors_header(tmp / "out" / "tiny.safetensors")[1]
+        assert {k: metadata.get(k) for k in expected} == expected, (metadata, err[-2000:])
+    return check
+
+
+def _no_data_keys(path):
+    """A --no_metadata LoRA says nothing of the data it was trained on (musubi-tuner's minimal metadata)."""
+    from musubi_tuner.files import read_safetensors_header
+
+    metadata = read_safetensors_header(path)[1]
+    assert metadata.get("musubi_tuner.resolutions", "[]") == "[]" and metadata.get("musubi_tuner.frames", "[]") == "[]", metadata
+    assert "ss_datasets" not in metadata and "ss_network_module" in metadata, metadata
+
+
 def resumed_from_step_1(a, tmp, err, out):
     assert "resumed from" in err and "tiny-step00000001-state at step 1" in err, err[-3000:]
 
@@ -400,9 +431,33 @@ CASES = [
     Case("train-network-args-misspelt-key", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_args", "rank_dropuot=0.1"),
          r"--network_args rank_dropuot: not an option of the network modules \(did you mean rank_dropout\?"),
-    Case("train-network-args-of-another-module", "hv_train_network",
-         lambda a, t: train_argv(a, t / "out", "--network_args", "factor=4"),
-         r"--network_args factor=\.\.\.: only --network_module networks\.lokr reads it"),
+    # (what musubi-tuner's modules read to no effect here is taken and said: a command line holding one was refused: F7)
+    Case("train-network-args-of-another-module-is-ignored-as-in-musubi-tuner", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--network_args", "factor=4", "conv_dim=4", "conv_alpha=1", "--max_train_steps", "1"),
+         None, then=lambda a, t, err, out: all_said(
+             err, r"--network_args factor=4: ignored \(only --network_module networks\.lokr reads it\), as musubi-tuner ignores it",
+             r"--network_args conv_dim=4: ignored \(HunyuanVideo's LoRA targets are Linear layers, with no convolution to train\)")),
+    Case("train-loraplus-ratio-zero-learns-nothing", "hv_train_network",  # (F9: dropped unsaid; musubi-tuner freezes the up
+         lambda a, t: train_argv(a, t / "out", "--network_args", "loraplus_lr_ratio=0"),  # weights, which start at zero)
+         r"--network_args loraplus_lr_ratio=0: the up weights would train at a rate of 0 and, starting at zero, the LoRA would "
+         r"learn nothing; leave it out to train without LoRA\+"),
+    Case("train-loraplus-ratio-far-is-named-not-the-learning-rate", "hv_train_network",  # (F9: "--learning_rate 0.001 is far
+         lambda a, t: train_argv(a, t / "out", "--network_args", "loraplus_lr_ratio=1e30", "--max_train_steps", "4"),  # too high")
+         r"--network_args loraplus_lr_ratio 1e\+30, far from the usual, may be the cause"),
+    Case("train-network-alpha-zero-is-alpha-rank-not-far", "hv_train_network",  # (F6: 0 means alpha = rank, scale 1)
+         lambda a, t: train_argv(a, t / "out", "--network_alpha", "0", "--max_train_steps", "1"), None,
+         then=lambda a, t, err, out: "far from the usual" not in err or pytest.fail(err)),
+    Case("train-resume-with-network-args-spelled-otherwise", "hv_train_network",  # (F8: refused "args [..0.1] -> [..0.10]")
+         lambda a, t: train_argv(a, trained_before(a, t, "--network_args", "rank_dropout=0.1"), "--resume", "auto",
+                                 "--network_args", "rank_dropout=0.10", "verbose=True", "--max_train_steps", "3"), None,
+         then=lambda a, t, err, out: all_said(err, r"resumed from \S+tiny-state at step 2")),
+    Case("train-dim-from-weights-of-several-ranks-records-the-files", "hv_train_network",  # (F4: "ss_network_dim 4" from the
+         lambda a, t: train_argv(a, t / "out", "--network_weights", str(lora_of_two_ranks(a, t)), "--dim_from_weights",  # flag
+                                 "--network_dim", "16", "--network_args", "exclude_patterns=['single']", "--max_train_steps", "1"),
+         None, then=metadata_says(ss_network_dim="4", ss_network_alpha="4.0", ss_network_args=None)),  # (nor the patterns)
+    Case("train-no-metadata-leaves-out-the-training-data", "hv_train_network",  # (F10: resolutions and frames were written)
+         lambda a, t: train_argv(a, t / "out", "--no_metadata", "--max_train_steps", "1"), None,
+         then=lambda a, t, err, out: [_no_data_keys(p) for p in (t / "out").glob("tiny*.safetensors")]),
     Case("train-network-module-missing", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_module", "networks.lycoris"),
          r"--network_module networks\.lycoris: no such module \(this project has networks\.lora, networks\.loha and networks\.lokr\)"),

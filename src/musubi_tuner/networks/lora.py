@@ -338,19 +338,33 @@ class LoRANetwork(nn.Module):
 
 NETWORK_ARGS = ("rank_dropout", "module_dropout", "loraplus_lr_ratio", "include_patterns", "exclude_patterns", "verbose")
 MODULE_ARGS = {"factor": "networks.lokr"}  # what only one network module reads (it takes it out before the others)
+# what musubi-tuner's network modules read and HunyuanVideo has nothing for: its LoRA targets are Linear layers only
+NO_EFFECT_ARGS = ("conv_dim", "conv_alpha")
 
 
-def _parse_network_args(kwargs: dict) -> dict:
+def _parse_network_args(kwargs: dict, say: bool = False) -> dict:
     """`--network_args key=value` strings (already split into kwargs) to typed options. A key no module reads is
-    refused, naming the closest one: musubi-tuner ignores it silently, and a misspelt `rank_dropuot` trains without it."""
-    for key in kwargs:
+    refused, naming the closest one: musubi-tuner ignores it silently, and a misspelt `rank_dropuot` trains without it.
+    A key musubi-tuner's modules read to no effect here (conv_dim, another module's factor) is taken, and with `say`
+    (the check before the work) said to be ignored: a musubi-tuner command line that holds one was refused (fuzz_ad F7)."""
+    kwargs = dict(kwargs)
+    for key in list(kwargs):
         if key in NETWORK_ARGS:
             continue
-        if key in MODULE_ARGS:
-            raise UserError(f"--network_args {key}=...: only --network_module {MODULE_ARGS[key]} reads it")
+        if key in MODULE_ARGS or key in NO_EFFECT_ARGS:
+            if say:
+                why = (f"only --network_module {MODULE_ARGS[key]} reads it" if key in MODULE_ARGS else
+                       "HunyuanVideo's LoRA targets are Linear layers, with no convolution to train")
+                logger.warning("--network_args %s=%s: ignored (%s), as musubi-tuner ignores it", key, kwargs[key], why)
+            del kwargs[key]
+            continue
         known = NETWORK_ARGS + tuple(MODULE_ARGS)
         raise UserError(f"--network_args {key}: not an option of the network modules{did_you_mean(key, known)}; they read: "
                         f"{', '.join(known)}")
+    if kwargs.get("loraplus_lr_ratio") is not None and _number(kwargs["loraplus_lr_ratio"]) == 0:  # (musubi-tuner trains
+        # the up weights at lr 0 then, and they start at zero: a LoRA that learns nothing; here it was dropped unsaid: F9)
+        raise UserError("--network_args loraplus_lr_ratio=0: the up weights would train at a rate of 0 and, starting at "
+                        "zero, the LoRA would learn nothing; leave it out to train without LoRA+")
     opts = {}
     for key, low, high in (("rank_dropout", 0.0, 0.99), ("module_dropout", 0.0, 0.99), ("loraplus_lr_ratio", 0.0, None)):
         if kwargs.get(key) is not None:
@@ -389,10 +403,17 @@ def _parse_network_args(kwargs: dict) -> dict:
     return opts
 
 
+def _number(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def check_network_args(kwargs: dict, dit_config=None) -> None:
     """Before any model loads: every --network_args key is one this module reads, with a value it takes; given the
     DiT's config (its file's header), the include/exclude patterns are tried on its module names (`check_patterns`)."""
-    opts = _parse_network_args(kwargs)
+    opts = _parse_network_args(kwargs, say=True)
     if dit_config is not None:
         check_patterns(dit_config, opts.get("include_patterns", []), opts.get("exclude_patterns", []))
 

@@ -75,9 +75,20 @@ def diverged_update(network: torch.nn.Module) -> str | None:
 
 def far_settings(args) -> str | None:
     """The training flags given far beyond their usual range, as the likely cause of a NaN loss (cli.far_from_usual)."""
-    return far_from_usual([("--network_alpha", args.network_alpha, (1e-6, 1e6)), ("--discrete_flow_shift", args.discrete_flow_shift, (1e-3, 1e3)),
+    # (--network_alpha 0 means alpha = rank, as in musubi-tuner: the usual scale 1, not a far value: fuzz_ad F6)
+    return far_from_usual([("--network_alpha", args.network_alpha or None, (1e-6, 1e6)), ("--discrete_flow_shift", args.discrete_flow_shift, (1e-3, 1e3)),
                            ("--guidance_scale", args.guidance_scale, (0, 1e3)),
-                           *(("--base_weights_multiplier", m, (-100, 100)) for m in args.base_weights_multiplier or ())])
+                           *(("--base_weights_multiplier", m, (-100, 100)) for m in args.base_weights_multiplier or ()),
+                           ("--network_args loraplus_lr_ratio", _loraplus_ratio(args), (0, 1e3))])
+
+
+def _loraplus_ratio(args) -> float | None:
+    """loraplus_lr_ratio of --network_args, or None (not given, or not a number: the network module refuses that)."""
+    values = dict(a.split("=", 1) for a in args.network_args or [] if "=" in a)
+    try:
+        return float(values["loraplus_lr_ratio"])
+    except (KeyError, ValueError):
+        return None
 
 
 def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
@@ -86,7 +97,10 @@ def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str
     too_large = diverged_update(network) if step > 1 else None
     if too_large is None:
         return None
-    return f"The LoRA diverged in the {step - 1} update(s) before ({too_large}): --learning_rate {learning_rate:g} is far too high"
+    ratio = getattr(network, "loraplus_lr_ratio", None)  # (LoRA+: the up weights train faster; a huge ratio was blamed on
+    rate = f" and loraplus_lr_ratio {ratio:g} (the up weights at {learning_rate * ratio:g})" if ratio else ""  # the rate: F9)
+    return (f"The LoRA diverged in the {step - 1} update(s) before ({too_large}): --learning_rate {learning_rate:g}{rate} "
+            f"{'are' if ratio else 'is'} far too high")
 
 
 def culprit_items(items: list[str], local_loss: torch.Tensor | None, processes: int) -> list[str]:

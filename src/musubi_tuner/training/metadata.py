@@ -50,9 +50,19 @@ def training_metadata(args, *, config: DiTConfig, network_info: dict[str, tuple[
         "ss_network_dim": args.network_dim or 4,
         "ss_network_alpha": args.network_alpha,
     }
-    if args.network_args:
-        base["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args))
+    if args.dim_from_weights and network_info:  # (the file's modules, not the flags it ignored: ss_network_dim 4 was
+        # written for modules of rank 2 and 6, fuzz_ad F4): the largest rank, and the alpha most modules have
+        alphas = [alpha for _, alpha in network_info.values()]
+        base["ss_network_dim"] = max(rank for rank, _ in network_info.values())
+        base["ss_network_alpha"] = max(set(alphas), key=alphas.count)
+    network_args = dict(a.split("=", 1) for a in args.network_args or [])
+    if args.dim_from_weights:  # (which modules it trains is the file's: the patterns were said to be ignored)
+        network_args = {k: v for k, v in network_args.items() if k not in ("include_patterns", "exclude_patterns")}
+    if network_args:
+        base["ss_network_args"] = json.dumps(network_args)
     resolutions, frames = data_shapes(datasets)
+    if args.no_metadata:  # (what the training data was is left out, as musubi-tuner leaves it out: fuzz_ad F10)
+        resolutions, frames = [], []
     ours = LoRAFileInfo(version=__version__, base_model=base_model_kind(config, args.dit), in_channels=config.in_channels,
                         text_template=TEXT_TEMPLATE, modules=network_info, resolutions=resolutions, frames=frames).to_metadata()
     if args.no_metadata:

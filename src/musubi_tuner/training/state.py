@@ -170,6 +170,24 @@ def _differs(saved: dict, current: dict, key: str) -> bool:
     return key in saved and key in current and saved[key] != current[key]
 
 
+def _network_as_read(network: dict) -> dict:
+    """A recorded network with its --network_args as the module reads them: a number in any spelling (0.10 is 0.1) and
+    without `verbose`, which only lists the modules (the same network was refused: fuzz_ad F8)."""
+    if not isinstance(network, dict) or not isinstance(network.get("args"), list):
+        return network
+    args = {}
+    for arg in network["args"]:
+        key, _, value = str(arg).partition("=")
+        if key.strip() == "verbose":
+            continue
+        try:
+            value = float(value)
+        except ValueError:
+            value = value.strip()
+        args[key.strip()] = value
+    return {**network, "args": args}
+
+
 def _changes(then: dict, now: dict, prefix: str = "") -> str:
     """"dim 4 -> 8, ...": the entries of a recorded table (flags, with `prefix` "--") that differ from this run's."""
     return ", ".join(f"{prefix}{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
@@ -208,7 +226,7 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
         changed = _changes(then, now, "--")
         raise SharedError(f"{folder}: saved with another learning-rate schedule ({changed}); resume with the same flags, or start "
                           f"a new run from its LoRA with --network_weights")
-    if differs("network"):
+    if differs("network") and _network_as_read(saved["network"]) != _network_as_read(current["network"]):
         then, now = saved["network"], current["network"]
         changed = _changes(then, now)
         raise SharedError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
