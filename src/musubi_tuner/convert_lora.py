@@ -60,7 +60,7 @@ def diffusers_prefix(value: str | None) -> str:
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
-        from musubi_tuner.networks.lora_files import save_lora
+        from musubi_tuner.networks.lora_files import save_lora, unfolded
         from musubi_tuner.networks.lora_reader import folded_dtype, kohya_state_dict, other_state_dict, read_lora
         from musubi_tuner.networks.lora_metadata import with_naming
 
@@ -78,7 +78,9 @@ def main(argv=None) -> None:
             if args.diffusers_prefix is not None:
                 logger.warning("--diffusers_prefix %s is ignored: it names the keys of --target other; --target default "
                                "writes kohya names (lora_unet_*)", args.diffusers_prefix)
-            out = kohya_state_dict(contents.patches)
+            # (a copy in the other naming that this toolkit wrote holds alpha / rank in its factors and each module's
+            # alpha in its metadata: given back, the round trip is the file it came from, and the metadata true: F5)
+            out = kohya_state_dict(unfolded(contents))
         # PEFT's lora_alpha is now in the weights (folded) or in .alpha keys: kept, it would scale them twice
         metadata = {k: v for k, v in contents.metadata.items() if k != "lora_adapter_metadata"}
         save_lora(out, args.output, with_naming(metadata, "other" if args.target == "other" else "kohya"))

@@ -69,6 +69,29 @@ def test_round_trip_kohya_other_kohya_is_exact_in_effect(tmp_path, trained):
             assert torch.allclose(delta_a, delta_b, rtol=1e-5, atol=1e-8)
 
 
+def test_round_trip_of_a_file_that_records_its_alphas_gives_back_the_file(tmp_path, trained):
+    """fuzz_ad F5: back from the other naming, every .alpha was the rank and the factors rescaled, while the copied
+    metadata (ss_network_alpha, musubi_tuner.lora_modules) still named the LoRA's alpha: a reader computing alpha / rank
+    from it got another strength. A file that records its modules' alphas (as the trainer writes it) comes back as it was."""
+    from musubi_tuner.networks.lora_metadata import LoRAFileInfo
+
+    model, config, path = trained
+    weights = load_lora(path)
+    modules = {kohya_to_module_path(k.removesuffix(".alpha")): (4, 3.0) for k in weights if k.endswith(".alpha")}
+    recorded = tmp_path / "recorded.safetensors"
+    save_lora(weights, recorded, {"ss_network_dim": "4", "ss_network_alpha": "3", **LoRAFileInfo(version="1", modules=modules).to_metadata()})
+    cli = [sys.executable, "src/musubi_tuner/convert_lora.py"]
+    other, back = tmp_path / "other.safetensors", tmp_path / "back.safetensors"
+    for args in (["--input", str(recorded), "--output", str(other), "--target", "other"],
+                 ["--input", str(other), "--output", str(back), "--target", "default"]):
+        r = subprocess.run(cli + args, cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    returned, meta = read_lora_file(back)
+    assert returned.keys() == weights.keys() and meta["ss_network_alpha"] == "3"
+    for key, tensor in weights.items():
+        torch.testing.assert_close(returned[key], tensor, rtol=1e-6, atol=1e-9, msg=key)
+
+
 def test_diffusers_peft_naming_loads_to_the_same_update(trained):
     """q/k/v LoRAs on diffusers' split Linears fuse exactly onto the official qkv and linear1."""
     model, config, path = trained
