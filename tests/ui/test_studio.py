@@ -837,3 +837,44 @@ def test_a_misspelt_form_key_is_a_400_naming_the_one_meant(tmp_path):
     values = {**train_values("runs"), "learning_rat": "1e-2"}
     refused = client(tmp_path).post("/api/command/train", json={"values": values}, headers=STUDIO)
     assert refused.status_code == 400 and refused.json()["error"] == "unknown option 'learning_rat' (did you mean learning_rate?)"
+
+
+def test_a_port_in_use_is_named_before_any_address_is_printed_and_a_stop_waits_a_bounded_time(tmp_path):
+    """fuzz_ac 6: the studio printed "studio at http://127.0.0.1:PORT/" (another studio's address, on another workspace),
+    then uvicorn's own ERROR line; fuzz_ac 7: a stalled upload held Ctrl-C and SIGTERM off for as long as its client
+    kept the connection."""
+    import signal
+    import socket
+
+    server, port = _started_studio(tmp_path / "ws")
+    try:
+        second = subprocess.run([sys.executable, "-m", "musubi_tuner.ui", "--workspace", str(tmp_path / "ws2"), "--port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "studio at" not in second.stdout, second
+        assert second.stderr.strip() == (f"error: --port {port}: in use on 127.0.0.1 (another studio, or another program); "
+                                         "choose another --port")
+        assert not (tmp_path / "ws2" / "demo").exists()  # (nothing written for a studio that cannot start)
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"POST /api/upload?name=slow.mp4 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Musubi-Studio: 1\r\n"
+                        b"Content-Length: 10000000\r\n\r\n" + b"x" * 1000)
+        time.sleep(1)
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        from musubi_tuner.ui.server import GRACE_SECONDS
+
+        assert time.monotonic() - started < GRACE_SECONDS + 10
+        stalled.close()
+    finally:
+        server.kill()
+        server.communicate()
+
+
+def test_a_json_body_past_the_limit_is_refused_before_it_is_read(tmp_path):
+    """fuzz_ac 8: a 200 MB body took the studio from 350 MB to 936 MB, and it stayed at 740 MB."""
+    from musubi_tuner.ui.app import MAX_BODY_BYTES
+
+    studio = client(tmp_path)
+    big = b'{"values": {"prompt": "' + b"a" * (MAX_BODY_BYTES + 1) + b'"}}'
+    refused = studio.post("/api/command/generate", content=big, headers={**STUDIO, "Content-Type": "application/json"})
+    assert refused.status_code == 413 and refused.json()["error"].startswith("the request is over 16 MiB")

@@ -55,6 +55,29 @@ def _stop_gracefully_on_sighup(server) -> list[int]:
     return received
 
 
+GRACE_SECONDS = 5
+
+
+def _bound(host: str, port: int):
+    """A listening socket on (host, port), or a UserError naming --port when another program holds it."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds: a port in TIME_WAIT is free)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port}: in use on {host} (another studio, or another program); choose another --port") from None
+        raise UserError(f"--port {port}: cannot listen on {host} ({e.strerror or e})") from None
+    sock.set_inheritable(False)
+    return sock
+
+
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
@@ -65,14 +88,19 @@ def main(argv=None) -> None:
         from musubi_tuner.ui.workspace import Workspace
 
         workspace = Workspace(args.workspace)
-        print(f"workspace {workspace.root}: writing the demo's tiny models and dataset (first start only)", flush=True)
+        listening = _bound(host, args.port)  # (before the address is printed: it announced another studio's: fuzz_ac 6)
+        if not workspace.has_demo_assets():
+            print(f"workspace {workspace.root}: writing the demo's tiny models and dataset (first start only)", flush=True)
         workspace.demo_assets()
         app = create_app(workspace, token=token, loopback_only=args.listen is None)
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         print(f"studio at http://{shown_host}:{args.port}/" + (f"?token={token}" if token else ""), flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level="warning"))
+        # (a stop waits at most GRACE_SECONDS for the requests in flight: a stalled upload held Ctrl-C off for as long as
+        # its client kept the connection: fuzz_ac 7)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACE_SECONDS))
         hung_up = _stop_gracefully_on_sighup(server)
-        server.run()  # (not uvicorn.run, which swallows the Ctrl-C or SIGTERM it re-raises after its graceful stop)
+        server.run(sockets=[listening])  # (not uvicorn.run, which swallows the Ctrl-C or SIGTERM it re-raises after its
+        # graceful stop)
         if hung_up:
             from musubi_tuner.errors import Terminated
 

@@ -66,6 +66,9 @@ class Workspace:
     def demo(self) -> Path:
         return self.root / "demo"
 
+    def has_demo_assets(self) -> bool:
+        return (self.demo / DEMO_MARKER).exists()
+
     def demo_assets(self) -> dict[str, Path]:
         """The demo's tiny models, dataset and sample prompts (written on the first call, then reused)."""
         work = self.demo
@@ -75,7 +78,7 @@ class Workspace:
             "te1": work / "ckpts" / "text_encoder", "te2": work / "ckpts" / "text_encoder_2",
             "toml": work / "dataset" / "dataset.toml", "sample_prompts": work / "sample_prompts.txt",
         }
-        if not (work / DEMO_MARKER).exists():
+        if not self.has_demo_assets():
             from musubi_tuner.demo.__main__ import write_assets
 
             written = write_assets(work, DEMO_FRAMES, items=DEMO_ITEMS)
