@@ -35,12 +35,23 @@ def training_command(flags: list[str], mixed_precision: str = "bf16", quiet: boo
             "1", "--mixed_precision", mixed_precision, script("hv_train_network.py"), *flags]
 
 
-def shown(cmd: list[str]) -> str:
-    """The command as a user types it: `python` for this interpreter, `accelerate launch` for its module form."""
+def shown(cmd: list[str], one_line: bool = False) -> str:
+    """The command as a user types it: `python` for this interpreter, `accelerate launch` for its module form.
+    `one_line`: a word with a line break in bash's $'...' form (for a log, read line by line)."""
     parts = ["python" if c == sys.executable else c for c in cmd]
     if parts[1:3] == ["-m", "accelerate.commands.launch"]:
         parts = ["accelerate", "launch"] + parts[3:]
-    return " ".join(shlex.quote(p) for p in parts)
+    return " ".join(_quoted(p) if one_line else shlex.quote(p) for p in parts)
+
+
+def _quoted(word: str) -> str:
+    """shlex.quote, but one line whatever the word holds: a word with a line break or another control character in bash's
+    $'...' form (a multi-line prompt spread a job log's command over lines, where a prompt line "saved x.mp4" then read
+    as the job's output: fuzz_ac 10)."""
+    if not any(ord(c) < 32 or ord(c) == 127 for c in word):
+        return shlex.quote(word)
+    named = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return "$'" + "".join(named.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c) for c in word) + "'"
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

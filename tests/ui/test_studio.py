@@ -4,6 +4,7 @@ files are the commands' own (same flags, same checks, same files)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -783,7 +784,7 @@ def test_a_runs_page_shows_its_own_files_only(tmp_path):
     deadline = time.monotonic() + 60
     while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert RunViews(Workspace(tmp_path / "ws"), jobs, None)._videos(jobs.get(job.id)) == [str(mine)]
+    assert RunViews(Workspace(tmp_path / "ws"), jobs, None)._saved(jobs.get(job.id)) == [str(mine)]
 
 
 def test_a_dataset_config_saved_by_a_relative_path_opens_by_that_path(tmp_path):
@@ -878,3 +879,50 @@ def test_a_json_body_past_the_limit_is_refused_before_it_is_read(tmp_path):
     big = b'{"values": {"prompt": "' + b"a" * (MAX_BODY_BYTES + 1) + b'"}}'
     refused = studio.post("/api/command/generate", content=big, headers={**STUDIO, "Content-Type": "application/json"})
     assert refused.status_code == 413 and refused.json()["error"].startswith("the request is over 16 MiB")
+
+
+def test_a_damaged_job_json_is_left_out_of_the_runs_and_a_deleted_run_leaves_the_list(tmp_path, caplog):
+    """fuzz_ac 9: a job.json with "started": null made every page's run list a 500 (a sort of None against floats), and
+    it stayed so after the folder was deleted, until a restart; an unknown run was "not found: 'output_dir'"."""
+    import shutil
+
+    studio = client(tmp_path)
+    jobs_folder = tmp_path / "ws" / "jobs"
+    good = Jobs(jobs_folder).start("generate", "a cat", [[sys.executable, "-c", "pass"]], {"save_path": str(tmp_path / "ws" / "v")})
+    for i, damage in enumerate(({"started": None}, {"commands": "rm -rf /"}, {"outputs": {"output_dir": 3}}, {"pid": "12"})):
+        job_id = f"20200101-000000-{i + 1}-train"
+        (jobs_folder / job_id).mkdir()
+        record = {"id": job_id, "kind": "train", "title": "t", "commands": [["true"]], "state": "finished", "started": 1.0,
+                  "outputs": {"output_dir": "o", "output_name": "n"}, **damage}
+        (jobs_folder / job_id / "job.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        listed = studio.get("/api/jobs")
+    assert listed.status_code == 200 and [j["id"] for j in listed.json()["jobs"]] == [good.id], listed.text
+    assert caplog.text.count("not a job this studio can read (damaged, or another version's): left out of the runs") == 4
+    missing = studio.get("/api/jobs/20200101-000000-1-train")
+    assert missing.status_code == 404 and missing.json()["error"] == "no run '20200101-000000-1-train' in this workspace"
+    deadline = time.monotonic() + 30
+    while studio.get(f"/api/jobs/{good.id}").json()["state"] in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shutil.rmtree(jobs_folder / good.id)
+    assert studio.get("/api/jobs").json()["jobs"] == []
+
+
+def test_a_generation_shows_what_it_wrote_from_its_own_output_not_from_its_prompt(tmp_path):
+    """fuzz_ac 10: a failed run whose multi-line prompt held a line "saved OLD.mp4" showed that video as its result (the
+    log's command line spread over lines); an images or latent run showed "no video written"."""
+    old = tmp_path / "ws" / "old.mp4"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"an earlier video")
+    frames = tmp_path / "ws" / "v" / "frames"
+    frames.mkdir(parents=True)
+    studio = client(tmp_path)
+    script = f"import sys; print('saved {frames}'); sys.exit(0)"
+    job = studio.app.app.state.jobs.start("generate", "two lines", [[sys.executable, "-c", script, f"a red circle\nsaved {old}\nmoving"]],
+                                           {"save_path": str(frames.parent)})
+    deadline = time.monotonic() + 30
+    while (detail := studio.get(f"/api/jobs/{job.id}").json())["state"] in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert detail["videos"] == [] and detail["saved"] == [str(frames)], detail
+    log = (tmp_path / "ws" / "jobs" / job.id / "log.txt").read_text()
+    assert f"$'a red circle\\nsaved {old}\\nmoving'" in log.splitlines()[0]

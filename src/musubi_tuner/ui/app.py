@@ -24,7 +24,7 @@ from musubi_tuner.launch import child_environment, shown
 from musubi_tuner.ui import commands, dataset_form, run_view
 from musubi_tuner.ui.forms import form_schema
 from musubi_tuner.ui.guard import Guard
-from musubi_tuner.ui.jobs import Jobs
+from musubi_tuner.ui.jobs import Jobs, NoSuchJob
 from musubi_tuner.ui.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ def api(handler, streamed: bool = False):
             return JSONResponse(await run_in_threadpool(handler, request, raw))
         except UserError as e:
             return JSONResponse({"error": _short(str(e))}, status_code=400)
-        except KeyError as e:
-            return JSONResponse({"error": _short(f"not found: {e}")}, status_code=404)
+        except NoSuchJob as e:
+            return JSONResponse({"error": _short(f"no run {e.args[0]!r} in this workspace")}, status_code=404)
         except Exception as e:  # a defect of the studio's: the page still gets one line, and the log the traceback
             if isinstance(e, OSError) and e.filename is not None:  # a path the request gave that the system refuses
                 return JSONResponse({"error": _short(f"{e.filename}: {e.strerror or e}")}, status_code=400)

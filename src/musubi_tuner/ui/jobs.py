@@ -10,6 +10,7 @@ still run, and the exit status is still recorded. A reloaded page, or a restarte
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,12 +26,18 @@ from musubi_tuner.files import atomic_write, pid_alive, remove_leftover_temp_fil
 from musubi_tuner.launch import child_environment, shown
 from musubi_tuner.progress import PROGRESS_FILE_VARIABLE
 
+logger = logging.getLogger(__name__)
+
 STOP_GRACE_SECONDS = 20  # after Ctrl-C (SIGINT), this long to finish the file being written, then SIGKILL
 LOG_TAIL_BYTES = 12_000
 SUPERVISOR_START_SECONDS = 60  # a job that names no supervisor this long after it was written never got one
 STOP_MARKER = "stop-requested"  # written by the server before it interrupts the command: the supervisor runs no more
 ENDED = "ended.json"  # room the supervisor reserves at the start for how the job ended, written in place on a full disk
 ENDED_BYTES = 256
+
+
+class NoSuchJob(KeyError):
+    """A run id the studio does not know (a KeyError elsewhere is a defect, not a 404: fuzz_ac 9)."""
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Jobs:
             raise UserError(f"{self.folder}: cannot make the jobs folder ({e.strerror or e}); start the studio with a "
                             f"--workspace it can write to") from None
         self._jobs: dict[str, Job] = {}
+        self._skipped: set[Path] = set()  # job.json files left out (said once)
         self._lock = threading.Lock()
         self._progress: dict[str, _ProgressRead] = {}
         self._progress_lock = threading.Lock()
@@ -92,6 +100,12 @@ class Jobs:
                 job = _load_job(path)
                 if job is not None and job.id == path.parent.name:
                     self._jobs.setdefault(job.id, job)
+                elif path not in self._skipped:
+                    self._skipped.add(path)
+                    logger.warning("%s: not a job this studio can read (damaged, or another version's): left out of the runs", path)
+        for gone in [j for j, job in self._jobs.items() if job.state not in ("starting", "running")
+                     and not (self.folder / j / "job.json").exists()]:  # (a run folder deleted: it stayed listed)
+            del self._jobs[gone]
 
     # ------------------------------------------------------------------ starting and stopping
 
@@ -173,7 +187,7 @@ class Jobs:
             self._scan()  # (started by another studio on this workspace)
             job = self._jobs.get(job_id)
         if job is None:
-            raise KeyError(job_id)
+            raise NoSuchJob(job_id)
         if job.state in ("starting", "running"):
             on_disk = _load_job(self.path(job) / "job.json")  # the supervisor's latest word
             if on_disk is not None:
@@ -292,7 +306,7 @@ def supervise(folder: Path) -> int:
             return finish(130, "")
         try:
             with open(folder / "log.txt", "a", encoding="utf-8") as log:
-                log.write(f"$ {shown(cmd)}\n")
+                log.write(f"$ {shown(cmd, one_line=True)}\n")
                 log.flush()
                 process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                            **_new_process_group())
@@ -340,12 +354,28 @@ def _read_ended(path: Path) -> tuple[str, int | None, float] | None:
         return None
 
 
+_TEXT, _NUMBER, _WHOLE = (str,), (int, float), (int,)
+_FIELD_TYPES = {"id": _TEXT, "kind": _TEXT, "title": _TEXT, "state": _TEXT, "cwd": _TEXT, "current": _WHOLE, "started": _NUMBER,
+                "returncode": _WHOLE + (type(None),), "pid": _WHOLE + (type(None),), "supervisor": _WHOLE + (type(None),),
+                "ended": _NUMBER + (type(None),), "resumed_from": _TEXT + (type(None),),
+                "pid_identity": _TEXT + (type(None),), "supervisor_identity": _TEXT + (type(None),)}
+
+
 def _load_job(path: Path) -> Job | None:
-    """A job.json read back; None where it is unreadable (a job folder another version left, or half gone)."""
+    """A job.json read back; None where it is unreadable (a job folder another version left, or half gone) or does not
+    hold what a job holds (a "started": null, hand-edited or damaged, made every page's run list a 500: fuzz_ac 9)."""
     try:
-        return Job(**json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        job = Job(**data)
     except (OSError, ValueError, TypeError):
         return None
+    wrong = [name for name, kinds in _FIELD_TYPES.items()
+             if isinstance(getattr(job, name), bool) or not isinstance(getattr(job, name), kinds)]
+    if not (isinstance(job.commands, list) and all(isinstance(c, list) and all(isinstance(w, str) for w in c) for c in job.commands)):
+        wrong.append("commands")
+    if not (isinstance(job.outputs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in job.outputs.items())):
+        wrong.append("outputs")
+    return None if wrong else job
 
 
 def _new_process_group() -> dict:

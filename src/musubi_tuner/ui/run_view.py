@@ -18,10 +18,11 @@ class RunViews:
 
     def detail(self, job: Job) -> dict:
         out = {**self.jobs.summary(job), "log": self.jobs.log_tail(job), "progress": self.jobs.progress(job)}
-        if job.kind == "train":
+        if job.kind == "train" and {"output_dir", "output_name"} <= set(job.outputs):  # (a job.json without them: none)
             out.update(self._training(job))
         elif job.kind == "generate":
-            out["videos"] = self._videos(job)
+            out["saved"] = self._saved(job)
+            out["videos"] = [p for p in out["saved"] if p.endswith(".mp4")]
         return out
 
     def _training(self, job: Job) -> dict:
@@ -52,15 +53,16 @@ class RunViews:
         return {"path": str(path), "name": path.name, "bytes": path.stat().st_size,
                 "doctor": state.get("result") or state.get("error") or "checking..."}
 
-    def _videos(self, job: Job) -> list[str]:
-        """The videos this job wrote, as its log says (`saved PATH`): others' share its --save_path."""
+    def _saved(self, job: Job) -> list[str]:
+        """What this job wrote and is still there, as its log says (`saved PATH`: others' share its --save_path): videos,
+        frame folders (--output_type images) and latent files (an images or latent run showed "no video written")."""
         log = self.jobs.path(job) / "log.txt"
         try:
             lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             return []
         saved = [Path(job.cwd or ".", line.removeprefix("saved ").strip()) for line in lines if line.startswith("saved ")]
-        return [str(p) for p in saved if p.suffix == ".mp4" and p.is_file()]
+        return [str(p) for p in saved if p.exists()]
 
 
 def _doctor(path: Path) -> dict:
