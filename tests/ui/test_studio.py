@@ -926,3 +926,18 @@ def test_a_generation_shows_what_it_wrote_from_its_own_output_not_from_its_promp
     assert detail["videos"] == [] and detail["saved"] == [str(frames)], detail
     log = (tmp_path / "ws" / "jobs" / job.id / "log.txt").read_text()
     assert f"$'a red circle\\nsaved {old}\\nmoving'" in log.splitlines()[0]
+
+
+def test_relative_paths_a_form_reads_are_the_workspaces_as_the_dataset_page_takes_them(tmp_path):
+    """fuzz_ac 5: demo/dataset/dataset.toml, which the Dataset page opens and caches, was passed on as typed; the command
+    read it from the folder the studio was started in, and the started job failed with "dataset config not found"."""
+    studio = client(tmp_path)
+    values = dict(train_values("runs/one"), dataset_config="demo/dataset/dataset.toml", network_weights="loras/start.safetensors")
+    shown = studio.post("/api/command/train", json={"values": values}, headers=STUDIO).json()["shown"]
+    root = tmp_path / "ws"
+    assert f"--dataset_config {root / 'demo' / 'dataset' / 'dataset.toml'}" in shown
+    assert f"--network_weights {root / 'loras' / 'start.safetensors'}" in shown
+    generate = {"dit": "d.pt", "vae": "/abs/v.pt", "prompt": "p", "save_path": "videos", "lora_weight": "a.safetensors\nb/c.safetensors"}
+    shown = studio.post("/api/command/generate", json={"values": generate}, headers=STUDIO).json()["shown"]
+    assert f"--dit {root / 'd.pt'} --vae /abs/v.pt" in shown
+    assert f"--lora_weight {root / 'a.safetensors'} {root / 'b' / 'c.safetensors'}" in shown

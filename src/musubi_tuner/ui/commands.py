@@ -59,7 +59,7 @@ def _argv(command: str, flags: list[str], args: argparse.Namespace) -> list[str]
 
 
 def _checked(command: str, values: dict[str, object], workspace: Workspace) -> tuple[list[str], argparse.Namespace]:
-    values = dict(values)
+    values = _read_paths_in_workspace(parser_for(command), dict(values), workspace, skip=IN_WORKSPACE[command])
     for name in IN_WORKSPACE[command]:  # relative to the workspace, not to the server's folder
         if str(values.get(name) or "").strip():
             values[name] = str(workspace.writable(str(values[name]).strip(), f"--{name}"))
@@ -86,6 +86,27 @@ def _checked(command: str, values: dict[str, object], workspace: Workspace) -> t
         if getattr(args, name, None):   # smuggled in another field's words wrote outside the workspace)
             workspace.writable(getattr(args, name), f"--{name}")
     return flags, args
+
+
+def _read_paths_in_workspace(parser: argparse.ArgumentParser, values: dict[str, object], workspace: Workspace,
+                             skip: tuple[str, ...]) -> dict:
+    """The form's relative file and folder paths (every flag of cli.path's type: --dataset_config, --lora_weight, ...)
+    as the workspace's, the one rule the Dataset page and the written paths follow: they went to the command as typed,
+    which read them from the folder the studio was started in, and failed after the start with "not found" (fuzz_ac 5)."""
+    from musubi_tuner.cli import path
+
+    def anchored(word: str) -> str:  # (a word that starts with a dash is forms.command_flags' to refuse, as typed)
+        return word if word.startswith("-") else workspace.resolve(word)
+
+    for action in parser._actions:  # (argparse keeps no public list of its actions)
+        value = values.get(action.dest)
+        if action.type is not path or action.dest in skip or not isinstance(value, str) or not value.strip():
+            continue  # (the written paths: checked by Workspace.writable, which names them as typed)
+        if action.nargs in ("*", "+"):
+            values[action.dest] = "\n".join(anchored(line.strip()) for line in value.splitlines() if line.strip())
+        else:
+            values[action.dest] = anchored(value.strip())
+    return values
 
 
 def caching_commands(toml: str, vae: str, te1: str, te2: str, workspace: Workspace) -> list[list[str]]:
