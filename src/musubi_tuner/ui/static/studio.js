@@ -13,7 +13,7 @@ async function api(method, url, body) {
   }
   const response = await fetch(url, init);
   const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
-  if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+  if (!response.ok) throw Object.assign(new Error(data.error || `HTTP ${response.status}`), { status: response.status });
   return data;
 }
 
@@ -135,9 +135,10 @@ function progressHtml(records) {
 // redrawn only when it changed, so players and open sections stay as they are. Returns a stop function.
 function watchJob(root, id, extra) {
   let stopped = false;
-  root.innerHTML = `<div class="job-head"></div><pre class="command"></pre><div class="job-progress"></div><div class="job-extra"></div>
+  root.innerHTML = `<div class="job-head"></div><div class="job-notice"></div><pre class="command"></pre><div class="job-progress"></div><div class="job-extra"></div>
     <details><summary>log</summary><pre class="log"></pre></details>`;
-  const parts = { head: $(".job-head", root), command: $(".command", root), progress: $(".job-progress", root), extra: $(".job-extra", root), log: $(".log", root) };
+  const parts = { head: $(".job-head", root), notice: $(".job-notice", root), command: $(".command", root), progress: $(".job-progress", root), extra: $(".job-extra", root), log: $(".log", root) };
+  let failures = 0;
   const shownHtml = {};
   const put = (name, html) => { if (shownHtml[name] !== html) { parts[name].innerHTML = html; shownHtml[name] = html; } };
   root.addEventListener("click", async (event) => {
@@ -150,8 +151,19 @@ function watchJob(root, id, extra) {
   async function tick() {
     if (stopped) return;
     let d;
-    try { d = await api("GET", `/api/jobs/${id}`); } catch (e) { put("head", `<p class="error">${esc(e.message)}</p>`); return; }
+    try { d = await api("GET", `/api/jobs/${id}`); } catch (e) {
+      // One failed poll (the studio restarting, a moment of load) ended the view for good, its Stop button gone: the
+      // run is still shown as last read, the failure said, and the poll tried again, less often, until it answers.
+      if (e.status === 404) { put("head", `<p class="error">${esc(e.message)}</p>`); return; }
+      failures += 1;
+      const wait = Math.min(10, 2 ** (failures - 1));
+      put("notice", `<p class="error" id="job-notice">the studio is not answering (${esc(e.message)}): trying again in ${wait} s</p>`);
+      if (!stopped) setTimeout(tick, wait * 1000);
+      return;
+    }
     if (stopped) return;
+    failures = 0;
+    put("notice", "");
     root.dataset.state = d.state;
     root.dataset.job = d.id;
     put("head", `<div class="ds-head"><div><span class="state ${d.state}" id="job-state">${esc(d.state)}</span> ${esc(d.title)} <span class="muted">${esc(d.id)}${d.returncode != null ? " · exit status " + d.returncode : ""}${d.resumed_from ? " · resumes " + esc(d.resumed_from) : ""}</span></div>
