@@ -509,6 +509,22 @@ CASES = [
     Case("train-optimizer-args-value-rejected", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--optimizer_args", "weight_decay=-1"),
          r"--optimizer_args weight_decay=-1 for AdamW: Invalid weight_decay value: -1", then=before_the_model_loads),
+    # (fuzz_ab 2: a RuntimeError of the constructor was a traceback; an optimizer that cannot step met the first step)
+    Case("train-optimizer-args-that-conflict", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--optimizer_args", "foreach=True", "fused=True"),
+         r"--optimizer_args foreach=True fused=True for AdamW: `fused` and `foreach` cannot be `True` together",
+         then=before_the_model_loads),
+    *[Case(f"train-optimizer-{name}-that-cannot-step-a-lora", "hv_train_network",
+           lambda a, t, name=name: train_argv(a, t / "out", "--optimizer_type", name),
+           rf"--optimizer_type {name}: cannot step a LoRA's parameters as training steps them \({why}", then=before_the_model_loads)
+      for name, why in (("LBFGS", r"TypeError: .*closure"), ("SparseAdam", r"RuntimeError: SparseAdam does not support dense"))],
+    Case("train-optimizer-by-a-module-path-not-installed", "hv_train_network",  # (fuzz_ab 14)
+         lambda a, t: train_argv(a, t / "out", "--optimizer_type", "notinstalledopt.Fast"),
+         r"--optimizer_type notinstalledopt\.Fast: cannot import notinstalledopt \(notinstalledopt is not installed: pip install "
+         r"notinstalledopt\)", then=before_the_model_loads),
+    Case("train-optimizer-by-musubi-tuners-bitsandbytes-path", "hv_train_network",  # (fuzz_ab 1: "bitsandbytes has no such
+         lambda a, t: train_argv(a, t / "out", "--optimizer_type", "bitsandbytes.optim.AdamW8bit", "--max_train_steps", "1"), None,
+         then=lambda a, t, err, out: (t / "out" / "tiny.safetensors").is_file() or pytest.fail(err)),
     Case("train-optimizer-args-wrong-type", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "SGD", "--optimizer_args", "momentum=fast"),
          r"--optimizer_args momentum=fast for SGD: ", then=before_the_model_loads),

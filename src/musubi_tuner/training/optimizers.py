@@ -75,6 +75,16 @@ def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, 
     kwargs = dict(optimizer_args)
     if lower == "adamw":
         cls = torch.optim.AdamW
+    elif "." in name:  # a module.Class path, imported as written, as musubi-tuner does (bitsandbytes.optim.AdamW8bit was
+        # looked up in the short names' table and refused: fuzz_ab 1)
+        module, _, cls_name = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except ModuleNotFoundError as e:
+            raise UserError(f"--optimizer_type {name}: cannot import {module} ({e.name} is not installed: pip install "
+                            f"{(e.name or module).split('.')[0]})") from None
+        except (ImportError, AttributeError):
+            raise UserError(f"--optimizer_type {name}: cannot import {cls_name} from {module}") from None
     elif lower.endswith("8bit"):
         bnb = _import_bitsandbytes(name, on_cpu=any(p.device.type == "cpu" for g in params for p in g["params"]))
         attr = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "sgdnesterov8bit": "SGD8bit",
@@ -103,12 +113,6 @@ def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, 
         if attr is None:
             raise UserError(f"--optimizer_type {name}: schedulefree has no such optimizer")
         cls = getattr(sf, attr)
-    elif "." in name:
-        module, _, cls_name = name.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError):
-            raise UserError(f"--optimizer_type {name}: cannot import {cls_name} from {module}") from None
     else:
         match = next((a for a in dir(torch.optim) if a.lower() == lower), None)
         if match is None:
@@ -119,7 +123,8 @@ def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, 
         kwargs.setdefault("lr", lr)
     try:
         optimizer = cls(params, **kwargs)
-    except (TypeError, ValueError) as e:  # an unknown key, a value of the wrong type, or one the optimizer rejects
+    except Exception as e:  # an unknown key, a value of the wrong type, or one the optimizer rejects (torch raises a
+        # RuntimeError for some: "fused and foreach cannot be True together" was a traceback)
         given = _as_typed(optimizer_args)
         raise UserError(f"--optimizer_args {given} for {cls.__name__}: {e}" if given else f"--optimizer_type {name}: {e}") from None
     full_name = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(f'{k}={v}' for k, v in optimizer_args.items())})" if optimizer_args else "")
@@ -130,7 +135,18 @@ def check_optimizer(optimizer_type: str, lr: float | None, optimizer_args: dict[
     """The optimizer built on a stand-in parameter: --optimizer_type and --optimizer_args fail in a second, before the
     model loads (an optimizer takes its state at the first step, so this allocates nothing else)."""
     stand_in = torch.nn.Parameter(torch.zeros(16, device=device))
-    return create_optimizer(optimizer_type, [{"params": [stand_in], "lr": lr}], lr, optimizer_args)[0]
+    optimizer = create_optimizer(optimizer_type, [{"params": [stand_in], "lr": lr}], lr, optimizer_args)[0]
+    # and stepped once, as training steps it: LBFGS (whose step needs a closure) and SparseAdam (sparse gradients only)
+    # were tracebacks at the first step, after the model had loaded (fuzz_ab 2)
+    stand_in.grad = torch.zeros_like(stand_in)
+    try:
+        if hasattr(optimizer, "train"):  # (schedule-free optimizers step in train mode)
+            optimizer.train()
+        optimizer.step()
+    except Exception as e:
+        raise UserError(f"--optimizer_type {optimizer_type}: cannot step a LoRA's parameters as training steps them "
+                        f"({type(e).__name__}: {str(e)[:160]}); choose another optimizer") from None
+    return optimizer
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
