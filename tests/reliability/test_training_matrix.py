@@ -522,7 +522,7 @@ CASES = [
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "notinstalledopt.Fast"),
          r"--optimizer_type notinstalledopt\.Fast: cannot import notinstalledopt \(notinstalledopt is not installed: pip install "
          r"notinstalledopt\)", then=before_the_model_loads),
-    Case("train-optimizer-by-musubi-tuners-bitsandbytes-path", "hv_train_network",  # (fuzz_ab 1: "bitsandbytes has no such
+    Case("train-optimizer-by-musubi-tuners-bitsandbytes-path", "hv_train_network",  # (fuzz_ab 1: refused)
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "bitsandbytes.optim.AdamW8bit", "--max_train_steps", "1"), None,
          then=lambda a, t, err, out: (t / "out" / "tiny.safetensors").is_file() or pytest.fail(err)),
     Case("train-optimizer-args-wrong-type", "hv_train_network",
