@@ -525,6 +525,13 @@ CASES = [
     Case("train-optimizer-by-musubi-tuners-bitsandbytes-path", "hv_train_network",  # (fuzz_ab 1: refused)
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "bitsandbytes.optim.AdamW8bit", "--max_train_steps", "1"), None,
          then=lambda a, t, err, out: (t / "out" / "tiny.safetensors").is_file() or pytest.fail(err)),
+    Case("train-guidance-scale-times-1000-past-float32", "hv_train_network",  # (fuzz_ab 10: a traceback at the first step)
+         lambda a, t: train_argv(a, t / "out", "--guidance_scale", "3e38", "--guidance_scale_x1000"),
+         r"--guidance_scale 3e\+38: with --guidance_scale_x1000 at most 3\.40282e\+35", then=before_the_model_loads),
+    *[Case(f"train-show-timesteps-{how}-of-the-default-sampling", "hv_train_network",  # (fuzz_ab 4: an IndexError)
+           lambda a, t, how=how: ["--show_timesteps", how] + (["--output_dir", str(t)] if how == "image" else []), None,
+           then=lambda a, t, err, out, how=how: ("Traceback" not in err + out and (how == "image" or "timestep sampling sigma"
+                                                  in out + err)) or pytest.fail(err)) for how in ("console", "image")],
     Case("train-optimizer-args-wrong-type", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "SGD", "--optimizer_args", "momentum=fast"),
          r"--optimizer_args momentum=fast for SGD: ", then=before_the_model_loads),

@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from musubi_tuner.cli import far_from_usual
+from musubi_tuner.cli import FLOAT32_MAX, far_from_usual
 from musubi_tuner.distributed import (GradientReducer, check_same_command_line, check_same_inputs, describe as describe_layout,
                                       make_layout)
 from musubi_tuner.dtypes import str_to_dtype
@@ -163,6 +163,10 @@ def check_args(args) -> None:
     require_file(args.dit, "DiT checkpoint", "--dit")
     attention_mode(args)
     warn_of_unread_flags(timestep_config(args))
+    if args.guidance_scale_x1000 and args.guidance_scale > FLOAT32_MAX / 1000:  # (what the DiT is fed, times 1000, is a
+        # float32: past it, a traceback at the first step, after the model had loaded: fuzz_ab 10)
+        raise UserError(f"--guidance_scale {args.guidance_scale:g}: with --guidance_scale_x1000 at most {FLOAT32_MAX / 1000:g} "
+                        "(the DiT is fed it times 1000, a float32)")
     far = far_settings(args)
     if far:  # said before the work: a far value that does not overflow trains a LoRA that learns nothing without a word
         logger.warning(f"{far} of a NaN loss or of a LoRA that learns nothing")

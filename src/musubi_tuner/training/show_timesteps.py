@@ -19,7 +19,8 @@ BINS = 20
 def timestep_histogram(cfg: TimestepConfig, samples: int = SAMPLES, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts per 1/BINS of sigma, mean loss weight per bin)."""
     sigma, _ = sample_timesteps(cfg, samples, (128, 128), generator=torch.Generator().manual_seed(seed))
-    bins = (sigma.clamp(0, 1 - 1e-9) * BINS).long()
+    bins = (sigma * BINS).long().clamp(0, BINS - 1)  # (sigma 1.0 falls in the last bin: 1 - 1e-9 is 1.0 in float32, and
+    # the sigma mode's draws of exactly 1.0 indexed past the bins: fuzz_ab 4)
     counts = torch.bincount(bins, minlength=BINS)
     weights = loss_weights(cfg, sigma)
     w = torch.ones_like(sigma) if weights is None else weights
