@@ -532,6 +532,14 @@ CASES = [
            lambda a, t, how=how: ["--show_timesteps", how] + (["--output_dir", str(t)] if how == "image" else []), None,
            then=lambda a, t, err, out, how=how: ("Traceback" not in err + out and (how == "image" or "timestep sampling sigma"
                                                   in out + err)) or pytest.fail(err)) for how in ("console", "image")],
+    *[Case(f"train-{flag}-not-finite-{i}", "hv_train_network",  # (fuzz_ab 3: a LoRA that never learned was "saved")
+           lambda a, t, flag=flag, value=value: train_argv(a, t / "out", f"--{flag}", value, *extra),
+           rf"--{flag} {re.escape(value)}: not a finite number", then=before_the_model_loads)
+      for i, (flag, value, extra) in enumerate((("optimizer_args", "eps=1e999", ()), ("optimizer_args", "betas=(0.9,nan)", ()),
+                                                ("lr_scheduler_args", "num_cycles=nan", ("--lr_scheduler", "cosine"))))],
+    Case("train-adafactor-schedule-rate-not-a-number", "hv_train_network",  # (fuzz_ab 13: a traceback)
+         lambda a, t: train_argv(a, t / "out", "--optimizer_type", "adafactor", "--lr_scheduler", "adafactor:abc"),
+         r"--lr_scheduler adafactor:abc: adafactor:RATE takes a finite initial learning rate, at least 0"),
     Case("train-optimizer-args-wrong-type", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "SGD", "--optimizer_args", "momentum=fast"),
          r"--optimizer_args momentum=fast for SGD: ", then=before_the_model_loads),

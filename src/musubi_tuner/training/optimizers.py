@@ -6,6 +6,7 @@ import ast
 import importlib
 import logging
 import math
+import re
 import warnings
 from typing import Any, Sequence
 
@@ -27,7 +28,21 @@ def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             out[key.strip()] = value.strip()
+        if not _finite(out[key.strip()]):  # (eps=1e999 or min_lr_rate=nan made a learning rate of 0, and the run "saved"
+            # a LoRA that never learned; weight_decay=1e999 a NaN blamed on --learning_rate: fuzz_ab 3)
+            raise UserError(f"{flag} {item}: not a finite number")
     return out
+
+
+def _finite(value) -> bool:
+    """Whether no number in a parsed value (or a word a schedule later reads as one: 'nan', 'inf') is NaN or infinite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):  # (also within a word literal_eval did not take: "(0.9,nan)")
+        return re.search(r"(?<![a-z_])(nan|inf|infinity)(?![a-z_0-9])", value.lower()) is None
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _as_typed(values: dict[str, Any]) -> str:
@@ -188,7 +203,15 @@ def scheduler_name(value: str) -> str:
 
     from musubi_tuner.errors import did_you_mean
 
-    if value in SCHEDULERS or value.startswith("adafactor:"):
+    if value in SCHEDULERS:
+        return value
+    if value.startswith("adafactor:"):  # (its initial rate: "adafactor:abc" was a traceback, "adafactor:nan" recorded)
+        try:
+            rate = float(value.split(":", 1)[1])
+        except ValueError:
+            rate = math.nan
+        if not math.isfinite(rate) or rate < 0:
+            raise argparse.ArgumentTypeError(f"{value}: adafactor:RATE takes a finite initial learning rate, at least 0")
         return value
     if value in NEEDS_A_METRIC:
         raise argparse.ArgumentTypeError(f"{value}: this schedule steps on the loss, which the trainer does not pass it "
