@@ -103,6 +103,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 def _prepare(argv, streams: list) -> None:
     """What the command runs in, set up within _run's handling of a stop, as the command itself is."""
     _Held.raised = False  # (a command run in a process that ran one before, as the tests do)
+    _Held.command = True
     usable_standard_streams()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if launched()[0] != 0:  # one of a launcher's processes: process 0 says what every process meets alike, from the
@@ -192,6 +193,8 @@ def _run(main, argv, memory_advice: str, streams: list) -> None:
     except Exception:  # a traceback, a fault no check foresaw: the empty folders the command made go too, as after an error
         _remove_created_empty_folders()  # line (a damaged fp8 DiT's traceback left an empty --save_path behind: fuzz_y 12)
         raise
+    finally:
+        _Held.command = False
 
 
 def _run_main(main, argv, memory_advice: str, streams: list) -> None:
@@ -252,6 +255,7 @@ _STOPPING_SIGNALS = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
 class _Held:
     depth = 0  # stops_held blocks the main thread is in
     raised = False  # a stop was raised and the command is unwinding towards its "interrupted"
+    command = False  # a command runs (run_cli): nothing in it catches a stop and goes on, so a stop raised is unwinding
     imports: list[str] = []  # of those, the imports (outermost first)
     stop: BaseException | None = None  # the stop that came meanwhile
     notice = None  # a timer that says why the stop waits, when an import holds it long
@@ -339,7 +343,7 @@ def stop_cleanly_on_sigterm() -> None:
 
 
 def _interrupt(signum, frame) -> None:
-    if _Held.raised and not _Held.depth:
+    if _Held.raised and _Held.command and not _Held.depth:
         # A second Ctrl-C while the command unwinds from the first: it stops at once, quietly. Raised, it met the clean-up
         # wherever it was, in a data-loader's __del__ joining its workers say, and printed "Exception ignored in ...",
         # a traceback (fuzz_z 8). What was being written stays a temporary file, as after a kill, which the next run

@@ -86,9 +86,10 @@ def _loraplus_ratio(args) -> float | None:
     """loraplus_lr_ratio of --network_args, or None (not given, or not a number: the network module refuses that)."""
     values = dict(a.split("=", 1) for a in args.network_args or [] if "=" in a)
     try:
-        return float(values["loraplus_lr_ratio"])
+        ratio = float(values["loraplus_lr_ratio"])
     except (KeyError, ValueError):
         return None
+    return ratio if math.isfinite(ratio) else None
 
 
 def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
