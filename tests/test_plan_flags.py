@@ -154,3 +154,19 @@ def test_a_batch_the_planner_cannot_trace_is_refused_by_the_planner_and_capped_i
                            "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"])
     assert "train at 64x64x1f, batch 65536," in capsys.readouterr().out
     assert f"batch_size {2**62:,} is planned as 65,536 samples, the most the planner plans" in caplog.text
+
+
+def test_the_trainers_dry_run_plans_a_full_extraction_at_max_frames(tmp_path, capsys):
+    """fuzz_af 6: frame_extraction = "full" (the whole video, at most max_frames) was planned at target_frames, which it
+    does not read, 1 frame by default: 17.2 GB planned for a full-size step of 35.8 GB."""
+    from musubi_tuner import hv_train_network
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+
+    config = tiny_dit_config()
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n\n[[datasets]]\nvideo_directory = '
+                    f'"{(tmp_path / "videos").as_posix()}"\nframe_extraction = "full"\nmax_frames = 31\n')
+    hv_train_network.main(["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
+                           "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"])
+    assert "train at 64x64x29f, batch 1," in capsys.readouterr().out

@@ -587,7 +587,13 @@ def largest_workload(dataset_config) -> tuple[tuple[int, int], int, int]:
     Buckets keep the resolution's area, so the resolution stands for every bucket of its dataset."""
 
     def frames(d):
-        return max(d.target_frames) if d.is_video else 1
+        if not d.is_video:
+            return 1
+        if d.frame_extraction == "full":  # (the whole video, at most max_frames: it was planned at target_frames, which
+            from musubi_tuner.data.frames import round_to_4n1  # "full" does not read, 1 frame: fuzz_af 6)
+
+            return round_to_4n1(d.max_frames)
+        return max(d.target_frames)
 
     biggest = max(dataset_config.datasets, key=lambda d: d.resolution[0] * d.resolution[1] * latent_frames(frames(d)) * d.batch_size)
     width, height = biggest.resolution
