@@ -170,3 +170,27 @@ def test_the_trainers_dry_run_plans_a_full_extraction_at_max_frames(tmp_path, ca
     hv_train_network.main(["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
                            "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"])
     assert "train at 64x64x29f, batch 1," in capsys.readouterr().out
+
+
+def test_the_trainers_dry_run_plans_caching_tiled_and_both_dry_runs_end_1_when_nothing_fits(tmp_path, capsys):
+    """fuzz_af 1: the trainer's own --vae_tiling (its samples' decode, off by default) was read as cache_latents' tiling:
+    an untiled encode was planned, 39.7 GB where plan.py said 15.5. fuzz_af 2: a --dry_run --vram_budget that found
+    nothing fitting ended 0 (plan.py ends 1)."""
+    from musubi_tuner import hv_generate_video, hv_train_network
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+
+    config = tiny_dit_config()
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n\n[[datasets]]\nimage_directory = '
+                    f'"{(tmp_path / "images").as_posix()}"\n')
+    train = ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
+             "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"]
+    hv_train_network.main(train)
+    assert "[cache_latents, --vae_tiling]" in capsys.readouterr().out
+    for main, argv in ((hv_train_network.main, train),
+                       (hv_generate_video.main, ["--dit", str(dit), "--vae", str(dit), "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path),
+                                                 "--prompt", "a cat", "--save_path", str(tmp_path / "v"), "--dry_run"])):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--vram_budget", "0.5G"])
+        assert e.value.code == 1 and "nothing fits" in capsys.readouterr().out

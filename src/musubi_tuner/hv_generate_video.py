@@ -108,8 +108,9 @@ def main(argv=None) -> None:
         args = build_parser().parse_args(argv)
         if args.dry_run:
             from musubi_tuner.inference.pipeline import plan_generation
+            from musubi_tuner.planning.from_args import exit_if_nothing_fits
 
-            plan_generation(args)
+            exit_if_nothing_fits(args, plan_generation(args))
             return
         from musubi_tuner.inference.pipeline import generate
 

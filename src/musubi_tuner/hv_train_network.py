@@ -39,9 +39,10 @@ def main(argv=None) -> None:
                 print(f"wrote {image_histogram(cfg, out)}")
             return
         if args.dry_run:
+            from musubi_tuner.planning.from_args import exit_if_nothing_fits
             from musubi_tuner.training.loop import plan_training
 
-            plan_training(args)
+            exit_if_nothing_fits(args, plan_training(args))
             return
         from musubi_tuner.training.loop import train
 

@@ -19,7 +19,6 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 import argparse
 import logging
-import sys
 
 from musubi_tuner.cli import Parser, count, frames_4n1, network_dim, path, pixels, real
 from musubi_tuner.errors import run_cli
@@ -66,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--infer_steps", type=count(1, 1000), default=50, help="generation: sampling steps")
     add_step_cache_flags(g)
     g.add_argument("--fp8_llm", action="store_true", help="LLM text encoder in fp8")
-    g.add_argument("--no_vae_tiling", dest="vae_tiling", action="store_false",
+    g.add_argument("--no_vae_tiling", dest="cache_vae_tiling", action="store_false",
                    help="training: plan cache_latents without --vae_tiling, which the plan assumes; a tile size turns it "
                         "on, and generation always tiles")
     g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="VAE tile size in pixels")
@@ -120,7 +119,7 @@ def flags_that_change_nothing(parser: argparse.ArgumentParser, args) -> list[str
 
 def main(argv=None) -> None:
     def run(argv):
-        from musubi_tuner.planning.from_args import dry_run, parse_budget
+        from musubi_tuner.planning.from_args import dry_run, exit_if_nothing_fits
 
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -128,8 +127,7 @@ def main(argv=None) -> None:
             logger.warning(line)
         result = dry_run(args, args.mode, video_size=tuple(args.video_size), frames=args.video_length, batch=args.batch_size,
                          text_tokens=args.text_tokens)
-        if args.vram_budget is not None and not result.fits(parse_budget(args.vram_budget) * 1e9):
-            sys.exit(1)
+        exit_if_nothing_fits(args, result)
 
     run_cli(run, argv)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from typing import Callable
 
 from musubi_tuner.errors import UserError
@@ -75,7 +76,9 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         step_cache_threshold=get("step_cache_threshold") if step_cache else None,
         step_cache_warmup=int(get("step_cache_warmup", 1)) if step_cache else 1,
         fp8_llm=bool(get("fp8_llm", False)),
-        vae_tiling=bool(get("vae_tiling", True)) or generate or get("vae_spatial_tile_sample_min_size") is not None,
+        # (cache_latents' tiling: plan.py's --no_vae_tiling; the trainer's own --vae_tiling decodes its samples, and read
+        # as the caching's it planned an untiled encode, 39.7 GB where plan said 15.5: fuzz_af 1)
+        vae_tiling=bool(get("cache_vae_tiling", True)) or generate or get("vae_spatial_tile_sample_min_size") is not None,
         vae_spatial_tile_sample_min_size=int(get("vae_spatial_tile_sample_min_size", 256)),
         vae_chunk_size=get("vae_chunk_size", None) if generate else None,
         context_parallel=int(get("context_parallel", 1)),
@@ -192,4 +195,12 @@ def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frame
 
 
 
-__all__ = ["check_budget_flag", "config_from_args", "dry_run", "options_from_args", "parse_budget", "NAMED_MODELS"]
+def exit_if_nothing_fits(args, result: Plan) -> None:
+    """Exit status 1 when --vram_budget was given and the plan does not fit it: plan.py's, and both commands' --dry_run
+    (they ended 0 after "nothing fits", so a script went on to the run: fuzz_af 2)."""
+    budget = getattr(args, "vram_budget", None)
+    if budget is not None and not result.fits(parse_budget(budget) * 1e9):
+        sys.exit(1)
+
+
+__all__ = ["check_budget_flag", "config_from_args", "dry_run", "exit_if_nothing_fits", "options_from_args", "parse_budget", "NAMED_MODELS"]
