@@ -212,6 +212,7 @@ def check_args(args) -> None:
         raise UserError("--dim_from_weights needs --network_weights")
     check_lora_files(args)
     network_options(args)
+    check_network_fits(args)
     from musubi_tuner.training.hub import check_hub_args
 
     check_hub_args(args)
@@ -254,6 +255,45 @@ def check_lora_files(args) -> None:
         from musubi_tuner.networks.merge import resolve_multipliers
 
         resolve_multipliers(args.base_weights, args.base_weights_multiplier, "--base_weights_multiplier", say=True)
+
+
+LORA_BYTES_PER_PARAMETER = 16  # float32 weight, gradient and AdamW's two moments
+
+
+def check_network_fits(args) -> None:
+    """Before any model loads: the network the flags build, its weights, gradients and optimizer state, fits in the
+    memory it trains in (the GPU's, else the machine's). --network_dim 1048576 on the tiny DiT was killed by the kernel
+    without a word (fuzz_ab 6); the flag's own bound is the widest layer any model has."""
+    module, _ = network_options(args)
+    if args.dim_from_weights or not module.__name__.startswith("musubi_tuner."):
+        return
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    dit_file = open_dit_file(args.dit)
+    try:
+        config = read_dit_config(dit_file)
+    finally:
+        dit_file.close()
+    with torch.device("meta"), quieted("musubi_tuner.networks", logging.ERROR):
+        network = make_network(args, HunyuanVideoDiT(config), lambda: {})
+    needed = LORA_BYTES_PER_PARAMETER * sum(p.numel() for p in network.parameters())
+    if torch.cuda.is_available():
+        where, memory = "the GPU's", torch.cuda.get_device_properties(0).total_memory
+    else:
+        where, memory = "this machine's", _host_memory()
+    if memory and needed > memory:
+        # (every layer a LoRA targets is at least the model's width wide on both sides)
+        why = (f"; a rank above the layers' width ({config.hidden_size}) adds nothing but memory"
+               if args.network_dim and args.network_dim > config.hidden_size else "")
+        raise UserError(f"--network_dim {args.network_dim}: the LoRA alone needs {needed / 1e9:,.1f} GB (weights, gradients "
+                        f"and optimizer state), more than {where} {memory / 1e9:,.1f} GB{why}")
+
+
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # (not on every system)
+        return None
 
 
 def check_network_takes(args, weights: dict[str, torch.Tensor]) -> None:
