@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=count(1, 240), default=24, help="frame rate of the written video")
     g.add_argument("--infer_steps", type=count(1, 1000), default=None, help="sampling steps (default 50)")
     g.add_argument("--seed", type=seed(64), default=None, help="seed of the initial noise (default: random, printed and saved)")
-    g.add_argument("--guidance_scale", type=real(0), default=None, help="real CFG scale (SkyReels 6.0); 1.0 = off")
+    g.add_argument("--guidance_scale", type=real(), default=None,
+                   help="real CFG scale (SkyReels 6.0); 1.0 = off; below 1 steers toward the negative prompt, as in musubi-tuner")
     g.add_argument("--embedded_cfg_scale", type=embedded_guidance(), default=None, help="distilled guidance (HunyuanVideo 6.0, SkyReels 1.0)")
     g.add_argument("--cfg_end", type=real(0, 1), default=1.0, help="fraction of steps that use real CFG (0.5 halves SkyReels' cost)")
     g.add_argument("--flow_shift", type=real(above=0), default=None, help="default 7.0 (17.0 suits fewer than 20 steps)")

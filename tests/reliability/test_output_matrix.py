@@ -291,6 +291,9 @@ CASES = [
          r"(holds \d+ non-finite \(NaN/inf\) values of \d+; nothing was written|the VAE decoded NaN/inf pixels from a finite "
          r"latent): --guidance_scale 1e\+30, far from the usual, may be the cause; else ",
          then=lambda a, t, err, out: not list((t / "videos").glob("*.mp4")) or pytest.fail("a video was written")),
+    Case("generate-negative-guidance-as-musubi-tuner-takes-it", "hv_generate_video",  # (fuzz_ab 12: "must be at least 0")
+         lambda a, t: generate_argv(a, t, "--guidance_scale", "-2", "--negative_prompt", "a blue square"), None,
+         then=lambda a, t, err, out: len(list((t / "videos").glob("*.safetensors"))) == 1 or pytest.fail(err)),
     Case("generate-far-flow-shift-that-does-not-overflow-is-said-before-the-work", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--output_type", "latent", "--flow_shift", "1e6"), None,
          warning=r"--flow_shift 1e\+06, far from the usual, may be the cause of a NaN or noisy video"),

@@ -499,7 +499,7 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
 def far_settings(args) -> str | None:
     """The sampling flags given far beyond their usual range, as the likely cause of a NaN/inf latent or video
     (cli.far_from_usual)."""
-    return far_from_usual([("--guidance_scale", args.guidance_scale, (0, 100)), ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
+    return far_from_usual([("--guidance_scale", args.guidance_scale, (-100, 100)), ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
                            ("--flow_shift", args.flow_shift, (1e-3, 1e3)),
                            *(("--lora_multiplier", m, (-100, 100)) for m in getattr(args, "lora_multiplier", None) or ())])
 
