@@ -941,3 +941,23 @@ def test_relative_paths_a_form_reads_are_the_workspaces_as_the_dataset_page_take
     shown = studio.post("/api/command/generate", json={"values": generate}, headers=STUDIO).json()["shown"]
     assert f"--dit {root / 'd.pt'} --vae /abs/v.pt" in shown
     assert f"--lora_weight {root / 'a.safetensors'} {root / 'b' / 'c.safetensors'}" in shown
+
+
+def test_an_upload_never_replaces_an_earlier_one_and_a_killed_ones_leftover_goes_at_the_next_start(tmp_path):
+    """fuzz_ac 3: a second image.png replaced the first without a word (an earlier generation's command then named
+    another image); fuzz_ac 2: an upload the studio was killed in left uploads/.NAME.PID-xxxx.tmp for good."""
+    studio = client(tmp_path)
+    uploads = tmp_path / "ws" / "uploads"
+    first = studio.post("/api/upload", params={"name": "image.png"}, content=b"first", headers=STUDIO).json()["path"]
+    second = studio.post("/api/upload", params={"name": "sub/image.png"}, content=b"second", headers=STUDIO).json()["path"]
+    again = studio.post("/api/upload", params={"name": "image.png"}, content=b"first", headers=STUDIO).json()["path"]
+    assert (first, second, again) == (str(uploads / "image.png"), str(uploads / "image-1.png"), str(uploads / "image.png"))
+    assert (uploads / "image.png").read_bytes() == b"first" and (uploads / "image-1.png").read_bytes() == b"second"
+    assert sorted(p.name for p in uploads.iterdir()) == ["image-1.png", "image.png"]
+    writer = subprocess.Popen([sys.executable, "-c", "pass"])  # (a writer that is no more, as the killed studio)
+    writer.wait()
+    gone = writer.pid
+    leftover = uploads / f".big.mp4.{gone}-ab12cd34.tmp"  # (the name atomic_write gives a file it writes)
+    leftover.write_bytes(b"x" * 1000)
+    client(tmp_path)
+    assert not leftover.exists()

@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import atomic_write
+from musubi_tuner.files import atomic_write, remove_leftover_temp_files
 from musubi_tuner.launch import child_environment, shown
 from musubi_tuner.ui import commands, dataset_form, run_view
 from musubi_tuner.ui.forms import form_schema
@@ -170,6 +170,16 @@ class _Chunks:
                 raise UserError("the page went away before the whole file had arrived; nothing was written") from None
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            chunk_a, chunk_b = fa.read(1 << 20), fb.read(1 << 20)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True
+
+
 class Studio:
     """The endpoints, over one workspace: its jobs (child processes), in-process tasks and run views."""
 
@@ -179,6 +189,8 @@ class Studio:
         self.tasks = Tasks()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.views = run_view.RunViews(workspace, self.jobs, self.tasks)
+        if (workspace.root / "uploads").is_dir():  # (an upload the studio was killed in left its temporary file: fuzz_ac 2)
+            remove_leftover_temp_files(workspace.root / "uploads")
 
     def page(self, name: str):
         async def render(request: Request):
@@ -213,9 +225,20 @@ class Studio:
             raise UserError("upload: no file name")
         target = self.workspace.writable(Path("uploads") / name, "upload")
         target.parent.mkdir(parents=True, exist_ok=True)
+        # under a name no earlier upload has: x.png, x-1.png, ... (a second "image.png" replaced the first without a word,
+        # and a finished generation's command then named another image: fuzz_ac 3); the same bytes again are the same file
+        stem, suffix, number = target.stem, target.suffix, 0
+        while target.exists():
+            number += 1
+            target = target.with_name(f"{stem}-{number}{suffix}")
         with atomic_write(target) as tmp, open(tmp, "wb") as f:
             for chunk in raw:
                 f.write(chunk)
+        earlier_names = [f"{stem}{suffix}", *(f"{stem}-{i}{suffix}" for i in range(1, number))] if number else []
+        for earlier in (target.with_name(n) for n in earlier_names):
+            if earlier.stat().st_size == target.stat().st_size and _same_bytes(earlier, target):
+                target.unlink()
+                return {"path": str(earlier)}
         return {"path": str(target)}
 
     # ---------------------------------------------------------------- dataset
