@@ -194,3 +194,23 @@ def test_the_trainers_dry_run_plans_caching_tiled_and_both_dry_runs_end_1_when_n
         with pytest.raises(SystemExit) as e:
             main([*argv, "--vram_budget", "0.5G"])
         assert e.value.code == 1 and "nothing fits" in capsys.readouterr().out
+
+
+def test_the_trainers_dry_run_plans_an_optimizer_the_planner_does_not_model_with_adamws_state(tmp_path, capsys, caplog):
+    """fuzz_af 11: --optimizer_type SGD (which the run trains with) ended the dry run with "the planner models adamw, ...",
+    the rest of its checks lost; musubi-tuner's full name of a modelled one (bitsandbytes.optim.AdamW8bit) too."""
+    from musubi_tuner import hv_train_network
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+
+    config = tiny_dit_config()
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n\n[[datasets]]\nimage_directory = '
+                    f'"{(tmp_path / "images").as_posix()}"\n')
+    train = ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
+             "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"]
+    for optimizer, planned in (("SGD", "adamw"), ("bitsandbytes.optim.AdamW8bit", "adamw8bit")):
+        hv_train_network.main([*train, "--optimizer_type", optimizer])
+        assert f"(LoRA rank 4, {planned}," in capsys.readouterr().out
+    assert "--optimizer_type SGD is not one the planner models (adamw, adamw8bit, adafactor): its state is planned as AdamW's" in caplog.text
+    assert "AdamW8bit is not one" not in caplog.text

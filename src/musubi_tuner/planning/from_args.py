@@ -64,8 +64,9 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         split_attn=bool(get("split_attn", False)),
         attn_mode=_attention_mode(args, mode),
         img_in_txt_in_offloading=bool(get("img_in_txt_in_offloading", False)),
-        network_dim=int(get("network_dim", 32)) if train or lora_at_generation else 32,
-        optimizer_type=(get("optimizer_type", "") or "adamw").lower() if train else "adamw",
+        # (the trainer's --network_dim unset is rank 4, as the network is built: it was planned at 32)
+        network_dim=int(get("network_dim", 4 if train else 32)) if train or lora_at_generation else 32,
+        optimizer_type=_modelled_optimizer(get("optimizer_type", "") or "adamw") if train else "adamw",
         mixed_precision=get("mixed_precision", "bf16") if train else "bf16",
         dit_dtype=_short_dtype(get("dit_dtype", "bf16")),
         guidance_scale=guidance,
@@ -85,6 +86,20 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         cfg_parallel=generate and guidance != 1.0 and (bool(get("cfg_parallel", False))
                                                        or _launched_processes() == 2 * int(get("context_parallel", 1))),
     )
+
+
+def _modelled_optimizer(name: str) -> str:
+    """--optimizer_type as the planner models it: a module path by its class (bitsandbytes.optim.AdamW8bit is adamw8bit);
+    one it does not model is planned with AdamW's state, and said (the dry run refused SGD, which the run trains with,
+    and lost the rest of its checks: fuzz_af 11)."""
+    from musubi_tuner.planning.options import OPTIMIZERS
+
+    short = name.rsplit(".", 1)[-1].lower()
+    if short in OPTIMIZERS:
+        return short
+    logger.warning("--optimizer_type %s is not one the planner models (%s): its state is planned as AdamW's, two float32 "
+                   "values per LoRA parameter", name, ", ".join(OPTIMIZERS))
+    return "adamw"
 
 
 def _short_dtype(name: str) -> str:
