@@ -196,7 +196,7 @@ class LoRANetwork(nn.Module):
                                   **kwargs)
             self.add_module(name, module)
             self.unet_loras.append(module)
-            if verbose:
+            if verbose and logger.isEnabledFor(logging.INFO):  # (not on a meta-device stand-in, checked quietly)
                 logger.info("%s %s: rank %d, alpha %s", module_class.__name__, name, module.rank, module.alpha.item())
         if not self.unet_loras:
             why = "the LoRA file names none (or --lora_blocks keeps none)" if per_module is not None else "the include/exclude patterns leave no Linear layer"

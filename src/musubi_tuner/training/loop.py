@@ -269,14 +269,18 @@ def check_network_fits(args) -> None:
         return
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
-    dit_file = open_dit_file(args.dit)
-    try:
-        config = read_dit_config(dit_file)
-    finally:
-        dit_file.close()
-    with torch.device("meta"), quieted("musubi_tuner.networks", logging.ERROR):
-        network = make_network(args, HunyuanVideoDiT(config), lambda: {})
-    needed = LORA_BYTES_PER_PARAMETER * sum(p.numel() for p in network.parameters())
+    try:  # (a DiT file, or network options, the run refuses are said where the run says them, in its order: a launcher's
+        # problem first, say)
+        dit_file = open_dit_file(args.dit)
+        try:
+            config = read_dit_config(dit_file)
+        finally:
+            dit_file.close()
+        with torch.device("meta"), quieted("musubi_tuner.networks", logging.CRITICAL):
+            network = make_network(args, HunyuanVideoDiT(config), lambda: {})
+        needed = LORA_BYTES_PER_PARAMETER * sum(p.numel() for p in network.parameters())
+    except Exception:
+        return
     if torch.cuda.is_available():
         where, memory = "the GPU's", torch.cuda.get_device_properties(0).total_memory
     else:
