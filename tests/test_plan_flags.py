@@ -214,3 +214,16 @@ def test_the_trainers_dry_run_plans_an_optimizer_the_planner_does_not_model_with
         assert f"(LoRA rank 4, {planned}," in capsys.readouterr().out
     assert "--optimizer_type SGD is not one the planner models (adamw, adamw8bit, adafactor): its state is planned as AdamW's" in caplog.text
     assert "AdamW8bit is not one" not in caplog.text
+
+
+def test_plan_takes_a_gpu_name_in_any_case_and_refuses_speeds_no_hardware_has(capsys):
+    """fuzz_af 13: --gpu H100 was an invalid choice (the names are read lowercased); fuzz_ab 17: --tflops 1e-300 printed
+    times as 300-digit numbers of hours."""
+    from musubi_tuner.plan import main
+
+    main([*PLAN, "--gpu", "H100"])
+    assert "H100" in capsys.readouterr().out
+    for flag in ("--tflops", "--pcie_gbps", "--link_gbps"):
+        with pytest.raises(SystemExit) as e:
+            main([*PLAN, flag, "1e-300"])
+        assert e.value.code == 2 and f"error: {flag} 1e-300: must be between 0.1 and" in capsys.readouterr().err

@@ -75,13 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("budget and speed")
     g.add_argument("--vram_budget", default=None, help="e.g. 12G, 16G, 24G, 80G: find the fastest option set that fits")
-    g.add_argument("--gpu", choices=tuple(GPUS), default=None, help="throughput figures for the time estimate "
+    g.add_argument("--gpu", type=str.lower, choices=tuple(GPUS), default=None, help="throughput figures for the time estimate "
                    "(default rtx4090, or h100 for budgets above 24G)")
-    g.add_argument("--tflops", type=real(above=0), default=None, help="override: dense bf16 TFLOP/s")
+    g.add_argument("--tflops", type=real(0.1, 1e5, what=" (a GPU's dense bf16 TFLOP/s)"), default=None,
+                   help="override: dense bf16 TFLOP/s")
     g.add_argument("--utilisation", type=real(0.01, 1), default=None, help="share of peak FLOP/s reached "
                    "(default: calibrated per GPU and attention kernel from published times, docs/memory_planner.md)")
-    g.add_argument("--pcie_gbps", type=real(above=0), default=None, help="override: host-to-device GB/s from pinned memory")
-    g.add_argument("--link_gbps", type=real(above=0), default=None,
+    g.add_argument("--pcie_gbps", type=real(0.1, 1e4, what=" (a host-to-device link's GB/s)"), default=None,
+                   help="override: host-to-device GB/s from pinned memory")
+    g.add_argument("--link_gbps", type=real(0.1, 1e4, what=" (a link's GB/s)"), default=None,
                    help="override: GPU-to-GPU GB/s in one direction (NVLink; PCIe ~25), for --context_parallel")
     return p
 

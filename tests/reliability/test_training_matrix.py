@@ -540,6 +540,9 @@ CASES = [
     Case("train-adafactor-schedule-rate-not-a-number", "hv_train_network",  # (fuzz_ab 13: a traceback)
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "adafactor", "--lr_scheduler", "adafactor:abc"),
          r"--lr_scheduler adafactor:abc: adafactor:RATE takes a finite initial learning rate, at least 0"),
+    Case("train-validation-timesteps-past-the-schedule", "hv_train_network",  # (fuzz_ab 15: a silent stall before step 1)
+         lambda a, t: train_argv(a, t / "out", "--validation_timesteps", "20000"),
+         r"--validation_timesteps 20000: must be between 1 and 1000 \(the schedule has 1,000 noise levels"),
     Case("train-optimizer-args-wrong-type", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "SGD", "--optimizer_args", "momentum=fast"),
          r"--optimizer_args momentum=fast for SGD: ", then=before_the_model_loads),

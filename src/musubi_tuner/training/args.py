@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation loss every N steps (it is also computed before the first step and at every save)")
     g.add_argument("--validate_every_n_epochs", type=count(1), default=None, help="validation loss at the end of every N-th epoch")
     g.add_argument("--validation_seed", type=seed(64), default=0, help="seed of the validation noise (the same for every run by default)")
-    g.add_argument("--validation_timesteps", type=count(1), default=10,
+    g.add_argument("--validation_timesteps", type=count(1, 1000, " (the schedule has 1,000 noise levels: more measure nothing new)"), default=10,
                    help="noise levels the validation loss is measured at: the midpoints of N equal intervals of [0, 1]")
 
     g = p.add_argument_group("logging")
