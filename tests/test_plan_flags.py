@@ -133,25 +133,31 @@ def test_the_planner_holds_the_rank_to_the_trainer_s_bound(capsys):
         f"error: --network_dim {2**62}: must be between 1 and 1048576 (HunyuanVideo's layers are 3,072 wide")
 
 
+def trainer_dry_run_argv(tmp_path, general: str = "", dataset: str = "") -> list[str]:
+    """The trainer's --dry_run on the tiny DiT and a dataset config of `dataset`'s lines (an image folder by default)."""
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+
+    config = tiny_dit_config()
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n{general}\n[[datasets]]\n'
+                    + (dataset or f'image_directory = "{(tmp_path / "images").as_posix()}"\n'))
+    return ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
+            "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"]
+
+
 def test_a_batch_the_planner_cannot_trace_is_refused_by_the_planner_and_capped_in_the_trainer_s_dry_run(tmp_path, capsys, caplog):
     """A batch of 2**62 ended in 'out of host memory' (the trace holds an int per sample). plan.py refuses it as its
     flag; a dataset TOML's batch_size, which a real run takes (a batch holds at most one bucket's items), is planned
     at the planner's bound, with a warning."""
     from musubi_tuner import hv_train_network
-    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
     from musubi_tuner.plan import main
 
     with pytest.raises(SystemExit) as e:
         main([*PLAN, "--batch_size", str(2**62)])
     assert e.value.code == 2 and capsys.readouterr().err.strip().startswith(f"error: --batch_size {2**62}: must be between 1 and 65536")
 
-    config = tiny_dit_config()
-    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
-    toml = tmp_path / "dataset.toml"
-    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\nbatch_size = {2**62}\n\n'
-                    f'[[datasets]]\nimage_directory = "{(tmp_path / "images").as_posix()}"\n')
-    hv_train_network.main(["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
-                           "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"])
+    hv_train_network.main(trainer_dry_run_argv(tmp_path, general=f"batch_size = {2**62}\n"))
     assert "train at 64x64x1f, batch 65536," in capsys.readouterr().out
     assert f"batch_size {2**62:,} is planned as 65,536 samples, the most the planner plans" in caplog.text
 
@@ -160,15 +166,9 @@ def test_the_trainers_dry_run_plans_a_full_extraction_at_max_frames(tmp_path, ca
     """fuzz_af 6: frame_extraction = "full" (the whole video, at most max_frames) was planned at target_frames, which it
     does not read, 1 frame by default: 17.2 GB planned for a full-size step of 35.8 GB."""
     from musubi_tuner import hv_train_network
-    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 
-    config = tiny_dit_config()
-    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
-    toml = tmp_path / "dataset.toml"
-    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n\n[[datasets]]\nvideo_directory = '
-                    f'"{(tmp_path / "videos").as_posix()}"\nframe_extraction = "full"\nmax_frames = 31\n')
-    hv_train_network.main(["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
-                           "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"])
+    hv_train_network.main(trainer_dry_run_argv(tmp_path, dataset=f'video_directory = "{(tmp_path / "videos").as_posix()}"\n'
+                                                                 'frame_extraction = "full"\nmax_frames = 31\n'))
     assert "train at 64x64x29f, batch 1," in capsys.readouterr().out
 
 
@@ -177,19 +177,13 @@ def test_the_trainers_dry_run_plans_caching_tiled_and_both_dry_runs_end_1_when_n
     an untiled encode was planned, 39.7 GB where plan.py said 15.5. fuzz_af 2: a --dry_run --vram_budget that found
     nothing fitting ended 0 (plan.py ends 1)."""
     from musubi_tuner import hv_generate_video, hv_train_network
-    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 
-    config = tiny_dit_config()
-    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
-    toml = tmp_path / "dataset.toml"
-    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n\n[[datasets]]\nimage_directory = '
-                    f'"{(tmp_path / "images").as_posix()}"\n')
-    train = ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
-             "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"]
+    train = trainer_dry_run_argv(tmp_path)
+    dit = train[1]
     hv_train_network.main(train)
     assert "[cache_latents, --vae_tiling]" in capsys.readouterr().out
     for main, argv in ((hv_train_network.main, train),
-                       (hv_generate_video.main, ["--dit", str(dit), "--vae", str(dit), "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path),
+                       (hv_generate_video.main, ["--dit", dit, "--vae", dit, "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path),
                                                  "--prompt", "a cat", "--save_path", str(tmp_path / "v"), "--dry_run"])):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--vram_budget", "0.5G"])
@@ -200,15 +194,8 @@ def test_the_trainers_dry_run_plans_an_optimizer_the_planner_does_not_model_with
     """fuzz_af 11: --optimizer_type SGD (which the run trains with) ended the dry run with "the planner models adamw, ...",
     the rest of its checks lost; musubi-tuner's full name of a modelled one (bitsandbytes.optim.AdamW8bit) too."""
     from musubi_tuner import hv_train_network
-    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
 
-    config = tiny_dit_config()
-    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(config), config)
-    toml = tmp_path / "dataset.toml"
-    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n\n[[datasets]]\nimage_directory = '
-                    f'"{(tmp_path / "images").as_posix()}"\n')
-    train = ["--dit", str(dit), "--dataset_config", str(toml), "--sdpa", "--network_module", "networks.lora",
-             "--output_dir", str(tmp_path / "out"), "--output_name", "x", "--dry_run"]
+    train = trainer_dry_run_argv(tmp_path)
     for optimizer, planned in (("SGD", "adamw"), ("bitsandbytes.optim.AdamW8bit", "adamw8bit")):
         hv_train_network.main([*train, "--optimizer_type", optimizer])
         assert f"(LoRA rank 4, {planned}," in capsys.readouterr().out

@@ -49,14 +49,19 @@ def test_kohya_names_map_back_to_module_paths():
         kohya_to_module_path("lora_unet_input_blocks_1_1_proj_in")
 
 
-def test_round_trip_kohya_other_kohya_is_exact_in_effect(tmp_path, trained):
-    model, config, path = trained
-    cli = [sys.executable, "src/musubi_tuner/convert_lora.py"]
+def round_trip(path, tmp_path):
+    """convert_lora.py to the other naming and back, as a user types it: (the other file, the file back)."""
     other, back = tmp_path / "other.safetensors", tmp_path / "back.safetensors"
     for args in (["--input", str(path), "--output", str(other), "--target", "other"],
                  ["--input", str(other), "--output", str(back), "--target", "default"]):
-        r = subprocess.run(cli + args, cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "src/musubi_tuner/convert_lora.py", *args], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+    return other, back
+
+
+def test_round_trip_kohya_other_kohya_is_exact_in_effect(tmp_path, trained):
+    model, config, path = trained
+    other, back = round_trip(path, tmp_path)
     o, meta = read_lora_file(other)
     assert parse_lora(o).naming == "other" and meta["ss_network_dim"] == "4"
     assert "diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight" in o and not any(k.endswith("alpha") for k in o)
@@ -80,12 +85,7 @@ def test_round_trip_of_a_file_that_records_its_alphas_gives_back_the_file(tmp_pa
     modules = {kohya_to_module_path(k.removesuffix(".alpha")): (4, 3.0) for k in weights if k.endswith(".alpha")}
     recorded = tmp_path / "recorded.safetensors"
     save_lora(weights, recorded, {"ss_network_dim": "4", "ss_network_alpha": "3", **LoRAFileInfo(version="1", modules=modules).to_metadata()})
-    cli = [sys.executable, "src/musubi_tuner/convert_lora.py"]
-    other, back = tmp_path / "other.safetensors", tmp_path / "back.safetensors"
-    for args in (["--input", str(recorded), "--output", str(other), "--target", "other"],
-                 ["--input", str(other), "--output", str(back), "--target", "default"]):
-        r = subprocess.run(cli + args, cwd=ROOT, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+    _, back = round_trip(recorded, tmp_path)
     returned, meta = read_lora_file(back)
     assert returned.keys() == weights.keys() and meta["ss_network_alpha"] == "3"
     for key, tensor in weights.items():
