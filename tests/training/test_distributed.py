@@ -166,22 +166,29 @@ def _train_from_own_copy(rank, world, machines, argv) -> str:
     return "trained"
 
 
-@pytest.mark.parametrize("copy_differs", ["dataset", "dit"])
+@pytest.mark.parametrize("copy_differs", ["dataset", "dit", "sample_prompts"])
 def test_processes_reading_copies_that_differ_stop_before_training_naming_the_difference(assets, tmp_path, copy_differs):
     """A copy of the dataset with a cache missing on one machine: each process sharded its own item list (items
     trained twice or not at all, rc 0), or the process with fewer batches finished first and saved the final LoRA of a
     run that failed. A DiT that differs on one machine was mixed into every step."""
     import shutil
 
-    dit, per_replica, _, _ = assets
+    dit, per_replica, _, sampling = assets
     machines = [tmp_path / "machine0", tmp_path / "machine1"]
     for machine in machines:
         shutil.copytree(per_replica.parent, machine / "data")
         toml = machine / "data" / per_replica.name
         toml.write_text(toml.read_text().replace(per_replica.parent.as_posix(), (machine / "data").as_posix()))
         shutil.copy(dit, machine / "dit.pt")
+        shutil.copy(sampling[1], machine / "prompts.txt")
     gone = sorted((machines[1] / "data" / "cache").glob("*_hv.safetensors"))[0]
-    if copy_differs == "dataset":
+    extra = ()
+    if copy_differs == "sample_prompts":  # (fuzz_ae 1: a context-parallel run hung in silence at its first sample)
+        (machines[1] / "prompts.txt").write_text("a blue cube on grass --w 32 --h 32 --f 5 --d 7 --s 3\n")
+        extra = ("--sample_prompts", "prompts.txt", *sampling[2:])
+        expected = ("--sample_prompts differs between process 0 and process 1 (each reads its own machine's copy); give every "
+                    "process the same files")
+    elif copy_differs == "dataset":
         gone.unlink()
         expected = (f"the dataset differs between process 0 and process 1 (each reads its own machine's copy; process 1 has 1 "
                     f"cached items, process 0 2; not on process 1: {gone.name}); give every process the same files")
@@ -190,7 +197,7 @@ def test_processes_reading_copies_that_differ_stop_before_training_naming_the_di
         write_dit(machines[1] / "dit.pt", random_dit_state_dict(config, seed=1), config, "pt")
         expected = ("--dit differs between process 0 and process 1 (each reads its own machine's copy); give every process "
                     "the same files")
-    argv = train_args("dit.pt", Path("data") / per_replica.name, "out")
+    argv = train_args("dit.pt", Path("data") / per_replica.name, "out", *extra)
     assert run_group(2, _train_from_own_copy, machines, argv, launcher_env=True) == [expected, expected]
     assert not [p for machine in machines for p in (machine / "out").glob("*.safetensors")]
 

@@ -800,6 +800,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         lora.close()
     check_heads(dit_config.heads_num, args.context_parallel)
     check_same_inputs({"--dit": args.dit, "--network_weights": args.network_weights,
+                       # (each process of a sample's group reads its own prompt file: a prompt differing on one hung the
+                       # run in silence, or was a KeyError: fuzz_ae 1)
+                       "--sample_prompts": args.sample_prompts,
                        **{f"--base_weights {path}": path for path in args.base_weights or []}},
                       {"the dataset": data.fingerprint()}, lambda what: data.difference_between_processes())
     layout = make_layout(args.context_parallel)
