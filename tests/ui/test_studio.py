@@ -408,8 +408,10 @@ def test_a_job_folder_that_cannot_be_written_is_a_400_and_no_job_is_listed(tmp_p
 
 def test_a_workspace_the_studio_cannot_write_is_one_line_at_start(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match=r"--workspace .*file/ws: cannot write"):
-        Workspace(tmp_path / "file" / "ws")
+    # (a file, or a file on the way, is named as that: it was "cannot write (File exists)", fuzz_ac 12)
+    for given in (tmp_path / "file" / "ws", tmp_path / "file"):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'file'))}: is a file, not a folder; choose another --workspace$"):
+            Workspace(given)
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "jobs").write_text("x")
     with pytest.raises(UserError, match=r"ws/jobs: cannot make the jobs folder"):
@@ -941,6 +943,14 @@ def test_relative_paths_a_form_reads_are_the_workspaces_as_the_dataset_page_take
     shown = studio.post("/api/command/generate", json={"values": generate}, headers=STUDIO).json()["shown"]
     assert f"--dit {root / 'd.pt'} --vae /abs/v.pt" in shown
     assert f"--lora_weight {root / 'a.safetensors'} {root / 'b' / 'c.safetensors'}" in shown
+
+
+def test_a_folder_asked_of_files_is_named_as_a_folder(tmp_path):
+    """fuzz_ac 12: /files?path=demo said "no such file"."""
+    studio = client(tmp_path)
+    (tmp_path / "ws" / "sub").mkdir()
+    answer = studio.get("/files", params={"path": "sub"})
+    assert answer.status_code == 404 and answer.json()["error"].endswith("sub: a folder; the studio serves files")
 
 
 def test_an_upload_never_replaces_an_earlier_one_and_a_killed_ones_leftover_goes_at_the_next_start(tmp_path):

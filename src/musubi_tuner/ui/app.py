@@ -209,8 +209,9 @@ class Studio:
             found = path.is_file()
         except OSError as e:  # a name too long, say
             return JSONResponse({"error": f"{str(path)[:200]}: {e.strerror or e}"}, status_code=400)
-        if not found:
-            return JSONResponse({"error": f"{str(path)[:200]}: no such file"}, status_code=404)
+        if not found:  # (a folder was "no such file": fuzz_ac 12)
+            what = "a folder; the studio serves files" if path.is_dir() else "no such file"
+            return JSONResponse({"error": f"{str(path)[:200]}: {what}"}, status_code=404)
         # a workspace's .html or .svg (a downloaded dataset's, say) is shown as a file, never run as a page of the studio:
         # a script there could call the API from the studio's own origin
         return FileResponse(path, headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",

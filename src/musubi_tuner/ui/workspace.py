@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import atomic_write
+from musubi_tuner.files import atomic_write, require_writable_folder
 
 DEMO_MARKER = ".demo-complete"
 # The studio's demo: small enough that caching, a 1-epoch run with samples, and a video take a minute on a CPU.
@@ -19,14 +18,8 @@ DEMO_SAMPLE_PROMPT = "a red circle moving left on a black background --w 64 --h 
 
 class Workspace:
     def __init__(self, root: str | os.PathLike):
-        root = Path(root).expanduser()
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=root):  # unnamed where the system can (O_TMPFILE): a kill leaves nothing
-                pass
-        except OSError as e:
-            raise UserError(f"--workspace {root}: cannot write ({e.strerror or e}); choose a folder the studio may "
-                            f"write to") from None
+        # (as every command proves its output folder: a file given was "cannot write (File exists)": fuzz_ac 12)
+        root = require_writable_folder(Path(root).expanduser(), "--workspace")
         self.root = Path(os.path.realpath(root))
 
     def inside(self, value: str | os.PathLike) -> bool:
