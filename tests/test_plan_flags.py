@@ -214,3 +214,13 @@ def test_plan_takes_a_gpu_name_in_any_case_and_refuses_speeds_no_hardware_has(ca
         with pytest.raises(SystemExit) as e:
             main([*PLAN, flag, "1e-300"])
         assert e.value.code == 2 and f"error: {flag} 1e-300: must be between 0.1 and" in capsys.readouterr().err
+
+
+def test_a_size_plan_cannot_take_is_refused_naming_video_size(capsys):
+    """fuzz_af 13: "video size 540x960: height and width must be multiples of 16", no flag named (generation named it)."""
+    from musubi_tuner.plan import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--video_size", "540", "960", "--video_length", "9"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --video_size 540 960: height and width must be multiples of 16 (try 544 960)"

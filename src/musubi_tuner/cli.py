@@ -202,6 +202,17 @@ def pixels(value: str) -> int:
 pixels.__name__ = "size"
 
 
+def check_video_size(size) -> None:
+    """--video_size (height, width): multiples of 16 (8x VAE, then the DiT's 2x2 patches), or a UserError naming the flag
+    and the nearest sizes that are (plan's said only "video size 540x960": fuzz_af 13)."""
+    from musubi_tuner.errors import UserError
+
+    h, w = size
+    if h % 16 or w % 16 or h <= 0 or w <= 0:
+        nh, nw = (max(16, int(v / 16 + 0.5) * 16) for v in (h, w))
+        raise UserError(f"--video_size {h} {w}: height and width must be multiples of 16 (try {nh} {nw})")
+
+
 def text(value: str) -> str:
     """Text given on the command line: bytes that are not UTF-8 (which Python keeps as lone surrogates) are refused
     here, not by the tokenizer once the models have loaded."""

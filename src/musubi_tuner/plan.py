@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import logging
 
-from musubi_tuner.cli import Parser, count, frames_4n1, network_dim, path, pixels, real
+from musubi_tuner.cli import Parser, check_video_size, count, frames_4n1, network_dim, path, pixels, real
 from musubi_tuner.errors import run_cli
 
 logger = logging.getLogger("musubi_tuner.plan")
@@ -125,6 +125,7 @@ def main(argv=None) -> None:
 
         parser = build_parser()
         args = parser.parse_args(argv)
+        check_video_size(args.video_size)
         for line in flags_that_change_nothing(parser, args):
             logger.warning(line)
         result = dry_run(args, args.mode, video_size=tuple(args.video_size), frames=args.video_length, batch=args.batch_size,

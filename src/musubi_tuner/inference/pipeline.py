@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.cli import far_from_usual, resolve_device
+from musubi_tuner.cli import check_video_size, far_from_usual, resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError
 from musubi_tuner.files import files_within, require_file, require_present
@@ -120,10 +120,7 @@ def check_and_fill(args) -> None:
     if (args.video_length - 1) % 4:
         lower = (args.video_length - 1) // 4 * 4 + 1
         raise UserError(f"--video_length {args.video_length} is not 4N+1 (try {lower} or {lower + 4})")
-    h, w = args.video_size
-    if h % 16 or w % 16 or h <= 0 or w <= 0:  # 8x VAE, then the DiT's 2x2 patches
-        nh, nw = (max(16, int(v / 16 + 0.5) * 16) for v in (h, w))
-        raise UserError(f"--video_size {h} {w}: height and width must be multiples of 16 (try {nh} {nw})")
+    check_video_size(args.video_size)
     far = far_settings(args)
     if far:  # said before the work: a far value that does not overflow makes a video of noise without a word
         logger.warning(f"{far} of a NaN or noisy video")
