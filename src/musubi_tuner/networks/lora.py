@@ -413,7 +413,8 @@ def _number(text) -> float | None:
 def check_network_args(kwargs: dict, dit_config=None) -> None:
     """Before any model loads: every --network_args key is one this module reads, with a value it takes; given the
     DiT's config (its file's header), the include/exclude patterns are tried on its module names (`check_patterns`)."""
-    opts = _parse_network_args(kwargs, say=True)
+    opts = _parse_network_args(kwargs, say=dit_config is None)  # (the check before the DiT's config is known says what
+    # is ignored; the one with it, after, tries the patterns)
     if dit_config is not None:
         check_patterns(dit_config, opts.get("include_patterns", []), opts.get("exclude_patterns", []))
 

@@ -264,7 +264,7 @@ def check_network_fits(args) -> None:
     """Before any model loads: the network the flags build, its weights, gradients and optimizer state, fits in the
     memory it trains in (the GPU's, else the machine's). --network_dim 1048576 on the tiny DiT was killed by the kernel
     without a word (fuzz_ab 6); the flag's own bound is the widest layer any model has."""
-    module, _ = network_options(args)
+    module, _ = network_options(args, check=False)
     if args.dim_from_weights or not module.__name__.startswith("musubi_tuner."):
         return
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
@@ -308,7 +308,7 @@ def check_network_takes(args, weights: dict[str, torch.Tensor]) -> None:
 
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
-    module, _ = network_options(args)
+    module, _ = network_options(args, check=False)
     if not module.__name__.startswith("musubi_tuner."):
         return
     dit_file = open_dit_file(args.dit)
@@ -511,13 +511,14 @@ def load_frozen_dit(args, device: torch.device) -> HunyuanVideoDiT:
     return dit
 
 
-def network_options(args, dit_config=None):
+def network_options(args, dit_config=None, check: bool = True):
     """--network_module and its --network_args: the module, and the arguments it reads (checked, when it can say;
-    with the DiT's config, its include/exclude patterns too)."""
+    with the DiT's config, its include/exclude patterns too). `check` False: for a network built after check_args has
+    checked them (what they ignore was said once per build, four times a run)."""
     module = load_network_module(args.network_module)
     net_kwargs = parse_key_values(args.network_args, "--network_args")
     net_kwargs = {k: v if isinstance(v, str) else repr(v) if isinstance(v, (list, tuple)) else str(v) for k, v in net_kwargs.items()}
-    check = getattr(module, "check_network_args", None)
+    check = getattr(module, "check_network_args", None) if check else None
     if check is not None:
         check(dict(net_kwargs), *([dit_config] if dit_config is not None and not args.dim_from_weights else []))
     if dit_config is not None and args.dim_from_weights and {"include_patterns", "exclude_patterns"} & set(net_kwargs):
@@ -529,7 +530,7 @@ def network_options(args, dit_config=None):
 def make_network(args, dit: HunyuanVideoDiT, file_weights):
     """The network of --network_module on `dit`, not applied: of --network_dim and --network_args, or with
     --dim_from_weights of the modules of `file_weights()` (--network_weights' tensors)."""
-    module, net_kwargs = network_options(args)
+    module, net_kwargs = network_options(args, check=False)
     if args.dim_from_weights:
         return module.create_arch_network_from_weights(1.0, file_weights(), unet=dit, **net_kwargs)
     create = getattr(module, "create_arch_network", None) or getattr(module, "create_network")
