@@ -84,10 +84,9 @@ def far_settings(args) -> str | None:
 
 def _loraplus_ratio(args) -> float | None:
     """loraplus_lr_ratio of --network_args, or None (not given, or not a number: the network module refuses that)."""
-    values = dict(a.split("=", 1) for a in args.network_args or [] if "=" in a)
     try:
-        ratio = float(values["loraplus_lr_ratio"])
-    except (KeyError, ValueError):
+        ratio = float(parse_key_values(args.network_args, "--network_args")["loraplus_lr_ratio"])
+    except (UserError, KeyError, TypeError, ValueError):  # (a malformed one is refused with the other network options)
         return None
     return ratio if math.isfinite(ratio) else None
 

@@ -26,6 +26,7 @@ import torch
 from musubi_tuner.errors import SharedError, UserError, stops_held
 from musubi_tuner.files import (atomic_write, check_locks_still_held, content_digest, load_torch_file, output_target, remove_folder,
                                 save_safetensors, save_torch, what_to_check)
+from musubi_tuner.training.optimizers import parse_key_values
 
 logger = logging.getLogger(__name__)
 
@@ -175,16 +176,11 @@ def _network_as_read(network: dict) -> dict:
     without `verbose`, which only lists the modules (the same network was refused: fuzz_ad F8)."""
     if not isinstance(network, dict) or not isinstance(network.get("args"), list):
         return network
-    args = {}
-    for arg in network["args"]:
-        key, _, value = str(arg).partition("=")
-        if key.strip() == "verbose":
-            continue
-        try:
-            value = float(value)
-        except ValueError:
-            value = value.strip()
-        args[key.strip()] = value
+    try:
+        args = parse_key_values([str(a) for a in network["args"]], "--network_args")
+    except UserError:  # (a state's record this version cannot read: compared as recorded)
+        return network
+    args.pop("verbose", None)
     return {**network, "args": args}
 
 
