@@ -3,6 +3,7 @@ planning, checking a LoRA) runs in worker threads and commands run as child proc
 
 from __future__ import annotations
 
+import filecmp
 import itertools
 import json
 import logging
@@ -170,16 +171,6 @@ class _Chunks:
                 raise UserError("the page went away before the whole file had arrived; nothing was written") from None
 
 
-def _same_bytes(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            chunk_a, chunk_b = fa.read(1 << 20), fb.read(1 << 20)
-            if chunk_a != chunk_b:
-                return False
-            if not chunk_a:
-                return True
-
-
 class Studio:
     """The endpoints, over one workspace: its jobs (child processes), in-process tasks and run views."""
 
@@ -237,7 +228,7 @@ class Studio:
                 f.write(chunk)
         earlier_names = [f"{stem}{suffix}", *(f"{stem}-{i}{suffix}" for i in range(1, number))] if number else []
         for earlier in (target.with_name(n) for n in earlier_names):
-            if earlier.stat().st_size == target.stat().st_size and _same_bytes(earlier, target):
+            if filecmp.cmp(earlier, target, shallow=False):
                 target.unlink()
                 return {"path": str(earlier)}
         return {"path": str(target)}
