@@ -224,3 +224,94 @@ def test_a_size_plan_cannot_take_is_refused_naming_video_size(capsys):
         main(["--video_size", "540", "960", "--video_length", "9"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --video_size 540 960: height and width must be multiples of 16 (try 544 960)"
+
+
+def test_the_plan_refuses_the_swap_counts_and_kernels_the_run_refuses(tmp_path, capsys):
+    """fuzz_af 5: --blocks_to_swap 37 (training takes at most 36) was planned with a warning, 4 on a DiT that swaps at
+    most 3 planned by the dry run the run then refused, and the budget search proposed counts up to 38 whatever the
+    model. fuzz_af 7: --attn_mode sageattn (no backward) was planned for training."""
+    from musubi_tuner import hv_generate_video
+    from musubi_tuner.demo.tiny_dit import tiny_dit_config
+    from musubi_tuner.hunyuan.offload import swap_limit
+    from musubi_tuner.plan import main
+    from musubi_tuner.planning.options import MemoryOptions, Workload
+    from musubi_tuner.planning.planner import fit_budget
+    from musubi_tuner.planning.timing import gpu
+
+    for argv, message in (([*PLAN, "--blocks_to_swap", "37", "--gradient_checkpointing"],
+                           "--blocks_to_swap 37: must be between 0 and 36 for this model in training"),
+                          ([*PLAN, "--attn_mode", "sageattn"],
+                           "--attn_mode sageattn is for inference only (it has no backward): a training step takes sdpa, "
+                           "flash, flash3 or xformers")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}"
+    train = trainer_dry_run_argv(tmp_path)
+    dit = train[1]
+    with pytest.raises(SystemExit) as e:
+        hv_generate_video.main(["--dit", dit, "--vae", dit, "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path),
+                                "--prompt", "a cat", "--save_path", str(tmp_path / "v"), "--blocks_to_swap", "4", "--dry_run"])
+    assert e.value.code == 2 and "--blocks_to_swap 4: must be between 0 and 3 for this model" in capsys.readouterr().err
+    config = tiny_dit_config()
+    search = fit_budget(Workload(config, 64, 64, 9, mode="generate"), MemoryOptions(), 1e-3, gpu("h100"))
+    assert swap_limit(config) == 3 and max(c.options.blocks_to_swap for c in search.ruled_out) <= 3
+
+
+def test_the_plan_times_an_alias_as_its_kernel_and_an_unnamed_gpu_at_the_default_share(capsys):
+    """fuzz_af 7: --attn_mode torch (sdpa under another name) was timed 1.55x slower than sdpa on an H100. fuzz_af 8:
+    --tflops without --gpu took the share of peak of the card the budget implied, so one GPU's time changed 1.6x
+    between a 24G and a 25G budget, and the share was called learnt from published times."""
+    import re
+
+    from musubi_tuner.plan import main
+
+    def step_time(*flags):
+        main(["--mode", "generate", *flags])
+        out = capsys.readouterr().out
+        return re.search(r"time per denoising step on (.*): ([0-9.]+) s =", out).groups()
+
+    assert step_time("--gpu", "h100", "--attn_mode", "torch") == step_time("--gpu", "h100", "--attn_mode", "sdpa")
+    (label24, t24), (label25, t25) = step_time("--tflops", "100", "--vram_budget", "24G"), step_time("--tflops", "100", "--vram_budget", "25G")
+    assert t24 == t25 and "40% of it with sdpa attention, a default share: no published time is of this GPU" in label24
+
+
+def test_the_generation_plan_decodes_in_the_vae_dtype_given(capsys):
+    """fuzz_af 3: --vae_dtype float32 (the advice when float16 overflows) was planned as float16, half what it needs."""
+    import re
+
+    from musubi_tuner import hv_generate_video
+    from musubi_tuner.planning.from_args import options_from_args
+
+    def decode_gb(dtype):
+        main_args = ["--mode", "generate", "--video_size", "256", "256", "--video_length", "17", "--vae_dtype", dtype]
+        from musubi_tuner.plan import main
+
+        main(main_args)
+        return float(re.search(rf"VAE decode \(tiles of 256 px, {dtype}\) +([0-9.]+) GB", capsys.readouterr().out).group(1))
+
+    assert decode_gb("fp32") > 1.8 * decode_gb("fp16")
+    args = hv_generate_video.build_parser().parse_args([*GENERATE, "--vae_dtype", "float32"])
+    assert options_from_args(args, "generate").vae_dtype == "fp32"
+
+
+def test_the_plan_takes_the_lora_rank_from_the_files_that_decide_it(tmp_path, capsys):
+    """fuzz_af 4: --dim_from_weights was planned at --network_dim (4 unset), and generation's --lora_weight files beside
+    fp8 weights as one LoRA of rank 32; the files' ranks are planned (a file's companion copy once)."""
+    from musubi_tuner import hv_generate_video, hv_train_network
+    from musubi_tuner.networks.lora_files import lora_outputs, save_lora
+    from tests.helpers import tiny_dit_file_and_lora
+
+    paths = []
+    for rank in (8, 16):
+        folder = tmp_path / f"r{rank}"
+        folder.mkdir()
+        _, weights, _ = tiny_dit_file_and_lora(folder, rank=rank)
+        for output in lora_outputs(weights, folder / "x.safetensors", "both"):
+            save_lora(output.tensors, output.path, {})
+            paths.append(str(output.path))
+    train = trainer_dry_run_argv(tmp_path)
+    hv_train_network.main([*train, "--network_weights", paths[0], "--dim_from_weights"])
+    assert "(LoRA rank 8, adamw, bf16)" in capsys.readouterr().out
+    hv_generate_video.main(["--dit", train[1], "--vae", train[1], "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path),
+                            "--prompt", "a cat", "--save_path", str(tmp_path / "v"), "--fp8", "--lora_weight", *paths, "--dry_run"])
+    assert "options: --fp8  (LoRAs of rank 24 in all beside the fp8 weights)" in capsys.readouterr().out

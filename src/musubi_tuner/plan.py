@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on, and generation always tiles")
     g.add_argument("--vae_spatial_tile_sample_min_size", type=pixels, default=None, help="VAE tile size in pixels")
     g.add_argument("--vae_chunk_size", type=count(1), default=None, help="generation: the VAE decode's causal convolution chunk")
+    g.add_argument("--vae_dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="generation: the VAE decode's dtype")
     g.add_argument("--context_parallel", type=count(1), default=1, help="N processes share each sample's tokens: memory and time per GPU")
     g.add_argument("--cfg_parallel", action="store_true", help="generation with --guidance_scale other than 1 on 2N processes, one prompt each")
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from musubi_tuner.errors import UserError
 
 ATTENTION_MODES = ("sdpa", "torch", "flash", "flash3", "sageattn", "xformers")
+ALIASES = {"torch": "sdpa"}  # names that run another mode's kernel
+INFERENCE_ONLY = ("sageattn",)  # kernels with no backward: training refuses them
 _PACKAGES = {"flash": "flash_attn", "flash3": "flash_attn_interface", "sageattn": "sageattention", "xformers": "xformers.ops"}
 
 
@@ -23,8 +25,7 @@ def check_attention_mode(mode: str) -> str:
     """Normalise the mode name ('torch' is an alias of 'sdpa') and import its package, or say which to install."""
     if mode not in ATTENTION_MODES:
         raise UserError(f"attention mode {mode!r} is unknown; choose one of {', '.join(ATTENTION_MODES)}")
-    if mode == "torch":
-        mode = "sdpa"
+    mode = ALIASES.get(mode, mode)
     if mode in _PACKAGES:
         try:
             importlib.import_module(_PACKAGES[mode])

@@ -83,6 +83,12 @@ class CopyStream:
         return event
 
 
+def swap_limit(config, max_blocks: int = MAX_BLOCKS_TO_SWAP_INFERENCE) -> int:
+    """The most blocks a DiT of `config` can swap (all double blocks but one, the single blocks they weigh), at most
+    `max_blocks` (a training run's MAX_BLOCKS_TO_SWAP_TRAINING, a generation's MAX_BLOCKS_TO_SWAP_INFERENCE)."""
+    return min(max_blocks, (config.mm_double_blocks_depth - 1) * 2 + 1)
+
+
 def split_blocks_to_swap(n: int, double_depth: int, single_depth: int) -> tuple[int, int]:
     """How many double and single blocks N swaps: a double block weighs about two single blocks (musubi-tuner's split)."""
     double = n // 2
@@ -104,7 +110,7 @@ class BlockSwap(BlockHooks):
                  use_pinned_memory: bool = False, max_blocks: int = MAX_BLOCKS_TO_SWAP_INFERENCE,
                  copy_stream: CopyStream | None = None):
         c = model.config
-        limit = min(max_blocks, (c.mm_double_blocks_depth - 1) * 2 + 1)
+        limit = swap_limit(c, max_blocks)
         if not 0 < blocks_to_swap <= limit:
             raise UserError(f"--blocks_to_swap {blocks_to_swap}: must be between 1 and {limit} for this model")
         self.device = torch.device(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 from musubi_tuner.errors import UserError
@@ -65,10 +66,10 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         attn_mode=_attention_mode(args, mode),
         img_in_txt_in_offloading=bool(get("img_in_txt_in_offloading", False)),
         # (the trainer's --network_dim unset is rank 4, as the network is built: it was planned at 32)
-        network_dim=int(get("network_dim", 4 if train else 32)) if train or lora_at_generation else 32,
+        network_dim=_planned_rank(args, train, lora_at_generation),
         optimizer_type=_modelled_optimizer(get("optimizer_type", "") or "adamw") if train else "adamw",
         mixed_precision=get("mixed_precision", "bf16") if train else "bf16",
-        dit_dtype=_short_dtype(get("dit_dtype", "bf16")),
+        dit_dtype=_short_dtype(get("dit_dtype", "bf16"), "--dit_dtype"),
         guidance_scale=guidance,
         split_uncond=guidance != 1.0 and (bool(get("split_uncond", False)) or bool(get("split_attn", False))),
         lora_at_generation=lora_at_generation,
@@ -82,10 +83,32 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         vae_tiling=bool(get("cache_vae_tiling", True)) or generate or get("vae_spatial_tile_sample_min_size") is not None,
         vae_spatial_tile_sample_min_size=int(get("vae_spatial_tile_sample_min_size", 256)),
         vae_chunk_size=get("vae_chunk_size", None) if generate else None,
+        vae_dtype=_short_dtype(get("vae_dtype", "float16"), "--vae_dtype") if generate else "fp16",
         context_parallel=int(get("context_parallel", 1)),
         cfg_parallel=generate and guidance != 1.0 and (bool(get("cfg_parallel", False))
                                                        or _launched_processes() == 2 * int(get("context_parallel", 1))),
     )
+
+
+def _planned_rank(args, train: bool, lora_at_generation: bool) -> int:
+    """The LoRA rank planned: --network_dim (the trainer's unset is 4, as the network is built), or the files' where they
+    decide it: --dim_from_weights' file, and generation's --lora_weight files beside fp8 weights, each adding its own
+    factors (fuzz_af 4: a rank-64 file was planned at rank 4, two files at 32). A file's largest rank is planned for
+    all its modules."""
+    files = ([args.network_weights] if train and getattr(args, "dim_from_weights", False) and getattr(args, "network_weights", None)
+             else list(getattr(args, "lora_weight", None) or []) if lora_at_generation else [])
+    if files:
+        from musubi_tuner.networks.lora_files import companion_copies
+        from musubi_tuner.networks.lora_reader import read_lora_contents
+
+        copies = companion_copies(files)  # (a LoRA and its .comfyui copy are applied once)
+        ranks = [max((p.down.shape[0] for p in read_lora_contents(f).patches if p.down is not None), default=0)
+                 for f in dict.fromkeys(map(Path, files)) if f not in copies]
+        if sum(ranks):
+            return sum(ranks)
+    if train or lora_at_generation:
+        return int(getattr(args, "network_dim", None) or (4 if train else 32))
+    return 32
 
 
 def _modelled_optimizer(name: str) -> str:
@@ -102,23 +125,26 @@ def _modelled_optimizer(name: str) -> str:
     return "adamw"
 
 
-def _short_dtype(name: str) -> str:
-    """--dit_dtype as the planner names it: float32, fp32 and torch.float32 alike (float32 was a KeyError)."""
+def _short_dtype(name, flag: str) -> str:
+    """--dit_dtype / --vae_dtype as the planner names it: float32, fp32 and torch.float32 alike (float32 was a KeyError)."""
     import torch
 
     from musubi_tuner.dtypes import str_to_dtype
 
-    dtype = str_to_dtype(name, torch.bfloat16, "--dit_dtype")
+    dtype = str_to_dtype(name, torch.bfloat16, flag)
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     if dtype not in names:
-        raise UserError(f"--dit_dtype {name}: the DiT computes in bf16, fp16 or fp32")
+        raise UserError(f"{flag} {name}: the planner plans bf16, fp16 or fp32")
     return names[dtype]
 
 
 def _attention_mode(args, mode: str) -> str:
     """hv_generate_video's --attn_mode; hv_train_network's --sdpa / --flash_attn / --xformers / --flash3 flags."""
+    from musubi_tuner.hunyuan.attention import ALIASES
+
     if mode == "generate" or getattr(args, "attn_mode", None):
-        return getattr(args, "attn_mode", None) or "sdpa"
+        name = getattr(args, "attn_mode", None) or "sdpa"
+        return ALIASES.get(name, name)  # timed as the kernel it runs ('torch' was priced 1.55x slower than sdpa)
     for flag, name in (("flash_attn", "flash"), ("xformers", "xformers"), ("flash3", "flash3")):
         if getattr(args, flag, False) and not getattr(args, "sdpa", False):
             return name
@@ -169,6 +195,8 @@ def device_from_args(args, budget_gb: float | None) -> GPU:
         changes["bf16_tflops"] = float(args.tflops)
         changes["name"] = (f"{device.name} at {args.tflops:g} TFLOP/s" if name else
                            f"a GPU of {args.tflops:g} TFLOP/s (memory and PCIe figures of an {device.name}: give --gpu)")
+        if not name:  # no card's published times calibrate it: the default share, not the assumed card's (fuzz_af 8)
+            changes["key"] = ""
     if getattr(args, "pcie_gbps", None):
         changes["pcie_pinned_gbps"] = float(args.pcie_gbps)
         changes["pcie_pageable_gbps"] = float(args.pcie_gbps) / 2

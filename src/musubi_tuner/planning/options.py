@@ -89,6 +89,7 @@ class MemoryOptions:
     vae_tiling: bool = True  # hv_generate_video always tiles; cache_latents only with --vae_tiling
     vae_spatial_tile_sample_min_size: int = 256
     vae_chunk_size: int | None = None
+    vae_dtype: str = "fp16"  # generation's --vae_dtype (the decode); cache_latents encodes in its default, float16
     # several processes
     context_parallel: int = 1  # --context_parallel N: each GPU holds 1/N of every sample's tokens
     cfg_parallel: bool = False  # generation with real CFG on 2N processes: each runs one of the two prompts
@@ -108,6 +109,10 @@ class MemoryOptions:
     @property
     def act_bytes(self) -> int:
         return PRECISIONS[self.mixed_precision]
+
+    @property
+    def vae_bytes(self) -> int:
+        return {"bf16": 2, "fp16": 2, "fp32": 4}[self.vae_dtype]
 
     @property
     def weight_bytes(self) -> int:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from musubi_tuner.hunyuan.cost import block_flops, forward_flops, lora_forward_flops, train_step_flops
-from musubi_tuner.hunyuan.offload import swapped_block_keys
+from musubi_tuner.errors import UserError
+from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_INFERENCE, MAX_BLOCKS_TO_SWAP_TRAINING, swap_limit, swapped_block_keys
 from musubi_tuner.planning import encoders, vae
 from musubi_tuner.planning.dit_trace import dit_peak, traced_step
 from musubi_tuner.planning.options import MemoryOptions, Workload
@@ -88,6 +89,7 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | 
          include_encoders: bool = True) -> Plan:
     """Memory per stage and time per step of running `work` with `opts` on `device` (at `utilisation` of its peak;
     None: calibrated for the GPU and attention kernel)."""
+    _check_runs(work, opts)
     if utilisation is None:
         utilisation = calibrated_utilisation(work, opts, device)
     warnings = _warnings(work, opts)
@@ -106,8 +108,8 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | 
     else:
         stages.append(Stage.of_dit("DiT denoising step", work, opts))
         if include_encoders:
-            stages.append(Stage.from_peak(f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px)", vae.vae_decode_peak(
-                work.frames, work.height, work.width, opts.vae_spatial_tile_sample_min_size, chunk_size=opts.vae_chunk_size)))
+            stages.append(Stage.from_peak(f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px, {opts.vae_dtype})", vae.vae_decode_peak(
+                work.frames, work.height, work.width, opts.vae_spatial_tile_sample_min_size, opts.vae_bytes, opts.vae_chunk_size)))
     flops, note = step_flops(work, opts)
     time = step_time(work, opts, device, utilisation)
     return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, utilisation=utilisation,
@@ -223,14 +225,30 @@ def _layout_words(opts: MemoryOptions) -> str:
     return ", ".join(parts)
 
 
+def _check_runs(work: Workload, opts: MemoryOptions) -> None:
+    """Refuse what the command would refuse (a dry run that passes means the run starts): a swap count past the
+    model's limit, a kernel without a backward in training."""
+    from musubi_tuner.hunyuan.attention import INFERENCE_ONLY
+
+    limit = max_blocks_to_swap(work)
+    if opts.blocks_to_swap > limit:
+        raise UserError(f"--blocks_to_swap {opts.blocks_to_swap}: must be between 0 and {limit} for this model"
+                        + (" in training" if work.mode == "train" else ""))
+    if work.mode == "train" and opts.attn_mode in INFERENCE_ONLY:
+        raise UserError(f"--attn_mode {opts.attn_mode} is for inference only (it has no backward): a training step "
+                        "takes sdpa, flash, flash3 or xformers")
+
+
+def max_blocks_to_swap(work: Workload) -> int:
+    return swap_limit(work.config, MAX_BLOCKS_TO_SWAP_TRAINING if work.mode == "train" else MAX_BLOCKS_TO_SWAP_INFERENCE)
+
+
 def _warnings(work: Workload, opts: MemoryOptions) -> list[str]:
     out = []
     if work.mode == "train" and opts.blocks_to_swap and not opts.gradient_checkpointing:
         out.append("--blocks_to_swap without --gradient_checkpointing saves little GPU memory in training: autograd keeps "
                    "every swapped block's on-device weights until backward (all but the modulation layers'). "
                    "Add --gradient_checkpointing.")
-    if work.mode == "train" and opts.blocks_to_swap > 36:
-        out.append(f"--blocks_to_swap {opts.blocks_to_swap}: training swaps at most 36 blocks")
     if opts.split_attn and work.batch == 1 and opts.cfg_batch == 1 and work.text_lengths is None:
         out.append("--split_attn changes nothing here: one sample per call and no padding to skip")
     return out
@@ -264,7 +282,8 @@ def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GP
     choices (LoRA rank, optimizer, precision) stay as given.
     """
     budget = budget_gb * GB
-    max_swap = 36 if work.mode == "train" else 38
+    _check_runs(work, base)
+    max_swap = max_blocks_to_swap(work)
     sets = []
     swaps = [n for n in (0, *range(4, max_swap + 1, 4), max_swap, base.blocks_to_swap) if n >= base.blocks_to_swap]
     for fp8 in [f for f in ((False, True) if allow_fp8 else (False,)) if f >= base.fp8]:
@@ -306,7 +325,7 @@ def _fit_encoders(work: Workload, base: MemoryOptions, budget: float) -> MemoryO
     for tile in (256, 192, 160, 128, 96, 64):
         opts = opts.replace(vae_spatial_tile_sample_min_size=tile)
         if work.mode == "generate":
-            peak = vae.vae_decode_peak(work.frames, work.height, work.width, tile, chunk_size=base.vae_chunk_size)
+            peak = vae.vae_decode_peak(work.frames, work.height, work.width, tile, base.vae_bytes, base.vae_chunk_size)
         else:
             peak = vae.vae_encode_peak(work.frames, work.height, work.width, 1, tile)
         if Stage.from_peak("", peak).needed <= budget:

@@ -30,7 +30,8 @@ def format_plan(plan: Plan) -> str:
     train = w.mode == "train"
     lines = [
         f"{describe_model(plan)}; {w.mode} at {w.describe()}",
-        f"options: {o.flags(w.mode)}" + (f"  (LoRA rank {o.network_dim}, {o.optimizer_type}, {o.mixed_precision})" if train else ""),
+        f"options: {o.flags(w.mode)}" + (f"  (LoRA rank {o.network_dim}, {o.optimizer_type}, {o.mixed_precision})" if train
+                                         else f"  (LoRAs of rank {o.network_dim} in all beside the fp8 weights)" if o.lora_at_generation else ""),
         "",
         f"{'stage':<58} {'GPU peak':>10} {'host':>9}  peak during",
     ]
@@ -124,6 +125,8 @@ def how_utilisation(plan: Plan) -> str:
     """Where the share of peak came from: the calibration for this GPU and kernel, or the user."""
     if plan.utilisation != calibrated_utilisation(plan.workload, plan.options, plan.gpu):
         return "as given"
+    if not plan.gpu.key:
+        return f"with {plan.options.attn_mode} attention, a default share: no published time is of this GPU (give --gpu or --utilisation)"
     ours = plan.options.attn_mode == "sdpa" and plan.gpu.key in HOPPER
     source = "published times" + (" and our steps timed on an H200" if ours else "")
     return f"with {plan.options.attn_mode} attention, learnt from {source}: docs/memory_planner.md"
