@@ -284,3 +284,20 @@ def test_waiting_for_process_0_s_samples_is_not_bounded_by_the_hang_timeout():
     """A training sample longer than --ddp_timeout killed a healthy run: 'one of them is stuck'."""
     first, second = run_group(2, _wait_while_process_0_works, 5)
     assert second["hasty"] != "returned"  # the collective timeout would have ended the run here
+
+
+@pytest.mark.parametrize("command", ["cache_latents.py", "cache_text_encoder_outputs.py"])
+def test_a_caching_command_under_a_launcher_is_refused_once_before_it_reads_anything(tmp_path, command):
+    """fuzz_ae 5: with the training's `accelerate launch --multi_gpu` prefix each process cached every item and the
+    second was refused the cache folder's lock as "another caching run", one the user had not started; process 0 was
+    then stopped half-way. The processes stop at once, process 0 saying why."""
+    from helpers import free_port
+
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), f"src/musubi_tuner/{command}", "--dataset_config", str(tmp_path / "missing.toml"),
+                           *(["--text_encoder1", "te1", "--text_encoder2", "te2"] if "text" in command else [])],
+                          cwd=ROOT, env=dict(os.environ, ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    printed = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert printed == [f"error: {command} runs in one process (2 were started): run it without accelerate launch or torchrun"], \
+        done.stderr[-3000:]

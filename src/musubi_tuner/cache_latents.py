@@ -21,7 +21,7 @@ import os
 
 
 from musubi_tuner.cli import Parser, compute_dtype, count, path, pixels, resolve_device
-from musubi_tuner.errors import UserError, run_cli
+from musubi_tuner.errors import UserError, require_one_process, run_cli
 from musubi_tuner.files import require_present
 
 logger = logging.getLogger("cache_latents")
@@ -111,6 +111,7 @@ def main(argv=None) -> None:
         import torch
 
         args = build_parser().parse_args(argv)
+        require_one_process("cache_latents.py")
         from musubi_tuner.data.config import load_dataset_config
 
         config = load_dataset_config(args.dataset_config, args)

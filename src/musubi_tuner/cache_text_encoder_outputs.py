@@ -21,7 +21,7 @@ import os
 
 
 from musubi_tuner.cli import Parser, compute_dtype, count, path, resolve_device
-from musubi_tuner.errors import run_cli
+from musubi_tuner.errors import require_one_process, run_cli
 from musubi_tuner.files import require_present
 
 logger = logging.getLogger("cache_text_encoder_outputs")
@@ -97,6 +97,7 @@ def main(argv=None) -> None:
         import torch
 
         args = build_parser().parse_args(argv)
+        require_one_process("cache_text_encoder_outputs.py")
         from musubi_tuner.data.config import load_dataset_config
         from musubi_tuner.data.items import (CacheReport, caption_items, require_some_cached, stale_text_caches, text_encoding_todo,
                                              tidy_cache_directory)

@@ -396,6 +396,14 @@ def launched() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def require_one_process(command: str) -> None:
+    """A command that runs in one process, refused under a launcher of several (the caching commands: each process
+    cached every item, the second refused the cache folders' lock as "another run", which the user had not started)."""
+    world = launched()[1]
+    if world > 1:
+        raise SharedError(f"{command} runs in one process ({world} were started): run it without accelerate launch or torchrun")
+
+
 def printable(text: str) -> str:
     """`text` with what a terminal acts on or hides written as escapes, as repr writes them: a newline or carriage return
     in a file's name made one error or summary entry look like two, and a downloaded LoRA's metadata could clear the
