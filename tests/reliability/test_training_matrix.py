@@ -100,6 +100,15 @@ def resumed_into_the_folder(a, tmp, err, out):
     assert (tmp / "out" / "sub" / "tiny.safetensors").is_file()
 
 
+def _half_written_state(out: Path) -> Path:
+    """What a run killed while it saved its step-3 state leaves in `out` (training.state writes a state under
+    `.incomplete` and renames it when whole): the folder, its LoRA cut short. Returns `out`."""
+    folder = out / "tiny-step00000003-state.incomplete"
+    folder.mkdir()
+    (folder / "network.safetensors").write_bytes((out / "tiny.safetensors").read_bytes()[:100])
+    return out
+
+
 def before_the_model_loads(a, tmp, err, out):
     assert "modules on the DiT" not in err, "the LoRA was built: the model had loaded before the error"
 
@@ -690,6 +699,9 @@ CASES = [
          r"state\); free some space or choose another --output_dir", small_disk=("out", 16_384)),
     Case("train-resume-a-finished-run", "hv_train_network", lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto"),
          None, warning=r"tiny-state is at step 2 of 2: nothing left to train, nothing written", keep=outputs_of("out")),
+    Case("train-resume-a-finished-run-removes-a-state-a-kill-left-half-written", "hv_train_network",
+         lambda a, t: train_argv(a, _half_written_state(trained_before(a, t)), "--resume", "auto"), None,
+         warning=r"tiny-state is at step 2 of 2: nothing left to train, nothing written"),  # (leftovers() finds the folder)
     Case("train-resume-auto-leaves-another-names-state", "hv_train_network",
          lambda a, t: [*train_argv(a, trained_before(a, t))[:-2], "--output_name", "other", "--resume", "auto"], None,
          warning=r"--resume auto: no saved state of other in \S+, starting fresh \(states of other names there: tiny-state;",

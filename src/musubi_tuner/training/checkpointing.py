@@ -100,6 +100,27 @@ def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format
 
 
 
+def remove_run_leftovers(out: Path, name: str) -> None:
+    """What a killed run of --output_name `name` left in `out`, never complete, so never worth keeping: temporary files
+    of the names it writes (only where their writer is gone: another command, a merge or post-hoc EMA, may be writing
+    its own output into this folder now), half-written states, and replaced states' copies. Removed by the next run of
+    that name, whether it trains or finds nothing left to train (a resume of a finished run kept them: fuzz_ae 9)."""
+    escaped = re.escape(name)
+    states = re.compile(rf"{escaped}(?:-step\d+|-\d+)?-state")
+    written = re.compile(rf"{lora_file_names(name).pattern}|{escaped}-loss\.(?:csv|png)"
+                         rf"|{states.pattern}(?:\.old|\.incomplete)?")  # (states being deleted: files.remove_folder)
+    remove_leftover_temp_files(out, written.fullmatch, folders=True)
+    for path in sorted(out.glob(f"{glob.escape(name)}*-state.*")):
+        stem, _, suffix = path.name.rpartition(".")
+        if not states.fullmatch(stem) or suffix not in ("incomplete", "old") or path.is_symlink() or not path.is_dir():
+            continue
+        if suffix == "old" and not path.with_suffix("").is_dir():
+            continue  # a kill between the renames left only this copy (see state.newest_state)
+        remove_folder(path)
+        logger.info("removed %s (left by an interrupted run)", path)
+    remove_leftover_temp_files(out / "sample", lambda target: target.startswith(name + "_"))  # samples, grids
+
+
 class CheckpointSaver:
     def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, batches_per_epoch: int,
                  max_train_steps: int, num_epochs: int, scheduler, optimizer, run: dict | None = None, hub=None):
@@ -122,7 +143,7 @@ class CheckpointSaver:
 
         self.losses = LossHistory(self.out / f"{self.name}-loss.csv")
         if accelerator.is_main_process:
-            self._remove_leftovers()
+            remove_run_leftovers(self.out, self.name)
         started = time.time()
         self.spec = modelspec(args, started)
         self.metadata = training_metadata(
@@ -308,25 +329,6 @@ class CheckpointSaver:
                            "writes under the same names and leaves the others. To continue that run, use --resume auto; "
                            "to keep both, another --output_name", self.out, len(found), self.name, ", ".join(found[:3]),
                            ", ..." if len(found) > 3 else "")
-
-    def _remove_leftovers(self) -> None:
-        """What a killed run of this --output_name left, never complete, so never worth keeping: temporary files of
-        the names it writes (only where their writer is gone: another command, a merge or post-hoc EMA, may be
-        writing its own output into this folder now), half-written states, and replaced states' copies."""
-        name = re.escape(self.name)
-        states = re.compile(rf"{name}(?:-step\d+|-\d+)?-state")
-        written = re.compile(rf"{lora_file_names(self.name).pattern}|{name}-loss\.(?:csv|png)"
-                             rf"|{states.pattern}(?:\.old|\.incomplete)?")  # (states being deleted: files.remove_folder)
-        remove_leftover_temp_files(self.out, written.fullmatch, folders=True)
-        for path in sorted(self.out.glob(f"{glob.escape(self.name)}*-state.*")):
-            stem, _, suffix = path.name.rpartition(".")
-            if not states.fullmatch(stem) or suffix not in ("incomplete", "old") or path.is_symlink() or not path.is_dir():
-                continue
-            if suffix == "old" and not path.with_suffix("").is_dir():
-                continue  # a kill between the renames left only this copy (see state.newest_state)
-            remove_folder(path)
-            logger.info("removed %s (left by an interrupted run)", path)
-        remove_leftover_temp_files(self.out / "sample", lambda target: target.startswith(self.name + "_"))  # samples, grids
 
     # -- keeping the last N (musubi-tuner's arithmetic for which save leaves the window)
     def _prune_epochs(self, epoch: int) -> None:

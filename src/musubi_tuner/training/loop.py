@@ -867,6 +867,10 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     if progress.global_step > total_steps or finishing and ran_to_the_end(args, total_steps):  # a step would pass the end
         logger.warning("%s is at step %d of %d: nothing left to train, nothing written (raise --max_train_steps or "
                        "--max_train_epochs to train on)", resume_from, progress.global_step, total_steps)
+        if accelerator.is_main_process:
+            from musubi_tuner.training.checkpointing import remove_run_leftovers
+
+            remove_run_leftovers(Path(args.output_dir), args.output_name)
         accelerator.end_training()
         return None
     if finishing:
