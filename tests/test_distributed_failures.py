@@ -301,3 +301,49 @@ def test_a_caching_command_under_a_launcher_is_refused_once_before_it_reads_anyt
     printed = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert printed == [f"error: {command} runs in one process (2 were started): run it without accelerate launch or torchrun"], \
         done.stderr[-3000:]
+
+
+PROCESS_0_DIES_DURING_ITS_WORK = r'''
+import os, signal, sys, time
+from pathlib import Path
+import torch
+from musubi_tuner import distributed
+from musubi_tuner.errors import run_cli
+
+here = Path(sys.argv[1])
+
+def run(argv):
+    distributed.join_launched_group(torch.device("cpu"))
+    (here / f"pid{distributed.rank()}").write_text(str(os.getpid()))
+    if distributed.rank() == 0:
+        if os.fork() == 0:  # a data-loader worker: a copy of the process, its connections to the others open
+            while not (here / "pid1").exists():
+                time.sleep(0.05)
+            deadline = time.time() + 120  # it ends when process 0's parent notices: here, when process 1 has gone
+            while time.time() < deadline and os.path.exists(f"/proc/{(here / 'pid1').read_text()}"):
+                time.sleep(0.05)
+            os._exit(0)
+        time.sleep(1)  # (process 1 waits meanwhile)
+        os.kill(os.getpid(), signal.SIGKILL)  # killed during its sample or save
+    distributed.patient_wait()
+
+run_cli(run, [])
+'''
+
+
+def test_a_process_waiting_for_process_0_that_died_stops_at_the_launchers_sigterm_with_its_line(tmp_path):
+    """fuzz_ae 2: process 0 killed during its sample (its data-loader workers keeping its connections open), the others
+    sat in the barrier of their patient wait, where the launcher's SIGTERM was not handled: killed 30 s later (exit
+    -9), without a line. They end at the SIGTERM, saying why they stopped."""
+    from helpers import free_port
+
+    script = tmp_path / "run.py"
+    script.write_text(PROCESS_0_DIES_DURING_ITS_WORK)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT / "src"))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "terminated while waiting for another process's work (a process that failed says why above)" in done.stderr, \
+        done.stderr[-3000:]
+    assert "exitcode  : 143" in done.stderr and "forcefully exiting via 9" not in done.stderr, done.stderr[-3000:]

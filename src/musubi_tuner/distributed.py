@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from musubi_tuner.errors import SharedError, UserError, launched
+from musubi_tuner.errors import SharedError, Terminated, UserError, exit_without_finalising, launched
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
 
 logger = logging.getLogger(__name__)
@@ -225,8 +226,16 @@ def join_launched_group(device: torch.device) -> torch.device:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    check_same_command_line()
+    after_joining()
     return device
+
+
+def after_joining() -> None:
+    """What every process of a run does once it has joined the group, together: the command lines compared, and the
+    group of the patient waits made now (made at the first wait, a process 0 that died before it left the others in
+    its rendezvous, where no signal reaches them)."""
+    check_same_command_line()
+    _patient()
 
 
 def check_same_command_line(argv: list[str] | None = None) -> None:
@@ -275,6 +284,7 @@ def check_same_inputs(files: dict[str, str | None], extra: dict[str, str] | None
 
 PATIENT_HOURS = 24  # the wait for work only some processes do: far past any sample or save, short of forever
 _patient_group = None
+_waits_abandoned = False  # a stop came during a patient wait: its thread never ends
 
 
 def patient_wait() -> None:
@@ -282,14 +292,35 @@ def patient_wait() -> None:
     timeout, which is for a process that hangs. A sample longer than --ddp_timeout (30 minutes with gloo, 10 with NCCL:
     one 720p sample takes 18 on an H100) killed a healthy run as 'stuck'. A process that dies still ends the wait at
     once (its connection closes). Every process must call it at the same points (the first makes the group)."""
+    group = _patient()
+    if group is None:
+        return
+    # waited for here, in Python, not inside the barrier: a launcher's SIGTERM (sent when another process failed) was
+    # not handled there, the process was killed 30 s later without a word (a process 0 whose save failed, or whose
+    # data-loader workers kept its connections open when it was killed: fuzz_ae 2)
+    work = dist.barrier(group=group, async_op=True)
+    try:
+        while not work.is_completed():
+            time.sleep(0.02)
+    except Terminated as stop:
+        global _waits_abandoned
+        _waits_abandoned = True  # the barrier's thread waits on: destroying the groups, or exiting, would join it
+        exit_without_finalising()
+        raise Terminated(stop.signum, f"{stop.words} while waiting for another process's work (a process that failed "
+                                      "says why above)") from None
+    work.wait()
+
+
+def _patient():
+    """The group of patient_wait (every process makes it, at the same point), or None in a run of one process."""
     global _patient_group
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
+        return None
     if _patient_group is None:
         import datetime
 
         _patient_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=PATIENT_HOURS))
-    dist.barrier(group=_patient_group)
+    return _patient_group
 
 
 def rank() -> int:
@@ -298,7 +329,7 @@ def rank() -> int:
 
 def leave_group() -> None:
     global _patient_group
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _waits_abandoned:
         dist.destroy_process_group()
     _patient_group = None  # (it went with the others)
 

@@ -220,7 +220,12 @@ def _run_main(main, argv, memory_advice: str, streams: list) -> None:
     except KeyboardInterrupt as e:
         _close_progress_bars()
         _say(e.words if isinstance(e, Terminated) else "interrupted")
-        sys.exit(128 + (e.signum if isinstance(e, Terminated) else 2))  # as a shell reports a command a signal ended
+        code = 128 + (e.signum if isinstance(e, Terminated) else 2)  # as a shell reports a command a signal ended
+        if _Held.threads_never_end:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
@@ -259,6 +264,13 @@ class _Held:
     imports: list[str] = []  # of those, the imports (outermost first)
     stop: BaseException | None = None  # the stop that came meanwhile
     notice = None  # a timer that says why the stop waits, when an import holds it long
+    threads_never_end = False  # see exit_without_finalising
+
+
+def exit_without_finalising() -> None:
+    """A stop being raised leaves threads that never end (a collective waiting on a process that is gone): the command
+    exits after its message without Python's finalisation, whose destructors would join them, and hang until killed."""
+    _Held.threads_never_end = True
 
 
 NOTICE_SECONDS = 1.0
