@@ -84,6 +84,33 @@ def test_preserve_distribution_shape_keeps_only_draws_in_range():
     assert abs((t > 0.8).float().mean().item() - 0.345) < 0.015
 
 
+def test_a_range_the_sampling_seldom_reaches_is_said_at_the_start_and_its_fallback_at_the_step(caplog, monkeypatch):
+    """fuzz_ab 5: shift 1000 into sigma <= 0.005 with --preserve_distribution_shape: every draw missed the range and
+    the run trained on unconstrained ones without a word (musubi-tuner warns at each such step)."""
+    import logging
+
+    from musubi_tuner.training import timesteps
+
+    monkeypatch.setattr(timesteps, "_fallback_said", False)
+    far = TimestepConfig(mode="shift", discrete_flow_shift=1000.0, min_timestep=0, max_timestep=5, preserve_distribution_shape=True)
+    with caplog.at_level(logging.WARNING):
+        timesteps.warn_of_a_range_seldom_drawn(far)
+        timesteps.warn_of_a_range_seldom_drawn(TimestepConfig(mode="shift", discrete_flow_shift=3.0, min_timestep=500,
+                                                              max_timestep=900, preserve_distribution_shape=True))
+    assert caplog.messages == ["--preserve_distribution_shape: 0% of --timestep_sampling shift's draws fall within "
+                               "--min_timestep 0 / --max_timestep 5; a step that finds too few in 1,000 rounds trains on "
+                               "unconstrained draws, as musubi-tuner does. Widen the range, or leave the flag out to rescale "
+                               "the draws into it"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            t, _ = sample_timesteps(far, 2, (64, 64), generator=torch.Generator().manual_seed(0))
+    assert t.min() > 0.9  # musubi-tuner's fallback: the draws as they came
+    assert caplog.messages == ["--preserve_distribution_shape: 1,000 rounds of draws found fewer than 2 timesteps within "
+                               "--min_timestep 0 / --max_timestep 5: this step, and any other such, trains on unconstrained "
+                               "draws, as musubi-tuner does"]  # once
+
+
 def test_loss_weights():
     sigma = torch.tensor([0.5, 0.25])
     assert torch.allclose(loss_weights(TimestepConfig(weighting_scheme="sigma_sqrt"), sigma), torch.tensor([4.0, 16.0]))

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from musubi_tuner.cli import FLOAT32_MAX, far_from_usual
-from musubi_tuner.distributed import (GradientReducer, check_same_command_line, check_same_inputs, describe as describe_layout,
+from musubi_tuner.distributed import (GradientReducer, after_joining, check_same_inputs, describe as describe_layout,
                                       make_layout)
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError, launched, quieted
@@ -47,7 +47,8 @@ from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
                                              parse_key_values, total_training_steps)
 from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_progress, run_identity
-from musubi_tuner.training.timesteps import TimestepConfig, loss_weights, read_settings, sample_timesteps, warn_of_unread_flags
+from musubi_tuner.training.timesteps import (TimestepConfig, loss_weights, read_settings, sample_timesteps,
+                                             warn_of_a_range_seldom_drawn, warn_of_unread_flags)
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def check_args(args) -> None:
     require_file(args.dit, "DiT checkpoint", "--dit")
     attention_mode(args)
     warn_of_unread_flags(timestep_config(args))
+    warn_of_a_range_seldom_drawn(timestep_config(args))
     if args.guidance_scale_x1000 and args.guidance_scale > FLOAT32_MAX / 1000:  # (what the DiT is fed, times 1000, is a
         # float32: past it, a traceback at the first step, after the model had loaded: fuzz_ab 10)
         raise UserError(f"--guidance_scale {args.guidance_scale:g}: with --guidance_scale_x1000 at most {FLOAT32_MAX / 1000:g} "
@@ -749,7 +751,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     if world > 1 and accelerator.num_processes != world:  # each process would train alone into the same files
         raise SharedError(f"launched as {world} processes (WORLD_SIZE), but accelerate joined {accelerator.num_processes}; "
                           f"on a machine without a GPU set ACCELERATE_USE_CPU=1 (accelerate launch --cpu sets it)")
-    check_same_command_line()
+    after_joining()
     take_output_lock(args, accelerator, held)
     if args.cuda_allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
