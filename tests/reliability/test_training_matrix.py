@@ -425,6 +425,12 @@ CASES = [
     Case("train-far-flow-shift-that-does-not-overflow-is-said-before-the-work", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--discrete_flow_shift", "1e6", "--max_train_steps", "1"), None,
          warning=r"--discrete_flow_shift 1e\+06, far from the usual, may be the cause of a NaN loss or of a LoRA that learns nothing"),
+    *(Case(f"train-{flag[2:]}-so-small-the-lora-learns-nothing-is-said-at-the-start-and-at-the-end", "hv_train_network",
+           lambda a, t, flag=flag: train_argv(a, t / "out", flag, "1e-30"), None,
+           then=lambda a, t, err, out, flag=flag: all_said(
+               err, rf"{flag} 1e-30, far from the usual, may be the cause of a NaN loss or of a LoRA that learns nothing",
+               r"tiny\.safetensors changes no weight of the DiT by more than \S+ after 2 steps: this LoRA has learnt nothing"))
+      for flag in ("--max_grad_norm", "--scale_weight_norms")),  # (fuzz_ab 16: saved as an ordinary success)
     Case("train-batch-that-cannot-pass-through-shared-memory-stops-the-run", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--max_data_loader_n_workers", "2"),
          r"a data-loader worker \(pid [\d, ]+\) ended \(its reason is the line above, when it could give one\); "

@@ -74,13 +74,27 @@ def diverged_update(network: torch.nn.Module) -> str | None:
         return diverged(parse_lora({k: t.detach() for k, t in network.state_dict().items()}).patches)
 
 
+NO_UPDATE = 1e-10  # a change per weight below what a float32 weight of the DiT's size (about 0.02: a step of 2e-9) holds
+
+
+def largest_update(network: torch.nn.Module) -> float:
+    """The largest change the network makes to one weight of the DiT (an upper bound below lora_reader's
+    DIVERGED_UPDATE)."""
+    from musubi_tuner.networks.lora_reader import largest_update as of_patch, parse_lora
+
+    with torch.no_grad():
+        return max((of_patch(p) for p in parse_lora({k: t.detach() for k, t in network.state_dict().items()}).patches), default=0.0)
+
+
 def far_settings(args) -> str | None:
     """The training flags given far beyond their usual range, as the likely cause of a NaN loss (cli.far_from_usual)."""
     # (--network_alpha 0 means alpha = rank, as in musubi-tuner: the usual scale 1, not a far value: fuzz_ad F6)
     return far_from_usual([("--network_alpha", args.network_alpha or None, (1e-6, 1e6)), ("--discrete_flow_shift", args.discrete_flow_shift, (1e-3, 1e3)),
                            ("--guidance_scale", args.guidance_scale, (0, 1e3)),
                            *(("--base_weights_multiplier", m, (-100, 100)) for m in args.base_weights_multiplier or ()),
-                           ("--network_args loraplus_lr_ratio", _loraplus_ratio(args), (0, 1e3))])
+                           ("--network_args loraplus_lr_ratio", _loraplus_ratio(args), (0, 1e3)),
+                           ("--max_grad_norm", args.max_grad_norm or None, (1e-6, 1e6)),  # (0: no clipping)
+                           ("--scale_weight_norms", args.scale_weight_norms, (1e-6, 1e6))])
 
 
 def _loraplus_ratio(args) -> float | None:
@@ -998,6 +1012,11 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
             break
     bar.close()
     final = saver.final(progress)
+    if final is not None and accelerator.is_main_process and largest_update(network) < NO_UPDATE:
+        # (a run that ends where it began was reported as an ordinary success: --max_grad_norm 1e-30, fuzz_ab 16)
+        logger.warning("%s changes no weight of the DiT by more than %.1g after %d steps: this LoRA has learnt nothing. A "
+                       "learning rate of 0 or far too low, or a --max_grad_norm / --scale_weight_norms far too small, does "
+                       "that", final, largest_update(network), progress.global_step)
     if validation is not None:
         validation.report_best()
     accelerator.end_training()
