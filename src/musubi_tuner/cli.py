@@ -144,6 +144,11 @@ def real(minimum: float | None = None, maximum: float | None = None, *, above: f
     return parse
 
 
+# the sampling settings' usual ranges: real CFG, the embedded guidance, the flow shift (generation's flags and a sample
+# prompt's --l, --g, --fs); past them a value that does not overflow makes noise, or NaN
+USUAL_SAMPLING = {"cfg_scale": (-100, 100), "embedded_guidance": (0, 100), "flow_shift": (1e-3, 1e3)}
+
+
 def far_from_usual(settings) -> str | None:
     """The flags of `settings` ((flag, value, (lowest usual, highest usual)), value None when not given) set far beyond
     their usual range, as the likely cause of a NaN/inf result, in words; None when none is. A value such as

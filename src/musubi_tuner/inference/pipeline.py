@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from musubi_tuner.cli import check_video_size, far_from_usual, resolve_device
+from musubi_tuner.cli import USUAL_SAMPLING, check_video_size, far_from_usual, resolve_device
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import SharedError, UserError
 from musubi_tuner.files import files_within, require_file, require_present
@@ -496,8 +496,9 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
 def far_settings(args) -> str | None:
     """The sampling flags given far beyond their usual range, as the likely cause of a NaN/inf latent or video
     (cli.far_from_usual)."""
-    return far_from_usual([("--guidance_scale", args.guidance_scale, (-100, 100)), ("--embedded_cfg_scale", args.embedded_cfg_scale, (0, 100)),
-                           ("--flow_shift", args.flow_shift, (1e-3, 1e3)),
+    return far_from_usual([("--guidance_scale", args.guidance_scale, USUAL_SAMPLING["cfg_scale"]),
+                           ("--embedded_cfg_scale", args.embedded_cfg_scale, USUAL_SAMPLING["embedded_guidance"]),
+                           ("--flow_shift", args.flow_shift, USUAL_SAMPLING["flow_shift"]),
                            *(("--lora_multiplier", m, (-100, 100)) for m in getattr(args, "lora_multiplier", None) or ())])
 
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, count, embedded_guidance, real, seed
+from musubi_tuner.cli import MAX_FRAMES, MAX_PIXELS, USUAL_SAMPLING, count, embedded_guidance, far_from_usual, real, seed
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.files import not_text, read_small_file, require_file, text_lines
 
@@ -43,6 +43,10 @@ class SamplePrompt:
             problem = not_text(value) if value else None
             if problem is not None:  # (the tokenizer failed on it with a TypeError, after the models had loaded)
                 raise UserError(f"{where}: the {name} {problem}")
+        far = far_from_usual([("--g", self.guidance, USUAL_SAMPLING["embedded_guidance"]), ("--fs", self.flow_shift, USUAL_SAMPLING["flow_shift"]),
+                              ("--l", self.cfg_scale, USUAL_SAMPLING["cfg_scale"])])
+        if far:  # said when the file is read, as generation says its flags' (fuzz_ab 11: only a NaN sample, hours in)
+            logger.warning("%s: %s of a NaN or noisy sample", where, far)
         if self.negative_prompt and (self.cfg_scale is None or self.cfg_scale == 1.0):  # (as the generation command says)
             logger.warning("%s: the negative prompt is ignored without real CFG (--l other than 1, 6.0 say), as in musubi-tuner",
                            where)

@@ -266,9 +266,14 @@ class TrainingSampler:
         rows = []
         for p in self.prompts:
             if not bool(torch.isfinite(latents[p.index]).all()):  # (decode_to_frames would blame the VAE)
-                logger.warning("sample %d at step %d: the sampled latent holds NaN/inf values: the LoRA at this step, or the "
-                               "prompt's options (guidance %g, flow shift %g, CFG %s), are the likely cause; no video was written",
-                               p.index, step, p.guidance, p.flow_shift, p.cfg_scale)
+                options = f"the prompt's options (guidance {p.guidance:g}, flow shift {p.flow_shift:g}, CFG {p.cfg_scale})"
+                base = self.base_latents.get(p.index)  # the same sample without the LoRA, when the network can be switched off
+                why = (f"{options} are the likely cause, the LoRA is not: the DiT without it gives NaN/inf too" if base is not None
+                       and not bool(torch.isfinite(base).all()) else
+                       "the LoRA at this step is the likely cause: without it the sample is finite" if base is not None else
+                       f"the LoRA at this step, or {options}, are the likely cause")
+                logger.warning("sample %d at step %d: the sampled latent holds NaN/inf values: %s; no video was written",
+                               p.index, step, why)
                 continue
             try:
                 frames = decode_to_frames(self.vae, latents[p.index][0]).numpy()
