@@ -276,3 +276,21 @@ def test_text_flags_that_are_not_utf8_are_refused_when_the_command_line_is_read(
     argv += ["--output_name", "tiny"] if flag != "--output_name" else []
     with pytest.raises(UserError, match=rf"^{flag} is not UTF-8 text \(byte 0xff at character 2\); check the terminal"):
         parse_args(argv)
+
+
+def test_a_step_of_several_micro_batches_logs_their_mean_loss(assets, tmp_path):
+    """fuzz_ai 1: with --gradient_accumulation_steps N the loss of a step (CSV, progress bar, loss/current) was its
+    last micro-batch's alone. With a learning rate too small to move the LoRA, each micro-batch's loss is the loss of
+    the same batch trained one per step (sample noise and timesteps depend on the item and epoch only)."""
+    import csv
+
+    root, dit, toml = assets
+
+    def losses(out, *extra):
+        train(parse_args(base_args(dit, toml, out, "--learning_rate", "1e-30", "--max_train_epochs", "2", *extra)))
+        with open(out / "tiny-loss.csv") as f:
+            return [float(row[2]) for row in csv.reader(f) if row and row[0] == "train"]
+
+    single, paired = losses(tmp_path / "one"), losses(tmp_path / "two", "--gradient_accumulation_steps", "2")
+    assert len(single) == 8 and len(paired) == 4
+    assert paired == pytest.approx([(single[2 * k] + single[2 * k + 1]) / 2 for k in range(4)], rel=1e-5)

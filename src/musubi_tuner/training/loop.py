@@ -920,7 +920,8 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     if samples is not None and args.sample_at_first:
         samples.sample(dit, network, optimizer, progress.global_step)
     bar = progress_bar(total=total_steps, initial=progress.global_step, disable=not is_main, desc="steps", smoothing=0.05)
-    recent: list[float] = []
+    recent: list[float] = []  # the losses of the last epoch's steps (loss/average, loss/epoch)
+    micro_losses: list[torch.Tensor] = []  # this step's micro-batches' (--gradient_accumulation_steps)
     compile_pending = bool(args.compile)
     known_cause = known_gradient_problem(CompileOptions.from_args(args), accelerator.device)
 
@@ -968,6 +969,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                 if not torch.isfinite(global_loss):
                     raise diverged(f"loss is {global_loss.item()}", loss.detach())
                 accelerator.backward(loss)
+                micro_losses.append(global_loss)
                 if sync:
                     if reducer is not None:
                         reducer.reduce()
@@ -989,9 +991,13 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                 compile_pending = False
             if args.scale_weight_norms:
                 network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
-            recent = (recent + [global_loss.item()])[-max(1, batches_per_epoch):]
-            saver.losses.add(progress.global_step, global_loss.item())
-            logs = {"loss/current": global_loss.item(), "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
+            # a step's loss is the mean of its micro-batches', which its update followed (the last one's alone was logged,
+            # and the epoch's window counted micro-batches, so loss/epoch took in the epoch before: fuzz_ai 1)
+            step_loss = torch.stack(micro_losses).float().mean().item()
+            micro_losses.clear()
+            recent = (recent + [step_loss])[-steps_per_epoch:]
+            saver.losses.add(progress.global_step, step_loss)
+            logs = {"loss/current": step_loss, "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
             bar.update(1)
             if validation is not None:
                 validation.after_step(progress.global_step)
