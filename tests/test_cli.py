@@ -200,3 +200,19 @@ def test_a_command_that_ends_in_a_traceback_removes_the_empty_folders_it_made(tm
     with pytest.raises(ZeroDivisionError):
         run_cli(main, [])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["before", "kept"] and not list((tmp_path / "before").iterdir())
+
+
+def test_every_command_runs_under_python_OO_which_strips_docstrings():
+    """fuzz_ah 2: PYTHONOPTIMIZE=2 (set system-wide in some containers) made every command but training a traceback
+    at start, --help included: their parsers took their description from the module's docstring, then None."""
+    import subprocess
+    import sys
+
+    modules = [*COMMANDS.values(), "musubi_tuner.demo", "musubi_tuner.demo.synthetic_data"]
+    modules[modules.index("musubi_tuner.training.args")] = "musubi_tuner.hv_train_network"
+    script = ("import runpy, sys\nfor name in sys.argv[1:]:\n    sys.argv = [name, '--help']\n    try:\n"
+              "        runpy.run_module(name, run_name='__main__', alter_sys=True)\n    except SystemExit as e:\n"
+              "        assert e.code in (0, None), (name, e.code)\n    else:\n        raise AssertionError(name)\n")
+    done = subprocess.run([sys.executable, "-OO", "-c", script, *modules], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("usage:") == len(modules), done.stdout[-3000:]

@@ -28,7 +28,7 @@ logger = logging.getLogger("cache_text_encoder_outputs")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="cache_text_encoder_outputs.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="cache_text_encoder_outputs.py", description=__doc__)
     p.add_argument("--dataset_config", type=path, required=True, help="dataset TOML (or JSON)")
 
     g = p.add_argument_group("models")

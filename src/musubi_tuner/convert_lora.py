@@ -31,7 +31,7 @@ logger = logging.getLogger("convert_lora")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="convert_lora.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="convert_lora.py", description=__doc__)
     p.add_argument("--input", type=path, required=True, help="input LoRA (.safetensors), in any naming")
     p.add_argument("--output", type=path, required=True, help="output LoRA (.safetensors)")
     p.add_argument("--target", required=True, choices=("other", "default"), help="other: ComfyUI/diffusers/diffusion-pipe naming; default: ours")

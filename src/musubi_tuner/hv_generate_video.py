@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     from musubi_tuner.inference.sampler import V2V_STRENGTH
     from musubi_tuner.inference.step_cache import add_step_cache_flags
 
-    p = Parser(prog="hv_generate_video.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="hv_generate_video.py", description=__doc__)
     g = p.add_argument_group("models")
     g.add_argument("--dit", type=path, required=True, help="DiT checkpoint (.pt or .safetensors)")
     g.add_argument("--dit_in_channels", type=count(1), default=None, help="checked against the file (32 = SkyReels I2V)")

@@ -31,7 +31,7 @@ CHOICES = ("all", "ours", "musubi", "comfyui", "kijai", "kijai_blocks", "diffuse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="lora_doctor", description=__doc__.splitlines()[0])
+    p = Parser(prog="lora_doctor", description=__doc__)
     p.add_argument("file", type=path, nargs="?", help="LoRA file (.safetensors), in any naming")
     p.add_argument("--for", dest="consumers", nargs="+", metavar="{" + ",".join(CHOICES) + "}", default=["all"],
                    help="which consumers to check (default all)")

@@ -21,7 +21,7 @@ from musubi_tuner.errors import print_report, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="lora_info", description=__doc__.splitlines()[0])
+    p = Parser(prog="lora_info", description=__doc__)
     p.add_argument("file", type=path, help="LoRA file (.safetensors), in any naming")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     return p

@@ -22,7 +22,7 @@ from musubi_tuner.files import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="lora_post_hoc_ema.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="lora_post_hoc_ema.py", description=__doc__)
     p.add_argument("path", type=path, nargs="+", help="the LoRA checkpoints of one run (kohya or .comfyui files, not both)")
     p.add_argument("--no_sort", action="store_true", help="merge in the order given instead of by the training step the files record (by modification time where they do not)")
     p.add_argument("--beta", type=real(0, 1), default=0.95, help="decay: the weight the running average keeps at each merge")

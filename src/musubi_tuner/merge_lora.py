@@ -23,7 +23,7 @@ logger = logging.getLogger("merge_lora")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="merge_lora.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="merge_lora.py", description=__doc__)
     g = p.add_argument_group("inputs")
     g.add_argument("--dit", type=path, required=True, help="DiT checkpoint (.pt or .safetensors)")
     g.add_argument("--dit_in_channels", type=count(1), default=None, help="checked against the file: 16 T2V, 32 SkyReels I2V")

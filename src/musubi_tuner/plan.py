@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from musubi_tuner.planning.options import MAX_PLANNED_BATCH, OPTIMIZERS
     from musubi_tuner.planning.timing import GPUS
 
-    p = Parser(prog="python -m musubi_tuner.plan", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m musubi_tuner.plan", description=__doc__)
     g = p.add_argument_group("what to run")
     g.add_argument("--mode", choices=("train", "generate"), default="train", help="plan a training step or a generation")
     g.add_argument("--dit", type=path, default=None, help="DiT checkpoint: its shapes are read from the header (official .pt, safetensors)")

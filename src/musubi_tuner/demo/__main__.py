@@ -88,7 +88,7 @@ def main(argv=None) -> None:
 def demo(argv=None) -> int:
     from musubi_tuner.cli import Parser, count, frames_4n1
 
-    parser = Parser(prog="python -m musubi_tuner.demo", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m musubi_tuner.demo", description=__doc__)
     parser.add_argument("--workdir", default="demo_output", help="folder for the models, the dataset and the outputs")
     parser.add_argument("--epochs", type=count(1), default=16, help="training epochs")
     parser.add_argument("--frames", type=frames_4n1, default=9, help="frames per synthetic clip (4N+1)")

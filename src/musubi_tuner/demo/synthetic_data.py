@@ -139,7 +139,7 @@ frame_extraction = "head"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "\n").splitlines()[0] or None)  # (None under python -OO)
     parser.add_argument("output_dir")
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--images", type=int, default=8)

@@ -20,7 +20,7 @@ TOKEN_VARIABLE = "MUSUBI_UI_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="musubi-ui", description=__doc__.splitlines()[0])
+    p = Parser(prog="musubi-ui", description=__doc__)
     p.add_argument("--workspace", type=path, default="studio", help="the folder the studio writes to (made if missing)")
     p.add_argument("--port", type=count(1, 65535), default=7860, help="TCP port")
     p.add_argument("--listen", nargs="?", const="0.0.0.0", default=None, metavar="ADDRESS",
