@@ -424,6 +424,26 @@ def test_skip_existing_reuses_current_image_caches_and_redoes_changed_ones(tmp_p
     assert sum(len(b.items) for b in other_vae) == 2
 
 
+def test_skip_existing_redoes_a_frame_folder_whose_frames_were_renamed_but_not_for_a_stray_file(tmp_path):
+    """fuzz_ag 1: frames 1..12.png (read 1, 10, 11, 12, 2, ...) renamed 01..09 with mv, every file's size and time
+    kept: the folder's sizes and newest time were unchanged and the cache of the old order was reused."""
+    frames = tmp_path / "jump"
+    frames.mkdir()
+    for i in range(1, 13):
+        Image.new("RGB", (32, 32), (i * 20, 0, 0)).save(frames / f"{i}.png")
+    dataset = jsonl_config(tmp_path, [json.dumps({"video_path": "jump", "caption": "a jump"})])
+    cache_everything(dataset, items.CacheReport())
+
+    def redone():
+        return [i.source.stem for b in items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True) for i in b.items]
+
+    (frames / "notes.txt").write_text("shot on a phone")  # not a frame: changes nothing
+    assert redone() == []
+    for i in range(1, 10):
+        os.rename(frames / f"{i}.png", frames / f"0{i}.png")
+    assert redone() == ["jump"]
+
+
 def test_skip_existing_does_not_decode_a_fully_cached_video(tmp_path, monkeypatch):
     dataset = video_config(tmp_path, 'target_frames = [1, 5]\nframe_extraction = "chunk"\n')
     add_video(tmp_path, "v", frames=12)

@@ -18,6 +18,7 @@ keys: musubi-tuner's caches lack them, and musubi-tuner ignores them in ours.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -167,12 +168,21 @@ def logical_key(key: str) -> str:
 
 
 def source_signature(source: str | os.PathLike) -> dict[str, str]:
-    """Size and modification time of an image or video file, or of all files in a frame folder."""
+    """Size and modification time of an image or video file; of a frame folder, those of its frames (the files read as
+    frames, not a stray caption) and a digest of which file is which frame, in the order they are read: frames
+    `1.png ... 12.png` renamed `01.png ... 12.png` (read in another order, every file's time kept by `mv`) were taken
+    for the cached video (fuzz_ag 1)."""
     source = Path(source)
-    files = [p for p in source.iterdir() if p.is_file()] if source.is_dir() else [source]
-    stats = [p.stat() for p in files]
-    return {"source_bytes": str(sum(s.st_size for s in stats)),
-            "source_mtime_ns": str(max((s.st_mtime_ns for s in stats), default=0))}
+    if not source.is_dir():
+        stat = source.stat()
+        return {"source_bytes": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
+    from musubi_tuner.data.media import list_images
+
+    frames = [(p.name, p.stat()) for p in list_images(source)]
+    listing = "\n".join(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}" for name, stat in frames)
+    return {"source_bytes": str(sum(stat.st_size for _, stat in frames)),
+            "source_mtime_ns": str(max((stat.st_mtime_ns for _, stat in frames), default=0)),
+            "source_frame_files": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
 
 
 LEFT_OUT_NAME = ".musubi-left-out.json"  # in a cache folder: the items latent caching could not use, and why
