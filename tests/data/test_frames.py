@@ -98,9 +98,11 @@ def test_latent_frames_follow_the_causal_vae():
     assert [latent_frames(f) for f in (1, 5, 25, 45, 129)] == [1, 2, 7, 12, 33]
 
 
-def test_only_head_limits_decoding():
-    assert decode_limit("head", (1, 25, 45)) == 45
-    assert decode_limit("chunk", (25,)) is None
+def test_head_and_full_limit_decoding_to_the_frames_they_use():
+    assert decode_limit("head", (1, 25, 45), 129) == 45
+    assert decode_limit("full", (1,), 33) == 33  # (fuzz_ag 1b: a whole video was decoded and held for its first 33)
+    assert all(max(c.start + c.frames for c in extract_clips(n, "full", (1,), max_frames=33)) <= 33 for n in range(1, 100))
+    assert decode_limit("chunk", (25,), 129) is None
 
 
 # ------------------------------------------------------------------------------------------ through a real video

@@ -11,6 +11,7 @@ from PIL import Image
 
 from musubi_tuner.data import cache_files, items, media
 from musubi_tuner.data.config import load_dataset_config
+from musubi_tuner.data.frames import Clip
 from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
 from musubi_tuner.errors import UserError
 
@@ -442,6 +443,26 @@ def test_skip_existing_redoes_a_frame_folder_whose_frames_were_renamed_but_not_f
     for i in range(1, 10):
         os.rename(frames / f"{i}.png", frames / f"0{i}.png")
     assert redone() == ["jump"]
+
+
+def test_a_full_extraction_decodes_no_more_than_max_frames_and_caches_the_same_clip(tmp_path, monkeypatch):
+    """fuzz_ag 1b: frame_extraction = "full" decoded the whole video (1.1 GB more for a 2-minute 256x256 one) to keep its
+    first max_frames."""
+    dataset = video_config(tmp_path, 'frame_extraction = "full"\nmax_frames = 9\n')
+    add_video(tmp_path, "v", frames=40)
+    whole = media.load_video(tmp_path / "videos" / "v.mp4")
+    decoded = []
+    real = media.iter_video_frames
+
+    def counted(*args, **kwargs):
+        for frame in real(*args, **kwargs):
+            decoded.append(1)
+            yield frame
+    monkeypatch.setattr(media, "iter_video_frames", counted)
+    (batch,) = items.iter_latent_batches(dataset, items.CacheReport())
+    (item,) = batch.items
+    assert len(decoded) == 9 and item.clip == Clip(0, 9)
+    assert np.array_equal(item.pixels, whole.frames[:9])
 
 
 def test_skip_existing_does_not_decode_a_fully_cached_video(tmp_path, monkeypatch):

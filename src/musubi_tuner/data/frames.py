@@ -37,9 +37,11 @@ def normalize_target_frames(target_frames: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({round_to_4n1(f) for f in target_frames}))
 
 
-def decode_limit(extraction: str, target_frames: Sequence[int]) -> int | None:
-    """How many frames need decoding at most: `head` only ever uses the first max(target) frames."""
-    return max(target_frames) if extraction == "head" else None
+def decode_limit(extraction: str, target_frames: Sequence[int], max_frames: int) -> int | None:
+    """How many frames need decoding at most: `head` only ever uses the first max(target) frames, `full` the first
+    max_frames (a 10-minute video was decoded whole, and held, for its first 129 frames: fuzz_ag 1b); the others
+    need the video's length."""
+    return max(target_frames) if extraction == "head" else max_frames if extraction == "full" else None
 
 
 def extract_clips(num_frames: int, extraction: str, target_frames: Sequence[int], *, frame_stride: int = 1,

@@ -422,7 +422,7 @@ class _LatentLoader:
             loaded.already_cached = self._cached_clips(item, loaded.unrecorded)
             if loaded.already_cached:
                 return loaded
-        video = media.load_video(item.path, max_frames=decode_limit(ds.frame_extraction, ds.target_frames),
+        video = media.load_video(item.path, max_frames=decode_limit(ds.frame_extraction, ds.target_frames, ds.max_frames),
                                  source_fps=ds.source_fps, target_fps=TARGET_FPS,
                                  resize=lambda frame, size: resize_to_bucket(frame, self.selector.bucket_for(size)))
         bucket = (video.frames.shape[2], video.frames.shape[1])
