@@ -111,6 +111,40 @@ def test_rotation_metadata_is_applied(tmp_path):
     assert media.video_size(path) == (16, 32)
 
 
+def _with_display_matrix(path, matrix):
+    """`path`, an mp4 whose track header's display matrix is replaced by `matrix` (a, b, c, d in 16.16 fixed point, as
+    a phone's front camera or an editor writes a mirrored video)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    offset = at + 8 + (32 if data[at + 4] == 1 else 20) + 16  # version/flags, times and ids, reserved, layer ... volume
+    a, b, c, d = (int(v * 65536) for v in matrix)
+    struct.pack_into(">9i", data, offset, a, b, 0, c, d, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("matrix, shown", [
+    ((1, 0, 0, 1), lambda f: f), ((-1, 0, 0, 1), lambda f: f[:, ::-1]), ((1, 0, 0, -1), lambda f: f[::-1]),
+    ((-1, 0, 0, -1), lambda f: f[::-1, ::-1]), ((0, -1, 1, 0), lambda f: np.rot90(f)),  # (90 degrees: the test above)
+    ((0, 1, 1, 0), lambda f: f.transpose(1, 0, 2)), ((0, -1, -1, 0), lambda f: f[::-1, ::-1].transpose(1, 0, 2)),
+    ((0, 0, 0, 0), lambda f: f),  # degenerate: ignored, as players ignore it
+])
+def test_a_display_matrix_is_applied_as_players_apply_it_mirrors_included(tmp_path, matrix, shown):
+    """fuzz_ag 1c: a mirrored matrix's angle (-180) was applied as a rotation, turning a horizontally mirrored video
+    upside down, and an all-zero one (angle INT_MIN) turned the frames by a quarter. x' = a x + c y, y' = b x + d y."""
+    frame = np.zeros((16, 32, 3), np.uint8)
+    frame[:, :8, 0] = 255  # red at the left edge
+    frame[:4, :, 1] = 255  # green at the top
+    path = tmp_path / "v.mp4"
+    media.write_video(path, np.stack([frame] * 3))
+    video = media.load_video(_with_display_matrix(path, matrix))
+    expected = shown(frame)
+    assert video.frames.shape[1:] == expected.shape
+    assert np.abs(video.frames[0].astype(int) - expected).mean() < 12  # (H.264's loss)
+
+
 def test_decoding_stops_once_enough_frames_are_kept(monkeypatch, tmp_path):
     pulled = []
 

@@ -15,6 +15,7 @@ import fractions
 import importlib.util
 import itertools
 import os
+import struct
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -169,6 +170,27 @@ def _decimate(frames: Iterator, source_fps: float | None, target_fps: float) -> 
             yield frame
 
 
+def _as_displayed(pixels: np.ndarray, frame) -> np.ndarray:
+    """`pixels` turned and mirrored as players show them, by the frame's display matrix (FFmpeg's autorotate): a
+    rotation by quarter turns, or one of the four mirrors (a mirrored matrix's angle, applied as a rotation, turned a
+    horizontally mirrored video upside down: fuzz_ag 1c). A degenerate matrix is ignored, as players ignore it (its
+    angle, INT_MIN, turned the frames by a quarter)."""
+    matrix = next((bytes(d) for d in frame.side_data if d.type == av.sidedata.sidedata.Type.DISPLAYMATRIX), None)
+    if matrix is None or len(matrix) != 36:
+        return pixels
+    a, b, _, c, d = struct.unpack("=9i", matrix)[:5]  # the 2x2 part: x' = a x + c y, y' = b x + d y (16.16 fixed point)
+    determinant = a * d - b * c
+    if determinant > 0:  # a rotation
+        quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as np.rot90
+        return np.ascontiguousarray(np.rot90(pixels, quarter_turns)) if quarter_turns else pixels
+    if determinant == 0:
+        return pixels
+    if b == 0 and c == 0:  # a mirror about an axis
+        return np.ascontiguousarray(pixels[:, ::-1] if a < 0 else pixels[::-1])
+    # a mirror about a diagonal: x' = y, y' = x (the main one: a transpose) or x' = -y, y' = -x (the other)
+    return np.ascontiguousarray(np.transpose(pixels if b > 0 else pixels[::-1, ::-1], (1, 0, 2)))
+
+
 def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
     """Every frame of the first video stream as (H, W, 3) uint8 RGB, display rotation applied."""
     try:
@@ -178,9 +200,7 @@ def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
                 raise UserError(f"{path}: has no video stream")
             stream = container.streams.video[0]
             for frame in container.decode(stream):
-                pixels = frame.to_ndarray(format="rgb24")
-                quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as np.rot90
-                yield np.ascontiguousarray(np.rot90(pixels, quarter_turns)) if quarter_turns else pixels
+                yield _as_displayed(frame.to_ndarray(format="rgb24"), frame)
     except (av.FFmpegError, OSError) as e:
         limit = limit_met(path, e)
         if limit is not None:
