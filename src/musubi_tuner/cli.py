@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 
 from musubi_tuner.errors import SharedError, UserError
@@ -225,7 +226,10 @@ def text(value: str) -> str:
     here, not by the tokenizer once the models have loaded."""
     problem = not_text(value)
     if problem is not None:
-        raise argparse.ArgumentTypeError(f"{problem}; check the terminal's or the script's encoding")
+        try:  # UTF-8 bytes read under a locale that is not (LC_ALL=C without Python's UTF-8 mode): the text they are
+            return os.fsencode(value).decode("utf-8")  # ("un chat très" was "not UTF-8 text": fuzz_ah 1)
+        except UnicodeError:
+            raise argparse.ArgumentTypeError(f"{problem}; check the terminal's or the script's encoding") from None
     return value
 
 

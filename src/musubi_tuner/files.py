@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import pickle
 import re
 import secrets
@@ -958,7 +959,13 @@ def unnamable(value: str) -> str:
     try:
         os.fsencode(value)
     except UnicodeEncodeError as e:
-        return f"holds \\u{ord(value[e.start]):04x} at character {e.start + 1}, half of a surrogate pair, which no file name can"
+        c = value[e.start]
+        if "\ud800" <= c <= "\udfff":
+            return f"holds \\u{ord(c):04x} at character {e.start + 1}, half of a surrogate pair, which no file name can"
+        # a character this process's locale cannot write (LC_ALL=C without Python's UTF-8 mode: é was called half of a
+        # surrogate pair, fuzz_ah 1)
+        return (f"holds {c} (\\u{ord(c):04x}) at character {e.start + 1}, which this process's locale cannot write in a "
+                f"file name (file-system encoding {sys.getfilesystemencoding()}); run with PYTHONUTF8=1 or LANG=C.UTF-8")
     return ""
 
 
