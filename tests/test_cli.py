@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,44 @@ def test_every_command_runs_under_python_OO_which_strips_docstrings():
     done = subprocess.run([sys.executable, "-OO", "-c", script, *modules], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("usage:") == len(modules), done.stdout[-3000:]
+
+
+def test_under_an_ascii_locale_utf8_text_is_read_and_an_unwritable_name_blames_the_locale(tmp_path):
+    """fuzz_ah 1: with LC_ALL=C and Python's UTF-8 mode off, a prompt "un chat très" was "not UTF-8 text", and a
+    dataset folder "vidéos" was said to hold "half of a surrogate pair"."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "d.toml").write_text('[general]\nresolution = [64, 64]\n[[datasets]]\nvideo_directory = "vidéos"\n',
+                                     encoding="utf-8")
+    script = ("import sys\nfrom musubi_tuner.cli import text\nfrom musubi_tuner.errors import UserError\n"
+              "from musubi_tuner.data.config import load_dataset_config\n"
+              "print(sys.getfilesystemencoding(), text(sys.argv[1]) == 'un chat tr\\u00e8s')\n"  # (--prompt's type)
+              "sys.stdout.flush()\ntry:\n    load_dataset_config(sys.argv[2])\nexcept UserError as e:\n"
+              "    sys.stdout.buffer.write(str(e).encode() + b'\\n')\n")
+    env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = subprocess.run([sys.executable, "-c", script, "un chat très".encode(), str(tmp_path / "d.toml")], env=env,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, message = done.stdout.decode().splitlines()
+    assert first == "ascii True"
+    assert message.endswith("holds é (\\u00e9) at character 4, which this process's locale cannot write in a file name "
+                            "(file-system encoding ascii); run with PYTHONUTF8=1 or LANG=C.UTF-8"), message
+
+
+def test_a_command_run_from_a_deleted_folder_says_so(tmp_path):
+    """fuzz_ah 3: started in a folder deleted since (a shell still in it), every command died importing torch with
+    "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", which blames the torch install."""
+    import os
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    done = subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" -m musubi_tuner.lora_info /nowhere.safetensors',
+                           "sh", str(gone), sys.executable], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: the current folder no longer exists (deleted, or replaced by a new one of its name): "
+                                   "cd into a folder that exists and run the command again")

@@ -104,6 +104,12 @@ def _prepare(argv, streams: list) -> None:
     """What the command runs in, set up within _run's handling of a stop, as the command itself is."""
     _Held.raised = False  # (a command run in a process that ran one before, as the tests do)
     _Held.command = True
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # (torch's import then died as "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so",
+        # which sent the user to reinstall torch: fuzz_ah 3)
+        raise UserError("the current folder no longer exists (deleted, or replaced by a new one of its name): cd into a "
+                        "folder that exists and run the command again") from None
     usable_standard_streams()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if launched()[0] != 0:  # one of a launcher's processes: process 0 says what every process meets alike, from the
