@@ -238,7 +238,17 @@ def test_v2v_with_strength_0_returns_the_encoded_input(models):
     frames = write_frames(models["root"] / "v2v_frames", 6, 32, 32)  # one frame more than --video_length
     latent, meta = latent_of(models, "--video_path", str(models["root"] / "v2v_frames"), "--strength", "0")
     assert torch.allclose(latent, encoded(models, frames[:5]), atol=1e-4)
-    assert meta["infer_steps"] == "0"
+    assert meta["infer_steps"] == "0"  # the steps run, as musubi-tuner records them; and what makes it V2V (fuzz_ai 2)
+    assert (meta["video_path"], meta["strength"]) == (str(models["root"] / "v2v_frames"), "0.0")
+
+
+def test_the_metadata_records_what_else_changes_the_frames_when_given(models):
+    """fuzz_ai 2: --cfg_end 0 with real CFG gave the latent of a run without CFG, recorded as one with it; the LoRAs'
+    blocks and fp8 weights were not recorded either."""
+    _, plain = latent_of(models)
+    _, meta = latent_of(models, "--negative_prompt", "ugly", "--guidance_scale", "6", "--cfg_end", "0", "--fp8")
+    assert {k: meta[k] for k in ("guidance_scale", "cfg_end", "fp8")} == {"guidance_scale": "6.0", "cfg_end": "0.0", "fp8": "true"}
+    assert not {"cfg_end", "fp8", "video_path", "strength", "image_path", "lora_blocks"} & set(plain)
 
 
 class PerfectFirstFrameI2V(torch.nn.Module):
@@ -308,14 +318,16 @@ def no_model_loads(monkeypatch):
     (["--dit", "{dit_i2v}"], "is an image-to-video DiT (32 input channels): give the first frame with --image_path"),
     (["--context_parallel", "3"], "--context_parallel 3: the DiT's 2 attention heads do not split over 3 processes; use one of 1, 2"),
     (["--context_parallel", "2"], "--context_parallel 2: one process was started; start 2 (accelerate launch --multi_gpu"),
+    (["--video_path", "{short}"], "short: has 1 frame, fewer than --video_length 5"),  # (fuzz_ag 2: after both encoders ran)
 ])
 def test_bad_inputs_stop_with_one_line_naming_the_flag_before_any_model_loads(models, no_model_loads, capsys, tmp_path, change,
                                                                               message):
     (tmp_path / "broken").symlink_to(tmp_path / "gone")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     (tmp_path / "file").write_text("")
+    write_frames(tmp_path / "short", 1, 32, 32)
     paths = {**models, "tmp": tmp_path, "broken": tmp_path / "broken", "loop": tmp_path / "loop",
-             "under_file": tmp_path / "file" / "dit.pt"}
+             "under_file": tmp_path / "file" / "dit.pt", "short": tmp_path / "short"}
     message = message.format(**paths)
     argv = [*base_flags(models), "--save_path", str(models["root"] / "unused"), *(c.format(**paths) for c in change)]
     with pytest.raises(SystemExit) as exit_:

@@ -348,9 +348,16 @@ CASES = [
          r"odd\.safetensors: latent is int32, not floating point", then=nothing_generated),
     Case("generate-latent-path-says-what-it-ignores", "hv_generate_video",
          lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--prompt", "a cat",
-                       "--image_path", str(write(t / "first.png", NOISE)),
+                       "--image_path", str(write(t / "first.png", NOISE)), "--video_size", "128", "128", "--infer_steps", "9",
+                       "--fp8", "--step_cache", "teacache", "--vae_chunk_size", "4",  # (the last one is read)
                        "--latent_path", str(latent_file(t / "saved.safetensors", (16, 1, 4, 4)))], None,
-         warning=r"--image_path: not used with --latent_path, which only decodes the saved latents"),
+         warning=r"--video_size, --infer_steps, --image_path, --fp8, --step_cache: not used with --latent_path, which only "
+                 r"decodes the saved latents \(at their own size and settings\)"),  # (fuzz_ai 3: only --image_path was named)
+    Case("generate-latent-path-with-save-merged-model-is-two-jobs", "hv_generate_video",
+         lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--save_merged_model",
+                       str(t / "merged.safetensors"), "--latent_path", str(latent_file(t / "saved.safetensors", (16, 1, 4, 4)))],
+         r"--save_merged_model and --latent_path are two jobs \(merge LoRAs into the DiT; decode saved latents\): run them as "
+         r"two commands", then=nothing_generated),  # (fuzz_ai 3: exit 0, nothing merged, not a word)
     Case("generate-latent-whose-seed-is-a-path-writes-inside-the-save-path", "hv_generate_video",
          lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--prompt", "a cat",
                        "--latent_path", str(latent_file(t / "saved.safetensors", (16, 1, 4, 4), metadata={"seeds": "/../../escaped"}))],

@@ -50,6 +50,19 @@ def generation_metadata(args, seed: int, steps_run: int) -> dict[str, str]:
     if args.lora_weight:
         meta["lora_weight"] = json.dumps([str(p) for p in args.lora_weight])
         meta["lora_multiplier"] = json.dumps(args.lora_multiplier or [1.0])
+        if args.lora_blocks:
+            meta["lora_blocks"] = json.dumps(args.lora_blocks)
+        if args.exclude_single_blocks:
+            meta["exclude_single_blocks"] = "true"
+    # what else changes the frames, when it is not the default (the metadata described another video: fuzz_ai 2)
+    if getattr(args, "video_path", None):  # (V2V: infer_steps is the steps run, as musubi-tuner records it)
+        meta |= {"video_path": str(args.video_path), "strength": str(args.strength)}
+    if getattr(args, "image_path", None):
+        meta["image_path"] = str(args.image_path)
+    if args.guidance_scale != 1.0 and args.cfg_end != 1.0:
+        meta["cfg_end"] = str(args.cfg_end)
+    if args.fp8:
+        meta["fp8"] = "true"
     return meta
 
 

@@ -36,6 +36,23 @@ def _free(*objs) -> None:
 # ----------------------------------------------------------------------------------------------- checks
 
 
+# what decoding saved latents reads, of generation's flags (--prompt and the text encoders: musubi-tuner requires them with
+# --latent_path, so its command lines all have them)
+READ_BY_LATENT_DECODING = {"dit", "vae", "vae_dtype", "text_encoder1", "text_encoder2", "prompt", "fps", "device",
+                           "vae_chunk_size", "vae_spatial_tile_sample_min_size", "context_parallel"}
+
+
+def unused_with_latent_path(args) -> list[str]:
+    """The generation flags given (not at their defaults) that decoding saved latents does not read: the size, steps,
+    guidance, LoRAs, memory options of a generation (only four of them were named: fuzz_ai 3)."""
+    from musubi_tuner.hv_generate_video import build_parser
+
+    parser = build_parser()
+    groups = [g for g in parser._action_groups if g.title in ("models", "what to generate", "LoRA", "memory and speed")]
+    return [a.option_strings[0] for g in groups for a in g._group_actions
+            if a.dest not in READ_BY_LATENT_DECODING and a.option_strings and getattr(args, a.dest, a.default) != a.default]
+
+
 def check_and_fill(args) -> None:
     """Validate everything that needs no model, and fill preset defaults into flags left unset."""
     for flag, what in (("dit", "DiT checkpoint"), ("vae", "VAE checkpoint")):
@@ -45,10 +62,13 @@ def check_and_fill(args) -> None:
             raise UserError("--latent_path decodes saved latents: use --output_type video or images")
         for p in args.latent_path:
             require_file(p, "latent file", "--latent_path")
-        # (not --prompt: musubi-tuner requires it with --latent_path, so its command lines all have one)
-        unused = [f"--{flag}" for flag in ("negative_prompt", "image_path", "video_path", "lora_weight") if getattr(args, flag)]
+        if args.save_merged_model:  # (it was never written, exit 0, without a word: fuzz_ai 3)
+            raise UserError("--save_merged_model and --latent_path are two jobs (merge LoRAs into the DiT; decode saved "
+                            "latents): run them as two commands")
+        unused = unused_with_latent_path(args)
         if unused:
-            logger.warning("%s: not used with --latent_path, which only decodes the saved latents", ", ".join(unused))
+            logger.warning("%s: not used with --latent_path, which only decodes the saved latents (at their own size and "
+                           "settings)", ", ".join(unused))
         return
     if args.prompt is None:
         raise UserError("--prompt is required")
@@ -162,7 +182,7 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
                             "--save_merged_model" if args.save_merged_model else "--save_path", create=not args.dry_run)
     if args.dry_run:
         return
-    from musubi_tuner.data.media import load_image, video_size
+    from musubi_tuner.data.media import load_image
     from musubi_tuner.hunyuan.text_encoders import check_text_encoder1, check_text_encoder2
     from musubi_tuner.hunyuan.vae import check_vae_weights
 
@@ -171,8 +191,17 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
     check_vae_weights(args.vae)
     if args.image_path:
         load_image(args.image_path)
-    if args.video_path:
-        video_size(args.video_path)
+    if args.video_path:  # its frames counted now, up to --video_length (a short video was refused once both text
+        # encoders had run: fuzz_ag 2)
+        from musubi_tuner.data.media import iter_video_frames
+
+        _require_frames(args, sum(1 for _ in iter_video_frames(args.video_path, max_frames=args.video_length)))
+
+
+def _require_frames(args, found: int) -> None:
+    if found < args.video_length:
+        raise UserError(f"{args.video_path}: has {found} frame{'' if found == 1 else 's'}, fewer than --video_length "
+                        f"{args.video_length}")
 
 
 def require_finite(tensor: torch.Tensor, what: str, advice: str) -> None:
@@ -240,8 +269,7 @@ def encode_condition(args, device, height: int, width: int, generator: torch.Gen
     with torch.no_grad():
         if args.video_path:
             frames = load_video(args.video_path, max_frames=args.video_length, resize=lambda f, _: resize_to_bucket(f, (width, height))).frames
-            if len(frames) < args.video_length:
-                raise UserError(f"{args.video_path}: has {len(frames)} frames, fewer than --video_length {args.video_length}")
+            _require_frames(args, len(frames))
             pixels = torch.from_numpy(frames[: args.video_length])
             video_latents = _encode(vae, pixels, generator) * SCALING_FACTOR
         if args.image_path:
