@@ -294,3 +294,22 @@ def test_a_step_of_several_micro_batches_logs_their_mean_loss(assets, tmp_path):
     single, paired = losses(tmp_path / "one"), losses(tmp_path / "two", "--gradient_accumulation_steps", "2")
     assert len(single) == 8 and len(paired) == 4
     assert paired == pytest.approx([(single[2 * k] + single[2 * k + 1]) / 2 for k in range(4)], rel=1e-5)
+
+
+def test_tensorboard_gets_the_scalars_musubi_tuner_logs_for_max_norm_and_lora_plus(assets, tmp_path):
+    """fuzz_ai 4: --scale_weight_norms acted without showing how many keys it scaled, and with LoRA+ only the base
+    group's rate was logged; musubi-tuner logs max_norm/keys_scaled, /average_key_norm, /max_key_norm and lr/unet plus."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, dit, toml = assets
+    train(parse_args(base_args(dit, toml, tmp_path / "out", "--max_train_steps", "3", "--learning_rate", "1e-2",
+                               "--scale_weight_norms", "0.001", "--network_args", "loraplus_lr_ratio=4",
+                               "--log_with", "tensorboard", "--logging_dir", str(tmp_path / "logs"))))
+    (folder,) = (tmp_path / "logs").iterdir()
+    events = EventAccumulator(str(next(p.parent for p in folder.rglob("events.out.tfevents.*")))).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm", "lr/unet", "lr/unet plus"} <= set(tags)
+    plus, base = events.Scalars("lr/unet plus")[-1].value, events.Scalars("lr/unet")[-1].value
+    assert plus == pytest.approx(4 * base)
+    assert events.Scalars("max_norm/keys_scaled")[-1].value > 0  # a bound that small scales every trained key
+    assert events.Scalars("max_norm/max_key_norm")[-1].value <= 0.001 * 1.001

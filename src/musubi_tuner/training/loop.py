@@ -849,7 +849,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         # from here on (dropout) each replica draws its own numbers; a group draws alike, as its computations are one
         set_seed(seed + layout.replica)
 
-    groups, _ = network.prepare_optimizer_params(unet_lr=args.learning_rate)
+    groups, group_names = network.prepare_optimizer_params(unet_lr=args.learning_rate)
     optimizer, optimizer_name = create_optimizer(args.optimizer_type, groups, args.learning_rate, optimizer_args)
     scheduler = create_scheduler(args, optimizer, total_steps * accelerator.num_processes)
     # The loader is sharded by our sampler, not by accelerate, so that resuming knows each process's position.
@@ -989,20 +989,28 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
             if compile_pending:  # the first step compiled every block
                 log_graph_breaks(args.debug)
                 compile_pending = False
-            if args.scale_weight_norms:
-                network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
+            max_norm = {}
+            if args.scale_weight_norms:  # (logged as musubi-tuner logs it: fuzz_ai 4)
+                scaled, mean_norm, max_key_norm = network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
+                max_norm = {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_key_norm}
             # a step's loss is the mean of its micro-batches', which its update followed (the last one's alone was logged,
             # and the epoch's window counted micro-batches, so loss/epoch took in the epoch before: fuzz_ai 1)
             step_loss = torch.stack(micro_losses).float().mean().item()
             micro_losses.clear()
             recent = (recent + [step_loss])[-steps_per_epoch:]
             saver.losses.add(progress.global_step, step_loss)
-            logs = {"loss/current": step_loss, "loss/average": sum(recent) / len(recent), "lr/unet": scheduler.get_last_lr()[0]}
+            # every parameter group's rate under its name, as musubi-tuner logs them ("unet", and LoRA+'s "unet plus")
+            rates = scheduler.get_last_lr()
+            names = [*(group_names or ["unet"])[:len(rates)], *(f"group{i}" for i in range(len(group_names or ["unet"]), len(rates)))]
+            logs = {"loss/current": step_loss, "loss/average": sum(recent) / len(recent),
+                    **{f"lr/{name}": lr for name, lr in zip(names, rates)}, **max_norm}
             bar.update(1)
             if validation is not None:
                 validation.after_step(progress.global_step)
             shown = {"val": f"{validation.last.loss:.4f}"} if validation is not None else {}
-            bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr/unet']:.2e}", **shown)
+            if max_norm:
+                shown["keys_scaled"] = max_norm["max_norm/keys_scaled"]
+            bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{rates[0]:.2e}", **shown)
             accelerator.log(logs, step=progress.global_step)
             saver.after_step(progress)
             if is_main:
