@@ -145,6 +145,40 @@ def test_a_display_matrix_is_applied_as_players_apply_it_mirrors_included(tmp_pa
     assert np.abs(video.frames[0].astype(int) - expected).mean() < 12  # (H.264's loss)
 
 
+def test_a_very_large_image_is_one_line_naming_it_not_pillows_warning(tmp_path):
+    """fuzz_ag 4: an image past Pillow's MAX_IMAGE_PIXELS (89.5 M, here lowered to 1,000) printed Pillow's two-line
+    DecompressionBombWarning, naming no file, for every image in a caching run. (In a process of its own: pytest shows
+    every warning whatever the filters.)"""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "big.png")
+    script = ("import logging, sys\nfrom PIL import Image\nImage.MAX_IMAGE_PIXELS = 1000\nlogging.basicConfig()\n"
+              "from musubi_tuner.data import media\nprint(media.load_image(sys.argv[1]).shape)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.png")], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "(30, 40, 3)"
+    assert done.stderr.strip() == f"WARNING:musubi_tuner.data.media:{tmp_path / 'big.png'}: 40x30, 1,200 pixels: decoding it takes about 0.0 GB"
+
+
+def test_a_video_whose_tags_are_not_utf8_is_read(tmp_path):
+    """fuzz_ag 0: a title in Latin-1 (cameras, old tools) made PyAV's strict tag decoding raise UnicodeDecodeError: a
+    traceback in V2V, "UnicodeDecodeError" in caching, for a video every player plays."""
+    source = tmp_path / "v.mkv"
+    with av.open(str(source), "w") as container:
+        container.metadata["title"] = "Cafe holiday"
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 60 * i, np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    latin1 = tmp_path / "latin1.mkv"
+    latin1.write_bytes(source.read_bytes().replace(b"Cafe holiday", b"Caf\xe9 holiday"))
+    assert media.load_video(latin1).frames.shape == (3, 32, 32, 3)
+    assert media.video_size(latin1) == (32, 32)
+
+
 def test_decoding_stops_once_enough_frames_are_kept(monkeypatch, tmp_path):
     pulled = []
 

@@ -4,6 +4,7 @@ the captions, and the caches already on disk (see cases.py for what every case a
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,14 @@ def emptied_folder(a, tmp):
     toml, folder = copy_dataset(a, tmp)
     for p in (folder / "images").iterdir():
         p.unlink()
+    return toml
+
+
+def _with_unreadable_image(a, tmp):
+    """A copy of the dataset with a text file named like an image among its images."""
+    toml, folder = copy_dataset(a, tmp)
+    (folder / "images" / "bad.png").write_text("not an image")
+    (folder / "images" / "bad.txt").write_text("a caption")
     return toml
 
 
@@ -470,6 +479,10 @@ CASES = [
          lambda a, t: replaced_flag(cache_latents_argv(copy_dataset(a, t)[0], a, "--debug_mode", "console", "--skip_existing"),
                                     "--vae", str(t / "missing.pt")), None,
          warning=r"--vae, --skip_existing: not read by --debug_mode console, which caches nothing; ignored"),
+    Case("cache-latents-debug-mode-names-an-unreadable-item-once", "cache_latents",
+         lambda a, t: cache_latents_argv(_with_unreadable_image(a, t), a, "--debug_mode", "console"), None,
+         then=lambda a, t, err, out: re.search(r"^  not shown: (\S+/bad\.png): not a readable image \(cannot identify image file '\1'\)$", out, re.M)
+         or pytest.fail(out[-2000:])),  # (fuzz_ag 6: the file was named twice)
     Case("cache-latents-debug-video-removes-what-a-killed-preview-left-and-writes-whole-ones", "cache_latents",
          lambda a, t: cache_latents_argv(killed_preview(a, t), a, "--debug_mode", "video"), None, then=previews_whole),
     Case("cache-latents-names-the-console-flags-it-ignores", "cache_latents",

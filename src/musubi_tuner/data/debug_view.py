@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from musubi_tuner.data.items import CacheReport, iter_latent_batches
+from musubi_tuner.data.items import CacheReport, _naming, iter_latent_batches
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import atomic_write, remove_leftover_temp_files
 
@@ -92,4 +92,4 @@ def show_dataset(config, args) -> None:
                 shown += 1
         print(f"{dataset.where}: {shown} items shown")
         for path, reason in report.failed + report.skipped:
-            print(f"  not shown: {path}: {reason}")
+            print(f"  not shown: {_naming(path, reason)}")  # (a UserError names its file: it was printed twice)

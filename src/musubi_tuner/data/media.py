@@ -14,8 +14,10 @@ from __future__ import annotations
 import fractions
 import importlib.util
 import itertools
+import logging
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -25,6 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from musubi_tuner.errors import UserError, limit_met
 from musubi_tuner.files import atomic_write, require_file, write_error
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
 if importlib.util.find_spec("pillow_jxl") or importlib.util.find_spec("jxlpy"):  # JPEG XL plugins, as musubi-tuner
@@ -89,6 +93,11 @@ def list_videos(folder: str | os.PathLike) -> list[Path]:
 # ------------------------------------------------------------------------------------------ images
 
 
+# Pillow warns of an image past MAX_IMAGE_PIXELS (and refuses one past twice that) in two lines that name no file: said
+# here instead, one line naming it (fuzz_ag 4)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def _open_image(path: Path) -> Image.Image:
     try:
         _require_readable_file(path)
@@ -115,6 +124,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """(H, W, 3) uint8 RGB, EXIF orientation applied."""
     path = Path(path)
     with _open_image(path) as img:
+        pixels = img.width * img.height
+        if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+            logger.warning("%s: %dx%d, %s pixels: decoding it takes about %.1f GB", path, img.width, img.height,
+                           f"{pixels:,}", pixels * 4 / 1e9)
         try:
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -195,9 +208,12 @@ def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
     """Every frame of the first video stream as (H, W, 3) uint8 RGB, display rotation applied."""
     try:
         _require_readable_file(path)
-        with av.open(str(path)) as container:
+        with av.open(str(path), metadata_errors="replace") as container:  # (tags in Latin-1: fuzz_ag 0)
             if not container.streams.video:
-                raise UserError(f"{path}: has no video stream")
+                kinds = {s.type for s in container.streams}
+                damaged = kinds and not kinds & {"audio", "subtitle"}  # (a cut-short mp4: half its index, read as data)
+                raise UserError(f"{path}: has no video stream" + (f" (only {', '.join(sorted(kinds))}: cut short or damaged?)"
+                                                                  if damaged else ""))
             stream = container.streams.video[0]
             for frame in container.decode(stream):
                 yield _as_displayed(frame.to_ndarray(format="rgb24"), frame)
