@@ -422,10 +422,11 @@ def test_an_image_whose_caption_was_deleted_since_caching_is_said_to_train_on_it
     toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=2, width=32, height=32, frames=5)
     config = cached(toml, models)
     (tmp_path / "images" / "image_0001.txt").unlink()
-    assert [w for w in training_warnings(config, caplog) if "older than" in w] == [
-        f"{toml}: [[datasets]][0]: 1 cached item is older than the dataset and trained on as cached (image_0001: caption file "
-        "gone, trained on its cached caption); run cache_latents.py and cache_text_encoder_outputs.py again (with --skip_existing "
-        "they redo only these)"]
+    assert [w for w in training_warnings(config, caplog) if "skipped by caching now" in w] == [
+        f"{toml}: [[datasets]][0]: 1 image is skipped by caching now but still trained on from its earlier caches (image_0001: "
+        f"caption file gone, trained on its cached caption); to leave out what caching skips, delete its caches from "
+        f"{tmp_path / 'cache' / 'images'} (caching keeps them, so that a mistyped caption_extension cannot delete a dataset's "
+        "caches)"]  # (fuzz_ag 1d: it said to run the caching again, which changes nothing)
 
 
 def test_training_warns_once_per_dataset_about_caches_older_than_the_dataset_and_items_never_cached(models, tmp_path, caplog):
@@ -576,3 +577,38 @@ def test_a_relative_cache_directory_beside_an_absolute_source_says_which_folder_
     with caplog.at_level(logging.WARNING):
         load_dataset_config(toml)
     assert "relative to the folder this command runs from" not in caplog.text
+
+
+def test_training_tells_a_broken_link_caching_could_not_read_from_an_item_never_cached(models, tmp_path, caplog):
+    """fuzz_ag 5: a broken link among the images was left out of caching's record (it cannot be stat'ed), so training
+    said "no latent cache ... run cache_latents.py again", which fails on it the same way."""
+    toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=2, width=32, height=32, frames=5)
+    (tmp_path / "images" / "broken.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "images" / "broken.txt").write_text("a caption")
+    config = cached(toml, models)
+    (line,) = [w for w in training_warnings(config, caplog) if "left out" in w]
+    assert line.startswith(f"{toml}: [[datasets]][0]: 1 image is left out, as cache_latents.py could not use it (broken: ")
+    assert line.endswith("); fix or remove those files")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "images" / "image_0000.png")  # mended: never cached, as a new item
+    assert any("1 image has no latent cache and is left out (broken); run cache_latents.py" in w
+               for w in training_warnings(config, caplog))
+
+
+def test_training_says_how_to_leave_out_an_item_caching_now_skips_but_cached_before(models, tmp_path, caplog):
+    """fuzz_ag 1d: an image whose caption was deleted (musubi-tuner's way to take it out) was trained on with advice to
+    cache again, which changes nothing; one made a .gif, and a video whose caption was deleted, without a word."""
+    toml = make_synthetic_dataset(tmp_path, num_videos=2, num_images=3, width=32, height=32, frames=5)
+    config = cached(toml, models)
+    (tmp_path / "images" / "image_0000.txt").unlink()
+    (tmp_path / "images" / "image_0001.png").rename(tmp_path / "images" / "image_0001.gif")
+    (tmp_path / "videos" / "clip_0000.txt").unlink()
+    cached(toml, models)  # what the advice said to do: the items are skipped, their caches kept
+    lines = [w for w in training_warnings(config, caplog) if "skipped by caching now" in w]
+    images, videos = sorted(lines, key=lambda line: "[[datasets]][1]" in line)
+    assert "2 images are skipped by caching now but still trained on from their earlier caches (image_0000: caption file " \
+           "gone, trained on its cached caption; image_0001: .gif is not a supported image type" in images
+    assert "1 video is skipped by caching now but still trained on from its earlier caches (clip_0000: caption file gone" in videos
+    for line in lines:
+        assert line.endswith("to leave out what caching skips, delete its caches from "
+                             f"{tmp_path / 'cache' / ('images' if line is images else 'videos')} (caching keeps them, so that a "
+                             "mistyped caption_extension cannot delete a dataset's caches)") and "run cache_latents" not in line

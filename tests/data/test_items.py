@@ -399,6 +399,15 @@ def test_a_bad_jsonl_line_names_the_file_line_dataset_and_key(tmp_path, line, pr
     assert problem in str(info.value) and "[[datasets]][0].video_jsonl_file" in str(info.value)
 
 
+def test_a_url_in_a_jsonl_is_named_as_one(tmp_path):
+    """fuzz_ag 7: "https://example.com/y.png" was read as the path https:/example.com/y.png, "file not found"."""
+    dataset = jsonl_config(tmp_path, ['{"image_path": "https://example.com/y.png", "caption": "c"}'], kind="image")
+    with pytest.raises(UserError) as info:
+        items.list_items(dataset)
+    assert ('meta.jsonl:1: "https://example.com/y.png": a URL; give the path of a file on this machine (download it first)'
+            in str(info.value))
+
+
 def test_image_jsonl_accepts_image_path_0(tmp_path):
     dataset = jsonl_config(tmp_path, ['{"image_path_0": "x.png", "caption": "c"}'], kind="image")
     assert [i.stem for i in items.list_items(dataset)[0]] == ["x"]
@@ -463,6 +472,20 @@ def test_a_full_extraction_decodes_no_more_than_max_frames_and_caches_the_same_c
     (item,) = batch.items
     assert len(decoded) == 9 and item.clip == Clip(0, 9)
     assert np.array_equal(item.pixels, whole.frames[:9])
+
+
+def test_skip_existing_redoes_a_video_cached_at_another_source_fps(tmp_path):
+    """fuzz_ag 1a: source_fps = 48 keeps frames 0, 2, 4, ... where none kept 0, 1, 2, ...: the same clip name and frame
+    count, and --skip_existing kept the clip of the other frames."""
+    add_video(tmp_path, "v", frames=12)
+    cache_everything(video_config(tmp_path, "target_frames = [5]\n"), items.CacheReport())
+
+    def redone(extra):
+        dataset = video_config(tmp_path, "target_frames = [5]\n" + extra)
+        return [i.clip for b in items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True) for i in b.items]
+
+    assert redone("") == []
+    assert redone("source_fps = 48.0\n") == [Clip(0, 5)]
 
 
 def test_skip_existing_does_not_decode_a_fully_cached_video(tmp_path, monkeypatch):

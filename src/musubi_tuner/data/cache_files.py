@@ -195,9 +195,10 @@ def record_left_out(cache_dir: str | os.PathLike, left_out: Iterable[tuple[str, 
     entries = {}
     for path, reason in left_out:
         try:
-            entries[item_stem(path)] = {"reason": reason.removeprefix(f"{path}: "), **source_signature(path)}
-        except OSError:  # (gone, or a name too long to stat: nothing to tell apart later)
-            continue
+            signature = source_signature(path)
+        except OSError:  # a broken link, say: recorded without a signature, as what could not be read (training told the
+            signature = {}  # user to run the caching again, which gave the same failure: fuzz_ag 5)
+        entries[item_stem(path)] = {"reason": reason.removeprefix(f"{path}: "), **signature}
     target = Path(cache_dir) / LEFT_OUT_NAME
     try:
         files.remove_leftover_temp_files(cache_dir, lambda name: name == LEFT_OUT_NAME)  # (a killed run's write of it)
@@ -221,13 +222,16 @@ def left_out(cache_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
 
 
 def latent_provenance(source: str | os.PathLike, source_size: tuple[int, int], bucket: tuple[int, int],
-                      vae: Mapping[str, str] | None = None, source_frames: int | None = None) -> dict[str, str]:
+                      vae: Mapping[str, str] | None = None, source_frames: int | None = None,
+                      source_fps: float | None = None) -> dict[str, str]:
     """What made a latent cache, for its metadata: the source file and its state, its size (and, for a
-    video, its frame count after source_fps), the bucket and the VAE (`vae_provenance`)."""
+    video, its frame count after source_fps, and the dataset's source_fps: another keeps other frames in the same
+    clip, and --skip_existing reused the clip: fuzz_ag 1a), the bucket and the VAE (`vae_provenance`)."""
     provenance = {"source": _name(source), **source_signature(source),
                   "source_size": f"{source_size[0]}x{source_size[1]}", "bucket": f"{bucket[0]}x{bucket[1]}"}
     if source_frames is not None:
         provenance["source_frames"] = str(source_frames)
+        provenance["source_fps"] = "none" if source_fps is None else f"{source_fps:g}"
     return {**provenance, **(vae or {})}
 
 

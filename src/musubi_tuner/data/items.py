@@ -16,6 +16,7 @@ import collections
 import json
 import logging
 import os
+import re
 import unicodedata
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -335,6 +336,8 @@ MAX_JSONL_BYTES = 2**30  # a line per item: a million items with long captions
 
 def _jsonl_media_path(value: str, jsonl: Path, at: str) -> Path:
     """Relative to the current folder as musubi-tuner reads it, else (if only that exists) to the JSONL's folder."""
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+://", value):  # (Path() made "https://a/x.png" "https:/a/x.png", "not found")
+        raise UserError(f"{at}: a URL; give the path of a file on this machine (download it first)")
     path = expanded_path(value, at)
     if path.is_absolute() or os.path.exists(path) or not os.path.exists(jsonl.parent / path):  # (not raising: a name too long)
         return path
@@ -431,7 +434,7 @@ class _LatentLoader:
         if not clips:
             return _Loaded(skip_reason=f"only {num_frames} frame{'s' if num_frames != 1 else ''}, shorter than every target_frames "
                                        f"{list(ds.target_frames)}")
-        video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames)
+        video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames, ds.source_fps)
         for clip in clips:
             path = _writable(cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip))
             provenance = cache_files.clip_provenance(video_provenance, clip)
@@ -473,7 +476,7 @@ class _LatentLoader:
             num_frames = int(read_safetensors_header(probe)[1]["source_frames"])
         except (UserError, KeyError, ValueError):
             return []
-        video_provenance = cache_files.latent_provenance(item.path, size, bucket, self.vae, num_frames)
+        video_provenance = cache_files.latent_provenance(item.path, size, bucket, self.vae, num_frames, ds.source_fps)
         paths, partly = [], set()
         for clip in self._clips(num_frames):
             path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)

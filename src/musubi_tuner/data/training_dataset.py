@@ -204,6 +204,7 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
         if name is not None:
             latents.setdefault(name.item_key, []).append(path)
     kind = "video" if dataset.is_video else "image"
+    kept: list[str] = []  # "stem: why caching skips or fails it now", of items cached before (see below)
     changed: list[str] = []  # "stem: what changed"
     uncached: list[str] = []
     rejected: list[str] = []  # "stem: why latent caching could not use it"
@@ -226,20 +227,27 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
             whats.append(f"{kind} changed")
         try:
             caption = item.read_caption()
-        except UserError:
-            caption = None
+        except UserError as e:  # caching fails it now (a video's caption is read there): trained on its old caches
+            gone = "not found" in str(e)
+            kept.append(f"{item.stem}: {'caption file gone, trained on its cached caption' if gone else str(e)}")
+            continue
         text_path = cache_files.text_cache_path(cache_dir, item.stem)
         if caption is not None and (cache_files.cache_status(text_path, {"caption1": caption}) or "").startswith("caption1"):
             whats.append("caption changed")
         if whats:
             changed.append(f"{item.stem}: {' and '.join(whats)}")
     listed = {item.stem for item in sources} | {cache_files.item_stem(path) for path, _ in skipped}
-    # (an image whose caption file was deleted since caching, to take it out of the dataset, say: its caches remain, and
-    # it was trained on its cached caption without a word)
-    changed += [f"{cache_files.item_stem(path)}: caption file gone, trained on its cached caption" for path, reason in skipped
-                if reason.startswith("no caption file") and cache_files.item_stem(path) in latents]
     changed += [f"{stem}: source deleted" for stem in sorted(latents) if stem not in listed]
-    if not changed and not uncached and not rejected:
+    # items caching skips now but cached before, whose caches caching keeps (so that a mistyped caption_extension cannot
+    # delete a dataset's caches): a caption deleted to take an item out (musubi-tuner's way), an image made a .gif. They
+    # were trained on without a word (a video's), or with advice to cache again, which changes nothing (fuzz_ag 1d)
+    for path, reason in skipped:
+        stem = cache_files.item_stem(path)
+        if stem in latents:
+            reason = reason.removeprefix(f"{path}: ")
+            caption_gone = reason.startswith("no caption file") or reason.endswith("caption file not found")
+            kept.append(f"{stem}: {'caption file gone, trained on its cached caption' if caption_gone else reason}")
+    if not changed and not uncached and not rejected and not kept:
         return None
     parts = []
     if changed:
@@ -251,18 +259,24 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
     if rejected:
         parts.append(f"{_count(len(rejected), kind, 'is', 'are')} left out, as cache_latents.py could not use "
                      f"{'it' if len(rejected) == 1 else 'them'} ({_first(rejected, shown)})")
-    advice = ("run cache_latents.py and cache_text_encoder_outputs.py again (with --skip_existing they redo only these)"
-              if changed or uncached else "fix or remove those files")
-    return f"{dataset.where}: {', and '.join(parts)}; {advice}"
+    if kept:
+        parts.append(f"{_count(len(kept), kind, 'is', 'are')} skipped by caching now but still trained on from "
+                     f"{'its' if len(kept) == 1 else 'their'} earlier caches ({_first(kept, shown)})")
+    advice = ["run cache_latents.py and cache_text_encoder_outputs.py again (with --skip_existing they redo only these)"
+              if changed or uncached else "fix or remove those files"] if changed or uncached or rejected else []
+    if kept:
+        advice.append(f"to leave out what caching skips, delete its caches from {cache_dir} (caching keeps them, so that a "
+                      "mistyped caption_extension cannot delete a dataset's caches)")
+    return f"{dataset.where}: {', and '.join(parts)}; {'; '.join(advice)}"
 
 
 def _same_source(path: Path, recorded: dict[str, str]) -> bool:
     """The source is as it was when latent caching recorded why it could not use it."""
     try:
         signature = cache_files.source_signature(path)
-    except OSError:
-        return False
-    return all(recorded.get(k) == v for k, v in signature.items())
+    except OSError:  # unreadable now: the same source if it was unreadable then (recorded without a signature)
+        return "source_bytes" not in recorded
+    return "source_bytes" in recorded and all(recorded.get(k) == v for k, v in signature.items())
 
 
 def _count(n: int, noun: str, one: str, many: str) -> str:
