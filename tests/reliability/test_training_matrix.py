@@ -109,6 +109,21 @@ def _half_written_state(out: Path) -> Path:
     return out
 
 
+def _same_samples(folder: Path, first: str, second: str) -> None:
+    """The samples of two prompts (named by their tags) have the same frames."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    def frames(tag):
+        (path,) = [p for p in folder.iterdir() if tag in p.name and p.suffix in (".mp4", ".png")]
+        if path.suffix == ".png":
+            return np.asarray(Image.open(path))
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert np.array_equal(frames(first), frames(second))
+
+
 def before_the_model_loads(a, tmp, err, out):
     assert "modules on the DiT" not in err, "the LoRA was built: the model had loaded before the error"
 
@@ -615,6 +630,14 @@ CASES = [
              err, r"prompts\.txt: line 1: --l 3e\+38, far from the usual, may be the cause of a NaN or noisy sample",
              r"sample 0 at step 1: the sampled latent holds NaN/inf values: the prompt's options \(guidance 6, flow shift "
              r"14\.5, CFG 3e\+38\) are the likely cause, the LoRA is not: the DiT without it gives NaN/inf too; no video was written")),
+    Case("train-sample-with-a-cfg-scale-and-no-negative-prompt-samples-without-cfg-as-musubi-tuner", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--sample_prompts", str(write(t / "prompts.txt", "a cat --w 32 --h 32 --d 1\n"
+                                                                                             "a cat --w 32 --h 32 --d 1 --l 4\n")),
+                                 "--sample_at_first", "--max_train_steps", "1", "--vae", str(a.vae), "--text_encoder1", str(a.te1),
+                                 "--text_encoder2", str(a.te2)),
+         None, warning=r"prompts\.txt: line 2: --l 4 is ignored without a negative prompt \(--n\), as in musubi-tuner: sampled "
+                       r"without real CFG",
+         then=lambda a, t, err, out: _same_samples(t / "out" / "sample", "_000000_00_", "_000000_01_")),  # (fuzz_ai 7)
     Case("train-dit-with-inf-is-named", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=nan_dit(a, t)),
          r"nan_dit\.safetensors: final_layer\S+ holds NaN or infinite values: the file is damaged, download it again",
          then=before_the_model_loads),

@@ -44,12 +44,15 @@ class SamplePrompt:
             if problem is not None:  # (the tokenizer failed on it with a TypeError, after the models had loaded)
                 raise UserError(f"{where}: the {name} {problem}")
         far = far_from_usual([("--g", self.guidance, USUAL_SAMPLING["embedded_guidance"]), ("--fs", self.flow_shift, USUAL_SAMPLING["flow_shift"]),
-                              ("--l", self.cfg_scale, USUAL_SAMPLING["cfg_scale"])])
+                              ("--l", self.cfg_scale if self.negative_prompt else None, USUAL_SAMPLING["cfg_scale"])])
         if far:  # said when the file is read, as generation says its flags' (fuzz_ab 11: only a NaN sample, hours in)
             logger.warning("%s: %s of a NaN or noisy sample", where, far)
         if self.negative_prompt and (self.cfg_scale is None or self.cfg_scale == 1.0):  # (as the generation command says)
             logger.warning("%s: the negative prompt is ignored without real CFG (--l other than 1, 6.0 say), as in musubi-tuner",
                            where)
+        if not self.negative_prompt and self.cfg_scale is not None and self.cfg_scale != 1.0:  # (CFG against "" ran: fuzz_ai 7)
+            logger.warning("%s: --l %g is ignored without a negative prompt (--n), as in musubi-tuner: sampled without real CFG",
+                           where, self.cfg_scale)
         done = replace(self, width=max(16, self.width // 16 * 16), height=max(16, self.height // 16 * 16),
                        frames=max(1, (self.frames - 1) // 4 * 4 + 1))
         if done != self:

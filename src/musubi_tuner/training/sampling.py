@@ -51,7 +51,9 @@ def _free(*objs) -> None:
 
 
 def _uses_cfg(p: SamplePrompt) -> bool:
-    return p.cfg_scale is not None and p.cfg_scale != 1.0
+    """Real CFG, as musubi-tuner samples: a negative prompt (--n) and a scale (--l) other than 1; either alone is
+    said to be ignored when the file is read (SamplePrompt.normalised)."""
+    return bool(p.negative_prompt) and p.cfg_scale is not None and p.cfg_scale != 1.0
 
 
 def encode_texts(texts: list[str], args, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
@@ -201,7 +203,7 @@ class TrainingSampler:
         uncond = {k: v.to(device) for k, v in self.texts[p.negative_prompt or ""].items()} if _uses_cfg(p) else None
         noise = initial_noise((1, *VAEConfig().latent_shape(p.frames, p.height, p.width)), self.seeds[p.index]).to(device)
         image = self.image_latents.get(p.index)
-        guidance = Guidance(embedded_scale=p.guidance, scale=p.cfg_scale if p.cfg_scale is not None else 1.0)
+        guidance = Guidance(embedded_scale=p.guidance, scale=p.cfg_scale if _uses_cfg(p) else 1.0)
         if cache is not None:
             cache.new_video()
         with self.accelerator.autocast():
