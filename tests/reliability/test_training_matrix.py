@@ -638,6 +638,10 @@ CASES = [
          None, warning=r"prompts\.txt: line 2: --l 4 is ignored without a negative prompt \(--n\), as in musubi-tuner: sampled "
                        r"without real CFG",
          then=lambda a, t, err, out: _same_samples(t / "out" / "sample", "_000000_00_", "_000000_01_")),  # (fuzz_ai 7)
+    Case("train-two-attention-flags-say-which-is-used", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", "--flash_attn", "--max_train_steps", "1"), None,
+         warning=r"--sdpa --flash_attn: one attention is used, --sdpa \(the first of --sdpa, --flash_attn, --sage_attn, "
+                 r"--xformers, --flash3\); --flash_attn ignored"),  # (fuzz_ai 6: dropped without a word)
     Case("train-dit-with-inf-is-named", "hv_train_network", lambda a, t: train_argv(a, t / "out", dit=nan_dit(a, t)),
          r"nan_dit\.safetensors: final_layer\S+ holds NaN or infinite values: the file is damaged, download it again",
          then=before_the_model_loads),

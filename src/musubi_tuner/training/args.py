@@ -22,6 +22,8 @@ from musubi_tuner.inference.step_cache import add_step_cache_flags
 from musubi_tuner.training.optimizers import SCHEDULERS, scheduler_name
 from musubi_tuner.training.timesteps import NUM_TRAIN_TIMESTEPS, SAMPLING_MODES, WEIGHTING_SCHEMES
 
+logger = logging.getLogger(__name__)
+
 
 def _int_or_float(value: str) -> float | int:
     """`100` steps (an int), `0.1` of all steps, or `10%` (a float: a fraction of all steps, `100%` all of them), as
@@ -353,6 +355,18 @@ def log_folder(args: argparse.Namespace) -> str | None:
     if os.path.isabs(prefix) or ".." in Path(prefix).parts:  # (a sub-folder, "run1/", is musubi-tuner's as well)
         raise UserError(f"--log_prefix {prefix}: leads out of --logging_dir; give the folder as --logging_dir")
     return os.path.join(args.logging_dir, prefix + time.strftime("%Y%m%d%H%M%S"))
+
+
+ATTENTION_FLAGS = ("sdpa", "flash_attn", "sage_attn", "xformers", "flash3")  # musubi-tuner's order: the first given wins
+
+
+def check_attention_flags(args: argparse.Namespace) -> None:
+    """Said once, before the work: of several attention flags the first in musubi-tuner's order is used, the others were
+    dropped without a word (fuzz_ai 6)."""
+    given = [f"--{flag}" for flag in ATTENTION_FLAGS if getattr(args, flag)]
+    if len(given) > 1:
+        logger.warning("%s: one attention is used, %s (the first of %s); %s ignored", " ".join(given), given[0],
+                       ", ".join(f"--{f}" for f in ATTENTION_FLAGS), ", ".join(given[1:]))
 
 
 def attention_mode(args: argparse.Namespace) -> str:

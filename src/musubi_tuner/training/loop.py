@@ -41,7 +41,7 @@ from musubi_tuner.hunyuan.sequence_parallel import check_heads
 from musubi_tuner.hunyuan.vae import SCALING_FACTOR, latent_frames
 from musubi_tuner.inference import step_cache
 from musubi_tuner.progress import progress_bar
-from musubi_tuner.training.args import attention_mode, log_folder, output_stem
+from musubi_tuner.training.args import attention_mode, check_attention_flags, log_folder, output_stem
 from musubi_tuner.training.checkpointing import CheckpointSaver, check_final_names_free, check_names_fit
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
@@ -177,6 +177,7 @@ def check_args(args) -> None:
     require_file(args.dataset_config, "dataset config", "--dataset_config")
     require_file(args.dit, "DiT checkpoint", "--dit")
     attention_mode(args)
+    check_attention_flags(args)
     warn_of_unread_flags(timestep_config(args))
     warn_of_a_range_seldom_drawn(timestep_config(args))
     if args.guidance_scale_x1000 and args.guidance_scale > FLOAT32_MAX / 1000:  # (what the DiT is fed, times 1000, is a
