@@ -109,6 +109,14 @@ def _half_written_state(out: Path) -> Path:
     return out
 
 
+def _epoch_and_step_samples(a, tmp) -> list[str]:
+    """Samples every 4 steps and every epoch: the 4 batches of an epoch end it on a sampling step."""
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("a cat --w 32 --h 32 --d 1 --s 2\n")
+    return ["--sample_prompts", str(prompts), "--sample_every_n_steps", "4", "--sample_every_n_epochs", "1", "--vae", str(a.vae),
+            "--text_encoder1", str(a.te1), "--text_encoder2", str(a.te2)]
+
+
 def _same_samples(folder: Path, first: str, second: str) -> None:
     """The samples of two prompts (named by their tags) have the same frames."""
     import av
@@ -638,6 +646,11 @@ CASES = [
          None, warning=r"prompts\.txt: line 2: --l 4 is ignored without a negative prompt \(--n\), as in musubi-tuner: sampled "
                        r"without real CFG",
          then=lambda a, t, err, out: _same_samples(t / "out" / "sample", "_000000_00_", "_000000_01_")),  # (fuzz_ai 7)
+    Case("train-resumed-at-an-epoch-that-ended-on-a-sampling-step-does-not-sample-it-again", "hv_train_network",
+         lambda a, t: train_argv(a, trained_before(a, t, *_epoch_and_step_samples(a, t), "--max_train_epochs", "1"),
+                                 *_epoch_and_step_samples(a, t), "--max_train_epochs", "2", "--resume", "auto"), None,
+         then=lambda a, t, err, out: sorted({p.name.split("_")[1] for p in (t / "out" / "sample").iterdir()}) == ["000004", "000008"]
+         or pytest.fail(str(sorted(p.name for p in (t / "out" / "sample").iterdir())))),  # (fuzz_ai 5: an e000001 set too)
     Case("train-two-attention-flags-say-which-is-used", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--flash_attn", "--max_train_steps", "1"), None,
          warning=r"--sdpa --flash_attn: one attention is used, --sdpa \(the first of --sdpa, --flash_attn, --sage_attn, "

@@ -185,10 +185,13 @@ class TrainingSampler:
     def catch_up(self, dit, network, optimizer, step: int, epoch: int | None) -> None:
         """On a resume from the state saved at `step` (or at the end of `epoch`): the samples the stopped run was to make
         right after writing that state, where one of them is missing (it stopped before, or while, it made them)."""
-        if self.every_n_steps and step % self.every_n_steps == 0 and not self._made(f"{step:06d}"):
-            self.sample(dit, network, optimizer, step)
-        if epoch and self.every_n_epochs and epoch % self.every_n_epochs == 0 and not self._made(f"e{epoch:06d}"):
-            self.sample(dit, network, optimizer, step, epoch=epoch)
+        due_step = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        due_epoch = bool(epoch and self.every_n_epochs) and epoch % self.every_n_epochs == 0
+        # a step due for both is sampled once, named by its step (`sample`): either name is that step's samples (an
+        # epoch ending on a sampling step was sampled again on resuming, as e00000N: fuzz_ai 5)
+        made = self._made(f"{step:06d}") or bool(epoch) and self._made(f"e{epoch:06d}")
+        if (due_step or due_epoch) and not made:
+            self.sample(dit, network, optimizer, step, epoch=None if due_step else epoch)
 
     def _made(self, tag: str) -> bool:
         """Whether every prompt's sample and the grid of `tag` (a step or an epoch) are in the sample folder."""
