@@ -132,6 +132,10 @@ def test_a_clip_shorter_than_every_target_is_reported_and_skipped(tmp_path):
     batches = list(items.iter_latent_batches(dataset, report))
     assert [i.source.stem for b in batches for i in b.items] == ["long"]
     assert report.skipped == [(str(tmp_path / "videos" / "short.mp4"), "only 9 frames, shorter than every target_frames [25]")]
+    report = items.CacheReport()  # fuzz_ag 8a: the 25-frame file was "only 13 frames", which its user could not see
+    list(items.iter_latent_batches(video_config(tmp_path, "target_frames = [25]\nsource_fps = 48.0\n"), report))
+    assert (str(tmp_path / "videos" / "long.mp4"), "only 13 frames after source_fps = 48, shorter than every target_frames [25]") \
+        in report.skipped
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100])

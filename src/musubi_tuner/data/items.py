@@ -432,7 +432,8 @@ class _LatentLoader:
         num_frames = len(video.frames)
         clips = self._clips(num_frames)
         if not clips:
-            return _Loaded(skip_reason=f"only {num_frames} frame{'s' if num_frames != 1 else ''}, shorter than every target_frames "
+            after = f" after source_fps = {ds.source_fps:g}" if ds.source_fps else ""  # (the file has more: fuzz_ag 8a)
+            return _Loaded(skip_reason=f"only {num_frames} frame{'s' if num_frames != 1 else ''}{after}, shorter than every target_frames "
                                        f"{list(ds.target_frames)}")
         video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames, ds.source_fps)
         for clip in clips:

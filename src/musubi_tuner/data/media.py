@@ -224,10 +224,19 @@ def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
         raise UserError(f"{path}: {'not a readable video' if isinstance(e, av.FFmpegError) else 'cannot read'} ({_reason(e)})") from None
 
 
+_SAID_UNPADDED: set[str] = set()  # frame folders whose unpadded numbers were said to be read out of order
+
+
 def _folder_frames(folder: Path) -> Iterator[np.ndarray]:
     files = list_images(folder)
     if not files:
         raise UserError(f"{folder}: a folder used as a video holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    numbers = [int(p.stem) for p in files if p.stem.isdigit()]
+    if len(numbers) == len(files) and numbers != sorted(numbers) and str(folder) not in _SAID_UNPADDED:
+        _SAID_UNPADDED.add(str(folder))  # (1.png ... 12.png: read 1, 10, 11, 12, 2, ..., silently: fuzz_ag 8e)
+        logger.warning("%s: frames are read in name order, as musubi-tuner reads them: %s, ... (not in number order); "
+                       "name them with leading zeros (01.png) to read them in order", folder,
+                       ", ".join(p.name for p in files[:4]))
     for file in files:
         yield load_image(file)
 
