@@ -347,3 +347,32 @@ def test_a_process_waiting_for_process_0_that_died_stops_at_the_launchers_sigter
     assert "terminated while waiting for another process's work (a process that failed says why above)" in done.stderr, \
         done.stderr[-3000:]
     assert "exitcode  : 143" in done.stderr and "forcefully exiting via 9" not in done.stderr, done.stderr[-3000:]
+
+
+def test_launcher_variables_left_in_the_environment_are_named_not_silent_or_a_traceback(tmp_path):
+    """fuzz_ah 4 and 5: RANK=1 WORLD_SIZE=2 exported in a shell made caching and training end with status 2 and no
+    word (process 1 leaves the message to a process 0 that did not exist), generation a traceback from torch's
+    rendezvous; RANK=abc was a traceback in every command; a leftover ACCELERATE_GRADIENT_ACCUMULATION_STEPS made the
+    optimizer accumulate otherwise than the loop counted, and ACCELERATE_USE_DEEPSPEED=true was a traceback."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "ACCELERATE_"))}
+    training = _tiny_training(tmp_path)
+
+    def error_of(script, argv, **env):
+        done = subprocess.run([sys.executable, f"src/musubi_tuner/{script}", *argv], cwd=ROOT, env={**base, **env},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        return [line for line in done.stderr.splitlines() if line.startswith("error:")]
+
+    assert error_of("cache_latents.py", ["--dataset_config", str(tmp_path / "d.toml")], RANK="1", WORLD_SIZE="2") == [
+        "error: cache_latents.py runs in one process (WORLD_SIZE=2 is set in the environment): run it without accelerate "
+        "launch or torchrun, or unset WORLD_SIZE and RANK"]
+    assert error_of("hv_train_network.py", training, RANK="1", WORLD_SIZE="2") == [
+        "error: RANK=1 and WORLD_SIZE=2 are set in the environment, but MASTER_ADDR and MASTER_PORT are not: unset RANK and "
+        "WORLD_SIZE to run this command alone, or start its processes with accelerate launch or torchrun"]
+    assert error_of("lora_info.py", [str(tmp_path / "x.safetensors")], RANK="abc") == [
+        "error: RANK='abc' in the environment is not a number (a launcher sets it: unset it to run this command alone)"]
+    assert error_of("hv_train_network.py", training, ACCELERATE_GRADIENT_ACCUMULATION_STEPS="4") == [
+        "error: ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 in the environment overrides --gradient_accumulation_steps 1; unset "
+        "it, or give the flag its value"]
+    (line,) = error_of("hv_train_network.py", training, ACCELERATE_USE_DEEPSPEED="true")
+    assert line.startswith("error: accelerate: DeepSpeed is not installed") and "(ACCELERATE_USE_DEEPSPEED=true asks for it" in line

@@ -112,7 +112,8 @@ def _prepare(argv, streams: list) -> None:
                         "folder that exists and run the command again") from None
     usable_standard_streams()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if launched()[0] != 0:  # one of a launcher's processes: process 0 says what every process meets alike, from the
+    check_launcher_variables()
+    if one_of_a_launchers_others():  # one of a launcher's processes: process 0 says what every process meets alike, from the
         # command line on (what differs between them is refused, by name: distributed.check_same_inputs)
         logging.getLogger("musubi_tuner").setLevel(logging.ERROR)
     use_expandable_segments()
@@ -409,9 +410,33 @@ def use_expandable_segments(environ=os.environ, platform: str = sys.platform) ->
 
 
 def launched() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) a launcher gave this process: (0, 1) when none did. (Here, not in `distributed`, which imports
-    torch: processes that never load it, such as the studio's, ask too.)"""
-    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    """(RANK, WORLD_SIZE) a launcher gave this process: (0, 1) when none did, or when they are not numbers (which
+    `check_launcher_variables` refuses). (Here, not in `distributed`, which imports torch: processes that never load
+    it, such as the studio's, ask too.)"""
+    try:
+        return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:  # (RANK=abc was a traceback in every command, lora_info's too: fuzz_ah 4)
+        return 0, 1
+
+
+LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE")  # what torchrun (accelerate launch's too) sets
+
+
+def one_of_a_launchers_others() -> bool:
+    """A process other than process 0 of a run of several (started by torchrun or accelerate launch, or by hand with
+    process 0's address): it leaves what every process meets to process 0. RANK and WORLD_SIZE left in the
+    environment (a job script, a container) without a launcher's marks or an address made the commands end in silence,
+    there being no process 0 to speak (fuzz_ah 4)."""
+    return launched()[0] != 0 and any(os.environ.get(mark) for mark in (*LAUNCHER_MARKS, "MASTER_ADDR"))
+
+
+def check_launcher_variables() -> None:
+    """RANK and WORLD_SIZE, when set, are numbers (a launcher's), and a process of several has process 0's address."""
+    for name in ("RANK", "WORLD_SIZE"):
+        value = os.environ.get(name)
+        if value and not value.strip().isdigit():
+            raise UserError(f"{name}={value!r} in the environment is not a number (a launcher sets it: unset it to run "
+                            "this command alone)")
 
 
 def require_one_process(command: str) -> None:
@@ -419,7 +444,10 @@ def require_one_process(command: str) -> None:
     cached every item, the second refused the cache folders' lock as "another run", which the user had not started)."""
     world = launched()[1]
     if world > 1:
-        raise SharedError(f"{command} runs in one process ({world} were started): run it without accelerate launch or torchrun")
+        started = (f"{world} were started" if any(os.environ.get(mark) for mark in LAUNCHER_MARKS) else
+                   f"WORLD_SIZE={world} is set in the environment")
+        raise SharedError(f"{command} runs in one process ({started}): run it without accelerate launch or torchrun"
+                          + ("" if "were started" in started else ", or unset WORLD_SIZE and RANK"))
 
 
 def printable(text: str) -> str:
@@ -440,7 +468,7 @@ def _fail(message: str, shared: bool = False, about_another: bool = False) -> No
     _default_sigterm()  # ending anyway: a launcher's SIGTERM now ends it without a second message
     _close_progress_bars()
     _remove_created_empty_folders()
-    quiet = shared and launched()[0] != 0
+    quiet = shared and one_of_a_launchers_others()
     message = printable(message)  # (one line, whatever the names in it hold)
     if not quiet:
         _say(f"error: {message}")

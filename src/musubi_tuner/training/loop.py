@@ -360,6 +360,15 @@ def make_accelerator(args) -> Accelerator:
                                          kwargs_handlers=kwargs)
     except ValueError as e:
         raise UserError(f"accelerate: {e}") from None
+    except ImportError as e:  # ACCELERATE_USE_DEEPSPEED=true left from another launch: "DeepSpeed is not installed"
+        used = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("ACCELERATE_USE_") and k != "ACCELERATE_USE_CPU"]
+        raise UserError(f"accelerate: {e} ({', '.join(used) or 'its configuration'} asks for it; unset it, or install it)") from None
+    # accelerate takes the accumulation from ACCELERATE_GRADIENT_ACCUMULATION_STEPS over the argument: a leftover made the
+    # optimizer accumulate otherwise than the loop counted, and the metadata said another (fuzz_ah 5)
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+        raise UserError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={os.environ.get('ACCELERATE_GRADIENT_ACCUMULATION_STEPS')} in the "
+                        f"environment overrides --gradient_accumulation_steps {args.gradient_accumulation_steps}; unset it, or "
+                        "give the flag its value")
     accelerator.logs_to = f"--logging_dir {project_dir}" if project_dir else f"--log_with {args.log_with}"
     return accelerator
 
