@@ -3,7 +3,6 @@
 import argparse
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -243,7 +242,7 @@ def test_validation_split_in_general_holds_out_part_of_every_dataset_unless_one_
 @pytest.mark.parametrize("value", ["1.0", "-0.1", '"10%"'])
 def test_validation_split_must_be_a_fraction_below_one(folders, value):
     message = config_error(folders, IMAGES + f"validation_split = {value}\n")
-    assert message.startswith(f"dataset.toml: [[datasets]][0].validation_split = ")
+    assert message.startswith("dataset.toml: [[datasets]][0].validation_split = ")
     assert "less than 1" in message or "not a number" in message
 
 

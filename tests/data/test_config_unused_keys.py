@@ -67,8 +67,8 @@ def test_a_key_the_datasets_kind_does_not_read_is_warned_about(folder, caplog, t
 
 
 def test_num_repeats_of_a_validation_dataset_is_warned_about(folder, caplog):
-    text = (f'[[datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\n'
-            f'[[validation_datasets]]\nvideo_directory = "videos"\ncaption_extension = ".txt"\nnum_repeats = 5\n')
+    text = ('[[datasets]]\nimage_directory = "images"\ncaption_extension = ".txt"\n'
+            '[[validation_datasets]]\nvideo_directory = "videos"\ncaption_extension = ".txt"\nnum_repeats = 5\n')
     config, warnings = warnings_of(folder, text, caplog)
     assert warnings == ["dataset.toml: [[validation_datasets]][0].num_repeats = 5 is used by [[datasets]] only; "
                         "ignored here: a validation dataset uses each item once"]

@@ -1,15 +1,11 @@
 """The DiT equals diffusers' HunyuanVideoTransformer3DModel, has the official layout, and loads every file format."""
 
-import dataclasses
-
 import pytest
 import torch
 
 from diffusers_reference import diffusers_dit
 from helpers import dit_inputs as inputs, rel_err
-from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
-from musubi_tuner.errors import UserError
-from musubi_tuner.hunyuan.checkpoints import load_dit
+from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 

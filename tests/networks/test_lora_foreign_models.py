@@ -7,7 +7,6 @@ trained on a SkyReels I2V DiT (32 input channels) applied to a T2V DiT is applie
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 from safetensors.torch import save_file

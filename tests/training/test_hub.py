@@ -78,7 +78,7 @@ def test_the_lokr_file_has_musubi_tuners_names_and_metadata(run):
     assert meta["ss_network_module"] == "networks.lokr" and json.loads(meta["ss_network_args"]) == {"factor": "4"}
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"]) == ("2", "1.0", "2")
     other = load_file(str(out / "tiny.comfyui.safetensors"))
-    assert f"diffusion_model.double_blocks.0.img_attn_qkv.lokr_w2_a" in other and len(other) == len(weights)
+    assert "diffusion_model.double_blocks.0.img_attn_qkv.lokr_w2_a" in other and len(other) == len(weights)
 
 
 def test_the_doctor_sends_each_consumer_to_the_file_it_reads(run):

@@ -30,7 +30,7 @@ def assets(tmp_path_factory):
     split = write_cached_dataset(root / "split", items=8, frames=1, size=SIZE)
     split.write_text(split.read_text().replace("[general]\n", "[general]\nvalidation_split = 0.25\n"))
     plain = write_cached_dataset(root / "train", items=4, frames=1, size=SIZE)
-    held = write_cached_dataset(root / "held", items=2, frames=1, size=SIZE, seed=1)
+    write_cached_dataset(root / "held", items=2, frames=1, size=SIZE, seed=1)
     with_validation = root / "with_validation.toml"
     with_validation.write_text(plain.read_text() + f'\n[[validation_datasets]]\nvideo_directory = "{(root / "held" / "videos").as_posix()}"\n'
                                f'cache_directory = "{(root / "held" / "cache").as_posix()}"\ntarget_frames = [1]\n')
