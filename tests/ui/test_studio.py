@@ -513,6 +513,23 @@ def test_two_studios_on_one_workspace_see_each_others_jobs_and_start_one_trainin
     assert again.id != job.id  # once it has ended, the folder takes a training again
 
 
+def test_cache_pressed_twice_starts_one_caching_of_a_config_and_inspect_needs_a_path(tmp_path):
+    """fuzz_ac 12: Cache pressed twice started two caching jobs on one config, the first then failing on the caching
+    command's lock; Inspect with no path read the workspace's folder (".: expected a dataset config")."""
+    jobs = Jobs(tmp_path / "jobs")
+    sleeper = [[sys.executable, "-c", "import time; time.sleep(60)"]]
+    job = jobs.start("cache", "cache d.toml", sleeper, {"dataset_config": str(tmp_path / "d.toml")})
+    try:
+        with pytest.raises(UserError, match=rf"d\.toml: job {job.id} is caching it; wait for it to end, or stop it first"):
+            jobs.start("cache", "cache d.toml", sleeper, {"dataset_config": str(tmp_path / "d.toml")})
+        other = jobs.start("cache", "cache e.toml", [[sys.executable, "-c", "pass"]], {"dataset_config": str(tmp_path / "e.toml")})
+        assert other.id != job.id
+    finally:
+        jobs.stop(job.id)
+    response = client(tmp_path).post("/api/dataset/inspect", json={"path": " "}, headers=STUDIO)
+    assert response.status_code == 400 and response.json()["error"] == "give the path of a dataset config (.toml) to inspect"
+
+
 def test_resume_from_a_folder_that_is_gone_says_so_and_leaves_no_job_behind(tmp_path):
     """F8 of the studio's fuzzing: with the folder the studio first ran from deleted, Resume said "cannot start the job
     (No such file or directory)" of the job folder, which existed, and that half-made job was listed after a restart."""

@@ -250,7 +250,10 @@ class Studio:
     def dataset_inspect(self, request: Request, raw: bytes):
         from musubi_tuner.ui.dataset_view import inspect_dataset
 
-        path = self.workspace.resolve(field(body(raw), "path", str, ""))
+        given = field(body(raw), "path", str, "")
+        if not given.strip():  # (it was read as the workspace: ".: expected a dataset config, found a folder")
+            raise UserError("give the path of a dataset config (.toml) to inspect")
+        path = self.workspace.resolve(given)
         return {"task": self.tasks.submit(inspect_dataset, path, self.workspace.root / "previews")}
 
     def dataset_cache(self, request: Request, raw: bytes):
@@ -258,7 +261,7 @@ class Studio:
         toml = self.workspace.resolve(field(data, "toml", str, ""))  # (relative: the workspace's, as Save wrote it)
         vae, te1, te2 = (field(data, key, str, "") for key in ("vae", "te1", "te2"))
         cmds = commands.caching_commands(toml, vae, te1, te2, self.workspace)
-        return self.jobs.summary(self.jobs.start("cache", f"cache {Path(toml).name}", cmds))
+        return self.jobs.summary(self.jobs.start("cache", f"cache {Path(toml).name}", cmds, {"dataset_config": str(toml)}))
 
     # ---------------------------------------------------------------- commands
 
