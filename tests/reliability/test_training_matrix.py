@@ -576,6 +576,9 @@ CASES = [
            rf"--{flag} {re.escape(value)}: not a finite number", then=before_the_model_loads)
       for i, (flag, value, extra) in enumerate((("optimizer_args", "eps=1e999", ()), ("optimizer_args", "betas=(0.9,nan)", ()),
                                                 ("lr_scheduler_args", "num_cycles=nan", ("--lr_scheduler", "cosine"))))],
+    Case("train-a-pattern-holding-inf-is-text-not-a-number", "hv_train_network",  # (read as "not a finite number")
+         lambda a, t: train_argv(a, t / "out", "--network_args", "exclude_patterns=['.*inf.*']", "--max_train_steps", "1"), None,
+         warning=r"exclude_patterns: '\.\*inf\.\*' matches no module"),
     Case("train-adafactor-schedule-rate-not-a-number", "hv_train_network",  # (fuzz_ab 13: a traceback)
          lambda a, t: train_argv(a, t / "out", "--optimizer_type", "adafactor", "--lr_scheduler", "adafactor:abc"),
          r"--lr_scheduler adafactor:abc: adafactor:RATE takes a finite initial learning rate, at least 0"),

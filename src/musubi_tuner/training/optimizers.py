@@ -26,23 +26,32 @@ def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
             raise UserError(f"{flag}: {item!r} is not key=value")
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
+            finite = _finite(out[key.strip()])
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             out[key.strip()] = value.strip()
-        if not _finite(out[key.strip()]):  # (eps=1e999 or min_lr_rate=nan made a learning rate of 0, and the run "saved"
-            # a LoRA that never learned; weight_decay=1e999 a NaN blamed on --learning_rate: fuzz_ab 3)
+            finite = _finite_words(value)
+        if not finite:  # (eps=1e999 or min_lr_rate=nan made a learning rate of 0, and the run "saved" a LoRA that never
+            # learned; weight_decay=1e999 a NaN blamed on --learning_rate: fuzz_ab 3)
             raise UserError(f"{flag} {item}: not a finite number")
     return out
 
 
+_NON_FINITE = {"nan", "inf", "infinity"}
+
+
 def _finite(value) -> bool:
-    """Whether no number in a parsed value (or a word a schedule later reads as one: 'nan', 'inf') is NaN or infinite."""
+    """Whether no number in a parsed value is NaN or infinite (a quoted string is text: a pattern '.*inf.*' is none)."""
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, str):  # (also within a word literal_eval did not take: "(0.9,nan)")
-        return re.search(r"(?<![a-z_])(nan|inf|infinity)(?![a-z_0-9])", value.lower()) is None
     if isinstance(value, (tuple, list)):
         return all(_finite(v) for v in value)
     return True
+
+
+def _finite_words(text: str) -> bool:
+    """Whether no word of a value literal_eval did not take is one a schedule or optimizer reads as NaN or infinite:
+    min_lr_rate=nan, betas=(0.9,nan) (a pattern holding 'inf' among other characters is not such a word)."""
+    return not any(word.lower().lstrip("+-") in _NON_FINITE for word in re.split(r"[\s(),\[\]]+", text))
 
 
 def _as_typed(values: dict[str, Any]) -> str:
