@@ -63,11 +63,11 @@ def state_written_through_link(tmp: Path) -> None:
     assert not leftovers(tmp / "out") and not leftovers(tmp / "big")
 
 
-def latent_file(path: Path, shape, dtype: str = "float32", metadata: dict | None = None) -> Path:
+def latent_file(path: Path, shape, dtype: str = "float32", metadata: dict | None = None, value: float = 0) -> Path:
     from safetensors.torch import save_file
     import torch
 
-    save_file({"latent": torch.zeros(shape, dtype=getattr(torch, dtype))}, str(path), metadata=metadata)
+    save_file({"latent": torch.full(shape, value, dtype=getattr(torch, dtype))}, str(path), metadata=metadata)
     return path
 
 
@@ -342,6 +342,11 @@ CASES = [
            r"odd\.safetensors: latent has shape \[" + ", ".join(map(str, shape)) + r"\], expected \(16, frames, height, width\)",
            then=nothing_generated)
       for shape in ((8, 2, 4, 4), (16, 0, 4, 4), (2, 4, 4))],  # (the shape stored, not one with a frame axis added)
+    Case("generate-latent-path-far-beyond-any-vae-latent-blames-the-file", "hv_generate_video",  # (fuzz_ab 9: "the VAE ... damaged")
+         lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--latent_path",
+                       str(latent_file(t / "far.safetensors", (16, 1, 4, 4), value=1e30, metadata={"guidance_scale": "1e+25"}))],
+         r"far\.safetensors: the saved latent reaches 1e\+30, where a VAE's latents stay within a few units: a diverged sampling's "
+         r"\(its metadata records --guidance_scale 1e\+25\); it cannot be decoded into a video", then=nothing_generated),
     Case("generate-latent-path-of-integers", "hv_generate_video",
          lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"),
                        "--latent_path", str(latent_file(t / "odd.safetensors", (16, 1, 4, 4), dtype="int32"))],

@@ -178,6 +178,19 @@ def text_cache_with_nan(a, tmp) -> Path:
     return toml
 
 
+def latent_cache_far_from_any_vae(a, tmp) -> Path:
+    """The cached dataset's copy, one latent cache's values all 60,000 (finite: fuzz_ab 8 trained on it, a loss 5e8
+    times the others, without a word)."""
+    toml = copy_cached(a, tmp)
+    path = sorted(toml.parent.rglob("*_hv.safetensors"))[0]
+    f = files.StateDictFile(path)
+    tensors = f.load_all()
+    key = next(k for k in tensors if k.startswith("latents_"))
+    tensors[key] = torch.full_like(tensors[key], 60000)
+    files.save_safetensors(tensors, path, metadata=f.metadata)
+    return toml
+
+
 def with_damaged_state(part: str):
     """An earlier run's state whose LoRA (`network`) or AdamW moments (`optimizer`) have another shape than this run's,
     or whose LoRA is integer (`integer`); the rerun resumes from it."""
@@ -629,6 +642,10 @@ CASES = [
                                  "--text_encoder2", str(a.te2)),
          r"nan_vae\.pt: decoder\.\S+ holds NaN or infinite values: the file is damaged, download it again",
          then=before_the_model_loads),
+    Case("train-latent-cache-far-beyond-any-vae-latent-is-named", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", toml=latent_cache_far_from_any_vae(a, t)),
+         r"_hv\.safetensors: latents_\S+ reaches 6e\+04, where a VAE's latents stay within a few units: a damaged cache; "
+         r"delete it and run the caching command again$"),
     Case("train-text-cache-holding-nan-is-named-not-its-item-s-latents", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", toml=text_cache_with_nan(a, t)),
          r"_hv_te\.safetensors: llm_float16 holds 1 NaN or infinite values of [\d,]+: a damaged cache; delete it and run the "

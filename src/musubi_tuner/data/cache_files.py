@@ -32,6 +32,7 @@ from musubi_tuner.dtypes import dtype_short_name
 from musubi_tuner.errors import UserError
 from musubi_tuner import files
 from musubi_tuner.files import read_safetensors_header, save_safetensors
+from musubi_tuner.hunyuan.vae import LATENT_FAR
 
 logger = logging.getLogger(__name__)
 
@@ -404,6 +405,10 @@ def load_cache(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise UserError(f"{path}: {key} holds {bad:,} NaN or infinite values of {t.numel():,}: a damaged cache; delete it "
                             "and run the caching command again")
         name = logical_key(key)
+        if name == "latents" and t.is_floating_point() and t.numel() and float(t.float().abs().max()) > LATENT_FAR:
+            # (finite but absurd: trained on without a word, a loss 5e8 times the others: fuzz_ab 8)
+            raise UserError(f"{path}: {key} reaches {float(t.float().abs().max()):.3g}, where a VAE's latents stay within a "
+                            "few units: a damaged cache; delete it and run the caching command again")
         if name in tensors:
             raise UserError(f"{path}: holds two versions of {name!r} (different dtypes); "
                             f"delete it and run the caching command again")

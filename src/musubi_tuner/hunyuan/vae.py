@@ -507,6 +507,9 @@ class CausalVideoVAE(nn.Module):
 # ----------------------------------------------------------------------------------------- loading
 
 
+# the largest latent value (scaled, as caches and saved latents hold it) read as one the VAE could have encoded: its
+# latents stay within a few units; one of 60,000 or 1e30 is a damaged file or a diverged sampling's
+LATENT_FAR = 1e3
 VAE_CAST_ADVICE = "compute in float32 (--vae_dtype float32)"
 
 

@@ -431,8 +431,14 @@ def _generate(args, device, layout) -> list[Path]:
         remove_leftover_temp_files(save_path, outputs.OUTPUT_NAME.fullmatch, folders=True)
     if args.latent_path:
         latents = [outputs.load_latent(p) for p in args.latent_path]
-        for path, (latent, _) in zip(args.latent_path, latents):
+        from musubi_tuner.hunyuan.vae import LATENT_FAR
+
+        for path, (latent, meta) in zip(args.latent_path, latents):
             require_finite(latent, f"{path}: the saved latent", "it cannot be decoded into a video; generate it again")
+            if latent.numel() and float(latent.abs().max()) > LATENT_FAR:  # (its NaN pixels were blamed on the VAE: fuzz_ab 9)
+                guidance = f" (its metadata records --guidance_scale {meta['guidance_scale']})" if "guidance_scale" in meta else ""
+                raise UserError(f"{path}: the saved latent reaches {float(latent.abs().max()):.3g}, where a VAE's latents stay "
+                                f"within a few units: a diverged sampling's{guidance}; it cannot be decoded into a video")
         vae = load_vae_for(args, device, layout)
         return [p for lat, meta in latents for p in decode_and_save(vae, lat, meta, args, save_path, main)]
     if args.save_merged_model:  # save and exit: no text encoder or sampling is needed for that
