@@ -315,3 +315,20 @@ def test_the_plan_takes_the_lora_rank_from_the_files_that_decide_it(tmp_path, ca
     hv_generate_video.main(["--dit", train[1], "--vae", train[1], "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path),
                             "--prompt", "a cat", "--save_path", str(tmp_path / "v"), "--fp8", "--lora_weight", *paths, "--dry_run"])
     assert "options: --fp8  (LoRAs of rank 24 in all beside the fp8 weights)" in capsys.readouterr().out
+
+
+def test_a_plan_that_cannot_be_written_is_the_commands_error():
+    """fuzz_ah 8: plan and both --dry_runs ended 0 with a warning when stdout was full or closed: their report is their
+    result (a script `plan > plan.txt && use plan.txt` went on with an empty file)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "musubi_tuner.plan", "--video_size", "64", "64", "--video_length", "9"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().endswith("error: stdout: cannot write the report (No space left on device)")
+    done = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *command], stderr=subprocess.PIPE, text=True, timeout=300,
+                          env=dict(os.environ))
+    assert done.returncode == 2 and done.stderr.strip().endswith(
+        "error: stdout is closed: the report would be written nowhere; redirect it to a file")

@@ -214,6 +214,9 @@ def _run_main(main, argv, memory_advice: str, streams: list) -> None:
             raise
         _fail(_without_worker_traceback(str(e), type(e).__name__), shared=isinstance(e, SharedError))
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "can't start new thread" in str(e) and not debug_requested(argv):
+            exit_without_finalising()  # (the data loader's half-started workers and threads: the exit hung until killed)
+            _fail(_no_new_task(e))
         message = out_of_memory(e)
         if message is not None and not debug_requested(argv):
             _fail(f"{message}{'; ' + memory_advice if memory_advice else ''} (--debug shows where)")
@@ -237,9 +240,26 @@ def _run_main(main, argv, memory_advice: str, streams: list) -> None:
         _quiet_stdout()
         sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
     except OSError as e:  # a file or folder the command met that no check foresaw: name it, as for every other error
+        if e.errno == errno.EAGAIN and e.filename is None and not debug_requested(argv):  # (fork: "Resource temporarily
+            exit_without_finalising()  # unavailable", the process limit)
+            _fail(_no_new_task(e))
         if e.filename is None or debug_requested(argv):
             raise
         _fail(f"{e.filename}: {e.strerror or e} (--debug shows where)")
+
+
+def _no_new_task(e: BaseException) -> str:
+    """A thread or process the command could not start (data-loader workers, their queues' threads), in a line: the
+    limit on this user's processes (ulimit -u) or memory. It was a traceback, and once a hang (fuzz_ah 6)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        shown = "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+    except (ImportError, OSError, ValueError):
+        shown = "?"
+    return (f"cannot start a thread or process ({e}): this user's limit on processes (ulimit -u {shown}) or the memory is "
+            "reached; raise it, or start fewer (--max_data_loader_n_workers 0 loads the batches in the training process)")
 
 
 def _without_worker_traceback(message: str, name: str) -> str:
@@ -477,6 +497,10 @@ def _fail(message: str, shared: bool = False, about_another: bool = False) -> No
         import time
 
         time.sleep(SHARED_ERROR_GRACE_SECONDS)
+    if _Held.threads_never_end:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 
@@ -558,6 +582,9 @@ def _bytes_in_words(n: int) -> str:
     return next((f"{n / size:.1f} {unit}" for unit, size in (("MiB", 2**20), ("KiB", 2**10)) if n >= size), f"{n} bytes")
 
 
+CLOSED_STREAMS: set[str] = set()  # "stdout", "stderr": closed when the command started (given os.devnull)
+
+
 def usable_standard_streams() -> None:
     """Give a closed stdout or stderr somewhere to go: os.devnull; and let stdout escape what it cannot encode.
 
@@ -565,10 +592,12 @@ def usable_standard_streams() -> None:
     sys.stdout / sys.stderr None, and its first print, log line or progress line failed (status 1, no word), or a
     finished run failed at its last flush. Closed descriptors 1 and 2 are taken too (dup2): a file the command opened
     later got their number, and with it the writes meant for stdout and stderr (C code's too) among its bytes."""
+    CLOSED_STREAMS.clear()
     for fd, name in ((1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
         except OSError:
+            CLOSED_STREAMS.add(name)
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 if devnull != fd:
@@ -577,6 +606,7 @@ def usable_standard_streams() -> None:
             except OSError:
                 pass
         if getattr(sys, name) is None:
+            CLOSED_STREAMS.add(name)
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
     # A character stdout's encoding cannot take (a file name that is not UTF-8, held as surrogates; an emoji on an
     # ASCII or Latin-1 terminal) is escaped, as stderr escapes it, instead of failing the report that names it
@@ -663,6 +693,8 @@ def print_report(text: str) -> None:
     of a process stopped by SIGPIPE (141), as `cat` does, instead of a BrokenPipeError traceback. The report is the
     command's result: one that cannot be written (a full disk) is the command's error, not a line lost."""
     stdout = sys.stdout.wrapped if isinstance(sys.stdout, LosableStdout) else sys.stdout
+    if stdout is None or "stdout" in CLOSED_STREAMS:  # (started with it closed: the report went nowhere, status 0: fuzz_ah 8)
+        raise UserError("stdout is closed: the report would be written nowhere; redirect it to a file")
     try:
         print(text, file=stdout)
         stdout.flush()

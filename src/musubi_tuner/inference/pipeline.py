@@ -15,7 +15,7 @@ import torch
 
 from musubi_tuner.cli import USUAL_SAMPLING, check_video_size, far_from_usual, resolve_device
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.errors import SharedError, UserError
+from musubi_tuner.errors import SharedError, UserError, print_report
 from musubi_tuner.files import files_within, require_file, require_present
 from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, check_compile_flags, compile_blocks, compile_errors, log_graph_breaks
 from musubi_tuner.hunyuan.vae import VAEConfig
@@ -360,7 +360,7 @@ def plan_generation(args):
     if world > 1:  # (one process plans a run of several: a laptop planning a cluster's)
         check_generation_processes(args, world)
     return dry_run(args, "generate", video_size=tuple(args.video_size), frames=args.video_length,
-                   out=print if rank == 0 else lambda text: None)
+                   out=print_report if rank == 0 else lambda text: None)
 
 
 def generate(args) -> list[Path]:

@@ -210,7 +210,7 @@ def device_from_args(args, budget_gb: float | None) -> GPU:
 
 
 def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frames: int | None = None, batch: int | None = None,
-            text_tokens: int = 256, out: Callable[[str], object] = print) -> Plan:
+            text_tokens: int = 256, out: Callable[[str], object] | None = None) -> Plan:
     """Print what the command would need and return the plan; loads no model.
 
     Training: pass the largest bucket of the dataset (video_size, frames, batch); generation reads
@@ -218,6 +218,8 @@ def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frame
     """
     if mode not in ("train", "generate"):
         raise ValueError("mode is train or generate")
+    if out is None:  # the plan is the result: one that cannot be written is the command's error (it ended 0: fuzz_ah 8)
+        from musubi_tuner.errors import print_report as out
     size = video_size or tuple(getattr(args, "video_size", None) or (256, 256))
     length = frames or getattr(args, "video_length", None) or (129 if mode == "generate" else 1)
     work = Workload(config_from_args(args), int(size[0]), int(size[1]), int(length), batch or int(getattr(args, "batch_size", 1) or 1),

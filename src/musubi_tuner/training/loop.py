@@ -31,7 +31,7 @@ from musubi_tuner.cli import FLOAT32_MAX, far_from_usual
 from musubi_tuner.distributed import (GradientReducer, after_joining, check_same_inputs, describe as describe_layout,
                                       make_layout)
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.errors import SharedError, UserError, launched, quieted
+from musubi_tuner.errors import SharedError, UserError, launched, print_report, quieted
 from musubi_tuner.files import StateDictFile, content_digest, require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, check_compile_flags, compile_blocks, compile_errors,
@@ -691,7 +691,7 @@ def plan_training(args):
         logger.warning(f"{args.dataset_config}: batch_size {batch:,} is planned as {MAX_PLANNED_BATCH:,} samples, the most the "
                        "planner plans; a batch holds at most the items of one bucket")
         batch = MAX_PLANNED_BATCH
-    return dry_run(args, "train", video_size=size, frames=frames, batch=batch, out=print if rank == 0 else lambda text: None)
+    return dry_run(args, "train", video_size=size, frames=frames, batch=batch, out=print_report if rank == 0 else lambda text: None)
 
 
 # the flags that shape the learning-rate schedule besides its name and the run's length (what --max_train_steps changes
