@@ -318,9 +318,8 @@ def test_the_plan_takes_the_lora_rank_from_the_files_that_decide_it(tmp_path, ca
 
 
 def test_a_plan_that_cannot_be_written_is_the_commands_error():
-    """fuzz_ah 8: plan and both --dry_runs ended 0 with a warning when stdout was full or closed: their report is their
-    result (a script `plan > plan.txt && use plan.txt` went on with an empty file)."""
-    import os
+    """fuzz_ah 8: plan and both --dry_runs ended 0 with a warning when stdout was full: their report is their result (a
+    script `plan > plan.txt && use plan.txt` went on with an empty or cut file)."""
     import subprocess
     import sys
 
@@ -328,7 +327,4 @@ def test_a_plan_that_cannot_be_written_is_the_commands_error():
     with open("/dev/full", "w") as full:
         done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().endswith("error: stdout: cannot write the report (No space left on device)")
-    done = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *command], stderr=subprocess.PIPE, text=True, timeout=300,
-                          env=dict(os.environ))
-    assert done.returncode == 2 and done.stderr.strip().endswith(
-        "error: stdout is closed: the report would be written nowhere; redirect it to a file")
+    # (a closed stdout is the user's choice to drop the report, as for lora_info: tests/test_streams.py)

@@ -582,9 +582,6 @@ def _bytes_in_words(n: int) -> str:
     return next((f"{n / size:.1f} {unit}" for unit, size in (("MiB", 2**20), ("KiB", 2**10)) if n >= size), f"{n} bytes")
 
 
-CLOSED_STREAMS: set[str] = set()  # "stdout", "stderr": closed when the command started (given os.devnull)
-
-
 def usable_standard_streams() -> None:
     """Give a closed stdout or stderr somewhere to go: os.devnull; and let stdout escape what it cannot encode.
 
@@ -592,12 +589,10 @@ def usable_standard_streams() -> None:
     sys.stdout / sys.stderr None, and its first print, log line or progress line failed (status 1, no word), or a
     finished run failed at its last flush. Closed descriptors 1 and 2 are taken too (dup2): a file the command opened
     later got their number, and with it the writes meant for stdout and stderr (C code's too) among its bytes."""
-    CLOSED_STREAMS.clear()
     for fd, name in ((1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
         except OSError:
-            CLOSED_STREAMS.add(name)
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 if devnull != fd:
@@ -606,7 +601,6 @@ def usable_standard_streams() -> None:
             except OSError:
                 pass
         if getattr(sys, name) is None:
-            CLOSED_STREAMS.add(name)
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
     # A character stdout's encoding cannot take (a file name that is not UTF-8, held as surrogates; an emoji on an
     # ASCII or Latin-1 terminal) is escaped, as stderr escapes it, instead of failing the report that names it
@@ -693,8 +687,6 @@ def print_report(text: str) -> None:
     of a process stopped by SIGPIPE (141), as `cat` does, instead of a BrokenPipeError traceback. The report is the
     command's result: one that cannot be written (a full disk) is the command's error, not a line lost."""
     stdout = sys.stdout.wrapped if isinstance(sys.stdout, LosableStdout) else sys.stdout
-    if stdout is None or "stdout" in CLOSED_STREAMS:  # (started with it closed: the report went nowhere, status 0: fuzz_ah 8)
-        raise UserError("stdout is closed: the report would be written nowhere; redirect it to a file")
     try:
         print(text, file=stdout)
         stdout.flush()
