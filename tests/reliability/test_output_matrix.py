@@ -342,6 +342,10 @@ CASES = [
            r"odd\.safetensors: latent has shape \[" + ", ".join(map(str, shape)) + r"\], expected \(16, frames, height, width\)",
            then=nothing_generated)
       for shape in ((8, 2, 4, 4), (16, 0, 4, 4), (2, 4, 4))],  # (the shape stored, not one with a frame axis added)
+    Case("generate-both-whose-video-cannot-be-written-says-where-the-latent-is", "hv_generate_video",  # (fuzz_ah 7: unsaid)
+         lambda a, t: replaced(replaced(generate_argv(a, t), "--output_type", "both"), "--video_length", "5"),
+         r"\.mp4: cannot write .*; the latent is saved as \S+_latent\.safetensors: decode it later with --latent_path "
+         r"\S+_latent\.safetensors$", file_size_limit=lambda a, t: 3000),
     Case("generate-latent-path-far-beyond-any-vae-latent-blames-the-file", "hv_generate_video",  # (fuzz_ab 9: "the VAE ... damaged")
          lambda a, t: ["--dit", str(a.dit), "--vae", str(a.vae), "--save_path", str(t / "videos"), "--latent_path",
                        str(latent_file(t / "far.safetensors", (16, 1, 4, 4), value=1e30, metadata={"guidance_scale": "1e+25"}))],

@@ -477,8 +477,13 @@ def _generate(args, device, layout) -> list[Path]:
     if args.output_type in ("latent", "both") and main:
         saved.append(outputs.save_latent(latents[0].cpu(), meta, save_path, seed, args.no_metadata, stamp))
     if args.output_type in ("video", "images", "both"):
-        vae = load_vae_for(args, device, layout)
-        saved += decode_and_save(vae, latents[0].cpu(), meta, args, save_path, main, stamp)
+        try:
+            vae = load_vae_for(args, device, layout)
+            saved += decode_and_save(vae, latents[0].cpu(), meta, args, save_path, main, stamp)
+        except UserError as e:  # the sampling is not lost: say where it is (a full disk at the mp4 left it unsaid: fuzz_ah 7)
+            if not saved:
+                raise
+            raise UserError(f"{e}; the latent is saved as {saved[0]}: decode it later with --latent_path {saved[0]}") from None
     return saved
 
 
