@@ -21,13 +21,15 @@ from musubi_tuner import files
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def poison(cache: Path, value: float) -> None:
-    """Put `value` into a latent cache, stored in float32 (as --vae_dtype float32 caches are)."""
+def poison_text(cache: Path, value: float) -> None:
+    """Put `value` into a text cache's LLM states, stored in float32 (a latent cache of such a value, no VAE's, is
+    refused as a damaged one when it is read)."""
     f = files.StateDictFile(cache)
-    (key,) = f.keys()
-    latents = f.get(key).float()
-    latents[0, 0, 0, 0] = value
-    files.save_safetensors({key.replace("float16", "float32"): latents}, cache, metadata=f.metadata)
+    tensors = f.load_all()
+    key = next(k for k in tensors if k.startswith("llm_") and tensors[k].is_floating_point())
+    states = tensors.pop(key).float()
+    states.view(-1)[0] = value
+    files.save_safetensors({**tensors, key.replace("float16", "float32"): states}, cache, metadata=f.metadata)
 
 
 def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(assets, tmp_path):
@@ -37,7 +39,8 @@ def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(a
     toml = write_cached_dataset(tmp_path / "data", items=3, frames=5, size=(32, 32))
     data = TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=1)
     (second,) = data[data.epoch_plan(1)[1]]["item_names"]  # the batch of step 2: step 1 saves a good checkpoint first
-    poison(tmp_path / "data" / "cache" / second, 3e38)  # finite, and past what the forward can hold
+    stem = second.split("_00000-")[0]
+    poison_text(tmp_path / "data" / "cache" / f"{stem}_hv_te.safetensors", 3e38)  # finite, and past what the forward can hold
     out = tmp_path / "out"
     result = run_command("hv_train_network", train_argv(assets, out, "--save_every_n_steps", "1", "--max_train_steps", "6",
                                                         toml=toml), tmp_path)

@@ -217,6 +217,24 @@ class CheckpointSaver:
         return f"{self.last_saved}" + (f" (state {self.last_state})" if self.last_state else "")
 
     # -- writing
+    def _before_save(self, step: int, path: Path) -> dict[str, str]:
+        """The extra metadata of `path` (its validation loss). Validation that fails at a save (a validation cache deleted
+        meanwhile, its memory) costs that metadata, not the save: the final save of a whole run was lost (fuzz_ak 1). In
+        a run of one process only: with several, the others may be inside validation's collectives, and the failing
+        process stops the run as before (its peers say it stopped)."""
+        if self.before_save is None:
+            return {}
+        try:
+            return self.before_save(step, path)
+        except (UserError, torch.OutOfMemoryError) as e:
+            if self.accelerator.num_processes > 1:
+                raise
+            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("%s: saved without its validation loss: validation at step %d failed (%s)", path, step,
+                           str(e).splitlines()[0][:300])
+            return {}
+
     def save(self, stem: str, progress: TrainProgress, *, epoch: int, with_state: bool, last: bool = False) -> Path:
         """Write the LoRA file(s) `stem`, and its state with `with_state`; upload them with --huggingface_repo_id (the
         `last` save synchronously)."""
@@ -242,7 +260,7 @@ class CheckpointSaver:
             raise UserError(f"{path}: not saved: {overflow} does not fit --save_precision {self.args.save_precision} at step "
                             f"{progress.global_step} (its largest value is {largest:.3g}). Last good checkpoint: "
                             f"{self.last_good}. Lower --learning_rate, or save in bf16 or float.")
-        extra = self.before_save(progress.global_step, path) if self.before_save is not None else {}
+        extra = self._before_save(progress.global_step, path)
         if acc.is_main_process:
             if weights is not None:
                 from musubi_tuner.files import atomic_write, save_safetensors
