@@ -328,3 +328,50 @@ def test_a_plan_that_cannot_be_written_is_the_commands_error():
         done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().endswith("error: stdout: cannot write the report (No space left on device)")
     # (a closed stdout is the user's choice to drop the report, as for lora_info: tests/test_streams.py)
+
+
+def test_the_trainers_dry_run_says_how_to_plan_its_samples(tmp_path, capsys, caplog):
+    """fuzz_af 16: a 256x256 training planned at 30.7 GB would take a 720p CFG sample at ~49 GB while training, and the
+    dry run said nothing of the samples."""
+    from musubi_tuner import hv_train_network
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --w 64 --h 64 --f 5\na dog --w 1280 --h 720 --f 129 --s 30 --l 6 --n ugly\n")
+    train = trainer_dry_run_argv(tmp_path)
+    hv_train_network.main([*train, "--sample_prompts", str(prompts), "--sample_every_n_steps", "10", "--vae", train[1],
+                           "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path)])
+    assert ("the samples of --sample_prompts are not in this plan: they run while the LoRA and its optimizer state are held. "
+            f"Plan the largest with python -m musubi_tuner.plan --mode generate --dit {train[1]} --video_size 720 1280 "
+            "--video_length 129 --infer_steps 30 --guidance_scale 6") in caplog.text
+
+
+def test_nothing_fits_names_the_stage_that_does_not_and_the_search_keeps_a_given_tile_size(capsys):
+    """fuzz_af 10: "nothing fits" said to lower the resolution "(or train on images)" for a 256x256 image generation
+    whose LLM stage was what did not fit; fuzz_af 12: the budget search started its VAE tiles at 256 px whatever
+    --vae_spatial_tile_sample_min_size was given; fuzz_af 9: 1 step was "0 of 1 skipped" yet 1.6x faster."""
+    from musubi_tuner.plan import main
+
+    with pytest.raises(SystemExit):
+        main(["--mode", "generate", "--video_size", "256", "256", "--video_length", "1", "--vram_budget", "6G"])
+    out = capsys.readouterr().out
+    assert "Even so, text encoder 1 (LLM) needs 8.7 GB" in out and "(or train on images)" not in out
+    main(["--mode", "generate", "--vae_spatial_tile_sample_min_size", "128", "--vram_budget", "80G"])
+    assert "VAE decode (tiles of 128 px, fp16)" in capsys.readouterr().out
+    main(["--mode", "generate", "--step_cache", "teacache", "--infer_steps", "1"])
+    assert "0 of 1 steps skipped (1x: too few steps for the published 1.6x to skip one)" in capsys.readouterr().out
+
+
+def test_a_skyreels_generation_is_planned_with_its_preset_as_the_run_gets_it(capsys):
+    """fuzz_aj 1: plan --model skyreels-i2v --mode generate planned 1 DiT forward per step, 129 frames and 50 steps;
+    hv_generate_video runs SkyReels at real CFG 6.0 (2 forwards), 97 frames, 30 steps. Flags given still win."""
+    from musubi_tuner.plan import main
+
+    main(["--model", "skyreels-i2v", "--mode", "generate"])
+    out = capsys.readouterr().out
+    assert "generate at 544x960x97f" in out and "(2 DiT forward(s)" in out and "30 steps:" in out
+    main(["--model", "skyreels-i2v", "--mode", "generate", "--guidance_scale", "1", "--video_length", "33"])
+    out = capsys.readouterr().out
+    assert "generate at 544x960x33f" in out and "(1 DiT forward(s)" in out and "30 steps:" in out
+    main(["--mode", "generate"])  # HunyuanVideo: the plan's own defaults, as before
+    out = capsys.readouterr().out
+    assert "generate at 544x960x129f" in out and "(1 DiT forward(s)" in out and "50 steps:" in out

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("train", "generate"), default="train", help="plan a training step or a generation")
     g.add_argument("--dit", type=path, default=None, help="DiT checkpoint: its shapes are read from the header (official .pt, safetensors)")
     g.add_argument("--model", choices=tuple(NAMED_MODELS), default=None, help="a named model instead of --dit (default t2v-720p)")
-    g.add_argument("--video_size", type=pixels, nargs=2, default=[544, 960], metavar=("HEIGHT", "WIDTH"), help="height then width")
-    g.add_argument("--video_length", type=frames_4n1, default=129, help="frames, 4N+1 (1 for images)")
+    g.add_argument("--video_size", type=pixels, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="height then width (default 544 960; generation with a SkyReels DiT: its preset's)")
+    g.add_argument("--video_length", type=frames_4n1, default=None, help="frames, 4N+1 (1 for images; default 129, or the preset's)")
     g.add_argument("--batch_size", type=count(1, MAX_PLANNED_BATCH), default=1, help="samples per step")
     g.add_argument("--text_tokens", type=count(1, 256), default=256, help="valid LLM tokens of the longest prompt (the DiT drops padding)")
 
@@ -59,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer_type", default="adamw", type=str.lower, choices=OPTIMIZERS, help="training: optimizer (its state is memory)")
     g.add_argument("--mixed_precision", choices=("bf16", "fp16", "no"), default="bf16", help="training: activation precision")
     g.add_argument("--dit_dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="DiT weight dtype")
-    g.add_argument("--guidance_scale", type=real(0), default=1.0, help="generation: real CFG scale (SkyReels 6.0): a batch of two")
+    g.add_argument("--guidance_scale", type=real(0), default=None,
+                   help="generation: real CFG scale: a batch of two (default 1.0, or the SkyReels preset's 6.0)")
     g.add_argument("--split_uncond", action="store_true", help="generation with --guidance_scale other than 1: negative prompt in a second call")
     g.add_argument("--with_lora", action="store_true", help="generation with LoRAs: beside --fp8 weights; merged into bf16 ones, at no cost")
-    g.add_argument("--infer_steps", type=count(1, 1000), default=50, help="generation: sampling steps")
+    g.add_argument("--infer_steps", type=count(1, 1000), default=None, help="generation: sampling steps (default 50, or the preset's)")
     add_step_cache_flags(g)
     g.add_argument("--fp8_llm", action="store_true", help="LLM text encoder in fp8")
     g.add_argument("--no_vae_tiling", dest="cache_vae_tiling", action="store_false",
@@ -87,6 +89,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--link_gbps", type=real(0.1, 1e4, what=" (a link's GB/s)"), default=None,
                    help="override: GPU-to-GPU GB/s in one direction (NVLink; PCIe ~25), for --context_parallel")
     return p
+
+
+PLAN_DEFAULTS = {"video_size": [544, 960], "video_length": 129, "guidance_scale": 1.0, "infer_steps": 50}
+
+
+def fill_defaults(args) -> None:
+    """The flags not given: a generation with a SkyReels DiT (--model skyreels-*, or a --dit file hv_generate_video
+    takes for one) gets its preset's size, length, steps and real CFG, as hv_generate_video gives them; the rest
+    PLAN_DEFAULTS. (SkyReels was planned at 1 DiT call per step, 129 frames and 50 steps where the run makes 2, 97 and
+    30: fuzz_aj 1.)"""
+    preset = None
+    if args.mode == "generate":
+        from musubi_tuner.inference.presets import PRESETS, detect_preset
+        from musubi_tuner.planning.from_args import config_from_args
+
+        if args.dit:
+            from musubi_tuner.hunyuan.checkpoints import open_dit_file
+
+            dit_file = open_dit_file(args.dit)
+            try:
+                name = detect_preset(config_from_args(args).in_channels, args.dit, dit_file.metadata)
+            finally:
+                dit_file.close()
+        else:
+            name = args.model if args.model in PRESETS else "hunyuan-t2v"
+        if name != "hunyuan-t2v":
+            preset = PRESETS[name]
+    given = {"video_size": preset and list(preset.video_size), "video_length": preset and preset.video_length,
+             "guidance_scale": preset and preset.guidance_scale, "infer_steps": preset and preset.infer_steps}
+    filled = [f"--{dest} {value if not isinstance(value, list) else ' '.join(map(str, value))}" for dest, value in given.items()
+              if value is not None and getattr(args, dest) is None]
+    for dest, default in PLAN_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, given[dest] if given[dest] is not None else default)
+    if preset is not None and filled:
+        logger.info("a %s DiT: planned with its defaults for the flags not given, as hv_generate_video runs it (%s)",
+                    preset.name, " ".join(filled))
 
 
 def flags_that_change_nothing(parser: argparse.ArgumentParser, args) -> list[str]:
@@ -126,9 +165,10 @@ def main(argv=None) -> None:
 
         parser = build_parser()
         args = parser.parse_args(argv)
-        check_video_size(args.video_size)
-        for line in flags_that_change_nothing(parser, args):
+        for line in flags_that_change_nothing(parser, args):  # (of the flags given: before the defaults are filled in)
             logger.warning(line)
+        fill_defaults(args)
+        check_video_size(args.video_size)
         result = dry_run(args, args.mode, video_size=tuple(args.video_size), frames=args.video_length, batch=args.batch_size,
                          text_tokens=args.text_tokens)
         exit_if_nothing_fits(args, result)

@@ -322,7 +322,8 @@ def _fit_encoders(work: Workload, base: MemoryOptions, budget: float) -> MemoryO
     prompts = 2 if work.mode == "generate" and base.guidance_scale != 1.0 else 1
     if Stage.from_peak("", encoders.llm_peak(prompts, False)).needed > budget:
         opts = opts.replace(fp8_llm=True)
-    for tile in (256, 192, 160, 128, 96, 64):
+    given = base.vae_spatial_tile_sample_min_size  # (the user's tile size, or 256: the search started at 256 whatever was
+    for tile in (given, *(t for t in (192, 160, 128, 96, 64) if t < given)):  # given, fuzz_af 12)
         opts = opts.replace(vae_spatial_tile_sample_min_size=tile)
         if work.mode == "generate":
             peak = vae.vae_decode_peak(work.frames, work.height, work.width, tile, base.vae_bytes, base.vae_chunk_size)

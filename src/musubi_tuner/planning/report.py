@@ -88,6 +88,8 @@ def step_cache_lines(o, steps: int, denoising_s: float) -> list[str]:
         if skipped > most:
             skipped, speedup = most, steps / (steps - most)
             how = f"capped: the first {o.step_cache_warmup} steps (--step_cache_warmup) and the last always run"
+        elif skipped == 0:  # (too few steps for the published share to skip one: 1 step was "0 skipped" at 1.6x: fuzz_af 9)
+            speedup, how = 1.0, f"too few steps for the published {speedup:.3g}x to skip one"
         lines.append(f"  --step_cache {method} --step_cache_threshold {threshold:g}: about {duration(denoising_s / speedup)} per video, "
                      f"{skipped} of {steps} steps skipped ({speedup:.3g}x: {how})")
     return lines
@@ -98,9 +100,18 @@ def format_search(search: Search, budget_label: str) -> str:
              "the fastest option set whose every stage fits, keeping the memory options given"]
     if search.best is None:
         lines.append("nothing fits. The smallest option sets tried:")
-        for c in sorted(search.ruled_out, key=lambda c: c.plan.needed)[:4]:
+        smallest = sorted(search.ruled_out, key=lambda c: c.plan.needed)
+        for c in smallest[:4]:
             lines.append(f"  {c.options.flags(c.plan.workload.mode):<90} needs {gb(c.plan.needed)}")
-        lines.append("Lower the resolution or the frame count (or train on images), or use a larger GPU.")
+        if smallest:  # what does not fit even so: no resolution changes an encoder's (a fixed sentence blamed it: fuzz_af 10)
+            over = [s for s in smallest[0].plan.stages if s.needed > search.budget_bytes]
+            lines.append("Even so, " + "; ".join(f"{s.name} needs {gb(s.needed)}" for s in over) + ".")
+            encoders_only = all(s.name.startswith("text encoder") for s in over)
+            lines.append("A larger GPU is needed: no option or size shrinks the text encoders further." if encoders_only
+                         else "Lower the resolution or the frame count" + (" (or train on images)" if smallest[0].plan.workload.mode
+                                                                          == "train" else "") + ", or use a larger GPU.")
+        else:
+            lines.append("Lower the resolution or the frame count, or use a larger GPU.")
         return "\n".join(lines)
     mode = search.best.plan.workload.mode
 

@@ -691,7 +691,17 @@ def plan_training(args):
         logger.warning(f"{args.dataset_config}: batch_size {batch:,} is planned as {MAX_PLANNED_BATCH:,} samples, the most the "
                        "planner plans; a batch holds at most the items of one bucket")
         batch = MAX_PLANNED_BATCH
-    return dry_run(args, "train", video_size=size, frames=frames, batch=batch, out=print_report if rank == 0 else lambda text: None)
+    result = dry_run(args, "train", video_size=size, frames=frames, batch=batch, out=print_report if rank == 0 else lambda text: None)
+    if args.sample_prompts and rank == 0:  # (not planned: a 720p CFG sample needs more than many a training step: fuzz_af 16)
+        from musubi_tuner.training.sample_prompts import load_sample_prompts
+
+        largest = max(load_sample_prompts(args.sample_prompts), key=lambda p: (p.width * p.height * p.frames, p.cfg_scale or 1))
+        cfg = f" --guidance_scale {largest.cfg_scale:g}" if largest.negative_prompt and largest.cfg_scale not in (None, 1.0) else ""
+        logger.warning("the samples of --sample_prompts are not in this plan: they run while the LoRA and its optimizer state "
+                       "are held. Plan the largest with python -m musubi_tuner.plan --mode generate --dit %s --video_size %d %d "
+                       "--video_length %d --infer_steps %d%s", args.dit, largest.height, largest.width, largest.frames,
+                       largest.steps, cfg)
+    return result
 
 
 # the flags that shape the learning-rate schedule besides its name and the run's length (what --max_train_steps changes
