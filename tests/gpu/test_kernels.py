@@ -209,3 +209,14 @@ def test_compiled_blocks_on_cuda_denoise_as_eager_does():
     finally:
         torch._dynamo.reset()
     assert torch.isfinite(outputs[1]).all() and rel_err(outputs[1], outputs[0]) < 2e-2
+
+
+def test_the_vae_samples_its_posterior_on_the_gpu_with_a_cpu_generator_as_on_the_cpu():
+    """fuzz_aj 6 (from the code): I2V and V2V encode their input with a CPU generator, and the noise was drawn on the
+    GPU with it: "Expected a 'cuda' device type for generator but found 'cpu'", after both text encoders had run."""
+    from musubi_tuner.hunyuan.vae import DiagonalGaussian
+
+    moments = torch.randn(1, 32, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    on_cpu = DiagonalGaussian(moments).sample(torch.Generator("cpu").manual_seed(1))
+    on_gpu = DiagonalGaussian(moments.cuda()).sample(torch.Generator("cpu").manual_seed(1))
+    assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-6)

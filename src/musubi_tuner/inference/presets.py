@@ -5,6 +5,7 @@ A preset only fills in flags the user did not type; explicit flags always win.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 # The official negative prompt of HunyuanVideo and SkyReels V1 (hyvideo/constants.py NEGATIVE_PROMPT).
@@ -36,10 +37,18 @@ PRESETS = {
 }
 
 
-def detect_preset(in_channels: int, dit_path: str) -> str:
-    """32 input channels is SkyReels I2V; a file named *skyreels* with 16 is SkyReels T2V; else HunyuanVideo."""
+PRESET_METADATA_KEY = "musubi_tuner.preset"  # in a DiT file we write (a merge): the preset of the model it came from
+
+
+def detect_preset(in_channels: int, dit_path: str, metadata: dict[str, str] | None = None) -> str:
+    """32 input channels is SkyReels I2V; a file whose metadata names its preset (a merge of a SkyReels model) or whose
+    name holds "skyreels" with 16 is SkyReels T2V; else HunyuanVideo. (The whole path was searched: a HunyuanVideo file
+    in a folder named skyreels... ran with SkyReels' defaults, and a merged SkyReels model with HunyuanVideo's: fuzz_aj 2.)"""
     if in_channels == 32:
         return "skyreels-i2v"
-    if "skyreels" in dit_path.lower():
+    recorded = (metadata or {}).get(PRESET_METADATA_KEY)
+    if recorded in PRESETS:
+        return recorded
+    if "skyreels" in os.path.basename(os.fspath(dit_path)).lower():
         return "skyreels-t2v"
     return "hunyuan-t2v"

@@ -310,7 +310,11 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     out = Path(out_path)
     with RunLock(out.with_name(f".{out.name}.lock"), "merge into this file", "--save_merged_model"):
         remove_leftover_temp_files(out.parent, lambda name: name == out.name)
-        save_safetensors(LazyTensors(specs, compute), out, metadata=dit_metadata(config))
+        from musubi_tuner.inference.presets import PRESET_METADATA_KEY, detect_preset
+
+        # (the model it came from: a merged SkyReels T2V model ran with HunyuanVideo's defaults, its name lost: fuzz_aj 2)
+        preset = {PRESET_METADATA_KEY: detect_preset(config.in_channels, dit_path, source.metadata)}
+        save_safetensors(LazyTensors(specs, compute), out, metadata=dit_metadata(config) | preset)
     if grown:
         key = max(grown, key=grown.get)
         logger.warning("%s: the merged weights of %d layer(s) are over %d times the base's (%s: %.3g times), where a LoRA changes "
