@@ -1070,13 +1070,21 @@ _SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"
                   (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def kind_of(mode: int) -> str:
+    """What a file of this st_mode is, in words: a folder, a file, a FIFO, a socket, ..."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+
+
 def _require_regular(st: os.stat_result, path: Path, what: str, flag: str | None, max_bytes: int | None) -> None:
     given = f" ({flag})" if flag else ""
     if stat.S_ISDIR(st.st_mode):
         raise UserError(f"{path}: expected {_a(what)}, found a folder{given}")
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)), "a special file")
-        raise UserError(f"{path}: not a regular file ({kind}); expected {_a(what)}{given}")
+        raise UserError(f"{path}: not a regular file ({kind_of(st.st_mode)}); expected {_a(what)}{given}")
     if max_bytes is not None and st.st_size > max_bytes:
         size = _size(st.st_size) if _size(st.st_size) != _size(max_bytes) else f"{st.st_size:,} bytes"  # (not "1 MiB, at most 1 MiB")
         raise UserError(f"{path}: {size}, too large for {_a(what)} (at most {_size(max_bytes)}){given}")

@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def test_wrong_types_and_values_name_the_key_and_value(folders, line, expected):
 
 def test_a_missing_folder_is_named_with_its_key(folders):
     message = config_error(folders, '[[datasets]]\nvideo_directory = "clips"\ncaption_extension = ".txt"\n')
-    assert message == 'dataset.toml: [[datasets]][0].video_directory = "clips": folder not found'
+    assert message == ('dataset.toml: [[datasets]][0].video_directory = "clips": folder not found (a relative path: looked for '
+                       f"in the folder this command runs from, {os.getcwd()}, and beside the config, {folders.absolute()})")
 
 
 def test_training_from_caches_does_not_need_the_source_folders(folders):
@@ -317,3 +319,14 @@ def test_an_absurd_num_repeats_is_refused_naming_the_key_and_the_flags_for_longe
 def test_num_repeats_up_to_the_bound_is_accepted(folders):
     (video,) = load_dataset_config(write_config(folders, "[general]\nnum_repeats = 10000\n" + VIDEOS)).datasets
     assert video.num_repeats == 10000
+
+
+def test_a_dataset_folder_that_is_a_fifo_or_a_file_is_named_as_what_it_is(tmp_path):
+    """fuzz_ag 8b: a video_directory naming a FIFO was "is a file, expected a folder"."""
+    from helpers import config_error
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "notes.txt").write_text("x")
+    for name, kind in (("pipe", "a FIFO"), ("notes.txt", "a file")):
+        message = config_error(tmp_path, f'[[datasets]]\nvideo_directory = "{(tmp_path / name).as_posix()}"\n')
+        assert message.endswith(f'.video_directory = "{(tmp_path / name).as_posix()}": is {kind}, expected a folder'), message

@@ -319,6 +319,7 @@ def no_model_loads(monkeypatch):
     (["--context_parallel", "3"], "--context_parallel 3: the DiT's 2 attention heads do not split over 3 processes; use one of 1, 2"),
     (["--context_parallel", "2"], "--context_parallel 2: one process was started; start 2 (accelerate launch --multi_gpu"),
     (["--video_path", "{short}"], "short: has 1 frame, fewer than --video_length 5"),  # (fuzz_ag 2: after both encoders ran)
+    (["--video_path", "{fifo}"], "fifo.mp4: not a regular file (a FIFO); expected a file (--video_path)"),  # (fuzz_ag 8c)
 ])
 def test_bad_inputs_stop_with_one_line_naming_the_flag_before_any_model_loads(models, no_model_loads, capsys, tmp_path, change,
                                                                               message):
@@ -326,8 +327,9 @@ def test_bad_inputs_stop_with_one_line_naming_the_flag_before_any_model_loads(mo
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     (tmp_path / "file").write_text("")
     write_frames(tmp_path / "short", 1, 32, 32)
+    os.mkfifo(tmp_path / "fifo.mp4")
     paths = {**models, "tmp": tmp_path, "broken": tmp_path / "broken", "loop": tmp_path / "loop",
-             "under_file": tmp_path / "file" / "dit.pt", "short": tmp_path / "short"}
+             "under_file": tmp_path / "file" / "dit.pt", "short": tmp_path / "short", "fifo": tmp_path / "fifo.mp4"}
     message = message.format(**paths)
     argv = [*base_flags(models), "--save_path", str(models["root"] / "unused"), *(c.format(**paths) for c in change)]
     with pytest.raises(SystemExit) as exit_:
@@ -459,6 +461,55 @@ def test_compile_gives_the_eager_latents_with_a_step_cache_and_block_swap(models
 
 def _generate_in_group(rank, world, argv):
     return [str(p) for p in pipeline.generate(build_parser().parse_args(argv))]
+
+
+def test_the_skyreels_t2v_preset_follows_the_file_name_and_a_merge_of_one_keeps_it(models, tmp_path):
+    """fuzz_aj 2: the whole --dit path was searched for "skyreels" (a HunyuanVideo file in a folder named skyreels_models
+    ran with SkyReels' real CFG and prefix), and a merged SkyReels T2V model lost its preset (HunyuanVideo's defaults,
+    no real CFG)."""
+    import shutil
+
+    from musubi_tuner.networks.merge import merge_file
+
+    def preset_of(dit):
+        args = build_parser().parse_args(["--dit", str(dit), "--vae", str(models["vae"]), "--text_encoder1", str(models["te1"]),
+                                          "--text_encoder2", str(models["te2"]), "--prompt", "a cat", "--save_path", str(tmp_path)])
+        pipeline.check_and_fill(args)
+        return args.preset
+
+    (tmp_path / "skyreels_models").mkdir()
+    shutil.copy(models["dit"], tmp_path / "skyreels_models" / "mp_rank_00_model_states.pt")
+    shutil.copy(models["dit"], tmp_path / "skyreels_hunyuan_t2v_bf16.pt")
+    merged = tmp_path / "mine.safetensors"
+    merge_file(str(tmp_path / "skyreels_hunyuan_t2v_bf16.pt"), [str(models["lora"])], [1.0], str(merged))
+    assert [preset_of(d) for d in (tmp_path / "skyreels_models" / "mp_rank_00_model_states.pt",
+                                   tmp_path / "skyreels_hunyuan_t2v_bf16.pt", merged)] == ["hunyuan-t2v", "skyreels-t2v", "skyreels-t2v"]
+
+
+def _decode_on_machine(rank, world, machines, argv):
+    from musubi_tuner.errors import SharedError
+
+    os.chdir(machines[rank])
+    try:
+        return [str(p) for p in pipeline.generate(build_parser().parse_args(argv))]
+    except SharedError as e:
+        return str(e)
+
+
+def test_two_processes_decoding_latents_that_differ_stop_naming_the_file(models, tmp_path):
+    """fuzz_ae 1: each process of a run read its own machine's --latent_path (and --video_path) and mixed a differing
+    copy into the video without a word."""
+    from safetensors.torch import save_file
+
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for seed, machine in enumerate(machines):
+        machine.mkdir()
+        save_file({"latent": torch.randn((16, 1, 4, 4), generator=torch.Generator().manual_seed(seed))}, str(machine / "l.safetensors"))
+    argv = ["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--latent_path", "l.safetensors", "--save_path", "out"]
+    said = run_group(2, _decode_on_machine, machines, argv, launcher_env=True)
+    assert said == ["--latent_path l.safetensors differs between process 0 and process 1 (each reads its own machine's copy); "
+                    "give every process the same files"] * 2
+    assert not (machines[0] / "out").exists() or not any((machines[0] / "out").iterdir())
 
 
 def test_two_processes_sharing_the_tokens_generate_the_one_process_video_and_only_the_first_writes(speed_inputs, tmp_path):

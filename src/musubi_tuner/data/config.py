@@ -23,7 +23,7 @@ from musubi_tuner.data import media
 from musubi_tuner.data.buckets import RESOLUTION_STEP, floor_to
 from musubi_tuner.data.frames import FRAME_EXTRACTIONS, normalize_target_frames
 from musubi_tuner.errors import UserError, did_you_mean
-from musubi_tuner.files import read_small_file, require_file, unnamable, utf8_text, why_unreadable
+from musubi_tuner.files import kind_of, read_small_file, require_file, unnamable, utf8_text, why_unreadable
 from musubi_tuner.tomlio import load_toml, loads_json, loads_toml
 
 logger = logging.getLogger(__name__)
@@ -532,7 +532,7 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video:
     source_key = directory_key if directory_key in own else jsonl_key
     source = _resolve(own[source_key], path, f"{where}.{source_key} = {_show(own[source_key])}")
     if check_sources:
-        _check_source(source, source_key, own[source_key], where, is_directory=source_key == directory_key)
+        _check_source(source, source_key, own[source_key], where, is_directory=source_key == directory_key, config_path=path)
     if source_key == directory_key and value("caption_extension") is None:
         raise UserError(f"{where}: caption_extension is required with {directory_key} "
                         f"(set caption_extension = \".txt\" here or in [general])")
@@ -635,15 +635,19 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_source(path: Path, key: str, written: str, where: str, *, is_directory: bool) -> None:
+def _check_source(path: Path, key: str, written: str, where: str, *, is_directory: bool, config_path: Path | None = None) -> None:
     at = f"{where}.{key} = {_show(written)}"
     try:
         os.stat(path)
     except (OSError, ValueError) as e:  # (ValueError: a NUL in the name)
         why = why_unreadable(path, "folder" if is_directory else "file", e) if isinstance(e, OSError) else "not found"
+        if why.endswith("not found") and not path.is_absolute() and config_path is not None:  # (where it was looked for: a
+            # command run from another folder than the config's named none: fuzz_ah 9c)
+            why += (f" (a relative path: looked for in the folder this command runs from, {os.getcwd()}, and beside the "
+                    f"config, {config_path.parent.absolute()})")
         raise UserError(f"{at}: {why}") from None
-    if is_directory and not path.is_dir():
-        raise UserError(f"{at}: is a file, expected a folder")
+    if is_directory and not path.is_dir():  # (a FIFO was "a file": fuzz_ag 8b)
+        raise UserError(f"{at}: is {kind_of(os.stat(path).st_mode)}, expected a folder")
     if not is_directory and path.is_dir():
         raise UserError(f"{at}: is a folder, expected a .jsonl file")
 

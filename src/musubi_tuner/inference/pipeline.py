@@ -115,7 +115,7 @@ def check_and_fill(args) -> None:
     dit_file = open_dit_file(args.dit)
     config = read_dit_config(dit_file)
     args.model_in_channels = config.in_channels
-    preset_name = args.preset or detect_preset(config.in_channels, args.dit)
+    preset_name = args.preset or detect_preset(config.in_channels, args.dit, dit_file.metadata)
     if args.preset is None and preset_name != "hunyuan-t2v":
         logger.info("the DiT looks like %s: using its defaults for flags you did not give (--preset to choose)", preset_name)
     preset = PRESETS[preset_name]
@@ -195,7 +195,11 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
         # encoders had run: fuzz_ag 2)
         from musubi_tuner.data.media import iter_video_frames
 
-        _require_frames(args, sum(1 for _ in iter_video_frames(args.video_path, max_frames=args.video_length)))
+        try:
+            found = sum(1 for _ in iter_video_frames(args.video_path, max_frames=args.video_length))
+        except UserError as e:  # (named by the flag, as --image_path's errors are: fuzz_ag 8c)
+            raise UserError(f"{e} (--video_path)" if "(--video_path)" not in str(e) else str(e)) from None
+        _require_frames(args, found)
 
 
 def _require_frames(args, found: int) -> None:
@@ -374,6 +378,8 @@ def generate(args) -> list[Path]:
             logging.getLogger("musubi_tuner").setLevel(logging.ERROR)  # (its warnings too: every process meets them alike)
         layout = processes_layout(args)
         distributed.check_same_inputs({"--dit": args.dit, "--vae": args.vae, "--image_path": args.image_path,
+                                       "--video_path": args.video_path,  # (V2V's and saved latents: each process read its
+                                       **{f"--latent_path {path}": path for path in args.latent_path or []},  # own: fuzz_ae 1)
                                        **{f"--lora_weight {path}": path for path in args.lora_weight or []}})
         saved = _generate(args, device, layout)
         return saved if layout is None or layout.is_main else []
@@ -405,9 +411,10 @@ def check_generation_processes(args, world: int) -> None:
         started = f"{world} processes were started" if world > 1 else "one process was started"
         fits = [m for m in (world, world // 2 if cfg and world % 2 == 0 else 0) if m > 1]  # what these processes could run
         give = f"; or give --context_parallel {' or '.join(map(str, fits))} for {world} processes" if fits else ""
-        raise SharedError(f"--context_parallel {n}: {started}; start {n} (accelerate launch --multi_gpu --num_processes {n}, or "
-                          f"torchrun --nproc_per_node {n})" + (f", or {2 * n} to run the negative and positive prompt side by side"
-                                                               if cfg else "") + give)
+        start = ("run it as one process, without a launcher" if n == 1 else  # (accelerate refuses --multi_gpu with 1: fuzz_ae 7)
+                 f"start {n} (accelerate launch --multi_gpu --num_processes {n}, or torchrun --nproc_per_node {n})")
+        raise SharedError(f"--context_parallel {n}: {started}; {start}" + (f", or {2 * n} to run the negative and positive "
+                                                                          "prompt side by side" if cfg else "") + give)
 
 
 def _from_main(layout, device, compute) -> dict:
