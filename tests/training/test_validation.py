@@ -263,8 +263,16 @@ def test_the_caching_commands_cache_validation_datasets_too(assets, tmp_path):
 def test_a_resumed_run_counts_the_files_the_earlier_run_saved(validated_run):
     from musubi_tuner.training.validation import Validation
 
-    validation = Validation(None, dit=None, network=None, optimizer=None, accelerator=None, losses=None)
-    validation.recall_saved(validated_run["out"], "tiny", up_to_step=20)  # resumed at step 20
+    import shutil
+
+    # another run's files in the folder, of a name that starts alike (fuzz_ak 1: its file was named this run's best)
+    other = validated_run["out"] / "tiny_v2-step00000010.safetensors"
+    shutil.copy(validated_run["out"] / "tiny-step00000010.safetensors", other)
+    try:
+        validation = Validation(None, dit=None, network=None, optimizer=None, accelerator=None, losses=None)
+        validation.recall_saved(validated_run["out"], "tiny", up_to_step=20)  # resumed at step 20
+    finally:
+        other.unlink()
     assert [(p.name, r.step) for p, r in validation.saved] == [("tiny-step00000010.safetensors", 10), ("tiny-step00000020.safetensors", 20)]
     total = dict(validated_run["scalars"]["validation/loss"])
     assert validation.best()[1].loss == pytest.approx(min(total[10], total[20]), rel=1e-5)
@@ -437,3 +445,11 @@ def test_a_validation_that_fails_at_a_save_costs_its_loss_not_the_lora(assets, t
     meta = read_safetensors_header(out / "tiny.safetensors")[1]
     assert meta["ss_steps"] == "6" and "musubi_tuner.validation_loss" not in meta
     assert f"{out / 'tiny.safetensors'}: saved without its validation loss: validation at step 6 failed ({victim}" in caplog.text
+
+
+def test_every_validation_seed_the_flag_takes_validates(assets, tmp_path):
+    """fuzz_ak 4: a --validation_seed past 2^64 minus the batch count was a traceback after the DiT had loaded."""
+    out = tmp_path / "out"
+    train(parse_args(base_args(assets, assets["with_validation"], out, "--max_train_steps", "1",
+                               "--validation_seed", str(2**64 - 1))))
+    assert "musubi_tuner.validation_loss" in read_safetensors_header(out / "tiny.safetensors")[1]

@@ -118,7 +118,8 @@ class Validator:
             batch = load_batch(self.batches[b])
             latents = batch["latents"].to(device, torch.float32) * SCALING_FACTOR
             B = latents.shape[0]
-            generator = torch.Generator().manual_seed(self.seed + b)
+            generator = torch.Generator().manual_seed((self.seed + b) % 2**64)  # (every seed the flag takes: past 2^64 - b,
+            # "Overflow when unpacking long long" after the DiT had loaded: fuzz_ak 4)
             for j, level in enumerate(self.levels):
                 noise = torch.randn(latents.shape, generator=generator).to(device)
                 sigma = torch.full((B,), level.item(), device=device)
@@ -220,8 +221,11 @@ class Validation:
         """On resume: the LoRA files an earlier run saved (with their validation loss), so the best is named among all."""
         from musubi_tuner.files import read_safetensors_header
 
-        for path in sorted(Path(folder).glob(f"{name}*.safetensors")):
-            if path.name.endswith(".comfyui.safetensors"):
+        from musubi_tuner.files import lora_file_names
+
+        own = lora_file_names(name)  # (this run's files only: a glob of "tin*" took "tin_v2"'s best: fuzz_ak 1)
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            if path.name.endswith(".comfyui.safetensors") or not own.fullmatch(path.name):
                 continue
             try:
                 _, meta = read_safetensors_header(path)
