@@ -228,3 +228,16 @@ def test_a_file_replaced_while_it_is_read_gives_the_version_opened_and_one_rewri
         f.write(b"\x00\x00\x80\x7f")
     with pytest.raises(UserError, match=r"dit\.safetensors: changed while it was being read"):
         reader.read("b")
+
+
+def test_a_dit_of_another_input_width_is_refused_naming_what_runs(tmp_path):
+    """fuzz_aj 2: a DiT of 33 input channels (Tencent's HunyuanVideo-I2V) was read everywhere and ended in a
+    convolution's traceback at the first step, after the text encoders had run."""
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    config = tiny_dit_config(in_channels=33)
+    path = write_dit(tmp_path / "hunyuan_video_i2v.safetensors", random_dit_state_dict(config, seed=1), config)
+    with pytest.raises(UserError) as info:
+        read_dit_config(open_dit_file(path))
+    assert str(info.value) == (f"{path}: a DiT of 33 input channels: this toolkit runs HunyuanVideo T2V (16) and SkyReels V1 I2V "
+                               "(32) (Tencent's HunyuanVideo-I2V, with 33, is another model)")

@@ -486,6 +486,29 @@ def test_the_skyreels_t2v_preset_follows_the_file_name_and_a_merge_of_one_keeps_
                                    tmp_path / "skyreels_hunyuan_t2v_bf16.pt", merged)] == ["hunyuan-t2v", "skyreels-t2v", "skyreels-t2v"]
 
 
+def test_the_skyreels_prefix_is_added_once_whatever_its_spelling_and_a_cfg_end_of_no_step_is_said(models, caplog):
+    """fuzz_aj 11: "FPS-24, " was added again to a prompt that began " fps-24," or "FPS-24 a cat"; fuzz_aj 12: a
+    --cfg_end that rounds to no guided step turned real CFG off without a word."""
+    import logging
+
+    write_frames(models["root"] / "prefix_image", 1, 32, 32)
+    image = models["root"] / "prefix_image" / "frame_000.png"
+
+    def prompt_of(prompt, *extra):
+        args = build_parser().parse_args([*base_flags(models), "--dit", str(models["dit_i2v"]), "--image_path", str(image),
+                                          "--save_path", "x", *extra])
+        args.prompt = prompt
+        pipeline.check_and_fill(args)
+        return args.prompt
+
+    assert prompt_of("a cat") == "FPS-24, a cat"
+    for given in (" fps-24, a cat", "FPS-24 a cat", "FPS-24, a cat"):
+        assert prompt_of(given) == given
+    with caplog.at_level(logging.WARNING):
+        prompt_of("a cat", "--cfg_end", "0.1")
+    assert "--cfg_end 0.1 of 3 steps guides none of them: real CFG is off" in caplog.text
+
+
 def _decode_on_machine(rank, world, machines, argv):
     from musubi_tuner.errors import SharedError
 

@@ -55,6 +55,11 @@ def read_dit_config(f: StateDictFile) -> DiTConfig:
     except Exception as e:  # json, the dataclass, the model's own arithmetic: any of them may refuse a damaged file
         raise UserError(f"{f.path}: not a usable HunyuanVideo DiT: {where} give no model ({type(e).__name__}: "
                         f"{str(e)[:120]})") from None
+    if config.in_channels not in (16, 32):  # (33: Tencent's HunyuanVideo-I2V, which conditions otherwise; it was read and
+        # ended in a convolution's traceback at the first step, after the text encoders had run: fuzz_aj 2)
+        raise UserError(f"{f.path}: a DiT of {config.in_channels} input channels: this toolkit runs HunyuanVideo T2V (16) and "
+                        "SkyReels V1 I2V (32)" + (" (Tencent's HunyuanVideo-I2V, with 33, is another model)" if config.in_channels
+                                                   == 33 else ""))
     try:  # (the header only: a plan or a --dry_run that passes is of a file the run loads)
         check_dit_file(f, config)
     except UserError as e:
