@@ -254,6 +254,18 @@ def test_a_latent_cache_training_cannot_use_is_left_out_naming_the_file_and_the_
     dataset[dataset.epoch_plan(1)[0]]  # what is left loads
 
 
+def test_a_truncated_latent_cache_is_left_out_with_the_caching_command_to_remake_it(tmp_path, caplog):
+    """fuzz_ak 5: a cut cache was left out with "download it again": a cache is made again, by cache_latents.py."""
+    write_item(tmp_path / "cache_i", "good")
+    write_item(tmp_path / "cache_i", "bad")
+    bad = tmp_path / "cache_i" / "bad_0064x0032_hv.safetensors"
+    bad.write_bytes(bad.read_bytes()[:60])
+    with caplog.at_level(logging.WARNING):
+        assert TrainingDataset.from_config(dataset_config(tmp_path), seed=0).num_items == 1
+    assert "1 cached items left out: " in caplog.text and "download it again" not in caplog.text
+    assert "delete it and run cache_latents.py again" in caplog.text
+
+
 def _text(llm=(256, 8), mask=(256,), clip=(768,), llm_dtype=torch.float16, mask_dtype=torch.int64, clip_mask=(77,)):
     def change(tensors):
         out = {f"llm_{str(llm_dtype).removeprefix('torch.')}": torch.ones(llm).to(llm_dtype),

@@ -313,3 +313,18 @@ def test_tensorboard_gets_the_scalars_musubi_tuner_logs_for_max_norm_and_lora_pl
     assert plus == pytest.approx(4 * base)
     assert events.Scalars("max_norm/keys_scaled")[-1].value > 0  # a bound that small scales every trained key
     assert events.Scalars("max_norm/max_key_norm")[-1].value <= 0.001 * 1.001
+
+
+def test_a_fresh_run_starts_its_own_loss_history(assets, tmp_path):
+    """fuzz_ak 10: a run into a folder holding an earlier run's loss CSV kept that run's step-0 validation point (and
+    drew it as its validation curve), though it had no validation."""
+    import csv
+
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiny-loss.csv").write_text("kind,step,loss\nvalidation,0,1.5837\ntrain,1,1.6\n")
+    train(parse_args(base_args(dit, toml, out, "--max_train_steps", "2")))
+    with open(out / "tiny-loss.csv") as f:
+        rows = [(r["kind"], int(r["step"])) for r in csv.DictReader(f)]
+    assert rows == [("train", 1), ("train", 2)]

@@ -453,3 +453,15 @@ def test_every_validation_seed_the_flag_takes_validates(assets, tmp_path):
     train(parse_args(base_args(assets, assets["with_validation"], out, "--max_train_steps", "1",
                                "--validation_seed", str(2**64 - 1))))
     assert "musubi_tuner.validation_loss" in read_safetensors_header(out / "tiny.safetensors")[1]
+
+
+def test_every_noise_level_keeps_its_own_tensorboard_tag():
+    """fuzz_ak 6: with 1,000 levels sigma x 1000 is i + 0.5, and rounding half to even gave 1.5 and 2.5 one tag: 493
+    per-level losses were overwritten. Up to 500 levels the tags stay as they were."""
+    from musubi_tuner.training.validation import ValidationResult, noise_levels
+
+    for count in (4, 500, 1000):
+        levels = noise_levels(count)
+        result = ValidationResult(0, 1.0, tuple((float(s), float(i)) for i, s in enumerate(levels)), None, 0.0)
+        assert len(result.logs()) == 1 + count
+    assert "validation/loss_t0125" in ValidationResult(0, 1.0, ((0.125, 1.0),), None, 0.0).logs()

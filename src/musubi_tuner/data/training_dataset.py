@@ -19,6 +19,7 @@ training processes, so the trainer keys each sample's noise and timestep on it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import math
@@ -369,8 +370,8 @@ def _latent_shape(latent_path: Path, problems: list[str]) -> tuple[int, int, int
     (LATENT_PATCH) divides. The channel count is checked against the DiT by check_caches_fit."""
     try:
         entries, _ = read_safetensors_header(latent_path)
-    except UserError as e:
-        problems.append(str(e))
+    except UserError as e:  # (a cache is made again, not downloaded: the reader's advice was "download it again": fuzz_ak 5)
+        problems.append(f"{str(e).removesuffix('; download it again')}; {_REDO_LATENT}")
         return None
     latents = [(key, dtype, shape) for key, (dtype, shape) in entries.items() if cache_files.logical_key(key) == "latents"]
     if len(latents) != 1 or len(latents[0][2]) != 4:
@@ -695,6 +696,18 @@ def workers_within_open_file_limit(num_workers: int) -> int:
     return fit
 
 
+class _CollectingLoader(torch.utils.data.DataLoader):
+    """A DataLoader that collects the process's garbage before it forks its workers. Garbage that holds a thread pool's
+    state (a video writer's or reader's swscale context, in a reference cycle: a training's samples, a test's videos)
+    was otherwise freed by a worker's own collection, where those threads do not exist: the worker hung for good in
+    pthread_cond_destroy (seen in the test suite, a data-loader test after video tests)."""
+
+    def __iter__(self):
+        if self.num_workers > 0 and (not self.persistent_workers or self._iterator is None):
+            gc.collect()
+        return super().__iter__()
+
+
 def make_dataloader(dataset: TrainingDataset, *, num_workers: int = 0, persistent_workers: bool = False,
                     pin_memory: bool = False, rank: int = 0, world: int = 1) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     """A DataLoader that yields whole batches (the dataset batches by bucket itself) and its sampler."""
@@ -702,7 +715,7 @@ def make_dataloader(dataset: TrainingDataset, *, num_workers: int = 0, persisten
     num_workers = workers_within_open_file_limit(num_workers)
     # Its own generator: a DataLoader otherwise draws a worker seed from the global RNG at every epoch,
     # which would shift the training noise after a resume.
-    loader = torch.utils.data.DataLoader(
+    loader = _CollectingLoader(
         dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_no_collate, worker_init_fn=_start_worker,
         persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory, generator=torch.Generator())
     return loader, sampler

@@ -686,6 +686,14 @@ def plan_training(args):
 
         check_same_processes(Path(args.resume), read_state_folder(args.resume)[1],
                              {"processes": world, "context_parallel": args.context_parallel})
+    if args.dit_in_channels is not None:  # (as the DiT loads: the dry run passed a count the run refused: fuzz_aj 4)
+        from musubi_tuner.hunyuan.checkpoints import check_in_channels, open_dit_file, read_dit_config
+
+        dit_file = open_dit_file(args.dit)
+        try:
+            check_in_channels(dit_file, read_dit_config(dit_file), args.dit_in_channels)
+        finally:
+            dit_file.close()
     size, frames, batch = largest_workload(load_dataset_config(args.dataset_config, check_sources=False))
     if batch > MAX_PLANNED_BATCH:  # a batch holds at most one bucket's items: the run takes it, the plan cannot
         logger.warning(f"{args.dataset_config}: batch_size {batch:,} is planned as {MAX_PLANNED_BATCH:,} samples, the most the "
@@ -693,9 +701,10 @@ def plan_training(args):
         batch = MAX_PLANNED_BATCH
     result = dry_run(args, "train", video_size=size, frames=frames, batch=batch, out=print_report if rank == 0 else lambda text: None)
     if args.sample_prompts and rank == 0:  # (not planned: a 720p CFG sample needs more than many a training step: fuzz_af 16)
-        from musubi_tuner.training.sample_prompts import load_sample_prompts
+        from musubi_tuner.training.sampling import sample_prompts_for
 
-        largest = max(load_sample_prompts(args.sample_prompts), key=lambda p: (p.width * p.height * p.frames, p.cfg_scale or 1))
+        largest = max(sample_prompts_for(args.sample_prompts, result.workload.config.in_channels),  # (checked as the run
+                      key=lambda p: (p.width * p.height * p.frames, p.cfg_scale or 1))  # checks them: fuzz_aj 4)
         cfg = f" --guidance_scale {largest.cfg_scale:g}" if largest.negative_prompt and largest.cfg_scale not in (None, 1.0) else ""
         logger.warning("the samples of --sample_prompts are not in this plan: they run while the LoRA and its optimizer state "
                        "are held. Plan the largest with python -m musubi_tuner.plan --mode generate --dit %s --video_size %d %d "
@@ -924,7 +933,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None,
                                   init_kwargs=tracker_init_kwargs(args))
 
-    saver.losses.truncate(progress.global_step)
+    # a resumed run replays what followed its state; a fresh one starts a history of its own (the earlier run's step-0
+    # validation point stayed in a run without validation: fuzz_ak 10)
+    saver.losses.truncate(progress.global_step if resume_from is not None else -1)
     validation = None
     if held_out:
         from musubi_tuner.training.validation import Validation, Validator

@@ -56,13 +56,17 @@ class ValidationResult:
     def logs(self) -> dict[str, float]:
         """TensorBoard tags: validation/loss, validation/loss_t0050 (sigma 0.05), ..., lora_effect/prediction."""
         logs = {"validation/loss": self.loss}
-        logs.update({f"validation/loss_t{round(sigma * 1000):04d}": loss for sigma, loss in self.per_level})
+        tags = [f"validation/loss_t{round(sigma * 1000):04d}" for sigma, _ in self.per_level]
+        if len(set(tags)) < len(tags):  # more than 500 levels: some round to one tag and overwrote each other (fuzz_ak 6)
+            tags = [f"validation/loss_t{round(sigma * 10000):05d}" for sigma, _ in self.per_level]
+        logs.update({tag: loss for tag, (_, loss) in zip(tags, self.per_level)})
         if self.lora_effect is not None:
             logs["lora_effect/prediction"] = self.lora_effect
         return logs
 
     def line(self) -> str:
-        levels = ", ".join(f"{sigma:.2f}: {loss:.4f}" for sigma, loss in self.per_level)
+        digits = 2 if len(self.per_level) <= 50 else 4  # (1,000 levels showed "0.00: ..., 0.00: ...")
+        levels = ", ".join(f"{sigma:.{digits}f}: {loss:.4f}" for sigma, loss in self.per_level)
         effect = f"; LoRA moves the prediction by {self.lora_effect:.2%}" if self.lora_effect is not None else ""
         return f"validation at step {self.step}: loss {self.loss:.4f} (by noise level {levels}){effect} [{self.seconds:.1f} s]"
 
