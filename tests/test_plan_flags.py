@@ -375,3 +375,24 @@ def test_a_skyreels_generation_is_planned_with_its_preset_as_the_run_gets_it(cap
     main(["--mode", "generate"])  # HunyuanVideo: the plan's own defaults, as before
     out = capsys.readouterr().out
     assert "generate at 544x960x129f" in out and "(1 DiT forward(s)" in out and "50 steps:" in out
+
+
+def test_the_trainers_dry_run_checks_the_sample_prompts_and_the_input_channels_as_the_run(tmp_path, capsys):
+    """fuzz_aj 4: the dry run passed (exit 0) an I2V prompt file without --i and a --dit_in_channels the file does not
+    have, both of which the run refuses."""
+    from musubi_tuner import hv_train_network
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+
+    train = trainer_dry_run_argv(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        hv_train_network.main([*train, "--dit_in_channels", "32"])
+    assert e.value.code == 2 and "--dit_in_channels 32 was given but this text-to-video DiT takes 16" in capsys.readouterr().err
+    config = tiny_dit_config(in_channels=32)
+    i2v = write_dit(tmp_path / "i2v.safetensors", random_dit_state_dict(config), config)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --w 64 --h 64 --f 5\n")
+    with pytest.raises(SystemExit) as e:
+        hv_train_network.main([*train[:1], str(i2v), *train[2:], "--sample_prompts", str(prompts), "--sample_every_n_steps", "10",
+                               "--vae", str(i2v), "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path)])
+    assert e.value.code == 2 and (f"{prompts}: an image-to-video DiT needs a first frame for every sample prompt (--i "
+                                  "image.png); prompt 1 has none") in capsys.readouterr().err

@@ -231,7 +231,7 @@ def test_a_file_replaced_while_it_is_read_gives_the_version_opened_and_one_rewri
 
 
 def test_a_dit_of_another_input_width_is_refused_naming_what_runs(tmp_path):
-    """fuzz_aj 2: a DiT of 33 input channels (Tencent's HunyuanVideo-I2V) was read everywhere and ended in a
+    """fuzz_aj 11: a DiT of 33 input channels (Tencent's HunyuanVideo-I2V) was read everywhere and ended in a
     convolution's traceback at the first step, after the text encoders had run."""
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 

@@ -487,7 +487,7 @@ def test_the_skyreels_t2v_preset_follows_the_file_name_and_a_merge_of_one_keeps_
 
 
 def test_the_skyreels_prefix_is_added_once_whatever_its_spelling_and_a_cfg_end_of_no_step_is_said(models, caplog):
-    """fuzz_aj 11: "FPS-24, " was added again to a prompt that began " fps-24," or "FPS-24 a cat"; fuzz_aj 12: a
+    """fuzz_aj 12: "FPS-24, " was added again to a prompt that began " fps-24," or "FPS-24 a cat"; fuzz_aj 10: a
     --cfg_end that rounds to no guided step turned real CFG off without a word."""
     import logging
 

@@ -56,7 +56,7 @@ def read_dit_config(f: StateDictFile) -> DiTConfig:
         raise UserError(f"{f.path}: not a usable HunyuanVideo DiT: {where} give no model ({type(e).__name__}: "
                         f"{str(e)[:120]})") from None
     if config.in_channels not in (16, 32):  # (33: Tencent's HunyuanVideo-I2V, which conditions otherwise; it was read and
-        # ended in a convolution's traceback at the first step, after the text encoders had run: fuzz_aj 2)
+        # ended in a convolution's traceback at the first step, after the text encoders had run: fuzz_aj 11)
         raise UserError(f"{f.path}: a DiT of {config.in_channels} input channels: this toolkit runs HunyuanVideo T2V (16) and "
                         "SkyReels V1 I2V (32)" + (" (Tencent's HunyuanVideo-I2V, with 33, is another model)" if config.in_channels
                                                    == 33 else ""))
@@ -67,6 +67,16 @@ def read_dit_config(f: StateDictFile) -> DiTConfig:
             raise
         raise UserError(f"{e} (its metadata {CONFIG_METADATA_KEY} describes another model than its tensors)") from None
     return config
+
+
+def check_in_channels(f: StateDictFile, config: DiTConfig, in_channels: int | None) -> None:
+    """--dit_in_channels, when given, is the file's: checked as the DiT loads, and by the trainer's --dry_run."""
+    if in_channels is not None and in_channels != config.in_channels:
+        kind = "SkyReels I2V" if config.in_channels == 32 else "text-to-video"
+        raise UserError(
+            f"{f.path}: --dit_in_channels {in_channels} was given but this {kind} DiT takes {config.in_channels} input channels "
+            f"(img_in.proj.weight {list(f.shape('img_in.proj.weight'))}); drop the flag or pass the matching file"
+        )
 
 
 def check_dit_file(f: StateDictFile, config: DiTConfig) -> None:
@@ -98,12 +108,7 @@ def load_dit(
     """
     f = open_dit_file(path)
     config = read_dit_config(f)
-    if in_channels is not None and in_channels != config.in_channels:
-        kind = "SkyReels I2V" if config.in_channels == 32 else "text-to-video"
-        raise UserError(
-            f"{f.path}: --dit_in_channels {in_channels} was given but this {kind} DiT takes {config.in_channels} input channels "
-            f"(img_in.proj.weight {list(f.shape('img_in.proj.weight'))}); drop the flag or pass the matching file"
-        )
+    check_in_channels(f, config, in_channels)
     check_dit_file(f, config)
     with torch.device("meta"):
         model = HunyuanVideoDiT(config)

@@ -100,6 +100,27 @@ def grid_names(output_name: str) -> re.Pattern:
     return re.compile(rf"{re.escape(output_name)}_(?:e\d+|\d+)_grid\.png")  # (grid_name's, of any tag)
 
 
+def sample_prompts_for(path, in_channels: int) -> list[SamplePrompt]:
+    """The prompts of --sample_prompts as a DiT of `in_channels` input channels samples them: read before any model
+    loads, by the run and by its --dry_run (which had passed a file the run refused: fuzz_aj 4)."""
+    prompts = load_sample_prompts(path)
+    if in_channels != 32 and any(p.image_path for p in prompts):  # (a SkyReels I2V run's prompt file reused: its first
+        # frames fed a 16-channel DiT 32 channels, a traceback at the first sample; musubi-tuner ignores them)
+        for p in prompts:
+            if p.image_path:
+                logger.warning("%s: prompt %d: --i is for an image-to-video DiT (32 input channels); ignored for this "
+                               "%d-channel DiT, as musubi-tuner ignores it", path, p.index + 1, in_channels)
+        prompts = [dataclasses.replace(p, image_path=None) for p in prompts]
+    if in_channels == 32 and any(p.image_path is None for p in prompts):
+        missing = next(p for p in prompts if p.image_path is None)
+        raise UserError(f"{path}: an image-to-video DiT needs a first frame for every sample prompt (--i image.png); prompt "
+                        f"{missing.index + 1} has none")
+    for p in prompts:
+        if p.image_path and not Path(p.image_path).is_file():
+            raise UserError(f"{path}: prompt {p.index + 1}: image {p.image_path} not found (--i)")
+    return prompts
+
+
 class TrainingSampler:
     """Generates the sample prompts during training, on the main process (the others wait). With context parallel the
     processes of the main one's group run the DiT together (each holds part of the tokens); the main one writes."""
@@ -108,19 +129,7 @@ class TrainingSampler:
         self.args, self.accelerator = args, accelerator
         shared = layout is not None and layout.context_parallel > 1
         self.participates = accelerator.is_main_process or (shared and layout.replica == 0)
-        self.prompts = load_sample_prompts(args.sample_prompts)
-        if in_channels != 32 and any(p.image_path for p in self.prompts):  # (a SkyReels I2V run's prompt file reused:
-            # its first frames fed a 16-channel DiT 32 channels, a traceback at the first sample; musubi-tuner ignores them)
-            for p in self.prompts:
-                if p.image_path:
-                    logger.warning("%s: prompt %d: --i is for an image-to-video DiT (32 input channels); ignored for this "
-                                   "%d-channel DiT, as musubi-tuner ignores it", args.sample_prompts, p.index + 1, in_channels)
-            self.prompts = [dataclasses.replace(p, image_path=None) for p in self.prompts]
-        if in_channels == 32 and any(p.image_path is None for p in self.prompts):
-            raise UserError(f"{args.sample_prompts}: an image-to-video DiT needs a first frame for every sample prompt (--i image.png)")
-        for p in self.prompts:
-            if p.image_path and not Path(p.image_path).is_file():
-                raise UserError(f"{args.sample_prompts}: prompt {p.index + 1}: image {p.image_path} not found (--i)")
+        self.prompts = sample_prompts_for(args.sample_prompts, in_channels)
         self.seeds = [p.seed if p.seed is not None else seed + p.index for p in self.prompts]  # fixed for the whole run
         from musubi_tuner.training.checkpointing import check_names_fit
 
