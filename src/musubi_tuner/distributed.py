@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from musubi_tuner.errors import LAUNCHER_MARKS, SharedError, Terminated, UserError, exit_without_finalising, launched
+from musubi_tuner.errors import SharedError, Terminated, UserError, exit_without_finalising, launched, under_a_launcher
 from musubi_tuner.hunyuan.sequence_parallel import SequenceParallel
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def before_joining() -> None:
         raise UserError(f"RANK={rank} and WORLD_SIZE={world} are set in the environment, but {' and '.join(missing)} "
                         f"{'is' if len(missing) == 1 else 'are'} not: unset RANK and WORLD_SIZE to run this command alone, or "
                         "start its processes with accelerate launch or torchrun")
-    if not any(os.environ.get(mark) for mark in LAUNCHER_MARKS):  # started by hand (or by variables left over): the
+    if not under_a_launcher():  # started by hand (or by variables left over): the
         # rendezvous waits for every process, without a word (a leftover WORLD_SIZE=2 waited 30 minutes in silence)
         logger.info("process %d of %d (RANK and WORLD_SIZE from the environment, no launcher): waiting for the others at %s:%s",
                     rank, world, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])

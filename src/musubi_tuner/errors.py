@@ -230,12 +230,7 @@ def _run_main(main, argv, memory_advice: str, streams: list) -> None:
     except KeyboardInterrupt as e:
         _close_progress_bars()
         _say(e.words if isinstance(e, Terminated) else "interrupted")
-        code = 128 + (e.signum if isinstance(e, Terminated) else 2)  # as a shell reports a command a signal ended
-        if _Held.threads_never_end:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        sys.exit(code)
+        _exit(128 + (e.signum if isinstance(e, Terminated) else 2))  # as a shell reports a command a signal ended
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(141)  # what a shell reports for a command stopped by SIGPIPE
@@ -442,16 +437,22 @@ def launched() -> tuple[int, int]:
 LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE")  # what torchrun (accelerate launch's too) sets
 
 
+def under_a_launcher() -> bool:
+    """Started by torchrun or accelerate launch (their marks in the environment), not by hand or by leftover variables."""
+    return any(os.environ.get(mark) for mark in LAUNCHER_MARKS)
+
+
 def one_of_a_launchers_others() -> bool:
     """A process other than process 0 of a run of several (started by torchrun or accelerate launch, or by hand with
     process 0's address): it leaves what every process meets to process 0. RANK and WORLD_SIZE left in the
     environment (a job script, a container) without a launcher's marks or an address made the commands end in silence,
     there being no process 0 to speak (fuzz_ah 4)."""
-    return launched()[0] != 0 and any(os.environ.get(mark) for mark in (*LAUNCHER_MARKS, "MASTER_ADDR"))
+    return launched()[0] != 0 and (under_a_launcher() or bool(os.environ.get("MASTER_ADDR")))
 
 
 def check_launcher_variables() -> None:
-    """RANK and WORLD_SIZE, when set, are numbers (a launcher's), and a process of several has process 0's address."""
+    """RANK and WORLD_SIZE, when set, are numbers, as a launcher sets them (distributed.before_joining checks the
+    address a process of several needs)."""
     for name in ("RANK", "WORLD_SIZE"):
         value = os.environ.get(name)
         if value and not value.strip().isdigit():
@@ -464,10 +465,11 @@ def require_one_process(command: str) -> None:
     cached every item, the second refused the cache folders' lock as "another run", which the user had not started)."""
     world = launched()[1]
     if world > 1:
-        started = (f"{world} were started" if any(os.environ.get(mark) for mark in LAUNCHER_MARKS) else
-                   f"WORLD_SIZE={world} is set in the environment")
-        raise SharedError(f"{command} runs in one process ({started}): run it without accelerate launch or torchrun"
-                          + ("" if "were started" in started else ", or unset WORLD_SIZE and RANK"))
+        if under_a_launcher():
+            raise SharedError(f"{command} runs in one process ({world} were started): run it without accelerate launch or "
+                              "torchrun")
+        raise SharedError(f"{command} runs in one process (WORLD_SIZE={world} is set in the environment): run it without "
+                          "accelerate launch or torchrun, or unset WORLD_SIZE and RANK")
 
 
 def printable(text: str) -> str:
@@ -497,11 +499,16 @@ def _fail(message: str, shared: bool = False, about_another: bool = False) -> No
         import time
 
         time.sleep(SHARED_ERROR_GRACE_SECONDS)
+    _exit(2)
+
+
+def _exit(code: int) -> None:
+    """sys.exit, or, where threads that never end are left (exit_without_finalising), an exit without finalisation."""
     if _Held.threads_never_end:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(2)
-    sys.exit(2)
+        os._exit(code)
+    sys.exit(code)
 
 
 SHARED_ERROR_GRACE_SECONDS = 2.0
