@@ -102,30 +102,28 @@ def fill_defaults(args) -> None:
     preset = None
     if args.mode == "generate":
         from musubi_tuner.inference.presets import PRESETS, detect_preset
-        from musubi_tuner.planning.from_args import config_from_args
 
         if args.dit:
-            from musubi_tuner.hunyuan.checkpoints import open_dit_file
+            from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
-            dit_file = open_dit_file(args.dit)
+            dit_file = open_dit_file(args.dit)  # (once: its shapes and its metadata)
             try:
-                name = detect_preset(config_from_args(args).in_channels, args.dit, dit_file.metadata)
+                name = detect_preset(read_dit_config(dit_file).in_channels, args.dit, dit_file.metadata)
             finally:
                 dit_file.close()
         else:
             name = args.model if args.model in PRESETS else "hunyuan-t2v"
         if name != "hunyuan-t2v":
             preset = PRESETS[name]
-    given = {"video_size": preset and list(preset.video_size), "video_length": preset and preset.video_length,
-             "guidance_scale": preset and preset.guidance_scale, "infer_steps": preset and preset.infer_steps}
-    filled = [f"--{dest} {value if not isinstance(value, list) else ' '.join(map(str, value))}" for dest, value in given.items()
-              if value is not None and getattr(args, dest) is None]
-    for dest, default in PLAN_DEFAULTS.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, given[dest] if given[dest] is not None else default)
+    defaults = PLAN_DEFAULTS if preset is None else {"video_size": list(preset.video_size), "video_length": preset.video_length,
+                                                     "guidance_scale": preset.guidance_scale, "infer_steps": preset.infer_steps}
+    filled = [dest for dest in defaults if getattr(args, dest) is None]
+    for dest in filled:
+        setattr(args, dest, defaults[dest])
     if preset is not None and filled:
+        shown = [f"--{dest} {' '.join(map(str, v)) if isinstance(v, list) else v}" for dest in filled for v in [defaults[dest]]]
         logger.info("a %s DiT: planned with its defaults for the flags not given, as hv_generate_video runs it (%s)",
-                    preset.name, " ".join(filled))
+                    preset.name, " ".join(shown))
 
 
 def flags_that_change_nothing(parser: argparse.ArgumentParser, args) -> list[str]:

@@ -1057,11 +1057,12 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
             break
     bar.close()
     final = saver.final(progress)
-    if final is not None and accelerator.is_main_process and largest_update(network) < NO_UPDATE:
+    change = largest_update(network) if final is not None and accelerator.is_main_process else None
+    if change is not None and change < NO_UPDATE:
         # (a run that ends where it began was reported as an ordinary success: --max_grad_norm 1e-30, fuzz_ab 16)
         logger.warning("%s changes no weight of the DiT by more than %.1g after %d steps: this LoRA has learnt nothing. A "
                        "learning rate of 0 or far too low, or a --max_grad_norm / --scale_weight_norms far too small, does "
-                       "that", final, largest_update(network), progress.global_step)
+                       "that", final, change, progress.global_step)
     if validation is not None:
         validation.report_best()
     accelerator.end_training()
