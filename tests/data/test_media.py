@@ -2,12 +2,13 @@
 
 import io
 import struct
+import warnings
 import zlib
 
 import av
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from musubi_tuner.data import media
 from musubi_tuner.errors import UserError
@@ -65,6 +66,30 @@ def test_exif_orientation_is_applied_to_pixels_and_size(tmp_path):
     out = media.load_image(tmp_path / "phone.jpg")
     assert out.shape == (40, 20, 3)
     assert out[:20].mean() > 200 and out[20:].mean() < 50  # the left half is now on top
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_displays_as_pillow_displays_it(tmp_path, orientation):
+    pixels = np.random.default_rng(orientation).integers(0, 255, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "o.png", exif=exif)
+    with Image.open(tmp_path / "o.png") as image:
+        upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    assert np.array_equal(media.load_image(tmp_path / "o.png"), upright)
+    assert media.image_size(tmp_path / "o.png") == (upright.shape[1], upright.shape[0])
+
+
+def test_corrupt_exif_is_said_once_naming_the_image(tmp_path, caplog):
+    # an EXIF block whose first directory entry points past its end: Pillow warns in two lines naming no file
+    path = tmp_path / "exifbad.jpg"
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(path, exif=b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own warning would fail here
+        assert media.image_size(path) == (10, 8)
+        assert media.load_image(path).shape == (8, 10, 3)
+    said = [r.getMessage() for r in caplog.records if "EXIF" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{path}: Corrupt EXIF data") and "not applied" in said[0]
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
@@ -152,7 +177,7 @@ def test_a_very_large_image_is_one_line_naming_it_not_pillows_warning(tmp_path):
     import subprocess
     import sys
 
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "big.png")
     script = ("import logging, sys\nfrom PIL import Image\nImage.MAX_IMAGE_PIXELS = 1000\nlogging.basicConfig()\n"
@@ -183,7 +208,7 @@ def test_frames_numbered_without_leading_zeros_are_said_to_be_read_in_name_order
     """fuzz_ag 8e: frames 1.png ... 12.png are read 1, 10, 11, 12, 2, ... (as musubi-tuner reads them), silently."""
     import logging
 
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     for i in range(1, 13):
         Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / f"{i}.png")

@@ -11,6 +11,7 @@ Any file that cannot be read raises a UserError that names it.
 
 from __future__ import annotations
 
+import contextlib
 import fractions
 import importlib.util
 import itertools
@@ -23,7 +24,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import av
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from musubi_tuner.errors import UserError, limit_met
 from musubi_tuner.files import atomic_write, require_file, write_error
@@ -60,6 +61,11 @@ def unsupported_type(suffix: str, video: bool) -> str | None:
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
+_TRANSPOSE_FOR = {  # what displays an image of each EXIF orientation upright (the table ImageOps.exif_transpose uses)
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _list(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
@@ -101,11 +107,51 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 def _open_image(path: Path) -> Image.Image:
     try:
         _require_readable_file(path)
-        return Image.open(path)
+        with _exif_said(path) as said:
+            img = Image.open(path)
+        if said:  # Pillow read the block at open, and may not again when asked for the orientation
+            img.info[_CORRUPT_EXIF] = True
+        return img
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({_reason(e)})") from None
     except Image.DecompressionBombError as e:  # Pillow's guard: more than twice MAX_IMAGE_PIXELS
         raise UserError(f"{path}: too large to open ({e}); downscale it") from None
+
+
+_SAID_BAD_EXIF: set[str] = set()  # images whose corrupt EXIF block was said
+_CORRUPT_EXIF = "musubi_tuner.corrupt_exif"  # marks an opened image whose EXIF block Pillow found corrupt
+
+
+@contextlib.contextmanager
+def _exif_said(path: Path):
+    """Pillow's words on a corrupt EXIF block (at open, and when the orientation is read), said once per image as one
+    line naming it: Pillow prints a two-line warning naming neither the image nor what follows (fuzz_aj 9). Yields a
+    list that holds those words once the block ends."""
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield said
+    for warning in caught:
+        if "EXIF" not in str(warning.message):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            continue
+        said.append(" ".join(str(warning.message).split()).rstrip("."))
+        if str(path) not in _SAID_BAD_EXIF:
+            _SAID_BAD_EXIF.add(str(path))
+            logger.warning("%s: %s: its orientation is not applied", path, said[-1])
+
+
+def _orientation(img: Image.Image, path: Path) -> int:
+    """The EXIF orientation (1: as stored, also for a corrupt EXIF block)."""
+    with _exif_said(path) as said:
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception as e:  # a broken EXIF block is not worth failing the image for
+            warnings.warn(f"Corrupt EXIF data ({_reason(e)})")
+            orientation = 1
+    if said or img.info.get(_CORRUPT_EXIF) or orientation not in range(1, 9):
+        return 1
+    return orientation
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -113,10 +159,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     path = Path(path)
     with _open_image(path) as img:
         width, height = img.size
-        try:
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-        except Exception:  # a broken EXIF block is not worth failing the image for
-            orientation = 1
+        orientation = _orientation(img, path)
     return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
@@ -130,8 +173,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                            f"{pixels:,}", pixels * 4 / 1e9)
         try:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _rgb_array(img)
+            method = _TRANSPOSE_FOR.get(_orientation(img, path))
+            return _rgb_array(img if method is None else img.transpose(method))
         except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt pixel data
             raise UserError(f"{path}: not a readable image ({_reason(e)})") from None
 
