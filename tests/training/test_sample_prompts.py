@@ -138,3 +138,28 @@ def test_a_negative_prompt_without_real_cfg_is_said_to_be_ignored(tmp_path, capl
         load_sample_prompts(f)
     said = [r.getMessage() for r in caplog.records if "negative prompt" in r.getMessage()]
     assert said == [f"{f}: line 1: the negative prompt is ignored without real CFG (--l other than 1, 6.0 say), as in musubi-tuner"]
+
+
+@pytest.mark.parametrize("image, message", [
+    ("folder", "expected an image, found a folder"),
+    ("truncated.png", "not a readable image"),
+    ("missing.png", "not found"),
+])
+def test_an_i2v_prompts_first_frame_is_read_with_the_file_and_tied_to_its_prompt(tmp_path, image, message):
+    """fuzz_aj 5: a truncated --i image was named without its prompt file (after the models had loaded), a folder was
+    "not found"."""
+    import numpy as np
+    from PIL import Image
+
+    from musubi_tuner.training.sampling import sample_prompts_for
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "good.png").read_bytes()[:40])
+    (tmp_path / "folder").mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a cat --i {tmp_path / 'good.png'}\na dog --i {tmp_path / image}\n")
+    with pytest.raises(UserError) as e:
+        sample_prompts_for(prompts, in_channels=32)
+    assert str(e.value).startswith(f"{prompts}: prompt 2 (--i): {tmp_path / image}: ") and message in str(e.value)
+    prompts.write_text(f"a cat --i {tmp_path / 'good.png'}\n")
+    assert [p.image_path for p in sample_prompts_for(prompts, in_channels=32)] == [str(tmp_path / "good.png")]

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError
 from musubi_tuner.distributed import patient_wait
-from musubi_tuner.files import atomic_write
+from musubi_tuner.files import atomic_write, require_file
 from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference import step_cache
 from musubi_tuner.inference.sampler import Guidance, denoise, initial_noise, sigma_schedule
@@ -103,6 +103,8 @@ def grid_names(output_name: str) -> re.Pattern:
 def sample_prompts_for(path, in_channels: int) -> list[SamplePrompt]:
     """The prompts of --sample_prompts as a DiT of `in_channels` input channels samples them: read before any model
     loads, by the run and by its --dry_run (which had passed a file the run refused: fuzz_aj 4)."""
+    from musubi_tuner.data.media import load_image
+
     prompts = load_sample_prompts(path)
     if in_channels != 32 and any(p.image_path for p in prompts):  # (a SkyReels I2V run's prompt file reused: its first
         # frames fed a 16-channel DiT 32 channels, a traceback at the first sample; musubi-tuner ignores them)
@@ -116,8 +118,12 @@ def sample_prompts_for(path, in_channels: int) -> list[SamplePrompt]:
         raise UserError(f"{path}: an image-to-video DiT needs a first frame for every sample prompt (--i image.png); prompt "
                         f"{missing.index + 1} has none")
     for p in prompts:
-        if p.image_path and not Path(p.image_path).is_file():
-            raise UserError(f"{path}: prompt {p.index + 1}: image {p.image_path} not found (--i)")
+        if p.image_path:  # read now, not after the models load; a folder, a link to nothing, a truncated image tied to
+            try:          # the prompt that names it (fuzz_aj 5)
+                require_file(p.image_path, "image")
+                load_image(p.image_path)
+            except UserError as e:
+                raise UserError(f"{path}: prompt {p.index + 1} (--i): {e}") from None
     return prompts
 
 
