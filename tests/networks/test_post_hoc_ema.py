@@ -147,3 +147,26 @@ def test_checkpoints_of_another_run_are_refused_in_one_line(checkpoints, tmp_pat
     status, io = run([*paths, "--output_file", tmp_path / "ema.safetensors"], capsys)
     assert status == 2 and message in io.err and "Traceback" not in io.err
     assert not (tmp_path / "ema.safetensors").exists()
+
+
+def test_loras_of_two_base_models_are_not_averaged(checkpoints, tmp_path, capsys, caplog):
+    """fuzz_aj 8: a SkyReels I2V run's LoRA and a T2V run's (the same keys and shapes) were averaged without a word, the
+    result claiming the last file's base."""
+    paths, saves = checkpoints
+
+    def rewrite(path, sd, base, channels):
+        meta = read_safetensors_header(path)[1]
+        save_file(sd, str(path), metadata={**meta, "musubi_tuner.version": "1", "musubi_tuner.base_model": base,
+                                           "musubi_tuner.in_channels": str(channels)})
+
+    for path, sd in zip(paths, saves):
+        rewrite(path, sd, "hunyuan-video-t2v", 16)
+    rewrite(paths[2], saves[2], "skyreels-i2v", 32)
+    out = tmp_path / "ema.safetensors"
+    status, io = run([*paths, "--output_file", out, "--no_sort"], capsys)
+    assert status == 2 and not out.exists()
+    assert (f"{paths[2]}: trained on skyreels-i2v (32 input channels) but {paths[0].name} on hunyuan-video-t2v (16): LoRAs "
+            "of two base models") in io.err
+    rewrite(paths[2], saves[2], "skyreels-t2v", 16)  # the same layers: averaged, but said
+    assert run([*paths, "--output_file", out, "--no_sort"], capsys)[0] == 0
+    assert f"{paths[2]}: trained on skyreels-t2v but {paths[0].name} on hunyuan-video-t2v" in caplog.text

@@ -132,10 +132,12 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
     first = _checkpoint(paths[0])
     dtypes = {k: v.dtype for k, v in first.items()}
     average = {k: v.float() if v.is_floating_point() else v for k, v in first.items()}
-    first_run = _run_settings(read_lora_file(paths[0])[1])
+    first_metadata = read_lora_file(paths[0])[1]
+    first_run = _run_settings(first_metadata)
     for path, beta in zip(paths[1:], betas):
         contents = read_lora_contents(path)
         weights, metadata = contents.tensors, contents.metadata
+        _check_same_base(paths[0], first_metadata, path, metadata)
         _check_same_keys(paths[0], first, path, weights)  # so the same LoRA entries as the first
         if (run := _run_settings(metadata)) != first_run and first_run and run:
             changed = ", ".join(f"{k} {first_run.get(k)} -> {run.get(k)}" for k in first_run if first_run.get(k) != run.get(k))
@@ -174,6 +176,22 @@ def _checkpoint(path: Path) -> dict[str, torch.Tensor]:
     contents = read_lora_contents(path).require_some()
     check_usable(str(path), contents)
     return contents.tensors
+
+
+def _check_same_base(first_path: Path, first_metadata: dict, path: Path, metadata: dict) -> None:
+    """LoRAs trained on two base models (a SkyReels I2V run's and a T2V run's: the same keys and shapes) are no
+    checkpoints of one run: refused when their DiTs' input channels differ, said when only the named bases do (those
+    are guessed from file names for files trained elsewhere) (fuzz_aj 8)."""
+    from musubi_tuner.networks.lora_metadata import LoRAFileInfo
+
+    first = LoRAFileInfo.from_metadata(first_metadata, str(first_path))
+    info = LoRAFileInfo.from_metadata(metadata, str(path))
+    if None not in (first.in_channels, info.in_channels) and first.in_channels != info.in_channels:
+        raise UserError(f"{path}: trained on {info.base_model} ({info.in_channels} input channels) but {first_path.name} on "
+                        f"{first.base_model} ({first.in_channels}): LoRAs of two base models are not checkpoints of one run")
+    if None not in (first.base_model, info.base_model) and first.base_model != info.base_model:
+        logger.warning("%s: trained on %s but %s on %s: the average mixes LoRAs of two base models", path, info.base_model,
+                       first_path.name, first.base_model)
 
 
 def _check_same_keys(first_path: Path, first: dict, path: Path, weights: dict) -> None:
