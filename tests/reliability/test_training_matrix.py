@@ -813,6 +813,10 @@ CASES = [
     Case("train-resume-other-rank", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_dim", "8"),
          r"tiny-state: saved with another network \(dim 4 -> 8\)", keep=outputs_of("out"), then=before_the_model_loads),
+    Case("train-resume-an-image-to-video-state-on-a-text-to-video-dit", "hv_train_network",  # (fuzz_aj 7: "another DiT
+         lambda a, t: train_argv(a, with_run(dit_in_channels=32)(a, t), "--resume", "auto"),  # file", the result labelled T2V)
+         r"tiny-state: saved by a run on an image-to-video DiT \(32 input channels\), --dit has 16: the run would go on "
+         r"learning another task", keep=outputs_of("out"), then=before_the_model_loads),
     Case("train-resume-two-process-state-with-one", "hv_train_network",
          lambda a, t: train_argv(a, with_run(processes=2)(a, t), "--resume", "auto"),
          r"tiny-state: saved by 2 training processes, this run has 1; resume with the same number", keep=outputs_of("out")),

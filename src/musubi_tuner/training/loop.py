@@ -196,6 +196,10 @@ def check_args(args) -> None:
         if first is not None:
             _, saved = read_state_folder(first)
             processes = {} if args.dry_run else {"processes": launched()[1]}  # (a dry run may plan for other processes)
+            if "dit_in_channels" in saved:  # (the DiT file's header: an I2V state resumed on a T2V DiT)
+                from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+                processes["dit_in_channels"] = read_dit_config(open_dit_file(args.dit)).in_channels
             check_same_run(Path(first), saved, {**identity_from_flags(args), **processes})
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
@@ -892,7 +896,8 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
 
     run = run_identity(optimizer_name=optimizer_name, processes=accelerator.num_processes, batches_per_epoch=batches_per_epoch,
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
-                       session_started=time.time(), dit_digest=content_digest(args.dit), **identity_from_flags(args))
+                       session_started=time.time(), dit_digest=content_digest(args.dit),
+                       dit_in_channels=dit_config.in_channels, **identity_from_flags(args))
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record

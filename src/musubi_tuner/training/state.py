@@ -153,7 +153,7 @@ class DamagedState(UserError):
 def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
                  accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
                  schedule: dict | None = None, session_started: float | None = None, dit_digest: str | None = None,
-                 timesteps: dict | None = None) -> dict:
+                 dit_in_channels: int | None = None, timesteps: dict | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
     `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
@@ -162,7 +162,7 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
             "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started,
-            "dit_digest": dit_digest, "timesteps": timesteps or {}}
+            "dit_digest": dit_digest, "dit_in_channels": dit_in_channels, "timesteps": timesteps or {}}
 
 
 def _differs(saved: dict, current: dict, key: str) -> bool:
@@ -227,6 +227,12 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
         changed = _changes(then, now)
         raise SharedError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
                         f"--network_dim, --network_alpha and --network_args")
+    if differs("dit_in_channels"):  # (the same LoRA layers: an I2V run went on as T2V, labelled T2V: fuzz_aj 7)
+        then, now = saved["dit_in_channels"], current["dit_in_channels"]
+        task = {16: "text-to-video", 32: "image-to-video"}
+        raise SharedError(f"{folder}: saved by a run on an {task.get(then, then)} DiT ({then} input channels), --dit has {now}: "
+                          f"the run would go on learning another task; resume with the DiT it trained on, or start a new run "
+                          f"from its LoRA with --network_weights")
     if differs("dit_digest"):  # (the same shapes: it trains on; another model's, or the same one in another precision)
         logger.warning("%s: saved by a run on another DiT file than --dit (its contents differ); the LoRA continues on this one",
                        folder)
