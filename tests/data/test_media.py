@@ -177,7 +177,7 @@ def test_a_very_large_image_is_one_line_naming_it_not_pillows_warning(tmp_path):
     import subprocess
     import sys
 
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "big.png")
     script = ("import logging, sys\nfrom PIL import Image\nImage.MAX_IMAGE_PIXELS = 1000\nlogging.basicConfig()\n"
@@ -208,7 +208,7 @@ def test_frames_numbered_without_leading_zeros_are_said_to_be_read_in_name_order
     """fuzz_ag 8e: frames 1.png ... 12.png are read 1, 10, 11, 12, 2, ... (as musubi-tuner reads them), silently."""
     import logging
 
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     for i in range(1, 13):
         Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / f"{i}.png")

@@ -170,3 +170,31 @@ def test_generation_warns_about_an_i2v_lora_on_a_t2v_dit(files, generation_files
     assert status == 0, err
     assert caplog.text.count(I2V_WARNING.format("mp_rank_00_model_states.pt")) == 1
     assert StateDictFile(next((tmp_path / "out").iterdir()), what="latent").keys()
+
+
+def test_a_t2v_img_in_lora_on_an_i2v_dit_is_named_for_what_it_is(files, capsys, tmp_path, caplog):
+    """fuzz_aj 3: a T2V LoRA holding a convolution LoRA of img_in, given to the I2V DiT, was said to "fit" by the warning
+    and then refused as "[64, 64] in the LoRA" (its flattened shape) from "another model size"."""
+    import json
+
+    import torch
+
+    config = tiny_dit_config(in_channels=32)
+    i2v = write_dit(tmp_path / "i2v_dit.safetensors", random_dit_state_dict(config), config)
+    hidden, _, *kernel = random_dit_state_dict(config)["img_in.proj.weight"].shape
+    lora = tmp_path / "t2v_img_in.safetensors"
+    save_file({"lora_unet_img_in_proj.lora_down.weight": torch.randn(4, 16, *kernel) * 0.01,
+               "lora_unet_img_in_proj.lora_up.weight": torch.randn(hidden, 4, 1, 1, 1) * 0.01,
+               "lora_unet_img_in_proj.alpha": torch.tensor(4.0)}, str(lora),
+              metadata={"musubi_tuner.version": "0.1", "musubi_tuner.base_model": "hunyuan-video-t2v", "musubi_tuner.in_channels": "16",
+                        "musubi_tuner.lora_modules": json.dumps({"img_in.proj": [4, 4.0]})})
+    misfit = (f"img_in.proj is {[hidden, 16, *kernel]} in the LoRA but {[hidden, 32, *kernel]} in i2v_dit.safetensors (an img_in "
+              "LoRA of a text-to-video DiT (16 input channels) cannot apply to an image-to-video DiT (32))")
+    with caplog.at_level(logging.WARNING):
+        status, _, err = run_main(merge_lora.main, ["--dit", i2v, "--lora_weight", lora, "--save_merged_model",
+                                                    tmp_path / "m.safetensors", "--device", "cpu"], capsys)
+    assert status == 2 and error_line(err) == f"error: {lora}: {misfit.replace('i2v_dit.safetensors', str(i2v))}"
+    assert "(32): its img_in layer cannot apply, and the LoRA learned another task" in caplog.text
+    assert "the layers fit" not in caplog.text
+    status, out, _ = run_main(lora_doctor.main, [lora, "--dit", i2v], capsys)
+    assert status == 1 and misfit in out

@@ -205,7 +205,7 @@ CASES = [
          r"lora\.safetensors: \S+: with the multiplier 1e\+08 its update reaches \S+ per weight, where a trained LoRA's stays well "
          r"below 1: the output would be noise; use a multiplier near 1", then=lambda a, t, err, out: absent(t / "merged")),
     Case("merge-lora-of-another-model-size", "merge_lora", lambda a, t: merge_argv(a, t, a.lora_big),
-         r"lora_big\.safetensors: \S+ has shape \[.*\] in the LoRA but \[.*\] in .*dit\.pt"),
+         r"lora_big\.safetensors: \S+ is \[.*\] in the LoRA but \[.*\] in .*dit\.pt"),
     Case("merge-lora-is-the-dit", "merge_lora", lambda a, t: merge_argv(a, t, a.dit),
          r"dit\.pt: not a LoRA file: its tensors sit under 'module' .*; they look like a HunyuanVideo DiT \(pass it with --dit\)"),
     Case("merge-that-fails-leaves-no-empty-output-folders", "merge_lora",

@@ -117,3 +117,8 @@ class DiTConfig:
 
 HUNYUAN_T2V = DiTConfig()
 SKYREELS_I2V = dataclasses.replace(HUNYUAN_T2V, in_channels=32)
+
+
+def task_of(in_channels: int) -> str:
+    """What a DiT of `in_channels` input channels generates from, in words: 16 text-to-video, 32 image-to-video."""
+    return {16: "text-to-video", 32: "image-to-video"}.get(in_channels, f"{in_channels}-channel")

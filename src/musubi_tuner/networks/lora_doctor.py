@@ -125,8 +125,8 @@ def _check_base(diagnosis: Diagnosis, dit) -> DiTConfig:
         diagnosis.warnings.append(mismatch)
     shapes = source.shapes()
     for patch in diagnosis.inspection.contents.patches:
-        if patch.param in shapes and not patch.fits(shapes[patch.param]):
-            diagnosis.mismatches.append(f"{patch.module}: {list(patch.shape)} in the LoRA, {list(shapes[patch.param])} in {name}")
+        if patch.param in shapes and (misfit := patch.misfit(shapes[patch.param], name)):
+            diagnosis.mismatches.append(misfit)
     return config
 
 
@@ -192,7 +192,7 @@ def diagnosis_text(d: Diagnosis) -> str:
             why = cov.fatal or f"drops {len(cov.dropped)} keys ({next(iter(cov.dropped.values()))})"
             lines.append(f"    with {label if label.startswith('convert_lora.py') else Path(label).name}: {why}")
     if d.mismatches:
-        lines += ["", f"  {len(d.mismatches)} layers do not fit {Path(d.dit).name} (a LoRA for another model size?):"]
+        lines += ["", f"  {len(d.mismatches)} layers do not fit {Path(d.dit).name}:"]
         lines += [f"    {m}" for m in d.mismatches[:8]] + ([f"    ... and {len(d.mismatches) - 8} more"] if len(d.mismatches) > 8 else [])
     if d.inspection.unusable:
         lines += ["", f"  {d.inspection.unusable}: every program would produce garbage with it"]

@@ -282,8 +282,9 @@ def base_mismatch(info: LoRAFileInfo, config: DiTConfig, dit_path: str) -> str |
     kind = base_model_kind(config, dit_path)
     name = os.path.basename(dit_path)
     if info.in_channels is not None and info.in_channels != config.in_channels:
+        fit = "its img_in layer cannot apply, and" if "img_in.proj" in info.modules else "the layers fit, but"
         return (f"trained on {info.base_model} ({info.in_channels} input channels) but {name} is {kind} ({config.in_channels}): "
-                "the layers fit, but the LoRA learned another task (image-to-video vs text-to-video)")
+                f"{fit} the LoRA learned another task (image-to-video vs text-to-video)")
     if info.base_model and info.base_model != kind:
         guessed = "" if info.written_here else " (guessed from ss_sd_model_name)"
         return (f"trained on {info.base_model}{guessed} but {name} looks like {kind}: the layers fit, "

@@ -115,6 +115,24 @@ class Patch:
             return (out1 * out2, in1 * in2)
         return tuple(self.tensor.shape)
 
+    def misfit(self, shape, dit_name: str) -> str | None:
+        """Why the patch does not fit a parameter of `shape` in the DiT `dit_name`, in words, or None when it fits. A
+        convolution LoRA's update is shown in the parameter's own rank, not as the (out, in x kernel) it is multiplied
+        in; an img_in LoRA of the other task (T2V 16 input channels, I2V 32) is said to be one."""
+        from musubi_tuner.hunyuan.config import task_of
+
+        if self.fits(shape):
+            return None
+        shape = tuple(shape)
+        shown = (self.up.shape[0], *self.down.shape[1:]) if self.kind == "lora" and self.down.dim() > 2 else self.shape
+        cause = "a LoRA for another model size?"
+        kernel = math.prod(shape[2:])
+        if self.module == "img_in.proj" and len(shape) == 5 and self.shape[0] == shape[0] and self.shape[1] % kernel == 0:
+            channels = self.shape[1] // kernel
+            cause = (f"an img_in LoRA of a {task_of(channels)} DiT ({channels} input channels) cannot apply to an "
+                     f"{task_of(shape[1])} DiT ({shape[1]})")
+        return f"{self.module} is {list(shown)} in the LoRA but {list(shape)} in {dit_name} ({cause})"
+
     def _w2_shape(self) -> tuple[int, int]:
         f = self.factors
         return tuple(f["lokr_w2"].shape) if "lokr_w2" in f else (f["lokr_w2_a"].shape[0], f["lokr_w2_b"].shape[1])

@@ -186,9 +186,8 @@ def patch_target(dit: HunyuanVideoDiT, patch: Patch, source: str):
     param = getattr(module, patch.param.rsplit(".", 1)[1], None)
     if not isinstance(param, torch.Tensor):
         raise UserError(f"{source}: {patch.keys[0]} changes {patch.param}, which this DiT does not have")
-    if not patch.fits(param.shape):
-        raise UserError(f"{source}: {patch.module} is {list(patch.shape)} in the LoRA but {list(param.shape)} in the DiT "
-                        "(a LoRA for another model size?)")
+    if misfit := patch.misfit(param.shape, "the DiT"):
+        raise UserError(f"{source}: {misfit}")
     return module, param
 
 
@@ -237,9 +236,8 @@ def check_loras_fit(lora_paths: Sequence[str], dit_shapes: dict[str, tuple[int, 
             shape = dit_shapes.get(patch.param)
             if shape is None:
                 raise UserError(f"{path}: module {patch.module} does not exist in {dit_name} (a LoRA for another model?)")
-            if not patch.fits(shape):
-                raise UserError(f"{path}: {patch.module} is {list(patch.shape)} in the LoRA but {list(shape)} in {dit_name} "
-                                "(a LoRA for another model size?)")
+            if misfit := patch.misfit(shape, dit_name):
+                raise UserError(f"{path}: {misfit}")
 
 
 GROWTH_WARNED = 100  # a merged layer this many times the base's norm (a LoRA moves weights by a few percent)
@@ -279,9 +277,8 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
         for patch in lora_patches(path, keep, allow_partial, base=(config, dit_path), multiplier=m):
             if patch.param not in source:
                 raise UserError(f"{path}: module {patch.module} does not exist in {dit_path} (a LoRA for another model?)")
-            if not patch.fits(source.shape(patch.param)):
-                raise UserError(f"{path}: {patch.param} has shape {list(patch.shape)} in the LoRA but {list(source.shape(patch.param))} "
-                                f"in {dit_path} (a LoRA for another model size?)")
+            if misfit := patch.misfit(source.shape(patch.param), dit_path):
+                raise UserError(f"{path}: {misfit}")
             ops.setdefault(patch.param, []).append((m, patch))
 
     def out_dtype(key: str) -> torch.dtype:

@@ -228,9 +228,10 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
         raise SharedError(f"{folder}: saved with another network ({changed}); resume with the same --network_module, "
                         f"--network_dim, --network_alpha and --network_args")
     if differs("dit_in_channels"):  # (the same LoRA layers: an I2V run went on as T2V, labelled T2V: fuzz_aj 7)
+        from musubi_tuner.hunyuan.config import task_of
+
         then, now = saved["dit_in_channels"], current["dit_in_channels"]
-        task = {16: "text-to-video", 32: "image-to-video"}
-        raise SharedError(f"{folder}: saved by a run on an {task.get(then, then)} DiT ({then} input channels), --dit has {now}: "
+        raise SharedError(f"{folder}: saved by a run on an {task_of(then)} DiT ({then} input channels), --dit has {now}: "
                           f"the run would go on learning another task; resume with the DiT it trained on, or start a new run "
                           f"from its LoRA with --network_weights")
     if differs("dit_digest"):  # (the same shapes: it trains on; another model's, or the same one in another precision)
