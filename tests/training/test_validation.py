@@ -1,7 +1,9 @@
 """Knowing whether training works: validation loss, sample grids, the LoRA's effect size."""
 
+import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -269,13 +271,67 @@ def test_a_resumed_run_counts_the_files_the_earlier_run_saved(validated_run):
     other = validated_run["out"] / "tiny_v2-step00000010.safetensors"
     shutil.copy(validated_run["out"] / "tiny-step00000010.safetensors", other)
     try:
-        validation = Validation(None, dit=None, network=None, optimizer=None, accelerator=None, losses=None)
+        validation = Validation(validator_of(validated_run["out"] / "tiny.safetensors"), dit=None, network=None, optimizer=None,
+                                accelerator=MAIN, losses=None)
         validation.recall_saved(validated_run["out"], "tiny", up_to_step=20)  # resumed at step 20
     finally:
         other.unlink()
     assert [(p.name, r.step) for p, r in validation.saved] == [("tiny-step00000010.safetensors", 10), ("tiny-step00000020.safetensors", 20)]
     total = dict(validated_run["scalars"]["validation/loss"])
     assert validation.best()[1].loss == pytest.approx(min(total[10], total[20]), rel=1e-5)
+
+
+MAIN = SimpleNamespace(is_main_process=True)
+
+
+def validator_of(lora: Path, **changes) -> SimpleNamespace:
+    """A validator that measures as the run that saved `lora` did (its metadata), but for `changes`."""
+    from musubi_tuner.files import read_safetensors_header
+    from musubi_tuner.training.validation import MEASURE
+
+    return SimpleNamespace(measure={**json.loads(read_safetensors_header(lora)[1][MEASURE]), **changes})
+
+
+def test_a_resumed_run_compares_only_the_files_validated_as_it_validates(validated_run, caplog):
+    """fuzz_ak 7: a resume with other validation settings named the earlier run's file best by a loss of another
+    measure (1 noise level against 10), and said nothing."""
+    from musubi_tuner.training.state import check_same_run
+    from musubi_tuner.training.validation import Validation
+
+    out = validated_run["out"]
+    then = validator_of(out / "tiny.safetensors").measure
+    assert then["levels"] == 10 and then["held_out"].startswith("2 items, ")
+    validation = Validation(validator_of(out / "tiny.safetensors", levels=1), dit=None, network=None, optimizer=None,
+                            accelerator=MAIN, losses=None)
+    validation.recall_saved(out, "tiny", up_to_step=20)
+    assert validation.saved == [] and validation.best() is None
+    assert ("tiny-step00000010.safetensors, tiny-step00000020.safetensors: validated otherwise than this run validates"
+            in caplog.text)
+    check_same_run(out / "tiny-state", {"validation": then}, {"validation": {**then, "levels": 1}})
+    assert "tiny-state: saved by a run that validated otherwise (levels 10 -> 1): the validation curve changes measure" in caplog.text
+
+
+def test_a_best_checkpoint_pruned_before_a_resume_is_still_named(validated_run, tmp_path):
+    """fuzz_ak 2: after a resume, a best file --save_last_n_* had removed was forgotten and a worse one named best. Here
+    step 20's file is made to say what a run whose best was step 10 writes (its own loss above step 10's), then step
+    10's file is removed, as --save_last_n_steps 1 removes it."""
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.training.validation import Validation
+
+    first, second = (validated_run["out"] / f"tiny-step000000{s}.safetensors" for s in ("10", "20"))
+    best_loss = float(read_safetensors_header(first)[1]["musubi_tuner.validation_loss"])
+    meta = read_safetensors_header(second)[1]
+    meta.update({"musubi_tuner.validation_loss": f"{best_loss * 1.5:.6g}", "musubi_tuner.best_checkpoint": first.name,
+                 "musubi_tuner.best_validation_loss": f"{best_loss:.6g}", "musubi_tuner.best_step": "10"})
+    save_file(load_file(second), str(tmp_path / second.name), metadata=meta)
+    validation = Validation(validator_of(tmp_path / second.name), dit=None, network=None, optimizer=None, accelerator=MAIN,
+                            losses=None)
+    validation.recall_saved(tmp_path, "tiny", up_to_step=20)
+    path, result = validation.best()
+    assert path == tmp_path / first.name and not path.exists()
+    assert (result.loss, result.step) == (pytest.approx(best_loss, rel=1e-5), 10)
+    assert [r.step for _, r in validation.saved] == [10, 20]
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "validation.md"

@@ -894,10 +894,18 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                     batches_per_epoch)
         logger.info(reducer.describe())
 
+    ts_cfg = timestep_config(args)
+    guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
+    validator = None
+    if held_out:
+        from musubi_tuner.training.validation import Validator
+
+        validator = Validator(held_out, ts_cfg, guidance_value, levels=args.validation_timesteps, seed=args.validation_seed)
     run = run_identity(optimizer_name=optimizer_name, processes=accelerator.num_processes, batches_per_epoch=batches_per_epoch,
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
                        session_started=time.time(), dit_digest=content_digest(args.dit),
-                       dit_in_channels=dit_config.in_channels, **identity_from_flags(args))
+                       dit_in_channels=dit_config.in_channels, validation=validator and validator.measure,
+                       **identity_from_flags(args))
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record
@@ -927,8 +935,6 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         logger.info("%s is the state of the last step (%d), saved before the run stopped: finishing what the run did after "
                     "it (the last pruning and samples, the final save)", resume_from, progress.global_step)
 
-    ts_cfg = timestep_config(args)
-    guidance_value = args.guidance_scale * (1000.0 if args.guidance_scale_x1000 else 1.0)
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
                             scheduler=scheduler, optimizer=optimizer, run=run, hub=hub)
@@ -942,10 +948,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     # validation point stayed in a run without validation: fuzz_ak 10)
     saver.losses.truncate(progress.global_step if resume_from is not None else -1)
     validation = None
-    if held_out:
-        from musubi_tuner.training.validation import Validation, Validator
+    if validator is not None:
+        from musubi_tuner.training.validation import Validation
 
-        validator = Validator(held_out, ts_cfg, guidance_value, levels=args.validation_timesteps, seed=args.validation_seed)
         validation = Validation(validator, dit=dit, network=network, optimizer=optimizer, accelerator=accelerator, losses=saver.losses,
                                 layout=layout,
                                 every_n_steps=args.validate_every_n_steps, every_n_epochs=args.validate_every_n_epochs)

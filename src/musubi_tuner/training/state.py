@@ -153,7 +153,7 @@ class DamagedState(UserError):
 def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
                  accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
                  schedule: dict | None = None, session_started: float | None = None, dit_digest: str | None = None,
-                 dit_in_channels: int | None = None, timesteps: dict | None = None) -> dict:
+                 dit_in_channels: int | None = None, validation: dict | None = None, timesteps: dict | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
     `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
@@ -162,7 +162,7 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
             "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started,
-            "dit_digest": dit_digest, "dit_in_channels": dit_in_channels, "timesteps": timesteps or {}}
+            "dit_digest": dit_digest, "dit_in_channels": dit_in_channels, "validation": validation, "timesteps": timesteps or {}}
 
 
 def _differs(saved: dict, current: dict, key: str) -> bool:
@@ -237,6 +237,11 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
     if differs("dit_digest"):  # (the same shapes: it trains on; another model's, or the same one in another precision)
         logger.warning("%s: saved by a run on another DiT file than --dit (its contents differ); the LoRA continues on this one",
                        folder)
+    if differs("validation") and isinstance(saved["validation"], dict) and isinstance(current["validation"], dict):
+        # (the losses the earlier run measured, and the best file it named, were not comparable with this run's: fuzz_ak 7)
+        logger.warning("%s: saved by a run that validated otherwise (%s): the validation curve changes measure here, and the "
+                       "best checkpoint is named among the files validated as this run validates", folder,
+                       _changes(saved["validation"], current["validation"]))
     if differs("timesteps"):  # (each side records the flags its sampling reads, states of earlier versions every flag:
         # a flag the run does not read, or did not, is no change in how it draws)
         then, now = saved["timesteps"], current["timesteps"]

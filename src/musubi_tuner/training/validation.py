@@ -18,6 +18,8 @@ batch and the sums are reduced, so every process gets the same numbers, equal to
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -38,6 +40,7 @@ from musubi_tuner.training.timesteps import TimestepConfig, model_timesteps
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = 10
+MEASURE = OURS + "validation_measure"  # a saved LoRA's metadata: how its validation loss was measured (Validator.measure)
 
 
 def noise_levels(count: int = DEFAULT_LEVELS) -> torch.Tensor:
@@ -106,6 +109,16 @@ class Validator:
         self.seed = seed
         self.effect_level = levels // 2
         self._item_losses: list[tuple[list[str], torch.Tensor]] = []  # the last partial_sums' (item names, per-item losses)
+
+    @property
+    def measure(self) -> dict:
+        """What two validation losses must share to compare: the held-out batches (their cache files by name, in
+        order: batch b's noise is seeded with seed + b), the noise levels, the seed, the guidance given to the DiT and
+        the timestep convention. Recorded in the training state and in each saved LoRA's metadata."""
+        batches = "\n".join(",".join(item.latent_path.name for item in b.items) for b in self.batches)
+        return {"levels": len(self.levels), "seed": self.seed, "guidance": self.guidance_value,
+                "sigma_timesteps": self.ts_cfg.mode == "sigma",
+                "held_out": f"{sum(len(b.items) for b in self.batches)} items, {hashlib.sha256(batches.encode()).hexdigest()[:12]}"}
 
     def partial_sums(self, dit, network, accelerator, rank: int = 0, world: int = 1) -> torch.Tensor:
         """Sums over this process's share of the batches (every world-th): (2 * levels + 2,) float64 on the
@@ -216,18 +229,23 @@ class Validation:
         self.saved = [(p, r) for p, r in self.saved if p != path] + [(path, result)]
         best_path, best = self.best()
         meta = {OURS + "validation_loss": f"{result.loss:.6g}", OURS + "best_checkpoint": best_path.name,
-                OURS + "best_validation_loss": f"{best.loss:.6g}"}
+                OURS + "best_validation_loss": f"{best.loss:.6g}", OURS + "best_step": str(best.step),
+                MEASURE: json.dumps(self.validator.measure, sort_keys=True)}
         if result.lora_effect is not None:
             meta[OURS + "lora_effect"] = f"{result.lora_effect:.6g}"
         return meta
 
     def recall_saved(self, folder: Path, name: str, up_to_step: int) -> None:
-        """On resume: the LoRA files an earlier run saved (with their validation loss), so the best is named among all."""
-        from musubi_tuner.files import read_safetensors_header
-
-        from musubi_tuner.files import lora_file_names
+        """On resume: the LoRA files an earlier run saved (with their validation loss), so the best is named among all:
+        those on disk, and the best one they name that --save_last_n_* removed since (its loss and step are in the later
+        files' metadata: fuzz_ak 2). Files validated otherwise (other held-out items, levels or seed: their metadata's
+        measure) are not compared (fuzz_ak 7); files saved before the measure was recorded are."""
+        from musubi_tuner.files import lora_file_names, read_safetensors_header
 
         own = lora_file_names(name)  # (this run's files only: a glob of "tin*" took "tin_v2"'s best: fuzz_ak 1)
+        measure = json.dumps(self.validator.measure, sort_keys=True)
+        named_best: dict[str, tuple[float, int]] = {}  # a file's name -> (loss, step), as a later file names it best
+        other_measure = []
         for path in sorted(Path(folder).glob("*.safetensors")):
             if path.name.endswith(".comfyui.safetensors") or not own.fullmatch(path.name):
                 continue
@@ -236,9 +254,24 @@ class Validation:
                 loss, step = float(meta[OURS + "validation_loss"]), int(meta["ss_steps"])
             except (UserError, KeyError, ValueError):  # unreadable, or saved without validation
                 continue
-            if step <= up_to_step:
-                self.saved.append((path, ValidationResult(step, loss, (), None, 0.0)))
+            if step > up_to_step:
+                continue
+            if meta.get(MEASURE, measure) != measure:
+                other_measure.append(path.name)
+                continue
+            self.saved.append((path, ValidationResult(step, loss, (), None, 0.0)))
+            try:
+                named_best[meta[OURS + "best_checkpoint"]] = (float(meta[OURS + "best_validation_loss"]), int(meta[OURS + "best_step"]))
+            except (KeyError, ValueError):
+                pass
+        on_disk = {p.name for p, _ in self.saved}
+        for file_name, (loss, step) in named_best.items():
+            if file_name not in on_disk and own.fullmatch(file_name) and step <= up_to_step:
+                self.saved.append((Path(folder) / file_name, ValidationResult(step, loss, (), None, 0.0)))
         self.saved.sort(key=lambda s: s[1].step)
+        if other_measure and self.accelerator.is_main_process:
+            logger.warning("%s: validated otherwise than this run validates (another validation set-up in the earlier run): "
+                           "not compared for the best checkpoint", ", ".join(other_measure[:4]) + (", ..." if len(other_measure) > 4 else ""))
 
     def best(self) -> tuple[Path, ValidationResult] | None:
         """The saved file of lowest validation loss; of equals (the same weights saved twice), the latest."""
