@@ -268,6 +268,19 @@ def test_a_validation_dataset_cannot_split_itself_or_share_a_cache_folder(folder
     assert "a validation dataset is held out whole" in config_error(folders, IMAGES + held.replace('"images"', '"videos"') + "validation_split = 0.5\n")
 
 
+def test_a_validation_dataset_over_a_training_datasets_items_is_said(folders, caplog):
+    """fuzz_ak 3: a [[validation_datasets]] table of the training folder (its own cache folder) was accepted without a
+    word: its "held-out" items were all trained on."""
+    held = '\n[[validation_datasets]]\nimage_directory = "images"\ncache_directory = "val_cache"\ncaption_extension = ".txt"\n'
+    config = load_dataset_config(write_config(folders, IMAGES + held))
+    assert len(config.validation_datasets) == 1
+    assert ("dataset.toml: [[validation_datasets]][0]'s image_directory images is also [[datasets]][0]'s: its "
+            "items are trained on") in caplog.text
+    caplog.clear()
+    load_dataset_config(write_config(folders, IMAGES + held.replace('"images"', '"videos"').replace("image_dir", "video_dir")))
+    assert "trained on" not in caplog.text
+
+
 def test_a_misspelt_key_is_named_before_the_errors_of_other_tables(tmp_path):
     toml = tmp_path / "dataset.toml"
     toml.write_text('[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n\n'
