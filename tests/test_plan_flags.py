@@ -1,6 +1,7 @@
 """The planner's flags as a user types them: --vram_budget's values, the flags that change nothing, the step cache's warm-up."""
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -170,6 +171,23 @@ def test_the_trainers_dry_run_plans_a_full_extraction_at_max_frames(tmp_path, ca
     hv_train_network.main(trainer_dry_run_argv(tmp_path, dataset=f'video_directory = "{(tmp_path / "videos").as_posix()}"\n'
                                                                  'frame_extraction = "full"\nmax_frames = 31\n'))
     assert "train at 64x64x29f, batch 1," in capsys.readouterr().out
+
+
+def test_the_trainers_dry_run_plans_a_larger_validation_batch(tmp_path, capsys, caplog):
+    """fuzz_ak 9: only the training datasets were planned; a [[validation_datasets]] batch of 8 at 1280x720x9f ran out
+    of memory at the first validation, after a plan that fitted."""
+    from musubi_tuner import hv_train_network
+
+    held = (f'\n[[validation_datasets]]\nvideo_directory = "{(tmp_path / "videos").as_posix()}"\nresolution = [128, 96]\n'
+            'target_frames = [9]\nbatch_size = 8\n')
+    argv = trainer_dry_run_argv(tmp_path)
+    toml = Path(argv[argv.index("--dataset_config") + 1])
+    hv_train_network.main(argv)
+    assert "train at 64x64x1f, batch 1," in capsys.readouterr().out
+    toml.write_text(toml.read_text() + held)
+    hv_train_network.main(argv)
+    assert "train at 96x128x9f, batch 8," in capsys.readouterr().out
+    assert "dataset.toml: [[validation_datasets]][0]: its batch is the largest, planned as a training step" in caplog.text
 
 
 def test_the_trainers_dry_run_plans_caching_tiled_and_both_dry_runs_end_1_when_nothing_fits(tmp_path, capsys):

@@ -656,7 +656,9 @@ def training_step(dit: HunyuanVideoDiT, batch: dict, accelerator: Accelerator, t
 
 
 def largest_workload(dataset_config) -> tuple[tuple[int, int], int, int]:
-    """(height, width), frames and batch size of the dataset entry with the most tokens per batch.
+    """(height, width), frames and batch size of the dataset entry with the most tokens per batch, validation datasets
+    included (a larger [[validation_datasets]] batch ran out of memory at the first validation, unplanned: fuzz_ak 9; it
+    is planned as a training step, which holds more than its forward does, and said).
 
     Buckets keep the resolution's area, so the resolution stands for every bucket of its dataset."""
 
@@ -669,7 +671,10 @@ def largest_workload(dataset_config) -> tuple[tuple[int, int], int, int]:
             return round_to_4n1(d.max_frames)
         return max(d.target_frames)
 
-    biggest = max(dataset_config.datasets, key=lambda d: d.resolution[0] * d.resolution[1] * latent_frames(frames(d)) * d.batch_size)
+    biggest = max(dataset_config.all_datasets, key=lambda d: d.resolution[0] * d.resolution[1] * latent_frames(frames(d)) * d.batch_size)
+    if biggest.role == "validation":
+        logger.warning("%s: its batch is the largest, planned as a training step (validation runs it forward only, so "
+                       "the plan holds more than it needs)", biggest.where)
     width, height = biggest.resolution
     return (height, width), frames(biggest), biggest.batch_size
 
