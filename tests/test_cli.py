@@ -258,3 +258,20 @@ def test_a_command_run_from_a_deleted_folder_says_so(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: the current folder no longer exists (deleted, or replaced by a new one of its name): "
                                    "cd into a folder that exists and run the command again")
+
+
+@pytest.mark.parametrize("mask, denied", [(0o777, "read/write/enter"), (0o277, "write"), (0o177, "enter")])
+def test_a_umask_that_locks_the_owner_out_is_refused_before_anything_is_made(tmp_path, mask, denied):
+    """fuzz_ah 9a: under umask 0777 the cache folder was made with mode 000, then its permissions were blamed, and the
+    empty folder stayed."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    done = subprocess.run([sys.executable, "-m", "musubi_tuner.lora_info", str(tmp_path / "x.safetensors")], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, preexec_fn=lambda: os.umask(mask))
+    assert done.returncode == 2 and list(tmp_path.iterdir()) == []
+    assert done.stderr.strip() == (f"error: the umask is {mask:04o}: the folders and files this command makes would be "
+                                   f"unusable by you (no {denied} for their owner); set a usual one (umask 022) and run the "
+                                   "command again")

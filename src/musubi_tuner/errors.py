@@ -110,6 +110,13 @@ def _prepare(argv, streams: list) -> None:
         # which sent the user to reinstall torch: fuzz_ah 3)
         raise UserError("the current folder no longer exists (deleted, or replaced by a new one of its name): cd into a "
                         "folder that exists and run the command again") from None
+    mask = os.umask(0o022)
+    os.umask(mask)
+    if mask & 0o700:  # (umask 0777: the cache folder was made unenterable, then its permissions blamed, and it stayed:
+        # fuzz_ah 9a)
+        raise UserError(f"the umask is {mask:04o}: the folders and files this command makes would be unusable by you (no "
+                        f"{'/'.join(n for bit, n in ((0o400, 'read'), (0o200, 'write'), (0o100, 'enter')) if mask & bit)} "
+                        "for their owner); set a usual one (umask 022) and run the command again")
     usable_standard_streams()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_launcher_variables()
