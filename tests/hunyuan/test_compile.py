@@ -158,6 +158,22 @@ def test_graph_breaks_are_counted_and_listed_with_debug(caplog, monkeypatch):
     assert any(line.startswith("graph break (") and "item()" in line for line in lines[2:])
 
 
+def test_an_inductor_cache_folder_that_cannot_be_made_names_its_variable(monkeypatch, tmp_path):
+    """fuzz_ah 9b: TORCHINDUCTOR_CACHE_DIR under a file failed at the first compiled step as "notadir/x: Not a directory",
+    naming the path and not the variable it came from."""
+    (tmp_path / "notadir").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "notadir" / "x"))
+    with pytest.raises(UserError) as e:
+        check_can_compile(CompileOptions(), "cpu")
+    assert str(e.value) == (f"--compile: TORCHINDUCTOR_CACHE_DIR={tmp_path / 'notadir' / 'x'}: Not a directory; Inductor writes "
+                            "its compiled code there: point TORCHINDUCTOR_CACHE_DIR at a writable folder")
+    check_can_compile(AOT, "cpu")  # another backend writes none
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(compiling, "cpp_compiler", lambda: "g++")
+    check_can_compile(CompileOptions(), "cpu")
+    assert (tmp_path / "cache").is_dir()
+
+
 def test_a_platform_that_cannot_compile_gets_a_one_line_reason(monkeypatch):
     monkeypatch.setattr(compiling, "cpp_compiler", lambda: None)
     with pytest.raises(UserError, match=r"--compile: Inductor on the CPU needs a C\+\+ compiler"):

@@ -110,6 +110,7 @@ def check_can_compile(options: CompileOptions, device: torch.device | str, train
                         f"(available: {', '.join(torch._dynamo.list_backends())})")
     if options.backend != "inductor":
         return
+    _check_inductor_cache()
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
@@ -119,6 +120,25 @@ def check_can_compile(options: CompileOptions, device: torch.device | str, train
     elif device.type == "cpu" and cpp_compiler() is None:
         raise UserError("--compile: Inductor on the CPU needs a C++ compiler (g++ or clang++, or one named by $CXX) "
                         "and none was found; install one or drop --compile")
+
+
+def _check_inductor_cache() -> None:
+    """Inductor keeps its generated code in TORCHINDUCTOR_CACHE_DIR (else a folder in the temporary folder): one it
+    cannot make or write is named with where it comes from, before any model loads (the path alone was named, at the
+    first compiled step: fuzz_ah 9b)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    folder = os.path.abspath(given or default_cache_dir())
+    source = f"TORCHINDUCTOR_CACHE_DIR={given}" if given else f"{folder} (Inductor's cache folder; TORCHINDUCTOR_CACHE_DIR moves it)"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        problem = None if os.access(folder, os.W_OK | os.X_OK) else "not writable"
+    except OSError as e:
+        problem = e.strerror or str(e)
+    if problem:
+        raise UserError(f"--compile: {source}: {problem}; Inductor writes its compiled code there: point "
+                        "TORCHINDUCTOR_CACHE_DIR at a writable folder")
 
 
 def cpp_compiler() -> str | None:
