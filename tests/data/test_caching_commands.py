@@ -429,6 +429,20 @@ def test_an_image_whose_caption_was_deleted_since_caching_is_said_to_train_on_it
         "caches)"]  # (fuzz_ag 1d: it said to run the caching again, which changes nothing)
 
 
+def test_an_image_truncated_since_it_was_cached_is_not_sent_back_to_the_caching(models, tmp_path, caplog):
+    """fuzz_ag 5b: an image cached, then replaced by a truncated copy: caching fails it and keeps its old cache, and
+    training said to run the caching again, which keeps failing it."""
+    toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=2, width=32, height=32, frames=5)
+    config = cached(toml, models)
+    image = tmp_path / "images" / "image_0001.png"
+    image.write_bytes(image.read_bytes()[:60])
+    cache_latents_main(latent_args(toml, models))  # (it fails the image, and keeps its earlier cache)
+    warnings = [w for w in training_warnings(config, caplog) if "image_0001" in w]
+    assert len(warnings) == 1 and "image_0001: changed since it was cached, and cache_latents.py cannot use it now: not a " \
+        "readable image" in warnings[0] and "still trained on from its earlier caches" in warnings[0], warnings
+    assert "run cache_latents.py" not in warnings[0]
+
+
 def test_training_warns_once_per_dataset_about_caches_older_than_the_dataset_and_items_never_cached(models, tmp_path, caplog):
     """fuzz_a D8: a replaced image, an edited caption, a deleted image and a killed cache_latents.py (latent caches
     missing) were trained on, or left out, without a word. Training compares what the caches record with a stat of

@@ -146,8 +146,7 @@ def _orientation(img: Image.Image, path: Path) -> int:
     with _exif_said(path) as said:
         try:
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-        except Exception as e:  # a broken EXIF block is not worth failing the image for
-            warnings.warn(f"Corrupt EXIF data ({_reason(e)})")
+        except Exception:  # a block Pillow cannot read at all (or pixel data cut short, which decoding names)
             orientation = 1
     if said or img.info.get(_CORRUPT_EXIF) or orientation not in range(1, 9):
         return 1

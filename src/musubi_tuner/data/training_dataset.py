@@ -225,6 +225,12 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
             continue
         whats = []
         if any((cache_files.cache_status(path, signature) or "").startswith("source_") for path in latents[item.stem]):
+            entry = recorded.get(item.stem)
+            if entry is not None and _same_source(item.path, entry):  # changed into what caching cannot read (a truncated
+                # copy): caching again keeps the old cache, as it did (fuzz_ag 5b)
+                kept.append(f"{item.stem}: changed since it was cached, and cache_latents.py cannot use it now: "
+                            f"{entry.get('reason', '?')}")
+                continue
             whats.append(f"{kind} changed")
         try:
             caption = item.read_caption()
