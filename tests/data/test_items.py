@@ -320,6 +320,28 @@ def test_a_jsonl_that_lists_one_image_twice_says_so_and_keeps_the_caption_musubi
                                                               "its own copy)")]
 
 
+def test_one_image_listed_under_two_spellings_is_one_item_with_the_last_caption(tmp_path):
+    """fuzz_ag 8f: a/../a/x.png or a linked folder beside a/x.png was "same cache name 'x'; rename one" (one file:
+    nothing to rename), and kept the first line's caption where musubi-tuner keeps the last."""
+    import json
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "link").symlink_to(tmp_path / "images")
+    spellings = [tmp_path / "images" / "a.png", tmp_path / "images" / ".." / "images" / "a.png", tmp_path / "link" / "a.png"]
+    lines = [{"image_path": str(path), "caption": f"caption {i}"} for i, path in enumerate(spellings)]
+    (tmp_path / "meta.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    dataset = config_for(tmp_path, f'[[datasets]]\nimage_jsonl_file = "{tmp_path / "meta.jsonl"}"\n'
+                                   f'cache_directory = "{tmp_path / "cache"}"\n').datasets[0]
+    found, problems = items.list_items(dataset)
+    assert [i.read_caption() for i in found] == ["caption 2"]
+    assert [reason for _, reason in problems] == [
+        f"listed on lines 1 and 2 of meta.jsonl (as {spellings[0]} and {spellings[1]}, one file) with two captions; line 2's is "
+        "used, as musubi-tuner uses it (one item per file: give each caption its own copy)",
+        f"listed on lines 2 and 3 of meta.jsonl (as {spellings[1]} and {spellings[2]}, one file) with two captions; line 3's is "
+        "used, as musubi-tuner uses it (one item per file: give each caption its own copy)"]
+
+
 def test_a_caption_that_is_not_utf8_is_reported_naming_the_file(tmp_path):
     dataset = image_config(tmp_path)
     add_image(tmp_path, "ok")

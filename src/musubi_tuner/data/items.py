@@ -171,9 +171,11 @@ def list_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[tuple[
     for item in items:
         if item.stem not in unique:
             unique[item.stem] = item
-        elif unique[item.stem].path == item.path:  # a JSONL that lists one file twice
-            first = unique[item.stem]
+        elif _same_file(unique[item.stem].path, item.path):  # a JSONL that lists one file twice (in any spelling: a/../a/x.png,
+            first = unique[item.stem]                        # a linked folder, was "rename one" and kept the first caption: fuzz_ag 8f)
             lines = f"lines {first.jsonl_line} and {item.jsonl_line} of {dataset.source.name}"
+            if first.path != item.path:
+                lines += f" (as {first.path} and {item.path}, one file)"
             if first.jsonl_caption != item.jsonl_caption:  # musubi-tuner's text cache ends with the last line's caption
                 unique[item.stem] = item
                 problems.append((str(item.path), f"listed on {lines} with two captions; line {item.jsonl_line}'s is used, as "
@@ -183,6 +185,15 @@ def list_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[tuple[
         else:
             problems.append((str(item.path), f"same cache name {item.stem!r} as {unique[item.stem].path}; rename one"))
     return list(unique.values()), problems
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one is missing: reading it names it)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[tuple[str, str]]]:
