@@ -376,3 +376,24 @@ def test_launcher_variables_left_in_the_environment_are_named_not_silent_or_a_tr
         "it, or give the flag its value"]
     (line,) = error_of("hv_train_network.py", training, ACCELERATE_USE_DEEPSPEED="true")
     assert line.startswith("error: accelerate: DeepSpeed is not installed") and "(ACCELERATE_USE_DEEPSPEED=true asks for it" in line
+
+
+def _joined_timeout(rank, world, argv):
+    import torch
+    import torch.distributed as dist
+
+    from musubi_tuner.distributed import join_launched_group
+    from musubi_tuner.hv_generate_video import build_parser
+
+    args = build_parser().parse_args(argv)
+    join_launched_group(torch.device("cpu"), args.ddp_timeout)
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    return {"seconds": backend.options._timeout.total_seconds()}
+
+
+def test_generation_takes_ddp_timeout_for_its_process_group():
+    """fuzz_ae 8: generation waited PyTorch's 30 minutes in silence on a stopped process, with no flag to shorten it;
+    it takes training's --ddp_timeout (minutes)."""
+    argv = ["--dit", "d", "--vae", "v", "--text_encoder1", "t1", "--text_encoder2", "t2", "--prompt", "p", "--save_path", "s"]
+    assert [r["seconds"] for r in run_group(2, _joined_timeout, [*argv, "--ddp_timeout", "3"], launcher_env=True)] == [180.0] * 2
+    assert [r["seconds"] for r in run_group(2, _joined_timeout, argv, launcher_env=True)] == [1800.0] * 2  # gloo's default

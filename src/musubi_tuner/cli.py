@@ -149,6 +149,12 @@ def real(minimum: float | None = None, maximum: float | None = None, *, above: f
 
 # the sampling settings' usual ranges: real CFG, the embedded guidance, the flow shift (generation's flags and a sample
 # prompt's --l, --g, --fs); past them a value that does not overflow makes noise, or NaN
+def add_ddp_timeout(group, what: str) -> None:
+    """--ddp_timeout, as training and generation read it (training through accelerate, generation in distributed.join_launched_group)."""
+    group.add_argument("--ddp_timeout", type=count(1, 525_600, " minutes (a year)"), default=None,
+                       help=f"minutes the processes wait for each other {what} (default: PyTorch's, 30 with gloo, 10 with NCCL)")
+
+
 USUAL_SAMPLING = {"cfg_scale": (-100, 100), "embedded_guidance": (0, 100), "flow_shift": (1e-3, 1e3)}
 
 

@@ -222,9 +222,12 @@ def before_joining() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def join_launched_group(device: torch.device) -> torch.device:
-    """Join the process group of a launcher (torchrun, accelerate launch: WORLD_SIZE > 1 in the environment);
-    returns this process's device (cuda:LOCAL_RANK when `device` is cuda without an index)."""
+def join_launched_group(device: torch.device, timeout_minutes: int | None = None) -> torch.device:
+    """Join the process group of a launcher (torchrun, accelerate launch: WORLD_SIZE > 1 in the environment), whose
+    collectives wait `timeout_minutes` (--ddp_timeout; PyTorch's default without: generation waited 30 minutes in
+    silence on a stopped process, with no flag to shorten it: fuzz_ae 8); returns this process's device (cuda:LOCAL_RANK
+    when `device` is cuda without an index)."""
+    import datetime
     import os
 
     if launched()[1] == 1:
@@ -235,7 +238,8 @@ def join_launched_group(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout)
     after_joining()
     return device
 

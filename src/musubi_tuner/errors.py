@@ -544,7 +544,7 @@ def lost_peer(e: BaseException) -> str | None:
                 "another port (torchrun --master_port, accelerate launch --main_process_port, or MASTER_PORT)")
     if re.search(r"timed? ?out|timeout", text, re.I):
         return ("the other processes of this run did not answer in time: one of them is stuck, stopped, or much slower "
-                "(training waits --ddp_timeout minutes; otherwise PyTorch's default, 30 minutes with gloo, 10 with NCCL)")
+                "(they wait --ddp_timeout minutes; without it PyTorch's default, 30 minutes with gloo, 10 with NCCL)")
     return ("another process of this run stopped or lost its connection; its own error, if it printed one, is above, "
             "and the launcher's summary names the process")
 

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 import argparse
 
-from musubi_tuner.cli import Parser, compute_dtype, count, embedded_guidance, frames_4n1, path, pixels, real, seed, text
+from musubi_tuner.cli import Parser, add_ddp_timeout, compute_dtype, count, embedded_guidance, frames_4n1, path, pixels, real, seed, text
 from musubi_tuner.errors import run_cli
 
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context_parallel", type=count(1), default=1,
                    help="split the DiT's tokens over N processes started by accelerate launch or torchrun (N divides the 24 "
                         "heads); with real CFG, 2N processes run the negative and positive prompt side by side")
+    add_ddp_timeout(g, "in a denoising step")
     add_compile_flags(g)
     g.add_argument("--compile_args", nargs=4, default=None, help=argparse.SUPPRESS)
     add_step_cache_flags(g)

@@ -376,7 +376,7 @@ def generate(args) -> list[Path]:
     check_and_fill(args)
     from musubi_tuner import distributed
 
-    device = distributed.join_launched_group(device)
+    device = distributed.join_launched_group(device, args.ddp_timeout)
     try:
         if distributed.rank() != 0:  # one voice: the main process's
             logging.getLogger("musubi_tuner").setLevel(logging.ERROR)  # (its warnings too: every process meets them alike)

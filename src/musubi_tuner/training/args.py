@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from musubi_tuner.cli import Parser, accepted_only, compute_dtype, count, network_dim, path, pixels, real, seed, text
+from musubi_tuner.cli import Parser, accepted_only, add_ddp_timeout, compute_dtype, count, network_dim, path, pixels, real, seed, text
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.hunyuan.compile import add_compile_flags
 from musubi_tuner.hunyuan.offload import MAX_BLOCKS_TO_SWAP_TRAINING
@@ -255,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     accepted_only(g, "--dynamo_dynamic", dynamo, action="store_true")
 
     g = p.add_argument_group("distributed")
-    g.add_argument("--ddp_timeout", type=count(1, 525_600, " minutes (a year)"), default=None,
-                   help="minutes the processes wait for each other")
+    add_ddp_timeout(g, "in a step")
     g.add_argument("--context_parallel", type=count(1), default=1,
                    help="split each sample's tokens over groups of N processes (Ulysses; N divides the 24 heads); "
                         "processes / N groups train in data parallel")
