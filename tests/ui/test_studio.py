@@ -803,7 +803,7 @@ def test_a_runs_page_shows_its_own_files_only(tmp_path):
     deadline = time.monotonic() + 60
     while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert RunViews(Workspace(tmp_path / "ws"), jobs, None)._saved(jobs.get(job.id)) == [str(mine)]
+    assert RunViews(Workspace(tmp_path / "ws"), jobs)._saved(jobs.get(job.id)) == [str(mine)]
 
 
 def test_a_dataset_config_saved_by_a_relative_path_opens_by_that_path(tmp_path):
@@ -988,3 +988,33 @@ def test_an_upload_never_replaces_an_earlier_one_and_a_killed_ones_leftover_goes
     leftover.write_bytes(b"x" * 1000)
     client(tmp_path)
     assert not leftover.exists()
+
+
+def test_the_lora_doctor_works_beside_inspect_and_plan_not_in_their_pool(tmp_path):
+    """fuzz_ac 11: a doctor task per LoRA file of an opened run went to the two workers of Inspect and Plan (a Plan took
+    11 s instead of 6 after two runs of 140 files were opened), and every report was kept for the life of the studio."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from helpers import tiny_dit_file_and_lora
+    from musubi_tuner.ui.app import Studio
+
+    studio = Studio(Workspace(tmp_path / "ws"))
+    _, weights, _ = tiny_dit_file_and_lora(tmp_path)
+    lora = tmp_path / "lora.safetensors"
+    save_file(weights, str(lora))
+    busy = threading.Event()
+    for _ in range(2):  # an Inspect and a Plan hold both of the studio's workers
+        studio.tasks.submit(busy.wait, 60)
+    try:
+        deadline = time.monotonic() + 60
+        while (verdict := studio.views._with_doctor(lora)["doctor"]) == "checking..." and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert isinstance(verdict, dict) and "text" in verdict, verdict
+    finally:
+        busy.set()
+    first = studio.views._doctor[str(lora)][1]
+    os.utime(lora, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version of the file
+    studio.views._with_doctor(lora)
+    assert first not in studio.views.doctor_tasks.futures and len(studio.views.doctor_tasks.futures) == 1

@@ -22,6 +22,9 @@ class Coverage:
     modules: list[str] = field(default_factory=list)  # the consumer's own names of the parameters it changes
     dropped: dict[str, str] = field(default_factory=dict)
     fatal: str | None = None  # the consumer refuses (or fails on) the whole file
+    # the consumer serves only the released model's size and this file is of another (a test or demo model): why, in
+    # words; its refusal is then no fault of the file (the demo's LoRAs were all given a red verdict: fuzz_ac 12)
+    other_size: str | None = None
 
     @property
     def complete(self) -> bool:

@@ -162,6 +162,9 @@ def _diffusers_single(key: str, shape, orig: str, weights, cov: Coverage):
         if shape[0] < 3 * DIFFUSERS_SPLIT_WIDTH or width not in (None, DIFFUSERS_SPLIT_WIDTH):
             cov.fatal = (f"its converter splits {orig} at a width of {DIFFUSERS_SPLIT_WIDTH}, and this LoRA's width is {width} "
                          f"({list(shape)}): it stops with an error")
+            if width is not None and width < DIFFUSERS_SPLIT_WIDTH:
+                cov.other_size = (f"its HunyuanVideo converter is written for the released DiT's width of {DIFFUSERS_SPLIT_WIDTH:,}, "
+                                  f"and this LoRA is {width} wide (a test or demo model)")
             return []
         stem = base.removesuffix(".linear1.lora_B.weight")
         w = DIFFUSERS_SPLIT_WIDTH

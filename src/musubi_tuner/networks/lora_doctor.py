@@ -43,8 +43,21 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        """The file, or its companion beside it, serves the consumer completely (a conversion still to make is advice)."""
-        return self.coverage.complete or (self.alternative is not None and not self.alternative[0].startswith("convert_lora.py"))
+        """The file, or its companion beside it, serves the consumer completely (a conversion still to make is advice),
+        or the consumer serves only the released model's size and the file is of another."""
+        return (self.coverage.complete or self.other_size is not None
+                or (self.alternative is not None and not self.alternative[0].startswith("convert_lora.py")))
+
+    @property
+    def other_size(self) -> str | None:
+        """Why the consumer cannot be checked on this file or on one of our outputs of it (with which): it serves only
+        the released model's size, and the file is of another (a test or demo model)."""
+        if self.coverage.other_size:
+            return self.coverage.other_size
+        for label, cov in self.tried:
+            if cov.other_size:
+                return f"{cov.other_size}, with {label if label.startswith('convert_lora.py') else Path(label).name}"
+        return None
 
 
 @dataclass
@@ -155,6 +168,8 @@ def _use(v: Verdict) -> str:
     """What to give this consumer."""
     if v.coverage.complete:
         return v.file.name
+    if v.other_size:
+        return "not checked: another model size"
     if v.alternative is None:
         return "none of our outputs loads completely"
     label = v.alternative[0]
@@ -180,6 +195,9 @@ def diagnosis_text(d: Diagnosis) -> str:
         use = f"none: the file holds {d.inspection.unusable_in_short}" if d.inspection.unusable else f"{_use(v)}{there}"
         lines.append(f"  {CONSUMER_TITLES[v.consumer]:<14} {_coverage_cell(v.coverage)}  {use}")
     for v in d.verdicts:
+        if v.other_size:
+            lines += ["", f"  {CONSUMER_TITLES[v.consumer]} is not checked: {v.other_size}; a LoRA of the released model's "
+                          "size is"]
         if v.ok:
             continue
         title = CONSUMER_TITLES[v.consumer]
@@ -230,7 +248,7 @@ def inspection_json(ins: LoRAInspection) -> dict:
 def diagnosis_json(d: Diagnosis) -> dict:
     consumers = {}
     for v in d.verdicts:
-        entry = _coverage_json(v.coverage, v.file) | {"ok": v.ok, "alternative": None, "use": _use(v)}
+        entry = _coverage_json(v.coverage, v.file) | {"ok": v.ok, "alternative": None, "use": _use(v), "other_size": v.other_size}
         if v.alternative:
             entry["alternative"] = _coverage_json(v.alternative[1], v.alternative[0])
         consumers[v.consumer] = entry

@@ -75,8 +75,8 @@ def field(data: dict, key: str, kind: type, default=None):
 class Tasks:
     """In-process work in a small thread pool; the page asks for the result by id."""
 
-    def __init__(self, workers: int = 2):
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="studio")
+    def __init__(self, workers: int = 2, name: str = "studio"):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self.futures: dict[str, Future] = {}
         self.ids = itertools.count(1)
 
@@ -84,6 +84,12 @@ class Tasks:
         task_id = str(next(self.ids))
         self.futures[task_id] = self.pool.submit(fn, *args)
         return task_id
+
+    def forget(self, task_id: str) -> None:
+        """Drop a task's result (one not started yet is not run)."""
+        future = self.futures.pop(task_id, None)
+        if future is not None:
+            future.cancel()
 
     def state(self, task_id: str) -> dict:
         future = self.futures.get(task_id)
@@ -179,7 +185,7 @@ class Studio:
         self.jobs = Jobs(workspace.root / "jobs")
         self.tasks = Tasks()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
-        self.views = run_view.RunViews(workspace, self.jobs, self.tasks)
+        self.views = run_view.RunViews(workspace, self.jobs)
         if (workspace.root / "uploads").is_dir():  # (an upload the studio was killed in left its temporary file: fuzz_ac 2)
             remove_leftover_temp_files(workspace.root / "uploads")
 

@@ -12,9 +12,14 @@ from musubi_tuner.ui.workspace import Workspace
 
 
 class RunViews:
-    def __init__(self, workspace: Workspace, jobs: Jobs, tasks):
-        self.workspace, self.jobs, self.tasks = workspace, jobs, tasks
-        self._doctor: dict[tuple[str, int], str] = {}  # (file, mtime_ns) -> task id
+    def __init__(self, workspace: Workspace, jobs: Jobs):
+        from musubi_tuner.ui.app import Tasks
+
+        self.workspace, self.jobs = workspace, jobs
+        # the doctor checks every LoRA file of a run in its own worker: in the pool of Inspect and Plan, a run of a hundred
+        # saves delayed them by minutes (fuzz_ac 11)
+        self.doctor_tasks = Tasks(workers=1, name="doctor")
+        self._doctor: dict[str, tuple[int, str]] = {}  # file -> (mtime_ns, task id) of its latest version
 
     def detail(self, job: Job) -> dict:
         out = {**self.jobs.summary(job), "log": self.jobs.log_tail(job), "progress": self.jobs.progress(job)}
@@ -46,10 +51,13 @@ class RunViews:
 
     def _with_doctor(self, path: Path) -> dict:
         """The file and the LoRA doctor's report on it (checked once per version of the file, in a worker thread)."""
-        key = (str(path), path.stat().st_mtime_ns)
-        if key not in self._doctor:
-            self._doctor[key] = self.tasks.submit(_doctor, path)
-        state = self.tasks.state(self._doctor[key])
+        version = path.stat().st_mtime_ns
+        checked = self._doctor.get(str(path))
+        if checked is None or checked[0] != version:
+            if checked is not None:  # (an earlier version's report is not kept for the life of the studio)
+                self.doctor_tasks.forget(checked[1])
+            checked = self._doctor[str(path)] = (version, self.doctor_tasks.submit(_doctor, path))
+        state = self.doctor_tasks.state(checked[1])
         return {"path": str(path), "name": path.name, "bytes": path.stat().st_size,
                 "doctor": state.get("result") or state.get("error") or "checking..."}
 
