@@ -182,6 +182,51 @@ def test_a_scaled_fp8_dit_is_named_as_one(tmp_path, tiny):
         load_dit(path)
 
 
+def tencent_fp8(folder, sd, with_map=True):
+    """Tencent's FP8 release as its loader reads it: the block Linears' weights stored divided by a per-layer scale
+    (max |W| / 448) in e4m3fn, under `module`; the scales, by module name, in NAME_map.pt beside it."""
+    from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
+
+    with torch.device("meta"):
+        linears = {name for name, m in HunyuanVideoDiT(tiny_dit_config()).named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))}
+    stored, scales = dict(sd), {}
+    for name in linears:
+        weight = sd[f"{name}.weight"].float()
+        scales[name] = weight.abs().max() / 448
+        stored[f"{name}.weight"] = (weight / scales[name]).to(torch.float8_e4m3fn)
+    path = folder / "mp_rank_00_model_states_fp8.pt"
+    torch.save({"module": stored}, path)
+    if with_map:
+        torch.save(scales, folder / "mp_rank_00_model_states_fp8_map.pt")
+    return path, stored, scales
+
+
+def test_tencents_fp8_checkpoint_is_read_with_its_scales(tmp_path, tiny):
+    """fuzz_an 5: mp_rank_00_model_states_fp8.pt was read as a plain fp8 cast, its _map.pt of per-layer scales never
+    read: every block Linear at weight / scale, silently (100-1000x off at full size)."""
+    config, sd = tiny
+    path, stored, scales = tencent_fp8(tmp_path, sd)
+    model = load_dit(path, dtype=torch.float32)
+    for name, scale in scales.items():
+        got = model.get_submodule(name).weight
+        assert torch.equal(got, stored[f"{name}.weight"].float() * scale)  # as the official loader computes it
+        assert (got - sd[f"{name}.weight"].float()).abs().max() <= 0.07 * sd[f"{name}.weight"].abs().max()  # fp8's rounding
+    reference = load_dit(write_dit(tmp_path / "bf16.safetensors", sd, config), dtype=torch.float32)
+    out, ref = run(model, config), run(reference, config)
+    assert (out - ref).norm() / ref.norm() < 0.1
+    fp8 = load_dit(path, dtype=torch.bfloat16, fp8=True)  # --fp8: requantized from the scaled weights
+    assert (run(fp8, config) - ref).norm() / ref.norm() < 0.1
+    (tmp_path / "mp_rank_00_model_states_fp8_map.pt").unlink()
+    with pytest.raises(UserError, match=r"mp_rank_00_model_states_fp8\.pt: Tencent's FP8 checkpoint, whose weights are stored divided "
+                                        r"by the per-layer scales of mp_rank_00_model_states_fp8_map\.pt, which is not beside it"):
+        load_dit(path)
+    torch.save({"double_blocks.9.img_attn_qkv": torch.tensor(1.0)}, tmp_path / "mp_rank_00_model_states_fp8_map.pt")
+    with pytest.raises(UserError, match=r"_fp8_map\.pt: scale of double_blocks\.9\.img_attn_qkv, a layer mp_rank_00_model_states_fp8"
+                                        r"\.pt does not have"):
+        load_dit(path)
+
+
 def test_incomplete_dit_lists_missing_keys(tmp_path, tiny):
     config, sd = tiny
     partial = {k: v for k, v in sd.items() if k != "single_blocks.1.linear2.weight"}

@@ -26,16 +26,81 @@ KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.")
 CONFIG_METADATA_KEY = "musubi_tuner.dit_config"
 
 
-def open_dit_file(path: str | os.PathLike) -> StateDictFile:
+class DiTFile(StateDictFile):
+    """A DiT file's tensors under official names. Tencent's FP8 release (`mp_rank_00_model_states_fp8.pt`, whose block
+    Linear weights are stored divided by a per-layer scale, the scales in `mp_rank_00_model_states_fp8_map.pt` beside
+    it, as the official loader reads them) gives those weights multiplied back: read as plain fp8 they were 100-1000x
+    off, silently (fuzz_an 5)."""
+
+    scales: dict[str, torch.Tensor]  # weight key -> the scale its stored values are multiplied by
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        scale = self.scales.get(key)
+        if scale is None:
+            return super().get(key, dtype, device)
+        weight = super().get(key, torch.float32, device)
+        weight = weight * scale.to(weight.device).reshape(-1, *[1] * (weight.dim() - 1))
+        return weight if dtype is None else weight.to(dtype)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return torch.float32 if key in self.scales else super().dtype(key)
+
+
+def fp8_map_path(path: str | os.PathLike) -> Path:
+    """Where Tencent's loader looks for an FP8 checkpoint's scales: NAME.pt -> NAME_map.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_map.pt")
+
+
+def _read_fp8_scales(f: DiTFile) -> dict[str, torch.Tensor]:
+    """The per-layer scales of Tencent's FP8 checkpoint (keyed by weight), {} for any other file; a UserError when an
+    FP8 `.pt` of that name has no map beside it, or a map that does not fit the file."""
+    stored_fp8 = [k for k in f.keys() if k.endswith(".weight") and f.dtype(k) in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    if f.path.suffix != ".pt" or not stored_fp8:
+        return {}
+    map_path = fp8_map_path(f.path)
+    if not map_path.is_file():
+        if f.path.stem.endswith("_fp8"):
+            raise UserError(f"{f.path}: Tencent's FP8 checkpoint, whose weights are stored divided by the per-layer scales of "
+                            f"{map_path.name}, which is not beside it; put it there (it comes with the checkpoint), or give the "
+                            "bf16 mp_rank_00_model_states.pt (--fp8 stores it in fp8 as it loads)")
+        return {}
+    try:
+        raw = torch.load(map_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # (a damaged or foreign pickle: named, not a traceback)
+        raise UserError(f"{map_path}: not a readable FP8 scale map for {f.path.name} ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
+        raise UserError(f"{map_path}: not an FP8 scale map (a dict of layer names to scales, as Tencent's loader reads it)")
+    scales = {}
+    for name, scale in raw.items():
+        for prefix in KEY_PREFIXES:
+            name = name.removeprefix(prefix)
+        key = f"{name}.weight"
+        if key not in f:
+            raise UserError(f"{map_path}: scale of {name}, a layer {f.path.name} does not have: the map of another checkpoint?")
+        if scale.numel() not in (1, f.shape(key)[0]) or not scale.is_floating_point() or not torch.isfinite(scale).all():
+            raise UserError(f"{map_path}: the scale of {name} ({scale.dtype}, shape {list(scale.shape)}) is not one finite "
+                            f"number per layer or per output row of {key} {list(f.shape(key))}")
+        scales[key] = scale.float().reshape(-1)
+    unscaled = [k for k in stored_fp8 if k not in scales]
+    if unscaled:
+        raise UserError(f"{f.path}: {len(unscaled)} fp8 weights have no scale in {map_path.name} (e.g. {unscaled[0]}): the map "
+                        "of another checkpoint?")
+    return scales
+
+
+def open_dit_file(path: str | os.PathLike) -> DiTFile:
     """The file's tensors under official names, or a UserError that says what the file is instead."""
     require_file(path, "DiT checkpoint", "--dit")  # (every command takes the DiT as --dit: named when it is not a file)
-    f = StateDictFile(path, what="DiT checkpoint", subdict_keys=SUBDICT_KEYS)
+    f = DiTFile(path, what="DiT checkpoint", subdict_keys=SUBDICT_KEYS)
+    f.scales = {}
     for prefix in KEY_PREFIXES:
         f.strip_prefix(prefix)
     if "img_in.proj.weight" not in f:  # (a file given to the wrong flag: said which one it goes to)
         other = what_weights_are(f.keys())
         if other is not None and not is_kind(other, "a HunyuanVideo DiT"):
             raise UserError(f"{f.path}: not a DiT: this is {other}")
+    f.scales = _read_fp8_scales(f)
     return f
 
 
