@@ -19,7 +19,7 @@ from musubi_tuner import convert_lora, lora_post_hoc_ema, merge_lora
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.networks.lora_files import lora_outputs
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo, with_naming
-from musubi_tuner.networks.lora_naming import kohya_to_module_path
+from musubi_tuner.networks.lora_naming import kohya_to_module_path, official_to_diffusers
 from musubi_tuner.networks.merge import merge_loras_into
 
 from foreign_loras import diffusion_pipe_adapter
@@ -231,6 +231,36 @@ def test_rslora_in_diffusers_metadata_and_convert_keep_pefts_scale(pair, tmp_pat
     assert float(load_file(str(kohya))["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == pytest.approx(8 * math.sqrt(4))
     assert torch.allclose(merged_update(tmp_path, dit, [alone], capsys)[0]["double_blocks.0.img_attn_proj.weight"],
                           merged_update(tmp_path, dit, [path], capsys)[0]["double_blocks.0.img_attn_proj.weight"])
+
+
+def test_a_renamed_peft_adapter_reads_the_config_beside_it_and_one_without_is_said(pair, tmp_path, capsys, caplog):
+    """fuzz_an 6: an adapter in PEFT's own layout (base_model.model.*, its lora_alpha only in adapter_config.json),
+    renamed, was applied at alpha = rank without a word, its config beside it or not (every update 0.83 off)."""
+    import shutil
+
+    _, dit, _ = pair
+    adapter = peft_adapter(dit, tmp_path / "adapter", r=4, lora_alpha=6, use_rslora=True)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    one_name = {m: official_to_diffusers(m)[0] for m in adapter.scales if len(official_to_diffusers(m)) == 1}  # (not q/k/v)
+    layout = {}  # as PEFT saves an adapter of diffusers' transformer: base_model.model.<diffusers' name>.lora_A.weight
+    for key, value in load_file(str(adapter.path)).items():
+        module, tail = key.removeprefix("diffusion_model.").rsplit(".lora_", 1)
+        if module in one_name:
+            layout[f"base_model.model.{one_name[module]}.lora_{tail}"] = value
+    save_file(layout, str(renamed / "my_lora.safetensors"))
+    shutil.copy(tmp_path / "adapter" / "adapter_config.json", renamed)
+    delta, _ = merged_update(tmp_path, dit, [renamed / "my_lora.safetensors"], capsys)
+    for module in one_name:
+        scale = adapter.scales[module]
+        ba = adapter.expected[f"{module}.weight"] / scale
+        assert applied(delta[f"{module}.weight"], ba) == pytest.approx(scale, rel=0.01), module  # PEFT's 6 / sqrt(4)
+    (renamed / "adapter_config.json").unlink()
+    delta, _ = merged_update(tmp_path, dit, [renamed / "my_lora.safetensors"], capsys)
+    module = next(iter(one_name))
+    assert applied(delta[f"{module}.weight"], adapter.expected[f"{module}.weight"] / adapter.scales[module]) == pytest.approx(1, rel=0.01)
+    assert (f"{renamed / 'my_lora.safetensors'}: PEFT's layout (base_model.model....), whose lora_alpha is kept in "
+            "adapter_config.json, and there is none beside it: applied at alpha = rank (scale 1)") in caplog.text
 
 
 BAD_CONFIGS = [

@@ -43,6 +43,7 @@ from musubi_tuner.networks.lora_naming import (
 )
 
 logger = logging.getLogger(__name__)
+_SAID_NO_PEFT_ALPHA: set[str] = set()  # PEFT-layout files said to be applied at alpha = rank, once each
 
 # entry suffix -> role, longest first where one ends another
 _PAIR_SUFFIXES = (
@@ -274,7 +275,7 @@ def _dtype_name(t: torch.Tensor) -> str:
 def read_lora_contents(path: str | os.PathLike) -> LoRAContents:
     """A LoRA file's patches and problems, without refusing anything (what info and the doctor show)."""
     weights, metadata = read_lora_file(path)
-    return parse_lora(weights, metadata, str(path), peft_config(path))
+    return parse_lora(weights, metadata, str(path), peft_config(path, weights))
 
 
 PROBES = 8  # random vectors per parameter: one alone met a cancellation (1.08 % apart for a pair 0.2 % apart: fuzz_ad F3)
@@ -401,12 +402,17 @@ def non_finite_words(key: str, tensor: torch.Tensor) -> str:
     return f"{key} holds NaN or infinite values"
 
 
-def peft_config(path: str | os.PathLike) -> dict | None:
+PEFT_LAYOUT = "base_model.model."  # the key prefix of PEFT's save_pretrained, whose alphas are in adapter_config.json only
+
+
+def peft_config(path: str | os.PathLike, weights=()) -> dict | None:
     """The `adapter_config.json` PEFT (and diffusion-pipe) save beside `adapter_model.safetensors`, if there is one, as
-    JSON (`PeftScales.read` reads its values)."""
+    JSON (`PeftScales.read` reads its values); beside a file of PEFT's layout (`weights`' keys) of any name too: a
+    renamed adapter was applied at alpha = rank with its config beside it (fuzz_an 6)."""
     path = Path(path)
     config = path.parent / "adapter_config.json"
-    if not path.name.startswith("adapter_model") or not config.is_file():
+    ours = path.name.startswith("adapter_model") or any(k.startswith(PEFT_LAYOUT) for k in weights)
+    if not ours or not config.is_file():
         return None
     try:
         return loads_json(config.read_text())
@@ -551,6 +557,12 @@ def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None
             continue
         entry.keys[role] = key
     scales = PeftScales.read(metadata, adapter_config, source)
+    if (scales.lora_alpha is None and any(k.startswith(PEFT_LAYOUT) and k.endswith("lora_A.weight") for k in weights)
+            and not any(k.endswith(".alpha") for k in weights) and source not in _SAID_NO_PEFT_ALPHA):
+        _SAID_NO_PEFT_ALPHA.add(source)  # (PEFT keeps its lora_alpha out of the file: no reader can know the scale)
+        logger.warning("%s: PEFT's layout (%s...), whose lora_alpha is kept in adapter_config.json, and there is none beside "
+                       "it: applied at alpha = rank (scale 1); put its adapter_config.json beside it for PEFT's scale",
+                       source, PEFT_LAYOUT)
     patches, fused = [], {}
     for name, entry in entries.items():
         for patch in _entry_patches(name, entry, weights, problems, scales):
