@@ -183,13 +183,20 @@ def files(tmp_path_factory):
     out["a pair and a diff of one weight"] = {**kohya, "lora_unet_double_blocks_0_img_attn_qkv.diff": torch.zeros(192, 64)}
     out["no prefix"] = {k.removeprefix("diffusion_model."): v for k, v in out["musubi kohya -> ours other"].items()}
     out["double blocks, ours other"] = {k: v for k, v in out["musubi kohya -> ours other"].items() if ".double_blocks." in k}
+    g = torch.Generator().manual_seed(5)
+    refiner = "diffusion_model.txt_in.individual_token_refiner.blocks.0.self_attn_qkv"
+    for rank in (4, 6):  # (fuzz_an 1: diffusers' converter cuts this layer's lora_A in three too, so no rank loads)
+        qkv = {k: v for k, v in out["double blocks, ours other"].items() if "double_blocks.0.img_attn_qkv" in k}
+        out[f"refiner qkv rank {rank}, other"] = {**qkv, f"{refiner}.lora_A.weight": torch.randn(rank, 64, generator=g) * 0.05,
+                                                  f"{refiner}.lora_B.weight": torch.randn(192, rank, generator=g) * 0.05}
     return config, model, out
 
 
 FILES = ["musubi kohya", "kohya with modulation", "kohya, ComfyUI names", "transformer. pairs", "diffusion-pipe", "ComfyUI trainer",
          "ComfyUI trainer, blocks", "entry kinds", "musubi loha", "musubi lokr"]
 ALL_FILES = [f for name in FILES for f in (name, name + " -> ours kohya", name + " -> ours other")] + [
-    "both namings in one file", "a pair and a diff of one weight", "no prefix", "double blocks, ours other"]
+    "both namings in one file", "a pair and a diff of one weight", "no prefix", "double blocks, ours other",
+    "refiner qkv rank 4, other", "refiner qkv rank 6, other"]
 
 
 @pytest.mark.parametrize("name", ALL_FILES)
