@@ -362,3 +362,31 @@ def test_ours_refuses_what_it_cannot_apply_and_layers_the_dit_lacks(files):
     assert "names that layer twice" in coverage("ours", out["both namings in one file"]).fatal
     nan = {**kohya, "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.full((448, 4), float("nan"))}
     assert "NaN" in coverage("ours", nan).fatal
+
+
+def test_a_peft_dora_file_is_named_as_dora_and_diffusers_loads_it_as_the_doctor_says(files):
+    """fuzz_an 2: PEFT's DoRA magnitudes (lora_magnitude_vector, as diffusers saves a use_dora adapter) were "not a LoRA
+    entry" here (kohya's .dora_scale is named as DoRA), and the doctor said diffusers drops them; diffusers loads them."""
+    pytest.importorskip("peft")
+    from diffusers.loaders.lora_pipeline import HunyuanVideoLoraLoaderMixin
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusers_reference import diffusers_dit
+
+    config, model, _ = files
+    source = diffusers_dit(model.state_dict(), config)
+    source.add_adapter(LoraConfig(r=4, lora_alpha=4, use_dora=True, target_modules=["to_q", "to_k", "to_v"]))
+    weights = {f"transformer.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(source).items()}
+    magnitudes = [k for k in weights if "lora_magnitude_vector" in k]
+    assert magnitudes and len(weights) == 3 * len(magnitudes)
+    cov = coverage("diffusers", weights, Model(config, shapes_known=True))
+    assert cov.complete, cov.dropped or cov.fatal
+    transformer = diffusers_dit(model.state_dict(), config)
+    HunyuanVideoLoraLoaderMixin.load_lora_into_transformer(HunyuanVideoLoraLoaderMixin.lora_state_dict(dict(weights)),
+                                                           transformer=transformer)
+    loaded = [n for n, _ in transformer.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(loaded) == len(magnitudes)  # every magnitude in the model: diffusers applies DoRA
+    problems = parse_lora(weights).problems
+    assert {p.message for p in problems} == {"a DoRA magnitude (PEFT's use_dora), which this toolkit does not apply"}
+    assert sorted(k for p in problems for k in p.keys) == sorted(magnitudes)

@@ -82,13 +82,16 @@ def diffusers_coverage(weights, model: Model) -> Coverage:
             cov.dropped[orig] = "diffusers keeps only keys starting with 'transformer.' (the original naming is converted " \
                                 "only when some key contains 'img_attn_qkv')"
             continue
-        m = re.fullmatch(r"transformer\.(.+)\.(lora_A|lora_B)\.weight", new)
+        m = re.fullmatch(r"transformer\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", new)
         if m is None or m.group(1) not in modules:
             cov.dropped[orig] = "not a lora_A/lora_B weight of a module of diffusers' HunyuanVideo transformer"
             continue
+        if m.group(2).startswith("lora_magnitude_vector"):  # PEFT's DoRA magnitude: PEFT infers use_dora from it and loads
+            applied.add(orig)                                # it (fuzz_an 2: said to be dropped)
+            continue
         want = modules[m.group(1)]
-        if want is not None and len(shape) >= 2 and (want[1] if m.group(2) == "lora_A" else want[0]) != (
-                numel(shape[1:]) if m.group(2) == "lora_A" else shape[0]):
+        lora_a = m.group(2) == "lora_A.weight"
+        if want is not None and len(shape) >= 2 and (want[1] if lora_a else want[0]) != (numel(shape[1:]) if lora_a else shape[0]):
             cov.fatal = f"PEFT stops on a size mismatch: {orig} becomes {new} {list(shape)} for a layer of {list(want)}"
             cov.dropped = {}
             return cov

@@ -57,7 +57,8 @@ _ROLES = {**{up: "up" for up, _ in _PAIR_SUFFIXES}, **{down: "down" for _, down 
           ".alpha": "alpha", ".diff": "diff", ".w_norm": "diff", ".diff_b": "diff_b", ".b_norm": "diff_b", ".set_weight": "set",
           **{f".{f}": f for f in LOHA_FACTORS + LOKR_FACTORS}}
 # entries of adapters other programs write that we do not apply: suffix -> what they are
-_UNSUPPORTED = {".dora_scale": "a DoRA scale", ".lora_mid.weight": "a LoCon/Tucker middle factor", ".reshape_weight": "a weight reshape",
+_UNSUPPORTED = {".dora_scale": "a DoRA scale", ".lora_magnitude_vector": "a DoRA magnitude (PEFT's use_dora)",
+                ".lora_magnitude_vector.weight": "a DoRA magnitude (PEFT's use_dora)", ".lora_mid.weight": "a LoCon/Tucker middle factor", ".reshape_weight": "a weight reshape",
                 ".lora_B.bias": "a LoRA bias", **{s: "a LoHa/LoKr Tucker core (of a convolution)" for s in (".hada_t1", ".hada_t2", ".lokr_t2")},
                 **{s: "a GLoRA factor" for s in (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")}}
 _SUFFIXES = sorted([*_ROLES, *_UNSUPPORTED], key=len, reverse=True)
