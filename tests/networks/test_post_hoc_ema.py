@@ -170,3 +170,27 @@ def test_loras_of_two_base_models_are_not_averaged(checkpoints, tmp_path, capsys
     rewrite(paths[2], saves[2], "skyreels-t2v", 16)  # the same layers: averaged, but said
     assert run([*paths, "--output_file", out, "--no_sort"], capsys)[0] == 0
     assert f"{paths[2]}: trained on skyreels-t2v but {paths[0].name} on hunyuan-video-t2v" in caplog.text
+
+
+def test_diffusers_files_read_at_other_scales_are_refused(tmp_path, capsys):
+    """fuzz_an 3: files whose scale is in their metadata (diffusers' lora_adapter_metadata: lora_alpha, use_rslora) and
+    differs were averaged without a word, the result applied at the last file's scale; differing kohya .alpha entries
+    are refused."""
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    module = "transformer.transformer_blocks.0.attn.to_out.0"
+    paths = []
+    for i, meta in enumerate(({"transformer.lora_alpha": 8, "transformer.r": 4},
+                              {"transformer.lora_alpha": 8, "transformer.r": 4},
+                              {"transformer.lora_alpha": 8, "transformer.r": 4, "transformer.use_rslora": True})):
+        path = tmp_path / f"d{i}.safetensors"
+        save_file({f"{module}.lora_A.weight": torch.randn(4, 3072, generator=g),
+                   f"{module}.lora_B.weight": torch.randn(3072, 4, generator=g) * 0.01}, str(path),
+                  metadata={"lora_adapter_metadata": json.dumps(meta)})
+        paths.append(path)
+    assert run([paths[0], paths[1], "--no_sort", "--output_file", tmp_path / "ok.safetensors"], capsys)[0] == 0
+    status, io = run([paths[0], paths[2], "--no_sort", "--output_file", tmp_path / "ema.safetensors"], capsys)
+    assert status == 2 and not (tmp_path / "ema.safetensors").exists()
+    assert (f"{paths[2]}: double_blocks.0.img_attn_proj is applied at the scale 4 (alpha / rank), d0.safetensors at 2: "
+            "checkpoints of one run share their scales") in io.err

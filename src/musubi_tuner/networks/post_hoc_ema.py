@@ -129,7 +129,8 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
     from musubi_tuner.networks.lora_metadata import POST_HOC_EMA, sd_scripts_hashes
     from musubi_tuner.networks.lora_reader import check_usable, read_lora_contents, read_lora_file
 
-    first = _checkpoint(paths[0])
+    first_contents = _checkpoint(paths[0])
+    first, first_scales = first_contents.tensors, _scales(first_contents)
     dtypes = {k: v.dtype for k, v in first.items()}
     average = {k: v.float() if v.is_floating_point() else v for k, v in first.items()}
     first_metadata = read_lora_file(paths[0])[1]
@@ -157,6 +158,7 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
                 raise UserError(f"{path}: {key} has shape {list(value.shape)}, {paths[0].name} {list(average[key].shape)}: "
                                 "not checkpoints of one run")
             average[key] = average[key] * beta + value.float() * (1 - beta)
+        _check_same_scales(paths[0], first_scales, path, _scales(contents))  # (the scales no .alpha entry holds)
     out = {k: v.to(dtypes[k]) for k, v in average.items()}
     metadata = dict(read_lora_file(paths[-1])[1])
     if metadata:
@@ -168,14 +170,30 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
     return out, metadata
 
 
-def _checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The first checkpoint's tensors as stored; refused when it holds no LoRA entries, a NaN or a diverged update (it
-    would spread to every later average). The later ones must hold the same keys, and be usable too."""
+def _checkpoint(path: Path):
+    """The first checkpoint's contents (lora_reader.LoRAContents); refused when it holds no LoRA entries, a NaN or a
+    diverged update (it would spread to every later average). The later ones must hold the same keys, and be usable too."""
     from musubi_tuner.networks.lora_reader import check_usable, read_lora_contents
 
     contents = read_lora_contents(path).require_some()
     check_usable(str(path), contents)
-    return contents.tensors
+    return contents
+
+
+def _scales(contents) -> dict[str, float]:
+    """Each patched parameter's scale (alpha / rank) as the file is read: from its .alpha entries, or from PEFT's
+    lora_alpha / use_rslora in its metadata or adapter_config.json, which hold no tensor to compare."""
+    return {p.param: p.scale for p in contents.patches if p.kind in ("lora", "loha", "lokr")}
+
+
+def _check_same_scales(first_path: Path, first: dict[str, float], path: Path, scales: dict[str, float]) -> None:
+    """Averaged factors of two scales are applied at the last file's (PEFT files whose lora_alpha differed were
+    averaged without a word, where kohya files' differing .alpha are refused: fuzz_an 3)."""
+    for param, scale in scales.items():
+        if param in first and not math.isclose(scale, first[param], rel_tol=1e-5):
+            raise UserError(f"{path}: {param.removesuffix('.weight')} is applied at the scale {scale:g} (alpha / rank), "
+                            f"{first_path.name} at {first[param]:g}: checkpoints of one run share their scales (PEFT's "
+                            "lora_alpha and use_rslora, in the metadata or the adapter_config.json)")
 
 
 def _check_same_base(first_path: Path, first_metadata: dict, path: Path, metadata: dict) -> None:
