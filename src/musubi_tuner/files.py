@@ -1292,6 +1292,10 @@ class StateDictFile:
         if any(k.startswith(prefix) for k in self._rename):
             self._rename = {k[len(prefix):]: v for k, v in self._rename.items() if k.startswith(prefix)}
 
+    def rename(self, new_name) -> None:
+        """Name every key `new_name(key)` (another layout's names mapped to the ones the reader expects)."""
+        self._rename = {new_name(k): v for k, v in self._rename.items()}
+
     def keys(self) -> list[str]:
         return list(self._rename)
 

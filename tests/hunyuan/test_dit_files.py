@@ -110,6 +110,22 @@ def test_comfyui_prefixed_keys_load(tmp_path, tiny):
     assert load_dit(path, dtype=torch.float32).config == config
 
 
+@pytest.mark.parametrize("prefix", ["model.model.", "model.diffusion_model.", ""])
+def test_a_dit_in_comfyuis_layout_loads_as_the_official_one(tmp_path, tiny, prefix):
+    """fuzz_an 4: ComfyUI's module names (img_attn.qkv, img_mlp.0, modulation.lin, norm.query_norm.scale), which
+    diffusion-pipe reads under model.model., were refused as "not a HunyuanVideo DiT in the official layout"."""
+    from musubi_tuner.networks.lora_naming import comfy_param
+
+    config, sd = tiny
+    comfy = {prefix + comfy_param(k): v for k, v in sd.items()}
+    assert "double_blocks.0.img_attn.norm.query_norm.scale" in {k.removeprefix(prefix) for k in comfy}  # (ComfyUI's names)
+    assert len({k for k in comfy if k.removeprefix(prefix) not in sd}) > len(sd) // 2
+    path = tmp_path / "comfy_layout.safetensors"
+    save_safetensors(comfy, path)
+    model = load_dit(path, dtype=torch.float32)
+    assert all(torch.equal(v, sd[k].float()) for k, v in model.state_dict().items())
+
+
 def test_missing_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(UserError, match=r"nope.safetensors: DiT checkpoint not found \(--dit\)$"):  # (plan, merge_lora: fuzz_y 8)
         load_dit(tmp_path / "nope.safetensors")

@@ -18,11 +18,12 @@ from musubi_tuner.hunyuan.config import DiTConfig, default_rope_axes
 from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.hunyuan.fp8 import is_fp8_weight, make_fp8_linear, quantize_rows
 from musubi_tuner.hunyuan.model_kinds import is_kind, what_weights_are
+from musubi_tuner.networks.lora_naming import comfy_param_to_official
 
 # Where a pickled checkpoint may keep its weights (the official file uses `module`).
 SUBDICT_KEYS = ("module", "state_dict", "model")
-# Key prefixes of other packagings (ComfyUI full checkpoints, DeepSpeed wrappers).
-KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.")
+# Key prefixes of other packagings (ComfyUI full checkpoints, diffusion-pipe's ComfyUI-layout files, DeepSpeed wrappers).
+KEY_PREFIXES = ("model.diffusion_model.", "model.model.", "diffusion_model.", "module.")
 CONFIG_METADATA_KEY = "musubi_tuner.dit_config"
 
 
@@ -96,6 +97,9 @@ def open_dit_file(path: str | os.PathLike) -> DiTFile:
     f.scales = {}
     for prefix in KEY_PREFIXES:
         f.strip_prefix(prefix)
+    if "double_blocks.0.img_attn_qkv.weight" not in f and "double_blocks.0.img_attn.qkv.weight" in f:
+        f.rename(comfy_param_to_official)  # ComfyUI's module names, which diffusion-pipe reads too (it was refused as
+        # "not in the official layout": fuzz_an 4)
     if "img_in.proj.weight" not in f:  # (a file given to the wrong flag: said which one it goes to)
         other = what_weights_are(f.keys())
         if other is not None and not is_kind(other, "a HunyuanVideo DiT"):

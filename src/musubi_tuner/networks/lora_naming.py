@@ -85,6 +85,16 @@ def comfy_param(official_param: str) -> str:
     return f"{comfy}.{'scale' if comfy.endswith(('query_norm', 'key_norm')) else leaf}"
 
 
+def comfy_param_to_official(name: str) -> str:
+    """comfy_param's inverse: `double_blocks.0.img_attn.norm.query_norm.scale` -> `double_blocks.0.img_attn_q_norm.weight`;
+    an official name comes back unchanged."""
+    if "." not in name:
+        return name
+    module, leaf = name.rsplit(".", 1)
+    official = comfy_to_official(module)
+    return f"{official}.{'weight' if leaf == 'scale' and module.endswith(('query_norm', 'key_norm')) else leaf}"
+
+
 def module_path_to_kohya(path: str) -> str:
     return KOHYA_PREFIX + path.replace(".", "_")
 
