@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,6 +211,33 @@ def test_each_evaluation_writes_its_samples_and_one_grid_of_first_middle_last_fr
     assert np.abs(cell_at(0, 0) - cell_at(1, 0)).mean() > 1  # same seed, other prompt: another video
     assert np.abs(cell_at(0, 0) - cell_at(0, 2)).mean() > 1  # first and last frame differ
     assert [len(set(np.unique(cell_at(r, c)))) > 1 for r in (0, 1) for c in (0, 1, 2)] == [True] * 6  # every cell drawn
+
+
+def test_a_grid_past_pillows_limit_goes_to_tensorboard_reduced_and_the_run_goes_on(assets, tmp_path, monkeypatch):
+    """fuzz_am 3: with many sample prompts the grid passed Pillow's limit on an image's size (64 prompts at 1280x720),
+    and reopening it for TensorBoard ended the run with a traceback, without its LoRA. Here the limits are lowered
+    so that the tiny samples' grid passes them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from musubi_tuner.training import sampling
+
+    width, height = 3 * (32 + CELL_GAP) + CELL_GAP, LABEL_HEIGHT + 2 * (LABEL_HEIGHT + 32 + CELL_GAP)  # (2 prompts at 32x32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", width * height // 2 - 1)  # (Pillow refuses twice this: the grid alone)
+    monkeypatch.setattr(sampling, "LOGGED_PIXELS", 3000, raising=False)
+    out = tmp_path / "out"
+    train(parse_args(base_args(assets, assets["plain"], out, "--max_train_steps", "1", "--sample_prompts", str(assets["prompts"]),
+                               "--sample_at_first", "--vae", str(assets["vae"]), "--text_encoder1", str(assets["te1"]),
+                               "--text_encoder2", str(assets["te2"]), "--logging_dir", str(out / "logs"))))
+    assert (out / "tiny.safetensors").is_file()
+    monkeypatch.undo()
+    with Image.open(out / "sample" / "tiny_000000_grid.png") as grid:
+        full = grid.size
+    assert full == (width, height)
+    (events,) = list((out / "logs").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent), size_guidance={"images": 0})
+    acc.Reload()
+    (logged,) = acc.Images("samples")
+    assert logged.width * logged.height <= 3000 and logged.width == -(-full[0] // math.ceil(math.sqrt(full[0] * full[1] / 3000)))
 
 
 def test_the_lora_effect_on_the_samples_is_zero_at_first_and_then_grows(sampled_run):

@@ -71,6 +71,9 @@ def encode_texts(texts: list[str], args, device: torch.device) -> dict[str, dict
             for i, t in enumerate(texts)}
 
 
+LOGGED_PIXELS = 16_000_000  # a grid larger than this goes to TensorBoard reduced (its file keeps every pixel)
+
+
 def sample_grid(rows: list[tuple[str, np.ndarray]], title: str) -> Image.Image:
     """One row per sample: its label, then its first, middle and last frame ((F, H, W, 3) uint8 each).
     A one-frame sample fills the first column only. Cells are as large as the largest sample."""
@@ -240,13 +243,13 @@ class TrainingSampler:
             with evaluation_mode(network, optimizer, self.accelerator.device):
                 latents, effects = self._all_latents(dit, network, step)
             if self.accelerator.is_main_process:
-                grid_path = self._write(latents, step, epoch)
+                grid_path, grid = self._write(latents, step, epoch)
                 logs = {f"lora_effect/sample_{i:02d}": e for i, e in enumerate(effects)}
                 if effects:
                     logs["lora_effect/sample"] = sum(effects) / len(effects)
                 self.accelerator.log(logs, step=step)
-                if grid_path is not None:
-                    self._log_image(grid_path, step)
+                if grid is not None:
+                    self._log_image(grid, step)
                 shown = ", ".join(f"{e:.2%}" if math.isfinite(e) else "(not finite)" for e in effects)
                 logger.info("samples at step %d: %s [%.1f s]; the LoRA moves them by %s", step, grid_path or "none written (see above)",
                             time.perf_counter() - started, shown or "n/a")
@@ -274,8 +277,9 @@ class TrainingSampler:
             logger.info("samples at step %d: %s", step, cache.summary())
         return latents, effects
 
-    def _write(self, latents: dict[int, torch.Tensor], step: int, epoch: int | None) -> Path | None:
-        """Decode, write each sample and the grid; returns the grid's path (None: no sample decoded)."""
+    def _write(self, latents: dict[int, torch.Tensor], step: int, epoch: int | None) -> tuple[Path | None, Image.Image | None]:
+        """Decode, write each sample and the grid; returns the grid's path and image (None: no sample decoded, or the
+        grid not written)."""
         from musubi_tuner.data.media import write_video
         from musubi_tuner.inference.outputs import NonFinitePixels, decode_to_frames
 
@@ -313,19 +317,20 @@ class TrainingSampler:
                 continue
             if self.replaces_earlier:
                 self._remove_earlier(tag, p.index, written)
-            rows.append((f"#{p.index} seed {self.seeds[p.index]}: {p.prompt}"[:90], frames))
+            picks = sorted({0, (len(frames) - 1) // 2, len(frames) - 1})  # (the grid's frames only: every prompt's whole
+            rows.append((f"#{p.index} seed {self.seeds[p.index]}: {p.prompt}"[:90], frames[picks]))  # video was held)
         self.vae.to("cpu")
         if not rows:
-            return None
+            return None, None
         title = f"step {step}" + (f", epoch {epoch}" if epoch is not None else "") + " - columns: first, middle, last frame"
-        grid_path = self.folder / grid_name(self.args.output_name, tag)
+        grid_path, grid = self.folder / grid_name(self.args.output_name, tag), sample_grid(rows, title)
         try:
             with atomic_write(grid_path) as tmp:
-                sample_grid(rows, title).save(tmp, format="PNG")
+                grid.save(tmp, format="PNG")
         except UserError as e:
             logger.warning("the samples' grid at step %d not written: %s", step, e)
-            return None
-        return grid_path
+            return None, None
+        return grid_path, grid
 
     def _remove_earlier(self, tag: str, index: int, written: Path) -> None:
         """The same sample (step or epoch, prompt) written at another time: by the run this one resumes."""
@@ -335,11 +340,16 @@ class TrainingSampler:
                 path.unlink(missing_ok=True)
                 logger.info("removed %s (replaced by %s)", path.name, written.name)
 
-    def _log_image(self, grid_path: Path, step: int) -> None:
+    def _log_image(self, grid: Image.Image, step: int) -> None:
+        """The grid into TensorBoard, from memory, at most LOGGED_PIXELS (a grid of many prompts, reopened from its file,
+        passed Pillow's limit on an image's size: a traceback that ended the run without its LoRA: fuzz_am 3)."""
         writers = [tracker.writer for tracker in getattr(self.accelerator, "trackers", []) if tracker.name == "tensorboard"]
         if not writers:
             return
-        image = np.asarray(Image.open(grid_path).convert("RGB"))
+        if grid.width * grid.height > LOGGED_PIXELS:
+            factor = math.ceil(math.sqrt(grid.width * grid.height / LOGGED_PIXELS))
+            grid = grid.reduce(factor)
+        image = np.asarray(grid.convert("RGB"))
 
         def add_image():
             for writer in writers:
