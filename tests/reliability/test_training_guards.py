@@ -157,13 +157,18 @@ def test_a_state_only_left_as_old_by_a_kill_between_the_renames_is_still_found(t
     assert newest_state(tmp_path).name == "x-step00000004-state"
 
 
-def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_path):
+@pytest.mark.parametrize("resumed", [True, False], ids=["resumed", "fresh"])
+def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_path, resumed):
+    """A resumed run removes every save up to the window's edge (what the killed run left); a fresh run only the save
+    that left the window, as musubi-tuner: the others are an earlier run's, which it says it leaves (it removed them:
+    fuzz_am 4)."""
     from types import SimpleNamespace
 
     from musubi_tuner.training.checkpointing import CheckpointSaver
 
     saver = CheckpointSaver.__new__(CheckpointSaver)  # only the pruning: no network, no accelerator
     saver.out, saver.name, saver.accelerator, saver.hub = tmp_path, "x", SimpleNamespace(is_main_process=True), None
+    saver.resumed = resumed
     saver.args = SimpleNamespace(save_every_n_steps=2, save_last_n_steps=4, save_last_n_steps_state=None, save_state=True,
                                  save_every_n_epochs=1, save_last_n_epochs=2, save_last_n_epochs_state=None)
     for stem in [f"x-step{s:08d}" for s in (2, 4, 6, 8, 10)] + [f"x-{e:06d}" for e in (1, 2, 3, 4)] + ["xy-step00000002"]:
@@ -174,10 +179,12 @@ def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_
     saver.prune_steps(10)  # step 4 leaves the window; step 2 is what a run killed before its pruning left
     saver._prune_epochs(4)
     left = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors" and ".comfyui" not in p.name)
-    assert left == ["x-000003.safetensors", "x-000004.safetensors", "x-step00000006.safetensors", "x-step00000008.safetensors",
-                    "x-step00000010.safetensors", "xy-step00000002.safetensors"]
-    assert sorted(p.name for p in tmp_path.glob("*-state")) == [n.replace(".safetensors", "-state") for n in left]
-    assert len(list(tmp_path.glob("*.comfyui.safetensors"))) == len(left)
+    earlier = [] if resumed else ["x-000001.safetensors"]  # (x-step00000002.safetensors: unlinked above)
+    assert left == [*earlier, "x-000003.safetensors", "x-000004.safetensors", "x-step00000006.safetensors",
+                    "x-step00000008.safetensors", "x-step00000010.safetensors", "xy-step00000002.safetensors"]
+    states = sorted(p.name for p in tmp_path.glob("*-state"))
+    assert states == sorted([n.replace(".safetensors", "-state") for n in left] + ([] if resumed else ["x-step00000002-state"]))
+    assert len(list(tmp_path.glob("*.comfyui.safetensors"))) == len(left) + (0 if resumed else 1)
 
 
 def test_as_a_script_the_refusal_is_the_only_line_on_stderr(assets, tmp_path):

@@ -129,6 +129,7 @@ class CheckpointSaver:
         self.args, self.accelerator, self.network = args, accelerator, network
         self.optimizer, self.scheduler = optimizer, scheduler
         self.run = run  # recorded in every state, checked on resume (state.check_resumable)
+        self.resumed = False  # this run continues a saved state (_remove_up_to)
         self.hub = hub if accelerator.is_main_process else None  # training.hub.HubUploader: --huggingface_repo_id
         self.out = Path(args.output_dir)
         self.name = args.output_name
@@ -368,15 +369,17 @@ class CheckpointSaver:
             self._remove_up_to("step", (step - keep_states - 1) // n * n, "-state")
 
     def _remove_up_to(self, kind: str, last: int, suffix: str) -> None:
-        """Remove this run's step (or epoch) saves numbered up to `last`. musubi-tuner removes only the one that
-        just left the window, so a run killed between a save and its pruning kept files for ever."""
+        """Remove the step (or epoch) save numbered `last`, which just left the window, as musubi-tuner does; in a
+        resumed run every one numbered up to it, as a run killed between a save and its pruning kept files for ever. A
+        fresh run removes no other: the files of an earlier run of the name, which it says it leaves, were removed up to
+        the window's edge (fuzz_am 4)."""
         if last <= 0:
             return
         number = r"step(\d{8})" if kind == "step" else r"(\d{6})"
         saved = re.compile(rf"{re.escape(self.name)}-{number}(\.comfyui)?{re.escape(suffix)}")  # a companion alone counts too
         for path in sorted(self.out.glob(f"{glob.escape(self.name)}-*{suffix}")):
             match = saved.fullmatch(path.name)
-            if match and int(match.group(1)) <= last:
+            if match and (int(match.group(1)) <= last if self.resumed else int(match.group(1)) == last):
                 self._remove(path)
 
     def _remove(self, path: Path) -> None:

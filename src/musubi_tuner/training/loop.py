@@ -943,6 +943,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
                             scheduler=scheduler, optimizer=optimizer, run=run, hub=hub)
+    saver.resumed = resume_from is not None
     if not args.resume and is_main:
         saver.warn_of_an_earlier_run()
     if args.logging_dir or args.log_with:
