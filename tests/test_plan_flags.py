@@ -173,6 +173,28 @@ def test_the_trainers_dry_run_plans_a_full_extraction_at_max_frames(tmp_path, ca
     assert "train at 64x64x29f, batch 1," in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer_type", "Foo"], "--optimizer_type Foo is unknown"),
+    (["--optimizer_args", "lr=0.1"], "--optimizer_args lr=0.1: set the learning rate with --learning_rate"),
+    (["--lr_scheduler_type", "torch.optim.lr_scheduler.Nope"], "--lr_scheduler_type torch.optim.lr_scheduler.Nope"),
+    (["--log_with", "tensorboard"], "--log_with tensorboard needs --logging_dir"),
+])
+def test_the_trainers_dry_run_refuses_the_optimizer_schedule_and_trackers_the_run_refuses(tmp_path, capsys, flags, message):
+    """fuzz_al 2: the dry run printed a plan and exited 0 for flags the run refuses in its first seconds."""
+    from musubi_tuner import hv_train_network
+
+    with pytest.raises(SystemExit) as e:
+        hv_train_network.main([*trainer_dry_run_argv(tmp_path), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_trainers_dry_run_says_the_schedule_flags_it_ignores(tmp_path, capsys, caplog):
+    from musubi_tuner import hv_train_network
+
+    hv_train_network.main([*trainer_dry_run_argv(tmp_path), "--lr_scheduler_num_cycles", "5"])
+    assert "train at 64x64x1f" in capsys.readouterr().out and "--lr_scheduler_num_cycles" in caplog.text
+
+
 def test_the_trainers_dry_run_plans_a_larger_validation_batch(tmp_path, capsys, caplog):
     """fuzz_ak 9: only the training datasets were planned; a [[validation_datasets]] batch of 8 at 1280x720x9f ran out
     of memory at the first validation, after a plan that fitted."""

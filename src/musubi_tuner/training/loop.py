@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -352,8 +353,7 @@ def make_accelerator(args) -> Accelerator:
         kwargs.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
     log_with, project_dir = None, None
     if args.logging_dir or args.log_with:
-        if args.log_with in ("tensorboard", "all", None) and not args.logging_dir:
-            raise UserError("--log_with tensorboard needs --logging_dir")
+        check_trackers(args)
         log_with = {"all": ["tensorboard", "wandb"], None: "tensorboard"}.get(args.log_with, args.log_with)
         project_dir = log_folder(args)
         if args.log_with in ("wandb", "all"):
@@ -457,6 +457,14 @@ def _quiet_tensorboard_writer_threads() -> None:
 
     hook.quiets_tensorboard = True
     threading.excepthook = hook
+
+
+def check_trackers(args) -> None:
+    """--log_with's trackers can start: tensorboard has its --logging_dir, wandb its package (the run and its dry run)."""
+    if args.log_with in ("tensorboard", "all", None) and args.logging_dir is None and args.log_with is not None:
+        raise UserError("--log_with tensorboard needs --logging_dir")
+    if args.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--log_with {args.log_with} needs the wandb package: pip install wandb")
 
 
 def wandb_login(args) -> None:
@@ -703,6 +711,12 @@ def plan_training(args):
             check_in_channels(dit_file, read_dit_config(dit_file), args.dit_in_channels)
         finally:
             dit_file.close()
+    check_trackers(args)  # (what the run refuses at once without a model: the dry run passed them: fuzz_al 2)
+    # the optimizer and its schedule on a stand-in parameter, as the run builds them (the run's length needs the caches:
+    # a run of epochs is taken as a long one, whose warmup the check cannot find too long)
+    check_scheduler(args, check_optimizer(args.optimizer_type, args.learning_rate,
+                                          parse_key_values(args.optimizer_args, "--optimizer_args"), torch.device("cpu")),
+                    args.max_train_steps if not args.max_train_epochs else 10**6)
     size, frames, batch = largest_workload(load_dataset_config(args.dataset_config, check_sources=False))
     if batch > MAX_PLANNED_BATCH:  # a batch holds at most one bucket's items: the run takes it, the plan cannot
         logger.warning(f"{args.dataset_config}: batch_size {batch:,} is planned as {MAX_PLANNED_BATCH:,} samples, the most the "
