@@ -28,8 +28,9 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
-        if kwargs.get("description"):  # a command module's docstring: its first line (python -OO strips it: None, no line)
-            kwargs["description"] = kwargs["description"].strip().splitlines()[0]
+        if kwargs.get("description"):  # a command module's docstring: its first paragraph, whose first line was cut mid-
+            # sentence (fuzz_al 6) (python -OO strips it: None, no description)
+            kwargs["description"] = " ".join(kwargs["description"].strip().split("\n\n")[0].split())
         super().__init__(*args, **kwargs)
         for name in (None, "store"):  # (a flag without action= is registered as None; the groups share the registry)
             self.register("action", name, _StoreOnce)

@@ -1,5 +1,6 @@
-"""Check that a HunyuanVideo LoRA loads with every weight applied in this toolkit, musubi-tuner, ComfyUI, kijai's
-HunyuanVideoWrapper and diffusers, and say which file (or which of convert_lora.py's outputs) to give each.
+"""Check that a HunyuanVideo LoRA loads whole in this toolkit, musubi-tuner, ComfyUI, kijai's wrapper and diffusers.
+
+Says which file (or which of convert_lora.py's outputs) to give each of them.
 
     python -m musubi_tuner.lora_doctor my_lora.safetensors [--for ours|musubi|comfyui|kijai|kijai_blocks|diffusers|all] [--dit DIT] [--json]
 

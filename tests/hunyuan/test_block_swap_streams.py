@@ -203,3 +203,11 @@ def test_the_check_catches_copies_that_pile_up_on_the_device(monkeypatch):
         model(x, *rest)
     with pytest.raises(AssertionError, match="would all be on the device"):
         check_schedule(cuda.log, [swap.swapped])
+
+
+def test_a_swap_past_the_models_blocks_names_the_range_zero_included():
+    """fuzz_al 5: generation said "between 1 and N" where 0 (none) is accepted, and the planner "0 and N"."""
+    from musubi_tuner.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--blocks_to_swap 10: must be between 0 and 5 for this model \(0 swaps none\)$"):
+        BlockSwap(HunyuanVideoDiT(CONFIG), 10, "cpu")

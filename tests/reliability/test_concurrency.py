@@ -469,3 +469,10 @@ def test_a_generation_dry_run_under_a_launcher_checks_the_processes_as_the_run_d
     assert result.code == 2 and result.error_lines == [
         "error: --context_parallel 1: 2 processes were started; run it as one process, without a launcher; or give "
         "--context_parallel 2 for 2 processes"], result.err[-2000:]  # (accelerate refuses --multi_gpu --num_processes 1)
+    # 3 processes: the tiny DiT's 2 heads do not split over 3, so no --context_parallel 3 is offered (it was, then
+    # refused by the next check: fuzz_al 7)
+    result = run_command("hv_generate_video", generate_argv(assets, tmp_path, "--dry_run", "--context_parallel", "2"), tmp_path,
+                         env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3"})
+    assert result.code == 2 and result.error_lines == [
+        "error: --context_parallel 2: 3 processes were started; start 2 (accelerate launch --multi_gpu --num_processes 2, "
+        "or torchrun --nproc_per_node 2)"], result.err[-2000:]

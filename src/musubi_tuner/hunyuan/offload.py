@@ -112,7 +112,7 @@ class BlockSwap(BlockHooks):
         c = model.config
         limit = swap_limit(c, max_blocks)
         if not 0 < blocks_to_swap <= limit:
-            raise UserError(f"--blocks_to_swap {blocks_to_swap}: must be between 1 and {limit} for this model")
+            raise UserError(f"--blocks_to_swap {blocks_to_swap}: must be between 0 and {limit} for this model (0 swaps none)")
         self.device = torch.device(device)
         self.swapped = swapped_block_keys(blocks_to_swap, c.mm_double_blocks_depth, c.mm_single_blocks_depth)
         self.model = model

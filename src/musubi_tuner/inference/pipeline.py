@@ -413,7 +413,11 @@ def check_generation_processes(args, world: int) -> None:
     cfg = args.guidance_scale != 1.0
     if world not in (n, 2 * n if cfg else n):
         started = f"{world} processes were started" if world > 1 else "one process was started"
-        fits = [m for m in (world, world // 2 if cfg and world % 2 == 0 else 0) if m > 1]  # what these processes could run
+        from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+        heads = read_dit_config(open_dit_file(args.dit)).heads_num  # (a count that does not divide them was offered, then
+        fits = [m for m in (world, world // 2 if cfg and world % 2 == 0 else 0)  # refused: fuzz_al 7)
+                if m > 1 and heads % m == 0]  # what these processes could run
         give = f"; or give --context_parallel {' or '.join(map(str, fits))} for {world} processes" if fits else ""
         start = ("run it as one process, without a launcher" if n == 1 else  # (accelerate refuses --multi_gpu with 1: fuzz_ae 7)
                  f"start {n} (accelerate launch --multi_gpu --num_processes {n}, or torchrun --nproc_per_node {n})")
