@@ -64,9 +64,10 @@ def test_saved_lora_says_what_it_is_and_loads_completely_in_every_consumer(asset
     assert {v.consumer: Path((v.alternative or (v.file,))[0]).name for v in diagnosis.verdicts} == {
         "ours": "tiny.safetensors", "musubi": "tiny.safetensors", "comfyui": "tiny.comfyui.safetensors", "kijai": "tiny.safetensors",
         "kijai_blocks": "tiny.comfyui.safetensors"}
-    # diffusers splits single-block linear1 at the released width, 3072: at this tiny width no file of ours loads there
+    # diffusers splits single-block linear1 at the released width, 3072: at this tiny width no file of ours loads there,
+    # which is no fault of the file: "not checked" (another model size), not a failed verdict
     (diffusers,) = diagnose(final, ("diffusers",), dit=dit).verdicts
-    assert not diffusers.ok and "width of 3072" in diffusers.tried[0][1].fatal
+    assert diffusers.ok and "64 wide" in diffusers.other_size and "width of 3072" in diffusers.tried[0][1].fatal
 
 
 def test_loss_on_a_fixed_batch_falls(assets, tmp_path):
