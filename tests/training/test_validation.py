@@ -549,3 +549,26 @@ def test_every_noise_level_keeps_its_own_tensorboard_tag():
         result = ValidationResult(0, 1.0, tuple((float(s), float(i)) for i, s in enumerate(levels)), None, 0.0)
         assert len(result.logs()) == 1 + count
     assert "validation/loss_t0125" in ValidationResult(0, 1.0, ((0.125, 1.0),), None, 0.0).logs()
+
+
+def test_sample_prompts_are_encoded_a_few_at_a_time_to_the_same_numbers(assets, monkeypatch):
+    """fuzz_am 9: every sample prompt went through the text encoders in one batch (peak memory grew with the prompt
+    file); in batches, each prompt's states are what they were."""
+    from types import SimpleNamespace
+
+    from musubi_tuner.training import sampling
+
+    args = SimpleNamespace(text_encoder_dtype=None, text_encoder1=str(assets["te1"]), text_encoder2=str(assets["te2"]), fp8_llm=False)
+    texts = [f"a red circle number {i}" + " moving" * i for i in range(11)]
+    whole = sampling.encode_texts(texts, args, torch.device("cpu"))
+    from musubi_tuner.hunyuan import text_encoders
+
+    calls = []
+    for cls in (text_encoders.LLMTextEncoder, text_encoders.CLIPTextEncoder):
+        monkeypatch.setattr(cls, "encode", lambda self, t, encode=cls.encode: calls.append(len(t)) or encode(self, t))
+    monkeypatch.setattr(sampling, "TEXTS_PER_BATCH", 3)
+    batched = sampling.encode_texts(texts, args, torch.device("cpu"))
+    assert calls == [3, 3, 3, 2] * 2  # each encoder, three prompts at a time
+    for text in texts:
+        for key, value in whole[text].items():
+            assert torch.allclose(batched[text][key].float(), value.float(), atol=1e-5), (text, key)
