@@ -50,6 +50,15 @@ def test_trains_and_saves_a_lora_per_epoch_with_kohya_keys(assets, tmp_path):
     assert meta["musubi_tuner.base_model"] == "hunyuan-video-t2v"
 
 
+def test_a_run_stopped_within_an_epoch_records_the_epoch_it_was_in(assets, tmp_path):
+    """fuzz_am 2: --max_train_steps 2 of a 4-batch epoch: the final LoRA said ss_epoch 0 (untrained, to tools that
+    show it), its step save at the same step 1."""
+    root, dit, toml = assets
+    train(parse_args(base_args(dit, toml, tmp_path, "--max_train_steps", "2", "--save_every_n_steps", "2")))
+    final, step = (read_safetensors_header(tmp_path / f"{n}.safetensors")[1] for n in ("tiny", "tiny-step00000002"))
+    assert (final["ss_steps"], final["ss_epoch"]) == (step["ss_steps"], step["ss_epoch"]) == ("2", "1")
+
+
 def test_saved_lora_says_what_it_is_and_loads_completely_in_every_consumer(assets, tmp_path):
     from musubi_tuner.networks.lora_doctor import diagnose
     from musubi_tuner.networks.lora_metadata import LoRAFileInfo

@@ -204,8 +204,10 @@ class CheckpointSaver:
         self._prune_epochs(epoch)
 
     def final(self, progress: TrainProgress) -> Path:
-        path = self.save(self.name, progress, epoch=progress.epoch, with_state=self.args.save_state or self.args.save_state_on_train_end,
-                         last=True)
+        # the epochs begun: a run stopped by --max_train_steps within its first epoch recorded ss_epoch 0, where its step
+        # save at the same step records 1 (fuzz_am 2)
+        epoch = progress.epoch + (1 if progress.batch_in_epoch else 0)
+        path = self.save(self.name, progress, epoch=epoch, with_state=self.args.save_state or self.args.save_state_on_train_end, last=True)
         if self.hub is not None:
             self.hub.finish()
         return path

@@ -77,10 +77,14 @@ class LossHistory:
 
 
 def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
-    out = []
-    for i in range(len(points)):
-        chunk = points[max(0, i - window + 1) : i + 1]
-        out.append((points[i][0], sum(v for _, v in chunk) / len(chunk)))
+    """The mean of each point's last `window` values (fewer at the start), by a running sum: the sum of each window,
+    drawn at every save, made a save of a 40,000-step run cost 2 s, a 1M-step one 20 minutes (fuzz_am 1)."""
+    out, total = [], 0.0
+    for i, (step, value) in enumerate(points):
+        total += value
+        if i >= window:
+            total -= points[i - window][1]
+        out.append((step, total / min(i + 1, window)))
     return out
 
 
