@@ -64,14 +64,19 @@ def run_encoder(name: str, load, batches: list[list], total: int, made_by: dict[
         return 0
     logger.info("%s: encoding %d captions (%d already cached)", name, todo, total - todo)
     encoder = load()
+    changed: list[tuple] = []
     with progress_bar(total=todo, desc=f"{name} text", unit="caption") as bar:
         for batch in batches:
             with torch.no_grad():
                 embeds, masks = encoder.encode([c.caption for c in batch])
             for item, embed, mask in zip(batch, embeds.cpu(), masks.cpu()):
                 cache_files.save_text_cache(item.cache_path, item.caption, cache_files.text_encoder_tensors(name, embed, mask),
-                                            provenance={**made_by, **(item.record or {})})
+                                            provenance={**made_by, **(item.record or {})}, changed=changed)
             bar.update(len(batch))
+    if changed:  # one line for a re-captioned dataset, not one per caption (fuzz_am 5)
+        shown = "; ".join(f"{path.name}: {old!r} -> {new!r}" for path, old, new in changed[:3])
+        logger.warning("%d caption(s) changed since their caches were made; the new ones are stored (%s%s)", len(changed),
+                       shown, f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
     cut = encoder.cut_summary()
     if cut:
         logger.info("%s: %s", name, cut)

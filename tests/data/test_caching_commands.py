@@ -626,3 +626,45 @@ def test_training_says_how_to_leave_out_an_item_caching_now_skips_but_cached_bef
         assert line.endswith("to leave out what caching skips, delete its caches from "
                              f"{tmp_path / 'cache' / ('images' if line is images else 'videos')} (caching keeps them, so that a "
                              "mistyped caption_extension cannot delete a dataset's caches)") and "run cache_latents" not in line
+
+
+def test_a_recaptioned_dataset_is_said_in_one_line_not_one_per_caption(models, tmp_path, caplog):
+    """fuzz_am 5: re-captioning 800 images and caching again printed 800 'caption changed' warnings."""
+    toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=5, width=32, height=32, frames=5)
+    cached(toml, models)
+    for i, caption in enumerate(sorted((tmp_path / "images").glob("*.txt"))):
+        caption.write_text(f"a new caption {i}")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        cache_text_main(text_args(toml, models))
+    said = [r.getMessage() for r in caplog.records if "caption" in r.getMessage() and "changed" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("5 caption(s) changed since their caches were made; the new ones are stored (")
+    assert said[0].endswith("'a new caption 2'; and 2 more)")
+
+
+def test_images_in_subfolders_are_named_as_such_and_stale_caches_in_one_line(models, tmp_path, caplog):
+    """fuzz_am 6: a folder whose images were all in subfolders was "empty, or a drive not mounted?", and images in
+    subfolders beside top-level ones were skipped without a word; fuzz_am 5: a line per stale cache deleted."""
+    import shutil
+
+    toml = make_synthetic_dataset(tmp_path, num_videos=0, num_images=4, width=32, height=32, frames=5)
+    cached(toml, models)
+    images = tmp_path / "images"
+    (images / "sub").mkdir()
+    for path in sorted(images.glob("image_000[0-2].*")):
+        shutil.move(path, images / "sub" / path.name)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        cache_latents_main(latent_args(toml, models))
+    said = [r.getMessage() for r in caplog.records]
+    assert any("[[datasets]][0]: 3 images in 1 subfolder(s) (sub) are not read: a folder is not searched below its own "
+               "files" in line for line in said), said
+    deleted = [line for line in said if line.startswith("deleted ")]
+    assert len(deleted) == 1 and deleted[0].startswith(f"deleted 3 cache(s) in {tmp_path / 'cache' / 'images'} of items not "
+                                                       "in the dataset any more: ")
+    for path in sorted(images.glob("image_0003.*")):
+        shutil.move(path, images / "sub" / path.name)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        cache_latents_main(latent_args(toml, models))
+    assert "lists no images (it holds 4 images in 1 subfolder(s) (sub), and a folder is not searched below its own files" in caplog.text

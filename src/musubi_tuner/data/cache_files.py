@@ -342,7 +342,7 @@ def text_encoder_tensors(encoder: str, embed: torch.Tensor, mask: torch.Tensor |
 
 
 def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str, torch.Tensor],
-                    provenance: Mapping[str, str] | None = None) -> Path:
+                    provenance: Mapping[str, str] | None = None, changed: list | None = None) -> Path:
     """Write or merge into a text-encoder cache, atomically (musubi-tuner's two-pass rule).
 
     `tensors` holds stored keys (see text_encoder_tensors): one encoder's or both. If the file exists,
@@ -358,8 +358,10 @@ def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str,
     if path.exists():
         kept, old_metadata = _mergeable_text_cache(path, {strip_dtype(k) for k in tensors})
         if old_metadata.get("caption1", caption) != caption:
-            logger.warning("%s: caption changed from %r to %r; the new one is stored", path,
-                           old_metadata["caption1"], caption)
+            if changed is not None:  # (a caller that says them all in one line: a re-captioned dataset was a line each)
+                changed.append((path, old_metadata["caption1"], caption))
+            else:
+                logger.warning("%s: caption changed from %r to %r; the new one is stored", path, old_metadata["caption1"], caption)
             kept = {}
         tensors = {**kept, **tensors}
         metadata = {**old_metadata, **metadata}

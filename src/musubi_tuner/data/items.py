@@ -672,6 +672,9 @@ def stale_latent_caches(dataset: AnyDatasetConfig, report: CacheReport) -> list[
     """
     if not _lists_anything(dataset, report):
         return []
+    if dataset.source.is_dir() and (nested := _in_subfolders(dataset)):  # (skipped without a word: fuzz_am 6)
+        logger.warning("%s: %s are not read: a folder is not searched below its own files, as in musubi-tuner; give "
+                       "each subfolder its own [[datasets]] table", dataset.where, nested)
     return _own(dataset, cache_files.stale_caches(dataset.cache_directory, report.cache_paths, keep_stems=report.kept_stems))
 
 
@@ -707,20 +710,45 @@ def _lists_anything(dataset: AnyDatasetConfig, report: CacheReport) -> bool:
         if others:
             other_key = "image_directory" if dataset.is_video else "video_directory"
             why = f"it holds {len(others)} {'images' if dataset.is_video else 'videos'}: list it as {other_key}"
+        elif nested := _in_subfolders(dataset):  # (it was "empty, or a drive not mounted?": fuzz_am 6)
+            why = (f"it holds {nested}, and a folder is not searched below its own files, as in musubi-tuner: give "
+                   "each subfolder its own [[datasets]] table")
     logger.warning("%s: %s lists no %s (%s); no cache in %s is deleted", dataset.where, dataset.source, kind, why,
                    dataset.cache_directory)
     return False
 
 
+def _in_subfolders(dataset: AnyDatasetConfig, most: int = 2000) -> str | None:
+    """"12 images in 3 subfolder(s) (a, ...)" when the dataset's folder holds its kind of media below its own level
+    (looking into `most` folders at most), else None."""
+    lister = media.list_videos if dataset.is_video else media.list_images
+    found, seen = {}, 0
+    for folder, subfolders, _ in os.walk(dataset.source):
+        subfolders.sort()
+        seen += 1
+        if Path(folder) != dataset.source and (listed := lister(Path(folder))):
+            found[Path(folder)] = len(listed)
+        if seen >= most:
+            break
+    if not found:
+        return None
+    first = next(iter(found))
+    kind = "videos" if dataset.is_video else "images"
+    return (f"{sum(found.values())} {kind} in {len(found)} subfolder(s) ({first.relative_to(dataset.source)}"
+            + (", ...)" if len(found) > 1 else ")"))
+
+
 def tidy_cache_directory(cache_dir: Path, stale: Iterable[Path], *, keep_cache: bool, text: bool = False) -> None:
     """Delete `stale` caches (with `keep_cache`, only say so) and, always, the temporary files that
     killed runs left in `cache_dir` (of latent caches, or of text caches with `text`)."""
-    for path in stale:
-        if keep_cache:
-            logger.info("keeping %s (not in the dataset any more; --keep_cache)", path)
-        else:
+    stale = list(stale)
+    if not keep_cache:
+        for path in stale:
             path.unlink(missing_ok=True)
-            logger.info("deleted %s (not in the dataset any more)", path)
+    if stale:  # one line, not one per file (32,000 stale caches were a 32,000-line log: fuzz_am 5)
+        names = ", ".join(p.name for p in stale[:3]) + (f", and {len(stale) - 3} more" if len(stale) > 3 else "")
+        logger.info("%s %d cache(s) in %s of items not in the dataset any more%s: %s", "kept" if keep_cache else "deleted",
+                    len(stale), cache_dir, " (--keep_cache)" if keep_cache else "", names)
     cache_files.leftover_temp_files(cache_dir, text=text, remove=True)
 
 
