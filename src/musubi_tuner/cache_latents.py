@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--console_width", type=count(8, 1000), default=80, help="--debug_mode console: characters per row")
     g.add_argument("--console_back", default=None,
                    help="--debug_mode console: background colour (black, red, green, yellow, blue, magenta, cyan, white)")
-    g.add_argument("--console_num_images", type=count(1), default=None, help="--debug_mode console: show at most N items")
+    g.add_argument("--console_num_images", type=count(1), default=None, help="--debug_mode console: show at most N items of each dataset")
     return p
 
 
