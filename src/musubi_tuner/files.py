@@ -1248,8 +1248,11 @@ class StateDictFile:
     official DiT's `module`; `strip_prefix` removes a key prefix such as `vae.`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, what: str = "checkpoint", subdict_keys: tuple[str, ...] = ()):
+    def __init__(self, path: str | os.PathLike, *, what: str = "checkpoint", subdict_keys: tuple[str, ...] = (),
+                 bare_key: str | None = None):
+        """`bare_key`: a pickled file that holds one tensor, not a dict, is read as that tensor under this name."""
         self.path = require_file(path, what)
+        self._bare_key = bare_key
         self.what = what
         self.metadata: dict[str, str] = {}
         self._safe = None
@@ -1282,7 +1285,10 @@ class StateDictFile:
                     raise UserError(f"{self.path}: unreadable safetensors file ({e})") from None
         else:
             obj = load_torch_file(self.path, what)
-            self._tensors = _find_state_dict(obj, subdict_keys, self.path, what)
+            import torch
+
+            bare = self._bare_key is not None and isinstance(obj, torch.Tensor)
+            self._tensors = {self._bare_key: obj} if bare else _find_state_dict(obj, subdict_keys, self.path, what)
             self._pt_mapped = zipfile.is_zipfile(self.path)  # (load_torch_file maps the zip format; the legacy one it reads)
             self._entries = {k: (v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
 

@@ -78,7 +78,8 @@ def save_latent(latent: torch.Tensor, meta: dict[str, str], folder: Path, seed: 
 def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
     from musubi_tuner.hunyuan.vae import VAEConfig
 
-    f = StateDictFile(path, what="latent file")
+    f = StateDictFile(path, what="latent file", bare_key="latent")  # (a .pt of the tensor alone, as musubi-tuner's torch.load
+    # reads it, was refused: fuzz_al 9)
     if "latent" not in f:
         raise UserError(f"{path}: no tensor named 'latent' (keys: {', '.join(f.keys()[:4])})")
     stored = f.shape("latent")
