@@ -369,7 +369,8 @@ CASES = [
     Case("toml-resolution-under-two-bucket-steps", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolution = [16, 16]\nenable_bucket = true\n'
                                                                                   'caption_extension = ".txt"\n'), a),
-         r"\[\[datasets\]\]\[0\]\.resolution = \[16, 16\] is too small for enable_bucket: the area must be at least 32x32"),
+         r"\[general\]\.resolution \(for \[\[datasets\]\]\[0\]\) = \[16, 16\] is too small for enable_bucket: the area must be at "
+         r"least 32x32"),  # (the key is in [general]: it was blamed on [[datasets]][0]: fuzz_al 3)
     Case("toml-resolution-under-one-step", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolution = [8, 8]\ncaption_extension = ".txt"\n'), a),
          r"\[general\]\.resolution = \[8, 8\] must be at least 16"),
@@ -378,7 +379,8 @@ CASES = [
          r'dataset\.toml: \[\[datasets\]\]\[0\]\.video_directory = ".*nope": folder not found'),
     Case("toml-size-not-multiple-of-16", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t), general='[general]\nresolution = [40, 40]\ncaption_extension = ".txt"\n'), a),
-         r"dataset\.toml: \[\[datasets\]\]\[0\]\.resolution = \[40, 40\] must be multiples of 16 when enable_bucket is false \(try \[32, 32\]\)"),
+         r"dataset\.toml: \[general\]\.resolution \(for \[\[datasets\]\]\[0\]\) = \[40, 40\] must be multiples of 16 when "
+         r"enable_bucket is false \(try \[32, 32\]\)"),
     Case("toml-target-frames-not-4n1-rounded", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, video_table(a, t).replace("target_frames = [5]", "target_frames = [6]")), a),
          None, then=summary_names(r"2 latent caches cached"), warning=r"target_frames: is not 4N\+1, rounded down \(6 -> 5"),

@@ -553,13 +553,15 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video:
     cache = Path(os.path.abspath(cache))  # (named in full in every message: which folder the caches are in)
     enable_bucket = value("enable_bucket")
     resolution = value("resolution")
+    # the table that gives the resolution: a [general] one was blamed on [[datasets]][0] (fuzz_al 3)
+    at = f"{where}.resolution" if "resolution" in own else f"{path}: [general].resolution (for {where[len(f'{path}: '):]})"
     smallest_area = (2 * RESOLUTION_STEP) ** 2  # buckets range from half the side to the side, in steps of 16
     if enable_bucket and resolution[0] * resolution[1] < smallest_area:
-        raise UserError(f"{where}.resolution = {list(resolution)} is too small for enable_bucket: the area must be at least "
+        raise UserError(f"{at} = {list(resolution)} is too small for enable_bucket: the area must be at least "
                         f"{2 * RESOLUTION_STEP}x{2 * RESOLUTION_STEP} (two bucket steps of {RESOLUTION_STEP} per side)")
     if not enable_bucket and any(r % RESOLUTION_STEP for r in resolution):
         fixed = [floor_to(r) for r in resolution]
-        raise UserError(f"{where}.resolution = {list(resolution)} must be multiples of {RESOLUTION_STEP} when "
+        raise UserError(f"{at} = {list(resolution)} must be multiples of {RESOLUTION_STEP} when "
                         f"enable_bucket is false (try {fixed})")
     return {
         "resolution": resolution, "caption_extension": value("caption_extension"), "batch_size": value("batch_size"),
