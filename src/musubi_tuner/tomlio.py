@@ -48,15 +48,51 @@ def loads_json(text: str) -> Any:
         return json.loads(text, object_pairs_hook=_without_duplicates, parse_int=_json_int)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    except _Duplicate as e:  # (said without a place, in a config of many objects: fuzz_al 4)
+        raise ValueError(f"{e}{_object_holding_it(text)}") from None
+
+
+class _Duplicate(ValueError):
+    pass
 
 
 def _without_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     seen = set()
     for key, _ in pairs:
         if key in seen:
-            raise ValueError(f"key {json.dumps(key)} given twice")
+            raise _Duplicate(f"key {json.dumps(key)} given twice")
         seen.add(key)
     return dict(pairs)
+
+
+def _object_holding_it(text: str) -> str:
+    """" in the object at line L column C": the object with a key given twice, found by parsing `text` again with
+    json's Python scanner, whose object parser is told where each object starts (the C one, and the hook, are not)."""
+    import json.decoder
+    import json.scanner
+
+    decoder = json.JSONDecoder(object_pairs_hook=_without_duplicates, parse_int=_json_int)
+
+    def parse_object(s_and_end, *args):
+        try:
+            return json.decoder.JSONObject(s_and_end, *args)
+        except _Duplicate as e:
+            if getattr(e, "at", None) is None:
+                e.at = s_and_end[1] - 1  # (the index just past its "{")
+            raise
+
+    decoder.parse_object = parse_object
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    try:
+        decoder.decode(text)
+    except _Duplicate as e:
+        at = getattr(e, "at", None)
+        if at is not None:
+            line = text.count("\n", 0, at) + 1
+            return f" in the object at line {line} column {at - (text.rfind(chr(10), 0, at) + 1) + 1}"
+    except (ValueError, RecursionError):
+        pass
+    return ""
 
 
 def _json_int(digits: str) -> int:

@@ -31,13 +31,14 @@ def test_a_json_config_with_a_key_given_twice_in_one_table_is_refused_naming_the
     assert load_dataset_config("dataset.json").datasets[0].resolution == (64, 64)  # one key in two tables: fine
     text = ('{"general": {"caption_extension": ".txt", "resolution": [32, 32]},\n "datasets": [\n'
             '  {"image_directory": "images", "resolution": [32, 32],\n   "resolution": [64, 64]}]}\n')
-    assert config_error(folders, text, name="dataset.json") == 'dataset.json: not valid JSON (key "resolution" given twice)'
+    assert config_error(folders, text, name="dataset.json") == (
+        'dataset.json: not valid JSON (key "resolution" given twice in the object at line 3 column 3)')  # (where: fuzz_al 4)
 
 
 @pytest.mark.parametrize("line, reason", [
     ('{"image_path": "a.png", "caption": "a", "n": %s}' % BIG, "an integer of 5001 digits, too long to read"),
     ('{"image_path": "a.png", "caption": "a", "n": %s}' % DEEP, "nested too deeply"),
-    ('{"image_path": "a.png", "caption": "a", "caption": "b"}', 'key "caption" given twice'),
+    ('{"image_path": "a.png", "caption": "a", "caption": "b"}', 'key "caption" given twice in the object at line 1 column 1'),
 ])
 def test_a_jsonl_line_that_python_cannot_read_or_that_gives_a_key_twice_is_named(folders, line, reason):
     (folders / "items.jsonl").write_text('{"image_path": "a.png", "caption": "fine"}\n' + line + "\n")
