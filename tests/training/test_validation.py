@@ -572,3 +572,18 @@ def test_sample_prompts_are_encoded_a_few_at_a_time_to_the_same_numbers(assets, 
     for text in texts:
         for key, value in whole[text].items():
             assert torch.allclose(batched[text][key].float(), value.float(), atol=1e-5), (text, key)
+
+
+def test_a_one_frame_sample_is_named_as_musubi_tuner_names_it(assets, tmp_path):
+    """fuzz_al 10: musubi-tuner writes a one-frame sample as <name>_000.png (frame-indexed); it was <name>.png here."""
+    import re
+
+    prompts = tmp_path / "one_frame.txt"
+    prompts.write_text("a red cube on grass --w 32 --h 32 --f 1 --d 7 --s 2\n")
+    out = tmp_path / "out"
+    train(parse_args(base_args(assets, assets["plain"], out, "--max_train_steps", "1", "--sample_prompts", str(prompts),
+                               "--sample_at_first", "--vae", str(assets["vae"]), "--text_encoder1", str(assets["te1"]),
+                               "--text_encoder2", str(assets["te2"]))))
+    samples = sorted(p.name for p in (out / "sample").iterdir() if not p.name.endswith("_grid.png"))
+    assert len(samples) == 1 and re.fullmatch(r"tiny_000000_00_\d{14}_7_000\.png", samples[0]), samples
+    assert Image.open(out / "sample" / samples[0]).size == (32, 32)

@@ -316,7 +316,8 @@ class TrainingSampler:
                 logger.warning("sample %d at step %d: %s", p.index, step, e)
                 continue
             stem = f"{self.args.output_name}_{tag}_{p.index:02d}_{stamp}_{self.seeds[p.index]}"
-            written = self.folder / f"{stem}{'.mp4' if len(frames) > 1 else '.png'}"
+            # (one frame: musubi-tuner's frame-indexed image name, which scripts collecting its samples look for: fuzz_al 10)
+            written = self.folder / f"{stem}{'.mp4' if len(frames) > 1 else '_000.png'}"
             try:
                 if len(frames) > 1:
                     write_video(written, frames, fps=24, bitrate=4_000_000)
@@ -345,7 +346,7 @@ class TrainingSampler:
 
     def _remove_earlier(self, tag: str, index: int, written: Path) -> None:
         """The same sample (step or epoch, prompt) written at another time: by the run this one resumes."""
-        same = re.compile(rf"{re.escape(self.args.output_name)}_{tag}_{index:02d}_\d{{14}}_-?\d+\.(?:mp4|png)")
+        same = re.compile(rf"{re.escape(self.args.output_name)}_{tag}_{index:02d}_\d{{14}}_-?\d+(?:\.mp4|_000\.png|\.png)")
         for path in self.folder.iterdir():
             if path != written and same.fullmatch(path.name):
                 path.unlink(missing_ok=True)
