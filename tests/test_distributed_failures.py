@@ -397,3 +397,47 @@ def test_generation_takes_ddp_timeout_for_its_process_group():
     argv = ["--dit", "d", "--vae", "v", "--text_encoder1", "t1", "--text_encoder2", "t2", "--prompt", "p", "--save_path", "s"]
     assert [r["seconds"] for r in run_group(2, _joined_timeout, [*argv, "--ddp_timeout", "3"], launcher_env=True)] == [180.0] * 2
     assert [r["seconds"] for r in run_group(2, _joined_timeout, argv, launcher_env=True)] == [1800.0] * 2  # gloo's default
+
+
+STORE_GONE = """
+import datetime, multiprocessing, os, sys, time
+
+def server(port):
+    import torch.distributed as dist
+    dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=30))
+    time.sleep(2)
+    os._exit(0)
+
+def main(argv):
+    import torch.distributed as dist
+    helper = multiprocessing.get_context("spawn").Process(target=server, args=(int(argv[0]),))
+    helper.start()
+    time.sleep(1)
+    store = dist.TCPStore("127.0.0.1", int(argv[0]), 2, False, timeout=datetime.timedelta(seconds=30))
+    store.get("never set")  # the store's process goes away meanwhile
+
+if __name__ == "__main__":
+    from musubi_tuner.errors import run_cli
+    run_cli(main, sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_store_that_goes_away_prints_no_cpp_backtrace_but_with_debug(tmp_path, debug):
+    """fuzz_ae 3: a process whose store (process 0's, or the launcher's) went away printed torch's 20-frame C++
+    backtrace before its one line; --debug keeps it. (A store read outside a collective, as here, is not a run's lost
+    peer: its error stays Python's.)"""
+    from helpers import free_port
+
+    script = tmp_path / "store_gone.py"
+    script.write_text(STORE_GONE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("TORCH_CPP_LOG_LEVEL", None)
+    done = subprocess.run([sys.executable, str(script), str(free_port()), *(["--debug"] if debug else [])], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    if debug:
+        assert "TCPStore.cpp" in done.stderr
+    else:
+        assert "TCPStore.cpp" not in done.stderr and "frame #" not in done.stderr, done.stderr[-2000:]
+    assert "Failed to recv" in done.stderr  # (the error itself is said either way)

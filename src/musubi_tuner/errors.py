@@ -126,6 +126,9 @@ def _prepare(argv, streams: list) -> None:
     use_expandable_segments()
     _hold_stops_while_importing(HELD_IMPORTS)
     if not debug_requested(argv):
+        # torch's C++ warnings (read as torch loads, which is later): a process whose peer or store went away printed a
+        # 20-frame C++ backtrace before its one line (fuzz_ae 3); --debug keeps them
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         # bitsandbytes >= 0.50 logs at import that it could not fetch its 4-bit CPU kernels from the hub: the 8-bit
         # optimizers never use them, and a warning about remote code on every training start only alarms
         logging.getLogger("bitsandbytes.backends").setLevel(logging.ERROR)
