@@ -338,3 +338,22 @@ def test_a_fresh_run_starts_its_own_loss_history(assets, tmp_path):
     with open(out / "tiny-loss.csv") as f:
         rows = [(r["kind"], int(r["step"])) for r in csv.DictReader(f)]
     assert rows == [("train", 1), ("train", 2)]
+
+
+def test_many_short_epochs_say_how_to_keep_the_loader_workers(assets, tmp_path, caplog):
+    """fuzz_am 8: each epoch restarts the loader's workers (about 1.4 s each): 300 one-image epochs took 423 s, 47 s as
+    one epoch of 300 steps; nothing told the user of --persistent_data_loader_workers."""
+    import logging
+
+    from musubi_tuner.training.loop import say_the_length
+
+    args = parse_args(base_args(*assets[1:], tmp_path, "--max_data_loader_n_workers", "2"))
+    with caplog.at_level(logging.INFO):
+        say_the_length(args, batches_per_epoch=1, total_steps=300)
+    assert "300 epochs of 1 batch(es): the data loader starts its" in caplog.text and "--persistent_data_loader_workers" in caplog.text
+    caplog.clear()
+    for quiet in (parse_args(base_args(*assets[1:], tmp_path, "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers")),
+                  parse_args(base_args(*assets[1:], tmp_path))):  # (the workers kept, or none: base_args gives 0)
+        with caplog.at_level(logging.INFO):
+            say_the_length(quiet, batches_per_epoch=1, total_steps=300)
+    assert "persistent" not in caplog.text

@@ -486,6 +486,12 @@ def say_the_length(args, batches_per_epoch: int, total_steps: int) -> None:
         logger.warning("--gradient_accumulation_steps %d is more than the %d batches of an epoch: each epoch is one optimizer "
                        "step, of its %d batches' gradients (divided by %d, as accelerate does)", args.gradient_accumulation_steps,
                        batches_per_epoch, batches_per_epoch, args.gradient_accumulation_steps)
+    epochs = math.ceil(total_steps * args.gradient_accumulation_steps / max(1, batches_per_epoch))
+    workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
+    if workers and not args.persistent_data_loader_workers and epochs >= 20 and batches_per_epoch <= 8:
+        # (300 epochs of one image took 423 s, 47 s as one epoch of 300 steps: fuzz_am 8; musubi-tuner's default too)
+        logger.info("%d epochs of %d batch(es): the data loader starts its %d worker process(es) anew each epoch (about a "
+                    "second each time); --persistent_data_loader_workers keeps them", epochs, batches_per_epoch, workers)
 
 
 def tracker_init_kwargs(args) -> dict:
