@@ -828,7 +828,7 @@ def test_a_path_the_system_refuses_is_a_400_naming_it_and_a_huge_value_is_not_ec
 
 def test_the_job_list_is_newest_first_past_nine_jobs_in_a_second_and_a_prompt_too_long_for_a_command_line_is_a_400(tmp_path):
     jobs = Jobs(tmp_path / "jobs")
-    started = [jobs.start("generate", f"job {i}", [[sys.executable, "-c", "pass"]]) for i in range(11)]
+    started = [jobs.start("generate", f"job {i}", [[sys.executable, "-c", f"pass  # {i}"]]) for i in range(11)]
     listed = [j.id for j in jobs.all()]
     assert listed[0] == started[-1].id, listed  # ("-11-" sorted before "-9-" as text)
     values = {"prompt": "x" * 200_000, "dit": "d", "vae": "v", "save_path": "v"}
@@ -1018,3 +1018,30 @@ def test_the_lora_doctor_works_beside_inspect_and_plan_not_in_their_pool(tmp_pat
     os.utime(lora, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version of the file
     studio.views._with_doctor(lora)
     assert first not in studio.views.doctor_tasks.futures and len(studio.views.doctor_tasks.futures) == 1
+
+
+def test_the_same_generation_twice_is_refused_while_it_runs(tmp_path):
+    """fuzz_ao 2: a double click on Generate started two runs of one command (the same seed, the same folder)."""
+    jobs = Jobs(tmp_path / "jobs")
+    slow = [sys.executable, "-c", "import time; time.sleep(20)"]
+    first = jobs.start("generate", "a cat", [slow], {"save_path": str(tmp_path / "videos")})
+    try:
+        with pytest.raises(UserError, match=f"job {first.id} runs this same generation"):
+            jobs.start("generate", "a cat", [slow], {"save_path": str(tmp_path / "videos")})
+        other = jobs.start("generate", "a cat", [[*slow[:-1], slow[-1] + " "]], {"save_path": str(tmp_path / "videos")})
+        jobs.stop(other.id)
+    finally:
+        jobs.stop(first.id)
+
+
+def test_the_dataset_page_is_given_the_caching_of_the_config_it_shows(tmp_path):
+    """fuzz_ao 4: the Cache panel showed the newest caching job of any config, above another config's items."""
+    studio = client(tmp_path)
+    workspace = tmp_path / "ws"
+    jobs = Jobs(workspace / "jobs")
+    done = [sys.executable, "-c", "print(1)"]
+    mine = jobs.start("cache", "cache a.toml", [done], {"dataset_config": str(workspace / "a.toml")})
+    jobs.start("cache", "cache b.toml", [done], {"dataset_config": str(workspace / "b.toml")})
+    listed = studio.get("/api/jobs", params={"kind": "cache", "dataset_config": "a.toml"}).json()["jobs"]
+    assert [j["id"] for j in listed] == [mine.id]
+    assert len(studio.get("/api/jobs", params={"kind": "cache"}).json()["jobs"]) == 2

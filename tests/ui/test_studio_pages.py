@@ -147,3 +147,30 @@ def the_generate_page_applies_the_trained_lora_and_plays_the_video_it_made(studi
     page.wait_for_function("(() => { const v = document.querySelector('#run video.result'); "
                            "return v.readyState >= 2 && v.duration > 0 && !v.error; })()", timeout=30_000)
     screenshot(page, "generate")
+
+
+def test_stop_and_resume_act_on_the_run_shown_only(studio, page):
+    """fuzz_ao 1: each run shown added a click handler to the same panel, so one Resume click resumed every run the
+    page had shown."""
+    import sys
+    import time
+
+    from musubi_tuner.ui.jobs import Jobs
+
+    url, workspace = studio
+    jobs = Jobs(Path(workspace) / "jobs")
+    made = [jobs.start("train", f"fake {name}", [[sys.executable, "-c", "print('done')"]],
+                       {"output_dir": str(Path(workspace) / f"fake_{name}"), "output_name": name}) for name in ("a", "b")]
+    deadline = time.monotonic() + 60
+    while any(jobs.get(j.id).state in ("starting", "running") for j in made) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    resumed: list[str] = []
+    page.on("request", lambda r: resumed.append(r.url) if r.method == "POST" and r.url.endswith("/resume") else None)
+    page.goto(f"{url}/train")
+    for job in made:  # shown one after the other in the same panel
+        page.click(f"#runs button[data-job='{job.id}']")
+        page.wait_for_selector(f"#run[data-job='{job.id}'] #resume")
+    with page.expect_response(lambda r: r.url.endswith("/resume")):
+        page.click("#run #resume")
+    page.wait_for_timeout(1000)  # (time for a second handler's request, had one been attached)
+    assert resumed == [f"{url}/api/jobs/{made[1].id}/resume"]

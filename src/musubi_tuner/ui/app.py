@@ -300,8 +300,12 @@ class Studio:
         return self.jobs.summary(self.jobs.start(command, title, [cmd], outputs))
 
     def job_list(self, request: Request, raw: bytes):
-        kind = request.query_params.get("kind")
-        return {"jobs": [self.jobs.summary(j) for j in self.jobs.all() if kind in (None, j.kind)]}
+        """The jobs, newest first: of one kind (`kind`), and of one dataset config (`dataset_config`, resolved as the
+        caching resolves it: the Dataset page showed another config's caching: fuzz_ao 4)."""
+        kind, config = request.query_params.get("kind"), request.query_params.get("dataset_config")
+        config = str(self.workspace.resolve(config)) if config else None
+        return {"jobs": [self.jobs.summary(j) for j in self.jobs.all() if kind in (None, j.kind)
+                         and config in (None, j.outputs.get("dataset_config"))]}
 
     def job_detail(self, request: Request, raw: bytes):
         return self.views.detail(self.jobs.get(request.path_params["job"]))

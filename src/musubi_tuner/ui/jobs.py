@@ -114,7 +114,7 @@ class Jobs:
         """Write the job's folder, then start its supervisor; a job folder that cannot be written is a UserError, and
         no job is listed."""
         with self._lock:
-            self._refuse_a_second_job_on(kind, outputs)
+            self._refuse_a_second_job_on(kind, outputs, commands)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             number = 1 + sum(1 for j in self._jobs if j.startswith(stamp))
             while (self.folder / f"{stamp}-{number}-{kind}").exists():  # another studio on this workspace took it
@@ -167,19 +167,24 @@ class Jobs:
     # what one job of a kind holds alone, as its command's lock has it: (the output that names it, what the job does)
     EXCLUSIVE = {"train": ("output_dir", "training into it"), "cache": ("dataset_config", "caching it")}
 
-    def _refuse_a_second_job_on(self, kind: str, outputs: dict[str, str] | None) -> None:
-        """One training at a time into an output folder, one caching of a dataset config, said before a job starts:
-        Resume pressed twice started two jobs, the second of which failed on the lock; Cache pressed twice, the first
-        (fuzz_ac 12)."""
+    def _refuse_a_second_job_on(self, kind: str, outputs: dict[str, str] | None, commands: list[list[str]] = ()) -> None:
+        """One training at a time into an output folder, one caching of a dataset config, one run of the same
+        generation, said before a job starts: Resume pressed twice started two jobs, the second of which failed on the
+        lock; Cache pressed twice, the first (fuzz_ac 12); Generate pressed twice, two of the same video (fuzz_ao 2)."""
         key, doing = self.EXCLUSIVE.get(kind, (None, None))
         target = (outputs or {}).get(key) if key else None
-        if not target:
+        if not target and kind != "generate":
             return
         self._scan()
         for job in list(self._jobs.values()):
-            if (job.kind == kind and job.state in ("starting", "running") and job.outputs.get(key) == target
-                    and self.get(job.id).state in ("starting", "running")):
-                raise UserError(f"{target}: job {job.id} is {doing}; wait for it to end, or stop it first")
+            if job.kind != kind or job.state not in ("starting", "running"):
+                continue
+            same = job.outputs.get(key) == target if target else job.commands == list(commands)
+            if same and self.get(job.id).state in ("starting", "running"):
+                if target:
+                    raise UserError(f"{target}: job {job.id} is {doing}; wait for it to end, or stop it first")
+                raise UserError(f"job {job.id} runs this same generation (the same command: the same video); wait for it "
+                                "to end, or change a value (the seed) to make another")
 
     # ------------------------------------------------------------------ reading
 

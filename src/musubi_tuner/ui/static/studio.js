@@ -141,13 +141,24 @@ function watchJob(root, id, extra) {
   let failures = 0;
   const shownHtml = {};
   const put = (name, html) => { if (shownHtml[name] !== html) { parts[name].innerHTML = html; shownHtml[name] = html; } };
-  root.addEventListener("click", async (event) => {
-    if (event.target.id === "stop") await api("POST", `/api/jobs/${id}/stop`);
-    if (event.target.id === "resume") {
-      const j = await api("POST", `/api/jobs/${id}/resume`);
-      root.dispatchEvent(new CustomEvent("job-started", { detail: j, bubbles: true }));
+  // One handler per panel, this run's: each run shown added its own listener to the same panel, so one Stop or Resume
+  // acted on every run shown since the page loaded. A refusal is said on the panel, not dropped.
+  root.onclick = async (event) => {
+    const button = event.target;
+    if (button.id !== "stop" && button.id !== "resume") return;
+    button.disabled = true;
+    try {
+      if (button.id === "stop") await api("POST", `/api/jobs/${id}/stop`);
+      else {
+        const j = await api("POST", `/api/jobs/${id}/resume`);
+        root.dispatchEvent(new CustomEvent("job-started", { detail: j, bubbles: true }));
+      }
+    } catch (e) {
+      put("notice", `<p class="error" id="job-notice">${esc(e.message)}</p>`);
+    } finally {
+      button.disabled = false;
     }
-  });
+  };
   async function tick() {
     if (stopped) return;
     let d;
