@@ -323,13 +323,17 @@ def _fit_encoders(work: Workload, base: MemoryOptions, budget: float) -> MemoryO
     if Stage.from_peak("", encoders.llm_peak(prompts, False)).needed > budget:
         opts = opts.replace(fp8_llm=True)
     given = base.vae_spatial_tile_sample_min_size  # (the user's tile size, or 256: the search started at 256 whatever was
-    for tile in (given, *(t for t in (192, 160, 128, 96, 64) if t < given)):  # given, fuzz_af 12)
-        opts = opts.replace(vae_spatial_tile_sample_min_size=tile)
+    last = None                                      # given, fuzz_af 12)
+    for tile in (given, *(t for t in (192, 160, 128, 96, 64) if t < given)):
         if work.mode == "generate":
             peak = vae.vae_decode_peak(work.frames, work.height, work.width, tile, base.vae_bytes, base.vae_chunk_size)
         else:
             peak = vae.vae_encode_peak(work.frames, work.height, work.width, 1, tile)
-        if Stage.from_peak("", peak).needed <= budget:
+        needed = Stage.from_peak("", peak).needed
+        if last is not None and needed > 0.98 * last:  # smaller tiles no longer help (the whole video's buffers hold
+            break                                      # the peak): a search at 8192x8192x1025 traced every tile size for
+        opts, last = opts.replace(vae_spatial_tile_sample_min_size=tile), needed  # minutes (fuzz_af 14)
+        if needed <= budget:
             break
     if work.mode == "train":
         opts = opts.replace(vae_tiling=True)
