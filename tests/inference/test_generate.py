@@ -577,3 +577,18 @@ def test_two_outputs_of_one_seed_in_the_same_millisecond_keep_both(tmp_path, mon
     assert first != second and outputs.OUTPUT_NAME.fullmatch(second.name)
     assert [outputs.load_latent(str(p))[1]["prompt"] for p in (first, second)] == ["a", "b"]
     assert outputs.free_stamp(tmp_path, 2) == outputs.time_flag()  # (another seed's names are its own)
+
+
+def test_two_processes_with_real_cfg_a_cfg_end_and_a_step_cache_give_the_one_process_latent_and_counts(speed_inputs, tmp_path):
+    """fuzz_ap 1: past --cfg_end each CFG-parallel process ran the positive prompt with its own step cache (the negative
+    one's held no state of it): two latents, process 0's saved, the video tiled from both; the summary and the metadata
+    counted process 0's prompt only."""
+    flags = ["--negative_prompt", "ugly blurry", "--guidance_scale", "4", "--infer_steps", "8", "--cfg_end", "0.5",
+             "--step_cache", "teacache", "--step_cache_threshold", "1"]
+    one, meta = latent_of(speed_inputs, *flags, "--split_uncond")
+    argv = [*base_flags(speed_inputs), *flags, "--output_type", "latent", "--save_path", str(tmp_path)]
+    (latent, ), _ = run_group(2, _generate_in_group, argv, launcher_env=True)
+    two = StateDictFile(latent)
+    assert rel_err(two.get("latent"), one) < 1e-5
+    assert two.metadata["step_cache_skipped"] == meta["step_cache_skipped"]
+    assert int(meta["step_cache_skipped"].split("/")[0]) > 0  # (the cache did skip steps, past --cfg_end too)

@@ -536,6 +536,10 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
                           start_step=start, callback=lambda i: bar.update(1), step_cache=cache)
     bar.close()
     _free(dit)
+    if cache is not None and branches is not None:  # (each replica ran one prompt: the summary and the metadata counted
+        counts = torch.tensor([cache.evaluations, cache.skipped], dtype=torch.float64, device=device)  # one: fuzz_ap 1)
+        partner = branches.exchange(counts)[0 if not branches.negative else 1]
+        cache.count_also(int(partner[0]), int(partner[1]))
     if cache is not None:
         logger.info(cache.summary())
     if args.compile:

@@ -74,7 +74,13 @@ def denoise(model: Callable[..., torch.Tensor], latents: torch.Tensor, sigmas: t
         model_in = x if image_latents is None else torch.cat([x, image_latents.to(x)], dim=1)
         t = torch.full((1,), sigma * 1000.0, device=device)
         g = torch.full((1,), guidance.embedded_scale * 1000.0, device=device)
-        if not use_cfg:
+        if not use_cfg and guidance.branches is not None:  # (past --cfg_end: the positive replica's step, given to the
+            # negative one, whose step cache held no state of the positive prompt: the two then sampled two latents, and
+            # the video was tiled from both: fuzz_ap 1)
+            v_mine = (torch.zeros_like(x) if guidance.branches.negative else
+                      run("cond", model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g).float())
+            v = guidance.branches.exchange(v_mine)[1]
+        elif not use_cfg:
             v = run("cond", model_in, t, cond["text_states"], cond["text_mask"], cond["text_states_2"], g)
         elif guidance.branches is not None:
             mine, branch = (uncond, "uncond") if guidance.branches.negative else (cond, "cond")

@@ -143,6 +143,7 @@ class StepCache:
             raise UserError(f"--step_cache_warmup {warmup}: at least 1 (a first step has nothing to reuse)")
         self.method, self.threshold, self.warmup = method, float(threshold), warmup
         self.decisions: list[Decision] = []
+        self._also = (0, 0)  # (evaluations, skipped) of the other processes' prompts (count_also)
         self._branches: dict[str, _Branch] = {}
         self._call: _Call | None = None
 
@@ -164,12 +165,16 @@ class StepCache:
     # -- counts
     @property
     def evaluations(self) -> int:
-        """DiT evaluations asked for, one per sample per call (a CFG batch counts two)."""
-        return sum(d.samples for d in self.decisions)
+        """DiT evaluations asked for, one per sample per call (a CFG batch counts two), with count_also's."""
+        return sum(d.samples for d in self.decisions) + self._also[0]
 
     @property
     def skipped(self) -> int:
-        return sum(d.samples for d in self.decisions if d.skipped)
+        return sum(d.samples for d in self.decisions if d.skipped) + self._also[1]
+
+    def count_also(self, evaluations: int, skipped: int) -> None:
+        """Add another process's counts (the partner replica of CFG-parallel, which ran the other prompt)."""
+        self._also = (self._also[0] + evaluations, self._also[1] + skipped)
 
     def summary(self) -> str:
         share = self.skipped / self.evaluations if self.evaluations else 0.0
