@@ -592,3 +592,17 @@ def test_two_processes_with_real_cfg_a_cfg_end_and_a_step_cache_give_the_one_pro
     assert rel_err(two.get("latent"), one) < 1e-5
     assert two.metadata["step_cache_skipped"] == meta["step_cache_skipped"]
     assert int(meta["step_cache_skipped"].split("/")[0]) > 0  # (the cache did skip steps, past --cfg_end too)
+
+
+def test_cfg_end_is_a_fraction_of_the_steps_v2v_runs(speed_inputs, caplog):
+    """fuzz_ap 2: --cfg_end counted from step 0 of the whole schedule, so with --strength 0.5 a --cfg_end 0.5 guided
+    none of the 5 steps V2V runs: the run was --guidance_scale 1's, without a word."""
+    import logging
+
+    v2v = [f.format(**speed_inputs) for f in SPEED_MODES["V2V"]][:2] + ["--strength", "0.5", "--infer_steps", "10"]
+    plain, _ = latent_of(speed_inputs, *v2v)
+    guided, meta = latent_of(speed_inputs, *v2v, "--guidance_scale", "6", "--negative_prompt", "ugly", "--cfg_end", "0.5")
+    assert not torch.equal(guided, plain) and meta["cfg_end"] == "0.5"
+    with caplog.at_level(logging.WARNING):
+        latent_of(speed_inputs, *v2v, "--guidance_scale", "6", "--negative_prompt", "ugly", "--cfg_end", "0.05")
+    assert "--cfg_end 0.05 of 5 steps guides none of them" in caplog.text  # (the 5 steps V2V runs, not the 10)

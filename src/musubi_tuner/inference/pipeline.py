@@ -134,9 +134,10 @@ def check_and_fill(args) -> None:
     decoding = [f"--{flag}" for flag in ("vae_chunk_size", "vae_spatial_tile_sample_min_size") if getattr(args, flag) is not None]
     if decoding and args.output_type == "latent":
         logger.warning("%s: the VAE does not run with --output_type latent: ignored", ", ".join(decoding))
-    if args.guidance_scale != 1.0 and args.cfg_end < 1.0 and round(args.infer_steps * args.cfg_end) == 0:  # (fuzz_aj 10)
+    runs = int(args.infer_steps * args.strength) if args.video_path and args.strength is not None else args.infer_steps
+    if args.guidance_scale != 1.0 and args.cfg_end < 1.0 and round(runs * args.cfg_end) == 0:  # (fuzz_aj 10)
         logger.warning("--cfg_end %g of %d steps guides none of them: real CFG is off (the run is --guidance_scale 1.0's); "
-                       "raise --cfg_end or --infer_steps", args.cfg_end, args.infer_steps)
+                       "raise --cfg_end or --infer_steps", args.cfg_end, runs)
     # (already there in another spelling, " fps-24," or "FPS-24 a cat", it was added a second time: fuzz_aj 12)
     if preset.prompt_prefix and not args.prompt.lstrip().lower().startswith(preset.prompt_prefix.strip(" ,").lower()):
         args.prompt = preset.prompt_prefix + args.prompt

@@ -59,7 +59,9 @@ def denoise(model: Callable[..., torch.Tensor], latents: torch.Tensor, sigmas: t
     """
     x = latents.float()
     steps = len(sigmas) - 1
-    cfg_steps = round(steps * guidance.cfg_end)
+    # --cfg_end: a fraction of the steps that run (V2V runs the last ones only: counted from step 0, a cfg_end of at
+    # most 1 - strength turned CFG off without a word: fuzz_ap 2)
+    cfg_steps = start_step + round((steps - start_step) * guidance.cfg_end)
     device = x.device
 
     def run(branch: str, *inputs) -> torch.Tensor:
