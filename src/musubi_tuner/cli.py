@@ -178,7 +178,8 @@ def network_dim():
 
 
 def seed(bits: int = 64):
-    """A seed the RNGs take: torch's generators take 64 bits, numpy's global RNG (seeded by training) 32."""
+    """A seed the RNGs take: torch's generators take 64 bits (its CPU one keeps the low 32: sampler.same_noise_as),
+    numpy's global RNG (seeded by training) 32."""
     return count(0, 2**bits - 1, what=f", 2^{bits}-1")
 
 

@@ -606,3 +606,16 @@ def test_cfg_end_is_a_fraction_of_the_steps_v2v_runs(speed_inputs, caplog):
     with caplog.at_level(logging.WARNING):
         latent_of(speed_inputs, *v2v, "--guidance_scale", "6", "--negative_prompt", "ugly", "--cfg_end", "0.05")
     assert "--cfg_end 0.05 of 5 steps guides none of them" in caplog.text  # (the 5 steps V2V runs, not the 10)
+
+
+def test_a_seed_past_32_bits_is_said_to_draw_the_noise_of_its_low_bits(models, caplog):
+    """fuzz_ap 3: torch's CPU generator keeps a seed's low 32 bits (musubi-tuner's too): --seed 2^32+1 gave --seed 1's
+    video under another name, without a word."""
+    import logging
+
+    plain, _ = latent_of(models)  # (--seed 1)
+    with caplog.at_level(logging.WARNING):
+        same, _ = latent_of(models, "--seed", str(2**32 + 1))
+    assert torch.equal(same, plain)  # (musubi-tuner's noise for that seed, kept)
+    assert f"--seed {2**32 + 1}: the noise generator takes its low 32 bits, as musubi-tuner's does: the same noise, and video, " \
+           "as --seed 1" in caplog.text

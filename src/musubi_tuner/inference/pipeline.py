@@ -21,7 +21,8 @@ from musubi_tuner.hunyuan.compile import CompileOptions, check_can_compile, chec
 from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference.presets import PRESETS, detect_preset
 from musubi_tuner.inference import step_cache
-from musubi_tuner.inference.sampler import V2V_STRENGTH, Guidance, denoise, initial_noise, sigma_schedule, v2v_start
+from musubi_tuner.inference.sampler import (V2V_STRENGTH, Guidance, denoise, initial_noise, same_noise_as, sigma_schedule,
+                                            v2v_start)
 from musubi_tuner.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -467,6 +468,9 @@ def _generate(args, device, layout) -> list[Path]:
         return [Path(args.save_merged_model)]
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+    if (same := same_noise_as(seed)) is not None:
+        logger.warning("--seed %d: the noise generator takes its low 32 bits, as musubi-tuner's does: the same noise, and "
+                       "video, as --seed %d", seed, same)
     if layout is not None:
         from musubi_tuner.distributed import broadcast_value
 

@@ -26,6 +26,12 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str 
     return torch.cat(frames, dim=2).to(dtype)
 
 
+def same_noise_as(seed: int) -> int | None:
+    """The seed below 2^32 whose noise `seed` draws, when it is past it (torch's CPU generator keeps a seed's low 32
+    bits, in musubi-tuner as here: --seed 2^32+2 is --seed 2's video, under another name: fuzz_ap 3), else None."""
+    return seed & 0xFFFFFFFF if seed >= 2**32 else None
+
+
 @dataclass
 class Guidance:
     """How the prediction is formed at each step.
