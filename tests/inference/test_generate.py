@@ -145,6 +145,7 @@ def test_output_both_writes_the_video_asked_for_and_a_latent_that_decodes_to_the
         "--dit", str(models["dit"]), "--vae", str(models["vae"]), "--latent_path", str(latent_file),
         "--save_path", str(models["root"] / "decoded"), "--output_type", "video"]))
     assert np.array_equal(video_frames(decoded), frames)
+    assert StateDictFile(latent_file).metadata["fps"] == "24"  # (what the video is played at: fuzz_ap 7)
     # a .pt of the tensor alone, as musubi-tuner's torch.load path reads it (it was refused: fuzz_al 9)
     bare = models["root"] / "latent.pt"
     torch.save(StateDictFile(latent_file).get("latent"), bare)
@@ -619,3 +620,15 @@ def test_a_seed_past_32_bits_is_said_to_draw_the_noise_of_its_low_bits(models, c
     assert torch.equal(same, plain)  # (musubi-tuner's noise for that seed, kept)
     assert f"--seed {2**32 + 1}: the noise generator takes its low 32 bits, as musubi-tuner's does: the same noise, and video, " \
            "as --seed 1" in caplog.text
+
+
+def test_a_latent_of_another_fps_is_said_when_decoded(models, caplog, tmp_path):
+    """fuzz_ap 7: --fps was recorded nowhere: a --fps 12 latent decoded with --latent_path played at 24, twice as fast."""
+    import logging
+
+    (latent,) = generate(models, "--fps", "12")
+    assert StateDictFile(latent).metadata["fps"] == "12"
+    with caplog.at_level(logging.WARNING):
+        pipeline.generate(build_parser().parse_args(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--latent_path",
+                                                     str(latent), "--save_path", str(tmp_path), "--output_type", "video"]))
+    assert f"{latent}: generated for --fps 12; its video is written at --fps 24 (give --fps 12 for its speed)" in caplog.text

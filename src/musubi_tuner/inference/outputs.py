@@ -63,6 +63,7 @@ def generation_metadata(args, seed: int, steps_run: int) -> dict[str, str]:
         meta["cfg_end"] = str(args.cfg_end)
     if args.fp8:
         meta["fp8"] = "true"
+    meta["fps"] = str(args.fps)  # (a latent decoded later played at the default 24, a 12 fps run twice as fast: fuzz_ap 7)
     return meta
 
 

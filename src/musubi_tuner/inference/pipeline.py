@@ -456,6 +456,9 @@ def _generate(args, device, layout) -> list[Path]:
                 guidance = f" (its metadata records --guidance_scale {meta['guidance_scale']})" if "guidance_scale" in meta else ""
                 raise UserError(f"{path}: the saved latent reaches {float(latent.abs().max()):.3g}, where a VAE's latents stay "
                                 f"within a few units: a diverged sampling's{guidance}; it cannot be decoded into a video")
+            if meta.get("fps", str(args.fps)) != str(args.fps) and args.output_type != "images":
+                logger.warning("%s: generated for --fps %s; its video is written at --fps %d (give --fps %s for its speed)",
+                               path, meta["fps"], args.fps, meta["fps"])
         vae = load_vae_for(args, device, layout)
         return [p for lat, meta in latents for p in decode_and_save(vae, lat, meta, args, save_path, main)]
     if args.save_merged_model:  # save and exit: no text encoder or sampling is needed for that
