@@ -449,6 +449,7 @@ def test_step_cache_skips_all_but_the_warmup_and_last_steps_in_every_mode(speed_
 
 def test_step_cache_flags_are_checked_before_any_model_loads(models, no_model_loads, capsys):
     for change, message in ((["--step_cache_threshold", "0.1"], "--step_cache_threshold needs --step_cache teacache or fbcache"),
+                            (["--step_cache_warmup", "3"], "--step_cache_warmup needs --step_cache teacache or fbcache"),  # (fuzz_ap 8)
                             (["--step_cache", "teacache", "--step_cache_threshold", "-1"], "--step_cache_threshold -1: must be at least 0"),
                             (["--compile", "--compile_mode", "fast"], "--compile_mode: invalid choice: 'fast' (choose from 'default', 'reduce-overhead'")):
         with pytest.raises(SystemExit) as exit_:

@@ -316,9 +316,10 @@ CASES = [
          warning=r"--strength 0\.3: used only with --video_path \(V2V\), and none is given: ignored"),
     Case("generate-flags-their-partner-flag-would-use-are-said", "hv_generate_video",  # (each was ignored without a word)
          lambda a, t: generate_argv(a, t, "--compile_mode", "max-autotune", "--split_uncond", "--use_pinned_memory_for_block_swap",
-                                    "--vae_chunk_size", "8"), None,
+                                    "--vae_chunk_size", "8", "--cfg_end", "0.5"), None,
          warning=r"--compile_mode: acts with --compile, which is not given: ignored",
          then=lambda a, t, err, out: all_said(err, r"--split_uncond acts with real CFG .*: ignored",
+                                              r"--cfg_end 0\.5 acts with real CFG .*: ignored",  # (fuzz_ap 8)
                                               r"--use_pinned_memory_for_block_swap acts with --blocks_to_swap, and none is given: ignored",
                                               r"--vae_chunk_size: the VAE does not run with --output_type latent: ignored")),
     Case("generate-v2v-video-corrupt", "hv_generate_video", lambda a, t: generate_argv(a, t, "--video_path", str(write(t / "clip.mp4", NOISE))),

@@ -128,8 +128,9 @@ def check_and_fill(args) -> None:
         args.video_size = list(preset.video_size)
     if args.negative_prompt is None and args.guidance_scale != 1.0:
         args.negative_prompt = preset.negative_prompt or ""
-    if args.split_uncond and args.guidance_scale == 1.0:
-        logger.warning("--split_uncond acts with real CFG (--guidance_scale other than 1.0), which this run has not: ignored")
+    for flag, given in (("--split_uncond", args.split_uncond), (f"--cfg_end {args.cfg_end:g}", args.cfg_end != 1.0)):
+        if given and args.guidance_scale == 1.0:  # (--cfg_end was dropped without a word: fuzz_ap 8)
+            logger.warning("%s acts with real CFG (--guidance_scale other than 1.0), which this run has not: ignored", flag)
     if args.use_pinned_memory_for_block_swap and not args.blocks_to_swap:
         logger.warning("--use_pinned_memory_for_block_swap acts with --blocks_to_swap, and none is given: ignored")
     decoding = [f"--{flag}" for flag in ("vae_chunk_size", "vae_spatial_tile_sample_min_size") if getattr(args, flag) is not None]

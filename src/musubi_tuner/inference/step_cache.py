@@ -88,6 +88,8 @@ def from_args(args) -> "StepCache | None":
     if method is None:
         if threshold is not None:
             raise UserError("--step_cache_threshold needs --step_cache teacache or fbcache")
+        if warmup != 1:  # (dropped without a word, where the threshold is refused: fuzz_ap 8)
+            raise UserError("--step_cache_warmup needs --step_cache teacache or fbcache")
         return None
     return StepCache(method, threshold, warmup)
 
