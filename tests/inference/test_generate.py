@@ -633,3 +633,17 @@ def test_a_latent_of_another_fps_is_said_when_decoded(models, caplog, tmp_path):
         pipeline.generate(build_parser().parse_args(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--latent_path",
                                                      str(latent), "--save_path", str(tmp_path), "--output_type", "video"]))
     assert f"{latent}: generated for --fps 12; its video is written at --fps 24 (give --fps 12 for its speed)" in caplog.text
+
+
+def test_the_step_caches_warm_up_and_the_plan_count_the_steps_v2v_runs(speed_inputs, caplog, capsys):
+    """fuzz_ap 4: with --strength 0.25 of 12 steps V2V runs 3, of which a warm-up of 2 leaves none to skip: no warning
+    was given, and the dry run planned 12 steps, 6 of them skipped."""
+    import logging
+
+    v2v = [f.format(**speed_inputs) for f in SPEED_MODES["V2V"]][:2] + ["--strength", "0.25", "--infer_steps", "12"]
+    cache = ["--step_cache", "teacache", "--step_cache_threshold", "0.15", "--step_cache_warmup", "2"]
+    with caplog.at_level(logging.WARNING):
+        main([*base_flags(speed_inputs), *v2v, *cache, "--save_path", str(speed_inputs["root"] / "unused"), "--dry_run"])
+    assert "--step_cache_warmup 2 with the 3 steps V2V runs of --infer_steps 12: the first 2 steps and the last always run" in caplog.text
+    out = capsys.readouterr().out
+    assert "3 steps" in out and "12 steps" not in out, out

@@ -22,7 +22,7 @@ from musubi_tuner.hunyuan.vae import VAEConfig
 from musubi_tuner.inference.presets import PRESETS, detect_preset
 from musubi_tuner.inference import step_cache
 from musubi_tuner.inference.sampler import (V2V_STRENGTH, Guidance, denoise, initial_noise, same_noise_as, sigma_schedule,
-                                            v2v_start)
+                                            steps_that_run, v2v_start)
 from musubi_tuner.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def check_and_fill(args) -> None:
     decoding = [f"--{flag}" for flag in ("vae_chunk_size", "vae_spatial_tile_sample_min_size") if getattr(args, flag) is not None]
     if decoding and args.output_type == "latent":
         logger.warning("%s: the VAE does not run with --output_type latent: ignored", ", ".join(decoding))
-    runs = int(args.infer_steps * args.strength) if args.video_path and args.strength is not None else args.infer_steps
+    runs = steps_that_run(args.infer_steps, args.video_path, args.strength)
     if args.guidance_scale != 1.0 and args.cfg_end < 1.0 and round(runs * args.cfg_end) == 0:  # (fuzz_aj 10)
         logger.warning("--cfg_end %g of %d steps guides none of them: real CFG is off (the run is --guidance_scale 1.0's); "
                        "raise --cfg_end or --infer_steps", args.cfg_end, runs)

@@ -122,6 +122,14 @@ def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 V2V_STRENGTH = 0.8  # --strength when --video_path is given without it (musubi-tuner's default)
 
 
+def steps_that_run(infer_steps: int, video_path=None, strength: float | None = None) -> int:
+    """The denoising steps a generation runs: all of --infer_steps, or V2V's last int(steps * strength) (v2v_start;
+    strength None is V2V's default). What --cfg_end, the step cache's warm-up and the planner count (fuzz_ap 2, 4)."""
+    if not video_path:
+        return infer_steps
+    return int(infer_steps * (V2V_STRENGTH if strength is None else strength))
+
+
 def v2v_start(sigmas: torch.Tensor, strength: float) -> int:
     """The step V2V starts from: the last int(steps * strength) steps run (strength 0 returns the input unchanged)."""
     steps = len(sigmas) - 1

@@ -101,11 +101,16 @@ def skippable_steps(steps: int, warmup: int) -> int:
 
 def check_args(args) -> None:
     """Generation's early check of the step cache flags: their values (from_args), and a warning when --step_cache_warmup
-    leaves no step of --infer_steps to skip."""
+    leaves no step of those that run (V2V runs the last ones) to skip."""
+    from musubi_tuner.inference.sampler import steps_that_run
+
     cache, steps = from_args(args), getattr(args, "infer_steps", None)
-    if cache is not None and steps is not None and skippable_steps(steps, cache.warmup) == 0:
-        logger.warning("--step_cache_warmup %d with --infer_steps %d: the first %d steps and the last always run, so --step_cache "
-                       "%s can skip no step", cache.warmup, steps, cache.warmup, cache.method)
+    if cache is not None and steps is not None:
+        runs = steps_that_run(steps, getattr(args, "video_path", None), getattr(args, "strength", None))
+        if skippable_steps(runs, cache.warmup) == 0:
+            ran = f"--infer_steps {steps}" if runs == steps else f"the {runs} steps V2V runs of --infer_steps {steps}"
+            logger.warning("--step_cache_warmup %d with %s: the first %d steps and the last always run, so --step_cache %s can "
+                           "skip no step", cache.warmup, ran, cache.warmup, cache.method)
 
 
 @dataclass

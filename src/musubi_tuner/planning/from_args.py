@@ -16,6 +16,7 @@ from typing import Callable
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V, SKYREELS_I2V, DiTConfig
 from musubi_tuner.hunyuan.sequence_parallel import check_heads
+from musubi_tuner.inference.sampler import steps_that_run
 from musubi_tuner.planning.options import MemoryOptions, Workload
 from musubi_tuner.planning.planner import Plan, fit_budget, plan
 from musubi_tuner.planning.report import format_plan, format_search
@@ -73,7 +74,8 @@ def options_from_args(args, mode: str) -> MemoryOptions:
         guidance_scale=guidance,
         split_uncond=guidance != 1.0 and (bool(get("split_uncond", False)) or bool(get("split_attn", False))),
         lora_at_generation=lora_at_generation,
-        infer_steps=int(get("infer_steps", 50)) if generate else 50,
+        # (V2V's steps that run: it planned the whole --infer_steps, and skips the cache cannot make: fuzz_ap 4)
+        infer_steps=steps_that_run(int(get("infer_steps", 50)), get("video_path", None), get("strength", None)) if generate else 50,
         step_cache=step_cache,
         step_cache_threshold=get("step_cache_threshold") if step_cache else None,
         step_cache_warmup=int(get("step_cache_warmup", 1)) if step_cache else 1,
