@@ -167,11 +167,30 @@ def test_an_inductor_cache_folder_that_cannot_be_made_names_its_variable(monkeyp
         check_can_compile(CompileOptions(), "cpu")
     assert str(e.value) == (f"--compile: TORCHINDUCTOR_CACHE_DIR={tmp_path / 'notadir' / 'x'}: Not a directory; Inductor writes "
                             "its compiled code there: point TORCHINDUCTOR_CACHE_DIR at a writable folder")
-    check_can_compile(AOT, "cpu")  # another backend writes none
+    with pytest.raises(UserError, match="TORCHINDUCTOR_CACHE_DIR="):  # (torch.compile keeps its caches there whatever the
+        check_can_compile(AOT, "cpu")                               # backend)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(compiling, "cpp_compiler", lambda: "g++")
     check_can_compile(CompileOptions(), "cpu")
     assert (tmp_path / "cache").is_dir()
+
+
+@pytest.mark.parametrize("backend, message", [
+    ("tvm", "--compile_backend tvm: it cannot compile here ("),
+    ("cudagraphs", "--compile_backend cudagraphs: captures CUDA graphs, and this run is on the CPU"),
+])
+def test_a_backend_that_cannot_compile_here_is_refused_before_any_model_loads(backend, message):
+    """fuzz_ap 5: tvm and openxla are listed whether or not their packages are installed, and stopped the run at its
+    first denoising step, after the text encoders and the DiT had loaded; cudagraphs ran eager on the CPU, with a warning
+    per block."""
+    import importlib.util
+
+    if backend == "tvm" and importlib.util.find_spec("tvm") is not None:
+        pytest.skip("tvm is installed here")
+    with pytest.raises(UserError) as e:
+        check_can_compile(CompileOptions(backend=backend), "cpu")
+    assert str(e.value).startswith(message)
+    check_can_compile(AOT, "cpu")  # a backend that compiles here passes
 
 
 def test_a_platform_that_cannot_compile_gets_a_one_line_reason(monkeypatch):

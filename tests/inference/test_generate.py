@@ -647,3 +647,18 @@ def test_the_step_caches_warm_up_and_the_plan_count_the_steps_v2v_runs(speed_inp
     assert "--step_cache_warmup 2 with the 3 steps V2V runs of --infer_steps 12: the first 2 steps and the last always run" in caplog.text
     out = capsys.readouterr().out
     assert "3 steps" in out and "12 steps" not in out, out
+
+
+def test_image_frames_past_a_thousand_keep_their_order_in_name_order(models, tmp_path):
+    """fuzz_ap 6: frames were named _000 .. _999, then _1000, which sorts before _101: a folder read back in name order
+    (--video_path) was scrambled. Musubi-tuner's three digits up to 1,000 frames, one digit more past them."""
+    from safetensors.torch import save_file
+
+    latent = tmp_path / "long_latent.safetensors"
+    save_file({"latent": torch.randn(1, 16, 257, 2, 2) * 0.1}, str(latent))
+    (folder,) = pipeline.generate(build_parser().parse_args(["--dit", str(models["dit"]), "--vae", str(models["vae"]),
+                                                            "--latent_path", str(latent), "--save_path", str(tmp_path / "out"),
+                                                            "--output_type", "images"]))
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(names) == 1025 and names[0].endswith("_0000.png") and names[-1].endswith("_1024.png")
+    assert [int(n.rsplit("_", 1)[1][:-4]) for n in names] == list(range(1025))

@@ -108,9 +108,10 @@ def check_can_compile(options: CompileOptions, device: torch.device | str, train
     if options.backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise UserError(f"--compile_backend {options.backend}: not a torch.compile backend here "
                         f"(available: {', '.join(torch._dynamo.list_backends())})")
+    _check_inductor_cache()  # (torch.compile keeps its caches there whatever the backend: aot_eager failed on it too)
     if options.backend != "inductor":
+        _check_other_backend(options.backend, device)
         return
-    _check_inductor_cache()
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
@@ -120,6 +121,24 @@ def check_can_compile(options: CompileOptions, device: torch.device | str, train
     elif device.type == "cpu" and cpp_compiler() is None:
         raise UserError("--compile: Inductor on the CPU needs a C++ compiler (g++ or clang++, or one named by $CXX) "
                         "and none was found; install one or drop --compile")
+
+
+def _check_other_backend(backend: str, device: torch.device) -> None:
+    """A backend other than Inductor compiles a one-op function here, before any model loads: tvm and openxla are
+    listed whether or not their packages are installed, and failed at the first denoising step (fuzz_ap 5); cudagraphs
+    captures CUDA work only."""
+    if backend == "cudagraphs" and device.type != "cuda":
+        raise UserError("--compile_backend cudagraphs: captures CUDA graphs, and this run is on the CPU (it would run eager, "
+                        "with a warning per block); use inductor or drop --compile")
+    try:
+        compiled = torch.compile(lambda x: x * 2 + 1, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(torch.ones(4, device=device))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"--compile_backend {backend}: it cannot compile here ({type(e).__name__}: {first}); use inductor or "
+                        "another backend") from None
 
 
 def _check_inductor_cache() -> None:

@@ -142,9 +142,10 @@ def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folde
         saved.append(path)
     if args.output_type == "images":
         out = folder / stem
-        with atomic_folder(out) as partial:  # every frame or none
+        digits = max(3, len(str(len(frames) - 1)))  # (musubi-tuner's 3 digits; past 1,000 frames _1000 sorted before _101:
+        with atomic_folder(out) as partial:          # fuzz_ap 6)
             for i, frame in enumerate(frames.numpy()):
-                with atomic_write(partial / f"{stem}_{i:03d}.png") as tmp:
+                with atomic_write(partial / f"{stem}_{i:0{digits}d}.png") as tmp:
                     Image.fromarray(frame).save(tmp, format="PNG")
         saved.append(out)
     return saved
