@@ -662,3 +662,23 @@ def test_image_frames_past_a_thousand_keep_their_order_in_name_order(models, tmp
     names = sorted(p.name for p in folder.iterdir())
     assert len(names) == 1025 and names[0].endswith("_0000.png") and names[-1].endswith("_1024.png")
     assert [int(n.rsplit("_", 1)[1][:-4]) for n in names] == list(range(1025))
+
+
+def test_the_metadata_records_each_loras_multiplier_as_applied_and_a_bare_latent_writes_no_comment(models, tmp_path):
+    """fuzz_ap 9: --lora_multiplier 0.5 for two files recorded [0.5] (the second is applied at 1.0, as musubi-tuner
+    reads the flag); a latent saved without metadata, decoded, wrote the comment '{}'."""
+    import json
+
+    from safetensors.torch import save_file
+
+    lora = str(models["lora"])
+    _, meta = latent_of(models, "--lora_weight", lora, lora, "--lora_multiplier", "0.5")
+    assert json.loads(meta["lora_multiplier"]) == [0.5, 1.0]
+    _, meta = latent_of(models, "--lora_weight", lora, "--lora_multiplier", "0.5", "0.7")
+    assert json.loads(meta["lora_multiplier"]) == [0.5]
+    bare = tmp_path / "bare_latent.safetensors"
+    save_file({"latent": torch.randn(1, 16, 1, 4, 4) * 0.1}, str(bare))
+    (mp4,) = pipeline.generate(build_parser().parse_args(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--latent_path",
+                                                         str(bare), "--save_path", str(tmp_path / "out"), "--output_type", "video"]))
+    with av.open(str(mp4)) as container:
+        assert "comment" not in container.metadata

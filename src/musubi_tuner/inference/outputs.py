@@ -49,7 +49,10 @@ def generation_metadata(args, seed: int, steps_run: int) -> dict[str, str]:
         meta["negative_prompt"] = args.negative_prompt
     if args.lora_weight:
         meta["lora_weight"] = json.dumps([str(p) for p in args.lora_weight])
-        meta["lora_multiplier"] = json.dumps(args.lora_multiplier or [1.0])
+        # what each file was applied at: a file past the last value at 1.0, values past the last file unused (the list
+        # as typed was recorded: fuzz_ap 9)
+        given = args.lora_multiplier or []
+        meta["lora_multiplier"] = json.dumps([given[i] if i < len(given) else 1.0 for i in range(len(args.lora_weight))])
         if args.lora_blocks:
             meta["lora_blocks"] = json.dumps(args.lora_blocks)
         if args.exclude_single_blocks:
@@ -138,7 +141,9 @@ def decode_and_save(vae, latent: torch.Tensor, meta: dict[str, str], args, folde
     saved = []
     if args.output_type in ("video", "both"):
         path = folder / f"{stem}.mp4"
-        write_video(path, frames.numpy(), fps=args.fps, bitrate=4_000_000, metadata=None if args.no_metadata else {"comment": json.dumps(meta)})
+        # (a latent saved without metadata, decoded, wrote the comment '{}': fuzz_ap 9)
+        comment = None if args.no_metadata or not meta else {"comment": json.dumps(meta)}
+        write_video(path, frames.numpy(), fps=args.fps, bitrate=4_000_000, metadata=comment)
         saved.append(path)
     if args.output_type == "images":
         out = folder / stem
