@@ -682,3 +682,12 @@ def test_the_metadata_records_each_loras_multiplier_as_applied_and_a_bare_latent
                                                          str(bare), "--save_path", str(tmp_path / "out"), "--output_type", "video"]))
     with av.open(str(mp4)) as container:
         assert "comment" not in container.metadata
+
+
+def test_the_i2v_preset_on_a_t2v_dit_is_said(models, caplog):
+    """fuzz_ap 9: --preset skyreels-i2v on a 16-channel DiT ran a T2V video recorded as skyreels-i2v, without a note."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        latent_of(models, "--preset", "skyreels-i2v", "--guidance_scale", "1")
+    assert "--preset skyreels-i2v is SkyReels' image-to-video preset" in caplog.text and "(16 input channels)" in caplog.text

@@ -119,6 +119,9 @@ def check_and_fill(args) -> None:
     preset_name = args.preset or detect_preset(config.in_channels, args.dit, dit_file.metadata)
     if args.preset is None and preset_name != "hunyuan-t2v":
         logger.info("the DiT looks like %s: using its defaults for flags you did not give (--preset to choose)", preset_name)
+    elif args.preset == "skyreels-i2v" and config.in_channels != 32:  # (run as T2V, recorded as I2V, unsaid: fuzz_ap 9)
+        logger.warning("--preset skyreels-i2v is SkyReels' image-to-video preset, and %s is a text-to-video DiT (%d input "
+                       "channels): its defaults apply to a text-to-video run", args.dit, config.in_channels)
     preset = PRESETS[preset_name]
     args.preset = preset_name
     for flag in ("guidance_scale", "embedded_cfg_scale", "infer_steps", "flow_shift", "video_length"):
