@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import sys
+import threading
 from typing import Callable, Iterator, Sequence
 
 
@@ -194,8 +195,6 @@ def _nothing_left_to_stop() -> None:
     traceback after the command's last line, and the studio took a run that had saved its LoRA for a stopped one.
     SIGTERM still ends the process at once."""
     import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return
     for name in ("SIGINT", "SIGHUP"):
@@ -306,6 +305,7 @@ def exit_without_finalising() -> None:
 
 
 NOTICE_SECONDS = 1.0
+_SAY_LOCK = threading.RLock()  # the lines the command says on stderr, from its thread and the notice's timer
 
 
 def _stop(error: BaseException) -> None:
@@ -316,10 +316,8 @@ def _stop(error: BaseException) -> None:
     if _Held.stop is None:
         _Held.stop = error
         if in_import:  # (an import can take long: torch's takes 10-30 s from a cold disk)
-            import threading
-
-            _Held.notice = threading.Timer(NOTICE_SECONDS, _say, [f"stopping once {_Held.imports[0]} has loaded (Ctrl-C "
-                                                                  f"again to stop at once)"])
+            _Held.notice = threading.Timer(NOTICE_SECONDS, _notice, [f"stopping once {_Held.imports[0]} has loaded (Ctrl-C "
+                                                                     f"again to stop at once)"])
             _Held.notice.daemon = True
             _Held.notice.start()
     elif in_import and isinstance(error, KeyboardInterrupt) and not isinstance(error, Terminated):
@@ -328,10 +326,19 @@ def _stop(error: BaseException) -> None:
     # (a second stop in a write's few steps waits for them)
 
 
+def _notice(line: str) -> None:
+    """The timer's notice, unless it was ended meanwhile (the import done, the command saying its last line): a notice
+    that fired as the import ended was written into the middle of "interrupted" (seen in the suite under load)."""
+    with _SAY_LOCK:
+        if _Held.notice is not None:
+            _write_line(line)
+
+
 def _end_notice() -> None:
-    if _Held.notice is not None:
-        _Held.notice.cancel()
-        _Held.notice = None
+    with _SAY_LOCK:
+        if _Held.notice is not None:
+            _Held.notice.cancel()
+            _Held.notice = None
 
 
 @contextlib.contextmanager
@@ -342,8 +349,6 @@ def stops_held(importing: str | None = None) -> Iterator[None]:
 
     `importing`: the block imports that package, which a stop must not cut short (its compiled start-up garbles or
     loses it); the user is told why the stop waits, and a second Ctrl-C stops at once."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -367,8 +372,6 @@ def stop_cleanly_on_sigterm() -> None:
     """SIGTERM and SIGHUP raise Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt; all three wait for
     the end of a stops_held block. A SIGHUP ignored when the command started (`nohup`) stays ignored."""
     import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return
     for name, words in _STOPPING_SIGNALS.items():
@@ -401,8 +404,6 @@ def _interrupt(signum, frame) -> None:
 def _default_sigterm() -> None:
     """Back to the default action of SIGTERM, SIGHUP (not of a SIGHUP `nohup` ignores) and Ctrl-C."""
     import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return
     for name in _STOPPING_SIGNALS:
@@ -630,9 +631,15 @@ def usable_standard_streams() -> None:
 
 def _say(line: str) -> None:
     """Print a line on stderr, if it can be written: a full or closed stderr must not turn the outcome it reports into
-    another one (a traceback nobody sees, status 1)."""
+    another one (a traceback nobody sees, status 1). One line at a time, whole (the notice's thread writes too)."""
+    with _SAY_LOCK:
+        _write_line(line)
+
+
+def _write_line(line: str) -> None:
     try:
-        print(line, file=sys.stderr, flush=True)
+        sys.stderr.write(line + "\n")  # (one write: print's text and newline were two, between which another line went)
+        sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass
 
