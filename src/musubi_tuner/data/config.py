@@ -554,7 +554,7 @@ def _common_values(where: str, value: Callable[[str], Any], own: dict, is_video:
     enable_bucket = value("enable_bucket")
     resolution = value("resolution")
     # the table that gives the resolution: a [general] one was blamed on [[datasets]][0] (fuzz_al 3)
-    at = f"{where}.resolution" if "resolution" in own else f"{path}: [general].resolution (for {where[len(f'{path}: '):]})"
+    at = f"{where}.resolution" if "resolution" in own else f"{path}: [general].resolution (for {_table_name(where, path)})"
     smallest_area = (2 * RESOLUTION_STEP) ** 2  # buckets range from half the side to the side, in steps of 16
     if enable_bucket and resolution[0] * resolution[1] < smallest_area:
         raise UserError(f"{at} = {list(resolution)} is too small for enable_bucket: the area must be at least "
@@ -655,6 +655,11 @@ def _check_source(path: Path, key: str, written: str, where: str, *, is_director
         raise UserError(f"{at}: is a folder, expected a .jsonl file")
 
 
+def _table_name(where: str, path: Path) -> str:
+    """"[[datasets]][1]": a dataset's `where` ("dataset.toml: [[datasets]][1]") without its file."""
+    return where[len(f"{path}: "):]
+
+
 def _warn_of_validation_on_training_items(training: tuple[AnyDatasetConfig, ...], validation: tuple[AnyDatasetConfig, ...],
                                           path: Path) -> None:
     """A [[validation_datasets]] table whose folder or JSONL file is a training dataset's: its "held-out" items are
@@ -662,7 +667,7 @@ def _warn_of_validation_on_training_items(training: tuple[AnyDatasetConfig, ...]
     for held_out in validation:
         same = [ds for ds in training if os.path.realpath(ds.source) == os.path.realpath(held_out.source)]
         if same:
-            table, other = held_out.where[len(f"{path}: "):], same[0].where[len(f"{path}: "):]
+            table, other = _table_name(held_out.where, path), _table_name(same[0].where, path)
             logger.warning("%s: %s's %s %s is also %s's: its items are trained on, so its validation loss measures training "
                            "items, not held-out ones; hold items out with validation_split, or give it a folder of other items",
                            path, table, held_out.source_key, held_out.source, other)
@@ -672,7 +677,7 @@ def _require_distinct_cache_directories(datasets: tuple[AnyDatasetConfig, ...], 
     seen: dict[str, str] = {}
     for ds in datasets:
         key = os.path.normcase(os.path.realpath(ds.cache_directory))  # (two names of one folder through a link, too)
-        table = ds.where[len(f"{path}: "):]
+        table = _table_name(ds.where, path)
         if key in seen:
             linked = "" if key == os.path.normcase(os.path.abspath(ds.cache_directory)) else f", which is {key}"
             raise UserError(f"{path}: {seen[key]} and {table} share the cache folder {ds.cache_directory}{linked}; give each "

@@ -133,5 +133,4 @@ def steps_that_run(infer_steps: int, video_path=None, strength: float | None = N
 def v2v_start(sigmas: torch.Tensor, strength: float) -> int:
     """The step V2V starts from: the last int(steps * strength) steps run (strength 0 returns the input unchanged)."""
     steps = len(sigmas) - 1
-    n = int(steps * strength)
-    return steps - n
+    return steps - steps_that_run(steps, video_path=True, strength=strength)

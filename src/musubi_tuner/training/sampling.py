@@ -78,7 +78,9 @@ def _in_batches(encoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """encoder.encode(texts), TEXTS_PER_BATCH at a time, the outputs gathered on the CPU: all at once, the encoder's
     activations grew with the prompt file (3.2 GB for 2,000 prompts with a toy LLM: fuzz_am 9). Each prompt's output is
     padded to the encoder's fixed length, so the batches change no number."""
-    parts = [encoder.encode(texts[i : i + TEXTS_PER_BATCH]) for i in range(0, len(texts), TEXTS_PER_BATCH)]
+    from musubi_tuner.data.items import chunks
+
+    parts = [encoder.encode(batch) for batch in chunks(texts, TEXTS_PER_BATCH)]
     return tuple(torch.cat([part[j].cpu() for part in parts]) for j in range(2))
 
 
