@@ -461,7 +461,7 @@ def _quiet_tensorboard_writer_threads() -> None:
 
 def check_trackers(args) -> None:
     """--log_with's trackers can start: tensorboard has its --logging_dir, wandb its package (the run and its dry run)."""
-    if args.log_with in ("tensorboard", "all", None) and args.logging_dir is None and args.log_with is not None:
+    if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         raise UserError("--log_with tensorboard needs --logging_dir")
     if args.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         raise UserError(f"--log_with {args.log_with} needs the wandb package: pip install wandb")
