@@ -72,6 +72,9 @@ class _StoreOnce(argparse._StoreAction):
         if self.nargs in ("*", "+") and getattr(self, "given", False):
             parser.error(f"argument {option_string}: given twice; list all its values after one {option_string}")
         self.given = True
+        check = getattr(self, "check", None)  # a rule over all of a flag's values (a type sees one at a time)
+        if check is not None:
+            check(values)
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -216,6 +219,14 @@ def pixels(value: str) -> int:
 
 
 pixels.__name__ = "size"
+
+
+def add_video_size(group, help: str) -> argparse.Action:
+    """--video_size HEIGHT WIDTH, both multiples of 16, checked as the command line is read: the studio's command box
+    showed a size the command refused seconds after its start (fuzz_ao 5)."""
+    action = group.add_argument("--video_size", type=pixels, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"), help=help)
+    action.check = check_video_size
+    return action
 
 
 def check_video_size(size) -> None:

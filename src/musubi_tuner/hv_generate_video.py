@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 import argparse
 
-from musubi_tuner.cli import Parser, add_ddp_timeout, compute_dtype, count, embedded_guidance, frames_4n1, path, pixels, real, seed, text
+from musubi_tuner.cli import Parser, add_ddp_timeout, add_video_size, compute_dtype, count, embedded_guidance, frames_4n1, path, pixels, real, seed, text
 from musubi_tuner.errors import run_cli
 
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to generate")
     g.add_argument("--prompt", type=text, help="the prompt (required unless --latent_path)")
     g.add_argument("--negative_prompt", type=text, default=None, help="with real CFG (--guidance_scale > 1): what to steer away from")
-    g.add_argument("--video_size", type=pixels, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"), help="height then width (default 256 256)")
+    add_video_size(g, "height then width (default 256 256)")
     g.add_argument("--video_length", type=frames_4n1, default=None, help="frames, 4N+1 (default 129)")
     g.add_argument("--fps", type=count(1, 240), default=24, help="frame rate of the written video")
     g.add_argument("--infer_steps", type=count(1, 1000), default=None, help="sampling steps (default 50)")

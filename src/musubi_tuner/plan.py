@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 import argparse
 import logging
 
-from musubi_tuner.cli import Parser, check_video_size, count, frames_4n1, network_dim, path, pixels, real
+from musubi_tuner.cli import Parser, add_video_size, count, frames_4n1, network_dim, path, pixels, real
 from musubi_tuner.errors import run_cli
 
 logger = logging.getLogger("musubi_tuner.plan")
@@ -39,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("train", "generate"), default="train", help="plan a training step or a generation")
     g.add_argument("--dit", type=path, default=None, help="DiT checkpoint: its shapes are read from the header (official .pt, safetensors)")
     g.add_argument("--model", choices=tuple(NAMED_MODELS), default=None, help="a named model instead of --dit (default t2v-720p)")
-    g.add_argument("--video_size", type=pixels, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
-                   help="height then width (default 544 960; generation with a SkyReels DiT: its preset's)")
+    add_video_size(g, "height then width (default 544 960; generation with a SkyReels DiT: its preset's)")
     g.add_argument("--video_length", type=frames_4n1, default=None, help="frames, 4N+1 (1 for images; default 129, or the preset's)")
     g.add_argument("--batch_size", type=count(1, MAX_PLANNED_BATCH), default=1, help="samples per step")
     g.add_argument("--text_tokens", type=count(1, 256), default=256, help="valid LLM tokens of the longest prompt (the DiT drops padding)")
@@ -166,7 +165,6 @@ def main(argv=None) -> None:
         for line in flags_that_change_nothing(parser, args):  # (of the flags given: before the defaults are filled in)
             logger.warning(line)
         fill_defaults(args)
-        check_video_size(args.video_size)
         result = dry_run(args, args.mode, video_size=tuple(args.video_size), frames=args.video_length, batch=args.batch_size,
                          text_tokens=args.text_tokens)
         exit_if_nothing_fits(args, result)

@@ -40,6 +40,13 @@ def train_values(out: str) -> dict:
     return form_values(commands.parser_for("train"), TRAIN + ["--output_dir", out])
 
 
+def inputs_there(folder: Path, *names: str) -> None:
+    """Stand-ins for the files a command line reads (a job starts only when they are there; they are not read)."""
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+
+
 # ------------------------------------------------------------------------------------ who may talk to it
 
 
@@ -352,6 +359,7 @@ def test_a_config_files_relative_folders_are_the_workspaces_where_the_run_writes
     config = ws / "options.toml"
     config.parent.mkdir(parents=True)
     config.write_text('output_dir = "relout"\nlogging_dir = "rellogs"\n')
+    inputs_there(ws, "d.pt", "x.toml")
     values = {k: v for k, v in train_values("unused").items() if k != "output_dir"} | {"config_file": str(config)}
     argv, outputs = commands.job("train", values, Workspace(ws))
     assert outputs["output_dir"] == str(ws / "relout")
@@ -360,6 +368,7 @@ def test_a_config_files_relative_folders_are_the_workspaces_where_the_run_writes
 
 def test_a_name_with_folders_inside_the_workspace_is_where_the_job_page_looks(tmp_path):
     studio = client(tmp_path)
+    inputs_there(tmp_path / "ws", "d.pt", "x.toml")
     values = {**train_values("runs"), "output_name": "sub/my-lora"}
     assert commands.job("train", values, Workspace(tmp_path / "ws"))[1] == {"output_dir": str(tmp_path / "ws" / "runs" / "sub"),
                                                                           "output_name": "my-lora"}
@@ -400,6 +409,7 @@ def test_a_job_folder_that_cannot_be_written_is_a_400_and_no_job_is_listed(tmp_p
     studio, jobs_folder = client(tmp_path), tmp_path / "ws" / "jobs"
     jobs_folder.rmdir()
     jobs_folder.write_text("a file where the jobs folder was")
+    inputs_there(tmp_path / "ws", "d", "v")
     values = {"prompt": "p", "dit": "d", "vae": "v", "save_path": "videos"}
     refused = studio.post("/api/jobs", json={"command": "generate", "values": values}, headers=STUDIO)
     assert refused.status_code == 400 and "cannot start the job" in refused.json()["error"]
@@ -1045,3 +1055,44 @@ def test_the_dataset_page_is_given_the_caching_of_the_config_it_shows(tmp_path):
     listed = studio.get("/api/jobs", params={"kind": "cache", "dataset_config": "a.toml"}).json()["jobs"]
     assert [j["id"] for j in listed] == [mine.id]
     assert len(studio.get("/api/jobs", params={"kind": "cache"}).json()["jobs"]) == 2
+
+
+def test_a_long_log_is_shown_from_a_line_start_says_how_much_is_above_and_links_the_whole_file(tmp_path):
+    """fuzz_ao 3: the run panel showed the log's last 12 KB as the whole log, cut mid-line (mid-character in a bar)."""
+    studio = client(tmp_path)
+    script = "for i in range(2000): print(f'line {i:04d} ' + '\u2588' * 3)"  # 18 bytes a line, a 3-byte character
+    job = studio.app.app.state.jobs.start("cache", "long", [[sys.executable, "-c", script]])
+    deadline = time.monotonic() + 30
+    while (detail := studio.get(f"/api/jobs/{job.id}").json())["state"] in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    whole = studio.get("/files", params={"path": detail["log_path"]})
+    assert whole.status_code == 200 and whole.text.startswith("$ python -c ")
+    shown = detail["log"]
+    assert "\ufffd" not in shown and shown.startswith("line ") and whole.text.endswith(shown)
+    assert detail["log_skipped"] == len(whole.content) - len(shown.encode()) > 0
+
+
+def test_an_input_that_is_not_there_is_said_under_the_command_and_start_refuses_it_naming_the_flag(tmp_path):
+    """fuzz_ao 5: a missing --dit or --dataset_config was the command's own error, in a failed job seconds after Start."""
+    studio, ws = client(tmp_path), tmp_path / "ws"
+    inputs_there(ws, "d.pt")
+    values = train_values("runs")  # --dit d.pt is there, --dataset_config x.toml is not
+    box = studio.post("/api/command/train", json={"values": values}, headers=STUDIO).json()
+    assert box["missing"] == [f"{ws / 'x.toml'}: file not found (--dataset_config)"] and "--dataset_config" in box["shown"]
+    refused = studio.post("/api/jobs", json={"command": "train", "values": values}, headers=STUDIO)
+    assert (refused.status_code, refused.json()["error"]) == (400, box["missing"][0])
+    assert studio.get("/api/jobs").json()["jobs"] == []
+    generate = {"prompt": "p", "dit": "d.pt", "vae": "d.pt", "save_path": "videos", "lora_weight": "d.pt\nlora/gone.safetensors"}
+    box = studio.post("/api/command/generate", json={"values": generate}, headers=STUDIO).json()
+    assert box["missing"] == [f"{ws / 'lora' / 'gone.safetensors'}: file not found (--lora_weight)"]
+    resume_auto = studio.post("/api/command/train", json={"values": {**values, "dataset_config": "d.pt", "resume": "auto"}},
+                              headers=STUDIO).json()
+    assert resume_auto["missing"] == [] and "--resume auto" in resume_auto["shown"]  # (it was the workspace's "auto" folder)
+
+
+def test_a_video_size_that_is_not_a_multiple_of_16_is_refused_as_the_command_line_is_read(tmp_path):
+    """fuzz_ao 5: the command box showed --video_size 65 65 as a valid command; the job failed seconds after Start."""
+    studio = client(tmp_path)
+    box = studio.post("/api/command/generate", json={"values": {"prompt": "p", "dit": "d", "vae": "v", "save_path": "v",
+                                                                "video_size": "65 65"}}, headers=STUDIO)
+    assert (box.status_code, box.json()["error"]) == (400, "--video_size 65 65: height and width must be multiples of 16 (try 64 64)")

@@ -174,3 +174,38 @@ def test_stop_and_resume_act_on_the_run_shown_only(studio, page):
         page.click("#run #resume")
     page.wait_for_timeout(1000)  # (time for a second handler's request, had one been attached)
     assert resumed == [f"{url}/api/jobs/{made[1].id}/resume"]
+
+
+def test_the_runs_list_follows_each_run_a_long_log_links_the_whole_file_and_the_form_outlives_a_reload(studio, page, tmp_path):
+    """fuzz_ao 3, 4, 5: the runs list was drawn once (a run ended read "starting" until a reload), the log panel showed its
+    last 12 KB as the whole log, a reload drew the demo's values in the form beside a run started with others, and an
+    input not there was the command's error seconds after Start."""
+    import sys
+
+    from musubi_tuner.ui.jobs import Jobs
+
+    url, workspace = studio
+    gate = tmp_path / "go"
+    script = f"import os, time\nfor i in range(3000): print('line', i, flush=True)\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.1)"
+    job = Jobs(Path(workspace) / "jobs").start("train", "fake long", [[sys.executable, "-c", script]],
+                                                {"output_dir": str(Path(workspace) / "fake_long"), "output_name": "long"})
+    page.goto(f"{url}/train")
+    button = f"#runs button[data-job='{job.id}']"
+    page.wait_for_function(f"document.querySelector(\"{button}\")?.textContent.includes('running')", timeout=30_000)
+    page.wait_for_selector(f"#run[data-job='{job.id}'] a.log-cut", state="attached", timeout=30_000)  # (in the closed log)
+    assert re.fullmatch(r"the first \d+ KB of the log are not shown: open the whole log", page.text_content("#run a.log-cut"))
+    whole = page.request.get(url + page.get_attribute("#run a.log-cut", "href"))
+    assert whole.ok and whole.text().startswith("$ python -c ") and "line 2999\n" in whole.text()
+    gate.write_text("")
+    page.wait_for_function(f"document.querySelector(\"{button}\").textContent.includes('finished')", timeout=30_000)
+
+    page.fill("#f-output_name", "kept-name")
+    page.wait_for_function("document.querySelector('#command').textContent.includes('kept-name')")
+    page.fill("#f-dataset_config", "not-there.toml")
+    page.wait_for_function("document.querySelector('.missing').textContent.includes('not-there.toml: file not found (--dataset_config)')")
+    page.reload()
+    page.wait_for_function("document.querySelector('#command').textContent.includes('kept-name')")
+    assert page.input_value("#f-output_name") == "kept-name"
+    page.click("#reset-form")
+    page.wait_for_function("!document.querySelector('#command').textContent.includes('kept-name')")
+    assert page.input_value("#f-output_name") != "kept-name" and page.inner_text(".missing") == ""

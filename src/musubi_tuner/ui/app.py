@@ -277,11 +277,13 @@ class Studio:
                 "writes": list(commands.WRITES[command])}
 
     def command_line(self, request: Request, raw: bytes):
-        cmd = commands.build(request.path_params["command"], field(body(raw), "values", dict, {}), self.workspace)
-        return {"shown": shown(cmd)}
+        cmd, missing = commands.build(request.path_params["command"], field(body(raw), "values", dict, {}), self.workspace)
+        return {"shown": shown(cmd), "missing": missing}
 
     def plan(self, request: Request, raw: bytes):
-        cmd = commands.build("plan", field(body(raw), "values", dict, {}), self.workspace)
+        cmd, missing = commands.build("plan", field(body(raw), "values", dict, {}), self.workspace)
+        if missing:
+            raise UserError("; ".join(missing))
 
         def run():
             done = subprocess.run(cmd, capture_output=True, text=True, env=child_environment(), timeout=PLAN_TIMEOUT_SECONDS)

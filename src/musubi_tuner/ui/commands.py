@@ -32,16 +32,20 @@ def parser_for(command: str) -> argparse.ArgumentParser:
     return build_parser()
 
 
-def build(command: str, values: dict[str, object], workspace: Workspace) -> list[str]:
-    """The child process's argv for a filled form: checked by the command's parser, every folder it writes to
-    inside the workspace."""
-    return _argv(command, *_checked(command, values, workspace))
+def build(command: str, values: dict[str, object], workspace: Workspace) -> tuple[list[str], list[str]]:
+    """The child process's argv for a filled form, checked by the command's parser, every folder it writes to inside
+    the workspace; and `missing_inputs`, which a job may not start with."""
+    flags, args = _checked(command, values, workspace)
+    return _argv(command, flags, args), missing_inputs(command, args)
 
 
 def job(command: str, values: dict[str, object], workspace: Workspace) -> tuple[list[str], dict[str, str]]:
     """`build`'s argv, and where the job's files will be, for its page: the LoRA files' folder and stem, or the
     videos' folder (the form parsed once for both)."""
     flags, args = _checked(command, values, workspace)
+    missing = missing_inputs(command, args)
+    if missing:
+        raise UserError("; ".join(missing))
     if command == "train":
         from musubi_tuner.training.args import output_stem
 
@@ -88,6 +92,33 @@ def _checked(command: str, values: dict[str, object], workspace: Workspace) -> t
     return flags, args
 
 
+def missing_inputs(command: str, args: argparse.Namespace) -> list[str]:
+    """Why each file or folder the command reads (each flag of cli.path's type it does not write) is not there, in the
+    commands' words: a missing --dit or --dataset_config was the command's own error, in a failed job seconds after
+    Start (fuzz_ao 5). The command box shows them under the command; Start refuses."""
+    from musubi_tuner.cli import path
+    from musubi_tuner.files import require_present
+
+    problems = []
+    for action in parser_for(command)._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is not path or action.dest in WRITES[command] + IN_WORKSPACE[command] or not value:
+            continue
+        for one in value if isinstance(value, list) else [value]:
+            if _is_resume_auto(action.dest, one):
+                continue
+            try:
+                require_present(one, "folder" if action.dest == "resume" else "file", action.option_strings[0])
+            except UserError as e:
+                problems.append(str(e))
+    return problems
+
+
+def _is_resume_auto(dest: str, value: str) -> bool:
+    """--resume auto: the newest complete state in --output_dir, not a path."""
+    return dest == "resume" and value == "auto"
+
+
 def _read_paths_in_workspace(parser: argparse.ArgumentParser, values: dict[str, object], workspace: Workspace,
                              skip: tuple[str, ...]) -> dict:
     """The form's relative file and folder paths (every flag of cli.path's type: --dataset_config, --lora_weight, ...)
@@ -102,6 +133,8 @@ def _read_paths_in_workspace(parser: argparse.ArgumentParser, values: dict[str, 
         value = values.get(action.dest)
         if action.type is not path or action.dest in skip or not isinstance(value, str) or not value.strip():
             continue  # (the written paths: checked by Workspace.writable, which names them as typed)
+        if _is_resume_auto(action.dest, value.strip()):  # (a word, not a folder: it was the workspace's "auto" folder)
+            continue
         if action.nargs in ("*", "+"):
             values[action.dest] = "\n".join(anchored(line.strip()) for line in value.splitlines() if line.strip())
         else:

@@ -227,12 +227,24 @@ class Jobs:
         return [self.get(j.id) for j in reversed(order)]
 
     def log_tail(self, job: Job) -> str:
+        return self.log_end(job)[1]
+
+    def log_end(self, job: Job) -> tuple[int, str]:
+        """The bytes of the job's log not shown, and its last LOG_TAIL_BYTES from the start of a line (a cut mid-line, or
+        inside a character of a progress bar, was shown as the whole log: fuzz_ao 3)."""
         path = self.path(job) / "log.txt"
-        if not path.exists():
-            return ""
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-            return f.read().decode("utf-8", "replace")
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                start = max(0, size - LOG_TAIL_BYTES)
+                f.seek(start)
+                data = f.read(size - start)
+        except FileNotFoundError:
+            return 0, ""
+        if start and b"\n" in data[:-1]:
+            cut = data.index(b"\n") + 1
+            start, data = start + cut, data[cut:]
+        return start, data.decode("utf-8", "replace")
 
     def progress(self, job: Job) -> list[dict]:
         """The latest state of each progress bar of the job's current command, open ones last.

@@ -22,7 +22,9 @@ class RunViews:
         self._doctor: dict[str, tuple[int, str]] = {}  # file -> (mtime_ns, task id) of its latest version
 
     def detail(self, job: Job) -> dict:
-        out = {**self.jobs.summary(job), "log": self.jobs.log_tail(job), "progress": self.jobs.progress(job)}
+        skipped, log = self.jobs.log_end(job)
+        out = {**self.jobs.summary(job), "log": log, "log_skipped": skipped, "log_path": str(self.jobs.path(job) / "log.txt"),
+               "progress": self.jobs.progress(job)}
         if job.kind == "train" and {"output_dir", "output_name"} <= set(job.outputs):  # (a job.json without them: none)
             out.update(self._training(job))
         elif job.kind == "generate":

@@ -78,16 +78,31 @@ function setField(name, value) {
 }
 
 // A form whose command line is shown (copyable) as it changes. Returns {values()} once loaded.
+// The form's values are kept for the tab (sessionStorage): a reload or Back drew the demo's values again beside a run
+// started with others (fuzz_ao 4); "Reset form" draws the defaults.
 async function commandForm(command, formRoot, commandEl, openTitles) {
   const spec = await api("GET", `/api/form/${command}`);
-  renderForm(formRoot, spec.groups, spec.values, openTitles);
+  const key = `studio-form-${command}`;
+  let kept = null;
+  try { kept = JSON.parse(sessionStorage.getItem(key)); } catch (e) { kept = null; }
+  renderForm(formRoot, spec.groups, kept || spec.values, openTitles);
+  const reset = Object.assign(document.createElement("button"), { className: "secondary", id: "reset-form", textContent: "Reset form",
+    title: "the form's starting values (the demo's, where it has them)" });
+  reset.addEventListener("click", () => { sessionStorage.removeItem(key); renderForm(formRoot, spec.groups, spec.values, openTitles); refresh(); });
+  formRoot.before(reset);
+  // the inputs the command would not find are said under it as they are typed (Start refuses them): they were the
+  // command's own error, in a failed job seconds after Start (fuzz_ao 5)
+  const missingEl = Object.assign(document.createElement("div"), { className: "error missing" });
+  commandEl.after(missingEl);
   let asked = 0;  // only the answer to the latest request is shown: an earlier one may arrive last
   const refresh = debounce(async () => {
     const mine = ++asked;
     try {
-      const r = await api("POST", `/api/command/${command}`, { values: formValues(formRoot) });
-      if (mine === asked) { commandEl.className = "command"; commandEl.textContent = r.shown; }
-    } catch (e) { if (mine === asked) { commandEl.className = "command error"; commandEl.textContent = "error: " + e.message; } }
+      const values = formValues(formRoot);
+      sessionStorage.setItem(key, JSON.stringify(values));
+      const r = await api("POST", `/api/command/${command}`, { values });
+      if (mine === asked) { commandEl.className = "command"; commandEl.textContent = r.shown; missingEl.textContent = r.missing.join("\n"); }
+    } catch (e) { if (mine === asked) { commandEl.className = "command error"; commandEl.textContent = "error: " + e.message; missingEl.textContent = ""; } }
   });
   formRoot.addEventListener("input", refresh);
   formRoot.addEventListener("change", refresh);
@@ -96,6 +111,26 @@ async function commandForm(command, formRoot, commandEl, openTitles) {
 }
 
 // ---------------------------------------------------------------- jobs
+
+// A page's list of runs, read again every few seconds so that each says its state now (a list drawn once said
+// "starting" of runs long ended: fuzz_ao 4). A click shows that run; `pick(id)` shows one and marks it. The first run
+// shown is `first(jobs)`'s.
+async function runsList(root, kind, label, show, first) {
+  let current = null, drawn = null;
+  async function draw() {
+    const { jobs } = await api("GET", `/api/jobs?kind=${kind}`);
+    const html = jobs.map((j) => `<button class="secondary${j.id === current ? " current" : ""}" data-job="${esc(j.id)}">${label(j)}</button>`).join("")
+      || `<span class="muted">none yet</span>`;
+    if (html !== drawn) { root.innerHTML = html; drawn = html; }
+    return jobs;
+  }
+  function pick(id) { current = id; show(id); draw().catch(() => {}); }
+  root.addEventListener("click", (e) => { const b = e.target.closest("button"); if (b) pick(b.dataset.job); });
+  const id = first(await draw());
+  if (id) pick(id);
+  (function poll() { setTimeout(() => draw().catch(() => {}).finally(poll), 3000); })();
+  return pick;
+}
 
 function curveSvg(train, validation, width = 560, height = 220) {
   const m = 34, pts = train.concat(validation);
@@ -182,7 +217,8 @@ function watchJob(root, id, extra) {
     put("command", d.shown.map((s) => "$ " + esc(s)).join("\n"));
     put("progress", progressHtml(d.progress));
     if (extra) put("extra", extra(d));
-    put("log", esc(d.log));
+    // the page shows the log's last lines; what is above them is said, with the whole file a click away (fuzz_ao 3)
+    put("log", (d.log_skipped ? `<a class="log-cut" href="${fileUrl(d.log_path)}" target="_blank">the first ${Math.ceil(d.log_skipped / 1024)} KB of the log are not shown: open the whole log</a>\n` : "") + esc(d.log));
     if (d.state === "running" || d.state === "starting") setTimeout(tick, 1000);
     else root.dispatchEvent(new CustomEvent("job-ended", { detail: d, bubbles: true }));
   }
