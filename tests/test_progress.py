@@ -1,6 +1,7 @@
 """Progress bars: tqdm's bar on a terminal; in a log, a few whole lines per bar instead of one per redraw."""
 
 import io
+import time
 
 import pytest
 from tqdm import tqdm
@@ -77,6 +78,23 @@ def test_a_watcher_gets_each_bars_state_as_json_lines_with_the_time_left(tmp_pat
     at_two = lines[2]
     assert at_two["remaining"] == pytest.approx(2 / at_two["rate"], rel=1e-3)  # 2 steps left at the measured rate
     assert lines[-1]["postfix"] == "loss=0.5"
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_resumed_bars_time_left_counts_only_the_steps_it_made(tmp_path, monkeypatch, terminal):
+    """fuzz_ao 11: a bar resumed at step 20 of 120 said "ETA 0:00" until its first step ended (20 steps in 0 s)."""
+    import json
+
+    watched = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(progress.PROGRESS_FILE_VARIABLE, str(watched))
+    monkeypatch.setattr(progress, "REPORT_SECONDS", 0.0)
+    bar = progress_bar(total=120, initial=20, desc="steps", file=Terminal() if terminal else io.StringIO())
+    time.sleep(0.05)
+    bar.update(1)
+    bar.close()
+    first, made_one = (json.loads(line) for line in watched.read_text().splitlines()[:2])
+    assert (first["n"], first["rate"], first["remaining"]) == (20, None, None)  # unknown, not 0
+    assert made_one["n"] == 21 and made_one["rate"] < 1 / 0.05 and made_one["remaining"] > 99 * 0.05 * 0.5
 
 
 def test_without_a_watcher_nothing_is_written(tmp_path, monkeypatch):

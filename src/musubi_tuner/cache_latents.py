@@ -69,10 +69,12 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
 
     workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
     record = cache_files.dataset_record(dataset.source, dataset.cache_directory)
-    bar = progress_bar(desc=f"{dataset.where} latents", unit="item")
+    # the bar counts the source files, whose number is known (their windows are known once each is read): a bar of
+    # the windows had no total, so no ETA, for the longest job but training (fuzz_ao 9)
+    bar = progress_bar(total=len(items), desc=f"{dataset.where} latents", unit="file")
     made_by = cache_files.vae_provenance(args.vae, vae.dtype)
     for batch in iter_latent_batches(dataset, report, num_workers=workers, skip_existing=args.skip_existing,
-                                     vae=made_by, strict=args.strict, items=items):
+                                     vae=made_by, strict=args.strict, items=items, taken=lambda item: bar.update(1)):
         for part in chunks(batch.items, args.batch_size):
             with torch.no_grad():
                 latents = vae.encode(stack_pixels(part, device, vae.dtype)).sample(generator).to("cpu", vae.dtype)
@@ -80,7 +82,6 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
                 cache_files.save_latent_cache(item.cache_path, latent, size=item.size, frame_count=item.frame_count,
                                               provenance={**item.provenance, **record})
                 report.cached += 1
-            bar.update(len(part))
     bar.close()
     tidy_cache_directory(dataset.cache_directory, stale_latent_caches(dataset, report), keep_cache=args.keep_cache)
     from musubi_tuner.data.cache_files import record_left_out

@@ -150,7 +150,8 @@ class _Reports:
         if self.disable or not path:
             return
         state = self.format_dict
-        rate = state.get("rate") or (state["n"] / state["elapsed"] if state["n"] and state["elapsed"] else None)
+        done = state["n"] - (state.get("initial") or 0)  # a resumed run's bar starts at its step: those took no time here
+        rate = state.get("rate") or (done / state["elapsed"] if done > 0 and state["elapsed"] else None)  # (they were "ETA 0:00": fuzz_ao 11)
         total = state.get("total")
         line = {"desc": state.get("prefix") or "", "n": state["n"], "total": total, "elapsed": round(state["elapsed"], 3),
                 "remaining": (total - state["n"]) / rate if rate and total else None,

@@ -668,3 +668,21 @@ def test_images_in_subfolders_are_named_as_such_and_stale_caches_in_one_line(mod
     with caplog.at_level(logging.WARNING):
         cache_latents_main(latent_args(toml, models))
     assert "lists no images (it holds 4 images in 1 subfolder(s) (sub), and a folder is not searched below its own files" in caplog.text
+
+
+def test_the_latent_bar_counts_the_source_files_so_a_watcher_has_a_total_and_a_time_left(models, tmp_path, monkeypatch):
+    """fuzz_ao 9: the bar counted windows, which are known only once each file is read: no total, no ETA, an empty bar
+    on the studio's page for the whole caching. The files are known first; a failed one counts as taken."""
+    import json
+
+    from musubi_tuner import progress
+
+    toml, _ = clips(tmp_path, 3)
+    add_bad_videos(tmp_path)
+    watched = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(progress.PROGRESS_FILE_VARIABLE, str(watched))
+    monkeypatch.setattr(progress, "REPORT_SECONDS", 0.0)
+    cache_latents_main(latent_args(toml, models, "--num_workers", "1"))
+    bars = [r for r in map(json.loads, watched.read_text().splitlines()) if r["desc"].endswith(" latents")]
+    assert {r["total"] for r in bars} == {5} and {r["unit"] for r in bars} == {"file"}
+    assert (bars[-1]["n"], bars[-1]["closed"]) == (5, True) and any(r["remaining"] is not None for r in bars)

@@ -55,6 +55,26 @@ def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(a
     assert not (out / "tiny-step00000002.safetensors").exists() and not leftovers(out)
 
 
+def test_a_run_that_stops_keeps_every_step_it_made_in_its_loss_csv(assets, tmp_path):
+    """fuzz_ao 11: the live loss CSV is written every few seconds, and a run that stopped (Stop, Ctrl-C, a NaN) lost the
+    steps since: the curve ended a few steps before the run."""
+    import csv
+
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.data.training_dataset import TrainingDataset
+
+    toml = write_cached_dataset(tmp_path / "data", items=6, frames=5, size=(32, 32))
+    data = TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=1)
+    (fourth,) = data[data.epoch_plan(1)[3]]["item_names"]
+    poison_text(tmp_path / "data" / "cache" / f"{fourth.split('_00000-')[0]}_hv_te.safetensors", 3e38)
+    out = tmp_path / "out"
+    result = run_command("hv_train_network", train_argv(assets, out, "--max_train_steps", "6", toml=toml), tmp_path)
+    assert result.code == 2 and "loss is nan at step 4" in result.error_lines[0], result.err[-2000:]
+    with open(out / "tiny-loss.csv", newline="") as f:
+        steps = [int(row[1]) for row in csv.reader(f) if row[0] == "train"]
+    assert steps == [1, 2, 3]
+
+
 def test_a_diverging_run_names_a_finite_checkpoint_saved_before_the_bad_update_and_resumes_from_it(assets, tmp_path):
     """A learning rate of 1e6 sends the update past anything a trained LoRA holds within a few updates. Every step is
     saved: the error must name the newest checkpoint that every reader takes, and its state must resume."""

@@ -20,7 +20,8 @@ from musubi_tuner.files import read_safetensors_header
 from musubi_tuner.networks.lora_files import load_lora
 from musubi_tuner.training.args import parse_args
 from musubi_tuner.training.loop import train
-from musubi_tuner.training.sampling import CELL_GAP, LABEL_HEIGHT
+from musubi_tuner.training.sample_prompts import load_sample_prompts
+from musubi_tuner.training.sampling import CELL_GAP, LABEL_HEIGHT, grid_layout, sample_grid
 
 SIZE = (32, 32)  # 4 x 4 latent: every step and evaluation takes milliseconds
 
@@ -187,7 +188,7 @@ def test_validation_and_sampling_leave_the_trained_lora_unchanged(assets, sample
     assert sorted(dict(sampled_run["scalars"]["validation/loss"])) == [0, 2, 4, 6]  # validation did run
 
 
-def test_each_evaluation_writes_its_samples_and_one_grid_of_first_middle_last_frames(sampled_run):
+def test_each_evaluation_writes_its_samples_and_one_grid_of_first_middle_last_frames(assets, sampled_run):
     import av
 
     folder = sampled_run["out"] / "sample"
@@ -201,10 +202,12 @@ def test_each_evaluation_writes_its_samples_and_one_grid_of_first_middle_last_fr
 
     grid = np.asarray(Image.open(folder / "tiny_000006_grid.png").convert("RGB")).astype(int)
     cell = 32
-    assert grid.shape == (LABEL_HEIGHT + 2 * (LABEL_HEIGHT + cell + CELL_GAP), 3 * (cell + CELL_GAP) + CELL_GAP, 3)
+    layout = grid_layout("step 6 - columns: first, middle, last frame", [f"#{i} seed 7: {p.prompt}" for i, p in
+                                                                       enumerate(load_sample_prompts(assets["prompts"]))], cell, cell)
+    assert grid.shape == (layout.height, 3 * (cell + CELL_GAP) + CELL_GAP, 3)
 
     def cell_at(row, column):
-        top = LABEL_HEIGHT + row * (LABEL_HEIGHT + cell + CELL_GAP) + LABEL_HEIGHT
+        top = layout.cell_tops[row]
         left = CELL_GAP + column * (cell + CELL_GAP)
         return grid[top:top + cell, left:left + cell]
 
@@ -221,7 +224,9 @@ def test_a_grid_past_pillows_limit_goes_to_tensorboard_reduced_and_the_run_goes_
 
     from musubi_tuner.training import sampling
 
-    width, height = 3 * (32 + CELL_GAP) + CELL_GAP, LABEL_HEIGHT + 2 * (LABEL_HEIGHT + 32 + CELL_GAP)  # (2 prompts at 32x32)
+    layout = grid_layout("step 0 - columns: first, middle, last frame", [f"#{i} seed 7: {p.prompt}" for i, p in
+                                                                       enumerate(load_sample_prompts(assets["prompts"]))], 32, 32)
+    width, height = layout.width, layout.height  # (2 prompts at 32x32)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", width * height // 2 - 1)  # (Pillow refuses twice this: the grid alone)
     monkeypatch.setattr(sampling, "LOGGED_PIXELS", 3000, raising=False)
     out = tmp_path / "out"
@@ -587,3 +592,23 @@ def test_a_one_frame_sample_is_named_as_musubi_tuner_names_it(assets, tmp_path):
     samples = sorted(p.name for p in (out / "sample").iterdir() if not p.name.endswith("_grid.png"))
     assert len(samples) == 1 and re.fullmatch(r"tiny_000000_00_\d{14}_7_000\.png", samples[0]), samples
     assert Image.open(out / "sample" / samples[0]).size == (32, 32)
+
+
+def test_a_long_label_is_wrapped_to_the_grids_width_not_cut_at_its_edge():
+    """fuzz_ao 11: the demo's 64x64 grid read "step 160, epoch 80 - columns: first, middle, l" and "#0 seed 7: a red
+    circle moving left on a black": each label was one line, cut at the image's edge."""
+    from PIL import ImageDraw
+
+    title = "step 160, epoch 80 - columns: first, middle, last frame"
+    label = "#0 seed 7: a red circle moving left on a black background, then an unbrokenwordlongerthanthewholegridiswide"
+    frames = np.zeros((5, 64, 64, 3), np.uint8)
+    grid = sample_grid([(label, frames)], title)
+    layout = grid_layout(title, [label], 64, 64)
+    measure = ImageDraw.Draw(grid)
+    assert " ".join(layout.title) == title and len(layout.labels[0]) > 2
+    assert "".join(layout.labels[0]).replace(" ", "") == label.replace(" ", "")  # every character, in order
+    assert all(measure.textlength(line) <= grid.width - 2 * CELL_GAP for line in layout.title + layout.labels[0])
+    pixels = np.asarray(grid)
+    lines_drawn = [bool((pixels[top:top + LABEL_HEIGHT] > 128).any()) for top in range(0, layout.cell_tops[0], LABEL_HEIGHT)]
+    assert lines_drawn == [True] * (len(layout.title) + len(layout.labels[0]))  # each line has its own band of text
+    assert grid.size == (layout.width, layout.height) and layout.height == layout.cell_tops[0] + 64 + CELL_GAP

@@ -209,3 +209,25 @@ def test_the_runs_list_follows_each_run_a_long_log_links_the_whole_file_and_the_
     page.click("#reset-form")
     page.wait_for_function("!document.querySelector('#command').textContent.includes('kept-name')")
     assert page.input_value("#f-output_name") != "kept-name" and page.inner_text(".missing") == ""
+
+
+def test_unsaved_dataset_edits_are_said_and_leaving_the_page_asks_first(studio, page):
+    """fuzz_ao 10: an edit not saved was silently ignored by Inspect and Cache (they read the saved file) and lost on
+    leaving the page."""
+    url, _ = studio
+    page.goto(f"{url}/dataset")
+    page.wait_for_function("document.querySelector('#toml-text').textContent.includes('[[datasets]]')")
+    page.wait_for_selector("#inspect:not([disabled])")
+    assert page.query_selector("#unsaved") is None
+    page.fill("#general-resolution", "32, 32")
+    page.wait_for_selector("#unsaved")
+    assert "Inspect and Cache read the saved file" in page.inner_text("#dataset-status")
+    page.click("#inspect")
+    page.wait_for_function("document.querySelector('#inspect-status').textContent.startsWith('inspected')", timeout=60_000)
+    assert "the form's changes are not saved" in page.inner_text("#inspect-status")
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.dismiss()))
+    page.click("header nav a[href='/train']")
+    page.wait_for_timeout(500)
+    assert dialogs == ["beforeunload"] and page.url.endswith("/dataset")  # asked, and staying kept the edit
+    assert page.input_value("#general-resolution") == "32, 32"

@@ -21,7 +21,7 @@ import unicodedata
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -520,19 +520,24 @@ def listed_items(dataset: AnyDatasetConfig, report: CacheReport) -> list[SourceI
 
 def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_workers: int = 1,
                         skip_existing: bool = False, vae: Mapping[str, str] | None = None, strict: bool = False,
-                        items: Sequence[SourceItem] | None = None) -> Iterator[LatentBatch]:
+                        items: Sequence[SourceItem] | None = None,
+                        taken: Callable[[SourceItem], None] | None = None) -> Iterator[LatentBatch]:
     """Decode the dataset's items in `num_workers` threads and yield batches of one bucket (and clip length).
 
     A batch is yielded as soon as its group holds the dataset's batch_size items; the rest at the end.
     Results are taken in item order, so batches are the same on every run. With `skip_existing`,
     items whose caches are current (see cache_files.cache_status) are counted, not decoded again.
-    `report` collects every cache path the items have, for stale_latent_caches once all are written.
+    `report` collects every cache path the items have, for stale_latent_caches once all are written. `taken` is
+    called with each source file once it is read (or failed, or skipped): the files are known before they are read,
+    their windows only after (a progress bar of the windows had no total).
     """
     if items is None:
         items = listed_items(dataset, report)
     loader = _LatentLoader(dataset, vae, skip_existing)
     groups: dict[tuple[int, ...], list[LatentItem]] = {}
     for item, loaded in _map_in_threads(loader, items, num_workers):
+        if taken is not None:
+            taken(item)
         if isinstance(loaded, BaseException):
             report.fail(item.path, _failure_reason(item, loaded), strict)
             continue

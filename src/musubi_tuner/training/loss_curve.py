@@ -64,9 +64,10 @@ class LossHistory:
             writer.writerows([("train", s, v) for s, v in self.train] + [("validation", s, v) for s, v in self.validation])
         self._written_at = time.monotonic()
 
-    def write_csv_if_due(self) -> None:
-        """The CSV, if LIVE_SECONDS have passed since it was last written (called after every step by the main process)."""
-        if time.monotonic() - self._written_at >= LIVE_SECONDS:
+    def write_csv_if_due(self, at_once: bool = False) -> None:
+        """The CSV, if LIVE_SECONDS have passed since it was last written (called after every step by the main process),
+        or `at_once`; a failure to write is a warning, said once."""
+        if at_once or time.monotonic() - self._written_at >= LIVE_SECONDS:
             try:
                 self.write_csv()
             except UserError as e:

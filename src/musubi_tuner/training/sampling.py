@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 LABEL_HEIGHT = 14  # a text line above each row of the grid
 CELL_GAP = 2
 GRID_COLUMNS = ("first", "middle", "last")
+MOST_LABEL_LINES = 4
 
 
 def _free(*objs) -> None:
@@ -87,22 +88,71 @@ def _in_batches(encoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 LOGGED_PIXELS = 16_000_000  # a grid larger than this goes to TensorBoard reduced (its file keeps every pixel)
 
 
+@dataclasses.dataclass(frozen=True)
+class GridLayout:
+    """Where sample_grid draws: its size, the text lines of its title and of each row's label (wrapped to the grid's
+    width: a label drawn as one line was cut at the image's edge, fuzz_ao 11), and the top of each row's cells."""
+
+    width: int
+    height: int
+    title: list[str]
+    labels: list[list[str]]
+    cell_tops: list[int]
+
+
+def grid_layout(title: str, labels: list[str], cell_w: int, cell_h: int) -> GridLayout:
+    width = len(GRID_COLUMNS) * (cell_w + CELL_GAP) + CELL_GAP
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_lines = _wrapped(measure, title, width - 2 * CELL_GAP, most=3)
+    label_lines = [_wrapped(measure, label, width - 2 * CELL_GAP, most=MOST_LABEL_LINES) for label in labels]
+    tops, y = [], LABEL_HEIGHT * len(title_lines)
+    for lines in label_lines:
+        tops.append(y + LABEL_HEIGHT * len(lines))
+        y = tops[-1] + cell_h + CELL_GAP
+    return GridLayout(width, y, title_lines, label_lines, tops)
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, width: int, most: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken at spaces (a word wider than the line, anywhere), at most
+    `most` lines, the last one ending in "..." when some is left out."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while draw.textlength(word) > width and len(word) > 1:  # a word wider than the line: cut where it fills it
+            cut = max(1, next(i for i in range(len(word), 0, -1) if draw.textlength(word[:i]) <= width))
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    lines.append(line)
+    if len(lines) > most:
+        last = lines[most - 1]
+        while last and draw.textlength(last + "...") > width:
+            last = last[:-1]
+        lines = lines[:most - 1] + [last + "..."]
+    return lines
+
+
 def sample_grid(rows: list[tuple[str, np.ndarray]], title: str) -> Image.Image:
     """One row per sample: its label, then its first, middle and last frame ((F, H, W, 3) uint8 each).
     A one-frame sample fills the first column only. Cells are as large as the largest sample."""
     cell_w = max(frames.shape[2] for _, frames in rows)
     cell_h = max(frames.shape[1] for _, frames in rows)
-    width = len(GRID_COLUMNS) * (cell_w + CELL_GAP) + CELL_GAP
-    height = LABEL_HEIGHT + len(rows) * (LABEL_HEIGHT + cell_h + CELL_GAP)
-    grid = Image.new("RGB", (width, height), (48, 48, 48))
+    layout = grid_layout(title, [label for label, _ in rows], cell_w, cell_h)
+    grid = Image.new("RGB", (layout.width, layout.height), (48, 48, 48))
     draw = ImageDraw.Draw(grid)
-    draw.text((CELL_GAP, 1), title, fill="white")
-    for r, (label, frames) in enumerate(rows):
-        top = LABEL_HEIGHT + r * (LABEL_HEIGHT + cell_h + CELL_GAP)
-        draw.text((CELL_GAP, top + 1), label, fill="white")
+    for i, line in enumerate(layout.title):
+        draw.text((CELL_GAP, 1 + i * LABEL_HEIGHT), line, fill="white")
+    for (_, frames), lines, top in zip(rows, layout.labels, layout.cell_tops):
+        for i, line in enumerate(lines):
+            draw.text((CELL_GAP, top - LABEL_HEIGHT * (len(lines) - i) + 1), line, fill="white")
         picks = [0, (len(frames) - 1) // 2, len(frames) - 1] if len(frames) > 1 else [0]
         for c, f in enumerate(picks):
-            grid.paste(Image.fromarray(frames[f]), (CELL_GAP + c * (cell_w + CELL_GAP), top + LABEL_HEIGHT))
+            grid.paste(Image.fromarray(frames[f]), (CELL_GAP + c * (cell_w + CELL_GAP), top))
     return grid
 
 
