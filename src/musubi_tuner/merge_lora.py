@@ -43,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
-        from musubi_tuner.networks.merge import check_merged_model_output, merge_file, resolve_multipliers
+        from musubi_tuner.networks.merge import check_merged_model_output, lora_jobs, merge_file
 
         check_merged_model_output(args.save_merged_model, args.dit, args.lora_weight)
-        resolve_multipliers(args.lora_weight, args.lora_multiplier, say=True)
+        lora_jobs(args.lora_weight, args.lora_multiplier, args.lora_blocks, args.exclude_single_blocks, say=True)
         device = resolve_device(args.device)
         info = merge_file(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, device=device,
                           exclude_single_blocks=args.exclude_single_blocks, in_channels=args.dit_in_channels,

@@ -7,6 +7,7 @@ flags are made once and shared between tests.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
@@ -228,6 +229,16 @@ def test_save_merged_model_writes_the_merged_dit_and_loads_no_model(models, no_m
     assert torch.allclose(merged, base + 0.5 * delta, atol=1e-2) and not torch.allclose(merged, base, atol=1e-2)
 
 
+def test_what_a_list_of_loras_warns_about_is_said_once_with_or_without_save_merged_model(models, capsys, caplog):
+    """fuzz_ap 9: the checks before the work and the work itself (the merge, the on-the-fly LoRA) each said it."""
+    lora = str(models["lora"])
+    for extra in (["--save_merged_model", str(models["root"] / "merged-twice.safetensors")], ["--infer_steps", "1"]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            main([*base_flags(models), "--lora_weight", lora, lora, "--save_path", str(models["root"] / "twice"), *extra])
+        assert caplog.text.count(f"{lora} is given twice among the LoRA files") == 1, (extra, caplog.text)
+
+
 # ----------------------------------------------------------------------------------------------- V2V and I2V
 
 
@@ -248,6 +259,22 @@ def test_v2v_with_strength_0_returns_the_encoded_input(models):
     assert torch.allclose(latent, encoded(models, frames[:5]), atol=1e-4)
     assert meta["infer_steps"] == "0"  # the steps run, as musubi-tuner records them; and what makes it V2V (fuzz_ai 2)
     assert (meta["video_path"], meta["strength"]) == (str(models["root"] / "v2v_frames"), "0.0")
+
+
+@pytest.mark.parametrize("strength", ["0", "0.1"])
+def test_v2v_that_runs_no_step_loads_neither_the_dit_nor_the_text_encoders(models, monkeypatch, caplog, strength):
+    """fuzz_ap 9: --strength 0 (or one that runs int(steps * strength) = 0 steps) loaded the DiT and both text encoders for
+    a run that used neither."""
+    def forbidden(*_, **__):
+        raise AssertionError("loaded for a run without a denoising step")
+
+    monkeypatch.setattr(pipeline, "load_generation_dit", forbidden)
+    monkeypatch.setattr(pipeline, "encode_prompts", forbidden)
+    frames = write_frames(models["root"] / "v2v_frames", 6, 32, 32)
+    with caplog.at_level(logging.WARNING):
+        latent, meta = latent_of(models, "--video_path", str(models["root"] / "v2v_frames"), "--strength", strength, "--infer_steps", "7")
+    assert torch.allclose(latent, encoded(models, frames[:5]), atol=1e-4) and meta["infer_steps"] == "0"
+    assert ("runs int(0.7) = 0 of them: the input video comes back unchanged" in caplog.text) == (strength == "0.1")
 
 
 def test_the_metadata_records_what_else_changes_the_frames_when_given(models):

@@ -20,7 +20,7 @@ from musubi_tuner.hunyuan.dit import HunyuanVideoDiT
 from musubi_tuner.networks.lora_files import lora_outputs
 from musubi_tuner.networks.lora_metadata import LoRAFileInfo, with_naming
 from musubi_tuner.networks.lora_naming import kohya_to_module_path, official_to_diffusers
-from musubi_tuner.networks.merge import merge_loras_into
+from musubi_tuner.networks.merge import lora_jobs, merge_loras_into
 
 from foreign_loras import diffusion_pipe_adapter
 from helpers import run_main, tiny_dit_file_and_lora
@@ -98,6 +98,9 @@ def test_generation_and_base_weights_apply_a_lora_given_with_its_companion_once(
             merge_loras_into(model, [str(folder / name) for name in files], [0.5])
         delta = model.double_blocks[0].img_attn_qkv.weight.detach() - load_file(str(dit))["double_blocks.0.img_attn_qkv.weight"]
         assert applied(delta.float(), lora_update(weights)) == pytest.approx(0.5, abs=0.01)
+        # said by the commands' checks before the work (lora_jobs(say=True)), not again by the merge (fuzz_ap 9)
+        assert "left out" not in caplog.text
+        lora_jobs([str(folder / name) for name in files], [0.5], say=True)
         assert "left out, so the LoRA is applied once" in caplog.text
 
 

@@ -89,6 +89,7 @@ def test_the_same_lora_twice_is_warned_about(lora, tmp_path, capsys, caplog):
     assert status == 0
     assert f"{tmp_path}/./a.safetensors is given twice among the LoRA files (also as {src}): it is applied twice" in caplog.text
     assert f"{src} is given twice among the LoRA files: it is applied twice to the same blocks" in caplog.text
+    assert caplog.text.count("is given twice among the LoRA files") == 2  # once each: the checks and the merge said it
     caplog.clear()  # one file on two sets of blocks, each with its multiplier, is a way to weigh them apart
     status, _, _ = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", src, src, "--lora_blocks", "double", "single",
                                               "--save_merged_model", tmp_path / "m2.safetensors", "--device", "cpu"], capsys)

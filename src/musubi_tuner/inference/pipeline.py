@@ -103,13 +103,12 @@ def check_and_fill(args) -> None:
         logger.warning("%s act%s on the files of --lora_weight, and none is given: ignored", " and ".join(given),
                        "" if len(given) > 1 else "s")
     if args.lora_weight:
-        from musubi_tuner.networks.merge import block_filters, resolve_multipliers
+        from musubi_tuner.networks.merge import lora_jobs
 
         for p in args.lora_weight:
             require_file(p, "LoRA file", "--lora_weight")
-
-        resolve_multipliers(args.lora_weight, args.lora_multiplier, say=True)  # counts and patterns checked before any model loads
-        block_filters(args.lora_weight, args.lora_blocks, args.exclude_single_blocks)
+        # counts and patterns checked, and what is odd said, before any model loads
+        lora_jobs(args.lora_weight, args.lora_multiplier, args.lora_blocks, args.exclude_single_blocks, say=True)
 
     from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
@@ -186,8 +185,8 @@ def check_files_used_late(args, dit_shapes: dict[str, tuple[int, ...]]) -> None:
     from musubi_tuner.files import require_writable_folder
     from musubi_tuner.networks.merge import check_loras_fit
 
-    if args.lora_weight:
-        check_loras_fit(args.lora_weight, dit_shapes, args.dit, getattr(args, "allow_partial_lora", False))
+    if args.lora_weight and not (args.save_merged_model and not args.dry_run):  # (the merge checks them before it reads a
+        check_loras_fit(args.lora_weight, dit_shapes, args.dit, getattr(args, "allow_partial_lora", False))  # weight: said twice)
     require_writable_folder(args.save_merged_model and Path(args.save_merged_model).parent or args.save_path,
                             "--save_merged_model" if args.save_merged_model else "--save_path", create=not args.dry_run)
     if args.dry_run:
@@ -486,18 +485,30 @@ def _generate(args, device, layout) -> list[Path]:
     shape = VAEConfig().latent_shape(args.video_length, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
 
+    # V2V at a --strength that runs no step gives its input back through the VAE: neither the text encoders nor the DiT
+    # have anything to do, and are not loaded (they were, for nothing: fuzz_ap 9)
+    runs = steps_that_run(args.infer_steps, args.video_path, args.strength)
+
     def encode():
-        cond, uncond = encode_prompts(args, device)
+        cond, uncond = encode_prompts(args, device) if runs else ({}, None)
         video, image = encode_condition(args, device, height, width, generator)
         return {**{f"cond.{k}": v for k, v in cond.items()}, **{f"uncond.{k}": v for k, v in (uncond or {}).items()},
                 "video": video, "image": image}
 
     encoded = _from_main(layout, device, encode)
-    cond = {k.split(".", 1)[1]: v.to(device) for k, v in encoded.items() if k.startswith("cond.")}
-    neg = {k.split(".", 1)[1]: v.to(device) for k, v in encoded.items() if k.startswith("uncond.")} or None
-    dit = load_generation_dit(args, device)
-    dit.sequence_parallel = layout.sequence if layout is not None else None
-    latents, start, cache = _sample(args, dit, device, layout, shape, seed, cond, neg, encoded["video"], encoded["image"])
+    if runs:
+        cond = {k.split(".", 1)[1]: v.to(device) for k, v in encoded.items() if k.startswith("cond.")}
+        neg = {k.split(".", 1)[1]: v.to(device) for k, v in encoded.items() if k.startswith("uncond.")} or None
+        dit = load_generation_dit(args, device)
+        dit.sequence_parallel = layout.sequence if layout is not None else None
+        latents, start, cache = _sample(args, dit, device, layout, shape, seed, cond, neg, encoded["video"], encoded["image"])
+    else:
+        if args.strength > 0:  # (strength 0 asks for the input back)
+            logger.warning("--strength %g of %d steps runs int(%g) = 0 of them: the input video comes back unchanged; "
+                           "raise --strength to at least %g or --infer_steps", args.strength, args.infer_steps,
+                           args.strength * args.infer_steps, 1 / args.infer_steps)
+        logger.info("no denoising step runs: the input video is decoded as it was encoded (no DiT or text encoder loaded)")
+        latents, start, cache = encoded["video"].to(device, torch.float32), args.infer_steps, None
 
     meta = outputs.generation_metadata(args, seed, steps_run=args.infer_steps - start) | step_cache.describe(cache)
     saved, stamp = [], outputs.free_stamp(save_path, seed)  # one name for the latent and its video
@@ -521,11 +532,7 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
     start = 0
     latents = noise
     if video_latents is not None:
-        start = v2v_start(sigmas, args.strength)
-        if start == args.infer_steps and args.strength > 0:  # strength 0 asks for the input back; this did not
-            logger.warning("--strength %g of %d steps runs int(%g) = 0 of them: the input video comes back unchanged; "
-                           "raise --strength to at least %g or --infer_steps", args.strength, args.infer_steps,
-                           args.strength * args.infer_steps, 1 / args.infer_steps)
+        start = v2v_start(sigmas, args.strength)  # (< --infer_steps: generate decodes the input itself when no step runs)
         s = sigmas[start].item()
         latents = noise * s + video_latents.to(device) * (1 - s)
     if image_latents is not None:

@@ -85,13 +85,8 @@ def block_filter(spec: str | None, exclude_single_blocks: bool = False, flag: st
     return lambda path: rx.search(path) is not None and not (exclude_single_blocks and path.startswith("single_blocks."))
 
 
-def block_filters(lora_paths: Sequence[str], specs: Sequence[str] | str | None, exclude_single_blocks: bool = False) -> list[ModuleFilter]:
-    """One module filter per LoRA file: one `--lora_blocks` value per file, or one for all."""
-    return [block_filter(s, exclude_single_blocks) for s in _block_specs(lora_paths, specs)]
-
-
-def _block_specs(lora_paths: Sequence[str], specs: Sequence[str] | str | None) -> list[str | None]:
-    """The `--lora_blocks` value of each LoRA file; a file given twice with the same value is warned about."""
+def _block_specs(lora_paths: Sequence[str], specs: Sequence[str] | str | None, say: bool = False) -> list[str | None]:
+    """The `--lora_blocks` value of each LoRA file; `say`: a file given twice with the same value is warned about."""
     if specs is None or isinstance(specs, str):
         specs = [specs]
     specs = list(specs) or [None]
@@ -101,7 +96,7 @@ def _block_specs(lora_paths: Sequence[str], specs: Sequence[str] | str | None) -
         raise UserError(f"{len(lora_paths)} LoRA files but {len(specs)} values of --lora_blocks: give one per file, or one for all")
     seen: dict[tuple[str, str | None], str] = {}
     for path, spec in zip(lora_paths, specs):
-        if (key := (os.path.realpath(path), spec)) in seen:
+        if (key := (os.path.realpath(path), spec)) in seen and say:
             also = "" if seen[key] == str(path) else f" (also as {seen[key]})"
             logger.warning("%s is given twice among the LoRA files%s: it is applied twice to the same blocks, as one file at "
                            "the sum of its multipliers", path, also)
@@ -110,22 +105,25 @@ def _block_specs(lora_paths: Sequence[str], specs: Sequence[str] | str | None) -
 
 
 def lora_jobs(lora_paths: Sequence[str], multipliers, lora_blocks: Sequence[str] | str | None = None,
-              exclude_single_blocks: bool = False) -> list[tuple[str, float, ModuleFilter]]:
+              exclude_single_blocks: bool = False, say: bool = False,
+              multiplier_flag: str = "--lora_multiplier") -> list[tuple[str, float, ModuleFilter]]:
     """(file, multiplier, module filter) of each LoRA file to apply, in order: what every command that applies several
     LoRA files (merge_lora, generation, training's --base_weights) iterates over. A `.comfyui` companion given beside its
     own LoRA file (networks.lora_files.companion_copies; a glob `out/my-lora*.safetensors` matches both) is the same LoRA:
-    it is left out with a warning, or refused when given another multiplier or --lora_blocks value than that file."""
+    it is left out with a warning, or refused when given another multiplier or --lora_blocks value than that file.
+    `say`: the warnings are said (by the checks before the work; the work's own call is quiet: they were said twice)."""
     from musubi_tuner.networks.lora_files import companion_copies
 
-    jobs = list(zip(lora_paths, resolve_multipliers(lora_paths, multipliers), _block_specs(lora_paths, lora_blocks)))
+    jobs = list(zip(lora_paths, resolve_multipliers(lora_paths, multipliers, multiplier_flag, say), _block_specs(lora_paths, lora_blocks, say)))
     copies = companion_copies(lora_paths)
     settings = {Path(path): (m, spec) for path, m, spec in reversed(jobs)}  # of its first mention
     for copy, kept in copies.items():
         if settings[copy] != settings[kept]:
             raise UserError(f"{copy} is the .comfyui companion of {kept} (the same LoRA in the other naming), but given with "
                             f"another --lora_multiplier or --lora_blocks value: give one of the two files")
-        logger.warning("%s is the .comfyui companion of %s, also given (the same LoRA in the other naming): left out, so "
-                       "the LoRA is applied once", copy, kept)
+        if say:
+            logger.warning("%s is the .comfyui companion of %s, also given (the same LoRA in the other naming): left out, "
+                           "so the LoRA is applied once", copy, kept)
     left_out = {os.path.realpath(copy) for copy in copies}
     return [(path, m, block_filter(spec, exclude_single_blocks)) for path, m, spec in jobs
             if os.path.realpath(path) not in left_out]

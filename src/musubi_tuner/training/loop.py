@@ -273,9 +273,9 @@ def check_lora_files(args) -> None:
     if args.base_weights_multiplier and not args.base_weights:
         logger.warning("--base_weights_multiplier acts on the files of --base_weights, and none is given: it is ignored")
     if args.base_weights:
-        from musubi_tuner.networks.merge import resolve_multipliers
+        from musubi_tuner.networks.merge import lora_jobs
 
-        resolve_multipliers(args.base_weights, args.base_weights_multiplier, "--base_weights_multiplier", say=True)
+        lora_jobs(args.base_weights, args.base_weights_multiplier, say=True, multiplier_flag="--base_weights_multiplier")
 
 
 LORA_BYTES_PER_PARAMETER = 16  # float32 weight, gradient and AdamW's two moments
