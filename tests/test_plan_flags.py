@@ -437,3 +437,29 @@ def test_the_trainers_dry_run_checks_the_sample_prompts_and_the_input_channels_a
                                "--vae", str(i2v), "--text_encoder1", str(tmp_path), "--text_encoder2", str(tmp_path)])
     assert e.value.code == 2 and (f"{prompts}: an image-to-video DiT needs a first frame for every sample prompt (--i "
                                   "image.png); prompt 1 has none") in capsys.readouterr().err
+
+
+def test_a_generation_dry_run_plans_the_vae_and_text_encoders_it_is_given(tmp_path, caplog):
+    """fuzz_af 15: the dry run planned llava-llama-3-8b, CLIP-L and the official VAE whatever files were given (a 600 kB
+    LLM was a 14 GB stage, and drove "needed on the GPU" and the budget search). One it cannot read is said, and the
+    reference model planned in its place (a dry run may be made without the files at hand)."""
+    from musubi_tuner import hv_generate_video
+    from musubi_tuner.demo.tiny_dit import random_dit_state_dict, tiny_dit_config, write_dit
+    from musubi_tuner.demo.tiny_text_encoders import write_tiny_clip_folder, write_tiny_llm_folder
+    from musubi_tuner.demo.tiny_vae import TINY_VAE, random_vae_state_dict, write_vae
+    from musubi_tuner.planning.from_args import dry_run
+
+    dit = write_dit(tmp_path / "dit.safetensors", random_dit_state_dict(tiny_dit_config()), tiny_dit_config())
+    given = {"--vae": write_vae(tmp_path / "vae.pt", random_vae_state_dict(TINY_VAE)),
+             "--text_encoder1": write_tiny_llm_folder(tmp_path / "te1"), "--text_encoder2": write_tiny_clip_folder(tmp_path / "te2")}
+
+    def stages(models: dict) -> dict[str, int]:
+        args = hv_generate_video.build_parser().parse_args(
+            ["--dit", str(dit), *(str(a) for kv in models.items() for a in kv), "--prompt", "a cat", "--save_path", str(tmp_path / "v"),
+             "--video_size", "64", "64", "--video_length", "5", "--dry_run"])
+        return {s.name.split(" (")[0].split(" [")[0]: s.device_peak for s in dry_run(args, "generate", out=lambda text: None).stages}
+
+    tiny, reference = stages(given), stages({**given, "--vae": dit, "--text_encoder1": tmp_path / "te2", "--text_encoder2": dit})
+    assert all(tiny[name] < 50e6 for name in ("text encoder 1", "text encoder 2", "VAE decode")), tiny
+    assert reference["text encoder 1"] > 10e9 and reference["text encoder 2"] > 100e6 and reference["VAE decode"] > 100e6, reference
+    assert f"--vae: {dit}: not a VAE" in caplog.text and "the reference model is planned in its place" in caplog.text

@@ -50,15 +50,19 @@ class Prompts:
         return torch.zeros(len(prompts), max_length, dtype=torch.int64), mask
 
 
-def llm_peak(prompts: int, fp8: bool, config: LlamaConfig | None = None, crop_start: int | None = None) -> Peak:
-    """The LLM (text encoder 1) encoding `prompts` prompts; `config` defaults to llava-llama-3-8b's and `crop_start`
-    (template tokens) to the real tokenizer's."""
-    return _peak("LLM", prompts, fp8, config and config.to_json_string(), crop_start)
+def llm_peak(prompts: int, fp8: bool, config: LlamaConfig | str | None = None, crop_start: int | None = None) -> Peak:
+    """The LLM (text encoder 1) encoding `prompts` prompts; `config` (or its JSON) defaults to llava-llama-3-8b's and
+    `crop_start` (template tokens) to the real tokenizer's."""
+    return _peak("LLM", prompts, fp8, _json(config), crop_start)
 
 
-def clip_peak(prompts: int, config: CLIPTextConfig | None = None) -> Peak:
-    """CLIP-L (text encoder 2) encoding `prompts` prompts; `config` defaults to CLIP-L's."""
-    return _peak("CLIP", prompts, False, config and config.to_json_string(), None)
+def clip_peak(prompts: int, config: CLIPTextConfig | str | None = None) -> Peak:
+    """CLIP-L (text encoder 2) encoding `prompts` prompts; `config` (or its JSON) defaults to CLIP-L's."""
+    return _peak("CLIP", prompts, False, _json(config), None)
+
+
+def _json(config) -> str | None:
+    return config if config is None or isinstance(config, str) else config.to_json_string()
 
 
 @functools.lru_cache(maxsize=16)

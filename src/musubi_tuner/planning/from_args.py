@@ -41,6 +41,29 @@ def config_from_args(args) -> DiTConfig:
         raise UserError(f"--model {name}: one of {', '.join(NAMED_MODELS)} (or give --dit FILE)") from None
 
 
+def model_configs(args) -> dict:
+    """Workload's configs of the VAE and text encoders given (--vae, --text_encoder1, --text_encoder2), read from their
+    headers and config files as the commands read them; the reference models are planned for those not given (a tiny
+    LLM was planned as llava-llama-3-8b: fuzz_af 15)."""
+    from musubi_tuner.hunyuan.text_encoders import planned_config
+    from musubi_tuner.hunyuan.vae import open_vae_file
+
+    def vae_config(path):
+        vae_file, config = open_vae_file(path)
+        vae_file.close()
+        return config
+
+    found = {}
+    for flag, key, read in (("vae", "vae", vae_config), ("text_encoder1", "llm_config", lambda p: planned_config(p, 1)),
+                            ("text_encoder2", "clip_config", lambda p: planned_config(p, 2))):
+        if getattr(args, flag, None):
+            try:  # (a dry run plans without the encoders and the VAE at hand: one that cannot be read is said, not fatal)
+                found[key] = read(getattr(args, flag))
+            except UserError as e:
+                logger.warning("--%s: %s; the reference model is planned in its place", flag, e)
+    return found
+
+
 def options_from_args(args, mode: str) -> MemoryOptions:
     """MemoryOptions from a train or generate namespace; flags a command does not have take their defaults."""
 
@@ -225,7 +248,7 @@ def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frame
     size = video_size or tuple(getattr(args, "video_size", None) or (256, 256))
     length = frames or getattr(args, "video_length", None) or (129 if mode == "generate" else 1)
     work = Workload(config_from_args(args), int(size[0]), int(size[1]), int(length), batch or int(getattr(args, "batch_size", 1) or 1),
-                    text_tokens=text_tokens, mode=mode)
+                    text_tokens=text_tokens, mode=mode, **model_configs(args))
     opts = options_from_args(args, mode)
     check_heads(work.config.heads_num, opts.context_parallel)  # the commands check it too; plan.py has only this
     budget_text = getattr(args, "vram_budget", None)

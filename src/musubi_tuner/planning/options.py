@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.hunyuan.config import DiTConfig
+from musubi_tuner.hunyuan.vae import VAEConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 PRECISIONS = {"bf16": 2, "fp16": 2, "no": 4}  # --mixed_precision -> bytes per activation
@@ -25,6 +26,10 @@ class Workload:
     text_tokens: int = 256  # valid LLM tokens of the longest prompt (the DiT cuts padding away); at most 256
     text_lengths: tuple[int, ...] | None = None  # per sample, when prompts in a batch differ (masked attention)
     mode: str = "train"  # "train" | "generate"
+    # the other models' configs, read from the files given (from_args.model_configs); None: the reference models'
+    vae: VAEConfig | None = None
+    llm_config: str | None = None  # JSON of the LLM's (text encoder 1) LlamaConfig
+    clip_config: str | None = None  # JSON of CLIP-L's (text encoder 2) CLIPTextConfig
 
     def __post_init__(self):
         if self.mode not in ("train", "generate"):
@@ -41,9 +46,11 @@ class Workload:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(frames, height, width) of the latent."""
-        from musubi_tuner.hunyuan.vae import VAEConfig
+        return self.vae_config.latent_shape(self.frames, self.height, self.width)[1:]
 
-        return VAEConfig().latent_shape(self.frames, self.height, self.width)[1:]
+    @property
+    def vae_config(self) -> VAEConfig:
+        return self.vae or VAEConfig()
 
     @property
     def image_tokens(self) -> int:

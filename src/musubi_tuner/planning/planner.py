@@ -98,18 +98,20 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | 
     if include_encoders:
         prompts = 1 if train else (2 if opts.guidance_scale != 1.0 else 1)
         stages.append(Stage.from_peak("text encoder 1 (LLM)" + (" [cache_text_encoder_outputs]" if train else ""),
-                                      encoders.llm_peak(prompts, opts.fp8_llm)))
-        stages.append(Stage.from_peak("text encoder 2 (CLIP-L)", encoders.clip_peak(prompts)))
+                                      encoders.llm_peak(prompts, opts.fp8_llm, work.llm_config)))
+        stages.append(Stage.from_peak("text encoder 2 (CLIP-L)", encoders.clip_peak(prompts, work.clip_config)))
         if train:
             stages.append(Stage.from_peak(f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]", vae.vae_encode_peak(
-                work.frames, work.height, work.width, 1, opts.vae_spatial_tile_sample_min_size if opts.vae_tiling else None)))
+                work.frames, work.height, work.width, 1, opts.vae_spatial_tile_sample_min_size if opts.vae_tiling else None,
+                config=work.vae_config)))
     if train:
         stages.append(Stage.of_dit("DiT training step (forward + backward + optimizer)", work, opts))
     else:
         stages.append(Stage.of_dit("DiT denoising step", work, opts))
         if include_encoders:
             stages.append(Stage.from_peak(f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px, {opts.vae_dtype})", vae.vae_decode_peak(
-                work.frames, work.height, work.width, opts.vae_spatial_tile_sample_min_size, opts.vae_bytes, opts.vae_chunk_size)))
+                work.frames, work.height, work.width, opts.vae_spatial_tile_sample_min_size, opts.vae_bytes, opts.vae_chunk_size,
+                work.vae_config)))
     flops, note = step_flops(work, opts)
     time = step_time(work, opts, device, utilisation)
     return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, utilisation=utilisation,
@@ -320,15 +322,15 @@ def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GP
 def _fit_encoders(work: Workload, base: MemoryOptions, budget: float) -> MemoryOptions:
     opts = base
     prompts = 2 if work.mode == "generate" and base.guidance_scale != 1.0 else 1
-    if Stage.from_peak("", encoders.llm_peak(prompts, False)).needed > budget:
+    if Stage.from_peak("", encoders.llm_peak(prompts, False, work.llm_config)).needed > budget:
         opts = opts.replace(fp8_llm=True)
     given = base.vae_spatial_tile_sample_min_size  # (the user's tile size, or 256: the search started at 256 whatever was
     last = None                                      # given, fuzz_af 12)
     for tile in (given, *(t for t in (192, 160, 128, 96, 64) if t < given)):
         if work.mode == "generate":
-            peak = vae.vae_decode_peak(work.frames, work.height, work.width, tile, base.vae_bytes, base.vae_chunk_size)
+            peak = vae.vae_decode_peak(work.frames, work.height, work.width, tile, base.vae_bytes, base.vae_chunk_size, work.vae_config)
         else:
-            peak = vae.vae_encode_peak(work.frames, work.height, work.width, 1, tile)
+            peak = vae.vae_encode_peak(work.frames, work.height, work.width, 1, tile, config=work.vae_config)
         needed = Stage.from_peak("", peak).needed
         if last is not None and needed > 0.98 * last:  # smaller tiles no longer help (the whole video's buffers hold
             break                                      # the peak): a search at 8192x8192x1025 traced every tile size for
