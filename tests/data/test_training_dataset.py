@@ -159,6 +159,21 @@ def test_float8_text_outputs_load_and_keep_their_dtype(tmp_path):
     assert dataset[dataset.epoch_plan(1)[0]]["llm"].dtype == torch.float8_e4m3fn
 
 
+def test_float64_caches_load_as_float32_and_fp8_beside_fp16_in_a_batch_stacks(tmp_path):
+    """fuzz_ar 2: float64 text states met the bf16 DiT with a traceback at the first step; an fp8 cache batched with
+    fp16 ones could not be stacked (in the loader's worker). musubi-tuner reads caches of any float dtype."""
+    write_item(tmp_path / "cache_i", "a", llm_dtype=torch.float64)
+    write_item(tmp_path / "cache_i", "b", llm_dtype=torch.float8_e4m3fn)
+    write_item(tmp_path / "cache_i", "c")
+    dataset = TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    (plan,) = dataset.epoch_plan(1)  # the three in one batch (batch_size 3)
+    batch = dataset[plan]
+    assert batch["llm"].dtype == torch.float32 and batch["llm"].shape == (3, 256, 8)
+    write_item(tmp_path / "cache_i", "b", llm_dtype=torch.float64)
+    write_item(tmp_path / "cache_i", "c", llm_dtype=torch.float64)
+    assert dataset[plan]["llm"].dtype == torch.float32
+
+
 def test_no_cached_items_tells_the_user_to_run_the_caching_commands(tmp_path):
     with pytest.raises(UserError) as info:
         TrainingDataset.from_config(dataset_config(tmp_path), seed=0)

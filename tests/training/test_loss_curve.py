@@ -37,3 +37,24 @@ def test_the_moving_average_is_each_points_mean_of_its_window():
         got = _smooth(points, window)
         assert [s for s, _ in got] == [s for s, _ in want]
         assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) < 1e-12
+
+
+def test_a_damaged_csv_keeps_the_points_it_can_read_and_says_how_many_it_left_out(tmp_path, caplog):
+    """fuzz_ar 1: a CSV cut by a crash, with other bytes, or with a second header stopped every run into the folder with a
+    traceback, after the DiT had loaded; the studio's run page too."""
+    import logging
+
+    path = tmp_path / "run-loss.csv"
+    path.write_bytes(b"kind,step,loss\ntrain,1,0.5\nkind,step,loss\ntrain,2,\xff\xfe\nvalidation,2,0.75\ntrain,3")
+    with caplog.at_level(logging.WARNING):
+        history = LossHistory(path)
+    assert (history.train, history.validation) == ([(1, 0.5)], [(2, 0.75)])
+    assert f"{path}: 3 line(s) that are not a loss point" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert LossHistory(path, say=False).train == [(1, 0.5)] and not caplog.text
+    path.unlink()
+    path.mkdir()  # a folder at its name
+    with caplog.at_level(logging.WARNING):
+        assert LossHistory(path).train == []
+    assert "not read" in caplog.text

@@ -35,7 +35,7 @@ import torch
 from musubi_tuner.data import cache_files
 from musubi_tuner.data.buckets import BucketSelector
 from musubi_tuner.data.config import AnyDatasetConfig, DatasetGroupConfig
-from musubi_tuner.dtypes import dtype_short_name
+from musubi_tuner.dtypes import FP8_DTYPES, dtype_short_name
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import read_safetensors_header
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V
@@ -538,13 +538,17 @@ def load_batch(plan: BatchPlan) -> dict[str, torch.Tensor | list[float] | None]:
             raise UserError(f"{item.latent_path}: its caches hold {sorted(tensors)}, others in its batch "
                             f"{sorted(columns)}; re-run the caching commands")
         for key, t in tensors.items():
-            columns.setdefault(key, []).append(t)
+            # float64 caches (the scan takes any float dtype) in float32: float64 text states met the bf16 DiT with a
+            # traceback at the first step (fuzz_ar 2)
+            columns.setdefault(key, []).append(t.float() if t.dtype == torch.float64 else t)
     batch: dict[str, torch.Tensor | list[float] | None] = {}
     for key, tensors in columns.items():
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise UserError(f"{plan.items[0].latent_path} and others in its batch: {key} shapes differ {sorted(shapes)}; "
                             f"re-run the caching commands")
+        if len({t.dtype for t in tensors}) > 1:  # fp8 beside fp16 cannot be stacked (torch promotes no float8 type)
+            tensors = [t.float() if t.dtype in FP8_DTYPES else t for t in tensors]
         batch[key] = torch.stack(tensors)
     batch["timesteps"] = list(plan.timesteps) if plan.timesteps is not None else None
     batch["item_names"] = [item.latent_path.name for item in plan.items]

@@ -24,17 +24,35 @@ LIVE_SECONDS = 2.0
 class LossHistory:
     """(step, loss) pairs, and optionally (step, validation loss); continues a file written by an earlier run."""
 
-    def __init__(self, csv_path: Path):
+    def __init__(self, csv_path: Path, say: bool = True):
+        """The file's points, if it is there. It is a side output: lines that cannot be read (a file cut by a crash,
+        other bytes, a second header) are left out, with a warning when `say` (a traceback stopped every run into the
+        folder after the DiT had loaded: fuzz_ar 1); the studio, which reads it every second, says nothing."""
         self.csv_path = Path(csv_path)
         self.train: list[tuple[int, float]] = []
         self.validation: list[tuple[int, float]] = []
         self._written_at = time.monotonic()
         self._said = False
-        if self.csv_path.is_file():
-            with open(self.csv_path, newline="") as f:
+        bad = 0
+        try:
+            with open(self.csv_path, newline="", encoding="utf-8", errors="replace") as f:
                 for row in csv.DictReader(f):
-                    target = self.validation if row.get("kind") == "validation" else self.train
-                    target.append((int(row["step"]), float(row["loss"])))
+                    try:
+                        point = (int(row["step"]), float(row["loss"]))
+                    except (TypeError, ValueError, KeyError):
+                        bad += 1
+                        continue
+                    (self.validation if row.get("kind") == "validation" else self.train).append(point)
+        except FileNotFoundError:
+            return
+        except (OSError, csv.Error) as e:
+            if say:
+                logger.warning("%s: not read (%s): the loss curve starts again from this run's steps", self.csv_path,
+                               getattr(e, "strerror", None) or e)
+            return
+        if bad and say:
+            logger.warning("%s: %d line(s) that are not a loss point (a file cut or changed by something else) left out of "
+                           "the loss curve", self.csv_path, bad)
 
     def add(self, step: int, loss: float, kind: str = "train") -> None:
         if kind == "validation":  # one point per step: a resumed run re-evaluates the step it resumed at

@@ -37,7 +37,7 @@ class RunViews:
         from musubi_tuner.training.sampling import grid_names
 
         folder, name = Path(job.outputs["output_dir"]), job.outputs["output_name"]
-        history = LossHistory(folder / f"{name}-loss.csv")
+        history = LossHistory(folder / f"{name}-loss.csv", say=False)
         own = grid_names(name)
         grids = sorted((p for p in (folder / "sample").glob("*_grid.png") if own.fullmatch(p.name)), key=lambda p: p.stat().st_mtime)
         return {"curve": {"train": history.train, "validation": history.validation},
