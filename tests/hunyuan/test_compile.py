@@ -245,9 +245,8 @@ def test_inductor_compiled_forward_equals_eager():
 
 
 def test_a_diverged_run_hears_of_the_compile_problem_a_gpu_check_found():
-    from types import SimpleNamespace
-
     from musubi_tuner.hunyuan.compile import known_gradient_problem
+    from musubi_tuner.training.checkpointing import CheckpointSaver
     from musubi_tuner.training.loop import divergence
 
     inductor = CompileOptions()
@@ -255,6 +254,7 @@ def test_a_diverged_run_hears_of_the_compile_problem_a_gpu_check_found():
     assert note and "without --compile" in note
     # where nothing went wrong: the CPU, no --compile, another backend
     assert {known_gradient_problem(inductor, "cpu"), known_gradient_problem(None, "cuda"), known_gradient_problem(AOT, "cuda")} == {None}
-    saver = SimpleNamespace(last_saved=None, last_state=None)  # nothing saved yet
-    message = str(divergence("the gradient norm is nan", 3, 1, ["a.mp4"], saver, None, note))
+    saver = CheckpointSaver.__new__(CheckpointSaver)  # nothing saved yet, not resumed
+    saver.last_saved = saver.last_state = saver.resumed_from = None
+    message = str(divergence("the gradient norm is nan", 3, 1, ["a.mp4"], saver, note))
     assert f"{note}; else lower --learning_rate" in message and message.startswith("the gradient norm is nan at step 3")

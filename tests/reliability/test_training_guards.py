@@ -50,7 +50,9 @@ def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(a
     assert result.code == 2
     assert line == (f"error: loss is nan at step 2 (epoch 1, items {second}); stopped without saving. Last good checkpoint: "
                     f"{last_good} (saved at the step before, so its weights gave this loss; an earlier save is safer unless the "
-                    f"items are at fault). Lower --learning_rate, check the caches of those items, or use bf16 instead of fp16.")
+                    f"items are at fault). Lower --learning_rate (from that checkpoint, in a new run with --network_weights "
+                    f"{last_good}: --resume continues at its state's rate), check the caches of those items, or use bf16 "
+                    f"instead of fp16.")
     assert files.StateDictFile(last_good).load_all()
     assert not (out / "tiny-step00000002.safetensors").exists() and not leftovers(out)
 
@@ -101,6 +103,10 @@ def test_a_diverging_run_names_a_finite_checkpoint_saved_before_the_bad_update_a
                                                          "--learning_rate", "1e6", "--max_grad_norm", "0",
                                                          "--max_train_steps", str(step + 1)), tmp_path)
     assert f"resumed from {state} at step {step}" in resumed.err, resumed.err[-3000:]
+    # the same rate (a --resume keeps its state's) diverges again: the checkpoint it resumed from is named, with the way
+    # to a lower rate (fuzz_ar 10: "Last good checkpoint: none yet", and "Lower --learning_rate", which --resume ignores)
+    assert resumed.code == 2 and f"Last good checkpoint: {lora} (state {state}, which this run resumed from)" in resumed.err
+    assert f"in a new run with --network_weights {lora}: --resume continues at its state's rate" in resumed.err
 
 
 @pytest.mark.parametrize("flags, refusal", [
@@ -188,7 +194,7 @@ def test_pruning_keeps_the_last_n_and_removes_what_a_killed_run_left_behind(tmp_
 
     saver = CheckpointSaver.__new__(CheckpointSaver)  # only the pruning: no network, no accelerator
     saver.out, saver.name, saver.accelerator, saver.hub = tmp_path, "x", SimpleNamespace(is_main_process=True), None
-    saver.resumed = resumed
+    saver.resumed_from = tmp_path / "x-step00000008-state" if resumed else None
     saver.args = SimpleNamespace(save_every_n_steps=2, save_last_n_steps=4, save_last_n_steps_state=None, save_state=True,
                                  save_every_n_epochs=1, save_last_n_epochs=2, save_last_n_epochs_state=None)
     for stem in [f"x-step{s:08d}" for s in (2, 4, 6, 8, 10)] + [f"x-{e:06d}" for e in (1, 2, 3, 4)] + ["xy-step00000002"]:

@@ -129,7 +129,7 @@ class CheckpointSaver:
         self.args, self.accelerator, self.network = args, accelerator, network
         self.optimizer, self.scheduler = optimizer, scheduler
         self.run = run  # recorded in every state, checked on resume (state.check_resumable)
-        self.resumed = False  # this run continues a saved state (_remove_up_to)
+        self.resumed_from: Path | None = None  # the state this run continues (_remove_up_to, last_good)
         self.hub = hub if accelerator.is_main_process else None  # training.hub.HubUploader: --huggingface_repo_id
         self.out = Path(args.output_dir)
         self.name = args.output_name
@@ -214,10 +214,29 @@ class CheckpointSaver:
 
     @property
     def last_good(self) -> str:
-        """The newest checkpoint this run saved, with its state, in words (for a run stopped by a bad update)."""
-        if self.last_saved is None:
-            return "none yet"
-        return f"{self.last_saved}" + (f" (state {self.last_state})" if self.last_state else "")
+        """The newest checkpoint this run saved, with its state, or else the one it resumed from, in words (for a run
+        stopped by a bad update; a resumed run said "none yet" with its checkpoint on disk: fuzz_ar 10)."""
+        if self.last_saved is not None:
+            return f"{self.last_saved}" + (f" (state {self.last_state})" if self.last_state else "")
+        if self.resumed_from is not None:
+            lora = self._resumed_lora()
+            return f"{lora} (state {self.resumed_from}, which this run resumed from)" if lora else \
+                f"the state this run resumed from, {self.resumed_from}"
+        return "none yet"
+
+    @property
+    def lower_rate(self) -> str:
+        """How to lower the learning rate from the last good checkpoint: --resume continues at the state's own rate (it
+        said so, and diverged again at the same step: fuzz_ar 10); a new run from its LoRA takes the new one."""
+        lora = self.last_saved or self._resumed_lora()
+        return "Lower --learning_rate" + (f" (from that checkpoint, in a new run with --network_weights {lora}: --resume "
+                                          "continues at its state's rate)" if lora else "")
+
+    def _resumed_lora(self) -> Path | None:
+        if self.resumed_from is None:
+            return None
+        lora = self.resumed_from.with_name(self.resumed_from.name.removesuffix("-state") + ".safetensors")
+        return lora if lora.is_file() else None
 
     # -- writing
     def _before_save(self, step: int, path: Path) -> dict[str, str]:
@@ -248,11 +267,11 @@ class CheckpointSaver:
         bad = first_non_finite(self.network)
         if bad is not None:  # never a NaN LoRA on disk, and never one named as the last good checkpoint
             raise UserError(f"{path}: not saved: {bad} holds NaN/inf values at step {progress.global_step}. Last good "
-                            f"checkpoint: {self.last_good}. Lower --learning_rate or use bf16 instead of fp16.")
+                            f"checkpoint: {self.last_good}. {self.lower_rate} or use bf16 instead of fp16.")
         too_large = diverged_update(self.network)
         if too_large is not None:  # nor one that every reader refuses (lora_reader.DIVERGED_UPDATE)
             raise UserError(f"{path}: not saved at step {progress.global_step}: {too_large}. Last good checkpoint: "
-                            f"{self.last_good}. Lower --learning_rate.")
+                            f"{self.last_good}. {self.lower_rate}.")
         schedule_free = hasattr(self.optimizer, "eval") and type(self.optimizer).__name__.endswith("ScheduleFree")
         if schedule_free:
             self.optimizer.eval()  # schedule-free: save the averaged weights
@@ -262,7 +281,7 @@ class CheckpointSaver:
             largest = float(self.network.state_dict()[overflow].abs().max())
             raise UserError(f"{path}: not saved: {overflow} does not fit --save_precision {self.args.save_precision} at step "
                             f"{progress.global_step} (its largest value is {largest:.3g}). Last good checkpoint: "
-                            f"{self.last_good}. Lower --learning_rate, or save in bf16 or float.")
+                            f"{self.last_good}. {self.lower_rate}, or save in bf16 or float.")
         extra = self._before_save(progress.global_step, path)
         if acc.is_main_process:
             if weights is not None:
@@ -381,7 +400,7 @@ class CheckpointSaver:
         saved = re.compile(rf"{re.escape(self.name)}-{number}(\.comfyui)?{re.escape(suffix)}")  # a companion alone counts too
         for path in sorted(self.out.glob(f"{glob.escape(self.name)}-*{suffix}")):
             match = saved.fullmatch(path.name)
-            if match and (int(match.group(1)) <= last if self.resumed else int(match.group(1)) == last):
+            if match and (int(match.group(1)) <= last if self.resumed_from is not None else int(match.group(1)) == last):
                 self._remove(path)
 
     def _remove(self, path: Path) -> None:

@@ -133,26 +133,19 @@ def culprit_items(items: list[str], local_loss: torch.Tensor | None, processes: 
     return [f"process {rank}: {name}" for rank, names in culprits for name in names]
 
 
-def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, resumed_from: Path | None,
-               known_cause: str | None = None) -> NonFiniteLoss:
+def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, known_cause: str | None = None) -> NonFiniteLoss:
     """The error that stops a diverged run, naming the newest checkpoint saved before the bad update.
 
     Weights are checked after every update and before every save, so every checkpoint is finite and was saved
     before the update that went wrong; the state the run resumed from counts when nothing was saved since. A loss
     that is not finite at the step right after a save was computed with that save's weights: said, since the
     cause may then be those weights rather than the items."""
-    if saver.last_saved is not None:
-        good = saver.last_good
-        if what.startswith("loss") and saver.last_step == step - 1:
-            good += " (saved at the step before, so its weights gave this loss; an earlier save is safer unless the items are at fault)"
-    elif resumed_from is not None:
-        good = f"the state this run resumed from, {resumed_from}"
-    else:
-        good = "none yet"
-    advice = f"{known_cause}; else lower" if known_cause else "Lower"
+    good = saver.last_good
+    if saver.last_saved is not None and what.startswith("loss") and saver.last_step == step - 1:
+        good += " (saved at the step before, so its weights gave this loss; an earlier save is safer unless the items are at fault)"
+    advice = f"{known_cause}; else lower --learning_rate" if known_cause else saver.lower_rate
     return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}); stopped without saving. "
-                         f"Last good checkpoint: {good}. {advice} --learning_rate, check the caches of those items, "
-                         f"or use bf16 instead of fp16.")
+                         f"Last good checkpoint: {good}. {advice}, check the caches of those items, or use bf16 instead of fp16.")
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -963,7 +956,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     saver = CheckpointSaver(args, accelerator, network, dit.config, data, dataset_config, optimizer_name=optimizer_name,
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
                             scheduler=scheduler, optimizer=optimizer, run=run, hub=hub)
-    saver.resumed = resume_from is not None
+    saver.resumed_from = Path(resume_from) if resume_from is not None else None
     if not args.resume and is_main:
         saver.warn_of_an_earlier_run()
     if args.logging_dir or args.log_with:
@@ -994,7 +987,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
 
     def diverged(what: str, local_loss: torch.Tensor | None = None) -> NonFiniteLoss:
         items = culprit_items(batch["item_names"], local_loss, accelerator.num_processes)
-        return divergence(what, progress.global_step + 1, epoch + 1, items, saver, resume_from,
+        return divergence(what, progress.global_step + 1, epoch + 1, items, saver,
                           known_cause or far_settings(args) or grown_lora(network, args.learning_rate, progress.global_step + 1))
 
     if is_schedule_free(optimizer):
