@@ -430,3 +430,18 @@ def test_a_tensor_got_from_a_mapped_file_is_its_own_so_a_rewrite_of_the_file_can
         f.seek(path.stat().st_size // 2)
         f.write(b"\x7f" * 4096)
     assert not t.any()
+
+
+def test_a_folder_replaced_by_a_file_during_a_write_is_the_writes_one_line_error_not_the_clean_ups(tmp_path):
+    """fuzz_aq 8: the clean-up's own failure (the temporary file could not be removed from a folder now read-only or
+    replaced) was raised instead of the write's error, so every caller's handling of a failed write (the final LoRA's
+    rescue, a sample grid's warning) was skipped."""
+    from musubi_tuner.files import atomic_write
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        with atomic_write(out / "x.safetensors") as tmp:
+            tmp.write_bytes(b"finished")
+            out.rename(tmp_path / "moved")
+            out.write_text("a file where the folder was")
+    assert str(e.value) == f"{out / 'x.safetensors'}: cannot write: {out} is a file, not a folder"

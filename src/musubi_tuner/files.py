@@ -91,11 +91,17 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, mode)  # mkstemp makes 0600 files; give the permissions a normal write would, once written
         os.replace(tmp_path, path)
     except BaseException as e:
+        left = None
         if tmp_path is not None:
             with stops_held():
-                tmp_path.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise write_error(path, e) from e
+                try:
+                    tmp_path.unlink(missing_ok=True)
+                except OSError:  # the folder refuses it too (made read-only, replaced by a file): its error was raised
+                    left = tmp_path if os.path.lexists(tmp_path) else None  # instead of the write's, which every
+                    # caller's handling of a failed write then missed
+        if isinstance(e, OSError):  # (the final LoRA was not rescued, a failed sample grid stopped the run: fuzz_aq 8)
+            error = write_error(path, e)
+            raise (UserError(f"{error}; its temporary file {left} could not be removed either") if left else error) from e
         raise
     finally:
         if fd is not None:
