@@ -462,7 +462,9 @@ def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mappi
     out = Path(output)
     require_writable_folder(out.parent, output_flag)
     require_names_fit(out.parent, output_flag, out.name, [temporary_name(out.name)])
-    output_target(out)  # (a link to a device or a FIFO, a link loop: said now, not after the work)
+    target = output_target(out)  # (a link to a device or a FIFO, a link loop: said now, not after the work)
+    if target.is_dir():  # (found at the final rename, after a merge's minutes and a full-size temporary file: fuzz_aq 1)
+        raise UserError(f"{output_flag} {output}: cannot write: a folder has this name; move it away")
     _refuse_a_running_training_s_name(out, output_flag)
     if not out.exists():
         return

@@ -120,3 +120,19 @@ def test_beta2_with_two_checkpoints_is_said_to_be_ignored(two_checkpoints, tmp_p
                                                               "--output_file", tmp_path / "ema.safetensors"], capsys)
     assert status == 0 and "beta per merge: 0.5000" in stdout
     assert "--beta2 0.9 is ignored: two checkpoints make one merge, at --beta 0.5" in caplog.text
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(lora, tmp_path, capsys):
+    """fuzz_aq 1: merge_lora, convert_lora and post-hoc EMA found a folder at the output's name at the final rename, after
+    the whole work (a 13B merge: minutes, and a full-size temporary file)."""
+    _, dit, weights = lora
+    src = tmp_path / "a.safetensors"
+    save_file(weights, str(src))
+    (tmp_path / "out.safetensors").mkdir()
+    out = tmp_path / "out.safetensors"
+    for main, argv, flag in ((merge_lora.main, ["--dit", dit, "--lora_weight", src, "--save_merged_model", out], "--save_merged_model"),
+                             (convert_lora.main, ["--input", src, "--output", out, "--target", "other"], "--output"),
+                             (lora_post_hoc_ema.main, [src, src, "--output_file", out], "--output_file")):
+        status, _, err = run_main(main, argv, capsys)
+        assert (status, err.strip()) == (2, f"error: {flag} {out}: cannot write: a folder has this name; move it away"), err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "out.safetensors"]  # (no temporary file)
