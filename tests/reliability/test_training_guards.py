@@ -276,6 +276,25 @@ def test_a_disk_with_room_for_the_loras_tensors_but_not_its_header_is_refused_at
     assert not list(elsewhere.iterdir())  # refused before training, not rescued after it
 
 
+def test_a_periodic_save_on_the_last_step_that_finds_no_room_is_rescued_too(assets, tmp_path):
+    """fuzz_aq 6: only the final save was rescued; a --save_every_n_steps save on the run's last step (the usual case)
+    that met a full disk stopped the run there, and the finished run's training was lost."""
+    size, _ = _lora_sizes(assets, tmp_path)
+    disk = 4096 + -(-(size + 48 * 1024) // 4096) * 4096  # room for the save at step 2; none for the one at step 4
+    out, elsewhere = tmp_path / "out", tmp_path / "tmp"
+    elsewhere.mkdir()
+    result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi", "--max_train_steps", "4",
+                                                        "--save_every_n_steps", "2"), tmp_path,
+                         small_disk=(out, disk), env={"TMPDIR": str(elsewhere)})
+    no_traceback(result)
+    (line,) = result.error_lines
+    rescued = elsewhere / "tiny-rescued-step00000004.safetensors"
+    assert result.code == 2 and re.fullmatch(rf"error: \S+/out/tiny-step00000004\.safetensors: cannot write .*No space left on "
+                                             rf"device.*\. The trained LoRA is saved as {re.escape(str(rescued))} instead: move "
+                                             rf"it where it belongs", line), line
+    assert files.read_safetensors_header(rescued)[1]["ss_steps"] == "4"
+
+
 def test_a_final_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_and_named(assets, tmp_path):
     """A full disk at the final save lost the run's training (all of it, without --save_state): the LoRA was in memory
     only. It is written to the temporary folder instead, and the error names it."""

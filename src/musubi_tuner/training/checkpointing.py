@@ -301,10 +301,8 @@ class CheckpointSaver:
                                 self.hub.wait_for(out.path)  # an upload of an older file of this name still reading it
                             staged = pair.enter_context(atomic_write(out.path))
                             save_safetensors(out.tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
-                except UserError as e:
-                    if not last:
-                        raise
-                    kohya = outputs[0]  # (alone: its companion is not beside it)
+                except UserError as e:  # every save's LoRA is rescued, not only the final one: a periodic save on the
+                    kohya = outputs[0]  # last step failed, and the finished run's training was lost (fuzz_aq 6)  # (alone: its companion is not beside it)
                     meta = finish_metadata({**self.metadata, **extra}, kohya.tensors, steps=progress.global_step, epoch=epoch,
                                            spec=self.spec, naming=kohya.naming, companion=None)
                     raise self._rescued(kohya.tensors, meta, progress, e) from None
@@ -331,8 +329,8 @@ class CheckpointSaver:
         return path
 
     def _rescued(self, tensors: dict, meta: dict, progress: TrainProgress, error: UserError) -> UserError:
-        """The final LoRA could not be written where it belongs (a full disk, a quota): the run's training is then in
-        memory only, and without a state it was lost. It is written to the temporary folder instead, else to the home
+        """A LoRA could not be written where it belongs (a full disk, a quota): the run's training is then in memory
+        only, and without a state it was lost. It is written to the temporary folder instead, else to the home
         folder, and the error says where (`error` alone when neither takes it)."""
         import tempfile
 
