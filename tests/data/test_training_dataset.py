@@ -333,3 +333,37 @@ def test_when_every_cache_is_unusable_training_stops_before_any_model_loads(tmp_
     with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="no cached training items in"):
         TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
     assert "a_hv_te.safetensors: llm_int32 is int32, not a floating-point tensor" in caplog.text
+
+
+def test_a_cache_folder_that_cannot_be_listed_is_an_error_naming_it_not_a_dataset_without_caches():
+    """fuzz_aq 3: Path.glob took a cache_directory the user may not list for an empty one: the dataset was left out with
+    "no latent cache ... run cache_latents.py again", and the run trained without it (exit 0)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from helpers import write_cached_dataset
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run as another user (root lists any folder)")
+    folder = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))  # (pytest's folders are root's alone: not passable)
+    try:
+        toml = write_cached_dataset(folder / "data", items=2)
+        for path in [folder, *folder.rglob("*")]:
+            os.chown(path, 54321, 54321)
+        os.chmod(folder / "data" / "cache", 0o000)
+        code = ("from musubi_tuner.data.config import load_dataset_config\n"
+                "from musubi_tuner.data.training_dataset import TrainingDataset\n"
+                "from musubi_tuner.errors import UserError\n"
+                f"try:\n    TrainingDataset.from_config(load_dataset_config({str(toml)!r}, check_sources=False), seed=0)\n"
+                "except UserError as e:\n    print(e)\n")
+        root = Path(__file__).resolve().parents[2]
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(root / "src")}, user=54321,
+                              group=54321, extra_groups=[], capture_output=True, text=True, timeout=120, cwd=folder)
+        assert done.stdout.strip() == (f"{folder / 'data' / 'cache'}: cannot list this cache folder (Permission denied) "
+                                       f"({toml}: [[datasets]][0].cache_directory)"), done.stdout + done.stderr[-2000:]
+    finally:
+        shutil.rmtree(folder)

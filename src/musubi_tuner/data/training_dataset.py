@@ -37,7 +37,7 @@ from musubi_tuner.data.buckets import BucketSelector
 from musubi_tuner.data.config import AnyDatasetConfig, DatasetGroupConfig
 from musubi_tuner.dtypes import FP8_DTYPES, dtype_short_name
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import read_safetensors_header
+from musubi_tuner.files import list_folder, read_safetensors_header
 from musubi_tuner.hunyuan.config import HUNYUAN_T2V
 
 logger = logging.getLogger(__name__)
@@ -99,9 +99,17 @@ def held_out_keys(item_keys: Sequence[str], fraction: float) -> set[str]:
 
 def _latent_cache_names(dataset: AnyDatasetConfig) -> dict:
     """The dataset's latent cache files, in name order, each with its parsed name (None: not one of ours)."""
-    cache_dir = dataset.cache_directory
-    latent_files = sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []
-    return {p: cache_files.parse_latent_cache_name(p.name, video=dataset.is_video) for p in latent_files}
+    return {p: cache_files.parse_latent_cache_name(p.name, video=dataset.is_video) for p in _latent_files(dataset)}
+
+
+def _latent_files(dataset: AnyDatasetConfig) -> list[Path]:
+    """The latent cache files in the dataset's cache_directory, in name order; none when it is not there. A folder that
+    cannot be listed is an error naming it: Path.glob took it for an empty one, and training left the dataset out with
+    "no latent cache, run cache_latents.py again" (fuzz_aq 3)."""
+    if not dataset.cache_directory.is_dir():
+        return []
+    found = list_folder(dataset.cache_directory, "cache folder", f"{dataset.where}.cache_directory")
+    return [p for p in found if p.name.endswith(cache_files.LATENT_SUFFIX)]
 
 
 def too_few_to_split(config: DatasetGroupConfig) -> list[str]:
@@ -200,7 +208,7 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
         return None
     cache_dir = dataset.cache_directory
     latents: dict[str, list[Path]] = {}
-    for path in sorted(cache_dir.glob(f"*{cache_files.LATENT_SUFFIX}")) if cache_dir.is_dir() else []:
+    for path in _latent_files(dataset):
         name = cache_files.parse_latent_cache_name(path.name, video=dataset.is_video)
         if name is not None:
             latents.setdefault(name.item_key, []).append(path)
