@@ -65,6 +65,7 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
 
     from musubi_tuner.data import cache_files
     from musubi_tuner.data.items import chunks, iter_latent_batches, stack_pixels, stale_latent_caches, tidy_cache_directory
+    from musubi_tuner.hunyuan.vae import LATENT_FAR
     from musubi_tuner.progress import progress_bar
 
     workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
@@ -78,6 +79,12 @@ def encode_dataset(dataset, items, report, vae, args, device, generator):
         for part in chunks(batch.items, args.batch_size):
             with torch.no_grad():
                 latents = vae.encode(stack_pixels(part, device, vae.dtype)).sample(generator).to("cpu", vae.dtype)
+            # (a few NaN are stored as 0, as musubi-tuner stores them; infinities are refused as the cache is written)
+            largest = float(torch.nan_to_num(latents.float(), nan=0.0, posinf=0.0, neginf=0.0).abs().max()) if latents.numel() else 0.0
+            if largest > LATENT_FAR:  # every cache would be refused by training, which said to cache again
+                raise UserError(f"--vae {args.vae}: the latents of {part[0].source.path} reach {largest:.3g}, where a VAE's "  # (fuzz_ar 9)
+                                "stay within a few units: the VAE file is damaged (or float16 overflowed: --vae_dtype "
+                                "float32); nothing more is cached")
             for item, latent in zip(part, latents):
                 cache_files.save_latent_cache(item.cache_path, latent, size=item.size, frame_count=item.frame_count,
                                               provenance={**item.provenance, **record})

@@ -686,3 +686,16 @@ def test_the_latent_bar_counts_the_source_files_so_a_watcher_has_a_total_and_a_t
     bars = [r for r in map(json.loads, watched.read_text().splitlines()) if r["desc"].endswith(" latents")]
     assert {r["total"] for r in bars} == {5} and {r["unit"] for r in bars} == {"file"}
     assert (bars[-1]["n"], bars[-1]["closed"]) == (5, True) and any(r["remaining"] is not None for r in bars)
+
+
+def test_a_vae_that_encodes_latents_no_vae_gives_is_named_and_nothing_is_cached(tmp_path, capsys):
+    """fuzz_ar 9: a VAE of huge finite weights wrote every cache at 7e29 (exit 0, with --vae_dtype float32, as the fp16
+    refusal advised); training then called each cache damaged and said to cache again: a loop, the VAE never named."""
+    toml, cache = clips(tmp_path, 2)
+    state = random_vae_state_dict(TINY_VAE)
+    far = write_vae(tmp_path / "far_vae.pt", {**state, "encoder.conv_out.conv.bias": state["encoder.conv_out.conv.bias"] + 1e30})
+    with pytest.raises(SystemExit):
+        cache_latents_main(["--dataset_config", str(toml), "--vae", str(far), "--vae_dtype", "float32"])
+    err = capsys.readouterr().err
+    assert f"error: --vae {far}: the latents of {tmp_path / 'videos'}" in err and "the VAE file is damaged" in err, err
+    assert not list(cache.glob("*_hv.safetensors"))

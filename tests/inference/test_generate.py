@@ -239,6 +239,33 @@ def test_what_a_list_of_loras_warns_about_is_said_once_with_or_without_save_merg
         assert caplog.text.count(f"{lora} is given twice among the LoRA files") == 1, (extra, caplog.text)
 
 
+def test_damaged_files_of_finite_weights_write_no_video_of_nothing(models, tmp_path, capsys, caplog):
+    """fuzz_ar 8: only NaN/inf was checked. A DiT whose last layer was x1e20 sampled a latent of 1e20 that was decoded and
+    written (exit 0), though --latent_path refuses that latent; a VAE decoder x1e30 clipped every pixel to 0 or 255; a
+    zeroed decoder wrote one flat grey."""
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file
+
+    config = tiny_dit_config()
+    state = {k: open_dit_file(models["dit"]).get(k) for k in random_dit_state_dict(config)}
+    far_dit = write_dit(tmp_path / "far.safetensors", {**state, "final_layer.linear.weight": state["final_layer.linear.weight"] * 1e20,
+                                                         "final_layer.linear.bias": state["final_layer.linear.bias"] + 1e20}, config)
+    vae = sharp_vae_state_dict()
+    far_vae = write_vae(tmp_path / "far_vae.pt", {**vae, "decoder.conv_out.conv.weight": vae["decoder.conv_out.conv.weight"] * 1e30})
+    flat_vae = write_vae(tmp_path / "flat_vae.pt", {k: torch.zeros_like(v) if k.startswith("decoder.conv_out") else v for k, v in vae.items()})
+    flags = [*base_flags(models), "--output_type", "both"]
+    with pytest.raises(SystemExit):
+        main([*flags, "--dit", str(far_dit), "--save_path", str(tmp_path / "a")])
+    assert f"error: the sampled latent of {far_dit} reaches " in capsys.readouterr().err and not list((tmp_path / "a").glob("*"))
+    with pytest.raises(SystemExit):
+        main([*flags, "--vae", str(far_vae), "--save_path", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert "from 0 on average, where they lie within [-1, 1], from a latent within a few units: the VAE file (--vae) is damaged" in err
+    assert not list((tmp_path / "b").glob("*.mp4"))
+    with caplog.at_level(logging.WARNING):
+        main([*flags, "--vae", str(flat_vae), "--save_path", str(tmp_path / "c")])
+    assert "every pixel decoded is the same colour (128): a damaged VAE file (--vae)" in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------- V2V and I2V
 
 

@@ -112,10 +112,24 @@ def decode_to_uint8(vae, latent: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         pixels = vae.decode((latent[None] / SCALING_FACTOR).to(vae.device, vae.dtype))[0]
         total = pixels.sum(dtype=torch.float32)  # NaN/inf anywhere make the sum so: one number, not a mask of the video
-    if total.device.type != "meta" and not torch.isfinite(total):  # (the planner runs this on meta tensors)
+    real = total.device.type != "meta"  # (the planner runs this on meta tensors)
+    if real and not torch.isfinite(total):
         raise NonFinitePixels("the VAE decoded NaN/inf pixels from a finite latent: the VAE file (--vae) is damaged, or "
                               "float16 overflowed (--vae_dtype float32); no video was written")
-    return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    # pixels lie in [-1, 1], a few just past it: a bulk far outside is a damaged decoder's, every pixel clipped to 0 or 255
+    # (a VAE of weights x1e30 wrote such videos, exit 0: fuzz_ar 8); |x| summed without a copy of the video
+    mean_abs = float(torch.linalg.vector_norm(pixels, ord=1, dtype=torch.float32)) / max(1, pixels.numel()) if real else 0.0
+    if mean_abs > FAR_PIXELS:
+        raise NonFinitePixels(f"the VAE decoded pixels {mean_abs:.3g} from 0 on average, where they lie within [-1, 1], from a "
+                              "latent within a few units: the VAE file (--vae) is damaged; no video was written")
+    frames = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    if real and frames.numel() and frames.amax() == frames.amin():  # (a zeroed decoder's: one grey, however the latent)
+        logger.warning("every pixel decoded is the same colour (%d): a damaged VAE file (--vae), or a latent of nothing "
+                       "but zeros, does that", int(frames.view(-1)[0]))
+    return frames
+
+
+FAR_PIXELS = 2.0  # decoded pixels this far from 0 on average are not an image (a trained VAE's average well under 1)
 
 
 class NonFinitePixels(UserError):

@@ -567,6 +567,13 @@ def _sample(args, dit, device, layout, shape, seed, cond, neg, video_latents, im
     require_finite(latents, f"the sampled latent of {args.dit}{loras}",
                    f"nothing was written; {_else(far_settings(args))}a LoRA or DiT file holding NaN/inf weights, or fp16 overflow, "
                    "are the usual causes (check the files with musubi-lora-info)")
+    from musubi_tuner.hunyuan.vae import LATENT_FAR
+
+    largest = float(latents.abs().max()) if latents.numel() else 0.0
+    if largest > LATENT_FAR:  # (decoded and written, exit 0, where --latent_path refuses the same latent: fuzz_ar 8)
+        raise UserError(f"the sampled latent of {args.dit}{loras} reaches {largest:.3g}, where a VAE's latents stay within a "
+                        f"few units: it cannot be decoded into a video, and nothing was written; {_else(far_settings(args))}a "
+                        "damaged DiT or LoRA file (huge weights) does that (check the LoRAs with musubi-lora-info)")
     return latents, start, cache
 
 
