@@ -59,6 +59,19 @@ def test_without_a_total_a_log_gets_the_start_the_end_and_a_line_a_minute(monkey
     assert [line.split(" ")[1] for line in lines] == ["0item", "13item", "25item", "30item"]
 
 
+def test_a_total_too_large_for_a_tenth_to_come_still_gets_a_line_every_ten_minutes(monkeypatch):
+    """fuzz_as 1: --max_train_steps 2**63 printed the start and nothing more: 10 % never came, and the log looked hung."""
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    bar = progress_bar(total=2**63, desc="steps", file=log, mininterval=0)
+    for _ in range(25):
+        bar.update(1)
+        clock[0] += 60  # 25 minutes in all
+    lines = log.getvalue().splitlines()
+    assert [line.split("|")[-1].split("/")[0].strip() for line in lines] == ["0", "11", "21"]  # (the 11th update at 600 s)
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 def test_a_watcher_gets_each_bars_state_as_json_lines_with_the_time_left(tmp_path, monkeypatch, terminal):
     import json

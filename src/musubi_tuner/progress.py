@@ -2,8 +2,8 @@
 
 Without a terminal tqdm still redraws its bar with a carriage return many times a second, and CI logs and log
 files show each redraw as a line of its own (the demo's training alone made some 400). `progress_bar` keeps the
-bar where someone watches it and otherwise prints one plain line per 10 % of the total (or per minute when the
-total is unknown), plus the final state.
+bar where someone watches it and otherwise prints one plain line per 10 % of the total (and at least one every 10
+minutes; one a minute when the total is unknown), plus the final state.
 
 For programs that watch a command (the studio, musubi_tuner.ui): with the environment variable MUSUBI_PROGRESS_FILE
 set to a path, every bar also appends its state to that file as one JSON line, at most REPORT_SECONDS apart and when
@@ -37,6 +37,7 @@ if hasattr(os, "register_at_fork"):
 
 LOG_PERCENT_STEP = 10        # a line each time the count crosses another 10 % of the total
 LOG_SECONDS_WITHOUT_TOTAL = 60
+LOG_SECONDS_WITH_TOTAL = 600  # at most this long without a line, whatever the share of the total done
 PROGRESS_FILE_VARIABLE = "MUSUBI_PROGRESS_FILE"
 REPORT_SECONDS = 0.5
 
@@ -91,8 +92,8 @@ class LostQuietly(ObjectWrapper):
 
 
 class LogLines(tqdm):
-    """A tqdm that writes whole lines: the start, each LOG_PERCENT_STEP % of `total` (each LOG_SECONDS_WITHOUT_TOTAL
-    seconds without one) and the end; set_postfix and refreshes in between print nothing."""
+    """A tqdm that writes whole lines: the start, each LOG_PERCENT_STEP % of `total` or LOG_SECONDS_WITH_TOTAL seconds
+    (each LOG_SECONDS_WITHOUT_TOTAL seconds without one) and the end; set_postfix and refreshes in between print nothing."""
 
     def __init__(self, *args, **kwargs):
         self._printed_n: int | None = None
@@ -115,9 +116,10 @@ class LogLines(tqdm):
     def _due(self) -> bool:
         if self._printed_n is None:
             return True
-        if self.total:
-            return self.n * 100 // self.total // LOG_PERCENT_STEP > self._printed_n * 100 // self.total // LOG_PERCENT_STEP
-        return time.monotonic() - self._printed_at >= LOG_SECONDS_WITHOUT_TOTAL
+        if self.total and self.n * 100 // self.total // LOG_PERCENT_STEP > self._printed_n * 100 // self.total // LOG_PERCENT_STEP:
+            return True
+        # and a line at least every so often: 10 % of a 2**63-step run never came, and the log looked hung (fuzz_as 1)
+        return time.monotonic() - self._printed_at >= (LOG_SECONDS_WITH_TOTAL if self.total else LOG_SECONDS_WITHOUT_TOTAL)
 
     def _emit(self) -> None:
         self.fp.write(self.__str__() + "\n")
