@@ -20,6 +20,27 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_folder_of_the_session():
+    """The commands' temporary folder (TMPDIR, inherited by the commands the tests start) is one of this test process's,
+    removed at its end: a LoRA rescued from a full disk (training's rescue) was left in /tmp by every run of the suite.
+    Anyone may enter it (mode 1777, as /tmp), for the tests that run a command as another user."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="musubi-tests-")
+    os.chmod(folder, 0o1777)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"], tempfile.tempdir = folder, None
+    yield folder
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
 def manifest():
     import json

@@ -425,23 +425,43 @@ def _refuse_a_running_training_s_name(out: Path, output_flag: str) -> None:
     """An output named as a LoRA file a training running in its folder writes (lora_file_names) is refused: the two
     runs replaced each other's files without a word (a checkpoint became a merged DiT, an average was replaced by the
     next save). Other names beside its files (NAME-ema.safetensors) are the user's to choose."""
-    lock = out.parent / TRAIN_LOCK
+    holder = _live_holder(out.parent / TRAIN_LOCK)
+    stem = (holder or {}).get("writes")
+    if isinstance(stem, str) and lora_file_names(stem).fullmatch(out.name):
+        raise UserError(f"{output_flag} {out}: a name of the training run writing into {out.parent} ({_describe(holder)}), "
+                        "which would replace it, or be replaced by it; choose another name, or wait for the run to end")
+
+
+def output_file_lock(out: str | os.PathLike) -> Path:
+    """The lock a command holds on one output file while it writes it (a merge: minutes of work into one name)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.lock")
+
+
+def refuse_a_writer_of(out: str | os.PathLike, output_flag: str) -> None:
+    """An output that another running command is writing (it holds output_file_lock) is refused, naming it: a training
+    started during a merge into its LoRA's name, or a conversion into a merge's output, each said it saved its file,
+    and the merge's rename then replaced it (fuzz_aq 5)."""
+    holder = _live_holder(output_file_lock(out))
+    if holder is not None:
+        raise UserError(f"{output_flag} {out}: another command is writing this file ({_describe(holder)}); wait for it to "
+                        "end, or choose another name")
+
+
+def _live_holder(lock: Path) -> dict | None:
+    """Who holds the lock file `lock`, when a live process of another pid does (probed with a shared lock, released at
+    once); None when no one does."""
     try:
         fd = os.open(lock, os.O_RDONLY)
     except OSError:
-        return  # no training there
+        return None  # no such lock
     try:
         locked = _try_lock(fd, shared=True)
         holder = _read_holder(fd)
     finally:
         os.close(fd)  # (releases what the probe took)
-    stem = holder.get("writes")
     running = locked is False or (locked is None and _alive_here(holder))
-    if not running or not isinstance(stem, str) or holder.get("pid") == os.getpid():
-        return
-    if lora_file_names(stem).fullmatch(out.name):
-        raise UserError(f"{output_flag} {out}: a name of the training run writing into {out.parent} ({_describe(holder)}), "
-                        "which would replace it, or be replaced by it; choose another name, or wait for the run to end")
+    return holder if running and holder.get("pid") != os.getpid() else None
 
 
 def files_within(path: str | os.PathLike | None) -> list[Path]:
@@ -466,6 +486,7 @@ def check_output_file(output: str | os.PathLike, output_flag: str, inputs: Mappi
     if target.is_dir():  # (found at the final rename, after a merge's minutes and a full-size temporary file: fuzz_aq 1)
         raise UserError(f"{output_flag} {output}: cannot write: a folder has this name; move it away")
     _refuse_a_running_training_s_name(out, output_flag)
+    refuse_a_writer_of(out, output_flag)
     if not out.exists():
         return
     for flag, paths in inputs.items():

@@ -6,12 +6,14 @@ twice) is said in a warning."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from musubi_tuner import convert_lora, lora_post_hoc_ema, merge_lora
+from musubi_tuner.errors import UserError
 
 from helpers import run_main, tiny_dit_file_and_lora
 
@@ -136,3 +138,35 @@ def test_an_output_that_is_a_folder_is_refused_before_any_work(lora, tmp_path, c
         status, _, err = run_main(main, argv, capsys)
         assert (status, err.strip()) == (2, f"error: {flag} {out}: cannot write: a folder has this name; move it away"), err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "out.safetensors"]  # (no temporary file)
+
+
+def test_an_output_another_command_is_writing_is_refused_naming_it(lora, tmp_path, capsys):
+    """fuzz_aq 5: a training (or a conversion) started during a merge into one of its names said it saved its file, and
+    the merge's rename then replaced it with the merged DiT."""
+    import subprocess
+    import sys
+
+    from musubi_tuner.files import output_file_lock
+    from musubi_tuner.training.checkpointing import check_final_names_free
+
+    _, _, weights = lora
+    src = tmp_path / "a.safetensors"
+    save_file(weights, str(src))
+    out = tmp_path / "out" / "l.safetensors"
+    out.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom musubi_tuner.files import RunLock\n"
+                               f"with RunLock({str(output_file_lock(out))!r}, 'merge into this file', '--save_merged_model'):\n"
+                               "    print('held', flush=True)\n    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        status, _, err = run_main(convert_lora.main, ["--input", src, "--output", out, "--target", "other"], capsys)
+        assert status == 2 and err.startswith(f"error: --output {out}: another command is writing this file (pid {holder.pid} "), err
+        with pytest.raises(UserError, match=rf"--output_dir / --output_name {re.escape(str(out))}: another command is writing this "
+                                            rf"file \(pid {holder.pid} "):
+            check_final_names_free(out.parent, "l", "musubi")
+        check_final_names_free(out.parent, "other", "musubi")  # (its other names are free)
+    finally:
+        holder.kill()
+        holder.wait()
+    check_final_names_free(out.parent, "l", "musubi")  # the holder gone, the name is free
+    assert not out.exists()

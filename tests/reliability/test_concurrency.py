@@ -326,9 +326,10 @@ def test_a_training_whose_folder_is_moved_away_stops_at_its_next_save_and_leaves
     """The lock lives in the folder it guards: a folder moved (or deleted) under a run took the lock with it, a second
     run into a new folder of that name was let in, and the first one wrote on into it, both saying they had saved the
     same files."""
-    out, moved = tmp_path / "out", tmp_path / "moved"
+    out, moved, rescues = tmp_path / "out", tmp_path / "moved", tmp_path / "rescues"
+    rescues.mkdir()
     first = start_command("hv_train_network", train_argv(assets, out, "--max_train_steps", "100000", "--save_every_n_steps", "1",
-                                                         "--learning_rate", "5e-4"), tmp_path)
+                                                         "--learning_rate", "5e-4"), tmp_path, env={"TMPDIR": str(rescues)})
     wait_for(lambda: (out / "tiny-step00000001.safetensors").exists(), first)
     while True:  # stopped between two saves, not within one
         os.kill(first.pid, signal.SIGSTOP)
@@ -346,7 +347,8 @@ def test_a_training_whose_folder_is_moved_away_stops_at_its_next_save_and_leaves
     (line,) = result.error_lines
     assert re.fullmatch(rf"error: {re.escape(str(out))}: deleted, moved or replaced while this training run was writing into it "
                         rf"\(its lock went with it\); stopped, so as not to write beside a run that may have started there "
-                        rf"since\. Nothing was written to {re.escape(str(out))}/\S+", line), line
+                        rf"since\. Nothing was written to {re.escape(str(out))}/\S+\. The trained LoRA is saved as "
+                        rf"{re.escape(str(rescues))}/tiny-rescued-step\d+\.safetensors instead: move it where it belongs", line), line
     assert files.read_safetensors_header(out / "tiny.safetensors")[1]["ss_learning_rate"] == "0.001"  # the second run's
     assert not list(out.glob("tiny-step*")), "the first run wrote into the second's folder"
     assert not leftovers(out) and not (out / ".musubi-train.lock").exists()

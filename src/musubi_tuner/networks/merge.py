@@ -260,7 +260,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     checked (whole, finite, fitting) before the first weight is.
     fp8 inputs are written in bf16: rounding W + delta back to e4m3 would erase most of a LoRA's small update.
     """
-    from musubi_tuner.files import LazyTensors, RunLock, remove_leftover_temp_files, save_safetensors
+    from musubi_tuner.files import LazyTensors, RunLock, output_file_lock, remove_leftover_temp_files, save_safetensors
     from musubi_tuner.hunyuan.checkpoints import check_dit_file, dit_metadata, open_dit_file, read_dit_config
     from musubi_tuner.hunyuan.fp8 import FP8_DTYPE
 
@@ -303,7 +303,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
 
     specs = {k: (out_dtype(k), tuple(source.shape(k))) for k in source.keys()}
     out = Path(out_path)
-    with RunLock(out.with_name(f".{out.name}.lock"), "merge into this file", "--save_merged_model"):
+    with RunLock(output_file_lock(out), "merge into this file", "--save_merged_model"):
         remove_leftover_temp_files(out.parent, lambda name: name == out.name)
         from musubi_tuner.inference.presets import PRESET_METADATA_KEY, detect_preset
 

@@ -87,7 +87,7 @@ def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format
     """Before the run: no folder stands where the final LoRA (or its ComfyUI copy) goes, and no file (or device) where
     a LoRA or the final state goes. Found when it was written, it cost the whole run: the steps after the last saved
     state, or all of them without --save_state."""
-    from musubi_tuner.files import output_target
+    from musubi_tuner.files import output_target, refuse_a_writer_of
     from musubi_tuner.networks.lora_files import companion_path
 
     final = Path(output_dir) / f"{name}.safetensors"
@@ -96,6 +96,7 @@ def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format
             raise UserError(f"{path}: a folder has this name, where the run saves its LoRA at the end; move it away or "
                             f"choose another --output_name")
         output_target(path)
+        refuse_a_writer_of(path, "--output_dir / --output_name")  # (a merge into it: its rename replaced the run's LoRA)
     output_target(Path(output_dir) / f"{name}-state", folder=True)
 
 
