@@ -442,6 +442,24 @@ def test_a_folder_replaced_by_a_file_during_a_write_is_the_writes_one_line_error
     with pytest.raises(UserError) as e:
         with atomic_write(out / "x.safetensors") as tmp:
             tmp.write_bytes(b"finished")
-            out.rename(tmp_path / "moved")
+            shutil.rmtree(out)
             out.write_text("a file where the folder was")
     assert str(e.value) == f"{out / 'x.safetensors'}: cannot write: {out} is a file, not a folder"
+
+
+def test_a_folder_moved_while_a_file_is_written_into_it_gets_the_finished_file_under_its_name(tmp_path):
+    """fuzz_aq 4: the finished file (a video, a merged DiT) stayed in the moved folder as a hidden temporary file, which
+    the next run there deleted as an interrupted run's."""
+    from musubi_tuner.files import atomic_write
+
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    with pytest.raises(UserError) as e:
+        with atomic_write(out / "x.mp4") as tmp:
+            tmp.write_bytes(b"finished")
+            out.rename(moved)
+    assert str(e.value) == f"{out / 'x.mp4'}: its folder was moved to {moved} while this was written; the file is saved there, as {moved / 'x.mp4'}"
+    assert [p.name for p in moved.iterdir()] == ["x.mp4"] and (moved / "x.mp4").read_bytes() == b"finished"
+    with pytest.raises(UserError, match="its folder is gone"):  # deleted: nothing to keep
+        with atomic_write(out / "y.mp4") as tmp:
+            tmp.write_bytes(b"lost")
+            shutil.rmtree(out)

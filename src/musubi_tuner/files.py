@@ -71,7 +71,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = output_target(path)
     check_locks_still_held(path)
-    fd = tmp_path = None
+    fd = tmp_path = folder_fd = None
     try:
         with stops_held():  # a Ctrl-C between the file's creation and this knowing its name would leave it behind
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +81,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
                 os.close(fd)
                 fd = None
             _hold_while_writing(fd)
+            folder_fd = _open_folder(path.parent)
         mode = _default_mode(path)
         yield tmp_path
         if fd is not None:
@@ -88,8 +89,18 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         else:
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
-        os.chmod(tmp_path, mode)  # mkstemp makes 0600 files; give the permissions a normal write would, once written
-        os.replace(tmp_path, path)
+        os.chmod(fd if fd is not None else tmp_path, mode)  # mkstemp makes 0600 files; a normal write's, once written
+        try:
+            os.replace(tmp_path, path)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR) or folder_fd is None or (now := _folder_now(folder_fd)) is None:
+                raise
+            # the folder was moved (renamed) while the file was written: the finished file is named in it, where the
+            # folder is now, and said; it stayed there as a hidden temporary file that the next run deleted (fuzz_aq 4)
+            os.replace(tmp_path.name, path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            tmp_path = None
+            raise UserError(f"{path}: its folder was moved to {now} while this was written; the file is saved there, as "
+                            f"{now / path.name}") from None
     except BaseException as e:
         left = None
         if tmp_path is not None:
@@ -106,6 +117,27 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if fd is not None:
             os.close(fd)  # (and with it the lock)
+        if folder_fd is not None:
+            os.close(folder_fd)
+
+
+def _open_folder(folder: Path) -> int | None:
+    """A descriptor of `folder` that follows it if it is moved (POSIX; None elsewhere, or when it cannot be opened)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return None
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+
+
+def _folder_now(folder_fd: int) -> Path | None:
+    """Where the folder of `folder_fd` is now (Linux's /proc), or None: deleted, or not to be known here."""
+    try:
+        now = os.readlink(f"/proc/self/fd/{folder_fd}")
+    except OSError:
+        return None
+    return None if now.endswith(" (deleted)") or not os.path.isdir(now) else Path(now)
 
 
 def output_target(path: str | os.PathLike, folder: bool = False) -> Path:
