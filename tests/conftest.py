@@ -25,9 +25,11 @@ def temporary_folder_of_the_session():
     """The commands' temporary folder (TMPDIR, inherited by the commands the tests start) is one of this test process's,
     removed at its end: a LoRA rescued from a full disk (training's rescue) was left in /tmp by every run of the suite.
     Anyone may enter it (mode 1777, as /tmp), for the tests that run a command as another user."""
+    import multiprocessing.util
     import shutil
     import tempfile
 
+    multiprocessing.util.get_temp_dir()  # (made now, in the usual place: removed at exit, after this folder is gone)
     folder = tempfile.mkdtemp(prefix="musubi-tests-")
     os.chmod(folder, 0o1777)
     before = os.environ.get("TMPDIR")

@@ -57,6 +57,24 @@ def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(a
     assert not (out / "tiny-step00000002.safetensors").exists() and not leftovers(out)
 
 
+def test_a_nan_loss_before_any_update_blames_the_inputs_not_the_learning_rate(assets, tmp_path):
+    """fuzz_ar 3: a text cache of huge values made the first loss NaN, blamed on --learning_rate (which had not acted yet:
+    the LoRA adds nothing before its first update) and named the batch's latent cache alone."""
+    from musubi_tuner.data.config import load_dataset_config
+    from musubi_tuner.data.training_dataset import TrainingDataset
+
+    toml = write_cached_dataset(tmp_path / "data", items=2, frames=5, size=(32, 32))
+    data = TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=1)
+    (first,) = data[data.epoch_plan(1)[0]]["item_names"]
+    poison_text(tmp_path / "data" / "cache" / f"{first.split('_00000-')[0]}_hv_te.safetensors", 3e38)
+    result = run_command("hv_train_network", train_argv(assets, tmp_path / "out", "--max_train_steps", "2", toml=toml), tmp_path)
+    no_traceback(result)
+    assert result.code == 2 and result.error_lines == [
+        f"error: loss is nan at step 1 (epoch 1, items {first}) before any update: the LoRA adds nothing yet, so the learning "
+        "rate is not the cause; check the latent and text caches of those items and the DiT file (--dit), or use bf16 instead of "
+        "fp16"], result.err[-2000:]
+
+
 def test_a_run_that_stops_keeps_every_step_it_made_in_its_loss_csv(assets, tmp_path):
     """fuzz_ao 11: the live loss CSV is written every few seconds, and a run that stopped (Stop, Ctrl-C, a NaN) lost the
     steps since: the curve ended a few steps before the run."""

@@ -133,7 +133,8 @@ def culprit_items(items: list[str], local_loss: torch.Tensor | None, processes: 
     return [f"process {rank}: {name}" for rank, names in culprits for name in names]
 
 
-def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, known_cause: str | None = None) -> NonFiniteLoss:
+def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, known_cause: str | None = None,
+               untrained: bool = False) -> NonFiniteLoss:
     """The error that stops a diverged run, naming the newest checkpoint saved before the bad update.
 
     Weights are checked after every update and before every save, so every checkpoint is finite and was saved
@@ -143,6 +144,10 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
     good = saver.last_good
     if saver.last_saved is not None and what.startswith("loss") and saver.last_step == step - 1:
         good += " (saved at the step before, so its weights gave this loss; an earlier save is safer unless the items are at fault)"
+    if untrained and not known_cause:  # (blamed on --learning_rate, which had not acted yet: fuzz_ar 3)
+        return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}) before any update: the LoRA "
+                             "adds nothing yet, so the learning rate is not the cause; check the latent and text caches of "
+                             "those items and the DiT file (--dit), or use bf16 instead of fp16")
     advice = f"{known_cause}; else lower --learning_rate" if known_cause else saver.lower_rate
     return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}); stopped without saving. "
                          f"Last good checkpoint: {good}. {advice}, check the caches of those items, or use bf16 instead of fp16.")
@@ -987,8 +992,10 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
 
     def diverged(what: str, local_loss: torch.Tensor | None = None) -> NonFiniteLoss:
         items = culprit_items(batch["item_names"], local_loss, accelerator.num_processes)
+        untrained = progress.global_step == 0 and resume_from is None and not args.network_weights  # (the LoRA: 0)
         return divergence(what, progress.global_step + 1, epoch + 1, items, saver,
-                          known_cause or far_settings(args) or grown_lora(network, args.learning_rate, progress.global_step + 1))
+                          known_cause or far_settings(args) or grown_lora(network, args.learning_rate, progress.global_step + 1),
+                          untrained=untrained and what.startswith("loss"))
 
     if is_schedule_free(optimizer):
         optimizer.train()
