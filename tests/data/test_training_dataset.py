@@ -1,6 +1,7 @@
 """Training batches come from caches only: per bucket, deterministic per (seed, epoch), resumable mid-epoch."""
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -367,3 +368,17 @@ def test_a_cache_folder_that_cannot_be_listed_is_an_error_naming_it_not_a_datase
                                        f"({toml}: [[datasets]][0].cache_directory)"), done.stdout + done.stderr[-2000:]
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_cache_directory_that_is_a_file_is_named_not_taken_for_one_without_caches(tmp_path):
+    """fuzz_au 3: a file (or a broken link) at the cache_directory's name left the dataset out with "run cache_latents.py
+    again", where cache_latents itself says what it is."""
+    from helpers import write_cached_dataset
+
+    from musubi_tuner.data.config import load_dataset_config
+
+    toml = write_cached_dataset(tmp_path / "data", items=2)
+    shutil.rmtree(tmp_path / "data" / "cache")
+    (tmp_path / "data" / "cache").write_text("a file")
+    with pytest.raises(UserError, match=r"cache: is a file, expected a cache folder \(.*\[\[datasets\]\]\[0\]\.cache_directory\)"):
+        TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=0)

@@ -170,3 +170,16 @@ def test_an_output_another_command_is_writing_is_refused_naming_it(lora, tmp_pat
         holder.wait()
     check_final_names_free(out.parent, "l", "musubi")  # the holder gone, the name is free
     assert not out.exists()
+
+
+def test_an_empty_lora_blocks_is_refused_not_taken_for_every_block(lora, tmp_path, capsys):
+    """fuzz_as 5: `--lora_blocks $BLOCKS` with the variable unset merged the whole LoRA without a word (the empty pattern
+    matches every module)."""
+    _, dit, weights = lora
+    src = tmp_path / "a.safetensors"
+    save_file(weights, str(src))
+    status, _, err = run_main(merge_lora.main, ["--dit", dit, "--lora_weight", src, "--lora_blocks", "",
+                                                "--save_merged_model", tmp_path / "m.safetensors"], capsys)
+    assert (status, err.strip()) == (2, "error: --lora_blocks is empty (an unset shell variable gives an empty value): give all, "
+                                        "double, single or a regular expression")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -67,7 +67,11 @@ def test_a_nan_loss_before_any_update_blames_the_inputs_not_the_learning_rate(as
     data = TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=1)
     (first,) = data[data.epoch_plan(1)[0]]["item_names"]
     poison_text(tmp_path / "data" / "cache" / f"{first.split('_00000-')[0]}_hv_te.safetensors", 3e38)
+    earlier = "kind,step,loss\ntrain,1,0.5\ntrain,2,0.25\n"  # an earlier run's curve: a run that made no step keeps it
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tiny-loss.csv").write_text(earlier)  # (it was replaced by a header: fuzz_au 2)
     result = run_command("hv_train_network", train_argv(assets, tmp_path / "out", "--max_train_steps", "2", toml=toml), tmp_path)
+    assert (tmp_path / "out" / "tiny-loss.csv").read_text() == earlier
     no_traceback(result)
     assert result.code == 2 and result.error_lines == [
         f"error: loss is nan at step 1 (epoch 1, items {first}) before any update: the LoRA adds nothing yet, so the learning "

@@ -49,7 +49,16 @@ def test_a_damaged_csv_keeps_the_points_it_can_read_and_says_how_many_it_left_ou
     with caplog.at_level(logging.WARNING):
         history = LossHistory(path)
     assert (history.train, history.validation) == ([(1, 0.5)], [(2, 0.75)])
-    assert f"{path}: 3 line(s) that are not a loss point" in caplog.text
+    assert f"{path}: 2 line(s) that are not a loss point" in caplog.text  # (the second header is a header)
+    caplog.clear()
+    # fuzz_au 6: a nan point (the studio's page a 500), a BOM (validation rows read as training), a line past csv's limit
+    # (every point after it dropped)
+    other = tmp_path / "other-loss.csv"
+    other.write_bytes(b"\xef\xbb\xbfkind,step,loss\r\ntrain,1,nan\r\n" + b"x" * 200_000 + b"\r\nvalidation,2,0.75\r\ntrain,3,0.25\r\n")
+    with caplog.at_level(logging.WARNING):
+        history = LossHistory(other)
+    assert (history.train, history.validation) == ([(3, 0.25)], [(2, 0.75)])
+    assert f"{other}: 2 line(s) that are not a loss point" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert LossHistory(path, say=False).train == [(1, 0.5)] and not caplog.text

@@ -106,7 +106,7 @@ def _latent_files(dataset: AnyDatasetConfig) -> list[Path]:
     """The latent cache files in the dataset's cache_directory, in name order; none when it is not there. A folder that
     cannot be listed is an error naming it: Path.glob took it for an empty one, and training left the dataset out with
     "no latent cache, run cache_latents.py again" (fuzz_aq 3)."""
-    if not dataset.cache_directory.is_dir():
+    if not os.path.lexists(dataset.cache_directory):  # (a file, or a broken link, there is list_folder's to name)
         return []
     found = list_folder(dataset.cache_directory, "cache folder", f"{dataset.where}.cache_directory")
     return [p for p in found if p.name.endswith(cache_files.LATENT_SUFFIX)]

@@ -77,6 +77,9 @@ def block_filter(spec: str | None, exclude_single_blocks: bool = False, flag: st
     r"""The modules a `--lora_blocks` value keeps: `all` (or None), `double`, `single`, or a regular expression
     searched in the module path, e.g. `double_blocks\.1[0-9]\.` for double blocks 10-19, `img_attn` for the
     image attention layers. `exclude_single_blocks` (musubi-tuner's flag) also drops the single blocks."""
+    if spec is not None and not spec.strip():  # (an unset shell variable: the empty pattern kept every block, unsaid)
+        raise UserError(f"{flag} is empty (an unset shell variable gives an empty value): give all, double, single or a "
+                        "regular expression")
     pattern = BLOCK_PRESETS.get(spec or "all", spec)
     try:
         rx = re.compile(pattern)

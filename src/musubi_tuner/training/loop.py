@@ -148,7 +148,8 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
         return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}) before any update: the LoRA "
                              "adds nothing yet, so the learning rate is not the cause; check the latent and text caches of "
                              "those items and the DiT file (--dit), or use bf16 instead of fp16")
-    advice = f"{known_cause}; else lower --learning_rate" if known_cause else saver.lower_rate
+    lower = saver.lower_rate
+    advice = f"{known_cause}; else {lower[0].lower()}{lower[1:]}" if known_cause else lower  # (with the way from a checkpoint)
     return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}); stopped without saving. "
                          f"Last good checkpoint: {good}. {advice}, check the caches of those items, or use bf16 instead of fp16.")
 
@@ -166,8 +167,10 @@ def timestep_config(args) -> TimestepConfig:
 def check_args(args) -> None:
     """Everything that can be checked before loading a model."""
     for flag in ("dataset_config", "dit", "network_module", "output_dir", "output_name"):
-        if not getattr(args, flag):
+        if getattr(args, flag) is None:
             raise UserError(f"--{flag} is required")
+        if not str(getattr(args, flag)).strip():  # (given, and empty: "is required" said it was not given: fuzz_as 5)
+            raise UserError(f"--{flag} is empty (an unset shell variable gives an empty value): give its value")
     joined = output_stem(args.output_dir, args.output_name)
     # the files' folder is output_dir from here on, so pruning, --resume auto and the run lock look where they are
     args.output_dir, args.output_name = str(joined.parent), joined.name
@@ -1018,6 +1021,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         saver.prune_steps(progress.global_step)
         if progress.batch_in_epoch >= batches_per_epoch:
             end_epoch(progress.epoch)
+    first_step = progress.global_step
     try:
         for epoch in range(progress.epoch, num_epochs) if not finishing else ():
             skip = progress.batch_in_epoch if epoch == progress.epoch else 0
@@ -1093,7 +1097,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
             if progress.global_step >= total_steps:
                 break
     except BaseException:  # a stop (Ctrl-C, the studio's Stop), a NaN, a crash: the curve keeps the steps made since
-        if is_main:         # its last write, up to LIVE_SECONDS of them (it ended a few steps before the run: fuzz_ao 11)
+        # its last write, up to LIVE_SECONDS of them (it ended a few steps before the run: fuzz_ao 11); a run that made no
+        # step writes nothing (an earlier run's curve was replaced by a header, or cut back to the resumed step: fuzz_au 2)
+        if is_main and progress.global_step > first_step:
             saver.losses.write_csv_if_due(at_once=True)
         raise
     bar.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -35,20 +36,27 @@ class LossHistory:
         self._said = False
         bad = 0
         try:
-            with open(self.csv_path, newline="", encoding="utf-8", errors="replace") as f:
-                for row in csv.DictReader(f):
+            with open(self.csv_path, encoding="utf-8-sig", errors="replace") as f:  # (-sig: a BOM an editor put there)
+                for line in f:
+                    fields = line.strip().split(",")
+                    if fields == ["kind", "step", "loss"] or fields == [""]:  # the header (again, where files were joined)
+                        continue
                     try:
-                        point = (int(row["step"]), float(row["loss"]))
-                    except (TypeError, ValueError, KeyError):
+                        kind, step, loss = fields
+                        point = (int(step), float(loss))
+                    except ValueError:
                         bad += 1
                         continue
-                    (self.validation if row.get("kind") == "validation" else self.train).append(point)
+                    if kind not in ("train", "validation") or not math.isfinite(point[1]):  # (a nan point made the studio's
+                        bad += 1                                                        # run page a 500: fuzz_au 6)
+                        continue
+                    (self.validation if kind == "validation" else self.train).append(point)
         except FileNotFoundError:
             return
-        except (OSError, csv.Error) as e:
+        except OSError as e:
             if say:
                 logger.warning("%s: not read (%s): the loss curve starts again from this run's steps", self.csv_path,
-                               getattr(e, "strerror", None) or e)
+                               e.strerror or e)
             return
         if bad and say:
             logger.warning("%s: %d line(s) that are not a loss point (a file cut or changed by something else) left out of "

@@ -116,7 +116,7 @@ def _wrapped(draw: ImageDraw.ImageDraw, text: str, width: int, most: int) -> lis
     """`text` in lines no wider than `width` pixels, broken at spaces (a word wider than the line, anywhere), at most
     `most` lines, the last one ending in "..." when some is left out."""
     lines, line = [], ""
-    for word in text.split(" "):
+    for word in " ".join(text.split()).split(" "):  # (a prompt's newline: Pillow measures no multiline text: fuzz_au 1)
         candidate = f"{line} {word}" if line else word
         if draw.textlength(candidate) <= width:
             line = candidate
