@@ -463,3 +463,13 @@ def test_a_generation_dry_run_plans_the_vae_and_text_encoders_it_is_given(tmp_pa
     assert all(tiny[name] < 50e6 for name in ("text encoder 1", "text encoder 2", "VAE decode")), tiny
     assert reference["text encoder 1"] > 10e9 and reference["text encoder 2"] > 100e6 and reference["VAE decode"] > 100e6, reference
     assert f"--vae: {dit}: not a VAE" in caplog.text and "the reference model is planned in its place" in caplog.text
+    # a config.json the loader refuses (fuzz_au 4: a million layers hung the trace) is said as the loader says it
+    import json
+    import shutil
+
+    shutil.copytree(given["--text_encoder1"], tmp_path / "te1_bad")
+    config = json.loads((tmp_path / "te1_bad" / "config.json").read_text())
+    (tmp_path / "te1_bad" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**6}))
+    caplog.clear()
+    assert stages({**given, "--text_encoder1": tmp_path / "te1_bad"})["text encoder 1"] > 10e9
+    assert "--text_encoder1: " in caplog.text and "the config says 1000000" in caplog.text

@@ -45,7 +45,7 @@ def model_configs(args) -> dict:
     """Workload's configs of the VAE and text encoders given (--vae, --text_encoder1, --text_encoder2), read from their
     headers and config files as the commands read them; the reference models are planned for those not given (a tiny
     LLM was planned as llava-llama-3-8b: fuzz_af 15)."""
-    from musubi_tuner.hunyuan.text_encoders import planned_config
+    from musubi_tuner.hunyuan import text_encoders as te
     from musubi_tuner.hunyuan.vae import open_vae_file
 
     def vae_config(path):
@@ -53,9 +53,13 @@ def model_configs(args) -> dict:
         vae_file.close()
         return config
 
+    def text_config(path, which: int):  # checked as the loader checks it first: a config it refuses was a traceback or
+        (te.check_text_encoder1 if which == 1 else te.check_text_encoder2)(path)  # a hang in the trace (fuzz_au 4)
+        return te.planned_config(path, which)
+
     found = {}
-    for flag, key, read in (("vae", "vae", vae_config), ("text_encoder1", "llm_config", lambda p: planned_config(p, 1)),
-                            ("text_encoder2", "clip_config", lambda p: planned_config(p, 2))):
+    for flag, key, read in (("vae", "vae", vae_config), ("text_encoder1", "llm_config", lambda p: text_config(p, 1)),
+                            ("text_encoder2", "clip_config", lambda p: text_config(p, 2))):
         if getattr(args, flag, None):
             try:  # (a dry run plans without the encoders and the VAE at hand: one that cannot be read is said, not fatal)
                 found[key] = read(getattr(args, flag))
