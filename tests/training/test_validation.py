@@ -367,6 +367,25 @@ def test_a_best_checkpoint_pruned_before_a_resume_is_still_named(validated_run, 
     assert [r.step for _, r in validation.saved] == [10, 20]
 
 
+def test_a_non_finite_validation_loss_in_a_files_metadata_is_not_taken_for_the_best(validated_run, tmp_path):
+    """fuzz_ar 16: a -inf loss (metadata another tool or a hand wrote) was "the best checkpoint" for ever, and copied
+    into every later file's metadata."""
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.training.validation import Validation
+
+    first, second = (validated_run["out"] / f"tiny-step000000{s}.safetensors" for s in ("10", "20"))
+    save_file(load_file(first), str(tmp_path / first.name), metadata={**read_safetensors_header(first)[1],
+                                                                       "musubi_tuner.validation_loss": "-inf"})
+    meta = {**read_safetensors_header(second)[1], "musubi_tuner.best_checkpoint": "tiny-step00000005.safetensors",
+            "musubi_tuner.best_validation_loss": "nan", "musubi_tuner.best_step": "5"}
+    save_file(load_file(second), str(tmp_path / second.name), metadata=meta)
+    validation = Validation(validator_of(tmp_path / second.name), dit=None, network=None, optimizer=None, accelerator=MAIN,
+                            losses=None)
+    validation.recall_saved(tmp_path, "tiny", up_to_step=20)
+    assert [(p.name, r.step) for p, r in validation.saved] == [(second.name, 20)]
+
+
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "validation.md"
 
 

@@ -252,6 +252,8 @@ class Validation:
             try:
                 _, meta = read_safetensors_header(path)
                 loss, step = float(meta[OURS + "validation_loss"]), int(meta["ss_steps"])
+                if not math.isfinite(loss):  # (-inf, written by something else, was "the best" for ever: fuzz_ar 16)
+                    raise ValueError(loss)
             except (UserError, KeyError, ValueError):  # unreadable, or saved without validation
                 continue
             if step > up_to_step:
@@ -261,9 +263,11 @@ class Validation:
                 continue
             self.saved.append((path, ValidationResult(step, loss, (), None, 0.0)))
             try:
-                named_best[meta[OURS + "best_checkpoint"]] = (float(meta[OURS + "best_validation_loss"]), int(meta[OURS + "best_step"]))
+                best = (float(meta[OURS + "best_validation_loss"]), int(meta[OURS + "best_step"]))
             except (KeyError, ValueError):
-                pass
+                continue
+            if math.isfinite(best[0]):
+                named_best[meta[OURS + "best_checkpoint"]] = best
         on_disk = {p.name for p, _ in self.saved}
         for file_name, (loss, step) in named_best.items():
             if file_name not in on_disk and own.fullmatch(file_name) and step <= up_to_step:
