@@ -107,6 +107,13 @@ def test_copied_checkpoints_are_averaged_in_the_order_of_the_steps_they_record(c
         os.utime(without_steps / path.name, (3_000_000 - i * 100, 3_000_000 - i * 100))
     assert run([*sorted(without_steps.iterdir()), "--beta", "0.9", "--output_file", out], capsys)[0] == 0
     check(out, list(reversed(saves)), [0.9, 0.9, 0.9])
+    assert "ordered by modification time" not in caplog.text  # (none records a step: musubi-tuner's order, unsaid)
+    # one of the copies without its step: the whole order falls back to time, said, naming it (fuzz_ar 11)
+    odd = copies / paths[0].name
+    save_file(load_file(str(odd)), str(odd), metadata={k: v for k, v in read_safetensors_header(odd)[1].items() if k != "ss_steps"})
+    assert run([*sorted(copies.iterdir()), "--beta", "0.9", "--output_file", out], capsys)[0] == 0
+    assert (f"ordered by modification time, not by the training steps the files record: {paths[0].name} records no "
+            "training step (ss_steps)") in caplog.text
 
 
 def test_sigma_rel_is_the_power_function_ema_of_the_paper(checkpoints, tmp_path, capsys):

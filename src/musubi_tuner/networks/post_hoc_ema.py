@@ -70,6 +70,13 @@ def oldest_first(paths: list[Path], metadata: dict[Path, dict[str, str]]) -> lis
     runs = {metadata[p].get("ss_session_id") for p in paths}
     steps = {p: metadata[p].get("ss_steps", "") for p in paths}
     if len(runs) != 1 or not all(s.isdigit() for s in steps.values()):
+        recorded = [p for p in paths if steps[p].isdigit()]
+        if len(recorded) > len(paths) // 2:  # most record their step: the order of time is said, with the files it is
+            odd = [p.name for p in paths if not steps[p].isdigit()]  # for (it changed the whole order unsaid: fuzz_ar 11)
+            why = (f"{', '.join(odd[:3])} record{'s' if len(odd) == 1 else ''} no training step (ss_steps)" if odd else
+                   "they are of several runs (ss_session_id)")
+            logger.warning("ordered by modification time, not by the training steps the files record: %s; give them "
+                           "oldest first with --no_sort if that time is not their order", why)
         return by_time
     by_step = sorted(by_time, key=lambda p: int(steps[p]))
     if by_step != by_time:
