@@ -101,6 +101,19 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
                 sys.stdout = stdout.wrapped
 
 
+def _require_a_file_size_limit() -> None:
+    """A file-size limit of 0 (`ulimit -f 0`) lets the command write no file at all: torch's import ended in a traceback
+    blaming the temporary folders ("No usable temporary directory found": its probe of 4 bytes failed) (fuzz_aq 10)."""
+    try:
+        import resource
+    except ImportError:  # (Windows: no such limit)
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == 0:
+        raise UserError("this process may write no file: its file-size limit is 0 (ulimit -f); raise it (ulimit -f "
+                        "unlimited) and run the command again")
+
+
 def _prepare(argv, streams: list) -> None:
     """What the command runs in, set up within _run's handling of a stop, as the command itself is."""
     _Held.raised = False  # (a command run in a process that ran one before, as the tests do)
@@ -118,6 +131,7 @@ def _prepare(argv, streams: list) -> None:
         raise UserError(f"the umask is {mask:04o}: the folders and files this command makes would be unusable by you (no "
                         f"{'/'.join(n for bit, n in ((0o400, 'read'), (0o200, 'write'), (0o100, 'enter')) if mask & bit)} "
                         "for their owner); set a usual one (umask 022) and run the command again")
+    _require_a_file_size_limit()
     usable_standard_streams()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_launcher_variables()

@@ -474,6 +474,9 @@ CASES = [
          warning=r"a data-loader worker could not hand a batch over to the training process through shared memory \(.*File "
                  r"too large.*\); free space in /dev/shm",  # (a full /dev/shm fails alike: the run waited forever for the batch)
          file_size_limit=lambda a, t: 1024),
+    Case("train-under-a-file-size-limit-of-0-says-so-at-once", "hv_train_network", lambda a, t: train_argv(a, t / "out"),
+         r"this process may write no file: its file-size limit is 0 \(ulimit -f\); raise it",  # (fuzz_aq 10: torch's import
+         file_size_limit=lambda a, t: 0, then=before_the_model_loads),                       # blamed the temporary folders)
     Case("train-learning-rate-not-a-number", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--learning_rate", "nan"),
          r"--learning_rate nan: not a finite number"),
     Case("train-network-args-not-a-list", "hv_train_network",
