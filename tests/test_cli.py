@@ -275,3 +275,16 @@ def test_a_umask_that_locks_the_owner_out_is_refused_before_anything_is_made(tmp
     assert done.stderr.strip() == (f"error: the umask is {mask:04o}: the folders and files this command makes would be "
                                    f"unusable by you (no {denied} for their owner); set a usual one (umask 022) and run the "
                                    "command again")
+
+
+def test_a_negative_number_with_an_exponent_is_a_value_not_an_option():
+    """fuzz_as 4: argparse read -1e-1 as an option ("--logit_mean: expected one argument", for a flag given one value);
+    -inf is now read as the value it is, and refused as one."""
+    from musubi_tuner.errors import UserError
+    from musubi_tuner.hv_generate_video import build_parser
+
+    flags = ["--dit", "d", "--vae", "v", "--prompt", "p", "--save_path", "s", "--lora_weight", "a", "b"]
+    args = build_parser().parse_args([*flags, "--guidance_scale", "-1e1", "--lora_multiplier", "-1e-1", "-2E+0"])
+    assert (args.guidance_scale, args.lora_multiplier) == (-10.0, [-0.1, -2.0])
+    with pytest.raises(UserError, match=r"^--lora_multiplier -inf: not a finite number"):
+        build_parser().parse_args([*flags, "--lora_multiplier", "-inf"])

@@ -32,6 +32,9 @@ class Parser(argparse.ArgumentParser):
             # sentence (fuzz_al 6) (python -OO strips it: None, no description)
             kwargs["description"] = " ".join(kwargs["description"].strip().split("\n\n")[0].split())
         super().__init__(*args, **kwargs)
+        # a negative number with an exponent, or -inf, is a value (argparse reads "-1e-1" as an option: "--logit_mean:
+        # expected one argument", for a flag given one: fuzz_as 4)
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-inf(?:inity)?$", re.IGNORECASE)
         for name in (None, "store"):  # (a flag without action= is registered as None; the groups share the registry)
             self.register("action", name, _StoreOnce)
         self.add_argument("--debug", action="store_true", help="show full tracebacks")
