@@ -463,3 +463,15 @@ def test_a_folder_moved_while_a_file_is_written_into_it_gets_the_finished_file_u
         with atomic_write(out / "y.mp4") as tmp:
             tmp.write_bytes(b"lost")
             shutil.rmtree(out)
+
+
+def test_what_stands_where_a_folder_must_be_is_named_as_what_it_is(tmp_path):
+    """fuzz_as 3: a FIFO (or a device) where an output folder must be was "a file", a link loop "a broken symbolic link"."""
+    from musubi_tuner.files import require_writable_folder
+
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    for name, said in (("fifo", "a FIFO"), ("loop", "a symbolic link loop")):
+        with pytest.raises(UserError) as e:
+            require_writable_folder(tmp_path / name / "out", "--output_dir")
+        assert str(e.value).startswith(f"{tmp_path / name}: is {said}, not a folder"), str(e.value)

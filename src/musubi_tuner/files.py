@@ -1184,7 +1184,14 @@ def not_a_folder(folder: Path) -> Path | None:
 
 
 def _what_is(path: Path) -> str:
-    return f"a broken symbolic link (to {os.readlink(path)})" if path.is_symlink() and not path.exists() else "a file"
+    """What stands at `path` where a folder must be, in words (a FIFO, a device, a /proc file were "a file", a link loop
+    "a broken symbolic link": fuzz_as 3)."""
+    try:
+        return kind_of(os.stat(path).st_mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return f"a broken symbolic link (to {os.readlink(path)})" if path.is_symlink() else "a file"
 
 
 def _a(what: str) -> str:
