@@ -475,3 +475,29 @@ def test_what_stands_where_a_folder_must_be_is_named_as_what_it_is(tmp_path):
         with pytest.raises(UserError) as e:
             require_writable_folder(tmp_path / name / "out", "--output_dir")
         assert str(e.value).startswith(f"{tmp_path / name}: is {said}, not a folder"), str(e.value)
+
+
+def test_folders_the_user_may_not_list_are_named_as_such_by_every_reader():
+    """fuzz_as 2: a text encoder folder, a --video_path folder of frames and a --resume state folder that the user may
+    not list were a bare "Permission denied" naming a file inside them (one that did not exist)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run as another user (root lists any folder)")
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))
+    try:
+        os.chown(folder, 54321, 54321)  # (its folder theirs; the one inside root's, which they may not list)
+        locked = folder / "locked"
+        locked.mkdir(mode=0o000)
+        code = ("import sys\nfrom musubi_tuner.errors import UserError\n"
+                "from musubi_tuner.hunyuan.text_encoders import check_text_encoder1\n"
+                "from musubi_tuner.data.media import load_video\nfrom musubi_tuner.training.state import read_marker\n"
+                "for call in (check_text_encoder1, load_video, read_marker):\n"
+                "    try:\n        call(sys.argv[1])\n    except Exception as e:\n        print(type(e).__name__, e)\n")
+        done = subprocess.run([sys.executable, "-c", code, str(locked)], env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                              user=54321, group=54321, extra_groups=[], capture_output=True, text=True, timeout=120)
+        lines = done.stdout.splitlines()
+        assert len(lines) == 3 and all("cannot list this" in line and "(Permission denied)" in line for line in lines), done.stdout + done.stderr[-2000:]
+    finally:
+        os.chmod(folder / "locked", 0o700)
+        shutil.rmtree(folder)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from musubi_tuner.errors import UserError, limit_met
-from musubi_tuner.files import atomic_write, require_file, write_error
+from musubi_tuner.files import atomic_write, list_folder, require_file, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def _list(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
     it: a folder named like a video is read as a folder of frames; a folder named like an image, a broken or looping
     link, a FIFO, a device or a socket fails when read, with a message that names it, where dropping it here would
     lose it without a word."""
-    return sorted((p for p in Path(folder).iterdir() if p.suffix.lower() in extensions and not p.name.startswith(".")),
+    # (a folder that cannot be listed: its error, not a bare "Permission denied" naming nothing: fuzz_as 2)
+    return sorted((p for p in list_folder(folder) if p.suffix.lower() in extensions and not p.name.startswith(".")),
                   key=lambda p: p.name)
 
 

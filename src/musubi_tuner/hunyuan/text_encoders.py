@@ -234,10 +234,10 @@ class WeightFiles:
 def _folder_weight_files(folder: Path) -> list[Path]:
     """An HF folder's weight files: the shards an index names, else model.safetensors or pytorch_model.bin (as transformers
     reads the folder), else every safetensors file, else `.bin` files."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    entries = list_folder(folder, "text encoder folder")  # (one that cannot be listed is not one without weights, nor
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):  # an index it could not read: fuzz_as 2)
         if (folder / index).is_file():
             return _index_shards(folder, folder / index)
-    entries = list_folder(folder, "text encoder folder")  # (one that cannot be listed is not one without weights)
     # (a weight file that is a looping link, a folder or a FIFO is named as what it is: it was "no weight files")
     for single in ("model.safetensors", "pytorch_model.bin"):  # what transformers reads without an index
         if any(p.name == single for p in entries):

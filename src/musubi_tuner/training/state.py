@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import SharedError, UserError, stops_held
-from musubi_tuner.files import (atomic_write, check_locks_still_held, content_digest, load_torch_file, output_target, remove_folder,
-                                save_safetensors, save_torch, what_to_check)
+from musubi_tuner.files import (atomic_write, check_locks_still_held, content_digest, list_folder, load_torch_file, output_target,
+                                remove_folder, save_safetensors, save_torch, what_to_check)
 from musubi_tuner.training.optimizers import parse_key_values
 
 logger = logging.getLogger(__name__)
@@ -322,6 +322,8 @@ def _check_optimizer_state(folder: Path, saved, optimizer) -> None:
 def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
     """(progress, run identity) of a state folder; DamagedState naming the file if it is missing or cut."""
     marker = Path(folder) / STATE_MARKER
+    if Path(folder).is_dir():  # (one that cannot be listed: its error, not "train_state.json: Permission denied": fuzz_as 2)
+        list_folder(folder, "training state folder")
     if not marker.is_file():
         inside = complete_states(Path(folder)) if Path(folder).is_dir() else []
         if inside:  # (--resume OUTPUT_DIR: the folder of the states, not one of them)
