@@ -317,6 +317,20 @@ def test_a_periodic_save_on_the_last_step_that_finds_no_room_is_rescued_too(asse
     assert files.read_safetensors_header(rescued)[1]["ss_steps"] == "4"
 
 
+def test_a_rescue_name_is_taken_by_one_run_only(tmp_path):
+    """fuzz_aq 13: two runs rescuing at once both chose the first free name (checked, then written), and one rescued
+    LoRA replaced the other. A name is taken by creating it, exclusively, in a second process here."""
+    import subprocess
+    import sys
+
+    from musubi_tuner.training.checkpointing import _taken
+
+    name = tmp_path / "l-rescued-step00000012.safetensors"
+    assert _taken(name) and name.stat().st_size == 0
+    code = f"from musubi_tuner.training.checkpointing import _taken; print(_taken({str(name)!r}))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_a_final_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_and_named(assets, tmp_path):
     """A full disk at the final save lost the run's training (all of it, without --save_state): the LoRA was in memory
     only. It is written to the temporary folder instead, and the error names it."""

@@ -339,16 +339,18 @@ class CheckpointSaver:
 
         for folder in (Path(tempfile.gettempdir()), Path.home()):
             # a name no file has (an earlier run's rescue of the same name and step, another user's in a shared /tmp,
-            # was replaced, or refused the write and the LoRA was lost): numbered past those there
+            # was replaced, or refused the write and the LoRA was lost): numbered past those there, and taken (created
+            # empty, exclusively) before it is written: two runs rescuing at once chose one name (fuzz_aq 13)
             stem = f"{self.name}-rescued-step{progress.global_step:08d}"
             rescue = next((p for p in (folder / f"{stem}{f'-{n}' if n else ''}.safetensors" for n in range(1000))
-                           if not os.path.lexists(p)), None)
+                           if _taken(p)), None)
             if rescue is None:
                 continue
             try:
                 with atomic_write(rescue) as staged:
                     save_safetensors(tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
             except (UserError, OSError, RuntimeError):
+                rescue.unlink(missing_ok=True)
                 continue
             logger.info("saved %s", rescue)
             return UserError(f"{error}. The trained LoRA is saved as {rescue} instead: move it where it belongs")
@@ -429,3 +431,12 @@ def _file_size_limit() -> int | None:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
+
+
+def _taken(path: Path) -> bool:
+    """Whether `path` was free and is now this process's (created empty, exclusively: no other process takes it too)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except OSError:
+        return False
