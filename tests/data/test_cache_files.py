@@ -258,6 +258,20 @@ def test_two_dtype_versions_of_one_key_are_refused_on_load(tmp_path):
         cf.load_cache(path)
 
 
+@pytest.mark.parametrize("value", [2, -1, 2**32])
+def test_a_token_mask_of_values_no_mask_holds_is_refused_on_load(tmp_path, value):
+    """fuzz_ar 5: a flipped bit (2**32), 2 or -1 in llm_mask trained silently on other token counts."""
+    path = tmp_path / "x_hv_te.safetensors"
+    mask = torch.ones(256, dtype=torch.int64)
+    mask[3] = value
+    save_file({"llm_float16": torch.zeros(256, 4).half(), "llm_mask": mask, "clipL_float16": torch.zeros(768).half()}, str(path))
+    with pytest.raises(UserError, match=r"llm_mask holds values other than 0 and 1, as no token mask does: a damaged cache"):
+        cf.load_cache(path)
+    mask[3] = 0  # (and bool masks, as the caching command writes them, pass)
+    save_file({"llm_float16": torch.zeros(256, 4).half(), "llm_mask": mask.bool(), "clipL_float16": torch.zeros(768).half()}, str(path))
+    assert cf.load_cache(path)["llm_mask"].sum() == 255
+
+
 def test_a_truncated_cache_is_named_on_load(tmp_path):
     path = cf.save_latent_cache(tmp_path / "t_0016x0016_hv.safetensors", torch.zeros(16, 1, 2, 2), size=(16, 16))
     path.write_bytes(path.read_bytes()[:-10])

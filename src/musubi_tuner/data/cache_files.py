@@ -411,6 +411,10 @@ def load_cache(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             # (finite but absurd: trained on without a word, a loss 5e8 times the others: fuzz_ab 8)
             raise UserError(f"{path}: {key} reaches {float(t.float().abs().max()):.3g}, where a VAE's latents stay within a "
                             "few units: a damaged cache; delete it and run the caching command again")
+        if name.endswith("_mask") and t.numel() and not bool(((t == 0) | (t == 1)).all()):
+            # (a flipped bit, 2 or -1 trained on other token counts without a word: fuzz_ar 5)
+            raise UserError(f"{path}: {key} holds values other than 0 and 1, as no token mask does: a damaged cache; delete "
+                            "it and run cache_text_encoder_outputs.py again")
         if name in tensors:
             raise UserError(f"{path}: holds two versions of {name!r} (different dtypes); "
                             f"delete it and run the caching command again")
