@@ -382,3 +382,15 @@ def test_a_cache_directory_that_is_a_file_is_named_not_taken_for_one_without_cac
     (tmp_path / "data" / "cache").write_text("a file")
     with pytest.raises(UserError, match=r"cache: is a file, expected a cache folder \(.*\[\[datasets\]\]\[0\]\.cache_directory\)"):
         TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=0)
+
+
+def test_a_truncated_text_cache_is_left_out_with_the_caching_command_to_remake_it(tmp_path, caplog):
+    """fuzz_ar 7: a cut text cache was left out with "download it again" (a cache is made, not downloaded), or no advice."""
+    write_item(tmp_path / "cache_i", "good")
+    write_item(tmp_path / "cache_i", "bad")
+    text = tmp_path / "cache_i" / "bad_hv_te.safetensors"
+    text.write_bytes(text.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        assert TrainingDataset.from_config(dataset_config(tmp_path), seed=0).num_items == 1
+    assert "file is truncated" in caplog.text and "download it again" not in caplog.text
+    assert "; delete it and run cache_text_encoder_outputs.py again" in caplog.text

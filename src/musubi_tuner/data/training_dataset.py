@@ -322,8 +322,8 @@ def _text_cache_problem(text_path: Path, widths: dict[tuple[str, int], Path]) ->
         return f"no text cache {text_path.name} (run cache_text_encoder_outputs.py)"
     try:
         entries, _ = read_safetensors_header(text_path)
-    except UserError as e:
-        return str(e)
+    except UserError as e:  # (as a latent cache's: it is made again, not downloaded: fuzz_ar 7)
+        return f"{str(e).removesuffix('; download it again')}; {_REDO_TEXT}"
     missing = [e for e in cache_files.TEXT_ENCODERS if not any(cache_files.logical_key(k) == e for k in entries)]
     if missing:
         return f"no {' or '.join(missing)} output in {text_path.name}"
