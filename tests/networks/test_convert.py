@@ -121,6 +121,20 @@ def test_unknown_naming_lists_keys(tmp_path):
         parse_lora({"foo.weight": torch.zeros(1)}, source="x.safetensors").require_whole()
 
 
+def test_a_cache_file_given_as_a_lora_is_named_as_the_cache_it_is(tmp_path):
+    """fuzz_ar 13: lora_info and the doctor analysed cache files as LoRAs of an unknown naming (and advised converting)."""
+    from musubi_tuner.data import cache_files
+    from musubi_tuner.networks.lora_reader import read_lora
+
+    latent = cache_files.save_latent_cache(tmp_path / "a_0016x0016_hv.safetensors", torch.zeros(16, 1, 2, 2), size=(16, 16))
+    text = tmp_path / "a_hv_te.safetensors"
+    cache_files.save_text_cache(text, "a cat", {**cache_files.text_encoder_tensors("llm", torch.zeros(256, 8).half(), torch.ones(256)),
+                                                **cache_files.text_encoder_tensors("clipL", torch.zeros(768).half(), None)})
+    for path, kind in ((latent, "a latent cache of cache_latents.py"), (text, "a text-encoder cache of cache_text_encoder_outputs.py")):
+        with pytest.raises(UserError, match=f"this is {kind} \\(training reads it through --dataset_config\\)"):
+            read_lora(path)
+
+
 def test_diffusers_prefix_with_a_trailing_dot_is_the_prefix_and_an_empty_one_is_refused(trained, tmp_path, caplog):
     """`--diffusers_prefix transformer.` wrote `transformer..double_blocks...`, which no reader loads (exit 0)."""
     from musubi_tuner import convert_lora

@@ -15,6 +15,10 @@ _KINDS = (
     ("a VAE", "pass it with --vae", r"(^|\.)(encoder|decoder)\.(down|up|mid|conv_in|conv_out|conv_norm_out)"),
     ("the LLM text encoder", "pass it with --text_encoder1", r"(^|\.)embed_tokens\.weight$"),
     ("the CLIP-L text encoder", "pass it with --text_encoder2", r"(^|\.)embeddings\.token_embedding\.weight$"),
+    # (the caches: analysed as LoRAs by lora_info and the doctor, with advice to convert them: fuzz_ar 13)
+    ("a latent cache of cache_latents.py", "training reads it through --dataset_config", r"^latents_\d+x\d+x\d+_\w+$"),
+    ("a text-encoder cache of cache_text_encoder_outputs.py", "training reads it through --dataset_config",
+     r"^(llm|clipL)_(mask|b?float\w*)$"),
 )
 SAMPLE = 2000  # keys looked at: every kind shows itself in its first few hundred
 

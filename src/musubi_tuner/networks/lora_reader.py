@@ -534,9 +534,13 @@ def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None
     problems: list[Problem] = []
     entries: dict[str, _Entry] = {}
     if weights and not any(_split_entry(k) for k in weights):
+        from musubi_tuner.hunyuan.model_kinds import what_weights_are
+
         sample = ", ".join(list(weights)[:4])
+        other = what_weights_are(list(weights))
         problems.append(Problem(list(weights), "not a HunyuanVideo LoRA in any naming we know (kohya lora_unet_*, "
-                                               f"diffusion_model.*.lora_A/B, diffusers transformer.*); first keys: {sample}"))
+                                               f"diffusion_model.*.lora_A/B, diffusers transformer.*); first keys: {sample}"
+                                               + (f"; this is {other}" if other else "")))
         return LoRAContents(source, [], problems, "unknown", metadata, weights)
     for key in weights:
         split = _split_entry(key)
