@@ -270,16 +270,19 @@ def test_a_latent_cache_training_cannot_use_is_left_out_naming_the_file_and_the_
     dataset[dataset.epoch_plan(1)[0]]  # what is left loads
 
 
-def test_a_truncated_latent_cache_is_left_out_with_the_caching_command_to_remake_it(tmp_path, caplog):
-    """fuzz_ak 5: a cut cache was left out with "download it again": a cache is made again, by cache_latents.py."""
+@pytest.mark.parametrize("cache, command", [("bad_0064x0032_hv.safetensors", "cache_latents.py"),
+                                            ("bad_hv_te.safetensors", "cache_text_encoder_outputs.py")])
+def test_a_truncated_cache_is_left_out_with_the_caching_command_to_remake_it(tmp_path, caplog, cache, command):
+    """fuzz_ak 5, fuzz_ar 7: a cut cache was left out with "download it again" (a text cache's with no advice at times):
+    a cache is made again, by the caching command."""
     write_item(tmp_path / "cache_i", "good")
     write_item(tmp_path / "cache_i", "bad")
-    bad = tmp_path / "cache_i" / "bad_0064x0032_hv.safetensors"
+    bad = tmp_path / "cache_i" / cache
     bad.write_bytes(bad.read_bytes()[:60])
     with caplog.at_level(logging.WARNING):
         assert TrainingDataset.from_config(dataset_config(tmp_path), seed=0).num_items == 1
     assert "1 cached items left out: " in caplog.text and "download it again" not in caplog.text
-    assert "delete it and run cache_latents.py again" in caplog.text
+    assert f"delete it and run {command} again" in caplog.text
 
 
 def _text(llm=(256, 8), mask=(256,), clip=(768,), llm_dtype=torch.float16, mask_dtype=torch.int64, clip_mask=(77,)):
@@ -382,15 +385,3 @@ def test_a_cache_directory_that_is_a_file_is_named_not_taken_for_one_without_cac
     (tmp_path / "data" / "cache").write_text("a file")
     with pytest.raises(UserError, match=r"cache: is a file, expected a cache folder \(.*\[\[datasets\]\]\[0\]\.cache_directory\)"):
         TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=0)
-
-
-def test_a_truncated_text_cache_is_left_out_with_the_caching_command_to_remake_it(tmp_path, caplog):
-    """fuzz_ar 7: a cut text cache was left out with "download it again" (a cache is made, not downloaded), or no advice."""
-    write_item(tmp_path / "cache_i", "good")
-    write_item(tmp_path / "cache_i", "bad")
-    text = tmp_path / "cache_i" / "bad_hv_te.safetensors"
-    text.write_bytes(text.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING):
-        assert TrainingDataset.from_config(dataset_config(tmp_path), seed=0).num_items == 1
-    assert "file is truncated" in caplog.text and "download it again" not in caplog.text
-    assert "; delete it and run cache_text_encoder_outputs.py again" in caplog.text

@@ -298,25 +298,6 @@ def test_a_disk_with_room_for_the_loras_tensors_but_not_its_header_is_refused_at
     assert not list(elsewhere.iterdir())  # refused before training, not rescued after it
 
 
-def test_a_periodic_save_on_the_last_step_that_finds_no_room_is_rescued_too(assets, tmp_path):
-    """fuzz_aq 6: only the final save was rescued; a --save_every_n_steps save on the run's last step (the usual case)
-    that met a full disk stopped the run there, and the finished run's training was lost."""
-    size, _ = _lora_sizes(assets, tmp_path)
-    disk = 4096 + -(-(size + 48 * 1024) // 4096) * 4096  # room for the save at step 2; none for the one at step 4
-    out, elsewhere = tmp_path / "out", tmp_path / "tmp"
-    elsewhere.mkdir()
-    result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi", "--max_train_steps", "4",
-                                                        "--save_every_n_steps", "2"), tmp_path,
-                         small_disk=(out, disk), env={"TMPDIR": str(elsewhere)})
-    no_traceback(result)
-    (line,) = result.error_lines
-    rescued = elsewhere / "tiny-rescued-step00000004.safetensors"
-    assert result.code == 2 and re.fullmatch(rf"error: \S+/out/tiny-step00000004\.safetensors: cannot write .*No space left on "
-                                             rf"device.*\. The trained LoRA is saved as {re.escape(str(rescued))} instead: move "
-                                             rf"it where it belongs", line), line
-    assert files.read_safetensors_header(rescued)[1]["ss_steps"] == "4"
-
-
 def test_a_rescue_name_is_taken_by_one_run_only(tmp_path):
     """fuzz_aq 13: two runs rescuing at once both chose the first free name (checked, then written), and one rescued
     LoRA replaced the other. A name is taken by creating it, exclusively, in a second process here."""
@@ -331,27 +312,29 @@ def test_a_rescue_name_is_taken_by_one_run_only(tmp_path):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
-def test_a_final_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_and_named(assets, tmp_path):
+@pytest.mark.parametrize("steps, saved", [(3, "tiny"), (4, "tiny-step00000004")], ids=["final", "periodic-on-the-last-step"])
+def test_a_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_and_named(assets, tmp_path, steps, saved):
     """A full disk at the final save lost the run's training (all of it, without --save_state): the LoRA was in memory
-    only. It is written to the temporary folder instead, and the error names it."""
+    only. It is written to the temporary folder instead, and the error names it. A periodic save on the run's last step
+    (the usual case: --save_every_n_steps dividing the steps) was not rescued, and lost it too (fuzz_aq 6)."""
     size, _ = _lora_sizes(assets, tmp_path)
     # a disk with room for one save (the start's check) beside the run's lock file, which the save at step 2 fills: the
-    # final one, at step 3, finds no room
+    # next one finds no room
     disk = 4096 + -(-(size + 48 * 1024) // 4096) * 4096
     out, elsewhere = tmp_path / "out", tmp_path / "tmp"
     elsewhere.mkdir()
-    earlier = elsewhere / "tiny-rescued-step00000003.safetensors"  # an earlier run's rescue of the same name and step
+    earlier = elsewhere / f"tiny-rescued-step{steps:08d}.safetensors"  # an earlier run's rescue of the same name and step
     earlier.write_bytes(b"an earlier run's LoRA")  # (was replaced; another user's in a shared /tmp refused the write)
-    result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi", "--max_train_steps", "3",
+    result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi", "--max_train_steps", str(steps),
                                                         "--save_every_n_steps", "2"), tmp_path,
                          small_disk=(out, disk), env={"TMPDIR": str(elsewhere)})
     no_traceback(result)
     (line,) = result.error_lines
-    rescued = elsewhere / "tiny-rescued-step00000003-1.safetensors"
+    rescued = elsewhere / f"tiny-rescued-step{steps:08d}-1.safetensors"
     assert earlier.read_bytes() == b"an earlier run's LoRA"
     assert result.code == 2
-    assert re.fullmatch(rf"error: \S+/out/tiny\.safetensors: cannot write .*No space left on device.*\. The trained LoRA is "
-                        rf"saved as {re.escape(str(rescued))} instead: move it where it belongs", line), line
+    assert re.fullmatch(rf"error: \S+/out/{saved}\.safetensors: cannot write .*No space left on device.*\. The trained LoRA "
+                        rf"is saved as {re.escape(str(rescued))} instead: move it where it belongs", line), line
     weights = files.StateDictFile(rescued).load_all()
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
-    assert files.read_safetensors_header(rescued)[1]["ss_steps"] == "3"  # the run's metadata, as the final file's
+    assert files.read_safetensors_header(rescued)[1]["ss_steps"] == str(steps)  # the run's metadata, as its file's
