@@ -441,6 +441,10 @@ def unwritable_name(path: str | os.PathLike) -> str | None:
                 f"bytes over the {limit} a name may have); shorten the name it comes from by {excess} bytes")
     if path.is_dir():
         return f"a folder stands where its file {path} goes; move it away"
+    try:  # (a FIFO, a device, a broken link there stopped the whole caching run at that item: fuzz_aq 14)
+        output_target(path)
+    except UserError as e:
+        return str(e).removeprefix(f"{path}: ")
     return None
 
 

@@ -323,6 +323,15 @@ def folder_at_a_cache_name(a, tmp) -> Path:
     return toml
 
 
+def fifo_at_a_cache_name(a, tmp) -> Path:
+    """The dataset's copy, with a FIFO where its first latent cache belongs."""
+    toml, _ = copy_dataset(a, tmp)
+    cache = first_cache(a, tmp)
+    cache.unlink()
+    os.mkfifo(cache)
+    return toml
+
+
 def source_of_a_long_name(a, tmp) -> Path:
     """The dataset's copy, one image (and its caption) renamed to a 236-byte stem: its cache's name is over 255 bytes."""
     toml, folder = copy_dataset(a, tmp)
@@ -498,6 +507,11 @@ CASES = [
          then=summary_names(r"\n  failed: \S+\.png: a folder stands where its file \S+_hv\.safetensors goes; move it away\n",
                             r"\[\[datasets\]\]\[0\]: \d+ latent caches cached, \d+ already cached, 0 skipped, 1 failed",
                             r"\[\[datasets\]\]\[1\]: .*, 0 failed")),
+    Case("cache-latents-fifo-where-a-cache-belongs", "cache_latents",  # (it stopped the whole run at that item: fuzz_aq 14)
+         lambda a, t: cache_latents_argv(fifo_at_a_cache_name(a, t), a, "--skip_existing"), None,
+         then=summary_names(r"\n  failed: \S+\.png: cannot write: it is a FIFO, not a file to save in; move it away or choose "
+                            r"another name\n", r"\[\[datasets\]\]\[0\]: \d+ latent caches cached, \d+ already cached, 0 skipped, "
+                            r"1 failed", r"\[\[datasets\]\]\[1\]: .*, 0 failed")),
     Case("cache-latents-source-name-too-long-for-its-cache", "cache_latents",
          lambda a, t: cache_latents_argv(source_of_a_long_name(a, t), a), None,
          then=summary_names(r"\n  failed: \S+/n{236}\.png: the name of its file n{40}\.\.\. is too long for \S+ \(with its "
