@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,12 @@ def latent_cache_far_from_any_vae(a, tmp) -> Path:
     tensors[key] = torch.full_like(tensors[key], 60000)
     files.save_safetensors(tensors, path, metadata=f.metadata)
     return toml
+
+
+def without_its_state(out: Path) -> Path:
+    """An earlier run's LoRA files in `out`, its state removed (a run saved without --save_state)."""
+    shutil.rmtree(out / "tiny-state")
+    return out
 
 
 def with_damaged_state(part: str):
@@ -785,6 +792,10 @@ CASES = [
     Case("train-afresh-over-an-earlier-run-says-so", "hv_train_network", lambda a, t: train_argv(a, trained_before(a, t)), None,
          warning=r"out holds 3 files of an earlier run named tiny \(tiny\.comfyui\.safetensors, tiny\.safetensors, tiny-state\); "
                  r"this run starts afresh"),
+    Case("train-resume-auto-that-finds-no-state-over-an-earlier-run-says-so-too", "hv_train_network",  # (fuzz_at 2: unsaid)
+         lambda a, t: train_argv(a, without_its_state(trained_before(a, t)), "--resume", "auto"), None,
+         warning=r"out holds 2 files of an earlier run named tiny \(tiny\.comfyui\.safetensors, tiny\.safetensors\); this run "
+                 r"starts afresh"),
     Case("train-resume-a-state-whose-lora-has-another-shape", "hv_train_network", with_damaged_state("network"),
          r"tiny-state/network\.safetensors: \S+lora_down\.weight is float32 \[8, \d+\], this run's LoRA holds float32 \[4, \d+\]; "
          r"pick another state folder or --resume auto", keep=outputs_of("out")),

@@ -965,8 +965,8 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
                             scheduler=scheduler, optimizer=optimizer, run=run, hub=hub)
     saver.resumed_from = Path(resume_from) if resume_from is not None else None
-    if not args.resume and is_main:
-        saver.warn_of_an_earlier_run()
+    if resume_from is None and is_main:  # (also --resume auto that found no state: it replaced an earlier run's files unsaid:
+        saver.warn_of_an_earlier_run()  # fuzz_at 2)
     if args.logging_dir or args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None,
                                   init_kwargs=tracker_init_kwargs(args))
