@@ -338,3 +338,33 @@ def test_a_lora_the_disk_has_no_room_for_is_saved_in_the_temporary_folder_and_na
     weights = files.StateDictFile(rescued).load_all()
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     assert files.read_safetensors_header(rescued)[1]["ss_steps"] == str(steps)  # the run's metadata, as its file's
+
+
+def test_a_save_into_a_name_another_command_is_writing_is_refused_naming_it_and_the_lora_rescued(assets, tmp_path):
+    """fuzz_at 1: a merge into a step checkpoint's name, started before the run, replaced that checkpoint with the merged
+    DiT once it renamed its file; both said they had saved it."""
+    import subprocess
+    import sys
+
+
+
+    out, rescues = tmp_path / "out", tmp_path / "rescues"
+    out.mkdir()
+    rescues.mkdir()
+    step = out / "tiny-step00000002.safetensors"
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom musubi_tuner.files import RunLock, output_file_lock\n"
+                               f"with RunLock(output_file_lock({str(step)!r}), 'merge into this file', '--save_merged_model'):\n"
+                               "    print('held', flush=True)\n    time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = run_command("hv_train_network", train_argv(assets, out, "--lora_format", "musubi", "--max_train_steps", "3",
+                                                            "--save_every_n_steps", "2"), tmp_path, env={"TMPDIR": str(rescues)})
+    finally:
+        holder.kill()
+        holder.wait()
+    no_traceback(result)
+    assert result.code == 2 and re.fullmatch(
+        rf"error: --output_dir / --output_name {re.escape(str(step))}: another command is writing this file \(pid {holder.pid} .*\)"
+        rf"; wait for it to end, or choose another name\. The trained LoRA is saved as {re.escape(str(rescues))}/tiny-rescued-"
+        rf"step00000002\.safetensors instead: move it where it belongs", result.error_lines[0]), result.error_lines
+    assert not step.exists()

@@ -19,7 +19,8 @@ import torch
 from musubi_tuner.distributed import patient_wait
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError, stops_held
-from musubi_tuner.files import lora_file_names, remove_folder, remove_leftover_temp_files, require_names_fit, temporary_name
+from musubi_tuner.files import (lora_file_names, refuse_a_writer_of, remove_folder, remove_leftover_temp_files, require_names_fit,
+                                temporary_name)
 from musubi_tuner.networks.lora_metadata import lora_module_info
 from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
 from musubi_tuner.training.state import TrainProgress, save_state
@@ -87,7 +88,7 @@ def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format
     """Before the run: no folder stands where the final LoRA (or its ComfyUI copy) goes, and no file (or device) where
     a LoRA or the final state goes. Found when it was written, it cost the whole run: the steps after the last saved
     state, or all of them without --save_state."""
-    from musubi_tuner.files import output_target, refuse_a_writer_of
+    from musubi_tuner.files import output_target
     from musubi_tuner.networks.lora_files import companion_path
 
     final = Path(output_dir) / f"{name}.safetensors"
@@ -300,6 +301,9 @@ class CheckpointSaver:
                                                    epoch=epoch, spec=self.spec, naming=out.naming, companion=out.companion)
                             if self.hub is not None:
                                 self.hub.wait_for(out.path)  # an upload of an older file of this name still reading it
+                            # a merge writing into this name (started before the run, into a step's name: its rename
+                            # replaced the checkpoint, both said saved: fuzz_at 1) is named; the LoRA is rescued
+                            refuse_a_writer_of(out.path, "--output_dir / --output_name")
                             staged = pair.enter_context(atomic_write(out.path))
                             save_safetensors(out.tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
                 except UserError as e:  # every save's LoRA is rescued, not only the final one: a periodic save on the
