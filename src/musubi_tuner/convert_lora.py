@@ -25,7 +25,7 @@ import logging
 
 from musubi_tuner.cli import Parser, path
 from musubi_tuner.errors import UserError, run_cli
-from musubi_tuner.files import check_output_file
+from musubi_tuner.files import RunLock, check_output_file, output_file_lock
 
 logger = logging.getLogger("convert_lora")
 
@@ -60,34 +60,40 @@ def diffusers_prefix(value: str | None) -> str:
 def main(argv=None) -> None:
     def run(argv):
         args = build_parser().parse_args(argv)
-        from musubi_tuner.networks.lora_files import save_lora, unfolded
-        from musubi_tuner.networks.lora_reader import folded_dtype, kohya_state_dict, other_state_dict, read_lora
-        from musubi_tuner.networks.lora_metadata import with_naming
-
         check_output_file(args.output, "--output", {"--input": [args.input]})
-        prefix = diffusers_prefix(args.diffusers_prefix)
-        contents = read_lora(args.input, args.allow_partial_lora)
-        if args.target == "other":
-            out = other_state_dict(contents.patches, prefix)
-            widened = sorted({str(t.dtype).removeprefix("torch.") for p in contents.patches if p.kind == "lora"
-                              for t in (p.up, p.down) if folded_dtype(t.dtype) != t.dtype})
-            if widened:
-                logger.info("%s: its %s LoRA factors are written in bf16 with alpha / rank folded in (fp8 would round the "
-                            "folded values, the small ones to 0)", args.input, " and ".join(widened))
-        else:
-            if args.diffusers_prefix is not None:
-                logger.warning("--diffusers_prefix %s is ignored: it names the keys of --target other; --target default "
-                               "writes kohya names (lora_unet_*)", args.diffusers_prefix)
-            # (a copy in the other naming that this toolkit wrote holds alpha / rank in its factors and each module's
-            # alpha in its metadata: given back, the round trip is the file it came from, and the metadata true: F5)
-            out = kohya_state_dict(unfolded(contents))
-        # PEFT's lora_alpha is now in the weights (folded) or in .alpha keys: kept, it would scale them twice
-        metadata = {k: v for k, v in contents.metadata.items() if k != "lora_adapter_metadata"}
-        save_lora(out, args.output, with_naming(metadata, "other" if args.target == "other" else "kohya"))
-        modules = len({p.module for p in contents.patches})
-        print(f"{args.input} -> {args.output}: {modules} modules in the {args.target} naming")
+        with RunLock(output_file_lock(args.output), "conversion into this file", "--output"):  # (seen by a training's save
+            convert(args)                                                                   # and a merge: fuzz_at 1)
 
     run_cli(run, argv)
+
+
+def convert(args) -> None:
+    """--input in the naming --target asks for, written to --output."""
+    from musubi_tuner.networks.lora_files import save_lora, unfolded
+    from musubi_tuner.networks.lora_metadata import with_naming
+    from musubi_tuner.networks.lora_reader import folded_dtype, kohya_state_dict, other_state_dict, read_lora
+
+    prefix = diffusers_prefix(args.diffusers_prefix)
+    contents = read_lora(args.input, args.allow_partial_lora)
+    if args.target == "other":
+        out = other_state_dict(contents.patches, prefix)
+        widened = sorted({str(t.dtype).removeprefix("torch.") for p in contents.patches if p.kind == "lora"
+                          for t in (p.up, p.down) if folded_dtype(t.dtype) != t.dtype})
+        if widened:
+            logger.info("%s: its %s LoRA factors are written in bf16 with alpha / rank folded in (fp8 would round the "
+                        "folded values, the small ones to 0)", args.input, " and ".join(widened))
+    else:
+        if args.diffusers_prefix is not None:
+            logger.warning("--diffusers_prefix %s is ignored: it names the keys of --target other; --target default "
+                           "writes kohya names (lora_unet_*)", args.diffusers_prefix)
+        # (a copy in the other naming that this toolkit wrote holds alpha / rank in its factors and each module's
+        # alpha in its metadata: given back, the round trip is the file it came from, and the metadata true: F5)
+        out = kohya_state_dict(unfolded(contents))
+    # PEFT's lora_alpha is now in the weights (folded) or in .alpha keys: kept, it would scale them twice
+    metadata = {k: v for k, v in contents.metadata.items() if k != "lora_adapter_metadata"}
+    save_lora(out, args.output, with_naming(metadata, "other" if args.target == "other" else "kohya"))
+    modules = len({p.module for p in contents.patches})
+    print(f"{args.input} -> {args.output}: {modules} modules in the {args.target} naming")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import argparse
 
 from musubi_tuner.cli import Parser, path, real
 from musubi_tuner.errors import run_cli
-from musubi_tuner.files import check_output_file
+from musubi_tuner.files import RunLock, check_output_file, output_file_lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,10 @@ def main(argv=None) -> None:
         check_output_file(args.output_file, "--output_file", {"the checkpoints to average": args.path})
         paths = order_files(args.path, sort=not args.no_sort)
         betas = ema_betas(len(paths) - 1, args.beta, args.beta2, args.sigma_rel)
-        weights, metadata = post_hoc_ema(paths, betas)
-        save_lora(weights, args.output_file, metadata)
+        # (held while it works: a training's save and a merge into this name see it: fuzz_at 1)
+        with RunLock(output_file_lock(args.output_file), "post-hoc EMA into this file", "--output_file"):
+            weights, metadata = post_hoc_ema(paths, betas)
+            save_lora(weights, args.output_file, metadata)
         shown = ", ".join(f"{b:.4f}" for b in betas) or "none (one file)"
         print(f"{len(paths)} checkpoints, oldest first {paths[0].name} .. {paths[-1].name}, beta per merge: {shown} -> {args.output_file}")
 
