@@ -49,10 +49,10 @@ def generation_metadata(args, seed: int, steps_run: int) -> dict[str, str]:
         meta["negative_prompt"] = args.negative_prompt
     if args.lora_weight:
         meta["lora_weight"] = json.dumps([str(p) for p in args.lora_weight])
-        # what each file was applied at: a file past the last value at 1.0, values past the last file unused (the list
-        # as typed was recorded: fuzz_ap 9)
-        given = args.lora_multiplier or []
-        meta["lora_multiplier"] = json.dumps([given[i] if i < len(given) else 1.0 for i in range(len(args.lora_weight))])
+        from musubi_tuner.networks.merge import resolve_multipliers
+
+        # what each file was applied at, as the LoRAs are applied (the list as typed was recorded: fuzz_ap 9)
+        meta["lora_multiplier"] = json.dumps(resolve_multipliers(args.lora_weight, args.lora_multiplier))
         if args.lora_blocks:
             meta["lora_blocks"] = json.dumps(args.lora_blocks)
         if args.exclude_single_blocks:
