@@ -307,7 +307,8 @@ class CheckpointSaver:
                             staged = pair.enter_context(atomic_write(out.path))
                             save_safetensors(out.tensors, staged, metadata={k: str(v) for k, v in meta.items()}, staged=True)
                 except UserError as e:  # every save's LoRA is rescued, not only the final one: a periodic save on the
-                    kohya = outputs[0]  # last step failed, and the finished run's training was lost (fuzz_aq 6)  # (alone: its companion is not beside it)
+                    # last step failed, and the finished run's training was lost (fuzz_aq 6)
+                    kohya = outputs[0]  # (alone: its companion is not beside it)
                     meta = finish_metadata({**self.metadata, **extra}, kohya.tensors, steps=progress.global_step, epoch=epoch,
                                            spec=self.spec, naming=kohya.naming, companion=None)
                     raise self._rescued(kohya.tensors, meta, progress, e) from None
