@@ -23,12 +23,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-import json
 import logging
 import os
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -319,60 +318,29 @@ def _read_config(weights: WeightFiles, config_class, full_size: dict, model_type
     """(config, where it came from) from the folder's config.json (a whole llava/CLIP config gives its text part),
     else the file's metadata, else the full-size config. Values transformers refuses are one UserError naming the
     file and the field."""
-    found = _config_found(weights.path, lambda: weights.metadata)
-    if found is None:
-        return config_class(**full_size), f"the full-size {what} config"
-    raw, source = found
-    if source != str(weights.path / "config.json"):  # (the weights' metadata)
+    config_file = weights.path / "config.json"
+    if weights.path.is_dir() and (config_file.exists() or config_file.is_symlink()):  # (a broken link is named by read_json)
+        raw = read_json(config_file)
+        if raw.get("model_type") == "clip":
+            from transformers import CLIPConfig
+
+            config = make_config(lambda d: CLIPConfig.from_dict(d).text_config, raw, str(config_file), what)
+        else:
+            source, part = str(config_file), raw
+            if "text_config" in raw:
+                source, part = f"{config_file}: text_config", raw["text_config"]
+                if not isinstance(part, dict):
+                    raise UserError(f"{source} is {json_type_name(part)}, where an object is expected; restore config.json "
+                                    "from the model's download")
+            config = make_config(lambda d: config_class(**d), part, source, what)
+        if config.model_type != model_type:
+            raise UserError(f"{config_file}: model_type {config.model_type!r} is not a {what} ({model_type!r})")
+        return config, str(config_file)
+    if CONFIG_METADATA_KEY in weights.metadata:
+        source = f"{weights.path}: metadata {CONFIG_METADATA_KEY}"
+        raw = parse_json(weights.metadata[CONFIG_METADATA_KEY], source)
         return make_config(lambda d: config_class(**d), raw, source, what), source
-    config_file = source
-    if raw.get("model_type") == "clip":
-        from transformers import CLIPConfig
-
-        config = make_config(lambda d: CLIPConfig.from_dict(d).text_config, raw, config_file, what)
-    else:
-        part = raw
-        if "text_config" in raw:
-            source, part = f"{config_file}: text_config", raw["text_config"]
-            if not isinstance(part, dict):
-                raise UserError(f"{source} is {json_type_name(part)}, where an object is expected; restore config.json "
-                                "from the model's download")
-        config = make_config(lambda d: config_class(**d), part, source, what)
-    if config.model_type != model_type:
-        raise UserError(f"{config_file}: model_type {config.model_type!r} is not a {what} ({model_type!r})")
-    return config, config_file
-
-
-def _config_found(path: Path, metadata: Callable[[], dict]) -> tuple[dict, str] | None:
-    """(the raw config, its source) a text encoder's files give: a folder's config.json, else the weights' metadata
-    (`metadata()`, read only then); None: neither, and the full-size config is meant."""
-    config_file = path / "config.json"
-    if path.is_dir() and (config_file.exists() or config_file.is_symlink()):  # (a broken link is named by read_json)
-        return read_json(config_file), str(config_file)
-    found = metadata()
-    if CONFIG_METADATA_KEY in found:
-        source = f"{path}: metadata {CONFIG_METADATA_KEY}"
-        return parse_json(found[CONFIG_METADATA_KEY], source), source
-    return None
-
-
-def planned_config(path: str | os.PathLike, which: int) -> str | None:
-    """The text model config (JSON) of text encoder `which` (1: the LLM, 2: CLIP) at `path`, as the loader finds it,
-    for the planner, which builds the model from it (without transformers imported here); None for the full-size
-    one. A dry run planned the reference models whatever files were given (fuzz_af 15)."""
-    what = "text encoder 1 (LLM)" if which == 1 else "text encoder 2 (CLIP-L)"
-    found = _config_found(Path(path), lambda: WeightFiles(path, what).metadata)
-    if found is None:
-        return None
-    raw, source = found
-    part = raw.get("text_config", raw if raw.get("model_type") != "clip" else None)
-    if not isinstance(part, dict):
-        return None
-    expected = "llama" if which == 1 else "clip_text_model"
-    if part.get("model_type", expected) != expected:  # (a CLIP folder given as the LLM was planned as a tiny LLM)
-        raise UserError(f"{source}: model_type {part.get('model_type')!r} is not a "
-                        f"{'Llama text encoder' if which == 1 else 'CLIP text model'} ({expected!r})")
-    return json.dumps(part, sort_keys=True)
+    return config_class(**full_size), f"the full-size {what} config"
 
 
 def make_config(build, raw: dict, source: str, what: str):
@@ -525,10 +493,10 @@ def llm_weight_storage(keys, dtype: torch.dtype, fp8: bool) -> tuple[torch.dtype
     return torch.bfloat16, {k for k in keys if LLM_FP8_WEIGHTS.fullmatch(k)}
 
 
-def check_text_encoder1(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> None:
+def check_text_encoder1(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> LlamaConfig:
     """Everything load_text_encoder1 checks (files, keys, shapes, tokenizer) without reading weights, so a wrong
-    --text_encoder1 fails before hours of other work."""
-    _open_llm(path, tokenizer_path)
+    --text_encoder1 fails before hours of other work; its config (what the planner builds the model from)."""
+    return _open_llm(path, tokenizer_path)[2]
 
 
 @contextlib.contextmanager
@@ -593,9 +561,9 @@ def load_text_encoder2(path: str | os.PathLike, dtype: torch.dtype | None = torc
     return CLIPTextEncoder(model, tokenizer, dtype, weights.path)
 
 
-def check_text_encoder2(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> None:
-    """Everything load_text_encoder2 checks, without reading weights."""
-    _open_clip(path, tokenizer_path)
+def check_text_encoder2(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> CLIPTextConfig:
+    """Everything load_text_encoder2 checks, without reading weights; its config."""
+    return _open_clip(path, tokenizer_path)[3].config
 
 
 def _open_clip(path, tokenizer_path):

@@ -53,9 +53,8 @@ def model_configs(args) -> dict:
         vae_file.close()
         return config
 
-    def text_config(path, which: int):  # checked as the loader checks it first: a config it refuses was a traceback or
-        (te.check_text_encoder1 if which == 1 else te.check_text_encoder2)(path)  # a hang in the trace (fuzz_au 4)
-        return te.planned_config(path, which)
+    def text_config(path, which: int) -> str:  # the loader's config, after its checks: one it refuses was a traceback or
+        return (te.check_text_encoder1 if which == 1 else te.check_text_encoder2)(path).to_json_string()  # a hang (fuzz_au 4)
 
     found = {}
     for flag, key, read in (("vae", "vae", vae_config), ("text_encoder1", "llm_config", lambda p: text_config(p, 1)),
