@@ -124,7 +124,7 @@ def _wrapped(draw: ImageDraw.ImageDraw, text: str, width: int, most: int) -> lis
         if line:
             lines.append(line)
         while draw.textlength(word) > width and len(word) > 1:  # a word wider than the line: cut where it fills it
-            cut = max(1, next(i for i in range(len(word), 0, -1) if draw.textlength(word[:i]) <= width))
+            cut = next((i for i in range(len(word) - 1, 0, -1) if draw.textlength(word[:i]) <= width), 1)
             lines.append(word[:cut])
             word = word[cut:]
         line = word
