@@ -1022,88 +1022,86 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         if progress.batch_in_epoch >= batches_per_epoch:
             end_epoch(progress.epoch)
     first_step = progress.global_step
-
-    def keep_the_curve(exc_type, exc, tb) -> None:
-        """A stop (Ctrl-C, the studio's Stop), a NaN, a crash: the curve keeps the steps made since its last write, up to
-        LIVE_SECONDS of them (it ended a few steps before the run: fuzz_ao 11); a run that made no step writes nothing
-        (an earlier run's curve was replaced by a header, or cut back to the resumed step: fuzz_au 2)."""
-        if exc_type is not None and is_main and progress.global_step > first_step:
-            saver.losses.write_csv_if_due(at_once=True)
-
-    held.push(keep_the_curve)
-    for epoch in range(progress.epoch, num_epochs) if not finishing else ():
-        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
-        sampler.set_epoch(epoch + 1, start=skip)
-        for i, batch in enumerate(loader, start=skip):
-            # an optimizer step every --gradient_accumulation_steps batches and at each epoch's end, as
-            # total_training_steps plans (and accelerate does with a loader it prepared): the rest of an epoch is
-            # neither carried into the next nor, at the end of a run, dropped. (accelerator.backward divides the loss
-            # by the accumulation, so the step of an epoch's rest is of its share.) Counted in the epoch, so a resume
-            # at a saved step keeps the same steps.
-            sync = (i + 1) % args.gradient_accumulation_steps == 0 or i + 1 == batches_per_epoch
-            with compile_errors():
-                uniform = torch.tensor(batch["timesteps"]) if batch.get("timesteps") is not None else None
-                loss = training_step(dit, batch, accelerator, ts_cfg, guidance_value, uniform, sample_seeds(seed, epoch + 1, batch["sample_ids"]))
-                # the mean over all processes: what is logged, and every process stops together on a bad one
-                global_loss = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss.detach()
-                if not torch.isfinite(global_loss):
-                    raise diverged(f"loss is {global_loss.item()}", loss.detach())
-                accelerator.backward(loss)
-                micro_losses.append(global_loss)
-                if sync:
-                    if reducer is not None:
-                        reducer.reduce()
-                    norm = accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm or float("inf"))
-                    # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
-                    if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                        raise diverged(f"the gradient norm is {float(norm)}")
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if (bad := first_non_finite(network)) is not None:
-                        raise diverged(f"the update made {bad} NaN/inf")
-            progress.batch_in_epoch = i + 1
-            if not sync:
-                continue
-            progress.global_step += 1
-            if compile_pending:  # the first step compiled every block
-                log_graph_breaks(args.debug)
-                compile_pending = False
-            max_norm = {}
-            if args.scale_weight_norms:  # (logged as musubi-tuner logs it: fuzz_ai 4)
-                scaled, mean_norm, max_key_norm = network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
-                max_norm = {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_key_norm}
-            # a step's loss is the mean of its micro-batches', which its update followed (the last one's alone was logged,
-            # and the epoch's window counted micro-batches, so loss/epoch took in the epoch before: fuzz_ai 1)
-            step_loss = torch.stack(micro_losses).float().mean().item()
-            micro_losses.clear()
-            recent = (recent + [step_loss])[-steps_per_epoch:]
-            saver.losses.add(progress.global_step, step_loss)
-            # every parameter group's rate under its name, as musubi-tuner logs them ("unet", and LoRA+'s "unet plus")
-            rates = scheduler.get_last_lr()
-            names = [*(group_names or ["unet"])[:len(rates)], *(f"group{i}" for i in range(len(group_names or ["unet"]), len(rates)))]
-            logs = {"loss/current": step_loss, "loss/average": sum(recent) / len(recent),
-                    **{f"lr/{name}": lr for name, lr in zip(names, rates)}, **max_norm}
-            bar.update(1)
-            if validation is not None:
-                validation.after_step(progress.global_step)
-            shown = {"val": f"{validation.last.loss:.4f}"} if validation is not None else {}
-            if max_norm:
-                shown["keys_scaled"] = max_norm["max_norm/keys_scaled"]
-            bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{rates[0]:.2e}", **shown)
-            accelerator.log(logs, step=progress.global_step)
-            saver.after_step(progress)
-            if is_main:
-                saver.losses.write_csv_if_due()  # a live curve for whoever watches the run
-            if samples is not None:
-                samples.after_step(dit, network, optimizer, progress.global_step)
+    try:
+        for epoch in range(progress.epoch, num_epochs) if not finishing else ():
+            skip = progress.batch_in_epoch if epoch == progress.epoch else 0
+            sampler.set_epoch(epoch + 1, start=skip)
+            for i, batch in enumerate(loader, start=skip):
+                # an optimizer step every --gradient_accumulation_steps batches and at each epoch's end, as
+                # total_training_steps plans (and accelerate does with a loader it prepared): the rest of an epoch is
+                # neither carried into the next nor, at the end of a run, dropped. (accelerator.backward divides the loss
+                # by the accumulation, so the step of an epoch's rest is of its share.) Counted in the epoch, so a resume
+                # at a saved step keeps the same steps.
+                sync = (i + 1) % args.gradient_accumulation_steps == 0 or i + 1 == batches_per_epoch
+                with compile_errors():
+                    uniform = torch.tensor(batch["timesteps"]) if batch.get("timesteps") is not None else None
+                    loss = training_step(dit, batch, accelerator, ts_cfg, guidance_value, uniform, sample_seeds(seed, epoch + 1, batch["sample_ids"]))
+                    # the mean over all processes: what is logged, and every process stops together on a bad one
+                    global_loss = accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss.detach()
+                    if not torch.isfinite(global_loss):
+                        raise diverged(f"loss is {global_loss.item()}", loss.detach())
+                    accelerator.backward(loss)
+                    micro_losses.append(global_loss)
+                    if sync:
+                        if reducer is not None:
+                            reducer.reduce()
+                        norm = accelerator.clip_grad_norm_(network.parameters(), args.max_grad_norm or float("inf"))
+                        # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
+                        if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                            raise diverged(f"the gradient norm is {float(norm)}")
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        if (bad := first_non_finite(network)) is not None:
+                            raise diverged(f"the update made {bad} NaN/inf")
+                progress.batch_in_epoch = i + 1
+                if not sync:
+                    continue
+                progress.global_step += 1
+                if compile_pending:  # the first step compiled every block
+                    log_graph_breaks(args.debug)
+                    compile_pending = False
+                max_norm = {}
+                if args.scale_weight_norms:  # (logged as musubi-tuner logs it: fuzz_ai 4)
+                    scaled, mean_norm, max_key_norm = network.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
+                    max_norm = {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_key_norm}
+                # a step's loss is the mean of its micro-batches', which its update followed (the last one's alone was logged,
+                # and the epoch's window counted micro-batches, so loss/epoch took in the epoch before: fuzz_ai 1)
+                step_loss = torch.stack(micro_losses).float().mean().item()
+                micro_losses.clear()
+                recent = (recent + [step_loss])[-steps_per_epoch:]
+                saver.losses.add(progress.global_step, step_loss)
+                # every parameter group's rate under its name, as musubi-tuner logs them ("unet", and LoRA+'s "unet plus")
+                rates = scheduler.get_last_lr()
+                names = [*(group_names or ["unet"])[:len(rates)], *(f"group{i}" for i in range(len(group_names or ["unet"]), len(rates)))]
+                logs = {"loss/current": step_loss, "loss/average": sum(recent) / len(recent),
+                        **{f"lr/{name}": lr for name, lr in zip(names, rates)}, **max_norm}
+                bar.update(1)
+                if validation is not None:
+                    validation.after_step(progress.global_step)
+                shown = {"val": f"{validation.last.loss:.4f}"} if validation is not None else {}
+                if max_norm:
+                    shown["keys_scaled"] = max_norm["max_norm/keys_scaled"]
+                bar.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{rates[0]:.2e}", **shown)
+                accelerator.log(logs, step=progress.global_step)
+                saver.after_step(progress)
+                if is_main:
+                    saver.losses.write_csv_if_due()  # a live curve for whoever watches the run
+                if samples is not None:
+                    samples.after_step(dit, network, optimizer, progress.global_step)
+                if progress.global_step >= total_steps:
+                    break
+            if progress.batch_in_epoch < batches_per_epoch:  # stopped inside the epoch: a resume continues it
+                break
+            end_epoch(epoch)
             if progress.global_step >= total_steps:
                 break
-        if progress.batch_in_epoch < batches_per_epoch:  # stopped inside the epoch: a resume continues it
-            break
-        end_epoch(epoch)
-        if progress.global_step >= total_steps:
-            break
+    except BaseException:  # a stop (Ctrl-C, the studio's Stop), a NaN, a crash: the curve keeps the steps made since
+        # its last write, up to LIVE_SECONDS of them (it ended a few steps before the run: fuzz_ao 11); a run that made no
+        # step writes nothing (an earlier run's curve was replaced by a header, or cut back to the resumed step: fuzz_au 2)
+        if is_main and progress.global_step > first_step:
+            saver.losses.write_csv_if_due(at_once=True)
+        raise
     bar.close()
     final = saver.final(progress)
     change = largest_update(network) if final is not None and accelerator.is_main_process else None
