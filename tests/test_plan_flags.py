@@ -267,6 +267,16 @@ def test_a_size_plan_cannot_take_is_refused_naming_video_size(capsys):
     assert capsys.readouterr().err.strip() == "error: --video_size 540 960: height and width must be multiples of 16 (try 544 960)"
 
 
+@pytest.mark.parametrize("module", ["musubi_tuner.plan", "musubi_tuner.hv_generate_video"])
+def test_help_after_a_size_no_run_takes_is_the_help(module, capsys):
+    """fuzz_au 10: `--video_size 72 64 --help` printed the size's error, not the help asked for."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--video_size", "72", "64", "--help"])
+    assert e.value.code == 0 and "--video_size HEIGHT WIDTH" in capsys.readouterr().out
+
+
 def test_the_plan_refuses_the_swap_counts_and_kernels_the_run_refuses(tmp_path, capsys):
     """fuzz_af 5: --blocks_to_swap 37 (training takes at most 36) was planned with a warning, 4 on a DiT that swaps at
     most 3 planned by the dry run the run then refused, and the budget search proposed counts up to 38 whatever the

@@ -43,6 +43,10 @@ class Parser(argparse.ArgumentParser):
         for action in self._actions:
             action.given = False
         parsed, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:  # rules over a flag's values and the other flags, once --help has had its turn
+            check = getattr(action, "check", None)  # (checked as the flag was read, `--video_size 72 64 --help`
+            if check is not None and action.given:  # printed the error and not the help: fuzz_au 10)
+                check(getattr(parsed, action.dest), parsed)
         for action in self._actions:  # say so for each musubi-tuner flag given that does nothing here
             reason = getattr(action, "accepted_only", None)
             if reason and getattr(parsed, action.dest, None) != action.musubi_default and action.dest not in self._told:
@@ -75,9 +79,6 @@ class _StoreOnce(argparse._StoreAction):
         if self.nargs in ("*", "+") and getattr(self, "given", False):
             parser.error(f"argument {option_string}: given twice; list all its values after one {option_string}")
         self.given = True
-        check = getattr(self, "check", None)  # a rule over all of a flag's values (a type sees one at a time)
-        if check is not None:
-            check(values)
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -226,9 +227,10 @@ pixels.__name__ = "size"
 
 def add_video_size(group, help: str) -> argparse.Action:
     """--video_size HEIGHT WIDTH, both multiples of 16, checked as the command line is read: the studio's command box
-    showed a size the command refused seconds after its start (fuzz_ao 5)."""
+    showed a size the command refused seconds after its start (fuzz_ao 5). Not with --latent_path, which ignores the
+    size (fuzz_au 10)."""
     action = group.add_argument("--video_size", type=pixels, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"), help=help)
-    action.check = check_video_size
+    action.check = lambda size, args: None if getattr(args, "latent_path", None) else check_video_size(size)
     return action
 
 
