@@ -424,7 +424,7 @@ def test_utilisation_is_learnt_per_gpu_family_and_attention_kernel():
     sdpa, sage = (calibrated_utilisation(work, MemoryOptions(attn_mode=m), gpu("rtx4090")) for m in ("sdpa", "sageattn"))
     assert sdpa == fitted_utilisation("l20")
     assert sage / sdpa == pytest.approx(1 / ((1 - a) + a / ATTENTION_SPEEDUP["sageattn"]))
-    given = plan(work, MemoryOptions(attn_mode="sageattn"), gpu("h100"), utilisation=0.5, include_encoders=False)
+    given = plan(work, MemoryOptions(attn_mode="sageattn"), gpu("h100"), utilisation=0.5)
     assert given.utilisation == 0.5
     # the commands' own flags choose the kernel: hv_generate_video's --attn_mode, the trainer's --flash_attn
     import argparse

@@ -704,6 +704,22 @@ def test_the_step_caches_warm_up_and_the_plan_count_the_steps_v2v_runs(speed_inp
     assert "3 steps" in out and "12 steps" not in out, out
 
 
+@pytest.mark.parametrize("strength,stages", [
+    ("0", ["VAE encode of --video_path", "VAE decode"]),
+    ("0.5", ["text encoder 1 (LLM)", "text encoder 2 (CLIP-L)", "VAE encode of --video_path", "DiT denoising step", "VAE decode"]),
+])
+def test_the_dry_run_of_v2v_plans_the_encode_and_no_model_a_run_without_steps_does_not_load(speed_inputs, capsys, strength, stages):
+    """fuzz_au 11: a V2V that runs no step loads the VAE alone, and its dry run planned the text encoders and a DiT step,
+    and asked for options for them; no V2V dry run planned the VAE's encode of the input video."""
+    v2v = [f.format(**speed_inputs) for f in SPEED_MODES["V2V"]][:2] + ["--strength", strength, "--infer_steps", "4"]
+    main([*base_flags(speed_inputs), *v2v, "--save_path", str(speed_inputs["root"] / "unused"), "--dry_run"])
+    out = capsys.readouterr().out
+    table = out[out.index("peak during"):out.index("needed on")].splitlines()[1:]
+    assert [line[:58].strip() for line in table] == [next(line[:58].strip() for line in table if line.startswith(stage))
+                                                     for stage in stages], out
+    assert ("no denoising step runs" in out) == (strength == "0")
+
+
 def test_image_frames_past_a_thousand_keep_their_order_in_name_order(models, tmp_path):
     """fuzz_ap 6: frames were named _000 .. _999, then _1000, which sorts before _101: a folder read back in name order
     (--video_path) was scrambled. Musubi-tuner's three digits up to 1,000 frames, one digit more past them."""

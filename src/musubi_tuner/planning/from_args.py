@@ -251,7 +251,8 @@ def dry_run(args, mode: str, *, video_size: tuple[int, int] | None = None, frame
     size = video_size or tuple(getattr(args, "video_size", None) or (256, 256))
     length = frames or getattr(args, "video_length", None) or (129 if mode == "generate" else 1)
     work = Workload(config_from_args(args), int(size[0]), int(size[1]), int(length), batch or int(getattr(args, "batch_size", 1) or 1),
-                    text_tokens=text_tokens, mode=mode, **model_configs(args))
+                    text_tokens=text_tokens, mode=mode, video_input=mode == "generate" and bool(getattr(args, "video_path", None)),
+                    **model_configs(args))
     opts = options_from_args(args, mode)
     check_heads(work.config.heads_num, opts.context_parallel)  # the commands check it too; plan.py has only this
     budget_text = getattr(args, "vram_budget", None)

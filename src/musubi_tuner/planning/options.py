@@ -30,6 +30,7 @@ class Workload:
     vae: VAEConfig | None = None
     llm_config: str | None = None  # JSON of the LLM's (text encoder 1) LlamaConfig
     clip_config: str | None = None  # JSON of CLIP-L's (text encoder 2) CLIPTextConfig
+    video_input: bool = False  # generation's --video_path (V2V): the VAE encodes it first
 
     def __post_init__(self):
         if self.mode not in ("train", "generate"):

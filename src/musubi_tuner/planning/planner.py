@@ -75,8 +75,9 @@ class Plan:
         return self.peak_stage.needed
 
     @property
-    def dit_stage(self) -> Stage:
-        return next(s for s in self.stages if s.name.startswith("DiT"))
+    def dit_stage(self) -> Stage | None:
+        """None for a generation that runs no denoising step (V2V at a strength that runs none)."""
+        return next((s for s in self.stages if s.name.startswith("DiT")), None)
 
     def fits(self, budget_bytes: float) -> bool:
         return self.needed <= budget_bytes
@@ -85,8 +86,7 @@ class Plan:
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | None = None,
-         include_encoders: bool = True) -> Plan:
+def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | None = None) -> Plan:
     """Memory per stage and time per step of running `work` with `opts` on `device` (at `utilisation` of its peak;
     None: calibrated for the GPU and attention kernel)."""
     _check_runs(work, opts)
@@ -95,23 +95,28 @@ def plan(work: Workload, opts: MemoryOptions, device: GPU, utilisation: float | 
     warnings = _warnings(work, opts)
     stages = []
     train = work.mode == "train"
-    if include_encoders:
+    denoises = train or opts.infer_steps > 0  # (a V2V whose strength runs no step loads neither the text encoders nor
+    if denoises:                              # the DiT, which its dry run planned: fuzz_au 11)
         prompts = 1 if train else (2 if opts.guidance_scale != 1.0 else 1)
         stages.append(Stage.from_peak("text encoder 1 (LLM)" + (" [cache_text_encoder_outputs]" if train else ""),
                                       encoders.llm_peak(prompts, opts.fp8_llm, work.llm_config)))
         stages.append(Stage.from_peak("text encoder 2 (CLIP-L)", encoders.clip_peak(prompts, work.clip_config)))
-        if train:
-            stages.append(Stage.from_peak(f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]", vae.vae_encode_peak(
-                work.frames, work.height, work.width, 1, opts.vae_spatial_tile_sample_min_size if opts.vae_tiling else None,
-                config=work.vae_config)))
+    tiles = f"tiles of {opts.vae_spatial_tile_sample_min_size} px"
     if train:
+        stages.append(Stage.from_peak(f"VAE encode [cache_latents{', --vae_tiling' if opts.vae_tiling else ''}]", vae.vae_encode_peak(
+            work.frames, work.height, work.width, 1, opts.vae_spatial_tile_sample_min_size if opts.vae_tiling else None,
+            config=work.vae_config)))
         stages.append(Stage.of_dit("DiT training step (forward + backward + optimizer)", work, opts))
     else:
-        stages.append(Stage.of_dit("DiT denoising step", work, opts))
-        if include_encoders:
-            stages.append(Stage.from_peak(f"VAE decode (tiles of {opts.vae_spatial_tile_sample_min_size} px, {opts.vae_dtype})", vae.vae_decode_peak(
-                work.frames, work.height, work.width, opts.vae_spatial_tile_sample_min_size, opts.vae_bytes, opts.vae_chunk_size,
+        if work.video_input:  # (not planned: fuzz_au 11)
+            stages.append(Stage.from_peak(f"VAE encode of --video_path ({tiles}, {opts.vae_dtype})", vae.vae_encode_peak(
+                work.frames, work.height, work.width, 1, opts.vae_spatial_tile_sample_min_size, opts.vae_bytes, opts.vae_chunk_size,
                 work.vae_config)))
+        if denoises:
+            stages.append(Stage.of_dit("DiT denoising step", work, opts))
+        stages.append(Stage.from_peak(f"VAE decode ({tiles}, {opts.vae_dtype})", vae.vae_decode_peak(
+            work.frames, work.height, work.width, opts.vae_spatial_tile_sample_min_size, opts.vae_bytes, opts.vae_chunk_size,
+            work.vae_config)))
     flops, note = step_flops(work, opts)
     time = step_time(work, opts, device, utilisation)
     return Plan(work, opts, stages, flops, note, time, device, steps=1 if train else opts.infer_steps, utilisation=utilisation,
@@ -302,6 +307,8 @@ def fit_budget(work: Workload, base: MemoryOptions, budget_gb: float, device: GP
             for split in [x for x in ((False, True) if base.guidance_scale != 1.0 else (base.split_uncond,)) if x >= base.split_uncond]:
                 for swap in swaps:
                     sets.append(base.replace(fp8=fp8, split_uncond=split, blocks_to_swap=swap, use_pinned_memory_for_block_swap=bool(swap)))
+    if work.mode == "generate" and not base.infer_steps:
+        sets = [base]  # no DiT runs, and the options searched are the DiT's
     # the encoder stages: cheapest settings that fit (they do not change the step time)
     encoder_opts = _fit_encoders(work, base, budget)
     candidates = []

@@ -40,7 +40,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"needed on {'each' if o.processes > 1 else 'the'} GPU: {gb(plan.needed)} (largest stage + {ALLOCATOR_MARGIN:.0%} allocator margin + "
                  f"{gb(CUDA_CONTEXT)} CUDA context)")
     lines.append("")
-    for s in (plan.dit_stage, plan.peak_stage) if plan.peak_stage is not plan.dit_stage else (plan.dit_stage,):
+    for s in [plan.dit_stage] * (plan.dit_stage not in (None, plan.peak_stage)) + [plan.peak_stage]:
         lines.append(f"{s.name}, at its peak ({s.when}):")
         for part, nbytes in sorted(s.device_parts.items(), key=lambda kv: -kv[1]):
             if nbytes >= 0.005 * GB:
@@ -50,6 +50,10 @@ def format_plan(plan: Plan) -> str:
             for part, nbytes in sorted(s.host_parts.items(), key=lambda kv: -kv[1]):
                 lines.append(f"  {part:<52} {gb(nbytes):>10}")
     lines.append("")
+    if plan.dit_stage is None:
+        lines.append("no denoising step runs (V2V at this --strength of --infer_steps): the text encoders and the DiT are "
+                     "not loaded, and the VAE's stages are not timed")
+        return "\n".join(lines + [f"warning: {warning}" for warning in plan.warnings])
     t = plan.time
     what = "training step" if train else "denoising step"
     lines.append(f"FLOPs per {what}: {plan.flops_per_step / 1e12:,.0f} TFLOP ({plan.flops_note})")
