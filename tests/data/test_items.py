@@ -95,6 +95,19 @@ def test_batches_are_the_same_with_and_without_worker_threads(synthetic):
     assert order(0) == order(3)
 
 
+def test_a_file_is_taken_once_every_batch_holding_it_is_written(synthetic):
+    """fuzz_au 8: a file counted as taken when it was read, and groups smaller than batch_size are encoded at the very
+    end: the caching bar stood at 100% while the VAE did most of its work. It counts once its caches are written."""
+    videos = synthetic.video_datasets[0]
+    written, counted = [], []  # (the batches handed back, (each file taken, how many batches were handed back then))
+    for batch in items.iter_latent_batches(videos, items.CacheReport(), num_workers=2,
+                                           taken=lambda item: counted.append((item.path, len(written)))):
+        written.append({item.source.path for item in batch.items})  # the caller encodes and writes the batch here
+    assert len(counted) == len(dict(counted)) == 100
+    for path, done in counted:
+        assert max(i for i, paths in enumerate(written) if path in paths) < done, path
+
+
 def test_a_batch_becomes_vae_input_in_minus_one_to_one(synthetic):
     batch = next(items.iter_latent_batches(synthetic.video_datasets[0], items.CacheReport()))
     pixels = batch.pixels(dtype=torch.float16)

@@ -528,18 +528,30 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
     Results are taken in item order, so batches are the same on every run. With `skip_existing`,
     items whose caches are current (see cache_files.cache_status) are counted, not decoded again.
     `report` collects every cache path the items have, for stale_latent_caches once all are written. `taken` is
-    called with each source file once it is read (or failed, or skipped): the files are known before they are read,
-    their windows only after (a progress bar of the windows had no total).
+    called with each source file once the caller has asked for the batch after the last one holding its windows (its
+    caches are written by then), or once it is read when it has none to write (failed, skipped, cached): the files
+    are known before they are read, their windows only after (a progress bar of the windows had no total). It was
+    called as each file was read, so the bar stood at 100% while the VAE encoded the groups left to the end (fuzz_au 8).
     """
     if items is None:
         items = listed_items(dataset, report)
     loader = _LatentLoader(dataset, vae, skip_existing)
     groups: dict[tuple[int, ...], list[LatentItem]] = {}
+    unwritten: dict[int, int] = {}  # id(source item) -> its windows in batches not yet handed back
+
+    def handed_back(batch: LatentBatch) -> None:
+        for latent_item in batch.items:
+            unwritten[id(latent_item.source)] -= 1
+            if not unwritten[id(latent_item.source)]:
+                del unwritten[id(latent_item.source)]
+                taken(latent_item.source)
+
+    if taken is None:
+        taken = handed_back = lambda _: None
     for item, loaded in _map_in_threads(loader, items, num_workers):
-        if taken is not None:
-            taken(item)
         if isinstance(loaded, BaseException):
             report.fail(item.path, _failure_reason(item, loaded), strict)
+            taken(item)
             continue
         report.already_cached += len(loaded.already_cached)
         report.unrecorded += len(loaded.unrecorded)
@@ -547,14 +559,22 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
         report.cache_paths.update(latent_item.cache_path for latent_item in loaded.items)
         if loaded.skip_reason:  # read whole: shorter than every target_frames the config asks for now
             report.skip(item.path, loaded.skip_reason, superseded=True)
+        if loaded.items:
+            unwritten[id(item)] = len(loaded.items)
+        else:
+            taken(item)
         for latent_item in loaded.items:
             key = latent_item.bucket + ((latent_item.clip.frames,) if latent_item.clip else ())
             group = groups.setdefault(key, [])
             group.append(latent_item)
             if len(group) == dataset.batch_size:
-                yield LatentBatch(key, groups.pop(key))
+                batch = LatentBatch(key, groups.pop(key))
+                yield batch
+                handed_back(batch)
     for key in sorted(groups):
-        yield LatentBatch(key, groups[key])
+        batch = LatentBatch(key, groups[key])
+        yield batch
+        handed_back(batch)
 
 
 def _failure_reason(item: SourceItem, error: BaseException) -> str:
