@@ -102,6 +102,11 @@ def test_generation_and_base_weights_apply_a_lora_given_with_its_companion_once(
         assert "left out" not in caplog.text
         lora_jobs([str(folder / name) for name in files], [0.5], say=True)
         assert "left out, so the LoRA is applied once" in caplog.text
+    caplog.clear()  # given twice beside its companion: applied twice, and the companion's warning says so (fuzz_au 9)
+    with caplog.at_level(logging.WARNING):
+        lora_jobs([str(folder / name) for name in ("mine.safetensors", "mine.safetensors", "mine.comfyui.safetensors")], [0.5], say=True)
+    assert "it is applied twice to the same blocks" in caplog.text
+    assert f"left out, so the LoRA is applied as often as {folder / 'mine.safetensors'} is given (2 times)" in caplog.text
 
 
 def test_a_file_named_as_the_companion_that_is_another_lora_is_applied_too_and_not_recommended(pair, tmp_path, capsys, caplog):

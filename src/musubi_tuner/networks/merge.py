@@ -124,9 +124,10 @@ def lora_jobs(lora_paths: Sequence[str], multipliers, lora_blocks: Sequence[str]
         if settings[copy] != settings[kept]:
             raise UserError(f"{copy} is the .comfyui companion of {kept} (the same LoRA in the other naming), but given with "
                             f"another --lora_multiplier or --lora_blocks value: give one of the two files")
-        if say:
+        times = sum(os.path.realpath(path) == os.path.realpath(kept) for path in lora_paths)
+        if say:  # (its partner given twice is applied twice, as said beside: "applied once" contradicted it, fuzz_au 9)
             logger.warning("%s is the .comfyui companion of %s, also given (the same LoRA in the other naming): left out, "
-                           "so the LoRA is applied once", copy, kept)
+                           "so the LoRA is applied %s", copy, kept, "once" if times == 1 else f"as often as {kept} is given ({times} times)")
     left_out = {os.path.realpath(copy) for copy in copies}
     return [(path, m, block_filter(spec, exclude_single_blocks)) for path, m, spec in jobs
             if os.path.realpath(path) not in left_out]
