@@ -869,9 +869,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     network_options(args, dit_config)  # the include/exclude patterns tried on the DiT's module names
     from musubi_tuner.networks.merge import warn_base_mismatch
 
-    for path in filter(None, [args.network_weights, *(args.base_weights or [])]):  # an I2V LoRA on a T2V DiT, say
-        lora = StateDictFile(path, what="LoRA file")  # (its metadata: check_lora_files read the whole file already)
-        warn_base_mismatch(lora.metadata, str(path), dit_config, args.dit)
+    if args.network_weights:  # an I2V LoRA on a T2V DiT, say (--base_weights: check_loras_fit said it; it was said twice:
+        lora = StateDictFile(args.network_weights, what="LoRA file")  # fuzz_au 9) (its metadata: check_lora_files read the
+        warn_base_mismatch(lora.metadata, str(args.network_weights), dit_config, args.dit)  # whole file already)
         lora.close()
     check_heads(dit_config.heads_num, args.context_parallel)
     check_same_inputs({"--dit": args.dit, "--network_weights": args.network_weights,

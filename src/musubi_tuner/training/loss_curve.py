@@ -33,7 +33,7 @@ class LossHistory:
         self.train: list[tuple[int, float]] = []
         self.validation: list[tuple[int, float]] = []
         self._written_at = time.monotonic()
-        self._said = False
+        self._said: set[str] = set()  # the write failures said: each once (a folder at the PNG's name was said at every save)
         bad = 0
         try:
             with open(self.csv_path, encoding="utf-8-sig", errors="replace") as f:  # (-sig: a BOM an editor put there)
@@ -80,8 +80,13 @@ class LossHistory:
             self.write_csv()
             return draw_curve(self.train, self.validation, png_path)
         except UserError as e:
-            logger.warning("the loss curve not written: %s", e)
+            self._say_once("the loss curve not written: %s", e)
             return None
+
+    def _say_once(self, message: str, error: UserError) -> None:
+        if str(error) not in self._said:
+            self._said.add(str(error))
+            logger.warning(message, error)
 
     def write_csv(self) -> None:
         with atomic_write(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
@@ -97,10 +102,8 @@ class LossHistory:
             try:
                 self.write_csv()
             except UserError as e:
-                self._written_at = time.monotonic()
-                if not self._said:  # once: it is tried again every LIVE_SECONDS
-                    logger.warning("the live loss curve not written: %s", e)
-                self._said = True
+                self._written_at = time.monotonic()  # (tried again every LIVE_SECONDS)
+                self._say_once("the live loss curve not written: %s", e)
 
 
 def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
