@@ -527,6 +527,24 @@ def test_skip_existing_redoes_a_video_cached_at_another_source_fps(tmp_path):
     assert redone("source_fps = 48.0\n") == [Clip(0, 5)]
 
 
+@pytest.mark.parametrize("before,after,new,clips", [
+    ("target_frames = [1, 9]", "target_frames = [1, 9, 17]", [Clip(0, 17)], 3),
+    ("target_frames = [9]", 'target_frames = [9]\nframe_extraction = "slide"\nframe_stride = 4', [Clip(4, 9), Clip(8, 9), Clip(12, 9)], 4),
+    ('frame_extraction = "full"\nmax_frames = 9', 'frame_extraction = "full"\nmax_frames = 21', [Clip(0, 21)], 1),
+])
+def test_skip_existing_makes_the_clips_a_config_that_decodes_further_asks_for(tmp_path, before, after, new, clips):
+    """fuzz_av 1: `head` and `full` decode only the frames they need, and --skip_existing took that count, recorded in
+    the caches, for the video's length: a longer target, another frame_extraction or a larger max_frames was "already
+    cached", and training trained on the old clips alone."""
+    add_video(tmp_path, "v", frames=24)
+    cache_everything(video_config(tmp_path, before + "\n"), items.CacheReport())
+    dataset = video_config(tmp_path, after + "\n")
+    assert set(new) <= {i.clip for b in cache_everything(dataset, items.CacheReport(), skip_existing=True) for i in b.items}
+    report = items.CacheReport()
+    assert list(items.iter_latent_batches(dataset, report, skip_existing=True)) == []
+    assert report.already_cached == clips
+
+
 def test_skip_existing_does_not_decode_a_fully_cached_video(tmp_path, monkeypatch):
     dataset = video_config(tmp_path, 'target_frames = [1, 5]\nframe_extraction = "chunk"\n')
     add_video(tmp_path, "v", frames=12)
@@ -535,6 +553,17 @@ def test_skip_existing_does_not_decode_a_fully_cached_video(tmp_path, monkeypatc
     report = items.CacheReport()
     assert list(items.iter_latent_batches(dataset, report, skip_existing=True)) == []
     assert report.already_cached == 12 + 2 and report.failed == [] and report.unrecorded == 0
+
+
+def test_skip_existing_does_not_decode_a_video_for_a_config_that_needs_fewer_frames_than_its_caches_saw(tmp_path, monkeypatch):
+    """The other side of fuzz_av 1: a `head` decode that stopped at 17 frames knows the video has 17, all a shorter
+    target needs."""
+    add_video(tmp_path, "v", frames=24)
+    cache_everything(video_config(tmp_path, "target_frames = [1, 9, 17]\n"), items.CacheReport())
+    monkeypatch.setattr(media, "load_video", lambda *a, **k: pytest.fail("decoded a cached video"))
+    report = items.CacheReport()
+    assert list(items.iter_latent_batches(video_config(tmp_path, "target_frames = [1, 9]\n"), report, skip_existing=True)) == []
+    assert report.already_cached == 2
 
 
 def test_skip_existing_with_musubi_tuner_caches_decodes_then_skips_each_clip(tmp_path):

@@ -288,6 +288,26 @@ def test_inspecting_a_dataset_lists_its_clips_windows_previews_and_every_problem
     assert error(source[4:9]) < 4 < error(source[0:5])  # the preview shows the window's own frames (lossy mp4)
 
 
+@pytest.mark.parametrize("max_frames,frames", [(9, None), (33, 24)])
+def test_inspect_shows_a_videos_length_only_when_its_decode_reached_the_end(tmp_path, max_frames, frames):
+    """fuzz_av 4: `full` decodes up to max_frames, and the page showed a 24-frame video as "9 frames", with the clips each
+    frame_extraction would take from a 9-frame video."""
+    import numpy as np
+
+    from musubi_tuner.data.media import write_video
+    from musubi_tuner.ui.dataset_view import inspect_dataset
+
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "long.mp4", np.zeros((24, 64, 64, 3), np.uint8))
+    (tmp_path / "videos" / "long.txt").write_text("a long clip")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n[[datasets]]\nvideo_directory = "{tmp_path / "videos"}"\n'
+                    f'cache_directory = "{tmp_path / "cache"}"\nframe_extraction = "full"\nmax_frames = {max_frames}\n')
+    (item,) = inspect_dataset(toml, tmp_path / "previews")["datasets"][0]["items"]
+    assert item["source_frames"] == frames
+    assert (item["windows_by_mode"] or {}).get("chunk", []) == ([[s, 1] for s in range(24)] if frames else [])  # (target_frames [1])
+
+
 def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_with_resume_auto(tmp_path):
     """Through the endpoints the pages' buttons call; the 'training command' here is a Python one-liner."""
     app = create_app(Workspace(tmp_path / "ws"))

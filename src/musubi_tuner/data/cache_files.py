@@ -222,17 +222,26 @@ def left_out(cache_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
     return {k: v for k, v in record.items() if isinstance(v, dict)} if isinstance(record, dict) else {}
 
 
+# whether a video's `source_frames` are all of its frames ("true") or where the decode stopped ("false": `head` and `full`
+# decode only what they need): what --skip_existing knows of its length from a cache. Recorded, never compared: it
+# says what a decode reached, not what made the pixels.
+WHOLE_VIDEO_KEY = "source_frames_whole"
+
+
 def latent_provenance(source: str | os.PathLike, source_size: tuple[int, int], bucket: tuple[int, int],
                       vae: Mapping[str, str] | None = None, source_frames: int | None = None,
-                      source_fps: float | None = None) -> dict[str, str]:
+                      source_fps: float | None = None, whole: bool | None = None) -> dict[str, str]:
     """What made a latent cache, for its metadata: the source file and its state, its size (and, for a
     video, its frame count after source_fps, and the dataset's source_fps: another keeps other frames in the same
-    clip, and --skip_existing reused the clip: fuzz_ag 1a), the bucket and the VAE (`vae_provenance`)."""
+    clip, and --skip_existing reused the clip: fuzz_ag 1a; `whole`: WHOLE_VIDEO_KEY), the bucket and the VAE
+    (`vae_provenance`)."""
     provenance = {"source": _name(source), **source_signature(source),
                   "source_size": f"{source_size[0]}x{source_size[1]}", "bucket": f"{bucket[0]}x{bucket[1]}"}
     if source_frames is not None:
         provenance["source_frames"] = str(source_frames)
         provenance["source_fps"] = "none" if source_fps is None else f"{source_fps:g}"
+    if whole is not None:
+        provenance[WHOLE_VIDEO_KEY] = str(whole).lower()
     return {**provenance, **(vae or {})}
 
 
@@ -451,10 +460,11 @@ def cache_status(path: str | os.PathLike, expected: Mapping[str, str] | None = N
     for prefix in required_prefixes:
         if not any(k.startswith(prefix) for k in entries):
             return f"has no {prefix.rstrip('_')} tensors"
-    for key, value in (expected or {}).items():
+    expected = {k: v for k, v in (expected or {}).items() if k != WHOLE_VIDEO_KEY}
+    for key, value in expected.items():
         if key in metadata and metadata[key] != value:
             return f"{key} changed ({metadata[key]} -> {value})"
-    if unrecorded is not None and any(key not in metadata for key in expected or {}):
+    if unrecorded is not None and any(key not in metadata for key in expected):
         unrecorded.add(path)
     return None
 

@@ -436,8 +436,8 @@ class _LatentLoader:
             loaded.already_cached = self._cached_clips(item, loaded.unrecorded)
             if loaded.already_cached:
                 return loaded
-        video = media.load_video(item.path, max_frames=decode_limit(ds.frame_extraction, ds.target_frames, ds.max_frames),
-                                 source_fps=ds.source_fps, target_fps=TARGET_FPS,
+        limit = decode_limit(ds.frame_extraction, ds.target_frames, ds.max_frames)
+        video = media.load_video(item.path, max_frames=limit, source_fps=ds.source_fps, target_fps=TARGET_FPS,
                                  resize=lambda frame, size: resize_to_bucket(frame, self.selector.bucket_for(size)))
         bucket = (video.frames.shape[2], video.frames.shape[1])
         num_frames = len(video.frames)
@@ -446,7 +446,8 @@ class _LatentLoader:
             after = f" after source_fps = {ds.source_fps:g}" if ds.source_fps else ""  # (the file has more: fuzz_ag 8a)
             return _Loaded(skip_reason=f"only {num_frames} frame{'s' if num_frames != 1 else ''}{after}, shorter than every target_frames "
                                        f"{list(ds.target_frames)}")
-        video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames, ds.source_fps)
+        video_provenance = cache_files.latent_provenance(item.path, video.size, bucket, self.vae, num_frames, ds.source_fps,
+                                                         whole=limit is None or num_frames < limit)
         for clip in clips:
             path = _writable(cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip))
             provenance = cache_files.clip_provenance(video_provenance, clip)
@@ -469,8 +470,11 @@ class _LatentLoader:
         record all of what made them are added to `unrecorded`).
 
         Decodes only the first frame (for the bucket); the frame count comes from the metadata of the
-        clip that starts at 0, which every video with clips has. Caches without our provenance
-        (musubi-tuner's) are checked by decoding the video instead.
+        clip that starts at 0, which every video with clips has: the video's length when the cache says its decode
+        reached the end (cache_files.WHOLE_VIDEO_KEY), or at least that many frames. A video that may hold more frames
+        than the cache saw, and that this config may use, is decoded: the count was taken for the length, and a longer
+        target_frames, another frame_extraction or a larger max_frames was "already cached" without its new clips
+        (fuzz_av 1). Caches without our provenance (musubi-tuner's) are checked by decoding the video instead.
         """
         ds: VideoDatasetConfig = self.dataset
         size = media.video_size(item.path)
@@ -485,12 +489,20 @@ class _LatentLoader:
         else:
             return []
         try:
-            num_frames = int(read_safetensors_header(probe)[1]["source_frames"])
+            metadata = read_safetensors_header(probe)[1]
+            num_frames = int(metadata["source_frames"])
         except (UserError, KeyError, ValueError):
+            return []
+        limit = decode_limit(ds.frame_extraction, ds.target_frames, ds.max_frames)
+        if metadata.get(cache_files.WHOLE_VIDEO_KEY) == "true":
+            frames_now = num_frames if limit is None else min(num_frames, limit)
+        elif limit is not None and limit <= num_frames:
+            frames_now = limit
+        else:
             return []
         video_provenance = cache_files.latent_provenance(item.path, size, bucket, self.vae, num_frames, ds.source_fps)
         paths, partly = [], set()
-        for clip in self._clips(num_frames):
+        for clip in self._clips(frames_now):
             path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
             if cache_files.cache_status(path, cache_files.clip_provenance(video_provenance, clip), unrecorded=partly) is not None:
                 return []

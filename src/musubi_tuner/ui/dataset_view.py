@@ -50,7 +50,10 @@ def _inspect(ds, previews: Path, num_workers: int) -> dict:
                     "size": list(latent.size) if latent.clip is None else _source_size(latent.provenance),
                     "bucket": list(latent.bucket), "clips": [],
                     "text_cache": _text_status(caption) if caption else "no caption",
-                    "source_frames": int(latent.provenance["source_frames"]) if "source_frames" in latent.provenance else None,
+                    # (the frames a `head` or `full` decode stopped at are not the video's: a 24-frame video was shown
+                    # as 9 frames, and the clips of a 9-frame one for each mode: fuzz_av 4)
+                    "source_frames": int(latent.provenance["source_frames"])
+                    if latent.provenance.get(cache_files.WHOLE_VIDEO_KEY) == "true" else None,
                 }
             clip = {"start": latent.clip.start if latent.clip else None, "frames": latent.clip.frames if latent.clip else 1,
                     "cache": latent.cache_path.name, "status": cache_files.cache_status(latent.cache_path, latent.provenance) or "cached"}
@@ -88,9 +91,8 @@ def _text_status(caption) -> str:
 
 
 def _windows_by_mode(ds, source_frames: int | None) -> dict[str, list[list[int]]] | None:
-    """The clips each frame_extraction would take from this video, when its whole length is known (`head` decodes
-    only the frames it needs)."""
-    if source_frames is None or ds.frame_extraction == "head":
+    """The clips each frame_extraction would take from this video, when its whole length is known."""
+    if source_frames is None:
         return None
     return {mode: [list(c) for c in extract_clips(source_frames, mode, ds.target_frames, frame_stride=ds.frame_stride,
                                                    frame_sample=ds.frame_sample, max_frames=ds.max_frames)]
