@@ -212,6 +212,23 @@ def videos_into_the_image_cache(a, tmp):
                                          f'target_frames = [5]\n')
 
 
+def renamed_images_folder_less_one(a, tmp):
+    """The dataset's copy, its image folder renamed and one image (image_0000) deleted from it."""
+    toml, folder = copy_dataset(a, tmp)
+    (folder / "images").rename(folder / "cat_images")
+    for path in (folder / "cat_images").glob("image_0000.*"):
+        path.unlink()
+    return write(toml, toml.read_text().replace(str(folder / "images"), str(folder / "cat_images")))
+
+
+def deleted_images_caches_gone(suffix):
+    def then(a, tmp, err, out):
+        assert "made by another dataset" not in err, err
+        assert not list((tmp / "ds").rglob(f"image_0000*{suffix}")), "the deleted image's cache was kept"
+        assert list((tmp / "ds").rglob(f"image_0001*{suffix}")), "the other images' caches were deleted"
+    return then
+
+
 def replaced_flag(argv: list[str], flag: str, value: str) -> list[str]:
     return [value if i and argv[i - 1] == flag else v for i, v in enumerate(argv)]
 
@@ -479,6 +496,11 @@ CASES = [
            warning=r"\[\[datasets\]\]\[0\]: 2 cache\(s\) in \S+/cache/images were made by another dataset \(of \.\./\.\./images, "
                    r"from that folder\), not by \S+/videos: kept")
       for kind, command, argv in (("latents", "cache_latents", cache_latents_argv), ("text", "cache_text_encoder_outputs", cache_text_argv))],
+    *[Case(f"cache-{kind}-of-a-renamed-dataset-folder-deletes-the-caches-of-its-deleted-items", command,  # (kept for ever,
+           lambda a, t, argv=argv: argv(renamed_images_folder_less_one(a, t), a), None,  # as another dataset's: fuzz_av 3)
+           then=deleted_images_caches_gone(suffix))
+      for kind, command, argv, suffix in (("latents", "cache_latents", cache_latents_argv, "_hv.safetensors"),
+                                          ("text", "cache_text_encoder_outputs", cache_text_argv, "_hv_te.safetensors"))],
     Case("cache-latents-that-skips-every-item-says-so", "cache_latents",
          lambda a, t: cache_latents_argv(write_toml(t, f'[[datasets]]\nimage_directory = "{a.dataset.parent / "images"}"\n'
                                                        f'cache_directory = "{t / "cache"}"\ncaption_extension = ".caption"\n'), a), None,
