@@ -67,6 +67,18 @@ def test_target_frames_are_rounded_down_to_4n_plus_1_with_a_warning(folders, cap
     assert "[[datasets]][0].target_frames: 24 -> 21" in caplog.text.replace("is not 4N+1, rounded down (", "")
 
 
+@pytest.mark.parametrize("max_frames,said", [
+    (4, "max_frames: 4 is not 4N+1: a video's clip is at most 1 frame (the next 4N+1, 5, keeps one more latent frame)"),
+    (12, "max_frames: 12 is not 4N+1: a video's clip is at most 9 frames (the next 4N+1, 13, keeps one more latent frame)"),
+    (13, None),
+])
+def test_a_max_frames_full_extraction_rounds_down_is_said_as_target_frames_is(folders, caplog, max_frames, said):
+    """fuzz_av 5: max_frames = 4 cached one-frame clips, still images, without a word."""
+    with caplog.at_level(logging.WARNING):
+        load_dataset_config(write_config(folders, VIDEOS + f'frame_extraction = "full"\nmax_frames = {max_frames}\n'))
+    assert (f"[[datasets]][0].{said}" in caplog.text) if said else "max_frames" not in caplog.text, caplog.text
+
+
 def test_uniform_with_one_sample_becomes_head(folders, caplog):
     with caplog.at_level(logging.WARNING):
         (video,) = load_dataset_config(write_config(folders, VIDEOS + 'frame_extraction = "uniform"\n')).datasets

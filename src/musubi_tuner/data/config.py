@@ -583,8 +583,13 @@ def _video_values(where: str, value: Callable[[str], Any]) -> dict[str, Any]:
     if extraction == "uniform" and frame_sample == 1:
         logger.warning("%s: frame_extraction = \"uniform\" with frame_sample = 1 is the same as \"head\"; using head", where)
         extraction = "head"
+    max_frames = value("max_frames")
+    if extraction == "full" and (max_frames - 1) % 4:  # (said of target_frames alone: a max_frames of 2 to 4 cached still
+        logger.warning("%s.max_frames: %d is not 4N+1: a video's clip is at most %d frame%s (the next 4N+1, %d, keeps "  # images
+                       "one more latent frame)", where, max_frames, (max_frames - 1) // 4 * 4 + 1,  # without a word: fuzz_av 5)
+                       "" if max_frames < 5 else "s", (max_frames - 1) // 4 * 4 + 5)
     return {"target_frames": target_frames, "frame_extraction": extraction, "frame_stride": value("frame_stride"),
-            "frame_sample": frame_sample, "max_frames": value("max_frames"), "source_fps": value("source_fps")}
+            "frame_sample": frame_sample, "max_frames": max_frames, "source_fps": value("source_fps")}
 
 
 def _resolve(value: str, config_path: Path, at: str) -> Path:
