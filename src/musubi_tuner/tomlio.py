@@ -131,8 +131,8 @@ def _value(value, key: str) -> str:
         return repr(value)
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):  # (json leaves DEL as it is, which TOML refuses in a string: fuzz_av 2)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v, key) for v in value) + "]"
     raise ValueError(f"{key} = {value!r}: cannot be written as TOML")

@@ -215,6 +215,27 @@ def test_the_dataset_form_saves_only_a_config_the_loader_accepts(tmp_path):
     assert read_config_file(target)["datasets"][0]["control_directory"] == "kept as it was"  # keys for other models survive
 
 
+def test_a_musubi_tuner_config_saved_from_the_form_still_loads_there_and_its_dropped_comments_are_said(tmp_path):
+    """fuzz_av 2: the page sends source_fps = 24.0 as 24 (a browser's number), written as an integer that musubi-tuner
+    refuses; the file's comments went without a word; a path holding DEL was written as TOML that does not parse."""
+    from musubi_tuner.data.config import read_config_file
+
+    studio = client(tmp_path)
+    (tmp_path / "ws" / "clips\x7f").mkdir(parents=True)
+    target = tmp_path / "ws" / "m.toml"
+    target.write_text('# my notes\n[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n[[datasets]]\n'
+                      'video_directory = "clips"\ncache_directory = "cache#1"  # where\nsource_fps = 24.0\n')
+    opened = studio.get("/api/dataset", params={"path": "m.toml"}).json()
+    assert opened["comments"] == 2  # (not the # in "cache#1")
+    config = json.loads(json.dumps(opened["config"]).replace("24.0", "24"))  # as the page sends it back
+    config["datasets"][0]["video_directory"] = "clips\x7f"
+    saved = studio.post("/api/dataset/save", json={"path": "m.toml", "config": config}, headers=STUDIO)
+    assert saved.status_code == 200 and saved.json()["comments_dropped"] == 2, saved.text
+    written = read_config_file(target)["datasets"][0]
+    assert type(written["source_fps"]) is float and written["video_directory"] == "clips\x7f"
+    assert studio.get("/api/dataset", params={"path": "m.toml"}).json()["comments"] == 0
+
+
 def test_every_dataset_key_has_a_form_field():
     from musubi_tuner.data import config
 

@@ -231,3 +231,27 @@ def test_unsaved_dataset_edits_are_said_and_leaving_the_page_asks_first(studio, 
     page.wait_for_timeout(500)
     assert dialogs == ["beforeunload"] and page.url.endswith("/dataset")  # asked, and staying kept the edit
     assert page.input_value("#general-resolution") == "32, 32"
+
+
+def test_a_musubi_tuner_config_saved_from_the_page_keeps_its_float_and_says_the_comments_it_drops(studio, page):
+    """fuzz_av 2: the page turned source_fps = 24.0 into 24, which musubi-tuner refuses, and dropped the file's
+    comments without a word."""
+    url, workspace = studio
+    (workspace / "clips").mkdir(exist_ok=True)
+    target = workspace / "commented.toml"
+    target.write_text('# my notes\n[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n[[datasets]]\n'
+                      'video_directory = "clips"\ncache_directory = "cache_commented"\nsource_fps = 24.0  # a float for musubi-tuner\n')
+    page.goto(f"{url}/dataset")
+    page.wait_for_selector("#open:not([disabled])")
+    page.fill("#dataset-path", str(target))
+    page.click("#open")
+    page.wait_for_function("document.querySelector('#dataset-status').textContent.includes('comment')")
+    assert "holds 2 comment(s): Save writes it from the form, without them" in page.inner_text("#dataset-status")
+    page.fill("#general-resolution", "32, 32")
+    page.click("#save")
+    page.wait_for_function("document.querySelector('#dataset-status').textContent.startsWith('saved')")
+    assert page.inner_text("#dataset-status") == "saved (without the file's 2 comment(s))"
+    from musubi_tuner.data.config import read_config_file
+
+    saved = read_config_file(target)
+    assert saved["general"]["resolution"] == [32, 32] and type(saved["datasets"][0]["source_fps"]) is float

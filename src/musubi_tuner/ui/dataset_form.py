@@ -47,7 +47,31 @@ def load(path: str) -> dict:
     target = Path(path)
     config = _dataset_table(target) if target.exists() else {"general": {}, "datasets": []}
     return {"path": str(target), "config": config, "schema": form_schema(), "text": to_toml(config),
-            "exists": target.exists()}
+            "exists": target.exists(), "comments": _comments(target)}
+
+
+def _comments(target: Path) -> int:
+    """The comments of the TOML file at `target` (0 for none, another kind or no file): the form writes the file from
+    its values, and they are not kept (they were dropped without a word: fuzz_av 2). A `#` in a one-line string is
+    not one."""
+    if target.suffix.lower() != ".toml" or not target.is_file():
+        return 0
+    count = 0
+    for line in target.read_text(encoding="utf-8", errors="replace").splitlines():
+        quote, escaped = None, False
+        for char in line:
+            if quote == '"' and escaped:
+                escaped = False
+            elif quote == '"' and char == "\\":
+                escaped = True
+            elif quote and char == quote:
+                quote = None
+            elif not quote and char in "\"'":
+                quote = char
+            elif not quote and char == "#":
+                count += 1
+                break
+    return count
 
 
 def _dataset_table(target: Path) -> dict:
@@ -68,19 +92,29 @@ def to_toml(config: dict) -> str:
         raise UserError(f"dataset config: {e}") from None
 
 
+_NUMBER_KEYS = {key for keys in (schema.SHARED_KEYS, schema.IMAGE_KEYS, schema.VIDEO_KEYS) for key, check in keys.items()
+                if _KINDS.get(check) == "number"}
+
+
+def _as_typed(table: dict) -> dict:
+    """A table's values as the file must hold them: a browser sends 24.0 as 24, and musubi-tuner refuses an integer
+    source_fps (it was written so, and the config no longer loaded there: fuzz_av 2)."""
+    return {k: float(v) if k in _NUMBER_KEYS and type(v) is int else v for k, v in table.items() if v not in (None, "")}
+
+
 def _clean(config: dict) -> dict:
-    """Empty form fields are unset keys; an empty [general] or array is left out."""
+    """Empty form fields are unset keys; an empty [general] or array is left out; numbers are written as floats."""
     if not isinstance(config, dict):
         raise UserError("dataset config: expected a table")
     out = {}
     for name, value in config.items():
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if v not in (None, "")}
+            value = _as_typed(value)
         elif isinstance(value, list):
             for i, table in enumerate(value):
                 if not isinstance(table, dict):
                     raise UserError(f"dataset config: {name}[{i}] is not a table of keys, but {table!r:.40}")
-            value = [{k: v for k, v in t.items() if v not in (None, "")} for t in value]
+            value = [_as_typed(t) for t in value]
         if value:
             out[name] = value
     return out
@@ -97,7 +131,8 @@ def save(target: Path, config: dict) -> dict:
     if target.exists():
         _dataset_table(target)  # only a dataset config is replaced, never a model, a LoRA or a job's record
     schema.load_dataset_config(target, text=text)
+    dropped = _comments(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return {"path": str(target), "text": text, "saved": True}
+    return {"path": str(target), "text": text, "saved": True, "comments_dropped": dropped}
