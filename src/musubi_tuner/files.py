@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import sys
+import time
 import pickle
 import re
 import secrets
@@ -846,6 +847,10 @@ class FolderUse:
     it) removes the file. A run that opened the file before its removal finds, once locked, that the name is no longer
     its file, and starts again (as RunLock does)."""
 
+    # a holder gives way within this: its release takes the lock exclusively for the moment it removes the file, and a
+    # training starting then was refused as if a caching run were writing (fuzz_at 5)
+    PATIENCE_SECONDS = 0.5
+
     def __init__(self, path: str | os.PathLike, exclusive: bool):
         self.path = Path(path)
         self.exclusive = exclusive
@@ -857,12 +862,17 @@ class FolderUse:
     def _acquire(self) -> bool:
         if os.name == "nt" or not self.path.parent.is_dir():
             return True
+        patience = time.monotonic() + self.PATIENCE_SECONDS
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError:  # a read-only cache folder: no caching run can write there either
                 return True
             locked = _try_lock(fd, shared=not self.exclusive)
+            if locked is False and time.monotonic() < patience:
+                os.close(fd)
+                time.sleep(0.02)
+                continue
             if not locked:
                 os.close(fd)
                 return locked is None  # None: a file system without locks
@@ -968,8 +978,6 @@ def _read_holder(fd: int) -> dict:
 
 def _write_holder(fd: int, writes: str | None = None) -> None:
     import socket
-    import sys
-    import time
 
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:500]}

@@ -369,6 +369,24 @@ def test_a_lock_whose_folder_was_replaced_is_no_longer_held_and_its_release_leav
     assert not (folder / ".musubi-train.lock").exists()
 
 
+def test_a_training_starting_as_another_ends_shares_the_cache_folder_instead_of_being_refused(tmp_path):
+    """fuzz_at 5: an ending training takes its use of the cache folder exclusively for the moment it removes the use
+    file, and one starting then was refused as if a caching run were writing the caches. Here the other process holds
+    it exclusively for 0.2 s, as that moment stretched."""
+    use = tmp_path / ".musubi-cache-latents.use"
+    ending = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom musubi_tuner.files import FolderUse\n"
+                               "u = FolderUse(sys.argv[1], exclusive=True)\nassert u.acquire()\nprint('held', flush=True)\n"
+                               "time.sleep(0.2)\nu.release()", str(use)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert ending.stdout.readline() == "held\n"
+        starting = files.FolderUse(use, exclusive=False)
+        assert starting.acquire(), "refused while the other process gave way"
+        starting.release()
+        assert ending.wait(timeout=30) == 0
+    finally:
+        ending.kill()
+
+
 # ------------------------------------------------------------------------------------------ a launcher's processes
 
 
