@@ -857,6 +857,31 @@ def test_a_runs_page_shows_its_own_files_only(tmp_path):
     assert RunViews(Workspace(tmp_path / "ws"), jobs)._saved(jobs.get(job.id)) == [str(mine)]
 
 
+def test_a_training_job_shows_its_folders_curve_and_files_only_once_it_trains(tmp_path):
+    """fuzz_at 3: a job refused because a shell run held its --output_dir showed that run's loss curve and LoRA files,
+    each with a doctor's report, as its own: a failed job's page looked like a finished run."""
+    from musubi_tuner.ui.run_view import RunViews
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora.safetensors").write_bytes(b"x")
+    (out / "lora-loss.csv").write_text("kind,step,loss\ntrain,1,0.5\ntrain,2,0.25\n")
+    jobs = Jobs(tmp_path / "jobs")
+    views = RunViews(Workspace(tmp_path / "ws"), jobs)
+    outputs = {"output_dir": str(out), "output_name": "lora"}
+    refused = "import sys; sys.exit('error: out: another training run is using this')"
+    trains = "from musubi_tuner.progress import progress_bar; bar = progress_bar(total=2, desc='steps'); bar.update(2); bar.close()"
+    shown = []
+    for script in (refused, trains):
+        job = jobs.start("train", "lora", [[sys.executable, "-c", script]], outputs)
+        deadline = time.monotonic() + 60
+        while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        detail = views.detail(jobs.get(job.id))
+        shown.append((detail["curve"]["train"], [f["name"] for f in detail["files"]]))
+    assert shown == [([], []), ([(1, 0.5), (2, 0.25)], ["lora.safetensors"])]
+
+
 def test_a_dataset_config_saved_by_a_relative_path_opens_by_that_path(tmp_path):
     """Save took a relative path inside the workspace, Open and Cache from the studio's own folder: right after a Save,
     Cache said the file was not found."""
