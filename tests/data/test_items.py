@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from musubi_tuner import files
 from musubi_tuner.data import cache_files, items, media
 from musubi_tuner.data.config import load_dataset_config
 from musubi_tuner.data.frames import Clip
@@ -471,6 +472,35 @@ def test_skip_existing_reuses_current_image_caches_and_redoes_changed_ones(tmp_p
     assert redo == ["b"]
     other_vae = list(items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True, vae=other))
     assert sum(len(b.items) for b in other_vae) == 2
+
+
+def test_skip_existing_redoes_the_caches_training_would_leave_out(tmp_path):
+    """fuzz_ar 4: --skip_existing judged a cache by its metadata alone: a latent cache of integers, or a text cache whose
+    mask is of floats, was "already cached", and every training then left it out."""
+    from safetensors.torch import load_file, save_file
+
+    dataset = image_config(tmp_path)
+    for name in ("a", "b"):
+        add_image(tmp_path, name)
+    cache_everything(dataset, items.CacheReport())
+    captions = items.caption_items(dataset, items.CacheReport())
+    for caption in captions:
+        cache_files.save_text_cache(caption.cache_path, caption.caption, {
+            **cache_files.text_encoder_tensors("llm", torch.zeros(256, 4).half(), torch.ones(256, dtype=torch.int64)),
+            **cache_files.text_encoder_tensors("clipL", torch.zeros(8).half(), None)})
+    assert items.text_encoding_todo(captions, "llm", skip_existing=True) == []
+
+    def damaged(path, change):
+        metadata = files.read_safetensors_header(path)[1]
+        save_file({k: change(k, v) for k, v in load_file(str(path)).items()}, str(path), metadata=metadata)
+
+    (latent,) = tmp_path.joinpath("cache").glob("a_*_hv.safetensors")
+    damaged(latent, lambda k, v: v.to(torch.int32))
+    damaged(captions[1].cache_path, lambda k, v: v.half() if k.startswith("llm_mask") else v)
+    redo = [i.source.stem for b in items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True) for i in b.items]
+    assert redo == ["a"]
+    assert [c.source.stem for c in items.text_encoding_todo(captions, "llm", skip_existing=True)] == ["b"]
+    assert [c.source.stem for c in items.text_encoding_todo(captions, "clipL", skip_existing=True)] == ["b"]
 
 
 def test_skip_existing_redoes_a_frame_folder_whose_frames_were_renamed_but_not_for_a_stray_file(tmp_path):

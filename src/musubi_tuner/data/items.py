@@ -30,6 +30,7 @@ from musubi_tuner.data import cache_files, media
 from musubi_tuner.data.buckets import BucketSelector, resize_to_bucket
 from musubi_tuner.data.config import TARGET_FPS, AnyDatasetConfig, VideoDatasetConfig
 from musubi_tuner.data.frames import Clip, decode_limit, extract_clips, round_to_4n1
+from musubi_tuner.data.training_dataset import cached_latent_shape, text_cache_problem
 from musubi_tuner.errors import MachineLimit, UserError, printable
 from musubi_tuner.files import (expanded_path, not_text, read_safetensors_header, read_small_file, require_file, require_present,
                                  text_lines, unwritable_name)
@@ -416,7 +417,8 @@ class _LatentLoader:
         return self._video(item) if self.dataset.is_video else self._image(item)
 
     def _current(self, path: Path, provenance: dict[str, str], unrecorded: set[Path]) -> bool:
-        return self.skip_existing and cache_files.cache_status(path, provenance, unrecorded=unrecorded) is None
+        return (self.skip_existing and cache_files.cache_status(path, provenance, unrecorded=unrecorded) is None
+                and cached_latent_shape(path, []) is not None)  # (one training leaves out was "already cached": fuzz_ar 4)
 
     def _image(self, item: SourceItem) -> _Loaded:
         size = media.image_size(item.path)
@@ -694,9 +696,19 @@ def text_encoding_todo(items: Iterable[CaptionItem], encoder: str, *, skip_exist
     todo = []
     for item in items:
         expected = {"caption1": item.caption, **(model or {})}
-        if cache_files.cache_status(item.cache_path, expected, required_prefixes=(f"{encoder}_",), unrecorded=unrecorded) is not None:
+        if (cache_files.cache_status(item.cache_path, expected, required_prefixes=(f"{encoder}_",), unrecorded=unrecorded) is not None
+                or _refused_by_training(item.cache_path)):
             todo.append(item)
     return todo
+
+
+def _refused_by_training(text_cache: Path) -> bool:
+    """A readable text cache holding both encoders' outputs that training leaves out (a tensor of an integer dtype, a
+    dimension of 0, a mask of floats...): it was "already cached" for --skip_existing, and left out by every training
+    (fuzz_ar 4). One lacking an output is an encoder's pass to make, not damage."""
+    entries, _ = read_safetensors_header(text_cache)
+    both = all(any(cache_files.logical_key(k) == e for k in entries) for e in cache_files.TEXT_ENCODERS)
+    return both and text_cache_problem(text_cache, {}) is not None
 
 
 def stale_latent_caches(dataset: AnyDatasetConfig, report: CacheReport) -> list[Path]:

@@ -161,11 +161,11 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
             continue
         text_path = cache_files.text_cache_path(cache_dir, name.item_key)
         if text_path not in text_problems:
-            text_problems[text_path] = _text_cache_problem(text_path, widths)
+            text_problems[text_path] = text_cache_problem(text_path, widths)
         if text_problems[text_path] is not None:
             problems.append(f"{latent_path.name}: {text_problems[text_path]}")
             continue
-        full_shape = _latent_shape(latent_path, problems)
+        full_shape = cached_latent_shape(latent_path, problems)
         if full_shape is not None:
             widths.setdefault(("latents", full_shape[0]), latent_path)
             shape = full_shape[1:]
@@ -310,7 +310,7 @@ def _bucket_or_none(selector: BucketSelector, size: tuple[int, int]) -> tuple[in
         return None
 
 
-def _text_cache_problem(text_path: Path, widths: dict[tuple[str, int], Path]) -> str | None:
+def text_cache_problem(text_path: Path, widths: dict[tuple[str, int], Path]) -> str | None:
     """None if the text cache holds both encoders' outputs as training reads them, else what is wrong (naming the file,
     the tensor and the fix); records each output's width.
 
@@ -378,7 +378,7 @@ def check_caches_fit(datasets: Sequence[DatasetBuckets], expected: dict[str, int
                                 f"cache this dataset again for this model, or give it another cache_directory")
 
 
-def _latent_shape(latent_path: Path, problems: list[str]) -> tuple[int, int, int, int] | None:
+def cached_latent_shape(latent_path: Path, problems: list[str]) -> tuple[int, int, int, int] | None:
     """(C, F, H, W) of the cache's one latents tensor, read from the header only; None (and what is wrong, in
     `problems`) unless it is one floating tensor with no dimension 0 whose frames, height and width the DiT's patch
     (LATENT_PATCH) divides. The channel count is checked against the DiT by check_caches_fit."""
