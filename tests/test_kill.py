@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import subprocess
+import re
 import sys
 import time
 from pathlib import Path
@@ -78,8 +79,8 @@ def state_appears(out: Path, step: int):
 def assert_whole(out: Path) -> None:
     """Every file a run leaves is whole; only temp files and .incomplete folders (never read as real) may be partial."""
     for path in out.iterdir():
-        if path.name.endswith((".tmp", ".incomplete")) or path.name == ".musubi-train.lock":  # the killed run's lock: taken over
-            continue
+        if path.name.endswith((".tmp", ".incomplete")) or re.fullmatch(r"\.musubi-train\..*\.lock", path.name):  # the killed
+            continue  # run's lock: taken over
         if path.suffix == ".safetensors":
             StateDictFile(path).load_all()
         elif path.suffix == ".csv":
@@ -341,9 +342,9 @@ def test_sigterm_to_the_demo_stops_the_training_it_launched(tmp_path):
         while _processes_naming(str(work)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _processes_naming(str(work)), "the training outlived the demo"
-        from musubi_tuner.files import RunLock
+        from musubi_tuner.files import RunLock, train_lock
 
-        with RunLock(work / "output" / ".musubi-train.lock", "training run", "--output_dir"):  # free (accelerate launch
+        with RunLock(train_lock(work / "output", "demo-lora"), "training run", "--output_dir"):  # free (accelerate launch
             pass  # kills what is still cleaning up 5 s after it passed a stop on: the lock file may be left, not held)
     finally:
         for pid in _processes_naming(str(work)):

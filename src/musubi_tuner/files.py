@@ -449,7 +449,32 @@ def unwritable_name(path: str | os.PathLike) -> str | None:
     return None
 
 
-TRAIN_LOCK = ".musubi-train.lock"  # the lock a training run holds on its --output_dir (training.loop.take_output_lock)
+TRAIN_LOCK = ".musubi-train.lock"  # the lock a training run held on its whole --output_dir, still honoured where found
+
+
+def train_lock(output_dir: str | os.PathLike, output_name: str) -> Path:
+    """The lock a training run holds in its --output_dir for its --output_name (training.loop.take_output_lock): one
+    run per name. Runs of other names share the folder, as in musubi-tuner: a sweep writing lr1e-4, lr2e-4, ... side
+    by side was refused (fuzz_at 4)."""
+    return Path(output_dir) / f".musubi-train.{output_name}.lock"
+
+
+def running_trainings(folder: str | os.PathLike) -> list[dict]:
+    """Who holds the training locks of `folder` (train_lock, and TRAIN_LOCK): live processes other than this one."""
+    try:
+        locks = sorted(Path(folder).glob(".musubi-train*.lock"))
+    except OSError:
+        return []
+    return [holder for holder in map(_live_holder, locks) if holder is not None]
+
+
+def names_collide(name: str | None, other: str) -> bool:
+    """Whether training runs of --output_name `name` and `other` would write a file of the same name: the same name,
+    or one run's step or epoch LoRA (and its state) being the other's final one ("x-step00000004"). A holder that
+    records no name takes the whole folder."""
+    if not isinstance(name, str):
+        return True
+    return name == other or any(lora_file_names(a).fullmatch(f"{b}.safetensors") for a, b in ((name, other), (other, name)))
 
 
 def lora_file_names(name: str) -> re.Pattern:
@@ -462,11 +487,11 @@ def _refuse_a_running_training_s_name(out: Path, output_flag: str) -> None:
     """An output named as a LoRA file a training running in its folder writes (lora_file_names) is refused: the two
     runs replaced each other's files without a word (a checkpoint became a merged DiT, an average was replaced by the
     next save). Other names beside its files (NAME-ema.safetensors) are the user's to choose."""
-    holder = _live_holder(out.parent / TRAIN_LOCK)
-    stem = (holder or {}).get("writes")
-    if isinstance(stem, str) and lora_file_names(stem).fullmatch(out.name):
-        raise UserError(f"{output_flag} {out}: a name of the training run writing into {out.parent} ({_describe(holder)}), "
-                        "which would replace it, or be replaced by it; choose another name, or wait for the run to end")
+    for holder in running_trainings(out.parent):
+        stem = holder.get("writes")
+        if isinstance(stem, str) and lora_file_names(stem).fullmatch(out.name):
+            raise UserError(f"{output_flag} {out}: a name of the training run writing into {out.parent} ({describe_holder(holder)}), "
+                            "which would replace it, or be replaced by it; choose another name, or wait for the run to end")
 
 
 def output_file_lock(out: str | os.PathLike) -> Path:
@@ -481,7 +506,7 @@ def refuse_a_writer_of(out: str | os.PathLike, output_flag: str) -> None:
     and the merge's rename then replaced it (fuzz_aq 5)."""
     holder = _live_holder(output_file_lock(out))
     if holder is not None:
-        raise UserError(f"{output_flag} {out}: another command is writing this file ({_describe(holder)}); wait for it to "
+        raise UserError(f"{output_flag} {out}: another command is writing this file ({describe_holder(holder)}); wait for it to "
                         "end, or choose another name")
 
 
@@ -741,14 +766,14 @@ class RunLock:
             locked = _try_lock(fd)
             holder = _read_holder(fd)
             if locked is False or (locked is None and holder and _alive_here(holder)):
-                raise UserError(f"{self.path.parent}: another {self.what} is using this ({_describe(holder)}); wait for it "
+                raise UserError(f"{self.path.parent}: another {self.what} is using this ({describe_holder(holder)}); wait for it "
                                 f"to finish or choose another {self.flag} (if that run is gone, delete {self.path})")
             if os.fstat(fd).st_ino != _inode(self.path):  # the holder finished and removed the file meanwhile: retry
                 os.close(fd)
                 return self._acquire()
             if holder:
                 logger.warning("%s: taking over the lock of a %s that did not finish (%s)",
-                                                    self.path.parent, self.what, _describe(holder))
+                                                    self.path.parent, self.what, describe_holder(holder))
             try:
                 _write_holder(fd, self.writes)
             except OSError as e:  # a full disk or quota: the file goes as release() removes it, while still locked
@@ -933,7 +958,7 @@ def lock_holder(path: str | os.PathLike) -> str:
     except OSError:
         return "holder unknown"
     try:
-        return _describe(_read_holder(fd))
+        return describe_holder(_read_holder(fd))
     finally:
         os.close(fd)
 
@@ -1016,7 +1041,7 @@ def pid_alive(pid) -> bool:
     return True
 
 
-def _describe(holder: dict) -> str:
+def describe_holder(holder: dict) -> str:
     if not holder or holder.get("unreadable"):
         return "holder unknown"
     return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: "

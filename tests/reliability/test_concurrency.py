@@ -25,7 +25,7 @@ from reliability_cases import (
 from helpers import free_port
 from musubi_tuner import files
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import TRAIN_LOCK
+from musubi_tuner.files import describe_holder, train_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -43,20 +43,30 @@ def holder(lock: Path) -> dict:
     return json.loads(lock.read_text()) if lock.exists() and lock.read_text().strip() else {}
 
 
-def test_a_second_training_into_the_same_folder_is_refused_and_a_killed_runs_lock_is_taken_over(assets, tmp_path):
+def test_a_second_training_of_the_same_name_into_the_same_folder_is_refused_and_a_killed_runs_lock_is_taken_over(assets, tmp_path):
+    """Runs of other names share the folder (a sweep side by side, as musubi-tuner runs them: fuzz_at 4), unless their
+    files would share names: the running run's step-4 checkpoint is tiny-step00000004.safetensors."""
     out = tmp_path / "out"
-    lock = out / ".musubi-train.lock"
+    lock = out / ".musubi-train.tiny.lock"
     first = start_command("hv_train_network", train_argv(assets, out, "--max_train_steps", "100000"), tmp_path)
     wait_for(lambda: holder(lock).get("pid") == first.pid, first)
 
-    second = run_command("hv_train_network", train_argv(assets, out, "--output_name", "other"), tmp_path)
+    second = run_command("hv_train_network", train_argv(assets, out), tmp_path)
     no_traceback(second)
     assert second.code == 2, second.err[-2000:]
     (line,) = second.error_lines
     assert re.fullmatch(rf"error: {re.escape(str(out))}: another training run is using this \(pid {first.pid} on \S+, started "
                         rf"[0-9-]+ [0-9:]+: \S*hv_train_network\.py --dit .*\); wait for it to finish or choose "
-                        rf"another --output_dir \(if that run is gone, delete {re.escape(str(lock))}\)", line), line
-    assert not list(out.glob("other*")), "the refused run wrote files"
+                        rf"another --output_name or --output_dir \(if that run is gone, delete {re.escape(str(lock))}\)", line), line
+    colliding = run_command("hv_train_network", train_argv(assets, out, "--output_name", "tiny-step00000004"), tmp_path)
+    assert colliding.code == 2, colliding.err[-2000:]
+    assert colliding.error_lines == [f"error: {out}: another training run is using this ({describe_holder(holder(lock))}, writing "
+                                     "--output_name tiny), whose files would share names with this run's; wait for it to "
+                                     "finish or choose another --output_name or --output_dir"]
+    assert not list(out.glob("tiny-step00000004*")), "the refused run wrote files"
+    beside = run_command("hv_train_network", train_argv(assets, out, "--output_name", "other"), tmp_path)
+    assert beside.code == 0, beside.err[-2000:]
+    assert (out / "other.safetensors").is_file() and first.process.is_alive()
 
     first.process.kill()  # SIGKILL: no clean-up runs; the OS releases the file lock
     first.process.join()
@@ -176,8 +186,8 @@ def test_an_output_named_as_a_running_training_s_lora_is_refused_and_another_nam
     """merge_lora, lora_post_hoc_ema and convert_lora wrote onto a running training's own names: a checkpoint became a
     merged DiT (its .comfyui copy left the training's), an average was replaced by the next save, without a word."""
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom musubi_tuner.files import TRAIN_LOCK, RunLock\n"
-                               "with RunLock(sys.argv[1] + '/' + TRAIN_LOCK, 'training run', '--output_dir', writes='tiny'):\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom musubi_tuner.files import RunLock, train_lock\n"
+                               "with RunLock(train_lock(sys.argv[1], 'tiny'), 'training run', '--output_dir', writes='tiny'):\n"
                                "    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     try:
@@ -221,7 +231,7 @@ def test_a_training_killed_with_its_data_loader_workers_alive_leaves_its_folder_
             os.kill(pid, signal.SIGSTOP)
         os.kill(run.pid, signal.SIGKILL)
         run.wait()
-        with files.RunLock(out / TRAIN_LOCK, "training run", "--output_dir"):  # taken over at once, not refused
+        with files.RunLock(train_lock(out, "tiny"), "training run", "--output_dir"):  # taken over at once, not refused
             pass
     finally:
         run.kill()
@@ -450,7 +460,7 @@ def test_processes_of_a_launcher_killed_without_a_word_stop_instead_of_training_
         assert time.monotonic() < deadline, f"still running: {log.read_text(errors='replace')[-2000:]}"
         time.sleep(0.2)
     assert not (tmp_path / "out" / "tiny.safetensors").exists()
-    assert not (tmp_path / "out" / TRAIN_LOCK).exists()  # stopped as on SIGTERM: the output folder is free again
+    assert not train_lock(tmp_path / "out", "tiny").exists()  # stopped as on SIGTERM: the output folder is free again
 
 
 def _state(pid: int) -> str:

@@ -550,11 +550,13 @@ def test_two_studios_on_one_workspace_see_each_others_jobs_and_start_one_trainin
     job = first.start("train", "lora", sleeper, {"output_dir": str(tmp_path / "out"), "output_name": "lora"})
     try:
         assert second.get(job.id).title == "lora" and [j.id for j in second.all()] == [job.id]
-        for studio in (first, second):
+        for studio, name in ((first, "lora"), (second, "lora"), (second, "lora-step00000004")):  # (its step-4 LoRA's name)
             with pytest.raises(UserError, match=rf"out: job {job.id} is training into it; wait for it to end, or stop it first"):
-                studio.start("train", "lora", sleeper, {"output_dir": str(tmp_path / "out"), "output_name": "lora"})
+                studio.start("train", name, sleeper, {"output_dir": str(tmp_path / "out"), "output_name": name})
         other = second.start("train", "other", [[sys.executable, "-c", "pass"]], {"output_dir": str(tmp_path / "elsewhere")})
-        assert {j.id for j in first.all()} == {job.id, other.id}
+        beside = second.start("train", "lora-v2", [[sys.executable, "-c", "pass"]],  # (another name shares the folder, as the
+                              {"output_dir": str(tmp_path / "out"), "output_name": "lora-v2"})  # trainer allows: fuzz_at 4)
+        assert {j.id for j in first.all()} == {job.id, other.id, beside.id}
     finally:
         first.stop(job.id)
     deadline = time.monotonic() + 30

@@ -784,17 +784,25 @@ def run_seed(args, accelerator: Accelerator, resume_from: Path | None) -> int:
 
 
 def take_output_lock(args, accelerator, held: contextlib.ExitStack) -> None:
-    """One training run per --output_dir: its state, step files and LoRAs would mix with another's. Held by the
-    process of global rank 0 (the one that writes) until the run ends; the others learn whether it got it and stop
-    with it when it did not: a process left waiting for it in a collective sees no signal, and the launcher killed it
-    only half a minute later."""
+    """One training run per --output_name in an --output_dir, and none beside it whose files would share names with
+    its own (files.names_collide): its state, step files and LoRAs would mix with another's. Held by the process of
+    global rank 0 (the one that writes) until the run ends; the others learn whether it got it and stop with it when
+    it did not: a process left waiting for it in a collective sees no signal, and the launcher killed it only half a
+    minute later."""
     from musubi_tuner.distributed import broadcast_value
-    from musubi_tuner.files import TRAIN_LOCK, RunLock
+    from musubi_tuner.files import RunLock, describe_holder, names_collide, running_trainings, train_lock
 
     refusal = None
     if accelerator.is_main_process:
         try:
-            held.enter_context(RunLock(Path(args.output_dir) / TRAIN_LOCK, "training run", "--output_dir", writes=args.output_name))
+            held.enter_context(RunLock(train_lock(args.output_dir, args.output_name), "training run", "--output_name or --output_dir",
+                                       writes=args.output_name))
+            for other in running_trainings(args.output_dir):  # (after taking its own: of two starting together, one
+                if names_collide(other.get("writes"), args.output_name):  # sees the other)
+                    named = f", writing --output_name {other['writes']}" if isinstance(other.get("writes"), str) else ""
+                    raise UserError(f"{args.output_dir}: another training run is using this ({describe_holder(other)}{named}), "
+                                    "whose files would share names with this run's; wait for it to finish or choose another "
+                                    "--output_name or --output_dir")
         except UserError as e:
             refusal = str(e)
     if accelerator.num_processes > 1:

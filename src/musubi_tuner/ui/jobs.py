@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import atomic_write, pid_alive, remove_leftover_temp_files
+from musubi_tuner.files import atomic_write, names_collide, pid_alive, remove_leftover_temp_files
 from musubi_tuner.launch import child_environment, shown
 from musubi_tuner.progress import PROGRESS_FILE_VARIABLE
 
@@ -180,6 +180,8 @@ class Jobs:
             if job.kind != kind or job.state not in ("starting", "running"):
                 continue
             same = job.outputs.get(key) == target if target else job.commands == list(commands)
+            if same and kind == "train":  # (other names share a folder, as the command itself allows: fuzz_at 4)
+                same = names_collide(job.outputs.get("output_name"), (outputs or {}).get("output_name", ""))
             if same and self.get(job.id).state in ("starting", "running"):
                 if target:
                     raise UserError(f"{target}: job {job.id} is {doing}; wait for it to end, or stop it first")
