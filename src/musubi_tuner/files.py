@@ -477,10 +477,16 @@ def names_collide(name: str | None, other: str) -> bool:
     return name == other or any(lora_file_names(a).fullmatch(f"{b}.safetensors") for a, b in ((name, other), (other, name)))
 
 
+# what a run of --output_name NAME adds to NAME in the names of its checkpoints (LoRAs and states): -step00000004, the
+# step in 8 digits or more, and -000002, the epoch in 6 or more (any digits: run "t" took run "t-2"'s final state for
+# its own, and --resume auto finished t with t-2's weights: fuzz_ax 13)
+CHECKPOINT_SUFFIX = r"(?:-step\d{8,}|-\d{6,})"
+
+
 def lora_file_names(name: str) -> re.Pattern:
     """The names of the LoRA files a run of --output_name `name` saves: final, per epoch, per step, each with its
-    .comfyui copy (and no other run's: "lora" is not "lora-big")."""
-    return re.compile(rf"{re.escape(name)}(?:-step\d+|-\d+)?(?:\.comfyui)?\.safetensors")
+    .comfyui copy (and no other run's: "lora" is not "lora-big" or "lora-2")."""
+    return re.compile(rf"{re.escape(name)}{CHECKPOINT_SUFFIX}?(?:\.comfyui)?\.safetensors")
 
 
 def _refuse_a_running_training_s_name(out: Path, output_flag: str) -> None:

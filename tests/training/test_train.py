@@ -154,6 +154,23 @@ def test_resume_auto_continues_the_newest_run_and_a_folder_of_states_is_named_as
     assert [p.name for p in complete_states(out, "tiny")] == ["tiny-step00000002-state", "tiny-state"]
 
 
+def test_a_run_named_as_another_with_a_number_after_it_is_not_its_checkpoints(assets, tmp_path):
+    """fuzz_ax 13: run "tiny" took the states and LoRA files of run "tiny-2" in the same folder for its own epoch
+    checkpoints: --resume auto finished tiny with tiny-2's weights, and validation named tiny-2.safetensors its best."""
+    from musubi_tuner.files import lora_file_names, names_collide
+    from musubi_tuner.training.state import complete_states
+
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    for name, seed in (("tiny", "42"), ("tiny-2", "7")):
+        train(parse_args(base_args(dit, toml, out, "--max_train_steps", "2", "--save_state", "--output_name", name, "--seed", seed)))
+    assert [p.name for p in complete_states(out, "tiny")] == ["tiny-state"]
+    own = lora_file_names("tiny")
+    assert [own.fullmatch(n) is not None for n in ("tiny-2.safetensors", "tiny-000002.safetensors", "tiny-step00000004.safetensors",
+                                                   "tiny-1234567.comfyui.safetensors")] == [False, True, True, True]
+    assert not names_collide("tiny", "tiny-2") and names_collide("tiny", "tiny-000002")
+
+
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
     root, dit, toml = assets
     straight = tmp_path / "straight"

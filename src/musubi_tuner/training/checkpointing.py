@@ -19,7 +19,7 @@ import torch
 from musubi_tuner.distributed import patient_wait
 from musubi_tuner.dtypes import str_to_dtype
 from musubi_tuner.errors import UserError, stops_held
-from musubi_tuner.files import (lora_file_names, refuse_a_writer_of, remove_folder, remove_leftover_temp_files, require_names_fit,
+from musubi_tuner.files import (CHECKPOINT_SUFFIX, lora_file_names, refuse_a_writer_of, remove_folder, remove_leftover_temp_files, require_names_fit,
                                 temporary_name)
 from musubi_tuner.networks.lora_metadata import lora_module_info
 from musubi_tuner.training.metadata import finish_metadata, modelspec, training_metadata
@@ -108,7 +108,7 @@ def remove_run_leftovers(out: Path, name: str) -> None:
     its own output into this folder now), half-written states, and replaced states' copies. Removed by the next run of
     that name, whether it trains or finds nothing left to train (a resume of a finished run kept them: fuzz_ae 9)."""
     escaped = re.escape(name)
-    states = re.compile(rf"{escaped}(?:-step\d+|-\d+)?-state")
+    states = re.compile(rf"{escaped}{CHECKPOINT_SUFFIX}?-state")
     written = re.compile(rf"{lora_file_names(name).pattern}|{escaped}-loss\.(?:csv|png)"
                          rf"|{states.pattern}(?:\.old|\.incomplete)?")  # (states being deleted: files.remove_folder)
     remove_leftover_temp_files(out, written.fullmatch, folders=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import SharedError, UserError, stops_held
-from musubi_tuner.files import (atomic_write, check_locks_still_held, content_digest, list_folder, load_torch_file, output_target,
+from musubi_tuner.files import (CHECKPOINT_SUFFIX, atomic_write, check_locks_still_held, content_digest, list_folder, load_torch_file, output_target,
                                 remove_folder, save_safetensors, save_torch, what_to_check)
 from musubi_tuner.training.optimizers import parse_key_values
 
@@ -444,7 +444,7 @@ def complete_states(output_dir: Path, name: str | None = None) -> list[Path]:
     copies (.old) whose replacement exists.
     """
     found: list[tuple[int, Path]] = []
-    own = re.compile(rf"{re.escape(name)}(?:-step\d+|-\d+)?-state(?:\.old)?") if name is not None else None
+    own = re.compile(rf"{re.escape(name)}{CHECKPOINT_SUFFIX}?-state(?:\.old)?") if name is not None else None
     for marker in Path(output_dir).glob(f"*/{STATE_MARKER}"):
         folder = marker.parent
         if own is not None and not own.fullmatch(folder.name):
