@@ -171,6 +171,22 @@ def test_a_run_named_as_another_with_a_number_after_it_is_not_its_checkpoints(as
     assert not names_collide("tiny", "tiny-2") and names_collide("tiny", "tiny-000002")
 
 
+def test_a_resumed_run_is_the_session_it_continues(assets, tmp_path):
+    """fuzz_ax 1: each start drew a new ss_session_id, and lora_post_hoc_ema took one stopped-and-resumed run for
+    several: it ordered its files by modification time and averaged the last step twice (the final LoRA beside it)."""
+    from musubi_tuner.files import read_safetensors_header
+
+    root, dit, toml = assets
+    sessions = {}
+    for folder in ("a", "b"):
+        out = tmp_path / folder
+        train(parse_args(base_args(dit, toml, out, "--max_train_steps", "2", "--save_every_n_steps", "2", "--save_state")))
+        train(parse_args(base_args(dit, toml, out, "--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state",
+                                   "--resume", "auto")))
+        sessions[folder] = [read_safetensors_header(out / f"tiny{n}.safetensors")[1]["ss_session_id"] for n in ("-step00000002", "")]
+    assert sessions["a"][0] == sessions["a"][1] and sessions["b"][0] == sessions["b"][1] and sessions["a"] != sessions["b"]
+
+
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
     root, dit, toml = assets
     straight = tmp_path / "straight"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -123,6 +124,17 @@ def remove_run_leftovers(out: Path, name: str) -> None:
     remove_leftover_temp_files(out / "sample", lambda target: target.startswith(name + "_"))  # samples, grids
 
 
+def session_id(run: dict | None) -> int:
+    """The run's ss_session_id: drawn from when it began (the run identity's session_started, which a resumed run keeps),
+    so a run stopped and resumed is one session, as lora_post_hoc_ema takes it (it was drawn at each start, and the
+    tool then ordered one run's files by modification time and averaged its last step twice: fuzz_ax 1); not from the
+    seeded generator, so two runs of one seed are two sessions."""
+    started = (run or {}).get("session_started")
+    if not isinstance(started, (int, float)):
+        return secrets.randbelow(2**32)
+    return int.from_bytes(hashlib.sha256(repr(float(started)).encode()).digest()[:4], "big")
+
+
 class CheckpointSaver:
     def __init__(self, args, accelerator, network, config, data, dataset_config, *, optimizer_name: str, batches_per_epoch: int,
                  max_train_steps: int, num_epochs: int, scheduler, optimizer, run: dict | None = None, hub=None):
@@ -152,8 +164,7 @@ class CheckpointSaver:
         self.metadata = training_metadata(
             args, config=config, network_info=lora_module_info(network), datasets=[d.metadata() for d in dataset_config.datasets],
             num_items=data.num_items, batches_per_epoch=batches_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
-            optimizer_name=optimizer_name, training_started=started,
-            session_id=secrets.randbelow(2**32 + 1))  # not from the seeded generator: two runs of one seed are two sessions
+            optimizer_name=optimizer_name, training_started=started, session_id=session_id(run))
         if accelerator.is_main_process:
             self._check_free_space()
 
