@@ -187,6 +187,23 @@ def test_a_resumed_run_is_the_session_it_continues(assets, tmp_path):
     assert sessions["a"][0] == sessions["a"][1] and sessions["b"][0] == sessions["b"][1] and sessions["a"] != sessions["b"]
 
 
+def test_resume_auto_continues_a_branch_taken_from_an_older_state_not_the_branch_it_left(assets, tmp_path, caplog):
+    """fuzz_ax 6: a run resumed from an older state of its own (going back before a divergence, say) and stopped was
+    continued by --resume auto from the states of the branch it had left, further on: its work was dropped."""
+    import logging
+    import re
+
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    flags = ("--save_every_n_steps", "2", "--save_state", "--output_name", "tiny")
+    train(parse_args(base_args(dit, toml, out, "--max_train_steps", "8", *flags)))  # the first branch: states to step 8
+    train(parse_args(base_args(dit, toml, out, "--max_train_steps", "4", *flags, "--resume", str(out / "tiny-step00000002-state"),
+                               "--max_grad_norm", "0.05")))  # back to step 2, another clip, stopped at step 4
+    with caplog.at_level(logging.INFO):
+        train(parse_args(base_args(dit, toml, out, "--max_train_steps", "8", *flags, "--resume", "auto")))
+    assert re.search(r"resumed from \S+ at step 4 ", caplog.text), caplog.text
+
+
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
     root, dit, toml = assets
     straight = tmp_path / "straight"

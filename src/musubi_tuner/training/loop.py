@@ -937,7 +937,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         validator = Validator(held_out, ts_cfg, guidance_value, levels=args.validation_timesteps, seed=args.validation_seed)
     run = run_identity(optimizer_name=optimizer_name, processes=accelerator.num_processes, batches_per_epoch=batches_per_epoch,
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
-                       session_started=time.time(), dit_digest=content_digest(args.dit),
+                       session_started=time.time(), process_started=time.time(), dit_digest=content_digest(args.dit),
                        dit_in_channels=dit_config.in_channels, validation=validator and validator.measure,
                        **identity_from_flags(args))
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,

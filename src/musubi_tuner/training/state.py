@@ -153,16 +153,19 @@ class DamagedState(UserError):
 def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processes: int, batches_per_epoch: int,
                  accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
                  schedule: dict | None = None, session_started: float | None = None, dit_digest: str | None = None,
-                 dit_in_channels: int | None = None, validation: dict | None = None, timesteps: dict | None = None) -> dict:
+                 dit_in_channels: int | None = None, validation: dict | None = None, timesteps: dict | None = None,
+                 process_started: float | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
     `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
     rebuilt from them). `session_started`: when the run began (a resumed run keeps the one of the state it continues:
-    check_resumable), by which --resume auto prefers the newest run's states (complete_states)."""
+    check_resumable); `process_started`: when the process that saves the state began (not kept by a resume), by which
+    --resume auto prefers the newest process's states (complete_states)."""
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
             "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started,
-            "dit_digest": dit_digest, "dit_in_channels": dit_in_channels, "validation": validation, "timesteps": timesteps or {}}
+            "dit_digest": dit_digest, "dit_in_channels": dit_in_channels, "validation": validation, "timesteps": timesteps or {},
+            "process_started": process_started}
 
 
 def _differs(saved: dict, current: dict, key: str) -> bool:
@@ -435,8 +438,9 @@ def read_progress(folder: Path) -> TrainProgress | None:
 
 
 def complete_states(output_dir: Path, name: str | None = None) -> list[Path]:
-    """The complete state folders in output_dir, those of the most recently started run first (the `session_started` of
-    their run identity: a resumed run keeps its first start), each run's most advanced (by saved global step) first; with `name`, only
+    """The complete state folders in output_dir, those of the most recently started process first (the
+    `process_started` of their run identity, else its `session_started`, which a resumed run keeps from its first
+    start), each one's most advanced (by saved global step) first; with `name`, only
     those of that --output_name (NAME-state, NAME-step00000006-state, NAME-000002-state): another experiment saved
     in the same folder is not this run's to continue.
 
@@ -458,10 +462,11 @@ def complete_states(output_dir: Path, name: str | None = None) -> list[Path]:
         except UserError as e:
             logger.warning("skipping %s", e)
             continue
-        started = run.get("session_started")
-        found.append(((started if isinstance(started, (int, float)) else 0.0, progress.global_step), folder))
-    # the newest run's states first (a run started afresh in a folder of an earlier run's states, and stopped before it
-    # passed their step, was continued from the earlier run's: fuzz_z 7), then by step
+        started = next((t for t in (run.get("process_started"), run.get("session_started")) if isinstance(t, (int, float))), 0.0)
+        found.append(((started, progress.global_step), folder))
+    # the newest process's states first, then by step: a run started afresh in a folder of an earlier run's states, and
+    # stopped before it passed their step, was continued from the earlier run's (fuzz_z 7); a run resumed from an older
+    # state of its own (a branch), and stopped, was continued from the branch it left, whose steps were further (fuzz_ax 6)
     return [folder for _, folder in sorted(found, key=lambda sf: (-sf[0][0], -sf[0][1], sf[1].name))]
 
 
