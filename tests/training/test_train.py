@@ -1,5 +1,6 @@
 """hv_train_network: trains a LoRA from caches, saves musubi-tuner's files, resumes exactly."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -174,8 +175,6 @@ def test_a_run_named_as_another_with_a_number_after_it_is_not_its_checkpoints(as
 def test_a_resumed_run_is_the_session_it_continues(assets, tmp_path):
     """fuzz_ax 1: each start drew a new ss_session_id, and lora_post_hoc_ema took one stopped-and-resumed run for
     several: it ordered its files by modification time and averaged the last step twice (the final LoRA beside it)."""
-    from musubi_tuner.files import read_safetensors_header
-
     root, dit, toml = assets
     sessions = {}
     for folder in ("a", "b"):
@@ -202,6 +201,19 @@ def test_resume_auto_continues_a_branch_taken_from_an_older_state_not_the_branch
     with caplog.at_level(logging.INFO):
         train(parse_args(base_args(dit, toml, out, "--max_train_steps", "8", *flags, "--resume", "auto")))
     assert re.search(r"resumed from \S+ at step 4 ", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("change", [("--gradient_accumulation_steps", "2"), ("--gradient_accumulation_steps", "1")])
+def test_a_resume_to_max_train_epochs_trains_the_epochs_left_in_the_new_batching(assets, tmp_path, change):
+    """fuzz_ax 2: the end of --max_train_epochs was counted in the new batching's steps from step 0, so a resume whose
+    gradient accumulation had changed trained no epoch ("nothing left to train") or too few."""
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    train(parse_args(base_args(dit, toml, out, "--max_train_epochs", "1", "--save_state")))
+    first = int(read_safetensors_header(out / "tiny.safetensors")[1]["ss_steps"])
+    train(parse_args(base_args(dit, toml, out, "--max_train_epochs", "2", "--save_state", "--resume", "auto", *change)))
+    meta = read_safetensors_header(out / "tiny.safetensors")[1]
+    assert (meta["ss_epoch"], int(meta["ss_steps"])) == ("2", first + math.ceil(first / int(change[1])))
 
 
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):

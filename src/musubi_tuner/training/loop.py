@@ -950,6 +950,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     # epochs than its step count says: counted from step 0, the epochs left could hold none of the steps left, and the
     # run saved a "final" LoRA at the resumed step, exit 0 (fuzz_z 1)
     done_in_epoch = math.ceil(progress.batch_in_epoch / args.gradient_accumulation_steps)
+    if args.max_train_epochs and resume_from is not None:  # the epochs left, in this run's batching: counted from step 0,
+        # a resume whose batching changed trained an epoch too few (or none) or ran into one more (fuzz_ax 2)
+        total_steps = progress.global_step + max(0, (args.max_train_epochs - progress.epoch) * steps_per_epoch - done_in_epoch)
     num_epochs = max(num_epochs, progress.epoch + math.ceil((total_steps - progress.global_step + done_in_epoch) / steps_per_epoch))
     if samples is not None:
         samples.replaces_earlier = resume_from is not None
