@@ -89,7 +89,9 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
 
     `run` (see run_identity) is recorded beside the progress, so that a resume can check it continues the same run.
     """
-    folder = output_target(folder, folder=True)  # (a link's target; no file of the user's is replaced)
+    linked = folder.is_symlink()  # a link is replaced, not written through: it named another folder's state (put there
+    if not linked:                # to continue it), which the save replaced with this run's, outside its lock (fuzz_ax 4)
+        folder = output_target(folder, folder=True)  # (no file of the user's is replaced)
     tmp = folder.with_name(folder.name + ".incomplete")
     old = folder.with_name(folder.name + ".old")
     if is_main:
@@ -117,7 +119,7 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
             _fsync_files(tmp)  # a power cut after the rename must not leave empty files in a "complete" state
             remove_folder(old)  # left by a run killed before deleting it; os.replace onto it would fail
             with stops_held():  # a Ctrl-C between these would leave the new state under .incomplete, or a .old beside it
-                if folder.exists():
+                if folder.exists() or linked:
                     os.replace(folder, old)
                 os.replace(tmp, folder)
                 remove_folder(old)  # never half there: alone (see complete_states), a .old copy is taken for the state
