@@ -24,6 +24,24 @@ ROOT = Path(__file__).resolve().parents[2]
 NAN_KEY = "lora_unet_single_blocks_1_linear1.lora_up.weight"
 RANK_KEY = "lora_unet_double_blocks_1_img_mlp_fc2"
 DIVERGED = "single_blocks.1.linear1: its update reaches"  # (NAN_KEY's module, its lora_up at 1e30)
+# empty LoHa / LoKr modules on RANK_KEY's layer (64, 256): the factors, the key named first, and why
+EMPTY_LYCORIS = {
+    "loha rank zero": {f"{RANK_KEY}.hada_w1_a": torch.zeros(64, 0), f"{RANK_KEY}.hada_w1_b": torch.zeros(0, 256),
+                       f"{RANK_KEY}.hada_w2_a": torch.zeros(64, 0), f"{RANK_KEY}.hada_w2_b": torch.zeros(0, 256),
+                       f"{RANK_KEY}.alpha": torch.tensor(1.0)},
+    "lokr rank zero": {f"{RANK_KEY}.lokr_w1": torch.ones(4, 4), f"{RANK_KEY}.lokr_w2_a": torch.zeros(16, 0),
+                       f"{RANK_KEY}.lokr_w2_b": torch.zeros(0, 64), f"{RANK_KEY}.alpha": torch.tensor(1.0)},
+    "lokr w1 rank zero": {f"{RANK_KEY}.lokr_w1_a": torch.zeros(4, 0), f"{RANK_KEY}.lokr_w1_b": torch.zeros(0, 4),
+                          f"{RANK_KEY}.lokr_w2": torch.ones(16, 64), f"{RANK_KEY}.alpha": torch.tensor(1.0)},
+    "lokr empty w1": {f"{RANK_KEY}.lokr_w1": torch.zeros(0, 0), f"{RANK_KEY}.lokr_w2": torch.ones(16, 16)},
+}
+EMPTY_WHY = {
+    "loha rank zero": (f"{RANK_KEY}.hada_w1_a", "rank 0: its hada_w1_a [64, 0] and hada_w1_b [0, 256] and hada_w2_a [64, 0] and "
+                                                "hada_w2_b [0, 256] are empty (a damaged file)"),
+    "lokr rank zero": (f"{RANK_KEY}.lokr_w2_a", "rank 0: its lokr_w2_a [16, 0] and lokr_w2_b [0, 64] are empty (a damaged file)"),
+    "lokr w1 rank zero": (f"{RANK_KEY}.lokr_w1_a", "rank 0: its lokr_w1_a [4, 0] and lokr_w1_b [0, 4] are empty (a damaged file)"),
+    "lokr empty w1": (f"{RANK_KEY}.lokr_w1", "its lokr_w1 [0, 0] is empty (a damaged file)"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +57,8 @@ def files(tmp_path_factory):
             "bias diff": {**good, "lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.full((64,), 0.01)},
             "alpha vector": {**good, f"{RANK_KEY}.alpha": torch.tensor([2.0, 2.0])},
             "rank zero": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(0, 256), f"{RANK_KEY}.lora_up.weight": torch.zeros(64, 0)},
+            **{name: {**{k: v for k, v in good.items() if not k.startswith(RANK_KEY)}, **factors}
+               for name, factors in EMPTY_LYCORIS.items()},
             "fp8": {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in good.items()},
             "fp8 as float32": {k: v.to(torch.float8_e4m3fn).float() if v.ndim == 2 else v for k, v in good.items()}}
     paths = {}
@@ -298,6 +318,20 @@ def test_an_empty_rank_is_refused_by_name_and_reported_by_info(files, capsys, tm
     assert status == 2 and error_line(err).startswith(f"error: {paths['rank zero']}: {RANK_KEY}.lora_") and why in err
     status, out, err = run_main(lora_info.main, [paths["rank zero"]], capsys)
     assert status == 0 and why in out + err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", list(EMPTY_LYCORIS))
+def test_an_empty_loha_or_lokr_module_is_refused_by_name_and_reported_by_info_and_the_doctor(files, capsys, tmp_path, name):
+    """A rank-0 LoHa / LoKr (or an empty lokr_w1) was a ZeroDivisionError / RuntimeError traceback in every reader."""
+    _, dit, paths = files
+    key, why = EMPTY_WHY[name]
+    argv = ["--dit", dit, "--lora_weight", paths[name], "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
+    status, _, err = run_main(merge_lora.main, argv, capsys)
+    assert status == 2 and error_line(err) == (f"error: {paths[name]}: {key}: {why}; --allow_partial_lora applies the rest and "
+                                               "lists what it drops"), err
+    for main in (lora_info.main, lora_doctor.main):
+        status, out, err = run_main(main, [paths[name]], capsys)
+        assert status in (0, 1) and why in out + err and "Traceback" not in err, err
 
 
 def test_an_alpha_of_several_values_is_refused_by_name_by_every_reader_of_the_file(files, capsys, tmp_path):

@@ -652,6 +652,8 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patc
                                                          t["hada_w1_a"].shape == t["hada_w2_a"].shape and t["hada_w1_b"].shape == t["hada_w2_b"].shape):
             return _bad(problems, used, "LoHa factors whose shapes do not fit together: " +
                         ", ".join(f"{f} {list(v.shape)}" for f, v in t.items()))
+        if empty := _empty_factors(t, keys, used):
+            return _bad(problems, *empty)
         return [Patch(entry.module, "loha", tuple(used), alpha=alpha, factors={f: weights[keys[f]] for f in LOHA_FACTORS})]
     if any(v.ndim != 2 for v in t.values()):
         return _bad(problems, used, "a LoKr factor that is not a matrix (a convolution's; this toolkit applies LoKr to Linear layers)")
@@ -659,6 +661,8 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patc
     w2, w2_rank = _lokr_half(t, "lokr_w2")
     if w1 is None or w2 is None:
         return _bad(problems, used, "a LoKr module without its " + ("w1 (lokr_w1 or lokr_w1_a/_b)" if w1 is None else "w2 (lokr_w2 or lokr_w2_a/_b)"))
+    if empty := _empty_factors(t, keys, used):
+        return _bad(problems, *empty)
     factors = {"lokr_w1": weights[keys["lokr_w1"]]} if "lokr_w1" in keys else {}
     if w1_rank is not None:  # LyCORIS's w1_a @ w1_b: made whole; its scale is folded in when w2 is whole (ComfyUI's rule)
         factors["lokr_w1"] = w1 * ((alpha or w1_rank) / w1_rank if w2_rank is None else 1.0)
@@ -669,6 +673,19 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patc
     else:
         factors.update(lokr_w2_a=weights[keys["lokr_w2_a"]], lokr_w2_b=weights[keys["lokr_w2_b"]])
     return [Patch(entry.module, "lokr", tuple(used), alpha=alpha, factors=factors)]
+
+
+def _empty_factors(t: dict[str, torch.Tensor], keys: dict[str, str], used: list[str]) -> tuple[list[str], str] | None:
+    """(the keys, the empty factors first, and why) when a LoHa's or LoKr's factors that fit together hold no values (rank
+    0, or a w1 of no rows): a damaged file, whose scale alpha / rank and update cannot be formed; None when none is empty."""
+    empty = [f for f, v in t.items() if v.numel() == 0]
+    if not empty:
+        return None
+    rank0 = all(v.ndim == 2 and ((f.endswith("_a") and v.shape[1] == 0) or (f.endswith("_b") and v.shape[0] == 0))
+                for f, v in t.items() if f in empty)
+    named = " and ".join(f"{f} {list(t[f].shape)}" for f in empty)
+    why = f"{'rank 0: ' if rank0 else ''}its {named} {'are' if len(empty) > 1 else 'is'} empty (a damaged file)"
+    return [keys[f] for f in empty] + [k for k in used if k not in {keys[f] for f in empty}], why
 
 
 def _lokr_half(t: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor | None, int | None]:
