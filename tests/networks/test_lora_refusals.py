@@ -334,6 +334,27 @@ def test_an_empty_loha_or_lokr_module_is_refused_by_name_and_reported_by_info_an
         assert status in (0, 1) and why in out + err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("second", ["transformer_blocks.0", "base_model.model.transformer_blocks.0"])
+def test_one_diffusers_part_under_two_prefixes_is_refused_naming_both(files, capsys, tmp_path, second):
+    """to_q under `transformer.` and under none (or PEFT's base_model.model.) are one part of img_attn_qkv twice: one pair
+    was dropped without a word, where the whole-layer namings given twice are refused."""
+    _, dit, _ = files
+    g = torch.Generator().manual_seed(0)
+    first = "transformer.transformer_blocks.0"
+    sd = {f"{prefix}.attn.to_q.{ab}.weight": torch.randn(shape, generator=g) * 0.05
+          for prefix in (first, second) for ab, shape in (("lora_A", (4, 64)), ("lora_B", (64, 4)))}
+    path = tmp_path / "twice.safetensors"
+    save_file(sd, str(path))
+    argv = ["--dit", dit, "--lora_weight", path, "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
+    status, _, err = run_main(merge_lora.main, argv, capsys)
+    kept, refused = sorted([first, second])  # (safetensors stores its keys sorted: the first read is kept)
+    assert status == 2 and error_line(err) == (
+        f"error: {path}: {refused}.attn.to_q.lora_A.weight: a second LoRA of the q part of double_blocks.0.img_attn_qkv "
+        f"(beside {kept}.attn.to_q.lora_A.weight): the file names that layer twice; "
+        "--allow_partial_lora applies the rest and lists what it drops"), err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_an_alpha_of_several_values_is_refused_by_name_by_every_reader_of_the_file(files, capsys, tmp_path):
     """The reader refuses it (networks.lora_reader.check_entry_types), so merge, info and the rest say the same line."""
     _, dit, paths = files

@@ -703,6 +703,9 @@ def _bad(problems: list[Problem], keys: list[str], message: str) -> list:
     return []
 
 
+_PART_NAMES = ("q", "k", "v", "mlp")  # a fused layer's diffusers parts, in their order (lora_naming's table)
+
+
 def _fuse_parts(module: str, parts: list[tuple[int, Patch]], problems: list[Problem], mlp_hidden: int | None) -> list[Patch]:
     """One exact LoRA of an official fused Linear from the LoRAs of its diffusers parts (q, k, v[, mlp]).
 
@@ -712,6 +715,10 @@ def _fuse_parts(module: str, parts: list[tuple[int, Patch]], problems: list[Prob
     by_part: dict[int, Patch] = {}
     for part, patch in parts:
         if patch.kind != "lora":
+            continue
+        if part in by_part:  # one part under two prefixes (transformer. and none, or base_model.model.): entries differ by name
+            problems.append(Problem(list(patch.keys), f"a second LoRA of the {_PART_NAMES[part]} part of {module} (beside {by_part[part].keys[0]}): "
+                                                      "the file names that layer twice"))
             continue
         by_part[part] = patch
     if not by_part:
