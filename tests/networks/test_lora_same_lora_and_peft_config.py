@@ -271,6 +271,76 @@ def test_a_renamed_peft_adapter_reads_the_config_beside_it_and_one_without_is_sa
             "adapter_config.json, and there is none beside it: applied at alpha = rank (scale 1)") in caplog.text
 
 
+# PEFT LoHa / LoKr adapters of diffusers' transformer, as save_pretrained writes them: base_model.model.<diffusers module>
+# .<factor> (no alpha in the file) + adapter_config.json; diffusers module -> (official parameter, (out, in))
+PEFT_LYCORIS_MODULES = {"transformer_blocks.0.attn.to_out.0": ("double_blocks.0.img_attn_proj.weight", (64, 64)),
+                        "transformer_blocks.0.ff.net.2": ("double_blocks.0.img_mlp.fc2.weight", (64, 256)),
+                        "norm_out.linear": ("final_layer.adaLN_modulation.1.weight", (128, 64))}
+PEFT_LYCORIS = {
+    "loha": {"peft_type": "LOHA", "r": 4, "alpha": 8, "alpha_pattern": {"net.2": 3}},
+    "loha, rank_pattern": {"peft_type": "LOHA", "r": 4, "alpha": 8, "rank_pattern": {"to_out.0": 2}},
+    "lokr, low-rank w2": {"peft_type": "LOKR", "r": 4, "alpha": 8, "rank_pattern": {"to_out.0": 2}, "alpha_pattern": {"net.2": 3}},
+    "lokr, whole w2": {"peft_type": "LOKR", "r": 64, "alpha": 8, "rank_pattern": {"net.2": 16}},
+    "lokr, w1_a/w1_b and whole w2": {"peft_type": "LOKR", "r": 2, "alpha": 6},
+}
+
+
+def peft_lycoris_adapter(folder, config) -> dict[str, torch.Tensor]:
+    """The adapter folder, and PEFT's merge written out (LoHaLayer / LoKrLayer.get_delta_weight): scaling = alpha / r,
+    alpha = alpha_pattern's else `alpha`, r = rank_pattern's else `r` (get_pattern_key: the pattern matches the end of
+    the module's path); LoHa (w1_a @ w1_b) * (w2_a @ w2_b) * scaling, LoKr kron(w1, w2) * scaling; norm_out's update
+    with its diffusers (scale, shift) halves put in the official (shift, scale) order."""
+    import re
+
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(shape, generator=g) * 0.3  # noqa: E731
+    tensors, expected = {}, {}
+    for module, (param, (out, inp)) in PEFT_LYCORIS_MODULES.items():
+        pattern = lambda key, default: next((v for k, v in config.get(key, {}).items()  # noqa: E731
+                                             if re.match(rf"(.*\.)?({k})$", module)), default)
+        r, alpha = pattern("rank_pattern", config["r"]), pattern("alpha_pattern", config["alpha"])
+        name = f"base_model.model.{module}"
+        if config["peft_type"] == "LOHA":
+            f = {"hada_w1_a": rand(out, r), "hada_w1_b": rand(r, inp), "hada_w2_a": rand(out, r), "hada_w2_b": rand(r, inp)}
+            delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]) * (alpha / r)
+        else:
+            f = {"lokr_w1_a": rand(4, r), "lokr_w1_b": rand(r, 8)} if config["r"] == 2 else {"lokr_w1": rand(4, 8)}
+            w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+            if r < 16 and "lokr_w1" in f:
+                f.update(lokr_w2_a=rand(out // 4, r), lokr_w2_b=rand(r, inp // 8))
+                w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+            else:
+                w2 = f["lokr_w2"] = rand(out // 4, inp // 8)
+            delta = torch.kron(w1, w2) * (alpha / r)
+        tensors.update({f"{name}.{k}": v for k, v in f.items()})
+        expected[param] = torch.cat(delta.chunk(2)[::-1]) if module == "norm_out.linear" else delta
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return expected
+
+
+@pytest.mark.parametrize("kind", list(PEFT_LYCORIS))
+def test_a_peft_loha_or_lokr_adapter_merges_to_pefts_own_merge(pair, tmp_path, capsys, caplog, kind):
+    """fuzz_aw 7: PEFT's LoHa / LoKr keep their alpha as adapter_config.json's `alpha`, which was not read (0.5x, and 8x
+    for a LoKr with a whole w2), and norm_out's halves were not exchanged for LoHa / LoKr (shift and scale swapped)."""
+    _, dit, _ = pair
+    expected = peft_lycoris_adapter(tmp_path / "adapter", PEFT_LYCORIS[kind])
+    delta, _ = merged_update(tmp_path, dit, [tmp_path / "adapter" / "adapter_model.safetensors"], capsys)
+    for param, want in expected.items():
+        assert (delta[param] - want).norm() <= 0.01 * want.norm(), param  # (the merged DiT is bf16: 0.5 or more apart before)
+    assert "applied at alpha = rank" not in caplog.text
+
+
+def test_a_peft_lokr_without_its_config_is_said_to_be_applied_at_alpha_rank(pair, tmp_path, capsys, caplog):
+    _, dit, _ = pair
+    peft_lycoris_adapter(tmp_path / "adapter", PEFT_LYCORIS["lokr, low-rank w2"])
+    (tmp_path / "adapter" / "adapter_config.json").unlink()
+    merged_update(tmp_path, dit, [tmp_path / "adapter" / "adapter_model.safetensors"], capsys)
+    assert (f"{tmp_path / 'adapter' / 'adapter_model.safetensors'}: PEFT's layout (base_model.model....), whose alpha is kept "
+            "in adapter_config.json, and there is none beside it: applied at alpha = rank (scale 1)") in caplog.text
+
+
 BAD_CONFIGS = [
     ({"r": 4, "lora_alpha": "eight"}, 'lora_alpha = "eight" is not a number'),
     ({"r": 4, "lora_alpha": 8, "alpha_pattern": ["to_out.0"]}, "alpha_pattern is a JSON list, not an object"),

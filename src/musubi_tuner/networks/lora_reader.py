@@ -427,11 +427,18 @@ class PeftScales:
     """What a PEFT adapter's config says of its modules' scales, as PEFT's LoRA layers compute them: lora_alpha / r, or
     lora_alpha / sqrt(r) with `use_rslora`; the alpha is the first `alpha_pattern` entry that matches the end of the
     module's path (PEFT's get_pattern_key), else `lora_alpha`. r is the module's rank in the file (which PEFT's `r` and
-    `rank_pattern` made). Without a lora_alpha the scale is 1 (alpha = rank), as for any LoRA file without alphas."""
+    `rank_pattern` made). Without a lora_alpha the scale is 1 (alpha = rank), as for any LoRA file without alphas.
+
+    A LoHa or LoKr config (`peft_type` LOHA / LOKR) keeps its alpha as `alpha`, and PEFT's LoHa and LoKr layers scale
+    every module by alpha / r, r being `rank_pattern`'s or `r` (PEFT's defaults 8 and 8 where the config has none): for a
+    LoKr with a whole w2 too, whose file shows no rank (`lycoris_scale`)."""
 
     lora_alpha: float | None = None
     alpha_pattern: tuple[tuple[re.Pattern, float], ...] = ()
     use_rslora: bool = False
+    lycoris_alpha: float | None = None  # a LoHa / LoKr config's `alpha` (None: the config is no LoHa / LoKr one)
+    r: int = 8
+    rank_pattern: tuple[tuple[re.Pattern, int], ...] = ()
 
     @classmethod
     def read(cls, metadata: dict[str, str], config, source: str) -> "PeftScales":
@@ -457,23 +464,34 @@ class PeftScales:
             name = prefix + key if prefix + key in config else key  # diffusers' prefixed key, or PEFT's own
             return name, config.get(name)
 
+        def patterns(key: str, number) -> tuple[tuple[re.Pattern, float], ...]:
+            name, pattern = get(key)
+            if pattern is not None and not isinstance(pattern, dict):
+                raise UserError(f"{where}: {name} is a JSON {type(pattern).__name__}, not an object of module pattern -> "
+                                f"{key.removesuffix('_pattern')}")
+            out = []
+            for k, value in (pattern or {}).items():
+                try:
+                    re.compile(k)  # alone first: an error's position is then the key's own
+                    rx = re.compile(rf"(?:.*\.)?(?:{k})")
+                except re.error as e:
+                    raise UserError(f"{where}: {name} {k!r} is not a regular expression ({e})") from None
+                out.append((rx, number(value, where, f"{name} {k!r}")))
+            return tuple(out)
+
         name, alpha = get("lora_alpha")
         alpha = None if alpha is None else _peft_number(alpha, where, name)
-        name, pattern = get("alpha_pattern")
-        if pattern is not None and not isinstance(pattern, dict):
-            raise UserError(f"{where}: {name} is a JSON {type(pattern).__name__}, not an object of module pattern -> alpha")
-        patterns = []
-        for key, value in (pattern or {}).items():
-            try:
-                re.compile(key)  # alone first: an error's position is then the key's own
-                rx = re.compile(rf"(?:.*\.)?(?:{key})")
-            except re.error as e:
-                raise UserError(f"{where}: {name} {key!r} is not a regular expression ({e})") from None
-            patterns.append((rx, _peft_number(value, where, f"{name} {key!r}")))
+        alpha_pattern = patterns("alpha_pattern", _peft_number)
         name, rslora = get("use_rslora")
         if rslora is not None and not isinstance(rslora, bool):
             raise UserError(f"{where}: {name} = {json.dumps(rslora)} is not true or false")
-        return cls(alpha, tuple(patterns), bool(rslora))
+        if str(get("peft_type")[1]).upper() not in ("LOHA", "LOKR"):
+            return cls(alpha, alpha_pattern, bool(rslora))
+        name, lycoris_alpha = get("alpha")
+        lycoris_alpha = 8.0 if lycoris_alpha is None else _peft_number(lycoris_alpha, where, name)
+        name, r = get("r")
+        r = 8 if r is None else _peft_rank(r, where, name)
+        return cls(alpha, alpha_pattern, bool(rslora), lycoris_alpha, r, patterns("rank_pattern", _peft_rank))
 
     def alpha(self, path: str, rank: int) -> float | None:
         """The alpha that gives a module (its PEFT path, its rank) PEFT's scale as alpha / rank; None: alpha = rank."""
@@ -481,6 +499,13 @@ class PeftScales:
         if alpha is None or not self.use_rslora:
             return alpha
         return alpha * math.sqrt(rank)  # PEFT's rsLoRA scale alpha / sqrt(r), as alpha' / r
+
+    def lycoris_scale(self, path: str) -> float | None:
+        """PEFT's scale alpha / r of a LoHa or LoKr module (its PEFT path), or None when the config is no LoHa / LoKr one."""
+        if self.lycoris_alpha is None:
+            return None
+        alpha = next((a for rx, a in self.alpha_pattern if rx.fullmatch(path)), self.lycoris_alpha)
+        return alpha / next((r for rx, r in self.rank_pattern if rx.fullmatch(path)), self.r)
 
 
 def _peft_number(value, where: str, key: str) -> float:
@@ -493,6 +518,12 @@ def _peft_number(value, where: str, key: str) -> float:
                         "kohya's readers (musubi-tuner, ComfyUI) take an alpha of 0 as the rank, at full strength; set the "
                         "alpha the LoRA was trained with, or leave the file out")
     return float(value)
+
+
+def _peft_rank(value, where: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{where}: {key} = {json.dumps(value)} is not a positive whole number (PEFT's rank)")
+    return value
 
 
 def _split_entry(key: str) -> tuple[str, str] | None:
@@ -562,12 +593,15 @@ def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None
             continue
         entry.keys[role] = key
     scales = PeftScales.read(metadata, adapter_config, source)
-    if (scales.lora_alpha is None and any(k.startswith(PEFT_LAYOUT) and k.endswith("lora_A.weight") for k in weights)
-            and not any(k.endswith(".alpha") for k in weights) and source not in _SAID_NO_PEFT_ALPHA):
+    peft_keys = [k for k in weights if k.startswith(PEFT_LAYOUT)]
+    unscaled = ("lora_alpha" if scales.lora_alpha is None and any(k.endswith("lora_A.weight") for k in peft_keys) else
+                "alpha" if scales.lycoris_alpha is None and any(k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a")) for k in peft_keys)
+                else None)  # (LoHa / LoKr: PEFT's LoHaConfig / LoKrConfig name it alpha)
+    if unscaled and not any(k.endswith(".alpha") for k in weights) and source not in _SAID_NO_PEFT_ALPHA:
         _SAID_NO_PEFT_ALPHA.add(source)  # (PEFT keeps its lora_alpha out of the file: no reader can know the scale)
-        logger.warning("%s: PEFT's layout (%s...), whose lora_alpha is kept in adapter_config.json, and there is none beside "
+        logger.warning("%s: PEFT's layout (%s...), whose %s is kept in adapter_config.json, and there is none beside "
                        "it: applied at alpha = rank (scale 1); put its adapter_config.json beside it for PEFT's scale",
-                       source, PEFT_LAYOUT)
+                       source, PEFT_LAYOUT, unscaled)
     patches, fused = [], {}
     for name, entry in entries.items():
         for patch in _entry_patches(name, entry, weights, problems, scales):
@@ -601,24 +635,34 @@ def _entry_patches(name: str, entry: _Entry, weights, problems: list[Problem], s
                 problems.append(Problem(pair, bad))
             else:
                 alpha = float(weights[keys["alpha"]]) if "alpha" in keys else scales.alpha(entry.peft_path, down.shape[0])
-                if entry.module == "final_layer.adaLN_modulation.1" and entry.naming == "diffusers":
-                    up = torch.cat(up.chunk(2, dim=0)[::-1])  # diffusers' norm_out orders (scale, shift); official (shift, scale)
+                if _diffusers_norm_out(entry):
+                    up = _halves_exchanged(up)
                 used = tuple(keys[r] for r in ("down", "up", "alpha") if r in keys)
                 out.append(Patch(entry.module, "lora", used, up=up, down=down, alpha=alpha))
     if any(f in keys for f in LOHA_FACTORS + LOKR_FACTORS):
-        out += _lycoris_patch(entry, weights, problems)
+        out += _lycoris_patch(entry, weights, problems, scales)
     elif "alpha" in keys and not ("up" in keys or "down" in keys):
         problems.append(Problem([keys["alpha"]], "an alpha without a LoRA pair"))
     for role in ("diff", "diff_b", "set"):
         if role in keys:
             tensor = weights[keys[role]]
-            if entry.module == "final_layer.adaLN_modulation.1" and entry.naming == "diffusers":
-                tensor = torch.cat(tensor.chunk(2, dim=0)[::-1])
+            if _diffusers_norm_out(entry):
+                tensor = _halves_exchanged(tensor)
             if entry.part is not None:
                 problems.append(Problem([keys[role]], f"a {role} of one part of a fused layer, which this toolkit does not apply"))
             else:
                 out.append(Patch(entry.module, role, (keys[role],), tensor=tensor))
     return out
+
+
+def _diffusers_norm_out(entry: _Entry) -> bool:
+    """Whether the entry is diffusers' norm_out.linear, whose output is ordered (scale, shift) where the official
+    final_layer.adaLN_modulation.1's is (shift, scale): its update's two halves of rows are exchanged (`_halves_exchanged`)."""
+    return entry.module == "final_layer.adaLN_modulation.1" and entry.naming == "diffusers"
+
+
+def _halves_exchanged(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat(t.chunk(2, dim=0)[::-1])
 
 
 def _bad_alpha(weights, keys: dict[str, str]) -> str | None:
@@ -628,8 +672,10 @@ def _bad_alpha(weights, keys: dict[str, str]) -> str | None:
     return None
 
 
-def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patch]:
-    """A LoHa or LoKr module's patch (LoKr in musubi-tuner's form: w1 whole, w2 whole or as w2_a @ w2_b)."""
+def _lycoris_patch(entry: _Entry, weights, problems: list[Problem], scales: PeftScales) -> list[Patch]:
+    """A LoHa or LoKr module's patch (LoKr in musubi-tuner's form: w1 whole, w2 whole or as w2_a @ w2_b). Without an
+    `.alpha`, a PEFT LoHa / LoKr config's scale (`PeftScales.lycoris_scale`) is the module's; diffusers' norm_out has its
+    update's halves exchanged (`_diffusers_norm_out`)."""
     keys = entry.keys
     loha = [f for f in LOHA_FACTORS if f in keys]
     lokr = [f for f in LOKR_FACTORS if f in keys]
@@ -638,6 +684,7 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patc
     if bad := _bad_alpha(weights, keys):
         return _bad(problems, used, bad)
     alpha = float(weights[keys["alpha"]]) if "alpha" in keys else None
+    peft = None if "alpha" in keys else scales.lycoris_scale(entry.peft_path)  # PEFT's alpha / r of the whole update
     if loha and lokr:
         problems.append(Problem(used, "LoHa and LoKr factors for one layer (a damaged file)"))
         return []
@@ -654,7 +701,11 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patc
                         ", ".join(f"{f} {list(v.shape)}" for f, v in t.items()))
         if empty := _empty_factors(t, keys, used):
             return _bad(problems, *empty)
-        return [Patch(entry.module, "loha", tuple(used), alpha=alpha, factors={f: weights[keys[f]] for f in LOHA_FACTORS})]
+        factors = {f: weights[keys[f]] for f in LOHA_FACTORS}
+        if _diffusers_norm_out(entry):  # the rows of (w1_a @ w1_b) * (w2_a @ w2_b) are those of w1_a and w2_a
+            factors.update({f: _halves_exchanged(factors[f]) for f in ("hada_w1_a", "hada_w2_a")})
+        alpha = alpha if peft is None else peft * t["hada_w1_b"].shape[0]
+        return [Patch(entry.module, "loha", tuple(used), alpha=alpha, factors=factors)]
     if any(v.ndim != 2 for v in t.values()):
         return _bad(problems, used, "a LoKr factor that is not a matrix (a convolution's; this toolkit applies LoKr to Linear layers)")
     w1, w1_rank = _lokr_half(t, "lokr_w1")
@@ -672,6 +723,22 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem]) -> list[Patc
         factors["lokr_w2"] = weights[keys["lokr_w2"]]
     else:
         factors.update(lokr_w2_a=weights[keys["lokr_w2_a"]], lokr_w2_b=weights[keys["lokr_w2_b"]])
+    if peft is not None:  # PEFT scales kron(w1, w2) by alpha / r whatever the factors: into w1 when w2 shows no rank
+        if w2_rank is None:
+            factors["lokr_w1"], alpha = w1 * peft, None
+        else:
+            alpha = peft * w2_rank
+    if _diffusers_norm_out(entry):
+        rows = factors["lokr_w1"].shape[0]
+        if rows % 2 == 0:  # kron(w1, w2)'s first half of rows is kron(w1's first half, w2)
+            factors["lokr_w1"] = _halves_exchanged(factors["lokr_w1"])
+        elif rows == 1:  # ... or, with one row of w1, kron(w1, w2's first half)
+            half = "lokr_w2" if w2_rank is None else "lokr_w2_a"
+            factors[half] = _halves_exchanged(factors[half])
+        else:
+            return _bad(problems, used, f"a LoKr of diffusers' norm_out.linear whose w1 has {rows} rows: its update's (scale, "
+                                        "shift) halves cannot be put in the official (shift, scale) order as a LoKr, and "
+                                        "this toolkit does not apply it")
     return [Patch(entry.module, "lokr", tuple(used), alpha=alpha, factors=factors)]
 
 
