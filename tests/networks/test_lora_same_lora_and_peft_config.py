@@ -341,6 +341,27 @@ def test_a_peft_lokr_without_its_config_is_said_to_be_applied_at_alpha_rank(pair
             "in adapter_config.json, and there is none beside it: applied at alpha = rank (scale 1)") in caplog.text
 
 
+def test_files_we_write_beside_a_peft_config_keep_the_adapters_scale(pair, tmp_path, capsys):
+    """fuzz_aw 3: an adapter folder (diffusion-pipe's layout, lora_alpha 16 at r 4: scale 4). convert_lora's output
+    written beside the adapter_config.json (scale folded into its factors) was scaled by it again (4x), and the post-hoc
+    EMA of two epochs wrote the averaged factors without the scale (1/4)."""
+    import shutil
+
+    _, dit, _ = pair
+    adapter = peft_adapter(dit, tmp_path / "epoch1", r=4, lora_alpha=16)
+    shutil.copytree(tmp_path / "epoch1", tmp_path / "epoch2")
+    converted = tmp_path / "epoch1" / "adapter_model.comfyui.safetensors"
+    assert run_main(convert_lora.main, ["--input", adapter.path, "--output", converted, "--target", "other"], capsys)[0] == 0
+    ema = tmp_path / "epoch2" / "adapter_model_ema.safetensors"
+    status, _, err = run_main(lora_post_hoc_ema.main, [adapter.path, tmp_path / "epoch2" / "adapter_model.safetensors", "--no_sort",
+                                                       "--output_file", ema], capsys)
+    assert status == 0, err
+    for lora in (adapter.path, converted, ema):
+        delta, _ = merged_update(tmp_path, dit, [lora], capsys)
+        for param, want in adapter.expected.items():
+            assert applied(delta[param], want) == pytest.approx(1, rel=0.01), (lora.name, param)
+
+
 BAD_CONFIGS = [
     ({"r": 4, "lora_alpha": "eight"}, 'lora_alpha = "eight" is not a number'),
     ({"r": 4, "lora_alpha": 8, "alpha_pattern": ["to_out.0"]}, "alpha_pattern is a JSON list, not an object"),

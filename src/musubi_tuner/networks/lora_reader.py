@@ -36,7 +36,7 @@ import torch
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.files import StateDictFile
-from musubi_tuner.networks.lora_metadata import other_model
+from musubi_tuner.networks.lora_metadata import OURS, other_model
 from musubi_tuner.tomlio import loads_json
 from musubi_tuner.networks.lora_naming import (
     DIFFUSERS_PREFIXES, KOHYA_PREFIX, OTHER_PREFIXES, diffusers_to_official, module_path_to_kohya, module_template, official_module,
@@ -276,7 +276,7 @@ def _dtype_name(t: torch.Tensor) -> str:
 def read_lora_contents(path: str | os.PathLike) -> LoRAContents:
     """A LoRA file's patches and problems, without refusing anything (what info and the doctor show)."""
     weights, metadata = read_lora_file(path)
-    return parse_lora(weights, metadata, str(path), peft_config(path, weights))
+    return parse_lora(weights, metadata, str(path), peft_config(path, weights, metadata))
 
 
 PROBES = 8  # random vectors per parameter: one alone met a cancellation (1.08 % apart for a pair 0.2 % apart: fuzz_ad F3)
@@ -406,14 +406,19 @@ def non_finite_words(key: str, tensor: torch.Tensor) -> str:
 PEFT_LAYOUT = "base_model.model."  # the key prefix of PEFT's save_pretrained, whose alphas are in adapter_config.json only
 
 
-def peft_config(path: str | os.PathLike, weights=()) -> dict | None:
+def peft_config(path: str | os.PathLike, weights=(), metadata=None) -> dict | None:
     """The `adapter_config.json` PEFT (and diffusion-pipe) save beside `adapter_model.safetensors`, if there is one, as
     JSON (`PeftScales.read` reads its values); beside a file of PEFT's layout (`weights`' keys) of any name too: a
-    renamed adapter was applied at alpha = rank with its config beside it (fuzz_an 6)."""
+    renamed adapter was applied at alpha = rank with its config beside it (fuzz_an 6).
+
+    Never for a file this toolkit wrote (its `metadata` holds `musubi_tuner.*` keys: convert_lora's output, the
+    trainer's LoRA and `.comfyui` copy, a post-hoc EMA): it carries its own scale (folded into its factors, in `.alpha`
+    entries, or in `lora_adapter_metadata`), and the config beside it, of the adapter it was made from, scaled it
+    twice (fuzz_aw 3)."""
     path = Path(path)
     config = path.parent / "adapter_config.json"
     ours = path.name.startswith("adapter_model") or any(k.startswith(PEFT_LAYOUT) for k in weights)
-    if not ours or not config.is_file():
+    if not ours or any(k.startswith(OURS) for k in metadata or {}) or not config.is_file():
         return None
     try:
         return loads_json(config.read_text())

@@ -11,7 +11,8 @@ kept; integer tensors that are not LoRA entries are the first file's). Every fil
   merge has beta = 0: the profile weighs file k in proportion to k^gamma, so the first file (k = 0) gets none.
 
 The result keeps each tensor's dtype, and the last file's metadata with sd-scripts' hashes recomputed and
-`musubi_tuner.post_hoc_ema` added (the files and betas), by which a later average leaves the result out (`order_files`).
+`musubi_tuner.post_hoc_ema` added (the files and betas), by which a later average leaves the result out (`order_files`);
+inputs scaled by a PEFT `adapter_config.json` beside them give it their config as diffusers' `lora_adapter_metadata`.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def _run_settings(metadata: dict[str, str]) -> dict[str, str]:
 def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(averaged tensors, the last file's metadata with new hashes) of `paths` (oldest first), one beta per later file."""
     from musubi_tuner.networks.lora_metadata import POST_HOC_EMA, sd_scripts_hashes
-    from musubi_tuner.networks.lora_reader import check_usable, read_lora_contents, read_lora_file
+    from musubi_tuner.networks.lora_reader import check_usable, peft_config, read_lora_contents, read_lora_file
 
     first_contents = _checkpoint(paths[0])
     first, first_scales = first_contents.tensors, _scales(first_contents)
@@ -168,6 +169,10 @@ def post_hoc_ema(paths: Sequence[Path], betas: Sequence[float]) -> tuple[dict[st
         _check_same_scales(paths[0], first_scales, path, _scales(contents))  # (the scales no .alpha entry holds)
     out = {k: v.to(dtypes[k]) for k, v in average.items()}
     metadata = dict(read_lora_file(paths[-1])[1])
+    config = peft_config(paths[-1], first, metadata)
+    if config is not None and "lora_adapter_metadata" not in metadata:  # the scale the adapter_config.json beside the
+        # inputs gave them, carried as diffusers carries it: this file, ours, is not read with a config beside it
+        metadata["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in config.items()})
     if metadata:
         model_hash, legacy_hash = sd_scripts_hashes(out, {k: v for k, v in metadata.items() if k.startswith("ss_")})
         metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
