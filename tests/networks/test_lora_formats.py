@@ -148,3 +148,34 @@ def test_hv_generate_video_with_a_comfyui_trainer_lora_equals_generating_with_th
     with_lora = latents(dit, "--lora_weight", str(f.path), "--lora_multiplier", str(MULTIPLIER))
     assert rel_err(with_lora, latents(merged)) < 1e-5
     assert rel_err(latents(dit, "--lora_weight", str(f.path), "--lora_multiplier", "0"), with_lora) > 1e-3
+
+
+def test_a_linear_pair_stored_as_1x1_convolutions_runs_beside_fp8_weights_and_loads_into_a_network(base, tmp_path):
+    """fuzz_aw 13: some LoCon converters write a Linear's pair as 1x1 convolutions (down (rank, in, 1, 1)); merging
+    applied it, but generation with --fp8 (the pair run beside the weights) and --network_weights stopped with a
+    size-mismatch traceback. Both now give the documented math W + m * up @ down * alpha / rank."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from musubi_tuner.networks import lora
+    from musubi_tuner.networks.lora_files import load_network_weights
+
+    _, config, weights, dit = base
+    g = torch.Generator().manual_seed(5)
+    name, param = "lora_unet_double_blocks_0_img_attn_proj", "double_blocks.0.img_attn_proj.weight"
+    down, up = torch.randn(4, 64, generator=g) * 0.1, torch.randn(64, 4, generator=g) * 0.1
+    path = tmp_path / "linear_as_conv.safetensors"
+    save_file({f"{name}.lora_down.weight": down.reshape(4, 64, 1, 1), f"{name}.lora_up.weight": up.reshape(64, 4, 1, 1),
+               f"{name}.alpha": torch.tensor(2.0)}, str(path))
+    delta = up @ down * (2.0 / 4)
+    model = load_dit(dit, dtype=torch.float32, fp8=True)
+    apply_loras_on_the_fly(model, [str(path)], [MULTIPLIER], exclude_single_blocks=False)
+    linear = model.get_submodule(param.removesuffix(".weight"))
+    x = torch.randn(2, 5, 64, generator=g)
+    with torch.no_grad():
+        got = linear(x).double()
+    want = F.linear(x.double(), linear.dequantized_weight(torch.float64) + MULTIPLIER * delta.double(), linear.bias.double())
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    network = lora.create_arch_network_from_weights(1.0, load_network_weights(path), unet=tiny_model(config, weights))
+    module = network.get_submodule(name)
+    assert torch.equal(module.lora_down.weight, down) and torch.equal(module.lora_up.weight, up) and module.scale == 0.5

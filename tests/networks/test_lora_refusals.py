@@ -59,6 +59,10 @@ def files(tmp_path_factory):
             "rank zero": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(0, 256), f"{RANK_KEY}.lora_up.weight": torch.zeros(64, 0)},
             **{name: {**{k: v for k, v in good.items() if not k.startswith(RANK_KEY)}, **factors}
                for name, factors in EMPTY_LYCORIS.items()},
+            "lokr other size": {**{k: v for k, v in good.items() if not k.startswith(RANK_KEY)}, f"{RANK_KEY}.lokr_w1": torch.ones(8, 8),
+                                f"{RANK_KEY}.lokr_w2_a": torch.ones(16, 4) * 0.01, f"{RANK_KEY}.lokr_w2_b": torch.ones(4, 32) * 0.01},
+            "extra block": {**good, "lora_unet_double_blocks_5_img_attn_proj.lora_down.weight": torch.zeros(4, 64),
+                            "lora_unet_double_blocks_5_img_attn_proj.lora_up.weight": torch.zeros(64, 4)},
             "fp8": {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in good.items()},
             "fp8 as float32": {k: v.to(torch.float8_e4m3fn).float() if v.ndim == 2 else v for k, v in good.items()}}
     paths = {}
@@ -173,6 +177,31 @@ def test_training_refuses_a_bad_lora_before_loading_anything(files, capsys, tmp_
             "--output_name", "x", flag, paths[bad], *dry_run]
     status, _, err = run_main(hv_train_network.main, argv, capsys)
     assert status == 2 and error_line(err).startswith(f"error: {paths[bad]}: ") and named in err
+
+
+WIDTH = "double_blocks.1.img_mlp.fc2 is [128, 256] in the LoRA but [64, 256] in the DiT (a LoRA for another model size?)"
+
+
+@pytest.mark.parametrize("bad, module, dim_from_weights, line", [
+    ("other size", "networks.lora", True, WIDTH),
+    ("other size", "networks.lora", False, WIDTH),  # the rank is the file's: the width was blamed on the rank
+    ("lokr other size", "networks.lokr", True, WIDTH),
+    ("extra block", "networks.lora", True, "lora_unet_double_blocks_5_img_attn_proj.lora_down.weight: module "
+                                           "double_blocks.5.img_attn_proj is no Linear layer of this DiT (a LoRA for another model?)"),
+])
+@pytest.mark.parametrize("dry_run", [[], ["--dry_run"]], ids=["run", "dry run"])
+def test_training_from_a_lora_of_another_width_names_the_layer_as_merging_does(files, capsys, tmp_path, bad, module,
+                                                                               dim_from_weights, line, dry_run):
+    """fuzz_aw 13: with --dim_from_weights a layer of another width was a size-mismatch traceback (a --dry_run too),
+    and without it the message blamed the rank, which was the file's."""
+    _, dit, paths = files
+    toml = tmp_path / "dataset.toml"
+    toml.write_text("[general]\nresolution = [64, 64]\n")
+    argv = ["--dit", dit, "--dataset_config", toml, "--sdpa", "--network_module", module, "--network_dim", "4", "--output_dir",
+            tmp_path / "out", "--output_name", "x", "--network_weights", paths[bad], *dry_run,
+            *(["--dim_from_weights"] if dim_from_weights else [])]
+    status, _, err = run_main(hv_train_network.main, argv, capsys)
+    assert status == 2 and error_line(err) == f"error: {paths[bad]}: {line}", err
 
 
 def test_info_and_doctor_report_a_nan_lora(files, capsys):

@@ -282,7 +282,8 @@ class LoRANetwork(nn.Module):
             raise UserError(f"{file}: {unknown[0]} matches no module of this network ({len(unknown)} such tensors): build the "
                             "network from the file with --dim_from_weights, or --allow_partial_lora to load the rest")
         wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
-        if wrong:
+        if wrong:  # a layer of another width is said as merging says it; what is left differs in rank (or LoKr factor)
+            require_fits(file, weights, {m.lora_name: tuple(m.org_module[0].weight.shape) for m in self.unet_loras})
             raise UserError(f"{file}: {wrong[0]} has shape {list(weights[wrong[0]].shape)}, this network's is "
                             f"{list(own[wrong[0]].shape)}; train with the file's rank (--dim_from_weights) or another --network_dim"
                             f"{' or LoKr factor' if 'lokr' in wrong[0] else ''}")
@@ -482,6 +483,21 @@ def check_weights_fit(source: str, weights_sd: dict[str, torch.Tensor], network_
     if ranks and ranks != [rank]:
         fix = f"give --network_dim {ranks[0]}, or --dim_from_weights" if len(ranks) == 1 else "build the network from the file with --dim_from_weights"
         raise UserError(f"{source}: its modules have rank {'/'.join(map(str, ranks))}, and --network_dim is {rank}: {fix}")
+
+
+def require_fits(file, weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], every: bool = False) -> None:
+    """Refuse `file` when a module of its kohya-named `weights` (a network's) does not fit the Linear layer of that name
+    (`shapes`: kohya module name -> the layer's weight shape), in `Patch.misfit`'s words, as merging says it; with
+    `every`, also when a module names no layer in `shapes` (a network built from the file: --dim_from_weights)."""
+    from musubi_tuner.networks.lora_reader import parse_lora
+
+    for patch in parse_lora(weights).patches:
+        shape = shapes.get(lora_name(patch.module))
+        if shape is None and every:
+            raise UserError(f"{file}: {patch.keys[0]}: module {patch.module} is no Linear layer of this DiT (a LoRA for another "
+                            "model?)")
+        if shape is not None and (misfit := patch.misfit(shape, "the DiT")):
+            raise UserError(f"{file}: {misfit}")
 
 
 def network_from_weights(module_class: type[AdapterModule], per_module: dict[str, dict], multiplier: float,

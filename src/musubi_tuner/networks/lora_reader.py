@@ -842,10 +842,11 @@ def _without_conflicts(patches: list[Patch], problems: list[Problem]) -> list[Pa
 
 def _conv_layout(patch: Patch) -> tuple[torch.Tensor, torch.Tensor]:
     """A conv layer's pair as convolutions (down (rank, in, *kernel), up (out, rank, 1, ...)), which PEFT and kohya LoCon
-    write; a Linear's as is."""
+    write; a Linear's as matrices (up (out, rank), down (rank, in)), also where the file stored it as 1x1 convolutions,
+    as some LoCon converters do (a network's Linear modules took them as is: a size-mismatch traceback, fuzz_aw 13)."""
     kernel = module_template(patch.module).kernel
     if not kernel:
-        return patch.up, patch.down
+        return patch.up.flatten(1), patch.down.flatten(1)
     down = patch.down.reshape(patch.rank, -1, *kernel)
     return patch.up.reshape(patch.up.shape[0], patch.rank, *([1] * len(kernel))), down
 

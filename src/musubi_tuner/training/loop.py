@@ -576,7 +576,13 @@ def make_network(args, dit: HunyuanVideoDiT, file_weights):
     --dim_from_weights of the modules of `file_weights()` (--network_weights' tensors)."""
     module, net_kwargs = network_options(args, check=False)
     if args.dim_from_weights:
-        return module.create_arch_network_from_weights(1.0, file_weights(), unet=dit, **net_kwargs)
+        from musubi_tuner.networks.lora import lora_name, require_fits
+
+        weights = file_weights()
+        if module.__name__.startswith("musubi_tuner."):  # (a network's own modules, in our naming)
+            require_fits(args.network_weights, weights, {lora_name(path): tuple(m.weight.shape) for path, m in dit.named_modules()
+                                                         if isinstance(m, torch.nn.Linear)}, every=True)
+        return module.create_arch_network_from_weights(1.0, weights, unet=dit, **net_kwargs)
     create = getattr(module, "create_arch_network", None) or getattr(module, "create_network")
     return create(1.0, args.network_dim, args.network_alpha, None, None, dit, neuron_dropout=args.network_dropout, **net_kwargs)
 
