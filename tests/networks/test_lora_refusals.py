@@ -35,6 +35,13 @@ EMPTY_LYCORIS = {
                           f"{RANK_KEY}.lokr_w2": torch.ones(16, 64), f"{RANK_KEY}.alpha": torch.tensor(1.0)},
     "lokr empty w1": {f"{RANK_KEY}.lokr_w1": torch.zeros(0, 0), f"{RANK_KEY}.lokr_w2": torch.ones(16, 16)},
 }
+# LoKr products whose factors' ranks disagree (fuzz_aw 10: refused as "a LoKr module without its w2", naming lokr_w1)
+MISMATCHED_LOKR = {
+    "lokr w2 ranks": {f"{RANK_KEY}.lokr_w1": torch.ones(4, 4), f"{RANK_KEY}.lokr_w2_a": torch.ones(16, 4) * 0.01,
+                      f"{RANK_KEY}.lokr_w2_b": torch.ones(3, 64) * 0.01, f"{RANK_KEY}.alpha": torch.tensor(4.0)},
+    "lokr w1 ranks": {f"{RANK_KEY}.lokr_w1_a": torch.ones(4, 2), f"{RANK_KEY}.lokr_w1_b": torch.ones(3, 4),
+                      f"{RANK_KEY}.lokr_w2": torch.ones(16, 64) * 0.01, f"{RANK_KEY}.alpha": torch.tensor(4.0)},
+}
 EMPTY_WHY = {
     "loha rank zero": (f"{RANK_KEY}.hada_w1_a", "rank 0: its hada_w1_a [64, 0] and hada_w1_b [0, 256] and hada_w2_a [64, 0] and "
                                                 "hada_w2_b [0, 256] are empty (a damaged file)"),
@@ -58,7 +65,7 @@ def files(tmp_path_factory):
             "alpha vector": {**good, f"{RANK_KEY}.alpha": torch.tensor([2.0, 2.0])},
             "rank zero": {**good, f"{RANK_KEY}.lora_down.weight": torch.zeros(0, 256), f"{RANK_KEY}.lora_up.weight": torch.zeros(64, 0)},
             **{name: {**{k: v for k, v in good.items() if not k.startswith(RANK_KEY)}, **factors}
-               for name, factors in EMPTY_LYCORIS.items()},
+               for name, factors in {**EMPTY_LYCORIS, **MISMATCHED_LOKR}.items()},
             "lokr other size": {**{k: v for k, v in good.items() if not k.startswith(RANK_KEY)}, f"{RANK_KEY}.lokr_w1": torch.ones(8, 8),
                                 f"{RANK_KEY}.lokr_w2_a": torch.ones(16, 4) * 0.01, f"{RANK_KEY}.lokr_w2_b": torch.ones(4, 32) * 0.01},
             "extra block": {**good, "lora_unet_double_blocks_5_img_attn_proj.lora_down.weight": torch.zeros(4, 64),
@@ -382,6 +389,16 @@ def test_one_diffusers_part_under_two_prefixes_is_refused_naming_both(files, cap
         f"(beside {kept}.attn.to_q.lora_A.weight): the file names that layer twice; "
         "--allow_partial_lora applies the rest and lists what it drops"), err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("name, key, shapes", [("lokr w2 ranks", "lokr_w2_a [16, 4] and lokr_w2_b [3, 64]", "w2"),
+                                                ("lokr w1 ranks", "lokr_w1_a [4, 2] and lokr_w1_b [3, 4]", "w1")])
+def test_a_lokr_whose_factor_ranks_disagree_is_said_to_be_so(files, capsys, tmp_path, name, key, shapes):
+    _, dit, paths = files
+    argv = ["--dit", dit, "--lora_weight", paths[name], "--save_merged_model", tmp_path / "m.safetensors", "--device", "cpu"]
+    status, _, err = run_main(merge_lora.main, argv, capsys)
+    assert status == 2 and error_line(err) == (f"error: {paths[name]}: {RANK_KEY}.lokr_{shapes}_a: its {key} have different ranks "
+                                               "(a damaged or mismatched file); --allow_partial_lora applies the rest and lists what it drops"), err
 
 
 def test_an_alpha_of_several_values_is_refused_by_name_by_every_reader_of_the_file(files, capsys, tmp_path):

@@ -713,6 +713,10 @@ def _lycoris_patch(entry: _Entry, weights, problems: list[Problem], scales: Peft
         return [Patch(entry.module, "loha", tuple(used), alpha=alpha, factors=factors)]
     if any(v.ndim != 2 for v in t.values()):
         return _bad(problems, used, "a LoKr factor that is not a matrix (a convolution's; this toolkit applies LoKr to Linear layers)")
+    for a, b in (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")):
+        if a in t and b in t and t[a].shape[1] != t[b].shape[0]:  # (not "without its w2": both are there, fuzz_aw 10)
+            return _bad(problems, [keys[a], keys[b]] + [k for k in used if k not in (keys[a], keys[b])],
+                        f"its {a} {list(t[a].shape)} and {b} {list(t[b].shape)} have different ranks (a damaged or mismatched file)")
     w1, w1_rank = _lokr_half(t, "lokr_w1")
     w2, w2_rank = _lokr_half(t, "lokr_w2")
     if w1 is None or w2 is None:
@@ -761,11 +765,12 @@ def _empty_factors(t: dict[str, torch.Tensor], keys: dict[str, str], used: list[
 
 
 def _lokr_half(t: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor | None, int | None]:
-    """(LoKr's w1 or w2, its rank if given as a low-rank product), or (None, None) when the file lacks it."""
+    """(LoKr's w1 or w2, its rank if given as a low-rank product), or (None, None) when the file lacks it (the ranks of
+    a product's two factors agree: `_lycoris_patch` said otherwise)."""
     if name in t:
         return t[name], None
     a, b = t.get(f"{name}_a"), t.get(f"{name}_b")
-    if a is None or b is None or a.shape[1] != b.shape[0]:
+    if a is None or b is None:
         return None, None
     return a @ b, b.shape[0]
 
