@@ -198,3 +198,20 @@ def test_a_t2v_img_in_lora_on_an_i2v_dit_is_named_for_what_it_is(files, capsys, 
     assert "the layers fit" not in caplog.text
     status, out, _ = run_main(lora_doctor.main, [lora, "--dit", i2v], capsys)
     assert status == 1 and misfit in out
+
+
+def test_an_i2v_img_in_diff_on_a_t2v_dit_is_named_as_image_to_video(tmp_path, capsys):
+    """fuzz_aw 4: a `.diff` of SkyReels I2V's img_in (32 channels) was blamed on "a 8-channel DiT (8 input channels)"
+    (its shape divided by the kernel, as an adapter's is), "an text-to-video" DiT."""
+    import torch
+
+    config = tiny_dit_config()
+    t2v = write_dit(tmp_path / "t2v_dit.safetensors", random_dit_state_dict(config), config)
+    hidden, _, *kernel = random_dit_state_dict(config)["img_in.proj.weight"].shape
+    lora = tmp_path / "i2v_img_in_diff.safetensors"
+    save_file({"diffusion_model.img_in.proj.diff": torch.randn(hidden, 32, *kernel) * 0.01}, str(lora))
+    status, _, err = run_main(merge_lora.main, ["--dit", t2v, "--lora_weight", lora, "--save_merged_model",
+                                                tmp_path / "m.safetensors", "--device", "cpu"], capsys)
+    assert status == 2 and error_line(err) == (
+        f"error: {lora}: img_in.proj is {[hidden, 32, *kernel]} in the LoRA but {[hidden, 16, *kernel]} in {t2v} (an img_in "
+        "LoRA of an image-to-video DiT (32 input channels) cannot apply to a text-to-video DiT (16))")

@@ -129,10 +129,12 @@ class Patch:
         shown = (self.up.shape[0], *self.down.shape[1:]) if self.kind == "lora" and self.down.dim() > 2 else self.shape
         cause = "a LoRA for another model size?"
         kernel = math.prod(shape[2:])
-        if self.module == "img_in.proj" and len(shape) == 5 and self.shape[0] == shape[0] and self.shape[1] % kernel == 0:
-            channels = self.shape[1] // kernel
-            cause = (f"an img_in LoRA of a {task_of(channels)} DiT ({channels} input channels) cannot apply to an "
-                     f"{task_of(shape[1])} DiT ({shape[1]})")
+        # an adapter's in counts the kernel; a diff's or set's shape is the parameter's own (fuzz_aw 4)
+        channels = (self.shape[1] // kernel if self.shape[1] % kernel == 0 else None) if self.kind in ADAPTERS else self.shape[1]
+        if self.module == "img_in.proj" and len(shape) == 5 and self.shape[0] == shape[0] and channels:
+            task, other = task_of(channels), task_of(shape[1])
+            cause = (f"an img_in LoRA of {_article(task)} {task} DiT ({channels} input channels) cannot apply to "
+                     f"{_article(other)} {other} DiT ({shape[1]})")
         return f"{self.module} is {list(shown)} in the LoRA but {list(shape)} in {dit_name} ({cause})"
 
     def _w2_shape(self) -> tuple[int, int]:
@@ -164,6 +166,10 @@ class Patch:
             w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
             return lokr_delta(f["lokr_w1"], w2, self.scale).reshape(shape)
         return self.tensor.to(device, torch.float32).reshape(shape)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou8" else "a"
 
 
 @dataclass
