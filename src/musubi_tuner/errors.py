@@ -396,6 +396,8 @@ def stop_cleanly_on_sigterm() -> None:
         def stop(signum, frame, words=words):
             for repeated in _STOPPING_SIGNALS:  # a second one (a launcher passing it on) must not cut the clean-up short
                 signal.signal(getattr(signal, repeated), signal.SIG_IGN)
+            if _Held.raised and _Held.command:  # ... nor one after a Ctrl-C, which accelerate launch passes on as a SIGTERM:
+                return  # raised, it met the clean-up in a data-loader's __del__, "Exception ignored ... Traceback" (fuzz_ax 11)
             _stop(Terminated(signum, words))
 
         signal.signal(number, stop)
