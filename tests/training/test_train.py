@@ -234,6 +234,44 @@ def test_a_state_linked_in_from_another_folder_is_continued_and_left_as_it_was(a
     assert json.loads((second / "tiny-state" / "train_state.json").read_text())["global_step"] == 4
 
 
+def test_a_state_of_another_folder_starts_this_folders_series_with_its_own_curve(assets, tmp_path, caplog):
+    """fuzz_ax 3: resuming another folder's state spliced its curve onto the loss CSV of the run of that name already in
+    --output_dir, pruned that run's files as its own, and said nothing of them."""
+    import logging
+
+    root, dit, toml = assets
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(parse_args(base_args(dit, toml, first, "--max_train_steps", "8", "--save_every_n_steps", "2", "--save_state")))
+    train(parse_args(base_args(dit, toml, second, "--max_train_steps", "8", "--save_every_n_steps", "1", "--seed", "7",
+                               "--learning_rate", "1e-4")))  # another run of the name, in the folder resumed into
+    with caplog.at_level(logging.WARNING):
+        train(parse_args(base_args(dit, toml, second, "--max_train_steps", "8", "--save_every_n_steps", "1", "--save_last_n_steps", "1",
+                                   "--resume", str(first / "tiny-step00000006-state"))))
+    assert f"{second} holds 18 files of an earlier run named tiny" in caplog.text
+    assert f"this run continues {first / 'tiny-step00000006-state'}, of another folder, replaces those it writes" in caplog.text
+    assert (second / "tiny-step00000001.safetensors").is_file(), "the earlier run's file was pruned as this run's"
+
+    def curve(folder):
+        return [line.split(",") for line in (folder / "tiny-loss.csv").read_text().splitlines()[1:]]
+
+    assert curve(second)[:6] == curve(first)[:6] and [int(s) for _, s, _ in curve(second)] == list(range(1, 9))
+
+
+def test_a_finished_run_trained_on_keeps_its_final_lora_as_the_epoch_save_it_would_have_been(assets, tmp_path):
+    """fuzz_ax 5: training a finished run on (--resume auto with more epochs, as the docs advise) replaced its final LoRA
+    without a word, and its series then lacked the epoch save an uninterrupted run makes there."""
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    flags = ("--save_every_n_epochs", "1", "--save_state")
+    train(parse_args(base_args(dit, toml, out, "--max_train_epochs", "2", *flags)))
+    finished = (out / "tiny.safetensors").read_bytes()
+    train(parse_args(base_args(dit, toml, out, "--max_train_epochs", "3", *flags, "--resume", "auto")))
+    assert sorted(p.name for p in out.glob("tiny*.safetensors") if ".comfyui" not in p.name) == [
+        "tiny-000001.safetensors", "tiny-000002.safetensors", "tiny.safetensors"]
+    assert (out / "tiny-000002.safetensors").read_bytes() == finished
+    assert read_safetensors_header(out / "tiny.safetensors")[1]["ss_epoch"] == "3"
+
+
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
     root, dit, toml = assets
     straight = tmp_path / "straight"

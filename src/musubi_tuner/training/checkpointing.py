@@ -372,8 +372,57 @@ class CheckpointSaver:
             return UserError(f"{error}. The trained LoRA is saved as {rescue} instead: move it where it belongs")
         return error
 
+    @property
+    def resumed_here(self) -> bool:
+        """Whether the run continues a state of its own --output_dir. A state of another folder starts this folder's
+        series: what the folder holds of the name is an earlier run's, said, and not pruned as this run's (it was, and
+        the loss curve spliced onto that run's: fuzz_ax 3)."""
+        return self.resumed_from is not None and os.path.abspath(self.resumed_from.parent) == os.path.abspath(self.out)
+
+    def take_history_of(self, state: Path, step: int) -> None:
+        """The loss history of the run a state of another folder belongs to (its NAME-loss.csv there), up to `step`: the
+        curve this run continues."""
+        from musubi_tuner.training.loss_curve import LossHistory
+
+        match = re.fullmatch(rf"(.+?){CHECKPOINT_SUFFIX}?-state", state.name)
+        origin = LossHistory(state.parent / f"{match.group(1) if match else self.name}-loss.csv", say=False)
+        self.losses.train, self.losses.validation = origin.train, origin.validation
+        self.losses.truncate(step)
+
+    def keep_the_end_it_continues(self, progress: TrainProgress) -> None:
+        """A finished run trained on (its final LoRA is of the step this run resumes at) would see that LoRA replaced by
+        this run's final one, and its series lack the save an uninterrupted run makes there (musubi-tuner replaces it
+        without a word: fuzz_ax 5). It is kept under the name of that epoch or step save when the flags make one there,
+        and said to be replaced otherwise."""
+        from musubi_tuner.files import atomic_write, read_safetensors_header
+        from musubi_tuner.networks.lora_files import companion_path
+
+        final = self.out / f"{self.name}.safetensors"
+        if not self.accelerator.is_main_process or not self.resumed_here or not final.is_file():
+            return
+        try:
+            if read_safetensors_header(final)[1].get("ss_steps") != str(progress.global_step):
+                return
+        except UserError:
+            return
+        a, step = self.args, progress.global_step
+        name = (self.epoch_name(progress.epoch) if a.save_every_n_epochs and progress.epoch and not progress.batch_in_epoch
+                and progress.epoch % a.save_every_n_epochs == 0 else
+                self.step_name(step) if a.save_every_n_steps and step % a.save_every_n_steps == 0 else None)
+        if name is None or (self.out / f"{name}.safetensors").exists():
+            logger.warning("%s, the final LoRA of the run this one continues (step %d), will be replaced by this run's final "
+                           "LoRA; copy it now to keep it", final, step)
+            return
+        for source in (final, companion_path(final)):
+            if source.is_file():
+                kept = source.with_name(name + source.name[len(self.name):])
+                with atomic_write(kept) as tmp:
+                    shutil.copyfile(source, tmp)
+        logger.info("%s, the final LoRA of the run this one continues (step %d), is kept as %s.safetensors, the save an "
+                    "uninterrupted run makes there; this run's final LoRA replaces it", final, step, name)
+
     def warn_of_an_earlier_run(self) -> None:
-        """A fresh run (no --resume) into a folder that holds an earlier run's LoRAs or states of this --output_name
+        """A fresh run (no --resume, or one of another folder's state) into a folder that holds an earlier run's LoRAs or states of this --output_name
         replaces those it writes under the same names and leaves the others beside them (musubi-tuner does so
         silently): say so, since post-hoc EMA or --resume auto would later mix the two runs."""
         from musubi_tuner.training.state import complete_states
@@ -382,10 +431,11 @@ class CheckpointSaver:
         found = sorted(p.name for p in self.out.glob("*.safetensors") if own.fullmatch(p.name))
         found += [p.name for p in complete_states(self.out, self.name)]
         if found:
-            logger.warning("%s holds %d files of an earlier run named %s (%s%s); this run starts afresh, replaces those it "
-                           "writes under the same names and leaves the others. To continue that run, use --resume auto; "
-                           "to keep both, another --output_name", self.out, len(found), self.name, ", ".join(found[:3]),
-                           ", ..." if len(found) > 3 else "")
+            how = "starts afresh" if self.resumed_from is None else f"continues {self.resumed_from}, of another folder,"
+            logger.warning("%s holds %d files of an earlier run named %s (%s%s); this run %s replaces those it writes "
+                           "under the same names and leaves the others. To continue that run, use --resume auto; to keep "
+                           "both, another --output_name", self.out, len(found), self.name, ", ".join(found[:3]),
+                           ", ..." if len(found) > 3 else "", how)
 
     # -- keeping the last N (musubi-tuner's arithmetic for which save leaves the window)
     def _prune_epochs(self, epoch: int) -> None:
@@ -417,7 +467,7 @@ class CheckpointSaver:
         saved = re.compile(rf"{re.escape(self.name)}-{number}(\.comfyui)?{re.escape(suffix)}")  # a companion alone counts too
         for path in sorted(self.out.glob(f"{glob.escape(self.name)}-*{suffix}")):
             match = saved.fullmatch(path.name)
-            if match and (int(match.group(1)) <= last if self.resumed_from is not None else int(match.group(1)) == last):
+            if match and (int(match.group(1)) <= last if self.resumed_here else int(match.group(1)) == last):
                 self._remove(path)
 
     def _remove(self, path: Path) -> None:

@@ -982,15 +982,19 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                             batches_per_epoch=batches_per_epoch, max_train_steps=total_steps, num_epochs=num_epochs,
                             scheduler=scheduler, optimizer=optimizer, run=run, hub=hub)
     saver.resumed_from = Path(resume_from) if resume_from is not None else None
-    if resume_from is None and is_main:  # (also --resume auto that found no state: it replaced an earlier run's files unsaid:
-        saver.warn_of_an_earlier_run()  # fuzz_at 2)
+    if not saver.resumed_here and is_main:  # (also --resume auto that found no state: it replaced an earlier run's files
+        saver.warn_of_an_earlier_run()  # unsaid, fuzz_at 2; and a state of another folder: fuzz_ax 3)
+    saver.keep_the_end_it_continues(progress)
     if args.logging_dir or args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable(args) if args.log_config else None,
                                   init_kwargs=tracker_init_kwargs(args))
 
     # a resumed run replays what followed its state; a fresh one starts a history of its own (the earlier run's step-0
     # validation point stayed in a run without validation: fuzz_ak 10)
-    saver.losses.truncate(progress.global_step if resume_from is not None else -1)
+    if resume_from is not None and not saver.resumed_here:  # (the curve of the run it continues, not this folder's)
+        saver.take_history_of(Path(resume_from), progress.global_step)
+    else:
+        saver.losses.truncate(progress.global_step if resume_from is not None else -1)
     validation = None
     if validator is not None:
         from musubi_tuner.training.validation import Validation
