@@ -194,6 +194,29 @@ def test_resume_reruns_the_training_command_from_the_newest_state():
     assert commands.with_resume(cmd)[-4:] == ["--output_dir", "o", "--resume", "auto"]
 
 
+def test_resume_of_a_run_that_continued_a_state_and_saved_none_continues_that_state_again(tmp_path):
+    """fuzz_ax 8: Resume replaced --resume FOLDER by --resume auto: a run continuing another folder's state (or the
+    Hub's), stopped before its first save, restarted from step 0; one of the Hub could not be resumed at all."""
+    import json
+
+    from musubi_tuner.launch import training_command
+
+    out = tmp_path / "o"
+    outputs = {"output_dir": str(out), "output_name": "x"}
+    local = training_command(["--output_dir", str(out), "--output_name", "x", "--resume", "elsewhere/x-step00000006-state"])
+    hub = training_command(["--output_dir", str(out), "--output_name", "x", "--resume", "me/repo/x-state", "--resume_from_huggingface"])
+    started = time.time()
+    for cmd in (local, hub):
+        assert commands.with_resume(cmd, outputs, started) == cmd  # nothing saved since: the same state again
+    state = out / "x-step00000002-state"  # then one of its own
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text(json.dumps({"global_step": 2, "epoch": 0, "batch_in_epoch": 2,
+                                                       "run": {"process_started": started + 5}}))
+    for cmd in (local, hub):
+        resumed = commands.with_resume(cmd, outputs, started)
+        assert resumed[-2:] == ["--resume", "auto"] and resumed.count("--resume") == 1 and "--resume_from_huggingface" not in resumed
+
+
 # ------------------------------------------------------------------------------------ the dataset form
 
 

@@ -321,8 +321,8 @@ class Studio:
             raise UserError("only training runs resume; start a generation again instead")
         if old.state in ("starting", "running"):
             raise UserError(f"{old.id} is still running")
-        return self.jobs.summary(self.jobs.start("train", old.title, [commands.with_resume(old.commands[-1])], old.outputs,
-                                                 resumed_from=old.id, cwd=old.cwd or None))
+        command = commands.with_resume(old.commands[-1], old.outputs, old.started)
+        return self.jobs.summary(self.jobs.start("train", old.title, [command], old.outputs, resumed_from=old.id, cwd=old.cwd or None))
 
     def loras(self, request: Request, raw: bytes):
         found = []

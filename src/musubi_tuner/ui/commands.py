@@ -154,13 +154,34 @@ def caching_commands(toml: str, vae: str, te1: str, te2: str, workspace: Workspa
                                                              "--text_encoder2", te2, "--batch_size", "16"])]
 
 
-def with_resume(cmd: list[str]) -> list[str]:
-    """The same training command, continuing from the newest complete state in its --output_dir."""
+def with_resume(cmd: list[str], outputs: dict[str, str] | None = None, since: float | None = None) -> list[str]:
+    """The same training command, continuing from the newest complete state in its --output_dir (`outputs`); a run that
+    itself continued a state (--resume FOLDER, or one of the Hub) and saved none of its own since it started (`since`)
+    continues that one again. Replaced by --resume auto, such a run restarted from step 0, and one of the Hub could
+    not be resumed at all (--resume auto with --resume_from_huggingface is refused: fuzz_ax 8)."""
     cmd = list(cmd)
+    given = cmd[cmd.index("--resume") + 1:][:1] if "--resume" in cmd else ["auto"]
+    if given != ["auto"] and not _saved_since(outputs or {}, since):
+        return cmd
     if "--resume" in cmd:
         at = cmd.index("--resume")
         del cmd[at:at + 2]
+    cmd = [word for word in cmd if word != "--resume_from_huggingface"]  # (it names where --resume X is: gone with it)
     return cmd + ["--resume", "auto"]
+
+
+def _saved_since(outputs: dict[str, str], since: float | None) -> bool:
+    """Whether the run's --output_dir holds a complete state of its --output_name saved by a process started at `since`
+    or later (the run's own; any, without `since`)."""
+    from musubi_tuner.training.state import complete_states, read_marker
+
+    if not {"output_dir", "output_name"} <= set(outputs):
+        return True
+    for folder in complete_states(Path(outputs["output_dir"]), outputs["output_name"]):
+        started = read_marker(folder)[1].get("process_started")
+        if since is None or (isinstance(started, (int, float)) and started >= since - 1):
+            return True
+    return False
 
 
 def demo_values(command: str, workspace: Workspace) -> dict[str, object]:
