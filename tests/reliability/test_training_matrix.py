@@ -289,6 +289,10 @@ def trained_to_step_6(a, tmp, err, out):
     assert files.read_safetensors_header(tmp / "out" / "tiny.safetensors")[1]["ss_steps"] == "6", err[-3000:]
 
 
+def trained_to_step_3(a, tmp, err, out):
+    assert "resumed from" in err and files.read_safetensors_header(tmp / "out" / "tiny.safetensors")[1]["ss_steps"] == "3", err[-3000:]
+
+
 def damaged_newest(a, tmp):
     out = trained_before(a, tmp, "--save_every_n_steps", "1")
     for state in ("tiny-state", "tiny-step00000002-state"):
@@ -849,6 +853,10 @@ CASES = [
          lambda a, t: train_argv(a, trained_before(a, t, *WARMUP), "--resume", "auto", *WARMUP[:-1], "10"),
          r"tiny-state: saved with another learning-rate schedule \(--lr_warmup_steps 1 -> 10\); resume with the same flags",
          keep=outputs_of("out"), then=before_the_model_loads),  # (checked before the DiT loads: fuzz_z 4)
+    *[Case(f"train-resume-with-{flags[0].strip('-').replace('_', '-')}-that-changes-nothing-resumes", "hv_train_network",
+           lambda a, t, flags=flags: train_argv(a, trained_before(a, t), "--resume", "auto", *flags, "--max_train_steps", "3"), None,
+           then=trained_to_step_3)  # (refused as another schedule or network: fuzz_ax 9)
+      for flags in (("--lr_scheduler_power", "3"), ("--lr_scheduler_timescale", "100"), ("--network_dropout", "0"))],
     Case("train-resume-with-network-weights-and-another-flow-shift-is-said", "hv_train_network",  # (fuzz_z 5: silent)
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_weights", str(t / "out" / "tiny.safetensors"),
                                  "--timestep_sampling", "shift", "--discrete_flow_shift", "3", "--max_train_steps", "3"), None,

@@ -26,7 +26,7 @@ import torch
 from musubi_tuner.errors import SharedError, UserError, stops_held
 from musubi_tuner.files import (CHECKPOINT_SUFFIX, atomic_write, check_locks_still_held, content_digest, list_folder, load_torch_file, output_target,
                                 remove_folder, save_safetensors, save_torch, what_to_check)
-from musubi_tuner.training.optimizers import parse_key_values
+from musubi_tuner.training.optimizers import SCHEDULE_FLAGS, parse_key_values
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +178,12 @@ def _differs(saved: dict, current: dict, key: str) -> bool:
 
 def _network_as_read(network: dict) -> dict:
     """A recorded network with its --network_args as the module reads them: a number in any spelling (0.10 is 0.1) and
-    without `verbose`, which only lists the modules (the same network was refused: fuzz_ad F8)."""
-    if not isinstance(network, dict) or not isinstance(network.get("args"), list):
+    without `verbose`, which only lists the modules (the same network was refused: fuzz_ad F8); a dropout of 0 is none
+    (--network_dropout 0 refused the same run: fuzz_ax 9)."""
+    if not isinstance(network, dict):
+        return network
+    network = {**network, "dropout": network.get("dropout") or None}
+    if not isinstance(network.get("args"), list):
         return network
     try:
         args = parse_key_values([str(a) for a in network["args"]], "--network_args")
@@ -187,6 +191,16 @@ def _network_as_read(network: dict) -> dict:
         return network
     args.pop("verbose", None)
     return {**network, "args": args}
+
+
+def _schedule_as_read(schedule, scheduler) -> dict:
+    """A recorded table of the schedule's flags, with only those the schedule `scheduler` reads (optimizers.SCHEDULE_FLAGS;
+    --lr_scheduler_type's: --lr_scheduler_args alone)."""
+    if not isinstance(schedule, dict):
+        return {"schedule": schedule}
+    name = str(scheduler).partition(":")[0]
+    read = SCHEDULE_FLAGS.get(name, ("lr_scheduler_args",) if "." in name else None)
+    return {k: v for k, v in schedule.items() if read is None or k in read}
 
 
 def _changes(then: dict, now: dict, prefix: str = "") -> str:
@@ -222,9 +236,10 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
         raise SharedError(f"{folder}: saved with the learning-rate schedule {saved['scheduler']}, this run uses "
                         f"{current['scheduler']}; resume with the same --lr_scheduler and step counts, or start a new run "
                         f"from its LoRA with --network_weights")
-    if differs("schedule"):  # (only its step count is saved: another warmup or ratio continued on another curve, unsaid)
-        then, now = saved["schedule"], current["schedule"]
-        changed = _changes(then, now, "--")
+    if differs("schedule") and (changed := _changes(*(_schedule_as_read(d["schedule"], current.get("scheduler"))
+                                                      for d in (saved, current)), "--")):
+        # (only its step count is saved: another warmup or ratio continued on another curve, unsaid; a flag the schedule
+        # does not read is no change: --lr_scheduler_power 3 with a constant schedule refused the same run, fuzz_ax 9)
         raise SharedError(f"{folder}: saved with another learning-rate schedule ({changed}); resume with the same flags, or start "
                           f"a new run from its LoRA with --network_weights")
     if differs("network") and _network_as_read(saved["network"]) != _network_as_read(current["network"]):
