@@ -857,6 +857,13 @@ CASES = [
            lambda a, t, flags=flags: train_argv(a, trained_before(a, t), "--resume", "auto", *flags, "--max_train_steps", "3"), None,
            then=trained_to_step_3)  # (refused as another schedule or network: fuzz_ax 9)
       for flags in (("--lr_scheduler_power", "3"), ("--lr_scheduler_timescale", "100"), ("--network_dropout", "0"))],
+    *[Case(f"train-resume-with-another-{flag.strip('-').replace('_', '-')}-is-said-once", "hv_train_network",  # (silent, or
+           lambda a, t, flag=flag, value=value: train_argv(a, trained_before(a, t), "--resume", "auto", flag, value,  # said twice:
+                                                           "--max_train_steps", "3"), None,  # fuzz_ax 10)
+           warning=rf"tiny-state: saved by a run {said} \({flag} \S+ -> \S+\); the steps from here", then=trained_to_step_3)
+      for flag, value, said in (("--max_grad_norm", "0.05", "of other training settings"),
+                                ("--num_timestep_buckets", "4", "of other training settings"),
+                                ("--timestep_sampling", "shift", "that drew its noise levels otherwise"))],
     Case("train-resume-with-network-weights-and-another-flow-shift-is-said", "hv_train_network",  # (fuzz_z 5: silent)
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_weights", str(t / "out" / "tiny.safetensors"),
                                  "--timestep_sampling", "shift", "--discrete_flow_shift", "3", "--max_train_steps", "3"), None,

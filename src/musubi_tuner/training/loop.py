@@ -202,7 +202,7 @@ def check_args(args) -> None:
                 from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
 
                 processes["dit_in_channels"] = read_dit_config(open_dit_file(args.dit)).in_channels
-            check_same_run(Path(first), saved, {**identity_from_flags(args), **processes})
+            check_same_run(Path(first), saved, {**identity_from_flags(args), **processes}, say=False)
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.sample_prompts and not (args.vae and args.text_encoder1 and args.text_encoder2):
@@ -763,6 +763,8 @@ def identity_from_flags(args) -> dict:
             "network": {"module": args.network_module, "dim": args.network_dim, "alpha": args.network_alpha,
                         "args": sorted(args.network_args or []), "dropout": args.network_dropout},
             "schedule": {flag: getattr(args, flag) for flag in SCHEDULE_SHAPE_FLAGS},
+            # what else shapes each step, said when a resume changes it
+            "training": {flag: getattr(args, flag) for flag in ("num_timestep_buckets", "guidance_scale", "max_grad_norm", "fp8_base")},
             "timesteps": {("timestep_sampling" if k == "mode" else k): v for k, v in timesteps.items()}}  # (as the flags)
 
 

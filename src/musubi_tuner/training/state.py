@@ -156,7 +156,7 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
                  accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
                  schedule: dict | None = None, session_started: float | None = None, dit_digest: str | None = None,
                  dit_in_channels: int | None = None, validation: dict | None = None, timesteps: dict | None = None,
-                 process_started: float | None = None) -> dict:
+                 process_started: float | None = None, training: dict | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
     `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
@@ -167,7 +167,7 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
             "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started,
             "dit_digest": dit_digest, "dit_in_channels": dit_in_channels, "validation": validation, "timesteps": timesteps or {},
-            "process_started": process_started}
+            "process_started": process_started, "training": training or {}}
 
 
 def _differs(saved: dict, current: dict, key: str) -> bool:
@@ -223,9 +223,10 @@ def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
                           f"from its LoRA with --network_weights")
 
 
-def check_same_run(folder: Path, saved: dict, current: dict) -> None:
+def check_same_run(folder: Path, saved: dict, current: dict, say: bool = True) -> None:
     """The identity checks of check_resumable, for the keys `current` has: the training checks a --resume folder with
-    what its flags tell before the DiT loads (the network, the schedule, the processes), and all of it once loaded."""
+    what its flags tell before the DiT loads (the network, the schedule, the processes), and all of it once loaded.
+    `say`: the changes that do not refuse the resume are said (by the check once loaded: they were said twice)."""
     differs = functools.partial(_differs, saved, current)
     check_same_processes(folder, saved, current)
     if differs("optimizer"):
@@ -254,6 +255,8 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
         raise SharedError(f"{folder}: saved by a run on an {task_of(then)} DiT ({then} input channels), --dit has {now}: "
                           f"the run would go on learning another task; resume with the DiT it trained on, or start a new run "
                           f"from its LoRA with --network_weights")
+    if not say:
+        return
     if differs("dit_digest"):  # (the same shapes: it trains on; another model's, or the same one in another precision)
         logger.warning("%s: saved by a run on another DiT file than --dit (its contents differ); the LoRA continues on this one",
                        folder)
@@ -270,6 +273,9 @@ def check_same_run(folder: Path, saved: dict, current: dict) -> None:
     if differs("timesteps") and changed:
         logger.warning("%s: saved by a run that drew its noise levels otherwise (%s); the steps from here draw them so", folder,
                        changed)
+    if differs("training"):  # (changed without a word: fuzz_ax 10)
+        logger.warning("%s: saved by a run of other training settings (%s); the steps from here train so", folder,
+                       _changes(saved["training"], current["training"], "--"))
 
 
 def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainProgress) -> TrainProgress:
