@@ -273,10 +273,10 @@ def dataset_record(source: str | os.PathLike, cache_dir: str | os.PathLike) -> d
 
 
 def made_by_another_dataset(paths: Iterable[Path], source: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[Path, str]:
-    """Of `paths`, the caches whose metadata names another dataset than `source`, one that is still there: path -> that
-    dataset. Caches without the record (musubi-tuner's, or older ones) are not listed, nor those of a dataset that is
-    gone: this one's folder renamed, or the cache folder moved, kept its deleted items' caches for ever, said to be
-    another dataset's that no longer existed (fuzz_av 3)."""
+    """Of `paths`, the caches whose metadata names another dataset than `source`: path -> that dataset. Caches without
+    the record (musubi-tuner's, or older ones) are not listed. One whose dataset is not there now is listed too: a
+    drive not mounted, or a folder being renamed, would cost that dataset all its caches (fuzz_ay 1); the warning that
+    keeps them says so (_own)."""
     own = dataset_record(source, cache_dir)[DATASET_KEY]
     other = {}
     for path in paths:
@@ -284,7 +284,7 @@ def made_by_another_dataset(paths: Iterable[Path], source: str | os.PathLike, ca
             recorded = read_safetensors_header(path)[1].get(DATASET_KEY)
         except UserError:  # a damaged cache is nobody's to keep
             continue
-        if recorded is not None and recorded != own and os.path.lexists(os.path.join(cache_dir, recorded)):
+        if recorded is not None and recorded != own:
             other[path] = recorded
     return other
 

@@ -740,12 +740,20 @@ def _own(dataset: AnyDatasetConfig, stale: list[Path]) -> list[Path]:
     """`stale` without the caches another dataset made (two dataset configs sharing one cache folder), which are kept
     with a warning: deleting them lost the other config's caches, without a word."""
     other = cache_files.made_by_another_dataset(stale, dataset.source, dataset.cache_directory)
-    if other:
-        owners = sorted(set(other.values()))
+    there = {path: owner for path, owner in other.items() if os.path.lexists(os.path.join(dataset.cache_directory, owner))}
+    if there:
+        owners = sorted(set(there.values()))
         logger.warning("%s: %d cache(s) in %s were made by another dataset (of %s, from that folder), not by %s: kept; "
                        "training takes every cache of the folder, theirs too, so give each dataset config its own cache_directory",
-                       dataset.where, len(other), dataset.cache_directory, ", ".join(owners[:2]) + (", ..." if len(owners) > 2 else ""),
+                       dataset.where, len(there), dataset.cache_directory, ", ".join(owners[:2]) + (", ..." if len(owners) > 2 else ""),
                        dataset.source)
+    if gone := sorted(set(other) - set(there)):  # (a renamed dataset folder's deleted items, said to be another dataset's
+        owners = sorted({other[path] for path in gone})  # that no longer existed, with advice that could not help: fuzz_av 3)
+        logger.warning("%s: %d cache(s) in %s were made by a dataset of %s (from that folder), which is not there now: kept, "
+                       "in case it is a drive not mounted; training takes them too. If that was this dataset under its old "
+                       "name, delete them: %s", dataset.where, len(gone), dataset.cache_directory,
+                       ", ".join(owners[:2]) + (", ..." if len(owners) > 2 else ""),
+                       ", ".join(p.name for p in gone[:3]) + (", ..." if len(gone) > 3 else ""))
     return [path for path in stale if path not in other]
 
 
