@@ -272,6 +272,23 @@ def test_a_finished_run_trained_on_keeps_its_final_lora_as_the_epoch_save_it_wou
     assert read_safetensors_header(out / "tiny.safetensors")[1]["ss_epoch"] == "3"
 
 
+def test_a_finished_run_trained_on_through_a_link_to_its_folder_whose_step_save_holds_its_end_is_said_nothing(assets, tmp_path,
+                                                                                                                 caplog):
+    """fuzz_ay 1, 2: a step save at the last step already keeps the finished run's end, and the warning that it would
+    be replaced was false; the run's own folder named through a link was taken for another folder's."""
+    import logging
+
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    (tmp_path / "link").symlink_to(out)
+    flags = ("--save_every_n_steps", "2", "--save_state")
+    train(parse_args(base_args(dit, toml, out, "--max_train_steps", "4", *flags)))
+    with caplog.at_level(logging.WARNING):
+        train(parse_args(base_args(dit, toml, tmp_path / "link", "--max_train_steps", "6", *flags, "--resume", str(out / "tiny-state"))))
+    assert "will be replaced" not in caplog.text and "of another folder" not in caplog.text, caplog.text
+    assert read_safetensors_header(out / "tiny-step00000004.safetensors")[1]["ss_steps"] == "4"
+
+
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
     root, dit, toml = assets
     straight = tmp_path / "straight"

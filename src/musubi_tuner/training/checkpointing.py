@@ -377,7 +377,12 @@ class CheckpointSaver:
         """Whether the run continues a state of its own --output_dir. A state of another folder starts this folder's
         series: what the folder holds of the name is an earlier run's, said, and not pruned as this run's (it was, and
         the loss curve spliced onto that run's: fuzz_ax 3)."""
-        return self.resumed_from is not None and os.path.abspath(self.resumed_from.parent) == os.path.abspath(self.out)
+        if self.resumed_from is None:
+            return False
+        try:  # (the same folder spelled through a link is the same folder: fuzz_ay 2)
+            return os.path.samefile(self.resumed_from.parent, self.out)
+        except OSError:
+            return os.path.abspath(self.resumed_from.parent) == os.path.abspath(self.out)
 
     def take_history_of(self, state: Path, step: int) -> None:
         """The loss history of the run a state of another folder belongs to (its NAME-loss.csv there), up to `step`: the
@@ -400,16 +405,21 @@ class CheckpointSaver:
         final = self.out / f"{self.name}.safetensors"
         if not self.accelerator.is_main_process or not self.resumed_here or not final.is_file():
             return
-        try:
-            if read_safetensors_header(final)[1].get("ss_steps") != str(progress.global_step):
-                return
-        except UserError:
-            return
         a, step = self.args, progress.global_step
         name = (self.epoch_name(progress.epoch) if a.save_every_n_epochs and progress.epoch and not progress.batch_in_epoch
                 and progress.epoch % a.save_every_n_epochs == 0 else
                 self.step_name(step) if a.save_every_n_steps and step % a.save_every_n_steps == 0 else None)
-        if name is None or (self.out / f"{name}.safetensors").exists():
+        saved = self.out / f"{name}.safetensors" if name else None
+        try:
+            ended = read_safetensors_header(final)[1]
+            there = read_safetensors_header(saved)[1] if saved is not None and saved.exists() else None
+        except UserError:
+            return
+        if ended.get("ss_steps") != str(step):
+            return
+        if there is not None and (there.get("ss_steps"), there.get("ss_session_id")) == (str(step), ended.get("ss_session_id")):
+            return  # its own save of that step is there (the step saves' interval divides the last step: fuzz_ay 1)
+        if name is None or there is not None:
             logger.warning("%s, the final LoRA of the run this one continues (step %d), will be replaced by this run's final "
                            "LoRA; copy it now to keep it", final, step)
             return
@@ -422,9 +432,9 @@ class CheckpointSaver:
                     "uninterrupted run makes there; this run's final LoRA replaces it", final, step, name)
 
     def warn_of_an_earlier_run(self) -> None:
-        """A fresh run (no --resume, or one of another folder's state) into a folder that holds an earlier run's LoRAs or states of this --output_name
-        replaces those it writes under the same names and leaves the others beside them (musubi-tuner does so
-        silently): say so, since post-hoc EMA or --resume auto would later mix the two runs."""
+        """A fresh run (no --resume, or one of another folder's state) into a folder that holds an earlier run's LoRAs or
+        states of this --output_name replaces those it writes under the same names and leaves the others beside them
+        (musubi-tuner does so silently): say so, since post-hoc EMA or --resume auto would later mix the two runs."""
         from musubi_tuner.training.state import complete_states
 
         own = lora_file_names(self.name)
