@@ -76,7 +76,7 @@ def check(case: Case, assets: Assets, tmp: Path) -> None:
         assert len(errors) == 1 and re.search(case.error, errors[0]), result.err[-3000:]
         assert not any(line.rstrip().endswith(("]error:", "error:")) for line in result.err.splitlines()), "message glued to a bar"
     if case.warning:  # said, and once: the same warning said twice reads as two problems (fuzz_au 9)
-        said = [line for line in result.err.splitlines() if re.search(case.warning, line)]
+        said = [match.group(0) for match in re.finditer(case.warning, result.err)]
         assert said and len(said) == len(set(said)), result.err[-3000:]
     for path, data in kept.items():
         assert path.is_file() and path.read_bytes() == data, f"{path} was damaged"

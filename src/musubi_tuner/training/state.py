@@ -83,16 +83,25 @@ def _rng_from_plain(plain: dict) -> dict:
     return state
 
 
+def _links_another_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is a link to another checkpoint's state (a name of a state of another step or run, where the
+    link's is its own): one the user linked in to continue it, not a place to keep this state in."""
+    if not folder.is_symlink():
+        return False
+    target = Path(os.path.realpath(folder)).name
+    return target != folder.name and re.fullmatch(rf".+?{CHECKPOINT_SUFFIX}?-state", target) is not None
+
+
 def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimizer, scheduler, scaler, progress: TrainProgress,
                process_index: int, is_main: bool, wait, run: dict | None = None) -> None:
     """Write a complete state folder atomically (all processes call this; `wait` is a barrier).
 
     `run` (see run_identity) is recorded beside the progress, so that a resume can check it continues the same run.
     """
-    linked = folder.is_symlink()  # a link is replaced, not written through: it named another folder's state (put there
-    if not linked:                # to continue it), which the save replaced with this run's, outside its lock (fuzz_ax 4)
-        folder = output_target(folder, folder=True)  # (no file of the user's is replaced)
-    tmp = folder.with_name(folder.name + ".incomplete")
+    linked = _links_another_checkpoint(folder)  # replaced, not written through: a state of another step, linked in to
+    if not linked:  # continue it, was replaced by this run's state, in its own folder, outside the run's lock (fuzz_ax 4)
+        folder = output_target(folder, folder=True)  # (a link's target, a folder on another disk say; no file of the
+    tmp = folder.with_name(folder.name + ".incomplete")  # user's is replaced)
     old = folder.with_name(folder.name + ".old")
     if is_main:
         check_locks_still_held(folder)
