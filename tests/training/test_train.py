@@ -289,6 +289,24 @@ def test_a_finished_run_trained_on_through_a_link_to_its_folder_whose_step_save_
     assert read_safetensors_header(out / "tiny-step00000004.safetensors")[1]["ss_steps"] == "4"
 
 
+def test_a_resume_inside_an_epoch_with_another_accumulation_finishes_that_epoch(assets, tmp_path, caplog):
+    """fuzz_ay 6: the position inside the epoch was dropped when only --gradient_accumulation_steps changed (the same
+    batches, grouped otherwise), blamed on "12 batches per epoch then, 12 now", and a run of --max_train_epochs 1 then
+    trained nothing more."""
+    import logging
+
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    train(parse_args(base_args(dit, toml, out, "--max_train_steps", "1", "--save_state")))
+    batches = int(read_safetensors_header(out / "tiny.safetensors")[1]["ss_num_batches_per_epoch"])
+    with caplog.at_level(logging.WARNING):
+        train(parse_args(base_args(dit, toml, out, "--max_train_epochs", "1", "--save_state", "--resume", "auto",
+                                   "--gradient_accumulation_steps", "2")))
+    assert "saved with --gradient_accumulation_steps 1, this run has 2: it goes on from batch 1 of epoch 1" in caplog.text
+    meta = read_safetensors_header(out / "tiny.safetensors")[1]
+    assert (meta["ss_epoch"], int(meta["ss_steps"])) == ("1", 1 + math.ceil(batches / 2))  # batches 1, 2-3, ..., the last
+
+
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
     root, dit, toml = assets
     straight = tmp_path / "straight"

@@ -957,7 +957,10 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     # a resume moved to the start of the next epoch (the dataset or batching changed since the state) is further on in
     # epochs than its step count says: counted from step 0, the epochs left could hold none of the steps left, and the
     # run saved a "final" LoRA at the resumed step, exit 0 (fuzz_z 1)
-    done_in_epoch = math.ceil(progress.batch_in_epoch / args.gradient_accumulation_steps)
+    # the steps of the epoch before its position: a step ends each group of --gradient_accumulation_steps batches counted
+    # from the epoch's start, and its last batch (see the loop), whatever accumulation saved the state (fuzz_ay 6)
+    done_in_epoch = (steps_per_epoch if progress.batch_in_epoch >= batches_per_epoch
+                     else progress.batch_in_epoch // args.gradient_accumulation_steps)
     if args.max_train_epochs and resume_from is not None:  # the epochs left, in this run's batching: counted from step 0,
         # a resume whose batching changed trained an epoch too few (or none) or ran into one more (fuzz_ax 2)
         total_steps = progress.global_step + max(0, (args.max_train_epochs - progress.epoch) * steps_per_epoch - done_in_epoch)

@@ -302,7 +302,14 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
                        "the LoRA's metadata records %g. To train at %g, start a new run from its LoRA with --network_weights",
                        folder, saved["learning_rate"], current["learning_rate"], saved["learning_rate"], current["learning_rate"])
         current["learning_rate"] = saved["learning_rate"]
-    same_batching = not (differs("gradient_accumulation_steps") or differs("batches_per_epoch") or differs("dataset"))
+    # the batches and their order: another --gradient_accumulation_steps groups the same batches otherwise, and the
+    # position among them holds (it was moved to the next epoch, blamed on "12 batches per epoch then, 12 now": fuzz_ay 6)
+    same_batching = not (differs("batches_per_epoch") or differs("dataset"))
+    if same_batching and differs("gradient_accumulation_steps"):
+        logger.warning("%s: saved with --gradient_accumulation_steps %s, this run has %s: it goes on from batch %d of epoch %d "
+                       "with steps of %s batches", folder, saved["gradient_accumulation_steps"],
+                       current["gradient_accumulation_steps"], progress.batch_in_epoch, progress.epoch + 1,
+                       current["gradient_accumulation_steps"])
     if same_batching and progress.batch_in_epoch > current["batches_per_epoch"]:
         raise DamagedState(f"{folder}/{STATE_MARKER}: damaged (batch_in_epoch {progress.batch_in_epoch} of an epoch of "
                            f"{current['batches_per_epoch']} batches); pick another state folder or --resume auto")
