@@ -720,6 +720,20 @@ def test_the_dry_run_of_v2v_plans_the_encode_and_no_model_a_run_without_steps_do
     assert ("no denoising step runs" in out) == (strength == "0")
 
 
+@pytest.mark.parametrize("steps", [3, 7])
+def test_a_v2v_strength_that_runs_no_step_is_said_by_the_dry_run_with_one_that_runs_one(speed_inputs, caplog, capsys, steps):
+    """fuzz_ay 5: the advice named 1 / steps rounded down (0.333333 of 3 steps runs int(0.999999) = 0), and the dry run
+    did not give it."""
+    import logging
+    import re
+
+    v2v = [f.format(**speed_inputs) for f in SPEED_MODES["V2V"]][:2] + ["--strength", "0.1", "--infer_steps", str(steps)]
+    with caplog.at_level(logging.WARNING):
+        main([*base_flags(speed_inputs), *v2v, "--save_path", str(speed_inputs["root"] / "unused"), "--dry_run"])
+    least = float(re.search(r"raise --strength to at least (\S+) or --infer_steps", caplog.text).group(1))
+    assert int(steps * least) == 1 and int(steps * (least - 2e-6)) == 0
+
+
 def test_image_frames_past_a_thousand_keep_their_order_in_name_order(models, tmp_path):
     """fuzz_ap 6: frames were named _000 .. _999, then _1000, which sorts before _101: a folder read back in name order
     (--video_path) was scrambled. Musubi-tuner's three digits up to 1,000 frames, one digit more past them."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -139,6 +140,11 @@ def check_and_fill(args) -> None:
     if decoding and args.output_type == "latent":
         logger.warning("%s: the VAE does not run with --output_type latent: ignored", ", ".join(decoding))
     runs = steps_that_run(args.infer_steps, args.video_path, args.strength)
+    if args.video_path and not runs and args.strength > 0:  # (strength 0 asks for the input back; said by the dry run
+        least = math.ceil(1e6 / args.infer_steps) / 1e6  # too, and at least a value that runs one: fuzz_ay 5)
+        logger.warning("--strength %g of %d steps runs int(%g) = 0 of them: the input video comes back unchanged; "
+                       "raise --strength to at least %g or --infer_steps", args.strength, args.infer_steps,
+                       args.strength * args.infer_steps, least)
     if args.guidance_scale != 1.0 and args.cfg_end < 1.0 and round(runs * args.cfg_end) == 0:  # (fuzz_aj 10)
         logger.warning("--cfg_end %g of %d steps guides none of them: real CFG is off (the run is --guidance_scale 1.0's); "
                        "raise --cfg_end or --infer_steps", args.cfg_end, runs)
@@ -503,10 +509,6 @@ def _generate(args, device, layout) -> list[Path]:
         dit.sequence_parallel = layout.sequence if layout is not None else None
         latents, start, cache = _sample(args, dit, device, layout, shape, seed, cond, neg, encoded["video"], encoded["image"])
     else:
-        if args.strength > 0:  # (strength 0 asks for the input back)
-            logger.warning("--strength %g of %d steps runs int(%g) = 0 of them: the input video comes back unchanged; "
-                           "raise --strength to at least %g or --infer_steps", args.strength, args.infer_steps,
-                           args.strength * args.infer_steps, 1 / args.infer_steps)
         logger.info("no denoising step runs: the input video is decoded as it was encoded (no DiT or text encoder loaded)")
         latents, start, cache = encoded["video"].to(device, torch.float32), args.infer_steps, None
 
