@@ -356,6 +356,18 @@ def lora_of_two_ranks(a, tmp):
     return tmp / "two_ranks.safetensors"
 
 
+def lora_with_a_rank_0_module(a, tmp):
+    """The tiny DiT's LoRA with one module emptied to rank 0 (a damaged file that --allow_partial_lora drops from)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(a.lora))
+    name = next(k for k in weights if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    weights[f"{name}.lora_down.weight"] = weights[f"{name}.lora_down.weight"][:0].contiguous()
+    weights[f"{name}.lora_up.weight"] = weights[f"{name}.lora_up.weight"][:, :0].contiguous()
+    save_file(weights, str(tmp / "rank0.safetensors"))
+    return tmp / "rank0.safetensors"
+
+
 def metadata_says(**expected):
     def check(a, tmp, err, out):
         from musubi_tuner.files import read_safetensors_header
@@ -697,6 +709,9 @@ CASES = [
     Case("train-network-weights-of-another-model", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora_sdxl)),
          r"lora_sdxl\.safetensors: a LoRA for another model: its module 'lora_unet_input_blocks_1_1_proj_in' names no layer"),
+    Case("train-network-weights-with-a-dropped-module-say-it-once", "hv_train_network",  # (twice: checks, load: fuzz_ay 7)
+         lambda a, t: train_argv(a, t / "out", "--network_weights", str(lora_with_a_rank_0_module(a, t)), "--allow_partial_lora"),
+         None, warning=r"rank0\.safetensors: --allow_partial_lora drops \d+ entries"),
     Case("train-network-weights-keep-their-alpha", "hv_train_network",  # a.lora: rank 4, alpha 4
          lambda a, t: train_argv(a, t / "out", "--network_weights", str(a.lora), "--network_alpha", "1"), None,
          warning=r"lora\.safetensors: trained with alpha 4, and the network was built with 1 \(--network_alpha\): the file's "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from musubi_tuner.errors import UserError, did_you_mean
 from musubi_tuner.networks.lora_files import load_network_weights, save_lora
-from musubi_tuner.networks.lora_reader import alpha_or_rank
+from musubi_tuner.networks.lora_reader import alpha_or_rank, warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -258,8 +258,8 @@ class LoRANetwork(nn.Module):
         weights = load_network_weights(file, allow_partial)
         unknown = self.check_takes(file, weights, allow_partial)
         if unknown:
-            logger.warning("%s: --allow_partial_lora drops %d tensors that match no module of this network: %s", file, len(unknown),
-                           ", ".join(unknown))
+            warn_once("%s: --allow_partial_lora drops %d tensors that match no module of this network: %s", file, len(unknown),
+                      ", ".join(unknown))
         own = self.state_dict()
         missing, _ = self.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
         return {"missing": missing, "unexpected": unknown, "alpha": self._take_alphas(file, weights)}

@@ -21,7 +21,7 @@ from musubi_tuner.errors import UserError
 from musubi_tuner.files import remove_leftover_temp_files, save_safetensors
 from musubi_tuner.networks.lora_naming import module_template
 from musubi_tuner.networks.lora_reader import (ADAPTERS, LoRAContents, Patch, kohya_state_dict, kohya_to_other, read_lora,
-                                               read_lora_contents, same_update)
+                                               read_lora_contents, same_update, warn_once)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def load_network_weights(path: str | os.PathLike, allow_partial: bool = False) -
                         f"LoKr modules of Linear layers only ({len(others)} such entries): merge the file into the base with "
                         "--base_weights, or --allow_partial_lora to train on its modules alone")
     if others:
-        logger.warning("%s: --allow_partial_lora drops %d entries the network cannot hold: %s", path, len(others),
-                       ", ".join(k for p in others for k in p.keys))
+        warn_once("%s: --allow_partial_lora drops %d entries the network cannot hold: %s", path, len(others),
+                  ", ".join(k for p in others for k in p.keys))
     return kohya_state_dict(pairs)
 
 

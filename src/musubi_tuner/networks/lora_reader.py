@@ -44,6 +44,16 @@ from musubi_tuner.networks.lora_naming import (
 
 logger = logging.getLogger(__name__)
 _SAID_NO_PEFT_ALPHA: set[str] = set()  # PEFT-layout files said to be applied at alpha = rank, once each
+_SAID: set[str] = set()
+
+
+def warn_once(message: str, *args) -> None:
+    """A warning about a file, said once by a process that reads the file several times (training's checks before the
+    models load, then the loading: --allow_partial_lora's list of what it drops was said twice, fuzz_ay 7)."""
+    text = message % args
+    if text not in _SAID:
+        _SAID.add(text)
+        logger.warning("%s", text)
 
 # entry suffix -> role, longest first where one ends another
 _PAIR_SUFFIXES = (
@@ -202,7 +212,7 @@ class LoRAContents:
             raise UserError(f"{self.source}: {first.keys[0]}: {first.message}{more}; "
                             "--allow_partial_lora applies the rest and lists what it drops")
         lines = [f"{k}: {p.message}" for p in self.problems for k in p.keys]
-        logger.warning("%s: --allow_partial_lora drops %d entries:\n  %s", self.source, len(lines), "\n  ".join(lines))
+        warn_once("%s: --allow_partial_lora drops %d entries:\n  %s", self.source, len(lines), "\n  ".join(lines))
         return self
 
     def require_some(self) -> "LoRAContents":
