@@ -596,6 +596,24 @@ def test_skip_existing_does_not_decode_a_video_for_a_config_that_needs_fewer_fra
     assert report.already_cached == 2
 
 
+def test_skip_existing_learns_the_length_of_a_video_whose_caches_were_made_before_it_was_recorded(tmp_path, monkeypatch):
+    """fuzz_ay 4: caches made before source_frames_whole was recorded had every later --skip_existing run decode their
+    video whole again: the key was never added."""
+    from safetensors.torch import load_file, save_file
+
+    dataset = video_config(tmp_path, 'target_frames = [5]\nframe_extraction = "slide"\nframe_stride = 4\n')
+    add_video(tmp_path, "v", frames=12)
+    cache_everything(dataset, items.CacheReport())
+    for path in (tmp_path / "cache").glob("*_hv.safetensors"):  # as an earlier version wrote them
+        metadata = files.read_safetensors_header(path)[1]
+        del metadata[cache_files.WHOLE_VIDEO_KEY]
+        save_file(load_file(str(path)), str(path), metadata=metadata)
+    assert list(items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True)) == []  # decoded, once
+    monkeypatch.setattr(media, "load_video", lambda *a, **k: pytest.fail("decoded a cached video again"))
+    report = items.CacheReport()
+    assert list(items.iter_latent_batches(dataset, report, skip_existing=True)) == [] and report.already_cached == 2
+
+
 def test_skip_existing_with_musubi_tuner_caches_decodes_then_skips_each_clip(tmp_path):
     dataset = video_config(tmp_path, "target_frames = [1, 5]\n")
     add_video(tmp_path, "v", frames=9)

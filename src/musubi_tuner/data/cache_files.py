@@ -342,6 +342,17 @@ def save_latent_cache(path: str | os.PathLike, latent: torch.Tensor, *, size: tu
     return path
 
 
+def record_whole_video(path: str | os.PathLike) -> None:
+    """Add WHOLE_VIDEO_KEY ("true") to a current latent cache of a clip that does not record it (made before it was
+    recorded), once a decode has seen its video whole: without it, every later --skip_existing run decoded that video
+    again to learn its length, for ever (fuzz_ay 4). The file is rewritten as it was, with the key (a few KB)."""
+    from safetensors.torch import load_file
+
+    metadata = read_safetensors_header(path)[1]
+    if metadata.get(WHOLE_VIDEO_KEY) is None and "source_frames" in metadata:  # (ours: musubi-tuner's are left as they are)
+        save_safetensors(load_file(str(path)), path, metadata={**metadata, WHOLE_VIDEO_KEY: "true"})
+
+
 def text_encoder_tensors(encoder: str, embed: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The stored keys of one encoder's output: `{encoder}_{dtype}` and `{encoder}_mask`."""
     if encoder not in TEXT_ENCODERS:

@@ -455,6 +455,8 @@ class _LatentLoader:
             provenance = cache_files.clip_provenance(video_provenance, clip)
             if self._current(path, provenance, loaded.unrecorded):
                 loaded.already_cached.append(path)
+                if provenance[cache_files.WHOLE_VIDEO_KEY] == "true":
+                    cache_files.record_whole_video(path)
             else:
                 pixels = video.frames[clip.start:clip.start + clip.frames]
                 loaded.items.append(LatentItem(item, pixels, bucket, bucket, clip, path, provenance))
