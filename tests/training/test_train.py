@@ -307,6 +307,24 @@ def test_a_resume_inside_an_epoch_with_another_accumulation_finishes_that_epoch(
     assert (meta["ss_epoch"], int(meta["ss_steps"])) == ("1", 1 + math.ceil(batches / 2))  # batches 1, 2-3, ..., the last
 
 
+def test_a_state_of_an_epochs_last_batch_resumed_on_a_changed_dataset_makes_that_epochs_end(assets, tmp_path, caplog):
+    """fuzz_ax 12: a step save at an epoch's last batch, resumed after the dataset changed, was said to be part-way
+    through the epoch, and the epoch's end (its save, samples, validation) never came."""
+    import logging
+
+    root, dit, toml = assets
+    out = tmp_path / "out"
+    train(parse_args(base_args(dit, toml, out, "--max_train_epochs", "2", "--save_every_n_steps", "4", "--save_state")))  # 4 a epoch
+    changed = tmp_path / "more.toml"
+    changed.write_text(toml.read_text().replace("target_frames", "num_repeats = 2\ntarget_frames"))
+    with caplog.at_level(logging.WARNING):
+        train(parse_args([*base_args(dit, changed, tmp_path / "b", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+                                     "--save_state", "--resume", str(out / "tiny-step00000004-state"))]))
+    assert "epoch 1 is complete, and training continues with the new one from epoch 2" in caplog.text, caplog.text
+    assert (tmp_path / "b" / "tiny-000001.safetensors").is_file()
+    assert read_safetensors_header(tmp_path / "b" / "tiny.safetensors")[1]["ss_steps"] == str(4 + 8)
+
+
 def test_stop_resume_gives_the_same_lora_as_an_uninterrupted_run(assets, tmp_path):
     root, dit, toml = assets
     straight = tmp_path / "straight"

@@ -314,7 +314,13 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
         raise DamagedState(f"{folder}/{STATE_MARKER}: damaged (batch_in_epoch {progress.batch_in_epoch} of an epoch of "
                            f"{current['batches_per_epoch']} batches); pick another state folder or --resume auto")
     if not same_batching:
-        if progress.batch_in_epoch:
+        whole = isinstance(saved.get("batches_per_epoch"), int) and progress.batch_in_epoch >= saved["batches_per_epoch"]
+        if whole:  # saved at its epoch's last batch: the epoch is done, and its end (its save, samples, validation) is the
+            # resumed run's to make, not skipped with the epoch said to be left part-way (fuzz_ax 12)
+            logger.warning("%s: the dataset or batching changed since this state was saved; epoch %d is complete, and "
+                           "training continues with the new one from epoch %d", folder, progress.epoch + 1, progress.epoch + 2)
+            progress.batch_in_epoch = current["batches_per_epoch"]
+        elif progress.batch_in_epoch:
             logger.warning("%s: the dataset or batching changed since this state was saved (%s batches per epoch then, %s now); "
                            "the position inside epoch %d cannot be found again, so training continues at the start of "
                            "epoch %d", folder, saved.get("batches_per_epoch"), current["batches_per_epoch"],
