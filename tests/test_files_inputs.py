@@ -313,6 +313,20 @@ def test_a_safetensors_header_the_safetensors_library_refuses_is_refused_naming_
         files.read_safetensors_header(path)
 
 
+def test_a_header_over_the_readers_limit_is_said_to_be_so_not_to_be_too_long_for_its_file(tmp_path):
+    """fuzz_aw 6: a header of 101 MB (huge metadata) was "header length N does not fit a M-byte file", which it does; the
+    safetensors library refuses it for its size."""
+    from safetensors import safe_open
+
+    path = tmp_path / "big_metadata.safetensors"
+    path.write_bytes(_safetensors_bytes({"__metadata__": {"big": "x" * (101 * 2**20)}, "a": A, "b": B}, DATA))
+    with pytest.raises(Exception):
+        safe_open(str(path), framework="pt")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: its header is [\d,]+ bytes, over the 100 MB that safetensors "
+                                        r"readers accept \(metadata far too large\?\); save it again with less metadata$"):
+        files.read_safetensors_header(path)
+
+
 def test_metadata_is_written_as_the_safetensors_library_writes_it_utf8_text(tmp_path):
     """Escaped as JSON's ASCII, an emoji took 12 header bytes: a 36 MB --training_comment made a header past the 100 MB
     that library reads (fuzz_aa 12), and the file it had said "saved" opened nowhere else. A name's byte that is not

@@ -1296,6 +1296,9 @@ def _read_header(f, path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int,
     if n > min(size - 8, _MAX_HEADER_BYTES):
         if n <= _MAX_HEADER_BYTES and f.read(1) == b"{":  # a header that starts as one and is cut: a download cut short
             raise UserError(f"{path}: file is truncated (its header alone is {n:,} bytes, the file {size:,}); download it again")
+        if n <= size - 8 and f.read(1) == b"{":  # (said not to fit the file, which it does: fuzz_aw 6)
+            raise UserError(f"{path}: its header is {n:,} bytes, over the {_MAX_HEADER_BYTES // 2**20} MB that safetensors readers "
+                            "accept (metadata far too large?); save it again with less metadata")
         raise UserError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
     try:  # (json.loads would take UTF-16 and UTF-32 bytes too)
         header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_one_metadata)
