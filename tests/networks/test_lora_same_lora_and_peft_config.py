@@ -263,6 +263,12 @@ def test_a_renamed_peft_adapter_reads_the_config_beside_it_and_one_without_is_sa
         scale = adapter.scales[module]
         ba = adapter.expected[f"{module}.weight"] / scale
         assert applied(delta[f"{module}.weight"], ba) == pytest.approx(scale, rel=0.01), module  # PEFT's 6 / sqrt(4)
+    from musubi_tuner import lora_doctor
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_main(lora_doctor.main, [renamed / "my_lora.safetensors"], capsys)
+    assert "there is none beside it" not in caplog.text  # (said of its tensors alone by the doctor: fuzz_aw 11)
     (renamed / "adapter_config.json").unlink()
     delta, _ = merged_update(tmp_path, dit, [renamed / "my_lora.safetensors"], capsys)
     module = next(iter(one_name))

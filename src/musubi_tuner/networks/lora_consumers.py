@@ -65,7 +65,7 @@ def _ours(weights, model: Model) -> Coverage:
     if bad is not None:
         cov.fatal = f"{non_finite_words(bad, weights[bad])}: refused"
         return cov
-    contents = parse_lora(weights)
+    contents = parse_lora(weights, say=False)  # (the file's own reading said what is to say of it)
     too_large = diverged(contents.patches)
     if too_large is not None:
         cov.fatal = f"{too_large}: refused"

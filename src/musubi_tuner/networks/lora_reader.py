@@ -580,8 +580,10 @@ def _resolve(name: str) -> tuple[str, str, int | None, str] | None:
 
 
 def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, source: str = "LoRA",
-               adapter_config: dict | None = None, mlp_hidden: int | None = None) -> LoRAContents:
-    """A state dict in any naming -> patches of the official DiT (see the module docstring), and what cannot be applied."""
+               adapter_config: dict | None = None, mlp_hidden: int | None = None, say: bool = True) -> LoRAContents:
+    """A state dict in any naming -> patches of the official DiT (see the module docstring), and what cannot be applied.
+    `say`: what the file's scale leaves unknown is said (not by a reading of its tensors alone, such as the doctor's
+    model of a consumer, which said of a PEFT folder's adapter that its adapter_config.json was missing: fuzz_aw 11)."""
     metadata = metadata or {}
     problems: list[Problem] = []
     entries: dict[str, _Entry] = {}
@@ -618,7 +620,7 @@ def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None
     unscaled = ("lora_alpha" if scales.lora_alpha is None and any(k.endswith("lora_A.weight") for k in peft_keys) else
                 "alpha" if scales.lycoris_alpha is None and any(k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a")) for k in peft_keys)
                 else None)  # (LoHa / LoKr: PEFT's LoHaConfig / LoKrConfig name it alpha)
-    if unscaled and not any(k.endswith(".alpha") for k in weights) and source not in _SAID_NO_PEFT_ALPHA:
+    if say and unscaled and not any(k.endswith(".alpha") for k in weights) and source not in _SAID_NO_PEFT_ALPHA:
         _SAID_NO_PEFT_ALPHA.add(source)  # (PEFT keeps its lora_alpha out of the file: no reader can know the scale)
         logger.warning("%s: PEFT's layout (%s...), whose %s is kept in adapter_config.json, and there is none beside "
                        "it: applied at alpha = rank (scale 1); put its adapter_config.json beside it for PEFT's scale",
