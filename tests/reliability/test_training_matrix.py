@@ -879,6 +879,11 @@ CASES = [
       for flag, value, said in (("--max_grad_norm", "0.05", "of other training settings"),
                                 ("--num_timestep_buckets", "4", "of other training settings"),
                                 ("--timestep_sampling", "shift", "that drew its noise levels otherwise"))],
+    Case("train-resume-of-a-cosine-schedule-for-more-steps-is-said", "hv_train_network",  # (its rate rose again unsaid:
+         lambda a, t: train_argv(a, trained_before(a, t, "--lr_scheduler", "cosine"), "--resume", "auto",  # fuzz_ax 7)
+                                 "--lr_scheduler", "cosine", "--max_train_steps", "3"), None,
+         warning=r"tiny-state: saved by a run whose --lr_scheduler cosine spans 2 steps; it is built for 3 here",
+         then=trained_to_step_3),
     Case("train-resume-with-network-weights-and-another-flow-shift-is-said", "hv_train_network",  # (fuzz_z 5: silent)
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_weights", str(t / "out" / "tiny.safetensors"),
                                  "--timestep_sampling", "shift", "--discrete_flow_shift", "3", "--max_train_steps", "3"), None,

@@ -947,7 +947,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
                        session_started=time.time(), process_started=time.time(), dit_digest=content_digest(args.dit),
                        dit_in_channels=dit_config.in_channels, validation=validator and validator.measure,
-                       **identity_from_flags(args))
+                       schedule_steps=total_steps * accelerator.num_processes, **identity_from_flags(args))
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record

@@ -165,7 +165,7 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
                  accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
                  schedule: dict | None = None, session_started: float | None = None, dit_digest: str | None = None,
                  dit_in_channels: int | None = None, validation: dict | None = None, timesteps: dict | None = None,
-                 process_started: float | None = None, training: dict | None = None) -> dict:
+                 process_started: float | None = None, training: dict | None = None, schedule_steps: int | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
     `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
@@ -176,7 +176,7 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
             "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started,
             "dit_digest": dit_digest, "dit_in_channels": dit_in_channels, "validation": validation, "timesteps": timesteps or {},
-            "process_started": process_started, "training": training or {}}
+            "process_started": process_started, "training": training or {}, "schedule_steps": schedule_steps}
 
 
 def _differs(saved: dict, current: dict, key: str) -> bool:
@@ -232,6 +232,9 @@ def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
                           f"from its LoRA with --network_weights")
 
 
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt", "adafactor")  # the rest span the run's steps
+
+
 def check_same_run(folder: Path, saved: dict, current: dict, say: bool = True) -> None:
     """The identity checks of check_resumable, for the keys `current` has: the training checks a --resume folder with
     what its flags tell before the DiT loads (the network, the schedule, the processes), and all of it once loaded.
@@ -282,6 +285,10 @@ def check_same_run(folder: Path, saved: dict, current: dict, say: bool = True) -
     if differs("timesteps") and changed:
         logger.warning("%s: saved by a run that drew its noise levels otherwise (%s); the steps from here draw them so", folder,
                        changed)
+    if differs("schedule_steps") and str(current.get("scheduler")).partition(":")[0] not in LENGTH_FREE_SCHEDULES:
+        logger.warning("%s: saved by a run whose --lr_scheduler %s spans %s steps; it is built for %s here, and the rate goes "
+                       "on along that curve from the saved step (a decay that had ended can start over from its middle)",
+                       folder, current["scheduler"], saved["schedule_steps"], current["schedule_steps"])  # (fuzz_ax 7)
     if differs("training"):  # (changed without a word: fuzz_ax 10)
         logger.warning("%s: saved by a run of other training settings (%s); the steps from here train so", folder,
                        _changes(saved["training"], current["training"], "--"))
