@@ -92,6 +92,60 @@ def test_round_trip_of_a_file_that_records_its_alphas_gives_back_the_file(tmp_pa
         torch.testing.assert_close(returned[key], tensor, rtol=1e-6, atol=1e-9, msg=key)
 
 
+def update_of(weights: dict) -> dict:
+    """Each module's W update of a file read as every reader reads it."""
+    return {p.param: p.delta(p.shape) for p in parse_lora(weights).patches}
+
+
+@pytest.mark.parametrize("alpha", [4e4, 1e-7])
+def test_an_fp16_lora_of_an_alpha_far_from_its_rank_converts_to_the_same_finite_update(tmp_path, trained, alpha):
+    """fuzz_aw 2: folded into fp16 factors, alpha / rank of 1e4 made inf (a file every reader refuses), and of 2.5e-8 fp16
+    subnormals, the update 1 % off."""
+    from musubi_tuner.networks.lora_files import save_lora
+
+    weights = {k: (torch.full_like(v, alpha) if k.endswith(".alpha") else v.half()) for k, v in load_lora(trained[2]).items()}
+    source = tmp_path / "fp16.safetensors"
+    save_lora(weights, source, {"ss_network_dim": "4"})
+    other, _ = round_trip(source, tmp_path)
+    converted, _ = read_lora_file(other)
+    assert all(torch.isfinite(t).all() for t in converted.values())
+    expected, got = update_of(weights), update_of(converted)
+    for param, delta in expected.items():
+        torch.testing.assert_close(got[param], delta, rtol=2e-3, atol=delta.abs().max().item() * 2e-3, msg=param)
+
+
+def test_a_companion_whose_metadata_gives_an_alpha_past_float32_is_read_folded_with_a_warning(tmp_path, trained, caplog):
+    """fuzz_aw 8: the alphas of musubi_tuner.lora_modules unfolded a .comfyui file's good factors unchecked: an alpha of
+    1e300 wrote a file of inf (convert --target default), and --network_weights trained from NaN."""
+    import json
+    import logging
+
+    from safetensors.torch import save_file
+
+    from musubi_tuner.networks.lora_metadata import LoRAFileInfo
+
+    weights = load_lora(trained[2])  # as the trainer writes it: its modules' [rank, alpha] recorded
+    modules = {kohya_to_module_path(k.removesuffix(".alpha")): (4, 3.0) for k in weights if k.endswith(".alpha")}
+    recorded = tmp_path / "recorded.safetensors"
+    save_lora(weights, recorded, {"ss_network_dim": "4", **LoRAFileInfo(version="1", modules=modules).to_metadata()})
+    other, _ = round_trip(recorded, tmp_path)
+    tensors, meta = read_lora_file(other)
+    modules = json.loads(meta["musubi_tuner.lora_modules"])
+    lying = tmp_path / "lying.comfyui.safetensors"
+    save_file(tensors, str(lying), metadata={**meta, "musubi_tuner.lora_modules": json.dumps({k: [r, 1e300] for k, (r, _) in modules.items()})})
+    back = tmp_path / "back_default.safetensors"
+    with caplog.at_level(logging.WARNING):
+        r = subprocess.run([sys.executable, "src/musubi_tuner/convert_lora.py", "--input", str(lying), "--output", str(back),
+                            "--target", "default"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "musubi_tuner.lora_modules gives" in r.stderr and "read as folded, at alpha = rank" in r.stderr
+    returned = load_lora(back)
+    assert all(torch.isfinite(t).all() for t in returned.values())
+    expected, got = update_of(tensors), update_of(returned)
+    for param, delta in expected.items():
+        torch.testing.assert_close(got[param], delta, rtol=1e-5, atol=1e-8, msg=param)
+
+
 def test_diffusers_peft_naming_loads_to_the_same_update(trained):
     """q/k/v LoRAs on diffusers' split Linears fuse exactly onto the official qkv and linear1."""
     model, config, path = trained

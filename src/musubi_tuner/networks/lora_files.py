@@ -69,14 +69,25 @@ def unfolded(contents: LoRAContents) -> list[Patch]:
     info = LoRAFileInfo.from_metadata(contents.metadata, contents.source)
     if info.naming != "other" or not info.modules:
         return contents.patches
-    out = []
+    out, unread = [], []
     for p in contents.patches:
         rank, alpha = info.modules.get(p.module, (None, None))
         if p.kind == "lora" and p.alpha is None and rank == p.rank and alpha and alpha != rank:
             root = abs(alpha / rank) ** 0.5  # (other_state_dict: sqrt(|alpha / rank|) into each factor, its sign into B)
-            p = replace(p, down=(p.down.float() / root).to(p.down.dtype), alpha=float(alpha),
-                        up=(p.up.float() / math.copysign(root, alpha / rank)).to(p.up.dtype))
+            back = replace(p, down=(p.down.float() / root).to(p.down.dtype), alpha=float(alpha),
+                           up=(p.up.float() / math.copysign(root, alpha / rank)).to(p.up.dtype))
+            # (metadata is informational: an alpha past float32, or factors it would take past their dtype, keeps the
+            # folded ones; unfolded, a file of good tensors was written with inf, or trained from NaN: fuzz_aw 8)
+            if abs(alpha) <= torch.finfo(torch.float32).max and all(torch.isfinite(t).all() and (t != 0).any() == (f != 0).any()
+                                                                    for t, f in ((back.down, p.down), (back.up, p.up))):
+                p = back
+            else:
+                unread.append(p.module)
         out.append(p)
+    if unread:
+        logger.warning("%s: musubi_tuner.lora_modules gives %d module(s) an alpha their folded factors cannot be unfolded "
+                       "by (%s, ...): read as folded, at alpha = rank (the update is the same)", contents.source, len(unread),
+                       unread[0])
     return out
 
 

@@ -911,6 +911,22 @@ def folded_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype.is_floating_point and dtype.itemsize == 1 else dtype
 
 
+def _folded(factor: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """`factor` times `scale` in `folded_dtype(dtype)`, or in float32 where that dtype cannot hold the products: an
+    fp16 LoRA of an alpha far above its rank was written with inf, one far below it in fp16's subnormals, 1 % off
+    (fuzz_aw 2)."""
+    product = factor.float() * scale
+    target = folded_dtype(dtype)
+    if target == torch.float16 and product.numel():  # (bf16 has float32's range)
+        info, nonzero = torch.finfo(target), factor != 0
+        # past its range, or a scale that takes values into the subnormals, where they lose their precision (more than
+        # a tenth of them that were not there)
+        subnormal = lambda t: (t.abs() < info.tiny)[nonzero].float().mean() if nonzero.any() else 0.0  # noqa: E731
+        if float(product.abs().max()) > info.max or subnormal(product) - subnormal(factor.float()) > 0.1:
+            target = torch.float32
+    return product.to(target)
+
+
 def other_state_dict(patches: list[Patch], prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
     """Patches in the "other" naming (ComfyUI, diffusers' loader, diffusion-pipe): `<prefix>.<official path>.lora_A.weight`,
     `.lora_B.weight` with alpha / rank folded into both (sqrt of its size each, its sign in B; diffusers reads no alpha), in
@@ -924,8 +940,8 @@ def other_state_dict(patches: list[Patch], prefix: str = "diffusion_model") -> d
             # sqrt(|alpha / rank|) into each factor and the sign into B: a negative alpha (kohya's and musubi-tuner's
             # scale is the plain number alpha / rank) flips the update, and a complex root would be cast to zeros
             root = abs(p.scale) ** 0.5
-            out[f"{name}.lora_A.weight"] = (down.float() * root).to(folded_dtype(down.dtype))
-            out[f"{name}.lora_B.weight"] = (up.float() * math.copysign(root, p.scale)).to(folded_dtype(up.dtype))
+            out[f"{name}.lora_A.weight"] = _folded(down, root, down.dtype)
+            out[f"{name}.lora_B.weight"] = _folded(up, math.copysign(root, p.scale), up.dtype)
         elif p.kind in ADAPTERS:
             out.update(_lycoris_entries(name, p))
         else:
