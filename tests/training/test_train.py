@@ -216,22 +216,24 @@ def test_a_resume_to_max_train_epochs_trains_the_epochs_left_in_the_new_batching
     assert (meta["ss_epoch"], int(meta["ss_steps"])) == ("2", first + math.ceil(first / int(change[1])))
 
 
-def test_a_state_linked_in_from_another_folder_is_continued_and_left_as_it_was(assets, tmp_path):
-    """fuzz_ax 4: a state folder linked into --output_dir to continue another folder's state was written through by
-    the final save: the other folder's step-2 state became a step-4 state under its old name, outside the run's lock."""
+@pytest.mark.parametrize("linked", ["tiny-step00000002-state", "tiny-state"])
+def test_a_state_linked_in_from_another_folder_is_continued_and_left_as_it_was(assets, tmp_path, linked):
+    """fuzz_ax 4, fuzz_az 1: a state folder linked into --output_dir to continue another folder's state was written
+    through by the final save: the other folder's state became a later step's under its old name, outside the run's
+    lock (under its own name too); the curve then started at the resumed step."""
     import json
 
     root, dit, toml = assets
     first, second = tmp_path / "first", tmp_path / "second"
     train(parse_args(base_args(dit, toml, first, "--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state")))
-    linked = first / "tiny-step00000002-state"
-    before = {p.name: p.read_bytes() for p in linked.iterdir()}
+    before = {p.name: p.read_bytes() for p in (first / linked).iterdir()}
     second.mkdir()
-    (second / "tiny-state").symlink_to(linked)
-    train(parse_args(base_args(dit, toml, second, "--max_train_steps", "4", "--save_state", "--resume", "auto")))
-    assert {p.name: p.read_bytes() for p in linked.iterdir()} == before
+    (second / "tiny-state").symlink_to(first / linked)
+    train(parse_args(base_args(dit, toml, second, "--max_train_steps", "6", "--save_state", "--resume", "auto")))
+    assert {p.name: p.read_bytes() for p in (first / linked).iterdir()} == before
     assert not (second / "tiny-state").is_symlink()
-    assert json.loads((second / "tiny-state" / "train_state.json").read_text())["global_step"] == 4
+    assert json.loads((second / "tiny-state" / "train_state.json").read_text())["global_step"] == 6
+    assert [int(line.split(",")[1]) for line in (second / "tiny-loss.csv").read_text().splitlines()[1:]] == list(range(1, 7))
 
 
 def test_a_state_of_another_folder_starts_this_folders_series_with_its_own_curve(assets, tmp_path, caplog):

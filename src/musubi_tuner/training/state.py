@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import SharedError, UserError, stops_held
-from musubi_tuner.files import (CHECKPOINT_SUFFIX, atomic_write, check_locks_still_held, content_digest, list_folder, load_torch_file, output_target,
-                                remove_folder, save_safetensors, save_torch, what_to_check)
+from musubi_tuner.files import (CHECKPOINT_SUFFIX, atomic_write, check_locks_still_held, content_digest, list_folder, load_torch_file,
+                                lora_file_names, output_target, remove_folder, save_safetensors, save_torch, what_to_check)
 from musubi_tuner.training.optimizers import SCHEDULE_FLAGS, parse_key_values
 
 logger = logging.getLogger(__name__)
@@ -83,13 +83,20 @@ def _rng_from_plain(plain: dict) -> dict:
     return state
 
 
-def _links_another_checkpoint(folder: Path) -> bool:
-    """Whether `folder` is a link to another checkpoint's state (a name of a state of another step or run, where the
-    link's is its own): one the user linked in to continue it, not a place to keep this state in."""
-    if not folder.is_symlink():
+def links_another_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is a link to another checkpoint's state, one the user linked in to continue it, not a place to
+    keep this state in: a name of a state of another step or run than the link's, or a state in another output folder
+    (beside LoRA files of its name; a link of the same name was written through: fuzz_az 1)."""
+    if not Path(folder).is_symlink():
         return False
-    target = Path(os.path.realpath(folder)).name
-    return target != folder.name and re.fullmatch(rf".+?{CHECKPOINT_SUFFIX}?-state", target) is not None
+    target = Path(os.path.realpath(folder))
+    named = re.fullmatch(rf"(.+?){CHECKPOINT_SUFFIX}?-state", target.name)
+    if named is None:
+        return False
+    if target.name != Path(folder).name:
+        return True
+    own = lora_file_names(named.group(1))
+    return any(own.fullmatch(p.name) for p in list_folder(target.parent, "training state folder") if p.is_file())
 
 
 def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimizer, scheduler, scaler, progress: TrainProgress,
@@ -98,7 +105,7 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
 
     `run` (see run_identity) is recorded beside the progress, so that a resume can check it continues the same run.
     """
-    linked = _links_another_checkpoint(folder)  # replaced, not written through: a state of another step, linked in to
+    linked = links_another_checkpoint(folder)  # replaced, not written through: a state of another step, linked in to
     if not linked:  # continue it, was replaced by this run's state, in its own folder, outside the run's lock (fuzz_ax 4)
         folder = output_target(folder, folder=True)  # (a link's target, a folder on another disk say; no file of the
     tmp = folder.with_name(folder.name + ".incomplete")  # user's is replaced)
