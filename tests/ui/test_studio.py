@@ -205,14 +205,17 @@ def test_resume_of_a_run_that_continued_a_state_and_saved_none_continues_that_st
     outputs = {"output_dir": str(out), "output_name": "x"}
     local = training_command(["--output_dir", str(out), "--output_name", "x", "--resume", "elsewhere/x-step00000006-state"])
     hub = training_command(["--output_dir", str(out), "--output_name", "x", "--resume", "me/repo/x-state", "--resume_from_huggingface"])
+    config = tmp_path / "run.toml"  # (given by the run's --config_file: fuzz_az 2)
+    config.write_text('resume = "elsewhere/x-step00000006-state"\n')
+    in_config = training_command(["--output_dir", str(out), "--output_name", "x", "--config_file", str(config)])
     started = time.time()
-    for cmd in (local, hub):
+    for cmd in (local, hub, in_config):
         assert commands.with_resume(cmd, outputs, started) == cmd  # nothing saved since: the same state again
     state = out / "x-step00000002-state"  # then one of its own
     state.mkdir(parents=True)
     (state / "train_state.json").write_text(json.dumps({"global_step": 2, "epoch": 0, "batch_in_epoch": 2,
                                                        "run": {"process_started": started + 5}}))
-    for cmd in (local, hub):
+    for cmd in (local, hub, in_config):
         resumed = commands.with_resume(cmd, outputs, started)
         assert resumed[-2:] == ["--resume", "auto"] and resumed.count("--resume") == 1 and "--resume_from_huggingface" not in resumed
 

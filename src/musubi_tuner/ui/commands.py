@@ -160,14 +160,29 @@ def with_resume(cmd: list[str], outputs: dict[str, str] | None = None, since: fl
     continues that one again. Replaced by --resume auto, such a run restarted from step 0, and one of the Hub could
     not be resumed at all (--resume auto with --resume_from_huggingface is refused: fuzz_ax 8)."""
     cmd = list(cmd)
-    given = cmd[cmd.index("--resume") + 1:][:1] if "--resume" in cmd else ["auto"]
-    if given != ["auto"] and not _saved_since(outputs or {}, since):
+    if given_resume(cmd) not in (None, "auto") and not _saved_since(outputs or {}, since):
         return cmd
     if "--resume" in cmd:
         at = cmd.index("--resume")
         del cmd[at:at + 2]
     cmd = [word for word in cmd if word != "--resume_from_huggingface"]  # (it names where --resume X is: gone with it)
     return cmd + ["--resume", "auto"]
+
+
+def given_resume(cmd: list[str]) -> str | None:
+    """The --resume a training command runs with: on its command line, or in its --config_file (read as the trainer
+    reads it; the Resume of a run whose config gave it restarted from step 0: fuzz_az 2)."""
+    if "--resume" in cmd:
+        return next(iter(cmd[cmd.index("--resume") + 1:]), None)
+    if "--config_file" not in cmd:
+        return None
+    from musubi_tuner.training.args import parse_args
+
+    script = next((i for i, word in enumerate(cmd) if word.endswith("hv_train_network.py")), None)
+    try:
+        return parse_args(cmd[script + 1:]).resume if script is not None else None
+    except (UserError, SystemExit):  # (a config that no longer reads: the run says so itself)
+        return None
 
 
 def _saved_since(outputs: dict[str, str], since: float | None) -> bool:
