@@ -496,6 +496,12 @@ def test_skip_existing_redoes_the_caches_training_would_leave_out(tmp_path):
 
     (latent,) = tmp_path.joinpath("cache").glob("a_*_hv.safetensors")
     damaged(latent, lambda k, v: v.to(torch.int32))
+    videos = video_config(tmp_path, "target_frames = [1, 5]\n")  # a video's clip too, whose caches are all there (fuzz_az 7)
+    add_video(tmp_path, "v", frames=9)
+    cache_everything(videos, items.CacheReport())
+    clip = sorted(tmp_path.joinpath("cache").glob("v_00000-005_*_hv.safetensors"))[0]
+    damaged(clip, lambda k, v: v.to(torch.int32))
+    assert [i.cache_path for b in items.iter_latent_batches(videos, items.CacheReport(), skip_existing=True) for i in b.items] == [clip]
     damaged(captions[1].cache_path, lambda k, v: v.half() if k.startswith("llm_mask") else v)
     redo = [i.source.stem for b in items.iter_latent_batches(dataset, items.CacheReport(), skip_existing=True) for i in b.items]
     assert redo == ["a"]

@@ -289,6 +289,9 @@ def trained_to_step_6(a, tmp, err, out):
     assert files.read_safetensors_header(tmp / "out" / "tiny.safetensors")[1]["ss_steps"] == "6", err[-3000:]
 
 
+STEP_LR = ("--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "step_size=10")  # a class name, as the trainer takes it
+
+
 def trained_to_step_3(a, tmp, err, out):
     assert "resumed from" in err and files.read_safetensors_header(tmp / "out" / "tiny.safetensors")[1]["ss_steps"] == "3", err[-3000:]
 
@@ -871,7 +874,11 @@ CASES = [
     *[Case(f"train-resume-with-{flags[0].strip('-').replace('_', '-')}-that-changes-nothing-resumes", "hv_train_network",
            lambda a, t, flags=flags: train_argv(a, trained_before(a, t), "--resume", "auto", *flags, "--max_train_steps", "3"), None,
            then=trained_to_step_3)  # (refused as another schedule or network: fuzz_ax 9)
-      for flags in (("--lr_scheduler_power", "3"), ("--lr_scheduler_timescale", "100"), ("--network_dropout", "0"))],
+      for flags in (("--lr_scheduler_power", "3"), ("--lr_scheduler_timescale", "100"), ("--network_dropout", "0"),
+                    ("--network_args", "rank_dropout=0", "module_dropout=0.0"))],  # (fuzz_az 5)
+    Case("train-resume-of-a-bare-lr-scheduler-type-with-a-flag-it-does-not-read-resumes", "hv_train_network",  # (fuzz_az 6)
+         lambda a, t: train_argv(a, trained_before(a, t, *STEP_LR), "--resume", "auto", *STEP_LR, "--lr_scheduler_power", "3",
+                                 "--max_train_steps", "3"), None, then=trained_to_step_3),
     *[Case(f"train-resume-with-another-{flag.strip('-').replace('_', '-')}-is-said-once", "hv_train_network",  # (silent, or
            lambda a, t, flag=flag, value=value: train_argv(a, trained_before(a, t), "--resume", "auto", flag, value,  # said twice:
                                                            "--max_train_steps", "3"), None,  # fuzz_ax 10)

@@ -304,7 +304,8 @@ def test_a_resume_inside_an_epoch_with_another_accumulation_finishes_that_epoch(
     with caplog.at_level(logging.WARNING):
         train(parse_args(base_args(dit, toml, out, "--max_train_epochs", "1", "--save_state", "--resume", "auto",
                                    "--gradient_accumulation_steps", "2")))
-    assert "saved with --gradient_accumulation_steps 1, this run has 2: it goes on from batch 1 of epoch 1" in caplog.text
+    assert ("saved with --gradient_accumulation_steps 1, this run has 2: epoch 1 goes on after its first 1 batches, a step "
+            "ending every 2 batches counted from the epoch's start") in caplog.text
     meta = read_safetensors_header(out / "tiny.safetensors")[1]
     assert (meta["ss_epoch"], int(meta["ss_steps"])) == ("1", 1 + math.ceil(batches / 2))  # batches 1, 2-3, ..., the last
 

@@ -508,7 +508,8 @@ class _LatentLoader:
         paths, partly = [], set()
         for clip in self._clips(frames_now):
             path = cache_files.latent_cache_path(ds.cache_directory, item.stem, bucket, clip)
-            if cache_files.cache_status(path, cache_files.clip_provenance(video_provenance, clip), unrecorded=partly) is not None:
+            if (cache_files.cache_status(path, cache_files.clip_provenance(video_provenance, clip), unrecorded=partly) is not None
+                    or cached_latent_shape(path, []) is None):  # (one training leaves out: fuzz_az 7)
                 return []
             paths.append(path)
         unrecorded.update(partly)

@@ -447,7 +447,7 @@ class CheckpointSaver:
         found = sorted(p.name for p in self.out.glob("*.safetensors") if own.fullmatch(p.name))
         found += [p.name for p in complete_states(self.out, self.name)]
         if found:
-            how = "starts afresh" if self.resumed_from is None else f"continues {self.resumed_from}, of another folder,"
+            how = "starts afresh," if self.resumed_from is None else f"continues {self.resumed_from}, of another folder,"
             logger.warning("%s holds %d files of an earlier run named %s (%s%s); this run %s replaces those it writes "
                            "under the same names and leaves the others. To continue that run, use --resume auto; to keep "
                            "both, another --output_name", self.out, len(found), self.name, ", ".join(found[:3]),

@@ -764,7 +764,8 @@ def identity_from_flags(args) -> dict:
                         "args": sorted(args.network_args or []), "dropout": args.network_dropout},
             "schedule": {flag: getattr(args, flag) for flag in SCHEDULE_SHAPE_FLAGS},
             # what else shapes each step, said when a resume changes it
-            "training": {flag: getattr(args, flag) for flag in ("num_timestep_buckets", "guidance_scale", "max_grad_norm", "fp8_base")},
+            "training": {flag: getattr(args, flag) for flag in ("num_timestep_buckets", "guidance_scale", "guidance_scale_x1000",
+                                                                 "max_grad_norm", "scale_weight_norms", "fp8_base", "full_bf16")},
             "timesteps": {("timestep_sampling" if k == "mode" else k): v for k, v in timesteps.items()}}  # (as the flags)
 
 

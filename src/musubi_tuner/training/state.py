@@ -206,6 +206,9 @@ def _network_as_read(network: dict) -> dict:
     except UserError:  # (a state's record this version cannot read: compared as recorded)
         return network
     args.pop("verbose", None)
+    for key in ("rank_dropout", "module_dropout"):  # (0 is none, as --network_dropout 0 is: fuzz_az 5)
+        if args.get(key) == 0:
+            args.pop(key)
     return {**network, "args": args}
 
 
@@ -215,8 +218,8 @@ def _schedule_as_read(schedule, scheduler) -> dict:
     if not isinstance(schedule, dict):
         return {"schedule": schedule}
     name = str(scheduler).partition(":")[0]
-    read = SCHEDULE_FLAGS.get(name, ("lr_scheduler_args",) if "." in name else None)
-    return {k: v for k, v in schedule.items() if read is None or k in read}
+    read = SCHEDULE_FLAGS.get(name, ("lr_scheduler_args",))  # (any other name is --lr_scheduler_type's, dotted or not: fuzz_az 6)
+    return {k: v for k, v in schedule.items() if k in read}
 
 
 def _changes(then: dict, now: dict, prefix: str = "") -> str:
@@ -320,10 +323,10 @@ def check_resumable(folder: Path, saved: dict, current: dict, progress: TrainPro
     # position among them holds (it was moved to the next epoch, blamed on "12 batches per epoch then, 12 now": fuzz_ay 6)
     same_batching = not (differs("batches_per_epoch") or differs("dataset"))
     if same_batching and differs("gradient_accumulation_steps"):
-        logger.warning("%s: saved with --gradient_accumulation_steps %s, this run has %s: it goes on from batch %d of epoch %d "
-                       "with steps of %s batches", folder, saved["gradient_accumulation_steps"],
-                       current["gradient_accumulation_steps"], progress.batch_in_epoch, progress.epoch + 1,
-                       current["gradient_accumulation_steps"])
+        logger.warning("%s: saved with --gradient_accumulation_steps %s, this run has %s: epoch %d goes on after its first %d "
+                       "batches, a step ending every %s batches counted from the epoch's start", folder,
+                       saved["gradient_accumulation_steps"], current["gradient_accumulation_steps"], progress.epoch + 1,
+                       progress.batch_in_epoch, current["gradient_accumulation_steps"])
     if same_batching and progress.batch_in_epoch > current["batches_per_epoch"]:
         raise DamagedState(f"{folder}/{STATE_MARKER}: damaged (batch_in_epoch {progress.batch_in_epoch} of an epoch of "
                            f"{current['batches_per_epoch']} batches); pick another state folder or --resume auto")
