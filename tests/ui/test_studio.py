@@ -260,6 +260,9 @@ def test_a_musubi_tuner_config_saved_from_the_form_still_loads_there_and_its_dro
     written = read_config_file(target)["datasets"][0]
     assert type(written["source_fps"]) is float and written["video_directory"] == "clips\x7f"
     assert studio.get("/api/dataset", params={"path": "m.toml"}).json()["comments"] == 0
+    config["datasets"][0]["source_fps"] = 10**400  # (past any float: a 500 and a traceback, fuzz_az 8)
+    refused = studio.post("/api/dataset/save", json={"path": "m.toml", "config": config}, headers=STUDIO)
+    assert refused.status_code == 400 and "source_fps" in refused.json()["error"], refused.text
 
 
 def test_every_dataset_key_has_a_form_field():

@@ -148,6 +148,7 @@ class CheckpointSaver:
         self.out = Path(args.output_dir)
         self.name = args.output_name
         self.num_epochs = num_epochs
+        self.batches_per_epoch = batches_per_epoch
         self.save_dtype = str_to_dtype(args.save_precision, torch.float32, "--save_precision")
         self.last_saved: Path | None = None  # the newest LoRA this run saved (always finite and usable: see save)
         self.last_state: Path | None = None  # its state folder, if one was saved with it
@@ -412,20 +413,26 @@ class CheckpointSaver:
         if not self.accelerator.is_main_process or not self.resumed_here or not final.is_file():
             return
         a, step = self.args, progress.global_step
+        if (progress.batch_in_epoch >= self.batches_per_epoch and a.save_every_n_epochs
+                and (progress.epoch + 1) % a.save_every_n_epochs == 0):
+            return  # the epoch's end, which this run makes first, saves it (fuzz_az 3)
         name = (self.epoch_name(progress.epoch) if a.save_every_n_epochs and progress.epoch and not progress.batch_in_epoch
                 and progress.epoch % a.save_every_n_epochs == 0 else
                 self.step_name(step) if a.save_every_n_steps and step % a.save_every_n_steps == 0 else None)
-        saved = self.out / f"{name}.safetensors" if name else None
         try:
             ended = read_safetensors_header(final)[1]
-            there = read_safetensors_header(saved)[1] if saved is not None and saved.exists() else None
+            if ended.get("ss_steps") != str(step):
+                return
+            # its own save of that step is there, whatever the flags now (the step saves' interval divided the last step:
+            # fuzz_ay 1, fuzz_az 3)
+            for other in {name, self.step_name(step), self.epoch_name(progress.epoch) if progress.epoch else None} - {None}:
+                path = self.out / f"{other}.safetensors"
+                kept = read_safetensors_header(path)[1] if path.exists() else {}
+                if (kept.get("ss_steps"), kept.get("ss_session_id")) == (str(step), ended.get("ss_session_id")):
+                    return
         except UserError:
             return
-        if ended.get("ss_steps") != str(step):
-            return
-        if there is not None and (there.get("ss_steps"), there.get("ss_session_id")) == (str(step), ended.get("ss_session_id")):
-            return  # its own save of that step is there (the step saves' interval divides the last step: fuzz_ay 1)
-        if name is None or there is not None:
+        if name is None or (self.out / f"{name}.safetensors").exists():
             logger.warning("%s, the final LoRA of the run this one continues (step %d), will be replaced by this run's final "
                            "LoRA; copy it now to keep it", final, step)
             return

@@ -99,7 +99,14 @@ _NUMBER_KEYS = {key for keys in (schema.SHARED_KEYS, schema.IMAGE_KEYS, schema.V
 def _as_typed(table: dict) -> dict:
     """A table's values as the file must hold them: a browser sends 24.0 as 24, and musubi-tuner refuses an integer
     source_fps (it was written so, and the config no longer loaded there: fuzz_av 2)."""
-    return {k: float(v) if k in _NUMBER_KEYS and type(v) is int else v for k, v in table.items() if v not in (None, "")}
+    return {k: _as_float(v) if k in _NUMBER_KEYS and type(v) is int else v for k, v in table.items() if v not in (None, "")}
+
+
+def _as_float(value: int) -> float | int:
+    try:
+        return float(value)
+    except OverflowError:  # (past any float: the loader's check refuses it, naming the key; it was a 500: fuzz_az 8)
+        return value
 
 
 def _clean(config: dict) -> dict:
