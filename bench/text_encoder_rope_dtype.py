@@ -62,7 +62,7 @@ def main() -> None:
     cast_rope_buffers(model, torch.float16)
     musubi = states(model)
 
-    print(f"| after layer | fp16 inv_freq vs float32 inv_freq | float32 inv_freq vs float32 model | fp16 inv_freq vs float32 model |")
+    print("| after layer | fp16 inv_freq vs float32 inv_freq | float32 inv_freq vs float32 model | fp16 inv_freq vs float32 model |")
     print("| --- | --- | --- | --- |")
     for i, (a, b, c) in enumerate(zip(ours, musubi, exact), start=1):
         print(f"| {i} | {rel_err(b, a):.2e} | {rel_err(a, c):.2e} | {rel_err(b, c):.2e} |")

@@ -556,19 +556,19 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
     groups: dict[tuple[int, ...], list[LatentItem]] = {}
     unwritten: dict[int, int] = {}  # id(source item) -> its windows in batches not yet handed back
 
+    done = taken or (lambda _: None)
+
     def handed_back(batch: LatentBatch) -> None:
-        for latent_item in batch.items:
+        for latent_item in batch.items if taken is not None else ():
             unwritten[id(latent_item.source)] -= 1
             if not unwritten[id(latent_item.source)]:
                 del unwritten[id(latent_item.source)]
-                taken(latent_item.source)
+                done(latent_item.source)
 
-    if taken is None:
-        taken = handed_back = lambda _: None
     for item, loaded in _map_in_threads(loader, items, num_workers):
         if isinstance(loaded, BaseException):
             report.fail(item.path, _failure_reason(item, loaded), strict)
-            taken(item)
+            done(item)
             continue
         report.already_cached += len(loaded.already_cached)
         report.unrecorded += len(loaded.unrecorded)
@@ -579,7 +579,7 @@ def iter_latent_batches(dataset: AnyDatasetConfig, report: CacheReport, *, num_w
         if loaded.items:
             unwritten[id(item)] = len(loaded.items)
         else:
-            taken(item)
+            done(item)
         for latent_item in loaded.items:
             key = latent_item.bucket + ((latent_item.clip.frames,) if latent_item.clip else ())
             group = groups.setdefault(key, [])
