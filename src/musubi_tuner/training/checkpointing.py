@@ -378,26 +378,24 @@ class CheckpointSaver:
         """Whether the run continues a state of its own --output_dir. A state of another folder starts this folder's
         series: what the folder holds of the name is an earlier run's, said, and not pruned as this run's (it was, and
         the loss curve spliced onto that run's: fuzz_ax 3)."""
-        from musubi_tuner.training.state import links_another_checkpoint
+        from musubi_tuner.training.state import state_home
 
         if self.resumed_from is None:
             return False
-        # (a checkpoint of another folder linked in is that folder's: fuzz_az 1)
-        state = Path(os.path.realpath(self.resumed_from)) if links_another_checkpoint(self.resumed_from) else self.resumed_from
+        state = state_home(self.resumed_from)  # (a checkpoint of another folder linked in is that folder's: fuzz_az 1)
         try:  # (the same folder spelled through a link is the same folder: fuzz_ay 2)
             return os.path.samefile(state.parent, self.out)
         except OSError:
             return os.path.abspath(state.parent) == os.path.abspath(self.out)
 
-    def take_history_of(self, state: Path, step: int) -> None:
-        """The loss history of the run a state of another folder belongs to (its NAME-loss.csv there), up to `step`: the
-        curve this run continues."""
+    def take_history_of(self, step: int) -> None:
+        """The loss history of the run the state of another folder it resumed from belongs to (its NAME-loss.csv there),
+        up to `step`: the curve this run continues."""
         from musubi_tuner.training.loss_curve import LossHistory
-        from musubi_tuner.training.state import links_another_checkpoint
+        from musubi_tuner.training.state import state_home, state_run_name
 
-        state = Path(os.path.realpath(state)) if links_another_checkpoint(state) else state  # (fuzz_az 1)
-        match = re.fullmatch(rf"(.+?){CHECKPOINT_SUFFIX}?-state", state.name)
-        origin = LossHistory(state.parent / f"{match.group(1) if match else self.name}-loss.csv", say=False)
+        state = state_home(self.resumed_from)  # (fuzz_az 1)
+        origin = LossHistory(state.parent / f"{state_run_name(state) or self.name}-loss.csv", say=False)
         self.losses.train, self.losses.validation = origin.train, origin.validation
         self.losses.truncate(step)
 

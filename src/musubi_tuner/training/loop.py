@@ -998,7 +998,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     # a resumed run replays what followed its state; a fresh one starts a history of its own (the earlier run's step-0
     # validation point stayed in a run without validation: fuzz_ak 10)
     if resume_from is not None and not saver.resumed_here:  # (the curve of the run it continues, not this folder's)
-        saver.take_history_of(Path(resume_from), progress.global_step)
+        saver.take_history_of(progress.global_step)
     else:
         saver.losses.truncate(progress.global_step if resume_from is not None else -1)
     validation = None

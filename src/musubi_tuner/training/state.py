@@ -90,13 +90,26 @@ def links_another_checkpoint(folder: Path) -> bool:
     if not Path(folder).is_symlink():
         return False
     target = Path(os.path.realpath(folder))
-    named = re.fullmatch(rf"(.+?){CHECKPOINT_SUFFIX}?-state", target.name)
-    if named is None:
+    name = state_run_name(target)
+    if name is None:
         return False
     if target.name != Path(folder).name:
         return True
-    own = lora_file_names(named.group(1))
+    own = lora_file_names(name)
     return any(own.fullmatch(p.name) for p in list_folder(target.parent, "training state folder") if p.is_file())
+
+
+def state_home(folder: Path) -> Path:
+    """Where a state folder is, as the run it belongs to keeps it: the linked-in checkpoint itself (links_another_checkpoint),
+    else the folder as named (a link to a place to keep states is the output folder's own)."""
+    return Path(os.path.realpath(folder)) if links_another_checkpoint(folder) else Path(folder)
+
+
+def state_run_name(folder: Path) -> str | None:
+    """The --output_name of the run a state folder's name is of (NAME-state, NAME-step00000006-state, NAME-000002-state),
+    or None for a name no state has."""
+    named = re.fullmatch(rf"(.+?){CHECKPOINT_SUFFIX}?-state", Path(folder).name)
+    return named.group(1) if named else None
 
 
 def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimizer, scheduler, scaler, progress: TrainProgress,
