@@ -43,8 +43,7 @@ from musubi_tuner.networks.lora_naming import (
 )
 
 logger = logging.getLogger(__name__)
-_SAID_NO_PEFT_ALPHA: set[str] = set()  # PEFT-layout files said to be applied at alpha = rank, once each
-_SAID: set[str] = set()
+_SAID: set[str] = set()  # the warnings warn_once has said
 
 
 def warn_once(message: str, *args) -> None:
@@ -620,11 +619,10 @@ def parse_lora(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None
     unscaled = ("lora_alpha" if scales.lora_alpha is None and any(k.endswith("lora_A.weight") for k in peft_keys) else
                 "alpha" if scales.lycoris_alpha is None and any(k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a")) for k in peft_keys)
                 else None)  # (LoHa / LoKr: PEFT's LoHaConfig / LoKrConfig name it alpha)
-    if say and unscaled and not any(k.endswith(".alpha") for k in weights) and source not in _SAID_NO_PEFT_ALPHA:
-        _SAID_NO_PEFT_ALPHA.add(source)  # (PEFT keeps its lora_alpha out of the file: no reader can know the scale)
-        logger.warning("%s: PEFT's layout (%s...), whose %s is kept in adapter_config.json, and there is none beside "
-                       "it: applied at alpha = rank (scale 1); put its adapter_config.json beside it for PEFT's scale",
-                       source, PEFT_LAYOUT, unscaled)
+    # (PEFT keeps its lora_alpha out of the file: no reader can know the scale)
+    if say and unscaled and not any(k.endswith(".alpha") for k in weights):
+        warn_once("%s: PEFT's layout (%s...), whose %s is kept in adapter_config.json, and there is none beside it: applied "
+                  "at alpha = rank (scale 1); put its adapter_config.json beside it for PEFT's scale", source, PEFT_LAYOUT, unscaled)
     patches, fused = [], {}
     for name, entry in entries.items():
         for patch in _entry_patches(name, entry, weights, problems, scales):
