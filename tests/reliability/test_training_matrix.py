@@ -847,6 +847,10 @@ CASES = [
     Case("train-resume-other-optimizer", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--optimizer_type", "SGD"),
          r"tiny-state: saved with the optimizer torch\.optim\.adamw\.AdamW, this run uses torch\.optim\.sgd\.SGD", keep=outputs_of("out")),
+    Case("train-resume-other-optimizer-setting", "hv_train_network",  # (the same class: its settings are compared)
+         lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--optimizer_args", "weight_decay=0.1"),
+         r"tiny-state: saved with the optimizer torch\.optim\.adamw\.AdamW, this run uses torch\.optim\.adamw\.AdamW\(weight_decay=0\.1\)",
+         keep=outputs_of("out")),
     Case("train-resume-other-rank", "hv_train_network",
          lambda a, t: train_argv(a, trained_before(a, t), "--resume", "auto", "--network_dim", "8"),
          r"tiny-state: saved with another network \(dim 4 -> 8\)", keep=outputs_of("out"), then=before_the_model_loads),
@@ -875,7 +879,8 @@ CASES = [
            lambda a, t, flags=flags: train_argv(a, trained_before(a, t), "--resume", "auto", *flags, "--max_train_steps", "3"), None,
            then=trained_to_step_3)  # (refused as another schedule or network: fuzz_ax 9)
       for flags in (("--lr_scheduler_power", "3"), ("--lr_scheduler_timescale", "100"), ("--network_dropout", "0"),
-                    ("--network_args", "rank_dropout=0", "module_dropout=0.0"))],  # (fuzz_az 5)
+                    ("--network_args", "rank_dropout=0", "module_dropout=0.0"),  # (fuzz_az 5)
+                    ("--optimizer_args", "weight_decay=0.01", "betas=0.9,0.999"))],  # (AdamW's defaults: fuzz_ax 9)
     Case("train-resume-of-a-bare-lr-scheduler-type-with-a-flag-it-does-not-read-resumes", "hv_train_network",  # (fuzz_az 6)
          lambda a, t: train_argv(a, trained_before(a, t, *STEP_LR), "--resume", "auto", *STEP_LR, "--lr_scheduler_power", "3",
                                  "--max_train_steps", "3"), None, then=trained_to_step_3),

@@ -46,7 +46,7 @@ from musubi_tuner.training.args import attention_mode, check_attention_flags, lo
 from musubi_tuner.training.checkpointing import CheckpointSaver, check_final_names_free, check_names_fit
 from musubi_tuner.training.flow_matching import predict_velocity
 from musubi_tuner.training.optimizers import (check_optimizer, check_scheduler, create_optimizer, create_scheduler, is_schedule_free,
-                                             parse_key_values, total_training_steps)
+                                             optimizer_settings, parse_key_values, total_training_steps)
 from musubi_tuner.training.state import TrainProgress, complete_states, load_state, read_progress, run_identity
 from musubi_tuner.training.timesteps import (TimestepConfig, loss_weights, read_settings, sample_timesteps,
                                              warn_of_a_range_seldom_drawn, warn_of_unread_flags)
@@ -948,7 +948,8 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                        accumulation=args.gradient_accumulation_steps, dataset=data.fingerprint(), learning_rate=args.learning_rate,
                        session_started=time.time(), process_started=time.time(), dit_digest=content_digest(args.dit),
                        dit_in_channels=dit_config.in_channels, validation=validator and validator.measure,
-                       schedule_steps=total_steps * accelerator.num_processes, **identity_from_flags(args))
+                       schedule_steps=total_steps * accelerator.num_processes, optimizer_settings=optimizer_settings(optimizer),
+                       **identity_from_flags(args))
     progress, resume_from = resume(candidates, args, run, network=network, optimizer=optimizer, scheduler=scheduler,
                                    accelerator=accelerator, seed=seed)
     args.learning_rate = run["learning_rate"]  # a resumed state's rate (check_resumable): what the metadata must record

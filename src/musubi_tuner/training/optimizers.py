@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import logging
 import math
 import re
@@ -153,6 +154,14 @@ def create_optimizer(optimizer_type: str, params: list[dict], lr: float | None, 
         raise UserError(f"--optimizer_args {given} for {cls.__name__}: {e}" if given else f"--optimizer_type {name}: {e}") from None
     full_name = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(f'{k}={v}' for k, v in optimizer_args.items())})" if optimizer_args else "")
     return optimizer, full_name
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What the optimizer computes with, its defaults filled in (the learning rate aside: a resume keeps the saved one), as
+    a state's marker records it: `--optimizer_args weight_decay=0.01`, AdamW's own default, is the same optimizer as none
+    (it was refused on resume as another: fuzz_ax 9)."""
+    settings = {k: v for k, v in optimizer.defaults.items() if k not in ("lr", "initial_lr")}
+    return json.loads(json.dumps(settings, default=repr))  # (tuples as lists, as read back from the marker)
 
 
 def check_optimizer(optimizer_type: str, lr: float | None, optimizer_args: dict[str, Any], device: torch.device) -> torch.optim.Optimizer:

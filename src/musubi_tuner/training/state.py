@@ -185,24 +185,37 @@ def run_identity(*, optimizer_name: str, scheduler: str, network: dict, processe
                  accumulation: int, dataset: str, learning_rate: float | None = None, context_parallel: int = 1,
                  schedule: dict | None = None, session_started: float | None = None, dit_digest: str | None = None,
                  dit_in_channels: int | None = None, validation: dict | None = None, timesteps: dict | None = None,
-                 process_started: float | None = None, training: dict | None = None, schedule_steps: int | None = None) -> dict:
+                 process_started: float | None = None, training: dict | None = None, schedule_steps: int | None = None,
+                 optimizer_settings: dict | None = None) -> dict:
     """What a resumed run must share with the saved one for the resume to continue it, not start something else
     (the learning rate: what the saved optimizer and schedule continue at, whatever the command line says).
     `schedule`: the flags that shape the learning-rate schedule (a saved schedule holds its step count only: it is
-    rebuilt from them). `session_started`: when the run began (a resumed run keeps the one of the state it continues:
+    rebuilt from them). `optimizer_settings`: the optimizer's hyperparameters, its defaults filled in
+    (optimizers.optimizer_settings), by which two spellings of one optimizer are one. `session_started`: when the run began (a resumed run keeps the one of the state it continues:
     check_resumable); `process_started`: when the process that saves the state began (not kept by a resume), by which
     --resume auto prefers the newest process's states (complete_states)."""
     return {"optimizer": optimizer_name, "scheduler": scheduler, "network": network, "processes": processes,
             "context_parallel": context_parallel, "batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accumulation, "dataset": dataset,
             "learning_rate": learning_rate, "schedule": schedule or {}, "session_started": session_started,
             "dit_digest": dit_digest, "dit_in_channels": dit_in_channels, "validation": validation, "timesteps": timesteps or {},
-            "process_started": process_started, "training": training or {}, "schedule_steps": schedule_steps}
+            "process_started": process_started, "training": training or {}, "schedule_steps": schedule_steps,
+            "optimizer_settings": optimizer_settings}
 
 
 def _differs(saved: dict, current: dict, key: str) -> bool:
     """Whether a part of the run identity a state recorded differs from this run's (what either lacks is not compared:
     states saved before a part was recorded, and the partial identity checked before the DiT loads)."""
     return key in saved and key in current and saved[key] != current[key]
+
+
+def _same_optimizer(saved: dict, current: dict) -> bool:
+    """Whether the recorded optimizers are one: the same class with the same settings, however --optimizer_args spelled
+    them (both recorded since the settings were: an older state's name is compared as written)."""
+    if saved.get("optimizer") == current.get("optimizer"):
+        return True
+    then, now = saved.get("optimizer_settings"), current.get("optimizer_settings")
+    return (isinstance(then, dict) and isinstance(now, dict) and then == now
+            and str(saved["optimizer"]).partition("(")[0] == str(current["optimizer"]).partition("(")[0])
 
 
 def _network_as_read(network: dict) -> dict:
@@ -264,7 +277,7 @@ def check_same_run(folder: Path, saved: dict, current: dict, say: bool = True) -
     `say`: the changes that do not refuse the resume are said (by the check once loaded: they were said twice)."""
     differs = functools.partial(_differs, saved, current)
     check_same_processes(folder, saved, current)
-    if differs("optimizer"):
+    if differs("optimizer") and not _same_optimizer(saved, current):
         raise SharedError(f"{folder}: saved with the optimizer {saved['optimizer']}, this run uses {current['optimizer']}; "
                         f"resume with the same --optimizer_type/--optimizer_args, or start a new run from its LoRA with "
                         f"--network_weights")
