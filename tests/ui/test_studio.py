@@ -362,7 +362,8 @@ def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_w
     """Through the endpoints the pages' buttons call; the 'training command' here is a Python one-liner."""
     app = create_app(Workspace(tmp_path / "ws"))
     studio, jobs = TestClient(app, base_url="http://127.0.0.1:7860"), app.app.state.jobs
-    script = "import sys, time; print('args', sys.argv[1:], flush=True); time.sleep(float(sys.argv[1]))"
+    script = ("import sys, time; from musubi_tuner.progress import progress_bar; progress_bar(total=9, desc='steps').close(); "
+              "print('args', sys.argv[1:], flush=True); time.sleep(float(sys.argv[1]))")  # (a run that reached its steps)
 
     def wait(job_id: str, state: str) -> dict:
         deadline = time.monotonic() + 30
@@ -373,11 +374,15 @@ def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_w
     running = jobs.start("train", "demo-lora", [[sys.executable, "-c", script, "20"]], {"output_dir": str(tmp_path / "ws" / "o"),
                                                                                           "output_name": "demo-lora"})
     wait(running.id, "running")
+    deadline = time.monotonic() + 30
+    while "args ['20']" not in studio.get(f"/api/jobs/{running.id}").json()["log"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # (past its steps bar)
     refused = studio.post(f"/api/jobs/{running.id}/resume", headers=STUDIO)
     assert refused.status_code == 400 and refused.json()["error"] == f"{running.id} is still running"
     assert studio.post(f"/api/jobs/{running.id}/stop", headers=STUDIO).status_code == 200
     assert wait(running.id, "stopped")["state"] == "stopped"
 
+    assert studio.get(f"/api/jobs/{running.id}").json()["resumable"]
     resumed = studio.post(f"/api/jobs/{running.id}/resume", headers=STUDIO).json()
     assert resumed["resumed_from"] == running.id and resumed["commands"][0][-2:] == ["--resume", "auto"]
     assert resumed["shown"][0].endswith("time.sleep(float(sys.argv[1]))' 20 --resume auto")
@@ -392,6 +397,24 @@ def test_the_stop_and_resume_buttons_stop_a_run_and_rerun_the_training_command_w
     generation = jobs.start("generate", "a cat", [[sys.executable, "-c", "pass"]], {"save_path": str(tmp_path / "ws" / "videos")})
     wait(generation.id, "finished")
     assert studio.post(f"/api/jobs/{generation.id}/resume", headers=STUDIO).json()["error"].startswith("only training runs resume")
+
+
+def test_a_training_job_that_ended_before_its_first_step_offers_no_resume(tmp_path):
+    """fuzz_at 2: a job refused because another run held its folder offered Resume; once that run had finished, Resume's
+    --resume auto found no state of the job and trained afresh over the other run's LoRA and loss curve."""
+    app = create_app(Workspace(tmp_path / "ws"))
+    studio, jobs = TestClient(app, base_url="http://127.0.0.1:7860"), app.app.state.jobs
+    refused = jobs.start("train", "demo-lora", [[sys.executable, "-c", "import sys; sys.exit('error: another training run is using this')"]],
+                         {"output_dir": str(tmp_path / "ws" / "o"), "output_name": "demo-lora"})
+    deadline = time.monotonic() + 30
+    while (detail := studio.get(f"/api/jobs/{refused.id}").json())["state"] in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert detail["state"] == "failed" and detail["resumable"] is False
+    response = studio.post(f"/api/jobs/{refused.id}/resume", headers=STUDIO)
+    assert response.status_code == 400 and response.json()["error"] == (
+        f"{refused.id} ended before its first training step, so there is nothing of it to resume; start it again from the "
+        "Train page")
+    assert [j.id for j in jobs.all()] == [refused.id]  # (no job started)
 
 
 # ------------------------------------------------------------------------------------ off the happy path

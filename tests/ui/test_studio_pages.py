@@ -159,7 +159,8 @@ def test_stop_and_resume_act_on_the_run_shown_only(studio, page):
 
     url, workspace = studio
     jobs = Jobs(Path(workspace) / "jobs")
-    made = [jobs.start("train", f"fake {name}", [[sys.executable, "-c", "print('done')"]],
+    steps = "from musubi_tuner.progress import progress_bar; progress_bar(total=1, desc='steps').close(); print('done')"
+    made = [jobs.start("train", f"fake {name}", [[sys.executable, "-c", steps]],
                        {"output_dir": str(Path(workspace) / f"fake_{name}"), "output_name": name}) for name in ("a", "b")]
     deadline = time.monotonic() + 60
     while any(jobs.get(j.id).state in ("starting", "running") for j in made) and time.monotonic() < deadline:
@@ -174,6 +175,15 @@ def test_stop_and_resume_act_on_the_run_shown_only(studio, page):
         page.click("#run #resume")
     page.wait_for_timeout(1000)  # (time for a second handler's request, had one been attached)
     assert resumed == [f"{url}/api/jobs/{made[1].id}/resume"]
+
+    # a run that ended before its first step has nothing to resume: no button (fuzz_at 2)
+    refused = jobs.start("train", "fake c", [[sys.executable, "-c", "import sys; sys.exit('error: refused')"]],
+                         {"output_dir": str(Path(workspace) / "fake_c"), "output_name": "c"})
+    while jobs.get(refused.id).state in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    page.click(f"#runs button[data-job='{refused.id}']")
+    page.wait_for_selector(f"#run[data-job='{refused.id}'] .state.failed")
+    assert page.locator("#run #resume").count() == 0
 
 
 def test_the_runs_list_follows_each_run_a_long_log_links_the_whole_file_and_the_form_outlives_a_reload(studio, page, tmp_path):

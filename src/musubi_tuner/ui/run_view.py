@@ -25,15 +25,22 @@ class RunViews:
         skipped, log = self.jobs.log_end(job)
         out = {**self.jobs.summary(job), "log": log, "log_skipped": skipped, "log_path": str(self.jobs.path(job) / "log.txt"),
                "progress": self.jobs.progress(job)}
+        if job.kind == "train":
+            out["resumable"] = job.state not in ("starting", "running") and self.trained(job, out["progress"])
         if job.kind == "train" and {"output_dir", "output_name"} <= set(job.outputs):  # (a job.json without them: none)
             # its folder's curve and files once it trains: a job refused because another run held the folder showed
             # that run's as its own (fuzz_at 3)
-            trains = any(bar.get("desc") == "steps" for bar in out["progress"])
-            out.update(self._training(job) if trains else {"curve": {"train": [], "validation": []}, "samples": [], "files": []})
+            trained = self.trained(job, out["progress"])
+            out.update(self._training(job) if trained else {"curve": {"train": [], "validation": []}, "samples": [], "files": []})
         elif job.kind == "generate":
             out["saved"] = self._saved(job)
             out["videos"] = [p for p in out["saved"] if p.endswith(".mp4")]
         return out
+
+    def trained(self, job: Job, progress: list[dict] | None = None) -> bool:
+        """Whether the job's training command reached its steps (its "steps" bar): one refused before them (another run
+        held its folder, a flag was wrong) has nothing of its own to show or to resume."""
+        return any(bar.get("desc") == "steps" for bar in (self.jobs.progress(job) if progress is None else progress))
 
     def _training(self, job: Job) -> dict:
         from musubi_tuner.training.loss_curve import LossHistory

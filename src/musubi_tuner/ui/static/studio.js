@@ -213,7 +213,7 @@ function watchJob(root, id, extra) {
     root.dataset.state = d.state;
     root.dataset.job = d.id;
     put("head", `<div class="ds-head"><div><span class="state ${d.state}" id="job-state">${esc(d.state)}</span> ${esc(d.title)} <span class="muted">${esc(d.id)}${d.returncode != null ? " · exit status " + d.returncode : ""}${d.resumed_from ? " · resumes " + esc(d.resumed_from) : ""}</span></div>
-      <div>${d.state === "running" ? `<button class="secondary" id="stop">Stop</button>` : ""}${d.kind === "train" && d.state !== "running" && d.state !== "starting" ? ` <button class="secondary" id="resume">Resume</button>` : ""}</div></div>`);
+      <div>${d.state === "running" ? `<button class="secondary" id="stop">Stop</button>` : ""}${d.resumable ? ` <button class="secondary" id="resume">Resume</button>` : ""}</div></div>`);
     put("command", d.shown.map((s) => "$ " + esc(s)).join("\n"));
     put("progress", progressHtml(d.progress));
     if (extra) put("extra", extra(d));
