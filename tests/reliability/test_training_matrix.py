@@ -461,6 +461,16 @@ CASES = [
     Case("train-a-folder-at-the-final-comfyui-copy-name-is-refused-before-the-run", "hv_train_network",
          lambda a, t: (Path(t / "out" / "tiny.comfyui.safetensors").mkdir(parents=True), train_argv(a, t / "out"))[1],
          r"\S+/out/tiny\.comfyui\.safetensors: a folder has this name, where the run saves its LoRA at the end", then=before_the_model_loads),
+    Case("train-a-folder-at-a-step-lora-name-is-refused-before-the-run", "hv_train_network",  # (found at that save, the
+         lambda a, t: (Path(t / "out" / "tiny-step00000002.safetensors").mkdir(parents=True),  # steps since the last were
+                       train_argv(a, t / "out", "--save_every_n_steps", "1"))[1],  # lost: fuzz_aq 2)
+         r"\S+/out/tiny-step00000002\.safetensors: a folder has this name, where the run saves one of its LoRAs; move it away",
+         then=before_the_model_loads),
+    Case("train-a-file-at-a-step-state-name-is-refused-before-the-run", "hv_train_network",
+         lambda a, t: (write(t / "out" / "tiny-step00000001-state", "my notes"),
+                       train_argv(a, t / "out", "--save_every_n_steps", "1", "--save_state"))[1],
+         r"\S+/out/tiny-step00000001-state: a file has this name, where the run saves one of its states \(a folder\); move it away",
+         keep=lambda a, t: [t / "out" / "tiny-step00000001-state"], then=before_the_model_loads),
     Case("train-log-prefix-out-of-the-logging-dir", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--logging_dir", str(t / "logs"), "--log_prefix", "../escaped/"),
          r"--log_prefix \.\./escaped/: leads out of --logging_dir; give the folder as --logging_dir",

@@ -100,6 +100,25 @@ def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format
         output_target(path)
         refuse_a_writer_of(path, "--output_dir / --output_name")  # (a merge into it: its rename replaced the run's LoRA)
     output_target(Path(output_dir) / f"{name}-state", folder=True)
+    _check_series_names_free(Path(output_dir), name)
+
+
+def _check_series_names_free(out: Path, name: str) -> None:
+    """No folder stands at a name of the run's epoch or step LoRAs, and no file at one of its states' (NAME-step00000008
+    .safetensors made a folder): found at that save, it stopped the run there and the steps since the last save were lost
+    (fuzz_aq 2)."""
+    states = re.compile(rf"{re.escape(name)}{CHECKPOINT_SUFFIX}-state")
+    try:
+        entries = list(out.iterdir()) if out.is_dir() else []
+    except OSError:
+        return  # (output_target has said what the folder cannot be)
+    for path in sorted(entries):
+        if lora_file_names(name).fullmatch(path.name) and path.is_dir():
+            raise UserError(f"{path}: a folder has this name, where the run saves one of its LoRAs; move it away or choose "
+                            f"another --output_name")
+        if states.fullmatch(path.name) and (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise UserError(f"{path}: a file has this name, where the run saves one of its states (a folder); move it away or "
+                            f"choose another --output_name")
 
 
 
