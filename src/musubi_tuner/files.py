@@ -1398,6 +1398,9 @@ class StateDictFile:
                 except Exception as e:  # safetensors raises its own error types
                     raise UserError(f"{self.path}: unreadable safetensors file ({e})") from None
         else:
+            if zipfile.is_zipfile(self.path):  # mapped by load_torch_file: a rewrite in place is seen through this descriptor
+                self._file = _open_input(self.path, what, buffering=0)
+                self._opened = _version(os.fstat(self._file.fileno()))
             obj = load_torch_file(self.path, what)
             import torch
 
@@ -1456,10 +1459,13 @@ class StateDictFile:
         if self._safe is not None and self._opened[0] <= MAPPED_FROM_BYTES:
             t, mapped = self.read(key), None  # a small file (a LoRA, a cache): no mapping, whose pages a rewrite would pull away (SIGBUS)
         elif self._safe is not None:
+            self._check_unchanged()  # (a mapping's pages cut away by a truncation kill the process with SIGBUS when read)
             t = mapped = self._safe.get_tensor(real)
         else:
             t = self._tensors[real]
             mapped = t if self._pt_mapped else None
+            if mapped is not None and self._file is not None:
+                self._check_unchanged()
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         if device is not None:
@@ -1468,6 +1474,10 @@ class StateDictFile:
             # still the file's pages (no cast, no move): a model built on them (load_state_dict(assign=True)) died of
             # SIGBUS, or trained on other weights, when the file was rewritten mid-run; memory of its own instead
             t = t.clone()
+        if mapped is not None and self._file is not None:  # read from the pages (copied or cast): the file's version
+            # opened, or another program's bytes (a .pt DiT rewritten during a merge gave a wrong model, the LoRA blamed:
+            # fuzz_aq 11)
+            self._check_unchanged()
         return t
 
     def read(self, key: str) -> torch.Tensor:

@@ -291,6 +291,27 @@ def test_a_file_replaced_while_it_is_read_gives_the_version_opened_and_one_rewri
         reader.read("b")
 
 
+@pytest.mark.parametrize("rewrite", ["in-place", "truncated"])
+def test_a_mapped_pt_file_rewritten_while_it_is_read_is_refused_not_read(tmp_path, rewrite):
+    """fuzz_aq 11: a .pt DiT (the official format, memory-mapped) rewritten in place during a merge gave a wrong merged
+    model whose LoRA was blamed, and one truncated killed the merge with SIGBUS and no message."""
+    from musubi_tuner.files import StateDictFile
+
+    path = tmp_path / "dit.pt"
+    torch.save({"a": torch.zeros(4096), "b": torch.zeros(4096)}, path)
+    os.utime(path, (1e9, 1e9))  # (the clock's tick is coarser than this test: the rewrite must show in the mtime)
+    reader = StateDictFile(path)
+    assert torch.equal(reader.get("a"), torch.zeros(4096))
+    with open(path, "r+b") as f:
+        if rewrite == "truncated":  # (as cp of a new download over it begins)
+            f.truncate(0)
+        else:  # other bytes in the tensors' place, the same size
+            f.seek(os.path.getsize(path) // 2)
+            f.write(b"\x7f" * 4096)
+    with pytest.raises(UserError, match=r"dit\.pt: changed while it was being read"):
+        reader.get("b")
+
+
 def test_a_dit_of_another_input_width_is_refused_naming_what_runs(tmp_path):
     """fuzz_aj 11: a DiT of 33 input channels (Tencent's HunyuanVideo-I2V) was read everywhere and ended in a
     convolution's traceback at the first step, after the text encoders had run."""
