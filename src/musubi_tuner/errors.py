@@ -263,6 +263,10 @@ def _run_main(main, argv, memory_advice: str, streams: list) -> None:
             _fail(_no_new_task(e))
         if e.filename is None or debug_requested(argv):
             raise
+        if e.errno in (errno.EACCES, errno.EPERM):  # (the folder that refuses, where the path is one beneath it)
+            from musubi_tuner.files import permission_advice
+
+            _fail(f"{e.filename}: {e.strerror or e}; {permission_advice(e.filename)} (--debug shows where)")
         _fail(f"{e.filename}: {e.strerror or e} (--debug shows where)")
 
 

@@ -147,7 +147,7 @@ def output_target(path: str | os.PathLike, folder: bool = False) -> Path:
     system's /dev/null, by a regular file; a link loop was replaced by a file). With `folder`, the output is a folder:
     a file in its place is not replaced either (a user's file of that name was renamed away and later deleted)."""
     given = path = Path(path)
-    if path.is_symlink():
+    if os.path.islink(path):  # (False where a folder on the way may not be entered: said where it is written)
         try:
             path = Path(os.path.realpath(path, strict=True))
         except FileNotFoundError:  # dangling: the file it names is made
@@ -365,7 +365,7 @@ def require_writable_folder(folder: str | os.PathLike, flag: str, create: bool =
         # they stayed behind when that process was the one killed
         create = False
     if not create:
-        while not folder.exists() and folder.parent != folder:
+        while not os.path.exists(folder) and folder.parent != folder:  # (one that may not be entered: refused below)
             folder = folder.parent
     blocked = not_a_folder(folder)  # a file where a folder must be: not a permissions problem
     if blocked is not None:
@@ -409,7 +409,8 @@ def temporary_name(name: str) -> str:
 
 def _name_limit(folder: Path) -> tuple[Path, int]:
     """The longest name, in bytes, `folder`'s file system takes (255 on most), and the folder it was asked of."""
-    while not folder.exists() and folder.parent != folder:  # (not made yet: the file system it will be on)
+    while not os.path.exists(folder) and folder.parent != folder:  # (not made yet: the file system it will be on; one
+        # that may not be entered is refused where it is written, naming the flag: Path.exists raised)
         folder = folder.parent
     try:
         return folder, os.pathconf(folder, "PC_NAME_MAX")
@@ -582,6 +583,27 @@ def _default_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
+def denied_on_the_way(path: str | os.PathLike) -> Path | None:
+    """The first folder on the way to `path` (itself included) this process may not enter, if one is: the error names the
+    deepest path, often a folder that does not exist yet, beneath the one that refuses."""
+    path = Path(path)
+    for folder in [*reversed(path.parents), path]:
+        try:
+            is_folder = stat.S_ISDIR(os.stat(folder).st_mode)
+        except OSError:
+            return None
+        if is_folder and not os.access(folder, os.X_OK):
+            return folder
+    return None
+
+
+def permission_advice(path: str | os.PathLike) -> str:
+    """What to fix when `path` was refused for its permissions: the folder on the way that may not be entered, if one
+    may not (the advice named a folder beneath it that did not exist: fuzz_aq 9), else `path`'s."""
+    denied = denied_on_the_way(path)
+    return f"this user may not enter {denied}: fix its permissions" if denied is not None else f"fix the permissions of {path}"
+
+
 def what_to_check(err: OSError | str | None, folder: str | os.PathLike) -> str:
     """The advice for a write into `folder` that failed with `err` (or its strerror, as a message quoted it): what the
     error is about, not free space and permissions for every cause (a file-size limit, too many open files, a name
@@ -596,8 +618,8 @@ def what_to_check(err: OSError | str | None, folder: str | os.PathLike) -> str:
             errno.ENOSPC: f"free some space on the disk of {folder}",
             getattr(errno, "EDQUOT", -1): f"free some of your disk quota, which {folder} counts against",  # (not on Windows)
             errno.EROFS: f"{folder} is on a read-only file system",
-            errno.EACCES: f"fix the permissions of {folder}",
-            errno.EPERM: f"fix the permissions of {folder}",
+            errno.EACCES: permission_advice(folder),
+            errno.EPERM: permission_advice(folder),
             errno.ENAMETOOLONG: "the name is too long for the file system (255 bytes a name on most)",
             errno.ENOENT: f"a folder on the way to {folder} does not exist",
             }.get(number, f"check free space and permissions of {folder}")

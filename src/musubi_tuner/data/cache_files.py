@@ -77,6 +77,9 @@ def read_cache_directories(datasets):
     stack = contextlib.ExitStack()
     try:
         for ds in datasets:
+            if (denied := files.denied_on_the_way(ds.cache_directory)) is not None:  # (a line without the key: fuzz_aq 9)
+                raise UserError(f"{ds.cache_directory}: cannot read the caches: this user may not enter {denied}; fix its "
+                                f"permissions, or choose another cache_directory ({ds.where})")
             for kind in LOCK_NAMES:
                 use = stack.enter_context(files.FolderUse(Path(ds.cache_directory) / USE_NAMES[kind], exclusive=False))
                 if not use.acquire():

@@ -94,7 +94,7 @@ def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format
 
     final = Path(output_dir) / f"{name}.safetensors"
     for path in [final, companion_path(final)] if lora_format == "both" else [final]:
-        if path.is_dir():
+        if os.path.isdir(path):  # (a folder this user may not enter is said with its flag, by require_writable_folder)
             raise UserError(f"{path}: a folder has this name, where the run saves its LoRA at the end; move it away or "
                             f"choose another --output_name")
         output_target(path)
@@ -109,7 +109,7 @@ def _check_series_names_free(out: Path, name: str) -> None:
     (fuzz_aq 2)."""
     states = re.compile(rf"{re.escape(name)}{CHECKPOINT_SUFFIX}-state")
     try:
-        entries = list(out.iterdir()) if out.is_dir() else []
+        entries = list(out.iterdir()) if os.path.isdir(out) else []
     except OSError:
         return  # (output_target has said what the folder cannot be)
     for path in sorted(entries):

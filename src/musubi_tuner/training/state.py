@@ -9,6 +9,7 @@ renamed into place only when complete, so `--resume auto` always finds whole sta
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -25,7 +26,7 @@ import torch
 
 from musubi_tuner.errors import SharedError, UserError, stops_held
 from musubi_tuner.files import (CHECKPOINT_SUFFIX, atomic_write, check_locks_still_held, content_digest, list_folder, load_torch_file,
-                                lora_file_names, output_target, remove_folder, save_safetensors, save_torch, what_to_check)
+                                lora_file_names, output_target, permission_advice, remove_folder, save_safetensors, save_torch, what_to_check)
 from musubi_tuner.training.optimizers import SCHEDULE_FLAGS, parse_key_values
 
 logger = logging.getLogger(__name__)
@@ -440,6 +441,12 @@ def read_marker(folder: Path) -> tuple[TrainProgress, dict]:
 def read_state_folder(folder: str | Path) -> tuple[TrainProgress, dict]:
     """read_marker of a --resume folder, after saying plainly when there is no such folder."""
     folder = Path(folder)
+    try:
+        folder.stat()
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):  # (Path.is_file raised it: a line without the flag, fuzz_aq 9)
+            raise UserError(f"{folder}: cannot read this training state folder (--resume): {e.strerror}; "
+                            f"{permission_advice(folder)}") from None
     if folder.is_file():
         hint = " (a LoRA file? start from its weights with --network_weights)" if folder.suffix == ".safetensors" else ""
         raise UserError(f"{folder}: a file, not a training state folder (--resume){hint}; give a *-state folder or --resume auto")
