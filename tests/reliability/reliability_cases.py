@@ -262,6 +262,20 @@ def nan_llm(a, tmp):
     return folder
 
 
+def far_clip(a, tmp):
+    """The tiny CLIP folder with a bias of 1e30 in its last norm: finite, and far past any encoding a working encoder gives."""
+    import shutil
+
+    from musubi_tuner import files
+
+    folder = tmp / "te2_far"
+    shutil.copytree(a.te2, folder)
+    weights = files.StateDictFile(folder / "model.safetensors").load_all()
+    weights["text_model.final_layer_norm.bias"] = weights["text_model.final_layer_norm.bias"] + 1e30
+    files.save_safetensors(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 def no_file(path: Path) -> None:
     assert not path.exists(), f"{path} exists: the pickle ran code"
 

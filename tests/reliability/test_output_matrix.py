@@ -18,6 +18,7 @@ from reliability_cases import (
     Case,
     all_said,
     check,
+    far_clip,
     generate_argv,
     killed_while_writing,
     leftovers,
@@ -302,6 +303,10 @@ CASES = [
          lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--text_encoder1", nan_llm(a, t)),
          r"te1/model-00001-of-00002\.safetensors: model\.layers\.0\.mlp\.down_proj\.weight holds NaN or infinite values: the file "
          r"is damaged", then=nothing_generated),
+    Case("generate-text-encoder-of-far-values-generates-nothing", "hv_generate_video",  # (finite: the DiT made NaN of it,
+         lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--text_encoder2", far_clip(a, t)),  # and was
+         r"the prompt's encoding by \S+te2_far \(--text_encoder2\) reaches 1e\+30, past float16's range, in which a text "  # blamed:
+         r"encoder runs on a GPU: its file is damaged", then=nothing_generated),  # fuzz_ar 14)
     Case("generate-vae-decoder-with-nan-writes-nothing", "hv_generate_video",
          lambda a, t: generate_argv(a, t, "--output_type", "video", vae=nan_vae(a, t, "decoder")),
          r"nan_vae\.pt: decoder\.conv_in\.conv\.weight holds NaN or infinite values: the file is damaged",  # (before the sampling: it

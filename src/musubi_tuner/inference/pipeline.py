@@ -252,8 +252,15 @@ def encode_prompts(args, device) -> tuple[dict, dict | None]:
         pooled, _ = te2.encode(prompts)
     _free(te2)
     advice = "its file is damaged (a float16 overflow is the other cause); nothing was generated"
-    require_finite(states[mask.bool()], f"the prompt's encoding by {args.text_encoder1} (--text_encoder1)", advice)
-    require_finite(pooled, f"the prompt's encoding by {args.text_encoder2} (--text_encoder2)", advice)
+    for tensor, what in ((states[mask.bool()], f"the prompt's encoding by {args.text_encoder1} (--text_encoder1)"),
+                         (pooled, f"the prompt's encoding by {args.text_encoder2} (--text_encoder2)")):
+        require_finite(tensor, what, advice)
+        # the encoders run in float16 on a GPU, where caching runs them too: an encoding past its range (finite in this
+        # float32 run) is a damaged file's, which the DiT turned into NaN, blamed on the DiT or a LoRA (fuzz_ar 14)
+        largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if largest > torch.finfo(torch.float16).max:
+            raise UserError(f"{what} reaches {largest:.3g}, past float16's range, in which a text encoder runs on a GPU: "
+                            f"its file is damaged; nothing was generated")
 
     def pick(i):
         return {"text_states": states[i : i + 1], "text_mask": mask[i : i + 1], "text_states_2": pooled[i : i + 1]}
