@@ -375,7 +375,7 @@ def save_text_cache(path: str | os.PathLike, caption: str, tensors: Mapping[str,
     precision replaces, not duplicates); a caption change wins with a warning, and drops the other encoder's
     tensors (made from the old caption: until its pass writes them anew, the cache lacks them, and a run killed
     between the two passes leaves a cache that --skip_existing completes, never one that mixes two captions);
-    a cache of another architecture is an error.
+    one unreadable, or saying it is of another architecture (damaged), is written anew, with a warning.
     """
     path = Path(path)
     tensors = _finite(dict(tensors), str(path), "--text_encoder_dtype")
@@ -407,8 +407,11 @@ def _mergeable_text_cache(path: Path, replaced: set[str]) -> tuple[dict[str, tor
     except Exception as e:  # a half-written file from a killed run (musubi-tuner's writes are not atomic)
         logger.warning("%s: unreadable (%s); writing it anew", path, str(e)[:160])
         return {}, {}
-    raise UserError(f"{path}: a text cache of architecture {metadata['architecture']!r}, not {ARCHITECTURE_FULL}; "
-                    f"give this dataset its own cache_directory")
+    # a cache of this name is this dataset's, whatever its header says (another architecture's caches have names of their
+    # own): a damaged byte there stopped the run half-way through its encoders, some caches rewritten (fuzz_ar 17)
+    logger.warning("%s: says it is a cache of architecture %r, not %s (damaged); writing it anew", path,
+                   metadata["architecture"][:60], ARCHITECTURE_FULL)
+    return {}, {}
 
 
 # ------------------------------------------------------------------------------------------ reading
