@@ -235,7 +235,7 @@ def _run_main(main, argv, memory_advice: str, streams: list) -> None:
     except UserError as e:
         if debug_requested(argv):
             raise
-        _fail(_without_worker_traceback(str(e), type(e).__name__), shared=isinstance(e, SharedError))
+        _fail(without_worker_traceback(str(e), type(e).__name__), shared=isinstance(e, SharedError))
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if "can't start new thread" in str(e) and not debug_requested(argv):
             exit_without_finalising()  # (the data loader's half-started workers and threads: the exit hung until killed)
@@ -284,7 +284,7 @@ def _no_new_task(e: BaseException) -> str:
             "reached; raise it, or start fewer (--max_data_loader_n_workers 0 loads the batches in the training process)")
 
 
-def _without_worker_traceback(message: str, name: str) -> str:
+def without_worker_traceback(message: str, name: str) -> str:
     """A data-loader worker's error as its own message: torch raises it again in the training process as the same class
     with "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last): ..." (a cache
     deleted mid-run was a traceback with 2 workers and one line with none)."""

@@ -682,13 +682,14 @@ CASES = [
          r"nan_vae\.pt: decoder\.\S+ holds NaN or infinite values: the file is damaged, download it again",
          then=before_the_model_loads),
     Case("train-latent-cache-far-beyond-any-vae-latent-is-named", "hv_train_network",
-         lambda a, t: train_argv(a, t / "out", toml=latent_cache_far_from_any_vae(a, t)),
+         lambda a, t: train_argv(a, t / "out", "--save_every_n_steps", "1", "--max_train_steps", "8",  # (found at the step
+                                 toml=latent_cache_far_from_any_vae(a, t)),  # that reads it, it names the last save: fuzz_ar 6)
          r"_hv\.safetensors: latents_\S+ reaches 6e\+04, where a VAE's latents stay within a few units: a damaged cache; "
-         r"delete it and run the caching command again$"),
+         r"delete it and run the caching command again\. Last good checkpoint: \S+/out/tiny-step0000000\d\.safetensors\.$"),
     Case("train-text-cache-holding-nan-is-named-not-its-item-s-latents", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", toml=text_cache_with_nan(a, t)),
          r"_hv_te\.safetensors: llm_float16 holds 1 NaN or infinite values of [\d,]+: a damaged cache; delete it and run the "
-         r"caching command again$"),
+         r"caching command again\. Last good checkpoint: (none yet|\S+/out/tiny-step0000000\d\.safetensors)\.$"),
     Case("train-sample-whose-latent-is-not-finite-names-its-options-not-the-vae", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--sample_prompts", str(write(t / "prompts.txt", "a cat --w 32 --h 32 --l 3e38 --n dog\n")),
                                  "--sample_every_n_steps", "1", "--vae", str(a.vae), "--text_encoder1", str(a.te1),

@@ -157,6 +157,22 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
 # ----------------------------------------------------------------------------------------------- set-up
 
 
+def batches_of(loader, saver: CheckpointSaver):
+    """The loader's batches; what stops it (a cache found damaged or gone at the step that reads it, hours in) names the
+    last good checkpoint, as a stop of the training's own does (fuzz_ar 6)."""
+    from musubi_tuner.errors import without_worker_traceback
+
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise type(e)(f"{without_worker_traceback(str(e), type(e).__name__)}. Last good checkpoint: {saver.last_good}.") from None
+        yield batch
+
+
 def timestep_config(args) -> TimestepConfig:
     """The timestep flags as one config (which checks them together: --min_timestep below --max_timestep, ...)."""
     return TimestepConfig(args.timestep_sampling, args.discrete_flow_shift, args.sigmoid_scale, args.weighting_scheme,
@@ -1054,7 +1070,7 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         for epoch in range(progress.epoch, num_epochs) if not finishing else ():
             skip = progress.batch_in_epoch if epoch == progress.epoch else 0
             sampler.set_epoch(epoch + 1, start=skip)
-            for i, batch in enumerate(loader, start=skip):
+            for i, batch in enumerate(batches_of(loader, saver), start=skip):
                 # an optimizer step every --gradient_accumulation_steps batches and at each epoch's end, as
                 # total_training_steps plans (and accelerate does with a loader it prepared): the rest of an epoch is
                 # neither carried into the next nor, at the end of a run, dropped. (accelerator.backward divides the loss
