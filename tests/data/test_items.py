@@ -684,6 +684,35 @@ def test_stale_text_caches_are_those_no_caption_item_has(tmp_path):
     assert [p.name for p in items.stale_text_caches(dataset, captions, report)] == ["gone_hv_te.safetensors"]
 
 
+def test_files_named_like_caches_that_are_not_are_never_deleted_as_stale(tmp_path):
+    """fuzz_bc 1, 2: the cache folder is the image folder unless set, and a LoRA named `my_style_lora_hv.safetensors` there
+    was deleted as the cache of an item gone from the dataset; a folder of a cache's name stopped the caching run."""
+    from musubi_tuner.files import save_safetensors
+
+    dataset = image_config(tmp_path)
+    add_image(tmp_path, "a")
+    cache_everything(dataset, items.CacheReport())
+    cache = tmp_path / "cache"
+    lora = {"lora_unet_x.lora_down.weight": torch.zeros(4, 8), "lora_unet_x.lora_up.weight": torch.zeros(8, 4)}
+    for name in ("my_style_lora_hv.safetensors", "style_0512x0512_hv.safetensors", "notes_hv_te.safetensors"):
+        save_safetensors(lora, cache / name)
+    (cache / "b_0064x0064_hv.safetensors").mkdir()
+    gone_latent = cache_files.save_latent_cache(cache / "gone_0064x0064_hv.safetensors", torch.zeros(16, 1, 8, 8), size=(64, 64))
+    gone_text = cache_files.save_text_cache(cache_files.text_cache_path(cache, "gone"), "c", {"llm_float16": torch.zeros(1).half()})
+    cut = cache / "cut_0064x0064_hv.safetensors"
+    cut.write_bytes(b"\x10")  # (a cache whose write was cut short: its name is a cache's)
+    report = items.CacheReport()
+    cache_everything(dataset, report, skip_existing=True)
+    stale = items.stale_latent_caches(dataset, report)
+    assert [p.name for p in stale] == ["cut_0064x0064_hv.safetensors", "gone_0064x0064_hv.safetensors"]
+    assert [p.name for p in items.stale_text_caches(dataset, items.caption_items(dataset, report), report)] == [gone_text.name]
+    items.tidy_cache_directory(cache, stale, keep_cache=False)
+    assert not gone_latent.exists() and not cut.exists()
+    assert all((cache / name).is_file() for name in ("my_style_lora_hv.safetensors", "style_0512x0512_hv.safetensors",
+                                                      "notes_hv_te.safetensors"))
+    assert (cache / "b_0064x0064_hv.safetensors").is_dir()
+
+
 @pytest.mark.parametrize("written", [b"a cat\r\non grass\r\n", b"a cat\ron grass", b"\xef\xbb\xbfa cat\non grass\n"])
 def test_caption_line_breaks_read_as_musubi_tuner_reads_them(tmp_path, written):
     """musubi-tuner opens captions in text mode (universal newlines): a Windows caption's \\r\\n is \\n there, and the

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
@@ -510,7 +511,28 @@ def stale_caches(cache_dir: str | os.PathLike, current: Iterable[str | os.PathLi
         return any(parsed is not None and parsed.item_key in kept for parsed in (parse_latent_cache_name(name, video) for video in (False, True)))
 
     return [p for p in sorted(cache_dir.iterdir())
-            if p.name.endswith(suffix) and os.path.normcase(os.path.abspath(p)) not in wanted and not protected(p.name)]
+            if p.name.endswith(suffix) and os.path.normcase(os.path.abspath(p)) not in wanted and not protected(p.name)
+            and is_a_cache(p, text=text)]
+
+
+def is_a_cache(path: Path, *, text: bool = False) -> bool:
+    """Whether a file named like a cache is one (a latent cache, or with `text` a text cache): the cache folder is the
+    image folder unless set, and a LoRA named `style_hv.safetensors` there, or a folder of a cache's name, was deleted as
+    the cache of an item gone from the dataset (fuzz_bc 1, 2). One whose header cannot be read is a cache if its name
+    parses as one (a write cut short); one that reads is a cache if it holds a cache's tensors."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    try:
+        entries, metadata = read_safetensors_header(path)
+    except UserError:
+        return text or any(parse_latent_cache_name(path.name, video) is not None for video in (False, True))
+    if metadata.get("architecture", ARCHITECTURE_FULL) != ARCHITECTURE_FULL:
+        return False
+    names = {logical_key(k) for k in entries}
+    return bool(names & set(TEXT_ENCODERS)) if text else "latents" in names
 
 
 def leftover_temp_files(cache_dir: str | os.PathLike, *, text: bool = False, remove: bool = False) -> list[Path]:

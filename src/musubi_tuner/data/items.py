@@ -803,8 +803,12 @@ def tidy_cache_directory(cache_dir: Path, stale: Iterable[Path], *, keep_cache: 
     killed runs left in `cache_dir` (of latent caches, or of text caches with `text`)."""
     stale = list(stale)
     if not keep_cache:
-        for path in stale:
-            path.unlink(missing_ok=True)
+        for path in list(stale):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:  # (the caches are written: a stale one that stays costs nothing but its room)
+                logger.warning("%s: a cache of an item not in the dataset any more, not deleted (%s)", path, e.strerror or e)
+                stale.remove(path)
     if stale:  # one line, not one per file (32,000 stale caches were a 32,000-line log: fuzz_am 5)
         names = ", ".join(p.name for p in stale[:3]) + (f", and {len(stale) - 3} more" if len(stale) > 3 else "")
         logger.info("%s %d cache(s) in %s of items not in the dataset any more%s: %s", "kept" if keep_cache else "deleted",
