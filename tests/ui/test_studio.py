@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -1118,6 +1119,30 @@ def test_an_upload_never_replaces_an_earlier_one_and_a_killed_ones_leftover_goes
     leftover.write_bytes(b"x" * 1000)
     client(tmp_path)
     assert not leftover.exists()
+
+
+def test_inspect_of_a_dataset_with_a_file_name_that_is_not_utf8_lists_it(tmp_path):
+    """fuzz_bc 3: an image named in Latin-1 (caf\xe9.png, from an old archive) made the whole Inspect a 500 on every poll:
+    its name, held as Python's surrogate escape, could not be encoded as UTF-8 JSON. It is listed, and its name comes
+    back in a request as the same file's."""
+    from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+
+    toml = make_synthetic_dataset(tmp_path / "data", num_videos=0, num_images=1)
+    images = tmp_path / "data" / "images"
+    latin = os.fsdecode(b"caf\xe9")
+    shutil.copy(images / "image_0000.png", images / f"{latin}.png")
+    (images / f"{latin}.txt").write_text("a cafe")
+    studio = client(tmp_path)
+    task = studio.post("/api/dataset/inspect", json={"path": str(toml)}, headers=STUDIO).json()["task"]
+    deadline = time.monotonic() + 60
+    while (state := studio.get(f"/api/tasks/{task}")).status_code == 200 and state.json()["state"] == "running" \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state.status_code == 200, state.text
+    (dataset,) = state.json()["result"]["datasets"]
+    names = [Path(item["path"]).name for item in dataset["items"]]
+    assert f"{latin}.png" in names and "image_0000.png" in names
+    assert os.path.isfile(next(item["path"] for item in dataset["items"] if item["path"].endswith(f"{latin}.png")))
 
 
 def test_the_lora_doctor_works_beside_inspect_and_plan_not_in_their_pool(tmp_path):
