@@ -312,6 +312,33 @@ def test_a_mapped_pt_file_rewritten_while_it_is_read_is_refused_not_read(tmp_pat
         reader.get("b")
 
 
+@pytest.mark.parametrize("damage, said", [
+    ("final-8", "final_layer.linear gives 8 output channels"),
+    ("final-32", "final_layer.linear gives 32 output channels"),
+    ("patch-1", "img_in.proj has a patch of [1, 1, 1]"),
+])
+def test_a_dit_of_other_output_channels_or_patch_is_refused_before_any_work(tmp_path, damage, said):
+    """fuzz_ba 1: a final layer or patch embedding of other shapes (a damaged tensor pair) made a model every header check
+    passed: the plan, merge and the doctor went on, generation was a traceback at its first step, training blamed the
+    caches."""
+    from musubi_tuner.files import save_safetensors
+    from musubi_tuner.hunyuan.checkpoints import open_dit_file, read_dit_config
+
+    state = random_dit_state_dict(tiny_dit_config(), seed=1)
+    if damage.startswith("final"):
+        rows = int(damage.split("-")[1]) * 4  # (channels times the patch's 4 values)
+        for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+            state[key] = state[key][:rows].clone() if rows <= state[key].shape[0] else torch.cat([state[key]] * 2)
+    else:
+        state["img_in.proj.weight"] = state["img_in.proj.weight"][:, :, :, :1, :1].clone()
+    path = tmp_path / "dit.safetensors"
+    save_safetensors(state, path)
+    with pytest.raises(UserError) as info:
+        read_dit_config(open_dit_file(path))
+    assert str(info.value) == (f"{path}: {said}; a HunyuanVideo DiT takes and gives the VAE's 16 latent channels, in patches "
+                               "of [1, 2, 2] (a damaged file, or another model's)")
+
+
 def test_a_dit_of_another_input_width_is_refused_naming_what_runs(tmp_path):
     """fuzz_aj 11: a DiT of 33 input channels (Tencent's HunyuanVideo-I2V) was read everywhere and ended in a
     convolution's traceback at the first step, after the text encoders had run."""

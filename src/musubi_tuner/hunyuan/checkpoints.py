@@ -129,6 +129,13 @@ def read_dit_config(f: StateDictFile) -> DiTConfig:
         raise UserError(f"{f.path}: a DiT of {config.in_channels} input channels: this toolkit runs HunyuanVideo T2V (16) and "
                         "SkyReels V1 I2V (32)" + (" (Tencent's HunyuanVideo-I2V, with 33, is another model)" if config.in_channels
                                                    == 33 else ""))
+    # the latents it takes and gives are the VAE's, in patches of (1, 2, 2): a final layer or patch embedding of other
+    # shapes (a damaged tensor pair) made a model every header check passed, a traceback at the first step (fuzz_ba 1)
+    if config.out_channels != 16 or tuple(config.patch_size) != (1, 2, 2):
+        said = (f"img_in.proj has a patch of {list(config.patch_size)}" if tuple(config.patch_size) != (1, 2, 2) else
+                f"final_layer.linear gives {config.out_channels} output channels")
+        raise UserError(f"{f.path}: {said}; a HunyuanVideo DiT takes and gives the VAE's 16 latent channels, in patches of "
+                        f"[1, 2, 2] (a damaged file, or another model's)")
     try:  # (the header only: a plan or a --dry_run that passes is of a file the run loads)
         check_dit_file(f, config)
     except UserError as e:
