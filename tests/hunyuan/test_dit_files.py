@@ -243,6 +243,46 @@ def test_tencents_fp8_checkpoint_is_read_with_its_scales(tmp_path, tiny):
         load_dit(path)
 
 
+def test_tencents_fp8_checkpoint_renamed_or_with_a_damaged_map_is_refused_and_merges_in_bf16(tmp_path, tiny):
+    """fuzz_ba 3: renamed without its map (as hubs and download managers name files), it loaded as a plain fp8 cast, 100-1000x
+    off without a word; a map that is a folder was "not beside it", a truncated one an OSError's words; and a merge wrote
+    its block Linears in float32, twice a bf16 merge's size."""
+    from safetensors import safe_open
+
+    from helpers import tiny_dit_file_and_lora
+    from musubi_tuner.networks.merge import merge_file
+
+    config, sd = tiny
+    path, stored, scales = tencent_fp8(tmp_path, sd)
+    renamed = tmp_path / "hunyuan_video_720_e4m3fn.pt"
+    shutil.copy(path, renamed)
+    with pytest.raises(UserError, match=r"hunyuan_video_720_e4m3fn\.pt: Tencent's FP8 checkpoint, whose weights are stored "
+                                        r"divided by the per-layer scales of hunyuan_video_720_e4m3fn_map\.pt, which is not beside it"):
+        load_dit(renamed)
+    plain = tmp_path / "plain_e4m3fn.pt"  # (a plain cast, of the weights' own few units, loads as it is)
+    torch.save({"module": {k: v.to(torch.float8_e4m3fn) if k in stored and stored[k].dtype == torch.float8_e4m3fn else v
+                           for k, v in sd.items()}}, plain)
+    load_dit(plain, dtype=torch.float32)
+
+    (tmp_path / "hunyuan_video_720_e4m3fn_map.pt").mkdir()
+    with pytest.raises(UserError, match=r"hunyuan_video_720_e4m3fn_map\.pt: not a file, where hunyuan_video_720_e4m3fn\.pt's "
+                                        r"FP8 scale map goes"):
+        load_dit(renamed)
+    (tmp_path / "hunyuan_video_720_e4m3fn_map.pt").rmdir()
+    whole = (tmp_path / "mp_rank_00_model_states_fp8_map.pt").read_bytes()
+    (tmp_path / "hunyuan_video_720_e4m3fn_map.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match=r"hunyuan_video_720_e4m3fn_map\.pt: not a readable PyTorch FP8 scale map of "
+                                        r"hunyuan_video_720_e4m3fn\.pt \(truncated"):
+        load_dit(renamed)
+
+    _, weights, _ = tiny_dit_file_and_lora(tmp_path / "lora")
+    save_safetensors(weights, tmp_path / "lora.safetensors")
+    merge_file(str(path), [str(tmp_path / "lora.safetensors")], [1.0], str(tmp_path / "merged.safetensors"))
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as merged:
+        dtypes = {k: merged.get_slice(k).get_dtype() for k in merged.keys()}
+    assert all(dtypes[f"{name}.weight"] == "BF16" for name in scales), {d for k, d in dtypes.items()}
+
+
 def test_incomplete_dit_lists_missing_keys(tmp_path, tiny):
     config, sd = tiny
     partial = {k: v for k, v in sd.items() if k != "single_blocks.1.linear2.weight"}

@@ -60,16 +60,17 @@ def _read_fp8_scales(f: DiTFile) -> dict[str, torch.Tensor]:
     if f.path.suffix != ".pt" or not stored_fp8:
         return {}
     map_path = fp8_map_path(f.path)
+    if os.path.lexists(map_path) and not map_path.is_file():  # (a folder there was "not beside it": fuzz_ba 3)
+        raise UserError(f"{map_path}: not a file, where {f.path.name}'s FP8 scale map goes; put the map there")
     if not map_path.is_file():
-        if f.path.stem.endswith("_fp8"):
+        if f.path.stem.endswith("_fp8") or _stored_scaled(f, stored_fp8[0]):  # (renamed, it loaded 100-1000x off: fuzz_ba 3)
             raise UserError(f"{f.path}: Tencent's FP8 checkpoint, whose weights are stored divided by the per-layer scales of "
                             f"{map_path.name}, which is not beside it; put it there (it comes with the checkpoint), or give the "
                             "bf16 mp_rank_00_model_states.pt (--fp8 stores it in fp8 as it loads)")
         return {}
-    try:
-        raw = torch.load(map_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # (a damaged or foreign pickle: named, not a traceback)
-        raise UserError(f"{map_path}: not a readable FP8 scale map for {f.path.name} ({type(e).__name__}: {str(e)[:120]})") from None
+    from musubi_tuner.files import load_torch_file
+
+    raw = load_torch_file(map_path, f"FP8 scale map of {f.path.name}")  # (a truncated one: said so, with its remedy)
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
         raise UserError(f"{map_path}: not an FP8 scale map (a dict of layer names to scales, as Tencent's loader reads it)")
     scales = {}
@@ -88,6 +89,16 @@ def _read_fp8_scales(f: DiTFile) -> dict[str, torch.Tensor]:
         raise UserError(f"{f.path}: {len(unscaled)} fp8 weights have no scale in {map_path.name} (e.g. {unscaled[0]}): the map "
                         "of another checkpoint?")
     return scales
+
+
+STORED_SCALED_FROM = 64.0  # a block Linear's largest |weight| past this is stored divided by a scale (Tencent's: max |W| / 448,
+# so the largest is e4m3's 448; a model's own weights stay within a few units)
+
+
+def _stored_scaled(f: DiTFile, key: str) -> bool:
+    """Whether an fp8 `.pt`'s weights are stored divided by per-layer scales (Tencent's FP8 release under another name),
+    by the first one's largest value: a plain cast keeps the weights' own few units."""
+    return bool(f.get(key).float().abs().max() > STORED_SCALED_FROM)
 
 
 def open_dit_file(path: str | os.PathLike) -> DiTFile:

@@ -264,7 +264,7 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
     checked (whole, finite, fitting) before the first weight is.
     fp8 inputs are written in bf16: rounding W + delta back to e4m3 would erase most of a LoRA's small update.
     """
-    from musubi_tuner.files import LazyTensors, RunLock, output_file_lock, remove_leftover_temp_files, save_safetensors
+    from musubi_tuner.files import LazyTensors, RunLock, StateDictFile, output_file_lock, remove_leftover_temp_files, save_safetensors
     from musubi_tuner.hunyuan.checkpoints import check_dit_file, dit_metadata, open_dit_file, read_dit_config
     from musubi_tuner.hunyuan.fp8 import FP8_DTYPE
 
@@ -283,9 +283,9 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
                 raise UserError(f"{path}: {misfit}")
             ops.setdefault(patch.param, []).append((m, patch))
 
-    def out_dtype(key: str) -> torch.dtype:
-        dtype = source.dtype(key)
-        return torch.bfloat16 if dtype == FP8_DTYPE else dtype
+    def out_dtype(key: str) -> torch.dtype:  # (as stored: Tencent's scaled fp8 weights read as float32, and were written so,
+        # a file of twice a bf16 merge's size: fuzz_ba 3)
+        return torch.bfloat16 if StateDictFile.dtype(source, key) == FP8_DTYPE else source.dtype(key)
 
     grown: dict[str, float] = {}  # layers the LoRAs made many times larger: (finite) nonsense, said after the write
 
@@ -319,4 +319,4 @@ def merge_file(dit_path: str, lora_paths: Sequence[str], multipliers, out_path: 
         logger.warning("%s: the merged weights of %d layer(s) are over %d times the base's (%s: %.3g times), where a LoRA changes "
                        "a layer by a few percent: the merged model is unlikely to work; check the LoRA files with musubi-lora-info "
                        "and the --lora_multiplier", out, len(grown), GROWTH_WARNED, key, grown[key])
-    return {"files": len(jobs), "layers": len(ops), "fp8_input": any(source.dtype(k) == FP8_DTYPE for k in source.keys())}
+    return {"files": len(jobs), "layers": len(ops), "fp8_input": any(StateDictFile.dtype(source, k) == FP8_DTYPE for k in source.keys())}
