@@ -697,7 +697,16 @@ CASES = [
          None, then=lambda a, t, err, out: all_said(  # (fuzz_ab 11: said at the start, and the LoRA was blamed too)
              err, r"prompts\.txt: line 1: --l 3e\+38, far from the usual, may be the cause of a NaN or noisy sample",
              r"sample 0 at step 1: the sampled latent holds NaN/inf values: the prompt's options \(guidance 6, flow shift "
-             r"14\.5, CFG 3e\+38\) are the likely cause, the LoRA is not: the DiT without it gives NaN/inf too; no video was written")),
+             r"14\.5, CFG 3e\+38\) are the likely cause, the LoRA is not: the DiT without it gives such a latent too; no video was "
+             r"written")),
+    Case("train-sample-whose-latent-is-far-beyond-any-vae-latent-writes-no-video", "hv_train_network",  # (a video of noise
+         lambda a, t: train_argv(a, t / "out", "--sample_prompts", str(write(t / "prompts.txt", "a cat --w 32 --h 32 --l 1e10 --n dog\n")),
+                                 "--sample_every_n_steps", "1", "--vae", str(a.vae), "--text_encoder1", str(a.te1),  # was written,
+                                 "--text_encoder2", str(a.te2)), None,  # exit 0: fuzz_bb 1)
+         warning=r"sample 0 at step 1: the sampled latent reaches \S+, where a VAE's latents stay within a few units: the prompt's "
+                 r"options \(guidance 6, flow shift 14\.5, CFG 1e\+10\) are the likely cause, the LoRA is not",
+         then=lambda a, t, err, out: not list((t / "out" / "sample").glob("*.mp4")) and not list((t / "out" / "sample").glob("*.png"))
+         or pytest.fail(str(sorted((t / "out" / "sample").iterdir())))),
     Case("train-sample-with-a-cfg-scale-and-no-negative-prompt-samples-without-cfg-as-musubi-tuner", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--sample_prompts", str(write(t / "prompts.txt", "a cat --w 32 --h 32 --d 1\n"
                                                                                              "a cat --w 32 --h 32 --d 1 --l 4\n")),

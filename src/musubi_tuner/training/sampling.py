@@ -88,6 +88,17 @@ def _in_batches(encoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 LOGGED_PIXELS = 16_000_000  # a grid larger than this goes to TensorBoard reduced (its file keeps every pixel)
 
 
+def _undecodable(latent: torch.Tensor) -> str | None:
+    """Why a sampled latent cannot be decoded into a video (NaN/inf, or far past any VAE latent), None when it can: a huge
+    finite one was written as a video of noise, exit 0, where hv_generate_video refuses it (fuzz_bb 1)."""
+    from musubi_tuner.hunyuan.vae import LATENT_FAR
+
+    if not bool(torch.isfinite(latent).all()):
+        return "holds NaN/inf values"
+    largest = float(latent.abs().max()) if latent.numel() else 0.0
+    return f"reaches {largest:.3g}, where a VAE's latents stay within a few units" if largest > LATENT_FAR else None
+
+
 @dataclasses.dataclass(frozen=True)
 class GridLayout:
     """Where sample_grid draws: its size, the text lines of its title and of each row's label (wrapped to the grid's
@@ -352,15 +363,16 @@ class TrainingSampler:
         self.vae.to(self.accelerator.device)
         rows = []
         for p in self.prompts:
-            if not bool(torch.isfinite(latents[p.index]).all()):  # (decode_to_frames would blame the VAE)
-                options = f"the prompt's options (guidance {p.guidance:g}, flow shift {p.flow_shift:g}, CFG {p.cfg_scale})"
+            problem = _undecodable(latents[p.index])  # (decode_to_frames would blame the VAE, or write a video of noise)
+            if problem is not None:
+                cfg = "none" if p.cfg_scale is None else f"{p.cfg_scale:g}"
+                options = f"the prompt's options (guidance {p.guidance:g}, flow shift {p.flow_shift:g}, CFG {cfg})"
                 base = self.base_latents.get(p.index)  # the same sample without the LoRA, when the network can be switched off
-                why = (f"{options} are the likely cause, the LoRA is not: the DiT without it gives NaN/inf too" if base is not None
-                       and not bool(torch.isfinite(base).all()) else
-                       "the LoRA at this step is the likely cause: without it the sample is finite" if base is not None else
+                why = (f"{options} are the likely cause, the LoRA is not: the DiT without it gives such a latent too" if base
+                       is not None and _undecodable(base) is not None else
+                       "the LoRA at this step is the likely cause: without it the sample is decodable" if base is not None else
                        f"the LoRA at this step, or {options}, are the likely cause")
-                logger.warning("sample %d at step %d: the sampled latent holds NaN/inf values: %s; no video was written",
-                               p.index, step, why)
+                logger.warning("sample %d at step %d: the sampled latent %s: %s; no video was written", p.index, step, problem, why)
                 continue
             try:
                 frames = decode_to_frames(self.vae, latents[p.index][0]).numpy()
