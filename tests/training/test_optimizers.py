@@ -75,7 +75,7 @@ def test_warmup_that_is_neither_steps_nor_a_share_is_refused(typed, message):
 
 
 @pytest.mark.parametrize("typed, message", [
-    ("Cosine", "Cosine: not a schedule here; one of constant, .*rex, adafactor \\(did you mean cosine\\?\\)"),
+    ("Cosine", "Cosine: not a schedule here; one of constant, .*rex, piecewise_constant, adafactor \\(did you mean cosine\\?\\)"),
     ("reduce_lr_on_plateau", "reduce_lr_on_plateau: this schedule steps on the loss, which the trainer does not pass it"),
 ])
 def test_a_schedule_the_trainer_cannot_build_is_refused_with_the_schedules_it_can(typed, message):
@@ -90,6 +90,32 @@ def test_a_schedule_the_trainer_cannot_build_is_refused_with_the_schedules_it_ca
     from transformers.optimization import Adafactor
 
     for name in SCHEDULERS:  # each one the trainer accepts, it builds and steps (adafactor's, with its optimizer)
-        args = build_parser().parse_args(["--lr_scheduler", name, *(["--optimizer_type", "adafactor"] if name == "adafactor" else [])])
+        args = build_parser().parse_args(["--lr_scheduler", name, *(["--optimizer_type", "adafactor"] if name == "adafactor" else []),
+                                          *(["--lr_scheduler_args", 'step_rules="1:10,0.1"'] if name == "piecewise_constant" else [])])
         params = [torch.nn.Parameter(torch.zeros(2))]
         check_scheduler(args, Adafactor(params) if name == "adafactor" else torch.optim.AdamW(params, lr=1e-3), 100)
+
+
+def test_the_piecewise_constant_schedule_is_diffusers_as_musubi_tuner_builds_it():
+    """fuzz_bb 2 (fuzz_ab 1): musubi-tuner builds diffusers' piecewise_constant schedule from --lr_scheduler_args; it was
+    refused as "not a schedule here". The same multiples at every step as diffusers' own; a malformed rule is one line."""
+    from diffusers.optimization import get_piecewise_constant_schedule
+
+    from musubi_tuner.training.args import build_parser
+    from musubi_tuner.training.optimizers import create_scheduler
+
+    rules = "1:3,0.5:7,0.1:9,0.02"
+    args = build_parser().parse_args(["--lr_scheduler", "piecewise_constant", "--lr_scheduler_args", f'step_rules="{rules}"'])
+    ours = create_scheduler(args, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3), 100)
+    theirs = get_piecewise_constant_schedule(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3), rules)
+    rates = []
+    for _ in range(12):
+        rates.append((ours.get_last_lr()[0], theirs.get_last_lr()[0]))
+        for schedule in (ours, theirs):
+            schedule.optimizer.step()
+            schedule.step()
+    assert [a for a, _ in rates] == [b for _, b in rates] and len({a for a, _ in rates}) == 4
+    for given in ('step_rules="1:x,0.1"', "gamma=0.5"):
+        args = build_parser().parse_args(["--lr_scheduler", "piecewise_constant", "--lr_scheduler_args", given])
+        with pytest.raises(UserError, match=r"--lr_scheduler piecewise_constant takes --lr_scheduler_args step_rules="):
+            create_scheduler(args, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3), 100)

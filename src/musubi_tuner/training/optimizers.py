@@ -209,6 +209,7 @@ SCHEDULE_FLAGS: dict[str, tuple[str, ...]] = {
     "cosine_warmup_with_min_lr": (_WARMUP, _MIN_LR, _CYCLES, _ARGS),
     "warmup_stable_decay": (_WARMUP, _DECAY, _MIN_LR, _CYCLES, _ARGS),
     "rex": (_WARMUP, _MIN_LR),
+    "piecewise_constant": (_ARGS,),
     "adafactor": (),
 }
 SCHEDULERS = tuple(SCHEDULE_FLAGS)
@@ -296,6 +297,8 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, a
         raise UserError("--lr_scheduler constant takes no warmup; use constant_with_warmup")
     if name == "rex":
         return _rex(optimizer, total_steps, warmup, args.lr_scheduler_min_lr_ratio)
+    if name == "piecewise_constant":
+        return _piecewise_constant(optimizer, extra)
     if name == "constant" and not extra:  # transformers' constant schedule, without importing it (and peft, bitsandbytes: seconds)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     from transformers import get_scheduler
@@ -318,6 +321,34 @@ def create_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int, a
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"--lr_scheduler {name}: {e}") from None
+
+
+def _piecewise_constant(optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' piecewise_constant schedule, which musubi-tuner builds from --lr_scheduler_args alone: `step_rules`
+    "1:10,0.1:20,0.01" multiplies the rate by 1 before step 10, by 0.1 before step 20, and by 0.01 from there."""
+    extra = dict(extra)
+    rules, last_epoch = extra.pop("step_rules", None), extra.pop("last_epoch", -1)
+    usage = ('--lr_scheduler piecewise_constant takes --lr_scheduler_args step_rules="MULTIPLE:STEP,...,MULTIPLE" '
+             '(as "1:10,0.1:20,0.01": times 1 before step 10, 0.1 before step 20, then 0.01)')
+    if extra:
+        raise UserError(f"{usage}, not {', '.join(sorted(extra))}")
+    try:
+        *pairs, last = str(rules).split(",") if rules is not None else []
+        until = {int(step): float(multiple) for multiple, step in (pair.split(":") for pair in pairs)}
+        final = float(last)
+    except ValueError:
+        raise UserError(f"{usage}; step_rules={rules!r} is not that" if rules is not None else usage) from None
+    if not all(math.isfinite(v) for v in [*until.values(), final]):
+        raise UserError(f"{usage}; step_rules={rules!r} holds a multiple that is not a finite number")
+    steps = sorted(until)
+
+    def multiple(step: int) -> float:
+        return next((until[s] for s in steps if step < s), final)
+
+    try:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, multiple, last_epoch=last_epoch)
+    except (KeyError, TypeError) as e:  # (a last_epoch of a run this optimizer did not start)
+        raise UserError(f"--lr_scheduler_args last_epoch={last_epoch!r} for piecewise_constant: {e}; leave it out") from None
 
 
 def check_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int) -> None:

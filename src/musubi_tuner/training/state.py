@@ -269,7 +269,7 @@ def check_same_processes(folder: Path, saved: dict, current: dict) -> None:
                           f"from its LoRA with --network_weights")
 
 
-LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt", "adafactor")  # the rest span the run's steps
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt", "piecewise_constant", "adafactor")  # the rest span the run's steps
 
 
 def check_same_run(folder: Path, saved: dict, current: dict, say: bool = True) -> None:
