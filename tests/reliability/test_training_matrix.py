@@ -490,6 +490,12 @@ CASES = [
          r"at step \d \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. The LoRA diverged in the "
          r"\d update\(s\) before \(\S+: its update reaches \S+ per weight, where a trained LoRA's stays well below 1 \(a diverged "
          r"training\)\): --learning_rate 1e\+10 is far too high; else lower"),
+    Case("train-learning-rate-a-schedule-raised-far-too-high-is-named-as-the-cause", "hv_train_network",  # (the flag was
+         lambda a, t: train_argv(a, t / "out", "--lr_scheduler_type", "ExponentialLR", "--lr_scheduler_args", "gamma=1e10",  # blamed
+                                 "--max_train_steps", "4"),  # at its base value, and a float32 run told to use bf16: fuzz_bb 3, 7)
+         r"The LoRA diverged in the \d update\(s\) before \(.*\): the learning rate --lr_scheduler_type ExponentialLR "
+         r"--lr_scheduler_args gamma=1e10 reached, 1e\+\d\d \(--learning_rate 0\.001\) is far too high; else lower "
+         r"--learning_rate, check the caches of those items\.$"),
     Case("train-far-network-alpha-is-named-as-the-likely-cause", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_alpha", "1e30"),
          r"at step 1 \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. --network_alpha 1e\+30, far "

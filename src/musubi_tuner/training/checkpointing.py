@@ -265,6 +265,14 @@ class CheckpointSaver:
         return "Lower --learning_rate" + (f" (from that checkpoint, in a new run with --network_weights {lora}: --resume "
                                           "continues at its state's rate)" if lora else "")
 
+    @property
+    def or_bf16(self) -> str:
+        """", or use bf16 instead of fp16" where the run computes in fp16 (--mixed_precision fp16, --full_fp16), whose
+        overflow bf16 avoids; nothing otherwise (a bf16 or float32 run was told it too: fuzz_bb 7)."""
+        args = getattr(self, "args", None)
+        fp16 = args is not None and (getattr(args, "mixed_precision", None) == "fp16" or bool(getattr(args, "full_fp16", False)))
+        return ", or use bf16 instead of fp16" if fp16 else ""
+
     def _resumed_lora(self) -> Path | None:
         if self.resumed_from is None:
             return None
@@ -300,7 +308,7 @@ class CheckpointSaver:
         bad = first_non_finite(self.network)
         if bad is not None:  # never a NaN LoRA on disk, and never one named as the last good checkpoint
             raise UserError(f"{path}: not saved: {bad} holds NaN/inf values at step {progress.global_step}. Last good "
-                            f"checkpoint: {self.last_good}. {self.lower_rate} or use bf16 instead of fp16.")
+                            f"checkpoint: {self.last_good}. {self.lower_rate}{self.or_bf16}.")
         too_large = diverged_update(self.network)
         if too_large is not None:  # nor one that every reader refuses (lora_reader.DIVERGED_UPDATE)
             raise UserError(f"{path}: not saved at step {progress.global_step}: {too_large}. Last good checkpoint: "

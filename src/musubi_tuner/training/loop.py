@@ -107,16 +107,28 @@ def _loraplus_ratio(args) -> float | None:
     return ratio if math.isfinite(ratio) else None
 
 
-def grown_lora(network: torch.nn.Module, learning_rate: float, step: int) -> str | None:
+def grown_lora(network: torch.nn.Module, learning_rate: float, step: int, reached: float | None = None,
+               schedule: str = "") -> str | None:
     """Why a loss is NaN when the items are not to blame: the LoRA's update, which stays well below the weights it
-    changes, has grown to a diverged training's in the updates before (a learning rate far too high, or no clipping)."""
+    changes, has grown to a diverged training's in the updates before (a learning rate far too high, or no clipping).
+    `reached`: the highest rate the schedule (`schedule`, its flags in words) set so far, when above --learning_rate: the
+    flag was blamed at its base value where the schedule's args had raised it 1e10 times (fuzz_bb 3)."""
     too_large = diverged_update(network) if step > 1 else None
     if too_large is None:
         return None
     ratio = getattr(network, "loraplus_lr_ratio", None)  # (LoRA+: the up weights train faster; a huge ratio was blamed on
-    rate = f" and loraplus_lr_ratio {ratio:g} (the up weights at {learning_rate * ratio:g})" if ratio else ""  # the rate: F9)
-    return (f"The LoRA diverged in the {step - 1} update(s) before ({too_large}): --learning_rate {learning_rate:g}{rate} "
-            f"{'are' if ratio else 'is'} far too high")
+    raised = reached is not None and reached > learning_rate * 1.01
+    base = reached if raised else learning_rate
+    rate = f" and loraplus_lr_ratio {ratio:g} (the up weights at {base * ratio:g})" if ratio else ""  # the rate: F9)
+    said = (f"the learning rate {schedule} reached, {reached:g} (--learning_rate {learning_rate:g}){rate}" if raised else
+            f"--learning_rate {learning_rate:g}{rate}")
+    return f"The LoRA diverged in the {step - 1} update(s) before ({too_large}): {said} {'are' if ratio else 'is'} far too high"
+
+
+def schedule_in_words(args) -> str:
+    """The learning-rate schedule as its flags say it: "--lr_scheduler_type ExponentialLR --lr_scheduler_args gamma=1e10"."""
+    given = f" --lr_scheduler_args {' '.join(args.lr_scheduler_args)}" if args.lr_scheduler_args else ""
+    return (f"--lr_scheduler_type {args.lr_scheduler_type}" if args.lr_scheduler_type else f"--lr_scheduler {args.lr_scheduler}") + given
 
 
 def culprit_items(items: list[str], local_loss: torch.Tensor | None, processes: int) -> list[str]:
@@ -147,11 +159,11 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
     if untrained and not known_cause:  # (blamed on --learning_rate, which had not acted yet: fuzz_ar 3)
         return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}) before any update: the LoRA "
                              "adds nothing yet, so the learning rate is not the cause; check the latent and text caches of "
-                             "those items and the DiT file (--dit), or use bf16 instead of fp16")
+                             f"those items and the DiT file (--dit){saver.or_bf16}")
     lower = saver.lower_rate
     advice = f"{known_cause}; else {lower[0].lower()}{lower[1:]}" if known_cause else lower  # (with the way from a checkpoint)
     return NonFiniteLoss(f"{what} at step {step} (epoch {epoch}, items {', '.join(items)}); stopped without saving. "
-                         f"Last good checkpoint: {good}. {advice}, check the caches of those items, or use bf16 instead of fp16.")
+                         f"Last good checkpoint: {good}. {advice}, check the caches of those items{saver.or_bf16}.")
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -1037,11 +1049,14 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
     compile_pending = bool(args.compile)
     known_cause = known_gradient_problem(CompileOptions.from_args(args), accelerator.device)
 
+    highest_rate: list[float | None] = [None]  # the highest learning rate of the run's updates so far (its schedule's)
+
     def diverged(what: str, local_loss: torch.Tensor | None = None) -> NonFiniteLoss:
         items = culprit_items(batch["item_names"], local_loss, accelerator.num_processes)
         untrained = progress.global_step == 0 and resume_from is None and not args.network_weights  # (the LoRA: 0)
         return divergence(what, progress.global_step + 1, epoch + 1, items, saver,
-                          known_cause or far_settings(args) or grown_lora(network, args.learning_rate, progress.global_step + 1),
+                          known_cause or far_settings(args) or grown_lora(network, args.learning_rate, progress.global_step + 1,
+                                                                          highest_rate[0], schedule_in_words(args)),
                           untrained=untrained and what.startswith("loss"))
 
     if is_schedule_free(optimizer):
@@ -1093,6 +1108,9 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
                         # fp16's grad scaler skips steps with inf gradients by design; otherwise they would poison the weights
                         if accelerator.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
                             raise diverged(f"the gradient norm is {float(norm)}")
+                        rate = optimizer.param_groups[0].get("lr")  # (the rate of this update, for a divergence's words)
+                        if isinstance(rate, (int, float)) and (highest_rate[0] is None or rate > highest_rate[0]):
+                            highest_rate[0] = float(rate)
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
