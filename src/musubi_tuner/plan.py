@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer_type", default="adamw", type=str.lower, choices=OPTIMIZERS, help="training: optimizer (its state is memory)")
     g.add_argument("--mixed_precision", choices=("bf16", "fp16", "no"), default="bf16", help="training: activation precision")
     g.add_argument("--dit_dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="DiT weight dtype")
-    g.add_argument("--guidance_scale", type=real(0), default=None,
+    g.add_argument("--guidance_scale", type=real(), default=None,
                    help="generation: real CFG scale: a batch of two (default 1.0, or the SkyReels preset's 6.0)")
     g.add_argument("--split_uncond", action="store_true", help="generation with --guidance_scale other than 1: negative prompt in a second call")
     g.add_argument("--with_lora", action="store_true", help="generation with LoRAs: beside --fp8 weights; merged into bf16 ones, at no cost")

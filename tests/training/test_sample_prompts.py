@@ -15,6 +15,18 @@ def test_txt_lines_with_options(tmp_path):
     assert (b.prompt, b.width, b.frames, b.seed, b.cfg_scale, b.index) == ("plain prompt", 256, 1, None, None, 1)
 
 
+def test_a_negative_cfg_scale_is_taken_as_generation_takes_it(tmp_path):
+    """fuzz_bb 8: hv_generate_video takes a negative --guidance_scale (as musubi-tuner does), and the planner and a sample
+    prompt's --l refused the same value: "must be at least 0"."""
+    from musubi_tuner.plan import build_parser
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("a cat --l -3 --n ugly\n")
+    (cat,) = load_sample_prompts(f)
+    assert (cat.cfg_scale, cat.negative_prompt) == (-3.0, "ugly")
+    assert build_parser().parse_args(["--guidance_scale", "-3"]).guidance_scale == -3.0
+
+
 def test_toml_subsets_and_json(tmp_path):
     t = tmp_path / "p.toml"
     t.write_text('[prompt]\nwidth = 128\nsample_steps = 4\n[[prompt.subset]]\nprompt = "one"\n[[prompt.subset]]\nprompt = "two"\nwidth = 64\n')

@@ -71,7 +71,7 @@ def _text(value: str) -> str:
 _OPTIONS = {"w": ("width", count(1, MAX_PIXELS)), "h": ("height", count(1, MAX_PIXELS)), "f": ("frames", count(1, MAX_FRAMES)),
             "d": ("seed", seed(64)),
             "s": ("steps", count(1, 1000)), "g": ("guidance", embedded_guidance()), "fs": ("flow_shift", real(above=0)),
-            "l": ("cfg_scale", real(0)), "n": ("negative_prompt", _text), "i": ("image_path", _text)}
+            "l": ("cfg_scale", real()), "n": ("negative_prompt", _text), "i": ("image_path", _text)}  # (any, as generation takes it)
 _IGNORED = {"ei", "cn", "ci", "of"}  # options of other architectures
 
 
