@@ -183,3 +183,24 @@ def test_an_empty_lora_blocks_is_refused_not_taken_for_every_block(lora, tmp_pat
     assert (status, err.strip()) == (2, "error: --lora_blocks is empty (an unset shell variable gives an empty value): give all, "
                                         "double, single or a regular expression")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_the_update_norm_of_a_rank_far_above_the_layer_width_takes_the_product_not_rank_squared_memory():
+    """fuzz_bb 5: a LoRA of rank 100,000 on the tiny DiT's layers made lora_info and the doctor ask for 75 GB: the norm
+    went through two (rank, rank) Gram matrices where the (out, in) product is 64 values. Measured in a process of its
+    own: the growth of its resident memory (the Gram matrices at rank 8,000 are 1 GB)."""
+    import subprocess
+    import sys
+
+    code = ("import resource, torch\nfrom musubi_tuner.networks.lora_inspect import update_norm\n"
+            "g = torch.Generator().manual_seed(0)\nup, down = torch.randn(8, 8000, generator=g), torch.randn(8000, 8, generator=g)\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nnorm = update_norm(down, up, 0.5)\n"
+            "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base\n"
+            "print(norm / ((up.double() @ down.double()).norm().item() * 0.5), grown // 1024)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    ratio, grown_mb = done.stdout.split()
+    assert abs(float(ratio) - 1) < 1e-12 and int(grown_mb) < 200, done.stdout + done.stderr[-2000:]
+    small_up, small_down = torch.randn(64, 4, dtype=torch.float64), torch.randn(4, 48, dtype=torch.float64)  # (rank below
+    from musubi_tuner.networks.lora_inspect import update_norm  # the width: the Gram matrices' way)
+
+    assert update_norm(small_down, small_up, 2.0) == pytest.approx((small_up @ small_down).norm().item() * 2.0, rel=1e-12)

@@ -496,6 +496,10 @@ CASES = [
          r"The LoRA diverged in the \d update\(s\) before \(.*\): the learning rate --lr_scheduler_type ExponentialLR "
          r"--lr_scheduler_args gamma=1e10 reached, 1e\+\d\d \(--learning_rate 0\.001\) is far too high; else lower "
          r"--learning_rate, check the caches of those items\.$"),
+    Case("train-network-dim-above-every-layer-s-width-is-said", "hv_train_network",  # (a 2.4 GB LoRA of a 1.3 MB model,
+         lambda a, t: train_argv(a, t / "out", "--network_dim", "512", "--max_train_steps", "1"), None,  # unsaid: fuzz_bb 5)
+         warning=r"--network_dim 512 is above the width of every layer the LoRA trains \(64 at the narrowest\): a higher rank "
+                 r"adds nothing but memory and a larger file \(its weights alone: \S+ GB in float32\)"),
     Case("train-far-network-alpha-is-named-as-the-likely-cause", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_alpha", "1e30"),
          r"at step 1 \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. --network_alpha 1e\+30, far "

@@ -341,6 +341,11 @@ def check_network_fits(args) -> None:
                if args.network_dim and args.network_dim > config.hidden_size else "")
         raise UserError(f"--network_dim {args.network_dim}: the LoRA alone needs {needed / 1e9:,.1f} GB (weights, gradients "
                         f"and optimizer state), more than {where} {memory / 1e9:,.1f} GB{why}")
+    if args.network_dim and args.network_dim > config.hidden_size:  # (it trained, and wrote a 2.4 GB LoRA of a 1.3 MB
+        # model's, without a word: fuzz_bb 5)
+        logger.warning("--network_dim %d is above the width of every layer the LoRA trains (%d at the narrowest): a higher "
+                       "rank adds nothing but memory and a larger file (its weights alone: %s GB in float32)", args.network_dim,
+                       config.hidden_size, f"{needed / LORA_BYTES_PER_PARAMETER * 4 / 1e9:,.3g}")
 
 
 def _host_memory() -> int | None:
