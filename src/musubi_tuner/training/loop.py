@@ -89,8 +89,10 @@ def largest_update(network: torch.nn.Module) -> float:
 
 def far_settings(args) -> str | None:
     """The training flags given far beyond their usual range, as the likely cause of a NaN loss (cli.far_from_usual)."""
-    # (--network_alpha 0 means alpha = rank, as in musubi-tuner: the usual scale 1, not a far value: fuzz_ad F6)
-    return far_from_usual([("--network_alpha", args.network_alpha or None, (1e-6, 1e6)), ("--discrete_flow_shift", args.discrete_flow_shift, (1e-3, 1e3)),
+    # (--network_alpha 0 means alpha = rank, as in musubi-tuner: the usual scale 1, not a far value: fuzz_ad F6; a flow
+    # shift the sampling does not read is said to be ignored, not to be the cause: fuzz_bb 9)
+    shift = args.discrete_flow_shift if "discrete_flow_shift" in read_settings(timestep_config(args)) else None
+    return far_from_usual([("--network_alpha", args.network_alpha or None, (1e-6, 1e6)), ("--discrete_flow_shift", shift, (1e-3, 1e3)),
                            ("--guidance_scale", args.guidance_scale, (0, 1e3)),
                            *(("--base_weights_multiplier", m, (-100, 100)) for m in args.base_weights_multiplier or ()),
                            ("--network_args loraplus_lr_ratio", _loraplus_ratio(args), (0, 1e3)),
