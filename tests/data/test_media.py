@@ -320,3 +320,18 @@ def test_a_loaded_and_resized_image_is_writable_so_torch_takes_it_without_a_warn
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch.from_numpy(array)
+
+
+def test_a_png_with_a_large_compressed_text_chunk_is_read_for_its_pixels(tmp_path):
+    """fuzz_bc 10: a workflow a generator embeds as a compressed text chunk, inflating past Pillow's 1 MB per chunk, made
+    the image "not a readable image" though its pixels are fine."""
+    import json
+
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("workflow", json.dumps({"nodes": [{"id": i, "w": ["x" * 100]} for i in range(15000)]}), zip=True)
+    pixels = np.full((48, 80, 3), 100, np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "comfy.png", pnginfo=info)
+    assert (tmp_path / "comfy.png").stat().st_size < 200_000  # (the text inflates to 1.6 MB)
+    assert np.array_equal(np.asarray(media.load_image(tmp_path / "comfy.png")), pixels)

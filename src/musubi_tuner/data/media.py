@@ -24,7 +24,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import av
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from musubi_tuner.errors import UserError, limit_met
 from musubi_tuner.files import atomic_write, list_folder, require_file, write_error
@@ -103,6 +103,9 @@ def list_videos(folder: str | os.PathLike) -> list[Path]:
 # Pillow warns of an image past MAX_IMAGE_PIXELS (and refuses one past twice that) in two lines that name no file: said
 # here instead, one line naming it (fuzz_ag 4)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# A compressed text chunk (a generator's embedded workflow, an XMP packet) past Pillow's 1 MB per chunk made the image "not
+# readable", its pixels fine (fuzz_bc 10): the metadata is never read here; MAX_TEXT_MEMORY (64 MB) still bounds the text.
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
 
 
 def _open_image(path: Path) -> Image.Image:
