@@ -1241,3 +1241,27 @@ def test_a_video_size_that_is_not_a_multiple_of_16_is_refused_as_the_command_lin
     box = studio.post("/api/command/generate", json={"values": {"prompt": "p", "dit": "d", "vae": "v", "save_path": "v",
                                                                 "video_size": "65 65"}}, headers=STUDIO)
     assert (box.status_code, box.json()["error"]) == (400, "--video_size 65 65: height and width must be multiples of 16 (try 64 64)")
+
+
+def test_uploads_of_one_name_at_once_each_keep_their_file(tmp_path):
+    """fuzz_bc 11: two uploads of one name at the same moment (two tabs; pasted images are all "image.png") both took
+    uploads/image.png, which held only one of them, and both answers named it."""
+    import threading
+
+    studio = client(tmp_path)
+    bodies = [bytes([i]) * 200_000 for i in range(6)]
+    answers: dict[int, str] = {}
+    start = threading.Barrier(len(bodies))
+
+    def upload(i: int) -> None:
+        start.wait()
+        answers[i] = studio.post("/api/upload", params={"name": "image.png"}, content=bodies[i], headers=STUDIO).json()["path"]
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(set(answers.values())) == len(bodies)
+    assert all(Path(answers[i]).read_bytes() == bodies[i] for i in range(len(bodies)))
+    assert sorted(p.name for p in (tmp_path / "ws" / "uploads").iterdir()) == sorted(Path(a).name for a in answers.values())

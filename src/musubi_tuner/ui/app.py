@@ -7,6 +7,8 @@ import filecmp
 import itertools
 import json
 import logging
+import os
+import secrets
 import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import atomic_write, remove_leftover_temp_files
+from musubi_tuner.files import TEMP_SUFFIX, atomic_write, remove_leftover_temp_files
 from musubi_tuner.launch import child_environment, shown
 from musubi_tuner.ui import commands, dataset_form, run_view
 from musubi_tuner.ui.forms import form_schema
@@ -122,6 +124,18 @@ class JSONResponse(StarletteJSON):
 
     def render(self, content) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _take_name(written: Path, name: Path) -> None:
+    """`written` under `name` too, or FileExistsError when a file has that name: a hard link, which no other writer can
+    take from under it; where the file system has none, an empty file claims the name and the written one replaces it."""
+    try:
+        os.link(written, name)
+    except FileExistsError:
+        raise
+    except OSError:  # (no hard links here: FAT, exFAT, some network shares)
+        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(written, name)
 
 
 def api(handler, streamed: bool = False):
@@ -235,17 +249,28 @@ class Studio:
         target = self.workspace.writable(Path("uploads") / name, "upload")
         target.parent.mkdir(parents=True, exist_ok=True)
         # under a name no earlier upload has: x.png, x-1.png, ... (a second "image.png" replaced the first without a word,
-        # and a finished generation's command then named another image: fuzz_ac 3); the same bytes again are the same file
-        stem, suffix, number = target.stem, target.suffix, 0
-        while target.exists():
-            number += 1
-            target = target.with_name(f"{stem}-{number}{suffix}")
-        with atomic_write(target) as tmp, open(tmp, "wb") as f:
+        # and a finished generation's command then named another image: fuzz_ac 3); the same bytes again are the same file.
+        # Written whole first, then linked to the first free name, which no other upload can then take: two of one name at
+        # once both took uploads/image.png, and it held one of them (fuzz_bc 11)
+        stem, suffix = target.stem, target.suffix
+        incoming = target.with_name(f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")  # (a temporary file's
+        # name: left by a kill, it goes at the next start)
+        with atomic_write(incoming) as tmp, open(tmp, "wb") as f:
             for chunk in raw:
                 f.write(chunk)
-        earlier_names = [f"{stem}{suffix}", *(f"{stem}-{i}{suffix}" for i in range(1, number))] if number else []
+        try:
+            for number in itertools.count():
+                target = target.with_name(f"{stem}-{number}{suffix}" if number else name)
+                try:
+                    _take_name(incoming, target)
+                    break
+                except FileExistsError:
+                    continue
+        finally:
+            incoming.unlink(missing_ok=True)
+        earlier_names = [name, *(f"{stem}-{i}{suffix}" for i in range(1, number))] if number else []
         for earlier in (target.with_name(n) for n in earlier_names):
-            if filecmp.cmp(earlier, target, shallow=False):
+            if earlier.is_file() and filecmp.cmp(earlier, target, shallow=False):
                 target.unlink()
                 return {"path": str(earlier)}
         return {"path": str(target)}
