@@ -113,9 +113,9 @@ def main(argv=None) -> None:
             require_present(getattr(args, flag), "text encoder", f"--{flag}")
         config = load_dataset_config(args.dataset_config, args)
         check_text_encoder1(args.text_encoder1)  # both now: a wrong CLIP file must not wait for the whole LLM pass
-        check_text_encoder2(args.text_encoder2)
         device = resolve_device(args.device)
         dtype = str_to_dtype(args.text_encoder_dtype, torch.float16, "--text_encoder_dtype")
+        check_text_encoder2(args.text_encoder2, values_in=dtype)  # (its values too: it runs after the LLM's pass)
         if device.type == "cpu" and dtype == torch.float16 and cpu_lacks_fast_float16():
             logger.warning("this CPU has no fast float16 kernels: float16 encoders run about 4x slower than float32 and 8x slower "
                            "than bfloat16 here; --text_encoder_dtype bf16 (same memory) or fp32 (twice the memory) is faster")

@@ -21,6 +21,7 @@ from reliability_cases import (
     cache_text_argv,
     caches,
     check,
+    far_clip,
     killed_while_writing,
     link,
     nan_llm,
@@ -613,6 +614,10 @@ CASES = [
          lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te1=nan_llm(a, t)),
          r"te1/model-00001-of-00002\.safetensors: model\.layers\.0\.mlp\.down_proj\.weight holds NaN or infinite values: the file "
          r"is damaged", keep=all_caches),
+    Case("text-encoder2-past-float16-is-refused-before-the-llm-pass", "cache_text_encoder_outputs",  # (found after it, when
+         lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a, te2=far_clip(a, t)),  # every cache had been rewritten: fuzz_ba 4)
+         r"te2_far/model\.safetensors: text_model\.final_layer_norm\.bias holds values past float16's range",
+         keep=all_caches, then=lambda a, t, err, out: "llm text" not in err or pytest.fail(err[-3000:])),
     Case("text-cache-full-disk", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(copy_dataset(a, t)[0], a),
          r"_hv_te\.safetensors: cannot write " + TOO_LARGE, keep=all_caches,
          file_size_limit=lambda a, t: sorted((t / "ds").rglob("*_hv_te.safetensors"))[0].stat().st_size // 2),

@@ -561,9 +561,16 @@ def load_text_encoder2(path: str | os.PathLike, dtype: torch.dtype | None = torc
     return CLIPTextEncoder(model, tokenizer, dtype, weights.path)
 
 
-def check_text_encoder2(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> CLIPTextConfig:
-    """Everything load_text_encoder2 checks, without reading weights; its config."""
-    return _open_clip(path, tokenizer_path)[3].config
+def check_text_encoder2(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                        values_in: torch.dtype | None = None) -> CLIPTextConfig:
+    """Everything load_text_encoder2 checks, without reading weights; its config. `values_in`: its weights are read too
+    and checked finite in that dtype, as its loading does (CLIP-L is 250 MB, a second): text caching runs CLIP after the
+    whole LLM pass, which a damaged CLIP file had already made rewrite every cache (fuzz_ba 4)."""
+    weights, _, _, model, plan = _open_clip(path, tokenizer_path)
+    if values_in is not None:
+        for key in plan.values():
+            weights.get(key, values_in)
+    return model.config
 
 
 def _open_clip(path, tokenizer_path):
