@@ -1265,3 +1265,31 @@ def test_uploads_of_one_name_at_once_each_keep_their_file(tmp_path):
     assert len(set(answers.values())) == len(bodies)
     assert all(Path(answers[i]).read_bytes() == bodies[i] for i in range(len(bodies)))
     assert sorted(p.name for p in (tmp_path / "ws" / "uploads").iterdir()) == sorted(Path(a).name for a in answers.values())
+
+
+def test_the_dataset_pages_models_are_the_workspaces_and_checked_before_caching_starts(tmp_path, monkeypatch):
+    """fuzz_ba 6: the Dataset page's --vae/--text_encoder1/--text_encoder2 went to the job as typed: a path relative to the
+    workspace (as the config beside them is read) was "not found" in a job already started, and a missing or empty one
+    started a job that failed; a command form's ~/ model path was passed on unexpanded and called "not found"."""
+    from musubi_tuner.demo.synthetic_data import make_synthetic_dataset
+
+    workspace = tmp_path / "ws"
+    make_synthetic_dataset(workspace / "ds", num_videos=0, num_images=1)
+    (workspace / "models" / "te1").mkdir(parents=True)
+    (workspace / "models" / "te2").mkdir()
+    (workspace / "models" / "vae.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # (the studio's folder is not the workspace)
+    studio = client(tmp_path)
+    started = studio.post("/api/dataset/cache", json={"toml": "ds/dataset.toml", "vae": "models/vae.pt", "te1": "models/te1",
+                                                      "te2": "models/te2"}, headers=STUDIO).json()
+    latents, text = started["commands"]
+    assert latents[latents.index("--vae") + 1] == str(workspace / "models" / "vae.pt")
+    assert text[text.index("--text_encoder2") + 1] == str(workspace / "models" / "te2")
+    studio.post(f"/api/jobs/{started['id']}/stop", headers=STUDIO)
+    refused = studio.post("/api/dataset/cache", json={"toml": "ds/dataset.toml", "vae": "models/none.pt", "te1": "",
+                                                      "te2": "models/te2"}, headers=STUDIO)
+    assert refused.status_code == 400 and refused.json()["error"] == (
+        f"{workspace / 'models' / 'none.pt'}: VAE checkpoint not found (--vae); --text_encoder1: empty; give the text "
+        "encoder's path")
+    monkeypatch.setenv("HOME", str(workspace))
+    assert Workspace(workspace).resolve("~/models/vae.pt") == str(workspace / "models" / "vae.pt")

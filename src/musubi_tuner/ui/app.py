@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.files import TEMP_SUFFIX, atomic_write, remove_leftover_temp_files
+from musubi_tuner.files import TEMP_SUFFIX, atomic_write, remove_leftover_temp_files, require_present
 from musubi_tuner.launch import child_environment, shown
 from musubi_tuner.ui import commands, dataset_form, run_view
 from musubi_tuner.ui.forms import form_schema
@@ -301,7 +301,20 @@ class Studio:
     def dataset_cache(self, request: Request, raw: bytes):
         data = body(raw)
         toml = self.workspace.resolve(field(data, "toml", str, ""))  # (relative: the workspace's, as Save wrote it)
-        vae, te1, te2 = (field(data, key, str, "") for key in ("vae", "te1", "te2"))
+        # the models too are the workspace's, as the config beside them, and there before a job starts (a relative path
+        # was the studio's folder's, and "not found" in a job already started: fuzz_ba 6)
+        vae, te1, te2 = (self.workspace.resolve(field(data, key, str, "")) for key in ("vae", "te1", "te2"))
+        problems = []
+        for value, what, flag in ((vae, "VAE checkpoint", "--vae"), (te1, "text encoder", "--text_encoder1"),
+                                  (te2, "text encoder", "--text_encoder2")):
+            try:
+                if not value.strip():
+                    raise UserError(f"{flag}: empty; give the {what}'s path")
+                require_present(value, what, flag)
+            except UserError as e:
+                problems.append(str(e))
+        if problems:
+            raise UserError("; ".join(problems))
         cmds = commands.caching_commands(toml, vae, te1, te2, self.workspace)
         return self.jobs.summary(self.jobs.start("cache", f"cache {Path(toml).name}", cmds, {"dataset_config": str(toml)}))
 

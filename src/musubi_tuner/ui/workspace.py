@@ -44,8 +44,12 @@ class Workspace:
         return Path(os.path.abspath(path))
 
     def resolve(self, value: str) -> str:
-        """A path a form gives: relative ones are the workspace's (as writable takes them), absolute ones as they are."""
-        return str(self.root / value) if value.strip() and not Path(value).expanduser().is_absolute() else value
+        """A path a form gives: relative ones are the workspace's (as writable takes them), absolute ones as they are, and
+        `~/...` expanded (it was passed on as typed, and the form called the file there "not found": fuzz_ba 6)."""
+        if not value.strip():
+            return value
+        expanded = Path(value).expanduser()
+        return str(expanded) if expanded.is_absolute() else str(self.root / value)
 
     def readable(self, value: str | os.PathLike) -> Path:
         """A file the studio may serve to the browser: only those inside the workspace."""
