@@ -500,6 +500,12 @@ CASES = [
          lambda a, t: train_argv(a, t / "out", "--network_dim", "512", "--max_train_steps", "1"), None,  # unsaid: fuzz_bb 5)
          warning=r"--network_dim 512 is above the width of every layer the LoRA trains \(64 at the narrowest\): a higher rank "
                  r"adds nothing but memory and a larger file \(its weights alone: \S+ GB in float32\)"),
+    Case("train-saved-in-fp16-that-zeroes-the-lora-s-small-weights-is-said-once", "hv_train_network",  # (99% of the up
+         lambda a, t: train_argv(a, t / "out", "--learning_rate", "1e-8", "--save_precision", "fp16",  # weights written as
+                                 "--save_every_n_steps", "1", "--max_train_steps", "3"), None,  # 0, unsaid: fuzz_bb 6)
+         warning=r"tiny-step00000001\.safetensors: --save_precision fp16 changes \S+lora_up\.weight by \d+% \(values below "
+                 r"fp16's smallest, 6e-08, are saved as 0, as a small learning rate's are\); save in bf16 or float to keep them",
+         then=lambda a, t, err, out: err.count("--save_precision fp16 changes") == 1 or pytest.fail(err[-3000:])),
     Case("train-far-network-alpha-is-named-as-the-likely-cause", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", "--network_alpha", "1e30"),
          r"at step 1 \(epoch 1, items .*\); stopped without saving\. Last good checkpoint: none yet\. --network_alpha 1e\+30, far "

@@ -85,6 +85,9 @@ def check_names_fit(output_dir: str | os.PathLike, name: str, seeds: Sequence[in
         temporary_name(f"{name}_e000000_00_{'0' * 14}_{seed}.mp4"), f"{name}-step00000000-state.incomplete"])
 
 
+FP16_ROUNDING_SAID = 0.05  # a saved tensor this far (relative) from the network's is said once: fp16 rounds by at most 0.05%
+
+
 def check_final_names_free(output_dir: str | os.PathLike, name: str, lora_format: str) -> None:
     """Before the run: no folder stands where the final LoRA (or its ComfyUI copy) goes, and no file (or device) where
     a LoRA or the final state goes. Found when it was written, it cost the whole run: the steps after the last saved
@@ -265,6 +268,21 @@ class CheckpointSaver:
         return "Lower --learning_rate" + (f" (from that checkpoint, in a new run with --network_weights {lora}: --resume "
                                           "continues at its state's rate)" if lora else "")
 
+    def _say_fp16_rounding(self, path: Path, weights: dict[str, torch.Tensor]) -> None:
+        """Said once: --save_precision fp16 saves values below its smallest (6e-8) as 0, and a small learning rate's LoRA
+        holds many: at 1e-8, 99% of the up weights were written as 0, without a word (fuzz_bb 6)."""
+        exact = self.network.state_dict_for_saving(None)
+        worst, key = 0.0, None
+        for name, saved in weights.items():
+            if saved.is_floating_point() and name in exact and (norm := float(exact[name].float().norm())) > 0:
+                error = float((saved.float() - exact[name].float()).norm()) / norm
+                if error > worst:
+                    worst, key = error, name
+        if worst > FP16_ROUNDING_SAID:
+            self._said_fp16_rounding = True
+            logger.warning("%s: --save_precision fp16 changes %s by %.0f%% (values below fp16's smallest, 6e-08, are saved as 0, "
+                           "as a small learning rate's are); save in bf16 or float to keep them", path, key, 100 * worst)
+
     @property
     def or_bf16(self) -> str:
         """", or use bf16 instead of fp16" where the run computes in fp16 (--mixed_precision fp16, --full_fp16), whose
@@ -323,6 +341,8 @@ class CheckpointSaver:
             raise UserError(f"{path}: not saved: {overflow} does not fit --save_precision {self.args.save_precision} at step "
                             f"{progress.global_step} (its largest value is {largest:.3g}). Last good checkpoint: "
                             f"{self.last_good}. {self.lower_rate}, or save in bf16 or float.")
+        if weights is not None and self.save_dtype == torch.float16 and acc.is_main_process and not getattr(self, "_said_fp16_rounding", False):
+            self._say_fp16_rounding(path, weights)
         extra = self._before_save(progress.global_step, path)
         if acc.is_main_process:
             if weights is not None:
