@@ -179,6 +179,19 @@ def text_cache_with_nan(a, tmp) -> Path:
     return toml
 
 
+def text_cache_far_from_any_encoder(a, tmp) -> Path:
+    """The cached dataset's copy, one text cache's CLIP output all 65504, float16's largest (finite: fuzz_bb 4 trained on it,
+    a loss 1e7 times the others, without a word)."""
+    toml = copy_cached(a, tmp)
+    path = sorted(toml.parent.rglob("*_hv_te.safetensors"))[0]
+    f = files.StateDictFile(path)
+    tensors = f.load_all()
+    key = next(k for k in tensors if k.startswith("clipL_") and "mask" not in k)
+    tensors[key] = torch.full_like(tensors[key], 65504)
+    files.save_safetensors(tensors, path, metadata=f.metadata)
+    return toml
+
+
 def latent_cache_far_from_any_vae(a, tmp) -> Path:
     """The cached dataset's copy, one latent cache's values all 60,000 (finite: fuzz_ab 8 trained on it, a loss 5e8
     times the others, without a word)."""
@@ -709,6 +722,11 @@ CASES = [
                                  toml=latent_cache_far_from_any_vae(a, t)),  # that reads it, it names the last save: fuzz_ar 6)
          r"_hv\.safetensors: latents_\S+ reaches 6e\+04, where a VAE's latents stay within a few units: a damaged cache; "
          r"delete it and run the caching command again\. Last good checkpoint: \S+/out/tiny-step0000000\d\.safetensors\.$"),
+    Case("train-text-cache-far-beyond-any-encoder-output-is-named", "hv_train_network",
+         lambda a, t: train_argv(a, t / "out", toml=text_cache_far_from_any_encoder(a, t)),
+         r"_hv_te\.safetensors: clipL_\S+ reaches 6\.55e\+04, where a text encoder's outputs stay below 3e\+04 \(in float16, in "
+         r"which caching runs them, past it is an overflow\): a damaged cache; delete it and run cache_text_encoder_outputs\.py "
+         r"again\. Last good checkpoint: "),
     Case("train-text-cache-holding-nan-is-named-not-its-item-s-latents", "hv_train_network",
          lambda a, t: train_argv(a, t / "out", toml=text_cache_with_nan(a, t)),
          r"_hv_te\.safetensors: llm_float16 holds 1 NaN or infinite values of [\d,]+: a damaged cache; delete it and run the "

@@ -43,6 +43,7 @@ FORMAT_VERSION = "1.0.1"
 LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
 TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
 TEXT_ENCODERS = ("llm", "clipL")  # key prefixes of the two text encoders' outputs
+TEXT_FAR = 3e4  # no text encoder's output reaches this: an LLM's largest activations are some thousands, and float16 ends at 65504
 # One caching run of each kind per cache folder (latent and text caching may run side by side: they write other files)
 LOCK_NAMES = {"latents": ".musubi-cache-latents.lock", "text": ".musubi-cache-text.lock"}  # one caching run of each kind
 USE_NAMES = {"latents": ".musubi-cache-latents.use", "text": ".musubi-cache-text.use"}  # caching against training
@@ -440,6 +441,11 @@ def load_cache(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             # (finite but absurd: trained on without a word, a loss 5e8 times the others: fuzz_ab 8)
             raise UserError(f"{path}: {key} reaches {float(t.float().abs().max()):.3g}, where a VAE's latents stay within a "
                             "few units: a damaged cache; delete it and run the caching command again")
+        if name in TEXT_ENCODERS and t.is_floating_point() and t.numel() and float(t.float().abs().max()) > TEXT_FAR:
+            # (clipL all 65504, float16's largest: a loss 1e7 times the others, trained on without a word: fuzz_bb 4)
+            raise UserError(f"{path}: {key} reaches {float(t.float().abs().max()):.3g}, where a text encoder's outputs stay "
+                            f"below {TEXT_FAR:.0e} (in float16, in which caching runs them, past it is an overflow): a damaged "
+                            "cache; delete it and run cache_text_encoder_outputs.py again")
         if name.endswith("_mask") and t.numel() and not bool(((t == 0) | (t == 1)).all()):
             # (a flipped bit, 2 or -1 trained on other token counts without a word: fuzz_ar 5)
             raise UserError(f"{path}: {key} holds values other than 0 and 1, as no token mask does: a damaged cache; delete "
