@@ -1293,3 +1293,59 @@ def test_the_dataset_pages_models_are_the_workspaces_and_checked_before_caching_
         "encoder's path")
     monkeypatch.setenv("HOME", str(workspace))
     assert Workspace(workspace).resolve("~/models/vae.pt") == str(workspace / "models" / "vae.pt")
+
+
+def test_stop_pressed_again_while_a_command_stops_sends_no_second_ctrl_c_and_a_job_whose_folder_is_gone_still_stops(tmp_path):
+    """fuzz_be 1: Stop pressed twice (a double click, two tabs) sent Ctrl-C into the command's clean-up from the first: a
+    traceback in its log, its lock and a temporary file left behind. fuzz_be 2: a job whose folder was deleted while it
+    ran could not be stopped ("stop-requested: No such file or directory"), and it ran on."""
+    from musubi_tuner.ui.jobs import STARTING_SECONDS, _group_alive
+
+    jobs = Jobs(tmp_path / "jobs")
+    said = tmp_path / "interrupts.txt"
+    script = ("import signal, sys, time\n"
+              f"def interrupted(*_):\n    open({str(said)!r}, 'a').write('INT\\n')\n"
+              "def first(*_):\n    interrupted()\n    signal.signal(signal.SIGINT, interrupted)\n"
+              "    time.sleep(2)\n    sys.exit(1)\n"  # (a clean-up that takes a while, as a training's)
+              "signal.signal(signal.SIGINT, first)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    started = time.monotonic()
+    job = jobs.start("train", "t", [[sys.executable, "-c", script]])
+    deadline = started + 30
+    while "ready" not in jobs.log_tail(job) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(max(0.0, started + STARTING_SECONDS + 1 - time.monotonic()))  # (a command past its start is interrupted)
+    for _ in range(3):
+        jobs.stop(job.id)
+    while jobs.get(job.id).state in ("starting", "running") and time.monotonic() < deadline + 30:
+        time.sleep(0.1)
+    assert said.read_text() == "INT\n"
+
+    started = time.monotonic()
+    other = jobs.start("train", "t", [[sys.executable, "-c", "print('ready', flush=True); import time; time.sleep(60)"]])
+    deadline = started + 30
+    while "ready" not in jobs.log_tail(other) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(max(0.0, started + STARTING_SECONDS + 1 - time.monotonic()))
+    pid = jobs.get(other.id).pid
+    shutil.rmtree(jobs.path(other))
+    jobs.stop(other.id)
+    deadline = time.monotonic() + 30
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(pid)
+
+
+def test_a_recorded_pid_without_an_identity_is_no_process_the_studio_signals():
+    """fuzz_be 3: a job.json whose pid had no identity (another system's, or one read back after a reboot) had Stop send
+    Ctrl-C, then SIGKILL, to whatever process group had that pid now; the job showed as running for good."""
+    from musubi_tuner.ui.jobs import Job, _command_alive, _identity
+
+    me = os.getpid()
+    if _identity(me) is None:
+        pytest.skip("this system tells no process identities (Linux's /proc)")
+    job = Job("j", "train", "t", [], {}, pid=me, pid_identity=_identity(me))
+    assert _command_alive(job)
+    job.pid_identity = None
+    assert not _command_alive(job)
+    job.pid_identity = "another-boot/1"
+    assert not _command_alive(job)

@@ -147,8 +147,14 @@ class Jobs:
         job = self.get(job_id)
         if job.state not in ("starting", "running"):
             return job
-        (self.path(job) / STOP_MARKER).touch()
-        if job.pid is None or not _alive(job.pid, job.pid_identity):
+        try:  # the first Stop signals; another while its command cleans up sent Ctrl-C into that clean-up: a traceback in
+            # the log, and the lock and a temporary file left behind (fuzz_be 1)
+            os.close(os.open(self.path(job) / STOP_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return job
+        except OSError:  # the job's folder deleted or moved while it ran: stopped all the same (it ran on: fuzz_be 2)
+            pass
+        if job.pid is None or not _command_alive(job):
             return job  # the supervisor sees the marker before it starts the first command (or the command is gone)
         _signal_group(job.pid, interrupt=True)
 
@@ -158,7 +164,7 @@ class Jobs:
                 if not _group_alive(job.pid):
                     return
                 time.sleep(0.2)
-            if _alive(job.pid, job.pid_identity):  # (its pid not yet another program's)
+            if _command_alive(job):  # (its pid not yet another program's)
                 _signal_group(job.pid, interrupt=False)
 
         threading.Thread(target=kill_if_alive, daemon=True).start()
@@ -207,7 +213,7 @@ class Jobs:
                 job.__dict__.update(on_disk.__dict__)
             unknown = job.supervisor is None and time.time() - job.started < SUPERVISOR_START_SECONDS  # being started
             if (job.state in ("starting", "running") and not unknown and not _alive(job.supervisor, job.supervisor_identity)
-                    and not _alive(job.pid, job.pid_identity)):
+                    and not _command_alive(job)):
                 outcome = _read_ended(self.path(job) / ENDED)
                 if outcome is not None:  # the supervisor's last word, where the disk had no room for job.json
                     job.state, job.returncode, job.ended = outcome
@@ -413,6 +419,16 @@ def _new_process_group() -> dict:
 def _alive(pid: int | None, identity: str | None = None) -> bool:
     """Whether `pid` runs, and is still the process of that `identity` (where one was recorded)."""
     return pid is not None and pid_alive(pid) and (identity is None or _identity(pid) == identity)
+
+
+def _command_alive(job: Job) -> bool:
+    """Whether the job's command runs. Its pid is recorded with its identity where this system tells one (Linux): a pid
+    without one there names no process the studio can vouch for (a job.json of another system, or one written before a
+    reboot had Stop send Ctrl-C, then SIGKILL, to whatever process group had that pid now, and the job ran for good:
+    fuzz_be 3)."""
+    if job.pid is not None and job.pid_identity is None and _identity(job.pid) is not None:
+        return False
+    return _alive(job.pid, job.pid_identity)
 
 
 def _identity(pid: int) -> str | None:
