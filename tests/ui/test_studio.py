@@ -1349,3 +1349,29 @@ def test_a_recorded_pid_without_an_identity_is_no_process_the_studio_signals():
     assert not _command_alive(job)
     job.pid_identity = "another-boot/1"
     assert not _command_alive(job)
+
+
+def test_stalled_uploads_leave_the_other_endpoints_answering(tmp_path):
+    """fuzz_be 4: an upload held a worker of the pool every endpoint runs in for as long as its client kept the connection:
+    forty stalled ones (a slow network, one client) and every endpoint, Stop included, waited."""
+    import socket
+    import urllib.request
+
+    server, port = _started_studio(tmp_path / "ws")
+    stalled = []
+    try:
+        for _ in range(45):  # (more than the pool's 40 workers)
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(b"POST /api/upload?name=big.mp4 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Musubi-Studio: 1\r\n"
+                               b"Content-Length: 1000000\r\n\r\nx")
+            stalled.append(connection)
+        time.sleep(2)  # (each upload's handler taken up)
+        started = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs", timeout=20) as answer:
+            assert answer.status == 200 and json.loads(answer.read()) == {"jobs": []}
+        assert time.monotonic() - started < 10
+    finally:
+        for connection in stalled:
+            connection.close()
+        server.terminate()
+        server.wait(timeout=30)

@@ -148,6 +148,10 @@ def api(handler, streamed: bool = False):
         except UserError as e:
             return JSONResponse({"error": _short(str(e))}, status_code=413)
         try:
+            if streamed:  # (its own workers: see UPLOADS_AT_ONCE)
+                import anyio.to_thread
+
+                return JSONResponse(await anyio.to_thread.run_sync(handler, request, raw, limiter=_uploads_limiter()))
             return JSONResponse(await run_in_threadpool(handler, request, raw))
         except UserError as e:
             return JSONResponse({"error": _short(str(e))}, status_code=400)
@@ -193,13 +197,34 @@ class _Chunks:
 
         from starlette.requests import ClientDisconnect
 
+        async def next_chunk():
+            with anyio.fail_after(UPLOAD_IDLE_SECONDS):
+                return await self.stream.__anext__()
+
         while True:
             try:
-                yield anyio.from_thread.run(self.stream.__anext__)
+                yield anyio.from_thread.run(next_chunk)
             except StopAsyncIteration:
                 return
             except ClientDisconnect:
                 raise UserError("the page went away before the whole file had arrived; nothing was written") from None
+            except TimeoutError:
+                raise UserError(f"the upload stalled: nothing arrived for {UPLOAD_IDLE_SECONDS} s; nothing was written") from None
+
+
+UPLOAD_IDLE_SECONDS = 120  # an upload that sends nothing this long is dropped: it held a worker as long as its client wished
+UPLOADS_AT_ONCE = 8  # uploads read in their own workers: forty stalled ones held every worker, and every endpoint, Stop too,
+# waited (fuzz_be 4)
+_upload_workers = None
+
+
+def _uploads_limiter():
+    import anyio
+
+    global _upload_workers
+    if _upload_workers is None:  # (made in the event loop, as anyio requires)
+        _upload_workers = anyio.CapacityLimiter(UPLOADS_AT_ONCE)
+    return _upload_workers
 
 
 class Studio:
