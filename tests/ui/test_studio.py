@@ -1039,7 +1039,9 @@ def test_a_damaged_job_json_is_left_out_of_the_runs_and_a_deleted_run_leaves_the
     studio = client(tmp_path)
     jobs_folder = tmp_path / "ws" / "jobs"
     good = Jobs(jobs_folder).start("generate", "a cat", [[sys.executable, "-c", "pass"]], {"save_path": str(tmp_path / "ws" / "v")})
-    for i, damage in enumerate(({"started": None}, {"commands": "rm -rf /"}, {"outputs": {"output_dir": 3}}, {"pid": "12"})):
+    damages = ({"started": None}, {"commands": "rm -rf /"}, {"outputs": {"output_dir": 3}}, {"pid": "12"},
+               {"started": float("nan")}, {"commands": []}, {"outputs": {"output_dir": "o"}})  # (the last three: fuzz_be 5)
+    for i, damage in enumerate(damages):
         job_id = f"20200101-000000-{i + 1}-train"
         (jobs_folder / job_id).mkdir()
         record = {"id": job_id, "kind": "train", "title": "t", "commands": [["true"]], "state": "finished", "started": 1.0,
@@ -1048,7 +1050,8 @@ def test_a_damaged_job_json_is_left_out_of_the_runs_and_a_deleted_run_leaves_the
     with caplog.at_level(logging.WARNING):
         listed = studio.get("/api/jobs")
     assert listed.status_code == 200 and [j["id"] for j in listed.json()["jobs"]] == [good.id], listed.text
-    assert caplog.text.count("not a job this studio can read (damaged, or another version's): left out of the runs") == 4
+    assert caplog.text.count("not a job this studio can read (damaged, or another version's): left out of the runs") == 7
+    assert studio.get("/api/loras").status_code == 200
     missing = studio.get("/api/jobs/20200101-000000-1-train")
     assert missing.status_code == 404 and missing.json()["error"] == "no run '20200101-000000-1-train' in this workspace"
     deadline = time.monotonic() + 30
