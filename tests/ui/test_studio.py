@@ -1378,3 +1378,16 @@ def test_stalled_uploads_leave_the_other_endpoints_answering(tmp_path):
             connection.close()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_an_upload_of_a_long_name_is_shortened_and_a_blank_name_or_an_empty_file_is_refused(tmp_path):
+    """fuzz_be 11: a 240-byte name (one the page cannot change) was refused for its temporary file's length; a name of one
+    space was taken as a file " "; an empty upload was stored, to fail later as --image_path."""
+    studio = client(tmp_path)
+    long = studio.post("/api/upload", params={"name": "x" * 250 + ".png"}, content=b"png", headers=STUDIO).json()["path"]
+    assert Path(long).name == "x" * 236 + ".png" and Path(long).read_bytes() == b"png"
+    blank = studio.post("/api/upload", params={"name": " "}, content=b"png", headers=STUDIO)
+    assert blank.status_code == 400 and blank.json()["error"] == "upload: no file name"
+    empty = studio.post("/api/upload", params={"name": "empty.png"}, content=b"", headers=STUDIO)
+    assert empty.status_code == 400 and empty.json()["error"] == "upload empty.png: the file is empty; nothing was written"
+    assert sorted(p.name for p in (tmp_path / "ws" / "uploads").iterdir()) == [Path(long).name]

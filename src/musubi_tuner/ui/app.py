@@ -212,6 +212,7 @@ class _Chunks:
                 raise UserError(f"the upload stalled: nothing arrived for {UPLOAD_IDLE_SECONDS} s; nothing was written") from None
 
 
+UPLOAD_NAME_BYTES = 240  # an upload's name is shortened to this (its suffix kept): room for "-N" and any file system's 255
 UPLOAD_IDLE_SECONDS = 120  # an upload that sends nothing this long is dropped: it held a worker as long as its client wished
 UPLOADS_AT_ONCE = 8  # uploads read in their own workers: forty stalled ones held every worker, and every endpoint, Stop too,
 # waited (fuzz_be 4)
@@ -269,8 +270,12 @@ class Studio:
 
     def upload(self, request: Request, raw: bytes):
         name = Path(request.query_params.get("name", "")).name
-        if name in ("", ".", ".."):
+        if not name.strip() or name in (".", ".."):  # (" " was taken as a file of that name: fuzz_be 11)
             raise UserError("upload: no file name")
+        stem, suffix = os.path.splitext(name)
+        while len(os.fsencode(stem + suffix)) > UPLOAD_NAME_BYTES and stem:  # (a browser's name the page cannot change, of
+            stem = stem[:-1]  # 240 bytes, was refused for its temporary file's length: shortened, its suffix kept)
+        name = stem + suffix
         target = self.workspace.writable(Path("uploads") / name, "upload")
         target.parent.mkdir(parents=True, exist_ok=True)
         # under a name no earlier upload has: x.png, x-1.png, ... (a second "image.png" replaced the first without a word,
@@ -278,11 +283,14 @@ class Studio:
         # Written whole first, then linked to the first free name, which no other upload can then take: two of one name at
         # once both took uploads/image.png, and it held one of them (fuzz_bc 11)
         stem, suffix = target.stem, target.suffix
-        incoming = target.with_name(f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")  # (a temporary file's
+        incoming = target.with_name(f".upload.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")  # (a temporary file's
         # name: left by a kill, it goes at the next start)
         with atomic_write(incoming) as tmp, open(tmp, "wb") as f:
             for chunk in raw:
                 f.write(chunk)
+        if incoming.stat().st_size == 0:  # (stored, it failed later as --image_path: fuzz_be 11)
+            incoming.unlink()
+            raise UserError(f"upload {name}: the file is empty; nothing was written")
         try:
             for number in itertools.count():
                 target = target.with_name(f"{stem}-{number}{suffix}" if number else name)
