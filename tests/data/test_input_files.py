@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from musubi_tuner.data import items
+from musubi_tuner.data import items, media
 
 from test_files_inputs import deadline  # (tests/ is on the path, as for helpers)
 from .test_items import add_image, add_video, image_config, video_config
@@ -97,3 +97,34 @@ def test_videos_of_a_type_not_read_are_named(tmp_path):
     assert [(os.path.basename(path), reason.split(" (")[0]) for path, reason in problems] == [
         ("broadcast.ts", ".ts is not a supported video type"), ("camera.mxf", ".mxf is not a supported video type"),
         ("loop.gif", ".gif is not a supported video type"), ("phone.3GP", ".3GP is not a supported video type")]
+
+
+def test_captioned_media_of_the_other_kind_are_named_in_either_folder(tmp_path):
+    """fuzz_bc 5: a still image or an animated WebP/APNG captioned in a video folder, a video or an APNG captioned in an image
+    folder, vanished without a word; an uncaptioned one (a cover.jpg beside the videos) is no item meant."""
+    videos = video_config(tmp_path)
+    add_video(tmp_path, "ok")
+    for name in ("still.png", "anim.webp", "loop.apng", "cover.jpg"):
+        (tmp_path / "videos" / name).write_bytes(b"\0" * 64)
+    for stem in ("still", "anim", "loop"):
+        (tmp_path / "videos" / f"{stem}.txt").write_text(f"a {stem}")
+    found, problems = items.list_items(videos)
+    assert [item.path.name for item in found] == ["ok.mp4"]
+    assert [(os.path.basename(path), reason) for path, reason in problems] == [
+        ("anim.webp", f"an image in a video_directory, which reads videos ({', '.join(media.VIDEO_EXTENSIONS)}) (an animated one: "
+                      "convert it to .mp4); list images in an image_directory"),
+        ("loop.apng", f"an image in a video_directory, which reads videos ({', '.join(media.VIDEO_EXTENSIONS)}) (an animated one: "
+                      "convert it to .mp4); list images in an image_directory"),
+        ("still.png", f"an image in a video_directory, which reads videos ({', '.join(media.VIDEO_EXTENSIONS)}); list images in an "
+                      "image_directory")]
+
+    images = image_config(tmp_path)
+    add_image(tmp_path, "ok")
+    for name in ("clip.mp4", "b.apng", "uncaptioned.mp4"):
+        (tmp_path / "images" / name).write_bytes(b"\0" * 64)
+    for stem in ("clip", "b"):
+        (tmp_path / "images" / f"{stem}.txt").write_text(f"a {stem}")
+    found, problems = items.list_items(images)
+    assert [item.path.name for item in found] == ["ok.png"]
+    assert [(os.path.basename(path), reason.split(";")[0]) for path, reason in problems] == [
+        ("b.apng", "an animated PNG is not read as an image"), ("clip.mp4", "a video in an image_directory, which reads images")]

@@ -232,10 +232,16 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
         items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file, caption_hint=hint))
     if not dataset.is_video:
         problems += _unsupported_images(folder, extension, {path.stem for path in files})
-    else:
+    else:  # (images there: those captioned, as items meant; a cover.jpg beside the videos is none)
+        captioned = _captioned_stems(folder, extension)
         problems += [(str(p), why) for p in sorted(Path(folder).iterdir())
-                     if (why := media.unsupported_type(p.suffix, video=True)) and not p.name.startswith(".")]
+                     if (why := media.unsupported_type(p.suffix, video=True)) and not p.name.startswith(".")
+                     and (p.suffix.lower() not in (*media.IMAGE_EXTENSIONS, ".apng") or p.stem in captioned)]
     return items, problems
+
+
+def _captioned_stems(folder: Path, extension: str) -> set[str]:
+    return {p.name[:-len(extension)] for p in Path(folder).iterdir() if extension and p.name.endswith(extension)}
 
 
 def _missing_caption_hint(path: Path, extension: str, siblings: dict[str, list[str]], loose: dict) -> str:
@@ -257,7 +263,7 @@ def _missing_caption_hint(path: Path, extension: str, siblings: dict[str, list[s
 
 def _unsupported_images(folder: Path, extension: str, listed_stems: set[str]) -> list[tuple[str, str]]:
     """Captioned images of a type that is not read (.gif, .tiff): named, where leaving them out said nothing."""
-    captioned = {p.name[:-len(extension)] for p in Path(folder).iterdir() if extension and p.name.endswith(extension)}
+    captioned = _captioned_stems(folder, extension)
     return [(str(p), why) for p in sorted(Path(folder).iterdir())
             if (why := media.unsupported_type(p.suffix, video=False)) and p.stem in captioned and p.stem not in listed_stems
             and not p.name.startswith(".")]

@@ -49,11 +49,21 @@ JPEG_EXTENSIONS = (".jfif", ".jpe")  # JPEG files under another name: renamed to
 def unsupported_type(suffix: str, video: bool) -> str | None:
     """Why a file of this suffix is not read, when it is an image (`video` False) or video type: None for the types
     that are read and for what is no image or video (a .json beside an image is no item)."""
+    lower = suffix.lower()
     if video:
-        if suffix.lower() not in UNSUPPORTED_VIDEO_EXTENSIONS:
+        if lower in (*IMAGE_EXTENSIONS, ".apng"):  # (the other kind: said of captioned files, not left out without a word:
+            # fuzz_bc 5)
+            animated = " (an animated one: convert it to .mp4)" if lower in (".webp", ".apng") else ""
+            return f"an image in a video_directory, which reads videos ({', '.join(VIDEO_EXTENSIONS)}){animated}; list images in " \
+                   "an image_directory"
+        if lower not in UNSUPPORTED_VIDEO_EXTENSIONS:
             return None
         return f"{suffix} is not a supported video type ({', '.join(VIDEO_EXTENSIONS)}); convert it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4"
-    if suffix.lower() not in UNSUPPORTED_IMAGE_EXTENSIONS:
+    if lower in VIDEO_EXTENSIONS:
+        return "a video in an image_directory, which reads images; list videos in a video_directory"
+    if lower == ".apng":
+        return "an animated PNG is not read as an image; convert it to .mp4 for a video_directory, or rename it .png for its first frame"
+    if lower not in UNSUPPORTED_IMAGE_EXTENSIONS:
         return None
     renamed = f" (a {suffix} file is a JPEG: renamed to .jpg it is read)" if suffix.lower() in JPEG_EXTENSIONS else ""
     return f"{suffix} is not a supported image type ({', '.join(IMAGE_EXTENSIONS)}); convert it{renamed}"
