@@ -205,20 +205,23 @@ def test_a_video_whose_tags_are_not_utf8_is_read(tmp_path):
     assert media.video_size(latin1) == (32, 32)
 
 
-def test_frames_numbered_without_leading_zeros_are_said_to_be_read_in_name_order(tmp_path, caplog):
-    """fuzz_ag 8e: frames 1.png ... 12.png are read 1, 10, 11, 12, 2, ... (as musubi-tuner reads them), silently."""
+@pytest.mark.parametrize("prefix", ["", "frame_"])
+def test_frames_numbered_without_leading_zeros_are_said_to_be_read_in_name_order(tmp_path, caplog, prefix):
+    """fuzz_ag 8e: frames 1.png ... 12.png are read 1, 10, 11, 12, 2, ... (as musubi-tuner reads them), silently; fuzz_bc 8:
+    frame_1.png ... (ffmpeg's %d) were not said."""
     import logging
 
     from PIL import Image
 
     for i in range(1, 13):
-        Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / f"{i}.png")
+        Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / f"{prefix}{i}.png")
     with caplog.at_level(logging.WARNING):
         frames = media.load_video(tmp_path).frames
         media.video_size(tmp_path)
     assert [round(f[0, 0, 0] / 20) for f in frames] == [1, 10, 11, 12, 2, 3, 4, 5, 6, 7, 8, 9]
-    assert caplog.messages == [f"{tmp_path}: frames are read in name order, as musubi-tuner reads them: 1.png, 10.png, 11.png, "
-                               "12.png, ... (not in number order); name them with leading zeros (01.png) to read them in order"]
+    first = ", ".join(f"{prefix}{i}.png" for i in (1, 10, 11, 12))
+    assert caplog.messages == [f"{tmp_path}: frames are read in name order, as musubi-tuner reads them: {first}, ... (not in "
+                               "number order); name them with leading zeros (01.png, frame_01.png) to read them in order"]
 
 
 def test_decoding_stops_once_enough_frames_are_kept(monkeypatch, tmp_path):

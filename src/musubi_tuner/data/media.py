@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import struct
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -287,11 +288,13 @@ def _folder_frames(folder: Path) -> Iterator[np.ndarray]:
     files = list_images(folder)
     if not files:
         raise UserError(f"{folder}: a folder used as a video holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    numbers = [int(p.stem) for p in files if p.stem.isdigit()]
+    # the number ending each name (frame_1, out12: ffmpeg's %d): bare numbers alone were said (fuzz_bc 8)
+    numbered = [re.fullmatch(r"(.*?)(\d+)", p.stem) for p in files]
+    numbers = [(m[1], int(m[2])) for m in numbered if m]
     if len(numbers) == len(files) and numbers != sorted(numbers) and str(folder) not in _SAID_UNPADDED:
         _SAID_UNPADDED.add(str(folder))  # (1.png ... 12.png: read 1, 10, 11, 12, 2, ..., silently: fuzz_ag 8e)
         logger.warning("%s: frames are read in name order, as musubi-tuner reads them: %s, ... (not in number order); "
-                       "name them with leading zeros (01.png) to read them in order", folder,
+                       "name them with leading zeros (01.png, frame_01.png) to read them in order", folder,
                        ", ".join(p.name for p in files[:4]))
     for file in files:
         yield load_image(file)
