@@ -515,3 +515,20 @@ def test_folders_the_user_may_not_list_are_named_as_such_by_every_reader():
     finally:
         os.chmod(folder / "locked", 0o700)
         shutil.rmtree(folder)
+
+
+def test_a_file_named_alike_but_for_case_or_unicode_form_is_pointed_to(tmp_path):
+    """fuzz_bc 9: a JSONL image_path or --image_path typed in NFC, of a file named in NFD (as macOS names them), or in another
+    case, was "file not found" of a name that looks the same as the one ls shows."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "café.png")
+    (tmp_path / nfd).write_bytes(b"x")
+    (tmp_path / "Photo.PNG").write_bytes(b"x")
+    for typed, there in ((unicodedata.normalize("NFC", "café.png"), nfd), ("photo.png", "Photo.PNG")):
+        with pytest.raises(UserError) as info:
+            require_file(tmp_path / typed, "image", "--image_path")
+        assert str(info.value) == (f"{tmp_path / typed}: image not found ({there!r} is there, a name that differs only in case "
+                                   "or Unicode form) (--image_path)")
+    with pytest.raises(UserError, match=r"other\.png: image not found \(--image_path\)$"):
+        require_file(tmp_path / "other.png", "image", "--image_path")

@@ -1235,8 +1235,34 @@ def why_unreadable(path: str | os.PathLike, what: str, e: OSError) -> str:
             return f"{what} not found: {blocked} is {_what_is(blocked)}, not a folder"
         if os.sep == "/" and "\\" in str(path) and os.path.exists(str(path).replace("\\", "/")):  # a path written on Windows
             return f"{what} not found (with / for \\ it exists: write the path with /)"
+        alike = _named_alike(Path(path))
+        if alike is not None:  # (the same look, another Unicode form or case: "not found" of what ls shows: fuzz_bc 9)
+            return f"{what} not found ({alike!r} is there, a name that differs only in case or Unicode form)"
         return f"{what} not found"
     return f"cannot read ({e.strerror or e})"
+
+
+MAX_LISTED_FOR_A_HINT = 100_000  # a folder this large is not listed for _named_alike's hint
+
+
+def _named_alike(path: Path) -> str | None:
+    """A name in `path`'s folder that is `path`'s own but for case or Unicode normalisation (a name typed in NFC of a file
+    named in NFD by macOS, café.png of Café.png), if one is."""
+    import unicodedata
+
+    def loose(name: str) -> str:
+        return unicodedata.normalize("NFC", name).casefold()
+
+    try:
+        with os.scandir(path.parent if str(path.parent) else ".") as entries:
+            for i, entry in enumerate(entries):
+                if i >= MAX_LISTED_FOR_A_HINT:
+                    return None
+                if entry.name != path.name and loose(entry.name) == loose(path.name):
+                    return entry.name
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def not_a_folder(folder: Path) -> Path | None:
