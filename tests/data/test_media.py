@@ -338,3 +338,20 @@ def test_a_png_with_a_large_compressed_text_chunk_is_read_for_its_pixels(tmp_pat
     Image.fromarray(pixels).save(tmp_path / "comfy.png", pnginfo=info)
     assert (tmp_path / "comfy.png").stat().st_size < 200_000  # (the text inflates to 1.6 MB)
     assert np.array_equal(np.asarray(media.load_image(tmp_path / "comfy.png")), pixels)
+
+
+def test_a_palette_image_with_partial_transparency_is_read_without_a_library_warning_and_a_float_image_with_nan_is_refused(
+        tmp_path, recwarn):
+    """fuzz_bc 6: a palette PNG with partial alpha (pngquant's) printed Pillow's two-line warning naming no file; one NaN
+    pixel in a float image left its peak NaN, and the image came out black, cached without a word."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, np.arange(8, dtype=np.uint8)[None] * 30
+    Image.fromarray(rgba, "RGBA").quantize(8).save(tmp_path / "p.png", transparency=bytes(range(0, 240, 30)))
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    pixels = media.load_image(tmp_path / "p.png")
+    assert pixels.shape == (8, 8, 3) and not [w for w in recwarn if "Palette" in str(w.message)]
+    floats = np.tile(np.linspace(0, 1, 16, dtype=np.float32)[None], (8, 1))
+    floats[0, 0] = np.nan
+    Image.fromarray(floats).save(tmp_path / "nan.tiff")
+    with pytest.raises(UserError, match=r"nan\.tiff: not a readable image \(1 of its pixels are NaN or infinite\)"):
+        media.load_image(tmp_path / "nan.tiff")

@@ -200,6 +200,8 @@ def _rgb_array(img: Image.Image) -> np.ndarray:
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         # Pillow's own conversion clips these to 0..255, which turns a 16-bit image white
         values = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(values).all():  # (one NaN pixel left the peak NaN: the image came out black: fuzz_bc 6)
+            raise ValueError(f"{int((~np.isfinite(values)).sum()):,} of its pixels are NaN or infinite")
         peak = values.max(initial=0.0)
         if img.mode.startswith("I;16") or peak > 255:
             values = values / 257.0
@@ -207,6 +209,8 @@ def _rgb_array(img: Image.Image) -> np.ndarray:
             values = values * 255.0
         grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:  # (as RGB at once, Pillow warned in two lines naming no file:
+        img = img.convert("RGBA")  # fuzz_bc 6; the same colours)
     return np.array(img.convert("RGB"))  # RGBA, LA, P, L, CMYK, YCbCr...: alpha dropped, palette expanded
 
 
