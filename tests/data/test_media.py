@@ -355,3 +355,22 @@ def test_a_palette_image_with_partial_transparency_is_read_without_a_library_war
     Image.fromarray(floats).save(tmp_path / "nan.tiff")
     with pytest.raises(UserError, match=r"nan\.tiff: not a readable image \(1 of its pixels are NaN or infinite\)"):
         media.load_image(tmp_path / "nan.tiff")
+
+
+def test_a_video_of_non_square_pixels_is_read_as_players_show_it(tmp_path):
+    """fuzz_bc 7: a video whose pixels are not square (a 16:9 DVD's 720x480, SAR 32:27) was bucketed and trained as stored,
+    squeezed, where players (and the docs' "as players apply them") widen it."""
+    from fractions import Fraction
+
+    path = tmp_path / "sar.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    assert av.open(str(path)).streams.video[0].sample_aspect_ratio == 2
+    assert media.video_size(path) == (128, 48)
+    assert media.load_video(path).frames.shape == (3, 48, 128, 3)

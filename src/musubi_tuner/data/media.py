@@ -265,8 +265,20 @@ def _as_displayed(pixels: np.ndarray, frame) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(pixels if b > 0 else pixels[::-1, ::-1], (1, 0, 2)))
 
 
+def _square_pixels(pixels: np.ndarray, sar) -> np.ndarray:
+    """`pixels` with its width scaled by the stream's sample aspect ratio, as players show them (none, or 1:1: as stored)."""
+    if not sar or sar == 1 or sar < 0:
+        return pixels
+    height, width = pixels.shape[:2]
+    shown = max(1, round(width * float(sar)))
+    if shown == width:
+        return pixels
+    return np.array(Image.fromarray(pixels).resize((shown, height), Image.Resampling.BICUBIC))
+
+
 def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
-    """Every frame of the first video stream as (H, W, 3) uint8 RGB, display rotation applied."""
+    """Every frame of the first video stream as (H, W, 3) uint8 RGB, as players show it: its pixels made square (its
+    sample aspect ratio), its display rotation applied."""
     try:
         _require_readable_file(path)
         with av.open(str(path), metadata_errors="replace") as container:  # (tags in Latin-1: fuzz_ag 0)
@@ -276,8 +288,10 @@ def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
                 raise UserError(f"{path}: has no video stream" + (f" (only {', '.join(sorted(kinds))}: cut short or damaged?)"
                                                                   if damaged else ""))
             stream = container.streams.video[0]
+            sar = stream.sample_aspect_ratio  # (pixels that are not square: a 16:9 DVD's 720x480 was trained as 3:2, squeezed,
+            # where players widen it: fuzz_bc 7)
             for frame in container.decode(stream):
-                yield _as_displayed(frame.to_ndarray(format="rgb24"), frame)
+                yield _as_displayed(_square_pixels(frame.to_ndarray(format="rgb24"), sar), frame)
     except (av.FFmpegError, OSError) as e:
         limit = limit_met(path, e)
         if limit is not None:
