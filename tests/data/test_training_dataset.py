@@ -144,6 +144,17 @@ def test_items_without_a_text_cache_are_left_out_with_a_warning(tmp_path, caplog
     assert "without_0064x0032_hv.safetensors: no text cache without_hv_te.safetensors" in caplog.text
 
 
+def test_a_folder_named_like_a_cache_is_no_cached_item_and_another_file_is_named_an_image_cache_name(tmp_path, caplog):
+    """fuzz_bc 12: a folder named like a latent cache was "left out", "trained on as cached" and "delete it" at once; and
+    a file that is no cache name was "not a image cache name"."""
+    write_item(tmp_path / "cache_i", "ok")
+    (tmp_path / "cache_i" / "zzz_0080x0048_hv.safetensors").mkdir()
+    (tmp_path / "cache_i" / "stray_hv.safetensors").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        assert TrainingDataset.from_config(dataset_config(tmp_path), seed=0).num_items == 1
+    assert "zzz" not in caplog.text and "stray_hv.safetensors: not an image cache name" in caplog.text
+
+
 def test_a_text_cache_from_an_interrupted_two_pass_run_is_left_out(tmp_path, caplog):
     write_item(tmp_path / "cache_i", "ok")
     write_item(tmp_path / "cache_i", "half", text=False)

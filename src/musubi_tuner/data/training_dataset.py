@@ -109,7 +109,8 @@ def _latent_files(dataset: AnyDatasetConfig) -> list[Path]:
     if not os.path.lexists(dataset.cache_directory):  # (a file, or a broken link, there is list_folder's to name)
         return []
     found = list_folder(dataset.cache_directory, "cache folder", f"{dataset.where}.cache_directory")
-    return [p for p in found if p.name.endswith(cache_files.LATENT_SUFFIX)]
+    # (a folder of a cache's name is none: it was "left out", "trained on as cached" and "delete it": fuzz_bc 12)
+    return [p for p in found if p.name.endswith(cache_files.LATENT_SUFFIX) and not os.path.isdir(p)]
 
 
 def too_few_to_split(config: DatasetGroupConfig) -> list[str]:
@@ -155,7 +156,7 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
         name = names[latent_path]
         if name is None:
             if not held_out:  # reported once, by the training pass
-                problems.append(f"{latent_path.name}: not a {'video clip' if dataset.is_video else 'image'} cache name")
+                problems.append(f"{latent_path.name}: not {'a video clip' if dataset.is_video else 'an image'} cache name")
             continue
         if name.item_key not in kept:
             continue
