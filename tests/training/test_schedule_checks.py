@@ -102,7 +102,7 @@ def test_lr_scheduler_type_and_a_schedule_free_optimizer_say_the_flags_they_igno
                        "--lr_warmup_steps", "5"])
     said = warnings_of(caplog, lambda: check_scheduler(args, stand_in(), 20))
     assert said == ["--lr_scheduler cosine is ignored with --lr_scheduler_type StepLR, which is built from --lr_scheduler_args alone",
-                    "--lr_warmup_steps 5 is read only by every --lr_scheduler but constant, adafactor; ignored with "
+                    "--lr_warmup_steps 5 is read only by every --lr_scheduler but constant, piecewise_constant, adafactor; ignored with "
                     "--lr_scheduler_type StepLR, which is built from --lr_scheduler_args alone"]
 
     class SGDScheduleFree(torch.optim.SGD):  # the naming schedulefree's optimizers share (the package is optional)
