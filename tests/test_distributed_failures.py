@@ -442,3 +442,31 @@ def test_a_store_that_goes_away_prints_no_cpp_backtrace_but_with_debug(tmp_path,
     else:
         assert "TCPStore.cpp" not in done.stderr and "frame #" not in done.stderr, done.stderr[-2000:]
     assert "Failed to recv" in done.stderr  # (the error itself is said either way)
+
+
+@pytest.mark.parametrize("stop, said, code", [("SIGTERM", "terminated", 143), ("SIGINT", "interrupted", 130)])
+def test_a_process_waiting_for_the_others_to_join_stops_at_once(tmp_path, stop, said, code):
+    """fuzz_bd 2 (fuzz_ah 4c): blocked in the process group's rendezvous, a process took neither Ctrl-C nor SIGTERM: started
+    by hand it could only be killed, and under a launcher whose other process failed before joining it was killed 30 s
+    later, without its line."""
+    import signal
+    import time
+
+    from helpers import free_port
+
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), ACCELERATE_USE_CPU="1",
+               PYTHONPATH=str(ROOT / "src"))
+    process = subprocess.Popen([sys.executable, "src/musubi_tuner/hv_train_network.py", *_tiny_training(tmp_path, "--max_train_steps", "1")],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err, deadline = "", time.monotonic() + 120
+    while "waiting for the others" not in err and time.monotonic() < deadline:
+        err += process.stderr.readline()
+    time.sleep(2)  # (into the rendezvous)
+    process.send_signal(getattr(signal, stop))
+    try:
+        rest = process.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{stop} did not stop a process waiting for the others")
+    assert process.returncode == code and rest.strip().splitlines()[-1] == said, rest[-2000:]
+    assert "Traceback" not in err + rest

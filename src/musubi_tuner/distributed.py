@@ -239,9 +239,38 @@ def join_launched_group(device: torch.device, timeout_minutes: int | None = None
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout)
+        while_stoppable(lambda: dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout))
     after_joining()
     return device
+
+
+def while_stoppable(call):
+    """call() (the rendezvous of a process group, which waits for every process) run in a thread of its own while this
+    one waits in slices, so that Ctrl-C and SIGTERM are taken at once: blocked in the rendezvous, a process started by
+    hand could only be killed, and one of a launcher whose other process failed before joining was killed 30 s later
+    without its line (fuzz_bd 2, fuzz_ah 4c). Stopped, the thread is left waiting: the command exits without
+    finalisation (errors.exit_without_finalising)."""
+    import threading
+
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # (handed to the waiting thread, which raises it)
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="process group rendezvous", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except BaseException:
+        exit_without_finalising()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def after_joining() -> None:

@@ -868,10 +868,15 @@ def train(args) -> Path | None:
 
 def _train(args, held: contextlib.ExitStack) -> Path | None:
     """`held`: what the run holds until it ends (the output folder's lock, its use of the cache folders)."""
-    from musubi_tuner.distributed import before_joining
+    from musubi_tuner.distributed import before_joining, while_stoppable
 
     before_joining()
-    accelerator = make_accelerator(args)
+    if launched()[1] > 1:  # (its rendezvous, stoppable: see while_stoppable; the device is the thread's own in CUDA)
+        accelerator = while_stoppable(lambda: make_accelerator(args))
+        if accelerator.device.type == "cuda":
+            torch.cuda.set_device(accelerator.device)
+    else:
+        accelerator = make_accelerator(args)
     world = launched()[1]
     if world > 1 and accelerator.num_processes != world:  # each process would train alone into the same files
         raise SharedError(f"launched as {world} processes (WORLD_SIZE), but accelerate joined {accelerator.num_processes}; "
