@@ -701,6 +701,7 @@ def test_files_named_like_caches_that_are_not_are_never_deleted_as_stale(tmp_pat
     gone_text = cache_files.save_text_cache(cache_files.text_cache_path(cache, "gone"), "c", {"llm_float16": torch.zeros(1).half()})
     cut = cache / "cut_0064x0064_hv.safetensors"
     cut.write_bytes(b"\x10")  # (a cache whose write was cut short: its name is a cache's)
+    (cache / "notes_cut_hv_te.safetensors").write_bytes(b"\x10")  # (any name is a text cache's: kept, fuzz_bf 5)
     report = items.CacheReport()
     cache_everything(dataset, report, skip_existing=True)
     stale = items.stale_latent_caches(dataset, report)
@@ -709,7 +710,7 @@ def test_files_named_like_caches_that_are_not_are_never_deleted_as_stale(tmp_pat
     items.tidy_cache_directory(cache, stale, keep_cache=False)
     assert not gone_latent.exists() and not cut.exists()
     assert all((cache / name).is_file() for name in ("my_style_lora_hv.safetensors", "style_0512x0512_hv.safetensors",
-                                                      "notes_hv_te.safetensors"))
+                                                      "notes_hv_te.safetensors", "notes_cut_hv_te.safetensors"))
     assert (cache / "b_0064x0064_hv.safetensors").is_dir()
 
 

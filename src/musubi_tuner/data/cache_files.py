@@ -525,7 +525,8 @@ def is_a_cache(path: Path, *, text: bool = False) -> bool:
     """Whether a file named like a cache is one (a latent cache, or with `text` a text cache): the cache folder is the
     image folder unless set, and a LoRA named `style_hv.safetensors` there, or a folder of a cache's name, was deleted as
     the cache of an item gone from the dataset (fuzz_bc 1, 2). One whose header cannot be read is a cache if its name
-    parses as one (a write cut short); one that reads is a cache if it holds a cache's tensors."""
+    parses as one (a write cut short; a text cache's name is any name: a 4-byte notes_hv_te.safetensors went, fuzz_bf 5);
+    one that reads is a cache if it holds a cache's tensors."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
@@ -534,7 +535,7 @@ def is_a_cache(path: Path, *, text: bool = False) -> bool:
     try:
         entries, metadata = read_safetensors_header(path)
     except UserError:
-        return text or any(parse_latent_cache_name(path.name, video) is not None for video in (False, True))
+        return not text and any(parse_latent_cache_name(path.name, video) is not None for video in (False, True))
     if metadata.get("architecture", ARCHITECTURE_FULL) != ARCHITECTURE_FULL:
         return False
     names = {logical_key(k) for k in entries}
