@@ -413,9 +413,22 @@ def test_a_training_job_that_ended_before_its_first_step_offers_no_resume(tmp_pa
     assert detail["state"] == "failed" and detail["resumable"] is False
     response = studio.post(f"/api/jobs/{refused.id}/resume", headers=STUDIO)
     assert response.status_code == 400 and response.json()["error"] == (
-        f"{refused.id} ended before its first training step, so there is nothing of it to resume; start it again from the "
-        "Train page")
+        f"{refused.id} ended before its first training step, and its folder holds no state of its run: there is nothing of "
+        "it to resume; start it again from the Train page")
     assert [j.id for j in jobs.all()] == [refused.id]  # (no job started)
+
+    # a Resume stopped before its first step, where its run saved states: Resume continues them (it lost its button, and
+    # the Train page's Start trained over the run from step 0: fuzz_bf 1)
+    import torch
+
+    from musubi_tuner.training.state import TrainProgress, save_state
+
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(net.parameters())
+    save_state(tmp_path / "ws" / "o" / "demo-lora-step00000004-state", network_state=net.state_dict(), optimizer=optimizer,
+               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), scaler=None,
+               progress=TrainProgress(global_step=4), process_index=0, is_main=True, wait=lambda: None)
+    assert studio.get(f"/api/jobs/{refused.id}").json()["resumable"] is True
 
 
 # ------------------------------------------------------------------------------------ off the happy path

@@ -403,10 +403,10 @@ class Studio:
             raise UserError("only training runs resume; start a generation again instead")
         if old.state in ("starting", "running"):
             raise UserError(f"{old.id} is still running")
-        if not self.views.trained(old):  # (--resume auto found no state of it and started afresh over the folder's run of
+        if not self.views.resumable(old):  # (--resume auto found no state of it and started afresh over the folder's run of
             # that name, one the job had been refused beside: fuzz_at 2)
-            raise UserError(f"{old.id} ended before its first training step, so there is nothing of it to resume; start it again "
-                            f"from the Train page")
+            raise UserError(f"{old.id} ended before its first training step, and its folder holds no state of its run: there is "
+                            f"nothing of it to resume; start it again from the Train page")
         command = commands.with_resume(old.commands[-1], old.outputs, old.started)
         return self.jobs.summary(self.jobs.start("train", old.title, [command], old.outputs, resumed_from=old.id, cwd=old.cwd or None))
 

@@ -26,7 +26,7 @@ class RunViews:
         out = {**self.jobs.summary(job), "log": log, "log_skipped": skipped, "log_path": str(self.jobs.path(job) / "log.txt"),
                "progress": self.jobs.progress(job)}
         if job.kind == "train":
-            out["resumable"] = job.state not in ("starting", "running") and self.trained(job, out["progress"])
+            out["resumable"] = self.resumable(job, out["progress"])
         if job.kind == "train" and {"output_dir", "output_name"} <= set(job.outputs):  # (a job.json without them: none)
             # its folder's curve and files once it trains: a job refused because another run held the folder showed
             # that run's as its own (fuzz_at 3)
@@ -39,8 +39,21 @@ class RunViews:
 
     def trained(self, job: Job, progress: list[dict] | None = None) -> bool:
         """Whether the job's training command reached its steps (its "steps" bar): one refused before them (another run
-        held its folder, a flag was wrong) has nothing of its own to show or to resume."""
+        held its folder, a flag was wrong) has nothing of its own to show."""
         return any(bar.get("desc") == "steps" for bar in (self.jobs.progress(job) if progress is None else progress))
+
+    def resumable(self, job: Job, progress: list[dict] | None = None) -> bool:
+        """Whether Resume has something to continue: the job reached its steps, or its run's folder holds a state of it (a
+        Resume stopped while its model loaded lost its button, and the Train page's Start trained over that run from step
+        0: fuzz_bf 1)."""
+        if job.kind != "train" or job.state in ("starting", "running"):
+            return False
+        if self.trained(job, progress):
+            return True
+        from musubi_tuner.training.state import complete_states
+
+        folder, name = job.outputs.get("output_dir"), job.outputs.get("output_name")
+        return bool(folder and name and complete_states(Path(folder), name))
 
     def _training(self, job: Job) -> dict:
         from musubi_tuner.training.loss_curve import LossHistory
