@@ -119,3 +119,16 @@ def test_the_piecewise_constant_schedule_is_diffusers_as_musubi_tuner_builds_it(
         args = build_parser().parse_args(["--lr_scheduler", "piecewise_constant", "--lr_scheduler_args", given])
         with pytest.raises(UserError, match=r"--lr_scheduler piecewise_constant takes --lr_scheduler_args step_rules="):
             create_scheduler(args, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3), 100)
+
+
+def test_optimizer_settings_hold_what_bitsandbytes_keeps_outside_its_defaults():
+    """fuzz_bf 2: a resume compares the optimizers' settings; bitsandbytes keeps min_8bit_size, optim_bits and the like in
+    its own `args`, not in `defaults`: another value there is another optimizer. (AdamW8bit takes optim_bits and runs in
+    8 bits whatever it says: the same optimizer, as its settings show.)"""
+    bnb = pytest.importorskip("bitsandbytes")
+    from musubi_tuner.training.optimizers import optimizer_settings
+
+    def settings(**kwargs):
+        return optimizer_settings(bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(4))], lr=1e-3, **kwargs))
+
+    assert settings(min_8bit_size=1) != settings() == settings(optim_bits=32)

@@ -160,7 +160,11 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """What the optimizer computes with, its defaults filled in (the learning rate aside: a resume keeps the saved one), as
     a state's marker records it: `--optimizer_args weight_decay=0.01`, AdamW's own default, is the same optimizer as none
     (it was refused on resume as another: fuzz_ax 9)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # (accelerate's wrapper)
     settings = {k: v for k, v in optimizer.defaults.items() if k not in ("lr", "initial_lr")}
+    more = getattr(optimizer, "args", None)  # (bitsandbytes keeps optim_bits, min_8bit_size, is_paged there: an
+    if more is not None and hasattr(more, "__dict__"):  # optim_bits=32 was taken for the same optimizer: fuzz_bf 2)
+        settings.update({f"args.{k}": v for k, v in vars(more).items()})
     return json.loads(json.dumps(settings, default=repr))  # (tuples as lists, as read back from the marker)
 
 

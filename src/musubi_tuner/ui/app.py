@@ -212,6 +212,7 @@ class _Chunks:
                 raise UserError(f"the upload stalled: nothing arrived for {UPLOAD_IDLE_SECONDS} s; nothing was written") from None
 
 
+UPLOAD_SUFFIX_BYTES = 16  # a longer "suffix" is no file type's
 UPLOAD_NAME_BYTES = 240  # an upload's name is shortened to this (its suffix kept): room for "-N" and any file system's 255
 UPLOAD_IDLE_SECONDS = 120  # an upload that sends nothing this long is dropped: it held a worker as long as its client wished
 UPLOADS_AT_ONCE = 8  # uploads read in their own workers: forty stalled ones held every worker, and every endpoint, Stop too,
@@ -273,6 +274,8 @@ class Studio:
         if not name.strip() or name in (".", ".."):  # (" " was taken as a file of that name: fuzz_be 11)
             raise UserError("upload: no file name")
         stem, suffix = os.path.splitext(name)
+        if len(os.fsencode(suffix)) > UPLOAD_SUFFIX_BYTES:  # (no type's suffix: shortened as part of the name; kept, it
+            stem, suffix = name, ""  # left nothing of the name, or none that fits: fuzz_bf 4)
         while len(os.fsencode(stem + suffix)) > UPLOAD_NAME_BYTES and stem:  # (a browser's name the page cannot change, of
             stem = stem[:-1]  # 240 bytes, was refused for its temporary file's length: shortened, its suffix kept)
         name = stem + suffix

@@ -89,6 +89,8 @@ class Jobs:
         self._lock = threading.Lock()
         self._progress: dict[str, _ProgressRead] = {}
         self._progress_lock = threading.Lock()
+        self._stopping: set[str] = set()  # the jobs a Stop signalled (see stop)
+        self._stop_lock = threading.Lock()
         for path in self.folder.glob("*/job.json"):
             remove_leftover_temp_files(path.parent, lambda name: name == "job.json")  # of a supervisor killed mid-write
         self._scan()
@@ -148,10 +150,14 @@ class Jobs:
         job = self.get(job_id)
         if job.state not in ("starting", "running"):
             return job
-        try:  # the first Stop signals; another while its command cleans up sent Ctrl-C into that clean-up: a traceback in
-            # the log, and the lock and a temporary file left behind (fuzz_be 1)
+        with self._stop_lock:  # the first Stop signals; another while its command cleans up sent Ctrl-C into that
+            # clean-up: a traceback in the log, and the lock and a temporary file left behind (fuzz_be 1)
+            if job_id in self._stopping:  # (the marker's word, where it cannot be written: fuzz_bf 3)
+                return job
+            self._stopping.add(job_id)
+        try:
             os.close(os.open(self.path(job) / STOP_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
+        except FileExistsError:  # (another studio on this workspace stops it)
             return job
         except OSError:  # the job's folder deleted or moved while it ran: stopped all the same (it ran on: fuzz_be 2)
             pass
