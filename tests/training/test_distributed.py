@@ -166,7 +166,7 @@ def _train_from_own_copy(rank, world, machines, argv) -> str:
     return "trained"
 
 
-@pytest.mark.parametrize("copy_differs", ["dataset", "dit", "sample_prompts"])
+@pytest.mark.parametrize("copy_differs", ["dataset", "dit", "sample_prompts", "config_file"])
 def test_processes_reading_copies_that_differ_stop_before_training_naming_the_difference(assets, tmp_path, copy_differs):
     """A copy of the dataset with a cache missing on one machine: each process sharded its own item list (items
     trained twice or not at all, rc 0), or the process with fewer batches finished first and saved the final LoRA of a
@@ -187,6 +187,12 @@ def test_processes_reading_copies_that_differ_stop_before_training_naming_the_di
         (machines[1] / "prompts.txt").write_text("a blue cube on grass --w 32 --h 32 --f 5 --d 7 --s 3\n")
         extra = ("--sample_prompts", "prompts.txt", *sampling[2:])
         expected = ("--sample_prompts differs between process 0 and process 1 (each reads its own machine's copy); give every "
+                    "process the same files")
+    elif copy_differs == "config_file":  # (fuzz_bd 7: network_alpha 1 and 64 trained together without a word)
+        for machine, alpha in zip(machines, (1, 64)):
+            (machine / "run.toml").write_text(f"network_alpha = {alpha}\n")
+        extra = ("--config_file", "run.toml")
+        expected = ("--config_file differs between process 0 and process 1 (each reads its own machine's copy); give every "
                     "process the same files")
     elif copy_differs == "dataset":
         gone.unlink()

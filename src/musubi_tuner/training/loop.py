@@ -932,6 +932,8 @@ def _train(args, held: contextlib.ExitStack) -> Path | None:
         lora.close()
     check_heads(dit_config.heads_num, args.context_parallel)
     check_same_inputs({"--dit": args.dit, "--network_weights": args.network_weights,
+                       "--config_file": args.config_file,  # (its copies read alike: network_alpha 1 and 64 trained together
+                       # without a word, the command lines the same: fuzz_bd 7)
                        # (each process of a sample's group reads its own prompt file: a prompt differing on one hung the
                        # run in silence, or was a KeyError: fuzz_ae 1)
                        "--sample_prompts": args.sample_prompts,
