@@ -352,3 +352,21 @@ def test_sigterm_to_the_demo_stops_the_training_it_launched(tmp_path):
         for pid in _processes_naming(str(work)):
             os.kill(pid, signal.SIGKILL)
         demo.kill()
+
+
+def test_a_hang_up_and_a_sigterm_arriving_together_stop_with_one_line():
+    """fuzz_bd 8: a terminal's hang-up reaches a launched run as SIGHUP then SIGTERM within a millisecond. The first
+    signal's handler set the others to SIG_IGN while the second was already on its way, and Python raised "OSError: Signal
+    15 ignored due to race condition": a traceback in every process before its "hung up". Both pending at once here."""
+    code = ("import os, signal, time\nfrom musubi_tuner.errors import run_cli\n"
+            "def main(argv):\n"
+            "    both = {signal.SIGHUP, signal.SIGTERM}\n"
+            "    signal.pthread_sigmask(signal.SIG_BLOCK, both)\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)\n"
+            "    time.sleep(5)\n"
+            "run_cli(main, [])\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGHUP and done.stderr.strip() == "hung up", done.stderr[-2000:]

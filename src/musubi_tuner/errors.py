@@ -214,7 +214,7 @@ def _nothing_left_to_stop() -> None:
     for name in ("SIGINT", "SIGHUP"):
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
-            signal.signal(number, signal.SIG_IGN)
+            signal.signal(number, _dropped)  # (not SIG_IGN: see stop_cleanly_on_sigterm)
 
 
 def _run(main, argv, memory_advice: str, streams: list) -> None:
@@ -386,6 +386,10 @@ def stops_held(importing: str | None = None) -> Iterator[None]:
             raise stop
 
 
+def _dropped(signum, frame) -> None:
+    """A signal's handler that does nothing: the signal is taken and dropped."""
+
+
 def stop_cleanly_on_sigterm() -> None:
     """SIGTERM and SIGHUP raise Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt; all three wait for
     the end of a stops_held block. A SIGHUP ignored when the command started (`nohup`) stays ignored."""
@@ -398,8 +402,10 @@ def stop_cleanly_on_sigterm() -> None:
             continue
 
         def stop(signum, frame, words=words):
-            for repeated in _STOPPING_SIGNALS:  # a second one (a launcher passing it on) must not cut the clean-up short
-                signal.signal(getattr(signal, repeated), signal.SIG_IGN)
+            for repeated in _STOPPING_SIGNALS:  # a second one (a launcher passing it on) must not cut the clean-up short;
+                # taken and dropped, not SIG_IGN: one already on its way then raised "OSError: Signal 15 ignored due to race
+                # condition", a traceback per process at a terminal's hang-up (fuzz_bd 8)
+                signal.signal(getattr(signal, repeated), _dropped)
             if _Held.raised and _Held.command:  # ... nor one after a Ctrl-C, which accelerate launch passes on as a SIGTERM:
                 return  # raised, it met the clean-up in a data-loader's __del__, "Exception ignored ... Traceback" (fuzz_ax 11)
             _stop(Terminated(signum, words))
