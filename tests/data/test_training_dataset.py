@@ -396,3 +396,21 @@ def test_a_cache_directory_that_is_a_file_is_named_not_taken_for_one_without_cac
     (tmp_path / "data" / "cache").write_text("a file")
     with pytest.raises(UserError, match=r"cache: is a file, expected a cache folder \(.*\[\[datasets\]\]\[0\]\.cache_directory\)"):
         TrainingDataset.from_config(load_dataset_config(toml, check_sources=False), seed=0)
+
+
+def test_a_loader_worker_that_cannot_start_its_signal_thread_leaves_sigterm_to_end_it():
+    """fuzz_bd 1: at a process limit (ulimit -u) a data-loader worker held SIGTERM for a thread it could not start: the
+    training's own SIGTERM, by which its exit ends the workers, never reached it, and that exit waited for ever."""
+    import os
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        pytest.skip("needs root (to run as a user a process limit binds) and Linux's signal masks")
+    code = ("import resource, signal\nfrom musubi_tuner.data.training_dataset import _leave_stops_to_the_training\n"
+            "resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))\n"
+            "_leave_stops_to_the_training(0)\n"
+            "print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])), signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"}, user=54321, group=54321,
+                          extra_groups=[], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0 and done.stdout.split() == ["[]", "True"], done.stdout + done.stderr[-2000:]

@@ -624,8 +624,13 @@ def _leave_stops_to_the_training(worker_id: int) -> None:
         # held for the worker's threads (those to come inherit it) and taken by one that knows who sent them; Linux
         # queues a held signal even when it is ignored
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-        threading.Thread(target=_end_when_the_parent_says, args=(stops, os.getppid()), daemon=True,
-                         name="stop signals").start()
+        try:
+            threading.Thread(target=_end_when_the_parent_says, args=(stops, os.getppid()), daemon=True,
+                             name="stop signals").start()
+        except RuntimeError:  # (no thread to take them: a process limit met, ulimit -u) held, the training's SIGTERM
+            # never reached the worker, and the training's exit waited for it for ever (fuzz_bd 1)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.excepthook = _quiet_about_a_stopped_receiver(sys.excepthook)
 
 
