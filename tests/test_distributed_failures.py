@@ -37,6 +37,9 @@ def test_processes_given_different_command_lines_all_stop_with_one_message_namin
     assert errors[0] == errors[1]
     assert errors[0].startswith("process 1 was started with another command line than process 0 (near --infer_steps: "
                                 "'--infer_steps 6' vs '--infer_steps 4')"), errors[0]
+    # the same bytes, read under another locale (C: the non-ASCII bytes as surrogates) are the same command line (fuzz_bd 3)
+    latin = ["--save_path", os.fsdecode("café".encode("utf-8")).encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")]
+    assert [r["error"] for r in run_group(2, _check_command_lines, [["--save_path", "café"], latin])] == ["", ""]
 
 
 def _wait_for_a_peer_that_dies(rank, world, mode):

@@ -289,9 +289,14 @@ def check_same_command_line(argv: list[str] | None = None) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    mine = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith(("--local_rank", "--local-rank"))]
+    import os
+
+    # as bytes: a process under another locale (C, Latin-1) reads the same bytes of a non-ASCII path as other text, and
+    # the same command line was refused as another (fuzz_bd 3)
+    mine = [os.fsencode(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith(("--local_rank", "--local-rank"))]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
+    everyone = [[a.decode("utf-8", "backslashreplace") if isinstance(a, bytes) else a for a in args] for args in everyone]
     first = everyone[0]
     for process, other in enumerate(everyone):
         if other != first:
