@@ -587,6 +587,13 @@ def denied_on_the_way(path: str | os.PathLike) -> Path | None:
     """The first folder on the way to `path` (itself included) this process may not enter, if one is: the error names the
     deepest path, often a folder that does not exist yet, beneath the one that refuses."""
     path = Path(path)
+    if not path.is_absolute():  # (the current folder itself may be the one: a relative path blamed itself, fuzz_bd 6)
+        try:
+            os.stat(".")
+        except PermissionError:
+            return denied_on_the_way(os.path.abspath(path))
+        except OSError:
+            return None
     for folder in [*reversed(path.parents), path]:
         try:
             is_folder = stat.S_ISDIR(os.stat(folder).st_mode)
@@ -1239,6 +1246,8 @@ def why_unreadable(path: str | os.PathLike, what: str, e: OSError) -> str:
         if alike is not None:  # (the same look, another Unicode form or case: "not found" of what ls shows: fuzz_bc 9)
             return f"{what} not found ({alike!r} is there, a name that differs only in case or Unicode form)"
         return f"{what} not found"
+    if e.errno in (errno.EACCES, errno.EPERM):  # (which folder refuses: the file's, or one on the way to it)
+        return f"cannot read ({e.strerror or e}); {permission_advice(path)}"
     return f"cannot read ({e.strerror or e})"
 
 

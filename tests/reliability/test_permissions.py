@@ -71,3 +71,22 @@ def test_a_path_beneath_a_folder_the_user_may_not_enter_names_that_folder_and_th
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and errors == [f"error: {said.format(here=workplace)}"], done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+
+
+def test_a_relative_path_in_a_current_folder_the_user_may_not_enter_names_that_folder(workplace):
+    """fuzz_bd 6: started in a folder it may not enter (its permissions changed, or sudo -u from root's home), a relative
+    --output_dir blamed itself ("fix the permissions of oc0", a folder that does not exist) and a readable config was
+    "cannot read (Permission denied)" without a word of why."""
+    here = workplace / "c0"
+    here.mkdir(mode=0o000)
+    os.chown(here, USER, USER)
+    try:
+        class Absolute:
+            dit, cached = workplace / "dit.pt", workplace / "cached" / "dataset.toml"
+
+        done = run_as_user("hv_train_network", train_argv(Absolute, "oc0"), here)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == [f"error: oc0: cannot write to this folder (Permission denied); this user may not enter {here}: fix its "
+                          "permissions, or choose another --output_dir"], done.stderr[-3000:]
+    finally:
+        here.rmdir()
