@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -394,6 +395,9 @@ def make_accelerator(args) -> Accelerator:
         project_dir = log_folder(args)
         if args.log_with in ("wandb", "all"):
             wandb_login(args)
+    # accelerate tells each process started without a launcher that it sets OMP_NUM_THREADS: two lines of its source per
+    # process, a traceback each under PYTHONWARNINGS=error (fuzz_bd 9); it sets it, as a launcher does
+    warnings.filterwarnings("ignore", message="OMP_NUM_THREADS/MKL_NUM_THREADS unset", category=UserWarning)
     try:
         accelerator = TrackedAccelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                                          mixed_precision=args.mixed_precision, log_with=log_with, project_dir=project_dir,
