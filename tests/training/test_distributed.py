@@ -223,3 +223,22 @@ def test_a_warning_every_process_meets_is_printed_once(assets, tmp_path):
                               launcher_env=True)
     assert "WARNING" in first and "1 cached items left out" in first, first[-2000:]
     assert second == "", second[-2000:]
+
+
+def test_every_process_s_rng_state_is_in_the_state_process_0_saves(assets, tmp_path):
+    """fuzz_bd 4: each process wrote its rng_N.pt to its own path: one in another current folder (a relative --output_dir,
+    or another machine's disk) left it in an .incomplete folder there, one per save, and process 0's state was complete
+    without it."""
+    import shutil
+
+    dit, per_replica, _, _ = assets
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for machine in machines:
+        shutil.copytree(per_replica.parent, machine / "data")
+        toml = machine / "data" / per_replica.name
+        toml.write_text(toml.read_text().replace(per_replica.parent.as_posix(), (machine / "data").as_posix()))
+        shutil.copy(dit, machine / "dit.pt")
+    argv = train_args("dit.pt", Path("data") / per_replica.name, "out", "--save_state")
+    assert run_group(2, _train_from_own_copy, machines, argv, launcher_env=True) == ["trained", "trained"]
+    assert sorted(p.name for p in (machines[0] / "out" / "tiny-state").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+    assert not (machines[1] / "out").exists() or not list((machines[1] / "out").iterdir())

@@ -131,7 +131,7 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
             remove_folder(tmp)  # left by a run killed while writing it
             tmp.mkdir(parents=True)
         wait()
-        save_torch(_rng_to_plain(rng_state()), tmp / f"rng_{process_index}.pt")
+        _save_rng_states(tmp, process_index, is_main)
         if is_main:
             save_safetensors(network_state, tmp / "network.safetensors")
             save_torch({
@@ -167,6 +167,23 @@ def save_state(folder: Path, *, network_state: dict[str, torch.Tensor], optimize
         cause = e.strerror if isinstance(e, OSError) and e.strerror else named[1] if named else str(e)
         raise UserError(f"{folder}: cannot write the training state ({cause}); {what_to_check(cause, folder.parent)}{kept}") from None
     wait()
+
+
+def _save_rng_states(folder: Path, process_index: int, is_main: bool) -> None:
+    """Every process's RNG state, as rng_N.pt: written by process 0, into the folder it makes. Written by each process
+    to its own path, one in another current folder (a relative --output_dir) or on another machine's disk left its file
+    in an .incomplete folder there, and the state was complete without it (fuzz_bd 4)."""
+    import torch.distributed as dist
+
+    mine = _rng_to_plain(rng_state())
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        save_torch(mine, folder / f"rng_{process_index}.pt")
+        return
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if is_main:
+        for index, state in enumerate(everyone):
+            save_torch(state, folder / f"rng_{index}.pt")
 
 
 def _fsync_files(folder: Path) -> None:
