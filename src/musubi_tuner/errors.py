@@ -616,7 +616,21 @@ def out_of_memory(e: BaseException) -> str | None:
     size = _bytes_in_words(int(on_cpu.group(1))) if on_cpu else on_gpu.group(1) if on_gpu else ""
     card = re.search(r"GPU (\d+) has a total capacity of ([\d.]+ [KMGT]iB) of which ([\d.]+ (?:[KMGT]iB|bytes)) is free", text)
     return (f"out of {'GPU' if cuda else 'host'} memory" + (f": an allocation of {size} failed" if size else "")
-            + (f" (GPU {card[1]} holds {card[2]}, {card[3]} of it free)" if card else ""))
+            + (f" (GPU {card[1]} holds {card[2]}, {card[3]} of it free)" if card else "")
+            + ("" if cuda else _address_space_limit()))
+
+
+def _address_space_limit() -> str:
+    """The process's address-space limit (ulimit -v), said where one is set: a batch system's limit, not the machine's
+    memory, was what ran out, and the advice named the resolution and the GPU options (fuzz_bd 5)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):  # (not on Windows)
+        return ""
+    return "" if limit == resource.RLIM_INFINITY else (f" under this process's address-space limit of {_bytes_in_words(limit)} "
+                                                       "(ulimit -v): raise it, or ask for a larger one")
 
 
 def _bytes_in_words(n: int) -> str:

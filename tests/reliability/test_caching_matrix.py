@@ -554,7 +554,8 @@ CASES = [
     Case("cache-latents-read-only-folder", "cache_latents", lambda a, t: cache_latents_argv(copy_dataset(a, t)[0], a),
          r"ds/cache(/images)?: cannot .*" + READ_ONLY, keep=all_caches, read_only="ds/cache/images"),
     Case("cache-latents-out-of-memory-keeps-caches", "cache_latents", lambda a, t: cache_latents_argv(huge_resolution(a, t), a),
-         r"out of host memory: an allocation of .* failed; --vae_tiling .* need less", keep=all_caches, memory_headroom=MEMORY),
+         r"out of host memory: an allocation of \S+ \S+ failed under this process's address-space limit of \S+ \S+ \(ulimit -v\): "
+         r"raise it, or ask for a larger one; --vae_tiling .* need less", keep=all_caches, memory_headroom=MEMORY),
     # --- captions and text encoders
     Case("caption-missing-is-reported", "cache_text_encoder_outputs", lambda a, t: cache_text_argv(captions(a, t, "missing"), a), None,
          then=summary_names(r"failed: .*clip_0001\.txt: caption file not found \(for clip_0001\.mp4\)")),

@@ -397,7 +397,8 @@ CASES = [
          r": expected a latent file, found a folder \(--latent_path\)", then=nothing_generated),
     Case("generate-out-of-memory-says-what-needs-less", "hv_generate_video",  # a 2.06 GiB latent, over MEMORY
          lambda a, t: generate_argv(a, t, "--video_size", "8192", "8192", "--video_length", "129"),
-         r"out of host memory: an allocation of [\d.]+ [GMK]iB failed; a smaller --video_size or --video_length needs less, .*"
+         r"out of host memory: an allocation of [\d.]+ [GMK]iB failed under this process's address-space limit of \S+ \S+ \(ulimit -v\): "
+         r"raise it, or ask for a larger one; a smaller --video_size or --video_length needs less, .*"
          r"--dry_run --vram_budget 24G", memory_headroom=MEMORY),
     Case("generate-dry-run-read-only-save-path", "hv_generate_video", lambda a, t: generate_argv(a, t, "--dry_run"),
          r"videos: cannot write to this folder " + READ_ONLY + r"; \S*videos is on a read-only file system, or choose another --save_path",

@@ -1010,7 +1010,8 @@ CASES = [
          r"machine's [\d,.]+ GB; a rank above the layers' width \(64\) adds nothing but memory", then=before_the_model_loads),
     # (a rank the machine holds, past the memory this run may map: the allocation fails, and is said)
     Case("train-out-of-memory-says-what-needs-less", "hv_train_network", lambda a, t: train_argv(a, t / "out", "--network_dim", "60000"),
-         r"out of host memory: an allocation of .* failed; .* a lower --network_dim; --dry_run --vram_budget 24G",
+         r"out of host memory: an allocation of \S+ \S+ failed under this process's address-space limit of \S+ \S+ \(ulimit -v\): "
+         r"raise it, or ask for a larger one; .* a lower --network_dim; --dry_run --vram_budget 24G",
          memory_headroom=MEMORY),
     Case("train-read-only-output-folder", "hv_train_network", lambda a, t: train_argv(a, t / "out"),
          r"out: cannot write to this folder " + READ_ONLY + r"; \S*out is on a read-only file system, or choose another --output_dir", read_only="out"),
