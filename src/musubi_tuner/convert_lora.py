@@ -14,6 +14,8 @@ keeps every tensor as stored). The input's metadata is copied (with `musubi_tune
 
 from __future__ import annotations
 
+import json
+
 if __package__ in (None, ""):  # run as a file: import the package from src/, not sibling files
     import os as _os
     import sys as _sys
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
 def convert(args) -> None:
     """--input in the naming --target asks for, written to --output."""
     from musubi_tuner.networks.lora_files import save_lora, unfolded
-    from musubi_tuner.networks.lora_metadata import with_naming
+    from musubi_tuner.networks.lora_metadata import OURS, with_naming
     from musubi_tuner.networks.lora_reader import folded_dtype, kohya_state_dict, other_state_dict, read_lora
 
     prefix = diffusers_prefix(args.diffusers_prefix)
@@ -91,6 +93,12 @@ def convert(args) -> None:
         out = kohya_state_dict(unfolded(contents))
     # PEFT's lora_alpha is now in the weights (folded) or in .alpha keys: kept, it would scale them twice
     metadata = {k: v for k, v in contents.metadata.items() if k != "lora_adapter_metadata"}
+    if args.target == "other" and OURS + "lora_modules" not in metadata:  # (each module's rank and alpha, folded into
+        # the copy, for --target default to give back: a LoRA not trained here came back at alpha = rank, its factors
+        # rescaled and its ss_network_alpha then false: fuzz_aw 9)
+        alphas = {p.module: [p.rank, p.alpha] for p in contents.patches if p.kind == "lora" and p.alpha is not None}
+        if alphas:
+            metadata[OURS + "lora_modules"] = json.dumps(alphas)
     save_lora(out, args.output, with_naming(metadata, "other" if args.target == "other" else "kohya"))
     modules = len({p.module for p in contents.patches})
     print(f"{args.input} -> {args.output}: {modules} modules in the {args.target} naming")

@@ -92,6 +92,19 @@ def test_round_trip_of_a_file_that_records_its_alphas_gives_back_the_file(tmp_pa
         torch.testing.assert_close(returned[key], tensor, rtol=1e-6, atol=1e-9, msg=key)
 
 
+def test_round_trip_of_a_lora_trained_elsewhere_gives_back_its_alphas(tmp_path, trained):
+    """fuzz_aw 9: a LoRA not trained here (musubi-tuner's, sd-scripts', its metadata ss_* alone) came back from the other
+    naming at alpha = rank, every factor rescaled, its ss_network_alpha then naming another alpha. The conversion records
+    each module's rank and alpha in the copy, and the way back gives them back."""
+    model, config, path = trained
+    weights = load_lora(path)
+    _, back = round_trip(path, tmp_path)
+    returned = load_lora(back)
+    assert returned.keys() == weights.keys()
+    for key, tensor in weights.items():
+        torch.testing.assert_close(returned[key], tensor, rtol=1e-6, atol=1e-9, msg=key)
+
+
 def update_of(weights: dict) -> dict:
     """Each module's W update of a file read as every reader reads it."""
     return {p.param: p.delta(p.shape) for p in parse_lora(weights).patches}

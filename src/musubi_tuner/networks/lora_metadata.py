@@ -142,7 +142,10 @@ class LoRAFileInfo:
         model_name = _parsed(meta, "ss_sd_model_name", str, "", source).lower()
         if model_name and other is None and other_model({"ss_base_model_version": model_name}) is None:
             base = "skyreels-i2v" if "i2v" in model_name else "skyreels-t2v" if "skyreels" in model_name else "hunyuan-video-t2v"
-        return cls(base_model=base, resolutions=resolutions, frames=frames, other_model=other)
+        # (and what a conversion here recorded of it: each module's rank and alpha, folded into a copy in the other
+        # naming, which --target default gives back: fuzz_aw 9)
+        return cls(base_model=base, resolutions=resolutions, frames=frames, other_model=other,
+                   modules=get("lora_modules", _modules, {}), naming=get("lora_naming"))
 
 
 def _parsed(meta: dict[str, str], key: str, parse, default, source: str | None):
