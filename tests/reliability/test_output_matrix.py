@@ -181,6 +181,16 @@ def with_negative_alpha(weights):
     return {**weights, _first_alpha(weights): torch.tensor(-4.0)}
 
 
+def with_a_weight_diff(weights):
+    """The LoRA with a whole-weight difference (.diff) of one block Linear beside its pairs, as LyCORIS writes one."""
+    import torch
+
+    from musubi_tuner.demo.tiny_dit import TINY_DIT
+
+    width = TINY_DIT.hidden_size
+    return {**weights, "lora_unet_double_blocks_0_img_attn_proj.diff": torch.full((width, width), 0.01)}
+
+
 def same_update(a, tmp, err, out):
     """The converted file applies what the input applies, a negative alpha's sign included (not zeros)."""
     import torch
@@ -303,6 +313,11 @@ CASES = [
          lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--text_encoder1", nan_llm(a, t)),
          r"te1/model-00001-of-00002\.safetensors: model\.layers\.0\.mlp\.down_proj\.weight holds NaN or infinite values: the file "
          r"is damaged", then=nothing_generated),
+    Case("generate-fp8-with-a-weight-diff-says-it-is-rounded", "hv_generate_video",  # (a 5 % diff reached the model as
+         lambda a, t: generate_argv(a, t, "--fp8", "--lora_weight",  # 54 % fp8 rounding, unsaid: fuzz_aw 12)
+                                    str(damaged_lora(a, t, "diff.safetensors", with_a_weight_diff))), None,
+         warning=r"diff\.safetensors: its whole-weight differences \(\.diff, set_weight\) of 1 fp8 weights are merged and "
+                 r"requantized to fp8, which rounds most of a small difference away; generate without --fp8"),
     Case("generate-text-encoder-of-far-values-generates-nothing", "hv_generate_video",  # (finite: the DiT made NaN of it,
          lambda a, t: replaced(generate_argv(a, t, "--output_type", "video"), "--text_encoder2", far_clip(a, t)),  # and was
          r"the prompt's encoding by \S+te2_far \(--text_encoder2\) reaches 1e\+30, past float16's range, in which a text "  # blamed:

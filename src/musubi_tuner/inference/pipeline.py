@@ -351,6 +351,7 @@ def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool,
     set of an fp8 weight is merged in float32 and requantized)."""
     import torch.nn as nn
 
+    from musubi_tuner.hunyuan.fp8 import Fp8Linear
     from musubi_tuner.networks import loha, lokr, lora
     from musubi_tuner.networks.lora_reader import ADAPTERS, kohya_state_dict
     from musubi_tuner.networks.merge import lora_jobs, lora_patches, merge_patch, patch_target
@@ -360,9 +361,16 @@ def apply_loras_on_the_fly(dit, paths, multipliers, exclude_single_blocks: bool,
     for path, m, keep in lora_jobs(paths, multipliers, lora_blocks, exclude_single_blocks):
         patches = lora_patches(path, keep, allow_partial, multiplier=m)
         beside = [p for p in patches if p.kind in ADAPTERS and isinstance(patch_target(dit, p, str(path))[0], nn.Linear)]
+        rounded = 0
         for patch in patches:
             if not any(patch is p for p in beside):
+                target = patch_target(dit, patch, str(path))[0]
+                rounded += isinstance(target, Fp8Linear) and patch.param.endswith(".weight")
                 merge_patch(dit, patch, m, source=str(path))
+        if rounded:  # (a 5 % diff reached the model as 54 % fp8 rounding, without a word: fuzz_aw 12)
+            logger.warning("%s: its whole-weight differences (.diff, set_weight) of %d fp8 weights are merged and requantized "
+                           "to fp8, which rounds most of a small difference away; generate without --fp8, or merge the file "
+                           "into the DiT with merge_lora.py first", path, rounded)
         for kind in ADAPTERS:
             of_kind = [p for p in beside if p.kind == kind]
             if of_kind:
