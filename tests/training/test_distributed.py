@@ -151,6 +151,20 @@ def test_a_samples_noise_and_timestep_do_not_depend_on_its_batch():
     assert not torch.equal(next_epoch[0][0], together[0][0]) and len(set(together[1].tolist())) == 3
 
 
+def _two_machines(assets, tmp_path) -> list[Path]:
+    """Two folders, each with its own copy of the DiT (dit.pt) and of the cached dataset (data/), as two machines hold."""
+    import shutil
+
+    dit, per_replica, _, _ = assets
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for machine in machines:
+        shutil.copytree(per_replica.parent, machine / "data")
+        toml = machine / "data" / per_replica.name
+        toml.write_text(toml.read_text().replace(per_replica.parent.as_posix(), (machine / "data").as_posix()))
+        shutil.copy(dit, machine / "dit.pt")
+    return machines
+
+
 def _train_from_own_copy(rank, world, machines, argv) -> str:
     """The command run in machines[rank]: the same command line on every process, each reading its own copy of the
     files it names (as processes on several machines do)."""
@@ -173,13 +187,9 @@ def test_processes_reading_copies_that_differ_stop_before_training_naming_the_di
     run that failed. A DiT that differs on one machine was mixed into every step."""
     import shutil
 
-    dit, per_replica, _, sampling = assets
-    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    _, per_replica, _, sampling = assets
+    machines = _two_machines(assets, tmp_path)
     for machine in machines:
-        shutil.copytree(per_replica.parent, machine / "data")
-        toml = machine / "data" / per_replica.name
-        toml.write_text(toml.read_text().replace(per_replica.parent.as_posix(), (machine / "data").as_posix()))
-        shutil.copy(dit, machine / "dit.pt")
         shutil.copy(sampling[1], machine / "prompts.txt")
     gone = sorted((machines[1] / "data" / "cache").glob("*_hv.safetensors"))[0]
     extra = ()
@@ -229,15 +239,8 @@ def test_every_process_s_rng_state_is_in_the_state_process_0_saves(assets, tmp_p
     """fuzz_bd 4: each process wrote its rng_N.pt to its own path: one in another current folder (a relative --output_dir,
     or another machine's disk) left it in an .incomplete folder there, one per save, and process 0's state was complete
     without it."""
-    import shutil
-
-    dit, per_replica, _, _ = assets
-    machines = [tmp_path / "machine0", tmp_path / "machine1"]
-    for machine in machines:
-        shutil.copytree(per_replica.parent, machine / "data")
-        toml = machine / "data" / per_replica.name
-        toml.write_text(toml.read_text().replace(per_replica.parent.as_posix(), (machine / "data").as_posix()))
-        shutil.copy(dit, machine / "dit.pt")
+    _, per_replica, _, _ = assets
+    machines = _two_machines(assets, tmp_path)
     argv = train_args("dit.pt", Path("data") / per_replica.name, "out", "--save_state")
     assert run_group(2, _train_from_own_copy, machines, argv, launcher_env=True) == ["trained", "trained"]
     assert sorted(p.name for p in (machines[0] / "out" / "tiny-state").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
