@@ -104,7 +104,7 @@ def test_captioned_media_of_the_other_kind_are_named_in_either_folder(tmp_path):
     folder, vanished without a word; an uncaptioned one (a cover.jpg beside the videos) is no item meant."""
     videos = video_config(tmp_path)
     add_video(tmp_path, "ok")
-    for name in ("still.png", "anim.webp", "loop.apng", "cover.jpg"):
+    for name in ("still.png", "anim.webp", "loop.apng", "cover.jpg", "ok.jpg"):  # (ok.jpg: the video's thumbnail, fuzz_bg 1)
         (tmp_path / "videos" / name).write_bytes(b"\0" * 64)
     for stem in ("still", "anim", "loop"):
         (tmp_path / "videos" / f"{stem}.txt").write_text(f"a {stem}")

@@ -232,11 +232,13 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
         items.append(SourceItem(path, cache_files.item_stem(path), caption_file=caption_file, caption_hint=hint))
     if not dataset.is_video:
         problems += _unsupported_images(folder, extension, {path.stem for path in files})
-    else:  # (images there: those captioned, as items meant; a cover.jpg beside the videos is none)
-        captioned = _captioned_stems(folder, extension)
+    else:  # (images there: those captioned, as items meant; a cover.jpg beside the videos is none, nor a video's own
+        # thumbnail, clip.jpg beside clip.mp4, which was taken for the video left out: fuzz_bg 1)
+        captioned, videos = _captioned_stems(folder, extension), {path.stem for path in files}
         problems += [(str(p), why) for p in sorted(Path(folder).iterdir())
                      if (why := media.unsupported_type(p.suffix, video=True)) and not p.name.startswith(".")
-                     and (p.suffix.lower() not in (*media.IMAGE_EXTENSIONS, ".apng") or p.stem in captioned)]
+                     and (p.suffix.lower() not in (*media.IMAGE_EXTENSIONS, ".apng") or (p.stem in captioned
+                                                                                          and p.stem not in videos))]
     return items, problems
 
 
