@@ -1257,21 +1257,35 @@ MAX_LISTED_FOR_A_HINT = 100_000  # a folder this large is not listed for _named_
 def _named_alike(path: Path) -> str | None:
     """A name in `path`'s folder that is `path`'s own but for case or Unicode normalisation (a name typed in NFC of a file
     named in NFD by macOS, café.png of Café.png), if one is."""
-    import unicodedata
-
-    def loose(name: str) -> str:
-        return unicodedata.normalize("NFC", name).casefold()
-
+    folder = path.parent if str(path.parent) else Path(".")
     try:
-        with os.scandir(path.parent if str(path.parent) else ".") as entries:
-            for i, entry in enumerate(entries):
-                if i >= MAX_LISTED_FOR_A_HINT:
-                    return None
-                if entry.name != path.name and loose(entry.name) == loose(path.name):
-                    return entry.name
+        stamp = os.stat(folder).st_mtime_ns
     except (OSError, ValueError):
         return None
-    return None
+    names = _loose_names(str(folder), stamp).get(_loose(path.name), ())
+    return next((name for name in names if name != path.name), None)
+
+
+def _loose(name: str) -> str:
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+@functools.lru_cache(maxsize=4)
+def _loose_names(folder: str, stamp: int) -> dict[str, tuple[str, ...]]:
+    """A folder's names by their loose form, listed once per version of the folder (`stamp`): listed for each missing
+    file, 3,000 missing images of a 30,000-file folder took 73 s (fuzz_bg 2)."""
+    found: dict[str, list[str]] = {}
+    try:
+        with os.scandir(folder) as entries:
+            for i, entry in enumerate(entries):
+                if i >= MAX_LISTED_FOR_A_HINT:
+                    return {}
+                found.setdefault(_loose(entry.name), []).append(entry.name)
+    except (OSError, ValueError):
+        return {}
+    return {k: tuple(v) for k, v in found.items()}
 
 
 def not_a_folder(folder: Path) -> Path | None:
