@@ -428,7 +428,13 @@ def test_a_training_job_that_ended_before_its_first_step_offers_no_resume(tmp_pa
     save_state(tmp_path / "ws" / "o" / "demo-lora-step00000004-state", network_state=net.state_dict(), optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), scaler=None,
                progress=TrainProgress(global_step=4), process_index=0, is_main=True, wait=lambda: None)
-    assert studio.get(f"/api/jobs/{refused.id}").json()["resumable"] is True
+    # (the refused job, a fresh Start, has none of its own: the state is an earlier run's, fuzz_bg 3)
+    assert studio.get(f"/api/jobs/{refused.id}").json()["resumable"] is False
+    stopped_resume = jobs.start("train", "demo-lora", [[sys.executable, "-c", "import sys; sys.exit(1)"]],
+                                {"output_dir": str(tmp_path / "ws" / "o"), "output_name": "demo-lora"}, resumed_from="earlier")
+    while jobs.get(stopped_resume.id).state in ("starting", "running") and time.monotonic() < deadline + 30:
+        time.sleep(0.05)
+    assert studio.get(f"/api/jobs/{stopped_resume.id}").json()["resumable"] is True
 
 
 # ------------------------------------------------------------------------------------ off the happy path

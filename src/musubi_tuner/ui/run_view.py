@@ -43,13 +43,16 @@ class RunViews:
         return any(bar.get("desc") == "steps" for bar in (self.jobs.progress(job) if progress is None else progress))
 
     def resumable(self, job: Job, progress: list[dict] | None = None) -> bool:
-        """Whether Resume has something to continue: the job reached its steps, or its run's folder holds a state of it (a
-        Resume stopped while its model loaded lost its button, and the Train page's Start trained over that run from step
-        0: fuzz_bf 1)."""
+        """Whether Resume has something to continue: the job reached its steps, or it is itself a Resume and its run's
+        folder holds a state of the run (stopped while its model loaded, it lost its button, and the Train page's Start
+        trained over that run from step 0: fuzz_bf 1). A fresh Start stopped so has nothing of its own: the states there
+        are an earlier run's, which its Resume continued (fuzz_bg 3)."""
         if job.kind != "train" or job.state in ("starting", "running"):
             return False
         if self.trained(job, progress):
             return True
+        if not job.resumed_from:
+            return False
         from musubi_tuner.training.state import complete_states
 
         folder, name = job.outputs.get("output_dir"), job.outputs.get("output_name")
