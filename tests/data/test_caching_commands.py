@@ -231,7 +231,12 @@ def test_keep_cache_keeps_stale_caches_but_removes_temporary_files_of_killed_run
         "text": (cache_text_main, text_args, "gone_hv_te.safetensors", f".clip_0001_hv_te.safetensors.{dead_pid()}-k2x9q0ab.tmp"),
     }[command]
     run(args(toml, models))
-    (cache / stale).write_bytes(b"a cache of a clip since deleted")
+    if command == "text":  # (a text cache of an item gone: any name is a text cache's, so one that reads as such: 5a61f21)
+        from musubi_tuner.data.cache_files import save_text_cache
+
+        save_text_cache(cache / stale, "a clip since deleted", {"llm_float16": torch.zeros(1).half()})
+    else:  # (a latent cache's name tells it, even cut short)
+        (cache / stale).write_bytes(b"a cache of a clip since deleted")
     (cache / temporary).write_bytes(b"half a cache")
     run(args(toml, models, "--skip_existing", "--keep_cache"))
     assert (cache / stale).exists() and not (cache / temporary).exists()

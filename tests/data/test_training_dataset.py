@@ -414,3 +414,21 @@ def test_a_loader_worker_that_cannot_start_its_signal_thread_leaves_sigterm_to_e
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"}, user=54321, group=54321,
                           extra_groups=[], capture_output=True, text=True, timeout=120, cwd="/")
     assert done.returncode == 0 and done.stdout.split() == ["[]", "True"], done.stdout + done.stderr[-2000:]
+
+
+def test_a_cache_left_out_is_not_also_said_to_be_trained_on_as_cached(tmp_path, caplog):
+    """fuzz_bg 5: a latent cache of an item no longer in the dataset, without its text cache, was said to be "left out"
+    and "older than the dataset and trained on as cached (source deleted)" at once."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 32)).save(tmp_path / "images" / "kept.png")
+    (tmp_path / "images" / "kept.txt").write_text("kept")
+    write_item(tmp_path / "cache_i", "kept", text=False)
+    cache_files.save_text_cache(cache_files.text_cache_path(tmp_path / "cache_i", "kept"), "kept",
+                                {**cache_files.text_encoder_tensors("llm", torch.randn(256, 8).half(), torch.ones(256, dtype=torch.int64)),
+                                 **cache_files.text_encoder_tensors("clipL", torch.randn(768).half(), torch.ones(77, dtype=torch.int64))})
+    write_item(tmp_path / "cache_i", "gone", text=False)  # (its source deleted, and no text cache: left out)
+    with caplog.at_level(logging.WARNING):
+        TrainingDataset.from_config(dataset_config(tmp_path), seed=0)
+    assert "gone_0064x0032_hv.safetensors: no text cache" in caplog.text and "gone: source deleted" not in caplog.text

@@ -186,7 +186,7 @@ def find_cached_items(dataset: AnyDatasetConfig, held_out: bool = False) -> Data
     return DatasetBuckets(dict(sorted(buckets.items())), dataset.batch_size, widths)
 
 
-def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
+def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3, trained: set[str] | None = None) -> str | None:
     """One line on the dataset's caches that no longer match its sources, or None when all match.
 
     Counts and names a few items whose latent cache was made from another version of the image or video, whose text
@@ -254,6 +254,9 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3) -> str | None:
             changed.append(f"{item.stem}: {' and '.join(whats)}")
     listed = {item.stem for item in sources} | {cache_files.item_stem(path) for path, _ in skipped}
     changed += [f"{stem}: source deleted" for stem in sorted(latents) if stem not in listed]
+    if trained is not None:  # (`trained`: the text caches of those the scan left out, said "trained on as cached" too:
+        # fuzz_bg 5)
+        changed = [entry for entry in changed if entry.split(": ", 1)[0] in trained]
     # items caching skips now but cached before, whose caches caching keeps (so that a mistyped caption_extension cannot
     # delete a dataset's caches): a caption deleted to take an item out (musubi-tuner's way), an image made a .gif. They
     # were trained on without a word (a video's), or with advice to cache again, which changes nothing (fuzz_ag 1d)
@@ -428,8 +431,10 @@ class TrainingDataset(torch.utils.data.Dataset):
     def from_config(cls, config: DatasetGroupConfig, seed: int, num_timestep_buckets: int | None = None) -> TrainingDataset:
         """Every dataset's caches; a UserError if none holds any (the caching commands have not been run)."""
         datasets = [find_cached_items(ds) for ds in config.datasets]
+        trained = {id(ds): {item.text_path.name.removesuffix(cache_files.TEXT_SUFFIX)  # (each item's stem)
+                            for items in found.buckets.values() for item in items} for ds, found in zip(config.datasets, datasets)}
         for ds in config.all_datasets:
-            warning = out_of_date_caches(ds)
+            warning = out_of_date_caches(ds, trained=trained.get(id(ds)))
             if warning:
                 logger.warning("%s", warning)
         for ds, found in zip(config.datasets, datasets):
