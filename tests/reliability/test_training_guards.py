@@ -48,11 +48,12 @@ def test_nan_loss_stops_naming_the_step_the_items_and_the_last_good_checkpoint(a
     (line,) = result.error_lines
     last_good = out / "tiny-step00000001.safetensors"
     assert result.code == 2
-    assert line == (f"error: loss is nan at step 2 (epoch 1, items {second}); stopped without saving. Last good checkpoint: "
-                    f"{last_good} (saved at the step before, so its weights gave this loss; an earlier save is safer unless the "
-                    f"items are at fault). Lower --learning_rate (from that checkpoint, in a new run with --network_weights "
-                    f"{last_good}: --resume continues at its state's rate), check the caches of those items.")  # (no fp16
-    # advice: the run is not in fp16, fuzz_bb 7)
+    # (a value past any text encoder's output: the cache is refused at the step that reads it, before its loss is NaN,
+    # naming the last good checkpoint: 49b3d38, 89406e0)
+    text_cache = tmp_path / "data" / "cache" / f"{stem}_hv_te.safetensors"
+    assert line == (f"error: {text_cache}: llm_float32 reaches 3e+38, where a text encoder's outputs stay below 3e+04 (in "
+                    "float16, in which caching runs them, past it is an overflow): a damaged cache; delete it and run "
+                    f"cache_text_encoder_outputs.py again. Last good checkpoint: {last_good}.")
     assert files.StateDictFile(last_good).load_all()
     assert not (out / "tiny-step00000002.safetensors").exists() and not leftovers(out)
 
@@ -73,9 +74,11 @@ def test_a_nan_loss_before_any_update_blames_the_inputs_not_the_learning_rate(as
     result = run_command("hv_train_network", train_argv(assets, tmp_path / "out", "--max_train_steps", "2", toml=toml), tmp_path)
     assert (tmp_path / "out" / "tiny-loss.csv").read_text() == earlier
     no_traceback(result)
-    assert result.code == 2 and result.error_lines == [
-        f"error: loss is nan at step 1 (epoch 1, items {first}) before any update: the LoRA adds nothing yet, so the learning "
-        "rate is not the cause; check the latent and text caches of those items and the DiT file (--dit)"], result.err[-2000:]
+    text_cache = tmp_path / "data" / "cache" / f"{first.split('_00000-')[0]}_hv_te.safetensors"
+    assert result.code == 2 and result.error_lines == [  # (the cache named before its loss is NaN: 49b3d38)
+        f"error: {text_cache}: llm_float32 reaches 3e+38, where a text encoder's outputs stay below 3e+04 (in float16, in "
+        "which caching runs them, past it is an overflow): a damaged cache; delete it and run cache_text_encoder_outputs.py "
+        "again. Last good checkpoint: none yet."], result.err[-2000:]
 
 
 def test_a_run_that_stops_keeps_every_step_it_made_in_its_loss_csv(assets, tmp_path):
@@ -92,7 +95,7 @@ def test_a_run_that_stops_keeps_every_step_it_made_in_its_loss_csv(assets, tmp_p
     poison_text(tmp_path / "data" / "cache" / f"{fourth.split('_00000-')[0]}_hv_te.safetensors", 3e38)
     out = tmp_path / "out"
     result = run_command("hv_train_network", train_argv(assets, out, "--max_train_steps", "6", toml=toml), tmp_path)
-    assert result.code == 2 and "loss is nan at step 4" in result.error_lines[0], result.err[-2000:]
+    assert result.code == 2 and "llm_float32 reaches 3e+38" in result.error_lines[0], result.err[-2000:]  # (at step 4)
     with open(out / "tiny-loss.csv", newline="") as f:
         steps = [int(row[1]) for row in csv.reader(f) if row[0] == "train"]
     assert steps == [1, 2, 3]
