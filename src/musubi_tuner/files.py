@@ -1242,7 +1242,7 @@ def why_unreadable(path: str | os.PathLike, what: str, e: OSError) -> str:
             return f"{what} not found: {blocked} is {_what_is(blocked)}, not a folder"
         if os.sep == "/" and "\\" in str(path) and os.path.exists(str(path).replace("\\", "/")):  # a path written on Windows
             return f"{what} not found (with / for \\ it exists: write the path with /)"
-        alike = _named_alike(Path(path))
+        alike = _named_alike(Path(path)) if what != "caption file" else None  # (a caption's hints are its own: items)
         if alike is not None:  # (the same look, another Unicode form or case: "not found" of what ls shows: fuzz_bc 9)
             return f"{what} not found ({alike!r} is there, a name that differs only in case or Unicode form)"
         return f"{what} not found"

@@ -234,10 +234,11 @@ def _directory_items(dataset: AnyDatasetConfig) -> tuple[list[SourceItem], list[
         problems += _unsupported_images(folder, extension, {path.stem for path in files})
     else:  # (images there: those captioned, as items meant; a cover.jpg beside the videos is none, nor a video's own
         # thumbnail, clip.jpg beside clip.mp4, which was taken for the video left out: fuzz_bg 1)
+        # (a folder of images alone listed as a video_directory is said once, as such: not image by image)
         captioned, videos = _captioned_stems(folder, extension), {path.stem for path in files}
         problems += [(str(p), why) for p in sorted(Path(folder).iterdir())
                      if (why := media.unsupported_type(p.suffix, video=True)) and not p.name.startswith(".")
-                     and (p.suffix.lower() not in (*media.IMAGE_EXTENSIONS, ".apng") or (p.stem in captioned
+                     and (p.suffix.lower() not in (*media.IMAGE_EXTENSIONS, ".apng") or (videos and p.stem in captioned
                                                                                           and p.stem not in videos))]
     return items, problems
 
@@ -268,7 +269,9 @@ def _unsupported_images(folder: Path, extension: str, listed_stems: set[str]) ->
     captioned = _captioned_stems(folder, extension)
     return [(str(p), why) for p in sorted(Path(folder).iterdir())
             if (why := media.unsupported_type(p.suffix, video=False)) and p.stem in captioned and p.stem not in listed_stems
-            and not p.name.startswith(".")]
+            and not p.name.startswith(".")
+            # (a folder of videos alone listed as an image_directory is said once, as such: not video by video)
+            and (listed_stems or p.suffix.lower() not in media.VIDEO_EXTENSIONS)]
 
 
 def _by_loose_name(siblings: dict[str, list[str]]) -> dict[str, list[tuple[str, list[str]]]]:

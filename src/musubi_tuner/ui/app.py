@@ -415,8 +415,9 @@ class Studio:
 
     def loras(self, request: Request, raw: bytes):
         found = []
-        for job in self.jobs.all():
-            if job.kind == "train" and job.outputs.get("output_dir"):
+        for job in self.jobs.all():  # (one without its name, of a job.json hand-made or damaged, has none: it was a 500,
+            # fuzz_be 5)
+            if job.kind == "train" and job.outputs.get("output_dir") and job.outputs.get("output_name"):
                 found += [str(p) for p in run_view.RunViews.lora_files(Path(job.outputs["output_dir"]), job.outputs["output_name"])]
         return {"files": sorted(set(found))}
 
