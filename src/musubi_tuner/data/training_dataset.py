@@ -215,7 +215,7 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3, trained: set[s
             latents.setdefault(name.item_key, []).append(path)
     kind = "video" if dataset.is_video else "image"
     kept: list[str] = []  # "stem: why caching skips or fails it now", of items cached before (see below)
-    changed: list[str] = []  # "stem: what changed"
+    changed: list[tuple[str, str]] = []  # (stem, what changed)
     uncached: list[str] = []
     rejected: list[str] = []  # "stem: why latent caching could not use it"
     recorded = cache_files.left_out(cache_dir)
@@ -230,7 +230,7 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3, trained: set[s
         try:
             signature = cache_files.source_signature(item.path)
         except OSError:  # a JSONL entry whose file is gone
-            changed.append(f"{item.stem}: source deleted")
+            changed.append((item.stem, "source deleted"))
             continue
         whats = []
         if any((cache_files.cache_status(path, signature) or "").startswith("source_") for path in latents[item.stem]):
@@ -251,12 +251,12 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3, trained: set[s
         if caption is not None and (cache_files.cache_status(text_path, {"caption1": caption}) or "").startswith("caption1"):
             whats.append("caption changed")
         if whats:
-            changed.append(f"{item.stem}: {' and '.join(whats)}")
+            changed.append((item.stem, " and ".join(whats)))
     listed = {item.stem for item in sources} | {cache_files.item_stem(path) for path, _ in skipped}
-    changed += [f"{stem}: source deleted" for stem in sorted(latents) if stem not in listed]
-    if trained is not None:  # (`trained`: the text caches of those the scan left out, said "trained on as cached" too:
-        # fuzz_bg 5)
-        changed = [entry for entry in changed if entry.split(": ", 1)[0] in trained]
+    changed += [(stem, "source deleted") for stem in sorted(latents) if stem not in listed]
+    if trained is not None:  # (`trained`: the stems the scan keeps; those it left out were said "trained on as cached"
+        # too: fuzz_bg 5)
+        changed = [(stem, what) for stem, what in changed if stem in trained]
     # items caching skips now but cached before, whose caches caching keeps (so that a mistyped caption_extension cannot
     # delete a dataset's caches): a caption deleted to take an item out (musubi-tuner's way), an image made a .gif. They
     # were trained on without a word (a video's), or with advice to cache again, which changes nothing (fuzz_ag 1d)
@@ -271,7 +271,7 @@ def out_of_date_caches(dataset: AnyDatasetConfig, shown: int = 3, trained: set[s
     parts = []
     if changed:
         parts.append(f"{_count(len(changed), 'cached item', 'is', 'are')} older than the dataset and trained on as cached "
-                     f"({_first(changed, shown)})")
+                     f"({_first([f'{stem}: {what}' for stem, what in changed], shown)})")
     if uncached:
         parts.append(f"{_count(len(uncached), kind, 'has', 'have')} no latent cache and {'is' if len(uncached) == 1 else 'are'} "
                      f"left out ({_first(uncached, shown)})")
