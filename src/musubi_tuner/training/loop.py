@@ -33,7 +33,7 @@ from musubi_tuner.cli import FLOAT32_MAX, far_from_usual
 from musubi_tuner.distributed import (GradientReducer, after_joining, check_same_inputs, describe as describe_layout,
                                       make_layout)
 from musubi_tuner.dtypes import str_to_dtype
-from musubi_tuner.errors import SharedError, UserError, launched, print_report, quieted
+from musubi_tuner.errors import SharedError, UserError, launched, print_report, quieted, without_worker_traceback
 from musubi_tuner.files import StateDictFile, content_digest, require_file
 from musubi_tuner.hunyuan.checkpoints import load_dit
 from musubi_tuner.hunyuan.compile import (CompileOptions, check_can_compile, check_compile_flags, compile_blocks, compile_errors,
@@ -175,8 +175,6 @@ def divergence(what: str, step: int, epoch: int, items, saver: CheckpointSaver, 
 def batches_of(loader, saver: CheckpointSaver):
     """The loader's batches; what stops it (a cache found damaged or gone at the step that reads it, hours in) names the
     last good checkpoint, as a stop of the training's own does (fuzz_ar 6)."""
-    from musubi_tuner.errors import without_worker_traceback
-
     batches = iter(loader)
     while True:
         try:
