@@ -110,13 +110,13 @@ def _check_series_names_free(out: Path, name: str) -> None:
     """No folder stands at a name of the run's epoch or step LoRAs, and no file at one of its states' (NAME-step00000008
     .safetensors made a folder): found at that save, it stopped the run there and the steps since the last save were lost
     (fuzz_aq 2)."""
-    states = re.compile(rf"{re.escape(name)}{CHECKPOINT_SUFFIX}-state")
+    loras, states = lora_file_names(name), re.compile(rf"{re.escape(name)}{CHECKPOINT_SUFFIX}-state")
     try:
         entries = list(out.iterdir()) if os.path.isdir(out) else []
     except OSError:
         return  # (output_target has said what the folder cannot be)
     for path in sorted(entries):
-        if lora_file_names(name).fullmatch(path.name) and path.is_dir():
+        if loras.fullmatch(path.name) and path.is_dir():
             raise UserError(f"{path}: a folder has this name, where the run saves one of its LoRAs; move it away or choose "
                             f"another --output_name")
         if states.fullmatch(path.name) and (path.exists() or path.is_symlink()) and not path.is_dir():
